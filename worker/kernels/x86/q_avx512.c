@@ -1,6 +1,394 @@
-// x86 kernels (q_avx512): SIMD dot products tested against the scalar references in worker/quant.c.
+// x86 kernels (q_avx512): F32/F16/BF16/Q4_0/Q8_0 dot products, activation quantizers and packed matmul tiles (AVX-512 + VNNI).
+//
+// Activation quantizers give the same bytes as quant_quantize_ref: Q8_0/Q8_1 emulate roundf (half
+// away from zero) exactly with trunc + compare, Q8_K rounds to nearest even like the reference's
+// nearest_int, F16 uses vcvtps2ph (RNE, subnormals exact) and BF16 uses integer RNE (not
+// vcvtneps2bf16, which treats subnormal inputs as zero).
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
 #include "x86.h"
+#include "x86_mm.h"
+
+// --- helpers
+
+#define AI static inline __attribute__((always_inline))
+
+AI float f16_to_f32(mlm_f16_t h) { return _cvtsh_ss(h); }
+
+AI int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+AI __m512i bcast_i32(const void *p) { return _mm512_set1_epi32(load_i32(p)); }
+
+// roundf(): nearest, ties away from zero; exact for every float (the fraction x - trunc(x) is exact).
+AI __m512 round_away(__m512 v) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_abs_ps(_mm512_sub_ps(v, t));
+    __mmask16 up = _mm512_cmp_ps_mask(f, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    __m512 one = _mm512_or_ps(_mm512_and_ps(v, sign), _mm512_set1_ps(1.0f));
+    return _mm512_mask_add_ps(t, up, t, one);
+}
+
+// n floats of type t (F32, F16 or BF16) at p + i, expanded to float32; masked lanes read as 0.
+AI __m512 load_as_f32(qtype_t t, const uint8_t *p, int64_t i, __mmask16 m) {
+    if (t == QT_F32) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
+    if (t == QT_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+AI __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u); }
+
+// --- dot products (one row)
+
+AI float dot_float(qtype_t t, int64_t n, const void *w, const void *x) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(load_as_f32(t, w, i, 0xffff), load_as_f32(t, x, i, 0xffff), a0);
+        a1 = _mm512_fmadd_ps(load_as_f32(t, w, i + 16, 0xffff), load_as_f32(t, x, i + 16, 0xffff), a1);
+        a2 = _mm512_fmadd_ps(load_as_f32(t, w, i + 32, 0xffff), load_as_f32(t, x, i + 32, 0xffff), a2);
+        a3 = _mm512_fmadd_ps(load_as_f32(t, w, i + 48, 0xffff), load_as_f32(t, x, i + 48, 0xffff), a3);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        a0 = _mm512_fmadd_ps(load_as_f32(t, w, i, m), load_as_f32(t, x, i, m), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+static void vec_dot_f32(int64_t n, float *s, const void *w, const void *x) { *s = dot_float(QT_F32, n, w, x); }
+static void vec_dot_f16(int64_t n, float *s, const void *w, const void *x) { *s = dot_float(QT_F16, n, w, x); }
+static void vec_dot_bf16(int64_t n, float *s, const void *w, const void *x) { *s = dot_float(QT_BF16, n, w, x); }
+
+static void vec_dot_q4_0(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q4_0 *w = vw;   // (n / 32)
+    const block_q8_0 *x = vx;   // (n / 32)
+    const int64_t nb = n / QK4_0;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m128i q = _mm_loadu_si128((const __m128i *)w[b].qs);
+        __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4); // elements 0..31, 0..15
+        __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nib, xv);
+        __m256i c = _mm256_dpbusd_epi32(_mm256_setzero_si256(), eight, xv);
+        __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, c));
+        __m256 d = _mm256_set1_ps(f16_to_f32(w[b].d) * f16_to_f32(x[b].d));
+        if (b & 1) acc1 = _mm256_fmadd_ps(v, d, acc1);
+        else acc0 = _mm256_fmadd_ps(v, d, acc0);
+    }
+    __m256 a = _mm256_add_ps(acc0, acc1);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    *s = _mm_cvtss_f32(r);
+}
+
+static void vec_dot_q8_0(int64_t n, float *s, const void *vw, const void *vx) {
+    const block_q8_0 *w = vw;   // (n / 32)
+    const block_q8_0 *x = vx;   // (n / 32)
+    const int64_t nb = n / QK8_0;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)w[b].qs);
+        __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+        __m256 d = _mm256_set1_ps(f16_to_f32(w[b].d) * f16_to_f32(x[b].d));
+        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
+    }
+    __m256 a = _mm256_add_ps(acc0, acc1);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    *s = _mm_cvtss_f32(r);
+}
+
+// --- activation quantizers
+
+// One block of 32: q = roundf(x / d) with d = amax / 127 (as the reference); returns sum(q).
+AI int quant_block32(const float *x, mlm_f16_t *dh, int8_t *qs, float *dout) {
+    __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    float d = amax / 127.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    *dh = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+    *dout = d;
+    __m512 vid = _mm512_set1_ps(id);
+    __m512i i0 = _mm512_cvttps_epi32(round_away(_mm512_mul_ps(v0, vid)));
+    __m512i i1 = _mm512_cvttps_epi32(round_away(_mm512_mul_ps(v1, vid)));
+    _mm_storeu_si128((__m128i *)qs, _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128((__m128i *)(qs + 16), _mm512_cvtsepi32_epi8(i1));
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+}
+
+static void from_float_q8_0(const float *x, void *vy, int64_t n) {
+    block_q8_0 *y = vy; // (n / 32)
+    float d;
+    for (int64_t b = 0; b < n / QK8_0; b++) quant_block32(x + b * QK8_0, &y[b].d, y[b].qs, &d);
+}
+
+static void from_float_q8_1(const float *x, void *vy, int64_t n) {
+    block_q8_1 *y = vy; // (n / 32)
+    for (int64_t b = 0; b < n / QK8_1; b++) {
+        float d;
+        int sum = quant_block32(x + b * QK8_1, &y[b].d, y[b].qs, &d);
+        y[b].s = _cvtss_sh((float)sum * d, _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
+static void from_float_q8_k(const float *x, void *vy, int64_t n) {
+    block_q8_K *y = vy; // (n / 256)
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        __m512 amaxv = _mm512_setzero_ps();
+        for (int j = 0; j < 16; j++) amaxv = _mm512_max_ps(amaxv, _mm512_abs_ps(_mm512_loadu_ps(x + 16 * j)));
+        float amax = _mm512_reduce_max_ps(amaxv);
+        if (amax == 0.0f) {
+            memset(&y[b], 0, sizeof y[b]);
+            continue;
+        }
+        // the reference keeps the first element whose magnitude is amax (with its sign)
+        float maxv = 0.0f;
+        for (int j = 0; j < 16; j++) {
+            __mmask16 hit = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + 16 * j)), _mm512_set1_ps(amax), _CMP_EQ_OQ);
+            if (hit) {
+                maxv = x[16 * j + __builtin_ctz(hit)];
+                break;
+            }
+        }
+        const float iscale = -127.0f / maxv;
+        const __m512 vs = _mm512_set1_ps(iscale);
+        const __m512i top = _mm512_set1_epi32(127);
+        for (int j = 0; j < 16; j++) {
+            __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * j), vs)), top);
+            _mm_storeu_si128((__m128i *)(y[b].qs + 16 * j), _mm512_cvtsepi32_epi8(q));
+            y[b].bsums[j] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
+        y[b].d = 1.0f / iscale;
+    }
+}
+
+static void from_float_f16(const float *x, void *vy, int64_t n) {
+    uint16_t *y = vy; // (n)
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_mask_storeu_epi16(y + i, m, h);
+    }
+}
+
+static void from_float_bf16(const float *x, void *vy, int64_t n) {
+    uint16_t *y = vy; // (n)
+    const __m512i lsb = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff), quiet = _mm512_set1_epi32(64);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        __m512i u = _mm512_castps_si512(v);
+        __m512i r = _mm512_srli_epi32(
+            _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), lsb))), 16);
+        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), quiet));
+        _mm256_mask_storeu_epi16(y + i, m, _mm512_cvtepi32_epi16(r));
+    }
+}
+
+// --- packed 16-row group kernels (layout in x86_mm.h)
+
+// NT activation rows (1..8) against one group of 16 Q4_0 rows.
+AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
+                   __mmask16 m) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const uint8_t *sc = grp + (size_t)nb * 256;  // (nb, 16) f16
+    const size_t toff = mmp_act_tail_off(nb);
+    __m512 acc[8];
+    const uint8_t *xr[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) {
+        acc[t] = _mm512_setzero_ps();
+        xr[t] = xq + (size_t)t * xs;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = grp + (size_t)b * 256;
+        __m512i v0 = _mm512_load_si512(q), v1 = _mm512_load_si512(q + 64);
+        __m512i v2 = _mm512_load_si512(q + 128), v3 = _mm512_load_si512(q + 192);
+        __m512i l0 = _mm512_and_si512(v0, m4), l1 = _mm512_and_si512(v1, m4);
+        __m512i l2 = _mm512_and_si512(v2, m4), l3 = _mm512_and_si512(v3, m4);
+        __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+        __m512i h2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), h3 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4);
+        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + (size_t)b * 32)));
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2; // qs of block b
+            const int32_t corr = load_i32(xr[t] + toff + (size_t)b * 4);
+            float dx;
+            memcpy(&dx, xr[t] + toff + (size_t)nb * 4 + (size_t)b * 4, 4);
+            __m512i s;
+            if (NT == 1) { // two chains for latency when nothing else is in flight
+                __m512i sa = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), l0, bcast_i32(xb));
+                __m512i sb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, bcast_i32(xb + 16));
+                sa = _mm512_dpbusd_epi32(sa, l1, bcast_i32(xb + 4));
+                sb = _mm512_dpbusd_epi32(sb, h1, bcast_i32(xb + 20));
+                sa = _mm512_dpbusd_epi32(sa, l2, bcast_i32(xb + 8));
+                sb = _mm512_dpbusd_epi32(sb, h2, bcast_i32(xb + 24));
+                sa = _mm512_dpbusd_epi32(sa, l3, bcast_i32(xb + 12));
+                sb = _mm512_dpbusd_epi32(sb, h3, bcast_i32(xb + 28));
+                s = _mm512_add_epi32(sa, sb);
+            } else {
+                s = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), l0, bcast_i32(xb));
+                s = _mm512_dpbusd_epi32(s, l1, bcast_i32(xb + 4));
+                s = _mm512_dpbusd_epi32(s, l2, bcast_i32(xb + 8));
+                s = _mm512_dpbusd_epi32(s, l3, bcast_i32(xb + 12));
+                s = _mm512_dpbusd_epi32(s, h0, bcast_i32(xb + 16));
+                s = _mm512_dpbusd_epi32(s, h1, bcast_i32(xb + 20));
+                s = _mm512_dpbusd_epi32(s, h2, bcast_i32(xb + 24));
+                s = _mm512_dpbusd_epi32(s, h3, bcast_i32(xb + 28));
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + (size_t)t * ys, m, acc[t]);
+}
+
+// NT activation rows (1..8) against one group of 16 Q8_0 rows (stored as q + 128).
+AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
+                   __mmask16 m) {
+    const uint8_t *sc = grp + (size_t)nb * 512;  // (nb, 16) f16
+    const size_t toff = mmp_act_tail_off(nb);
+    __m512 acc[8];
+    const uint8_t *xr[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) {
+        acc[t] = _mm512_setzero_ps();
+        xr[t] = xq + (size_t)t * xs;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = grp + (size_t)b * 512;
+        __m512i v[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) v[j] = _mm512_load_si512(q + 64 * j);
+        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + (size_t)b * 32)));
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2;
+            const int32_t corr = load_i32(xr[t] + toff + (size_t)b * 4);
+            float dx;
+            memcpy(&dx, xr[t] + toff + (size_t)nb * 4 + (size_t)b * 4, 4);
+            __m512i sa = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), v[0], bcast_i32(xb));
+            __m512i sb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], bcast_i32(xb + 4));
+#pragma GCC unroll 8
+            for (int j = 2; j < 8; j += 2) {
+                sa = _mm512_dpbusd_epi32(sa, v[j], bcast_i32(xb + 4 * j));
+                sb = _mm512_dpbusd_epi32(sb, v[j + 1], bcast_i32(xb + 4 * j + 4));
+            }
+            __m512i s = _mm512_add_epi32(sa, sb);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + (size_t)t * ys, m, acc[t]);
+}
+
+#define Q_TILE_T 4 // activation rows per register tile in the matrix-matrix case
+
+void mmp_q4_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
+                        uint32_t mask) {
+    const __mmask16 m = (__mmask16)mask;
+    int t = 0;
+    for (; t + Q_TILE_T <= nt; t += Q_TILE_T) q4x16_tile(grp, nb, xq + (size_t)t * xs, xs, Q_TILE_T, y + (size_t)t * ys, ys, m);
+    switch (nt - t) {
+    case 3: q4x16_tile(grp, nb, xq + (size_t)t * xs, xs, 3, y + (size_t)t * ys, ys, m); break;
+    case 2: q4x16_tile(grp, nb, xq + (size_t)t * xs, xs, 2, y + (size_t)t * ys, ys, m); break;
+    case 1: q4x16_tile(grp, nb, xq + (size_t)t * xs, xs, 1, y + (size_t)t * ys, ys, m); break;
+    default: break;
+    }
+}
+
+void mmp_q8_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
+                        uint32_t mask) {
+    const __mmask16 m = (__mmask16)mask;
+    int t = 0;
+    for (; t + Q_TILE_T <= nt; t += Q_TILE_T) q8x16_tile(grp, nb, xq + (size_t)t * xs, xs, Q_TILE_T, y + (size_t)t * ys, ys, m);
+    switch (nt - t) {
+    case 3: q8x16_tile(grp, nb, xq + (size_t)t * xs, xs, 3, y + (size_t)t * ys, ys, m); break;
+    case 2: q8x16_tile(grp, nb, xq + (size_t)t * xs, xs, 2, y + (size_t)t * ys, ys, m); break;
+    case 1: q8x16_tile(grp, nb, xq + (size_t)t * xs, xs, 1, y + (size_t)t * ys, ys, m); break;
+    default: break;
+    }
+}
+
+// --- plain float rows: R weight rows x T activation rows register tile
+
+AI void float_tile(qtype_t type, const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, const int R, const int T,
+                   float *y, size_t ys, int64_t n) {
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) xv[t] = load_as_f32(type, x + (size_t)t * xs, i, m);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            __m512 wv = load_as_f32(type, w + (size_t)r * wrow, i, m);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) y[(size_t)t * ys + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+AI void float_all(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
+                  float *y, size_t ys, int64_t n) {
+    int64_t r = 0;
+    for (; r + 4 <= nr; r += 4) {
+        const uint8_t *wr = w + (size_t)r * wrow;
+        int t = 0;
+        for (; t + 4 <= nt; t += 4) float_tile(type, wr, wrow, x + (size_t)t * xs, xs, 4, 4, y + (size_t)t * ys + r, ys, n);
+        for (; t < nt; t++) float_tile(type, wr, wrow, x + (size_t)t * xs, xs, 4, 1, y + (size_t)t * ys + r, ys, n);
+    }
+    for (; r < nr; r++) {
+        const uint8_t *wr = w + (size_t)r * wrow;
+        int t = 0;
+        for (; t + 4 <= nt; t += 4) float_tile(type, wr, wrow, x + (size_t)t * xs, xs, 1, 4, y + (size_t)t * ys + r, ys, n);
+        for (; t < nt; t++) float_tile(type, wr, wrow, x + (size_t)t * xs, xs, 1, 1, y + (size_t)t * ys + r, ys, n);
+    }
+}
+
+void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
+                      float *y, size_t ys, int64_t n) {
+    switch (type) {
+    case QT_F32: float_all(QT_F32, w, wrow, nr, x, xs, nt, y, ys, n); break;
+    case QT_F16: float_all(QT_F16, w, wrow, nr, x, xs, nt, y, ys, n); break;
+    case QT_BF16: float_all(QT_BF16, w, wrow, nr, x, xs, nt, y, ys, n); break;
+    default: break;
+    }
+}
+
+// --- table
 
 void kern_x86_q_avx512_fill(kernels_t *k) {
-    (void)k;
+    k->vec_dot[QT_F32] = vec_dot_f32;
+    k->vec_dot[QT_F16] = vec_dot_f16;
+    k->vec_dot[QT_BF16] = vec_dot_bf16;
+    k->vec_dot[QT_Q4_0] = vec_dot_q4_0;
+    k->vec_dot[QT_Q8_0] = vec_dot_q8_0;
+    k->from_float[QT_Q8_0] = from_float_q8_0;
+    k->from_float[QT_Q8_1] = from_float_q8_1;
+    k->from_float[QT_Q8_K] = from_float_q8_k;
+    k->from_float[QT_F16] = from_float_f16;
+    k->from_float[QT_BF16] = from_float_bf16;
 }

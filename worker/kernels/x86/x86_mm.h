@@ -1,0 +1,73 @@
+// Packed weight layouts and activation-row extras shared by worker/matmul.c and the x86 matmul kernels.
+#ifndef MESHLM_KERNELS_X86_MM_H
+#define MESHLM_KERNELS_X86_MM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../../quant.h"
+
+// --- packed weight layouts (mm_weight_t.pack)
+//
+// MMP_Q4_0X16 / MMP_Q8_0X16: rows are padded with zero rows to a multiple of 16 and stored in
+// groups of 16 rows; group g starts at packed + g * mmp_group_bytes(pack, nb) (64-byte aligned):
+//   quants (nb, MMP_ROWS * 4 * J) bytes: for block b, dword j of row i sits at b*QB + (j*16 + i)*4,
+//          where dword j holds qs[4j..4j+3] of that row's block (J = 4 for Q4_0, 8 for Q8_0);
+//          Q8_0 bytes are stored as unsigned q + 128 (q ^ 0x80) so VNNI's u8 x s8 product applies.
+//   scales (nb, MMP_ROWS) f16 at offset nb*QB: the block scale d of each of the 16 rows.
+// A zmm of 64 bytes thus holds one dword per row, so one vpdpbusd against a broadcast dword of
+// the activation block advances all 16 row sums at once.
+
+#define MMP_ROWS 16
+
+enum {
+    MMP_NONE = 0,   // plain rows in w->data
+    MMP_Q4_0X16 = 1,
+    MMP_Q8_0X16 = 2,
+};
+
+// Bytes of the quants of one block of one 16-row group.
+static inline size_t mmp_quant_bytes(int pack) { return pack == MMP_Q4_0X16 ? 256 : 512; }
+
+// Bytes of one 16-row group with nb blocks per row (a multiple of 64).
+static inline size_t mmp_group_bytes(int pack, int64_t nb) {
+    size_t b = (size_t)nb * (mmp_quant_bytes(pack) + 2 * MMP_ROWS);
+    return (b + 63) & ~(size_t)63;
+}
+
+// --- activation rows for packed Q4_0 / Q8_0 weights
+//
+// A standard Q8_0 row (nb blocks of 34 bytes), then at mmp_act_tail_off(nb) (4-byte aligned):
+//   corr (nb) int32: -8 * sum(qs) for Q4_0 weights (undoes the +8 of unsigned nibbles),
+//                    -128 * sum(qs) for Q8_0 weights (undoes the +128 of the stored bytes);
+//   d    (nb) float: the block scale as float32.
+// Rows are mmp_act_row_bytes(nb) apart (a multiple of 4) so every tail stays aligned.
+
+static inline size_t mmp_act_tail_off(int64_t nb) { return ((size_t)nb * sizeof(block_q8_0) + 3) & ~(size_t)3; }
+static inline size_t mmp_act_row_bytes(int64_t nb) { return mmp_act_tail_off(nb) + (size_t)nb * 8; }
+
+// --- kernels over one packed 16-row group
+//
+// y[t * ys + i] = dot(row i of the group, activation row t) for t < nt and every row i whose bit
+// is set in mask; grp is the group's start, nb blocks per row, activation rows xs bytes apart
+// (the layout above). Pure: reads grp and xq, writes only the selected y.
+typedef void (*mmp_group_fn)(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt,
+                             float *y, size_t ys, uint32_t mask);
+
+#ifdef MESHLM_HAVE_X86
+void mmp_q4_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                        size_t ys, uint32_t mask);
+void mmp_q8_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                        size_t ys, uint32_t mask);
+void mmp_q4_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                      size_t ys, uint32_t mask);
+void mmp_q8_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                      size_t ys, uint32_t mask);
+
+// Plain F32 / F16 / BF16 rows (weights and activations of the same type t, n elements each):
+// y[t * ys + r] = dot(w row r, x row t) for r < nr, t < nt. Register-tiled rows x tokens.
+void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs,
+                      int nt, float *y, size_t ys, int64_t n);
+#endif
+
+#endif

@@ -449,7 +449,7 @@ static int parse_tensor_info(parser_t *ps, gguf_t *g, gguf_tensor_t *t, size_t *
                         (unsigned long long)ne);
         t->ne[d] = (int64_t)ne;
         if (__builtin_mul_overflow(nel, t->ne[d], &nel))
-            return fail(ps, MLM_EFORMAT, dims_at, "dims", "element count overflows");
+            return fail(ps, MLM_EFORMAT, at, "dims", "element count overflows");
     }
     size_t type_at = ps->pos;
     uint32_t type = 0;
@@ -489,7 +489,10 @@ static int extent_cmp(const void *a, const void *b) {
 
 // Places every tensor in the data section and refuses data past the end or overlapping data.
 static int place_tensors(parser_t *ps, gguf_t *g, const size_t *offset_at) {
-    if (g->n_tensors == 0) return 0;
+    if (g->n_tensors == 0) {
+        if (g->data_offset > g->size) g->data_offset = g->size;  // no data section; the padding may be absent
+        return 0;
+    }
     if (g->data_offset > g->size)
         return fail(ps, MLM_EFORMAT, ps->pos, "data section",
                     "tensor data would start at %zu, past the end of the file (%zu bytes)", g->data_offset, g->size);
@@ -498,6 +501,7 @@ static int place_tensors(parser_t *ps, gguf_t *g, const size_t *offset_at) {
     if (!ext) return fail(ps, MLM_ENOMEM, ps->pos, "data section", "out of memory");
     size_t n_ext = 0;
     int rc = 0;
+    ps->kind = "tensor";
     for (int64_t i = 0; i < g->n_tensors && !rc; i++) {
         gguf_tensor_t *t = &g->tensors[i];
         ps->index = i;

@@ -1,0 +1,255 @@
+// CUnit suite "matmul": mm_rows for every type, ISA, repack choice, token count and row split vs quant_vec_dot_ref.
+#include <CUnit/CUnit.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "worker/err.h"
+#include "worker/matmul.h"
+
+// --- helpers
+
+#define MAX_NT 70
+
+static const char *const isas[] = {"scalar", "avx2", "avx512"};
+
+// splitmix64; the state lives in the caller.
+static uint64_t rng_next(uint64_t *st) {
+    uint64_t z = (*st += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static float rng_float(uint64_t *st) { return (float)((double)(rng_next(st) >> 11) / 9007199254740992.0 * 2.0 - 1.0); }
+
+static void fill_floats(float *x, int64_t n, uint64_t seed) { // x: (n)
+    uint64_t st = seed;
+    float scale = 1.0f;
+    for (int64_t i = 0; i < n; i++) {
+        if (i % 32 == 0) scale = 0.01f + 2.0f * fabsf(rng_float(&st));
+        x[i] = scale * rng_float(&st);
+    }
+}
+
+// A problem: a weight matrix, MAX_NT activation rows, and the oracle's outputs.
+typedef struct {
+    qtype_t type;
+    int64_t rows, cols;
+    uint8_t *w;        // (rows, row_bytes) plain quantized rows
+    uint8_t *xq;       // (MAX_NT, xs) activation rows from mm_quantize_act
+    size_t xs;         // bytes between activation rows
+    float *ref;        // (MAX_NT, rows) quant_vec_dot_ref
+    double *tol;       // (MAX_NT, rows) 1e-5 * sum |w_i x_i|
+} problem_t;
+
+static void problem_init(problem_t *p, const kernels_t *k, qtype_t t, int64_t rows, int64_t cols, uint64_t seed) {
+    memset(p, 0, sizeof *p);
+    p->type = t;
+    p->rows = rows;
+    p->cols = cols;
+    const size_t rb = qtype_row_size(t, cols);
+    const qtype_t at = mm_act_type(t);
+    p->w = malloc((size_t)rows * rb);
+    p->xs = mm_act_row_bytes(t, cols);
+    p->xq = malloc(MAX_NT * p->xs);
+    p->ref = malloc(sizeof(float) * MAX_NT * rows);
+    p->tol = malloc(sizeof(double) * MAX_NT * rows);
+    float *f = malloc(sizeof(float) * cols * (rows > MAX_NT ? rows : MAX_NT));
+    float *wf = malloc(sizeof(float) * cols * rows), *xf = malloc(sizeof(float) * cols * MAX_NT);
+    fill_floats(f, rows * cols, seed);
+    for (int64_t r = 0; r < rows; r++) quant_quantize_ref(t, f + r * cols, p->w + r * rb, cols);
+    fill_floats(f, MAX_NT * cols, seed + 12345);
+    for (int i = 0; i < MAX_NT; i++) mm_quantize_act(k, t, f + i * cols, p->xq + i * p->xs, cols);
+    for (int64_t r = 0; r < rows; r++) quant_dequantize_ref(t, p->w + r * rb, wf + r * cols, cols);
+    for (int i = 0; i < MAX_NT; i++) quant_dequantize_ref(at, p->xq + i * p->xs, xf + i * cols, cols);
+    for (int i = 0; i < MAX_NT; i++)
+        for (int64_t r = 0; r < rows; r++) {
+            quant_vec_dot_ref(t, cols, &p->ref[i * rows + r], p->w + r * rb, p->xq + i * p->xs);
+            double s = 0;
+            for (int64_t c = 0; c < cols; c++) s += fabs((double)wf[r * cols + c] * xf[i * cols + c]);
+            p->tol[i * rows + r] = 1e-5 * s + 1e-30;
+        }
+    free(f);
+    free(wf);
+    free(xf);
+}
+
+static void problem_free(problem_t *p) {
+    free(p->w);
+    free(p->xq);
+    free(p->ref);
+    free(p->tol);
+}
+
+// mm_rows over [r0, r1) for nt tokens into a NaN-filled y; rows outside stay NaN, rows inside match.
+// Returns the number of mismatches (and prints the first).
+static int run_range(const kernels_t *k, const mm_weight_t *w, const problem_t *p, int nt, int64_t r0, int64_t r1,
+                     float *y, size_t ys) {
+    for (size_t i = 0; i < (size_t)nt * ys; i++) y[i] = NAN;
+    mm_rows(k, w, p->xq, p->xs, nt, y, ys, r0, r1);
+    int bad = 0;
+    for (int t = 0; t < nt; t++)
+        for (int64_t r = 0; r < (int64_t)ys; r++) {
+            float got = y[t * ys + r];
+            bool ok;
+            if (r < r0 || r >= r1) ok = isnan(got);
+            else ok = fabs((double)got - p->ref[t * p->rows + r]) <= p->tol[t * p->rows + r];
+            if (!ok && bad++ == 0)
+                fprintf(stderr, "\n  %s %s%s %lldx%lld nt=%d [%lld,%lld) row %lld tok %d: got %.9g want %.9g\n", k->isa,
+                        qtype_name(p->type), w->pack ? " packed" : "", (long long)p->rows, (long long)p->cols, nt,
+                        (long long)r0, (long long)r1, (long long)r, t, got,
+                        r < p->rows ? p->ref[t * p->rows + r] : NAN);
+        }
+    return bad;
+}
+
+// All token counts and row splits for one problem, weight prepared with or without repack.
+static void check_problem(const kernels_t *k, const problem_t *p, bool repack, bool all_nt) {
+    static const int nts[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 31, 33, 64, 70};
+    mm_weight_t w;
+    uint8_t *copy = malloc(qtype_row_size(p->type, p->cols) * p->rows);
+    memcpy(copy, p->w, qtype_row_size(p->type, p->cols) * p->rows);
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, p->type, p->rows, p->cols, copy, repack), 0);
+    if (w.packed) memset(copy, 0xff, qtype_row_size(p->type, p->cols) * p->rows); // packed weights no longer read data
+    CU_ASSERT(w.row_align >= 1);
+    const size_t ys = (size_t)p->rows + 3; // extra columns must stay untouched
+    float *y = malloc(sizeof(float) * MAX_NT * ys);
+    int bad = 0;
+    for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++) {
+        const int nt = nts[i];
+        if (!all_nt && nt != 1 && nt != 5 && nt != 70) continue;
+        bad += run_range(k, &w, p, nt, 0, p->rows, y, ys);
+        // three threads' worth of row ranges, split at multiples of row_align
+        const int64_t a = w.row_align;
+        int64_t c1 = (p->rows / 3) / a * a, c2 = (2 * p->rows / 3) / a * a;
+        if (c1 > 0) bad += run_range(k, &w, p, nt, 0, c1, y, ys);
+        if (c2 > c1) bad += run_range(k, &w, p, nt, c1, c2, y, ys);
+        if (p->rows > c2) bad += run_range(k, &w, p, nt, c2, p->rows, y, ys);
+        // a single aligned group in the middle, and the last (possibly partial) group
+        if (p->rows > a) bad += run_range(k, &w, p, nt, a, p->rows > 2 * a ? 2 * a : p->rows, y, ys);
+        bad += run_range(k, &w, p, nt, (p->rows - 1) / a * a, p->rows, y, ys);
+    }
+    CU_ASSERT_EQUAL(bad, 0);
+    free(y);
+    mm_weight_release(&w);
+    mm_weight_release(&w); // idempotent
+    CU_ASSERT_PTR_NULL(w.packed);
+    free(copy);
+}
+
+// Column counts for a type: the minimum block, a few odd multiples, non-multiples of 256 for plain types.
+static int cols_for(qtype_t t, int64_t *out) {
+    const int64_t b = qtype_traits(t)->blck;
+    if (b == 1) {
+        out[0] = 64, out[1] = 33, out[2] = 200, out[3] = 1;
+        return 4;
+    }
+    if (b == 32) {
+        out[0] = 32, out[1] = 64, out[2] = 96, out[3] = 352;
+        return 4;
+    }
+    out[0] = 256, out[1] = 768;
+    return 2;
+}
+
+// --- tests
+
+static void test_all_types_small(void) {
+    static const int64_t row_counts[] = {1, 15, 16, 17, 40, 172};
+    for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+        const kernels_t *k = kernels_for_isa(isas[i]);
+        if (!k) continue;
+        for (int t = 0; t < QT_COUNT; t++) {
+            const qtype_traits_t *tr = qtype_traits(t);
+            if (!tr || !tr->has_kernels) continue;
+            int64_t cols[4];
+            int nc = cols_for(t, cols);
+            for (int c = 0; c < nc; c++)
+                for (size_t r = 0; r < sizeof row_counts / sizeof row_counts[0]; r++) {
+                    problem_t p;
+                    problem_init(&p, k, t, row_counts[r], cols[c], 1000 + 97 * t + 13 * c + r);
+                    bool full = c == 0 || row_counts[r] == 172;
+                    check_problem(k, &p, false, full);
+                    check_problem(k, &p, true, full);
+                    problem_free(&p);
+                }
+        }
+    }
+}
+
+// Bigger Q4_0 / Q8_0 / F16 shapes: 2049 rows (one row past a group), longer rows.
+static void test_large_rows(void) {
+    static const qtype_t types[] = {QT_Q4_0, QT_Q8_0, QT_F16, QT_F32};
+    for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+        const kernels_t *k = kernels_for_isa(isas[i]);
+        if (!k) continue;
+        for (size_t j = 0; j < sizeof types / sizeof types[0]; j++) {
+            problem_t p;
+            problem_init(&p, k, types[j], 2049, 640, 77 + j);
+            check_problem(k, &p, true, false);
+            problem_free(&p);
+        }
+    }
+}
+
+// Activations quantized by any ISA are interchangeable (same bytes), so mixing tables is safe.
+static void test_act_bytes_match_scalar(void) {
+    static const qtype_t types[] = {QT_Q4_0, QT_Q8_0, QT_Q4_K, QT_F16, QT_BF16, QT_F32, QT_Q4_1};
+    const int64_t cols = 512;
+    float x[512];
+    fill_floats(x, cols, 5);
+    for (size_t j = 0; j < sizeof types / sizeof types[0]; j++) {
+        const size_t n = mm_act_row_bytes(types[j], cols);
+        CU_ASSERT(n >= qtype_row_size(mm_act_type(types[j]), cols));
+        uint8_t *a = calloc(1, n), *b = calloc(1, n);
+        mm_quantize_act(kernels_for_isa("scalar"), types[j], x, a, cols);
+        for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+            const kernels_t *k = kernels_for_isa(isas[i]);
+            if (!k) continue;
+            memset(b, 0, n);
+            mm_quantize_act(k, types[j], x, b, cols);
+            CU_ASSERT(memcmp(a, b, n) == 0);
+        }
+        free(a);
+        free(b);
+    }
+}
+
+static void test_weight_init_errors(void) {
+    mm_weight_t w;
+    uint8_t buf[4096] = {0};
+    const kernels_t *k = kernels_best();
+    CU_ASSERT_EQUAL(mm_weight_init(&w, k, QT_Q8_K, 4, 256, buf, true), MLM_EUNSUPPORTED);
+    CU_ASSERT_EQUAL(mm_weight_init(&w, k, QT_Q4_0, 4, 48, buf, true), MLM_EINVAL);
+    CU_ASSERT_EQUAL(mm_weight_init(&w, k, QT_Q4_0, 0, 64, buf, true), MLM_EINVAL);
+    CU_ASSERT_EQUAL(mm_weight_init(&w, k, QT_Q4_0, 20, 64, buf, true), 0);
+    CU_ASSERT_EQUAL(w.row_align, 16);
+    CU_ASSERT_PTR_NOT_NULL(w.packed);
+    CU_ASSERT_EQUAL((uintptr_t)w.packed % 64, 0);
+    mm_weight_release(&w);
+    CU_ASSERT_EQUAL(mm_weight_init(&w, k, QT_Q4_0, 20, 64, buf, false), 0);
+    CU_ASSERT_EQUAL(w.row_align, 1);
+    CU_ASSERT_PTR_NULL(w.packed);
+    mm_weight_release(&w);
+    mm_weight_t z;
+    memset(&z, 0, sizeof z);
+    mm_weight_release(&z);
+    mm_weight_release(NULL);
+    CU_ASSERT_EQUAL(mm_act_type(QT_Q4_K), QT_Q8_K);
+    CU_ASSERT_EQUAL(mm_act_type(QT_Q4_0), QT_Q8_0);
+    CU_ASSERT_EQUAL(mm_act_row_bytes(QT_F16, 100), 200);
+}
+
+// --- public API
+
+int test_matmul_suite(void) {
+    CU_pSuite s = CU_add_suite("matmul", NULL, NULL);
+    if (!s) return -1;
+    if (!CU_add_test(s, "weight_init_errors", test_weight_init_errors) ||
+        !CU_add_test(s, "act_bytes_match_scalar", test_act_bytes_match_scalar) ||
+        !CU_add_test(s, "all_types_small", test_all_types_small) || !CU_add_test(s, "large_rows", test_large_rows))
+        return -1;
+    return 0;
+}

@@ -889,7 +889,7 @@ static void format_float(sbuf_t *s, double f, bool single) {
 }
 
 static void format_value(sbuf_t *s, const gguf_value_t *v, int max_items) {
-    char t[32];
+    char t[48];
     switch (v->type) {
     case GGUF_VT_UINT8: case GGUF_VT_UINT16: case GGUF_VT_UINT32: case GGUF_VT_UINT64:
         snprintf(t, sizeof t, "%llu", (unsigned long long)v->v.u);

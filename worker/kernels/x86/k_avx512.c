@@ -1,11 +1,13 @@
-// x86 kernels (k_avx512): AVX-512 VNNI dot products of the K-quants and Q4_1/Q5_0/Q5_1 with their activations.
+// x86 kernels (k_avx512): AVX-512 VNNI dot products of Q2_K, Q4_K, Q5_K, Q6_K with Q8_K activations.
 //
 // K-quant weights are expanded to unsigned bytes (0..63) and vpdpbusd multiplies them with the signed
 // Q8_K bytes, summing 4 products per i32 lane (|lane| <= 4 * 63 * 128, so it fits an i16). Each
 // 128-bit lane of a product then belongs to one group of 16 elements; two products are packed to
 // i16 (vpackssdw, never saturating) and vpdpwssd multiplies them with the per-group scales while
-// accumulating in i32. Offsets (mins, the -32 of Q6_K, the -4 of Q3_K) come out of the integer sum
-// through the Q8_K bsums, so every integer sum is exact.
+// accumulating in i32. Offsets (mins, the -32 of Q6_K) come out of the integer sum through the Q8_K
+// bsums, so every integer sum is exact. Q4_K/Q5_K/Q6_K use 256-bit vectors: on Zen 4 (512-bit ops
+// run as two halves) that measured faster than the 512-bit layout, which needs extra shifts to
+// line nibbles up with the activations. Q3_K, Q4_1, Q5_0 and Q5_1 keep the AVX2 kernels.
 #include <immintrin.h>
 #include <string.h>
 
@@ -48,25 +50,19 @@ static inline __m512i pack_pattern(int a, int b) {
     return v;
 }
 
-// Shuffle control for Q4_K/Q5_K, whose products hold one 32-element sub-block per 256-bit half:
-// packs(P_j, P_j+1) has 128-bit lanes 0,1 = [s(2j) x4, s(2j+2) x4] and lanes 2,3 = [s(2j+1) x4, s(2j+3) x4].
-static inline __m512i pack_pattern_k4(int j) {
-    uint16_t pat[32];
-    for (int k = 0; k < 4; k++)
-        for (int e = 0; e < 8; e++) {
-            const int sidx = 2 * j + (k >= 2) + (e < 4 ? 0 : 2);
-            pat[8 * k + e] = (uint16_t)((2 * sidx) | ((2 * sidx + 1) << 8));
-        }
-    __m512i v;
-    memcpy(&v, pat, sizeof v);
-    return v;
+// i16 shuffle control for packs(P, Q) of two 32-element products of 16-element groups a..a+3 (P: a, a+1;
+// Q: a+2, a+3): 128-bit lane 0 = [s(a) x4, s(a+2) x4], lane 1 = [s(a+1) x4, s(a+3) x4].
+static inline __m256i cross_pattern(int a) {
+    const short g0 = (short)((2 * a) | ((2 * a + 1) << 8)), g1 = (short)((2 * a + 2) | ((2 * a + 3) << 8));
+    const short g2 = (short)((2 * a + 4) | ((2 * a + 5) << 8)), g3 = (short)((2 * a + 6) | ((2 * a + 7) << 8));
+    return _mm256_setr_epi16(g0, g0, g0, g0, g2, g2, g2, g2, g1, g1, g1, g1, g3, g3, g3, g3);
 }
 
-// Q4_K/Q5_K mins term: sum_k m_k * (bsums[2k] + bsums[2k+1]) as 8 i32 lanes.
-static inline __m256i mins_k4(uint64_t mn, const int16_t *bsums) {
-    const __m128i mn8 = _mm_cvtsi64_si128((long long)mn);
-    const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
-    return _mm256_madd_epi16(mn16, load256(bsums));
+// i16 shuffle control, the same in both 128-bit lanes: [s(a) x4, s(a+1) x4] (of 8 i16 per lane),
+// matching packs(P, Q) with P summing sub-block a and Q sub-block a + 1.
+static inline __m256i pair_pattern(int a) {
+    const short lo = (short)((2 * a) | ((2 * a + 1) << 8)), hi = (short)((2 * a + 2) | ((2 * a + 3) << 8));
+    return _mm256_setr_epi16(lo, lo, lo, lo, hi, hi, hi, hi, lo, lo, lo, lo, hi, hi, hi, hi);
 }
 
 // --- K-quants
@@ -75,102 +71,113 @@ static void vec_dot_q4_K(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q4_K *w = vw;
     const block_q8_K *x = vx;
     const int64_t nb = n / QK_K;
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const __m512i shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0); // low / high nibbles per half
-    const __m512i pat01 = pack_pattern_k4(0), pat23 = pack_pattern_k4(2);
-    __m512 acc = _mm512_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m128i dup_mins = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    __m256 acc = _mm256_setzero_ps();
     __m256 accm = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const float d = x[i].d * f16_to_f32(w[i].d);
-        const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
-        uint64_t sc, mn;
-        kq_unpack_scales_k4(w[i].scales, &sc, &mn);
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(mins_k4(mn, x[i].bsums)), accm);
-
-        const __m512i scl = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+        const __m128 dd = kq_d_dmin(&w[i].d, x[i].d);
+        const __m128i sm = kq_scales_mins_k4(w[i].scales);
+        const __m256i mdup = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, dup_mins));
+        accm = _mm256_fnmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dd)),
+                                _mm256_cvtepi32_ps(_mm256_madd_epi16(mdup, load256(x[i].bsums))), accm);
+        const __m256i scl = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
         const uint8_t *q = w[i].qs;
         const int8_t *y = x[i].qs;
-        // P_j: chunk j's low nibbles (sub-block 2j) in the low half, high nibbles (2j+1) in the high half
-        __m512i p[4];
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
-            const __m512i nib = _mm512_and_si512(_mm512_srlv_epi64(bcast256(q + 32 * j), shift), m4);
-            p[j] = dpbusd0(nib, load512(y + 64 * j));
+            const __m256i qb = load256(q + 32 * j);
+            const __m256i plo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(qb, m4), load256(y + 64 * j));
+            const __m256i phi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
+                                                    load256(y + 64 * j + 32));
+            // 128-bit lane = [4 sums of sub-block 2j, 4 of 2j+1]
+            const __m256i sc = _mm256_shuffle_epi8(scl, pair_pattern(2 * j));
+            if (j & 1)
+                sum1 = _mm256_dpwssd_epi32(sum1, _mm256_packs_epi32(plo, phi), sc);
+            else
+                sum0 = _mm256_dpwssd_epi32(sum0, _mm256_packs_epi32(plo, phi), sc);
         }
-        __m512i sumi = _mm512_madd_epi16(_mm512_packs_epi32(p[0], p[1]), _mm512_shuffle_epi8(scl, pat01));
-        sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(p[2], p[3]), _mm512_shuffle_epi8(scl, pat23));
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
-    *s = hsum_ps_512(acc) + hsum_ps_256(accm);
+    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
 }
 
 static void vec_dot_q5_K(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q5_K *w = vw;
     const block_q8_K *x = vx;
     const int64_t nb = n / QK_K;
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const __m512i m16 = _mm512_set1_epi8(0x10);
-    const __m512i shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
-    const __m512i pat01 = pack_pattern_k4(0), pat23 = pack_pattern_k4(2);
-    __m512 acc = _mm512_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i m16 = _mm256_set1_epi8(0x10);
+    const __m128i dup_mins = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    __m256 acc = _mm256_setzero_ps();
     __m256 accm = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const float d = x[i].d * f16_to_f32(w[i].d);
-        const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
-        uint64_t sc, mn;
-        kq_unpack_scales_k4(w[i].scales, &sc, &mn);
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(mins_k4(mn, x[i].bsums)), accm);
-
-        const __m512i scl = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+        const __m128 dd = kq_d_dmin(&w[i].d, x[i].d);
+        const __m128i sm = kq_scales_mins_k4(w[i].scales);
+        const __m256i mdup = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, dup_mins));
+        accm = _mm256_fnmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dd)),
+                                _mm256_cvtepi32_ps(_mm256_madd_epi16(mdup, load256(x[i].bsums))), accm);
+        const __m256i scl = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
         const uint8_t *q = w[i].qs;
         const int8_t *y = x[i].qs;
-        const __m512i qh = bcast256(w[i].qh); // bit 2j of byte l: 5th bit of element 64j + l, 2j+1: 64j + 32 + l
-        __m512i p[4];
+        const __m256i qh = load256(w[i].qh); // bit 2j of byte l: 5th bit of element 64j + l, 2j+1: 64j + 32 + l
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
-            const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (2 * j))),
-                                                   _mm256_set1_epi8((char)(1 << (2 * j + 1))), 1);
-            __m512i nib = _mm512_and_si512(_mm512_srlv_epi64(bcast256(q + 32 * j), shift), m4);
-            nib = _mm512_mask_add_epi8(nib, _mm512_test_epi8_mask(qh, bit), nib, m16);
-            p[j] = dpbusd0(nib, load512(y + 64 * j));
+            const __m256i qb = load256(q + 32 * j);
+            __m256i lo = _mm256_and_si256(qb, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+            lo = _mm256_mask_add_epi8(lo, _mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << (2 * j)))), lo, m16);
+            hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << (2 * j + 1)))), hi, m16);
+            const __m256i plo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, load256(y + 64 * j));
+            const __m256i phi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi, load256(y + 64 * j + 32));
+            const __m256i sc = _mm256_shuffle_epi8(scl, pair_pattern(2 * j));
+            if (j & 1)
+                sum1 = _mm256_dpwssd_epi32(sum1, _mm256_packs_epi32(plo, phi), sc);
+            else
+                sum0 = _mm256_dpwssd_epi32(sum0, _mm256_packs_epi32(plo, phi), sc);
         }
-        __m512i sumi = _mm512_madd_epi16(_mm512_packs_epi32(p[0], p[1]), _mm512_shuffle_epi8(scl, pat01));
-        sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(p[2], p[3]), _mm512_shuffle_epi8(scl, pat23));
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
-    *s = hsum_ps_512(acc) + hsum_ps_256(accm);
+    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
 }
 
 static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q6_K *w = vw;
     const block_q8_K *x = vx;
     const int64_t nb = n / QK_K;
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const __m512i m30 = _mm512_set1_epi8(0x30);
-    const __m512i shl = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4); // qh bits 0,1 / 2,3 -> 4,5
-    const __m512i shr = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0); // qh bits 4,5 / 6,7 -> 4,5
-    const __m512i pat = pack_pattern(0, 4);
-    __m512 acc = _mm512_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i m30 = _mm256_set1_epi8(0x30);
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const float d = x[i].d * f16_to_f32(w[i].d);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales));
-        // stored values are q + 32: take 32 * sum_g sc_g * bsums_g out of the sum
         const __m256i bias = _mm256_slli_epi32(_mm256_madd_epi16(sc16, load256(x[i].bsums)), 5);
-        __m512i sumi = _mm512_zextsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), bias));
+        __m256i sum0 = _mm256_setzero_si256();
+        __m256i sum1 = _mm256_sub_epi32(sum0, bias);
         for (int h = 0; h < 2; h++) {
-            const __m512i scl = _mm512_broadcast_i32x4(h ? _mm256_extracti128_si256(sc16, 1) : _mm256_castsi256_si128(sc16));
-            const __m512i ql = load512(w[i].ql + 64 * h);
-            const __m512i qh = bcast256(w[i].qh + 32 * h);
+            const __m256i scl = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                                  : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            const uint8_t *ql = w[i].ql + 64 * h;
+            const __m256i qh = load256(w[i].qh + 32 * h);
             const int8_t *y = x[i].qs + 128 * h;
-            // elements 0..63 of this half from the low nibbles, 64..127 from the high nibbles
-            const __m512i lo = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(_mm512_sllv_epi64(qh, shl), m30));
-            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
-                                               _mm512_and_si512(_mm512_srlv_epi64(qh, shr), m30));
-            const __m512i plo = dpbusd0(lo, load512(y));
-            const __m512i phi = dpbusd0(hi, load512(y + 64));
-            sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(plo, phi), _mm512_shuffle_epi8(scl, pat));
+            const __m256i l0 = load256(ql);
+            const __m256i l1 = load256(ql + 32);
+            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+            const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
+            const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                               _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            const __m256i p0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q0, load256(y));
+            const __m256i p1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q1, load256(y + 32));
+            const __m256i p2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q2, load256(y + 64));
+            const __m256i p3 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q3, load256(y + 96));
+            // packs(p0, p1): lane 0 = [groups 0, 2], lane 1 = [groups 1, 3]; packs(p2, p3) likewise + 4
+            sum0 = _mm256_dpwssd_epi32(sum0, _mm256_packs_epi32(p0, p1), _mm256_shuffle_epi8(scl, cross_pattern(0)));
+            sum1 = _mm256_dpwssd_epi32(sum1, _mm256_packs_epi32(p2, p3), _mm256_shuffle_epi8(scl, cross_pattern(4)));
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
-    *s = hsum_ps_512(acc);
+    *s = hsum_ps_256(acc);
 }
 
 static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
@@ -207,51 +214,10 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
     *s = hsum_ps_512(acc) + hsum_ps_256(accm);
 }
 
-static void vec_dot_q3_K(int64_t n, float *s, const void *vw, const void *vx) {
-    const block_q3_K *w = vw;
-    const block_q8_K *x = vx;
-    const int64_t nb = n / QK_K;
-    const __m512i m3 = _mm512_set1_epi8(3);
-    const __m512i four = _mm512_set1_epi8(4);
-    const __m512i shift01 = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
-    const __m512i shift23 = _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4);
-    const __m512i pat = pack_pattern(0, 4);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < nb; i++) {
-        const float d = x[i].d * f16_to_f32(w[i].d);
-        int8_t sc8[16];
-        kq_unpack_scales_q3(w[i].scales, sc8);
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc8));
-        // stored value u = low 2 bits + 4 * high bit = q + 4: take 4 * sum_g sc_g * bsums_g out
-        const __m256i bias = _mm256_slli_epi32(_mm256_madd_epi16(sc16, load256(x[i].bsums)), 2);
-        __m512i sumi = _mm512_zextsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), bias));
-        const __m512i hm = bcast256(w[i].hmask); // bit 4h+j of byte l: high bit of element 128h + 32j + l
-        for (int h = 0; h < 2; h++) {
-            const __m512i scl = _mm512_broadcast_i32x4(h ? _mm256_extracti128_si256(sc16, 1) : _mm256_castsi256_si128(sc16));
-            const __m512i qb = bcast256(w[i].qs + 32 * h);
-            const int8_t *y = x[i].qs + 128 * h;
-            const __m512i bit01 = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (4 * h))),
-                                                     _mm256_set1_epi8((char)(1 << (4 * h + 1))), 1);
-            const __m512i bit23 = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (4 * h + 2))),
-                                                     _mm256_set1_epi8((char)(1 << (4 * h + 3))), 1);
-            __m512i u0 = _mm512_and_si512(_mm512_srlv_epi64(qb, shift01), m3);
-            __m512i u1 = _mm512_and_si512(_mm512_srlv_epi64(qb, shift23), m3);
-            u0 = _mm512_mask_add_epi8(u0, _mm512_test_epi8_mask(hm, bit01), u0, four);
-            u1 = _mm512_mask_add_epi8(u1, _mm512_test_epi8_mask(hm, bit23), u1, four);
-            const __m512i p0 = dpbusd0(u0, load512(y));
-            const __m512i p1 = dpbusd0(u1, load512(y + 64));
-            sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(p0, p1), _mm512_shuffle_epi8(scl, pat));
-        }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
-    }
-    *s = hsum_ps_512(acc);
-}
-
 // --- public API
 
 void kern_x86_k_avx512_fill(kernels_t *k) {
     k->vec_dot[QT_Q2_K] = vec_dot_q2_K;
-    k->vec_dot[QT_Q3_K] = vec_dot_q3_K;
     k->vec_dot[QT_Q4_K] = vec_dot_q4_K;
     k->vec_dot[QT_Q5_K] = vec_dot_q5_K;
     k->vec_dot[QT_Q6_K] = vec_dot_q6_K;

@@ -1,7 +1,8 @@
-// Scalar helpers shared by the x86 K-quant kernel files (k_avx2.c, k_avx512.c): packed-scale unpacking.
+// Helpers shared by the x86 K-quant kernel files (k_avx2.c, k_avx512.c, both built with AVX2): scale unpacking.
 #ifndef MESHLM_KERNELS_X86_K_COMMON_H
 #define MESHLM_KERNELS_X86_K_COMMON_H
 
+#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -24,6 +25,25 @@ static inline void kq_unpack_scales_k4(const uint8_t *p, uint64_t *sc, uint64_t 
     const uint32_t mn_hi = ((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u);
     *sc = sc_lo | (uint64_t)sc_hi << 32;
     *mn = mn_lo | (uint64_t)mn_hi << 32;
+}
+
+// The same unpacking in SSE/AVX2 registers: returns 16 bytes, scales 0..7 then mins 0..7. Reads 16
+// bytes at p (the 12 scale bytes and the first 4 quant bytes that follow them in the block).
+static inline __m128i kq_scales_mins_k4(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p);           // dwords a, b, c, (quants)
+    const __m128i t1 = _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)); // a, c, b, c
+    const __m128i t2 = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0)); // a, a, b, b
+    const __m128i lo = _mm_and_si128(_mm_srlv_epi32(t1, _mm_set_epi32(4, 0, 0, 0)),
+                                     _mm_set_epi32(0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi32(t2, 2), _mm_set_epi32(0x30303030, 0, 0x30303030, 0));
+    return _mm_or_si128(lo, hi);
+}
+
+// Two f16 at p (d, dmin of a K-quant block) times the activation scale: lanes 0, 1 = d * xd, dmin * xd.
+static inline __m128 kq_d_dmin(const void *p, float xd) {
+    uint32_t u;
+    memcpy(&u, p, 4);
+    return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)u)), _mm_set1_ps(xd));
 }
 
 // --- Q3_K scales

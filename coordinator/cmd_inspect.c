@@ -225,6 +225,14 @@ static cJSON *json_string(const char *ptr, uint64_t len) {
     return j;
 }
 
+// Adds a NUL-terminated text (key, tensor name, path) that may hold invalid UTF-8.
+static bool json_add_text(cJSON *obj, const char *name, const char *text) {
+    cJSON *j = json_string(text, strlen(text));
+    if (j && cJSON_AddItemToObject(obj, name, j)) return true;
+    cJSON_Delete(j);
+    return false;
+}
+
 static cJSON *json_value(const gguf_value_t *v, int max_items) {
     switch (v->type) {
     case GGUF_VT_BOOL: return cJSON_CreateBool(v->v.b);
@@ -257,7 +265,7 @@ static cJSON *json_value(const gguf_value_t *v, int max_items) {
 static cJSON *json_build(const gguf_t *g, int max_items) {
     cJSON *root = cJSON_CreateObject();
     if (!root) return NULL;
-    bool ok = cJSON_AddStringToObject(root, "file", gguf_path(g)) &&
+    bool ok = json_add_text(root, "file", gguf_path(g)) &&
               cJSON_AddNumberToObject(root, "size", (double)gguf_file_size(g)) &&
               cJSON_AddNumberToObject(root, "version", gguf_version(g)) &&
               cJSON_AddNumberToObject(root, "alignment", (double)gguf_alignment(g)) &&
@@ -268,7 +276,7 @@ static cJSON *json_build(const gguf_t *g, int max_items) {
     for (int64_t i = 0; meta && ok && i < gguf_n_kv(g); i++) {
         const gguf_value_t *v = gguf_kv_value(g, i);
         cJSON *kv = cJSON_CreateObject();
-        ok = kv && cJSON_AddItemToArray(meta, kv) && cJSON_AddStringToObject(kv, "key", gguf_kv_key(g, i)) &&
+        ok = kv && cJSON_AddItemToArray(meta, kv) && json_add_text(kv, "key", gguf_kv_key(g, i)) &&
              cJSON_AddStringToObject(kv, "type", gguf_vtype_name(v->type));
         if (ok && v->type == GGUF_VT_ARRAY) {
             ok = cJSON_AddStringToObject(kv, "element_type", gguf_vtype_name(v->v.arr.type)) &&
@@ -284,7 +292,7 @@ static cJSON *json_build(const gguf_t *g, int max_items) {
         const gguf_tensor_t *t = gguf_tensor(g, i);
         cJSON *o = cJSON_CreateObject();
         ok = o && cJSON_AddItemToArray(tens, o) && cJSON_AddNumberToObject(o, "index", (double)i) &&
-             cJSON_AddStringToObject(o, "name", t->name) && cJSON_AddStringToObject(o, "type", qtype_name(t->type));
+             json_add_text(o, "name", t->name) && cJSON_AddStringToObject(o, "type", qtype_name(t->type));
         cJSON *dims = ok ? cJSON_AddArrayToObject(o, "dims") : NULL;
         for (int d = 0; dims && ok && d < t->n_dims; d++) {
             cJSON *x = cJSON_CreateNumber((double)t->ne[d]);

@@ -79,7 +79,7 @@ uint32_t gguf_version(const gguf_t *g);
 const char *gguf_path(const gguf_t *g);        // file name given at open
 size_t gguf_file_size(const gguf_t *g);
 size_t gguf_alignment(const gguf_t *g);
-size_t gguf_data_offset(const gguf_t *g);      // byte offset of the tensor data section
+size_t gguf_data_offset(const gguf_t *g);      // byte offset of the tensor data section (<= file size)
 const void *gguf_base(const gguf_t *g);        // start of the mapping
 
 // --- metadata

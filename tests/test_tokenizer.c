@@ -121,7 +121,7 @@ static int hex_val(char c) {
 static unsigned char *unhex(const char *h, size_t *n) {
     size_t l = strlen(h);
     if (l % 2) return NULL;
-    unsigned char *b = malloc(l / 2 + 1);
+    unsigned char *b = malloc(l / 2 + 1);  // (l / 2) decoded bytes
     if (!b) return NULL;
     for (size_t i = 0; i < l / 2; i++) {
         int x = hex_val(h[2 * i]), y = hex_val(h[2 * i + 1]);
@@ -172,7 +172,7 @@ static void run_vocab_vectors(const char *vocab) {
     snprintf(rel, sizeof rel, "models/vocab/%s", vocab);
     tokenizer_t *t = load_tok(rel);
     CU_ASSERT_PTR_NOT_NULL_FATAL(t);
-    char path[1024];
+    char path[1024];  // absolute path of the .inp / .out file
     size_t inp_len, out_len;
     snprintf(rel, sizeof rel, "models/vocab/%s.inp", vocab);
     char *inp = test_read_file(test_shared_path(path, sizeof path, rel), &inp_len);
@@ -406,6 +406,10 @@ static void test_parse_special(void) {
     CU_ASSERT_EQUAL(a[0], 1);
     CU_ASSERT_EQUAL(a[1], 15043);  // "▁Hello"
     CU_ASSERT_EQUAL(a[2], 2);
+    // repeated and adjacent special tokens, text in between
+    na = tokenizer_encode(t, "<s><s>Hello</s>Hello", 20, true, true, a, 64);
+    CU_ASSERT_EQUAL(na, 6);
+    CU_ASSERT(na == 6 && a[0] == 1 && a[1] == 1 && a[2] == 1 && a[3] == 15043 && a[4] == 2 && a[5] == 15043);
     na = tokenizer_encode(t, "<s>Hello</s>", 12, false, false, a, 64);
     CU_ASSERT(na > 3);
     for (int i = 0; i < na && i < 64; i++) CU_ASSERT(a[i] != 1 && a[i] != 2);

@@ -424,19 +424,18 @@ static int partition(const tokenizer_t *t, const char *text, bool parse_special,
             if (!m) continue;
             size_t at = (size_t)(m - text);
             // replace f by up to three fragments: left text, the token, right text (searched next)
-            int add = (at > f.off) + 1 + (at + sl < f.off + f.len) - 1;
-            if (*nf + add > *capf) {
-                int nc = *capf * 2 + add + 4;
-                frag_t *nfr = realloc(*frags, (size_t)nc * sizeof *nfr);
-                if (!nfr) return MLM_ENOMEM;
-                *frags = nfr;
-                *capf = nc;
-            }
             frag_t rep[3];  // replacement fragments for f
             int nr = 0;
             if (at > f.off) rep[nr++] = (frag_t){f.off, at - f.off, -1};
             rep[nr++] = (frag_t){0, 0, id};
             if (at + sl < f.off + f.len) rep[nr++] = (frag_t){at + sl, f.off + f.len - at - sl, -1};
+            if (*nf + nr - 1 > *capf) {
+                int nc = *capf * 2 + 4;
+                frag_t *nfr = realloc(*frags, (size_t)nc * sizeof *nfr);
+                if (!nfr) return MLM_ENOMEM;
+                *frags = nfr;
+                *capf = nc;
+            }
             memmove(*frags + fi + nr, *frags + fi + 1, (size_t)(*nf - fi - 1) * sizeof **frags);
             memcpy(*frags + fi, rep, (size_t)nr * sizeof *rep);
             *nf += nr - 1;
@@ -801,7 +800,7 @@ int tokenizer_from_gguf(tokenizer_t **out, const gguf_t *g, char *err, size_t er
         tokenizer_destroy(&t);
         return rc;
     }
-    int32_t *def[] = {&t->bos, &t->eos, &t->unk};
+    int32_t *def[] = {&t->bos, &t->eos, &t->unk};  // (3) ids with kind defaults
     for (int i = 0; i < 3; i++)
         if (*def[i] >= t->n_vocab) *def[i] = -1;
     if (!rc) rc = read_id(g, "tokenizer.ggml.bos_token_id", t->n_vocab, &t->bos, err, errlen);

@@ -579,13 +579,14 @@ int cmd_gen_model(int argc, char **argv) {
         return 0;
     }
     if (prc) {
-        usage(stderr);
+        fprintf(stderr, "(see 'meshlm gen-model --help')\n");
         return 2;
     }
     const model_preset_t *pre = model_preset_find(o.preset);
     if (!pre) {
-        fprintf(stderr, "gen-model: unknown preset '%s'\n\n", o.preset);
-        usage(stderr);
+        fprintf(stderr, "gen-model: unknown preset '%s'; presets:", o.preset);
+        for (int i = 0; model_preset_at(i); i++) fprintf(stderr, " %s", model_preset_at(i)->name);
+        fprintf(stderr, "\n");
         return 2;
     }
     quant_plan_t q;

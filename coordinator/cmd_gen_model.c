@@ -397,7 +397,7 @@ static int write_weights(gguf_writer_t *w, const tensor_list_t *l, uint64_t seed
     const bool tty = isatty(STDERR_FILENO);
     const double t0 = now_s();
     double last = t0;
-    const double total = (double)gguf_writer_data_size(w);
+    const double total = (double)(gguf_writer_bytes_written(w) + gguf_writer_data_size(w));
     for (int i = 0; !rc && i < l->n; i++) {
         const gen_tensor_t *t = &l->t[i];
         size_t row_bytes = qtype_row_size(t->type, t->ne[0]);

@@ -1,9 +1,273 @@
-// meshlm bench (placeholder until implemented).
+// meshlm bench: prompt-processing and generation speed in a llama-bench style table.
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
 #include "coordinator/cli.h"
+#include "coordinator/generate.h"
+#include "worker/err.h"
+#include "worker/model.h"
+
+// --- helpers
+
+#define MAX_MODELS 8
+#define MAX_REPS 100
+
+typedef struct {
+    const char *models[MAX_MODELS];  // -m, repeatable
+    int n_models;
+    int threads[8];                  // -t list
+    int n_threads;
+    int n_prompt;                    // -p (0 = skip)
+    int n_gen;                       // -n (0 = skip)
+    int reps;                        // -r
+    bool json;
+    bool repack;
+} bench_args_t;
+
+typedef struct {
+    double avg, sd;                  // tokens/s
+    double samples[MAX_REPS];        // tokens/s per repetition
+    int n;
+} bench_stat_t;
+
+static void bench_usage(FILE *f) {
+    fprintf(f,
+            "usage: meshlm bench -m FILE [-m FILE ...] [options]\n"
+            "  -t, --threads N[,N...]  thread counts to test (default: all cores)\n"
+            "  -p, --n-prompt N        prompt tokens for the pp test (default 64; 0 skips)\n"
+            "  -n, --n-gen N           generated tokens for the tg test (default 32; 0 skips)\n"
+            "  -r, --repetitions N     repetitions per test (default 3)\n"
+            "      --no-repack         compute on the file's layout\n"
+            "      --json              print a JSON array instead of the table\n");
+}
+
+static int parse_list(const char *s, int *out, int max) {
+    int n = 0;
+    while (*s && n < max) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s || v <= 0) return -1;
+        out[n++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+static void stat_finish(bench_stat_t *s) {
+    double sum = 0, sq = 0;
+    for (int i = 0; i < s->n; i++) sum += s->samples[i];
+    s->avg = s->n ? sum / s->n : 0;
+    for (int i = 0; i < s->n; i++) sq += (s->samples[i] - s->avg) * (s->samples[i] - s->avg);
+    s->sd = s->n > 1 ? sqrt(sq / (s->n - 1)) : 0;
+}
+
+static uint64_t splitmix(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// One pp or tg measurement series. Returns 0 or an MLM_ code.
+static int run_test(model_ctx_t *c, int n_vocab, bool prompt, int n, int reps, bench_stat_t *st) {
+    int32_t *toks = malloc((size_t)n * sizeof *toks);
+    float *logits = malloc((size_t)n_vocab * sizeof *logits);
+    if (!toks || !logits) {
+        free(toks);
+        free(logits);
+        return MLM_ENOMEM;
+    }
+    uint64_t seed = 42;
+    for (int i = 0; i < n; i++) toks[i] = (int32_t)(splitmix(&seed) % (uint64_t)n_vocab);
+    int rc = 0;
+    st->n = 0;
+    for (int r = -1; r < reps && rc == 0; r++) { // r == -1 is the warm-up
+        model_ctx_reset(c);
+        double t0 = gen_now_ms();
+        if (prompt) {
+            rc = model_eval(c, toks, n, logits, false);
+        } else {
+            for (int i = 0; i < n && rc == 0; i++) rc = model_eval(c, &toks[i], 1, logits, false);
+        }
+        double ms = gen_now_ms() - t0;
+        if (r >= 0 && rc == 0) st->samples[st->n++] = n * 1000.0 / ms;
+    }
+    stat_finish(st);
+    free(toks);
+    free(logits);
+    return rc;
+}
+
+static void fmt_size(char *buf, size_t cap, double bytes) {
+    if (bytes >= 1024.0 * 1024 * 1024) snprintf(buf, cap, "%.2f GiB", bytes / (1024.0 * 1024 * 1024));
+    else snprintf(buf, cap, "%.2f MiB", bytes / (1024.0 * 1024));
+}
+
+static void fmt_params(char *buf, size_t cap, double n) {
+    if (n >= 1e9) snprintf(buf, cap, "%.2f B", n / 1e9);
+    else if (n >= 1e6) snprintf(buf, cap, "%.2f M", n / 1e6);
+    else snprintf(buf, cap, "%.2f K", n / 1e3);
+}
+
+// Bytes of weights one decode step reads: every tensor but the embedding table, plus one of its rows.
+static double bytes_per_token(const model_t *m) {
+    const gguf_t *g = model_gguf(m);
+    const model_hparams_t *hp = model_hparams(m);
+    const gguf_tensor_t *emb = gguf_find_tensor(g, "token_embd.weight");
+    double b = (double)hp->weight_bytes;
+    if (emb && !hp->tied_output) b -= (double)emb->nbytes - (double)emb->nbytes / (double)hp->n_vocab;
+    if (hp->n_expert > 0) {
+        // Only the chosen experts are read: scale the expert tensors by used/total.
+        double exp_bytes = 0;
+        for (int64_t i = 0; i < gguf_n_tensors(g); i++) {
+            const gguf_tensor_t *t = gguf_tensor(g, i);
+            if (strstr(t->name, "_exps.")) exp_bytes += (double)t->nbytes;
+        }
+        b -= exp_bytes * (1.0 - (double)hp->n_expert_used / hp->n_expert);
+    }
+    return b;
+}
+
+// --- public API
 
 int cmd_bench(int argc, char **argv) {
-    (void)argc; (void)argv;
-    fprintf(stderr, "meshlm: 'bench' is not implemented yet\n");
-    return 2;
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'}, {"threads", required_argument, 0, 't'},
+        {"n-prompt", required_argument, 0, 'p'}, {"n-gen", required_argument, 0, 'n'},
+        {"repetitions", required_argument, 0, 'r'}, {"json", no_argument, 0, 'j'},
+        {"no-repack", no_argument, 0, 'R'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
+    optind = 1;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "m:t:p:n:r:h", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'm':
+            if (a.n_models == MAX_MODELS) {
+                fprintf(stderr, "meshlm bench: at most %d models\n", MAX_MODELS);
+                return 2;
+            }
+            a.models[a.n_models++] = optarg;
+            break;
+        case 't':
+            if ((a.n_threads = parse_list(optarg, a.threads, 8)) <= 0) {
+                fprintf(stderr, "meshlm bench: bad thread list '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'p': a.n_prompt = atoi(optarg); break;
+        case 'n': a.n_gen = atoi(optarg); break;
+        case 'r': a.reps = atoi(optarg); break;
+        case 'j': a.json = true; break;
+        case 'R': a.repack = false; break;
+        case 'h': bench_usage(stdout); return 0;
+        default: bench_usage(stderr); return 2;
+        }
+    }
+    if (a.n_models == 0 || a.reps < 1 || a.reps > MAX_REPS || a.n_prompt < 0 || a.n_gen < 0 || optind < argc) {
+        bench_usage(stderr);
+        return 2;
+    }
+    if (a.n_threads == 0) {
+        a.threads[0] = 0;
+        a.n_threads = 1;
+    }
+    cJSON *jarr = a.json ? cJSON_CreateArray() : NULL;
+    if (!a.json) {
+        printf("| %-24s | %10s | %8s | %-8s | %7s | %6s | %16s | %10s |\n", "model", "size", "params", "backend",
+               "threads", "test", "t/s", "weights GB/s");
+        printf("| %.24s | %.10s | %.8s | %.8s | %.7s | %.6s | %.16s | %.10s |\n", "------------------------------",
+               "------------", "----------", "----------", "---------", "--------", "------------------",
+               "------------");
+    }
+    int code = 0;
+    for (int mi = 0; mi < a.n_models; mi++) {
+        char err[1024] = "";
+        model_t *m = NULL;
+        model_load_opts_t lo = {.repack = a.repack};
+        if (model_load(&m, a.models[mi], &lo, err, sizeof err) != 0) {
+            fprintf(stderr, "meshlm bench: %s\n", err);
+            code = 1;
+            continue;
+        }
+        const model_hparams_t *hp = model_hparams(m);
+        char name[64], size[32], params[32];
+        const double np = (double)hp->n_params;
+        char sz[16];
+        if (np >= 1e9) snprintf(sz, sizeof sz, "%.0fB", np / 1e9);
+        else snprintf(sz, sizeof sz, "%.0fM", np / 1e6);
+        snprintf(name, sizeof name, "%s %s%s %s", hp->arch, hp->n_expert ? "MoE " : "", sz, model_type_name(m));
+        fmt_size(size, sizeof size, (double)hp->weight_bytes);
+        fmt_params(params, sizeof params, (double)hp->n_params);
+        const double bpt = bytes_per_token(m);
+        for (int ti = 0; ti < a.n_threads; ti++) {
+            model_ctx_t *c = NULL;
+            int need = (a.n_prompt > a.n_gen ? a.n_prompt : a.n_gen) + 8;
+            model_ctx_opts_t co = {.n_ctx = need, .n_batch = a.n_prompt > 0 ? a.n_prompt : 64,
+                                   .n_threads = a.threads[ti]};
+            if (model_ctx_new(&c, m, &co, err, sizeof err) != 0) {
+                fprintf(stderr, "meshlm bench: %s\n", err);
+                code = 1;
+                continue;
+            }
+            int nthr = co.n_threads ? co.n_threads : 0;
+            for (int test = 0; test < 2; test++) {
+                bool pp = test == 0;
+                int n = pp ? a.n_prompt : a.n_gen;
+                if (n == 0) continue;
+                bench_stat_t st;
+                int rc = run_test(c, hp->n_vocab, pp, n, a.reps, &st);
+                if (rc != 0) {
+                    fprintf(stderr, "meshlm bench: %s failed: %s\n", a.models[mi], mlm_strerror(rc));
+                    code = 1;
+                    continue;
+                }
+                char tname[16], ts[40], bw[16];
+                snprintf(tname, sizeof tname, "%s%d", pp ? "pp" : "tg", n);
+                snprintf(ts, sizeof ts, "%.2f ± %.2f", st.avg, st.sd);
+                if (pp) snprintf(bw, sizeof bw, "-");
+                else snprintf(bw, sizeof bw, "%.1f", bpt * st.avg / 1e9);
+                if (!nthr) nthr = (int)sysconf(_SC_NPROCESSORS_ONLN);
+                if (a.json) {
+                    cJSON *o = cJSON_CreateObject();
+                    cJSON_AddStringToObject(o, "model", a.models[mi]);
+                    cJSON_AddStringToObject(o, "model_type", name);
+                    cJSON_AddNumberToObject(o, "model_size", (double)hp->weight_bytes);
+                    cJSON_AddNumberToObject(o, "model_n_params", (double)hp->n_params);
+                    cJSON_AddStringToObject(o, "isa", model_kernels(m)->isa);
+                    cJSON_AddNumberToObject(o, "n_threads", nthr);
+                    cJSON_AddStringToObject(o, "test", tname);
+                    cJSON_AddNumberToObject(o, "n_prompt", pp ? n : 0);
+                    cJSON_AddNumberToObject(o, "n_gen", pp ? 0 : n);
+                    cJSON_AddNumberToObject(o, "avg_ts", st.avg);
+                    cJSON_AddNumberToObject(o, "stddev_ts", st.sd);
+                    cJSON *sa = cJSON_AddArrayToObject(o, "samples_ts");
+                    for (int i = 0; i < st.n; i++) cJSON_AddItemToArray(sa, cJSON_CreateNumber(st.samples[i]));
+                    cJSON_AddNumberToObject(o, "weight_bytes_per_token", bpt);
+                    if (!pp) cJSON_AddNumberToObject(o, "weights_gbps", bpt * st.avg / 1e9);
+                    cJSON_AddItemToArray(jarr, o);
+                } else {
+                    char backend[16];
+                    snprintf(backend, sizeof backend, "CPU %s", model_kernels(m)->isa);
+                    printf("| %-24s | %10s | %8s | %-8s | %7d | %6s | %16s | %10s |\n", name, size, params, backend,
+                           nthr, tname, ts, bw);
+                    fflush(stdout);
+                }
+            }
+            model_ctx_destroy(&c);
+        }
+        model_destroy(&m);
+    }
+    if (a.json) {
+        char *s = cJSON_Print(jarr);
+        if (s) printf("%s\n", s);
+        free(s);
+        cJSON_Delete(jarr);
+    }
+    return code;
 }

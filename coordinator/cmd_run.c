@@ -1,9 +1,255 @@
-// meshlm run (placeholder until implemented).
+// meshlm run: load a GGUF model on this machine, tokenize a prompt, and stream a generation.
+#include <cjson/cJSON.h>
+#include <getopt.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "coordinator/cli.h"
+#include "coordinator/generate.h"
+#include "worker/err.h"
+#include "worker/model.h"
+#include "worker/tokenizer.h"
+
+// --- helpers
+
+typedef struct {
+    const char *model;        // -m
+    char *prompt;             // -p or -f (owned when read from a file)
+    bool prompt_owned;
+    int n_predict;            // -n
+    int n_threads;            // -t
+    int n_ctx;                // -c
+    int n_batch;              // -b
+    bool json;                // --json
+    bool no_bos;              // --no-bos
+    bool repack;              // !--no-repack
+    const char *logits_path;  // --logits
+    bool kv_f32;              // --kv-type f32
+    gen_opts_t gen;           // sampling and stopping
+} run_args_t;
+
+static void run_usage(FILE *f) {
+    fprintf(f,
+            "usage: meshlm run -m FILE (-p TEXT | -f FILE) [options]\n"
+            "  -m, --model FILE        GGUF model\n"
+            "  -p, --prompt TEXT       prompt text\n"
+            "  -f, --file FILE         read the prompt from a file\n"
+            "  -n, --n-predict N       tokens to generate (default 128)\n"
+            "  -t, --threads N         threads (default: all cores)\n"
+            "  -c, --ctx-size N        context positions (default: min(model's, 4096))\n"
+            "  -b, --batch-size N      prompt tokens per forward chunk (default 64)\n"
+            "      --temp X            temperature (default 0.8; 0 = greedy)\n"
+            "      --top-k N           (default 40; 0 = off)\n"
+            "      --top-p X           (default 0.95; 1 = off)\n"
+            "      --min-p X           (default 0.05; 0 = off)\n"
+            "      --repeat-penalty X  (default 1.0 = off)\n"
+            "      --repeat-last-n N   tokens the penalty looks back over (default 64)\n"
+            "      --seed N            sampling seed (same seed, same text)\n"
+            "      --greedy            always take the most likely token\n"
+            "      --ignore-eos        do not stop at end-of-generation tokens\n"
+            "      --no-bos            do not prepend the BOS token\n"
+            "      --kv-type f16|f32   KV cache type (default f16, as llama.cpp)\n"
+            "      --no-repack         compute on the file's layout (no repacked copy of the weights)\n"
+            "      --json              print one JSON object on stdout instead of streaming text\n"
+            "      --logits FILE       write float32 logits for every prompt position and generated token\n");
+}
+
+enum { O_TEMP = 1000, O_TOPK, O_TOPP, O_MINP, O_RP, O_RLN, O_SEED, O_GREEDY, O_IGNEOS, O_NOBOS, O_KV, O_NOREPACK,
+       O_JSON, O_LOGITS };
+
+static int parse_args(int argc, char **argv, run_args_t *a) {
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'}, {"prompt", required_argument, 0, 'p'},
+        {"file", required_argument, 0, 'f'}, {"n-predict", required_argument, 0, 'n'},
+        {"threads", required_argument, 0, 't'}, {"ctx-size", required_argument, 0, 'c'},
+        {"batch-size", required_argument, 0, 'b'}, {"temp", required_argument, 0, O_TEMP},
+        {"top-k", required_argument, 0, O_TOPK}, {"top-p", required_argument, 0, O_TOPP},
+        {"min-p", required_argument, 0, O_MINP}, {"repeat-penalty", required_argument, 0, O_RP},
+        {"repeat-last-n", required_argument, 0, O_RLN}, {"seed", required_argument, 0, O_SEED},
+        {"greedy", no_argument, 0, O_GREEDY}, {"ignore-eos", no_argument, 0, O_IGNEOS},
+        {"no-bos", no_argument, 0, O_NOBOS}, {"kv-type", required_argument, 0, O_KV},
+        {"no-repack", no_argument, 0, O_NOREPACK}, {"json", no_argument, 0, O_JSON},
+        {"logits", required_argument, 0, O_LOGITS}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    memset(a, 0, sizeof *a);
+    a->n_predict = 128;
+    a->repack = true;
+    a->gen.sp = sampler_params_default();
+    optind = 1;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "m:p:f:n:t:c:b:h", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'm': a->model = optarg; break;
+        case 'p': a->prompt = optarg; break;
+        case 'f': {
+            FILE *f = fopen(optarg, "rb");
+            if (!f) {
+                fprintf(stderr, "meshlm run: cannot read prompt file %s\n", optarg);
+                return 1;
+            }
+            size_t cap = 4096, len = 0, n;
+            char *buf = malloc(cap);
+            while (buf && (n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+                len += n;
+                if (len + 1 == cap) buf = realloc(buf, cap *= 2);
+            }
+            fclose(f);
+            if (!buf) return 1;
+            buf[len] = 0;
+            a->prompt = buf;
+            a->prompt_owned = true;
+            break;
+        }
+        case 'n': a->n_predict = atoi(optarg); break;
+        case 't': a->n_threads = atoi(optarg); break;
+        case 'c': a->n_ctx = atoi(optarg); break;
+        case 'b': a->n_batch = atoi(optarg); break;
+        case O_TEMP: a->gen.sp.temp = strtof(optarg, NULL); break;
+        case O_TOPK: a->gen.sp.top_k = atoi(optarg); break;
+        case O_TOPP: a->gen.sp.top_p = strtof(optarg, NULL); break;
+        case O_MINP: a->gen.sp.min_p = strtof(optarg, NULL); break;
+        case O_RP: a->gen.sp.repeat_penalty = strtof(optarg, NULL); break;
+        case O_RLN: a->gen.sp.repeat_last_n = atoi(optarg); break;
+        case O_SEED: a->gen.sp.seed = strtoull(optarg, NULL, 10); break;
+        case O_GREEDY: a->gen.sp.greedy = true; break;
+        case O_IGNEOS: a->gen.ignore_eos = true; break;
+        case O_NOBOS: a->no_bos = true; break;
+        case O_KV:
+            if (!strcmp(optarg, "f16")) a->kv_f32 = false;
+            else if (!strcmp(optarg, "f32")) a->kv_f32 = true;
+            else {
+                fprintf(stderr, "meshlm run: --kv-type must be f16 or f32\n");
+                return 1;
+            }
+            break;
+        case O_NOREPACK: a->repack = false; break;
+        case O_JSON: a->json = true; break;
+        case O_LOGITS: a->logits_path = optarg; break;
+        case 'h': run_usage(stdout); return -1;
+        default: run_usage(stderr); return 1;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "meshlm run: unexpected argument '%s'\n", argv[optind]);
+        return 1;
+    }
+    if (!a->model || !a->prompt) {
+        fprintf(stderr, "meshlm run: -m MODEL and -p PROMPT (or -f FILE) are required\n");
+        run_usage(stderr);
+        return 1;
+    }
+    if (a->n_predict < 0 || a->n_threads < 0 || a->n_ctx < 0 || a->n_batch < 0) {
+        fprintf(stderr, "meshlm run: counts must not be negative\n");
+        return 1;
+    }
+    return 0;
+}
+
+static int local_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) {
+    return model_eval(ctx, t, n, logits, all);
+}
+static void local_reset(void *ctx) { model_ctx_reset(ctx); }
+
+static void print_json(const run_args_t *a, const int32_t *pt, int np, const gen_result_t *r) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON *p = cJSON_AddArrayToObject(o, "prompt_tokens");
+    for (int i = 0; i < np; i++) cJSON_AddItemToArray(p, cJSON_CreateNumber(pt[i]));
+    cJSON *t = cJSON_AddArrayToObject(o, "tokens");
+    for (int i = 0; i < r->n_tokens; i++) cJSON_AddItemToArray(t, cJSON_CreateNumber(r->tokens[i]));
+    cJSON_AddStringToObject(o, "text", r->text);
+    cJSON_AddNumberToObject(o, "prompt_ms", r->prompt_ms);
+    cJSON_AddNumberToObject(o, "gen_ms", r->gen_ms);
+    cJSON_AddNumberToObject(o, "tokens_per_s", r->gen_ms > 0 ? r->n_gen_evals * 1000.0 / r->gen_ms : 0.0);
+    char *s = cJSON_PrintUnformatted(o);
+    if (s) printf("%s\n", s);
+    free(s);
+    cJSON_Delete(o);
+    (void)a;
+}
+
+// --- public API
 
 int cmd_run(int argc, char **argv) {
-    (void)argc; (void)argv;
-    fprintf(stderr, "meshlm: 'run' is not implemented yet\n");
-    return 2;
+    run_args_t a;
+    int prc = parse_args(argc, argv, &a);
+    if (prc != 0) return prc < 0 ? 0 : 2;
+    char err[1024] = "";
+    model_t *m = NULL;
+    tokenizer_t *tok = NULL;
+    model_ctx_t *ctx = NULL;
+    int32_t *pt = NULL;
+    FILE *lf = NULL;
+    int code = 1, rc;
+    model_load_opts_t lo = {.repack = a.repack};
+    if ((rc = model_load(&m, a.model, &lo, err, sizeof err)) != 0) {
+        fprintf(stderr, "meshlm run: %s\n", err[0] ? err : mlm_strerror(rc));
+        goto out;
+    }
+    if ((rc = tokenizer_from_gguf(&tok, model_gguf(m), err, sizeof err)) != 0) {
+        fprintf(stderr, "meshlm run: tokenizer: %s\n", err[0] ? err : mlm_strerror(rc));
+        goto out;
+    }
+    size_t plen = strlen(a.prompt);
+    int cap = (int)plen + 8;
+    pt = malloc((size_t)cap * sizeof *pt);
+    int np = pt ? tokenizer_encode(tok, a.prompt, plen, !a.no_bos && tokenizer_add_bos(tok), false, pt, cap) : MLM_ENOMEM;
+    if (np < 0 || np > cap) {
+        fprintf(stderr, "meshlm run: cannot tokenize the prompt: %s\n", np < 0 ? mlm_strerror(np) : "too long");
+        goto out;
+    }
+    const model_hparams_t *hp = model_hparams(m);
+    model_ctx_opts_t co = {.n_ctx = a.n_ctx, .n_batch = a.n_batch, .n_threads = a.n_threads, .kv_f32 = a.kv_f32};
+    if (co.n_ctx == 0) {
+        int need = np + a.n_predict + 1;
+        int def = hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
+        co.n_ctx = need > def ? need : def;
+    }
+    if (np + a.n_predict + 1 > co.n_ctx) {
+        fprintf(stderr, "meshlm run: prompt (%d tokens) + %d to generate exceed the context of %d positions (-c)\n",
+                np, a.n_predict, co.n_ctx);
+        goto out;
+    }
+    if ((rc = model_ctx_new(&ctx, m, &co, err, sizeof err)) != 0) {
+        fprintf(stderr, "meshlm run: %s\n", err);
+        goto out;
+    }
+    if (a.logits_path && !(lf = fopen(a.logits_path, "wb"))) {
+        fprintf(stderr, "meshlm run: cannot create %s\n", a.logits_path);
+        goto out;
+    }
+    gen_engine_t eng = {ctx, hp->n_vocab, local_eval, local_reset};
+    a.gen.n_predict = a.n_predict;
+    a.gen.stream = a.json ? NULL : stdout;
+    a.gen.logits_out = lf;
+    gen_result_t res;
+    if ((rc = gen_run(&eng, tok, pt, np, &a.gen, &res, err, sizeof err)) != 0) {
+        fprintf(stderr, "\nmeshlm run: %s\n", err);
+        goto out;
+    }
+    if (lf && fclose(lf) != 0) {
+        lf = NULL;
+        fprintf(stderr, "meshlm run: writing %s failed\n", a.logits_path);
+        gen_result_free(&res);
+        goto out;
+    }
+    lf = NULL;
+    if (a.json) {
+        print_json(&a, pt, np, &res);
+    } else {
+        printf("\n");
+        fflush(stdout);
+    }
+    fprintf(stderr, "meshlm: prompt %d tokens in %.1f ms (%.1f tokens/s); generation %d tokens in %.1f ms (%.1f tokens/s)\n",
+            np, res.prompt_ms, res.prompt_ms > 0 ? np * 1000.0 / res.prompt_ms : 0.0, res.n_tokens, res.gen_ms,
+            res.gen_ms > 0 ? res.n_gen_evals * 1000.0 / res.gen_ms : 0.0);
+    gen_result_free(&res);
+    code = 0;
+out:
+    if (lf) fclose(lf);
+    free(pt);
+    model_ctx_destroy(&ctx);
+    tokenizer_destroy(&tok);
+    model_destroy(&m);
+    if (a.prompt_owned) free(a.prompt);
+    return code;
 }

@@ -70,7 +70,8 @@ struct model_ctx {
     int *e_tok;                // (n_batch) tokens routed to one expert
     float *e_x;                // (n_batch, n_embd) gathered inputs for one expert (MoE)
     void *xq_a;                // (n_batch, act row bytes) quantized activations
-    void *xq_b;                // (n_batch, act row bytes) second activation type of a group
+    void *xq_b;                // (n_batch, act row bytes) for a second weight type in a group
+    void *xq_c;                // (n_batch, act row bytes) for a third
     size_t xq_cap;             // bytes of each xq buffer
 };
 
@@ -379,14 +380,13 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     if (o.n_batch <= 0) o.n_batch = 64;
     if (o.n_threads <= 0) o.n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (o.n_threads <= 0) o.n_threads = 1;
-    if (o.kv_type != QT_F32) o.kv_type = QT_F16;
     model_ctx_t *c = calloc(1, sizeof *c);
     if (!c) return MLM_ENOMEM;
     c->m = m;
     c->n_ctx = o.n_ctx;
     c->n_batch = o.n_batch;
-    c->kv_type = o.kv_type;
-    c->kv_elt = o.kv_type == QT_F32 ? 4 : 2;
+    c->kv_type = o.kv_f32 ? QT_F32 : QT_F16;
+    c->kv_elt = o.kv_f32 ? 4 : 2;
     size_t B = (size_t)o.n_batch, E = (size_t)hp->n_embd, Qd = (size_t)hp->n_head * hp->head_dim;
     size_t KVd = (size_t)hp->n_head_kv * hp->head_dim, F = (size_t)hp->n_ff;
     size_t kv_bytes = (size_t)hp->n_layer * (size_t)c->n_ctx * KVd * c->kv_elt;
@@ -408,6 +408,7 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     c->ffn_u = malloc(B * F * 4);
     c->xq_a = malloc(c->xq_cap);
     c->xq_b = malloc(c->xq_cap);
+    c->xq_c = malloc(c->xq_cap);
     bool moe_ok = true;
     if (hp->n_expert > 0) {
         c->router = malloc(B * (size_t)hp->n_expert * 4);
@@ -418,7 +419,7 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
         moe_ok = c->router && c->sel && c->sel_w && c->e_tok && c->e_x;
     }
     if (!c->pool || !c->k_cache || !c->v_cache || !c->x || !c->xn || !c->tmp || !c->q || !c->att || !c->k || !c->v ||
-        !c->scores || !c->ffn_g || !c->ffn_u || !c->xq_a || !c->xq_b || !moe_ok) {
+        !c->scores || !c->ffn_g || !c->ffn_u || !c->xq_a || !c->xq_b || !c->xq_c || !moe_ok) {
         if (err && errlen)
             snprintf(err, errlen, "cannot allocate a context of %d positions (%.1f MiB KV cache)", c->n_ctx,
                      2.0 * (double)kv_bytes / 1048576.0);
@@ -447,6 +448,7 @@ void model_ctx_destroy(model_ctx_t **self_p) {
     free(c->ffn_u);
     free(c->xq_a);
     free(c->xq_b);
+    free(c->xq_c);
     free(c->router);
     free(c->sel);
     free(c->sel_w);
@@ -532,22 +534,24 @@ static const void *quantize_rows(const model_ctx_t *c, qtype_t wtype, const floa
 }
 
 // Runs up to three products that share one input x (nt rows of cols floats): y_i = W_i x.
+// Activation rows are quantized once per weight type (their layout can depend on the weight type).
 static void matmul_shared(model_ctx_t *c, const float *x, int nt, int n, const mm_weight_t *const *ws,
                           float *const *ys) {
     mm_job_t job = {.k = c->m->kern, .n = n};
-    qtype_t act0 = mm_act_type(ws[0]->type);
-    size_t s0 = 0, s1 = 0;
-    const void *q0 = quantize_rows(c, ws[0]->type, x, (size_t)ws[0]->cols, nt, ws[0]->cols, c->xq_a, &s0);
-    const void *q1 = NULL;
+    void *bufs[3] = {c->xq_a, c->xq_b, c->xq_c};
+    qtype_t done_type[3];
+    const void *done_q[3];
+    size_t done_s[3];
+    int n_done = 0;
     for (int i = 0; i < n; i++) {
-        const void *q = q0;
-        size_t s = s0;
-        if (mm_act_type(ws[i]->type) != act0) {
-            if (!q1) q1 = quantize_rows(c, ws[i]->type, x, (size_t)ws[i]->cols, nt, ws[i]->cols, c->xq_b, &s1);
-            q = q1;
-            s = s1;
+        int j = 0;
+        while (j < n_done && done_type[j] != ws[i]->type) j++;
+        if (j == n_done) {
+            done_type[j] = ws[i]->type;
+            done_q[j] = quantize_rows(c, ws[i]->type, x, (size_t)ws[i]->cols, nt, ws[i]->cols, bufs[j], &done_s[j]);
+            n_done++;
         }
-        job.t[i] = (mm_task_t){ws[i], q, s, nt, ys[i], (size_t)ws[i]->rows};
+        job.t[i] = (mm_task_t){ws[i], done_q[j], done_s[j], nt, ys[i], (size_t)ws[i]->rows};
     }
     tpool_run(c->pool, mm_job_fn, &job);
 }
@@ -588,8 +592,12 @@ static void attention_fn(void *arg, int ith, int nth) {
         for (int t = 0; t < npos; t++) {
             float s = 0.0f;
             if (f16) {
+                // Products of two halves are exact in float; summing them in double and rounding once
+                // is what llama.cpp's F16 dot does for rows shorter than its SIMD step.
                 const mlm_f16_t *kr = (const mlm_f16_t *)kc + (size_t)t * kvd + (size_t)kvh * hd;
-                for (int d = 0; d < hd; d++) s += qh[d] * mlm_f16_to_f32(kr[d]);
+                double sd = 0.0;
+                for (int d = 0; d < hd; d++) sd += (double)(qh[d] * mlm_f16_to_f32(kr[d]));
+                s = (float)sd;
             } else {
                 const float *kr = (const float *)kc + (size_t)t * kvd + (size_t)kvh * hd;
                 for (int d = 0; d < hd; d++) s += qh[d] * kr[d];

@@ -54,7 +54,7 @@ typedef struct {
     int n_ctx;             // positions the KV cache holds (0 = min(n_ctx_train, 4096))
     int n_batch;           // tokens per forward chunk (0 = 64)
     int n_threads;         // 0 = number of online CPUs
-    qtype_t kv_type;       // QT_F16 (default, as llama.cpp) or QT_F32
+    bool kv_f32;           // F32 KV cache instead of the default F16 (what llama.cpp uses)
 } model_ctx_opts_t;
 
 typedef struct model_ctx model_ctx_t;

@@ -242,16 +242,20 @@ static void dequant_k(qtype_t t, const void *src, float *y, int64_t nb) { // y: 
     }
 }
 
-// --- helpers: quantizers for the 32-element block types (llama.cpp's reference rounding)
+// --- helpers: quantizers for the 32-element block types
+// The activation quantizers Q8_0 and Q8_1 round as llama.cpp does on x86 (its AVX path, used for
+// every quantized matmul there, also for repacked Q4_0): id = 127/amax and round half to even. Its
+// portable _ref rounds half away from zero with id = 1/d; the two differ on a few values per
+// thousand, and random-weight models amplify one flipped rounding into visible logit changes.
 
 static void quant_q8_0(const float *x, block_q8_0 *b, int64_t nb) { // x: (nb * 32)
     for (int64_t i = 0; i < nb; i++, x += QK8_0) {
         float amax = 0.0f;
         for (int j = 0; j < QK8_0; j++) amax = fmaxf(amax, fabsf(x[j]));
         const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
         b[i].d = mlm_f32_to_f16(d);
-        for (int j = 0; j < QK8_0; j++) b[i].qs[j] = (int8_t)clampi(trunc_sat(roundf(x[j] * id)), -127, 127);
+        for (int j = 0; j < QK8_0; j++) b[i].qs[j] = (int8_t)clampi(trunc_sat(rintf(x[j] * id)), -127, 127);
     }
 }
 
@@ -260,11 +264,11 @@ static void quant_q8_1(const float *x, block_q8_1 *b, int64_t nb) { // x: (nb * 
         float amax = 0.0f;
         for (int j = 0; j < QK8_1; j++) amax = fmaxf(amax, fabsf(x[j]));
         const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
         b[i].d = mlm_f32_to_f16(d);
         int sum = 0;
         for (int j = 0; j < QK8_1; j++) {
-            b[i].qs[j] = (int8_t)clampi(trunc_sat(roundf(x[j] * id)), -127, 127);
+            b[i].qs[j] = (int8_t)clampi(trunc_sat(rintf(x[j] * id)), -127, 127);
             sum += b[i].qs[j];
         }
         b[i].s = mlm_f32_to_f16((float)sum * d);

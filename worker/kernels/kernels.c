@@ -6,6 +6,8 @@
 #include <string.h>
 
 #ifdef MESHLM_HAVE_X86
+#include <cpuid.h>
+
 #include "x86/x86.h"
 #endif
 
@@ -31,9 +33,15 @@ static void tables_init(void) {
 }
 
 #ifdef MESHLM_HAVE_X86
+// F16C is CPUID leaf 1, ECX bit 29 (clang 14's __builtin_cpu_supports does not know "f16c").
+static int cpu_has_f16c(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c >> 29) & 1u;
+}
 static int cpu_has_avx2(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
 }
 static int cpu_has_avx512(void) {
     __builtin_cpu_init();

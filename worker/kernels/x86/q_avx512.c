@@ -201,6 +201,13 @@ static void from_float_bf16(const float *x, void *vy, int64_t n) {
 
 // --- packed 16-row group kernels (layout in x86_mm.h)
 
+#ifndef MMP_PREFETCH
+#define MMP_PREFETCH 2048 // bytes ahead of the Q4_0 quants being read that decode prefetches (0: none)
+#endif
+#ifndef MMP_PREFETCH_Q8
+#define MMP_PREFETCH_Q8 0 // the same for Q8_0 (the hardware prefetcher keeps up there)
+#endif
+
 // NT activation rows (1..8) against one group of 16 Q4_0 rows.
 AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
                    __mmask16 m) {
@@ -216,6 +223,12 @@ AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *q = grp + (size_t)b * 256;
+        if (NT == 1 && MMP_PREFETCH) { // decode streams from DRAM: run ahead of the hardware prefetcher
+            _mm_prefetch((const char *)q + MMP_PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)q + MMP_PREFETCH + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)q + MMP_PREFETCH + 128, _MM_HINT_T0);
+            _mm_prefetch((const char *)q + MMP_PREFETCH + 192, _MM_HINT_T0);
+        }
         __m512i v0 = _mm512_load_si512(q), v1 = _mm512_load_si512(q + 64);
         __m512i v2 = _mm512_load_si512(q + 128), v3 = _mm512_load_si512(q + 192);
         __m512i l0 = _mm512_and_si512(v0, m4), l1 = _mm512_and_si512(v1, m4);
@@ -271,6 +284,10 @@ AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *q = grp + (size_t)b * 512;
+        if (NT == 1 && MMP_PREFETCH_Q8) {
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * j, _MM_HINT_T0);
+        }
         __m512i v[8];
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) v[j] = _mm512_load_si512(q + 64 * j);

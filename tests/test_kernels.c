@@ -130,7 +130,7 @@ static void test_from_float_random(void) {
     }
 }
 
-// Exact .5 ties (roundf goes away from zero, nearest_int to even), all-zero blocks, a block whose
+// Exact .5 ties (every activation quantizer rounds them to even), all-zero blocks, a block whose
 // largest magnitude appears with both signs, and for F16/BF16 arbitrary bit patterns.
 static void test_from_float_edges(void) {
     const int64_t n = 512;

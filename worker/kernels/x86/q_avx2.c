@@ -1,8 +1,8 @@
 // x86 kernels (q_avx2): F32/F16/BF16/Q4_0/Q8_0 dot products, activation quantizers and packed matmul tiles (AVX2/FMA/F16C).
 //
-// Activation quantizers give the same bytes as quant_quantize_ref: Q8_0/Q8_1 emulate roundf (half
-// away from zero) exactly with trunc + compare, Q8_K rounds to nearest even like the reference's
-// nearest_int, F16 uses vcvtps2ph (RNE) and BF16 integer RNE.
+// Activation quantizers give the same bytes as quant_quantize_ref: Q8_0/Q8_1 scale by 127/amax and
+// round half to even (llama.cpp's x86 rounding, as the reference), Q8_K rounds to nearest even like
+// the reference's nearest_int, F16 uses vcvtps2ph (RNE) and BF16 integer RNE.
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -46,14 +46,6 @@ AI int hsum_epi32(__m256i v) {
 }
 
 AI __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
-
-// roundf(): nearest, ties away from zero; exact for every float (the fraction x - trunc(x) is exact).
-AI __m256 round_away(__m256 v) {
-    __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    __m256 up = _mm256_cmp_ps(abs_ps(_mm256_sub_ps(v, t)), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
-    __m256 one = _mm256_or_ps(_mm256_and_ps(v, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(1.0f));
-    return _mm256_add_ps(t, _mm256_and_ps(up, one));
-}
 
 // Four vectors of 8 int32 (each within int8 range) -> 32 int8 in order.
 AI __m256i pack_i32x4_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
@@ -134,19 +126,19 @@ static void vec_dot_q8_0(int64_t n, float *s, const void *vw, const void *vx) {
 
 // --- activation quantizers
 
-// One block of 32: q = roundf(x / d) with d = amax / 127 (as the reference); returns sum(q).
+// One block of 32: q = rint(x * 127 / amax), d = amax / 127 (as the reference); returns sum(q).
 AI int quant_block32(const float *x, mlm_f16_t *dh, int8_t *qs, float *dout) {
     __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
     float amax = hmax_ps(_mm256_max_ps(_mm256_max_ps(abs_ps(v0), abs_ps(v1)), _mm256_max_ps(abs_ps(v2), abs_ps(v3))));
     float d = amax / 127.0f;
-    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     *dh = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
     *dout = d;
     __m256 vid = _mm256_set1_ps(id);
-    __m256i i0 = _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v0, vid)));
-    __m256i i1 = _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v1, vid)));
-    __m256i i2 = _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v2, vid)));
-    __m256i i3 = _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v3, vid)));
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
     _mm256_storeu_si256((__m256i *)qs, pack_i32x4_i8(i0, i1, i2, i3));
     return hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
 }

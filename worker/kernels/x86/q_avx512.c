@@ -1,8 +1,8 @@
 // x86 kernels (q_avx512): F32/F16/BF16/Q4_0/Q8_0 dot products, activation quantizers and packed matmul tiles (AVX-512 + VNNI).
 //
-// Activation quantizers give the same bytes as quant_quantize_ref: Q8_0/Q8_1 emulate roundf (half
-// away from zero) exactly with trunc + compare, Q8_K rounds to nearest even like the reference's
-// nearest_int, F16 uses vcvtps2ph (RNE, subnormals exact) and BF16 uses integer RNE (not
+// Activation quantizers give the same bytes as quant_quantize_ref: Q8_0/Q8_1 scale by 127/amax and
+// round half to even (llama.cpp's x86 rounding, as the reference), Q8_K rounds to nearest even like
+// the reference's nearest_int, F16 uses vcvtps2ph (RNE, subnormals exact) and BF16 uses integer RNE (not
 // vcvtneps2bf16, which treats subnormal inputs as zero).
 #include <immintrin.h>
 #include <math.h>
@@ -24,16 +24,6 @@ AI int32_t load_i32(const void *p) {
 }
 
 AI __m512i bcast_i32(const void *p) { return _mm512_set1_epi32(load_i32(p)); }
-
-// roundf(): nearest, ties away from zero; exact for every float (the fraction x - trunc(x) is exact).
-AI __m512 round_away(__m512 v) {
-    const __m512 sign = _mm512_set1_ps(-0.0f);
-    __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_abs_ps(_mm512_sub_ps(v, t));
-    __mmask16 up = _mm512_cmp_ps_mask(f, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-    __m512 one = _mm512_or_ps(_mm512_and_ps(v, sign), _mm512_set1_ps(1.0f));
-    return _mm512_mask_add_ps(t, up, t, one);
-}
 
 // n floats of type t (F32, F16 or BF16) at p + i, expanded to float32; masked lanes read as 0.
 AI __m512 load_as_f32(qtype_t t, const uint8_t *p, int64_t i, __mmask16 m) {
@@ -113,17 +103,17 @@ static void vec_dot_q8_0(int64_t n, float *s, const void *vw, const void *vx) {
 
 // --- activation quantizers
 
-// One block of 32: q = roundf(x / d) with d = amax / 127 (as the reference); returns sum(q).
+// One block of 32: q = rint(x * 127 / amax), d = amax / 127 (as the reference); returns sum(q).
 AI int quant_block32(const float *x, mlm_f16_t *dh, int8_t *qs, float *dout) {
     __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     float d = amax / 127.0f;
-    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     *dh = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
     *dout = d;
     __m512 vid = _mm512_set1_ps(id);
-    __m512i i0 = _mm512_cvttps_epi32(round_away(_mm512_mul_ps(v0, vid)));
-    __m512i i1 = _mm512_cvttps_epi32(round_away(_mm512_mul_ps(v1, vid)));
+    __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
+    __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
     _mm_storeu_si128((__m128i *)qs, _mm512_cvtsepi32_epi8(i0));
     _mm_storeu_si128((__m128i *)(qs + 16), _mm512_cvtsepi32_epi8(i1));
     return _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));

@@ -10,6 +10,7 @@
 
 #include "err.h"
 #include "matmul.h"
+#include "ops.h"
 #include "threadpool.h"
 
 // --- types
@@ -297,13 +298,14 @@ static int load_tensors(model_t *m, bool repack, char *err, size_t errlen) {
     return 0;
 }
 
+// Totals, and the dominant weight type: the most common type among the matrices (2-D and up).
 static void count_params(model_t *m) {
     int64_t counts[QT_COUNT] = {0};
     for (int64_t i = 0; i < gguf_n_tensors(m->g); i++) {
         const gguf_tensor_t *t = gguf_tensor(m->g, i);
         m->hp.n_params += gguf_tensor_nelements(t);
         m->hp.weight_bytes += t->nbytes;
-        if ((unsigned)t->type < QT_COUNT) counts[t->type] += (int64_t)t->nbytes;
+        if ((unsigned)t->type < QT_COUNT && t->n_dims >= 2) counts[t->type]++;
     }
     int best = QT_F32;
     for (int i = 0; i < QT_COUNT; i++)
@@ -464,33 +466,6 @@ void model_ctx_reset(model_ctx_t *c) { c->pos = 0; }
 
 // --- helpers: compute
 
-static void rmsnorm(float *y, const float *x, const float *w, int n, float eps) {
-    double sum = 0.0;
-    for (int i = 0; i < n; i++) sum += (double)x[i] * (double)x[i];
-    const float mean = (float)(sum / n);
-    const float scale = 1.0f / sqrtf(mean + eps);
-    for (int i = 0; i < n; i++) y[i] = (x[i] * scale) * w[i];
-}
-
-// Rotates adjacent pairs of the first n_rot dims of each of n_heads heads (llama's NORM mode).
-static void rope(const model_t *m, float *x, int n_heads, int pos) {
-    const model_hparams_t *hp = &m->hp;
-    const float theta_scale = powf(hp->rope_base, -2.0f / (float)hp->n_rot);
-    for (int h = 0; h < n_heads; h++) {
-        float *v = x + (size_t)h * hp->head_dim;
-        float theta = (float)pos;
-        for (int i0 = 0; i0 < hp->n_rot; i0 += 2) {
-            float th = theta * hp->rope_freq_scale;
-            if (m->rope_freqs) th /= m->rope_freqs[i0 / 2];
-            const float c = cosf(th), s = sinf(th);
-            const float a = v[i0], b = v[i0 + 1];
-            v[i0] = a * c - b * s;
-            v[i0 + 1] = a * s + b * c;
-            theta *= theta_scale;
-        }
-    }
-}
-
 typedef struct {
     const mm_weight_t *w;  // matrix
     const void *xq;        // (nt, xq_stride bytes) activations in its act type
@@ -580,52 +555,12 @@ static void attention_fn(void *arg, int ith, int nth) {
     const uint8_t *vc = c->v_cache + (size_t)job->layer * c->n_ctx * kvd * c->kv_elt;
     float *sc = c->scores + (size_t)ith * c->n_ctx;
     const bool f16 = c->kv_type == QT_F16;
-    float qh[512]; // (head_dim) query, rounded to the cache type
-    float acc[512]; // (head_dim) output accumulator
     const int total = job->nt * nh;
     for (int item = total * ith / nth; item < total * (ith + 1) / nth; item++) {
         const int i = item / nh, h = item % nh, kvh = h / group;
-        const int npos = job->pos0 + i + 1; // causal: positions 0..pos0+i
-        const float *q = c->q + (size_t)i * nh * hd + (size_t)h * hd;
-        for (int d = 0; d < hd; d++) qh[d] = f16 ? mlm_f16_to_f32(mlm_f32_to_f16(q[d])) : q[d];
-        float mx = -INFINITY;
-        for (int t = 0; t < npos; t++) {
-            float s = 0.0f;
-            if (f16) {
-                // Products of two halves are exact in float; summing them in double and rounding once
-                // is what llama.cpp's F16 dot does for rows shorter than its SIMD step.
-                const mlm_f16_t *kr = (const mlm_f16_t *)kc + (size_t)t * kvd + (size_t)kvh * hd;
-                double sd = 0.0;
-                for (int d = 0; d < hd; d++) sd += (double)(qh[d] * mlm_f16_to_f32(kr[d]));
-                s = (float)sd;
-            } else {
-                const float *kr = (const float *)kc + (size_t)t * kvd + (size_t)kvh * hd;
-                for (int d = 0; d < hd; d++) s += qh[d] * kr[d];
-            }
-            s *= scale;
-            sc[t] = s;
-            if (s > mx) mx = s;
-        }
-        double sum = 0.0;
-        for (int t = 0; t < npos; t++) {
-            float e = expf(sc[t] - mx);
-            sc[t] = e;
-            sum += e;
-        }
-        const float inv = (float)(1.0 / sum);
-        for (int d = 0; d < hd; d++) acc[d] = 0.0f;
-        for (int t = 0; t < npos; t++) {
-            float p = sc[t] * inv;
-            if (f16) {
-                p = mlm_f16_to_f32(mlm_f32_to_f16(p));
-                const mlm_f16_t *vr = (const mlm_f16_t *)vc + (size_t)t * kvd + (size_t)kvh * hd;
-                for (int d = 0; d < hd; d++) acc[d] += p * mlm_f16_to_f32(vr[d]);
-            } else {
-                const float *vr = (const float *)vc + (size_t)t * kvd + (size_t)kvh * hd;
-                for (int d = 0; d < hd; d++) acc[d] += p * vr[d];
-            }
-        }
-        memcpy(c->att + (size_t)i * nh * hd + (size_t)h * hd, acc, (size_t)hd * sizeof(float));
+        const size_t off = (size_t)kvh * hd * c->kv_elt;
+        ops_attention(c->att + (size_t)i * nh * hd + (size_t)h * hd, c->q + (size_t)i * nh * hd + (size_t)h * hd,
+                      kc + off, vc + off, kvd, job->pos0 + i + 1, hd, scale, f16, sc);
     }
 }
 
@@ -647,14 +582,12 @@ static void store_kv(model_ctx_t *c, int layer, int nt, int pos0) {
     }
 }
 
-static float silu(float x) { return x / (1.0f + expf(-x)); }
-
 static void ffn_dense(model_ctx_t *c, const layer_t *L, int nt) {
     const int F = c->m->hp.n_ff;
     const mm_weight_t *ws[2] = {&L->w_gate, &L->w_up};
     float *ys[2] = {c->ffn_g, c->ffn_u};
     matmul_shared(c, c->xn, nt, 2, ws, ys);
-    for (size_t i = 0; i < (size_t)nt * F; i++) c->ffn_g[i] = silu(c->ffn_g[i]) * c->ffn_u[i];
+    ops_silu_mul(c->ffn_g, c->ffn_u, (size_t)nt * F);
     matmul1(c, &L->w_down, c->ffn_g, nt, c->tmp);
 }
 
@@ -663,32 +596,8 @@ static void moe_route(model_ctx_t *c, const layer_t *L, int nt) {
     const model_hparams_t *hp = &c->m->hp;
     const int ne = hp->n_expert, k = hp->n_expert_used;
     matmul1(c, &L->gate_inp, c->xn, nt, c->router);
-    for (int i = 0; i < nt; i++) {
-        float *r = c->router + (size_t)i * ne;
-        float mx = -INFINITY;
-        for (int e = 0; e < ne; e++) mx = r[e] > mx ? r[e] : mx;
-        double sum = 0;
-        for (int e = 0; e < ne; e++) {
-            r[e] = expf(r[e] - mx);
-            sum += r[e];
-        }
-        for (int e = 0; e < ne; e++) r[e] = (float)(r[e] / sum);
-        int *sel = c->sel + (size_t)i * k;
-        float *sw = c->sel_w + (size_t)i * k;
-        float wsum = 0;
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            for (int e = 0; e < ne; e++) {
-                bool taken = false;
-                for (int jj = 0; jj < j; jj++) taken |= sel[jj] == e;
-                if (!taken && (best < 0 || r[e] > r[best])) best = e;
-            }
-            sel[j] = best;
-            sw[j] = r[best];
-            wsum += r[best];
-        }
-        for (int j = 0; j < k; j++) sw[j] /= wsum;
-    }
+    for (int i = 0; i < nt; i++)
+        ops_topk_route(c->router + (size_t)i * ne, ne, k, c->sel + (size_t)i * k, c->sel_w + (size_t)i * k);
 }
 
 static void ffn_moe(model_ctx_t *c, const layer_t *L, int nt) {
@@ -709,7 +618,7 @@ static void ffn_moe(model_ctx_t *c, const layer_t *L, int nt) {
             const mm_weight_t *ws[2] = {&L->e_gate[e], &L->e_up[e]};
             float *ys[2] = {c->ffn_g, c->ffn_u};
             matmul_shared(c, c->e_x, n, 2, ws, ys);
-            for (size_t i = 0; i < (size_t)n * F; i++) c->ffn_g[i] = silu(c->ffn_g[i]) * c->ffn_u[i];
+            ops_silu_mul(c->ffn_g, c->ffn_u, (size_t)n * F);
             matmul1(c, &L->e_down[e], c->ffn_g, n, c->e_x);
             for (int j = 0; j < n; j++) {
                 const int i = c->e_tok[j];
@@ -733,20 +642,22 @@ static int eval_chunk(model_ctx_t *c, const int32_t *tokens, int nt, float *logi
                              c->x + (size_t)i * E, E);
     for (int il = 0; il < hp->n_layer; il++) {
         const layer_t *L = &m->layers[il];
-        for (int i = 0; i < nt; i++) rmsnorm(c->xn + (size_t)i * E, c->x + (size_t)i * E, L->attn_norm, E, hp->rms_eps);
+        for (int i = 0; i < nt; i++) ops_rmsnorm(c->xn + (size_t)i * E, c->x + (size_t)i * E, L->attn_norm, E, hp->rms_eps);
         const mm_weight_t *ws[3] = {&L->wq, &L->wk, &L->wv};
         float *ys[3] = {c->q, c->k, c->v};
         matmul_shared(c, c->xn, nt, 3, ws, ys);
         for (int i = 0; i < nt; i++) {
-            rope(m, c->q + (size_t)i * nh * hd, nh, pos0 + i);
-            rope(m, c->k + (size_t)i * nkv * hd, nkv, pos0 + i);
+            ops_rope(c->q + (size_t)i * nh * hd, nh, hd, hp->n_rot, pos0 + i, hp->rope_base, hp->rope_freq_scale,
+                     m->rope_freqs);
+            ops_rope(c->k + (size_t)i * nkv * hd, nkv, hd, hp->n_rot, pos0 + i, hp->rope_base, hp->rope_freq_scale,
+                     m->rope_freqs);
         }
         store_kv(c, il, nt, pos0);
         att_job_t aj = {c, il, nt, pos0};
         tpool_run(c->pool, attention_fn, &aj);
         matmul1(c, &L->wo, c->att, nt, c->tmp);
         for (size_t i = 0; i < (size_t)nt * E; i++) c->x[i] += c->tmp[i];
-        for (int i = 0; i < nt; i++) rmsnorm(c->xn + (size_t)i * E, c->x + (size_t)i * E, L->ffn_norm, E, hp->rms_eps);
+        for (int i = 0; i < nt; i++) ops_rmsnorm(c->xn + (size_t)i * E, c->x + (size_t)i * E, L->ffn_norm, E, hp->rms_eps);
         if (hp->n_expert > 0)
             ffn_moe(c, L, nt);
         else
@@ -758,7 +669,7 @@ static int eval_chunk(model_ctx_t *c, const int32_t *tokens, int nt, float *logi
     int first = all_logits ? 0 : nt - 1;
     int n_out = nt - first;
     for (int i = first; i < nt; i++)
-        rmsnorm(c->xn + (size_t)(i - first) * E, c->x + (size_t)i * E, m->out_norm, E, hp->rms_eps);
+        ops_rmsnorm(c->xn + (size_t)(i - first) * E, c->x + (size_t)i * E, m->out_norm, E, hp->rms_eps);
     matmul1(c, &m->output, c->xn, n_out, logits);
     return 0;
 }

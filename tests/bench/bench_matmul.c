@@ -1,6 +1,7 @@
 // Benchmark of mm_rows on TinyLlama-1.1B shapes: GB/s streamed at nt=1, GMAC/s at nt=64, model tokens/s.
 //
-// usage: bench_matmul [-t TYPES] [-j THREADS] [-r REPS]     e.g. -t Q4_0,Q8_0 -j 1,2 -r 5
+// usage: bench_matmul [-t TYPES] [-j THREADS] [-r REPS] [-d 1]   e.g. -t Q4_0,Q8_0 -j 1,2 -r 5
+// (-d 1: decode only, skips nt=64)
 // MESHLM_ISA=scalar|avx2|avx512 picks the kernel table. Every layer gets its own copy of each
 // matrix (22 layers x q,k,v,o,gate,up,down + output, as in the model), so nt=1 streams from DRAM
 // rather than from the 32 MB L3. Activations are quantized before timing starts.
@@ -153,13 +154,14 @@ static double time_model(tpool_t *pool, job_t *jobs, const stack_t_ *st, int rep
 
 int main(int argc, char **argv) {
     const char *types_arg = "Q4_0,Q8_0,Q4_K,Q6_K,F16", *threads_arg = "1,2";
-    int reps = 3;
+    int reps = 3, decode_only = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "-t") == 0) types_arg = argv[i + 1];
         else if (strcmp(argv[i], "-j") == 0) threads_arg = argv[i + 1];
         else if (strcmp(argv[i], "-r") == 0) reps = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "-d") == 0) decode_only = atoi(argv[i + 1]);
         else {
-            fprintf(stderr, "usage: %s [-t TYPES] [-j THREADS] [-r REPS]\n", argv[0]);
+            fprintf(stderr, "usage: %s [-t TYPES] [-j THREADS] [-r REPS] [-d 1]\n", argv[0]);
             return 2;
         }
     }
@@ -223,14 +225,17 @@ int main(int argc, char **argv) {
                 jobs[s].nt = 1;
                 double t1 = time_shape(pool, &jobs[s], &st[s], reps) / st[s].n;
                 jobs[s].nt = NT_PROMPT;
-                double t64 = time_shape(pool, &jobs[s], &st[s], reps) / st[s].n;
-                printf("  %-3d %-22s %10.1f %8.1f %12.1f %8.1f\n", nth, shapes[s].name, t1 * 1e6, bytes / t1 / 1e9,
-                       t64 * 1e6, macs * NT_PROMPT / t64 / 1e9);
+                double t64 = decode_only ? 1e30 : time_shape(pool, &jobs[s], &st[s], reps) / st[s].n;
+                if (decode_only)
+                    printf("  %-3d %-22s %10.1f %8.1f\n", nth, shapes[s].name, t1 * 1e6, bytes / t1 / 1e9);
+                else
+                    printf("  %-3d %-22s %10.1f %8.1f %12.1f %8.1f\n", nth, shapes[s].name, t1 * 1e6, bytes / t1 / 1e9,
+                           t64 * 1e6, macs * NT_PROMPT / t64 / 1e9);
             }
             for (size_t s = 0; s < N_SHAPE; s++) jobs[s].nt = 1;
             double m1 = time_model(pool, jobs, st, reps);
             for (size_t s = 0; s < N_SHAPE; s++) jobs[s].nt = NT_PROMPT;
-            double m64 = time_model(pool, jobs, st, reps);
+            double m64 = decode_only ? 1e30 : time_model(pool, jobs, st, reps);
             printf("  %-3d model matmuls: decode %.1f tok/s (%.1f GB/s), prompt %.1f tok/s (%.1f GMAC/s)\n", nth,
                    1.0 / m1, model_bytes / m1 / 1e9, NT_PROMPT / m64, model_macs * NT_PROMPT / m64 / 1e9);
             fflush(stdout);

@@ -502,9 +502,9 @@ static void test_vec_dot_k_mins(void) {
 static void test_act_q8_0(void) {
     float x[96]; // (3 blocks of 32)
     memset(x, 0, sizeof(x));
-    // block 0: amax 127 -> d = 1, id = 1; roundf ties go away from zero
+    // block 0: amax 127 -> d = 1, id = 127/amax = 1; ties round to even (llama.cpp's x86 quantizer)
     const float v0[] = {127.0f, 0.5f, -0.5f, 1.5f, 2.5f, -2.5f, 126.6f, -127.0f, 0.49999997f, 3.2f, -3.7f};
-    const int8_t q0[] = {127, 1, -1, 2, 3, -3, 127, -127, 0, 3, -4};
+    const int8_t q0[] = {127, 0, 0, 2, 2, -2, 127, -127, 0, 3, -4};
     memcpy(x, v0, sizeof(v0));
     // block 1: all zero. block 2: amax 63.5 -> d = 0.5, id = 2
     x[64] = -63.5f;
@@ -522,9 +522,9 @@ static void test_act_q8_0(void) {
     for (int j = 0; j < 32; j++) CU_ASSERT_EQUAL(b[1].qs[j], 0);
     CU_ASSERT_EQUAL(b[2].d, 0x3800);
     CU_ASSERT_EQUAL(b[2].qs[0], -127);
-    CU_ASSERT_EQUAL(b[2].qs[1], 1);
-    CU_ASSERT_EQUAL(b[2].qs[2], 2);
-    CU_ASSERT_EQUAL(b[2].qs[3], -1);
+    CU_ASSERT_EQUAL(b[2].qs[1], 0);  // 0.5 -> 0 (even)
+    CU_ASSERT_EQUAL(b[2].qs[2], 2);  // 1.5 -> 2 (even)
+    CU_ASSERT_EQUAL(b[2].qs[3], 0);  // -0.5 -> 0 (even)
     CU_ASSERT_EQUAL(b[2].qs[4], 20);
     // d is rounded to f16 from the float amax/127: amax 1 -> d = 1/127 -> f16 0x2008
     float x1[32] = {1.0f, 0.5f}; // (32)
@@ -532,26 +532,26 @@ static void test_act_q8_0(void) {
     CU_ASSERT_EQUAL(b[0].d, mlm_f32_to_f16(1.0f / 127.0f));
     CU_ASSERT_EQUAL(b[0].d, 0x2008);
     CU_ASSERT_EQUAL(b[0].qs[0], 127);
-    CU_ASSERT_EQUAL(b[0].qs[1], 64); // 0.5 * 127 = 63.5 -> 64 (away from zero)
+    CU_ASSERT_EQUAL(b[0].qs[1], 64); // 0.5 * 127 = 63.5 -> 64 (even)
 }
 
 static void test_act_q8_1(void) {
     float x[64]; // (2 blocks of 32)
     memset(x, 0, sizeof(x));
     const float v0[] = {127.0f, 0.5f, -0.5f, 1.5f, 2.5f, -2.5f, -100.0f, 7.0f};
-    const int8_t q0[] = {127, 1, -1, 2, 3, -3, -100, 7};
+    const int8_t q0[] = {127, 0, 0, 2, 2, -2, -100, 7}; // ties to even
     memcpy(x, v0, sizeof(v0));
     block_q8_1 b[2];
     memset(b, 0xee, sizeof(b));
     CU_ASSERT_EQUAL(quant_quantize_ref(QT_Q8_1, x, b, 64), 0);
     CU_ASSERT_EQUAL(b[0].d, 0x3c00);
     for (size_t j = 0; j < sizeof(q0); j++) CU_ASSERT_EQUAL(b[0].qs[j], q0[j]);
-    // s = d * sum(qs) = 127 + 1 - 1 + 2 + 3 - 3 - 100 + 7 = 36 -> f16(36) = 0x5080
+    // s = d * sum(qs) = 127 + 0 + 0 + 2 + 2 - 2 - 100 + 7 = 36 -> f16(36) = 0x5080
     CU_ASSERT_EQUAL(b[0].s, 0x5080);
     CU_ASSERT_EQUAL(b[1].d, 0);
     CU_ASSERT_EQUAL(b[1].s, 0);
     for (int j = 0; j < 32; j++) CU_ASSERT_EQUAL(b[1].qs[j], 0);
-    // s uses the unrounded float d: amax 2 -> d = 2/127, sum = 127 + 64 = 191 (1.0*63.5 -> 64)
+    // s uses the unrounded float d: amax 2 -> d = 2/127, sum = 127 + 64 = 191 (1.0 * 63.5 -> 64, even)
     float x1[32] = {2.0f, 1.0f}; // (32)
     CU_ASSERT_EQUAL(quant_quantize_ref(QT_Q8_1, x1, b, 32), 0);
     CU_ASSERT_EQUAL(b[0].qs[1], 64);

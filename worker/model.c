@@ -15,6 +15,9 @@
 
 // --- types
 
+// Jobs below this many multiply-adds run on the calling thread: waking a worker costs more.
+#define PAR_MIN_WORK 65536.0
+
 typedef struct {
     const float *attn_norm;    // (n_embd)
     mm_weight_t wq;            // (n_head*head_dim rows, n_embd cols)
@@ -528,7 +531,9 @@ static void matmul_shared(model_ctx_t *c, const float *x, int nt, int n, const m
         }
         job.t[i] = (mm_task_t){ws[i], done_q[j], done_s[j], nt, ys[i], (size_t)ws[i]->rows};
     }
-    tpool_run(c->pool, mm_job_fn, &job);
+    double macs = 0;
+    for (int i = 0; i < n; i++) macs += (double)ws[i]->rows * (double)ws[i]->cols * nt;
+    tpool_run_n(c->pool, mm_job_fn, &job, macs < PAR_MIN_WORK ? 1 : tpool_size(c->pool));
 }
 
 static void matmul1(model_ctx_t *c, const mm_weight_t *w, const float *x, int nt, float *y) {
@@ -654,7 +659,8 @@ static int eval_chunk(model_ctx_t *c, const int32_t *tokens, int nt, float *logi
         }
         store_kv(c, il, nt, pos0);
         att_job_t aj = {c, il, nt, pos0};
-        tpool_run(c->pool, attention_fn, &aj);
+        double work = (double)nt * nh * (pos0 + nt) * hd;
+        tpool_run_n(c->pool, attention_fn, &aj, work < PAR_MIN_WORK ? 1 : tpool_size(c->pool));
         matmul1(c, &L->wo, c->att, nt, c->tmp);
         for (size_t i = 0; i < (size_t)nt * E; i++) c->x[i] += c->tmp[i];
         for (int i = 0; i < nt; i++) ops_rmsnorm(c->xn + (size_t)i * E, c->x + (size_t)i * E, L->ffn_norm, E, hp->rms_eps);

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sched.h>
 #include <stdlib.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -16,6 +17,7 @@
 // --- types
 
 #define SPIN_ITERS 200000  // polls before a worker goes to sleep (~ a few ms)
+#define YIELD_EVERY 4096   // polls between sched_yield calls, so a descheduled peer gets the core
 
 typedef struct {
     tpool_t *pool;                // owner
@@ -28,6 +30,7 @@ struct tpool {
     worker_arg_t *args;           // (n - 1) their arguments
     tpool_fn fn;                  // current job, valid while pending > 0
     void *arg;                    // current job's argument
+    int n_use;                    // threads that run the current job (workers with ith >= n_use skip it)
     atomic_uint_fast64_t gen;     // job counter: bumped once per tpool_run
     atomic_int pending;           // workers that have not finished the current job
     atomic_int sleepers;          // workers blocked (or about to block) on cv
@@ -48,7 +51,7 @@ static void *worker_main(void *p) {
         while ((g = atomic_load_explicit(&tp->gen, memory_order_acquire)) == seen &&
                !atomic_load(&tp->stop) && spins < SPIN_ITERS) {
             cpu_relax();
-            spins++;
+            if (++spins % YIELD_EVERY == 0) sched_yield();
         }
         if (g == seen && !atomic_load(&tp->stop)) {
             pthread_mutex_lock(&tp->mu);
@@ -60,7 +63,7 @@ static void *worker_main(void *p) {
         }
         if (atomic_load(&tp->stop)) break;
         seen = g;
-        tp->fn(tp->arg, wa->ith, tp->n);
+        if (wa->ith < tp->n_use) tp->fn(tp->arg, wa->ith, tp->n_use);
         atomic_fetch_sub_explicit(&tp->pending, 1, memory_order_release);
     }
     return NULL;
@@ -118,13 +121,17 @@ void tpool_destroy(tpool_t **self_p) {
 
 int tpool_size(const tpool_t *p) { return p ? p->n : 1; }
 
-void tpool_run(tpool_t *p, tpool_fn fn, void *arg) {
-    if (!p || p->n == 1) {
+void tpool_run(tpool_t *p, tpool_fn fn, void *arg) { tpool_run_n(p, fn, arg, p ? p->n : 1); }
+
+void tpool_run_n(tpool_t *p, tpool_fn fn, void *arg, int n_use) {
+    if (!p || p->n == 1 || n_use <= 1) {
         fn(arg, 0, 1);
         return;
     }
+    if (n_use > p->n) n_use = p->n;
     p->fn = fn;
     p->arg = arg;
+    p->n_use = n_use;
     atomic_store(&p->pending, p->n - 1);
     atomic_fetch_add(&p->gen, 1); // seq_cst: pairs with the sleepers check below
     if (atomic_load(&p->sleepers) > 0) {
@@ -132,6 +139,10 @@ void tpool_run(tpool_t *p, tpool_fn fn, void *arg) {
         pthread_cond_broadcast(&p->cv);
         pthread_mutex_unlock(&p->mu);
     }
-    fn(arg, 0, p->n);
-    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) cpu_relax();
+    fn(arg, 0, n_use);
+    int spins = 0;
+    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) {
+        cpu_relax();
+        if (++spins % YIELD_EVERY == 0) sched_yield();
+    }
 }

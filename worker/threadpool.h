@@ -21,4 +21,8 @@ int tpool_size(const tpool_t *p);
 // briefly between jobs (so back-to-back jobs start in well under a microsecond), then sleep.
 void tpool_run(tpool_t *p, tpool_fn fn, void *arg);
 
+// Same, on the first n_use threads only (nth = n_use; clamped to [1, size]). With n_use == 1 the
+// caller runs fn alone and no worker is woken: the cheap path for jobs too small to split.
+void tpool_run_n(tpool_t *p, tpool_fn fn, void *arg, int n_use);
+
 #endif

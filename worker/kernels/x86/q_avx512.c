@@ -233,16 +233,18 @@ AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
             float dx;
             memcpy(&dx, xr[t] + toff + (size_t)nb * 4 + (size_t)b * 4, 4);
             __m512i s;
-            if (NT == 1) { // two chains for latency when nothing else is in flight
+            if (NT == 1) {
+                // decode: high nibbles used in place as 16 * hi (v & 0xf0, no shift), their sum
+                // divided by 16 exactly at the end; two chains for latency
                 __m512i sa = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), l0, bcast_i32(xb));
-                __m512i sb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, bcast_i32(xb + 16));
+                __m512i sb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_andnot_si512(m4, v0), bcast_i32(xb + 16));
                 sa = _mm512_dpbusd_epi32(sa, l1, bcast_i32(xb + 4));
-                sb = _mm512_dpbusd_epi32(sb, h1, bcast_i32(xb + 20));
+                sb = _mm512_dpbusd_epi32(sb, _mm512_andnot_si512(m4, v1), bcast_i32(xb + 20));
                 sa = _mm512_dpbusd_epi32(sa, l2, bcast_i32(xb + 8));
-                sb = _mm512_dpbusd_epi32(sb, h2, bcast_i32(xb + 24));
+                sb = _mm512_dpbusd_epi32(sb, _mm512_andnot_si512(m4, v2), bcast_i32(xb + 24));
                 sa = _mm512_dpbusd_epi32(sa, l3, bcast_i32(xb + 12));
-                sb = _mm512_dpbusd_epi32(sb, h3, bcast_i32(xb + 28));
-                s = _mm512_add_epi32(sa, sb);
+                sb = _mm512_dpbusd_epi32(sb, _mm512_andnot_si512(m4, v3), bcast_i32(xb + 28));
+                s = _mm512_add_epi32(sa, _mm512_srai_epi32(sb, 4));
             } else {
                 s = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), l0, bcast_i32(xb));
                 s = _mm512_dpbusd_epi32(s, l1, bcast_i32(xb + 4));

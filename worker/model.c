@@ -64,7 +64,7 @@ struct model_ctx {
     float *k;                  // (n_batch, kv_dim)
     float *v;                  // (n_batch, kv_dim)
     float *att;                // (n_batch, q_dim) attention output before wo
-    float *scores;             // (n_threads, n_ctx) per-thread softmax rows
+    float *scores;             // (n_threads, ops_attention_scratch(n_ctx, head_dim)) per-thread scratch
     float *tmp;                // (n_batch, n_embd) block output before the residual add
     float *ffn_g;              // (n_batch, n_ff)
     float *ffn_u;              // (n_batch, n_ff)
@@ -408,7 +408,7 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     c->att = malloc(B * Qd * 4);
     c->k = malloc(B * KVd * 4);
     c->v = malloc(B * KVd * 4);
-    c->scores = malloc((size_t)o.n_threads * (size_t)c->n_ctx * 4);
+    c->scores = malloc((size_t)o.n_threads * ops_attention_scratch(c->n_ctx, hp->head_dim) * 4);
     c->ffn_g = malloc(B * F * 4);
     c->ffn_u = malloc(B * F * 4);
     c->xq_a = malloc(c->xq_cap);
@@ -558,14 +558,15 @@ static void attention_fn(void *arg, int ith, int nth) {
     const float scale = 1.0f / sqrtf((float)hd);
     const uint8_t *kc = c->k_cache + (size_t)job->layer * c->n_ctx * kvd * c->kv_elt;
     const uint8_t *vc = c->v_cache + (size_t)job->layer * c->n_ctx * kvd * c->kv_elt;
-    float *sc = c->scores + (size_t)ith * c->n_ctx;
+    float *sc = c->scores + (size_t)ith * ops_attention_scratch(c->n_ctx, hd);
+    const int n_kv = (job->pos0 + job->nt + 31) & ~31; // the reference pads its KV view to 32
     const bool f16 = c->kv_type == QT_F16;
     const int total = job->nt * nh;
     for (int item = total * ith / nth; item < total * (ith + 1) / nth; item++) {
         const int i = item / nh, h = item % nh, kvh = h / group;
         const size_t off = (size_t)kvh * hd * c->kv_elt;
         ops_attention(c->att + (size_t)i * nh * hd + (size_t)h * hd, c->q + (size_t)i * nh * hd + (size_t)h * hd,
-                      kc + off, vc + off, kvd, job->pos0 + i + 1, hd, scale, f16, sc);
+                      kc + off, vc + off, kvd, job->pos0 + i + 1, n_kv, hd, scale, f16, job->nt > 1, sc);
     }
 }
 
@@ -592,7 +593,7 @@ static void ffn_dense(model_ctx_t *c, const layer_t *L, int nt) {
     const mm_weight_t *ws[2] = {&L->w_gate, &L->w_up};
     float *ys[2] = {c->ffn_g, c->ffn_u};
     matmul_shared(c, c->xn, nt, 2, ws, ys);
-    ops_silu_mul(c->ffn_g, c->ffn_u, (size_t)nt * F);
+    ops_silu_mul(c->ffn_g, c->ffn_u, nt, F);
     matmul1(c, &L->w_down, c->ffn_g, nt, c->tmp);
 }
 
@@ -623,7 +624,7 @@ static void ffn_moe(model_ctx_t *c, const layer_t *L, int nt) {
             const mm_weight_t *ws[2] = {&L->e_gate[e], &L->e_up[e]};
             float *ys[2] = {c->ffn_g, c->ffn_u};
             matmul_shared(c, c->e_x, n, 2, ws, ys);
-            ops_silu_mul(c->ffn_g, c->ffn_u, (size_t)n * F);
+            ops_silu_mul(c->ffn_g, c->ffn_u, n, F);
             matmul1(c, &L->e_down[e], c->ffn_g, n, c->e_x);
             for (int j = 0; j < n; j++) {
                 const int i = c->e_tok[j];

@@ -723,6 +723,43 @@ static void dot_k_q8_K(qtype_t t, int64_t nb, float *s, const void *w, const blo
     *s = sum;
 }
 
+// Sum of 8 float lanes in the order of llama.cpp's x86 horizontal add:
+// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+static float hsum8(const float *l) { // l: (8)
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// Q4_K, Q5_K, Q6_K . Q8_K with llama.cpp's x86 float order, so that every ISA gives the same bits:
+// integer lane L (0..7) sums scale * q * x over elements 4L..4L+3 of each 32-element chunk; once
+// per super-block each lane is added into float lane L with one fma by d_w * d_x. The mins go to 4
+// float lanes (Q4_K, lane k: sub-blocks 2k and 2k+1) or one float (Q5_K), added at the end.
+static void dot_k_lanes(qtype_t t, int64_t nb, float *s, const void *w, const block_q8_K *x) {
+    kblock_t k;
+    float acc[8] = {0}, accm[4] = {0}, summs = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        unpack_k(t, w, i, &k);
+        const float d = x[i].d * k.d;
+        const float dmin = -x[i].d * k.dmin;
+        int32_t lane[8] = {0};
+        for (int e = 0; e < QK_K; e++) lane[(e % 32) / 4] += k.sc[e / k.sub] * k.q[e] * x[i].qs[e];
+        for (int l = 0; l < 8; l++) acc[l] = fmaf(d, (float)lane[l], acc[l]);
+        if (t == QT_Q6_K) continue;
+        int32_t mall = 0;
+        for (int p = 0; p < 4; p++) {
+            const int32_t s0 = x[i].bsums[4 * p] + x[i].bsums[4 * p + 1];
+            const int32_t s1 = x[i].bsums[4 * p + 2] + x[i].bsums[4 * p + 3];
+            const int32_t m = k.mn[2 * p] * s0 + k.mn[2 * p + 1] * s1;
+            accm[p] = fmaf(dmin, (float)m, accm[p]);
+            mall += m;
+        }
+        summs = fmaf(dmin, (float)mall, summs);
+    }
+    float r = hsum8(acc);
+    if (t == QT_Q4_K) r += (accm[0] + accm[2]) + (accm[1] + accm[3]);
+    if (t == QT_Q5_K) r += summs;
+    *s = r;
+}
+
 // --- public API
 
 void quant_dequantize_ref(qtype_t t, const void *src, float *dst, int64_t n) {
@@ -817,11 +854,11 @@ void quant_vec_dot_ref(qtype_t t, int64_t n, float *s, const void *w, const void
     case QT_Q5_1: dot_q5_1_q8_1(nb, s, w, x); return;
     case QT_Q8_0: dot_q8_0_q8_0(nb, s, w, x); return;
     case QT_Q8_1: dot_q8_1_q8_1(nb, s, w, x); return;
-    case QT_Q2_K:
-    case QT_Q3_K:
     case QT_Q4_K:
     case QT_Q5_K:
-    case QT_Q6_K:
+    case QT_Q6_K: dot_k_lanes(t, nb, s, w, x); return;
+    case QT_Q2_K:
+    case QT_Q3_K:
     case QT_Q8_K: dot_k_q8_K(t, nb, s, w, x); return;
     default: *s = NAN; return;
     }

@@ -2,9 +2,9 @@
 //
 // Weights are expanded to unsigned bytes and multiplied with the signed activation bytes by
 // maddubs (u8 x s8 -> pairs summed into i16, never saturating here: |q| <= 63, |x| <= 128), then
-// madd applies the per-group scales while widening to i32. Offsets (K-quant mins, the -32 of Q6_K,
-// the -4 of Q3_K, the -16 of Q5_0) are taken out of the integer sum with the activation group sums,
-// so every integer sum is exact and only the float accumulation order differs from the reference.
+// madd applies the per-group scales while widening to i32. Offsets (K-quant mins, the -4 of Q3_K,
+// the -16 of Q5_0) are taken out of the integer sum with the activation group sums, so every integer
+// sum is exact; Q4_K, Q5_K and Q6_K also keep llama.cpp's float lanes and order (see below).
 #include <immintrin.h>
 #include <string.h>
 
@@ -56,41 +56,50 @@ static inline __m256i nibbles_32(const uint8_t *p) {
 
 // --- K-quants
 
+// Q4_K, Q5_K and Q6_K reproduce llama.cpp's AVX2 kernels bit for bit: 8 i32 lanes, lane L summing
+// scale * q * x over elements 4L..4L+3 of every 32-element chunk, one fma per super-block into 8
+// float lanes, and the mins (Q4_K: 4 float lanes of pairs of sub-blocks; Q5_K: one float) kept
+// apart until the end. The integer sums are exact, so only which elements share a lane matters.
+
+// Q4_K / Q5_K: the 8 mins as i16 times the 8 sub-block sums of x (pairs of bsums): 4 i32 lanes,
+// lane k = m(2k) * sum(2k) + m(2k+1) * sum(2k+1).
+static inline __m128i kq_mins_prod(uint64_t mn, const int16_t *bsums) {
+    const __m128i b0 = _mm_loadu_si128((const __m128i *)bsums);
+    const __m128i b1 = _mm_loadu_si128((const __m128i *)(bsums + 8));
+    return _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn)), _mm_hadd_epi16(b0, b1));
+}
+
 static void vec_dot_q4_K(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q4_K *w = vw;
     const block_q8_K *x = vx;
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256 acc = _mm256_setzero_ps();
-    __m256 accm = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const float d = x[i].d * f16_to_f32(w[i].d);
         const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
         uint64_t sc, mn;
         kq_unpack_scales_k4(w[i].scales, &sc, &mn);
-        // mins: sum_k m_k * (bsums[2k] + bsums[2k+1]), with each min repeated for its two groups
-        const __m128i mn8 = _mm_cvtsi64_si128((long long)mn);
-        const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
-        const __m256i summ = _mm256_madd_epi16(mn16, load256(x[i].bsums));
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);
-
+        accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(kq_mins_prod(mn, x[i].bsums)), accm);
         const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
         const uint8_t *q = w[i].qs;
         const int8_t *y = x[i].qs;
-        __m256i sum0 = _mm256_setzero_si256();
-        __m256i sum1 = _mm256_setzero_si256();
+        __m256i sumi = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i qb = load256(q + 32 * j);
             const __m256i lo = _mm256_and_si256(qb, m4);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
-            const __m256i plo = _mm256_maddubs_epi16(lo, load256(y + 64 * j));
-            const __m256i phi = _mm256_maddubs_epi16(hi, load256(y + 64 * j + 32));
-            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(plo, scale_all(sc16, 2 * j)));
-            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(phi, scale_all(sc16, 2 * j + 1)));
+            const __m256i plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load256(y + 64 * j)), scale_all(sc16, 2 * j));
+            const __m256i phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load256(y + 64 * j + 32)),
+                                                  scale_all(sc16, 2 * j + 1));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
+    accm = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    accm = _mm_add_ss(accm, _mm_movehdup_ps(accm));
+    *s = hsum_ps_256(acc) + _mm_cvtss_f32(accm);
 }
 
 static void vec_dot_q5_K(int64_t n, float *s, const void *vw, const void *vx) {
@@ -100,23 +109,22 @@ static void vec_dot_q5_K(int64_t n, float *s, const void *vw, const void *vx) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m256i m16 = _mm256_set1_epi8(0x10);
     __m256 acc = _mm256_setzero_ps();
-    __m256 accm = _mm256_setzero_ps();
+    __m128 summs = _mm_setzero_ps(); // lane 0: sum of dmin * (integer min term) over blocks
     for (int64_t i = 0; i < nb; i++) {
         const float d = x[i].d * f16_to_f32(w[i].d);
         const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
         uint64_t sc, mn;
         kq_unpack_scales_k4(w[i].scales, &sc, &mn);
-        const __m128i mn8 = _mm_cvtsi64_si128((long long)mn);
-        const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
-        const __m256i summ = _mm256_madd_epi16(mn16, load256(x[i].bsums));
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);
+        const __m128i pm = kq_mins_prod(mn, x[i].bsums);
+        const __m128i pm2 = _mm_add_epi32(pm, _mm_unpackhi_epi64(pm, pm));
+        const int msum = _mm_cvtsi128_si32(_mm_add_epi32(pm2, _mm_shuffle_epi32(pm2, 1)));
+        summs = _mm_fmadd_ss(_mm_set_ss(dmin), _mm_set_ss((float)msum), summs);
 
         const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
         const uint8_t *q = w[i].qs;
         const int8_t *y = x[i].qs;
         __m256i hb = load256(w[i].qh); // bit 2j: 5th bit of chunk j's low nibbles, bit 2j+1: high nibbles
-        __m256i sum0 = _mm256_setzero_si256();
-        __m256i sum1 = _mm256_setzero_si256();
+        __m256i sumi = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i qb = load256(q + 32 * j);
             const __m256i lo = _mm256_or_si256(_mm256_and_si256(qb, m4),
@@ -124,14 +132,14 @@ static void vec_dot_q5_K(int64_t n, float *s, const void *vw, const void *vx) {
             const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
                                                _mm256_and_si256(_mm256_slli_epi16(hb, 3), m16));
             hb = _mm256_srli_epi16(hb, 2);
-            const __m256i plo = _mm256_maddubs_epi16(lo, load256(y + 64 * j));
-            const __m256i phi = _mm256_maddubs_epi16(hi, load256(y + 64 * j + 32));
-            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(plo, scale_all(sc16, 2 * j)));
-            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(phi, scale_all(sc16, 2 * j + 1)));
+            const __m256i plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load256(y + 64 * j)), scale_all(sc16, 2 * j));
+            const __m256i phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load256(y + 64 * j + 32)),
+                                                  scale_all(sc16, 2 * j + 1));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
+    *s = hsum_ps_256(acc) + _mm_cvtss_f32(summs);
 }
 
 static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
@@ -140,14 +148,12 @@ static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m256i m30 = _mm256_set1_epi8(0x30);
+    const __m256i m32 = _mm256_set1_epi8(32);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const float d = x[i].d * f16_to_f32(w[i].d);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales));
-        // the stored values are q + 32: sum sc*(q+32)*x, then take 32 * sum_g sc_g * bsums_g out
-        const __m256i bias = _mm256_slli_epi32(_mm256_madd_epi16(sc16, load256(x[i].bsums)), 5);
-        __m256i sum0 = _mm256_setzero_si256();
-        __m256i sum1 = _mm256_sub_epi32(sum0, bias);
+        __m256i sumi = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i scl = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
                                   : _mm256_permute2x128_si256(sc16, sc16, 0x00);
@@ -161,16 +167,19 @@ static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
             const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
             const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
-            const __m256i p0 = _mm256_maddubs_epi16(q0, load256(y));
-            const __m256i p1 = _mm256_maddubs_epi16(q1, load256(y + 32));
-            const __m256i p2 = _mm256_maddubs_epi16(q2, load256(y + 64));
-            const __m256i p3 = _mm256_maddubs_epi16(q3, load256(y + 96));
-            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p0, scale_pair(scl, 0)));
-            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p1, scale_pair(scl, 2)));
-            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p2, scale_pair(scl, 4)));
-            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p3, scale_pair(scl, 6)));
+            const __m256i y0 = load256(y), y1 = load256(y + 32), y2 = load256(y + 64), y3 = load256(y + 96);
+            // (q - 32) * x in i16 pairs: the stored q times x minus 32 times x
+            const __m256i p0 = _mm256_sub_epi16(_mm256_maddubs_epi16(q0, y0), _mm256_maddubs_epi16(m32, y0));
+            const __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(q1, y1), _mm256_maddubs_epi16(m32, y1));
+            const __m256i p2 = _mm256_sub_epi16(_mm256_maddubs_epi16(q2, y2), _mm256_maddubs_epi16(m32, y2));
+            const __m256i p3 = _mm256_sub_epi16(_mm256_maddubs_epi16(q3, y3), _mm256_maddubs_epi16(m32, y3));
+            const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(p0, scale_pair(scl, 0)),
+                                                 _mm256_madd_epi16(p1, scale_pair(scl, 2)));
+            const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(p2, scale_pair(scl, 4)),
+                                                 _mm256_madd_epi16(p3, scale_pair(scl, 6)));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(s01, s23));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     *s = hsum_ps_256(acc);
 }

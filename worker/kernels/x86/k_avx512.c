@@ -1,13 +1,10 @@
 // x86 kernels (k_avx512): AVX-512 VNNI dot products of Q2_K, Q4_K, Q5_K, Q6_K with Q8_K activations.
 //
-// K-quant weights are expanded to unsigned bytes (0..63) and vpdpbusd multiplies them with the signed
-// Q8_K bytes, summing 4 products per i32 lane (|lane| <= 4 * 63 * 128, so it fits an i16). Each
-// 128-bit lane of a product then belongs to one group of 16 elements; two products are packed to
-// i16 (vpackssdw, never saturating) and vpdpwssd multiplies them with the per-group scales while
-// accumulating in i32. Offsets (mins, the -32 of Q6_K) come out of the integer sum through the Q8_K
-// bsums, so every integer sum is exact. Q4_K/Q5_K/Q6_K use 256-bit vectors: on Zen 4 (512-bit ops
-// run as two halves) that measured faster than the 512-bit layout, which needs extra shifts to
-// line nibbles up with the activations. Q3_K, Q4_1, Q5_0 and Q5_1 keep the AVX2 kernels.
+// Q4_K, Q5_K and Q6_K follow llama.cpp's x86 lane layout exactly (see below), with vpdpwssd fusing
+// the scale multiply and the i32 accumulation. Q2_K expands weights to unsigned bytes and vpdpbusd
+// multiplies them with the signed Q8_K bytes, 4 products per i32 lane; two products are packed to
+// i16 (vpackssdw, never saturating) and vpdpwssd applies the per-group scales; its mins come out of
+// the integer sum through the Q8_K bsums. Q3_K, Q4_1, Q5_0 and Q5_1 keep the AVX2 kernels.
 #include <immintrin.h>
 #include <string.h>
 
@@ -50,56 +47,60 @@ static inline __m512i pack_pattern(int a, int b) {
     return v;
 }
 
-// i16 shuffle control for packs(P, Q) of two 32-element products of 16-element groups a..a+3 (P: a, a+1;
-// Q: a+2, a+3): 128-bit lane 0 = [s(a) x4, s(a+2) x4], lane 1 = [s(a+1) x4, s(a+3) x4].
-static inline __m256i cross_pattern(int a) {
-    const short g0 = (short)((2 * a) | ((2 * a + 1) << 8)), g1 = (short)((2 * a + 2) | ((2 * a + 3) << 8));
-    const short g2 = (short)((2 * a + 4) | ((2 * a + 5) << 8)), g3 = (short)((2 * a + 6) | ((2 * a + 7) << 8));
-    return _mm256_setr_epi16(g0, g0, g0, g0, g2, g2, g2, g2, g1, g1, g1, g1, g3, g3, g3, g3);
-}
-
-// i16 shuffle control, the same in both 128-bit lanes: [s(a) x4, s(a+1) x4] (of 8 i16 per lane),
-// matching packs(P, Q) with P summing sub-block a and Q sub-block a + 1.
-static inline __m256i pair_pattern(int a) {
-    const short lo = (short)((2 * a) | ((2 * a + 1) << 8)), hi = (short)((2 * a + 2) | ((2 * a + 3) << 8));
-    return _mm256_setr_epi16(lo, lo, lo, lo, hi, hi, hi, hi, lo, lo, lo, lo, hi, hi, hi, hi);
-}
-
 // --- K-quants
+
+// Q4_K, Q5_K and Q6_K give the same bits as llama.cpp's AVX2 kernels (and k_avx2.c): i32 lane L
+// sums scale * q * x over elements 4L..4L+3 of every 32-element chunk, one fma per super-block
+// into 8 float lanes, the mins kept apart (Q4_K: 4 float lanes, Q5_K: one float) until the end.
+// maddubs forms the i16 pair sums; vpdpwssd applies the scales and accumulates in one step.
+
+// i16 vector with scale k (of the 8 i16 scales in each 128-bit lane of v) in every element.
+static inline __m256i scale_all(__m256i v, int k) {
+    return _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)((2 * k) | ((2 * k + 1) << 8))));
+}
+
+// i16 vector with scale k in the low 128-bit lane and scale k + 1 in the high one (groups of 16).
+static inline __m256i scale_pair(__m256i v, int k) {
+    const __m128i lo = _mm_set1_epi16((short)((2 * k) | ((2 * k + 1) << 8)));
+    const __m128i hi = _mm_set1_epi16((short)((2 * k + 2) | ((2 * k + 3) << 8)));
+    return _mm256_shuffle_epi8(v, _mm256_set_m128i(hi, lo));
+}
+
+// Q4_K / Q5_K mins times the sub-block sums of x: lane k = m(2k) * sum(2k) + m(2k+1) * sum(2k+1).
+static inline __m128i kq_mins_prod(__m128i sm, const int16_t *bsums) {
+    const __m128i b0 = _mm_loadu_si128((const __m128i *)bsums);
+    const __m128i b1 = _mm_loadu_si128((const __m128i *)(bsums + 8));
+    return _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)), _mm_hadd_epi16(b0, b1));
+}
 
 static void vec_dot_q4_K(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q4_K *w = vw;
     const block_q8_K *x = vx;
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    const __m128i dup_mins = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
     __m256 acc = _mm256_setzero_ps();
-    __m256 accm = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const __m128 dd = kq_d_dmin(&w[i].d, x[i].d);
+        const float d = x[i].d * f16_to_f32(w[i].d);
+        const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
         const __m128i sm = kq_scales_mins_k4(w[i].scales);
-        const __m256i mdup = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, dup_mins));
-        accm = _mm256_fnmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dd)),
-                                _mm256_cvtepi32_ps(_mm256_madd_epi16(mdup, load256(x[i].bsums))), accm);
+        accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(kq_mins_prod(sm, x[i].bsums)), accm);
         const __m256i scl = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
         const uint8_t *q = w[i].qs;
         const int8_t *y = x[i].qs;
-        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        __m256i sumi = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i qb = load256(q + 32 * j);
-            const __m256i plo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(qb, m4), load256(y + 64 * j));
-            const __m256i phi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
-                                                    load256(y + 64 * j + 32));
-            // 128-bit lane = [4 sums of sub-block 2j, 4 of 2j+1]
-            const __m256i sc = _mm256_shuffle_epi8(scl, pair_pattern(2 * j));
-            if (j & 1)
-                sum1 = _mm256_dpwssd_epi32(sum1, _mm256_packs_epi32(plo, phi), sc);
-            else
-                sum0 = _mm256_dpwssd_epi32(sum0, _mm256_packs_epi32(plo, phi), sc);
+            const __m256i plo = _mm256_maddubs_epi16(_mm256_and_si256(qb, m4), load256(y + 64 * j));
+            const __m256i phi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), load256(y + 64 * j + 32));
+            sumi = _mm256_dpwssd_epi32(sumi, plo, scale_all(scl, 2 * j));
+            sumi = _mm256_dpwssd_epi32(sumi, phi, scale_all(scl, 2 * j + 1));
         }
-        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
+    accm = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    accm = _mm_add_ss(accm, _mm_movehdup_ps(accm));
+    *s = hsum_ps_256(acc) + _mm_cvtss_f32(accm);
 }
 
 static void vec_dot_q5_K(int64_t n, float *s, const void *vw, const void *vx) {
@@ -108,37 +109,33 @@ static void vec_dot_q5_K(int64_t n, float *s, const void *vw, const void *vx) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m256i m16 = _mm256_set1_epi8(0x10);
-    const __m128i dup_mins = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
     __m256 acc = _mm256_setzero_ps();
-    __m256 accm = _mm256_setzero_ps();
+    __m128 summs = _mm_setzero_ps(); // lane 0: sum of dmin * (integer min term) over blocks
     for (int64_t i = 0; i < nb; i++) {
-        const __m128 dd = kq_d_dmin(&w[i].d, x[i].d);
+        const float d = x[i].d * f16_to_f32(w[i].d);
+        const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
         const __m128i sm = kq_scales_mins_k4(w[i].scales);
-        const __m256i mdup = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, dup_mins));
-        accm = _mm256_fnmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dd)),
-                                _mm256_cvtepi32_ps(_mm256_madd_epi16(mdup, load256(x[i].bsums))), accm);
+        const __m128i pm = kq_mins_prod(sm, x[i].bsums);
+        const __m128i pm2 = _mm_add_epi32(pm, _mm_unpackhi_epi64(pm, pm));
+        const int msum = _mm_cvtsi128_si32(_mm_add_epi32(pm2, _mm_shuffle_epi32(pm2, 1)));
+        summs = _mm_fmadd_ss(_mm_set_ss(dmin), _mm_set_ss((float)msum), summs);
         const __m256i scl = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
         const uint8_t *q = w[i].qs;
         const int8_t *y = x[i].qs;
         const __m256i qh = load256(w[i].qh); // bit 2j of byte l: 5th bit of element 64j + l, 2j+1: 64j + 32 + l
-        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        __m256i sumi = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i qb = load256(q + 32 * j);
             __m256i lo = _mm256_and_si256(qb, m4);
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
             lo = _mm256_mask_add_epi8(lo, _mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << (2 * j)))), lo, m16);
             hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << (2 * j + 1)))), hi, m16);
-            const __m256i plo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, load256(y + 64 * j));
-            const __m256i phi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi, load256(y + 64 * j + 32));
-            const __m256i sc = _mm256_shuffle_epi8(scl, pair_pattern(2 * j));
-            if (j & 1)
-                sum1 = _mm256_dpwssd_epi32(sum1, _mm256_packs_epi32(plo, phi), sc);
-            else
-                sum0 = _mm256_dpwssd_epi32(sum0, _mm256_packs_epi32(plo, phi), sc);
+            sumi = _mm256_dpwssd_epi32(sumi, _mm256_maddubs_epi16(lo, load256(y + 64 * j)), scale_all(scl, 2 * j));
+            sumi = _mm256_dpwssd_epi32(sumi, _mm256_maddubs_epi16(hi, load256(y + 64 * j + 32)), scale_all(scl, 2 * j + 1));
         }
-        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
+    *s = hsum_ps_256(acc) + _mm_cvtss_f32(summs);
 }
 
 static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
@@ -147,13 +144,12 @@ static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m256i m30 = _mm256_set1_epi8(0x30);
+    const __m256i m32 = _mm256_set1_epi8(32);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const float d = x[i].d * f16_to_f32(w[i].d);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales));
-        const __m256i bias = _mm256_slli_epi32(_mm256_madd_epi16(sc16, load256(x[i].bsums)), 5);
-        __m256i sum0 = _mm256_setzero_si256();
-        __m256i sum1 = _mm256_sub_epi32(sum0, bias);
+        __m256i sumi = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i scl = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
                                   : _mm256_permute2x128_si256(sc16, sc16, 0x00);
@@ -167,15 +163,18 @@ static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
             const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
             const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
-            const __m256i p0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q0, load256(y));
-            const __m256i p1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q1, load256(y + 32));
-            const __m256i p2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q2, load256(y + 64));
-            const __m256i p3 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q3, load256(y + 96));
-            // packs(p0, p1): lane 0 = [groups 0, 2], lane 1 = [groups 1, 3]; packs(p2, p3) likewise + 4
-            sum0 = _mm256_dpwssd_epi32(sum0, _mm256_packs_epi32(p0, p1), _mm256_shuffle_epi8(scl, cross_pattern(0)));
-            sum1 = _mm256_dpwssd_epi32(sum1, _mm256_packs_epi32(p2, p3), _mm256_shuffle_epi8(scl, cross_pattern(4)));
+            const __m256i y0 = load256(y), y1 = load256(y + 32), y2 = load256(y + 64), y3 = load256(y + 96);
+            // (q - 32) * x as i16 pair sums: stored q times x minus 32 times x
+            const __m256i p0 = _mm256_sub_epi16(_mm256_maddubs_epi16(q0, y0), _mm256_maddubs_epi16(m32, y0));
+            const __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(q1, y1), _mm256_maddubs_epi16(m32, y1));
+            const __m256i p2 = _mm256_sub_epi16(_mm256_maddubs_epi16(q2, y2), _mm256_maddubs_epi16(m32, y2));
+            const __m256i p3 = _mm256_sub_epi16(_mm256_maddubs_epi16(q3, y3), _mm256_maddubs_epi16(m32, y3));
+            sumi = _mm256_dpwssd_epi32(sumi, p0, scale_pair(scl, 0));
+            sumi = _mm256_dpwssd_epi32(sumi, p1, scale_pair(scl, 2));
+            sumi = _mm256_dpwssd_epi32(sumi, p2, scale_pair(scl, 4));
+            sumi = _mm256_dpwssd_epi32(sumi, p3, scale_pair(scl, 6));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     *s = hsum_ps_256(acc);
 }

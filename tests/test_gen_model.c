@@ -34,21 +34,6 @@ static char *tmp_path(char *buf, size_t cap, const char *dir, const char *name) 
     return buf;
 }
 
-static void rm_dir(char *dir) {
-    DIR *d = opendir(dir);
-    if (d) {
-        char p[1024];
-        for (struct dirent *e; (e = readdir(d));) {
-            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-            snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-            unlink(p);
-        }
-        closedir(d);
-    }
-    rmdir(dir);
-    free(dir);
-}
-
 static uint64_t get_u(const gguf_t *g, const char *key) {
     uint64_t v = UINT64_MAX;
     CU_ASSERT_EQUAL(gguf_get_u64(g, key, &v), 0);
@@ -203,7 +188,7 @@ static void test_tiny_q8_0(void) {
     CU_ASSERT_EQUAL_FATAL(gguf_open(&g3, p3, err, sizeof err), 0);
     CU_ASSERT_EQUAL(get_u(g3, "meshlm.gen.seed"), 8);
     gguf_close(&g3);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 static void test_quant_types(void) {
@@ -237,7 +222,7 @@ static void test_quant_types(void) {
         CU_ASSERT(sd > 0.017 && sd < 0.023);
         gguf_close(&g);
     }
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 static void test_q4_k_m_mix(void) {
@@ -269,7 +254,7 @@ static void test_q4_k_m_mix(void) {
     tensor_stats(gguf_find_tensor(g, "blk.3.ffn_down.weight"), &mean, &sd);
     CU_ASSERT(sd > 0.017 && sd < 0.023);
     gguf_close(&g);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 static void test_moe(void) {
@@ -312,7 +297,7 @@ static void test_moe(void) {
     CU_ASSERT_EQUAL(get_u(g, "llama.expert_used_count"), 2);
     expect_tensor(g, "blk.1.ffn_down_exps.weight", QT_F16, 512, 256, 3);
     gguf_close(&g);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 static void test_tokenizer_sources(void) {
@@ -346,7 +331,7 @@ static void test_tokenizer_sources(void) {
     CU_ASSERT_EQUAL(get_u(g, "llama.vocab_size"), 32000);
     CU_ASSERT_PTR_NOT_NULL(gguf_find(g, "tokenizer.ggml.scores"));
     gguf_close(&g);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 static void test_bad_arguments(void) {
@@ -365,7 +350,7 @@ static void test_bad_arguments(void) {
     snprintf(bad, sizeof bad, "%s/no/such/dir.gguf", dir);
     CU_ASSERT_EQUAL(gen(bad, "--preset", "tiny", "--vocab", "320", NULL), 1);
     CU_ASSERT_EQUAL(access(p, F_OK), -1);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 // --- suite

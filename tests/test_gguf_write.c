@@ -57,21 +57,6 @@ static int dir_entries(const char *dir) {
     return n;
 }
 
-static void rm_dir(char *dir) {
-    DIR *d = opendir(dir);
-    if (d) {
-        char p[1024];
-        for (struct dirent *e; (e = readdir(d));) {
-            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-            snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-            unlink(p);
-        }
-        closedir(d);
-    }
-    rmdir(dir);
-    free(dir);
-}
-
 static uint8_t pattern_byte(int t, size_t i) { return (uint8_t)(i * 131u + (size_t)t * 17u + (i >> 8)); }
 
 // --- tests
@@ -281,7 +266,7 @@ static void test_all_kv_types_and_tensors(void) {
     CU_ASSERT_EQUAL(gguf_file_size(g), gguf_data_offset(g) + gguf_tensor(g, 4)->offset + 32);
     gguf_close(&g);
     free(all);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 typedef struct {
@@ -371,7 +356,7 @@ static void test_alignment_and_callback(void) {
     CU_ASSERT_EQUAL(gguf_writer_open(w, bad, err, sizeof err), MLM_EIO);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "cannot create"));
     gguf_writer_destroy(&w);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 static void test_disk_full(void) {
@@ -405,7 +390,7 @@ static void test_disk_full(void) {
     CU_ASSERT_EQUAL(gguf_writer_finish(w, err, sizeof err), MLM_ESTATE);
     gguf_writer_destroy(&w);
     free(chunk);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 static void test_copy_prefix(void) {
@@ -449,7 +434,7 @@ static void test_copy_prefix(void) {
     CU_ASSERT(toks->v.arr.items[15043].v.str.len == 8 && !memcmp(toks->v.arr.items[15043].v.str.ptr, "▁Hello", 8));
     gguf_close(&h);
     gguf_close(&g);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 
 // --- suite

@@ -5,32 +5,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "test_util.h"
 #include "worker/kernels/kernels.h"
 #include "worker/quant.h"
 
 // --- helpers
 
 static const char *const isas[] = {"scalar", "avx2", "avx512"};
-
-// splitmix64; the state lives in the caller.
-static uint64_t rng_next(uint64_t *st) {
-    uint64_t z = (*st += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static float rng_float(uint64_t *st) { return (float)((double)(rng_next(st) >> 11) / 9007199254740992.0 * 2.0 - 1.0); }
-
-// Random floats in [-scale, scale) with a varying scale per 32 elements (as activations have).
-static void fill_floats(float *x, int64_t n, uint64_t seed) { // x: (n)
-    uint64_t st = seed;
-    float scale = 1.0f;
-    for (int64_t i = 0; i < n; i++) {
-        if (i % 32 == 0) scale = 0.01f + 4.0f * fabsf(rng_float(&st));
-        x[i] = scale * rng_float(&st);
-    }
-}
 
 // Sum of |w_i * x_i| in double: the scale the summation-order tolerance is relative to.
 static double abs_dot(qtype_t wt, qtype_t xt, const void *w, const void *x, int64_t n) {
@@ -50,8 +31,8 @@ static void check_vec_dot(const kernels_t *k, qtype_t t, int64_t n, uint64_t see
     const qtype_t xt = tr->vec_dot_type;
     float *wf = malloc((size_t)n * sizeof(float)), *xf = malloc((size_t)n * sizeof(float));
     void *w = malloc(qtype_row_size(t, n)), *x = malloc(qtype_row_size(xt, n));
-    fill_floats(wf, n, seed);
-    fill_floats(xf, n, seed * 7 + 1);
+    test_fill_floats(wf, n, seed, 4.0f);
+    test_fill_floats(xf, n, seed * 7 + 1, 4.0f);
     CU_ASSERT_EQUAL_FATAL(quant_quantize_ref(t, wf, w, n), 0);
     CU_ASSERT_EQUAL_FATAL(quant_quantize_ref(xt, xf, x, n), 0);
     float ref = NAN, got = NAN;
@@ -122,7 +103,7 @@ static void test_from_float_random(void) {
             for (size_t j = 0; j < 4; j++) {
                 int64_t n = blck == 1 ? 37 * muls[j] : blck * muls[j];
                 float *x = malloc((size_t)n * sizeof(float));
-                fill_floats(x, n, 900 + 17 * a + j);
+                test_fill_floats(x, n, 900 + 17 * a + j, 4.0f);
                 check_from_float(k, at, x, n, "random");
                 free(x);
             }
@@ -154,7 +135,7 @@ static void test_from_float_edges(void) {
         // raw bit patterns: subnormals, overflow to inf, NaN, rounding boundaries
         uint64_t st = 77;
         for (int64_t j = 0; j < n; j++) {
-            uint32_t u = (uint32_t)rng_next(&st);
+            uint32_t u = (uint32_t)test_rng_next(&st);
             if (j % 4 == 1) u = (u & 0x80000000u) | (0x33000000u + (u & 0x05ffffffu)); // around f16 subnormals
             if (j % 4 == 2) u = (u & 0x80000000u) | (0x477f0000u + (u & 0x0001ffffu)); // around 65504
             if (j % 8 == 3) u = (u & 0xffff0000u) | 0x8000u;                           // bf16 tie

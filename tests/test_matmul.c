@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "test_util.h"
 #include "worker/err.h"
 #include "worker/matmul.h"
 
@@ -13,25 +14,6 @@
 #define MAX_NT 70
 
 static const char *const isas[] = {"scalar", "avx2", "avx512"};
-
-// splitmix64; the state lives in the caller.
-static uint64_t rng_next(uint64_t *st) {
-    uint64_t z = (*st += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static float rng_float(uint64_t *st) { return (float)((double)(rng_next(st) >> 11) / 9007199254740992.0 * 2.0 - 1.0); }
-
-static void fill_floats(float *x, int64_t n, uint64_t seed) { // x: (n)
-    uint64_t st = seed;
-    float scale = 1.0f;
-    for (int64_t i = 0; i < n; i++) {
-        if (i % 32 == 0) scale = 0.01f + 2.0f * fabsf(rng_float(&st));
-        x[i] = scale * rng_float(&st);
-    }
-}
 
 // A problem: a weight matrix, MAX_NT activation rows, and the oracle's outputs.
 typedef struct {
@@ -58,9 +40,9 @@ static void problem_init(problem_t *p, const kernels_t *k, qtype_t t, int64_t ro
     p->tol = malloc(sizeof(double) * MAX_NT * rows);
     float *f = malloc(sizeof(float) * cols * (rows > MAX_NT ? rows : MAX_NT));
     float *wf = malloc(sizeof(float) * cols * rows), *xf = malloc(sizeof(float) * cols * MAX_NT);
-    fill_floats(f, rows * cols, seed);
+    test_fill_floats(f, rows * cols, seed, 2.0f);
     for (int64_t r = 0; r < rows; r++) quant_quantize_ref(t, f + r * cols, p->w + r * rb, cols);
-    fill_floats(f, MAX_NT * cols, seed + 12345);
+    test_fill_floats(f, MAX_NT * cols, seed + 12345, 2.0f);
     for (int i = 0; i < MAX_NT; i++) mm_quantize_act(k, t, f + i * cols, p->xq + i * p->xs, cols);
     for (int64_t r = 0; r < rows; r++) quant_dequantize_ref(t, p->w + r * rb, wf + r * cols, cols);
     for (int i = 0; i < MAX_NT; i++) quant_dequantize_ref(at, p->xq + i * p->xs, xf + i * cols, cols);
@@ -199,7 +181,7 @@ static void test_act_bytes_match_scalar(void) {
     static const qtype_t types[] = {QT_Q4_0, QT_Q8_0, QT_Q4_K, QT_F16, QT_BF16, QT_F32, QT_Q4_1};
     const int64_t cols = 512;
     float x[512];
-    fill_floats(x, cols, 5);
+    test_fill_floats(x, cols, 5, 2.0f);
     for (size_t j = 0; j < sizeof types / sizeof types[0]; j++) {
         const size_t n = mm_act_row_bytes(types[j], cols);
         CU_ASSERT(n >= qtype_row_size(mm_act_type(types[j]), cols));

@@ -3,7 +3,10 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <dirent.h>
+#include <math.h>
 #include <string.h>
+#include <unistd.h>
 
 const char *test_shared_dir(void) {
     const char *e = getenv("MESHLM_SHARED");
@@ -45,4 +48,40 @@ char *test_tmpdir(void) {
     snprintf(p, n, "%s/meshlm-test-XXXXXX", base);
     if (!mkdtemp(p)) { free(p); return NULL; }
     return p;
+}
+
+uint64_t test_rng_next(uint64_t *st) {
+    uint64_t z = (*st += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+float test_rng_float(uint64_t *st) {
+    return (float)((double)(test_rng_next(st) >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+void test_fill_floats(float *x, int64_t n, uint64_t seed, float spread) {
+    uint64_t st = seed;
+    float scale = 1.0f;
+    for (int64_t i = 0; i < n; i++) {
+        if (i % 32 == 0) scale = 0.01f + spread * fabsf(test_rng_float(&st));
+        x[i] = scale * test_rng_float(&st);
+    }
+}
+
+void test_rm_dir(char *dir) {
+    if (!dir) return;
+    DIR *d = opendir(dir);
+    if (d) {
+        char p[1024];
+        for (struct dirent *e; (e = readdir(d));) {
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+            snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+            unlink(p);
+        }
+        closedir(d);
+    }
+    rmdir(dir);
+    free(dir);
 }

@@ -27,4 +27,14 @@ const char *test_meshlm_bin(void);
 // A fresh temporary directory (mkdtemp under $TMPDIR or /tmp); caller frees the string.
 char *test_tmpdir(void);
 
+// splitmix64 step; the state lives in the caller.
+uint64_t test_rng_next(uint64_t *state);
+// Uniform float in [-1, 1).
+float test_rng_float(uint64_t *state);
+// n floats in [-scale, scale), with scale redrawn every 32 elements from [0.01, 0.01 + spread)
+// (activations vary block to block); seeded, repeatable.
+void test_fill_floats(float *x, int64_t n, uint64_t seed, float spread);
+// Removes a directory and the files in it (one level), then frees dir.
+void test_rm_dir(char *dir);
+
 #endif

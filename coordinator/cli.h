@@ -6,5 +6,6 @@ int cmd_run(int argc, char **argv);        // generate text (cmd_run.c)
 int cmd_bench(int argc, char **argv);      // llama-bench-like speed table (cmd_bench.c)
 int cmd_inspect(int argc, char **argv);    // print GGUF metadata and tensors (cmd_inspect.c)
 int cmd_gen_model(int argc, char **argv);  // write a seeded random GGUF (cmd_gen_model.c)
+int cmd_plan(int argc, char **argv);       // print a tensor-parallel shard table (cmd_plan.c)
 
 #endif

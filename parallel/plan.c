@@ -66,31 +66,31 @@ static void shard_bytes(const model_t *m, plan_shard_t *s, int n_ctx) {
     char name[96];
     for (int il = 0; il < hp->n_layer; il++) {
 #define NM(sfx) (snprintf(name, sizeof name, "blk.%d.%s.weight", il, sfx), name)
-        w += rows_bytes(g, NM("attn_q"), (int64_t)(s->h1 - s->h0) * hd, 0);
-        w += rows_bytes(g, NM("attn_k"), (int64_t)(s->kv1 - s->kv0) * hd, 0);
-        w += rows_bytes(g, NM("attn_v"), (int64_t)(s->kv1 - s->kv0) * hd, 0);
-        w += rows_bytes(g, NM("attn_output"), s->e1 - s->e0, 0);
+        w += rows_bytes(g, NM("attn_q"), (int64_t)(s->s.h1 - s->s.h0) * hd, 0);
+        w += rows_bytes(g, NM("attn_k"), (int64_t)(s->s.kv1 - s->s.kv0) * hd, 0);
+        w += rows_bytes(g, NM("attn_v"), (int64_t)(s->s.kv1 - s->s.kv0) * hd, 0);
+        w += rows_bytes(g, NM("attn_output"), s->s.e1 - s->s.e0, 0);
         w += vec_bytes(g, NM("attn_norm")) + vec_bytes(g, NM("ffn_norm"));
         if (moe) {
             w += vec_bytes(g, NM("ffn_gate_inp"));
-            w += rows_bytes(g, NM("ffn_gate_exps"), s->f1 - s->f0, 1);
-            w += rows_bytes(g, NM("ffn_up_exps"), s->f1 - s->f0, 1);
-            w += rows_bytes(g, NM("ffn_down_exps"), s->e1 - s->e0, 1);
+            w += rows_bytes(g, NM("ffn_gate_exps"), s->s.f1 - s->s.f0, 1);
+            w += rows_bytes(g, NM("ffn_up_exps"), s->s.f1 - s->s.f0, 1);
+            w += rows_bytes(g, NM("ffn_down_exps"), s->s.e1 - s->s.e0, 1);
         } else {
-            w += rows_bytes(g, NM("ffn_gate"), s->f1 - s->f0, 0);
-            w += rows_bytes(g, NM("ffn_up"), s->f1 - s->f0, 0);
-            w += rows_bytes(g, NM("ffn_down"), s->e1 - s->e0, 0);
+            w += rows_bytes(g, NM("ffn_gate"), s->s.f1 - s->s.f0, 0);
+            w += rows_bytes(g, NM("ffn_up"), s->s.f1 - s->s.f0, 0);
+            w += rows_bytes(g, NM("ffn_down"), s->s.e1 - s->s.e0, 0);
         }
 #undef NM
     }
     w += vec_bytes(g, "output_norm.weight");
     const char *out = gguf_find_tensor(g, "output.weight") ? "output.weight" : "token_embd.weight";
-    w += rows_bytes(g, out, s->v1 - s->v0, 0);
+    w += rows_bytes(g, out, s->s.v1 - s->s.v0, 0);
     // The embedding table is split like the output: a node keeps the rows of its vocabulary range
     // and answers lookups for them.
-    if (!hp->tied_output) w += rows_bytes(g, "token_embd.weight", s->v1 - s->v0, 0);
+    if (!hp->tied_output) w += rows_bytes(g, "token_embd.weight", s->s.v1 - s->s.v0, 0);
     s->weight_bytes = w;
-    s->kv_bytes = (uint64_t)hp->n_layer * (uint64_t)n_ctx * (uint64_t)(s->kv1 - s->kv0) * hd * 2u * 2u;
+    s->kv_bytes = (uint64_t)hp->n_layer * (uint64_t)n_ctx * (uint64_t)(s->s.kv1 - s->s.kv0) * hd * 2u * 2u;
     const uint64_t batch = 64;
     uint64_t act = batch * 4u * ((uint64_t)hp->n_embd * 6u + (uint64_t)hp->n_head * hd * 2u + (uint64_t)hp->n_ff * 3u);
     act += (uint64_t)hp->n_vocab * 4u * 2u;
@@ -125,17 +125,17 @@ int plan_tp(const model_t *m, const plan_node_t *nodes, int n, int n_ctx, plan_t
         split_units(hp->n_head, 1, w, n, lo, hi);
         for (int i = 0; i < n; i++) {
             plan_shard_t *s = &out->shard[i];
-            s->h0 = lo[i];
-            s->h1 = hi[i];
-            s->kv0 = s->h1 > s->h0 ? s->h0 / group : 0;
-            s->kv1 = s->h1 > s->h0 ? (s->h1 - 1) / group + 1 : 0;
+            s->s.h0 = lo[i];
+            s->s.h1 = hi[i];
+            s->s.kv0 = s->s.h1 > s->s.h0 ? s->s.h0 / group : 0;
+            s->s.kv1 = s->s.h1 > s->s.h0 ? (s->s.h1 - 1) / group + 1 : 0;
         }
         split_units(hp->n_embd, HIDDEN_GRAIN, w, n, lo, hi);
-        for (int i = 0; i < n; i++) out->shard[i].e0 = lo[i], out->shard[i].e1 = hi[i];
+        for (int i = 0; i < n; i++) out->shard[i].s.e0 = lo[i], out->shard[i].s.e1 = hi[i];
         split_units(hp->n_ff, FFN_GRAIN, w, n, lo, hi);
-        for (int i = 0; i < n; i++) out->shard[i].f0 = lo[i], out->shard[i].f1 = hi[i];
+        for (int i = 0; i < n; i++) out->shard[i].s.f0 = lo[i], out->shard[i].s.f1 = hi[i];
         split_units(hp->n_vocab, VOCAB_GRAIN, w, n, lo, hi);
-        for (int i = 0; i < n; i++) out->shard[i].v0 = lo[i], out->shard[i].v1 = hi[i];
+        for (int i = 0; i < n; i++) out->shard[i].s.v0 = lo[i], out->shard[i].s.v1 = hi[i];
         bool over = false;
         for (int i = 0; i < n; i++) {
             shard_bytes(m, &out->shard[i], n_ctx);
@@ -251,12 +251,12 @@ void plan_print(const plan_t *p, const model_t *m, FILE *f) {
     for (int i = 0; i < p->n; i++) {
         const plan_shard_t *s = &p->shard[i];
         char h[24], kv[24], e[24], fr[24], v[24], wb[24], kb[24], pb[24], bb[24];
-        snprintf(h, sizeof h, "%d-%d (%d)", s->h0, s->h1 - 1, s->h1 - s->h0);
-        if (s->h1 == s->h0) snprintf(h, sizeof h, "-");
-        snprintf(kv, sizeof kv, s->kv1 > s->kv0 ? "%d-%d" : "-", s->kv0, s->kv1 - 1);
-        snprintf(e, sizeof e, s->e1 > s->e0 ? "%d-%d" : "-", s->e0, s->e1 - 1);
-        snprintf(fr, sizeof fr, s->f1 > s->f0 ? "%d-%d" : "-", s->f0, s->f1 - 1);
-        snprintf(v, sizeof v, s->v1 > s->v0 ? "%d-%d" : "-", s->v0, s->v1 - 1);
+        snprintf(h, sizeof h, "%d-%d (%d)", s->s.h0, s->s.h1 - 1, s->s.h1 - s->s.h0);
+        if (s->s.h1 == s->s.h0) snprintf(h, sizeof h, "-");
+        snprintf(kv, sizeof kv, s->s.kv1 > s->s.kv0 ? "%d-%d" : "-", s->s.kv0, s->s.kv1 - 1);
+        snprintf(e, sizeof e, s->s.e1 > s->s.e0 ? "%d-%d" : "-", s->s.e0, s->s.e1 - 1);
+        snprintf(fr, sizeof fr, s->s.f1 > s->s.f0 ? "%d-%d" : "-", s->s.f0, s->s.f1 - 1);
+        snprintf(v, sizeof v, s->s.v1 > s->s.v0 ? "%d-%d" : "-", s->s.v0, s->s.v1 - 1);
         fmt_bytes(wb, sizeof wb, s->weight_bytes);
         fmt_bytes(kb, sizeof kb, s->kv_bytes);
         fmt_bytes(pb, sizeof pb, s->peak_bytes);

@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "worker/model.h"
+#include "worker/shard.h"
 
 #define PLAN_MAX_NODES 64
 
@@ -20,11 +21,7 @@ typedef struct {
 // One node's share. Every matrix is split by output rows, so each dot product runs whole on one
 // node in the same order as on a single node: any layout gives the single-node bits.
 typedef struct {
-    int h0, h1;              // query heads [h0, h1): rows of attn_q
-    int kv0, kv1;            // KV heads [kv0, kv1) it needs (replicated when nodes outnumber them)
-    int e0, e1;              // rows of attn_output and ffn_down (hidden dims) [e0, e1)
-    int f0, f1;              // FFN hidden units [f0, f1): rows of ffn_gate / ffn_up (per expert)
-    int v0, v1;              // output (vocabulary) rows [v0, v1)
+    shard_slice_t s;         // its rows (KV heads replicated when nodes outnumber them)
     uint64_t weight_bytes;   // bytes of its weight slices
     uint64_t kv_bytes;       // its KV cache for n_ctx positions (F16)
     uint64_t peak_bytes;     // expected peak: weights + KV + activations

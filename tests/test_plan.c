@@ -24,8 +24,8 @@ static int tiles(const plan_t *p, int total, int which) {
     int at = 0;
     for (int i = 0; i < p->n; i++) {
         const plan_shard_t *s = &p->shard[i];
-        int lo = which == 0 ? s->h0 : which == 1 ? s->e0 : which == 2 ? s->f0 : s->v0;
-        int hi = which == 0 ? s->h1 : which == 1 ? s->e1 : which == 2 ? s->f1 : s->v1;
+        int lo = which == 0 ? s->s.h0 : which == 1 ? s->s.e0 : which == 2 ? s->s.f0 : s->s.v0;
+        int hi = which == 0 ? s->s.h1 : which == 1 ? s->s.e1 : which == 2 ? s->s.f1 : s->s.v1;
         if (lo != at || hi < lo) return 0;
         at = hi;
     }
@@ -54,9 +54,9 @@ static void test_cover_every_unit(void) {
             int group = hp->n_head / hp->n_head_kv;
             for (int i = 0; i < n; i++) {
                 const plan_shard_t *s = &p->shard[i];
-                if (s->h1 > s->h0) { // its KV heads are exactly those its query heads use
-                    CU_ASSERT_EQUAL(s->kv0, s->h0 / group);
-                    CU_ASSERT_EQUAL(s->kv1, (s->h1 - 1) / group + 1);
+                if (s->s.h1 > s->s.h0) { // its KV heads are exactly those its query heads use
+                    CU_ASSERT_EQUAL(s->s.kv0, s->s.h0 / group);
+                    CU_ASSERT_EQUAL(s->s.kv1, (s->s.h1 - 1) / group + 1);
                 }
                 CU_ASSERT(s->peak_bytes >= s->weight_bytes + s->kv_bytes);
             }
@@ -75,14 +75,14 @@ static void test_speed_and_replication(void) {
     plan_t *p = malloc(sizeof *p);
     CU_ASSERT_EQUAL_FATAL(plan_tp(m, nodes, 3, 128, p, err, sizeof err), 0);
     // Twice as fast: half the heads, FFN units and hidden rows.
-    CU_ASSERT_EQUAL(p->shard[0].h1 - p->shard[0].h0, 4);
-    CU_ASSERT_EQUAL(p->shard[1].h1 - p->shard[1].h0, 2);
-    CU_ASSERT_EQUAL(p->shard[0].f1 - p->shard[0].f0, 384);
-    CU_ASSERT_EQUAL(p->shard[0].e1 - p->shard[0].e0, 128);
+    CU_ASSERT_EQUAL(p->shard[0].s.h1 - p->shard[0].s.h0, 4);
+    CU_ASSERT_EQUAL(p->shard[1].s.h1 - p->shard[1].s.h0, 2);
+    CU_ASSERT_EQUAL(p->shard[0].s.f1 - p->shard[0].s.f0, 384);
+    CU_ASSERT_EQUAL(p->shard[0].s.e1 - p->shard[0].s.e0, 128);
     CU_ASSERT(p->shard[0].weight_bytes > p->shard[1].weight_bytes * 17 / 10);
     // Nodes 1 and 2 share KV head 1 (heads 4-5 and 6-7): replicated, not split.
-    CU_ASSERT_EQUAL(p->shard[1].kv0, 1);
-    CU_ASSERT_EQUAL(p->shard[2].kv0, 1);
+    CU_ASSERT_EQUAL(p->shard[1].s.kv0, 1);
+    CU_ASSERT_EQUAL(p->shard[2].s.kv0, 1);
     CU_ASSERT_EQUAL(p->shard[1].kv_bytes, p->shard[2].kv_bytes);
     free(p);
     model_destroy(&m);

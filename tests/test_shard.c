@@ -1,0 +1,103 @@
+// Shard suite: row-cut rules and shard files (each tensor holds exactly the source's rows).
+#include <CUnit/CUnit.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "test_util.h"
+#include "worker/err.h"
+#include "worker/shard.h"
+
+// --- tests
+
+static void test_rows(void) {
+    shard_slice_t s = {2, 4, 1, 2, 16, 32, 48, 96, 100, 200};
+    int64_t r0, r1;
+    shard_tensor_rows(&s, "blk.3.attn_q.weight", 64, 8, &r0, &r1);
+    CU_ASSERT(r0 == 16 && r1 == 32);
+    shard_tensor_rows(&s, "blk.3.attn_v.weight", 32, 8, &r0, &r1);
+    CU_ASSERT(r0 == 8 && r1 == 16);
+    shard_tensor_rows(&s, "blk.0.ffn_down_exps.weight", 64, 8, &r0, &r1);
+    CU_ASSERT(r0 == 16 && r1 == 32);
+    shard_tensor_rows(&s, "blk.0.ffn_up.weight", 172, 8, &r0, &r1);
+    CU_ASSERT(r0 == 48 && r1 == 96);
+    shard_tensor_rows(&s, "output.weight", 150, 8, &r0, &r1); // clamped to the tensor
+    CU_ASSERT(r0 == 100 && r1 == 150);
+    shard_tensor_rows(&s, "blk.0.attn_norm.weight", 1, 8, &r0, &r1);
+    CU_ASSERT(r0 == 0 && r1 == 1);
+    shard_tensor_rows(&s, "blk.0.ffn_gate_inp.weight", 8, 8, &r0, &r1);
+    CU_ASSERT(r0 == 0 && r1 == 8);
+}
+
+static void check_shard_file(const char *rel, const shard_slice_t *slice) {
+    char path[1024], err[512];
+    gguf_t *src = NULL, *dst = NULL;
+    CU_ASSERT_EQUAL_FATAL(gguf_open(&src, test_shared_path(path, sizeof path, rel), err, sizeof err), 0);
+    int64_t hd = 0, nh = 0, ne = 0;
+    gguf_get_i64(src, "llama.embedding_length", &ne);
+    gguf_get_i64(src, "llama.attention.head_count", &nh);
+    hd = ne / nh;
+    char *dir = test_tmpdir();
+    char out[1024];
+    snprintf(out, sizeof out, "%s/shard.gguf", dir);
+    uint8_t sha[32];
+    for (int i = 0; i < 32; i++) sha[i] = (uint8_t)(i * 7);
+    int rc = shard_file_write(src, slice, (int)hd, sha, out, err, sizeof err);
+    if (rc) fprintf(stderr, "shard_file_write: %s\n", err);
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    CU_ASSERT_EQUAL_FATAL(gguf_open(&dst, out, err, sizeof err), 0);
+    shard_slice_t back;
+    bool is_shard = false;
+    CU_ASSERT_EQUAL(shard_file_slice(dst, &back, &is_shard), 0);
+    CU_ASSERT(is_shard);
+    CU_ASSERT_EQUAL(memcmp(&back, slice, sizeof back), 0);
+    CU_ASSERT_EQUAL(gguf_n_tensors(dst), gguf_n_tensors(src));
+    int64_t src_kv = gguf_n_kv(src);
+    CU_ASSERT_EQUAL(gguf_n_kv(dst), src_kv + 11); // 10 range keys + the source hash
+    for (int64_t i = 0; i < gguf_n_tensors(src); i++) {
+        const gguf_tensor_t *a = gguf_tensor(src, i), *b = gguf_find_tensor(dst, a->name);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(b);
+        int64_t r0, r1;
+        shard_tensor_rows(slice, a->name, a->ne[1], (int)hd, &r0, &r1);
+        CU_ASSERT_EQUAL(b->ne[1], r1 - r0);
+        CU_ASSERT_EQUAL(b->type, a->type);
+        const size_t rb = qtype_row_size(a->type, a->ne[0]);
+        for (int64_t p = 0; p < a->ne[2]; p++) {
+            const uint8_t *sa = (const uint8_t *)a->data + ((size_t)p * a->ne[1] + (size_t)r0) * rb;
+            const uint8_t *sb = (const uint8_t *)b->data + (size_t)p * (size_t)(r1 - r0) * rb;
+            CU_ASSERT_EQUAL(memcmp(sa, sb, (size_t)(r1 - r0) * rb), 0);
+        }
+    }
+    gguf_close(&dst);
+    gguf_close(&src);
+    test_rm_dir(dir);
+}
+
+static void test_shard_files(void) {
+    shard_slice_t a = {2, 5, 1, 3, 16, 48, 32, 96, 64, 256}; // stories260K: 8 heads, 4 KV, dim 64, FFN 172
+    check_shard_file("models/stories260K.gguf", &a);
+    shard_slice_t b = {4, 8, 1, 2, 128, 256, 0, 128, 256, 512}; // synth MoE: experts cut per expert
+    check_shard_file("models/synth/synth-moe-Q4_K_M.gguf", &b);
+    shard_slice_t c = shard_full(8, 2, 256, 768, 512);
+    check_shard_file("models/synth/synth-dense-Q8_0.gguf", &c);
+}
+
+static void test_plain_file_is_not_shard(void) {
+    char path[1024], err[256];
+    gguf_t *g = NULL;
+    CU_ASSERT_EQUAL_FATAL(gguf_open(&g, test_shared_path(path, sizeof path, "models/stories260K.gguf"), err, sizeof err), 0);
+    shard_slice_t s;
+    bool is_shard = true;
+    CU_ASSERT_EQUAL(shard_file_slice(g, &s, &is_shard), 0);
+    CU_ASSERT_FALSE(is_shard);
+    gguf_close(&g);
+}
+
+int test_shard_suite(void) {
+    CU_pSuite s = CU_add_suite("shard", NULL, NULL);
+    if (!s) return -1;
+    if (!CU_add_test(s, "row-cut rules", test_rows) || !CU_add_test(s, "shard files hold the source rows", test_shard_files) ||
+        !CU_add_test(s, "a model file is not a shard", test_plain_file_is_not_shard))
+        return -1;
+    return 0;
+}

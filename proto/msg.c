@@ -1,6 +1,7 @@
 // Wire codec: meshlm message structs <-> frames (prefix, protobuf header, raw tensor payloads).
 #include "proto/msg.h"
 
+#include <assert.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>

@@ -519,6 +519,63 @@ static void test_roundtrip_small(void) {
     free_frames(&f);
 }
 
+// The largest messages the bounds allow: 256 nodes with every expert, 65536 tokens.
+static void test_roundtrip_limits(void) {
+    msg_plan_node_t *nodes = calloc(MSG_MAX_NODES, sizeof *nodes);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(nodes);
+    msg_t a, b;
+    comm_msg_t f;
+    fill_plan(&a, nodes);
+    a.plan.n_expert = MSG_MAX_EXPERTS;
+    a.plan.n_nodes = MSG_MAX_NODES;
+    for (int i = 0; i < MSG_MAX_NODES; i++) {
+        msg_plan_node_t *n = &nodes[i];
+        n->index = (uint32_t)i;
+        snprintf(n->node_id, sizeof n->node_id, "node-%03d", i);
+        n->layers = (msg_range_t){i % 22, 22};
+        n->heads = (msg_range_t){0, 32};
+        n->kv_heads = (msg_range_t){0, 4};
+        n->n_ffn = MSG_MAX_FFN_RANGES;
+        for (int j = 0; j < MSG_MAX_FFN_RANGES; j++) n->ffn[j] = (msg_range_t){j * 700, j * 700 + 1 + i};
+        n->n_experts = MSG_MAX_EXPERTS;
+        for (int j = 0; j < MSG_MAX_EXPERTS; j++) n->experts[j] = (uint16_t)((j + i) % MSG_MAX_EXPERTS);
+    }
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_EQUAL_FATAL(b.plan.n_nodes, MSG_MAX_NODES);
+    int same = 1;
+    for (int i = 0; i < MSG_MAX_NODES; i++) {
+        const msg_plan_node_t *x = &b.plan.nodes[i];
+        same &= strcmp(x->node_id, nodes[i].node_id) == 0 && x->n_experts == MSG_MAX_EXPERTS &&
+                memcmp(x->experts, nodes[i].experts, sizeof x->experts) == 0 && x->n_ffn == MSG_MAX_FFN_RANGES &&
+                x->ffn[7].end == nodes[i].ffn[7].end && x->layers.begin == nodes[i].layers.begin;
+    }
+    CU_ASSERT(same);
+    msg_clear(&b);
+    free_frames(&f);
+    a.plan.n_nodes = MSG_MAX_NODES + 1;
+    msg_buf_t buf;
+    char err[256];
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &buf, err, sizeof err), MLM_ERANGE);
+    msg_buf_free(&buf);
+    free(nodes);
+
+    int32_t *toks = malloc((MSG_MAX_TOKENS + 1) * sizeof *toks);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(toks);
+    for (int i = 0; i <= MSG_MAX_TOKENS; i++) toks[i] = (int32_t)((i * 2654435761u) % 152064u);
+    msg_init(&a, MSG_STEP);
+    a.step.n_tokens = MSG_MAX_TOKENS;
+    a.step.tokens = toks;
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_EQUAL_FATAL(b.step.n_tokens, MSG_MAX_TOKENS);
+    CU_ASSERT(memcmp(b.step.tokens, toks, MSG_MAX_TOKENS * sizeof *toks) == 0);
+    msg_clear(&b);
+    free_frames(&f);
+    a.step.n_tokens = MSG_MAX_TOKENS + 1;
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &buf, err, sizeof err), MLM_ERANGE);
+    msg_buf_free(&buf);
+    free(toks);
+}
+
 // --- exact bytes
 
 static void test_wire_bytes(void) {
@@ -675,7 +732,7 @@ static void test_reject_frame_counts(void) {
     CU_ASSERT_EQUAL(msg_decode(&z, NULL, &m, err, sizeof err), MLM_EPROTO);
 
     // frames the header does not describe (prefix claims them too)
-    static unsigned char extra[8];
+    unsigned char extra[8] = {0};
     z = f;
     z.n = 4;
     z.data[2] = z.data[3] = extra;
@@ -1112,6 +1169,7 @@ int test_proto_suite(void) {
         !CU_add_test(s, "round trip STEP", test_roundtrip_step) ||
         !CU_add_test(s, "round trip RESULT", test_roundtrip_result) ||
         !CU_add_test(s, "round trip HEARTBEAT, SHUTDOWN, ERROR", test_roundtrip_small) ||
+        !CU_add_test(s, "round trip at the bounds", test_roundtrip_limits) ||
         !CU_add_test(s, "exact wire bytes", test_wire_bytes) ||
         !CU_add_test(s, "type names", test_type_names) ||
         !CU_add_test(s, "refuse bad prefix, version, type", test_reject_prefix) ||

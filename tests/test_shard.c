@@ -53,7 +53,7 @@ static void check_shard_file(const char *rel, const shard_slice_t *slice) {
     CU_ASSERT_EQUAL(memcmp(&back, slice, sizeof back), 0);
     CU_ASSERT_EQUAL(gguf_n_tensors(dst), gguf_n_tensors(src));
     int64_t src_kv = gguf_n_kv(src);
-    CU_ASSERT_EQUAL(gguf_n_kv(dst), src_kv + 11); // 10 range keys + the source hash
+    CU_ASSERT_EQUAL(gguf_n_kv(dst), src_kv + 12); // 10 range keys, the source hash, the vocabulary size
     for (int64_t i = 0; i < gguf_n_tensors(src); i++) {
         const gguf_tensor_t *a = gguf_tensor(src, i), *b = gguf_find_tensor(dst, a->name);
         CU_ASSERT_PTR_NOT_NULL_FATAL(b);

@@ -9,6 +9,7 @@
 #include "gguf.h"
 #include "kernels/kernels.h"
 #include "quant.h"
+#include "shard.h"
 
 typedef struct {
     char arch[32];         // general.architecture ("llama")
@@ -32,8 +33,9 @@ typedef struct {
 } model_hparams_t;
 
 typedef struct {
-    bool repack;           // allow kernels to repack weights into a faster layout (copies them)
-    const kernels_t *kern; // NULL = kernels_best()
+    bool repack;                  // allow kernels to repack weights into a faster layout (copies them)
+    const kernels_t *kern;        // NULL = kernels_best()
+    const shard_slice_t *slice;   // rows to hold (NULL = all); a shard file must hold exactly these
 } model_load_opts_t;
 
 typedef struct model model_t;
@@ -49,12 +51,28 @@ const gguf_t *model_gguf(const model_t *m);   // borrowed until model_destroy
 const kernels_t *model_kernels(const model_t *m);
 // Name of the dominant weight type (e.g. "Q4_0"), for tables.
 const char *model_type_name(const model_t *m);
+// The rows this model holds (everything unless loaded with a slice or from a shard file).
+const shard_slice_t *model_slice(const model_t *m);
+
+// Tensor parallelism: gathers one block from every node. Node i contributes lens[i] bytes (mine,
+// my_len, is this node's); out receives all blocks concatenated in node order. Every node calls it
+// the same number of times in the same order. Returns 0 or a negative MLM_ code (peer lost, ...).
+typedef int (*model_gather_fn)(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens);
+
+typedef struct {
+    int n_nodes;                  // nodes in the group
+    int index;                    // this node's index
+    const shard_slice_t *slices;  // (n_nodes) every node's slice in node order (borrowed for the ctx's life)
+    model_gather_fn gather;       // the collective
+    void *gather_ctx;             // its argument
+} model_tp_t;
 
 typedef struct {
     int n_ctx;             // positions the KV cache holds (0 = min(n_ctx_train, 4096))
     int n_batch;           // tokens per forward chunk (0 = 64)
     int n_threads;         // 0 = number of online CPUs
     bool kv_f32;           // F32 KV cache instead of the default F16 (what llama.cpp uses)
+    const model_tp_t *tp;  // tensor-parallel group (NULL = this model computes everything alone)
 } model_ctx_opts_t;
 
 typedef struct model_ctx model_ctx_t;
@@ -65,8 +83,10 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
 void model_ctx_destroy(model_ctx_t **self_p);
 
 // Feeds n tokens at the next positions. With all_logits, logits receives n rows of n_vocab;
-// otherwise only the last token's row (logits may be NULL to skip the output layer).
-// Returns 0, MLM_ERANGE when the cache would overflow, MLM_EINVAL for a bad token id.
+// otherwise only the last token's row (logits may be NULL to skip the output layer). In a
+// tensor-parallel group every node makes the same calls and every node receives the full logits,
+// bit-identical to a single node's. Returns 0, MLM_ERANGE when the cache would overflow,
+// MLM_EINVAL for a bad token id, or the gather's error.
 int model_eval(model_ctx_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
 
 int model_ctx_pos(const model_ctx_t *c);      // tokens in the cache

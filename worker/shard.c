@@ -115,6 +115,8 @@ int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim
         rc = gguf_writer_set_i32(w, key, *slice_field((shard_slice_t *)slice, i));
     }
     if (rc == 0 && sha256) rc = gguf_writer_set_arr(w, "meshlm.shard.source_sha256", GGUF_VT_UINT8, sha256, 32);
+    const gguf_tensor_t *emb = gguf_find_tensor(src, "token_embd.weight");
+    if (rc == 0 && emb) rc = gguf_writer_set_i64(w, "meshlm.shard.n_vocab", emb->ne[1]);
     for (int64_t i = 0; rc == 0 && i < gguf_n_tensors(src); i++) {
         const gguf_tensor_t *t = gguf_tensor(src, i);
         int64_t r0, r1, ne[GGUF_MAX_DIMS];

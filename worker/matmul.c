@@ -1,6 +1,7 @@
 // Matrix products: weight setup (with optional repacking into 16-row groups) and the per-ISA row loops.
 #include "matmul.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -12,15 +13,17 @@
 
 static bool is_float_type(qtype_t t) { return t == QT_F32 || t == QT_F16 || t == QT_BF16; }
 
-// Layout a weight of this type is repacked into, or MMP_NONE.
+// Layout a weight of this type is repacked into, or MMP_NONE. Q4_0 is repacked as llama.cpp does
+// (its Q4_0_8x8 kernels sum each output in one fma chain, which the 16-row groups reproduce). Q8_0
+// stays in plain rows: the reference keeps 8 float lanes per output (vec_dot and tinyBLAS alike),
+// which the row-per-dword groups cannot match without 8 accumulators per row.
 static int pack_for_type(qtype_t t) {
     if (t == QT_Q4_0) return MMP_Q4_0X16;
-    if (t == QT_Q8_0) return MMP_Q8_0X16;
     return MMP_NONE;
 }
 
 // Activation rows for these weight types carry the per-block tail of x86_mm.h.
-static bool act_has_tail(qtype_t wtype) { return wtype == QT_Q4_0 || wtype == QT_Q8_0; }
+static bool act_has_tail(qtype_t wtype) { return wtype == QT_Q4_0; }
 
 static float f16_at(const uint8_t *p) {
     mlm_f16_t h;
@@ -83,11 +86,56 @@ static void group_scalar(int pack, const uint8_t *grp, int64_t nb, const uint8_t
                     for (int j = 0; j < 8; j++)
                         for (int c = 0; c < 4; c++) isum += q[(size_t)(j * MMP_ROWS + i) * 4 + c] * xb[4 * j + c];
                 }
-                sum += (float)isum * (f16_at(sc + (size_t)(b * MMP_ROWS + i) * 2) * dx);
+                sum = fmaf((float)isum, f16_at(sc + (size_t)(b * MMP_ROWS + i) * 2) * dx, sum);
             }
             y[(size_t)t * ys + i] = sum;
         }
     }
+}
+
+// Sum of 16 floats in the order of _mm512_reduce_add_ps (halves, quarters, pairs).
+static float reduce16(const float *v) { // v: (16)
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = v[i + 8] + v[i];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i + 4] + s8[i];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+static float float_at(qtype_t t, const uint8_t *p, int64_t i) {
+    if (t == QT_F32) return ((const float *)p)[i];
+    if (t == QT_F16) return mlm_f16_to_f32(((const mlm_f16_t *)p)[i]);
+    return mlm_bf16_to_f32(((const mlm_bf16_t *)p)[i]);
+}
+
+// Portable F32/F16 dot in the reference's order (the same bits as mmp_float_avx512): tiled = one
+// 16-lane fma chain (tinyBLAS); otherwise ggml_vec_dot: 4 x 16 lanes per 64 elements, then the
+// tail (F32: rounded products added in runs of 8, the last n % 8 fused; F16: exact products in double).
+static float float_dot_exact(qtype_t t, const uint8_t *w, const uint8_t *x, int64_t n, bool tiled) {
+    float lanes[4][16] = {{0}};
+    if (tiled) {
+        for (int64_t c = 0; c < n; c += 16)
+            for (int l = 0; l < 16 && c + l < n; l++) lanes[0][l] = fmaf(float_at(t, w, c + l), float_at(t, x, c + l), lanes[0][l]);
+        return reduce16(lanes[0]);
+    }
+    const int64_t np = n & ~(int64_t)63;
+    for (int64_t i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 16; l++) {
+                const int64_t e = i + 16 * j + l;
+                lanes[j][l] = fmaf(float_at(t, w, e), float_at(t, x, e), lanes[j][l]);
+            }
+    for (int l = 0; l < 16; l++) lanes[0][l] = (lanes[0][l] + lanes[2][l]) + (lanes[1][l] + lanes[3][l]);
+    const float head = reduce16(lanes[0]);
+    if (t == QT_F32) {
+        const int64_t n8 = np + ((n - np) & ~(int64_t)7);
+        float sf = head;
+        for (int64_t i = np; i < n8; i++) sf += float_at(t, w, i) * float_at(t, x, i);
+        for (int64_t i = n8; i < n; i++) sf = fmaf(float_at(t, w, i), float_at(t, x, i), sf);
+        return sf;
+    }
+    double sd = head;
+    for (int64_t i = np; i < n; i++) sd += (double)(float_at(t, w, i) * float_at(t, x, i));
+    return (float)sd;
 }
 
 // Zeroed, 64-byte aligned memory for a packed matrix (bytes a multiple of 64). Large matrices get
@@ -209,13 +257,23 @@ void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq
         rows_packed(k, w, x, xq_stride, nt, y, y_stride, r0, r1);
         return;
     }
+    // F32/F16: the reference uses tinyBLAS (one 16-lane chain) for batches of 2+ tokens when the
+    // shapes allow, and ggml_vec_dot otherwise; the two orders give different bits.
+    const bool tiled = nt >= 2 && w->rows % 4 == 0 && w->cols % 16 == 0;
 #ifdef MESHLM_HAVE_X86
     if (is_float_type(w->type) && isa_is(k, "avx512")) {
         mmp_float_avx512(w->type, w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt,
-                         y + r0, y_stride, w->cols);
+                         y + r0, y_stride, w->cols, tiled);
         return;
     }
 #endif
+    if ((w->type == QT_F32 || w->type == QT_F16) && isa_is(k, "scalar")) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int t = 0; t < nt; t++)
+                y[(size_t)t * y_stride + r] =
+                    float_dot_exact(w->type, w->data + (size_t)r * w->row_bytes, x + (size_t)t * xq_stride, w->cols, tiled);
+        return;
+    }
     // generic: one dot product per (row, token); the row stays in L1 while the tokens stream by
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;

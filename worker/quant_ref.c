@@ -631,17 +631,30 @@ static void quant_q6_K(const float *x, block_q6_K *b, int64_t nb) { // x: (nb * 
 
 // --- helpers: dot products
 
+// Sum of 8 float lanes in the order of llama.cpp's x86 horizontal add:
+// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+static float hsum8(const float *l) { // l: (8)
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// Q4_0 and Q8_0 . Q8_0 with llama.cpp's x86 vec_dot order: 8 integer lanes per block (lane L sums
+// elements 4L..4L+3), one fma per block into each float lane by d_w * d_x, then hsum8.
 static void dot_q4_0_q8_0(int64_t nb, float *s, const block_q4_0 *w, const block_q8_0 *x) {
-    float sum = 0.0f;
+    float acc[8] = {0};
     for (int64_t i = 0; i < nb; i++) {
-        int sumi = 0;
+        int8_t q[QK4_0]; // centred values, element order
         for (int j = 0; j < QK4_0 / 2; j++) {
-            sumi += ((w[i].qs[j] & 0xF) - 8) * x[i].qs[j];
-            sumi += ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + QK4_0 / 2];
+            q[j] = (int8_t)((w[i].qs[j] & 0xF) - 8);
+            q[j + QK4_0 / 2] = (int8_t)((w[i].qs[j] >> 4) - 8);
         }
-        sum += (float)sumi * mlm_f16_to_f32(w[i].d) * mlm_f16_to_f32(x[i].d);
+        const float d = mlm_f16_to_f32(w[i].d) * mlm_f16_to_f32(x[i].d);
+        for (int l = 0; l < 8; l++) {
+            int32_t lane = 0;
+            for (int e = 4 * l; e < 4 * l + 4; e++) lane += q[e] * x[i].qs[e];
+            acc[l] = fmaf(d, (float)lane, acc[l]);
+        }
     }
-    *s = sum;
+    *s = hsum8(acc);
 }
 
 static void dot_q4_1_q8_1(int64_t nb, float *s, const block_q4_1 *w, const block_q8_1 *x) {
@@ -682,13 +695,16 @@ static void dot_q5_1_q8_1(int64_t nb, float *s, const block_q5_1 *w, const block
 }
 
 static void dot_q8_0_q8_0(int64_t nb, float *s, const block_q8_0 *w, const block_q8_0 *x) {
-    float sum = 0.0f;
+    float acc[8] = {0};
     for (int64_t i = 0; i < nb; i++) {
-        int sumi = 0;
-        for (int j = 0; j < QK8_0; j++) sumi += w[i].qs[j] * x[i].qs[j];
-        sum += (float)sumi * mlm_f16_to_f32(w[i].d) * mlm_f16_to_f32(x[i].d);
+        const float d = mlm_f16_to_f32(w[i].d) * mlm_f16_to_f32(x[i].d);
+        for (int l = 0; l < 8; l++) {
+            int32_t lane = 0;
+            for (int e = 4 * l; e < 4 * l + 4; e++) lane += w[i].qs[e] * x[i].qs[e];
+            acc[l] = fmaf(d, (float)lane, acc[l]);
+        }
     }
-    *s = sum;
+    *s = hsum8(acc);
 }
 
 // Q8_1 . Q8_1: both sides are q*d; the s fields are not needed.
@@ -723,11 +739,6 @@ static void dot_k_q8_K(qtype_t t, int64_t nb, float *s, const void *w, const blo
     *s = sum;
 }
 
-// Sum of 8 float lanes in the order of llama.cpp's x86 horizontal add:
-// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
-static float hsum8(const float *l) { // l: (8)
-    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-}
 
 // Q4_K, Q5_K, Q6_K . Q8_K with llama.cpp's x86 float order, so that every ISA gives the same bits:
 // integer lane L (0..7) sums scale * q * x over elements 4L..4L+3 of each 32-element chunk; once

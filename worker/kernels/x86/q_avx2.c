@@ -94,17 +94,16 @@ static void vec_dot_q4_0(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q8_0 *x = vx;   // (n / 32)
     const int64_t nb = n / QK4_0;
     const __m256i m4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m128i q = _mm_loadu_si128((const __m128i *)w[b].qs);
         __m256i qv = _mm256_sub_epi8(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4), eight);
         __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
         __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv)), ones);
         __m256 d = _mm256_set1_ps(f16_to_f32(w[b].d) * f16_to_f32(x[b].d));
-        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc); // one chain, as the reference
     }
-    *s = hsum_ps(_mm256_add_ps(acc0, acc1));
+    *s = hsum_ps(acc);
 }
 
 static void vec_dot_q8_0(int64_t n, float *s, const void *vw, const void *vx) {
@@ -112,16 +111,15 @@ static void vec_dot_q8_0(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q8_0 *x = vx;   // (n / 32)
     const int64_t nb = n / QK8_0;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256i wv = _mm256_loadu_si256((const __m256i *)w[b].qs);
         __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
         __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)), ones);
         __m256 d = _mm256_set1_ps(f16_to_f32(w[b].d) * f16_to_f32(x[b].d));
-        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc); // one chain, as the reference
     }
-    *s = hsum_ps(_mm256_add_ps(acc0, acc1));
+    *s = hsum_ps(acc);
 }
 
 // --- activation quantizers

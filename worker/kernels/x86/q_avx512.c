@@ -57,48 +57,46 @@ static void vec_dot_f32(int64_t n, float *s, const void *w, const void *x) { *s 
 static void vec_dot_f16(int64_t n, float *s, const void *w, const void *x) { *s = dot_float(QT_F16, n, w, x); }
 static void vec_dot_bf16(int64_t n, float *s, const void *w, const void *x) { *s = dot_float(QT_BF16, n, w, x); }
 
+// Q4_0 / Q8_0 . Q8_0 as llama.cpp's x86 vec_dot: i32 lane L = elements 4L..4L+3 of a block, one
+// fma chain of 8 float lanes over the blocks, hsum in its order (bit-identical results).
+AI float hsum8_ps(__m256 a) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
 static void vec_dot_q4_0(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q4_0 *w = vw;   // (n / 32)
     const block_q8_0 *x = vx;   // (n / 32)
     const int64_t nb = n / QK4_0;
     const __m256i m4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m128i q = _mm_loadu_si128((const __m128i *)w[b].qs);
-        __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4); // elements 0..31, 0..15
+        __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4); // elements 0..15, 16..31
         __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
         __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nib, xv);
         __m256i c = _mm256_dpbusd_epi32(_mm256_setzero_si256(), eight, xv);
-        __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, c));
         __m256 d = _mm256_set1_ps(f16_to_f32(w[b].d) * f16_to_f32(x[b].d));
-        if (b & 1) acc1 = _mm256_fmadd_ps(v, d, acc1);
-        else acc0 = _mm256_fmadd_ps(v, d, acc0);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(p, c)), acc);
     }
-    __m256 a = _mm256_add_ps(acc0, acc1);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    *s = _mm_cvtss_f32(r);
+    *s = hsum8_ps(acc);
 }
 
 static void vec_dot_q8_0(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q8_0 *w = vw;   // (n / 32)
     const block_q8_0 *x = vx;   // (n / 32)
     const int64_t nb = n / QK8_0;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256i wv = _mm256_loadu_si256((const __m256i *)w[b].qs);
         __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
         __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
         __m256 d = _mm256_set1_ps(f16_to_f32(w[b].d) * f16_to_f32(x[b].d));
-        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
     }
-    __m256 a = _mm256_add_ps(acc0, acc1);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    *s = _mm_cvtss_f32(r);
+    *s = hsum8_ps(acc);
 }
 
 // --- activation quantizers
@@ -383,8 +381,41 @@ AI void float_all(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const
     }
 }
 
+// One row x one token in ggml_vec_dot_f32/f16's order: 4 x 16 lanes per 64 elements, combined as
+// (a0 + a2) + (a1 + a3) and reduced; then the tail: F32 adds rounded products in runs of 8 and fuses
+// the last n % 8 (as the reference's compiled loop does), F16 sums exact products in double.
+AI float float_dot_vd(qtype_t type, const uint8_t *w, const uint8_t *x, int64_t n) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    const int64_t np = n & ~(int64_t)63;
+    for (int64_t i = 0; i < np; i += 64) {
+        a0 = _mm512_fmadd_ps(load_as_f32(type, w, i, 0xffff), load_as_f32(type, x, i, 0xffff), a0);
+        a1 = _mm512_fmadd_ps(load_as_f32(type, w, i + 16, 0xffff), load_as_f32(type, x, i + 16, 0xffff), a1);
+        a2 = _mm512_fmadd_ps(load_as_f32(type, w, i + 32, 0xffff), load_as_f32(type, x, i + 32, 0xffff), a2);
+        a3 = _mm512_fmadd_ps(load_as_f32(type, w, i + 48, 0xffff), load_as_f32(type, x, i + 48, 0xffff), a3);
+    }
+    const float head = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+    if (type == QT_F32) {
+        const float *wf = (const float *)w, *xf = (const float *)x;
+        const int64_t n8 = np + ((n - np) & ~(int64_t)7);
+        float sf = head;
+        for (int64_t i = np; i < n8; i++) sf += wf[i] * xf[i];
+        for (int64_t i = n8; i < n; i++) sf = fmaf(wf[i], xf[i], sf);
+        return sf;
+    }
+    double sd = head;
+    for (int64_t i = np; i < n; i++) sd += (double)(f16_to_f32(((const mlm_f16_t *)w)[i]) * f16_to_f32(((const mlm_f16_t *)x)[i]));
+    return (float)sd;
+}
+
 void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
-                      float *y, size_t ys, int64_t n) {
+                      float *y, size_t ys, int64_t n, bool tiled) {
+    if (!tiled && type != QT_BF16) {
+        for (int t = 0; t < nt; t++)
+            for (int64_t r = 0; r < nr; r++)
+                y[(size_t)t * ys + r] = type == QT_F32 ? float_dot_vd(QT_F32, w + (size_t)r * wrow, x + (size_t)t * xs, n)
+                                                       : float_dot_vd(QT_F16, w + (size_t)r * wrow, x + (size_t)t * xs, n);
+        return;
+    }
     switch (type) {
     case QT_F32: float_all(QT_F32, w, wrow, nr, x, xs, nt, y, ys, n); break;
     case QT_F16: float_all(QT_F16, w, wrow, nr, x, xs, nt, y, ys, n); break;

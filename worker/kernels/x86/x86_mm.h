@@ -2,6 +2,7 @@
 #ifndef MESHLM_KERNELS_X86_MM_H
 #define MESHLM_KERNELS_X86_MM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -65,9 +66,10 @@ void mmp_q8_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t 
                       size_t ys, uint32_t mask);
 
 // Plain F32 / F16 / BF16 rows (weights and activations of the same type t, n elements each):
-// y[t * ys + r] = dot(w row r, x row t) for r < nr, t < nt. Register-tiled rows x tokens.
+// y[t * ys + r] = dot(w row r, x row t) for r < nr, t < nt. tiled: one 16-lane fma chain per output
+// (llamafile tinyBLAS's order, register-tiled rows x tokens); otherwise ggml_vec_dot_f32/f16's order.
 void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs,
-                      int nt, float *y, size_t ys, int64_t n);
+                      int nt, float *y, size_t ys, int64_t n, bool tiled);
 #endif
 
 #endif

@@ -252,6 +252,10 @@ static int check_plan(const msg_plan_t *p, char *why) {
         if ((rc = check_range(nd->heads, p->n_head, f, why))) return rc;
         snprintf(f, sizeof f, "nodes[%d].kv_heads", i);
         if ((rc = check_range(nd->kv_heads, p->n_head_kv, f, why))) return rc;
+        snprintf(f, sizeof f, "nodes[%d].hidden", i);
+        if ((rc = check_range(nd->hidden, p->n_embd, f, why))) return rc;
+        snprintf(f, sizeof f, "nodes[%d].vocab", i);
+        if ((rc = check_range(nd->vocab, p->n_vocab, f, why))) return rc;
         if (nd->n_ffn < 0 || nd->n_ffn > MSG_MAX_FFN_RANGES)
             return fail(why, WHY_MAX, MLM_ERANGE, "nodes[%d]: %d ffn ranges (max %d)", i, nd->n_ffn, MSG_MAX_FFN_RANGES);
         for (int j = 0; j < nd->n_ffn; j++) {
@@ -458,13 +462,15 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
     d->n_head_kv = p->n_head_kv;
     d->n_ff = p->n_ff;
     d->n_expert = p->n_expert;
+    d->n_embd = p->n_embd;
+    d->n_vocab = p->n_vocab;
     d->n_nodes = n;
     d->nodes = bump(heap, n * sizeof *d->nodes);
     if (!d->nodes) return MLM_ENOMEM;
     for (size_t i = 0; i < n; i++) {
         const msg_plan_node_t *s = &p->nodes[i];
         Meshlm__PlanNode *o = bump(heap, sizeof *o);
-        Meshlm__Range *r = bump(heap, (3 + MSG_MAX_FFN_RANGES) * sizeof *r);
+        Meshlm__Range *r = bump(heap, (5 + MSG_MAX_FFN_RANGES) * sizeof *r);
         Meshlm__Range **rp = bump(heap, MSG_MAX_FFN_RANGES * sizeof *rp);
         uint32_t *ex = bump(heap, MSG_MAX_EXPERTS * sizeof *ex);
         if (!o || !r || !rp || !ex) return MLM_ENOMEM;
@@ -478,9 +484,13 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
         o->layers = &r[0];
         o->heads = &r[1];
         o->kv_heads = &r[2];
+        range_to_pb(s->hidden, &r[3]);
+        range_to_pb(s->vocab, &r[4]);
+        o->hidden = &r[3];
+        o->vocab = &r[4];
         for (int j = 0; j < s->n_ffn; j++) {
-            range_to_pb(s->ffn[j], &r[3 + j]);
-            rp[j] = &r[3 + j];
+            range_to_pb(s->ffn[j], &r[5 + j]);
+            rp[j] = &r[5 + j];
         }
         o->n_ffn = (size_t)s->n_ffn;
         o->ffn = rp;
@@ -716,6 +726,8 @@ static int plan_from_pb(const Meshlm__Plan *d, msg_t *m, char *why) {
     p->n_head = d->n_head;
     p->n_head_kv = d->n_head_kv;
     p->n_ff = d->n_ff;
+    p->n_embd = d->n_embd;
+    p->n_vocab = d->n_vocab;
     p->n_expert = d->n_expert;
     p->n_ctx = d->n_ctx;
     if ((rc = u32_to_i32(d->kv_type, &p->kv_type, "kv_type", why))) return rc;
@@ -734,6 +746,8 @@ static int plan_from_pb(const Meshlm__Plan *d, msg_t *m, char *why) {
         o->layers = range_from_pb(s->layers);
         o->heads = range_from_pb(s->heads);
         o->kv_heads = range_from_pb(s->kv_heads);
+        o->hidden = range_from_pb(s->hidden);
+        o->vocab = range_from_pb(s->vocab);
         if (s->n_ffn > MSG_MAX_FFN_RANGES)
             return fail(why, WHY_MAX, MLM_ERANGE, "nodes[%zu]: %zu ffn ranges (max %d)", i, s->n_ffn, MSG_MAX_FFN_RANGES);
         o->n_ffn = (int)s->n_ffn;

@@ -19,7 +19,7 @@
 // and extra trailing raw frames are ignored).
 
 #define MSG_PROTO_MAJOR 1
-#define MSG_PROTO_MINOR 0
+#define MSG_PROTO_MINOR 1
 #define MSG_MAGIC "MLMP"            // first 4 bytes of frame 0
 #define MSG_PREFIX_LEN 12
 
@@ -132,6 +132,8 @@ typedef struct {
     msg_range_t ffn[MSG_MAX_FFN_RANGES]; // (n_ffn) FFN column ranges, of n_ff
     int n_experts;
     uint16_t experts[MSG_MAX_EXPERTS];  // (n_experts) distinct expert ids, of n_expert
+    msg_range_t hidden;                 // hidden rows (attn_output, ffn_down), of n_embd (1.1)
+    msg_range_t vocab;                  // vocabulary rows (output, token_embd), of n_vocab (1.1)
 } msg_plan_node_t;
 
 typedef struct {
@@ -139,6 +141,7 @@ typedef struct {
     uint8_t model_sha256[MSG_SHA256_LEN];
     uint32_t n_layer, n_head, n_head_kv, n_ff; // model dimensions (>= 1) the ranges are checked against
     uint32_t n_expert;                  // 0 for dense models
+    uint32_t n_embd, n_vocab;           // 1.1: sizes the hidden / vocab ranges are checked against (0 = unused)
     uint32_t n_ctx;                     // >= 1
     int32_t kv_type;                    // qtype_t of the KV cache
     uint32_t n_threads;                 // 0 = each node decides

@@ -1,0 +1,135 @@
+// Control link over ZeroMQ: ROUTER on the worker (replies go to the last sender), DEALER on the coordinator.
+#include "transport/link.h"
+
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "worker/err.h"
+
+// --- types
+
+struct link {
+    void *zctx;            // owned ZeroMQ context
+    void *sock;            // ROUTER (listening) or DEALER (connecting)
+    bool router;           // frames carry a peer identity first
+    unsigned char peer[256]; // identity of the last sender (ROUTER side)
+    size_t peer_len;       // 0 until someone spoke
+};
+
+// --- helpers
+
+static int link_open(link_t **out, int type, const char *endpoint, bool bind, char *err, size_t errlen) {
+    *out = NULL;
+    link_t *l = calloc(1, sizeof *l);
+    if (!l) return MLM_ENOMEM;
+    l->router = type == ZMQ_ROUTER;
+    l->zctx = zmq_ctx_new();
+    l->sock = l->zctx ? zmq_socket(l->zctx, type) : NULL;
+    if (!l->sock) {
+        snprintf(err, errlen, "cannot create a ZeroMQ socket: %s", zmq_strerror(zmq_errno()));
+        link_destroy(&l);
+        return MLM_EIO;
+    }
+    int zero = 0, one = 1;
+    zmq_setsockopt(l->sock, ZMQ_LINGER, &zero, sizeof zero);
+    if (l->router) zmq_setsockopt(l->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    int rc = bind ? zmq_bind(l->sock, endpoint) : zmq_connect(l->sock, endpoint);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot %s %s: %s", bind ? "listen on" : "connect to", endpoint, zmq_strerror(zmq_errno()));
+        link_destroy(&l);
+        return MLM_EIO;
+    }
+    *out = l;
+    return 0;
+}
+
+static int wait_for(void *sock, short events, int timeout_ms) {
+    zmq_pollitem_t it = {sock, 0, events, 0};
+    int n = zmq_poll(&it, 1, timeout_ms);
+    if (n < 0) return MLM_EIO;
+    return n == 0 ? MLM_ETIMEOUT : 0;
+}
+
+// --- public API
+
+int link_listen(link_t **out, const char *endpoint, char *err, size_t errlen) {
+    return link_open(out, ZMQ_ROUTER, endpoint, true, err, errlen);
+}
+
+int link_connect(link_t **out, const char *endpoint, char *err, size_t errlen) {
+    return link_open(out, ZMQ_DEALER, endpoint, false, err, errlen);
+}
+
+int link_send(link_t *l, const comm_iov_t *frames, int n, int timeout_ms) {
+    if (!l || n < 1 || n > COMM_MAX_FRAMES) return MLM_EINVAL;
+    if (l->router && l->peer_len == 0) return MLM_EPEER;
+    int rc = wait_for(l->sock, ZMQ_POLLOUT, timeout_ms);
+    if (rc != 0) return rc;
+    if (l->router && zmq_send(l->sock, l->peer, l->peer_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0)
+        return zmq_errno() == EHOSTUNREACH ? MLM_EPEER : MLM_ETIMEOUT;
+    for (int i = 0; i < n; i++) {
+        int flags = ZMQ_DONTWAIT | (i + 1 < n ? ZMQ_SNDMORE : 0);
+        if (zmq_send(l->sock, frames[i].ptr, frames[i].len, flags) < 0)
+            return zmq_errno() == EHOSTUNREACH ? MLM_EPEER : MLM_ETIMEOUT;
+    }
+    return 0;
+}
+
+int link_recv(link_t *l, comm_msg_t *out, size_t max_bytes, int timeout_ms) {
+    memset(out, 0, sizeof *out);
+    int rc = wait_for(l->sock, ZMQ_POLLIN, timeout_ms);
+    if (rc != 0) return rc;
+    bool first = true, more = true, bad_count = false, too_big = false;
+    size_t total = 0;
+    while (more) {
+        zmq_msg_t part;
+        zmq_msg_init(&part);
+        if (zmq_msg_recv(&part, l->sock, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&part);
+            comm_msg_free(out);
+            return MLM_EPROTO;
+        }
+        more = zmq_msg_more(&part);
+        size_t len = zmq_msg_size(&part);
+        if (l->router && first) {
+            if (len <= sizeof l->peer) {
+                memcpy(l->peer, zmq_msg_data(&part), len);
+                l->peer_len = len;
+            }
+        } else if (out->n == COMM_MAX_FRAMES) {
+            bad_count = true;
+        } else if ((total += len) > max_bytes) {
+            too_big = true;
+        } else if (!bad_count && !too_big) {
+            void *copy = malloc(len ? len : 1);
+            if (copy) memcpy(copy, zmq_msg_data(&part), len);
+            out->data[out->n] = copy;
+            out->len[out->n] = len;
+            out->n++;
+        }
+        first = false;
+        zmq_msg_close(&part);
+    }
+    if (bad_count || too_big || out->n == 0) {
+        comm_msg_free(out);
+        return too_big ? MLM_ERANGE : MLM_EPROTO;
+    }
+    for (int i = 0; i < out->n; i++)
+        if (!out->data[i]) {
+            comm_msg_free(out);
+            return MLM_ENOMEM;
+        }
+    return 0;
+}
+
+void link_destroy(link_t **self_p) {
+    if (!self_p || !*self_p) return;
+    link_t *l = *self_p;
+    if (l->sock) zmq_close(l->sock);
+    if (l->zctx) zmq_ctx_term(l->zctx);
+    free(l);
+    *self_p = NULL;
+}

@@ -68,4 +68,62 @@ int comm_broadcast(comm_t *c, int root, void *buf, size_t len, int timeout_ms);
 int comm_gather(comm_t *c, int root, const void *in, size_t len, void *out /* (size, len) at root */, int timeout_ms);
 int comm_allreduce_f32(comm_t *c, float *buf, size_t n, comm_algo_t algo, int timeout_ms);
 
+// --- deadlines, extra collectives, all-reduce options, link measurement
+//
+// Deadlines: every call that can block takes timeout_ms, the longest it may block in total (a
+// collective's timeout covers the whole collective, not each message). 0 polls once; a negative
+// value waits forever and is meant for interactive tools only (never in tests or the data path).
+// A peer that disappears yields MLM_EPEER (when the backend notices) or MLM_ETIMEOUT (when it
+// cannot tell a dead peer from a slow one) by the deadline, never a hang. After a failed
+// collective the buffers are unspecified and the comm should be rebuilt over the survivors.
+// Collective messages carry a small header (op, collective sequence number); a stale message
+// left over from a failed collective is dropped, any other mismatch is MLM_EPROTO. Point-to-point
+// messages must be consumed before the next collective involving the same peers.
+//
+// All-reduce summation order (bit-exact contract, identical on every rank):
+//   STAR: element i = ((x0[i] + x1[i]) + x2[i]) + ... + x(N-1)[i]   (rank order, left fold)
+//   RING: chunk c = elements [c*n/N, (c+1)*n/N) is folded in the order c, c+1, ..., N-1, 0, ..., c-1
+//   (for N <= 2 both orders give the same bits). With Q8_0 compression chunks are whole 32-element
+//   blocks: chunk c = blocks [c*nb/N, (c+1)*nb/N) of nb = ceil(n/32).
+// Floats travel as little-endian IEEE-754 bytes (every supported machine is little-endian).
+
+// Gathers len bytes from every rank into out (size, len) on every rank (ring all-gather).
+int comm_allgather(comm_t *c, const void *in, size_t len, void *out /* (size, len) */, int timeout_ms);
+
+#define COMM_AR_Q8_0 1u       // comm_allreduce_opts_t.flags: send contributions as Q8_0 blocks
+
+typedef struct {
+    comm_algo_t algo;         // AUTO: per-call choice (see comm_choose_algo)
+    uint32_t flags;           // COMM_AR_* bits
+} comm_allreduce_opts_t;
+
+// All-reduce (sum) of n floats in place on every rank. opts NULL = {AUTO, comm default flags}.
+// With COMM_AR_Q8_0 every transmitted partial sum (and the final result) is quantized to Q8_0
+// (34 bytes per 32 floats, as distributed-llama does); the result is still deterministic and the
+// same bits on every rank; error per element is about sum over hops of amax(block)/254.
+// 0, or MLM_ETIMEOUT / MLM_EPEER / MLM_EPROTO / MLM_ENOMEM; on failure buf is unspecified.
+int comm_allreduce_ex(comm_t *c, float *buf, size_t n, const comm_allreduce_opts_t *opts, int timeout_ms);
+
+// The algorithm AUTO picks for an all-reduce of `bytes` payload bytes per rank: a forced choice
+// (comm_set_algo or $MESHLM_ALLREDUCE=star|ring read by comm_new) wins; otherwise with link
+// latency L and bandwidth B (comm_set_link / comm_calibrate, defaults 100 us and 125 MB/s):
+//   star = 2*L + 2*(N-1)*bytes/B   (gather and broadcast rounds overlap at the root)
+//   ring = 2*(N-1)*(L + bytes/(N*B))
+// and the smaller wins (star on ties). Every rank must see the same inputs to choose alike, so
+// link figures are set collectively (comm_calibrate) or from configuration, never per rank.
+comm_algo_t comm_choose_algo(const comm_t *c, size_t bytes);
+void comm_set_algo(comm_t *c, comm_algo_t algo);         // AUTO = use the rule again
+void comm_set_compress(comm_t *c, bool q8_0);            // default flags of comm_allreduce_f32
+void comm_set_link(comm_t *c, double lat_us, double bw_bytes_per_s);
+const char *comm_algo_name(comm_algo_t algo);           // "auto", "star", "ring"
+
+// Measures the link to peer: n small ping-pongs (latency = half the median round trip, in
+// microseconds) and one 1 MiB transfer (bandwidth, bytes/s). Both ranks call it naming each
+// other (the lower rank leads) and both receive the same figures. 0 or MLM_E*.
+int comm_ping(comm_t *c, int peer, int n, double *lat_us, double *bw_bytes_per_s, int timeout_ms);
+
+// Collective: rank 0 pings every peer, takes the worst latency and bandwidth, broadcasts them and
+// every rank calls comm_set_link with them, so AUTO chooses alike everywhere. 0 or MLM_E*.
+int comm_calibrate(comm_t *c, int timeout_ms);
+
 #endif

@@ -1,0 +1,535 @@
+// ZeroMQ comm backend: a bound ROUTER receives from every peer, a connecting ROUTER sends to them; per-peer queues.
+#include "transport/comm_zmq.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <zmq.h>
+
+#include "worker/err.h"
+
+// --- types
+
+typedef struct zq_item {
+    struct zq_item *next;       // next item of the same queue
+    uint64_t stamp;             // arrival order over all queues
+    int err;                    // 0 = message, else the MLM_E* this slot reports (message dropped)
+    int src;                    // sender rank, -1 if unknown
+    comm_msg_t msg;             // user frames (owned) when err == 0
+} zq_item_t;
+
+typedef struct {
+    zq_item_t *head;            // oldest
+    zq_item_t *tail;            // newest
+    int n;                      // items
+} zq_queue_t;
+
+#define ZQ_ANON_MAX 64          // rejected messages of unknown origin kept for recv(ANY)
+#define ZQ_EP_MAX 512           // longest endpoint string
+#define ZQ_GRACE_MS 20          // after a peer is seen gone, wait this long for its last messages
+
+typedef struct {
+    void *zctx;                 // ZeroMQ context (owned)
+    void *in;                   // ROUTER bound to this rank's endpoint: receives from all peers
+    void *out;                  // ROUTER connected to every peer (ROUTER_MANDATORY, IMMEDIATE): sends
+    int rank;                   // this rank
+    int size;                   // ranks in the world
+    comm_zmq_opts_t o;          // options in force
+    zq_queue_t *q;              // (size) received messages per source rank
+    zq_queue_t anon;            // rejected messages that name no valid rank
+    bool *lost;                 // (size) peer gone for good (unreachable or said BYE)
+    bool *hello;                // (size) HELLO received from peer
+    int64_t *next_probe;        // (size) monotonic us of the next liveness probe
+    uint64_t stamp;             // messages queued so far
+    uint64_t rejected;          // messages dropped as malformed, oversized or unknown
+    char proto_err[192];        // first handshake mismatch seen ("" if none)
+} zq_ctx_t;
+
+// --- helpers
+
+static int64_t now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static int remaining_ms(int64_t dl) {
+    if (dl < 0) return -1;
+    int64_t r = dl - now_us();
+    if (r <= 0) return 0;
+    r = (r + 999) / 1000;
+    return r > 0x7fffffff ? 0x7fffffff : (int)r;
+}
+
+static void put32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint32_t get32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+// ZeroMQ routing ids must not start with a zero byte: a letter, then the rank.
+static void routing_id(uint8_t id[5], char tag, int rank) {
+    id[0] = (uint8_t)tag;
+    put32(id + 1, (uint32_t)rank);
+}
+
+static void item_free(zq_item_t *it) {
+    comm_msg_free(&it->msg);
+    free(it);
+}
+
+static void queue_push(zq_ctx_t *z, zq_queue_t *q, zq_item_t *it) {
+    it->stamp = z->stamp++;
+    if (q->tail) q->tail->next = it;
+    else q->head = it;
+    q->tail = it;
+    q->n++;
+}
+
+static zq_item_t *queue_pop(zq_queue_t *q) {
+    zq_item_t *it = q->head;
+    if (!it) return NULL;
+    q->head = it->next;
+    if (!q->head) q->tail = NULL;
+    q->n--;
+    it->next = NULL;
+    return it;
+}
+
+static void queue_clear(zq_queue_t *q) {
+    for (zq_item_t *it; (it = queue_pop(q));) item_free(it);
+}
+
+// Records a dropped message: attributed to rank src (its queue reports err) or, if src < 0, to the
+// anonymous queue that only recv(ANY) reports.
+static void push_err(zq_ctx_t *z, int src, int err) {
+    z->rejected++;
+    zq_queue_t *q = src >= 0 ? &z->q[src] : &z->anon;
+    if (src < 0 && q->n >= ZQ_ANON_MAX) item_free(queue_pop(q));
+    zq_item_t *it = calloc(1, sizeof *it);
+    if (!it) return;
+    it->err = err;
+    it->src = src;
+    queue_push(z, q, it);
+}
+
+// Sends one message (envelope + frames) without waiting. 0, or the errno of the failure
+// (EAGAIN: queue full, EHOSTUNREACH: no connection to peer).
+static int send_parts(zq_ctx_t *z, int peer, int kind, const comm_iov_t *f, int n) {
+    uint8_t id[5], env[COMM_ZMQ_ENVELOPE_BYTES];
+    routing_id(id, 'p', peer);
+    comm_zmq_envelope(env, kind, z->rank, z->size, n);
+    if (zmq_send(z->out, id, sizeof id, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) return errno ? errno : EIO;
+    // the first part decided routing: the rest of the message is accepted as a whole
+    if (zmq_send(z->out, env, sizeof env, (n ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT) < 0) return EIO;
+    for (int i = 0; i < n; i++)
+        if (zmq_send(z->out, f[i].ptr, f[i].len, (i + 1 < n ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT) < 0) return EIO;
+    return 0;
+}
+
+// Reads and files one message from the inbound socket. 1 if one was taken, 0 if none waited.
+static int take_one(zq_ctx_t *z) {
+    zmq_msg_t part[COMM_MAX_FRAMES + 2]; // routing id, envelope, user frames
+    int np = 0, more = 1;
+    bool overflow = false, broken = false;
+    while (more) {
+        zmq_msg_t spare, *m = np < COMM_MAX_FRAMES + 2 ? &part[np] : &spare;
+        zmq_msg_init(m);
+        if (zmq_msg_recv(m, z->in, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(m);
+            if (np == 0 && !overflow) return 0;
+            broken = true; // parts of one message arrive together; should not happen
+            break;
+        }
+        more = zmq_msg_more(m);
+        if (m == &spare) {
+            overflow = true;
+            zmq_msg_close(m);
+        } else {
+            np++;
+        }
+    }
+    const uint8_t *e = NULL;
+    if (!broken && np >= 2 && zmq_msg_size(&part[1]) == COMM_ZMQ_ENVELOPE_BYTES) e = zmq_msg_data(&part[1]);
+    if (!e || get32(e) != COMM_ZMQ_MAGIC) {
+        push_err(z, -1, MLM_EPROTO);
+        goto done;
+    }
+    const int major = e[4], minor = e[5], kind = e[6], nf = e[7];
+    const uint32_t src = get32(e + 8), world = get32(e + 12);
+    if (major != COMM_ZMQ_MAJOR) {
+        if (!z->proto_err[0])
+            snprintf(z->proto_err, sizeof z->proto_err, "a peer speaks protocol %d.%d, rank %d speaks %d.%d", major,
+                     minor, z->rank, COMM_ZMQ_MAJOR, COMM_ZMQ_MINOR);
+        push_err(z, -1, MLM_EPROTO);
+        goto done;
+    }
+    if (world != (uint32_t)z->size) {
+        if (kind == COMM_ZMQ_HELLO && !z->proto_err[0])
+            snprintf(z->proto_err, sizeof z->proto_err, "rank %u says the world has %u ranks, rank %d has %d", src,
+                     world, z->rank, z->size);
+        push_err(z, -1, MLM_EPROTO);
+        goto done;
+    }
+    if (src >= (uint32_t)z->size || src == (uint32_t)z->rank) {
+        push_err(z, -1, MLM_EPROTO);
+        goto done;
+    }
+    switch (kind) {
+    case COMM_ZMQ_HELLO: z->hello[src] = true; break;
+    case COMM_ZMQ_PROBE: break;
+    case COMM_ZMQ_BYE: z->lost[src] = true; break;
+    case COMM_ZMQ_DATA: {
+        if (overflow || nf > COMM_MAX_FRAMES || nf != np - 2) {
+            push_err(z, (int)src, MLM_EPROTO);
+            break;
+        }
+        size_t total = 0;
+        for (int i = 2; i < np; i++) total += zmq_msg_size(&part[i]);
+        if (total > z->o.max_msg_bytes) {
+            push_err(z, (int)src, MLM_ERANGE);
+            break;
+        }
+        zq_item_t *it = calloc(1, sizeof *it);
+        if (!it) {
+            push_err(z, (int)src, MLM_ENOMEM);
+            break;
+        }
+        it->src = (int)src;
+        for (int i = 0; i < nf; i++) {
+            size_t len = zmq_msg_size(&part[i + 2]);
+            it->msg.data[i] = malloc(len ? len : 1);
+            if (!it->msg.data[i]) break;
+            if (len) memcpy(it->msg.data[i], zmq_msg_data(&part[i + 2]), len);
+            it->msg.len[i] = len;
+            it->msg.n = i + 1;
+        }
+        if (it->msg.n != nf) {
+            item_free(it);
+            push_err(z, (int)src, MLM_ENOMEM);
+            break;
+        }
+        queue_push(z, &z->q[src], it);
+        break;
+    }
+    default: z->rejected++; break; // a kind from a newer minor version: ignored
+    }
+done:
+    for (int i = 0; i < np; i++) zmq_msg_close(&part[i]);
+    return 1;
+}
+
+// Waits up to wait_ms for inbound traffic, then files everything that arrived. 0 or MLM_EIO.
+static int drain(zq_ctx_t *z, int wait_ms) {
+    zmq_pollitem_t it = {z->in, 0, ZMQ_POLLIN, 0};
+    if (zmq_poll(&it, 1, wait_ms) < 0 && errno != EINTR) return MLM_EIO;
+    while (take_one(z) > 0) {
+    }
+    return 0;
+}
+
+// The queue to serve a recv(peer) from, or NULL.
+static zq_queue_t *pick(zq_ctx_t *z, int peer) {
+    if (peer != COMM_ANY) return z->q[peer].head ? &z->q[peer] : NULL;
+    zq_queue_t *best = z->anon.head ? &z->anon : NULL;
+    for (int s = 0; s < z->size; s++)
+        if (z->q[s].head && (!best || z->q[s].head->stamp < best->head->stamp)) best = &z->q[s];
+    return best;
+}
+
+static int deliver(zq_queue_t *q, comm_msg_t *out, int *from) {
+    zq_item_t *it = queue_pop(q);
+    int err = it->err;
+    *from = it->src;
+    if (!err) {
+        *out = it->msg;
+        memset(&it->msg, 0, sizeof it->msg);
+    }
+    item_free(it);
+    return err;
+}
+
+static bool gone(zq_ctx_t *z, int peer) {
+    if (peer != COMM_ANY) return z->lost[peer];
+    for (int s = 0; s < z->size; s++)
+        if (s != z->rank && !z->lost[s]) return false;
+    return true;
+}
+
+// Probes peer (or every live peer) if its probe is due; an unroutable peer is marked lost.
+static void probe(zq_ctx_t *z, int peer) {
+    int64_t t = now_us();
+    for (int s = 0; s < z->size; s++) {
+        if (s == z->rank || z->lost[s] || (peer != COMM_ANY && s != peer) || t < z->next_probe[s]) continue;
+        z->next_probe[s] = t + (int64_t)z->o.probe_ivl_ms * 1000;
+        if (send_parts(z, s, COMM_ZMQ_PROBE, NULL, 0) == EHOSTUNREACH) z->lost[s] = true;
+    }
+}
+
+static int setopt_int(void *sock, int opt, int v) { return zmq_setsockopt(sock, opt, &v, sizeof v); }
+
+// Splits "bind=A;connect=B" (either part optional) or a plain endpoint into bind and connect.
+static int parse_endpoint(const char *s, char *bind, char *conn) {
+    if (!s || !*s || strlen(s) >= ZQ_EP_MAX) return MLM_EINVAL;
+    if (strncmp(s, "bind=", 5) != 0 && strncmp(s, "connect=", 8) != 0) {
+        strcpy(bind, s);
+        strcpy(conn, s);
+        return 0;
+    }
+    bind[0] = conn[0] = 0;
+    char tmp[ZQ_EP_MAX];
+    strcpy(tmp, s);
+    char *save = NULL;
+    for (char *tok = strtok_r(tmp, ";", &save); tok; tok = strtok_r(NULL, ";", &save)) {
+        if (strncmp(tok, "bind=", 5) == 0) strcpy(bind, tok + 5);
+        else if (strncmp(tok, "connect=", 8) == 0) strcpy(conn, tok + 8);
+        else return MLM_EINVAL;
+    }
+    if (!bind[0]) strcpy(bind, conn);
+    if (!conn[0]) strcpy(conn, bind);
+    return bind[0] ? 0 : MLM_EINVAL;
+}
+
+// --- backend
+
+static const char *zq_name(void *ctx) { return "zmq"; }
+static int zq_rank(void *ctx) { return ((zq_ctx_t *)ctx)->rank; }
+static int zq_size(void *ctx) { return ((zq_ctx_t *)ctx)->size; }
+
+static int zq_send(void *ctx, int peer, const comm_iov_t *frames, int n, int timeout_ms) {
+    zq_ctx_t *z = ctx;
+    if (z->lost[peer]) return MLM_EPEER;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += frames[i].len;
+    if (total > z->o.max_msg_bytes) return MLM_ERANGE;
+    const int64_t dl = timeout_ms < 0 ? -1 : now_us() + (int64_t)timeout_ms * 1000;
+    for (;;) {
+        int e = send_parts(z, peer, COMM_ZMQ_DATA, frames, n);
+        if (e == 0) return 0;
+        if (e == EHOSTUNREACH) {
+            z->lost[peer] = true;
+            return MLM_EPEER;
+        }
+        if (e != EAGAIN && e != EINTR) return MLM_EPEER;
+        int left = remaining_ms(dl);
+        if (left == 0) return MLM_ETIMEOUT;
+        if (drain(z, left < 0 || left > 2 ? 2 : left) != 0) return MLM_EIO; // keep our inbox moving meanwhile
+    }
+}
+
+static int zq_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout_ms) {
+    zq_ctx_t *z = ctx;
+    const int64_t dl = timeout_ms < 0 ? -1 : now_us() + (int64_t)timeout_ms * 1000;
+    *from = -1;
+    for (;;) {
+        if (drain(z, 0) != 0) return MLM_EIO;
+        zq_queue_t *q = pick(z, peer);
+        if (q) return deliver(q, out, from);
+        int left = remaining_ms(dl);
+        if (gone(z, peer)) { // its last messages may still be on the way: a short grace
+            if (drain(z, left < 0 || left > ZQ_GRACE_MS ? ZQ_GRACE_MS : left) != 0) return MLM_EIO;
+            q = pick(z, peer);
+            return q ? deliver(q, out, from) : MLM_EPEER;
+        }
+        if (left == 0) return MLM_ETIMEOUT;
+        probe(z, peer);
+        if (gone(z, peer)) continue;
+        int wait = z->o.probe_ivl_ms;
+        if (left >= 0 && left < wait) wait = left;
+        if (drain(z, wait) != 0) return MLM_EIO;
+    }
+}
+
+static void zq_free(zq_ctx_t *z) {
+    if (!z) return;
+    if (z->in) zmq_close(z->in);
+    if (z->out) zmq_close(z->out);
+    if (z->zctx) zmq_ctx_term(z->zctx);
+    if (z->q)
+        for (int s = 0; s < z->size; s++) queue_clear(&z->q[s]);
+    queue_clear(&z->anon);
+    free(z->q);
+    free(z->lost);
+    free(z->hello);
+    free(z->next_probe);
+    free(z);
+}
+
+static void zq_destroy(void *ctx) {
+    zq_ctx_t *z = ctx;
+    if (!z) return;
+    for (int s = 0; s < z->size; s++) // tell live peers we leave (best effort, after our data)
+        if (s != z->rank && !z->lost[s]) send_parts(z, s, COMM_ZMQ_BYE, NULL, 0);
+    zq_free(z);
+}
+
+static const struct comm_backend_i zmq_iface = {
+    .name = zq_name,
+    .rank = zq_rank,
+    .size = zq_size,
+    .send = zq_send,
+    .recv = zq_recv,
+    .destroy = zq_destroy,
+};
+
+// Binds, connects and runs the hello phase. 0 or MLM_E* with err filled.
+static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t errlen) {
+    char bind[ZQ_EP_MAX], conn[ZQ_EP_MAX];
+    const int hb = z->o.heartbeat_ivl_ms, hbt = z->o.heartbeat_timeout_ms;
+    void *socks[2] = {z->in, z->out};
+    for (int i = 0; i < 2; i++) {
+        setopt_int(socks[i], ZMQ_LINGER, z->o.linger_ms);
+        if (hb > 0) {
+            setopt_int(socks[i], ZMQ_HEARTBEAT_IVL, hb);
+            setopt_int(socks[i], ZMQ_HEARTBEAT_TIMEOUT, hbt);
+            setopt_int(socks[i], ZMQ_HEARTBEAT_TTL, hbt);
+        }
+    }
+    setopt_int(z->in, ZMQ_RCVHWM, z->o.hwm);
+    setopt_int(z->in, ZMQ_ROUTER_HANDOVER, 1); // a peer that reconnects replaces its old connection
+    setopt_int(z->out, ZMQ_SNDHWM, z->o.hwm);
+    setopt_int(z->out, ZMQ_ROUTER_MANDATORY, 1); // unroutable (peer gone) is an error, not a silent drop
+    setopt_int(z->out, ZMQ_IMMEDIATE, 1);        // queue only on live connections
+    setopt_int(z->out, ZMQ_RECONNECT_IVL, 20);
+    setopt_int(z->out, ZMQ_RECONNECT_IVL_MAX, 500);
+    uint8_t id[5];
+    routing_id(id, 'r', z->rank);
+    zmq_setsockopt(z->out, ZMQ_ROUTING_ID, id, sizeof id);
+
+    if (parse_endpoint(endpoints[z->rank], bind, conn) != 0) {
+        snprintf(err, errlen, "bad endpoint for rank %d: '%s'", z->rank, endpoints[z->rank] ? endpoints[z->rank] : "");
+        return MLM_EINVAL;
+    }
+    if (zmq_bind(z->in, bind) != 0) {
+        snprintf(err, errlen, "rank %d cannot bind %s: %s", z->rank, bind, zmq_strerror(errno));
+        return MLM_EIO;
+    }
+    for (int p = 0; p < z->size; p++) {
+        if (p == z->rank) continue;
+        if (parse_endpoint(endpoints[p], bind, conn) != 0) {
+            snprintf(err, errlen, "bad endpoint for rank %d: '%s'", p, endpoints[p] ? endpoints[p] : "");
+            return MLM_EINVAL;
+        }
+        routing_id(id, 'p', p);
+        zmq_setsockopt(z->out, ZMQ_CONNECT_ROUTING_ID, id, sizeof id);
+        if (zmq_connect(z->out, conn) != 0) {
+            snprintf(err, errlen, "rank %d cannot connect to rank %d at %s: %s", z->rank, p, conn, zmq_strerror(errno));
+            return MLM_EIO;
+        }
+    }
+
+    bool *said = calloc((size_t)z->size, sizeof *said); // HELLO delivered to peer
+    if (!said) return MLM_ENOMEM;
+    const int64_t dl = now_us() + (int64_t)z->o.connect_timeout_ms * 1000;
+    int rc = 0;
+    for (;;) {
+        bool done = true;
+        for (int p = 0; p < z->size; p++) {
+            if (p == z->rank) continue;
+            if (!said[p]) said[p] = send_parts(z, p, COMM_ZMQ_HELLO, NULL, 0) == 0;
+            done = done && said[p] && z->hello[p];
+        }
+        if (z->proto_err[0]) {
+            snprintf(err, errlen, "handshake refused: %s", z->proto_err);
+            rc = MLM_EPROTO;
+            break;
+        }
+        if (done) break;
+        if (now_us() >= dl) {
+            int k = snprintf(err, errlen, "rank %d: no handshake within %d ms with rank(s)", z->rank, z->o.connect_timeout_ms);
+            for (int p = 0; p < z->size && k > 0 && (size_t)k < errlen; p++)
+                if (p != z->rank && !(said[p] && z->hello[p])) k += snprintf(err + k, errlen - (size_t)k, " %d", p);
+            rc = MLM_ETIMEOUT;
+            break;
+        }
+        if (drain(z, 10) != 0) {
+            snprintf(err, errlen, "rank %d: zmq_poll failed: %s", z->rank, zmq_strerror(errno));
+            rc = MLM_EIO;
+            break;
+        }
+    }
+    free(said);
+    return rc;
+}
+
+// --- public API
+
+void comm_zmq_envelope(uint8_t *out, int kind, int src, int world, int nframes) {
+    put32(out, COMM_ZMQ_MAGIC);
+    out[4] = COMM_ZMQ_MAJOR;
+    out[5] = COMM_ZMQ_MINOR;
+    out[6] = (uint8_t)kind;
+    out[7] = (uint8_t)nframes;
+    put32(out + 8, (uint32_t)src);
+    put32(out + 12, (uint32_t)world);
+}
+
+void comm_zmq_opts_default(comm_zmq_opts_t *o) {
+    o->max_msg_bytes = (size_t)256 << 20;
+    o->connect_timeout_ms = 10000;
+    o->probe_ivl_ms = 50;
+    o->heartbeat_ivl_ms = 1000;
+    o->heartbeat_timeout_ms = 5000;
+    o->linger_ms = 1000;
+    o->hwm = 10000;
+}
+
+int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints, const comm_zmq_opts_t *opts,
+                 char *err, size_t errlen) {
+    char dummy[8];
+    if (!err || errlen == 0) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    err[0] = 0;
+    if (!out || !endpoints || size < 1 || rank < 0 || rank >= size) {
+        snprintf(err, errlen, "bad arguments (rank %d, size %d)", rank, size);
+        return MLM_EINVAL;
+    }
+    zq_ctx_t *z = calloc(1, sizeof *z);
+    if (!z) return MLM_ENOMEM;
+    z->rank = rank;
+    z->size = size;
+    comm_zmq_opts_default(&z->o);
+    if (opts) {
+        if (opts->max_msg_bytes) z->o.max_msg_bytes = opts->max_msg_bytes;
+        if (opts->connect_timeout_ms >= 0) z->o.connect_timeout_ms = opts->connect_timeout_ms;
+        if (opts->probe_ivl_ms > 0) z->o.probe_ivl_ms = opts->probe_ivl_ms;
+        if (opts->heartbeat_ivl_ms >= 0) z->o.heartbeat_ivl_ms = opts->heartbeat_ivl_ms;
+        if (opts->heartbeat_timeout_ms > 0) z->o.heartbeat_timeout_ms = opts->heartbeat_timeout_ms;
+        if (opts->linger_ms >= 0) z->o.linger_ms = opts->linger_ms;
+        if (opts->hwm >= 0) z->o.hwm = opts->hwm;
+    }
+    z->q = calloc((size_t)size, sizeof *z->q);
+    z->lost = calloc((size_t)size, sizeof *z->lost);
+    z->hello = calloc((size_t)size, sizeof *z->hello);
+    z->next_probe = calloc((size_t)size, sizeof *z->next_probe);
+    z->zctx = zmq_ctx_new();
+    if (z->zctx) {
+        z->in = zmq_socket(z->zctx, ZMQ_ROUTER);
+        z->out = zmq_socket(z->zctx, ZMQ_ROUTER);
+    }
+    if (!z->q || !z->lost || !z->hello || !z->next_probe || !z->in || !z->out) {
+        snprintf(err, errlen, "out of memory or zmq sockets");
+        zq_free(z);
+        return MLM_ENOMEM;
+    }
+    int rc = zq_start(z, endpoints, err, errlen);
+    if (rc != 0) {
+        setopt_int(z->in, ZMQ_LINGER, 0);
+        setopt_int(z->out, ZMQ_LINGER, 0);
+        zq_free(z);
+        return rc;
+    }
+    comm_t *c = comm_new(&zmq_iface, z);
+    if (!c) {
+        zq_destroy(z);
+        snprintf(err, errlen, "out of memory");
+        return MLM_ENOMEM;
+    }
+    *out = c;
+    return 0;
+}

@@ -1,0 +1,60 @@
+// ZeroMQ comm backend: one process per rank over tcp:// or ipc://, with a hello handshake, deadlines and peer-loss detection.
+#ifndef MESHLM_COMM_ZMQ_H
+#define MESHLM_COMM_ZMQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "transport/comm.h"
+
+// Wire format, version 1.0. Every message is: [envelope (16 bytes)] [user frame 0] ... [user frame n-1]
+//   u32 magic COMM_ZMQ_MAGIC, u8 major, u8 minor, u8 kind (COMM_ZMQ_*), u8 n (user frames),
+//   u32 source rank, u32 world size          (all little-endian)
+// A message without a valid envelope, from a rank outside the world, or with another major
+// version is dropped and reported as MLM_EPROTO; the connection stays up.
+#define COMM_ZMQ_MAGIC 0x5a4d4c4du  // "MLMZ"
+#define COMM_ZMQ_MAJOR 1
+#define COMM_ZMQ_MINOR 0
+#define COMM_ZMQ_ENVELOPE_BYTES 16
+enum {
+    COMM_ZMQ_DATA = 0,              // user frames follow
+    COMM_ZMQ_HELLO = 1,             // handshake: rank and world size in the envelope
+    COMM_ZMQ_PROBE = 2,             // liveness probe, ignored by the receiver
+    COMM_ZMQ_BYE = 3,               // the sender is shutting down cleanly
+};
+
+// Writes an envelope into out (COMM_ZMQ_ENVELOPE_BYTES); for tests and tools speaking the wire.
+void comm_zmq_envelope(uint8_t *out, int kind, int src, int world, int nframes);
+
+typedef struct {
+    size_t max_msg_bytes;       // largest accepted message (sum of user frames); default 256 MiB
+    int connect_timeout_ms;     // deadline of the hello phase in comm_zmq_new; default 10000
+    int probe_ivl_ms;           // while a recv waits on a peer, probe it this often; default 50
+    int heartbeat_ivl_ms;       // ZMTP heartbeats (catch frozen peers and dead links); 0 = off; default 1000
+    int heartbeat_timeout_ms;   // a connection silent this long is dropped; default 5000
+    int linger_ms;              // comm_destroy waits at most this long to flush; default 1000
+    int hwm;                    // queued messages per peer before send waits; default 10000
+} comm_zmq_opts_t;
+
+void comm_zmq_opts_default(comm_zmq_opts_t *o);
+
+// Creates rank `rank` of a world of `size` ranks. endpoints holds size strings, one per rank:
+// either one endpoint used for both binding and connecting ("tcp://10.0.0.2:5000",
+// "ipc:///tmp/meshlm/r1") or "bind=tcp://0.0.0.0:5000;connect=tcp://10.0.0.2:5000" when the
+// address a rank binds differs from the one its peers dial. The rank binds its own endpoint,
+// connects to every other one and exchanges a HELLO (protocol version, rank, world size) with
+// each peer within opts->connect_timeout_ms; a peer with another world size or protocol major
+// version is refused. opts NULL = defaults. On success *out is a new comm (caller destroys).
+// On failure returns MLM_EINVAL, MLM_EIO (bind/connect), MLM_ETIMEOUT (a peer never said hello)
+// or MLM_EPROTO (mismatch) with the reason in err.
+//
+// Peer loss: sends use ROUTER sockets with ZMQ_ROUTER_MANDATORY and ZMQ_IMMEDIATE, so a peer
+// whose connection dropped (process killed, heartbeat timeout, BYE received) makes send fail at
+// once with MLM_EPEER instead of queueing forever; a recv waiting on a peer probes it every
+// probe_ivl_ms and returns MLM_EPEER once it is gone and its queued messages are consumed. A
+// peer that is slow but connected yields MLM_ETIMEOUT at the deadline. A lost peer stays lost
+// for the life of the comm. The comm is used from one thread at a time.
+int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints, const comm_zmq_opts_t *opts,
+                 char *err, size_t errlen);
+
+#endif

@@ -117,6 +117,37 @@ pv_lanes_avx512(float *acc, int nl, const float *p, const void *v, size_t stride
         }
     }
 }
+
+// q . k over hd elements (hd % 16 == 0) in either of qk_dot's orders, 16 lanes per register.
+__attribute__((target("avx512f,avx512dq,f16c"))) static float qk_dot_avx512(const float *q, const void *kbase, size_t off,
+                                                                          int hd, bool f16, bool tiled) {
+    const mlm_f16_t *kh = (const mlm_f16_t *)kbase + off;
+    const float *kf = (const float *)kbase + off;
+#define KV16(e) (f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kh + (e)))) : _mm512_loadu_ps(kf + (e)))
+    if (tiled) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < hd; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), KV16(c), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+    const int np = hd & ~63;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int i = 0; i < np; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), KV16(i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16), KV16(i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 32), KV16(i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 48), KV16(i + 48), a3);
+    }
+#undef KV16
+    const float head = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+    if (f16) {
+        double sd = head;
+        for (int e = np; e < hd; e++) sd += (double)(q[e] * _cvtsh_ss(kh[e]));
+        return (float)sd;
+    }
+    float sf = head;
+    for (int e = np; e < hd; e++) sf = fmaf(q[e], kf[e], sf);
+    return sf;
+}
 #endif
 
 static float kv_at(const void *base, size_t idx, bool f16) {
@@ -150,7 +181,11 @@ static double softmax_exp(float *y, const float *x, int n, float mx, bool simd) 
 // One score q.k over hd elements with the reference's kernel for this case.
 //   tiled: one 16-lane fma chain (tinyBLAS), needs hd % 16 == 0;
 //   otherwise ggml_vec_dot: 4 x 16 lanes per 64 elements (F16: tail in double; F32: tail in float).
-static float qk_dot(const float *q, const void *kbase, size_t off, int hd, bool f16, bool tiled) {
+static float qk_dot(const float *q, const void *kbase, size_t off, int hd, bool f16, bool tiled, bool simd) {
+#ifdef OPS_X86
+    if (simd && hd % 16 == 0) return qk_dot_avx512(q, kbase, off, hd, f16, tiled);
+#endif
+    (void)simd;
     if (tiled) {
         float acc[16] = {0};
         for (int c = 0; c < hd; c += 16)
@@ -252,7 +287,7 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
     const bool tiled_qk = batched && hd % 16 == 0;
     float mx = -INFINITY;
     for (int t = 0; t < npos; t++) {
-        const float s = qk_dot(qr, k, (size_t)t * row_stride, hd, f16, tiled_qk) * scale;
+        const float s = qk_dot(qr, k, (size_t)t * row_stride, hd, f16, tiled_qk, simd) * scale;
         sc[t] = s;
         mx = s > mx ? s : mx;
     }

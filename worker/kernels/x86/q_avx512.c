@@ -337,6 +337,61 @@ void mmp_q8_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_
 #undef Q8_TILE
 }
 
+// --- plain Q8_0 rows: R weight rows x T activation rows, each output in vec_dot_q8_0's order
+
+AI void q8_0_tile(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, const int R, const int T, float *y,
+                  size_t ys, int64_t nb) {
+    __m256 acc[2][4];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv[4];
+        float dx[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            const block_q8_0 *xb = (const block_q8_0 *)(x + (size_t)t * xs) + b;
+            xv[t] = _mm256_loadu_si256((const __m256i *)xb->qs);
+            dx[t] = f16_to_f32(xb->d);
+        }
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            const block_q8_0 *wb = (const block_q8_0 *)(w + (size_t)r * wrow) + b;
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)wb->qs);
+            const __m256i aw = _mm256_abs_epi8(wv);
+            const float dw = f16_to_f32(wb->d);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv[t], wv));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[t]), _mm256_cvtepi32_ps(p), acc[r][t]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) y[(size_t)t * ys + r] = hsum8_ps(acc[r][t]);
+}
+
+void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
+                     size_t ys, int64_t n) {
+    const int64_t nb = n / QK8_0;
+    int64_t r = 0;
+    for (; r + 2 <= nr; r += 2) {
+        const uint8_t *wr = w + (size_t)r * wrow;
+        int t = 0;
+        for (; t + 4 <= nt; t += 4) q8_0_tile(wr, wrow, x + (size_t)t * xs, xs, 2, 4, y + (size_t)t * ys + r, ys, nb);
+        for (; t < nt; t++) q8_0_tile(wr, wrow, x + (size_t)t * xs, xs, 2, 1, y + (size_t)t * ys + r, ys, nb);
+    }
+    for (; r < nr; r++) {
+        const uint8_t *wr = w + (size_t)r * wrow;
+        int t = 0;
+        for (; t + 4 <= nt; t += 4) q8_0_tile(wr, wrow, x + (size_t)t * xs, xs, 1, 4, y + (size_t)t * ys + r, ys, nb);
+        for (; t < nt; t++) q8_0_tile(wr, wrow, x + (size_t)t * xs, xs, 1, 1, y + (size_t)t * ys + r, ys, nb);
+    }
+}
+
 // --- plain float rows: R weight rows x T activation rows register tile
 
 AI void float_tile(qtype_t type, const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, const int R, const int T,

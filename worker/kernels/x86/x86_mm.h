@@ -70,6 +70,11 @@ void mmp_q8_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t 
 // (llamafile tinyBLAS's order, register-tiled rows x tokens); otherwise ggml_vec_dot_f32/f16's order.
 void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs,
                       int nt, float *y, size_t ys, int64_t n, bool tiled);
+
+// Plain Q8_0 rows times Q8_0 activation rows (n elements): y[t * ys + r] for r < nr, t < nt, each
+// output in llama.cpp's vec_dot_q8_0 order (8 lanes, one fma chain), register-tiled 2 rows x 4 tokens.
+void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
+                     size_t ys, int64_t n);
 #endif
 
 #endif

@@ -311,6 +311,49 @@ void mmp_q8_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t 
     group_all(MMP_Q8_0X16, grp, nb, xq, xs, nt, y, ys, mask);
 }
 
+// --- plain F32 / F16 rows in the reference's orders (x86_mm.h), 16 lanes as two ymm halves
+
+// One output: tiled = one 16-lane fma chain (tinyBLAS); otherwise ggml_vec_dot_f32/f16's order.
+// A 16-lane reduction is hsum(hi + lo), the tree of _mm512_reduce_add_ps.
+AI float float_dot_exact(qtype_t t, const uint8_t *w, const uint8_t *x, int64_t n, bool tiled) {
+    if (tiled) {
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        for (int64_t c = 0; c < n; c += 16) {
+            lo = _mm256_fmadd_ps(load_as_f32(t, w, c), load_as_f32(t, x, c), lo);
+            hi = _mm256_fmadd_ps(load_as_f32(t, w, c + 8), load_as_f32(t, x, c + 8), hi);
+        }
+        return hsum_ps(_mm256_add_ps(hi, lo));
+    }
+    __m256 a[4][2];
+    for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = _mm256_setzero_ps();
+    const int64_t np = n & ~(int64_t)63;
+    for (int64_t i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++)
+            for (int h = 0; h < 2; h++)
+                a[j][h] = _mm256_fmadd_ps(load_as_f32(t, w, i + 16 * j + 8 * h), load_as_f32(t, x, i + 16 * j + 8 * h), a[j][h]);
+    __m256 c[2];
+    for (int h = 0; h < 2; h++) c[h] = _mm256_add_ps(_mm256_add_ps(a[0][h], a[2][h]), _mm256_add_ps(a[1][h], a[3][h]));
+    const float head = hsum_ps(_mm256_add_ps(c[1], c[0]));
+    if (t == QT_F32) {
+        const int64_t n8 = np + ((n - np) & ~(int64_t)7);
+        float sf = head;
+        for (int64_t i = np; i < n8; i++) sf += scalar_as_f32(t, w, i) * scalar_as_f32(t, x, i);
+        for (int64_t i = n8; i < n; i++) sf = fmaf(scalar_as_f32(t, w, i), scalar_as_f32(t, x, i), sf);
+        return sf;
+    }
+    double sd = head;
+    for (int64_t i = np; i < n; i++) sd += (double)(scalar_as_f32(t, w, i) * scalar_as_f32(t, x, i));
+    return (float)sd;
+}
+
+void mmp_float_avx2(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
+                    float *y, size_t ys, int64_t n, bool tiled) {
+    for (int64_t r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++)
+            y[(size_t)t * ys + r] = type == QT_F32 ? float_dot_exact(QT_F32, w + (size_t)r * wrow, x + (size_t)t * xs, n, tiled)
+                                                   : float_dot_exact(QT_F16, w + (size_t)r * wrow, x + (size_t)t * xs, n, tiled);
+}
+
 // --- table
 
 void kern_x86_q_avx2_fill(kernels_t *k) {

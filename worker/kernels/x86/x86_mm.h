@@ -71,6 +71,10 @@ void mmp_q8_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t 
 void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs,
                       int nt, float *y, size_t ys, int64_t n, bool tiled);
 
+// The same for F32 / F16 with AVX2 (two ymm per 16 lanes; same bits as mmp_float_avx512).
+void mmp_float_avx2(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
+                    float *y, size_t ys, int64_t n, bool tiled);
+
 // Plain Q8_0 rows times Q8_0 activation rows (n elements): y[t * ys + r] for r < nr, t < nt, each
 // output in llama.cpp's vec_dot_q8_0 order (8 lanes, one fma chain), register-tiled 2 rows x 4 tokens.
 void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,

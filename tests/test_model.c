@@ -38,7 +38,7 @@ static int check_case(const ref_case_t *rc, const kernels_t *kern, int n_threads
         return 1;
     }
     model_ctx_t *c = NULL;
-    model_ctx_opts_t co = {.n_ctx = rows + 8, .n_batch = 16, .n_threads = n_threads};
+    model_ctx_opts_t co = {.n_ctx = rows + 8, .n_batch = 64, .n_threads = n_threads};
     if (model_ctx_new(&c, m, &co, err, sizeof err) != 0) {
         fprintf(stderr, "  %s: ctx failed: %s\n", rc->name, err);
         model_destroy(&m);
@@ -49,7 +49,10 @@ static int check_case(const ref_case_t *rc, const kernels_t *kern, int n_threads
     float *lg = malloc((size_t)rows * (size_t)hp->n_vocab * sizeof *lg);
     memcpy(seq, rc->prompt_tokens, (size_t)rc->n_prompt * sizeof *seq);
     memcpy(seq + rc->n_prompt, rc->greedy, (size_t)rc->n_greedy * sizeof *seq);
-    int r = model_eval(c, seq, rows, lg, true);
+    // Fed as the reference was made: the prompt as one batch, then one token per call (llama.cpp
+    // sums in another order for a token that arrives in a batch than for one that arrives alone).
+    int r = model_eval(c, seq, rc->n_prompt, lg, true);
+    for (int i = rc->n_prompt; r == 0 && i < rows; i++) r = model_eval(c, seq + i, 1, lg + (size_t)i * hp->n_vocab, true);
     if (r != 0) {
         fprintf(stderr, "  %s: eval failed: %s\n", rc->name, mlm_strerror(r));
         fails++;

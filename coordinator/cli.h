@@ -7,5 +7,7 @@ int cmd_bench(int argc, char **argv);      // llama-bench-like speed table (cmd_
 int cmd_inspect(int argc, char **argv);    // print GGUF metadata and tensors (cmd_inspect.c)
 int cmd_gen_model(int argc, char **argv);  // write a seeded random GGUF (cmd_gen_model.c)
 int cmd_plan(int argc, char **argv);       // print a tensor-parallel shard table (cmd_plan.c)
+int cmd_worker(int argc, char **argv);     // serve shards to a coordinator (cmd_worker.c)
+int cmd_coordinator(int argc, char **argv); // run with remote workers: `run` that requires --workers (cmd_run.c)
 
 #endif

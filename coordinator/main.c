@@ -14,6 +14,8 @@ static const subcommand_t subcommands[] = {
     {"run", cmd_run, "generate text from a prompt on this machine"},
     {"bench", cmd_bench, "measure prompt and generation speed (llama-bench style table)"},
     {"inspect", cmd_inspect, "print a GGUF file's metadata and tensor table"},
+    {"worker", cmd_worker, "serve model shards to a coordinator (meshlm worker --listen tcp://0.0.0.0:5000)"},
+    {"coordinator", cmd_coordinator, "generate with remote workers (run --workers tcp://a:p,tcp://b:p)"},
     {"plan", cmd_plan, "print how a model would be split over nodes (no compute)"},
     {"gen-model", cmd_gen_model, "write a GGUF with seeded random weights in a real model's shape"},
     {NULL, NULL, NULL},

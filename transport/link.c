@@ -133,3 +133,18 @@ void link_destroy(link_t **self_p) {
     free(l);
     *self_p = NULL;
 }
+
+int link_data_endpoint(const char *control, char *out, size_t cap) {
+    if (strncmp(control, "ipc://", 6) == 0) {
+        int n = snprintf(out, cap, "%s.data", control);
+        return n > 0 && (size_t)n < cap ? 0 : MLM_EINVAL;
+    }
+    if (strncmp(control, "tcp://", 6) != 0) return MLM_EINVAL;
+    const char *colon = strrchr(control, ':');
+    if (!colon || colon < control + 6) return MLM_EINVAL;
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port < 1 || port >= 65535) return MLM_EINVAL;
+    int n = snprintf(out, cap, "%.*s:%ld", (int)(colon - control), control, port + 1);
+    return n > 0 && (size_t)n < cap ? 0 : MLM_EINVAL;
+}

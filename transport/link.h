@@ -24,6 +24,10 @@ int link_send(link_t *l, const comm_iov_t *frames, int n, int timeout_ms);
 // MLM_EPROTO (too many frames: dropped).
 int link_recv(link_t *l, comm_msg_t *out, size_t max_bytes, int timeout_ms);
 
+// The data-plane endpoint that goes with a control endpoint: tcp://H:P -> tcp://H:(P+1),
+// ipc://PATH -> ipc://PATH.data. 0, or MLM_EINVAL for another form.
+int link_data_endpoint(const char *control, char *out, size_t cap);
+
 // Closes without lingering; accepts NULL and NULLs the pointer.
 void link_destroy(link_t **self_p);
 

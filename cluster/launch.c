@@ -1,0 +1,139 @@
+// Local launcher: fork/exec `meshlm worker` N times on ipc or loopback TCP endpoints.
+#include "cluster/launch.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "worker/err.h"
+
+// --- helpers
+
+// Two consecutive free loopback ports (control and data), or -1.
+static int free_port_pair(void) {
+    for (int attempt = 0; attempt < 50; attempt++) {
+        int fds[2] = {-1, -1}, base = -1;
+        fds[0] = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t len = sizeof a;
+        if (fds[0] >= 0 && bind(fds[0], (struct sockaddr *)&a, sizeof a) == 0 &&
+            getsockname(fds[0], (struct sockaddr *)&a, &len) == 0) {
+            base = ntohs(a.sin_port);
+            fds[1] = socket(AF_INET, SOCK_STREAM, 0);
+            struct sockaddr_in b = a;
+            b.sin_port = htons((uint16_t)(base + 1));
+            if (base >= 65534 || fds[1] < 0 || bind(fds[1], (struct sockaddr *)&b, sizeof b) != 0) base = -1;
+        }
+        for (int i = 0; i < 2; i++)
+            if (fds[i] >= 0) close(fds[i]);
+        if (base > 0) return base;
+    }
+    return -1;
+}
+
+// --- public API
+
+int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t errlen) {
+    memset(l, 0, sizeof *l);
+    if (n < 1 || n > LAUNCH_MAX) {
+        snprintf(err, errlen, "--local takes 1..%d workers", LAUNCH_MAX);
+        return MLM_EINVAL;
+    }
+    snprintf(l->dir, sizeof l->dir, "%s/meshlm-run-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    if (!mkdtemp(l->dir)) {
+        snprintf(err, errlen, "cannot create a run directory under /tmp");
+        return MLM_EIO;
+    }
+    const char *exe = o->exe ? o->exe : "/proc/self/exe";
+    for (int i = 0; i < n; i++) {
+        if (o->tcp) {
+            int port = free_port_pair();
+            if (port < 0) {
+                snprintf(err, errlen, "no free loopback ports");
+                launch_reap(l, 0);
+                return MLM_EIO;
+            }
+            snprintf(l->endpoint[i], sizeof l->endpoint[i], "tcp://127.0.0.1:%d", port);
+        } else {
+            snprintf(l->endpoint[i], sizeof l->endpoint[i], "ipc://%s/w%d", l->dir, i);
+        }
+        char threads[16], name[32];
+        snprintf(threads, sizeof threads, "%d", o->n_threads);
+        snprintf(name, sizeof name, "local-%d", i);
+        const char *argv[16];
+        int a = 0;
+        argv[a++] = "meshlm";
+        argv[a++] = "worker";
+        argv[a++] = "--listen";
+        argv[a++] = l->endpoint[i];
+        argv[a++] = "--name";
+        argv[a++] = name;
+        argv[a++] = "-t";
+        argv[a++] = threads;
+        if (o->model_path) {
+            argv[a++] = "--model";
+            argv[a++] = o->model_path;
+        }
+        if (o->cache_dir) {
+            argv[a++] = "--cache-dir";
+            argv[a++] = o->cache_dir;
+        }
+        if (o->verbose) argv[a++] = "--verbose";
+        argv[a] = NULL;
+        pid_t pid = fork();
+        if (pid < 0) {
+            snprintf(err, errlen, "cannot start worker %d", i);
+            launch_reap(l, 0);
+            return MLM_EIO;
+        }
+        if (pid == 0) {
+            execv(exe, (char *const *)argv);
+            _exit(127);
+        }
+        l->pid[l->n++] = pid;
+    }
+    return 0;
+}
+
+void launch_reap(launch_t *l, int timeout_ms) {
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < l->n; i++) {
+        if (l->pid[i] <= 0) continue;
+        for (;;) {
+            pid_t r = waitpid(l->pid[i], NULL, WNOHANG);
+            if (r == l->pid[i] || r < 0) break;
+            struct timespec t;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            long el = (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
+            if (el >= timeout_ms) {
+                kill(l->pid[i], SIGKILL);
+                waitpid(l->pid[i], NULL, 0);
+                break;
+            }
+            usleep(10000);
+        }
+        l->pid[i] = 0;
+    }
+    if (l->dir[0]) {
+        char cmd[300];
+        snprintf(cmd, sizeof cmd, "%s", l->dir);
+        // Remove the ipc socket files, then the directory.
+        for (int i = 0; i < l->n; i++) {
+            char p[400];
+            snprintf(p, sizeof p, "%s/w%d", l->dir, i);
+            unlink(p);
+            snprintf(p, sizeof p, "%s/w%d.data", l->dir, i);
+            unlink(p);
+        }
+        rmdir(cmd);
+    }
+}

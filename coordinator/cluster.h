@@ -1,0 +1,54 @@
+// The coordinator's side of a cluster: workers, plan, shard loading, and distributed steps.
+#ifndef MESHLM_CLUSTER_H
+#define MESHLM_CLUSTER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "parallel/plan.h"
+#include "worker/model.h"
+
+typedef struct {
+    const char *model_path;          // the GGUF the coordinator has
+    const char *const *workers;      // (n_workers) control endpoints of running workers
+    int n_workers;
+    const char *speeds;              // relative speeds of the computing nodes ("2,1"), NULL = equal
+    bool coordinator_shard;          // the coordinator computes a share too (it is node 0 of the plan)
+    const char *data_endpoint;       // the coordinator's data-plane endpoint (NULL = derived)
+    int n_ctx;                       // KV positions (0 = min(model's, 4096))
+    int n_threads;                   // the coordinator's threads for its own share (0 = all)
+    int timeout_ms;                  // each control exchange and collective (0 = 30000)
+    bool kv_f32;
+    bool verbose;                    // print progress on stderr
+} cluster_opts_t;
+
+typedef struct {
+    double load_ms;                  // from first HELLO to the data plane being up
+    uint64_t shard_bytes_sent;       // shard file bytes streamed to workers without the model
+    int from_cache;                  // workers that loaded from their shard cache
+    int from_file;                   // workers that mapped their own copy of the model
+    int streamed;                    // workers that received their shard
+} cluster_stats_t;
+
+typedef struct cluster cluster_t;
+
+// Connects to the workers, plans, loads every shard and brings up the data plane. On failure
+// returns a negative MLM_ code with a message naming the worker.
+int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t errlen);
+
+// The coordinator's model (its own slice; metadata and tokenizer of the whole model).
+const model_t *cluster_model(const cluster_t *c);
+const plan_t *cluster_plan(const cluster_t *c);
+const cluster_stats_t *cluster_stats(const cluster_t *c);
+
+// One step on every node (same contract as model_eval). On a lost worker: MLM_EPEER or
+// MLM_ETIMEOUT within the deadline, and cluster_error() names the worker when it could tell.
+int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
+void cluster_reset(cluster_t *c);
+const char *cluster_error(const cluster_t *c);
+
+// Ends the plan on every worker (and stops them with exit_workers); accepts NULL, NULLs the pointer.
+void cluster_close(cluster_t **self_p, bool exit_workers);
+
+#endif

@@ -29,6 +29,7 @@ typedef struct {
 #define ZQ_ANON_MAX 64          // rejected messages of unknown origin kept for recv(ANY)
 #define ZQ_EP_MAX 512           // longest endpoint string
 #define ZQ_GRACE_MS 20          // after a peer is seen gone, wait this long for its last messages
+#define ZQ_REFUSE_GRACE_MS 300  // a refusing rank keeps delivering its HELLO this long, then leaves
 
 typedef struct {
     void *zctx;                 // ZeroMQ context (owned)
@@ -398,6 +399,10 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     uint8_t id[5];
     routing_id(id, 'r', z->rank);
     zmq_setsockopt(z->out, ZMQ_ROUTING_ID, id, sizeof id);
+    // with ZMQ_IMMEDIATE the connecting ROUTER learns a peer's routing id from the peer's own
+    // handshake, so the inbound socket announces the id its peers address it by
+    routing_id(id, 'p', z->rank);
+    zmq_setsockopt(z->in, ZMQ_ROUTING_ID, id, sizeof id);
 
     if (parse_endpoint(endpoints[z->rank], bind, conn) != 0) {
         snprintf(err, errlen, "bad endpoint for rank %d: '%s'", z->rank, endpoints[z->rank] ? endpoints[z->rank] : "");
@@ -424,20 +429,23 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     bool *said = calloc((size_t)z->size, sizeof *said); // HELLO delivered to peer
     if (!said) return MLM_ENOMEM;
     const int64_t dl = now_us() + (int64_t)z->o.connect_timeout_ms * 1000;
+    int64_t refuse_at = -1; // after a mismatch, keep saying hello briefly so the peer learns why
     int rc = 0;
     for (;;) {
-        bool done = true;
+        bool done = true, all_said = true;
         for (int p = 0; p < z->size; p++) {
             if (p == z->rank) continue;
             if (!said[p]) said[p] = send_parts(z, p, COMM_ZMQ_HELLO, NULL, 0) == 0;
             done = done && said[p] && z->hello[p];
+            all_said = all_said && said[p];
         }
-        if (z->proto_err[0]) {
+        if (z->proto_err[0] && refuse_at < 0) refuse_at = now_us() + (int64_t)ZQ_REFUSE_GRACE_MS * 1000;
+        if (refuse_at >= 0 && (all_said || now_us() >= refuse_at || now_us() >= dl)) {
             snprintf(err, errlen, "handshake refused: %s", z->proto_err);
             rc = MLM_EPROTO;
             break;
         }
-        if (done) break;
+        if (done && refuse_at < 0) break;
         if (now_us() >= dl) {
             int k = snprintf(err, errlen, "rank %d: no handshake within %d ms with rank(s)", z->rank, z->o.connect_timeout_ms);
             for (int p = 0; p < z->size && k > 0 && (size_t)k < errlen; p++)
@@ -518,9 +526,9 @@ int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints,
         return MLM_ENOMEM;
     }
     int rc = zq_start(z, endpoints, err, errlen);
-    if (rc != 0) {
+    if (rc != 0) { // let a HELLO already queued reach its peer, briefly
         setopt_int(z->in, ZMQ_LINGER, 0);
-        setopt_int(z->out, ZMQ_LINGER, 0);
+        setopt_int(z->out, ZMQ_LINGER, ZQ_REFUSE_GRACE_MS);
         zq_free(z);
         return rc;
     }

@@ -1,0 +1,171 @@
+// Cluster suite: real worker processes over ipc/tcp give the single node's logits bit for bit;
+// shard streaming and caching; a killed worker is an error within the deadline.
+#include <CUnit/CUnit.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cluster/launch.h"
+#include "coordinator/cluster.h"
+#include "ref_cases.h"
+#include "test_util.h"
+#include "worker/err.h"
+
+// --- helpers
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+// Logits of the case's sequence on one node, fed as generation does: prompt, then one at a time.
+static float *single_node(const ref_case_t *rc, int *n_tok) {
+    char err[256];
+    model_t *m = NULL;
+    if (model_load(&m, rc->model_path, NULL, err, sizeof err) != 0) return NULL;
+    const int nv = model_hparams(m)->n_vocab, rows = rc->n_prompt + rc->n_greedy;
+    float *lg = malloc((size_t)rows * nv * sizeof(float));
+    model_ctx_t *c = NULL;
+    model_ctx_opts_t co = {.n_ctx = rows + 8, .n_threads = 1};
+    model_ctx_new(&c, m, &co, err, sizeof err);
+    model_eval(c, rc->prompt_tokens, rc->n_prompt, lg, true);
+    for (int i = 0; i < rc->n_greedy; i++)
+        model_eval(c, &rc->greedy[i], 1, lg + (size_t)(rc->n_prompt + i) * nv, true);
+    model_ctx_destroy(&c);
+    model_destroy(&m);
+    *n_tok = rows;
+    return lg;
+}
+
+typedef struct {
+    int n_workers;
+    const char *speeds;
+    bool tcp;
+    bool coord_shard;
+    bool no_model;           // workers receive their slices
+    const char *cache_dir;
+} layout_t;
+
+// Runs the case on a local cluster; returns the number of logit rows that differ from one node's
+// (or -1 on a failure), and the cluster stats in *st.
+static int run_cluster(const char *case_name, const layout_t *ly, cluster_stats_t *st) {
+    ref_case_t rc;
+    if (ref_load(case_name, &rc) != 0) return -1;
+    int rows = 0, bad = -1;
+    float *ref = single_node(&rc, &rows);
+    char err[1024];
+    launch_t l;
+    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = ly->no_model ? NULL : rc.model_path,
+                        .cache_dir = ly->cache_dir, .n_threads = 1, .tcp = ly->tcp};
+    if (!ref || !lo.exe || launch_local(&l, ly->n_workers, &lo, err, sizeof err) != 0) {
+        fprintf(stderr, "launch: %s\n", lo.exe ? err : "MESHLM_BIN not set");
+        free(ref);
+        ref_free(&rc);
+        return -1;
+    }
+    const char *eps[LAUNCH_MAX];
+    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .speeds = ly->speeds,
+                         .coordinator_shard = ly->coord_shard, .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000};
+    cluster_t *cl = NULL;
+    if (cluster_open(&cl, &co, err, sizeof err) != 0) {
+        fprintf(stderr, "  %s: cluster_open: %s\n", case_name, err);
+    } else {
+        const int nv = rc.n_vocab;
+        float *lg = malloc((size_t)rows * nv * sizeof(float));
+        int r = cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, true);
+        for (int i = 0; r == 0 && i < rc.n_greedy; i++)
+            r = cluster_eval(cl, &rc.greedy[i], 1, lg + (size_t)(rc.n_prompt + i) * nv, true);
+        if (r != 0) {
+            fprintf(stderr, "  %s: eval: %s (%s)\n", case_name, mlm_strerror(r), cluster_error(cl));
+        } else {
+            bad = 0;
+            for (int i = 0; i < rows; i++)
+                bad += memcmp(lg + (size_t)i * nv, ref + (size_t)i * nv, (size_t)nv * sizeof(float)) != 0;
+            if (bad) fprintf(stderr, "  %s on %d workers: %d rows differ from one node\n", case_name, l.n, bad);
+        }
+        if (st) *st = *cluster_stats(cl);
+        free(lg);
+        cluster_close(&cl, true);
+    }
+    launch_reap(&l, 5000);
+    free(ref);
+    ref_free(&rc);
+    return bad;
+}
+
+// --- tests
+
+static void test_bit_exact_layouts(void) {
+    const char *cases[] = {"stories260K.p1", "synth-dense-Q4_K_M.p1", "synth-moe-Q8_0.p0"};
+    const layout_t layouts[] = {
+        {1, NULL, false, false, false, NULL}, {2, NULL, false, false, false, NULL},
+        {3, "2,1,1", false, false, false, NULL}, {4, NULL, true, false, false, NULL},
+        {2, "1,2,1", false, true, false, NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+        for (size_t j = 0; j < sizeof layouts / sizeof *layouts; j++)
+            CU_ASSERT_EQUAL(run_cluster(cases[i], &layouts[j], NULL), 0);
+}
+
+static void test_shard_streaming_and_cache(void) {
+    char *dir = test_tmpdir();
+    layout_t ly = {2, NULL, false, false, true, dir};
+    cluster_stats_t st;
+    // First run: workers have no model file, so both shards are streamed and cached.
+    CU_ASSERT_EQUAL(run_cluster("synth-dense-Q8_0.p0", &ly, &st), 0);
+    CU_ASSERT_EQUAL(st.streamed, 2);
+    CU_ASSERT(st.shard_bytes_sent > 1000000); // about the model's 3.5 MB
+    CU_ASSERT_EQUAL(st.from_cache, 0);
+    // Second run: the same slices come from the cache and nothing is transferred.
+    CU_ASSERT_EQUAL(run_cluster("synth-dense-Q8_0.p0", &ly, &st), 0);
+    CU_ASSERT_EQUAL(st.streamed, 0);
+    CU_ASSERT_EQUAL(st.shard_bytes_sent, 0);
+    CU_ASSERT_EQUAL(st.from_cache, 2);
+    test_rm_dir(dir);
+}
+
+static void test_killed_worker(void) {
+    ref_case_t rc;
+    CU_ASSERT_EQUAL_FATAL(ref_load("stories260K.p0", &rc), 0);
+    char err[1024];
+    launch_t l;
+    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc.model_path, .n_threads = 1};
+    CU_ASSERT_PTR_NOT_NULL_FATAL(lo.exe);
+    CU_ASSERT_EQUAL_FATAL(launch_local(&l, 3, &lo, err, sizeof err), 0);
+    const char *eps[LAUNCH_MAX];
+    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    const int deadline = 2000;
+    cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_ctx = 128,
+                         .n_threads = 1, .timeout_ms = deadline};
+    cluster_t *cl = NULL;
+    CU_ASSERT_EQUAL_FATAL(cluster_open(&cl, &co, err, sizeof err), 0);
+    float *lg = malloc((size_t)rc.n_vocab * sizeof(float));
+    CU_ASSERT_EQUAL(cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, false), 0);
+    kill(l.pid[1], SIGKILL); // worker 1 dies between steps
+    double t0 = now_ms();
+    int r = cluster_eval(cl, &rc.greedy[0], 1, lg, false);
+    double el = now_ms() - t0;
+    CU_ASSERT(r == MLM_EPEER || r == MLM_ETIMEOUT);
+    CU_ASSERT(el < deadline * 2 + 1000); // a clean error within the deadline, not a hang
+    CU_ASSERT(strlen(cluster_error(cl)) > 0);
+    fprintf(stderr, "  killed worker: %s after %.0f ms: %s\n", mlm_strerror(r), el, cluster_error(cl));
+    free(lg);
+    cluster_close(&cl, true);
+    launch_reap(&l, 3000);
+    ref_free(&rc);
+}
+
+int test_cluster_suite(void) {
+    CU_pSuite s = CU_add_suite("cluster", NULL, NULL);
+    if (!s) return -1;
+    if (!CU_add_test(s, "1-4 worker processes, even/uneven, ipc/tcp: bit-exact", test_bit_exact_layouts) ||
+        !CU_add_test(s, "workers without the model: streamed once, then cached", test_shard_streaming_and_cache) ||
+        !CU_add_test(s, "a killed worker is an error within the deadline", test_killed_worker))
+        return -1;
+    return 0;
+}

@@ -31,6 +31,8 @@ typedef struct {
 typedef struct {
     comm_t *comm;
     int timeout_ms;
+    cluster_stats_t *stats;     // counters to update
+    int n;                      // ranks
 } cl_gather_t;
 
 struct cluster {
@@ -61,7 +63,12 @@ static double now_ms(void) {
 
 static int cl_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
     cl_gather_t *g = ctx;
-    return comm_allgatherv(g->comm, mine, my_len, out, lens, g->timeout_ms);
+    const double t0 = now_ms();
+    int rc = comm_allgatherv(g->comm, mine, my_len, out, lens, g->timeout_ms);
+    g->stats->gather_ms += now_ms() - t0;
+    for (int r = 0; r < g->n; r++) g->stats->gather_bytes += (uint64_t)lens[r] * (uint64_t)(g->n - 1);
+    g->stats->gathers++;
+    return rc;
 }
 
 // A free TCP port on 127.0.0.1 (bound and released: a small race other programs could win).
@@ -323,6 +330,8 @@ int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t err
     c->timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 30000;
     c->gc.timeout_ms = c->timeout_ms;
     c->n_nodes = o->n_workers + 1;
+    c->gc.stats = &c->stats;
+    c->gc.n = c->n_nodes;
     c->w = calloc((size_t)o->n_workers, sizeof *c->w);
     c->plan = calloc(1, sizeof *c->plan);
     c->slices = calloc((size_t)c->n_nodes, sizeof *c->slices);
@@ -387,6 +396,8 @@ int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool
         }
     }
     int rc = model_eval(c->ctx, tokens, n, logits, all_logits);
+    c->stats.steps++;
+    c->stats.tokens += (uint64_t)n;
     if (rc != 0) {
         // Name the worker that reported a failure, if one did.
         snprintf(c->errbuf, sizeof c->errbuf, "step %llu failed: %s (a worker stopped answering within %d ms)",
@@ -407,6 +418,11 @@ int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool
 }
 
 void cluster_reset(cluster_t *c) { model_ctx_reset(c->ctx); }
+
+void cluster_stats_reset(cluster_t *c) {
+    c->stats.steps = c->stats.tokens = c->stats.gather_bytes = c->stats.gathers = 0;
+    c->stats.gather_ms = 0;
+}
 
 void cluster_close(cluster_t **self_p, bool exit_workers) {
     if (!self_p || !*self_p) return;

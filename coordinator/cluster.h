@@ -29,6 +29,11 @@ typedef struct {
     int from_cache;                  // workers that loaded from their shard cache
     int from_file;                   // workers that mapped their own copy of the model
     int streamed;                    // workers that received their shard
+    uint64_t steps;                  // cluster_eval calls
+    uint64_t tokens;                 // tokens they carried
+    double gather_ms;                // time the coordinator spent in all-gathers (transfer + waiting for peers)
+    uint64_t gather_bytes;           // bytes all nodes sent to each other in those all-gathers
+    uint64_t gathers;                // all-gather rounds
 } cluster_stats_t;
 
 typedef struct cluster cluster_t;
@@ -46,6 +51,8 @@ const cluster_stats_t *cluster_stats(const cluster_t *c);
 // MLM_ETIMEOUT within the deadline, and cluster_error() names the worker when it could tell.
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
 void cluster_reset(cluster_t *c);
+// Zeroes the step counters (steps, tokens, gather_*), e.g. after a warm-up.
+void cluster_stats_reset(cluster_t *c);
 const char *cluster_error(const cluster_t *c);
 
 // Ends the plan on every worker (and stops them with exit_workers); accepts NULL, NULLs the pointer.

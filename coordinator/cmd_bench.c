@@ -7,7 +7,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cluster/launch.h"
 #include "coordinator/cli.h"
+#include "coordinator/cluster.h"
 #include "coordinator/generate.h"
 #include "worker/err.h"
 #include "worker/model.h"
@@ -27,6 +29,11 @@ typedef struct {
     int reps;                        // -r
     bool json;
     bool repack;
+    int local;                       // --local N worker processes
+    bool local_tcp;                  // --local-tcp
+    char *workers;                   // --workers LIST (owned)
+    bool coord_shard;                // --coordinator-shard
+    const char *speeds;              // --speeds
 } bench_args_t;
 
 typedef struct {
@@ -43,6 +50,11 @@ static void bench_usage(FILE *f) {
             "  -n, --n-gen N           generated tokens for the tg test (default 32; 0 skips)\n"
             "  -r, --repetitions N     repetitions per test (default 3)\n"
             "      --no-repack         compute on the file's layout\n"
+            "      --local N           run on N local worker processes (threads: -t per process)\n"
+            "      --local-tcp         local workers over loopback TCP instead of ipc\n"
+            "      --workers LIST      run on remote workers (tcp://HOST:PORT,...)\n"
+            "      --coordinator-shard the coordinator computes a share too\n"
+            "      --speeds LIST       relative speeds of the computing nodes\n"
             "      --json              print a JSON array instead of the table\n");
 }
 
@@ -74,26 +86,26 @@ static uint64_t splitmix(uint64_t *x) {
     return z ^ (z >> 31);
 }
 
-// One pp or tg measurement series. Returns 0 or an MLM_ code.
-static int run_test(model_ctx_t *c, int n_vocab, bool prompt, int n, int reps, bench_stat_t *st) {
+// One pp or tg measurement series on an engine (a local context or a cluster).
+static int run_test(const gen_engine_t *eng, bool prompt, int n, int reps, bench_stat_t *st) {
     int32_t *toks = malloc((size_t)n * sizeof *toks);
-    float *logits = malloc((size_t)n_vocab * sizeof *logits);
+    float *logits = malloc((size_t)eng->n_vocab * sizeof *logits);
     if (!toks || !logits) {
         free(toks);
         free(logits);
         return MLM_ENOMEM;
     }
     uint64_t seed = 42;
-    for (int i = 0; i < n; i++) toks[i] = (int32_t)(splitmix(&seed) % (uint64_t)n_vocab);
+    for (int i = 0; i < n; i++) toks[i] = (int32_t)(splitmix(&seed) % (uint64_t)eng->n_vocab);
     int rc = 0;
     st->n = 0;
     for (int r = -1; r < reps && rc == 0; r++) { // r == -1 is the warm-up
-        model_ctx_reset(c);
+        eng->reset(eng->ctx);
         double t0 = gen_now_ms();
         if (prompt) {
-            rc = model_eval(c, toks, n, logits, false);
+            rc = eng->eval(eng->ctx, toks, n, logits, false);
         } else {
-            for (int i = 0; i < n && rc == 0; i++) rc = model_eval(c, &toks[i], 1, logits, false);
+            for (int i = 0; i < n && rc == 0; i++) rc = eng->eval(eng->ctx, &toks[i], 1, logits, false);
         }
         double ms = gen_now_ms() - t0;
         if (r >= 0 && rc == 0) st->samples[st->n++] = n * 1000.0 / ms;
@@ -103,6 +115,11 @@ static int run_test(model_ctx_t *c, int n_vocab, bool prompt, int n, int reps, b
     free(logits);
     return rc;
 }
+
+static int ctx_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) { return model_eval(ctx, t, n, logits, all); }
+static void ctx_reset(void *ctx) { model_ctx_reset(ctx); }
+static int cl_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) { return cluster_eval(ctx, t, n, logits, all); }
+static void cl_reset(void *ctx) { cluster_reset(ctx); }
 
 static void fmt_size(char *buf, size_t cap, double bytes) {
     if (bytes >= 1024.0 * 1024 * 1024) snprintf(buf, cap, "%.2f GiB", bytes / (1024.0 * 1024 * 1024));
@@ -141,7 +158,10 @@ int cmd_bench(int argc, char **argv) {
         {"model", required_argument, 0, 'm'}, {"threads", required_argument, 0, 't'},
         {"n-prompt", required_argument, 0, 'p'}, {"n-gen", required_argument, 0, 'n'},
         {"repetitions", required_argument, 0, 'r'}, {"json", no_argument, 0, 'j'},
-        {"no-repack", no_argument, 0, 'R'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"no-repack", no_argument, 0, 'R'}, {"local", required_argument, 0, 'L'},
+        {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
+        {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
     optind = 1;
     int ch;
@@ -165,6 +185,11 @@ int cmd_bench(int argc, char **argv) {
         case 'r': a.reps = atoi(optarg); break;
         case 'j': a.json = true; break;
         case 'R': a.repack = false; break;
+        case 'L': a.local = atoi(optarg); break;
+        case 'P': a.local_tcp = true; break;
+        case 'W': free(a.workers); a.workers = strdup(optarg); break;
+        case 'S': a.coord_shard = true; break;
+        case 'V': a.speeds = optarg; break;
         case 'h': bench_usage(stdout); return 0;
         default: bench_usage(stderr); return 2;
         }
@@ -177,19 +202,20 @@ int cmd_bench(int argc, char **argv) {
         a.threads[0] = 0;
         a.n_threads = 1;
     }
+    const bool dist = a.local > 0 || a.workers;
     cJSON *jarr = a.json ? cJSON_CreateArray() : NULL;
     if (!a.json) {
-        printf("| %-24s | %10s | %8s | %-8s | %7s | %6s | %16s | %10s |\n", "model", "size", "params", "backend",
-               "threads", "test", "t/s", "weights GB/s");
-        printf("| %.24s | %.10s | %.8s | %.8s | %.7s | %.6s | %.16s | %.10s |\n", "------------------------------",
-               "------------", "----------", "----------", "---------", "--------", "------------------",
-               "------------");
+        printf("| %-24s | %10s | %8s | %-10s | %7s | %6s | %16s | %10s |%s\n", "model", "size", "params", "backend",
+               "threads", "test", "t/s", "weights GB/s", dist ? " comm ms/tok | KiB/tok |" : "");
+        printf("| %.24s | %.10s | %.8s | %.10s | %.7s | %.6s | %.16s | %.10s |%s\n", "------------------------------",
+               "------------", "----------", "------------", "---------", "--------", "------------------",
+               "------------", dist ? " ----------- | ------- |" : "");
     }
     int code = 0;
     for (int mi = 0; mi < a.n_models; mi++) {
         char err[1024] = "";
         model_t *m = NULL;
-        model_load_opts_t lo = {.repack = a.repack};
+        model_load_opts_t lo = {.repack = a.repack && !dist};
         if (model_load(&m, a.models[mi], &lo, err, sizeof err) != 0) {
             fprintf(stderr, "meshlm bench: %s\n", err);
             code = 1;
@@ -207,39 +233,86 @@ int cmd_bench(int argc, char **argv) {
         const double bpt = bytes_per_token(m);
         for (int ti = 0; ti < a.n_threads; ti++) {
             model_ctx_t *c = NULL;
+            cluster_t *cl = NULL;
+            launch_t *lw = NULL;
+            gen_engine_t eng;
             int need = (a.n_prompt > a.n_gen ? a.n_prompt : a.n_gen) + 8;
-            model_ctx_opts_t co = {.n_ctx = need, .n_batch = a.n_prompt > 0 ? a.n_prompt : 64,
-                                   .n_threads = a.threads[ti]};
-            if (model_ctx_new(&c, m, &co, err, sizeof err) != 0) {
-                fprintf(stderr, "meshlm bench: %s\n", err);
-                code = 1;
-                continue;
+            char backend[24];
+            snprintf(backend, sizeof backend, "CPU %s", model_kernels(m)->isa);
+            if (!dist) {
+                model_ctx_opts_t co = {.n_ctx = need, .n_batch = a.n_prompt > 0 ? a.n_prompt : 64,
+                                       .n_threads = a.threads[ti]};
+                if (model_ctx_new(&c, m, &co, err, sizeof err) != 0) {
+                    fprintf(stderr, "meshlm bench: %s\n", err);
+                    code = 1;
+                    continue;
+                }
+                eng = (gen_engine_t){c, hp->n_vocab, ctx_eval, ctx_reset};
+            } else {
+                const char *eps[LAUNCH_MAX];
+                int nw = 0;
+                char *list = a.workers ? strdup(a.workers) : NULL;
+                if (a.local > 0) {
+                    lw = calloc(1, sizeof *lw);
+                    launch_opts_t lo2 = {.model_path = a.models[mi], .n_threads = a.threads[ti], .tcp = a.local_tcp};
+                    if (!lw || launch_local(lw, a.local, &lo2, err, sizeof err) != 0) {
+                        fprintf(stderr, "meshlm bench: %s\n", err);
+                        free(lw);
+                        free(list);
+                        code = 1;
+                        continue;
+                    }
+                    for (int i = 0; i < lw->n; i++) eps[i] = lw->endpoint[i];
+                    nw = lw->n;
+                } else {
+                    for (char *t = strtok(list, ","); t && nw < LAUNCH_MAX; t = strtok(NULL, ",")) eps[nw++] = t;
+                }
+                cluster_opts_t co = {.model_path = a.models[mi], .workers = eps, .n_workers = nw, .speeds = a.speeds,
+                                     .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti]};
+                int rc = cluster_open(&cl, &co, err, sizeof err);
+                free(list);
+                if (rc != 0) {
+                    fprintf(stderr, "meshlm bench: cluster: %s\n", err);
+                    if (lw) launch_reap(lw, 3000);
+                    free(lw);
+                    code = 1;
+                    continue;
+                }
+                eng = (gen_engine_t){cl, hp->n_vocab, cl_eval, cl_reset};
+                snprintf(backend, sizeof backend, "%d x %s", cluster_plan(cl)->n, a.local_tcp || a.workers ? "tcp" : "ipc");
             }
-            int nthr = co.n_threads ? co.n_threads : 0;
+            int nthr = a.threads[ti] ? a.threads[ti] : (int)sysconf(_SC_NPROCESSORS_ONLN);
             for (int test = 0; test < 2; test++) {
                 bool pp = test == 0;
                 int n = pp ? a.n_prompt : a.n_gen;
                 if (n == 0) continue;
                 bench_stat_t st;
-                int rc = run_test(c, hp->n_vocab, pp, n, a.reps, &st);
+                if (cl) cluster_stats_reset(cl);
+                int rc = run_test(&eng, pp, n, a.reps, &st);
                 if (rc != 0) {
-                    fprintf(stderr, "meshlm bench: %s failed: %s\n", a.models[mi], mlm_strerror(rc));
+                    fprintf(stderr, "meshlm bench: %s failed: %s%s%s\n", a.models[mi], mlm_strerror(rc),
+                            cl ? ": " : "", cl ? cluster_error(cl) : "");
                     code = 1;
                     continue;
+                }
+                double comm_ms = 0, kib = 0;
+                if (cl) {
+                    const cluster_stats_t *cs = cluster_stats(cl);
+                    comm_ms = cs->tokens ? cs->gather_ms / (double)cs->tokens : 0;
+                    kib = cs->tokens ? (double)cs->gather_bytes / (double)cs->tokens / 1024.0 : 0;
                 }
                 char tname[16], ts[40], bw[16];
                 snprintf(tname, sizeof tname, "%s%d", pp ? "pp" : "tg", n);
                 snprintf(ts, sizeof ts, "%.2f ± %.2f", st.avg, st.sd);
                 if (pp) snprintf(bw, sizeof bw, "-");
                 else snprintf(bw, sizeof bw, "%.1f", bpt * st.avg / 1e9);
-                if (!nthr) nthr = (int)sysconf(_SC_NPROCESSORS_ONLN);
                 if (a.json) {
                     cJSON *o = cJSON_CreateObject();
                     cJSON_AddStringToObject(o, "model", a.models[mi]);
                     cJSON_AddStringToObject(o, "model_type", name);
                     cJSON_AddNumberToObject(o, "model_size", (double)hp->weight_bytes);
                     cJSON_AddNumberToObject(o, "model_n_params", (double)hp->n_params);
-                    cJSON_AddStringToObject(o, "isa", model_kernels(m)->isa);
+                    cJSON_AddStringToObject(o, "backend", backend);
                     cJSON_AddNumberToObject(o, "n_threads", nthr);
                     cJSON_AddStringToObject(o, "test", tname);
                     cJSON_AddNumberToObject(o, "n_prompt", pp ? n : 0);
@@ -250,16 +323,26 @@ int cmd_bench(int argc, char **argv) {
                     for (int i = 0; i < st.n; i++) cJSON_AddItemToArray(sa, cJSON_CreateNumber(st.samples[i]));
                     cJSON_AddNumberToObject(o, "weight_bytes_per_token", bpt);
                     if (!pp) cJSON_AddNumberToObject(o, "weights_gbps", bpt * st.avg / 1e9);
+                    if (cl) {
+                        cJSON_AddNumberToObject(o, "nodes", cluster_plan(cl)->n);
+                        cJSON_AddNumberToObject(o, "comm_ms_per_token", comm_ms);
+                        cJSON_AddNumberToObject(o, "comm_bytes_per_token", kib * 1024.0);
+                    }
                     cJSON_AddItemToArray(jarr, o);
                 } else {
-                    char backend[16];
-                    snprintf(backend, sizeof backend, "CPU %s", model_kernels(m)->isa);
-                    printf("| %-24s | %10s | %8s | %-8s | %7d | %6s | %16s | %10s |\n", name, size, params, backend,
-                           nthr, tname, ts, bw);
+                    char extra[64] = "";
+                    if (cl) snprintf(extra, sizeof extra, " %11.3f | %7.1f |", comm_ms, kib);
+                    printf("| %-24s | %10s | %8s | %-10s | %7d | %6s | %16s | %10s |%s\n", name, size, params, backend,
+                           nthr, tname, ts, bw, extra);
                     fflush(stdout);
                 }
             }
             model_ctx_destroy(&c);
+            cluster_close(&cl, lw != NULL);
+            if (lw) {
+                launch_reap(lw, 5000);
+                free(lw);
+            }
         }
         model_destroy(&m);
     }
@@ -269,5 +352,6 @@ int cmd_bench(int argc, char **argv) {
         free(s);
         cJSON_Delete(jarr);
     }
+    free(a.workers);
     return code;
 }

@@ -947,37 +947,71 @@ static int proc_kill(comm_t *c, int r, int fd, void *arg) {
     return 0;
 }
 
+// Three ranks; rank 2 gets signal sig while ranks 0 and 1 wait for it inside an all-reduce with
+// the given deadline. res[r] = {rc, elapsed ms} of ranks 0 and 1.
+static void run_loss(const char *dir, bool tcp, comm_algo_t algo, int sig, const comm_zmq_opts_t *o, int timeout_ms,
+                     int res[2][2]) {
+    const int N = 3;
+    char eps[MAXN][EP_LEN];
+    const char *ptrs[MAXN];
+    CU_ASSERT_FATAL(make_endpoints(tcp, N, dir, "loss", eps, ptrs) == 0);
+    proc_kill_arg_t arg = {algo, timeout_ms};
+    pid_t pid[MAXN];
+    int fd[MAXN];
+    for (int r = 0; r < N; r++) pid[r] = spawn_rank(r, N, ptrs, o, proc_kill, &arg, &fd[r]);
+    double dl = now_ms() + 15000;
+    char ch[MAXN] = {0};
+    for (int r = 0; r < N; r++) CU_ASSERT(read_full(fd[r], &ch[r], 1, dl) == 0);
+    CU_ASSERT(ch[0] == 'E' && ch[1] == 'E' && ch[2] == 'R');
+    sleep_us(150000); // the survivors are inside the collective, waiting for rank 2
+    kill(pid[2], sig);
+    res[0][0] = res[1][0] = 1;
+    for (int r = 0; r < 2; r++) CU_ASSERT(read_full(fd[r], res[r], sizeof res[r], dl) == 0);
+    if (sig != SIGKILL) kill(pid[2], SIGKILL);
+    for (int r = 0; r < N; r++) {
+        close(fd[r]);
+        reap(pid[r], dl);
+    }
+    fprintf(stderr, "[%s %s sig %d: rank0 %s after %d ms, rank1 %s after %d ms] ", tcp ? "tcp" : "ipc",
+            comm_algo_name(algo), sig, mlm_strerror(res[0][0]), res[0][1], mlm_strerror(res[1][0]), res[1][1]);
+}
+
 static void test_zmq_peer_killed(void) {
     char *dir = test_tmpdir();
     CU_ASSERT_FATAL(dir != NULL);
     for (int t = 0; t < 2; t++) {
-        const int N = 3;
-        char eps[MAXN][EP_LEN];
-        const char *ptrs[MAXN];
-        CU_ASSERT_FATAL(make_endpoints(t == 1, N, dir, "kill", eps, ptrs) == 0);
-        proc_kill_arg_t arg = {t ? COMM_ALGO_RING : COMM_ALGO_STAR, 2000};
-        pid_t pid[MAXN];
-        int fd[MAXN];
-        for (int r = 0; r < N; r++) pid[r] = spawn_rank(r, N, ptrs, NULL, proc_kill, &arg, &fd[r]);
-        double dl = now_ms() + 15000;
-        char ch[MAXN] = {0};
-        for (int r = 0; r < N; r++) CU_ASSERT(read_full(fd[r], &ch[r], 1, dl) == 0);
-        CU_ASSERT(ch[0] == 'E' && ch[1] == 'E' && ch[2] == 'R');
-        sleep_us(150000); // the survivors are inside the collective, waiting for rank 2
-        kill(pid[2], SIGKILL);
-        int res[2][2] = {{1, 0}, {1, 0}};
-        for (int r = 0; r < 2; r++) CU_ASSERT(read_full(fd[r], res[r], sizeof res[r], dl) == 0);
-        for (int r = 0; r < N; r++) {
-            close(fd[r]);
-            reap(pid[r], dl);
-        }
-        fprintf(stderr, "[%s %s: rank0 %s after %d ms, rank1 %s after %d ms] ", t ? "tcp" : "ipc",
-                comm_algo_name(arg.algo), mlm_strerror(res[0][0]), res[0][1], mlm_strerror(res[1][0]), res[1][1]);
+        int res[2][2];
+        run_loss(dir, t == 1, t ? COMM_ALGO_RING : COMM_ALGO_STAR, SIGKILL, NULL, 2000, res);
         CU_ASSERT_EQUAL(res[0][0], MLM_EPEER); // rank 0 waits on rank 2 directly in both algorithms
         CU_ASSERT(res[0][1] < 2000);
         CU_ASSERT(res[1][0] == MLM_EPEER || res[1][0] == MLM_ETIMEOUT);
         CU_ASSERT(res[1][1] < 2000 + SLACK_MS);
     }
+    rmdir(dir);
+    free(dir);
+}
+
+// A frozen peer (SIGSTOP) keeps its connections open: without heartbeats the survivors hit their
+// deadline; with fast heartbeats the dead link is dropped and they see MLM_EPEER well before it.
+static void test_zmq_peer_frozen(void) {
+    char *dir = test_tmpdir();
+    CU_ASSERT_FATAL(dir != NULL);
+    comm_zmq_opts_t o;
+    comm_zmq_opts_default(&o);
+    o.heartbeat_ivl_ms = 0;
+    int res[2][2];
+    run_loss(dir, false, COMM_ALGO_STAR, SIGSTOP, &o, 600, res);
+    CU_ASSERT_EQUAL(res[0][0], MLM_ETIMEOUT);
+    CU_ASSERT(res[0][1] >= 599 && res[0][1] < 600 + SLACK_MS);
+    CU_ASSERT(res[1][0] == MLM_EPEER || res[1][0] == MLM_ETIMEOUT);
+    CU_ASSERT(res[1][1] < 600 + SLACK_MS);
+    o.heartbeat_ivl_ms = 100;
+    o.heartbeat_timeout_ms = 400;
+    run_loss(dir, true, COMM_ALGO_RING, SIGSTOP, &o, 5000, res);
+    CU_ASSERT_EQUAL(res[0][0], MLM_EPEER);
+    CU_ASSERT(res[0][1] < 2500);
+    CU_ASSERT(res[1][0] == MLM_EPEER || res[1][0] == MLM_ETIMEOUT);
+    CU_ASSERT(res[1][1] < 5000 + SLACK_MS);
     rmdir(dir);
     free(dir);
 }
@@ -998,7 +1032,8 @@ int test_comm_suite(void) {
         !CU_add_test(s, "zmq handshake and endpoints", test_zmq_handshake) ||
         !CU_add_test(s, "zmq malformed and oversized frames", test_zmq_bad_frames) ||
         !CU_add_test(s, "zmq processes all-reduce = inproc", test_zmq_processes_allreduce) ||
-        !CU_add_test(s, "zmq peer killed mid-collective", test_zmq_peer_killed))
+        !CU_add_test(s, "zmq peer killed mid-collective", test_zmq_peer_killed) ||
+        !CU_add_test(s, "zmq frozen peer: deadline or heartbeat", test_zmq_peer_frozen))
         return -1;
     return 0;
 }

@@ -71,12 +71,12 @@ static int cl_gather(void *ctx, const void *mine, size_t my_len, void *out, cons
     return rc;
 }
 
-// A free TCP port on 127.0.0.1 (bound and released: a small race other programs could win).
-static int free_port(void) {
+// A free TCP port on the given local IPv4 address (bound and released: a small race other
+// programs could win).
+static int free_port(struct in_addr ip) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0, .sin_addr = ip};
     socklen_t len = sizeof a;
     int port = -1;
     if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
@@ -85,13 +85,37 @@ static int free_port(void) {
     return port;
 }
 
+// This machine's address on the route to a worker's tcp://HOST:PORT (a connected UDP socket sends
+// nothing but learns the source address the kernel would use). Loopback when that fails.
+static struct in_addr local_addr_towards(const char *endpoint) {
+    struct in_addr out = {htonl(INADDR_LOOPBACK)};
+    char host[128];
+    const char *h = endpoint + 6, *colon = strrchr(endpoint, ':');
+    if (!colon || colon <= h || (size_t)(colon - h) >= sizeof host) return out;
+    memcpy(host, h, (size_t)(colon - h));
+    host[colon - h] = 0;
+    struct sockaddr_in peer = {.sin_family = AF_INET, .sin_port = htons(9)};
+    if (inet_pton(AF_INET, host, &peer.sin_addr) != 1) return out;
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    if (fd < 0) return out;
+    struct sockaddr_in me;
+    socklen_t len = sizeof me;
+    if (connect(fd, (struct sockaddr *)&peer, sizeof peer) == 0 && getsockname(fd, (struct sockaddr *)&me, &len) == 0)
+        out = me.sin_addr;
+    close(fd);
+    return out;
+}
+
 static void coordinator_endpoint(const cluster_t *c, char *out, size_t cap) {
     if (c->o.data_endpoint) {
         snprintf(out, cap, "%s", c->o.data_endpoint);
     } else if (c->o.n_workers > 0 && strncmp(c->o.workers[0], "ipc://", 6) == 0) {
         snprintf(out, cap, "%s.coord%ld", c->o.workers[0], (long)getpid());
     } else {
-        snprintf(out, cap, "tcp://127.0.0.1:%d", free_port());
+        struct in_addr ip = local_addr_towards(c->o.workers[0]);
+        char txt[INET_ADDRSTRLEN];
+        inet_ntop(AF_INET, &ip, txt, sizeof txt);
+        snprintf(out, cap, "tcp://%s:%d", txt, free_port(ip));
     }
 }
 

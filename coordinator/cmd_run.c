@@ -37,6 +37,7 @@ typedef struct {
     bool coord_shard;         // --coordinator-shard
     const char *speeds;       // --speeds
     int timeout_ms;           // --timeout
+    const char *data_endpoint; // --data-endpoint
     bool verbose;             // --verbose
 } run_args_t;
 
@@ -73,12 +74,14 @@ static void run_usage(FILE *f) {
             "      --coordinator-shard the coordinator computes a share too\n"
             "      --speeds LIST       relative speeds of the computing nodes, e.g. 2,1 (default equal)\n"
             "      --timeout MS        deadline of each exchange and collective (default 30000)\n"
+            "      --data-endpoint EP  the coordinator's data-plane endpoint (default: its address towards the\n"
+            "                          first worker, on a free port)\n"
             "      --verbose           cluster progress on stderr\n");
 }
 
 enum { O_TEMP = 1000, O_TOPK, O_TOPP, O_MINP, O_RP, O_RLN, O_SEED, O_GREEDY, O_IGNEOS, O_NOBOS, O_KV, O_NOREPACK,
        O_JSON, O_LOGITS, O_WORKERS, O_LOCAL, O_LOCAL_TCP, O_LOCAL_NOMODEL, O_CACHE, O_CSHARD, O_SPEEDS, O_TIMEOUT,
-       O_VERBOSE };
+       O_VERBOSE, O_DATA_EP };
 
 static int parse_args(int argc, char **argv, run_args_t *a) {
     static const struct option opts[] = {
@@ -97,6 +100,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         {"local-no-model", no_argument, 0, O_LOCAL_NOMODEL}, {"cache-dir", required_argument, 0, O_CACHE},
         {"coordinator-shard", no_argument, 0, O_CSHARD}, {"speeds", required_argument, 0, O_SPEEDS},
         {"timeout", required_argument, 0, O_TIMEOUT}, {"verbose", no_argument, 0, O_VERBOSE},
+        {"data-endpoint", required_argument, 0, O_DATA_EP},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->n_predict = 128;
@@ -161,6 +165,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         case O_SPEEDS: a->speeds = optarg; break;
         case O_TIMEOUT: a->timeout_ms = atoi(optarg); break;
         case O_VERBOSE: a->verbose = true; break;
+        case O_DATA_EP: a->data_endpoint = optarg; break;
         case 'h': run_usage(stdout); return -1;
         default: run_usage(stderr); return 1;
         }
@@ -291,7 +296,8 @@ static int run_main(run_args_t *ap) {
         }
         cluster_opts_t co = {.model_path = a.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
                              .coordinator_shard = a.coord_shard, .n_ctx = a.n_ctx, .n_threads = a.n_threads,
-                             .timeout_ms = a.timeout_ms, .kv_f32 = a.kv_f32, .verbose = a.verbose};
+                             .timeout_ms = a.timeout_ms, .kv_f32 = a.kv_f32, .verbose = a.verbose,
+                             .data_endpoint = a.data_endpoint};
         if ((rc = cluster_open(&cl, &co, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             goto out;

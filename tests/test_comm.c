@@ -388,7 +388,16 @@ static void test_allreduce_q8(void) {
 
 static void test_auto_choice(void) {
     comm_t *cs[4];
+    char *saved = getenv("MESHLM_ALLREDUCE") ? strdup(getenv("MESHLM_ALLREDUCE")) : NULL;
+    setenv("MESHLM_ALLREDUCE", "ring", 1); // the environment forces a choice for comms made now
+    CU_ASSERT_FATAL(comm_inproc_new_group(cs, 2) == 0);
+    CU_ASSERT_EQUAL(comm_choose_algo(cs[0], 16), COMM_ALGO_RING);
+    destroy_all(cs, 2);
+    if (saved) setenv("MESHLM_ALLREDUCE", saved, 1);
+    else unsetenv("MESHLM_ALLREDUCE");
+    free(saved);
     CU_ASSERT_FATAL(comm_inproc_new_group(cs, 4) == 0);
+    comm_set_algo(cs[0], COMM_ALGO_AUTO); // whatever the environment says
     comm_set_link(cs[0], 100, 125e6);
     CU_ASSERT_EQUAL(comm_choose_algo(cs[0], 4096), COMM_ALGO_STAR);     // small: latency-bound
     CU_ASSERT_EQUAL(comm_choose_algo(cs[0], 4 << 20), COMM_ALGO_RING);  // large: bandwidth-bound

@@ -101,15 +101,26 @@ static int run_cluster(const char *case_name, const layout_t *ly, cluster_stats_
 // --- tests
 
 static void test_bit_exact_layouts(void) {
-    const char *cases[] = {"stories260K.p1", "synth-dense-Q4_K_M.p1", "synth-moe-Q8_0.p0"};
+    // One case per model file in shared/reference (the .p0 cases), on 1-4 worker processes with even
+    // and uneven splits, over ipc and tcp, with and without a coordinator share.
+    char **names = NULL;
+    int n = ref_list(&names);
+    CU_ASSERT_FATAL(n >= 40);
     const layout_t layouts[] = {
         {1, NULL, false, false, false, NULL}, {2, NULL, false, false, false, NULL},
         {3, "2,1,1", false, false, false, NULL}, {4, NULL, true, false, false, NULL},
-        {2, "1,2,1", false, true, false, NULL},
+        {2, "1,2,1", true, true, false, NULL},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+    int models = 0;
+    for (int i = 0; i < n; i++) {
+        size_t l = strlen(names[i]);
+        if (l < 3 || strcmp(names[i] + l - 3, ".p0") != 0) continue;
+        models++;
         for (size_t j = 0; j < sizeof layouts / sizeof *layouts; j++)
-            CU_ASSERT_EQUAL(run_cluster(cases[i], &layouts[j], NULL), 0);
+            CU_ASSERT_EQUAL(run_cluster(names[i], &layouts[j], NULL), 0);
+    }
+    CU_ASSERT(models >= 18);
+    ref_names_free(names, n);
 }
 
 static void test_shard_streaming_and_cache(void) {
@@ -163,7 +174,7 @@ static void test_killed_worker(void) {
 int test_cluster_suite(void) {
     CU_pSuite s = CU_add_suite("cluster", NULL, NULL);
     if (!s) return -1;
-    if (!CU_add_test(s, "1-4 worker processes, even/uneven, ipc/tcp: bit-exact", test_bit_exact_layouts) ||
+    if (!CU_add_test(s, "every reference model on 1-4 worker processes: bit-exact", test_bit_exact_layouts) ||
         !CU_add_test(s, "workers without the model: streamed once, then cached", test_shard_streaming_and_cache) ||
         !CU_add_test(s, "a killed worker is an error within the deadline", test_killed_worker))
         return -1;

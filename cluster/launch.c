@@ -78,6 +78,7 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
         argv[a++] = name;
         argv[a++] = "-t";
         argv[a++] = threads;
+        argv[a++] = "--no-profile"; // workers sharing one machine would measure each other
         if (o->model_path) {
             argv[a++] = "--model";
             argv[a++] = o->model_path;

@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cluster/profile.h"
 #include "proto/msg_io.h"
 #include "transport/comm_zmq.h"
 #include "transport/gatherv.h"
@@ -191,7 +192,23 @@ static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
             return MLM_EINVAL;
         }
     } else {
+        // Measured speed for the model's main weight type, when every worker reported one.
         plan_parse_nodes("64", nodes, PLAN_MAX_NODES, err, errlen);
+        int t = qtype_from_name(model_type_name(full));
+        bool all = true;
+        for (int i = 0; i < c->o.n_workers; i++) all &= c->w[i].hello.n_speeds > 0;
+        for (int i = 0; all && i < c->o.n_workers; i++) {
+            double best = 0, sum = 0;
+            for (int j = 0; j < c->w[i].hello.n_speeds; j++) {
+                sum += c->w[i].hello.speeds[j].gflops;
+                if (c->w[i].hello.speeds[j].type == t) best = c->w[i].hello.speeds[j].gflops;
+            }
+            nodes[i + (c->o.coordinator_shard ? 1 : 0)].speed = best > 0 ? best : sum / c->w[i].hello.n_speeds;
+        }
+        if (all && c->o.coordinator_shard) {
+            profile_t me;
+            if (profile_node(&me, c->o.n_threads, NULL, 300) == 0) nodes[0].speed = profile_gflops(&me, (qtype_t)t);
+        }
     }
     for (int i = 0; i < n_compute; i++) {
         int wi = i - (c->o.coordinator_shard ? 1 : 0);

@@ -20,6 +20,7 @@ static void worker_usage(FILE *f) {
             "  -t, --threads N      compute threads (default: all cores)\n"
             "  --mem-budget SIZE    memory for weights + KV cache, e.g. 2G (reported to the planner)\n"
             "  --timeout MS         deadline of each exchange with the coordinator and peers (default 30000)\n"
+            "  --no-profile         do not measure this machine at start (planned as an average node)\n"
             "  --verbose            log every message\n");
 }
 
@@ -31,6 +32,7 @@ int cmd_worker(int argc, char **argv) {
         {"cache-dir", required_argument, 0, 'C'}, {"name", required_argument, 0, 'N'},
         {"threads", required_argument, 0, 't'}, {"mem-budget", required_argument, 0, 'B'},
         {"timeout", required_argument, 0, 'T'}, {"verbose", no_argument, 0, 'v'},
+        {"no-profile", no_argument, 0, 'P'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     node_opts_t o = {0};
     optind = 1;
@@ -50,6 +52,7 @@ int cmd_worker(int argc, char **argv) {
             break;
         case 'T': o.timeout_ms = atoi(optarg); break;
         case 'v': o.verbose = true; break;
+        case 'P': o.no_profile = true; break;
         case 'h': worker_usage(stdout); return 0;
         default: worker_usage(stderr); return 2;
         }

@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cluster/profile.h"
 #include "proto/msg_io.h"
 #include "transport/comm_zmq.h"
 #include "transport/gatherv.h"
@@ -44,6 +45,7 @@ typedef struct {
     model_tp_t tp;
     float *logits;              // (max rows, n_vocab) scratch for the output gather
     size_t logits_cap;          // floats
+    profile_t prof;             // measured at start (n_types 0 when skipped)
 } node_t;
 
 // --- helpers
@@ -104,6 +106,10 @@ static int on_hello(node_t *n) {
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     h->n_cores = (uint32_t)(n->o->n_threads > 0 ? n->o->n_threads : (cores > 0 ? cores : 1));
     h->ram_budget_bytes = n->o->mem_budget;
+    h->n_speeds = n->prof.n_types < MSG_MAX_SPEEDS ? n->prof.n_types : MSG_MAX_SPEEDS;
+    for (int i = 0; i < h->n_speeds; i++) h->speeds[i] = (msg_speed_t){n->prof.type[i], (float)n->prof.gflops[i]};
+    h->mem_bw_bytes_s = (uint64_t)n->prof.mem_bw;
+    h->disk_read_bw_bytes_s = (uint64_t)n->prof.disk_bw;
     h->has_model = n->have_sha;
     if (n->have_sha) {
         memcpy(h->model_sha256, n->sha, 32);
@@ -294,6 +300,11 @@ int node_serve(const node_opts_t *o, char *err, size_t errlen) {
     }
     int rc = link_listen(&n.link, o->listen, err, errlen);
     if (rc != 0) return rc;
+    if (!o->no_profile && profile_node(&n.prof, o->n_threads, o->model_path, 300) == 0 && o->verbose) {
+        fprintf(stderr, "[%s] profile: %.1f GB/s memory, %.1f GFLOP/s Q4_0, %.1f GFLOP/s Q8_0, disk %.0f MB/s\n",
+                n.node_id, n.prof.mem_bw / 1e9, profile_gflops(&n.prof, QT_Q4_0), profile_gflops(&n.prof, QT_Q8_0),
+                n.prof.disk_bw / 1e6);
+    }
     vlog(&n, "listening on", o->listen);
     bool stop = false;
     while (!stop) {

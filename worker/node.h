@@ -17,6 +17,7 @@ typedef struct {
     uint64_t mem_budget;     // bytes for weights + KV cache (0 = unlimited), reported to the coordinator
     int timeout_ms;          // deadline of each collective and control exchange (0 = 30000)
     bool verbose;            // log each message on stderr
+    bool no_profile;         // skip measuring the machine at start (the planner then assumes equal speed)
 } node_opts_t;
 
 // Serves plans one after another until a SHUTDOWN with reason "exit" (returns 0) or a fatal error

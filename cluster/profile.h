@@ -1,0 +1,27 @@
+// Node profiling: measured matmul throughput per weight type, memory and disk read bandwidth.
+#ifndef MESHLM_PROFILE_H
+#define MESHLM_PROFILE_H
+
+#include <stdint.h>
+
+#include "worker/quant.h"
+
+#define PROFILE_MAX_TYPES 8
+
+typedef struct {
+    int n_types;
+    qtype_t type[PROFILE_MAX_TYPES];    // weight types measured
+    double gflops[PROFILE_MAX_TYPES];   // decode matrix-vector throughput (2 flops per weight)
+    double mem_bw;                      // bytes/s streamed by all threads
+    double disk_bw;                     // bytes/s reading the model file (0 when none)
+    int n_threads;                      // threads used
+} profile_t;
+
+// Measures this machine with n_threads (0 = all cores) in about budget_ms; model_path (or NULL)
+// is read for the disk figure. Returns 0 or MLM_ENOMEM.
+int profile_node(profile_t *p, int n_threads, const char *model_path, int budget_ms);
+
+// Throughput for a type (or, when it was not measured, the mean of the measured ones).
+double profile_gflops(const profile_t *p, qtype_t t);
+
+#endif

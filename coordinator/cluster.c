@@ -282,6 +282,8 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
     uint8_t *buf = malloc(CHUNK_BYTES);
     if (!f || !buf) rc = MLM_EIO;
     uint64_t total = 0, off = 0;
+    const bool show = isatty(2) != 0;
+    const double t0 = now_ms();
     if (rc == 0) {
         fseek(f, 0, SEEK_END);
         total = (uint64_t)ftell(f);
@@ -309,6 +311,12 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
         sd->len = n;
         rc = msg_send_link(c->w[wi].link, &m, c->timeout_ms, err, errlen);
         off += n;
+        if (show) {
+            double el = (now_ms() - t0) / 1e3;
+            fprintf(stderr, "\rmeshlm: shard %d -> %s: %.1f / %.1f MB (%.0f MB/s)   ", wi + 1, c->w[wi].endpoint,
+                    (double)off / 1e6, (double)total / 1e6, el > 0 ? (double)off / 1e6 / el : 0.0);
+            if (off >= total) fputc('\n', stderr);
+        }
     }
     if (f) fclose(f);
     free(buf);

@@ -7,6 +7,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "worker/clock.h"
 #include "worker/err.h"
 #include "worker/matmul.h"
 #include "worker/threadpool.h"
@@ -16,12 +17,6 @@
 #define PROF_ROWS 1024
 #define PROF_COLS 4096
 #define MEM_BYTES (64u << 20)
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 typedef struct {
     const kernels_t *k;
@@ -88,8 +83,8 @@ int profile_node(profile_t *p, int n_threads, const char *model_path, int budget
         mm_quantize_act(k, types[t], x, xq, PROF_COLS);
         mv_job_t job = {k, &mw, xq, y};
         int reps = 0;
-        double t0 = now_s(), el = 0;
-        while ((el = now_s() - t0) < per || reps < 3) {
+        double t0 = (mlm_now_ms() / 1e3), el = 0;
+        while ((el = (mlm_now_ms() / 1e3) - t0) < per || reps < 3) {
             tpool_run(pool, mv_fn, &job);
             reps++;
         }
@@ -101,8 +96,8 @@ int profile_node(profile_t *p, int n_threads, const char *model_path, int budget
     memset(mem, 1, MEM_BYTES);
     mem_job_t mj = {mem, MEM_BYTES / 8, {0}};
     int reps = 0;
-    double t0 = now_s(), el = 0;
-    while ((el = now_s() - t0) < per || reps < 2) {
+    double t0 = (mlm_now_ms() / 1e3), el = 0;
+    while ((el = (mlm_now_ms() / 1e3) - t0) < per || reps < 2) {
         tpool_run(pool, mem_fn, &mj);
         reps++;
     }
@@ -112,9 +107,9 @@ int profile_node(profile_t *p, int n_threads, const char *model_path, int budget
         if (fd >= 0) {
             size_t got = 0;
             ssize_t r;
-            double s0 = now_s();
+            double s0 = (mlm_now_ms() / 1e3);
             while (got < MEM_BYTES && (r = read(fd, mem, 1 << 20)) > 0) got += (size_t)r;
-            double d = now_s() - s0;
+            double d = (mlm_now_ms() / 1e3) - s0;
             if (got > 0 && d > 0) p->disk_bw = (double)got / d;
             close(fd);
         }

@@ -1,4 +1,5 @@
 // Coordinator side of a cluster: hello, plan, shard loading with slice streaming, data plane, steps.
+#include "worker/clock.h"
 #include "coordinator/cluster.h"
 
 #include <arpa/inet.h>
@@ -56,17 +57,11 @@ struct cluster {
 
 // --- helpers
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
 static int cl_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
     cl_gather_t *g = ctx;
-    const double t0 = now_ms();
+    const double t0 = mlm_now_ms();
     int rc = comm_allgatherv(g->comm, mine, my_len, out, lens, g->timeout_ms);
-    g->stats->gather_ms += now_ms() - t0;
+    g->stats->gather_ms += mlm_now_ms() - t0;
     for (int r = 0; r < g->n; r++) g->stats->gather_bytes += (uint64_t)lens[r] * (uint64_t)(g->n - 1);
     g->stats->gathers++;
     return rc;
@@ -283,7 +278,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
     if (!f || !buf) rc = MLM_EIO;
     uint64_t total = 0, off = 0;
     const bool show = isatty(2) != 0;
-    const double t0 = now_ms();
+    const double t0 = mlm_now_ms();
     if (rc == 0) {
         fseek(f, 0, SEEK_END);
         total = (uint64_t)ftell(f);
@@ -312,7 +307,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
         rc = msg_send_link(c->w[wi].link, &m, c->timeout_ms, err, errlen);
         off += n;
         if (show) {
-            double el = (now_ms() - t0) / 1e3;
+            double el = (mlm_now_ms() - t0) / 1e3;
             fprintf(stderr, "\rmeshlm: shard %d -> %s: %.1f / %.1f MB (%.0f MB/s)   ", wi + 1, c->w[wi].endpoint,
                     (double)off / 1e6, (double)total / 1e6, el > 0 ? (double)off / 1e6 / el : 0.0);
             if (off >= total) fputc('\n', stderr);
@@ -385,7 +380,7 @@ int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t err
     c->plan = calloc(1, sizeof *c->plan);
     c->slices = calloc((size_t)c->n_nodes, sizeof *c->slices);
     c->pnodes = calloc((size_t)c->n_nodes, sizeof *c->pnodes);
-    const double t0 = now_ms();
+    const double t0 = mlm_now_ms();
     model_t *full = NULL;
     int rc = (c->w && c->plan && c->slices && c->pnodes) ? 0 : MLM_ENOMEM;
     model_load_opts_t flo = {.repack = false};
@@ -417,7 +412,7 @@ int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t err
         cluster_close(&c, false);
         return rc;
     }
-    c->stats.load_ms = now_ms() - t0;
+    c->stats.load_ms = mlm_now_ms() - t0;
     *out = c;
     return 0;
 }

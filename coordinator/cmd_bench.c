@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "worker/clock.h"
 #include "cluster/launch.h"
 #include "coordinator/cli.h"
 #include "coordinator/cluster.h"
@@ -101,13 +102,13 @@ static int run_test(const gen_engine_t *eng, bool prompt, int n, int reps, bench
     st->n = 0;
     for (int r = -1; r < reps && rc == 0; r++) { // r == -1 is the warm-up
         eng->reset(eng->ctx);
-        double t0 = gen_now_ms();
+        double t0 = mlm_now_ms();
         if (prompt) {
             rc = eng->eval(eng->ctx, toks, n, logits, false);
         } else {
             for (int i = 0; i < n && rc == 0; i++) rc = eng->eval(eng->ctx, &toks[i], 1, logits, false);
         }
-        double ms = gen_now_ms() - t0;
+        double ms = mlm_now_ms() - t0;
         if (r >= 0 && rc == 0) st->samples[st->n++] = n * 1000.0 / ms;
     }
     stat_finish(st);

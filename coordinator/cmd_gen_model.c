@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "worker/clock.h"
 #include "coordinator/cli.h"
 #include "worker/err.h"
 #include "worker/gguf.h"
@@ -368,12 +369,6 @@ static void gen_rows(void *arg, int ith, int nth) {
     }
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 // Streams every tensor: generate + quantize a chunk of rows on all threads, write it, repeat.
 static int write_weights(gguf_writer_t *w, const tensor_list_t *l, uint64_t seed, int n_threads,
                          char *err, size_t errlen) {
@@ -395,7 +390,7 @@ static int write_weights(gguf_writer_t *w, const tensor_list_t *l, uint64_t seed
         rc = MLM_ENOMEM;
     }
     const bool tty = isatty(STDERR_FILENO);
-    const double t0 = now_s();
+    const double t0 = (mlm_now_ms() / 1e3);
     double last = t0;
     const double total = (double)(gguf_writer_bytes_written(w) + gguf_writer_data_size(w));
     for (int i = 0; !rc && i < l->n; i++) {
@@ -422,7 +417,7 @@ static int write_weights(gguf_writer_t *w, const tensor_list_t *l, uint64_t seed
                 break;
             }
             rc = gguf_writer_write_data(w, chunk, (size_t)nr * row_bytes, err, errlen);
-            double now = now_s();
+            double now = (mlm_now_ms() / 1e3);
             if (tty && !rc && now - last > 0.25) {
                 last = now;
                 double mb = (double)gguf_writer_bytes_written(w) / 1e6;
@@ -653,7 +648,7 @@ int cmd_gen_model(int argc, char **argv) {
         }
         n_params += (uint64_t)(t->ne[0] * t->ne[1] * t->ne[2]);
     }
-    double t0 = now_s();
+    double t0 = (mlm_now_ms() / 1e3);
     if (!rc) rc = gguf_writer_open(w, o.out, err, sizeof err);
     if (!rc) {
         long nc = sysconf(_SC_NPROCESSORS_ONLN);
@@ -663,7 +658,7 @@ int cmd_gen_model(int argc, char **argv) {
     }
     if (!rc) rc = gguf_writer_finish(w, err, sizeof err);
     if (!rc) {
-        double dt = now_s() - t0, mb = (double)gguf_writer_bytes_written(w) / 1e6;
+        double dt = (mlm_now_ms() / 1e3) - t0, mb = (double)gguf_writer_bytes_written(w) / 1e6;
         fprintf(stderr, "gen-model: wrote %s: %s %s, %d tensors, %.3f B params, %.1f MB in %.2f s (%.0f MB/s)\n",
                 o.out, m.name, o.quant, tl.n, (double)n_params / 1e9, mb, dt, dt > 0 ? mb / dt : 0.0);
     } else {

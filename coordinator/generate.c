@@ -1,4 +1,5 @@
 // The generation loop: evaluate the prompt, then sample and feed one token at a time.
+#include "worker/clock.h"
 #include "coordinator/generate.h"
 
 #include <stdlib.h>
@@ -9,12 +10,6 @@
 #include "worker/tokenizer.h"
 
 // --- helpers
-
-double gen_now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 static int append(char **buf, size_t *len, size_t *cap, const char *s, size_t n) {
     if (*len + n + 1 > *cap) {
@@ -61,9 +56,9 @@ int gen_run(const gen_engine_t *eng, const struct tokenizer *tok, const int32_t 
         goto out;
     }
     for (int i = 0; i < n_prompt; i++) sampler_accept(smp, prompt_tokens[i]);
-    double t0 = gen_now_ms();
+    double t0 = mlm_now_ms();
     rc = eng->eval(eng->ctx, prompt_tokens, n_prompt, logits, all);
-    res->prompt_ms = gen_now_ms() - t0;
+    res->prompt_ms = mlm_now_ms() - t0;
     if (rc != 0) {
         snprintf(err, errlen, "prompt evaluation failed: %s", mlm_strerror(rc));
         goto out;
@@ -72,7 +67,7 @@ int gen_run(const gen_engine_t *eng, const struct tokenizer *tok, const int32_t 
     const float *last = logits + (all ? (size_t)(n_prompt - 1) * nv : 0);
     tok_stream_t ts = {0};
     char piece[256];
-    double g0 = gen_now_ms();
+    double g0 = mlm_now_ms();
     for (int i = 0; i < o->n_predict; i++) {
         int32_t t = sampler_sample(smp, last);
         sampler_accept(smp, t);
@@ -108,7 +103,7 @@ int gen_run(const gen_engine_t *eng, const struct tokenizer *tok, const int32_t 
             if ((rc = append(&res->text, &res->text_len, &text_cap, piece, (size_t)n)) != 0) goto out;
         }
     }
-    res->gen_ms = gen_now_ms() - g0;
+    res->gen_ms = mlm_now_ms() - g0;
 out:
     free(logits);
     sampler_destroy(&smp);

@@ -42,7 +42,4 @@ int gen_run(const gen_engine_t *eng, const struct tokenizer *tok, const int32_t 
 
 void gen_result_free(gen_result_t *r);
 
-// Monotonic milliseconds.
-double gen_now_ms(void);
-
 #endif

@@ -8,6 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "worker/clock.h"
 #include "cluster/launch.h"
 #include "coordinator/cluster.h"
 #include "ref_cases.h"
@@ -15,12 +16,6 @@
 #include "worker/err.h"
 
 // --- helpers
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 // Logits of the case's sequence on one node, fed as generation does: prompt, then one at a time.
 static float *single_node(const ref_case_t *rc, int *n_tok) {
@@ -158,9 +153,9 @@ static void test_killed_worker(void) {
     float *lg = malloc((size_t)rc.n_vocab * sizeof(float));
     CU_ASSERT_EQUAL(cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, false), 0);
     kill(l.pid[1], SIGKILL); // worker 1 dies between steps
-    double t0 = now_ms();
+    double t0 = mlm_now_ms();
     int r = cluster_eval(cl, &rc.greedy[0], 1, lg, false);
-    double el = now_ms() - t0;
+    double el = mlm_now_ms() - t0;
     CU_ASSERT(r == MLM_EPEER || r == MLM_ETIMEOUT);
     CU_ASSERT(el < deadline * 2 + 1000); // a clean error within the deadline, not a hang
     CU_ASSERT(strlen(cluster_error(cl)) > 0);

@@ -3,20 +3,14 @@
 
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
 
+#include "worker/clock.h"
 #include "worker/err.h"
 
 // --- helpers
 
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static int left_ms(int64_t deadline) {
-    int64_t l = deadline - now_ms();
+    int64_t l = deadline - (int64_t)mlm_now_ms();
     return l > 0 ? (int)l : 0;
 }
 
@@ -25,7 +19,7 @@ static int left_ms(int64_t deadline) {
 int comm_allgatherv(comm_t *c, const void *in, size_t len, void *out, const size_t *lens, int timeout_ms) {
     const int n = comm_size(c), me = comm_rank(c);
     if (len != lens[me]) return MLM_EINVAL;
-    const int64_t deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    const int64_t deadline = (int64_t)mlm_now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
     size_t off_me = 0;
     for (int r = 0; r < me; r++) off_me += lens[r];
     if (len) memcpy((uint8_t *)out + off_me, in, len);

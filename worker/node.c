@@ -1,4 +1,5 @@
 // Worker process: hello, plan, shard loading (local file, cache, or streamed by the coordinator), steps.
+#include "worker/clock.h"
 #include "worker/node.h"
 
 #include <errno.h>
@@ -49,12 +50,6 @@ typedef struct {
 } node_t;
 
 // --- helpers
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 static void vlog(const node_t *n, const char *what, const char *detail) {
     if (n->o->verbose) fprintf(stderr, "[%s] %s %s\n", n->node_id, what, detail ? detail : "");
@@ -173,7 +168,7 @@ static int64_t receive_shard(node_t *n, const char *path) {
 static int on_load(node_t *n, const msg_load_shard_t *ls) {
     char err[512] = "", path[1100];
     if (!n->planned || ls->node_index != (uint32_t)n->index) return send_error(n, MLM_ESTATE, "LOAD_SHARD without a plan for this node", 0), MLM_ESTATE;
-    const double t0 = now_ms();
+    const double t0 = mlm_now_ms();
     const shard_slice_t *sl = &n->slices[n->index];
     msg_t ack;
     msg_init(&ack, MSG_LOAD_SHARD_ACK);
@@ -211,7 +206,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         const char *eps[MSG_MAX_NODES];
         for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;
         ack.load_shard_ack.status = 0;
-        ack.load_shard_ack.ms = (uint64_t)(now_ms() - t0);
+        ack.load_shard_ack.ms = (uint64_t)(mlm_now_ms() - t0);
         if ((rc = msg_send_link(n->link, &ack, n->gc.timeout_ms, err, sizeof err)) != 0) return rc;
         comm_zmq_opts_t zo;
         comm_zmq_opts_default(&zo);

@@ -9,7 +9,7 @@ if [ ! -d "$MESHLM_SHARED/models" ]; then
   echo "run_tests: $MESHLM_SHARED/models not found; set MESHLM_SHARED to the shared/ folder" >&2
   exit 1
 fi
-fuzz_seconds="${MESHLM_FUZZ_SECONDS:-60}"
+fuzz_seconds="${MESHLM_FUZZ_SECONDS:-30}"
 
 echo "== release build"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null

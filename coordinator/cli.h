@@ -9,5 +9,6 @@ int cmd_gen_model(int argc, char **argv);  // write a seeded random GGUF (cmd_ge
 int cmd_plan(int argc, char **argv);       // print a tensor-parallel shard table (cmd_plan.c)
 int cmd_worker(int argc, char **argv);     // serve shards to a coordinator (cmd_worker.c)
 int cmd_coordinator(int argc, char **argv); // run with remote workers: `run` that requires --workers (cmd_run.c)
+int cmd_mpi(int argc, char **argv);        // tensor-parallel generation under mpirun (cmd_mpi.c)
 
 #endif

@@ -16,6 +16,7 @@ static const subcommand_t subcommands[] = {
     {"inspect", cmd_inspect, "print a GGUF file's metadata and tensor table"},
     {"worker", cmd_worker, "serve model shards to a coordinator (meshlm worker --listen tcp://0.0.0.0:5000)"},
     {"coordinator", cmd_coordinator, "generate with remote workers (run --workers tcp://a:p,tcp://b:p)"},
+    {"mpi", cmd_mpi, "generate across the ranks of an MPI job (mpirun -np N meshlm mpi -m FILE -p TEXT)"},
     {"plan", cmd_plan, "print how a model would be split over nodes (no compute)"},
     {"gen-model", cmd_gen_model, "write a GGUF with seeded random weights in a real model's shape"},
     {NULL, NULL, NULL},

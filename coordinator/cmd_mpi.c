@@ -1,0 +1,661 @@
+// meshlm mpi: tensor-parallel generation over the ranks of an mpirun job (rank 0 samples and prints, like `run`).
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "coordinator/cli.h"
+#include "coordinator/generate.h"
+#include "parallel/plan.h"
+#include "transport/comm_mpi.h"
+#include "transport/gatherv.h"
+#include "worker/clock.h"
+#include "worker/err.h"
+#include "worker/model.h"
+#include "worker/tokenizer.h"
+
+// --- types
+
+// Control messages from rank 0 (and failure notices from any rank), two frames:
+//   frame 0: u32 STEP_MAGIC, u16 STEP_VERSION, u16 kind, u32 n, u32 pos, u32 flags, u32 0  (little-endian)
+//   frame 1: STEP: n int32 tokens; FAIL: the reason as text; otherwise empty.
+// Two frames, so a notice that lands inside comm_allgatherv (one frame per block) fails it at once.
+#define STEP_MAGIC 0x534d4c4du   // "MLMS"
+#define STEP_VERSION 1
+#define STEP_HDR_BYTES 24
+enum { K_STEP = 1, K_RESET = 2, K_STOP = 3, K_FAIL = 4 }; // only ever appended
+#define F_ALL_LOGITS 1u          // flags: all_logits
+#define F_LOGITS 2u              // flags: logits wanted (non-NULL)
+
+typedef struct {
+    const char *model;        // -m
+    const char *prompt;       // -p
+    int n_predict;            // -n
+    int n_threads;            // -t
+    int n_ctx;                // -c
+    int n_batch;              // -b
+    bool json;                // --json
+    bool no_bos;              // --no-bos
+    bool repack;              // !--no-repack
+    bool kv_f32;              // --kv-type f32
+    const char *logits_path;  // --logits (rank 0)
+    const char *speeds;       // --speeds
+    int timeout_ms;           // --timeout
+    bool selftest;            // --selftest
+    bool verbose;             // --verbose
+    gen_opts_t gen;           // sampling and stopping
+} mpi_args_t;
+
+// The gather of the tensor-parallel forward pass, over the MPI comm.
+typedef struct {
+    comm_t *comm;             // borrowed
+    int timeout_ms;           // per gather
+} mpi_gather_t;
+
+// Rank 0's engine: broadcasts every step, then computes its share.
+typedef struct {
+    comm_t *comm;             // borrowed
+    model_ctx_t *ctx;         // borrowed
+    int timeout_ms;           // per message
+    int rc;                   // first failure of a reset (reported by the next eval)
+} mpi_engine_t;
+
+// --- helpers
+
+static void put32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint32_t get32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static int send_ctl(comm_t *c, int peer, int kind, uint32_t n, uint32_t pos, uint32_t flags, const void *body,
+                    size_t len, int timeout_ms) {
+    uint8_t h[STEP_HDR_BYTES] = {0};
+    put32(h, STEP_MAGIC);
+    h[4] = STEP_VERSION;
+    h[6] = (uint8_t)kind;
+    put32(h + 8, n);
+    put32(h + 12, pos);
+    put32(h + 16, flags);
+    comm_iov_t f[2] = {{h, sizeof h}, {body, len}};
+    return comm_send(c, peer, f, 2, timeout_ms);
+}
+
+// Sends a control message to every other rank; the first error wins.
+static int send_ctl_all(comm_t *c, int kind, uint32_t n, uint32_t pos, uint32_t flags, const void *body, size_t len,
+                        int timeout_ms) {
+    int rc = 0;
+    for (int r = 0; r < comm_size(c); r++) {
+        if (r == comm_rank(c)) continue;
+        int e = send_ctl(c, r, kind, n, pos, flags, body, len, timeout_ms);
+        if (e != 0 && rc == 0) rc = e;
+    }
+    return rc;
+}
+
+// Tells every other rank this one failed (best effort), so none waits for it until its deadline.
+static void notify_failure(comm_t *c, const char *why) {
+    if (c && comm_size(c) > 1) send_ctl_all(c, K_FAIL, 0, 0, 0, why, strlen(why), 1000);
+}
+
+static int mpi_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
+    mpi_gather_t *g = ctx;
+    return comm_allgatherv(g->comm, mine, my_len, out, lens, g->timeout_ms);
+}
+
+static int engine_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) {
+    mpi_engine_t *e = ctx;
+    if (e->rc != 0) return e->rc;
+    if (n < 0) return MLM_EINVAL;
+    uint8_t *body = malloc((size_t)n * 4 + 1);
+    if (!body) return MLM_ENOMEM;
+    for (int i = 0; i < n; i++) put32(body + 4 * (size_t)i, (uint32_t)t[i]);
+    uint32_t flags = (all ? F_ALL_LOGITS : 0) | (logits ? F_LOGITS : 0);
+    int rc = send_ctl_all(e->comm, K_STEP, (uint32_t)n, (uint32_t)model_ctx_pos(e->ctx), flags, body, (size_t)n * 4,
+                          e->timeout_ms);
+    free(body);
+    if (rc != 0) return e->rc = rc;
+    return model_eval(e->ctx, t, n, logits, all);
+}
+
+static void engine_reset(void *ctx) {
+    mpi_engine_t *e = ctx;
+    int rc = send_ctl_all(e->comm, K_RESET, 0, 0, 0, NULL, 0, e->timeout_ms);
+    if (rc != 0 && e->rc == 0) e->rc = rc;
+    model_ctx_reset(e->ctx);
+}
+
+// Ranks > 0: run every step rank 0 announces until STOP. 0, or a negative code with err set.
+static int follow(comm_t *comm, model_ctx_t *ctx, int n_vocab, int timeout_ms, char *err, size_t errlen) {
+    float *logits = NULL;     // (rows, n_vocab) scratch, rows = the largest step seen
+    size_t cap = 0;           // floats in logits
+    int32_t *toks = NULL;     // (n) the step's tokens
+    int rc = 0;
+    for (;;) {
+        comm_msg_t m;
+        rc = comm_recv(comm, 0, &m, NULL, timeout_ms);
+        if (rc != 0) {
+            snprintf(err, errlen, "waiting for a step from rank 0: %s", mlm_strerror(rc));
+            break;
+        }
+        const uint8_t *h = m.data[0];
+        if (m.n != 2 || m.len[0] != STEP_HDR_BYTES || get32(h) != STEP_MAGIC || h[4] != STEP_VERSION) {
+            comm_msg_free(&m);
+            snprintf(err, errlen, "malformed control message from rank 0");
+            rc = MLM_EPROTO;
+            break;
+        }
+        const int kind = h[6];
+        const uint32_t n = get32(h + 8), pos = get32(h + 12), flags = get32(h + 16);
+        if (kind == K_STOP) {
+            comm_msg_free(&m);
+            break;
+        }
+        if (kind == K_FAIL) {
+            snprintf(err, errlen, "rank 0 failed: %.*s", (int)(m.len[1] < 400 ? m.len[1] : 400), (const char *)m.data[1]);
+            comm_msg_free(&m);
+            rc = MLM_EPEER;
+            break;
+        }
+        if (kind == K_RESET) {
+            comm_msg_free(&m);
+            model_ctx_reset(ctx);
+            continue;
+        }
+        if (kind != K_STEP || n == 0 || m.len[1] != (size_t)n * 4 || (int64_t)pos != model_ctx_pos(ctx) ||
+            (int64_t)n > model_ctx_n_ctx(ctx) - model_ctx_pos(ctx)) {
+            snprintf(err, errlen, "bad step from rank 0 (kind %d, %u tokens at %u; this rank is at %d of %d)", kind, n,
+                     pos, model_ctx_pos(ctx), model_ctx_n_ctx(ctx));
+            comm_msg_free(&m);
+            rc = MLM_EPROTO;
+            break;
+        }
+        const bool all = flags & F_ALL_LOGITS;
+        size_t need = (size_t)(all ? n : 1) * (size_t)n_vocab;
+        if ((flags & F_LOGITS) && need > cap) {
+            float *p = realloc(logits, need * sizeof *p);
+            if (!p) rc = MLM_ENOMEM;
+            else logits = p, cap = need;
+        }
+        int32_t *tp = rc == 0 ? realloc(toks, (size_t)n * sizeof *toks) : NULL;
+        if (!tp) {
+            comm_msg_free(&m);
+            snprintf(err, errlen, "out of memory");
+            rc = MLM_ENOMEM;
+            break;
+        }
+        toks = tp;
+        for (uint32_t i = 0; i < n; i++) toks[i] = (int32_t)get32((const uint8_t *)m.data[1] + 4 * (size_t)i);
+        comm_msg_free(&m);
+        rc = model_eval(ctx, toks, (int)n, (flags & F_LOGITS) ? logits : NULL, all);
+        if (rc != 0) {
+            snprintf(err, errlen, "evaluation of %u tokens at %u failed: %s", n, pos, mlm_strerror(rc));
+            break;
+        }
+    }
+    free(logits);
+    free(toks);
+    return rc;
+}
+
+static void print_json(const int32_t *pt, int np, const gen_result_t *r) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON *p = cJSON_AddArrayToObject(o, "prompt_tokens");
+    for (int i = 0; i < np; i++) cJSON_AddItemToArray(p, cJSON_CreateNumber(pt[i]));
+    cJSON *t = cJSON_AddArrayToObject(o, "tokens");
+    for (int i = 0; i < r->n_tokens; i++) cJSON_AddItemToArray(t, cJSON_CreateNumber(r->tokens[i]));
+    cJSON_AddStringToObject(o, "text", r->text);
+    cJSON_AddNumberToObject(o, "prompt_ms", r->prompt_ms);
+    cJSON_AddNumberToObject(o, "gen_ms", r->gen_ms);
+    cJSON_AddNumberToObject(o, "tokens_per_s", r->gen_ms > 0 ? r->n_gen_evals * 1000.0 / r->gen_ms : 0.0);
+    char *s = cJSON_PrintUnformatted(o);
+    if (s) printf("%s\n", s);
+    free(s);
+    cJSON_Delete(o);
+}
+
+static void mpi_usage(FILE *f) {
+    fprintf(f,
+            "usage: mpirun -np N meshlm mpi -m FILE -p TEXT [options]\n"
+            "  every rank loads its tensor-parallel slice of FILE; rank 0 tokenizes, samples and prints\n"
+            "  -m, --model FILE        GGUF model (the same path on every rank)\n"
+            "  -p, --prompt TEXT       prompt text\n"
+            "  -n, --n-predict N       tokens to generate (default 128)\n"
+            "  -t, --threads N         threads per rank (default: all cores)\n"
+            "  -c, --ctx-size N        context positions (default: min(model's, 4096))\n"
+            "  -b, --batch-size N      prompt tokens per forward chunk (default 64)\n"
+            "      --temp X, --top-k N, --top-p X, --min-p X, --repeat-penalty X, --repeat-last-n N, --seed N\n"
+            "      --greedy            always take the most likely token\n"
+            "      --ignore-eos        do not stop at end-of-generation tokens\n"
+            "      --no-bos            do not prepend the BOS token\n"
+            "      --kv-type f16|f32   KV cache type (default f16)\n"
+            "      --no-repack         compute on the file's layout\n"
+            "      --json              print one JSON object on stdout instead of streaming text\n"
+            "      --logits FILE       write float32 logits for every prompt position and generated token\n"
+            "      --speeds LIST       relative speeds of the ranks, e.g. 2,1,1 (default equal)\n"
+            "      --timeout MS        deadline of each message and collective (default 30000)\n"
+            "      --selftest          check the MPI transport (order, deadlines, gathers) instead; no model\n"
+            "      --verbose           plan and progress on stderr (rank 0)\n");
+}
+
+enum { O_TEMP = 1000, O_TOPK, O_TOPP, O_MINP, O_RP, O_RLN, O_SEED, O_GREEDY, O_IGNEOS, O_NOBOS, O_KV, O_NOREPACK,
+       O_JSON, O_LOGITS, O_SPEEDS, O_TIMEOUT, O_SELFTEST, O_VERBOSE };
+
+// 0 to go on, -1 after --help, 1 on a usage error.
+static int parse_args(int argc, char **argv, mpi_args_t *a) {
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'}, {"prompt", required_argument, 0, 'p'},
+        {"n-predict", required_argument, 0, 'n'}, {"threads", required_argument, 0, 't'},
+        {"ctx-size", required_argument, 0, 'c'}, {"batch-size", required_argument, 0, 'b'},
+        {"temp", required_argument, 0, O_TEMP}, {"top-k", required_argument, 0, O_TOPK},
+        {"top-p", required_argument, 0, O_TOPP}, {"min-p", required_argument, 0, O_MINP},
+        {"repeat-penalty", required_argument, 0, O_RP}, {"repeat-last-n", required_argument, 0, O_RLN},
+        {"seed", required_argument, 0, O_SEED}, {"greedy", no_argument, 0, O_GREEDY},
+        {"ignore-eos", no_argument, 0, O_IGNEOS}, {"no-bos", no_argument, 0, O_NOBOS},
+        {"kv-type", required_argument, 0, O_KV}, {"no-repack", no_argument, 0, O_NOREPACK},
+        {"json", no_argument, 0, O_JSON}, {"logits", required_argument, 0, O_LOGITS},
+        {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
+        {"selftest", no_argument, 0, O_SELFTEST}, {"verbose", no_argument, 0, O_VERBOSE},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    memset(a, 0, sizeof *a);
+    a->n_predict = 128;
+    a->repack = true;
+    a->timeout_ms = 30000;
+    a->gen.sp = sampler_params_default();
+    optind = 1;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "m:p:n:t:c:b:h", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'm': a->model = optarg; break;
+        case 'p': a->prompt = optarg; break;
+        case 'n': a->n_predict = atoi(optarg); break;
+        case 't': a->n_threads = atoi(optarg); break;
+        case 'c': a->n_ctx = atoi(optarg); break;
+        case 'b': a->n_batch = atoi(optarg); break;
+        case O_TEMP: a->gen.sp.temp = strtof(optarg, NULL); break;
+        case O_TOPK: a->gen.sp.top_k = atoi(optarg); break;
+        case O_TOPP: a->gen.sp.top_p = strtof(optarg, NULL); break;
+        case O_MINP: a->gen.sp.min_p = strtof(optarg, NULL); break;
+        case O_RP: a->gen.sp.repeat_penalty = strtof(optarg, NULL); break;
+        case O_RLN: a->gen.sp.repeat_last_n = atoi(optarg); break;
+        case O_SEED: a->gen.sp.seed = strtoull(optarg, NULL, 10); break;
+        case O_GREEDY: a->gen.sp.greedy = true; break;
+        case O_IGNEOS: a->gen.ignore_eos = true; break;
+        case O_NOBOS: a->no_bos = true; break;
+        case O_KV:
+            if (!strcmp(optarg, "f16")) a->kv_f32 = false;
+            else if (!strcmp(optarg, "f32")) a->kv_f32 = true;
+            else {
+                fprintf(stderr, "meshlm mpi: --kv-type must be f16 or f32\n");
+                return 1;
+            }
+            break;
+        case O_NOREPACK: a->repack = false; break;
+        case O_JSON: a->json = true; break;
+        case O_LOGITS: a->logits_path = optarg; break;
+        case O_SPEEDS: a->speeds = optarg; break;
+        case O_TIMEOUT: a->timeout_ms = atoi(optarg); break;
+        case O_SELFTEST: a->selftest = true; break;
+        case O_VERBOSE: a->verbose = true; break;
+        case 'h': mpi_usage(stdout); return -1;
+        default: mpi_usage(stderr); return 1;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "meshlm mpi: unexpected argument '%s'\n", argv[optind]);
+        return 1;
+    }
+    if (!a->selftest && (!a->model || !a->prompt)) {
+        fprintf(stderr, "meshlm mpi: -m MODEL and -p PROMPT are required\n");
+        mpi_usage(stderr);
+        return 1;
+    }
+    if (a->n_predict < 0 || a->n_threads < 0 || a->n_ctx < 0 || a->n_batch < 0 || a->timeout_ms <= 0) {
+        fprintf(stderr, "meshlm mpi: counts must not be negative and --timeout must be positive\n");
+        return 1;
+    }
+    return 0;
+}
+
+// --- selftest: the transport's contract on real MPI ranks
+
+#define CHECK(cond, ...)                                                                                     \
+    do {                                                                                                     \
+        checks++;                                                                                            \
+        if (!(cond)) {                                                                                       \
+            fails++;                                                                                         \
+            fprintf(stderr, "mpi selftest rank %d: FAIL line %d: ", me, __LINE__);                           \
+            fprintf(stderr, __VA_ARGS__);                                                                    \
+            fputc('\n', stderr);                                                                             \
+        }                                                                                                    \
+    } while (0)
+
+static uint8_t pattern(int rank, int msg, size_t i) { return (uint8_t)(rank * 31 + msg * 7 + i * 13); }
+
+// 0 when every check passed on this rank.
+static int selftest(comm_t *c, int timeout_ms) {
+    const int me = comm_rank(c), N = comm_size(c);
+    int checks = 0, fails = 0;
+    enum { NMSG = 6 };
+    // 1. Multi-frame messages from each peer arrive whole and in order (one is large: rendezvous).
+    for (int step = 1; step < N; step++) {
+        int peer = (me + step) % N;
+        for (int k = 0; k < NMSG; k++) {
+            size_t big = k == 3 ? 300000 : (size_t)k * 10;
+            uint8_t *p = malloc(big + 1);
+            for (size_t i = 0; i < big; i++) p[i] = pattern(me, k, i);
+            uint32_t seq = (uint32_t)k;
+            comm_iov_t f[3] = {{&seq, 4}, {NULL, 0}, {p, big}};
+            int rc = comm_send(c, peer, f, 3, timeout_ms);
+            CHECK(rc == 0, "send %d to %d: %s", k, peer, mlm_strerror(rc));
+            free(p);
+        }
+    }
+    for (int step = 1; step < N; step++) {
+        int peer = (me - step + N) % N;
+        for (int k = 0; k < NMSG; k++) {
+            comm_msg_t m;
+            int from = -1;
+            int rc = comm_recv(c, peer, &m, &from, timeout_ms);
+            CHECK(rc == 0, "recv %d from %d: %s", k, peer, mlm_strerror(rc));
+            if (rc != 0) continue;
+            size_t big = k == 3 ? 300000 : (size_t)k * 10;
+            bool ok = m.n == 3 && from == peer && m.len[0] == 4 && *(uint32_t *)m.data[0] == (uint32_t)k &&
+                      m.len[1] == 0 && m.len[2] == big;
+            for (size_t i = 0; ok && i < big; i++) ok = ((uint8_t *)m.data[2])[i] == pattern(peer, k, i);
+            CHECK(ok, "message %d from %d arrived wrong or out of order", k, peer);
+            comm_msg_free(&m);
+        }
+    }
+    // 2. recv(COMM_ANY) takes every peer's messages, each peer's in order.
+    if (N > 1) {
+        if (me != 0) {
+            for (int k = 0; k < 3; k++) {
+                uint32_t v = (uint32_t)(me * 100 + k);
+                CHECK(comm_send1(c, 0, &v, 4, timeout_ms) == 0, "send to 0");
+            }
+            comm_msg_t m; // nothing more goes to rank 0 before it has all of them
+            int rc = comm_recv(c, 0, &m, NULL, timeout_ms);
+            CHECK(rc == 0 && m.n == 1 && m.len[0] == 3 && !memcmp(m.data[0], "ack", 3), "ack from 0: %s",
+                  mlm_strerror(rc));
+            if (rc == 0) comm_msg_free(&m);
+        } else {
+            int next[PLAN_MAX_NODES] = {0};
+            for (int k = 0; k < 3 * (N - 1); k++) {
+                comm_msg_t m;
+                int from = -1;
+                int rc = comm_recv(c, COMM_ANY, &m, &from, timeout_ms);
+                CHECK(rc == 0, "recv any: %s", mlm_strerror(rc));
+                if (rc != 0) break;
+                bool ok = from > 0 && from < N && m.n == 1 && m.len[0] == 4 &&
+                          *(uint32_t *)m.data[0] == (uint32_t)(from * 100 + next[from]);
+                CHECK(ok, "recv any: message from %d out of order", from);
+                if (from > 0 && from < N && from < PLAN_MAX_NODES) next[from]++;
+                comm_msg_free(&m);
+            }
+            for (int r = 1; r < N; r++) CHECK(comm_send1(c, r, "ack", 3, timeout_ms) == 0, "ack to %d", r);
+        }
+    }
+    // 3. A recv nobody answers returns MLM_ETIMEOUT at its deadline, and a poll (0 ms) at once.
+    // Rank 0 goes first while the others wait for its "go"; then the others, each on a peer that
+    // sends it nothing until the barrier after this test (rank 0 sends DOWN only once all are UP).
+    {
+        int rc = comm_barrier(c, timeout_ms);
+        CHECK(rc == 0, "barrier: %s", mlm_strerror(rc));
+        comm_msg_t m;
+        if (me != 0) {
+            rc = comm_recv(c, 0, &m, NULL, timeout_ms);
+            CHECK(rc == 0 && m.n == 1 && m.len[0] == 2 && !memcmp(m.data[0], "go", 2), "go from rank 0: %s",
+                  mlm_strerror(rc));
+            if (rc == 0) comm_msg_free(&m);
+        }
+        int peer = N > 1 ? (me + 1) % N : COMM_ANY;
+        double t0 = mlm_now_ms();
+        rc = comm_recv(c, peer, &m, NULL, 200);
+        double dt = mlm_now_ms() - t0;
+        CHECK(rc == MLM_ETIMEOUT, "recv with nothing sent: %s", mlm_strerror(rc));
+        CHECK(dt >= 190 && dt < 3000, "recv deadline of 200 ms fired after %.0f ms", dt);
+        if (rc == 0) comm_msg_free(&m);
+        t0 = mlm_now_ms();
+        rc = comm_recv(c, peer, &m, NULL, 0);
+        dt = mlm_now_ms() - t0;
+        CHECK(rc == MLM_ETIMEOUT && dt < 100, "recv poll: %s after %.0f ms", mlm_strerror(rc), dt);
+        if (rc == 0) comm_msg_free(&m);
+        for (int r = 1; me == 0 && r < N; r++) CHECK(comm_send1(c, r, "go", 2, timeout_ms) == 0, "go to %d", r);
+        rc = comm_barrier(c, timeout_ms);
+        CHECK(rc == 0, "barrier: %s", mlm_strerror(rc));
+    }
+    // 4. A message over the size limit is refused before anything is sent.
+    if (N > 1) {
+        static const char one = 1;
+        comm_iov_t f[2] = {{&one, 1}, {&one, (size_t)1 << 40}};
+        int rc = comm_send(c, (me + 1) % N, f, 2, timeout_ms);
+        CHECK(rc == MLM_ERANGE, "oversized send: %s", mlm_strerror(rc));
+    }
+    // 5. comm_allgatherv with a different size per rank (one of them empty, one large).
+    {
+        size_t lens[PLAN_MAX_NODES], total = 0;
+        for (int r = 0; r < N && r < PLAN_MAX_NODES; r++) total += lens[r] = r == 1 ? 0 : (size_t)(r + 1) * 40000 + 3;
+        uint8_t *in = malloc(lens[me] + 1), *out = malloc(total + 1);
+        for (size_t i = 0; i < lens[me]; i++) in[i] = pattern(me, 9, i);
+        int rc = comm_allgatherv(c, in, lens[me], out, lens, timeout_ms);
+        CHECK(rc == 0, "allgatherv: %s", mlm_strerror(rc));
+        bool ok = rc == 0;
+        size_t off = 0;
+        for (int r = 0; ok && r < N; r++) {
+            for (size_t i = 0; ok && i < lens[r]; i++) ok = out[off + i] == pattern(r, 9, i);
+            off += lens[r];
+        }
+        CHECK(ok, "allgatherv: wrong bytes");
+        free(in);
+        free(out);
+    }
+    // 6. All-reduce (generic STAR and RING): the documented summation order, the same bits everywhere.
+    for (int algo = COMM_ALGO_STAR; algo <= COMM_ALGO_RING; algo++) {
+        enum { NF = 1000 };
+        float *x = malloc(NF * sizeof *x), *want = malloc(NF * sizeof *want);
+        for (int i = 0; i < NF; i++) x[i] = (float)((i * 37 + me * 101) % 997) / 7.0f - 50.0f + 1e-3f * (float)me;
+        for (int i = 0; i < NF; i++) { // STAR: rank-order left fold
+            float acc = 0;
+            for (int r = 0; r < N; r++) {
+                float v = (float)((i * 37 + r * 101) % 997) / 7.0f - 50.0f + 1e-3f * (float)r;
+                acc = r == 0 ? v : acc + v;
+            }
+            want[i] = acc;
+        }
+        int rc = comm_allreduce_f32(c, x, NF, (comm_algo_t)algo, timeout_ms);
+        CHECK(rc == 0, "allreduce %s: %s", comm_algo_name((comm_algo_t)algo), mlm_strerror(rc));
+        if (algo == COMM_ALGO_STAR || N <= 2)
+            CHECK(rc == 0 && memcmp(x, want, NF * sizeof *x) == 0, "allreduce star: not the rank-order sum");
+        // every rank the same bits: gather everyone's result and compare
+        float *all = malloc((size_t)N * NF * sizeof *all);
+        rc = comm_allgather(c, x, NF * sizeof *x, all, timeout_ms);
+        CHECK(rc == 0, "allgather: %s", mlm_strerror(rc));
+        for (int r = 1; rc == 0 && r < N; r++)
+            CHECK(memcmp(all, all + (size_t)r * NF, NF * sizeof *x) == 0, "allreduce %s: rank %d has other bits",
+                  comm_algo_name((comm_algo_t)algo), r);
+        free(all);
+        free(x);
+        free(want);
+    }
+    int rc = comm_barrier(c, timeout_ms);
+    CHECK(rc == 0, "barrier: %s", mlm_strerror(rc));
+    printf("mpi selftest rank %d of %d: %s (%d checks, %d failed)\n", me, N, fails ? "FAIL" : "PASS", checks, fails);
+    fflush(stdout);
+    return fails ? 1 : 0;
+}
+
+// --- generation on every rank
+
+// Loads this rank's slice, then rank 0 generates and the others follow. 0 or 1 (reported on stderr).
+static int generate(comm_t *comm, mpi_args_t *a) {
+    const int me = comm_rank(comm), N = comm_size(comm);
+    char err[1024] = "";
+    model_t *full = NULL, *m = NULL;
+    tokenizer_t *tok = NULL;
+    model_ctx_t *ctx = NULL;
+    int32_t *pt = NULL;
+    plan_t *plan = calloc(1, sizeof *plan);
+    shard_slice_t *slices = calloc((size_t)N, sizeof *slices);
+    FILE *lf = NULL;
+    int rc = plan && slices ? 0 : MLM_ENOMEM, np = 0, n_ctx = 0;
+    if (rc != 0) snprintf(err, sizeof err, "out of memory");
+    // Every rank derives the same plan from the same file, prompt and options: no exchange needed.
+    model_load_opts_t flo = {.repack = false};
+    if (rc == 0) rc = model_load(&full, a->model, &flo, err, sizeof err);
+    if (rc == 0 && (rc = tokenizer_from_gguf(&tok, model_gguf(full), err, sizeof err)) != 0)
+        snprintf(err + strlen(err), sizeof err - strlen(err), " (tokenizer)");
+    if (rc == 0) {
+        size_t plen = strlen(a->prompt);
+        int cap = (int)plen + 8;
+        pt = malloc((size_t)cap * sizeof *pt);
+        np = pt ? tokenizer_encode(tok, a->prompt, plen, !a->no_bos && tokenizer_add_bos(tok), false, pt, cap)
+                : MLM_ENOMEM;
+        if (np <= 0 || np > cap) {
+            snprintf(err, sizeof err, "cannot tokenize the prompt: %s", np < 0 ? mlm_strerror(np) : "empty or too long");
+            rc = np < 0 ? np : MLM_EINVAL;
+        }
+    }
+    if (rc == 0) {
+        const model_hparams_t *hp = model_hparams(full);
+        n_ctx = a->n_ctx;
+        if (n_ctx == 0) {
+            int need = np + a->n_predict + 1;
+            int def = hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
+            n_ctx = need > def ? need : def;
+        }
+        if (np + a->n_predict + 1 > n_ctx) {
+            snprintf(err, sizeof err, "prompt (%d tokens) + %d to generate exceed the context of %d positions (-c)", np,
+                     a->n_predict, n_ctx);
+            rc = MLM_ERANGE;
+        }
+    }
+    if (rc == 0) {
+        plan_node_t nodes[PLAN_MAX_NODES];
+        char spec[16];
+        snprintf(spec, sizeof spec, "%d", N);
+        int n = plan_parse_nodes(a->speeds ? a->speeds : spec, nodes, PLAN_MAX_NODES, err, sizeof err);
+        if (n < 0) {
+            rc = n;
+        } else if (n != N) {
+            snprintf(err, sizeof err, "--speeds lists %d nodes but the job has %d ranks", n, N);
+            rc = MLM_EINVAL;
+        } else if ((rc = plan_tp(full, nodes, N, n_ctx, plan, err, sizeof err)) == 0) {
+            for (int i = 0; i < N; i++) slices[i] = plan->shard[i].s;
+            if (me == 0 && a->verbose) plan_print(plan, full, stderr);
+        }
+    }
+    tokenizer_destroy(&tok);
+    model_destroy(&full);
+    model_load_opts_t lo = {.repack = a->repack, .slice = &slices[me]};
+    if (rc == 0) rc = model_load(&m, a->model, &lo, err, sizeof err);
+    mpi_gather_t g = {comm, a->timeout_ms};
+    model_tp_t tp = {N, me, slices, mpi_gather, &g};
+    if (rc == 0) {
+        model_ctx_opts_t co = {.n_ctx = n_ctx, .n_batch = a->n_batch, .n_threads = a->n_threads, .kv_f32 = a->kv_f32,
+                               .tp = N > 1 ? &tp : NULL};
+        rc = model_ctx_new(&ctx, m, &co, err, sizeof err);
+    }
+    if (rc == 0 && me == 0 && (rc = tokenizer_from_gguf(&tok, model_gguf(m), err, sizeof err)) != 0)
+        snprintf(err + strlen(err), sizeof err - strlen(err), " (tokenizer)");
+    if (rc == 0 && me == 0 && a->logits_path && !(lf = fopen(a->logits_path, "wb"))) {
+        snprintf(err, sizeof err, "cannot create %s", a->logits_path);
+        rc = MLM_EIO;
+    }
+    if (rc != 0) { // nothing computed yet: tell the others so none waits for this rank
+        fprintf(stderr, "meshlm mpi: rank %d: %s\n", me, err[0] ? err : mlm_strerror(rc));
+        notify_failure(comm, err);
+        goto out;
+    }
+    if (me != 0) {
+        rc = follow(comm, ctx, model_hparams(m)->n_vocab, a->timeout_ms, err, sizeof err);
+        if (rc != 0) {
+            fprintf(stderr, "meshlm mpi: rank %d: %s\n", me, err);
+            notify_failure(comm, err);
+        }
+        goto out;
+    }
+    mpi_engine_t e = {comm, ctx, a->timeout_ms, 0};
+    gen_engine_t eng = {&e, model_hparams(m)->n_vocab, engine_eval, engine_reset};
+    a->gen.n_predict = a->n_predict;
+    a->gen.stream = a->json ? NULL : stdout;
+    a->gen.logits_out = lf;
+    gen_result_t res;
+    rc = gen_run(&eng, tok, pt, np, &a->gen, &res, err, sizeof err);
+    if (rc == 0 && lf) {
+        int bad = fclose(lf) != 0;
+        lf = NULL;
+        if (bad) {
+            snprintf(err, sizeof err, "writing %s failed", a->logits_path);
+            rc = MLM_EIO;
+            gen_result_free(&res);
+        }
+    }
+    if (rc != 0) {
+        fprintf(stderr, "\nmeshlm mpi: rank 0: %s\n", err);
+        notify_failure(comm, err);
+        goto out;
+    }
+    // Tell the followers to finish before printing, so a follower that cannot be reached fails the run.
+    rc = send_ctl_all(comm, K_STOP, 0, 0, 0, NULL, 0, a->timeout_ms);
+    if (rc != 0) {
+        fprintf(stderr, "meshlm mpi: rank 0: stopping the other ranks: %s\n", mlm_strerror(rc));
+        gen_result_free(&res);
+        goto out;
+    }
+    if (a->json) {
+        print_json(pt, np, &res);
+    } else {
+        printf("\n");
+    }
+    fflush(stdout);
+    fprintf(stderr,
+            "meshlm: %d MPI rank(s); prompt %d tokens in %.1f ms (%.1f tokens/s); generation %d tokens in %.1f ms "
+            "(%.1f tokens/s)\n",
+            N, np, res.prompt_ms, res.prompt_ms > 0 ? np * 1000.0 / res.prompt_ms : 0.0, res.n_tokens, res.gen_ms,
+            res.gen_ms > 0 ? res.n_gen_evals * 1000.0 / res.gen_ms : 0.0);
+    gen_result_free(&res);
+out:
+    if (lf) fclose(lf);
+    free(pt);
+    model_ctx_destroy(&ctx);
+    tokenizer_destroy(&tok);
+    model_destroy(&m);
+    free(slices);
+    free(plan);
+    return rc == 0 ? 0 : 1;
+}
+
+// --- public API
+
+int cmd_mpi(int argc, char **argv) {
+    mpi_args_t a;
+    int prc = parse_args(argc, argv, &a);
+    if (prc != 0) return prc < 0 ? 0 : 2;
+    // The comm is used only from this thread, but model threads exist: SERIALIZED is what we ask.
+    int provided = MPI_THREAD_SINGLE;
+    if (MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS) {
+        fprintf(stderr, "meshlm mpi: MPI_Init_thread failed\n");
+        return 1;
+    }
+    char err[512] = "";
+    comm_t *comm = NULL;
+    comm_mpi_opts_t mo;
+    comm_mpi_opts_default(&mo);
+    mo.connect_timeout_ms = a.timeout_ms;
+    int rc = comm_mpi_new_opts(&comm, &mo, err, sizeof err);
+    if (rc != 0) { // no comm to tell the others through: the last resort ends the whole job
+        int me = -1;
+        MPI_Comm_rank(MPI_COMM_WORLD, &me);
+        fprintf(stderr, "meshlm mpi: rank %d: %s\n", me, err[0] ? err : mlm_strerror(rc));
+        MPI_Abort(MPI_COMM_WORLD, 1);
+        return 1;
+    }
+    int code = a.selftest ? selftest(comm, a.timeout_ms) : generate(comm, &a);
+    comm_destroy(&comm);
+    MPI_Finalize();
+    return code;
+}

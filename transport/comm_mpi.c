@@ -1,0 +1,341 @@
+// MPI comm backend: one framed MPI message per comm message, MPI_Isend/MPI_Improbe/MPI_Imrecv polled against deadlines.
+#include "transport/comm_mpi.h"
+
+#include <limits.h>
+#include <mpi.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "worker/clock.h"
+#include "worker/err.h"
+
+// --- types
+
+#define HDR_FIXED 8                 // magic u32, major u8, minor u8, n u8, reserved u8
+#define HDR_BYTES(n) (HDR_FIXED + 8 * (size_t)(n))
+#define MAX_PENDING 4096            // outstanding requests before send waits
+
+// A send (or an abandoned receive) MPI still owns; buf is freed when the request completes.
+typedef struct {
+    MPI_Request req;                // the request
+    void *buf;                      // its buffer (owned; freed on completion)
+    size_t bytes;                   // bytes of buf
+} mpi_pending_t;
+
+typedef struct {
+    MPI_Comm comm;                  // private duplicate of MPI_COMM_WORLD
+    int rank;                       // this rank in it
+    int size;                       // ranks
+    comm_mpi_opts_t o;              // limits and deadlines
+    mpi_pending_t *pend;            // (cap_pend) requests not yet complete, oldest first
+    int n_pend;                     // used entries of pend
+    int cap_pend;                   // allocated entries of pend
+    size_t pend_bytes;              // sum of pend[i].bytes
+} mpi_ctx_t;
+
+// --- helpers
+
+static void put32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static void put64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint32_t get32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t get64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+// Absolute deadline in microseconds, or -1 for none.
+static int64_t deadline_of(int timeout_ms) { return timeout_ms < 0 ? -1 : mlm_now_us() + (int64_t)timeout_ms * 1000; }
+static bool passed(int64_t dl) { return dl >= 0 && mlm_now_us() >= dl; }
+
+// Backoff between polls: spin a little (low latency), then sleep up to 200 us so that ranks
+// oversubscribing the cores leave them to the ranks that compute.
+static void backoff(int *spins) {
+    if (++*spins < 64) return;
+    long ns = (long)(*spins - 63) * 10000L;
+    if (ns > 200000L) ns = 200000L;
+    struct timespec ts = {0, ns};
+    nanosleep(&ts, NULL);
+}
+
+// Frees the buffers of completed requests, keeping the rest in order.
+static void reap(mpi_ctx_t *x) {
+    int k = 0;
+    for (int i = 0; i < x->n_pend; i++) {
+        int done = 0;
+        if (MPI_Test(&x->pend[i].req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS) done = 1; // failed: MPI let go of it
+        if (done) {
+            free(x->pend[i].buf);
+            x->pend_bytes -= x->pend[i].bytes;
+        } else {
+            x->pend[k++] = x->pend[i];
+        }
+    }
+    x->n_pend = k;
+}
+
+// Hands a request and its buffer to the pending list (MPI owns buf until the request completes).
+static int park(mpi_ctx_t *x, MPI_Request req, void *buf, size_t bytes) {
+    if (x->n_pend == x->cap_pend) {
+        int cap = x->cap_pend ? x->cap_pend * 2 : 16;
+        mpi_pending_t *p = realloc(x->pend, (size_t)cap * sizeof *p);
+        if (!p) return MLM_ENOMEM;
+        x->pend = p;
+        x->cap_pend = cap;
+    }
+    x->pend[x->n_pend++] = (mpi_pending_t){req, buf, bytes};
+    x->pend_bytes += bytes;
+    return 0;
+}
+
+// Splits a received wire message (buf, count bytes; ownership passes here) into out's frames.
+static int unpack(uint8_t *buf, size_t count, comm_msg_t *out) {
+    if (count < HDR_FIXED || get32(buf) != COMM_MPI_MAGIC || buf[4] != COMM_MPI_MAJOR || buf[6] > COMM_MAX_FRAMES) {
+        free(buf);
+        return MLM_EPROTO;
+    }
+    const int n = buf[6];
+    if (count < HDR_BYTES(n)) {
+        free(buf);
+        return MLM_EPROTO;
+    }
+    size_t len[COMM_MAX_FRAMES], sum = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t l = get64(buf + HDR_FIXED + 8 * (size_t)i);
+        if (l > count - HDR_BYTES(n) - sum) {
+            free(buf);
+            return MLM_EPROTO;
+        }
+        len[i] = (size_t)l;
+        sum += len[i];
+    }
+    if (sum != count - HDR_BYTES(n)) {
+        free(buf);
+        return MLM_EPROTO;
+    }
+    memset(out, 0, sizeof *out);
+    const uint8_t *p = buf + HDR_BYTES(n);
+    for (int i = 1; i < n; i++) { // frames 1.. get their own buffers; frame 0 reuses buf below
+        p += len[i - 1];
+        out->data[i] = malloc(len[i] ? len[i] : 1);
+        if (!out->data[i]) {
+            for (int k = 1; k < i; k++) free(out->data[k]);
+            memset(out, 0, sizeof *out);
+            free(buf);
+            return MLM_ENOMEM;
+        }
+        if (len[i]) memcpy(out->data[i], p, len[i]);
+        out->len[i] = len[i];
+    }
+    if (n > 0) {
+        if (len[0]) memmove(buf, buf + HDR_BYTES(n), len[0]);
+        out->data[0] = buf;
+        out->len[0] = len[0];
+    } else {
+        free(buf);
+    }
+    out->n = n;
+    return 0;
+}
+
+// --- backend
+
+static const char *mpi_name(void *ctx) { return "mpi"; }
+static int mpi_rank(void *ctx) { return ((mpi_ctx_t *)ctx)->rank; }
+static int mpi_size(void *ctx) { return ((mpi_ctx_t *)ctx)->size; }
+
+static int mpi_send(void *ctx, int peer, const comm_iov_t *frames, int n, int timeout_ms) {
+    mpi_ctx_t *x = ctx;
+    if (peer < 0 || peer >= x->size || n < 0 || n > COMM_MAX_FRAMES) return MLM_EINVAL;
+    size_t sum = 0;
+    for (int i = 0; i < n; i++) {
+        if (frames[i].len > x->o.max_msg_bytes - sum) return MLM_ERANGE;
+        sum += frames[i].len;
+    }
+    const size_t total = HDR_BYTES(n) + sum;
+    if (total > (size_t)INT_MAX) return MLM_ERANGE;
+    const int64_t dl = deadline_of(timeout_ms);
+    int spins = 0;
+    for (;;) { // wait while too much is still undelivered
+        reap(x);
+        if (x->n_pend == 0 || (x->n_pend < MAX_PENDING && x->pend_bytes + total <= x->o.max_pending_bytes)) break;
+        if (passed(dl) || timeout_ms == 0) return MLM_ETIMEOUT;
+        backoff(&spins);
+    }
+    uint8_t *buf = malloc(total);
+    if (!buf) return MLM_ENOMEM;
+    put32(buf, COMM_MPI_MAGIC);
+    buf[4] = COMM_MPI_MAJOR;
+    buf[5] = COMM_MPI_MINOR;
+    buf[6] = (uint8_t)n;
+    buf[7] = 0;
+    size_t off = HDR_BYTES(n);
+    for (int i = 0; i < n; i++) {
+        put64(buf + HDR_FIXED + 8 * (size_t)i, frames[i].len);
+        if (frames[i].len) memcpy(buf + off, frames[i].ptr, frames[i].len);
+        off += frames[i].len;
+    }
+    MPI_Request req;
+    if (MPI_Isend(buf, (int)total, MPI_BYTE, peer, COMM_MPI_TAG, x->comm, &req) != MPI_SUCCESS) {
+        free(buf);
+        return MLM_EPEER;
+    }
+    if (park(x, req, buf, total) != 0) { // cannot track it: wait for it here
+        MPI_Wait(&req, MPI_STATUS_IGNORE);
+        free(buf);
+    }
+    return 0;
+}
+
+static int mpi_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout_ms) {
+    mpi_ctx_t *x = ctx;
+    if (peer != COMM_ANY && (peer < 0 || peer >= x->size)) return MLM_EINVAL;
+    const int src = peer == COMM_ANY ? MPI_ANY_SOURCE : peer;
+    const int64_t dl = deadline_of(timeout_ms);
+    MPI_Message mh;
+    MPI_Status st;
+    int flag = 0, spins = 0;
+    for (;;) {
+        if (x->n_pend) reap(x);
+        if (MPI_Improbe(src, COMM_MPI_TAG, x->comm, &flag, &mh, &st) != MPI_SUCCESS) return MLM_EPEER;
+        if (flag) break;
+        if (passed(dl) || timeout_ms == 0) return MLM_ETIMEOUT;
+        backoff(&spins);
+    }
+    int count = 0;
+    if (MPI_Get_count(&st, MPI_BYTE, &count) != MPI_SUCCESS || count == MPI_UNDEFINED) count = -1;
+    if (count < 0 || (size_t)count > HDR_BYTES(COMM_MAX_FRAMES) + x->o.max_msg_bytes) {
+        // Too big to accept: consume it into one byte (MPI reports the truncation) and drop it.
+        uint8_t sink;
+        MPI_Mrecv(&sink, 1, MPI_BYTE, &mh, MPI_STATUS_IGNORE);
+        return MLM_EPROTO;
+    }
+    uint8_t *buf = malloc(count ? (size_t)count : 1);
+    if (!buf) {
+        uint8_t sink;
+        MPI_Mrecv(&sink, 1, MPI_BYTE, &mh, MPI_STATUS_IGNORE);
+        return MLM_ENOMEM;
+    }
+    MPI_Request req;
+    if (MPI_Imrecv(buf, count, MPI_BYTE, &mh, &req) != MPI_SUCCESS) {
+        free(buf);
+        return MLM_EPEER;
+    }
+    for (spins = 0;;) {
+        int done = 0;
+        if (MPI_Test(&req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+            free(buf);
+            return MLM_EPEER;
+        }
+        if (done) break;
+        if (passed(dl)) { // matched but not delivered in time: MPI keeps writing into buf
+            if (park(x, req, buf, 0) != 0) {
+                MPI_Wait(&req, MPI_STATUS_IGNORE);
+                free(buf);
+            }
+            return MLM_ETIMEOUT;
+        }
+        backoff(&spins);
+    }
+    int rc = unpack(buf, (size_t)count, out);
+    if (rc == 0) *from = st.MPI_SOURCE;
+    return rc;
+}
+
+static void mpi_destroy(void *ctx) {
+    mpi_ctx_t *x = ctx;
+    if (!x) return;
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (!fin) {
+        const int64_t dl = deadline_of(x->o.linger_ms);
+        int spins = 0;
+        for (reap(x); x->n_pend && !passed(dl); reap(x)) backoff(&spins);
+        for (int i = 0; i < x->n_pend; i++) MPI_Cancel(&x->pend[i].req);
+        const int64_t dl2 = deadline_of(100);
+        for (reap(x); x->n_pend && !passed(dl2); reap(x)) backoff(&spins);
+        for (int i = 0; i < x->n_pend; i++) MPI_Request_free(&x->pend[i].req); // buffers leaked on purpose
+        if (x->comm != MPI_COMM_NULL) MPI_Comm_free(&x->comm);
+    }
+    free(x->pend);
+    free(x);
+}
+
+static const struct comm_backend_i mpi_iface = {
+    .name = mpi_name,
+    .rank = mpi_rank,
+    .size = mpi_size,
+    .send = mpi_send,
+    .recv = mpi_recv,
+    .destroy = mpi_destroy,
+    // barrier and allreduce_f32 stay NULL: comm.c's generic ones are deterministic and have deadlines
+};
+
+// --- public API
+
+void comm_mpi_opts_default(comm_mpi_opts_t *o) {
+    o->max_msg_bytes = (size_t)256 << 20;
+    o->max_pending_bytes = (size_t)512 << 20;
+    o->connect_timeout_ms = 10000;
+    o->linger_ms = 1000;
+}
+
+int comm_mpi_new(comm_t **out, char *err, size_t errlen) { return comm_mpi_new_opts(out, NULL, err, errlen); }
+
+int comm_mpi_new_opts(comm_t **out, const comm_mpi_opts_t *opts, char *err, size_t errlen) {
+    if (!out) return MLM_EINVAL;
+    *out = NULL;
+    comm_mpi_opts_t o;
+    if (opts) o = *opts;
+    else comm_mpi_opts_default(&o);
+    if (o.max_msg_bytes > (size_t)INT_MAX - HDR_BYTES(COMM_MAX_FRAMES)) o.max_msg_bytes = (size_t)INT_MAX - HDR_BYTES(COMM_MAX_FRAMES);
+    int init = 0, fin = 0, level = MPI_THREAD_SINGLE;
+    MPI_Initialized(&init);
+    MPI_Finalized(&fin);
+    if (!init || fin) {
+        snprintf(err, errlen, "MPI is not initialized (call MPI_Init_thread first)");
+        return MLM_EINVAL;
+    }
+    MPI_Query_thread(&level);
+    if (level < MPI_THREAD_FUNNELED) {
+        snprintf(err, errlen, "MPI thread level %d is below MPI_THREAD_FUNNELED", level);
+        return MLM_EINVAL;
+    }
+    mpi_ctx_t *x = calloc(1, sizeof *x);
+    if (!x) return MLM_ENOMEM;
+    x->o = o;
+    x->comm = MPI_COMM_NULL;
+    MPI_Request req;
+    if (MPI_Comm_idup(MPI_COMM_WORLD, &x->comm, &req) != MPI_SUCCESS) {
+        snprintf(err, errlen, "MPI_Comm_idup failed");
+        free(x);
+        return MLM_EPEER;
+    }
+    const int64_t dl = deadline_of(o.connect_timeout_ms);
+    int done = 0, spins = 0;
+    while (MPI_Test(&req, &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && !done && !passed(dl)) backoff(&spins);
+    if (!done) { // the communicator never formed: the request stays with MPI
+        snprintf(err, errlen, "not every MPI rank joined within %d ms", o.connect_timeout_ms);
+        free(x);
+        return MLM_ETIMEOUT;
+    }
+    MPI_Comm_set_errhandler(x->comm, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(x->comm, &x->rank);
+    MPI_Comm_size(x->comm, &x->size);
+    comm_t *c = comm_new(&mpi_iface, x);
+    if (!c) {
+        mpi_destroy(x);
+        return MLM_ENOMEM;
+    }
+    *out = c;
+    return 0;
+}

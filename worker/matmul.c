@@ -33,23 +33,23 @@ static float f16_at(const uint8_t *p) {
 
 // Copies a plain Q4_0 / Q8_0 matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
 static void repack_rows(mm_weight_t *w, int64_t nb) {
-    const size_t qb = mmp_quant_bytes(w->pack), gb = mmp_group_bytes(w->pack, nb);
+    const size_t gb = mmp_group_bytes(w->pack, nb);
     const int64_t ng = (w->rows + MMP_ROWS - 1) / MMP_ROWS;
     uint8_t *dst = w->packed; // (ng, gb)
     for (int64_t g = 0; g < ng; g++) {
         uint8_t *grp = dst + (size_t)g * gb;
-        uint8_t *sc = grp + (size_t)nb * qb; // (nb, 16) f16
         for (int i = 0; i < MMP_ROWS && g * MMP_ROWS + i < w->rows; i++) {
             const uint8_t *row = w->data + (size_t)(g * MMP_ROWS + i) * w->row_bytes;
             for (int64_t b = 0; b < nb; b++) {
-                uint8_t *q = grp + (size_t)b * qb;
+                uint8_t *q = (uint8_t *)mmp_block_quants(w->pack, grp, b);
+                uint8_t *sc = (uint8_t *)mmp_block_scales(w->pack, grp, b); // (16) f16
                 if (w->pack == MMP_Q4_0X16) {
                     const block_q4_0 *blk = (const block_q4_0 *)row + b;
-                    memcpy(sc + (size_t)(b * MMP_ROWS + i) * 2, &blk->d, 2);
+                    memcpy(sc + (size_t)i * 2, &blk->d, 2);
                     for (int j = 0; j < 4; j++) memcpy(q + (size_t)(j * MMP_ROWS + i) * 4, blk->qs + 4 * j, 4);
                 } else {
                     const block_q8_0 *blk = (const block_q8_0 *)row + b;
-                    memcpy(sc + (size_t)(b * MMP_ROWS + i) * 2, &blk->d, 2);
+                    memcpy(sc + (size_t)i * 2, &blk->d, 2);
                     for (int j = 0; j < 8; j++)
                         for (int c = 0; c < 4; c++)
                             q[(size_t)(j * MMP_ROWS + i) * 4 + c] = (uint8_t)((uint8_t)blk->qs[4 * j + c] ^ 0x80u);
@@ -62,15 +62,14 @@ static void repack_rows(mm_weight_t *w, int64_t nb) {
 // Portable kernel over one packed group (the scalar table's path, and the oracle's twin in tests).
 static void group_scalar(int pack, const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                          size_t ys, uint32_t mask) {
-    const size_t qb = mmp_quant_bytes(pack), toff = mmp_act_tail_off(nb);
-    const uint8_t *sc = grp + (size_t)nb * qb;
+    const size_t toff = mmp_act_tail_off(nb);
     for (int t = 0; t < nt; t++) {
         const uint8_t *xr = xq + (size_t)t * xs;
         for (int i = 0; i < MMP_ROWS; i++) {
             if (!(mask >> i & 1u)) continue;
             float sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *q = grp + (size_t)b * qb;
+                const uint8_t *q = mmp_block_quants(pack, grp, b);
                 const int8_t *xb = ((const block_q8_0 *)xr)[b].qs;
                 int32_t isum;
                 float dx;
@@ -86,7 +85,7 @@ static void group_scalar(int pack, const uint8_t *grp, int64_t nb, const uint8_t
                     for (int j = 0; j < 8; j++)
                         for (int c = 0; c < 4; c++) isum += q[(size_t)(j * MMP_ROWS + i) * 4 + c] * xb[4 * j + c];
                 }
-                sum = fmaf((float)isum, f16_at(sc + (size_t)(b * MMP_ROWS + i) * 2) * dx, sum);
+                sum = fmaf((float)isum, f16_at(mmp_block_scales(pack, grp, b) + (size_t)i * 2) * dx, sum);
             }
             y[(size_t)t * ys + i] = sum;
         }

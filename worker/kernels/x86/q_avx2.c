@@ -236,8 +236,7 @@ AI void store_rows8(float *y, uint32_t bits, __m256 v) {
 AI void half_tile(int pack, const uint8_t *grp, int64_t nb, int h, const uint8_t *xq, size_t xs, const int NT, float *y,
                   size_t ys, uint32_t bits) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
-    const size_t qb = mmp_quant_bytes(pack), toff = mmp_act_tail_off(nb);
-    const uint8_t *sc = grp + (size_t)nb * qb;  // (nb, 16) f16
+    const size_t toff = mmp_act_tail_off(nb);
     __m256 acc[4];
     const uint8_t *xr[4];
 #pragma GCC unroll 4
@@ -246,7 +245,7 @@ AI void half_tile(int pack, const uint8_t *grp, int64_t nb, int h, const uint8_t
         xr[t] = xq + (size_t)t * xs;
     }
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = grp + (size_t)b * qb + (size_t)h * 32;
+        const uint8_t *q = mmp_block_quants(pack, grp, b) + (size_t)h * 32;
         __m256i s[4];
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) s[t] = _mm256_setzero_si256();
@@ -278,7 +277,7 @@ AI void half_tile(int pack, const uint8_t *grp, int64_t nb, int h, const uint8_t
                 }
             }
         }
-        __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(sc + (size_t)b * 32 + (size_t)h * 16)));
+        __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(mmp_block_scales(pack, grp, b) + (size_t)h * 16)));
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             float dx;

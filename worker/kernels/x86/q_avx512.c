@@ -23,6 +23,12 @@ AI int32_t load_i32(const void *p) {
     return v;
 }
 
+AI float load_f32(const void *p) {
+    float v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 AI __m512i bcast_i32(const void *p) { return _mm512_set1_epi32(load_i32(p)); }
 
 // n floats of type t (F32, F16 or BF16) at p + i, expanded to float32; masked lanes read as 0.
@@ -190,17 +196,74 @@ static void from_float_bf16(const float *x, void *vy, int64_t n) {
 // --- packed 16-row group kernels (layout in x86_mm.h)
 
 #ifndef MMP_PREFETCH
-#define MMP_PREFETCH 2048 // bytes ahead of the Q4_0 quants being read that decode prefetches (0: none)
+#define MMP_PREFETCH 2048 // bytes ahead of the Q4_0 block pair being read that decode prefetches (0: none)
 #endif
 #ifndef MMP_PREFETCH_Q8
 #define MMP_PREFETCH_Q8 0 // the same for Q8_0 (the hardware prefetcher keeps up there)
 #endif
 
+// Integer dot of block b of a Q4_0 group (quants v0..v3, one dword per row) with activation block
+// qs xb, started from corr: the high nibbles are used in place as 16 * hi (v & 0xf0, no shift) in a
+// second chain whose sum is divided by 16 exactly at the end (two chains for latency). Same integer
+// as the 8-step single chain of q4x16_tile.
+AI __m512i q4x16_isum_split(__m512i v0, __m512i v1, __m512i v2, __m512i v3, const uint8_t *xb, int32_t corr) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512i sa = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), _mm512_and_si512(v0, m4), bcast_i32(xb));
+    __m512i sb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_andnot_si512(m4, v0), bcast_i32(xb + 16));
+    sa = _mm512_dpbusd_epi32(sa, _mm512_and_si512(v1, m4), bcast_i32(xb + 4));
+    sb = _mm512_dpbusd_epi32(sb, _mm512_andnot_si512(m4, v1), bcast_i32(xb + 20));
+    sa = _mm512_dpbusd_epi32(sa, _mm512_and_si512(v2, m4), bcast_i32(xb + 8));
+    sb = _mm512_dpbusd_epi32(sb, _mm512_andnot_si512(m4, v2), bcast_i32(xb + 24));
+    sa = _mm512_dpbusd_epi32(sa, _mm512_and_si512(v3, m4), bcast_i32(xb + 12));
+    sb = _mm512_dpbusd_epi32(sb, _mm512_andnot_si512(m4, v3), bcast_i32(xb + 28));
+    return _mm512_add_epi32(sa, _mm512_srai_epi32(sb, 4));
+}
+
+#define Q4_PAIR 576 // mmp_pair_bytes(MMP_Q4_0X16)
+
+// One activation row against one group of 16 Q4_0 rows (decode): the group is one linear stream
+// of block pairs (x86_mm.h), prefetched MMP_PREFETCH bytes ahead; each row's sum is one fma chain
+// over the blocks in order.
+AI void q4x16_decode(const uint8_t *grp, int64_t nb, const uint8_t *xr, float *y, __mmask16 m) {
+    const size_t toff = mmp_act_tail_off(nb);
+    const uint8_t *corr = xr + toff;              // (nb) int32
+    const uint8_t *dx = xr + toff + (size_t)nb * 4; // (nb) float
+    __m512 acc = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (const uint8_t *p = grp; b + 2 <= nb; b += 2, p += Q4_PAIR) {
+        if (MMP_PREFETCH) {
+#pragma GCC unroll 9
+            for (int l = 0; l < 9; l++) _mm_prefetch((const char *)p + MMP_PREFETCH + 64 * l, _MM_HINT_T0);
+        }
+        const uint8_t *xb = xr + (size_t)b * sizeof(block_q8_0) + 2;
+        __m512i s0 = q4x16_isum_split(_mm512_load_si512(p), _mm512_load_si512(p + 64), _mm512_load_si512(p + 128),
+                                      _mm512_load_si512(p + 192), xb, load_i32(corr + 4 * b));
+        __m512i s1 = q4x16_isum_split(_mm512_load_si512(p + 256), _mm512_load_si512(p + 320),
+                                      _mm512_load_si512(p + 384), _mm512_load_si512(p + 448),
+                                      xb + sizeof(block_q8_0), load_i32(corr + 4 * b + 4));
+        __m512 d0 = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + 512)));
+        __m512 d1 = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + 544)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, _mm512_set1_ps(load_f32(dx + 4 * b))), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, _mm512_set1_ps(load_f32(dx + 4 * b + 4))), acc);
+    }
+    if (b < nb) { // odd nb: the last pair holds one block
+        const uint8_t *p = mmp_block_quants(MMP_Q4_0X16, grp, b);
+        __m512i s0 = q4x16_isum_split(_mm512_load_si512(p), _mm512_load_si512(p + 64), _mm512_load_si512(p + 128),
+                                      _mm512_load_si512(p + 192), xr + (size_t)b * sizeof(block_q8_0) + 2, load_i32(corr + 4 * b));
+        __m512 d0 = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mmp_block_scales(MMP_Q4_0X16, grp, b)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, _mm512_set1_ps(load_f32(dx + 4 * b))), acc);
+    }
+    _mm512_mask_storeu_ps(y, m, acc);
+}
+
 // NT activation rows (1..8) against one group of 16 Q4_0 rows.
 AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
                    __mmask16 m) {
+    if (NT == 1) {
+        q4x16_decode(grp, nb, xq, y, m);
+        return;
+    }
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const uint8_t *sc = grp + (size_t)nb * 256;  // (nb, 16) f16
     const size_t toff = mmp_act_tail_off(nb);
     __m512 acc[8];
     const uint8_t *xr[8];
@@ -210,49 +273,28 @@ AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
         xr[t] = xq + (size_t)t * xs;
     }
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = grp + (size_t)b * 256;
-        if (NT == 1 && MMP_PREFETCH) { // decode streams from DRAM: run ahead of the hardware prefetcher
-            _mm_prefetch((const char *)q + MMP_PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + MMP_PREFETCH + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + MMP_PREFETCH + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + MMP_PREFETCH + 192, _MM_HINT_T0);
-        }
+        const uint8_t *q = mmp_block_quants(MMP_Q4_0X16, grp, b);
         __m512i v0 = _mm512_load_si512(q), v1 = _mm512_load_si512(q + 64);
         __m512i v2 = _mm512_load_si512(q + 128), v3 = _mm512_load_si512(q + 192);
         __m512i l0 = _mm512_and_si512(v0, m4), l1 = _mm512_and_si512(v1, m4);
         __m512i l2 = _mm512_and_si512(v2, m4), l3 = _mm512_and_si512(v3, m4);
         __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
         __m512i h2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), h3 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4);
-        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + (size_t)b * 32)));
+        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mmp_block_scales(MMP_Q4_0X16, grp, b)));
 #pragma GCC unroll 8
         for (int t = 0; t < NT; t++) {
             const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2; // qs of block b
             const int32_t corr = load_i32(xr[t] + toff + (size_t)b * 4);
             float dx;
             memcpy(&dx, xr[t] + toff + (size_t)nb * 4 + (size_t)b * 4, 4);
-            __m512i s;
-            if (NT == 1) {
-                // decode: high nibbles used in place as 16 * hi (v & 0xf0, no shift), their sum
-                // divided by 16 exactly at the end; two chains for latency
-                __m512i sa = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), l0, bcast_i32(xb));
-                __m512i sb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_andnot_si512(m4, v0), bcast_i32(xb + 16));
-                sa = _mm512_dpbusd_epi32(sa, l1, bcast_i32(xb + 4));
-                sb = _mm512_dpbusd_epi32(sb, _mm512_andnot_si512(m4, v1), bcast_i32(xb + 20));
-                sa = _mm512_dpbusd_epi32(sa, l2, bcast_i32(xb + 8));
-                sb = _mm512_dpbusd_epi32(sb, _mm512_andnot_si512(m4, v2), bcast_i32(xb + 24));
-                sa = _mm512_dpbusd_epi32(sa, l3, bcast_i32(xb + 12));
-                sb = _mm512_dpbusd_epi32(sb, _mm512_andnot_si512(m4, v3), bcast_i32(xb + 28));
-                s = _mm512_add_epi32(sa, _mm512_srai_epi32(sb, 4));
-            } else {
-                s = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), l0, bcast_i32(xb));
-                s = _mm512_dpbusd_epi32(s, l1, bcast_i32(xb + 4));
-                s = _mm512_dpbusd_epi32(s, l2, bcast_i32(xb + 8));
-                s = _mm512_dpbusd_epi32(s, l3, bcast_i32(xb + 12));
-                s = _mm512_dpbusd_epi32(s, h0, bcast_i32(xb + 16));
-                s = _mm512_dpbusd_epi32(s, h1, bcast_i32(xb + 20));
-                s = _mm512_dpbusd_epi32(s, h2, bcast_i32(xb + 24));
-                s = _mm512_dpbusd_epi32(s, h3, bcast_i32(xb + 28));
-            }
+            __m512i s = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), l0, bcast_i32(xb));
+            s = _mm512_dpbusd_epi32(s, l1, bcast_i32(xb + 4));
+            s = _mm512_dpbusd_epi32(s, l2, bcast_i32(xb + 8));
+            s = _mm512_dpbusd_epi32(s, l3, bcast_i32(xb + 12));
+            s = _mm512_dpbusd_epi32(s, h0, bcast_i32(xb + 16));
+            s = _mm512_dpbusd_epi32(s, h1, bcast_i32(xb + 20));
+            s = _mm512_dpbusd_epi32(s, h2, bcast_i32(xb + 24));
+            s = _mm512_dpbusd_epi32(s, h3, bcast_i32(xb + 28));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[t]);
         }
     }
@@ -263,7 +305,6 @@ AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
 // NT activation rows (1..8) against one group of 16 Q8_0 rows (stored as q + 128).
 AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
                    __mmask16 m) {
-    const uint8_t *sc = grp + (size_t)nb * 512;  // (nb, 16) f16
     const size_t toff = mmp_act_tail_off(nb);
     __m512 acc[8];
     const uint8_t *xr[8];
@@ -273,7 +314,7 @@ AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
         xr[t] = xq + (size_t)t * xs;
     }
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = grp + (size_t)b * 512;
+        const uint8_t *q = mmp_block_quants(MMP_Q8_0X16, grp, b);
         if (NT == 1 && MMP_PREFETCH_Q8) {
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * j, _MM_HINT_T0);
@@ -281,7 +322,7 @@ AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
         __m512i v[8];
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) v[j] = _mm512_load_si512(q + 64 * j);
-        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + (size_t)b * 32)));
+        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mmp_block_scales(MMP_Q8_0X16, grp, b)));
 #pragma GCC unroll 8
         for (int t = 0; t < NT; t++) {
             const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2;

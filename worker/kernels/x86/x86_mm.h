@@ -11,13 +11,16 @@
 // --- packed weight layouts (mm_weight_t.pack)
 //
 // MMP_Q4_0X16 / MMP_Q8_0X16: rows are padded with zero rows to a multiple of 16 and stored in
-// groups of 16 rows; group g starts at packed + g * mmp_group_bytes(pack, nb) (64-byte aligned):
-//   quants (nb, MMP_ROWS * 4 * J) bytes: for block b, dword j of row i sits at b*QB + (j*16 + i)*4,
+// groups of 16 rows; group g starts at packed + g * mmp_group_bytes(pack, nb) (64-byte aligned).
+// A group is a run of block pairs (blocks 2p and 2p+1, 64-byte aligned, mmp_pair_bytes apart):
+//   quants of block 2p, then of block 2p+1, QB bytes each: dword j of row i sits at (j*16 + i)*4,
 //          where dword j holds qs[4j..4j+3] of that row's block (J = 4 for Q4_0, 8 for Q8_0);
 //          Q8_0 bytes are stored as unsigned q + 128 (q ^ 0x80) so VNNI's u8 x s8 product applies.
-//   scales (nb, MMP_ROWS) f16 at offset nb*QB: the block scale d of each of the 16 rows.
-// A zmm of 64 bytes thus holds one dword per row, so one vpdpbusd against a broadcast dword of
-// the activation block advances all 16 row sums at once.
+//   scales of block 2p, then of block 2p+1: 16 f16 each, the block scale d of each of the 16 rows.
+// With odd nb the last pair's second block is zero and never read. A zmm of 64 bytes thus holds one
+// dword per row, so one vpdpbusd against a broadcast dword of the activation block advances all 16
+// row sums at once; and decode reads each group (and a thread's run of groups) as one linear
+// stream, scales included, which a single software prefetch pointer can run ahead of.
 
 #define MMP_ROWS 16
 
@@ -30,10 +33,18 @@ enum {
 // Bytes of the quants of one block of one 16-row group.
 static inline size_t mmp_quant_bytes(int pack) { return pack == MMP_Q4_0X16 ? 256 : 512; }
 
+// Bytes of one block pair of one 16-row group (quants and scales; a multiple of 64).
+static inline size_t mmp_pair_bytes(int pack) { return 2 * mmp_quant_bytes(pack) + 4 * MMP_ROWS; }
+
 // Bytes of one 16-row group with nb blocks per row (a multiple of 64).
-static inline size_t mmp_group_bytes(int pack, int64_t nb) {
-    size_t b = (size_t)nb * (mmp_quant_bytes(pack) + 2 * MMP_ROWS);
-    return (b + 63) & ~(size_t)63;
+static inline size_t mmp_group_bytes(int pack, int64_t nb) { return (size_t)((nb + 1) / 2) * mmp_pair_bytes(pack); }
+
+// Quants (QB bytes) and scales (16 f16) of block b of the group at grp.
+static inline const uint8_t *mmp_block_quants(int pack, const uint8_t *grp, int64_t b) {
+    return grp + (size_t)(b >> 1) * mmp_pair_bytes(pack) + (size_t)(b & 1) * mmp_quant_bytes(pack);
+}
+static inline const uint8_t *mmp_block_scales(int pack, const uint8_t *grp, int64_t b) {
+    return grp + (size_t)(b >> 1) * mmp_pair_bytes(pack) + 2 * mmp_quant_bytes(pack) + (size_t)(b & 1) * 2 * MMP_ROWS;
 }
 
 // --- activation rows for packed Q4_0 / Q8_0 weights

@@ -224,6 +224,44 @@ static void test_weight_init_errors(void) {
     CU_ASSERT_EQUAL(mm_act_row_bytes(QT_F16, 100), 200);
 }
 
+// Q8_0 weights in plain rows follow vec_dot_q8_0's order for every token count (the reference uses
+// it, or tinyBLAS's identical per-output 8-lane chain, for batches): the bits must match vec_dot.
+static void test_q8_0_batch_bits(void) {
+    static const int64_t shapes[][2] = {{13, 352}, {40, 2048}};
+    static const int nts[] = {1, 2, 7, 8, 9, 16, 23, 64, 70};
+    for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+        const kernels_t *k = kernels_for_isa(isas[i]);
+        if (!k) continue;
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+            problem_t p;
+            problem_init(&p, k, QT_Q8_0, shapes[s][0], shapes[s][1], 500 + s);
+            const size_t rb = qtype_row_size(QT_Q8_0, p.cols);
+            mm_weight_t w;
+            CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, QT_Q8_0, p.rows, p.cols, p.w, true), 0);
+            float *y = malloc(sizeof(float) * MAX_NT * (size_t)p.rows);
+            int bad = 0;
+            for (size_t j = 0; j < sizeof nts / sizeof nts[0]; j++) {
+                const int nt = nts[j];
+                // rows [1, rows) so tiles start at an odd row, as a thread's share may
+                mm_rows(k, &w, p.xq, p.xs, nt, y, (size_t)p.rows, 1, p.rows);
+                for (int t = 0; t < nt; t++)
+                    for (int64_t r = 1; r < p.rows; r++) {
+                        float want;
+                        kern_vec_dot(k, QT_Q8_0, p.cols, &want, p.w + (size_t)r * rb, p.xq + (size_t)t * p.xs);
+                        const float got = y[(size_t)t * p.rows + r];
+                        if (memcmp(&got, &want, sizeof got) != 0 && bad++ == 0)
+                            fprintf(stderr, "\n  %s Q8_0 %lldx%lld nt=%d row %lld tok %d: got %.9g want %.9g\n", k->isa,
+                                    (long long)p.rows, (long long)p.cols, nt, (long long)r, t, got, want);
+                    }
+            }
+            CU_ASSERT_EQUAL(bad, 0);
+            free(y);
+            mm_weight_release(&w);
+            problem_free(&p);
+        }
+    }
+}
+
 // --- public API
 
 int test_matmul_suite(void) {
@@ -231,7 +269,8 @@ int test_matmul_suite(void) {
     if (!s) return -1;
     if (!CU_add_test(s, "weight_init_errors", test_weight_init_errors) ||
         !CU_add_test(s, "act_bytes_match_scalar", test_act_bytes_match_scalar) ||
-        !CU_add_test(s, "all_types_small", test_all_types_small) || !CU_add_test(s, "large_rows", test_large_rows))
+        !CU_add_test(s, "all_types_small", test_all_types_small) || !CU_add_test(s, "large_rows", test_large_rows) ||
+        !CU_add_test(s, "q8_0_batch_bits", test_q8_0_batch_bits))
         return -1;
     return 0;
 }

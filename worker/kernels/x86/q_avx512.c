@@ -379,58 +379,127 @@ void mmp_q8_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_
 }
 
 // --- plain Q8_0 rows: R weight rows x T activation rows, each output in vec_dot_q8_0's order
+//
+// vec_dot_q8_0 forms, per block, 8 int32 lanes (lane L = sum of products 4L..4L+3) as
+// dpbusd(|w|, sign(x, w)), then acc = fma(dw * dx, float(lanes), acc). The tiles form the same exact
+// lane integers as dpbusd(-128 * sum(w), x + 128, w): x + 128 = x ^ 0x80 is unsigned and the offset
+// 128 * sum(w) is one dpbusd per weight block, so each (row, token) costs one dpbusd instead of a
+// sign and a dpbusd; the scale product dw * dx is the same float product as the reference's.
 
-AI void q8_0_tile(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, const int R, const int T, float *y,
-                  size_t ys, int64_t nb) {
-    __m256 acc[2][4];
-#pragma GCC unroll 2
+#ifndef Q8_TILE_ZMM
+#define Q8_TILE_ZMM 1 // 1: two tokens' 8-lane chains in one zmm; 0: one ymm per output
+#endif
+#ifndef Q8_TILE_R
+#define Q8_TILE_R 4   // weight rows per register tile
+#endif
+#ifndef Q8_TILE_T
+#define Q8_TILE_T 8   // activation rows per register tile (even)
+#endif
+
+// -128 * (sum of each 4-byte group of the weight block wv), the chain start of its lanes.
+AI __m256i q8_lane_offset(__m256i wv) {
+    return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80), wv));
+}
+
+AI void q8_0_tile_ymm(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, const int R, const int T, float *y,
+                      size_t ys, int64_t nb) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[Q8_TILE_R][Q8_TILE_T];
+#pragma GCC unroll 8
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m256i xv[4];
-        float dx[4];
-#pragma GCC unroll 4
+        __m256i xu[Q8_TILE_T];
+        __m256 dx[Q8_TILE_T];
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
             const block_q8_0 *xb = (const block_q8_0 *)(x + (size_t)t * xs) + b;
-            xv[t] = _mm256_loadu_si256((const __m256i *)xb->qs);
-            dx[t] = f16_to_f32(xb->d);
+            xu[t] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xb->qs), flip);
+            dx[t] = _mm256_set1_ps(f16_to_f32(xb->d));
         }
-#pragma GCC unroll 2
+#pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const block_q8_0 *wb = (const block_q8_0 *)(w + (size_t)r * wrow) + b;
             const __m256i wv = _mm256_loadu_si256((const __m256i *)wb->qs);
-            const __m256i aw = _mm256_abs_epi8(wv);
-            const float dw = f16_to_f32(wb->d);
-#pragma GCC unroll 4
+            const __m256i off = q8_lane_offset(wv);
+            const __m256 dw = _mm256_set1_ps(f16_to_f32(wb->d));
+#pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
-                const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv[t], wv));
-                acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[t]), _mm256_cvtepi32_ps(p), acc[r][t]);
+                const __m256i p = _mm256_dpbusd_epi32(off, xu[t], wv);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx[t]), _mm256_cvtepi32_ps(p), acc[r][t]);
             }
         }
     }
-#pragma GCC unroll 2
+#pragma GCC unroll 8
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) y[(size_t)t * ys + r] = hsum8_ps(acc[r][t]);
+}
+
+// The same with T even: tokens 2j and 2j+1 share a zmm (low and high 8 lanes, the weight block
+// repeated in both halves); each half is still one output's chain.
+AI void q8_0_tile_zmm(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, const int R, const int T, float *y,
+                      size_t ys, int64_t nb) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m512 acc[Q8_TILE_R][Q8_TILE_T / 2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int j = 0; j < T / 2; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i xu[Q8_TILE_T / 2];
+        __m512 dx[Q8_TILE_T / 2];
+#pragma GCC unroll 8
+        for (int j = 0; j < T / 2; j++) {
+            const block_q8_0 *x0 = (const block_q8_0 *)(x + (size_t)(2 * j) * xs) + b;
+            const block_q8_0 *x1 = (const block_q8_0 *)(x + (size_t)(2 * j + 1) * xs) + b;
+            const __m256i u0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x0->qs), flip);
+            const __m256i u1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x1->qs), flip);
+            xu[j] = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
+            dx[j] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(f16_to_f32(x0->d))),
+                                       _mm256_set1_ps(f16_to_f32(x1->d)), 1);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const block_q8_0 *wb = (const block_q8_0 *)(w + (size_t)r * wrow) + b;
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)wb->qs);
+            const __m512i ww = _mm512_broadcast_i64x4(wv);
+            const __m512i off = _mm512_broadcast_i64x4(q8_lane_offset(wv));
+            const __m512 dw = _mm512_set1_ps(f16_to_f32(wb->d));
+#pragma GCC unroll 8
+            for (int j = 0; j < T / 2; j++) {
+                const __m512i p = _mm512_dpbusd_epi32(off, xu[j], ww);
+                acc[r][j] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx[j]), _mm512_cvtepi32_ps(p), acc[r][j]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int j = 0; j < T / 2; j++) {
+            y[(size_t)(2 * j) * ys + r] = hsum8_ps(_mm512_castps512_ps256(acc[r][j]));
+            y[(size_t)(2 * j + 1) * ys + r] = hsum8_ps(_mm512_extractf32x8_ps(acc[r][j], 1));
+        }
+}
+
+// Full tiles of Q8_TILE_T tokens, then the remaining tokens one at a time (ymm), for R rows.
+AI void q8_0_rows(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, int nt, float *y, size_t ys, int64_t nb,
+                  const int R) {
+    int t = 0;
+    for (; t + Q8_TILE_T <= nt; t += Q8_TILE_T) {
+        if (Q8_TILE_ZMM) q8_0_tile_zmm(w, wrow, x + (size_t)t * xs, xs, R, Q8_TILE_T, y + (size_t)t * ys, ys, nb);
+        else q8_0_tile_ymm(w, wrow, x + (size_t)t * xs, xs, R, Q8_TILE_T, y + (size_t)t * ys, ys, nb);
+    }
+    for (; t < nt; t++) q8_0_tile_ymm(w, wrow, x + (size_t)t * xs, xs, R, 1, y + (size_t)t * ys, ys, nb);
 }
 
 void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
                      size_t ys, int64_t n) {
     const int64_t nb = n / QK8_0;
     int64_t r = 0;
-    for (; r + 2 <= nr; r += 2) {
-        const uint8_t *wr = w + (size_t)r * wrow;
-        int t = 0;
-        for (; t + 4 <= nt; t += 4) q8_0_tile(wr, wrow, x + (size_t)t * xs, xs, 2, 4, y + (size_t)t * ys + r, ys, nb);
-        for (; t < nt; t++) q8_0_tile(wr, wrow, x + (size_t)t * xs, xs, 2, 1, y + (size_t)t * ys + r, ys, nb);
-    }
-    for (; r < nr; r++) {
-        const uint8_t *wr = w + (size_t)r * wrow;
-        int t = 0;
-        for (; t + 4 <= nt; t += 4) q8_0_tile(wr, wrow, x + (size_t)t * xs, xs, 1, 4, y + (size_t)t * ys + r, ys, nb);
-        for (; t < nt; t++) q8_0_tile(wr, wrow, x + (size_t)t * xs, xs, 1, 1, y + (size_t)t * ys + r, ys, nb);
-    }
+    for (; r + Q8_TILE_R <= nr; r += Q8_TILE_R) q8_0_rows(w + (size_t)r * wrow, wrow, x, xs, nt, y + r, ys, nb, Q8_TILE_R);
+    for (; r < nr; r++) q8_0_rows(w + (size_t)r * wrow, wrow, x, xs, nt, y + r, ys, nb, 1);
 }
 
 // --- plain float rows: R weight rows x T activation rows register tile

@@ -37,6 +37,8 @@ typedef struct {
     int n;                      // ranks
 } cl_gather_t;
 
+static int cl_logits(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens);
+
 struct cluster {
     cluster_opts_t o;
     int timeout_ms;
@@ -46,8 +48,12 @@ struct cluster {
     plan_t *plan;               // shares of the computing nodes
     shard_slice_t *slices;      // (n_nodes) node 0 = coordinator (empty unless it computes)
     msg_plan_node_t *pnodes;    // (n_nodes) as sent
-    model_t *model;             // the coordinator's slice
-    model_ctx_t *ctx;
+    model_t *model;             // the coordinator's slice (empty unless it computes)
+    model_ctx_t *ctx;           // its context, only when it computes
+    bool computes;              // the coordinator holds a share
+    int pos;                    // tokens in the cluster's caches
+    uint8_t *lbuf;              // (n_batch rows of n_vocab floats) landing buffer for logit rows
+    size_t lbuf_cap;
     cl_gather_t gc;
     model_tp_t tp;
     uint64_t step_id;
@@ -56,6 +62,16 @@ struct cluster {
 };
 
 // --- helpers
+
+// Logit rows of every computing node land at the coordinator.
+static int cl_logits(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
+    cl_gather_t *g = ctx;
+    const double t0 = mlm_now_ms();
+    int rc = comm_gatherv_root(g->comm, 0, 0, g->n, mine, my_len, out, lens, g->timeout_ms);
+    g->stats->gather_ms += mlm_now_ms() - t0;
+    for (int r = 1; r < g->n; r++) g->stats->gather_bytes += (uint64_t)lens[r];
+    return rc;
+}
 
 static int cl_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
     cl_gather_t *g = ctx;
@@ -403,10 +419,16 @@ int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t err
         model_load_opts_t lo = {.repack = true, .slice = &c->slices[0]};
         rc = model_load(&c->model, o->model_path, &lo, err, errlen);
     }
-    if (rc == 0) {
-        c->tp = (model_tp_t){c->n_nodes, 0, c->slices, cl_gather, &c->gc};
+    c->computes = o->coordinator_shard;
+    if (rc == 0 && c->computes) {
+        c->tp = (model_tp_t){c->n_nodes, 0, c->slices, cl_gather, &c->gc, cl_logits};
         model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_threads = o->n_threads, .kv_f32 = o->kv_f32, .tp = &c->tp};
         rc = model_ctx_new(&c->ctx, c->model, &co, err, errlen);
+    }
+    if (rc == 0 && !c->computes) {
+        c->lbuf_cap = (size_t)64 * (size_t)model_hparams(c->model)->n_vocab * sizeof(float);
+        c->lbuf = malloc(c->lbuf_cap);
+        if (!c->lbuf) rc = MLM_ENOMEM;
     }
     if (rc != 0) {
         cluster_close(&c, false);
@@ -422,12 +444,47 @@ const plan_t *cluster_plan(const cluster_t *c) { return c->plan; }
 const cluster_stats_t *cluster_stats(const cluster_t *c) { return &c->stats; }
 const char *cluster_error(const cluster_t *c) { return c->errbuf; }
 
+// The coordinator computes nothing: the logit rows of the workers land here.
+static int receive_logits(cluster_t *c, int n_out, float *logits) {
+    const model_hparams_t *hp = model_hparams(c->model);
+    const int nw = c->o.n_workers;
+    size_t lens[MSG_MAX_NODES], sum = 0;
+    for (int i = 0; i < nw; i++) {
+        const shard_slice_t *s = &c->slices[1 + i];
+        lens[i] = (size_t)n_out * (size_t)(s->v1 - s->v0) * sizeof(float);
+        sum += lens[i];
+    }
+    if (sum > c->lbuf_cap) {
+        uint8_t *nb = realloc(c->lbuf, sum);
+        if (!nb) return MLM_ENOMEM;
+        c->lbuf = nb;
+        c->lbuf_cap = sum;
+    }
+    const double t0 = mlm_now_ms();
+    int rc = comm_gatherv_root(c->gc.comm, 0, 1, nw, NULL, 0, c->lbuf, lens, c->timeout_ms);
+    c->stats.gather_ms += mlm_now_ms() - t0;
+    c->stats.gather_bytes += sum;
+    if (rc != 0) return rc;
+    const uint8_t *p = c->lbuf;
+    for (int i = 0; i < nw; i++) {
+        const shard_slice_t *s = &c->slices[1 + i];
+        const size_t w = (size_t)(s->v1 - s->v0);
+        for (int t = 0; t < n_out; t++) memcpy(logits + (size_t)t * hp->n_vocab + s->v0, p + (size_t)t * w * 4, w * 4);
+        p += lens[i];
+    }
+    return 0;
+}
+
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {
+    if (n <= 0 || c->pos + n > c->o.n_ctx) return n <= 0 ? MLM_EINVAL : MLM_ERANGE;
+    const int n_vocab = model_hparams(c->model)->n_vocab;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) return MLM_EINVAL;
     msg_t m;
     msg_init(&m, MSG_STEP);
     msg_step_t *st = &m.step;
     st->step_id = ++c->step_id;
-    st->pos = model_ctx_pos(c->ctx);
+    st->pos = c->pos;
     st->n_tokens = (uint32_t)n;
     st->tokens = tokens;
     st->logits = !logits ? MSG_LOGITS_NONE : all_logits ? MSG_LOGITS_ALL : MSG_LOGITS_LAST;
@@ -439,10 +496,25 @@ int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool
             return rc;
         }
     }
-    int rc = model_eval(c->ctx, tokens, n, logits, all_logits);
+    int rc = 0;
+    if (c->computes) {
+        rc = model_eval(c->ctx, tokens, n, logits, all_logits);
+    } else {
+        if (logits) rc = receive_logits(c, all_logits ? n : 1, logits);
+        // The workers' all-gathers, which the coordinator does not see, follow from the plan: per
+        // token and layer every computing node sends its block of the attention output, the two
+        // hidden-size products and the FFN units (per routed expert) to the others, plus the embedding.
+        const model_hparams_t *hp = model_hparams(c->model);
+        const uint64_t nc = (uint64_t)c->o.n_workers;
+        const uint64_t per_layer = (uint64_t)hp->n_head * hp->head_dim + 2u * (uint64_t)hp->n_embd +
+                                   (uint64_t)hp->n_ff * (uint64_t)(hp->n_expert ? hp->n_expert_used : 1);
+        c->stats.gather_bytes += (uint64_t)n * ((uint64_t)hp->n_layer * per_layer + (uint64_t)hp->n_embd) * 4u * (nc - 1);
+    }
     c->stats.steps++;
     c->stats.tokens += (uint64_t)n;
-    if (rc != 0) {
+    if (rc == 0) {
+        c->pos += n;
+    } else {
         // Name the worker that reported a failure, if one did.
         snprintf(c->errbuf, sizeof c->errbuf, "step %llu failed: %s (a worker stopped answering within %d ms)",
                  (unsigned long long)st->step_id, mlm_strerror(rc), c->timeout_ms);
@@ -461,7 +533,10 @@ int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool
     return rc;
 }
 
-void cluster_reset(cluster_t *c) { model_ctx_reset(c->ctx); }
+void cluster_reset(cluster_t *c) {
+    c->pos = 0;
+    if (c->ctx) model_ctx_reset(c->ctx);
+}
 
 void cluster_stats_reset(cluster_t *c) {
     c->stats.steps = c->stats.tokens = c->stats.gather_bytes = c->stats.gathers = 0;
@@ -487,6 +562,7 @@ void cluster_close(cluster_t **self_p, bool exit_workers) {
     free(c->plan);
     free(c->slices);
     free(c->pnodes);
+    free(c->lbuf);
     free(c);
     *self_p = NULL;
 }

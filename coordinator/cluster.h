@@ -32,7 +32,8 @@ typedef struct {
     uint64_t steps;                  // cluster_eval calls
     uint64_t tokens;                 // tokens they carried
     double gather_ms;                // time the coordinator spent in all-gathers (transfer + waiting for peers)
-    uint64_t gather_bytes;           // bytes all nodes sent to each other in those all-gathers
+    uint64_t gather_bytes;           // bytes all nodes sent each other per step (counted when the coordinator
+                                     // computes, derived from the plan otherwise) plus the logit rows
     uint64_t gathers;                // all-gather rounds
 } cluster_stats_t;
 

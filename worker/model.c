@@ -688,6 +688,34 @@ static int gather_cols(model_ctx_t *c, const float *loc, int nt, int kind, int t
     return 0;
 }
 
+// Hands this node's vocabulary rows of the logits (nt rows) to the group's logits consumer; fills
+// full (nt, n_vocab) when the rows land here.
+static int deliver_logits(model_ctx_t *c, const float *loc, int nt, float *full) {
+    const int total = c->m->hp.n_vocab;
+    size_t lens[PLAN_NODES_MAX];
+    size_t sum = 0;
+    for (int i = 0; i < c->tp.n_nodes; i++) {
+        int lo, hi;
+        node_cols(c, i, G_VOCAB, &lo, &hi);
+        lens[i] = (size_t)nt * (size_t)(hi - lo) * sizeof(float);
+        sum += lens[i];
+    }
+    uint8_t *land = c->gbuf;
+    if (c->tp.n_nodes == 1 || sum > c->gbuf_cap) land = NULL; // alone: the rows go elsewhere or stay in full
+    int rc = c->tp.gather_logits(c->tp.gather_ctx, loc, lens[c->tp.index], land, lens);
+    if (rc != 0) return rc == 1 ? 0 : rc;
+    if (!land) return loc == full ? 0 : MLM_ESTATE;
+    const uint8_t *p = land;
+    for (int i = 0; i < c->tp.n_nodes; i++) {
+        int lo, hi;
+        node_cols(c, i, G_VOCAB, &lo, &hi);
+        const size_t w = (size_t)(hi - lo);
+        for (int t = 0; t < nt; t++) memcpy(full + (size_t)t * total + lo, p + (size_t)t * w * 4, w * 4);
+        p += lens[i];
+    }
+    return 0;
+}
+
 // x <- embedding rows of the tokens. Each node holds the rows of its vocabulary range.
 static int embed(model_ctx_t *c, const int32_t *tokens, int nt) {
     const model_t *m = c->m;
@@ -873,6 +901,7 @@ static int eval_chunk(model_ctx_t *c, const int32_t *tokens, int nt, float *logi
         ops_rmsnorm(c->xn + (size_t)(i - first) * E, c->x + (size_t)i * E, m->out_norm, E, hp->rms_eps);
     float *out_l = c->tp.n_nodes == 1 ? logits : c->logit_l;
     matmul1(c, &m->output, c->xn, n_out, out_l);
+    if (c->tp.gather_logits) return deliver_logits(c, out_l, n_out, logits);
     return gather_cols(c, out_l, n_out, G_VOCAB, hp->n_vocab, logits);
 }
 

@@ -65,6 +65,11 @@ typedef struct {
     const shard_slice_t *slices;  // (n_nodes) every node's slice in node order (borrowed for the ctx's life)
     model_gather_fn gather;       // the collective
     void *gather_ctx;             // its argument
+    // Optional: delivers the vocabulary blocks of the logits to wherever they are wanted, instead of
+    // gathering them on every node. Returns 0 when out was filled here (as a gather would), 1 when
+    // the logits went elsewhere (model_eval then leaves its logits buffer untouched), or an error.
+    // Called even by a group of one node, so a node can serve a coordinator that computes nothing.
+    model_gather_fn gather_logits;
 } model_tp_t;
 
 typedef struct {

@@ -24,6 +24,8 @@
 typedef struct {
     comm_t *comm;               // data plane of the plan
     int timeout_ms;             // per collective
+    int first;                  // first comm rank of the computing group (1 when the coordinator computes nothing)
+    int n;                      // ranks in the computing group
 } gather_ctx_t;
 
 typedef struct {
@@ -57,7 +59,18 @@ static void vlog(const node_t *n, const char *what, const char *detail) {
 
 static int gather_fn(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
     gather_ctx_t *g = ctx;
-    return comm_allgatherv(g->comm, mine, my_len, out, lens, g->timeout_ms);
+    return comm_allgatherv_range(g->comm, g->first, g->n, mine, my_len, out, lens, g->timeout_ms);
+}
+
+// Logit rows go to the coordinator (rank 0) only.
+static int logits_fn(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
+    gather_ctx_t *g = ctx;
+    int rc = comm_gatherv_root(g->comm, 0, g->first, g->n, mine, my_len, out, lens, g->timeout_ms);
+    return rc == 0 ? 1 : rc;
+}
+
+static bool slice_empty(const shard_slice_t *s) {
+    return s->h1 == s->h0 && s->e1 == s->e0 && s->f1 == s->f0 && s->v1 == s->v0;
 }
 
 static void end_plan(node_t *n) {
@@ -213,7 +226,11 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         zo.connect_timeout_ms = n->gc.timeout_ms;
         rc = comm_zmq_new(&n->gc.comm, n->index, n->plan.n_nodes, eps, &zo, err, sizeof err);
         if (rc == 0) {
-            n->tp = (model_tp_t){n->plan.n_nodes, n->index, n->slices, gather_fn, &n->gc};
+            // The computing group: every worker, and the coordinator when it holds a share.
+            n->gc.first = slice_empty(&n->slices[0]) ? 1 : 0;
+            n->gc.n = n->plan.n_nodes - n->gc.first;
+            n->tp = (model_tp_t){n->gc.n, n->index - n->gc.first, n->slices + n->gc.first, gather_fn, &n->gc,
+                                 logits_fn};
             model_ctx_opts_t co = {.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads, .tp = &n->tp,
                                    .kv_f32 = n->plan.kv_type == QT_F32};
             rc = model_ctx_new(&n->ctx, n->model, &co, err, sizeof err);

@@ -553,7 +553,7 @@ static int generate(comm_t *comm, mpi_args_t *a) {
     model_load_opts_t lo = {.repack = a->repack, .slice = &slices[me]};
     if (rc == 0) rc = model_load(&m, a->model, &lo, err, sizeof err);
     mpi_gather_t g = {comm, a->timeout_ms};
-    model_tp_t tp = {N, me, slices, mpi_gather, &g};
+    model_tp_t tp = {.n_nodes = N, .index = me, .slices = slices, .gather = mpi_gather, .gather_ctx = &g};
     if (rc == 0) {
         model_ctx_opts_t co = {.n_ctx = n_ctx, .n_batch = a->n_batch, .n_threads = a->n_threads, .kv_f32 = a->kv_f32,
                                .tp = N > 1 ? &tp : NULL};
@@ -655,7 +655,13 @@ int cmd_mpi(int argc, char **argv) {
         return 1;
     }
     int code = a.selftest ? selftest(comm, a.timeout_ms) : generate(comm, &a);
-    comm_destroy(&comm);
+    const int size = comm_size(comm);
+    comm_destroy(&comm); // flushes the failure notices (linger) before a possible abort
+    if (code != 0 && size > 1 && !a.selftest) {
+        // MPI_Finalize waits for every rank; one that is frozen or stuck would hang this one. The
+        // failure is reported and the others were told: the last resort ends the job non-zero.
+        MPI_Abort(MPI_COMM_WORLD, code);
+    }
     MPI_Finalize();
     return code;
 }

@@ -78,5 +78,30 @@ else
   pass=$((pass + 1))
 fi
 
+# A frozen rank (SIGSTOP) makes the others miss a deadline: the job ends non-zero, it does not hang.
+tag="frozen-$$"
+m="$shared/models/synth/synth-dense-Q4_K_M.gguf"
+( sleep 2
+  victim=$(pgrep -f "meshlm mpi -m .* -p $tag" | tail -1)
+  [ -n "$victim" ] && kill -STOP "$victim"
+  sleep 25
+  [ -n "$victim" ] && kill -CONT "$victim" 2>/dev/null ) &
+freezer=$!
+t0=$(date +%s)
+if mpirun_ -np 3 "$bin" mpi -m "$m" -p "$tag" -n 19000 -c 20000 --ignore-eos --greedy --json -t 1 --timeout 3000 \
+   >"$log" 2>&1; then
+  echo "mpi: a frozen rank: the run exited 0" >&2
+  fail=$((fail + 1))
+elif [ $(( $(date +%s) - t0 )) -gt 20 ] || ! grep -q "deadline passed" "$log"; then
+  echo "mpi: a frozen rank: no deadline failure within 20 s" >&2
+  cat "$log" >&2
+  fail=$((fail + 1))
+else
+  echo "mpi: a frozen rank: the others hit their deadline, the run exits non-zero in $(( $(date +%s) - t0 )) s"
+  pass=$((pass + 1))
+fi
+kill "$freezer" 2>/dev/null
+wait "$freezer" 2>/dev/null
+
 echo "mpi: $pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -483,6 +483,71 @@ AI void q8_0_tile_zmm(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs
         }
 }
 
+// Token pairs prepared once for many weight rows: for block b and pair j, at buf + (b * np + j) * 128,
+// the two tokens' qs ^ 0x80 (low, high 32 bytes) and then their scales dx as 8 + 8 floats, so the
+// tile below reads them as whole-zmm operands.
+#define Q8_PREP_MAX_NB 256 // blocks per row the prepared buffer holds (8192 columns; longer rows use q8_0_tile_zmm)
+
+static void q8_0_prep_pairs(const uint8_t *x, size_t xs, int np, int64_t nb, uint8_t *buf) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int j = 0; j < np; j++) {
+        const block_q8_0 *x0 = (const block_q8_0 *)(x + (size_t)(2 * j) * xs);
+        const block_q8_0 *x1 = (const block_q8_0 *)(x + (size_t)(2 * j + 1) * xs);
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *o = buf + ((size_t)b * np + j) * 128;
+            _mm256_store_si256((__m256i *)o, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x0[b].qs), flip));
+            _mm256_store_si256((__m256i *)(o + 32), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x1[b].qs), flip));
+            _mm256_store_ps((float *)(o + 64), _mm256_set1_ps(f16_to_f32(x0[b].d)));
+            _mm256_store_ps((float *)(o + 96), _mm256_set1_ps(f16_to_f32(x1[b].d)));
+        }
+    }
+}
+
+// R weight rows x NP prepared token pairs (q8_0_tile_zmm's arithmetic, activations from buf).
+AI void q8_0_tile_prep(const uint8_t *w, size_t wrow, const uint8_t *buf, const int R, const int NP, float *y,
+                       size_t ys, int64_t nb) {
+    __m512 acc[Q8_TILE_R][Q8_TILE_T / 2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int j = 0; j < NP; j++) acc[r][j] = _mm512_setzero_ps();
+    const block_q8_0 *wr[Q8_TILE_R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) wr[r] = (const block_q8_0 *)(w + (size_t)r * wrow);
+    for (int64_t b = 0; b < nb; b++, buf += (size_t)NP * 128) {
+        // one weight row at a time (its block repeated in both halves, its lane offsets, its scale)
+        // against every pair: the pairs' operands come from L1, leaving registers to the accumulators
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)wr[r][b].qs);
+            const __m512i ww = _mm512_broadcast_i64x4(wv);
+            const __m512i off = _mm512_broadcast_i64x4(q8_lane_offset(wv));
+            const __m512 dw = _mm512_set1_ps(f16_to_f32(wr[r][b].d));
+#pragma GCC unroll 8
+            for (int j = 0; j < NP; j++) {
+                const __m512i p = _mm512_dpbusd_epi32(off, _mm512_load_si512(buf + (size_t)j * 128), ww);
+                const __m512 d = _mm512_mul_ps(dw, _mm512_load_ps(buf + (size_t)j * 128 + 64));
+                acc[r][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc[r][j]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int j = 0; j < NP; j++) {
+            y[(size_t)(2 * j) * ys + r] = hsum8_ps(_mm512_castps512_ps256(acc[r][j]));
+            y[(size_t)(2 * j + 1) * ys + r] = hsum8_ps(_mm512_extractf32x8_ps(acc[r][j], 1));
+        }
+}
+
+// nr rows x 2 * NP tokens from a prepared buffer: tiles of Q8_TILE_R rows, then single rows.
+AI void q8_0_rows_prep(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *buf, const int NP, float *y,
+                       size_t ys, int64_t nb) {
+    int64_t r = 0;
+    for (; r + Q8_TILE_R <= nr; r += Q8_TILE_R) q8_0_tile_prep(w + (size_t)r * wrow, wrow, buf, Q8_TILE_R, NP, y + r, ys, nb);
+    for (; r < nr; r++) q8_0_tile_prep(w + (size_t)r * wrow, wrow, buf, 1, NP, y + r, ys, nb);
+}
+
 // Full tiles of Q8_TILE_T tokens, then the remaining tokens one at a time (ymm), for R rows.
 AI void q8_0_rows(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, int nt, float *y, size_t ys, int64_t nb,
                   const int R) {
@@ -497,6 +562,23 @@ AI void q8_0_rows(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, in
 void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
                      size_t ys, int64_t n) {
     const int64_t nb = n / QK8_0;
+    if (nb <= Q8_PREP_MAX_NB && nt >= 2 && Q8_TILE_ZMM) {
+        // token tiles outside, rows inside: each tile's activations are prepared once for all rows
+        _Alignas(64) uint8_t buf[Q8_PREP_MAX_NB * (Q8_TILE_T / 2) * 128]; // (nb, pairs, 128)
+        int t = 0;
+        for (; t + Q8_TILE_T <= nt; t += Q8_TILE_T) {
+            q8_0_prep_pairs(x + (size_t)t * xs, xs, Q8_TILE_T / 2, nb, buf);
+            q8_0_rows_prep(w, wrow, nr, buf, Q8_TILE_T / 2, y + (size_t)t * ys, ys, nb);
+        }
+        for (; t + 2 <= nt; t += 2) {
+            q8_0_prep_pairs(x + (size_t)t * xs, xs, 1, nb, buf);
+            q8_0_rows_prep(w, wrow, nr, buf, 1, y + (size_t)t * ys, ys, nb);
+        }
+        x += (size_t)t * xs;
+        y += (size_t)t * ys;
+        nt -= t;
+        if (nt == 0) return;
+    }
     int64_t r = 0;
     for (; r + Q8_TILE_R <= nr; r += Q8_TILE_R) q8_0_rows(w + (size_t)r * wrow, wrow, x, xs, nt, y + r, ys, nb, Q8_TILE_R);
     for (; r < nr; r++) q8_0_rows(w + (size_t)r * wrow, wrow, x, xs, nt, y + r, ys, nb, 1);

@@ -256,6 +256,35 @@ AI void q4x16_decode(const uint8_t *grp, int64_t nb, const uint8_t *xr, float *y
     _mm512_mask_storeu_ps(y, m, acc);
 }
 
+// NT activation rows (1..8) against block b of a Q4_0 group (quants q, scales sc): one fma per row
+// and token into acc, the integer sum as one dpbusd chain in element order.
+AI void q4x16_block(const uint8_t *q, const uint8_t *sc, int64_t b, int64_t nb, const uint8_t *const *xr, size_t toff,
+                    const int NT, __m512 *acc) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512i v0 = _mm512_load_si512(q), v1 = _mm512_load_si512(q + 64);
+    __m512i v2 = _mm512_load_si512(q + 128), v3 = _mm512_load_si512(q + 192);
+    __m512i l0 = _mm512_and_si512(v0, m4), l1 = _mm512_and_si512(v1, m4);
+    __m512i l2 = _mm512_and_si512(v2, m4), l3 = _mm512_and_si512(v3, m4);
+    __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+    __m512i h2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), h3 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4);
+    __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)sc));
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) {
+        const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2; // qs of block b
+        const int32_t corr = load_i32(xr[t] + toff + (size_t)b * 4);
+        const float dx = load_f32(xr[t] + toff + (size_t)(nb + b) * 4);
+        __m512i s = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), l0, bcast_i32(xb));
+        s = _mm512_dpbusd_epi32(s, l1, bcast_i32(xb + 4));
+        s = _mm512_dpbusd_epi32(s, l2, bcast_i32(xb + 8));
+        s = _mm512_dpbusd_epi32(s, l3, bcast_i32(xb + 12));
+        s = _mm512_dpbusd_epi32(s, h0, bcast_i32(xb + 16));
+        s = _mm512_dpbusd_epi32(s, h1, bcast_i32(xb + 20));
+        s = _mm512_dpbusd_epi32(s, h2, bcast_i32(xb + 24));
+        s = _mm512_dpbusd_epi32(s, h3, bcast_i32(xb + 28));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[t]);
+    }
+}
+
 // NT activation rows (1..8) against one group of 16 Q4_0 rows.
 AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
                    __mmask16 m) {
@@ -263,7 +292,6 @@ AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
         q4x16_decode(grp, nb, xq, y, m);
         return;
     }
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
     const size_t toff = mmp_act_tail_off(nb);
     __m512 acc[8];
     const uint8_t *xr[8];
@@ -272,32 +300,13 @@ AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
         acc[t] = _mm512_setzero_ps();
         xr[t] = xq + (size_t)t * xs;
     }
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = mmp_block_quants(MMP_Q4_0X16, grp, b);
-        __m512i v0 = _mm512_load_si512(q), v1 = _mm512_load_si512(q + 64);
-        __m512i v2 = _mm512_load_si512(q + 128), v3 = _mm512_load_si512(q + 192);
-        __m512i l0 = _mm512_and_si512(v0, m4), l1 = _mm512_and_si512(v1, m4);
-        __m512i l2 = _mm512_and_si512(v2, m4), l3 = _mm512_and_si512(v3, m4);
-        __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
-        __m512i h2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), h3 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4);
-        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mmp_block_scales(MMP_Q4_0X16, grp, b)));
-#pragma GCC unroll 8
-        for (int t = 0; t < NT; t++) {
-            const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2; // qs of block b
-            const int32_t corr = load_i32(xr[t] + toff + (size_t)b * 4);
-            float dx;
-            memcpy(&dx, xr[t] + toff + (size_t)nb * 4 + (size_t)b * 4, 4);
-            __m512i s = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), l0, bcast_i32(xb));
-            s = _mm512_dpbusd_epi32(s, l1, bcast_i32(xb + 4));
-            s = _mm512_dpbusd_epi32(s, l2, bcast_i32(xb + 8));
-            s = _mm512_dpbusd_epi32(s, l3, bcast_i32(xb + 12));
-            s = _mm512_dpbusd_epi32(s, h0, bcast_i32(xb + 16));
-            s = _mm512_dpbusd_epi32(s, h1, bcast_i32(xb + 20));
-            s = _mm512_dpbusd_epi32(s, h2, bcast_i32(xb + 24));
-            s = _mm512_dpbusd_epi32(s, h3, bcast_i32(xb + 28));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[t]);
-        }
+    int64_t b = 0;
+    for (const uint8_t *p = grp; b + 2 <= nb; b += 2, p += Q4_PAIR) {
+        q4x16_block(p, p + 512, b, nb, xr, toff, NT, acc);
+        q4x16_block(p + 256, p + 544, b + 1, nb, xr, toff, NT, acc);
     }
+    if (b < nb)
+        q4x16_block(mmp_block_quants(MMP_Q4_0X16, grp, b), mmp_block_scales(MMP_Q4_0X16, grp, b), b, nb, xr, toff, NT, acc);
 #pragma GCC unroll 8
     for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + (size_t)t * ys, m, acc[t]);
 }

@@ -198,6 +198,9 @@ static void from_float_bf16(const float *x, void *vy, int64_t n) {
 #ifndef MMP_PREFETCH
 #define MMP_PREFETCH 2048 // bytes ahead of the Q4_0 block pair being read that decode prefetches (0: none)
 #endif
+#ifndef MMP_PREFETCH_HINT
+#define MMP_PREFETCH_HINT _MM_HINT_T0 // cache level the decode prefetch fills
+#endif
 #ifndef MMP_PREFETCH_Q8
 #define MMP_PREFETCH_Q8 0 // the same for Q8_0 (the hardware prefetcher keeps up there)
 #endif
@@ -233,7 +236,7 @@ AI void q4x16_decode(const uint8_t *grp, int64_t nb, const uint8_t *xr, float *y
     for (const uint8_t *p = grp; b + 2 <= nb; b += 2, p += Q4_PAIR) {
         if (MMP_PREFETCH) {
 #pragma GCC unroll 9
-            for (int l = 0; l < 9; l++) _mm_prefetch((const char *)p + MMP_PREFETCH + 64 * l, _MM_HINT_T0);
+            for (int l = 0; l < 9; l++) _mm_prefetch((const char *)p + MMP_PREFETCH + 64 * l, MMP_PREFETCH_HINT);
         }
         const uint8_t *xb = xr + (size_t)b * sizeof(block_q8_0) + 2;
         __m512i s0 = q4x16_isum_split(_mm512_load_si512(p), _mm512_load_si512(p + 64), _mm512_load_si512(p + 128),

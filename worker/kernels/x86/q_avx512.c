@@ -498,6 +498,9 @@ AI void q8_0_tile_zmm(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs
 // Token pairs prepared once for many weight rows: for block b and pair j, at buf + (b * np + j) * 128,
 // the two tokens' qs ^ 0x80 (low, high 32 bytes) and then their scales dx as 8 + 8 floats, so the
 // tile below reads them as whole-zmm operands.
+#ifndef Q8_ROW_CHUNK
+#define Q8_ROW_CHUNK 128 // weight rows per chunk the token tiles sweep (a multiple of Q8_TILE_R; 128 rows of 2048 columns = 272 KB)
+#endif
 #define Q8_PREP_MAX_NB 256 // blocks per row the prepared buffer holds (8192 columns; longer rows use q8_0_tile_zmm)
 
 static void q8_0_prep_pairs(const uint8_t *x, size_t xs, int np, int64_t nb, uint8_t *buf) {
@@ -575,20 +578,26 @@ void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x
                      size_t ys, int64_t n) {
     const int64_t nb = n / QK8_0;
     if (nb <= Q8_PREP_MAX_NB && nt >= 2 && Q8_TILE_ZMM) {
-        // token tiles outside, rows inside: each tile's activations are prepared once for all rows
+        // chunks of rows that stay in L2 outside, token tiles inside them, rows of the chunk inside
+        // that: each tile's activations are prepared once per chunk
         _Alignas(64) uint8_t buf[Q8_PREP_MAX_NB * (Q8_TILE_T / 2) * 128]; // (nb, pairs, 128)
-        int t = 0;
-        for (; t + Q8_TILE_T <= nt; t += Q8_TILE_T) {
-            q8_0_prep_pairs(x + (size_t)t * xs, xs, Q8_TILE_T / 2, nb, buf);
-            q8_0_rows_prep(w, wrow, nr, buf, Q8_TILE_T / 2, y + (size_t)t * ys, ys, nb);
+        const int nt2 = nt & ~1;
+        for (int64_t r0 = 0; r0 < nr; r0 += Q8_ROW_CHUNK) {
+            const int64_t nrc = nr - r0 < Q8_ROW_CHUNK ? nr - r0 : Q8_ROW_CHUNK;
+            const uint8_t *wc = w + (size_t)r0 * wrow;
+            int t = 0;
+            for (; t + Q8_TILE_T <= nt2; t += Q8_TILE_T) {
+                q8_0_prep_pairs(x + (size_t)t * xs, xs, Q8_TILE_T / 2, nb, buf);
+                q8_0_rows_prep(wc, wrow, nrc, buf, Q8_TILE_T / 2, y + (size_t)t * ys + r0, ys, nb);
+            }
+            for (; t < nt2; t += 2) {
+                q8_0_prep_pairs(x + (size_t)t * xs, xs, 1, nb, buf);
+                q8_0_rows_prep(wc, wrow, nrc, buf, 1, y + (size_t)t * ys + r0, ys, nb);
+            }
         }
-        for (; t + 2 <= nt; t += 2) {
-            q8_0_prep_pairs(x + (size_t)t * xs, xs, 1, nb, buf);
-            q8_0_rows_prep(w, wrow, nr, buf, 1, y + (size_t)t * ys, ys, nb);
-        }
-        x += (size_t)t * xs;
-        y += (size_t)t * ys;
-        nt -= t;
+        x += (size_t)nt2 * xs;
+        y += (size_t)nt2 * ys;
+        nt -= nt2;
         if (nt == 0) return;
     }
     int64_t r = 0;

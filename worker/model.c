@@ -881,8 +881,9 @@ static int eval_chunk(model_ctx_t *c, const int32_t *tokens, int nt, float *logi
         }
         store_kv(c, il, nt, pos0);
         att_job_t aj = {c, il, nt, pos0};
+        // Heads are independent: split them between threads as soon as there is a little work.
         double work = (double)nt * c->Hl * (pos0 + nt) * hd;
-        tpool_run_n(c->pool, attention_fn, &aj, work < PAR_MIN_WORK ? 1 : tpool_size(c->pool));
+        tpool_run_n(c->pool, attention_fn, &aj, work < PAR_MIN_WORK / 32 ? 1 : tpool_size(c->pool));
         if ((rc = gather_cols(c, c->att_l, nt, G_HEADS, hp->n_head * hd, c->att)) != 0) break;
         matmul1(c, &L->wo, c->att, nt, c->y_l);
         if ((rc = gather_cols(c, c->y_l, nt, G_HIDDEN, E, c->tmp)) != 0) break;

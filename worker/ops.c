@@ -305,9 +305,11 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
     const bool tiled_pv = batched && hd % 4 == 0;
     const int nl = tiled_pv ? 16 : 64;
     const int nsimd = tiled_pv ? npos : (npos < (n_kv & ~63) ? npos : (n_kv & ~63));
-    memset(acc, 0, (size_t)nl * hd * sizeof(float));
+    if (nsimd > 0) memset(acc, 0, (size_t)nl * hd * sizeof(float)); // no lanes in use: nothing to clear
 #ifdef OPS_X86
-    if (simd)
+    if (nsimd == 0) {
+        // every position is in the tail
+    } else if (simd)
         pv_lanes_avx512(acc, nl, sc, v, row_stride, nsimd, hd, f16);
     else
 #endif
@@ -322,10 +324,13 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
             out[d] = reduce16(lanes);
             continue;
         }
-        for (int l = 0; l < 16; l++)
-            lanes[l] = (acc[(size_t)l * hd + d] + acc[(size_t)(l + 32) * hd + d]) +
-                       (acc[(size_t)(l + 16) * hd + d] + acc[(size_t)(l + 48) * hd + d]);
-        const float head = nsimd > 0 ? reduce16(lanes) : 0.0f;
+        float head = 0.0f;
+        if (nsimd > 0) {
+            for (int l = 0; l < 16; l++)
+                lanes[l] = (acc[(size_t)l * hd + d] + acc[(size_t)(l + 32) * hd + d]) +
+                           (acc[(size_t)(l + 16) * hd + d] + acc[(size_t)(l + 48) * hd + d]);
+            head = reduce16(lanes);
+        }
         if (f16) {
             double sd = head;
             for (int t = nsimd; t < npos; t++) sd += (double)(sc[t] * kv_at(v, (size_t)t * row_stride + d, f16));

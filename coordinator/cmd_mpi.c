@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "coordinator/cli.h"
+#include "coordinator/gen_args.h"
 #include "coordinator/generate.h"
 #include "parallel/plan.h"
 #include "transport/comm_mpi.h"
@@ -30,22 +31,11 @@ enum { K_STEP = 1, K_RESET = 2, K_STOP = 3, K_FAIL = 4 }; // only ever appended
 #define F_LOGITS 2u              // flags: logits wanted (non-NULL)
 
 typedef struct {
-    const char *model;        // -m
-    const char *prompt;       // -p
-    int n_predict;            // -n
-    int n_threads;            // -t
-    int n_ctx;                // -c
-    int n_batch;              // -b
-    bool json;                // --json
-    bool no_bos;              // --no-bos
-    bool repack;              // !--no-repack
-    bool kv_f32;              // --kv-type f32
-    const char *logits_path;  // --logits (rank 0)
+    gen_args_t g;             // model, prompt, sampling, output (shared with run)
     const char *speeds;       // --speeds
     int timeout_ms;           // --timeout
     bool selftest;            // --selftest
     bool verbose;             // --verbose
-    gen_opts_t gen;           // sampling and stopping
 } mpi_args_t;
 
 // The gather of the tensor-parallel forward pass, over the MPI comm.
@@ -201,101 +191,38 @@ static int follow(comm_t *comm, model_ctx_t *ctx, int n_vocab, int timeout_ms, c
     return rc;
 }
 
-static void print_json(const int32_t *pt, int np, const gen_result_t *r) {
-    cJSON *o = cJSON_CreateObject();
-    cJSON *p = cJSON_AddArrayToObject(o, "prompt_tokens");
-    for (int i = 0; i < np; i++) cJSON_AddItemToArray(p, cJSON_CreateNumber(pt[i]));
-    cJSON *t = cJSON_AddArrayToObject(o, "tokens");
-    for (int i = 0; i < r->n_tokens; i++) cJSON_AddItemToArray(t, cJSON_CreateNumber(r->tokens[i]));
-    cJSON_AddStringToObject(o, "text", r->text);
-    cJSON_AddNumberToObject(o, "prompt_ms", r->prompt_ms);
-    cJSON_AddNumberToObject(o, "gen_ms", r->gen_ms);
-    cJSON_AddNumberToObject(o, "tokens_per_s", r->gen_ms > 0 ? r->n_gen_evals * 1000.0 / r->gen_ms : 0.0);
-    char *s = cJSON_PrintUnformatted(o);
-    if (s) printf("%s\n", s);
-    free(s);
-    cJSON_Delete(o);
-}
-
 static void mpi_usage(FILE *f) {
     fprintf(f,
             "usage: mpirun -np N meshlm mpi -m FILE -p TEXT [options]\n"
             "  every rank loads its tensor-parallel slice of FILE; rank 0 tokenizes, samples and prints\n"
-            "  -m, --model FILE        GGUF model (the same path on every rank)\n"
-            "  -p, --prompt TEXT       prompt text\n"
-            "  -n, --n-predict N       tokens to generate (default 128)\n"
-            "  -t, --threads N         threads per rank (default: all cores)\n"
-            "  -c, --ctx-size N        context positions (default: min(model's, 4096))\n"
-            "  -b, --batch-size N      prompt tokens per forward chunk (default 64)\n"
-            "      --temp X, --top-k N, --top-p X, --min-p X, --repeat-penalty X, --repeat-last-n N, --seed N\n"
-            "      --greedy            always take the most likely token\n"
-            "      --ignore-eos        do not stop at end-of-generation tokens\n"
-            "      --no-bos            do not prepend the BOS token\n"
-            "      --kv-type f16|f32   KV cache type (default f16)\n"
-            "      --no-repack         compute on the file's layout\n"
-            "      --json              print one JSON object on stdout instead of streaming text\n"
-            "      --logits FILE       write float32 logits for every prompt position and generated token\n"
+            GEN_ARGS_USAGE
+            "  (the model path must be the same on every rank)\n"
             "      --speeds LIST       relative speeds of the ranks, e.g. 2,1,1 (default equal)\n"
             "      --timeout MS        deadline of each message and collective (default 30000)\n"
             "      --selftest          check the MPI transport (order, deadlines, gathers) instead; no model\n"
             "      --verbose           plan and progress on stderr (rank 0)\n");
 }
 
-enum { O_TEMP = 1000, O_TOPK, O_TOPP, O_MINP, O_RP, O_RLN, O_SEED, O_GREEDY, O_IGNEOS, O_NOBOS, O_KV, O_NOREPACK,
-       O_JSON, O_LOGITS, O_SPEEDS, O_TIMEOUT, O_SELFTEST, O_VERBOSE };
+enum { O_SPEEDS = GA_NEXT, O_TIMEOUT, O_SELFTEST, O_VERBOSE };
 
 // 0 to go on, -1 after --help, 1 on a usage error.
 static int parse_args(int argc, char **argv, mpi_args_t *a) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'}, {"prompt", required_argument, 0, 'p'},
-        {"n-predict", required_argument, 0, 'n'}, {"threads", required_argument, 0, 't'},
-        {"ctx-size", required_argument, 0, 'c'}, {"batch-size", required_argument, 0, 'b'},
-        {"temp", required_argument, 0, O_TEMP}, {"top-k", required_argument, 0, O_TOPK},
-        {"top-p", required_argument, 0, O_TOPP}, {"min-p", required_argument, 0, O_MINP},
-        {"repeat-penalty", required_argument, 0, O_RP}, {"repeat-last-n", required_argument, 0, O_RLN},
-        {"seed", required_argument, 0, O_SEED}, {"greedy", no_argument, 0, O_GREEDY},
-        {"ignore-eos", no_argument, 0, O_IGNEOS}, {"no-bos", no_argument, 0, O_NOBOS},
-        {"kv-type", required_argument, 0, O_KV}, {"no-repack", no_argument, 0, O_NOREPACK},
-        {"json", no_argument, 0, O_JSON}, {"logits", required_argument, 0, O_LOGITS},
-        {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
-        {"selftest", no_argument, 0, O_SELFTEST}, {"verbose", no_argument, 0, O_VERBOSE},
-        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    static const struct option opts[] = {GEN_ARGS_LONGOPTS,
+                                         {"speeds", required_argument, 0, O_SPEEDS},
+                                         {"timeout", required_argument, 0, O_TIMEOUT},
+                                         {"selftest", no_argument, 0, O_SELFTEST},
+                                         {"verbose", no_argument, 0, O_VERBOSE},
+                                         {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
-    a->n_predict = 128;
-    a->repack = true;
+    gen_args_init(&a->g);
     a->timeout_ms = 30000;
-    a->gen.sp = sampler_params_default();
     optind = 1;
     int ch;
-    while ((ch = getopt_long(argc, argv, "m:p:n:t:c:b:h", opts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, GEN_ARGS_SHORTOPTS, opts, NULL)) != -1) {
+        int r = gen_args_option(&a->g, ch, optarg, "mpi");
+        if (r < 0) return 1;
+        if (r > 0) continue;
         switch (ch) {
-        case 'm': a->model = optarg; break;
-        case 'p': a->prompt = optarg; break;
-        case 'n': a->n_predict = atoi(optarg); break;
-        case 't': a->n_threads = atoi(optarg); break;
-        case 'c': a->n_ctx = atoi(optarg); break;
-        case 'b': a->n_batch = atoi(optarg); break;
-        case O_TEMP: a->gen.sp.temp = strtof(optarg, NULL); break;
-        case O_TOPK: a->gen.sp.top_k = atoi(optarg); break;
-        case O_TOPP: a->gen.sp.top_p = strtof(optarg, NULL); break;
-        case O_MINP: a->gen.sp.min_p = strtof(optarg, NULL); break;
-        case O_RP: a->gen.sp.repeat_penalty = strtof(optarg, NULL); break;
-        case O_RLN: a->gen.sp.repeat_last_n = atoi(optarg); break;
-        case O_SEED: a->gen.sp.seed = strtoull(optarg, NULL, 10); break;
-        case O_GREEDY: a->gen.sp.greedy = true; break;
-        case O_IGNEOS: a->gen.ignore_eos = true; break;
-        case O_NOBOS: a->no_bos = true; break;
-        case O_KV:
-            if (!strcmp(optarg, "f16")) a->kv_f32 = false;
-            else if (!strcmp(optarg, "f32")) a->kv_f32 = true;
-            else {
-                fprintf(stderr, "meshlm mpi: --kv-type must be f16 or f32\n");
-                return 1;
-            }
-            break;
-        case O_NOREPACK: a->repack = false; break;
-        case O_JSON: a->json = true; break;
-        case O_LOGITS: a->logits_path = optarg; break;
         case O_SPEEDS: a->speeds = optarg; break;
         case O_TIMEOUT: a->timeout_ms = atoi(optarg); break;
         case O_SELFTEST: a->selftest = true; break;
@@ -308,13 +235,12 @@ static int parse_args(int argc, char **argv, mpi_args_t *a) {
         fprintf(stderr, "meshlm mpi: unexpected argument '%s'\n", argv[optind]);
         return 1;
     }
-    if (!a->selftest && (!a->model || !a->prompt)) {
-        fprintf(stderr, "meshlm mpi: -m MODEL and -p PROMPT are required\n");
+    if (!a->selftest && gen_args_check(&a->g, "mpi") != 0) {
         mpi_usage(stderr);
         return 1;
     }
-    if (a->n_predict < 0 || a->n_threads < 0 || a->n_ctx < 0 || a->n_batch < 0 || a->timeout_ms <= 0) {
-        fprintf(stderr, "meshlm mpi: counts must not be negative and --timeout must be positive\n");
+    if (a->timeout_ms <= 0) {
+        fprintf(stderr, "meshlm mpi: --timeout must be positive\n");
         return 1;
     }
     return 0;
@@ -505,14 +431,14 @@ static int generate(comm_t *comm, mpi_args_t *a) {
     if (rc != 0) snprintf(err, sizeof err, "out of memory");
     // Every rank derives the same plan from the same file, prompt and options: no exchange needed.
     model_load_opts_t flo = {.repack = false};
-    if (rc == 0) rc = model_load(&full, a->model, &flo, err, sizeof err);
+    if (rc == 0) rc = model_load(&full, a->g.model, &flo, err, sizeof err);
     if (rc == 0 && (rc = tokenizer_from_gguf(&tok, model_gguf(full), err, sizeof err)) != 0)
         snprintf(err + strlen(err), sizeof err - strlen(err), " (tokenizer)");
     if (rc == 0) {
-        size_t plen = strlen(a->prompt);
+        size_t plen = strlen(a->g.prompt);
         int cap = (int)plen + 8;
         pt = malloc((size_t)cap * sizeof *pt);
-        np = pt ? tokenizer_encode(tok, a->prompt, plen, !a->no_bos && tokenizer_add_bos(tok), false, pt, cap)
+        np = pt ? tokenizer_encode(tok, a->g.prompt, plen, !a->g.no_bos && tokenizer_add_bos(tok), false, pt, cap)
                 : MLM_ENOMEM;
         if (np <= 0 || np > cap) {
             snprintf(err, sizeof err, "cannot tokenize the prompt: %s", np < 0 ? mlm_strerror(np) : "empty or too long");
@@ -521,15 +447,15 @@ static int generate(comm_t *comm, mpi_args_t *a) {
     }
     if (rc == 0) {
         const model_hparams_t *hp = model_hparams(full);
-        n_ctx = a->n_ctx;
+        n_ctx = a->g.n_ctx;
         if (n_ctx == 0) {
-            int need = np + a->n_predict + 1;
+            int need = np + a->g.n_predict + 1;
             int def = hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
             n_ctx = need > def ? need : def;
         }
-        if (np + a->n_predict + 1 > n_ctx) {
+        if (np + a->g.n_predict + 1 > n_ctx) {
             snprintf(err, sizeof err, "prompt (%d tokens) + %d to generate exceed the context of %d positions (-c)", np,
-                     a->n_predict, n_ctx);
+                     a->g.n_predict, n_ctx);
             rc = MLM_ERANGE;
         }
     }
@@ -550,19 +476,19 @@ static int generate(comm_t *comm, mpi_args_t *a) {
     }
     tokenizer_destroy(&tok);
     model_destroy(&full);
-    model_load_opts_t lo = {.repack = a->repack, .slice = &slices[me]};
-    if (rc == 0) rc = model_load(&m, a->model, &lo, err, sizeof err);
+    model_load_opts_t lo = {.repack = a->g.repack, .slice = &slices[me]};
+    if (rc == 0) rc = model_load(&m, a->g.model, &lo, err, sizeof err);
     mpi_gather_t g = {comm, a->timeout_ms};
     model_tp_t tp = {.n_nodes = N, .index = me, .slices = slices, .gather = mpi_gather, .gather_ctx = &g};
     if (rc == 0) {
-        model_ctx_opts_t co = {.n_ctx = n_ctx, .n_batch = a->n_batch, .n_threads = a->n_threads, .kv_f32 = a->kv_f32,
+        model_ctx_opts_t co = {.n_ctx = n_ctx, .n_batch = a->g.n_batch, .n_threads = a->g.n_threads, .kv_f32 = a->g.kv_f32,
                                .tp = N > 1 ? &tp : NULL};
         rc = model_ctx_new(&ctx, m, &co, err, sizeof err);
     }
     if (rc == 0 && me == 0 && (rc = tokenizer_from_gguf(&tok, model_gguf(m), err, sizeof err)) != 0)
         snprintf(err + strlen(err), sizeof err - strlen(err), " (tokenizer)");
-    if (rc == 0 && me == 0 && a->logits_path && !(lf = fopen(a->logits_path, "wb"))) {
-        snprintf(err, sizeof err, "cannot create %s", a->logits_path);
+    if (rc == 0 && me == 0 && a->g.logits_path && !(lf = fopen(a->g.logits_path, "wb"))) {
+        snprintf(err, sizeof err, "cannot create %s", a->g.logits_path);
         rc = MLM_EIO;
     }
     if (rc != 0) { // nothing computed yet: tell the others so none waits for this rank
@@ -580,16 +506,16 @@ static int generate(comm_t *comm, mpi_args_t *a) {
     }
     mpi_engine_t e = {comm, ctx, a->timeout_ms, 0};
     gen_engine_t eng = {&e, model_hparams(m)->n_vocab, engine_eval, engine_reset};
-    a->gen.n_predict = a->n_predict;
-    a->gen.stream = a->json ? NULL : stdout;
-    a->gen.logits_out = lf;
+    a->g.gen.n_predict = a->g.n_predict;
+    a->g.gen.stream = a->g.json ? NULL : stdout;
+    a->g.gen.logits_out = lf;
     gen_result_t res;
-    rc = gen_run(&eng, tok, pt, np, &a->gen, &res, err, sizeof err);
+    rc = gen_run(&eng, tok, pt, np, &a->g.gen, &res, err, sizeof err);
     if (rc == 0 && lf) {
         int bad = fclose(lf) != 0;
         lf = NULL;
         if (bad) {
-            snprintf(err, sizeof err, "writing %s failed", a->logits_path);
+            snprintf(err, sizeof err, "writing %s failed", a->g.logits_path);
             rc = MLM_EIO;
             gen_result_free(&res);
         }
@@ -606,8 +532,8 @@ static int generate(comm_t *comm, mpi_args_t *a) {
         gen_result_free(&res);
         goto out;
     }
-    if (a->json) {
-        print_json(pt, np, &res);
+    if (a->g.json) {
+        gen_print_json(pt, np, &res);
     } else {
         printf("\n");
     }
@@ -634,7 +560,10 @@ out:
 int cmd_mpi(int argc, char **argv) {
     mpi_args_t a;
     int prc = parse_args(argc, argv, &a);
-    if (prc != 0) return prc < 0 ? 0 : 2;
+    if (prc != 0) {
+        gen_args_free(&a.g);
+        return prc < 0 ? 0 : 2;
+    }
     // The comm is used only from this thread, but model threads exist: SERIALIZED is what we ask.
     int provided = MPI_THREAD_SINGLE;
     if (MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS) {
@@ -663,5 +592,6 @@ int cmd_mpi(int argc, char **argv) {
         MPI_Abort(MPI_COMM_WORLD, code);
     }
     MPI_Finalize();
+    gen_args_free(&a.g);
     return code;
 }

@@ -8,6 +8,7 @@
 #include "cluster/launch.h"
 #include "coordinator/cli.h"
 #include "coordinator/cluster.h"
+#include "coordinator/gen_args.h"
 #include "coordinator/generate.h"
 #include "worker/err.h"
 #include "worker/model.h"
@@ -16,19 +17,7 @@
 // --- helpers
 
 typedef struct {
-    const char *model;        // -m
-    char *prompt;             // -p or -f (owned when read from a file)
-    bool prompt_owned;
-    int n_predict;            // -n
-    int n_threads;            // -t
-    int n_ctx;                // -c
-    int n_batch;              // -b
-    bool json;                // --json
-    bool no_bos;              // --no-bos
-    bool repack;              // !--no-repack
-    const char *logits_path;  // --logits
-    bool kv_f32;              // --kv-type f32
-    gen_opts_t gen;           // sampling and stopping
+    gen_args_t g;             // model, prompt, sampling, output
     char *workers;            // --workers a,b,c (owned copy)
     int local;                // --local N
     bool local_tcp;           // --local-tcp
@@ -44,27 +33,7 @@ typedef struct {
 static void run_usage(FILE *f) {
     fprintf(f,
             "usage: meshlm run -m FILE (-p TEXT | -f FILE) [options]\n"
-            "  -m, --model FILE        GGUF model\n"
-            "  -p, --prompt TEXT       prompt text\n"
-            "  -f, --file FILE         read the prompt from a file\n"
-            "  -n, --n-predict N       tokens to generate (default 128)\n"
-            "  -t, --threads N         threads (default: all cores)\n"
-            "  -c, --ctx-size N        context positions (default: min(model's, 4096))\n"
-            "  -b, --batch-size N      prompt tokens per forward chunk (default 64)\n"
-            "      --temp X            temperature (default 0.8; 0 = greedy)\n"
-            "      --top-k N           (default 40; 0 = off)\n"
-            "      --top-p X           (default 0.95; 1 = off)\n"
-            "      --min-p X           (default 0.05; 0 = off)\n"
-            "      --repeat-penalty X  (default 1.0 = off)\n"
-            "      --repeat-last-n N   tokens the penalty looks back over (default 64)\n"
-            "      --seed N            sampling seed (same seed, same text)\n"
-            "      --greedy            always take the most likely token\n"
-            "      --ignore-eos        do not stop at end-of-generation tokens\n"
-            "      --no-bos            do not prepend the BOS token\n"
-            "      --kv-type f16|f32   KV cache type (default f16, as llama.cpp)\n"
-            "      --no-repack         compute on the file's layout (no repacked copy of the weights)\n"
-            "      --json              print one JSON object on stdout instead of streaming text\n"
-            "      --logits FILE       write float32 logits for every prompt position and generated token\n"
+            GEN_ARGS_USAGE
             "cluster:\n"
             "      --workers LIST      comma-separated worker endpoints (tcp://HOST:PORT or ipc:///PATH)\n"
             "      --local N           start N worker processes on this machine for this run\n"
@@ -79,83 +48,26 @@ static void run_usage(FILE *f) {
             "      --verbose           cluster progress on stderr\n");
 }
 
-enum { O_TEMP = 1000, O_TOPK, O_TOPP, O_MINP, O_RP, O_RLN, O_SEED, O_GREEDY, O_IGNEOS, O_NOBOS, O_KV, O_NOREPACK,
-       O_JSON, O_LOGITS, O_WORKERS, O_LOCAL, O_LOCAL_TCP, O_LOCAL_NOMODEL, O_CACHE, O_CSHARD, O_SPEEDS, O_TIMEOUT,
+enum { O_WORKERS = GA_NEXT, O_LOCAL, O_LOCAL_TCP, O_LOCAL_NOMODEL, O_CACHE, O_CSHARD, O_SPEEDS, O_TIMEOUT,
        O_VERBOSE, O_DATA_EP };
 
 static int parse_args(int argc, char **argv, run_args_t *a) {
     static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'}, {"prompt", required_argument, 0, 'p'},
-        {"file", required_argument, 0, 'f'}, {"n-predict", required_argument, 0, 'n'},
-        {"threads", required_argument, 0, 't'}, {"ctx-size", required_argument, 0, 'c'},
-        {"batch-size", required_argument, 0, 'b'}, {"temp", required_argument, 0, O_TEMP},
-        {"top-k", required_argument, 0, O_TOPK}, {"top-p", required_argument, 0, O_TOPP},
-        {"min-p", required_argument, 0, O_MINP}, {"repeat-penalty", required_argument, 0, O_RP},
-        {"repeat-last-n", required_argument, 0, O_RLN}, {"seed", required_argument, 0, O_SEED},
-        {"greedy", no_argument, 0, O_GREEDY}, {"ignore-eos", no_argument, 0, O_IGNEOS},
-        {"no-bos", no_argument, 0, O_NOBOS}, {"kv-type", required_argument, 0, O_KV},
-        {"no-repack", no_argument, 0, O_NOREPACK}, {"json", no_argument, 0, O_JSON},
-        {"logits", required_argument, 0, O_LOGITS}, {"workers", required_argument, 0, O_WORKERS},
-        {"local", required_argument, 0, O_LOCAL}, {"local-tcp", no_argument, 0, O_LOCAL_TCP},
-        {"local-no-model", no_argument, 0, O_LOCAL_NOMODEL}, {"cache-dir", required_argument, 0, O_CACHE},
-        {"coordinator-shard", no_argument, 0, O_CSHARD}, {"speeds", required_argument, 0, O_SPEEDS},
-        {"timeout", required_argument, 0, O_TIMEOUT}, {"verbose", no_argument, 0, O_VERBOSE},
-        {"data-endpoint", required_argument, 0, O_DATA_EP},
-        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        GEN_ARGS_LONGOPTS, {"workers", required_argument, 0, O_WORKERS}, {"local", required_argument, 0, O_LOCAL},
+        {"local-tcp", no_argument, 0, O_LOCAL_TCP}, {"local-no-model", no_argument, 0, O_LOCAL_NOMODEL},
+        {"cache-dir", required_argument, 0, O_CACHE}, {"coordinator-shard", no_argument, 0, O_CSHARD},
+        {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
+        {"verbose", no_argument, 0, O_VERBOSE}, {"data-endpoint", required_argument, 0, O_DATA_EP},
+        {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
-    a->n_predict = 128;
-    a->repack = true;
-    a->gen.sp = sampler_params_default();
+    gen_args_init(&a->g);
     optind = 1;
     int ch;
-    while ((ch = getopt_long(argc, argv, "m:p:f:n:t:c:b:h", opts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, GEN_ARGS_SHORTOPTS, opts, NULL)) != -1) {
+        int r = gen_args_option(&a->g, ch, optarg, "run");
+        if (r < 0) return 1;
+        if (r > 0) continue;
         switch (ch) {
-        case 'm': a->model = optarg; break;
-        case 'p': a->prompt = optarg; break;
-        case 'f': {
-            FILE *f = fopen(optarg, "rb");
-            if (!f) {
-                fprintf(stderr, "meshlm run: cannot read prompt file %s\n", optarg);
-                return 1;
-            }
-            size_t cap = 4096, len = 0, n;
-            char *buf = malloc(cap);
-            while (buf && (n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
-                len += n;
-                if (len + 1 == cap) buf = realloc(buf, cap *= 2);
-            }
-            fclose(f);
-            if (!buf) return 1;
-            buf[len] = 0;
-            a->prompt = buf;
-            a->prompt_owned = true;
-            break;
-        }
-        case 'n': a->n_predict = atoi(optarg); break;
-        case 't': a->n_threads = atoi(optarg); break;
-        case 'c': a->n_ctx = atoi(optarg); break;
-        case 'b': a->n_batch = atoi(optarg); break;
-        case O_TEMP: a->gen.sp.temp = strtof(optarg, NULL); break;
-        case O_TOPK: a->gen.sp.top_k = atoi(optarg); break;
-        case O_TOPP: a->gen.sp.top_p = strtof(optarg, NULL); break;
-        case O_MINP: a->gen.sp.min_p = strtof(optarg, NULL); break;
-        case O_RP: a->gen.sp.repeat_penalty = strtof(optarg, NULL); break;
-        case O_RLN: a->gen.sp.repeat_last_n = atoi(optarg); break;
-        case O_SEED: a->gen.sp.seed = strtoull(optarg, NULL, 10); break;
-        case O_GREEDY: a->gen.sp.greedy = true; break;
-        case O_IGNEOS: a->gen.ignore_eos = true; break;
-        case O_NOBOS: a->no_bos = true; break;
-        case O_KV:
-            if (!strcmp(optarg, "f16")) a->kv_f32 = false;
-            else if (!strcmp(optarg, "f32")) a->kv_f32 = true;
-            else {
-                fprintf(stderr, "meshlm run: --kv-type must be f16 or f32\n");
-                return 1;
-            }
-            break;
-        case O_NOREPACK: a->repack = false; break;
-        case O_JSON: a->json = true; break;
-        case O_LOGITS: a->logits_path = optarg; break;
         case O_WORKERS: free(a->workers); a->workers = strdup(optarg); break;
         case O_LOCAL: a->local = atoi(optarg); break;
         case O_LOCAL_TCP: a->local_tcp = true; break;
@@ -174,17 +86,12 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         fprintf(stderr, "meshlm run: unexpected argument '%s'\n", argv[optind]);
         return 1;
     }
-    if (!a->model || !a->prompt) {
-        fprintf(stderr, "meshlm run: -m MODEL and -p PROMPT (or -f FILE) are required\n");
+    if (gen_args_check(&a->g, "run") != 0) {
         run_usage(stderr);
         return 1;
     }
     if (a->local < 0 || (a->local > 0 && a->workers)) {
         fprintf(stderr, "meshlm run: use either --local N or --workers LIST\n");
-        return 1;
-    }
-    if (a->n_predict < 0 || a->n_threads < 0 || a->n_ctx < 0 || a->n_batch < 0) {
-        fprintf(stderr, "meshlm run: counts must not be negative\n");
         return 1;
     }
     return 0;
@@ -206,23 +113,6 @@ static int split_list(char *s, const char **out, int max) {
     return n;
 }
 
-static void print_json(const run_args_t *a, const int32_t *pt, int np, const gen_result_t *r) {
-    cJSON *o = cJSON_CreateObject();
-    cJSON *p = cJSON_AddArrayToObject(o, "prompt_tokens");
-    for (int i = 0; i < np; i++) cJSON_AddItemToArray(p, cJSON_CreateNumber(pt[i]));
-    cJSON *t = cJSON_AddArrayToObject(o, "tokens");
-    for (int i = 0; i < r->n_tokens; i++) cJSON_AddItemToArray(t, cJSON_CreateNumber(r->tokens[i]));
-    cJSON_AddStringToObject(o, "text", r->text);
-    cJSON_AddNumberToObject(o, "prompt_ms", r->prompt_ms);
-    cJSON_AddNumberToObject(o, "gen_ms", r->gen_ms);
-    cJSON_AddNumberToObject(o, "tokens_per_s", r->gen_ms > 0 ? r->n_gen_evals * 1000.0 / r->gen_ms : 0.0);
-    char *s = cJSON_PrintUnformatted(o);
-    if (s) printf("%s\n", s);
-    free(s);
-    cJSON_Delete(o);
-    (void)a;
-}
-
 // --- public API
 
 static int run_main(run_args_t *a);
@@ -236,7 +126,7 @@ int cmd_run(int argc, char **argv) {
     }
     int code = run_main(&a);
     free(a.workers);
-    if (a.prompt_owned) free(a.prompt);
+    gen_args_free(&a.g);
     return code;
 }
 
@@ -254,7 +144,7 @@ int cmd_coordinator(int argc, char **argv) {
     }
     int code = run_main(&a);
     free(a.workers);
-    if (a.prompt_owned) free(a.prompt);
+    gen_args_free(&a.g);
     return code;
 }
 
@@ -272,8 +162,8 @@ static int run_main(run_args_t *ap) {
     const bool distributed = a.workers || a.local > 0;
     const model_t *mm = NULL; // the model whose metadata and tokenizer we use
     if (!distributed) {
-        model_load_opts_t lo = {.repack = a.repack};
-        if ((rc = model_load(&m, a.model, &lo, err, sizeof err)) != 0) {
+        model_load_opts_t lo = {.repack = a.g.repack};
+        if ((rc = model_load(&m, a.g.model, &lo, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: %s\n", err[0] ? err : mlm_strerror(rc));
             goto out;
         }
@@ -283,8 +173,8 @@ static int run_main(run_args_t *ap) {
         int n_workers = 0;
         if (a.local > 0) {
             lw = calloc(1, sizeof *lw);
-            launch_opts_t lo = {.model_path = a.local_no_model ? NULL : a.model, .cache_dir = a.cache_dir,
-                                .n_threads = a.n_threads, .tcp = a.local_tcp, .verbose = a.verbose};
+            launch_opts_t lo = {.model_path = a.local_no_model ? NULL : a.g.model, .cache_dir = a.cache_dir,
+                                .n_threads = a.g.n_threads, .tcp = a.local_tcp, .verbose = a.verbose};
             if (!lw || launch_local(lw, a.local, &lo, err, sizeof err) != 0) {
                 fprintf(stderr, "meshlm run: %s\n", err);
                 goto out;
@@ -294,9 +184,9 @@ static int run_main(run_args_t *ap) {
         } else {
             n_workers = split_list(a.workers, eps, LAUNCH_MAX);
         }
-        cluster_opts_t co = {.model_path = a.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
-                             .coordinator_shard = a.coord_shard, .n_ctx = a.n_ctx, .n_threads = a.n_threads,
-                             .timeout_ms = a.timeout_ms, .kv_f32 = a.kv_f32, .verbose = a.verbose,
+        cluster_opts_t co = {.model_path = a.g.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
+                             .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
+                             .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .verbose = a.verbose,
                              .data_endpoint = a.data_endpoint};
         if ((rc = cluster_open(&cl, &co, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
@@ -309,10 +199,10 @@ static int run_main(run_args_t *ap) {
         fprintf(stderr, "meshlm run: tokenizer: %s\n", err[0] ? err : mlm_strerror(rc));
         goto out;
     }
-    size_t plen = strlen(a.prompt);
+    size_t plen = strlen(a.g.prompt);
     int cap = (int)plen + 8;
     pt = malloc((size_t)cap * sizeof *pt);
-    int np = pt ? tokenizer_encode(tok, a.prompt, plen, !a.no_bos && tokenizer_add_bos(tok), false, pt, cap) : MLM_ENOMEM;
+    int np = pt ? tokenizer_encode(tok, a.g.prompt, plen, !a.g.no_bos && tokenizer_add_bos(tok), false, pt, cap) : MLM_ENOMEM;
     if (np < 0 || np > cap) {
         fprintf(stderr, "meshlm run: cannot tokenize the prompt: %s\n", np < 0 ? mlm_strerror(np) : "too long");
         goto out;
@@ -320,15 +210,15 @@ static int run_main(run_args_t *ap) {
     const model_hparams_t *hp = model_hparams(mm);
     gen_engine_t eng;
     if (!distributed) {
-        model_ctx_opts_t co = {.n_ctx = a.n_ctx, .n_batch = a.n_batch, .n_threads = a.n_threads, .kv_f32 = a.kv_f32};
+        model_ctx_opts_t co = {.n_ctx = a.g.n_ctx, .n_batch = a.g.n_batch, .n_threads = a.g.n_threads, .kv_f32 = a.g.kv_f32};
         if (co.n_ctx == 0) {
-            int need = np + a.n_predict + 1;
+            int need = np + a.g.n_predict + 1;
             int def = hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
             co.n_ctx = need > def ? need : def;
         }
-        if (np + a.n_predict + 1 > co.n_ctx) {
+        if (np + a.g.n_predict + 1 > co.n_ctx) {
             fprintf(stderr, "meshlm run: prompt (%d tokens) + %d to generate exceed the context of %d positions (-c)\n",
-                    np, a.n_predict, co.n_ctx);
+                    np, a.g.n_predict, co.n_ctx);
             goto out;
         }
         if ((rc = model_ctx_new(&ctx, m, &co, err, sizeof err)) != 0) {
@@ -339,28 +229,28 @@ static int run_main(run_args_t *ap) {
     } else {
         eng = (gen_engine_t){cl, hp->n_vocab, cluster_eval_fn, cluster_reset_fn};
     }
-    if (a.logits_path && !(lf = fopen(a.logits_path, "wb"))) {
-        fprintf(stderr, "meshlm run: cannot create %s\n", a.logits_path);
+    if (a.g.logits_path && !(lf = fopen(a.g.logits_path, "wb"))) {
+        fprintf(stderr, "meshlm run: cannot create %s\n", a.g.logits_path);
         goto out;
     }
-    a.gen.n_predict = a.n_predict;
-    a.gen.stream = a.json ? NULL : stdout;
-    a.gen.logits_out = lf;
+    a.g.gen.n_predict = a.g.n_predict;
+    a.g.gen.stream = a.g.json ? NULL : stdout;
+    a.g.gen.logits_out = lf;
     gen_result_t res;
-    if ((rc = gen_run(&eng, tok, pt, np, &a.gen, &res, err, sizeof err)) != 0) {
+    if ((rc = gen_run(&eng, tok, pt, np, &a.g.gen, &res, err, sizeof err)) != 0) {
         fprintf(stderr, "\nmeshlm run: %s\n", err);
         if (cl && cluster_error(cl)[0]) fprintf(stderr, "meshlm run: %s\n", cluster_error(cl));
         goto out;
     }
     if (lf && fclose(lf) != 0) {
         lf = NULL;
-        fprintf(stderr, "meshlm run: writing %s failed\n", a.logits_path);
+        fprintf(stderr, "meshlm run: writing %s failed\n", a.g.logits_path);
         gen_result_free(&res);
         goto out;
     }
     lf = NULL;
-    if (a.json) {
-        print_json(&a, pt, np, &res);
+    if (a.g.json) {
+        gen_print_json(pt, np, &res);
     } else {
         printf("\n");
         fflush(stdout);

@@ -16,27 +16,41 @@
 
 // --- helpers
 
-// Two consecutive free loopback ports (control and data), or -1.
-static int free_port_pair(void) {
-    for (int attempt = 0; attempt < 50; attempt++) {
-        int fds[2] = {-1, -1}, base = -1;
-        fds[0] = socket(AF_INET, SOCK_STREAM, 0);
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        socklen_t len = sizeof a;
-        if (fds[0] >= 0 && bind(fds[0], (struct sockaddr *)&a, sizeof a) == 0 &&
-            getsockname(fds[0], (struct sockaddr *)&a, &len) == 0) {
-            base = ntohs(a.sin_port);
-            fds[1] = socket(AF_INET, SOCK_STREAM, 0);
-            struct sockaddr_in b = a;
-            b.sin_port = htons((uint16_t)(base + 1));
-            if (base >= 65534 || fds[1] < 0 || bind(fds[1], (struct sockaddr *)&b, sizeof b) != 0) base = -1;
-        }
-        for (int i = 0; i < 2; i++)
-            if (fds[i] >= 0) close(fds[i]);
-        if (base > 0) return base;
+// Binds a loopback TCP socket to port (0 = any); returns the fd and the bound port, or -1.
+static int bind_port(int port, int *bound) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
+        close(fd);
+        return -1;
     }
-    return -1;
+    *bound = ntohs(a.sin_port);
+    return fd;
+}
+
+// n pairs of consecutive free loopback ports (control, data), all distinct: the probe sockets stay
+// bound until every pair is chosen, so no two pairs can share a port. 0 or -1.
+static int free_port_pairs(int n, int *base) {
+    int fds[2 * LAUNCH_MAX], nfd = 0, got = 0, rc = 0;
+    for (int attempt = 0; got < n && attempt < 50 * n; attempt++) {
+        int p0, p1;
+        int f0 = bind_port(0, &p0);
+        if (f0 < 0) continue;
+        int f1 = p0 < 65535 ? bind_port(p0 + 1, &p1) : -1;
+        if (f1 < 0) {
+            close(f0);
+            continue;
+        }
+        fds[nfd++] = f0;
+        fds[nfd++] = f1;
+        base[got++] = p0;
+    }
+    if (got < n) rc = -1;
+    for (int i = 0; i < nfd; i++) close(fds[i]);
+    return rc;
 }
 
 // --- public API
@@ -53,15 +67,15 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
         return MLM_EIO;
     }
     const char *exe = o->exe ? o->exe : "/proc/self/exe";
+    int ports[LAUNCH_MAX];
+    if (o->tcp && free_port_pairs(n, ports) != 0) {
+        snprintf(err, errlen, "no free loopback ports");
+        launch_reap(l, 0);
+        return MLM_EIO;
+    }
     for (int i = 0; i < n; i++) {
         if (o->tcp) {
-            int port = free_port_pair();
-            if (port < 0) {
-                snprintf(err, errlen, "no free loopback ports");
-                launch_reap(l, 0);
-                return MLM_EIO;
-            }
-            snprintf(l->endpoint[i], sizeof l->endpoint[i], "tcp://127.0.0.1:%d", port);
+            snprintf(l->endpoint[i], sizeof l->endpoint[i], "tcp://127.0.0.1:%d", ports[i]);
         } else {
             snprintf(l->endpoint[i], sizeof l->endpoint[i], "ipc://%s/w%d", l->dir, i);
         }

@@ -127,7 +127,13 @@ static void coordinator_endpoint(const cluster_t *c, char *out, size_t cap) {
         struct in_addr ip = local_addr_towards(c->o.workers[0]);
         char txt[INET_ADDRSTRLEN];
         inet_ntop(AF_INET, &ip, txt, sizeof txt);
-        snprintf(out, cap, "tcp://%s:%d", txt, free_port(ip));
+        // A free port that is not a worker's data port (those are bound only once the plan arrives).
+        for (int attempt = 0; attempt < 20; attempt++) {
+            snprintf(out, cap, "tcp://%s:%d", txt, free_port(ip));
+            bool clash = false;
+            for (int i = 0; i < c->o.n_workers; i++) clash |= strcmp(out, c->w[i].data_endpoint) == 0;
+            if (!clash) break;
+        }
     }
 }
 

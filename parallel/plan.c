@@ -113,10 +113,16 @@ int plan_tp(const model_t *m, const plan_node_t *nodes, int n, int n_ctx, plan_t
     }
     memset(out, 0, sizeof *out);
     out->n = n;
+    out->n_nodes = n;
+    out->n_stages = 1;
+    out->stage_first[1] = n;
     out->n_ctx = n_ctx;
+    snprintf(out->layout, sizeof out->layout, "tp%d", n);
     double w[PLAN_MAX_NODES];
     for (int i = 0; i < n; i++) {
         out->node[i] = nodes[i];
+        out->shard[i].node = i;
+        out->shard[i].s.l1 = hp->n_layer;
         w[i] = nodes[i].speed > 0 ? nodes[i].speed : 1.0;
     }
     const int group = hp->n_head / hp->n_head_kv;
@@ -260,9 +266,10 @@ void plan_print(const plan_t *p, const model_t *m, FILE *f) {
         fmt_bytes(wb, sizeof wb, s->weight_bytes);
         fmt_bytes(kb, sizeof kb, s->kv_bytes);
         fmt_bytes(pb, sizeof pb, s->peak_bytes);
-        if (p->node[i].mem_budget) fmt_bytes(bb, sizeof bb, p->node[i].mem_budget);
+        if (p->node[s->node].mem_budget) fmt_bytes(bb, sizeof bb, p->node[s->node].mem_budget);
         else snprintf(bb, sizeof bb, "-");
         fprintf(f, "| %-4d | %-12s | %5.2f | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | %10s | %10s |\n", i,
-                p->node[i].name, p->node[i].speed > 0 ? p->node[i].speed : 1.0, h, kv, e, fr, v, wb, kb, pb, bb);
+                p->node[s->node].name, p->node[s->node].speed > 0 ? p->node[s->node].speed : 1.0, h, kv, e, fr, v, wb,
+                kb, pb, bb);
     }
 }

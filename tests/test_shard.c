@@ -11,7 +11,7 @@
 // --- tests
 
 static void test_rows(void) {
-    shard_slice_t s = {2, 4, 1, 2, 16, 32, 48, 96, 100, 200};
+    shard_slice_t s = {2, 4, 1, 2, 16, 32, 48, 96, 100, 200, 0, 4};
     int64_t r0, r1;
     shard_tensor_rows(&s, "blk.3.attn_q.weight", 64, 8, &r0, &r1);
     CU_ASSERT(r0 == 16 && r1 == 32);
@@ -51,11 +51,17 @@ static void check_shard_file(const char *rel, const shard_slice_t *slice) {
     CU_ASSERT_EQUAL(shard_file_slice(dst, &back, &is_shard), 0);
     CU_ASSERT(is_shard);
     CU_ASSERT_EQUAL(memcmp(&back, slice, sizeof back), 0);
-    CU_ASSERT_EQUAL(gguf_n_tensors(dst), gguf_n_tensors(src));
-    int64_t src_kv = gguf_n_kv(src);
-    CU_ASSERT_EQUAL(gguf_n_kv(dst), src_kv + 12); // 10 range keys, the source hash, the vocabulary size
+    int64_t src_kv = gguf_n_kv(src), n_layer = 0, held = 0;
+    gguf_get_i64(src, "llama.block_count", &n_layer);
+    const bool tied = gguf_find_tensor(src, "output.weight") == NULL;
+    CU_ASSERT_EQUAL(gguf_n_kv(dst), src_kv + 14); // 12 range keys, the source hash, the vocabulary size
     for (int64_t i = 0; i < gguf_n_tensors(src); i++) {
         const gguf_tensor_t *a = gguf_tensor(src, i), *b = gguf_find_tensor(dst, a->name);
+        if (!shard_holds_tensor(slice, a->name, (int)n_layer, tied)) { // another stage's tensor
+            CU_ASSERT_PTR_NULL(b);
+            continue;
+        }
+        held++;
         CU_ASSERT_PTR_NOT_NULL_FATAL(b);
         int64_t r0, r1;
         shard_tensor_rows(slice, a->name, a->ne[1], (int)hd, &r0, &r1);
@@ -68,17 +74,22 @@ static void check_shard_file(const char *rel, const shard_slice_t *slice) {
             CU_ASSERT_EQUAL(memcmp(sa, sb, (size_t)(r1 - r0) * rb), 0);
         }
     }
+    CU_ASSERT_EQUAL(gguf_n_tensors(dst), held);
     gguf_close(&dst);
     gguf_close(&src);
     test_rm_dir(dir);
 }
 
 static void test_shard_files(void) {
-    shard_slice_t a = {2, 5, 1, 3, 16, 48, 32, 96, 64, 256}; // stories260K: 8 heads, 4 KV, dim 64, FFN 172
+    shard_slice_t a = {2, 5, 1, 3, 16, 48, 32, 96, 64, 256, 0, 5}; // stories260K: 8 heads, 4 KV, dim 64, FFN 172
     check_shard_file("models/stories260K.gguf", &a);
-    shard_slice_t b = {4, 8, 1, 2, 128, 256, 0, 128, 256, 512}; // synth MoE: experts cut per expert
+    shard_slice_t mid = {0, 8, 0, 4, 0, 64, 0, 172, 0, 0, 1, 3}; // a middle pipeline stage: blocks 1-2 only
+    check_shard_file("models/stories260K.gguf", &mid);
+    shard_slice_t tail = {0, 4, 0, 2, 0, 32, 0, 96, 0, 256, 3, 5}; // the last stage with a TP half
+    check_shard_file("models/stories260K.gguf", &tail);
+    shard_slice_t b = {4, 8, 1, 2, 128, 256, 0, 128, 256, 512, 0, 4}; // synth MoE: experts cut per expert
     check_shard_file("models/synth/synth-moe-Q4_K_M.gguf", &b);
-    shard_slice_t c = shard_full(8, 2, 256, 768, 512);
+    shard_slice_t c = shard_full(4, 8, 2, 256, 768, 512);
     check_shard_file("models/synth/synth-dense-Q8_0.gguf", &c);
 }
 

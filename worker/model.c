@@ -62,8 +62,8 @@ struct model_ctx {
     size_t kv_elt;             // bytes per cache element
     model_tp_t tp;             // tensor-parallel group (n_nodes 1 = alone)
     int Hl, KVl, El, Fl, Vl;   // this node's local widths: heads, KV heads, hidden rows, FFN units, vocab rows
-    uint8_t *k_cache;          // (n_layer, n_ctx, KVl*head_dim) of kv_type
-    uint8_t *v_cache;          // (n_layer, n_ctx, KVl*head_dim) of kv_type
+    uint8_t *k_cache;          // (l1 - l0 blocks, n_ctx, KVl*head_dim) of kv_type
+    uint8_t *v_cache;          // (l1 - l0 blocks, n_ctx, KVl*head_dim) of kv_type
     float *x;                  // (n_batch, n_embd) residual stream (replicated on every node)
     float *xn;                 // (n_batch, n_embd) normed input of the current block
     float *q;                  // (n_batch, Hl*head_dim)
@@ -277,11 +277,14 @@ static int load_tensors(model_t *m, const shard_slice_t *want, bool repack, char
     int64_t nv = 0;
     if (m->shard_file && (gguf_get_i64(m->g, "meshlm.shard.n_vocab", &nv) != 0 || nv <= 0 || nv > (1 << 24)))
         return fail(err, errlen, MLM_EFORMAT, "%s: shard file without a valid meshlm.shard.n_vocab%s", gguf_path(m->g), "");
-    m->tok_embd = want_tensor(m, "token_embd.weight", 2, E, -1, 0, true, &rc, err, errlen);
-    if (!m->tok_embd) return rc;
-    hp->n_vocab = m->shard_file ? (int)nv : (int)m->tok_embd->ne[1];
-    m->slice = shard_full(hp->n_head, hp->n_head_kv, hp->n_embd, hp->n_ff, hp->n_vocab);
+    hp->tied_output = gguf_find_tensor(m->g, "output.weight") == NULL;
+    const gguf_tensor_t *emb = gguf_find_tensor(m->g, "token_embd.weight");
+    if (!m->shard_file && !emb)
+        return fail(err, errlen, MLM_EFORMAT, "%s: tensor %s is missing", gguf_path(m->g), "token_embd.weight");
+    hp->n_vocab = m->shard_file ? (int)nv : (int)emb->ne[1];
+    m->slice = shard_full(hp->n_layer, hp->n_head, hp->n_head_kv, hp->n_embd, hp->n_ff, hp->n_vocab);
     if (m->shard_file) {
+        if (in_file.l1 < 0) in_file.l1 = hp->n_layer; // written before pipeline stages: every block
         if (want && memcmp(want, &in_file, sizeof in_file) != 0)
             return fail(err, errlen, MLM_EINVAL, "%s: the shard file holds other rows than the plan asks for%s",
                         gguf_path(m->g), "");
@@ -292,24 +295,33 @@ static int load_tensors(model_t *m, const shard_slice_t *want, bool repack, char
     const shard_slice_t *sl = &m->slice;
     if (sl->h0 < 0 || sl->h1 > hp->n_head || sl->kv0 < 0 || sl->kv1 > hp->n_head_kv || sl->e0 < 0 || sl->e1 > E ||
         sl->f0 < 0 || sl->f1 > hp->n_ff || sl->v0 < 0 || sl->v1 > hp->n_vocab || sl->h1 < sl->h0 || sl->kv1 < sl->kv0 ||
-        sl->e1 < sl->e0 || sl->f1 < sl->f0 || sl->v1 < sl->v0)
+        sl->e1 < sl->e0 || sl->f1 < sl->f0 || sl->v1 < sl->v0 || sl->l0 < 0 || sl->l1 > hp->n_layer || sl->l1 < sl->l0)
         return fail(err, errlen, MLM_EINVAL, "%s: slice outside the model's shape%s", gguf_path(m->g), "");
     if (sl->h1 > sl->h0) { // a node's query heads need exactly its KV heads
         int group = hp->n_head / hp->n_head_kv;
         if (sl->kv0 != sl->h0 / group || sl->kv1 != (sl->h1 - 1) / group + 1)
             return fail(err, errlen, MLM_EINVAL, "%s: slice's KV heads do not match its query heads%s", gguf_path(m->g), "");
     }
-    if (!qtype_traits(m->tok_embd->type)->has_kernels)
-        return fail(err, errlen, MLM_EUNSUPPORTED, "token_embd.weight: type %s is not supported%s",
-                    qtype_name(m->tok_embd->type), "");
-    if (m->tok_embd->ne[1] != (m->shard_file ? sl->v1 - sl->v0 : hp->n_vocab))
-        return fail(err, errlen, MLM_EFORMAT, "token_embd.weight: row count does not match the slice%s%s", "", "");
-    const gguf_tensor_t *t = want_tensor(m, "output_norm.weight", 1, E, 0, 0, true, &rc, err, errlen);
-    if (!t || !(m->out_norm = vec_f32(m, t, &rc))) return rc ? rc : MLM_EFORMAT;
-    hp->tied_output = gguf_find_tensor(m->g, "output.weight") == NULL;
-    if ((rc = bind(m, &m->output, hp->tied_output ? "token_embd.weight" : "output.weight", E, hp->n_vocab, 1, repack,
-                   err, errlen)) != 0)
-        return rc;
+    // An empty layer range holds no block, no embedding and no output (a coordinator that only
+    // tokenizes and samples).
+    const bool first = sl->l0 == 0 && sl->l1 > 0, last = sl->l1 == hp->n_layer && sl->l1 > sl->l0;
+    if (first || (last && hp->tied_output)) {
+        m->tok_embd = want_tensor(m, "token_embd.weight", 2, E, -1, 0, true, &rc, err, errlen);
+        if (!m->tok_embd) return rc;
+        if (!qtype_traits(m->tok_embd->type)->has_kernels)
+            return fail(err, errlen, MLM_EUNSUPPORTED, "token_embd.weight: type %s is not supported%s",
+                        qtype_name(m->tok_embd->type), "");
+        if (m->tok_embd->ne[1] != (m->shard_file ? sl->v1 - sl->v0 : hp->n_vocab))
+            return fail(err, errlen, MLM_EFORMAT, "token_embd.weight: row count does not match the slice%s%s", "", "");
+    }
+    const gguf_tensor_t *t;
+    if (last) {
+        t = want_tensor(m, "output_norm.weight", 1, E, 0, 0, true, &rc, err, errlen);
+        if (!t || !(m->out_norm = vec_f32(m, t, &rc))) return rc ? rc : MLM_EFORMAT;
+        if ((rc = bind(m, &m->output, hp->tied_output ? "token_embd.weight" : "output.weight", E, hp->n_vocab, 1,
+                       repack, err, errlen)) != 0)
+            return rc;
+    }
     t = gguf_find_tensor(m->g, "rope_freqs.weight");
     if (t) {
         if (t->type != QT_F32 || gguf_tensor_nelements(t) != hp->n_rot / 2)
@@ -318,7 +330,7 @@ static int load_tensors(model_t *m, const shard_slice_t *want, bool repack, char
     }
     m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
     if (!m->layers) return MLM_ENOMEM;
-    for (int il = 0; il < hp->n_layer; il++) {
+    for (int il = sl->l0; il < sl->l1; il++) {
         layer_t *L = &m->layers[il];
         char name[96];
 #define NAME(suffix) (snprintf(name, sizeof name, "blk.%d.%s.weight", il, suffix), name)
@@ -443,15 +455,22 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     if (o.n_threads <= 0) o.n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (o.n_threads <= 0) o.n_threads = 1;
     const shard_slice_t *sl = &m->slice;
-    const shard_slice_t full = shard_full(hp->n_head, hp->n_head_kv, hp->n_embd, hp->n_ff, hp->n_vocab);
+    const shard_slice_t full = shard_full(hp->n_layer, hp->n_head, hp->n_head_kv, hp->n_embd, hp->n_ff, hp->n_vocab);
     if (o.tp && (o.tp->n_nodes < 1 || o.tp->n_nodes > PLAN_NODES_MAX || o.tp->index < 0 || o.tp->index >= o.tp->n_nodes || !o.tp->slices ||
                  (o.tp->n_nodes > 1 && !o.tp->gather) ||
                  memcmp(&o.tp->slices[o.tp->index], sl, sizeof *sl) != 0)) {
         snprintf(err, errlen, "tensor-parallel group is inconsistent with the model's slice");
         return MLM_EINVAL;
     }
-    if (!o.tp && memcmp(sl, &full, sizeof full) != 0) {
+    shard_slice_t rows = *sl; // a pipeline stage alone holds every row of its blocks
+    rows.l0 = full.l0;
+    rows.l1 = full.l1;
+    if (!o.tp && memcmp(&rows, &full, sizeof full) != 0) {
         snprintf(err, errlen, "a model holding a slice needs a tensor-parallel group to run");
+        return MLM_EINVAL;
+    }
+    if (sl->l1 <= sl->l0) {
+        snprintf(err, errlen, "a model holding no blocks cannot run");
         return MLM_EINVAL;
     }
     model_ctx_t *c = calloc(1, sizeof *c);
@@ -471,7 +490,7 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     const size_t B = (size_t)o.n_batch, E = (size_t)hp->n_embd, hd = (size_t)hp->head_dim;
     const size_t Qd = (size_t)hp->n_head * hd, F = (size_t)hp->n_ff, NV = (size_t)hp->n_vocab;
     const size_t KVl = (size_t)c->KVl * hd, Ql = (size_t)c->Hl * hd;
-    size_t kv_bytes = (size_t)hp->n_layer * (size_t)c->n_ctx * KVl * c->kv_elt;
+    size_t kv_bytes = (size_t)(sl->l1 - sl->l0) * (size_t)c->n_ctx * KVl * c->kv_elt; // its blocks only
     size_t maxin = E > Qd ? E : Qd;
     if (F > maxin) maxin = F;
     c->xq_cap = B * (maxin * 4 + 64); // generous: F32 rows are the widest activation type
@@ -769,8 +788,9 @@ static void attention_fn(void *arg, int ith, int nth) {
     const int h0 = c->m->slice.h0, kv0 = c->m->slice.kv0;
     const size_t kvd = (size_t)c->KVl * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    const uint8_t *kc = c->k_cache + (size_t)job->layer * c->n_ctx * kvd * c->kv_elt;
-    const uint8_t *vc = c->v_cache + (size_t)job->layer * c->n_ctx * kvd * c->kv_elt;
+    const size_t lay = (size_t)(job->layer - c->m->slice.l0);
+    const uint8_t *kc = c->k_cache + lay * c->n_ctx * kvd * c->kv_elt;
+    const uint8_t *vc = c->v_cache + lay * c->n_ctx * kvd * c->kv_elt;
     float *sc = c->scores + (size_t)ith * ops_attention_scratch(c->n_ctx, hd);
     const int n_kv = (job->pos0 + job->nt + 31) & ~31; // the reference pads its KV view to 32
     const bool f16 = c->kv_type == QT_F16;
@@ -785,8 +805,9 @@ static void attention_fn(void *arg, int ith, int nth) {
 
 static void store_kv(model_ctx_t *c, int layer, int nt, int pos0) {
     const size_t kvd = (size_t)c->KVl * c->m->hp.head_dim;
-    uint8_t *kc = c->k_cache + ((size_t)layer * c->n_ctx + (size_t)pos0) * kvd * c->kv_elt;
-    uint8_t *vc = c->v_cache + ((size_t)layer * c->n_ctx + (size_t)pos0) * kvd * c->kv_elt;
+    const size_t lay = (size_t)(layer - c->m->slice.l0);
+    uint8_t *kc = c->k_cache + (lay * c->n_ctx + (size_t)pos0) * kvd * c->kv_elt;
+    uint8_t *vc = c->v_cache + (lay * c->n_ctx + (size_t)pos0) * kvd * c->kv_elt;
     size_t n = (size_t)nt * kvd;
     if (c->kv_type == QT_F32) {
         memcpy(kc, c->k, n * 4);
@@ -861,13 +882,18 @@ static int ffn_moe(model_ctx_t *c, const layer_t *L, int nt) {
     return gather_cols(c, c->acc_l, nt, G_HIDDEN, E, c->tmp);
 }
 
-static int eval_chunk(model_ctx_t *c, const int32_t *tokens, int nt, float *logits, bool all_logits, bool want_last) {
+// One chunk through this node's blocks: the first stage embeds tokens, a later one starts from
+// hidden_in; a stage that is not the last hands its residual stream out through hidden_out.
+static int eval_chunk(model_ctx_t *c, const int32_t *tokens, const float *hidden_in, int nt, float *hidden_out,
+                      float *logits, bool all_logits, bool want_last) {
     const model_t *m = c->m;
     const model_hparams_t *hp = &m->hp;
     const int E = hp->n_embd, hd = hp->head_dim;
     const int pos0 = c->pos;
-    int rc = embed(c, tokens, nt);
-    for (int il = 0; rc == 0 && il < hp->n_layer; il++) {
+    int rc = 0;
+    if (tokens) rc = embed(c, tokens, nt);
+    else memcpy(c->x, hidden_in, (size_t)nt * E * sizeof(float));
+    for (int il = m->slice.l0; rc == 0 && il < m->slice.l1; il++) {
         const layer_t *L = &m->layers[il];
         for (int i = 0; i < nt; i++) ops_rmsnorm(c->xn + (size_t)i * E, c->x + (size_t)i * E, L->attn_norm, E, hp->rms_eps);
         const mm_weight_t *ws[3] = {&L->wq, &L->wk, &L->wv};
@@ -895,6 +921,10 @@ static int eval_chunk(model_ctx_t *c, const int32_t *tokens, int nt, float *logi
     }
     if (rc != 0) return rc; // the cache holds a partial step: the caller resets or replays
     c->pos += nt;
+    if (m->slice.l1 < hp->n_layer) {
+        memcpy(hidden_out, c->x, (size_t)nt * E * sizeof(float));
+        return 0;
+    }
     if (!logits || (!all_logits && !want_last)) return 0;
     int first = all_logits ? 0 : nt - 1;
     int n_out = nt - first;
@@ -908,11 +938,15 @@ static int eval_chunk(model_ctx_t *c, const int32_t *tokens, int nt, float *logi
 
 // --- public API: evaluation
 
-int model_eval(model_ctx_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {
+int model_eval_stage(model_ctx_t *c, const int32_t *tokens, const float *hidden_in, int n, float *hidden_out,
+                     float *logits, bool all_logits) {
     const model_hparams_t *hp = &c->m->hp;
+    const shard_slice_t *sl = &c->m->slice;
     if (n <= 0) return MLM_EINVAL;
     if (c->pos + n > c->n_ctx) return MLM_ERANGE;
-    for (int i = 0; i < n; i++)
+    if ((sl->l0 == 0) != (tokens != NULL) || (sl->l0 > 0 && !hidden_in) || (sl->l1 < hp->n_layer && !hidden_out))
+        return MLM_EINVAL;
+    for (int i = 0; tokens && i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= hp->n_vocab) return MLM_EINVAL;
     if (hp->head_dim > 512) return MLM_EUNSUPPORTED;
     for (int done = 0; done < n;) {
@@ -920,9 +954,15 @@ int model_eval(model_ctx_t *c, const int32_t *tokens, int n, float *logits, bool
         bool last = done + nt == n;
         float *out = logits;
         if (logits && all_logits) out = logits + (size_t)done * hp->n_vocab;
-        int rc = eval_chunk(c, tokens + done, nt, out, all_logits, last);
+        const size_t h = (size_t)done * hp->n_embd;
+        int rc = eval_chunk(c, tokens ? tokens + done : NULL, hidden_in ? hidden_in + h : NULL, nt,
+                            hidden_out ? hidden_out + h : NULL, out, all_logits, last);
         if (rc != 0) return rc;
         done += nt;
     }
     return 0;
+}
+
+int model_eval(model_ctx_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {
+    return model_eval_stage(c, tokens, NULL, n, NULL, logits, all_logits);
 }

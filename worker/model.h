@@ -94,6 +94,16 @@ void model_ctx_destroy(model_ctx_t **self_p);
 // MLM_EINVAL for a bad token id, or the gather's error.
 int model_eval(model_ctx_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
 
+// A pipeline stage's step (the model holds blocks [l0, l1) of its slice). The first stage reads
+// tokens (hidden_in NULL); a later stage reads hidden_in, n rows of n_embd floats, the residual
+// stream the stage before handed out. A stage that is not the last writes its residual stream to
+// hidden_out (n, n_embd) and ignores logits; the last produces logits as model_eval does. The
+// residual stream crosses stages unchanged, so a pipeline gives a single node's bits as long as
+// the chunks are the same (n_batch, or the micro-batch size when it is smaller).
+// MLM_EINVAL when the inputs do not match the stage.
+int model_eval_stage(model_ctx_t *c, const int32_t *tokens, const float *hidden_in, int n, float *hidden_out,
+                     float *logits, bool all_logits);
+
 int model_ctx_pos(const model_ctx_t *c);      // tokens in the cache
 int model_ctx_n_ctx(const model_ctx_t *c);
 void model_ctx_reset(model_ctx_t *c);         // forget the cache

@@ -99,7 +99,7 @@ static int send_error(node_t *n, int code, const char *text, uint64_t step) { //
 
 static shard_slice_t slice_of(const msg_plan_node_t *p) {
     shard_slice_t s = {p->heads.begin, p->heads.end, p->kv_heads.begin, p->kv_heads.end, p->hidden.begin,
-                       p->hidden.end, 0, 0, p->vocab.begin, p->vocab.end};
+                       p->hidden.end, 0, 0, p->vocab.begin, p->vocab.end, p->layers.begin, p->layers.end};
     if (p->n_ffn > 0) s.f0 = p->ffn[0].begin, s.f1 = p->ffn[0].end;
     return s;
 }
@@ -284,8 +284,8 @@ static int on_step(node_t *n, const msg_step_t *st) {
 int node_cache_path(const char *dir, const uint8_t sha256[32], const shard_slice_t *s, char *out, size_t cap) {
     char hex[65];
     sha256_hex(sha256, hex);
-    int k = snprintf(out, cap, "%s/%.16s-h%d-%d-kv%d-%d-e%d-%d-f%d-%d-v%d-%d.gguf", dir, hex, s->h0, s->h1, s->kv0,
-                     s->kv1, s->e0, s->e1, s->f0, s->f1, s->v0, s->v1);
+    int k = snprintf(out, cap, "%s/%.16s-l%d-%d-h%d-%d-kv%d-%d-e%d-%d-f%d-%d-v%d-%d.gguf", dir, hex, s->l0, s->l1, s->h0,
+                     s->h1, s->kv0, s->kv1, s->e0, s->e1, s->f0, s->f1, s->v0, s->v1);
     return k > 0 && (size_t)k < cap ? 0 : MLM_ERANGE;
 }
 

@@ -5,6 +5,7 @@
 #include <stddef.h>
 
 #include "transport/comm.h"
+#include "transport/fault.h"
 
 typedef struct link link_t;
 
@@ -27,6 +28,17 @@ int link_recv(link_t *l, comm_msg_t *out, size_t max_bytes, int timeout_ms);
 // The data-plane endpoint that goes with a control endpoint: tcp://H:P -> tcp://H:(P+1),
 // ipc://PATH -> ipc://PATH.data. 0, or MLM_EINVAL for another form.
 int link_data_endpoint(const char *control, char *out, size_t cap);
+
+// Emulates a fault spec's link rules on this link (see transport/fault.h): from now on link_send
+// appends a stamp frame and link_recv strips a trailing stamp and holds each message until it is due
+// (delay, jitter, bandwidth, loss of the link peer_rank -> my_rank) or discards it (drop: the
+// receiver sees MLM_ETIMEOUT). A message without a stamp is delivered as it is; a held message that
+// is not due by the deadline stays for the next link_recv (MLM_ETIMEOUT). Ranks are data-plane
+// ranks: the coordinator is 0, workers 1..N; on the listening (worker) side the peer is the
+// coordinator. Both ends must turn it on (on an end without it the stamp is an extra frame). spec
+// is read during the call only; each call starts the decision counter again. spec NULL turns it
+// off (a message already held is still delivered).
+void link_set_faults(link_t *l, const fault_spec_t *spec, int my_rank, int peer_rank);
 
 // Closes without lingering; accepts NULL and NULLs the pointer.
 void link_destroy(link_t **self_p);

@@ -1,0 +1,899 @@
+// CUnit suite "fault": fault specs (parse, canonical text, errors, decisions) and the fault-injecting comm wrapper and control link over inproc and ZeroMQ.
+#include <CUnit/CUnit.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "test_util.h"
+#include "transport/comm.h"
+#include "transport/comm_inproc.h"
+#include "transport/comm_zmq.h"
+#include "transport/fault.h"
+#include "transport/link.h"
+#include "worker/err.h"
+
+#define MAXN 4
+#define EP_LEN 192
+#define SLACK_MS 400.0  // upper bounds are generous: the machine is shared and has 2 cores
+
+// --- helpers
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static fault_spec_t *spec_of(const char *text) {
+    fault_spec_t *s = NULL;
+    char err[256] = "";
+    int rc = fault_parse(text, &s, err, sizeof err);
+    if (rc != 0) fprintf(stderr, "fault_parse(%s): %s\n", text, err);
+    return s;
+}
+
+static void destroy_all(comm_t **cs, int N) {
+    for (int r = 0; r < N; r++) comm_destroy(&cs[r]);
+}
+
+// Wraps cs[0..N) with spec. 0 or the first error.
+static int wrap_all(comm_t **cs, int N, const fault_spec_t *spec) {
+    char err[256];
+    for (int r = 0; r < N; r++) {
+        int rc = comm_fault_wrap(&cs[r], spec, err, sizeof err);
+        if (rc != 0) {
+            fprintf(stderr, "comm_fault_wrap: %s\n", err);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+// An inproc group of N ranks, all wrapped with spec text (NULL: unwrapped).
+static int inproc_group(comm_t **cs, int N, const char *text) {
+    if (comm_inproc_new_group(cs, N) != 0) return -1;
+    if (!text) return 0;
+    fault_spec_t *s = spec_of(text);
+    int rc = s ? wrap_all(cs, N, s) : -1;
+    fault_free(&s);
+    if (rc != 0) destroy_all(cs, N);
+    return rc;
+}
+
+typedef struct {
+    int rank, size;
+    const char *const *eps;
+    comm_t *c;
+    int rc;
+    char err[256];
+} zmq_new_arg_t;
+
+static void *zmq_new_main(void *p) {
+    zmq_new_arg_t *a = p;
+    comm_zmq_opts_t o;
+    comm_zmq_opts_default(&o);
+    o.connect_timeout_ms = 5000;
+    a->rc = comm_zmq_new(&a->c, a->rank, a->size, a->eps, &o, a->err, sizeof a->err);
+    return NULL;
+}
+
+// An N-rank ZeroMQ world over ipc sockets under dir (one thread per rank for the handshake); the
+// ranks in wrap_mask are wrapped with spec text.
+static int zmq_group(comm_t **cs, int N, const char *dir, const char *tag, const char *text, unsigned wrap_mask) {
+    char eps[MAXN][EP_LEN];
+    const char *ptrs[MAXN] = {NULL};
+    pthread_t th[MAXN];
+    zmq_new_arg_t a[MAXN];
+    for (int r = 0; r < N; r++) {
+        snprintf(eps[r], EP_LEN, "ipc://%s/%s-%d", dir, tag, r);
+        ptrs[r] = eps[r];
+    }
+    for (int r = 0; r < N; r++) {
+        a[r] = (zmq_new_arg_t){.rank = r, .size = N, .eps = ptrs};
+        pthread_create(&th[r], NULL, zmq_new_main, &a[r]);
+    }
+    int rc = 0;
+    for (int r = 0; r < N; r++) {
+        pthread_join(th[r], NULL);
+        cs[r] = a[r].c;
+        if (a[r].rc != 0) {
+            fprintf(stderr, "zmq rank %d: %s\n", r, a[r].err);
+            rc = a[r].rc;
+        }
+    }
+    fault_spec_t *s = text ? spec_of(text) : NULL;
+    if (rc == 0 && text && !s) rc = -1;
+    char err[256];
+    for (int r = 0; r < N && rc == 0; r++)
+        if (wrap_mask & (1u << r)) rc = comm_fault_wrap(&cs[r], s, err, sizeof err);
+    fault_free(&s);
+    if (rc != 0) destroy_all(cs, N);
+    return rc;
+}
+
+// Runs fn(comm, rank, arg) for every rank on its own thread and joins them.
+typedef void (*rank_fn)(comm_t *c, int rank, void *arg);
+typedef struct {
+    comm_t *c;
+    int rank;
+    rank_fn fn;
+    void *arg;
+} thr_arg_t;
+
+static void *thr_main(void *p) {
+    thr_arg_t *t = p;
+    t->fn(t->c, t->rank, t->arg);
+    return NULL;
+}
+
+static void run_ranks(comm_t **cs, int N, rank_fn fn, void *arg) {
+    pthread_t th[MAXN];
+    thr_arg_t ta[MAXN];
+    for (int r = 0; r < N; r++) {
+        ta[r] = (thr_arg_t){cs[r], r, fn, arg};
+        pthread_create(&th[r], NULL, thr_main, &ta[r]);
+    }
+    for (int r = 0; r < N; r++) pthread_join(th[r], NULL);
+}
+
+// Receives one message expected to be the u32 idx (one frame); true if so.
+static bool recv_index(comm_t *c, int peer, uint32_t idx, int timeout_ms) {
+    comm_msg_t m;
+    int from = -1;
+    if (comm_recv(c, peer, &m, &from, timeout_ms) != 0) return false;
+    bool ok = from == peer && m.n == 1 && m.len[0] == 4 && memcmp(m.data[0], &idx, 4) == 0;
+    if (!ok && m.n == 1 && m.len[0] == 4)
+        fprintf(stderr, "expected message %u from %d, got %u from %d\n", idx, peer, *(uint32_t *)m.data[0], from);
+    comm_msg_free(&m);
+    return ok;
+}
+
+// --- specs
+
+static void test_parse_roundtrip(void) {
+    const char *text = " delay:link=0-1:ms=40:jitter=5, bw:link=*:mbit=100,loss:link=2-*:p=0.01,"
+                       "drop:link=3-1:p=0.05,kill:worker=2:after_tokens=5,freeze:worker=1:after_tokens=3:ms=250,"
+                       "partition:link=*-2:after_tokens=9,delay:link=0-2:ms=0.1,seed=7 ";
+    const char *canon = "delay:link=0-1:ms=40:jitter=5,bw:link=*:mbit=100,loss:link=2-*:p=0.01:rto_ms=200,"
+                        "drop:link=1-3:p=0.05,kill:worker=2:after_tokens=5,freeze:worker=1:after_tokens=3:ms=250,"
+                        "partition:link=2-*:after_tokens=9,delay:link=0-2:ms=0.1,seed=7";
+    fault_spec_t *s = spec_of(text);
+    CU_ASSERT_FATAL(s != NULL);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(s), canon);
+    fault_spec_t *s2 = spec_of(fault_spec_text(s)); // the canonical text parses to itself
+    CU_ASSERT_FATAL(s2 != NULL);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(s2), canon);
+    fault_free(&s2);
+    CU_ASSERT_EQUAL(fault_seed(s), 7);
+    CU_ASSERT(fault_has_link_rules(s));
+    fault_link_t p;
+    fault_link_params(s, 1, 0, &p); // undirected
+    CU_ASSERT(p.delay_ms == 40 && p.jitter_ms == 5 && p.mbit == 100 && p.loss_p == 0 && p.drop_p == 0 && p.rto_ms == 200);
+    fault_link_params(s, 5, 2, &p);
+    CU_ASSERT(p.delay_ms == 0 && p.mbit == 100 && p.loss_p == 0.01 && p.rto_ms == 200 && p.drop_p == 0);
+    fault_link_params(s, 3, 1, &p);
+    CU_ASSERT(p.drop_p == 0.05 && p.loss_p == 0 && p.mbit == 100);
+    fault_link_params(s, 0, 2, &p);
+    CU_ASSERT(p.delay_ms == 0.1 && p.loss_p == 0.01);
+    CU_ASSERT_EQUAL(fault_n_events(s), 3);
+    const fault_event_t *e0 = fault_event(s, 0), *e1 = fault_event(s, 1), *e2 = fault_event(s, 2);
+    CU_ASSERT_FATAL(e0 && e1 && e2 && !fault_event(s, 3) && !fault_event(s, -1));
+    CU_ASSERT(e0->kind == FAULT_KILL && e0->worker == 2 && e0->after_tokens == 5);
+    CU_ASSERT(e1->kind == FAULT_FREEZE && e1->worker == 1 && e1->after_tokens == 3 && e1->ms == 250);
+    CU_ASSERT(e2->kind == FAULT_PARTITION && e2->a == 2 && e2->b == FAULT_ANY && e2->after_tokens == 9 && e2->worker == -1);
+    CU_ASSERT_STRING_EQUAL(fault_kind_name(FAULT_PARTITION), "partition");
+    fault_free(&s);
+    fault_free(&s); // idempotent
+    CU_ASSERT(s == NULL);
+
+    // the most specific rule wins, among equals the last
+    s = spec_of("delay:link=0-1:ms=40,delay:link=*:ms=5,delay:link=*:ms=6,delay:link=3-*:ms=2,loss:link=*:p=1:rto_ms=7");
+    CU_ASSERT_FATAL(s != NULL);
+    fault_link_params(s, 0, 1, &p);
+    CU_ASSERT(p.delay_ms == 40 && p.loss_p == 1 && p.rto_ms == 7);
+    fault_link_params(s, 1, 2, &p);
+    CU_ASSERT(p.delay_ms == 6);
+    fault_link_params(s, 2, 3, &p);
+    CU_ASSERT(p.delay_ms == 2);
+    CU_ASSERT_EQUAL(fault_n_events(s), 0);
+    CU_ASSERT_EQUAL(fault_seed(s), 0);
+    fault_free(&s);
+
+    // empty specs; only events; odd but exact numbers survive the round trip
+    s = spec_of("   ");
+    CU_ASSERT_FATAL(s != NULL);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(s), "");
+    CU_ASSERT(!fault_has_link_rules(s));
+    fault_free(&s);
+    s = spec_of("kill:worker=1:after_tokens=0,seed=18446744073709551615");
+    CU_ASSERT_FATAL(s != NULL);
+    CU_ASSERT(!fault_has_link_rules(s));
+    CU_ASSERT_EQUAL(fault_seed(s), UINT64_MAX);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(s), "kill:worker=1:after_tokens=0,seed=18446744073709551615");
+    fault_free(&s);
+    s = spec_of("drop:link=1-0:p=0.1234567890123,bw:link=4-*:mbit=2.5e3");
+    CU_ASSERT_FATAL(s != NULL);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(s), "drop:link=0-1:p=0.1234567890123,bw:link=4-*:mbit=2500");
+    fault_link_params(s, 1, 0, &p);
+    CU_ASSERT(p.drop_p == 0.1234567890123);
+    fault_free(&s);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(NULL), "");
+    fault_link_params(NULL, 0, 1, &p);
+    CU_ASSERT(p.delay_ms == 0 && p.drop_p == 0 && p.rto_ms == 200);
+
+    // $MESHLM_FAULTS
+    char *saved = getenv("MESHLM_FAULTS") ? strdup(getenv("MESHLM_FAULTS")) : NULL;
+    char err[256] = "";
+    unsetenv("MESHLM_FAULTS");
+    s = (fault_spec_t *)1;
+    CU_ASSERT(fault_from_env(&s, err, sizeof err) == 0 && s == NULL);
+    setenv("MESHLM_FAULTS", "drop:link=*:p=1,seed=3", 1);
+    CU_ASSERT(fault_from_env(&s, err, sizeof err) == 0 && s != NULL);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(s), "drop:link=*:p=1,seed=3");
+    fault_free(&s);
+    setenv("MESHLM_FAULTS", "drop:link=*:p=2", 1);
+    CU_ASSERT(fault_from_env(&s, err, sizeof err) == MLM_EINVAL && s == NULL);
+    CU_ASSERT(strstr(err, "MESHLM_FAULTS") != NULL && strstr(err, "p '2'") != NULL);
+    if (saved) setenv("MESHLM_FAULTS", saved, 1);
+    else unsetenv("MESHLM_FAULTS");
+    free(saved);
+}
+
+static void test_parse_errors(void) {
+    static const struct {
+        const char *text;
+        const char *want1, *want2; // substrings of the message
+    } cases[] = {
+        {"delay:link=0-1", "rule 1 'delay:link=0-1'", "needs ms"},
+        {"delay:link=0-1:ms=5,jam:link=0-1", "rule 2 'jam:link=0-1'", "unknown kind 'jam'"},
+        {"delay:link=0-1:ms=5:color=red", "rule 1", "unknown key 'color' for delay"},
+        {"drop:link=0-1:p=0.5:ms=3", "rule 1", "unknown key 'ms' for drop"},
+        {"delay:link=0-1:ms=abc", "rule 1", "ms 'abc' is not a number"},
+        {"delay:link=0-1:ms=-1", "rule 1", "ms '-1'"},
+        {"delay:link=0-1:ms=1e9", "rule 1", "ms '1e9'"},
+        {"delay:link=0-1:ms=5:jitter=inf", "rule 1", "jitter 'inf'"},
+        {"drop:link=0-1:p=1.5", "rule 1", "p '1.5' is not a probability"},
+        {"drop:link=0-1:p=-0.1", "rule 1", "p '-0.1'"},
+        {"loss:link=0-1:p=nan", "rule 1", "p 'nan'"},
+        {"loss:link=0-1:p=0.1:rto_ms=x", "rule 1", "rto_ms 'x'"},
+        {"delay:link=1-1:ms=5", "rule 1", "to itself"},
+        {"delay:link=a-b:ms=5", "rule 1", "link 'a-b'"},
+        {"delay:link=0-1-2:ms=5", "rule 1", "link '0-1-2'"},
+        {"delay:link=0:ms=5", "rule 1", "link '0'"},
+        {"delay:link=-1-2:ms=5", "rule 1", "link '-1-2'"},
+        {"bw:link=*:mbit=0", "rule 1", "mbit '0'"},
+        {"kill:worker=2", "rule 1", "kill needs after_tokens"},
+        {"kill:worker=x:after_tokens=1", "rule 1", "worker 'x'"},
+        {"kill:worker=1:after_tokens=-3", "rule 1", "after_tokens '-3'"},
+        {"freeze:worker=1:after_tokens=2", "rule 1", "freeze needs ms"},
+        {"partition:link=0-1", "rule 1", "needs after_tokens"},
+        {"delay:link=0-1:ms=5:ms=6", "rule 1", "'ms' given twice"},
+        {"delay:link=0-1:ms", "rule 1", "'ms' has no value"},
+        {"seed=abc", "rule 1", "seed 'abc'"},
+        {"seed=-1", "rule 1", "seed '-1'"},
+        {"seed=1,seed=2", "rule 2 'seed=2'", "seed given twice"},
+        {"seed:n=1", "rule 1", "seed=N"},
+        {"delay:link=0-1:ms=5,,drop:link=*:p=0", "rule 2", "empty rule"},
+        {"delay:link=0-1:ms=5,", "rule 2", "empty rule"},
+        {"jitter:link=0-1:ms=1", "rule 1", "unknown kind 'jitter'"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        fault_spec_t *s = (fault_spec_t *)1;
+        char err[256] = "";
+        int rc = fault_parse(cases[i].text, &s, err, sizeof err);
+        bool ok = rc == MLM_EINVAL && s == NULL && strstr(err, cases[i].want1) && strstr(err, cases[i].want2);
+        if (!ok) fprintf(stderr, "\n  '%s' -> %d '%s'\n", cases[i].text, rc, err);
+        CU_ASSERT(ok);
+        if (rc == 0) fault_free(&s);
+    }
+    fault_spec_t *s = NULL;
+    CU_ASSERT_EQUAL(fault_parse(NULL, &s, NULL, 0), MLM_EINVAL); // err may be NULL
+    CU_ASSERT_EQUAL(fault_parse("drop", &s, NULL, 0), MLM_EINVAL);
+    char *big = malloc(70000);
+    memset(big, ' ', 69999);
+    big[69999] = 0;
+    CU_ASSERT_EQUAL(fault_parse(big, &s, NULL, 0), MLM_EINVAL);
+    free(big);
+}
+
+// Decisions are a pure function of (seed, src, dst, counter) with the right frequencies.
+static void test_decisions(void) {
+    fault_spec_t *a = spec_of("drop:link=0-1:p=0.25,loss:link=*:p=0.5,delay:link=*:ms=1:jitter=3,seed=42");
+    fault_spec_t *b = spec_of("drop:link=0-1:p=0.25,loss:link=*:p=0.5,delay:link=*:ms=1:jitter=3,seed=42");
+    fault_spec_t *c = spec_of("drop:link=0-1:p=0.25,loss:link=*:p=0.5,delay:link=*:ms=1:jitter=3,seed=43");
+    CU_ASSERT_FATAL(a && b && c);
+    int drops = 0, lost = 0, same_b = 0, same_c = 0, same_rev = 0, bad_jitter = 0;
+    const int n = 20000;
+    for (int i = 0; i < n; i++) {
+        fault_decision_t da, db, dc, dr;
+        fault_decide(a, 1, 0, (uint64_t)i, &da);
+        fault_decide(b, 1, 0, (uint64_t)i, &db);
+        fault_decide(c, 1, 0, (uint64_t)i, &dc);
+        fault_decide(a, 0, 1, (uint64_t)i, &dr);
+        drops += da.drop;
+        lost += da.lost;
+        same_b += da.drop == db.drop && da.lost == db.lost && da.jitter_ms == db.jitter_ms;
+        same_c += da.drop == dc.drop;
+        same_rev += da.drop == dr.drop;
+        bad_jitter += !(da.jitter_ms >= 0 && da.jitter_ms < 3);
+    }
+    CU_ASSERT_EQUAL(same_b, n);
+    CU_ASSERT(drops > n * 0.23 && drops < n * 0.27);
+    CU_ASSERT(lost > n * 0.48 && lost < n * 0.52);
+    CU_ASSERT(same_c < n * 0.7); // another seed, other decisions (0.625 expected by chance)
+    CU_ASSERT(same_rev < n * 0.7); // each direction has its own
+    CU_ASSERT_EQUAL(bad_jitter, 0);
+    fault_decision_t d;
+    fault_decide(a, 1, 2, 0, &d); // no drop rule on 1-2
+    CU_ASSERT(!d.drop);
+    fault_free(&a);
+    fault_free(&b);
+    fault_free(&c);
+}
+
+// --- wrapper checks shared by inproc and ZeroMQ
+
+// delay_ms on 0-1 (wrapped): every ping-pong takes at least two delays, and not much more.
+static void check_pingpong(comm_t **cs, double delay_ms) {
+    double worst = 0, best = 1e9;
+    for (uint32_t i = 0; i < 5; i++) {
+        double t0 = now_ms();
+        CU_ASSERT_EQUAL(comm_send1(cs[0], 1, &i, 4, 1000), 0);
+        CU_ASSERT(recv_index(cs[1], 0, i, 2000));
+        CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &i, 4, 1000), 0);
+        CU_ASSERT(recv_index(cs[0], 1, i, 2000));
+        double rtt = now_ms() - t0;
+        worst = fmax(worst, rtt);
+        best = fmin(best, rtt);
+    }
+    CU_ASSERT(best >= 2 * delay_ms);
+    CU_ASSERT(worst < 2 * delay_ms + SLACK_MS);
+    // a receive whose deadline comes before the message is due times out and keeps it
+    uint32_t k = 99;
+    double t0 = now_ms();
+    CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &k, 4, 1000), 0);
+    comm_msg_t m;
+    int rc = comm_recv(cs[0], 1, &m, NULL, (int)(delay_ms / 2));
+    double el = now_ms() - t0;
+    if (el < delay_ms * 0.9) CU_ASSERT_EQUAL(rc, MLM_ETIMEOUT); // (a stalled machine may have passed the due time)
+    if (rc == 0) comm_msg_free(&m);
+    else CU_ASSERT(recv_index(cs[0], 1, k, 2000));
+    CU_ASSERT(now_ms() - t0 >= delay_ms);
+}
+
+// Jitter never reorders the messages of one peer; recv(ANY) takes from both senders.
+static void check_jitter_order(comm_t **cs) {
+    const uint32_t n = 100;
+    for (uint32_t i = 0; i < n; i++) {
+        CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &i, 4, 1000), 0);
+        CU_ASSERT_EQUAL(comm_send1(cs[2], 0, &i, 4, 1000), 0);
+    }
+    uint32_t next[3] = {0, 0, 0};
+    int bad = 0;
+    for (uint32_t i = 0; i < 2 * n; i++) {
+        comm_msg_t m;
+        int from = -1;
+        if (comm_recv(cs[0], COMM_ANY, &m, &from, 2000) != 0) {
+            bad++;
+            continue;
+        }
+        if (from < 1 || from > 2 || m.n != 1 || m.len[0] != 4 || *(uint32_t *)m.data[0] != next[from]) bad++;
+        else next[from]++;
+        comm_msg_free(&m);
+    }
+    CU_ASSERT_EQUAL(bad, 0);
+    CU_ASSERT(next[1] == n && next[2] == n);
+}
+
+// 100 Mbit/s on 1-0: 1 MB takes 80 ms; two 500 kB messages queue behind each other.
+static void check_bw(comm_t **cs) {
+    const size_t big = 1000000;
+    uint8_t *buf = calloc(1, big);
+    CU_ASSERT_FATAL(buf != NULL);
+    for (size_t i = 0; i < big; i++) buf[i] = (uint8_t)(i * 7);
+    double t0 = now_ms();
+    CU_ASSERT_EQUAL(comm_send1(cs[1], 0, buf, big, 2000), 0);
+    comm_msg_t m;
+    CU_ASSERT_EQUAL_FATAL(comm_recv(cs[0], 1, &m, NULL, 5000), 0);
+    double el = now_ms() - t0;
+    CU_ASSERT(el >= 80.0 && el < 80.0 + SLACK_MS);
+    CU_ASSERT(m.n == 1 && m.len[0] == big && memcmp(m.data[0], buf, big) == 0);
+    comm_msg_free(&m);
+    t0 = now_ms();
+    CU_ASSERT_EQUAL(comm_send1(cs[1], 0, buf, big / 2, 2000), 0);
+    CU_ASSERT_EQUAL(comm_send1(cs[1], 0, buf, big / 2, 2000), 0);
+    CU_ASSERT_EQUAL(comm_recv(cs[0], 1, &m, NULL, 5000), 0);
+    double first = now_ms() - t0;
+    comm_msg_free(&m);
+    CU_ASSERT_EQUAL(comm_recv(cs[0], 1, &m, NULL, 5000), 0);
+    double second = now_ms() - t0;
+    comm_msg_free(&m);
+    CU_ASSERT(first >= 40.0 && second >= 80.0 && second < 80.0 + SLACK_MS);
+    // the other direction is a link direction of its own and is not held up by this one
+    free(buf);
+}
+
+// drop on 1-0 with a seed: exactly the predicted messages vanish (the receiver times out on them).
+// Returns the dropped indices as a bit mask.
+static uint64_t check_drop(comm_t **cs, const fault_spec_t *spec) {
+    uint64_t mask = 0;
+    for (uint32_t i = 0; i < 40; i++) {
+        fault_decision_t d;
+        fault_decide(spec, 1, 0, i, &d);
+        CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &i, 4, 1000), 0);
+        if (d.drop) {
+            comm_msg_t m;
+            int rc = comm_recv(cs[0], 1, &m, NULL, 15);
+            CU_ASSERT_EQUAL(rc, MLM_ETIMEOUT);
+            if (rc == 0) comm_msg_free(&m);
+            mask |= 1ull << i;
+        } else {
+            CU_ASSERT(recv_index(cs[0], 1, i, 2000)); // a dropped one never shows up late
+        }
+    }
+    comm_msg_t m;
+    CU_ASSERT_EQUAL(comm_recv(cs[0], 1, &m, NULL, 20), MLM_ETIMEOUT);
+    return mask;
+}
+
+// loss on 1-0: everything arrives, in order; the predicted "lost" ones late by the rto.
+static void check_loss(comm_t **cs, const fault_spec_t *spec, double rto_ms) {
+    int fast = 0, n_ok = 0, late = 0;
+    for (uint32_t i = 0; i < 24; i++) {
+        fault_decision_t d;
+        fault_decide(spec, 1, 0, i, &d);
+        double t0 = now_ms();
+        CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &i, 4, 1000), 0);
+        CU_ASSERT(recv_index(cs[0], 1, i, 3000));
+        double el = now_ms() - t0;
+        if (d.lost) {
+            late++;
+            CU_ASSERT(el >= rto_ms);
+            CU_ASSERT(el < rto_ms + SLACK_MS);
+        } else {
+            n_ok++;
+            fast += el < rto_ms / 2;
+        }
+    }
+    CU_ASSERT(late > 0 && n_ok > 0);
+    CU_ASSERT(fast >= n_ok / 2); // not everything is slow
+}
+
+// Messages with 0 and COMM_MAX_FRAMES frames (the stamp rides in the last frame) arrive intact.
+static void check_frame_counts(comm_t **cs) {
+    static uint8_t bytes[COMM_MAX_FRAMES][20];
+    comm_iov_t f[COMM_MAX_FRAMES];
+    for (int i = 0; i < COMM_MAX_FRAMES; i++) {
+        memset(bytes[i], 'a' + i, sizeof bytes[i]);
+        f[i] = (comm_iov_t){bytes[i], (size_t)i};
+    }
+    CU_ASSERT_EQUAL(comm_send(cs[1], 0, f, COMM_MAX_FRAMES, 1000), 0);
+    CU_ASSERT_EQUAL(comm_send(cs[1], 0, f, 0, 1000), 0);
+    comm_msg_t m;
+    CU_ASSERT_EQUAL_FATAL(comm_recv(cs[0], 1, &m, NULL, 2000), 0);
+    int bad = m.n != COMM_MAX_FRAMES;
+    for (int i = 0; i < m.n && !bad; i++) bad += m.len[i] != (size_t)i || (i && memcmp(m.data[i], bytes[i], (size_t)i) != 0);
+    CU_ASSERT_EQUAL(bad, 0);
+    comm_msg_free(&m);
+    CU_ASSERT_EQUAL_FATAL(comm_recv(cs[0], 1, &m, NULL, 2000), 0);
+    CU_ASSERT_EQUAL(m.n, 0);
+    comm_msg_free(&m);
+}
+
+// cs[0] wrapped with a 5 ms delay on 0-1, cs[1] not: what an unwrapped or hostile peer sends is
+// delivered (as it is when it carries no valid stamp) and never hangs the receiver.
+static void check_hostile(comm_t **cs) {
+    uint8_t stamp[16] = {'M', 'L', 'M', 'F', 'S', 'T', 'M', 'P'};
+    comm_msg_t m;
+    // no stamp at all: delivered as it is, timed from its arrival
+    double t0 = now_ms();
+    CU_ASSERT_EQUAL(comm_send1(cs[1], 0, "plain", 5, 1000), 0);
+    CU_ASSERT_EQUAL_FATAL(comm_recv(cs[0], 1, &m, NULL, 2000), 0);
+    CU_ASSERT(m.n == 1 && m.len[0] == 5 && memcmp(m.data[0], "plain", 5) == 0);
+    CU_ASSERT(now_ms() - t0 >= 5.0);
+    comm_msg_free(&m);
+    // a 16-byte last frame with another magic, a short one with the right magic, the merged form
+    // on fewer than COMM_MAX_FRAMES frames: all delivered untouched
+    uint8_t wrong[16] = "XLMFSTMP1234567";
+    uint8_t merged[20] = {'x', 'y', 'z', 'w', 'M', 'L', 'M', 'F', 'S', 'T', 'M', 'Q'};
+    comm_iov_t cases[3][2] = {{{"a", 1}, {wrong, 16}}, {{"b", 1}, {stamp, 15}}, {{"c", 1}, {merged, 20}}};
+    const size_t last_len[3] = {16, 15, 20};
+    for (int k = 0; k < 3; k++) {
+        CU_ASSERT_EQUAL(comm_send(cs[1], 0, cases[k], 2, 1000), 0);
+        CU_ASSERT_EQUAL_FATAL(comm_recv(cs[0], 1, &m, NULL, 2000), 0);
+        CU_ASSERT(m.n == 2 && m.len[1] == last_len[k] && memcmp(m.data[1], cases[k][1].ptr, last_len[k]) == 0);
+        comm_msg_free(&m);
+    }
+    // a stamp from the far future: held for the delay only, not for ever
+    memset(stamp + 8, 0xff, 8);
+    t0 = now_ms();
+    comm_iov_t f[2] = {{"future", 6}, {stamp, 16}};
+    CU_ASSERT_EQUAL(comm_send(cs[1], 0, f, 2, 1000), 0);
+    CU_ASSERT_EQUAL_FATAL(comm_recv(cs[0], 1, &m, NULL, 2000), 0);
+    double el = now_ms() - t0;
+    CU_ASSERT(m.n == 1 && m.len[0] == 6 && memcmp(m.data[0], "future", 6) == 0); // stamp stripped
+    CU_ASSERT(el >= 5.0 && el < 5.0 + SLACK_MS);
+    comm_msg_free(&m);
+    // a stamp from long ago: due at once
+    memset(stamp + 8, 0, 8);
+    f[0] = (comm_iov_t){"past", 4};
+    CU_ASSERT_EQUAL(comm_send(cs[1], 0, f, 2, 1000), 0);
+    int rc = MLM_ETIMEOUT;
+    t0 = now_ms();
+    while (rc == MLM_ETIMEOUT && now_ms() - t0 < 2000) rc = comm_recv(cs[0], 1, &m, NULL, 0); // polls only
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    CU_ASSERT(m.n == 1 && m.len[0] == 4 && memcmp(m.data[0], "past", 4) == 0);
+    comm_msg_free(&m);
+}
+
+// --- wrapper over inproc
+
+static void test_inproc_delay(void) {
+    comm_t *cs[MAXN];
+    CU_ASSERT_FATAL(inproc_group(cs, 2, "delay:link=0-1:ms=5") == 0);
+    CU_ASSERT_STRING_EQUAL(comm_name(cs[0]), "inproc+fault");
+    CU_ASSERT(comm_rank(cs[1]) == 1 && comm_size(cs[1]) == 2);
+    check_pingpong(cs, 5.0);
+    check_frame_counts(cs);
+    destroy_all(cs, 2);
+
+    CU_ASSERT_FATAL(inproc_group(cs, 3, "delay:link=*:ms=1:jitter=4,seed=1") == 0);
+    check_jitter_order(cs);
+    destroy_all(cs, 3);
+
+    CU_ASSERT_FATAL(inproc_group(cs, 2, "bw:link=0-1:mbit=100") == 0);
+    check_bw(cs);
+    destroy_all(cs, 2);
+
+    // no spec: nothing wrapped
+    CU_ASSERT_FATAL(comm_inproc_new_group(cs, 2) == 0);
+    comm_t *before = cs[0];
+    CU_ASSERT(comm_fault_wrap(&cs[0], NULL, NULL, 0) == 0 && cs[0] == before);
+    CU_ASSERT_EQUAL(comm_fault_wrap(NULL, NULL, NULL, 0), MLM_EINVAL);
+    destroy_all(cs, 2);
+}
+
+// recv(ANY) returns the message due first, not the one that arrived first; deadlines hold.
+static void test_inproc_any_and_deadline(void) {
+    comm_t *cs[MAXN];
+    CU_ASSERT_FATAL(inproc_group(cs, 3, "delay:link=0-1:ms=60") == 0);
+    double t0 = now_ms();
+    CU_ASSERT_EQUAL(comm_send1(cs[1], 0, "slow", 4, 1000), 0);
+    CU_ASSERT_EQUAL(comm_send1(cs[2], 0, "fast", 4, 1000), 0);
+    comm_msg_t m;
+    int from = -1;
+    CU_ASSERT_EQUAL_FATAL(comm_recv(cs[0], COMM_ANY, &m, &from, 2000), 0);
+    CU_ASSERT(from == 2 && m.len[0] == 4 && memcmp(m.data[0], "fast", 4) == 0);
+    comm_msg_free(&m);
+    double t1 = now_ms();
+    int rc = comm_recv(cs[0], COMM_ANY, &m, &from, 10);
+    double el = now_ms() - t1;
+    if (now_ms() - t0 < 55) { // (unless the machine stalled past the due time)
+        CU_ASSERT_EQUAL(rc, MLM_ETIMEOUT);
+        CU_ASSERT(el >= 10.0); // waited for the whole deadline
+    }
+    if (rc == 0) comm_msg_free(&m);
+    else {
+        CU_ASSERT_EQUAL_FATAL(comm_recv(cs[0], COMM_ANY, &m, &from, 2000), 0); // kept for this call
+        CU_ASSERT(from == 1 && m.len[0] == 4 && memcmp(m.data[0], "slow", 4) == 0);
+        CU_ASSERT(now_ms() - t0 >= 60.0);
+        comm_msg_free(&m);
+    }
+    // a lost peer is reported once its held messages are delivered
+    CU_ASSERT_EQUAL(comm_send1(cs[1], 0, "last", 4, 1000), 0);
+    comm_destroy(&cs[1]);
+    CU_ASSERT_EQUAL(comm_recv(cs[0], 1, &m, &from, 2000), 0);
+    comm_msg_free(&m);
+    CU_ASSERT_EQUAL(comm_recv(cs[0], 1, &m, &from, 2000), MLM_EPEER);
+    destroy_all(cs, 3);
+}
+
+static void test_inproc_drop_loss(void) {
+    const char *text = "drop:link=0-1:p=0.3,seed=11";
+    fault_spec_t *spec = spec_of(text);
+    CU_ASSERT_FATAL(spec != NULL);
+    uint64_t predicted = 0;
+    for (uint32_t i = 0; i < 40; i++) {
+        fault_decision_t d;
+        fault_decide(spec, 1, 0, i, &d);
+        predicted |= (uint64_t)d.drop << i;
+    }
+    CU_ASSERT(predicted != 0 && predicted != (1ull << 40) - 1); // the test means something
+    uint64_t runs[2];
+    for (int run = 0; run < 2; run++) {
+        comm_t *cs[MAXN];
+        CU_ASSERT_FATAL(inproc_group(cs, 2, text) == 0);
+        runs[run] = check_drop(cs, spec);
+        destroy_all(cs, 2);
+    }
+    CU_ASSERT(runs[0] == predicted && runs[1] == predicted);
+    fault_free(&spec);
+
+    text = "loss:link=0-1:p=0.3:rto_ms=40,seed=5";
+    spec = spec_of(text);
+    comm_t *cs[MAXN];
+    CU_ASSERT_FATAL(spec && inproc_group(cs, 2, text) == 0);
+    check_loss(cs, spec, 40.0);
+    destroy_all(cs, 2);
+    fault_free(&spec);
+}
+
+static void check_hostile_inproc(void) {
+    comm_t *cs[MAXN];
+    CU_ASSERT_FATAL(comm_inproc_new_group(cs, 2) == 0);
+    fault_spec_t *s = spec_of("delay:link=0-1:ms=5");
+    CU_ASSERT_FATAL(s && comm_fault_wrap(&cs[0], s, NULL, 0) == 0); // rank 1 stays raw
+    fault_free(&s);
+    check_hostile(cs);
+    destroy_all(cs, 2);
+}
+
+// --- collectives through wrapped comms
+
+typedef struct {
+    int N;
+    size_t n;
+    const float *x;             // (N, n) inputs
+    float *out;                 // (N, n) results per rank
+    int rc[MAXN];               // per rank
+    comm_algo_t algo;
+    bool q8;                    // comm_set_compress
+    double barrier_ms[MAXN];    // time of a barrier per rank
+} ar_job_t;
+
+static void ar_body(comm_t *c, int r, void *arg) {
+    ar_job_t *j = arg;
+    float *buf = j->out + (size_t)r * j->n;
+    memcpy(buf, j->x + (size_t)r * j->n, j->n * sizeof(float));
+    comm_set_compress(c, j->q8);
+    j->rc[r] = comm_allreduce_f32(c, buf, j->n, j->algo, 10000);
+    double t0 = now_ms();
+    int rc = comm_barrier(c, 10000);
+    j->barrier_ms[r] = now_ms() - t0;
+    if (j->rc[r] == 0) j->rc[r] = rc;
+}
+
+// All-reduces of x over cs (star, ring, ring with Q8_0) into outs[3] (N, n) each.
+static void run_allreduces(comm_t **cs, int N, size_t n, const float *x, float *outs[3], double *min_barrier) {
+    *min_barrier = 1e9;
+    for (int k = 0; k < 3; k++) {
+        ar_job_t j = {.N = N, .n = n, .x = x, .out = outs[k], .algo = k ? COMM_ALGO_RING : COMM_ALGO_STAR, .q8 = k == 2};
+        run_ranks(cs, N, ar_body, &j);
+        for (int r = 0; r < N; r++) {
+            CU_ASSERT_EQUAL(j.rc[r], 0);
+            if (r) *min_barrier = fmin(*min_barrier, j.barrier_ms[r]);
+        }
+    }
+}
+
+static void test_allreduce_bits(void) {
+    char *dir = test_tmpdir();
+    CU_ASSERT_FATAL(dir != NULL);
+    const size_t n = 1001;
+    const char *text = "delay:link=*:ms=2:jitter=2,bw:link=*:mbit=1000,loss:link=0-2:p=0.3:rto_ms=5,seed=9";
+    for (int N = 3; N <= 4; N++) {
+        float *x = malloc((size_t)N * n * sizeof(float)), *buf = malloc(6 * (size_t)N * n * sizeof(float));
+        CU_ASSERT_FATAL(x && buf);
+        uint64_t st = 77 + (uint64_t)N;
+        for (size_t i = 0; i < (size_t)N * n; i++) { // order-sensitive sums (1e8 + 1 - 1e8 ...)
+            static const float v[] = {1e8f, 1.0f, -1e8f, 3.0f, -7.5e7f, 0.25f, 2.5e7f, -1.0f};
+            uint64_t h = test_rng_next(&st);
+            x[i] = v[h % 8] * (1.0f + (float)((h >> 40) & 1023) / 1024.0f);
+        }
+        float *plain[3], *faulty[3];
+        for (int k = 0; k < 3; k++) {
+            plain[k] = buf + (size_t)k * N * n;
+            faulty[k] = buf + (size_t)(3 + k) * N * n;
+        }
+        comm_t *cs[MAXN];
+        double b_plain, b_fault;
+        CU_ASSERT_FATAL(inproc_group(cs, N, NULL) == 0);
+        run_allreduces(cs, N, n, x, plain, &b_plain);
+        destroy_all(cs, N);
+        // inproc, then (N = 3) ZeroMQ, both wrapped: the same bits as unwrapped inproc
+        for (int t = 0; t < (N == 3 ? 2 : 1); t++) {
+            if (t == 0) CU_ASSERT_FATAL(inproc_group(cs, N, text) == 0);
+            if (t == 1) CU_ASSERT_FATAL(zmq_group(cs, N, dir, "ar", text, 0xf) == 0);
+            run_allreduces(cs, N, n, x, faulty, &b_fault);
+            destroy_all(cs, N);
+            for (int k = 0; k < 3; k++) CU_ASSERT(memcmp(plain[k], faulty[k], (size_t)N * n * sizeof(float)) == 0);
+            CU_ASSERT(b_fault >= 4.0); // a barrier is a round trip of two 2 ms delays
+        }
+        free(x);
+        free(buf);
+    }
+    test_rm_dir(dir);
+}
+
+// --- wrapper over ZeroMQ (ipc)
+
+static void test_zmq_wrapper(void) {
+    char *dir = test_tmpdir();
+    CU_ASSERT_FATAL(dir != NULL);
+    comm_t *cs[MAXN];
+    CU_ASSERT_FATAL(zmq_group(cs, 2, dir, "d", "delay:link=0-1:ms=5", 0x3) == 0);
+    CU_ASSERT_STRING_EQUAL(comm_name(cs[1]), "zmq+fault");
+    check_pingpong(cs, 5.0);
+    check_frame_counts(cs);
+    destroy_all(cs, 2);
+
+    CU_ASSERT_FATAL(zmq_group(cs, 3, dir, "j", "delay:link=*:ms=1:jitter=4,seed=2", 0x7) == 0);
+    check_jitter_order(cs);
+    destroy_all(cs, 3);
+
+    CU_ASSERT_FATAL(zmq_group(cs, 2, dir, "b", "bw:link=0-1:mbit=100", 0x3) == 0);
+    check_bw(cs);
+    destroy_all(cs, 2);
+
+    const char *text = "drop:link=0-1:p=0.3,seed=11";
+    fault_spec_t *spec = spec_of(text);
+    CU_ASSERT_FATAL(spec != NULL);
+    uint64_t runs[2];
+    for (int run = 0; run < 2; run++) {
+        CU_ASSERT_FATAL(zmq_group(cs, 2, dir, run ? "x1" : "x0", text, 0x3) == 0);
+        runs[run] = check_drop(cs, spec);
+        destroy_all(cs, 2);
+    }
+    CU_ASSERT(runs[0] == runs[1] && runs[0] != 0);
+    fault_free(&spec);
+
+    text = "loss:link=0-1:p=0.3:rto_ms=40,seed=5";
+    spec = spec_of(text);
+    CU_ASSERT_FATAL(spec && zmq_group(cs, 2, dir, "l", text, 0x3) == 0);
+    check_loss(cs, spec, 40.0);
+    destroy_all(cs, 2);
+    fault_free(&spec);
+
+    CU_ASSERT_FATAL(zmq_group(cs, 2, dir, "h", "delay:link=0-1:ms=5", 0x1) == 0); // rank 1 raw
+    check_hostile(cs);
+    destroy_all(cs, 2);
+    test_rm_dir(dir);
+}
+
+// --- control link
+
+typedef struct {
+    link_t *c;                  // coordinator end (rank 0)
+    link_t *w;                  // worker end (rank 1)
+} link_pair_t;
+
+static int link_pair(link_pair_t *p, const char *dir, const char *tag) {
+    char ep[EP_LEN], err[256];
+    snprintf(ep, sizeof ep, "ipc://%s/%s", dir, tag);
+    if (link_listen(&p->w, ep, err, sizeof err) != 0 || link_connect(&p->c, ep, err, sizeof err) != 0) {
+        fprintf(stderr, "link: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+static void link_pair_set(link_pair_t *p, const fault_spec_t *s) {
+    link_set_faults(p->c, s, 0, 1);
+    link_set_faults(p->w, s, 1, 0);
+}
+
+static bool link_recv_index(link_t *l, uint32_t idx, int timeout_ms) {
+    comm_msg_t m;
+    if (link_recv(l, &m, 1 << 20, timeout_ms) != 0) return false;
+    bool ok = m.n == 1 && m.len[0] == 4 && memcmp(m.data[0], &idx, 4) == 0;
+    comm_msg_free(&m);
+    return ok;
+}
+
+static int link_send_index(link_t *l, uint32_t idx) {
+    comm_iov_t f = {&idx, 4};
+    return link_send(l, &f, 1, 1000);
+}
+
+static void test_link_faults(void) {
+    char *dir = test_tmpdir();
+    CU_ASSERT_FATAL(dir != NULL);
+    link_pair_t p = {0};
+    CU_ASSERT_FATAL(link_pair(&p, dir, "ctl") == 0);
+    // without faults it is the plain link (the worker learns its peer from the first message)
+    CU_ASSERT_EQUAL(link_send_index(p.c, 7), 0);
+    CU_ASSERT(link_recv_index(p.w, 7, 2000));
+
+    fault_spec_t *s = spec_of("delay:link=0-1:ms=5");
+    CU_ASSERT_FATAL(s != NULL);
+    link_pair_set(&p, s);
+    double best = 1e9;
+    for (uint32_t i = 0; i < 5; i++) {
+        double t0 = now_ms();
+        CU_ASSERT_EQUAL(link_send_index(p.c, i), 0);
+        CU_ASSERT(link_recv_index(p.w, i, 2000));
+        CU_ASSERT_EQUAL(link_send_index(p.w, i), 0);
+        CU_ASSERT(link_recv_index(p.c, i, 2000));
+        best = fmin(best, now_ms() - t0);
+    }
+    CU_ASSERT(best >= 10.0);
+    // COMM_MAX_FRAMES frames still fit (the stamp rides in the last one)
+    static uint8_t bytes[COMM_MAX_FRAMES][8];
+    comm_iov_t f[COMM_MAX_FRAMES];
+    for (int i = 0; i < COMM_MAX_FRAMES; i++) {
+        memset(bytes[i], 'A' + i, sizeof bytes[i]);
+        f[i] = (comm_iov_t){bytes[i], (size_t)(i % 8) + 1};
+    }
+    CU_ASSERT_EQUAL(link_send(p.c, f, COMM_MAX_FRAMES, 1000), 0);
+    comm_msg_t m;
+    CU_ASSERT_EQUAL_FATAL(link_recv(p.w, &m, 1 << 20, 2000), 0);
+    int bad = m.n != COMM_MAX_FRAMES;
+    for (int i = 0; i < m.n && !bad; i++) bad += m.len[i] != f[i].len || memcmp(m.data[i], bytes[i], f[i].len) != 0;
+    CU_ASSERT_EQUAL(bad, 0);
+    comm_msg_free(&m);
+    // a deadline before the due time: MLM_ETIMEOUT, the message is kept
+    double t0 = now_ms();
+    CU_ASSERT_EQUAL(link_send_index(p.c, 50), 0);
+    int rc = link_recv(p.w, &m, 1 << 20, 1);
+    if (now_ms() - t0 < 4.5) CU_ASSERT_EQUAL(rc, MLM_ETIMEOUT);
+    if (rc == 0) comm_msg_free(&m);
+    else CU_ASSERT(link_recv_index(p.w, 50, 2000));
+    CU_ASSERT(now_ms() - t0 >= 5.0);
+    // max_bytes does not count the stamp
+    uint8_t four[4] = {1, 2, 3, 4};
+    comm_iov_t one = {four, 4};
+    CU_ASSERT_EQUAL(link_send(p.c, &one, 1, 1000), 0);
+    CU_ASSERT_EQUAL(link_recv(p.w, &m, 4, 2000), 0);
+    comm_msg_free(&m);
+    CU_ASSERT_EQUAL(link_send(p.c, &one, 1, 1000), 0);
+    CU_ASSERT_EQUAL(link_recv(p.w, &m, 3, 2000), MLM_ERANGE);
+    // a sender without faults: its messages are delivered as they are
+    link_set_faults(p.c, NULL, 0, 1);
+    CU_ASSERT_EQUAL(link_send_index(p.c, 8), 0);
+    CU_ASSERT(link_recv_index(p.w, 8, 2000));
+    fault_free(&s);
+
+    // drops with a seed: exactly the predicted ones vanish, in both directions
+    s = spec_of("drop:link=0-*:p=0.35,seed=4");
+    CU_ASSERT_FATAL(s != NULL);
+    link_pair_set(&p, s);
+    int drops = 0;
+    for (uint32_t i = 0; i < 24; i++) {
+        fault_decision_t d;
+        fault_decide(s, 0, 1, i, &d);
+        drops += d.drop;
+        CU_ASSERT_EQUAL(link_send_index(p.c, i), 0);
+        if (d.drop) {
+            CU_ASSERT_EQUAL(link_recv(p.w, &m, 1 << 20, 15), MLM_ETIMEOUT);
+        } else {
+            CU_ASSERT(link_recv_index(p.w, i, 2000)); // a dropped one never shows up late
+        }
+        fault_decide(s, 1, 0, i, &d);
+        drops += d.drop;
+        CU_ASSERT_EQUAL(link_send_index(p.w, i), 0);
+        if (d.drop) {
+            CU_ASSERT_EQUAL(link_recv(p.c, &m, 1 << 20, 15), MLM_ETIMEOUT);
+        } else {
+            CU_ASSERT(link_recv_index(p.c, i, 2000)); // a dropped one never shows up late
+        }
+    }
+    CU_ASSERT(drops > 0 && drops < 48);
+    fault_free(&s);
+    link_destroy(&p.c);
+    link_destroy(&p.w);
+    link_destroy(&p.w);
+    test_rm_dir(dir);
+}
+
+// --- suite
+
+int test_fault_suite(void) {
+    CU_pSuite s = CU_add_suite("fault", NULL, NULL);
+    if (!s) return -1;
+    if (!CU_add_test(s, "spec parse and canonical text", test_parse_roundtrip) ||
+        !CU_add_test(s, "spec errors name the rule", test_parse_errors) ||
+        !CU_add_test(s, "seeded decisions", test_decisions) ||
+        !CU_add_test(s, "inproc delay, jitter order, bandwidth", test_inproc_delay) ||
+        !CU_add_test(s, "inproc ANY due first, deadlines", test_inproc_any_and_deadline) ||
+        !CU_add_test(s, "inproc drop and loss", test_inproc_drop_loss) ||
+        !CU_add_test(s, "inproc hostile stamps", check_hostile_inproc) ||
+        !CU_add_test(s, "all-reduce bits through wrapped comms", test_allreduce_bits) ||
+        !CU_add_test(s, "zmq ipc wrapper", test_zmq_wrapper) ||
+        !CU_add_test(s, "control link faults", test_link_faults))
+        return -1;
+    return 0;
+}

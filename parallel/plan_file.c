@@ -1,0 +1,445 @@
+// Hand-written plans (the plan file format) and node files: parsing, building a plan from a spec, writing one.
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "parallel/plan_impl.h"
+#include "worker/err.h"
+
+// --- helpers
+
+#define LINE_MAX_CHARS 4096
+#define FILE_MAX_BYTES (1u << 20)
+
+// Copies line number `no` starting at *pp into buf (without the newline) and advances *pp.
+// Returns false at the end of the text; *too_long when the line did not fit.
+static bool next_line(const char **pp, char *buf, size_t cap, bool *too_long) {
+    const char *p = *pp;
+    if (!*p) return false;
+    size_t len = strcspn(p, "\n");
+    *too_long = len >= cap;
+    size_t n = len < cap ? len : cap - 1;
+    memcpy(buf, p, n);
+    buf[n] = 0;
+    if (n && buf[n - 1] == '\r') buf[n - 1] = 0;
+    *pp = p + len + (p[len] == '\n');
+    return true;
+}
+
+static char *trim(char *s) {
+    while (isspace((unsigned char)*s)) s++;
+    size_t n = strlen(s);
+    while (n && isspace((unsigned char)s[n - 1])) s[--n] = 0;
+    return s;
+}
+
+// A non-negative decimal int filling all of [s, end).
+static bool parse_int(const char *s, const char *end, int *out) {
+    if (s == end) return false;
+    long v = 0;
+    for (const char *c = s; c < end; c++) {
+        if (!isdigit((unsigned char)*c)) return false;
+        v = v * 10 + (*c - '0');
+        if (v > 1000000) return false;
+    }
+    *out = (int)v;
+    return true;
+}
+
+static bool parse_pos(const char *s, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end || errno || !isfinite(v) || !(v > 0)) return false;
+    *out = v;
+    return true;
+}
+
+// A rate with an optional K/M/G/T suffix in powers of 1000 ("20G" = 20e9), optional "B" or "B/s".
+static bool parse_rate(const char *s, double *out) {
+    char *end;
+    double v = strtod(s, &end);
+    if (end == s || !isfinite(v) || !(v > 0)) return false;
+    switch (toupper((unsigned char)*end)) {
+    case 'K': v *= 1e3; end++; break;
+    case 'M': v *= 1e6; end++; break;
+    case 'G': v *= 1e9; end++; break;
+    case 'T': v *= 1e12; end++; break;
+    default: break;
+    }
+    if (toupper((unsigned char)*end) == 'B') end++;
+    if (!strcmp(end, "/s")) end += 2;
+    if (*end) return false;
+    *out = v;
+    return true;
+}
+
+// Splits p into the stage's members by the given weights and checks every range matches.
+static bool weights_reproduce(const plan_t *p, int a, int b, const double *w) {
+    const int g = b - a;
+    const plan_shard_t *last = &p->shard[b - 1];
+    int lo[PLAN_MAX_NODES], hi[PLAN_MAX_NODES];
+    plan_split_units(last->s.h1, 1, w, g, lo, hi);
+    for (int i = 0; i < g; i++)
+        if (lo[i] != p->shard[a + i].s.h0 || hi[i] != p->shard[a + i].s.h1) return false;
+    plan_split_units(last->s.e1, PLAN_HIDDEN_GRAIN, w, g, lo, hi);
+    for (int i = 0; i < g; i++)
+        if (lo[i] != p->shard[a + i].s.e0 || hi[i] != p->shard[a + i].s.e1) return false;
+    plan_split_units(last->s.f1, PLAN_FFN_GRAIN, w, g, lo, hi);
+    for (int i = 0; i < g; i++)
+        if (lo[i] != p->shard[a + i].s.f0 || hi[i] != p->shard[a + i].s.f1) return false;
+    if (last->s.v1 > 0) {
+        plan_split_units(last->s.v1, PLAN_VOCAB_GRAIN, w, g, lo, hi);
+        for (int i = 0; i < g; i++)
+            if (lo[i] != p->shard[a + i].s.v0 || hi[i] != p->shard[a + i].s.v1) return false;
+    }
+    return true;
+}
+
+// The shortest printing of the stage's weights (scaled so the largest is 1) that splits the
+// same rows again. fmt[i] receives each weight's text.
+static void stage_weights(const plan_t *p, int a, int b, char fmt[][32]) {
+    const int g = b - a;
+    double mx = 0;
+    for (int i = a; i < b; i++) mx = fmax(mx, p->shard[i].weight);
+    static const int digits[] = {3, 4, 6, 9, 12, 17};
+    for (size_t d = 0; d < sizeof digits / sizeof *digits; d++) {
+        double w[PLAN_MAX_NODES];
+        for (int i = 0; i < g; i++) {
+            const double x = mx > 0 ? p->shard[a + i].weight / mx : 1.0;
+            snprintf(fmt[i], 32, "%.*g", digits[d], x > 0 ? x : 1e-9);
+            w[i] = strtod(fmt[i], NULL);
+        }
+        if (weights_reproduce(p, a, b, w)) return;
+    }
+}
+
+// --- public API
+
+int plan_file_parse(const char *text, plan_spec_t *spec, char *err, size_t errlen) {
+    memset(spec, 0, sizeof *spec);
+    char buf[LINE_MAX_CHARS];
+    const char *p = text ? text : "";
+    bool too_long;
+    for (int no = 1; next_line(&p, buf, sizeof buf, &too_long); no++) {
+        if (too_long) {
+            snprintf(err, errlen, "line %d: longer than %d characters", no, LINE_MAX_CHARS - 1);
+            return MLM_EFORMAT;
+        }
+        char *hash = strchr(buf, '#');
+        if (hash) {
+            int ver = 0;
+            if (sscanf(hash, "# meshlm plan v%d", &ver) == 1 && ver > PLAN_FILE_VERSION) {
+                snprintf(err, errlen, "line %d: plan file version %d is newer than this meshlm reads (%d)", no, ver,
+                         PLAN_FILE_VERSION);
+                return MLM_EUNSUPPORTED;
+            }
+            *hash = 0;
+        }
+        char *line = trim(buf);
+        if (!*line) continue;
+        char *save = NULL, *tok = strtok_r(line, " \t", &save);
+        if (strcmp(tok, "stage") != 0) {
+            snprintf(err, errlen, "line %d: expected 'stage', found '%.40s'", no, tok);
+            return MLM_EFORMAT;
+        }
+        if (spec->n_stages == PLAN_MAX_NODES) {
+            snprintf(err, errlen, "line %d: more than %d stages", no, PLAN_MAX_NODES);
+            return MLM_ERANGE;
+        }
+        const int k = spec->n_stages;
+        bool have_layers = false, have_nodes = false;
+        spec->first[k] = spec->n;
+        spec->line[k] = no;
+        while ((tok = strtok_r(NULL, " \t", &save))) {
+            char *eq = strchr(tok, '=');
+            if (!eq) {
+                snprintf(err, errlen, "line %d: expected key=value, found '%.40s'", no, tok);
+                return MLM_EFORMAT;
+            }
+            *eq = 0;
+            const char *val = eq + 1;
+            if (!strcmp(tok, "layers")) {
+                if (have_layers) {
+                    snprintf(err, errlen, "line %d: layers= given twice", no);
+                    return MLM_EFORMAT;
+                }
+                const char *dash = strchr(val, '-');
+                int a, b;
+                if (dash ? !(parse_int(val, dash, &a) && parse_int(dash + 1, dash + strlen(dash), &b))
+                         : !parse_int(val, val + strlen(val), &a)) {
+                    snprintf(err, errlen, "line %d: bad layer range '%.40s' (want A-B or A, blocks counted from 0)", no,
+                             val);
+                    return MLM_EFORMAT;
+                }
+                if (!dash) b = a;
+                if (b < a) {
+                    snprintf(err, errlen, "line %d: layer range %d-%d runs backwards", no, a, b);
+                    return MLM_EFORMAT;
+                }
+                spec->l0[k] = a;
+                spec->l1[k] = b + 1;
+                have_layers = true;
+            } else if (!strcmp(tok, "nodes")) {
+                if (have_nodes) {
+                    snprintf(err, errlen, "line %d: nodes= given twice", no);
+                    return MLM_EFORMAT;
+                }
+                have_nodes = true;
+                const char *q = val;
+                for (;;) {
+                    size_t len = strcspn(q, ",");
+                    char item[64];
+                    if (len == 0 || len >= sizeof item) {
+                        snprintf(err, errlen, "line %d: bad node list '%.60s' (want e.g. 0,1:2,3)", no, val);
+                        return MLM_EFORMAT;
+                    }
+                    memcpy(item, q, len);
+                    item[len] = 0;
+                    if (spec->n == PLAN_MAX_NODES) {
+                        snprintf(err, errlen, "line %d: more than %d nodes in all", no, PLAN_MAX_NODES);
+                        return MLM_ERANGE;
+                    }
+                    char *colon = strchr(item, ':');
+                    int idx;
+                    double wt = 0;
+                    if (!parse_int(item, colon ? colon : item + len, &idx) || (colon && !parse_pos(colon + 1, &wt))) {
+                        snprintf(err, errlen, "line %d: bad node '%s' (want INDEX or INDEX:WEIGHT, weight > 0)", no,
+                                 item);
+                        return MLM_EFORMAT;
+                    }
+                    spec->node[spec->n] = idx;
+                    spec->weight[spec->n] = wt;
+                    spec->n++;
+                    if (!q[len]) break;
+                    q += len + 1;
+                }
+            } else {
+                snprintf(err, errlen, "line %d: unknown key '%.40s' (a stage has layers= and nodes=)", no, tok);
+                return MLM_EFORMAT;
+            }
+        }
+        if (!have_layers || !have_nodes) {
+            snprintf(err, errlen, "line %d: a stage needs %s", no, have_layers ? "nodes=" : "layers=");
+            return MLM_EFORMAT;
+        }
+        spec->n_stages++;
+    }
+    spec->first[spec->n_stages] = spec->n;
+    if (spec->n_stages == 0) {
+        snprintf(err, errlen, "no 'stage' lines: nothing to plan");
+        return MLM_EFORMAT;
+    }
+    return 0;
+}
+
+int plan_file_load(const char *path, plan_spec_t *spec, char *err, size_t errlen) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return MLM_EIO;
+    }
+    char *text = malloc(FILE_MAX_BYTES + 1);
+    size_t n = text ? fread(text, 1, FILE_MAX_BYTES + 1, f) : 0;
+    const bool bad = ferror(f);
+    fclose(f);
+    if (!text) return MLM_ENOMEM;
+    if (bad || n > FILE_MAX_BYTES) {
+        snprintf(err, errlen, "%s: %s", path, bad ? "read error" : "larger than 1 MiB");
+        free(text);
+        return bad ? MLM_EIO : MLM_EFORMAT;
+    }
+    text[n] = 0;
+    char inner[512];
+    int rc = plan_file_parse(text, spec, inner, sizeof inner);
+    if (rc != 0) snprintf(err, errlen, "%s: %s", path, inner);
+    free(text);
+    return rc;
+}
+
+int plan_from_spec(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_spec_t *spec, int n_ctx,
+                   plan_t *out, char *err, size_t errlen) {
+    if (n < 1 || n > PLAN_MAX_NODES) {
+        snprintf(err, errlen, "node count %d is outside 1..%d", n, PLAN_MAX_NODES);
+        return MLM_EINVAL;
+    }
+    if (spec->n_stages < 1 || spec->n_stages > PLAN_MAX_NODES || spec->n > PLAN_MAX_NODES ||
+        spec->first[spec->n_stages] != spec->n) {
+        snprintf(err, errlen, "an empty or inconsistent plan spec");
+        return MLM_EINVAL;
+    }
+    int stage_line[PLAN_MAX_NODES];
+    for (int i = 0; i < n; i++) stage_line[i] = 0;
+    int at = 0;
+    for (int k = 0; k < spec->n_stages; k++) {
+        const int no = spec->line[k];
+        if (spec->l0[k] != at) {
+            snprintf(err, errlen, "line %d: layers %d-%d do not start where the %s (expected %d)", no, spec->l0[k],
+                     spec->l1[k] - 1, k ? "previous stage ends" : "model does", at);
+            return MLM_EINVAL;
+        }
+        if (spec->l1[k] > pm->n_layer) {
+            snprintf(err, errlen, "line %d: layers %d-%d run past the model's %d layers (0-%d)", no, spec->l0[k],
+                     spec->l1[k] - 1, pm->n_layer, pm->n_layer - 1);
+            return MLM_EINVAL;
+        }
+        at = spec->l1[k];
+        if (spec->first[k + 1] <= spec->first[k]) {
+            snprintf(err, errlen, "line %d: a stage without nodes", no);
+            return MLM_EINVAL;
+        }
+        int weighted = 0;
+        for (int i = spec->first[k]; i < spec->first[k + 1]; i++) {
+            const int j = spec->node[i];
+            if (j < 0 || j >= n) {
+                snprintf(err, errlen, "line %d: node %d is not offered (nodes are 0-%d)", no, j, n - 1);
+                return MLM_EINVAL;
+            }
+            if (stage_line[j]) {
+                snprintf(err, errlen, "line %d: node %d is already in the stage on line %d", no, j, stage_line[j]);
+                return MLM_EINVAL;
+            }
+            stage_line[j] = no;
+            weighted += spec->weight[i] > 0;
+        }
+        if (weighted && weighted != spec->first[k + 1] - spec->first[k]) {
+            snprintf(err, errlen, "line %d: give a :weight to every node of the stage or to none", no);
+            return MLM_EINVAL;
+        }
+    }
+    if (at != pm->n_layer) {
+        snprintf(err, errlen, "line %d: the stages cover layers 0-%d but the model has 0-%d",
+                 spec->line[spec->n_stages - 1], at - 1, pm->n_layer - 1);
+        return MLM_EINVAL;
+    }
+    memset(out, 0, sizeof *out);
+    out->n = spec->n;
+    out->n_stages = spec->n_stages;
+    out->n_nodes = n;
+    out->n_ctx = n_ctx > 0 ? n_ctx : 4096;
+    memcpy(out->node, nodes, sizeof *nodes * (size_t)n);
+    for (int k = 0; k <= spec->n_stages; k++) out->stage_first[k] = spec->first[k];
+    for (int k = 0; k < spec->n_stages; k++) {
+        const int a = spec->first[k], b = spec->first[k + 1];
+        double w[PLAN_MAX_NODES];
+        const bool given = spec->weight[a] > 0;
+        for (int i = a; i < b; i++) {
+            out->shard[i].node = spec->node[i];
+            out->shard[i].stage = k;
+            w[i - a] = given ? spec->weight[i] : plan_node_rate(pm, &nodes[spec->node[i]]);
+        }
+        if (plan_fit_stage(pm, out, a, b, spec->l0[k], spec->l1[k], w, !given, NULL) != 0) {
+            int worst = a;
+            uint64_t miss = 0;
+            for (int i = a; i < b; i++) {
+                const plan_shard_t *s = &out->shard[i];
+                const uint64_t bud = nodes[s->node].mem_budget;
+                if (bud && s->peak_bytes > bud && s->peak_bytes - bud > miss) miss = s->peak_bytes - bud, worst = i;
+            }
+            const plan_shard_t *s = &out->shard[worst];
+            char need[32], bud[32], sh[32];
+            plan_fmt_bytes(need, sizeof need, s->peak_bytes);
+            plan_fmt_bytes(bud, sizeof bud, nodes[s->node].mem_budget);
+            plan_fmt_bytes(sh, sizeof sh, miss);
+            snprintf(err, errlen, "line %d: node %d (%s) needs %s for layers %d-%d%s but its budget is %s (%s short)",
+                     spec->line[k], s->node, nodes[s->node].name, need, spec->l0[k], spec->l1[k] - 1,
+                     given ? " with these weights" : "", bud, sh);
+            return MLM_EFULL;
+        }
+    }
+    plan_layout_name(out);
+    plan_predict(pm, out);
+    snprintf(out->why, sizeof out->why, "a hand-written plan");
+    return 0;
+}
+
+int plan_file_write(const plan_t *p, FILE *f) {
+    fprintf(f, "# meshlm plan v%d: one line per pipeline stage; nodes are indices in the offered order\n",
+            PLAN_FILE_VERSION);
+    fprintf(f, "# (the coordinator is node 0 when it computes); :W gives a node's tensor-parallel weight\n");
+    fprintf(f, "# layout %s, n_ctx %d", p->layout, p->n_ctx);
+    if (p->cost.token_ms > 0) fprintf(f, ", predicted %.2f ms/token", p->cost.token_ms);
+    fprintf(f, "\n");
+    for (int k = 0; k < p->n_stages; k++) {
+        const int a = p->stage_first[k], b = p->stage_first[k + 1];
+        if (b <= a) continue;
+        char wt[PLAN_MAX_NODES][32];
+        if (b - a > 1) stage_weights(p, a, b, wt);
+        fprintf(f, "stage layers=%d-%d nodes=", p->shard[a].s.l0, p->shard[a].s.l1 - 1);
+        for (int i = a; i < b; i++) {
+            fprintf(f, "%s%d", i > a ? "," : "", p->shard[i].node);
+            if (b - a > 1) fprintf(f, ":%s", wt[i - a]);
+        }
+        fprintf(f, "  #");
+        for (int i = a; i < b; i++) fprintf(f, " %s", p->node[p->shard[i].node].name);
+        fprintf(f, "\n");
+    }
+    return ferror(f) ? MLM_EIO : 0;
+}
+
+int plan_parse_nodes_file(const char *text, plan_node_t *nodes, int max, char *err, size_t errlen) {
+    char buf[LINE_MAX_CHARS];
+    const char *p = text ? text : "";
+    bool too_long;
+    int n = 0;
+    for (int no = 1; next_line(&p, buf, sizeof buf, &too_long); no++) {
+        if (too_long) {
+            snprintf(err, errlen, "line %d: longer than %d characters", no, LINE_MAX_CHARS - 1);
+            return MLM_EFORMAT;
+        }
+        char *hash = strchr(buf, '#');
+        if (hash) *hash = 0;
+        char *line = trim(buf);
+        if (!*line) continue;
+        if (n == max) {
+            snprintf(err, errlen, "line %d: more than %d nodes", no, max);
+            return MLM_ERANGE;
+        }
+        char *save = NULL, *tok = strtok_r(line, " \t", &save);
+        if (strchr(tok, '=') || strlen(tok) >= sizeof nodes[n].name) {
+            snprintf(err, errlen, "line %d: a node line starts with its name (under 64 characters), found '%.40s'", no,
+                     tok);
+            return MLM_EFORMAT;
+        }
+        plan_node_t *nd = &nodes[n];
+        memset(nd, 0, sizeof *nd);
+        snprintf(nd->name, sizeof nd->name, "%s", tok);
+        nd->speed = 1.0;
+        while ((tok = strtok_r(NULL, " \t", &save))) {
+            char *eq = strchr(tok, '=');
+            if (!eq) {
+                snprintf(err, errlen, "line %d: expected key=value, found '%.40s'", no, tok);
+                return MLM_EFORMAT;
+            }
+            *eq = 0;
+            const char *v = eq + 1;
+            double x = 0;
+            bool ok;
+            if (!strcmp(tok, "speed")) ok = parse_pos(v, &nd->speed);
+            else if (!strcmp(tok, "gflops")) ok = parse_pos(v, &nd->gflops);
+            else if (!strcmp(tok, "mem_bw")) ok = parse_rate(v, &nd->mem_bw);
+            else if (!strcmp(tok, "mem")) ok = plan_parse_size(v, &nd->mem_budget) == 0 && nd->mem_budget > 0;
+            else if (!strcmp(tok, "lat_ms")) ok = parse_pos(v, &x), nd->lat_us = x * 1e3;
+            else if (!strcmp(tok, "lat_us")) ok = parse_pos(v, &nd->lat_us);
+            else if (!strcmp(tok, "mbit")) ok = parse_pos(v, &x), nd->link_bw = x * 1e6 / 8;
+            else {
+                snprintf(err, errlen,
+                         "line %d: unknown key '%.40s' (known: speed gflops mem_bw mem lat_ms lat_us mbit)", no, tok);
+                return MLM_EFORMAT;
+            }
+            if (!ok) {
+                snprintf(err, errlen, "line %d: bad value '%.40s' for %s", no, v, tok);
+                return MLM_EFORMAT;
+            }
+        }
+        n++;
+    }
+    if (n == 0) {
+        snprintf(err, errlen, "no nodes in the node file");
+        return MLM_EINVAL;
+    }
+    return n;
+}

@@ -1,0 +1,124 @@
+// Planner reports: the --explain comparison of the chosen plan with its alternatives, and JSON.
+#include <stdio.h>
+#include <string.h>
+
+#include "parallel/plan_impl.h"
+#include "worker/quant.h"
+
+// --- helpers
+
+static void node_list(const plan_t *p, char *buf, size_t cap) {
+    size_t at = 0;
+    buf[0] = 0;
+    for (int k = 0; k < p->n_stages && at < cap; k++)
+        for (int i = p->stage_first[k]; i < p->stage_first[k + 1] && at < cap; i++)
+            at += (size_t)snprintf(buf + at, cap - at, "%s%d", i == 0 ? "" : i == p->stage_first[k] ? " | " : ",",
+                                   p->shard[i].node);
+}
+
+static void row(FILE *f, const char *label, const plan_t *p) {
+    char nodes[160];
+    node_list(p, nodes, sizeof nodes);
+    const double tps = p->cost.token_ms > 0 ? 1e3 / p->cost.token_ms : 0;
+    fprintf(f, "| %-8s | %-18s | %-20s | %8.2f | %8.2f | %8.2f | %9.2f | %7.2f | %9.1f |\n", label, p->layout, nodes,
+            p->cost.compute_ms, p->cost.memory_ms, p->cost.comm_ms, p->cost.token_ms, tps, p->cost.prefill_tok_s);
+}
+
+static void json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) {
+        const unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+static void json_plan(FILE *f, const plan_t *p) {
+    fprintf(f, "{\"layout\": ");
+    json_str(f, p->layout);
+    fprintf(f, ", \"why\": ");
+    json_str(f, p->why);
+    fprintf(f,
+            ", \"n_ctx\": %d, \"n_stages\": %d, \"cost\": {\"compute_ms\": %.4f, \"memory_ms\": %.4f, \"comm_ms\": "
+            "%.4f, \"token_ms\": %.4f, \"tokens_per_s\": %.4f, \"prefill_tok_s\": %.4f}, \"stages\": [",
+            p->n_ctx, p->n_stages, p->cost.compute_ms, p->cost.memory_ms, p->cost.comm_ms, p->cost.token_ms,
+            p->cost.token_ms > 0 ? 1e3 / p->cost.token_ms : 0, p->cost.prefill_tok_s);
+    for (int k = 0; k < p->n_stages; k++) {
+        const int a = p->stage_first[k], b = p->stage_first[k + 1];
+        fprintf(f, "%s{\"layers\": [%d, %d], \"shards\": [", k ? ", " : "", b > a ? p->shard[a].s.l0 : 0,
+                b > a ? p->shard[a].s.l1 : 0);
+        for (int i = a; i < b; i++) {
+            const plan_shard_t *s = &p->shard[i];
+            fprintf(f, "%s{\"rank\": %d, \"node\": %d, \"name\": ", i > a ? ", " : "", i, s->node);
+            json_str(f, p->node[s->node].name);
+            fprintf(f,
+                    ", \"heads\": [%d, %d], \"kv_heads\": [%d, %d], \"hidden\": [%d, %d], \"ffn\": [%d, %d], "
+                    "\"vocab\": [%d, %d], \"weight\": %.6g, \"weight_bytes\": %llu, \"kv_bytes\": %llu, "
+                    "\"peak_bytes\": %llu, \"budget\": %llu}",
+                    s->s.h0, s->s.h1, s->s.kv0, s->s.kv1, s->s.e0, s->s.e1, s->s.f0, s->s.f1, s->s.v0, s->s.v1,
+                    s->weight, (unsigned long long)s->weight_bytes, (unsigned long long)s->kv_bytes,
+                    (unsigned long long)s->peak_bytes, (unsigned long long)p->node[s->node].mem_budget);
+        }
+        fprintf(f, "]}");
+    }
+    fprintf(f, "]}");
+}
+
+// --- public API
+
+void plan_explain(FILE *f, const plan_model_t *pm, const plan_t *best, const plan_t *alts, int n_alts) {
+    char wb[32];
+    plan_fmt_bytes(wb, sizeof wb, pm->weight_bytes);
+    fprintf(f, "model %s: %d layers, %d heads / %d KV heads, FFN %d%s, vocab %d, %s, %s of weights; n_ctx %d\n",
+            pm->name, pm->n_layer, pm->n_head, pm->n_head_kv, pm->n_ff, pm->n_expert ? " per expert" : "", pm->n_vocab,
+            qtype_name(pm->wtype), wb, best->n_ctx);
+    fprintf(f, "nodes offered (node 0 is the coordinator's machine):\n");
+    for (int j = 0; j < best->n_nodes; j++) {
+        const plan_node_t *nd = &best->node[j];
+        char bud[32] = "unlimited";
+        if (nd->mem_budget) plan_fmt_bytes(bud, sizeof bud, nd->mem_budget);
+        fprintf(f, "  %2d %-14s %7.1f GFLOP/s %6.1f GB/s  budget %-10s  link %.3g ms / %.0f Mbit\n", j, nd->name,
+                plan_node_gflops(nd), plan_node_mem_bw(nd) / 1e9, bud, plan_node_lat_us(nd) / 1e3,
+                plan_node_link_bw(nd) * 8 / 1e6);
+    }
+    fprintf(f, "\n| %-8s | %-18s | %-20s | %8s | %8s | %8s | %9s | %7s | %9s |\n", "plan", "layout",
+            "nodes (| = stage)", "compute", "memory", "comm", "ms/token", "tok/s", "prefill/s");
+    row(f, "chosen", best);
+    char label[16];
+    for (int i = 0; i < n_alts && i < 2; i++) {
+        snprintf(label, sizeof label, "alt %d", i + 1);
+        row(f, label, &alts[i]);
+    }
+    fprintf(f, "\nchosen: %s\n", best->why);
+    for (int i = 0; i < n_alts && i < 2; i++) fprintf(f, "alt %d (%s): %s\n", i + 1, alts[i].layout, alts[i].why);
+    fprintf(f, "\n");
+    for (int k = 0; k < best->n_stages; k++) {
+        const int a = best->stage_first[k], b = best->stage_first[k + 1];
+        if (b <= a) continue;
+        fprintf(f, "stage %d: layers %d-%d (%d) on", k, best->shard[a].s.l0, best->shard[a].s.l1 - 1,
+                best->shard[a].s.l1 - best->shard[a].s.l0);
+        for (int i = a; i < b; i++) fprintf(f, "%s %s", i > a ? "," : "", best->node[best->shard[i].node].name);
+        fprintf(f, "\n");
+    }
+    fprintf(f, "\n");
+    plan_table(best, pm, f);
+}
+
+void plan_write_json(FILE *f, const plan_model_t *pm, const plan_t *best, const plan_t *alts, int n_alts) {
+    fprintf(f, "{\"model\": {\"name\": ");
+    json_str(f, pm->name);
+    fprintf(f,
+            ", \"type\": \"%s\", \"n_layer\": %d, \"n_head\": %d, \"n_head_kv\": %d, \"n_embd\": %d, \"n_ff\": %d, "
+            "\"n_expert\": %d, \"n_vocab\": %d, \"weight_bytes\": %llu}, \"plan\": ",
+            qtype_name(pm->wtype), pm->n_layer, pm->n_head, pm->n_head_kv, pm->n_embd, pm->n_ff, pm->n_expert,
+            pm->n_vocab, (unsigned long long)pm->weight_bytes);
+    json_plan(f, best);
+    fprintf(f, ", \"alternatives\": [");
+    for (int i = 0; i < n_alts; i++) {
+        if (i) fprintf(f, ", ");
+        json_plan(f, &alts[i]);
+    }
+    fprintf(f, "]}\n");
+}

@@ -1,0 +1,638 @@
+// Layout search: which nodes compute, how many pipeline stages, which nodes form each stage, chosen by predicted cost.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "parallel/plan_impl.h"
+#include "worker/err.h"
+
+// --- types
+
+// A layout before it is sized: the nodes that compute and how they are cut into stages.
+typedef struct {
+    int m;                          // nodes used
+    int idx[PLAN_MAX_NODES];        // (m) their offered indices, increasing
+    int n_stages;
+    int first[PLAN_MAX_NODES + 1];  // stage k is idx[first[k] .. first[k+1])
+} layout_t;
+
+// A sized and predicted layout.
+typedef struct {
+    bool valid;
+    layout_t lay;
+    plan_cost_t cost;
+    char name[48];                  // plan_t.layout
+} cand_t;
+
+#define MAX_KEPT 1024  // distinct layout names remembered for alternatives
+
+typedef struct {
+    const plan_model_t *pm;
+    const plan_node_t *nodes;       // (n) offered, borrowed
+    int n;
+    plan_opts_t o;
+    double rate[PLAN_MAX_NODES];    // (n) decode throughput, weights/s
+    plan_t *scratch;                // sized here, owned
+    cand_t best;
+    cand_t *kept;                   // (MAX_KEPT) the best plan of each layout name, owned
+    int n_kept;
+    plan_short_t closest;           // the failed layout that missed least
+    double closest_miss;            // its missing bytes (< 0: none failed yet)
+    char closest_name[48];
+    long evals;
+} search_t;
+
+// --- helpers: sizing a layout
+
+// Integer blocks per stage, >= 1 and <= cap[k] each, summing to total, in proportion to w.
+static bool alloc_layers(int total, const double *w, const int *cap, int S, int *L) {
+    double capd[PLAN_MAX_NODES], x[PLAN_MAX_NODES], sum = 0;
+    for (int k = 0; k < S; k++) {
+        if (cap[k] < 1) return false;
+        capd[k] = cap[k];
+        sum += cap[k];
+    }
+    if (sum < total) return false;
+    // Continuous water-filling: x[k] = min(cap[k], lambda * w[k]).
+    bool fixed[PLAN_MAX_NODES] = {0};
+    for (;;) {
+        double rem = total, ws = 0;
+        for (int k = 0; k < S; k++) {
+            if (fixed[k]) rem -= capd[k];
+            else ws += w[k];
+        }
+        bool any = false;
+        for (int k = 0; k < S; k++)
+            if (!fixed[k] && (ws <= 0 || rem * w[k] / ws > capd[k])) fixed[k] = any = true;
+        if (any) continue;
+        for (int k = 0; k < S; k++) x[k] = fixed[k] ? capd[k] : rem * w[k] / ws;
+        break;
+    }
+    int given = 0;
+    for (int k = 0; k < S; k++) {
+        L[k] = (int)floor(x[k] + 1e-9);
+        if (L[k] < 1) L[k] = 1;
+        if (L[k] > cap[k]) L[k] = cap[k];
+        given += L[k];
+    }
+    while (given < total) {
+        int best = -1;
+        for (int k = 0; k < S; k++)
+            if (L[k] < cap[k] && (best < 0 || x[k] - L[k] > x[best] - L[best])) best = k;
+        if (best < 0) return false;
+        L[best]++;
+        given++;
+    }
+    while (given > total) {
+        int best = -1;
+        for (int k = 0; k < S; k++)
+            if (L[k] > 1 && (best < 0 || x[k] - L[k] < x[best] - L[best])) best = k;
+        if (best < 0) return false;
+        L[best]--;
+        given--;
+    }
+    return true;
+}
+
+// Blocks a stage is tried with when its capacity is measured: the first stage starts at 0, the
+// last ends at n_layer, a middle one sits just after block 0.
+static void probe_range(int k, int S, int n_layer, int L, int *l0, int *l1) {
+    if (S == 1) *l0 = 0, *l1 = n_layer;
+    else if (k == 0) *l0 = 0, *l1 = L;
+    else if (k == S - 1) *l0 = n_layer - L, *l1 = n_layer;
+    else *l0 = 1, *l1 = 1 + L;
+}
+
+// The most blocks stage k holds within its members' budgets (0: not even one).
+static int stage_cap(const plan_model_t *pm, plan_t *p, int k, const double *w) {
+    const int S = p->n_stages, a = p->stage_first[k], b = p->stage_first[k + 1];
+    const int maxL = S == 1 ? pm->n_layer : pm->n_layer - (S - 1);
+    int l0, l1;
+    probe_range(k, S, pm->n_layer, maxL, &l0, &l1);
+    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, true, NULL) == 0) return maxL;
+    if (S == 1) return 0;
+    probe_range(k, S, pm->n_layer, 1, &l0, &l1);
+    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, true, NULL) != 0) return 0;
+    int lo = 1, hi = maxL; // lo fits, hi does not
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        probe_range(k, S, pm->n_layer, mid, &l0, &l1);
+        if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, true, NULL) == 0) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// Sizes the layout in p (stages and members set): blocks per stage by throughput within budgets,
+// then each stage's split. 0 or MLM_EFULL (sh filled).
+static int size_stages(const plan_model_t *pm, plan_t *p, const double *w, plan_short_t *sh) {
+    const int S = p->n_stages, nl = pm->n_layer;
+    double W[PLAN_MAX_NODES] = {0};
+    int cap[PLAN_MAX_NODES] = {0}, L[PLAN_MAX_NODES] = {0};
+    bool budgets = false;
+    for (int i = 0; i < p->n; i++) budgets |= p->node[p->shard[i].node].mem_budget > 0;
+    for (int k = 0; k < S; k++) {
+        W[k] = 0;
+        for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++) W[k] += w[i];
+        cap[k] = budgets ? stage_cap(pm, p, k, w) : nl;
+    }
+    for (int round = 0; round <= nl * S; round++) {
+        if (!alloc_layers(nl, W, cap, S, L)) break;
+        bool ok = true;
+        for (int k = 0, l = 0; k < S; l += L[k], k++)
+            if (plan_fit_stage(pm, p, p->stage_first[k], p->stage_first[k + 1], l, l + L[k], w + p->stage_first[k],
+                               true, NULL) != 0) {
+                cap[k] = L[k] - 1;
+                ok = false;
+            }
+        if (ok) return 0;
+    }
+    // Does not fit: what the proportional layout would miss.
+    for (int k = 0; k < S; k++) cap[k] = nl;
+    if (!alloc_layers(nl, W, cap, S, L))
+        for (int k = 0; k < S; k++) L[k] = k < nl % S ? nl / S + 1 : nl / S;
+    for (int k = 0, l = 0; k < S; l += L[k], k++) {
+        plan_fit_stage(pm, p, p->stage_first[k], p->stage_first[k + 1], l, l + L[k], w + p->stage_first[k], true,
+                       NULL);
+        plan_short_add(sh, p, p->stage_first[k], p->stage_first[k + 1]);
+    }
+    return MLM_EFULL;
+}
+
+// Builds and predicts layout lay into p. 0, MLM_EFULL (sh filled) or MLM_EINVAL.
+static int build(search_t *s, const layout_t *lay, plan_t *p, plan_short_t *sh) {
+    const plan_model_t *pm = s->pm;
+    const int S = lay->n_stages, m = lay->m;
+    if (S < 1 || S > pm->n_layer || m < S) return MLM_EINVAL;
+    p->n = m;
+    p->n_stages = S;
+    p->n_ctx = s->o.n_ctx;
+    p->n_nodes = s->n;
+    p->ubatch = s->o.ubatch;
+    p->n_prompt = s->o.n_prompt;
+    memset(&p->cost, 0, sizeof p->cost);
+    p->why[0] = 0;
+    memcpy(p->node, s->nodes, sizeof *s->nodes * (size_t)s->n);
+    double w[PLAN_MAX_NODES];
+    for (int k = 0; k <= S; k++) p->stage_first[k] = lay->first[k];
+    for (int k = 0; k < S; k++)
+        for (int i = lay->first[k]; i < lay->first[k + 1]; i++) {
+            memset(&p->shard[i], 0, sizeof p->shard[i]);
+            p->shard[i].node = lay->idx[i];
+            p->shard[i].stage = k;
+            w[i] = s->rate[lay->idx[i]];
+        }
+    int rc = size_stages(pm, p, w, sh);
+    if (rc != 0) return rc;
+    plan_layout_name(p);
+    plan_predict(pm, p);
+    return 0;
+}
+
+// --- helpers: search
+
+// a beats b: less time (within rounding), then fewer nodes, then fewer stages.
+static bool better(const cand_t *a, const cand_t *b) {
+    if (!b->valid) return a->valid;
+    if (!a->valid) return false;
+    const double tol = 1e-9 * fmax(a->cost.token_ms, b->cost.token_ms) + 1e-12;
+    if (a->cost.token_ms < b->cost.token_ms - tol) return true;
+    if (a->cost.token_ms > b->cost.token_ms + tol) return false;
+    if (a->lay.m != b->lay.m) return a->lay.m < b->lay.m;
+    if (a->lay.n_stages != b->lay.n_stages) return a->lay.n_stages < b->lay.n_stages;
+    for (int i = 0; i < a->lay.m; i++) // then the earlier offered nodes
+        if (a->lay.idx[i] != b->lay.idx[i]) return a->lay.idx[i] < b->lay.idx[i];
+    for (int k = 1; k < a->lay.n_stages; k++) // then the earlier stage cuts
+        if (a->lay.first[k] != b->lay.first[k]) return a->lay.first[k] < b->lay.first[k];
+    return false;
+}
+
+// Builds and predicts a layout into *c (valid false when it does not fit), remembering the
+// failure that missed least.
+static void evaluate(search_t *s, const layout_t *lay, cand_t *c) {
+    s->evals++;
+    c->valid = false;
+    plan_short_t sh = {.worst_node = -1};
+    const int rc = build(s, lay, s->scratch, &sh);
+    if (rc == MLM_EFULL) {
+        const double miss = sh.need > sh.have ? (double)(sh.need - sh.have) : (double)sh.worst_short;
+        if (s->closest_miss < 0 || miss < s->closest_miss) {
+            s->closest = sh;
+            s->closest_miss = miss;
+            plan_layout_name(s->scratch);
+            snprintf(s->closest_name, sizeof s->closest_name, "%s", s->scratch->layout);
+        }
+        return;
+    }
+    if (rc != 0) return;
+    c->valid = true;
+    c->lay = *lay;
+    c->cost = s->scratch->cost;
+    snprintf(c->name, sizeof c->name, "%s", s->scratch->layout);
+}
+
+// Evaluates a layout and keeps it if it is the best so far, or the best of its layout name.
+// Returns its token_ms (INFINITY when it does not fit).
+static double consider(search_t *s, const layout_t *lay) {
+    cand_t c;
+    evaluate(s, lay, &c);
+    if (!c.valid) return INFINITY;
+    if (better(&c, &s->best)) s->best = c;
+    int k = 0;
+    while (k < s->n_kept && strcmp(s->kept[k].name, c.name) != 0) k++;
+    if (k < s->n_kept) {
+        if (better(&c, &s->kept[k])) s->kept[k] = c;
+    } else if (s->n_kept < MAX_KEPT) {
+        s->kept[s->n_kept++] = c;
+    }
+    return c.cost.token_ms;
+}
+
+static bool stage_sizes_ok(const search_t *s, const layout_t *lay) {
+    if (s->o.pp && lay->n_stages != s->o.pp) return false;
+    if (lay->n_stages > s->pm->n_layer) return false;
+    if (s->o.tp)
+        for (int k = 0; k < lay->n_stages; k++)
+            if (lay->first[k + 1] - lay->first[k] != s->o.tp) return false;
+    return true;
+}
+
+// Every node subset and every cut of it into consecutive stages.
+static void search_all(search_t *s) {
+    const int n = s->n;
+    const unsigned full = (1u << n) - 1;
+    for (unsigned mask = full; mask >= 1; mask--) {
+        if (s->o.pin_first && !(mask & 1u)) continue;
+        if (s->o.keep_all && mask != full) continue;
+        layout_t lay = {0};
+        for (int i = 0; i < n; i++)
+            if (mask & (1u << i)) lay.idx[lay.m++] = i;
+        if (s->o.tp && lay.m % s->o.tp) continue;
+        if (s->o.pp && lay.m < s->o.pp) continue;
+        for (unsigned cuts = 0; cuts < (1u << (lay.m - 1)); cuts++) {
+            lay.n_stages = 0;
+            lay.first[lay.n_stages++] = 0;
+            for (int i = 1; i < lay.m; i++)
+                if (cuts & (1u << (i - 1))) lay.first[lay.n_stages++] = i;
+            lay.first[lay.n_stages] = lay.m;
+            if (stage_sizes_ok(s, &lay)) consider(s, &lay);
+        }
+    }
+}
+
+// Cuts m nodes into S stages: even counts (variant 0) or balanced by throughput (variant 1).
+static void cut_stages(const search_t *s, layout_t *lay, int S, int variant) {
+    const int m = lay->m;
+    lay->n_stages = S;
+    if (variant == 0) {
+        for (int k = 0; k <= S; k++) lay->first[k] = m * k / S;
+        return;
+    }
+    double cum[PLAN_MAX_NODES + 1] = {0};
+    for (int i = 0; i < m; i++) cum[i + 1] = cum[i] + s->rate[lay->idx[i]];
+    int pos = 0;
+    lay->first[0] = 0;
+    for (int k = 0; k < S - 1; k++) {
+        const double target = cum[m] * (k + 1) / S;
+        int end = pos + 1;
+        while (end < m - (S - 1 - k) && cum[end] + s->rate[lay->idx[end]] / 2 <= target) end++;
+        lay->first[k + 1] = end;
+        pos = end;
+    }
+    lay->first[S] = m;
+}
+
+// The best of stage counts [s_lo, s_hi] for one node set (even and balanced cuts).
+static double eval_set(search_t *s, const int *idx, int m, int s_lo, int s_hi) {
+    layout_t lay = {.m = m};
+    memcpy(lay.idx, idx, sizeof *idx * (size_t)m);
+    double best = INFINITY;
+    if (s_lo < 1) s_lo = 1;
+    if (s_hi > m) s_hi = m;
+    if (s_hi > s->pm->n_layer) s_hi = s->pm->n_layer;
+    for (int S = s_lo; S <= s_hi; S++) {
+        layout_t even;
+        for (int v = 0; v < 2; v++) {
+            cut_stages(s, &lay, S, v);
+            if (v == 1 && !memcmp(even.first, lay.first, sizeof *lay.first * (size_t)(S + 1))) continue;
+            if (v == 0) even = lay;
+            if (stage_sizes_ok(s, &lay)) best = fmin(best, consider(s, &lay));
+        }
+    }
+    return best;
+}
+
+static int cmp_desc(const void *a, const void *b, const double *key) {
+    const int x = *(const int *)a, y = *(const int *)b;
+    return key[x] > key[y] ? -1 : key[x] < key[y] ? 1 : x - y;
+}
+
+// Sorts node indices by key, largest first (insertion sort: n <= 64).
+static void sort_by(int *order, int n, const double *key) {
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && cmp_desc(&order[j - 1], &order[j], key) > 0; j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+}
+
+// Fastest-first node sets of every size (by throughput, and by throughput over link cost), every
+// stage count; then greedy removal and addition of single nodes while the prediction improves.
+static void search_heuristic(search_t *s) {
+    const int n = s->n;
+    int all[PLAN_MAX_NODES];
+    for (int i = 0; i < n; i++) all[i] = i;
+    const int want = s->o.pp && s->o.tp ? s->o.pp * s->o.tp : 0;
+    if (s->o.keep_all) {
+        eval_set(s, all, n, 1, n);
+        return;
+    }
+    double key[2][PLAN_MAX_NODES];
+    for (int i = 0; i < n; i++) {
+        key[0][i] = s->rate[i];
+        // Throughput discounted by what one exchange of an n_embd row costs on its link.
+        const double ex = plan_node_lat_us(&s->nodes[i]) * 1e-6 + 4.0 * s->pm->n_embd / plan_node_link_bw(&s->nodes[i]);
+        key[1][i] = 1.0 / (1.0 / s->rate[i] + ex * 4 * s->pm->n_layer / (s->pm->weight_bytes / s->pm->bytes_per_weight));
+    }
+    for (int ord = 0; ord < 2; ord++) {
+        int order[PLAN_MAX_NODES];
+        memcpy(order, all, sizeof all[0] * (size_t)n);
+        sort_by(order, n, key[ord]);
+        for (int k = 1; k <= n; k++) {
+            bool in[PLAN_MAX_NODES] = {0};
+            for (int j = 0; j < k; j++) in[order[j]] = true;
+            if (s->o.pin_first) in[0] = true;
+            int idx[PLAN_MAX_NODES], m = 0;
+            for (int i = 0; i < n; i++)
+                if (in[i]) idx[m++] = i;
+            if (want && m != want) continue;
+            if (s->o.tp && m % s->o.tp) continue;
+            eval_set(s, idx, m, 1, m);
+        }
+    }
+    if (want || s->o.tp) return; // fixed set sizes: no single-node moves
+    // Greedy moves from the best set found.
+    if (!s->best.valid) {
+        eval_set(s, all, n, 1, n);
+        if (!s->best.valid) return;
+    }
+    for (int round = 0; round < 2 * n; round++) {
+        const cand_t cur = s->best;
+        const int S = cur.lay.n_stages;
+        bool in[PLAN_MAX_NODES] = {0};
+        for (int i = 0; i < cur.lay.m; i++) in[cur.lay.idx[i]] = true;
+        for (int j = 0; j < n; j++) {
+            if (in[j] && s->o.pin_first && j == 0) continue;
+            if (in[j] && cur.lay.m == 1) continue;
+            int idx[PLAN_MAX_NODES], m = 0;
+            for (int i = 0; i < n; i++)
+                if (in[i] != (i == j)) idx[m++] = i;
+            const int s0 = in[j] ? S - 1 : S;
+            eval_set(s, idx, m, s0 - 1 > 0 ? s0 - 1 : 1, s0 + 1);
+        }
+        if (!better(&s->best, &cur)) break;
+    }
+}
+
+// --- helpers: explaining
+
+// The best layout of exactly the node set idx (m nodes, increasing) into *out.
+static void best_of_set(search_t *s, const int *idx, int m, cand_t *out) {
+    layout_t lay = {.m = m};
+    memcpy(lay.idx, idx, sizeof *idx * (size_t)m);
+    out->valid = false;
+    cand_t c;
+    if (m <= 10) {
+        for (unsigned cuts = 0; cuts < (1u << (m - 1)); cuts++) {
+            lay.n_stages = 0;
+            lay.first[lay.n_stages++] = 0;
+            for (int i = 1; i < m; i++)
+                if (cuts & (1u << (i - 1))) lay.first[lay.n_stages++] = i;
+            lay.first[lay.n_stages] = m;
+            if (!stage_sizes_ok(s, &lay)) continue;
+            evaluate(s, &lay, &c);
+            if (better(&c, out)) *out = c;
+        }
+        return;
+    }
+    for (int S = 1; S <= m && S <= s->pm->n_layer; S++)
+        for (int v = 0; v < 2; v++) {
+            cut_stages(s, &lay, S, v);
+            if (!stage_sizes_ok(s, &lay)) continue;
+            evaluate(s, &lay, &c);
+            if (better(&c, out)) *out = c;
+        }
+}
+
+// The chosen node set plus node j, increasing, into idx; returns its size.
+static int set_plus(const search_t *s, int j, int *idx) {
+    int m = 0;
+    bool in[PLAN_MAX_NODES] = {0};
+    for (int i = 0; i < s->best.lay.m; i++) in[s->best.lay.idx[i]] = true;
+    in[j] = true;
+    for (int i = 0; i < s->n; i++)
+        if (in[i]) idx[m++] = i;
+    return m;
+}
+
+static void fmt_ms(char *buf, size_t cap, double ms) { snprintf(buf, cap, ms >= 1000 ? "%.0f" : "%.3g", ms); }
+
+// One line: which nodes were left out and why (what the plan would cost with each one added),
+// or why this layout among those with every node.
+static void why_best(search_t *s, plan_t *p) {
+    size_t at = 0;
+    char *w = p->why;
+    const size_t cap = sizeof p->why;
+#define ADD(...) (at += at < cap ? (size_t)snprintf(w + at, cap - at, __VA_ARGS__) : 0)
+    if (s->o.pp || s->o.tp) {
+        ADD("asked for");
+        if (s->o.pp) ADD(" --pp %d", s->o.pp);
+        if (s->o.tp) ADD(" --tp %d", s->o.tp);
+        ADD("; ");
+    }
+    bool in[PLAN_MAX_NODES] = {0};
+    for (int i = 0; i < p->n; i++) in[p->shard[i].node] = true;
+    // Each left-out node's reason (the first few), then nodes with the same reason share a sentence.
+    enum { TOLD = 8 };
+    char reason[TOLD][160];
+    int who[TOLD], left = 0, n_r = 0;
+    char a[24], b[24];
+    fmt_ms(a, sizeof a, p->cost.token_ms);
+    for (int j = 0; j < s->n; j++) {
+        if (in[j]) continue;
+        if (left++ >= TOLD) continue;
+        const plan_node_t *nd = &s->nodes[j];
+        char *r = reason[n_r];
+        who[n_r++] = j;
+        int idx[PLAN_MAX_NODES];
+        const int m = set_plus(s, j, idx);
+        if ((s->o.pp && s->o.tp) || (s->o.tp && m % s->o.tp)) {
+            snprintf(r, sizeof reason[0], "the asked layout has room for %d node(s)", p->n);
+            continue;
+        }
+        cand_t c;
+        best_of_set(s, idx, m, &c);
+        if (!c.valid) {
+            snprintf(r, sizeof reason[0], "no layout with it fits the memory budgets");
+            continue;
+        }
+        const double d_comm = c.cost.comm_ms - p->cost.comm_ms;
+        const double saved = (p->cost.token_ms - p->cost.comm_ms) - (c.cost.token_ms - c.cost.comm_ms);
+        fmt_ms(b, sizeof b, c.cost.token_ms);
+        const double lat = plan_node_lat_us(nd) / 1e3, mbit = plan_node_link_bw(nd) * 8 / 1e6;
+        if (d_comm > 0 && d_comm > saved)
+            snprintf(r, sizeof reason[0], "%s %.3g ms / %.0f Mbit link costs more than its compute saves (%s vs %s ms/token)",
+                     "its", lat, mbit, a, b);
+        else
+            snprintf(r, sizeof reason[0], "it is too slow to help (%s vs %s ms/token with it, %s)", a, b, c.name);
+    }
+    bool done[TOLD] = {0};
+    int groups = 0, named = 0;
+    for (int i = 0; i < n_r; i++) {
+        if (done[i]) continue;
+        if (groups++ == 3) break;
+        if (groups > 1) ADD("; ");
+        int same = 0;
+        for (int k = i; k < n_r; k++) {
+            if (done[k] || strcmp(reason[k], reason[i])) continue;
+            done[k] = true;
+            named++;
+            ADD("%s%s", same++ ? ", " : "", s->nodes[who[k]].name);
+        }
+        ADD(" left out: ");
+        for (const char *r = reason[i]; *r;) { // plural wording for a group
+            static const char *const from[] = {"its ", "link costs", "it is "};
+            static const char *const to[] = {"their ", "links cost", "each is "};
+            size_t k = 0;
+            while (same > 1 && k < 3 && strncmp(r, from[k], strlen(from[k]))) k++;
+            if (same > 1 && k < 3) {
+                ADD("%s", to[k]);
+                r += strlen(from[k]);
+            } else {
+                ADD("%c", *r++);
+            }
+        }
+    }
+    if (left > named) ADD("; %d more left out", left - named);
+    if (!left) {
+        const cand_t *next = NULL;
+        for (int k = 0; k < s->n_kept; k++)
+            if (strcmp(s->kept[k].name, p->layout) && (!next || better(&s->kept[k], next))) next = &s->kept[k];
+        if (s->n == 1) ADD("a single node");
+        else if (s->o.keep_all && !next) ADD("all %d nodes (--keep-all); the only layout that fits", s->n);
+        else if (!next) ADD("all %d nodes; the only layout that fits the budgets", s->n);
+        else {
+            fmt_ms(b, sizeof b, next->cost.token_ms);
+            ADD("all %d nodes%s; fastest predicted layout (%s ms/token; next best %s at %s)", s->n,
+                s->o.keep_all ? " (--keep-all)" : "", a, next->name, b);
+        }
+    }
+    if (at >= cap && cap > 4) memcpy(w + cap - 4, "...", 4);
+#undef ADD
+}
+
+// Heuristic search only: adds any single left-out node that makes the best plan better, until none does.
+static void polish(search_t *s) {
+    for (int round = 0; round < s->n && s->best.valid && !s->o.keep_all && !s->o.tp; round++) {
+        const cand_t cur = s->best;
+        bool in[PLAN_MAX_NODES] = {0};
+        for (int i = 0; i < cur.lay.m; i++) in[cur.lay.idx[i]] = true;
+        for (int j = 0; j < s->n; j++) {
+            if (in[j]) continue;
+            int idx[PLAN_MAX_NODES];
+            const int m = set_plus(s, j, idx);
+            cand_t c;
+            best_of_set(s, idx, m, &c);
+            if (better(&c, &s->best)) s->best = c;
+        }
+        if (!better(&s->best, &cur)) break;
+    }
+}
+
+static void why_alt(const plan_t *best, plan_t *p) {
+    const double bw = best->cost.token_ms - best->cost.comm_ms, aw = p->cost.token_ms - p->cost.comm_ms;
+    const double ratio = best->cost.token_ms > 0 ? p->cost.token_ms / best->cost.token_ms : 0;
+    if (p->cost.comm_ms - best->cost.comm_ms >= aw - bw)
+        snprintf(p->why, sizeof p->why, "%.2fx the chosen plan's time: more exchange (comm %.1f vs %.1f ms)", ratio,
+                 p->cost.comm_ms, best->cost.comm_ms);
+    else
+        snprintf(p->why, sizeof p->why, "%.2fx the chosen plan's time: slower compute or memory (%.1f vs %.1f ms)",
+                 ratio, aw, bw);
+}
+
+// --- public API
+
+int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_opts_t *opts, plan_t *best,
+              plan_t *alts, int max_alts, int *n_alts, char *err, size_t errlen) {
+    plan_opts_t o = opts ? *opts : (plan_opts_t){0};
+    if (n_alts) *n_alts = 0;
+    if (o.n_ctx <= 0) o.n_ctx = 4096;
+    if (n < 1 || n > PLAN_MAX_NODES) {
+        snprintf(err, errlen, "node count %d is outside 1..%d", n, PLAN_MAX_NODES);
+        return MLM_EINVAL;
+    }
+    if (o.pp < 0 || o.tp < 0 || o.pp > pm->n_layer || (o.pp ? o.pp : 1) * (o.tp ? o.tp : 1) > n) {
+        snprintf(err, errlen, "cannot make %d stage(s) of %d node(s) from %d nodes and %d layers", o.pp ? o.pp : 1,
+                 o.tp ? o.tp : 1, n, pm->n_layer);
+        return MLM_EINVAL;
+    }
+    if (o.keep_all && ((o.tp && n % o.tp) || (o.pp && o.tp && o.pp * o.tp != n))) {
+        snprintf(err, errlen, "--keep-all uses all %d nodes, which do not make stages of %d", n, o.tp);
+        return MLM_EINVAL;
+    }
+    search_t *s = calloc(1, sizeof *s);
+    if (!s) return MLM_ENOMEM;
+    s->scratch = malloc(sizeof *s->scratch);
+    s->kept = malloc(sizeof *s->kept * MAX_KEPT);
+    if (!s->scratch || !s->kept) {
+        free(s->scratch);
+        free(s->kept);
+        free(s);
+        return MLM_ENOMEM;
+    }
+    s->pm = pm;
+    s->nodes = nodes;
+    s->n = n;
+    s->o = o;
+    s->closest_miss = -1;
+    for (int i = 0; i < n; i++) s->rate[i] = plan_node_rate(pm, &nodes[i]);
+    if (n <= PLAN_EXHAUSTIVE_MAX) search_all(s);
+    else search_heuristic(s), polish(s);
+    int rc = 0;
+    if (!s->best.valid) {
+        if (s->closest_miss >= 0) {
+            char where[80];
+            snprintf(where, sizeof where, "the closest layout (%s)", s->closest_name);
+            plan_short_message(err, errlen, &s->closest, nodes, where);
+            rc = MLM_EFULL;
+        } else {
+            snprintf(err, errlen, "no layout matches the options (%d nodes, --pp %d, --tp %d)", n, o.pp, o.tp);
+            rc = MLM_EINVAL;
+        }
+    } else {
+        plan_short_t sh = {.worst_node = -1};
+        build(s, &s->best.lay, best, &sh);
+        why_best(s, best);
+        // Alternatives: the best plan of every other layout name, best first.
+        int got = 0;
+        bool used[MAX_KEPT] = {0};
+        while (alts && got < max_alts) {
+            int pick = -1;
+            for (int k = 0; k < s->n_kept; k++)
+                if (!used[k] && strcmp(s->kept[k].name, best->layout) && (pick < 0 || better(&s->kept[k], &s->kept[pick])))
+                    pick = k;
+            if (pick < 0) break;
+            used[pick] = true;
+            if (build(s, &s->kept[pick].lay, &alts[got], &sh) != 0) continue;
+            why_alt(best, &alts[got]);
+            got++;
+        }
+        if (n_alts) *n_alts = got;
+    }
+    free(s->scratch);
+    free(s->kept);
+    free(s);
+    return rc;
+}

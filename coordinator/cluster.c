@@ -14,8 +14,10 @@
 #include "cluster/profile.h"
 #include "proto/msg_io.h"
 #include "transport/comm_zmq.h"
-#include "transport/gatherv.h"
+#include "parallel/pipeline.h"
+#include "parallel/plan_stages.h"
 #include "transport/link.h"
+#include "worker/node.h"
 #include "worker/err.h"
 #include "worker/sha256.h"
 
@@ -28,60 +30,34 @@ typedef struct {
     char endpoint[MSG_ENDPOINT_MAX];
     char data_endpoint[MSG_ENDPOINT_MAX];
     msg_hello_t hello;          // what it said about itself
+    int rank;                   // its data-plane rank, -1 when the plan leaves it out
+    double lat_us, bw;          // measured control link: one-way latency, bytes/s
+    uint64_t reports;           // step reports received
 } worker_t;
-
-typedef struct {
-    comm_t *comm;
-    int timeout_ms;
-    cluster_stats_t *stats;     // counters to update
-    int n;                      // ranks
-} cl_gather_t;
-
-static int cl_logits(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens);
 
 struct cluster {
     cluster_opts_t o;
     int timeout_ms;
     uint8_t sha[32];            // of the model file
     worker_t *w;                // (n_workers)
-    int n_nodes;                // workers + 1 (the coordinator is node 0)
-    plan_t *plan;               // shares of the computing nodes
-    shard_slice_t *slices;      // (n_nodes) node 0 = coordinator (empty unless it computes)
+    int n_nodes;                // data-plane ranks: rank 0 is the coordinator, then the plan's workers
+    plan_t *plan;               // shares of the computing nodes (shard order = rank order)
+    shard_slice_t *slices;      // (n_nodes) by rank; rank 0 empty unless the coordinator computes
     msg_plan_node_t *pnodes;    // (n_nodes) as sent
+    int *rank_worker;           // (n_nodes) worker index of each rank, -1 for the coordinator
+    comm_t *comm;               // data plane
+    pipe_node_t pipe;           // the coordinator's place in the pipeline
     model_t *model;             // the coordinator's slice (empty unless it computes)
     model_ctx_t *ctx;           // its context, only when it computes
     bool computes;              // the coordinator holds a share
     int pos;                    // tokens in the cluster's caches
-    uint8_t *lbuf;              // (n_batch rows of n_vocab floats) landing buffer for logit rows
-    size_t lbuf_cap;
-    cl_gather_t gc;
-    model_tp_t tp;
+    int ubatch;                 // micro-batch tokens of a step
     uint64_t step_id;
     cluster_stats_t stats;
     char errbuf[512];           // last failure, for cluster_error
 };
 
 // --- helpers
-
-// Logit rows of every computing node land at the coordinator.
-static int cl_logits(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
-    cl_gather_t *g = ctx;
-    const double t0 = mlm_now_ms();
-    int rc = comm_gatherv_root(g->comm, 0, 0, g->n, mine, my_len, out, lens, g->timeout_ms);
-    g->stats->gather_ms += mlm_now_ms() - t0;
-    for (int r = 1; r < g->n; r++) g->stats->gather_bytes += (uint64_t)lens[r];
-    return rc;
-}
-
-static int cl_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
-    cl_gather_t *g = ctx;
-    const double t0 = mlm_now_ms();
-    int rc = comm_allgatherv(g->comm, mine, my_len, out, lens, g->timeout_ms);
-    g->stats->gather_ms += mlm_now_ms() - t0;
-    for (int r = 0; r < g->n; r++) g->stats->gather_bytes += (uint64_t)lens[r] * (uint64_t)(g->n - 1);
-    g->stats->gathers++;
-    return rc;
-}
 
 // A free TCP port on the given local IPv4 address (bound and released: a small race other
 // programs could win).
@@ -194,13 +170,79 @@ static int say_hello(cluster_t *c, char *err, size_t errlen) {
     return 0;
 }
 
-static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen) {
-    const int n_compute = c->o.n_workers + (c->o.coordinator_shard ? 1 : 0);
-    plan_node_t nodes[PLAN_MAX_NODES];
-    if (n_compute < 1 || n_compute > PLAN_MAX_NODES) {
-        snprintf(err, errlen, "%d computing nodes (1..%d)", n_compute, PLAN_MAX_NODES);
-        return MLM_EINVAL;
+// Control-link measurement: small heartbeats for latency (half the median round trip), then one
+// PING_BYTES probe for bandwidth. Workers answer both at once.
+#define PING_ROUNDS 5
+#define PING_BYTES (1u << 20)
+
+static int ping_once(cluster_t *c, int wi, uint64_t seq, const void *payload, size_t len, double *ms, char *err,
+                     size_t errlen) {
+    msg_t m;
+    if (payload) {
+        msg_init(&m, MSG_SLICE_DATA);
+        msg_slice_data_t *sd = &m.slice_data;
+        snprintf(sd->tensor, sizeof sd->tensor, "%s", NODE_PING_TENSOR);
+        sd->type = QT_I8;
+        sd->n_dims = 1;
+        sd->ne[0] = (int64_t)len;
+        sd->end = (int64_t)len;
+        sd->plan_id = seq;
+        sd->total = len;
+        sd->data = payload;
+        sd->len = len;
+    } else {
+        msg_init(&m, MSG_HEARTBEAT);
+        snprintf(m.heartbeat.node_id, sizeof m.heartbeat.node_id, "coordinator");
+        m.heartbeat.seq = seq;
     }
+    const double t0 = mlm_now_ms();
+    int rc = msg_send_link(c->w[wi].link, &m, c->timeout_ms, err, errlen);
+    comm_msg_t raw;
+    if (rc == 0) rc = recv_type(c, wi, MSG_HEARTBEAT, &m, &raw, err, errlen);
+    if (rc != 0) return rc;
+    *ms = mlm_now_ms() - t0;
+    rc = m.heartbeat.seq == seq ? 0 : MLM_EPROTO;
+    if (rc != 0) snprintf(err, errlen, "worker %s: ping answered out of order", c->w[wi].endpoint);
+    msg_clear(&m);
+    comm_msg_free(&raw);
+    return rc;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int measure_links(cluster_t *c, char *err, size_t errlen) {
+    uint8_t *buf = calloc(1, PING_BYTES);
+    if (!buf) return MLM_ENOMEM;
+    int rc = 0;
+    c->stats.link_lat_us = 0;
+    c->stats.link_bw = 0;
+    for (int i = 0; i < c->o.n_workers && rc == 0; i++) {
+        double t[PING_ROUNDS], big = 0;
+        for (int k = 0; k < PING_ROUNDS && rc == 0; k++) rc = ping_once(c, i, (uint64_t)k + 1, NULL, 0, &t[k], err, errlen);
+        if (rc == 0) rc = ping_once(c, i, 1000, buf, PING_BYTES, &big, err, errlen);
+        if (rc != 0) break;
+        qsort(t, PING_ROUNDS, sizeof t[0], cmp_double);
+        worker_t *w = &c->w[i];
+        w->lat_us = t[PING_ROUNDS / 2] * 1e3 / 2;
+        const double extra = big - t[PING_ROUNDS / 2]; // the payload's own transfer time
+        w->bw = extra > 1e-3 ? PING_BYTES / (extra / 1e3) : 1e11;
+        if (w->lat_us > c->stats.link_lat_us) c->stats.link_lat_us = w->lat_us;
+        if (c->stats.link_bw == 0 || w->bw < c->stats.link_bw) c->stats.link_bw = w->bw;
+        if (c->o.verbose)
+            fprintf(stderr, "meshlm: link to %s: %.0f us one way, %.0f MB/s\n", w->endpoint, w->lat_us, w->bw / 1e6);
+    }
+    free(buf);
+    return rc;
+}
+
+// What the planner knows about the computing candidates: the coordinator first when it computes,
+// then the workers in the order given.
+static int describe_nodes(cluster_t *c, const model_t *full, plan_node_t *nodes, int n_compute, char *err,
+                          size_t errlen) {
+    const int off = c->o.coordinator_shard ? 1 : 0;
     if (c->o.speeds) {
         int n = plan_parse_nodes(c->o.speeds, nodes, PLAN_MAX_NODES, err, errlen);
         if (n < 0) return n;
@@ -209,55 +251,92 @@ static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
             return MLM_EINVAL;
         }
     } else {
-        // Measured speed for the model's main weight type, when every worker reported one.
         plan_parse_nodes("64", nodes, PLAN_MAX_NODES, err, errlen);
-        int t = qtype_from_name(model_type_name(full));
-        bool all = true;
-        for (int i = 0; i < c->o.n_workers; i++) all &= c->w[i].hello.n_speeds > 0;
-        for (int i = 0; all && i < c->o.n_workers; i++) {
-            double best = 0, sum = 0;
-            for (int j = 0; j < c->w[i].hello.n_speeds; j++) {
-                sum += c->w[i].hello.speeds[j].gflops;
-                if (c->w[i].hello.speeds[j].type == t) best = c->w[i].hello.speeds[j].gflops;
-            }
-            nodes[i + (c->o.coordinator_shard ? 1 : 0)].speed = best > 0 ? best : sum / c->w[i].hello.n_speeds;
+    }
+    const qtype_t t = (qtype_t)qtype_from_name(model_type_name(full));
+    bool measured = !c->o.speeds;
+    for (int i = 0; i < c->o.n_workers; i++) measured &= c->w[i].hello.n_speeds > 0;
+    for (int i = 0; i < c->o.n_workers; i++) {
+        plan_node_t *nd = &nodes[i + off];
+        const msg_hello_t *h = &c->w[i].hello;
+        snprintf(nd->name, sizeof nd->name, "%s", h->node_id);
+        if (!nd->mem_budget) nd->mem_budget = h->ram_budget_bytes;
+        nd->mem_bw = (double)h->mem_bw_bytes_s;
+        nd->lat_us = c->w[i].lat_us;
+        nd->link_bw = c->w[i].bw;
+        double best = 0, sum = 0;
+        for (int j = 0; j < h->n_speeds; j++) {
+            sum += h->speeds[j].gflops;
+            if (h->speeds[j].type == (uint32_t)t) best = h->speeds[j].gflops;
         }
-        if (all && c->o.coordinator_shard) {
+        if (h->n_speeds) nd->gflops = best > 0 ? best : sum / h->n_speeds;
+        if (measured) nd->speed = nd->gflops;
+    }
+    if (off) {
+        snprintf(nodes[0].name, sizeof nodes[0].name, "coordinator");
+        if (measured) {
             profile_t me;
-            if (profile_node(&me, c->o.n_threads, NULL, 300) == 0) nodes[0].speed = profile_gflops(&me, (qtype_t)t);
+            if (profile_node(&me, c->o.n_threads, NULL, 300) == 0) {
+                nodes[0].speed = nodes[0].gflops = profile_gflops(&me, t);
+                nodes[0].mem_bw = me.mem_bw;
+            }
         }
     }
-    for (int i = 0; i < n_compute; i++) {
-        int wi = i - (c->o.coordinator_shard ? 1 : 0);
-        if (wi >= 0) {
-            snprintf(nodes[i].name, sizeof nodes[i].name, "%s", c->w[wi].hello.node_id);
-            if (!nodes[i].mem_budget) nodes[i].mem_budget = c->w[wi].hello.ram_budget_bytes;
-        } else {
-            snprintf(nodes[i].name, sizeof nodes[i].name, "coordinator");
-        }
+    return 0;
+}
+
+static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen) {
+    const int off = c->o.coordinator_shard ? 1 : 0;
+    const int n_compute = c->o.n_workers + off;
+    if (n_compute < 1 || n_compute > PLAN_MAX_NODES) {
+        snprintf(err, errlen, "%d computing nodes (1..%d)", n_compute, PLAN_MAX_NODES);
+        return MLM_EINVAL;
     }
+    plan_node_t nodes[PLAN_MAX_NODES];
+    int rc = describe_nodes(c, full, nodes, n_compute, err, errlen);
+    if (rc != 0) return rc;
     const model_hparams_t *hp = model_hparams(full);
     int n_ctx = c->o.n_ctx > 0 ? c->o.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
     c->o.n_ctx = n_ctx;
-    int rc = plan_tp(full, nodes, n_compute, n_ctx, c->plan, err, errlen);
+    if (c->o.pp > 1) rc = plan_even_stages(full, nodes, n_compute, c->o.pp, n_ctx, c->plan, err, errlen);
+    else rc = plan_tp(full, nodes, n_compute, n_ctx, c->plan, err, errlen);
     if (rc != 0) return rc;
-    // Node 0 is the coordinator; it holds nothing unless it computes.
-    c->slices[0] = c->o.coordinator_shard ? c->plan->shard[0].s : (shard_slice_t){0};
-    for (int i = 0; i < c->o.n_workers; i++) c->slices[1 + i] = c->plan->shard[i + (c->o.coordinator_shard ? 1 : 0)].s;
-    for (int i = 0; i < c->n_nodes; i++) {
-        msg_plan_node_t *p = &c->pnodes[i];
-        const shard_slice_t *s = &c->slices[i];
+    const plan_t *pl = c->plan;
+    if (off && (pl->n < 1 || pl->shard[0].node != 0)) {
+        snprintf(err, errlen, "the plan must start with the coordinator's own share");
+        return MLM_EINVAL;
+    }
+    // Ranks: 0 is the coordinator; the plan's shards follow in order (the coordinator's own share,
+    // when it computes, is rank 0).
+    c->n_nodes = pl->n + (off ? 0 : 1);
+    for (int i = 0; i < c->o.n_workers; i++) c->w[i].rank = -1;
+    c->slices[0] = (shard_slice_t){0};
+    c->rank_worker[0] = -1;
+    for (int i = 0; i < pl->n; i++) {
+        const int r = i + (off ? 0 : 1), wi = pl->shard[i].node - off;
+        c->slices[r] = pl->shard[i].s;
+        if (wi >= 0) {
+            c->rank_worker[r] = wi;
+            c->w[wi].rank = r;
+        }
+    }
+    c->stats.n_compute = pl->n;
+    c->ubatch = c->o.ubatch > 0 ? c->o.ubatch : (pl->n_stages > 1 ? 16 : 0);
+    for (int r = 0; r < c->n_nodes; r++) {
+        msg_plan_node_t *p = &c->pnodes[r];
+        const shard_slice_t *s = &c->slices[r];
+        const int wi = c->rank_worker[r];
         memset(p, 0, sizeof *p);
-        p->index = (uint32_t)i;
-        snprintf(p->node_id, sizeof p->node_id, "%s", i == 0 ? "coordinator" : c->w[i - 1].hello.node_id);
-        p->layers = (msg_range_t){0, hp->n_layer};
+        p->index = (uint32_t)r;
+        snprintf(p->node_id, sizeof p->node_id, "%s", wi < 0 ? "coordinator" : c->w[wi].hello.node_id);
+        p->layers = (msg_range_t){s->l0, s->l1};
         p->heads = (msg_range_t){s->h0, s->h1};
         p->kv_heads = (msg_range_t){s->kv0, s->kv1};
         p->n_ffn = 1;
         p->ffn[0] = (msg_range_t){s->f0, s->f1};
         p->hidden = (msg_range_t){s->e0, s->e1};
         p->vocab = (msg_range_t){s->v0, s->v1};
-        if (i > 0) snprintf(p->endpoint, sizeof p->endpoint, "%s", c->w[i - 1].data_endpoint);
+        if (wi >= 0) snprintf(p->endpoint, sizeof p->endpoint, "%s", c->w[wi].data_endpoint);
         else coordinator_endpoint(c, p->endpoint, sizeof p->endpoint);
     }
     return 0;
@@ -282,6 +361,7 @@ static int send_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
     p->n_nodes = c->n_nodes;
     p->nodes = c->pnodes;
     for (int i = 0; i < c->o.n_workers; i++) {
+        if (c->w[i].rank < 0) continue; // left out of this plan
         int rc = msg_send_link(c->w[i].link, &m, c->timeout_ms, err, errlen);
         if (rc != 0) return rc;
     }
@@ -293,7 +373,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
     char path[256];
     snprintf(path, sizeof path, "%s/meshlm-shard-%ld-%d.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
              (long)getpid(), wi);
-    int rc = shard_file_write(src, &c->slices[1 + wi], head_dim, c->sha, path, err, errlen);
+    int rc = shard_file_write(src, &c->slices[c->w[wi].rank], head_dim, c->sha, path, err, errlen);
     if (rc != 0) return rc;
     FILE *f = fopen(path, "rb");
     uint8_t *buf = malloc(CHUNK_BYTES);
@@ -345,14 +425,16 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
 
 static int load_shards(cluster_t *c, const model_t *full, char *err, size_t errlen) {
     for (int i = 0; i < c->o.n_workers; i++) {
+        if (c->w[i].rank < 0) continue;
         msg_t m;
         msg_init(&m, MSG_LOAD_SHARD);
-        m.load_shard.node_index = (uint32_t)(i + 1);
+        m.load_shard.node_index = (uint32_t)c->w[i].rank;
         m.load_shard.via_coordinator = !c->w[i].hello.has_model || memcmp(c->w[i].hello.model_sha256, c->sha, 32) != 0;
         int rc = msg_send_link(c->w[i].link, &m, c->timeout_ms, err, errlen);
         if (rc != 0) return rc;
     }
     for (int i = 0; i < c->o.n_workers; i++) {
+        if (c->w[i].rank < 0) continue;
         msg_t m;
         comm_msg_t raw;
         int rc = recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen);
@@ -394,21 +476,20 @@ int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t err
     if (!c) return MLM_ENOMEM;
     c->o = *o;
     c->timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 30000;
-    c->gc.timeout_ms = c->timeout_ms;
     c->n_nodes = o->n_workers + 1;
-    c->gc.stats = &c->stats;
-    c->gc.n = c->n_nodes;
     c->w = calloc((size_t)o->n_workers, sizeof *c->w);
     c->plan = calloc(1, sizeof *c->plan);
     c->slices = calloc((size_t)c->n_nodes, sizeof *c->slices);
     c->pnodes = calloc((size_t)c->n_nodes, sizeof *c->pnodes);
+    c->rank_worker = calloc((size_t)c->n_nodes, sizeof *c->rank_worker);
     const double t0 = mlm_now_ms();
     model_t *full = NULL;
-    int rc = (c->w && c->plan && c->slices && c->pnodes) ? 0 : MLM_ENOMEM;
+    int rc = (c->w && c->plan && c->slices && c->pnodes && c->rank_worker) ? 0 : MLM_ENOMEM;
     model_load_opts_t flo = {.repack = false};
     if (rc == 0) rc = sha256_file(o->model_path, c->sha, err, errlen);
     if (rc == 0) rc = model_load(&full, o->model_path, &flo, err, errlen);
     if (rc == 0) rc = say_hello(c, err, errlen);
+    if (rc == 0) rc = measure_links(c, err, errlen);
     if (rc == 0) rc = make_plan(c, full, err, errlen);
     if (rc == 0) rc = send_plan(c, full, err, errlen);
     if (rc == 0) rc = load_shards(c, full, err, errlen);
@@ -418,23 +499,22 @@ int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t err
         comm_zmq_opts_t zo;
         comm_zmq_opts_default(&zo);
         zo.connect_timeout_ms = c->timeout_ms;
-        rc = comm_zmq_new(&c->gc.comm, 0, c->n_nodes, eps, &zo, err, errlen);
+        rc = comm_zmq_new(&c->comm, 0, c->n_nodes, eps, &zo, err, errlen);
     }
     model_destroy(&full);
     if (rc == 0) {
         model_load_opts_t lo = {.repack = true, .slice = &c->slices[0]};
         rc = model_load(&c->model, o->model_path, &lo, err, errlen);
     }
+    if (rc == 0) {
+        const model_hparams_t *hp = model_hparams(c->model);
+        rc = pipe_node_init(&c->pipe, c->comm, 0, c->slices, c->n_nodes, hp->n_layer, hp->n_embd, hp->n_vocab,
+                            c->timeout_ms, err, errlen);
+    }
     c->computes = o->coordinator_shard;
     if (rc == 0 && c->computes) {
-        c->tp = (model_tp_t){c->n_nodes, 0, c->slices, cl_gather, &c->gc, cl_logits};
-        model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_threads = o->n_threads, .kv_f32 = o->kv_f32, .tp = &c->tp};
+        model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_threads = o->n_threads, .kv_f32 = o->kv_f32, .tp = &c->pipe.tp};
         rc = model_ctx_new(&c->ctx, c->model, &co, err, errlen);
-    }
-    if (rc == 0 && !c->computes) {
-        c->lbuf_cap = (size_t)64 * (size_t)model_hparams(c->model)->n_vocab * sizeof(float);
-        c->lbuf = malloc(c->lbuf_cap);
-        if (!c->lbuf) rc = MLM_ENOMEM;
     }
     if (rc != 0) {
         cluster_close(&c, false);
@@ -450,35 +530,29 @@ const plan_t *cluster_plan(const cluster_t *c) { return c->plan; }
 const cluster_stats_t *cluster_stats(const cluster_t *c) { return &c->stats; }
 const char *cluster_error(const cluster_t *c) { return c->errbuf; }
 
-// The coordinator computes nothing: the logit rows of the workers land here.
-static int receive_logits(cluster_t *c, int n_out, float *logits) {
-    const model_hparams_t *hp = model_hparams(c->model);
-    const int nw = c->o.n_workers;
-    size_t lens[MSG_MAX_NODES], sum = 0;
-    for (int i = 0; i < nw; i++) {
-        const shard_slice_t *s = &c->slices[1 + i];
-        lens[i] = (size_t)n_out * (size_t)(s->v1 - s->v0) * sizeof(float);
-        sum += lens[i];
+// Reads the step reports (and errors) waiting on worker wi's link, waiting up to timeout_ms for
+// the first. Returns 0, or the code of an ERROR message (its text in errbuf).
+static int drain_reports(cluster_t *c, int wi, int timeout_ms) {
+    char err[256];
+    int rc = 0;
+    for (;;) {
+        msg_t m;
+        comm_msg_t raw;
+        if (msg_recv_link(c->w[wi].link, &m, &raw, timeout_ms, err, sizeof err) != 0) break;
+        timeout_ms = 0;
+        if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) {
+            c->w[wi].reports++;
+            c->stats.reports++;
+            c->stats.busy_ms += (double)m.result.compute_ns / 1e6;
+            c->stats.wait_ms += (double)m.result.comm_ns / 1e6;
+        } else if (m.type == MSG_ERROR) {
+            snprintf(c->errbuf, sizeof c->errbuf, "%.400s", m.error.text);
+            rc = m.error.code < 0 ? m.error.code : MLM_EPROTO;
+        }
+        msg_clear(&m);
+        comm_msg_free(&raw);
     }
-    if (sum > c->lbuf_cap) {
-        uint8_t *nb = realloc(c->lbuf, sum);
-        if (!nb) return MLM_ENOMEM;
-        c->lbuf = nb;
-        c->lbuf_cap = sum;
-    }
-    const double t0 = mlm_now_ms();
-    int rc = comm_gatherv_root(c->gc.comm, 0, 1, nw, NULL, 0, c->lbuf, lens, c->timeout_ms);
-    c->stats.gather_ms += mlm_now_ms() - t0;
-    c->stats.gather_bytes += sum;
-    if (rc != 0) return rc;
-    const uint8_t *p = c->lbuf;
-    for (int i = 0; i < nw; i++) {
-        const shard_slice_t *s = &c->slices[1 + i];
-        const size_t w = (size_t)(s->v1 - s->v0);
-        for (int t = 0; t < n_out; t++) memcpy(logits + (size_t)t * hp->n_vocab + s->v0, p + (size_t)t * w * 4, w * 4);
-        p += lens[i];
-    }
-    return 0;
+    return rc;
 }
 
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {
@@ -486,6 +560,9 @@ int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool
     const int n_vocab = model_hparams(c->model)->n_vocab;
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= n_vocab) return MLM_EINVAL;
+    const double t0 = mlm_now_ms();
+    for (int i = 0; i < c->o.n_workers; i++)
+        if (c->w[i].rank >= 0) drain_reports(c, i, 0); // earlier steps' reports
     msg_t m;
     msg_init(&m, MSG_STEP);
     msg_step_t *st = &m.step;
@@ -494,8 +571,10 @@ int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool
     st->n_tokens = (uint32_t)n;
     st->tokens = tokens;
     st->logits = !logits ? MSG_LOGITS_NONE : all_logits ? MSG_LOGITS_ALL : MSG_LOGITS_LAST;
+    st->ubatch = (uint32_t)c->ubatch;
     char err[256];
     for (int i = 0; i < c->o.n_workers; i++) {
+        if (c->w[i].rank < 0) continue;
         int rc = msg_send_link(c->w[i].link, &m, c->timeout_ms, err, sizeof err);
         if (rc != 0) {
             snprintf(c->errbuf, sizeof c->errbuf, "worker %s: %s", c->w[i].endpoint, err);
@@ -503,40 +582,62 @@ int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool
         }
     }
     int rc = 0;
+    const double b0 = c->pipe.busy_ms, w0 = c->pipe.wait_ms + c->pipe.gather_ms;
+    if (c->computes) rc = pipe_node_step(&c->pipe, c->ctx, tokens, n, c->ubatch, logits, all_logits);
+    if (rc == 0 && logits && !pipe_lands_logits(&c->pipe)) rc = pipe_recv_logits(&c->pipe, n, c->ubatch, logits, all_logits);
     if (c->computes) {
-        rc = model_eval(c->ctx, tokens, n, logits, all_logits);
+        c->stats.busy_ms += c->pipe.busy_ms - b0;
+        c->stats.wait_ms += c->pipe.wait_ms + c->pipe.gather_ms - w0;
+    }
+    c->stats.gather_ms = c->pipe.gather_ms;
+    c->stats.gathers = c->pipe.gathers;
+    if (c->computes) {
+        c->stats.gather_bytes = c->pipe.gather_bytes + c->pipe.handoff_bytes;
     } else {
-        if (logits) rc = receive_logits(c, all_logits ? n : 1, logits);
-        // The workers' all-gathers, which the coordinator does not see, follow from the plan: per
-        // token and layer every computing node sends its block of the attention output, the two
-        // hidden-size products and the FFN units (per routed expert) to the others, plus the embedding.
+        // The workers' exchanges, which the coordinator does not see, follow from the plan: per
+        // token and layer every member of a stage's group sends its block of the attention output,
+        // the two hidden-size products and the FFN units (per routed expert) to the others; stage 0
+        // exchanges the embedding; each stage hands n_embd floats per token to every rank of the next.
         const model_hparams_t *hp = model_hparams(c->model);
-        const uint64_t nc = (uint64_t)c->o.n_workers;
         const uint64_t per_layer = (uint64_t)hp->n_head * hp->head_dim + 2u * (uint64_t)hp->n_embd +
                                    (uint64_t)hp->n_ff * (uint64_t)(hp->n_expert ? hp->n_expert_used : 1);
-        c->stats.gather_bytes += (uint64_t)n * ((uint64_t)hp->n_layer * per_layer + (uint64_t)hp->n_embd) * 4u * (nc - 1);
+        const plan_t *pl = c->plan;
+        uint64_t floats = 0;
+        for (int k = 0; k < pl->n_stages; k++) {
+            const uint64_t g = (uint64_t)(pl->stage_first[k + 1] - pl->stage_first[k]);
+            const shard_slice_t *s = &pl->shard[pl->stage_first[k]].s;
+            floats += (uint64_t)(s->l1 - s->l0) * per_layer * (g - 1);
+            if (k == 0) floats += (uint64_t)hp->n_embd * (g - 1);
+            if (k + 1 < pl->n_stages)
+                floats += (uint64_t)hp->n_embd * (uint64_t)(pl->stage_first[k + 2] - pl->stage_first[k + 1]);
+        }
+        c->stats.gather_bytes = c->pipe.gather_bytes + (c->stats.tokens + (uint64_t)n) * floats * 4u;
     }
     c->stats.steps++;
     c->stats.tokens += (uint64_t)n;
+    c->stats.step_ms += mlm_now_ms() - t0;
     if (rc == 0) {
         c->pos += n;
     } else {
         // Name the worker that reported a failure, if one did.
         snprintf(c->errbuf, sizeof c->errbuf, "step %llu failed: %s (a worker stopped answering within %d ms)",
                  (unsigned long long)st->step_id, mlm_strerror(rc), c->timeout_ms);
-        for (int i = 0; i < c->o.n_workers; i++) {
-            msg_t e;
-            comm_msg_t raw;
-            if (msg_recv_link(c->w[i].link, &e, &raw, 0, err, sizeof err) == 0) {
-                if (e.type == MSG_ERROR)
-                    snprintf(c->errbuf, sizeof c->errbuf, "step %llu failed: %.400s", (unsigned long long)st->step_id,
-                             e.error.text);
-                msg_clear(&e);
-                comm_msg_free(&raw);
-            }
-        }
+        for (int i = 0; i < c->o.n_workers; i++)
+            if (c->w[i].rank >= 0 && drain_reports(c, i, 0) != 0) break;
     }
     return rc;
+}
+
+int cluster_sync_stats(cluster_t *c, int timeout_ms) {
+    const double deadline = mlm_now_ms() + timeout_ms;
+    for (int i = 0; i < c->o.n_workers; i++) {
+        while (c->w[i].rank >= 0 && c->w[i].reports < c->step_id) {
+            const double left = deadline - mlm_now_ms();
+            if (left <= 0) return MLM_ETIMEOUT;
+            if (drain_reports(c, i, (int)left) != 0) return MLM_EPEER;
+        }
+    }
+    return 0;
 }
 
 void cluster_reset(cluster_t *c) {
@@ -545,8 +646,10 @@ void cluster_reset(cluster_t *c) {
 }
 
 void cluster_stats_reset(cluster_t *c) {
-    c->stats.steps = c->stats.tokens = c->stats.gather_bytes = c->stats.gathers = 0;
-    c->stats.gather_ms = 0;
+    cluster_sync_stats(c, 1000);
+    c->stats.steps = c->stats.tokens = c->stats.gather_bytes = c->stats.gathers = c->stats.reports = 0;
+    c->stats.gather_ms = c->stats.step_ms = c->stats.busy_ms = c->stats.wait_ms = 0;
+    pipe_stats_reset(&c->pipe);
 }
 
 void cluster_close(cluster_t **self_p, bool exit_workers) {
@@ -562,13 +665,14 @@ void cluster_close(cluster_t **self_p, bool exit_workers) {
         char err[128];
         msg_send_link(c->w[i].link, &m, 1000, err, sizeof err);
     }
-    comm_destroy(&c->gc.comm);
+    pipe_node_free(&c->pipe);
+    comm_destroy(&c->comm);
     for (int i = 0; c->w && i < c->o.n_workers; i++) link_destroy(&c->w[i].link);
     free(c->w);
     free(c->plan);
     free(c->slices);
     free(c->pnodes);
-    free(c->lbuf);
+    free(c->rank_worker);
     free(c);
     *self_p = NULL;
 }

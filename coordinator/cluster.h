@@ -21,6 +21,14 @@ typedef struct {
     int timeout_ms;                  // each control exchange and collective (0 = 30000)
     bool kv_f32;
     bool verbose;                    // print progress on stderr
+    // Layout. Without any of these the planner chooses (tensor, pipeline or hybrid; nodes too slow
+    // to help are left out) from the nodes' measured speed, memory and links.
+    int pp;                          // pipeline stages (0 = the planner chooses)
+    int tp;                          // nodes per stage (0 = the planner chooses)
+    bool keep_all;                   // never leave a node out
+    const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
+    int ubatch;                      // micro-batch tokens in flight through a pipeline (0 = 16 with
+                                     // several stages, the whole chunk with one)
 } cluster_opts_t;
 
 typedef struct {
@@ -35,6 +43,13 @@ typedef struct {
     uint64_t gather_bytes;           // bytes all nodes sent each other per step (counted when the coordinator
                                      // computes, derived from the plan otherwise) plus the logit rows
     uint64_t gathers;                // all-gather rounds
+    double step_ms;                  // wall time of the steps (cluster_eval calls)
+    double busy_ms;                  // summed over the computing nodes: time computing (their step reports)
+    double wait_ms;                  // summed: time waiting for the stage before or for exchanges
+    uint64_t reports;                // step reports received from workers
+    int n_compute;                   // computing nodes in the plan
+    double link_lat_us;              // worst measured control-link latency (one way) to a worker
+    double link_bw;                  // lowest measured control-link bandwidth, bytes/s
 } cluster_stats_t;
 
 typedef struct cluster cluster_t;
@@ -52,8 +67,11 @@ const cluster_stats_t *cluster_stats(const cluster_t *c);
 // MLM_ETIMEOUT within the deadline, and cluster_error() names the worker when it could tell.
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
 void cluster_reset(cluster_t *c);
-// Zeroes the step counters (steps, tokens, gather_*), e.g. after a warm-up.
+// Zeroes the step counters (steps, tokens, gather_*, step/busy/wait times), e.g. after a warm-up.
 void cluster_stats_reset(cluster_t *c);
+// Waits (up to timeout_ms) for every worker's report of every step so far, so busy_ms and wait_ms
+// are complete; 0 or MLM_ETIMEOUT. Pipeline utilisation = busy_ms / (n_compute * step_ms).
+int cluster_sync_stats(cluster_t *c, int timeout_ms);
 const char *cluster_error(const cluster_t *c);
 
 // Ends the plan on every worker (and stops them with exit_workers); accepts NULL, NULLs the pointer.

@@ -360,8 +360,9 @@ static int check_msg(const msg_t *m, const msg_limits_t *lim, char *why) {
     case MSG_RESULT:
         if (m->result.node_index >= MSG_MAX_NODES)
             return fail(why, WHY_MAX, MLM_ERANGE, "node_index %u out of range", (unsigned)m->result.node_index);
-        if (m->result.kind <= MSG_RESULT_NONE || m->result.kind > MSG_RESULT_PARTIAL)
+        if (m->result.kind < MSG_RESULT_NONE || m->result.kind > MSG_RESULT_PARTIAL)
             return fail(why, WHY_MAX, MLM_EFORMAT, "result kind %d unknown", (int)m->result.kind);
+        if (m->result.kind == MSG_RESULT_NONE) return 0; // a report: no tensor
         return check_tensor(&m->result.tensor, lim, "tensor", why);
     case MSG_HEARTBEAT:
         if ((rc = check_id(m->heartbeat.node_id, MSG_ID_MAX, false, "node_id", why))) return rc;
@@ -391,6 +392,7 @@ static int raw_slots(msg_t *m, const void **slot[MSG_MAX_RAW], uint64_t len[MSG_
         len[0] = m->step.hidden.nbytes;
         return 1;
     case MSG_RESULT:
+        if (m->result.kind == MSG_RESULT_NONE) return 0;
         slot[0] = &m->result.tensor.data;
         len[0] = m->result.tensor.nbytes;
         return 1;
@@ -605,6 +607,7 @@ static int msg_to_pb(const msg_t *m, pb_any_t *pb, pb_scratch_t *sc) {
             d->tokens = (int32_t *)s->tokens;
         }
         d->logits = (Meshlm__LogitsMode)s->logits;
+        d->ubatch = s->ubatch;
         return 0;
     }
     case MSG_RESULT: {
@@ -616,8 +619,10 @@ static int msg_to_pb(const msg_t *m, pb_any_t *pb, pb_scratch_t *sc) {
         d->seq_id = s->seq_id;
         d->node_index = s->node_index;
         d->kind = (Meshlm__ResultKind)s->kind;
-        tensor_to_pb(&s->tensor, &sc->tensor);
-        d->tensor = &sc->tensor;
+        if (s->kind != MSG_RESULT_NONE) {
+            tensor_to_pb(&s->tensor, &sc->tensor);
+            d->tensor = &sc->tensor;
+        }
         d->compute_ns = s->compute_ns;
         d->comm_ns = s->comm_ns;
         d->bytes_sent = s->bytes_sent;
@@ -793,6 +798,7 @@ static int step_from_pb(const Meshlm__Step *d, msg_t *m, char *why) {
     s->seq_id = d->seq_id;
     s->pos = d->pos;
     s->logits = (msg_logits_t)d->logits;
+    s->ubatch = d->ubatch;
     if (d->token_count < 1 || d->token_count > MSG_MAX_TOKENS)
         return fail(why, WHY_MAX, MLM_ERANGE, "n_tokens %u out of range (1..%d)", (unsigned)d->token_count,
                     MSG_MAX_TOKENS);
@@ -865,6 +871,7 @@ static int msg_from_pb(const ProtobufCMessage *pb, msg_t *m, char *why) {
         s->compute_ns = d->compute_ns;
         s->comm_ns = d->comm_ns;
         s->bytes_sent = d->bytes_sent;
+        if (s->kind == MSG_RESULT_NONE && !d->tensor) return 0;
         return tensor_from_pb(d->tensor, &s->tensor, "tensor", why);
     }
     case MSG_HEARTBEAT: {

@@ -19,7 +19,7 @@
 // and extra trailing raw frames are ignored).
 
 #define MSG_PROTO_MAJOR 1
-#define MSG_PROTO_MINOR 1
+#define MSG_PROTO_MINOR 2
 #define MSG_MAGIC "MLMP"            // first 4 bytes of frame 0
 #define MSG_PREFIX_LEN 12
 
@@ -190,12 +190,13 @@ typedef struct {
     bool has_hidden;
     msg_tensor_t hidden;                // (n_embd, n_tokens): ne[1] * ne[2] * ne[3] == n_tokens
     msg_logits_t logits;
+    uint32_t ubatch;                    // micro-batch tokens through a pipeline (0 = the whole step)
 } msg_step_t;
 
 typedef struct {
     uint64_t plan_id, step_id, seq_id;
     uint32_t node_index;
-    msg_result_kind_t kind;
+    msg_result_kind_t kind;             // MSG_RESULT_NONE: a step report, no tensor (protocol 1.2)
     msg_tensor_t tensor;                // logits, hidden state or partial sum
     uint64_t compute_ns, comm_ns, bytes_sent;
 } msg_result_t;

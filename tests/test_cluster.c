@@ -18,14 +18,16 @@
 // --- helpers
 
 // Logits of the case's sequence on one node, fed as generation does: prompt, then one at a time.
-static float *single_node(const ref_case_t *rc, int *n_tok) {
+// n_batch 0 = the default chunk; a pipeline's micro-batch size gives the same chunks.
+static float *single_node(const ref_case_t *rc, int n_batch, int *n_tok, int *n_layer) {
     char err[256];
     model_t *m = NULL;
     if (model_load(&m, rc->model_path, NULL, err, sizeof err) != 0) return NULL;
     const int nv = model_hparams(m)->n_vocab, rows = rc->n_prompt + rc->n_greedy;
+    *n_layer = model_hparams(m)->n_layer;
     float *lg = malloc((size_t)rows * nv * sizeof(float));
     model_ctx_t *c = NULL;
-    model_ctx_opts_t co = {.n_ctx = rows + 8, .n_threads = 1};
+    model_ctx_opts_t co = {.n_ctx = rows + 8, .n_threads = 1, .n_batch = n_batch};
     model_ctx_new(&c, m, &co, err, sizeof err);
     model_eval(c, rc->prompt_tokens, rc->n_prompt, lg, true);
     for (int i = 0; i < rc->n_greedy; i++)
@@ -43,6 +45,8 @@ typedef struct {
     bool coord_shard;
     bool no_model;           // workers receive their slices
     const char *cache_dir;
+    int pp;                  // pipeline stages (capped at the model's blocks; 0 = one)
+    int ubatch;              // micro-batch tokens (0 = default)
 } layout_t;
 
 // Runs the case on a local cluster; returns the number of logit rows that differ from one node's
@@ -50,8 +54,8 @@ typedef struct {
 static int run_cluster(const char *case_name, const layout_t *ly, cluster_stats_t *st) {
     ref_case_t rc;
     if (ref_load(case_name, &rc) != 0) return -1;
-    int rows = 0, bad = -1;
-    float *ref = single_node(&rc, &rows);
+    int rows = 0, bad = -1, n_layer = 0;
+    float *ref = single_node(&rc, ly->ubatch, &rows, &n_layer);
     char err[1024];
     launch_t l;
     launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = ly->no_model ? NULL : rc.model_path,
@@ -65,7 +69,8 @@ static int run_cluster(const char *case_name, const layout_t *ly, cluster_stats_
     const char *eps[LAUNCH_MAX];
     for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .speeds = ly->speeds,
-                         .coordinator_shard = ly->coord_shard, .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000};
+                         .coordinator_shard = ly->coord_shard, .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000,
+                         .pp = ly->pp < n_layer ? ly->pp : n_layer, .ubatch = ly->ubatch};
     cluster_t *cl = NULL;
     if (cluster_open(&cl, &co, err, sizeof err) != 0) {
         fprintf(stderr, "  %s: cluster_open: %s\n", case_name, err);
@@ -101,10 +106,15 @@ static void test_bit_exact_layouts(void) {
     char **names = NULL;
     int n = ref_list(&names);
     CU_ASSERT_FATAL(n >= 40);
+    char *cache = test_tmpdir();
     const layout_t layouts[] = {
-        {1, NULL, false, false, false, NULL}, {2, NULL, false, false, false, NULL},
-        {3, "2,1,1", false, false, false, NULL}, {4, NULL, true, false, false, NULL},
-        {2, "1,2,1", true, true, false, NULL},
+        {1, NULL, false, false, false, NULL, 0, 0}, {2, NULL, false, false, false, NULL, 0, 0},
+        {3, "2,1,1", false, false, false, NULL, 0, 0}, {4, NULL, true, false, false, NULL, 0, 0},
+        {2, "1,2,1", true, true, false, NULL, 0, 0},
+        // pipelines: 2 stages, micro-batches of 4; coordinator + 2 workers as 3 stages; 2 stages x
+        // 2-node groups over tcp; 3 stages of workers without the model file
+        {2, NULL, false, false, false, NULL, 2, 4}, {2, NULL, false, true, false, NULL, 3, 3},
+        {4, "1,2,1,1", true, false, false, NULL, 2, 3}, {3, NULL, false, false, true, cache, 3, 5},
     };
     int models = 0;
     for (int i = 0; i < n; i++) {
@@ -116,11 +126,12 @@ static void test_bit_exact_layouts(void) {
     }
     CU_ASSERT(models >= 18);
     ref_names_free(names, n);
+    test_rm_dir(cache);
 }
 
 static void test_shard_streaming_and_cache(void) {
     char *dir = test_tmpdir();
-    layout_t ly = {2, NULL, false, false, true, dir};
+    layout_t ly = {2, NULL, false, false, true, dir, 0, 0};
     cluster_stats_t st;
     // First run: workers have no model file, so both shards are streamed and cached.
     CU_ASSERT_EQUAL(run_cluster("synth-dense-Q8_0.p0", &ly, &st), 0);

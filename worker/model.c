@@ -186,6 +186,10 @@ static int bind(model_t *m, mm_weight_t *w, const char *name, int64_t cols, int6
                 bool repack, char *err, size_t errlen) {
     int64_t r0, r1;
     shard_tensor_rows(&m->slice, name, full_rows, m->hp.head_dim, &r0, &r1);
+    if (m->shard_file && r1 == r0) { // a shard file leaves out tensors of which it holds no row
+        for (int e = 0; e < planes; e++) memset(&w[e], 0, sizeof w[e]);
+        return 0;
+    }
     int rc = 0;
     const gguf_tensor_t *t = want_tensor(m, name, planes > 1 ? 3 : 2, cols, m->shard_file ? r1 - r0 : full_rows,
                                          planes > 1 ? planes : 0, true, &rc, err, errlen);
@@ -360,7 +364,9 @@ static int load_tensors(model_t *m, const shard_slice_t *want, bool repack, char
                 (rc = bind(m, L->e_up, NAME("ffn_up_exps"), E, hp->n_ff, ne, repack, err, errlen)) != 0 ||
                 (rc = bind(m, L->e_down, NAME("ffn_down_exps"), hp->n_ff, E, ne, repack, err, errlen)) != 0)
                 return rc;
-            L->e_type = gguf_find_tensor(m->g, NAME("ffn_gate_exps"))->type;
+            t = gguf_find_tensor(m->g, NAME("ffn_gate_exps"));
+            if (!t) t = gguf_find_tensor(m->g, NAME("ffn_down_exps")); // a shard without FFN units
+            L->e_type = t ? t->type : QT_F32;
         }
 #undef T1
 #undef B2

@@ -18,15 +18,9 @@
 #include "worker/err.h"
 #include "worker/model.h"
 #include "worker/sha256.h"
+#include "parallel/pipeline.h"
 
 // --- types
-
-typedef struct {
-    comm_t *comm;               // data plane of the plan
-    int timeout_ms;             // per collective
-    int first;                  // first comm rank of the computing group (1 when the coordinator computes nothing)
-    int n;                      // ranks in the computing group
-} gather_ctx_t;
 
 typedef struct {
     const node_opts_t *o;
@@ -44,8 +38,9 @@ typedef struct {
     shard_slice_t *slices;      // (plan.n_nodes) every node's slice
     model_t *model;             // this worker's shard
     model_ctx_t *ctx;
-    gather_ctx_t gc;
-    model_tp_t tp;
+    comm_t *comm;               // data plane of the plan
+    int timeout_ms;             // per exchange and control message
+    pipe_node_t pipe;           // its stage, group and hand-offs
     float *logits;              // (max rows, n_vocab) scratch for the output gather
     size_t logits_cap;          // floats
     profile_t prof;             // measured at start (n_types 0 when skipped)
@@ -57,26 +52,11 @@ static void vlog(const node_t *n, const char *what, const char *detail) {
     if (n->o->verbose) fprintf(stderr, "[%s] %s %s\n", n->node_id, what, detail ? detail : "");
 }
 
-static int gather_fn(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
-    gather_ctx_t *g = ctx;
-    return comm_allgatherv_range(g->comm, g->first, g->n, mine, my_len, out, lens, g->timeout_ms);
-}
-
-// Logit rows go to the coordinator (rank 0) only.
-static int logits_fn(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
-    gather_ctx_t *g = ctx;
-    int rc = comm_gatherv_root(g->comm, 0, g->first, g->n, mine, my_len, out, lens, g->timeout_ms);
-    return rc == 0 ? 1 : rc;
-}
-
-static bool slice_empty(const shard_slice_t *s) {
-    return s->h1 == s->h0 && s->e1 == s->e0 && s->f1 == s->f0 && s->v1 == s->v0;
-}
-
 static void end_plan(node_t *n) {
     model_ctx_destroy(&n->ctx);
     model_destroy(&n->model);
-    comm_destroy(&n->gc.comm);
+    pipe_node_free(&n->pipe);
+    comm_destroy(&n->comm);
     free(n->nodes);
     free(n->slices);
     free(n->logits);
@@ -94,7 +74,7 @@ static int send_error(node_t *n, int code, const char *text, uint64_t step) { //
     snprintf(m.error.text, sizeof m.error.text, "%.60s: %.400s", n->node_id, text);
     m.error.step_id = step;
     char err[256];
-    return msg_send_link(n->link, &m, n->gc.timeout_ms, err, sizeof err);
+    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
 }
 
 static shard_slice_t slice_of(const msg_plan_node_t *p) {
@@ -124,7 +104,19 @@ static int on_hello(node_t *n) {
         h->model_size = n->model_size;
     }
     char err[256];
-    return msg_send_link(n->link, &m, n->gc.timeout_ms, err, sizeof err);
+    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+}
+
+// Link measurement: a heartbeat (or a ping payload) is answered at once with a heartbeat
+// carrying the same sequence number.
+static int on_ping(node_t *n, uint64_t seq) {
+    msg_t m;
+    msg_init(&m, MSG_HEARTBEAT);
+    snprintf(m.heartbeat.node_id, sizeof m.heartbeat.node_id, "%s", n->node_id);
+    m.heartbeat.seq = seq;
+    m.heartbeat.unix_ms = (uint64_t)time(NULL) * 1000u;
+    char err[256];
+    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
 }
 
 static int on_plan(node_t *n, const msg_plan_t *p) {
@@ -157,7 +149,7 @@ static int64_t receive_shard(node_t *n, const char *path) {
     while (rc == 0 && (total < 0 || got < total)) {
         msg_t m;
         comm_msg_t raw;
-        rc = msg_recv_link(n->link, &m, &raw, n->gc.timeout_ms, err, sizeof err);
+        rc = msg_recv_link(n->link, &m, &raw, n->timeout_ms, err, sizeof err);
         if (rc != 0) break;
         if (m.type != MSG_SLICE_DATA || (int64_t)m.slice_data.offset != got) {
             rc = MLM_EPROTO;
@@ -203,7 +195,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     if (rc == MLM_ENOTFOUND || (rc != 0 && !local)) {
         // Ask the coordinator for the shard file, then load it from the cache.
         ack.load_shard_ack.status = MLM_ENOTFOUND;
-        if ((rc = msg_send_link(n->link, &ack, n->gc.timeout_ms, err, sizeof err)) != 0) return rc;
+        if ((rc = msg_send_link(n->link, &ack, n->timeout_ms, err, sizeof err)) != 0) return rc;
         mkdir(n->cache_dir, 0755);
         int64_t got = receive_shard(n, path);
         if (got < 0) {
@@ -220,18 +212,16 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;
         ack.load_shard_ack.status = 0;
         ack.load_shard_ack.ms = (uint64_t)(mlm_now_ms() - t0);
-        if ((rc = msg_send_link(n->link, &ack, n->gc.timeout_ms, err, sizeof err)) != 0) return rc;
+        if ((rc = msg_send_link(n->link, &ack, n->timeout_ms, err, sizeof err)) != 0) return rc;
         comm_zmq_opts_t zo;
         comm_zmq_opts_default(&zo);
-        zo.connect_timeout_ms = n->gc.timeout_ms;
-        rc = comm_zmq_new(&n->gc.comm, n->index, n->plan.n_nodes, eps, &zo, err, sizeof err);
+        zo.connect_timeout_ms = n->timeout_ms;
+        rc = comm_zmq_new(&n->comm, n->index, n->plan.n_nodes, eps, &zo, err, sizeof err);
+        if (rc == 0)
+            rc = pipe_node_init(&n->pipe, n->comm, n->index, n->slices, n->plan.n_nodes, hp->n_layer, hp->n_embd,
+                                hp->n_vocab, n->timeout_ms, err, sizeof err);
         if (rc == 0) {
-            // The computing group: every worker, and the coordinator when it holds a share.
-            n->gc.first = slice_empty(&n->slices[0]) ? 1 : 0;
-            n->gc.n = n->plan.n_nodes - n->gc.first;
-            n->tp = (model_tp_t){n->gc.n, n->index - n->gc.first, n->slices + n->gc.first, gather_fn, &n->gc,
-                                 logits_fn};
-            model_ctx_opts_t co = {.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads, .tp = &n->tp,
+            model_ctx_opts_t co = {.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads, .tp = &n->pipe.tp,
                                    .kv_f32 = n->plan.kv_type == QT_F32};
             rc = model_ctx_new(&n->ctx, n->model, &co, err, sizeof err);
             n->logits_cap = (size_t)64 * (size_t)hp->n_vocab;
@@ -248,14 +238,14 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     }
     vlog(n, "load failed:", err);
     ack.load_shard_ack.status = rc;
-    msg_send_link(n->link, &ack, n->gc.timeout_ms, err, sizeof err);
+    msg_send_link(n->link, &ack, n->timeout_ms, err, sizeof err);
     end_plan(n);
     return 0;
 }
 
 static int on_step(node_t *n, const msg_step_t *st) {
     if (!n->ctx) return send_error(n, MLM_ESTATE, "STEP before the shard is loaded", st->step_id);
-    if (st->has_hidden || !st->tokens) return send_error(n, MLM_EUNSUPPORTED, "hidden-state steps need pipeline stages", st->step_id);
+    if (st->has_hidden || !st->tokens) return send_error(n, MLM_EUNSUPPORTED, "hidden states travel on the data plane", st->step_id);
     if (st->pos == 0) model_ctx_reset(n->ctx);
     if (st->pos != model_ctx_pos(n->ctx))
         return send_error(n, MLM_ESTATE, "step position does not follow this node's cache", st->step_id);
@@ -268,15 +258,28 @@ static int on_step(node_t *n, const msg_step_t *st) {
         n->logits = nl;
         n->logits_cap = need;
     }
-    int rc = model_eval(n->ctx, st->tokens, (int)st->n_tokens, st->logits == MSG_LOGITS_NONE ? NULL : n->logits, all);
+    const double b0 = n->pipe.busy_ms, w0 = n->pipe.wait_ms + n->pipe.gather_ms;
+    int rc = pipe_node_step(&n->pipe, n->ctx, st->tokens, (int)st->n_tokens, (int)st->ubatch,
+                            st->logits == MSG_LOGITS_NONE ? NULL : n->logits, all);
     if (rc != 0) {
         char text[256];
         snprintf(text, sizeof text, "step %llu failed: %s", (unsigned long long)st->step_id, mlm_strerror(rc));
         vlog(n, "step failed:", mlm_strerror(rc));
         send_error(n, rc, text, st->step_id);
         end_plan(n); // a lost peer ends the plan; the coordinator re-plans
+        return 0;
     }
-    return 0;
+    // The step's report: how long this node computed and how long it waited (pipeline utilisation).
+    msg_t m;
+    msg_init(&m, MSG_RESULT);
+    m.result.plan_id = n->plan.plan_id;
+    m.result.step_id = st->step_id;
+    m.result.node_index = (uint32_t)n->index;
+    m.result.kind = MSG_RESULT_NONE;
+    m.result.compute_ns = (uint64_t)((n->pipe.busy_ms - b0) * 1e6);
+    m.result.comm_ns = (uint64_t)((n->pipe.wait_ms + n->pipe.gather_ms - w0) * 1e6);
+    char err[256];
+    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
 }
 
 // --- public API
@@ -293,7 +296,7 @@ int node_serve(const node_opts_t *o, char *err, size_t errlen) {
     node_t n;
     memset(&n, 0, sizeof n);
     n.o = o;
-    n.gc.timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 30000;
+    n.timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 30000;
     if (o->node_id) snprintf(n.node_id, sizeof n.node_id, "%s", o->node_id);
     else snprintf(n.node_id, sizeof n.node_id, "worker-%ld", (long)getpid());
     const char *cd = o->cache_dir ? o->cache_dir : getenv("MESHLM_CACHE");
@@ -341,7 +344,11 @@ int node_serve(const node_opts_t *o, char *err, size_t errlen) {
             stop = strcmp(m.shutdown.reason, "exit") == 0;
             rc = 0;
             break;
-        case MSG_HEARTBEAT: rc = 0; break;
+        case MSG_HEARTBEAT: rc = on_ping(&n, m.heartbeat.seq); break;
+        case MSG_SLICE_DATA: // a bandwidth probe outside shard streaming
+            rc = strcmp(m.slice_data.tensor, NODE_PING_TENSOR) == 0 ? on_ping(&n, m.slice_data.plan_id)
+                                                                      : send_error(&n, MLM_EPROTO, "unexpected slice data", 0);
+            break;
         default: rc = send_error(&n, MLM_EPROTO, "unexpected message", 0); break;
         }
         msg_clear(&m);

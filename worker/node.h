@@ -20,6 +20,10 @@ typedef struct {
     bool no_profile;         // skip measuring the machine at start (the planner then assumes equal speed)
 } node_opts_t;
 
+// A SLICE_DATA message naming this tensor is a bandwidth probe: the worker answers it, like a
+// HEARTBEAT, with a HEARTBEAT whose seq is the probe's plan_id (the coordinator measures links so).
+#define NODE_PING_TENSOR "meshlm.ping"
+
 // Serves plans one after another until a SHUTDOWN with reason "exit" (returns 0) or a fatal error
 // (negative MLM_ code, message in err). A lost coordinator or peer ends the current plan only.
 int node_serve(const node_opts_t *o, char *err, size_t errlen);

@@ -161,6 +161,7 @@ int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim
         if (!shard_holds_tensor(slice, t->name, n_layer, tied)) continue;
         int64_t r0, r1, ne[GGUF_MAX_DIMS];
         shard_tensor_rows(slice, t->name, t->ne[1], head_dim, &r0, &r1);
+        if (r1 == r0) continue; // none of its rows (a node with no heads): left out, as the loader expects
         memcpy(ne, t->ne, sizeof ne);
         ne[1] = r1 - r0;
         int64_t idx = gguf_writer_add_tensor(w, t->name, t->type, t->n_dims < 2 && ne[1] != 1 ? 2 : t->n_dims, ne);

@@ -11,6 +11,7 @@
 #include "cluster/launch.h"
 #include "coordinator/cli.h"
 #include "coordinator/cluster.h"
+#include "coordinator/layout_args.h"
 #include "coordinator/generate.h"
 #include "worker/err.h"
 #include "worker/model.h"
@@ -35,6 +36,8 @@ typedef struct {
     char *workers;                   // --workers LIST (owned)
     bool coord_shard;                // --coordinator-shard
     const char *speeds;              // --speeds
+    layout_args_t lay;               // --pp, --tp, --plan, --ubatch, --keep-all
+    const char *lan;                 // --lan MBIT:MS emulated links (fault-injecting transport)
 } bench_args_t;
 
 typedef struct {
@@ -56,7 +59,10 @@ static void bench_usage(FILE *f) {
             "      --workers LIST      run on remote workers (tcp://HOST:PORT,...)\n"
             "      --coordinator-shard the coordinator computes a share too\n"
             "      --speeds LIST       relative speeds of the computing nodes\n"
-            "      --json              print a JSON array instead of the table\n");
+            "      --lan MBIT:MS       emulate every link at MBIT Mbit/s and MS ms one way (sets MESHLM_FAULTS\n"
+            "                          for the coordinator and the local workers), e.g. 1000:1 or 300:5\n"
+            "      --json              print a JSON array instead of the table\n"
+            LAYOUT_ARGS_USAGE);
 }
 
 static int parse_list(const char *s, int *out, int max) {
@@ -162,11 +168,14 @@ int cmd_bench(int argc, char **argv) {
         {"no-repack", no_argument, 0, 'R'}, {"local", required_argument, 0, 'L'},
         {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
         {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
-        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"lan", required_argument, 0, 'E'}, LAYOUT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
     optind = 1;
     int ch;
     while ((ch = getopt_long(argc, argv, "m:t:p:n:r:h", opts, NULL)) != -1) {
+        int lr = layout_args_option(&a.lay, ch, optarg, "bench");
+        if (lr < 0) return 2;
+        if (lr > 0) continue;
         switch (ch) {
         case 'm':
             if (a.n_models == MAX_MODELS) {
@@ -191,6 +200,7 @@ int cmd_bench(int argc, char **argv) {
         case 'W': free(a.workers); a.workers = strdup(optarg); break;
         case 'S': a.coord_shard = true; break;
         case 'V': a.speeds = optarg; break;
+        case 'E': a.lan = optarg; break;
         case 'h': bench_usage(stdout); return 0;
         default: bench_usage(stderr); return 2;
         }
@@ -203,14 +213,25 @@ int cmd_bench(int argc, char **argv) {
         a.threads[0] = 0;
         a.n_threads = 1;
     }
+    if (a.lan) { // every process of the run (local workers inherit it) emulates the links
+        double mbit = 0, ms = -1;
+        if (sscanf(a.lan, "%lf:%lf", &mbit, &ms) != 2 || !(mbit > 0) || !(ms >= 0)) {
+            fprintf(stderr, "meshlm bench: --lan wants MBIT:MS, e.g. 1000:1, not '%s'\n", a.lan);
+            return 2;
+        }
+        char spec[128];
+        snprintf(spec, sizeof spec, "delay:link=*:ms=%g,bw:link=*:mbit=%g", ms, mbit);
+        setenv("MESHLM_FAULTS", spec, 1);
+    }
     const bool dist = a.local > 0 || a.workers;
     cJSON *jarr = a.json ? cJSON_CreateArray() : NULL;
     if (!a.json) {
         printf("| %-24s | %10s | %8s | %-10s | %7s | %6s | %16s | %10s |%s\n", "model", "size", "params", "backend",
-               "threads", "test", "t/s", "weights GB/s", dist ? " comm ms/tok | KiB/tok |" : "");
+               "threads", "test", "t/s", "weights GB/s",
+               dist ? " layout | predicted t/s | TTFT ms | util | comm ms/tok | KiB/tok |" : "");
         printf("| %.24s | %.10s | %.8s | %.10s | %.7s | %.6s | %.16s | %.10s |%s\n", "------------------------------",
                "------------", "----------", "------------", "---------", "--------", "------------------",
-               "------------", dist ? " ----------- | ------- |" : "");
+               "------------", dist ? " ------ | ------------- | ------- | ---- | ----------- | ------- |" : "");
     }
     int code = 0;
     for (int mi = 0; mi < a.n_models; mi++) {
@@ -269,7 +290,9 @@ int cmd_bench(int argc, char **argv) {
                     for (char *t = strtok(list, ","); t && nw < LAUNCH_MAX; t = strtok(NULL, ",")) eps[nw++] = t;
                 }
                 cluster_opts_t co = {.model_path = a.models[mi], .workers = eps, .n_workers = nw, .speeds = a.speeds,
-                                     .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti]};
+                                     .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti],
+                                     .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
+                                     .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch};
                 int rc = cluster_open(&cl, &co, err, sizeof err);
                 free(list);
                 if (rc != 0) {
@@ -296,12 +319,17 @@ int cmd_bench(int argc, char **argv) {
                     code = 1;
                     continue;
                 }
-                double comm_ms = 0, kib = 0;
+                double comm_ms = 0, kib = 0, util = 0, pred = 0;
                 if (cl) {
+                    cluster_sync_stats(cl, 5000);
                     const cluster_stats_t *cs = cluster_stats(cl);
                     comm_ms = cs->tokens ? cs->gather_ms / (double)cs->tokens : 0;
                     kib = cs->tokens ? (double)cs->gather_bytes / (double)cs->tokens / 1024.0 : 0;
+                    util = cs->step_ms > 0 && cs->n_compute ? cs->busy_ms / (cs->n_compute * cs->step_ms) : 0;
+                    const plan_cost_t *pc = &cluster_plan(cl)->cost;
+                    pred = pp ? pc->prefill_tok_s : (pc->token_ms > 0 ? 1000.0 / pc->token_ms : 0);
                 }
+                const double ttft = pp && st.avg > 0 ? n * 1000.0 / st.avg : 0;
                 char tname[16], ts[40], bw[16];
                 snprintf(tname, sizeof tname, "%s%d", pp ? "pp" : "tg", n);
                 snprintf(ts, sizeof ts, "%.2f ± %.2f", st.avg, st.sd);
@@ -326,13 +354,20 @@ int cmd_bench(int argc, char **argv) {
                     if (!pp) cJSON_AddNumberToObject(o, "weights_gbps", bpt * st.avg / 1e9);
                     if (cl) {
                         cJSON_AddNumberToObject(o, "nodes", cluster_plan(cl)->n);
+                        cJSON_AddStringToObject(o, "layout", cluster_plan(cl)->layout);
+                        cJSON_AddNumberToObject(o, "predicted_ts", pred);
+                        if (pp) cJSON_AddNumberToObject(o, "ttft_ms", ttft);
+                        cJSON_AddNumberToObject(o, "utilisation", util);
                         cJSON_AddNumberToObject(o, "comm_ms_per_token", comm_ms);
                         cJSON_AddNumberToObject(o, "comm_bytes_per_token", kib * 1024.0);
                     }
                     cJSON_AddItemToArray(jarr, o);
                 } else {
-                    char extra[64] = "";
-                    if (cl) snprintf(extra, sizeof extra, " %11.3f | %7.1f |", comm_ms, kib);
+                    char extra[160] = "", tt[16] = "-";
+                    if (pp) snprintf(tt, sizeof tt, "%.1f", ttft);
+                    if (cl)
+                        snprintf(extra, sizeof extra, " %6s | %13.1f | %7s | %4.2f | %11.3f | %7.1f |",
+                                 cluster_plan(cl)->layout, pred, tt, util, comm_ms, kib);
                     printf("| %-24s | %10s | %8s | %-10s | %7d | %6s | %16s | %10s |%s\n", name, size, params, backend,
                            nthr, tname, ts, bw, extra);
                     fflush(stdout);

@@ -9,6 +9,7 @@
 #include "coordinator/cli.h"
 #include "coordinator/cluster.h"
 #include "coordinator/gen_args.h"
+#include "coordinator/layout_args.h"
 #include "coordinator/generate.h"
 #include "worker/err.h"
 #include "worker/model.h"
@@ -28,6 +29,7 @@ typedef struct {
     int timeout_ms;           // --timeout
     const char *data_endpoint; // --data-endpoint
     bool verbose;             // --verbose
+    layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all
 } run_args_t;
 
 static void run_usage(FILE *f) {
@@ -45,7 +47,8 @@ static void run_usage(FILE *f) {
             "      --timeout MS        deadline of each exchange and collective (default 30000)\n"
             "      --data-endpoint EP  the coordinator's data-plane endpoint (default: its address towards the\n"
             "                          first worker, on a free port)\n"
-            "      --verbose           cluster progress on stderr\n");
+            "      --verbose           cluster progress on stderr\n"
+            LAYOUT_ARGS_USAGE);
 }
 
 enum { O_WORKERS = GA_NEXT, O_LOCAL, O_LOCAL_TCP, O_LOCAL_NOMODEL, O_CACHE, O_CSHARD, O_SPEEDS, O_TIMEOUT,
@@ -58,13 +61,14 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         {"cache-dir", required_argument, 0, O_CACHE}, {"coordinator-shard", no_argument, 0, O_CSHARD},
         {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
         {"verbose", no_argument, 0, O_VERBOSE}, {"data-endpoint", required_argument, 0, O_DATA_EP},
-        {0, 0, 0, 0}};
+        LAYOUT_ARGS_LONGOPTS, {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     gen_args_init(&a->g);
     optind = 1;
     int ch;
     while ((ch = getopt_long(argc, argv, GEN_ARGS_SHORTOPTS, opts, NULL)) != -1) {
         int r = gen_args_option(&a->g, ch, optarg, "run");
+        if (r == 0) r = layout_args_option(&a->lay, ch, optarg, "run");
         if (r < 0) return 1;
         if (r > 0) continue;
         switch (ch) {
@@ -187,7 +191,8 @@ static int run_main(run_args_t *ap) {
         cluster_opts_t co = {.model_path = a.g.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
                              .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
                              .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .verbose = a.verbose,
-                             .data_endpoint = a.data_endpoint};
+                             .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
+                             .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch};
         if ((rc = cluster_open(&cl, &co, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             goto out;

@@ -9,7 +9,9 @@
 #include "coordinator/cli.h"
 #include "coordinator/gen_args.h"
 #include "coordinator/generate.h"
-#include "parallel/plan.h"
+#include "coordinator/layout_args.h"
+#include "parallel/pipeline.h"
+#include "parallel/plan_stages.h"
 #include "transport/comm_mpi.h"
 #include "transport/gatherv.h"
 #include "worker/clock.h"
@@ -20,11 +22,11 @@
 // --- types
 
 // Control messages from rank 0 (and failure notices from any rank), two frames:
-//   frame 0: u32 STEP_MAGIC, u16 STEP_VERSION, u16 kind, u32 n, u32 pos, u32 flags, u32 0  (little-endian)
+//   frame 0: u32 STEP_MAGIC, u16 STEP_VERSION, u16 kind, u32 n, u32 pos, u32 flags, u32 ubatch (little-endian)
 //   frame 1: STEP: n int32 tokens; FAIL: the reason as text; otherwise empty.
 // Two frames, so a notice that lands inside comm_allgatherv (one frame per block) fails it at once.
 #define STEP_MAGIC 0x534d4c4du   // "MLMS"
-#define STEP_VERSION 1
+#define STEP_VERSION 2          // 2: the last word is the micro-batch size (was 0)
 #define STEP_HDR_BYTES 24
 enum { K_STEP = 1, K_RESET = 2, K_STOP = 3, K_FAIL = 4 }; // only ever appended
 #define F_ALL_LOGITS 1u          // flags: all_logits
@@ -36,18 +38,15 @@ typedef struct {
     int timeout_ms;           // --timeout
     bool selftest;            // --selftest
     bool verbose;             // --verbose
+    layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all
 } mpi_args_t;
-
-// The gather of the tensor-parallel forward pass, over the MPI comm.
-typedef struct {
-    comm_t *comm;             // borrowed
-    int timeout_ms;           // per gather
-} mpi_gather_t;
 
 // Rank 0's engine: broadcasts every step, then computes its share.
 typedef struct {
     comm_t *comm;             // borrowed
     model_ctx_t *ctx;         // borrowed
+    pipe_node_t *pipe;        // its place in the pipeline (borrowed)
+    int ubatch;               // micro-batch tokens
     int timeout_ms;           // per message
     int rc;                   // first failure of a reset (reported by the next eval)
 } mpi_engine_t;
@@ -69,7 +68,8 @@ static int send_ctl(comm_t *c, int peer, int kind, uint32_t n, uint32_t pos, uin
     h[6] = (uint8_t)kind;
     put32(h + 8, n);
     put32(h + 12, pos);
-    put32(h + 16, flags);
+    put32(h + 16, flags & 0xffu);
+    put32(h + 20, flags >> 8); // the micro-batch size rides in flags' upper bits
     comm_iov_t f[2] = {{h, sizeof h}, {body, len}};
     return comm_send(c, peer, f, 2, timeout_ms);
 }
@@ -91,11 +91,6 @@ static void notify_failure(comm_t *c, const char *why) {
     if (c && comm_size(c) > 1) send_ctl_all(c, K_FAIL, 0, 0, 0, why, strlen(why), 1000);
 }
 
-static int mpi_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
-    mpi_gather_t *g = ctx;
-    return comm_allgatherv(g->comm, mine, my_len, out, lens, g->timeout_ms);
-}
-
 static int engine_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) {
     mpi_engine_t *e = ctx;
     if (e->rc != 0) return e->rc;
@@ -103,12 +98,14 @@ static int engine_eval(void *ctx, const int32_t *t, int n, float *logits, bool a
     uint8_t *body = malloc((size_t)n * 4 + 1);
     if (!body) return MLM_ENOMEM;
     for (int i = 0; i < n; i++) put32(body + 4 * (size_t)i, (uint32_t)t[i]);
-    uint32_t flags = (all ? F_ALL_LOGITS : 0) | (logits ? F_LOGITS : 0);
+    uint32_t flags = (all ? F_ALL_LOGITS : 0) | (logits ? F_LOGITS : 0) | (uint32_t)e->ubatch << 8;
     int rc = send_ctl_all(e->comm, K_STEP, (uint32_t)n, (uint32_t)model_ctx_pos(e->ctx), flags, body, (size_t)n * 4,
                           e->timeout_ms);
     free(body);
     if (rc != 0) return e->rc = rc;
-    return model_eval(e->ctx, t, n, logits, all);
+    rc = pipe_node_step(e->pipe, e->ctx, t, n, e->ubatch, logits, all);
+    if (rc == 0 && logits && !pipe_lands_logits(e->pipe)) rc = pipe_recv_logits(e->pipe, n, e->ubatch, logits, all);
+    return rc;
 }
 
 static void engine_reset(void *ctx) {
@@ -119,7 +116,8 @@ static void engine_reset(void *ctx) {
 }
 
 // Ranks > 0: run every step rank 0 announces until STOP. 0, or a negative code with err set.
-static int follow(comm_t *comm, model_ctx_t *ctx, int n_vocab, int timeout_ms, char *err, size_t errlen) {
+static int follow(comm_t *comm, model_ctx_t *ctx, pipe_node_t *pipe, int n_vocab, int timeout_ms, char *err,
+                  size_t errlen) {
     float *logits = NULL;     // (rows, n_vocab) scratch, rows = the largest step seen
     size_t cap = 0;           // floats in logits
     int32_t *toks = NULL;     // (n) the step's tokens
@@ -139,7 +137,7 @@ static int follow(comm_t *comm, model_ctx_t *ctx, int n_vocab, int timeout_ms, c
             break;
         }
         const int kind = h[6];
-        const uint32_t n = get32(h + 8), pos = get32(h + 12), flags = get32(h + 16);
+        const uint32_t n = get32(h + 8), pos = get32(h + 12), flags = get32(h + 16), ubatch = get32(h + 20);
         if (kind == K_STOP) {
             comm_msg_free(&m);
             break;
@@ -180,7 +178,7 @@ static int follow(comm_t *comm, model_ctx_t *ctx, int n_vocab, int timeout_ms, c
         toks = tp;
         for (uint32_t i = 0; i < n; i++) toks[i] = (int32_t)get32((const uint8_t *)m.data[1] + 4 * (size_t)i);
         comm_msg_free(&m);
-        rc = model_eval(ctx, toks, (int)n, (flags & F_LOGITS) ? logits : NULL, all);
+        rc = pipe_node_step(pipe, ctx, toks, (int)n, (int)ubatch, (flags & F_LOGITS) ? logits : NULL, all);
         if (rc != 0) {
             snprintf(err, errlen, "evaluation of %u tokens at %u failed: %s", n, pos, mlm_strerror(rc));
             break;
@@ -200,7 +198,8 @@ static void mpi_usage(FILE *f) {
             "      --speeds LIST       relative speeds of the ranks, e.g. 2,1,1 (default equal)\n"
             "      --timeout MS        deadline of each message and collective (default 30000)\n"
             "      --selftest          check the MPI transport (order, deadlines, gathers) instead; no model\n"
-            "      --verbose           plan and progress on stderr (rank 0)\n");
+            "      --verbose           plan and progress on stderr (rank 0)\n"
+            LAYOUT_ARGS_USAGE);
 }
 
 enum { O_SPEEDS = GA_NEXT, O_TIMEOUT, O_SELFTEST, O_VERBOSE };
@@ -212,6 +211,7 @@ static int parse_args(int argc, char **argv, mpi_args_t *a) {
                                          {"timeout", required_argument, 0, O_TIMEOUT},
                                          {"selftest", no_argument, 0, O_SELFTEST},
                                          {"verbose", no_argument, 0, O_VERBOSE},
+                                         LAYOUT_ARGS_LONGOPTS,
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     gen_args_init(&a->g);
@@ -220,6 +220,7 @@ static int parse_args(int argc, char **argv, mpi_args_t *a) {
     int ch;
     while ((ch = getopt_long(argc, argv, GEN_ARGS_SHORTOPTS, opts, NULL)) != -1) {
         int r = gen_args_option(&a->g, ch, optarg, "mpi");
+        if (r == 0) r = layout_args_option(&a->lay, ch, optarg, "mpi");
         if (r < 0) return 1;
         if (r > 0) continue;
         switch (ch) {
@@ -469,20 +470,33 @@ static int generate(comm_t *comm, mpi_args_t *a) {
         } else if (n != N) {
             snprintf(err, sizeof err, "--speeds lists %d nodes but the job has %d ranks", n, N);
             rc = MLM_EINVAL;
-        } else if ((rc = plan_tp(full, nodes, N, n_ctx, plan, err, sizeof err)) == 0) {
-            for (int i = 0; i < N; i++) slices[i] = plan->shard[i].s;
-            if (me == 0 && a->verbose) plan_print(plan, full, stderr);
+        } else {
+            // Every rank is a computing node; rank 0 (which samples) leads the first stage.
+            rc = a->lay.pp > 1 ? plan_even_stages(full, nodes, N, a->lay.pp, n_ctx, plan, err, sizeof err)
+                               : plan_tp(full, nodes, N, n_ctx, plan, err, sizeof err);
+            if (rc == 0 && (plan->n != N || plan->shard[0].node != 0)) {
+                snprintf(err, sizeof err, "the plan must use every rank, rank 0 first");
+                rc = MLM_EINVAL;
+            }
+            for (int i = 0; rc == 0 && i < N; i++) slices[i] = plan->shard[i].s;
+            if (rc == 0 && me == 0 && a->verbose) plan_print(plan, full, stderr);
         }
     }
     tokenizer_destroy(&tok);
     model_destroy(&full);
     model_load_opts_t lo = {.repack = a->g.repack, .slice = &slices[me]};
     if (rc == 0) rc = model_load(&m, a->g.model, &lo, err, sizeof err);
-    mpi_gather_t g = {comm, a->timeout_ms};
-    model_tp_t tp = {.n_nodes = N, .index = me, .slices = slices, .gather = mpi_gather, .gather_ctx = &g};
+    pipe_node_t pipe;
+    memset(&pipe, 0, sizeof pipe);
+    if (rc == 0) {
+        const model_hparams_t *hp = model_hparams(m);
+        rc = pipe_node_init(&pipe, comm, me, slices, N, hp->n_layer, hp->n_embd, hp->n_vocab, a->timeout_ms, err,
+                            sizeof err);
+    }
+    const int ubatch = a->lay.ubatch > 0 ? a->lay.ubatch : (pipe.n_stages > 1 ? 16 : 0);
     if (rc == 0) {
         model_ctx_opts_t co = {.n_ctx = n_ctx, .n_batch = a->g.n_batch, .n_threads = a->g.n_threads, .kv_f32 = a->g.kv_f32,
-                               .tp = N > 1 ? &tp : NULL};
+                               .tp = &pipe.tp};
         rc = model_ctx_new(&ctx, m, &co, err, sizeof err);
     }
     if (rc == 0 && me == 0 && (rc = tokenizer_from_gguf(&tok, model_gguf(m), err, sizeof err)) != 0)
@@ -497,14 +511,14 @@ static int generate(comm_t *comm, mpi_args_t *a) {
         goto out;
     }
     if (me != 0) {
-        rc = follow(comm, ctx, model_hparams(m)->n_vocab, a->timeout_ms, err, sizeof err);
+        rc = follow(comm, ctx, &pipe, model_hparams(m)->n_vocab, a->timeout_ms, err, sizeof err);
         if (rc != 0) {
             fprintf(stderr, "meshlm mpi: rank %d: %s\n", me, err);
             notify_failure(comm, err);
         }
         goto out;
     }
-    mpi_engine_t e = {comm, ctx, a->timeout_ms, 0};
+    mpi_engine_t e = {comm, ctx, &pipe, ubatch, a->timeout_ms, 0};
     gen_engine_t eng = {&e, model_hparams(m)->n_vocab, engine_eval, engine_reset};
     a->g.gen.n_predict = a->g.n_predict;
     a->g.gen.stream = a->g.json ? NULL : stdout;
@@ -550,6 +564,7 @@ out:
     model_ctx_destroy(&ctx);
     tokenizer_destroy(&tok);
     model_destroy(&m);
+    pipe_node_free(&pipe);
     free(slices);
     free(plan);
     return rc == 0 ? 0 : 1;

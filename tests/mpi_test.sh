@@ -66,6 +66,30 @@ else
   cat "$log" >&2
   fail=$((fail + 1))
 fi
+# Pipeline and hybrid layouts: 2 and 3 stages, and 2 stages x 2-rank tensor-parallel groups, with
+# prompt micro-batches of 3 tokens. One node run with the same chunks (-b 3) gives the same tokens
+# and the same logits, bit for bit (--logits files compared byte by byte).
+dir="$(mktemp -d)"
+for model in stories260K.gguf synth/synth-dense-Q4_K_M.gguf synth/synth-moe-Q8_0.gguf; do
+  m="$shared/models/$model"
+  one=$("$bin" run -m "$m" -p "$prompt" -n 16 --greedy --json -t 1 -b 3 --logits "$dir/one.f32" 2>/dev/null |
+        grep -o '"tokens":\[[^]]*\]')
+  for lay in "2 2" "3 3" "4 2"; do
+    set -- $lay
+    many=$(mpirun_ -np "$1" "$bin" mpi -m "$m" -p "$prompt" -n 16 --greedy --json -t 1 --pp "$2" --ubatch 3 \
+           --timeout 20000 --logits "$dir/many.f32" 2>"$log" | grep -o '"tokens":\[[^]]*\]')
+    if [ -n "$one" ] && [ "$one" = "$many" ] && cmp -s "$dir/one.f32" "$dir/many.f32"; then
+      echo "mpi: $model on $1 rank(s) as $2 pipeline stages: same tokens and logits as one node"
+      pass=$((pass + 1))
+    else
+      echo "mpi: $model on $1 rank(s) as $2 stages: MISMATCH one=[$one] mpi=[$many]" >&2
+      cat "$log" >&2
+      fail=$((fail + 1))
+    fi
+  done
+done
+rm -rf "$dir"
+
 t0=$(date +%s)
 if mpirun_ -np 2 "$bin" mpi -m /nonexistent.gguf -p "$prompt" -n 4 --timeout 5000 >"$log" 2>&1; then
   echo "mpi: a missing model file exited 0" >&2

@@ -16,6 +16,7 @@
 #include "transport/comm_zmq.h"
 #include "parallel/pipeline.h"
 #include "parallel/plan_stages.h"
+#include "transport/fault.h"
 #include "transport/link.h"
 #include "worker/node.h"
 #include "worker/err.h"
@@ -47,6 +48,7 @@ struct cluster {
     int *rank_worker;           // (n_nodes) worker index of each rank, -1 for the coordinator
     comm_t *comm;               // data plane
     pipe_node_t pipe;           // the coordinator's place in the pipeline
+    fault_spec_t *faults;       // $MESHLM_FAULTS: links to emulate (NULL = none), handed to the workers
     model_t *model;             // the coordinator's slice (empty unless it computes)
     model_ctx_t *ctx;           // its context, only when it computes
     bool computes;              // the coordinator holds a share
@@ -150,6 +152,13 @@ static int say_hello(cluster_t *c, char *err, size_t errlen) {
         snprintf(m.hello.node_id, sizeof m.hello.node_id, "coordinator");
         m.hello.role = MSG_ROLE_COORDINATOR;
         m.hello.n_cores = 1;
+        m.hello.link_rank = i + 1;
+        const char *ft = fault_spec_text(c->faults);
+        if (strlen(ft) >= sizeof m.hello.faults) {
+            snprintf(err, errlen, "the fault spec is longer than %zu bytes", sizeof m.hello.faults - 1);
+            return MLM_EINVAL;
+        }
+        snprintf(m.hello.faults, sizeof m.hello.faults, "%s", ft);
         if ((rc = msg_send_link(w->link, &m, c->timeout_ms, err, errlen)) != 0) return rc;
     }
     for (int i = 0; i < c->o.n_workers; i++) {
@@ -160,6 +169,8 @@ static int say_hello(cluster_t *c, char *err, size_t errlen) {
         c->w[i].hello = m.hello;
         msg_clear(&m);
         comm_msg_free(&raw);
+        // From here on both ends emulate the link (the worker turned it on after its HELLO).
+        if (fault_has_link_rules(c->faults)) link_set_faults(c->w[i].link, c->faults, 0, i + 1);
         for (int j = 0; j < i; j++)
             if (!strcmp(c->w[j].hello.node_id, c->w[i].hello.node_id)) {
                 snprintf(err, errlen, "workers %s and %s share the node id %s", c->w[j].endpoint, c->w[i].endpoint,
@@ -486,6 +497,7 @@ int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t err
     model_t *full = NULL;
     int rc = (c->w && c->plan && c->slices && c->pnodes && c->rank_worker) ? 0 : MLM_ENOMEM;
     model_load_opts_t flo = {.repack = false};
+    if (rc == 0) rc = fault_from_env(&c->faults, err, errlen);
     if (rc == 0) rc = sha256_file(o->model_path, c->sha, err, errlen);
     if (rc == 0) rc = model_load(&full, o->model_path, &flo, err, errlen);
     if (rc == 0) rc = say_hello(c, err, errlen);
@@ -500,6 +512,7 @@ int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t err
         comm_zmq_opts_default(&zo);
         zo.connect_timeout_ms = c->timeout_ms;
         rc = comm_zmq_new(&c->comm, 0, c->n_nodes, eps, &zo, err, errlen);
+        if (rc == 0 && fault_has_link_rules(c->faults)) rc = comm_fault_wrap(&c->comm, c->faults, err, errlen);
     }
     model_destroy(&full);
     if (rc == 0) {
@@ -673,6 +686,7 @@ void cluster_close(cluster_t **self_p, bool exit_workers) {
     free(c->slices);
     free(c->pnodes);
     free(c->rank_worker);
+    fault_free(&c->faults);
     free(c);
     *self_p = NULL;
 }

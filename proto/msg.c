@@ -216,6 +216,9 @@ static int check_hello(const msg_hello_t *h, char *why) {
                 return fail(why, WHY_MAX, MLM_EFORMAT, "speeds: type %s twice", qtype_name(s->type));
     }
     if (h->has_model && h->model_size == 0) return fail(why, WHY_MAX, MLM_EFORMAT, "has_model with model_size 0");
+    if ((rc = check_text(h->faults, MSG_TEXT_MAX, "faults", why))) return rc;
+    if (h->link_rank < 0 || h->link_rank >= MSG_MAX_NODES)
+        return fail(why, WHY_MAX, MLM_ERANGE, "link_rank %d out of range", (int)h->link_rank);
     return 0;
 }
 
@@ -517,6 +520,8 @@ static int msg_to_pb(const msg_t *m, pb_any_t *pb, pb_scratch_t *sc) {
         d->node_id = (char *)h->node_id;
         d->role = (Meshlm__Role)h->role;
         d->endpoint = (char *)h->endpoint;
+        d->faults = (char *)h->faults;
+        d->link_rank = h->link_rank;
         d->caps = &sc->caps;
         sc->caps.n_cores = h->n_cores;
         sc->caps.ram_budget_bytes = h->ram_budget_bytes;
@@ -692,6 +697,10 @@ static int hello_from_pb(const Meshlm__Hello *d, msg_hello_t *h, char *why) {
     h->proto_minor = (uint16_t)d->proto_minor;
     if ((rc = copy_str(h->node_id, MSG_ID_MAX, d->node_id, "node_id", why))) return rc;
     if ((rc = copy_str(h->endpoint, MSG_ENDPOINT_MAX, d->endpoint, "endpoint", why))) return rc;
+    if ((rc = copy_str(h->faults, MSG_TEXT_MAX, d->faults, "faults", why))) return rc;
+    if (d->link_rank < 0 || d->link_rank >= MSG_MAX_NODES)
+        return fail(why, WHY_MAX, MLM_ERANGE, "link_rank %d out of range", (int)d->link_rank);
+    h->link_rank = d->link_rank;
     h->role = (msg_role_t)d->role;
     const Meshlm__Capabilities *c = d->caps;
     if (!c) return fail(why, WHY_MAX, MLM_EFORMAT, "caps missing");

@@ -112,6 +112,8 @@ typedef struct {
     bool has_model;                     // the node has the model file locally
     uint8_t model_sha256[MSG_SHA256_LEN]; // valid when has_model
     uint64_t model_size;                // valid when has_model
+    char faults[MSG_TEXT_MAX];          // coordinator -> worker: link faults to emulate ("" = none)
+    int32_t link_rank;                  // coordinator -> worker: the worker's control-link rank (0 = unset)
 } msg_hello_t;
 
 typedef struct {

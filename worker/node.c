@@ -14,6 +14,7 @@
 #include "proto/msg_io.h"
 #include "transport/comm_zmq.h"
 #include "transport/gatherv.h"
+#include "transport/fault.h"
 #include "transport/link.h"
 #include "worker/err.h"
 #include "worker/model.h"
@@ -41,6 +42,8 @@ typedef struct {
     comm_t *comm;               // data plane of the plan
     int timeout_ms;             // per exchange and control message
     pipe_node_t pipe;           // its stage, group and hand-offs
+    fault_spec_t *faults;       // links to emulate, as the coordinator's HELLO said (NULL = none)
+    int link_rank;              // this node's rank on the control link (from the HELLO)
     float *logits;              // (max rows, n_vocab) scratch for the output gather
     size_t logits_cap;          // floats
     profile_t prof;             // measured at start (n_types 0 when skipped)
@@ -84,7 +87,16 @@ static shard_slice_t slice_of(const msg_plan_node_t *p) {
     return s;
 }
 
-static int on_hello(node_t *n) {
+static int on_hello(node_t *n, const msg_hello_t *from) {
+    // The coordinator decides which faults every link of the run emulates.
+    char err[256];
+    fault_free(&n->faults);
+    n->link_rank = from->link_rank;
+    link_set_faults(n->link, NULL, 0, 0); // the HELLO answer travels plain, like the HELLO
+    if (from->faults[0] && fault_parse(from->faults, &n->faults, err, sizeof err) != 0) {
+        vlog(n, "bad fault spec from the coordinator:", err);
+        return send_error(n, MLM_EINVAL, err, 0);
+    }
     msg_t m;
     msg_init(&m, MSG_HELLO);
     msg_hello_t *h = &m.hello;
@@ -103,8 +115,9 @@ static int on_hello(node_t *n) {
         memcpy(h->model_sha256, n->sha, 32);
         h->model_size = n->model_size;
     }
-    char err[256];
-    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+    int rc = msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+    if (rc == 0 && fault_has_link_rules(n->faults)) link_set_faults(n->link, n->faults, n->link_rank, 0);
+    return rc;
 }
 
 // Link measurement: a heartbeat (or a ping payload) is answered at once with a heartbeat
@@ -217,6 +230,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         comm_zmq_opts_default(&zo);
         zo.connect_timeout_ms = n->timeout_ms;
         rc = comm_zmq_new(&n->comm, n->index, n->plan.n_nodes, eps, &zo, err, sizeof err);
+        if (rc == 0 && fault_has_link_rules(n->faults)) rc = comm_fault_wrap(&n->comm, n->faults, err, sizeof err);
         if (rc == 0)
             rc = pipe_node_init(&n->pipe, n->comm, n->index, n->slices, n->plan.n_nodes, hp->n_layer, hp->n_embd,
                                 hp->n_vocab, n->timeout_ms, err, sizeof err);
@@ -335,7 +349,7 @@ int node_serve(const node_opts_t *o, char *err, size_t errlen) {
         }
         vlog(&n, "got", msg_type_name(m.type));
         switch (m.type) {
-        case MSG_HELLO: rc = on_hello(&n); break;
+        case MSG_HELLO: rc = on_hello(&n, &m.hello); break;
         case MSG_PLAN: rc = on_plan(&n, &m.plan); break;
         case MSG_LOAD_SHARD: rc = on_load(&n, &m.load_shard); break;
         case MSG_STEP: rc = on_step(&n, &m.step); break;
@@ -361,5 +375,6 @@ int node_serve(const node_opts_t *o, char *err, size_t errlen) {
     }
     end_plan(&n);
     link_destroy(&n.link);
+    fault_free(&n.faults);
     return rc;
 }

@@ -280,6 +280,9 @@ static void test_parse_errors(void) {
         {"delay:link=0-1:ms=5,,drop:link=*:p=0", "rule 2", "empty rule"},
         {"delay:link=0-1:ms=5,", "rule 2", "empty rule"},
         {"jitter:link=0-1:ms=1", "rule 1", "unknown kind 'jitter'"},
+        {"delay:link=0-1:ms=5:", "rule 1", "empty key=value"},
+        {"drop::link=0-1:p=1", "rule 1", "empty key=value"},
+        {"drop:link=0-1:p=1,delay", "rule 2 'delay'", "delay needs link"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         fault_spec_t *s = (fault_spec_t *)1;
@@ -365,14 +368,33 @@ static void check_pingpong(comm_t **cs, double delay_ms) {
     CU_ASSERT(now_ms() - t0 >= delay_ms);
 }
 
-// Jitter never reorders the messages of one peer; recv(ANY) takes from both senders.
-static void check_jitter_order(comm_t **cs) {
+// Each message is late by the delay plus its own seeded jitter; jitter never reorders the messages
+// of one peer; recv(ANY) takes from both senders.
+static void check_jitter_order(comm_t **cs, const fault_spec_t *spec) {
+    fault_link_t p;
+    fault_link_params(spec, 1, 0, &p);
+    double lo = 1e9, hi = 0;
+    int early = 0;
+    for (uint32_t i = 0; i < 20; i++) { // one at a time: messages 0..19 of 1 -> 0
+        fault_decision_t d;
+        fault_decide(spec, 1, 0, i, &d);
+        double t0 = now_ms();
+        CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &i, 4, 1000), 0);
+        CU_ASSERT(recv_index(cs[0], 1, i, 2000));
+        double el = now_ms() - t0;
+        early += el < p.delay_ms + d.jitter_ms;
+        lo = fmin(lo, el);
+        hi = fmax(hi, el);
+    }
+    CU_ASSERT_EQUAL(early, 0);
+    CU_ASSERT(hi - lo >= p.jitter_ms / 4); // the jitter is there
     const uint32_t n = 100;
     for (uint32_t i = 0; i < n; i++) {
-        CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &i, 4, 1000), 0);
+        uint32_t i1 = i + 20;
+        CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &i1, 4, 1000), 0);
         CU_ASSERT_EQUAL(comm_send1(cs[2], 0, &i, 4, 1000), 0);
     }
-    uint32_t next[3] = {0, 0, 0};
+    uint32_t next[3] = {0, 0, 0}, first[3] = {0, 20, 0};
     int bad = 0;
     for (uint32_t i = 0; i < 2 * n; i++) {
         comm_msg_t m;
@@ -381,7 +403,7 @@ static void check_jitter_order(comm_t **cs) {
             bad++;
             continue;
         }
-        if (from < 1 || from > 2 || m.n != 1 || m.len[0] != 4 || *(uint32_t *)m.data[0] != next[from]) bad++;
+        if (from < 1 || from > 2 || m.n != 1 || m.len[0] != 4 || *(uint32_t *)m.data[0] != first[from] + next[from]) bad++;
         else next[from]++;
         comm_msg_free(&m);
     }
@@ -541,8 +563,10 @@ static void test_inproc_delay(void) {
     check_frame_counts(cs);
     destroy_all(cs, 2);
 
-    CU_ASSERT_FATAL(inproc_group(cs, 3, "delay:link=*:ms=1:jitter=4,seed=1") == 0);
-    check_jitter_order(cs);
+    fault_spec_t *spec = spec_of("delay:link=*:ms=1:jitter=4,seed=1");
+    CU_ASSERT_FATAL(spec && inproc_group(cs, 3, fault_spec_text(spec)) == 0);
+    check_jitter_order(cs, spec);
+    fault_free(&spec);
     destroy_all(cs, 3);
 
     CU_ASSERT_FATAL(inproc_group(cs, 2, "bw:link=0-1:mbit=100") == 0);
@@ -709,6 +733,32 @@ static void test_allreduce_bits(void) {
     test_rm_dir(dir);
 }
 
+// comm_ping (what calibration and benchmarks use) measures the emulated link.
+typedef struct {
+    int rc[2];
+    double lat_us[2], bw[2];
+} ping_job_t;
+
+static void ping_body(comm_t *c, int r, void *arg) {
+    ping_job_t *j = arg;
+    j->rc[r] = comm_ping(c, 1 - r, 4, &j->lat_us[r], &j->bw[r], 10000);
+}
+
+static void test_ping_measures_link(void) {
+    comm_t *cs[MAXN];
+    fault_spec_t *spec = spec_of("delay:link=0-1:ms=3,bw:link=0-1:mbit=200");
+    CU_ASSERT_FATAL(spec && inproc_group(cs, 2, fault_spec_text(spec)) == 0);
+    fault_link_t p;
+    fault_link_params(spec, 0, 1, &p);
+    ping_job_t j = {{-1, -1}, {0, 0}, {0, 0}};
+    run_ranks(cs, 2, ping_body, &j);
+    CU_ASSERT(j.rc[0] == 0 && j.rc[1] == 0);
+    CU_ASSERT(j.lat_us[0] >= p.delay_ms * 1000 && j.lat_us[0] == j.lat_us[1]);
+    CU_ASSERT(j.bw[0] > 0 && j.bw[0] <= p.mbit * 1e6 / 8 * 1.5); // 25 MB/s, measured a little above at most
+    destroy_all(cs, 2);
+    fault_free(&spec);
+}
+
 // --- wrapper over ZeroMQ (ipc)
 
 static void test_zmq_wrapper(void) {
@@ -721,8 +771,10 @@ static void test_zmq_wrapper(void) {
     check_frame_counts(cs);
     destroy_all(cs, 2);
 
-    CU_ASSERT_FATAL(zmq_group(cs, 3, dir, "j", "delay:link=*:ms=1:jitter=4,seed=2", 0x7) == 0);
-    check_jitter_order(cs);
+    fault_spec_t *spec = spec_of("delay:link=*:ms=1:jitter=4,seed=2");
+    CU_ASSERT_FATAL(spec && zmq_group(cs, 3, dir, "j", fault_spec_text(spec), 0x7) == 0);
+    check_jitter_order(cs, spec);
+    fault_free(&spec);
     destroy_all(cs, 3);
 
     CU_ASSERT_FATAL(zmq_group(cs, 2, dir, "b", "bw:link=0-1:mbit=100", 0x3) == 0);
@@ -730,7 +782,7 @@ static void test_zmq_wrapper(void) {
     destroy_all(cs, 2);
 
     const char *text = "drop:link=0-1:p=0.3,seed=11";
-    fault_spec_t *spec = spec_of(text);
+    spec = spec_of(text);
     CU_ASSERT_FATAL(spec != NULL);
     uint64_t runs[2];
     for (int run = 0; run < 2; run++) {
@@ -892,6 +944,7 @@ int test_fault_suite(void) {
         !CU_add_test(s, "inproc drop and loss", test_inproc_drop_loss) ||
         !CU_add_test(s, "inproc hostile stamps", check_hostile_inproc) ||
         !CU_add_test(s, "all-reduce bits through wrapped comms", test_allreduce_bits) ||
+        !CU_add_test(s, "comm_ping measures the emulated link", test_ping_measures_link) ||
         !CU_add_test(s, "zmq ipc wrapper", test_zmq_wrapper) ||
         !CU_add_test(s, "control link faults", test_link_faults))
         return -1;

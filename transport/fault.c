@@ -325,19 +325,25 @@ static int parse_kv(rule_t *r, int bit, const char *key, const char *v, char *wh
 // Parses one rule (already trimmed, NUL-terminated, modified in place) into r. 0, or -1 with why.
 static int parse_rule(char *text, rule_t *r, char *why, size_t whylen) {
     *r = (rule_t){.a = -1, .b = -1, .worker = -1, .rto_ms = DEFAULT_RTO_MS};
-    char *save = NULL;
-    char *kind = strtok_r(text, ":", &save);
+    char *pairs = strchr(text, ':'); // the key=value pairs after the kind
+    if (pairs) *pairs++ = 0;
+    char *kind = text;
     int k = -1;
-    for (int i = 0; kind && i < (int)(sizeof KINDS / sizeof KINDS[0]); i++)
+    for (int i = 0; i < (int)(sizeof KINDS / sizeof KINDS[0]); i++)
         if (strcmp(kind, KINDS[i].name) == 0) k = i;
     if (k < 0) {
-        snprintf(why, whylen, "unknown kind '%s' (delay, bw, loss, drop, kill, freeze, partition, seed=N)",
-                 kind ? kind : "");
+        snprintf(why, whylen, "unknown kind '%s' (delay, bw, loss, drop, kill, freeze, partition, seed=N)", kind);
         return -1;
     }
     r->kind = KINDS[k].kind;
     int seen = 0;
-    for (char *kv; (kv = strtok_r(NULL, ":", &save));) {
+    for (char *kv = pairs; kv;) {
+        char *colon = strchr(kv, ':');
+        if (colon) *colon = 0;
+        if (!*kv) {
+            snprintf(why, whylen, "empty key=value (two ':' in a row or one at the end)");
+            return -1;
+        }
         char *eq = strchr(kv, '=');
         if (eq) *eq = 0;
         int bit = 0;
@@ -357,6 +363,7 @@ static int parse_rule(char *text, rule_t *r, char *why, size_t whylen) {
         }
         seen |= bit;
         if (parse_kv(r, bit, kv, eq + 1, why, whylen) != 0) return -1;
+        kv = colon ? colon + 1 : NULL;
     }
     int missing = KINDS[k].required & ~seen;
     if (missing) {

@@ -190,6 +190,15 @@ static void test_parse_roundtrip(void) {
     fault_free(&s); // idempotent
     CU_ASSERT(s == NULL);
 
+    // the example of DESIGN.md
+    s = spec_of("kill:worker=2:after_tokens=5,delay:link=0-1:ms=40,drop:link=1-3:p=0.05");
+    CU_ASSERT_FATAL(s != NULL);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(s), "kill:worker=2:after_tokens=5,delay:link=0-1:ms=40,drop:link=1-3:p=0.05");
+    fault_link_params(s, 3, 1, &p);
+    CU_ASSERT(p.drop_p == 0.05 && p.delay_ms == 0);
+    CU_ASSERT(fault_n_events(s) == 1 && fault_event(s, 0)->kind == FAULT_KILL);
+    fault_free(&s);
+
     // the most specific rule wins, among equals the last
     s = spec_of("delay:link=0-1:ms=40,delay:link=*:ms=5,delay:link=*:ms=6,delay:link=3-*:ms=2,loss:link=*:p=1:rto_ms=7");
     CU_ASSERT_FATAL(s != NULL);

@@ -379,6 +379,34 @@ static int parse_rule(char *text, rule_t *r, char *why, size_t whylen) {
 
 static bool is_link_kind(fault_kind_t k) { return k == FAULT_DELAY || k == FAULT_BW || k == FAULT_LOSS || k == FAULT_DROP; }
 
+// Adds one rule (trimmed, NUL-terminated, modified in place) to s. On error why is filled.
+static void add_rule(fault_spec_t *s, char *text, char *why, size_t whylen) {
+    if (!*text) {
+        snprintf(why, whylen, "empty rule");
+        return;
+    }
+    if (strncmp(text, "seed", 4) == 0 && (text[4] == '=' || text[4] == ':')) {
+        const char *v = text + 5;
+        char *end = NULL;
+        errno = 0;
+        unsigned long long u = isdigit((unsigned char)*v) ? strtoull(v, &end, 10) : 0;
+        if (text[4] == ':') snprintf(why, whylen, "write the seed as seed=N");
+        else if (s->has_seed) snprintf(why, whylen, "seed given twice");
+        else if (!end || *end || errno) snprintf(why, whylen, "seed '%s' is not an unsigned integer", v);
+        else {
+            s->seed = u;
+            s->has_seed = true;
+        }
+        return;
+    }
+    rule_t *r = &s->rules[s->n_rules];
+    if (parse_rule(text, r, why, whylen) != 0) return;
+    s->n_rules++;
+    if (!is_link_kind(r->kind))
+        s->events[s->n_events++] =
+            (fault_event_t){r->kind, r->worker, r->a, r->b, r->after_tokens, r->kind == FAULT_FREEZE ? r->ms : 0};
+}
+
 // How specifically rule r names the link x-y: -1 not at all, 0 `*`, 1 `A-*`, 2 `A-B`.
 static int match(const rule_t *r, int x, int y) {
     if (r->a == FAULT_ANY) return 0;
@@ -445,8 +473,8 @@ int fault_parse(const char *text, fault_spec_t **out, char *err, size_t errlen) 
         return MLM_EINVAL;
     }
     fault_spec_t *s = calloc(1, sizeof *s);
-    char *buf = strdup(text); // (n + 1) rules are cut in place
-    size_t cap = 1;
+    char *buf = strdup(text); // rules are cut out of it in place
+    size_t cap = 1;           // commas + 1 bounds the rules
     for (const char *c = text; *c; c++) cap += *c == ',';
     if (s) s->rules = calloc(cap, sizeof *s->rules);
     if (s) s->events = calloc(cap, sizeof *s->events);
@@ -469,29 +497,7 @@ int fault_parse(const char *text, fault_spec_t **out, char *err, size_t errlen) 
         char shown[96]; // the rule as written, for the message
         snprintf(shown, sizeof shown, "%.80s%s", start, strlen(start) > 80 ? "..." : "");
         char why[160] = "";
-        if (!*start) {
-            snprintf(why, sizeof why, "empty rule");
-        } else if (strncmp(start, "seed", 4) == 0 && (start[4] == '=' || start[4] == ':')) {
-            const char *v = start + 5;
-            char *e = NULL;
-            errno = 0;
-            unsigned long long u = isdigit((unsigned char)*v) ? strtoull(v, &e, 10) : 0;
-            if (start[4] == ':') snprintf(why, sizeof why, "write the seed as seed=N");
-            else if (s->has_seed) snprintf(why, sizeof why, "seed given twice");
-            else if (!e || *e || errno) snprintf(why, sizeof why, "seed '%s' is not an unsigned integer", v);
-            else {
-                s->seed = u;
-                s->has_seed = true;
-            }
-        } else {
-            rule_t *r = &s->rules[s->n_rules];
-            if (parse_rule(start, r, why, sizeof why) == 0) {
-                s->n_rules++;
-                if (!is_link_kind(r->kind))
-                    s->events[s->n_events++] = (fault_event_t){r->kind, r->worker, r->a, r->b, r->after_tokens,
-                                                               r->kind == FAULT_FREEZE ? r->ms : 0};
-            }
-        }
+        add_rule(s, start, why, sizeof why);
         if (why[0]) {
             set_err(err, errlen, "fault rule %d '%s': %s", idx, shown, why);
             rc = MLM_EINVAL;

@@ -35,6 +35,14 @@
 // d is a pure function of (seed, s, d, n) (fault_decide): the same spec and seed make the same
 // decisions every run, whatever the timing.
 
+// Typical use, on every rank right after its comm and link are made:
+//   fault_spec_t *spec = NULL;                       // coordinator: fault_from_env; workers: fault_parse
+//   if (fault_from_env(&spec, err, sizeof err) != 0) ...;          //   of the text the coordinator sent
+//   comm_fault_wrap(&comm, spec, err, sizeof err);   // data plane (nothing happens when spec is NULL)
+//   link_set_faults(link, spec, my_rank, peer_rank); // control link (transport/link.h)
+//   ... hand fault_spec_text(spec) to the workers; fault_event(spec, i) drives kill/freeze/partition ...
+//   fault_free(&spec);                               // the comm and the link keep what they need
+
 typedef struct fault_spec fault_spec_t;
 
 #define FAULT_ANY (-1)              // `*` in a link

@@ -15,7 +15,6 @@
 #include "proto/msg_io.h"
 #include "transport/comm_zmq.h"
 #include "parallel/pipeline.h"
-#include "parallel/plan_stages.h"
 #include "transport/fault.h"
 #include "transport/link.h"
 #include "worker/node.h"
@@ -309,9 +308,26 @@ static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
     const model_hparams_t *hp = model_hparams(full);
     int n_ctx = c->o.n_ctx > 0 ? c->o.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
     c->o.n_ctx = n_ctx;
-    if (c->o.pp > 1) rc = plan_even_stages(full, nodes, n_compute, c->o.pp, n_ctx, c->plan, err, errlen);
-    else rc = plan_tp(full, nodes, n_compute, n_ctx, c->plan, err, errlen);
+    // The coordinator shares its LAN: its link is as good as the best worker's.
+    for (int i = 0; off && i < c->o.n_workers; i++) {
+        if (nodes[0].lat_us == 0 || c->w[i].lat_us < nodes[0].lat_us) nodes[0].lat_us = c->w[i].lat_us;
+        if (c->w[i].bw > nodes[0].link_bw) nodes[0].link_bw = c->w[i].bw;
+    }
+    plan_model_t *pm = malloc(sizeof *pm);
+    if (!pm) return MLM_ENOMEM;
+    rc = plan_model_from_model(full, pm, err, errlen);
+    if (rc == 0 && c->o.plan_file) {
+        plan_spec_t spec;
+        rc = plan_file_load(c->o.plan_file, &spec, err, errlen);
+        if (rc == 0) rc = plan_from_spec(pm, nodes, n_compute, &spec, n_ctx, c->plan, err, errlen);
+    } else if (rc == 0) {
+        plan_opts_t po = {.n_ctx = n_ctx, .pp = c->o.pp, .tp = c->o.tp, .keep_all = c->o.keep_all,
+                          .pin_first = off != 0, .ubatch = c->o.ubatch};
+        rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
+    }
+    free(pm);
     if (rc != 0) return rc;
+    if (c->o.verbose && c->plan->why[0]) fprintf(stderr, "meshlm: plan %s: %s\n", c->plan->layout, c->plan->why);
     const plan_t *pl = c->plan;
     if (off && (pl->n < 1 || pl->shard[0].node != 0)) {
         snprintf(err, errlen, "the plan must start with the coordinator's own share");

@@ -11,7 +11,7 @@
 #include "coordinator/generate.h"
 #include "coordinator/layout_args.h"
 #include "parallel/pipeline.h"
-#include "parallel/plan_stages.h"
+#include "parallel/plan.h"
 #include "transport/comm_mpi.h"
 #include "transport/gatherv.h"
 #include "worker/clock.h"
@@ -472,8 +472,19 @@ static int generate(comm_t *comm, mpi_args_t *a) {
             rc = MLM_EINVAL;
         } else {
             // Every rank is a computing node; rank 0 (which samples) leads the first stage.
-            rc = a->lay.pp > 1 ? plan_even_stages(full, nodes, N, a->lay.pp, n_ctx, plan, err, sizeof err)
-                               : plan_tp(full, nodes, N, n_ctx, plan, err, sizeof err);
+            plan_model_t *pm = malloc(sizeof *pm);
+            rc = pm ? plan_model_from_model(full, pm, err, sizeof err) : MLM_ENOMEM;
+            if (rc == 0 && a->lay.plan_file) {
+                plan_spec_t spec;
+                rc = plan_file_load(a->lay.plan_file, &spec, err, sizeof err);
+                if (rc == 0) rc = plan_from_spec(pm, nodes, N, &spec, n_ctx, plan, err, sizeof err);
+            } else if (rc == 0) {
+                // Without --pp/--tp every rank computes in one tensor-parallel group, as before.
+                plan_opts_t po = {.n_ctx = n_ctx, .pp = a->lay.pp ? a->lay.pp : (a->lay.tp ? 0 : 1), .tp = a->lay.tp,
+                                  .keep_all = true, .pin_first = true, .ubatch = a->lay.ubatch};
+                rc = plan_make(pm, nodes, N, &po, plan, NULL, 0, NULL, err, sizeof err);
+            }
+            free(pm);
             if (rc == 0 && (plan->n != N || plan->shard[0].node != 0)) {
                 snprintf(err, sizeof err, "the plan must use every rank, rank 0 first");
                 rc = MLM_EINVAL;

@@ -70,7 +70,8 @@ static int run_cluster(const char *case_name, const layout_t *ly, cluster_stats_
     for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .speeds = ly->speeds,
                          .coordinator_shard = ly->coord_shard, .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000,
-                         .pp = ly->pp < n_layer ? ly->pp : n_layer, .ubatch = ly->ubatch};
+                         .pp = ly->pp == 0 ? 1 : ly->pp < n_layer ? ly->pp : n_layer, .ubatch = ly->ubatch,
+                         .keep_all = true};
     cluster_t *cl = NULL;
     if (cluster_open(&cl, &co, err, sizeof err) != 0) {
         fprintf(stderr, "  %s: cluster_open: %s\n", case_name, err);
@@ -158,7 +159,7 @@ static void test_killed_worker(void) {
     for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
     const int deadline = 2000;
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_ctx = 128,
-                         .n_threads = 1, .timeout_ms = deadline};
+                         .n_threads = 1, .timeout_ms = deadline, .pp = 1, .keep_all = true};
     cluster_t *cl = NULL;
     CU_ASSERT_EQUAL_FATAL(cluster_open(&cl, &co, err, sizeof err), 0);
     float *lg = malloc((size_t)rc.n_vocab * sizeof(float));

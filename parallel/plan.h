@@ -149,6 +149,7 @@ typedef struct {
     bool pin_first;    // node 0 (the coordinator) computes and is shard 0 of stage 0
     int ubatch;        // prefill micro-batch tokens (0 = PLAN_DEFAULT_UBATCH)
     int n_prompt;      // prompt tokens for the prefill figure (0 = PLAN_DEFAULT_N_PROMPT)
+    bool heuristic;    // use the heuristic search even where every layout would be tried (tests compare them)
 } plan_opts_t;
 
 #define PLAN_EXHAUSTIVE_MAX 8  // up to this many offered nodes every layout is tried

@@ -511,7 +511,8 @@ static void why_best(search_t *s, plan_t *p) {
                 ADD("%s", to[k]);
                 r += strlen(from[k]);
             } else {
-                ADD("%c", *r++);
+                ADD("%c", *r);
+                r++; // not inside ADD: it skips its arguments once the line is full
             }
         }
     }
@@ -598,7 +599,7 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
     s->o = o;
     s->closest_miss = -1;
     for (int i = 0; i < n; i++) s->rate[i] = plan_node_rate(pm, &nodes[i]);
-    if (n <= PLAN_EXHAUSTIVE_MAX) search_all(s);
+    if (n <= PLAN_EXHAUSTIVE_MAX && !o.heuristic) search_all(s);
     else search_heuristic(s), polish(s);
     int rc = 0;
     if (!s->best.valid) {

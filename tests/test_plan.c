@@ -1,5 +1,6 @@
-// Planner suite: splits cover every unit once, follow speed, replicate KV heads, respect budgets.
+// Planner suite: splits cover every unit once, follow speed and budgets; layout search, cost, plan files.
 #include <CUnit/CUnit.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,13 +128,645 @@ static void test_parse(void) {
     CU_ASSERT(plan_parse_nodes("1:lots", nodes, 8, err, sizeof err) < 0);
 }
 
+// --- helpers: whole plans
+
+// NULL when p is a well-formed plan of pm over its offered nodes (stages tile the blocks in order,
+// each stage's rows tile every unit, vocabulary rows only on the first and last stage, every node
+// at most once and within its budget); otherwise what is wrong.
+static const char *plan_problem(const plan_model_t *pm, const plan_t *p) {
+    static char why[160];
+    if (p->n < 1 || p->n_stages < 1 || p->stage_first[0] != 0 || p->stage_first[p->n_stages] != p->n) return "stage bounds";
+    bool used[PLAN_MAX_NODES] = {0};
+    int at = 0;
+    for (int k = 0; k < p->n_stages; k++) {
+        const int a = p->stage_first[k], b = p->stage_first[k + 1];
+        if (b <= a) return "an empty stage";
+        const int l0 = p->shard[a].s.l0, l1 = p->shard[a].s.l1;
+        if (l0 != at || l1 <= l0) return "layers do not tile";
+        at = l1;
+        const bool vocab = l0 == 0 || l1 == pm->n_layer;
+        int h = 0, e = 0, f = 0, v = 0;
+        for (int i = a; i < b; i++) {
+            const plan_shard_t *s = &p->shard[i];
+            if (s->s.l0 != l0 || s->s.l1 != l1) return "members differ in layers";
+            if (s->stage != k) return "stage field";
+            if (s->node < 0 || s->node >= p->n_nodes || used[s->node]) return "node used twice or not offered";
+            used[s->node] = true;
+            if (s->s.h0 != h || s->s.e0 != e || s->s.f0 != f || s->s.v0 != v) return "rows do not tile";
+            h = s->s.h1, e = s->s.e1, f = s->s.f1, v = s->s.v1;
+            const int group = pm->n_head / pm->n_head_kv;
+            if (s->s.h1 > s->s.h0 && (s->s.kv0 != s->s.h0 / group || s->s.kv1 != (s->s.h1 - 1) / group + 1))
+                return "KV heads";
+            const uint64_t bud = p->node[s->node].mem_budget;
+            if (bud && s->peak_bytes > bud) {
+                snprintf(why, sizeof why, "node %d over budget: %llu > %llu", s->node,
+                         (unsigned long long)s->peak_bytes, (unsigned long long)bud);
+                return why;
+            }
+            if (s->peak_bytes < s->weight_bytes + s->kv_bytes) return "peak below weights + KV";
+        }
+        if (h != pm->n_head || e != pm->n_embd || f != pm->n_ff) return "a stage's rows do not cover the units";
+        if (v != (vocab ? pm->n_vocab : 0)) return "vocabulary rows on the wrong stages";
+    }
+    if (at != pm->n_layer) return "layers do not reach n_layer";
+    if (!(p->cost.token_ms > 0) || !(p->cost.prefill_tok_s > 0)) return "no cost";
+    return NULL;
+}
+
+#define ASSERT_PLAN(pm, p)                                                                                            \
+    do {                                                                                                               \
+        const char *prob_ = plan_problem(pm, p);                                                                       \
+        if (prob_) fprintf(stderr, "plan %s: %s\n", (p)->layout, prob_);                                               \
+        CU_ASSERT_PTR_NULL(prob_);                                                                                     \
+    } while (0)
+
+static plan_model_t *preset(const char *name, const char *quant) {
+    plan_model_t *pm = malloc(sizeof *pm);
+    char err[256];
+    if (pm && plan_model_from_preset(name, quant, pm, err, sizeof err) != 0) {
+        fprintf(stderr, "plan test: %s\n", err);
+        free(pm);
+        return NULL;
+    }
+    return pm;
+}
+
+static bool uses_node(const plan_t *p, int node) {
+    for (int i = 0; i < p->n; i++)
+        if (p->shard[i].node == node) return true;
+    return false;
+}
+
+// --- tests: the planner
+
+static void test_model_description(void) {
+    // A described file gives the same byte counts plan_tp always had.
+    model_t *m = load("models/synth/synth-moe-Q8_0.gguf");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+    plan_model_t *pm = malloc(sizeof *pm);
+    char err[256];
+    CU_ASSERT_EQUAL_FATAL(plan_model_from_model(m, pm, err, sizeof err), 0);
+    const model_hparams_t *hp = model_hparams(m);
+    CU_ASSERT_EQUAL(pm->n_layer, hp->n_layer);
+    CU_ASSERT_EQUAL(pm->n_expert, hp->n_expert);
+    plan_node_t nodes[1];
+    plan_parse_nodes("1", nodes, 1, err, sizeof err);
+    plan_t *p = malloc(sizeof *p);
+    CU_ASSERT_EQUAL_FATAL(plan_tp(m, nodes, 1, 64, p, err, sizeof err), 0);
+    // One node holds every weight: its bytes are the file's tensors (rope factors aside).
+    CU_ASSERT(p->shard[0].weight_bytes <= hp->weight_bytes);
+    CU_ASSERT(p->shard[0].weight_bytes * 100 >= hp->weight_bytes * 99);
+    CU_ASSERT(p->cost.token_ms > 0);
+    model_destroy(&m);
+    // Presets: TinyLlama Q4_0 weighs what llama.cpp's file does (582 MB read per token, plus the
+    // embedding table, of which a token reads one row).
+    CU_ASSERT_EQUAL_FATAL(plan_model_from_preset("tinyllama-1.1b", "Q4_0", pm, err, sizeof err), 0);
+    const double read = (double)pm->weight_bytes - (double)pm->embd_row_bytes * pm->n_vocab;
+    CU_ASSERT(read > 575e6 && read < 590e6);
+    CU_ASSERT_DOUBLE_EQUAL(pm->bytes_per_weight, 18.0 / 32, 1e-9);
+    CU_ASSERT_EQUAL_FATAL(plan_model_from_preset("mixtral-8x7b", "Q4_K", pm, err, sizeof err), 0);
+    CU_ASSERT(pm->weight_bytes > 24ull << 30 && pm->weight_bytes < 28ull << 30); // 46.7 B weights at 4.5 bits
+    CU_ASSERT_EQUAL(plan_model_from_preset("llama-9", "Q4_0", pm, err, sizeof err), MLM_ENOTFOUND);
+    CU_ASSERT(strstr(err, "llama-2-70b") != NULL);
+    CU_ASSERT_EQUAL(plan_model_from_preset("tiny", "Q9_9", pm, err, sizeof err), MLM_EINVAL);
+    // A row length the type's blocks do not divide falls back to a type that takes it.
+    CU_ASSERT_EQUAL(plan_model_from_preset("tiny", "Q4_K", pm, err, sizeof err), 0);
+    CU_ASSERT(pm->row_bytes[0][PLAN_W_Q] > 0);
+    free(p);
+    free(pm);
+}
+
+static void test_faster_node_gets_more(void) {
+    plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[4];
+    char err[512];
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("3,1", nodes, 4, err, sizeof err), 2);
+    plan_t *p = malloc(sizeof *p);
+    // Two stages: the three times faster node takes about three quarters of the blocks.
+    plan_opts_t o = {.n_ctx = 512, .pp = 2, .tp = 1, .keep_all = true};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 2, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT_EQUAL(p->n_stages, 2);
+    CU_ASSERT_EQUAL(p->shard[0].s.l1 - p->shard[0].s.l0, 17); // 22 * 3/4 = 16.5, the tie to the first stage
+    CU_ASSERT_STRING_EQUAL(p->layout, "pp2");
+    // One group: three quarters of every kind of row.
+    o.pp = 1, o.tp = 2;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 2, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT_EQUAL(p->shard[0].s.h1 - p->shard[0].s.h0, 24);
+    CU_ASSERT_EQUAL(p->shard[0].s.f1 - p->shard[0].s.f0, 4224);
+    CU_ASSERT_EQUAL(p->shard[0].s.e1 - p->shard[0].s.e0, 1536);
+    CU_ASSERT(p->shard[0].weight_bytes > 2 * p->shard[1].weight_bytes);
+    // Measured figures outrank speed: a node with twice the gflops of the other gets twice the rows
+    // (decode on 20 GB/s memory stays compute-bound at these rates).
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1,1", nodes, 4, err, sizeof err), 2);
+    nodes[0].gflops = 10;
+    nodes[1].gflops = 5;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 2, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(p->shard[0].s.h1 - p->shard[0].s.h0, 21); // 2/3 of 32
+    free(p);
+    free(pm);
+}
+
+static void test_budgets_and_refusal(void) {
+    plan_model_t *pm = preset("llama-2-7b", "Q4_0"); // 3.6 GiB of weights, 0.5 GiB of KV at 1024 positions
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[4];
+    char err[512] = "";
+    plan_t *p = malloc(sizeof *p), *alts = malloc(sizeof *alts * 4);
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:2G,1:2G,1:1G,1", nodes, 4, err, sizeof err), 4);
+    plan_opts_t o = {.n_ctx = 1024, .keep_all = true};
+    int n_alts = 0;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    for (int i = 0; i < n_alts; i++) ASSERT_PLAN(pm, &alts[i]);
+    // Without the unlimited node: 5 GiB for 4.2 GiB of need, still fits, every node within budget.
+    o.keep_all = false;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 3, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT_EQUAL(p->n, 3); // every node is needed for the memory
+    // 3 GiB cannot hold it: refused, naming how much is missing and where.
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:1G,1:1G,1:1G", nodes, 4, err, sizeof err), 3);
+    CU_ASSERT_EQUAL(plan_make(pm, nodes, 3, &o, p, alts, 4, &n_alts, err, sizeof err), MLM_EFULL);
+    CU_ASSERT(strstr(err, "does not fit") != NULL);
+    CU_ASSERT(strstr(err, "missing") != NULL);
+    CU_ASSERT(strstr(err, "short") != NULL);
+    CU_ASSERT(strstr(err, "GiB") != NULL);
+    CU_ASSERT_EQUAL(n_alts, 0);
+    free(p);
+    free(alts);
+    free(pm);
+}
+
+static void test_slow_link_left_out(void) {
+    plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[4];
+    char err[512];
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1@0.05/10000,1@0.05/10000,1@0.05/10000,1@20/10", nodes, 4, err, sizeof err),
+                          4);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[3].lat_us, 20000, 1e-9);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[3].link_bw, 10e6 / 8, 1e-9);
+    plan_t *p = malloc(sizeof *p), *alts = malloc(sizeof *alts * 4);
+    plan_opts_t o = {.n_ctx = 1024};
+    int n_alts = 0;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT_STRING_EQUAL(p->layout, "tp3"); // fast links: the other three share every layer
+    CU_ASSERT(!uses_node(p, 3));
+    CU_ASSERT(strstr(p->why, "node-3 left out") != NULL);
+    CU_ASSERT(strstr(p->why, "20 ms / 10 Mbit link") != NULL);
+    const double without = p->cost.token_ms;
+    o.keep_all = true;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT_EQUAL(p->n, 4);
+    CU_ASSERT(uses_node(p, 3));
+    CU_ASSERT(p->cost.token_ms > without);
+    free(p);
+    free(alts);
+    free(pm);
+}
+
+static void test_prediction_is_consistent(void) {
+    const char *specs[] = {"1@0.05/10000,1@0.05/10000,1@0.05/10000,1@0.05/10000", "1@1/1000,1@1/1000,1@1/1000,1@1/1000",
+                           "4:600M,2:600M,1:400M,1:400M,1"};
+    plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_t *p = malloc(sizeof *p), *alts = malloc(sizeof *alts * 8), *again = malloc(sizeof *again);
+    for (size_t k = 0; k < sizeof specs / sizeof *specs; k++) {
+        plan_node_t nodes[8];
+        char err[512];
+        const int n = plan_parse_nodes(specs[k], nodes, 8, err, sizeof err);
+        plan_opts_t o = {.n_ctx = 2048};
+        int n_alts = 0;
+        CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, n, &o, p, alts, 8, &n_alts, err, sizeof err), 0);
+        ASSERT_PLAN(pm, p);
+        CU_ASSERT(n_alts >= 2);
+        for (int i = 0; i < n_alts; i++) {
+            ASSERT_PLAN(pm, &alts[i]);
+            CU_ASSERT(p->cost.token_ms <= alts[i].cost.token_ms);
+            CU_ASSERT(strcmp(p->layout, alts[i].layout) != 0);
+            if (i) CU_ASSERT(alts[i - 1].cost.token_ms <= alts[i].cost.token_ms);
+        }
+        // The cost is a function of the plan: predicting again gives the same figures.
+        *again = *p;
+        plan_predict(pm, again);
+        CU_ASSERT_DOUBLE_EQUAL(again->cost.token_ms, p->cost.token_ms, 1e-9);
+        CU_ASSERT(fabs(p->cost.token_ms - (p->cost.comm_ms + fmax(p->cost.compute_ms, p->cost.memory_ms))) <
+                  p->cost.token_ms * 0.5 + 1e-9);
+    }
+    // Fast links and equal nodes: tensor parallelism over all four beats one node; slow links: one node.
+    plan_node_t nodes[4];
+    char err[512];
+    plan_parse_nodes(specs[0], nodes, 4, err, sizeof err);
+    plan_opts_t o = {.n_ctx = 2048};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT_STRING_EQUAL(p->layout, "tp4");
+    CU_ASSERT(strstr(p->why, "all 4 nodes") != NULL);
+    plan_parse_nodes("1@5/100,1@5/100,1@5/100,1@5/100", nodes, 4, err, sizeof err);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT_STRING_EQUAL(p->layout, "tp1");
+    CU_ASSERT_EQUAL(p->shard[0].node, 0); // the coordinator's own machine: nothing to send it
+    free(p);
+    free(alts);
+    free(again);
+    free(pm);
+}
+
+static void test_forced_pp_tp(void) {
+    const char *models[] = {"tinyllama-1.1b", "mixtral-8x7b"};
+    for (size_t k = 0; k < 2; k++) {
+        plan_model_t *pm = preset(models[k], "Q4_0");
+        CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+        plan_node_t nodes[4];
+        char err[512];
+        plan_parse_nodes("2,1,1,1", nodes, 4, err, sizeof err);
+        plan_t *p = malloc(sizeof *p);
+        plan_opts_t o = {.n_ctx = 1024, .pp = 2, .tp = 2};
+        CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+        ASSERT_PLAN(pm, p);
+        CU_ASSERT_EQUAL(p->n_stages, 2);
+        CU_ASSERT_EQUAL(p->stage_first[1], 2);
+        CU_ASSERT_EQUAL(p->n, 4);
+        CU_ASSERT_STRING_EQUAL(p->layout, "pp2xtp2");
+        CU_ASSERT(strstr(p->why, "--pp 2 --tp 2") != NULL);
+        // The faster stage (nodes 0 and 1: 3 of 5 speed units) holds more blocks.
+        CU_ASSERT(p->shard[0].s.l1 > pm->n_layer / 2);
+        // Three stages of one: the middle stage holds no vocabulary rows (checked by ASSERT_PLAN).
+        o.pp = 3, o.tp = 1;
+        CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+        ASSERT_PLAN(pm, p);
+        CU_ASSERT_EQUAL(p->n_stages, 3);
+        CU_ASSERT_EQUAL(p->shard[1].s.v1, 0);
+        // Impossible requests are refused.
+        o.pp = 3, o.tp = 2;
+        CU_ASSERT_EQUAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), MLM_EINVAL);
+        o.pp = 0, o.tp = 3, o.keep_all = true;
+        CU_ASSERT_EQUAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), MLM_EINVAL);
+        free(p);
+        free(pm);
+    }
+}
+
+static void test_pin_first(void) {
+    plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[4];
+    char err[512];
+    // Node 0 is slow and far away: left out unless pinned.
+    plan_parse_nodes("0.2@10/50,1@0.05/10000,1@0.05/10000", nodes, 4, err, sizeof err);
+    plan_t *p = malloc(sizeof *p);
+    plan_opts_t o = {.n_ctx = 1024};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 3, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT(!uses_node(p, 0));
+    CU_ASSERT(strstr(p->why, "node-0 left out") != NULL);
+    o.pin_first = true;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 3, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT_EQUAL(p->shard[0].node, 0);
+    CU_ASSERT_EQUAL(p->shard[0].stage, 0);
+    free(p);
+    free(pm);
+}
+
+// Writes p to a string in the plan file format (caller frees).
+static char *plan_text(const plan_t *p) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) return NULL;
+    int rc = plan_file_write(p, f);
+    fclose(f);
+    if (rc != 0) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+static void test_plan_file_round_trip(void) {
+    plan_model_t *pm = preset("llama-2-7b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    const char *specs[] = {"3:2G,2:2G,1:1G,1:1G", "1,1,1,1,1", "2:1500M,1,1:700M"};
+    plan_t *p = malloc(sizeof *p), *q = malloc(sizeof *q);
+    plan_spec_t *spec = malloc(sizeof *spec);
+    for (size_t k = 0; k < sizeof specs / sizeof *specs; k++) {
+        for (int pp = 1; pp <= 2; pp++) {
+            plan_node_t nodes[8];
+            char err[512];
+            const int n = plan_parse_nodes(specs[k], nodes, 8, err, sizeof err);
+            plan_opts_t o = {.n_ctx = 1024, .pp = pp, .keep_all = true};
+            int rc = plan_make(pm, nodes, n, &o, p, NULL, 0, NULL, err, sizeof err);
+            if (rc == MLM_EINVAL) continue;
+            CU_ASSERT_EQUAL_FATAL(rc, 0);
+            char *text = plan_text(p);
+            CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+            CU_ASSERT(strstr(text, "# meshlm plan v1") == text);
+            CU_ASSERT_EQUAL_FATAL(plan_file_parse(text, spec, err, sizeof err), 0);
+            CU_ASSERT_EQUAL(spec->n_stages, p->n_stages);
+            rc = plan_from_spec(pm, nodes, n, spec, 1024, q, err, sizeof err);
+            if (rc) fprintf(stderr, "%s\n%s\n", text, err);
+            CU_ASSERT_EQUAL_FATAL(rc, 0);
+            CU_ASSERT_EQUAL(q->n, p->n);
+            CU_ASSERT_EQUAL(q->n_stages, p->n_stages);
+            for (int i = 0; i < p->n; i++) {
+                CU_ASSERT(memcmp(&q->shard[i].s, &p->shard[i].s, sizeof p->shard[i].s) == 0);
+                CU_ASSERT_EQUAL(q->shard[i].node, p->shard[i].node);
+                CU_ASSERT_EQUAL(q->shard[i].stage, p->shard[i].stage);
+                CU_ASSERT_EQUAL(q->shard[i].peak_bytes, p->shard[i].peak_bytes);
+            }
+            CU_ASSERT_STRING_EQUAL(q->layout, p->layout);
+            CU_ASSERT_DOUBLE_EQUAL(q->cost.token_ms, p->cost.token_ms, 1e-9);
+            free(text);
+        }
+    }
+    // A hand-written plan without weights: split by speed; with weights: as given.
+    plan_node_t nodes[4];
+    char err[512];
+    plan_parse_nodes("2,1,1,1", nodes, 4, err, sizeof err);
+    CU_ASSERT_EQUAL_FATAL(plan_file_parse("# meshlm plan v1\n\nstage layers=0-9 nodes=0,1  # first\n"
+                                          "stage layers=10-31 nodes=3:1,2:3\n",
+                                          spec, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_from_spec(pm, nodes, 4, spec, 1024, q, err, sizeof err), 0);
+    ASSERT_PLAN(pm, q);
+    CU_ASSERT_STRING_EQUAL(q->layout, "pp2xtp2");
+    CU_ASSERT_EQUAL(q->shard[0].s.h1, 21);  // 2:1 of 32 heads
+    CU_ASSERT_EQUAL(q->shard[2].node, 3);
+    CU_ASSERT_EQUAL(q->shard[2].s.h1, 8);   // 1:3 of 32 heads
+    CU_ASSERT_EQUAL(q->shard[2].s.l0, 10);
+    free(spec);
+    free(p);
+    free(q);
+    free(pm);
+}
+
+static void test_plan_file_errors(void) {
+    static const struct {
+        const char *text;
+        int rc;           // from parse (MLM_OK: parse passes and plan_from_spec fails with from_rc)
+        int from_rc;
+        const char *want; // in the message
+    } cases[] = {
+        {"stage layers=0-x nodes=0\n", MLM_EFORMAT, 0, "line 1: bad layer range"},
+        {"\n\nstgae layers=0-31 nodes=0\n", MLM_EFORMAT, 0, "line 3: expected 'stage'"},
+        {"stage nodes=0\n", MLM_EFORMAT, 0, "line 1: a stage needs layers="},
+        {"stage layers=0-31\n", MLM_EFORMAT, 0, "line 1: a stage needs nodes="},
+        {"stage layers=0-31 nodes=0:-1\n", MLM_EFORMAT, 0, "line 1: bad node '0:-1'"},
+        {"stage layers=0-31 nodes=0,,1\n", MLM_EFORMAT, 0, "line 1: bad node list"},
+        {"stage layers=0-31 nodes=0 speed=2\n", MLM_EFORMAT, 0, "line 1: unknown key 'speed'"},
+        {"stage layers=9-3 nodes=0\n", MLM_EFORMAT, 0, "line 1: layer range 9-3 runs backwards"},
+        {"# meshlm plan v9\nstage layers=0-31 nodes=0\n", MLM_EUNSUPPORTED, 0, "line 1: plan file version 9"},
+        {"# nothing\n", MLM_EFORMAT, 0, "no 'stage' lines"},
+        {"stage layers=0-10 nodes=0\nstage layers=12-31 nodes=1\n", 0, MLM_EINVAL, "line 2: layers 12-31"},
+        {"stage layers=1-31 nodes=0\n", 0, MLM_EINVAL, "line 1: layers 1-31 do not start"},
+        {"stage layers=0-31 nodes=0,0\n", 0, MLM_EINVAL, "line 1: node 0 is already in the stage on line 1"},
+        {"stage layers=0-10 nodes=1\n# c\nstage layers=11-31 nodes=2,1\n", 0, MLM_EINVAL,
+         "line 3: node 1 is already in the stage on line 1"},
+        {"# c\nstage layers=0-31 nodes=5\n", 0, MLM_EINVAL, "line 2: node 5 is not offered"},
+        {"stage layers=0-10 nodes=0\n", 0, MLM_EINVAL, "line 1: the stages cover layers 0-10 but the model has 0-31"},
+        {"stage layers=0-40 nodes=0\n", 0, MLM_EINVAL, "line 1: layers 0-40 run past"},
+        {"stage layers=0-31 nodes=0:1,1\n", 0, MLM_EINVAL, "line 1: give a :weight to every node"},
+        {"stage layers=0-15 nodes=0\nstage layers=16-31 nodes=1:1,2:9\n", 0, MLM_EFULL,
+         "line 2: node 2 (node-2) needs"},
+    };
+    plan_model_t *pm = preset("llama-2-7b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[4];
+    char err[512];
+    plan_parse_nodes("1,1:3G,1:1G", nodes, 4, err, sizeof err);
+    plan_spec_t *spec = malloc(sizeof *spec);
+    plan_t *p = malloc(sizeof *p);
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        err[0] = 0;
+        int rc = plan_file_parse(cases[k].text, spec, err, sizeof err);
+        if (rc == 0) rc = plan_from_spec(pm, nodes, 3, spec, 1024, p, err, sizeof err);
+        const int want = cases[k].rc ? cases[k].rc : cases[k].from_rc;
+        if (rc != want || !strstr(err, cases[k].want))
+            fprintf(stderr, "case %zu: rc %d (want %d), '%s' (want '%s')\n", k, rc, want, err, cases[k].want);
+        CU_ASSERT_EQUAL(rc, want);
+        CU_ASSERT(strstr(err, cases[k].want) != NULL);
+    }
+    // Files: errors name the file.
+    char *dir = test_tmpdir();
+    char path[512];
+    snprintf(path, sizeof path, "%s/bad.plan", dir);
+    FILE *f = fopen(path, "w");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    fputs("stage layers=0-31 nodes=0\nstage\n", f);
+    fclose(f);
+    CU_ASSERT_EQUAL(plan_file_load(path, spec, err, sizeof err), MLM_EFORMAT);
+    CU_ASSERT(strstr(err, "bad.plan: line 2") != NULL);
+    snprintf(path, sizeof path, "%s/missing.plan", dir);
+    CU_ASSERT_EQUAL(plan_file_load(path, spec, err, sizeof err), MLM_EIO);
+    test_rm_dir(dir);
+    free(spec);
+    free(p);
+    free(pm);
+}
+
+static void test_nodes_file(void) {
+    plan_node_t nodes[8];
+    char err[256];
+    const char *text = "# lab\n"
+                       "desk   gflops=80 mem_bw=40G mem=16G lat_ms=0.2 mbit=1000\n"
+                       "\n"
+                       "pi-4 speed=0.25 mem=3.5G lat_us=900 mbit=100  # wifi\n";
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes_file(text, nodes, 8, err, sizeof err), 2);
+    CU_ASSERT_STRING_EQUAL(nodes[0].name, "desk");
+    CU_ASSERT_DOUBLE_EQUAL(nodes[0].gflops, 80, 1e-9);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[0].mem_bw, 40e9, 1e-3);
+    CU_ASSERT_EQUAL(nodes[0].mem_budget, 16ull << 30);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[0].lat_us, 200, 1e-9);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[0].link_bw, 125e6, 1e-3);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[1].speed, 0.25, 1e-12);
+    CU_ASSERT_EQUAL(nodes[1].mem_budget, 7ull << 29);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[1].lat_us, 900, 1e-9);
+    CU_ASSERT(plan_parse_nodes_file("a gflops=1\nb gflop=2\n", nodes, 8, err, sizeof err) < 0);
+    CU_ASSERT(strstr(err, "line 2: unknown key 'gflop'") != NULL);
+    CU_ASSERT(plan_parse_nodes_file("a mem=lots\n", nodes, 8, err, sizeof err) < 0);
+    CU_ASSERT(strstr(err, "line 1: bad value 'lots' for mem") != NULL);
+    CU_ASSERT(plan_parse_nodes_file("speed=2\n", nodes, 8, err, sizeof err) < 0);
+    CU_ASSERT(plan_parse_nodes_file("# none\n", nodes, 8, err, sizeof err) < 0);
+    // The command-line form with links.
+    CU_ASSERT_EQUAL(plan_parse_nodes("1:4G@1/1000,2@0.5/100", nodes, 8, err, sizeof err), 2);
+    CU_ASSERT_EQUAL(nodes[0].mem_budget, 4ull << 30);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[0].lat_us, 1000, 1e-9);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[1].link_bw, 12.5e6, 1e-3);
+    CU_ASSERT(plan_parse_nodes("1@1", nodes, 8, err, sizeof err) < 0);
+    CU_ASSERT(plan_parse_nodes("1@1/0", nodes, 8, err, sizeof err) < 0);
+}
+
+static void test_70b_on_small_nodes(void) {
+    plan_model_t *pm = preset("llama-2-70b", "Q4_0"); // 36 GiB of weights
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[4];
+    char err[512];
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("2:16G@0.2/1000,1.5:12G@0.2/1000,1:8G@0.5/1000,0.5:6G@1/300", nodes, 4,
+                                           err, sizeof err), 4);
+    plan_t *p = malloc(sizeof *p), *alts = malloc(sizeof *alts * 4);
+    plan_opts_t o = {.n_ctx = 4096};
+    int n_alts = 0;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT_EQUAL(p->n, 4); // 42 GiB offered for about 38 needed: every node must hold a part
+    for (int i = 0; i < n_alts; i++) ASSERT_PLAN(pm, &alts[i]);
+    // 8G/8G/4G/2G is 22 GiB: refused with the missing amount.
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("2:8G,1.5:8G,1:4G,0.5:2G", nodes, 4, err, sizeof err), 4);
+    CU_ASSERT_EQUAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), MLM_EFULL);
+    CU_ASSERT(strstr(err, "GiB missing") != NULL);
+    // At 2.6 bits per weight (Q2_K) and 1024 positions it fits in the same 22 GiB.
+    free(pm);
+    pm = preset("llama-2-70b", "Q2_K");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    o.n_ctx = 512;
+    int rc = plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err);
+    if (rc) fprintf(stderr, "70b Q2_K: %s\n", err);
+    CU_ASSERT_EQUAL(rc, 0);
+    if (rc == 0) ASSERT_PLAN(pm, p);
+    free(p);
+    free(alts);
+    free(pm);
+}
+
+static void test_random_node_sets(void) {
+    const char *presets[] = {"tinyllama-1.1b", "llama-2-7b", "mixtral-8x7b", "llama-3-8b", "tiny"};
+    const char *quants[] = {"Q4_0", "Q8_0", "Q4_K", "F16"};
+    plan_t *p = malloc(sizeof *p), *alts = malloc(sizeof *alts * 3);
+    plan_spec_t *spec = malloc(sizeof *spec);
+    uint64_t rng = 12345;
+    int ok = 0, full = 0;
+    for (int it = 0; it < 100; it++) {
+        plan_model_t *pm = preset(presets[test_rng_next(&rng) % 5], quants[test_rng_next(&rng) % 4]);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+        const int n = 1 + (int)(test_rng_next(&rng) % (it % 10 == 9 ? 40 : 12));
+        plan_node_t nodes[PLAN_MAX_NODES];
+        memset(nodes, 0, sizeof nodes);
+        double total = 0;
+        for (int i = 0; i < n; i++) {
+            snprintf(nodes[i].name, sizeof nodes[i].name, "r%d", i);
+            nodes[i].speed = 0.25 * (double)(1 + test_rng_next(&rng) % 8);
+            if (test_rng_next(&rng) % 2) nodes[i].gflops = 5 + (double)(test_rng_next(&rng) % 100);
+            if (test_rng_next(&rng) % 2) nodes[i].mem_bw = 5e9 + (double)(test_rng_next(&rng) % 50) * 1e9;
+            if (test_rng_next(&rng) % 3) {
+                nodes[i].mem_budget = (uint64_t)((double)pm->weight_bytes * (0.1 + (double)(test_rng_next(&rng) % 100) / 100));
+                total += (double)nodes[i].mem_budget;
+            }
+            if (test_rng_next(&rng) % 2) nodes[i].lat_us = 20 + (double)(test_rng_next(&rng) % 20000);
+            if (test_rng_next(&rng) % 2) nodes[i].link_bw = 1e6 + (double)(test_rng_next(&rng) % 1000) * 1e6;
+        }
+        plan_opts_t o = {.n_ctx = 64 << (test_rng_next(&rng) % 6)};
+        const unsigned r = (unsigned)(test_rng_next(&rng) % 8);
+        o.keep_all = r == 1;
+        o.pin_first = r == 2 || r == 3;
+        if (r == 4) o.pp = 1 + (int)(test_rng_next(&rng) % (unsigned)n);
+        if (r == 5) o.tp = 1 + (int)(test_rng_next(&rng) % (unsigned)n);
+        o.heuristic = r == 6;
+        char err[512] = "";
+        int n_alts = 0;
+        const int rc = plan_make(pm, nodes, n, &o, p, alts, 3, &n_alts, err, sizeof err);
+        if (rc == 0) {
+            ok++;
+            ASSERT_PLAN(pm, p);
+            if (o.pin_first) CU_ASSERT_EQUAL(p->shard[0].node, 0);
+            if (o.keep_all) CU_ASSERT_EQUAL(p->n, n);
+            if (o.pp) CU_ASSERT_EQUAL(p->n_stages, o.pp);
+            for (int i = 0; i < n_alts; i++) {
+                ASSERT_PLAN(pm, &alts[i]);
+                CU_ASSERT(p->cost.token_ms <= alts[i].cost.token_ms * (1 + 1e-9));
+            }
+            // Its plan file reproduces it.
+            char *text = plan_text(p);
+            CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+            CU_ASSERT_EQUAL(plan_file_parse(text, spec, err, sizeof err), 0);
+            plan_t *q = &alts[0];
+            CU_ASSERT_EQUAL(plan_from_spec(pm, nodes, n, spec, o.n_ctx, q, err, sizeof err), 0);
+            for (int i = 0; i < p->n; i++) CU_ASSERT(memcmp(&q->shard[i].s, &p->shard[i].s, sizeof q->shard[i].s) == 0);
+            free(text);
+        } else {
+            full += rc == MLM_EFULL;
+            CU_ASSERT(rc == MLM_EFULL || rc == MLM_EINVAL);
+            CU_ASSERT(strlen(err) > 10);
+        }
+        (void)total;
+        free(pm);
+    }
+    CU_ASSERT(ok > 50);
+    free(spec);
+    free(p);
+    free(alts);
+}
+
+static void test_heuristic_close_to_exhaustive(void) {
+    plan_model_t *pm = preset("llama-2-13b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_t *p = malloc(sizeof *p), *h = malloc(sizeof *h);
+    uint64_t rng = 777;
+    double worst = 1;
+    for (int it = 0; it < 20; it++) {
+        const int n = 5 + (int)(test_rng_next(&rng) % 4);
+        plan_node_t nodes[8];
+        memset(nodes, 0, sizeof nodes);
+        for (int i = 0; i < n; i++) {
+            snprintf(nodes[i].name, sizeof nodes[i].name, "h%d", i);
+            nodes[i].speed = 0.5 + (double)(test_rng_next(&rng) % 4);
+            nodes[i].mem_budget = (uint64_t)(2 + test_rng_next(&rng) % 8) << 30;
+            nodes[i].lat_us = (double)(50 + test_rng_next(&rng) % 3000);
+            nodes[i].link_bw = (double)(10 + test_rng_next(&rng) % 1000) * 1e6;
+        }
+        char err[512];
+        plan_opts_t o = {.n_ctx = 2048};
+        const int rc = plan_make(pm, nodes, n, &o, p, NULL, 0, NULL, err, sizeof err);
+        o.heuristic = true;
+        const int rh = plan_make(pm, nodes, n, &o, h, NULL, 0, NULL, err, sizeof err);
+        CU_ASSERT_EQUAL(rc, rh);
+        if (rc || rh) continue;
+        ASSERT_PLAN(pm, h);
+        CU_ASSERT(p->cost.token_ms <= h->cost.token_ms * (1 + 1e-9)); // exhaustive is the optimum
+        worst = fmax(worst, h->cost.token_ms / p->cost.token_ms);
+    }
+    if (worst > 1.1) fprintf(stderr, "heuristic worst ratio %.3f\n", worst);
+    CU_ASSERT(worst < 1.25);
+    // 64 nodes: the heuristic answers and tiles.
+    plan_node_t nodes[PLAN_MAX_NODES];
+    char err[512];
+    memset(nodes, 0, sizeof nodes);
+    for (int i = 0; i < PLAN_MAX_NODES; i++) {
+        snprintf(nodes[i].name, sizeof nodes[i].name, "n%d", i);
+        nodes[i].speed = 0.5 + (double)(i % 4);
+        nodes[i].mem_budget = (uint64_t)(1 + i % 3) << 30;
+        nodes[i].lat_us = i % 5 ? 100 : 5000;
+    }
+    plan_opts_t o = {.n_ctx = 2048};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, PLAN_MAX_NODES, &o, h, NULL, 0, NULL, err, sizeof err), 0);
+    ASSERT_PLAN(pm, h);
+    free(p);
+    free(h);
+    free(pm);
+}
+
 int test_plan_suite(void) {
     CU_pSuite s = CU_add_suite("plan", NULL, NULL);
     if (!s) return -1;
     if (!CU_add_test(s, "splits tile every unit for 1..8 nodes", test_cover_every_unit) ||
         !CU_add_test(s, "faster nodes get more, KV heads replicated", test_speed_and_replication) ||
         !CU_add_test(s, "memory budgets shift work or refuse", test_budgets) ||
-        !CU_add_test(s, "node and size specs", test_parse))
+        !CU_add_test(s, "node and size specs", test_parse) ||
+        !CU_add_test(s, "model description from files and presets", test_model_description) ||
+        !CU_add_test(s, "a faster node gets more blocks and rows", test_faster_node_gets_more) ||
+        !CU_add_test(s, "budgets respected; a plan that cannot fit is refused", test_budgets_and_refusal) ||
+        !CU_add_test(s, "a node on a slow link is left out unless keep_all", test_slow_link_left_out) ||
+        !CU_add_test(s, "the chosen plan predicts no worse than any alternative", test_prediction_is_consistent) ||
+        !CU_add_test(s, "forced --pp/--tp layouts tile blocks and rows", test_forced_pp_tp) ||
+        !CU_add_test(s, "pin_first keeps the coordinator at rank 0", test_pin_first) ||
+        !CU_add_test(s, "plan files round-trip", test_plan_file_round_trip) ||
+        !CU_add_test(s, "bad plan files name the line", test_plan_file_errors) ||
+        !CU_add_test(s, "node files and link specs", test_nodes_file) ||
+        !CU_add_test(s, "llama-2-70b preset on four small nodes", test_70b_on_small_nodes) ||
+        !CU_add_test(s, "100 random node sets", test_random_node_sets) ||
+        !CU_add_test(s, "heuristic search against the exhaustive one; 64 nodes", test_heuristic_close_to_exhaustive))
         return -1;
     return 0;
 }

@@ -178,12 +178,62 @@ static void test_killed_worker(void) {
     ref_free(&rc);
 }
 
+// The planner measures every worker's link (through the emulated links of $MESHLM_FAULTS, which the
+// coordinator hands to the workers) and leaves out the worker behind a 40 ms link; the run still
+// gives one node's logits. Then the same with --keep-all: the slow worker computes too.
+static void test_slow_link_left_out(void) {
+    ref_case_t rc;
+    CU_ASSERT_EQUAL_FATAL(ref_load("synth-dense-Q8_0.p0", &rc), 0);
+    int rows = 0, n_layer = 0;
+    float *ref = single_node(&rc, 4, &rows, &n_layer);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(ref);
+    char err[1024];
+    for (int keep = 0; keep < 2; keep++) {
+        launch_t l;
+        launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc.model_path, .n_threads = 1};
+        CU_ASSERT_PTR_NOT_NULL_FATAL(lo.exe);
+        CU_ASSERT_EQUAL_FATAL(launch_local(&l, 3, &lo, err, sizeof err), 0);
+        const char *eps[LAUNCH_MAX];
+        for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+        setenv("MESHLM_FAULTS", "delay:link=0-3:ms=40", 1); // worker 3's link (control rank 3)
+        cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_ctx = rows + 8,
+                             .n_threads = 1, .timeout_ms = 10000, .pp = 2, .ubatch = 4, .keep_all = keep};
+        cluster_t *cl = NULL;
+        int r = cluster_open(&cl, &co, err, sizeof err);
+        unsetenv("MESHLM_FAULTS");
+        CU_ASSERT_EQUAL_FATAL(r, 0);
+        const plan_t *pl = cluster_plan(cl);
+        const cluster_stats_t *cs = cluster_stats(cl);
+        CU_ASSERT(cs->link_lat_us >= 40000); // the slow link was measured as such
+        int slow_in = 0;
+        for (int i = 0; i < pl->n; i++) slow_in |= pl->shard[i].node == 2;
+        CU_ASSERT_EQUAL(pl->n, keep ? 3 : 2);
+        CU_ASSERT_EQUAL(slow_in, keep);
+        CU_ASSERT_EQUAL(pl->n_stages, 2);
+        if (!keep) CU_ASSERT(strstr(pl->why, "left out") != NULL);
+        fprintf(stderr, "  slow link (keep_all %d): %s, %s\n", keep, pl->layout, pl->why);
+        const int nv = rc.n_vocab;
+        float *lg = malloc((size_t)rows * nv * sizeof(float));
+        r = cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, true);
+        for (int i = 0; r == 0 && i < rc.n_greedy; i++)
+            r = cluster_eval(cl, &rc.greedy[i], 1, lg + (size_t)(rc.n_prompt + i) * nv, true);
+        CU_ASSERT_EQUAL(r, 0);
+        CU_ASSERT(r != 0 || memcmp(lg, ref, (size_t)rows * nv * sizeof(float)) == 0);
+        free(lg);
+        cluster_close(&cl, true);
+        launch_reap(&l, 3000);
+    }
+    free(ref);
+    ref_free(&rc);
+}
+
 int test_cluster_suite(void) {
     CU_pSuite s = CU_add_suite("cluster", NULL, NULL);
     if (!s) return -1;
     if (!CU_add_test(s, "every reference model on 1-4 worker processes: bit-exact", test_bit_exact_layouts) ||
         !CU_add_test(s, "workers without the model: streamed once, then cached", test_shard_streaming_and_cache) ||
-        !CU_add_test(s, "a killed worker is an error within the deadline", test_killed_worker))
+        !CU_add_test(s, "a killed worker is an error within the deadline", test_killed_worker) ||
+        !CU_add_test(s, "the planner leaves out a worker behind a slow link", test_slow_link_left_out))
         return -1;
     return 0;
 }

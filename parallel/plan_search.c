@@ -399,10 +399,26 @@ static void search_heuristic(search_t *s) {
 // --- helpers: explaining
 
 // The best layout of exactly the node set idx (m nodes, increasing) into *out.
-static void best_of_set(search_t *s, const int *idx, int m, cand_t *out) {
+// Also, when grouped is not NULL, the one with the least compute and memory time (comm aside) in
+// which node `node` shares a stage with another node.
+static bool less_work(const cand_t *a, const cand_t *b) {
+    if (!a->valid) return false;
+    if (!b->valid) return true;
+    return a->cost.token_ms - a->cost.comm_ms < b->cost.token_ms - b->cost.comm_ms;
+}
+
+static bool shares_stage(const layout_t *lay, int node) {
+    for (int k = 0; k < lay->n_stages; k++)
+        for (int i = lay->first[k]; i < lay->first[k + 1]; i++)
+            if (lay->idx[i] == node) return lay->first[k + 1] - lay->first[k] > 1;
+    return false;
+}
+
+static void best_of_set(search_t *s, const int *idx, int m, cand_t *out, int node, cand_t *grouped) {
     layout_t lay = {.m = m};
     memcpy(lay.idx, idx, sizeof *idx * (size_t)m);
     out->valid = false;
+    if (grouped) grouped->valid = false;
     cand_t c;
     if (m <= 10) {
         for (unsigned cuts = 0; cuts < (1u << (m - 1)); cuts++) {
@@ -414,6 +430,7 @@ static void best_of_set(search_t *s, const int *idx, int m, cand_t *out) {
             if (!stage_sizes_ok(s, &lay)) continue;
             evaluate(s, &lay, &c);
             if (better(&c, out)) *out = c;
+            if (grouped && shares_stage(&lay, node) && less_work(&c, grouped)) *grouped = c;
         }
         return;
     }
@@ -423,6 +440,7 @@ static void best_of_set(search_t *s, const int *idx, int m, cand_t *out) {
             if (!stage_sizes_ok(s, &lay)) continue;
             evaluate(s, &lay, &c);
             if (better(&c, out)) *out = c;
+            if (grouped && shares_stage(&lay, node) && less_work(&c, grouped)) *grouped = c;
         }
 }
 
@@ -472,19 +490,24 @@ static void why_best(search_t *s, plan_t *p) {
             snprintf(r, sizeof reason[0], "the asked layout has room for %d node(s)", p->n);
             continue;
         }
-        cand_t c;
-        best_of_set(s, idx, m, &c);
+        cand_t c = {0}, t = {0};
+        best_of_set(s, idx, m, &c, j, &t);
         if (!c.valid) {
             snprintf(r, sizeof reason[0], "no layout with it fits the memory budgets");
             continue;
         }
-        const double d_comm = c.cost.comm_ms - p->cost.comm_ms;
-        const double saved = (p->cost.token_ms - p->cost.comm_ms) - (c.cost.token_ms - c.cost.comm_ms);
         fmt_ms(b, sizeof b, c.cost.token_ms);
+        // In a tensor-parallel group it would take work off the others; does the exchange eat that?
+        const double saved = t.valid ? (p->cost.token_ms - p->cost.comm_ms) - (t.cost.token_ms - t.cost.comm_ms) : 0;
+        const double d_comm = t.valid ? t.cost.comm_ms - p->cost.comm_ms : 0;
+        double slowest = INFINITY;
+        for (int i = 0; i < p->n; i++) slowest = fmin(slowest, s->rate[p->shard[i].node]);
         const double lat = plan_node_lat_us(nd) / 1e3, mbit = plan_node_link_bw(nd) * 8 / 1e6;
-        if (d_comm > 0 && d_comm > saved)
-            snprintf(r, sizeof reason[0], "%s %.3g ms / %.0f Mbit link costs more than its compute saves (%s vs %s ms/token)",
-                     "its", lat, mbit, a, b);
+        if (saved > 0 && d_comm > saved && s->rate[j] >= 0.5 * slowest)
+            snprintf(r, sizeof reason[0], "its %.3g ms / %.0f Mbit link costs more than its compute saves (%s vs %s ms/token)",
+                     lat, mbit, a, b);
+        else if (saved > 0 && d_comm > saved)
+            snprintf(r, sizeof reason[0], "it is too slow to pay for the exchanges it adds (%s vs %s ms/token)", a, b);
         else
             snprintf(r, sizeof reason[0], "it is too slow to help (%s vs %s ms/token with it, %s)", a, b, c.name);
     }
@@ -545,7 +568,7 @@ static void polish(search_t *s) {
             int idx[PLAN_MAX_NODES];
             const int m = set_plus(s, j, idx);
             cand_t c;
-            best_of_set(s, idx, m, &c);
+            best_of_set(s, idx, m, &c, j, NULL);
             if (better(&c, &s->best)) s->best = c;
         }
         if (!better(&s->best, &cur)) break;

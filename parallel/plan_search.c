@@ -546,6 +546,7 @@ static void why_best(search_t *s, plan_t *p) {
             if (strcmp(s->kept[k].name, p->layout) && (!next || better(&s->kept[k], next))) next = &s->kept[k];
         if (s->n == 1) ADD("a single node");
         else if (s->o.keep_all && !next) ADD("all %d nodes (--keep-all); the only layout that fits", s->n);
+        else if (!next && s->o.pp && s->o.tp) ADD("all %d nodes", s->n);
         else if (!next) ADD("all %d nodes; the only layout that fits the budgets", s->n);
         else {
             fmt_ms(b, sizeof b, next->cost.token_ms);

@@ -156,8 +156,8 @@ void plan_table(const plan_t *p, const plan_model_t *pm, FILE *f) {
     fprintf(f, "plan %s: %d node(s) in %d stage(s); %d layers, %d heads / %d KV heads, FFN %d%s, vocab %d, n_ctx %d\n",
             p->layout[0] ? p->layout : "?", p->n, p->n_stages, pm->n_layer, pm->n_head, pm->n_head_kv, pm->n_ff,
             pm->n_expert ? " per expert" : "", pm->n_vocab, p->n_ctx);
-    fprintf(f, "| %-4s | %-5s | %-7s | %-4s | %-12s | %5s | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | %10s | %10s |\n",
-            "rank", "stage", "layers", "node", "name", "speed", "heads", "KV heads", "hidden rows", "FFN units",
+    fprintf(f, "| %-4s | %-5s | %-7s | %-4s | %-12s | %6s | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | %10s | %10s |\n",
+            "rank", "stage", "layers", "node", "name", "GF/s", "heads", "KV heads", "hidden rows", "FFN units",
             "vocab rows", "weights", "KV cache", "peak", "budget");
     for (int i = 0; i < p->n; i++) {
         const plan_shard_t *s = &p->shard[i];
@@ -175,7 +175,7 @@ void plan_table(const plan_t *p, const plan_model_t *pm, FILE *f) {
         plan_fmt_bytes(pb, sizeof pb, s->peak_bytes);
         if (nd->mem_budget) plan_fmt_bytes(bb, sizeof bb, nd->mem_budget);
         else snprintf(bb, sizeof bb, "-");
-        fprintf(f, "| %-4d | %-5d | %-7s | %-4d | %-12s | %5.2f | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | %10s | %10s |\n",
-                i, s->stage, l, s->node, nd->name, nd->speed > 0 ? nd->speed : 1.0, h, kv, e, fr, v, wb, kb, pb, bb);
+        fprintf(f, "| %-4d | %-5d | %-7s | %-4d | %-12s | %6.1f | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | %10s | %10s |\n",
+                i, s->stage, l, s->node, nd->name, plan_node_gflops(nd), h, kv, e, fr, v, wb, kb, pb, bb);
     }
 }

@@ -264,8 +264,11 @@ static int describe_nodes(cluster_t *c, const model_t *full, plan_node_t *nodes,
         plan_parse_nodes("64", nodes, PLAN_MAX_NODES, err, errlen);
     }
     const qtype_t t = (qtype_t)qtype_from_name(model_type_name(full));
+    profile_t here = {0};
+    bool have_here = false;
     bool measured = !c->o.speeds;
-    for (int i = 0; i < c->o.n_workers; i++) measured &= c->w[i].hello.n_speeds > 0;
+    for (int i = 0; i < c->o.n_workers; i++) measured &= c->w[i].hello.n_speeds > 0 || c->o.local_profile;
+    if (measured && (c->o.local_profile || off)) have_here = profile_node(&here, c->o.n_threads, NULL, 300) == 0;
     for (int i = 0; i < c->o.n_workers; i++) {
         plan_node_t *nd = &nodes[i + off];
         const msg_hello_t *h = &c->w[i].hello;
@@ -280,16 +283,17 @@ static int describe_nodes(cluster_t *c, const model_t *full, plan_node_t *nodes,
             if (h->speeds[j].type == (uint32_t)t) best = h->speeds[j].gflops;
         }
         if (h->n_speeds) nd->gflops = best > 0 ? best : sum / h->n_speeds;
+        if (!h->n_speeds && c->o.local_profile && have_here) { // a local worker: this machine's figures
+            nd->gflops = profile_gflops(&here, t);
+            nd->mem_bw = here.mem_bw;
+        }
         if (measured) nd->speed = nd->gflops;
     }
     if (off) {
         snprintf(nodes[0].name, sizeof nodes[0].name, "coordinator");
-        if (measured) {
-            profile_t me;
-            if (profile_node(&me, c->o.n_threads, NULL, 300) == 0) {
-                nodes[0].speed = nodes[0].gflops = profile_gflops(&me, t);
-                nodes[0].mem_bw = me.mem_bw;
-            }
+        if (measured && have_here) {
+            nodes[0].speed = nodes[0].gflops = profile_gflops(&here, t);
+            nodes[0].mem_bw = here.mem_bw;
         }
     }
     return 0;
@@ -322,7 +326,7 @@ static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
         if (rc == 0) rc = plan_from_spec(pm, nodes, n_compute, &spec, n_ctx, c->plan, err, errlen);
     } else if (rc == 0) {
         plan_opts_t po = {.n_ctx = n_ctx, .pp = c->o.pp, .tp = c->o.tp, .keep_all = c->o.keep_all,
-                          .pin_first = off != 0, .ubatch = c->o.ubatch};
+                          .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
     }
     free(pm);

@@ -29,6 +29,9 @@ typedef struct {
     const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
     int ubatch;                      // micro-batch tokens in flight through a pipeline (0 = 16 with
                                      // several stages, the whole chunk with one)
+    bool local_profile;              // workers that did not profile themselves (local ones, started with
+                                     // --no-profile so they do not measure each other) get this
+                                     // machine's figures, measured once by the coordinator with n_threads
 } cluster_opts_t;
 
 typedef struct {

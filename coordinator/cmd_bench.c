@@ -292,7 +292,8 @@ int cmd_bench(int argc, char **argv) {
                 cluster_opts_t co = {.model_path = a.models[mi], .workers = eps, .n_workers = nw, .speeds = a.speeds,
                                      .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti],
                                      .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
-                                     .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch};
+                                     .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
+                                     .local_profile = a.local > 0};
                 int rc = cluster_open(&cl, &co, err, sizeof err);
                 free(list);
                 if (rc != 0) {

@@ -192,7 +192,8 @@ static int run_main(run_args_t *ap) {
                              .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
                              .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .verbose = a.verbose,
                              .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
-                             .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch};
+                             .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
+                             .local_profile = a.local > 0};
         if ((rc = cluster_open(&cl, &co, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             goto out;

@@ -153,7 +153,11 @@ int cmd_plan(int argc, char **argv) {
     if (rc == 0 && plan_path) {
         plan_spec_t *ps = malloc(sizeof *ps);
         rc = ps ? plan_file_load(plan_path, ps, err, sizeof err) : MLM_ENOMEM;
-        if (rc == 0) rc = plan_from_spec(pm, nodes, n, ps, po.n_ctx, best, err, sizeof err);
+        if (rc == 0) {
+            char inner[512];
+            rc = plan_from_spec(pm, nodes, n, ps, po.n_ctx, best, inner, sizeof inner);
+            if (rc != 0) snprintf(err, sizeof err, "%s: %s", plan_path, inner);
+        }
         if (rc == 0) {
             best->ubatch = po.ubatch;
             best->n_prompt = po.n_prompt;

@@ -110,9 +110,10 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 #define PLAN_DEFAULT_MEM_BW 20e9    // bytes/s of weight streaming
 #define PLAN_DEFAULT_LAT_US 100.0   // one-way link latency
 #define PLAN_DEFAULT_LINK_BW 125e6  // bytes/s: 1 Gbit/s
-// Prompt processing: batched matmuls run this many times faster than decode matrix-vector
-// products (measured on the test machines: 239 vs 68.6 tok/s for llama.cpp, about 3.5x).
-#define PLAN_PREFILL_SPEEDUP 4.0
+// Prompt processing: a token of a batch costs this many times less than a decoded token (decode is
+// bound by reading the weights, a batch reads them once): 239 vs 68.6 tok/s for llama.cpp, 132 vs
+// 39.7 for meshlm with 1 thread on the test machines, about 3.5x.
+#define PLAN_PREFILL_SPEEDUP 3.5
 #define PLAN_DEFAULT_UBATCH 32      // prefill micro-batch tokens
 #define PLAN_DEFAULT_N_PROMPT 64    // prompt tokens the prefill figure is for
 //
@@ -132,8 +133,8 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 //   does not travel.
 // token_ms is the sum over stages (one sequence visits them in turn). Prefill: micro-batches of u
 // tokens (plan_t.ubatch) over a prompt of n_prompt tokens take (m + S - 1) times the slowest stage's
-// time for u tokens (m = micro-batches, S = stages), each stage reading its weights once per
-// micro-batch and computing PLAN_PREFILL_SPEEDUP times faster than decode.
+// time for u tokens (m = micro-batches, S = stages), each stage taking u decode-token times / PLAN_PREFILL_SPEEDUP per
+// micro-batch (at least the time to read its weights once).
 
 // Fills p->cost from the shards' slices and the nodes' figures (defaults above for unknown ones).
 void plan_predict(const plan_model_t *pm, plan_t *p);

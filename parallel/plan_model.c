@@ -505,8 +505,10 @@ void plan_predict(const plan_model_t *pm, plan_t *p) {
             mc = max2(mc, tc);
             mm = max2(mm, tm);
             mt = max2(mt, max2(tc, tm));
+            // A batched micro-batch costs u tokens' decode time divided by the speed-up, but never
+            // less than reading the weights once.
+            const double pc = u * max2(tc, tm) / PLAN_PREFILL_SPEEDUP;
             shard_work(pm, &rs, &p->shard[i], u, &el, &by);
-            const double pc = 2 * el / (plan_node_gflops(nd) * 1e9 * PLAN_PREFILL_SPEEDUP) * 1e3;
             pt = max2(pt, max2(pc, by / plan_node_mem_bw(nd) * 1e3));
         }
         double comm = stage_comm_ms(pm, p, a, b, 1), pcomm = stage_comm_ms(pm, p, a, b, u);

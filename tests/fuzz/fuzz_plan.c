@@ -1,0 +1,33 @@
+// libFuzzer target: the hand-written inputs of the planner (plan files, node lists, node files).
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "parallel/plan.h"
+
+// --- public API
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    if (size == 0 || size > 16384) return 0;
+    char *text = malloc(size);
+    if (!text) return 0;
+    memcpy(text, data + 1, size - 1); // the first byte picks the parser
+    text[size - 1] = 0;
+    char err[512];
+    static plan_spec_t spec;
+    static plan_node_t nodes[PLAN_MAX_NODES];
+    switch (data[0] % 3) {
+    case 0:
+        if (plan_file_parse(text, &spec, err, sizeof err) == 0) {
+            // A parsed spec is consistent: stage entries tile [0, n) and ranges are ordered.
+            if (spec.n_stages < 1 || spec.first[0] != 0 || spec.first[spec.n_stages] != spec.n) abort();
+            for (int k = 0; k < spec.n_stages; k++)
+                if (spec.l1[k] <= spec.l0[k] || spec.first[k + 1] < spec.first[k]) abort();
+        }
+        break;
+    case 1: (void)plan_parse_nodes(text, nodes, PLAN_MAX_NODES, err, sizeof err); break;
+    default: (void)plan_parse_nodes_file(text, nodes, PLAN_MAX_NODES, err, sizeof err); break;
+    }
+    free(text);
+    return 0;
+}

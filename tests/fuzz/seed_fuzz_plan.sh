@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Seeds the planner-input fuzzer's corpus ($1): a plan file, node lists and a node file.
+set -euo pipefail
+corpus="$1"
+mkdir -p "$corpus"
+printf '\000# meshlm plan v1\nstage layers=0-10 nodes=0,1\nstage layers=11-21 nodes=2:2,3\n' > "$corpus/plan"
+printf '\0012,1,1:512M' > "$corpus/nodes"
+printf '\0011:4G@1/1000,2:8G@5/300' > "$corpus/nodes-link"
+printf '\002desk gflops=120 mem_bw=20G mem=24G lat_ms=0.2 mbit=1000\npi speed=0.2 mem=4G\n' > "$corpus/nodefile"
+exit 0

@@ -324,9 +324,15 @@ static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
         plan_spec_t spec;
         rc = plan_file_load(c->o.plan_file, &spec, err, errlen);
         if (rc == 0) rc = plan_from_spec(pm, nodes, n_compute, &spec, n_ctx, c->plan, err, errlen);
+        if (rc == 0) { // predict it as it will run
+            c->plan->coord_apart = off == 0;
+            c->plan->ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16;
+            plan_predict(pm, c->plan);
+        }
     } else if (rc == 0) {
         plan_opts_t po = {.n_ctx = n_ctx, .pp = c->o.pp, .tp = c->o.tp, .keep_all = c->o.keep_all,
-                          .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16};
+                          .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
+                          .coord_apart = off == 0};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
     }
     free(pm);

@@ -59,6 +59,8 @@ typedef struct {
     char why[256];                  // one line: why this plan (or why nodes were left out)
     int ubatch;                     // prefill micro-batch tokens the cost assumes (0 = PLAN_DEFAULT_UBATCH)
     int n_prompt;                   // prompt tokens the prefill figure assumes (0 = PLAN_DEFAULT_N_PROMPT)
+    bool coord_apart;               // the coordinator is none of the offered nodes: its step message and
+                                    // the logits travel to and from node 0 too (its link: the best offered)
 } plan_t;
 
 // --- model description: shapes and bytes, no weights needed
@@ -149,6 +151,7 @@ typedef struct {
     bool keep_all;     // every offered node computes (none left out)
     bool pin_first;    // node 0 (the coordinator) computes and is shard 0 of stage 0
     int ubatch;        // prefill micro-batch tokens (0 = PLAN_DEFAULT_UBATCH)
+    bool coord_apart;  // the coordinator computes nothing and is not node 0 (see plan_t.coord_apart)
     int n_prompt;      // prompt tokens for the prefill figure (0 = PLAN_DEFAULT_N_PROMPT)
     bool heuristic;    // use the heuristic search even where every layout would be tried (tests compare them)
 } plan_opts_t;

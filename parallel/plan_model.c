@@ -108,6 +108,7 @@ static void shard_work(const plan_model_t *pm, const range_sums_t *rs, const pla
 }
 
 static double max2(double a, double b) { return a > b ? a : b; }
+static double min2(double a, double b) { return a < b ? a : b; }
 
 // ms for an all-gather of bytes[i] from each member of p->shard[a..b).
 static double allgather_ms(const plan_t *p, int a, int b, const double *bytes) {
@@ -171,19 +172,24 @@ static double handoff_ms(const plan_model_t *pm, const plan_t *p, int k, int u) 
 // logit rows; what it computes itself does not travel.
 static double coordinator_ms(const plan_model_t *pm, const plan_t *p) {
     const plan_node_t *coord = p->n_nodes > 0 ? &p->node[0] : NULL;
-    const double c_lat = coord ? plan_node_lat_us(coord) : PLAN_DEFAULT_LAT_US;
-    const double c_bw = coord ? plan_node_link_bw(coord) : PLAN_DEFAULT_LINK_BW;
+    double c_lat = coord ? plan_node_lat_us(coord) : PLAN_DEFAULT_LAT_US;
+    double c_bw = coord ? plan_node_link_bw(coord) : PLAN_DEFAULT_LINK_BW;
+    const int local = p->coord_apart ? -1 : 0; // the offered node whose share needs no message
+    for (int i = 0; p->coord_apart && i < p->n_nodes; i++) { // a coordinator apart: the best link offered
+        c_lat = i == 0 ? plan_node_lat_us(&p->node[i]) : min2(c_lat, plan_node_lat_us(&p->node[i]));
+        c_bw = i == 0 ? plan_node_link_bw(&p->node[i]) : max2(c_bw, plan_node_link_bw(&p->node[i]));
+    }
     double t = 0, lat = 0;
     bool any = false;
     for (int i = p->stage_first[0]; i < p->stage_first[1]; i++)
-        if (p->shard[i].node != 0) any = true, lat = max2(lat, plan_node_lat_us(&p->node[p->shard[i].node]));
+        if (p->shard[i].node != local) any = true, lat = max2(lat, plan_node_lat_us(&p->node[p->shard[i].node]));
     if (any) t += max2(lat, c_lat) / 1e3;
     double sum = 0, worst = 0;
     lat = 0;
     any = false;
     for (int i = p->stage_first[p->n_stages - 1]; i < p->n; i++) {
         const plan_shard_t *s = &p->shard[i];
-        if (s->node == 0 || s->s.v1 <= s->s.v0) continue;
+        if (s->node == local || s->s.v1 <= s->s.v0) continue;
         const plan_node_t *nd = &p->node[s->node];
         const double b = 4.0 * (s->s.v1 - s->s.v0);
         any = true;

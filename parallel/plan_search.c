@@ -171,6 +171,7 @@ static int build(search_t *s, const layout_t *lay, plan_t *p, plan_short_t *sh) 
     p->n_nodes = s->n;
     p->ubatch = s->o.ubatch;
     p->n_prompt = s->o.n_prompt;
+    p->coord_apart = s->o.coord_apart;
     memset(&p->cost, 0, sizeof p->cost);
     p->why[0] = 0;
     memcpy(p->node, s->nodes, sizeof *s->nodes * (size_t)s->n);

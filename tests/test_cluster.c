@@ -227,13 +227,62 @@ static void test_slow_link_left_out(void) {
     ref_free(&rc);
 }
 
+// A hand-written plan file: two stages with the workers in the reverse of their --workers order and
+// uneven rows; the run follows it and still gives one node's logits.
+static void test_plan_file(void) {
+    ref_case_t rc;
+    CU_ASSERT_EQUAL_FATAL(ref_load("synth-moe-Q4_0.p0", &rc), 0);
+    int rows = 0, n_layer = 0;
+    float *ref = single_node(&rc, 5, &rows, &n_layer);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(ref);
+    char *dir = test_tmpdir(), path[1024], err[1024];
+    snprintf(path, sizeof path, "%s/two-stages.plan", dir);
+    FILE *f = fopen(path, "w");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    fprintf(f, "# meshlm plan v1\nstage layers=0 nodes=2\nstage layers=1-3 nodes=1:3,0:1\n");
+    fclose(f);
+    launch_t l;
+    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc.model_path, .n_threads = 1};
+    CU_ASSERT_PTR_NOT_NULL_FATAL(lo.exe);
+    CU_ASSERT_EQUAL_FATAL(launch_local(&l, 3, &lo, err, sizeof err), 0);
+    const char *eps[LAUNCH_MAX];
+    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_ctx = rows + 8,
+                         .n_threads = 1, .timeout_ms = 10000, .plan_file = path, .ubatch = 5};
+    cluster_t *cl = NULL;
+    int r = cluster_open(&cl, &co, err, sizeof err);
+    if (r != 0) fprintf(stderr, "  plan file: %s\n", err);
+    CU_ASSERT_EQUAL_FATAL(r, 0);
+    const plan_t *pl = cluster_plan(cl);
+    CU_ASSERT_EQUAL(pl->n_stages, 2);
+    CU_ASSERT_EQUAL(pl->n, 3);
+    CU_ASSERT(pl->shard[0].node == 2 && pl->shard[1].node == 1 && pl->shard[2].node == 0);
+    CU_ASSERT(pl->shard[0].s.l0 == 0 && pl->shard[0].s.l1 == 1 && pl->shard[1].s.l1 == 4);
+    const int f1 = pl->shard[1].s.f1 - pl->shard[1].s.f0, f2 = pl->shard[2].s.f1 - pl->shard[2].s.f0;
+    CU_ASSERT(f1 > 2 * f2); // weights 3:1
+    const int nv = rc.n_vocab;
+    float *lg = malloc((size_t)rows * nv * sizeof(float));
+    r = cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, true);
+    for (int i = 0; r == 0 && i < rc.n_greedy; i++)
+        r = cluster_eval(cl, &rc.greedy[i], 1, lg + (size_t)(rc.n_prompt + i) * nv, true);
+    CU_ASSERT_EQUAL(r, 0);
+    CU_ASSERT(r != 0 || memcmp(lg, ref, (size_t)rows * nv * sizeof(float)) == 0);
+    free(lg);
+    cluster_close(&cl, true);
+    launch_reap(&l, 3000);
+    test_rm_dir(dir);
+    free(ref);
+    ref_free(&rc);
+}
+
 int test_cluster_suite(void) {
     CU_pSuite s = CU_add_suite("cluster", NULL, NULL);
     if (!s) return -1;
     if (!CU_add_test(s, "every reference model on 1-4 worker processes: bit-exact", test_bit_exact_layouts) ||
         !CU_add_test(s, "workers without the model: streamed once, then cached", test_shard_streaming_and_cache) ||
         !CU_add_test(s, "a killed worker is an error within the deadline", test_killed_worker) ||
-        !CU_add_test(s, "the planner leaves out a worker behind a slow link", test_slow_link_left_out))
+        !CU_add_test(s, "the planner leaves out a worker behind a slow link", test_slow_link_left_out) ||
+        !CU_add_test(s, "a hand-written plan file is followed", test_plan_file))
         return -1;
     return 0;
 }

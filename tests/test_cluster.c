@@ -38,6 +38,29 @@ static float *single_node(const ref_case_t *rc, int n_batch, int *n_tok, int *n_
     return lg;
 }
 
+// Feeds the case's sequence to the cluster as generation does (prompt, then one token at a time)
+// and compares every logit row with ref. Returns the number of rows that differ, or -1 when a step
+// failed (reported on stderr).
+static int eval_vs_ref(cluster_t *cl, const ref_case_t *rc, const float *ref, int rows, const char *what) {
+    const int nv = rc->n_vocab;
+    float *lg = malloc((size_t)rows * nv * sizeof(float));
+    if (!lg) return -1;
+    int r = cluster_eval(cl, rc->prompt_tokens, rc->n_prompt, lg, true);
+    for (int i = 0; r == 0 && i < rc->n_greedy; i++)
+        r = cluster_eval(cl, &rc->greedy[i], 1, lg + (size_t)(rc->n_prompt + i) * nv, true);
+    int bad = -1;
+    if (r != 0) {
+        fprintf(stderr, "  %s: eval: %s (%s)\n", what, mlm_strerror(r), cluster_error(cl));
+    } else {
+        bad = 0;
+        for (int i = 0; i < rows; i++)
+            bad += memcmp(lg + (size_t)i * nv, ref + (size_t)i * nv, (size_t)nv * sizeof(float)) != 0;
+        if (bad) fprintf(stderr, "  %s: %d rows differ from one node\n", what, bad);
+    }
+    free(lg);
+    return bad;
+}
+
 typedef struct {
     int n_workers;
     const char *speeds;
@@ -76,21 +99,10 @@ static int run_cluster(const char *case_name, const layout_t *ly, cluster_stats_
     if (cluster_open(&cl, &co, err, sizeof err) != 0) {
         fprintf(stderr, "  %s: cluster_open: %s\n", case_name, err);
     } else {
-        const int nv = rc.n_vocab;
-        float *lg = malloc((size_t)rows * nv * sizeof(float));
-        int r = cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, true);
-        for (int i = 0; r == 0 && i < rc.n_greedy; i++)
-            r = cluster_eval(cl, &rc.greedy[i], 1, lg + (size_t)(rc.n_prompt + i) * nv, true);
-        if (r != 0) {
-            fprintf(stderr, "  %s: eval: %s (%s)\n", case_name, mlm_strerror(r), cluster_error(cl));
-        } else {
-            bad = 0;
-            for (int i = 0; i < rows; i++)
-                bad += memcmp(lg + (size_t)i * nv, ref + (size_t)i * nv, (size_t)nv * sizeof(float)) != 0;
-            if (bad) fprintf(stderr, "  %s on %d workers: %d rows differ from one node\n", case_name, l.n, bad);
-        }
+        char what[160];
+        snprintf(what, sizeof what, "%s on %d workers (%s)", case_name, l.n, cluster_plan(cl)->layout);
+        bad = eval_vs_ref(cl, &rc, ref, rows, what);
         if (st) *st = *cluster_stats(cl);
-        free(lg);
         cluster_close(&cl, true);
     }
     launch_reap(&l, 5000);
@@ -212,14 +224,7 @@ static void test_slow_link_left_out(void) {
         CU_ASSERT_EQUAL(pl->n_stages, 2);
         if (!keep) CU_ASSERT(strstr(pl->why, "left out") != NULL);
         fprintf(stderr, "  slow link (keep_all %d): %s, %s\n", keep, pl->layout, pl->why);
-        const int nv = rc.n_vocab;
-        float *lg = malloc((size_t)rows * nv * sizeof(float));
-        r = cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, true);
-        for (int i = 0; r == 0 && i < rc.n_greedy; i++)
-            r = cluster_eval(cl, &rc.greedy[i], 1, lg + (size_t)(rc.n_prompt + i) * nv, true);
-        CU_ASSERT_EQUAL(r, 0);
-        CU_ASSERT(r != 0 || memcmp(lg, ref, (size_t)rows * nv * sizeof(float)) == 0);
-        free(lg);
+        CU_ASSERT_EQUAL(eval_vs_ref(cl, &rc, ref, rows, "slow link"), 0);
         cluster_close(&cl, true);
         launch_reap(&l, 3000);
     }
@@ -260,14 +265,7 @@ static void test_plan_file(void) {
     CU_ASSERT(pl->shard[0].s.l0 == 0 && pl->shard[0].s.l1 == 1 && pl->shard[1].s.l1 == 4);
     const int f1 = pl->shard[1].s.f1 - pl->shard[1].s.f0, f2 = pl->shard[2].s.f1 - pl->shard[2].s.f0;
     CU_ASSERT(f1 > 2 * f2); // weights 3:1
-    const int nv = rc.n_vocab;
-    float *lg = malloc((size_t)rows * nv * sizeof(float));
-    r = cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, true);
-    for (int i = 0; r == 0 && i < rc.n_greedy; i++)
-        r = cluster_eval(cl, &rc.greedy[i], 1, lg + (size_t)(rc.n_prompt + i) * nv, true);
-    CU_ASSERT_EQUAL(r, 0);
-    CU_ASSERT(r != 0 || memcmp(lg, ref, (size_t)rows * nv * sizeof(float)) == 0);
-    free(lg);
+    CU_ASSERT_EQUAL(eval_vs_ref(cl, &rc, ref, rows, "plan file"), 0);
     cluster_close(&cl, true);
     launch_reap(&l, 3000);
     test_rm_dir(dir);

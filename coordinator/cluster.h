@@ -69,7 +69,16 @@ const cluster_stats_t *cluster_stats(const cluster_t *c);
 // One step on every node (same contract as model_eval). On a lost worker: MLM_EPEER or
 // MLM_ETIMEOUT within the deadline, and cluster_error() names the worker when it could tell.
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
-void cluster_reset(cluster_t *c);
+
+// Several requests in flight: one token for each of n_seqs sequences (seqs: distinct ids in
+// 0..CLUSTER_MAX_SEQS-1, each with its own KV cache on every node; cluster_eval is sequence 0).
+// Every step is sent before any is computed, so pipeline stages work on different sequences at
+// once. logits (n_seqs rows of n_vocab, or NULL) receives each sequence's next-token row. 0 or as
+// cluster_eval.
+#define CLUSTER_MAX_SEQS 16
+int cluster_eval_seqs(cluster_t *c, int n_seqs, const int *seqs, const int32_t *tokens, float *logits);
+void cluster_reset_seq(cluster_t *c, int seq); // forget one sequence
+void cluster_reset(cluster_t *c);              // forget every sequence
 // Zeroes the step counters (steps, tokens, gather_*, step/busy/wait times), e.g. after a warm-up.
 void cluster_stats_reset(cluster_t *c);
 // Waits (up to timeout_ms) for every worker's report of every step so far, so busy_ms and wait_ms

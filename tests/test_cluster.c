@@ -273,6 +273,75 @@ static void test_plan_file(void) {
     ref_free(&rc);
 }
 
+// Several requests in flight through a 2-stage pipeline: three sequences (two prompts of one model,
+// one of them twice, started at different times) advance one token per step together; each one's
+// logits equal one node's run of that sequence alone, token by token.
+static void test_sequences_in_flight(void) {
+    const char *cases[2] = {"synth-dense-Q4_0.p0", "synth-dense-Q4_0.p1"};
+    ref_case_t rc[2];
+    CU_ASSERT_EQUAL_FATAL(ref_load(cases[0], &rc[0]), 0);
+    CU_ASSERT_EQUAL_FATAL(ref_load(cases[1], &rc[1]), 0);
+    char err[1024];
+    model_t *m = NULL;
+    CU_ASSERT_EQUAL_FATAL(model_load(&m, rc[0].model_path, NULL, err, sizeof err), 0);
+    const int nv = model_hparams(m)->n_vocab;
+    // Sequence k's tokens: case k % 2's prompt and greedy continuation; sequence 2 starts 3 steps late.
+    enum { K = 3, DELAY = 3 };
+    int len[K];
+    int32_t *tok[K];
+    float *want[K];
+    for (int k = 0; k < K; k++) {
+        const ref_case_t *r = &rc[k % 2];
+        len[k] = r->n_prompt + r->n_greedy;
+        tok[k] = malloc((size_t)len[k] * sizeof(int32_t));
+        memcpy(tok[k], r->prompt_tokens, (size_t)r->n_prompt * sizeof(int32_t));
+        memcpy(tok[k] + r->n_prompt, r->greedy, (size_t)r->n_greedy * sizeof(int32_t));
+        want[k] = malloc((size_t)len[k] * nv * sizeof(float));
+        model_ctx_t *c = NULL;
+        model_ctx_opts_t co = {.n_ctx = len[k] + 8, .n_threads = 1};
+        CU_ASSERT_EQUAL_FATAL(model_ctx_new(&c, m, &co, err, sizeof err), 0);
+        for (int i = 0; i < len[k]; i++) model_eval(c, &tok[k][i], 1, want[k] + (size_t)i * nv, false);
+        model_ctx_destroy(&c);
+    }
+    launch_t l;
+    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc[0].model_path, .n_threads = 1};
+    CU_ASSERT_PTR_NOT_NULL_FATAL(lo.exe);
+    CU_ASSERT_EQUAL_FATAL(launch_local(&l, 2, &lo, err, sizeof err), 0);
+    const char *eps[LAUNCH_MAX];
+    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    cluster_opts_t co = {.model_path = rc[0].model_path, .workers = eps, .n_workers = l.n, .n_ctx = 128,
+                         .n_threads = 1, .timeout_ms = 10000, .pp = 2, .keep_all = true};
+    cluster_t *cl = NULL;
+    CU_ASSERT_EQUAL_FATAL(cluster_open(&cl, &co, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(cluster_plan(cl)->n_stages, 2);
+    float *lg = malloc((size_t)K * nv * sizeof(float));
+    int bad = 0, steps = 0;
+    for (int t = 0; t < len[0] + DELAY || t < len[1] + DELAY; t++) {
+        int seqs[K], n = 0;
+        int32_t now[K];
+        for (int k = 0; k < K; k++) {
+            const int i = t - (k == 2 ? DELAY : 0); // this sequence's position
+            if (i >= 0 && i < len[k]) seqs[n] = k, now[n++] = tok[k][i];
+        }
+        if (n == 0) continue;
+        CU_ASSERT_EQUAL_FATAL(cluster_eval_seqs(cl, n, seqs, now, lg), 0);
+        steps++;
+        for (int j = 0; j < n; j++) {
+            const int k = seqs[j], i = t - (k == 2 ? DELAY : 0);
+            bad += memcmp(lg + (size_t)j * nv, want[k] + (size_t)i * nv, (size_t)nv * sizeof(float)) != 0;
+        }
+    }
+    CU_ASSERT_EQUAL(bad, 0);
+    CU_ASSERT(steps >= len[0]);
+    cluster_close(&cl, true);
+    launch_reap(&l, 3000);
+    free(lg);
+    for (int k = 0; k < K; k++) free(tok[k]), free(want[k]);
+    model_destroy(&m);
+    ref_free(&rc[0]);
+    ref_free(&rc[1]);
+}
+
 int test_cluster_suite(void) {
     CU_pSuite s = CU_add_suite("cluster", NULL, NULL);
     if (!s) return -1;
@@ -280,7 +349,8 @@ int test_cluster_suite(void) {
         !CU_add_test(s, "workers without the model: streamed once, then cached", test_shard_streaming_and_cache) ||
         !CU_add_test(s, "a killed worker is an error within the deadline", test_killed_worker) ||
         !CU_add_test(s, "the planner leaves out a worker behind a slow link", test_slow_link_left_out) ||
-        !CU_add_test(s, "a hand-written plan file is followed", test_plan_file))
+        !CU_add_test(s, "a hand-written plan file is followed", test_plan_file) ||
+        !CU_add_test(s, "several sequences in flight through a pipeline", test_sequences_in_flight))
         return -1;
     return 0;
 }

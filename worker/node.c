@@ -38,7 +38,8 @@ typedef struct {
     int index;                  // this worker's node index
     shard_slice_t *slices;      // (plan.n_nodes) every node's slice
     model_t *model;             // this worker's shard
-    model_ctx_t *ctx;
+    model_ctx_t *ctx[NODE_MAX_SEQS]; // one KV cache per sequence in flight (seq_id), made on first use
+    model_ctx_opts_t ctx_opts;  // how they are made
     comm_t *comm;               // data plane of the plan
     int timeout_ms;             // per exchange and control message
     pipe_node_t pipe;           // its stage, group and hand-offs
@@ -56,7 +57,7 @@ static void vlog(const node_t *n, const char *what, const char *detail) {
 }
 
 static void end_plan(node_t *n) {
-    model_ctx_destroy(&n->ctx);
+    for (int i = 0; i < NODE_MAX_SEQS; i++) model_ctx_destroy(&n->ctx[i]);
     model_destroy(&n->model);
     pipe_node_free(&n->pipe);
     comm_destroy(&n->comm);
@@ -235,15 +236,16 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             rc = pipe_node_init(&n->pipe, n->comm, n->index, n->slices, n->plan.n_nodes, hp->n_layer, hp->n_embd,
                                 hp->n_vocab, n->timeout_ms, err, sizeof err);
         if (rc == 0) {
-            model_ctx_opts_t co = {.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads, .tp = &n->pipe.tp,
-                                   .kv_f32 = n->plan.kv_type == QT_F32};
-            rc = model_ctx_new(&n->ctx, n->model, &co, err, sizeof err);
+            n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
+                                             .tp = &n->pipe.tp, .kv_f32 = n->plan.kv_type == QT_F32};
+            rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
             n->logits_cap = (size_t)64 * (size_t)hp->n_vocab;
             n->logits = rc == 0 ? malloc(n->logits_cap * sizeof(float)) : NULL;
             if (rc == 0 && !n->logits) rc = MLM_ENOMEM;
         }
-        if (rc != 0) {
+        if (rc != 0) { // the coordinator waits in its own data-plane setup: tell it why
             vlog(n, "data plane failed:", err);
+            send_error(n, rc, err, 0);
             end_plan(n);
         } else {
             vlog(n, "loaded", ack.load_shard_ack.from_cache ? "(from cache)" : "");
@@ -258,10 +260,18 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
 }
 
 static int on_step(node_t *n, const msg_step_t *st) {
-    if (!n->ctx) return send_error(n, MLM_ESTATE, "STEP before the shard is loaded", st->step_id);
+    if (!n->ctx[0]) return send_error(n, MLM_ESTATE, "STEP before the shard is loaded", st->step_id);
+    if (st->seq_id >= NODE_MAX_SEQS) return send_error(n, MLM_ERANGE, "sequence id out of range", st->step_id);
+    model_ctx_t **cp = &n->ctx[st->seq_id];
+    if (!*cp) {
+        char err[256];
+        if (model_ctx_new(cp, n->model, &n->ctx_opts, err, sizeof err) != 0)
+            return send_error(n, MLM_ENOMEM, err, st->step_id);
+    }
+    model_ctx_t *ctx = *cp;
     if (st->has_hidden || !st->tokens) return send_error(n, MLM_EUNSUPPORTED, "hidden states travel on the data plane", st->step_id);
-    if (st->pos == 0) model_ctx_reset(n->ctx);
-    if (st->pos != model_ctx_pos(n->ctx))
+    if (st->pos == 0) model_ctx_reset(ctx);
+    if (st->pos != model_ctx_pos(ctx))
         return send_error(n, MLM_ESTATE, "step position does not follow this node's cache", st->step_id);
     const int nv = model_hparams(n->model)->n_vocab;
     const bool all = st->logits == MSG_LOGITS_ALL;
@@ -273,7 +283,7 @@ static int on_step(node_t *n, const msg_step_t *st) {
         n->logits_cap = need;
     }
     const double b0 = n->pipe.busy_ms, w0 = n->pipe.wait_ms + n->pipe.gather_ms;
-    int rc = pipe_node_step(&n->pipe, n->ctx, st->tokens, (int)st->n_tokens, (int)st->ubatch,
+    int rc = pipe_node_step(&n->pipe, ctx, st->tokens, (int)st->n_tokens, (int)st->ubatch,
                             st->logits == MSG_LOGITS_NONE ? NULL : n->logits, all);
     if (rc != 0) {
         char text[256];

@@ -24,6 +24,9 @@ typedef struct {
 // HEARTBEAT, with a HEARTBEAT whose seq is the probe's plan_id (the coordinator measures links so).
 #define NODE_PING_TENSOR "meshlm.ping"
 
+// Sequences a worker keeps in flight at once (STEP seq_id 0..NODE_MAX_SEQS-1), each with its own KV cache.
+#define NODE_MAX_SEQS 16
+
 // Serves plans one after another until a SHUTDOWN with reason "exit" (returns 0) or a fatal error
 // (negative MLM_ code, message in err). A lost coordinator or peer ends the current plan only.
 int node_serve(const node_opts_t *o, char *err, size_t errlen);

@@ -38,6 +38,7 @@ typedef struct {
     const char *speeds;              // --speeds
     layout_args_t lay;               // --pp, --tp, --plan, --ubatch, --keep-all
     const char *lan;                 // --lan MBIT:MS emulated links (fault-injecting transport)
+    int parallel;                    // --parallel K: tg with K sequences in flight (cluster only)
 } bench_args_t;
 
 typedef struct {
@@ -61,6 +62,8 @@ static void bench_usage(FILE *f) {
             "      --speeds LIST       relative speeds of the computing nodes\n"
             "      --lan MBIT:MS       emulate every link at MBIT Mbit/s and MS ms one way (sets MESHLM_FAULTS\n"
             "                          for the coordinator and the local workers), e.g. 1000:1 or 300:5\n"
+            "      --parallel K        tg with K sequences in flight at once (a cluster's stages then work\n"
+            "                          on different sequences); t/s counts every sequence's tokens\n"
             "      --json              print a JSON array instead of the table\n"
             LAYOUT_ARGS_USAGE);
 }
@@ -123,6 +126,34 @@ static int run_test(const gen_engine_t *eng, bool prompt, int n, int reps, bench
     return rc;
 }
 
+// tg with par sequences in flight on a cluster: every step advances each sequence by one token.
+static int run_test_par(cluster_t *cl, int n_vocab, int n, int reps, int par, bench_stat_t *st) {
+    int32_t *toks = malloc((size_t)n * par * sizeof *toks);
+    float *logits = malloc((size_t)par * n_vocab * sizeof *logits);
+    int seqs[CLUSTER_MAX_SEQS];
+    if (!toks || !logits) {
+        free(toks);
+        free(logits);
+        return MLM_ENOMEM;
+    }
+    uint64_t seed = 42;
+    for (int i = 0; i < n * par; i++) toks[i] = (int32_t)(splitmix(&seed) % (uint64_t)n_vocab);
+    for (int k = 0; k < par; k++) seqs[k] = k;
+    int rc = 0;
+    st->n = 0;
+    for (int r = -1; r < reps && rc == 0; r++) { // r == -1 is the warm-up
+        cluster_reset(cl);
+        double t0 = mlm_now_ms();
+        for (int i = 0; i < n && rc == 0; i++) rc = cluster_eval_seqs(cl, par, seqs, toks + (size_t)i * par, logits);
+        double ms = mlm_now_ms() - t0;
+        if (r >= 0 && rc == 0) st->samples[st->n++] = (double)n * par * 1000.0 / ms;
+    }
+    stat_finish(st);
+    free(toks);
+    free(logits);
+    return rc;
+}
+
 static int ctx_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) { return model_eval(ctx, t, n, logits, all); }
 static void ctx_reset(void *ctx) { model_ctx_reset(ctx); }
 static int cl_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) { return cluster_eval(ctx, t, n, logits, all); }
@@ -168,7 +199,7 @@ int cmd_bench(int argc, char **argv) {
         {"no-repack", no_argument, 0, 'R'}, {"local", required_argument, 0, 'L'},
         {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
         {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
-        {"lan", required_argument, 0, 'E'}, LAYOUT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'}, LAYOUT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
     optind = 1;
     int ch;
@@ -201,11 +232,13 @@ int cmd_bench(int argc, char **argv) {
         case 'S': a.coord_shard = true; break;
         case 'V': a.speeds = optarg; break;
         case 'E': a.lan = optarg; break;
+        case 'K': a.parallel = atoi(optarg); break;
         case 'h': bench_usage(stdout); return 0;
         default: bench_usage(stderr); return 2;
         }
     }
-    if (a.n_models == 0 || a.reps < 1 || a.reps > MAX_REPS || a.n_prompt < 0 || a.n_gen < 0 || optind < argc) {
+    if (a.n_models == 0 || a.reps < 1 || a.reps > MAX_REPS || a.n_prompt < 0 || a.n_gen < 0 || optind < argc ||
+        a.parallel < 0 || a.parallel > CLUSTER_MAX_SEQS) {
         bench_usage(stderr);
         return 2;
     }
@@ -313,7 +346,8 @@ int cmd_bench(int argc, char **argv) {
                 if (n == 0) continue;
                 bench_stat_t st;
                 if (cl) cluster_stats_reset(cl);
-                int rc = run_test(&eng, pp, n, a.reps, &st);
+                const int par = cl && !pp && a.parallel > 1 ? a.parallel : 1;
+                int rc = par > 1 ? run_test_par(cl, hp->n_vocab, n, a.reps, par, &st) : run_test(&eng, pp, n, a.reps, &st);
                 if (rc != 0) {
                     fprintf(stderr, "meshlm bench: %s failed: %s%s%s\n", a.models[mi], mlm_strerror(rc),
                             cl ? ": " : "", cl ? cluster_error(cl) : "");
@@ -332,7 +366,8 @@ int cmd_bench(int argc, char **argv) {
                 }
                 const double ttft = pp && st.avg > 0 ? n * 1000.0 / st.avg : 0;
                 char tname[16], ts[40], bw[16];
-                snprintf(tname, sizeof tname, "%s%d", pp ? "pp" : "tg", n);
+                if (par > 1) snprintf(tname, sizeof tname, "tg%dx%d", n, par);
+                else snprintf(tname, sizeof tname, "%s%d", pp ? "pp" : "tg", n);
                 snprintf(ts, sizeof ts, "%.2f ± %.2f", st.avg, st.sd);
                 if (pp) snprintf(bw, sizeof bw, "-");
                 else snprintf(bw, sizeof bw, "%.1f", bpt * st.avg / 1e9);

@@ -31,13 +31,26 @@ static int bind_port(int port, int *bound) {
     return fd;
 }
 
+int launch_candidate_port(unsigned *seed) {
+    int lo = 32768, hi = 60999;
+    FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+    if (f) {
+        if (fscanf(f, "%d %d", &lo, &hi) != 2) lo = 32768;
+        fclose(f);
+    }
+    const int first = 10000, last = lo - 2;
+    if (last - first < 1000) return 0;
+    return first + (int)(rand_r(seed) % (unsigned)(last - first));
+}
+
 // n pairs of consecutive free loopback ports (control, data), all distinct: the probe sockets stay
 // bound until every pair is chosen, so no two pairs can share a port. 0 or -1.
 static int free_port_pairs(int n, int *base) {
     int fds[2 * LAUNCH_MAX], nfd = 0, got = 0, rc = 0;
+    unsigned seed = (unsigned)getpid() ^ (unsigned)time(NULL);
     for (int attempt = 0; got < n && attempt < 50 * n; attempt++) {
         int p0, p1;
-        int f0 = bind_port(0, &p0);
+        int f0 = bind_port(launch_candidate_port(&seed), &p0);
         if (f0 < 0) continue;
         int f1 = p0 < 65535 ? bind_port(p0 + 1, &p1) : -1;
         if (f1 < 0) {

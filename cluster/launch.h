@@ -28,6 +28,11 @@ typedef struct {
 // started worker is stopped).
 int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t errlen);
 
+// A random port below the kernel's ephemeral range (ip_local_port_range), so that no outgoing
+// connection of this machine takes it as its source port between choosing it and binding it; 0 when
+// that range leaves no room (then let the kernel pick). seed is the caller's rand_r state.
+int launch_candidate_port(unsigned *seed);
+
 // Waits up to timeout_ms for the workers to exit, kills the rest, removes the run directory.
 void launch_reap(launch_t *l, int timeout_ms);
 

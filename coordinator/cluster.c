@@ -11,6 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cluster/launch.h"
 #include "cluster/profile.h"
 #include "proto/msg_io.h"
 #include "transport/comm_zmq.h"
@@ -63,18 +64,24 @@ struct cluster {
 static int seq_ctx(cluster_t *c, int seq, model_ctx_t **out);
 static int drain_reports(cluster_t *c, int wi, int timeout_ms);
 
-// A free TCP port on the given local IPv4 address (bound and released: a small race other
-// programs could win).
+// A free TCP port on the given local IPv4 address, below the ephemeral range when it can (bound and
+// released: a small race other programs could win). Tries a few candidates, then lets the kernel pick.
 static int free_port(struct in_addr ip) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0, .sin_addr = ip};
-    socklen_t len = sizeof a;
-    int port = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
-        port = ntohs(a.sin_port);
-    close(fd);
-    return port;
+    static unsigned seed;
+    if (!seed) seed = (unsigned)getpid() ^ (unsigned)time(NULL);
+    for (int attempt = 0; attempt < 50; attempt++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) return -1;
+        const int want = attempt < 49 ? launch_candidate_port(&seed) : 0;
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)want), .sin_addr = ip};
+        socklen_t len = sizeof a;
+        int port = -1;
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+            port = ntohs(a.sin_port);
+        close(fd);
+        if (port > 0) return port;
+    }
+    return -1;
 }
 
 // This machine's address on the route to a worker's tcp://HOST:PORT (a connected UDP socket sends
@@ -120,8 +127,8 @@ static void coordinator_endpoint(const cluster_t *c, char *out, size_t cap) {
 static int recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *raw, char *err, size_t errlen) {
     int rc = msg_recv_link(c->w[wi].link, m, raw, c->timeout_ms, err, errlen);
     if (rc != 0) {
-        snprintf(err, errlen, "worker %s: no answer within %d ms (%s)", c->w[wi].endpoint, c->timeout_ms,
-                 mlm_strerror(rc));
+        snprintf(err, errlen, "worker %s: no %s within %d ms (%s)", c->w[wi].endpoint, msg_type_name(want),
+                 c->timeout_ms, mlm_strerror(rc));
         return rc;
     }
     if (m->type == MSG_ERROR) {

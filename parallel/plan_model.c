@@ -218,12 +218,18 @@ double plan_node_gflops(const plan_node_t *nd) {
 }
 
 double plan_node_mem_bw(const plan_node_t *nd) { return nd->mem_bw > 0 ? nd->mem_bw : PLAN_DEFAULT_MEM_BW; }
+
+// What the matmuls get of a measured bandwidth when they stream weights (the default is already
+// such a figure).
+static double stream_bw(const plan_node_t *nd) {
+    return nd->mem_bw > 0 ? nd->mem_bw * PLAN_MEM_EFFICIENCY : PLAN_DEFAULT_MEM_BW;
+}
 double plan_node_lat_us(const plan_node_t *nd) { return nd->lat_us > 0 ? nd->lat_us : PLAN_DEFAULT_LAT_US; }
 double plan_node_link_bw(const plan_node_t *nd) { return nd->link_bw > 0 ? nd->link_bw : PLAN_DEFAULT_LINK_BW; }
 
 double plan_node_rate(const plan_model_t *pm, const plan_node_t *nd) {
     const double bpw = pm && pm->bytes_per_weight > 0 ? pm->bytes_per_weight : 0.5625;
-    const double t = max2(2.0 / (plan_node_gflops(nd) * 1e9), bpw / plan_node_mem_bw(nd));
+    const double t = max2(2.0 / (plan_node_gflops(nd) * 1e9), bpw / stream_bw(nd));
     return 1.0 / t;
 }
 
@@ -507,7 +513,7 @@ void plan_predict(const plan_model_t *pm, plan_t *p) {
             const plan_node_t *nd = &p->node[p->shard[i].node];
             double el, by;
             shard_work(pm, &rs, &p->shard[i], 1, &el, &by);
-            const double tc = 2 * el / (plan_node_gflops(nd) * 1e9) * 1e3, tm = by / plan_node_mem_bw(nd) * 1e3;
+            const double tc = 2 * el / (plan_node_gflops(nd) * 1e9) * 1e3, tm = by / stream_bw(nd) * 1e3;
             mc = max2(mc, tc);
             mm = max2(mm, tm);
             mt = max2(mt, max2(tc, tm));
@@ -515,7 +521,7 @@ void plan_predict(const plan_model_t *pm, plan_t *p) {
             // less than reading the weights once.
             const double pc = u * max2(tc, tm) / PLAN_PREFILL_SPEEDUP;
             shard_work(pm, &rs, &p->shard[i], u, &el, &by);
-            pt = max2(pt, max2(pc, by / plan_node_mem_bw(nd) * 1e3));
+            pt = max2(pt, max2(pc, by / stream_bw(nd) * 1e3));
         }
         double comm = stage_comm_ms(pm, p, a, b, 1), pcomm = stage_comm_ms(pm, p, a, b, u);
         if (k + 1 < p->n_stages) {

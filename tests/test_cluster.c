@@ -38,6 +38,18 @@ static float *single_node(const ref_case_t *rc, int n_batch, int *n_tok, int *n_
     return lg;
 }
 
+// Starts n local workers (1 thread, with the model file) and points eps at their endpoints. 0 or -1.
+static int start_workers(launch_t *l, int n, const char *model, const char **eps) {
+    char err[512];
+    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = model, .n_threads = 1};
+    if (!lo.exe || launch_local(l, n, &lo, err, sizeof err) != 0) {
+        fprintf(stderr, "launch: %s\n", lo.exe ? err : "MESHLM_BIN not set");
+        return -1;
+    }
+    for (int i = 0; i < l->n; i++) eps[i] = l->endpoint[i];
+    return 0;
+}
+
 // Feeds the case's sequence to the cluster as generation does (prompt, then one token at a time)
 // and compares every logit row with ref. Returns the number of rows that differ, or -1 when a step
 // failed (reported on stderr).
@@ -164,11 +176,8 @@ static void test_killed_worker(void) {
     CU_ASSERT_EQUAL_FATAL(ref_load("stories260K.p0", &rc), 0);
     char err[1024];
     launch_t l;
-    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc.model_path, .n_threads = 1};
-    CU_ASSERT_PTR_NOT_NULL_FATAL(lo.exe);
-    CU_ASSERT_EQUAL_FATAL(launch_local(&l, 3, &lo, err, sizeof err), 0);
     const char *eps[LAUNCH_MAX];
-    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    CU_ASSERT_EQUAL_FATAL(start_workers(&l, 3, rc.model_path, eps), 0);
     const int deadline = 2000;
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_ctx = 128,
                          .n_threads = 1, .timeout_ms = deadline, .pp = 1, .keep_all = true};
@@ -202,11 +211,8 @@ static void test_slow_link_left_out(void) {
     char err[1024];
     for (int keep = 0; keep < 2; keep++) {
         launch_t l;
-        launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc.model_path, .n_threads = 1};
-        CU_ASSERT_PTR_NOT_NULL_FATAL(lo.exe);
-        CU_ASSERT_EQUAL_FATAL(launch_local(&l, 3, &lo, err, sizeof err), 0);
         const char *eps[LAUNCH_MAX];
-        for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+        CU_ASSERT_EQUAL_FATAL(start_workers(&l, 3, rc.model_path, eps), 0);
         setenv("MESHLM_FAULTS", "delay:link=0-3:ms=40", 1); // worker 3's link (control rank 3)
         cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_ctx = rows + 8,
                              .n_threads = 1, .timeout_ms = 10000, .pp = 2, .ubatch = 4, .keep_all = keep};
@@ -247,11 +253,8 @@ static void test_plan_file(void) {
     fprintf(f, "# meshlm plan v1\nstage layers=0 nodes=2\nstage layers=1-3 nodes=1:3,0:1\n");
     fclose(f);
     launch_t l;
-    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc.model_path, .n_threads = 1};
-    CU_ASSERT_PTR_NOT_NULL_FATAL(lo.exe);
-    CU_ASSERT_EQUAL_FATAL(launch_local(&l, 3, &lo, err, sizeof err), 0);
     const char *eps[LAUNCH_MAX];
-    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    CU_ASSERT_EQUAL_FATAL(start_workers(&l, 3, rc.model_path, eps), 0);
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_ctx = rows + 8,
                          .n_threads = 1, .timeout_ms = 10000, .plan_file = path, .ubatch = 5};
     cluster_t *cl = NULL;
@@ -304,11 +307,8 @@ static void test_sequences_in_flight(void) {
         model_ctx_destroy(&c);
     }
     launch_t l;
-    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc[0].model_path, .n_threads = 1};
-    CU_ASSERT_PTR_NOT_NULL_FATAL(lo.exe);
-    CU_ASSERT_EQUAL_FATAL(launch_local(&l, 2, &lo, err, sizeof err), 0);
     const char *eps[LAUNCH_MAX];
-    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    CU_ASSERT_EQUAL_FATAL(start_workers(&l, 2, rc[0].model_path, eps), 0);
     cluster_opts_t co = {.model_path = rc[0].model_path, .workers = eps, .n_workers = l.n, .n_ctx = 128,
                          .n_threads = 1, .timeout_ms = 10000, .pp = 2, .keep_all = true};
     cluster_t *cl = NULL;

@@ -83,30 +83,6 @@ static void ref_ring(const float *x, int N, size_t n, float *out) {
     }
 }
 
-// Runs fn(comm, rank, arg) for every rank on its own thread and joins them.
-typedef void (*rank_fn)(comm_t *c, int rank, void *arg);
-typedef struct {
-    comm_t *c;
-    int rank;
-    rank_fn fn;
-    void *arg;
-} thr_arg_t;
-
-static void *thr_main(void *p) {
-    thr_arg_t *t = p;
-    t->fn(t->c, t->rank, t->arg);
-    return NULL;
-}
-
-static void run_ranks(comm_t **cs, int N, rank_fn fn, void *arg) {
-    pthread_t th[MAXN];
-    thr_arg_t ta[MAXN];
-    for (int r = 0; r < N; r++) {
-        ta[r] = (thr_arg_t){cs[r], r, fn, arg};
-        pthread_create(&th[r], NULL, thr_main, &ta[r]);
-    }
-    for (int r = 0; r < N; r++) pthread_join(th[r], NULL);
-}
 
 static void destroy_all(comm_t **cs, int N) {
     for (int r = 0; r < N; r++) comm_destroy(&cs[r]);
@@ -272,7 +248,7 @@ static void coll_body(comm_t *c, int r, void *arg) {
 static void check_collectives(comm_t **cs, int N) {
     coll_job_t *j = calloc(1, sizeof *j);
     j->N = N;
-    run_ranks(cs, N, coll_body, j);
+    test_run_ranks(cs, N, coll_body, j);
     int bad = 0;
     for (int r = 0; r < N; r++) {
         for (int k = 0; k < 5; k++) bad += j->rc[r][k] != 0;
@@ -305,7 +281,7 @@ static void check_allreduce_exact(comm_t **cs, int N, size_t n, uint64_t seed, i
     for (int a = 0; a < 2; a++) {
         ar_job_t j = {.N = N, .n = n, .x = x, .out = out, .algo = a ? COMM_ALGO_RING : COMM_ALGO_STAR,
                       .jitter_us = jitter_us, .seed = seed};
-        run_ranks(cs, N, ar_body, &j);
+        test_run_ranks(cs, N, ar_body, &j);
         for (int r = 0; r < N; r++) CU_ASSERT_EQUAL(j.rc[r], 0);
         CU_ASSERT(all_equal_bits(out, N, n, a ? wr : ws));
     }
@@ -349,7 +325,7 @@ static void test_allreduce_q8(void) {
                 CU_ASSERT_FATAL(jitter_group(cs, N, (uint64_t)run, 300) == 0);
                 ar_job_t j = {.N = N, .n = n, .x = x, .out = out, .algo = a ? COMM_ALGO_RING : COMM_ALGO_STAR,
                               .flags = COMM_AR_Q8_0, .jitter_us = 500, .seed = (uint64_t)run};
-                run_ranks(cs, N, ar_body, &j);
+                test_run_ranks(cs, N, ar_body, &j);
                 destroy_all(cs, N);
                 for (int r = 0; r < N; r++) CU_ASSERT_EQUAL(j.rc[r], 0);
                 CU_ASSERT(all_equal_bits(out, N, n, out)); // same bits on every rank
@@ -415,7 +391,7 @@ static void test_auto_choice(void) {
         float *x = malloc((size_t)N * n * 4), *out = malloc((size_t)N * n * 4), *w = malloc(n * 4);
         make_inputs(x, N, n, 99);
         ar_job_t j = {.N = N, .n = n, .x = x, .out = out, .algo = COMM_ALGO_AUTO};
-        run_ranks(cs, N, ar_body, &j);
+        test_run_ranks(cs, N, ar_body, &j);
         for (int r = 0; r < N; r++) CU_ASSERT_EQUAL(j.rc[r], 0);
         if (comm_choose_algo(cs[0], n * 4) == COMM_ALGO_RING) ref_ring(x, N, n, w);
         else ref_star(x, N, n, w);
@@ -467,7 +443,7 @@ static void test_inproc_deadlines(void) {
     // a collective one rank never joins: the others time out by their deadline
     for (int a = 0; a < 2; a++) {
         fail_job_t j = {.skip = 2, .timeout_ms = 300, .algo = a ? COMM_ALGO_RING : COMM_ALGO_STAR, .late_rank = -1};
-        run_ranks(cs, 3, fail_body, &j);
+        test_run_ranks(cs, 3, fail_body, &j);
         for (int r = 0; r < 2; r++) {
             CU_ASSERT_EQUAL(j.rc[r], MLM_ETIMEOUT);
             CU_ASSERT(j.ms[r] >= 299.5 && j.ms[r] < 300 + SLACK_MS);
@@ -478,7 +454,7 @@ static void test_inproc_deadlines(void) {
     // a late rank: the early one times out, the stale message is dropped, the next collective works
     CU_ASSERT_FATAL(comm_inproc_new_group(cs, 2) == 0);
     fail_job_t j = {.skip = -1, .timeout_ms = 100, .algo = COMM_ALGO_STAR, .late_rank = 0, .late_ms = 250};
-    run_ranks(cs, 2, fail_body, &j);
+    test_run_ranks(cs, 2, fail_body, &j);
     CU_ASSERT_EQUAL(j.rc[1], MLM_ETIMEOUT);
     CU_ASSERT_EQUAL(j.rc[0], 0); // rank 1's contribution was still queued; its copy of the result goes stale
     check_allreduce_exact(cs, 2, 33, 5, 0);
@@ -493,7 +469,7 @@ static void test_inproc_deadlines(void) {
     comm_msg_free(&m);
     CU_ASSERT_EQUAL(comm_recv(cs[0], 2, &m, NULL, 100), MLM_EPEER);
     fail_job_t k = {.skip = 2, .timeout_ms = 2000, .algo = COMM_ALGO_STAR, .late_rank = -1};
-    run_ranks(cs, 3, fail_body, &k);
+    test_run_ranks(cs, 3, fail_body, &k);
     CU_ASSERT_EQUAL(k.rc[0], MLM_EPEER);
     CU_ASSERT(k.ms[0] < 500);
     CU_ASSERT(k.rc[1] == MLM_EPEER || k.rc[1] == MLM_ETIMEOUT);
@@ -523,13 +499,13 @@ static void calib_body(comm_t *c, int r, void *arg) {
 static void check_ping(comm_t **cs, int N) {
     ping_job_t j;
     memset(&j, 0, sizeof j);
-    run_ranks(cs, 2, ping_body, &j);
+    test_run_ranks(cs, 2, ping_body, &j);
     CU_ASSERT(j.rc[0] == 0 && j.rc[1] == 0);
     CU_ASSERT(j.lat[0] > 0 && j.bw[0] > 0);
     CU_ASSERT(j.lat[0] == j.lat[1] && j.bw[0] == j.bw[1]); // both ends get the same figures
     ping_job_t k;
     memset(&k, 0, sizeof k);
-    run_ranks(cs, N, calib_body, &k);
+    test_run_ranks(cs, N, calib_body, &k);
     for (int r = 0; r < N; r++) {
         CU_ASSERT_EQUAL(k.rc[r], 0);
         CU_ASSERT_EQUAL(k.pick[r], k.pick[0]);
@@ -890,7 +866,7 @@ static void test_zmq_processes_allreduce(void) {
             CU_ASSERT_FATAL(comm_inproc_new_group(cs, N) == 0);
             ar_job_t j = {.N = N, .n = PROC_N, .x = x, .out = out, .algo = (k & 1) ? COMM_ALGO_RING : COMM_ALGO_STAR,
                           .flags = k >= 2 ? COMM_AR_Q8_0 : 0};
-            run_ranks(cs, N, ar_body, &j);
+            test_run_ranks(cs, N, ar_body, &j);
             destroy_all(cs, N);
             CU_ASSERT(all_equal_bits(out, N, PROC_N, out));
             memcpy(want + (size_t)k * PROC_N, out, PROC_N * sizeof(float));

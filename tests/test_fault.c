@@ -115,30 +115,6 @@ static int zmq_group(comm_t **cs, int N, const char *dir, const char *tag, const
     return rc;
 }
 
-// Runs fn(comm, rank, arg) for every rank on its own thread and joins them.
-typedef void (*rank_fn)(comm_t *c, int rank, void *arg);
-typedef struct {
-    comm_t *c;
-    int rank;
-    rank_fn fn;
-    void *arg;
-} thr_arg_t;
-
-static void *thr_main(void *p) {
-    thr_arg_t *t = p;
-    t->fn(t->c, t->rank, t->arg);
-    return NULL;
-}
-
-static void run_ranks(comm_t **cs, int N, rank_fn fn, void *arg) {
-    pthread_t th[MAXN];
-    thr_arg_t ta[MAXN];
-    for (int r = 0; r < N; r++) {
-        ta[r] = (thr_arg_t){cs[r], r, fn, arg};
-        pthread_create(&th[r], NULL, thr_main, &ta[r]);
-    }
-    for (int r = 0; r < N; r++) pthread_join(th[r], NULL);
-}
 
 // Receives one message expected to be the u32 idx (one frame); true if so.
 static bool recv_index(comm_t *c, int peer, uint32_t idx, int timeout_ms) {
@@ -695,7 +671,7 @@ static void run_allreduces(comm_t **cs, int N, size_t n, const float *x, float *
     *min_barrier = 1e9;
     for (int k = 0; k < 3; k++) {
         ar_job_t j = {.N = N, .n = n, .x = x, .out = outs[k], .algo = k ? COMM_ALGO_RING : COMM_ALGO_STAR, .q8 = k == 2};
-        run_ranks(cs, N, ar_body, &j);
+        test_run_ranks(cs, N, ar_body, &j);
         for (int r = 0; r < N; r++) {
             CU_ASSERT_EQUAL(j.rc[r], 0);
             if (r) *min_barrier = fmin(*min_barrier, j.barrier_ms[r]);
@@ -760,7 +736,7 @@ static void test_ping_measures_link(void) {
     fault_link_t p;
     fault_link_params(spec, 0, 1, &p);
     ping_job_t j = {{-1, -1}, {0, 0}, {0, 0}};
-    run_ranks(cs, 2, ping_body, &j);
+    test_run_ranks(cs, 2, ping_body, &j);
     CU_ASSERT(j.rc[0] == 0 && j.rc[1] == 0);
     CU_ASSERT(j.lat_us[0] >= p.delay_ms * 1000 && j.lat_us[0] == j.lat_us[1]);
     CU_ASSERT(j.bw[0] > 0 && j.bw[0] <= p.mbit * 1e6 / 8 * 1.5); // 25 MB/s, measured a little above at most

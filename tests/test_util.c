@@ -1,6 +1,7 @@
 // Helpers shared by the CUnit suites (not a suite itself).
 #include "test_util.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <dirent.h>
@@ -84,4 +85,28 @@ void test_rm_dir(char *dir) {
     }
     rmdir(dir);
     free(dir);
+}
+
+typedef struct {
+    struct comm *c;
+    int rank;
+    test_rank_fn fn;
+    void *arg;
+} rank_thread_t;
+
+static void *rank_main(void *p) {
+    rank_thread_t *t = p;
+    t->fn(t->c, t->rank, t->arg);
+    return NULL;
+}
+
+void test_run_ranks(struct comm **cs, int n, test_rank_fn fn, void *arg) {
+    pthread_t th[64];
+    rank_thread_t ta[64];
+    if (n > 64) n = 64;
+    for (int r = 0; r < n; r++) {
+        ta[r] = (rank_thread_t){cs[r], r, fn, arg};
+        pthread_create(&th[r], NULL, rank_main, &ta[r]);
+    }
+    for (int r = 0; r < n; r++) pthread_join(th[r], NULL);
 }

@@ -37,4 +37,9 @@ void test_fill_floats(float *x, int64_t n, uint64_t seed, float spread);
 // Removes a directory and the files in it (one level), then frees dir.
 void test_rm_dir(char *dir);
 
+// Runs fn(comm, rank, arg) for ranks 0..n-1 (cs[rank]), each on its own thread, and joins them.
+struct comm;
+typedef void (*test_rank_fn)(struct comm *c, int rank, void *arg);
+void test_run_ranks(struct comm **cs, int n, test_rank_fn fn, void *arg);
+
 #endif

@@ -12,7 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "worker/err.h"
+#include "core/err.h"
 
 // --- helpers
 

@@ -7,10 +7,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "worker/clock.h"
-#include "worker/err.h"
-#include "worker/matmul.h"
-#include "worker/threadpool.h"
+#include "core/clock.h"
+#include "core/err.h"
+#include "worker/kernels/matmul.h"
+#include "worker/kernels/threadpool.h"
 
 // --- helpers
 

@@ -4,7 +4,7 @@
 
 #include <stdint.h>
 
-#include "worker/quant.h"
+#include "worker/kernels/quant.h"
 
 #define PROFILE_MAX_TYPES 8
 

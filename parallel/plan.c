@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "parallel/plan_impl.h"
-#include "worker/err.h"
+#include "core/err.h"
 
 // --- helpers
 
@@ -26,14 +26,14 @@ static int parse_link(const char *s, plan_node_t *nd) {
 
 // --- public API
 
-int plan_tp(const model_t *m, const plan_node_t *nodes, int n, int n_ctx, plan_t *out, char *err, size_t errlen) {
+int plan_tp(const gguf_t *g, const plan_node_t *nodes, int n, int n_ctx, plan_t *out, char *err, size_t errlen) {
     if (n < 1 || n > PLAN_MAX_NODES) {
         snprintf(err, errlen, "node count %d is outside 1..%d", n, PLAN_MAX_NODES);
         return MLM_EINVAL;
     }
     plan_model_t *pm = malloc(sizeof *pm);
     if (!pm) return MLM_ENOMEM;
-    int rc = plan_model_from_model(m, pm, err, errlen);
+    int rc = plan_model_from_gguf(g, pm, err, errlen);
     if (rc != 0) {
         free(pm);
         return rc;
@@ -144,10 +144,10 @@ int plan_parse_nodes(const char *spec, plan_node_t *nodes, int max, char *err, s
     return n;
 }
 
-void plan_print(const plan_t *p, const model_t *m, FILE *f) {
+void plan_print(const plan_t *p, const gguf_t *g, FILE *f) {
     plan_model_t *pm = malloc(sizeof *pm);
     char err[256];
-    if (pm && plan_model_from_model(m, pm, err, sizeof err) == 0) plan_table(p, pm, f);
+    if (pm && plan_model_from_gguf(g, pm, err, sizeof err) == 0) plan_table(p, pm, f);
     else fprintf(f, "plan %s: %d node(s) (model not describable)\n", p->layout, p->n);
     free(pm);
 }

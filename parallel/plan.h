@@ -8,8 +8,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "worker/model.h"
-#include "worker/shard.h"
+#include "worker/format/gguf.h"
+#include "parallel/shard.h"
 
 #define PLAN_MAX_NODES 64
 
@@ -95,9 +95,9 @@ typedef struct {
     double bytes_per_weight;   // weight bytes per matrix element (0.5625 for Q4_0)
 } plan_model_t;
 
-// Describes a loaded model (weights only mmap'd: load it with repack = false). 0, or
-// MLM_ERANGE with a message when it has more than PLAN_MAX_LAYERS blocks.
-int plan_model_from_model(const model_t *m, plan_model_t *pm, char *err, size_t errlen);
+// Describes the model in an opened GGUF (reads its metadata and tensor table only). 0, or
+// MLM_ERANGE when it has more than PLAN_MAX_LAYERS blocks, or hparams_read's errors, with a message.
+int plan_model_from_gguf(const gguf_t *g, plan_model_t *pm, char *err, size_t errlen);
 
 // Describes preset `name` (worker/model_presets.h) quantized to `quant` ("Q4_0", "Q8_0", "F16", ...;
 // NULL = Q4_0) without any file: every matrix in that type (a row length the type's blocks do not
@@ -178,7 +178,7 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
 // Splits m over n nodes in proportion to their speed, within their memory budgets, as one
 // tensor-parallel group (one stage, shard i = node i); cost predicted. Returns 0, MLM_EINVAL (bad
 // n), or MLM_EFULL when the model does not fit: err says which node lacks how much.
-int plan_tp(const model_t *m, const plan_node_t *nodes, int n, int n_ctx, plan_t *out, char *err, size_t errlen);
+int plan_tp(const gguf_t *g, const plan_node_t *nodes, int n, int n_ctx, plan_t *out, char *err, size_t errlen);
 
 // --- hand-written plans
 //
@@ -242,7 +242,7 @@ int plan_parse_size(const char *s, uint64_t *out);
 // --- printing
 
 // Prints the shard table (stage, layers, rows, bytes per shard).
-void plan_print(const plan_t *p, const model_t *m, FILE *f);
+void plan_print(const plan_t *p, const gguf_t *g, FILE *f);
 void plan_table(const plan_t *p, const plan_model_t *pm, FILE *f);
 
 // Prints the chosen plan and up to two alternatives: layout, nodes, predicted compute / memory /

@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "parallel/plan_impl.h"
-#include "worker/err.h"
+#include "core/err.h"
 
 // --- helpers
 

@@ -5,9 +5,10 @@
 #include <string.h>
 
 #include "parallel/plan_impl.h"
-#include "worker/err.h"
-#include "worker/model_presets.h"
-#include "worker/quant.h"
+#include "core/err.h"
+#include "worker/format/hparams.h"
+#include "worker/format/model_presets.h"
+#include "worker/kernels/quant.h"
 
 // --- helpers
 
@@ -385,10 +386,12 @@ void plan_short_message(char *err, size_t errlen, const plan_short_t *sh, const 
 
 // --- public API
 
-int plan_model_from_model(const model_t *m, plan_model_t *pm, char *err, size_t errlen) {
-    const model_hparams_t *hp = model_hparams(m);
-    const gguf_t *g = model_gguf(m);
+int plan_model_from_gguf(const gguf_t *g, plan_model_t *pm, char *err, size_t errlen) {
     memset(pm, 0, sizeof *pm);
+    model_hparams_t hpv;
+    int rc = hparams_read(g, &hpv, err, errlen);
+    if (rc != 0) return rc;
+    const model_hparams_t *hp = &hpv;
     if (hp->n_layer < 1 || hp->n_layer > PLAN_MAX_LAYERS) {
         snprintf(err, errlen, "%d blocks: the planner handles 1..%d", hp->n_layer, PLAN_MAX_LAYERS);
         return MLM_ERANGE;
@@ -404,7 +407,7 @@ int plan_model_from_model(const model_t *m, plan_model_t *pm, char *err, size_t 
     pm->n_expert = hp->n_expert;
     pm->n_expert_used = hp->n_expert_used;
     pm->tied_output = hp->tied_output;
-    pm->wtype = qtype_from_name(model_type_name(m));
+    pm->wtype = qtype_from_name(hp->type_name);
     if (pm->wtype < 0) pm->wtype = QT_F32;
     pm->weight_bytes = hp->weight_bytes;
     const bool moe = hp->n_expert > 0;

@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "parallel/plan_impl.h"
-#include "worker/quant.h"
+#include "worker/kernels/quant.h"
 
 // --- helpers
 

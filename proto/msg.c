@@ -9,8 +9,8 @@
 #include <string.h>
 
 #include "meshlm.pb-c.h"
-#include "worker/err.h"
-#include "worker/quant.h"
+#include "core/err.h"
+#include "worker/kernels/quant.h"
 
 // --- types
 

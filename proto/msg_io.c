@@ -4,7 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "worker/err.h"
+#include "core/err.h"
 
 // --- public API
 

@@ -8,12 +8,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "worker/clock.h"
+#include "core/clock.h"
 #include "cluster/launch.h"
-#include "coordinator/cluster.h"
+#include "coordinator/runtime/cluster.h"
 #include "ref_cases.h"
 #include "test_util.h"
-#include "worker/err.h"
+#include "core/err.h"
 
 // --- helpers
 

@@ -19,8 +19,8 @@
 #include "transport/comm.h"
 #include "transport/comm_inproc.h"
 #include "transport/comm_zmq.h"
-#include "worker/err.h"
-#include "worker/quant.h"
+#include "core/err.h"
+#include "worker/kernels/quant.h"
 
 #define MAXN 5
 #define EP_LEN 192

@@ -14,7 +14,7 @@
 #include "transport/comm_zmq.h"
 #include "transport/fault.h"
 #include "transport/link.h"
-#include "worker/err.h"
+#include "core/err.h"
 
 #define MAXN 4
 #define EP_LEN 192

@@ -8,11 +8,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "coordinator/cli.h"
+#include "coordinator/cli/cli.h"
 #include "test_util.h"
-#include "worker/err.h"
-#include "worker/gguf.h"
-#include "worker/quant.h"
+#include "core/err.h"
+#include "worker/format/gguf.h"
+#include "worker/kernels/quant.h"
 
 // --- helpers
 

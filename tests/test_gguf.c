@@ -10,8 +10,8 @@
 #include <unistd.h>
 
 #include "test_util.h"
-#include "worker/err.h"
-#include "worker/gguf.h"
+#include "core/err.h"
+#include "worker/format/gguf.h"
 
 // --- helpers: byte builder for hand-made GGUF files
 

@@ -9,9 +9,9 @@
 #include <unistd.h>
 
 #include "test_util.h"
-#include "worker/err.h"
-#include "worker/gguf.h"
-#include "worker/gguf_write.h"
+#include "core/err.h"
+#include "worker/format/gguf.h"
+#include "worker/format/gguf_write.h"
 
 // --- helpers
 

@@ -7,7 +7,7 @@
 
 #include "test_util.h"
 #include "worker/kernels/kernels.h"
-#include "worker/quant.h"
+#include "worker/kernels/quant.h"
 
 // --- helpers
 

@@ -9,7 +9,7 @@
 #include <time.h>
 
 #include "worker/kernels/kernels.h"
-#include "worker/quant.h"
+#include "worker/kernels/quant.h"
 
 // --- types
 

@@ -6,8 +6,8 @@
 #include <string.h>
 
 #include "test_util.h"
-#include "worker/err.h"
-#include "worker/matmul.h"
+#include "core/err.h"
+#include "worker/kernels/matmul.h"
 
 // --- helpers
 

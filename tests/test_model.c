@@ -7,8 +7,8 @@
 
 #include "ref_cases.h"
 #include "test_util.h"
-#include "worker/err.h"
-#include "worker/model.h"
+#include "core/err.h"
+#include "worker/model/model.h"
 
 // --- helpers
 

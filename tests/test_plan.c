@@ -6,8 +6,9 @@
 #include <string.h>
 
 #include "parallel/plan.h"
+#include "worker/model/model.h"
 #include "test_util.h"
-#include "worker/err.h"
+#include "core/err.h"
 
 // --- helpers
 
@@ -47,7 +48,7 @@ static void test_cover_every_unit(void) {
             plan_node_t nodes[8];
             char err[256];
             CU_ASSERT_EQUAL(plan_parse_nodes("8", nodes, 8, err, sizeof err), 8);
-            CU_ASSERT_EQUAL_FATAL(plan_tp(m, nodes, n, 256, p, err, sizeof err), 0);
+            CU_ASSERT_EQUAL_FATAL(plan_tp(model_gguf(m), nodes, n, 256, p, err, sizeof err), 0);
             CU_ASSERT(tiles(p, hp->n_head, 0));
             CU_ASSERT(tiles(p, hp->n_embd, 1));
             CU_ASSERT(tiles(p, hp->n_ff, 2));
@@ -74,7 +75,7 @@ static void test_speed_and_replication(void) {
     char err[256];
     CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("2,1,1", nodes, 4, err, sizeof err), 3);
     plan_t *p = malloc(sizeof *p);
-    CU_ASSERT_EQUAL_FATAL(plan_tp(m, nodes, 3, 128, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_tp(model_gguf(m), nodes, 3, 128, p, err, sizeof err), 0);
     // Twice as fast: half the heads, FFN units and hidden rows.
     CU_ASSERT_EQUAL(p->shard[0].s.h1 - p->shard[0].s.h0, 4);
     CU_ASSERT_EQUAL(p->shard[1].s.h1 - p->shard[1].s.h0, 2);
@@ -97,12 +98,12 @@ static void test_budgets(void) {
     plan_t *p = malloc(sizeof *p);
     // A small budget on node 0 moves work to node 1 while both stay within budget.
     CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:4M,1", nodes, 4, err, sizeof err), 2);
-    CU_ASSERT_EQUAL_FATAL(plan_tp(m, nodes, 2, 64, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_tp(model_gguf(m), nodes, 2, 64, p, err, sizeof err), 0);
     CU_ASSERT(p->shard[0].peak_bytes <= 4u << 20);
     CU_ASSERT(p->shard[1].weight_bytes > 2 * p->shard[0].weight_bytes);
     // Too little memory in all: refused, naming how much is missing.
     CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:2M,1:2M", nodes, 4, err, sizeof err), 2);
-    CU_ASSERT_EQUAL(plan_tp(m, nodes, 2, 64, p, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_EQUAL(plan_tp(model_gguf(m), nodes, 2, 64, p, err, sizeof err), MLM_EFULL);
     CU_ASSERT(strstr(err, "does not fit") != NULL);
     CU_ASSERT(strstr(err, "short") != NULL);
     free(p);
@@ -205,14 +206,14 @@ static void test_model_description(void) {
     CU_ASSERT_PTR_NOT_NULL_FATAL(m);
     plan_model_t *pm = malloc(sizeof *pm);
     char err[256];
-    CU_ASSERT_EQUAL_FATAL(plan_model_from_model(m, pm, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_model_from_gguf(model_gguf(m), pm, err, sizeof err), 0);
     const model_hparams_t *hp = model_hparams(m);
     CU_ASSERT_EQUAL(pm->n_layer, hp->n_layer);
     CU_ASSERT_EQUAL(pm->n_expert, hp->n_expert);
     plan_node_t nodes[1];
     plan_parse_nodes("1", nodes, 1, err, sizeof err);
     plan_t *p = malloc(sizeof *p);
-    CU_ASSERT_EQUAL_FATAL(plan_tp(m, nodes, 1, 64, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_tp(model_gguf(m), nodes, 1, 64, p, err, sizeof err), 0);
     // One node holds every weight: its bytes are the file's tensors (rope factors aside).
     CU_ASSERT(p->shard[0].weight_bytes <= hp->weight_bytes);
     CU_ASSERT(p->shard[0].weight_bytes * 100 >= hp->weight_bytes * 99);

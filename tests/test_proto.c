@@ -7,8 +7,8 @@
 
 #include "meshlm.pb-c.h"
 #include "proto/msg.h"
-#include "worker/err.h"
-#include "worker/quant.h"
+#include "core/err.h"
+#include "worker/kernels/quant.h"
 
 // --- helpers
 

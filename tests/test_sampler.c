@@ -6,8 +6,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "coordinator/sampler.h"
-#include "worker/err.h"
+#include "coordinator/runtime/sampler.h"
+#include "core/err.h"
 
 // --- helpers
 

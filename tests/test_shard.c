@@ -5,8 +5,8 @@
 #include <string.h>
 
 #include "test_util.h"
-#include "worker/err.h"
-#include "worker/shard.h"
+#include "core/err.h"
+#include "parallel/shard.h"
 
 // --- tests
 

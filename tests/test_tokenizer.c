@@ -10,10 +10,10 @@
 #include <unistd.h>
 
 #include "test_util.h"
-#include "worker/err.h"
-#include "worker/gguf.h"
-#include "worker/tokenizer.h"
-#include "worker/unicode.h"
+#include "core/err.h"
+#include "worker/format/gguf.h"
+#include "worker/text/tokenizer.h"
+#include "worker/text/unicode.h"
 
 #define VOCAB_SEP "\n__ggml_vocab_test__\n"
 #define MAX_TOKS 4096

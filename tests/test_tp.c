@@ -8,8 +8,8 @@
 #include "parallel/plan.h"
 #include "ref_cases.h"
 #include "test_util.h"
-#include "worker/err.h"
-#include "worker/model.h"
+#include "core/err.h"
+#include "worker/model/model.h"
 
 // --- helpers: an in-memory gather for threads
 
@@ -98,7 +98,7 @@ static int run_case(const char *case_name, const char *speeds, bool via_files) {
     plan_node_t nodes[MAX_N];
     int n = plan_parse_nodes(speeds, nodes, MAX_N, err, sizeof err);
     plan_t *plan = malloc(sizeof *plan);
-    CU_ASSERT_EQUAL_FATAL(plan_tp(whole, nodes, n, n_tok + 8, plan, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_tp(model_gguf(whole), nodes, n, n_tok + 8, plan, err, sizeof err), 0);
     shard_slice_t slices[MAX_N];
     for (int i = 0; i < n; i++) slices[i] = plan->shard[i].s;
     group_t g;

@@ -6,8 +6,8 @@
 #include <strings.h>
 #include <time.h>
 
-#include "worker/err.h"
-#include "worker/quant.h"
+#include "core/err.h"
+#include "worker/kernels/quant.h"
 
 // --- types
 

@@ -6,7 +6,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "worker/err.h"
+#include "core/err.h"
 
 // --- types
 

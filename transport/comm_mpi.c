@@ -9,8 +9,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "worker/clock.h"
-#include "worker/err.h"
+#include "core/clock.h"
+#include "core/err.h"
 
 // --- types
 

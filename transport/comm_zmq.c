@@ -8,7 +8,7 @@
 #include <time.h>
 #include <zmq.h>
 
-#include "worker/err.h"
+#include "core/err.h"
 
 // --- types
 

@@ -4,8 +4,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "worker/clock.h"
-#include "worker/err.h"
+#include "core/clock.h"
+#include "core/err.h"
 
 // --- helpers
 

@@ -11,7 +11,7 @@
 
 #include "transport/comm.h"
 #include "transport/comm_zmq.h"
-#include "worker/err.h"
+#include "core/err.h"
 
 // --- helpers
 

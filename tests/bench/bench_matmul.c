@@ -10,8 +10,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "worker/matmul.h"
-#include "worker/threadpool.h"
+#include "worker/kernels/matmul.h"
+#include "worker/kernels/threadpool.h"
 
 // --- types
 

@@ -3,7 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "worker/gguf.h"
+#include "worker/format/gguf.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

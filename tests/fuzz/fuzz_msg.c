@@ -10,8 +10,8 @@
 #include <string.h>
 
 #include "proto/msg.h"
-#include "worker/err.h"
-#include "worker/quant.h"
+#include "core/err.h"
+#include "worker/kernels/quant.h"
 
 // --- helpers
 

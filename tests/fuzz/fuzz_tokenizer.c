@@ -4,8 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "worker/gguf.h"
-#include "worker/tokenizer.h"
+#include "worker/format/gguf.h"
+#include "worker/text/tokenizer.h"
 
 // --- helpers
 

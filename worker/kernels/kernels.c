@@ -1,5 +1,5 @@
 // Kernel dispatch: builds the per-ISA tables once and picks the best one for this CPU.
-#include "kernels.h"
+#include "worker/kernels/kernels.h"
 
 #include <pthread.h>
 #include <stdlib.h>
@@ -8,7 +8,7 @@
 #ifdef MESHLM_HAVE_X86
 #include <cpuid.h>
 
-#include "x86/x86.h"
+#include "worker/kernels/x86/x86.h"
 #endif
 
 // --- tables (written once under pthread_once, read-only afterwards)

@@ -4,7 +4,7 @@
 
 #include <stdint.h>
 
-#include "../quant.h"
+#include "worker/kernels/quant.h"
 
 // *s = dot(w, x) over n elements; w of the weight type, x of its vec_dot_type.
 typedef void (*kern_vec_dot_fn)(int64_t n, float *s, const void *w, const void *x);

@@ -8,8 +8,8 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include "k_common.h"
-#include "x86.h"
+#include "worker/kernels/x86/k_common.h"
+#include "worker/kernels/x86/x86.h"
 
 // --- helpers
 

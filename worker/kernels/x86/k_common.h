@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "../../quant.h"
+#include "worker/kernels/quant.h"
 
 // --- Q4_K / Q5_K scales
 

@@ -8,8 +8,8 @@
 #include <math.h>
 #include <string.h>
 
-#include "x86.h"
-#include "x86_mm.h"
+#include "worker/kernels/x86/x86.h"
+#include "worker/kernels/x86/x86_mm.h"
 
 // --- helpers
 

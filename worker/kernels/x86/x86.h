@@ -2,7 +2,7 @@
 #ifndef MESHLM_KERNELS_X86_H
 #define MESHLM_KERNELS_X86_H
 
-#include "../kernels.h"
+#include "worker/kernels/kernels.h"
 
 // Plain and legacy-quant types (F32, F16, BF16, Q4_0, Q8_0, activation quantizers): q_*.c
 void kern_x86_q_avx2_fill(kernels_t *k);

@@ -6,7 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../../quant.h"
+#include "worker/kernels/quant.h"
 
 // --- packed weight layouts (mm_weight_t.pack)
 //

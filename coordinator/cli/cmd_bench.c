@@ -1,0 +1,429 @@
+// meshlm bench: prompt-processing and generation speed in a llama-bench style table.
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/clock.h"
+#include "cluster/launch.h"
+#include "coordinator/cli/cli.h"
+#include "coordinator/runtime/cluster.h"
+#include "coordinator/cli/layout_args.h"
+#include "coordinator/runtime/generate.h"
+#include "core/err.h"
+#include "worker/model/model.h"
+
+// --- helpers
+
+#define MAX_MODELS 8
+#define MAX_REPS 100
+
+typedef struct {
+    const char *models[MAX_MODELS];  // -m, repeatable
+    int n_models;
+    int threads[8];                  // -t list
+    int n_threads;
+    int n_prompt;                    // -p (0 = skip)
+    int n_gen;                       // -n (0 = skip)
+    int reps;                        // -r
+    bool json;
+    bool repack;
+    int local;                       // --local N worker processes
+    bool local_tcp;                  // --local-tcp
+    char *workers;                   // --workers LIST (owned)
+    bool coord_shard;                // --coordinator-shard
+    const char *speeds;              // --speeds
+    layout_args_t lay;               // --pp, --tp, --plan, --ubatch, --keep-all
+    const char *lan;                 // --lan MBIT:MS emulated links (fault-injecting transport)
+    int parallel;                    // --parallel K: tg with K sequences in flight (cluster only)
+} bench_args_t;
+
+typedef struct {
+    double avg, sd;                  // tokens/s
+    double samples[MAX_REPS];        // tokens/s per repetition
+    int n;
+} bench_stat_t;
+
+static void bench_usage(FILE *f) {
+    fprintf(f,
+            "usage: meshlm bench -m FILE [-m FILE ...] [options]\n"
+            "  -t, --threads N[,N...]  thread counts to test (default: all cores)\n"
+            "  -p, --n-prompt N        prompt tokens for the pp test (default 64; 0 skips)\n"
+            "  -n, --n-gen N           generated tokens for the tg test (default 32; 0 skips)\n"
+            "  -r, --repetitions N     repetitions per test (default 3)\n"
+            "      --no-repack         compute on the file's layout\n"
+            "      --local N           run on N local worker processes (threads: -t per process)\n"
+            "      --local-tcp         local workers over loopback TCP instead of ipc\n"
+            "      --workers LIST      run on remote workers (tcp://HOST:PORT,...)\n"
+            "      --coordinator-shard the coordinator computes a share too\n"
+            "      --speeds LIST       relative speeds of the computing nodes\n"
+            "      --lan MBIT:MS       emulate every link at MBIT Mbit/s and MS ms one way (sets MESHLM_FAULTS\n"
+            "                          for the coordinator and the local workers), e.g. 1000:1 or 300:5\n"
+            "      --parallel K        tg with K sequences in flight at once (a cluster's stages then work\n"
+            "                          on different sequences); t/s counts every sequence's tokens\n"
+            "      --json              print a JSON array instead of the table\n"
+            LAYOUT_ARGS_USAGE);
+}
+
+static int parse_list(const char *s, int *out, int max) {
+    int n = 0;
+    while (*s && n < max) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s || v <= 0) return -1;
+        out[n++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+static void stat_finish(bench_stat_t *s) {
+    double sum = 0, sq = 0;
+    for (int i = 0; i < s->n; i++) sum += s->samples[i];
+    s->avg = s->n ? sum / s->n : 0;
+    for (int i = 0; i < s->n; i++) sq += (s->samples[i] - s->avg) * (s->samples[i] - s->avg);
+    s->sd = s->n > 1 ? sqrt(sq / (s->n - 1)) : 0;
+}
+
+static uint64_t splitmix(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// One pp or tg measurement series on an engine (a local context or a cluster).
+static int run_test(const gen_engine_t *eng, bool prompt, int n, int reps, bench_stat_t *st) {
+    int32_t *toks = malloc((size_t)n * sizeof *toks);
+    float *logits = malloc((size_t)eng->n_vocab * sizeof *logits);
+    if (!toks || !logits) {
+        free(toks);
+        free(logits);
+        return MLM_ENOMEM;
+    }
+    uint64_t seed = 42;
+    for (int i = 0; i < n; i++) toks[i] = (int32_t)(splitmix(&seed) % (uint64_t)eng->n_vocab);
+    int rc = 0;
+    st->n = 0;
+    for (int r = -1; r < reps && rc == 0; r++) { // r == -1 is the warm-up
+        eng->reset(eng->ctx);
+        double t0 = mlm_now_ms();
+        if (prompt) {
+            rc = eng->eval(eng->ctx, toks, n, logits, false);
+        } else {
+            for (int i = 0; i < n && rc == 0; i++) rc = eng->eval(eng->ctx, &toks[i], 1, logits, false);
+        }
+        double ms = mlm_now_ms() - t0;
+        if (r >= 0 && rc == 0) st->samples[st->n++] = n * 1000.0 / ms;
+    }
+    stat_finish(st);
+    free(toks);
+    free(logits);
+    return rc;
+}
+
+// tg with par sequences in flight on a cluster: every step advances each sequence by one token.
+static int run_test_par(cluster_t *cl, int n_vocab, int n, int reps, int par, bench_stat_t *st) {
+    int32_t *toks = malloc((size_t)n * par * sizeof *toks);
+    float *logits = malloc((size_t)par * n_vocab * sizeof *logits);
+    int seqs[CLUSTER_MAX_SEQS];
+    if (!toks || !logits) {
+        free(toks);
+        free(logits);
+        return MLM_ENOMEM;
+    }
+    uint64_t seed = 42;
+    for (int i = 0; i < n * par; i++) toks[i] = (int32_t)(splitmix(&seed) % (uint64_t)n_vocab);
+    for (int k = 0; k < par; k++) seqs[k] = k;
+    int rc = 0;
+    st->n = 0;
+    for (int r = -1; r < reps && rc == 0; r++) { // r == -1 is the warm-up
+        cluster_reset(cl);
+        double t0 = mlm_now_ms();
+        for (int i = 0; i < n && rc == 0; i++) rc = cluster_eval_seqs(cl, par, seqs, toks + (size_t)i * par, logits);
+        double ms = mlm_now_ms() - t0;
+        if (r >= 0 && rc == 0) st->samples[st->n++] = (double)n * par * 1000.0 / ms;
+    }
+    stat_finish(st);
+    free(toks);
+    free(logits);
+    return rc;
+}
+
+static int ctx_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) { return model_eval(ctx, t, n, logits, all); }
+static void ctx_reset(void *ctx) { model_ctx_reset(ctx); }
+static int cl_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) { return cluster_eval(ctx, t, n, logits, all); }
+static void cl_reset(void *ctx) { cluster_reset(ctx); }
+
+static void fmt_size(char *buf, size_t cap, double bytes) {
+    if (bytes >= 1024.0 * 1024 * 1024) snprintf(buf, cap, "%.2f GiB", bytes / (1024.0 * 1024 * 1024));
+    else snprintf(buf, cap, "%.2f MiB", bytes / (1024.0 * 1024));
+}
+
+static void fmt_params(char *buf, size_t cap, double n) {
+    if (n >= 1e9) snprintf(buf, cap, "%.2f B", n / 1e9);
+    else if (n >= 1e6) snprintf(buf, cap, "%.2f M", n / 1e6);
+    else snprintf(buf, cap, "%.2f K", n / 1e3);
+}
+
+// Bytes of weights one decode step reads: every tensor but the embedding table, plus one of its rows.
+static double bytes_per_token(const model_t *m) {
+    const gguf_t *g = model_gguf(m);
+    const model_hparams_t *hp = model_hparams(m);
+    const gguf_tensor_t *emb = gguf_find_tensor(g, "token_embd.weight");
+    double b = (double)hp->weight_bytes;
+    if (emb && !hp->tied_output) b -= (double)emb->nbytes - (double)emb->nbytes / (double)hp->n_vocab;
+    if (hp->n_expert > 0) {
+        // Only the chosen experts are read: scale the expert tensors by used/total.
+        double exp_bytes = 0;
+        for (int64_t i = 0; i < gguf_n_tensors(g); i++) {
+            const gguf_tensor_t *t = gguf_tensor(g, i);
+            if (strstr(t->name, "_exps.")) exp_bytes += (double)t->nbytes;
+        }
+        b -= exp_bytes * (1.0 - (double)hp->n_expert_used / hp->n_expert);
+    }
+    return b;
+}
+
+// --- public API
+
+int cmd_bench(int argc, char **argv) {
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'}, {"threads", required_argument, 0, 't'},
+        {"n-prompt", required_argument, 0, 'p'}, {"n-gen", required_argument, 0, 'n'},
+        {"repetitions", required_argument, 0, 'r'}, {"json", no_argument, 0, 'j'},
+        {"no-repack", no_argument, 0, 'R'}, {"local", required_argument, 0, 'L'},
+        {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
+        {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
+        {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'}, LAYOUT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
+    optind = 1;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "m:t:p:n:r:h", opts, NULL)) != -1) {
+        int lr = layout_args_option(&a.lay, ch, optarg, "bench");
+        if (lr < 0) return 2;
+        if (lr > 0) continue;
+        switch (ch) {
+        case 'm':
+            if (a.n_models == MAX_MODELS) {
+                fprintf(stderr, "meshlm bench: at most %d models\n", MAX_MODELS);
+                return 2;
+            }
+            a.models[a.n_models++] = optarg;
+            break;
+        case 't':
+            if ((a.n_threads = parse_list(optarg, a.threads, 8)) <= 0) {
+                fprintf(stderr, "meshlm bench: bad thread list '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'p': a.n_prompt = atoi(optarg); break;
+        case 'n': a.n_gen = atoi(optarg); break;
+        case 'r': a.reps = atoi(optarg); break;
+        case 'j': a.json = true; break;
+        case 'R': a.repack = false; break;
+        case 'L': a.local = atoi(optarg); break;
+        case 'P': a.local_tcp = true; break;
+        case 'W': free(a.workers); a.workers = strdup(optarg); break;
+        case 'S': a.coord_shard = true; break;
+        case 'V': a.speeds = optarg; break;
+        case 'E': a.lan = optarg; break;
+        case 'K': a.parallel = atoi(optarg); break;
+        case 'h': bench_usage(stdout); return 0;
+        default: bench_usage(stderr); return 2;
+        }
+    }
+    if (a.n_models == 0 || a.reps < 1 || a.reps > MAX_REPS || a.n_prompt < 0 || a.n_gen < 0 || optind < argc ||
+        a.parallel < 0 || a.parallel > CLUSTER_MAX_SEQS) {
+        bench_usage(stderr);
+        return 2;
+    }
+    if (a.n_threads == 0) {
+        a.threads[0] = 0;
+        a.n_threads = 1;
+    }
+    if (a.lan) { // every process of the run (local workers inherit it) emulates the links
+        double mbit = 0, ms = -1;
+        if (sscanf(a.lan, "%lf:%lf", &mbit, &ms) != 2 || !(mbit > 0) || !(ms >= 0)) {
+            fprintf(stderr, "meshlm bench: --lan wants MBIT:MS, e.g. 1000:1, not '%s'\n", a.lan);
+            return 2;
+        }
+        char spec[128];
+        snprintf(spec, sizeof spec, "delay:link=*:ms=%g,bw:link=*:mbit=%g", ms, mbit);
+        setenv("MESHLM_FAULTS", spec, 1);
+    }
+    const bool dist = a.local > 0 || a.workers;
+    cJSON *jarr = a.json ? cJSON_CreateArray() : NULL;
+    if (!a.json) {
+        printf("| %-24s | %10s | %8s | %-10s | %7s | %6s | %16s | %10s |%s\n", "model", "size", "params", "backend",
+               "threads", "test", "t/s", "weights GB/s",
+               dist ? " layout | predicted t/s | TTFT ms | util | comm ms/tok | KiB/tok |" : "");
+        printf("| %.24s | %.10s | %.8s | %.10s | %.7s | %.6s | %.16s | %.10s |%s\n", "------------------------------",
+               "------------", "----------", "------------", "---------", "--------", "------------------",
+               "------------", dist ? " ------ | ------------- | ------- | ---- | ----------- | ------- |" : "");
+    }
+    int code = 0;
+    for (int mi = 0; mi < a.n_models; mi++) {
+        char err[1024] = "";
+        model_t *m = NULL;
+        model_load_opts_t lo = {.repack = a.repack && !dist};
+        if (model_load(&m, a.models[mi], &lo, err, sizeof err) != 0) {
+            fprintf(stderr, "meshlm bench: %s\n", err);
+            code = 1;
+            continue;
+        }
+        const model_hparams_t *hp = model_hparams(m);
+        char name[64], size[32], params[32];
+        const double np = (double)hp->n_params;
+        char sz[16];
+        if (np >= 1e9) snprintf(sz, sizeof sz, "%.0fB", np / 1e9);
+        else snprintf(sz, sizeof sz, "%.0fM", np / 1e6);
+        snprintf(name, sizeof name, "%s %s%s %s", hp->arch, hp->n_expert ? "MoE " : "", sz, model_type_name(m));
+        fmt_size(size, sizeof size, (double)hp->weight_bytes);
+        fmt_params(params, sizeof params, (double)hp->n_params);
+        const double bpt = bytes_per_token(m);
+        for (int ti = 0; ti < a.n_threads; ti++) {
+            model_ctx_t *c = NULL;
+            cluster_t *cl = NULL;
+            launch_t *lw = NULL;
+            gen_engine_t eng;
+            int need = (a.n_prompt > a.n_gen ? a.n_prompt : a.n_gen) + 8;
+            char backend[24];
+            snprintf(backend, sizeof backend, "CPU %s", model_kernels(m)->isa);
+            if (!dist) {
+                model_ctx_opts_t co = {.n_ctx = need, .n_batch = a.n_prompt > 0 ? a.n_prompt : 64,
+                                       .n_threads = a.threads[ti]};
+                if (model_ctx_new(&c, m, &co, err, sizeof err) != 0) {
+                    fprintf(stderr, "meshlm bench: %s\n", err);
+                    code = 1;
+                    continue;
+                }
+                eng = (gen_engine_t){c, hp->n_vocab, ctx_eval, ctx_reset};
+            } else {
+                const char *eps[LAUNCH_MAX];
+                int nw = 0;
+                char *list = a.workers ? strdup(a.workers) : NULL;
+                if (a.local > 0) {
+                    lw = calloc(1, sizeof *lw);
+                    launch_opts_t lo2 = {.model_path = a.models[mi], .n_threads = a.threads[ti], .tcp = a.local_tcp};
+                    if (!lw || launch_local(lw, a.local, &lo2, err, sizeof err) != 0) {
+                        fprintf(stderr, "meshlm bench: %s\n", err);
+                        free(lw);
+                        free(list);
+                        code = 1;
+                        continue;
+                    }
+                    for (int i = 0; i < lw->n; i++) eps[i] = lw->endpoint[i];
+                    nw = lw->n;
+                } else {
+                    for (char *t = strtok(list, ","); t && nw < LAUNCH_MAX; t = strtok(NULL, ",")) eps[nw++] = t;
+                }
+                cluster_opts_t co = {.model_path = a.models[mi], .workers = eps, .n_workers = nw, .speeds = a.speeds,
+                                     .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti],
+                                     .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
+                                     .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
+                                     .local_profile = a.local > 0};
+                int rc = cluster_open(&cl, &co, err, sizeof err);
+                free(list);
+                if (rc != 0) {
+                    fprintf(stderr, "meshlm bench: cluster: %s\n", err);
+                    if (lw) launch_reap(lw, 3000);
+                    free(lw);
+                    code = 1;
+                    continue;
+                }
+                eng = (gen_engine_t){cl, hp->n_vocab, cl_eval, cl_reset};
+                snprintf(backend, sizeof backend, "%d x %s", cluster_plan(cl)->n, a.local_tcp || a.workers ? "tcp" : "ipc");
+            }
+            int nthr = a.threads[ti] ? a.threads[ti] : (int)sysconf(_SC_NPROCESSORS_ONLN);
+            for (int test = 0; test < 2; test++) {
+                bool pp = test == 0;
+                int n = pp ? a.n_prompt : a.n_gen;
+                if (n == 0) continue;
+                bench_stat_t st;
+                if (cl) cluster_stats_reset(cl);
+                const int par = cl && !pp && a.parallel > 1 ? a.parallel : 1;
+                int rc = par > 1 ? run_test_par(cl, hp->n_vocab, n, a.reps, par, &st) : run_test(&eng, pp, n, a.reps, &st);
+                if (rc != 0) {
+                    fprintf(stderr, "meshlm bench: %s failed: %s%s%s\n", a.models[mi], mlm_strerror(rc),
+                            cl ? ": " : "", cl ? cluster_error(cl) : "");
+                    code = 1;
+                    continue;
+                }
+                double comm_ms = 0, kib = 0, util = 0, pred = 0;
+                if (cl) {
+                    cluster_sync_stats(cl, 5000);
+                    const cluster_stats_t *cs = cluster_stats(cl);
+                    comm_ms = cs->tokens ? cs->gather_ms / (double)cs->tokens : 0;
+                    kib = cs->tokens ? (double)cs->gather_bytes / (double)cs->tokens / 1024.0 : 0;
+                    util = cs->step_ms > 0 && cs->n_compute ? cs->busy_ms / (cs->n_compute * cs->step_ms) : 0;
+                    const plan_cost_t *pc = &cluster_plan(cl)->cost;
+                    pred = pp ? pc->prefill_tok_s : (pc->token_ms > 0 ? 1000.0 / pc->token_ms : 0);
+                }
+                const double ttft = pp && st.avg > 0 ? n * 1000.0 / st.avg : 0;
+                char tname[16], ts[40], bw[16];
+                if (par > 1) snprintf(tname, sizeof tname, "tg%dx%d", n, par);
+                else snprintf(tname, sizeof tname, "%s%d", pp ? "pp" : "tg", n);
+                snprintf(ts, sizeof ts, "%.2f ± %.2f", st.avg, st.sd);
+                if (pp) snprintf(bw, sizeof bw, "-");
+                else snprintf(bw, sizeof bw, "%.1f", bpt * st.avg / 1e9);
+                if (a.json) {
+                    cJSON *o = cJSON_CreateObject();
+                    cJSON_AddStringToObject(o, "model", a.models[mi]);
+                    cJSON_AddStringToObject(o, "model_type", name);
+                    cJSON_AddNumberToObject(o, "model_size", (double)hp->weight_bytes);
+                    cJSON_AddNumberToObject(o, "model_n_params", (double)hp->n_params);
+                    cJSON_AddStringToObject(o, "backend", backend);
+                    cJSON_AddNumberToObject(o, "n_threads", nthr);
+                    cJSON_AddStringToObject(o, "test", tname);
+                    cJSON_AddNumberToObject(o, "n_prompt", pp ? n : 0);
+                    cJSON_AddNumberToObject(o, "n_gen", pp ? 0 : n);
+                    cJSON_AddNumberToObject(o, "avg_ts", st.avg);
+                    cJSON_AddNumberToObject(o, "stddev_ts", st.sd);
+                    cJSON *sa = cJSON_AddArrayToObject(o, "samples_ts");
+                    for (int i = 0; i < st.n; i++) cJSON_AddItemToArray(sa, cJSON_CreateNumber(st.samples[i]));
+                    cJSON_AddNumberToObject(o, "weight_bytes_per_token", bpt);
+                    if (!pp) cJSON_AddNumberToObject(o, "weights_gbps", bpt * st.avg / 1e9);
+                    if (cl) {
+                        cJSON_AddNumberToObject(o, "nodes", cluster_plan(cl)->n);
+                        cJSON_AddStringToObject(o, "layout", cluster_plan(cl)->layout);
+                        cJSON_AddNumberToObject(o, "predicted_ts", pred);
+                        if (pp) cJSON_AddNumberToObject(o, "ttft_ms", ttft);
+                        cJSON_AddNumberToObject(o, "utilisation", util);
+                        cJSON_AddNumberToObject(o, "comm_ms_per_token", comm_ms);
+                        cJSON_AddNumberToObject(o, "comm_bytes_per_token", kib * 1024.0);
+                    }
+                    cJSON_AddItemToArray(jarr, o);
+                } else {
+                    char extra[160] = "", tt[16] = "-";
+                    if (pp) snprintf(tt, sizeof tt, "%.1f", ttft);
+                    if (cl)
+                        snprintf(extra, sizeof extra, " %6s | %13.1f | %7s | %4.2f | %11.3f | %7.1f |",
+                                 cluster_plan(cl)->layout, pred, tt, util, comm_ms, kib);
+                    printf("| %-24s | %10s | %8s | %-10s | %7d | %6s | %16s | %10s |%s\n", name, size, params, backend,
+                           nthr, tname, ts, bw, extra);
+                    fflush(stdout);
+                }
+            }
+            model_ctx_destroy(&c);
+            cluster_close(&cl, lw != NULL);
+            if (lw) {
+                launch_reap(lw, 5000);
+                free(lw);
+            }
+        }
+        model_destroy(&m);
+    }
+    if (a.json) {
+        char *s = cJSON_Print(jarr);
+        if (s) printf("%s\n", s);
+        free(s);
+        cJSON_Delete(jarr);
+    }
+    free(a.workers);
+    return code;
+}

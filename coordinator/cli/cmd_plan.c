@@ -1,0 +1,197 @@
+// meshlm plan: choose (or check) how a model is split over nodes and print the shard table, without running.
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "coordinator/cli/cli.h"
+#include "parallel/plan.h"
+#include "core/err.h"
+
+// --- helpers
+
+#define MAX_ALTS 8
+
+static void plan_usage(FILE *f) {
+    fprintf(f,
+            "usage: meshlm plan (-m FILE | --preset NAME [--quant TYPE]) (--nodes SPEC | --nodes-file F)\n"
+            "                   [-c N_CTX] [--pp S] [--tp T] [--keep-all] [--pin-first] [--plan FILE]\n"
+            "                   [--out FILE] [--explain] [--json]\n"
+            "  -m, --model FILE   GGUF model (only mapped, no weights read)\n"
+            "  --preset NAME      a known model shape instead of a file (tinyllama-1.1b, llama-2-70b, mixtral-8x7b, ...)\n"
+            "  --quant TYPE       the preset's weight type (default Q4_0)\n"
+            "  --nodes SPEC       N equal nodes, or speed[:budget][@LAT_MS/MBIT] per node, e.g. 2,1,1:512M\n"
+            "                     or 1:4G@1/1000 (speed is relative; budget is memory for weights + KV cache)\n"
+            "  --nodes-file F     one node per line: NAME key=value ... with speed= gflops= mem_bw= (bytes/s,\n"
+            "                     e.g. 20G) mem= (budget) lat_ms= mbit=\n"
+            "  -c, --ctx-size N   context positions the KV cache is sized for (default 4096)\n"
+            "  --pp S             exactly S pipeline stages    --tp T   exactly T nodes per stage\n"
+            "  --keep-all         every node computes          --pin-first  node 0 (coordinator) is rank 0\n"
+            "  --ubatch U         prefill micro-batch (default %d)  --prompt N  prompt length (default %d)\n"
+            "  --plan FILE        use this hand-written plan instead of searching\n"
+            "  --out FILE         write the plan in the plan file format (for --plan)\n"
+            "  --explain          compare the chosen plan with the best alternatives\n"
+            "  --json             print the plan and alternatives as JSON\n"
+            "Node 0 is the coordinator's machine. Unknown figures default to 20 GFLOP/s per unit of speed,\n"
+            "20 GB/s memory, 0.1 ms / 1 Gbit links.\n",
+            PLAN_DEFAULT_UBATCH, PLAN_DEFAULT_N_PROMPT);
+}
+
+static char *read_text(const char *path, char *err, size_t errlen) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap || cap >= (1u << 24)) break;
+        char *nb = realloc(buf, cap * 2 + 1);
+        if (!nb) {
+            free(buf);
+            buf = NULL;
+            break;
+        }
+        buf = nb;
+        cap *= 2;
+    }
+    fclose(f);
+    if (!buf) snprintf(err, errlen, "out of memory");
+    else buf[n] = 0;
+    return buf;
+}
+
+static int positive(const char *s, int *out) {
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || v < 1 || v > 1 << 20) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+// --- public API
+
+int cmd_plan(int argc, char **argv) {
+    enum { O_NODES = 256, O_NODES_FILE, O_PRESET, O_QUANT, O_PP, O_TP, O_KEEP, O_PIN, O_PLAN, O_OUT, O_EXPLAIN,
+           O_JSON, O_UBATCH, O_PROMPT };
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},       {"nodes", required_argument, 0, O_NODES},
+        {"nodes-file", required_argument, 0, O_NODES_FILE}, {"preset", required_argument, 0, O_PRESET},
+        {"quant", required_argument, 0, O_QUANT},   {"ctx-size", required_argument, 0, 'c'},
+        {"pp", required_argument, 0, O_PP},         {"tp", required_argument, 0, O_TP},
+        {"keep-all", no_argument, 0, O_KEEP},       {"pin-first", no_argument, 0, O_PIN},
+        {"plan", required_argument, 0, O_PLAN},     {"out", required_argument, 0, O_OUT},
+        {"explain", no_argument, 0, O_EXPLAIN},     {"json", no_argument, 0, O_JSON},
+        {"ubatch", required_argument, 0, O_UBATCH}, {"prompt", required_argument, 0, O_PROMPT},
+        {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
+    const char *model = NULL, *preset = NULL, *quant = NULL, *spec = NULL, *nodes_file = NULL, *plan_path = NULL,
+               *out_path = NULL;
+    bool explain = false, json = false;
+    plan_opts_t po = {.n_ctx = 4096};
+    int ch, bad = 0;
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "m:c:h", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'm': model = optarg; break;
+        case O_NODES: spec = optarg; break;
+        case O_NODES_FILE: nodes_file = optarg; break;
+        case O_PRESET: preset = optarg; break;
+        case O_QUANT: quant = optarg; break;
+        case 'c': bad |= positive(optarg, &po.n_ctx); break;
+        case O_PP: bad |= positive(optarg, &po.pp); break;
+        case O_TP: bad |= positive(optarg, &po.tp); break;
+        case O_KEEP: po.keep_all = true; break;
+        case O_PIN: po.pin_first = true; break;
+        case O_PLAN: plan_path = optarg; break;
+        case O_OUT: out_path = optarg; break;
+        case O_EXPLAIN: explain = true; break;
+        case O_JSON: json = true; break;
+        case O_UBATCH: bad |= positive(optarg, &po.ubatch); break;
+        case O_PROMPT: bad |= positive(optarg, &po.n_prompt); break;
+        case 'h': plan_usage(stdout); return 0;
+        default: plan_usage(stderr); return 2;
+        }
+    }
+    if (bad || !model == !preset || !spec == !nodes_file || optind < argc || (quant && !preset)) {
+        plan_usage(stderr);
+        return 2;
+    }
+    char err[1024];
+    plan_node_t nodes[PLAN_MAX_NODES];
+    int n;
+    if (spec) {
+        n = plan_parse_nodes(spec, nodes, PLAN_MAX_NODES, err, sizeof err);
+    } else {
+        char *text = read_text(nodes_file, err, sizeof err), inner[512];
+        n = text ? plan_parse_nodes_file(text, nodes, PLAN_MAX_NODES, inner, sizeof inner) : MLM_EIO;
+        if (n < 0 && text) snprintf(err, sizeof err, "%s: %s", nodes_file, inner);
+        free(text);
+    }
+    if (n < 0) {
+        fprintf(stderr, "meshlm plan: %s\n", err);
+        return 2;
+    }
+    plan_model_t *pm = malloc(sizeof *pm);
+    plan_t *best = malloc(sizeof *best), *alts = malloc(sizeof *alts * MAX_ALTS);
+    int rc = pm && best && alts ? 0 : MLM_ENOMEM, n_alts = 0;
+    if (rc == 0 && preset) {
+        rc = plan_model_from_preset(preset, quant, pm, err, sizeof err);
+    } else if (rc == 0) {
+        gguf_t *g = NULL;
+        rc = gguf_open(&g, model, err, sizeof err);
+        if (rc == 0) {
+            rc = plan_model_from_gguf(g, pm, err, sizeof err);
+            const char *base = strrchr(model, '/');
+            snprintf(pm->name, sizeof pm->name, "%s", base ? base + 1 : model);
+        }
+        gguf_close(&g); // the description keeps no pointer into the file
+    }
+    if (rc == 0 && plan_path) {
+        plan_spec_t *ps = malloc(sizeof *ps);
+        rc = ps ? plan_file_load(plan_path, ps, err, sizeof err) : MLM_ENOMEM;
+        if (rc == 0) {
+            char inner[512];
+            rc = plan_from_spec(pm, nodes, n, ps, po.n_ctx, best, inner, sizeof inner);
+            if (rc != 0) snprintf(err, sizeof err, "%s: %s", plan_path, inner);
+        }
+        if (rc == 0) {
+            best->ubatch = po.ubatch;
+            best->n_prompt = po.n_prompt;
+            plan_predict(pm, best);
+        }
+        free(ps);
+    } else if (rc == 0) {
+        rc = plan_make(pm, nodes, n, &po, best, alts, MAX_ALTS, &n_alts, err, sizeof err);
+    }
+    if (rc == 0 && out_path) {
+        FILE *f = fopen(out_path, "w");
+        if (!f || plan_file_write(best, f) != 0) {
+            snprintf(err, sizeof err, "%s: %s", out_path, strerror(errno));
+            rc = MLM_EIO;
+        }
+        if (f && fclose(f) != 0 && rc == 0) {
+            snprintf(err, sizeof err, "%s: %s", out_path, strerror(errno));
+            rc = MLM_EIO;
+        }
+    }
+    if (rc == 0) {
+        if (json) {
+            plan_write_json(stdout, pm, best, alts, n_alts);
+        } else if (explain) {
+            plan_explain(stdout, pm, best, alts, n_alts);
+        } else {
+            plan_table(best, pm, stdout);
+            printf("predicted %.2f ms/token (%.2f tokens/s), prefill %.1f tokens/s; %s\n", best->cost.token_ms,
+                   best->cost.token_ms > 0 ? 1e3 / best->cost.token_ms : 0, best->cost.prefill_tok_s, best->why);
+        }
+    } else {
+        fprintf(stderr, "meshlm plan: %s\n", rc == MLM_ENOMEM ? "out of memory" : err);
+    }
+    free(pm);
+    free(best);
+    free(alts);
+    return rc == 0 ? 0 : 1;
+}

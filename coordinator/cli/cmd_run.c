@@ -1,0 +1,287 @@
+// meshlm run: load a GGUF model on this machine, tokenize a prompt, and stream a generation.
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cluster/launch.h"
+#include "coordinator/cli/cli.h"
+#include "coordinator/runtime/cluster.h"
+#include "coordinator/cli/gen_args.h"
+#include "coordinator/cli/layout_args.h"
+#include "coordinator/runtime/generate.h"
+#include "core/err.h"
+#include "worker/model/model.h"
+#include "worker/text/tokenizer.h"
+
+// --- helpers
+
+typedef struct {
+    gen_args_t g;             // model, prompt, sampling, output
+    char *workers;            // --workers a,b,c (owned copy)
+    int local;                // --local N
+    bool local_tcp;           // --local-tcp
+    bool local_no_model;      // --local-no-model: workers receive their slices
+    const char *cache_dir;    // --cache-dir for local workers
+    bool coord_shard;         // --coordinator-shard
+    const char *speeds;       // --speeds
+    int timeout_ms;           // --timeout
+    const char *data_endpoint; // --data-endpoint
+    bool verbose;             // --verbose
+    layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all
+} run_args_t;
+
+static void run_usage(FILE *f) {
+    fprintf(f,
+            "usage: meshlm run -m FILE (-p TEXT | -f FILE) [options]\n"
+            GEN_ARGS_USAGE
+            "cluster:\n"
+            "      --workers LIST      comma-separated worker endpoints (tcp://HOST:PORT or ipc:///PATH)\n"
+            "      --local N           start N worker processes on this machine for this run\n"
+            "      --local-tcp         local workers on loopback TCP instead of ipc sockets\n"
+            "      --local-no-model    local workers get no model file: their slices are streamed and cached\n"
+            "      --cache-dir DIR     shard cache of local workers\n"
+            "      --coordinator-shard the coordinator computes a share too\n"
+            "      --speeds LIST       relative speeds of the computing nodes, e.g. 2,1 (default equal)\n"
+            "      --timeout MS        deadline of each exchange and collective (default 30000)\n"
+            "      --data-endpoint EP  the coordinator's data-plane endpoint (default: its address towards the\n"
+            "                          first worker, on a free port)\n"
+            "      --verbose           cluster progress on stderr\n"
+            LAYOUT_ARGS_USAGE);
+}
+
+enum { O_WORKERS = GA_NEXT, O_LOCAL, O_LOCAL_TCP, O_LOCAL_NOMODEL, O_CACHE, O_CSHARD, O_SPEEDS, O_TIMEOUT,
+       O_VERBOSE, O_DATA_EP };
+
+static int parse_args(int argc, char **argv, run_args_t *a) {
+    static const struct option opts[] = {
+        GEN_ARGS_LONGOPTS, {"workers", required_argument, 0, O_WORKERS}, {"local", required_argument, 0, O_LOCAL},
+        {"local-tcp", no_argument, 0, O_LOCAL_TCP}, {"local-no-model", no_argument, 0, O_LOCAL_NOMODEL},
+        {"cache-dir", required_argument, 0, O_CACHE}, {"coordinator-shard", no_argument, 0, O_CSHARD},
+        {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
+        {"verbose", no_argument, 0, O_VERBOSE}, {"data-endpoint", required_argument, 0, O_DATA_EP},
+        LAYOUT_ARGS_LONGOPTS, {0, 0, 0, 0}};
+    memset(a, 0, sizeof *a);
+    gen_args_init(&a->g);
+    optind = 1;
+    int ch;
+    while ((ch = getopt_long(argc, argv, GEN_ARGS_SHORTOPTS, opts, NULL)) != -1) {
+        int r = gen_args_option(&a->g, ch, optarg, "run");
+        if (r == 0) r = layout_args_option(&a->lay, ch, optarg, "run");
+        if (r < 0) return 1;
+        if (r > 0) continue;
+        switch (ch) {
+        case O_WORKERS: free(a->workers); a->workers = strdup(optarg); break;
+        case O_LOCAL: a->local = atoi(optarg); break;
+        case O_LOCAL_TCP: a->local_tcp = true; break;
+        case O_LOCAL_NOMODEL: a->local_no_model = true; break;
+        case O_CACHE: a->cache_dir = optarg; break;
+        case O_CSHARD: a->coord_shard = true; break;
+        case O_SPEEDS: a->speeds = optarg; break;
+        case O_TIMEOUT: a->timeout_ms = atoi(optarg); break;
+        case O_VERBOSE: a->verbose = true; break;
+        case O_DATA_EP: a->data_endpoint = optarg; break;
+        case 'h': run_usage(stdout); return -1;
+        default: run_usage(stderr); return 1;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "meshlm run: unexpected argument '%s'\n", argv[optind]);
+        return 1;
+    }
+    if (gen_args_check(&a->g, "run") != 0) {
+        run_usage(stderr);
+        return 1;
+    }
+    if (a->local < 0 || (a->local > 0 && a->workers)) {
+        fprintf(stderr, "meshlm run: use either --local N or --workers LIST\n");
+        return 1;
+    }
+    return 0;
+}
+
+static int local_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) {
+    return model_eval(ctx, t, n, logits, all);
+}
+static void local_reset(void *ctx) { model_ctx_reset(ctx); }
+static int cluster_eval_fn(void *ctx, const int32_t *t, int n, float *logits, bool all) {
+    return cluster_eval(ctx, t, n, logits, all);
+}
+static void cluster_reset_fn(void *ctx) { cluster_reset(ctx); }
+
+// Splits "a,b,c" in place into at most max pointers; returns the count.
+static int split_list(char *s, const char **out, int max) {
+    int n = 0;
+    for (char *tok = strtok(s, ","); tok && n < max; tok = strtok(NULL, ",")) out[n++] = tok;
+    return n;
+}
+
+// --- public API
+
+static int run_main(run_args_t *a);
+
+int cmd_run(int argc, char **argv) {
+    run_args_t a;
+    int prc = parse_args(argc, argv, &a);
+    if (prc != 0) {
+        free(a.workers);
+        return prc < 0 ? 0 : 2;
+    }
+    int code = run_main(&a);
+    free(a.workers);
+    gen_args_free(&a.g);
+    return code;
+}
+
+int cmd_coordinator(int argc, char **argv) {
+    run_args_t a;
+    int prc = parse_args(argc, argv, &a);
+    if (prc != 0) {
+        free(a.workers);
+        return prc < 0 ? 0 : 2;
+    }
+    if (!a.workers) {
+        fprintf(stderr, "meshlm coordinator: --workers LIST is required (or use 'meshlm run --local N')\n");
+        free(a.workers);
+        return 2;
+    }
+    int code = run_main(&a);
+    free(a.workers);
+    gen_args_free(&a.g);
+    return code;
+}
+
+static int run_main(run_args_t *ap) {
+    run_args_t a = *ap;
+    char err[1024] = "";
+    model_t *m = NULL;
+    cluster_t *cl = NULL;
+    launch_t *lw = NULL;
+    tokenizer_t *tok = NULL;
+    model_ctx_t *ctx = NULL;
+    int32_t *pt = NULL;
+    FILE *lf = NULL;
+    int code = 1, rc;
+    const bool distributed = a.workers || a.local > 0;
+    const model_t *mm = NULL; // the model whose metadata and tokenizer we use
+    if (!distributed) {
+        model_load_opts_t lo = {.repack = a.g.repack};
+        if ((rc = model_load(&m, a.g.model, &lo, err, sizeof err)) != 0) {
+            fprintf(stderr, "meshlm run: %s\n", err[0] ? err : mlm_strerror(rc));
+            goto out;
+        }
+        mm = m;
+    } else {
+        const char *eps[LAUNCH_MAX];
+        int n_workers = 0;
+        if (a.local > 0) {
+            lw = calloc(1, sizeof *lw);
+            launch_opts_t lo = {.model_path = a.local_no_model ? NULL : a.g.model, .cache_dir = a.cache_dir,
+                                .n_threads = a.g.n_threads, .tcp = a.local_tcp, .verbose = a.verbose};
+            if (!lw || launch_local(lw, a.local, &lo, err, sizeof err) != 0) {
+                fprintf(stderr, "meshlm run: %s\n", err);
+                goto out;
+            }
+            for (int i = 0; i < lw->n; i++) eps[i] = lw->endpoint[i];
+            n_workers = lw->n;
+        } else {
+            n_workers = split_list(a.workers, eps, LAUNCH_MAX);
+        }
+        cluster_opts_t co = {.model_path = a.g.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
+                             .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
+                             .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .verbose = a.verbose,
+                             .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
+                             .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
+                             .local_profile = a.local > 0};
+        if ((rc = cluster_open(&cl, &co, err, sizeof err)) != 0) {
+            fprintf(stderr, "meshlm run: cluster: %s\n", err);
+            goto out;
+        }
+        mm = cluster_model(cl);
+        if (a.verbose) plan_print(cluster_plan(cl), model_gguf(mm), stderr);
+    }
+    if ((rc = tokenizer_from_gguf(&tok, model_gguf(mm), err, sizeof err)) != 0) {
+        fprintf(stderr, "meshlm run: tokenizer: %s\n", err[0] ? err : mlm_strerror(rc));
+        goto out;
+    }
+    size_t plen = strlen(a.g.prompt);
+    int cap = (int)plen + 8;
+    pt = malloc((size_t)cap * sizeof *pt);
+    int np = pt ? tokenizer_encode(tok, a.g.prompt, plen, !a.g.no_bos && tokenizer_add_bos(tok), false, pt, cap) : MLM_ENOMEM;
+    if (np < 0 || np > cap) {
+        fprintf(stderr, "meshlm run: cannot tokenize the prompt: %s\n", np < 0 ? mlm_strerror(np) : "too long");
+        goto out;
+    }
+    const model_hparams_t *hp = model_hparams(mm);
+    gen_engine_t eng;
+    if (!distributed) {
+        model_ctx_opts_t co = {.n_ctx = a.g.n_ctx, .n_batch = a.g.n_batch, .n_threads = a.g.n_threads, .kv_f32 = a.g.kv_f32};
+        if (co.n_ctx == 0) {
+            int need = np + a.g.n_predict + 1;
+            int def = hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
+            co.n_ctx = need > def ? need : def;
+        }
+        if (np + a.g.n_predict + 1 > co.n_ctx) {
+            fprintf(stderr, "meshlm run: prompt (%d tokens) + %d to generate exceed the context of %d positions (-c)\n",
+                    np, a.g.n_predict, co.n_ctx);
+            goto out;
+        }
+        if ((rc = model_ctx_new(&ctx, m, &co, err, sizeof err)) != 0) {
+            fprintf(stderr, "meshlm run: %s\n", err);
+            goto out;
+        }
+        eng = (gen_engine_t){ctx, hp->n_vocab, local_eval, local_reset};
+    } else {
+        eng = (gen_engine_t){cl, hp->n_vocab, cluster_eval_fn, cluster_reset_fn};
+    }
+    if (a.g.logits_path && !(lf = fopen(a.g.logits_path, "wb"))) {
+        fprintf(stderr, "meshlm run: cannot create %s\n", a.g.logits_path);
+        goto out;
+    }
+    a.g.gen.n_predict = a.g.n_predict;
+    a.g.gen.stream = a.g.json ? NULL : stdout;
+    a.g.gen.logits_out = lf;
+    gen_result_t res;
+    if ((rc = gen_run(&eng, tok, pt, np, &a.g.gen, &res, err, sizeof err)) != 0) {
+        fprintf(stderr, "\nmeshlm run: %s\n", err);
+        if (cl && cluster_error(cl)[0]) fprintf(stderr, "meshlm run: %s\n", cluster_error(cl));
+        goto out;
+    }
+    if (lf && fclose(lf) != 0) {
+        lf = NULL;
+        fprintf(stderr, "meshlm run: writing %s failed\n", a.g.logits_path);
+        gen_result_free(&res);
+        goto out;
+    }
+    lf = NULL;
+    if (a.g.json) {
+        gen_print_json(pt, np, &res);
+    } else {
+        printf("\n");
+        fflush(stdout);
+    }
+    fprintf(stderr, "meshlm: prompt %d tokens in %.1f ms (%.1f tokens/s); generation %d tokens in %.1f ms (%.1f tokens/s)\n",
+            np, res.prompt_ms, res.prompt_ms > 0 ? np * 1000.0 / res.prompt_ms : 0.0, res.n_tokens, res.gen_ms,
+            res.gen_ms > 0 ? res.n_gen_evals * 1000.0 / res.gen_ms : 0.0);
+    if (cl) {
+        const cluster_stats_t *st = cluster_stats(cl);
+        fprintf(stderr, "meshlm: cluster of %d worker(s) ready in %.0f ms (%d mapped the model, %d from cache, %d streamed %.1f MB)\n",
+                cluster_plan(cl)->n, st->load_ms, st->from_file, st->from_cache, st->streamed,
+                (double)st->shard_bytes_sent / 1e6);
+    }
+    gen_result_free(&res);
+    code = 0;
+out:
+    if (lf) fclose(lf);
+    free(pt);
+    model_ctx_destroy(&ctx);
+    tokenizer_destroy(&tok);
+    model_destroy(&m);
+    cluster_close(&cl, lw != NULL);
+    if (lw) {
+        launch_reap(lw, 5000);
+        free(lw);
+    }
+    return code;
+}

@@ -1,0 +1,796 @@
+// Coordinator side of a cluster: hello, plan, shard loading with slice streaming, data plane, steps.
+#include "core/clock.h"
+#include "coordinator/runtime/cluster.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cluster/launch.h"
+#include "cluster/profile.h"
+#include "proto/msg_io.h"
+#include "transport/comm_zmq.h"
+#include "worker/node/pipeline.h"
+#include "transport/fault.h"
+#include "transport/link.h"
+#include "worker/node/node.h"
+#include "core/err.h"
+#include "core/sha256.h"
+
+// --- types
+
+#define CHUNK_BYTES (4u << 20)  // shard streaming chunk
+
+typedef struct {
+    link_t *link;               // control link
+    char endpoint[MSG_ENDPOINT_MAX];
+    char data_endpoint[MSG_ENDPOINT_MAX];
+    msg_hello_t hello;          // what it said about itself
+    int rank;                   // its data-plane rank, -1 when the plan leaves it out
+    double lat_us, bw;          // measured control link: one-way latency, bytes/s
+    uint64_t reports;           // step reports received
+} worker_t;
+
+struct cluster {
+    cluster_opts_t o;
+    int timeout_ms;
+    uint8_t sha[32];            // of the model file
+    worker_t *w;                // (n_workers)
+    int n_nodes;                // data-plane ranks: rank 0 is the coordinator, then the plan's workers
+    plan_t *plan;               // shares of the computing nodes (shard order = rank order)
+    shard_slice_t *slices;      // (n_nodes) by rank; rank 0 empty unless the coordinator computes
+    msg_plan_node_t *pnodes;    // (n_nodes) as sent
+    int *rank_worker;           // (n_nodes) worker index of each rank, -1 for the coordinator
+    comm_t *comm;               // data plane
+    pipe_node_t pipe;           // the coordinator's place in the pipeline
+    fault_spec_t *faults;       // $MESHLM_FAULTS: links to emulate (NULL = none), handed to the workers
+    model_t *model;             // the coordinator's slice (empty unless it computes)
+    model_ctx_t *ctx[CLUSTER_MAX_SEQS]; // its context per sequence, only when it computes
+    bool computes;              // the coordinator holds a share
+    int pos[CLUSTER_MAX_SEQS];  // tokens in the cluster's caches, per sequence
+    int ubatch;                 // micro-batch tokens of a step
+    uint64_t step_id;
+    cluster_stats_t stats;
+    char errbuf[512];           // last failure, for cluster_error
+};
+
+// --- helpers
+
+static int seq_ctx(cluster_t *c, int seq, model_ctx_t **out);
+static int drain_reports(cluster_t *c, int wi, int timeout_ms);
+
+// A free TCP port on the given local IPv4 address, below the ephemeral range when it can (bound and
+// released: a small race other programs could win). Tries a few candidates, then lets the kernel pick.
+static int free_port(struct in_addr ip) {
+    static unsigned seed;
+    if (!seed) seed = (unsigned)getpid() ^ (unsigned)time(NULL);
+    for (int attempt = 0; attempt < 50; attempt++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) return -1;
+        const int want = attempt < 49 ? launch_candidate_port(&seed) : 0;
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)want), .sin_addr = ip};
+        socklen_t len = sizeof a;
+        int port = -1;
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+            port = ntohs(a.sin_port);
+        close(fd);
+        if (port > 0) return port;
+    }
+    return -1;
+}
+
+// This machine's address on the route to a worker's tcp://HOST:PORT (a connected UDP socket sends
+// nothing but learns the source address the kernel would use). Loopback when that fails.
+static struct in_addr local_addr_towards(const char *endpoint) {
+    struct in_addr out = {htonl(INADDR_LOOPBACK)};
+    char host[128];
+    const char *h = endpoint + 6, *colon = strrchr(endpoint, ':');
+    if (!colon || colon <= h || (size_t)(colon - h) >= sizeof host) return out;
+    memcpy(host, h, (size_t)(colon - h));
+    host[colon - h] = 0;
+    struct sockaddr_in peer = {.sin_family = AF_INET, .sin_port = htons(9)};
+    if (inet_pton(AF_INET, host, &peer.sin_addr) != 1) return out;
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    if (fd < 0) return out;
+    struct sockaddr_in me;
+    socklen_t len = sizeof me;
+    if (connect(fd, (struct sockaddr *)&peer, sizeof peer) == 0 && getsockname(fd, (struct sockaddr *)&me, &len) == 0)
+        out = me.sin_addr;
+    close(fd);
+    return out;
+}
+
+static void coordinator_endpoint(const cluster_t *c, char *out, size_t cap) {
+    if (c->o.data_endpoint) {
+        snprintf(out, cap, "%s", c->o.data_endpoint);
+    } else if (c->o.n_workers > 0 && strncmp(c->o.workers[0], "ipc://", 6) == 0) {
+        snprintf(out, cap, "%s.coord%ld", c->o.workers[0], (long)getpid());
+    } else {
+        struct in_addr ip = local_addr_towards(c->o.workers[0]);
+        char txt[INET_ADDRSTRLEN];
+        inet_ntop(AF_INET, &ip, txt, sizeof txt);
+        // A free port that is not a worker's data port (those are bound only once the plan arrives).
+        for (int attempt = 0; attempt < 20; attempt++) {
+            snprintf(out, cap, "tcp://%s:%d", txt, free_port(ip));
+            bool clash = false;
+            for (int i = 0; i < c->o.n_workers; i++) clash |= strcmp(out, c->w[i].data_endpoint) == 0;
+            if (!clash) break;
+        }
+    }
+}
+
+static int recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *raw, char *err, size_t errlen) {
+    int rc = msg_recv_link(c->w[wi].link, m, raw, c->timeout_ms, err, errlen);
+    if (rc != 0) {
+        snprintf(err, errlen, "worker %s: no %s within %d ms (%s)", c->w[wi].endpoint, msg_type_name(want),
+                 c->timeout_ms, mlm_strerror(rc));
+        return rc;
+    }
+    if (m->type == MSG_ERROR) {
+        snprintf(err, errlen, "worker %s: %s", c->w[wi].endpoint, m->error.text);
+        rc = m->error.code < 0 ? m->error.code : MLM_EPROTO;
+    } else if (m->type != want) {
+        snprintf(err, errlen, "worker %s: expected %s, got %s", c->w[wi].endpoint, msg_type_name(want),
+                 msg_type_name(m->type));
+        rc = MLM_EPROTO;
+    }
+    if (rc != 0) {
+        msg_clear(m);
+        comm_msg_free(raw);
+    }
+    return rc;
+}
+
+static int say_hello(cluster_t *c, char *err, size_t errlen) {
+    for (int i = 0; i < c->o.n_workers; i++) {
+        worker_t *w = &c->w[i];
+        snprintf(w->endpoint, sizeof w->endpoint, "%s", c->o.workers[i]);
+        int rc = link_connect(&w->link, w->endpoint, err, errlen);
+        if (rc == 0 && link_data_endpoint(w->endpoint, w->data_endpoint, sizeof w->data_endpoint) != 0) {
+            snprintf(err, errlen, "worker endpoint %s: want tcp://HOST:PORT or ipc:///PATH", w->endpoint);
+            rc = MLM_EINVAL;
+        }
+        if (rc != 0) return rc;
+        msg_t m;
+        msg_init(&m, MSG_HELLO);
+        snprintf(m.hello.node_id, sizeof m.hello.node_id, "coordinator");
+        m.hello.role = MSG_ROLE_COORDINATOR;
+        m.hello.n_cores = 1;
+        m.hello.link_rank = i + 1;
+        const char *ft = fault_spec_text(c->faults);
+        if (strlen(ft) >= sizeof m.hello.faults) {
+            snprintf(err, errlen, "the fault spec is longer than %zu bytes", sizeof m.hello.faults - 1);
+            return MLM_EINVAL;
+        }
+        snprintf(m.hello.faults, sizeof m.hello.faults, "%s", ft);
+        if ((rc = msg_send_link(w->link, &m, c->timeout_ms, err, errlen)) != 0) return rc;
+    }
+    for (int i = 0; i < c->o.n_workers; i++) {
+        msg_t m;
+        comm_msg_t raw;
+        int rc = recv_type(c, i, MSG_HELLO, &m, &raw, err, errlen);
+        if (rc != 0) return rc;
+        c->w[i].hello = m.hello;
+        msg_clear(&m);
+        comm_msg_free(&raw);
+        // From here on both ends emulate the link (the worker turned it on after its HELLO).
+        if (fault_has_link_rules(c->faults)) link_set_faults(c->w[i].link, c->faults, 0, i + 1);
+        for (int j = 0; j < i; j++)
+            if (!strcmp(c->w[j].hello.node_id, c->w[i].hello.node_id)) {
+                snprintf(err, errlen, "workers %s and %s share the node id %s", c->w[j].endpoint, c->w[i].endpoint,
+                         c->w[i].hello.node_id);
+                return MLM_EINVAL;
+            }
+    }
+    return 0;
+}
+
+// Control-link measurement: small heartbeats for latency (half the median round trip), then one
+// PING_BYTES probe for bandwidth. Workers answer both at once.
+#define PING_ROUNDS 5
+#define PING_BYTES (1u << 20)
+
+static int ping_once(cluster_t *c, int wi, uint64_t seq, const void *payload, size_t len, double *ms, char *err,
+                     size_t errlen) {
+    msg_t m;
+    if (payload) {
+        msg_init(&m, MSG_SLICE_DATA);
+        msg_slice_data_t *sd = &m.slice_data;
+        snprintf(sd->tensor, sizeof sd->tensor, "%s", NODE_PING_TENSOR);
+        sd->type = QT_I8;
+        sd->n_dims = 1;
+        sd->ne[0] = (int64_t)len;
+        sd->end = (int64_t)len;
+        sd->plan_id = seq;
+        sd->total = len;
+        sd->data = payload;
+        sd->len = len;
+    } else {
+        msg_init(&m, MSG_HEARTBEAT);
+        snprintf(m.heartbeat.node_id, sizeof m.heartbeat.node_id, "coordinator");
+        m.heartbeat.seq = seq;
+    }
+    const double t0 = mlm_now_ms();
+    int rc = msg_send_link(c->w[wi].link, &m, c->timeout_ms, err, errlen);
+    comm_msg_t raw;
+    if (rc == 0) rc = recv_type(c, wi, MSG_HEARTBEAT, &m, &raw, err, errlen);
+    if (rc != 0) return rc;
+    *ms = mlm_now_ms() - t0;
+    rc = m.heartbeat.seq == seq ? 0 : MLM_EPROTO;
+    if (rc != 0) snprintf(err, errlen, "worker %s: ping answered out of order", c->w[wi].endpoint);
+    msg_clear(&m);
+    comm_msg_free(&raw);
+    return rc;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int measure_links(cluster_t *c, char *err, size_t errlen) {
+    uint8_t *buf = calloc(1, PING_BYTES);
+    if (!buf) return MLM_ENOMEM;
+    int rc = 0;
+    c->stats.link_lat_us = 0;
+    c->stats.link_bw = 0;
+    for (int i = 0; i < c->o.n_workers && rc == 0; i++) {
+        double t[PING_ROUNDS], big = 0;
+        for (int k = 0; k < PING_ROUNDS && rc == 0; k++) rc = ping_once(c, i, (uint64_t)k + 1, NULL, 0, &t[k], err, errlen);
+        if (rc == 0) rc = ping_once(c, i, 1000, buf, PING_BYTES, &big, err, errlen);
+        if (rc != 0) break;
+        qsort(t, PING_ROUNDS, sizeof t[0], cmp_double);
+        worker_t *w = &c->w[i];
+        w->lat_us = t[PING_ROUNDS / 2] * 1e3 / 2;
+        const double extra = big - t[PING_ROUNDS / 2]; // the payload's own transfer time
+        w->bw = extra > 1e-3 ? PING_BYTES / (extra / 1e3) : 1e11;
+        if (w->lat_us > c->stats.link_lat_us) c->stats.link_lat_us = w->lat_us;
+        if (c->stats.link_bw == 0 || w->bw < c->stats.link_bw) c->stats.link_bw = w->bw;
+        if (c->o.verbose)
+            fprintf(stderr, "meshlm: link to %s: %.0f us one way, %.0f MB/s\n", w->endpoint, w->lat_us, w->bw / 1e6);
+    }
+    free(buf);
+    return rc;
+}
+
+// What the planner knows about the computing candidates: the coordinator first when it computes,
+// then the workers in the order given.
+static int describe_nodes(cluster_t *c, const model_t *full, plan_node_t *nodes, int n_compute, char *err,
+                          size_t errlen) {
+    const int off = c->o.coordinator_shard ? 1 : 0;
+    if (c->o.speeds) {
+        int n = plan_parse_nodes(c->o.speeds, nodes, PLAN_MAX_NODES, err, errlen);
+        if (n < 0) return n;
+        if (n != n_compute) {
+            snprintf(err, errlen, "--speeds lists %d nodes but %d compute", n, n_compute);
+            return MLM_EINVAL;
+        }
+    } else {
+        plan_parse_nodes("64", nodes, PLAN_MAX_NODES, err, errlen);
+    }
+    const qtype_t t = (qtype_t)qtype_from_name(model_type_name(full));
+    profile_t here = {0};
+    bool have_here = false;
+    bool measured = !c->o.speeds;
+    for (int i = 0; i < c->o.n_workers; i++) measured &= c->w[i].hello.n_speeds > 0 || c->o.local_profile;
+    if (measured && (c->o.local_profile || off)) have_here = profile_node(&here, c->o.n_threads, NULL, 300) == 0;
+    for (int i = 0; i < c->o.n_workers; i++) {
+        plan_node_t *nd = &nodes[i + off];
+        const msg_hello_t *h = &c->w[i].hello;
+        snprintf(nd->name, sizeof nd->name, "%s", h->node_id);
+        if (!nd->mem_budget) nd->mem_budget = h->ram_budget_bytes;
+        nd->mem_bw = (double)h->mem_bw_bytes_s;
+        nd->lat_us = c->w[i].lat_us;
+        nd->link_bw = c->w[i].bw;
+        double best = 0, sum = 0;
+        for (int j = 0; j < h->n_speeds; j++) {
+            sum += h->speeds[j].gflops;
+            if (h->speeds[j].type == (uint32_t)t) best = h->speeds[j].gflops;
+        }
+        if (h->n_speeds) nd->gflops = best > 0 ? best : sum / h->n_speeds;
+        if (!h->n_speeds && c->o.local_profile && have_here) { // a local worker: this machine's figures
+            nd->gflops = profile_gflops(&here, t);
+            nd->mem_bw = here.mem_bw;
+        }
+        if (measured) nd->speed = nd->gflops;
+    }
+    if (off) {
+        snprintf(nodes[0].name, sizeof nodes[0].name, "coordinator");
+        if (measured && have_here) {
+            nodes[0].speed = nodes[0].gflops = profile_gflops(&here, t);
+            nodes[0].mem_bw = here.mem_bw;
+        }
+    }
+    return 0;
+}
+
+static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen) {
+    const int off = c->o.coordinator_shard ? 1 : 0;
+    const int n_compute = c->o.n_workers + off;
+    if (n_compute < 1 || n_compute > PLAN_MAX_NODES) {
+        snprintf(err, errlen, "%d computing nodes (1..%d)", n_compute, PLAN_MAX_NODES);
+        return MLM_EINVAL;
+    }
+    plan_node_t nodes[PLAN_MAX_NODES];
+    int rc = describe_nodes(c, full, nodes, n_compute, err, errlen);
+    if (rc != 0) return rc;
+    const model_hparams_t *hp = model_hparams(full);
+    int n_ctx = c->o.n_ctx > 0 ? c->o.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
+    c->o.n_ctx = n_ctx;
+    // The coordinator shares its LAN: its link is as good as the best worker's.
+    for (int i = 0; off && i < c->o.n_workers; i++) {
+        if (nodes[0].lat_us == 0 || c->w[i].lat_us < nodes[0].lat_us) nodes[0].lat_us = c->w[i].lat_us;
+        if (c->w[i].bw > nodes[0].link_bw) nodes[0].link_bw = c->w[i].bw;
+    }
+    plan_model_t *pm = malloc(sizeof *pm);
+    if (!pm) return MLM_ENOMEM;
+    rc = plan_model_from_gguf(model_gguf(full), pm, err, errlen);
+    if (rc == 0 && c->o.plan_file) {
+        plan_spec_t spec;
+        rc = plan_file_load(c->o.plan_file, &spec, err, errlen);
+        if (rc == 0) rc = plan_from_spec(pm, nodes, n_compute, &spec, n_ctx, c->plan, err, errlen);
+        if (rc == 0) { // predict it as it will run
+            c->plan->coord_apart = off == 0;
+            c->plan->ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16;
+            plan_predict(pm, c->plan);
+        }
+    } else if (rc == 0) {
+        plan_opts_t po = {.n_ctx = n_ctx, .pp = c->o.pp, .tp = c->o.tp, .keep_all = c->o.keep_all,
+                          .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
+                          .coord_apart = off == 0};
+        rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
+    }
+    free(pm);
+    if (rc != 0) return rc;
+    if (c->o.verbose && c->plan->why[0]) fprintf(stderr, "meshlm: plan %s: %s\n", c->plan->layout, c->plan->why);
+    const plan_t *pl = c->plan;
+    if (off && (pl->n < 1 || pl->shard[0].node != 0)) {
+        snprintf(err, errlen, "the plan must start with the coordinator's own share");
+        return MLM_EINVAL;
+    }
+    // Ranks: 0 is the coordinator; the plan's shards follow in order (the coordinator's own share,
+    // when it computes, is rank 0).
+    c->n_nodes = pl->n + (off ? 0 : 1);
+    for (int i = 0; i < c->o.n_workers; i++) c->w[i].rank = -1;
+    c->slices[0] = (shard_slice_t){0};
+    c->rank_worker[0] = -1;
+    for (int i = 0; i < pl->n; i++) {
+        const int r = i + (off ? 0 : 1), wi = pl->shard[i].node - off;
+        c->slices[r] = pl->shard[i].s;
+        if (wi >= 0) {
+            c->rank_worker[r] = wi;
+            c->w[wi].rank = r;
+        }
+    }
+    c->stats.n_compute = pl->n;
+    c->ubatch = c->o.ubatch > 0 ? c->o.ubatch : (pl->n_stages > 1 ? 16 : 0);
+    for (int r = 0; r < c->n_nodes; r++) {
+        msg_plan_node_t *p = &c->pnodes[r];
+        const shard_slice_t *s = &c->slices[r];
+        const int wi = c->rank_worker[r];
+        memset(p, 0, sizeof *p);
+        p->index = (uint32_t)r;
+        snprintf(p->node_id, sizeof p->node_id, "%s", wi < 0 ? "coordinator" : c->w[wi].hello.node_id);
+        p->layers = (msg_range_t){s->l0, s->l1};
+        p->heads = (msg_range_t){s->h0, s->h1};
+        p->kv_heads = (msg_range_t){s->kv0, s->kv1};
+        p->n_ffn = 1;
+        p->ffn[0] = (msg_range_t){s->f0, s->f1};
+        p->hidden = (msg_range_t){s->e0, s->e1};
+        p->vocab = (msg_range_t){s->v0, s->v1};
+        if (wi >= 0) snprintf(p->endpoint, sizeof p->endpoint, "%s", c->w[wi].data_endpoint);
+        else coordinator_endpoint(c, p->endpoint, sizeof p->endpoint);
+    }
+    return 0;
+}
+
+static int send_plan(cluster_t *c, const model_t *full, char *err, size_t errlen) {
+    const model_hparams_t *hp = model_hparams(full);
+    msg_t m;
+    msg_init(&m, MSG_PLAN);
+    msg_plan_t *p = &m.plan;
+    p->plan_id = (uint64_t)getpid() << 20 ^ (uint64_t)time(NULL);
+    memcpy(p->model_sha256, c->sha, 32);
+    p->n_layer = (uint32_t)hp->n_layer;
+    p->n_head = (uint32_t)hp->n_head;
+    p->n_head_kv = (uint32_t)hp->n_head_kv;
+    p->n_ff = (uint32_t)hp->n_ff;
+    p->n_expert = (uint32_t)hp->n_expert;
+    p->n_embd = (uint32_t)hp->n_embd;
+    p->n_vocab = (uint32_t)hp->n_vocab;
+    p->n_ctx = (uint32_t)c->o.n_ctx;
+    p->kv_type = c->o.kv_f32 ? QT_F32 : QT_F16;
+    p->n_nodes = c->n_nodes;
+    p->nodes = c->pnodes;
+    for (int i = 0; i < c->o.n_workers; i++) {
+        if (c->w[i].rank < 0) continue; // left out of this plan
+        int rc = msg_send_link(c->w[i].link, &m, c->timeout_ms, err, errlen);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
+// Streams the worker's shard file (written from the coordinator's copy) as SLICE_DATA chunks.
+static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, char *err, size_t errlen) {
+    char path[256];
+    snprintf(path, sizeof path, "%s/meshlm-shard-%ld-%d.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
+             (long)getpid(), wi);
+    int rc = shard_file_write(src, &c->slices[c->w[wi].rank], head_dim, c->sha, path, err, errlen);
+    if (rc != 0) return rc;
+    FILE *f = fopen(path, "rb");
+    uint8_t *buf = malloc(CHUNK_BYTES);
+    if (!f || !buf) rc = MLM_EIO;
+    uint64_t total = 0, off = 0;
+    const bool show = isatty(2) != 0;
+    const double t0 = mlm_now_ms();
+    if (rc == 0) {
+        fseek(f, 0, SEEK_END);
+        total = (uint64_t)ftell(f);
+        rewind(f);
+    }
+    while (rc == 0 && off < total) {
+        size_t n = fread(buf, 1, CHUNK_BYTES, f);
+        if (n == 0) {
+            rc = MLM_EIO;
+            break;
+        }
+        msg_t m;
+        msg_init(&m, MSG_SLICE_DATA);
+        msg_slice_data_t *sd = &m.slice_data;
+        snprintf(sd->tensor, sizeof sd->tensor, "shard.gguf");
+        sd->type = QT_I8;
+        sd->n_dims = 1;
+        sd->ne[0] = (int64_t)total;
+        sd->dim = 0;
+        sd->begin = 0;
+        sd->end = (int64_t)total;
+        sd->offset = off;
+        sd->total = total;
+        sd->data = buf;
+        sd->len = n;
+        rc = msg_send_link(c->w[wi].link, &m, c->timeout_ms, err, errlen);
+        off += n;
+        if (show) {
+            double el = (mlm_now_ms() - t0) / 1e3;
+            fprintf(stderr, "\rmeshlm: shard %d -> %s: %.1f / %.1f MB (%.0f MB/s)   ", wi + 1, c->w[wi].endpoint,
+                    (double)off / 1e6, (double)total / 1e6, el > 0 ? (double)off / 1e6 / el : 0.0);
+            if (off >= total) fputc('\n', stderr);
+        }
+    }
+    if (f) fclose(f);
+    free(buf);
+    unlink(path);
+    if (rc == 0) c->stats.shard_bytes_sent += total;
+    else if (!err[0]) snprintf(err, errlen, "streaming the shard to %s failed", c->w[wi].endpoint);
+    return rc;
+}
+
+static int load_shards(cluster_t *c, const model_t *full, char *err, size_t errlen) {
+    for (int i = 0; i < c->o.n_workers; i++) {
+        if (c->w[i].rank < 0) continue;
+        msg_t m;
+        msg_init(&m, MSG_LOAD_SHARD);
+        m.load_shard.node_index = (uint32_t)c->w[i].rank;
+        m.load_shard.via_coordinator = !c->w[i].hello.has_model || memcmp(c->w[i].hello.model_sha256, c->sha, 32) != 0;
+        int rc = msg_send_link(c->w[i].link, &m, c->timeout_ms, err, errlen);
+        if (rc != 0) return rc;
+    }
+    for (int i = 0; i < c->o.n_workers; i++) {
+        if (c->w[i].rank < 0) continue;
+        msg_t m;
+        comm_msg_t raw;
+        int rc = recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen);
+        if (rc != 0) return rc;
+        int status = m.load_shard_ack.status;
+        bool cached = m.load_shard_ack.from_cache;
+        msg_clear(&m);
+        comm_msg_free(&raw);
+        if (status == MLM_ENOTFOUND) { // it has neither the model nor a cached shard: send it
+            if (c->o.verbose) fprintf(stderr, "meshlm: streaming shard %d to %s\n", i + 1, c->w[i].endpoint);
+            if ((rc = stream_shard(c, i, model_gguf(full), model_hparams(full)->head_dim, err, errlen)) != 0) return rc;
+            if ((rc = recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen)) != 0) return rc;
+            status = m.load_shard_ack.status;
+            msg_clear(&m);
+            comm_msg_free(&raw);
+            c->stats.streamed++;
+        } else if (cached) {
+            c->stats.from_cache++;
+        } else if (status == 0) {
+            c->stats.from_file++;
+        }
+        if (status != 0) {
+            snprintf(err, errlen, "worker %s could not load its shard: %s", c->w[i].endpoint, mlm_strerror(status));
+            return status;
+        }
+    }
+    return 0;
+}
+
+// --- public API
+
+int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t errlen) {
+    *out = NULL;
+    if (o->n_workers < 1 || o->n_workers >= MSG_MAX_NODES) {
+        snprintf(err, errlen, "need 1..%d workers", MSG_MAX_NODES - 1);
+        return MLM_EINVAL;
+    }
+    cluster_t *c = calloc(1, sizeof *c);
+    if (!c) return MLM_ENOMEM;
+    c->o = *o;
+    c->timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 30000;
+    c->n_nodes = o->n_workers + 1;
+    c->w = calloc((size_t)o->n_workers, sizeof *c->w);
+    c->plan = calloc(1, sizeof *c->plan);
+    c->slices = calloc((size_t)c->n_nodes, sizeof *c->slices);
+    c->pnodes = calloc((size_t)c->n_nodes, sizeof *c->pnodes);
+    c->rank_worker = calloc((size_t)c->n_nodes, sizeof *c->rank_worker);
+    const double t0 = mlm_now_ms();
+    model_t *full = NULL;
+    int rc = (c->w && c->plan && c->slices && c->pnodes && c->rank_worker) ? 0 : MLM_ENOMEM;
+    model_load_opts_t flo = {.repack = false};
+    if (rc == 0) rc = fault_from_env(&c->faults, err, errlen);
+    if (rc == 0) rc = sha256_file(o->model_path, c->sha, err, errlen);
+    if (rc == 0) rc = model_load(&full, o->model_path, &flo, err, errlen);
+    if (rc == 0) rc = say_hello(c, err, errlen);
+    if (rc == 0) rc = measure_links(c, err, errlen);
+    if (rc == 0) rc = make_plan(c, full, err, errlen);
+    if (rc == 0) rc = send_plan(c, full, err, errlen);
+    if (rc == 0) rc = load_shards(c, full, err, errlen);
+    if (rc == 0) {
+        const char *eps[MSG_MAX_NODES];
+        for (int i = 0; i < c->n_nodes; i++) eps[i] = c->pnodes[i].endpoint;
+        comm_zmq_opts_t zo;
+        comm_zmq_opts_default(&zo);
+        zo.connect_timeout_ms = c->timeout_ms;
+        rc = comm_zmq_new(&c->comm, 0, c->n_nodes, eps, &zo, err, errlen);
+        for (int i = 0; rc != 0 && i < c->o.n_workers; i++) // a worker that failed to set up says why
+            if (c->w[i].rank >= 0 && drain_reports(c, i, 100) != 0) {
+                size_t k = strlen(err);
+                snprintf(err + k, errlen > k ? errlen - k : 0, " (%s)", c->errbuf);
+                break;
+            }
+        if (rc == 0 && fault_has_link_rules(c->faults)) rc = comm_fault_wrap(&c->comm, c->faults, err, errlen);
+    }
+    model_destroy(&full);
+    if (rc == 0) {
+        model_load_opts_t lo = {.repack = true, .slice = &c->slices[0]};
+        rc = model_load(&c->model, o->model_path, &lo, err, errlen);
+    }
+    if (rc == 0) {
+        const model_hparams_t *hp = model_hparams(c->model);
+        rc = pipe_node_init(&c->pipe, c->comm, 0, c->slices, c->n_nodes, hp->n_layer, hp->n_embd, hp->n_vocab,
+                            c->timeout_ms, err, errlen);
+    }
+    c->computes = o->coordinator_shard;
+    if (rc == 0 && c->computes) {
+        model_ctx_t *ctx0;
+        if ((rc = seq_ctx(c, 0, &ctx0)) != 0) snprintf(err, errlen, "%s", c->errbuf);
+    }
+    if (rc != 0) {
+        cluster_close(&c, false);
+        return rc;
+    }
+    c->stats.load_ms = mlm_now_ms() - t0;
+    *out = c;
+    return 0;
+}
+
+const model_t *cluster_model(const cluster_t *c) { return c->model; }
+const plan_t *cluster_plan(const cluster_t *c) { return c->plan; }
+const cluster_stats_t *cluster_stats(const cluster_t *c) { return &c->stats; }
+const char *cluster_error(const cluster_t *c) { return c->errbuf; }
+
+// Reads the step reports (and errors) waiting on worker wi's link, waiting up to timeout_ms for
+// the first. Returns 0, or the code of an ERROR message (its text in errbuf).
+static int drain_reports(cluster_t *c, int wi, int timeout_ms) {
+    char err[256];
+    int rc = 0;
+    for (;;) {
+        msg_t m;
+        comm_msg_t raw;
+        if (msg_recv_link(c->w[wi].link, &m, &raw, timeout_ms, err, sizeof err) != 0) break;
+        timeout_ms = 0;
+        if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) {
+            c->w[wi].reports++;
+            c->stats.reports++;
+            c->stats.busy_ms += (double)m.result.compute_ns / 1e6;
+            c->stats.wait_ms += (double)m.result.comm_ns / 1e6;
+        } else if (m.type == MSG_ERROR) {
+            snprintf(c->errbuf, sizeof c->errbuf, "%.400s", m.error.text);
+            rc = m.error.code < 0 ? m.error.code : MLM_EPROTO;
+        }
+        msg_clear(&m);
+        comm_msg_free(&raw);
+    }
+    return rc;
+}
+
+// The exchanges of n tokens that the coordinator does not see, when it computes nothing: per token
+// and layer every member of a stage's group sends its block of the attention output, the two
+// hidden-size products and the FFN units (per routed expert) to the others; stage 0 exchanges the
+// embedding; each stage hands n_embd floats per token to every rank of the next.
+static uint64_t unseen_bytes(const cluster_t *c, uint64_t n) {
+    const model_hparams_t *hp = model_hparams(c->model);
+    const uint64_t per_layer = (uint64_t)hp->n_head * hp->head_dim + 2u * (uint64_t)hp->n_embd +
+                               (uint64_t)hp->n_ff * (uint64_t)(hp->n_expert ? hp->n_expert_used : 1);
+    const plan_t *pl = c->plan;
+    uint64_t floats = 0;
+    for (int k = 0; k < pl->n_stages; k++) {
+        const uint64_t g = (uint64_t)(pl->stage_first[k + 1] - pl->stage_first[k]);
+        const shard_slice_t *s = &pl->shard[pl->stage_first[k]].s;
+        floats += (uint64_t)(s->l1 - s->l0) * per_layer * (g - 1);
+        if (k == 0) floats += (uint64_t)hp->n_embd * (g - 1);
+        if (k + 1 < pl->n_stages) floats += (uint64_t)hp->n_embd * (uint64_t)(pl->stage_first[k + 2] - pl->stage_first[k + 1]);
+    }
+    return n * floats * 4u;
+}
+
+// The coordinator's context for sequence seq (made on first use when it computes).
+static int seq_ctx(cluster_t *c, int seq, model_ctx_t **out) {
+    *out = NULL;
+    if (!c->computes) return 0;
+    if (!c->ctx[seq]) {
+        char err[256];
+        model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_threads = c->o.n_threads, .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp};
+        int rc = model_ctx_new(&c->ctx[seq], c->model, &co, err, sizeof err);
+        if (rc != 0) {
+            snprintf(c->errbuf, sizeof c->errbuf, "sequence %d: %s", seq, err);
+            return rc;
+        }
+    }
+    *out = c->ctx[seq];
+    return 0;
+}
+
+// One step for each of n_seqs sequences: seq[i] takes n[i] tokens (tokens[i]); logits[i] (or NULL)
+// receives its rows as in model_eval. Every STEP goes out first, so the stages work on different
+// sequences at once; then the coordinator computes its share of each in order and collects the
+// logits in order.
+static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *const *tokens, const int *n,
+                     float *const *logits, bool all_logits) {
+    const int n_vocab = model_hparams(c->model)->n_vocab;
+    uint64_t total = 0;
+    for (int k = 0; k < n_seqs; k++) {
+        if (seq[k] < 0 || seq[k] >= CLUSTER_MAX_SEQS || n[k] <= 0) return MLM_EINVAL;
+        if (c->pos[seq[k]] + n[k] > c->o.n_ctx) return MLM_ERANGE;
+        for (int j = 0; j < k; j++)
+            if (seq[j] == seq[k]) return MLM_EINVAL; // one step per sequence
+        for (int i = 0; i < n[k]; i++)
+            if (tokens[k][i] < 0 || tokens[k][i] >= n_vocab) return MLM_EINVAL;
+        total += (uint64_t)n[k];
+    }
+    const double t0 = mlm_now_ms();
+    for (int i = 0; i < c->o.n_workers; i++)
+        if (c->w[i].rank >= 0) drain_reports(c, i, 0); // earlier steps' reports
+    char err[256];
+    const uint64_t first_step = c->step_id + 1;
+    for (int k = 0; k < n_seqs; k++) {
+        msg_t m;
+        msg_init(&m, MSG_STEP);
+        msg_step_t *st = &m.step;
+        st->step_id = ++c->step_id;
+        st->seq_id = (uint64_t)seq[k];
+        st->pos = c->pos[seq[k]];
+        st->n_tokens = (uint32_t)n[k];
+        st->tokens = tokens[k];
+        st->logits = !logits[k] ? MSG_LOGITS_NONE : all_logits ? MSG_LOGITS_ALL : MSG_LOGITS_LAST;
+        st->ubatch = (uint32_t)c->ubatch;
+        for (int i = 0; i < c->o.n_workers; i++) {
+            if (c->w[i].rank < 0) continue;
+            int rc = msg_send_link(c->w[i].link, &m, c->timeout_ms, err, sizeof err);
+            if (rc != 0) {
+                snprintf(c->errbuf, sizeof c->errbuf, "worker %s: %s", c->w[i].endpoint, err);
+                return rc;
+            }
+        }
+    }
+    int rc = 0;
+    const double b0 = c->pipe.busy_ms, w0 = c->pipe.wait_ms + c->pipe.gather_ms;
+    for (int k = 0; rc == 0 && c->computes && k < n_seqs; k++) {
+        model_ctx_t *ctx;
+        if ((rc = seq_ctx(c, seq[k], &ctx)) != 0) break;
+        if (c->pos[seq[k]] == 0) model_ctx_reset(ctx);
+        rc = pipe_node_step(&c->pipe, ctx, tokens[k], n[k], c->ubatch, logits[k], all_logits);
+    }
+    for (int k = 0; rc == 0 && k < n_seqs; k++)
+        if (logits[k] && !pipe_lands_logits(&c->pipe)) rc = pipe_recv_logits(&c->pipe, n[k], c->ubatch, logits[k], all_logits);
+    if (c->computes) {
+        c->stats.busy_ms += c->pipe.busy_ms - b0;
+        c->stats.wait_ms += c->pipe.wait_ms + c->pipe.gather_ms - w0;
+    }
+    c->stats.gather_ms = c->pipe.gather_ms;
+    c->stats.gathers = c->pipe.gathers;
+    if (c->computes) c->stats.gather_bytes = c->pipe.gather_bytes + c->pipe.handoff_bytes;
+    else c->stats.gather_bytes = c->pipe.gather_bytes + unseen_bytes(c, c->stats.tokens + total);
+    c->stats.steps += (uint64_t)n_seqs;
+    c->stats.tokens += total;
+    c->stats.step_ms += mlm_now_ms() - t0;
+    if (rc == 0) {
+        for (int k = 0; k < n_seqs; k++) c->pos[seq[k]] += n[k];
+    } else {
+        // Name the worker that reported a failure, if one did.
+        snprintf(c->errbuf, sizeof c->errbuf, "step %llu failed: %s (a worker stopped answering within %d ms)",
+                 (unsigned long long)first_step, mlm_strerror(rc), c->timeout_ms);
+        for (int i = 0; i < c->o.n_workers; i++)
+            if (c->w[i].rank >= 0 && drain_reports(c, i, 0) != 0) break;
+    }
+    return rc;
+}
+
+int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {
+    const int seq = 0;
+    return eval_seqs(c, 1, &seq, &tokens, &n, &logits, all_logits);
+}
+
+int cluster_eval_seqs(cluster_t *c, int n_seqs, const int *seqs, const int32_t *tokens, float *logits) {
+    if (n_seqs < 1 || n_seqs > CLUSTER_MAX_SEQS) return MLM_EINVAL;
+    const int32_t *tk[CLUSTER_MAX_SEQS];
+    int n[CLUSTER_MAX_SEQS];
+    float *lg[CLUSTER_MAX_SEQS];
+    const int nv = model_hparams(c->model)->n_vocab;
+    for (int k = 0; k < n_seqs; k++) {
+        tk[k] = tokens + k;
+        n[k] = 1;
+        lg[k] = logits ? logits + (size_t)k * nv : NULL;
+    }
+    return eval_seqs(c, n_seqs, seqs, tk, n, lg, false);
+}
+
+void cluster_reset_seq(cluster_t *c, int seq) {
+    if (seq < 0 || seq >= CLUSTER_MAX_SEQS) return;
+    c->pos[seq] = 0; // the next step starts at position 0, which resets every node's cache
+}
+
+int cluster_sync_stats(cluster_t *c, int timeout_ms) {
+    const double deadline = mlm_now_ms() + timeout_ms;
+    for (int i = 0; i < c->o.n_workers; i++) {
+        while (c->w[i].rank >= 0 && c->w[i].reports < c->step_id) {
+            const double left = deadline - mlm_now_ms();
+            if (left <= 0) return MLM_ETIMEOUT;
+            if (drain_reports(c, i, (int)left) != 0) return MLM_EPEER;
+        }
+    }
+    return 0;
+}
+
+void cluster_reset(cluster_t *c) {
+    for (int i = 0; i < CLUSTER_MAX_SEQS; i++) c->pos[i] = 0;
+}
+
+void cluster_stats_reset(cluster_t *c) {
+    cluster_sync_stats(c, 1000);
+    c->stats.steps = c->stats.tokens = c->stats.gather_bytes = c->stats.gathers = c->stats.reports = 0;
+    c->stats.gather_ms = c->stats.step_ms = c->stats.busy_ms = c->stats.wait_ms = 0;
+    pipe_stats_reset(&c->pipe);
+}
+
+void cluster_close(cluster_t **self_p, bool exit_workers) {
+    if (!self_p || !*self_p) return;
+    cluster_t *c = *self_p;
+    for (int i = 0; i < CLUSTER_MAX_SEQS; i++) model_ctx_destroy(&c->ctx[i]);
+    model_destroy(&c->model);
+    for (int i = 0; c->w && i < c->o.n_workers; i++) {
+        if (!c->w[i].link) continue;
+        msg_t m;
+        msg_init(&m, MSG_SHUTDOWN);
+        snprintf(m.shutdown.reason, sizeof m.shutdown.reason, "%s", exit_workers ? "exit" : "plan done");
+        char err[128];
+        msg_send_link(c->w[i].link, &m, 1000, err, sizeof err);
+    }
+    pipe_node_free(&c->pipe);
+    comm_destroy(&c->comm);
+    for (int i = 0; c->w && i < c->o.n_workers; i++) link_destroy(&c->w[i].link);
+    free(c->w);
+    free(c->plan);
+    free(c->slices);
+    free(c->pnodes);
+    free(c->rank_worker);
+    fault_free(&c->faults);
+    free(c);
+    *self_p = NULL;
+}

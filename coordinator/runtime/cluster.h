@@ -1,0 +1,92 @@
+// The coordinator's side of a cluster: workers, plan, shard loading, and distributed steps.
+#ifndef MESHLM_CLUSTER_H
+#define MESHLM_CLUSTER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "parallel/plan.h"
+#include "worker/model/model.h"
+
+typedef struct {
+    const char *model_path;          // the GGUF the coordinator has
+    const char *const *workers;      // (n_workers) control endpoints of running workers
+    int n_workers;
+    const char *speeds;              // relative speeds of the computing nodes ("2,1"), NULL = equal
+    bool coordinator_shard;          // the coordinator computes a share too (it is node 0 of the plan)
+    const char *data_endpoint;       // the coordinator's data-plane endpoint (NULL = derived)
+    int n_ctx;                       // KV positions (0 = min(model's, 4096))
+    int n_threads;                   // the coordinator's threads for its own share (0 = all)
+    int timeout_ms;                  // each control exchange and collective (0 = 30000)
+    bool kv_f32;
+    bool verbose;                    // print progress on stderr
+    // Layout. Without any of these the planner chooses (tensor, pipeline or hybrid; nodes too slow
+    // to help are left out) from the nodes' measured speed, memory and links.
+    int pp;                          // pipeline stages (0 = the planner chooses)
+    int tp;                          // nodes per stage (0 = the planner chooses)
+    bool keep_all;                   // never leave a node out
+    const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
+    int ubatch;                      // micro-batch tokens in flight through a pipeline (0 = 16 with
+                                     // several stages, the whole chunk with one)
+    bool local_profile;              // workers that did not profile themselves (local ones, started with
+                                     // --no-profile so they do not measure each other) get this
+                                     // machine's figures, measured once by the coordinator with n_threads
+} cluster_opts_t;
+
+typedef struct {
+    double load_ms;                  // from first HELLO to the data plane being up
+    uint64_t shard_bytes_sent;       // shard file bytes streamed to workers without the model
+    int from_cache;                  // workers that loaded from their shard cache
+    int from_file;                   // workers that mapped their own copy of the model
+    int streamed;                    // workers that received their shard
+    uint64_t steps;                  // cluster_eval calls
+    uint64_t tokens;                 // tokens they carried
+    double gather_ms;                // time the coordinator spent in all-gathers (transfer + waiting for peers)
+    uint64_t gather_bytes;           // bytes all nodes sent each other per step (counted when the coordinator
+                                     // computes, derived from the plan otherwise) plus the logit rows
+    uint64_t gathers;                // all-gather rounds
+    double step_ms;                  // wall time of the steps (cluster_eval calls)
+    double busy_ms;                  // summed over the computing nodes: time computing (their step reports)
+    double wait_ms;                  // summed: time waiting for the stage before or for exchanges
+    uint64_t reports;                // step reports received from workers
+    int n_compute;                   // computing nodes in the plan
+    double link_lat_us;              // worst measured control-link latency (one way) to a worker
+    double link_bw;                  // lowest measured control-link bandwidth, bytes/s
+} cluster_stats_t;
+
+typedef struct cluster cluster_t;
+
+// Connects to the workers, plans, loads every shard and brings up the data plane. On failure
+// returns a negative MLM_ code with a message naming the worker.
+int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t errlen);
+
+// The coordinator's model (its own slice; metadata and tokenizer of the whole model).
+const model_t *cluster_model(const cluster_t *c);
+const plan_t *cluster_plan(const cluster_t *c);
+const cluster_stats_t *cluster_stats(const cluster_t *c);
+
+// One step on every node (same contract as model_eval). On a lost worker: MLM_EPEER or
+// MLM_ETIMEOUT within the deadline, and cluster_error() names the worker when it could tell.
+int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
+
+// Several requests in flight: one token for each of n_seqs sequences (seqs: distinct ids in
+// 0..CLUSTER_MAX_SEQS-1, each with its own KV cache on every node; cluster_eval is sequence 0).
+// Every step is sent before any is computed, so pipeline stages work on different sequences at
+// once. logits (n_seqs rows of n_vocab, or NULL) receives each sequence's next-token row. 0 or as
+// cluster_eval.
+#define CLUSTER_MAX_SEQS 16
+int cluster_eval_seqs(cluster_t *c, int n_seqs, const int *seqs, const int32_t *tokens, float *logits);
+void cluster_reset_seq(cluster_t *c, int seq); // forget one sequence
+void cluster_reset(cluster_t *c);              // forget every sequence
+// Zeroes the step counters (steps, tokens, gather_*, step/busy/wait times), e.g. after a warm-up.
+void cluster_stats_reset(cluster_t *c);
+// Waits (up to timeout_ms) for every worker's report of every step so far, so busy_ms and wait_ms
+// are complete; 0 or MLM_ETIMEOUT. Pipeline utilisation = busy_ms / (n_compute * step_ms).
+int cluster_sync_stats(cluster_t *c, int timeout_ms);
+const char *cluster_error(const cluster_t *c);
+
+// Ends the plan on every worker (and stops them with exit_workers); accepts NULL, NULLs the pointer.
+void cluster_close(cluster_t **self_p, bool exit_workers);
+
+#endif

@@ -1,0 +1,292 @@
+// Matrix products: weight setup (with optional repacking into 16-row groups) and the per-ISA row loops.
+#include "worker/kernels/matmul.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "core/err.h"
+#include "worker/kernels/x86/x86_mm.h"
+
+// --- helpers
+
+static bool is_float_type(qtype_t t) { return t == QT_F32 || t == QT_F16 || t == QT_BF16; }
+
+// Layout a weight of this type is repacked into, or MMP_NONE. Q4_0 is repacked as llama.cpp does
+// (its Q4_0_8x8 kernels sum each output in one fma chain, which the 16-row groups reproduce). Q8_0
+// stays in plain rows: the reference keeps 8 float lanes per output (vec_dot and tinyBLAS alike),
+// which the row-per-dword groups cannot match without 8 accumulators per row.
+static int pack_for_type(qtype_t t) {
+    if (t == QT_Q4_0) return MMP_Q4_0X16;
+    return MMP_NONE;
+}
+
+// Activation rows for these weight types carry the per-block tail of x86_mm.h.
+static bool act_has_tail(qtype_t wtype) { return wtype == QT_Q4_0; }
+
+static float f16_at(const uint8_t *p) {
+    mlm_f16_t h;
+    memcpy(&h, p, 2);
+    return mlm_f16_to_f32(h);
+}
+
+// Copies a plain Q4_0 / Q8_0 matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
+static void repack_rows(mm_weight_t *w, int64_t nb) {
+    const size_t gb = mmp_group_bytes(w->pack, nb);
+    const int64_t ng = (w->rows + MMP_ROWS - 1) / MMP_ROWS;
+    uint8_t *dst = w->packed; // (ng, gb)
+    for (int64_t g = 0; g < ng; g++) {
+        uint8_t *grp = dst + (size_t)g * gb;
+        for (int i = 0; i < MMP_ROWS && g * MMP_ROWS + i < w->rows; i++) {
+            const uint8_t *row = w->data + (size_t)(g * MMP_ROWS + i) * w->row_bytes;
+            for (int64_t b = 0; b < nb; b++) {
+                uint8_t *q = (uint8_t *)mmp_block_quants(w->pack, grp, b);
+                uint8_t *sc = (uint8_t *)mmp_block_scales(w->pack, grp, b); // (16) f16
+                if (w->pack == MMP_Q4_0X16) {
+                    const block_q4_0 *blk = (const block_q4_0 *)row + b;
+                    memcpy(sc + (size_t)i * 2, &blk->d, 2);
+                    for (int j = 0; j < 4; j++) memcpy(q + (size_t)(j * MMP_ROWS + i) * 4, blk->qs + 4 * j, 4);
+                } else {
+                    const block_q8_0 *blk = (const block_q8_0 *)row + b;
+                    memcpy(sc + (size_t)i * 2, &blk->d, 2);
+                    for (int j = 0; j < 8; j++)
+                        for (int c = 0; c < 4; c++)
+                            q[(size_t)(j * MMP_ROWS + i) * 4 + c] = (uint8_t)((uint8_t)blk->qs[4 * j + c] ^ 0x80u);
+                }
+            }
+        }
+    }
+}
+
+// Portable kernel over one packed group (the scalar table's path, and the oracle's twin in tests).
+static void group_scalar(int pack, const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                         size_t ys, uint32_t mask) {
+    const size_t toff = mmp_act_tail_off(nb);
+    for (int t = 0; t < nt; t++) {
+        const uint8_t *xr = xq + (size_t)t * xs;
+        for (int i = 0; i < MMP_ROWS; i++) {
+            if (!(mask >> i & 1u)) continue;
+            float sum = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *q = mmp_block_quants(pack, grp, b);
+                const int8_t *xb = ((const block_q8_0 *)xr)[b].qs;
+                int32_t isum;
+                float dx;
+                memcpy(&isum, xr + toff + (size_t)b * 4, 4);
+                memcpy(&dx, xr + toff + (size_t)nb * 4 + (size_t)b * 4, 4);
+                if (pack == MMP_Q4_0X16) {
+                    for (int j = 0; j < 4; j++)
+                        for (int c = 0; c < 4; c++) {
+                            uint8_t v = q[(size_t)(j * MMP_ROWS + i) * 4 + c];
+                            isum += (v & 15) * xb[4 * j + c] + (v >> 4) * xb[16 + 4 * j + c];
+                        }
+                } else {
+                    for (int j = 0; j < 8; j++)
+                        for (int c = 0; c < 4; c++) isum += q[(size_t)(j * MMP_ROWS + i) * 4 + c] * xb[4 * j + c];
+                }
+                sum = fmaf((float)isum, f16_at(mmp_block_scales(pack, grp, b) + (size_t)i * 2) * dx, sum);
+            }
+            y[(size_t)t * ys + i] = sum;
+        }
+    }
+}
+
+// Sum of 16 floats in the order of _mm512_reduce_add_ps (halves, quarters, pairs).
+static float reduce16(const float *v) { // v: (16)
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = v[i + 8] + v[i];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i + 4] + s8[i];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+static float float_at(qtype_t t, const uint8_t *p, int64_t i) {
+    if (t == QT_F32) return ((const float *)p)[i];
+    if (t == QT_F16) return mlm_f16_to_f32(((const mlm_f16_t *)p)[i]);
+    return mlm_bf16_to_f32(((const mlm_bf16_t *)p)[i]);
+}
+
+// Portable F32/F16 dot in the reference's order (the same bits as mmp_float_avx512): tiled = one
+// 16-lane fma chain (tinyBLAS); otherwise ggml_vec_dot: 4 x 16 lanes per 64 elements, then the
+// tail (F32: rounded products added in runs of 8, the last n % 8 fused; F16: exact products in double).
+static float float_dot_exact(qtype_t t, const uint8_t *w, const uint8_t *x, int64_t n, bool tiled) {
+    float lanes[4][16] = {{0}};
+    if (tiled) {
+        for (int64_t c = 0; c < n; c += 16)
+            for (int l = 0; l < 16 && c + l < n; l++) lanes[0][l] = fmaf(float_at(t, w, c + l), float_at(t, x, c + l), lanes[0][l]);
+        return reduce16(lanes[0]);
+    }
+    const int64_t np = n & ~(int64_t)63;
+    for (int64_t i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 16; l++) {
+                const int64_t e = i + 16 * j + l;
+                lanes[j][l] = fmaf(float_at(t, w, e), float_at(t, x, e), lanes[j][l]);
+            }
+    for (int l = 0; l < 16; l++) lanes[0][l] = (lanes[0][l] + lanes[2][l]) + (lanes[1][l] + lanes[3][l]);
+    const float head = reduce16(lanes[0]);
+    if (t == QT_F32) {
+        const int64_t n8 = np + ((n - np) & ~(int64_t)7);
+        float sf = head;
+        for (int64_t i = np; i < n8; i++) sf += float_at(t, w, i) * float_at(t, x, i);
+        for (int64_t i = n8; i < n; i++) sf = fmaf(float_at(t, w, i), float_at(t, x, i), sf);
+        return sf;
+    }
+    double sd = head;
+    for (int64_t i = np; i < n; i++) sd += (double)(float_at(t, w, i) * float_at(t, x, i));
+    return (float)sd;
+}
+
+// Zeroed, 64-byte aligned memory for a packed matrix (bytes a multiple of 64). Large matrices get
+// 2 MB alignment and a transparent-huge-page hint: decode streams them, and 4 KB pages would cost a
+// TLB miss and a hardware-prefetcher restart every 4 KB. Caller frees with free().
+static void *alloc_packed(size_t bytes) {
+    const size_t huge = (size_t)2 << 20;
+    void *p = NULL;
+    if (bytes >= huge) {
+        const size_t rounded = (bytes + huge - 1) & ~(huge - 1);
+        if (posix_memalign(&p, huge, rounded) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+        (void)madvise(p, rounded, MADV_HUGEPAGE); // a hint: failure only costs speed
+#endif
+    } else {
+        p = aligned_alloc(64, bytes);
+        if (!p) return NULL;
+    }
+    memset(p, 0, bytes);
+    return p;
+}
+
+static bool isa_is(const kernels_t *k, const char *name) { return k && k->isa && strcmp(k->isa, name) == 0; }
+
+static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t *xq, size_t xs, int nt, float *y,
+                        size_t ys, int64_t r0, int64_t r1) {
+    const int64_t nb = w->cols / QK8_0;
+    const size_t gb = mmp_group_bytes(w->pack, nb);
+    mmp_group_fn fn = NULL;
+#ifdef MESHLM_HAVE_X86
+    if (isa_is(k, "avx512")) fn = w->pack == MMP_Q4_0X16 ? mmp_q4_0x16_avx512 : mmp_q8_0x16_avx512;
+    else if (isa_is(k, "avx2")) fn = w->pack == MMP_Q4_0X16 ? mmp_q4_0x16_avx2 : mmp_q8_0x16_avx2;
+#endif
+    for (int64_t g = r0 / MMP_ROWS; g * MMP_ROWS < r1; g++) {
+        const int64_t base = g * MMP_ROWS;
+        const int64_t lo = r0 > base ? r0 - base : 0;
+        const int64_t hi = r1 - base < MMP_ROWS ? r1 - base : MMP_ROWS;
+        const uint32_t mask = ((1u << hi) - 1u) & ~((1u << lo) - 1u);
+        const uint8_t *grp = (const uint8_t *)w->packed + (size_t)g * gb;
+        if (fn) fn(grp, nb, xq, xs, nt, y + base, ys, mask);
+        else group_scalar(w->pack, grp, nb, xq, xs, nt, y + base, ys, mask);
+    }
+}
+
+// --- public API
+
+int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols, const void *data,
+                   bool repack) {
+    (void)k; // the packed layouts are the same for every ISA
+    if (!w || rows <= 0 || cols <= 0 || !data) return MLM_EINVAL;
+    memset(w, 0, sizeof *w);
+    const qtype_traits_t *tr = qtype_traits(type);
+    if (!tr || !tr->has_kernels) return MLM_EUNSUPPORTED;
+    if (cols % tr->blck != 0) return MLM_EINVAL;
+    w->type = type;
+    w->rows = rows;
+    w->cols = cols;
+    w->row_bytes = qtype_row_size(type, cols);
+    w->data = data;
+    w->row_align = 1;
+    const int pack = repack ? pack_for_type(type) : MMP_NONE;
+    if (pack != MMP_NONE) {
+        const int64_t nb = cols / tr->blck;
+        const size_t bytes = (size_t)((rows + MMP_ROWS - 1) / MMP_ROWS) * mmp_group_bytes(pack, nb);
+        w->packed = alloc_packed(bytes);
+        if (!w->packed) return MLM_ENOMEM;
+        w->pack = pack;
+        w->row_align = MMP_ROWS;
+        repack_rows(w, nb);
+    }
+    return MLM_OK;
+}
+
+void mm_weight_release(mm_weight_t *w) {
+    if (!w) return;
+    free(w->packed);
+    w->packed = NULL;
+    w->pack = MMP_NONE;
+    w->row_align = 1;
+}
+
+qtype_t mm_act_type(qtype_t wtype) {
+    const qtype_traits_t *tr = qtype_traits(wtype);
+    return tr ? tr->vec_dot_type : QT_F32;
+}
+
+size_t mm_act_row_bytes(qtype_t wtype, int64_t cols) {
+    if (act_has_tail(wtype)) return mmp_act_row_bytes(cols / QK8_0);
+    return qtype_row_size(mm_act_type(wtype), cols);
+}
+
+void mm_quantize_act(const kernels_t *k, qtype_t wtype, const float *x, void *xq, int64_t cols) {
+    const qtype_t at = mm_act_type(wtype);
+    if (at == QT_F32) {
+        memcpy(xq, x, (size_t)cols * sizeof(float));
+        return;
+    }
+    kern_from_float(k, at, x, xq, cols);
+    if (!act_has_tail(wtype)) return;
+    const int64_t nb = cols / QK8_0;
+    const block_q8_0 *blk = xq;          // (nb)
+    uint8_t *tail = (uint8_t *)xq + mmp_act_tail_off(nb);
+    const int32_t mul = wtype == QT_Q4_0 ? -8 : -128;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t s = 0;
+        for (int j = 0; j < QK8_0; j++) s += blk[b].qs[j];
+        s *= mul;
+        float d = mlm_f16_to_f32(blk[b].d);
+        memcpy(tail + (size_t)b * 4, &s, 4);
+        memcpy(tail + (size_t)(nb + b) * 4, &d, 4);
+    }
+}
+
+void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq_stride, int nt, float *y,
+             size_t y_stride, int64_t r0, int64_t r1) {
+    if (!w || nt <= 0 || r0 < 0 || r1 > w->rows || r1 <= r0) return;
+    const uint8_t *x = xq;
+    if (w->pack != MMP_NONE) {
+        rows_packed(k, w, x, xq_stride, nt, y, y_stride, r0, r1);
+        return;
+    }
+    // F32/F16: the reference uses tinyBLAS (one 16-lane chain) for batches of 2+ tokens when the
+    // shapes allow, and ggml_vec_dot otherwise; the two orders give different bits.
+    const bool tiled = nt >= 2 && w->rows % 4 == 0 && w->cols % 16 == 0;
+#ifdef MESHLM_HAVE_X86
+    if (is_float_type(w->type) && isa_is(k, "avx512")) {
+        mmp_float_avx512(w->type, w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt,
+                         y + r0, y_stride, w->cols, tiled);
+        return;
+    }
+    if (w->type == QT_Q8_0 && nt >= 2 && isa_is(k, "avx512")) { // batches: rows x tokens tiles; decode: vec_dot
+        mmq_q8_0_avx512(w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt, y + r0, y_stride,
+                        w->cols);
+        return;
+    }
+    if ((w->type == QT_F32 || w->type == QT_F16) && isa_is(k, "avx2")) {
+        mmp_float_avx2(w->type, w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt, y + r0,
+                       y_stride, w->cols, tiled);
+        return;
+    }
+#endif
+    if ((w->type == QT_F32 || w->type == QT_F16) && isa_is(k, "scalar")) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int t = 0; t < nt; t++)
+                y[(size_t)t * y_stride + r] =
+                    float_dot_exact(w->type, w->data + (size_t)r * w->row_bytes, x + (size_t)t * xq_stride, w->cols, tiled);
+        return;
+    }
+    // generic: one dot product per (row, token); the row stays in L1 while the tokens stream by
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        for (int t = 0; t < nt; t++)
+            kern_vec_dot(k, w->type, w->cols, y + (size_t)t * y_stride + r, row, x + (size_t)t * xq_stride);
+    }
+}

@@ -1,0 +1,44 @@
+// Matrix products of a weight matrix (any type) with a batch of activation rows.
+#ifndef MESHLM_MATMUL_H
+#define MESHLM_MATMUL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "worker/kernels/kernels.h"
+#include "worker/kernels/quant.h"
+
+// One weight matrix: rows output features, each a row of cols input features (ggml ne[1] x ne[0]).
+typedef struct mm_weight {
+    qtype_t type;          // element type of data
+    int64_t rows;          // output features
+    int64_t cols;          // input features
+    size_t row_bytes;      // bytes of one row in data
+    const uint8_t *data;   // (rows, row_bytes), borrowed (usually the GGUF mapping)
+    void *packed;          // kernel-specific repacked copy, owned; NULL when not repacked
+    int pack;              // 0 = plain rows; otherwise the layout id of packed
+    int64_t row_align;     // split rows between threads at multiples of this (>= 1)
+} mm_weight_t;
+
+// Describes data as a weight; with repack, a kernel may copy it into a faster layout (then the
+// matrix no longer reads data). Returns 0, MLM_EUNSUPPORTED for a type without kernels, MLM_ENOMEM.
+int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols,
+                   const void *data, bool repack);
+
+// Frees the repacked copy, if any. Accepts a zeroed struct.
+void mm_weight_release(mm_weight_t *w);
+
+// Activation type used with weights of type wtype, and the bytes of one activation row.
+qtype_t mm_act_type(qtype_t wtype);
+size_t mm_act_row_bytes(qtype_t wtype, int64_t cols);
+
+// Converts one float row x (cols) into the activation type for wtype, at xq.
+void mm_quantize_act(const kernels_t *k, qtype_t wtype, const float *x, void *xq, int64_t cols);
+
+// y[t * y_stride + r] = dot(row r of w, activation row t) for r in [r0, r1) and t in [0, nt).
+// xq holds nt activation rows, xq_stride bytes apart. Pure: no allocation, no I/O.
+void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq_stride, int nt,
+             float *y, size_t y_stride, int64_t r0, int64_t r1);
+
+#endif

@@ -1,0 +1,91 @@
+// A llama-family model (dense or Mixtral-style MoE) bound to a GGUF file, and its forward pass.
+#ifndef MESHLM_MODEL_H
+#define MESHLM_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "worker/format/gguf.h"
+#include "worker/format/hparams.h"
+#include "worker/kernels/kernels.h"
+#include "worker/kernels/quant.h"
+#include "parallel/shard.h"
+
+typedef struct {
+    bool repack;                  // allow kernels to repack weights into a faster layout (copies them)
+    const kernels_t *kern;        // NULL = kernels_best()
+    const shard_slice_t *slice;   // rows to hold (NULL = all); a shard file must hold exactly these
+} model_load_opts_t;
+
+typedef struct model model_t;
+
+// Opens path, checks the architecture and every tensor's shape, and prepares the weights.
+// On failure returns a negative MLM_ code and a message in err.
+int model_load(model_t **out, const char *path, const model_load_opts_t *opts, char *err, size_t errlen);
+
+void model_destroy(model_t **self_p);
+
+const model_hparams_t *model_hparams(const model_t *m);
+const gguf_t *model_gguf(const model_t *m);   // borrowed until model_destroy
+const kernels_t *model_kernels(const model_t *m);
+// Name of the dominant weight type (e.g. "Q4_0"), for tables.
+const char *model_type_name(const model_t *m);
+// The rows this model holds (everything unless loaded with a slice or from a shard file).
+const shard_slice_t *model_slice(const model_t *m);
+
+// Tensor parallelism: gathers one block from every node. Node i contributes lens[i] bytes (mine,
+// my_len, is this node's); out receives all blocks concatenated in node order. Every node calls it
+// the same number of times in the same order. Returns 0 or a negative MLM_ code (peer lost, ...).
+typedef int (*model_gather_fn)(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens);
+
+typedef struct {
+    int n_nodes;                  // nodes in the group
+    int index;                    // this node's index
+    const shard_slice_t *slices;  // (n_nodes) every node's slice in node order (borrowed for the ctx's life)
+    model_gather_fn gather;       // the collective
+    void *gather_ctx;             // its argument
+    // Optional: delivers the vocabulary blocks of the logits to wherever they are wanted, instead of
+    // gathering them on every node. Returns 0 when out was filled here (as a gather would), 1 when
+    // the logits went elsewhere (model_eval then leaves its logits buffer untouched), or an error.
+    // Called even by a group of one node, so a node can serve a coordinator that computes nothing.
+    model_gather_fn gather_logits;
+} model_tp_t;
+
+typedef struct {
+    int n_ctx;             // positions the KV cache holds (0 = min(n_ctx_train, 4096))
+    int n_batch;           // tokens per forward chunk (0 = 64)
+    int n_threads;         // 0 = number of online CPUs
+    bool kv_f32;           // F32 KV cache instead of the default F16 (what llama.cpp uses)
+    const model_tp_t *tp;  // tensor-parallel group (NULL = this model computes everything alone)
+} model_ctx_opts_t;
+
+typedef struct model_ctx model_ctx_t;
+
+// A context: KV cache, scratch buffers and a thread pool for one sequence. The model is borrowed
+// until model_ctx_destroy.
+int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *opts, char *err, size_t errlen);
+void model_ctx_destroy(model_ctx_t **self_p);
+
+// Feeds n tokens at the next positions. With all_logits, logits receives n rows of n_vocab;
+// otherwise only the last token's row (logits may be NULL to skip the output layer). In a
+// tensor-parallel group every node makes the same calls and every node receives the full logits,
+// bit-identical to a single node's. Returns 0, MLM_ERANGE when the cache would overflow,
+// MLM_EINVAL for a bad token id, or the gather's error.
+int model_eval(model_ctx_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
+
+// A pipeline stage's step (the model holds blocks [l0, l1) of its slice). The first stage reads
+// tokens (hidden_in NULL); a later stage reads hidden_in, n rows of n_embd floats, the residual
+// stream the stage before handed out. A stage that is not the last writes its residual stream to
+// hidden_out (n, n_embd) and ignores logits; the last produces logits as model_eval does. The
+// residual stream crosses stages unchanged, so a pipeline gives a single node's bits as long as
+// the chunks are the same (n_batch, or the micro-batch size when it is smaller).
+// MLM_EINVAL when the inputs do not match the stage.
+int model_eval_stage(model_ctx_t *c, const int32_t *tokens, const float *hidden_in, int n, float *hidden_out,
+                     float *logits, bool all_logits);
+
+int model_ctx_pos(const model_ctx_t *c);      // tokens in the cache
+int model_ctx_n_ctx(const model_ctx_t *c);
+void model_ctx_reset(model_ctx_t *c);         // forget the cache
+
+#endif

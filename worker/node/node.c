@@ -1,0 +1,390 @@
+// Worker process: hello, plan, shard loading (local file, cache, or streamed by the coordinator), steps.
+#include "core/clock.h"
+#include "worker/node/node.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cluster/profile.h"
+#include "proto/msg_io.h"
+#include "transport/comm_zmq.h"
+#include "transport/gatherv.h"
+#include "transport/fault.h"
+#include "transport/link.h"
+#include "core/err.h"
+#include "worker/model/model.h"
+#include "core/sha256.h"
+#include "worker/node/pipeline.h"
+
+// --- types
+
+typedef struct {
+    const node_opts_t *o;
+    link_t *link;               // control link to the coordinator
+    char node_id[64];
+    char cache_dir[1024];
+    bool have_sha;              // model_path hashed
+    uint8_t sha[32];            // of model_path
+    uint64_t model_size;
+    // current plan
+    bool planned;
+    msg_plan_t plan;            // copy of the plan header (nodes below)
+    msg_plan_node_t *nodes;     // (plan.n_nodes) owned copy
+    int index;                  // this worker's node index
+    shard_slice_t *slices;      // (plan.n_nodes) every node's slice
+    model_t *model;             // this worker's shard
+    model_ctx_t *ctx[NODE_MAX_SEQS]; // one KV cache per sequence in flight (seq_id), made on first use
+    model_ctx_opts_t ctx_opts;  // how they are made
+    comm_t *comm;               // data plane of the plan
+    int timeout_ms;             // per exchange and control message
+    pipe_node_t pipe;           // its stage, group and hand-offs
+    fault_spec_t *faults;       // links to emulate, as the coordinator's HELLO said (NULL = none)
+    int link_rank;              // this node's rank on the control link (from the HELLO)
+    float *logits;              // (max rows, n_vocab) scratch for the output gather
+    size_t logits_cap;          // floats
+    profile_t prof;             // measured at start (n_types 0 when skipped)
+} node_t;
+
+// --- helpers
+
+static void vlog(const node_t *n, const char *what, const char *detail) {
+    if (n->o->verbose) fprintf(stderr, "[%s] %s %s\n", n->node_id, what, detail ? detail : "");
+}
+
+static void end_plan(node_t *n) {
+    for (int i = 0; i < NODE_MAX_SEQS; i++) model_ctx_destroy(&n->ctx[i]);
+    model_destroy(&n->model);
+    pipe_node_free(&n->pipe);
+    comm_destroy(&n->comm);
+    free(n->nodes);
+    free(n->slices);
+    free(n->logits);
+    n->nodes = NULL;
+    n->slices = NULL;
+    n->logits = NULL;
+    n->logits_cap = 0;
+    n->planned = false;
+}
+
+static int send_error(node_t *n, int code, const char *text, uint64_t step) { // text is cut to fit
+    msg_t m;
+    msg_init(&m, MSG_ERROR);
+    m.error.code = code < 0 ? code : MLM_EPROTO;
+    snprintf(m.error.text, sizeof m.error.text, "%.60s: %.400s", n->node_id, text);
+    m.error.step_id = step;
+    char err[256];
+    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+}
+
+static shard_slice_t slice_of(const msg_plan_node_t *p) {
+    shard_slice_t s = {p->heads.begin, p->heads.end, p->kv_heads.begin, p->kv_heads.end, p->hidden.begin,
+                       p->hidden.end, 0, 0, p->vocab.begin, p->vocab.end, p->layers.begin, p->layers.end};
+    if (p->n_ffn > 0) s.f0 = p->ffn[0].begin, s.f1 = p->ffn[0].end;
+    return s;
+}
+
+static int on_hello(node_t *n, const msg_hello_t *from) {
+    // The coordinator decides which faults every link of the run emulates.
+    char err[256];
+    fault_free(&n->faults);
+    n->link_rank = from->link_rank;
+    link_set_faults(n->link, NULL, 0, 0); // the HELLO answer travels plain, like the HELLO
+    if (from->faults[0] && fault_parse(from->faults, &n->faults, err, sizeof err) != 0) {
+        vlog(n, "bad fault spec from the coordinator:", err);
+        return send_error(n, MLM_EINVAL, err, 0);
+    }
+    msg_t m;
+    msg_init(&m, MSG_HELLO);
+    msg_hello_t *h = &m.hello;
+    snprintf(h->node_id, sizeof h->node_id, "%s", n->node_id);
+    h->role = MSG_ROLE_WORKER;
+    snprintf(h->endpoint, sizeof h->endpoint, "%s", n->o->listen);
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    h->n_cores = (uint32_t)(n->o->n_threads > 0 ? n->o->n_threads : (cores > 0 ? cores : 1));
+    h->ram_budget_bytes = n->o->mem_budget;
+    h->n_speeds = n->prof.n_types < MSG_MAX_SPEEDS ? n->prof.n_types : MSG_MAX_SPEEDS;
+    for (int i = 0; i < h->n_speeds; i++) h->speeds[i] = (msg_speed_t){n->prof.type[i], (float)n->prof.gflops[i]};
+    h->mem_bw_bytes_s = (uint64_t)n->prof.mem_bw;
+    h->disk_read_bw_bytes_s = (uint64_t)n->prof.disk_bw;
+    h->has_model = n->have_sha;
+    if (n->have_sha) {
+        memcpy(h->model_sha256, n->sha, 32);
+        h->model_size = n->model_size;
+    }
+    int rc = msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+    if (rc == 0 && fault_has_link_rules(n->faults)) link_set_faults(n->link, n->faults, n->link_rank, 0);
+    return rc;
+}
+
+// Link measurement: a heartbeat (or a ping payload) is answered at once with a heartbeat
+// carrying the same sequence number.
+static int on_ping(node_t *n, uint64_t seq) {
+    msg_t m;
+    msg_init(&m, MSG_HEARTBEAT);
+    snprintf(m.heartbeat.node_id, sizeof m.heartbeat.node_id, "%s", n->node_id);
+    m.heartbeat.seq = seq;
+    m.heartbeat.unix_ms = (uint64_t)time(NULL) * 1000u;
+    char err[256];
+    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+}
+
+static int on_plan(node_t *n, const msg_plan_t *p) {
+    end_plan(n);
+    n->plan = *p;
+    n->nodes = malloc((size_t)p->n_nodes * sizeof *n->nodes);
+    n->slices = malloc((size_t)p->n_nodes * sizeof *n->slices);
+    if (!n->nodes || !n->slices) return MLM_ENOMEM;
+    memcpy(n->nodes, p->nodes, (size_t)p->n_nodes * sizeof *n->nodes);
+    n->plan.nodes = n->nodes;
+    n->index = -1;
+    for (int i = 0; i < p->n_nodes; i++) {
+        n->slices[i] = slice_of(&n->nodes[i]);
+        if (strcmp(n->nodes[i].node_id, n->node_id) == 0) n->index = i;
+    }
+    if (n->index < 0) return send_error(n, MLM_EINVAL, "this node is not in the plan", 0), MLM_EINVAL;
+    n->planned = true;
+    vlog(n, "plan", "received");
+    return 0;
+}
+
+// Receives the shard file as SLICE_DATA chunks into path. Returns bytes received or a negative code.
+static int64_t receive_shard(node_t *n, const char *path) {
+    char tmp[1200], err[256];
+    snprintf(tmp, sizeof tmp, "%s.part%ld", path, (long)getpid());
+    FILE *f = fopen(tmp, "wb");
+    if (!f) return MLM_EIO;
+    int64_t got = 0, total = -1;
+    int rc = 0;
+    while (rc == 0 && (total < 0 || got < total)) {
+        msg_t m;
+        comm_msg_t raw;
+        rc = msg_recv_link(n->link, &m, &raw, n->timeout_ms, err, sizeof err);
+        if (rc != 0) break;
+        if (m.type != MSG_SLICE_DATA || (int64_t)m.slice_data.offset != got) {
+            rc = MLM_EPROTO;
+        } else {
+            total = (int64_t)m.slice_data.total;
+            if (fwrite(m.slice_data.data, 1, m.slice_data.len, f) != m.slice_data.len) rc = errno == ENOSPC ? MLM_EFULL : MLM_EIO;
+            got += (int64_t)m.slice_data.len;
+        }
+        msg_clear(&m);
+        comm_msg_free(&raw);
+    }
+    if (fclose(f) != 0 && rc == 0) rc = MLM_EIO;
+    if (rc == 0 && rename(tmp, path) != 0) rc = MLM_EIO;
+    if (rc != 0) {
+        unlink(tmp);
+        return rc;
+    }
+    return got;
+}
+
+static int on_load(node_t *n, const msg_load_shard_t *ls) {
+    char err[512] = "", path[1100];
+    if (!n->planned || ls->node_index != (uint32_t)n->index) return send_error(n, MLM_ESTATE, "LOAD_SHARD without a plan for this node", 0), MLM_ESTATE;
+    const double t0 = mlm_now_ms();
+    const shard_slice_t *sl = &n->slices[n->index];
+    msg_t ack;
+    msg_init(&ack, MSG_LOAD_SHARD_ACK);
+    ack.load_shard_ack.plan_id = n->plan.plan_id;
+    ack.load_shard_ack.node_index = (uint32_t)n->index;
+    model_load_opts_t lo = {.repack = true, .slice = sl};
+    int rc;
+    const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
+    node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);
+    if (local) {
+        rc = model_load(&n->model, n->o->model_path, &lo, err, sizeof err);
+    } else if (access(path, R_OK) == 0) {
+        rc = model_load(&n->model, path, &lo, err, sizeof err);
+        ack.load_shard_ack.from_cache = rc == 0;
+        if (rc != 0) unlink(path); // unusable cache entry: fetch it again
+    } else {
+        rc = MLM_ENOTFOUND;
+    }
+    if (rc == MLM_ENOTFOUND || (rc != 0 && !local)) {
+        // Ask the coordinator for the shard file, then load it from the cache.
+        ack.load_shard_ack.status = MLM_ENOTFOUND;
+        if ((rc = msg_send_link(n->link, &ack, n->timeout_ms, err, sizeof err)) != 0) return rc;
+        mkdir(n->cache_dir, 0755);
+        int64_t got = receive_shard(n, path);
+        if (got < 0) {
+            rc = (int)got;
+            snprintf(err, sizeof err, "receiving the shard: %s", mlm_strerror(rc));
+        } else {
+            ack.load_shard_ack.bytes = (uint64_t)got;
+            rc = model_load(&n->model, path, &lo, err, sizeof err);
+        }
+    }
+    if (rc == 0) {
+        const model_hparams_t *hp = model_hparams(n->model);
+        const char *eps[MSG_MAX_NODES];
+        for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;
+        ack.load_shard_ack.status = 0;
+        ack.load_shard_ack.ms = (uint64_t)(mlm_now_ms() - t0);
+        if ((rc = msg_send_link(n->link, &ack, n->timeout_ms, err, sizeof err)) != 0) return rc;
+        comm_zmq_opts_t zo;
+        comm_zmq_opts_default(&zo);
+        zo.connect_timeout_ms = n->timeout_ms;
+        rc = comm_zmq_new(&n->comm, n->index, n->plan.n_nodes, eps, &zo, err, sizeof err);
+        if (rc == 0 && fault_has_link_rules(n->faults)) rc = comm_fault_wrap(&n->comm, n->faults, err, sizeof err);
+        if (rc == 0)
+            rc = pipe_node_init(&n->pipe, n->comm, n->index, n->slices, n->plan.n_nodes, hp->n_layer, hp->n_embd,
+                                hp->n_vocab, n->timeout_ms, err, sizeof err);
+        if (rc == 0) {
+            n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
+                                             .tp = &n->pipe.tp, .kv_f32 = n->plan.kv_type == QT_F32};
+            rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
+            n->logits_cap = (size_t)64 * (size_t)hp->n_vocab;
+            n->logits = rc == 0 ? malloc(n->logits_cap * sizeof(float)) : NULL;
+            if (rc == 0 && !n->logits) rc = MLM_ENOMEM;
+        }
+        if (rc != 0) { // the coordinator waits in its own data-plane setup: tell it why
+            vlog(n, "data plane failed:", err);
+            send_error(n, rc, err, 0);
+            end_plan(n);
+        } else {
+            vlog(n, "loaded", ack.load_shard_ack.from_cache ? "(from cache)" : "");
+        }
+        return 0;
+    }
+    vlog(n, "load failed:", err);
+    ack.load_shard_ack.status = rc;
+    msg_send_link(n->link, &ack, n->timeout_ms, err, sizeof err);
+    end_plan(n);
+    return 0;
+}
+
+static int on_step(node_t *n, const msg_step_t *st) {
+    if (!n->ctx[0]) return send_error(n, MLM_ESTATE, "STEP before the shard is loaded", st->step_id);
+    if (st->seq_id >= NODE_MAX_SEQS) return send_error(n, MLM_ERANGE, "sequence id out of range", st->step_id);
+    model_ctx_t **cp = &n->ctx[st->seq_id];
+    if (!*cp) {
+        char err[256];
+        if (model_ctx_new(cp, n->model, &n->ctx_opts, err, sizeof err) != 0)
+            return send_error(n, MLM_ENOMEM, err, st->step_id);
+    }
+    model_ctx_t *ctx = *cp;
+    if (st->has_hidden || !st->tokens) return send_error(n, MLM_EUNSUPPORTED, "hidden states travel on the data plane", st->step_id);
+    if (st->pos == 0) model_ctx_reset(ctx);
+    if (st->pos != model_ctx_pos(ctx))
+        return send_error(n, MLM_ESTATE, "step position does not follow this node's cache", st->step_id);
+    const int nv = model_hparams(n->model)->n_vocab;
+    const bool all = st->logits == MSG_LOGITS_ALL;
+    const size_t need = (size_t)(all ? st->n_tokens : 1) * (size_t)nv;
+    if (need > n->logits_cap) {
+        float *nl = realloc(n->logits, need * sizeof(float));
+        if (!nl) return send_error(n, MLM_ENOMEM, "out of memory for logits", st->step_id);
+        n->logits = nl;
+        n->logits_cap = need;
+    }
+    const double b0 = n->pipe.busy_ms, w0 = n->pipe.wait_ms + n->pipe.gather_ms;
+    int rc = pipe_node_step(&n->pipe, ctx, st->tokens, (int)st->n_tokens, (int)st->ubatch,
+                            st->logits == MSG_LOGITS_NONE ? NULL : n->logits, all);
+    if (rc != 0) {
+        char text[256];
+        snprintf(text, sizeof text, "step %llu failed: %s", (unsigned long long)st->step_id, mlm_strerror(rc));
+        vlog(n, "step failed:", mlm_strerror(rc));
+        send_error(n, rc, text, st->step_id);
+        end_plan(n); // a lost peer ends the plan; the coordinator re-plans
+        return 0;
+    }
+    // The step's report: how long this node computed and how long it waited (pipeline utilisation).
+    msg_t m;
+    msg_init(&m, MSG_RESULT);
+    m.result.plan_id = n->plan.plan_id;
+    m.result.step_id = st->step_id;
+    m.result.node_index = (uint32_t)n->index;
+    m.result.kind = MSG_RESULT_NONE;
+    m.result.compute_ns = (uint64_t)((n->pipe.busy_ms - b0) * 1e6);
+    m.result.comm_ns = (uint64_t)((n->pipe.wait_ms + n->pipe.gather_ms - w0) * 1e6);
+    char err[256];
+    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+}
+
+// --- public API
+
+int node_cache_path(const char *dir, const uint8_t sha256[32], const shard_slice_t *s, char *out, size_t cap) {
+    char hex[65];
+    sha256_hex(sha256, hex);
+    int k = snprintf(out, cap, "%s/%.16s-l%d-%d-h%d-%d-kv%d-%d-e%d-%d-f%d-%d-v%d-%d.gguf", dir, hex, s->l0, s->l1, s->h0,
+                     s->h1, s->kv0, s->kv1, s->e0, s->e1, s->f0, s->f1, s->v0, s->v1);
+    return k > 0 && (size_t)k < cap ? 0 : MLM_ERANGE;
+}
+
+int node_serve(const node_opts_t *o, char *err, size_t errlen) {
+    node_t n;
+    memset(&n, 0, sizeof n);
+    n.o = o;
+    n.timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 30000;
+    if (o->node_id) snprintf(n.node_id, sizeof n.node_id, "%s", o->node_id);
+    else snprintf(n.node_id, sizeof n.node_id, "worker-%ld", (long)getpid());
+    const char *cd = o->cache_dir ? o->cache_dir : getenv("MESHLM_CACHE");
+    if (cd && *cd) snprintf(n.cache_dir, sizeof n.cache_dir, "%s", cd);
+    else snprintf(n.cache_dir, sizeof n.cache_dir, "%s/.cache/meshlm", getenv("HOME") ? getenv("HOME") : "/tmp");
+    if (o->model_path) {
+        struct stat stt;
+        if (stat(o->model_path, &stt) != 0) {
+            snprintf(err, errlen, "%s: %s", o->model_path, strerror(errno));
+            return MLM_EIO;
+        }
+        n.model_size = (uint64_t)stt.st_size;
+        int rc = sha256_file(o->model_path, n.sha, err, errlen);
+        if (rc != 0) return rc;
+        n.have_sha = true;
+    }
+    int rc = link_listen(&n.link, o->listen, err, errlen);
+    if (rc != 0) return rc;
+    if (!o->no_profile && profile_node(&n.prof, o->n_threads, o->model_path, 300) == 0 && o->verbose) {
+        fprintf(stderr, "[%s] profile: %.1f GB/s memory, %.1f GFLOP/s Q4_0, %.1f GFLOP/s Q8_0, disk %.0f MB/s\n",
+                n.node_id, n.prof.mem_bw / 1e9, profile_gflops(&n.prof, QT_Q4_0), profile_gflops(&n.prof, QT_Q8_0),
+                n.prof.disk_bw / 1e6);
+    }
+    vlog(&n, "listening on", o->listen);
+    bool stop = false;
+    while (!stop) {
+        msg_t m;
+        comm_msg_t raw;
+        char e2[512];
+        rc = msg_recv_link(n.link, &m, &raw, 1000, e2, sizeof e2);
+        if (rc == MLM_ETIMEOUT) continue;
+        if (rc != 0) { // malformed message: say so, keep serving
+            vlog(&n, "bad message:", e2);
+            send_error(&n, rc, e2, 0);
+            continue;
+        }
+        vlog(&n, "got", msg_type_name(m.type));
+        switch (m.type) {
+        case MSG_HELLO: rc = on_hello(&n, &m.hello); break;
+        case MSG_PLAN: rc = on_plan(&n, &m.plan); break;
+        case MSG_LOAD_SHARD: rc = on_load(&n, &m.load_shard); break;
+        case MSG_STEP: rc = on_step(&n, &m.step); break;
+        case MSG_SHUTDOWN:
+            end_plan(&n);
+            stop = strcmp(m.shutdown.reason, "exit") == 0;
+            rc = 0;
+            break;
+        case MSG_HEARTBEAT: rc = on_ping(&n, m.heartbeat.seq); break;
+        case MSG_SLICE_DATA: // a bandwidth probe outside shard streaming
+            rc = strcmp(m.slice_data.tensor, NODE_PING_TENSOR) == 0 ? on_ping(&n, m.slice_data.plan_id)
+                                                                      : send_error(&n, MLM_EPROTO, "unexpected slice data", 0);
+            break;
+        default: rc = send_error(&n, MLM_EPROTO, "unexpected message", 0); break;
+        }
+        msg_clear(&m);
+        comm_msg_free(&raw);
+        if (rc == MLM_ENOMEM) {
+            snprintf(err, errlen, "out of memory");
+            break;
+        }
+        rc = 0;
+    }
+    end_plan(&n);
+    link_destroy(&n.link);
+    fault_free(&n.faults);
+    return rc;
+}

@@ -1,0 +1,37 @@
+// The worker process: answers a coordinator, loads its shard, computes its part of every step.
+#ifndef MESHLM_NODE_H
+#define MESHLM_NODE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "parallel/shard.h"
+
+typedef struct {
+    const char *listen;      // control endpoint (tcp://HOST:PORT or ipc:///path); data plane is next to it
+    const char *model_path;  // a local copy of the model, or NULL (slices then arrive from the coordinator)
+    const char *cache_dir;   // where received shards are kept (NULL = $MESHLM_CACHE or ~/.cache/meshlm)
+    const char *node_id;     // name in plans (NULL = "worker-<pid>")
+    int n_threads;           // 0 = all cores
+    uint64_t mem_budget;     // bytes for weights + KV cache (0 = unlimited), reported to the coordinator
+    int timeout_ms;          // deadline of each collective and control exchange (0 = 30000)
+    bool verbose;            // log each message on stderr
+    bool no_profile;         // skip measuring the machine at start (the planner then assumes equal speed)
+} node_opts_t;
+
+// A SLICE_DATA message naming this tensor is a bandwidth probe: the worker answers it, like a
+// HEARTBEAT, with a HEARTBEAT whose seq is the probe's plan_id (the coordinator measures links so).
+#define NODE_PING_TENSOR "meshlm.ping"
+
+// Sequences a worker keeps in flight at once (STEP seq_id 0..NODE_MAX_SEQS-1), each with its own KV cache.
+#define NODE_MAX_SEQS 16
+
+// Serves plans one after another until a SHUTDOWN with reason "exit" (returns 0) or a fatal error
+// (negative MLM_ code, message in err). A lost coordinator or peer ends the current plan only.
+int node_serve(const node_opts_t *o, char *err, size_t errlen);
+
+// Cache file name for a model hash and a slice (under dir).
+int node_cache_path(const char *dir, const uint8_t sha256[32], const shard_slice_t *slice, char *out, size_t cap);
+
+#endif

@@ -1,0 +1,208 @@
+// Pipeline execution: stages from the ranks' slices, micro-batches, hand-offs and logit rows.
+#include "worker/node/pipeline.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "transport/gatherv.h"
+#include "core/clock.h"
+#include "core/err.h"
+
+// --- helpers
+
+static bool computes(const shard_slice_t *s) { return s->l1 > s->l0; }
+
+static bool same_stage(const shard_slice_t *a, const shard_slice_t *b) { return a->l0 == b->l0 && a->l1 == b->l1; }
+
+// Tensor-parallel exchange inside this rank's group.
+static int pipe_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
+    pipe_node_t *p = ctx;
+    const double t0 = mlm_now_ms();
+    int rc = comm_allgatherv_range(p->comm, p->first, p->n, mine, my_len, out, lens, p->timeout_ms);
+    p->gather_ms += mlm_now_ms() - t0;
+    for (int i = 0; i < p->n; i++) p->gather_bytes += (uint64_t)lens[i] * (uint64_t)(p->n - 1);
+    p->gathers++;
+    return rc;
+}
+
+// The last stage's logit rows go to rank 0 only. Returns 0 when they landed in out (rank 0 is in
+// the group), 1 when they went elsewhere.
+static int pipe_logits(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
+    pipe_node_t *p = ctx;
+    if (p->n == 1 && p->rank == 0) return 0; // alone at the root: the rows already are in place
+    const double t0 = mlm_now_ms();
+    int rc = comm_gatherv_root(p->comm, 0, p->first, p->n, mine, my_len, out, lens, p->timeout_ms);
+    p->gather_ms += mlm_now_ms() - t0;
+    if (p->rank != 0) p->gather_bytes += my_len;
+    return rc != 0 ? rc : (p->rank == 0 ? 0 : 1);
+}
+
+static int grow(void **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return 0;
+    void *nb = realloc(*buf, need);
+    if (!nb) return MLM_ENOMEM;
+    *buf = nb;
+    *cap = need;
+    return 0;
+}
+
+static int recv_hidden(pipe_node_t *p, int nt) {
+    const size_t want = (size_t)nt * (size_t)p->n_embd * sizeof(float);
+    const double t0 = mlm_now_ms();
+    comm_msg_t m;
+    int rc = comm_recv(p->comm, p->prev_leader, &m, NULL, p->timeout_ms);
+    p->wait_ms += mlm_now_ms() - t0;
+    if (rc != 0) return rc;
+    if (m.n != 1 || m.len[0] != want) rc = MLM_EPROTO;
+    else memcpy(p->hin, m.data[0], want);
+    comm_msg_free(&m);
+    return rc;
+}
+
+// --- public API
+
+int pipe_node_init(pipe_node_t *p, comm_t *comm, int rank, const shard_slice_t *slices, int n_ranks, int n_layer,
+                   int n_embd, int n_vocab, int timeout_ms, char *err, size_t errlen) {
+    memset(p, 0, sizeof *p);
+    p->comm = comm;
+    p->timeout_ms = timeout_ms;
+    p->rank = rank;
+    p->n_ranks = n_ranks;
+    p->slices = slices;
+    p->n_embd = n_embd;
+    p->n_vocab = n_vocab;
+    p->stage = -1;
+    p->prev_leader = -1;
+    if (rank < 0 || rank >= n_ranks) {
+        snprintf(err, errlen, "rank %d outside the plan's %d ranks", rank, n_ranks);
+        return MLM_EINVAL;
+    }
+    // Stages in rank order; rank 0 alone may hold nothing.
+    int at = computes(&slices[0]) ? 0 : 1, layer = 0, prev_first = -1;
+    while (at < n_ranks) {
+        int first = at;
+        if (!computes(&slices[first]) || slices[first].l0 != layer) {
+            snprintf(err, errlen, "rank %d holds blocks %d-%d where the pipeline needs block %d next", first,
+                     slices[first].l0, slices[first].l1 - 1, layer);
+            return MLM_EINVAL;
+        }
+        while (at < n_ranks && same_stage(&slices[at], &slices[first])) at++;
+        const int n = at - first;
+        if (rank >= first && rank < at) {
+            p->stage = p->n_stages;
+            p->first = first;
+            p->n = n;
+            p->prev_leader = prev_first;
+        }
+        if (p->stage >= 0 && p->stage == p->n_stages - 1) { // the stage after this rank's
+            p->next_first = first;
+            p->next_n = n;
+        }
+        p->last_first = first;
+        p->last_n = n;
+        prev_first = first;
+        layer = slices[first].l1;
+        p->n_stages++;
+    }
+    if (layer != n_layer) {
+        snprintf(err, errlen, "the plan's stages end at block %d of %d", layer, n_layer);
+        return MLM_EINVAL;
+    }
+    if (p->stage >= 0)
+        p->tp = (model_tp_t){p->n, rank - p->first, slices + p->first, pipe_gather, p, pipe_logits};
+    return 0;
+}
+
+void pipe_node_free(pipe_node_t *p) {
+    free(p->hin);
+    free(p->hout);
+    free(p->lbuf);
+    p->hin = p->hout = NULL;
+    p->lbuf = NULL;
+    p->hcap = p->lcap = 0;
+}
+
+void pipe_stats_reset(pipe_node_t *p) {
+    p->busy_ms = p->wait_ms = p->gather_ms = 0;
+    p->gather_bytes = p->gathers = p->handoff_bytes = 0;
+}
+
+int pipe_ubatch(int n, int ubatch) { return ubatch <= 0 || ubatch > n ? n : ubatch; }
+
+bool pipe_lands_logits(const pipe_node_t *p) { return p->rank == 0 && p->stage >= 0 && p->stage == p->n_stages - 1; }
+
+int pipe_node_step(pipe_node_t *p, model_ctx_t *ctx, const int32_t *tokens, int n, int ubatch, float *logits,
+                   bool all_logits) {
+    if (p->stage < 0) return 0;
+    const int u = pipe_ubatch(n, ubatch);
+    const size_t E = (size_t)p->n_embd;
+    if (p->hcap < (size_t)u * E) {
+        size_t cap = 0;
+        int rc = grow((void **)&p->hin, &cap, (size_t)u * E * sizeof(float));
+        cap = 0;
+        if (rc == 0) rc = grow((void **)&p->hout, &cap, (size_t)u * E * sizeof(float));
+        if (rc != 0) return rc;
+        p->hcap = (size_t)u * E;
+    }
+    const bool land = pipe_lands_logits(p);
+    for (int done = 0; done < n;) {
+        const int nt = n - done < u ? n - done : u;
+        const bool last_mb = done + nt == n;
+        int rc = 0;
+        if (p->prev_leader >= 0 && (rc = recv_hidden(p, nt)) != 0) return rc;
+        float *lp = NULL;
+        if (logits && (all_logits || last_mb)) lp = land && all_logits ? logits + (size_t)done * p->n_vocab : logits;
+        const double t0 = mlm_now_ms(), g0 = p->gather_ms;
+        rc = model_eval_stage(ctx, p->prev_leader < 0 ? tokens + done : NULL, p->prev_leader >= 0 ? p->hin : NULL, nt,
+                              p->next_n ? p->hout : NULL, lp, all_logits);
+        p->busy_ms += mlm_now_ms() - t0 - (p->gather_ms - g0);
+        if (rc != 0) return rc;
+        if (p->next_n && p->rank == p->first) { // the leader hands the residual stream on
+            for (int r = p->next_first; r < p->next_first + p->next_n; r++) {
+                if ((rc = comm_send1(p->comm, r, p->hout, (size_t)nt * E * sizeof(float), p->timeout_ms)) != 0)
+                    return rc;
+                p->handoff_bytes += (uint64_t)nt * E * sizeof(float);
+            }
+        }
+        done += nt;
+    }
+    return 0;
+}
+
+int pipe_recv_logits(pipe_node_t *p, int n, int ubatch, float *logits, bool all_logits) {
+    const int u = pipe_ubatch(n, ubatch);
+    size_t lens[PIPE_MAX_RANKS];
+    if (p->last_n > PIPE_MAX_RANKS) return MLM_EINVAL;
+    for (int done = 0; done < n;) {
+        const int nt = n - done < u ? n - done : u;
+        const bool last_mb = done + nt == n;
+        if (all_logits || last_mb) {
+            const int n_out = all_logits ? nt : 1;
+            size_t sum = 0;
+            for (int i = 0; i < p->last_n; i++) {
+                const shard_slice_t *s = &p->slices[p->last_first + i];
+                lens[i] = (size_t)n_out * (size_t)(s->v1 - s->v0) * sizeof(float);
+                sum += lens[i];
+            }
+            int rc = grow((void **)&p->lbuf, &p->lcap, sum);
+            const double t0 = mlm_now_ms();
+            if (rc == 0)
+                rc = comm_gatherv_root(p->comm, 0, p->last_first, p->last_n, NULL, 0, p->lbuf, lens, p->timeout_ms);
+            p->gather_ms += mlm_now_ms() - t0;
+            p->gather_bytes += sum;
+            if (rc != 0) return rc;
+            float *dst = logits + (all_logits ? (size_t)done * p->n_vocab : 0);
+            const uint8_t *src = p->lbuf;
+            for (int i = 0; i < p->last_n; i++) {
+                const shard_slice_t *s = &p->slices[p->last_first + i];
+                const size_t w = (size_t)(s->v1 - s->v0);
+                for (int t = 0; t < n_out; t++)
+                    memcpy(dst + (size_t)t * p->n_vocab + s->v0, src + (size_t)t * w * 4, w * 4);
+                src += lens[i];
+            }
+        }
+        done += nt;
+    }
+    return 0;
+}

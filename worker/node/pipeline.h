@@ -1,0 +1,78 @@
+// Pipeline execution: one rank's part of a step through stages of tensor-parallel groups.
+#ifndef MESHLM_PIPELINE_H
+#define MESHLM_PIPELINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "transport/comm.h"
+#include "worker/model/model.h"
+#include "parallel/shard.h"
+
+// The ranks of a plan, as the data plane numbers them: rank r holds slices[r]. A stage is a run
+// of consecutive ranks with the same block range; its ranks form a tensor-parallel group. Rank 0
+// is the coordinator: it either belongs to the first stage or holds an empty slice (l0 == l1) and
+// computes nothing. Stage k's first rank (its leader) hands the residual stream of every
+// micro-batch to every rank of stage k + 1; the last stage sends its logit rows to rank 0.
+//
+// Message order per pair of ranks (the data plane keeps each pair's messages in order): inside a
+// group the all-gathers of the forward pass; leader -> next stage: one hidden block per
+// micro-batch (nt * n_embd F32); last stage -> rank 0: the logit rows of every micro-batch that
+// asks for logits. Nothing else travels, so no tags are needed.
+#define PIPE_MAX_RANKS 64
+
+typedef struct {
+    comm_t *comm;               // the plan's data plane (borrowed)
+    int timeout_ms;             // deadline of each exchange
+    int rank, n_ranks;
+    int n_stages;
+    int stage;                  // this rank's stage, -1 when it computes nothing
+    int first, n;               // its group: ranks [first, first + n)
+    int prev_leader;            // where its input comes from (-1: it reads tokens)
+    int next_first, next_n;     // the next stage's ranks (next_n == 0: this is the last stage)
+    int last_first, last_n;     // the last stage's ranks (whose logit rows go to rank 0)
+    int n_embd, n_vocab;
+    const shard_slice_t *slices; // (n_ranks) borrowed for the life of the struct
+    model_tp_t tp;              // this rank's tensor-parallel group, for model_ctx_new
+    float *hin, *hout;          // (ubatch, n_embd) hand-off buffers
+    size_t hcap;                // floats in each
+    uint8_t *lbuf;              // landing buffer for logit rows (pipe_recv_logits)
+    size_t lcap;
+    // counters, accumulated until pipe_stats_reset
+    double busy_ms;             // computing (model time minus its exchanges)
+    double wait_ms;             // waiting for input from the stage before
+    double gather_ms;           // in tensor-parallel exchanges (transfer + waiting for the group)
+    uint64_t gather_bytes;      // bytes the group's members sent each other (counted here for all)
+    uint64_t gathers;           // exchange rounds
+    uint64_t handoff_bytes;     // hidden-state bytes this rank sent to the next stage
+} pipe_node_t;
+
+// Works out the stages from every rank's slice (they must tile the model's blocks in rank order)
+// and this rank's place. 0 or MLM_EINVAL with the reason in err.
+int pipe_node_init(pipe_node_t *p, comm_t *comm, int rank, const shard_slice_t *slices, int n_ranks, int n_layer,
+                   int n_embd, int n_vocab, int timeout_ms, char *err, size_t errlen);
+void pipe_node_free(pipe_node_t *p);
+void pipe_stats_reset(pipe_node_t *p);
+
+// Micro-batch size used for a step of n tokens: ubatch (0 = all of them) capped at n.
+int pipe_ubatch(int n, int ubatch);
+
+// Runs this rank's share of a step: n tokens at the context's next positions, in micro-batches of
+// `ubatch` (so each stage works on micro-batch j while the next works on j - 1). logits follows
+// model_eval (NULL = none, all_logits = every row) and is written only where the rows land: on
+// rank 0 when it is in the last stage. A rank that computes nothing returns 0 at once.
+// 0 or the first error (MLM_EPEER / MLM_ETIMEOUT from a lost peer, MLM_EPROTO for a block of the
+// wrong size).
+int pipe_node_step(pipe_node_t *p, model_ctx_t *ctx, const int32_t *tokens, int n, int ubatch, float *logits,
+                   bool all_logits);
+
+// Whether the logit rows of a step land in this rank through pipe_node_step (rank 0 in the last
+// stage) rather than through pipe_recv_logits.
+bool pipe_lands_logits(const pipe_node_t *p);
+
+// Rank 0 outside the last stage: receives the logit rows of a step the last stage computed
+// (micro-batches as in pipe_node_step) into logits (n_vocab floats per row).
+int pipe_recv_logits(pipe_node_t *p, int n, int ubatch, float *logits, bool all_logits);
+
+#endif

@@ -34,7 +34,8 @@ struct comm {
     const struct comm_backend_i *iface; // backend table (static storage in the backend)
     void *ctx;                          // backend context (owned: iface->destroy)
     uint32_t seq;                       // collectives started so far (the same count on every rank)
-    uint32_t *ping_seq;                 // (size) comm_ping calls made with each peer
+    uint32_t *ping_seq;                 // (n_ping) comm_ping calls made with each peer
+    int n_ping;                         // entries of ping_seq (a link comm's size may grow)
     comm_algo_t force_algo;             // STAR/RING forced for AUTO calls, AUTO = the rule
     bool compress;                      // default COMM_AR_Q8_0 for comm_allreduce_f32
     double lat_us;                      // link latency for the AUTO rule, microseconds
@@ -300,7 +301,8 @@ comm_t *comm_new(const struct comm_backend_i *iface, void *ctx) {
     c->iface = iface;
     c->ctx = ctx;
     int n = iface->size(ctx);
-    c->ping_seq = calloc(n > 0 ? (size_t)n : 1, sizeof *c->ping_seq);
+    c->n_ping = n > 0 ? n : 1;
+    c->ping_seq = calloc((size_t)c->n_ping, sizeof *c->ping_seq);
     if (!c->ping_seq) {
         free(c);
         return NULL;
@@ -320,6 +322,10 @@ void comm_destroy(comm_t **self_p) {
     free(c->ping_seq);
     free(c);
     *self_p = NULL;
+}
+
+void *comm_backend_ctx(const comm_t *c, const struct comm_backend_i *iface) {
+    return c && c->iface == iface ? c->ctx : NULL;
 }
 
 const char *comm_name(const comm_t *c) { return c->iface->name ? c->iface->name(c->ctx) : "comm"; }
@@ -460,6 +466,13 @@ static int cmp_double(const void *a, const void *b) {
 
 int comm_ping(comm_t *c, int peer, int n, double *lat_us, double *bw_bytes_per_s, int timeout_ms) {
     if (!c || peer < 0 || peer >= comm_size(c) || peer == comm_rank(c) || n < 1 || n > 100000) return MLM_EINVAL;
+    if (peer >= c->n_ping) { // the comm grew since comm_new (comm_link_set_rank)
+        uint32_t *g = realloc(c->ping_seq, (size_t)(peer + 1) * sizeof *g);
+        if (!g) return MLM_ENOMEM;
+        memset(g + c->n_ping, 0, (size_t)(peer + 1 - c->n_ping) * sizeof *g);
+        c->ping_seq = g;
+        c->n_ping = peer + 1;
+    }
     const int64_t dl = deadline_of(timeout_ms);
     const uint32_t seq = c->ping_seq[peer]++;
     const bool lead = comm_rank(c) < peer;

@@ -53,6 +53,11 @@ typedef struct comm comm_t;
 comm_t *comm_new(const struct comm_backend_i *iface, void *ctx);
 void comm_destroy(comm_t **self_p);
 
+// The backend context of c when c runs on the table iface, else NULL: a backend's own extra
+// functions (comm_link_set_rank, comm_fault_unwrap, ...) reach their context this way. Borrowed
+// until comm_destroy.
+void *comm_backend_ctx(const comm_t *c, const struct comm_backend_i *iface);
+
 const char *comm_name(const comm_t *c);
 int comm_rank(const comm_t *c);
 int comm_size(const comm_t *c);

@@ -919,3 +919,13 @@ oom:
     set_err(err, errlen, "comm_fault_wrap: out of memory");
     return MLM_ENOMEM;
 }
+
+int comm_fault_unwrap(comm_t **c) {
+    fc_ctx_t *f = c && *c ? comm_backend_ctx(*c, &fault_iface) : NULL;
+    if (!f) return MLM_EINVAL;
+    comm_t *inner = f->inner;
+    f->inner = NULL; // fc_destroy leaves it alone
+    comm_destroy(c);
+    *c = inner;
+    return 0;
+}

@@ -185,4 +185,15 @@ int64_t fault_path_admit(fault_path_t *pa, int64_t stamp_ns, size_t bytes, int64
 // filled and *c unchanged (still the caller's).
 int comm_fault_wrap(comm_t **c, const fault_spec_t *spec, char *err, size_t errlen);
 
+// Undoes comm_fault_wrap: when *c is a fault wrapper, replaces it by the comm it wraps and frees
+// the wrapper (messages it still held are discarded). An end switches the emulation off this way,
+// e.g. a worker that answers a new coordinator's HELLO plainly, then wraps again with the new spec
+// and rank. 0, or MLM_EINVAL (*c is not a fault wrapper; nothing changes).
+//
+// The control link (transport/comm_link.h) is emulated the same way: the coordinator wraps its
+// link comm (ranks 0..n) once every worker has answered its HELLO; a worker calls
+// comm_link_set_rank with the rank the HELLO named, answers plainly, then wraps. A message without
+// a stamp (the HELLO) is delivered as it is by a wrapped receiver.
+int comm_fault_unwrap(comm_t **c);
+
 #endif

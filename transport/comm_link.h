@@ -1,0 +1,66 @@
+// Control-link comm backend: a coordinator (rank 0) and its workers (ranks 1..n) over ZeroMQ, a star with deadlines and peer-loss detection.
+#ifndef MESHLM_COMM_LINK_H
+#define MESHLM_COMM_LINK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "transport/comm.h"
+
+// Wire format, version 1.0. Every message is: [envelope (8 bytes)] [user frame 0] ... [user frame n-1]
+//   u32 magic COMM_LINK_MAGIC, u8 major, u8 minor, u8 kind (COMM_LINK_DATA), u8 n (user frames)
+// (little-endian). A message without a valid envelope, with another major version or whose frame
+// count disagrees with n is dropped and reported as MLM_EPROTO; one whose user frames add up to
+// more than max_msg_bytes is dropped and reported as MLM_ERANGE. The link stays usable either way.
+#define COMM_LINK_MAGIC 0x4c4d4c4du // "MLML"
+#define COMM_LINK_MAJOR 1
+#define COMM_LINK_MINOR 0
+#define COMM_LINK_ENVELOPE_BYTES 8
+enum {
+    COMM_LINK_DATA = 0,             // user frames follow
+};
+
+typedef struct {
+    size_t max_msg_bytes;       // largest accepted message (sum of user frames); default 256 MiB
+    int linger_ms;              // comm_destroy waits at most this long to flush sends; default 100
+    int heartbeat_ivl_ms;       // ZMTP heartbeats (drop silent connections); 0 = off (default)
+    int heartbeat_timeout_ms;   // a connection silent this long is dropped; default 5000
+    int reconnect_ivl_ms;       // coordinator: retry a lost or absent worker this often; default 50
+} comm_link_opts_t;
+
+void comm_link_opts_default(comm_link_opts_t *o);
+
+// Coordinator side: a comm of size n + 1 and rank 0 whose peer i (1..n) is the worker listening
+// at endpoints[i-1] (tcp://HOST:PORT or ipc:///PATH). Connections complete in the background: the
+// first send or recv deadline covers them (a worker that is not there yet gives MLM_ETIMEOUT).
+// recv(COMM_ANY) returns the next message from any worker with *from = its rank. Only rank 0 and a
+// worker are joined: the star collectives (barrier, broadcast and gather rooted at 0, STAR
+// all-reduce) work; those that need worker-to-worker traffic (RING all-reduce, all-gather) work
+// only when n == 1 and otherwise fail by their deadline.
+// Peer loss: once a worker's connection drops (process killed, heartbeat timeout) send and recv on
+// it return MLM_EPEER at once (messages that arrived before are still delivered first) until a
+// worker is back at its endpoint; a frozen worker gives MLM_ETIMEOUT at the deadline.
+// opts NULL = defaults. 0 (caller destroys *out), or MLM_EINVAL / MLM_EIO / MLM_ENOMEM with err.
+int comm_link_connect(comm_t **out, const char *const *endpoints /* (n) */, int n, const comm_link_opts_t *opts,
+                      char *err, size_t errlen);
+
+// Worker side: binds endpoint and answers whichever coordinator spoke last (a new coordinator may
+// connect after the previous one vanished). Peer 0 is that coordinator; the comm's rank is 1 and
+// its size 2 until comm_link_set_rank. recv(0) or recv(COMM_ANY) waits for the next message from
+// any coordinator (MLM_ETIMEOUT at the deadline: the worker cannot tell a vanished coordinator from
+// a quiet one). send(0) before any coordinator spoke is MLM_EPEER, as is a send to a coordinator
+// whose connection is gone. opts NULL = defaults. 0 (caller destroys *out), or MLM_EIO with err
+// (address in use, bad endpoint) / MLM_EINVAL / MLM_ENOMEM.
+int comm_link_listen(comm_t **out, const char *endpoint, const comm_link_opts_t *opts, char *err, size_t errlen);
+
+// Worker side: sets this end's rank to the control-link rank the coordinator assigned (1..n, told
+// in its HELLO), so that fault rules naming link (0, rank) apply (wrap with comm_fault_wrap after
+// this call). The comm then has size rank + 1: peer 0 is the coordinator and peers 1..rank-1 are
+// other workers it cannot reach (send and recv with them are MLM_EPEER). 0, or MLM_EINVAL (c is
+// not the listening side of a link comm, e.g. already wrapped, or rank < 1).
+int comm_link_set_rank(comm_t *c, int rank);
+
+// Changes the per-message size limit (sum of user frames) of a link comm. 0 or MLM_EINVAL.
+int comm_link_set_max_bytes(comm_t *c, size_t max_msg_bytes);
+
+#endif

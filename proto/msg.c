@@ -234,6 +234,8 @@ static int check_plan(const msg_plan_t *p, char *why) {
                     (unsigned)p->n_expert);
     if (p->n_ctx < 1 || p->n_ctx > MAX_CTX) return fail(why, WHY_MAX, MLM_ERANGE, "n_ctx %u out of range", (unsigned)p->n_ctx);
     if (!qtype_traits(p->kv_type)) return fail(why, WHY_MAX, MLM_EFORMAT, "kv_type %d unknown", (int)p->kv_type);
+    if (p->n_batch > MSG_MAX_TOKENS)
+        return fail(why, WHY_MAX, MLM_ERANGE, "n_batch %u out of range", (unsigned)p->n_batch);
     if (p->n_threads > MAX_THREADS)
         return fail(why, WHY_MAX, MLM_ERANGE, "n_threads %u out of range", (unsigned)p->n_threads);
     for (int i = 0; i < p->n_nodes; i++) {
@@ -462,6 +464,7 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
     d->n_ctx = p->n_ctx;
     d->kv_type = (uint32_t)p->kv_type;
     d->n_threads = p->n_threads;
+    d->n_batch = p->n_batch;
     d->n_layer = p->n_layer;
     d->n_head = p->n_head;
     d->n_head_kv = p->n_head_kv;
@@ -746,6 +749,7 @@ static int plan_from_pb(const Meshlm__Plan *d, msg_t *m, char *why) {
     p->n_ctx = d->n_ctx;
     if ((rc = u32_to_i32(d->kv_type, &p->kv_type, "kv_type", why))) return rc;
     p->n_threads = d->n_threads;
+    p->n_batch = d->n_batch;
     p->n_nodes = (int)d->node_count;
     msg_plan_node_t *nodes = calloc(d->n_nodes, sizeof *nodes);
     if (!nodes) return fail(why, WHY_MAX, MLM_ENOMEM, "out of memory for %zu nodes", d->n_nodes);

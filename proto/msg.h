@@ -19,7 +19,7 @@
 // and extra trailing raw frames are ignored).
 
 #define MSG_PROTO_MAJOR 1
-#define MSG_PROTO_MINOR 2
+#define MSG_PROTO_MINOR 3
 #define MSG_MAGIC "MLMP"            // first 4 bytes of frame 0
 #define MSG_PREFIX_LEN 12
 
@@ -147,6 +147,7 @@ typedef struct {
     uint32_t n_ctx;                     // >= 1
     int32_t kv_type;                    // qtype_t of the KV cache
     uint32_t n_threads;                 // 0 = each node decides
+    uint32_t n_batch;                   // 1.3: tokens per forward chunk on every node (0 = node default)
     int n_nodes;                        // 1..MSG_MAX_NODES
     const msg_plan_node_t *nodes;       // (n_nodes) borrowed from the caller on encode; owned by
                                         // the msg_t after decode (msg_clear frees)

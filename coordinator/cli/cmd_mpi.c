@@ -1,5 +1,7 @@
-// meshlm mpi: tensor-parallel generation over the ranks of an mpirun job (rank 0 samples and prints, like `run`).
-#include <cjson/cJSON.h>
+// meshlm mpi: generation over the ranks of an mpirun job. Rank 0 is the coordinator (it samples and prints,
+// like `run`, and computes a share); every other rank runs the node executor. They exchange the same
+// proto/ messages as ZeroMQ workers, on one MPI communicator for control and one for the data plane.
+#include <errno.h>
 #include <getopt.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -8,29 +10,20 @@
 
 #include "coordinator/cli/cli.h"
 #include "coordinator/cli/gen_args.h"
-#include "coordinator/runtime/generate.h"
 #include "coordinator/cli/layout_args.h"
-#include "worker/node/pipeline.h"
-#include "parallel/plan.h"
-#include "transport/comm_mpi.h"
-#include "transport/gatherv.h"
+#include "coordinator/runtime/cluster.h"
+#include "coordinator/runtime/generate.h"
 #include "core/clock.h"
 #include "core/err.h"
-#include "worker/model/model.h"
+#include "parallel/plan.h"
+#include "proto/msg_io.h"
+#include "transport/comm_mpi.h"
+#include "transport/gatherv.h"
+#include "worker/format/hparams.h"
+#include "worker/node/node.h"
 #include "worker/text/tokenizer.h"
 
 // --- types
-
-// Control messages from rank 0 (and failure notices from any rank), two frames:
-//   frame 0: u32 STEP_MAGIC, u16 STEP_VERSION, u16 kind, u32 n, u32 pos, u32 flags, u32 ubatch (little-endian)
-//   frame 1: STEP: n int32 tokens; FAIL: the reason as text; otherwise empty.
-// Two frames, so a notice that lands inside comm_allgatherv (one frame per block) fails it at once.
-#define STEP_MAGIC 0x534d4c4du   // "MLMS"
-#define STEP_VERSION 2          // 2: the last word is the micro-batch size (was 0)
-#define STEP_HDR_BYTES 24
-enum { K_STEP = 1, K_RESET = 2, K_STOP = 3, K_FAIL = 4 }; // only ever appended
-#define F_ALL_LOGITS 1u          // flags: all_logits
-#define F_LOGITS 2u              // flags: logits wanted (non-NULL)
 
 typedef struct {
     gen_args_t g;             // model, prompt, sampling, output (shared with run)
@@ -41,152 +34,19 @@ typedef struct {
     layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all
 } mpi_args_t;
 
-// Rank 0's engine: broadcasts every step, then computes its share.
-typedef struct {
-    comm_t *comm;             // borrowed
-    model_ctx_t *ctx;         // borrowed
-    pipe_node_t *pipe;        // its place in the pipeline (borrowed)
-    int ubatch;               // micro-batch tokens
-    int timeout_ms;           // per message
-    int rc;                   // first failure of a reset (reported by the next eval)
-} mpi_engine_t;
-
 // --- helpers
 
-static void put32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static uint32_t get32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static int send_ctl(comm_t *c, int peer, int kind, uint32_t n, uint32_t pos, uint32_t flags, const void *body,
-                    size_t len, int timeout_ms) {
-    uint8_t h[STEP_HDR_BYTES] = {0};
-    put32(h, STEP_MAGIC);
-    h[4] = STEP_VERSION;
-    h[6] = (uint8_t)kind;
-    put32(h + 8, n);
-    put32(h + 12, pos);
-    put32(h + 16, flags & 0xffu);
-    put32(h + 20, flags >> 8); // the micro-batch size rides in flags' upper bits
-    comm_iov_t f[2] = {{h, sizeof h}, {body, len}};
-    return comm_send(c, peer, f, 2, timeout_ms);
-}
-
-// Sends a control message to every other rank; the first error wins.
-static int send_ctl_all(comm_t *c, int kind, uint32_t n, uint32_t pos, uint32_t flags, const void *body, size_t len,
-                        int timeout_ms) {
-    int rc = 0;
-    for (int r = 0; r < comm_size(c); r++) {
-        if (r == comm_rank(c)) continue;
-        int e = send_ctl(c, r, kind, n, pos, flags, body, len, timeout_ms);
-        if (e != 0 && rc == 0) rc = e;
+// Rank 0, before a cluster exists or after it failed to come up: tells every other rank to stop
+// (best effort), so none waits for this one until its deadline.
+static void stop_all(comm_t *ctl, const char *why) {
+    for (int r = 1; r < comm_size(ctl); r++) {
+        msg_t m;
+        msg_init(&m, MSG_SHUTDOWN);
+        snprintf(m.shutdown.reason, sizeof m.shutdown.reason, "exit");
+        char err[128];
+        msg_send(ctl, r, &m, 1000, err, sizeof err);
     }
-    return rc;
-}
-
-// Tells every other rank this one failed (best effort), so none waits for it until its deadline.
-static void notify_failure(comm_t *c, const char *why) {
-    if (c && comm_size(c) > 1) send_ctl_all(c, K_FAIL, 0, 0, 0, why, strlen(why), 1000);
-}
-
-static int engine_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) {
-    mpi_engine_t *e = ctx;
-    if (e->rc != 0) return e->rc;
-    if (n < 0) return MLM_EINVAL;
-    uint8_t *body = malloc((size_t)n * 4 + 1);
-    if (!body) return MLM_ENOMEM;
-    for (int i = 0; i < n; i++) put32(body + 4 * (size_t)i, (uint32_t)t[i]);
-    uint32_t flags = (all ? F_ALL_LOGITS : 0) | (logits ? F_LOGITS : 0) | (uint32_t)e->ubatch << 8;
-    int rc = send_ctl_all(e->comm, K_STEP, (uint32_t)n, (uint32_t)model_ctx_pos(e->ctx), flags, body, (size_t)n * 4,
-                          e->timeout_ms);
-    free(body);
-    if (rc != 0) return e->rc = rc;
-    rc = pipe_node_step(e->pipe, e->ctx, t, n, e->ubatch, logits, all);
-    if (rc == 0 && logits && !pipe_lands_logits(e->pipe)) rc = pipe_recv_logits(e->pipe, n, e->ubatch, logits, all);
-    return rc;
-}
-
-static void engine_reset(void *ctx) {
-    mpi_engine_t *e = ctx;
-    int rc = send_ctl_all(e->comm, K_RESET, 0, 0, 0, NULL, 0, e->timeout_ms);
-    if (rc != 0 && e->rc == 0) e->rc = rc;
-    model_ctx_reset(e->ctx);
-}
-
-// Ranks > 0: run every step rank 0 announces until STOP. 0, or a negative code with err set.
-static int follow(comm_t *comm, model_ctx_t *ctx, pipe_node_t *pipe, int n_vocab, int timeout_ms, char *err,
-                  size_t errlen) {
-    float *logits = NULL;     // (rows, n_vocab) scratch, rows = the largest step seen
-    size_t cap = 0;           // floats in logits
-    int32_t *toks = NULL;     // (n) the step's tokens
-    int rc = 0;
-    for (;;) {
-        comm_msg_t m;
-        rc = comm_recv(comm, 0, &m, NULL, timeout_ms);
-        if (rc != 0) {
-            snprintf(err, errlen, "waiting for a step from rank 0: %s", mlm_strerror(rc));
-            break;
-        }
-        const uint8_t *h = m.data[0];
-        if (m.n != 2 || m.len[0] != STEP_HDR_BYTES || get32(h) != STEP_MAGIC || h[4] != STEP_VERSION) {
-            comm_msg_free(&m);
-            snprintf(err, errlen, "malformed control message from rank 0");
-            rc = MLM_EPROTO;
-            break;
-        }
-        const int kind = h[6];
-        const uint32_t n = get32(h + 8), pos = get32(h + 12), flags = get32(h + 16), ubatch = get32(h + 20);
-        if (kind == K_STOP) {
-            comm_msg_free(&m);
-            break;
-        }
-        if (kind == K_FAIL) {
-            snprintf(err, errlen, "rank 0 failed: %.*s", (int)(m.len[1] < 400 ? m.len[1] : 400), (const char *)m.data[1]);
-            comm_msg_free(&m);
-            rc = MLM_EPEER;
-            break;
-        }
-        if (kind == K_RESET) {
-            comm_msg_free(&m);
-            model_ctx_reset(ctx);
-            continue;
-        }
-        if (kind != K_STEP || n == 0 || m.len[1] != (size_t)n * 4 || (int64_t)pos != model_ctx_pos(ctx) ||
-            (int64_t)n > model_ctx_n_ctx(ctx) - model_ctx_pos(ctx)) {
-            snprintf(err, errlen, "bad step from rank 0 (kind %d, %u tokens at %u; this rank is at %d of %d)", kind, n,
-                     pos, model_ctx_pos(ctx), model_ctx_n_ctx(ctx));
-            comm_msg_free(&m);
-            rc = MLM_EPROTO;
-            break;
-        }
-        const bool all = flags & F_ALL_LOGITS;
-        size_t need = (size_t)(all ? n : 1) * (size_t)n_vocab;
-        if ((flags & F_LOGITS) && need > cap) {
-            float *p = realloc(logits, need * sizeof *p);
-            if (!p) rc = MLM_ENOMEM;
-            else logits = p, cap = need;
-        }
-        int32_t *tp = rc == 0 ? realloc(toks, (size_t)n * sizeof *toks) : NULL;
-        if (!tp) {
-            comm_msg_free(&m);
-            snprintf(err, errlen, "out of memory");
-            rc = MLM_ENOMEM;
-            break;
-        }
-        toks = tp;
-        for (uint32_t i = 0; i < n; i++) toks[i] = (int32_t)get32((const uint8_t *)m.data[1] + 4 * (size_t)i);
-        comm_msg_free(&m);
-        rc = pipe_node_step(pipe, ctx, toks, (int)n, (int)ubatch, (flags & F_LOGITS) ? logits : NULL, all);
-        if (rc != 0) {
-            snprintf(err, errlen, "evaluation of %u tokens at %u failed: %s", n, pos, mlm_strerror(rc));
-            break;
-        }
-    }
-    free(logits);
-    free(toks);
-    return rc;
+    (void)why;
 }
 
 static void mpi_usage(FILE *f) {
@@ -418,22 +278,31 @@ static int selftest(comm_t *c, int timeout_ms) {
 // --- generation on every rank
 
 // Loads this rank's slice, then rank 0 generates and the others follow. 0 or 1 (reported on stderr).
-static int generate(comm_t *comm, mpi_args_t *a) {
-    const int me = comm_rank(comm), N = comm_size(comm);
+// Ranks > 0 run the node executor on the control comm (peer 0 is rank 0), over the data comm.
+static int follow(comm_t **ctl, comm_t *data, mpi_args_t *a) {
+    char id[32], err[1024] = "";
+    snprintf(id, sizeof id, "rank-%d", comm_rank(*ctl));
+    node_opts_t o = {.model_path = a->g.model, .same_file = true, .data = data, .node_id = id,
+                     .n_threads = a->g.n_threads, .timeout_ms = a->timeout_ms, .no_profile = true,
+                     .exit_on_peer_loss = true, .verbose = a->verbose && getenv("MESHLM_MPI_TRACE")};
+    int rc = node_run(&o, ctl, err, sizeof err);
+    if (rc != 0) fprintf(stderr, "meshlm mpi: rank %d: %s\n", comm_rank(*ctl), err);
+    return rc == 0 ? 0 : 1;
+}
+
+// Rank 0: tokenizes, then drives the other ranks as a cluster (the same hello / plan / load / step
+// messages ZeroMQ workers get) with its own share as node 0, samples and prints.
+static int lead(comm_t *ctl, comm_t *data, mpi_args_t *a) {
+    const int N = comm_size(ctl);
     char err[1024] = "";
-    model_t *full = NULL, *m = NULL;
+    gguf_t *g = NULL;
     tokenizer_t *tok = NULL;
-    model_ctx_t *ctx = NULL;
+    cluster_t *cl = NULL;
     int32_t *pt = NULL;
-    plan_t *plan = calloc(1, sizeof *plan);
-    shard_slice_t *slices = calloc((size_t)N, sizeof *slices);
     FILE *lf = NULL;
-    int rc = plan && slices ? 0 : MLM_ENOMEM, np = 0, n_ctx = 0;
-    if (rc != 0) snprintf(err, sizeof err, "out of memory");
-    // Every rank derives the same plan from the same file, prompt and options: no exchange needed.
-    model_load_opts_t flo = {.repack = false};
-    if (rc == 0) rc = model_load(&full, a->g.model, &flo, err, sizeof err);
-    if (rc == 0 && (rc = tokenizer_from_gguf(&tok, model_gguf(full), err, sizeof err)) != 0)
+    int np = 0, n_ctx = 0;
+    int rc = gguf_open(&g, a->g.model, err, sizeof err);
+    if (rc == 0 && (rc = tokenizer_from_gguf(&tok, g, err, sizeof err)) != 0)
         snprintf(err + strlen(err), sizeof err - strlen(err), " (tokenizer)");
     if (rc == 0) {
         size_t plen = strlen(a->g.prompt);
@@ -441,96 +310,40 @@ static int generate(comm_t *comm, mpi_args_t *a) {
         pt = malloc((size_t)cap * sizeof *pt);
         np = pt ? tokenizer_encode(tok, a->g.prompt, plen, !a->g.no_bos && tokenizer_add_bos(tok), false, pt, cap)
                 : MLM_ENOMEM;
-        if (np <= 0 || np > cap) {
-            snprintf(err, sizeof err, "cannot tokenize the prompt: %s", np < 0 ? mlm_strerror(np) : "empty or too long");
-            rc = np < 0 ? np : MLM_EINVAL;
-        }
+        if (np <= 0 || np > cap)
+            rc = mlm_fail(err, sizeof err, np < 0 ? np : MLM_EINVAL, "cannot tokenize the prompt: %s",
+                          np < 0 ? mlm_strerror(np) : "empty or too long");
     }
     if (rc == 0) {
-        const model_hparams_t *hp = model_hparams(full);
+        model_hparams_t hp;
+        rc = hparams_read(g, &hp, err, sizeof err);
         n_ctx = a->g.n_ctx;
-        if (n_ctx == 0) {
+        if (rc == 0 && n_ctx == 0) {
             int need = np + a->g.n_predict + 1;
-            int def = hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
+            int def = hp.n_ctx_train > 0 && hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096;
             n_ctx = need > def ? need : def;
         }
-        if (np + a->g.n_predict + 1 > n_ctx) {
-            snprintf(err, sizeof err, "prompt (%d tokens) + %d to generate exceed the context of %d positions (-c)", np,
-                     a->g.n_predict, n_ctx);
-            rc = MLM_ERANGE;
-        }
+        if (rc == 0 && np + a->g.n_predict + 1 > n_ctx)
+            rc = mlm_fail(err, sizeof err, MLM_ERANGE,
+                          "prompt (%d tokens) + %d to generate exceed the context of %d positions (-c)", np,
+                          a->g.n_predict, n_ctx);
     }
-    if (rc == 0) {
-        plan_node_t nodes[PLAN_MAX_NODES];
-        char spec[16];
-        snprintf(spec, sizeof spec, "%d", N);
-        int n = plan_parse_nodes(a->speeds ? a->speeds : spec, nodes, PLAN_MAX_NODES, err, sizeof err);
-        if (n < 0) {
-            rc = n;
-        } else if (n != N) {
-            snprintf(err, sizeof err, "--speeds lists %d nodes but the job has %d ranks", n, N);
-            rc = MLM_EINVAL;
-        } else {
-            // Every rank is a computing node; rank 0 (which samples) leads the first stage.
-            plan_model_t *pm = malloc(sizeof *pm);
-            rc = pm ? plan_model_from_gguf(model_gguf(full), pm, err, sizeof err) : MLM_ENOMEM;
-            if (rc == 0 && a->lay.plan_file) {
-                plan_spec_t spec;
-                rc = plan_file_load(a->lay.plan_file, &spec, err, sizeof err);
-                if (rc == 0) rc = plan_from_spec(pm, nodes, N, &spec, n_ctx, plan, err, sizeof err);
-            } else if (rc == 0) {
-                // Without --pp/--tp every rank computes in one tensor-parallel group, as before.
-                plan_opts_t po = {.n_ctx = n_ctx, .pp = a->lay.pp ? a->lay.pp : (a->lay.tp ? 0 : 1), .tp = a->lay.tp,
-                                  .keep_all = true, .pin_first = true, .ubatch = a->lay.ubatch};
-                rc = plan_make(pm, nodes, N, &po, plan, NULL, 0, NULL, err, sizeof err);
-            }
-            free(pm);
-            if (rc == 0 && (plan->n != N || plan->shard[0].node != 0)) {
-                snprintf(err, sizeof err, "the plan must use every rank, rank 0 first");
-                rc = MLM_EINVAL;
-            }
-            for (int i = 0; rc == 0 && i < N; i++) slices[i] = plan->shard[i].s;
-            if (rc == 0 && me == 0 && a->verbose) plan_print(plan, model_gguf(full), stderr);
-        }
-    }
-    tokenizer_destroy(&tok);
-    model_destroy(&full);
-    model_load_opts_t lo = {.repack = a->g.repack, .slice = &slices[me]};
-    if (rc == 0) rc = model_load(&m, a->g.model, &lo, err, sizeof err);
-    pipe_node_t pipe;
-    memset(&pipe, 0, sizeof pipe);
-    if (rc == 0) {
-        const model_hparams_t *hp = model_hparams(m);
-        rc = pipe_node_init(&pipe, comm, me, slices, N, hp->n_layer, hp->n_embd, hp->n_vocab, a->timeout_ms, err,
-                            sizeof err);
-    }
-    const int ubatch = a->lay.ubatch > 0 ? a->lay.ubatch : (pipe.n_stages > 1 ? 16 : 0);
-    if (rc == 0) {
-        model_ctx_opts_t co = {.n_ctx = n_ctx, .n_batch = a->g.n_batch, .n_threads = a->g.n_threads, .kv_f32 = a->g.kv_f32,
-                               .tp = &pipe.tp};
-        rc = model_ctx_new(&ctx, m, &co, err, sizeof err);
-    }
-    if (rc == 0 && me == 0 && (rc = tokenizer_from_gguf(&tok, model_gguf(m), err, sizeof err)) != 0)
-        snprintf(err + strlen(err), sizeof err - strlen(err), " (tokenizer)");
-    if (rc == 0 && me == 0 && a->g.logits_path && !(lf = fopen(a->g.logits_path, "wb"))) {
-        snprintf(err, sizeof err, "cannot create %s", a->g.logits_path);
-        rc = MLM_EIO;
-    }
-    if (rc != 0) { // nothing computed yet: tell the others so none waits for this rank
-        fprintf(stderr, "meshlm mpi: rank %d: %s\n", me, err[0] ? err : mlm_strerror(rc));
-        notify_failure(comm, err);
+    if (rc == 0 && a->g.logits_path && !(lf = fopen(a->g.logits_path, "wb")))
+        rc = mlm_fail(err, sizeof err, MLM_EIO, "cannot create %s: %s", a->g.logits_path, strerror(errno));
+    // Every rank computes; rank 0 leads the first stage. Without --pp/--tp one tensor-parallel group.
+    cluster_opts_t co = {.model_path = a->g.model, .control = ctl, .data = data, .same_file = true,
+                         .speeds = a->speeds, .coordinator_shard = true, .n_ctx = n_ctx, .n_batch = a->g.n_batch,
+                         .n_threads = a->g.n_threads, .timeout_ms = a->timeout_ms, .kv_f32 = a->g.kv_f32,
+                         .verbose = a->verbose, .pp = a->lay.pp ? a->lay.pp : (a->lay.tp ? 0 : 1), .tp = a->lay.tp,
+                         .keep_all = true, .plan_file = a->lay.plan_file, .ubatch = a->lay.ubatch};
+    if (rc == 0) rc = cluster_open(&cl, &co, err, sizeof err);
+    if (rc != 0) {
+        fprintf(stderr, "meshlm mpi: rank 0: %s\n", err[0] ? err : mlm_strerror(rc));
+        stop_all(ctl, err);
         goto out;
     }
-    if (me != 0) {
-        rc = follow(comm, ctx, &pipe, model_hparams(m)->n_vocab, a->timeout_ms, err, sizeof err);
-        if (rc != 0) {
-            fprintf(stderr, "meshlm mpi: rank %d: %s\n", me, err);
-            notify_failure(comm, err);
-        }
-        goto out;
-    }
-    mpi_engine_t e = {comm, ctx, &pipe, ubatch, a->timeout_ms, 0};
-    gen_engine_t eng = {&e, model_hparams(m)->n_vocab, engine_eval, engine_reset};
+    if (a->verbose) plan_print(cluster_plan(cl), g, stderr);
+    gen_engine_t eng = cluster_engine(cl);
     a->g.gen.n_predict = a->g.n_predict;
     a->g.gen.stream = a->g.json ? NULL : stdout;
     a->g.gen.logits_out = lf;
@@ -540,23 +353,17 @@ static int generate(comm_t *comm, mpi_args_t *a) {
         int bad = fclose(lf) != 0;
         lf = NULL;
         if (bad) {
-            snprintf(err, sizeof err, "writing %s failed", a->g.logits_path);
-            rc = MLM_EIO;
+            rc = mlm_fail(err, sizeof err, MLM_EIO, "writing %s: %s", a->g.logits_path, strerror(errno));
             gen_result_free(&res);
         }
     }
     if (rc != 0) {
-        fprintf(stderr, "\nmeshlm mpi: rank 0: %s\n", err);
-        notify_failure(comm, err);
+        fprintf(stderr, "\nmeshlm mpi: rank 0: %s%s%s\n", err, cluster_error(cl)[0] ? ": " : "", cluster_error(cl));
+        cluster_close(&cl, true);
         goto out;
     }
-    // Tell the followers to finish before printing, so a follower that cannot be reached fails the run.
-    rc = send_ctl_all(comm, K_STOP, 0, 0, 0, NULL, 0, a->timeout_ms);
-    if (rc != 0) {
-        fprintf(stderr, "meshlm mpi: rank 0: stopping the other ranks: %s\n", mlm_strerror(rc));
-        gen_result_free(&res);
-        goto out;
-    }
+    // Stop the other ranks before printing, so a rank that cannot be reached fails the run.
+    cluster_close(&cl, true);
     if (a->g.json) {
         gen_print_json(pt, np, &res);
     } else {
@@ -572,12 +379,8 @@ static int generate(comm_t *comm, mpi_args_t *a) {
 out:
     if (lf) fclose(lf);
     free(pt);
-    model_ctx_destroy(&ctx);
     tokenizer_destroy(&tok);
-    model_destroy(&m);
-    pipe_node_free(&pipe);
-    free(slices);
-    free(plan);
+    gguf_close(&g);
     return rc == 0 ? 0 : 1;
 }
 
@@ -609,7 +412,20 @@ int cmd_mpi(int argc, char **argv) {
         MPI_Abort(MPI_COMM_WORLD, 1);
         return 1;
     }
-    int code = a.selftest ? selftest(comm, a.timeout_ms) : generate(comm, &a);
+    int code;
+    if (a.selftest) {
+        code = selftest(comm, a.timeout_ms);
+    } else { // control messages and the data plane each get their own communicator
+        comm_t *data = NULL;
+        rc = comm_mpi_new_opts(&data, &mo, err, sizeof err);
+        if (rc != 0) {
+            fprintf(stderr, "meshlm mpi: rank %d: %s\n", comm_rank(comm), err);
+            code = 1;
+        } else {
+            code = comm_rank(comm) == 0 ? lead(comm, data, &a) : follow(&comm, data, &a);
+        }
+        comm_destroy(&data);
+    }
     const int size = comm_size(comm);
     comm_destroy(&comm); // flushes the failure notices (linger) before a possible abort
     if (code != 0 && size > 1 && !a.selftest) {

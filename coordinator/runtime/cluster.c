@@ -1,5 +1,5 @@
-// Coordinator side of a cluster: hello, plan, shard loading with slice streaming, data plane, steps.
-#include "core/clock.h"
+// Coordinator side of a cluster: hello, plan, shard loading with slice streaming, data plane, steps, each
+// a separate call over one control comm (the link backend to ZeroMQ workers, or MPI / in-process ranks).
 #include "coordinator/runtime/cluster.h"
 
 #include <arpa/inet.h>
@@ -13,22 +13,24 @@
 
 #include "cluster/launch.h"
 #include "cluster/profile.h"
+#include "core/clock.h"
+#include "core/err.h"
+#include "core/sha256.h"
 #include "proto/msg_io.h"
+#include "transport/comm_link.h"
 #include "transport/comm_zmq.h"
-#include "worker/node/pipeline.h"
 #include "transport/fault.h"
 #include "transport/link.h"
 #include "worker/node/node.h"
-#include "core/err.h"
-#include "core/sha256.h"
+#include "worker/node/pipeline.h"
 
 // --- types
 
 #define CHUNK_BYTES (4u << 20)  // shard streaming chunk
 
 typedef struct {
-    link_t *link;               // control link
-    char endpoint[MSG_ENDPOINT_MAX];
+    int peer;                   // its rank on the control comm (i + 1)
+    char endpoint[MSG_ENDPOINT_MAX]; // its control endpoint, or "rank N" (MPI, in-process): its name in messages
     char data_endpoint[MSG_ENDPOINT_MAX];
     msg_hello_t hello;          // what it said about itself
     int rank;                   // its data-plane rank, -1 when the plan leaves it out
@@ -39,14 +41,19 @@ typedef struct {
 struct cluster {
     cluster_opts_t o;
     int timeout_ms;
-    uint8_t sha[32];            // of the model file
+    uint8_t sha[32];            // of the model file (zero with same_file)
+    comm_t *ctl;                // control channel: rank 0 is the coordinator, worker i is peer i + 1
+    bool ctl_owned;             // made here (the link backend) rather than given (o.control)
+    bool ctl_wrapped;           // ctl is the fault-injecting wrapper over the link comm (owned with it)
+    model_t *full;              // the whole model, mapped without repacking: metadata, planning, streaming
+    int phase;                  // PHASE_*: how far the cluster has come
     worker_t *w;                // (n_workers)
     int n_nodes;                // data-plane ranks: rank 0 is the coordinator, then the plan's workers
     plan_t *plan;               // shares of the computing nodes (shard order = rank order)
     shard_slice_t *slices;      // (n_nodes) by rank; rank 0 empty unless the coordinator computes
     msg_plan_node_t *pnodes;    // (n_nodes) as sent
     int *rank_worker;           // (n_nodes) worker index of each rank, -1 for the coordinator
-    comm_t *comm;               // data plane
+    comm_t *comm;               // data plane (o.data when given, else made for the plan)
     pipe_node_t pipe;           // the coordinator's place in the pipeline
     fault_spec_t *faults;       // $MESHLM_FAULTS: links to emulate (NULL = none), handed to the workers
     model_t *model;             // the coordinator's slice (empty unless it computes)
@@ -58,6 +65,8 @@ struct cluster {
     cluster_stats_t stats;
     char errbuf[512];           // last failure, for cluster_error
 };
+
+enum { PHASE_NEW = 0, PHASE_HELLO = 1, PHASE_PLANNED = 2, PHASE_LOADED = 3 };
 
 // --- helpers
 
@@ -125,7 +134,7 @@ static void coordinator_endpoint(const cluster_t *c, char *out, size_t cap) {
 }
 
 static int recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *raw, char *err, size_t errlen) {
-    int rc = msg_recv_link(c->w[wi].link, m, raw, c->timeout_ms, err, errlen);
+    int rc = msg_recv(c->ctl, c->w[wi].peer, m, raw, NULL, c->timeout_ms, err, errlen);
     if (rc != 0) {
         snprintf(err, errlen, "worker %s: no %s within %d ms (%s)", c->w[wi].endpoint, msg_type_name(want),
                  c->timeout_ms, mlm_strerror(rc));
@@ -149,26 +158,19 @@ static int recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t
 static int say_hello(cluster_t *c, char *err, size_t errlen) {
     for (int i = 0; i < c->o.n_workers; i++) {
         worker_t *w = &c->w[i];
-        snprintf(w->endpoint, sizeof w->endpoint, "%s", c->o.workers[i]);
-        int rc = link_connect(&w->link, w->endpoint, err, errlen);
-        if (rc == 0 && link_data_endpoint(w->endpoint, w->data_endpoint, sizeof w->data_endpoint) != 0) {
-            snprintf(err, errlen, "worker endpoint %s: want tcp://HOST:PORT or ipc:///PATH", w->endpoint);
-            rc = MLM_EINVAL;
-        }
-        if (rc != 0) return rc;
         msg_t m;
         msg_init(&m, MSG_HELLO);
         snprintf(m.hello.node_id, sizeof m.hello.node_id, "coordinator");
         m.hello.role = MSG_ROLE_COORDINATOR;
         m.hello.n_cores = 1;
-        m.hello.link_rank = i + 1;
+        m.hello.link_rank = w->peer;
         const char *ft = fault_spec_text(c->faults);
-        if (strlen(ft) >= sizeof m.hello.faults) {
-            snprintf(err, errlen, "the fault spec is longer than %zu bytes", sizeof m.hello.faults - 1);
-            return MLM_EINVAL;
-        }
+        if (strlen(ft) >= sizeof m.hello.faults)
+            return mlm_fail(err, errlen, MLM_EINVAL, "the fault spec is longer than %zu bytes", sizeof m.hello.faults - 1);
         snprintf(m.hello.faults, sizeof m.hello.faults, "%s", ft);
-        if ((rc = msg_send_link(w->link, &m, c->timeout_ms, err, errlen)) != 0) return rc;
+        char e2[256];
+        int rc = msg_send(c->ctl, w->peer, &m, c->timeout_ms, e2, sizeof e2);
+        if (rc != 0) return mlm_fail(err, errlen, rc, "worker %s: %s", w->endpoint, e2);
     }
     for (int i = 0; i < c->o.n_workers; i++) {
         msg_t m;
@@ -178,14 +180,16 @@ static int say_hello(cluster_t *c, char *err, size_t errlen) {
         c->w[i].hello = m.hello;
         msg_clear(&m);
         comm_msg_free(&raw);
-        // From here on both ends emulate the link (the worker turned it on after its HELLO).
-        if (fault_has_link_rules(c->faults)) link_set_faults(c->w[i].link, c->faults, 0, i + 1);
         for (int j = 0; j < i; j++)
-            if (!strcmp(c->w[j].hello.node_id, c->w[i].hello.node_id)) {
-                snprintf(err, errlen, "workers %s and %s share the node id %s", c->w[j].endpoint, c->w[i].endpoint,
-                         c->w[i].hello.node_id);
-                return MLM_EINVAL;
-            }
+            if (!strcmp(c->w[j].hello.node_id, c->w[i].hello.node_id))
+                return mlm_fail(err, errlen, MLM_EINVAL, "workers %s and %s share the node id %s", c->w[j].endpoint,
+                                c->w[i].endpoint, c->w[i].hello.node_id);
+    }
+    // From here on both ends emulate the links (each worker turned them on after its HELLO answer).
+    if (fault_has_link_rules(c->faults) && !c->ctl_wrapped) {
+        int rc = comm_fault_wrap(&c->ctl, c->faults, err, errlen);
+        if (rc != 0) return rc;
+        c->ctl_wrapped = true;
     }
     return 0;
 }
@@ -216,7 +220,7 @@ static int ping_once(cluster_t *c, int wi, uint64_t seq, const void *payload, si
         m.heartbeat.seq = seq;
     }
     const double t0 = mlm_now_ms();
-    int rc = msg_send_link(c->w[wi].link, &m, c->timeout_ms, err, errlen);
+    int rc = msg_send(c->ctl, c->w[wi].peer, &m, c->timeout_ms, err, errlen);
     comm_msg_t raw;
     if (rc == 0) rc = recv_type(c, wi, MSG_HEARTBEAT, &m, &raw, err, errlen);
     if (rc != 0) return rc;
@@ -260,7 +264,7 @@ static int measure_links(cluster_t *c, char *err, size_t errlen) {
 
 // What the planner knows about the computing candidates: the coordinator first when it computes,
 // then the workers in the order given.
-static int describe_nodes(cluster_t *c, const model_t *full, plan_node_t *nodes, int n_compute, char *err,
+static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char *err,
                           size_t errlen) {
     const int off = c->o.coordinator_shard ? 1 : 0;
     if (c->o.speeds) {
@@ -273,7 +277,7 @@ static int describe_nodes(cluster_t *c, const model_t *full, plan_node_t *nodes,
     } else {
         plan_parse_nodes("64", nodes, PLAN_MAX_NODES, err, errlen);
     }
-    const qtype_t t = (qtype_t)qtype_from_name(model_type_name(full));
+    const qtype_t t = (qtype_t)qtype_from_name(model_type_name(c->full));
     profile_t here = {0};
     bool have_here = false;
     bool measured = !c->o.speeds;
@@ -309,7 +313,7 @@ static int describe_nodes(cluster_t *c, const model_t *full, plan_node_t *nodes,
     return 0;
 }
 
-static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen) {
+static int make_plan(cluster_t *c, char *err, size_t errlen) {
     const int off = c->o.coordinator_shard ? 1 : 0;
     const int n_compute = c->o.n_workers + off;
     if (n_compute < 1 || n_compute > PLAN_MAX_NODES) {
@@ -317,9 +321,9 @@ static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
         return MLM_EINVAL;
     }
     plan_node_t nodes[PLAN_MAX_NODES];
-    int rc = describe_nodes(c, full, nodes, n_compute, err, errlen);
+    int rc = describe_nodes(c, nodes, n_compute, err, errlen);
     if (rc != 0) return rc;
-    const model_hparams_t *hp = model_hparams(full);
+    const model_hparams_t *hp = model_hparams(c->full);
     int n_ctx = c->o.n_ctx > 0 ? c->o.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
     c->o.n_ctx = n_ctx;
     // The coordinator shares its LAN: its link is as good as the best worker's.
@@ -329,7 +333,7 @@ static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
     }
     plan_model_t *pm = malloc(sizeof *pm);
     if (!pm) return MLM_ENOMEM;
-    rc = plan_model_from_gguf(model_gguf(full), pm, err, errlen);
+    rc = plan_model_from_gguf(model_gguf(c->full), pm, err, errlen);
     if (rc == 0 && c->o.plan_file) {
         plan_spec_t spec;
         rc = plan_file_load(c->o.plan_file, &spec, err, errlen);
@@ -367,6 +371,14 @@ static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
             c->w[wi].rank = r;
         }
     }
+    if (c->o.data) { // a given data plane: its ranks are the plan's nodes, every worker in order
+        bool ok = c->n_nodes == comm_size(c->o.data);
+        for (int i = 0; ok && i < c->o.n_workers; i++) ok = c->w[i].rank == i + 1;
+        if (!ok)
+            return mlm_fail(err, errlen, MLM_EINVAL,
+                            "with a fixed set of ranks (MPI) the plan must use every rank in rank order, the "
+                            "coordinator's share first; this plan (%s) does not", pl->layout);
+    }
     c->stats.n_compute = pl->n;
     c->ubatch = c->o.ubatch > 0 ? c->o.ubatch : (pl->n_stages > 1 ? 16 : 0);
     for (int r = 0; r < c->n_nodes; r++) {
@@ -383,14 +395,15 @@ static int make_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
         p->ffn[0] = (msg_range_t){s->f0, s->f1};
         p->hidden = (msg_range_t){s->e0, s->e1};
         p->vocab = (msg_range_t){s->v0, s->v1};
-        if (wi >= 0) snprintf(p->endpoint, sizeof p->endpoint, "%s", c->w[wi].data_endpoint);
+        if (c->o.data) snprintf(p->endpoint, sizeof p->endpoint, "rank:%d", r);
+        else if (wi >= 0) snprintf(p->endpoint, sizeof p->endpoint, "%s", c->w[wi].data_endpoint);
         else coordinator_endpoint(c, p->endpoint, sizeof p->endpoint);
     }
     return 0;
 }
 
-static int send_plan(cluster_t *c, const model_t *full, char *err, size_t errlen) {
-    const model_hparams_t *hp = model_hparams(full);
+static int send_plan(cluster_t *c, char *err, size_t errlen) {
+    const model_hparams_t *hp = model_hparams(c->full);
     msg_t m;
     msg_init(&m, MSG_PLAN);
     msg_plan_t *p = &m.plan;
@@ -405,12 +418,14 @@ static int send_plan(cluster_t *c, const model_t *full, char *err, size_t errlen
     p->n_vocab = (uint32_t)hp->n_vocab;
     p->n_ctx = (uint32_t)c->o.n_ctx;
     p->kv_type = c->o.kv_f32 ? QT_F32 : QT_F16;
+    p->n_batch = c->o.n_batch > 0 ? (uint32_t)c->o.n_batch : 0;
     p->n_nodes = c->n_nodes;
     p->nodes = c->pnodes;
     for (int i = 0; i < c->o.n_workers; i++) {
         if (c->w[i].rank < 0) continue; // left out of this plan
-        int rc = msg_send_link(c->w[i].link, &m, c->timeout_ms, err, errlen);
-        if (rc != 0) return rc;
+        char e2[256];
+        int rc = msg_send(c->ctl, c->w[i].peer, &m, c->timeout_ms, e2, sizeof e2);
+        if (rc != 0) return mlm_fail(err, errlen, rc, "worker %s: %s", c->w[i].endpoint, e2);
     }
     return 0;
 }
@@ -453,7 +468,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
         sd->total = total;
         sd->data = buf;
         sd->len = n;
-        rc = msg_send_link(c->w[wi].link, &m, c->timeout_ms, err, errlen);
+        rc = msg_send(c->ctl, c->w[wi].peer, &m, c->timeout_ms, err, errlen);
         off += n;
         if (show) {
             double el = (mlm_now_ms() - t0) / 1e3;
@@ -470,15 +485,16 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
     return rc;
 }
 
-static int load_shards(cluster_t *c, const model_t *full, char *err, size_t errlen) {
+static int load_shards(cluster_t *c, char *err, size_t errlen) {
     for (int i = 0; i < c->o.n_workers; i++) {
         if (c->w[i].rank < 0) continue;
         msg_t m;
         msg_init(&m, MSG_LOAD_SHARD);
         m.load_shard.node_index = (uint32_t)c->w[i].rank;
         m.load_shard.via_coordinator = !c->w[i].hello.has_model || memcmp(c->w[i].hello.model_sha256, c->sha, 32) != 0;
-        int rc = msg_send_link(c->w[i].link, &m, c->timeout_ms, err, errlen);
-        if (rc != 0) return rc;
+        char e2[256];
+        int rc = msg_send(c->ctl, c->w[i].peer, &m, c->timeout_ms, e2, sizeof e2);
+        if (rc != 0) return mlm_fail(err, errlen, rc, "worker %s: %s", c->w[i].endpoint, e2);
     }
     for (int i = 0; i < c->o.n_workers; i++) {
         if (c->w[i].rank < 0) continue;
@@ -492,7 +508,7 @@ static int load_shards(cluster_t *c, const model_t *full, char *err, size_t errl
         comm_msg_free(&raw);
         if (status == MLM_ENOTFOUND) { // it has neither the model nor a cached shard: send it
             if (c->o.verbose) fprintf(stderr, "meshlm: streaming shard %d to %s\n", i + 1, c->w[i].endpoint);
-            if ((rc = stream_shard(c, i, model_gguf(full), model_hparams(full)->head_dim, err, errlen)) != 0) return rc;
+            if ((rc = stream_shard(c, i, model_gguf(c->full), model_hparams(c->full)->head_dim, err, errlen)) != 0) return rc;
             if ((rc = recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen)) != 0) return rc;
             status = m.load_shard_ack.status;
             msg_clear(&m);
@@ -503,9 +519,16 @@ static int load_shards(cluster_t *c, const model_t *full, char *err, size_t errl
         } else if (status == 0) {
             c->stats.from_file++;
         }
-        if (status != 0) {
-            snprintf(err, errlen, "worker %s could not load its shard: %s", c->w[i].endpoint, mlm_strerror(status));
-            return status;
+        if (status != 0) { // the worker follows a failed ack with an ERROR that says why
+            char why[MSG_TEXT_MAX] = "";
+            if (msg_recv(c->ctl, c->w[i].peer, &m, &raw, NULL, 1000, why, sizeof why) == 0) {
+                snprintf(why, sizeof why, "%s", m.type == MSG_ERROR ? m.error.text : mlm_strerror(status));
+                msg_clear(&m);
+                comm_msg_free(&raw);
+            } else {
+                snprintf(why, sizeof why, "%s", mlm_strerror(status));
+            }
+            return mlm_fail(err, errlen, status, "worker %s could not load its shard: %s", c->w[i].endpoint, why);
         }
     }
     return 0;
@@ -513,74 +536,168 @@ static int load_shards(cluster_t *c, const model_t *full, char *err, size_t errl
 
 // --- public API
 
-int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t errlen) {
+int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errlen) {
     *out = NULL;
-    if (o->n_workers < 1 || o->n_workers >= MSG_MAX_NODES) {
-        snprintf(err, errlen, "need 1..%d workers", MSG_MAX_NODES - 1);
-        return MLM_EINVAL;
-    }
+    const int n_workers = o->control ? comm_size(o->control) - 1 : o->n_workers;
+    const int min_workers = o->control && o->coordinator_shard ? 0 : 1; // one MPI rank computes alone
+    if (n_workers < min_workers || n_workers >= MSG_MAX_NODES)
+        return mlm_fail(err, errlen, MLM_EINVAL, "need %d..%d workers, have %d", min_workers, MSG_MAX_NODES - 1,
+                        n_workers);
+    if (o->control && (comm_rank(o->control) != 0 || !o->data))
+        return mlm_fail(err, errlen, MLM_EINVAL, "a given control comm needs rank 0 and a given data plane");
+    if (o->data && comm_size(o->data) != n_workers + 1)
+        return mlm_fail(err, errlen, MLM_EINVAL, "the data plane has %d ranks for %d workers and the coordinator",
+                        comm_size(o->data), n_workers);
     cluster_t *c = calloc(1, sizeof *c);
     if (!c) return MLM_ENOMEM;
     c->o = *o;
+    c->o.n_workers = n_workers;
     c->timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 30000;
-    c->n_nodes = o->n_workers + 1;
-    c->w = calloc((size_t)o->n_workers, sizeof *c->w);
+    c->n_nodes = n_workers + 1;
+    c->w = calloc((size_t)n_workers, sizeof *c->w);
     c->plan = calloc(1, sizeof *c->plan);
     c->slices = calloc((size_t)c->n_nodes, sizeof *c->slices);
     c->pnodes = calloc((size_t)c->n_nodes, sizeof *c->pnodes);
     c->rank_worker = calloc((size_t)c->n_nodes, sizeof *c->rank_worker);
-    const double t0 = mlm_now_ms();
-    model_t *full = NULL;
     int rc = (c->w && c->plan && c->slices && c->pnodes && c->rank_worker) ? 0 : MLM_ENOMEM;
-    model_load_opts_t flo = {.repack = false};
-    if (rc == 0) rc = fault_from_env(&c->faults, err, errlen);
-    if (rc == 0) rc = sha256_file(o->model_path, c->sha, err, errlen);
-    if (rc == 0) rc = model_load(&full, o->model_path, &flo, err, errlen);
-    if (rc == 0) rc = say_hello(c, err, errlen);
-    if (rc == 0) rc = measure_links(c, err, errlen);
-    if (rc == 0) rc = make_plan(c, full, err, errlen);
-    if (rc == 0) rc = send_plan(c, full, err, errlen);
-    if (rc == 0) rc = load_shards(c, full, err, errlen);
-    if (rc == 0) {
-        const char *eps[MSG_MAX_NODES];
-        for (int i = 0; i < c->n_nodes; i++) eps[i] = c->pnodes[i].endpoint;
-        comm_zmq_opts_t zo;
-        comm_zmq_opts_default(&zo);
-        zo.connect_timeout_ms = c->timeout_ms;
-        rc = comm_zmq_new(&c->comm, 0, c->n_nodes, eps, &zo, err, errlen);
-        for (int i = 0; rc != 0 && i < c->o.n_workers; i++) // a worker that failed to set up says why
-            if (c->w[i].rank >= 0 && drain_reports(c, i, 100) != 0) {
-                size_t k = strlen(err);
-                snprintf(err + k, errlen > k ? errlen - k : 0, " (%s)", c->errbuf);
-                break;
-            }
-        if (rc == 0 && fault_has_link_rules(c->faults)) rc = comm_fault_wrap(&c->comm, c->faults, err, errlen);
+    for (int i = 0; rc == 0 && i < n_workers; i++) {
+        worker_t *w = &c->w[i];
+        w->peer = i + 1;
+        w->rank = -1;
+        if (o->control) {
+            snprintf(w->endpoint, sizeof w->endpoint, "rank %d", i + 1);
+        } else {
+            snprintf(w->endpoint, sizeof w->endpoint, "%s", o->workers[i]);
+            if (link_data_endpoint(w->endpoint, w->data_endpoint, sizeof w->data_endpoint) != 0)
+                rc = mlm_fail(err, errlen, MLM_EINVAL, "worker endpoint %s: want tcp://HOST:PORT or ipc:///PATH",
+                              w->endpoint);
+        }
     }
-    model_destroy(&full);
+    // Emulated links ($MESHLM_FAULTS) apply to the channels this side makes (the link, ZeroMQ data).
+    if (rc == 0 && !o->control) rc = fault_from_env(&c->faults, err, errlen);
+    if (rc == 0 && !o->same_file) rc = sha256_file(o->model_path, c->sha, err, errlen);
+    model_load_opts_t flo = {.repack = false};
+    if (rc == 0) rc = model_load(&c->full, o->model_path, &flo, err, errlen);
+    if (rc == 0 && o->control) {
+        c->ctl = o->control;
+    } else if (rc == 0) {
+        const char *eps[MSG_MAX_NODES];
+        for (int i = 0; i < n_workers; i++) eps[i] = c->w[i].endpoint;
+        rc = comm_link_connect(&c->ctl, eps, n_workers, NULL, err, errlen);
+        c->ctl_owned = rc == 0;
+    }
+    if (rc != 0) {
+        cluster_close(&c, false);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+int cluster_hello(cluster_t *c, char *err, size_t errlen) {
+    const double t0 = mlm_now_ms();
+    int rc = say_hello(c, err, errlen);
+    if (rc == 0) rc = measure_links(c, err, errlen);
+    if (rc == 0) c->phase = PHASE_HELLO;
+    c->stats.load_ms += mlm_now_ms() - t0;
+    return rc;
+}
+
+// Ends the current plan on this side: the coordinator's contexts, model and data plane. Every
+// sequence starts again at position 0 (the nodes drop their caches when a new plan arrives).
+static void end_plan(cluster_t *c) {
+    for (int i = 0; i < CLUSTER_MAX_SEQS; i++) {
+        model_ctx_destroy(&c->ctx[i]);
+        c->pos[i] = 0;
+    }
+    model_destroy(&c->model);
+    pipe_node_free(&c->pipe);
+    memset(&c->pipe, 0, sizeof c->pipe);
+    if (c->comm != c->o.data) comm_destroy(&c->comm);
+    c->comm = NULL;
+}
+
+int cluster_make_plan(cluster_t *c, char *err, size_t errlen) {
+    if (c->phase < PHASE_HELLO) return mlm_fail(err, errlen, MLM_ESTATE, "plan before hello");
+    const double t0 = mlm_now_ms();
+    end_plan(c);
+    c->phase = PHASE_HELLO;
+    int rc = make_plan(c, err, errlen);
+    if (rc == 0) rc = send_plan(c, err, errlen);
+    if (rc == 0) c->phase = PHASE_PLANNED;
+    c->stats.load_ms += mlm_now_ms() - t0;
+    return rc;
+}
+
+// The coordinator's end of the data plane: the given one, or ZeroMQ over the plan's endpoints.
+static int open_data_plane(cluster_t *c, char *err, size_t errlen) {
+    if (c->o.data) {
+        c->comm = c->o.data;
+        return 0;
+    }
+    const char *eps[MSG_MAX_NODES];
+    for (int i = 0; i < c->n_nodes; i++) eps[i] = c->pnodes[i].endpoint;
+    comm_zmq_opts_t zo;
+    comm_zmq_opts_default(&zo);
+    zo.connect_timeout_ms = c->timeout_ms;
+    int rc = comm_zmq_new(&c->comm, 0, c->n_nodes, eps, &zo, err, errlen);
+    if (rc == 0 && fault_has_link_rules(c->faults)) rc = comm_fault_wrap(&c->comm, c->faults, err, errlen);
+    for (int i = 0; rc != 0 && i < c->o.n_workers; i++) // a worker that failed to set up says why
+        if (c->w[i].rank >= 0 && drain_reports(c, i, 100) != 0) {
+            size_t k = strlen(err);
+            snprintf(err + k, errlen > k ? errlen - k : 0, " (%s)", c->errbuf);
+            break;
+        }
+    return rc;
+}
+
+int cluster_load(cluster_t *c, char *err, size_t errlen) {
+    if (c->phase < PHASE_PLANNED) return mlm_fail(err, errlen, MLM_ESTATE, "load before a plan");
+    const double t0 = mlm_now_ms();
+    int rc = load_shards(c, err, errlen);
+    if (rc == 0) rc = open_data_plane(c, err, errlen);
     if (rc == 0) {
         model_load_opts_t lo = {.repack = true, .slice = &c->slices[0]};
-        rc = model_load(&c->model, o->model_path, &lo, err, errlen);
+        rc = model_load(&c->model, c->o.model_path, &lo, err, errlen);
     }
     if (rc == 0) {
         const model_hparams_t *hp = model_hparams(c->model);
         rc = pipe_node_init(&c->pipe, c->comm, 0, c->slices, c->n_nodes, hp->n_layer, hp->n_embd, hp->n_vocab,
                             c->timeout_ms, err, errlen);
     }
-    c->computes = o->coordinator_shard;
+    c->computes = c->o.coordinator_shard;
     if (rc == 0 && c->computes) {
         model_ctx_t *ctx0;
         if ((rc = seq_ctx(c, 0, &ctx0)) != 0) snprintf(err, errlen, "%s", c->errbuf);
     }
+    if (rc == 0) c->phase = PHASE_LOADED;
+    else end_plan(c);
+    c->stats.load_ms += mlm_now_ms() - t0;
+    return rc;
+}
+
+void cluster_set_layout(cluster_t *c, int pp, int tp, bool keep_all, const char *plan_file) {
+    c->o.pp = pp;
+    c->o.tp = tp;
+    c->o.keep_all = keep_all;
+    c->o.plan_file = plan_file;
+}
+
+int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t errlen) {
+    cluster_t *c = NULL;
+    int rc = cluster_new(&c, o, err, errlen);
+    if (rc == 0) rc = cluster_hello(c, err, errlen);
+    if (rc == 0) rc = cluster_make_plan(c, err, errlen);
+    if (rc == 0) rc = cluster_load(c, err, errlen);
     if (rc != 0) {
         cluster_close(&c, false);
         return rc;
     }
-    c->stats.load_ms = mlm_now_ms() - t0;
     *out = c;
     return 0;
 }
 
-const model_t *cluster_model(const cluster_t *c) { return c->model; }
+const model_t *cluster_model(const cluster_t *c) { return c->full; }
 const plan_t *cluster_plan(const cluster_t *c) { return c->plan; }
 const cluster_stats_t *cluster_stats(const cluster_t *c) { return &c->stats; }
 const char *cluster_error(const cluster_t *c) { return c->errbuf; }
@@ -593,7 +710,7 @@ static int drain_reports(cluster_t *c, int wi, int timeout_ms) {
     for (;;) {
         msg_t m;
         comm_msg_t raw;
-        if (msg_recv_link(c->w[wi].link, &m, &raw, timeout_ms, err, sizeof err) != 0) break;
+        if (msg_recv(c->ctl, c->w[wi].peer, &m, &raw, NULL, timeout_ms, err, sizeof err) != 0) break;
         timeout_ms = 0;
         if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) {
             c->w[wi].reports++;
@@ -653,6 +770,7 @@ static int seq_ctx(cluster_t *c, int seq, model_ctx_t **out) {
 // logits in order.
 static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *const *tokens, const int *n,
                      float *const *logits, bool all_logits) {
+    if (c->phase != PHASE_LOADED) return MLM_ESTATE;
     const int n_vocab = model_hparams(c->model)->n_vocab;
     uint64_t total = 0;
     for (int k = 0; k < n_seqs; k++) {
@@ -682,7 +800,7 @@ static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *co
         st->ubatch = (uint32_t)c->ubatch;
         for (int i = 0; i < c->o.n_workers; i++) {
             if (c->w[i].rank < 0) continue;
-            int rc = msg_send_link(c->w[i].link, &m, c->timeout_ms, err, sizeof err);
+            int rc = msg_send(c->ctl, c->w[i].peer, &m, c->timeout_ms, err, sizeof err);
             if (rc != 0) {
                 snprintf(c->errbuf, sizeof c->errbuf, "worker %s: %s", c->w[i].endpoint, err);
                 return rc;
@@ -720,6 +838,16 @@ static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *co
             if (c->w[i].rank >= 0 && drain_reports(c, i, 0) != 0) break;
     }
     return rc;
+}
+
+static int engine_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) {
+    return cluster_eval(ctx, t, n, logits, all);
+}
+
+static void engine_reset(void *ctx) { cluster_reset(ctx); }
+
+gen_engine_t cluster_engine(cluster_t *c) {
+    return (gen_engine_t){c, model_hparams(c->full)->n_vocab, engine_eval, engine_reset};
 }
 
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {
@@ -772,19 +900,16 @@ void cluster_stats_reset(cluster_t *c) {
 void cluster_close(cluster_t **self_p, bool exit_workers) {
     if (!self_p || !*self_p) return;
     cluster_t *c = *self_p;
-    for (int i = 0; i < CLUSTER_MAX_SEQS; i++) model_ctx_destroy(&c->ctx[i]);
-    model_destroy(&c->model);
-    for (int i = 0; c->w && i < c->o.n_workers; i++) {
-        if (!c->w[i].link) continue;
+    end_plan(c);
+    for (int i = 0; c->ctl && i < c->o.n_workers; i++) {
         msg_t m;
         msg_init(&m, MSG_SHUTDOWN);
         snprintf(m.shutdown.reason, sizeof m.shutdown.reason, "%s", exit_workers ? "exit" : "plan done");
         char err[128];
-        msg_send_link(c->w[i].link, &m, 1000, err, sizeof err);
+        msg_send(c->ctl, c->w[i].peer, &m, 1000, err, sizeof err);
     }
-    pipe_node_free(&c->pipe);
-    comm_destroy(&c->comm);
-    for (int i = 0; c->w && i < c->o.n_workers; i++) link_destroy(&c->w[i].link);
+    if (c->ctl_owned) comm_destroy(&c->ctl);
+    model_destroy(&c->full);
     free(c->w);
     free(c->plan);
     free(c->slices);

@@ -6,13 +6,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "coordinator/runtime/generate.h"
 #include "parallel/plan.h"
+#include "transport/comm.h"
 #include "worker/model/model.h"
 
 typedef struct {
     const char *model_path;          // the GGUF the coordinator has
-    const char *const *workers;      // (n_workers) control endpoints of running workers
+    const char *const *workers;      // (n_workers) control endpoints of running workers (the link backend)
     int n_workers;
+    comm_t *control;                 // instead of workers: a ready control comm whose rank 0 is this
+                                     // coordinator and ranks 1..N the workers (MPI, in-process; borrowed)
+    comm_t *data;                    // a ready data plane of the same ranks (required with control; every
+                                     // plan must then use every rank in order), or NULL: ZeroMQ per plan
+    bool same_file;                  // every worker reads model_path itself (MPI): nothing is hashed or streamed
+    int n_batch;                     // tokens per forward chunk on every node (0 = their default, 64)
     const char *speeds;              // relative speeds of the computing nodes ("2,1"), NULL = equal
     bool coordinator_shard;          // the coordinator computes a share too (it is node 0 of the plan)
     const char *data_endpoint;       // the coordinator's data-plane endpoint (NULL = derived)
@@ -57,18 +65,37 @@ typedef struct {
 
 typedef struct cluster cluster_t;
 
-// Connects to the workers, plans, loads every shard and brings up the data plane. On failure
-// returns a negative MLM_ code with a message naming the worker.
+// The phases, each a separate call so a caller can re-plan and re-load in the middle of a request
+// (after a node is lost, or to change the layout) without a restart. Every one returns 0 or a
+// negative MLM_ code with a message naming the worker in err.
+//   cluster_new    maps the model (metadata only), opens the control channel; no message yet
+//   cluster_hello  HELLO to every worker (their profiles, the links to emulate), link measurement
+//   cluster_make_plan  plans over the workers (and the coordinator's share) and sends PLAN; again after a
+//                  load ends the current plan: every sequence restarts at position 0 (replay it)
+//   cluster_load   every node loads its shard (own file, cache, or streamed), the data plane comes up
+// cluster_open does all four. Calling a phase before the one it needs is MLM_ESTATE.
+int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errlen);
+int cluster_hello(cluster_t *c, char *err, size_t errlen);
+int cluster_make_plan(cluster_t *c, char *err, size_t errlen);
+int cluster_load(cluster_t *c, char *err, size_t errlen);
 int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t errlen);
 
-// The coordinator's model (its own slice; metadata and tokenizer of the whole model).
+// Changes the layout the next cluster_make_plan asks for (as cluster_opts_t's pp, tp, keep_all,
+// plan_file; plan_file is borrowed until then).
+void cluster_set_layout(cluster_t *c, int pp, int tp, bool keep_all, const char *plan_file);
+
+// The whole model, mapped without repacking: metadata, tokenizer and shapes (stable for the
+// cluster's life, across re-plans).
 const model_t *cluster_model(const cluster_t *c);
 const plan_t *cluster_plan(const cluster_t *c);
 const cluster_stats_t *cluster_stats(const cluster_t *c);
 
-// One step on every node (same contract as model_eval). On a lost worker: MLM_EPEER or
+// One step on every node (same contract as model_eval); MLM_ESTATE before cluster_load. On a lost worker: MLM_EPEER or
 // MLM_ETIMEOUT within the deadline, and cluster_error() names the worker when it could tell.
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
+
+// The cluster as a generation engine (generate.h): cluster_eval and cluster_reset.
+gen_engine_t cluster_engine(cluster_t *c);
 
 // Several requests in flight: one token for each of n_seqs sequences (seqs: distinct ids in
 // 0..CLUSTER_MAX_SEQS-1, each with its own KV cache on every node; cluster_eval is sequence 0).

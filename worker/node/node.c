@@ -1,5 +1,5 @@
-// Worker process: hello, plan, shard loading (local file, cache, or streamed by the coordinator), steps.
-#include "core/clock.h"
+// The node executor: hello, plan, shard loading (local file, cache, or streamed by the coordinator), steps,
+// over any control comm. ZeroMQ workers, MPI ranks and in-process test nodes all run this state machine.
 #include "worker/node/node.h"
 
 #include <errno.h>
@@ -11,21 +11,23 @@
 #include <unistd.h>
 
 #include "cluster/profile.h"
-#include "proto/msg_io.h"
-#include "transport/comm_zmq.h"
-#include "transport/gatherv.h"
-#include "transport/fault.h"
-#include "transport/link.h"
+#include "core/clock.h"
 #include "core/err.h"
-#include "worker/model/model.h"
+#include "core/fs.h"
 #include "core/sha256.h"
+#include "proto/msg_io.h"
+#include "transport/comm_link.h"
+#include "transport/comm_zmq.h"
+#include "transport/fault.h"
+#include "worker/model/model.h"
 #include "worker/node/pipeline.h"
 
 // --- types
 
 typedef struct {
     const node_opts_t *o;
-    link_t *link;               // control link to the coordinator
+    comm_t **ctl;               // control channel (borrowed; peer 0 is the coordinator); its fault wrapper
+                                // replaces it when the coordinator's HELLO asks for emulated links
     char node_id[64];
     char cache_dir[1024];
     bool have_sha;              // model_path hashed
@@ -40,11 +42,12 @@ typedef struct {
     model_t *model;             // this worker's shard
     model_ctx_t *ctx[NODE_MAX_SEQS]; // one KV cache per sequence in flight (seq_id), made on first use
     model_ctx_opts_t ctx_opts;  // how they are made
-    comm_t *comm;               // data plane of the plan
+    comm_t *comm;               // data plane of the plan (o->data when given, else made for the plan)
     int timeout_ms;             // per exchange and control message
     pipe_node_t pipe;           // its stage, group and hand-offs
     fault_spec_t *faults;       // links to emulate, as the coordinator's HELLO said (NULL = none)
     int link_rank;              // this node's rank on the control link (from the HELLO)
+    bool ctl_wrapped;           // *ctl is the fault-injecting wrapper over the channel it was given
     float *logits;              // (max rows, n_vocab) scratch for the output gather
     size_t logits_cap;          // floats
     profile_t prof;             // measured at start (n_types 0 when skipped)
@@ -60,7 +63,8 @@ static void end_plan(node_t *n) {
     for (int i = 0; i < NODE_MAX_SEQS; i++) model_ctx_destroy(&n->ctx[i]);
     model_destroy(&n->model);
     pipe_node_free(&n->pipe);
-    comm_destroy(&n->comm);
+    if (n->comm != n->o->data) comm_destroy(&n->comm);
+    n->comm = NULL;
     free(n->nodes);
     free(n->slices);
     free(n->logits);
@@ -78,7 +82,7 @@ static int send_error(node_t *n, int code, const char *text, uint64_t step) { //
     snprintf(m.error.text, sizeof m.error.text, "%.60s: %.400s", n->node_id, text);
     m.error.step_id = step;
     char err[256];
-    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+    return msg_send(*n->ctl, 0, &m, n->timeout_ms, err, sizeof err);
 }
 
 static shard_slice_t slice_of(const msg_plan_node_t *p) {
@@ -88,12 +92,28 @@ static shard_slice_t slice_of(const msg_plan_node_t *p) {
     return s;
 }
 
+// Emulated links on the control channel, as the coordinator's HELLO asked: the channel takes the rank
+// the coordinator gave it (a link comm learns it only now) and is wrapped by the fault-injecting
+// transport. plain_ctl takes the wrapper off again, so a new coordinator is greeted plainly.
+static void plain_ctl(node_t *n) {
+    if (n->ctl_wrapped) comm_fault_unwrap(n->ctl);
+    n->ctl_wrapped = false;
+}
+
+static int ctl_faults(node_t *n, char *err, size_t errlen) {
+    if (!fault_has_link_rules(n->faults)) return 0;
+    comm_link_set_rank(*n->ctl, n->link_rank); // MLM_EINVAL for other backends, whose rank is fixed
+    int rc = comm_fault_wrap(n->ctl, n->faults, err, errlen);
+    n->ctl_wrapped = rc == 0;
+    return rc;
+}
+
 static int on_hello(node_t *n, const msg_hello_t *from) {
     // The coordinator decides which faults every link of the run emulates.
     char err[256];
     fault_free(&n->faults);
     n->link_rank = from->link_rank;
-    link_set_faults(n->link, NULL, 0, 0); // the HELLO answer travels plain, like the HELLO
+    plain_ctl(n); // the HELLO answer travels plain, like the HELLO
     if (from->faults[0] && fault_parse(from->faults, &n->faults, err, sizeof err) != 0) {
         vlog(n, "bad fault spec from the coordinator:", err);
         return send_error(n, MLM_EINVAL, err, 0);
@@ -103,7 +123,7 @@ static int on_hello(node_t *n, const msg_hello_t *from) {
     msg_hello_t *h = &m.hello;
     snprintf(h->node_id, sizeof h->node_id, "%s", n->node_id);
     h->role = MSG_ROLE_WORKER;
-    snprintf(h->endpoint, sizeof h->endpoint, "%s", n->o->listen);
+    snprintf(h->endpoint, sizeof h->endpoint, "%s", n->o->listen ? n->o->listen : "");
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     h->n_cores = (uint32_t)(n->o->n_threads > 0 ? n->o->n_threads : (cores > 0 ? cores : 1));
     h->ram_budget_bytes = n->o->mem_budget;
@@ -116,8 +136,8 @@ static int on_hello(node_t *n, const msg_hello_t *from) {
         memcpy(h->model_sha256, n->sha, 32);
         h->model_size = n->model_size;
     }
-    int rc = msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
-    if (rc == 0 && fault_has_link_rules(n->faults)) link_set_faults(n->link, n->faults, n->link_rank, 0);
+    int rc = msg_send(*n->ctl, 0, &m, n->timeout_ms, err, sizeof err); // the answer travels plain, like the HELLO
+    if (rc == 0 && (rc = ctl_faults(n, err, sizeof err)) != 0) vlog(n, "cannot emulate the links:", err);
     return rc;
 }
 
@@ -130,7 +150,7 @@ static int on_ping(node_t *n, uint64_t seq) {
     m.heartbeat.seq = seq;
     m.heartbeat.unix_ms = (uint64_t)time(NULL) * 1000u;
     char err[256];
-    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+    return msg_send(*n->ctl, 0, &m, n->timeout_ms, err, sizeof err);
 }
 
 static int on_plan(node_t *n, const msg_plan_t *p) {
@@ -152,36 +172,65 @@ static int on_plan(node_t *n, const msg_plan_t *p) {
     return 0;
 }
 
-// Receives the shard file as SLICE_DATA chunks into path. Returns bytes received or a negative code.
-static int64_t receive_shard(node_t *n, const char *path) {
-    char tmp[1200], err[256];
+// Receives the shard file as SLICE_DATA chunks into path (through a temporary name). Returns the
+// bytes received, or a negative code with the reason (naming the file and the system's error) in err.
+static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errlen) {
+    char tmp[1200], e2[256];
     snprintf(tmp, sizeof tmp, "%s.part%ld", path, (long)getpid());
     FILE *f = fopen(tmp, "wb");
-    if (!f) return MLM_EIO;
+    if (!f) return mlm_fail(err, errlen, MLM_EIO, "cannot create %s: %s", tmp, strerror(errno));
     int64_t got = 0, total = -1;
     int rc = 0;
     while (rc == 0 && (total < 0 || got < total)) {
         msg_t m;
         comm_msg_t raw;
-        rc = msg_recv_link(n->link, &m, &raw, n->timeout_ms, err, sizeof err);
-        if (rc != 0) break;
+        rc = msg_recv(*n->ctl, 0, &m, &raw, NULL, n->timeout_ms, e2, sizeof e2);
+        if (rc != 0) {
+            mlm_fail(err, errlen, rc, "receiving the shard from the coordinator: %s", e2);
+            break;
+        }
         if (m.type != MSG_SLICE_DATA || (int64_t)m.slice_data.offset != got) {
-            rc = MLM_EPROTO;
+            rc = mlm_fail(err, errlen, MLM_EPROTO, "receiving the shard: expected a chunk at byte %lld, got %s",
+                          (long long)got, msg_type_name(m.type));
         } else {
             total = (int64_t)m.slice_data.total;
-            if (fwrite(m.slice_data.data, 1, m.slice_data.len, f) != m.slice_data.len) rc = errno == ENOSPC ? MLM_EFULL : MLM_EIO;
+            if (fwrite(m.slice_data.data, 1, m.slice_data.len, f) != m.slice_data.len)
+                rc = mlm_fail(err, errlen, errno == ENOSPC ? MLM_EFULL : MLM_EIO, "writing %s: %s", tmp, strerror(errno));
             got += (int64_t)m.slice_data.len;
         }
         msg_clear(&m);
         comm_msg_free(&raw);
     }
-    if (fclose(f) != 0 && rc == 0) rc = MLM_EIO;
-    if (rc == 0 && rename(tmp, path) != 0) rc = MLM_EIO;
+    if (fclose(f) != 0 && rc == 0) rc = mlm_fail(err, errlen, MLM_EIO, "writing %s: %s", tmp, strerror(errno));
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = mlm_fail(err, errlen, MLM_EIO, "renaming %s to %s: %s", tmp, path, strerror(errno));
     if (rc != 0) {
         unlink(tmp);
         return rc;
     }
     return got;
+}
+
+// The plan's data plane: the one the node was given (MPI, in-process: every rank of it is in the
+// plan, in order), or a ZeroMQ comm over the endpoints the plan lists. Emulated links wrap it.
+static int open_data_plane(node_t *n, char *err, size_t errlen) {
+    int rc;
+    if (n->o->data) {
+        n->comm = n->o->data;
+        if (comm_size(n->comm) != n->plan.n_nodes || comm_rank(n->comm) != n->index)
+            return mlm_fail(err, errlen, MLM_EINVAL,
+                            "the plan has %d nodes and puts this one at %d, but its data plane has %d ranks and this is rank %d",
+                            n->plan.n_nodes, n->index, comm_size(n->comm), comm_rank(n->comm));
+        return 0;
+    }
+    const char *eps[MSG_MAX_NODES];
+    for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;
+    comm_zmq_opts_t zo;
+    comm_zmq_opts_default(&zo);
+    zo.connect_timeout_ms = n->timeout_ms;
+    rc = comm_zmq_new(&n->comm, n->index, n->plan.n_nodes, eps, &zo, err, errlen);
+    if (rc == 0 && fault_has_link_rules(n->faults)) rc = comm_fault_wrap(&n->comm, n->faults, err, errlen);
+    return rc;
 }
 
 static int on_load(node_t *n, const msg_load_shard_t *ls) {
@@ -208,36 +257,32 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     }
     if (rc == MLM_ENOTFOUND || (rc != 0 && !local)) {
         // Ask the coordinator for the shard file, then load it from the cache.
-        ack.load_shard_ack.status = MLM_ENOTFOUND;
-        if ((rc = msg_send_link(n->link, &ack, n->timeout_ms, err, sizeof err)) != 0) return rc;
-        mkdir(n->cache_dir, 0755);
-        int64_t got = receive_shard(n, path);
-        if (got < 0) {
-            rc = (int)got;
-            snprintf(err, sizeof err, "receiving the shard: %s", mlm_strerror(rc));
-        } else {
-            ack.load_shard_ack.bytes = (uint64_t)got;
-            rc = model_load(&n->model, path, &lo, err, sizeof err);
+        rc = mlm_mkdir_p(n->cache_dir, err, sizeof err);
+        if (rc == 0) {
+            ack.load_shard_ack.status = MLM_ENOTFOUND;
+            if ((rc = msg_send(*n->ctl, 0, &ack, n->timeout_ms, err, sizeof err)) != 0) return rc;
+            int64_t got = receive_shard(n, path, err, sizeof err);
+            if (got < 0) {
+                rc = (int)got;
+            } else {
+                ack.load_shard_ack.bytes = (uint64_t)got;
+                rc = model_load(&n->model, path, &lo, err, sizeof err);
+            }
         }
     }
     if (rc == 0) {
         const model_hparams_t *hp = model_hparams(n->model);
-        const char *eps[MSG_MAX_NODES];
-        for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;
         ack.load_shard_ack.status = 0;
         ack.load_shard_ack.ms = (uint64_t)(mlm_now_ms() - t0);
-        if ((rc = msg_send_link(n->link, &ack, n->timeout_ms, err, sizeof err)) != 0) return rc;
-        comm_zmq_opts_t zo;
-        comm_zmq_opts_default(&zo);
-        zo.connect_timeout_ms = n->timeout_ms;
-        rc = comm_zmq_new(&n->comm, n->index, n->plan.n_nodes, eps, &zo, err, sizeof err);
-        if (rc == 0 && fault_has_link_rules(n->faults)) rc = comm_fault_wrap(&n->comm, n->faults, err, sizeof err);
+        if ((rc = msg_send(*n->ctl, 0, &ack, n->timeout_ms, err, sizeof err)) != 0) return rc;
+        rc = open_data_plane(n, err, sizeof err);
         if (rc == 0)
             rc = pipe_node_init(&n->pipe, n->comm, n->index, n->slices, n->plan.n_nodes, hp->n_layer, hp->n_embd,
                                 hp->n_vocab, n->timeout_ms, err, sizeof err);
         if (rc == 0) {
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
-                                             .tp = &n->pipe.tp, .kv_f32 = n->plan.kv_type == QT_F32};
+                                             .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,
+                                             .kv_f32 = n->plan.kv_type == QT_F32};
             rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
             n->logits_cap = (size_t)64 * (size_t)hp->n_vocab;
             n->logits = rc == 0 ? malloc(n->logits_cap * sizeof(float)) : NULL;
@@ -252,9 +297,12 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         }
         return 0;
     }
+    // The coordinator hears why: the ack's status, then an ERROR whose text names the file and cause.
     vlog(n, "load failed:", err);
     ack.load_shard_ack.status = rc;
-    msg_send_link(n->link, &ack, n->timeout_ms, err, sizeof err);
+    char e2[128];
+    msg_send(*n->ctl, 0, &ack, n->timeout_ms, e2, sizeof e2);
+    send_error(n, rc, err, 0);
     end_plan(n);
     return 0;
 }
@@ -303,7 +351,7 @@ static int on_step(node_t *n, const msg_step_t *st) {
     m.result.compute_ns = (uint64_t)((n->pipe.busy_ms - b0) * 1e6);
     m.result.comm_ns = (uint64_t)((n->pipe.wait_ms + n->pipe.gather_ms - w0) * 1e6);
     char err[256];
-    return msg_send_link(n->link, &m, n->timeout_ms, err, sizeof err);
+    return msg_send(*n->ctl, 0, &m, n->timeout_ms, err, sizeof err);
 }
 
 // --- public API
@@ -316,10 +364,11 @@ int node_cache_path(const char *dir, const uint8_t sha256[32], const shard_slice
     return k > 0 && (size_t)k < cap ? 0 : MLM_ERANGE;
 }
 
-int node_serve(const node_opts_t *o, char *err, size_t errlen) {
+int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen) {
     node_t n;
     memset(&n, 0, sizeof n);
     n.o = o;
+    n.ctl = ctl;
     n.timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 30000;
     if (o->node_id) snprintf(n.node_id, sizeof n.node_id, "%s", o->node_id);
     else snprintf(n.node_id, sizeof n.node_id, "worker-%ld", (long)getpid());
@@ -328,30 +377,31 @@ int node_serve(const node_opts_t *o, char *err, size_t errlen) {
     else snprintf(n.cache_dir, sizeof n.cache_dir, "%s/.cache/meshlm", getenv("HOME") ? getenv("HOME") : "/tmp");
     if (o->model_path) {
         struct stat stt;
-        if (stat(o->model_path, &stt) != 0) {
-            snprintf(err, errlen, "%s: %s", o->model_path, strerror(errno));
-            return MLM_EIO;
-        }
+        if (stat(o->model_path, &stt) != 0)
+            return mlm_fail(err, errlen, MLM_EIO, "%s: %s", o->model_path, strerror(errno));
         n.model_size = (uint64_t)stt.st_size;
-        int rc = sha256_file(o->model_path, n.sha, err, errlen);
+        // The same file as the coordinator's (MPI ranks): it stands for the plan's model unhashed.
+        int rc = o->same_file ? 0 : sha256_file(o->model_path, n.sha, err, errlen);
         if (rc != 0) return rc;
         n.have_sha = true;
     }
-    int rc = link_listen(&n.link, o->listen, err, errlen);
-    if (rc != 0) return rc;
     if (!o->no_profile && profile_node(&n.prof, o->n_threads, o->model_path, 300) == 0 && o->verbose) {
         fprintf(stderr, "[%s] profile: %.1f GB/s memory, %.1f GFLOP/s Q4_0, %.1f GFLOP/s Q8_0, disk %.0f MB/s\n",
                 n.node_id, n.prof.mem_bw / 1e9, profile_gflops(&n.prof, QT_Q4_0), profile_gflops(&n.prof, QT_Q8_0),
                 n.prof.disk_bw / 1e6);
     }
-    vlog(&n, "listening on", o->listen);
+    int rc = 0;
     bool stop = false;
     while (!stop) {
         msg_t m;
         comm_msg_t raw;
         char e2[512];
-        rc = msg_recv_link(n.link, &m, &raw, 1000, e2, sizeof e2);
+        rc = msg_recv(*n.ctl, 0, &m, &raw, NULL, 1000, e2, sizeof e2);
         if (rc == MLM_ETIMEOUT) continue;
+        if (rc == MLM_EPEER && o->exit_on_peer_loss) { // the coordinator of a fixed world (MPI, in-process) is gone
+            mlm_fail(err, errlen, rc, "the coordinator is gone");
+            break;
+        }
         if (rc != 0) { // malformed message: say so, keep serving
             vlog(&n, "bad message:", e2);
             send_error(&n, rc, e2, 0);
@@ -378,13 +428,23 @@ int node_serve(const node_opts_t *o, char *err, size_t errlen) {
         msg_clear(&m);
         comm_msg_free(&raw);
         if (rc == MLM_ENOMEM) {
-            snprintf(err, errlen, "out of memory");
+            mlm_fail(err, errlen, rc, "out of memory");
             break;
         }
         rc = 0;
     }
     end_plan(&n);
-    link_destroy(&n.link);
+    plain_ctl(&n);
     fault_free(&n.faults);
+    return rc;
+}
+
+int node_serve(const node_opts_t *o, char *err, size_t errlen) {
+    comm_t *ctl = NULL;
+    int rc = comm_link_listen(&ctl, o->listen, NULL, err, errlen);
+    if (rc != 0) return rc;
+    if (o->verbose) fprintf(stderr, "[%s] listening on %s\n", o->node_id ? o->node_id : "worker", o->listen);
+    rc = node_run(o, &ctl, err, errlen);
+    comm_destroy(&ctl);
     return rc;
 }

@@ -1,4 +1,5 @@
-// The worker process: answers a coordinator, loads its shard, computes its part of every step.
+// The node executor: answers a coordinator, loads its shard, computes its part of every step. ZeroMQ
+// workers, MPI ranks and in-process test nodes run this same state machine over the same messages.
 #ifndef MESHLM_NODE_H
 #define MESHLM_NODE_H
 
@@ -7,6 +8,7 @@
 #include <stdint.h>
 
 #include "parallel/shard.h"
+#include "transport/comm.h"
 
 typedef struct {
     const char *listen;      // control endpoint (tcp://HOST:PORT or ipc:///path); data plane is next to it
@@ -18,6 +20,10 @@ typedef struct {
     int timeout_ms;          // deadline of each collective and control exchange (0 = 30000)
     bool verbose;            // log each message on stderr
     bool no_profile;         // skip measuring the machine at start (the planner then assumes equal speed)
+    bool same_file;          // model_path is the coordinator's own file (MPI ranks): used without hashing
+    comm_t *data;            // a ready data plane whose ranks are the plan's nodes in order (MPI, in-process;
+                             // borrowed), or NULL: a ZeroMQ data plane is made for each plan from its endpoints
+    bool exit_on_peer_loss;  // return when the control channel reports the coordinator lost (MPI, in-process)
 } node_opts_t;
 
 // A SLICE_DATA message naming this tensor is a bandwidth probe: the worker answers it, like a
@@ -27,8 +33,13 @@ typedef struct {
 // Sequences a worker keeps in flight at once (STEP seq_id 0..NODE_MAX_SEQS-1), each with its own KV cache.
 #define NODE_MAX_SEQS 16
 
-// Serves plans one after another until a SHUTDOWN with reason "exit" (returns 0) or a fatal error
-// (negative MLM_ code, message in err). A lost coordinator or peer ends the current plan only.
+// Serves plans from the coordinator at peer 0 of the control channel *ctl (borrowed; when the HELLO
+// asks for emulated links they are switched on in it) one after another until a SHUTDOWN with reason
+// "exit" (returns 0) or a fatal error (negative MLM_ code, message in err). A lost peer ends the
+// current plan only; a lost coordinator ends the loop only with exit_on_peer_loss.
+int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen);
+
+// A worker process: listens on o->listen (the control link backend) and runs node_run on it.
 int node_serve(const node_opts_t *o, char *err, size_t errlen);
 
 // Cache file name for a model hash and a slice (under dir).

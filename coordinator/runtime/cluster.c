@@ -133,26 +133,42 @@ static void coordinator_endpoint(const cluster_t *c, char *out, size_t cap) {
     }
 }
 
+// Counts a worker's step report (a RESULT without a tensor) into the statistics.
+static void count_report(cluster_t *c, int wi, const msg_result_t *r) {
+    c->w[wi].reports++;
+    c->stats.reports++;
+    c->stats.busy_ms += (double)r->compute_ns / 1e6;
+    c->stats.wait_ms += (double)r->comm_ns / 1e6;
+}
+
+// Waits for a message of type want from worker wi; step reports of earlier steps that arrive first
+// are counted and skipped. An ERROR is returned as its code with its text.
 static int recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *raw, char *err, size_t errlen) {
-    int rc = msg_recv(c->ctl, c->w[wi].peer, m, raw, NULL, c->timeout_ms, err, errlen);
-    if (rc != 0) {
-        snprintf(err, errlen, "worker %s: no %s within %d ms (%s)", c->w[wi].endpoint, msg_type_name(want),
-                 c->timeout_ms, mlm_strerror(rc));
+    const int64_t dl = mlm_deadline(c->timeout_ms);
+    for (;;) {
+        int rc = msg_recv(c->ctl, c->w[wi].peer, m, raw, NULL, mlm_left_ms(dl), err, errlen);
+        if (rc != 0)
+            return mlm_fail(err, errlen, rc, "worker %s: no %s within %d ms (%s)", c->w[wi].endpoint,
+                            msg_type_name(want), c->timeout_ms, mlm_strerror(rc));
+        if (m->type == MSG_RESULT && m->result.kind == MSG_RESULT_NONE && want != MSG_RESULT) {
+            count_report(c, wi, &m->result);
+            msg_clear(m);
+            comm_msg_free(raw);
+            continue;
+        }
+        if (m->type == MSG_ERROR) {
+            rc = mlm_fail(err, errlen, m->error.code < 0 ? m->error.code : MLM_EPROTO, "worker %s: %s",
+                          c->w[wi].endpoint, m->error.text);
+        } else if (m->type != want) {
+            rc = mlm_fail(err, errlen, MLM_EPROTO, "worker %s: expected %s, got %s", c->w[wi].endpoint,
+                          msg_type_name(want), msg_type_name(m->type));
+        }
+        if (rc != 0) {
+            msg_clear(m);
+            comm_msg_free(raw);
+        }
         return rc;
     }
-    if (m->type == MSG_ERROR) {
-        snprintf(err, errlen, "worker %s: %s", c->w[wi].endpoint, m->error.text);
-        rc = m->error.code < 0 ? m->error.code : MLM_EPROTO;
-    } else if (m->type != want) {
-        snprintf(err, errlen, "worker %s: expected %s, got %s", c->w[wi].endpoint, msg_type_name(want),
-                 msg_type_name(m->type));
-        rc = MLM_EPROTO;
-    }
-    if (rc != 0) {
-        msg_clear(m);
-        comm_msg_free(raw);
-    }
-    return rc;
 }
 
 static int say_hello(cluster_t *c, char *err, size_t errlen) {
@@ -713,10 +729,7 @@ static int drain_reports(cluster_t *c, int wi, int timeout_ms) {
         if (msg_recv(c->ctl, c->w[wi].peer, &m, &raw, NULL, timeout_ms, err, sizeof err) != 0) break;
         timeout_ms = 0;
         if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) {
-            c->w[wi].reports++;
-            c->stats.reports++;
-            c->stats.busy_ms += (double)m.result.compute_ns / 1e6;
-            c->stats.wait_ms += (double)m.result.comm_ns / 1e6;
+            count_report(c, wi, &m.result);
         } else if (m.type == MSG_ERROR) {
             snprintf(c->errbuf, sizeof c->errbuf, "%.400s", m.error.text);
             rc = m.error.code < 0 ? m.error.code : MLM_EPROTO;
@@ -753,7 +766,8 @@ static int seq_ctx(cluster_t *c, int seq, model_ctx_t **out) {
     if (!c->computes) return 0;
     if (!c->ctx[seq]) {
         char err[256];
-        model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_threads = c->o.n_threads, .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp};
+        model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_batch = c->o.n_batch, .n_threads = c->o.n_threads,
+                               .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp};
         int rc = model_ctx_new(&c->ctx[seq], c->model, &co, err, sizeof err);
         if (rc != 0) {
             snprintf(c->errbuf, sizeof c->errbuf, "sequence %d: %s", seq, err);

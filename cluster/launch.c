@@ -2,6 +2,7 @@
 #include "cluster/launch.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -12,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/clock.h"
 #include "core/err.h"
 
 // --- helpers
@@ -70,21 +72,20 @@ static int free_port_pairs(int n, int *base) {
 
 int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t errlen) {
     memset(l, 0, sizeof *l);
-    if (n < 1 || n > LAUNCH_MAX) {
-        snprintf(err, errlen, "--local takes 1..%d workers", LAUNCH_MAX);
-        return MLM_EINVAL;
-    }
-    snprintf(l->dir, sizeof l->dir, "%s/meshlm-run-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    if (n < 1 || n > LAUNCH_MAX) return mlm_fail(err, errlen, MLM_EINVAL, "--local takes 1..%d workers", LAUNCH_MAX);
+    const char *tmp = getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    snprintf(l->dir, sizeof l->dir, "%s/meshlm-run-XXXXXX", tmp);
     if (!mkdtemp(l->dir)) {
-        snprintf(err, errlen, "cannot create a run directory under /tmp");
-        return MLM_EIO;
+        const int e = errno;
+        l->dir[0] = 0; // nothing for launch_reap to remove
+        return mlm_fail(err, errlen, MLM_EIO, "%s/meshlm-run-XXXXXX: cannot create the run directory: %s", tmp,
+                        strerror(e));
     }
     const char *exe = o->exe ? o->exe : "/proc/self/exe";
     int ports[LAUNCH_MAX];
     if (o->tcp && free_port_pairs(n, ports) != 0) {
-        snprintf(err, errlen, "no free loopback ports");
         launch_reap(l, 0);
-        return MLM_EIO;
+        return mlm_fail(err, errlen, MLM_EIO, "no free pairs of loopback ports for %d workers", n);
     }
     for (int i = 0; i < n; i++) {
         if (o->tcp) {
@@ -118,9 +119,9 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
         argv[a] = NULL;
         pid_t pid = fork();
         if (pid < 0) {
-            snprintf(err, errlen, "cannot start worker %d", i);
+            const int e = errno;
             launch_reap(l, 0);
-            return MLM_EIO;
+            return mlm_fail(err, errlen, MLM_EIO, "cannot start worker %d (%s): %s", i, exe, strerror(e));
         }
         if (pid == 0) {
             execv(exe, (char *const *)argv);
@@ -132,17 +133,13 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
 }
 
 void launch_reap(launch_t *l, int timeout_ms) {
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    const int64_t dl = mlm_deadline(timeout_ms > 0 ? timeout_ms : 0);
     for (int i = 0; i < l->n; i++) {
         if (l->pid[i] <= 0) continue;
         for (;;) {
             pid_t r = waitpid(l->pid[i], NULL, WNOHANG);
             if (r == l->pid[i] || r < 0) break;
-            struct timespec t;
-            clock_gettime(CLOCK_MONOTONIC, &t);
-            long el = (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
-            if (el >= timeout_ms) {
+            if (mlm_passed(dl)) {
                 kill(l->pid[i], SIGKILL);
                 waitpid(l->pid[i], NULL, 0);
                 break;
@@ -151,10 +148,7 @@ void launch_reap(launch_t *l, int timeout_ms) {
         }
         l->pid[i] = 0;
     }
-    if (l->dir[0]) {
-        char cmd[300];
-        snprintf(cmd, sizeof cmd, "%s", l->dir);
-        // Remove the ipc socket files, then the directory.
+    if (l->dir[0]) { // the ipc socket files, then the directory
         for (int i = 0; i < l->n; i++) {
             char p[400];
             snprintf(p, sizeof p, "%s/w%d", l->dir, i);
@@ -162,6 +156,6 @@ void launch_reap(launch_t *l, int timeout_ms) {
             snprintf(p, sizeof p, "%s/w%d.data", l->dir, i);
             unlink(p);
         }
-        rmdir(cmd);
+        rmdir(l->dir);
     }
 }

@@ -27,10 +27,8 @@ static int parse_link(const char *s, plan_node_t *nd) {
 // --- public API
 
 int plan_tp(const gguf_t *g, const plan_node_t *nodes, int n, int n_ctx, plan_t *out, char *err, size_t errlen) {
-    if (n < 1 || n > PLAN_MAX_NODES) {
-        snprintf(err, errlen, "node count %d is outside 1..%d", n, PLAN_MAX_NODES);
-        return MLM_EINVAL;
-    }
+    if (n < 1 || n > PLAN_MAX_NODES)
+        return mlm_fail(err, errlen, MLM_EINVAL, "node count %d is outside 1..%d", n, PLAN_MAX_NODES);
     plan_model_t *pm = malloc(sizeof *pm);
     if (!pm) return MLM_ENOMEM;
     int rc = plan_model_from_gguf(g, pm, err, errlen);
@@ -83,17 +81,12 @@ int plan_parse_size(const char *s, uint64_t *out) {
 }
 
 int plan_parse_nodes(const char *spec, plan_node_t *nodes, int max, char *err, size_t errlen) {
-    if (!spec || !*spec) {
-        snprintf(err, errlen, "empty node list");
-        return MLM_EINVAL;
-    }
+    if (!spec || !*spec) return mlm_fail(err, errlen, MLM_EINVAL, "empty node list");
     char *end;
     long count = strtol(spec, &end, 10);
     if (*end == 0) { // "N": N equal nodes
-        if (count < 1 || count > max) {
-            snprintf(err, errlen, "node count %ld is outside 1..%d", count, max);
-            return MLM_EINVAL;
-        }
+        if (count < 1 || count > max)
+            return mlm_fail(err, errlen, MLM_EINVAL, "node count %ld is outside 1..%d", count, max);
         for (int i = 0; i < count; i++) {
             memset(&nodes[i], 0, sizeof nodes[i]);
             snprintf(nodes[i].name, sizeof nodes[i].name, "node-%d", i);
@@ -104,16 +97,10 @@ int plan_parse_nodes(const char *spec, plan_node_t *nodes, int max, char *err, s
     int n = 0;
     const char *p = spec;
     while (*p) {
-        if (n == max) {
-            snprintf(err, errlen, "more than %d nodes", max);
-            return MLM_ERANGE;
-        }
+        if (n == max) return mlm_fail(err, errlen, MLM_ERANGE, "more than %d nodes", max);
         char item[128];
         size_t len = strcspn(p, ",");
-        if (len == 0 || len >= sizeof item) {
-            snprintf(err, errlen, "bad node item in '%s'", spec);
-            return MLM_EINVAL;
-        }
+        if (len == 0 || len >= sizeof item) return mlm_fail(err, errlen, MLM_EINVAL, "bad node item in '%s'", spec);
         memcpy(item, p, len);
         item[len] = 0;
         p += len + (p[len] == ',');
@@ -123,22 +110,16 @@ int plan_parse_nodes(const char *spec, plan_node_t *nodes, int max, char *err, s
         char *at = strchr(item, '@');
         if (at) {
             *at = 0;
-            if (parse_link(at + 1, nd) != 0) {
-                snprintf(err, errlen, "bad link '%s' (want LAT_MS/MBIT, e.g. 1/1000)", at + 1);
-                return MLM_EINVAL;
-            }
+            if (parse_link(at + 1, nd) != 0)
+                return mlm_fail(err, errlen, MLM_EINVAL, "bad link '%s' (want LAT_MS/MBIT, e.g. 1/1000)", at + 1);
         }
         char *colon = strchr(item, ':');
         if (colon) *colon = 0;
         nd->speed = strtod(item, &end);
-        if (end == item || *end || !(nd->speed > 0)) {
-            snprintf(err, errlen, "bad speed '%s' (want a positive number)", item);
-            return MLM_EINVAL;
-        }
-        if (colon && plan_parse_size(colon + 1, &nd->mem_budget) != 0) {
-            snprintf(err, errlen, "bad memory budget '%s' (want e.g. 512M or 2G)", colon + 1);
-            return MLM_EINVAL;
-        }
+        if (end == item || *end || !(nd->speed > 0))
+            return mlm_fail(err, errlen, MLM_EINVAL, "bad speed '%s' (want a positive number)", item);
+        if (colon && plan_parse_size(colon + 1, &nd->mem_budget) != 0)
+            return mlm_fail(err, errlen, MLM_EINVAL, "bad memory budget '%s' (want e.g. 512M or 2G)", colon + 1);
         n++;
     }
     return n;

@@ -252,4 +252,13 @@ void plan_explain(FILE *f, const plan_model_t *pm, const plan_t *best, const pla
 // Writes the chosen plan and the alternatives as one JSON object.
 void plan_write_json(FILE *f, const plan_model_t *pm, const plan_t *best, const plan_t *alts, int n_alts);
 
+// Prints a few lines: layout, predicted speed, then per stage its layers and which node holds what
+// (heads and weight bytes when the stage is a tensor-parallel group).
+void plan_print_brief(const plan_t *p, FILE *f);
+
+// The offered nodes from index `first` on (1 skips a computing coordinator at node 0) that no shard
+// names: returns how many, and when there are any writes one line into buf (cap bytes), "the plan
+// uses U of N <noun>: NAME left out: <reason>" (the reason from p->why, as --explain gives it).
+int plan_left_out(const plan_t *p, int first, const char *noun, char *buf, size_t cap);
+
 #endif

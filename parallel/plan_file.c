@@ -8,6 +8,7 @@
 
 #include "parallel/plan_impl.h"
 #include "core/err.h"
+#include "core/fs.h"
 
 // --- helpers
 
@@ -125,92 +126,69 @@ int plan_file_parse(const char *text, plan_spec_t *spec, char *err, size_t errle
     const char *p = text ? text : "";
     bool too_long;
     for (int no = 1; next_line(&p, buf, sizeof buf, &too_long); no++) {
-        if (too_long) {
-            snprintf(err, errlen, "line %d: longer than %d characters", no, LINE_MAX_CHARS - 1);
-            return MLM_EFORMAT;
-        }
+        if (too_long)
+            return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: longer than %d characters", no, LINE_MAX_CHARS - 1);
         char *hash = strchr(buf, '#');
         if (hash) {
             int ver = 0;
-            if (sscanf(hash, "# meshlm plan v%d", &ver) == 1 && ver > PLAN_FILE_VERSION) {
-                snprintf(err, errlen, "line %d: plan file version %d is newer than this meshlm reads (%d)", no, ver,
-                         PLAN_FILE_VERSION);
-                return MLM_EUNSUPPORTED;
-            }
+            if (sscanf(hash, "# meshlm plan v%d", &ver) == 1 && ver > PLAN_FILE_VERSION)
+                return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
+                                "line %d: plan file version %d is newer than this meshlm reads (%d)", no, ver,
+                                PLAN_FILE_VERSION);
             *hash = 0;
         }
         char *line = trim(buf);
         if (!*line) continue;
         char *save = NULL, *tok = strtok_r(line, " \t", &save);
-        if (strcmp(tok, "stage") != 0) {
-            snprintf(err, errlen, "line %d: expected 'stage', found '%.40s'", no, tok);
-            return MLM_EFORMAT;
-        }
-        if (spec->n_stages == PLAN_MAX_NODES) {
-            snprintf(err, errlen, "line %d: more than %d stages", no, PLAN_MAX_NODES);
-            return MLM_ERANGE;
-        }
+        if (strcmp(tok, "stage") != 0)
+            return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: expected 'stage', found '%.40s'", no, tok);
+        if (spec->n_stages == PLAN_MAX_NODES)
+            return mlm_fail(err, errlen, MLM_ERANGE, "line %d: more than %d stages", no, PLAN_MAX_NODES);
         const int k = spec->n_stages;
         bool have_layers = false, have_nodes = false;
         spec->first[k] = spec->n;
         spec->line[k] = no;
         while ((tok = strtok_r(NULL, " \t", &save))) {
             char *eq = strchr(tok, '=');
-            if (!eq) {
-                snprintf(err, errlen, "line %d: expected key=value, found '%.40s'", no, tok);
-                return MLM_EFORMAT;
-            }
+            if (!eq) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: expected key=value, found '%.40s'", no, tok);
             *eq = 0;
             const char *val = eq + 1;
             if (!strcmp(tok, "layers")) {
-                if (have_layers) {
-                    snprintf(err, errlen, "line %d: layers= given twice", no);
-                    return MLM_EFORMAT;
-                }
+                if (have_layers) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: layers= given twice", no);
                 const char *dash = strchr(val, '-');
                 int a, b;
                 if (dash ? !(parse_int(val, dash, &a) && parse_int(dash + 1, dash + strlen(dash), &b))
                          : !parse_int(val, val + strlen(val), &a)) {
-                    snprintf(err, errlen, "line %d: bad layer range '%.40s' (want A-B or A, blocks counted from 0)", no,
-                             val);
-                    return MLM_EFORMAT;
+                    return mlm_fail(err, errlen, MLM_EFORMAT,
+                                    "line %d: bad layer range '%.40s' (want A-B or A, blocks counted from 0)", no, val);
                 }
                 if (!dash) b = a;
-                if (b < a) {
-                    snprintf(err, errlen, "line %d: layer range %d-%d runs backwards", no, a, b);
-                    return MLM_EFORMAT;
-                }
+                if (b < a)
+                    return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: layer range %d-%d runs backwards", no, a, b);
                 spec->l0[k] = a;
                 spec->l1[k] = b + 1;
                 have_layers = true;
             } else if (!strcmp(tok, "nodes")) {
-                if (have_nodes) {
-                    snprintf(err, errlen, "line %d: nodes= given twice", no);
-                    return MLM_EFORMAT;
-                }
+                if (have_nodes) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: nodes= given twice", no);
                 have_nodes = true;
                 const char *q = val;
                 for (;;) {
                     size_t len = strcspn(q, ",");
                     char item[64];
-                    if (len == 0 || len >= sizeof item) {
-                        snprintf(err, errlen, "line %d: bad node list '%.60s' (want e.g. 0,1:2,3)", no, val);
-                        return MLM_EFORMAT;
-                    }
+                    if (len == 0 || len >= sizeof item)
+                        return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: bad node list '%.60s' (want e.g. 0,1:2,3)",
+                                        no, val);
                     memcpy(item, q, len);
                     item[len] = 0;
-                    if (spec->n == PLAN_MAX_NODES) {
-                        snprintf(err, errlen, "line %d: more than %d nodes in all", no, PLAN_MAX_NODES);
-                        return MLM_ERANGE;
-                    }
+                    if (spec->n == PLAN_MAX_NODES)
+                        return mlm_fail(err, errlen, MLM_ERANGE, "line %d: more than %d nodes in all", no,
+                                        PLAN_MAX_NODES);
                     char *colon = strchr(item, ':');
                     int idx;
                     double wt = 0;
-                    if (!parse_int(item, colon ? colon : item + len, &idx) || (colon && !parse_pos(colon + 1, &wt))) {
-                        snprintf(err, errlen, "line %d: bad node '%s' (want INDEX or INDEX:WEIGHT, weight > 0)", no,
-                                 item);
-                        return MLM_EFORMAT;
-                    }
+                    if (!parse_int(item, colon ? colon : item + len, &idx) || (colon && !parse_pos(colon + 1, &wt)))
+                        return mlm_fail(err, errlen, MLM_EFORMAT,
+                                        "line %d: bad node '%s' (want INDEX or INDEX:WEIGHT, weight > 0)", no, item);
                     spec->node[spec->n] = idx;
                     spec->weight[spec->n] = wt;
                     spec->n++;
@@ -218,103 +196,71 @@ int plan_file_parse(const char *text, plan_spec_t *spec, char *err, size_t errle
                     q += len + 1;
                 }
             } else {
-                snprintf(err, errlen, "line %d: unknown key '%.40s' (a stage has layers= and nodes=)", no, tok);
-                return MLM_EFORMAT;
+                return mlm_fail(err, errlen, MLM_EFORMAT,
+                                "line %d: unknown key '%.40s' (a stage has layers= and nodes=)", no, tok);
             }
         }
-        if (!have_layers || !have_nodes) {
-            snprintf(err, errlen, "line %d: a stage needs %s", no, have_layers ? "nodes=" : "layers=");
-            return MLM_EFORMAT;
-        }
+        if (!have_layers || !have_nodes)
+            return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: a stage needs %s", no,
+                            have_layers ? "nodes=" : "layers=");
         spec->n_stages++;
     }
     spec->first[spec->n_stages] = spec->n;
-    if (spec->n_stages == 0) {
-        snprintf(err, errlen, "no 'stage' lines: nothing to plan");
-        return MLM_EFORMAT;
-    }
+    if (spec->n_stages == 0) return mlm_fail(err, errlen, MLM_EFORMAT, "no 'stage' lines: nothing to plan");
     return 0;
 }
 
 int plan_file_load(const char *path, plan_spec_t *spec, char *err, size_t errlen) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        return MLM_EIO;
-    }
-    char *text = malloc(FILE_MAX_BYTES + 1);
-    size_t n = text ? fread(text, 1, FILE_MAX_BYTES + 1, f) : 0;
-    const bool bad = ferror(f);
-    fclose(f);
-    if (!text) return MLM_ENOMEM;
-    if (bad || n > FILE_MAX_BYTES) {
-        snprintf(err, errlen, "%s: %s", path, bad ? "read error" : "larger than 1 MiB");
-        free(text);
-        return bad ? MLM_EIO : MLM_EFORMAT;
-    }
-    text[n] = 0;
+    char *text = NULL;
+    int rc = mlm_read_file(path, FILE_MAX_BYTES, &text, NULL, err, errlen);
+    if (rc != 0) return rc;
     char inner[512];
-    int rc = plan_file_parse(text, spec, inner, sizeof inner);
-    if (rc != 0) snprintf(err, errlen, "%s: %s", path, inner);
+    rc = plan_file_parse(text, spec, inner, sizeof inner);
+    if (rc != 0) mlm_fail(err, errlen, rc, "%s: %s", path, inner);
     free(text);
     return rc;
 }
 
 int plan_from_spec(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_spec_t *spec, int n_ctx,
                    plan_t *out, char *err, size_t errlen) {
-    if (n < 1 || n > PLAN_MAX_NODES) {
-        snprintf(err, errlen, "node count %d is outside 1..%d", n, PLAN_MAX_NODES);
-        return MLM_EINVAL;
-    }
+    if (n < 1 || n > PLAN_MAX_NODES)
+        return mlm_fail(err, errlen, MLM_EINVAL, "node count %d is outside 1..%d", n, PLAN_MAX_NODES);
     if (spec->n_stages < 1 || spec->n_stages > PLAN_MAX_NODES || spec->n > PLAN_MAX_NODES ||
-        spec->first[spec->n_stages] != spec->n) {
-        snprintf(err, errlen, "an empty or inconsistent plan spec");
-        return MLM_EINVAL;
-    }
+        spec->first[spec->n_stages] != spec->n)
+        return mlm_fail(err, errlen, MLM_EINVAL, "an empty or inconsistent plan spec");
     int stage_line[PLAN_MAX_NODES];
     for (int i = 0; i < n; i++) stage_line[i] = 0;
     int at = 0;
     for (int k = 0; k < spec->n_stages; k++) {
         const int no = spec->line[k];
-        if (spec->l0[k] != at) {
-            snprintf(err, errlen, "line %d: layers %d-%d do not start where the %s (expected %d)", no, spec->l0[k],
-                     spec->l1[k] - 1, k ? "previous stage ends" : "model does", at);
-            return MLM_EINVAL;
-        }
-        if (spec->l1[k] > pm->n_layer) {
-            snprintf(err, errlen, "line %d: layers %d-%d run past the model's %d layers (0-%d)", no, spec->l0[k],
-                     spec->l1[k] - 1, pm->n_layer, pm->n_layer - 1);
-            return MLM_EINVAL;
-        }
+        if (spec->l0[k] != at)
+            return mlm_fail(err, errlen, MLM_EINVAL, "line %d: layers %d-%d do not start where the %s (expected %d)",
+                            no, spec->l0[k], spec->l1[k] - 1, k ? "previous stage ends" : "model does", at);
+        if (spec->l1[k] > pm->n_layer)
+            return mlm_fail(err, errlen, MLM_EINVAL, "line %d: layers %d-%d run past the model's %d layers (0-%d)", no,
+                            spec->l0[k], spec->l1[k] - 1, pm->n_layer, pm->n_layer - 1);
         at = spec->l1[k];
-        if (spec->first[k + 1] <= spec->first[k]) {
-            snprintf(err, errlen, "line %d: a stage without nodes", no);
-            return MLM_EINVAL;
-        }
+        if (spec->first[k + 1] <= spec->first[k])
+            return mlm_fail(err, errlen, MLM_EINVAL, "line %d: a stage without nodes", no);
         int weighted = 0;
         for (int i = spec->first[k]; i < spec->first[k + 1]; i++) {
             const int j = spec->node[i];
-            if (j < 0 || j >= n) {
-                snprintf(err, errlen, "line %d: node %d is not offered (nodes are 0-%d)", no, j, n - 1);
-                return MLM_EINVAL;
-            }
-            if (stage_line[j]) {
-                snprintf(err, errlen, "line %d: node %d is already in the stage on line %d", no, j, stage_line[j]);
-                return MLM_EINVAL;
-            }
+            if (j < 0 || j >= n)
+                return mlm_fail(err, errlen, MLM_EINVAL, "line %d: node %d is not offered (nodes are 0-%d)", no, j,
+                                n - 1);
+            if (stage_line[j])
+                return mlm_fail(err, errlen, MLM_EINVAL, "line %d: node %d is already in the stage on line %d", no, j,
+                                stage_line[j]);
             stage_line[j] = no;
             weighted += spec->weight[i] > 0;
         }
-        if (weighted && weighted != spec->first[k + 1] - spec->first[k]) {
-            snprintf(err, errlen, "line %d: give a :weight to every node of the stage or to none", no);
-            return MLM_EINVAL;
-        }
+        if (weighted && weighted != spec->first[k + 1] - spec->first[k])
+            return mlm_fail(err, errlen, MLM_EINVAL, "line %d: give a :weight to every node of the stage or to none",
+                            no);
     }
-    if (at != pm->n_layer) {
-        snprintf(err, errlen, "line %d: the stages cover layers 0-%d but the model has 0-%d",
-                 spec->line[spec->n_stages - 1], at - 1, pm->n_layer - 1);
-        return MLM_EINVAL;
-    }
+    if (at != pm->n_layer)
+        return mlm_fail(err, errlen, MLM_EINVAL, "line %d: the stages cover layers 0-%d but the model has 0-%d",
+                        spec->line[spec->n_stages - 1], at - 1, pm->n_layer - 1);
     memset(out, 0, sizeof *out);
     out->n = spec->n;
     out->n_stages = spec->n_stages;
@@ -344,10 +290,10 @@ int plan_from_spec(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
             plan_fmt_bytes(need, sizeof need, s->peak_bytes);
             plan_fmt_bytes(bud, sizeof bud, nodes[s->node].mem_budget);
             plan_fmt_bytes(sh, sizeof sh, miss);
-            snprintf(err, errlen, "line %d: node %d (%s) needs %s for layers %d-%d%s but its budget is %s (%s short)",
-                     spec->line[k], s->node, nodes[s->node].name, need, spec->l0[k], spec->l1[k] - 1,
-                     given ? " with these weights" : "", bud, sh);
-            return MLM_EFULL;
+            return mlm_fail(err, errlen, MLM_EFULL,
+                            "line %d: node %d (%s) needs %s for layers %d-%d%s but its budget is %s (%s short)",
+                            spec->line[k], s->node, nodes[s->node].name, need, spec->l0[k], spec->l1[k] - 1,
+                            given ? " with these weights" : "", bud, sh);
         }
     }
     plan_layout_name(out);
@@ -386,34 +332,24 @@ int plan_parse_nodes_file(const char *text, plan_node_t *nodes, int max, char *e
     bool too_long;
     int n = 0;
     for (int no = 1; next_line(&p, buf, sizeof buf, &too_long); no++) {
-        if (too_long) {
-            snprintf(err, errlen, "line %d: longer than %d characters", no, LINE_MAX_CHARS - 1);
-            return MLM_EFORMAT;
-        }
+        if (too_long)
+            return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: longer than %d characters", no, LINE_MAX_CHARS - 1);
         char *hash = strchr(buf, '#');
         if (hash) *hash = 0;
         char *line = trim(buf);
         if (!*line) continue;
-        if (n == max) {
-            snprintf(err, errlen, "line %d: more than %d nodes", no, max);
-            return MLM_ERANGE;
-        }
+        if (n == max) return mlm_fail(err, errlen, MLM_ERANGE, "line %d: more than %d nodes", no, max);
         char *save = NULL, *tok = strtok_r(line, " \t", &save);
-        if (strchr(tok, '=') || strlen(tok) >= sizeof nodes[n].name) {
-            snprintf(err, errlen, "line %d: a node line starts with its name (under 64 characters), found '%.40s'", no,
-                     tok);
-            return MLM_EFORMAT;
-        }
+        if (strchr(tok, '=') || strlen(tok) >= sizeof nodes[n].name)
+            return mlm_fail(err, errlen, MLM_EFORMAT,
+                            "line %d: a node line starts with its name (under 64 characters), found '%.40s'", no, tok);
         plan_node_t *nd = &nodes[n];
         memset(nd, 0, sizeof *nd);
         snprintf(nd->name, sizeof nd->name, "%s", tok);
         nd->speed = 1.0;
         while ((tok = strtok_r(NULL, " \t", &save))) {
             char *eq = strchr(tok, '=');
-            if (!eq) {
-                snprintf(err, errlen, "line %d: expected key=value, found '%.40s'", no, tok);
-                return MLM_EFORMAT;
-            }
+            if (!eq) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: expected key=value, found '%.40s'", no, tok);
             *eq = 0;
             const char *v = eq + 1;
             double x = 0;
@@ -425,21 +361,14 @@ int plan_parse_nodes_file(const char *text, plan_node_t *nodes, int max, char *e
             else if (!strcmp(tok, "lat_ms")) ok = parse_pos(v, &x), nd->lat_us = x * 1e3;
             else if (!strcmp(tok, "lat_us")) ok = parse_pos(v, &nd->lat_us);
             else if (!strcmp(tok, "mbit")) ok = parse_pos(v, &x), nd->link_bw = x * 1e6 / 8;
-            else {
-                snprintf(err, errlen,
-                         "line %d: unknown key '%.40s' (known: speed gflops mem_bw mem lat_ms lat_us mbit)", no, tok);
-                return MLM_EFORMAT;
-            }
-            if (!ok) {
-                snprintf(err, errlen, "line %d: bad value '%.40s' for %s", no, v, tok);
-                return MLM_EFORMAT;
-            }
+            else
+                return mlm_fail(err, errlen, MLM_EFORMAT,
+                                "line %d: unknown key '%.40s' (known: speed gflops mem_bw mem lat_ms lat_us mbit)", no,
+                                tok);
+            if (!ok) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: bad value '%.40s' for %s", no, v, tok);
         }
         n++;
     }
-    if (n == 0) {
-        snprintf(err, errlen, "no nodes in the node file");
-        return MLM_EINVAL;
-    }
+    if (n == 0) return mlm_fail(err, errlen, MLM_EINVAL, "no nodes in the node file");
     return n;
 }

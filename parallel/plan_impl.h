@@ -21,6 +21,11 @@ double plan_node_link_bw(const plan_node_t *nd);  // bytes/s
 // Decode throughput in matrix elements per second: the slower of its compute and its memory.
 double plan_node_rate(const plan_model_t *pm, const plan_node_t *nd);
 
+// Water-filling: out[i] = min(cap[i], lambda * w[i]) with the out[] (n of them) summing to total.
+// Returns false (and the caps scaled to sum to total) when the caps sum to less; *bound says
+// whether any cap was reached.
+bool plan_waterfill(double total, const double *w, const double *cap, int n, double *out, bool *bound);
+
 // Splits units (in grains of `grain`, the last grain may be short) over n nodes in proportion to
 // w[i], largest remainder first (lowest index on ties); writes [lo[i], hi[i]).
 void plan_split_units(int units, int grain, const double *w, int n, int *lo, int *hi);

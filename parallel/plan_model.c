@@ -53,9 +53,7 @@ static void shard_bytes(const plan_model_t *pm, const range_sums_t *rs, plan_sha
     s->peak_bytes = s->weight_bytes + s->kv_bytes + act_bytes(pm, last);
 }
 
-// out[i] = min(cap[i], lambda * w[i]) with the out[] summing to total. Returns false (and the caps
-// scaled to sum to total) when the caps sum to less; *bound says whether any cap was reached.
-static bool waterfill(double total, const double *w, const double *cap, int n, double *out, bool *bound) {
+bool plan_waterfill(double total, const double *w, const double *cap, int n, double *out, bool *bound) {
     double sumcap = 0;
     for (int i = 0; i < n; i++) sumcap += cap[i];
     *bound = false;
@@ -284,7 +282,7 @@ int plan_fit_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int 
     double cap[PLAN_MAX_NODES], sw[PLAN_MAX_NODES];
     for (int i = 0; i < g; i++) cap[i] = 1.0;
     for (int iter = 0; iter < FIT_ITERS; iter++) {
-        bool bound, ok = waterfill(1.0, w, cap, g, sw, &bound);
+        bool bound, ok = plan_waterfill(1.0, w, cap, g, sw, &bound);
         const double *use = bound ? sw : w; // unbounded: the weights themselves (plan_tp's exact splits)
         int lo[PLAN_MAX_NODES], hi[PLAN_MAX_NODES];
         plan_split_units(pm->n_head, 1, use, g, lo, hi);
@@ -392,11 +390,9 @@ int plan_model_from_gguf(const gguf_t *g, plan_model_t *pm, char *err, size_t er
     int rc = hparams_read(g, &hpv, err, errlen);
     if (rc != 0) return rc;
     const model_hparams_t *hp = &hpv;
-    if (hp->n_layer < 1 || hp->n_layer > PLAN_MAX_LAYERS) {
-        snprintf(err, errlen, "%d blocks: the planner handles 1..%d", hp->n_layer, PLAN_MAX_LAYERS);
-        return MLM_ERANGE;
-    }
-    snprintf(pm->name, sizeof pm->name, "%s", hp->arch);
+    if (hp->n_layer < 1 || hp->n_layer > PLAN_MAX_LAYERS)
+        return mlm_fail(err, errlen, MLM_ERANGE, "%d blocks: the planner handles 1..%d", hp->n_layer, PLAN_MAX_LAYERS);
+    snprintf(pm->name, sizeof pm->name, "%.63s", hp->arch);
     pm->n_vocab = hp->n_vocab;
     pm->n_embd = hp->n_embd;
     pm->n_layer = hp->n_layer;
@@ -457,15 +453,12 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
     }
     const int type = qtype_from_name(quant ? quant : "Q4_0");
     const qtype_traits_t *tr = type >= 0 ? qtype_traits(type) : NULL;
-    if (!tr || !tr->has_kernels) {
-        snprintf(err, errlen, "unknown or unsupported weight type '%s' (e.g. Q4_0, Q8_0, Q4_K, Q6_K, F16)",
-                 quant ? quant : "");
-        return MLM_EINVAL;
-    }
-    if (ps->n_layer > PLAN_MAX_LAYERS) {
-        snprintf(err, errlen, "%d blocks: the planner handles 1..%d", ps->n_layer, PLAN_MAX_LAYERS);
-        return MLM_ERANGE;
-    }
+    if (!tr || !tr->has_kernels)
+        return mlm_fail(err, errlen, MLM_EINVAL,
+                        "unknown or unsupported weight type '%s' (e.g. Q4_0, Q8_0, Q4_K, Q6_K, F16)",
+                        quant ? quant : "");
+    if (ps->n_layer > PLAN_MAX_LAYERS)
+        return mlm_fail(err, errlen, MLM_ERANGE, "%d blocks: the planner handles 1..%d", ps->n_layer, PLAN_MAX_LAYERS);
     snprintf(pm->name, sizeof pm->name, "%s", ps->name);
     pm->n_vocab = ps->n_vocab;
     pm->n_embd = ps->n_embd;

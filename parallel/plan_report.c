@@ -1,4 +1,5 @@
 // Planner reports: the --explain comparison of the chosen plan with its alternatives, and JSON.
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -121,4 +122,53 @@ void plan_write_json(FILE *f, const plan_model_t *pm, const plan_t *best, const 
         json_plan(f, &alts[i]);
     }
     fprintf(f, "]}\n");
+}
+
+void plan_print_brief(const plan_t *p, FILE *f) {
+    fprintf(f, "plan %s: %d stage(s) on %d node(s)", p->layout[0] ? p->layout : "?", p->n_stages, p->n);
+    if (p->cost.token_ms > 0)
+        fprintf(f, ", predicted %.3g ms/token (%.0f tokens/s)", p->cost.token_ms, 1e3 / p->cost.token_ms);
+    fprintf(f, "\n");
+    for (int k = 0; k < p->n_stages; k++) {
+        const int a = p->stage_first[k], b = p->stage_first[k + 1];
+        if (b <= a) continue;
+        const int l0 = p->shard[a].s.l0, l1 = p->shard[a].s.l1;
+        if (l1 - l0 == 1) fprintf(f, "  stage %d: layer %d on", k, l0);
+        else fprintf(f, "  stage %d: layers %d-%d on", k, l0, l1 - 1);
+        for (int i = a; i < b; i++) {
+            const plan_shard_t *s = &p->shard[i];
+            char wb[32];
+            plan_fmt_bytes(wb, sizeof wb, s->weight_bytes);
+            fprintf(f, "%s %s (", i > a ? "," : "", p->node[s->node].name);
+            if (b - a > 1) fprintf(f, "heads %d-%d, ", s->s.h0, s->s.h1 - 1);
+            fprintf(f, "%s of weights)", wb);
+        }
+        fprintf(f, "\n");
+    }
+}
+
+int plan_left_out(const plan_t *p, int first, const char *noun, char *buf, size_t cap) {
+    bool used[PLAN_MAX_NODES] = {0};
+    for (int i = 0; i < p->n; i++)
+        if (p->shard[i].node >= 0 && p->shard[i].node < PLAN_MAX_NODES) used[p->shard[i].node] = true;
+    int offered = 0, n_used = 0;
+    char names[160] = "";
+    size_t at = 0;
+    for (int j = first; j < p->n_nodes && j < PLAN_MAX_NODES; j++) {
+        offered++;
+        if (used[j]) {
+            n_used++;
+        } else if (at < sizeof names) {
+            at += (size_t)snprintf(names + at, sizeof names - at, "%s%s", at ? ", " : "", p->node[j].name);
+        }
+    }
+    const int left = offered - n_used;
+    if (left > 0 && buf && cap) {
+        if (strstr(p->why, " left out"))  // the planner's line names them and says why
+            snprintf(buf, cap, "the plan uses %d of %d %s: %s", n_used, offered, noun, p->why);
+        else
+            snprintf(buf, cap, "the plan uses %d of %d %s: %s left out (%s)", n_used, offered, noun, names,
+                     p->why[0] ? p->why : "no reason given");
+    }
+    return left;
 }

@@ -47,28 +47,15 @@ typedef struct {
 
 // Integer blocks per stage, >= 1 and <= cap[k] each, summing to total, in proportion to w.
 static bool alloc_layers(int total, const double *w, const int *cap, int S, int *L) {
-    double capd[PLAN_MAX_NODES], x[PLAN_MAX_NODES], sum = 0;
+    double capd[PLAN_MAX_NODES] = {0}, x[PLAN_MAX_NODES], sum = 0;
     for (int k = 0; k < S; k++) {
         if (cap[k] < 1) return false;
         capd[k] = cap[k];
         sum += cap[k];
     }
     if (sum < total) return false;
-    // Continuous water-filling: x[k] = min(cap[k], lambda * w[k]).
-    bool fixed[PLAN_MAX_NODES] = {0};
-    for (;;) {
-        double rem = total, ws = 0;
-        for (int k = 0; k < S; k++) {
-            if (fixed[k]) rem -= capd[k];
-            else ws += w[k];
-        }
-        bool any = false;
-        for (int k = 0; k < S; k++)
-            if (!fixed[k] && (ws <= 0 || rem * w[k] / ws > capd[k])) fixed[k] = any = true;
-        if (any) continue;
-        for (int k = 0; k < S; k++) x[k] = fixed[k] ? capd[k] : rem * w[k] / ws;
-        break;
-    }
+    bool bound;
+    plan_waterfill(total, w, capd, S, x, &bound); // continuous: x[k] = min(cap[k], lambda * w[k])
     int given = 0;
     for (int k = 0; k < S; k++) {
         L[k] = (int)floor(x[k] + 1e-9);
@@ -595,19 +582,14 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
     plan_opts_t o = opts ? *opts : (plan_opts_t){0};
     if (n_alts) *n_alts = 0;
     if (o.n_ctx <= 0) o.n_ctx = 4096;
-    if (n < 1 || n > PLAN_MAX_NODES) {
-        snprintf(err, errlen, "node count %d is outside 1..%d", n, PLAN_MAX_NODES);
-        return MLM_EINVAL;
-    }
-    if (o.pp < 0 || o.tp < 0 || o.pp > pm->n_layer || (o.pp ? o.pp : 1) * (o.tp ? o.tp : 1) > n) {
-        snprintf(err, errlen, "cannot make %d stage(s) of %d node(s) from %d nodes and %d layers", o.pp ? o.pp : 1,
-                 o.tp ? o.tp : 1, n, pm->n_layer);
-        return MLM_EINVAL;
-    }
-    if (o.keep_all && ((o.tp && n % o.tp) || (o.pp && o.tp && o.pp * o.tp != n))) {
-        snprintf(err, errlen, "--keep-all uses all %d nodes, which do not make stages of %d", n, o.tp);
-        return MLM_EINVAL;
-    }
+    if (n < 1 || n > PLAN_MAX_NODES)
+        return mlm_fail(err, errlen, MLM_EINVAL, "node count %d is outside 1..%d", n, PLAN_MAX_NODES);
+    if (o.pp < 0 || o.tp < 0 || o.pp > pm->n_layer || (o.pp ? o.pp : 1) * (o.tp ? o.tp : 1) > n)
+        return mlm_fail(err, errlen, MLM_EINVAL, "cannot make %d stage(s) of %d node(s) from %d nodes and %d layers",
+                        o.pp ? o.pp : 1, o.tp ? o.tp : 1, n, pm->n_layer);
+    if (o.keep_all && ((o.tp && n % o.tp) || (o.pp && o.tp && o.pp * o.tp != n)))
+        return mlm_fail(err, errlen, MLM_EINVAL, "--keep-all uses all %d nodes, which do not make stages of %d", n,
+                        o.tp);
     search_t *s = calloc(1, sizeof *s);
     if (!s) return MLM_ENOMEM;
     s->scratch = malloc(sizeof *s->scratch);
@@ -634,8 +616,8 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
             plan_short_message(err, errlen, &s->closest, nodes, where);
             rc = MLM_EFULL;
         } else {
-            snprintf(err, errlen, "no layout matches the options (%d nodes, --pp %d, --tp %d)", n, o.pp, o.tp);
-            rc = MLM_EINVAL;
+            rc = mlm_fail(err, errlen, MLM_EINVAL, "no layout matches the options (%d nodes, --pp %d, --tp %d)", n, o.pp,
+                          o.tp);
         }
     } else {
         plan_short_t sh = {.worst_node = -1};

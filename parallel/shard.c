@@ -62,10 +62,8 @@ static int fill_tensor(void *ctx, int64_t i, void *buf, size_t nbytes, char *err
     for (int64_t p = 0; p < planes; p++) {
         const uint8_t *src = (const uint8_t *)t->data + ((size_t)p * (size_t)t->ne[1] + (size_t)r0) * rb;
         size_t len = (size_t)(r1 - r0) * rb;
-        if (at + len > nbytes) {
-            snprintf(err, errlen, "shard: tensor %s slice larger than its entry", t->name);
-            return MLM_ESTATE;
-        }
+        if (at + len > nbytes)
+            return mlm_fail(err, errlen, MLM_ESTATE, "shard: tensor %s slice larger than its entry", t->name);
         memcpy((uint8_t *)buf + at, src, len);
         at += len;
     }
@@ -141,7 +139,7 @@ int shard_file_slice(const gguf_t *g, shard_slice_t *slice, bool *is_shard) {
 int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
                      const char *path, char *err, size_t errlen) {
     gguf_writer_t *w = gguf_writer_new();
-    if (!w) return MLM_ENOMEM;
+    if (!w) return mlm_fail(err, errlen, MLM_ENOMEM, "%s: out of memory", path);
     int rc = gguf_writer_copy_kv(w, src, "");
     if (rc > 0) rc = 0; // the number of keys copied
     for (int i = 0; rc == 0 && i < N_KEYS; i++) {
@@ -169,7 +167,7 @@ int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim
         else src_index[idx] = i;
     }
     if (rc != 0) {
-        snprintf(err, errlen, "shard: cannot describe the shard file: %s", mlm_strerror(rc));
+        mlm_fail(err, errlen, rc, "%s: cannot describe the shard file: %s", path, mlm_strerror(rc));
     } else {
         fill_ctx_t fc = {src, slice, head_dim, src_index};
         rc = gguf_writer_write_file(w, path, fill_tensor, &fc, err, errlen);

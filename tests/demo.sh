@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One generation with no download: a shared model when present, else a model written by gen-model.
+# The first thing to run: one generation on a small cluster of two local worker processes, each holding
+# one pipeline stage of the model, with no download (a shared model when present, else gen-model writes one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared="${MESHLM_SHARED:-$(cd .. && pwd)/shared}"
@@ -8,4 +9,5 @@ if [ ! -f "$model" ]; then
   model=build/demo-tiny.gguf
   [ -f "$model" ] || build/meshlm gen-model "$model" --preset tiny --quant Q8_0 --seed 1
 fi
-exec build/meshlm run -m "$model" -p "Once upon a time" -n 64 --seed 1 "$@"
+echo "meshlm demo: $(basename "$model") split over 2 worker processes on this machine (--local 2 --pp 2)" >&2
+exec build/meshlm run -m "$model" -p "Once upon a time" -n 64 --seed 1 --local 2 --pp 2 --keep-all --show-plan "$@"

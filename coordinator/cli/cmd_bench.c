@@ -154,11 +154,6 @@ static int run_test_par(cluster_t *cl, int n_vocab, int n, int reps, int par, be
     return rc;
 }
 
-static int ctx_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) { return model_eval(ctx, t, n, logits, all); }
-static void ctx_reset(void *ctx) { model_ctx_reset(ctx); }
-static int cl_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) { return cluster_eval(ctx, t, n, logits, all); }
-static void cl_reset(void *ctx) { cluster_reset(ctx); }
-
 static void fmt_size(char *buf, size_t cap, double bytes) {
     if (bytes >= 1024.0 * 1024 * 1024) snprintf(buf, cap, "%.2f GiB", bytes / (1024.0 * 1024 * 1024));
     else snprintf(buf, cap, "%.2f MiB", bytes / (1024.0 * 1024));
@@ -302,7 +297,7 @@ int cmd_bench(int argc, char **argv) {
                     code = 1;
                     continue;
                 }
-                eng = (gen_engine_t){c, hp->n_vocab, ctx_eval, ctx_reset};
+                eng = gen_engine_model(c, hp->n_vocab);
             } else {
                 const char *eps[LAUNCH_MAX];
                 int nw = 0;
@@ -336,7 +331,10 @@ int cmd_bench(int argc, char **argv) {
                     code = 1;
                     continue;
                 }
-                eng = (gen_engine_t){cl, hp->n_vocab, cl_eval, cl_reset};
+                eng = gen_engine_cluster(cl, hp->n_vocab);
+                char line[512];
+                if (plan_left_out(cluster_plan(cl), a.coord_shard ? 1 : 0, "workers", line, sizeof line) > 0)
+                    fprintf(stderr, "meshlm: %s\n", line);
                 snprintf(backend, sizeof backend, "%d x %s", cluster_plan(cl)->n, a.local_tcp || a.workers ? "tcp" : "ipc");
             }
             int nthr = a.threads[ti] ? a.threads[ti] : (int)sysconf(_SC_NPROCESSORS_ONLN);

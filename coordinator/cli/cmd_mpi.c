@@ -20,6 +20,7 @@
 #include "transport/comm_mpi.h"
 #include "transport/gatherv.h"
 #include "worker/format/hparams.h"
+#include "worker/model/model.h"
 #include "worker/node/node.h"
 #include "worker/text/tokenizer.h"
 
@@ -343,7 +344,7 @@ static int lead(comm_t *ctl, comm_t *data, mpi_args_t *a) {
         goto out;
     }
     if (a->verbose) plan_print(cluster_plan(cl), g, stderr);
-    gen_engine_t eng = cluster_engine(cl);
+    gen_engine_t eng = gen_engine_cluster(cl, model_hparams(cluster_model(cl))->n_vocab);
     a->g.gen.n_predict = a->g.n_predict;
     a->g.gen.stream = a->g.json ? NULL : stdout;
     a->g.gen.logits_out = lf;

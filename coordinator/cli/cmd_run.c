@@ -1,5 +1,5 @@
 // meshlm run: load a GGUF model on this machine, tokenize a prompt, and stream a generation.
-#include <cjson/cJSON.h>
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +29,7 @@ typedef struct {
     int timeout_ms;           // --timeout
     const char *data_endpoint; // --data-endpoint
     bool verbose;             // --verbose
+    bool show_plan;           // --show-plan
     layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all
 } run_args_t;
 
@@ -47,12 +48,13 @@ static void run_usage(FILE *f) {
             "      --timeout MS        deadline of each exchange and collective (default 30000)\n"
             "      --data-endpoint EP  the coordinator's data-plane endpoint (default: its address towards the\n"
             "                          first worker, on a free port)\n"
+            "      --show-plan         print the plan (who holds which layers) on stderr before generating\n"
             "      --verbose           cluster progress on stderr\n"
             LAYOUT_ARGS_USAGE);
 }
 
 enum { O_WORKERS = GA_NEXT, O_LOCAL, O_LOCAL_TCP, O_LOCAL_NOMODEL, O_CACHE, O_CSHARD, O_SPEEDS, O_TIMEOUT,
-       O_VERBOSE, O_DATA_EP };
+       O_VERBOSE, O_DATA_EP, O_SHOW_PLAN };
 
 static int parse_args(int argc, char **argv, run_args_t *a) {
     static const struct option opts[] = {
@@ -61,6 +63,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         {"cache-dir", required_argument, 0, O_CACHE}, {"coordinator-shard", no_argument, 0, O_CSHARD},
         {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
         {"verbose", no_argument, 0, O_VERBOSE}, {"data-endpoint", required_argument, 0, O_DATA_EP},
+        {"show-plan", no_argument, 0, O_SHOW_PLAN},
         LAYOUT_ARGS_LONGOPTS, {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     gen_args_init(&a->g);
@@ -81,6 +84,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         case O_SPEEDS: a->speeds = optarg; break;
         case O_TIMEOUT: a->timeout_ms = atoi(optarg); break;
         case O_VERBOSE: a->verbose = true; break;
+        case O_SHOW_PLAN: a->show_plan = true; break;
         case O_DATA_EP: a->data_endpoint = optarg; break;
         case 'h': run_usage(stdout); return -1;
         default: run_usage(stderr); return 1;
@@ -100,15 +104,6 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
     }
     return 0;
 }
-
-static int local_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) {
-    return model_eval(ctx, t, n, logits, all);
-}
-static void local_reset(void *ctx) { model_ctx_reset(ctx); }
-static int cluster_eval_fn(void *ctx, const int32_t *t, int n, float *logits, bool all) {
-    return cluster_eval(ctx, t, n, logits, all);
-}
-static void cluster_reset_fn(void *ctx) { cluster_reset(ctx); }
 
 // Splits "a,b,c" in place into at most max pointers; returns the count.
 static int split_list(char *s, const char **out, int max) {
@@ -199,7 +194,11 @@ static int run_main(run_args_t *ap) {
             goto out;
         }
         mm = cluster_model(cl);
+        char line[512];
+        if (plan_left_out(cluster_plan(cl), a.coord_shard ? 1 : 0, "workers", line, sizeof line) > 0)
+            fprintf(stderr, "meshlm: %s\n", line);
         if (a.verbose) plan_print(cluster_plan(cl), model_gguf(mm), stderr);
+        else if (a.show_plan) plan_print_brief(cluster_plan(cl), stderr);
     }
     if ((rc = tokenizer_from_gguf(&tok, model_gguf(mm), err, sizeof err)) != 0) {
         fprintf(stderr, "meshlm run: tokenizer: %s\n", err[0] ? err : mlm_strerror(rc));
@@ -231,17 +230,18 @@ static int run_main(run_args_t *ap) {
             fprintf(stderr, "meshlm run: %s\n", err);
             goto out;
         }
-        eng = (gen_engine_t){ctx, hp->n_vocab, local_eval, local_reset};
+        eng = gen_engine_model(ctx, hp->n_vocab);
     } else {
-        eng = (gen_engine_t){cl, hp->n_vocab, cluster_eval_fn, cluster_reset_fn};
+        eng = gen_engine_cluster(cl, hp->n_vocab);
     }
     if (a.g.logits_path && !(lf = fopen(a.g.logits_path, "wb"))) {
-        fprintf(stderr, "meshlm run: cannot create %s\n", a.g.logits_path);
+        fprintf(stderr, "meshlm run: %s: cannot create: %s\n", a.g.logits_path, strerror(errno));
         goto out;
     }
     a.g.gen.n_predict = a.g.n_predict;
     a.g.gen.stream = a.g.json ? NULL : stdout;
     a.g.gen.logits_out = lf;
+    a.g.gen.logits_path = a.g.logits_path;
     gen_result_t res;
     if ((rc = gen_run(&eng, tok, pt, np, &a.g.gen, &res, err, sizeof err)) != 0) {
         fprintf(stderr, "\nmeshlm run: %s\n", err);
@@ -250,7 +250,7 @@ static int run_main(run_args_t *ap) {
     }
     if (lf && fclose(lf) != 0) {
         lf = NULL;
-        fprintf(stderr, "meshlm run: writing %s failed\n", a.g.logits_path);
+        fprintf(stderr, "meshlm run: %s: writing failed: %s\n", a.g.logits_path, strerror(errno));
         gen_result_free(&res);
         goto out;
     }

@@ -854,16 +854,6 @@ static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *co
     return rc;
 }
 
-static int engine_eval(void *ctx, const int32_t *t, int n, float *logits, bool all) {
-    return cluster_eval(ctx, t, n, logits, all);
-}
-
-static void engine_reset(void *ctx) { cluster_reset(ctx); }
-
-gen_engine_t cluster_engine(cluster_t *c) {
-    return (gen_engine_t){c, model_hparams(c->full)->n_vocab, engine_eval, engine_reset};
-}
-
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {
     const int seq = 0;
     return eval_seqs(c, 1, &seq, &tokens, &n, &logits, all_logits);

@@ -6,7 +6,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "coordinator/runtime/generate.h"
 #include "parallel/plan.h"
 #include "transport/comm.h"
 #include "worker/model/model.h"
@@ -93,9 +92,6 @@ const cluster_stats_t *cluster_stats(const cluster_t *c);
 // One step on every node (same contract as model_eval); MLM_ESTATE before cluster_load. On a lost worker: MLM_EPEER or
 // MLM_ETIMEOUT within the deadline, and cluster_error() names the worker when it could tell.
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
-
-// The cluster as a generation engine (generate.h): cluster_eval and cluster_reset.
-gen_engine_t cluster_engine(cluster_t *c);
 
 // Several requests in flight: one token for each of n_seqs sequences (seqs: distinct ids in
 // 0..CLUSTER_MAX_SEQS-1, each with its own KV cache on every node; cluster_eval is sequence 0).

@@ -8,7 +8,7 @@
 
 #include "coordinator/runtime/sampler.h"
 
-// Whatever computes logits: a local model context today, a cluster later.
+// Whatever computes logits: a local model context or a cluster (gen_engine_model, gen_engine_cluster).
 typedef struct {
     void *ctx;                                                                  // borrowed
     int n_vocab;                                                                // logits per row
@@ -22,6 +22,7 @@ typedef struct {
     sampler_params_t sp;      // sampling
     FILE *stream;             // where text is streamed as it is generated (NULL = nowhere)
     FILE *logits_out;         // float32 rows for every prompt position and generated token, or NULL
+    const char *logits_path;  // logits_out's file name, for messages (NULL = "logits")
 } gen_opts_t;
 
 typedef struct {
@@ -35,6 +36,14 @@ typedef struct {
 } gen_result_t;
 
 struct tokenizer;
+struct model_ctx;
+struct cluster;
+
+// An engine over a single node's model context (model_eval / model_ctx_reset); ctx is borrowed.
+gen_engine_t gen_engine_model(struct model_ctx *ctx, int n_vocab);
+
+// An engine over a cluster (cluster_eval / cluster_reset, sequence 0); cl is borrowed.
+gen_engine_t gen_engine_cluster(struct cluster *cl, int n_vocab);
 
 // Runs prompt_tokens through eng and generates. Returns 0 or a negative MLM_ code (message in err).
 int gen_run(const gen_engine_t *eng, const struct tokenizer *tok, const int32_t *prompt_tokens, int n_prompt,

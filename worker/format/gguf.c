@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/bytes.h"
 #include "core/err.h"
 
 // --- types
@@ -105,24 +106,19 @@ static int fail(parser_t *ps, int code, size_t off, const char *part, const char
         name_shown(shown, sizeof shown, ps->item);
         snprintf(field, sizeof field, "%s[%lld] '%s' %s", ps->kind, (long long)ps->index, shown, part);
     }
-    snprintf(ps->err, ps->errlen, "%s: %s at offset %zu: %s", ps->file, field, off, problem);
-    return code;
-}
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
+    return mlm_fail(ps->err, ps->errlen, code, "%s: %s at offset %zu: %s", ps->file, field, off, problem);
 }
 
 // --- helpers: little-endian reads
 
+// An n-byte little-endian unsigned integer (n = 1, 2, 4 or 8).
 static uint64_t load_le(const uint8_t *p, size_t n) {
-    uint64_t v = 0;
-    for (size_t i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
-    return v;
+    switch (n) {
+    case 1: return p[0];
+    case 2: return mlm_get16(p);
+    case 4: return mlm_get32(p);
+    default: return mlm_get64(p);
+    }
 }
 
 static size_t remaining(const parser_t *ps) { return ps->size - ps->pos; }
@@ -217,16 +213,6 @@ static int64_t index_add(name_index_t *ix, const char *name, int64_t idx) {
 
 // --- helpers: values
 
-static size_t vtype_size(int t) {
-    switch (t) {
-    case GGUF_VT_UINT8: case GGUF_VT_INT8: case GGUF_VT_BOOL: return 1;
-    case GGUF_VT_UINT16: case GGUF_VT_INT16: return 2;
-    case GGUF_VT_UINT32: case GGUF_VT_INT32: case GGUF_VT_FLOAT32: return 4;
-    case GGUF_VT_UINT64: case GGUF_VT_INT64: case GGUF_VT_FLOAT64: return 8;
-    default: return 0;
-    }
-}
-
 static bool vtype_unsigned(int t) {
     return t == GGUF_VT_UINT8 || t == GGUF_VT_UINT16 || t == GGUF_VT_UINT32 || t == GGUF_VT_UINT64;
 }
@@ -237,7 +223,7 @@ static bool vtype_signed(int t) {
 
 // Decodes one fixed-size value of type t from little-endian bytes.
 static void decode_scalar(gguf_vtype_t t, const uint8_t *p, gguf_value_t *out) {
-    uint64_t raw = load_le(p, vtype_size(t));
+    uint64_t raw = load_le(p, gguf_vtype_size(t));
     out->type = t;
     switch (t) {
     case GGUF_VT_INT8: out->v.i = (int8_t)(uint8_t)raw; break;
@@ -276,7 +262,7 @@ static int parse_value(parser_t *ps, gguf_vtype_t t, gguf_value_t *out, int dept
     out->type = t;
     if (t == GGUF_VT_STRING) return read_str(ps, "value", &out->v.str.ptr, &out->v.str.len);
     if (t != GGUF_VT_ARRAY) {
-        size_t sz = vtype_size(t);
+        size_t sz = gguf_vtype_size(t);
         if (remaining(ps) < sz)
             return fail(ps, MLM_EFORMAT, at, "value", "%s needs %zu bytes but only %zu remain (file truncated?)",
                         gguf_vtype_name(t), sz, remaining(ps));
@@ -297,7 +283,7 @@ static int parse_value(parser_t *ps, gguf_vtype_t t, gguf_value_t *out, int dept
     rc = read_uint(ps, 8, "array count", &n);
     if (rc) return rc;
     out->v.arr.type = (gguf_vtype_t)et;
-    size_t esz = vtype_size((int)et);
+    size_t esz = gguf_vtype_size((int)et);
     size_t min = esz ? esz : (et == GGUF_VT_STRING ? MIN_STRING_BYTES : MIN_ARRAY_BYTES);
     if (n > remaining(ps) / min)
         return fail(ps, MLM_EFORMAT, count_at, "value",
@@ -575,8 +561,7 @@ static int open_bytes(gguf_t **out, const void *buf, size_t len, bool mapped, co
     if (!path) {
         free(g);
         if (mapped && len) munmap((void *)buf, len);
-        set_err(err, errlen, "%s: out of memory", name);
-        return MLM_ENOMEM;
+        return mlm_fail(err, errlen, MLM_ENOMEM, "%s: out of memory", name);
     }
     g->path = path;
     g->base = buf;
@@ -597,42 +582,27 @@ static int open_bytes(gguf_t **out, const void *buf, size_t len, bool mapped, co
 int gguf_open(gguf_t **out, const char *path, char *err, size_t errlen) {
     if (!out) return MLM_EINVAL;
     *out = NULL;
-    if (!path) {
-        set_err(err, errlen, "gguf_open: no path given");
-        return MLM_EINVAL;
-    }
+    if (!path) return mlm_fail(err, errlen, MLM_EINVAL, "gguf_open: no path given");
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        set_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
-        return MLM_EIO;
-    }
+    if (fd < 0) return mlm_fail(err, errlen, MLM_EIO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0) {
-        set_err(err, errlen, "%s: cannot stat: %s", path, strerror(errno));
-        close(fd);
-        return MLM_EIO;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        set_err(err, errlen, "%s: not a regular file", path);
-        close(fd);
-        return MLM_EIO;
-    }
-    if ((uint64_t)st.st_size > SIZE_MAX) {
-        set_err(err, errlen, "%s: file too large to map", path);
-        close(fd);
-        return MLM_EIO;
-    }
-    size_t len = (size_t)st.st_size;
+    int rc = 0;
     void *map = NULL;
-    if (len > 0) {
+    size_t len = 0;
+    if (fstat(fd, &st) != 0) {
+        rc = mlm_fail(err, errlen, MLM_EIO, "%s: cannot stat: %s", path, strerror(errno));
+    } else if (!S_ISREG(st.st_mode)) {
+        rc = mlm_fail(err, errlen, MLM_EIO, "%s: cannot map: %s", path,
+                      S_ISDIR(st.st_mode) ? strerror(EISDIR) : "not a regular file");
+    } else if ((uint64_t)st.st_size > SIZE_MAX) {
+        rc = mlm_fail(err, errlen, MLM_EIO, "%s: cannot map: %s", path, strerror(EFBIG));
+    } else if ((len = (size_t)st.st_size) > 0) {
         map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (map == MAP_FAILED) {
-            set_err(err, errlen, "%s: cannot map %zu bytes: %s", path, len, strerror(errno));
-            close(fd);
-            return MLM_EIO;
-        }
+        if (map == MAP_FAILED)
+            rc = mlm_fail(err, errlen, MLM_EIO, "%s: cannot map %zu bytes: %s", path, len, strerror(errno));
     }
     close(fd);
+    if (rc != 0) return rc;
     return open_bytes(out, map, len, len > 0, path, err, errlen);
 }
 
@@ -640,10 +610,7 @@ int gguf_open_mem(gguf_t **out, const void *buf, size_t len, const char *name, c
     if (!out) return MLM_EINVAL;
     *out = NULL;
     if (!name) name = "<memory>";
-    if (!buf && len) {
-        set_err(err, errlen, "%s: no buffer given", name);
-        return MLM_EINVAL;
-    }
+    if (!buf && len) return mlm_fail(err, errlen, MLM_EINVAL, "%s: no buffer given", name);
     return open_bytes(out, buf, len, false, name, err, errlen);
 }
 
@@ -758,7 +725,7 @@ int gguf_get_str(const gguf_t *g, const char *key, const char **ptr, size_t *len
 
 int gguf_arr_get(const gguf_value_t *arr, uint64_t i, gguf_value_t *out) {
     if (!arr || arr->type != GGUF_VT_ARRAY || !arr->v.arr.raw) return MLM_EFORMAT;
-    size_t esz = vtype_size(arr->v.arr.type);
+    size_t esz = gguf_vtype_size(arr->v.arr.type);
     if (!esz) return MLM_EFORMAT;
     if (i >= arr->v.arr.n) return MLM_ERANGE;
     decode_scalar(arr->v.arr.type, arr->v.arr.raw + i * esz, out);
@@ -939,6 +906,16 @@ const char *gguf_vtype_name(int type) {
         "bool", "string", "array", "uint64", "int64", "float64",
     };
     return (type >= 0 && type < GGUF_VT_COUNT) ? names[type] : "unknown";
+}
+
+size_t gguf_vtype_size(int type) {
+    switch (type) {
+    case GGUF_VT_UINT8: case GGUF_VT_INT8: case GGUF_VT_BOOL: return 1;
+    case GGUF_VT_UINT16: case GGUF_VT_INT16: return 2;
+    case GGUF_VT_UINT32: case GGUF_VT_INT32: case GGUF_VT_FLOAT32: return 4;
+    case GGUF_VT_UINT64: case GGUF_VT_INT64: case GGUF_VT_FLOAT64: return 8;
+    default: return 0;
+    }
 }
 
 // --- public API: tensors

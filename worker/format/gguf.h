@@ -117,4 +117,7 @@ int64_t gguf_tensor_nelements(const gguf_tensor_t *t);
 // Type name text of a metadata value type ("uint32", "string", ...).
 const char *gguf_vtype_name(int type);
 
+// Bytes of one value of a fixed-size metadata type (1, 2, 4 or 8); 0 for STRING, ARRAY and unknown types.
+size_t gguf_vtype_size(int type);
+
 #endif

@@ -3,12 +3,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "core/bytes.h"
 #include "core/err.h"
 
 // --- types
@@ -83,30 +83,20 @@ static void b_put(bytes_t *b, const void *src, size_t n) {
 }
 
 static void b_u32(bytes_t *b, uint32_t v) {
-    uint8_t x[4] = {(uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
+    uint8_t x[4];
+    mlm_put32(x, v);
     b_put(b, x, 4);
 }
 
 static void b_u64(bytes_t *b, uint64_t v) {
     uint8_t x[8];
-    for (int i = 0; i < 8; i++) x[i] = (uint8_t)(v >> (8 * i));
+    mlm_put64(x, v);
     b_put(b, x, 8);
 }
 
 static void b_str(bytes_t *b, const char *s, uint64_t len) {
     b_u64(b, len);
     b_put(b, s, (size_t)len);
-}
-
-// Bytes per element of a scalar value type, 0 for STRING/ARRAY/unknown.
-static size_t vt_size(int t) {
-    switch (t) {
-    case GGUF_VT_UINT8: case GGUF_VT_INT8: case GGUF_VT_BOOL: return 1;
-    case GGUF_VT_UINT16: case GGUF_VT_INT16: return 2;
-    case GGUF_VT_UINT32: case GGUF_VT_INT32: case GGUF_VT_FLOAT32: return 4;
-    case GGUF_VT_UINT64: case GGUF_VT_INT64: case GGUF_VT_FLOAT64: return 8;
-    default: return 0;
-    }
 }
 
 // Little-endian bytes of a scalar held in a reader value.
@@ -127,8 +117,8 @@ static void b_scalar(bytes_t *b, const gguf_value_t *v) {
     default: break;
     }
     uint8_t x[8];
-    for (int i = 0; i < 8; i++) x[i] = (uint8_t)(bits >> (8 * i));
-    b_put(b, x, vt_size(v->type));
+    mlm_put64(x, bits);
+    b_put(b, x, gguf_vtype_size(v->type));
 }
 
 // Serialises a value's payload (not its type id). MLM_EINVAL for a malformed value.
@@ -140,7 +130,7 @@ static int b_value(bytes_t *b, const gguf_value_t *v, int depth) {
         return 0;
     }
     if (v->type != GGUF_VT_ARRAY) {
-        if (!vt_size(v->type)) return MLM_EINVAL;
+        if (!gguf_vtype_size(v->type)) return MLM_EINVAL;
         b_scalar(b, v);
         return 0;
     }
@@ -157,7 +147,7 @@ static int b_value(bytes_t *b, const gguf_value_t *v, int depth) {
         }
         return 0;
     }
-    size_t es = vt_size(et);
+    size_t es = gguf_vtype_size(et);
     if (!es) return MLM_EINVAL;
     if (n && !v->v.arr.raw) return MLM_EINVAL;
     if (n > SIZE_MAX / es) return MLM_EINVAL;
@@ -166,16 +156,6 @@ static int b_value(bytes_t *b, const gguf_value_t *v, int depth) {
 }
 
 // --- helpers: errors
-
-static int fail(char *err, size_t errlen, int code, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 static int errno_code(int e) {
     return (e == ENOSPC || e == EDQUOT || e == EFBIG) ? MLM_EFULL : MLM_EIO;
@@ -265,7 +245,7 @@ static int write_all(gguf_writer_t *w, const void *p, size_t n, char *err, size_
         if (k <= 0) {
             int e = k < 0 ? errno : ENOSPC;
             int code = errno_code(e);
-            fail(err, errlen, code, "%s: write failed: %s", w->path, strerror(e));
+            mlm_fail(err, errlen, code, "%s: write failed: %s", w->path, strerror(e));
             abandon(w);
             return code;
         }
@@ -391,7 +371,7 @@ int gguf_writer_set_str(gguf_writer_t *w, const char *key, const char *s) {
 }
 
 int gguf_writer_set_arr(gguf_writer_t *w, const char *key, gguf_vtype_t et, const void *data, uint64_t n) {
-    if (!vt_size(et) || (n && !data)) return MLM_EINVAL;
+    if (!gguf_vtype_size(et) || (n && !data)) return MLM_EINVAL;
     gguf_value_t v = {.type = GGUF_VT_ARRAY};
     v.v.arr.type = et;
     v.v.arr.n = n;
@@ -496,15 +476,15 @@ const char *gguf_writer_next_tensor(const gguf_writer_t *w) {
 // --- public API: output
 
 int gguf_writer_open(gguf_writer_t *w, const char *path, char *err, size_t errlen) {
-    if (!w || !path || !path[0]) return fail(err, errlen, MLM_EINVAL, "gguf_writer_open: no path");
-    if (w->state != GW_COLLECT) return fail(err, errlen, MLM_ESTATE, "%s: writer already used", path);
+    if (!w || !path || !path[0]) return mlm_fail(err, errlen, MLM_EINVAL, "gguf_writer_open: no path");
+    if (w->state != GW_COLLECT) return mlm_fail(err, errlen, MLM_ESTATE, "%s: writer already used", path);
     free(w->path);
     free(w->tmp);
     w->path = strdup(path);
     size_t tl = strlen(path) + 32;
     w->tmp = malloc(tl);
     if (!w->buf) w->buf = malloc(GW_BUF_CAP);
-    if (!w->path || !w->tmp || !w->buf) return fail(err, errlen, MLM_ENOMEM, "%s: out of memory", path);
+    if (!w->path || !w->tmp || !w->buf) return mlm_fail(err, errlen, MLM_ENOMEM, "%s: out of memory", path);
     snprintf(w->tmp, tl, "%s.tmp%ld", path, (long)getpid());
 
     // offsets
@@ -519,7 +499,8 @@ int gguf_writer_open(gguf_writer_t *w, const char *path, char *err, size_t errle
     if (w->fd < 0) {
         int e = errno;
         w->state = GW_FAILED;
-        return fail(err, errlen, errno_code(e), "%s: cannot create: %s", w->tmp, strerror(e));
+        return mlm_fail(err, errlen, errno_code(e), "%s: cannot create its temporary %s: %s", path, w->tmp,
+                        strerror(e));
     }
     w->state = GW_OPEN;
     w->written = 0;
@@ -535,7 +516,7 @@ int gguf_writer_open(gguf_writer_t *w, const char *path, char *err, size_t errle
     if (h.oom) {
         free(h.p);
         abandon(w);
-        return fail(err, errlen, MLM_ENOMEM, "%s: out of memory", path);
+        return mlm_fail(err, errlen, MLM_ENOMEM, "%s: out of memory", path);
     }
     int rc = emit(w, h.p, h.len, err, errlen);
     free(h.p);
@@ -551,7 +532,7 @@ int gguf_writer_open(gguf_writer_t *w, const char *path, char *err, size_t errle
         if (ti.oom) {
             free(ti.p);
             abandon(w);
-            return fail(err, errlen, MLM_ENOMEM, "%s: out of memory", path);
+            return mlm_fail(err, errlen, MLM_ENOMEM, "%s: out of memory", path);
         }
         rc = emit(w, ti.p, ti.len, err, errlen);
         free(ti.p);
@@ -562,12 +543,12 @@ int gguf_writer_open(gguf_writer_t *w, const char *path, char *err, size_t errle
 }
 
 int gguf_writer_write_data(gguf_writer_t *w, const void *data, size_t n, char *err, size_t errlen) {
-    if (!w || (n && !data)) return fail(err, errlen, MLM_EINVAL, "gguf_writer_write_data: bad argument");
-    if (w->state != GW_OPEN) return fail(err, errlen, MLM_ESTATE, "gguf_writer_write_data: file not open");
+    if (!w || (n && !data)) return mlm_fail(err, errlen, MLM_EINVAL, "gguf_writer_write_data: bad argument");
+    if (w->state != GW_OPEN) return mlm_fail(err, errlen, MLM_ESTATE, "gguf_writer_write_data: file not open");
     const uint8_t *p = data;
     while (n) {
         if (w->cur >= w->n_t)
-            return fail(err, errlen, MLM_ERANGE, "%s: %zu bytes of tensor data past the last tensor",
+            return mlm_fail(err, errlen, MLM_ERANGE, "%s: %zu bytes of tensor data past the last tensor",
                         w->path, n);
         size_t room = w->t[w->cur].nbytes - w->cur_done;
         size_t k = n < room ? n : room;
@@ -584,9 +565,9 @@ int gguf_writer_write_data(gguf_writer_t *w, const void *data, size_t n, char *e
 
 int gguf_writer_finish(gguf_writer_t *w, char *err, size_t errlen) {
     if (!w) return MLM_EINVAL;
-    if (w->state != GW_OPEN) return fail(err, errlen, MLM_ESTATE, "gguf_writer_finish: file not open");
+    if (w->state != GW_OPEN) return mlm_fail(err, errlen, MLM_ESTATE, "gguf_writer_finish: file not open");
     if (w->cur < w->n_t) {
-        int rc = fail(err, errlen, MLM_ESTATE, "%s: tensor data incomplete: '%s' has %zu of %zu bytes",
+        int rc = mlm_fail(err, errlen, MLM_ESTATE, "%s: tensor data incomplete: '%s' has %zu of %zu bytes",
                       w->path, w->t[w->cur].name, w->cur_done, w->t[w->cur].nbytes);
         abandon(w);
         return rc;
@@ -597,13 +578,15 @@ int gguf_writer_finish(gguf_writer_t *w, char *err, size_t errlen) {
     w->fd = -1;
     if (close(fd) != 0) {
         int e = errno;
-        rc = fail(err, errlen, errno_code(e), "%s: close failed: %s", w->tmp, strerror(e));
+        rc = mlm_fail(err, errlen, errno_code(e), "%s: close of its temporary %s failed: %s", w->path, w->tmp,
+                      strerror(e));
         abandon(w);
         return rc;
     }
     if (rename(w->tmp, w->path) != 0) {
         int e = errno;
-        rc = fail(err, errlen, MLM_EIO, "%s: cannot rename to %s: %s", w->tmp, w->path, strerror(e));
+        rc = mlm_fail(err, errlen, MLM_EIO, "%s: cannot rename its temporary %s to it: %s", w->path, w->tmp,
+                      strerror(e));
         abandon(w);
         return rc;
     }
@@ -613,7 +596,7 @@ int gguf_writer_finish(gguf_writer_t *w, char *err, size_t errlen) {
 
 int gguf_writer_write_file(gguf_writer_t *w, const char *path, gguf_writer_fill_fn fill, void *ctx,
                            char *err, size_t errlen) {
-    if (!w || !fill) return fail(err, errlen, MLM_EINVAL, "gguf_writer_write_file: bad argument");
+    if (!w || !fill) return mlm_fail(err, errlen, MLM_EINVAL, "gguf_writer_write_file: bad argument");
     int rc = gguf_writer_open(w, path, err, errlen);
     if (rc) return rc;
     for (int64_t i = 0; i < w->n_t; i++) {
@@ -624,7 +607,7 @@ int gguf_writer_write_file(gguf_writer_t *w, const char *path, gguf_writer_fill_
             w->fill_cap = w->fill_buf ? nb : 0;
             if (!w->fill_buf) {
                 abandon(w);
-                return fail(err, errlen, MLM_ENOMEM, "%s: no memory for tensor '%s' (%zu bytes)", path,
+                return mlm_fail(err, errlen, MLM_ENOMEM, "%s: no memory for tensor '%s' (%zu bytes)", path,
                             w->t[i].name, nb);
             }
         }

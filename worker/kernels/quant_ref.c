@@ -5,6 +5,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "core/bytes.h"
 #include "core/err.h"
 
 // --- types
@@ -189,10 +190,6 @@ static void dequant_q4_1(const block_q4_1 *b, float *y, int64_t nb) { // y: (nb 
     }
 }
 
-static uint32_t load_u32_le(const uint8_t *p) {
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
 // The 5-bit value of element j (0..31) of a Q5_0 / Q5_1 block.
 static int q5_value(const uint8_t *qs, uint32_t qh, int j) { // qs: (16)
     int lo = j < 16 ? (qs[j] & 0xF) : (qs[j - 16] >> 4);
@@ -202,7 +199,7 @@ static int q5_value(const uint8_t *qs, uint32_t qh, int j) { // qs: (16)
 static void dequant_q5_0(const block_q5_0 *b, float *y, int64_t nb) { // y: (nb * 32)
     for (int64_t i = 0; i < nb; i++, y += QK5_0) {
         const float d = mlm_f16_to_f32(b[i].d);
-        const uint32_t qh = load_u32_le(b[i].qh);
+        const uint32_t qh = mlm_get32(b[i].qh);
         for (int j = 0; j < QK5_0; j++) y[j] = (float)(q5_value(b[i].qs, qh, j) - 16) * d;
     }
 }
@@ -210,7 +207,7 @@ static void dequant_q5_0(const block_q5_0 *b, float *y, int64_t nb) { // y: (nb 
 static void dequant_q5_1(const block_q5_1 *b, float *y, int64_t nb) { // y: (nb * 32)
     for (int64_t i = 0; i < nb; i++, y += QK5_1) {
         const float d = mlm_f16_to_f32(b[i].d), m = mlm_f16_to_f32(b[i].m);
-        const uint32_t qh = load_u32_le(b[i].qh);
+        const uint32_t qh = mlm_get32(b[i].qh);
         for (int j = 0; j < QK5_1; j++) y[j] = (float)q5_value(b[i].qs, qh, j) * d + m;
     }
 }
@@ -331,7 +328,7 @@ static void pack_q5(const int *q, uint8_t *qs, uint8_t *qh) { // q: (32); qs: (1
     uint32_t h = 0;
     for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((q[j] & 0xF) | ((q[j + 16] & 0xF) << 4));
     for (int j = 0; j < 32; j++) h |= (uint32_t)((q[j] >> 4) & 1) << j;
-    for (int k = 0; k < 4; k++) qh[k] = (uint8_t)(h >> (8 * k));
+    mlm_put32(qh, h);
 }
 
 static void quant_q5_0(const float *x, block_q5_0 *b, int64_t nb) { // x: (nb * 32)
@@ -674,7 +671,7 @@ static void dot_q4_1_q8_1(int64_t nb, float *s, const block_q4_1 *w, const block
 static void dot_q5_0_q8_0(int64_t nb, float *s, const block_q5_0 *w, const block_q8_0 *x) {
     float sum = 0.0f;
     for (int64_t i = 0; i < nb; i++) {
-        const uint32_t qh = load_u32_le(w[i].qh);
+        const uint32_t qh = mlm_get32(w[i].qh);
         int sumi = 0;
         for (int j = 0; j < QK5_0; j++) sumi += (q5_value(w[i].qs, qh, j) - 16) * x[i].qs[j];
         sum += (float)sumi * mlm_f16_to_f32(w[i].d) * mlm_f16_to_f32(x[i].d);
@@ -685,7 +682,7 @@ static void dot_q5_0_q8_0(int64_t nb, float *s, const block_q5_0 *w, const block
 static void dot_q5_1_q8_1(int64_t nb, float *s, const block_q5_1 *w, const block_q8_1 *x) {
     float sum = 0.0f;
     for (int64_t i = 0; i < nb; i++) {
-        const uint32_t qh = load_u32_le(w[i].qh);
+        const uint32_t qh = mlm_get32(w[i].qh);
         int sumi = 0;
         for (int j = 0; j < QK5_1; j++) sumi += q5_value(w[i].qs, qh, j) * x[i].qs[j];
         sum += (mlm_f16_to_f32(w[i].d) * mlm_f16_to_f32(x[i].d)) * (float)sumi +

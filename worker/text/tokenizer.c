@@ -2,7 +2,6 @@
 #include "worker/text/tokenizer.h"
 
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,17 +79,7 @@ typedef struct {
     int32_t tok;     // a matched special token, or -1 for raw text
 } frag_t;
 
-// --- helpers: errors, hashing
-
-static int set_err(char *err, size_t errlen, int code, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
+// --- helpers: hashing
 
 static uint32_t fnv_add(uint32_t h, const char *s, size_t n) {
     for (size_t i = 0; i < n; i++) {
@@ -451,7 +440,7 @@ static int read_id(const gguf_t *g, const char *key, int n_vocab, int32_t *id, c
     int64_t v;
     int rc = gguf_get_i64(g, key, &v);
     if (rc == MLM_ENOTFOUND) return 0;
-    if (rc) return set_err(err, errlen, MLM_EFORMAT, "%s: not an integer", key);
+    if (rc) return mlm_fail(err, errlen, MLM_EFORMAT, "%s: not an integer", key);
     if (v >= 0 && v < n_vocab) *id = (int32_t)v;  // out of range: keep the default, as llama.cpp does
     return 0;
 }
@@ -459,7 +448,7 @@ static int read_id(const gguf_t *g, const char *key, int n_vocab, int32_t *id, c
 static int read_bool(const gguf_t *g, const char *key, bool *out, char *err, size_t errlen) {
     int rc = gguf_get_bool(g, key, out);
     if (rc == MLM_ENOTFOUND) return 0;
-    if (rc) return set_err(err, errlen, MLM_EFORMAT, "%s: not a bool", key);
+    if (rc) return mlm_fail(err, errlen, MLM_EFORMAT, "%s: not a bool", key);
     return 0;
 }
 
@@ -478,19 +467,19 @@ static bool pre_is_gpt2(const char *p, size_t n) {
 static int load_tokens(tokenizer_t *t, const gguf_t *g, char *err, size_t errlen) {
     const char *key = "tokenizer.ggml.tokens";
     const gguf_value_t *v = gguf_find(g, key);
-    if (!v) return set_err(err, errlen, MLM_ENOTFOUND, "%s: missing", key);
+    if (!v) return mlm_fail(err, errlen, MLM_ENOTFOUND, "%s: missing", key);
     if (v->type != GGUF_VT_ARRAY || v->v.arr.type != GGUF_VT_STRING || !v->v.arr.items)
-        return set_err(err, errlen, MLM_EFORMAT, "%s: not an array of strings", key);
+        return mlm_fail(err, errlen, MLM_EFORMAT, "%s: not an array of strings", key);
     uint64_t n = v->v.arr.n;
     if (n == 0 || n > (uint64_t)INT32_MAX / 2)
-        return set_err(err, errlen, MLM_ERANGE, "%s: %llu tokens", key, (unsigned long long)n);
+        return mlm_fail(err, errlen, MLM_ERANGE, "%s: %llu tokens", key, (unsigned long long)n);
     t->n_vocab = (int)n;
     size_t total = 0;
     char name[32];  // "[EMPTY_<i>]" for empty token texts
     for (uint64_t i = 0; i < n; i++) {
         uint64_t l = v->v.arr.items[i].v.str.len;
         total += (l ? l : (size_t)snprintf(name, sizeof name, "[EMPTY_%llu]", (unsigned long long)i)) + 1;
-        if (total > UINT32_MAX) return set_err(err, errlen, MLM_ERANGE, "%s: texts too long", key);
+        if (total > UINT32_MAX) return mlm_fail(err, errlen, MLM_ERANGE, "%s: texts too long", key);
     }
     t->text = malloc(total);
     t->text_off = malloc(n * sizeof *t->text_off);
@@ -498,7 +487,7 @@ static int load_tokens(tokenizer_t *t, const gguf_t *g, char *err, size_t errlen
     t->score = calloc(n, sizeof *t->score);
     t->type = malloc(n);
     if (!t->text || !t->text_off || !t->text_len || !t->score || !t->type)
-        return set_err(err, errlen, MLM_ENOMEM, "out of memory for %llu tokens", (unsigned long long)n);
+        return mlm_fail(err, errlen, MLM_ENOMEM, "out of memory for %llu tokens", (unsigned long long)n);
     size_t off = 0;
     for (uint64_t i = 0; i < n; i++) {
         const gguf_value_t *it = &v->v.arr.items[i];
@@ -514,27 +503,27 @@ static int load_tokens(tokenizer_t *t, const gguf_t *g, char *err, size_t errlen
     const gguf_value_t *sc = gguf_find(g, "tokenizer.ggml.scores");
     if (sc) {
         if (sc->type != GGUF_VT_ARRAY || sc->v.arr.n != n)
-            return set_err(err, errlen, MLM_EFORMAT, "tokenizer.ggml.scores: not an array of %llu numbers",
+            return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.scores: not an array of %llu numbers",
                            (unsigned long long)n);
         for (uint64_t i = 0; i < n; i++)
             if (gguf_arr_f32(sc, i, &t->score[i]))
-                return set_err(err, errlen, MLM_EFORMAT, "tokenizer.ggml.scores[%llu]: not a number",
+                return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.scores[%llu]: not a number",
                                (unsigned long long)i);
     }
     const gguf_value_t *ty = gguf_find(g, "tokenizer.ggml.token_type");
     if (ty) {
         if (ty->type != GGUF_VT_ARRAY || ty->v.arr.n != n)
-            return set_err(err, errlen, MLM_EFORMAT, "tokenizer.ggml.token_type: not an array of %llu integers",
+            return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.token_type: not an array of %llu integers",
                            (unsigned long long)n);
         for (uint64_t i = 0; i < n; i++) {
             int64_t x;
             if (gguf_arr_i64(ty, i, &x))
-                return set_err(err, errlen, MLM_EFORMAT, "tokenizer.ggml.token_type[%llu]: not an integer",
+                return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.token_type[%llu]: not an integer",
                                (unsigned long long)i);
             t->type[i] = (x >= 0 && x <= TOK_TYPE_BYTE) ? (uint8_t)x : TOK_TYPE_UNDEFINED;
         }
     }
-    if (hash_init(&t->tok_ix, n)) return set_err(err, errlen, MLM_ENOMEM, "out of memory for the token index");
+    if (hash_init(&t->tok_ix, n)) return mlm_fail(err, errlen, MLM_ENOMEM, "out of memory for the token index");
     for (uint64_t i = 0; i < n; i++) tok_index_put(t, (int32_t)i);
     return 0;
 }
@@ -542,22 +531,22 @@ static int load_tokens(tokenizer_t *t, const gguf_t *g, char *err, size_t errlen
 static int load_merges(tokenizer_t *t, const gguf_t *g, char *err, size_t errlen) {
     const char *key = "tokenizer.ggml.merges";
     const gguf_value_t *v = gguf_find(g, key);
-    if (!v) return set_err(err, errlen, MLM_ENOTFOUND, "%s: missing (needed by a gpt2 tokenizer)", key);
+    if (!v) return mlm_fail(err, errlen, MLM_ENOTFOUND, "%s: missing (needed by a gpt2 tokenizer)", key);
     if (v->type != GGUF_VT_ARRAY || v->v.arr.type != GGUF_VT_STRING || (v->v.arr.n && !v->v.arr.items))
-        return set_err(err, errlen, MLM_EFORMAT, "%s: not an array of strings", key);
+        return mlm_fail(err, errlen, MLM_EFORMAT, "%s: not an array of strings", key);
     uint64_t n = v->v.arr.n;
-    if (n > (uint64_t)INT32_MAX / 2) return set_err(err, errlen, MLM_ERANGE, "%s: %llu merges", key, (unsigned long long)n);
+    if (n > (uint64_t)INT32_MAX / 2) return mlm_fail(err, errlen, MLM_ERANGE, "%s: %llu merges", key, (unsigned long long)n);
     size_t total = 0;
     for (uint64_t i = 0; i < n; i++) {
         total += v->v.arr.items[i].v.str.len + 1;
-        if (total > UINT32_MAX) return set_err(err, errlen, MLM_ERANGE, "%s: texts too long", key);
+        if (total > UINT32_MAX) return mlm_fail(err, errlen, MLM_ERANGE, "%s: texts too long", key);
     }
     t->merge_text = malloc(total ? total : 1);
     t->merge_off = malloc((n ? n : 1) * sizeof *t->merge_off);
     t->merge_len = malloc((n ? n : 1) * sizeof *t->merge_len);
     t->merge_left = malloc((n ? n : 1) * sizeof *t->merge_left);
     if (!t->merge_text || !t->merge_off || !t->merge_len || !t->merge_left || hash_init(&t->merge_ix, n))
-        return set_err(err, errlen, MLM_ENOMEM, "out of memory for %llu merges", (unsigned long long)n);
+        return mlm_fail(err, errlen, MLM_ENOMEM, "out of memory for %llu merges", (unsigned long long)n);
     size_t off = 0;
     for (uint64_t i = 0; i < n; i++) {
         const gguf_value_t *it = &v->v.arr.items[i];
@@ -761,19 +750,19 @@ static size_t utf8_sanitize(const unsigned char *a, size_t na, const unsigned ch
 // --- public API
 
 int tokenizer_from_gguf(tokenizer_t **out, const gguf_t *g, char *err, size_t errlen) {
-    if (!out) return set_err(err, errlen, MLM_EINVAL, "tokenizer_from_gguf: out is NULL");
+    if (!out) return mlm_fail(err, errlen, MLM_EINVAL, "tokenizer_from_gguf: out is NULL");
     *out = NULL;
-    if (!g) return set_err(err, errlen, MLM_EINVAL, "tokenizer_from_gguf: no gguf");
+    if (!g) return mlm_fail(err, errlen, MLM_EINVAL, "tokenizer_from_gguf: no gguf");
     const char *model, *pre = NULL;
     size_t model_len, pre_len = 0;
     int rc = gguf_get_str(g, "tokenizer.ggml.model", &model, &model_len);
-    if (rc == MLM_ENOTFOUND) return set_err(err, errlen, rc, "tokenizer.ggml.model: missing");
-    if (rc) return set_err(err, errlen, MLM_EFORMAT, "tokenizer.ggml.model: not a string");
+    if (rc == MLM_ENOTFOUND) return mlm_fail(err, errlen, rc, "tokenizer.ggml.model: missing");
+    if (rc) return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.model: not a string");
     rc = gguf_get_str(g, "tokenizer.ggml.pre", &pre, &pre_len);
-    if (rc && rc != MLM_ENOTFOUND) return set_err(err, errlen, MLM_EFORMAT, "tokenizer.ggml.pre: not a string");
+    if (rc && rc != MLM_ENOTFOUND) return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.pre: not a string");
 
     tokenizer_t *t = calloc(1, sizeof *t);
-    if (!t) return set_err(err, errlen, MLM_ENOMEM, "out of memory");
+    if (!t) return mlm_fail(err, errlen, MLM_ENOMEM, "out of memory");
     if (str_is(model, model_len, "llama")) {
         t->kind = TOK_KIND_SPM;
         t->bos = 1, t->eos = 2, t->unk = 0;
@@ -784,12 +773,12 @@ int tokenizer_from_gguf(tokenizer_t **out, const gguf_t *g, char *err, size_t er
         t->bos = 11, t->eos = 11, t->unk = -1;
         if (rc == 0 && !pre_is_gpt2(pre, pre_len)) {
             free(t);
-            return set_err(err, errlen, MLM_EUNSUPPORTED, "tokenizer.ggml.pre = \"%.*s\" is not supported",
+            return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "tokenizer.ggml.pre = \"%.*s\" is not supported",
                            (int)(pre_len > 64 ? 64 : pre_len), pre);
         }
     } else {
         free(t);
-        return set_err(err, errlen, MLM_EUNSUPPORTED, "tokenizer.ggml.model = \"%.*s\" is not supported",
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "tokenizer.ggml.model = \"%.*s\" is not supported",
                        (int)(model_len > 64 ? 64 : model_len), model);
     }
     t->pad = t->sep = t->eot = t->eom = -1;
@@ -816,7 +805,7 @@ int tokenizer_from_gguf(tokenizer_t **out, const gguf_t *g, char *err, size_t er
     if (t->kind == TOK_KIND_BPE) t->add_space_prefix = false;
     if (!rc) {
         rc = derive_specials(t);
-        if (rc) set_err(err, errlen, rc, "out of memory");
+        if (rc) mlm_fail(err, errlen, rc, "out of memory");
     }
     for (int b = 0; b < 256; b++) {
         char hex[8];  // "<0xNN>"
@@ -831,7 +820,7 @@ int tokenizer_from_gguf(tokenizer_t **out, const gguf_t *g, char *err, size_t er
     }
     if (!rc) {
         rc = build_pieces(t);
-        if (rc) set_err(err, errlen, rc, "cannot render token pieces");
+        if (rc) mlm_fail(err, errlen, rc, "cannot render token pieces");
     }
     if (rc) {
         tokenizer_destroy(&t);

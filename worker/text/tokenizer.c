@@ -245,6 +245,27 @@ static void merge_symbols(const tokenizer_t *t, const char *s, symbol_t *sym, in
     }
 }
 
+// Splits s (len bytes) into characters, merges them by the vocabulary's ranks and emits the
+// resulting tokens. A piece that is no token falls back to one token per byte: SentencePiece's
+// <0xNN> byte tokens (else unk) when spm_bytes, else (GPT-2, as llama.cpp) single-byte tokens.
+static void merge_and_emit(const tokenizer_t *t, const char *s, size_t len, symbol_t *sym, bigram_t *h,
+                           bool spm_bytes, emit_t *e) { // sym: (len); h: (3 * len)
+    int nsym = split_chars(s, len, sym);
+    merge_symbols(t, s, sym, nsym, h);
+    for (int i = nsym ? 0 : -1; i != -1; i = sym[i].next) {
+        int32_t id = lookup(t, s + sym[i].off, sym[i].n);
+        if (id >= 0) {
+            emit(e, id);
+            continue;
+        }
+        for (uint32_t j = 0; j < sym[i].n; j++) {
+            int32_t b = spm_bytes ? t->byte_tok[(unsigned char)s[sym[i].off + j]] : lookup(t, s + sym[i].off + j, 1);
+            if (b < 0 && spm_bytes) b = t->unk;
+            if (b >= 0) emit(e, b);
+        }
+    }
+}
+
 // --- helpers: SPM
 
 // Tokenizes one raw fragment: optional leading space, ' ' -> U+2581, scored merges, byte fallback.
@@ -265,20 +286,7 @@ static int spm_encode(const tokenizer_t *t, const char *text, size_t len, bool p
         if (text[i] == ' ') memcpy(s + k, "\xE2\x96\x81", 3), k += 3;
         else s[k++] = text[i];
     }
-    int nsym = split_chars(s, n, sym);
-    merge_symbols(t, s, sym, nsym, h);
-    for (int i = nsym ? 0 : -1; i != -1; i = sym[i].next) {
-        int32_t id = lookup(t, s + sym[i].off, sym[i].n);
-        if (id >= 0) {
-            emit(e, id);
-            continue;
-        }
-        for (uint32_t j = 0; j < sym[i].n; j++) {
-            int32_t b = t->byte_tok[(unsigned char)s[sym[i].off + j]];
-            if (b < 0) b = t->unk;
-            if (b >= 0) emit(e, b);
-        }
-    }
+    merge_and_emit(t, s, k, sym, h, true, e);
     free(s), free(sym), free(h);
     return 0;
 }
@@ -377,19 +385,7 @@ static int bpe_encode(const tokenizer_t *t, const char *text, size_t len, emit_t
                 k += m[0];
             }
         }
-        int nsym = split_chars(s, k, sym);
-        merge_symbols(t, s, sym, nsym, h);
-        for (int i = nsym ? 0 : -1; i != -1; i = sym[i].next) {
-            int32_t id = lookup(t, s + sym[i].off, sym[i].n);
-            if (id >= 0) {
-                emit(e, id);
-                continue;
-            }
-            for (uint32_t j = 0; j < sym[i].n; j++) {  // llama.cpp's fallback: single-byte tokens
-                int32_t b = lookup(t, s + sym[i].off + j, 1);
-                if (b >= 0) emit(e, b);
-            }
-        }
+        merge_and_emit(t, s, k, sym, h, false, e);
     }
     free(cp), free(ends), free(s), free(sym), free(h);
     return rc;

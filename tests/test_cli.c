@@ -44,7 +44,8 @@ static int run_prog(run_t *r, const char *exe, const char *const *args, const ch
     const double t0 = mlm_now_ms();
     pid_t pid = fork();
     if (pid == 0) {
-        int fo = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int fo = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int fe = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
         if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0) _exit(126);
         if (faults) setenv("MESHLM_FAULTS", faults, 1);
         else unsetenv("MESHLM_FAULTS");

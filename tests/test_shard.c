@@ -110,7 +110,8 @@ static void test_plain_file_is_not_shard(void) {
 static void test_write_error_names_path(void) {
     char path[1024], err[512] = "";
     gguf_t *g = NULL;
-    CU_ASSERT_EQUAL_FATAL(gguf_open(&g, test_shared_path(path, sizeof path, "models/stories260K.gguf"), err, sizeof err), 0);
+    test_shared_path(path, sizeof path, "models/stories260K.gguf");
+    CU_ASSERT_EQUAL_FATAL(gguf_open(&g, path, err, sizeof err), 0);
     char *dir = test_tmpdir();
     CU_ASSERT_PTR_NOT_NULL_FATAL(dir);
     char out[1100];

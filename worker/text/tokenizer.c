@@ -500,22 +500,22 @@ static int load_tokens(tokenizer_t *t, const gguf_t *g, char *err, size_t errlen
     if (sc) {
         if (sc->type != GGUF_VT_ARRAY || sc->v.arr.n != n)
             return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.scores: not an array of %llu numbers",
-                           (unsigned long long)n);
+                            (unsigned long long)n);
         for (uint64_t i = 0; i < n; i++)
             if (gguf_arr_f32(sc, i, &t->score[i]))
                 return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.scores[%llu]: not a number",
-                               (unsigned long long)i);
+                                (unsigned long long)i);
     }
     const gguf_value_t *ty = gguf_find(g, "tokenizer.ggml.token_type");
     if (ty) {
         if (ty->type != GGUF_VT_ARRAY || ty->v.arr.n != n)
             return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.token_type: not an array of %llu integers",
-                           (unsigned long long)n);
+                            (unsigned long long)n);
         for (uint64_t i = 0; i < n; i++) {
             int64_t x;
             if (gguf_arr_i64(ty, i, &x))
                 return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.token_type[%llu]: not an integer",
-                               (unsigned long long)i);
+                                (unsigned long long)i);
             t->type[i] = (x >= 0 && x <= TOK_TYPE_BYTE) ? (uint8_t)x : TOK_TYPE_UNDEFINED;
         }
     }
@@ -531,7 +531,8 @@ static int load_merges(tokenizer_t *t, const gguf_t *g, char *err, size_t errlen
     if (v->type != GGUF_VT_ARRAY || v->v.arr.type != GGUF_VT_STRING || (v->v.arr.n && !v->v.arr.items))
         return mlm_fail(err, errlen, MLM_EFORMAT, "%s: not an array of strings", key);
     uint64_t n = v->v.arr.n;
-    if (n > (uint64_t)INT32_MAX / 2) return mlm_fail(err, errlen, MLM_ERANGE, "%s: %llu merges", key, (unsigned long long)n);
+    if (n > (uint64_t)INT32_MAX / 2)
+        return mlm_fail(err, errlen, MLM_ERANGE, "%s: %llu merges", key, (unsigned long long)n);
     size_t total = 0;
     for (uint64_t i = 0; i < n; i++) {
         total += v->v.arr.items[i].v.str.len + 1;
@@ -770,12 +771,12 @@ int tokenizer_from_gguf(tokenizer_t **out, const gguf_t *g, char *err, size_t er
         if (rc == 0 && !pre_is_gpt2(pre, pre_len)) {
             free(t);
             return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "tokenizer.ggml.pre = \"%.*s\" is not supported",
-                           (int)(pre_len > 64 ? 64 : pre_len), pre);
+                            (int)(pre_len > 64 ? 64 : pre_len), pre);
         }
     } else {
         free(t);
         return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "tokenizer.ggml.model = \"%.*s\" is not supported",
-                       (int)(model_len > 64 ? 64 : model_len), model);
+                        (int)(model_len > 64 ? 64 : model_len), model);
     }
     t->pad = t->sep = t->eot = t->eom = -1;
 

@@ -148,13 +148,13 @@ void plan_print_brief(const plan_t *p, FILE *f) {
 }
 
 int plan_left_out(const plan_t *p, int first, const char *noun, char *buf, size_t cap) {
-    bool used[PLAN_MAX_NODES] = {0};
+    bool used[PLAN_MAX_NODES] = {0}; // (n_nodes) whether a shard names the node
     for (int i = 0; i < p->n; i++)
         if (p->shard[i].node >= 0 && p->shard[i].node < PLAN_MAX_NODES) used[p->shard[i].node] = true;
     int offered = 0, n_used = 0;
-    char names[160] = "";
+    char names[160] = "";            // the left-out nodes' names, comma-separated
     size_t at = 0;
-    for (int j = first; j < p->n_nodes && j < PLAN_MAX_NODES; j++) {
+    for (int j = first > 0 ? first : 0; j < p->n_nodes && j < PLAN_MAX_NODES; j++) {
         offered++;
         if (used[j]) {
             n_used++;

@@ -616,8 +616,8 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
             plan_short_message(err, errlen, &s->closest, nodes, where);
             rc = MLM_EFULL;
         } else {
-            rc = mlm_fail(err, errlen, MLM_EINVAL, "no layout matches the options (%d nodes, --pp %d, --tp %d)", n, o.pp,
-                          o.tp);
+            rc = mlm_fail(err, errlen, MLM_EINVAL, "no layout matches the options (%d nodes, --pp %d, --tp %d)", n,
+                          o.pp, o.tp);
         }
     } else {
         plan_short_t sh = {.worst_node = -1};

@@ -3,11 +3,12 @@
 # one pipeline stage of the model, with no download (a shared model when present, else gen-model writes one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bin="${MESHLM_BIN:-build/meshlm}"   # the tests point it at the build under test
 shared="${MESHLM_SHARED:-$(cd .. && pwd)/shared}"
 model="$shared/models/stories260K.gguf"
 if [ ! -f "$model" ]; then
-  model=build/demo-tiny.gguf
-  [ -f "$model" ] || build/meshlm gen-model "$model" --preset tiny --quant Q8_0 --seed 1
+  model="$(dirname "$bin")/demo-tiny.gguf"   # beside the program, in the build folder
+  [ -f "$model" ] || "$bin" gen-model "$model" --preset tiny --quant Q8_0 --seed 1
 fi
 echo "meshlm demo: $(basename "$model") split over 2 worker processes on this machine (--local 2 --pp 2)" >&2
-exec build/meshlm run -m "$model" -p "Once upon a time" -n 64 --seed 1 --local 2 --pp 2 --keep-all --show-plan "$@"
+exec "$bin" run -m "$model" -p "Once upon a time" -n 64 --seed 1 --local 2 --pp 2 --keep-all --show-plan "$@"

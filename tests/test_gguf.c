@@ -1,5 +1,6 @@
 // CUnit suite "gguf": the GGUF reader on every shared model, hand-built edge cases and corrupted copies.
 #include <CUnit/CUnit.h>
+#include <errno.h>
 #include <dirent.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -472,13 +473,24 @@ static void test_other_models(void) {
     gguf_close(&g);
 }
 
+// The one value-size table the reader and the writer share, against the format's (the table above).
+static void test_vtype_size(void) {
+    for (int t = -1; t <= GGUF_VT_COUNT + 1; t++) CU_ASSERT_EQUAL(gguf_vtype_size(t), vt_size((uint32_t)t));
+    CU_ASSERT_EQUAL(gguf_vtype_size(GGUF_VT_FLOAT64), 8);
+    CU_ASSERT_EQUAL(gguf_vtype_size(GGUF_VT_BOOL), 1);
+    CU_ASSERT_EQUAL(gguf_vtype_size(GGUF_VT_STRING), 0);
+}
+
 static void test_open_errors(void) {
     gguf_t *g = NULL;
     char err[512] = "";
     CU_ASSERT_EQUAL(gguf_open(&g, "/nonexistent/dir/model.gguf", err, sizeof err), MLM_EIO);
     CU_ASSERT_PTR_NULL(g);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "/nonexistent/dir/model.gguf"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, strerror(ENOENT))); // and the system's reason
     CU_ASSERT_EQUAL(gguf_open(&g, test_shared_dir(), err, sizeof err), MLM_EIO);  // a directory
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, test_shared_dir()));
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, strerror(EISDIR)));
 
     // a truncated copy on disk: the message names the path
     size_t len = 0;
@@ -1024,6 +1036,7 @@ int test_gguf_suite(void) {
         !CU_add_test(s, "stories260K values", test_stories260k) ||
         !CU_add_test(s, "tiny llama, Q4_K_M, vocab files", test_other_models) ||
         !CU_add_test(s, "open errors and NULL safety", test_open_errors) ||
+        !CU_add_test(s, "value type sizes", test_vtype_size) ||
         !CU_add_test(s, "close twice", test_close_twice) ||
         !CU_add_test(s, "hand-built file: values and format", test_hand_good) ||
         !CU_add_test(s, "hand-built: versions", test_hand_versions) ||

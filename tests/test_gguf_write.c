@@ -1,5 +1,6 @@
 // CUnit suite "gguf_write": every KV type and tensor bytes round-trip through the reader; errors.
 #include <CUnit/CUnit.h>
+#include <errno.h>
 #include <dirent.h>
 #include <signal.h>
 #include <stdio.h>
@@ -355,6 +356,8 @@ static void test_alignment_and_callback(void) {
     w = gguf_writer_new();
     CU_ASSERT_EQUAL(gguf_writer_open(w, bad, err, sizeof err), MLM_EIO);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "cannot create"));
+    CU_ASSERT_EQUAL(strncmp(err, bad, strlen(bad)), 0);     // names the file asked for
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, strerror(ENOENT))); // and the system's reason
     gguf_writer_destroy(&w);
     test_rm_dir(dir);
 }

@@ -1,5 +1,6 @@
 // Planner suite: splits cover every unit once, follow speed and budgets; layout search, cost, plan files.
 #include <CUnit/CUnit.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -330,6 +331,64 @@ static void test_slow_link_left_out(void) {
     free(pm);
 }
 
+// The one line run/bench print when nodes are left out, and the brief plan print, on the same slow link.
+static void test_left_out_line(void) {
+    plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[4];
+    char err[512], line[512], want[600];
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1@0.05/10000,1@0.05/10000,1@0.05/10000,1@20/10", nodes, 4, err, sizeof err),
+                          4);
+    plan_t *p = malloc(sizeof *p);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+    plan_opts_t o = {.n_ctx = 1024};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(plan_left_out(p, 0, "workers", line, sizeof line), 1);
+    snprintf(want, sizeof want, "the plan uses 3 of 4 workers: %s", p->why);
+    CU_ASSERT_STRING_EQUAL(line, want);
+    CU_ASSERT_EQUAL(strncmp(line, "the plan uses 3 of 4 workers: node-3 left out: its 20 ms / 10 Mbit link", 71), 0);
+    CU_ASSERT_EQUAL(plan_left_out(p, 1, "workers", line, sizeof line), 1); // node 0 is a computing coordinator
+    CU_ASSERT_EQUAL(strncmp(line, "the plan uses 2 of 3 workers: ", 30), 0);
+    CU_ASSERT_EQUAL(plan_left_out(p, 0, "workers", NULL, 0), 1);
+
+    // the brief print: layout, then which node holds which layers and heads
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    plan_print_brief(p, f);
+    fclose(f);
+    CU_ASSERT_EQUAL(strncmp(text, "plan tp3: 1 stage(s) on 3 node(s), predicted ", 45), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(text, "\n  stage 0: layers 0-21 on node-0 (heads 0-"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(text, "), node-2 (heads "));
+    CU_ASSERT_PTR_NULL(strstr(text, "node-3"));
+    free(text);
+
+    // every node kept: nothing to say, and the buffer is left alone
+    o.keep_all = true;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    strcpy(line, "untouched");
+    CU_ASSERT_EQUAL(plan_left_out(p, 0, "workers", line, sizeof line), 0);
+    CU_ASSERT_STRING_EQUAL(line, "untouched");
+
+    // a hand-written plan without node 3: the names come from the plan, the reason is its why
+    plan_spec_t spec;
+    CU_ASSERT_EQUAL_FATAL(plan_file_parse("stage layers=0-10 nodes=0\nstage layers=11-21 nodes=1,2\n", &spec, err,
+                                          sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_from_spec(pm, nodes, 4, &spec, 1024, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(plan_left_out(p, 0, "nodes", line, sizeof line), 1);
+    CU_ASSERT_STRING_EQUAL(line, "the plan uses 3 of 4 nodes: node-3 left out (a hand-written plan)");
+    f = open_memstream(&text, &len);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    plan_print_brief(p, f);
+    fclose(f);
+    CU_ASSERT_PTR_NOT_NULL(strstr(text, "\n  stage 0: layers 0-10 on node-0 ("));
+    CU_ASSERT_PTR_NOT_NULL(strstr(text, "\n  stage 1: layers 11-21 on node-1 (heads 0-"));
+    free(text);
+    free(p);
+    free(pm);
+}
+
 static void test_prediction_is_consistent(void) {
     const char *specs[] = {"1@0.05/10000,1@0.05/10000,1@0.05/10000,1@0.05/10000", "1@1/1000,1@1/1000,1@1/1000,1@1/1000",
                            "4:600M,2:600M,1:400M,1:400M,1"};
@@ -562,6 +621,8 @@ static void test_plan_file_errors(void) {
     CU_ASSERT(strstr(err, "bad.plan: line 2") != NULL);
     snprintf(path, sizeof path, "%s/missing.plan", dir);
     CU_ASSERT_EQUAL(plan_file_load(path, spec, err, sizeof err), MLM_EIO);
+    CU_ASSERT_EQUAL(strncmp(err, path, strlen(path)), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, strerror(ENOENT)));
     test_rm_dir(dir);
     free(spec);
     free(p);
@@ -764,6 +825,7 @@ int test_plan_suite(void) {
         !CU_add_test(s, "pin_first keeps the coordinator at rank 0", test_pin_first) ||
         !CU_add_test(s, "plan files round-trip", test_plan_file_round_trip) ||
         !CU_add_test(s, "bad plan files name the line", test_plan_file_errors) ||
+        !CU_add_test(s, "left-out nodes in one line; the brief plan print", test_left_out_line) ||
         !CU_add_test(s, "node files and link specs", test_nodes_file) ||
         !CU_add_test(s, "llama-2-70b preset on four small nodes", test_70b_on_small_nodes) ||
         !CU_add_test(s, "100 random node sets", test_random_node_sets) ||

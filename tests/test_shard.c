@@ -1,8 +1,10 @@
 // Shard suite: row-cut rules and shard files (each tensor holds exactly the source's rows).
 #include <CUnit/CUnit.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "test_util.h"
 #include "core/err.h"
@@ -104,11 +106,31 @@ static void test_plain_file_is_not_shard(void) {
     gguf_close(&g);
 }
 
+// Writing a shard file into a directory that does not exist: the error names the file and the reason.
+static void test_write_error_names_path(void) {
+    char path[1024], err[512] = "";
+    gguf_t *g = NULL;
+    test_shared_path(path, sizeof path, "models/stories260K.gguf");
+    CU_ASSERT_EQUAL_FATAL(gguf_open(&g, path, err, sizeof err), 0);
+    char *dir = test_tmpdir();
+    CU_ASSERT_PTR_NOT_NULL_FATAL(dir);
+    char out[1100];
+    snprintf(out, sizeof out, "%s/no/such/dir/shard.gguf", dir);
+    const shard_slice_t full = shard_full(5, 8, 4, 64, 172, 512);
+    CU_ASSERT_EQUAL(shard_file_write(g, &full, 8, NULL, out, err, sizeof err), MLM_EIO);
+    CU_ASSERT_EQUAL(strncmp(err, out, strlen(out)), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, strerror(ENOENT)));
+    CU_ASSERT_EQUAL(rmdir(dir), 0); // nothing was left behind
+    free(dir);
+    gguf_close(&g);
+}
+
 int test_shard_suite(void) {
     CU_pSuite s = CU_add_suite("shard", NULL, NULL);
     if (!s) return -1;
     if (!CU_add_test(s, "row-cut rules", test_rows) || !CU_add_test(s, "shard files hold the source rows", test_shard_files) ||
-        !CU_add_test(s, "a model file is not a shard", test_plain_file_is_not_shard))
+        !CU_add_test(s, "a model file is not a shard", test_plain_file_is_not_shard) ||
+        !CU_add_test(s, "a write error names the file and the reason", test_write_error_names_path))
         return -1;
     return 0;
 }

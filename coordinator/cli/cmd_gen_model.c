@@ -309,10 +309,7 @@ static int vocab_build(vocab_t *v, int n) {
 static int set_builtin_vocab(gguf_writer_t *w, int n, char *err, size_t errlen) {
     vocab_t v;
     int rc = vocab_build(&v, n);
-    if (rc) {
-        snprintf(err, errlen, "cannot build a %d-token vocabulary: %s", n, mlm_strerror(rc));
-        return rc;
-    }
+    if (rc) return mlm_fail(err, errlen, rc, "cannot build a %d-token vocabulary: %s", n, mlm_strerror(rc));
     rc = gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
     if (!rc) rc = gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", (const char *const *)v.tok, (uint64_t)n);
     if (!rc) rc = gguf_writer_set_arr(w, "tokenizer.ggml.scores", GGUF_VT_FLOAT32, v.score, (uint64_t)n);
@@ -323,8 +320,8 @@ static int set_builtin_vocab(gguf_writer_t *w, int n, char *err, size_t errlen) 
     if (!rc) rc = gguf_writer_set_bool(w, "tokenizer.ggml.add_bos_token", true);
     if (!rc) rc = gguf_writer_set_bool(w, "tokenizer.ggml.add_eos_token", false);
     vocab_free(&v);
-    if (rc) snprintf(err, errlen, "cannot store the vocabulary: %s", mlm_strerror(rc));
-    return rc;
+    if (rc) return mlm_fail(err, errlen, rc, "cannot store the vocabulary: %s", mlm_strerror(rc));
+    return 0;
 }
 
 // Copies tokenizer.* from path; *n_vocab becomes its token count.
@@ -335,17 +332,13 @@ static int copy_tokenizer(gguf_writer_t *w, const char *path, int *n_vocab, char
     const gguf_value_t *toks = gguf_find(g, "tokenizer.ggml.tokens");
     if (!toks || toks->type != GGUF_VT_ARRAY || toks->v.arr.type != GGUF_VT_STRING || toks->v.arr.n == 0 ||
         toks->v.arr.n > INT32_MAX) {
-        snprintf(err, errlen, "%s: no tokenizer.ggml.tokens string array", path);
         gguf_close(&g);
-        return MLM_EFORMAT;
+        return mlm_fail(err, errlen, MLM_EFORMAT, "%s: no tokenizer.ggml.tokens string array", path);
     }
     *n_vocab = (int)toks->v.arr.n;
     rc = gguf_writer_copy_kv(w, g, "tokenizer.");
     gguf_close(&g);
-    if (rc < 0) {
-        snprintf(err, errlen, "%s: cannot copy tokenizer keys: %s", path, mlm_strerror(rc));
-        return rc;
-    }
+    if (rc < 0) return mlm_fail(err, errlen, rc, "%s: cannot copy tokenizer keys: %s", path, mlm_strerror(rc));
     return 0;
 }
 
@@ -386,8 +379,7 @@ static int write_weights(gguf_writer_t *w, const tensor_list_t *l, uint64_t seed
     float *scratch = malloc((size_t)n_threads * (size_t)max_row * sizeof(float));
     int rc = 0;
     if (!pool || !job || !chunk || !scratch) {
-        snprintf(err, errlen, "out of memory for %d generator threads", n_threads);
-        rc = MLM_ENOMEM;
+        rc = mlm_fail(err, errlen, MLM_ENOMEM, "out of memory for %d generator threads", n_threads);
     }
     const bool tty = isatty(STDERR_FILENO);
     const double t0 = (mlm_now_ms() / 1e3);
@@ -412,7 +404,7 @@ static int write_weights(gguf_writer_t *w, const tensor_list_t *l, uint64_t seed
             else tpool_run(pool, gen_rows, job);
             for (int k = 0; k < tpool_size(pool) && !rc; k++) rc = job->rc[k];
             if (rc) {
-                snprintf(err, errlen, "cannot quantize %s to %s: %s", t->name, qtype_name(t->type),
+                mlm_fail(err, errlen, rc, "cannot quantize %s to %s: %s", t->name, qtype_name(t->type),
                          mlm_strerror(rc));
                 break;
             }
@@ -609,7 +601,7 @@ int cmd_gen_model(int argc, char **argv) {
     gguf_writer_t *w = gguf_writer_new();
     tensor_list_t tl = {0};
     int rc = w ? 0 : MLM_ENOMEM;
-    if (rc) snprintf(err, sizeof err, "out of memory");
+    if (rc) mlm_fail(err, sizeof err, rc, "out of memory");
 
     // tokenizer first: it decides the vocabulary size
     char spm[1024];
@@ -632,11 +624,11 @@ int cmd_gen_model(int argc, char **argv) {
 
     if (!rc) {
         rc = set_model_kv(w, &m, &q, &o);
-        if (rc) snprintf(err, sizeof err, "cannot set metadata: %s", mlm_strerror(rc));
+        if (rc) mlm_fail(err, sizeof err, rc, "cannot set metadata: %s", mlm_strerror(rc));
     }
     if (!rc) {
         rc = build_tensors(&tl, &m, &q);
-        if (rc) snprintf(err, sizeof err, "cannot plan tensors: %s", mlm_strerror(rc));
+        if (rc) mlm_fail(err, sizeof err, rc, "cannot plan tensors: %s", mlm_strerror(rc));
     }
     uint64_t n_params = 0;
     for (int i = 0; !rc && i < tl.n; i++) {
@@ -644,7 +636,7 @@ int cmd_gen_model(int argc, char **argv) {
         int64_t r = gguf_writer_add_tensor(w, t->name, t->type, t->n_dims, t->ne);
         if (r < 0) {
             rc = (int)r;
-            snprintf(err, sizeof err, "cannot add tensor %s: %s", t->name, mlm_strerror(rc));
+            mlm_fail(err, sizeof err, rc, "cannot add tensor %s: %s", t->name, mlm_strerror(rc));
         }
         n_params += (uint64_t)(t->ne[0] * t->ne[1] * t->ne[2]);
     }

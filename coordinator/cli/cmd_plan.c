@@ -8,10 +8,12 @@
 #include "coordinator/cli/cli.h"
 #include "parallel/plan.h"
 #include "core/err.h"
+#include "core/fs.h"
 
 // --- helpers
 
 #define MAX_ALTS 8
+#define NODES_FILE_MAX (1u << 24) // bytes of a --nodes-file
 
 static void plan_usage(FILE *f) {
     fprintf(f,
@@ -36,32 +38,6 @@ static void plan_usage(FILE *f) {
             "Node 0 is the coordinator's machine. Unknown figures default to 20 GFLOP/s per unit of speed,\n"
             "20 GB/s memory, 0.1 ms / 1 Gbit links.\n",
             PLAN_DEFAULT_UBATCH, PLAN_DEFAULT_N_PROMPT);
-}
-
-static char *read_text(const char *path, char *err, size_t errlen) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap + 1);
-    while (buf) {
-        n += fread(buf + n, 1, cap - n, f);
-        if (n < cap || cap >= (1u << 24)) break;
-        char *nb = realloc(buf, cap * 2 + 1);
-        if (!nb) {
-            free(buf);
-            buf = NULL;
-            break;
-        }
-        buf = nb;
-        cap *= 2;
-    }
-    fclose(f);
-    if (!buf) snprintf(err, errlen, "out of memory");
-    else buf[n] = 0;
-    return buf;
 }
 
 static int positive(const char *s, int *out) {
@@ -125,9 +101,10 @@ int cmd_plan(int argc, char **argv) {
     if (spec) {
         n = plan_parse_nodes(spec, nodes, PLAN_MAX_NODES, err, sizeof err);
     } else {
-        char *text = read_text(nodes_file, err, sizeof err), inner[512];
-        n = text ? plan_parse_nodes_file(text, nodes, PLAN_MAX_NODES, inner, sizeof inner) : MLM_EIO;
-        if (n < 0 && text) snprintf(err, sizeof err, "%s: %s", nodes_file, inner);
+        char *text = NULL, inner[512];
+        n = mlm_read_file(nodes_file, NODES_FILE_MAX, &text, NULL, err, sizeof err);
+        if (n == 0) n = plan_parse_nodes_file(text, nodes, PLAN_MAX_NODES, inner, sizeof inner);
+        if (n < 0 && text) mlm_fail(err, sizeof err, n, "%s: %s", nodes_file, inner);
         free(text);
     }
     if (n < 0) {
@@ -155,7 +132,7 @@ int cmd_plan(int argc, char **argv) {
         if (rc == 0) {
             char inner[512];
             rc = plan_from_spec(pm, nodes, n, ps, po.n_ctx, best, inner, sizeof inner);
-            if (rc != 0) snprintf(err, sizeof err, "%s: %s", plan_path, inner);
+            if (rc != 0) mlm_fail(err, sizeof err, rc, "%s: %s", plan_path, inner);
         }
         if (rc == 0) {
             best->ubatch = po.ubatch;
@@ -168,14 +145,11 @@ int cmd_plan(int argc, char **argv) {
     }
     if (rc == 0 && out_path) {
         FILE *f = fopen(out_path, "w");
-        if (!f || plan_file_write(best, f) != 0) {
-            snprintf(err, sizeof err, "%s: %s", out_path, strerror(errno));
-            rc = MLM_EIO;
-        }
-        if (f && fclose(f) != 0 && rc == 0) {
-            snprintf(err, sizeof err, "%s: %s", out_path, strerror(errno));
-            rc = MLM_EIO;
-        }
+        if (!f) rc = mlm_fail(err, sizeof err, MLM_EIO, "%s: cannot create: %s", out_path, strerror(errno));
+        else if (plan_file_write(best, f) != 0)
+            rc = mlm_fail(err, sizeof err, MLM_EIO, "%s: write failed: %s", out_path, strerror(errno));
+        if (f && fclose(f) != 0 && rc == 0)
+            rc = mlm_fail(err, sizeof err, MLM_EIO, "%s: write failed: %s", out_path, strerror(errno));
     }
     if (rc == 0) {
         if (json) {

@@ -112,40 +112,27 @@ static int split_list(char *s, const char **out, int max) {
     return n;
 }
 
-// --- public API
-
 static int run_main(run_args_t *a);
 
-int cmd_run(int argc, char **argv) {
+// Parses, runs and frees: the whole of `run` and of `coordinator` (which insists on --workers).
+static int run_command(int argc, char **argv, const char *cmd) {
     run_args_t a;
     int prc = parse_args(argc, argv, &a);
-    if (prc != 0) {
-        free(a.workers);
-        return prc < 0 ? 0 : 2;
+    if (prc == 0 && cmd && !a.workers) {
+        fprintf(stderr, "meshlm %s: --workers LIST is required (or use 'meshlm run --local N')\n", cmd);
+        prc = 1;
     }
-    int code = run_main(&a);
+    const int code = prc != 0 ? (prc < 0 ? 0 : 2) : run_main(&a);
     free(a.workers);
     gen_args_free(&a.g);
     return code;
 }
 
-int cmd_coordinator(int argc, char **argv) {
-    run_args_t a;
-    int prc = parse_args(argc, argv, &a);
-    if (prc != 0) {
-        free(a.workers);
-        return prc < 0 ? 0 : 2;
-    }
-    if (!a.workers) {
-        fprintf(stderr, "meshlm coordinator: --workers LIST is required (or use 'meshlm run --local N')\n");
-        free(a.workers);
-        return 2;
-    }
-    int code = run_main(&a);
-    free(a.workers);
-    gen_args_free(&a.g);
-    return code;
-}
+// --- public API
+
+int cmd_run(int argc, char **argv) { return run_command(argc, argv, NULL); }
+
+int cmd_coordinator(int argc, char **argv) { return run_command(argc, argv, "coordinator"); }
 
 static int run_main(run_args_t *ap) {
     run_args_t a = *ap;

@@ -6,25 +6,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/fs.h"
+
 // --- helpers
 
-static char *read_all(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, len = 0, n;
-    char *buf = malloc(cap);
-    while (buf && (n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
-        len += n;
-        if (len + 1 == cap) {
-            char *nb = realloc(buf, cap *= 2);
-            if (!nb) free(buf);
-            buf = nb;
-        }
-    }
-    fclose(f);
-    if (buf) buf[len] = 0;
-    return buf;
-}
+#define PROMPT_FILE_MAX (64u << 20) // bytes of a prompt file (-f)
 
 // --- public API
 
@@ -42,14 +28,16 @@ int gen_args_option(gen_args_t *a, int ch, const char *arg, const char *cmd) {
         gen_args_free(a);
         a->prompt = (char *)arg;
         return 1;
-    case 'f':
+    case 'f': {
         gen_args_free(a);
-        if (!(a->prompt = read_all(arg))) {
-            fprintf(stderr, "meshlm %s: cannot read prompt file %s\n", cmd, arg);
+        char err[512];
+        if (mlm_read_file(arg, PROMPT_FILE_MAX, &a->prompt, NULL, err, sizeof err) != 0) {
+            fprintf(stderr, "meshlm %s: prompt file %s\n", cmd, err);
             return -1;
         }
         a->prompt_owned = true;
         return 1;
+    }
     case 'n': a->n_predict = atoi(arg); return 1;
     case 't': a->n_threads = atoi(arg); return 1;
     case 'c': a->n_ctx = atoi(arg); return 1;

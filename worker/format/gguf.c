@@ -117,7 +117,8 @@ static uint64_t load_le(const uint8_t *p, size_t n) {
     case 1: return p[0];
     case 2: return mlm_get16(p);
     case 4: return mlm_get32(p);
-    default: return mlm_get64(p);
+    case 8: return mlm_get64(p);
+    default: return 0;
     }
 }
 

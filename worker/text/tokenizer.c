@@ -245,6 +245,27 @@ static void merge_symbols(const tokenizer_t *t, const char *s, symbol_t *sym, in
     }
 }
 
+// Splits s (len bytes) into characters, merges them by the vocabulary's ranks and emits the
+// resulting tokens. A piece that is no token falls back to one token per byte: SentencePiece's
+// <0xNN> byte tokens (else unk) when spm_bytes, else (GPT-2, as llama.cpp) single-byte tokens.
+static void merge_and_emit(const tokenizer_t *t, const char *s, size_t len, symbol_t *sym, bigram_t *h,
+                           bool spm_bytes, emit_t *e) { // sym: (len); h: (3 * len)
+    int nsym = split_chars(s, len, sym);
+    merge_symbols(t, s, sym, nsym, h);
+    for (int i = nsym ? 0 : -1; i != -1; i = sym[i].next) {
+        int32_t id = lookup(t, s + sym[i].off, sym[i].n);
+        if (id >= 0) {
+            emit(e, id);
+            continue;
+        }
+        for (uint32_t j = 0; j < sym[i].n; j++) {
+            int32_t b = spm_bytes ? t->byte_tok[(unsigned char)s[sym[i].off + j]] : lookup(t, s + sym[i].off + j, 1);
+            if (b < 0 && spm_bytes) b = t->unk;
+            if (b >= 0) emit(e, b);
+        }
+    }
+}
+
 // --- helpers: SPM
 
 // Tokenizes one raw fragment: optional leading space, ' ' -> U+2581, scored merges, byte fallback.
@@ -265,20 +286,7 @@ static int spm_encode(const tokenizer_t *t, const char *text, size_t len, bool p
         if (text[i] == ' ') memcpy(s + k, "\xE2\x96\x81", 3), k += 3;
         else s[k++] = text[i];
     }
-    int nsym = split_chars(s, n, sym);
-    merge_symbols(t, s, sym, nsym, h);
-    for (int i = nsym ? 0 : -1; i != -1; i = sym[i].next) {
-        int32_t id = lookup(t, s + sym[i].off, sym[i].n);
-        if (id >= 0) {
-            emit(e, id);
-            continue;
-        }
-        for (uint32_t j = 0; j < sym[i].n; j++) {
-            int32_t b = t->byte_tok[(unsigned char)s[sym[i].off + j]];
-            if (b < 0) b = t->unk;
-            if (b >= 0) emit(e, b);
-        }
-    }
+    merge_and_emit(t, s, k, sym, h, true, e);
     free(s), free(sym), free(h);
     return 0;
 }
@@ -377,19 +385,7 @@ static int bpe_encode(const tokenizer_t *t, const char *text, size_t len, emit_t
                 k += m[0];
             }
         }
-        int nsym = split_chars(s, k, sym);
-        merge_symbols(t, s, sym, nsym, h);
-        for (int i = nsym ? 0 : -1; i != -1; i = sym[i].next) {
-            int32_t id = lookup(t, s + sym[i].off, sym[i].n);
-            if (id >= 0) {
-                emit(e, id);
-                continue;
-            }
-            for (uint32_t j = 0; j < sym[i].n; j++) {  // llama.cpp's fallback: single-byte tokens
-                int32_t b = lookup(t, s + sym[i].off + j, 1);
-                if (b >= 0) emit(e, b);
-            }
-        }
+        merge_and_emit(t, s, k, sym, h, false, e);
     }
     free(cp), free(ends), free(s), free(sym), free(h);
     return rc;
@@ -504,22 +500,22 @@ static int load_tokens(tokenizer_t *t, const gguf_t *g, char *err, size_t errlen
     if (sc) {
         if (sc->type != GGUF_VT_ARRAY || sc->v.arr.n != n)
             return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.scores: not an array of %llu numbers",
-                           (unsigned long long)n);
+                            (unsigned long long)n);
         for (uint64_t i = 0; i < n; i++)
             if (gguf_arr_f32(sc, i, &t->score[i]))
                 return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.scores[%llu]: not a number",
-                               (unsigned long long)i);
+                                (unsigned long long)i);
     }
     const gguf_value_t *ty = gguf_find(g, "tokenizer.ggml.token_type");
     if (ty) {
         if (ty->type != GGUF_VT_ARRAY || ty->v.arr.n != n)
             return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.token_type: not an array of %llu integers",
-                           (unsigned long long)n);
+                            (unsigned long long)n);
         for (uint64_t i = 0; i < n; i++) {
             int64_t x;
             if (gguf_arr_i64(ty, i, &x))
                 return mlm_fail(err, errlen, MLM_EFORMAT, "tokenizer.ggml.token_type[%llu]: not an integer",
-                               (unsigned long long)i);
+                                (unsigned long long)i);
             t->type[i] = (x >= 0 && x <= TOK_TYPE_BYTE) ? (uint8_t)x : TOK_TYPE_UNDEFINED;
         }
     }
@@ -535,7 +531,8 @@ static int load_merges(tokenizer_t *t, const gguf_t *g, char *err, size_t errlen
     if (v->type != GGUF_VT_ARRAY || v->v.arr.type != GGUF_VT_STRING || (v->v.arr.n && !v->v.arr.items))
         return mlm_fail(err, errlen, MLM_EFORMAT, "%s: not an array of strings", key);
     uint64_t n = v->v.arr.n;
-    if (n > (uint64_t)INT32_MAX / 2) return mlm_fail(err, errlen, MLM_ERANGE, "%s: %llu merges", key, (unsigned long long)n);
+    if (n > (uint64_t)INT32_MAX / 2)
+        return mlm_fail(err, errlen, MLM_ERANGE, "%s: %llu merges", key, (unsigned long long)n);
     size_t total = 0;
     for (uint64_t i = 0; i < n; i++) {
         total += v->v.arr.items[i].v.str.len + 1;
@@ -774,12 +771,12 @@ int tokenizer_from_gguf(tokenizer_t **out, const gguf_t *g, char *err, size_t er
         if (rc == 0 && !pre_is_gpt2(pre, pre_len)) {
             free(t);
             return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "tokenizer.ggml.pre = \"%.*s\" is not supported",
-                           (int)(pre_len > 64 ? 64 : pre_len), pre);
+                            (int)(pre_len > 64 ? 64 : pre_len), pre);
         }
     } else {
         free(t);
         return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "tokenizer.ggml.model = \"%.*s\" is not supported",
-                       (int)(model_len > 64 ? 64 : model_len), model);
+                        (int)(model_len > 64 ? 64 : model_len), model);
     }
     t->pad = t->sep = t->eot = t->eom = -1;
 

@@ -39,7 +39,7 @@ typedef struct {
 
 // Rank 0, before a cluster exists or after it failed to come up: tells every other rank to stop
 // (best effort), so none waits for this one until its deadline.
-static void stop_all(comm_t *ctl, const char *why) {
+static void stop_all(comm_t *ctl) {
     for (int r = 1; r < comm_size(ctl); r++) {
         msg_t m;
         msg_init(&m, MSG_SHUTDOWN);
@@ -47,7 +47,6 @@ static void stop_all(comm_t *ctl, const char *why) {
         char err[128];
         msg_send(ctl, r, &m, 1000, err, sizeof err);
     }
-    (void)why;
 }
 
 static void mpi_usage(FILE *f) {
@@ -340,7 +339,7 @@ static int lead(comm_t *ctl, comm_t *data, mpi_args_t *a) {
     if (rc == 0) rc = cluster_open(&cl, &co, err, sizeof err);
     if (rc != 0) {
         fprintf(stderr, "meshlm mpi: rank 0: %s\n", err[0] ? err : mlm_strerror(rc));
-        stop_all(ctl, err);
+        stop_all(ctl);
         goto out;
     }
     if (a->verbose) plan_print(cluster_plan(cl), g, stderr);

@@ -34,6 +34,9 @@ typedef struct {
     int n_pend;                     // used entries of pend
     int cap_pend;                   // allocated entries of pend
     size_t pend_bytes;              // sum of pend[i].bytes
+    bool has_stuck;                 // a matched message could not be received (no memory for it)
+    MPI_Message stuck;              // that message, received and dropped by the next recv
+    int stuck_count;                // its bytes
 } mpi_ctx_t;
 
 // --- helpers
@@ -201,6 +204,13 @@ static int mpi_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout
     if (peer != COMM_ANY && (peer < 0 || peer >= x->size)) return MLM_EINVAL;
     const int src = peer == COMM_ANY ? MPI_ANY_SOURCE : peer;
     const int64_t dl = deadline_of(timeout_ms);
+    if (x->has_stuck) { // a matched message must be received before anything else
+        void *sink = malloc(x->stuck_count ? (size_t)x->stuck_count : 1);
+        if (!sink) return MLM_ENOMEM;
+        MPI_Mrecv(sink, x->stuck_count, MPI_BYTE, &x->stuck, MPI_STATUS_IGNORE);
+        free(sink);
+        x->has_stuck = false;
+    }
     MPI_Message mh;
     MPI_Status st;
     int flag = 0, spins = 0;
@@ -213,17 +223,22 @@ static int mpi_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout
     }
     int count = 0;
     if (MPI_Get_count(&st, MPI_BYTE, &count) != MPI_SUCCESS || count == MPI_UNDEFINED) count = -1;
-    if (count < 0 || (size_t)count > HDR_BYTES(COMM_MAX_FRAMES) + x->o.max_msg_bytes) {
-        // Too big to accept: consume it into one byte (MPI reports the truncation) and drop it.
-        uint8_t sink;
-        MPI_Mrecv(&sink, 1, MPI_BYTE, &mh, MPI_STATUS_IGNORE);
-        return MLM_EPROTO;
-    }
+    if (count < 0) count = 0; // MPI_BYTE always has a count
+    // A message is received whole even when it is dropped: Open MPI may write all of a truncated
+    // message into the buffer (seen with its shared-memory transport).
     uint8_t *buf = malloc(count ? (size_t)count : 1);
     if (!buf) {
-        uint8_t sink;
-        MPI_Mrecv(&sink, 1, MPI_BYTE, &mh, MPI_STATUS_IGNORE);
+        x->has_stuck = true;
+        x->stuck = mh;
+        x->stuck_count = count;
+        *from = st.MPI_SOURCE;
         return MLM_ENOMEM;
+    }
+    if ((size_t)count > HDR_BYTES(COMM_MAX_FRAMES) + x->o.max_msg_bytes) { // too big to accept: dropped
+        MPI_Mrecv(buf, count, MPI_BYTE, &mh, MPI_STATUS_IGNORE);
+        free(buf);
+        *from = st.MPI_SOURCE;
+        return MLM_ERANGE;
     }
     MPI_Request req;
     if (MPI_Imrecv(buf, count, MPI_BYTE, &mh, &req) != MPI_SUCCESS) {
@@ -247,7 +262,13 @@ static int mpi_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout
         backoff(&spins);
     }
     int rc = unpack(buf, (size_t)count, out);
-    if (rc == 0) *from = st.MPI_SOURCE;
+    *from = st.MPI_SOURCE;
+    size_t sum = 0;
+    for (int i = 0; rc == 0 && i < out->n; i++) sum += out->len[i];
+    if (rc == 0 && sum > x->o.max_msg_bytes) { // within the header's slack but over the limit
+        comm_msg_free(out);
+        rc = MLM_ERANGE;
+    }
     return rc;
 }
 
@@ -338,4 +359,12 @@ int comm_mpi_new_opts(comm_t **out, const comm_mpi_opts_t *opts, char *err, size
     }
     *out = c;
     return 0;
+}
+
+int comm_mpi_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen) {
+    comm_mpi_opts_t mo;
+    comm_mpi_opts_default(&mo);
+    if (o && o->timeout_ms > 0) mo.connect_timeout_ms = o->timeout_ms;
+    if (o && o->max_msg_bytes) mo.max_msg_bytes = o->max_msg_bytes;
+    return comm_mpi_new_opts(out, &mo, err, errlen);
 }

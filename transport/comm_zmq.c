@@ -541,3 +541,14 @@ int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints,
     *out = c;
     return 0;
 }
+
+int comm_zmq_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen) {
+    if (!o || !o->endpoints) return mlm_fail(err, errlen, MLM_EINVAL, "zmq: needs rank, size and endpoints");
+    comm_zmq_opts_t zo;
+    comm_zmq_opts_default(&zo);
+    if (o->timeout_ms > 0) zo.connect_timeout_ms = o->timeout_ms;
+    if (o->max_msg_bytes) zo.max_msg_bytes = o->max_msg_bytes;
+    if (o->heartbeat_ivl_ms) zo.heartbeat_ivl_ms = o->heartbeat_ivl_ms < 0 ? 0 : o->heartbeat_ivl_ms;
+    if (o->heartbeat_timeout_ms > 0) zo.heartbeat_timeout_ms = o->heartbeat_timeout_ms;
+    return comm_zmq_new(out, o->rank, o->size, o->endpoints, &zo, err, errlen);
+}

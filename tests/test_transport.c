@@ -307,7 +307,7 @@ static int check_deadline(comm_t **c, const tctx_t *t) {
 }
 
 // The last rank sends rank 0 one message and goes away: rank 0 still gets the message, then
-// MLM_EPEER (or MLM_ETIMEOUT, when the backend cannot tell) by the deadline, and sends fail alike.
+// MLM_EPEER, and sends fail alike.
 static int check_peer_gone(comm_t **c, const tctx_t *t) {
     int bad = 0;
     const int L = t->N - 1;
@@ -323,18 +323,18 @@ static int check_peer_gone(comm_t **c, const tctx_t *t) {
     EXPECT(rc == 0 && m.n == 1 && m.len[0] == 4 && !memcmp(m.data[0], "last", 4), "last message: %s",
            mlm_strerror(rc));
     if (rc == 0) comm_msg_free(&m);
+    // the contract allows MLM_ETIMEOUT by the deadline; every backend here notices the loss at once
     double t0 = mlm_now_ms();
-    rc = comm_recv(*c, L, &m, NULL, 2000);
+    rc = comm_recv(*c, L, &m, NULL, 3000);
     double el = mlm_now_ms() - t0;
-    EXPECT(rc == MLM_EPEER || rc == MLM_ETIMEOUT, "recv from the lost rank: %s", mlm_strerror(rc));
-    EXPECT(el < 2000 + SLACK_MS, "recv from the lost rank took %.0f ms", el);
+    EXPECT(rc == MLM_EPEER, "recv from the lost rank: %s", mlm_strerror(rc));
+    EXPECT(el < SLACK_MS, "recv from the lost rank took %.0f ms", el);
     if (rc == 0) comm_msg_free(&m);
     t0 = mlm_now_ms();
-    rc = comm_send1(*c, L, "x", 1, 500);
+    rc = comm_send1(*c, L, "x", 1, 3000);
     el = mlm_now_ms() - t0;
-    EXPECT(rc == MLM_EPEER || rc == MLM_ETIMEOUT || rc == 0, "send to the lost rank: %s", mlm_strerror(rc));
-    EXPECT(el < 500 + SLACK_MS, "send to the lost rank took %.0f ms", el);
-    fprintf(stderr, "[%s N=%d: lost peer -> %s] ", t->b->label, t->N, mlm_strerror(rc));
+    EXPECT(rc == MLM_EPEER, "send to the lost rank: %s", mlm_strerror(rc));
+    EXPECT(el < SLACK_MS, "send to the lost rank took %.0f ms", el);
     return bad;
 }
 

@@ -26,6 +26,12 @@ struct link {
 
 // --- helpers
 
+// The link comm's options for this API: no lingering on close, as before.
+static void link_opts(comm_link_opts_t *o) {
+    comm_link_opts_default(o);
+    o->linger_ms = 0;
+}
+
 static int link_wrap(link_t **out, comm_t *c, int peer) {
     link_t *l = calloc(1, sizeof *l);
     if (!l) {
@@ -98,8 +104,7 @@ static int recv_faults(link_t *l, comm_msg_t *out, size_t max_bytes, int timeout
 int link_listen(link_t **out, const char *endpoint, char *err, size_t errlen) {
     *out = NULL;
     comm_link_opts_t o;
-    comm_link_opts_default(&o);
-    o.linger_ms = 0;
+    link_opts(&o);
     comm_t *c = NULL;
     int rc = comm_link_listen(&c, endpoint, &o, err, errlen);
     return rc != 0 ? rc : link_wrap(out, c, 0);
@@ -108,26 +113,15 @@ int link_listen(link_t **out, const char *endpoint, char *err, size_t errlen) {
 int link_connect(link_t **out, const char *endpoint, char *err, size_t errlen) {
     *out = NULL;
     comm_link_opts_t o;
-    comm_link_opts_default(&o);
-    o.linger_ms = 0;
+    link_opts(&o);
     comm_t *c = NULL;
-    const char *eps[1] = {endpoint};
-    int rc = comm_link_connect(&c, eps, 1, &o, err, errlen);
+    int rc = comm_link_connect(&c, &endpoint, 1, &o, err, errlen);
     return rc != 0 ? rc : link_wrap(out, c, 1);
 }
 
 int link_send(link_t *l, const comm_iov_t *frames, int n, int timeout_ms) {
     if (!l || n < 1 || n > COMM_MAX_FRAMES) return MLM_EINVAL;
-    if (l->faults) {
-        comm_iov_t wire[COMM_MAX_FRAMES];
-        uint8_t stamp[FAULT_STAMP_BYTES];
-        void *merged = NULL;
-        int k = fault_stamp_frames(frames, n, wire, stamp, &merged);
-        if (k < 0) return k;
-        int rc = comm_send(l->c, l->peer, wire, k, timeout_ms);
-        free(merged);
-        return rc;
-    }
+    if (l->faults) return fault_send_stamped(l->c, l->peer, frames, n, timeout_ms);
     return comm_send(l->c, l->peer, frames, n, timeout_ms);
 }
 

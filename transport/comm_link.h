@@ -21,6 +21,14 @@ enum {
     COMM_LINK_DATA = 0,             // user frames follow
 };
 
+// Typical use (the runtime's HELLO; see also comm_fault_unwrap in transport/fault.h):
+//   coordinator: comm_open(&c, "link", {rank 0, size n + 1, endpoints}) ... send each worker its
+//                HELLO (naming its rank i and the fault spec), receive every answer, then
+//                comm_fault_wrap(&c, spec) when the spec has link rules
+//   worker:      comm_open(&w, "link", {.listen = ep}); on a HELLO: comm_fault_unwrap(&w) if wrapped,
+//                comm_link_set_rank(w, i), answer plainly, then comm_fault_wrap(&w, spec)
+// A wrapped end delivers an unstamped message (a new coordinator's HELLO) as it is.
+
 typedef struct {
     size_t max_msg_bytes;       // largest accepted message (sum of user frames); default 256 MiB
     int linger_ms;              // comm_destroy waits at most this long to flush sends; default 100

@@ -32,7 +32,9 @@ typedef struct {
 //   "inproc"       joins o->group as o->rank (ranks of one group usually live on threads of one process)
 //   "link"         the control link: rank 0 connects to the size - 1 workers' endpoints, a worker listens
 //   "fault:<name>" opens <name> with the same options and wraps it with comm_fault_wrap; the spec is
-//                  o->fault_spec, else the text o->faults, else $MESHLM_FAULTS (none at all: MLM_EINVAL)
+//                  o->fault_spec, else the text o->faults, else $MESHLM_FAULTS (none at all: MLM_EINVAL).
+//                  Link rules name ranks: a link worker that learns its rank later opens "link" and
+//                  wraps after comm_link_set_rank (transport/comm_link.h)
 // o NULL = all defaults (enough only for "mpi"). 0 (caller destroys *out), or the backend's error
 // (MLM_EINVAL for an unknown name, listing the known ones) with err filled; *out is then NULL.
 int comm_open(comm_t **out, const char *name, const comm_open_opts_t *o, char *err, size_t errlen);

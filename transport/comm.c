@@ -6,6 +6,8 @@
 #include <strings.h>
 #include <time.h>
 
+#include "core/bytes.h"
+#include "core/clock.h"
 #include "core/err.h"
 #include "worker/kernels/quant.h"
 
@@ -44,47 +46,21 @@ struct comm {
 
 // --- helpers
 
-static int64_t now_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
 
-// Absolute deadline in microseconds, or -1 for none.
-static int64_t deadline_of(int timeout_ms) { return timeout_ms < 0 ? -1 : now_us() + (int64_t)timeout_ms * 1000; }
 
-// Milliseconds left before dl (rounded up), 0 once it passed, -1 without a deadline.
-static int remaining_ms(int64_t dl) {
-    if (dl < 0) return -1;
-    int64_t r = dl - now_us();
-    if (r <= 0) return 0;
-    r = (r + 999) / 1000;
-    return r > 0x7fffffff ? 0x7fffffff : (int)r;
-}
 
-static void put32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static void put16(uint8_t *p, uint16_t v) {
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
-static uint32_t get32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
 // Sends one collective message: header frame + payload frame.
 static int coll_send(comm_t *c, int peer, int op, uint32_t seq, uint32_t aux, const void *payload, size_t len,
                      int64_t dl) {
     uint8_t hdr[COLL_HDR_BYTES];
-    put32(hdr, COLL_MAGIC);
-    put16(hdr + 4, (uint16_t)op);
-    put16(hdr + 6, 0);
-    put32(hdr + 8, seq);
-    put32(hdr + 12, aux);
+    mlm_put32(hdr, COLL_MAGIC);
+    mlm_put16(hdr + 4, (uint16_t)op);
+    mlm_put16(hdr + 6, 0);
+    mlm_put32(hdr + 8, seq);
+    mlm_put32(hdr + 12, aux);
     comm_iov_t f[2] = {{hdr, sizeof hdr}, {payload, len}};
-    return c->iface->send(c->ctx, peer, f, 2, remaining_ms(dl));
+    return c->iface->send(c->ctx, peer, f, 2, mlm_left_ms(dl));
 }
 
 // Receives the collective message (op, seq, aux) of exactly len payload bytes from peer into *m
@@ -95,19 +71,19 @@ static int coll_recv(comm_t *c, int peer, int op, uint32_t seq, uint32_t aux, si
     for (;;) {
         memset(m, 0, sizeof *m);
         int from = -1;
-        int rc = c->iface->recv(c->ctx, peer, m, &from, remaining_ms(dl));
+        int rc = c->iface->recv(c->ctx, peer, m, &from, mlm_left_ms(dl));
         if (rc != 0) return rc;
-        if (m->n != 2 || m->len[0] != COLL_HDR_BYTES || get32(m->data[0]) != COLL_MAGIC) {
+        if (m->n != 2 || m->len[0] != COLL_HDR_BYTES || mlm_get32(m->data[0]) != COLL_MAGIC) {
             comm_msg_free(m);
             return MLM_EPROTO;
         }
         const uint8_t *h = m->data[0];
-        uint32_t hseq = get32(h + 8);
+        uint32_t hseq = mlm_get32(h + 8);
         if ((int32_t)(hseq - seq) < 0) { // left over from a collective that failed here
             comm_msg_free(m);
             continue;
         }
-        if (hseq != seq || get16(h + 4) != op || get32(h + 12) != aux || m->len[1] != len) {
+        if (hseq != seq || mlm_get16(h + 4) != op || mlm_get32(h + 12) != aux || m->len[1] != len) {
             comm_msg_free(m);
             return MLM_EPROTO;
         }
@@ -358,7 +334,7 @@ int comm_barrier(comm_t *c, int timeout_ms) {
     if (c->iface->barrier) return c->iface->barrier(c->ctx, timeout_ms);
     const int N = comm_size(c), r = comm_rank(c);
     const uint32_t seq = c->seq++;
-    const int64_t dl = deadline_of(timeout_ms);
+    const int64_t dl = mlm_deadline(timeout_ms);
     int rc = 0;
     if (N == 1) return 0;
     if (r != 0) {
@@ -375,7 +351,7 @@ int comm_broadcast(comm_t *c, int root, void *buf, size_t len, int timeout_ms) {
     if (!c || root < 0 || root >= comm_size(c) || (len && !buf)) return MLM_EINVAL;
     const int N = comm_size(c), r = comm_rank(c);
     const uint32_t seq = c->seq++;
-    const int64_t dl = deadline_of(timeout_ms);
+    const int64_t dl = mlm_deadline(timeout_ms);
     if (r != root) return coll_recv_into(c, root, OP_BCAST, seq, 0, buf, len, dl);
     int rc = 0;
     for (int p = 0; p < N && rc == 0; p++)
@@ -388,7 +364,7 @@ int comm_gather(comm_t *c, int root, const void *in, size_t len, void *out, int 
     const int N = comm_size(c), r = comm_rank(c);
     if (r == root && len && !out) return MLM_EINVAL;
     const uint32_t seq = c->seq++;
-    const int64_t dl = deadline_of(timeout_ms);
+    const int64_t dl = mlm_deadline(timeout_ms);
     if (r != root) return coll_send(c, root, OP_GATHER, seq, 0, in, len, dl);
     int rc = 0;
     if (len) memmove((uint8_t *)out + (size_t)r * len, in, len);
@@ -401,7 +377,7 @@ int comm_allgather(comm_t *c, const void *in, size_t len, void *out, int timeout
     if (!c || (len && (!in || !out))) return MLM_EINVAL;
     const int N = comm_size(c), r = comm_rank(c);
     const uint32_t seq = c->seq++;
-    const int64_t dl = deadline_of(timeout_ms);
+    const int64_t dl = mlm_deadline(timeout_ms);
     uint8_t *o = out;
     if (len) memmove(o + (size_t)r * len, in, len);
     int rc = 0;
@@ -449,7 +425,7 @@ int comm_allreduce_ex(comm_t *c, float *buf, size_t n, const comm_allreduce_opts
     if (algo == COMM_ALGO_AUTO) algo = comm_choose_algo(c, q8 ? q8_bytes(n) : n * sizeof(float));
     if (c->iface->allreduce_f32 && !q8) return c->iface->allreduce_f32(c->ctx, buf, n, algo, timeout_ms);
     const uint32_t seq = c->seq++;
-    const int64_t dl = deadline_of(timeout_ms);
+    const int64_t dl = mlm_deadline(timeout_ms);
     return algo == COMM_ALGO_RING ? ar_ring(c, buf, n, q8, seq, dl) : ar_star(c, buf, n, q8, seq, dl);
 }
 
@@ -473,7 +449,7 @@ int comm_ping(comm_t *c, int peer, int n, double *lat_us, double *bw_bytes_per_s
         c->ping_seq = g;
         c->n_ping = peer + 1;
     }
-    const int64_t dl = deadline_of(timeout_ms);
+    const int64_t dl = mlm_deadline(timeout_ms);
     const uint32_t seq = c->ping_seq[peer]++;
     const bool lead = comm_rank(c) < peer;
     uint8_t small[8] = {0};
@@ -483,10 +459,10 @@ int comm_ping(comm_t *c, int peer, int n, double *lat_us, double *bw_bytes_per_s
     int rc = (!rtt || !big) ? MLM_ENOMEM : 0;
     for (int i = 0; i <= n && rc == 0; i++) { // round 0 warms up
         if (lead) {
-            int64_t t0 = now_us();
+            int64_t t0 = mlm_now_us();
             rc = coll_send(c, peer, OP_PING, seq, (uint32_t)i, small, sizeof small, dl);
             if (rc == 0) rc = coll_recv_into(c, peer, OP_PING, seq, (uint32_t)i, small, sizeof small, dl);
-            if (i > 0) rtt[i - 1] = (double)(now_us() - t0);
+            if (i > 0) rtt[i - 1] = (double)(mlm_now_us() - t0);
         } else {
             rc = coll_recv_into(c, peer, OP_PING, seq, (uint32_t)i, small, sizeof small, dl);
             if (rc == 0) rc = coll_send(c, peer, OP_PING, seq, (uint32_t)i, small, sizeof small, dl);
@@ -496,10 +472,10 @@ int comm_ping(comm_t *c, int peer, int n, double *lat_us, double *bw_bytes_per_s
     if (rc == 0 && lead) {
         qsort(rtt, (size_t)n, sizeof *rtt, cmp_double);
         double med = rtt[n / 2];
-        int64_t t0 = now_us();
+        int64_t t0 = mlm_now_us();
         rc = coll_send(c, peer, OP_PING, seq, bw_tag, big, PING_BW_BYTES, dl);
         if (rc == 0) rc = coll_recv_into(c, peer, OP_PING, seq, bw_tag, small, sizeof small, dl);
-        double t = (double)(now_us() - t0) - med; // one transfer without the ack's round trip
+        double t = (double)(mlm_now_us() - t0) - med; // one transfer without the ack's round trip
         res[0] = med / 2;
         res[1] = PING_BW_BYTES / ((t > 1 ? t : 1) * 1e-6);
         if (rc == 0) rc = coll_send(c, peer, OP_PING, seq, res_tag, res, sizeof res, dl);
@@ -520,18 +496,18 @@ int comm_ping(comm_t *c, int peer, int n, double *lat_us, double *bw_bytes_per_s
 int comm_calibrate(comm_t *c, int timeout_ms) {
     if (!c) return MLM_EINVAL;
     const int N = comm_size(c), r = comm_rank(c);
-    const int64_t dl = deadline_of(timeout_ms);
+    const int64_t dl = mlm_deadline(timeout_ms);
     double link[2] = {0, 0}; // worst latency us, worst bandwidth bytes/s
     int rc = 0;
     if (r == 0) {
         for (int p = 1; p < N && rc == 0; p++) {
             double lat = 0, bw = 0;
-            rc = comm_ping(c, p, 8, &lat, &bw, remaining_ms(dl));
+            rc = comm_ping(c, p, 8, &lat, &bw, mlm_left_ms(dl));
             if (rc == 0 && lat > link[0]) link[0] = lat;
             if (rc == 0 && (link[1] == 0 || bw < link[1])) link[1] = bw;
         }
     } else {
-        rc = comm_ping(c, 0, 8, NULL, NULL, remaining_ms(dl));
+        rc = comm_ping(c, 0, 8, NULL, NULL, mlm_left_ms(dl));
     }
     const uint32_t seq = c->seq++;
     if (rc != 0) return rc;

@@ -39,7 +39,9 @@ struct comm_backend_i {
     // Sends one message of n frames to peer. 0, MLM_ETIMEOUT, MLM_EPEER (peer gone), MLM_ERANGE (too big).
     int (*send)(void *ctx, int peer, const comm_iov_t *frames, int n, int timeout_ms);
     // Receives the next message from peer (or COMM_ANY; *from gets the sender). Messages from one
-    // peer arrive in the order they were sent. 0, MLM_ETIMEOUT, MLM_EPEER, MLM_EPROTO (malformed).
+    // peer arrive in the order they were sent. 0, MLM_ETIMEOUT, MLM_EPEER, MLM_EPROTO (malformed),
+    // MLM_ERANGE (over this end's size limit); both drop that message (*from names its sender when
+    // known) and the comm stays usable.
     int (*recv)(void *ctx, int peer, comm_msg_t *out, int *from, int timeout_ms);
     void (*destroy)(void *ctx);
     // optional

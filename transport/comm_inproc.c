@@ -21,11 +21,18 @@ typedef struct {
     pthread_cond_t *cv;         // (size) signalled when rank r's queues grow or a peer leaves
     inproc_item_t **head;       // (size, size) queue [dst * size + src], oldest first
     inproc_item_t **tail;       // (size, size) last item of each queue
-    bool *gone;                 // (size) rank destroyed
+    bool *gone;                 // (size) rank destroyed, or never joined once the group was released
+    bool *joined;               // (size) rank made (comm_inproc_join)
     int size;                   // ranks
-    int live;                   // ranks not yet destroyed (the group is freed at 0)
+    int live;                   // joined ranks not yet destroyed, plus one while the handle is held (freed at 0)
+    bool released;              // the handle was released: ranks that never joined are gone
+    size_t max_msg_bytes;       // largest message (sum of frames); SIZE_MAX = no limit
     uint64_t stamp;             // messages sent so far
 } inproc_group_t;
+
+struct comm_inproc_group {
+    inproc_group_t *g;          // the group (shared with the joined ranks)
+};
 
 typedef struct {
     inproc_group_t *g;          // shared group (freed by the last rank)
@@ -81,7 +88,16 @@ static void group_free(inproc_group_t *g) {
     free(g->head);
     free(g->tail);
     free(g->gone);
+    free(g->joined);
     free(g);
+}
+
+// Drops one reference (a destroyed rank or the released handle); the last one frees the group.
+static void group_unref(inproc_group_t *g) {
+    pthread_mutex_lock(&g->mu);
+    int left = --g->live;
+    pthread_mutex_unlock(&g->mu);
+    if (left == 0) group_free(g);
 }
 
 // --- backend
@@ -93,6 +109,9 @@ static int ip_size(void *ctx) { return ((inproc_ctx_t *)ctx)->g->size; }
 static int ip_send(void *ctx, int peer, const comm_iov_t *frames, int n, int timeout_ms) {
     inproc_ctx_t *x = ctx;
     inproc_group_t *g = x->g;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += frames[i].len;
+    if (total > g->max_msg_bytes) return MLM_ERANGE;
     inproc_item_t *it = calloc(1, sizeof *it);
     if (!it) return MLM_ENOMEM;
     for (int i = 0; i < n; i++) {
@@ -171,9 +190,8 @@ static void ip_destroy(void *ctx) {
         g->head[q] = g->tail[q] = NULL;
     }
     for (int r = 0; r < g->size; r++) pthread_cond_broadcast(&g->cv[r]);
-    int left = --g->live;
     pthread_mutex_unlock(&g->mu);
-    if (left == 0) group_free(g);
+    group_unref(g);
     free(x);
 }
 
@@ -188,20 +206,27 @@ static const struct comm_backend_i inproc_iface = {
 
 // --- public API
 
-int comm_inproc_new_group(comm_t **out, int size) {
+int comm_inproc_group_new(comm_inproc_group_t **out, int size, size_t max_msg_bytes) {
     if (!out || size < 1) return MLM_EINVAL;
+    *out = NULL;
+    comm_inproc_group_t *h = calloc(1, sizeof *h);
     inproc_group_t *g = calloc(1, sizeof *g);
-    if (!g) return MLM_ENOMEM;
+    if (!h || !g) {
+        free(h);
+        free(g);
+        return MLM_ENOMEM;
+    }
     pthread_mutex_init(&g->mu, NULL);
     g->size = size;
-    g->cv = calloc((size_t)size, sizeof *g->cv);
+    g->live = 1;
+    g->max_msg_bytes = max_msg_bytes ? max_msg_bytes : SIZE_MAX;
     g->head = calloc((size_t)size * size, sizeof *g->head);
     g->tail = calloc((size_t)size * size, sizeof *g->tail);
     g->gone = calloc((size_t)size, sizeof *g->gone);
-    if (!g->cv || !g->head || !g->tail || !g->gone) {
-        free(g->cv); // no condvar initialised yet
-        g->cv = NULL;
-        group_free(g);
+    g->joined = calloc((size_t)size, sizeof *g->joined);
+    if (!g->head || !g->tail || !g->gone || !g->joined || !(g->cv = calloc((size_t)size, sizeof *g->cv))) {
+        group_free(g); // no condvar initialised yet
+        free(h);
         return MLM_ENOMEM;
     }
     pthread_condattr_t ca;
@@ -209,28 +234,74 @@ int comm_inproc_new_group(comm_t **out, int size) {
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     for (int r = 0; r < size; r++) pthread_cond_init(&g->cv[r], &ca);
     pthread_condattr_destroy(&ca);
-    comm_t **made = calloc((size_t)size, sizeof *made);
-    if (!made) {
-        group_free(g);
+    h->g = g;
+    *out = h;
+    return 0;
+}
+
+int comm_inproc_join(comm_inproc_group_t *h, int rank, comm_t **out) {
+    if (!h || !out || rank < 0 || rank >= h->g->size) return MLM_EINVAL;
+    inproc_group_t *g = h->g;
+    inproc_ctx_t *x = calloc(1, sizeof *x);
+    if (!x) return MLM_ENOMEM;
+    x->g = g;
+    x->rank = rank;
+    pthread_mutex_lock(&g->mu);
+    bool taken = g->joined[rank];
+    if (!taken) {
+        g->joined[rank] = true;
+        g->live++;
+    }
+    pthread_mutex_unlock(&g->mu);
+    if (taken) {
+        free(x);
+        return MLM_EINVAL;
+    }
+    comm_t *c = comm_new(&inproc_iface, x);
+    if (!c) {
+        ip_destroy(x); // the rank leaves at once
         return MLM_ENOMEM;
     }
-    for (int r = 0; r < size; r++) {
-        inproc_ctx_t *x = calloc(1, sizeof *x);
-        if (x) {
-            x->g = g;
-            x->rank = r;
-            made[r] = comm_new(&inproc_iface, x);
-        }
-        if (!made[r]) {
-            free(x);
-            for (int k = 0; k < r; k++) comm_destroy(&made[k]); // the last one frees the group
-            if (r == 0) group_free(g);
-            free(made);
-            return MLM_ENOMEM;
-        }
-        g->live++;
+    *out = c;
+    return 0;
+}
+
+void comm_inproc_group_release(comm_inproc_group_t **self_p) {
+    if (!self_p || !*self_p) return;
+    inproc_group_t *g = (*self_p)->g;
+    pthread_mutex_lock(&g->mu);
+    g->released = true;
+    for (int r = 0; r < g->size; r++) g->gone[r] = g->gone[r] || !g->joined[r];
+    for (int r = 0; r < g->size; r++) pthread_cond_broadcast(&g->cv[r]);
+    pthread_mutex_unlock(&g->mu);
+    group_unref(g);
+    free(*self_p);
+    *self_p = NULL;
+}
+
+int comm_inproc_new_group(comm_t **out, int size) {
+    if (!out || size < 1) return MLM_EINVAL;
+    comm_inproc_group_t *h = NULL;
+    int rc = comm_inproc_group_new(&h, size, 0);
+    if (rc != 0) return rc;
+    comm_t **made = calloc((size_t)size, sizeof *made);
+    for (int r = 0; rc == 0 && r < size; r++) rc = made ? comm_inproc_join(h, r, &made[r]) : MLM_ENOMEM;
+    comm_inproc_group_release(&h);
+    if (rc != 0) {
+        for (int r = 0; made && r < size; r++) comm_destroy(&made[r]);
+        free(made);
+        return rc;
     }
     for (int r = 0; r < size; r++) out[r] = made[r];
     free(made);
+    return 0;
+}
+
+int comm_inproc_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen) {
+    if (!o || !o->group) return mlm_fail(err, errlen, MLM_EINVAL, "inproc: needs a group (comm_inproc_group_new)");
+    if (o->size && o->size != o->group->g->size)
+        return mlm_fail(err, errlen, MLM_EINVAL, "inproc: size %d, the group has %d ranks", o->size, o->group->g->size);
+    int rc = comm_inproc_join(o->group, o->rank, out);
+    if (rc != 0) return mlm_fail(err, errlen, rc, "inproc: cannot make rank %d of %d: %s", o->rank, o->group->g->size, mlm_strerror(rc));
     return 0;
 }

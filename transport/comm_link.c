@@ -355,7 +355,7 @@ int comm_link_connect(comm_t **out, const char *const *endpoints, int n, const c
             return mlm_fail(err, errlen, MLM_EIO, "cannot create a ZeroMQ socket: %s", zmq_strerror(errno));
         }
         common_opts(k, k->sock[i]);
-        setopt_int(k->sock[i], ZMQ_IMMEDIATE, 1); // queue only on a live connection: sends wait for the worker
+        // no ZMQ_IMMEDIATE: with it a dropped connection discards the messages the worker sent last
         setopt_int(k->sock[i], ZMQ_RECONNECT_IVL, k->o.reconnect_ivl_ms);
         if (zmq_socket_monitor(k->sock[i], mon_ep, ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED) != 0 ||
             !(k->mon[i] = zmq_socket(k->zctx, ZMQ_PAIR)) || zmq_connect(k->mon[i], mon_ep) != 0) {
@@ -409,4 +409,27 @@ int comm_link_set_max_bytes(comm_t *c, size_t max_msg_bytes) {
     if (!k || max_msg_bytes == 0) return MLM_EINVAL;
     k->o.max_msg_bytes = max_msg_bytes;
     return 0;
+}
+
+int comm_link_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen) {
+    if (out) *out = NULL;
+    if (!o) return mlm_fail(err, errlen, MLM_EINVAL, "link: needs endpoints");
+    comm_link_opts_t lo;
+    comm_link_opts_default(&lo);
+    if (o->max_msg_bytes) lo.max_msg_bytes = o->max_msg_bytes;
+    if (o->heartbeat_ivl_ms) lo.heartbeat_ivl_ms = o->heartbeat_ivl_ms < 0 ? 0 : o->heartbeat_ivl_ms;
+    if (o->heartbeat_timeout_ms > 0) lo.heartbeat_timeout_ms = o->heartbeat_timeout_ms;
+    if (!o->listen && o->rank == 0) {
+        if (!o->endpoints || o->size < 2)
+            return mlm_fail(err, errlen, MLM_EINVAL, "link: the coordinator needs size >= 2 and the workers' endpoints");
+        return comm_link_connect(out, o->endpoints, o->size - 1, &lo, err, errlen);
+    }
+    const char *ep = o->listen;
+    if (!ep && (!o->endpoints || o->rank < 1 || o->rank >= o->size))
+        return mlm_fail(err, errlen, MLM_EINVAL, "link: rank %d of %d has no endpoint to listen on", o->rank, o->size);
+    if (!ep) ep = o->endpoints[o->rank - 1];
+    int rc = comm_link_listen(out, ep, &lo, err, errlen);
+    if (rc == 0 && o->rank >= 1) rc = comm_link_set_rank(*out, o->rank);
+    if (rc != 0 && *out) comm_destroy(out);
+    return rc;
 }

@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "transport/comm.h"
+#include "transport/comm_open.h"
 
 // Wire format, version 1.0. Every message is: [envelope (8 bytes)] [user frame 0] ... [user frame n-1]
 //   u32 magic COMM_LINK_MAGIC, u8 major, u8 minor, u8 kind (COMM_LINK_DATA), u8 n (user frames)
@@ -20,6 +21,14 @@ enum {
     COMM_LINK_DATA = 0,             // user frames follow
 };
 
+// Typical use (the runtime's HELLO; see also comm_fault_unwrap in transport/fault.h):
+//   coordinator: comm_open(&c, "link", {rank 0, size n + 1, endpoints}) ... send each worker its
+//                HELLO (naming its rank i and the fault spec), receive every answer, then
+//                comm_fault_wrap(&c, spec) when the spec has link rules
+//   worker:      comm_open(&w, "link", {.listen = ep}); on a HELLO: comm_fault_unwrap(&w) if wrapped,
+//                comm_link_set_rank(w, i), answer plainly, then comm_fault_wrap(&w, spec)
+// A wrapped end delivers an unstamped message (a new coordinator's HELLO) as it is.
+
 typedef struct {
     size_t max_msg_bytes;       // largest accepted message (sum of user frames); default 256 MiB
     int linger_ms;              // comm_destroy waits at most this long to flush sends; default 100
@@ -31,15 +40,16 @@ typedef struct {
 void comm_link_opts_default(comm_link_opts_t *o);
 
 // Coordinator side: a comm of size n + 1 and rank 0 whose peer i (1..n) is the worker listening
-// at endpoints[i-1] (tcp://HOST:PORT or ipc:///PATH). Connections complete in the background: the
-// first send or recv deadline covers them (a worker that is not there yet gives MLM_ETIMEOUT).
+// at endpoints[i-1] (tcp://HOST:PORT or ipc:///PATH). Connections complete in the background: a
+// message sent before its worker is there waits for it, and the recv deadline covers the wait.
 // recv(COMM_ANY) returns the next message from any worker with *from = its rank. Only rank 0 and a
 // worker are joined: the star collectives (barrier, broadcast and gather rooted at 0, STAR
 // all-reduce) work; those that need worker-to-worker traffic (RING all-reduce, all-gather) work
 // only when n == 1 and otherwise fail by their deadline.
 // Peer loss: once a worker's connection drops (process killed, heartbeat timeout) send and recv on
 // it return MLM_EPEER at once (messages that arrived before are still delivered first) until a
-// worker is back at its endpoint; a frozen worker gives MLM_ETIMEOUT at the deadline.
+// worker is back at its endpoint (a message queued for the old one may then reach the new one); a
+// frozen worker, or one that never came, gives MLM_ETIMEOUT at the deadline.
 // opts NULL = defaults. 0 (caller destroys *out), or MLM_EINVAL / MLM_EIO / MLM_ENOMEM with err.
 int comm_link_connect(comm_t **out, const char *const *endpoints /* (n) */, int n, const comm_link_opts_t *opts,
                       char *err, size_t errlen);
@@ -62,5 +72,10 @@ int comm_link_set_rank(comm_t *c, int rank);
 
 // Changes the per-message size limit (sum of user frames) of a link comm. 0 or MLM_EINVAL.
 int comm_link_set_max_bytes(comm_t *c, size_t max_msg_bytes);
+
+// comm_open("link"): rank 0 = comm_link_connect(o->endpoints, o->size - 1); rank r >= 1 =
+// comm_link_listen(o->listen or o->endpoints[r - 1]) then comm_link_set_rank(r); o->listen with
+// a rank <= 0 listens as rank 1 (set it later). Reads max_msg_bytes and the heartbeats too.
+int comm_link_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen);
 
 #endif

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/bytes.h"
 #include "core/clock.h"
 #include "core/err.h"
 
@@ -34,28 +35,14 @@ typedef struct {
     int n_pend;                     // used entries of pend
     int cap_pend;                   // allocated entries of pend
     size_t pend_bytes;              // sum of pend[i].bytes
+    bool has_stuck;                 // a matched message could not be received (no memory for it)
+    MPI_Message stuck;              // that message, received and dropped by the next recv
+    int stuck_count;                // its bytes
 } mpi_ctx_t;
 
 // --- helpers
 
-static void put32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static void put64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static uint32_t get32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static uint64_t get64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
-    return v;
-}
 
-// Absolute deadline in microseconds, or -1 for none.
-static int64_t deadline_of(int timeout_ms) { return timeout_ms < 0 ? -1 : mlm_now_us() + (int64_t)timeout_ms * 1000; }
-static bool passed(int64_t dl) { return dl >= 0 && mlm_now_us() >= dl; }
 
 // Backoff between polls: spin a little (low latency), then sleep up to 200 us so that ranks
 // oversubscribing the cores leave them to the ranks that compute.
@@ -99,7 +86,7 @@ static int park(mpi_ctx_t *x, MPI_Request req, void *buf, size_t bytes) {
 
 // Splits a received wire message (buf, count bytes; ownership passes here) into out's frames.
 static int unpack(uint8_t *buf, size_t count, comm_msg_t *out) {
-    if (count < HDR_FIXED || get32(buf) != COMM_MPI_MAGIC || buf[4] != COMM_MPI_MAJOR || buf[6] > COMM_MAX_FRAMES) {
+    if (count < HDR_FIXED || mlm_get32(buf) != COMM_MPI_MAGIC || buf[4] != COMM_MPI_MAJOR || buf[6] > COMM_MAX_FRAMES) {
         free(buf);
         return MLM_EPROTO;
     }
@@ -110,7 +97,7 @@ static int unpack(uint8_t *buf, size_t count, comm_msg_t *out) {
     }
     size_t len[COMM_MAX_FRAMES], sum = 0;
     for (int i = 0; i < n; i++) {
-        uint64_t l = get64(buf + HDR_FIXED + 8 * (size_t)i);
+        uint64_t l = mlm_get64(buf + HDR_FIXED + 8 * (size_t)i);
         if (l > count - HDR_BYTES(n) - sum) {
             free(buf);
             return MLM_EPROTO;
@@ -163,24 +150,24 @@ static int mpi_send(void *ctx, int peer, const comm_iov_t *frames, int n, int ti
     }
     const size_t total = HDR_BYTES(n) + sum;
     if (total > (size_t)INT_MAX) return MLM_ERANGE;
-    const int64_t dl = deadline_of(timeout_ms);
+    const int64_t dl = mlm_deadline(timeout_ms);
     int spins = 0;
     for (;;) { // wait while too much is still undelivered
         reap(x);
         if (x->n_pend == 0 || (x->n_pend < MAX_PENDING && x->pend_bytes + total <= x->o.max_pending_bytes)) break;
-        if (passed(dl) || timeout_ms == 0) return MLM_ETIMEOUT;
+        if (mlm_passed(dl) || timeout_ms == 0) return MLM_ETIMEOUT;
         backoff(&spins);
     }
     uint8_t *buf = malloc(total);
     if (!buf) return MLM_ENOMEM;
-    put32(buf, COMM_MPI_MAGIC);
+    mlm_put32(buf, COMM_MPI_MAGIC);
     buf[4] = COMM_MPI_MAJOR;
     buf[5] = COMM_MPI_MINOR;
     buf[6] = (uint8_t)n;
     buf[7] = 0;
     size_t off = HDR_BYTES(n);
     for (int i = 0; i < n; i++) {
-        put64(buf + HDR_FIXED + 8 * (size_t)i, frames[i].len);
+        mlm_put64(buf + HDR_FIXED + 8 * (size_t)i, frames[i].len);
         if (frames[i].len) memcpy(buf + off, frames[i].ptr, frames[i].len);
         off += frames[i].len;
     }
@@ -200,7 +187,14 @@ static int mpi_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout
     mpi_ctx_t *x = ctx;
     if (peer != COMM_ANY && (peer < 0 || peer >= x->size)) return MLM_EINVAL;
     const int src = peer == COMM_ANY ? MPI_ANY_SOURCE : peer;
-    const int64_t dl = deadline_of(timeout_ms);
+    const int64_t dl = mlm_deadline(timeout_ms);
+    if (x->has_stuck) { // a matched message must be received before anything else
+        void *sink = malloc(x->stuck_count ? (size_t)x->stuck_count : 1);
+        if (!sink) return MLM_ENOMEM;
+        MPI_Mrecv(sink, x->stuck_count, MPI_BYTE, &x->stuck, MPI_STATUS_IGNORE);
+        free(sink);
+        x->has_stuck = false;
+    }
     MPI_Message mh;
     MPI_Status st;
     int flag = 0, spins = 0;
@@ -208,22 +202,27 @@ static int mpi_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout
         if (x->n_pend) reap(x);
         if (MPI_Improbe(src, COMM_MPI_TAG, x->comm, &flag, &mh, &st) != MPI_SUCCESS) return MLM_EPEER;
         if (flag) break;
-        if (passed(dl) || timeout_ms == 0) return MLM_ETIMEOUT;
+        if (mlm_passed(dl) || timeout_ms == 0) return MLM_ETIMEOUT;
         backoff(&spins);
     }
     int count = 0;
     if (MPI_Get_count(&st, MPI_BYTE, &count) != MPI_SUCCESS || count == MPI_UNDEFINED) count = -1;
-    if (count < 0 || (size_t)count > HDR_BYTES(COMM_MAX_FRAMES) + x->o.max_msg_bytes) {
-        // Too big to accept: consume it into one byte (MPI reports the truncation) and drop it.
-        uint8_t sink;
-        MPI_Mrecv(&sink, 1, MPI_BYTE, &mh, MPI_STATUS_IGNORE);
-        return MLM_EPROTO;
-    }
+    if (count < 0) count = 0; // MPI_BYTE always has a count
+    // A message is received whole even when it is dropped: Open MPI may write all of a truncated
+    // message into the buffer (seen with its shared-memory transport).
     uint8_t *buf = malloc(count ? (size_t)count : 1);
     if (!buf) {
-        uint8_t sink;
-        MPI_Mrecv(&sink, 1, MPI_BYTE, &mh, MPI_STATUS_IGNORE);
+        x->has_stuck = true;
+        x->stuck = mh;
+        x->stuck_count = count;
+        *from = st.MPI_SOURCE;
         return MLM_ENOMEM;
+    }
+    if ((size_t)count > HDR_BYTES(COMM_MAX_FRAMES) + x->o.max_msg_bytes) { // too big to accept: dropped
+        MPI_Mrecv(buf, count, MPI_BYTE, &mh, MPI_STATUS_IGNORE);
+        free(buf);
+        *from = st.MPI_SOURCE;
+        return MLM_ERANGE;
     }
     MPI_Request req;
     if (MPI_Imrecv(buf, count, MPI_BYTE, &mh, &req) != MPI_SUCCESS) {
@@ -237,7 +236,7 @@ static int mpi_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout
             return MLM_EPEER;
         }
         if (done) break;
-        if (passed(dl)) { // matched but not delivered in time: MPI keeps writing into buf
+        if (mlm_passed(dl)) { // matched but not delivered in time: MPI keeps writing into buf
             if (park(x, req, buf, 0) != 0) {
                 MPI_Wait(&req, MPI_STATUS_IGNORE);
                 free(buf);
@@ -247,7 +246,13 @@ static int mpi_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout
         backoff(&spins);
     }
     int rc = unpack(buf, (size_t)count, out);
-    if (rc == 0) *from = st.MPI_SOURCE;
+    *from = st.MPI_SOURCE;
+    size_t sum = 0;
+    for (int i = 0; rc == 0 && i < out->n; i++) sum += out->len[i];
+    if (rc == 0 && sum > x->o.max_msg_bytes) { // within the header's slack but over the limit
+        comm_msg_free(out);
+        rc = MLM_ERANGE;
+    }
     return rc;
 }
 
@@ -257,12 +262,12 @@ static void mpi_destroy(void *ctx) {
     int fin = 0;
     MPI_Finalized(&fin);
     if (!fin) {
-        const int64_t dl = deadline_of(x->o.linger_ms);
+        const int64_t dl = mlm_deadline(x->o.linger_ms);
         int spins = 0;
-        for (reap(x); x->n_pend && !passed(dl); reap(x)) backoff(&spins);
+        for (reap(x); x->n_pend && !mlm_passed(dl); reap(x)) backoff(&spins);
         for (int i = 0; i < x->n_pend; i++) MPI_Cancel(&x->pend[i].req);
-        const int64_t dl2 = deadline_of(100);
-        for (reap(x); x->n_pend && !passed(dl2); reap(x)) backoff(&spins);
+        const int64_t dl2 = mlm_deadline(100);
+        for (reap(x); x->n_pend && !mlm_passed(dl2); reap(x)) backoff(&spins);
         for (int i = 0; i < x->n_pend; i++) MPI_Request_free(&x->pend[i].req); // buffers leaked on purpose
         if (x->comm != MPI_COMM_NULL) MPI_Comm_free(&x->comm);
     }
@@ -320,9 +325,9 @@ int comm_mpi_new_opts(comm_t **out, const comm_mpi_opts_t *opts, char *err, size
         free(x);
         return MLM_EPEER;
     }
-    const int64_t dl = deadline_of(o.connect_timeout_ms);
+    const int64_t dl = mlm_deadline(o.connect_timeout_ms);
     int done = 0, spins = 0;
-    while (MPI_Test(&req, &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && !done && !passed(dl)) backoff(&spins);
+    while (MPI_Test(&req, &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && !done && !mlm_passed(dl)) backoff(&spins);
     if (!done) { // the communicator never formed: the request stays with MPI
         snprintf(err, errlen, "not every MPI rank joined within %d ms", o.connect_timeout_ms);
         free(x);
@@ -338,4 +343,12 @@ int comm_mpi_new_opts(comm_t **out, const comm_mpi_opts_t *opts, char *err, size
     }
     *out = c;
     return 0;
+}
+
+int comm_mpi_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen) {
+    comm_mpi_opts_t mo;
+    comm_mpi_opts_default(&mo);
+    if (o && o->timeout_ms > 0) mo.connect_timeout_ms = o->timeout_ms;
+    if (o && o->max_msg_bytes) mo.max_msg_bytes = o->max_msg_bytes;
+    return comm_mpi_new_opts(out, &mo, err, errlen);
 }

@@ -6,12 +6,14 @@
 #include <stdint.h>
 
 #include "transport/comm.h"
+#include "transport/comm_open.h"
 
 // Wire format, version 1.0. A comm message of n frames is one MPI message of MPI_BYTE on a private
 // duplicate of MPI_COMM_WORLD (tag COMM_MPI_TAG):
 //   u32 magic COMM_MPI_MAGIC, u8 major, u8 minor, u8 n (frames), u8 0, u64 len[n], frame bytes...
 // (all little-endian). A message without a valid header, with another major version, or whose
-// lengths do not add up is consumed and reported as MLM_EPROTO.
+// lengths do not add up is consumed and reported as MLM_EPROTO; one over max_msg_bytes is consumed
+// and reported as MLM_ERANGE (*from = its sender).
 #define COMM_MPI_MAGIC 0x494d4c4du  // "MLMI"
 #define COMM_MPI_MAJOR 1
 #define COMM_MPI_MINOR 0
@@ -48,5 +50,9 @@ void comm_mpi_opts_default(comm_mpi_opts_t *o);
 // (buffers of sends MPI will not release are leaked rather than freed under it).
 int comm_mpi_new(comm_t **out, char *err, size_t errlen);
 int comm_mpi_new_opts(comm_t **out, const comm_mpi_opts_t *opts, char *err, size_t errlen);
+
+// comm_open("mpi"): comm_mpi_new_opts with o's timeout_ms (start) and max_msg_bytes (o may be
+// NULL); rank and size are MPI's.
+int comm_mpi_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen);
 
 #endif

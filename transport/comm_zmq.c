@@ -8,6 +8,8 @@
 #include <time.h>
 #include <zmq.h>
 
+#include "core/bytes.h"
+#include "core/clock.h"
 #include "core/err.h"
 
 // --- types
@@ -50,31 +52,13 @@ typedef struct {
 
 // --- helpers
 
-static int64_t now_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
 
-static int remaining_ms(int64_t dl) {
-    if (dl < 0) return -1;
-    int64_t r = dl - now_us();
-    if (r <= 0) return 0;
-    r = (r + 999) / 1000;
-    return r > 0x7fffffff ? 0x7fffffff : (int)r;
-}
 
-static void put32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static uint32_t get32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
 
 // ZeroMQ routing ids must not start with a zero byte: a letter, then the rank.
 static void routing_id(uint8_t id[5], char tag, int rank) {
     id[0] = (uint8_t)tag;
-    put32(id + 1, (uint32_t)rank);
+    mlm_put32(id + 1, (uint32_t)rank);
 }
 
 static void item_free(zq_item_t *it) {
@@ -155,12 +139,12 @@ static int take_one(zq_ctx_t *z) {
     }
     const uint8_t *e = NULL;
     if (!broken && np >= 2 && zmq_msg_size(&part[1]) == COMM_ZMQ_ENVELOPE_BYTES) e = zmq_msg_data(&part[1]);
-    if (!e || get32(e) != COMM_ZMQ_MAGIC) {
+    if (!e || mlm_get32(e) != COMM_ZMQ_MAGIC) {
         push_err(z, -1, MLM_EPROTO);
         goto done;
     }
     const int major = e[4], minor = e[5], kind = e[6], nf = e[7];
-    const uint32_t src = get32(e + 8), world = get32(e + 12);
+    const uint32_t src = mlm_get32(e + 8), world = mlm_get32(e + 12);
     if (major != COMM_ZMQ_MAJOR) {
         if (!z->proto_err[0])
             snprintf(z->proto_err, sizeof z->proto_err, "a peer speaks protocol %d.%d, rank %d speaks %d.%d", major,
@@ -262,7 +246,7 @@ static bool gone(zq_ctx_t *z, int peer) {
 
 // Probes peer (or every live peer) if its probe is due; an unroutable peer is marked lost.
 static void probe(zq_ctx_t *z, int peer) {
-    int64_t t = now_us();
+    int64_t t = mlm_now_us();
     for (int s = 0; s < z->size; s++) {
         if (s == z->rank || z->lost[s] || (peer != COMM_ANY && s != peer) || t < z->next_probe[s]) continue;
         z->next_probe[s] = t + (int64_t)z->o.probe_ivl_ms * 1000;
@@ -306,7 +290,7 @@ static int zq_send(void *ctx, int peer, const comm_iov_t *frames, int n, int tim
     size_t total = 0;
     for (int i = 0; i < n; i++) total += frames[i].len;
     if (total > z->o.max_msg_bytes) return MLM_ERANGE;
-    const int64_t dl = timeout_ms < 0 ? -1 : now_us() + (int64_t)timeout_ms * 1000;
+    const int64_t dl = mlm_deadline(timeout_ms);
     for (;;) {
         int e = send_parts(z, peer, COMM_ZMQ_DATA, frames, n);
         if (e == 0) return 0;
@@ -315,7 +299,7 @@ static int zq_send(void *ctx, int peer, const comm_iov_t *frames, int n, int tim
             return MLM_EPEER;
         }
         if (e != EAGAIN && e != EINTR) return MLM_EPEER;
-        int left = remaining_ms(dl);
+        int left = mlm_left_ms(dl);
         if (left == 0) return MLM_ETIMEOUT;
         if (drain(z, left < 0 || left > 2 ? 2 : left) != 0) return MLM_EIO; // keep our inbox moving meanwhile
     }
@@ -323,13 +307,13 @@ static int zq_send(void *ctx, int peer, const comm_iov_t *frames, int n, int tim
 
 static int zq_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout_ms) {
     zq_ctx_t *z = ctx;
-    const int64_t dl = timeout_ms < 0 ? -1 : now_us() + (int64_t)timeout_ms * 1000;
+    const int64_t dl = mlm_deadline(timeout_ms);
     *from = -1;
     for (;;) {
         if (drain(z, 0) != 0) return MLM_EIO;
         zq_queue_t *q = pick(z, peer);
         if (q) return deliver(q, out, from);
-        int left = remaining_ms(dl);
+        int left = mlm_left_ms(dl);
         if (gone(z, peer)) { // its last messages may still be on the way: a short grace
             if (drain(z, left < 0 || left > ZQ_GRACE_MS ? ZQ_GRACE_MS : left) != 0) return MLM_EIO;
             q = pick(z, peer);
@@ -428,7 +412,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
 
     bool *said = calloc((size_t)z->size, sizeof *said); // HELLO delivered to peer
     if (!said) return MLM_ENOMEM;
-    const int64_t dl = now_us() + (int64_t)z->o.connect_timeout_ms * 1000;
+    const int64_t dl = mlm_now_us() + (int64_t)z->o.connect_timeout_ms * 1000;
     int64_t refuse_at = -1; // after a mismatch, keep saying hello briefly so the peer learns why
     int rc = 0;
     for (;;) {
@@ -439,14 +423,14 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
             done = done && said[p] && z->hello[p];
             all_said = all_said && said[p];
         }
-        if (z->proto_err[0] && refuse_at < 0) refuse_at = now_us() + (int64_t)ZQ_REFUSE_GRACE_MS * 1000;
-        if (refuse_at >= 0 && (all_said || now_us() >= refuse_at || now_us() >= dl)) {
+        if (z->proto_err[0] && refuse_at < 0) refuse_at = mlm_now_us() + (int64_t)ZQ_REFUSE_GRACE_MS * 1000;
+        if (refuse_at >= 0 && (all_said || mlm_now_us() >= refuse_at || mlm_now_us() >= dl)) {
             snprintf(err, errlen, "handshake refused: %s", z->proto_err);
             rc = MLM_EPROTO;
             break;
         }
         if (done && refuse_at < 0) break;
-        if (now_us() >= dl) {
+        if (mlm_now_us() >= dl) {
             int k = snprintf(err, errlen, "rank %d: no handshake within %d ms with rank(s)", z->rank, z->o.connect_timeout_ms);
             for (int p = 0; p < z->size && k > 0 && (size_t)k < errlen; p++)
                 if (p != z->rank && !(said[p] && z->hello[p])) k += snprintf(err + k, errlen - (size_t)k, " %d", p);
@@ -466,13 +450,13 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
 // --- public API
 
 void comm_zmq_envelope(uint8_t *out, int kind, int src, int world, int nframes) {
-    put32(out, COMM_ZMQ_MAGIC);
+    mlm_put32(out, COMM_ZMQ_MAGIC);
     out[4] = COMM_ZMQ_MAJOR;
     out[5] = COMM_ZMQ_MINOR;
     out[6] = (uint8_t)kind;
     out[7] = (uint8_t)nframes;
-    put32(out + 8, (uint32_t)src);
-    put32(out + 12, (uint32_t)world);
+    mlm_put32(out + 8, (uint32_t)src);
+    mlm_put32(out + 12, (uint32_t)world);
 }
 
 void comm_zmq_opts_default(comm_zmq_opts_t *o) {
@@ -540,4 +524,15 @@ int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints,
     }
     *out = c;
     return 0;
+}
+
+int comm_zmq_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen) {
+    if (!o || !o->endpoints) return mlm_fail(err, errlen, MLM_EINVAL, "zmq: needs rank, size and endpoints");
+    comm_zmq_opts_t zo;
+    comm_zmq_opts_default(&zo);
+    if (o->timeout_ms > 0) zo.connect_timeout_ms = o->timeout_ms;
+    if (o->max_msg_bytes) zo.max_msg_bytes = o->max_msg_bytes;
+    if (o->heartbeat_ivl_ms) zo.heartbeat_ivl_ms = o->heartbeat_ivl_ms < 0 ? 0 : o->heartbeat_ivl_ms;
+    if (o->heartbeat_timeout_ms > 0) zo.heartbeat_timeout_ms = o->heartbeat_timeout_ms;
+    return comm_zmq_new(out, o->rank, o->size, o->endpoints, &zo, err, errlen);
 }

@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "transport/comm.h"
+#include "transport/comm_open.h"
 
 // Wire format, version 1.0. Every message is: [envelope (16 bytes)] [user frame 0] ... [user frame n-1]
 //   u32 magic COMM_ZMQ_MAGIC, u8 major, u8 minor, u8 kind (COMM_ZMQ_*), u8 n (user frames),
@@ -56,5 +57,9 @@ void comm_zmq_opts_default(comm_zmq_opts_t *o);
 // for the life of the comm. The comm is used from one thread at a time.
 int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints, const comm_zmq_opts_t *opts,
                  char *err, size_t errlen);
+
+// comm_open("zmq"): comm_zmq_new with o's rank, size, endpoints, timeout_ms (handshake),
+// max_msg_bytes and heartbeats; other options keep their defaults.
+int comm_zmq_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen);
 
 #endif

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/bytes.h"
 #include "core/err.h"
 
 // --- types
@@ -87,14 +88,6 @@ struct fault_spec {
 };
 
 // --- helpers: text
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 // A growing string; on allocation failure ok turns false and appends are ignored.
 typedef struct {
@@ -439,23 +432,13 @@ static void decide(uint64_t seed, const fault_link_t *p, int src, int dst, uint6
     out->jitter_ms = p->jitter_ms > 0 ? p->jitter_ms * unit(seed, src, dst, counter, 3) : 0;
 }
 
-static uint64_t get64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
-    return v;
-}
-
-static void put64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-
 static void stamp_write(uint8_t *out, const uint8_t magic[8]) {
     memcpy(out, magic, 8);
-    put64(out + 8, (uint64_t)fault_now_ns());
+    mlm_put64(out + 8, (uint64_t)fault_now_ns());
 }
 
 static int64_t stamp_value(const uint8_t *p) {
-    uint64_t v = get64(p + 8);
+    uint64_t v = mlm_get64(p + 8);
     return v > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)v;
 }
 
@@ -464,13 +447,11 @@ static int64_t stamp_value(const uint8_t *p) {
 int fault_parse(const char *text, fault_spec_t **out, char *err, size_t errlen) {
     if (out) *out = NULL;
     if (!text || !out) {
-        set_err(err, errlen, "fault spec: no text");
-        return MLM_EINVAL;
+        return mlm_fail(err, errlen, MLM_EINVAL, "fault spec: no text");
     }
     size_t n = strlen(text);
     if (n > MAX_TEXT) {
-        set_err(err, errlen, "fault spec: %zu characters, at most %d", n, MAX_TEXT);
-        return MLM_EINVAL;
+        return mlm_fail(err, errlen, MLM_EINVAL, "fault spec: %zu characters, at most %d", n, MAX_TEXT);
     }
     fault_spec_t *s = calloc(1, sizeof *s);
     char *buf = strdup(text); // rules are cut out of it in place
@@ -481,8 +462,7 @@ int fault_parse(const char *text, fault_spec_t **out, char *err, size_t errlen) 
     if (!s || !buf || !s->rules || !s->events) {
         free(buf);
         fault_free(&s);
-        set_err(err, errlen, "fault spec: out of memory");
-        return MLM_ENOMEM;
+        return mlm_fail(err, errlen, MLM_ENOMEM, "fault spec: out of memory");
     }
     bool blank = true;
     for (const char *c = text; *c && blank; c++) blank = isspace((unsigned char)*c);
@@ -499,15 +479,13 @@ int fault_parse(const char *text, fault_spec_t **out, char *err, size_t errlen) 
         char why[160] = "";
         add_rule(s, start, why, sizeof why);
         if (why[0]) {
-            set_err(err, errlen, "fault rule %d '%s': %s", idx, shown, why);
-            rc = MLM_EINVAL;
+            rc = mlm_fail(err, errlen, MLM_EINVAL, "fault rule %d '%s': %s", idx, shown, why);
         }
         start = comma ? comma + 1 : NULL;
     }
     free(buf);
     if (rc == 0 && make_text(s) != 0) {
-        set_err(err, errlen, "fault spec: out of memory");
-        rc = MLM_ENOMEM;
+        rc = mlm_fail(err, errlen, MLM_ENOMEM, "fault spec: out of memory");
     }
     if (rc != 0) {
         fault_free(&s);
@@ -526,8 +504,7 @@ int fault_from_env(fault_spec_t **out, char *err, size_t errlen) {
     if (!v || blank) return 0;
     char why[256] = "";
     int rc = fault_parse(v, out, why, sizeof why);
-    if (rc != 0) set_err(err, errlen, "MESHLM_FAULTS: %s", why);
-    return rc;
+    return rc != 0 ? mlm_fail(err, errlen, rc, "MESHLM_FAULTS: %s", why) : 0;
 }
 
 void fault_free(fault_spec_t **self_p) {
@@ -641,6 +618,17 @@ bool fault_stamp_strip(comm_msg_t *m, int64_t *stamp_ns) {
         return true;
     }
     return false;
+}
+
+int fault_send_stamped(comm_t *c, int peer, const comm_iov_t *frames, int n, int timeout_ms) {
+    comm_iov_t wire[COMM_MAX_FRAMES];
+    uint8_t stamp[FAULT_STAMP_BYTES];
+    void *merged = NULL;
+    int k = fault_stamp_frames(frames, n, wire, stamp, &merged);
+    if (k < 0) return k;
+    int rc = comm_send(c, peer, wire, k, timeout_ms);
+    free(merged);
+    return rc;
 }
 
 void fault_path_init(fault_path_t *pa, const fault_spec_t *s, int src, int dst) {
@@ -827,15 +815,7 @@ static int fc_rank(void *ctx) { return ((fc_ctx_t *)ctx)->rank; }
 static int fc_size(void *ctx) { return ((fc_ctx_t *)ctx)->size; }
 
 static int fc_send(void *ctx, int peer, const comm_iov_t *frames, int n, int timeout_ms) {
-    fc_ctx_t *f = ctx;
-    comm_iov_t wire[COMM_MAX_FRAMES];
-    uint8_t stamp[FAULT_STAMP_BYTES];
-    void *merged = NULL;
-    int k = fault_stamp_frames(frames, n, wire, stamp, &merged);
-    if (k < 0) return k;
-    int rc = comm_send(f->inner, peer, wire, k, timeout_ms);
-    free(merged);
-    return rc;
+    return fault_send_stamped(((fc_ctx_t *)ctx)->inner, peer, frames, n, timeout_ms);
 }
 
 static int fc_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout_ms) {
@@ -887,8 +867,7 @@ static const struct comm_backend_i fault_iface = {
 
 int comm_fault_wrap(comm_t **c, const fault_spec_t *spec, char *err, size_t errlen) {
     if (!c || !*c) {
-        set_err(err, errlen, "comm_fault_wrap: no comm");
-        return MLM_EINVAL;
+        return mlm_fail(err, errlen, MLM_EINVAL, "comm_fault_wrap: no comm");
     }
     if (!spec) return 0;
     fc_ctx_t *f = calloc(1, sizeof *f);
@@ -897,8 +876,7 @@ int comm_fault_wrap(comm_t **c, const fault_spec_t *spec, char *err, size_t errl
     f->size = comm_size(*c);
     if (f->size < 1 || f->rank < 0 || f->rank >= f->size) {
         free(f);
-        set_err(err, errlen, "comm_fault_wrap: inner comm has rank %d of %d", comm_rank(*c), comm_size(*c));
-        return MLM_EINVAL;
+        return mlm_fail(err, errlen, MLM_EINVAL, "comm_fault_wrap: inner comm has rank %d of %d", comm_rank(*c), comm_size(*c));
     }
     f->q = calloc((size_t)f->size, sizeof *f->q);
     f->path = calloc((size_t)f->size, sizeof *f->path);
@@ -916,8 +894,7 @@ oom:
         free(f->path);
         free(f);
     }
-    set_err(err, errlen, "comm_fault_wrap: out of memory");
-    return MLM_ENOMEM;
+    return mlm_fail(err, errlen, MLM_ENOMEM, "comm_fault_wrap: out of memory");
 }
 
 int comm_fault_unwrap(comm_t **c) {

@@ -156,6 +156,10 @@ int64_t fault_now_ns(void);
 int fault_stamp_frames(const comm_iov_t *frames, int n, comm_iov_t out[COMM_MAX_FRAMES],
                        uint8_t stamp[FAULT_STAMP_BYTES], void **merged);
 
+// comm_send of frames[0..n) plus a stamp of now (fault_stamp_frames): what a faulty sender puts
+// on the wire. comm_send's codes, or MLM_EINVAL / MLM_ENOMEM.
+int fault_send_stamped(comm_t *c, int peer, const comm_iov_t *frames, int n, int timeout_ms);
+
 // Removes a trailing stamp (either form) from m and returns true with *stamp_ns set; returns false
 // and leaves m as it is when m carries none (wrong size or magic).
 bool fault_stamp_strip(comm_msg_t *m, int64_t *stamp_ns);

@@ -9,17 +9,6 @@
 
 // --- helpers
 
-static int left_ms(int64_t deadline) {
-    int64_t l = deadline - (int64_t)mlm_now_ms();
-    return l > 0 ? (int)l : 0;
-}
-
-// --- public API
-
-int comm_allgatherv(comm_t *c, const void *in, size_t len, void *out, const size_t *lens, int timeout_ms) {
-    return comm_allgatherv_range(c, 0, comm_size(c), in, len, out, lens, timeout_ms);
-}
-
 static int recv_block(comm_t *c, int peer, void *dst, size_t want, int timeout_ms) {
     comm_msg_t m;
     int rc = comm_recv(c, peer, &m, NULL, timeout_ms);
@@ -33,23 +22,29 @@ static int recv_block(comm_t *c, int peer, void *dst, size_t want, int timeout_m
     return 0;
 }
 
+// --- public API
+
+int comm_allgatherv(comm_t *c, const void *in, size_t len, void *out, const size_t *lens, int timeout_ms) {
+    return comm_allgatherv_range(c, 0, comm_size(c), in, len, out, lens, timeout_ms);
+}
+
 int comm_allgatherv_range(comm_t *c, int first, int n, const void *in, size_t len, void *out, const size_t *lens,
                           int timeout_ms) {
     const int me = comm_rank(c) - first;
     if (me < 0 || me >= n || first < 0 || first + n > comm_size(c) || len != lens[me]) return MLM_EINVAL;
-    const int64_t deadline = (int64_t)mlm_now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    const int64_t deadline = mlm_deadline(timeout_ms);
     size_t off_me = 0;
     for (int r = 0; r < me; r++) off_me += lens[r];
     if (len) memcpy((uint8_t *)out + off_me, in, len);
     for (int step = 1; step < n; step++) { // send in a rotated order so no rank is everyone's first
         int peer = first + (me + step) % n;
-        int rc = comm_send1(c, peer, in, len, left_ms(deadline));
+        int rc = comm_send1(c, peer, in, len, mlm_left_ms(deadline));
         if (rc != 0) return rc;
     }
     size_t off = 0;
     for (int r = 0; r < n; r++) {
         if (r != me) {
-            int rc = recv_block(c, first + r, (uint8_t *)out + off, lens[r], left_ms(deadline));
+            int rc = recv_block(c, first + r, (uint8_t *)out + off, lens[r], mlm_left_ms(deadline));
             if (rc != 0) return rc;
         }
         off += lens[r];
@@ -60,8 +55,8 @@ int comm_allgatherv_range(comm_t *c, int first, int n, const void *in, size_t le
 int comm_gatherv_root(comm_t *c, int root, int first, int n, const void *in, size_t len, void *out,
                       const size_t *lens, int timeout_ms) {
     const int rank = comm_rank(c);
-    const int64_t deadline = (int64_t)mlm_now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
-    if (rank != root) return comm_send1(c, root, in, len, left_ms(deadline));
+    const int64_t deadline = mlm_deadline(timeout_ms);
+    if (rank != root) return comm_send1(c, root, in, len, mlm_left_ms(deadline));
     size_t off = 0;
     for (int r = 0; r < n; r++) {
         int peer = first + r;
@@ -69,7 +64,7 @@ int comm_gatherv_root(comm_t *c, int root, int first, int n, const void *in, siz
             if (len != lens[r]) return MLM_EINVAL;
             if (len) memcpy((uint8_t *)out + off, in, len);
         } else {
-            int rc = recv_block(c, peer, (uint8_t *)out + off, lens[r], left_ms(deadline));
+            int rc = recv_block(c, peer, (uint8_t *)out + off, lens[r], mlm_left_ms(deadline));
             if (rc != 0) return rc;
         }
         off += lens[r];

@@ -1,23 +1,22 @@
-// Control link over ZeroMQ: ROUTER on the worker (replies go to the last sender), DEALER on the coordinator.
+// Control link (the old one-connection API) over the link comm backend: same wire, plus link_set_faults' one-message hold.
 #include "transport/link.h"
 
 #include <stdbool.h>
-#include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
 #include <time.h>
-#include <zmq.h>
 
+#include "core/clock.h"
 #include "core/err.h"
+#include "transport/comm_link.h"
 
 // --- types
 
 struct link {
-    void *zctx;            // owned ZeroMQ context
-    void *sock;            // ROUTER (listening) or DEALER (connecting)
-    bool router;           // frames carry a peer identity first
-    unsigned char peer[256]; // identity of the last sender (ROUTER side)
-    size_t peer_len;       // 0 until someone spoke
+    comm_t *c;             // link comm (owned): listening side (peer 0) or one worker (peer 1)
+    int peer;              // the peer's rank in c
     bool faults;           // link_set_faults in force: stamp sends, model receives
     fault_path_t path;     // model of the messages from the peer to this end
     bool has_held;         // held is a received message waiting to be due
@@ -27,121 +26,47 @@ struct link {
 
 // --- helpers
 
-static int link_open(link_t **out, int type, const char *endpoint, bool bind, char *err, size_t errlen) {
-    *out = NULL;
+// The link comm's options for this API: no lingering on close, as before.
+static void link_opts(comm_link_opts_t *o) {
+    comm_link_opts_default(o);
+    o->linger_ms = 0;
+}
+
+static int link_wrap(link_t **out, comm_t *c, int peer) {
     link_t *l = calloc(1, sizeof *l);
-    if (!l) return MLM_ENOMEM;
-    l->router = type == ZMQ_ROUTER;
-    l->zctx = zmq_ctx_new();
-    l->sock = l->zctx ? zmq_socket(l->zctx, type) : NULL;
-    if (!l->sock) {
-        snprintf(err, errlen, "cannot create a ZeroMQ socket: %s", zmq_strerror(zmq_errno()));
-        link_destroy(&l);
-        return MLM_EIO;
+    if (!l) {
+        comm_destroy(&c);
+        return MLM_ENOMEM;
     }
-    int zero = 0, one = 1;
-    zmq_setsockopt(l->sock, ZMQ_LINGER, &zero, sizeof zero);
-    if (l->router) zmq_setsockopt(l->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
-    int rc = bind ? zmq_bind(l->sock, endpoint) : zmq_connect(l->sock, endpoint);
-    if (rc != 0) {
-        snprintf(err, errlen, "cannot %s %s: %s", bind ? "listen on" : "connect to", endpoint, zmq_strerror(zmq_errno()));
-        link_destroy(&l);
-        return MLM_EIO;
-    }
+    l->c = c;
+    l->peer = peer;
     *out = l;
     return 0;
 }
 
-static int wait_for(void *sock, short events, int timeout_ms) {
-    zmq_pollitem_t it = {sock, 0, events, 0};
-    int n = zmq_poll(&it, 1, timeout_ms);
-    if (n < 0) return MLM_EIO;
-    return n == 0 ? MLM_ETIMEOUT : 0;
-}
-
-// Sends frames as they are (link_send without faults).
-static int send_raw(link_t *l, const comm_iov_t *frames, int n, int timeout_ms) {
-    if (l->router && l->peer_len == 0) return MLM_EPEER;
-    int rc = wait_for(l->sock, ZMQ_POLLOUT, timeout_ms);
-    if (rc != 0) return rc;
-    if (l->router && zmq_send(l->sock, l->peer, l->peer_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0)
-        return zmq_errno() == EHOSTUNREACH ? MLM_EPEER : MLM_ETIMEOUT;
-    for (int i = 0; i < n; i++) {
-        int flags = ZMQ_DONTWAIT | (i + 1 < n ? ZMQ_SNDMORE : 0);
-        if (zmq_send(l->sock, frames[i].ptr, frames[i].len, flags) < 0)
-            return zmq_errno() == EHOSTUNREACH ? MLM_EPEER : MLM_ETIMEOUT;
-    }
-    return 0;
-}
-
-// Receives one message as it is on the wire (link_recv without faults).
+// Receives one message as it is on the wire, at most max_bytes of frames.
 static int recv_raw(link_t *l, comm_msg_t *out, size_t max_bytes, int timeout_ms) {
-    memset(out, 0, sizeof *out);
-    int rc = wait_for(l->sock, ZMQ_POLLIN, timeout_ms);
-    if (rc != 0) return rc;
-    bool first = true, more = true, bad_count = false, too_big = false;
-    size_t total = 0;
-    while (more) {
-        zmq_msg_t part;
-        zmq_msg_init(&part);
-        if (zmq_msg_recv(&part, l->sock, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&part);
-            comm_msg_free(out);
-            return MLM_EPROTO;
-        }
-        more = zmq_msg_more(&part);
-        size_t len = zmq_msg_size(&part);
-        if (l->router && first) {
-            if (len <= sizeof l->peer) {
-                memcpy(l->peer, zmq_msg_data(&part), len);
-                l->peer_len = len;
-            }
-        } else if (out->n == COMM_MAX_FRAMES) {
-            bad_count = true;
-        } else if ((total += len) > max_bytes) {
-            too_big = true;
-        } else if (!bad_count && !too_big) {
-            void *copy = malloc(len ? len : 1);
-            if (copy) memcpy(copy, zmq_msg_data(&part), len);
-            out->data[out->n] = copy;
-            out->len[out->n] = len;
-            out->n++;
-        }
-        first = false;
-        zmq_msg_close(&part);
-    }
-    if (bad_count || too_big || out->n == 0) {
+    comm_link_set_max_bytes(l->c, max_bytes ? max_bytes : 1);
+    int rc = comm_recv(l->c, l->peer, out, NULL, timeout_ms);
+    if (rc == 0 && max_bytes == 0 && out->n > 0 && out->len[0] > 0) { // a limit of 0 admits empty frames only
         comm_msg_free(out);
-        return too_big ? MLM_ERANGE : MLM_EPROTO;
+        rc = MLM_ERANGE;
     }
-    for (int i = 0; i < out->n; i++)
-        if (!out->data[i]) {
-            comm_msg_free(out);
-            return MLM_ENOMEM;
-        }
-    return 0;
-}
-
-// Milliseconds left before dl (ns, rounded up), 0 once it passed, -1 without a deadline.
-static int left_ms(int64_t dl) {
-    if (dl < 0) return -1;
-    int64_t r = dl - fault_now_ns();
-    if (r <= 0) return 0;
-    r = (r + 999999) / 1000000;
-    return r > 0x7fffffff ? 0x7fffffff : (int)r;
+    if (rc == 0 && out->n == 0) rc = MLM_EPROTO; // link messages have at least one frame
+    return rc;
 }
 
 // link_recv under link_set_faults: one message is held at a time (the link is FIFO, so nothing
 // behind it can be due earlier).
 static int recv_faults(link_t *l, comm_msg_t *out, size_t max_bytes, int timeout_ms) {
     memset(out, 0, sizeof *out);
-    const int64_t dl = timeout_ms < 0 ? -1 : fault_now_ns() + (int64_t)timeout_ms * 1000000;
+    const int64_t dl = mlm_deadline(timeout_ms); // us
     for (;;) {
         if (!l->has_held) {
-            if (!l->faults) return recv_raw(l, out, max_bytes, left_ms(dl));
+            if (!l->faults) return recv_raw(l, out, max_bytes, mlm_left_ms(dl));
             comm_msg_t m;
             size_t cap = max_bytes > SIZE_MAX - FAULT_STAMP_BYTES ? max_bytes : max_bytes + FAULT_STAMP_BYTES;
-            int rc = recv_raw(l, &m, cap, left_ms(dl));
+            int rc = recv_raw(l, &m, cap, mlm_left_ms(dl));
             if (rc != 0) return rc;
             int64_t stamp = -1;
             if (!fault_stamp_strip(&m, &stamp)) stamp = -1;
@@ -167,8 +92,8 @@ static int recv_faults(link_t *l, comm_msg_t *out, size_t max_bytes, int timeout
             l->has_held = false;
             return 0;
         }
-        if (dl >= 0 && t >= dl) return MLM_ETIMEOUT;
-        const int64_t wait = (dl >= 0 && dl < l->held_due ? dl : l->held_due) - t;
+        if (dl >= 0 && t >= dl * 1000) return MLM_ETIMEOUT;
+        const int64_t wait = (dl >= 0 && dl * 1000 < l->held_due ? dl * 1000 : l->held_due) - t;
         struct timespec ts = {(time_t)(wait / 1000000000), (long)(wait % 1000000000)};
         nanosleep(&ts, NULL);
     }
@@ -177,29 +102,31 @@ static int recv_faults(link_t *l, comm_msg_t *out, size_t max_bytes, int timeout
 // --- public API
 
 int link_listen(link_t **out, const char *endpoint, char *err, size_t errlen) {
-    return link_open(out, ZMQ_ROUTER, endpoint, true, err, errlen);
+    *out = NULL;
+    comm_link_opts_t o;
+    link_opts(&o);
+    comm_t *c = NULL;
+    int rc = comm_link_listen(&c, endpoint, &o, err, errlen);
+    return rc != 0 ? rc : link_wrap(out, c, 0);
 }
 
 int link_connect(link_t **out, const char *endpoint, char *err, size_t errlen) {
-    return link_open(out, ZMQ_DEALER, endpoint, false, err, errlen);
+    *out = NULL;
+    comm_link_opts_t o;
+    link_opts(&o);
+    comm_t *c = NULL;
+    int rc = comm_link_connect(&c, &endpoint, 1, &o, err, errlen);
+    return rc != 0 ? rc : link_wrap(out, c, 1);
 }
 
 int link_send(link_t *l, const comm_iov_t *frames, int n, int timeout_ms) {
     if (!l || n < 1 || n > COMM_MAX_FRAMES) return MLM_EINVAL;
-    if (l->faults) {
-        comm_iov_t wire[COMM_MAX_FRAMES];
-        uint8_t stamp[FAULT_STAMP_BYTES];
-        void *merged = NULL;
-        int k = fault_stamp_frames(frames, n, wire, stamp, &merged);
-        if (k < 0) return k;
-        int rc = send_raw(l, wire, k, timeout_ms);
-        free(merged);
-        return rc;
-    }
-    return send_raw(l, frames, n, timeout_ms);
+    if (l->faults) return fault_send_stamped(l->c, l->peer, frames, n, timeout_ms);
+    return comm_send(l->c, l->peer, frames, n, timeout_ms);
 }
 
 int link_recv(link_t *l, comm_msg_t *out, size_t max_bytes, int timeout_ms) {
+    if (!l || !out) return MLM_EINVAL;
     if (l->faults || l->has_held) return recv_faults(l, out, max_bytes, timeout_ms);
     return recv_raw(l, out, max_bytes, timeout_ms);
 }
@@ -213,9 +140,8 @@ void link_set_faults(link_t *l, const fault_spec_t *spec, int my_rank, int peer_
 void link_destroy(link_t **self_p) {
     if (!self_p || !*self_p) return;
     link_t *l = *self_p;
-    if (l->sock) zmq_close(l->sock);
+    comm_destroy(&l->c);
     comm_msg_free(&l->held);
-    if (l->zctx) zmq_ctx_term(l->zctx);
     free(l);
     *self_p = NULL;
 }

@@ -10,7 +10,8 @@
 #include <unistd.h>
 
 #include "transport/comm.h"
-#include "transport/comm_zmq.h"
+#include "transport/comm_open.h"
+#include "core/clock.h"
 #include "core/err.h"
 
 // --- helpers
@@ -23,12 +24,6 @@ typedef struct {
     int reps;           // timed all-reduces per size and algorithm
     bool ipc, tcp;      // transports to measure
 } bench_opts_t;
-
-static double now_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
-}
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -63,9 +58,9 @@ static int time_allreduce(comm_t *c, size_t n, comm_algo_t algo, uint32_t flags,
     for (int w = 0; w < 2 && rc == 0; w++) rc = comm_allreduce_ex(c, buf, n, &o, 30000);
     for (int r = 0; r < reps && rc == 0; r++) {
         rc = comm_barrier(c, 30000);
-        double t0 = now_us();
+        double t0 = mlm_now_ms();
         if (rc == 0) rc = comm_allreduce_ex(c, buf, n, &o, 30000);
-        t[r] = now_us() - t0;
+        t[r] = (mlm_now_ms() - t0) * 1e3;
     }
     if (rc == 0) {
         qsort(t, (size_t)reps, sizeof *t, cmp_double);
@@ -80,7 +75,8 @@ static int time_allreduce(comm_t *c, size_t n, comm_algo_t algo, uint32_t flags,
 static int run_rank(int rank, int N, const char *const *eps, const char *kind, const bench_opts_t *bo) {
     comm_t *c = NULL;
     char err[256];
-    int rc = comm_zmq_new(&c, rank, N, eps, NULL, err, sizeof err);
+    comm_open_opts_t o = {.rank = rank, .size = N, .endpoints = eps};
+    int rc = comm_open(&c, "zmq", &o, err, sizeof err);
     if (rc != 0) {
         fprintf(stderr, "rank %d: %s\n", rank, err);
         return rc;

@@ -86,7 +86,7 @@ check "stories260K.gguf as $n pipeline stages on $n hosts: same tokens and logit
 # A host that is not up: mpirun fails promptly with the agent's message, no hang.
 echo "10.77.$net.$((n + 1)) slots=1" >>"$dir/hostfile"
 t0=$(date +%s)
-mpirun_ $((n + 1)) "$bin" mpi --selftest --timeout 5000 >"$dir/log" 2>&1
+mpirun_ $((n + 1)) "$bin" mpi -m "$m" -p "$prompt" -n 1 --timeout 5000 >"$dir/log" 2>&1
 st=$?
 [ "$st" != 0 ] && [ $(( $(date +%s) - t0 )) -le 30 ] && grep -q "mpi-netns-rsh: no namespace" "$dir/log"
 check "a hostfile entry with no host behind it fails the launch (exit $st)" $?

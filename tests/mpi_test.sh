@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Integration test of the MPI transport: `meshlm mpi --selftest` (order, deadlines, gathers) and
+# Integration test of `meshlm mpi` (the MPI transport itself is checked by ctest transport_mpi, the
+# conformance table on 3 ranks):
 # `meshlm mpi` on 1-4 ranks giving the same greedy tokens as `meshlm run` on one node.
 set -uo pipefail
 bin="$(realpath "${1:?usage: mpi_test.sh MESHLM_BIN}")"
@@ -22,18 +23,6 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 pass=0
 fail=0
-
-for n in 1 2 3 4; do
-  if mpirun_ -np "$n" "$bin" mpi --selftest --timeout 10000 >"$log" 2>&1 &&
-     [ "$(grep -c '^mpi selftest rank .* PASS' "$log")" = "$n" ]; then
-    echo "mpi: selftest on $n rank(s): PASS"
-    pass=$((pass + 1))
-  else
-    echo "mpi: selftest on $n rank(s): FAIL" >&2
-    cat "$log" >&2
-    fail=$((fail + 1))
-  fi
-done
 
 prompt="Once upon a time"
 for model in stories260K.gguf synth/synth-dense-Q4_K_M.gguf synth/synth-moe-Q8_0.gguf; do

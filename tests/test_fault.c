@@ -13,7 +13,6 @@
 #include "transport/comm_inproc.h"
 #include "transport/comm_zmq.h"
 #include "transport/fault.h"
-#include "transport/link.h"
 #include "core/err.h"
 
 #define MAXN 4
@@ -791,131 +790,6 @@ static void test_zmq_wrapper(void) {
     test_rm_dir(dir);
 }
 
-// --- control link
-
-typedef struct {
-    link_t *c;                  // coordinator end (rank 0)
-    link_t *w;                  // worker end (rank 1)
-} link_pair_t;
-
-static int link_pair(link_pair_t *p, const char *dir, const char *tag) {
-    char ep[EP_LEN], err[256];
-    snprintf(ep, sizeof ep, "ipc://%s/%s", dir, tag);
-    if (link_listen(&p->w, ep, err, sizeof err) != 0 || link_connect(&p->c, ep, err, sizeof err) != 0) {
-        fprintf(stderr, "link: %s\n", err);
-        return -1;
-    }
-    return 0;
-}
-
-static void link_pair_set(link_pair_t *p, const fault_spec_t *s) {
-    link_set_faults(p->c, s, 0, 1);
-    link_set_faults(p->w, s, 1, 0);
-}
-
-static bool link_recv_index(link_t *l, uint32_t idx, int timeout_ms) {
-    comm_msg_t m;
-    if (link_recv(l, &m, 1 << 20, timeout_ms) != 0) return false;
-    bool ok = m.n == 1 && m.len[0] == 4 && memcmp(m.data[0], &idx, 4) == 0;
-    comm_msg_free(&m);
-    return ok;
-}
-
-static int link_send_index(link_t *l, uint32_t idx) {
-    comm_iov_t f = {&idx, 4};
-    return link_send(l, &f, 1, 1000);
-}
-
-static void test_link_faults(void) {
-    char *dir = test_tmpdir();
-    CU_ASSERT_FATAL(dir != NULL);
-    link_pair_t p = {0};
-    CU_ASSERT_FATAL(link_pair(&p, dir, "ctl") == 0);
-    // without faults it is the plain link (the worker learns its peer from the first message)
-    CU_ASSERT_EQUAL(link_send_index(p.c, 7), 0);
-    CU_ASSERT(link_recv_index(p.w, 7, 2000));
-
-    fault_spec_t *s = spec_of("delay:link=0-1:ms=5");
-    CU_ASSERT_FATAL(s != NULL);
-    link_pair_set(&p, s);
-    double best = 1e9;
-    for (uint32_t i = 0; i < 5; i++) {
-        double t0 = now_ms();
-        CU_ASSERT_EQUAL(link_send_index(p.c, i), 0);
-        CU_ASSERT(link_recv_index(p.w, i, 2000));
-        CU_ASSERT_EQUAL(link_send_index(p.w, i), 0);
-        CU_ASSERT(link_recv_index(p.c, i, 2000));
-        best = fmin(best, now_ms() - t0);
-    }
-    CU_ASSERT(best >= 10.0);
-    // COMM_MAX_FRAMES frames still fit (the stamp rides in the last one)
-    static uint8_t bytes[COMM_MAX_FRAMES][8];
-    comm_iov_t f[COMM_MAX_FRAMES];
-    for (int i = 0; i < COMM_MAX_FRAMES; i++) {
-        memset(bytes[i], 'A' + i, sizeof bytes[i]);
-        f[i] = (comm_iov_t){bytes[i], (size_t)(i % 8) + 1};
-    }
-    CU_ASSERT_EQUAL(link_send(p.c, f, COMM_MAX_FRAMES, 1000), 0);
-    comm_msg_t m;
-    CU_ASSERT_EQUAL_FATAL(link_recv(p.w, &m, 1 << 20, 2000), 0);
-    int bad = m.n != COMM_MAX_FRAMES;
-    for (int i = 0; i < m.n && !bad; i++) bad += m.len[i] != f[i].len || memcmp(m.data[i], bytes[i], f[i].len) != 0;
-    CU_ASSERT_EQUAL(bad, 0);
-    comm_msg_free(&m);
-    // a deadline before the due time: MLM_ETIMEOUT, the message is kept
-    double t0 = now_ms();
-    CU_ASSERT_EQUAL(link_send_index(p.c, 50), 0);
-    int rc = link_recv(p.w, &m, 1 << 20, 1);
-    if (now_ms() - t0 < 4.5) CU_ASSERT_EQUAL(rc, MLM_ETIMEOUT);
-    if (rc == 0) comm_msg_free(&m);
-    else CU_ASSERT(link_recv_index(p.w, 50, 2000));
-    CU_ASSERT(now_ms() - t0 >= 5.0);
-    // max_bytes does not count the stamp
-    uint8_t four[4] = {1, 2, 3, 4};
-    comm_iov_t one = {four, 4};
-    CU_ASSERT_EQUAL(link_send(p.c, &one, 1, 1000), 0);
-    CU_ASSERT_EQUAL(link_recv(p.w, &m, 4, 2000), 0);
-    comm_msg_free(&m);
-    CU_ASSERT_EQUAL(link_send(p.c, &one, 1, 1000), 0);
-    CU_ASSERT_EQUAL(link_recv(p.w, &m, 3, 2000), MLM_ERANGE);
-    // a sender without faults: its messages are delivered as they are
-    link_set_faults(p.c, NULL, 0, 1);
-    CU_ASSERT_EQUAL(link_send_index(p.c, 8), 0);
-    CU_ASSERT(link_recv_index(p.w, 8, 2000));
-    fault_free(&s);
-
-    // drops with a seed: exactly the predicted ones vanish, in both directions
-    s = spec_of("drop:link=0-*:p=0.35,seed=4");
-    CU_ASSERT_FATAL(s != NULL);
-    link_pair_set(&p, s);
-    int drops = 0;
-    for (uint32_t i = 0; i < 24; i++) {
-        fault_decision_t d;
-        fault_decide(s, 0, 1, i, &d);
-        drops += d.drop;
-        CU_ASSERT_EQUAL(link_send_index(p.c, i), 0);
-        if (d.drop) {
-            CU_ASSERT_EQUAL(link_recv(p.w, &m, 1 << 20, 15), MLM_ETIMEOUT);
-        } else {
-            CU_ASSERT(link_recv_index(p.w, i, 2000)); // a dropped one never shows up late
-        }
-        fault_decide(s, 1, 0, i, &d);
-        drops += d.drop;
-        CU_ASSERT_EQUAL(link_send_index(p.w, i), 0);
-        if (d.drop) {
-            CU_ASSERT_EQUAL(link_recv(p.c, &m, 1 << 20, 15), MLM_ETIMEOUT);
-        } else {
-            CU_ASSERT(link_recv_index(p.c, i, 2000)); // a dropped one never shows up late
-        }
-    }
-    CU_ASSERT(drops > 0 && drops < 48);
-    fault_free(&s);
-    link_destroy(&p.c);
-    link_destroy(&p.w);
-    link_destroy(&p.w);
-    test_rm_dir(dir);
-}
-
 // --- suite
 
 int test_fault_suite(void) {
@@ -930,8 +804,7 @@ int test_fault_suite(void) {
         !CU_add_test(s, "inproc hostile stamps", check_hostile_inproc) ||
         !CU_add_test(s, "all-reduce bits through wrapped comms", test_allreduce_bits) ||
         !CU_add_test(s, "comm_ping measures the emulated link", test_ping_measures_link) ||
-        !CU_add_test(s, "zmq ipc wrapper", test_zmq_wrapper) ||
-        !CU_add_test(s, "control link faults", test_link_faults))
+        !CU_add_test(s, "zmq ipc wrapper", test_zmq_wrapper))
         return -1;
     return 0;
 }

@@ -433,3 +433,18 @@ int comm_link_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t er
     if (rc != 0 && *out) comm_destroy(out);
     return rc;
 }
+
+int comm_link_data_endpoint(const char *control, char *out, size_t cap) {
+    if (strncmp(control, "ipc://", 6) == 0) {
+        int n = snprintf(out, cap, "%s.data", control);
+        return n > 0 && (size_t)n < cap ? 0 : MLM_EINVAL;
+    }
+    if (strncmp(control, "tcp://", 6) != 0) return MLM_EINVAL;
+    const char *colon = strrchr(control, ':');
+    if (!colon || colon < control + 6) return MLM_EINVAL;
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port < 1 || port >= 65535) return MLM_EINVAL;
+    int n = snprintf(out, cap, "%.*s:%ld", (int)(colon - control), control, port + 1);
+    return n > 0 && (size_t)n < cap ? 0 : MLM_EINVAL;
+}

@@ -70,6 +70,10 @@ int comm_link_listen(comm_t **out, const char *endpoint, const comm_link_opts_t 
 // not the listening side of a link comm, e.g. already wrapped, or rank < 1).
 int comm_link_set_rank(comm_t *c, int rank);
 
+// The data-plane endpoint that goes with a control endpoint: tcp://H:P -> tcp://H:(P+1),
+// ipc://PATH -> ipc://PATH.data. 0, or MLM_EINVAL for another form (or an output that does not fit).
+int comm_link_data_endpoint(const char *control, char *out, size_t cap);
+
 // Changes the per-message size limit (sum of user frames) of a link comm. 0 or MLM_EINVAL.
 int comm_link_set_max_bytes(comm_t *c, size_t max_msg_bytes);
 

@@ -12,7 +12,7 @@
 //
 // A spec is text: comma-separated rules, each `kind:key=value:key=value`, for example
 //   delay:link=0-1:ms=40:jitter=5,bw:link=*:mbit=100,drop:link=1-3:p=0.05,kill:worker=2:after_tokens=5,seed=7
-// Enforced by the transport (comm_fault_wrap, link_set_faults), on messages of a link:
+// Enforced by the transport (comm_fault_wrap over any comm, the control link too), on messages of a link:
 //   delay:link=L:ms=X[:jitter=Y]   one-way delay X ms plus a uniform 0..Y ms (Y default 0)
 //   bw:link=L:mbit=R               R Mbit/s: a message of n bytes occupies its direction of the link for
 //                                  n*8/R us, and messages on one direction queue behind each other
@@ -39,7 +39,7 @@
 //   fault_spec_t *spec = NULL;                       // coordinator: fault_from_env; workers: fault_parse
 //   if (fault_from_env(&spec, err, sizeof err) != 0) ...;          //   of the text the coordinator sent
 //   comm_fault_wrap(&comm, spec, err, sizeof err);   // data plane (nothing happens when spec is NULL)
-//   link_set_faults(link, spec, my_rank, peer_rank); // control link (transport/link.h)
+//   comm_fault_wrap(&ctl, spec, err, sizeof err);    // control link, once the HELLOs are answered
 //   ... hand fault_spec_text(spec) to the workers; fault_event(spec, i) drives kill/freeze/partition ...
 //   fault_free(&spec);                               // the comm and the link keep what they need
 

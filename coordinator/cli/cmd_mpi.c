@@ -17,8 +17,7 @@
 #include "core/err.h"
 #include "parallel/plan.h"
 #include "proto/msg_io.h"
-#include "transport/comm_mpi.h"
-#include "transport/gatherv.h"
+#include "transport/comm_open.h"
 #include "worker/format/hparams.h"
 #include "worker/model/model.h"
 #include "worker/node/node.h"
@@ -30,7 +29,6 @@ typedef struct {
     gen_args_t g;             // model, prompt, sampling, output (shared with run)
     const char *speeds;       // --speeds
     int timeout_ms;           // --timeout
-    bool selftest;            // --selftest
     bool verbose;             // --verbose
     layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all
 } mpi_args_t;
@@ -57,19 +55,17 @@ static void mpi_usage(FILE *f) {
             "  (the model path must be the same on every rank)\n"
             "      --speeds LIST       relative speeds of the ranks, e.g. 2,1,1 (default equal)\n"
             "      --timeout MS        deadline of each message and collective (default 30000)\n"
-            "      --selftest          check the MPI transport (order, deadlines, gathers) instead; no model\n"
             "      --verbose           plan and progress on stderr (rank 0)\n"
             LAYOUT_ARGS_USAGE);
 }
 
-enum { O_SPEEDS = GA_NEXT, O_TIMEOUT, O_SELFTEST, O_VERBOSE };
+enum { O_SPEEDS = GA_NEXT, O_TIMEOUT, O_VERBOSE };
 
 // 0 to go on, -1 after --help, 1 on a usage error.
 static int parse_args(int argc, char **argv, mpi_args_t *a) {
     static const struct option opts[] = {GEN_ARGS_LONGOPTS,
                                          {"speeds", required_argument, 0, O_SPEEDS},
                                          {"timeout", required_argument, 0, O_TIMEOUT},
-                                         {"selftest", no_argument, 0, O_SELFTEST},
                                          {"verbose", no_argument, 0, O_VERBOSE},
                                          LAYOUT_ARGS_LONGOPTS,
                                          {0, 0, 0, 0}};
@@ -86,7 +82,6 @@ static int parse_args(int argc, char **argv, mpi_args_t *a) {
         switch (ch) {
         case O_SPEEDS: a->speeds = optarg; break;
         case O_TIMEOUT: a->timeout_ms = atoi(optarg); break;
-        case O_SELFTEST: a->selftest = true; break;
         case O_VERBOSE: a->verbose = true; break;
         case 'h': mpi_usage(stdout); return -1;
         default: mpi_usage(stderr); return 1;
@@ -96,7 +91,7 @@ static int parse_args(int argc, char **argv, mpi_args_t *a) {
         fprintf(stderr, "meshlm mpi: unexpected argument '%s'\n", argv[optind]);
         return 1;
     }
-    if (!a->selftest && gen_args_check(&a->g, "mpi") != 0) {
+    if (gen_args_check(&a->g, "mpi") != 0) {
         mpi_usage(stderr);
         return 1;
     }
@@ -107,177 +102,6 @@ static int parse_args(int argc, char **argv, mpi_args_t *a) {
     return 0;
 }
 
-// --- selftest: the transport's contract on real MPI ranks
-
-#define CHECK(cond, ...)                                                                                     \
-    do {                                                                                                     \
-        checks++;                                                                                            \
-        if (!(cond)) {                                                                                       \
-            fails++;                                                                                         \
-            fprintf(stderr, "mpi selftest rank %d: FAIL line %d: ", me, __LINE__);                           \
-            fprintf(stderr, __VA_ARGS__);                                                                    \
-            fputc('\n', stderr);                                                                             \
-        }                                                                                                    \
-    } while (0)
-
-static uint8_t pattern(int rank, int msg, size_t i) { return (uint8_t)(rank * 31 + msg * 7 + i * 13); }
-
-// 0 when every check passed on this rank.
-static int selftest(comm_t *c, int timeout_ms) {
-    const int me = comm_rank(c), N = comm_size(c);
-    int checks = 0, fails = 0;
-    enum { NMSG = 6 };
-    // 1. Multi-frame messages from each peer arrive whole and in order (one is large: rendezvous).
-    for (int step = 1; step < N; step++) {
-        int peer = (me + step) % N;
-        for (int k = 0; k < NMSG; k++) {
-            size_t big = k == 3 ? 300000 : (size_t)k * 10;
-            uint8_t *p = malloc(big + 1);
-            for (size_t i = 0; i < big; i++) p[i] = pattern(me, k, i);
-            uint32_t seq = (uint32_t)k;
-            comm_iov_t f[3] = {{&seq, 4}, {NULL, 0}, {p, big}};
-            int rc = comm_send(c, peer, f, 3, timeout_ms);
-            CHECK(rc == 0, "send %d to %d: %s", k, peer, mlm_strerror(rc));
-            free(p);
-        }
-    }
-    for (int step = 1; step < N; step++) {
-        int peer = (me - step + N) % N;
-        for (int k = 0; k < NMSG; k++) {
-            comm_msg_t m;
-            int from = -1;
-            int rc = comm_recv(c, peer, &m, &from, timeout_ms);
-            CHECK(rc == 0, "recv %d from %d: %s", k, peer, mlm_strerror(rc));
-            if (rc != 0) continue;
-            size_t big = k == 3 ? 300000 : (size_t)k * 10;
-            bool ok = m.n == 3 && from == peer && m.len[0] == 4 && *(uint32_t *)m.data[0] == (uint32_t)k &&
-                      m.len[1] == 0 && m.len[2] == big;
-            for (size_t i = 0; ok && i < big; i++) ok = ((uint8_t *)m.data[2])[i] == pattern(peer, k, i);
-            CHECK(ok, "message %d from %d arrived wrong or out of order", k, peer);
-            comm_msg_free(&m);
-        }
-    }
-    // 2. recv(COMM_ANY) takes every peer's messages, each peer's in order.
-    if (N > 1) {
-        if (me != 0) {
-            for (int k = 0; k < 3; k++) {
-                uint32_t v = (uint32_t)(me * 100 + k);
-                CHECK(comm_send1(c, 0, &v, 4, timeout_ms) == 0, "send to 0");
-            }
-            comm_msg_t m; // nothing more goes to rank 0 before it has all of them
-            int rc = comm_recv(c, 0, &m, NULL, timeout_ms);
-            CHECK(rc == 0 && m.n == 1 && m.len[0] == 3 && !memcmp(m.data[0], "ack", 3), "ack from 0: %s",
-                  mlm_strerror(rc));
-            if (rc == 0) comm_msg_free(&m);
-        } else {
-            int next[PLAN_MAX_NODES] = {0};
-            for (int k = 0; k < 3 * (N - 1); k++) {
-                comm_msg_t m;
-                int from = -1;
-                int rc = comm_recv(c, COMM_ANY, &m, &from, timeout_ms);
-                CHECK(rc == 0, "recv any: %s", mlm_strerror(rc));
-                if (rc != 0) break;
-                bool ok = from > 0 && from < N && m.n == 1 && m.len[0] == 4 &&
-                          *(uint32_t *)m.data[0] == (uint32_t)(from * 100 + next[from]);
-                CHECK(ok, "recv any: message from %d out of order", from);
-                if (from > 0 && from < N && from < PLAN_MAX_NODES) next[from]++;
-                comm_msg_free(&m);
-            }
-            for (int r = 1; r < N; r++) CHECK(comm_send1(c, r, "ack", 3, timeout_ms) == 0, "ack to %d", r);
-        }
-    }
-    // 3. A recv nobody answers returns MLM_ETIMEOUT at its deadline, and a poll (0 ms) at once.
-    // Rank 0 goes first while the others wait for its "go"; then the others, each on a peer that
-    // sends it nothing until the barrier after this test (rank 0 sends DOWN only once all are UP).
-    {
-        int rc = comm_barrier(c, timeout_ms);
-        CHECK(rc == 0, "barrier: %s", mlm_strerror(rc));
-        comm_msg_t m;
-        if (me != 0) {
-            rc = comm_recv(c, 0, &m, NULL, timeout_ms);
-            CHECK(rc == 0 && m.n == 1 && m.len[0] == 2 && !memcmp(m.data[0], "go", 2), "go from rank 0: %s",
-                  mlm_strerror(rc));
-            if (rc == 0) comm_msg_free(&m);
-        }
-        int peer = N > 1 ? (me + 1) % N : COMM_ANY;
-        double t0 = mlm_now_ms();
-        rc = comm_recv(c, peer, &m, NULL, 200);
-        double dt = mlm_now_ms() - t0;
-        CHECK(rc == MLM_ETIMEOUT, "recv with nothing sent: %s", mlm_strerror(rc));
-        CHECK(dt >= 190 && dt < 3000, "recv deadline of 200 ms fired after %.0f ms", dt);
-        if (rc == 0) comm_msg_free(&m);
-        t0 = mlm_now_ms();
-        rc = comm_recv(c, peer, &m, NULL, 0);
-        dt = mlm_now_ms() - t0;
-        CHECK(rc == MLM_ETIMEOUT && dt < 100, "recv poll: %s after %.0f ms", mlm_strerror(rc), dt);
-        if (rc == 0) comm_msg_free(&m);
-        for (int r = 1; me == 0 && r < N; r++) CHECK(comm_send1(c, r, "go", 2, timeout_ms) == 0, "go to %d", r);
-        rc = comm_barrier(c, timeout_ms);
-        CHECK(rc == 0, "barrier: %s", mlm_strerror(rc));
-    }
-    // 4. A message over the size limit is refused before anything is sent.
-    if (N > 1) {
-        static const char one = 1;
-        comm_iov_t f[2] = {{&one, 1}, {&one, (size_t)1 << 40}};
-        int rc = comm_send(c, (me + 1) % N, f, 2, timeout_ms);
-        CHECK(rc == MLM_ERANGE, "oversized send: %s", mlm_strerror(rc));
-    }
-    // 5. comm_allgatherv with a different size per rank (one of them empty, one large).
-    {
-        size_t lens[PLAN_MAX_NODES], total = 0;
-        for (int r = 0; r < N && r < PLAN_MAX_NODES; r++) total += lens[r] = r == 1 ? 0 : (size_t)(r + 1) * 40000 + 3;
-        uint8_t *in = malloc(lens[me] + 1), *out = malloc(total + 1);
-        for (size_t i = 0; i < lens[me]; i++) in[i] = pattern(me, 9, i);
-        int rc = comm_allgatherv(c, in, lens[me], out, lens, timeout_ms);
-        CHECK(rc == 0, "allgatherv: %s", mlm_strerror(rc));
-        bool ok = rc == 0;
-        size_t off = 0;
-        for (int r = 0; ok && r < N; r++) {
-            for (size_t i = 0; ok && i < lens[r]; i++) ok = out[off + i] == pattern(r, 9, i);
-            off += lens[r];
-        }
-        CHECK(ok, "allgatherv: wrong bytes");
-        free(in);
-        free(out);
-    }
-    // 6. All-reduce (generic STAR and RING): the documented summation order, the same bits everywhere.
-    for (int algo = COMM_ALGO_STAR; algo <= COMM_ALGO_RING; algo++) {
-        enum { NF = 1000 };
-        float *x = malloc(NF * sizeof *x), *want = malloc(NF * sizeof *want);
-        for (int i = 0; i < NF; i++) x[i] = (float)((i * 37 + me * 101) % 997) / 7.0f - 50.0f + 1e-3f * (float)me;
-        for (int i = 0; i < NF; i++) { // STAR: rank-order left fold
-            float acc = 0;
-            for (int r = 0; r < N; r++) {
-                float v = (float)((i * 37 + r * 101) % 997) / 7.0f - 50.0f + 1e-3f * (float)r;
-                acc = r == 0 ? v : acc + v;
-            }
-            want[i] = acc;
-        }
-        int rc = comm_allreduce_f32(c, x, NF, (comm_algo_t)algo, timeout_ms);
-        CHECK(rc == 0, "allreduce %s: %s", comm_algo_name((comm_algo_t)algo), mlm_strerror(rc));
-        if (algo == COMM_ALGO_STAR || N <= 2)
-            CHECK(rc == 0 && memcmp(x, want, NF * sizeof *x) == 0, "allreduce star: not the rank-order sum");
-        // every rank the same bits: gather everyone's result and compare
-        float *all = malloc((size_t)N * NF * sizeof *all);
-        rc = comm_allgather(c, x, NF * sizeof *x, all, timeout_ms);
-        CHECK(rc == 0, "allgather: %s", mlm_strerror(rc));
-        for (int r = 1; rc == 0 && r < N; r++)
-            CHECK(memcmp(all, all + (size_t)r * NF, NF * sizeof *x) == 0, "allreduce %s: rank %d has other bits",
-                  comm_algo_name((comm_algo_t)algo), r);
-        free(all);
-        free(x);
-        free(want);
-    }
-    int rc = comm_barrier(c, timeout_ms);
-    CHECK(rc == 0, "barrier: %s", mlm_strerror(rc));
-    printf("mpi selftest rank %d of %d: %s (%d checks, %d failed)\n", me, N, fails ? "FAIL" : "PASS", checks, fails);
-    fflush(stdout);
-    return fails ? 1 : 0;
-}
-
-// --- generation on every rank
-
-// Loads this rank's slice, then rank 0 generates and the others follow. 0 or 1 (reported on stderr).
 // Ranks > 0 run the node executor on the control comm (peer 0 is rank 0), over the data comm.
 static int follow(comm_t **ctl, comm_t *data, mpi_args_t *a) {
     char id[32], err[1024] = "";
@@ -401,10 +225,8 @@ int cmd_mpi(int argc, char **argv) {
     }
     char err[512] = "";
     comm_t *comm = NULL;
-    comm_mpi_opts_t mo;
-    comm_mpi_opts_default(&mo);
-    mo.connect_timeout_ms = a.timeout_ms;
-    int rc = comm_mpi_new_opts(&comm, &mo, err, sizeof err);
+    comm_open_opts_t mo = {.timeout_ms = a.timeout_ms};
+    int rc = comm_open(&comm, "mpi", &mo, err, sizeof err);
     if (rc != 0) { // no comm to tell the others through: the last resort ends the whole job
         int me = -1;
         MPI_Comm_rank(MPI_COMM_WORLD, &me);
@@ -412,23 +234,20 @@ int cmd_mpi(int argc, char **argv) {
         MPI_Abort(MPI_COMM_WORLD, 1);
         return 1;
     }
+    // Control messages and the data plane each get their own communicator.
     int code;
-    if (a.selftest) {
-        code = selftest(comm, a.timeout_ms);
-    } else { // control messages and the data plane each get their own communicator
-        comm_t *data = NULL;
-        rc = comm_mpi_new_opts(&data, &mo, err, sizeof err);
-        if (rc != 0) {
-            fprintf(stderr, "meshlm mpi: rank %d: %s\n", comm_rank(comm), err);
-            code = 1;
-        } else {
-            code = comm_rank(comm) == 0 ? lead(comm, data, &a) : follow(&comm, data, &a);
-        }
-        comm_destroy(&data);
+    comm_t *data = NULL;
+    rc = comm_open(&data, "mpi", &mo, err, sizeof err);
+    if (rc != 0) {
+        fprintf(stderr, "meshlm mpi: rank %d: %s\n", comm_rank(comm), err);
+        code = 1;
+    } else {
+        code = comm_rank(comm) == 0 ? lead(comm, data, &a) : follow(&comm, data, &a);
     }
+    comm_destroy(&data);
     const int size = comm_size(comm);
     comm_destroy(&comm); // flushes the failure notices (linger) before a possible abort
-    if (code != 0 && size > 1 && !a.selftest) {
+    if (code != 0 && size > 1) {
         // MPI_Finalize waits for every rank; one that is frozen or stuck would hang this one. The
         // failure is reported and the others were told: the last resort ends the job non-zero.
         MPI_Abort(MPI_COMM_WORLD, code);

@@ -18,9 +18,8 @@
 #include "core/sha256.h"
 #include "proto/msg_io.h"
 #include "transport/comm_link.h"
-#include "transport/comm_zmq.h"
+#include "transport/comm_open.h"
 #include "transport/fault.h"
-#include "transport/link.h"
 #include "worker/node/node.h"
 #include "worker/node/pipeline.h"
 
@@ -584,7 +583,7 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
             snprintf(w->endpoint, sizeof w->endpoint, "rank %d", i + 1);
         } else {
             snprintf(w->endpoint, sizeof w->endpoint, "%s", o->workers[i]);
-            if (link_data_endpoint(w->endpoint, w->data_endpoint, sizeof w->data_endpoint) != 0)
+            if (comm_link_data_endpoint(w->endpoint, w->data_endpoint, sizeof w->data_endpoint) != 0)
                 rc = mlm_fail(err, errlen, MLM_EINVAL, "worker endpoint %s: want tcp://HOST:PORT or ipc:///PATH",
                               w->endpoint);
         }
@@ -599,7 +598,8 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
     } else if (rc == 0) {
         const char *eps[MSG_MAX_NODES];
         for (int i = 0; i < n_workers; i++) eps[i] = c->w[i].endpoint;
-        rc = comm_link_connect(&c->ctl, eps, n_workers, NULL, err, errlen);
+        comm_open_opts_t co = {.rank = 0, .size = c->n_nodes, .endpoints = eps};
+        rc = comm_open(&c->ctl, "link", &co, err, errlen);
         c->ctl_owned = rc == 0;
     }
     if (rc != 0) {
@@ -653,11 +653,9 @@ static int open_data_plane(cluster_t *c, char *err, size_t errlen) {
     }
     const char *eps[MSG_MAX_NODES];
     for (int i = 0; i < c->n_nodes; i++) eps[i] = c->pnodes[i].endpoint;
-    comm_zmq_opts_t zo;
-    comm_zmq_opts_default(&zo);
-    zo.connect_timeout_ms = c->timeout_ms;
-    int rc = comm_zmq_new(&c->comm, 0, c->n_nodes, eps, &zo, err, errlen);
-    if (rc == 0 && fault_has_link_rules(c->faults)) rc = comm_fault_wrap(&c->comm, c->faults, err, errlen);
+    comm_open_opts_t co = {.rank = 0, .size = c->n_nodes, .endpoints = eps, .timeout_ms = c->timeout_ms,
+                           .fault_spec = c->faults};
+    int rc = comm_open(&c->comm, fault_has_link_rules(c->faults) ? "fault:zmq" : "zmq", &co, err, errlen);
     for (int i = 0; rc != 0 && i < c->o.n_workers; i++) // a worker that failed to set up says why
         if (c->w[i].rank >= 0 && drain_reports(c, i, 100) != 0) {
             size_t k = strlen(err);

@@ -17,7 +17,7 @@
 #include "core/sha256.h"
 #include "proto/msg_io.h"
 #include "transport/comm_link.h"
-#include "transport/comm_zmq.h"
+#include "transport/comm_open.h"
 #include "transport/fault.h"
 #include "worker/model/model.h"
 #include "worker/node/pipeline.h"
@@ -214,7 +214,6 @@ static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errl
 // The plan's data plane: the one the node was given (MPI, in-process: every rank of it is in the
 // plan, in order), or a ZeroMQ comm over the endpoints the plan lists. Emulated links wrap it.
 static int open_data_plane(node_t *n, char *err, size_t errlen) {
-    int rc;
     if (n->o->data) {
         n->comm = n->o->data;
         if (comm_size(n->comm) != n->plan.n_nodes || comm_rank(n->comm) != n->index)
@@ -225,12 +224,9 @@ static int open_data_plane(node_t *n, char *err, size_t errlen) {
     }
     const char *eps[MSG_MAX_NODES];
     for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;
-    comm_zmq_opts_t zo;
-    comm_zmq_opts_default(&zo);
-    zo.connect_timeout_ms = n->timeout_ms;
-    rc = comm_zmq_new(&n->comm, n->index, n->plan.n_nodes, eps, &zo, err, errlen);
-    if (rc == 0 && fault_has_link_rules(n->faults)) rc = comm_fault_wrap(&n->comm, n->faults, err, errlen);
-    return rc;
+    comm_open_opts_t co = {.rank = n->index, .size = n->plan.n_nodes, .endpoints = eps, .timeout_ms = n->timeout_ms,
+                           .fault_spec = n->faults};
+    return comm_open(&n->comm, fault_has_link_rules(n->faults) ? "fault:zmq" : "zmq", &co, err, errlen);
 }
 
 static int on_load(node_t *n, const msg_load_shard_t *ls) {
@@ -441,7 +437,8 @@ int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen) {
 
 int node_serve(const node_opts_t *o, char *err, size_t errlen) {
     comm_t *ctl = NULL;
-    int rc = comm_link_listen(&ctl, o->listen, NULL, err, errlen);
+    comm_open_opts_t co = {.listen = o->listen};
+    int rc = comm_open(&ctl, "link", &co, err, errlen);
     if (rc != 0) return rc;
     if (o->verbose) fprintf(stderr, "[%s] listening on %s\n", o->node_id ? o->node_id : "worker", o->listen);
     rc = node_run(o, &ctl, err, errlen);

@@ -1,6 +1,8 @@
 // Helpers shared by the CUnit suites (not a suite itself).
 #include "test_util.h"
 
+#include "core/rng.h"
+
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,12 +53,7 @@ char *test_tmpdir(void) {
     return p;
 }
 
-uint64_t test_rng_next(uint64_t *st) {
-    uint64_t z = (*st += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
+uint64_t test_rng_next(uint64_t *st) { return mlm_rng_next(st); }
 
 float test_rng_float(uint64_t *st) {
     return (float)((double)(test_rng_next(st) >> 11) / 9007199254740992.0 * 2.0 - 1.0);

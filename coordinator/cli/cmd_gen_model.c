@@ -15,6 +15,7 @@
 #include "core/clock.h"
 #include "coordinator/cli/cli.h"
 #include "core/err.h"
+#include "core/rng.h"
 #include "worker/format/gguf.h"
 #include "worker/format/gguf_write.h"
 #include "worker/format/model_presets.h"
@@ -88,24 +89,17 @@ typedef struct {                // built-in SentencePiece-style vocabulary
 
 // --- helpers: random numbers
 
-static uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-static inline uint64_t splitmix_next(uint64_t *s) { return mix64(*s += 0x9e3779b97f4a7c15ULL); }
 
 // Approximately N(0,1): the sum of four 16-bit uniforms, centred and scaled (Irwin-Hall, |z| < 3.47).
 static inline float approx_normal(uint64_t *s) {
-    uint64_t r = splitmix_next(s);
+    uint64_t r = mlm_rng_next(s);
     uint32_t sum = (uint32_t)(r & 0xffff) + (uint32_t)((r >> 16) & 0xffff) + (uint32_t)((r >> 32) & 0xffff) +
                    (uint32_t)(r >> 48);
     return ((float)sum - 131070.0f) * (1.7320508f / 65536.0f);
 }
 
 static uint64_t tensor_seed(uint64_t seed, int idx) {
-    return mix64(seed * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL * (uint64_t)(idx + 1));
+    return mlm_mix64(seed * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL * (uint64_t)(idx + 1));
 }
 
 // --- helpers: quantization plan
@@ -345,7 +339,7 @@ static int copy_tokenizer(gguf_writer_t *w, const char *path, int *n_vocab, char
 // --- helpers: weights
 
 static void fill_row(const gen_tensor_t *t, uint64_t tseed, int64_t row, float *dst) {
-    uint64_t s = mix64(tseed ^ (0xd1b54a32d192ed03ULL * (uint64_t)(row + 1)));
+    uint64_t s = mlm_mix64(tseed ^ (0xd1b54a32d192ed03ULL * (uint64_t)(row + 1)));
     for (int64_t j = 0; j < t->ne[0]; j++) dst[j] = t->mean + t->std * approx_normal(&s);
 }
 

@@ -22,10 +22,12 @@ static int positive(const char *arg, const char *what, const char *cmd, int *out
 }
 
 // A byte size such as 512M, 1.5G or 1073741824 (plan_parse_size, after checking that it is a plain
-// decimal number: no sign, exponent, inf or nan, at most 15 digits).
+// decimal number with an optional unit: no sign, exponent, inf or nan, at most 16 characters).
 static int size_arg(const char *arg, const char *what, const char *cmd, uint64_t *out) {
     const size_t digits = strspn(arg, "0123456789.");
-    if (!isdigit((unsigned char)arg[0]) || digits > 16 || plan_parse_size(arg, out) != 0) {
+    const char *unit = arg + digits; // "", or K/M/G/T and an optional B or i
+    const bool unit_ok = !*unit || (strchr("KMGTkmgt", *unit) && strlen(unit) <= 2);
+    if (!isdigit((unsigned char)arg[0]) || digits > 16 || !unit_ok || plan_parse_size(arg, out) != 0) {
         fprintf(stderr, "meshlm %s: %s wants a size such as 512M or 2G (K, M, G, T: powers of 1024), not '%s'\n",
                 cmd, what, arg);
         return -1;

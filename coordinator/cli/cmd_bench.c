@@ -307,6 +307,7 @@ int cmd_bench(int argc, char **argv) {
     int code = 0;
     bench_mem_t *mems[MAX_MODELS * 8] = {0}; // (n_mems) one per configuration that ran
     int n_mems = 0;
+    bool said_cg_note = false; // the "no memory cgroups" line is printed once
     for (int mi = 0; mi < a.n_models; mi++) {
         char err[1024] = "";
         model_t *m = NULL;
@@ -361,7 +362,8 @@ int cmd_bench(int argc, char **argv) {
                         code = 1;
                         continue;
                     }
-                    if (lw->cg_note[0] && mi == 0 && ti == 0) fprintf(stderr, "meshlm: %s\n", lw->cg_note);
+                    if (lw->cg_note[0] && !said_cg_note) fprintf(stderr, "meshlm: %s\n", lw->cg_note);
+                    said_cg_note |= lw->cg_note[0] != 0;
                     for (int i = 0; i < lw->n; i++) eps[i] = lw->endpoint[i];
                     nw = lw->n;
                 } else {

@@ -14,7 +14,7 @@
 typedef struct {
     int n;                             // workers started
     pid_t pid[LAUNCH_MAX];             // their process ids
-    char name[LAUNCH_MAX][16];         // their names in plans: local-0, local-1, ...
+    char name[LAUNCH_MAX][24];         // their names in plans: local-0, local-1, ...
     char endpoint[LAUNCH_MAX][300];    // their control endpoints
     char dir[256];                     // run directory holding the ipc sockets
     // Memory: each worker runs in its own memory cgroup "meshlm-<our pid>-<i>" when cgroups are writable.

@@ -135,6 +135,7 @@ static void test_limit_peak_destroy(void) {
     if (peak < 16 * MIB || peak > 64 * MIB) fprintf(stderr, "\npeak %llu\n", (unsigned long long)peak);
     CU_ASSERT(peak >= 16 * MIB);
     CU_ASSERT(peak <= 64 * MIB);
+    CU_ASSERT(memcg_usage(g) < 16 * MIB); // the process is gone, its memory with it
     CU_ASSERT_EQUAL(memcg_oom_kills(g), 0);
     memcg_destroy(&g);
     CU_ASSERT_PTR_NULL(g);

@@ -326,7 +326,8 @@ static void test_memory_report(void) {
     CU_ASSERT_PTR_NOT_NULL(o);
     if (o) check_memory(cJSON_GetObjectItem(o, "memory"), names, 2, true, 256.0 * 1024 * 1024, cg);
     cJSON_Delete(o);
-    const char *line = strstr(r.err, "meshlm: peak memory (VmHWM; memory cgroup peak with page cache / limit): coordinator ");
+    const char *line =
+        strstr(r.err, "meshlm: peak memory (VmHWM; memory cgroup peak with page cache / limit): coordinator ");
     CU_ASSERT_PTR_NOT_NULL(line);
     if (line && cg) CU_ASSERT_PTR_NOT_NULL(strstr(line, "; local-1 "));
     if (line && cg) CU_ASSERT_PTR_NOT_NULL(strstr(line, " / 256.0 MiB\n"));

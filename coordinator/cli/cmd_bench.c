@@ -493,7 +493,8 @@ int cmd_bench(int argc, char **argv) {
         cJSON_Delete(jarr);
     } else if (n_mems > 0) {
         printf("\n");
-        for (int i = 0; i < n_mems; i++) mem_report_table(&mems[i]->r, mems[i]->label, mems[i]->threads, i == 0, stdout);
+        for (int i = 0; i < n_mems; i++)
+            mem_report_table(&mems[i]->r, mems[i]->label, mems[i]->threads, i == 0, stdout);
     }
     for (int i = 0; i < n_mems; i++) free(mems[i]);
     free(a.workers);

@@ -1,6 +1,9 @@
 // CUnit suite "cli": the meshlm program as a user meets it: refusals end with a newline, file errors name
-// the path and the system's reason, a plan that leaves a worker out says so, and tests/demo.sh runs a cluster.
+// the path and the system's reason, a plan that leaves a worker out says so, tests/demo.sh runs a cluster,
+// and run/bench report every process's peak memory (local workers in memory cgroups).
 #include <CUnit/CUnit.h>
+#include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -13,6 +16,8 @@
 #include <unistd.h>
 
 #include "test_util.h"
+#include "cluster/launch.h"
+#include "cluster/memcg.h"
 #include "core/clock.h"
 
 // --- helpers
@@ -243,6 +248,214 @@ static void test_demo(void) {
     run_free(&d);
 }
 
+// Groups "meshlm-PID-N" left in this process's memory cgroup by runs whose PID is gone.
+static int leftover_groups(void) {
+    char base[600], err[256];
+    if (memcg_probe(base, sizeof base, err, sizeof err) < 0) return 0;
+    DIR *d = opendir(base);
+    if (!d) return 0;
+    int n = 0;
+    const struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        int pid, idx, end = 0;
+        if (sscanf(e->d_name, "meshlm-%d-%d%n", &pid, &idx, &end) == 2 && !e->d_name[end] && kill(pid, 0) != 0) {
+            fprintf(stderr, "\nleft over: %s/%s\n", base, e->d_name);
+            n++;
+        }
+    }
+    closedir(d);
+    return n;
+}
+
+// Checks a "memory" array: this process first, then one row per worker named names[i]; local rows
+// have VmHWM > 0 and, with cgroups, a peak within limit (which must be the given one) in a group
+// that is gone now. Remote rows (local false) are all null.
+static void check_memory(const cJSON *mem, const char *const *names, int n, bool local, double limit, bool cg) {
+    CU_ASSERT_FATAL(cJSON_IsArray(mem));
+    CU_ASSERT_EQUAL_FATAL(cJSON_GetArraySize(mem), n + 1);
+    const cJSON *me = cJSON_GetArrayItem(mem, 0);
+    CU_ASSERT_STRING_EQUAL(cJSON_GetStringValue(cJSON_GetObjectItem(me, "process")), "coordinator");
+    CU_ASSERT(cJSON_GetNumberValue(cJSON_GetObjectItem(me, "vmhwm_bytes")) > 1e6);
+    CU_ASSERT(cJSON_IsNull(cJSON_GetObjectItem(me, "cgroup_peak_bytes")));
+    const int coord = (int)cJSON_GetNumberValue(cJSON_GetObjectItem(me, "pid"));
+    CU_ASSERT(coord > 0);
+    for (int i = 0; i < n; i++) {
+        const cJSON *w = cJSON_GetArrayItem(mem, i + 1);
+        CU_ASSERT_STRING_EQUAL(cJSON_GetStringValue(cJSON_GetObjectItem(w, "process")), names[i]);
+        const cJSON *hwm = cJSON_GetObjectItem(w, "vmhwm_bytes"), *peak = cJSON_GetObjectItem(w, "cgroup_peak_bytes");
+        const cJSON *lim = cJSON_GetObjectItem(w, "limit_bytes"), *path = cJSON_GetObjectItem(w, "cgroup");
+        if (!local) {
+            CU_ASSERT(cJSON_IsNull(hwm) && cJSON_IsNull(peak) && cJSON_IsNull(lim) && cJSON_IsNull(path));
+            CU_ASSERT(cJSON_IsNull(cJSON_GetObjectItem(w, "pid")));
+            continue;
+        }
+        CU_ASSERT(cJSON_GetNumberValue(hwm) > 1e6);
+        CU_ASSERT(cJSON_GetNumberValue(cJSON_GetObjectItem(w, "pid")) > 0);
+        if (!cg) {
+            CU_ASSERT(cJSON_IsNull(peak) && cJSON_IsNull(lim) && cJSON_IsNull(path));
+            continue;
+        }
+        CU_ASSERT(cJSON_GetNumberValue(peak) > 0);
+        CU_ASSERT(cJSON_GetNumberValue(peak) <= cJSON_GetNumberValue(lim));
+        CU_ASSERT_EQUAL(cJSON_GetNumberValue(lim), limit);
+        const char *p = cJSON_GetStringValue(path);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+        char tail[64];
+        snprintf(tail, sizeof tail, "/meshlm-%d-%d", coord, i);
+        CU_ASSERT(strlen(p) > strlen(tail) && !strcmp(p + strlen(p) - strlen(tail), tail));
+        CU_ASSERT(access(p, F_OK) != 0 && errno == ENOENT); // removed after the run
+    }
+}
+
+// run --local 2 --local-mem 256M: --json's "memory" has the coordinator and both workers, each with
+// its VmHWM, the workers' cgroup peaks within 256 MiB; stderr says the same in one line; the groups
+// are gone afterwards. bench --json carries the same in each result, and its table follows the speeds.
+// coordinator --workers (remote workers): their rows are null.
+static void test_memory_report(void) {
+    char model[1024], err[256];
+    if (!have_model(model, sizeof model)) return;
+    const bool cg = memcg_probe(NULL, 0, err, sizeof err) > 0;
+    if (!cg) fprintf(stderr, "(no memory cgroups: %s) ", err);
+    const char *const names[] = {"local-0", "local-1"};
+    const char *const run[] = {"meshlm", "run", "-m", model, "-p", "Once upon a time", "-n", "8", "--seed", "1",
+                               "--local", "2", "-t", "1", "--local-mem", "256M", "--json", NULL};
+    run_t r;
+    if (!run_meshlm(&r, run, NULL)) return;
+    CU_ASSERT_EQUAL(r.status, 0);
+    cJSON *o = cJSON_Parse(r.out);
+    CU_ASSERT_PTR_NOT_NULL(o);
+    if (o) check_memory(cJSON_GetObjectItem(o, "memory"), names, 2, true, 256.0 * 1024 * 1024, cg);
+    cJSON_Delete(o);
+    const char *line =
+        strstr(r.err, "meshlm: peak memory (VmHWM; memory cgroup peak with page cache / limit): coordinator ");
+    CU_ASSERT_PTR_NOT_NULL(line);
+    if (line && cg) CU_ASSERT_PTR_NOT_NULL(strstr(line, "; local-1 "));
+    if (line && cg) CU_ASSERT_PTR_NOT_NULL(strstr(line, " / 256.0 MiB\n"));
+    if (!cg) CU_ASSERT_PTR_NOT_NULL(strstr(r.err, "meshlm: no memory cgroups for the local workers ("));
+    if (r.status != 0 || !line) fprintf(stderr, "\nstderr: %s\n", r.err);
+    run_free(&r);
+
+    const char *const bench[] = {"meshlm", "bench", "-m", model, "-p", "8", "-n", "4", "-r", "1", "-t", "1",
+                                 "--local", "2", "--local-mem", "256M", "--json", NULL};
+    if (!run_meshlm(&r, bench, NULL)) return;
+    CU_ASSERT_EQUAL(r.status, 0);
+    o = cJSON_Parse(r.out);
+    CU_ASSERT(cJSON_IsArray(o) && cJSON_GetArraySize(o) == 2);
+    for (int i = 0; o && i < cJSON_GetArraySize(o); i++)
+        check_memory(cJSON_GetObjectItem(cJSON_GetArrayItem(o, i), "memory"), names, 2, true, 256.0 * 1024 * 1024, cg);
+    cJSON_Delete(o);
+    run_free(&r);
+
+    const char *const table[] = {"meshlm", "bench", "-m", model, "-p", "8", "-n", "0", "-r", "1", "-t", "1",
+                                 "--local", "2", "--mem-budget", "256M", NULL};
+    if (!run_meshlm(&r, table, NULL)) return;
+    CU_ASSERT_EQUAL(r.status, 0);
+    const char *speeds = strstr(r.out, " pp8 |"), *mem = strstr(r.out, "| cgroup peak | cgroup limit |");
+    CU_ASSERT(speeds && mem && speeds < mem);
+    if (mem) {
+        CU_ASSERT_PTR_NOT_NULL(strstr(mem, "| coordinator "));
+        CU_ASSERT_PTR_NOT_NULL(strstr(mem, "| local-1 "));
+        if (cg) CU_ASSERT_PTR_NOT_NULL(strstr(mem, " 256.0 MiB |")); // --local-mem defaults to the budget
+    }
+    run_free(&r);
+    CU_ASSERT_EQUAL(leftover_groups(), 0);
+
+    const char *bin = test_meshlm_bin();
+    launch_t *lw = calloc(1, sizeof *lw);
+    launch_opts_t lo = {.exe = bin, .model_path = model, .n_threads = 1};
+    char e2[512];
+    CU_ASSERT_FATAL(lw && launch_local(lw, 2, &lo, e2, sizeof e2) == 0);
+    char list[700];
+    snprintf(list, sizeof list, "%s,%s", lw->endpoint[0], lw->endpoint[1]);
+    const char *const coord[] = {"meshlm", "coordinator", "-m", model, "-p", "Once upon a time", "-n", "4",
+                                 "--workers", list, "--json", NULL};
+    if (run_meshlm(&r, coord, NULL)) {
+        CU_ASSERT_EQUAL(r.status, 0);
+        o = cJSON_Parse(r.out);
+        const char *const eps[] = {lw->endpoint[0], lw->endpoint[1]};
+        if (o) check_memory(cJSON_GetObjectItem(o, "memory"), eps, 2, false, 0, false);
+        CU_ASSERT_PTR_NOT_NULL(o);
+        cJSON_Delete(o);
+        CU_ASSERT_PTR_NOT_NULL(strstr(r.err, "; ipc://"));
+        run_free(&r);
+    }
+    for (int i = 0; i < lw->n; i++) kill(lw->pid[i], SIGTERM);
+    launch_reap(lw, 3000);
+    free(lw);
+}
+
+// A worker whose cgroup limit is far too small is killed by the OOM killer; the run fails within its
+// --timeout and names the worker, the cause and the limit; no group is left behind.
+static void test_oom_worker_is_named(void) {
+    char model[1024], err[256];
+    if (!have_model(model, sizeof model)) return;
+    if (memcg_probe(NULL, 0, err, sizeof err) < 0) {
+        fprintf(stderr, "(skipped: %s) ", err);
+        return;
+    }
+    const char *const args[] = {"meshlm", "run", "-m", model, "-p", "Once upon a time", "-n", "8", "--local", "2",
+                                "-t", "1", "--local-mem", "2M", "--timeout", "3000", NULL};
+    run_t r;
+    if (!run_meshlm(&r, args, NULL)) return;
+    CU_ASSERT_EQUAL(r.status, 1);
+    CU_ASSERT(r.ms < 20000);
+    const char *why = strstr(r.err, "\nmeshlm run: worker local-");
+    if (!why) fprintf(stderr, "\nstderr: %s\n", r.err);
+    CU_ASSERT_PTR_NOT_NULL(why);
+    if (why) {
+        CU_ASSERT_PTR_NOT_NULL(strstr(why, "was killed by the OOM killer of its memory cgroup"));
+        CU_ASSERT_PTR_NOT_NULL(strstr(why, "its limit of 2.0 MiB (--local-mem"));
+    }
+    CU_ASSERT(r.err[0] && r.err[strlen(r.err) - 1] == '\n');
+    run_free(&r);
+    CU_ASSERT_EQUAL(leftover_groups(), 0);
+}
+
+// Bad sizes and --local-mem without local workers are refused in one line naming the option; --help
+// of run, coordinator and bench lists both options.
+static void test_memory_options(void) {
+    char model[1024];
+    if (!have_model(model, sizeof model)) return;
+    const struct {
+        const char *args[14];
+        const char *says;    // the start of the one line on stderr
+    } cases[] = {
+        {{"meshlm", "run", "-m", model, "-p", "hi", "--mem-budget", "abc", NULL},
+         "meshlm run: --mem-budget wants a size such as 512M or 2G (K, M, G, T: powers of 1024), not 'abc'\n"},
+        {{"meshlm", "run", "-m", model, "-p", "hi", "--local", "2", "--local-mem", "12Q", NULL},
+         "meshlm run: --local-mem wants a size such as 512M or 2G"},
+        {{"meshlm", "coordinator", "-m", model, "-p", "hi", "--workers", "tcp://127.0.0.1:9", "--mem-budget", "-1G",
+          NULL}, "meshlm coordinator: --mem-budget wants a size"},
+        {{"meshlm", "bench", "-m", model, "--local", "2", "--local-mem", "nan", NULL},
+         "meshlm bench: --local-mem wants a size"},
+        {{"meshlm", "bench", "-m", model, "--mem-budget", "1e30", NULL}, "meshlm bench: --mem-budget wants a size"},
+        {{"meshlm", "run", "-m", model, "-p", "hi", "--local-mem", "1G", NULL},
+         "meshlm run: --local-mem limits the workers started with --local N, and there are none\n"},
+        {{"meshlm", "bench", "-m", model, "--local-mem", "1G", NULL},
+         "meshlm bench: --local-mem limits the workers started with --local N, and there are none\n"},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        run_t r;
+        if (!run_meshlm(&r, cases[k].args, NULL)) break;
+        const bool ok = r.status == 2 && !strncmp(r.err, cases[k].says, strlen(cases[k].says)) &&
+                        count_char(r.err, '\n') == 1 && r.err[strlen(r.err) - 1] == '\n' && r.out[0] == 0;
+        if (!ok) fprintf(stderr, "\ncase %zu: exit %d, stderr '%s'\n", k, r.status, r.err);
+        CU_ASSERT(ok);
+        run_free(&r);
+    }
+    const char *const cmds[] = {"run", "coordinator", "bench"};
+    for (int k = 0; k < 3; k++) {
+        const char *const args[] = {"meshlm", cmds[k], "--help", NULL};
+        run_t r;
+        if (!run_meshlm(&r, args, NULL)) break;
+        CU_ASSERT_EQUAL(r.status, 0);
+        CU_ASSERT_PTR_NOT_NULL(strstr(r.out, "\n      --mem-budget SIZE   "));
+        CU_ASSERT_PTR_NOT_NULL(strstr(r.out, "\n      --local-mem SIZE    "));
+        CU_ASSERT_PTR_NOT_NULL(strstr(r.out, "VmHWM"));
+        run_free(&r);
+    }
+}
+
 // --- suite
 
 int test_cli_suite(void) {
@@ -251,7 +464,10 @@ int test_cli_suite(void) {
     if (!CU_add_test(s, "plan refusals: one line with a newline", test_plan_refusals) ||
         !CU_add_test(s, "file errors name the path and the reason", test_file_errors_name_path) ||
         !CU_add_test(s, "run --local 2 names the worker the plan left out", test_left_out_worker_is_named) ||
-        !CU_add_test(s, "tests/demo.sh runs a two-worker pipeline", test_demo))
+        !CU_add_test(s, "tests/demo.sh runs a two-worker pipeline", test_demo) ||
+        !CU_add_test(s, "run/bench report every process's peak memory", test_memory_report) ||
+        !CU_add_test(s, "a worker over its cgroup limit is named", test_oom_worker_is_named) ||
+        !CU_add_test(s, "memory options: bad sizes refused, --help", test_memory_options))
         return -1;
     return 0;
 }

@@ -12,6 +12,7 @@
 #include "coordinator/cli/cli.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/cli/layout_args.h"
+#include "coordinator/cli/mem_report.h"
 #include "coordinator/runtime/generate.h"
 #include "core/err.h"
 #include "worker/model/model.h"
@@ -36,10 +37,17 @@ typedef struct {
     char *workers;                   // --workers LIST (owned)
     bool coord_shard;                // --coordinator-shard
     const char *speeds;              // --speeds
-    layout_args_t lay;               // --pp, --tp, --plan, --ubatch, --keep-all
+    layout_args_t lay;               // --pp, --tp, --plan, --ubatch, --keep-all, --mem-budget, --local-mem
     const char *lan;                 // --lan MBIT:MS emulated links (fault-injecting transport)
     int parallel;                    // --parallel K: tg with K sequences in flight (cluster only)
 } bench_args_t;
+
+// The memory of one (model, threads) configuration's processes, for the table after the speed table.
+typedef struct {
+    char label[64];                  // the model column of the speed table
+    int threads;                     // its threads column
+    mem_report_t r;
+} bench_mem_t;
 
 typedef struct {
     double avg, sd;                  // tokens/s
@@ -65,7 +73,10 @@ static void bench_usage(FILE *f) {
             "      --parallel K        tg with K sequences in flight at once (a cluster's stages then work\n"
             "                          on different sequences); t/s counts every sequence's tokens\n"
             "      --json              print a JSON array instead of the table\n"
-            LAYOUT_ARGS_USAGE);
+            LAYOUT_MEM_USAGE
+            LAYOUT_ARGS_USAGE
+            "after the speed table, a memory table gives every process's peak resident set (VmHWM) and the\n"
+            "peak of each local worker's memory cgroup (in --json: \"memory\" in each result)\n");
 }
 
 static int parse_list(const char *s, int *out, int max) {
@@ -184,6 +195,32 @@ static double bytes_per_token(const model_t *m) {
     return b;
 }
 
+// cluster_open; with drop_cache, the model's page cache is dropped between planning and loading, so
+// that the local workers' memory cgroups are charged for their shards (launch_drop_cache).
+static int open_cluster(cluster_t **out, const cluster_opts_t *co, bool drop_cache, char *err, size_t errlen) {
+    if (!drop_cache) return cluster_open(out, co, err, errlen);
+    cluster_t *c = NULL;
+    int rc = cluster_new(&c, co, err, errlen);
+    if (rc == 0) rc = cluster_hello(c, err, errlen);
+    if (rc == 0) rc = cluster_make_plan(c, err, errlen);
+    if (rc == 0) {
+        launch_drop_cache(co->model_path);
+        rc = cluster_load(c, err, errlen);
+    }
+    if (rc != 0) {
+        cluster_close(&c, false);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+// After a failure: names the local workers that have died, and how (the OOM killer of their cgroup).
+static void say_dead_workers(launch_t *lw) {
+    char why[2048];
+    if (lw && launch_check(lw, 500, why, sizeof why) > 0) fprintf(stderr, "meshlm bench: %s\n", why);
+}
+
 // --- public API
 
 int cmd_bench(int argc, char **argv) {
@@ -194,7 +231,8 @@ int cmd_bench(int argc, char **argv) {
         {"no-repack", no_argument, 0, 'R'}, {"local", required_argument, 0, 'L'},
         {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
         {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
-        {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'}, LAYOUT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'}, LAYOUT_ARGS_LONGOPTS,
+        LAYOUT_MEM_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
     optind = 1;
     int ch;
@@ -237,6 +275,11 @@ int cmd_bench(int argc, char **argv) {
         bench_usage(stderr);
         return 2;
     }
+    if (a.lay.local_mem_set && a.local == 0) {
+        fprintf(stderr, "meshlm bench: --local-mem limits the workers started with --local N, and there are none\n");
+        free(a.workers);
+        return 2;
+    }
     if (a.n_threads == 0) {
         a.threads[0] = 0;
         a.n_threads = 1;
@@ -262,9 +305,15 @@ int cmd_bench(int argc, char **argv) {
                "------------", dist ? " ------ | ------------- | ------- | ---- | ----------- | ------- |" : "");
     }
     int code = 0;
+    bench_mem_t *mems[MAX_MODELS * 8] = {0}; // (n_mems) one per configuration that ran
+    int n_mems = 0;
+    bool said_cg_note = false; // the "no memory cgroups" line is printed once
     for (int mi = 0; mi < a.n_models; mi++) {
         char err[1024] = "";
         model_t *m = NULL;
+        mem_report_reset_self(); // this process's peak from here on is this model's
+        // a.lay.mem_budget is this process's own budget too: the weight-window provider passes it into
+        // model loading.
         model_load_opts_t lo = {.repack = a.repack && !dist};
         if (model_load(&m, a.models[mi], &lo, err, sizeof err) != 0) {
             fprintf(stderr, "meshlm bench: %s\n", err);
@@ -304,7 +353,8 @@ int cmd_bench(int argc, char **argv) {
                 char *list = a.workers ? strdup(a.workers) : NULL;
                 if (a.local > 0) {
                     lw = calloc(1, sizeof *lw);
-                    launch_opts_t lo2 = {.model_path = a.models[mi], .n_threads = a.threads[ti], .tcp = a.local_tcp};
+                    launch_opts_t lo2 = {.model_path = a.models[mi], .n_threads = a.threads[ti], .tcp = a.local_tcp,
+                                         .mem_budget = a.lay.mem_budget, .mem_limit = layout_args_local_mem(&a.lay)};
                     if (!lw || launch_local(lw, a.local, &lo2, err, sizeof err) != 0) {
                         fprintf(stderr, "meshlm bench: %s\n", err);
                         free(lw);
@@ -312,6 +362,8 @@ int cmd_bench(int argc, char **argv) {
                         code = 1;
                         continue;
                     }
+                    if (lw->cg_note[0] && !said_cg_note) fprintf(stderr, "meshlm: %s\n", lw->cg_note);
+                    said_cg_note |= lw->cg_note[0] != 0;
                     for (int i = 0; i < lw->n; i++) eps[i] = lw->endpoint[i];
                     nw = lw->n;
                 } else {
@@ -322,10 +374,11 @@ int cmd_bench(int argc, char **argv) {
                                      .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                                      .local_profile = a.local > 0};
-                int rc = cluster_open(&cl, &co, err, sizeof err);
+                int rc = open_cluster(&cl, &co, lw && lw->mem_limit, err, sizeof err);
                 free(list);
                 if (rc != 0) {
                     fprintf(stderr, "meshlm bench: cluster: %s\n", err);
+                    say_dead_workers(lw);
                     if (lw) launch_reap(lw, 3000);
                     free(lw);
                     code = 1;
@@ -338,6 +391,7 @@ int cmd_bench(int argc, char **argv) {
                 snprintf(backend, sizeof backend, "%d x %s", cluster_plan(cl)->n, a.local_tcp || a.workers ? "tcp" : "ipc");
             }
             int nthr = a.threads[ti] ? a.threads[ti] : (int)sysconf(_SC_NPROCESSORS_ONLN);
+            const int first_item = jarr ? cJSON_GetArraySize(jarr) : 0; // this configuration's results
             for (int test = 0; test < 2; test++) {
                 bool pp = test == 0;
                 int n = pp ? a.n_prompt : a.n_gen;
@@ -349,6 +403,7 @@ int cmd_bench(int argc, char **argv) {
                 if (rc != 0) {
                     fprintf(stderr, "meshlm bench: %s failed: %s%s%s\n", a.models[mi], mlm_strerror(rc),
                             cl ? ": " : "", cl ? cluster_error(cl) : "");
+                    say_dead_workers(lw);
                     code = 1;
                     continue;
                 }
@@ -407,6 +462,21 @@ int cmd_bench(int argc, char **argv) {
                     fflush(stdout);
                 }
             }
+            bench_mem_t *bm = n_mems < MAX_MODELS * 8 ? calloc(1, sizeof *bm) : NULL; // before the workers exit
+            if (bm) {
+                snprintf(bm->label, sizeof bm->label, "%s", name);
+                bm->threads = nthr;
+                const char *remote[LAUNCH_MAX];
+                int n_remote = 0;
+                char *list = a.workers && !lw ? strdup(a.workers) : NULL;
+                for (char *t = list ? strtok(list, ",") : NULL; t && n_remote < LAUNCH_MAX; t = strtok(NULL, ","))
+                    remote[n_remote++] = t;
+                mem_report_collect(&bm->r, lw, remote, n_remote);
+                free(list);
+                for (int i = first_item; jarr && i < cJSON_GetArraySize(jarr); i++)
+                    cJSON_AddItemToObject(cJSON_GetArrayItem(jarr, i), "memory", mem_report_json(&bm->r));
+                mems[n_mems++] = bm;
+            }
             model_ctx_destroy(&c);
             cluster_close(&cl, lw != NULL);
             if (lw) {
@@ -421,7 +491,12 @@ int cmd_bench(int argc, char **argv) {
         if (s) printf("%s\n", s);
         free(s);
         cJSON_Delete(jarr);
+    } else if (n_mems > 0) {
+        printf("\n");
+        for (int i = 0; i < n_mems; i++)
+            mem_report_table(&mems[i]->r, mems[i]->label, mems[i]->threads, i == 0, stdout);
     }
+    for (int i = 0; i < n_mems; i++) free(mems[i]);
     free(a.workers);
     return code;
 }

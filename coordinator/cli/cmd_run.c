@@ -10,6 +10,7 @@
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/cli/gen_args.h"
 #include "coordinator/cli/layout_args.h"
+#include "coordinator/cli/mem_report.h"
 #include "coordinator/runtime/generate.h"
 #include "core/err.h"
 #include "worker/model/model.h"
@@ -30,7 +31,7 @@ typedef struct {
     const char *data_endpoint; // --data-endpoint
     bool verbose;             // --verbose
     bool show_plan;           // --show-plan
-    layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all
+    layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all, --mem-budget, --local-mem
 } run_args_t;
 
 static void run_usage(FILE *f) {
@@ -50,13 +51,16 @@ static void run_usage(FILE *f) {
             "                          first worker, on a free port)\n"
             "      --show-plan         print the plan (who holds which layers) on stderr before generating\n"
             "      --verbose           cluster progress on stderr\n"
-            LAYOUT_ARGS_USAGE);
+            LAYOUT_MEM_USAGE
+            LAYOUT_ARGS_USAGE
+            "at the end, stderr (and --json's \"memory\") reports every process's peak resident set (VmHWM)\n"
+            "and the peak of each local worker's memory cgroup\n");
 }
 
 enum { O_WORKERS = GA_NEXT, O_LOCAL, O_LOCAL_TCP, O_LOCAL_NOMODEL, O_CACHE, O_CSHARD, O_SPEEDS, O_TIMEOUT,
        O_VERBOSE, O_DATA_EP, O_SHOW_PLAN };
 
-static int parse_args(int argc, char **argv, run_args_t *a) {
+static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
     static const struct option opts[] = {
         GEN_ARGS_LONGOPTS, {"workers", required_argument, 0, O_WORKERS}, {"local", required_argument, 0, O_LOCAL},
         {"local-tcp", no_argument, 0, O_LOCAL_TCP}, {"local-no-model", no_argument, 0, O_LOCAL_NOMODEL},
@@ -64,14 +68,14 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
         {"verbose", no_argument, 0, O_VERBOSE}, {"data-endpoint", required_argument, 0, O_DATA_EP},
         {"show-plan", no_argument, 0, O_SHOW_PLAN},
-        LAYOUT_ARGS_LONGOPTS, {0, 0, 0, 0}};
+        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     gen_args_init(&a->g);
     optind = 1;
     int ch;
     while ((ch = getopt_long(argc, argv, GEN_ARGS_SHORTOPTS, opts, NULL)) != -1) {
-        int r = gen_args_option(&a->g, ch, optarg, "run");
-        if (r == 0) r = layout_args_option(&a->lay, ch, optarg, "run");
+        int r = gen_args_option(&a->g, ch, optarg, cmd);
+        if (r == 0) r = layout_args_option(&a->lay, ch, optarg, cmd);
         if (r < 0) return 1;
         if (r > 0) continue;
         switch (ch) {
@@ -91,15 +95,19 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         }
     }
     if (optind < argc) {
-        fprintf(stderr, "meshlm run: unexpected argument '%s'\n", argv[optind]);
+        fprintf(stderr, "meshlm %s: unexpected argument '%s'\n", cmd, argv[optind]);
         return 1;
     }
-    if (gen_args_check(&a->g, "run") != 0) {
+    if (gen_args_check(&a->g, cmd) != 0) {
         run_usage(stderr);
         return 1;
     }
     if (a->local < 0 || (a->local > 0 && a->workers)) {
-        fprintf(stderr, "meshlm run: use either --local N or --workers LIST\n");
+        fprintf(stderr, "meshlm %s: use either --local N or --workers LIST\n", cmd);
+        return 1;
+    }
+    if (a->lay.local_mem_set && a->local == 0) {
+        fprintf(stderr, "meshlm %s: --local-mem limits the workers started with --local N, and there are none\n", cmd);
         return 1;
     }
     return 0;
@@ -114,10 +122,36 @@ static int split_list(char *s, const char **out, int max) {
 
 static int run_main(run_args_t *a);
 
+// cluster_open; with drop_cache, the model's page cache is dropped between planning and loading, so
+// that the local workers' memory cgroups are charged for their shards (launch_drop_cache).
+static int open_cluster(cluster_t **out, const cluster_opts_t *co, bool drop_cache, char *err, size_t errlen) {
+    if (!drop_cache) return cluster_open(out, co, err, errlen);
+    cluster_t *c = NULL;
+    int rc = cluster_new(&c, co, err, errlen);
+    if (rc == 0) rc = cluster_hello(c, err, errlen);
+    if (rc == 0) rc = cluster_make_plan(c, err, errlen);
+    if (rc == 0) {
+        launch_drop_cache(co->model_path);
+        rc = cluster_load(c, err, errlen);
+    }
+    if (rc != 0) {
+        cluster_close(&c, false);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+// After a failure: names the local workers that have died, and how (the OOM killer of their cgroup).
+static void say_dead_workers(launch_t *lw) {
+    char why[2048];
+    if (lw && launch_check(lw, 500, why, sizeof why) > 0) fprintf(stderr, "meshlm run: %s\n", why);
+}
+
 // Parses, runs and frees: the whole of `run` and of `coordinator` (which insists on --workers).
 static int run_command(int argc, char **argv, const char *cmd) {
     run_args_t a;
-    int prc = parse_args(argc, argv, &a);
+    int prc = parse_args(argc, argv, &a, cmd ? cmd : "run");
     if (prc == 0 && cmd && !a.workers) {
         fprintf(stderr, "meshlm %s: --workers LIST is required (or use 'meshlm run --local N')\n", cmd);
         prc = 1;
@@ -147,6 +181,10 @@ static int run_main(run_args_t *ap) {
     int code = 1, rc;
     const bool distributed = a.workers || a.local > 0;
     const model_t *mm = NULL; // the model whose metadata and tokenizer we use
+    const char *eps[LAUNCH_MAX]; // (n_workers) worker endpoints
+    int n_workers = 0;
+    // a.lay.mem_budget is this process's own budget too (single node or --coordinator-shard): the
+    // weight-window provider passes it into model loading.
     if (!distributed) {
         model_load_opts_t lo = {.repack = a.g.repack};
         if ((rc = model_load(&m, a.g.model, &lo, err, sizeof err)) != 0) {
@@ -155,16 +193,16 @@ static int run_main(run_args_t *ap) {
         }
         mm = m;
     } else {
-        const char *eps[LAUNCH_MAX];
-        int n_workers = 0;
         if (a.local > 0) {
             lw = calloc(1, sizeof *lw);
             launch_opts_t lo = {.model_path = a.local_no_model ? NULL : a.g.model, .cache_dir = a.cache_dir,
-                                .n_threads = a.g.n_threads, .tcp = a.local_tcp, .verbose = a.verbose};
+                                .n_threads = a.g.n_threads, .tcp = a.local_tcp, .verbose = a.verbose,
+                                .mem_budget = a.lay.mem_budget, .mem_limit = layout_args_local_mem(&a.lay)};
             if (!lw || launch_local(lw, a.local, &lo, err, sizeof err) != 0) {
                 fprintf(stderr, "meshlm run: %s\n", err);
                 goto out;
             }
+            if (lw->cg_note[0]) fprintf(stderr, "meshlm: %s\n", lw->cg_note);
             for (int i = 0; i < lw->n; i++) eps[i] = lw->endpoint[i];
             n_workers = lw->n;
         } else {
@@ -176,8 +214,9 @@ static int run_main(run_args_t *ap) {
                              .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                              .local_profile = a.local > 0};
-        if ((rc = cluster_open(&cl, &co, err, sizeof err)) != 0) {
+        if ((rc = open_cluster(&cl, &co, lw && lw->mem_limit && !a.local_no_model, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
+            say_dead_workers(lw);
             goto out;
         }
         mm = cluster_model(cl);
@@ -233,6 +272,7 @@ static int run_main(run_args_t *ap) {
     if ((rc = gen_run(&eng, tok, pt, np, &a.g.gen, &res, err, sizeof err)) != 0) {
         fprintf(stderr, "\nmeshlm run: %s\n", err);
         if (cl && cluster_error(cl)[0]) fprintf(stderr, "meshlm run: %s\n", cluster_error(cl));
+        say_dead_workers(lw);
         goto out;
     }
     if (lf && fclose(lf) != 0) {
@@ -242,8 +282,10 @@ static int run_main(run_args_t *ap) {
         goto out;
     }
     lf = NULL;
+    mem_report_t *mr = malloc(sizeof *mr); // before the workers are told to exit
+    if (mr) mem_report_collect(mr, lw, eps, lw ? 0 : n_workers);
     if (a.g.json) {
-        gen_print_json(pt, np, &res);
+        gen_print_json_memory(pt, np, &res, mr ? mem_report_json(mr) : NULL);
     } else {
         printf("\n");
         fflush(stdout);
@@ -257,6 +299,8 @@ static int run_main(run_args_t *ap) {
                 cluster_plan(cl)->n, st->load_ms, st->from_file, st->from_cache, st->streamed,
                 (double)st->shard_bytes_sent / 1e6);
     }
+    if (mr) mem_report_line(mr, stderr);
+    free(mr);
     gen_result_free(&res);
     code = 0;
 out:

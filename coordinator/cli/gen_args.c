@@ -84,8 +84,14 @@ void gen_args_free(gen_args_t *a) {
     a->prompt_owned = false;
 }
 
-void gen_print_json(const int32_t *pt, int np, const gen_result_t *r) {
+void gen_print_json(const int32_t *pt, int np, const gen_result_t *r) { gen_print_json_memory(pt, np, r, NULL); }
+
+void gen_print_json_memory(const int32_t *pt, int np, const gen_result_t *r, cJSON *memory) {
     cJSON *o = cJSON_CreateObject();
+    if (!o) {
+        cJSON_Delete(memory);
+        return;
+    }
     cJSON *p = cJSON_AddArrayToObject(o, "prompt_tokens");
     for (int i = 0; i < np; i++) cJSON_AddItemToArray(p, cJSON_CreateNumber(pt[i]));
     cJSON *t = cJSON_AddArrayToObject(o, "tokens");
@@ -94,6 +100,7 @@ void gen_print_json(const int32_t *pt, int np, const gen_result_t *r) {
     cJSON_AddNumberToObject(o, "prompt_ms", r->prompt_ms);
     cJSON_AddNumberToObject(o, "gen_ms", r->gen_ms);
     cJSON_AddNumberToObject(o, "tokens_per_s", r->gen_ms > 0 ? r->n_gen_evals * 1000.0 / r->gen_ms : 0.0);
+    if (memory) cJSON_AddItemToObject(o, "memory", memory);
     char *s = cJSON_PrintUnformatted(o);
     if (s) printf("%s\n", s);
     free(s);

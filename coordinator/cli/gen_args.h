@@ -80,4 +80,8 @@ void gen_args_free(gen_args_t *a);
 // Prints {"prompt_tokens","tokens","text","prompt_ms","gen_ms","tokens_per_s"} on stdout.
 void gen_print_json(const int32_t *pt, int np, const gen_result_t *r);
 
+// The same with "memory": the array memory (mem_report_json; takes ownership; NULL = no such key).
+struct cJSON;
+void gen_print_json_memory(const int32_t *pt, int np, const gen_result_t *r, struct cJSON *memory);
+
 #endif

@@ -1,8 +1,12 @@
-// Layout options shared by the cluster commands.
+// Layout and memory options shared by the cluster commands.
 #include "coordinator/cli/layout_args.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+
+#include "parallel/plan.h"
 
 // --- helpers
 
@@ -17,7 +21,23 @@ static int positive(const char *arg, const char *what, const char *cmd, int *out
     return 1;
 }
 
+// A byte size such as 512M, 1.5G or 1073741824 (plan_parse_size, after checking that it is a plain
+// decimal number with an optional unit: no sign, exponent, inf or nan, at most 16 characters).
+static int size_arg(const char *arg, const char *what, const char *cmd, uint64_t *out) {
+    const size_t digits = strspn(arg, "0123456789.");
+    const char *unit = arg + digits; // "", or K/M/G/T and an optional B or i
+    const bool unit_ok = !*unit || (strchr("KMGTkmgt", *unit) && strlen(unit) <= 2);
+    if (!isdigit((unsigned char)arg[0]) || digits > 16 || !unit_ok || plan_parse_size(arg, out) != 0) {
+        fprintf(stderr, "meshlm %s: %s wants a size such as 512M or 2G (K, M, G, T: powers of 1024), not '%s'\n",
+                cmd, what, arg);
+        return -1;
+    }
+    return 1;
+}
+
 // --- public API
+
+uint64_t layout_args_local_mem(const layout_args_t *a) { return a->local_mem_set ? a->local_mem : a->mem_budget; }
 
 int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cmd) {
     switch (ch) {
@@ -26,6 +46,8 @@ int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cm
     case LA_UBATCH: return positive(arg, "--ubatch", cmd, &a->ubatch);
     case LA_KEEP_ALL: a->keep_all = true; return 1;
     case LA_PLAN: a->plan_file = arg; return 1;
+    case LA_MEM_BUDGET: return size_arg(arg, "--mem-budget", cmd, &a->mem_budget);
+    case LA_LOCAL_MEM: a->local_mem_set = true; return size_arg(arg, "--local-mem", cmd, &a->local_mem);
     default: return 0;
     }
 }

@@ -1,9 +1,11 @@
 // The layout options every cluster command shares (run, coordinator, bench, mpi): --pp, --tp,
-// --plan, --ubatch, --keep-all.
+// --plan, --ubatch, --keep-all; and the memory options of run, coordinator and bench: --mem-budget,
+// --local-mem.
 #ifndef MESHLM_LAYOUT_ARGS_H
 #define MESHLM_LAYOUT_ARGS_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 typedef struct {
     int pp;                   // --pp S: pipeline stages (0 = the planner chooses)
@@ -11,10 +13,18 @@ typedef struct {
     int ubatch;               // --ubatch N: micro-batch tokens in flight (0 = default)
     bool keep_all;            // --keep-all: never leave a node out
     const char *plan_file;    // --plan FILE: a hand-written plan
+    // --mem-budget SIZE, bytes (0 = none): the budget of every local worker (passed on as `meshlm
+    // worker --mem-budget`) and of this process's own model: its share (--coordinator-shard) or the
+    // single node. The weight-window provider takes it into model loading from here; until that is
+    // wired, this process's own loading does not read it.
+    uint64_t mem_budget;
+    uint64_t local_mem;       // --local-mem SIZE: memory cgroup limit of each local worker (see
+                              // layout_args_local_mem; 0 with local_mem_set = no limit)
+    bool local_mem_set;       // --local-mem was given
 } layout_args_t;
 
 // Option ids, above every command's own (GA_NEXT + 100 leaves room).
-enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN };
+enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_LOCAL_MEM };
 
 #define LAYOUT_ARGS_LONGOPTS                                                                                     \
     {"pp", required_argument, 0, LA_PP}, {"tp", required_argument, 0, LA_TP},                                   \
@@ -28,6 +38,22 @@ enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN };
     "      --plan FILE         a hand-written plan (see meshlm plan --out)\n"                                   \
     "      --ubatch N          prompt micro-batch tokens in flight through the stages (default 16)\n"           \
     "      --keep-all          never leave a slow node out\n"
+
+// The memory options, for the commands that start or are local workers (run, coordinator, bench).
+#define LAYOUT_MEM_LONGOPTS                                                                                      \
+    {"mem-budget", required_argument, 0, LA_MEM_BUDGET}, {"local-mem", required_argument, 0, LA_LOCAL_MEM}
+
+#define LAYOUT_MEM_USAGE                                                                                         \
+    "memory (SIZE: bytes with an optional K, M, G or T suffix, powers of 1024):\n"                             \
+    "      --mem-budget SIZE   memory for weights + KV cache of every local worker (given to them as\n"       \
+    "                          worker --mem-budget, so the planner fits their shares) and of this\n"          \
+    "                          process's own share (default: no budget)\n"                                     \
+    "      --local-mem SIZE    limit of the memory cgroup each --local worker runs in; the page cache of\n"  \
+    "                          the model file counts (default: the --mem-budget; without one, no limit;\n"    \
+    "                          0 = no limit). The cgroup's peak is reported at the end\n"
+
+// The memory cgroup limit of each local worker: --local-mem when given, else --mem-budget (0 = none).
+uint64_t layout_args_local_mem(const layout_args_t *a);
 
 // Handles ch if it is a layout option: 1 handled, 0 not ours, -1 bad value (message printed).
 int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cmd);

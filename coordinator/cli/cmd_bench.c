@@ -15,6 +15,7 @@
 #include "coordinator/cli/mem_report.h"
 #include "coordinator/runtime/generate.h"
 #include "core/err.h"
+#include "core/rng.h"
 #include "worker/model/model.h"
 
 // --- helpers
@@ -100,13 +101,6 @@ static void stat_finish(bench_stat_t *s) {
     s->sd = s->n > 1 ? sqrt(sq / (s->n - 1)) : 0;
 }
 
-static uint64_t splitmix(uint64_t *x) {
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 // One pp or tg measurement series on an engine (a local context or a cluster).
 static int run_test(const gen_engine_t *eng, bool prompt, int n, int reps, bench_stat_t *st) {
     int32_t *toks = malloc((size_t)n * sizeof *toks);
@@ -117,7 +111,7 @@ static int run_test(const gen_engine_t *eng, bool prompt, int n, int reps, bench
         return MLM_ENOMEM;
     }
     uint64_t seed = 42;
-    for (int i = 0; i < n; i++) toks[i] = (int32_t)(splitmix(&seed) % (uint64_t)eng->n_vocab);
+    for (int i = 0; i < n; i++) toks[i] = (int32_t)(mlm_rng_next(&seed) % (uint64_t)eng->n_vocab);
     int rc = 0;
     st->n = 0;
     for (int r = -1; r < reps && rc == 0; r++) { // r == -1 is the warm-up
@@ -148,7 +142,7 @@ static int run_test_par(cluster_t *cl, int n_vocab, int n, int reps, int par, be
         return MLM_ENOMEM;
     }
     uint64_t seed = 42;
-    for (int i = 0; i < n * par; i++) toks[i] = (int32_t)(splitmix(&seed) % (uint64_t)n_vocab);
+    for (int i = 0; i < n * par; i++) toks[i] = (int32_t)(mlm_rng_next(&seed) % (uint64_t)n_vocab);
     for (int k = 0; k < par; k++) seqs[k] = k;
     int rc = 0;
     st->n = 0;

@@ -134,10 +134,14 @@ static void test_parse(void) {
 
 // NULL when p is a well-formed plan of pm over its offered nodes (stages tile the blocks in order,
 // each stage's rows tile every unit, vocabulary rows only on the first and last stage, every node
-// at most once and within its budget); otherwise what is wrong.
+// at most once and within its budget, resident or streaming by plan_window's rule; in all-reduce
+// mode every member holds every hidden row and its column cuts fall on quant blocks); otherwise
+// what is wrong.
 static const char *plan_problem(const plan_model_t *pm, const plan_t *p) {
     static char why[160];
     if (p->n < 1 || p->n_stages < 1 || p->stage_first[0] != 0 || p->stage_first[p->n_stages] != p->n) return "stage bounds";
+    if (p->tp_mode != PLAN_TP_EXACT && p->tp_mode != PLAN_TP_ALLREDUCE) return "tp mode";
+    const bool ar = p->tp_mode == PLAN_TP_ALLREDUCE;
     bool used[PLAN_MAX_NODES] = {0};
     int at = 0;
     for (int k = 0; k < p->n_stages; k++) {
@@ -154,7 +158,11 @@ static const char *plan_problem(const plan_model_t *pm, const plan_t *p) {
             if (s->stage != k) return "stage field";
             if (s->node < 0 || s->node >= p->n_nodes || used[s->node]) return "node used twice or not offered";
             used[s->node] = true;
-            if (s->s.h0 != h || s->s.e0 != e || s->s.f0 != f || s->s.v0 != v) return "rows do not tile";
+            if (s->s.h0 != h || s->s.f0 != f || s->s.v0 != v) return "rows do not tile";
+            if (ar ? s->s.e0 != 0 || s->s.e1 != pm->n_embd : s->s.e0 != e) return "hidden rows";
+            if (ar && b - a > 1 && ((s->s.h0 * pm->head_dim) % pm->col_block[PLAN_W_O] ||
+                                    s->s.f0 % pm->col_block[PLAN_W_DOWN]))
+                return "an all-reduce column cut inside a quant block";
             h = s->s.h1, e = s->s.e1, f = s->s.f1, v = s->s.v1;
             const int group = pm->n_head / pm->n_head_kv;
             if (s->s.h1 > s->s.h0 && (s->s.kv0 != s->s.h0 / group || s->s.kv1 != (s->s.h1 - 1) / group + 1))
@@ -165,13 +173,29 @@ static const char *plan_problem(const plan_model_t *pm, const plan_t *p) {
                          (unsigned long long)s->peak_bytes, (unsigned long long)bud);
                 return why;
             }
-            if (s->peak_bytes < s->weight_bytes + s->kv_bytes) return "peak below weights + KV";
+            // The shard's window is what plan_window gives for its slice and budget.
+            plan_stream_t st;
+            if (plan_window(pm, &s->s, p->tp_mode, p->n_ctx, p->resident_only ? 0 : bud, &st) != 0) return "plan_window refuses it";
+            if (memcmp(&st, &s->st, sizeof st) != 0) return "window differs from plan_window's";
+            if (s->peak_bytes != s->st.peak_bytes) return "peak is not the window's";
+            if (!s->st.streams) {
+                if (s->peak_bytes < s->weight_bytes + s->kv_bytes) return "peak below weights + KV";
+                if (s->disk_ms != 0) return "disk time without streaming";
+            } else {
+                if (!bud) return "streams without a budget";
+                if (s->st.window < 1 && s->st.pinned < s->st.n_units) return "units stream without a window";
+                if (s->st.peak_bytes != s->st.resident_bytes + (uint64_t)s->st.window * s->st.unit_bytes)
+                    return "peak is not resident + window";
+                if (s->st.stream_bytes > 0 && !(s->disk_ms > 0)) return "streams without disk time";
+                if (s->st.min_budget > bud) return "budget below the minimum";
+            }
         }
         if (h != pm->n_head || e != pm->n_embd || f != pm->n_ff) return "a stage's rows do not cover the units";
         if (v != (vocab ? pm->n_vocab : 0)) return "vocabulary rows on the wrong stages";
     }
     if (at != pm->n_layer) return "layers do not reach n_layer";
     if (!(p->cost.token_ms > 0) || !(p->cost.prefill_tok_s > 0)) return "no cost";
+    if (p->cost.disk_ms < 0 || (p->cost.token_ms < p->cost.comm_ms)) return "cost parts";
     return NULL;
 }
 
@@ -288,14 +312,22 @@ static void test_budgets_and_refusal(void) {
     CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 3, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
     ASSERT_PLAN(pm, p);
     CU_ASSERT_EQUAL(p->n, 3); // every node is needed for the memory
-    // 3 GiB cannot hold it: refused, naming how much is missing and where.
+    // 3 GiB cannot hold it resident: without streaming refused, naming how much is missing and where.
     CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:1G,1:1G,1:1G", nodes, 4, err, sizeof err), 3);
+    o.no_stream = true;
     CU_ASSERT_EQUAL(plan_make(pm, nodes, 3, &o, p, alts, 4, &n_alts, err, sizeof err), MLM_EFULL);
     CU_ASSERT(strstr(err, "does not fit") != NULL);
     CU_ASSERT(strstr(err, "missing") != NULL);
     CU_ASSERT(strstr(err, "short") != NULL);
     CU_ASSERT(strstr(err, "GiB") != NULL);
     CU_ASSERT_EQUAL(n_alts, 0);
+    // Streaming, it runs on them: every node holds a window of its blocks within its budget.
+    o.no_stream = false;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 3, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT_STRING_EQUAL(p->layout, "tp3");
+    for (int i = 0; i < p->n; i++) CU_ASSERT(p->shard[i].st.streams && p->shard[i].peak_bytes <= 1u << 30);
+    CU_ASSERT(p->cost.disk_ms > 0);
     free(p);
     free(alts);
     free(pm);
@@ -590,13 +622,13 @@ static void test_plan_file_errors(void) {
         {"stage layers=0-40 nodes=0\n", 0, MLM_EINVAL, "line 1: layers 0-40 run past"},
         {"stage layers=0-31 nodes=0:1,1\n", 0, MLM_EINVAL, "line 1: give a :weight to every node"},
         {"stage layers=0-15 nodes=0\nstage layers=16-31 nodes=1:1,2:9\n", 0, MLM_EFULL,
-         "line 2: node 2 (node-2) needs"},
+         "line 2: node 2 (node-2) needs at least "},
     };
     plan_model_t *pm = preset("llama-2-7b", "Q4_0");
     CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
     plan_node_t nodes[4];
     char err[512];
-    plan_parse_nodes("1,1:3G,1:1G", nodes, 4, err, sizeof err);
+    plan_parse_nodes("1,1:3G,1:200M", nodes, 4, err, sizeof err); // node 2: too small even to stream 9/10 of a stage
     plan_spec_t *spec = malloc(sizeof *spec);
     plan_t *p = malloc(sizeof *p);
     for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
@@ -675,15 +707,24 @@ static void test_70b_on_small_nodes(void) {
     ASSERT_PLAN(pm, p);
     CU_ASSERT_EQUAL(p->n, 4); // 42 GiB offered for about 38 needed: every node must hold a part
     for (int i = 0; i < n_alts; i++) ASSERT_PLAN(pm, &alts[i]);
-    // 8G/8G/4G/2G is 22 GiB: refused with the missing amount.
+    for (int i = 0; i < p->n; i++) CU_ASSERT(!p->shard[i].st.streams); // it fits resident: nothing streams
+    CU_ASSERT_EQUAL(p->cost.disk_ms, 0);
+    // 8G/8G/4G/2G is 22 GiB: resident only, refused with the missing amount; streaming, a plan.
     CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("2:8G,1.5:8G,1:4G,0.5:2G", nodes, 4, err, sizeof err), 4);
+    o.no_stream = true;
     CU_ASSERT_EQUAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), MLM_EFULL);
     CU_ASSERT(strstr(err, "GiB missing") != NULL);
-    // At 2.6 bits per weight (Q2_K) and 1024 positions it fits in the same 22 GiB.
+    o.no_stream = false;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    for (int i = 0; i < n_alts; i++) ASSERT_PLAN(pm, &alts[i]);
+    CU_ASSERT(p->cost.disk_ms > 0);
+    // At 2.6 bits per weight (Q2_K) and 1024 positions it fits in the same 22 GiB resident.
     free(pm);
     pm = preset("llama-2-70b", "Q2_K");
     CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
     o.n_ctx = 512;
+    o.no_stream = true;
     int rc = plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err);
     if (rc) fprintf(stderr, "70b Q2_K: %s\n", err);
     CU_ASSERT_EQUAL(rc, 0);

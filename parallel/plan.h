@@ -178,7 +178,9 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 //   at most the number of units left. Units [pinned, n_units) stream: a background reader loads the
 //   next of them into a free buffer while earlier units compute and communicate, and a buffer is
 //   free again once its unit has been used, so every token reads every streamed unit once (reads
-//   bypass the page cache: O_DIRECT). Peak = fixed + pinned units + window * largest unit.
+//   bypass the page cache: O_DIRECT). The reader cycles on into the next token: while the node
+//   computes its pinned units or waits for the next token it already fills the window with that
+//   token's first streamed units. Peak = fixed + pinned units + window * largest unit.
 // - fixed + one buffer above the budget: refused (MLM_ERANGE) with the minimum budget named.
 #define PLAN_STREAM_WINDOW 2        // buffers of the sliding window when they fit
 // Disk figures a node does not state: the test machines' NVMe disk reads 950 MB/s sequentially

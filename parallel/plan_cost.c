@@ -288,6 +288,68 @@ double plan_member_ms(const plan_model_t *pm, const plan_t *p, int a, int b, int
     return member_time(&s->st, c, 0, disk_ms(p, a, b, i), 0);
 }
 
+// Compute-or-memory ms per token of shard s on its node.
+static double compute_ms(const plan_model_t *pm, const plan_t *p, const plan_shard_t *s) {
+    const plan_node_t *nd = &p->node[s->node];
+    range_sums_t rs;
+    range_sums(pm, s->s.l0, s->s.l1, &rs);
+    double el, by;
+    shard_work(pm, &rs, s, p->tp_mode, 1, &el, &by);
+    return max2(2 * el / (plan_node_gflops(nd) * 1e9) * 1e3, by / stream_bw(nd) * 1e3);
+}
+
+void plan_scale_of(const plan_model_t *pm, const plan_t *p, int a, int b, int i, bool by_blocks, plan_scale_t *m) {
+    plan_shard_t ref = p->shard[i];
+    const plan_node_t *nd = &p->node[ref.node];
+    double x = ref.s.l1 - ref.s.l0;
+    if (!by_blocks) { // the whole stage's rows on this node
+        const shard_slice_t *s0 = &p->shard[a].s;
+        ref.s = shard_full(pm->n_layer, pm->n_head, pm->n_head_kv, pm->n_embd, pm->n_ff, pm->n_vocab);
+        ref.s.l0 = s0->l0;
+        ref.s.l1 = s0->l1;
+        if (!(s0->l0 == 0 || s0->l1 == pm->n_layer)) ref.s.v1 = 0;
+        x = 1;
+    }
+    (void)b;
+    plan_stream_t st;
+    uint64_t weights = 0, kv = 0;
+    plan_size_share(pm, &ref.s, p->tp_mode, p->n_ctx, 0, &st, &weights, &kv);
+    const double out_norm = ref.s.l1 == pm->n_layer ? (double)pm->out_norm_bytes : 0;
+    const double xs = x > 0 ? x : 1;
+    m->c = compute_ms(pm, p, &ref) / xs;
+    m->units = (double)st.pinned_bytes / xs;
+    m->kv = (double)kv / xs;
+    m->embd = ((double)weights - (double)st.pinned_bytes - out_norm) / xs;
+    m->unit0 = by_blocks ? (double)st.unit_bytes : 0;
+    m->unit1 = by_blocks ? 0 : (double)st.unit_bytes;
+    m->fixed = (double)st.fixed_bytes - (double)kv;
+    m->budget = (double)nd->mem_budget;
+    m->disk = plan_node_disk_bw(nd) * PLAN_DISK_EFFICIENCY / 1e3;
+}
+
+// Predicted ms at x (INFINITY when it does not fit even streaming).
+static double scale_ms(const plan_scale_t *m, double x) {
+    const double c = m->c * x, units = m->units * x, f = m->fixed + m->kv * x, u = m->unit0 + m->unit1 * x;
+    if (m->budget <= 0 || f + units + m->embd * x <= m->budget) return c;
+    if (f + u > m->budget) return INFINITY;
+    const int w = f + PLAN_STREAM_WINDOW * u <= m->budget ? PLAN_STREAM_WINDOW : 1;
+    const double pinned = fmin(fmax(m->budget - f - w * u, 0), units);
+    const double d = (units - pinned) / m->disk;
+    return w >= 2 ? max2(c, d) : c + d;
+}
+
+double plan_scale_max(const plan_scale_t *m, double t, double hi) {
+    if (!(scale_ms(m, 0) <= t)) return 0;
+    if (scale_ms(m, hi) <= t) return hi;
+    double lo = 0;
+    for (int it = 0; it < 50; it++) { // the time never falls as x grows
+        const double mid = 0.5 * (lo + hi);
+        if (scale_ms(m, mid) <= t) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
 void plan_predict_modes(const plan_model_t *pm, plan_t *p) {
     bool group = false;
     for (int k = 0; k < p->n_stages; k++) group |= p->stage_first[k + 1] - p->stage_first[k] > 1;

@@ -81,6 +81,27 @@ double plan_allreduce_ms(const plan_t *p, int a, int b, double bytes, bool *star
 // shared disk's other streaming members of [a, b) counted), without exchanges.
 double plan_member_ms(const plan_model_t *pm, const plan_t *p, int a, int b, int i);
 
+// A member's decode time as a function of how much it holds, x (its share of a stage's rows, or
+// its stage's blocks), by plan_window's rule with its bytes and compute scaled linearly in x from a
+// reference slice: used to balance streaming members and stages before sizing them exactly.
+typedef struct {
+    double c;                // compute-or-memory ms per unit of x
+    double units;            // bytes of its units per unit of x
+    double kv;               // KV cache bytes per unit of x
+    double embd;             // token_embd row bytes per unit of x (resident when everything fits)
+    double unit0, unit1;     // its largest unit: unit0 + unit1 * x bytes
+    double fixed;            // activations and output norm, bytes
+    double budget;           // bytes (0 = unlimited)
+    double disk;             // disk bytes per ms it reads at
+} plan_scale_t;
+
+// The model of member i of p (stage [a, b)) scaled from its own slice (by_blocks: x counts blocks)
+// or, by share, from the whole stage's rows.
+void plan_scale_of(const plan_model_t *pm, const plan_t *p, int a, int b, int i, bool by_blocks, plan_scale_t *m);
+
+// The largest x in [0, hi] whose predicted time is at most t ms (0 when none).
+double plan_scale_max(const plan_scale_t *m, double t, double hi);
+
 // Predicts p's layout in the other tensor-parallel mode too (same nodes, stages and blocks; the
 // stages re-split in that mode) and sets cost.exact_ms and cost.allreduce_ms (0 for a mode that
 // does not fit). A plan without a tensor-parallel group gets its token_ms in both.

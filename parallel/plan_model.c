@@ -120,26 +120,50 @@ static double stage_solo_ms(const plan_model_t *pm, const plan_t *p, int a, int 
     return t;
 }
 
-// A streaming stage's split moved toward equal member times (disk reads included): each member's
-// next share is its share over its time, within the caps. Keeps the best split tried; use holds
-// the weights of the split in place and is updated.
+// The shares (x, summing to 1, each within cap) that give the members equal predicted times by
+// the scaled model of their current split. False when the caps do not add up to the stage.
+static bool equal_time_shares(const plan_model_t *pm, const plan_t *p, int a, int b, const double *cap, double *x) {
+    const int g = b - a;
+    plan_scale_t m[PLAN_MAX_NODES];
+    double cap_sum = 0, hi = 0;
+    for (int i = 0; i < g; i++) {
+        plan_scale_of(pm, p, a, b, a + i, false, &m[i]);
+        cap_sum += cap[i];
+        hi = fmax(hi, plan_member_ms(pm, p, a, b, a + i));
+    }
+    if (cap_sum < 1 - 1e-9 || !(hi > 0)) return false;
+    double sum = 0;
+    for (int grow = 0; grow < 60; grow++, hi *= 2) { // a time at which the caps are reached
+        sum = 0;
+        for (int i = 0; i < g; i++) sum += plan_scale_max(&m[i], hi, cap[i]);
+        if (sum >= 1) break;
+    }
+    if (sum < 1) return false;
+    double lo = 0;
+    for (int it = 0; it < 60; it++) {
+        const double mid = 0.5 * (lo + hi);
+        sum = 0;
+        for (int i = 0; i < g; i++) sum += plan_scale_max(&m[i], mid, cap[i]);
+        if (sum >= 1) hi = mid;
+        else lo = mid;
+    }
+    for (int i = 0; i < g; i++) x[i] = plan_scale_max(&m[i], hi, cap[i]);
+    return true;
+}
+
+// A streaming stage's split moved toward equal member times (disk reads included), within the
+// caps; keeps the best split tried. use holds the weights of the split in place and is updated.
 static void rebalance_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int l1, const double *cap,
                             double *use) {
     const int g = b - a;
-    double best[PLAN_MAX_NODES], next[PLAN_MAX_NODES], sw[PLAN_MAX_NODES];
+    double best[PLAN_MAX_NODES], x[PLAN_MAX_NODES], sw[PLAN_MAX_NODES];
     memcpy(best, use, sizeof *use * (size_t)g);
     double best_t = stage_solo_ms(pm, p, a, b);
     bool moved = false;
-    for (int round = 0; round < PLAN_REBALANCE_ROUNDS; round++) {
-        double tot = 0;
-        for (int i = 0; i < g; i++) tot += use[i];
-        for (int i = 0; i < g; i++) {
-            const double t = plan_member_ms(pm, p, a, b, a + i);
-            next[i] = tot > 0 && t > 0 ? use[i] / tot / t : use[i];
-        }
+    for (int round = 0; round < PLAN_REBALANCE_ROUNDS && equal_time_shares(pm, p, a, b, cap, x); round++) {
         bool bound;
-        plan_waterfill(1.0, next, cap, g, sw, &bound);
-        for (int i = 0; i < g; i++) use[i] = bound ? sw[i] : next[i];
+        plan_waterfill(1.0, x, cap, g, sw, &bound);
+        for (int i = 0; i < g; i++) use[i] = bound ? sw[i] : x[i];
         split_stage(pm, p, a, b, l0, l1, use);
         bool ok = true;
         for (int i = a; i < b; i++) ok &= plan_size_shard(pm, p, i, true);

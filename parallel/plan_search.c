@@ -124,24 +124,63 @@ static bool fit_all(const plan_model_t *pm, plan_t *p, const double *w, const in
     return ok;
 }
 
-// A streaming layout's blocks moved toward equal stage times (disk reads included): each stage's
-// next count is its blocks over its predicted time, within the caps. Leaves p sized by the best
-// allocation tried.
+// Blocks per stage (x, summing to n_layer, within cap) that give the stages equal predicted times
+// by the scaled model of their members' current slices. False when none is found.
+static bool equal_time_blocks(const plan_model_t *pm, const plan_t *p, const int *cap, double *x) {
+    const int S = p->n_stages;
+    plan_scale_t *m = malloc(sizeof *m * (size_t)p->n);
+    if (!m) return false;
+    double hi = 0, sum = 0;
+    for (int k = 0; k < S; k++)
+        for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++) {
+            plan_scale_of(pm, p, p->stage_first[k], p->stage_first[k + 1], i, true, &m[i]);
+            hi = fmax(hi, p->shard[i].busy_ms);
+        }
+    // The blocks stage k takes within t ms: as many as its slowest member manages.
+    double t = hi > 0 ? hi : 1;
+    for (int pass = 0; pass < 2; pass++) { // pass 0 finds a time that reaches n_layer, pass 1 bisects
+        double lo = 0;
+        for (int it = 0; it < 60; it++) {
+            const double at = pass ? 0.5 * (lo + t) : t;
+            sum = 0;
+            for (int k = 0; k < S; k++) {
+                double xk = cap[k];
+                for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++)
+                    xk = fmin(xk, plan_scale_max(&m[i], at, cap[k]));
+                x[k] = xk;
+                sum += xk;
+            }
+            if (!pass) {
+                if (sum >= pm->n_layer) break;
+                t *= 2;
+            } else if (sum >= pm->n_layer) {
+                t = at;
+            } else {
+                lo = at;
+            }
+        }
+        if (!pass && sum < pm->n_layer) break;
+    }
+    for (int k = 0; k < S; k++) {
+        double xk = cap[k];
+        for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++) xk = fmin(xk, plan_scale_max(&m[i], t, cap[k]));
+        x[k] = fmax(xk, 1e-3);
+    }
+    free(m);
+    return sum >= pm->n_layer;
+}
+
+// A streaming layout's blocks moved toward equal stage times (disk reads included), within the
+// caps. Leaves p sized (and predicted) by the best allocation tried.
 static void rebalance_stages(const plan_model_t *pm, plan_t *p, const double *w, const int *cap, int *L) {
     const int S = p->n_stages;
     int best[PLAN_MAX_NODES], next[PLAN_MAX_NODES];
     memcpy(best, L, sizeof *L * (size_t)S);
     plan_predict(pm, p);
-    double best_t = p->cost.token_ms;
+    double best_t = p->cost.token_ms, x[PLAN_MAX_NODES];
     bool moved = false;
-    for (int round = 0; round < PLAN_REBALANCE_ROUNDS; round++) {
-        double W[PLAN_MAX_NODES];
-        for (int k = 0; k < S; k++) {
-            double t = 0;
-            for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++) t = fmax(t, p->shard[i].busy_ms);
-            W[k] = t > 0 ? L[k] / t : L[k];
-        }
-        if (!alloc_layers(pm->n_layer, W, cap, S, next) || !memcmp(next, L, sizeof *L * (size_t)S)) break;
+    for (int round = 0; round < PLAN_REBALANCE_ROUNDS && equal_time_blocks(pm, p, cap, x); round++) {
+        if (!alloc_layers(pm->n_layer, x, cap, S, next) || !memcmp(next, L, sizeof *L * (size_t)S)) break;
         memcpy(L, next, sizeof *L * (size_t)S);
         moved = true;
         if (!fit_all(pm, p, w, L, true, NULL)) break;

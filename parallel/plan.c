@@ -99,7 +99,7 @@ int plan_tp(const gguf_t *g, const plan_node_t *nodes, int n, int n_ctx, plan_t 
     }
     plan_layout_name(out);
     plan_short_t sh = {.worst_node = -1};
-    rc = plan_fit_stage(pm, out, 0, n, 0, pm->n_layer, w, true, false, &sh);
+    rc = plan_fit_stage(pm, out, 0, n, 0, pm->n_layer, w, PLAN_FIT_ADJUST, &sh);
     if (rc == 0) {
         plan_predict(pm, out);
         snprintf(out->why, sizeof out->why, "one tensor-parallel group over all %d node(s), split by speed", n);

@@ -327,27 +327,66 @@ void plan_scale_of(const plan_model_t *pm, const plan_t *p, int a, int b, int i,
     m->disk = plan_node_disk_bw(nd) * PLAN_DISK_EFFICIENCY / 1e3;
 }
 
+// The time at x as a line or the larger of two lines: t = max(a[0] x + b[0], a[1] x + b[1]).
+// False where it does not fit even streaming.
+static bool scale_lines(const plan_scale_t *m, double x, double *a, double *b) {
+    const double f = m->fixed + m->kv * x, u = m->unit0 + m->unit1 * x, units = m->units * x;
+    a[0] = a[1] = m->c, b[0] = b[1] = 0;
+    if (m->budget <= 0 || f + units + m->embd * x <= m->budget) return true; // resident: c x
+    if (f + u > m->budget) return false;
+    const int w = f + PLAN_STREAM_WINDOW * u <= m->budget ? PLAN_STREAM_WINDOW : 1;
+    const double room = m->budget - f - w * u; // bytes left for pinned units
+    if (room >= units) return true;           // every unit kept: c x
+    // d = (units - room) / disk = (k x - (budget - fixed - w unit0)) / disk
+    const double k = (m->units + m->kv + w * m->unit1) / m->disk, k0 = (m->budget - m->fixed - w * m->unit0) / m->disk;
+    if (room <= 0) { // nothing kept: d = units x / disk
+        a[1] = m->units / m->disk, b[1] = 0;
+    } else {
+        a[1] = k, b[1] = -k0;
+    }
+    if (w == 1) a[0] = a[1] = m->c + a[1], b[0] = b[1]; // reads and units alternate: c x + d
+    return true;
+}
+
 // Predicted ms at x (INFINITY when it does not fit even streaming).
 static double scale_ms(const plan_scale_t *m, double x) {
-    const double c = m->c * x, units = m->units * x, f = m->fixed + m->kv * x, u = m->unit0 + m->unit1 * x;
-    if (m->budget <= 0 || f + units + m->embd * x <= m->budget) return c;
-    if (f + u > m->budget) return INFINITY;
-    const int w = f + PLAN_STREAM_WINDOW * u <= m->budget ? PLAN_STREAM_WINDOW : 1;
-    const double pinned = fmin(fmax(m->budget - f - w * u, 0), units);
-    const double d = (units - pinned) / m->disk;
-    return w >= 2 ? max2(c, d) : c + d;
+    double a[2], b[2];
+    if (!scale_lines(m, x, a, b)) return INFINITY;
+    return max2(a[0] * x + b[0], a[1] * x + b[1]);
 }
 
 double plan_scale_max(const plan_scale_t *m, double t, double hi) {
     if (!(scale_ms(m, 0) <= t)) return 0;
-    if (scale_ms(m, hi) <= t) return hi;
+    // Where the regime can change: resident, every unit kept, buffers of 2 or 1, nothing fits.
+    double bp[8];
+    int n = 0;
+    const double A = m->budget - m->fixed;
+    const double at[6][2] = {{A, m->kv + m->units + m->embd},
+                             {A - PLAN_STREAM_WINDOW * m->unit0, m->kv + PLAN_STREAM_WINDOW * m->unit1 + m->units},
+                             {A - PLAN_STREAM_WINDOW * m->unit0, m->kv + PLAN_STREAM_WINDOW * m->unit1},
+                             {A - m->unit0, m->kv + m->unit1 + m->units},
+                             {A - m->unit0, m->kv + m->unit1}};
+    bp[n++] = hi;
+    for (int i = 0; m->budget > 0 && i < 5; i++)
+        if (at[i][1] > 0 && at[i][0] / at[i][1] > 0 && at[i][0] / at[i][1] < hi) bp[n++] = at[i][0] / at[i][1];
+    for (int i = 1; i < n; i++) // sort (n <= 6)
+        for (int j = i; j > 0 && bp[j] < bp[j - 1]; j--) {
+            const double x = bp[j];
+            bp[j] = bp[j - 1];
+            bp[j - 1] = x;
+        }
     double lo = 0;
-    for (int it = 0; it < 50; it++) { // the time never falls as x grows
-        const double mid = 0.5 * (lo + hi);
-        if (scale_ms(m, mid) <= t) lo = mid;
-        else hi = mid;
+    for (int i = 0; i < n; lo = bp[i++]) {
+        const double up = bp[i];
+        if (up <= lo) continue;
+        double a[2], b[2];
+        if (!scale_lines(m, 0.5 * (lo + up), a, b)) return lo; // no more fits past lo
+        double x = up;
+        for (int j = 0; j < 2; j++)
+            if (a[j] * up + b[j] > t) x = fmin(x, a[j] > 0 ? (t - b[j]) / a[j] : lo);
+        if (x < up) return x > lo ? x : lo;
     }
-    return lo;
+    return hi;
 }
 
 void plan_predict_modes(const plan_model_t *pm, plan_t *p) {
@@ -365,8 +404,8 @@ void plan_predict_modes(const plan_model_t *pm, plan_t *p) {
                 const int a = q->stage_first[k], b = q->stage_first[k + 1];
                 double w[PLAN_MAX_NODES];
                 for (int i = a; i < b; i++) w[i - a] = q->shard[i].weight > 0 ? q->shard[i].weight : 1e-9;
-                ok = plan_fit_stage(pm, q, a, b, q->shard[a].s.l0, q->shard[a].s.l1, w, true, !q->resident_only,
-                                    NULL) == 0;
+                const unsigned fl = PLAN_FIT_ADJUST | (q->resident_only ? 0 : PLAN_FIT_STREAM | PLAN_FIT_BALANCE);
+                ok = plan_fit_stage(pm, q, a, b, q->shard[a].s.l0, q->shard[a].s.l1, w, fl, NULL) == 0;
             }
             if (ok) {
                 plan_predict(pm, q);

@@ -286,7 +286,8 @@ int plan_from_spec(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
             out->shard[i].stage = k;
             w[i - a] = given ? spec->weight[i] : plan_node_rate(pm, &nodes[spec->node[i]]);
         }
-        if (plan_fit_stage(pm, out, a, b, spec->l0[k], spec->l1[k], w, !given, true, NULL) != 0) {
+        const unsigned fl = PLAN_FIT_STREAM | (given ? 0 : PLAN_FIT_ADJUST | PLAN_FIT_BALANCE);
+        if (plan_fit_stage(pm, out, a, b, spec->l0[k], spec->l1[k], w, fl, NULL) != 0) {
             int worst = a;
             uint64_t miss = 0;
             for (int i = a; i < b; i++) {

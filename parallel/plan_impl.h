@@ -12,7 +12,7 @@
 #define PLAN_FFN_GRAIN 16     // FFN units per split step (the packed kernels work on 16-row groups)
 #define PLAN_VOCAB_GRAIN 16   // output rows per split step
 #define PLAN_ACT_BATCH 64     // tokens the activation buffers are sized for (model_ctx's n_batch)
-#define PLAN_REBALANCE_ROUNDS 3    // rounds moving a streaming split toward equal predicted times
+#define PLAN_REBALANCE_ROUNDS 2    // rounds moving a streaming split toward equal predicted times
 
 // A node's figures with the defaults of plan.h filled in.
 double plan_node_gflops(const plan_node_t *nd);
@@ -43,15 +43,20 @@ typedef struct {
 
 void plan_short_add(plan_short_t *sh, const plan_t *p, int a, int b);
 
+// plan_fit_stage flags.
+#define PLAN_FIT_ADJUST 1u   // members over their budget give rows to the others
+#define PLAN_FIT_STREAM 2u   // when the stage cannot fit resident, its members stream
+#define PLAN_FIT_BALANCE 4u  // with ADJUST and STREAM: rebalance a streaming split by predicted times
+
 // Splits the rows of blocks [l0, l1) over the stage members p->shard[a..b) (their node and stage
 // already set) in p->tp_mode by weights w (b - a of them, > 0), and fills slices, weights, bytes and
-// windows. With adjust, members over their budget give rows to the others until all fit resident.
-// When that fails and stream is set, the members stream (plan_window); with adjust, members below
-// their minimum give rows away and the split is then rebalanced by the members' predicted times,
-// disk reads included. 0, or MLM_EFULL (sh, when not NULL, gets the missing amounts of the last
-// attempt).
-int plan_fit_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int l1, const double *w, bool adjust,
-                   bool stream, plan_short_t *sh);
+// windows. With ADJUST, members over their budget give rows to the others until all fit resident.
+// When that fails and STREAM is set, the members stream (plan_window); with ADJUST, members below
+// their minimum give rows away, and with BALANCE the split is then moved toward equal predicted
+// member times, disk reads included. 0, or MLM_EFULL (sh, when not NULL, gets the missing amounts
+// of the last attempt).
+int plan_fit_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int l1, const double *w, unsigned flags,
+                   plan_short_t *sh);
 
 // --- streaming and slices (plan_stream.c)
 

@@ -140,7 +140,7 @@ static bool equal_time_shares(const plan_model_t *pm, const plan_t *p, int a, in
     }
     if (sum < 1) return false;
     double lo = 0;
-    for (int it = 0; it < 60; it++) {
+    for (int it = 0; it < 40; it++) {
         const double mid = 0.5 * (lo + hi);
         sum = 0;
         for (int i = 0; i < g; i++) sum += plan_scale_max(&m[i], mid, cap[i]);
@@ -158,7 +158,13 @@ static void rebalance_stage(const plan_model_t *pm, plan_t *p, int a, int b, int
     const int g = b - a;
     double best[PLAN_MAX_NODES], x[PLAN_MAX_NODES], sw[PLAN_MAX_NODES];
     memcpy(best, use, sizeof *use * (size_t)g);
-    double best_t = stage_solo_ms(pm, p, a, b);
+    double best_t = 0, least = INFINITY;
+    for (int i = a; i < b; i++) {
+        const double t = plan_member_ms(pm, p, a, b, i);
+        best_t = fmax(best_t, t);
+        least = fmin(least, t);
+    }
+    if (best_t <= least * 1.01) return; // balanced already
     bool moved = false;
     for (int round = 0; round < PLAN_REBALANCE_ROUNDS && equal_time_shares(pm, p, a, b, cap, x); round++) {
         bool bound;
@@ -225,9 +231,10 @@ void plan_short_add(plan_short_t *sh, const plan_t *p, int a, int b) {
     }
 }
 
-int plan_fit_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int l1, const double *w, bool adjust,
-                   bool stream, plan_short_t *sh) {
+int plan_fit_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int l1, const double *w, unsigned flags,
+                   plan_short_t *sh) {
     const int g = b - a;
+    const bool adjust = flags & PLAN_FIT_ADJUST, stream = flags & PLAN_FIT_STREAM;
     double cap[PLAN_MAX_NODES], sw[PLAN_MAX_NODES], use[PLAN_MAX_NODES];
     // Resident first, unless the budgets cannot hold the blocks' weights at all.
     bool resident = true;
@@ -300,7 +307,7 @@ int plan_fit_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int 
         if (sh) plan_short_add(sh, p, a, b);
         return MLM_EFULL;
     }
-    if (adjust && g > 1) rebalance_stage(pm, p, a, b, l0, l1, cap, use);
+    if (adjust && (flags & PLAN_FIT_BALANCE) && g > 1) rebalance_stage(pm, p, a, b, l0, l1, cap, use);
     return 0;
 }
 

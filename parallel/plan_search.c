@@ -98,26 +98,29 @@ static int stage_cap(const plan_model_t *pm, plan_t *p, int k, const double *w, 
     const int maxL = S == 1 ? pm->n_layer : pm->n_layer - (S - 1);
     int l0, l1;
     probe_range(k, S, pm->n_layer, maxL, &l0, &l1);
-    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, true, stream, NULL) == 0) return maxL;
+    const unsigned fl = PLAN_FIT_ADJUST | (stream ? PLAN_FIT_STREAM : 0); // capacity only: no balancing
+    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, fl, NULL) == 0) return maxL;
     if (S == 1) return 0;
     probe_range(k, S, pm->n_layer, 1, &l0, &l1);
-    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, true, stream, NULL) != 0) return 0;
+    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, fl, NULL) != 0) return 0;
     int lo = 1, hi = maxL; // lo fits, hi does not
     while (hi - lo > 1) {
         const int mid = (lo + hi) / 2;
         probe_range(k, S, pm->n_layer, mid, &l0, &l1);
-        if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, true, stream, NULL) == 0) lo = mid;
+        if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, fl, NULL) == 0) lo = mid;
         else hi = mid;
     }
     return lo;
 }
+
+static unsigned fit_flags(bool stream) { return PLAN_FIT_ADJUST | (stream ? PLAN_FIT_STREAM | PLAN_FIT_BALANCE : 0); }
 
 // Fits every stage of p with L[k] blocks; failed[k] (may be NULL) says which did not fit. True when all fit.
 static bool fit_all(const plan_model_t *pm, plan_t *p, const double *w, const int *L, bool stream, bool *failed) {
     bool ok = true;
     for (int k = 0, l = 0; k < p->n_stages; l += L[k], k++) {
         const bool bad = plan_fit_stage(pm, p, p->stage_first[k], p->stage_first[k + 1], l, l + L[k],
-                                        w + p->stage_first[k], true, stream, NULL) != 0;
+                                        w + p->stage_first[k], fit_flags(stream), NULL) != 0;
         if (failed) failed[k] = bad;
         ok &= !bad;
     }
@@ -140,7 +143,7 @@ static bool equal_time_blocks(const plan_model_t *pm, const plan_t *p, const int
     double t = hi > 0 ? hi : 1;
     for (int pass = 0; pass < 2; pass++) { // pass 0 finds a time that reaches n_layer, pass 1 bisects
         double lo = 0;
-        for (int it = 0; it < 60; it++) {
+        for (int it = 0; it < 40; it++) {
             const double at = pass ? 0.5 * (lo + t) : t;
             sum = 0;
             for (int k = 0; k < S; k++) {
@@ -200,6 +203,7 @@ static void rebalance_stages(const plan_model_t *pm, plan_t *p, const double *w,
 // then each stage's split, resident or (stream) streaming. 0 or MLM_EFULL (sh filled).
 static int size_stages_as(const plan_model_t *pm, plan_t *p, const double *w, bool budgets, bool stream,
                           plan_short_t *sh) {
+    const bool account = stream || p->resident_only; // the resident pass's shortfall matters without streaming
     const int S = p->n_stages, nl = pm->n_layer;
     double W[PLAN_MAX_NODES] = {0};
     int cap[PLAN_MAX_NODES] = {0}, L[PLAN_MAX_NODES] = {0};
@@ -222,13 +226,14 @@ static int size_stages_as(const plan_model_t *pm, plan_t *p, const double *w, bo
         for (int k = 0; k < S; k++)
             if (failed[k]) capped[k] = L[k] - 1;
     }
+    if (!account) return MLM_EFULL;
     // Does not fit: what the proportional layout would miss.
     for (int k = 0; k < S; k++) cap[k] = nl;
     if (!alloc_layers(nl, W, cap, S, L))
         for (int k = 0; k < S; k++) L[k] = k < nl % S ? nl / S + 1 : nl / S;
     for (int k = 0, l = 0; k < S; l += L[k], k++) {
-        plan_fit_stage(pm, p, p->stage_first[k], p->stage_first[k + 1], l, l + L[k], w + p->stage_first[k], true,
-                       stream, NULL);
+        plan_fit_stage(pm, p, p->stage_first[k], p->stage_first[k + 1], l, l + L[k], w + p->stage_first[k],
+                       PLAN_FIT_ADJUST | (stream ? PLAN_FIT_STREAM : 0), NULL);
         plan_short_add(sh, p, p->stage_first[k], p->stage_first[k + 1]);
     }
     return MLM_EFULL;
@@ -694,8 +699,22 @@ static void why_alt(const plan_t *best, plan_t *p) {
         snprintf(p->why, sizeof p->why, "%.2fx the chosen plan's time: more exchange (comm %.1f vs %.1f ms)", ratio,
                  p->cost.comm_ms, best->cost.comm_ms);
     else
-        snprintf(p->why, sizeof p->why, "%.2fx the chosen plan's time: slower compute or memory (%.1f vs %.1f ms)",
-                 ratio, aw, bw);
+        snprintf(p->why, sizeof p->why,
+                 "%.2fx the chosen plan's time: slower compute, memory or disk (%.1f vs %.1f ms)", ratio, aw, bw);
+}
+
+// Sets p's cost.exact_ms and cost.allreduce_ms: its own token time, and that of its layout built
+// in the other mode as the search builds layouts (0 when that does not fit).
+static void both_modes(search_t *s, const layout_t *lay, plan_t *p) {
+    if (!has_group(lay)) {
+        p->cost.exact_ms = p->cost.allreduce_ms = p->cost.token_ms;
+        return;
+    }
+    const plan_tp_mode_t other = p->tp_mode == PLAN_TP_ALLREDUCE ? PLAN_TP_EXACT : PLAN_TP_ALLREDUCE;
+    plan_short_t sh = {.worst_node = -1};
+    const double t = build(s, lay, other, s->scratch, &sh) == 0 ? s->scratch->cost.token_ms : 0;
+    p->cost.exact_ms = other == PLAN_TP_EXACT ? t : p->cost.token_ms;
+    p->cost.allreduce_ms = other == PLAN_TP_ALLREDUCE ? t : p->cost.token_ms;
 }
 
 // Appends to the chosen plan's why line which tensor-parallel mode it runs in when AUTO chose it.
@@ -761,7 +780,7 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
         plan_short_t sh = {.worst_node = -1};
         build(s, &s->best.lay, s->best.mode, best, &sh);
         why_best(s, best);
-        plan_predict_modes(pm, best);
+        both_modes(s, &s->best.lay, best);
         why_mode(&o, best);
         // Alternatives: the best plan of every other layout name, best first.
         int got = 0;
@@ -774,7 +793,7 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
             if (pick < 0) break;
             used[pick] = true;
             if (build(s, &s->kept[pick].lay, s->kept[pick].mode, &alts[got], &sh) != 0) continue;
-            plan_predict_modes(pm, &alts[got]);
+            both_modes(s, &s->kept[pick].lay, &alts[got]);
             why_alt(best, &alts[got]);
             got++;
         }

@@ -66,8 +66,8 @@ static int parse_item(char *item, plan_node_t *nd, char *err, size_t errlen) {
                 return mlm_fail(err, errlen, MLM_EINVAL, "bad memory budget '%s' (want e.g. 512M or 2G)", field);
             have_budget = true;
         } else {
-            return mlm_fail(err, errlen, MLM_EINVAL, "bad node field '%s' (want speed[:budget][@LAT_MS/MBIT][:disk=RATE]"
-                            "[:disk_id=N])", field);
+            return mlm_fail(err, errlen, MLM_EINVAL,
+                            "bad node field '%s' (want speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N])", field);
         }
     }
     return 0;

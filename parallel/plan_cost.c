@@ -1,4 +1,4 @@
-// Planner cost model: predicted compute, memory, disk and exchange time of a plan per token, in either tensor-parallel mode.
+// Planner cost model: predicted compute, memory, disk and exchange time per token, in either tensor-parallel mode.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,6 +89,7 @@ static double stage_comm_ms(const plan_model_t *pm, const plan_t *p, int a, int 
     if (p->tp_mode == PLAN_TP_ALLREDUCE) {
         t = (s0->l1 - s0->l0) * 2 * plan_allreduce_ms(p, a, b, 4.0 * u * pm->n_embd, NULL);
     } else {
+        // (g) bytes each member sends in each all-gather
         double attn[PLAN_MAX_NODES], orow[PLAN_MAX_NODES], ffn[PLAN_MAX_NODES], down[PLAN_MAX_NODES];
         const double k_used = pm->n_expert > 0 ? (pm->n_expert_used > 0 ? pm->n_expert_used : 1) : 1;
         for (int i = 0; i < g; i++) {
@@ -298,7 +299,7 @@ static double compute_ms(const plan_model_t *pm, const plan_t *p, const plan_sha
     return max2(2 * el / (plan_node_gflops(nd) * 1e9) * 1e3, by / stream_bw(nd) * 1e3);
 }
 
-void plan_scale_of(const plan_model_t *pm, const plan_t *p, int a, int b, int i, bool by_blocks, plan_scale_t *m) {
+void plan_scale_of(const plan_model_t *pm, const plan_t *p, int a, int i, bool by_blocks, plan_scale_t *m) {
     plan_shard_t ref = p->shard[i];
     const plan_node_t *nd = &p->node[ref.node];
     double x = ref.s.l1 - ref.s.l0;
@@ -310,7 +311,6 @@ void plan_scale_of(const plan_model_t *pm, const plan_t *p, int a, int b, int i,
         if (!(s0->l0 == 0 || s0->l1 == pm->n_layer)) ref.s.v1 = 0;
         x = 1;
     }
-    (void)b;
     plan_stream_t st;
     uint64_t weights = 0, kv = 0;
     plan_size_share(pm, &ref.s, p->tp_mode, p->n_ctx, 0, &st, &weights, &kv);
@@ -350,7 +350,7 @@ static bool scale_lines(const plan_scale_t *m, double x, double *a, double *b) {
 
 // Predicted ms at x (INFINITY when it does not fit even streaming).
 static double scale_ms(const plan_scale_t *m, double x) {
-    double a[2], b[2];
+    double a[2], b[2]; // (2) the two lines' slopes and intercepts
     if (!scale_lines(m, x, a, b)) return INFINITY;
     return max2(a[0] * x + b[0], a[1] * x + b[1]);
 }
@@ -358,10 +358,10 @@ static double scale_ms(const plan_scale_t *m, double x) {
 double plan_scale_max(const plan_scale_t *m, double t, double hi) {
     if (!(scale_ms(m, 0) <= t)) return 0;
     // Where the regime can change: resident, every unit kept, buffers of 2 or 1, nothing fits.
-    double bp[8];
+    double bp[8];      // (n) breakpoints in (0, hi], sorted
     int n = 0;
     const double A = m->budget - m->fixed;
-    const double at[6][2] = {{A, m->kv + m->units + m->embd},
+    const double at[5][2] = { // (5, 2) x = at[i][0] / at[i][1] where a regime ends{A, m->kv + m->units + m->embd},
                              {A - PLAN_STREAM_WINDOW * m->unit0, m->kv + PLAN_STREAM_WINDOW * m->unit1 + m->units},
                              {A - PLAN_STREAM_WINDOW * m->unit0, m->kv + PLAN_STREAM_WINDOW * m->unit1},
                              {A - m->unit0, m->kv + m->unit1 + m->units},
@@ -379,7 +379,7 @@ double plan_scale_max(const plan_scale_t *m, double t, double hi) {
     for (int i = 0; i < n; lo = bp[i++]) {
         const double up = bp[i];
         if (up <= lo) continue;
-        double a[2], b[2];
+        double a[2], b[2]; // (2) the segment's lines
         if (!scale_lines(m, 0.5 * (lo + up), a, b)) return lo; // no more fits past lo
         double x = up;
         for (int j = 0; j < 2; j++)
@@ -394,7 +394,7 @@ void plan_predict_modes(const plan_model_t *pm, plan_t *p) {
     for (int k = 0; k < p->n_stages; k++) group |= p->stage_first[k + 1] - p->stage_first[k] > 1;
     double other = p->cost.token_ms;
     if (group) {
-        plan_t *q = malloc(sizeof *q);
+        plan_t *q = malloc(sizeof *q); // p's layout in the other mode
         other = 0;
         if (q) {
             *q = *p;
@@ -402,7 +402,7 @@ void plan_predict_modes(const plan_model_t *pm, plan_t *p) {
             bool ok = true;
             for (int k = 0; ok && k < q->n_stages; k++) {
                 const int a = q->stage_first[k], b = q->stage_first[k + 1];
-                double w[PLAN_MAX_NODES];
+                double w[PLAN_MAX_NODES]; // (b - a) the stage's weights
                 for (int i = a; i < b; i++) w[i - a] = q->shard[i].weight > 0 ? q->shard[i].weight : 1e-9;
                 const unsigned fl = PLAN_FIT_ADJUST | (q->resident_only ? 0 : PLAN_FIT_STREAM | PLAN_FIT_BALANCE);
                 ok = plan_fit_stage(pm, q, a, b, q->shard[a].s.l0, q->shard[a].s.l1, w, fl, NULL) == 0;

@@ -136,8 +136,8 @@ int plan_file_parse(const char *text, plan_spec_t *spec, char *err, size_t errle
             bool got = false;
             while ((tok = strtok_r(NULL, " \t", &save))) {
                 if (got || strncmp(tok, "mode=", 5) != 0)
-                    return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: expected 'tp mode=exact|allreduce', found '%.40s'",
-                                    no, tok);
+                    return mlm_fail(err, errlen, MLM_EFORMAT,
+                                    "line %d: expected 'tp mode=exact|allreduce', found '%.40s'", no, tok);
                 if (!strcmp(tok + 5, "exact")) spec->tp_mode = PLAN_TP_EXACT;
                 else if (!strcmp(tok + 5, "allreduce")) spec->tp_mode = PLAN_TP_ALLREDUCE;
                 else

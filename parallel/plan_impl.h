@@ -100,9 +100,9 @@ typedef struct {
     double disk;             // disk bytes per ms it reads at
 } plan_scale_t;
 
-// The model of member i of p (stage [a, b)) scaled from its own slice (by_blocks: x counts blocks)
-// or, by share, from the whole stage's rows.
-void plan_scale_of(const plan_model_t *pm, const plan_t *p, int a, int b, int i, bool by_blocks, plan_scale_t *m);
+// The model of member i of p (its stage starts at shard a) scaled from its own slice (by_blocks: x
+// counts blocks) or, by share, from the whole stage's rows.
+void plan_scale_of(const plan_model_t *pm, const plan_t *p, int a, int i, bool by_blocks, plan_scale_t *m);
 
 // The largest x in [0, hi] whose predicted time is at most t ms (0 when none).
 double plan_scale_max(const plan_scale_t *m, double t, double hi);

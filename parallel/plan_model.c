@@ -64,7 +64,7 @@ static void split_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0,
     const int g = b - a, group = pm->n_head / (pm->n_head_kv > 0 ? pm->n_head_kv : 1);
     const bool vocab = l0 == 0 || l1 == pm->n_layer, ar = p->tp_mode == PLAN_TP_ALLREDUCE;
     plan_mode_grains(pm, p->tp_mode, &p->grain_heads, &p->grain_ffn);
-    int lo[PLAN_MAX_NODES], hi[PLAN_MAX_NODES];
+    int lo[PLAN_MAX_NODES], hi[PLAN_MAX_NODES]; // (g) each member's units [lo, hi)
     plan_split_units(pm->n_head, p->grain_heads, u, g, lo, hi);
     for (int i = 0; i < g; i++) {
         shard_slice_t *s = &p->shard[a + i].s;
@@ -120,14 +120,60 @@ static double stage_solo_ms(const plan_model_t *pm, const plan_t *p, int a, int 
     return t;
 }
 
+// Whether the members' budgets could hold blocks [l0, l1) at all (a member without one can).
+static bool resident_possible(const plan_model_t *pm, const plan_t *p, int a, int b, int l0, int l1) {
+    uint64_t have = 0, weights = 0;
+    for (int i = a; i < b; i++) {
+        const uint64_t bud = p->node[p->shard[i].node].mem_budget;
+        if (!bud) return true;
+        have += bud;
+    }
+    shard_slice_t all = shard_full(pm->n_layer, pm->n_head, pm->n_head_kv, pm->n_embd, pm->n_ff, pm->n_vocab);
+    all.l0 = l0;
+    all.l1 = l1;
+    if (!(l0 == 0 || l1 == pm->n_layer)) all.v1 = 0;
+    plan_stream_t st;
+    plan_size_share(pm, &all, PLAN_TP_EXACT, p->n_ctx, 0, &st, &weights, NULL);
+    return have >= weights;
+}
+
+// Splits blocks [l0, l1) over p->shard[a..b) by w, resident or streaming, and with adjust lowers
+// the shares of members over their budget (resident) or below their minimum (streaming) until all
+// fit. cap gets the final share caps, use the weights of the split left in place. True when it fits.
+static bool fit_members(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int l1, const double *w, bool adjust,
+                        bool stream, double *cap, double *use) {
+    const int g = b - a;
+    double sw[PLAN_MAX_NODES] = {0}; // (g) water-filled weights
+    for (int i = 0; i < g; i++) cap[i] = 1.0;
+    // What a member holds with no rows at all: the blocks' vectors, the output norm, activations.
+    const double empty = (double)empty_need(pm, p, l0, l1, stream);
+    for (int iter = 0; iter < FIT_ITERS; iter++) {
+        bool bound, ok = plan_waterfill(1.0, w, cap, g, sw, &bound);
+        for (int i = 0; i < g; i++) use[i] = bound ? sw[i] : w[i]; // unbounded: the weights (plan_tp's splits)
+        split_stage(pm, p, a, b, l0, l1, use);
+        bool over = false;
+        for (int i = 0; i < g; i++) {
+            const plan_shard_t *s = &p->shard[a + i];
+            if (plan_size_shard(pm, p, a + i, stream)) continue;
+            over = true;
+            if (!adjust) continue;
+            const double need = stream ? (double)s->st.min_budget : (double)s->peak_bytes;
+            cap_share(cap, i, use, g, (double)p->node[s->node].mem_budget, empty, need - empty);
+        }
+        if (!over) return true;
+        if (!adjust || !ok) return false;
+    }
+    return false;
+}
+
 // The shares (x, summing to 1, each within cap) that give the members equal predicted times by
 // the scaled model of their current split. False when the caps do not add up to the stage.
 static bool equal_time_shares(const plan_model_t *pm, const plan_t *p, int a, int b, const double *cap, double *x) {
     const int g = b - a;
-    plan_scale_t m[PLAN_MAX_NODES];
+    plan_scale_t m[PLAN_MAX_NODES]; // (g) each member's scaled model
     double cap_sum = 0, hi = 0;
     for (int i = 0; i < g; i++) {
-        plan_scale_of(pm, p, a, b, a + i, false, &m[i]);
+        plan_scale_of(pm, p, a, a + i, false, &m[i]);
         cap_sum += cap[i];
         hi = fmax(hi, plan_member_ms(pm, p, a, b, a + i));
     }
@@ -156,7 +202,7 @@ static bool equal_time_shares(const plan_model_t *pm, const plan_t *p, int a, in
 static void rebalance_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int l1, const double *cap,
                             double *use) {
     const int g = b - a;
-    double best[PLAN_MAX_NODES], x[PLAN_MAX_NODES], sw[PLAN_MAX_NODES];
+    double best[PLAN_MAX_NODES], x[PLAN_MAX_NODES], sw[PLAN_MAX_NODES]; // (g) best weights, equal-time shares, capped
     memcpy(best, use, sizeof *use * (size_t)g);
     double best_t = 0, least = INFINITY;
     for (int i = a; i < b; i++) {
@@ -235,80 +281,16 @@ int plan_fit_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int 
                    plan_short_t *sh) {
     const int g = b - a;
     const bool adjust = flags & PLAN_FIT_ADJUST, stream = flags & PLAN_FIT_STREAM;
-    double cap[PLAN_MAX_NODES], sw[PLAN_MAX_NODES], use[PLAN_MAX_NODES];
-    // Resident first, unless the budgets cannot hold the blocks' weights at all.
-    bool resident = true;
-    if (stream) {
-        uint64_t have = 0, weights = 0;
-        for (int i = a; i < b && resident; i++) {
-            const uint64_t bud = p->node[p->shard[i].node].mem_budget;
-            if (!bud) resident = false; // an unlimited member may take everything
-            have += bud;
-        }
-        if (!resident) {
-            resident = true;
-        } else {
-            shard_slice_t all = shard_full(l1 - l0, pm->n_head, pm->n_head_kv, pm->n_embd, pm->n_ff, pm->n_vocab);
-            all.l0 = l0;
-            all.l1 = l1;
-            if (!(l0 == 0 || l1 == pm->n_layer)) all.v1 = 0;
-            plan_stream_t st;
-            plan_size_share(pm, &all, PLAN_TP_EXACT, p->n_ctx, 0, &st, &weights, NULL);
-            resident = have >= weights;
-        }
+    double cap[PLAN_MAX_NODES] = {0}; // (g) the most each member's share may be (fractions of the stage)
+    double use[PLAN_MAX_NODES] = {0}; // (g) the weights the split in place was cut by
+    const bool resident = !stream || resident_possible(pm, p, a, b, l0, l1);
+    if (resident && fit_members(pm, p, a, b, l0, l1, w, adjust, false, cap, use)) return 0;
+    if (stream && fit_members(pm, p, a, b, l0, l1, w, adjust, true, cap, use)) {
+        if (adjust && (flags & PLAN_FIT_BALANCE) && g > 1) rebalance_stage(pm, p, a, b, l0, l1, cap, use);
+        return 0;
     }
-    for (int i = 0; i < g; i++) cap[i] = 1.0;
-    for (int iter = 0; resident && iter < FIT_ITERS; iter++) {
-        bool bound, ok = plan_waterfill(1.0, w, cap, g, sw, &bound);
-        const double *u = bound ? sw : w; // unbounded: the weights themselves (plan_tp's exact splits)
-        split_stage(pm, p, a, b, l0, l1, u);
-        bool over = false;
-        for (int i = 0; i < g; i++) {
-            plan_shard_t *s = &p->shard[a + i];
-            if (plan_size_shard(pm, p, a + i, false)) continue;
-            over = true;
-            if (!adjust) continue;
-            // What it holds with no rows at all: the blocks' vectors, the output norm, activations.
-            const uint64_t bud = p->node[s->node].mem_budget;
-            const double fixed = (double)empty_need(pm, p, l0, l1, false), var = (double)s->peak_bytes - fixed;
-            cap_share(cap, i, u, g, (double)bud, fixed, var);
-        }
-        if (!over) return 0;
-        if (!adjust || !ok) break;
-    }
-    if (!stream) {
-        if (sh) plan_short_add(sh, p, a, b);
-        return MLM_EFULL;
-    }
-    // Streaming: every member at least its minimum (members below it give rows away).
-    for (int i = 0; i < g; i++) cap[i] = 1.0;
-    bool fits = false;
-    for (int iter = 0; iter < FIT_ITERS; iter++) {
-        bool bound, ok = plan_waterfill(1.0, w, cap, g, sw, &bound);
-        for (int i = 0; i < g; i++) use[i] = bound ? sw[i] : w[i];
-        split_stage(pm, p, a, b, l0, l1, use);
-        bool over = false;
-        for (int i = 0; i < g; i++) {
-            plan_shard_t *s = &p->shard[a + i];
-            if (plan_size_shard(pm, p, a + i, true)) continue;
-            over = true;
-            if (!adjust) continue;
-            const uint64_t bud = p->node[s->node].mem_budget;
-            const double fixed = (double)empty_need(pm, p, l0, l1, true), var = (double)s->st.min_budget - fixed;
-            cap_share(cap, i, use, g, (double)bud, fixed, var);
-        }
-        if (!over) {
-            fits = true;
-            break;
-        }
-        if (!adjust || !ok) break;
-    }
-    if (!fits) {
-        if (sh) plan_short_add(sh, p, a, b);
-        return MLM_EFULL;
-    }
-    if (adjust && (flags & PLAN_FIT_BALANCE) && g > 1) rebalance_stage(pm, p, a, b, l0, l1, cap, use);
-    return 0;
+    if (sh) plan_short_add(sh, p, a, b);
+    return MLM_EFULL;
 }
 
 void plan_layout_name(plan_t *p) {

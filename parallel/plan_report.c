@@ -206,7 +206,8 @@ void plan_print_brief(const plan_t *p, FILE *f) {
             fprintf(f, "%s %s (", i > a ? "," : "", p->node[s->node].name);
             if (b - a > 1) fprintf(f, "heads %d-%d, ", s->s.h0, s->s.h1 - 1);
             fprintf(f, "%s of weights", wb);
-            if (s->st.streams) fprintf(f, ", streamed: window %d, %d/%d units kept", s->st.window, s->st.pinned, s->st.n_units);
+            if (s->st.streams)
+                fprintf(f, ", streamed: window %d, %d/%d units kept", s->st.window, s->st.pinned, s->st.n_units);
             fprintf(f, ")");
         }
         fprintf(f, "\n");

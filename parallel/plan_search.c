@@ -131,12 +131,12 @@ static bool fit_all(const plan_model_t *pm, plan_t *p, const double *w, const in
 // by the scaled model of their members' current slices. False when none is found.
 static bool equal_time_blocks(const plan_model_t *pm, const plan_t *p, const int *cap, double *x) {
     const int S = p->n_stages;
-    plan_scale_t *m = malloc(sizeof *m * (size_t)p->n);
+    plan_scale_t *m = malloc(sizeof *m * (size_t)p->n); // (n) each shard's model, x = its stage's blocks
     if (!m) return false;
     double hi = 0, sum = 0;
     for (int k = 0; k < S; k++)
         for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++) {
-            plan_scale_of(pm, p, p->stage_first[k], p->stage_first[k + 1], i, true, &m[i]);
+            plan_scale_of(pm, p, p->stage_first[k], i, true, &m[i]);
             hi = fmax(hi, p->shard[i].busy_ms);
         }
     // The blocks stage k takes within t ms: as many as its slowest member manages.
@@ -177,10 +177,10 @@ static bool equal_time_blocks(const plan_model_t *pm, const plan_t *p, const int
 // caps. Leaves p sized (and predicted) by the best allocation tried.
 static void rebalance_stages(const plan_model_t *pm, plan_t *p, const double *w, const int *cap, int *L) {
     const int S = p->n_stages;
-    int best[PLAN_MAX_NODES], next[PLAN_MAX_NODES];
+    int best[PLAN_MAX_NODES], next[PLAN_MAX_NODES]; // (S) blocks per stage: the best so far, the next try
     memcpy(best, L, sizeof *L * (size_t)S);
     plan_predict(pm, p);
-    double best_t = p->cost.token_ms, x[PLAN_MAX_NODES];
+    double best_t = p->cost.token_ms, x[PLAN_MAX_NODES]; // (S) equal-time blocks
     bool moved = false;
     for (int round = 0; round < PLAN_REBALANCE_ROUNDS && equal_time_blocks(pm, p, cap, x); round++) {
         if (!alloc_layers(pm->n_layer, x, cap, S, next) || !memcmp(next, L, sizeof *L * (size_t)S)) break;
@@ -212,11 +212,11 @@ static int size_stages_as(const plan_model_t *pm, plan_t *p, const double *w, bo
         for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++) W[k] += w[i];
         cap[k] = budgets ? stage_cap(pm, p, k, w, stream) : nl;
     }
-    int capped[PLAN_MAX_NODES];
+    int capped[PLAN_MAX_NODES]; // (S) caps lowered by stages that did not fit
     memcpy(capped, cap, sizeof cap);
     for (int round = 0; round <= nl * S; round++) {
         if (!alloc_layers(nl, W, capped, S, L)) break;
-        bool failed[PLAN_MAX_NODES];
+        bool failed[PLAN_MAX_NODES]; // (S) which stages did not fit
         if (fit_all(pm, p, w, L, stream, failed)) {
             bool streams = false;
             for (int i = 0; i < p->n; i++) streams |= p->shard[i].st.streams;

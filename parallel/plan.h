@@ -79,6 +79,7 @@ typedef struct {
     double compute_ms;       // predicted per token (plan_predict): its matmuls at its gflops
     double memory_ms;        // reading its weights from memory at its bandwidth
     double disk_ms;          // reading its streamed units from disk (a shared disk's other readers counted)
+    double comm_ms;          // its stage's exchanges: tensor-parallel all-gathers or all-reduces, hand-off
     double busy_ms;          // its time per token: compute or memory overlapped with the disk, plus its
                              // stage's exchanges
 } plan_shard_t;
@@ -248,7 +249,7 @@ int plan_window(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_
 // which every stage on a shared disk then makes at the same time).
 
 // Fills p->cost (all but exact_ms / allreduce_ms, of which it sets p->tp_mode's) and each shard's
-// compute_ms, memory_ms, disk_ms and busy_ms from the shards' slices, windows and the nodes'
+// compute_ms, memory_ms, disk_ms, comm_ms and busy_ms from the shards' slices, windows and the nodes'
 // figures (defaults above for unknown ones).
 void plan_predict(const plan_model_t *pm, plan_t *p);
 

@@ -215,7 +215,7 @@ static double stage_decode_ms(const plan_model_t *pm, plan_t *p, int k, double x
         *mm = max2(*mm, tm);
         *md = max2(*md, td);
         worst = max2(worst, t);
-        if (fill) s->compute_ms = tc, s->memory_ms = tm, s->disk_ms = td, s->busy_ms = t;
+        if (fill) s->compute_ms = tc, s->memory_ms = tm, s->disk_ms = td, s->comm_ms = x, s->busy_ms = t;
     }
     return worst;
 }

@@ -57,8 +57,9 @@ static void modes_line(FILE *f, const plan_model_t *pm, const plan_t *p) {
 // Per node of p, per token: what stays resident, the window, what it reads from disk and how long
 // each part takes.
 static void node_rows(FILE *f, const plan_t *p) {
-    fprintf(f, "| %-4s | %-12s | %10s | %-16s | %11s | %9s | %9s | %10s | %10s | %9s |\n", "rank", "name", "resident",
-            "window (kept)", "disk MB/tok", "disk MB/s", "disk ms", "compute ms", "memory ms", "busy ms");
+    fprintf(f, "| %-4s | %-12s | %10s | %-16s | %11s | %9s | %9s | %10s | %10s | %9s | %9s |\n", "rank", "name",
+            "resident", "window (kept)", "disk MB/tok", "disk MB/s", "disk ms", "compute ms", "memory ms", "comm ms",
+            "busy ms");
     for (int i = 0; i < p->n; i++) {
         const plan_shard_t *s = &p->shard[i];
         const plan_node_t *nd = &p->node[s->node];
@@ -66,9 +67,9 @@ static void node_rows(FILE *f, const plan_t *p) {
         plan_fmt_bytes(res, sizeof res, s->st.resident_bytes);
         if (s->st.streams) snprintf(wn, sizeof wn, "%d (%d/%d units)", s->st.window, s->st.pinned, s->st.n_units);
         else snprintf(wn, sizeof wn, "- (resident)");
-        fprintf(f, "| %-4d | %-12s | %10s | %-16s | %11.1f | %9.0f | %9.2f | %10.2f | %10.2f | %9.2f |\n", i, nd->name,
-                res, wn, (double)s->st.stream_bytes / 1e6, plan_node_disk_bw(nd) / 1e6, s->disk_ms, s->compute_ms,
-                s->memory_ms, s->busy_ms);
+        fprintf(f, "| %-4d | %-12s | %10s | %-16s | %11.1f | %9.0f | %9.2f | %10.2f | %10.2f | %9.2f | %9.2f |\n", i,
+                nd->name, res, wn, (double)s->st.stream_bytes / 1e6, plan_node_disk_bw(nd) / 1e6, s->disk_ms,
+                s->compute_ms, s->memory_ms, s->comm_ms, s->busy_ms);
     }
 }
 
@@ -113,11 +114,13 @@ static void json_plan(FILE *f, const plan_t *p) {
             fprintf(f,
                     ", \"streams\": %s, \"n_units\": %d, \"pinned\": %d, \"window\": %d, \"unit_bytes\": %llu, "
                     "\"resident_bytes\": %llu, \"stream_bytes\": %llu, \"min_budget\": %llu, \"disk_bw\": %.0f, "
-                    "\"compute_ms\": %.4f, \"memory_ms\": %.4f, \"disk_ms\": %.4f, \"busy_ms\": %.4f}",
+                    "\"compute_ms\": %.4f, \"memory_ms\": %.4f, \"disk_ms\": %.4f, \"comm_ms\": %.4f, "
+                    "\"busy_ms\": %.4f}",
                     s->st.streams ? "true" : "false", s->st.n_units, s->st.pinned, s->st.window,
                     (unsigned long long)s->st.unit_bytes, (unsigned long long)s->st.resident_bytes,
                     (unsigned long long)s->st.stream_bytes, (unsigned long long)s->st.min_budget,
-                    plan_node_disk_bw(&p->node[s->node]), s->compute_ms, s->memory_ms, s->disk_ms, s->busy_ms);
+                    plan_node_disk_bw(&p->node[s->node]), s->compute_ms, s->memory_ms, s->disk_ms, s->comm_ms,
+                    s->busy_ms);
         }
         fprintf(f, "]}");
     }
@@ -164,7 +167,8 @@ void plan_explain(FILE *f, const plan_model_t *pm, const plan_t *best, const pla
         for (int i = a; i < b; i++) fprintf(f, "%s %s", i > a ? "," : "", best->node[best->shard[i].node].name);
         fprintf(f, "\n");
     }
-    fprintf(f, "\nper node and token (chosen plan; disk ms counts the other readers of a shared disk):\n");
+    fprintf(f, "\nper node and token (chosen plan; disk ms counts the other readers of a shared disk; comm ms is its "
+               "stage's exchanges; busy ms overlaps the disk with the rest):\n");
     node_rows(f, best);
     fprintf(f, "\n");
     plan_table(best, pm, f);

@@ -24,6 +24,55 @@ static int parse_link(const char *s, plan_node_t *nd) {
     return 0;
 }
 
+// One node item: fields separated by ':' (speed first, then an optional budget and key=value
+// options); the link "@LAT_MS/MBIT" ends the speed or budget field.
+static int parse_item(char *item, plan_node_t *nd, char *err, size_t errlen) {
+    const size_t len = strlen(item);
+    if (item[0] == ':' || item[len - 1] == ':' || strstr(item, "::"))
+        return mlm_fail(err, errlen, MLM_EINVAL, "an empty field in node '%s'", item);
+    char *save = NULL, *field = strtok_r(item, ":", &save);
+    bool have_budget = false, link = false;
+    for (int k = 0; field; k++, field = strtok_r(NULL, ":", &save)) {
+        char *eq = strchr(field, '='), *at = eq ? NULL : strchr(field, '@');
+        if (at) {
+            *at = 0;
+            if (link || parse_link(at + 1, nd) != 0)
+                return mlm_fail(err, errlen, MLM_EINVAL, "bad link '%s' (want LAT_MS/MBIT, e.g. 1/1000, once)", at + 1);
+            link = true;
+        }
+        if (k == 0) {
+            char *end;
+            nd->speed = strtod(field, &end);
+            if (end == field || *end || !(nd->speed > 0))
+                return mlm_fail(err, errlen, MLM_EINVAL, "bad speed '%s' (want a positive number)", field);
+        } else if (eq) {
+            *eq = 0;
+            const char *v = eq + 1;
+            char *end;
+            long id;
+            if (!strcmp(field, "disk")) {
+                if (!plan_parse_rate(v, &nd->disk_bw))
+                    return mlm_fail(err, errlen, MLM_EINVAL, "bad disk bandwidth '%s' (want bytes/s, e.g. 950M)", v);
+            } else if (!strcmp(field, "disk_id")) {
+                id = strtol(v, &end, 10);
+                if (end == v || *end || id < 1 || id >= 1000000)
+                    return mlm_fail(err, errlen, MLM_EINVAL, "bad disk_id '%s' (want a positive integer)", v);
+                nd->disk_id = (int)id;
+            } else {
+                return mlm_fail(err, errlen, MLM_EINVAL, "unknown node option '%s' (disk= or disk_id=)", field);
+            }
+        } else if (!have_budget && k == 1) {
+            if (plan_parse_size(field, &nd->mem_budget) != 0)
+                return mlm_fail(err, errlen, MLM_EINVAL, "bad memory budget '%s' (want e.g. 512M or 2G)", field);
+            have_budget = true;
+        } else {
+            return mlm_fail(err, errlen, MLM_EINVAL,
+                            "bad node field '%s' (want speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N])", field);
+        }
+    }
+    return 0;
+}
+
 // --- public API
 
 int plan_tp(const gguf_t *g, const plan_node_t *nodes, int n, int n_ctx, plan_t *out, char *err, size_t errlen) {
@@ -50,7 +99,7 @@ int plan_tp(const gguf_t *g, const plan_node_t *nodes, int n, int n_ctx, plan_t 
     }
     plan_layout_name(out);
     plan_short_t sh = {.worst_node = -1};
-    rc = plan_fit_stage(pm, out, 0, n, 0, pm->n_layer, w, true, &sh);
+    rc = plan_fit_stage(pm, out, 0, n, 0, pm->n_layer, w, PLAN_FIT_ADJUST, &sh);
     if (rc == 0) {
         plan_predict(pm, out);
         snprintf(out->why, sizeof out->why, "one tensor-parallel group over all %d node(s), split by speed", n);
@@ -107,19 +156,8 @@ int plan_parse_nodes(const char *spec, plan_node_t *nodes, int max, char *err, s
         plan_node_t *nd = &nodes[n];
         memset(nd, 0, sizeof *nd);
         snprintf(nd->name, sizeof nd->name, "node-%d", n);
-        char *at = strchr(item, '@');
-        if (at) {
-            *at = 0;
-            if (parse_link(at + 1, nd) != 0)
-                return mlm_fail(err, errlen, MLM_EINVAL, "bad link '%s' (want LAT_MS/MBIT, e.g. 1/1000)", at + 1);
-        }
-        char *colon = strchr(item, ':');
-        if (colon) *colon = 0;
-        nd->speed = strtod(item, &end);
-        if (end == item || *end || !(nd->speed > 0))
-            return mlm_fail(err, errlen, MLM_EINVAL, "bad speed '%s' (want a positive number)", item);
-        if (colon && plan_parse_size(colon + 1, &nd->mem_budget) != 0)
-            return mlm_fail(err, errlen, MLM_EINVAL, "bad memory budget '%s' (want e.g. 512M or 2G)", colon + 1);
+        int rc = parse_item(item, nd, err, errlen);
+        if (rc != 0) return rc;
         n++;
     }
     return n;
@@ -137,13 +175,17 @@ void plan_table(const plan_t *p, const plan_model_t *pm, FILE *f) {
     fprintf(f, "plan %s: %d node(s) in %d stage(s); %d layers, %d heads / %d KV heads, FFN %d%s, vocab %d, n_ctx %d\n",
             p->layout[0] ? p->layout : "?", p->n, p->n_stages, pm->n_layer, pm->n_head, pm->n_head_kv, pm->n_ff,
             pm->n_expert ? " per expert" : "", pm->n_vocab, p->n_ctx);
-    fprintf(f, "| %-4s | %-5s | %-7s | %-4s | %-12s | %6s | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | %10s | %10s |\n",
+    if (p->tp_mode == PLAN_TP_ALLREDUCE)
+        fprintf(f, "tensor parallel: allreduce (attn_output and ffn_down cut by columns: the member's heads and FFN "
+                   "units; 2 all-reduces per block)\n");
+    fprintf(f, "| %-4s | %-5s | %-7s | %-4s | %-12s | %6s | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | %10s | "
+               "%10s | %-16s |\n",
             "rank", "stage", "layers", "node", "name", "GF/s", "heads", "KV heads", "hidden rows", "FFN units",
-            "vocab rows", "weights", "KV cache", "peak", "budget");
+            "vocab rows", "weights", "KV cache", "peak", "budget", "window (kept)");
     for (int i = 0; i < p->n; i++) {
         const plan_shard_t *s = &p->shard[i];
         const plan_node_t *nd = &p->node[s->node];
-        char l[24], h[24], kv[24], e[24], fr[24], v[24], wb[24], kb[24], pb[24], bb[24];
+        char l[24], h[24], kv[24], e[24], fr[24], v[24], wb[24], kb[24], pb[24], bb[24], wn[40];
         snprintf(l, sizeof l, s->s.l1 > s->s.l0 ? "%d-%d" : "-", s->s.l0, s->s.l1 - 1);
         snprintf(h, sizeof h, "%d-%d (%d)", s->s.h0, s->s.h1 - 1, s->s.h1 - s->s.h0);
         if (s->s.h1 == s->s.h0) snprintf(h, sizeof h, "-");
@@ -156,7 +198,10 @@ void plan_table(const plan_t *p, const plan_model_t *pm, FILE *f) {
         plan_fmt_bytes(pb, sizeof pb, s->peak_bytes);
         if (nd->mem_budget) plan_fmt_bytes(bb, sizeof bb, nd->mem_budget);
         else snprintf(bb, sizeof bb, "-");
-        fprintf(f, "| %-4d | %-5d | %-7s | %-4d | %-12s | %6.1f | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | %10s | %10s |\n",
-                i, s->stage, l, s->node, nd->name, plan_node_gflops(nd), h, kv, e, fr, v, wb, kb, pb, bb);
+        if (s->st.streams) snprintf(wn, sizeof wn, "%d (%d/%d units)", s->st.window, s->st.pinned, s->st.n_units);
+        else snprintf(wn, sizeof wn, "- (resident)");
+        fprintf(f, "| %-4d | %-5d | %-7s | %-4d | %-12s | %6.1f | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | "
+                   "%10s | %10s | %-16s |\n",
+                i, s->stage, l, s->node, nd->name, plan_node_gflops(nd), h, kv, e, fr, v, wb, kb, pb, bb, wn);
     }
 }

@@ -17,33 +17,83 @@
 typedef struct {
     char name[64];           // label (address or "local-3")
     double speed;            // relative compute speed (any unit; only ratios matter); <= 0 means 1
-    uint64_t mem_budget;     // bytes the node may use for weights + KV cache; 0 = unlimited
+    uint64_t mem_budget;     // bytes the node may use for weights + KV cache + activations; 0 = unlimited
     double gflops;           // measured matmul GFLOP/s with the model's weight type (0 = unknown)
     double mem_bw;           // measured memory read bandwidth, bytes/s (0 = unknown)
     double lat_us;           // one-way latency of its link to the cluster, microseconds (0 = unknown)
     double link_bw;          // bandwidth of that link, bytes/s (0 = unknown)
+    double disk_bw;          // sequential O_DIRECT read bandwidth of the disk it streams weights from,
+                             // bytes/s (0 = unknown; the worker's HELLO carries it as disk_read_bw_bytes_s)
+    int disk_id;             // nodes with the same disk_id > 0 read from one physical disk and split its
+                             // bandwidth while they stream at the same time (local workers of one
+                             // machine); 0 = a disk of its own
 } plan_node_t;
 
-// One computing node's share. Every matrix is split by output rows, so each dot product runs whole
-// on one node in the same order as on a single node, and pipeline stages hand over the residual
-// stream unchanged: any layout gives the single-node bits.
+// How the members of a tensor-parallel group cut a block and exchange activations.
+typedef enum {
+    PLAN_TP_EXACT = 0,       // every matrix cut by output rows; 4 all-gathers per block (attention
+                             // output, attn_output rows, FFN units, ffn_down rows); each dot product
+                             // runs whole on one node: bit-identical to a single node
+    PLAN_TP_ALLREDUCE = 1,   // Megatron style: a member holds heads h0..h1 (attn_q/k/v rows and the
+                             // matching attn_output columns) and FFN units f0..f1 (ffn_gate/up rows and
+                             // ffn_down columns), every member keeps the whole residual stream, and a
+                             // block needs 2 all-reduces of n_embd floats (star or ring, chosen as
+                             // comm_choose_algo does); sums in another order: not bit-exact
+    PLAN_TP_AUTO = 2,        // plan_opts_t only: the mode with the smaller predicted token time
+} plan_tp_mode_t;
+
+// "exact", "allreduce", "auto".
+const char *plan_tp_mode_name(int mode);
+
+// How a node holds its share within its memory budget (plan_window below).
+typedef struct {
+    bool streams;            // the share does not fit resident: token_embd rows are read on demand and
+                             // units [pinned, n_units) pass through a window of buffers
+    int n_units;             // its units in order: one per block l0..l1-1, then the output rows (last stage)
+    int pinned;              // units [0, pinned) stay loaded for the plan's life (n_units when not streaming)
+    int window;              // buffers of the sliding window, each unit_bytes (0 when nothing passes through it)
+    uint64_t unit_bytes;     // one buffer: the largest of its units
+    uint64_t fixed_bytes;    // always resident: KV cache, activations, output_norm
+    uint64_t pinned_bytes;   // bytes of the pinned units
+    uint64_t resident_bytes; // fixed + pinned units (+ token_embd rows when not streaming)
+    uint64_t stream_bytes;   // read from disk per token: the units past pinned, plus on average the
+                             // share of the token's embedding row it holds (0 when not streaming)
+    uint64_t peak_bytes;     // resident + window * unit_bytes (weights + KV + activations when resident)
+    uint64_t min_budget;     // the smallest budget it streams in: fixed + one unit buffer
+} plan_stream_t;
+
+// One computing node's share. In exact mode every matrix is split by output rows, so each dot
+// product runs whole on one node in the same order as on a single node, and pipeline stages hand
+// over the residual stream unchanged: any layout gives the single-node bits. In all-reduce mode
+// (plan_t.tp_mode) e0..e1 is 0..n_embd on every member: attn_output and ffn_down are cut by columns
+// (its heads' and its FFN units' columns) instead.
 typedef struct {
     shard_slice_t s;         // its layers and rows (KV heads replicated when nodes outnumber them)
     int node;                // which offered node (index into plan_t.node)
     int stage;               // its pipeline stage
-    uint64_t weight_bytes;   // bytes of its weight slices
+    uint64_t weight_bytes;   // bytes of its weight slices (on disk when it streams)
     uint64_t kv_bytes;       // its KV cache for n_ctx positions (F16)
-    uint64_t peak_bytes;     // expected peak: weights + KV + activations
+    uint64_t peak_bytes;     // expected peak: weights + KV + activations, or st.peak_bytes when it streams
     double weight;           // its tensor-parallel weight inside its stage (what split its rows; plan files write it)
+    plan_stream_t st;        // how it stays within its budget (plan_window with its node's budget)
+    double compute_ms;       // predicted per token (plan_predict): its matmuls at its gflops
+    double memory_ms;        // reading its weights from memory at its bandwidth
+    double disk_ms;          // reading its streamed units from disk (a shared disk's other readers counted)
+    double comm_ms;          // its stage's exchanges: tensor-parallel all-gathers or all-reduces, hand-off
+    double busy_ms;          // its time per token: compute or memory overlapped with the disk, plus its
+                             // stage's exchanges
 } plan_shard_t;
 
 // Predicted cost of a plan, per generated token (decode) unless said otherwise.
 typedef struct {
     double compute_ms;       // matmul time: per stage the slowest member, summed over stages
     double memory_ms;        // weight streaming time at each node's memory bandwidth (same sum)
+    double disk_ms;          // reading streamed weights from disk (same sum; 0 when nothing streams)
     double comm_ms;          // tensor-parallel exchanges + stage hand-offs + logits to the coordinator
-    double token_ms;         // predicted time per token: per stage max(compute, memory) + comm
+    double token_ms;         // predicted time per token: per stage max(compute, memory, disk) + comm
     double prefill_tok_s;    // predicted prompt tokens/s with micro-batches in flight
+    double exact_ms;         // token_ms of this layout in exact mode (plan_make / plan_from_spec; 0 = unknown)
+    double allreduce_ms;     // token_ms of this layout in all-reduce mode (0 = unknown or does not fit)
 } plan_cost_t;
 
 typedef struct {
@@ -61,6 +111,11 @@ typedef struct {
     int n_prompt;                   // prompt tokens the prefill figure assumes (0 = PLAN_DEFAULT_N_PROMPT)
     bool coord_apart;               // the coordinator is none of the offered nodes: its step message and
                                     // the logits travel to and from node 0 too (its link: the best offered)
+    plan_tp_mode_t tp_mode;         // EXACT or ALLREDUCE (never AUTO)
+    bool resident_only;             // sized without streaming (plan_opts_t.no_stream)
+    int grain_heads;                // heads per split step (1; all-reduce mode: whole quant blocks of
+                                    // attn_output's columns)
+    int grain_ffn;                  // FFN units per split step (PLAN_FFN_GRAIN or whole ffn_down blocks)
 } plan_t;
 
 // --- model description: shapes and bytes, no weights needed
@@ -93,6 +148,9 @@ typedef struct {
     uint64_t out_norm_bytes;   // output_norm
     uint64_t weight_bytes;     // every weight of the model
     double bytes_per_weight;   // weight bytes per matrix element (0.5625 for Q4_0)
+    int col_block[PLAN_W_MATS]; // elements per quant block along a row of each matrix (the largest over
+                                // the blocks; 1 for F16/F32): all-reduce mode cuts attn_output and
+                                // ffn_down columns only at these steps
 } plan_model_t;
 
 // Describes the model in an opened GGUF (reads its metadata and tensor table only). 0, or
@@ -104,6 +162,42 @@ int plan_model_from_gguf(const gguf_t *g, plan_model_t *pm, char *err, size_t er
 // divide falls back to Q8_0, then F16), norms F32, untied output. 0, MLM_ENOTFOUND (no such
 // preset) or MLM_EINVAL (unknown type), with a message.
 int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm, char *err, size_t errlen);
+
+// --- weight streaming
+//
+// One rule sizes a node's share within its memory budget, used by the planner and by the node's
+// runtime alike (plan_window). A node's units, in order: one per block l0..l1-1 (every blk.N.*
+// tensor of its slice: its matrix rows or columns, the norms, the router), then on the last stage
+// the output matrix's vocabulary rows (token_embd's rows when tied). Always resident ("fixed"):
+// the KV cache for n_ctx positions (F16), the activations (PLAN_ACT_BATCH tokens) and output_norm.
+// - budget 0, or fixed + every unit + its token_embd rows fit the budget: nothing streams (today's
+//   layout: peak = weights + KV + activations).
+// - otherwise the node streams. Its token_embd rows are never resident: a token's row is read on
+//   demand. When fixed + every unit fits, every unit is pinned and the window is 0. Else the window
+//   has PLAN_STREAM_WINDOW buffers (1 when only one fits), each the size of its largest unit; units
+//   are pinned in order from the first while fixed + pinned + window buffers fit; the window is then
+//   at most the number of units left. Units [pinned, n_units) stream: a background reader loads the
+//   next of them into a free buffer while earlier units compute and communicate, and a buffer is
+//   free again once its unit has been used, so every token reads every streamed unit once (reads
+//   bypass the page cache: O_DIRECT). The reader cycles on into the next token: while the node
+//   computes its pinned units or waits for the next token it already fills the window with that
+//   token's first streamed units. Peak = fixed + pinned units + window * largest unit.
+// - fixed + one buffer above the budget: refused (MLM_ERANGE) with the minimum budget named.
+#define PLAN_STREAM_WINDOW 2        // buffers of the sliding window when they fit
+// Disk figures a node does not state: the test machines' NVMe disk reads 950 MB/s sequentially
+// with O_DIRECT (DESIGN.md, measured 2026-12-01).
+#define PLAN_DEFAULT_DISK_BW 950e6  // bytes/s
+// Streaming reads units at this fraction of the disk's sequential bandwidth (an estimate until the
+// streaming benchmark measures it; the target for the reader is at least 0.8).
+#define PLAN_DISK_EFFICIENCY 0.9
+
+// Sizes the share `s` (cut as `mode` says: PLAN_TP_EXACT or PLAN_TP_ALLREDUCE) of model pm for n_ctx
+// positions within `budget` bytes (0 = unlimited) by the rule above, into *out. Returns 0, or
+// MLM_ERANGE when the budget is below the minimum (out then describes that minimum: window 1,
+// nothing pinned, and out->min_budget is the smallest budget that works), or MLM_EINVAL for a
+// slice outside the model.
+int plan_window(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_ctx, uint64_t budget,
+                plan_stream_t *out);
 
 // --- cost model
 //
@@ -124,13 +218,25 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 //
 // The model, per generated token:
 // - a node computes 2 flops per weight of its slice (only the routed experts for MoE) at its
-//   gflops, and streams those weights' bytes at its mem_bw; it takes the larger of the two;
-// - a stage takes its slowest member's time plus its group's all-gathers: per block four (attention
-//   output, attn_output rows, FFN units per routed expert, ffn_down rows, all F32), and on the first
-//   stage one of the token's embedding row. An all-gather costs the largest latency of the group
-//   plus, over members, the largest of (bytes it sends, bytes it receives) / its link bandwidth: a
-//   switched LAN where each node's own link is the bottleneck. A message between two nodes has the
-//   larger of their latencies;
+//   gflops, and reads those weights' bytes at its mem_bw; it takes the larger of the two (c);
+// - a streaming node also reads its stream_bytes from disk at PLAN_DISK_EFFICIENCY * disk_bw,
+//   divided among the members of its stage that stream from the same disk at the same time (d).
+//   Its units compute in order, cu = (c + x) / n_units each (x: its stage's exchanges), pinned
+//   ones first; its reader reads the S streamed units back to back, r = d / S each, at most
+//   `window` units ahead of them, and while the token is on other stages (or with the coordinator)
+//   it reads ahead up to the window (pre). With 2+ buffers the node takes
+//   max(c + x + wait for the first read, reads done + cu), the reads being done after
+//   max(S r - pre, max(pinned compute, r - pre) + cu + (S - window) r); with one buffer reads and
+//   units alternate: max(pinned compute, r - pre) + cu + (S - 1)(r + cu);
+// - a stage takes its slowest member's time. Its exchanges: exact mode, per block four all-gathers
+//   (attention output, attn_output rows, FFN units per routed expert, ffn_down rows, all F32);
+//   all-reduce mode, per block two all-reduces of n_embd F32, star (2 L + 2 (N-1) b / B) or ring
+//   (2 (N-1) (L + b / (N B))) whichever is smaller, L the group's largest latency and B its smallest
+//   bandwidth (comm_choose_algo's rule); either mode on the first stage one all-gather of the
+//   token's embedding row. An all-gather costs the largest latency of the group plus, over members,
+//   the largest of (bytes it sends, bytes it receives) / its link bandwidth: a switched LAN where
+//   each node's own link is the bottleneck. A message between two nodes has the larger of their
+//   latencies;
 // - a stage hands n_embd F32 to every member of the next stage (from its first member), the last
 //   stage sends its vocabulary rows of logits (F32) to the coordinator, and the coordinator's step
 //   message to the first stage costs one latency. Offered node 0 is the coordinator's machine,
@@ -139,9 +245,12 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 // token_ms is the sum over stages (one sequence visits them in turn). Prefill: micro-batches of u
 // tokens (plan_t.ubatch) over a prompt of n_prompt tokens take (m + S - 1) times the slowest stage's
 // time for u tokens (m = micro-batches, S = stages), each stage taking u decode-token times / PLAN_PREFILL_SPEEDUP per
-// micro-batch (at least the time to read its weights once).
+// micro-batch (at least the time to read its weights once, and with streaming its disk reads,
+// which every stage on a shared disk then makes at the same time).
 
-// Fills p->cost from the shards' slices and the nodes' figures (defaults above for unknown ones).
+// Fills p->cost (all but exact_ms / allreduce_ms, of which it sets p->tp_mode's) and each shard's
+// compute_ms, memory_ms, disk_ms, comm_ms and busy_ms from the shards' slices, windows and the nodes'
+// figures (defaults above for unknown ones).
 void plan_predict(const plan_model_t *pm, plan_t *p);
 
 // --- planning
@@ -157,6 +266,8 @@ typedef struct {
     bool coord_apart;  // the coordinator computes nothing and is not node 0 (see plan_t.coord_apart)
     int n_prompt;      // prompt tokens for the prefill figure (0 = PLAN_DEFAULT_N_PROMPT)
     bool heuristic;    // use the heuristic search even where every layout would be tried (tests compare them)
+    plan_tp_mode_t tp_mode; // EXACT (default), ALLREDUCE, or AUTO: each layout in the faster mode
+    bool no_stream;    // refuse shares that do not fit their budgets resident (no weight streaming)
 } plan_opts_t;
 
 #define PLAN_EXHAUSTIVE_MAX 8  // up to this many offered nodes every layout is tried
@@ -165,19 +276,25 @@ typedef struct {
 // the predicted token time worse is left out; never node 0 under pin_first), how many pipeline
 // stages, which consecutive nodes (in offered order) form each stage, blocks per stage in
 // proportion to the stage's throughput and inside every member's budget, and each stage's
-// tensor-parallel split by speed. Every layout is tried for n <= PLAN_EXHAUSTIVE_MAX; beyond, a
-// heuristic (fastest-first node sets, every stage count, balanced and even stage cuts, then greedy
-// removal of nodes). *best gets the smallest token_ms (ties: fewer nodes, then fewer stages) with
-// layout, why and cost filled; alts (may be NULL) up to max_alts next-best plans of other layouts,
-// best first, *n_alts their count. Returns 0; MLM_EINVAL for bad options (err says which);
-// MLM_EFULL when nothing fits, err saying how much memory is missing in all and on the worst node;
+// tensor-parallel split by speed. A layout whose shares cannot fit their budgets resident streams
+// (unless no_stream): blocks and splits are then rebalanced by the predicted times, disk included,
+// and each member's window is plan_window's. Every layout is tried for n <= PLAN_EXHAUSTIVE_MAX;
+// beyond, a heuristic (fastest-first node sets, every stage count, balanced and even stage cuts,
+// then greedy removal of nodes). With tp_mode AUTO each layout with a tensor-parallel group is
+// predicted in both modes and takes the faster (exact on ties). *best gets the smallest token_ms
+// (ties: exact mode, fewer nodes, then fewer stages) with layout, why and cost filled (cost.exact_ms
+// and cost.allreduce_ms: the same layout in each mode); alts (may be NULL) up to max_alts next-best
+// plans of other layouts, best first, *n_alts their count. Returns 0; MLM_EINVAL for bad options
+// (err says which); MLM_EFULL when nothing fits, err saying how much memory is missing in all and
+// on the worst node, or, when even streaming does not fit, the smallest budget that node needs;
 // MLM_ENOMEM.
 int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_opts_t *o, plan_t *best,
               plan_t *alts, int max_alts, int *n_alts, char *err, size_t errlen);
 
 // Splits m over n nodes in proportion to their speed, within their memory budgets, as one
-// tensor-parallel group (one stage, shard i = node i); cost predicted. Returns 0, MLM_EINVAL (bad
-// n), or MLM_EFULL when the model does not fit: err says which node lacks how much.
+// tensor-parallel group in exact mode (one stage, shard i = node i), all resident (no streaming);
+// cost predicted. Returns 0, MLM_EINVAL (bad n), or MLM_EFULL when the model does not fit: err says
+// which node lacks how much.
 int plan_tp(const gguf_t *g, const plan_node_t *nodes, int n, int n_ctx, plan_t *out, char *err, size_t errlen);
 
 // --- hand-written plans
@@ -190,9 +307,12 @@ int plan_tp(const gguf_t *g, const plan_node_t *nodes, int n, int n_ctx, plan_t 
 // blocks, `nodes=` the offered node indices of its tensor-parallel group in rank order, each with
 // an optional `:W` weight (its share of the stage's rows is W / sum of W; without weights the
 // group is split by speed and may shift rows to stay within budgets). A "# meshlm plan vN" comment
-// names the version; a newer N is refused.
+// names the version; a newer N is refused. Version 2 adds one optional line, at most once:
+//   tp mode=allreduce            (or mode=exact, the default and all a v1 file can say)
+// plan_file_write writes v1 for exact plans (older readers take them) and v2 with this line for
+// all-reduce plans. Windows are not written: each node derives its own from its budget (plan_window).
 
-#define PLAN_FILE_VERSION 1
+#define PLAN_FILE_VERSION 2
 
 // A parsed plan file: what the user asked for, before the model and nodes are known.
 typedef struct {
@@ -204,6 +324,7 @@ typedef struct {
     int n;                           // entries in all
     int node[PLAN_MAX_NODES];        // (n) offered node index of each entry
     double weight[PLAN_MAX_NODES];   // (n) its tensor-parallel weight; 0 = by speed
+    plan_tp_mode_t tp_mode;          // from a `tp mode=` line (EXACT without one)
 } plan_spec_t;
 
 // Parses plan file text. 0, or MLM_EFORMAT (MLM_EUNSUPPORTED for a newer version, MLM_ERANGE for
@@ -213,10 +334,12 @@ int plan_file_parse(const char *text, plan_spec_t *spec, char *err, size_t errle
 // Reads and parses a plan file; errors name the file ("FILE:N: ..."); MLM_EIO when it cannot be read.
 int plan_file_load(const char *path, plan_spec_t *spec, char *err, size_t errlen);
 
-// Builds the plan a spec describes over the offered nodes and predicts its cost. Checks that the
-// stages' blocks tile 0..n_layer-1 in order, that every node index is offered and used at most once,
-// and that every member fits its budget (explicit weights are kept as given). 0, MLM_EINVAL (bad
-// spec: err names the line), MLM_EFULL (err names the node and how much it lacks).
+// Builds the plan a spec describes over the offered nodes and predicts its cost (and the other
+// tensor-parallel mode's, into cost.exact_ms / allreduce_ms). Checks that the stages' blocks tile
+// 0..n_layer-1 in order, that every node index is offered and used at most once, and that every
+// member fits its budget, resident or streaming (explicit weights are kept as given). 0,
+// MLM_EINVAL (bad spec: err names the line), MLM_EFULL (err names the node and how much it lacks,
+// or the smallest budget it streams in).
 int plan_from_spec(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_spec_t *spec, int n_ctx,
                    plan_t *out, char *err, size_t errlen);
 
@@ -226,14 +349,18 @@ int plan_file_write(const plan_t *p, FILE *f);
 
 // --- nodes
 
-// Parses a node list "N" (N equal nodes), or comma-separated items "speed[:budget][@LAT_MS/MBIT]"
-// such as "2,1,1:512M" or "1:4G@1/1000" (budgets take K/M/G suffixes, powers of 1024; the link is
-// its one-way latency in ms and Mbit/s). Returns the node count or a negative MLM_ code.
+// Parses a node list "N" (N equal nodes), or comma-separated items
+// "speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N]" such as "2,1,1:512M", "1:4G@1/1000" or
+// "1:2G@1/1000:disk=950M:disk_id=1" (budgets take K/M/G suffixes, powers of 1024; the link is its
+// one-way latency in ms and Mbit/s; disk= is the disk's read bandwidth in bytes/s, K/M/G powers of
+// 1000; disk_id= groups nodes on one disk, see plan_node_t). Returns the node count or a negative
+// MLM_ code.
 int plan_parse_nodes(const char *spec, plan_node_t *nodes, int max, char *err, size_t errlen);
 
 // Parses a node file: one node per line, "name key=value ...", keys speed=, gflops=, mem_bw= (bytes/s,
-// K/M/G are powers of 1000: 20G), mem= (budget, K/M/G powers of 1024), lat_ms=, lat_us=, mbit=;
-// '#' comments. Returns the node count or a negative MLM_ code with "line N: ..." in err.
+// K/M/G are powers of 1000: 20G), mem= (budget, K/M/G powers of 1024), lat_ms=, lat_us=, mbit=,
+// disk= (read bandwidth, bytes/s like mem_bw), disk_id=; '#' comments. Returns the node count or a
+// negative MLM_ code with "line N: ..." in err.
 int plan_parse_nodes_file(const char *text, plan_node_t *nodes, int max, char *err, size_t errlen);
 
 // Parses a byte size with an optional K/M/G/T suffix (powers of 1024); returns 0 or MLM_EINVAL.
@@ -241,12 +368,14 @@ int plan_parse_size(const char *s, uint64_t *out);
 
 // --- printing
 
-// Prints the shard table (stage, layers, rows, bytes per shard).
+// Prints the shard table (stage, layers, rows, bytes per shard, window when it streams).
 void plan_print(const plan_t *p, const gguf_t *g, FILE *f);
 void plan_table(const plan_t *p, const plan_model_t *pm, FILE *f);
 
-// Prints the chosen plan and up to two alternatives: layout, nodes, predicted compute / memory /
-// comm ms per token, token_ms, tokens/s, prefill tokens/s and why; then the chosen shard table.
+// Prints the chosen plan and up to two alternatives: layout, tensor-parallel mode, nodes, predicted
+// compute / memory / disk / comm ms per token, token_ms, tokens/s, prefill tokens/s and why; both
+// modes' predictions; per node of the chosen plan its resident bytes, window, streamed MB and disk,
+// compute, memory and busy ms per token; then the chosen shard table.
 void plan_explain(FILE *f, const plan_model_t *pm, const plan_t *best, const plan_t *alts, int n_alts);
 
 // Writes the chosen plan and the alternatives as one JSON object.

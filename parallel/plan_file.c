@@ -59,23 +59,10 @@ static bool parse_pos(const char *s, double *out) {
     return true;
 }
 
-// A rate with an optional K/M/G/T suffix in powers of 1000 ("20G" = 20e9), optional "B" or "B/s".
-static bool parse_rate(const char *s, double *out) {
-    char *end;
-    double v = strtod(s, &end);
-    if (end == s || !isfinite(v) || !(v > 0)) return false;
-    switch (toupper((unsigned char)*end)) {
-    case 'K': v *= 1e3; end++; break;
-    case 'M': v *= 1e6; end++; break;
-    case 'G': v *= 1e9; end++; break;
-    case 'T': v *= 1e12; end++; break;
-    default: break;
-    }
-    if (toupper((unsigned char)*end) == 'B') end++;
-    if (!strcmp(end, "/s")) end += 2;
-    if (*end) return false;
-    *out = v;
-    return true;
+// A disk_id: a positive integer below a million.
+static bool parse_disk_id(const char *s, int *out) {
+    const char *end = s + strlen(s);
+    return parse_int(s, end, out) && *out > 0 && *out < 1000000;
 }
 
 // Splits p into the stage's members by the given weights and checks every range matches.
@@ -83,13 +70,16 @@ static bool weights_reproduce(const plan_t *p, int a, int b, const double *w) {
     const int g = b - a;
     const plan_shard_t *last = &p->shard[b - 1];
     int lo[PLAN_MAX_NODES], hi[PLAN_MAX_NODES];
-    plan_split_units(last->s.h1, 1, w, g, lo, hi);
+    const int hg = p->grain_heads > 0 ? p->grain_heads : 1, fg = p->grain_ffn > 0 ? p->grain_ffn : PLAN_FFN_GRAIN;
+    plan_split_units(last->s.h1, hg, w, g, lo, hi);
     for (int i = 0; i < g; i++)
         if (lo[i] != p->shard[a + i].s.h0 || hi[i] != p->shard[a + i].s.h1) return false;
-    plan_split_units(last->s.e1, PLAN_HIDDEN_GRAIN, w, g, lo, hi);
-    for (int i = 0; i < g; i++)
-        if (lo[i] != p->shard[a + i].s.e0 || hi[i] != p->shard[a + i].s.e1) return false;
-    plan_split_units(last->s.f1, PLAN_FFN_GRAIN, w, g, lo, hi);
+    if (p->tp_mode != PLAN_TP_ALLREDUCE) { // all-reduce members hold every hidden row
+        plan_split_units(last->s.e1, PLAN_HIDDEN_GRAIN, w, g, lo, hi);
+        for (int i = 0; i < g; i++)
+            if (lo[i] != p->shard[a + i].s.e0 || hi[i] != p->shard[a + i].s.e1) return false;
+    }
+    plan_split_units(last->s.f1, fg, w, g, lo, hi);
     for (int i = 0; i < g; i++)
         if (lo[i] != p->shard[a + i].s.f0 || hi[i] != p->shard[a + i].s.f1) return false;
     if (last->s.v1 > 0) {
@@ -124,7 +114,7 @@ int plan_file_parse(const char *text, plan_spec_t *spec, char *err, size_t errle
     memset(spec, 0, sizeof *spec);
     char buf[LINE_MAX_CHARS];
     const char *p = text ? text : "";
-    bool too_long;
+    bool too_long, have_mode = false;
     for (int no = 1; next_line(&p, buf, sizeof buf, &too_long); no++) {
         if (too_long)
             return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: longer than %d characters", no, LINE_MAX_CHARS - 1);
@@ -140,8 +130,26 @@ int plan_file_parse(const char *text, plan_spec_t *spec, char *err, size_t errle
         char *line = trim(buf);
         if (!*line) continue;
         char *save = NULL, *tok = strtok_r(line, " \t", &save);
+        if (!strcmp(tok, "tp")) { // v2: the tensor-parallel mode of every stage
+            if (have_mode) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: a second 'tp' line", no);
+            have_mode = true;
+            bool got = false;
+            while ((tok = strtok_r(NULL, " \t", &save))) {
+                if (got || strncmp(tok, "mode=", 5) != 0)
+                    return mlm_fail(err, errlen, MLM_EFORMAT,
+                                    "line %d: expected 'tp mode=exact|allreduce', found '%.40s'", no, tok);
+                if (!strcmp(tok + 5, "exact")) spec->tp_mode = PLAN_TP_EXACT;
+                else if (!strcmp(tok + 5, "allreduce")) spec->tp_mode = PLAN_TP_ALLREDUCE;
+                else
+                    return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: unknown mode '%.40s' (exact or allreduce)", no,
+                                    tok + 5);
+                got = true;
+            }
+            if (!got) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: 'tp' needs mode=exact or mode=allreduce", no);
+            continue;
+        }
         if (strcmp(tok, "stage") != 0)
-            return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: expected 'stage', found '%.40s'", no, tok);
+            return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: expected 'stage' or 'tp', found '%.40s'", no, tok);
         if (spec->n_stages == PLAN_MAX_NODES)
             return mlm_fail(err, errlen, MLM_ERANGE, "line %d: more than %d stages", no, PLAN_MAX_NODES);
         const int k = spec->n_stages;
@@ -266,6 +274,7 @@ int plan_from_spec(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
     out->n_stages = spec->n_stages;
     out->n_nodes = n;
     out->n_ctx = n_ctx > 0 ? n_ctx : 4096;
+    out->tp_mode = spec->tp_mode == PLAN_TP_ALLREDUCE ? PLAN_TP_ALLREDUCE : PLAN_TP_EXACT;
     memcpy(out->node, nodes, sizeof *nodes * (size_t)n);
     for (int k = 0; k <= spec->n_stages; k++) out->stage_first[k] = spec->first[k];
     for (int k = 0; k < spec->n_stages; k++) {
@@ -277,7 +286,8 @@ int plan_from_spec(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
             out->shard[i].stage = k;
             w[i - a] = given ? spec->weight[i] : plan_node_rate(pm, &nodes[spec->node[i]]);
         }
-        if (plan_fit_stage(pm, out, a, b, spec->l0[k], spec->l1[k], w, !given, NULL) != 0) {
+        const unsigned fl = PLAN_FIT_STREAM | (given ? 0 : PLAN_FIT_ADJUST | PLAN_FIT_BALANCE);
+        if (plan_fit_stage(pm, out, a, b, spec->l0[k], spec->l1[k], w, fl, NULL) != 0) {
             int worst = a;
             uint64_t miss = 0;
             for (int i = a; i < b; i++) {
@@ -291,24 +301,27 @@ int plan_from_spec(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
             plan_fmt_bytes(bud, sizeof bud, nodes[s->node].mem_budget);
             plan_fmt_bytes(sh, sizeof sh, miss);
             return mlm_fail(err, errlen, MLM_EFULL,
-                            "line %d: node %d (%s) needs %s for layers %d-%d%s but its budget is %s (%s short)",
-                            spec->line[k], s->node, nodes[s->node].name, need, spec->l0[k], spec->l1[k] - 1,
-                            given ? " with these weights" : "", bud, sh);
+                            "line %d: node %d (%s) needs %s%s for layers %d-%d%s but its budget is %s (%s short)",
+                            spec->line[k], s->node, nodes[s->node].name, s->st.streams ? "at least " : "", need,
+                            spec->l0[k], spec->l1[k] - 1, given ? " with these weights" : "", bud, sh);
         }
     }
     plan_layout_name(out);
     plan_predict(pm, out);
+    plan_predict_modes(pm, out);
     snprintf(out->why, sizeof out->why, "a hand-written plan");
     return 0;
 }
 
 int plan_file_write(const plan_t *p, FILE *f) {
+    const bool ar = p->tp_mode == PLAN_TP_ALLREDUCE;
     fprintf(f, "# meshlm plan v%d: one line per pipeline stage; nodes are indices in the offered order\n",
-            PLAN_FILE_VERSION);
+            ar ? 2 : 1); // the oldest version that says it: v1 readers take exact plans
     fprintf(f, "# (the coordinator is node 0 when it computes); :W gives a node's tensor-parallel weight\n");
     fprintf(f, "# layout %s, n_ctx %d", p->layout, p->n_ctx);
     if (p->cost.token_ms > 0) fprintf(f, ", predicted %.2f ms/token", p->cost.token_ms);
     fprintf(f, "\n");
+    if (ar) fprintf(f, "tp mode=allreduce\n");
     for (int k = 0; k < p->n_stages; k++) {
         const int a = p->stage_first[k], b = p->stage_first[k + 1];
         if (b <= a) continue;
@@ -356,15 +369,17 @@ int plan_parse_nodes_file(const char *text, plan_node_t *nodes, int max, char *e
             bool ok;
             if (!strcmp(tok, "speed")) ok = parse_pos(v, &nd->speed);
             else if (!strcmp(tok, "gflops")) ok = parse_pos(v, &nd->gflops);
-            else if (!strcmp(tok, "mem_bw")) ok = parse_rate(v, &nd->mem_bw);
+            else if (!strcmp(tok, "mem_bw")) ok = plan_parse_rate(v, &nd->mem_bw);
             else if (!strcmp(tok, "mem")) ok = plan_parse_size(v, &nd->mem_budget) == 0 && nd->mem_budget > 0;
             else if (!strcmp(tok, "lat_ms")) ok = parse_pos(v, &x), nd->lat_us = x * 1e3;
             else if (!strcmp(tok, "lat_us")) ok = parse_pos(v, &nd->lat_us);
             else if (!strcmp(tok, "mbit")) ok = parse_pos(v, &x), nd->link_bw = x * 1e6 / 8;
+            else if (!strcmp(tok, "disk")) ok = plan_parse_rate(v, &nd->disk_bw);
+            else if (!strcmp(tok, "disk_id")) ok = parse_disk_id(v, &nd->disk_id);
             else
                 return mlm_fail(err, errlen, MLM_EFORMAT,
-                                "line %d: unknown key '%.40s' (known: speed gflops mem_bw mem lat_ms lat_us mbit)", no,
-                                tok);
+                                "line %d: unknown key '%.40s' (known: speed gflops mem_bw mem lat_ms lat_us mbit disk "
+                                "disk_id)", no, tok);
             if (!ok) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: bad value '%.40s' for %s", no, v, tok);
         }
         n++;

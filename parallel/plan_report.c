@@ -21,8 +21,56 @@ static void row(FILE *f, const char *label, const plan_t *p) {
     char nodes[160];
     node_list(p, nodes, sizeof nodes);
     const double tps = p->cost.token_ms > 0 ? 1e3 / p->cost.token_ms : 0;
-    fprintf(f, "| %-8s | %-18s | %-20s | %8.2f | %8.2f | %8.2f | %9.2f | %7.2f | %9.1f |\n", label, p->layout, nodes,
-            p->cost.compute_ms, p->cost.memory_ms, p->cost.comm_ms, p->cost.token_ms, tps, p->cost.prefill_tok_s);
+    fprintf(f, "| %-8s | %-18s | %-9s | %-20s | %8.2f | %8.2f | %9.2f | %8.2f | %9.2f | %7.3f | %9.1f |\n", label,
+            p->layout, plan_tp_mode_name(p->tp_mode), nodes, p->cost.compute_ms, p->cost.memory_ms, p->cost.disk_ms,
+            p->cost.comm_ms, p->cost.token_ms, tps, p->cost.prefill_tok_s);
+}
+
+// The first tensor-parallel stage of p: [*a, *b). False when every stage has one member.
+static bool first_group(const plan_t *p, int *a, int *b) {
+    for (int k = 0; k < p->n_stages; k++)
+        if (p->stage_first[k + 1] - p->stage_first[k] > 1) {
+            *a = p->stage_first[k];
+            *b = p->stage_first[k + 1];
+            return true;
+        }
+    return false;
+}
+
+// One line comparing the two tensor-parallel modes of the chosen layout.
+static void modes_line(FILE *f, const plan_model_t *pm, const plan_t *p) {
+    int a, b;
+    if (!first_group(p, &a, &b)) {
+        fprintf(f, "tensor-parallel mode: none (no stage has more than one node)\n");
+        return;
+    }
+    bool star = true;
+    plan_allreduce_ms(p, a, b, 4.0 * pm->n_embd, &star);
+    char e[32] = "does not fit", r[32] = "does not fit";
+    if (p->cost.exact_ms > 0) snprintf(e, sizeof e, "%.2f ms/token", p->cost.exact_ms);
+    if (p->cost.allreduce_ms > 0) snprintf(r, sizeof r, "%.2f ms/token", p->cost.allreduce_ms);
+    fprintf(f, "tensor-parallel modes of %s: exact %s (4 all-gathers per block, bit-exact); allreduce %s (2 %s "
+               "all-reduces per block); this plan: %s\n",
+            p->layout, e, r, star ? "star" : "ring", plan_tp_mode_name(p->tp_mode));
+}
+
+// Per node of p, per token: what stays resident, the window, what it reads from disk and how long
+// each part takes.
+static void node_rows(FILE *f, const plan_t *p) {
+    fprintf(f, "| %-4s | %-12s | %10s | %-16s | %11s | %9s | %9s | %10s | %10s | %9s | %9s |\n", "rank", "name",
+            "resident", "window (kept)", "disk MB/tok", "disk MB/s", "disk ms", "compute ms", "memory ms", "comm ms",
+            "busy ms");
+    for (int i = 0; i < p->n; i++) {
+        const plan_shard_t *s = &p->shard[i];
+        const plan_node_t *nd = &p->node[s->node];
+        char res[24], wn[40];
+        plan_fmt_bytes(res, sizeof res, s->st.resident_bytes);
+        if (s->st.streams) snprintf(wn, sizeof wn, "%d (%d/%d units)", s->st.window, s->st.pinned, s->st.n_units);
+        else snprintf(wn, sizeof wn, "- (resident)");
+        fprintf(f, "| %-4d | %-12s | %10s | %-16s | %11.1f | %9.0f | %9.2f | %10.2f | %10.2f | %9.2f | %9.2f |\n", i,
+                nd->name, res, wn, (double)s->st.stream_bytes / 1e6, plan_node_disk_bw(nd) / 1e6, s->disk_ms,
+                s->compute_ms, s->memory_ms, s->comm_ms, s->busy_ms);
+    }
 }
 
 static void json_str(FILE *f, const char *s) {
@@ -39,13 +87,15 @@ static void json_str(FILE *f, const char *s) {
 static void json_plan(FILE *f, const plan_t *p) {
     fprintf(f, "{\"layout\": ");
     json_str(f, p->layout);
-    fprintf(f, ", \"why\": ");
+    fprintf(f, ", \"tp_mode\": \"%s\", \"why\": ", plan_tp_mode_name(p->tp_mode));
     json_str(f, p->why);
     fprintf(f,
-            ", \"n_ctx\": %d, \"n_stages\": %d, \"cost\": {\"compute_ms\": %.4f, \"memory_ms\": %.4f, \"comm_ms\": "
-            "%.4f, \"token_ms\": %.4f, \"tokens_per_s\": %.4f, \"prefill_tok_s\": %.4f}, \"stages\": [",
-            p->n_ctx, p->n_stages, p->cost.compute_ms, p->cost.memory_ms, p->cost.comm_ms, p->cost.token_ms,
-            p->cost.token_ms > 0 ? 1e3 / p->cost.token_ms : 0, p->cost.prefill_tok_s);
+            ", \"n_ctx\": %d, \"n_stages\": %d, \"cost\": {\"compute_ms\": %.4f, \"memory_ms\": %.4f, \"disk_ms\": "
+            "%.4f, \"comm_ms\": %.4f, \"token_ms\": %.4f, \"tokens_per_s\": %.4f, \"prefill_tok_s\": %.4f, "
+            "\"exact_ms\": %.4f, \"allreduce_ms\": %.4f}, \"stages\": [",
+            p->n_ctx, p->n_stages, p->cost.compute_ms, p->cost.memory_ms, p->cost.disk_ms, p->cost.comm_ms,
+            p->cost.token_ms, p->cost.token_ms > 0 ? 1e3 / p->cost.token_ms : 0, p->cost.prefill_tok_s,
+            p->cost.exact_ms, p->cost.allreduce_ms);
     for (int k = 0; k < p->n_stages; k++) {
         const int a = p->stage_first[k], b = p->stage_first[k + 1];
         fprintf(f, "%s{\"layers\": [%d, %d], \"shards\": [", k ? ", " : "", b > a ? p->shard[a].s.l0 : 0,
@@ -57,10 +107,20 @@ static void json_plan(FILE *f, const plan_t *p) {
             fprintf(f,
                     ", \"heads\": [%d, %d], \"kv_heads\": [%d, %d], \"hidden\": [%d, %d], \"ffn\": [%d, %d], "
                     "\"vocab\": [%d, %d], \"weight\": %.6g, \"weight_bytes\": %llu, \"kv_bytes\": %llu, "
-                    "\"peak_bytes\": %llu, \"budget\": %llu}",
+                    "\"peak_bytes\": %llu, \"budget\": %llu",
                     s->s.h0, s->s.h1, s->s.kv0, s->s.kv1, s->s.e0, s->s.e1, s->s.f0, s->s.f1, s->s.v0, s->s.v1,
                     s->weight, (unsigned long long)s->weight_bytes, (unsigned long long)s->kv_bytes,
                     (unsigned long long)s->peak_bytes, (unsigned long long)p->node[s->node].mem_budget);
+            fprintf(f,
+                    ", \"streams\": %s, \"n_units\": %d, \"pinned\": %d, \"window\": %d, \"unit_bytes\": %llu, "
+                    "\"resident_bytes\": %llu, \"stream_bytes\": %llu, \"min_budget\": %llu, \"disk_bw\": %.0f, "
+                    "\"compute_ms\": %.4f, \"memory_ms\": %.4f, \"disk_ms\": %.4f, \"comm_ms\": %.4f, "
+                    "\"busy_ms\": %.4f}",
+                    s->st.streams ? "true" : "false", s->st.n_units, s->st.pinned, s->st.window,
+                    (unsigned long long)s->st.unit_bytes, (unsigned long long)s->st.resident_bytes,
+                    (unsigned long long)s->st.stream_bytes, (unsigned long long)s->st.min_budget,
+                    plan_node_disk_bw(&p->node[s->node]), s->compute_ms, s->memory_ms, s->disk_ms, s->comm_ms,
+                    s->busy_ms);
         }
         fprintf(f, "]}");
     }
@@ -80,19 +140,23 @@ void plan_explain(FILE *f, const plan_model_t *pm, const plan_t *best, const pla
         const plan_node_t *nd = &best->node[j];
         char bud[32] = "unlimited";
         if (nd->mem_budget) plan_fmt_bytes(bud, sizeof bud, nd->mem_budget);
-        fprintf(f, "  %2d %-14s %7.1f GFLOP/s %6.1f GB/s  budget %-10s  link %.3g ms / %.0f Mbit\n", j, nd->name,
-                plan_node_gflops(nd), plan_node_mem_bw(nd) / 1e9, bud, plan_node_lat_us(nd) / 1e3,
-                plan_node_link_bw(nd) * 8 / 1e6);
+        char disk[32] = "";
+        if (nd->disk_id > 0) snprintf(disk, sizeof disk, " (disk %d)", nd->disk_id);
+        fprintf(f, "  %2d %-14s %7.1f GFLOP/s %6.1f GB/s  disk %4.0f MB/s%s  budget %-10s  link %.3g ms / %.0f Mbit\n",
+                j, nd->name, plan_node_gflops(nd), plan_node_mem_bw(nd) / 1e9, plan_node_disk_bw(nd) / 1e6, disk, bud,
+                plan_node_lat_us(nd) / 1e3, plan_node_link_bw(nd) * 8 / 1e6);
     }
-    fprintf(f, "\n| %-8s | %-18s | %-20s | %8s | %8s | %8s | %9s | %7s | %9s |\n", "plan", "layout",
-            "nodes (| = stage)", "compute", "memory", "comm", "ms/token", "tok/s", "prefill/s");
+    fprintf(f, "\n| %-8s | %-18s | %-9s | %-20s | %8s | %8s | %9s | %8s | %9s | %7s | %9s |\n", "plan", "layout",
+            "tp mode", "nodes (| = stage)", "compute", "memory", "disk", "comm", "ms/token", "tok/s", "prefill/s");
     row(f, "chosen", best);
     char label[16];
     for (int i = 0; i < n_alts && i < 2; i++) {
         snprintf(label, sizeof label, "alt %d", i + 1);
         row(f, label, &alts[i]);
     }
-    fprintf(f, "\nchosen: %s\n", best->why);
+    fprintf(f, "\n");
+    modes_line(f, pm, best);
+    fprintf(f, "chosen: %s\n", best->why);
     for (int i = 0; i < n_alts && i < 2; i++) fprintf(f, "alt %d (%s): %s\n", i + 1, alts[i].layout, alts[i].why);
     fprintf(f, "\n");
     for (int k = 0; k < best->n_stages; k++) {
@@ -103,6 +167,9 @@ void plan_explain(FILE *f, const plan_model_t *pm, const plan_t *best, const pla
         for (int i = a; i < b; i++) fprintf(f, "%s %s", i > a ? "," : "", best->node[best->shard[i].node].name);
         fprintf(f, "\n");
     }
+    fprintf(f, "\nper node and token (chosen plan; disk ms counts the other readers of a shared disk; comm ms is its "
+               "stage's exchanges; busy ms overlaps the disk with the rest):\n");
+    node_rows(f, best);
     fprintf(f, "\n");
     plan_table(best, pm, f);
 }
@@ -125,7 +192,8 @@ void plan_write_json(FILE *f, const plan_model_t *pm, const plan_t *best, const 
 }
 
 void plan_print_brief(const plan_t *p, FILE *f) {
-    fprintf(f, "plan %s: %d stage(s) on %d node(s)", p->layout[0] ? p->layout : "?", p->n_stages, p->n);
+    fprintf(f, "plan %s%s: %d stage(s) on %d node(s)", p->layout[0] ? p->layout : "?",
+            p->tp_mode == PLAN_TP_ALLREDUCE ? " (allreduce)" : "", p->n_stages, p->n);
     if (p->cost.token_ms > 0)
         fprintf(f, ", predicted %.3g ms/token (%.0f tokens/s)", p->cost.token_ms, 1e3 / p->cost.token_ms);
     fprintf(f, "\n");
@@ -141,7 +209,10 @@ void plan_print_brief(const plan_t *p, FILE *f) {
             plan_fmt_bytes(wb, sizeof wb, s->weight_bytes);
             fprintf(f, "%s %s (", i > a ? "," : "", p->node[s->node].name);
             if (b - a > 1) fprintf(f, "heads %d-%d, ", s->s.h0, s->s.h1 - 1);
-            fprintf(f, "%s of weights)", wb);
+            fprintf(f, "%s of weights", wb);
+            if (s->st.streams)
+                fprintf(f, ", streamed: window %d, %d/%d units kept", s->st.window, s->st.pinned, s->st.n_units);
+            fprintf(f, ")");
         }
         fprintf(f, "\n");
     }

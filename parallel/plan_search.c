@@ -21,6 +21,7 @@ typedef struct {
 typedef struct {
     bool valid;
     layout_t lay;
+    plan_tp_mode_t mode;            // its tensor-parallel mode (EXACT or ALLREDUCE)
     plan_cost_t cost;
     char name[48];                  // plan_t.layout
 } cand_t;
@@ -91,64 +92,167 @@ static void probe_range(int k, int S, int n_layer, int L, int *l0, int *l1) {
     else *l0 = 1, *l1 = 1 + L;
 }
 
-// The most blocks stage k holds within its members' budgets (0: not even one).
-static int stage_cap(const plan_model_t *pm, plan_t *p, int k, const double *w) {
+// The most blocks stage k holds within its members' budgets (0: not even one), resident or streaming.
+static int stage_cap(const plan_model_t *pm, plan_t *p, int k, const double *w, bool stream) {
     const int S = p->n_stages, a = p->stage_first[k], b = p->stage_first[k + 1];
     const int maxL = S == 1 ? pm->n_layer : pm->n_layer - (S - 1);
     int l0, l1;
     probe_range(k, S, pm->n_layer, maxL, &l0, &l1);
-    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, true, NULL) == 0) return maxL;
+    const unsigned fl = PLAN_FIT_ADJUST | (stream ? PLAN_FIT_STREAM : 0); // capacity only: no balancing
+    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, fl, NULL) == 0) return maxL;
     if (S == 1) return 0;
     probe_range(k, S, pm->n_layer, 1, &l0, &l1);
-    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, true, NULL) != 0) return 0;
+    if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, fl, NULL) != 0) return 0;
     int lo = 1, hi = maxL; // lo fits, hi does not
     while (hi - lo > 1) {
         const int mid = (lo + hi) / 2;
         probe_range(k, S, pm->n_layer, mid, &l0, &l1);
-        if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, true, NULL) == 0) lo = mid;
+        if (plan_fit_stage(pm, p, a, b, l0, l1, w + a, fl, NULL) == 0) lo = mid;
         else hi = mid;
     }
     return lo;
 }
 
+static unsigned fit_flags(bool stream) { return PLAN_FIT_ADJUST | (stream ? PLAN_FIT_STREAM | PLAN_FIT_BALANCE : 0); }
+
+// Fits every stage of p with L[k] blocks; failed[k] (may be NULL) says which did not fit. True when all fit.
+static bool fit_all(const plan_model_t *pm, plan_t *p, const double *w, const int *L, bool stream, bool *failed) {
+    bool ok = true;
+    for (int k = 0, l = 0; k < p->n_stages; l += L[k], k++) {
+        const bool bad = plan_fit_stage(pm, p, p->stage_first[k], p->stage_first[k + 1], l, l + L[k],
+                                        w + p->stage_first[k], fit_flags(stream), NULL) != 0;
+        if (failed) failed[k] = bad;
+        ok &= !bad;
+    }
+    return ok;
+}
+
+// Blocks per stage (x, summing to n_layer, within cap) that give the stages equal predicted times
+// by the scaled model of their members' current slices. False when none is found.
+static bool equal_time_blocks(const plan_model_t *pm, const plan_t *p, const int *cap, double *x) {
+    const int S = p->n_stages;
+    plan_scale_t *m = malloc(sizeof *m * (size_t)p->n); // (n) each shard's model, x = its stage's blocks
+    if (!m) return false;
+    double hi = 0, sum = 0;
+    for (int k = 0; k < S; k++)
+        for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++) {
+            plan_scale_of(pm, p, p->stage_first[k], i, true, &m[i]);
+            hi = fmax(hi, p->shard[i].busy_ms);
+        }
+    // The blocks stage k takes within t ms: as many as its slowest member manages.
+    double t = hi > 0 ? hi : 1;
+    for (int pass = 0; pass < 2; pass++) { // pass 0 finds a time that reaches n_layer, pass 1 bisects
+        double lo = 0;
+        for (int it = 0; it < 40; it++) {
+            const double at = pass ? 0.5 * (lo + t) : t;
+            sum = 0;
+            for (int k = 0; k < S; k++) {
+                double xk = cap[k];
+                for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++)
+                    xk = fmin(xk, plan_scale_max(&m[i], at, cap[k]));
+                x[k] = xk;
+                sum += xk;
+            }
+            if (!pass) {
+                if (sum >= pm->n_layer) break;
+                t *= 2;
+            } else if (sum >= pm->n_layer) {
+                t = at;
+            } else {
+                lo = at;
+            }
+        }
+        if (!pass && sum < pm->n_layer) break;
+    }
+    for (int k = 0; k < S; k++) {
+        double xk = cap[k];
+        for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++) xk = fmin(xk, plan_scale_max(&m[i], t, cap[k]));
+        x[k] = fmax(xk, 1e-3);
+    }
+    free(m);
+    return sum >= pm->n_layer;
+}
+
+// A streaming layout's blocks moved toward equal stage times (disk reads included), within the
+// caps. Leaves p sized (and predicted) by the best allocation tried.
+static void rebalance_stages(const plan_model_t *pm, plan_t *p, const double *w, const int *cap, int *L) {
+    const int S = p->n_stages;
+    int best[PLAN_MAX_NODES], next[PLAN_MAX_NODES]; // (S) blocks per stage: the best so far, the next try
+    memcpy(best, L, sizeof *L * (size_t)S);
+    plan_predict(pm, p);
+    double best_t = p->cost.token_ms, x[PLAN_MAX_NODES]; // (S) equal-time blocks
+    bool moved = false;
+    for (int round = 0; round < PLAN_REBALANCE_ROUNDS && equal_time_blocks(pm, p, cap, x); round++) {
+        if (!alloc_layers(pm->n_layer, x, cap, S, next) || !memcmp(next, L, sizeof *L * (size_t)S)) break;
+        memcpy(L, next, sizeof *L * (size_t)S);
+        moved = true;
+        if (!fit_all(pm, p, w, L, true, NULL)) break;
+        plan_predict(pm, p);
+        if (!(p->cost.token_ms < best_t * (1 - 1e-6))) break;
+        best_t = p->cost.token_ms;
+        memcpy(best, L, sizeof *L * (size_t)S);
+        moved = false;
+    }
+    if (moved) {
+        memcpy(L, best, sizeof *L * (size_t)S);
+        fit_all(pm, p, w, L, true, NULL);
+    }
+}
+
 // Sizes the layout in p (stages and members set): blocks per stage by throughput within budgets,
-// then each stage's split. 0 or MLM_EFULL (sh filled).
-static int size_stages(const plan_model_t *pm, plan_t *p, const double *w, plan_short_t *sh) {
+// then each stage's split, resident or (stream) streaming. 0 or MLM_EFULL (sh filled).
+static int size_stages_as(const plan_model_t *pm, plan_t *p, const double *w, bool budgets, bool stream,
+                          plan_short_t *sh) {
+    const bool account = stream || p->resident_only; // the resident pass's shortfall matters without streaming
     const int S = p->n_stages, nl = pm->n_layer;
     double W[PLAN_MAX_NODES] = {0};
     int cap[PLAN_MAX_NODES] = {0}, L[PLAN_MAX_NODES] = {0};
-    bool budgets = false;
-    for (int i = 0; i < p->n; i++) budgets |= p->node[p->shard[i].node].mem_budget > 0;
     for (int k = 0; k < S; k++) {
         W[k] = 0;
         for (int i = p->stage_first[k]; i < p->stage_first[k + 1]; i++) W[k] += w[i];
-        cap[k] = budgets ? stage_cap(pm, p, k, w) : nl;
+        cap[k] = budgets ? stage_cap(pm, p, k, w, stream) : nl;
     }
+    int capped[PLAN_MAX_NODES]; // (S) caps lowered by stages that did not fit
+    memcpy(capped, cap, sizeof cap);
     for (int round = 0; round <= nl * S; round++) {
-        if (!alloc_layers(nl, W, cap, S, L)) break;
-        bool ok = true;
-        for (int k = 0, l = 0; k < S; l += L[k], k++)
-            if (plan_fit_stage(pm, p, p->stage_first[k], p->stage_first[k + 1], l, l + L[k], w + p->stage_first[k],
-                               true, NULL) != 0) {
-                cap[k] = L[k] - 1;
-                ok = false;
-            }
-        if (ok) return 0;
+        if (!alloc_layers(nl, W, capped, S, L)) break;
+        bool failed[PLAN_MAX_NODES]; // (S) which stages did not fit
+        if (fit_all(pm, p, w, L, stream, failed)) {
+            bool streams = false;
+            for (int i = 0; i < p->n; i++) streams |= p->shard[i].st.streams;
+            if (streams && S > 1) rebalance_stages(pm, p, w, capped, L);
+            return 0;
+        }
+        for (int k = 0; k < S; k++)
+            if (failed[k]) capped[k] = L[k] - 1;
     }
+    if (!account) return MLM_EFULL;
     // Does not fit: what the proportional layout would miss.
     for (int k = 0; k < S; k++) cap[k] = nl;
     if (!alloc_layers(nl, W, cap, S, L))
         for (int k = 0; k < S; k++) L[k] = k < nl % S ? nl / S + 1 : nl / S;
     for (int k = 0, l = 0; k < S; l += L[k], k++) {
-        plan_fit_stage(pm, p, p->stage_first[k], p->stage_first[k + 1], l, l + L[k], w + p->stage_first[k], true,
-                       NULL);
+        plan_fit_stage(pm, p, p->stage_first[k], p->stage_first[k + 1], l, l + L[k], w + p->stage_first[k],
+                       PLAN_FIT_ADJUST | (stream ? PLAN_FIT_STREAM : 0), NULL);
         plan_short_add(sh, p, p->stage_first[k], p->stage_first[k + 1]);
     }
     return MLM_EFULL;
 }
 
-// Builds and predicts layout lay into p. 0, MLM_EFULL (sh filled) or MLM_EINVAL.
-static int build(search_t *s, const layout_t *lay, plan_t *p, plan_short_t *sh) {
+// Sizes p resident when it can, else (unless resident_only) streaming. 0 or MLM_EFULL (sh filled
+// by the last attempt).
+static int size_stages(const plan_model_t *pm, plan_t *p, const double *w, plan_short_t *sh) {
+    bool budgets = false;
+    for (int i = 0; i < p->n; i++) budgets |= p->node[p->shard[i].node].mem_budget > 0;
+    int rc = size_stages_as(pm, p, w, budgets, false, sh);
+    if (rc != MLM_EFULL || p->resident_only) return rc;
+    *sh = (plan_short_t){.worst_node = -1};
+    return size_stages_as(pm, p, w, budgets, true, sh);
+}
+
+// Builds and predicts layout lay in tensor-parallel mode `mode` into p. 0, MLM_EFULL (sh filled)
+// or MLM_EINVAL.
+static int build(search_t *s, const layout_t *lay, plan_tp_mode_t mode, plan_t *p, plan_short_t *sh) {
     const plan_model_t *pm = s->pm;
     const int S = lay->n_stages, m = lay->m;
     if (S < 1 || S > pm->n_layer || m < S) return MLM_EINVAL;
@@ -159,6 +263,8 @@ static int build(search_t *s, const layout_t *lay, plan_t *p, plan_short_t *sh) 
     p->ubatch = s->o.ubatch;
     p->n_prompt = s->o.n_prompt;
     p->coord_apart = s->o.coord_apart;
+    p->tp_mode = mode;
+    p->resident_only = s->o.no_stream;
     memset(&p->cost, 0, sizeof p->cost);
     p->why[0] = 0;
     memcpy(p->node, s->nodes, sizeof *s->nodes * (size_t)s->n);
@@ -187,6 +293,7 @@ static bool better(const cand_t *a, const cand_t *b) {
     const double tol = 1e-9 * fmax(a->cost.token_ms, b->cost.token_ms) + 1e-12;
     if (a->cost.token_ms < b->cost.token_ms - tol) return true;
     if (a->cost.token_ms > b->cost.token_ms + tol) return false;
+    if (a->mode != b->mode) return a->mode == PLAN_TP_EXACT; // bit-exact on ties
     if (a->lay.m != b->lay.m) return a->lay.m < b->lay.m;
     if (a->lay.n_stages != b->lay.n_stages) return a->lay.n_stages < b->lay.n_stages;
     for (int i = 0; i < a->lay.m; i++) // then the earlier offered nodes
@@ -196,13 +303,20 @@ static bool better(const cand_t *a, const cand_t *b) {
     return false;
 }
 
-// Builds and predicts a layout into *c (valid false when it does not fit), remembering the
-// failure that missed least.
-static void evaluate(search_t *s, const layout_t *lay, cand_t *c) {
+static bool has_group(const layout_t *lay) {
+    for (int k = 0; k < lay->n_stages; k++)
+        if (lay->first[k + 1] - lay->first[k] > 1) return true;
+    return false;
+}
+
+// Builds and predicts a layout in one mode into *c (valid false when it does not fit),
+// remembering the failure that missed least.
+static void evaluate_as(search_t *s, const layout_t *lay, plan_tp_mode_t mode, cand_t *c) {
     s->evals++;
     c->valid = false;
+    c->mode = mode;
     plan_short_t sh = {.worst_node = -1};
-    const int rc = build(s, lay, s->scratch, &sh);
+    const int rc = build(s, lay, mode, s->scratch, &sh);
     if (rc == MLM_EFULL) {
         const double miss = sh.need > sh.have ? (double)(sh.need - sh.have) : (double)sh.worst_short;
         if (s->closest_miss < 0 || miss < s->closest_miss) {
@@ -218,6 +332,20 @@ static void evaluate(search_t *s, const layout_t *lay, cand_t *c) {
     c->lay = *lay;
     c->cost = s->scratch->cost;
     snprintf(c->name, sizeof c->name, "%s", s->scratch->layout);
+}
+
+// The layout in the asked mode, or with AUTO in the faster of the two (a layout without a
+// tensor-parallel group is the same in both: exact).
+static void evaluate(search_t *s, const layout_t *lay, cand_t *c) {
+    const plan_tp_mode_t asked = s->o.tp_mode;
+    if (asked != PLAN_TP_AUTO || !has_group(lay)) {
+        evaluate_as(s, lay, asked == PLAN_TP_ALLREDUCE && has_group(lay) ? PLAN_TP_ALLREDUCE : PLAN_TP_EXACT, c);
+        return;
+    }
+    cand_t ar;
+    evaluate_as(s, lay, PLAN_TP_EXACT, c);
+    evaluate_as(s, lay, PLAN_TP_ALLREDUCE, &ar);
+    if (better(&ar, c)) *c = ar;
 }
 
 // Evaluates a layout and keeps it if it is the best so far, or the best of its layout name.
@@ -571,8 +699,35 @@ static void why_alt(const plan_t *best, plan_t *p) {
         snprintf(p->why, sizeof p->why, "%.2fx the chosen plan's time: more exchange (comm %.1f vs %.1f ms)", ratio,
                  p->cost.comm_ms, best->cost.comm_ms);
     else
-        snprintf(p->why, sizeof p->why, "%.2fx the chosen plan's time: slower compute or memory (%.1f vs %.1f ms)",
-                 ratio, aw, bw);
+        snprintf(p->why, sizeof p->why,
+                 "%.2fx the chosen plan's time: slower compute, memory or disk (%.1f vs %.1f ms)", ratio, aw, bw);
+}
+
+// Sets p's cost.exact_ms and cost.allreduce_ms: its own token time, and that of its layout built
+// in the other mode as the search builds layouts (0 when that does not fit).
+static void both_modes(search_t *s, const layout_t *lay, plan_t *p) {
+    if (!has_group(lay)) {
+        p->cost.exact_ms = p->cost.allreduce_ms = p->cost.token_ms;
+        return;
+    }
+    const plan_tp_mode_t other = p->tp_mode == PLAN_TP_ALLREDUCE ? PLAN_TP_EXACT : PLAN_TP_ALLREDUCE;
+    plan_short_t sh = {.worst_node = -1};
+    const double t = build(s, lay, other, s->scratch, &sh) == 0 ? s->scratch->cost.token_ms : 0;
+    p->cost.exact_ms = other == PLAN_TP_EXACT ? t : p->cost.token_ms;
+    p->cost.allreduce_ms = other == PLAN_TP_ALLREDUCE ? t : p->cost.token_ms;
+}
+
+// Appends to the chosen plan's why line which tensor-parallel mode it runs in when AUTO chose it.
+static void why_mode(const plan_opts_t *o, plan_t *p) {
+    if (o->tp_mode != PLAN_TP_AUTO || p->cost.exact_ms <= 0 || p->cost.allreduce_ms <= 0) return;
+    if (p->cost.exact_ms == p->cost.allreduce_ms) return; // no tensor-parallel group
+    const size_t at = strlen(p->why);
+    char a[24], b[24];
+    fmt_ms(a, sizeof a, p->cost.exact_ms);
+    fmt_ms(b, sizeof b, p->cost.allreduce_ms);
+    if (at + 8 < sizeof p->why)
+        snprintf(p->why + at, sizeof p->why - at, "; --tp-mode auto: %s (exact %s, allreduce %s ms/token)",
+                 plan_tp_mode_name(p->tp_mode), a, b);
 }
 
 // --- public API
@@ -587,6 +742,8 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
     if (o.pp < 0 || o.tp < 0 || o.pp > pm->n_layer || (o.pp ? o.pp : 1) * (o.tp ? o.tp : 1) > n)
         return mlm_fail(err, errlen, MLM_EINVAL, "cannot make %d stage(s) of %d node(s) from %d nodes and %d layers",
                         o.pp ? o.pp : 1, o.tp ? o.tp : 1, n, pm->n_layer);
+    if (o.tp_mode != PLAN_TP_EXACT && o.tp_mode != PLAN_TP_ALLREDUCE && o.tp_mode != PLAN_TP_AUTO)
+        return mlm_fail(err, errlen, MLM_EINVAL, "unknown tensor-parallel mode %d", (int)o.tp_mode);
     if (o.keep_all && ((o.tp && n % o.tp) || (o.pp && o.tp && o.pp * o.tp != n)))
         return mlm_fail(err, errlen, MLM_EINVAL, "--keep-all uses all %d nodes, which do not make stages of %d", n,
                         o.tp);
@@ -621,8 +778,10 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
         }
     } else {
         plan_short_t sh = {.worst_node = -1};
-        build(s, &s->best.lay, best, &sh);
+        build(s, &s->best.lay, s->best.mode, best, &sh);
         why_best(s, best);
+        both_modes(s, &s->best.lay, best);
+        why_mode(&o, best);
         // Alternatives: the best plan of every other layout name, best first.
         int got = 0;
         bool used[MAX_KEPT] = {0};
@@ -633,7 +792,8 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
                     pick = k;
             if (pick < 0) break;
             used[pick] = true;
-            if (build(s, &s->kept[pick].lay, &alts[got], &sh) != 0) continue;
+            if (build(s, &s->kept[pick].lay, s->kept[pick].mode, &alts[got], &sh) != 0) continue;
+            both_modes(s, &s->kept[pick].lay, &alts[got]);
             why_alt(best, &alts[got]);
             got++;
         }

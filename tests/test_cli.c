@@ -117,7 +117,7 @@ static void test_plan_refusals(void) {
     snprintf(out_missing, sizeof out_missing, "%s/no/dir/out.plan", dir);
     const char *const cases[][12] = {
         {"meshlm", "plan", "--preset", "llama-2-70b", "--nodes", "1:1G", NULL},          // does not fit
-        {"meshlm", "plan", "--preset", "llama-2-70b", "--nodes", "1:1G,1:1G", "--explain", NULL},
+        {"meshlm", "plan", "--preset", "llama-2-70b", "--nodes", "1:512M,1:512M", "--explain", NULL}, // even streaming
         {"meshlm", "plan", "--preset", "tiny", "--nodes", "3", "--tp", "2", "--keep-all", NULL},
         {"meshlm", "plan", "--preset", "tiny", "--nodes", "2", "--pp", "3", NULL},
         {"meshlm", "plan", "--preset", "no-such-model", "--nodes", "2", NULL},

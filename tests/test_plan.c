@@ -134,10 +134,14 @@ static void test_parse(void) {
 
 // NULL when p is a well-formed plan of pm over its offered nodes (stages tile the blocks in order,
 // each stage's rows tile every unit, vocabulary rows only on the first and last stage, every node
-// at most once and within its budget); otherwise what is wrong.
+// at most once and within its budget, resident or streaming by plan_window's rule; in all-reduce
+// mode every member holds every hidden row and its column cuts fall on quant blocks); otherwise
+// what is wrong.
 static const char *plan_problem(const plan_model_t *pm, const plan_t *p) {
     static char why[160];
     if (p->n < 1 || p->n_stages < 1 || p->stage_first[0] != 0 || p->stage_first[p->n_stages] != p->n) return "stage bounds";
+    if (p->tp_mode != PLAN_TP_EXACT && p->tp_mode != PLAN_TP_ALLREDUCE) return "tp mode";
+    const bool ar = p->tp_mode == PLAN_TP_ALLREDUCE;
     bool used[PLAN_MAX_NODES] = {0};
     int at = 0;
     for (int k = 0; k < p->n_stages; k++) {
@@ -154,7 +158,11 @@ static const char *plan_problem(const plan_model_t *pm, const plan_t *p) {
             if (s->stage != k) return "stage field";
             if (s->node < 0 || s->node >= p->n_nodes || used[s->node]) return "node used twice or not offered";
             used[s->node] = true;
-            if (s->s.h0 != h || s->s.e0 != e || s->s.f0 != f || s->s.v0 != v) return "rows do not tile";
+            if (s->s.h0 != h || s->s.f0 != f || s->s.v0 != v) return "rows do not tile";
+            if (ar ? s->s.e0 != 0 || s->s.e1 != pm->n_embd : s->s.e0 != e) return "hidden rows";
+            if (ar && b - a > 1 && ((s->s.h0 * pm->head_dim) % pm->col_block[PLAN_W_O] ||
+                                    s->s.f0 % pm->col_block[PLAN_W_DOWN]))
+                return "an all-reduce column cut inside a quant block";
             h = s->s.h1, e = s->s.e1, f = s->s.f1, v = s->s.v1;
             const int group = pm->n_head / pm->n_head_kv;
             if (s->s.h1 > s->s.h0 && (s->s.kv0 != s->s.h0 / group || s->s.kv1 != (s->s.h1 - 1) / group + 1))
@@ -165,13 +173,29 @@ static const char *plan_problem(const plan_model_t *pm, const plan_t *p) {
                          (unsigned long long)s->peak_bytes, (unsigned long long)bud);
                 return why;
             }
-            if (s->peak_bytes < s->weight_bytes + s->kv_bytes) return "peak below weights + KV";
+            // The shard's window is what plan_window gives for its slice and budget.
+            plan_stream_t st;
+            if (plan_window(pm, &s->s, p->tp_mode, p->n_ctx, p->resident_only ? 0 : bud, &st) != 0) return "plan_window refuses it";
+            if (memcmp(&st, &s->st, sizeof st) != 0) return "window differs from plan_window's";
+            if (s->peak_bytes != s->st.peak_bytes) return "peak is not the window's";
+            if (!s->st.streams) {
+                if (s->peak_bytes < s->weight_bytes + s->kv_bytes) return "peak below weights + KV";
+                if (s->disk_ms != 0) return "disk time without streaming";
+            } else {
+                if (!bud) return "streams without a budget";
+                if (s->st.window < 1 && s->st.pinned < s->st.n_units) return "units stream without a window";
+                if (s->st.peak_bytes != s->st.resident_bytes + (uint64_t)s->st.window * s->st.unit_bytes)
+                    return "peak is not resident + window";
+                if (s->st.stream_bytes > 0 && !(s->disk_ms > 0)) return "streams without disk time";
+                if (s->st.min_budget > bud) return "budget below the minimum";
+            }
         }
         if (h != pm->n_head || e != pm->n_embd || f != pm->n_ff) return "a stage's rows do not cover the units";
         if (v != (vocab ? pm->n_vocab : 0)) return "vocabulary rows on the wrong stages";
     }
     if (at != pm->n_layer) return "layers do not reach n_layer";
     if (!(p->cost.token_ms > 0) || !(p->cost.prefill_tok_s > 0)) return "no cost";
+    if (p->cost.disk_ms < 0 || (p->cost.token_ms < p->cost.comm_ms)) return "cost parts";
     return NULL;
 }
 
@@ -288,14 +312,22 @@ static void test_budgets_and_refusal(void) {
     CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 3, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
     ASSERT_PLAN(pm, p);
     CU_ASSERT_EQUAL(p->n, 3); // every node is needed for the memory
-    // 3 GiB cannot hold it: refused, naming how much is missing and where.
+    // 3 GiB cannot hold it resident: without streaming refused, naming how much is missing and where.
     CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:1G,1:1G,1:1G", nodes, 4, err, sizeof err), 3);
+    o.no_stream = true;
     CU_ASSERT_EQUAL(plan_make(pm, nodes, 3, &o, p, alts, 4, &n_alts, err, sizeof err), MLM_EFULL);
     CU_ASSERT(strstr(err, "does not fit") != NULL);
     CU_ASSERT(strstr(err, "missing") != NULL);
     CU_ASSERT(strstr(err, "short") != NULL);
     CU_ASSERT(strstr(err, "GiB") != NULL);
     CU_ASSERT_EQUAL(n_alts, 0);
+    // Streaming, it runs on them: every node holds a window of its blocks within its budget.
+    o.no_stream = false;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 3, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    CU_ASSERT_STRING_EQUAL(p->layout, "tp3");
+    for (int i = 0; i < p->n; i++) CU_ASSERT(p->shard[i].st.streams && p->shard[i].peak_bytes <= 1u << 30);
+    CU_ASSERT(p->cost.disk_ms > 0);
     free(p);
     free(alts);
     free(pm);
@@ -589,14 +621,19 @@ static void test_plan_file_errors(void) {
         {"stage layers=0-10 nodes=0\n", 0, MLM_EINVAL, "line 1: the stages cover layers 0-10 but the model has 0-31"},
         {"stage layers=0-40 nodes=0\n", 0, MLM_EINVAL, "line 1: layers 0-40 run past"},
         {"stage layers=0-31 nodes=0:1,1\n", 0, MLM_EINVAL, "line 1: give a :weight to every node"},
+        {"tp mode=fast\nstage layers=0-31 nodes=0\n", MLM_EFORMAT, 0, "line 1: unknown mode 'fast'"},
+        {"tp\nstage layers=0-31 nodes=0\n", MLM_EFORMAT, 0, "line 1: 'tp' needs mode="},
+        {"tp mode=exact mode=allreduce\n", MLM_EFORMAT, 0, "line 1: expected 'tp mode=exact|allreduce'"},
+        {"tp mode=exact\n# c\ntp mode=allreduce\n", MLM_EFORMAT, 0, "line 3: a second 'tp' line"},
+        {"# meshlm plan v3\nstage layers=0-31 nodes=0\n", MLM_EUNSUPPORTED, 0, "plan file version 3 is newer"},
         {"stage layers=0-15 nodes=0\nstage layers=16-31 nodes=1:1,2:9\n", 0, MLM_EFULL,
-         "line 2: node 2 (node-2) needs"},
+         "line 2: node 2 (node-2) needs at least "},
     };
     plan_model_t *pm = preset("llama-2-7b", "Q4_0");
     CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
     plan_node_t nodes[4];
     char err[512];
-    plan_parse_nodes("1,1:3G,1:1G", nodes, 4, err, sizeof err);
+    plan_parse_nodes("1,1:3G,1:200M", nodes, 4, err, sizeof err); // node 2: too small even to stream 9/10 of a stage
     plan_spec_t *spec = malloc(sizeof *spec);
     plan_t *p = malloc(sizeof *p);
     for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
@@ -675,15 +712,24 @@ static void test_70b_on_small_nodes(void) {
     ASSERT_PLAN(pm, p);
     CU_ASSERT_EQUAL(p->n, 4); // 42 GiB offered for about 38 needed: every node must hold a part
     for (int i = 0; i < n_alts; i++) ASSERT_PLAN(pm, &alts[i]);
-    // 8G/8G/4G/2G is 22 GiB: refused with the missing amount.
+    for (int i = 0; i < p->n; i++) CU_ASSERT(!p->shard[i].st.streams); // it fits resident: nothing streams
+    CU_ASSERT_EQUAL(p->cost.disk_ms, 0);
+    // 8G/8G/4G/2G is 22 GiB: resident only, refused with the missing amount; streaming, a plan.
     CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("2:8G,1.5:8G,1:4G,0.5:2G", nodes, 4, err, sizeof err), 4);
+    o.no_stream = true;
     CU_ASSERT_EQUAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), MLM_EFULL);
     CU_ASSERT(strstr(err, "GiB missing") != NULL);
-    // At 2.6 bits per weight (Q2_K) and 1024 positions it fits in the same 22 GiB.
+    o.no_stream = false;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    for (int i = 0; i < n_alts; i++) ASSERT_PLAN(pm, &alts[i]);
+    CU_ASSERT(p->cost.disk_ms > 0);
+    // At 2.6 bits per weight (Q2_K) and 1024 positions it fits in the same 22 GiB resident.
     free(pm);
     pm = preset("llama-2-70b", "Q2_K");
     CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
     o.n_ctx = 512;
+    o.no_stream = true;
     int rc = plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err);
     if (rc) fprintf(stderr, "70b Q2_K: %s\n", err);
     CU_ASSERT_EQUAL(rc, 0);
@@ -699,7 +745,7 @@ static void test_random_node_sets(void) {
     plan_t *p = malloc(sizeof *p), *alts = malloc(sizeof *alts * 3);
     plan_spec_t *spec = malloc(sizeof *spec);
     uint64_t rng = 12345;
-    int ok = 0, full = 0;
+    int ok = 0, full = 0, streamed = 0, allreduce = 0; // plans in which a node streams; all-reduce plans
     for (int it = 0; it < 100; it++) {
         plan_model_t *pm = preset(presets[test_rng_next(&rng) % 5], quants[test_rng_next(&rng) % 4]);
         CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
@@ -712,12 +758,16 @@ static void test_random_node_sets(void) {
             nodes[i].speed = 0.25 * (double)(1 + test_rng_next(&rng) % 8);
             if (test_rng_next(&rng) % 2) nodes[i].gflops = 5 + (double)(test_rng_next(&rng) % 100);
             if (test_rng_next(&rng) % 2) nodes[i].mem_bw = 5e9 + (double)(test_rng_next(&rng) % 50) * 1e9;
-            if (test_rng_next(&rng) % 3) {
-                nodes[i].mem_budget = (uint64_t)((double)pm->weight_bytes * (0.1 + (double)(test_rng_next(&rng) % 100) / 100));
+            if (test_rng_next(&rng) % 3 || it % 4 == 3) {
+                const double frac = it % 4 == 3 ? 0.02 + (double)(test_rng_next(&rng) % 100) / 500 // small: streams
+                                                 : 0.1 + (double)(test_rng_next(&rng) % 100) / 100;
+                nodes[i].mem_budget = (uint64_t)((double)pm->weight_bytes * frac);
                 total += (double)nodes[i].mem_budget;
             }
             if (test_rng_next(&rng) % 2) nodes[i].lat_us = 20 + (double)(test_rng_next(&rng) % 20000);
             if (test_rng_next(&rng) % 2) nodes[i].link_bw = 1e6 + (double)(test_rng_next(&rng) % 1000) * 1e6;
+            if (test_rng_next(&rng) % 2) nodes[i].disk_bw = 50e6 + (double)(test_rng_next(&rng) % 3000) * 1e6;
+            if (test_rng_next(&rng) % 3 == 0) nodes[i].disk_id = 1 + (int)(test_rng_next(&rng) % 3);
         }
         plan_opts_t o = {.n_ctx = 64 << (test_rng_next(&rng) % 6)};
         const unsigned r = (unsigned)(test_rng_next(&rng) % 8);
@@ -726,6 +776,8 @@ static void test_random_node_sets(void) {
         if (r == 4) o.pp = 1 + (int)(test_rng_next(&rng) % (unsigned)n);
         if (r == 5) o.tp = 1 + (int)(test_rng_next(&rng) % (unsigned)n);
         o.heuristic = r == 6;
+        o.tp_mode = (plan_tp_mode_t)(test_rng_next(&rng) % 3);
+        o.no_stream = test_rng_next(&rng) % 5 == 0;
         char err[512] = "";
         int n_alts = 0;
         const int rc = plan_make(pm, nodes, n, &o, p, alts, 3, &n_alts, err, sizeof err);
@@ -735,6 +787,15 @@ static void test_random_node_sets(void) {
             if (o.pin_first) CU_ASSERT_EQUAL(p->shard[0].node, 0);
             if (o.keep_all) CU_ASSERT_EQUAL(p->n, n);
             if (o.pp) CU_ASSERT_EQUAL(p->n_stages, o.pp);
+            for (int i = 0; o.no_stream && i < p->n; i++) CU_ASSERT(!p->shard[i].st.streams);
+            bool any = false;
+            for (int i = 0; i < p->n; i++) any |= p->shard[i].st.streams;
+            streamed += any;
+            allreduce += p->tp_mode == PLAN_TP_ALLREDUCE;
+            CU_ASSERT(p->cost.exact_ms > 0 || p->cost.allreduce_ms > 0);
+            if (o.tp_mode == PLAN_TP_AUTO && p->cost.exact_ms > 0 && p->cost.allreduce_ms > 0)
+                CU_ASSERT(p->cost.token_ms <= fmin(p->cost.exact_ms, p->cost.allreduce_ms) * (1 + 1e-9));
+            if (o.tp_mode != PLAN_TP_AUTO && p->tp_mode == PLAN_TP_ALLREDUCE) CU_ASSERT_EQUAL(o.tp_mode, PLAN_TP_ALLREDUCE);
             for (int i = 0; i < n_alts; i++) {
                 ASSERT_PLAN(pm, &alts[i]);
                 CU_ASSERT(p->cost.token_ms <= alts[i].cost.token_ms * (1 + 1e-9));
@@ -745,6 +806,7 @@ static void test_random_node_sets(void) {
             CU_ASSERT_EQUAL(plan_file_parse(text, spec, err, sizeof err), 0);
             plan_t *q = &alts[0];
             CU_ASSERT_EQUAL(plan_from_spec(pm, nodes, n, spec, o.n_ctx, q, err, sizeof err), 0);
+            CU_ASSERT_EQUAL(q->tp_mode, p->tp_mode);
             for (int i = 0; i < p->n; i++) CU_ASSERT(memcmp(&q->shard[i].s, &p->shard[i].s, sizeof q->shard[i].s) == 0);
             free(text);
         } else {
@@ -756,6 +818,8 @@ static void test_random_node_sets(void) {
         free(pm);
     }
     CU_ASSERT(ok > 50);
+    if (streamed < 10 || allreduce < 5) fprintf(stderr, "random plans: %d stream, %d all-reduce\n", streamed, allreduce);
+    CU_ASSERT(streamed >= 10 && allreduce >= 5);
     free(spec);
     free(p);
     free(alts);
@@ -809,6 +873,410 @@ static void test_heuristic_close_to_exhaustive(void) {
     free(pm);
 }
 
+// --- tests: weight streaming
+
+// A 4-way exact share of llama-2-70b: nodes' quarter of every block, first and last stage.
+static shard_slice_t quarter_70b(void) {
+    shard_slice_t s = shard_full(80, 64, 8, 8192, 28672, 32000);
+    s.h1 = 16, s.kv1 = 2, s.e1 = 2048, s.f1 = 7168, s.v1 = 8000;
+    return s;
+}
+
+static void test_window_rule(void) {
+    plan_model_t *pm = preset("llama-2-70b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    const shard_slice_t s = quarter_70b();
+    plan_stream_t st, st2;
+    // One block of the share by hand: Q4_0 rows of 8192 are 4608 bytes, of 28672 16128 bytes.
+    const uint64_t block = 2048ull * 4608 + 2 * 256ull * 4608 + 2048ull * 4608 + 2 * 7168ull * 4608 +
+                           2048ull * 16128 + 2 * 4 * 8192;
+    const uint64_t out_rows = 8000ull * 4608, embd_rows = 8000ull * 4608;
+    const uint64_t kv = 80ull * 4096 * 256 * 2 * 2; // 2 KV heads of 128, K and V in F16
+    // No budget: everything resident, as before streaming.
+    CU_ASSERT_EQUAL_FATAL(plan_window(pm, &s, PLAN_TP_EXACT, 4096, 0, &st), 0);
+    CU_ASSERT(!st.streams);
+    CU_ASSERT_EQUAL(st.n_units, 81);
+    CU_ASSERT_EQUAL(st.pinned, 81);
+    CU_ASSERT_EQUAL(st.window, 0);
+    CU_ASSERT_EQUAL(st.stream_bytes, 0);
+    CU_ASSERT_EQUAL(st.unit_bytes, block);
+    CU_ASSERT_EQUAL(st.pinned_bytes, 80 * block + out_rows);
+    const uint64_t fixed = st.fixed_bytes;
+    CU_ASSERT(fixed > kv && fixed < kv + (64ull << 20)); // KV + activations + output norm
+    CU_ASSERT_EQUAL(st.peak_bytes, fixed + 80 * block + out_rows + embd_rows);
+    CU_ASSERT_EQUAL(st.min_budget, fixed + block);
+    const uint64_t resident = st.peak_bytes;
+    // A budget that holds it: the same.
+    CU_ASSERT_EQUAL(plan_window(pm, &s, PLAN_TP_EXACT, 4096, resident, &st2), 0);
+    CU_ASSERT(!st2.streams);
+    CU_ASSERT_EQUAL(st2.peak_bytes, resident);
+    // 2 GiB: two buffers, the first blocks kept, the rest read every token.
+    const uint64_t two = 2ull << 30;
+    CU_ASSERT_EQUAL_FATAL(plan_window(pm, &s, PLAN_TP_EXACT, 4096, two, &st), 0);
+    CU_ASSERT(st.streams);
+    CU_ASSERT_EQUAL(st.window, 2);
+    CU_ASSERT_EQUAL(st.pinned, (int)((two - fixed - 2 * block) / block));
+    CU_ASSERT_EQUAL(st.pinned_bytes, (uint64_t)st.pinned * block);
+    CU_ASSERT_EQUAL(st.resident_bytes, fixed + st.pinned_bytes);
+    CU_ASSERT_EQUAL(st.peak_bytes, fixed + st.pinned_bytes + 2 * block);
+    CU_ASSERT(st.peak_bytes <= two && st.peak_bytes + block > two);
+    // Streamed: the other blocks, the output rows and a quarter of a token's embedding row on average.
+    CU_ASSERT_EQUAL(st.stream_bytes, (uint64_t)(80 - st.pinned) * block + out_rows + 4608 / 4);
+    // At the minimum: one buffer, nothing kept; a byte less is refused with the minimum named.
+    CU_ASSERT_EQUAL(plan_window(pm, &s, PLAN_TP_EXACT, 4096, st.min_budget, &st2), 0);
+    CU_ASSERT(st2.streams);
+    CU_ASSERT_EQUAL(st2.window, 1);
+    CU_ASSERT_EQUAL(st2.pinned, 0);
+    CU_ASSERT_EQUAL(st2.peak_bytes, st.min_budget);
+    CU_ASSERT_EQUAL(plan_window(pm, &s, PLAN_TP_EXACT, 4096, st.min_budget - 1, &st2), MLM_ERANGE);
+    CU_ASSERT_EQUAL(st2.min_budget, st.min_budget);
+    // More budget keeps more and reads less, and the peak stays within the budget.
+    uint64_t last_stream = UINT64_MAX;
+    int last_pinned = -1;
+    for (uint64_t bud = st.min_budget; bud < resident; bud += 97ull << 20) {
+        CU_ASSERT_EQUAL_FATAL(plan_window(pm, &s, PLAN_TP_EXACT, 4096, bud, &st2), 0);
+        CU_ASSERT(st2.peak_bytes <= bud);
+        CU_ASSERT(st2.pinned >= last_pinned && st2.stream_bytes <= last_stream);
+        const int left = st2.n_units - st2.pinned, w = bud >= fixed + 2 * block ? 2 : 1; // at most the units left
+        CU_ASSERT_EQUAL(st2.window, left < w ? left : w);
+        last_pinned = st2.pinned, last_stream = st2.stream_bytes;
+    }
+    // Every block except the embedding rows fits: everything kept, only the token's row is read.
+    CU_ASSERT_EQUAL(plan_window(pm, &s, PLAN_TP_EXACT, 4096, resident - 1, &st2), 0);
+    CU_ASSERT(st2.streams);
+    CU_ASSERT_EQUAL(st2.pinned, 81);
+    CU_ASSERT_EQUAL(st2.window, 0);
+    CU_ASSERT_EQUAL(st2.stream_bytes, 4608 / 4);
+    // The all-reduce cut of the same quarter (columns of attn_output and ffn_down) weighs the same.
+    shard_slice_t c = s;
+    c.e0 = 0, c.e1 = 8192;
+    CU_ASSERT_EQUAL(plan_window(pm, &c, PLAN_TP_ALLREDUCE, 4096, two, &st2), 0);
+    CU_ASSERT_EQUAL(st2.unit_bytes, block);
+    CU_ASSERT_EQUAL(st2.pinned, st.pinned);
+    // Slices outside the model and unknown modes are refused.
+    c.f1 = 30000;
+    CU_ASSERT_EQUAL(plan_window(pm, &c, PLAN_TP_EXACT, 4096, two, &st2), MLM_EINVAL);
+    CU_ASSERT_EQUAL(plan_window(pm, &s, PLAN_TP_AUTO, 4096, two, &st2), MLM_EINVAL);
+    free(pm);
+}
+
+// Prints a plan's --explain and JSON into strings (caller frees).
+static void reports(const plan_model_t *pm, const plan_t *p, const plan_t *alts, int n_alts, char **explain,
+                    char **json) {
+    size_t len = 0;
+    FILE *f = open_memstream(explain, &len);
+    plan_explain(f, pm, p, alts, n_alts);
+    fclose(f);
+    f = open_memstream(json, &len);
+    plan_write_json(f, pm, p, alts, n_alts);
+    fclose(f);
+}
+
+static void test_70b_streams_on_2g_nodes(void) {
+    plan_model_t *pm = preset("llama-2-70b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[4];
+    char err[512];
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:2G,1:2G,1:2G,1:2G", nodes, 4, err, sizeof err), 4);
+    plan_t *p = malloc(sizeof *p), *alts = malloc(sizeof *alts * 4);
+    plan_opts_t o = {.n_ctx = 4096};
+    int n_alts = 0;
+    const int rc = plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err);
+    if (rc) fprintf(stderr, "70b on 4 x 2G: %s\n", err);
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    ASSERT_PLAN(pm, p);
+    for (int i = 0; i < n_alts; i++) ASSERT_PLAN(pm, &alts[i]);
+    // Tensor parallelism: every node streams only its quarter.
+    CU_ASSERT_STRING_EQUAL(p->layout, "tp4");
+    CU_ASSERT_EQUAL(p->tp_mode, PLAN_TP_EXACT);
+    const double disk_bw = PLAN_DEFAULT_DISK_BW * PLAN_DISK_EFFICIENCY;
+    for (int i = 0; i < 4; i++) {
+        const plan_shard_t *s = &p->shard[i];
+        CU_ASSERT(s->st.streams);
+        CU_ASSERT_EQUAL(s->st.window, 2);
+        CU_ASSERT(s->st.pinned > 0 && s->st.pinned < s->st.n_units);
+        CU_ASSERT(s->peak_bytes <= 2ull << 30);
+        CU_ASSERT_DOUBLE_EQUAL(s->disk_ms, (double)s->st.stream_bytes / disk_bw * 1e3, 1e-6);
+        CU_ASSERT(s->weight_bytes > 9ull << 30 && s->weight_bytes < 10ull << 30);
+    }
+    // Disk-bound: the time per token is the reads plus the last unit's compute and exchanges.
+    const double d = p->shard[0].disk_ms;
+    CU_ASSERT(d > 9000 && d < 10000); // about 8.2 GB at 855 MB/s
+    CU_ASSERT(p->cost.token_ms >= d);
+    CU_ASSERT(p->cost.token_ms <= d + (p->cost.compute_ms + p->cost.comm_ms) / 40 + p->cost.comm_ms);
+    CU_ASSERT_DOUBLE_EQUAL(p->cost.disk_ms, d, 1e-9);
+    CU_ASSERT(p->cost.exact_ms == p->cost.token_ms && p->cost.allreduce_ms > 0);
+    // --explain and --json carry the same per node.
+    char *ex = NULL, *js = NULL, want[160];
+    reports(pm, p, alts, n_alts, &ex, &js);
+    CU_ASSERT_PTR_NOT_NULL(strstr(ex, "| tp mode   |"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(ex, "tensor-parallel modes of tp4: exact "));
+    CU_ASSERT_PTR_NOT_NULL(strstr(ex, "disk ms"));
+    snprintf(want, sizeof want, "| %-16s | %11.1f |", "2 (12/81 units)", (double)p->shard[0].st.stream_bytes / 1e6);
+    if (p->shard[0].st.pinned == 12) CU_ASSERT_PTR_NOT_NULL(strstr(ex, want));
+    snprintf(want, sizeof want, "| %9.2f |", p->shard[3].disk_ms);
+    CU_ASSERT_PTR_NOT_NULL(strstr(ex, want));
+    CU_ASSERT_PTR_NOT_NULL(strstr(js, "\"tp_mode\": \"exact\""));
+    CU_ASSERT_PTR_NOT_NULL(strstr(js, "\"streams\": true, \"n_units\": 81"));
+    snprintf(want, sizeof want, "\"disk_ms\": %.4f", p->shard[0].disk_ms);
+    CU_ASSERT_PTR_NOT_NULL(strstr(js, want));
+    free(ex);
+    free(js);
+    // Below the minimum of every layout: refused, naming the smallest budget it needs.
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:400M,1:400M,1:400M,1:400M", nodes, 4, err, sizeof err), 4);
+    CU_ASSERT_EQUAL(plan_make(pm, nodes, 4, &o, p, alts, 4, &n_alts, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "does not fit even streaming"));
+    plan_stream_t st;
+    const shard_slice_t q = quarter_70b();
+    plan_window(pm, &q, PLAN_TP_EXACT, 4096, 0, &st);
+    CU_ASSERT(st.min_budget > 400u << 20 && st.min_budget < 1u << 30);
+    snprintf(want, sizeof want, "needs a budget of at least %.1f MiB", (double)st.min_budget / (1 << 20));
+    if (!strstr(err, want)) fprintf(stderr, "want '%s' in '%s'\n", want, err);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, want)); // tp4 is the layout that needs least per node
+    free(p);
+    free(alts);
+    free(pm);
+}
+
+// Token time of llama-2-70b on the node list, tensor parallel over all of them.
+static double tp_ms(const plan_model_t *pm, const char *spec, plan_t *p) {
+    plan_node_t nodes[PLAN_MAX_NODES];
+    char err[512];
+    const int n = plan_parse_nodes(spec, nodes, PLAN_MAX_NODES, err, sizeof err);
+    plan_opts_t o = {.n_ctx = 4096, .pp = 1, .keep_all = true};
+    if (n < 1 || plan_make(pm, nodes, n, &o, p, NULL, 0, NULL, err, sizeof err) != 0) {
+        fprintf(stderr, "%s: %s\n", spec, err);
+        return -1;
+    }
+    ASSERT_PLAN(pm, p);
+    return p->cost.token_ms;
+}
+
+static void test_disk_bandwidth_and_nodes(void) {
+    plan_model_t *pm = preset("llama-2-70b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_t *p = malloc(sizeof *p);
+    // A slower disk: slower tokens, in proportion while the disk binds.
+    const double fast = tp_ms(pm, "1:2G:disk=950M,1:2G:disk=950M,1:2G:disk=950M,1:2G:disk=950M", p);
+    const double fast_disk = p->cost.disk_ms;
+    const double slow = tp_ms(pm, "1:2G:disk=400M,1:2G:disk=400M,1:2G:disk=400M,1:2G:disk=400M", p);
+    CU_ASSERT(fast > 0 && slow > fast * 2.2);
+    CU_ASSERT_DOUBLE_EQUAL(p->cost.disk_ms / fast_disk, 950.0 / 400.0, 1e-6);
+    // One slow disk: the split moves rows off it, so the group is slower than with four fast disks but
+    // well ahead of four slow ones.
+    const double one_slow = tp_ms(pm, "1:2G,1:2G,1:2G,1:2G:disk=400M", p);
+    CU_ASSERT(one_slow > fast && one_slow < 0.6 * slow);
+    CU_ASSERT(p->shard[3].s.f1 - p->shard[3].s.f0 < p->shard[0].s.f1 - p->shard[0].s.f0);
+    // More nodes in a tensor-parallel group: each streams less, the token is faster.
+    const double t2 = tp_ms(pm, "1:2G,1:2G", p);
+    const double d2 = p->shard[0].st.stream_bytes;
+    const double t8 = tp_ms(pm, "1:2G,1:2G,1:2G,1:2G,1:2G,1:2G,1:2G,1:2G", p);
+    const double d8 = p->shard[0].st.stream_bytes;
+    CU_ASSERT(t2 > fast * 2 && fast > t8 * 1.5);
+    CU_ASSERT(d2 > 3 * d8);
+    // Four workers of one machine read one disk: it splits its bandwidth four ways.
+    const double shared = tp_ms(pm, "1:2G:disk_id=1,1:2G:disk_id=1,1:2G:disk_id=1,1:2G:disk_id=1", p);
+    CU_ASSERT_DOUBLE_EQUAL(p->cost.disk_ms / fast_disk, 4.0, 1e-9);
+    CU_ASSERT(shared > 3.8 * fast);
+    // A pipeline's stages read in turn, so a shared disk costs it little; with a disk each, tensor
+    // parallelism reads four disks at once and wins.
+    plan_node_t nodes[4];
+    char err[512];
+    plan_parse_nodes("1:2G:disk_id=1,1:2G:disk_id=1,1:2G:disk_id=1,1:2G:disk_id=1", nodes, 4, err, sizeof err);
+    plan_opts_t o = {.n_ctx = 4096, .pp = 4, .keep_all = true};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    ASSERT_PLAN(pm, p);
+    const double pp_shared = p->cost.token_ms;
+    CU_ASSERT(pp_shared < shared * 1.1);
+    plan_parse_nodes("1:2G,1:2G,1:2G,1:2G", nodes, 4, err, sizeof err);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(fabs(p->cost.token_ms - pp_shared) < 0.02 * pp_shared);
+    CU_ASSERT(p->cost.token_ms > 3 * fast);
+    // A node with memory to spare takes more of the stage and reads less.
+    const double mixed = tp_ms(pm, "1:8G,1:2G,1:2G,1:2G", p);
+    CU_ASSERT(mixed < fast * 0.95);
+    CU_ASSERT(p->shard[0].s.h1 - p->shard[0].s.h0 > 16);
+    free(p);
+    free(pm);
+}
+
+// --- tests: tensor-parallel modes
+
+static void test_tp_modes(void) {
+    plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0"); // 22 blocks, 32 heads of 64, FFN 5632, n_embd 2048
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[8];
+    char err[512];
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1@1/1000,1@1/1000", nodes, 8, err, sizeof err), 2);
+    plan_t *ex = malloc(sizeof *ex), *ar = malloc(sizeof *ar), *au = malloc(sizeof *au);
+    plan_opts_t o = {.n_ctx = 1024, .pp = 1, .tp = 2, .keep_all = true};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 2, &o, ex, NULL, 0, NULL, err, sizeof err), 0);
+    o.tp_mode = PLAN_TP_ALLREDUCE;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 2, &o, ar, NULL, 0, NULL, err, sizeof err), 0);
+    ASSERT_PLAN(pm, ex);
+    ASSERT_PLAN(pm, ar);
+    CU_ASSERT_EQUAL(ex->tp_mode, PLAN_TP_EXACT);
+    CU_ASSERT_EQUAL(ar->tp_mode, PLAN_TP_ALLREDUCE);
+    // The same work, split differently: attn_output and ffn_down by columns, every hidden row.
+    CU_ASSERT_DOUBLE_EQUAL(ar->cost.compute_ms, ex->cost.compute_ms, 1e-9 * ex->cost.compute_ms);
+    CU_ASSERT_EQUAL(ar->shard[1].s.e0, 0);
+    CU_ASSERT_EQUAL(ar->shard[1].s.e1, 2048);
+    CU_ASSERT_EQUAL(ar->shard[0].weight_bytes, ex->shard[0].weight_bytes);
+    // Exchanges per block by hand (1 ms, 125 MB/s): exact, 4 all-gathers of the halves of the heads'
+    // outputs (16 x 64 floats), the hidden rows (1024), the FFN units (2816) and the hidden rows again;
+    // all-reduce, 2 of 2048 floats, ring (2 (N-1) (L + b / (N B))) beating star (2 L + 2 (N-1) b / B).
+    const double L = 1e-3, B = 125e6;
+    const double exact_blk = 4 * L + 4.0 * (1024 + 1024 + 2816 + 1024) / B;
+    const double ring = 2 * (L + 4.0 * 2048 / (2 * B)), star = 2 * L + 2 * 4.0 * 2048 / B;
+    CU_ASSERT(ring < star);
+    CU_ASSERT_DOUBLE_EQUAL(ex->cost.comm_ms - ar->cost.comm_ms, 22 * (exact_blk - 2 * ring) * 1e3, 1e-6);
+    // Each knows the other's figure.
+    CU_ASSERT_DOUBLE_EQUAL(ex->cost.allreduce_ms, ar->cost.token_ms, 1e-9);
+    CU_ASSERT_DOUBLE_EQUAL(ar->cost.exact_ms, ex->cost.token_ms, 1e-9);
+    // Latency-bound links (20 ms): both pay 4 latencies per block (2 all-reduces of 2 hops against 4
+    // one-hop all-gathers) and the star sends more bytes through its root: exact is no slower, and
+    // auto keeps exact. Bandwidth-bound links (0.05 ms, 100 Mbit): the ring all-reduce moves fewer
+    // bytes than the exact all-gathers (no FFN-wide gather): allreduce wins and auto takes it.
+    const char *specs[2] = {"1:2G@20/1000,1:2G@20/1000,1:2G@20/1000,1:2G@20/1000",
+                            "1:2G@0.05/100,1:2G@0.05/100,1:2G@0.05/100,1:2G@0.05/100"};
+    free(pm);
+    pm = preset("llama-2-70b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    for (int k = 0; k < 2; k++) {
+        CU_ASSERT_EQUAL_FATAL(plan_parse_nodes(specs[k], nodes, 8, err, sizeof err), 4);
+        plan_opts_t a = {.n_ctx = 4096, .pp = 1, .keep_all = true};
+        CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &a, ex, NULL, 0, NULL, err, sizeof err), 0);
+        a.tp_mode = PLAN_TP_ALLREDUCE;
+        CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &a, ar, NULL, 0, NULL, err, sizeof err), 0);
+        a.tp_mode = PLAN_TP_AUTO;
+        CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &a, au, NULL, 0, NULL, err, sizeof err), 0);
+        ASSERT_PLAN(pm, ar);
+        ASSERT_PLAN(pm, au);
+        if (k == 0) {
+            CU_ASSERT(ex->cost.comm_ms <= ar->cost.comm_ms);
+            CU_ASSERT(ex->cost.token_ms <= ar->cost.token_ms);
+            CU_ASSERT_EQUAL(au->tp_mode, PLAN_TP_EXACT);
+        } else {
+            CU_ASSERT(ar->cost.comm_ms < 0.8 * ex->cost.comm_ms);
+            CU_ASSERT(ar->cost.token_ms < ex->cost.token_ms);
+            CU_ASSERT_EQUAL(au->tp_mode, PLAN_TP_ALLREDUCE);
+            CU_ASSERT_PTR_NOT_NULL(strstr(au->why, "--tp-mode auto: allreduce"));
+        }
+        // Auto takes the smaller of the two predictions it reports.
+        CU_ASSERT_DOUBLE_EQUAL(au->cost.token_ms, fmin(au->cost.exact_ms, au->cost.allreduce_ms), 1e-9);
+        CU_ASSERT_DOUBLE_EQUAL(au->cost.token_ms, fmin(ex->cost.token_ms, ar->cost.token_ms), 1e-6 * au->cost.token_ms);
+    }
+    // K-quants: column cuts on 256-element blocks, so heads of 128 go by twos and FFN units by 256.
+    free(pm);
+    pm = preset("llama-2-7b", "Q4_K");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    CU_ASSERT_EQUAL(pm->col_block[PLAN_W_O], 256);
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1,1,1", nodes, 8, err, sizeof err), 3);
+    o = (plan_opts_t){.n_ctx = 1024, .pp = 1, .keep_all = true, .tp_mode = PLAN_TP_ALLREDUCE};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 3, &o, ar, NULL, 0, NULL, err, sizeof err), 0);
+    ASSERT_PLAN(pm, ar);
+    CU_ASSERT_EQUAL(ar->grain_heads, 2);
+    CU_ASSERT_EQUAL(ar->grain_ffn, 256);
+    for (int i = 0; i < 3; i++) CU_ASSERT(ar->shard[i].s.h0 % 2 == 0 && ar->shard[i].s.f0 % 256 == 0);
+    // A pipeline of single nodes has no group to split: it is the same plan in either mode.
+    o.pp = 3;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 3, &o, ar, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(ar->tp_mode, PLAN_TP_EXACT);
+    CU_ASSERT_DOUBLE_EQUAL(ar->cost.exact_ms, ar->cost.allreduce_ms, 0);
+    // A bad mode is refused.
+    o.tp_mode = (plan_tp_mode_t)7;
+    CU_ASSERT_EQUAL(plan_make(pm, nodes, 3, &o, ar, NULL, 0, NULL, err, sizeof err), MLM_EINVAL);
+    free(ex);
+    free(ar);
+    free(au);
+    free(pm);
+}
+
+static void test_plan_file_modes(void) {
+    plan_model_t *pm = preset("llama-2-7b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_node_t nodes[4];
+    char err[512];
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("2:2G,1:2G,1:2G,1:1G", nodes, 4, err, sizeof err), 4);
+    plan_t *p = malloc(sizeof *p), *q = malloc(sizeof *q);
+    plan_spec_t *spec = malloc(sizeof *spec);
+    for (int mode = PLAN_TP_EXACT; mode <= PLAN_TP_ALLREDUCE; mode++) {
+        plan_opts_t o = {.n_ctx = 2048, .pp = 2, .tp = 2, .tp_mode = (plan_tp_mode_t)mode};
+        CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+        ASSERT_PLAN(pm, p);
+        CU_ASSERT_EQUAL(p->tp_mode, mode);
+        char *text = plan_text(p);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+        // Exact plans stay version 1 (older meshlm reads them); all-reduce ones are version 2.
+        CU_ASSERT_PTR_NOT_NULL(strstr(text, mode ? "# meshlm plan v2" : "# meshlm plan v1"));
+        CU_ASSERT_EQUAL(strstr(text, "\ntp mode=allreduce\n") != NULL, mode == PLAN_TP_ALLREDUCE);
+        CU_ASSERT_EQUAL_FATAL(plan_file_parse(text, spec, err, sizeof err), 0);
+        CU_ASSERT_EQUAL(spec->tp_mode, mode);
+        CU_ASSERT_EQUAL_FATAL(plan_from_spec(pm, nodes, 4, spec, 2048, q, err, sizeof err), 0);
+        ASSERT_PLAN(pm, q);
+        CU_ASSERT_EQUAL(q->tp_mode, mode);
+        for (int i = 0; i < p->n; i++) {
+            CU_ASSERT(memcmp(&q->shard[i].s, &p->shard[i].s, sizeof q->shard[i].s) == 0);
+            CU_ASSERT_EQUAL(q->shard[i].st.window, p->shard[i].st.window);
+        }
+        CU_ASSERT_DOUBLE_EQUAL(q->cost.token_ms, p->cost.token_ms, 1e-9 * p->cost.token_ms);
+        CU_ASSERT(q->cost.exact_ms > 0 && q->cost.allreduce_ms > 0);
+        free(text);
+    }
+    // The mode line by hand; a v1 file is exact.
+    CU_ASSERT_EQUAL(plan_file_parse("# meshlm plan v2\ntp mode=allreduce\nstage layers=0-31 nodes=0,1\n", spec, err,
+                                    sizeof err), 0);
+    CU_ASSERT_EQUAL(spec->tp_mode, PLAN_TP_ALLREDUCE);
+    CU_ASSERT_EQUAL(plan_file_parse("stage layers=0-31 nodes=0,1\ntp mode=exact\n", spec, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(spec->tp_mode, PLAN_TP_EXACT);
+    CU_ASSERT_EQUAL(plan_file_parse("# meshlm plan v1\nstage layers=0-31 nodes=0,1\n", spec, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(spec->tp_mode, PLAN_TP_EXACT);
+    CU_ASSERT_EQUAL_FATAL(plan_from_spec(pm, nodes, 4, spec, 2048, q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(q->tp_mode, PLAN_TP_EXACT);
+    free(spec);
+    free(p);
+    free(q);
+    free(pm);
+}
+
+static void test_node_specs_disk(void) {
+    plan_node_t nodes[8];
+    char err[256];
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:2G@1/1000:disk=950M:disk_id=1,2:disk=1.2G,0.5@0.5/100:4G", nodes, 8, err,
+                                           sizeof err), 3);
+    CU_ASSERT_EQUAL(nodes[0].mem_budget, 2ull << 30);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[0].lat_us, 1000, 1e-9);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[0].disk_bw, 950e6, 1e-3);
+    CU_ASSERT_EQUAL(nodes[0].disk_id, 1);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[1].speed, 2, 1e-12);
+    CU_ASSERT_EQUAL(nodes[1].mem_budget, 0);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[1].disk_bw, 1.2e9, 1e-3);
+    CU_ASSERT_EQUAL(nodes[1].disk_id, 0);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[2].link_bw, 12.5e6, 1e-3);
+    CU_ASSERT_EQUAL(nodes[2].mem_budget, 4ull << 30);
+    static const struct {
+        const char *spec, *want;
+    } bad[] = {
+        {"1:disk=fast", "bad disk bandwidth 'fast'"}, {"1:disk_id=0", "bad disk_id '0'"},
+        {"1:2G:3G", "bad node field '3G'"},           {"1:color=red", "unknown node option 'color'"},
+        {"1::2G", "an empty field"},                  {"1:2G:", "an empty field"},
+        {"1@1/1000:2G@2/100", "bad link '2/100'"},    {"x:2G", "bad speed 'x'"},
+    };
+    for (size_t k = 0; k < sizeof bad / sizeof *bad; k++) {
+        err[0] = 0;
+        CU_ASSERT(plan_parse_nodes(bad[k].spec, nodes, 8, err, sizeof err) < 0);
+        if (!strstr(err, bad[k].want)) fprintf(stderr, "%s: '%s' (want '%s')\n", bad[k].spec, err, bad[k].want);
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, bad[k].want));
+    }
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes_file("a mem=2G disk=950M disk_id=3\nb disk=2G/s\n", nodes, 8, err, sizeof err),
+                          2);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[0].disk_bw, 950e6, 1e-3);
+    CU_ASSERT_EQUAL(nodes[0].disk_id, 3);
+    CU_ASSERT_DOUBLE_EQUAL(nodes[1].disk_bw, 2e9, 1e-3);
+    CU_ASSERT(plan_parse_nodes_file("a disk_id=x\n", nodes, 8, err, sizeof err) < 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "line 1: bad value 'x' for disk_id"));
+}
+
 int test_plan_suite(void) {
     CU_pSuite s = CU_add_suite("plan", NULL, NULL);
     if (!s) return -1;
@@ -829,7 +1297,13 @@ int test_plan_suite(void) {
         !CU_add_test(s, "node files and link specs", test_nodes_file) ||
         !CU_add_test(s, "llama-2-70b preset on four small nodes", test_70b_on_small_nodes) ||
         !CU_add_test(s, "100 random node sets", test_random_node_sets) ||
-        !CU_add_test(s, "heuristic search against the exhaustive one; 64 nodes", test_heuristic_close_to_exhaustive))
+        !CU_add_test(s, "heuristic search against the exhaustive one; 64 nodes", test_heuristic_close_to_exhaustive) ||
+        !CU_add_test(s, "plan_window: resident, windows, kept units, the minimum", test_window_rule) ||
+        !CU_add_test(s, "llama-2-70b streams on four 2 GiB nodes", test_70b_streams_on_2g_nodes) ||
+        !CU_add_test(s, "disk bandwidth, shared disks and group size", test_disk_bandwidth_and_nodes) ||
+        !CU_add_test(s, "exact and all-reduce tensor parallelism predicted", test_tp_modes) ||
+        !CU_add_test(s, "plan files carry the tensor-parallel mode", test_plan_file_modes) ||
+        !CU_add_test(s, "node specs with disks", test_node_specs_disk))
         return -1;
     return 0;
 }

@@ -18,26 +18,33 @@
 static void plan_usage(FILE *f) {
     fprintf(f,
             "usage: meshlm plan (-m FILE | --preset NAME [--quant TYPE]) (--nodes SPEC | --nodes-file F)\n"
-            "                   [-c N_CTX] [--pp S] [--tp T] [--keep-all] [--pin-first] [--plan FILE]\n"
-            "                   [--out FILE] [--explain] [--json]\n"
+            "                   [-c N_CTX] [--pp S] [--tp T] [--tp-mode M] [--keep-all] [--pin-first]\n"
+            "                   [--no-stream] [--plan FILE] [--out FILE] [--explain] [--json]\n"
             "  -m, --model FILE   GGUF model (only mapped, no weights read)\n"
             "  --preset NAME      a known model shape instead of a file (tinyllama-1.1b, llama-2-70b, mixtral-8x7b, ...)\n"
             "  --quant TYPE       the preset's weight type (default Q4_0)\n"
-            "  --nodes SPEC       N equal nodes, or speed[:budget][@LAT_MS/MBIT] per node, e.g. 2,1,1:512M\n"
-            "                     or 1:4G@1/1000 (speed is relative; budget is memory for weights + KV cache)\n"
+            "  --nodes SPEC       N equal nodes, or per node speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N],\n"
+            "                     e.g. 2,1,1:512M or 1:2G@1/1000:disk=950M (speed is relative; budget is memory for\n"
+            "                     weights + KV cache + activations; disk= the disk's read bandwidth in bytes/s;\n"
+            "                     nodes with one disk_id share one disk)\n"
             "  --nodes-file F     one node per line: NAME key=value ... with speed= gflops= mem_bw= (bytes/s,\n"
-            "                     e.g. 20G) mem= (budget) lat_ms= mbit=\n"
+            "                     e.g. 20G) mem= (budget) lat_ms= mbit= disk= (bytes/s) disk_id=\n"
             "  -c, --ctx-size N   context positions the KV cache is sized for (default 4096)\n"
             "  --pp S             exactly S pipeline stages    --tp T   exactly T nodes per stage\n"
+            "  --tp-mode M        exact (default: all-gathers, bit-identical to one node), allreduce (2 all-reduces\n"
+            "                     per block, not bit-exact) or auto (the faster predicted)\n"
             "  --keep-all         every node computes          --pin-first  node 0 (coordinator) is rank 0\n"
+            "  --no-stream        refuse shares that do not fit their budgets (default: they stream weights\n"
+            "                     from disk through a window of units)\n"
             "  --ubatch U         prefill micro-batch (default %d)  --prompt N  prompt length (default %d)\n"
             "  --plan FILE        use this hand-written plan instead of searching\n"
             "  --out FILE         write the plan in the plan file format (for --plan)\n"
-            "  --explain          compare the chosen plan with the best alternatives\n"
+            "  --explain          compare the chosen plan with the best alternatives, both TP modes, and show\n"
+            "                     per node its resident bytes, window, streamed MB and disk ms per token\n"
             "  --json             print the plan and alternatives as JSON\n"
             "Node 0 is the coordinator's machine. Unknown figures default to 20 GFLOP/s per unit of speed,\n"
-            "20 GB/s memory, 0.1 ms / 1 Gbit links.\n",
-            PLAN_DEFAULT_UBATCH, PLAN_DEFAULT_N_PROMPT);
+            "20 GB/s memory, a %.0f MB/s disk, 0.1 ms / 1 Gbit links.\n",
+            PLAN_DEFAULT_UBATCH, PLAN_DEFAULT_N_PROMPT, PLAN_DEFAULT_DISK_BW / 1e6);
 }
 
 static int positive(const char *s, int *out) {
@@ -48,11 +55,19 @@ static int positive(const char *s, int *out) {
     return 0;
 }
 
+static int tp_mode(const char *s, plan_tp_mode_t *out) {
+    if (!strcmp(s, "exact")) *out = PLAN_TP_EXACT;
+    else if (!strcmp(s, "allreduce")) *out = PLAN_TP_ALLREDUCE;
+    else if (!strcmp(s, "auto")) *out = PLAN_TP_AUTO;
+    else return -1;
+    return 0;
+}
+
 // --- public API
 
 int cmd_plan(int argc, char **argv) {
     enum { O_NODES = 256, O_NODES_FILE, O_PRESET, O_QUANT, O_PP, O_TP, O_KEEP, O_PIN, O_PLAN, O_OUT, O_EXPLAIN,
-           O_JSON, O_UBATCH, O_PROMPT };
+           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"nodes", required_argument, 0, O_NODES},
         {"nodes-file", required_argument, 0, O_NODES_FILE}, {"preset", required_argument, 0, O_PRESET},
@@ -62,10 +77,11 @@ int cmd_plan(int argc, char **argv) {
         {"plan", required_argument, 0, O_PLAN},     {"out", required_argument, 0, O_OUT},
         {"explain", no_argument, 0, O_EXPLAIN},     {"json", no_argument, 0, O_JSON},
         {"ubatch", required_argument, 0, O_UBATCH}, {"prompt", required_argument, 0, O_PROMPT},
+        {"tp-mode", required_argument, 0, O_TP_MODE}, {"no-stream", no_argument, 0, O_NO_STREAM},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     const char *model = NULL, *preset = NULL, *quant = NULL, *spec = NULL, *nodes_file = NULL, *plan_path = NULL,
                *out_path = NULL;
-    bool explain = false, json = false;
+    bool explain = false, json = false, mode_given = false;
     plan_opts_t po = {.n_ctx = 4096};
     int ch, bad = 0;
     optind = 1;
@@ -87,6 +103,8 @@ int cmd_plan(int argc, char **argv) {
         case O_JSON: json = true; break;
         case O_UBATCH: bad |= positive(optarg, &po.ubatch); break;
         case O_PROMPT: bad |= positive(optarg, &po.n_prompt); break;
+        case O_TP_MODE: bad |= tp_mode(optarg, &po.tp_mode); mode_given = true; break;
+        case O_NO_STREAM: po.no_stream = true; break;
         case 'h': plan_usage(stdout); return 0;
         default: plan_usage(stderr); return 2;
         }
@@ -131,6 +149,7 @@ int cmd_plan(int argc, char **argv) {
         rc = ps ? plan_file_load(plan_path, ps, err, sizeof err) : MLM_ENOMEM;
         if (rc == 0) {
             char inner[512];
+            if (mode_given && po.tp_mode != PLAN_TP_AUTO) ps->tp_mode = po.tp_mode; // overrides the file's
             rc = plan_from_spec(pm, nodes, n, ps, po.n_ctx, best, inner, sizeof inner);
             if (rc != 0) mlm_fail(err, sizeof err, rc, "%s: %s", plan_path, inner);
         }
@@ -158,8 +177,18 @@ int cmd_plan(int argc, char **argv) {
             plan_explain(stdout, pm, best, alts, n_alts);
         } else {
             plan_table(best, pm, stdout);
-            printf("predicted %.2f ms/token (%.2f tokens/s), prefill %.1f tokens/s; %s\n", best->cost.token_ms,
-                   best->cost.token_ms > 0 ? 1e3 / best->cost.token_ms : 0, best->cost.prefill_tok_s, best->why);
+            int streams = 0;
+            for (int i = 0; i < best->n; i++) streams += best->shard[i].st.streams;
+            printf("predicted %.2f ms/token (%.3g tokens/s), prefill %.3g tokens/s", best->cost.token_ms,
+                   best->cost.token_ms > 0 ? 1e3 / best->cost.token_ms : 0, best->cost.prefill_tok_s);
+            if (streams)
+                printf("; %d of %d node(s) stream weights from disk (%.2f ms/token of disk reads)", streams, best->n,
+                       best->cost.disk_ms);
+            if (best->cost.exact_ms > 0 && best->cost.allreduce_ms > 0 &&
+                best->cost.exact_ms != best->cost.allreduce_ms)
+                printf("; tp mode %s (exact %.2f, allreduce %.2f ms/token)", plan_tp_mode_name(best->tp_mode),
+                       best->cost.exact_ms, best->cost.allreduce_ms);
+            printf("; %s\n", best->why);
         }
     } else {
         fprintf(stderr, "meshlm plan: %s\n", rc == MLM_ENOMEM ? "out of memory" : err);

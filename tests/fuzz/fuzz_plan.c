@@ -21,12 +21,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (plan_file_parse(text, &spec, err, sizeof err) == 0) {
             // A parsed spec is consistent: stage entries tile [0, n) and ranges are ordered.
             if (spec.n_stages < 1 || spec.first[0] != 0 || spec.first[spec.n_stages] != spec.n) abort();
+            if (spec.tp_mode != PLAN_TP_EXACT && spec.tp_mode != PLAN_TP_ALLREDUCE) abort();
             for (int k = 0; k < spec.n_stages; k++)
                 if (spec.l1[k] <= spec.l0[k] || spec.first[k + 1] < spec.first[k]) abort();
         }
         break;
-    case 1: (void)plan_parse_nodes(text, nodes, PLAN_MAX_NODES, err, sizeof err); break;
-    default: (void)plan_parse_nodes_file(text, nodes, PLAN_MAX_NODES, err, sizeof err); break;
+    case 1:
+    default: {
+        const int n = data[0] % 3 == 1 ? plan_parse_nodes(text, nodes, PLAN_MAX_NODES, err, sizeof err)
+                                       : plan_parse_nodes_file(text, nodes, PLAN_MAX_NODES, err, sizeof err);
+        // Accepted nodes have usable figures: a positive speed, disks with a bandwidth >= 0 and ids >= 0.
+        for (int i = 0; i < n; i++)
+            if (!(nodes[i].speed > 0) || nodes[i].disk_bw < 0 || nodes[i].disk_id < 0) abort();
+        break;
+    }
     }
     free(text);
     return 0;

@@ -304,6 +304,8 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
         snprintf(nd->name, sizeof nd->name, "%s", h->node_id);
         if (!nd->mem_budget) nd->mem_budget = h->ram_budget_bytes;
         nd->mem_bw = (double)h->mem_bw_bytes_s;
+        nd->disk_bw = (double)h->disk_read_bw_bytes_s;
+        if (c->o.local_profile) nd->disk_id = 1; // local workers share this machine's disk
         nd->lat_us = c->w[i].lat_us;
         nd->link_bw = c->w[i].bw;
         double best = 0, sum = 0;
@@ -359,7 +361,8 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
             plan_predict(pm, c->plan);
         }
     } else if (rc == 0) {
-        plan_opts_t po = {.n_ctx = n_ctx, .pp = c->o.pp, .tp = c->o.tp, .keep_all = c->o.keep_all,
+        // no_stream: shares are sized to fit their budgets resident until the nodes stream weights.
+        plan_opts_t po = {.n_ctx = n_ctx, .pp = c->o.pp, .tp = c->o.tp, .keep_all = c->o.keep_all, .no_stream = true,
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
                           .coord_apart = off == 0};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);

@@ -22,6 +22,9 @@ typedef struct {
     size_t max_msg_bytes;           // zmq, mpi, link: largest message (sum of frames); inproc: the group's
     int heartbeat_ivl_ms;           // zmq, link: ZMTP heartbeat interval; < 0 = off (link's default is off)
     int heartbeat_timeout_ms;       // zmq, link: a connection silent this long is dropped
+    bool fail_on_any_loss;          // zmq: once any peer is lost every call fails (a plan's data plane)
+    uint16_t session;               // zmq: the world's id (messages of another world on the same endpoints
+                                    //   are dropped): a plan's data plane uses the plan id's low bits
     const char *faults;             // fault:<name>: spec text; NULL = $MESHLM_FAULTS
     const fault_spec_t *fault_spec; // fault:<name>: a parsed spec, wins over faults (read during the call)
 } comm_open_opts_t;
@@ -38,6 +41,14 @@ typedef struct {
 // o NULL = all defaults (enough only for "mpi"). 0 (caller destroys *out), or the backend's error
 // (MLM_EINVAL for an unknown name, listing the known ones) with err filled; *out is then NULL.
 int comm_open(comm_t **out, const char *name, const comm_open_opts_t *o, char *err, size_t errlen);
+
+// Sets o's ZMTP heartbeats so that a peer silent for about hb_ms (0 = 1000) is dropped: a PING
+// every hb_ms / 4, and the connection closed when nothing arrives within the rest of hb_ms after one.
+static inline void comm_open_heartbeat(comm_open_opts_t *o, int hb_ms) {
+    const int hb = hb_ms > 0 ? hb_ms : 1000, ivl = hb / 4 > 0 ? hb / 4 : 1;
+    o->heartbeat_ivl_ms = ivl;
+    o->heartbeat_timeout_ms = hb - ivl > 0 ? hb - ivl : 1;
+}
 
 // The i-th backend name comm_open knows (i = 0, 1, ...), NULL past the last; static storage.
 const char *comm_open_name(int i);

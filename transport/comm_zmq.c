@@ -43,6 +43,7 @@ typedef struct {
     zq_queue_t *q;              // (size) received messages per source rank
     zq_queue_t anon;            // rejected messages that name no valid rank
     bool *lost;                 // (size) peer gone for good (unreachable or said BYE)
+    bool *left;                 // (size) of those, the ones that said BYE (left cleanly)
     bool *hello;                // (size) HELLO received from peer
     int64_t *next_probe;        // (size) monotonic us of the next liveness probe
     uint64_t stamp;             // messages queued so far
@@ -106,7 +107,7 @@ static void push_err(zq_ctx_t *z, int src, int err) {
 static int send_parts(zq_ctx_t *z, int peer, int kind, const comm_iov_t *f, int n) {
     uint8_t id[5], env[COMM_ZMQ_ENVELOPE_BYTES];
     routing_id(id, 'p', peer);
-    comm_zmq_envelope(env, kind, z->rank, z->size, n);
+    comm_zmq_envelope(env, kind, z->rank, z->size | (int)z->o.session << 16, n);
     if (zmq_send(z->out, id, sizeof id, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) return errno ? errno : EIO;
     // the first part decided routing: the rest of the message is accepted as a whole
     if (zmq_send(z->out, env, sizeof env, (n ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT) < 0) return EIO;
@@ -144,7 +145,8 @@ static int take_one(zq_ctx_t *z) {
         goto done;
     }
     const int major = e[4], minor = e[5], kind = e[6], nf = e[7];
-    const uint32_t src = mlm_get32(e + 8), world = mlm_get32(e + 12);
+    const uint32_t src = mlm_get32(e + 8), world = mlm_get32(e + 12) & 0xffffu, session = mlm_get32(e + 12) >> 16;
+    if (session != z->o.session) goto done; // a message of another world on the same endpoints: stale
     if (major != COMM_ZMQ_MAJOR) {
         if (!z->proto_err[0])
             snprintf(z->proto_err, sizeof z->proto_err, "a peer speaks protocol %d.%d, rank %d speaks %d.%d", major,
@@ -166,7 +168,7 @@ static int take_one(zq_ctx_t *z) {
     switch (kind) {
     case COMM_ZMQ_HELLO: z->hello[src] = true; break;
     case COMM_ZMQ_PROBE: break;
-    case COMM_ZMQ_BYE: z->lost[src] = true; break;
+    case COMM_ZMQ_BYE: z->lost[src] = z->left[src] = true; break;
     case COMM_ZMQ_DATA: {
         if (overflow || nf > COMM_MAX_FRAMES || nf != np - 2) {
             push_err(z, (int)src, MLM_EPROTO);
@@ -237,7 +239,14 @@ static int deliver(zq_queue_t *q, comm_msg_t *out, int *from) {
     return err;
 }
 
+static bool any_lost(const zq_ctx_t *z) {
+    for (int s = 0; s < z->size; s++)
+        if (s != z->rank && z->lost[s]) return true;
+    return false;
+}
+
 static bool gone(zq_ctx_t *z, int peer) {
+    if (z->o.fail_on_any_loss && any_lost(z)) return true;
     if (peer != COMM_ANY) return z->lost[peer];
     for (int s = 0; s < z->size; s++)
         if (s != z->rank && !z->lost[s]) return false;
@@ -286,7 +295,7 @@ static int zq_size(void *ctx) { return ((zq_ctx_t *)ctx)->size; }
 
 static int zq_send(void *ctx, int peer, const comm_iov_t *frames, int n, int timeout_ms) {
     zq_ctx_t *z = ctx;
-    if (z->lost[peer]) return MLM_EPEER;
+    if (z->lost[peer] || (z->o.fail_on_any_loss && any_lost(z))) return MLM_EPEER;
     size_t total = 0;
     for (int i = 0; i < n; i++) total += frames[i].len;
     if (total > z->o.max_msg_bytes) return MLM_ERANGE;
@@ -320,7 +329,7 @@ static int zq_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout_
             return q ? deliver(q, out, from) : MLM_EPEER;
         }
         if (left == 0) return MLM_ETIMEOUT;
-        probe(z, peer);
+        probe(z, z->o.fail_on_any_loss ? COMM_ANY : peer);
         if (gone(z, peer)) continue;
         int wait = z->o.probe_ivl_ms;
         if (left >= 0 && left < wait) wait = left;
@@ -338,6 +347,7 @@ static void zq_free(zq_ctx_t *z) {
     queue_clear(&z->anon);
     free(z->q);
     free(z->lost);
+    free(z->left);
     free(z->hello);
     free(z->next_probe);
     free(z);
@@ -359,6 +369,11 @@ static const struct comm_backend_i zmq_iface = {
     .recv = zq_recv,
     .destroy = zq_destroy,
 };
+
+bool comm_zmq_peer_lost(const comm_t *c, int peer) {
+    const zq_ctx_t *z = c ? comm_backend_ctx(c, &zmq_iface) : NULL;
+    return z && peer >= 0 && peer < z->size && peer != z->rank && z->lost[peer] && !z->left[peer];
+}
 
 // Binds, connects and runs the hello phase. 0 or MLM_E* with err filled.
 static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t errlen) {
@@ -494,9 +509,12 @@ int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints,
         if (opts->heartbeat_timeout_ms > 0) z->o.heartbeat_timeout_ms = opts->heartbeat_timeout_ms;
         if (opts->linger_ms >= 0) z->o.linger_ms = opts->linger_ms;
         if (opts->hwm >= 0) z->o.hwm = opts->hwm;
+        z->o.fail_on_any_loss = opts->fail_on_any_loss;
+        z->o.session = opts->session;
     }
     z->q = calloc((size_t)size, sizeof *z->q);
     z->lost = calloc((size_t)size, sizeof *z->lost);
+    z->left = calloc((size_t)size, sizeof *z->left);
     z->hello = calloc((size_t)size, sizeof *z->hello);
     z->next_probe = calloc((size_t)size, sizeof *z->next_probe);
     z->zctx = zmq_ctx_new();
@@ -534,5 +552,7 @@ int comm_zmq_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t err
     if (o->max_msg_bytes) zo.max_msg_bytes = o->max_msg_bytes;
     if (o->heartbeat_ivl_ms) zo.heartbeat_ivl_ms = o->heartbeat_ivl_ms < 0 ? 0 : o->heartbeat_ivl_ms;
     if (o->heartbeat_timeout_ms > 0) zo.heartbeat_timeout_ms = o->heartbeat_timeout_ms;
+    zo.fail_on_any_loss = o->fail_on_any_loss;
+    zo.session = o->session;
     return comm_zmq_new(out, o->rank, o->size, o->endpoints, &zo, err, errlen);
 }

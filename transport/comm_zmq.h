@@ -2,6 +2,7 @@
 #ifndef MESHLM_COMM_ZMQ_H
 #define MESHLM_COMM_ZMQ_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -10,12 +11,14 @@
 
 // Wire format, version 1.0. Every message is: [envelope (16 bytes)] [user frame 0] ... [user frame n-1]
 //   u32 magic COMM_ZMQ_MAGIC, u8 major, u8 minor, u8 kind (COMM_ZMQ_*), u8 n (user frames),
-//   u32 source rank, u32 world size          (all little-endian)
+//   u32 source rank, u32 world size (low 16 bits) | session (high 16 bits)   (all little-endian)
 // A message without a valid envelope, from a rank outside the world, or with another major
-// version is dropped and reported as MLM_EPROTO; the connection stays up.
+// version is dropped and reported as MLM_EPROTO; the connection stays up. A message of another
+// session (an earlier world that used the same endpoints, e.g. the previous plan's data plane of a
+// node that has not closed it yet) is dropped silently.
 #define COMM_ZMQ_MAGIC 0x5a4d4c4du  // "MLMZ"
 #define COMM_ZMQ_MAJOR 1
-#define COMM_ZMQ_MINOR 0
+#define COMM_ZMQ_MINOR 1  // 1.1: the session in the world word
 #define COMM_ZMQ_ENVELOPE_BYTES 16
 enum {
     COMM_ZMQ_DATA = 0,              // user frames follow
@@ -35,9 +38,19 @@ typedef struct {
     int heartbeat_timeout_ms;   // a connection silent this long is dropped; default 5000
     int linger_ms;              // comm_destroy waits at most this long to flush; default 1000
     int hwm;                    // queued messages per peer before send waits; default 10000
+    uint16_t session;           // the world's id: every rank of one world gives the same (e.g. the plan id's
+                                // low bits); messages of another session are dropped; default 0
+    bool fail_on_any_loss;      // a plan's data plane: once any peer is lost every send and recv fails with
+                                // MLM_EPEER (after the messages already queued from the peer asked for), so a
+                                // wait on a live peer does not outlast the loss of another; default false
 } comm_zmq_opts_t;
 
 void comm_zmq_opts_default(comm_zmq_opts_t *o);
+
+// Whether a ZeroMQ comm has found peer gone without a goodbye (its connection dropped, a heartbeat
+// timed out): a peer that left cleanly (said BYE) is not. False for another backend (a wrapped comm
+// included) or a peer not known to be lost.
+bool comm_zmq_peer_lost(const comm_t *c, int peer);
 
 // Creates rank `rank` of a world of `size` ranks. endpoints holds size strings, one per rank:
 // either one endpoint used for both binding and connecting ("tcp://10.0.0.2:5000",

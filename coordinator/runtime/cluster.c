@@ -19,6 +19,7 @@
 #include "proto/msg_io.h"
 #include "transport/comm_link.h"
 #include "transport/comm_open.h"
+#include "transport/comm_zmq.h"
 #include "transport/fault.h"
 #include "worker/node/node.h"
 #include "worker/node/pipeline.h"
@@ -35,7 +36,20 @@ typedef struct {
     int rank;                   // its data-plane rank, -1 when the plan leaves it out
     double lat_us, bw;          // measured control link: one-way latency, bytes/s
     uint64_t reports;           // step reports received
+    bool standby;               // held back from plans until a worker is lost (cluster_opts_t.n_standby)
+    bool lost;                  // lost (killed, frozen, cut off): left out of plans until it answers again
+    bool greeted;               // answered a HELLO since it was last lost
+    double heard_ms;            // when a message from it last arrived (mlm_now_ms)
 } worker_t;
+
+// What a sequence went through, so its caches can be rebuilt after a loss: its tokens and the
+// sizes of the steps that carried them (a replay uses the same chunks, so it gives the same bits).
+typedef struct {
+    int32_t *tokens;            // (cap) fed so far, pos of them
+    int *steps;                 // (cap) token count of each step
+    int n_steps;
+    int cap;
+} seq_hist_t;
 
 struct cluster {
     cluster_opts_t o;
@@ -63,6 +77,16 @@ struct cluster {
     uint64_t step_id;
     cluster_stats_t stats;
     char errbuf[512];           // last failure, for cluster_error
+    int cand[MSG_MAX_NODES];    // worker index of each offered worker node of the current plan
+    int n_cand;
+    profile_t here;             // this machine, measured once (for local workers and the coordinator)
+    int here_state;             // 0 not measured, 1 measured, -1 failed
+    seq_hist_t hist[CLUSTER_MAX_SEQS];
+    cluster_recovery_t rec[CLUSTER_MAX_RECOVERIES];
+    int n_rec;
+    int n_lost_total;           // workers lost so far (forced layouts then shrink to the nodes left)
+    uint64_t plan_id;           // the current plan's (its data plane's session is its low bits)
+    int n_plans;                // plans made
 };
 
 enum { PHASE_NEW = 0, PHASE_HELLO = 1, PHASE_PLANNED = 2, PHASE_LOADED = 3 };
@@ -70,6 +94,8 @@ enum { PHASE_NEW = 0, PHASE_HELLO = 1, PHASE_PLANNED = 2, PHASE_LOADED = 3 };
 // --- helpers
 
 static int seq_ctx(cluster_t *c, int seq, model_ctx_t **out);
+static void readmit(cluster_t *c);
+static int hb_ms(const cluster_t *c) { return c->o.heartbeat_ms > 0 ? c->o.heartbeat_ms : 1000; }
 static int drain_reports(cluster_t *c, int wi, int timeout_ms);
 
 // A free TCP port on the given local IPv4 address, below the ephemeral range when it can (bound and
@@ -149,8 +175,13 @@ static int recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t
         if (rc != 0)
             return mlm_fail(err, errlen, rc, "worker %s: no %s within %d ms (%s)", c->w[wi].endpoint,
                             msg_type_name(want), c->timeout_ms, mlm_strerror(rc));
-        if (m->type == MSG_RESULT && m->result.kind == MSG_RESULT_NONE && want != MSG_RESULT) {
-            count_report(c, wi, &m->result);
+        c->w[wi].heard_ms = mlm_now_ms();
+        const bool report = m->type == MSG_RESULT && m->result.kind == MSG_RESULT_NONE;
+        const bool step_error = m->type == MSG_ERROR && m->error.step_id != 0;
+        if (m->type != want && (report || step_error || m->type == MSG_HEARTBEAT || m->type == MSG_HELLO)) {
+            // a step report, a failed step's notice (that step is over), or a late answer to a
+            // liveness ping or a re-greeting: counted, skipped
+            if (report) count_report(c, wi, &m->result);
             msg_clear(m);
             comm_msg_free(raw);
             continue;
@@ -277,54 +308,76 @@ static int measure_links(cluster_t *c, char *err, size_t errlen) {
     return rc;
 }
 
-// What the planner knows about the computing candidates: the coordinator first when it computes,
-// then the workers in the order given.
-static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char *err,
-                          size_t errlen) {
-    const int off = c->o.coordinator_shard ? 1 : 0;
-    if (c->o.speeds) {
-        int n = plan_parse_nodes(c->o.speeds, nodes, PLAN_MAX_NODES, err, errlen);
-        if (n < 0) return n;
-        if (n != n_compute) {
-            snprintf(err, errlen, "--speeds lists %d nodes but %d compute", n, n_compute);
-            return MLM_EINVAL;
+// The workers a plan is made over: every live worker that is not a standby, and as many live
+// standbys as there are lost workers that are not.
+static void pick_candidates(cluster_t *c) {
+    int missing = 0;
+    c->n_cand = 0;
+    for (int i = 0; i < c->o.n_workers; i++)
+        if (!c->w[i].standby) {
+            if (c->w[i].lost) missing++;
+            else c->cand[c->n_cand++] = i;
         }
+    for (int i = 0; i < c->o.n_workers && missing > 0; i++)
+        if (c->w[i].standby && !c->w[i].lost) {
+            c->cand[c->n_cand++] = i;
+            missing--;
+        }
+}
+
+// This machine's figures, measured once.
+static const profile_t *here_profile(cluster_t *c) {
+    if (c->here_state == 0) c->here_state = profile_node(&c->here, c->o.n_threads, NULL, 300) == 0 ? 1 : -1;
+    return c->here_state > 0 ? &c->here : NULL;
+}
+
+// What the planner knows about the computing candidates: the coordinator first when it computes,
+// then the candidate workers in the order given.
+static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char *err, size_t errlen) {
+    const int off = c->o.coordinator_shard ? 1 : 0;
+    if (c->o.speeds) { // one figure per worker (and the coordinator first): keep the candidates'
+        plan_node_t all[PLAN_MAX_NODES];
+        int n = plan_parse_nodes(c->o.speeds, all, PLAN_MAX_NODES, err, errlen);
+        if (n < 0) return n;
+        if (n != c->o.n_workers + off)
+            return mlm_fail(err, errlen, MLM_EINVAL, "--speeds lists %d nodes but %d compute", n, c->o.n_workers + off);
+        if (off) nodes[0] = all[0];
+        for (int j = 0; j < c->n_cand; j++) nodes[j + off] = all[c->cand[j] + off];
     } else {
         plan_parse_nodes("64", nodes, PLAN_MAX_NODES, err, errlen);
     }
     const qtype_t t = (qtype_t)qtype_from_name(model_type_name(c->full));
-    profile_t here = {0};
-    bool have_here = false;
     bool measured = !c->o.speeds;
-    for (int i = 0; i < c->o.n_workers; i++) measured &= c->w[i].hello.n_speeds > 0 || c->o.local_profile;
-    if (measured && (c->o.local_profile || off)) have_here = profile_node(&here, c->o.n_threads, NULL, 300) == 0;
-    for (int i = 0; i < c->o.n_workers; i++) {
-        plan_node_t *nd = &nodes[i + off];
-        const msg_hello_t *h = &c->w[i].hello;
+    for (int j = 0; j < c->n_cand; j++) measured &= c->w[c->cand[j]].hello.n_speeds > 0 || c->o.local_profile;
+    const profile_t *here = measured && (c->o.local_profile || off) ? here_profile(c) : NULL;
+    for (int j = 0; j < c->n_cand; j++) {
+        const worker_t *w = &c->w[c->cand[j]];
+        plan_node_t *nd = &nodes[j + off];
+        const msg_hello_t *h = &w->hello;
         snprintf(nd->name, sizeof nd->name, "%s", h->node_id);
         if (!nd->mem_budget) nd->mem_budget = h->ram_budget_bytes;
         nd->mem_bw = (double)h->mem_bw_bytes_s;
         nd->disk_bw = (double)h->disk_read_bw_bytes_s;
         if (c->o.local_profile) nd->disk_id = 1; // local workers share this machine's disk
-        nd->lat_us = c->w[i].lat_us;
-        nd->link_bw = c->w[i].bw;
+        nd->lat_us = w->lat_us;
+        nd->link_bw = w->bw;
         double best = 0, sum = 0;
-        for (int j = 0; j < h->n_speeds; j++) {
-            sum += h->speeds[j].gflops;
-            if (h->speeds[j].type == (uint32_t)t) best = h->speeds[j].gflops;
+        for (int k = 0; k < h->n_speeds; k++) {
+            sum += h->speeds[k].gflops;
+            if (h->speeds[k].type == (uint32_t)t) best = h->speeds[k].gflops;
         }
         if (h->n_speeds) nd->gflops = best > 0 ? best : sum / h->n_speeds;
-        if (!h->n_speeds && c->o.local_profile && have_here) { // a local worker: this machine's figures
-            nd->gflops = profile_gflops(&here, t);
-            nd->mem_bw = here.mem_bw;
+        if (!h->n_speeds && c->o.local_profile && here) { // a local worker: this machine's figures
+            nd->gflops = profile_gflops(here, t);
+            nd->mem_bw = here->mem_bw;
         }
         if (measured) nd->speed = nd->gflops;
     }
     if (off) {
         snprintf(nodes[0].name, sizeof nodes[0].name, "coordinator");
-        if (measured && have_here) {
-            nodes[0].speed = nodes[0].gflops = profile_gflops(&here, t);
-            nodes[0].mem_bw = here.mem_bw;
+        if (measured && here) {
+            nodes[0].speed = nodes[0].gflops = profile_gflops(here, t);
+            nodes[0].mem_bw = here->mem_bw;
         }
     }
     return 0;
@@ -332,7 +385,9 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
 
 static int make_plan(cluster_t *c, char *err, size_t errlen) {
     const int off = c->o.coordinator_shard ? 1 : 0;
-    const int n_compute = c->o.n_workers + off;
+    pick_candidates(c);
+    const int n_compute = c->n_cand + off;
+    if (c->n_cand == 0 && !off) return mlm_fail(err, errlen, MLM_EPEER, "no worker left to plan over");
     if (n_compute < 1 || n_compute > PLAN_MAX_NODES) {
         snprintf(err, errlen, "%d computing nodes (1..%d)", n_compute, PLAN_MAX_NODES);
         return MLM_EINVAL;
@@ -344,9 +399,10 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
     int n_ctx = c->o.n_ctx > 0 ? c->o.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
     c->o.n_ctx = n_ctx;
     // The coordinator shares its LAN: its link is as good as the best worker's.
-    for (int i = 0; off && i < c->o.n_workers; i++) {
-        if (nodes[0].lat_us == 0 || c->w[i].lat_us < nodes[0].lat_us) nodes[0].lat_us = c->w[i].lat_us;
-        if (c->w[i].bw > nodes[0].link_bw) nodes[0].link_bw = c->w[i].bw;
+    for (int j = 0; off && j < c->n_cand; j++) {
+        const worker_t *w = &c->w[c->cand[j]];
+        if (nodes[0].lat_us == 0 || w->lat_us < nodes[0].lat_us) nodes[0].lat_us = w->lat_us;
+        if (w->bw > nodes[0].link_bw) nodes[0].link_bw = w->bw;
     }
     plan_model_t *pm = malloc(sizeof *pm);
     if (!pm) return MLM_ENOMEM;
@@ -361,8 +417,14 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
             plan_predict(pm, c->plan);
         }
     } else if (rc == 0) {
+        // A forced layout that no longer fits the nodes left after a loss shrinks to them.
+        int pp = c->o.pp, tp = c->o.tp;
+        if (c->n_lost_total > 0) {
+            if (pp > n_compute) pp = n_compute;
+            if (tp > 0 && (pp > 0 ? pp : 1) * tp > n_compute) tp = 0;
+        }
         // no_stream: shares are sized to fit their budgets resident until the nodes stream weights.
-        plan_opts_t po = {.n_ctx = n_ctx, .pp = c->o.pp, .tp = c->o.tp, .keep_all = c->o.keep_all, .no_stream = true,
+        plan_opts_t po = {.n_ctx = n_ctx, .pp = pp, .tp = tp, .keep_all = c->o.keep_all, .no_stream = true,
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
                           .coord_apart = off == 0};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
@@ -382,7 +444,7 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
     c->slices[0] = (shard_slice_t){0};
     c->rank_worker[0] = -1;
     for (int i = 0; i < pl->n; i++) {
-        const int r = i + (off ? 0 : 1), wi = pl->shard[i].node - off;
+        const int r = i + (off ? 0 : 1), j = pl->shard[i].node - off, wi = j >= 0 ? c->cand[j] : -1;
         c->slices[r] = pl->shard[i].s;
         if (wi >= 0) {
             c->rank_worker[r] = wi;
@@ -425,7 +487,7 @@ static int send_plan(cluster_t *c, char *err, size_t errlen) {
     msg_t m;
     msg_init(&m, MSG_PLAN);
     msg_plan_t *p = &m.plan;
-    p->plan_id = (uint64_t)getpid() << 20 ^ (uint64_t)time(NULL);
+    p->plan_id = c->plan_id = ((uint64_t)getpid() << 20 ^ (uint64_t)time(NULL)) + (uint64_t)++c->n_plans * 0x9e37u;
     memcpy(p->model_sha256, c->sha, 32);
     p->n_layer = (uint32_t)hp->n_layer;
     p->n_head = (uint32_t)hp->n_head;
@@ -582,6 +644,7 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
         worker_t *w = &c->w[i];
         w->peer = i + 1;
         w->rank = -1;
+        w->standby = i >= n_workers - o->n_standby;
         if (o->control) {
             snprintf(w->endpoint, sizeof w->endpoint, "rank %d", i + 1);
         } else {
@@ -601,7 +664,9 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
     } else if (rc == 0) {
         const char *eps[MSG_MAX_NODES];
         for (int i = 0; i < n_workers; i++) eps[i] = c->w[i].endpoint;
+        // ZMTP heartbeats on every link: a frozen worker's connection drops within about hb ms.
         comm_open_opts_t co = {.rank = 0, .size = c->n_nodes, .endpoints = eps};
+        comm_open_heartbeat(&co, c->o.heartbeat_ms);
         rc = comm_open(&c->ctl, "link", &co, err, errlen);
         c->ctl_owned = rc == 0;
     }
@@ -638,6 +703,7 @@ static void end_plan(cluster_t *c) {
 
 int cluster_make_plan(cluster_t *c, char *err, size_t errlen) {
     if (c->phase < PHASE_HELLO) return mlm_fail(err, errlen, MLM_ESTATE, "plan before hello");
+    readmit(c); // lost workers that answer again are taken in at this plan
     const double t0 = mlm_now_ms();
     end_plan(c);
     c->phase = PHASE_HELLO;
@@ -657,7 +723,9 @@ static int open_data_plane(cluster_t *c, char *err, size_t errlen) {
     const char *eps[MSG_MAX_NODES];
     for (int i = 0; i < c->n_nodes; i++) eps[i] = c->pnodes[i].endpoint;
     comm_open_opts_t co = {.rank = 0, .size = c->n_nodes, .endpoints = eps, .timeout_ms = c->timeout_ms,
-                           .fault_spec = c->faults};
+                           .fault_spec = c->faults, .fail_on_any_loss = true,
+                           .session = (uint16_t)(c->plan_id | 1)};
+    comm_open_heartbeat(&co, c->o.heartbeat_ms);
     int rc = comm_open(&c->comm, fault_has_link_rules(c->faults) ? "fault:zmq" : "zmq", &co, err, errlen);
     for (int i = 0; rc != 0 && i < c->o.n_workers; i++) // a worker that failed to set up says why
         if (c->w[i].rank >= 0 && drain_reports(c, i, 100) != 0) {
@@ -783,7 +851,7 @@ static int seq_ctx(cluster_t *c, int seq, model_ctx_t **out) {
 // receives its rows as in model_eval. Every STEP goes out first, so the stages work on different
 // sequences at once; then the coordinator computes its share of each in order and collects the
 // logits in order.
-static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *const *tokens, const int *n,
+static int eval_once(cluster_t *c, int n_seqs, const int *seq, const int32_t *const *tokens, const int *n,
                      float *const *logits, bool all_logits) {
     if (c->phase != PHASE_LOADED) return MLM_ESTATE;
     const int n_vocab = model_hparams(c->model)->n_vocab;
@@ -855,6 +923,197 @@ static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *co
     return rc;
 }
 
+// --- recovery
+
+// Appends a step of n tokens to a sequence's history. 0 or MLM_ENOMEM.
+static int hist_add(seq_hist_t *h, const int32_t *tokens, int n, int pos) {
+    if (pos + n > h->cap) {
+        int cap = h->cap ? h->cap : 64;
+        while (cap < pos + n) cap *= 2;
+        int32_t *t = realloc(h->tokens, (size_t)cap * sizeof *t);
+        if (t) h->tokens = t;
+        int *s = realloc(h->steps, (size_t)cap * sizeof *s);
+        if (s) h->steps = s;
+        if (!t || !s) return MLM_ENOMEM;
+        h->cap = cap;
+    }
+    memcpy(h->tokens + pos, tokens, (size_t)n * sizeof *tokens);
+    h->steps[h->n_steps++] = n;
+    return 0;
+}
+
+// Pings every worker of the current plan at once and returns how many did not answer within
+// timeout_ms (a worker whose link dropped fails at once); those are marked lost. Step reports and
+// errors that come first are consumed.
+static int ping_plan(cluster_t *c, int timeout_ms) {
+    const uint64_t seq = 0x8000000000000000ull | ++c->step_id;
+    bool waiting[MSG_MAX_NODES] = {false};
+    int n_wait = 0;
+    char err[256];
+    for (int i = 0; i < c->o.n_workers; i++) {
+        if (c->w[i].rank < 0 || c->w[i].lost) continue;
+        msg_t m;
+        msg_init(&m, MSG_HEARTBEAT);
+        snprintf(m.heartbeat.node_id, sizeof m.heartbeat.node_id, "coordinator");
+        m.heartbeat.seq = seq;
+        if (msg_send(c->ctl, c->w[i].peer, &m, timeout_ms, err, sizeof err) != 0) c->w[i].lost = true;
+        else waiting[i] = true, n_wait++;
+    }
+    const int64_t dl = mlm_deadline(timeout_ms);
+    while (n_wait > 0) {
+        msg_t m;
+        comm_msg_t raw;
+        int from = -1;
+        int rc = msg_recv(c->ctl, COMM_ANY, &m, &raw, &from, mlm_left_ms(dl), err, sizeof err);
+        if (rc == MLM_ETIMEOUT) break;
+        if (from < 1 || from > c->o.n_workers) {
+            if (rc == 0) msg_clear(&m), comm_msg_free(&raw);
+            if (rc != 0 && rc != MLM_EPEER) break;
+            continue;
+        }
+        worker_t *w = &c->w[from - 1];
+        if (rc == MLM_EPEER) { // its link dropped
+            if (waiting[from - 1]) waiting[from - 1] = false, n_wait--, w->lost = true;
+            continue;
+        }
+        if (rc != 0) continue;
+        w->heard_ms = mlm_now_ms();
+        if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) count_report(c, from - 1, &m.result);
+        if (m.type == MSG_HEARTBEAT && m.heartbeat.seq == seq && waiting[from - 1]) waiting[from - 1] = false, n_wait--;
+        msg_clear(&m);
+        comm_msg_free(&raw);
+    }
+    int lost = 0;
+    for (int i = 0; i < c->o.n_workers; i++)
+        if (waiting[i]) c->w[i].lost = true;
+    for (int i = 0; i < c->o.n_workers; i++) lost += c->w[i].rank >= 0 && c->w[i].lost;
+    return lost;
+}
+
+// Greets lost workers again (a frozen worker that was continued, a restarted one): those that
+// answer within a short time are taken in at this plan.
+static void readmit(cluster_t *c) {
+    char err[256];
+    for (int i = 0; i < c->o.n_workers; i++) {
+        worker_t *w = &c->w[i];
+        if (!w->lost) continue;
+        msg_t m;
+        msg_init(&m, MSG_HELLO);
+        snprintf(m.hello.node_id, sizeof m.hello.node_id, "coordinator");
+        m.hello.role = MSG_ROLE_COORDINATOR;
+        m.hello.n_cores = 1;
+        m.hello.link_rank = w->peer;
+        snprintf(m.hello.faults, sizeof m.hello.faults, "%s", fault_spec_text(c->faults));
+        if (msg_send(c->ctl, w->peer, &m, 50, err, sizeof err) != 0) continue;
+        comm_msg_t raw;
+        const int64_t dl = mlm_deadline(200);
+        while (mlm_left_ms(dl) > 0 && msg_recv(c->ctl, w->peer, &m, &raw, NULL, mlm_left_ms(dl), err, sizeof err) == 0) {
+            const bool hello = m.type == MSG_HELLO;
+            if (hello) w->hello = m.hello;
+            msg_clear(&m);
+            comm_msg_free(&raw);
+            if (hello) {
+                w->lost = false;
+                w->heard_ms = mlm_now_ms();
+                fprintf(stderr, "meshlm: worker %s is back and is taken in at this plan\n", w->hello.node_id);
+                break;
+            }
+        }
+    }
+}
+
+// After a failed step: confirms which workers are gone, plans over the rest (and standbys),
+// reloads, and replays every sequence's steps so the caches are as they were. 0, or why not.
+static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
+    char err[512] = "";
+    const double t0 = mlm_now_ms();
+    const int hb = hb_ms(c);
+    // Survivors notice the loss through their own data-plane heartbeats within about hb and then
+    // answer; the lost ones never do.
+    // The data plane may already know who is gone (a dropped connection, a heartbeat timeout): then
+    // no one needs asking. Otherwise every worker of the plan is pinged; survivors notice the loss
+    // through their own data-plane heartbeats within about hb and then answer, the lost never do.
+    int lost = 0;
+    for (int i = 0; i < c->o.n_workers; i++)
+        if (c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank)) c->w[i].lost = true, lost++;
+    if (getenv("MESHLM_DEBUG_RECOVERY"))
+        for (int i = 0; i < c->o.n_workers; i++)
+            fprintf(stderr, "  [recover] worker %d %s rank %d data-lost %d\n", i, c->w[i].hello.node_id, c->w[i].rank,
+                    c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank));
+    if (lost == 0) lost = ping_plan(c, 2 * hb);
+    c->n_lost_total += lost;
+    const double t1 = mlm_now_ms();
+    int first = -1;
+    for (int i = 0; i < c->o.n_workers; i++)
+        if (c->w[i].rank >= 0 && c->w[i].lost && first < 0) first = i;
+    if (first >= 0) {
+        const worker_t *w = &c->w[first];
+        snprintf(r->worker, sizeof r->worker, "%.63s", w->hello.node_id[0] ? w->hello.node_id : w->endpoint);
+        snprintf(r->what, sizeof r->what, "lost (%s)%s", mlm_strerror(step_rc), lost > 1 ? " with others" : "");
+        r->detect_ms = w->heard_ms > 0 ? t1 - w->heard_ms : t1 - t0;
+    } else {
+        snprintf(r->worker, sizeof r->worker, "-");
+        snprintf(r->what, sizeof r->what, "step failed (%s), every worker answers: plan again", mlm_strerror(step_rc));
+        r->detect_ms = t1 - t0;
+    }
+    fprintf(stderr, "meshlm: fault: worker %s %s; detected in %.0f ms; re-planning\n", r->worker, r->what,
+            r->detect_ms);
+    int rc = cluster_make_plan(c, err, sizeof err);
+    if (rc == 0) rc = cluster_load(c, err, sizeof err);
+    int replayed = 0;
+    for (int s = 0; rc == 0 && s < CLUSTER_MAX_SEQS; s++) {
+        seq_hist_t *h = &c->hist[s];
+        int at = 0;
+        for (int k = 0; rc == 0 && k < h->n_steps; k++) {
+            const int32_t *tk = h->tokens + at;
+            int n = h->steps[k];
+            float *none = NULL;
+            rc = eval_once(c, 1, &s, &tk, &n, &none, false);
+            at += n;
+        }
+        replayed += at;
+    }
+    r->replayed = replayed;
+    r->nodes_after = c->plan ? c->plan->n : 0;
+    r->rc = rc;
+    if (rc != 0 && !err[0]) snprintf(err, sizeof err, "%s", c->errbuf);
+    if (rc != 0) snprintf(c->errbuf, sizeof c->errbuf, "recovery failed: %.480s", err);
+    return rc;
+}
+
+// One step per sequence with history kept for replay, and, when a worker is lost, recovery and the
+// step again (a few times at most).
+static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *const *tokens, const int *n,
+                     float *const *logits, bool all_logits) {
+    int rc = eval_once(c, n_seqs, seq, tokens, n, logits, all_logits);
+    for (int attempt = 0; rc != 0 && c->o.recover && !c->o.data && attempt < 3; attempt++) {
+        if (rc == MLM_EINVAL || rc == MLM_ERANGE || rc == MLM_ENOMEM || rc == MLM_ESTATE) break;
+        cluster_recovery_t r = {0};
+        const double t0 = mlm_now_ms(); // the failure is noticed: recovery time runs from here
+        rc = recover(c, rc, &r);
+        if (rc == 0) rc = eval_once(c, n_seqs, seq, tokens, n, logits, all_logits);
+        r.rc = rc;
+        r.recover_ms = mlm_now_ms() - t0;
+        if (c->n_rec < CLUSTER_MAX_RECOVERIES) c->rec[c->n_rec++] = r;
+        if (rc == 0)
+            fprintf(stderr, "meshlm: recovered: %d node(s) now, %d token(s) replayed, %.0f ms from detection to the step done\n",
+                    r.nodes_after, r.replayed, r.recover_ms);
+        else
+            fprintf(stderr, "meshlm: recovery failed: %s\n", c->errbuf);
+    }
+    for (int k = 0; rc == 0 && k < n_seqs; k++) {
+        seq_hist_t *h = &c->hist[seq[k]];
+        if (c->pos[seq[k]] == n[k]) h->n_steps = 0; // the step started the sequence afresh
+        if (hist_add(h, tokens[k], n[k], c->pos[seq[k]] - n[k]) != 0) rc = MLM_ENOMEM;
+    }
+    return rc;
+}
+
+const cluster_recovery_t *cluster_recoveries(const cluster_t *c, int *n) {
+    *n = c->n_rec;
+    return c->rec;
+}
+
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {
     const int seq = 0;
     return eval_seqs(c, 1, &seq, &tokens, &n, &logits, all_logits);
@@ -865,7 +1124,7 @@ int cluster_eval_seqs(cluster_t *c, int n_seqs, const int *seqs, const int32_t *
     const int32_t *tk[CLUSTER_MAX_SEQS];
     int n[CLUSTER_MAX_SEQS];
     float *lg[CLUSTER_MAX_SEQS];
-    const int nv = model_hparams(c->model)->n_vocab;
+    const int nv = model_hparams(c->full)->n_vocab;
     for (int k = 0; k < n_seqs; k++) {
         tk[k] = tokens + k;
         n[k] = 1;
@@ -877,6 +1136,7 @@ int cluster_eval_seqs(cluster_t *c, int n_seqs, const int *seqs, const int32_t *
 void cluster_reset_seq(cluster_t *c, int seq) {
     if (seq < 0 || seq >= CLUSTER_MAX_SEQS) return;
     c->pos[seq] = 0; // the next step starts at position 0, which resets every node's cache
+    c->hist[seq].n_steps = 0;
 }
 
 int cluster_sync_stats(cluster_t *c, int timeout_ms) {
@@ -892,7 +1152,7 @@ int cluster_sync_stats(cluster_t *c, int timeout_ms) {
 }
 
 void cluster_reset(cluster_t *c) {
-    for (int i = 0; i < CLUSTER_MAX_SEQS; i++) c->pos[i] = 0;
+    for (int i = 0; i < CLUSTER_MAX_SEQS; i++) cluster_reset_seq(c, i);
 }
 
 void cluster_stats_reset(cluster_t *c) {
@@ -921,6 +1181,10 @@ void cluster_close(cluster_t **self_p, bool exit_workers) {
     free(c->pnodes);
     free(c->rank_worker);
     fault_free(&c->faults);
+    for (int i = 0; i < CLUSTER_MAX_SEQS; i++) {
+        free(c->hist[i].tokens);
+        free(c->hist[i].steps);
+    }
     free(c);
     *self_p = NULL;
 }

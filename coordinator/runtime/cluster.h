@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "parallel/plan.h"
+#include "proto/msg.h"
 #include "transport/comm.h"
 #include "worker/model/model.h"
 
@@ -36,6 +37,12 @@ typedef struct {
     const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
     int ubatch;                      // micro-batch tokens in flight through a pipeline (0 = 16 with
                                      // several stages, the whole chunk with one)
+    int n_standby;                   // the last n_standby workers are standbys: they join a plan only to
+                                     // replace lost workers
+    bool recover;                    // a worker lost in a step: re-plan over the survivors (and standbys),
+                                     // reload, replay every sequence's tokens and redo the step
+    int heartbeat_ms;                // a frozen or cut-off worker is detected within this (0 = 1000): the
+                                     // links' heartbeat timeout and the answer time of a liveness probe
     bool local_profile;              // workers that did not profile themselves (local ones, started with
                                      // --no-profile so they do not measure each other) get this
                                      // machine's figures, measured once by the coordinator with n_threads
@@ -61,6 +68,18 @@ typedef struct {
     double link_lat_us;              // worst measured control-link latency (one way) to a worker
     double link_bw;                  // lowest measured control-link bandwidth, bytes/s
 } cluster_stats_t;
+
+// One loss and what the cluster did about it.
+typedef struct {
+    char worker[MSG_ID_MAX];         // the lost worker's node id (or endpoint)
+    char what[96];                   // "lost (peer lost)", "no answer within 1000 ms", ...
+    double detect_ms;                // from the last message heard from it to the loss being confirmed
+    double recover_ms;               // from the confirmation to the failed step done again
+    int replayed;                    // tokens replayed to rebuild the caches
+    int nodes_after;                 // computing nodes in the new plan
+    int rc;                          // 0 recovered, else why not (the step then failed)
+} cluster_recovery_t;
+#define CLUSTER_MAX_RECOVERIES 64
 
 typedef struct cluster cluster_t;
 
@@ -108,6 +127,9 @@ void cluster_stats_reset(cluster_t *c);
 // are complete; 0 or MLM_ETIMEOUT. Pipeline utilisation = busy_ms / (n_compute * step_ms).
 int cluster_sync_stats(cluster_t *c, int timeout_ms);
 const char *cluster_error(const cluster_t *c);
+
+// The losses so far and what was done (at most CLUSTER_MAX_RECOVERIES, oldest first); *n gets the count.
+const cluster_recovery_t *cluster_recoveries(const cluster_t *c, int *n);
 
 // Ends the plan on every worker (and stops them with exit_workers); accepts NULL, NULLs the pointer.
 void cluster_close(cluster_t **self_p, bool exit_workers);

@@ -225,7 +225,9 @@ static int open_data_plane(node_t *n, char *err, size_t errlen) {
     const char *eps[MSG_MAX_NODES];
     for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;
     comm_open_opts_t co = {.rank = n->index, .size = n->plan.n_nodes, .endpoints = eps, .timeout_ms = n->timeout_ms,
-                           .fault_spec = n->faults};
+                           .fault_spec = n->faults, .fail_on_any_loss = true,
+                           .session = (uint16_t)(n->plan.plan_id | 1)};
+    comm_open_heartbeat(&co, n->o->heartbeat_ms);
     return comm_open(&n->comm, fault_has_link_rules(n->faults) ? "fault:zmq" : "zmq", &co, err, errlen);
 }
 
@@ -438,6 +440,7 @@ int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen) {
 int node_serve(const node_opts_t *o, char *err, size_t errlen) {
     comm_t *ctl = NULL;
     comm_open_opts_t co = {.listen = o->listen};
+    comm_open_heartbeat(&co, o->heartbeat_ms); // a vanished coordinator's link drops
     int rc = comm_open(&ctl, "link", &co, err, errlen);
     if (rc != 0) return rc;
     if (o->verbose) fprintf(stderr, "[%s] listening on %s\n", o->node_id ? o->node_id : "worker", o->listen);

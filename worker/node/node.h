@@ -24,6 +24,8 @@ typedef struct {
     comm_t *data;            // a ready data plane whose ranks are the plan's nodes in order (MPI, in-process;
                              // borrowed), or NULL: a ZeroMQ data plane is made for each plan from its endpoints
     bool exit_on_peer_loss;  // return when the control channel reports the coordinator lost (MPI, in-process)
+    int heartbeat_ms;        // links (control and data) drop a peer silent this long (0 = 1000): a frozen
+                             // peer is noticed, and a step waiting on the plan's nodes fails when any is lost
 } node_opts_t;
 
 // A SLICE_DATA message naming this tensor is a bandwidth probe: the worker answers it, like a

@@ -75,6 +75,7 @@ static void bench_usage(FILE *f) {
             "                          on different sequences); t/s counts every sequence's tokens\n"
             "      --json              print a JSON array instead of the table\n"
             LAYOUT_MEM_USAGE
+            LAYOUT_FAULT_USAGE
             LAYOUT_ARGS_USAGE
             "after the speed table, a memory table gives every process's peak resident set (VmHWM) and the\n"
             "peak of each local worker's memory cgroup (in --json: \"memory\" in each result)\n");
@@ -226,7 +227,7 @@ int cmd_bench(int argc, char **argv) {
         {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
         {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
         {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'}, LAYOUT_ARGS_LONGOPTS,
-        LAYOUT_MEM_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
     optind = 1;
     int ch;
@@ -367,7 +368,8 @@ int cmd_bench(int argc, char **argv) {
                                      .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti],
                                      .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
-                                     .local_profile = a.local > 0};
+                                     .local_profile = a.local > 0, .recover = !a.lay.no_recover,
+                                     .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby};
                 int rc = open_cluster(&cl, &co, lw && lw->mem_limit, err, sizeof err);
                 free(list);
                 if (rc != 0) {
@@ -443,6 +445,7 @@ int cmd_bench(int argc, char **argv) {
                         cJSON_AddNumberToObject(o, "utilisation", util);
                         cJSON_AddNumberToObject(o, "comm_ms_per_token", comm_ms);
                         cJSON_AddNumberToObject(o, "comm_bytes_per_token", kib * 1024.0);
+                        cJSON_AddItemToObject(o, "recoveries", cluster_recoveries_json(cl));
                     }
                     cJSON_AddItemToArray(jarr, o);
                 } else {

@@ -1,4 +1,5 @@
 // meshlm run: load a GGUF model on this machine, tokenize a prompt, and stream a generation.
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -52,6 +53,7 @@ static void run_usage(FILE *f) {
             "      --show-plan         print the plan (who holds which layers) on stderr before generating\n"
             "      --verbose           cluster progress on stderr\n"
             LAYOUT_MEM_USAGE
+            LAYOUT_FAULT_USAGE
             LAYOUT_ARGS_USAGE
             "at the end, stderr (and --json's \"memory\") reports every process's peak resident set (VmHWM)\n"
             "and the peak of each local worker's memory cgroup\n");
@@ -68,7 +70,7 @@ static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
         {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
         {"verbose", no_argument, 0, O_VERBOSE}, {"data-endpoint", required_argument, 0, O_DATA_EP},
         {"show-plan", no_argument, 0, O_SHOW_PLAN},
-        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, {0, 0, 0, 0}};
+        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     gen_args_init(&a->g);
     optind = 1;
@@ -213,7 +215,8 @@ static int run_main(run_args_t *ap) {
                              .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .verbose = a.verbose,
                              .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
-                             .local_profile = a.local > 0};
+                             .local_profile = a.local > 0, .recover = !a.lay.no_recover,
+                             .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby};
         if ((rc = open_cluster(&cl, &co, lw && lw->mem_limit && !a.local_no_model, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             say_dead_workers(lw);
@@ -285,7 +288,10 @@ static int run_main(run_args_t *ap) {
     mem_report_t *mr = malloc(sizeof *mr); // before the workers are told to exit
     if (mr) mem_report_collect(mr, lw, eps, lw ? 0 : n_workers);
     if (a.g.json) {
-        gen_print_json_memory(pt, np, &res, mr ? mem_report_json(mr) : NULL);
+        cJSON *extras = cJSON_CreateObject();
+        if (extras && mr) cJSON_AddItemToObject(extras, "memory", mem_report_json(mr));
+        if (extras && cl) cJSON_AddItemToObject(extras, "recoveries", cluster_recoveries_json(cl));
+        gen_print_json_extra(pt, np, &res, extras);
     } else {
         printf("\n");
         fflush(stdout);

@@ -87,9 +87,16 @@ void gen_args_free(gen_args_t *a) {
 void gen_print_json(const int32_t *pt, int np, const gen_result_t *r) { gen_print_json_memory(pt, np, r, NULL); }
 
 void gen_print_json_memory(const int32_t *pt, int np, const gen_result_t *r, cJSON *memory) {
+    cJSON *extras = memory ? cJSON_CreateObject() : NULL;
+    if (extras) cJSON_AddItemToObject(extras, "memory", memory);
+    else cJSON_Delete(memory);
+    gen_print_json_extra(pt, np, r, extras);
+}
+
+void gen_print_json_extra(const int32_t *pt, int np, const gen_result_t *r, cJSON *extras) {
     cJSON *o = cJSON_CreateObject();
     if (!o) {
-        cJSON_Delete(memory);
+        cJSON_Delete(extras);
         return;
     }
     cJSON *p = cJSON_AddArrayToObject(o, "prompt_tokens");
@@ -100,7 +107,11 @@ void gen_print_json_memory(const int32_t *pt, int np, const gen_result_t *r, cJS
     cJSON_AddNumberToObject(o, "prompt_ms", r->prompt_ms);
     cJSON_AddNumberToObject(o, "gen_ms", r->gen_ms);
     cJSON_AddNumberToObject(o, "tokens_per_s", r->gen_ms > 0 ? r->n_gen_evals * 1000.0 / r->gen_ms : 0.0);
-    if (memory) cJSON_AddItemToObject(o, "memory", memory);
+    while (extras && extras->child) {
+        cJSON *item = cJSON_DetachItemViaPointer(extras, extras->child);
+        cJSON_AddItemToObject(o, item->string, item); // the name is copied before the old one is freed
+    }
+    cJSON_Delete(extras);
     char *s = cJSON_PrintUnformatted(o);
     if (s) printf("%s\n", s);
     free(s);

@@ -83,5 +83,7 @@ void gen_print_json(const int32_t *pt, int np, const gen_result_t *r);
 // The same with "memory": the array memory (mem_report_json; takes ownership; NULL = no such key).
 struct cJSON;
 void gen_print_json_memory(const int32_t *pt, int np, const gen_result_t *r, struct cJSON *memory);
+// The same with more members: every item of extras (an object; taken over, may be NULL) is added.
+void gen_print_json_extra(const int32_t *pt, int np, const gen_result_t *r, struct cJSON *extras);
 
 #endif

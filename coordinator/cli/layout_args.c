@@ -48,6 +48,9 @@ int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cm
     case LA_PLAN: a->plan_file = arg; return 1;
     case LA_MEM_BUDGET: return size_arg(arg, "--mem-budget", cmd, &a->mem_budget);
     case LA_LOCAL_MEM: a->local_mem_set = true; return size_arg(arg, "--local-mem", cmd, &a->local_mem);
+    case LA_HEARTBEAT: return positive(arg, "--heartbeat-ms", cmd, &a->heartbeat_ms);
+    case LA_NO_RECOVER: a->no_recover = true; return 1;
+    case LA_STANDBY: return positive(arg, "--standby", cmd, &a->n_standby);
     default: return 0;
     }
 }

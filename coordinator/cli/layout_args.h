@@ -21,10 +21,15 @@ typedef struct {
     uint64_t local_mem;       // --local-mem SIZE: memory cgroup limit of each local worker (see
                               // layout_args_local_mem; 0 with local_mem_set = no limit)
     bool local_mem_set;       // --local-mem was given
+    // faults: --heartbeat-ms MS (0 = 1000), --no-recover, --standby N (the last N workers)
+    int heartbeat_ms;
+    bool no_recover;
+    int n_standby;
 } layout_args_t;
 
 // Option ids, above every command's own (GA_NEXT + 100 leaves room).
-enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_LOCAL_MEM };
+enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_LOCAL_MEM, LA_HEARTBEAT, LA_NO_RECOVER,
+       LA_STANDBY };
 
 #define LAYOUT_ARGS_LONGOPTS                                                                                     \
     {"pp", required_argument, 0, LA_PP}, {"tp", required_argument, 0, LA_TP},                                   \
@@ -51,6 +56,17 @@ enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_L
     "      --local-mem SIZE    limit of the memory cgroup each --local worker runs in; the page cache of\n"  \
     "                          the model file counts (default: the --mem-budget; without one, no limit;\n"    \
     "                          0 = no limit). The cgroup's peak is reported at the end\n"
+
+// The fault options, for the commands that coordinate workers (run, coordinator, bench).
+#define LAYOUT_FAULT_LONGOPTS                                                                                    \
+    {"heartbeat-ms", required_argument, 0, LA_HEARTBEAT}, {"no-recover", no_argument, 0, LA_NO_RECOVER},       \
+        {"standby", required_argument, 0, LA_STANDBY}
+
+#define LAYOUT_FAULT_USAGE                                                                                       \
+    "faults (a worker lost in a step: re-plan over the survivors, reload, replay, go on):\n"                    \
+    "      --heartbeat-ms MS   a killed, frozen or cut-off worker is detected within this (default 1000)\n"    \
+    "      --no-recover        fail the request instead of recovering\n"                                       \
+    "      --standby N         the last N workers wait outside the plan and replace lost ones\n"
 
 // The memory cgroup limit of each local worker: --local-mem when given, else --mem-budget (0 = none).
 uint64_t layout_args_local_mem(const layout_args_t *a);

@@ -3,6 +3,7 @@
 #include "coordinator/runtime/cluster.h"
 
 #include <arpa/inet.h>
+#include <cjson/cJSON.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -86,6 +87,7 @@ struct cluster {
     int n_rec;
     int n_lost_total;           // workers lost so far (forced layouts then shrink to the nodes left)
     uint64_t plan_id;           // the current plan's (its data plane's session is its low bits)
+    double step_t0;             // when the last step started (mlm_now_ms)
     int n_plans;                // plans made
 };
 
@@ -865,7 +867,7 @@ static int eval_once(cluster_t *c, int n_seqs, const int *seq, const int32_t *co
             if (tokens[k][i] < 0 || tokens[k][i] >= n_vocab) return MLM_EINVAL;
         total += (uint64_t)n[k];
     }
-    const double t0 = mlm_now_ms();
+    const double t0 = c->step_t0 = mlm_now_ms();
     for (int i = 0; i < c->o.n_workers; i++)
         if (c->w[i].rank >= 0) drain_reports(c, i, 0); // earlier steps' reports
     char err[256];
@@ -1050,7 +1052,8 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
         const worker_t *w = &c->w[first];
         snprintf(r->worker, sizeof r->worker, "%.63s", w->hello.node_id[0] ? w->hello.node_id : w->endpoint);
         snprintf(r->what, sizeof r->what, "lost (%s)%s", mlm_strerror(step_rc), lost > 1 ? " with others" : "");
-        r->detect_ms = w->heard_ms > 0 ? t1 - w->heard_ms : t1 - t0;
+        // from the last sign of life: its last message, or the failed step's start if that is later
+        r->detect_ms = t1 - (w->heard_ms > c->step_t0 ? w->heard_ms : c->step_t0);
     } else {
         snprintf(r->worker, sizeof r->worker, "-");
         snprintf(r->what, sizeof r->what, "step failed (%s), every worker answers: plan again", mlm_strerror(step_rc));
@@ -1112,6 +1115,24 @@ static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *co
 const cluster_recovery_t *cluster_recoveries(const cluster_t *c, int *n) {
     *n = c->n_rec;
     return c->rec;
+}
+
+cJSON *cluster_recoveries_json(const cluster_t *c) {
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; a && i < c->n_rec; i++) {
+        const cluster_recovery_t *r = &c->rec[i];
+        cJSON *o = cJSON_CreateObject();
+        if (!o) break;
+        cJSON_AddStringToObject(o, "worker", r->worker);
+        cJSON_AddStringToObject(o, "what", r->what);
+        cJSON_AddNumberToObject(o, "detection_ms", r->detect_ms);
+        cJSON_AddNumberToObject(o, "recovery_ms", r->recover_ms);
+        cJSON_AddNumberToObject(o, "replayed_tokens", r->replayed);
+        cJSON_AddNumberToObject(o, "nodes_after", r->nodes_after);
+        cJSON_AddBoolToObject(o, "recovered", r->rc == 0);
+        cJSON_AddItemToArray(a, o);
+    }
+    return a;
 }
 
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {

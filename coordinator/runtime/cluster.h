@@ -131,6 +131,10 @@ const char *cluster_error(const cluster_t *c);
 // The losses so far and what was done (at most CLUSTER_MAX_RECOVERIES, oldest first); *n gets the count.
 const cluster_recovery_t *cluster_recoveries(const cluster_t *c, int *n);
 
+// The same as a JSON array (caller owns it): [{"worker","what","detection_ms","recovery_ms",
+// "replayed_tokens","nodes_after","recovered"}, ...].
+struct cJSON *cluster_recoveries_json(const cluster_t *c);
+
 // Ends the plan on every worker (and stops them with exit_workers); accepts NULL, NULLs the pointer.
 void cluster_close(cluster_t **self_p, bool exit_workers);
 

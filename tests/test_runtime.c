@@ -24,7 +24,7 @@ typedef struct {
     comm_t *data[MAX_RANKS];    // data-plane group
     pthread_t th[MAX_RANKS];
     node_opts_t o[MAX_RANKS];   // each node's options
-    char ids[MAX_RANKS][16];
+    char ids[MAX_RANKS][24];
     int rc[MAX_RANKS];          // node_run's result
     char err[MAX_RANKS][256];
     int n;                      // ranks in all

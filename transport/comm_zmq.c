@@ -30,6 +30,7 @@ typedef struct {
 
 #define ZQ_ANON_MAX 64          // rejected messages of unknown origin kept for recv(ANY)
 #define ZQ_EP_MAX 512           // longest endpoint string
+#define ZQ_HELLO_EVERY_MS 50 // the handshake repeats its HELLOs this often until they are acknowledged
 #define ZQ_GRACE_MS 20          // after a peer is seen gone, wait this long for its last messages
 #define ZQ_REFUSE_GRACE_MS 300  // a refusing rank keeps delivering its HELLO this long, then leaves
 
@@ -45,6 +46,8 @@ typedef struct {
     bool *lost;                 // (size) peer gone for good (unreachable or said BYE)
     bool *left;                 // (size) of those, the ones that said BYE (left cleanly)
     bool *hello;                // (size) HELLO received from peer
+    bool *heard;                // (size) peer's HELLO said it has ours (the handshake with it is complete)
+    bool started;               // the handshake is over: a HELLO that says it lacks ours is answered
     int64_t *next_probe;        // (size) monotonic us of the next liveness probe
     uint64_t stamp;             // messages queued so far
     uint64_t rejected;          // messages dropped as malformed, oversized or unknown
@@ -107,13 +110,22 @@ static void push_err(zq_ctx_t *z, int src, int err) {
 static int send_parts(zq_ctx_t *z, int peer, int kind, const comm_iov_t *f, int n) {
     uint8_t id[5], env[COMM_ZMQ_ENVELOPE_BYTES];
     routing_id(id, 'p', peer);
-    comm_zmq_envelope(env, kind, z->rank, z->size | (int)z->o.session << 16, n);
+    comm_zmq_envelope(env, kind, z->rank, (uint32_t)z->size | (uint32_t)z->o.session << 16, n);
     if (zmq_send(z->out, id, sizeof id, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) return errno ? errno : EIO;
     // the first part decided routing: the rest of the message is accepted as a whole
     if (zmq_send(z->out, env, sizeof env, (n ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT) < 0) return EIO;
     for (int i = 0; i < n; i++)
         if (zmq_send(z->out, f[i].ptr, f[i].len, (i + 1 < n ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT) < 0) return EIO;
     return 0;
+}
+
+// A HELLO to peer; heard: we have the peer's HELLO (byte 7 of the envelope, a HELLO has no frames).
+static int send_hello(zq_ctx_t *z, int peer, bool heard) {
+    uint8_t id[5], env[COMM_ZMQ_ENVELOPE_BYTES];
+    routing_id(id, 'p', peer);
+    comm_zmq_envelope(env, COMM_ZMQ_HELLO, z->rank, (uint32_t)z->size | (uint32_t)z->o.session << 16, heard ? 1 : 0);
+    if (zmq_send(z->out, id, sizeof id, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) return errno ? errno : EIO;
+    return zmq_send(z->out, env, sizeof env, ZMQ_DONTWAIT) < 0 ? EIO : 0;
 }
 
 // Reads and files one message from the inbound socket. 1 if one was taken, 0 if none waited.
@@ -166,7 +178,11 @@ static int take_one(zq_ctx_t *z) {
         goto done;
     }
     switch (kind) {
-    case COMM_ZMQ_HELLO: z->hello[src] = true; break;
+    case COMM_ZMQ_HELLO: // byte 7 of a HELLO: the sender has the addressee's HELLO
+        z->hello[src] = true;
+        if (nf == 1) z->heard[src] = true;
+        else if (z->started) send_hello(z, (int)src, true); // ours went astray: again
+        break;
     case COMM_ZMQ_PROBE: break;
     case COMM_ZMQ_BYE: z->lost[src] = z->left[src] = true; break;
     case COMM_ZMQ_DATA: {
@@ -349,6 +365,7 @@ static void zq_free(zq_ctx_t *z) {
     free(z->lost);
     free(z->left);
     free(z->hello);
+    free(z->heard);
     free(z->next_probe);
     free(z);
 }
@@ -425,17 +442,23 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
         }
     }
 
-    bool *said = calloc((size_t)z->size, sizeof *said); // HELLO delivered to peer
+    // Every rank says HELLO to every peer, again every ZQ_HELLO_EVERY_MS until the peer's own HELLO
+    // says it has ours: a HELLO can land on a socket that is going away (the previous world's, still
+    // bound at the same endpoint while it lingers), so one send is not proof of delivery.
+    bool *said = calloc((size_t)z->size, sizeof *said); // a HELLO went out to the peer at least once
     if (!said) return MLM_ENOMEM;
     const int64_t dl = mlm_now_us() + (int64_t)z->o.connect_timeout_ms * 1000;
-    int64_t refuse_at = -1; // after a mismatch, keep saying hello briefly so the peer learns why
+    int64_t refuse_at = -1, next_say = 0; // after a mismatch, keep saying hello briefly so the peer learns why
     int rc = 0;
     for (;;) {
         bool done = true, all_said = true;
+        const bool say = mlm_now_us() >= next_say;
+        if (say) next_say = mlm_now_us() + ZQ_HELLO_EVERY_MS * 1000;
         for (int p = 0; p < z->size; p++) {
             if (p == z->rank) continue;
-            if (!said[p]) said[p] = send_parts(z, p, COMM_ZMQ_HELLO, NULL, 0) == 0;
-            done = done && said[p] && z->hello[p];
+            if (say && !(z->hello[p] && z->heard[p]) && send_hello(z, p, z->hello[p]) == 0)
+                said[p] = true;
+            done = done && z->hello[p] && z->heard[p];
             all_said = all_said && said[p];
         }
         if (z->proto_err[0] && refuse_at < 0) refuse_at = mlm_now_us() + (int64_t)ZQ_REFUSE_GRACE_MS * 1000;
@@ -448,7 +471,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
         if (mlm_now_us() >= dl) {
             int k = snprintf(err, errlen, "rank %d: no handshake within %d ms with rank(s)", z->rank, z->o.connect_timeout_ms);
             for (int p = 0; p < z->size && k > 0 && (size_t)k < errlen; p++)
-                if (p != z->rank && !(said[p] && z->hello[p])) k += snprintf(err + k, errlen - (size_t)k, " %d", p);
+                if (p != z->rank && !(z->hello[p] && z->heard[p])) k += snprintf(err + k, errlen - (size_t)k, " %d", p);
             rc = MLM_ETIMEOUT;
             break;
         }
@@ -458,20 +481,25 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
             break;
         }
     }
+    // A peer that finished first may still lack our HELLO-that-heard-it: it asks again, and after
+    // this every HELLO is answered (take_one).
+    z->started = true;
+    for (int p = 0; rc == 0 && p < z->size; p++)
+        if (p != z->rank) send_hello(z, p, true);
     free(said);
     return rc;
 }
 
 // --- public API
 
-void comm_zmq_envelope(uint8_t *out, int kind, int src, int world, int nframes) {
+void comm_zmq_envelope(uint8_t *out, int kind, int src, uint32_t world, int nframes) {
     mlm_put32(out, COMM_ZMQ_MAGIC);
     out[4] = COMM_ZMQ_MAJOR;
     out[5] = COMM_ZMQ_MINOR;
     out[6] = (uint8_t)kind;
     out[7] = (uint8_t)nframes;
     mlm_put32(out + 8, (uint32_t)src);
-    mlm_put32(out + 12, (uint32_t)world);
+    mlm_put32(out + 12, world);
 }
 
 void comm_zmq_opts_default(comm_zmq_opts_t *o) {
@@ -516,13 +544,14 @@ int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints,
     z->lost = calloc((size_t)size, sizeof *z->lost);
     z->left = calloc((size_t)size, sizeof *z->left);
     z->hello = calloc((size_t)size, sizeof *z->hello);
+    z->heard = calloc((size_t)size, sizeof *z->heard);
     z->next_probe = calloc((size_t)size, sizeof *z->next_probe);
     z->zctx = zmq_ctx_new();
     if (z->zctx) {
         z->in = zmq_socket(z->zctx, ZMQ_ROUTER);
         z->out = zmq_socket(z->zctx, ZMQ_ROUTER);
     }
-    if (!z->q || !z->lost || !z->hello || !z->next_probe || !z->in || !z->out) {
+    if (!z->q || !z->lost || !z->hello || !z->heard || !z->next_probe || !z->in || !z->out) {
         snprintf(err, errlen, "out of memory or zmq sockets");
         zq_free(z);
         return MLM_ENOMEM;

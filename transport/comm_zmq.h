@@ -22,13 +22,16 @@
 #define COMM_ZMQ_ENVELOPE_BYTES 16
 enum {
     COMM_ZMQ_DATA = 0,              // user frames follow
-    COMM_ZMQ_HELLO = 1,             // handshake: rank and world size in the envelope
+    COMM_ZMQ_HELLO = 1,             // handshake: rank and world size in the envelope; no frames, and byte 7
+                                    // (the frame count) is 1 when the sender has the addressee's HELLO.
+                                    // A rank repeats its HELLO until the peer's says it has it (1.1)
     COMM_ZMQ_PROBE = 2,             // liveness probe, ignored by the receiver
     COMM_ZMQ_BYE = 3,               // the sender is shutting down cleanly
 };
 
 // Writes an envelope into out (COMM_ZMQ_ENVELOPE_BYTES); for tests and tools speaking the wire.
-void comm_zmq_envelope(uint8_t *out, int kind, int src, int world, int nframes);
+// world: the world size, with the session in the high 16 bits.
+void comm_zmq_envelope(uint8_t *out, int kind, int src, uint32_t world, int nframes);
 
 typedef struct {
     size_t max_msg_bytes;       // largest accepted message (sum of user frames); default 256 MiB

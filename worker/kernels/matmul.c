@@ -216,6 +216,32 @@ void mm_weight_release(mm_weight_t *w) {
     w->row_align = 1;
 }
 
+void mm_weight_get_row(const mm_weight_t *w, int64_t r, void *out) {
+    if (w->pack == MMP_NONE) {
+        memcpy(out, w->data + (size_t)r * w->row_bytes, w->row_bytes);
+        return;
+    }
+    // the inverse of repack_rows for one row
+    const int64_t nb = w->cols / qtype_traits(w->type)->blck;
+    const int i = (int)(r % MMP_ROWS);
+    const uint8_t *grp = (const uint8_t *)w->packed + (size_t)(r / MMP_ROWS) * mmp_group_bytes(w->pack, nb);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = mmp_block_quants(w->pack, grp, b);
+        const uint8_t *sc = mmp_block_scales(w->pack, grp, b);
+        if (w->pack == MMP_Q4_0X16) {
+            block_q4_0 *blk = (block_q4_0 *)out + b;
+            memcpy(&blk->d, sc + (size_t)i * 2, 2);
+            for (int j = 0; j < 4; j++) memcpy(blk->qs + 4 * j, q + (size_t)(j * MMP_ROWS + i) * 4, 4);
+        } else {
+            block_q8_0 *blk = (block_q8_0 *)out + b;
+            memcpy(&blk->d, sc + (size_t)i * 2, 2);
+            for (int j = 0; j < 8; j++)
+                for (int c = 0; c < 4; c++)
+                    blk->qs[4 * j + c] = (int8_t)(q[(size_t)(j * MMP_ROWS + i) * 4 + c] ^ 0x80u);
+        }
+    }
+}
+
 qtype_t mm_act_type(qtype_t wtype) {
     const qtype_traits_t *tr = qtype_traits(wtype);
     return tr ? tr->vec_dot_type : QT_F32;

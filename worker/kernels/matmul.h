@@ -29,6 +29,11 @@ int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t row
 // Frees the repacked copy, if any. Accepts a zeroed struct.
 void mm_weight_release(mm_weight_t *w);
 
+// Copies row r (0 <= r < rows) of w in its file encoding (row_bytes bytes of type's blocks) to out,
+// from the plain rows or back out of the repacked copy: the row the products multiply with. For
+// checks and tools (a row at a time, not fast).
+void mm_weight_get_row(const mm_weight_t *w, int64_t r, void *out);
+
 // Activation type used with weights of type wtype, and the bytes of one activation row.
 qtype_t mm_act_type(qtype_t wtype);
 size_t mm_act_row_bytes(qtype_t wtype, int64_t cols);

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "offload/attn.h"
+#include "offload/weights.h"
 #include "worker/format/gguf.h"
 #include "worker/format/hparams.h"
 #include "worker/kernels/kernels.h"
@@ -16,6 +18,8 @@ typedef struct {
     bool repack;                  // allow kernels to repack weights into a faster layout (copies them)
     const kernels_t *kern;        // NULL = kernels_best()
     const shard_slice_t *slice;   // rows to hold (NULL = all); a shard file must hold exactly these
+    const char *weights;          // weight provider by name (offload/weights.h; NULL = "mmap")
+    size_t weights_budget;        // bytes of memory for weights, for providers that stream (0 = no limit)
 } model_load_opts_t;
 
 typedef struct model model_t;
@@ -33,6 +37,8 @@ const kernels_t *model_kernels(const model_t *m);
 const char *model_type_name(const model_t *m);
 // The rows this model holds (everything unless loaded with a slice or from a shard file).
 const shard_slice_t *model_slice(const model_t *m);
+// The weight provider the forward pass acquires from (for its name and stats; borrowed).
+weights_t *model_weights(const model_t *m);
 
 // Tensor parallelism: gathers one block from every node. Node i contributes lens[i] bytes (mine,
 // my_len, is this node's); out receives all blocks concatenated in node order. Every node calls it
@@ -58,12 +64,13 @@ typedef struct {
     int n_threads;         // 0 = number of online CPUs
     bool kv_f32;           // F32 KV cache instead of the default F16 (what llama.cpp uses)
     const model_tp_t *tp;  // tensor-parallel group (NULL = this model computes everything alone)
+    const char *attn_dev;  // attention/KV device by name (offload/attn.h; NULL = "host")
 } model_ctx_opts_t;
 
 typedef struct model_ctx model_ctx_t;
 
-// A context: KV cache, scratch buffers and a thread pool for one sequence. The model is borrowed
-// until model_ctx_destroy.
+// A context: an attention/KV device holding one sequence, scratch buffers and a thread pool. The
+// model is borrowed until model_ctx_destroy.
 int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *opts, char *err, size_t errlen);
 void model_ctx_destroy(model_ctx_t **self_p);
 
@@ -87,5 +94,7 @@ int model_eval_stage(model_ctx_t *c, const int32_t *tokens, const float *hidden_
 int model_ctx_pos(const model_ctx_t *c);      // tokens in the cache
 int model_ctx_n_ctx(const model_ctx_t *c);
 void model_ctx_reset(model_ctx_t *c);         // forget the cache
+// The context's attention/KV device (for its name and stats; NULL on a node without query heads).
+attn_dev_t *model_ctx_attn(const model_ctx_t *c);
 
 #endif

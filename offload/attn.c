@@ -1,0 +1,220 @@
+// Attention/KV devices: the registry and the checking wrapper.
+#include "offload/attn.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/err.h"
+#include "offload/attn_impl.h"
+
+typedef struct {
+    int n_ctx;       // capacity; 0 = not allocated
+    int *len;        // (n_layer) positions appended per layer
+} seq_state_t;
+
+struct attn_dev {
+    const struct attn_dev_i *iface;
+    void *ctx;
+    attn_params_t p;
+    char name[32];
+    seq_state_t *seqs;   // (n_seq_max)
+    int *lens;           // (n_seq_max, n_layer) backing the seqs' len
+    attn_stats_t counts; // appended, attended, seqs
+};
+
+// --- registry
+
+#define REGISTRY_MAX 16
+
+static struct {
+    char name[32];
+    attn_dev_new_fn make;
+} devices[REGISTRY_MAX] = {
+    {"host", attn_host_new},
+};
+static int n_registered = 1; // the built-ins above
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static char names_buf[REGISTRY_MAX * 33]; // the names, space-separated (changes only on a registration)
+
+static void names_rebuild(void) { // under registry_lock
+    names_buf[0] = 0;
+    for (int i = 0; i < n_registered; i++) {
+        if (i) strcat(names_buf, " ");
+        strcat(names_buf, devices[i].name);
+    }
+}
+
+int attn_dev_register(const char *name, attn_dev_new_fn make) {
+    if (!name || !*name || strchr(name, ':') || strlen(name) > 31 || !make) return MLM_EINVAL;
+    pthread_mutex_lock(&registry_lock);
+    int rc = 0;
+    for (int i = 0; i < n_registered && rc == 0; i++)
+        if (!strcmp(devices[i].name, name)) rc = MLM_ESTATE;
+    if (rc == 0 && n_registered == REGISTRY_MAX) rc = MLM_EFULL;
+    if (rc == 0) {
+        snprintf(devices[n_registered].name, sizeof devices[n_registered].name, "%s", name);
+        devices[n_registered++].make = make;
+        names_rebuild();
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return rc;
+}
+
+// The constructor registered as the first len bytes of name, or NULL.
+static attn_dev_new_fn find_maker(const char *name, size_t len) {
+    attn_dev_new_fn make = NULL;
+    pthread_mutex_lock(&registry_lock);
+    for (int i = 0; i < n_registered && !make; i++)
+        if (strlen(devices[i].name) == len && memcmp(devices[i].name, name, len) == 0) make = devices[i].make;
+    pthread_mutex_unlock(&registry_lock);
+    return make;
+}
+
+int attn_dev_new(attn_dev_t **out, const char *name, const attn_params_t *p, char *err, size_t errlen) {
+    if (!out) return MLM_EINVAL;
+    *out = NULL;
+    if (!p) return mlm_fail(err, errlen, MLM_EINVAL, "attention device: missing parameters");
+    int rc = attn_params_check(p, err, errlen);
+    if (rc != 0) return rc;
+    if (!name || !*name) name = "host";
+    const char *colon = strchr(name, ':');
+    const size_t len = colon ? (size_t)(colon - name) : strlen(name);
+    const attn_dev_new_fn make = find_maker(name, len);
+    if (make) return make(out, p, colon ? colon + 1 : "", err, errlen);
+    return mlm_fail(err, errlen, MLM_ENOTFOUND, "no attention device '%.*s' (have: %s)", (int)len, name,
+                    attn_dev_names());
+}
+
+const char *attn_dev_names(void) {
+    pthread_mutex_lock(&registry_lock);
+    if (!names_buf[0]) names_rebuild();
+    pthread_mutex_unlock(&registry_lock);
+    return names_buf;
+}
+
+int attn_params_check(const attn_params_t *p, char *err, size_t errlen) {
+    if (p->n_layer < 1 || p->head_dim < 1 || p->n_head < 1 || p->n_head_kv < 1 || p->n_head % p->n_head_kv != 0 ||
+        p->n_seq_max < 0)
+        return mlm_fail(err, errlen, MLM_EINVAL, "attention device: bad shape (%d layers, %d heads / %d KV heads of %d)",
+                        p->n_layer, p->n_head, p->n_head_kv, p->head_dim);
+    if (p->h0 < 0 || p->h1 > p->n_head || p->h1 <= p->h0 || p->kv0 < 0 || p->kv1 > p->n_head_kv || p->kv1 <= p->kv0)
+        return mlm_fail(err, errlen, MLM_EINVAL, "attention device: heads [%d, %d) / KV heads [%d, %d) outside the model",
+                        p->h0, p->h1, p->kv0, p->kv1);
+    const int group = p->n_head / p->n_head_kv;
+    if (p->h0 / group < p->kv0 || (p->h1 - 1) / group >= p->kv1)
+        return mlm_fail(err, errlen, MLM_EINVAL, "attention device: heads [%d, %d) read KV heads outside [%d, %d)",
+                        p->h0, p->h1, p->kv0, p->kv1);
+    if (p->kv_type != QT_F16 && p->kv_type != QT_F32)
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "attention device: KV cache type %s (F16 or F32)",
+                        qtype_name(p->kv_type));
+    return 0;
+}
+
+attn_dev_t *attn_dev_wrap(const struct attn_dev_i *iface, void *ctx, const char *name, const attn_params_t *p) {
+    attn_dev_t *d = calloc(1, sizeof *d);
+    const int ns = p->n_seq_max > 0 ? p->n_seq_max : 1;
+    if (d) {
+        d->seqs = calloc((size_t)ns, sizeof *d->seqs);
+        d->lens = calloc((size_t)ns * (size_t)p->n_layer, sizeof *d->lens);
+    }
+    if (!d || !d->seqs || !d->lens) {
+        if (d) free(d->seqs), free(d->lens), free(d);
+        if (iface->free) iface->free(ctx);
+        return NULL;
+    }
+    d->iface = iface;
+    d->ctx = ctx;
+    d->p = *p;
+    d->p.n_seq_max = ns;
+    for (int s = 0; s < ns; s++) d->seqs[s].len = d->lens + (size_t)s * (size_t)p->n_layer;
+    snprintf(d->name, sizeof d->name, "%s", name);
+    return d;
+}
+
+void attn_dev_free(attn_dev_t **self_p) {
+    if (!self_p || !*self_p) return;
+    attn_dev_t *d = *self_p;
+    for (int s = 0; s < d->p.n_seq_max; s++) attn_dev_seq_drop(d, s);
+    if (d->iface->free) d->iface->free(d->ctx);
+    free(d->seqs);
+    free(d->lens);
+    free(d);
+    *self_p = NULL;
+}
+
+const char *attn_dev_name(const attn_dev_t *d) { return d->name; }
+
+// --- sequences
+
+// The allocated sequence seq with a valid layer, or NULL with *rc set.
+static seq_state_t *seq_at(attn_dev_t *d, int seq, int layer, int *rc) {
+    if (!d || seq < 0 || seq >= d->p.n_seq_max || layer < 0 || layer >= d->p.n_layer) {
+        *rc = MLM_EINVAL;
+        return NULL;
+    }
+    if (d->seqs[seq].n_ctx == 0) {
+        *rc = MLM_ESTATE;
+        return NULL;
+    }
+    return &d->seqs[seq];
+}
+
+int attn_dev_seq_new(attn_dev_t *d, int seq, int n_ctx) {
+    if (!d || seq < 0 || seq >= d->p.n_seq_max || n_ctx < 1) return MLM_EINVAL;
+    seq_state_t *s = &d->seqs[seq];
+    if (s->n_ctx != 0) return MLM_ESTATE;
+    int rc = d->iface->seq_new(d->ctx, seq, n_ctx);
+    if (rc != 0) return rc;
+    s->n_ctx = n_ctx;
+    memset(s->len, 0, (size_t)d->p.n_layer * sizeof *s->len);
+    d->counts.seqs++;
+    return 0;
+}
+
+int attn_dev_append(attn_dev_t *d, int seq, int layer, int pos, const float *k, const float *v, int n) {
+    int rc = 0;
+    seq_state_t *s = seq_at(d, seq, layer, &rc);
+    if (!s) return rc;
+    if (n < 1 || pos < 0 || pos > s->len[layer] || !k || !v) return MLM_EINVAL;
+    if (pos + n > s->n_ctx) return MLM_ERANGE;
+    rc = d->iface->append(d->ctx, seq, layer, pos, k, v, n);
+    if (rc != 0) return rc;
+    s->len[layer] = pos + n;
+    d->counts.appended += (uint64_t)n;
+    return 0;
+}
+
+int attn_dev_attend(attn_dev_t *d, int seq, int layer, const float *q, int n, int pos0, float *out) {
+    int rc = 0;
+    seq_state_t *s = seq_at(d, seq, layer, &rc);
+    if (!s) return rc;
+    if (n < 1 || pos0 < 0 || !q || !out) return MLM_EINVAL;
+    if (pos0 + n > s->len[layer]) return MLM_ERANGE;
+    rc = d->iface->attend(d->ctx, seq, layer, q, n, pos0, out);
+    if (rc != 0) return rc;
+    d->counts.attended += (uint64_t)n;
+    return 0;
+}
+
+int attn_dev_seq_len(const attn_dev_t *d, int seq, int layer) {
+    if (!d || seq < 0 || seq >= d->p.n_seq_max || layer < 0 || layer >= d->p.n_layer) return 0;
+    return d->seqs[seq].n_ctx ? d->seqs[seq].len[layer] : 0;
+}
+
+void attn_dev_seq_drop(attn_dev_t *d, int seq) {
+    if (!d || seq < 0 || seq >= d->p.n_seq_max || d->seqs[seq].n_ctx == 0) return;
+    if (d->iface->seq_drop) d->iface->seq_drop(d->ctx, seq);
+    d->seqs[seq].n_ctx = 0;
+    d->counts.seqs--;
+}
+
+void attn_dev_stats(const attn_dev_t *d, attn_stats_t *out) {
+    memset(out, 0, sizeof *out);
+    if (!d) return;
+    if (d->iface->stats) d->iface->stats(d->ctx, out);
+    out->appended = d->counts.appended;
+    out->attended = d->counts.attended;
+    out->seqs = d->counts.seqs;
+}

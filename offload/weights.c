@@ -1,0 +1,209 @@
+// Weight providers: the registry, the checking wrapper, and the tensor lookups providers share.
+#include "offload/weights.h"
+
+#include <stdatomic.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/err.h"
+#include "offload/weights_impl.h"
+
+struct weights {
+    const struct weights_i *iface;
+    void *ctx;
+    weights_info_t info;
+    char name[32];
+    _Atomic uint64_t n_acquire, n_release, n_prefetch; // a model may be shared by contexts on several threads
+};
+
+// --- registry
+
+#define REGISTRY_MAX 16
+
+static struct {
+    char name[32];
+    weights_new_fn make;
+} providers[REGISTRY_MAX] = {
+    {"mmap", weights_mmap_new},
+};
+static int n_registered = 1; // the built-ins above
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static char names_buf[REGISTRY_MAX * 33]; // the names, space-separated (changes only on a registration)
+
+static void names_rebuild(void) { // under registry_lock
+    names_buf[0] = 0;
+    for (int i = 0; i < n_registered; i++) {
+        if (i) strcat(names_buf, " ");
+        strcat(names_buf, providers[i].name);
+    }
+}
+
+int weights_register(const char *name, weights_new_fn make) {
+    if (!name || !*name || strchr(name, ':') || strlen(name) > 31 || !make) return MLM_EINVAL;
+    pthread_mutex_lock(&registry_lock);
+    int rc = 0;
+    for (int i = 0; i < n_registered && rc == 0; i++)
+        if (!strcmp(providers[i].name, name)) rc = MLM_ESTATE;
+    if (rc == 0 && n_registered == REGISTRY_MAX) rc = MLM_EFULL;
+    if (rc == 0) {
+        snprintf(providers[n_registered].name, sizeof providers[n_registered].name, "%s", name);
+        providers[n_registered++].make = make;
+        names_rebuild();
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return rc;
+}
+
+// The constructor registered as the first len bytes of name, or NULL.
+static weights_new_fn find_maker(const char *name, size_t len) {
+    weights_new_fn make = NULL;
+    pthread_mutex_lock(&registry_lock);
+    for (int i = 0; i < n_registered && !make; i++)
+        if (strlen(providers[i].name) == len && memcmp(providers[i].name, name, len) == 0) make = providers[i].make;
+    pthread_mutex_unlock(&registry_lock);
+    return make;
+}
+
+int weights_new(weights_t **out, const char *name, const weights_params_t *p, char *err, size_t errlen) {
+    if (!out) return MLM_EINVAL;
+    *out = NULL;
+    if (!p || !p->g || !p->hp || !p->slice) return mlm_fail(err, errlen, MLM_EINVAL, "weights: missing parameters");
+    if (!name || !*name) name = "mmap";
+    const char *colon = strchr(name, ':');
+    const size_t len = colon ? (size_t)(colon - name) : strlen(name);
+    const weights_new_fn make = find_maker(name, len);
+    if (make) return make(out, p, colon ? colon + 1 : "", err, errlen);
+    return mlm_fail(err, errlen, MLM_ENOTFOUND, "no weight provider '%.*s' (have: %s)", (int)len, name, weights_names());
+}
+
+const char *weights_names(void) {
+    pthread_mutex_lock(&registry_lock);
+    if (!names_buf[0]) names_rebuild();
+    pthread_mutex_unlock(&registry_lock);
+    return names_buf;
+}
+
+weights_t *weights_wrap(const struct weights_i *iface, void *ctx, const char *name, const weights_info_t *info) {
+    weights_t *w = calloc(1, sizeof *w);
+    if (!w) {
+        if (iface->free) iface->free(ctx);
+        return NULL;
+    }
+    w->iface = iface;
+    w->ctx = ctx;
+    w->info = *info;
+    snprintf(w->name, sizeof w->name, "%s", name);
+    return w;
+}
+
+weights_info_t weights_info_for(const model_hparams_t *hp, const shard_slice_t *sl) {
+    return (weights_info_t){
+        .n_layer = hp->n_layer,
+        .n_expert = hp->n_expert,
+        .l0 = sl->l0,
+        .l1 = sl->l1,
+        .has_in = sl->l0 == 0 && sl->l1 > 0,
+        .has_out = sl->l1 == hp->n_layer && sl->l1 > sl->l0,
+    };
+}
+
+void weights_free(weights_t **self_p) {
+    if (!self_p || !*self_p) return;
+    weights_t *w = *self_p;
+    if (w->iface->free) w->iface->free(w->ctx);
+    free(w);
+    *self_p = NULL;
+}
+
+const char *weights_name(const weights_t *w) { return w->name; }
+
+// --- use
+
+// 0 for a unit the provider holds, MLM_EINVAL for an id the model does not have, MLM_ERANGE for
+// one outside the slice.
+static int check_unit(const weights_info_t *in, int layer, int expert) {
+    if (layer == WEIGHTS_IN || layer == WEIGHTS_OUT) {
+        if (expert != WEIGHTS_DENSE) return MLM_EINVAL;
+        return (layer == WEIGHTS_IN ? in->has_in : in->has_out) ? 0 : MLM_ERANGE;
+    }
+    if (layer < 0 || layer >= in->n_layer) return MLM_EINVAL;
+    if (expert != WEIGHTS_DENSE && (expert < 0 || expert >= in->n_expert)) return MLM_EINVAL;
+    return layer >= in->l0 && layer < in->l1 ? 0 : MLM_ERANGE;
+}
+
+int weights_acquire(weights_t *w, int layer, int expert, const layer_weights_t **out) {
+    if (!w || !out) return MLM_EINVAL;
+    int rc = check_unit(&w->info, layer, expert);
+    if (rc == 0) rc = w->iface->acquire(w->ctx, layer, expert, out);
+    if (rc != 0) {
+        *out = NULL;
+        return rc;
+    }
+    atomic_fetch_add_explicit(&w->n_acquire, 1, memory_order_relaxed);
+    return 0;
+}
+
+void weights_release(weights_t *w, int layer, int expert) {
+    if (!w || check_unit(&w->info, layer, expert) != 0) return;
+    if (w->iface->release) w->iface->release(w->ctx, layer, expert);
+    atomic_fetch_add_explicit(&w->n_release, 1, memory_order_relaxed);
+}
+
+void weights_prefetch(weights_t *w, int layer, const int *experts, int n) {
+    if (!w) return;
+    atomic_fetch_add_explicit(&w->n_prefetch, 1, memory_order_relaxed);
+    if (!w->iface->prefetch || n < 0 || (n > 0 && !experts)) return;
+    if (n == 0 && check_unit(&w->info, layer, WEIGHTS_DENSE) != 0) return;
+    for (int i = 0; i < n; i++)
+        if (experts[i] == WEIGHTS_DENSE || check_unit(&w->info, layer, experts[i]) != 0) return;
+    w->iface->prefetch(w->ctx, layer, experts, n);
+}
+
+void weights_stats(const weights_t *w, weights_stats_t *out) {
+    memset(out, 0, sizeof *out);
+    if (!w) return;
+    if (w->iface->stats) w->iface->stats(w->ctx, out);
+    out->acquires = atomic_load_explicit(&((weights_t *)w)->n_acquire, memory_order_relaxed);
+    out->releases = atomic_load_explicit(&((weights_t *)w)->n_release, memory_order_relaxed);
+    out->prefetches = atomic_load_explicit(&((weights_t *)w)->n_prefetch, memory_order_relaxed);
+}
+
+// --- tensor lookups
+
+const gguf_tensor_t *weights_want_tensor(const weights_params_t *p, const char *name, int nd, int64_t w0,
+                                         int64_t w1, int64_t w2, bool required, int *rc, char *err,
+                                         size_t errlen) {
+    const gguf_tensor_t *t = gguf_find_tensor(p->g, name);
+    if (!t) {
+        if (required) *rc = mlm_fail(err, errlen, MLM_EFORMAT, "%s: tensor %s is missing", gguf_path(p->g), name);
+        return NULL;
+    }
+    const int64_t want[3] = {w0, w1, w2};
+    for (int i = 0; i < GGUF_MAX_DIMS; i++) {
+        const int64_t w = i < nd ? want[i] : 1;
+        if (w >= 0 && t->ne[i] != w) {
+            *rc = mlm_fail(err, errlen, MLM_EFORMAT,
+                           "tensor %s has shape [%lld, %lld, %lld, %lld], expected dim %d = %lld", name,
+                           (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3], i,
+                           (long long)w);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+int weights_locate(const weights_params_t *p, const char *name, int64_t cols, int64_t full_rows, int planes,
+                   weights_loc_t *loc, char *err, size_t errlen) {
+    memset(loc, 0, sizeof *loc);
+    loc->planes = planes > 1 ? planes : 1;
+    shard_tensor_rows(p->slice, name, full_rows, p->hp->head_dim, &loc->r0, &loc->r1);
+    if (p->shard_file && loc->r1 == loc->r0) return 0; // a shard file leaves out tensors of which it holds no row
+    int rc = 0;
+    loc->t = weights_want_tensor(p, name, planes > 1 ? 3 : 2, cols, p->shard_file ? loc->r1 - loc->r0 : full_rows,
+                                 planes > 1 ? planes : 0, true, &rc, err, errlen);
+    if (!loc->t) return rc;
+    loc->skip = p->shard_file ? 0 : loc->r0;
+    return 0;
+}

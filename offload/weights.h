@@ -1,0 +1,132 @@
+// Weight providers: the forward pass asks for a unit of weights (a block's dense part, one expert
+// of a block, the input embedding, the output head) just before it uses it and releases it right
+// after. A provider decides where the bytes live: "mmap" (the reference) binds every unit at
+// creation from the mapped GGUF and hands out pointers; later providers stream blocks from disk
+// under a memory budget or cache experts, behind the same calls.
+#ifndef MESHLM_OFFLOAD_WEIGHTS_H
+#define MESHLM_OFFLOAD_WEIGHTS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "parallel/shard.h"
+#include "worker/format/gguf.h"
+#include "worker/format/hparams.h"
+#include "worker/kernels/kernels.h"
+#include "worker/kernels/matmul.h"
+
+// --- units
+
+// Layer ids besides the blocks [0, n_layer): the global units.
+enum {
+    WEIGHTS_IN = -1,   // the token embedding (the first pipeline stage holds it)
+    WEIGHTS_OUT = -2,  // the output norm and output matrix (the last stage holds them)
+};
+// Expert id of a block's dense part (attention, norms, router, a dense model's FFN); also the only
+// expert id of WEIGHTS_IN and WEIGHTS_OUT.
+#define WEIGHTS_DENSE (-1)
+
+// Rows [r0, r1) of a tensor used by lookup (not by a matrix product), in the file's encoding.
+typedef struct {
+    qtype_t type;          // element type
+    int64_t cols;          // elements per row
+    size_t row_bytes;      // bytes per row
+    int64_t r0, r1;        // the rows held, as row ids of the whole tensor
+    const uint8_t *data;   // (r1 - r0, row_bytes): row r starts at data + (r - r0) * row_bytes
+} weights_rows_t;
+
+// The weights of one unit, ready for the matmul kernels (repacked when the provider was asked to)
+// and cut to the node's slice (matrices hold only its rows; a matrix of which it holds no row is
+// zeroed: rows == 0). Which fields are set depends on the unit; the rest are zero / NULL.
+typedef struct layer_weights {
+    // -- block l, WEIGHTS_DENSE
+    const float *attn_norm;    // (n_embd)
+    mm_weight_t wq;            // (heads h0..h1 rows of head_dim, n_embd cols)
+    mm_weight_t wk;            // (KV heads kv0..kv1, n_embd)
+    mm_weight_t wv;            // (KV heads kv0..kv1, n_embd)
+    mm_weight_t wo;            // (hidden rows e0..e1, n_head*head_dim)
+    const float *ffn_norm;     // (n_embd)
+    mm_weight_t gate_inp;      // MoE router (n_expert, n_embd); zero in a dense model
+    qtype_t e_type;            // MoE: element type of the expert matrices in the file
+    const float *rope_freqs;   // (n_rot/2) RoPE frequency factors, or NULL (the same for every block)
+    // -- the FFN: a dense model's block (WEIGHTS_DENSE), or one expert of a MoE block (expert >= 0,
+    //    which sets only these three)
+    mm_weight_t w_gate;        // (FFN units f0..f1, n_embd)
+    mm_weight_t w_up;          // (FFN units f0..f1, n_embd)
+    mm_weight_t w_down;        // (hidden rows e0..e1, n_ff)
+    // -- WEIGHTS_IN
+    weights_rows_t tok_embd;   // vocabulary rows v0..v1 of token_embd, n_embd cols, any type
+    // -- WEIGHTS_OUT
+    const float *out_norm;     // (n_embd)
+    mm_weight_t output;        // (vocabulary rows v0..v1, n_embd)
+} layer_weights_t;
+
+// Counters since creation. The wrapper counts calls the same way for every provider; the rest is
+// what a provider that moves bytes measures, and stays zero for one that does not (mmap).
+typedef struct {
+    uint64_t acquires;         // acquire calls that succeeded
+    uint64_t releases;         // release calls with a valid unit id
+    uint64_t prefetches;       // prefetch hints received (valid or not; a hint may be ignored)
+    uint64_t hits;             // acquires served from memory without reading (caching providers)
+    uint64_t misses;           // acquires that had to read the unit first
+    uint64_t prefetch_used;    // units read on a hint that were acquired before being dropped
+    uint64_t prefetch_wasted;  // units read on a hint and dropped unused
+    uint64_t evictions;        // units dropped from memory to make room
+    uint64_t bytes_read;       // bytes read from storage by the provider itself
+    double stall_ms;           // time acquire spent waiting for bytes
+    uint64_t bytes_held;       // weight bytes behind the units held in memory now (mmap: all the
+                               // slice's rows, mapped or repacked)
+    uint64_t bytes_peak;       // the most bytes_held has been
+} weights_stats_t;
+
+// What a provider is made from.
+typedef struct {
+    const gguf_t *g;              // the opened file (borrowed for the provider's life)
+    const model_hparams_t *hp;    // its shapes (copied)
+    const shard_slice_t *slice;   // the rows to provide (checked against hp by the caller; copied)
+    bool shard_file;              // g holds only those rows (a shard file), not the whole model
+    const kernels_t *kern;        // kernels the weights are prepared for (NULL = kernels_best())
+    bool repack;                  // allow kernels to repack weights into a faster layout
+    size_t budget_bytes;          // memory for weights, for providers that stream (0 = no limit)
+} weights_params_t;
+
+typedef struct weights weights_t;
+
+// --- registry
+
+// Makes the provider called name ("mmap"; NULL or "" = "mmap"). Text after a ':' in name is the
+// provider's argument ("window:4"). Checks every tensor the slice needs. 0, or a negative MLM_ code
+// with a message in err (MLM_ENOTFOUND: no provider of that name).
+int weights_new(weights_t **out, const char *name, const weights_params_t *p, char *err, size_t errlen);
+
+// Frees the provider (every unit must have been released); accepts NULL and NULLs the pointer.
+void weights_free(weights_t **self_p);
+
+// Names of the registered providers, space-separated (for --help).
+const char *weights_names(void);
+
+// The provider's name as registered ("mmap").
+const char *weights_name(const weights_t *w);
+
+// --- use (from any thread: every context of a model shares its provider)
+
+// Hands out unit (layer, expert) until the matching release: layer in [0, n_layer) with expert
+// WEIGHTS_DENSE or an expert id in [0, n_expert), or WEIGHTS_IN / WEIGHTS_OUT with WEIGHTS_DENSE.
+// May block while the unit is read. Returns 0 (*out set), MLM_EINVAL for an id the model does not
+// have (or out NULL), MLM_ERANGE for a unit outside the provider's slice (a block outside [l0, l1),
+// IN off the first stage, OUT off the last), or the provider's error (MLM_EIO, MLM_ENOMEM, ...).
+// A unit may be acquired again before it is released (each acquire needs its release).
+int weights_acquire(weights_t *w, int layer, int expert, const layer_weights_t **out);
+
+// Gives a unit back: its pointer must not be used after. Ids that acquire refuses are ignored.
+void weights_release(weights_t *w, int layer, int expert);
+
+// A hint that units will be acquired soon, in this order: the dense part of layer when n == 0,
+// else experts[0..n) of it. May start reads, may do nothing; never fails, ignores bad ids.
+void weights_prefetch(weights_t *w, int layer, const int *experts, int n);
+
+// Counters (see weights_stats_t).
+void weights_stats(const weights_t *w, weights_stats_t *out);
+
+#endif

@@ -1,0 +1,234 @@
+// The reference weight provider: every unit of the slice is bound once, at creation, to the mapped
+// GGUF (repacked into the kernels' layout when asked); acquire hands out a pointer, release does nothing.
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/err.h"
+#include "offload/weights_impl.h"
+
+typedef struct {
+    weights_params_t p;        // p.hp and p.slice point at the copies below
+    model_hparams_t hp;
+    shard_slice_t slice;
+    const kernels_t *kern;
+    layer_weights_t in;        // WEIGHTS_IN
+    layer_weights_t out;       // WEIGHTS_OUT
+    layer_weights_t *blocks;   // (n_layer) dense parts; only [l0, l1) are bound
+    layer_weights_t *experts;  // (n_layer * n_expert) one expert's FFN each
+    float **owned;             // F32 copies of norm vectors stored in other types
+    int n_owned;
+    uint64_t bytes;            // weight bytes the units expose (mapped rows or repacked copies)
+} mmap_t;
+
+// --- binding
+
+// A float vector view of a 1-D tensor, converting (and owning a copy) when it is not F32.
+static const float *vec_f32(mmap_t *m, const gguf_tensor_t *t, int *rc) {
+    m->bytes += t->nbytes;
+    if (t->type == QT_F32) return t->data;
+    const qtype_traits_t *tr = qtype_traits(t->type);
+    int64_t n = gguf_tensor_nelements(t);
+    if (!tr || !tr->has_kernels || n % tr->blck) {
+        *rc = MLM_EUNSUPPORTED;
+        return NULL;
+    }
+    float *buf = malloc((size_t)n * sizeof(float));
+    float **list = realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *list);
+    if (!buf || !list) {
+        free(buf);
+        if (list) m->owned = list;
+        *rc = MLM_ENOMEM;
+        return NULL;
+    }
+    m->owned = list;
+    m->owned[m->n_owned++] = buf;
+    quant_dequantize_ref(t->type, t->data, buf, n);
+    return buf;
+}
+
+// Binds the located rows of plane `plane` as a weight (zeroed when the slice holds none).
+static int bind_plane(mmap_t *m, mm_weight_t *w, const weights_loc_t *loc, int plane, bool repack, char *err,
+                      size_t errlen) {
+    memset(w, 0, sizeof *w);
+    if (!loc->t || loc->r1 <= loc->r0) return 0; // this node holds none of it
+    const gguf_tensor_t *t = loc->t;
+    int rc = mm_weight_init(w, m->kern, t->type, loc->r1 - loc->r0, t->ne[0], weights_loc_data(loc, plane), repack);
+    if (rc != 0)
+        return mlm_fail(err, errlen, rc, "tensor %s: type %s cannot be used for a matrix product", t->name,
+                        qtype_name(t->type));
+    m->bytes += (size_t)(loc->r1 - loc->r0) * w->row_bytes;
+    return 0;
+}
+
+// Finds a matrix of full shape [cols, full_rows], checks the rows the file holds for the slice and binds them.
+static int bind(mmap_t *m, mm_weight_t *w, const char *name, int64_t cols, int64_t full_rows, bool repack,
+                char *err, size_t errlen) {
+    weights_loc_t loc;
+    int rc = weights_locate(&m->p, name, cols, full_rows, 1, &loc, err, errlen);
+    return rc ? rc : bind_plane(m, w, &loc, 0, repack, err, errlen);
+}
+
+// The same for a 3-D expert tensor: plane e goes to field w of unit experts[e].
+static int bind_experts(mmap_t *m, layer_weights_t *units, size_t field, const char *name, int64_t cols,
+                        int64_t full_rows, bool repack, char *err, size_t errlen) {
+    weights_loc_t loc;
+    const int ne = m->hp.n_expert;
+    int rc = weights_locate(&m->p, name, cols, full_rows, ne, &loc, err, errlen);
+    for (int e = 0; rc == 0 && e < ne; e++)
+        rc = bind_plane(m, (mm_weight_t *)((uint8_t *)&units[e] + field), &loc, e, repack, err, errlen);
+    return rc;
+}
+
+static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
+    const model_hparams_t *hp = &m->hp;
+    const shard_slice_t *sl = &m->slice;
+    const weights_params_t *p = &m->p;
+    int rc = 0;
+    const int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim, KV = (int64_t)hp->n_head_kv * hp->head_dim;
+    const weights_info_t info = weights_info_for(hp, sl);
+    // An empty layer range holds no block, no embedding and no output (a coordinator that only
+    // tokenizes and samples).
+    if (info.has_in || (info.has_out && hp->tied_output)) {
+        const gguf_tensor_t *t = weights_want_tensor(p, "token_embd.weight", 2, E, -1, 0, true, &rc, err, errlen);
+        if (!t) return rc;
+        if (!qtype_traits(t->type)->has_kernels)
+            return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "token_embd.weight: type %s is not supported",
+                            qtype_name(t->type));
+        if (t->ne[1] != (p->shard_file ? sl->v1 - sl->v0 : hp->n_vocab))
+            return mlm_fail(err, errlen, MLM_EFORMAT, "token_embd.weight: row count does not match the slice");
+        if (info.has_in) {
+            weights_rows_t *r = &m->in.tok_embd;
+            r->type = t->type;
+            r->cols = E;
+            r->row_bytes = qtype_row_size(t->type, E);
+            r->r0 = sl->v0;
+            r->r1 = sl->v1;
+            r->data = (const uint8_t *)t->data + (p->shard_file ? 0 : (size_t)sl->v0 * r->row_bytes);
+            m->bytes += (size_t)(r->r1 - r->r0) * r->row_bytes;
+        }
+    }
+    const gguf_tensor_t *t;
+    if (info.has_out) {
+        t = weights_want_tensor(p, "output_norm.weight", 1, E, 0, 0, true, &rc, err, errlen);
+        if (!t || !(m->out.out_norm = vec_f32(m, t, &rc))) return rc ? rc : MLM_EFORMAT;
+        if ((rc = bind(m, &m->out.output, hp->tied_output ? "token_embd.weight" : "output.weight", E, hp->n_vocab,
+                       repack, err, errlen)) != 0)
+            return rc;
+    }
+    const float *rope_freqs = NULL;
+    t = gguf_find_tensor(p->g, "rope_freqs.weight");
+    if (t) {
+        if (t->type != QT_F32 || gguf_tensor_nelements(t) != hp->n_rot / 2)
+            return mlm_fail(err, errlen, MLM_EFORMAT, "rope_freqs.weight: expected F32 with n_rot/2 elements");
+        rope_freqs = t->data;
+    }
+    for (int il = sl->l0; il < sl->l1; il++) {
+        layer_weights_t *L = &m->blocks[il];
+        L->rope_freqs = rope_freqs;
+        char name[96];
+#define NAME(suffix) (snprintf(name, sizeof name, "blk.%d.%s.weight", il, suffix), name)
+#define B2(field, suffix, cols, rows) \
+    if ((rc = bind(m, &L->field, NAME(suffix), cols, rows, repack, err, errlen)) != 0) return rc;
+#define T1(field, suffix)                                                                        \
+    if (!(t = weights_want_tensor(p, NAME(suffix), 1, E, 0, 0, true, &rc, err, errlen))) return rc; \
+    if (!(L->field = vec_f32(m, t, &rc))) return rc ? rc : MLM_EFORMAT;
+        T1(attn_norm, "attn_norm");
+        T1(ffn_norm, "ffn_norm");
+        B2(wq, "attn_q", E, Q);
+        B2(wk, "attn_k", E, KV);
+        B2(wv, "attn_v", E, KV);
+        B2(wo, "attn_output", Q, E);
+        if (hp->n_expert == 0) {
+            B2(w_gate, "ffn_gate", E, hp->n_ff);
+            B2(w_up, "ffn_up", E, hp->n_ff);
+            B2(w_down, "ffn_down", hp->n_ff, E);
+        } else {
+            B2(gate_inp, "ffn_gate_inp", E, hp->n_expert);
+            layer_weights_t *X = &m->experts[(size_t)il * hp->n_expert];
+            if ((rc = bind_experts(m, X, offsetof(layer_weights_t, w_gate), NAME("ffn_gate_exps"), E, hp->n_ff,
+                                   repack, err, errlen)) != 0 ||
+                (rc = bind_experts(m, X, offsetof(layer_weights_t, w_up), NAME("ffn_up_exps"), E, hp->n_ff, repack,
+                                   err, errlen)) != 0 ||
+                (rc = bind_experts(m, X, offsetof(layer_weights_t, w_down), NAME("ffn_down_exps"), hp->n_ff, E,
+                                   repack, err, errlen)) != 0)
+                return rc;
+            t = gguf_find_tensor(p->g, NAME("ffn_gate_exps"));
+            if (!t) t = gguf_find_tensor(p->g, NAME("ffn_down_exps")); // a shard without FFN units
+            L->e_type = t ? t->type : QT_F32;
+        }
+#undef T1
+#undef B2
+#undef NAME
+    }
+    return 0;
+}
+
+// --- the table
+
+static int mmap_acquire(void *ctx, int layer, int expert, const layer_weights_t **out) {
+    mmap_t *m = ctx;
+    if (layer >= 0)
+        *out = expert < 0 ? &m->blocks[layer] : &m->experts[(size_t)layer * (size_t)m->hp.n_expert + (size_t)expert];
+    else
+        *out = layer == WEIGHTS_IN ? &m->in : &m->out;
+    return 0;
+}
+
+static void mmap_stats(void *ctx, weights_stats_t *out) {
+    const mmap_t *m = ctx;
+    out->bytes_held = m->bytes;
+    out->bytes_peak = m->bytes;
+}
+
+static void release_unit(layer_weights_t *L) {
+    mm_weight_t *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->gate_inp, &L->w_gate, &L->w_up, &L->w_down, &L->output};
+    for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++) mm_weight_release(ws[i]);
+}
+
+static void mmap_free(void *ctx) {
+    mmap_t *m = ctx;
+    if (!m) return;
+    const size_t nl = (size_t)m->hp.n_layer, ne = (size_t)m->hp.n_expert;
+    for (size_t i = 0; m->blocks && i < nl; i++) release_unit(&m->blocks[i]);
+    for (size_t i = 0; m->experts && i < nl * ne; i++) release_unit(&m->experts[i]);
+    release_unit(&m->out);
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    free(m->blocks);
+    free(m->experts);
+    free(m);
+}
+
+static const struct weights_i mmap_iface = {
+    .acquire = mmap_acquire,
+    .release = NULL, // nothing to give back: every unit stays bound
+    .prefetch = NULL, // the page cache reads ahead
+    .stats = mmap_stats,
+    .free = mmap_free,
+};
+
+int weights_mmap_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen) {
+    *out = NULL;
+    if (arg && *arg) return mlm_fail(err, errlen, MLM_EINVAL, "weight provider mmap takes no argument (got '%s')", arg);
+    mmap_t *m = calloc(1, sizeof *m);
+    if (!m) return MLM_ENOMEM;
+    m->hp = *p->hp;
+    m->slice = *p->slice;
+    m->p = *p;
+    m->p.hp = &m->hp;
+    m->p.slice = &m->slice;
+    m->kern = p->kern ? p->kern : kernels_best();
+    const size_t nl = (size_t)m->hp.n_layer, ne = (size_t)m->hp.n_expert;
+    m->blocks = calloc(nl ? nl : 1, sizeof *m->blocks);
+    m->experts = ne ? calloc(nl * ne, sizeof *m->experts) : NULL;
+    int rc = (!m->blocks || (ne && !m->experts)) ? MLM_ENOMEM : bind_all(m, p->repack, err, errlen);
+    if (rc != 0) {
+        mmap_free(m);
+        return rc;
+    }
+    const weights_info_t info = weights_info_for(&m->hp, &m->slice);
+    if (!(*out = weights_wrap(&mmap_iface, m, "mmap", &info))) return MLM_ENOMEM;
+    return 0;
+}

@@ -503,6 +503,7 @@ void comm_zmq_envelope(uint8_t *out, int kind, int src, uint32_t world, int nfra
 }
 
 void comm_zmq_opts_default(comm_zmq_opts_t *o) {
+    memset(o, 0, sizeof *o); // every field not set below is off / 0
     o->max_msg_bytes = (size_t)256 << 20;
     o->connect_timeout_ms = 10000;
     o->probe_ivl_ms = 50;

@@ -314,6 +314,19 @@ bool registry_id_valid(const char *id) {
     return n < REGISTRY_ID_MAX && text_ok(id);
 }
 
+// Numbers are printed here, not by cJSON (whose shortest form may round a large integer or a double).
+static bool add_uint(cJSON *o, const char *key, uint64_t v) {
+    char b[32];
+    snprintf(b, sizeof b, "%llu", (unsigned long long)v);
+    return cJSON_AddRawToObject(o, key, b) != NULL;
+}
+
+static bool add_double(cJSON *o, const char *key, double v) {
+    char b[40];
+    snprintf(b, sizeof b, "%.17g", v); // exact: strtod gives the same double back
+    return cJSON_AddRawToObject(o, key, b) != NULL;
+}
+
 int registry_record_format(const registry_member_t *m, bool with_age, char **out) {
     *out = NULL;
     char err[256];
@@ -321,32 +334,26 @@ int registry_record_format(const registry_member_t *m, bool with_age, char **out
     if (rc != 0) return rc;
     cJSON *o = cJSON_CreateObject();
     if (!o) return MLM_ENOMEM;
-    bool ok = cJSON_AddNumberToObject(o, "v", REGISTRY_RECORD_VERSION) && cJSON_AddStringToObject(o, "id", m->id) &&
+    bool ok = add_uint(o, "v", REGISTRY_RECORD_VERSION) && cJSON_AddStringToObject(o, "id", m->id) &&
               cJSON_AddStringToObject(o, "role", registry_role_name(m->role)) &&
               cJSON_AddStringToObject(o, "endpoint", m->endpoint) &&
-              cJSON_AddStringToObject(o, "state", registry_state_name(m->state)) &&
-              cJSON_AddNumberToObject(o, "seq", (double)m->seq) &&
-              cJSON_AddNumberToObject(o, "beat_ms", (double)m->beat_unix_ms) &&
-              cJSON_AddNumberToObject(o, "joined_ms", (double)m->joined_unix_ms) &&
-              cJSON_AddNumberToObject(o, "ttl_ms", m->ttl_ms) && cJSON_AddNumberToObject(o, "pid", m->pid) &&
+              cJSON_AddStringToObject(o, "state", registry_state_name(m->state)) && add_uint(o, "seq", m->seq) &&
+              add_uint(o, "beat_ms", (uint64_t)m->beat_unix_ms) && add_uint(o, "joined_ms", (uint64_t)m->joined_unix_ms) &&
+              add_uint(o, "ttl_ms", (uint64_t)m->ttl_ms) && add_uint(o, "pid", (uint64_t)m->pid) &&
               cJSON_AddStringToObject(o, "host", m->host);
-    if (ok && with_age) ok = cJSON_AddNumberToObject(o, "age_ms", (double)(m->age_ms > 0 ? m->age_ms : 0)) != NULL;
+    if (ok && with_age) ok = add_uint(o, "age_ms", (uint64_t)(m->age_ms > 0 ? m->age_ms : 0));
     cJSON *po = ok ? cJSON_AddObjectToObject(o, "profile") : NULL;
     const registry_profile_t *p = &m->prof;
-    ok = po && cJSON_AddNumberToObject(po, "cores", p->n_cores) &&
-         cJSON_AddNumberToObject(po, "mem_budget", (double)p->mem_budget) &&
-         cJSON_AddNumberToObject(po, "mem_bw", (double)p->mem_bw) &&
-         cJSON_AddNumberToObject(po, "disk_bw", (double)p->disk_bw);
+    ok = po && add_uint(po, "cores", p->n_cores) && add_uint(po, "mem_budget", p->mem_budget) &&
+         add_uint(po, "mem_bw", p->mem_bw) && add_uint(po, "disk_bw", p->disk_bw);
     cJSON *g = ok ? cJSON_AddObjectToObject(po, "gflops") : NULL;
     ok = g != NULL;
-    for (int i = 0; ok && i < p->n_speeds; i++)
-        ok = cJSON_AddNumberToObject(g, qtype_name(p->speed[i].type), p->speed[i].gflops) != NULL;
+    for (int i = 0; ok && i < p->n_speeds; i++) ok = add_double(g, qtype_name(p->speed[i].type), p->speed[i].gflops);
     if (ok && p->has_model) {
         char hex[65];
         sha256_hex(p->model_sha256, hex);
         cJSON *mo = cJSON_AddObjectToObject(po, "model");
-        ok = mo && cJSON_AddStringToObject(mo, "sha256", hex) &&
-             cJSON_AddNumberToObject(mo, "size", (double)p->model_size);
+        ok = mo && cJSON_AddStringToObject(mo, "sha256", hex) && add_uint(mo, "size", p->model_size);
     } else if (ok) {
         ok = cJSON_AddNullToObject(po, "model") != NULL;
     }

@@ -227,7 +227,7 @@ static int parse_url(rctx_t *x, const char *url, char *err, size_t errlen) {
         } else {
             snprintf(x->pass, sizeof x->pass, "%s", auth);
         }
-        snprintf(x->url, sizeof x->url, "redis://%s%s***@%s", x->user, x->user[0] ? ":" : "", p + (at - auth) + 1);
+        snprintf(x->url, sizeof x->url, "redis://%s:***@%s", x->user, p + (at - auth) + 1);
     } else {
         snprintf(x->url, sizeof x->url, "%s", url);
     }

@@ -82,23 +82,42 @@ static void print_table(FILE *f, const char *url, const registry_member_t *ms, i
     }
 }
 
-// The JSON document (caller frees), or NULL when out of memory.
+// A JSON string literal of text (caller frees), or NULL.
+static char *json_string(const char *text) {
+    cJSON *s = cJSON_CreateString(text);
+    char *out = s ? cJSON_PrintUnformatted(s) : NULL;
+    cJSON_Delete(s);
+    return out;
+}
+
+// The JSON document (caller frees), or NULL when out of memory. The records are written as the
+// registry stores them (with "age_ms"), so their numbers stay exact.
 static char *json_doc(const char *url, const registry_member_t *ms, int n, const char *plan) {
-    cJSON *o = cJSON_CreateObject();
-    bool ok = o && cJSON_AddStringToObject(o, "registry", url);
-    cJSON *arr = ok ? cJSON_AddArrayToObject(o, "members") : NULL;
-    ok = arr != NULL;
-    for (int i = 0; ok && i < n; i++) {
-        char *text = NULL;
-        ok = registry_record_format(&ms[i], true, &text) == 0;
-        cJSON *item = ok ? cJSON_Parse(text) : NULL;
-        free(text);
-        ok = item && cJSON_AddItemToArray(arr, item);
-        if (!ok) cJSON_Delete(item);
+    char *u = json_string(url), *p = plan ? json_string(plan) : strdup("null");
+    size_t cap = (u ? strlen(u) : 0) + (p ? strlen(p) : 0) + 64, len = 0;
+    char *out = u && p ? malloc(cap) : NULL;
+    if (out) len = (size_t)snprintf(out, cap, "{\"registry\":%s,\"members\":[", u);
+    for (int i = 0; out && i < n; i++) {
+        char *rec = NULL;
+        if (registry_record_format(&ms[i], true, &rec) != 0) {
+            free(out);
+            out = NULL;
+            break;
+        }
+        const size_t need = len + strlen(rec) + 2 + (p ? strlen(p) : 0) + 32;
+        char *grown = need > cap ? realloc(out, cap = 2 * need) : out;
+        if (!grown) {
+            free(out);
+            out = NULL;
+        } else {
+            out = grown;
+            len += (size_t)snprintf(out + len, cap - len, "%s%s", i ? "," : "", rec);
+        }
+        free(rec);
     }
-    if (ok) ok = (plan ? cJSON_AddStringToObject(o, "plan", plan) : cJSON_AddNullToObject(o, "plan")) != NULL;
-    char *out = ok ? cJSON_PrintUnformatted(o) : NULL;
-    cJSON_Delete(o);
+    if (out) snprintf(out + len, cap - len, "],\"plan\":%s}", p);
+    free(u);
+    free(p);
     return out;
 }
 

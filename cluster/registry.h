@@ -22,6 +22,10 @@
 // server that goes away gives MLM_EPEER or MLM_ETIMEOUT with an error naming the URL, never a hang,
 // and the next call connects again. SIGPIPE is blocked around every write.
 // Each mem:// open is a store of its own; registry_dup shares it (a beater thread, a second user).
+// A handle is used by one thread at a time; registry_dup gives another thread a handle of its own.
+// Times: a live member's age comes from its heartbeat's TTL left (the store's clock); a lost
+// member's age from the wall clock of the member's last beat, so reaping across machines trusts
+// their clocks to within the grace period.
 
 // --- records
 

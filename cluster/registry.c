@@ -1,4 +1,4 @@
-// The node registry: member records (JSON), the backend wrappers (join, beat, list, reap, watch, plan) and the beater thread.
+// The node registry: member records (JSON), the wrappers over the backends (join, beat, list, reap, plan), the beater.
 #include "cluster/registry.h"
 
 #include <cjson/cJSON.h>
@@ -147,7 +147,8 @@ static int json_text(const cJSON *obj, const char *key, char *out, size_t cap, b
         return 0;
     }
     if (!it) return mlm_fail(err, errlen, MLM_EFORMAT, "no \"%s\"", key);
-    if (!cJSON_IsString(it) || !it->valuestring) return mlm_fail(err, errlen, MLM_EFORMAT, "\"%s\" is not a string", key);
+    if (!cJSON_IsString(it) || !it->valuestring)
+        return mlm_fail(err, errlen, MLM_EFORMAT, "\"%s\" is not a string", key);
     const size_t n = strlen(it->valuestring);
     if (n >= cap) return mlm_fail(err, errlen, MLM_EFORMAT, "\"%s\" is longer than %zu bytes", key, cap - 1);
     if (!text_ok(it->valuestring) || (nonempty && n == 0))
@@ -190,7 +191,8 @@ static int parse_profile(const cJSON *po, registry_profile_t *p, char *err, size
         return mlm_fail(err, errlen, MLM_EFORMAT, "\"profile.model.sha256\" is not 64 hex digits");
     for (int i = 0; i < 32; i++) {
         const int hi = hex_digit(sh->valuestring[2 * i]), lo = hex_digit(sh->valuestring[2 * i + 1]);
-        if (hi < 0 || lo < 0) return mlm_fail(err, errlen, MLM_EFORMAT, "\"profile.model.sha256\" is not 64 hex digits");
+        if (hi < 0 || lo < 0)
+            return mlm_fail(err, errlen, MLM_EFORMAT, "\"profile.model.sha256\" is not 64 hex digits");
         p->model_sha256[i] = (uint8_t)(hi << 4 | lo);
     }
     if ((rc = json_uint(mo, "size", JSON_INT_MAX, NULL, &v, err, errlen)) != 0) return rc;
@@ -338,7 +340,8 @@ int registry_record_format(const registry_member_t *m, bool with_age, char **out
               cJSON_AddStringToObject(o, "role", registry_role_name(m->role)) &&
               cJSON_AddStringToObject(o, "endpoint", m->endpoint) &&
               cJSON_AddStringToObject(o, "state", registry_state_name(m->state)) && add_uint(o, "seq", m->seq) &&
-              add_uint(o, "beat_ms", (uint64_t)m->beat_unix_ms) && add_uint(o, "joined_ms", (uint64_t)m->joined_unix_ms) &&
+              add_uint(o, "beat_ms", (uint64_t)m->beat_unix_ms) &&
+              add_uint(o, "joined_ms", (uint64_t)m->joined_unix_ms) &&
               add_uint(o, "ttl_ms", (uint64_t)m->ttl_ms) && add_uint(o, "pid", (uint64_t)m->pid) &&
               cJSON_AddStringToObject(o, "host", m->host);
     if (ok && with_age) ok = add_uint(o, "age_ms", (uint64_t)(m->age_ms > 0 ? m->age_ms : 0));
@@ -594,7 +597,8 @@ int registry_publish_plan(registry_t *r, const char *text) {
     r->err[0] = 0;
     if (!text) return fail(r, MLM_EINVAL, "no plan");
     const size_t len = strlen(text);
-    if (len > REGISTRY_PLAN_MAX) return fail(r, MLM_ERANGE, "a plan of %zu bytes (at most %zu)", len, REGISTRY_PLAN_MAX);
+    if (len > REGISTRY_PLAN_MAX)
+        return fail(r, MLM_ERANGE, "a plan of %zu bytes (at most %zu)", len, REGISTRY_PLAN_MAX);
     return r->iface->set_plan(r->ctx, text, len, r->err, sizeof r->err);
 }
 
@@ -720,7 +724,8 @@ int registry_beater_update(registry_beater_t *b, const registry_member_t *rec) {
     m.seq = b->rec.seq;
     m.joined_unix_ms = b->rec.joined_unix_ms;
     m.beat_unix_ms = b->rec.beat_unix_ms;
-    int rc = strcmp(m.id, b->rec.id) != 0 || m.state == REGISTRY_STATE_LOST ? MLM_EINVAL : record_check(&m, err, sizeof err);
+    int rc = strcmp(m.id, b->rec.id) != 0 || m.state == REGISTRY_STATE_LOST ? MLM_EINVAL
+                                                                             : record_check(&m, err, sizeof err);
     if (rc == 0) {
         b->rec = m;
         b->rec_new = true;

@@ -1,4 +1,4 @@
-// The Redis registry backend: records, heartbeat keys (SET PX), the member index, epoch and plan over hiredis with deadlines.
+// The Redis registry backend: records, heartbeat keys (SET PX), member index, epoch and plan; hiredis with deadlines.
 #include "cluster/registry_redis.h"
 
 #include <arpa/inet.h>
@@ -72,12 +72,14 @@ static int io_fail(const rctx_t *x, const redisContext *c, const char *what, cha
     if (c->err == REDIS_ERR_IO &&
         (!strcmp(c->errstr, strerror(EAGAIN)) || !strcmp(c->errstr, strerror(EWOULDBLOCK)) ||
          !strcmp(c->errstr, strerror(ETIMEDOUT)) || !strcmp(c->errstr, strerror(EINPROGRESS))))
-        return mlm_fail(err, errlen, MLM_ETIMEOUT, "registry %s: %s: no answer within %d ms", x->url, what, x->timeout_ms);
+        return mlm_fail(err, errlen, MLM_ETIMEOUT, "registry %s: %s: no answer within %d ms", x->url, what,
+                        x->timeout_ms);
     const int code = c->err == REDIS_ERR_IO || c->err == REDIS_ERR_EOF ? MLM_EPEER
                      : c->err == REDIS_ERR_PROTOCOL                    ? MLM_EPROTO
                      : c->err == REDIS_ERR_OOM                         ? MLM_ENOMEM
                                                                        : MLM_EIO;
-    return mlm_fail(err, errlen, code, "registry %s: %s: %s", x->url, what, c->errstr[0] ? c->errstr : "connection lost");
+    return mlm_fail(err, errlen, code, "registry %s: %s: %s", x->url, what,
+                    c->errstr[0] ? c->errstr : "connection lost");
 }
 
 static void drop(rctx_t *x) {
@@ -152,8 +154,8 @@ static void free_replies(redisReply **r, int n) {
 static int reply_ok(const rctx_t *x, const redisReply *r, const char *what, char *err, size_t errlen) {
     if (!r) return mlm_fail(err, errlen, MLM_EPROTO, "registry %s: %s: no reply", x->url, what);
     if (r->type == REDIS_REPLY_ERROR)
-        return mlm_fail(err, errlen, strncmp(r->str, "WRONGTYPE", 9) == 0 ? MLM_EFORMAT : MLM_EIO, "registry %s: %s: %s",
-                        x->url, what, r->str);
+        return mlm_fail(err, errlen, strncmp(r->str, "WRONGTYPE", 9) == 0 ? MLM_EFORMAT : MLM_EIO,
+                        "registry %s: %s: %s", x->url, what, r->str);
     if (r->type == REDIS_REPLY_ARRAY)
         for (size_t i = 0; i < r->elements; i++) {
             int rc = reply_ok(x, r->element[i], what, err, errlen);
@@ -184,7 +186,8 @@ static int rconnect(rctx_t *x, char *err, size_t errlen) {
     snprintf(dbs, sizeof dbs, "%d", x->db);
     cmd_t cmds[2];
     int n = 0;
-    if (x->pass[0]) cmds[n++] = x->user[0] ? cmd_words("AUTH", x->user, x->pass, NULL) : cmd_words("AUTH", x->pass, NULL);
+    if (x->pass[0])
+        cmds[n++] = x->user[0] ? cmd_words("AUTH", x->user, x->pass, NULL) : cmd_words("AUTH", x->pass, NULL);
     if (x->db) cmds[n++] = cmd_words("SELECT", dbs, NULL);
     if (n == 0) return 0;
     redisReply *rep[2];
@@ -435,7 +438,8 @@ static int r_list(void *ctx, registry_member_t **out, int *n, int *skipped, char
     size_t k = ids->elements;
     if (k > REGISTRY_MAX_MEMBERS) {
         char w[128];
-        snprintf(w, sizeof w, "the index holds more than %d ids: %d listed", REGISTRY_MAX_MEMBERS, REGISTRY_MAX_MEMBERS);
+        snprintf(w, sizeof w, "the index holds more than %d ids: %d listed", REGISTRY_MAX_MEMBERS,
+                 REGISTRY_MAX_MEMBERS);
         warn_add(warn, cap, w);
         k = REGISTRY_MAX_MEMBERS;
     }
@@ -551,7 +555,8 @@ static int r_get_plan(void *ctx, char **text, char *err, size_t errlen) {
     else if (rc == 0 && rep[1]->type != REDIS_REPLY_STRING)
         rc = mlm_fail(err, errlen, MLM_EFORMAT, "registry %s: %s is not a string", x->url, kplan);
     else if (rc == 0 && (size_t)rep[1]->len > REGISTRY_PLAN_MAX)
-        rc = mlm_fail(err, errlen, MLM_ERANGE, "registry %s: the plan is longer than %zu bytes", x->url, REGISTRY_PLAN_MAX);
+        rc = mlm_fail(err, errlen, MLM_ERANGE, "registry %s: the plan is longer than %zu bytes", x->url,
+                      REGISTRY_PLAN_MAX);
     else if (rc == 0 && memchr(rep[1]->str, 0, (size_t)rep[1]->len))
         rc = mlm_fail(err, errlen, MLM_EFORMAT, "registry %s: the plan holds a NUL byte", x->url);
     else if (rc == 0 && !(*text = strdup(rep[1]->str)))

@@ -46,7 +46,8 @@ static void fmt_profile(char *out, size_t cap, const registry_profile_t *p) {
         fmt_size(b, sizeof b, (double)p->mem_budget);
         ADD(", budget %s", b);
     }
-    for (int i = 0; i < p->n_speeds; i++) ADD("%s%s %.1f", i ? " " : ", ", qtype_name(p->speed[i].type), p->speed[i].gflops);
+    for (int i = 0; i < p->n_speeds; i++)
+        ADD("%s%s %.1f", i ? " " : ", ", qtype_name(p->speed[i].type), p->speed[i].gflops);
     if (p->n_speeds) ADD(" GFLOP/s");
     if (p->mem_bw) ADD(", memory %.1f GB/s", (double)p->mem_bw / 1e9);
     if (p->disk_bw) ADD(", disk %.0f MB/s", (double)p->disk_bw / 1e6);
@@ -186,9 +187,11 @@ int cmd_nodes(int argc, char **argv) {
         else rc = MLM_ENOMEM;
         free(doc);
     } else if (rc == 0) {
-        if (reap_ms >= 0) printf("reaped %d member%s lost for longer than %d ms\n", reaped, reaped == 1 ? "" : "s", reap_ms);
+        if (reap_ms >= 0)
+            printf("reaped %d member%s lost for longer than %d ms\n", reaped, reaped == 1 ? "" : "s", reap_ms);
         print_table(stdout, registry_url(r), ms, n);
-        if (show_plan) printf("\nplan:\n%s%s", plan ? plan : "(none published)\n", plan && plan[0] && plan[strlen(plan) - 1] != '\n' ? "\n" : "");
+        const bool newline = plan && plan[0] && plan[strlen(plan) - 1] != '\n';
+        if (show_plan) printf("\nplan:\n%s%s", plan ? plan : "(none published)\n", newline ? "\n" : "");
     }
     free(plan);
     free(ms);

@@ -34,7 +34,7 @@ static void worker_usage(FILE *f) {
             "  --standby            join as a standby (a spare the coordinator takes when a worker is lost)\n"
             "  --registry-ttl MS    heartbeat TTL in the registry (default 3000; beats every TTL/3)\n"
             "  --advertise ENDPOINT the control endpoint published in the registry (default: --listen, with\n"
-            "                       a 0.0.0.0 / * host replaced by the address this machine reaches the registry from)\n"
+            "                       a 0.0.0.0 / * host replaced by this machine's address as the registry sees it)\n"
             "  --verbose            log every message\n");
 }
 
@@ -83,7 +83,8 @@ static int worker_join(worker_reg_t *w, const node_opts_t *o, const char *url, b
     memset(m, 0, sizeof *m);
     if (o->node_id) snprintf(m->id, sizeof m->id, "%s", o->node_id);
     else snprintf(m->id, sizeof m->id, "worker-%ld", (long)getpid()); // the name node_run gives itself
-    if (!registry_id_valid(m->id)) return mlm_fail(err, errlen, MLM_EINVAL, "--name '%s' is not a valid registry id", m->id);
+    if (!registry_id_valid(m->id))
+        return mlm_fail(err, errlen, MLM_EINVAL, "--name '%s' is not a valid registry id", m->id);
     m->role = standby ? REGISTRY_ROLE_STANDBY : REGISTRY_ROLE_WORKER;
     m->state = REGISTRY_STATE_STARTING;
     m->pid = (int32_t)getpid();
@@ -106,7 +107,8 @@ static int worker_join(worker_reg_t *w, const node_opts_t *o, const char *url, b
     registry_profile_from(&m->prof, measured ? &prof : NULL, n_cores, o->mem_budget);
     if (o->model_path) {
         struct stat st;
-        if (stat(o->model_path, &st) != 0) return mlm_fail(err, errlen, MLM_EIO, "%s: %s", o->model_path, strerror(errno));
+        if (stat(o->model_path, &st) != 0)
+            return mlm_fail(err, errlen, MLM_EIO, "%s: %s", o->model_path, strerror(errno));
         if ((rc = sha256_file(o->model_path, m->prof.model_sha256, err, errlen)) != 0) return rc;
         m->prof.has_model = true;
         m->prof.model_size = (uint64_t)st.st_size;

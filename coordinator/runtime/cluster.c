@@ -638,6 +638,7 @@ int cluster_make_plan(cluster_t *c, char *err, size_t errlen) {
     int rc = make_plan(c, err, errlen);
     if (rc == 0) rc = send_plan(c, err, errlen);
     if (rc == 0) c->phase = PHASE_PLANNED;
+    if (rc == 0 && c->o.on_plan) c->o.on_plan(c->o.on_plan_arg, c->plan);
     c->stats.load_ms += mlm_now_ms() - t0;
     return rc;
 }

@@ -42,6 +42,7 @@ static void worker_usage(FILE *f) {
 typedef struct {
     registry_t *reg;              // NULL without --registry
     registry_beater_t *beater;    // keeps the heartbeat alive while the worker serves
+    profile_t prof;               // this machine's figures (also the node's HELLO)
     registry_member_t rec;        // what is published
     bool joined;                  // rec is in the registry (leave it at the end)
 } worker_reg_t;
@@ -75,7 +76,7 @@ static int published_endpoint(registry_t *reg, const char *listen, const char *a
 
 // Joins the registry as "starting", starts the beater, measures this machine (and hashes the model)
 // and publishes the figures with the state "idle". 0 or a negative MLM_ code (message in err).
-static int worker_join(worker_reg_t *w, const node_opts_t *o, const char *url, bool standby, int ttl_ms,
+static int worker_join(worker_reg_t *w, node_opts_t *o, const char *url, bool standby, int ttl_ms,
                        const char *advertise, char *err, size_t errlen) {
     int rc = registry_open(&w->reg, url, err, errlen);
     if (rc != 0) return rc;
@@ -101,10 +102,10 @@ static int worker_join(worker_reg_t *w, const node_opts_t *o, const char *url, b
     w->joined = true;
     if ((rc = registry_beater_start(&w->beater, w->reg, m->id, 0)) != 0)
         return mlm_fail(err, errlen, rc, "%s", registry_error(w->reg));
-    // The HELLO's figures. node_run measures them again for its HELLO (see the README).
-    profile_t prof;
-    const bool measured = !o->no_profile && profile_node(&prof, o->n_threads, o->model_path, 300) == 0;
-    registry_profile_from(&m->prof, measured ? &prof : NULL, n_cores, o->mem_budget);
+    // The HELLO's figures, measured once: node_run takes them (and the model's hash) from here.
+    const bool measured = !o->no_profile && profile_node(&w->prof, o->n_threads, o->model_path, 300) == 0;
+    registry_profile_from(&m->prof, measured ? &w->prof : NULL, n_cores, o->mem_budget);
+    if (measured) o->profile = &w->prof;
     if (o->model_path) {
         struct stat st;
         if (stat(o->model_path, &st) != 0)
@@ -112,6 +113,7 @@ static int worker_join(worker_reg_t *w, const node_opts_t *o, const char *url, b
         if ((rc = sha256_file(o->model_path, m->prof.model_sha256, err, errlen)) != 0) return rc;
         m->prof.has_model = true;
         m->prof.model_size = (uint64_t)st.st_size;
+        o->model_sha256 = m->prof.model_sha256;
     }
     m->state = REGISTRY_STATE_IDLE;
     m->ttl_ms = 0; // keep the joined TTL
@@ -121,6 +123,14 @@ static int worker_join(worker_reg_t *w, const node_opts_t *o, const char *url, b
         fprintf(stderr, "[%s] joined registry %s as %s at %s\n", m->id, registry_url(w->reg),
                 registry_role_name(m->role), m->endpoint);
     return 0;
+}
+
+// node_opts_t.on_state: the node's state, published at once.
+static void publish_state(void *arg, node_state_t s) {
+    worker_reg_t *w = arg;
+    registry_beater_set_state(w->beater, s == NODE_LOADING   ? REGISTRY_STATE_LOADING
+                                         : s == NODE_SERVING ? REGISTRY_STATE_SERVING
+                                                             : REGISTRY_STATE_IDLE);
 }
 
 // Stops beating and leaves the registry (a failure to leave is one line: the TTL removes it anyway).
@@ -195,6 +205,10 @@ int cmd_worker(int argc, char **argv) {
         fprintf(stderr, "meshlm worker: %s\n", err);
         worker_leave(&w);
         return 1;
+    }
+    if (w.beater) {
+        o.on_state = publish_state;
+        o.state_arg = &w;
     }
     rc = node_serve(&o, err, sizeof err);
     if (rc != 0) fprintf(stderr, "meshlm worker: %s\n", err);

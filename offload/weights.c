@@ -226,6 +226,21 @@ void weights_stats(const weights_t *w, weights_stats_t *out) {
     out->prefetches = atomic_load_explicit(&((weights_t *)w)->n_prefetch, memory_order_relaxed);
 }
 
+int weights_read_summary(const weights_t *w, char *buf, size_t cap) {
+    if (!buf || !cap) return 0;
+    buf[0] = 0;
+    weights_stats_t s;
+    weights_stats(w, &s);
+    if (!s.units_read) return 0;
+    const double hidden = s.read_ms > 0 ? 1.0 - (s.stall_ms < s.read_ms ? s.stall_ms : s.read_ms) / s.read_ms : 0;
+    const int n = snprintf(buf, cap,
+                           "%.1f MB read in %llu units (%.0f MB/s while reading), waited %.0f ms (%.0f%% of "
+                           "reading hidden behind compute)",
+                           (double)s.bytes_read / 1e6, (unsigned long long)s.units_read,
+                           s.read_ms > 0 ? (double)s.bytes_read / 1e3 / s.read_ms : 0.0, s.stall_ms, 100.0 * hidden);
+    return n < 0 ? 0 : n;
+}
+
 // --- tensor lookups
 
 const gguf_tensor_t *weights_want_tensor(const weights_params_t *p, const char *name, int nd, int64_t w0,

@@ -83,6 +83,8 @@ typedef struct {
     double read_ms;            // time the provider's reads took (a background reader's included), so
                                // 1 - stall_ms / read_ms is the share of reading hidden behind compute
     uint64_t units_read;       // units read from storage (each read of a streamed unit counts)
+                               // ("window" counts the units passing through its window in bytes_read,
+                               // read_ms and units_read, not the one-time load of its pinned units)
 } weights_stats_t;
 
 // What a provider is made from.
@@ -153,5 +155,10 @@ void weights_prefetch(weights_t *w, int layer, const int *experts, int n);
 
 // Counters (see weights_stats_t).
 void weights_stats(const weights_t *w, weights_stats_t *out);
+
+// One line into buf (cap bytes) on what a provider that reads has read: "8201.4 MB read in 323 units
+// (845 MB/s while reading), waited 5793 ms (40% of reading hidden behind compute)"; "" when it has read
+// nothing (mmap). Returns the length written.
+int weights_read_summary(const weights_t *w, char *buf, size_t cap);
 
 #endif

@@ -377,7 +377,8 @@ static int bind_unit(win_t *w, slot_t *s, const unit_t *u) {
     return 0;
 }
 
-// Reads unit ui into slot s and binds it. Called without the lock; counts into the stats under it.
+// Reads unit ui into slot s and binds it. Called without the lock; a streamed unit's read counts
+// into the stats under it (the pinned units' one-time load does not).
 static int load_unit(win_t *w, slot_t *s, int ui) {
     const unit_t *u = &w->units[ui];
     const double t0 = mlm_now_ms();
@@ -385,6 +386,7 @@ static int load_unit(win_t *w, slot_t *s, int ui) {
     for (int i = 0; rc == 0 && i < u->n_ext; i++) rc = read_extent(w, &u->ext[i], s->buf + u->ext[i].at);
     if (rc == 0) rc = bind_unit(w, s, u);
     const double ms = mlm_now_ms() - t0;
+    if (ui < w->pinned) return rc;
     pthread_mutex_lock(&w->mu);
     w->st.read_ms += ms;
     if (rc == 0) {

@@ -478,6 +478,12 @@ int cmd_bench(int argc, char **argv) {
                     cJSON_AddItemToObject(cJSON_GetArrayItem(jarr, i), "memory", mem_report_json(&bm->r));
                 mems[n_mems++] = bm;
             }
+            char streamed[256];
+            if (!dist && weights_read_summary(model_weights(m), streamed, sizeof streamed) > 0) {
+                char how[160];
+                weights_describe(model_weights(m), how, sizeof how);
+                fprintf(stderr, "meshlm: %s, %d threads: weights %s; streamed %s\n", name, nthr, how, streamed);
+            }
             model_ctx_destroy(&c);
             cluster_close(&cl, lw != NULL);
             if (lw) {

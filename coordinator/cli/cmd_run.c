@@ -319,14 +319,9 @@ static int run_main(run_args_t *ap) {
     }
     if (mr) mem_report_line(mr, stderr);
     free(mr);
-    if (m && strcmp(weights_name(model_weights(m)), "window") == 0) {
-        weights_stats_t ws;
-        weights_stats(model_weights(m), &ws);
-        fprintf(stderr, "meshlm: weights streamed: %.1f MB read in %llu units (%.0f MB/s while reading), waited %.0f ms "
-                "(%.0f%% of reading hidden behind compute)\n", (double)ws.bytes_read / 1e6,
-                (unsigned long long)ws.units_read, ws.read_ms > 0 ? (double)ws.bytes_read / 1e3 / ws.read_ms : 0.0,
-                ws.stall_ms, ws.read_ms > 0 ? 100.0 * (1.0 - (ws.stall_ms < ws.read_ms ? ws.stall_ms : ws.read_ms) / ws.read_ms) : 0.0);
-    }
+    char streamed[256];
+    if (m && weights_read_summary(model_weights(m), streamed, sizeof streamed) > 0)
+        fprintf(stderr, "meshlm: weights streamed: %s\n", streamed);
     gen_result_free(&res);
     code = 0;
 out:

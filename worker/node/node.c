@@ -61,6 +61,9 @@ static void vlog(const node_t *n, const char *what, const char *detail) {
 }
 
 static void end_plan(node_t *n) {
+    char streamed[256];
+    if (n->o->verbose && n->model && weights_read_summary(model_weights(n->model), streamed, sizeof streamed) > 0)
+        vlog(n, "weights streamed:", streamed);
     for (int i = 0; i < NODE_MAX_SEQS; i++) model_ctx_destroy(&n->ctx[i]);
     model_destroy(&n->model);
     pipe_node_free(&n->pipe);

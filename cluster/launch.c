@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -187,6 +188,7 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
             launch_reap(l, 0);
             return mlm_fail(err, errlen, MLM_EIO, "cannot start worker %d: pipe: %s", i, strerror(e));
         }
+        const pid_t parent = getpid();
         pid_t pid = fork();
         if (pid < 0) {
             const int e = errno;
@@ -198,6 +200,9 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
         }
         if (pid == 0) { // only async-signal-safe calls until execv
             close(gate[1]);
+            // A local worker belongs to this run: it ends with its coordinator, even one killed -9.
+            prctl(PR_SET_PDEATHSIG, SIGTERM);
+            if (getppid() != parent) _exit(127);
             char c;
             while (read(gate[0], &c, 1) < 0 && errno == EINTR) {
             }

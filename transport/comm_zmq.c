@@ -47,7 +47,6 @@ typedef struct {
     bool *left;                 // (size) of those, the ones that said BYE (left cleanly)
     bool *hello;                // (size) HELLO received from peer
     bool *heard;                // (size) peer's HELLO said it has ours (the handshake with it is complete)
-    bool started;               // the handshake is over: a HELLO that says it lacks ours is answered
     int64_t *next_probe;        // (size) monotonic us of the next liveness probe
     uint64_t stamp;             // messages queued so far
     uint64_t rejected;          // messages dropped as malformed, oversized or unknown
@@ -119,11 +118,12 @@ static int send_parts(zq_ctx_t *z, int peer, int kind, const comm_iov_t *f, int 
     return 0;
 }
 
-// A HELLO to peer; heard: we have the peer's HELLO (byte 7 of the envelope, a HELLO has no frames).
-static int send_hello(zq_ctx_t *z, int peer, bool heard) {
+// A HELLO to peer with byte 7 of the envelope = state (a HELLO has no frames): 0 we lack the peer's
+// HELLO, 1 we have it, 2 we have it and know the peer has ours.
+static int send_hello(zq_ctx_t *z, int peer, int state) {
     uint8_t id[5], env[COMM_ZMQ_ENVELOPE_BYTES];
     routing_id(id, 'p', peer);
-    comm_zmq_envelope(env, COMM_ZMQ_HELLO, z->rank, (uint32_t)z->size | (uint32_t)z->o.session << 16, heard ? 1 : 0);
+    comm_zmq_envelope(env, COMM_ZMQ_HELLO, z->rank, (uint32_t)z->size | (uint32_t)z->o.session << 16, state);
     if (zmq_send(z->out, id, sizeof id, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) return errno ? errno : EIO;
     return zmq_send(z->out, env, sizeof env, ZMQ_DONTWAIT) < 0 ? EIO : 0;
 }
@@ -178,10 +178,10 @@ static int take_one(zq_ctx_t *z) {
         goto done;
     }
     switch (kind) {
-    case COMM_ZMQ_HELLO: // byte 7 of a HELLO: the sender has the addressee's HELLO
+    case COMM_ZMQ_HELLO: // byte 7: 0 the sender lacks our HELLO, 1 it has it, 2 it also knows we have its
         z->hello[src] = true;
-        if (nf == 1) z->heard[src] = true;
-        else if (z->started) send_hello(z, (int)src, true); // ours went astray: again
+        if (nf >= 1) z->heard[src] = true;
+        if (nf < 2) send_hello(z, (int)src, z->heard[src] ? 2 : 1); // answered at once, whatever we are doing
         break;
     case COMM_ZMQ_PROBE: break;
     case COMM_ZMQ_BYE: z->lost[src] = z->left[src] = true; break;
@@ -444,7 +444,9 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
 
     // Every rank says HELLO to every peer, again every ZQ_HELLO_EVERY_MS until the peer's own HELLO
     // says it has ours: a HELLO can land on a socket that is going away (the previous world's, still
-    // bound at the same endpoint while it lingers), so one send is not proof of delivery.
+    // bound at the same endpoint while it lingers), so one send is not proof of delivery. A HELLO
+    // of state 0 or 1 is answered at once (take_one), so both ends learn, without waiting for each
+    // other's whole handshake, that the other has theirs.
     bool *said = calloc((size_t)z->size, sizeof *said); // a HELLO went out to the peer at least once
     if (!said) return MLM_ENOMEM;
     const int64_t dl = mlm_now_us() + (int64_t)z->o.connect_timeout_ms * 1000;
@@ -456,7 +458,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
         if (say) next_say = mlm_now_us() + ZQ_HELLO_EVERY_MS * 1000;
         for (int p = 0; p < z->size; p++) {
             if (p == z->rank) continue;
-            if (say && !(z->hello[p] && z->heard[p]) && send_hello(z, p, z->hello[p]) == 0)
+            if (say && !(z->hello[p] && z->heard[p]) && send_hello(z, p, z->hello[p] ? 1 : 0) == 0)
                 said[p] = true;
             done = done && z->hello[p] && z->heard[p];
             all_said = all_said && said[p];
@@ -481,11 +483,6 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
             break;
         }
     }
-    // A peer that finished first may still lack our HELLO-that-heard-it: it asks again, and after
-    // this every HELLO is answered (take_one).
-    z->started = true;
-    for (int p = 0; rc == 0 && p < z->size; p++)
-        if (p != z->rank) send_hello(z, p, true);
     free(said);
     return rc;
 }
@@ -503,6 +500,7 @@ void comm_zmq_envelope(uint8_t *out, int kind, int src, uint32_t world, int nfra
 }
 
 void comm_zmq_opts_default(comm_zmq_opts_t *o) {
+    memset(o, 0, sizeof *o); // every field not set below is off / 0
     o->max_msg_bytes = (size_t)256 << 20;
     o->connect_timeout_ms = 10000;
     o->probe_ivl_ms = 50;

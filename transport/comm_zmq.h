@@ -22,9 +22,10 @@
 #define COMM_ZMQ_ENVELOPE_BYTES 16
 enum {
     COMM_ZMQ_DATA = 0,              // user frames follow
-    COMM_ZMQ_HELLO = 1,             // handshake: rank and world size in the envelope; no frames, and byte 7
-                                    // (the frame count) is 1 when the sender has the addressee's HELLO.
-                                    // A rank repeats its HELLO until the peer's says it has it (1.1)
+    COMM_ZMQ_HELLO = 1,             // handshake: rank and world size in the envelope; no frames; byte 7 (the
+                                    // frame count) is 0 (the sender lacks the addressee's HELLO), 1 (has it)
+                                    // or 2 (has it and knows the addressee has the sender's). A HELLO of 0 or 1
+                                    // is answered at once; a rank repeats its own until it has a 1 or 2 (1.1)
     COMM_ZMQ_PROBE = 2,             // liveness probe, ignored by the receiver
     COMM_ZMQ_BYE = 3,               // the sender is shutting down cleanly
 };

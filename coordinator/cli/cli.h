@@ -10,5 +10,6 @@ int cmd_plan(int argc, char **argv);       // print a tensor-parallel shard tabl
 int cmd_worker(int argc, char **argv);     // serve shards to a coordinator (cmd_worker.c)
 int cmd_coordinator(int argc, char **argv); // run with remote workers: `run` that requires --workers (cmd_run.c)
 int cmd_mpi(int argc, char **argv);        // tensor-parallel generation under mpirun (cmd_mpi.c)
+int cmd_nodes(int argc, char **argv);      // list the members of a node registry (cmd_nodes.c)
 
 #endif

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cluster/launch.h"
+#include "cluster/registry.h"
 #include "coordinator/cli/cli.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/cli/gen_args.h"
@@ -22,6 +23,8 @@
 typedef struct {
     gen_args_t g;             // model, prompt, sampling, output
     char *workers;            // --workers a,b,c (owned copy)
+    const char *registry;     // --registry URL: the workers and standbys are found there
+    registry_t *reg;          // open while the run lasts (the plan is published there), or NULL
     int local;                // --local N
     bool local_tcp;           // --local-tcp
     bool local_no_model;      // --local-no-model: workers receive their slices
@@ -41,6 +44,8 @@ static void run_usage(FILE *f) {
             GEN_ARGS_USAGE
             "cluster:\n"
             "      --workers LIST      comma-separated worker endpoints (tcp://HOST:PORT or ipc:///PATH)\n"
+            "      --registry URL      find the workers and standbys in a registry (redis://HOST:PORT, see\n"
+            "                          meshlm worker --registry); the plan is published there\n"
             "      --local N           start N worker processes on this machine for this run\n"
             "      --local-tcp         local workers on loopback TCP instead of ipc sockets\n"
             "      --local-no-model    local workers get no model file: their slices are streamed and cached\n"
@@ -60,11 +65,11 @@ static void run_usage(FILE *f) {
 }
 
 enum { O_WORKERS = GA_NEXT, O_LOCAL, O_LOCAL_TCP, O_LOCAL_NOMODEL, O_CACHE, O_CSHARD, O_SPEEDS, O_TIMEOUT,
-       O_VERBOSE, O_DATA_EP, O_SHOW_PLAN };
+       O_VERBOSE, O_DATA_EP, O_SHOW_PLAN, O_REGISTRY };
 
 static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
     static const struct option opts[] = {
-        GEN_ARGS_LONGOPTS, {"workers", required_argument, 0, O_WORKERS}, {"local", required_argument, 0, O_LOCAL},
+        GEN_ARGS_LONGOPTS, {"workers", required_argument, 0, O_WORKERS}, {"registry", required_argument, 0, O_REGISTRY}, {"local", required_argument, 0, O_LOCAL},
         {"local-tcp", no_argument, 0, O_LOCAL_TCP}, {"local-no-model", no_argument, 0, O_LOCAL_NOMODEL},
         {"cache-dir", required_argument, 0, O_CACHE}, {"coordinator-shard", no_argument, 0, O_CSHARD},
         {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
@@ -82,6 +87,7 @@ static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
         if (r > 0) continue;
         switch (ch) {
         case O_WORKERS: free(a->workers); a->workers = strdup(optarg); break;
+        case O_REGISTRY: a->registry = optarg; break;
         case O_LOCAL: a->local = atoi(optarg); break;
         case O_LOCAL_TCP: a->local_tcp = true; break;
         case O_LOCAL_NOMODEL: a->local_no_model = true; break;
@@ -144,6 +150,55 @@ static int open_cluster(cluster_t **out, const cluster_opts_t *co, bool drop_cac
     return 0;
 }
 
+// --registry: the live workers' endpoints, then the live standbys' (they join plans only to replace
+// lost workers), as a --workers list; *n_standby gets the standbys' count. 0 or MLM_E* (message printed).
+static int workers_from_registry(const char *url, const char *cmd, char **list, int *n_standby, registry_t **out) {
+    char err[512];
+    int rc = registry_open(out, url, err, sizeof err);
+    registry_member_t *m = NULL;
+    int n = 0;
+    if (rc == 0) rc = registry_list(*out, &m, &n);
+    if (rc != 0) {
+        fprintf(stderr, "meshlm %s: registry %s: %s\n", cmd, url, *out ? registry_error(*out) : err);
+        return rc;
+    }
+    size_t cap = 1, used = 0;
+    for (int i = 0; i < n; i++) cap += strlen(m[i].endpoint) + 1;
+    *list = calloc(1, cap);
+    int workers = 0;
+    *n_standby = 0;
+    for (int pass = 0; *list && pass < 2; pass++) // workers first, then standbys
+        for (int i = 0; i < n; i++) {
+            const registry_member_t *x = &m[i];
+            const bool want = pass == 0 ? x->role == REGISTRY_ROLE_WORKER : x->role == REGISTRY_ROLE_STANDBY;
+            if (!want || x->state == REGISTRY_STATE_LOST || !x->endpoint[0]) continue;
+            used += (size_t)snprintf(*list + used, cap - used, "%s%s", used ? "," : "", x->endpoint);
+            if (pass == 0) workers++;
+            else (*n_standby)++;
+        }
+    free(m);
+    if (!*list) return MLM_ENOMEM;
+    if (workers == 0) {
+        fprintf(stderr, "meshlm %s: registry %s lists no live worker (meshlm nodes --registry %s)\n", cmd, url, url);
+        return MLM_ENOTFOUND;
+    }
+    fprintf(stderr, "meshlm: registry %s: %d worker(s) and %d standby(s)\n", url, workers, *n_standby);
+    return 0;
+}
+
+// Publishes the plan in the registry (best effort: a failure is a warning); a cluster_opts_t.on_plan.
+static void publish_plan(void *arg, const plan_t *p) {
+    registry_t *r = arg;
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return;
+    plan_file_write(p, f);
+    fclose(f);
+    if (registry_publish_plan(r, text) != 0) fprintf(stderr, "meshlm: registry: cannot publish the plan: %s\n", registry_error(r));
+    free(text);
+}
+
 // After a failure: names the local workers that have died, and how (the OOM killer of their cgroup).
 static void say_dead_workers(launch_t *lw) {
     char why[2048];
@@ -154,11 +209,22 @@ static void say_dead_workers(launch_t *lw) {
 static int run_command(int argc, char **argv, const char *cmd) {
     run_args_t a;
     int prc = parse_args(argc, argv, &a, cmd ? cmd : "run");
+    registry_t *reg = NULL;
+    int n_standby = 0;
+    if (prc == 0 && a.registry && (a.workers || a.local > 0)) {
+        fprintf(stderr, "meshlm %s: use one of --registry URL, --workers LIST and --local N\n", cmd ? cmd : "run");
+        prc = 1;
+    } else if (prc == 0 && a.registry) {
+        prc = workers_from_registry(a.registry, cmd ? cmd : "run", &a.workers, &n_standby, &reg) == 0 ? 0 : 1;
+        a.lay.n_standby += n_standby;
+        a.reg = reg;
+    }
     if (prc == 0 && cmd && !a.workers) {
-        fprintf(stderr, "meshlm %s: --workers LIST is required (or use 'meshlm run --local N')\n", cmd);
+        fprintf(stderr, "meshlm %s: --workers LIST or --registry URL is required (or use 'meshlm run --local N')\n", cmd);
         prc = 1;
     }
     const int code = prc != 0 ? (prc < 0 ? 0 : 2) : run_main(&a);
+    registry_destroy(&reg);
     free(a.workers);
     gen_args_free(&a.g);
     return code;
@@ -222,7 +288,8 @@ static int run_main(run_args_t *ap) {
                              .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                              .local_profile = a.local > 0, .recover = !a.lay.no_recover,
-                             .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby};
+                             .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
+                             .on_plan = a.reg ? publish_plan : NULL, .on_plan_arg = a.reg};
         if ((rc = open_cluster(&cl, &co, lw && lw->mem_limit && !a.local_no_model, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             say_dead_workers(lw);

@@ -17,6 +17,7 @@ static const subcommand_t subcommands[] = {
     {"worker", cmd_worker, "serve model shards to a coordinator (meshlm worker --listen tcp://0.0.0.0:5000)"},
     {"coordinator", cmd_coordinator, "generate with remote workers (run --workers tcp://a:p,tcp://b:p)"},
     {"mpi", cmd_mpi, "generate across the ranks of an MPI job (mpirun -np N meshlm mpi -m FILE -p TEXT)"},
+    {"nodes", cmd_nodes, "list the workers and standbys in a registry (meshlm nodes --registry redis://HOST:PORT)"},
     {"plan", cmd_plan, "print how a model would be split over nodes (no compute)"},
     {"gen-model", cmd_gen_model, "write a GGUF with seeded random weights in a real model's shape"},
     {NULL, NULL, NULL},

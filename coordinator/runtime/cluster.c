@@ -1,9 +1,9 @@
-// Coordinator side of a cluster: hello, plan, shard loading with slice streaming, data plane, steps, each
-// a separate call over one control comm (the link backend to ZeroMQ workers, or MPI / in-process ranks).
-#include "coordinator/runtime/cluster.h"
+// Coordinator side of a cluster: the object and its phases (hello, plan, shard loading with slice
+// streaming, data plane), each a separate call over one control comm (the link backend to ZeroMQ
+// workers, or MPI / in-process ranks). Steps are in cluster_step.c, recovery in cluster_recover.c.
+#include "coordinator/runtime/cluster_impl.h"
 
 #include <arpa/inet.h>
-#include <cjson/cJSON.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,92 +13,18 @@
 #include <unistd.h>
 
 #include "cluster/launch.h"
-#include "cluster/profile.h"
 #include "core/clock.h"
 #include "core/err.h"
 #include "core/sha256.h"
 #include "proto/msg_io.h"
 #include "transport/comm_link.h"
 #include "transport/comm_open.h"
-#include "transport/comm_zmq.h"
-#include "transport/fault.h"
 #include "worker/node/node.h"
-#include "worker/node/pipeline.h"
-
-// --- types
 
 #define CHUNK_BYTES (4u << 20)  // shard streaming chunk
 
-typedef struct {
-    int peer;                   // its rank on the control comm (i + 1)
-    char endpoint[MSG_ENDPOINT_MAX]; // its control endpoint, or "rank N" (MPI, in-process): its name in messages
-    char data_endpoint[MSG_ENDPOINT_MAX];
-    msg_hello_t hello;          // what it said about itself
-    int rank;                   // its data-plane rank, -1 when the plan leaves it out
-    double lat_us, bw;          // measured control link: one-way latency, bytes/s
-    uint64_t reports;           // step reports received
-    bool standby;               // held back from plans until a worker is lost (cluster_opts_t.n_standby)
-    bool lost;                  // lost (killed, frozen, cut off): left out of plans until it answers again
-    bool greeted;               // answered a HELLO since it was last lost
-    double heard_ms;            // when a message from it last arrived (mlm_now_ms)
-} worker_t;
-
-// What a sequence went through, so its caches can be rebuilt after a loss: its tokens and the
-// sizes of the steps that carried them (a replay uses the same chunks, so it gives the same bits).
-typedef struct {
-    int32_t *tokens;            // (cap) fed so far, pos of them
-    int *steps;                 // (cap) token count of each step
-    int n_steps;
-    int cap;
-} seq_hist_t;
-
-struct cluster {
-    cluster_opts_t o;
-    int timeout_ms;
-    uint8_t sha[32];            // of the model file (zero with same_file)
-    comm_t *ctl;                // control channel: rank 0 is the coordinator, worker i is peer i + 1
-    bool ctl_owned;             // made here (the link backend) rather than given (o.control)
-    bool ctl_wrapped;           // ctl is the fault-injecting wrapper over the link comm (owned with it)
-    model_t *full;              // the whole model, mapped without repacking: metadata, planning, streaming
-    int phase;                  // PHASE_*: how far the cluster has come
-    worker_t *w;                // (n_workers)
-    int n_nodes;                // data-plane ranks: rank 0 is the coordinator, then the plan's workers
-    plan_t *plan;               // shares of the computing nodes (shard order = rank order)
-    shard_slice_t *slices;      // (n_nodes) by rank; rank 0 empty unless the coordinator computes
-    msg_plan_node_t *pnodes;    // (n_nodes) as sent
-    int *rank_worker;           // (n_nodes) worker index of each rank, -1 for the coordinator
-    comm_t *comm;               // data plane (o.data when given, else made for the plan)
-    pipe_node_t pipe;           // the coordinator's place in the pipeline
-    fault_spec_t *faults;       // $MESHLM_FAULTS: links to emulate (NULL = none), handed to the workers
-    model_t *model;             // the coordinator's slice (empty unless it computes)
-    model_ctx_t *ctx[CLUSTER_MAX_SEQS]; // its context per sequence, only when it computes
-    bool computes;              // the coordinator holds a share
-    int pos[CLUSTER_MAX_SEQS];  // tokens in the cluster's caches, per sequence
-    int ubatch;                 // micro-batch tokens of a step
-    uint64_t step_id;
-    cluster_stats_t stats;
-    char errbuf[512];           // last failure, for cluster_error
-    int cand[MSG_MAX_NODES];    // worker index of each offered worker node of the current plan
-    int n_cand;
-    profile_t here;             // this machine, measured once (for local workers and the coordinator)
-    int here_state;             // 0 not measured, 1 measured, -1 failed
-    seq_hist_t hist[CLUSTER_MAX_SEQS];
-    cluster_recovery_t rec[CLUSTER_MAX_RECOVERIES];
-    int n_rec;
-    int n_lost_total;           // workers lost so far (forced layouts then shrink to the nodes left)
-    uint64_t plan_id;           // the current plan's (its data plane's session is its low bits)
-    double step_t0;             // when the last step started (mlm_now_ms)
-    int n_plans;                // plans made
-};
-
-enum { PHASE_NEW = 0, PHASE_HELLO = 1, PHASE_PLANNED = 2, PHASE_LOADED = 3 };
-
 // --- helpers
 
-static int seq_ctx(cluster_t *c, int seq, model_ctx_t **out);
-static void readmit(cluster_t *c);
-static int hb_ms(const cluster_t *c) { return c->o.heartbeat_ms > 0 ? c->o.heartbeat_ms : 1000; }
-static int drain_reports(cluster_t *c, int wi, int timeout_ms);
 
 // A free TCP port on the given local IPv4 address, below the ephemeral range when it can (bound and
 // released: a small race other programs could win). Tries a few candidates, then lets the kernel pick.
@@ -161,7 +87,7 @@ static void coordinator_endpoint(const cluster_t *c, char *out, size_t cap) {
 }
 
 // Counts a worker's step report (a RESULT without a tensor) into the statistics.
-static void count_report(cluster_t *c, int wi, const msg_result_t *r) {
+void cl_count_report(cluster_t *c, int wi, const msg_result_t *r) {
     c->w[wi].reports++;
     c->stats.reports++;
     c->stats.busy_ms += (double)r->compute_ns / 1e6;
@@ -170,7 +96,7 @@ static void count_report(cluster_t *c, int wi, const msg_result_t *r) {
 
 // Waits for a message of type want from worker wi; step reports of earlier steps that arrive first
 // are counted and skipped. An ERROR is returned as its code with its text.
-static int recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *raw, char *err, size_t errlen) {
+int cl_recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *raw, char *err, size_t errlen) {
     const int64_t dl = mlm_deadline(c->timeout_ms);
     for (;;) {
         int rc = msg_recv(c->ctl, c->w[wi].peer, m, raw, NULL, mlm_left_ms(dl), err, errlen);
@@ -183,7 +109,7 @@ static int recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t
         if (m->type != want && (report || step_error || m->type == MSG_HEARTBEAT || m->type == MSG_HELLO)) {
             // a step report, a failed step's notice (that step is over), or a late answer to a
             // liveness ping or a re-greeting: counted, skipped
-            if (report) count_report(c, wi, &m->result);
+            if (report) cl_count_report(c, wi, &m->result);
             msg_clear(m);
             comm_msg_free(raw);
             continue;
@@ -223,7 +149,7 @@ static int say_hello(cluster_t *c, char *err, size_t errlen) {
     for (int i = 0; i < c->o.n_workers; i++) {
         msg_t m;
         comm_msg_t raw;
-        int rc = recv_type(c, i, MSG_HELLO, &m, &raw, err, errlen);
+        int rc = cl_recv_type(c, i, MSG_HELLO, &m, &raw, err, errlen);
         if (rc != 0) return rc;
         c->w[i].hello = m.hello;
         msg_clear(&m);
@@ -270,7 +196,7 @@ static int ping_once(cluster_t *c, int wi, uint64_t seq, const void *payload, si
     const double t0 = mlm_now_ms();
     int rc = msg_send(c->ctl, c->w[wi].peer, &m, c->timeout_ms, err, errlen);
     comm_msg_t raw;
-    if (rc == 0) rc = recv_type(c, wi, MSG_HEARTBEAT, &m, &raw, err, errlen);
+    if (rc == 0) rc = cl_recv_type(c, wi, MSG_HEARTBEAT, &m, &raw, err, errlen);
     if (rc != 0) return rc;
     *ms = mlm_now_ms() - t0;
     rc = m.heartbeat.seq == seq ? 0 : MLM_EPROTO;
@@ -609,7 +535,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
         if (c->w[i].rank < 0) continue;
         msg_t m;
         comm_msg_t raw;
-        int rc = recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen);
+        int rc = cl_recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen);
         if (rc != 0) return rc;
         int status = m.load_shard_ack.status;
         bool cached = m.load_shard_ack.from_cache;
@@ -620,7 +546,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
             if (c->o.verbose) fprintf(stderr, "meshlm: streaming shard %d to %s\n", i + 1, c->w[i].endpoint);
             if ((rc = stream_shard(c, i, model_gguf(c->full), model_hparams(c->full)->head_dim, credit, err, errlen)) != 0)
                 return rc;
-            if ((rc = recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen)) != 0) return rc;
+            if ((rc = cl_recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen)) != 0) return rc;
             status = m.load_shard_ack.status;
             msg_clear(&m);
             comm_msg_free(&raw);
@@ -734,13 +660,14 @@ static void end_plan(cluster_t *c) {
 
 int cluster_make_plan(cluster_t *c, char *err, size_t errlen) {
     if (c->phase < PHASE_HELLO) return mlm_fail(err, errlen, MLM_ESTATE, "plan before hello");
-    readmit(c); // lost workers that answer again are taken in at this plan
+    cl_readmit(c); // lost workers that answer again are taken in at this plan
     const double t0 = mlm_now_ms();
     end_plan(c);
     c->phase = PHASE_HELLO;
     int rc = make_plan(c, err, errlen);
     if (rc == 0) rc = send_plan(c, err, errlen);
     if (rc == 0) c->phase = PHASE_PLANNED;
+    if (rc == 0 && c->o.on_plan) c->o.on_plan(c->o.on_plan_arg, c->plan);
     c->stats.load_ms += mlm_now_ms() - t0;
     return rc;
 }
@@ -759,7 +686,7 @@ static int open_data_plane(cluster_t *c, char *err, size_t errlen) {
     comm_open_heartbeat(&co, c->o.heartbeat_ms);
     int rc = comm_open(&c->comm, fault_has_link_rules(c->faults) ? "fault:zmq" : "zmq", &co, err, errlen);
     for (int i = 0; rc != 0 && i < c->o.n_workers; i++) // a worker that failed to set up says why
-        if (c->w[i].rank >= 0 && drain_reports(c, i, 100) != 0) {
+        if (c->w[i].rank >= 0 && cl_drain_reports(c, i, 100) != 0) {
             size_t k = strlen(err);
             snprintf(err + k, errlen > k ? errlen - k : 0, " (%s)", c->errbuf);
             break;
@@ -785,7 +712,7 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
     c->computes = c->o.coordinator_shard;
     if (rc == 0 && c->computes) {
         model_ctx_t *ctx0;
-        if ((rc = seq_ctx(c, 0, &ctx0)) != 0) snprintf(err, errlen, "%s", c->errbuf);
+        if ((rc = cl_seq_ctx(c, 0, &ctx0)) != 0) snprintf(err, errlen, "%s", c->errbuf);
     }
     if (rc == 0) c->phase = PHASE_LOADED;
     else end_plan(c);
@@ -818,400 +745,6 @@ const model_t *cluster_model(const cluster_t *c) { return c->full; }
 const plan_t *cluster_plan(const cluster_t *c) { return c->plan; }
 const cluster_stats_t *cluster_stats(const cluster_t *c) { return &c->stats; }
 const char *cluster_error(const cluster_t *c) { return c->errbuf; }
-
-// Reads the step reports (and errors) waiting on worker wi's link, waiting up to timeout_ms for
-// the first. Returns 0, or the code of an ERROR message (its text in errbuf).
-static int drain_reports(cluster_t *c, int wi, int timeout_ms) {
-    char err[256];
-    int rc = 0;
-    for (;;) {
-        msg_t m;
-        comm_msg_t raw;
-        if (msg_recv(c->ctl, c->w[wi].peer, &m, &raw, NULL, timeout_ms, err, sizeof err) != 0) break;
-        timeout_ms = 0;
-        if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) {
-            count_report(c, wi, &m.result);
-        } else if (m.type == MSG_ERROR) {
-            snprintf(c->errbuf, sizeof c->errbuf, "%.400s", m.error.text);
-            rc = m.error.code < 0 ? m.error.code : MLM_EPROTO;
-        }
-        msg_clear(&m);
-        comm_msg_free(&raw);
-    }
-    return rc;
-}
-
-// The exchanges of n tokens that the coordinator does not see, when it computes nothing: per token
-// and layer every member of a stage's group sends its block of the attention output, the two
-// hidden-size products and the FFN units (per routed expert) to the others; stage 0 exchanges the
-// embedding; each stage hands n_embd floats per token to every rank of the next.
-static uint64_t unseen_bytes(const cluster_t *c, uint64_t n) {
-    const model_hparams_t *hp = model_hparams(c->model);
-    const uint64_t per_layer = (uint64_t)hp->n_head * hp->head_dim + 2u * (uint64_t)hp->n_embd +
-                               (uint64_t)hp->n_ff * (uint64_t)(hp->n_expert ? hp->n_expert_used : 1);
-    const plan_t *pl = c->plan;
-    uint64_t floats = 0;
-    for (int k = 0; k < pl->n_stages; k++) {
-        const uint64_t g = (uint64_t)(pl->stage_first[k + 1] - pl->stage_first[k]);
-        const shard_slice_t *s = &pl->shard[pl->stage_first[k]].s;
-        floats += (uint64_t)(s->l1 - s->l0) * per_layer * (g - 1);
-        if (k == 0) floats += (uint64_t)hp->n_embd * (g - 1);
-        if (k + 1 < pl->n_stages) floats += (uint64_t)hp->n_embd * (uint64_t)(pl->stage_first[k + 2] - pl->stage_first[k + 1]);
-    }
-    return n * floats * 4u;
-}
-
-// The coordinator's context for sequence seq (made on first use when it computes).
-static int seq_ctx(cluster_t *c, int seq, model_ctx_t **out) {
-    *out = NULL;
-    if (!c->computes) return 0;
-    if (!c->ctx[seq]) {
-        char err[256];
-        model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_batch = c->o.n_batch, .n_threads = c->o.n_threads,
-                               .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp};
-        int rc = model_ctx_new(&c->ctx[seq], c->model, &co, err, sizeof err);
-        if (rc != 0) {
-            snprintf(c->errbuf, sizeof c->errbuf, "sequence %d: %s", seq, err);
-            return rc;
-        }
-    }
-    *out = c->ctx[seq];
-    return 0;
-}
-
-// One step for each of n_seqs sequences: seq[i] takes n[i] tokens (tokens[i]); logits[i] (or NULL)
-// receives its rows as in model_eval. Every STEP goes out first, so the stages work on different
-// sequences at once; then the coordinator computes its share of each in order and collects the
-// logits in order.
-static int eval_once(cluster_t *c, int n_seqs, const int *seq, const int32_t *const *tokens, const int *n,
-                     float *const *logits, bool all_logits) {
-    if (c->phase != PHASE_LOADED) return MLM_ESTATE;
-    const int n_vocab = model_hparams(c->model)->n_vocab;
-    uint64_t total = 0;
-    for (int k = 0; k < n_seqs; k++) {
-        if (seq[k] < 0 || seq[k] >= CLUSTER_MAX_SEQS || n[k] <= 0) return MLM_EINVAL;
-        if (c->pos[seq[k]] + n[k] > c->o.n_ctx) return MLM_ERANGE;
-        for (int j = 0; j < k; j++)
-            if (seq[j] == seq[k]) return MLM_EINVAL; // one step per sequence
-        for (int i = 0; i < n[k]; i++)
-            if (tokens[k][i] < 0 || tokens[k][i] >= n_vocab) return MLM_EINVAL;
-        total += (uint64_t)n[k];
-    }
-    const double t0 = c->step_t0 = mlm_now_ms();
-    for (int i = 0; i < c->o.n_workers; i++)
-        if (c->w[i].rank >= 0) drain_reports(c, i, 0); // earlier steps' reports
-    char err[256];
-    const uint64_t first_step = c->step_id + 1;
-    for (int k = 0; k < n_seqs; k++) {
-        msg_t m;
-        msg_init(&m, MSG_STEP);
-        msg_step_t *st = &m.step;
-        st->step_id = ++c->step_id;
-        st->seq_id = (uint64_t)seq[k];
-        st->pos = c->pos[seq[k]];
-        st->n_tokens = (uint32_t)n[k];
-        st->tokens = tokens[k];
-        st->logits = !logits[k] ? MSG_LOGITS_NONE : all_logits ? MSG_LOGITS_ALL : MSG_LOGITS_LAST;
-        st->ubatch = (uint32_t)c->ubatch;
-        for (int i = 0; i < c->o.n_workers; i++) {
-            if (c->w[i].rank < 0) continue;
-            int rc = msg_send(c->ctl, c->w[i].peer, &m, c->timeout_ms, err, sizeof err);
-            if (rc != 0) {
-                snprintf(c->errbuf, sizeof c->errbuf, "worker %s: %s", c->w[i].endpoint, err);
-                return rc;
-            }
-        }
-    }
-    int rc = 0;
-    const double b0 = c->pipe.busy_ms, w0 = c->pipe.wait_ms + c->pipe.gather_ms;
-    for (int k = 0; rc == 0 && c->computes && k < n_seqs; k++) {
-        model_ctx_t *ctx;
-        if ((rc = seq_ctx(c, seq[k], &ctx)) != 0) break;
-        if (c->pos[seq[k]] == 0) model_ctx_reset(ctx);
-        rc = pipe_node_step(&c->pipe, ctx, tokens[k], n[k], c->ubatch, logits[k], all_logits);
-    }
-    for (int k = 0; rc == 0 && k < n_seqs; k++)
-        if (logits[k] && !pipe_lands_logits(&c->pipe)) rc = pipe_recv_logits(&c->pipe, n[k], c->ubatch, logits[k], all_logits);
-    if (c->computes) {
-        c->stats.busy_ms += c->pipe.busy_ms - b0;
-        c->stats.wait_ms += c->pipe.wait_ms + c->pipe.gather_ms - w0;
-    }
-    c->stats.gather_ms = c->pipe.gather_ms;
-    c->stats.gathers = c->pipe.gathers;
-    if (c->computes) c->stats.gather_bytes = c->pipe.gather_bytes + c->pipe.handoff_bytes;
-    else c->stats.gather_bytes = c->pipe.gather_bytes + unseen_bytes(c, c->stats.tokens + total);
-    c->stats.steps += (uint64_t)n_seqs;
-    c->stats.tokens += total;
-    c->stats.step_ms += mlm_now_ms() - t0;
-    if (rc == 0) {
-        for (int k = 0; k < n_seqs; k++) c->pos[seq[k]] += n[k];
-    } else {
-        // Name the worker that reported a failure, if one did.
-        snprintf(c->errbuf, sizeof c->errbuf, "step %llu failed: %s (a worker stopped answering within %d ms)",
-                 (unsigned long long)first_step, mlm_strerror(rc), c->timeout_ms);
-        for (int i = 0; i < c->o.n_workers; i++)
-            if (c->w[i].rank >= 0 && drain_reports(c, i, 0) != 0) break;
-    }
-    return rc;
-}
-
-// --- recovery
-
-// Appends a step of n tokens to a sequence's history. 0 or MLM_ENOMEM.
-static int hist_add(seq_hist_t *h, const int32_t *tokens, int n, int pos) {
-    if (pos + n > h->cap) {
-        int cap = h->cap ? h->cap : 64;
-        while (cap < pos + n) cap *= 2;
-        int32_t *t = realloc(h->tokens, (size_t)cap * sizeof *t);
-        if (t) h->tokens = t;
-        int *s = realloc(h->steps, (size_t)cap * sizeof *s);
-        if (s) h->steps = s;
-        if (!t || !s) return MLM_ENOMEM;
-        h->cap = cap;
-    }
-    memcpy(h->tokens + pos, tokens, (size_t)n * sizeof *tokens);
-    h->steps[h->n_steps++] = n;
-    return 0;
-}
-
-// Pings every worker of the current plan at once and returns how many did not answer within
-// timeout_ms (a worker whose link dropped fails at once); those are marked lost. Step reports and
-// errors that come first are consumed.
-static int ping_plan(cluster_t *c, int timeout_ms) {
-    const uint64_t seq = 0x8000000000000000ull | ++c->step_id;
-    bool waiting[MSG_MAX_NODES] = {false};
-    int n_wait = 0;
-    char err[256];
-    for (int i = 0; i < c->o.n_workers; i++) {
-        if (c->w[i].rank < 0 || c->w[i].lost) continue;
-        msg_t m;
-        msg_init(&m, MSG_HEARTBEAT);
-        snprintf(m.heartbeat.node_id, sizeof m.heartbeat.node_id, "coordinator");
-        m.heartbeat.seq = seq;
-        if (msg_send(c->ctl, c->w[i].peer, &m, timeout_ms, err, sizeof err) != 0) c->w[i].lost = true;
-        else waiting[i] = true, n_wait++;
-    }
-    const int64_t dl = mlm_deadline(timeout_ms);
-    while (n_wait > 0) {
-        msg_t m;
-        comm_msg_t raw;
-        int from = -1;
-        int rc = msg_recv(c->ctl, COMM_ANY, &m, &raw, &from, mlm_left_ms(dl), err, sizeof err);
-        if (rc == MLM_ETIMEOUT) break;
-        if (from < 1 || from > c->o.n_workers) {
-            if (rc == 0) msg_clear(&m), comm_msg_free(&raw);
-            if (rc != 0 && rc != MLM_EPEER) break;
-            continue;
-        }
-        worker_t *w = &c->w[from - 1];
-        if (rc == MLM_EPEER) { // its link dropped
-            if (waiting[from - 1]) waiting[from - 1] = false, n_wait--, w->lost = true;
-            continue;
-        }
-        if (rc != 0) continue;
-        w->heard_ms = mlm_now_ms();
-        if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) count_report(c, from - 1, &m.result);
-        if (m.type == MSG_HEARTBEAT && m.heartbeat.seq == seq && waiting[from - 1]) waiting[from - 1] = false, n_wait--;
-        msg_clear(&m);
-        comm_msg_free(&raw);
-    }
-    int lost = 0;
-    for (int i = 0; i < c->o.n_workers; i++)
-        if (waiting[i]) c->w[i].lost = true;
-    for (int i = 0; i < c->o.n_workers; i++) lost += c->w[i].rank >= 0 && c->w[i].lost;
-    return lost;
-}
-
-// Greets lost workers again (a frozen worker that was continued, a restarted one): those that
-// answer within a short time are taken in at this plan.
-static void readmit(cluster_t *c) {
-    char err[256];
-    for (int i = 0; i < c->o.n_workers; i++) {
-        worker_t *w = &c->w[i];
-        if (!w->lost) continue;
-        msg_t m;
-        msg_init(&m, MSG_HELLO);
-        snprintf(m.hello.node_id, sizeof m.hello.node_id, "coordinator");
-        m.hello.role = MSG_ROLE_COORDINATOR;
-        m.hello.n_cores = 1;
-        m.hello.link_rank = w->peer;
-        snprintf(m.hello.faults, sizeof m.hello.faults, "%s", fault_spec_text(c->faults));
-        if (msg_send(c->ctl, w->peer, &m, 50, err, sizeof err) != 0) continue;
-        comm_msg_t raw;
-        const int64_t dl = mlm_deadline(200);
-        while (mlm_left_ms(dl) > 0 && msg_recv(c->ctl, w->peer, &m, &raw, NULL, mlm_left_ms(dl), err, sizeof err) == 0) {
-            const bool hello = m.type == MSG_HELLO;
-            if (hello) w->hello = m.hello;
-            msg_clear(&m);
-            comm_msg_free(&raw);
-            if (hello) {
-                w->lost = false;
-                w->heard_ms = mlm_now_ms();
-                fprintf(stderr, "meshlm: worker %s is back and is taken in at this plan\n", w->hello.node_id);
-                break;
-            }
-        }
-    }
-}
-
-// After a failed step: confirms which workers are gone, plans over the rest (and standbys),
-// reloads, and replays every sequence's steps so the caches are as they were. 0, or why not.
-static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
-    char err[512] = "";
-    const double t0 = mlm_now_ms();
-    const int hb = hb_ms(c);
-    // Survivors notice the loss through their own data-plane heartbeats within about hb and then
-    // answer; the lost ones never do.
-    // The data plane may already know who is gone (a dropped connection, a heartbeat timeout): then
-    // no one needs asking. Otherwise every worker of the plan is pinged; survivors notice the loss
-    // through their own data-plane heartbeats within about hb and then answer, the lost never do.
-    int lost = 0;
-    for (int i = 0; i < c->o.n_workers; i++)
-        if (c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank)) c->w[i].lost = true, lost++;
-    if (getenv("MESHLM_DEBUG_RECOVERY"))
-        for (int i = 0; i < c->o.n_workers; i++)
-            fprintf(stderr, "  [recover] worker %d %s rank %d data-lost %d\n", i, c->w[i].hello.node_id, c->w[i].rank,
-                    c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank));
-    if (lost == 0) lost = ping_plan(c, 2 * hb);
-    c->n_lost_total += lost;
-    const double t1 = mlm_now_ms();
-    int first = -1;
-    for (int i = 0; i < c->o.n_workers; i++)
-        if (c->w[i].rank >= 0 && c->w[i].lost && first < 0) first = i;
-    if (first >= 0) {
-        const worker_t *w = &c->w[first];
-        snprintf(r->worker, sizeof r->worker, "%.63s", w->hello.node_id[0] ? w->hello.node_id : w->endpoint);
-        snprintf(r->what, sizeof r->what, "lost (%s)%s", mlm_strerror(step_rc), lost > 1 ? " with others" : "");
-        // from the last sign of life: its last message, or the failed step's start if that is later
-        r->detect_ms = t1 - (w->heard_ms > c->step_t0 ? w->heard_ms : c->step_t0);
-    } else {
-        snprintf(r->worker, sizeof r->worker, "-");
-        snprintf(r->what, sizeof r->what, "step failed (%s), every worker answers: plan again", mlm_strerror(step_rc));
-        r->detect_ms = t1 - t0;
-    }
-    fprintf(stderr, "meshlm: fault: worker %s %s; detected in %.0f ms; re-planning\n", r->worker, r->what,
-            r->detect_ms);
-    int rc = cluster_make_plan(c, err, sizeof err);
-    if (rc == 0) rc = cluster_load(c, err, sizeof err);
-    int replayed = 0;
-    for (int s = 0; rc == 0 && s < CLUSTER_MAX_SEQS; s++) {
-        seq_hist_t *h = &c->hist[s];
-        int at = 0;
-        for (int k = 0; rc == 0 && k < h->n_steps; k++) {
-            const int32_t *tk = h->tokens + at;
-            int n = h->steps[k];
-            float *none = NULL;
-            rc = eval_once(c, 1, &s, &tk, &n, &none, false);
-            at += n;
-        }
-        replayed += at;
-    }
-    r->replayed = replayed;
-    r->nodes_after = c->plan ? c->plan->n : 0;
-    r->rc = rc;
-    if (rc != 0 && !err[0]) snprintf(err, sizeof err, "%s", c->errbuf);
-    if (rc != 0) snprintf(c->errbuf, sizeof c->errbuf, "recovery failed: %.480s", err);
-    return rc;
-}
-
-// One step per sequence with history kept for replay, and, when a worker is lost, recovery and the
-// step again (a few times at most).
-static int eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *const *tokens, const int *n,
-                     float *const *logits, bool all_logits) {
-    int rc = eval_once(c, n_seqs, seq, tokens, n, logits, all_logits);
-    for (int attempt = 0; rc != 0 && c->o.recover && !c->o.data && attempt < 3; attempt++) {
-        if (rc == MLM_EINVAL || rc == MLM_ERANGE || rc == MLM_ENOMEM || rc == MLM_ESTATE) break;
-        cluster_recovery_t r = {0};
-        const double t0 = mlm_now_ms(); // the failure is noticed: recovery time runs from here
-        rc = recover(c, rc, &r);
-        if (rc == 0) rc = eval_once(c, n_seqs, seq, tokens, n, logits, all_logits);
-        r.rc = rc;
-        r.recover_ms = mlm_now_ms() - t0;
-        if (c->n_rec < CLUSTER_MAX_RECOVERIES) c->rec[c->n_rec++] = r;
-        if (rc == 0)
-            fprintf(stderr, "meshlm: recovered: %d node(s) now, %d token(s) replayed, %.0f ms from detection to the step done\n",
-                    r.nodes_after, r.replayed, r.recover_ms);
-        else
-            fprintf(stderr, "meshlm: recovery failed: %s\n", c->errbuf);
-    }
-    for (int k = 0; rc == 0 && k < n_seqs; k++) {
-        seq_hist_t *h = &c->hist[seq[k]];
-        if (c->pos[seq[k]] == n[k]) h->n_steps = 0; // the step started the sequence afresh
-        if (hist_add(h, tokens[k], n[k], c->pos[seq[k]] - n[k]) != 0) rc = MLM_ENOMEM;
-    }
-    return rc;
-}
-
-const cluster_recovery_t *cluster_recoveries(const cluster_t *c, int *n) {
-    *n = c->n_rec;
-    return c->rec;
-}
-
-cJSON *cluster_recoveries_json(const cluster_t *c) {
-    cJSON *a = cJSON_CreateArray();
-    for (int i = 0; a && i < c->n_rec; i++) {
-        const cluster_recovery_t *r = &c->rec[i];
-        cJSON *o = cJSON_CreateObject();
-        if (!o) break;
-        cJSON_AddStringToObject(o, "worker", r->worker);
-        cJSON_AddStringToObject(o, "what", r->what);
-        cJSON_AddNumberToObject(o, "detection_ms", r->detect_ms);
-        cJSON_AddNumberToObject(o, "recovery_ms", r->recover_ms);
-        cJSON_AddNumberToObject(o, "replayed_tokens", r->replayed);
-        cJSON_AddNumberToObject(o, "nodes_after", r->nodes_after);
-        cJSON_AddBoolToObject(o, "recovered", r->rc == 0);
-        cJSON_AddItemToArray(a, o);
-    }
-    return a;
-}
-
-int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits) {
-    const int seq = 0;
-    return eval_seqs(c, 1, &seq, &tokens, &n, &logits, all_logits);
-}
-
-int cluster_eval_seqs(cluster_t *c, int n_seqs, const int *seqs, const int32_t *tokens, float *logits) {
-    if (n_seqs < 1 || n_seqs > CLUSTER_MAX_SEQS) return MLM_EINVAL;
-    const int32_t *tk[CLUSTER_MAX_SEQS];
-    int n[CLUSTER_MAX_SEQS];
-    float *lg[CLUSTER_MAX_SEQS];
-    const int nv = model_hparams(c->full)->n_vocab;
-    for (int k = 0; k < n_seqs; k++) {
-        tk[k] = tokens + k;
-        n[k] = 1;
-        lg[k] = logits ? logits + (size_t)k * nv : NULL;
-    }
-    return eval_seqs(c, n_seqs, seqs, tk, n, lg, false);
-}
-
-void cluster_reset_seq(cluster_t *c, int seq) {
-    if (seq < 0 || seq >= CLUSTER_MAX_SEQS) return;
-    c->pos[seq] = 0; // the next step starts at position 0, which resets every node's cache
-    c->hist[seq].n_steps = 0;
-}
-
-int cluster_sync_stats(cluster_t *c, int timeout_ms) {
-    const double deadline = mlm_now_ms() + timeout_ms;
-    for (int i = 0; i < c->o.n_workers; i++) {
-        while (c->w[i].rank >= 0 && c->w[i].reports < c->step_id) {
-            const double left = deadline - mlm_now_ms();
-            if (left <= 0) return MLM_ETIMEOUT;
-            if (drain_reports(c, i, (int)left) != 0) return MLM_EPEER;
-        }
-    }
-    return 0;
-}
-
-void cluster_reset(cluster_t *c) {
-    for (int i = 0; i < CLUSTER_MAX_SEQS; i++) cluster_reset_seq(c, i);
-}
-
-void cluster_stats_reset(cluster_t *c) {
-    cluster_sync_stats(c, 1000);
-    c->stats.steps = c->stats.tokens = c->stats.gather_bytes = c->stats.gathers = c->stats.reports = 0;
-    c->stats.gather_ms = c->stats.step_ms = c->stats.busy_ms = c->stats.wait_ms = 0;
-    pipe_stats_reset(&c->pipe);
-}
 
 void cluster_close(cluster_t **self_p, bool exit_workers) {
     if (!self_p || !*self_p) return;

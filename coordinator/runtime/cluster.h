@@ -46,6 +46,8 @@ typedef struct {
                                      // reload, replay every sequence's tokens and redo the step
     int heartbeat_ms;                // a frozen or cut-off worker is detected within this (0 = 1000): the
                                      // links' heartbeat timeout and the answer time of a liveness probe
+    void (*on_plan)(void *arg, const plan_t *p); // called after every plan is sent (e.g. to publish it), or NULL
+    void *on_plan_arg;
     bool local_profile;              // workers that did not profile themselves (local ones, started with
                                      // --no-profile so they do not measure each other) get this
                                      // machine's figures, measured once by the coordinator with n_threads

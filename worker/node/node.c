@@ -60,6 +60,10 @@ static void vlog(const node_t *n, const char *what, const char *detail) {
     if (n->o->verbose) fprintf(stderr, "[%s] %s %s\n", n->node_id, what, detail ? detail : "");
 }
 
+static void set_state(const node_t *n, node_state_t s) {
+    if (n->o->on_state) n->o->on_state(n->o->state_arg, s);
+}
+
 static void end_plan(node_t *n) {
     char streamed[256];
     if (n->o->verbose && n->model && weights_read_summary(model_weights(n->model), streamed, sizeof streamed) > 0)
@@ -423,11 +427,14 @@ int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen) {
             return mlm_fail(err, errlen, MLM_EIO, "%s: %s", o->model_path, strerror(errno));
         n.model_size = (uint64_t)stt.st_size;
         // The same file as the coordinator's (MPI ranks): it stands for the plan's model unhashed.
-        int rc = o->same_file ? 0 : sha256_file(o->model_path, n.sha, err, errlen);
+        int rc = 0;
+        if (o->model_sha256) memcpy(n.sha, o->model_sha256, 32);
+        else if (!o->same_file) rc = sha256_file(o->model_path, n.sha, err, errlen);
         if (rc != 0) return rc;
         n.have_sha = true;
     }
-    if (!o->no_profile && profile_node(&n.prof, o->n_threads, o->model_path, 300) == 0 && o->verbose) {
+    if (o->profile) n.prof = *o->profile;
+    else if (!o->no_profile && profile_node(&n.prof, o->n_threads, o->model_path, 300) == 0 && o->verbose) {
         fprintf(stderr, "[%s] profile: %.1f GB/s memory, %.1f GFLOP/s Q4_0, %.1f GFLOP/s Q8_0, disk %.0f MB/s\n",
                 n.node_id, n.prof.mem_bw / 1e9, profile_gflops(&n.prof, QT_Q4_0), profile_gflops(&n.prof, QT_Q8_0),
                 n.prof.disk_bw / 1e6);
@@ -452,11 +459,15 @@ int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen) {
         vlog(&n, "got", msg_type_name(m.type));
         switch (m.type) {
         case MSG_HELLO: rc = on_hello(&n, &m.hello); break;
-        case MSG_PLAN: rc = on_plan(&n, &m.plan); break;
-        case MSG_LOAD_SHARD: rc = on_load(&n, &m.load_shard); break;
+        case MSG_PLAN: set_state(&n, NODE_LOADING); rc = on_plan(&n, &m.plan); break;
+        case MSG_LOAD_SHARD:
+            rc = on_load(&n, &m.load_shard);
+            set_state(&n, n.ctx[0] ? NODE_SERVING : NODE_IDLE);
+            break;
         case MSG_STEP: rc = on_step(&n, &m.step); break;
         case MSG_SHUTDOWN:
             end_plan(&n);
+            set_state(&n, NODE_IDLE);
             stop = strcmp(m.shutdown.reason, "exit") == 0;
             rc = 0;
             break;

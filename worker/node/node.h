@@ -7,8 +7,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cluster/profile.h"
 #include "parallel/shard.h"
 #include "transport/comm.h"
+
+// What a node is doing, for whoever watches it.
+typedef enum { NODE_IDLE = 0, NODE_LOADING = 1, NODE_SERVING = 2 } node_state_t;
 
 typedef struct {
     const char *listen;      // control endpoint (tcp://HOST:PORT or ipc:///path); data plane is next to it
@@ -25,6 +29,10 @@ typedef struct {
     comm_t *data;            // a ready data plane whose ranks are the plan's nodes in order (MPI, in-process;
                              // borrowed), or NULL: a ZeroMQ data plane is made for each plan from its endpoints
     bool exit_on_peer_loss;  // return when the control channel reports the coordinator lost (MPI, in-process)
+    const profile_t *profile; // this machine's figures, measured already (then not measured again), or NULL
+    const uint8_t *model_sha256; // (32) model_path's hash, computed already (then not hashed again), or NULL
+    void (*on_state)(void *arg, node_state_t state); // told when the node's state changes (e.g. to publish
+    void *state_arg;                                  // it in a registry), or NULL
     int heartbeat_ms;        // links (control and data) drop a peer silent this long (0 = 1000): a frozen
                              // peer is noticed, and a step waiting on the plan's nodes fails when any is lost
 } node_opts_t;

@@ -1,0 +1,223 @@
+// Recovery: a worker lost in a step is confirmed, the cluster plans again over the survivors and
+// standbys, reloads, replays every sequence's steps with the same chunks and redoes the step.
+#include "coordinator/runtime/cluster_impl.h"
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/clock.h"
+#include "core/err.h"
+#include "proto/msg_io.h"
+#include "transport/comm_zmq.h"
+
+// --- recovery
+
+// Appends a step of n tokens to a sequence's history. 0 or MLM_ENOMEM.
+static int hist_add(seq_hist_t *h, const int32_t *tokens, int n, int pos) {
+    if (pos + n > h->cap) {
+        int cap = h->cap ? h->cap : 64;
+        while (cap < pos + n) cap *= 2;
+        int32_t *t = realloc(h->tokens, (size_t)cap * sizeof *t);
+        if (t) h->tokens = t;
+        int *s = realloc(h->steps, (size_t)cap * sizeof *s);
+        if (s) h->steps = s;
+        if (!t || !s) return MLM_ENOMEM;
+        h->cap = cap;
+    }
+    memcpy(h->tokens + pos, tokens, (size_t)n * sizeof *tokens);
+    h->steps[h->n_steps++] = n;
+    return 0;
+}
+
+// Pings every worker of the current plan at once and returns how many did not answer within
+// timeout_ms (a worker whose link dropped fails at once); those are marked lost. Step reports and
+// errors that come first are consumed.
+static int ping_plan(cluster_t *c, int timeout_ms) {
+    const uint64_t seq = 0x8000000000000000ull | ++c->step_id;
+    bool waiting[MSG_MAX_NODES] = {false};
+    int n_wait = 0;
+    char err[256];
+    for (int i = 0; i < c->o.n_workers; i++) {
+        if (c->w[i].rank < 0 || c->w[i].lost) continue;
+        msg_t m;
+        msg_init(&m, MSG_HEARTBEAT);
+        snprintf(m.heartbeat.node_id, sizeof m.heartbeat.node_id, "coordinator");
+        m.heartbeat.seq = seq;
+        if (msg_send(c->ctl, c->w[i].peer, &m, timeout_ms, err, sizeof err) != 0) c->w[i].lost = true;
+        else waiting[i] = true, n_wait++;
+    }
+    const int64_t dl = mlm_deadline(timeout_ms);
+    while (n_wait > 0) {
+        msg_t m;
+        comm_msg_t raw;
+        int from = -1;
+        int rc = msg_recv(c->ctl, COMM_ANY, &m, &raw, &from, mlm_left_ms(dl), err, sizeof err);
+        if (rc == MLM_ETIMEOUT) break;
+        if (from < 1 || from > c->o.n_workers) {
+            if (rc == 0) msg_clear(&m), comm_msg_free(&raw);
+            if (rc != 0 && rc != MLM_EPEER) break;
+            continue;
+        }
+        worker_t *w = &c->w[from - 1];
+        if (rc == MLM_EPEER) { // its link dropped
+            if (waiting[from - 1]) waiting[from - 1] = false, n_wait--, w->lost = true;
+            continue;
+        }
+        if (rc != 0) continue;
+        w->heard_ms = mlm_now_ms();
+        if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) cl_count_report(c, from - 1, &m.result);
+        if (m.type == MSG_HEARTBEAT && m.heartbeat.seq == seq && waiting[from - 1]) waiting[from - 1] = false, n_wait--;
+        msg_clear(&m);
+        comm_msg_free(&raw);
+    }
+    int lost = 0;
+    for (int i = 0; i < c->o.n_workers; i++)
+        if (waiting[i]) c->w[i].lost = true;
+    for (int i = 0; i < c->o.n_workers; i++) lost += c->w[i].rank >= 0 && c->w[i].lost;
+    return lost;
+}
+
+// Greets lost workers again (a frozen worker that was continued, a restarted one): those that
+// answer within a short time are taken in at this plan.
+void cl_readmit(cluster_t *c) {
+    char err[256];
+    for (int i = 0; i < c->o.n_workers; i++) {
+        worker_t *w = &c->w[i];
+        if (!w->lost) continue;
+        msg_t m;
+        msg_init(&m, MSG_HELLO);
+        snprintf(m.hello.node_id, sizeof m.hello.node_id, "coordinator");
+        m.hello.role = MSG_ROLE_COORDINATOR;
+        m.hello.n_cores = 1;
+        m.hello.link_rank = w->peer;
+        snprintf(m.hello.faults, sizeof m.hello.faults, "%s", fault_spec_text(c->faults));
+        if (msg_send(c->ctl, w->peer, &m, 50, err, sizeof err) != 0) continue;
+        comm_msg_t raw;
+        const int64_t dl = mlm_deadline(200);
+        while (mlm_left_ms(dl) > 0 && msg_recv(c->ctl, w->peer, &m, &raw, NULL, mlm_left_ms(dl), err, sizeof err) == 0) {
+            const bool hello = m.type == MSG_HELLO;
+            if (hello) w->hello = m.hello;
+            msg_clear(&m);
+            comm_msg_free(&raw);
+            if (hello) {
+                w->lost = false;
+                w->heard_ms = mlm_now_ms();
+                fprintf(stderr, "meshlm: worker %s is back and is taken in at this plan\n", w->hello.node_id);
+                break;
+            }
+        }
+    }
+}
+
+// After a failed step: confirms which workers are gone, plans over the rest (and standbys),
+// reloads, and replays every sequence's steps so the caches are as they were. 0, or why not.
+static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
+    char err[512] = "";
+    const double t0 = mlm_now_ms();
+    const int hb = cl_hb_ms(c);
+    // Survivors notice the loss through their own data-plane heartbeats within about hb and then
+    // answer; the lost ones never do.
+    // The data plane may already know who is gone (a dropped connection, a heartbeat timeout): then
+    // no one needs asking. Otherwise every worker of the plan is pinged; survivors notice the loss
+    // through their own data-plane heartbeats within about hb and then answer, the lost never do.
+    int lost = 0;
+    for (int i = 0; i < c->o.n_workers; i++)
+        if (c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank)) c->w[i].lost = true, lost++;
+    if (getenv("MESHLM_DEBUG_RECOVERY"))
+        for (int i = 0; i < c->o.n_workers; i++)
+            fprintf(stderr, "  [recover] worker %d %s rank %d data-lost %d\n", i, c->w[i].hello.node_id, c->w[i].rank,
+                    c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank));
+    if (lost == 0) lost = ping_plan(c, 2 * hb);
+    c->n_lost_total += lost;
+    const double t1 = mlm_now_ms();
+    int first = -1;
+    for (int i = 0; i < c->o.n_workers; i++)
+        if (c->w[i].rank >= 0 && c->w[i].lost && first < 0) first = i;
+    if (first >= 0) {
+        const worker_t *w = &c->w[first];
+        snprintf(r->worker, sizeof r->worker, "%.63s", w->hello.node_id[0] ? w->hello.node_id : w->endpoint);
+        snprintf(r->what, sizeof r->what, "lost (%s)%s", mlm_strerror(step_rc), lost > 1 ? " with others" : "");
+        // from the last sign of life: its last message, or the failed step's start if that is later
+        r->detect_ms = t1 - (w->heard_ms > c->step_t0 ? w->heard_ms : c->step_t0);
+    } else {
+        snprintf(r->worker, sizeof r->worker, "-");
+        snprintf(r->what, sizeof r->what, "step failed (%s), every worker answers: plan again", mlm_strerror(step_rc));
+        r->detect_ms = t1 - t0;
+    }
+    fprintf(stderr, "meshlm: fault: worker %s %s; detected in %.0f ms; re-planning\n", r->worker, r->what,
+            r->detect_ms);
+    int rc = cluster_make_plan(c, err, sizeof err);
+    if (rc == 0) rc = cluster_load(c, err, sizeof err);
+    int replayed = 0;
+    for (int s = 0; rc == 0 && s < CLUSTER_MAX_SEQS; s++) {
+        seq_hist_t *h = &c->hist[s];
+        int at = 0;
+        for (int k = 0; rc == 0 && k < h->n_steps; k++) {
+            const int32_t *tk = h->tokens + at;
+            int n = h->steps[k];
+            float *none = NULL;
+            rc = cl_eval_once(c, 1, &s, &tk, &n, &none, false);
+            at += n;
+        }
+        replayed += at;
+    }
+    r->replayed = replayed;
+    r->nodes_after = c->plan ? c->plan->n : 0;
+    r->rc = rc;
+    if (rc != 0 && !err[0]) snprintf(err, sizeof err, "%s", c->errbuf);
+    if (rc != 0) snprintf(c->errbuf, sizeof c->errbuf, "recovery failed: %.480s", err);
+    return rc;
+}
+
+// One step per sequence with history kept for replay, and, when a worker is lost, recovery and the
+// step again (a few times at most).
+int cl_eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *const *tokens, const int *n,
+                     float *const *logits, bool all_logits) {
+    int rc = cl_eval_once(c, n_seqs, seq, tokens, n, logits, all_logits);
+    for (int attempt = 0; rc != 0 && c->o.recover && !c->o.data && attempt < 3; attempt++) {
+        if (rc == MLM_EINVAL || rc == MLM_ERANGE || rc == MLM_ENOMEM || rc == MLM_ESTATE) break;
+        cluster_recovery_t r = {0};
+        const double t0 = mlm_now_ms(); // the failure is noticed: recovery time runs from here
+        rc = recover(c, rc, &r);
+        if (rc == 0) rc = cl_eval_once(c, n_seqs, seq, tokens, n, logits, all_logits);
+        r.rc = rc;
+        r.recover_ms = mlm_now_ms() - t0;
+        if (c->n_rec < CLUSTER_MAX_RECOVERIES) c->rec[c->n_rec++] = r;
+        if (rc == 0)
+            fprintf(stderr, "meshlm: recovered: %d node(s) now, %d token(s) replayed, %.0f ms from detection to the step done\n",
+                    r.nodes_after, r.replayed, r.recover_ms);
+        else
+            fprintf(stderr, "meshlm: recovery failed: %s\n", c->errbuf);
+    }
+    for (int k = 0; rc == 0 && k < n_seqs; k++) {
+        seq_hist_t *h = &c->hist[seq[k]];
+        if (c->pos[seq[k]] == n[k]) h->n_steps = 0; // the step started the sequence afresh
+        if (hist_add(h, tokens[k], n[k], c->pos[seq[k]] - n[k]) != 0) rc = MLM_ENOMEM;
+    }
+    return rc;
+}
+
+const cluster_recovery_t *cluster_recoveries(const cluster_t *c, int *n) {
+    *n = c->n_rec;
+    return c->rec;
+}
+
+cJSON *cluster_recoveries_json(const cluster_t *c) {
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; a && i < c->n_rec; i++) {
+        const cluster_recovery_t *r = &c->rec[i];
+        cJSON *o = cJSON_CreateObject();
+        if (!o) break;
+        cJSON_AddStringToObject(o, "worker", r->worker);
+        cJSON_AddStringToObject(o, "what", r->what);
+        cJSON_AddNumberToObject(o, "detection_ms", r->detect_ms);
+        cJSON_AddNumberToObject(o, "recovery_ms", r->recover_ms);
+        cJSON_AddNumberToObject(o, "replayed_tokens", r->replayed);
+        cJSON_AddNumberToObject(o, "nodes_after", r->nodes_after);
+        cJSON_AddBoolToObject(o, "recovered", r->rc == 0);
+        cJSON_AddItemToArray(a, o);
+    }
+    return a;
+}

@@ -341,9 +341,9 @@ static int read_extent(win_t *w, const extent_t *e, uint8_t *dst) {
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) return MLM_EIO;
         if (r == 0) break; // end of file: only the alignment tail may be missing
+        if (w->io == IO_PREAD) (void)posix_fadvise(w->fd, (off_t)(e->off + done), r, POSIX_FADV_DONTNEED);
         done += (uint64_t)r;
     }
-    if (w->io == IO_PREAD) (void)posix_fadvise(w->fd, (off_t)e->off, (off_t)e->len, POSIX_FADV_DONTNEED);
     return done >= e->need ? 0 : MLM_EIO;
 }
 
@@ -848,6 +848,11 @@ int weights_window_new(weights_t **out, const weights_params_t *p, const char *a
     w->p.hp = &w->hp;
     w->p.slice = &w->slice;
     w->kern = p->kern ? p->kern : kernels_best();
+    if (io < 0) { // $MESHLM_WINDOW_IO picks the method for every window of the process (benchmarks)
+        const char *env = getenv("MESHLM_WINDOW_IO");
+        for (int i = 0; env && i < 3; i++)
+            if (!strcmp(env, io_names[i])) io = i;
+    }
     w->io = io >= 0 ? (win_io_t)io : IO_DIRECT;
     w->map = gguf_base(p->g);
     w->file_size = gguf_file_size(p->g);

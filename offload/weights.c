@@ -27,8 +27,9 @@ static struct {
     weights_new_fn make;
 } providers[REGISTRY_MAX] = {
     {"mmap", weights_mmap_new},
+    {"window", weights_window_new},
 };
-static int n_registered = 1; // the built-ins above
+static int n_registered = 2; // the built-ins above
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static char names_buf[REGISTRY_MAX * 33]; // the names, space-separated (changes only on a registration)
 
@@ -66,11 +67,59 @@ static weights_new_fn find_maker(const char *name, size_t len) {
     return make;
 }
 
+// "12.3 MiB" / "1.50 GiB" into buf.
+static const char *fmt_bytes(char *buf, size_t cap, uint64_t b) {
+    if (b >= (1ull << 30)) snprintf(buf, cap, "%.2f GiB", (double)b / (double)(1ull << 30));
+    else snprintf(buf, cap, "%.1f MiB", (double)b / (double)(1ull << 20));
+    return buf;
+}
+
+int weights_plan(const weights_params_t *p, plan_stream_t *st, char *err, size_t errlen) {
+    plan_stream_t mine;
+    if (!st) st = &mine;
+    memset(st, 0, sizeof *st);
+    if (!p || !p->g || !p->slice) return mlm_fail(err, errlen, MLM_EINVAL, "weights: missing parameters");
+    plan_model_t *pm = malloc(sizeof *pm); // large: row sizes of every block
+    if (!pm) return MLM_ENOMEM;
+    int rc = plan_model_from_gguf(p->g, pm, err, errlen);
+    const int n_ctx = p->n_ctx > 0 ? p->n_ctx : 0;
+    if (rc == 0) rc = plan_window(pm, p->slice, PLAN_TP_EXACT, n_ctx, p->budget_bytes, st);
+    if (rc == MLM_ERANGE) {
+        const shard_slice_t *s = p->slice;
+        const bool last = s->l1 == pm->n_layer && s->l1 > s->l0;
+        const uint64_t kv = (uint64_t)(s->l1 - s->l0) * (uint64_t)n_ctx * (uint64_t)(s->kv1 - s->kv0) *
+                            (uint64_t)pm->head_dim * 4u; // k and v, F16
+        const bool out_unit = last && pm->out_row_bytes * (uint64_t)(s->v1 - s->v0) == st->unit_bytes;
+        char b[32], m[32], u[32], k[32], a[32];
+        mlm_fail(err, errlen, MLM_ERANGE,
+                 "--mem-budget %s is below the %s this node needs: %s of %s, KV cache %s (%d positions), "
+                 "activations %s",
+                 fmt_bytes(b, sizeof b, p->budget_bytes), fmt_bytes(m, sizeof m, st->min_budget),
+                 out_unit ? "the output rows" : "one block", fmt_bytes(u, sizeof u, st->unit_bytes),
+                 fmt_bytes(k, sizeof k, kv), n_ctx,
+                 fmt_bytes(a, sizeof a, st->fixed_bytes > kv ? st->fixed_bytes - kv : 0));
+    }
+    free(pm);
+    return rc;
+}
+
+int weights_choose(const weights_params_t *p, const char **name, char *err, size_t errlen) {
+    *name = "mmap";
+    if (!p || !p->budget_bytes) return 0;
+    plan_stream_t st;
+    int rc = weights_plan(p, &st, err, errlen);
+    if (rc == 0 && st.streams) *name = "window";
+    return rc;
+}
+
 int weights_new(weights_t **out, const char *name, const weights_params_t *p, char *err, size_t errlen) {
     if (!out) return MLM_EINVAL;
     *out = NULL;
     if (!p || !p->g || !p->hp || !p->slice) return mlm_fail(err, errlen, MLM_EINVAL, "weights: missing parameters");
-    if (!name || !*name) name = "mmap";
+    if (!name || !*name) {
+        int rc = weights_choose(p, &name, err, errlen);
+        if (rc != 0) return rc;
+    }
     const char *colon = strchr(name, ':');
     const size_t len = colon ? (size_t)(colon - name) : strlen(name);
     const weights_new_fn make = find_maker(name, len);
@@ -118,6 +167,13 @@ void weights_free(weights_t **self_p) {
 }
 
 const char *weights_name(const weights_t *w) { return w->name; }
+
+void weights_describe(const weights_t *w, char *buf, size_t cap) {
+    if (!buf || !cap) return;
+    if (!w) snprintf(buf, cap, "none");
+    else if (w->iface->describe) w->iface->describe(w->ctx, buf, cap);
+    else snprintf(buf, cap, "%s", w->name);
+}
 
 // --- use
 
@@ -168,6 +224,21 @@ void weights_stats(const weights_t *w, weights_stats_t *out) {
     out->acquires = atomic_load_explicit(&((weights_t *)w)->n_acquire, memory_order_relaxed);
     out->releases = atomic_load_explicit(&((weights_t *)w)->n_release, memory_order_relaxed);
     out->prefetches = atomic_load_explicit(&((weights_t *)w)->n_prefetch, memory_order_relaxed);
+}
+
+int weights_read_summary(const weights_t *w, char *buf, size_t cap) {
+    if (!buf || !cap) return 0;
+    buf[0] = 0;
+    weights_stats_t s;
+    weights_stats(w, &s);
+    if (!s.units_read) return 0;
+    const double hidden = s.read_ms > 0 ? 1.0 - (s.stall_ms < s.read_ms ? s.stall_ms : s.read_ms) / s.read_ms : 0;
+    const int n = snprintf(buf, cap,
+                           "%.1f MB read in %llu units (%.0f MB/s while reading), waited %.0f ms (%.0f%% of "
+                           "reading hidden behind compute)",
+                           (double)s.bytes_read / 1e6, (unsigned long long)s.units_read,
+                           s.read_ms > 0 ? (double)s.bytes_read / 1e3 / s.read_ms : 0.0, s.stall_ms, 100.0 * hidden);
+    return n < 0 ? 0 : n;
 }
 
 // --- tensor lookups

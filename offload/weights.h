@@ -2,7 +2,8 @@
 // of a block, the input embedding, the output head) just before it uses it and releases it right
 // after. A provider decides where the bytes live: "mmap" (the reference) binds every unit at
 // creation from the mapped GGUF and hands out pointers; later providers stream blocks from disk
-// under a memory budget or cache experts, behind the same calls.
+// through a sliding window under a memory budget ("window", offload/weights_window.c) or cache
+// experts, behind the same calls.
 #ifndef MESHLM_OFFLOAD_WEIGHTS_H
 #define MESHLM_OFFLOAD_WEIGHTS_H
 
@@ -10,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "parallel/plan.h"
 #include "parallel/shard.h"
 #include "worker/format/gguf.h"
 #include "worker/format/hparams.h"
@@ -78,6 +80,11 @@ typedef struct {
     uint64_t bytes_held;       // weight bytes behind the units held in memory now (mmap: all the
                                // slice's rows, mapped or repacked)
     uint64_t bytes_peak;       // the most bytes_held has been
+    double read_ms;            // time the provider's reads took (a background reader's included), so
+                               // 1 - stall_ms / read_ms is the share of reading hidden behind compute
+    uint64_t units_read;       // units read from storage (each read of a streamed unit counts)
+                               // ("window" counts the units passing through its window in bytes_read,
+                               // read_ms and units_read, not the one-time load of its pinned units)
 } weights_stats_t;
 
 // What a provider is made from.
@@ -87,18 +94,34 @@ typedef struct {
     const shard_slice_t *slice;   // the rows to provide (checked against hp by the caller; copied)
     bool shard_file;              // g holds only those rows (a shard file), not the whole model
     const kernels_t *kern;        // kernels the weights are prepared for (NULL = kernels_best())
-    bool repack;                  // allow kernels to repack weights into a faster layout
-    size_t budget_bytes;          // memory for weights, for providers that stream (0 = no limit)
+    bool repack;                  // allow kernels to repack weights into a faster layout ("window" computes
+                                  // on the file's layout and ignores it: see weights_window.c)
+    uint64_t budget_bytes;        // the node's memory budget: weights + KV cache of n_ctx positions +
+                                  // activations, as plan_window (parallel/plan.h) counts them; 0 = none.
+                                  // Sizes "window"; "mmap" ignores it
+    int n_ctx;                    // KV positions the budget also holds (the contexts' n_ctx)
 } weights_params_t;
 
 typedef struct weights weights_t;
 
 // --- registry
 
-// Makes the provider called name ("mmap"; NULL or "" = "mmap"). Text after a ':' in name is the
-// provider's argument ("window:4"). Checks every tensor the slice needs. 0, or a negative MLM_ code
-// with a message in err (MLM_ENOTFOUND: no provider of that name).
+// Makes the provider called name ("mmap", "window"). Text after a ':' in name is the provider's
+// argument ("window:w=2,io=pread"). NULL or "" chooses by the budget (weights_choose): "mmap" when
+// there is none or the share fits it resident, "window" when it streams, and a refusal when even one
+// unit does not fit. Checks every tensor the slice needs. 0, or a negative MLM_ code with a message
+// in err (MLM_ENOTFOUND: no provider of that name; MLM_ERANGE: the budget is below the minimum).
 int weights_new(weights_t **out, const char *name, const weights_params_t *p, char *err, size_t errlen);
+
+// How the node's share holds within p->budget_bytes by plan_window's rule (exact tensor-parallel
+// cuts), into *st (may be NULL). 0; MLM_ERANGE when the budget is below the minimum, with err saying
+// "--mem-budget B is below the M this node needs: one block of U, KV cache K (N positions),
+// activations A"; or plan_model_from_gguf's errors.
+int weights_plan(const weights_params_t *p, plan_stream_t *st, char *err, size_t errlen);
+
+// The provider weights_new picks for name NULL: "mmap" or "window" (see weights_new), or a refusal
+// as weights_plan's.
+int weights_choose(const weights_params_t *p, const char **name, char *err, size_t errlen);
 
 // Frees the provider (every unit must have been released); accepts NULL and NULLs the pointer.
 void weights_free(weights_t **self_p);
@@ -108,6 +131,10 @@ const char *weights_names(void);
 
 // The provider's name as registered ("mmap").
 const char *weights_name(const weights_t *w);
+
+// One line into buf (cap bytes) on how the provider holds the weights: its name, or for "window"
+// "window: 1 of 65 units pinned, 2 x 0.7 MiB buffers, io=direct".
+void weights_describe(const weights_t *w, char *buf, size_t cap);
 
 // --- use (from any thread: every context of a model shares its provider)
 
@@ -128,5 +155,10 @@ void weights_prefetch(weights_t *w, int layer, const int *experts, int n);
 
 // Counters (see weights_stats_t).
 void weights_stats(const weights_t *w, weights_stats_t *out);
+
+// One line into buf (cap bytes) on what a provider that reads has read: "8201.4 MB read in 323 units
+// (845 MB/s while reading), waited 5793 ms (40% of reading hidden behind compute)"; "" when it has read
+// nothing (mmap). Returns the length written.
+int weights_read_summary(const weights_t *w, char *buf, size_t cap);
 
 #endif

@@ -17,6 +17,8 @@ struct weights_i {
     void (*prefetch)(void *ctx, int layer, const int *experts, int n);
     // Optional (NULL: zeros). Fills the provider's fields; the wrapper sets acquires, releases, prefetches.
     void (*stats)(void *ctx, weights_stats_t *out);
+    // Optional (NULL: the provider's name). One line on how the provider holds the weights.
+    void (*describe)(void *ctx, char *buf, size_t cap);
     // Optional. Frees ctx.
     void (*free)(void *ctx);
 };
@@ -75,5 +77,6 @@ static inline const uint8_t *weights_loc_data(const weights_loc_t *loc, int plan
 // --- the providers
 
 int weights_mmap_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen);
+int weights_window_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen);
 
 #endif

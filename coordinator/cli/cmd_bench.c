@@ -307,9 +307,12 @@ int cmd_bench(int argc, char **argv) {
         char err[1024] = "";
         model_t *m = NULL;
         mem_report_reset_self(); // this process's peak from here on is this model's
-        // a.lay.mem_budget is this process's own budget too: the weight-window provider passes it into
-        // model loading.
-        model_load_opts_t lo = {.repack = a.repack && !dist};
+        // a.lay.mem_budget is this process's own budget too: alone, a model that does not fit it streams
+        // through the weight window (its KV cache sized for the longest test); in a cluster, the
+        // coordinator's own share (--coordinator-shard) does.
+        const int need_ctx = (a.n_prompt > a.n_gen ? a.n_prompt : a.n_gen) + 8;
+        model_load_opts_t lo = {.repack = a.repack && !dist, .mem_budget = dist ? 0 : a.lay.mem_budget,
+                                .n_ctx = need_ctx};
         if (model_load(&m, a.models[mi], &lo, err, sizeof err) != 0) {
             fprintf(stderr, "meshlm bench: %s\n", err);
             code = 1;
@@ -330,7 +333,7 @@ int cmd_bench(int argc, char **argv) {
             cluster_t *cl = NULL;
             launch_t *lw = NULL;
             gen_engine_t eng;
-            int need = (a.n_prompt > a.n_gen ? a.n_prompt : a.n_gen) + 8;
+            const int need = need_ctx;
             char backend[24];
             snprintf(backend, sizeof backend, "CPU %s", model_kernels(m)->isa);
             if (!dist) {
@@ -366,6 +369,7 @@ int cmd_bench(int argc, char **argv) {
                 }
                 cluster_opts_t co = {.model_path = a.models[mi], .workers = eps, .n_workers = nw, .speeds = a.speeds,
                                      .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti],
+                                     .mem_budget = a.lay.mem_budget,
                                      .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
@@ -473,6 +477,12 @@ int cmd_bench(int argc, char **argv) {
                 for (int i = first_item; jarr && i < cJSON_GetArraySize(jarr); i++)
                     cJSON_AddItemToObject(cJSON_GetArrayItem(jarr, i), "memory", mem_report_json(&bm->r));
                 mems[n_mems++] = bm;
+            }
+            char streamed[256];
+            if (!dist && weights_read_summary(model_weights(m), streamed, sizeof streamed) > 0) {
+                char how[160];
+                weights_describe(model_weights(m), how, sizeof how);
+                fprintf(stderr, "meshlm: %s, %d threads: weights %s; streamed %s\n", name, nthr, how, streamed);
             }
             model_ctx_destroy(&c);
             cluster_close(&cl, lw != NULL);

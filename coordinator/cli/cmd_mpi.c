@@ -30,7 +30,7 @@ typedef struct {
     const char *speeds;       // --speeds
     int timeout_ms;           // --timeout
     bool verbose;             // --verbose
-    layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all
+    layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all, --mem-budget
 } mpi_args_t;
 
 // --- helpers
@@ -56,6 +56,9 @@ static void mpi_usage(FILE *f) {
             "      --speeds LIST       relative speeds of the ranks, e.g. 2,1,1 (default equal)\n"
             "      --timeout MS        deadline of each message and collective (default 30000)\n"
             "      --verbose           plan and progress on stderr (rank 0)\n"
+            "      --mem-budget SIZE   memory of every rank for weights + KV cache + activations (K, M, G, T:\n"
+            "                          powers of 1024); a share that does not fit it streams its weights from\n"
+            "                          the model file through a sliding window (default: no budget)\n"
             LAYOUT_ARGS_USAGE);
 }
 
@@ -67,6 +70,7 @@ static int parse_args(int argc, char **argv, mpi_args_t *a) {
                                          {"speeds", required_argument, 0, O_SPEEDS},
                                          {"timeout", required_argument, 0, O_TIMEOUT},
                                          {"verbose", no_argument, 0, O_VERBOSE},
+                                         {"mem-budget", required_argument, 0, LA_MEM_BUDGET},
                                          LAYOUT_ARGS_LONGOPTS,
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
@@ -108,6 +112,7 @@ static int follow(comm_t **ctl, comm_t *data, mpi_args_t *a) {
     snprintf(id, sizeof id, "rank-%d", comm_rank(*ctl));
     node_opts_t o = {.model_path = a->g.model, .same_file = true, .data = data, .node_id = id,
                      .n_threads = a->g.n_threads, .timeout_ms = a->timeout_ms, .no_profile = true,
+                     .mem_budget = a->lay.mem_budget,
                      .exit_on_peer_loss = true, .verbose = a->verbose && getenv("MESHLM_MPI_TRACE")};
     int rc = node_run(&o, ctl, err, sizeof err);
     if (rc != 0) fprintf(stderr, "meshlm mpi: rank %d: %s\n", comm_rank(*ctl), err);
@@ -158,6 +163,7 @@ static int lead(comm_t *ctl, comm_t *data, mpi_args_t *a) {
     cluster_opts_t co = {.model_path = a->g.model, .control = ctl, .data = data, .same_file = true,
                          .speeds = a->speeds, .coordinator_shard = true, .n_ctx = n_ctx, .n_batch = a->g.n_batch,
                          .n_threads = a->g.n_threads, .timeout_ms = a->timeout_ms, .kv_f32 = a->g.kv_f32,
+                         .mem_budget = a->lay.mem_budget,
                          .verbose = a->verbose, .pp = a->lay.pp ? a->lay.pp : (a->lay.tp ? 0 : 1), .tp = a->lay.tp,
                          .keep_all = true, .plan_file = a->lay.plan_file, .ubatch = a->lay.ubatch};
     if (rc == 0) rc = cluster_open(&cl, &co, err, sizeof err);

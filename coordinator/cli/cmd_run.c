@@ -251,15 +251,20 @@ static int run_main(run_args_t *ap) {
     const model_t *mm = NULL; // the model whose metadata and tokenizer we use
     const char *eps[LAUNCH_MAX]; // (n_workers) worker endpoints
     int n_workers = 0;
-    // a.lay.mem_budget is this process's own budget too (single node or --coordinator-shard): the
-    // weight-window provider passes it into model loading.
+    // a.lay.mem_budget is this process's own budget too (single node or --coordinator-shard): a share
+    // that does not fit it streams through the weight window (offload/weights.h).
     if (!distributed) {
-        model_load_opts_t lo = {.repack = a.g.repack};
+        model_load_opts_t lo = {.repack = a.g.repack, .mem_budget = a.lay.mem_budget, .n_ctx = a.g.n_ctx};
         if ((rc = model_load(&m, a.g.model, &lo, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: %s\n", err[0] ? err : mlm_strerror(rc));
             goto out;
         }
         mm = m;
+        if (a.verbose || (a.lay.mem_budget && strcmp(weights_name(model_weights(m)), "mmap") != 0)) {
+            char how[160];
+            weights_describe(model_weights(m), how, sizeof how);
+            fprintf(stderr, "meshlm: weights: %s\n", how);
+        }
     } else {
         if (a.local > 0) {
             lw = calloc(1, sizeof *lw);
@@ -278,6 +283,7 @@ static int run_main(run_args_t *ap) {
         }
         cluster_opts_t co = {.model_path = a.g.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
                              .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
+                             .mem_budget = a.lay.mem_budget,
                              .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .verbose = a.verbose,
                              .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
@@ -320,6 +326,12 @@ static int run_main(run_args_t *ap) {
         if (np + a.g.n_predict + 1 > co.n_ctx) {
             fprintf(stderr, "meshlm run: prompt (%d tokens) + %d to generate exceed the context of %d positions (-c)\n",
                     np, a.g.n_predict, co.n_ctx);
+            goto out;
+        }
+        const int sized = a.g.n_ctx > 0 ? a.g.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
+        if (a.lay.mem_budget && co.n_ctx > sized) { // the budget was checked for a smaller KV cache
+            fprintf(stderr, "meshlm run: prompt (%d tokens) + %d to generate need %d positions; with --mem-budget, "
+                    "give them as -c %d so the budget counts their KV cache\n", np, a.g.n_predict, co.n_ctx, co.n_ctx);
             goto out;
         }
         if ((rc = model_ctx_new(&ctx, m, &co, err, sizeof err)) != 0) {
@@ -374,6 +386,9 @@ static int run_main(run_args_t *ap) {
     }
     if (mr) mem_report_line(mr, stderr);
     free(mr);
+    char streamed[256];
+    if (m && weights_read_summary(model_weights(m), streamed, sizeof streamed) > 0)
+        fprintf(stderr, "meshlm: weights streamed: %s\n", streamed);
     gen_result_free(&res);
     code = 0;
 out:

@@ -15,8 +15,7 @@ typedef struct {
     const char *plan_file;    // --plan FILE: a hand-written plan
     // --mem-budget SIZE, bytes (0 = none): the budget of every local worker (passed on as `meshlm
     // worker --mem-budget`) and of this process's own model: its share (--coordinator-shard) or the
-    // single node. The weight-window provider takes it into model loading from here; until that is
-    // wired, this process's own loading does not read it.
+    // single node, which streams its weights through the weight window when it does not fit.
     uint64_t mem_budget;
     uint64_t local_mem;       // --local-mem SIZE: memory cgroup limit of each local worker (see
                               // layout_args_local_mem; 0 with local_mem_set = no limit)
@@ -50,9 +49,10 @@ enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_L
 
 #define LAYOUT_MEM_USAGE                                                                                         \
     "memory (SIZE: bytes with an optional K, M, G or T suffix, powers of 1024):\n"                             \
-    "      --mem-budget SIZE   memory for weights + KV cache of every local worker (given to them as\n"       \
-    "                          worker --mem-budget, so the planner fits their shares) and of this\n"          \
-    "                          process's own share (default: no budget)\n"                                     \
+    "      --mem-budget SIZE   memory for weights + KV cache + activations of every local worker (given\n"  \
+    "                          to them as worker --mem-budget, so the planner fits their shares) and of\n"   \
+    "                          this process's own share; a share that does not fit streams its weights\n"   \
+    "                          from disk through a sliding window (default: no budget)\n"                     \
     "      --local-mem SIZE    limit of the memory cgroup each --local worker runs in; the page cache of\n"  \
     "                          the model file counts (default: the --mem-budget; without one, no limit;\n"    \
     "                          0 = no limit). The cgroup's peak is reported at the end\n"

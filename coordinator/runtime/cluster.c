@@ -303,6 +303,7 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
     }
     if (off) {
         snprintf(nodes[0].name, sizeof nodes[0].name, "coordinator");
+        if (!nodes[0].mem_budget) nodes[0].mem_budget = c->o.mem_budget;
         if (measured && here) {
             nodes[0].speed = nodes[0].gflops = profile_gflops(here, t);
             nodes[0].mem_bw = here->mem_bw;
@@ -351,8 +352,8 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
             if (pp > n_compute) pp = n_compute;
             if (tp > 0 && (pp > 0 ? pp : 1) * tp > n_compute) tp = 0;
         }
-        // no_stream: shares are sized to fit their budgets resident until the nodes stream weights.
-        plan_opts_t po = {.n_ctx = n_ctx, .pp = pp, .tp = tp, .keep_all = c->o.keep_all, .no_stream = true,
+        // A share that does not fit its node's budget resident streams through the weight window.
+        plan_opts_t po = {.n_ctx = n_ctx, .pp = pp, .tp = tp, .keep_all = c->o.keep_all,
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
                           .coord_apart = off == 0};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
@@ -438,8 +439,33 @@ static int send_plan(cluster_t *c, char *err, size_t errlen) {
     return 0;
 }
 
-// Streams the worker's shard file (written from the coordinator's copy) as SLICE_DATA chunks.
-static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, char *err, size_t errlen) {
+// Waits for worker wi's HEARTBEATs until it has written all but `credit` of the `sent` bytes (a
+// worker with a memory budget paces its shard so). 0, or the error of the link or the worker.
+static int await_written(cluster_t *c, int wi, uint64_t sent, uint64_t credit, uint64_t *written, char *err,
+                         size_t errlen) {
+    while (sent - *written > credit) {
+        msg_t m;
+        comm_msg_t raw;
+        char e2[256];
+        int rc = msg_recv(c->ctl, c->w[wi].peer, &m, &raw, NULL, c->timeout_ms, e2, sizeof e2);
+        if (rc != 0) return mlm_fail(err, errlen, rc, "worker %s: waiting for it to write its shard: %s",
+                                     c->w[wi].endpoint, e2);
+        if (m.type == MSG_HEARTBEAT && m.heartbeat.seq > *written) *written = m.heartbeat.seq;
+        else if (m.type != MSG_HEARTBEAT)
+            rc = mlm_fail(err, errlen, m.type == MSG_ERROR ? m.error.code : MLM_EPROTO,
+                          "worker %s stopped receiving its shard: %s", c->w[wi].endpoint,
+                          m.type == MSG_ERROR ? m.error.text : msg_type_name(m.type));
+        msg_clear(&m);
+        comm_msg_free(&raw);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
+// Streams the worker's shard file (written from the coordinator's copy) as SLICE_DATA chunks, at most
+// `credit` bytes ahead of what the worker has written when it asked for pacing (credit 0: no limit).
+static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, uint64_t credit, char *err,
+                        size_t errlen) {
     char path[256];
     snprintf(path, sizeof path, "%s/meshlm-shard-%ld-%d.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
              (long)getpid(), wi);
@@ -448,7 +474,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
     FILE *f = fopen(path, "rb");
     uint8_t *buf = malloc(CHUNK_BYTES);
     if (!f || !buf) rc = MLM_EIO;
-    uint64_t total = 0, off = 0;
+    uint64_t total = 0, off = 0, written = 0;
     const bool show = isatty(2) != 0;
     const double t0 = mlm_now_ms();
     if (rc == 0) {
@@ -478,6 +504,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, c
         sd->len = n;
         rc = msg_send(c->ctl, c->w[wi].peer, &m, c->timeout_ms, err, errlen);
         off += n;
+        if (rc == 0 && credit && off < total) rc = await_written(c, wi, off, credit, &written, err, errlen);
         if (show) {
             double el = (mlm_now_ms() - t0) / 1e3;
             fprintf(stderr, "\rmeshlm: shard %d -> %s: %.1f / %.1f MB (%.0f MB/s)   ", wi + 1, c->w[wi].endpoint,
@@ -512,11 +539,13 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
         if (rc != 0) return rc;
         int status = m.load_shard_ack.status;
         bool cached = m.load_shard_ack.from_cache;
+        const uint64_t credit = status == MLM_ENOTFOUND ? m.load_shard_ack.bytes : 0; // its pacing, if it asks
         msg_clear(&m);
         comm_msg_free(&raw);
         if (status == MLM_ENOTFOUND) { // it has neither the model nor a cached shard: send it
             if (c->o.verbose) fprintf(stderr, "meshlm: streaming shard %d to %s\n", i + 1, c->w[i].endpoint);
-            if ((rc = stream_shard(c, i, model_gguf(c->full), model_hparams(c->full)->head_dim, err, errlen)) != 0) return rc;
+            if ((rc = stream_shard(c, i, model_gguf(c->full), model_hparams(c->full)->head_dim, credit, err, errlen)) != 0)
+                return rc;
             if ((rc = cl_recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen)) != 0) return rc;
             status = m.load_shard_ack.status;
             msg_clear(&m);
@@ -671,7 +700,8 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
     int rc = load_shards(c, err, errlen);
     if (rc == 0) rc = open_data_plane(c, err, errlen);
     if (rc == 0) {
-        model_load_opts_t lo = {.repack = true, .slice = &c->slices[0]};
+        model_load_opts_t lo = {.repack = true, .slice = &c->slices[0], .n_ctx = c->o.n_ctx,
+                                .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0};
         rc = model_load(&c->model, c->o.model_path, &lo, err, errlen);
     }
     if (rc == 0) {

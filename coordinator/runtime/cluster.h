@@ -26,6 +26,9 @@ typedef struct {
     const char *data_endpoint;       // the coordinator's data-plane endpoint (NULL = derived)
     int n_ctx;                       // KV positions (0 = min(model's, 4096))
     int n_threads;                   // the coordinator's threads for its own share (0 = all)
+    uint64_t mem_budget;             // the coordinator's memory budget for its own share (weights + KV cache
+                                     // + activations; 0 = none): planned as node 0's budget, and the share
+                                     // streams through the weight window when it does not fit resident
     int timeout_ms;                  // each control exchange and collective (0 = 30000)
     bool kv_f32;
     bool verbose;                    // print progress on stderr

@@ -122,7 +122,9 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
             .shard_file = m->shard_file,
             .kern = m->kern,
             .repack = opts ? opts->repack : true,
-            .budget_bytes = opts ? opts->weights_budget : 0,
+            .budget_bytes = opts ? opts->mem_budget : 0,
+            .n_ctx = opts && opts->n_ctx > 0 ? opts->n_ctx
+                                             : (m->hp.n_ctx_train > 0 && m->hp.n_ctx_train < 4096 ? m->hp.n_ctx_train : 4096),
         };
         rc = weights_new(&m->w, opts ? opts->weights : NULL, &wp, err, errlen);
     }

@@ -18,8 +18,13 @@ typedef struct {
     bool repack;                  // allow kernels to repack weights into a faster layout (copies them)
     const kernels_t *kern;        // NULL = kernels_best()
     const shard_slice_t *slice;   // rows to hold (NULL = all); a shard file must hold exactly these
-    const char *weights;          // weight provider by name (offload/weights.h; NULL = "mmap")
-    size_t weights_budget;        // bytes of memory for weights, for providers that stream (0 = no limit)
+    const char *weights;          // weight provider by name (offload/weights.h; NULL = chosen by mem_budget:
+                                  // "mmap", or "window" when the share does not fit it resident)
+    uint64_t mem_budget;          // this node's memory for the model: weights + KV cache of n_ctx positions +
+                                  // activations (0 = no limit). A budget below one streamed unit and the rest
+                                  // is refused before any weight is read (MLM_ERANGE, err names the minimum)
+    int n_ctx;                    // positions the budget holds a KV cache for (0 = min(n_ctx_train, 4096),
+                                  // model_ctx_new's default)
 } model_load_opts_t;
 
 typedef struct model model_t;

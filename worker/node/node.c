@@ -3,6 +3,7 @@
 #include "worker/node/node.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +65,9 @@ static void set_state(const node_t *n, node_state_t s) {
 }
 
 static void end_plan(node_t *n) {
+    char streamed[256];
+    if (n->o->verbose && n->model && weights_read_summary(model_weights(n->model), streamed, sizeof streamed) > 0)
+        vlog(n, "weights streamed:", streamed);
     for (int i = 0; i < NODE_MAX_SEQS; i++) model_ctx_destroy(&n->ctx[i]);
     model_destroy(&n->model);
     pipe_node_free(&n->pipe);
@@ -176,14 +180,38 @@ static int on_plan(node_t *n, const msg_plan_t *p) {
     return 0;
 }
 
+// A worker with a memory budget paces the shard it receives: the ENOTFOUND ack's `bytes` tells the
+// coordinator how far it may send ahead of what the worker has written (a credit of budget / 8, within
+// these bounds), and each half credit written is waited for on the disk, dropped from the page cache
+// and acknowledged with a HEARTBEAT whose seq is the bytes written. Queued chunks and cached pages of
+// a shard larger than the budget (which the worker's memory cgroup counts) stay within the credit.
+#define SHARD_CREDIT_MIN (8u << 20)
+#define SHARD_CREDIT_MAX (64u << 20)
+
+static uint64_t shard_credit(const node_t *n) {
+    const uint64_t b = n->o->mem_budget / 8;
+    if (!n->o->mem_budget) return 0; // no budget: no pacing
+    return b < SHARD_CREDIT_MIN ? SHARD_CREDIT_MIN : b > SHARD_CREDIT_MAX ? SHARD_CREDIT_MAX : b;
+}
+
+// Writes back bytes [from, to) of f and drops them from the page cache.
+static void shard_flush(FILE *f, int64_t from, int64_t to) {
+    fflush(f);
+    const int fd = fileno(f);
+    (void)sync_file_range(fd, from, to - from,
+                          SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+    (void)posix_fadvise(fd, from, to - from, POSIX_FADV_DONTNEED);
+}
+
 // Receives the shard file as SLICE_DATA chunks into path (through a temporary name). Returns the
 // bytes received, or a negative code with the reason (naming the file and the system's error) in err.
 static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errlen) {
+    const uint64_t credit = shard_credit(n);
     char tmp[1200], e2[256];
     snprintf(tmp, sizeof tmp, "%s.part%ld", path, (long)getpid());
     FILE *f = fopen(tmp, "wb");
     if (!f) return mlm_fail(err, errlen, MLM_EIO, "cannot create %s: %s", tmp, strerror(errno));
-    int64_t got = 0, total = -1;
+    int64_t got = 0, total = -1, flushed = 0;
     int rc = 0;
     while (rc == 0 && (total < 0 || got < total)) {
         msg_t m;
@@ -201,10 +229,21 @@ static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errl
             if (fwrite(m.slice_data.data, 1, m.slice_data.len, f) != m.slice_data.len)
                 rc = mlm_fail(err, errlen, errno == ENOSPC ? MLM_EFULL : MLM_EIO, "writing %s: %s", tmp, strerror(errno));
             got += (int64_t)m.slice_data.len;
+            if (credit && rc == 0 && (uint64_t)(got - flushed) >= credit / 2) {
+                shard_flush(f, flushed, got);
+                flushed = got;
+                msg_t hb;
+                msg_init(&hb, MSG_HEARTBEAT);
+                snprintf(hb.heartbeat.node_id, sizeof hb.heartbeat.node_id, "%s", n->node_id);
+                hb.heartbeat.seq = (uint64_t)got;
+                if ((rc = msg_send(*n->ctl, 0, &hb, n->timeout_ms, e2, sizeof e2)) != 0)
+                    mlm_fail(err, errlen, rc, "acknowledging the shard's bytes: %s", e2);
+            }
         }
         msg_clear(&m);
         comm_msg_free(&raw);
     }
+    if (rc == 0 && credit && got > flushed) shard_flush(f, flushed, got);
     if (fclose(f) != 0 && rc == 0) rc = mlm_fail(err, errlen, MLM_EIO, "writing %s: %s", tmp, strerror(errno));
     if (rc == 0 && rename(tmp, path) != 0)
         rc = mlm_fail(err, errlen, MLM_EIO, "renaming %s to %s: %s", tmp, path, strerror(errno));
@@ -244,7 +283,9 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     msg_init(&ack, MSG_LOAD_SHARD_ACK);
     ack.load_shard_ack.plan_id = n->plan.plan_id;
     ack.load_shard_ack.node_index = (uint32_t)n->index;
-    model_load_opts_t lo = {.repack = true, .slice = sl};
+    // Within the budget the plan's share is mapped, or streamed through the weight window from the
+    // model file or the cached shard file.
+    model_load_opts_t lo = {.repack = true, .slice = sl, .mem_budget = n->o->mem_budget, .n_ctx = (int)n->plan.n_ctx};
     int rc;
     const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);
@@ -262,6 +303,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         rc = mlm_mkdir_p(n->cache_dir, err, sizeof err);
         if (rc == 0) {
             ack.load_shard_ack.status = MLM_ENOTFOUND;
+            ack.load_shard_ack.bytes = shard_credit(n); // how far the coordinator may send ahead (0 = no limit)
             if ((rc = msg_send(*n->ctl, 0, &ack, n->timeout_ms, err, sizeof err)) != 0) return rc;
             int64_t got = receive_shard(n, path, err, sizeof err);
             if (got < 0) {
@@ -295,7 +337,9 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             send_error(n, rc, err, 0);
             end_plan(n);
         } else {
-            vlog(n, "loaded", ack.load_shard_ack.from_cache ? "(from cache)" : "");
+            char how[200];
+            weights_describe(model_weights(n->model), how, sizeof how);
+            vlog(n, ack.load_shard_ack.from_cache ? "loaded (from cache):" : "loaded:", how);
         }
         return 0;
     }

@@ -20,7 +20,8 @@ typedef struct {
     const char *cache_dir;   // where received shards are kept (NULL = $MESHLM_CACHE or ~/.cache/meshlm)
     const char *node_id;     // name in plans (NULL = "worker-<pid>")
     int n_threads;           // 0 = all cores
-    uint64_t mem_budget;     // bytes for weights + KV cache (0 = unlimited), reported to the coordinator
+    uint64_t mem_budget;     // bytes for weights + KV cache + activations (0 = unlimited), reported to the
+                             // coordinator; a share that does not fit resident streams through the weight window
     int timeout_ms;          // deadline of each collective and control exchange (0 = 30000)
     bool verbose;            // log each message on stderr
     bool no_profile;         // skip measuring the machine at start (the planner then assumes equal speed)

@@ -328,11 +328,11 @@ static void test_parse_events(void) {
     const char *text = "kill:worker=2:at_ms=1500, freeze:worker=*:after_tokens=3:ms=250,partition:link=2-0:at_ms=100:ms=900,"
                        "partition:link=*-3:after_tokens=4,slow:worker=1:factor=2.5,slow:worker=3:factor=4:after_tokens=2:ms=500,"
                        "disk:worker=2:slow=3,disk:worker=*:full,disk:worker=1:slow=2:full,slow:worker=2:factor=1:at_ms=0,"
-                       "board=/tmp/meshlm-b_1.x,seed=9";
+                       "drop:link=1-0:p=0.5:after_tokens=6:for_ms=250,delay:link=*:ms=7:at_ms=0,board=/tmp/meshlm-b_1.x,seed=9";
     const char *canon = "kill:worker=2:at_ms=1500,freeze:worker=*:after_tokens=3:ms=250,partition:link=0-2:at_ms=100:ms=900,"
                         "partition:link=3-*:after_tokens=4,slow:worker=1:factor=2.5,slow:worker=3:factor=4:after_tokens=2:ms=500,"
                         "disk:worker=2:slow=3,disk:worker=*:full,disk:worker=1:slow=2:full,slow:worker=2:factor=1,"
-                        "board=/tmp/meshlm-b_1.x,seed=9";
+                        "drop:link=0-1:p=0.5:after_tokens=6:for_ms=250,delay:link=*:ms=7:at_ms=0,board=/tmp/meshlm-b_1.x,seed=9";
     fault_spec_t *s = spec_of(text);
     CU_ASSERT_FATAL(s != NULL);
     CU_ASSERT_STRING_EQUAL(fault_spec_text(s), canon);
@@ -342,9 +342,9 @@ static void test_parse_events(void) {
     fault_free(&s2);
     CU_ASSERT_STRING_EQUAL(fault_board_path(s), "/tmp/meshlm-b_1.x");
     CU_ASSERT(fault_has_link_rules(s)); // the partitions are the transport's
-    CU_ASSERT_EQUAL_FATAL(fault_n_events(s), 7);
-    const fault_event_t *e[7];
-    for (int i = 0; i < 7; i++) {
+    CU_ASSERT_EQUAL_FATAL(fault_n_events(s), 9);
+    const fault_event_t *e[9];
+    for (int i = 0; i < 9; i++) {
         e[i] = fault_event(s, i);
         CU_ASSERT_FATAL(e[i] != NULL);
         CU_ASSERT_EQUAL(e[i]->slot, i);
@@ -359,11 +359,13 @@ static void test_parse_events(void) {
               e[4]->after_tokens == -1 && e[4]->ms == 0);
     CU_ASSERT(e[5]->kind == FAULT_SLOW && e[5]->factor == 4 && e[5]->after_tokens == 2 && e[5]->ms == 500);
     CU_ASSERT(e[6]->kind == FAULT_SLOW && e[6]->factor == 1 && e[6]->at_ms == 0);
+    CU_ASSERT(e[7]->kind == FAULT_DROP && e[7]->a == 0 && e[7]->b == 1 && e[7]->after_tokens == 6 && e[7]->ms == 250);
+    CU_ASSERT(e[8]->kind == FAULT_DELAY && e[8]->a == FAULT_ANY && e[8]->at_ms == 0 && e[8]->ms == 0);
     CU_ASSERT(fault_event_cuts(e[2], 2, 0) && fault_event_cuts(e[2], 0, 2) && !fault_event_cuts(e[2], 0, 1));
     CU_ASSERT(fault_event_cuts(e[3], 3, 0) && fault_event_cuts(e[3], 1, 3) && !fault_event_cuts(e[3], 1, 2));
     CU_ASSERT(!fault_event_cuts(e[0], 2, 0) && !fault_event_cuts(e[3], 3, 3));
     fault_link_t p;
-    fault_link_params(s, 0, 2, &p); // partitions are windows, not link parameters
+    fault_link_params(s, 0, 1, &p); // partitions and rules with a trigger are windows, not standing parameters
     CU_ASSERT(p.drop_p == 0 && p.delay_ms == 0);
     fault_disk_t d;
     fault_disk(s, 2, &d);
@@ -451,7 +453,9 @@ static void test_parse_event_errors(void) {
         {"disk:worker=1:slow=0", "rule 1", "slow '0' is not a factor"},
         {"disk:worker=1:full:full", "rule 1", "'full' given twice"},
         {"disk:worker=1:full:at_ms=3", "rule 1", "unknown key 'at_ms' for disk"},
-        {"delay:link=0-1:ms=5:at_ms=3", "rule 1", "unknown key 'at_ms' for delay"},
+        {"delay:link=0-1:ms=5:for_ms=3", "rule 1", "for_ms is the length of a window"},
+        {"drop:link=0-1:p=0.1:at_ms=3:after_tokens=2", "rule 1", "not both"},
+        {"kill:worker=1:at_ms=3:for_ms=3", "rule 1", "unknown key 'for_ms' for kill"},
         {"drop:link=0-1:p=0.1:full", "rule 1", "unknown key 'full' for drop"},
         {"board=tmp/x", "rule 1", "not an absolute path"},
         {"board=", "rule 1", "not an absolute path"},
@@ -545,7 +549,8 @@ static void test_partition_window(void) {
     snprintf(tmpl, sizeof tmpl, "%s/board-XXXXXX", dir);
     fault_board_t *board = NULL;
     CU_ASSERT_EQUAL_FATAL(fault_board_create(&board, tmpl, err, sizeof err), 0);
-    snprintf(text, sizeof text, "kill:worker=1:at_ms=99,partition:link=0-2:after_tokens=3:ms=400,board=%s",
+    snprintf(text, sizeof text,
+             "kill:worker=1:at_ms=99,partition:link=0-2:after_tokens=3:ms=400,drop:link=1-2:p=1:after_tokens=9,board=%s",
              fault_board_file(board));
     fault_spec_t *spec = spec_of(text);
     CU_ASSERT_FATAL(spec != NULL);
@@ -555,6 +560,13 @@ static void test_partition_window(void) {
     for (int r = 0; r < 3; r++) CU_ASSERT_FATAL(comm_fault_wrap_opts(&cs[r], spec, r == 0 ? &wo : NULL, err, sizeof err) == 0);
     uint32_t k = 0;
     CU_ASSERT(passes(cs, 0, 2, k++, 2000) && passes(cs, 2, 0, k++, 2000)); // not open yet
+    // a drop rule with a window: in force only while it is open
+    CU_ASSERT(passes(cs, 1, 2, k++, 2000));
+    CU_ASSERT_EQUAL(fault_board_set(board, 2, fault_now_ns(), INT64_MAX), 0);
+    CU_ASSERT(!passes(cs, 1, 2, k++, 30) && !passes(cs, 2, 1, k++, 30));
+    CU_ASSERT(passes(cs, 0, 1, k++, 2000));
+    CU_ASSERT_EQUAL(fault_board_set(board, 2, 0, 0), 0);
+    CU_ASSERT(passes(cs, 1, 2, k++, 2000));
     const int64_t t0 = fault_now_ns();
     CU_ASSERT_EQUAL(fault_board_set(board, 1, t0, t0 + 400 * 1000000ll), 0); // event 1 is the partition
     CU_ASSERT(!passes(cs, 0, 2, k++, 30));

@@ -19,6 +19,7 @@
 #include "core/bytes.h"
 #include "core/err.h"
 #include "core/rng.h"
+#include "transport/comm_link.h"
 
 // --- types
 
@@ -59,6 +60,7 @@ enum {
     K_FACTOR = 1 << 9,
     K_SLOW = 1 << 10,
     K_FULL = 1 << 11,          // a flag: written without a value
+    K_FOR = 1 << 12,
 };
 
 static const struct {
@@ -68,6 +70,7 @@ static const struct {
     {"link", K_LINK},     {"ms", K_MS},         {"jitter", K_JITTER}, {"mbit", K_MBIT},
     {"p", K_P},           {"rto_ms", K_RTO},    {"worker", K_WORKER}, {"after_tokens", K_AFTER},
     {"at_ms", K_AT},      {"factor", K_FACTOR}, {"slow", K_SLOW},     {"full", K_FULL},
+    {"for_ms", K_FOR},
 };
 
 enum { TRIG_NONE = 0, TRIG_REQUIRED = 1, TRIG_OPTIONAL = 2 }; // after_tokens / at_ms
@@ -79,10 +82,10 @@ static const struct {
     int optional;               // K_* bits that may appear (triggers excluded)
     int trigger;                // TRIG_*
 } KINDS[] = {
-    {FAULT_DELAY, "delay", K_LINK | K_MS, K_JITTER, TRIG_NONE},
-    {FAULT_BW, "bw", K_LINK | K_MBIT, 0, TRIG_NONE},
-    {FAULT_LOSS, "loss", K_LINK | K_P, K_RTO, TRIG_NONE},
-    {FAULT_DROP, "drop", K_LINK | K_P, 0, TRIG_NONE},
+    {FAULT_DELAY, "delay", K_LINK | K_MS, K_JITTER | K_FOR, TRIG_OPTIONAL},
+    {FAULT_BW, "bw", K_LINK | K_MBIT, K_FOR, TRIG_OPTIONAL},
+    {FAULT_LOSS, "loss", K_LINK | K_P, K_RTO | K_FOR, TRIG_OPTIONAL},
+    {FAULT_DROP, "drop", K_LINK | K_P, K_FOR, TRIG_OPTIONAL},
     {FAULT_KILL, "kill", K_WORKER, 0, TRIG_REQUIRED},
     {FAULT_FREEZE, "freeze", K_WORKER | K_MS, 0, TRIG_REQUIRED},
     {FAULT_PARTITION, "partition", K_LINK, K_MS, TRIG_REQUIRED},
@@ -105,6 +108,8 @@ typedef struct {
     double factor;              // slow
     double slow;                // disk (1 = normal)
     bool full;                  // disk
+    double for_ms;              // delay, bw, loss, drop with a trigger: how long (0 = to the end)
+    int slot;                   // its event index (board slot); -1 for a rule in force all along
 } rule_t;
 
 // What every copy of one parsed spec shares (a wrapper keeps a copy): the node this process is and
@@ -211,6 +216,13 @@ static void sb_trigger(sbuf_t *b, const rule_t *r) {
     else if (r->at_ms >= 0) sb_num(b, "at_ms", r->at_ms);
 }
 
+// A link rule's window: its trigger and length, when it has one.
+static void sb_window(sbuf_t *b, const rule_t *r) {
+    if (r->slot < 0) return;
+    sb_trigger(b, r);
+    if (r->for_ms > 0) sb_num(b, "for_ms", r->for_ms);
+}
+
 // Canonical text of the parsed rules into s->text (replacing it). 0 or MLM_ENOMEM (s->text kept).
 static int make_text(fault_spec_t *s) {
     sbuf_t b = {NULL, 0, 0, true};
@@ -223,19 +235,23 @@ static int make_text(fault_spec_t *s) {
             sb_link(&b, r->a, r->b);
             sb_num(&b, "ms", r->ms);
             if (r->jitter > 0) sb_num(&b, "jitter", r->jitter);
+            sb_window(&b, r);
             break;
         case FAULT_BW:
             sb_link(&b, r->a, r->b);
             sb_num(&b, "mbit", r->mbit);
+            sb_window(&b, r);
             break;
         case FAULT_LOSS:
             sb_link(&b, r->a, r->b);
             sb_num(&b, "p", r->p);
             sb_num(&b, "rto_ms", r->rto_ms);
+            sb_window(&b, r);
             break;
         case FAULT_DROP:
             sb_link(&b, r->a, r->b);
             sb_num(&b, "p", r->p);
+            sb_window(&b, r);
             break;
         case FAULT_KILL:
             sb_worker(&b, r->worker);
@@ -413,6 +429,7 @@ static int parse_kv(rule_t *r, int bit, const char *key, const char *v, char *wh
         if (bit == K_MS) r->ms = d;
         else if (bit == K_JITTER) r->jitter = d;
         else if (bit == K_AT) r->at_ms = d;
+        else if (bit == K_FOR) r->for_ms = d;
         else r->rto_ms = d;
         return 0;
     }
@@ -424,7 +441,7 @@ static int parse_kv(rule_t *r, int bit, const char *key, const char *v, char *wh
 // Parses one rule (already trimmed, NUL-terminated, modified in place) into r. 0, or -1 with why.
 static int parse_rule(char *text, rule_t *r, char *why, size_t whylen) {
     *r = (rule_t){.a = -1, .b = -1, .worker = -1, .after_tokens = -1, .at_ms = -1, .rto_ms = DEFAULT_RTO_MS,
-                  .slow = 1};
+                  .slow = 1, .slot = -1};
     char *pairs = strchr(text, ':'); // the key=value pairs after the kind
     if (pairs) *pairs++ = 0;
     char *kind = text;
@@ -488,6 +505,10 @@ static int parse_rule(char *text, rule_t *r, char *why, size_t whylen) {
         return -1;
     }
     if (r->kind == FAULT_SLOW && !(seen & trig)) r->at_ms = 0; // from the start
+    if ((seen & K_FOR) && !(seen & trig)) {
+        snprintf(why, whylen, "for_ms is the length of a window: give its start too (after_tokens=K or at_ms=T)");
+        return -1;
+    }
     if (r->kind == FAULT_DISK && !(seen & (K_SLOW | K_FULL))) {
         snprintf(why, whylen, "disk needs slow=F or full");
         return -1;
@@ -499,6 +520,9 @@ static bool is_link_kind(fault_kind_t k) { return k == FAULT_DELAY || k == FAULT
 static bool is_event_kind(fault_kind_t k) {
     return k == FAULT_KILL || k == FAULT_FREEZE || k == FAULT_PARTITION || k == FAULT_SLOW;
 }
+
+// An event: a kill, freeze, partition or slow, or a link rule with a window.
+static bool is_event(const rule_t *r) { return is_event_kind(r->kind) || r->after_tokens >= 0 || r->at_ms >= 0; }
 
 // A board path: absolute, printable, no spaces or commas, at most MAX_PATH_LEN bytes. 0 or -1.
 static int check_path(const char *p) {
@@ -539,15 +563,16 @@ static void add_rule(fault_spec_t *s, char *text, char *why, size_t whylen) {
     }
     rule_t *r = &s->rules[s->n_rules];
     if (parse_rule(text, r, why, whylen) != 0) return;
-    if (is_event_kind(r->kind) && s->n_events == FAULT_MAX_EVENTS) {
+    if (is_event(r) && s->n_events == FAULT_MAX_EVENTS) {
         snprintf(why, whylen, "more than %d events", FAULT_MAX_EVENTS);
         return;
     }
     s->n_rules++;
-    if (!is_event_kind(r->kind)) return;
+    if (!is_event(r)) return;
+    r->slot = s->n_events;
     fault_event_t *e = &s->events[s->n_events];
     *e = (fault_event_t){.kind = r->kind, .worker = r->worker, .a = r->a, .b = r->b, .after_tokens = r->after_tokens,
-                         .ms = r->kind == FAULT_KILL ? 0 : r->ms, .at_ms = r->at_ms,
+                         .ms = r->kind == FAULT_KILL ? 0 : is_link_kind(r->kind) ? r->for_ms : r->ms, .at_ms = r->at_ms,
                          .factor = r->kind == FAULT_SLOW ? r->factor : 0, .slot = s->n_events};
     s->n_events++;
 }
@@ -774,13 +799,38 @@ int fault_set_board(fault_spec_t *s, const char *path) {
     return 0;
 }
 
-void fault_link_params(const fault_spec_t *s, int a, int b, fault_link_t *out) {
+int fault_restrict(const fault_spec_t *s, int n_workers, fault_spec_t **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (!s) return mlm_fail(err, errlen, MLM_EINVAL, "fault_restrict: no spec");
+    fault_spec_t tmp = *s; // the kept rules, for their canonical text
+    tmp.rules = malloc(((size_t)s->n_rules + 1) * sizeof *tmp.rules);
+    tmp.text = NULL;
+    if (!tmp.rules) return mlm_fail(err, errlen, MLM_ENOMEM, "fault_restrict: out of memory");
+    tmp.n_rules = 0;
+    for (int i = 0; i < s->n_rules; i++) {
+        const rule_t *r = &s->rules[i];
+        if (r->worker > n_workers || r->a > n_workers || r->b > n_workers) continue;
+        tmp.rules[tmp.n_rules++] = *r;
+    }
+    int rc = make_text(&tmp);
+    if (rc == 0) rc = fault_parse(tmp.text, out, err, errlen);
+    else mlm_fail(err, errlen, rc, "fault_restrict: out of memory");
+    free(tmp.rules);
+    free(tmp.text);
+    return rc;
+}
+
+// The link parameters of a-b from the rules in force at t_ns: those without a window, and those
+// whose window on board contains t_ns (none when board is NULL).
+static void link_params_at(const fault_spec_t *s, const fault_board_t *board, int a, int b, int64_t t_ns,
+                           fault_link_t *out) {
     *out = (fault_link_t){.rto_ms = DEFAULT_RTO_MS};
     int best[FAULT_DISK + 1];
     for (int k = 0; k <= FAULT_DISK; k++) best[k] = -1;
     for (int i = 0; s && i < s->n_rules; i++) {
         const rule_t *r = &s->rules[i];
         if (!is_link_kind(r->kind)) continue;
+        if (r->slot >= 0 && !fault_board_active(board, r->slot, t_ns, NULL)) continue;
         int m = match(r, a, b);
         if (m < 0 || m < best[r->kind]) continue;
         best[r->kind] = m;
@@ -799,6 +849,8 @@ void fault_link_params(const fault_spec_t *s, int a, int b, fault_link_t *out) {
         }
     }
 }
+
+void fault_link_params(const fault_spec_t *s, int a, int b, fault_link_t *out) { link_params_at(s, NULL, a, b, 0, out); }
 
 void fault_disk(const fault_spec_t *s, int worker, fault_disk_t *out) {
     *out = (fault_disk_t){.slow = 1, .full = false};
@@ -1066,10 +1118,12 @@ typedef struct {
     fault_spec_t *spec;         // own copy (its identity and counters are shared with the caller's spec)
     fault_board_t *board;       // the spec's board, mapped read-only (NULL: none, or not reachable here)
     bool cuts;                  // partitions can happen: the spec has some and the board is mapped
+    bool windows;               // link rules with windows can be in force: the spec has some and the board is mapped
     int chan;                   // counter channel: 0 over a control link, 1 otherwise
     int me;                     // this end's node
     int *node;                  // (size) the node of each rank (the rank itself until announced otherwise)
-    bool *lost;                 // (size) peers lost to a cut that outlasted the heartbeat (for good)
+    bool *lost;                 // (size) peers lost to a cut that outlasted the heartbeat (for good on a data
+                                // plane; on a control link while the cut lasts, as the link comes back)
     int n_lost;
     int hb_ms;                  // fault_wrap_opts_t.heartbeat_ms
     bool fail_any;              // fault_wrap_opts_t.fail_on_any_loss
@@ -1121,17 +1175,17 @@ static bool cut_at(const fc_ctx_t *f, int x, int y, int64_t t_ns, int64_t *since
     return cut;
 }
 
-// Marks the peers (peer, or every one for COMM_ANY) whose link has been cut for a heartbeat as lost.
+// Marks the peers (peer, or every one for COMM_ANY) whose link has been cut for a heartbeat as lost
+// (and, on a control link, those whose cut is over as back).
 static void check_lost(fc_ctx_t *f, int peer) {
     if (!f->cuts || f->hb_ms <= 0) return;
     const int64_t now = fault_now_ns();
     for (int r = 0; r < f->size; r++) {
-        if (r == f->rank || f->lost[r] || (peer != COMM_ANY && r != peer)) continue;
+        if (r == f->rank || (f->lost[r] && f->chan == 1) || (peer != COMM_ANY && r != peer)) continue;
         int64_t since = 0;
-        if (cut_at(f, f->node[r], f->me, now, &since) && now - since >= (int64_t)f->hb_ms * 1000000) {
-            f->lost[r] = true;
-            f->n_lost++;
-        }
+        const bool gone = cut_at(f, f->node[r], f->me, now, &since) && now - since >= (int64_t)f->hb_ms * 1000000;
+        if (gone != f->lost[r]) f->n_lost += gone ? 1 : -1;
+        f->lost[r] = gone;
     }
 }
 
@@ -1183,6 +1237,7 @@ static void intake(fc_ctx_t *f, int src, comm_msg_t *m) {
     }
     size_t bytes = 0;
     for (int i = 0; i < m->n; i++) bytes += m->len[i];
+    if (f->windows) link_params_at(f->spec, f->board, f->node[src], f->me, sent, &f->path[src].p);
     f->path[src].count = shared_next(f->spec->sh, f->chan, f->node[src], f->me);
     int64_t due = fault_path_admit(&f->path[src], stamp, bytes, now);
     fq_item_t *it = due < 0 ? NULL : calloc(1, sizeof *it);
@@ -1294,16 +1349,19 @@ static int fc_send(void *ctx, int peer, const comm_iov_t *frames, int n, int tim
 static int fc_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout_ms) {
     fc_ctx_t *f = ctx;
     const int64_t dl = timeout_ms < 0 ? -1 : fault_now_ns() + (int64_t)timeout_ms * 1000000;
-    const bool may_lose = f->cuts && f->hb_ms > 0;
+    // a worker's end of a control link cannot tell a lost coordinator from a quiet one: it only waits
+    const bool may_lose = f->cuts && f->hb_ms > 0 && !(f->chan == 0 && f->rank != 0);
     *from = -1;
     for (;;) {
         const int gone = pump(f, peer); // the inner comm has nothing more for peer (lost, failed)
         fq_queue_t *q = pick(f, peer);
         const int64_t t = fault_now_ns();
         if (q && q->head->due <= t) return deliver(q, out, from);
-        check_lost(f, f->fail_any ? COMM_ANY : peer);
-        const int lrc = lost_rc(f, peer, from);
-        if (lrc != 0) return lrc;
+        if (may_lose) {
+            check_lost(f, f->fail_any ? COMM_ANY : peer);
+            const int lrc = lost_rc(f, peer, from);
+            if (lrc != 0) return lrc;
+        }
         if (!q && gone) return gone;
         if (dl >= 0 && t >= dl) return MLM_ETIMEOUT; // the held messages stay for a later call
         int64_t until = q ? q->head->due : -1;
@@ -1370,10 +1428,10 @@ int comm_fault_wrap_opts(comm_t **c, const fault_spec_t *spec, const fault_wrap_
     f->node = calloc((size_t)size, sizeof *f->node);
     f->lost = calloc((size_t)size, sizeof *f->lost);
     if (!f->spec || !f->q || !f->path || !f->node || !f->lost) goto oom;
-    f->hb_ms = o && o->heartbeat_ms > 0 ? o->heartbeat_ms : 0;
     f->fail_any = o && o->fail_on_any_loss;
     // Over a control link ranks are nodes; this end records which one it is for the data planes.
     f->chan = strcmp(comm_name(*c), "link") == 0 ? 0 : 1;
+    f->hb_ms = o && o->heartbeat_ms > 0 ? o->heartbeat_ms : f->chan == 0 ? comm_link_heartbeat_ms(*c) : 0;
     if (f->chan == 0) fault_set_identity(f->spec, rank);
     const int id = fault_identity(f->spec);
     f->me = f->chan == 1 && id >= 0 ? id : rank;
@@ -1381,13 +1439,17 @@ int comm_fault_wrap_opts(comm_t **c, const fault_spec_t *spec, const fault_wrap_
         f->node[r] = r == rank ? f->me : r;
         fault_path_init(&f->path[r], f->spec, f->node[r], f->me);
     }
-    bool partitions = false;
-    for (int i = 0; i < f->spec->n_events; i++) partitions |= f->spec->events[i].kind == FAULT_PARTITION;
-    if (partitions && f->spec->board) {
-        char e2[128];
-        fault_board_open(&f->board, f->spec->board, e2, sizeof e2); // not mapped here: no cuts at this end
+    bool partitions = false, windows = false;
+    for (int i = 0; i < f->spec->n_events; i++) {
+        partitions |= f->spec->events[i].kind == FAULT_PARTITION;
+        windows |= is_link_kind(f->spec->events[i].kind);
     }
-    f->cuts = f->board != NULL;
+    if ((partitions || windows) && f->spec->board) {
+        char e2[128];
+        fault_board_open(&f->board, f->spec->board, e2, sizeof e2); // not mapped here: no windows at this end
+    }
+    f->cuts = f->board && partitions;
+    f->windows = f->board && windows;
     snprintf(f->name, sizeof f->name, "%s+fault", comm_name(*c));
     comm_t *outer = comm_new(&fault_iface, f);
     if (!outer) goto oom;

@@ -19,6 +19,8 @@
 //   loss:link=L:p=P[:rto_ms=R]     TCP-like loss: with probability P a message arrives late by the
 //                                  retransmission timeout R ms (default 200); it is not lost
 //   drop:link=L:p=P                with probability P the message is discarded (its receiver times out)
+//   ...[:T[:for_ms=M]]             any of these four with a trigger T is in force only from T on, for M ms
+//                                  (without for_ms: to the end of the run); without one, all along
 //   partition:link=L:T[:ms=M]      from trigger T on, for M ms (without ms: to the end of the run), the
 //                                  link carries nothing in either direction; an end that was given a
 //                                  heartbeat (comm_fault_wrap_opts) also loses the peer once the cut
@@ -45,7 +47,9 @@
 // Numbers: ranks, worker, after_tokens and seed are decimal integers; ms, at_ms, jitter, mbit,
 // rto_ms, factor, slow and p are decimal reals (ms, at_ms, jitter, rto_ms in [0, 3600000], mbit > 0,
 // p in [0, 1], factor and slow in [1, 100]). Spaces around rules are ignored. The empty text is a
-// valid spec without rules. At most FAULT_MAX_EVENTS events (kill, freeze, partition, slow).
+// valid spec without rules. At most FAULT_MAX_EVENTS events (kill, freeze, partition, slow, and link
+// rules with a trigger). Windows (partitions, link rules with a trigger) need the board: a process
+// that cannot map it enforces none of them.
 //
 // Every random decision (drop, loss, jitter) of the n-th message (n = 0, 1, ...) from node s to
 // node d is a pure function of (seed, s, d, n) (fault_decide): the same spec and seed make the same
@@ -79,13 +83,14 @@ typedef enum {
     FAULT_DISK = 9,
 } fault_kind_t;
 
-// A scheduled event (kill, freeze, partition, slow), in the order of the text.
+// A scheduled event, in the order of the text: a kill, freeze, partition or slow, or a link rule
+// (delay, bw, loss, drop) with a trigger, whose window the scheduler opens.
 typedef struct {
-    fault_kind_t kind;              // FAULT_KILL, FAULT_FREEZE, FAULT_PARTITION or FAULT_SLOW
+    fault_kind_t kind;              // FAULT_KILL, FAULT_FREEZE, FAULT_PARTITION, FAULT_SLOW, or a link kind
     int worker;                     // kill, freeze, slow: the worker (1..; FAULT_ANY = chosen by the seed); else -1
-    int a, b;                       // partition: link ends (a < b; b or both FAULT_ANY for `A-*`, `*`); else -1
+    int a, b;                       // partition, link rules: link ends (a < b; b or both FAULT_ANY for `A-*`, `*`); else -1
     int64_t after_tokens;           // fires once this many tokens have been generated; -1 when at_ms triggers it
-    double ms;                      // how long: freeze; partition and slow (0 = to the end of the run)
+    double ms;                      // how long: freeze; partition, slow and link rules' for_ms (0 = to the end of the run)
     double at_ms;                   // fires this long after the schedule starts; -1 when after_tokens triggers it
     double factor;                  // slow: compute takes this many times as long; else 0
     int slot;                       // its index among the events: its slot on the board
@@ -143,15 +148,20 @@ bool fault_has_link_rules(const fault_spec_t *s);
 int fault_set_seed(fault_spec_t *s, uint64_t seed);
 int fault_set_board(fault_spec_t *s, const char *path);
 
-// Effective parameters of the link between ranks a and b (order does not matter). s NULL or no
-// matching rule: all zero except rto_ms = 200.
+// A new spec (*out, caller frees) with what concerns nodes 0..n_workers only: rules naming a worker
+// or a link end beyond n_workers are left out (`*` stays), the seed and the board stay. For running
+// one schedule on fewer workers. 0, or MLM_ENOMEM / MLM_EINVAL.
+int fault_restrict(const fault_spec_t *s, int n_workers, fault_spec_t **out, char *err, size_t errlen);
+
+// Effective parameters of the link between ranks a and b (order does not matter) from the rules in
+// force all along (link rules with a trigger are left out: the wrapper adds them in their windows).
+// s NULL or no matching rule: all zero except rto_ms = 200.
 void fault_link_params(const fault_spec_t *s, int a, int b, fault_link_t *out);
 
 // Worker w's disk (disk rules). s NULL or no matching rule: {1, false}.
 void fault_disk(const fault_spec_t *s, int worker, fault_disk_t *out);
 
-// Scheduled events (kill, freeze, partition, slow). fault_event returns NULL out of range; borrowed
-// until fault_free.
+// Scheduled events (see fault_event_t). fault_event returns NULL out of range; borrowed until fault_free.
 int fault_n_events(const fault_spec_t *s);
 const fault_event_t *fault_event(const fault_spec_t *s, int i);
 
@@ -290,7 +300,10 @@ typedef struct {
 } fault_wrap_opts_t;
 
 // comm_fault_wrap with options (o NULL = all zero). comm_open("fault:...") passes its heartbeat
-// (interval + timeout) and fail_on_any_loss.
+// (interval + timeout) and fail_on_any_loss. Over a control link the link's own heartbeat is the
+// default (comm_link_heartbeat_ms), and a peer lost to a cut is back once the cut ends, as the link
+// reconnects; its workers' ends only see silence on recv (a worker cannot tell a lost coordinator
+// from a quiet one) and MLM_EPEER on send. Over other comms a lost peer stays lost.
 int comm_fault_wrap_opts(comm_t **c, const fault_spec_t *spec, const fault_wrap_opts_t *o, char *err, size_t errlen);
 
 // When c is a fault wrapper: the comm it wraps, with *peer_lost telling whether the wrapper has

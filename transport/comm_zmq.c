@@ -507,6 +507,7 @@ void comm_zmq_envelope(uint8_t *out, int kind, int src, uint32_t world, int nfra
 }
 
 void comm_zmq_opts_default(comm_zmq_opts_t *o) {
+    *o = (comm_zmq_opts_t){0}; // session 0, fail_on_any_loss off: a caller's stack garbage must not pick them
     o->max_msg_bytes = (size_t)256 << 20;
     o->connect_timeout_ms = 10000;
     o->probe_ivl_ms = 50;

@@ -1121,7 +1121,8 @@ typedef struct {
     bool windows;               // link rules with windows can be in force: the spec has some and the board is mapped
     int chan;                   // counter channel: 0 over a control link, 1 otherwise
     int me;                     // this end's node
-    int *node;                  // (size) the node of each rank (the rank itself until announced otherwise)
+    int *node;                  // (size) the node of each rank: the rank itself, or (aware) -1 until announced
+    bool aware;                 // this end knows its node and so do its peers: they all announce theirs
     bool *lost;                 // (size) peers lost to a cut that outlasted the heartbeat (for good on a data
                                 // plane; on a control link while the cut lasts, as the link comes back)
     int n_lost;
@@ -1181,7 +1182,7 @@ static void check_lost(fc_ctx_t *f, int peer) {
     if (!f->cuts || f->hb_ms <= 0) return;
     const int64_t now = fault_now_ns();
     for (int r = 0; r < f->size; r++) {
-        if (r == f->rank || (f->lost[r] && f->chan == 1) || (peer != COMM_ANY && r != peer)) continue;
+        if (r == f->rank || f->node[r] < 0 || (f->lost[r] && f->chan == 1) || (peer != COMM_ANY && r != peer)) continue;
         int64_t since = 0;
         const bool gone = cut_at(f, f->node[r], f->me, now, &since) && now - since >= (int64_t)f->hb_ms * 1000000;
         if (gone != f->lost[r]) f->n_lost += gone ? 1 : -1;
@@ -1227,6 +1228,10 @@ static void intake(fc_ctx_t *f, int src, comm_msg_t *m) {
         }
         comm_msg_free(m);
         return;
+    }
+    if (f->node[src] < 0) { // a peer that does not announce (it knows no node): its rank stands for it
+        f->node[src] = src;
+        fault_path_init(&f->path[src], f->spec, src, f->me);
     }
     if (!fault_stamp_strip(m, &stamp)) stamp = -1;
     const int64_t sent = stamp < 0 || stamp > now ? now : stamp;
@@ -1434,10 +1439,11 @@ int comm_fault_wrap_opts(comm_t **c, const fault_spec_t *spec, const fault_wrap_
     f->hb_ms = o && o->heartbeat_ms > 0 ? o->heartbeat_ms : f->chan == 0 ? comm_link_heartbeat_ms(*c) : 0;
     if (f->chan == 0) fault_set_identity(f->spec, rank);
     const int id = fault_identity(f->spec);
-    f->me = f->chan == 1 && id >= 0 ? id : rank;
+    f->aware = f->chan == 1 && id >= 0;
+    f->me = f->aware ? id : rank;
     for (int r = 0; r < size; r++) {
-        f->node[r] = r == rank ? f->me : r;
-        fault_path_init(&f->path[r], f->spec, f->node[r], f->me);
+        f->node[r] = r == rank ? f->me : f->aware ? -1 : r;
+        fault_path_init(&f->path[r], f->spec, f->node[r] >= 0 ? f->node[r] : r, f->me);
     }
     bool partitions = false, windows = false;
     for (int i = 0; i < f->spec->n_events; i++) {
@@ -1455,7 +1461,7 @@ int comm_fault_wrap_opts(comm_t **c, const fault_spec_t *spec, const fault_wrap_
     if (!outer) goto oom;
     f->inner = *c;
     *c = outer;
-    if (f->chan == 1 && f->me != rank) announce(f);
+    if (f->aware) announce(f);
     return 0;
 oom:
     if (f) {

@@ -286,8 +286,10 @@ int64_t fault_path_admit(fault_path_t *pa, int64_t stamp_ns, size_t bytes, int64
 // time, like any other.
 // Nodes: over a control link (inner comm "link") ranks are node numbers, and the wrapper records
 // its rank as the spec's identity (fault_set_identity). Over any other comm, a wrapper whose spec
-// knows an identity other than its rank first sends every peer a small announcement of it (one
-// frame, consumed by the peer's wrapper), so rules, decisions and partitions follow nodes, not ranks.
+// knows its identity first sends every peer a small announcement of it (one frame, consumed by the
+// peer's wrapper), so rules, decisions and windows follow nodes, not ranks. Until a peer's
+// announcement is in (it comes before anything else from it), no window applies to that peer; a
+// peer that sends something else first knows no node, and its rank stands for it.
 // spec NULL: *c is left as it is and 0 is returned. Otherwise 0, or MLM_EINVAL / MLM_ENOMEM with err
 // filled and *c unchanged (still the caller's).
 int comm_fault_wrap(comm_t **c, const fault_spec_t *spec, char *err, size_t errlen);

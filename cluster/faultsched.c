@@ -355,6 +355,10 @@ int faultsched_start(faultsched_t *s, char *err, size_t errlen) {
         return mlm_fail(err, errlen, MLM_ESTATE, "fault schedule: already started");
     }
     s->t0_ns = now_ns();
+    for (int i = 0; i < s->n_items; i++) { // what starts at once starts before anything else happens
+        item_t *it = &s->items[i];
+        if (it->state == ITEM_PENDING && (it->e.after_tokens == 0 || it->e.at_ms == 0)) fire(s, it, s->t0_ns);
+    }
     int rc = pthread_create(&s->thread, NULL, timer_main, s);
     s->thread_on = rc == 0;
     pthread_mutex_unlock(&s->mu);

@@ -60,8 +60,8 @@ int faultsched_new(faultsched_t **out, const fault_spec_t *spec, const faultsche
 // $MESHLM_FAULTS (or hand its text on) before the cluster is made. Borrowed until destroy.
 const fault_spec_t *faultsched_spec(const faultsched_t *s);
 
-// Starts the clock (at_ms counts from here) and the timer thread. 0, MLM_ESTATE (already started),
-// or MLM_EIO (no thread).
+// Starts the clock (at_ms counts from here) and the timer thread; events at 0 ms or after 0 tokens
+// happen in this call, before anything else. 0, MLM_ESTATE (already started), or MLM_EIO (no thread).
 int faultsched_start(faultsched_t *s, char *err, size_t errlen);
 
 // Reports that `tokens` tokens have been generated so far in the run (a running total): every event

@@ -182,7 +182,7 @@ static int take_one(zq_ctx_t *z) {
     case COMM_ZMQ_HELLO: // byte 7 of a HELLO: the sender has the addressee's HELLO
         z->hello[src] = true;
         if (nf == 1) z->heard[src] = true;
-        else if (z->started) send_hello(z, (int)src, true); // ours went astray: again
+        else send_hello(z, (int)src, true); // it lacks ours (astray, or we finished with it first): again
         break;
     case COMM_ZMQ_PROBE: break;
     case COMM_ZMQ_BYE: z->lost[src] = z->left[src] = true; break;

@@ -22,7 +22,7 @@
 
 #define MAX_REQUESTS 256
 #define MAX_TOKENS 4096             // per request
-#define MAX_RETRIES 4               // a request the cluster could not carry on is brought back this often
+#define MAX_RETRIES 6               // a request the cluster could not carry on is brought back this often
 #define MAX_MARKS 256               // recoveries and re-plans drawn on the timeline
 #define BIN_MS 250.0                // tokens/s of the timeline per bin
 #define SCALE_MAX 4                 // --scale: N = 1..4
@@ -102,7 +102,7 @@ static void chaos_usage(FILE *f) {
             "  -p, --prompt TEXT       every request's prompt (default: 8 short prompts in turn)\n"
             "  -t, --threads N         threads per worker (default 1)\n"
             "      --faults SPEC       the schedule (default $MESHLM_FAULTS; without either, with N >= 3:\n"
-            "                          a kill, a freeze, a partition and 5%% drops on a control link)\n"
+            "                          a kill, a freeze, a partition and 5%% drops on link 1-2)\n"
             "      --seed S            the schedule's seed (replaces its seed=)\n"
             "      --timeout MS        step and exchange deadline (default 2000: a dropped message costs this)\n"
             "      --svg FILE          write the timeline: tokens/s per 250 ms, faults and recoveries marked\n"
@@ -184,7 +184,7 @@ static int parse_args(int argc, char **argv, chaos_args_t *a) {
 }
 
 // The schedule: --faults, else $MESHLM_FAULTS, else the (a kill, a freeze, a partition and
-// 5% drops on the control link of worker 1 from the workload's start), spread over its tokens. NULL with a message
+// 5% drops on the data link of workers 1 and 2 from the workload's start), spread over its tokens. NULL with a message
 // when there is none or it does not parse.
 static fault_spec_t *schedule_of(const chaos_args_t *a) {
     char err[512], text[512];
@@ -200,7 +200,7 @@ static fault_spec_t *schedule_of(const chaos_args_t *a) {
         const int total = a->requests * a->n_gen;
         snprintf(text, sizeof text,
                  "kill:worker=%d:after_tokens=%d,freeze:worker=%d:after_tokens=%d:ms=1200,"
-                 "partition:link=0-1:after_tokens=%d:ms=1200,drop:link=0-1:p=0.05:at_ms=0,seed=1",
+                 "partition:link=0-1:after_tokens=%d:ms=1200,drop:link=1-2:p=0.05:at_ms=0,seed=1",
                  a->local, total / 8 > 0 ? total / 8 : 1, a->local - 1, (3 * total) / 8, (5 * total) / 8);
         rc = fault_parse(text, &s, err, sizeof err);
     }
@@ -368,7 +368,9 @@ static void run_workload(const chaos_args_t *a, const fault_spec_t *spec, int n_
             if (rc != 0) { // the cluster gave up on a step: re-plan and replay the request so far
                 if (retries++ == MAX_RETRIES) break;
                 r->retries += retries == 1;
-                usleep((useconds_t)a->lay.heartbeat_ms * 1000); // a frozen or cut-off worker may come back
+                // Every worker has given the failed step up by its own deadline (and a frozen or cut-off
+                // one may be back): re-planning earlier would find some still waiting in it.
+                usleep((useconds_t)(a->timeout_ms > a->lay.heartbeat_ms ? a->timeout_ms : a->lay.heartbeat_ms) * 1000);
                 const double s0 = mlm_now_ms() - t0;
                 rc = replan(cl, pt, np, gen, n_done, logits, err, sizeof err);
                 take_recoveries(r, cl, &seen, mlm_now_ms() - t0);

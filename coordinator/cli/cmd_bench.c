@@ -369,7 +369,8 @@ int cmd_bench(int argc, char **argv) {
                                      .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
-                                     .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby};
+                                     .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
+                                     .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set};
                 int rc = open_cluster(&cl, &co, lw && lw->mem_limit, err, sizeof err);
                 free(list);
                 if (rc != 0) {

@@ -216,7 +216,8 @@ static int run_main(run_args_t *ap) {
                              .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                              .local_profile = a.local > 0, .recover = !a.lay.no_recover,
-                             .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby};
+                             .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
+                             .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set};
         if ((rc = open_cluster(&cl, &co, lw && lw->mem_limit && !a.local_no_model, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             say_dead_workers(lw);

@@ -55,9 +55,10 @@ int shard_check_cols(const gguf_t *g, const shard_slice_t *s, int head_dim, char
 // caller substitutes n_layer).
 int shard_file_slice(const gguf_t *g, shard_slice_t *slice, bool *is_shard);
 
-// Writes a GGUF holding only the rows (and, in all-reduce mode, the columns) of slice from src (all metadata copied, plus meshlm.shard.*
-// keys, meshlm.shard.cols when slice->cols, and the source's sha256 if given), to path via a
-// temporary name. 0, MLM_EIO / MLM_EFULL, or MLM_EINVAL for columns that are not whole quant blocks.
+// Writes a GGUF holding only the rows (and, in all-reduce mode, the columns) of slice from src (all
+// metadata copied, plus meshlm.shard.* keys, meshlm.shard.cols when slice->cols, and the source's
+// sha256 if given), to path via a temporary name. 0, MLM_EIO / MLM_EFULL, or MLM_EINVAL for
+// columns that are not whole quant blocks.
 int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
                      const char *path, char *err, size_t errlen);
 

@@ -12,12 +12,15 @@
 
 #include "cluster/launch.h"
 #include "coordinator/runtime/cluster.h"
+#include "core/clock.h"
 #include "core/err.h"
 #include "parallel/plan.h"
+#include "proto/msg_io.h"
 #include "ref_cases.h"
 #include "test_util.h"
 #include "transport/comm_inproc.h"
 #include "worker/model/model.h"
+#include "worker/node/node.h"
 #include "worker/node/pipeline.h"
 
 // --- helpers: the error bound
@@ -410,8 +413,8 @@ static void test_column_shard_files(void) {
             const size_t skip = qtype_row_size(s->type, c0);
             bool same = true;
             for (int64_t r = 0; r < s->ne[1] * s->ne[2]; r++)
-                same &= memcmp((const uint8_t *)t->data + (size_t)r * cb, (const uint8_t *)s->data + (size_t)r * rb + skip,
-                               cb) == 0;
+                same &= memcmp((const uint8_t *)t->data + (size_t)r * cb,
+                               (const uint8_t *)s->data + (size_t)r * rb + skip, cb) == 0;
             CU_ASSERT(same);
             checked++;
         }
@@ -625,7 +628,8 @@ static int no_allreduce(void *ctx, float *buf, size_t n) {
 static void test_group_checks(void) {
     char path[1024], err[256];
     test_shared_path(path, sizeof path, "models/stories260K.gguf");
-    shard_slice_t sl[2] = {{0, 4, 0, 2, 0, 64, 0, 86, 0, 256, 0, 5, 1}, {4, 8, 2, 4, 0, 64, 86, 172, 256, 512, 0, 5, 1}};
+    shard_slice_t sl[2] = {{0, 4, 0, 2, 0, 64, 0, 86, 0, 256, 0, 5, 1},
+                           {4, 8, 2, 4, 0, 64, 86, 172, 256, 512, 0, 5, 1}};
     model_t *m = NULL;
     model_load_opts_t lo = {.repack = true, .slice = &sl[0]};
     CU_ASSERT_EQUAL_FATAL(model_load(&m, path, &lo, err, sizeof err), 0);
@@ -696,7 +700,8 @@ static cmp_t run_processes(const char *case_name, int n, bool coord, bool no_mod
         CU_ASSERT_EQUAL(cluster_plan(cl)->n, n + coord);
         float *lg = malloc((size_t)n_tok * nv * sizeof(float));
         int r = cluster_eval(cl, toks, rc.n_prompt, lg, true);
-        for (int i = rc.n_prompt; r == 0 && i < n_tok; i++) r = cluster_eval(cl, toks + i, 1, lg + (size_t)i * nv, true);
+        for (int i = rc.n_prompt; r == 0 && i < n_tok; i++)
+            r = cluster_eval(cl, toks + i, 1, lg + (size_t)i * nv, true);
         CU_ASSERT_EQUAL(r, 0);
         if (r == 0) compare(&c, lg, ex, n_tok, nv, bound_for(model_type_name(cluster_model(cl))));
         else fprintf(stderr, "  %s: eval: %s (%s)\n", case_name, mlm_strerror(r), cluster_error(cl));
@@ -735,8 +740,8 @@ static void test_processes(void) {
         CU_ASSERT(c.rows > 0);
         CU_ASSERT(within_bound(&c, hp.n_expert > 0));
         CU_ASSERT(c.agree >= AGREE_FLOOR_MODEL * c.rows);
-        printf("\n  %s on %d worker processes%s: %d rows, top-1 agreement %d/%d, worst %.2e of the row range", runs[i].name,
-               runs[i].n, runs[i].coord ? " + the coordinator" : "", c.rows, c.agree, c.rows, c.worst);
+        printf("\n  %s on %d worker processes%s: %d rows, top-1 agreement %d/%d, worst %.2e of the row range",
+               runs[i].name, runs[i].n, runs[i].coord ? " + the coordinator" : "", c.rows, c.agree, c.rows, c.worst);
         if (runs[i].coord) { // the coordinator's own group counts its all-reduces: 2 per block and chunk
             CU_ASSERT(st.allreduces > 0 && st.allreduces % (2u * (uint64_t)hp.n_layer) == 0);
             CU_ASSERT(st.gathers > 0 && st.allreduces == 2u * (uint64_t)hp.n_layer * st.gathers);
@@ -753,6 +758,76 @@ static void test_processes(void) {
     CU_ASSERT_EQUAL(st.from_cache, 2);
     test_rm_dir(cache);
     printf("\n");
+}
+
+// A worker of protocol 1.3 on the control link: answers HELLO (saying 1.3) and the link probes,
+// takes a PLAN without a word (a 1.3 worker would ignore tp_mode), stops at SHUTDOWN.
+static void *old_worker(void *arg) {
+    comm_t *ctl = arg;
+    char err[256];
+    const double t_end = mlm_now_ms() + 20000;
+    while (mlm_now_ms() < t_end) {
+        msg_t m, r;
+        comm_msg_t raw;
+        if (msg_recv(ctl, 0, &m, &raw, NULL, 200, err, sizeof err) != 0) continue;
+        const msg_type_t type = m.type;
+        uint64_t seq = type == MSG_HEARTBEAT ? m.heartbeat.seq : type == MSG_SLICE_DATA ? m.slice_data.plan_id : 0;
+        msg_clear(&m);
+        comm_msg_free(&raw);
+        if (type == MSG_SHUTDOWN) break;
+        if (type == MSG_HELLO) {
+            msg_init(&r, MSG_HELLO);
+            snprintf(r.hello.node_id, sizeof r.hello.node_id, "old-1");
+            r.hello.role = MSG_ROLE_WORKER;
+            r.hello.n_cores = 1;
+            r.hello.proto_minor = 3;
+        } else if (type == MSG_HEARTBEAT || type == MSG_SLICE_DATA) {
+            msg_init(&r, MSG_HEARTBEAT);
+            snprintf(r.heartbeat.node_id, sizeof r.heartbeat.node_id, "old-1");
+            r.heartbeat.seq = seq;
+        } else {
+            continue;
+        }
+        msg_send(ctl, 0, &r, 2000, err, sizeof err);
+    }
+    return NULL;
+}
+
+// Old peers keep working: with a 1.3 worker in the plan, --tp-mode auto plans exact, and
+// --tp-mode allreduce is refused naming the worker and its version.
+static void test_old_worker(void) {
+    char path[1024], err[512];
+    test_shared_path(path, sizeof path, "models/stories260K.gguf");
+    for (int k = 0; k < 2; k++) {
+        comm_t *ctl[2], *data[2];
+        CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(ctl, 2), 0);
+        CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(data, 2), 0);
+        pthread_t th;
+        pthread_create(&th, NULL, old_worker, ctl[1]);
+        cluster_opts_t co = {.model_path = path, .control = ctl[0], .data = data[0], .same_file = true,
+                             .coordinator_shard = true, .n_ctx = 64, .n_threads = 1, .timeout_ms = 5000, .pp = 1,
+                             .keep_all = true, .tp_mode = k ? PLAN_TP_ALLREDUCE : PLAN_TP_AUTO, .tp_mode_set = true};
+        cluster_t *cl = NULL;
+        CU_ASSERT_EQUAL_FATAL(cluster_new(&cl, &co, err, sizeof err), 0);
+        CU_ASSERT_EQUAL(cluster_hello(cl, err, sizeof err), 0);
+        err[0] = 0;
+        int rc = cluster_make_plan(cl, err, sizeof err);
+        if (k == 0) {
+            CU_ASSERT_EQUAL(rc, 0);
+            CU_ASSERT_EQUAL(cluster_plan(cl)->tp_mode, PLAN_TP_EXACT);
+            CU_ASSERT_EQUAL(cluster_plan(cl)->n, 2);
+        } else {
+            CU_ASSERT_EQUAL(rc, MLM_EUNSUPPORTED);
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "speaks protocol 1.3"));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "--tp-mode exact"));
+        }
+        cluster_close(&cl, true);
+        pthread_join(th, NULL);
+        for (int r = 0; r < 2; r++) {
+            comm_destroy(&ctl[r]);
+            comm_destroy(&data[r]);
+        }
+    }
 }
 
 // Runs `meshlm run` with args; stdout into out (cap), exit status returned (-1 when it cannot run).
@@ -802,6 +877,7 @@ int test_allreduce_suite(void) {
         !CU_add_test(s, "reference cases: 2-3 nodes, bound and top-1 agreement", test_reference_cases) ||
         !CU_add_test(s, "determinism, star/ring, links, shard files, message counts", test_group_details) ||
         !CU_add_test(s, "worker processes", test_processes) ||
+        !CU_add_test(s, "a protocol 1.3 worker", test_old_worker) ||
         !CU_add_test(s, "meshlm run --tp-mode", test_cli))
         return -1;
     return 0;

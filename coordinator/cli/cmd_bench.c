@@ -441,6 +441,7 @@ int cmd_bench(int argc, char **argv) {
                     if (cl) {
                         cJSON_AddNumberToObject(o, "nodes", cluster_plan(cl)->n);
                         cJSON_AddStringToObject(o, "layout", cluster_plan(cl)->layout);
+                        cJSON_AddStringToObject(o, "tp_mode", plan_tp_mode_name(cluster_plan(cl)->tp_mode));
                         cJSON_AddNumberToObject(o, "predicted_ts", pred);
                         if (pp) cJSON_AddNumberToObject(o, "ttft_ms", ttft);
                         cJSON_AddNumberToObject(o, "utilisation", util);
@@ -452,9 +453,13 @@ int cmd_bench(int argc, char **argv) {
                 } else {
                     char extra[160] = "", tt[16] = "-";
                     if (pp) snprintf(tt, sizeof tt, "%.1f", ttft);
+                    char lay[64] = ""; // all-reduce groups say so after the layout
                     if (cl)
-                        snprintf(extra, sizeof extra, " %6s | %13.1f | %7s | %4.2f | %11.3f | %7.1f |",
-                                 cluster_plan(cl)->layout, pred, tt, util, comm_ms, kib);
+                        snprintf(lay, sizeof lay, "%s%s", cluster_plan(cl)->layout,
+                                 cluster_plan(cl)->tp_mode == PLAN_TP_ALLREDUCE ? " ar" : "");
+                    if (cl)
+                        snprintf(extra, sizeof extra, " %6s | %13.1f | %7s | %4.2f | %11.3f | %7.1f |", lay, pred, tt,
+                                 util, comm_ms, kib);
                     printf("| %-24s | %10s | %8s | %-10s | %7d | %6s | %16s | %10s |%s\n", name, size, params, backend,
                            nthr, tname, ts, bw, extra);
                     fflush(stdout);

@@ -433,7 +433,8 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         plan_spec_t spec;
         rc = plan_file_load(c->o.plan_file, &spec, err, errlen);
         if (rc == 0 && c->o.tp_mode_set && c->o.tp_mode != PLAN_TP_AUTO) spec.tp_mode = mode; // overrides the file's
-        if (rc == 0 && spec.tp_mode == PLAN_TP_ALLREDUCE) rc = tp_mode_for_workers(c, PLAN_TP_ALLREDUCE, &mode, err, errlen);
+        if (rc == 0 && spec.tp_mode == PLAN_TP_ALLREDUCE)
+            rc = tp_mode_for_workers(c, PLAN_TP_ALLREDUCE, &mode, err, errlen);
         if (rc == 0) rc = plan_from_spec(pm, nodes, n_compute, &spec, n_ctx, c->plan, err, errlen);
         if (rc == 0) { // predict it as it will run
             c->plan->coord_apart = off == 0;
@@ -782,7 +783,7 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
                             c->timeout_ms, err, errlen);
     }
     if (rc == 0) { // the same link figures the workers take from the PLAN
-        double lat[MSG_MAX_NODES], bw[MSG_MAX_NODES];
+        double lat[MSG_MAX_NODES], bw[MSG_MAX_NODES]; // (n_nodes) one-way us, bytes/s
         for (int i = 0; i < c->n_nodes; i++) lat[i] = c->pnodes[i].link_lat_us, bw[i] = (double)c->pnodes[i].link_bw;
         pipe_set_links(&c->pipe, lat, bw);
     }

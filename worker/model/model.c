@@ -589,7 +589,8 @@ static int moe_expert(model_ctx_t *c, const layer_weights_t *X, qtype_t e_type, 
     } else {
         int rc = gather_cols(c, c->ffn_g, n, G_FFN, F, c->ffn_h);
         if (rc != 0) return rc;
-        for (int j = 0; j < n; j += step) matmul1(c, &X->w_down, c->ffn_h + (size_t)j * F, step, c->e_y + (size_t)j * El);
+        for (int j = 0; j < n; j += step)
+            matmul1(c, &X->w_down, c->ffn_h + (size_t)j * F, step, c->e_y + (size_t)j * El);
     }
     for (int j = 0; j < n; j++) {
         const int i = c->e_tok[j];

@@ -281,8 +281,11 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             rc = pipe_node_init(&n->pipe, n->comm, n->index, n->slices, n->plan.n_nodes, hp->n_layer, hp->n_embd,
                                 hp->n_vocab, n->timeout_ms, err, sizeof err);
         if (rc == 0) { // the group's links, as the coordinator measured them, choose star or ring
-            double lat[MSG_MAX_NODES], bw[MSG_MAX_NODES];
-            for (int i = 0; i < n->plan.n_nodes; i++) lat[i] = n->nodes[i].link_lat_us, bw[i] = (double)n->nodes[i].link_bw;
+            double lat[MSG_MAX_NODES], bw[MSG_MAX_NODES]; // (n_nodes) one-way us, bytes/s
+            for (int i = 0; i < n->plan.n_nodes; i++) {
+                lat[i] = n->nodes[i].link_lat_us;
+                bw[i] = (double)n->nodes[i].link_bw;
+            }
             pipe_set_links(&n->pipe, lat, bw);
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
                                              .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,

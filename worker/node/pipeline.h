@@ -17,9 +17,9 @@
 // micro-batch to every rank of stage k + 1; the last stage sends its logit rows to rank 0.
 //
 // Message order per pair of ranks (the data plane keeps each pair's messages in order): inside a
-// group the all-gathers (and, in all-reduce mode, the all-reduces) of the forward pass; leader -> next stage: one hidden block per
-// micro-batch (nt * n_embd F32); last stage -> rank 0: the logit rows of every micro-batch that
-// asks for logits. Nothing else travels, so no tags are needed.
+// group the all-gathers (and, in all-reduce mode, the all-reduces) of the forward pass; leader ->
+// next stage: one hidden block per micro-batch (nt * n_embd F32); last stage -> rank 0: the logit
+// rows of every micro-batch that asks for logits. Nothing else travels, so no tags are needed.
 #define PIPE_MAX_RANKS 64
 
 typedef struct {

@@ -397,7 +397,8 @@ int cmd_bench(int argc, char **argv) {
                                      .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
-                                     .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby};
+                                     .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
+                                     .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set};
                 int rc = open_cluster(&cl, &co, lw && lw->mem_limit, err, sizeof err);
                 free(list);
                 if (rc != 0) {
@@ -472,6 +473,7 @@ int cmd_bench(int argc, char **argv) {
                     if (cl) {
                         cJSON_AddNumberToObject(o, "nodes", cluster_plan(cl)->n);
                         cJSON_AddStringToObject(o, "layout", cluster_plan(cl)->layout);
+                        cJSON_AddStringToObject(o, "tp_mode", plan_tp_mode_name(cluster_plan(cl)->tp_mode));
                         cJSON_AddNumberToObject(o, "predicted_ts", pred);
                         if (pp) cJSON_AddNumberToObject(o, "ttft_ms", ttft);
                         cJSON_AddNumberToObject(o, "utilisation", util);
@@ -483,9 +485,13 @@ int cmd_bench(int argc, char **argv) {
                 } else {
                     char extra[160] = "", tt[16] = "-";
                     if (pp) snprintf(tt, sizeof tt, "%.1f", ttft);
+                    char lay[64] = ""; // all-reduce groups say so after the layout
                     if (cl)
-                        snprintf(extra, sizeof extra, " %6s | %13.1f | %7s | %4.2f | %11.3f | %7.1f |",
-                                 cluster_plan(cl)->layout, pred, tt, util, comm_ms, kib);
+                        snprintf(lay, sizeof lay, "%s%s", cluster_plan(cl)->layout,
+                                 cluster_plan(cl)->tp_mode == PLAN_TP_ALLREDUCE ? " ar" : "");
+                    if (cl)
+                        snprintf(extra, sizeof extra, " %6s | %13.1f | %7s | %4.2f | %11.3f | %7.1f |", lay, pred, tt,
+                                 util, comm_ms, kib);
                     printf("| %-24s | %10s | %8s | %-10s | %7d | %6s | %16s | %10s |%s\n", name, size, params, backend,
                            nthr, tname, ts, bw, extra);
                     fflush(stdout);

@@ -300,7 +300,8 @@ static int run_main(run_args_t *ap) {
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                              .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                              .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
-                             .on_plan = a.reg ? publish_plan : NULL, .on_plan_arg = a.reg};
+                             .on_plan = a.reg ? publish_plan : NULL, .on_plan_arg = a.reg,
+                             .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set};
         if ((rc = open_cluster(&cl, &co, lw && lw->mem_limit && !a.local_no_model, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             say_dead_workers(lw);

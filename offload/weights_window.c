@@ -598,13 +598,10 @@ static int win_acquire(void *ctx, int layer, int expert, const layer_weights_t *
         waited = true;
         pthread_cond_wait(&w->done, &w->mu);
     }
-    if (waited) {
-        w->st.misses++;
-        w->st.stall_ms += mlm_now_ms() - t0;
-    } else {
-        w->st.hits++;
-    }
-    if (rc == 0) {
+    if (waited) w->st.stall_ms += mlm_now_ms() - t0;
+    if (rc == 0) { // only a unit handed out is a hit or a miss (as the wrapper counts acquires)
+        if (waited) w->st.misses++;
+        else w->st.hits++;
         if (!s->used) {
             s->used = true;
             if (!waited) w->st.prefetch_used++;

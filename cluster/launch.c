@@ -168,6 +168,12 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
             argv[a++] = "--mem-budget";
             argv[a++] = budget;
         }
+        char timeout[16];
+        snprintf(timeout, sizeof timeout, "%d", o->timeout_ms);
+        if (o->timeout_ms > 0) {
+            argv[a++] = "--timeout";
+            argv[a++] = timeout;
+        }
         if (o->verbose) argv[a++] = "--verbose";
         argv[a] = NULL;
         memcg_t *g = NULL;

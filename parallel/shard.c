@@ -50,30 +50,80 @@ typedef struct {
     const int64_t *src_index;   // writer tensor i is source tensor src_index[i]
 } fill_ctx_t;
 
-// Copies tensor i's rows (for every expert of a 3-D tensor) into buf.
+// Copies tensor i's rows (for every expert of a 3-D tensor) into buf; of a column-cut tensor, the
+// slice's columns of each row (whole blocks: a row's bytes are its blocks in order).
 static int fill_tensor(void *ctx, int64_t i, void *buf, size_t nbytes, char *err, size_t errlen) {
     fill_ctx_t *fc = ctx;
     const gguf_tensor_t *t = gguf_tensor(fc->src, fc->src_index[i]);
-    int64_t r0, r1;
+    int64_t r0, r1, c0, c1;
     shard_tensor_rows(fc->slice, t->name, t->ne[1], fc->head_dim, &r0, &r1);
+    shard_tensor_cols(fc->slice, t->name, t->ne[0], fc->head_dim, &c0, &c1);
     const size_t rb = qtype_row_size(t->type, t->ne[0]);
+    const size_t cb0 = qtype_row_size(t->type, c0), cbn = qtype_row_size(t->type, c1 - c0); // column bytes
     const int64_t planes = t->ne[2] * t->ne[3];
     size_t at = 0;
     for (int64_t p = 0; p < planes; p++) {
         const uint8_t *src = (const uint8_t *)t->data + ((size_t)p * (size_t)t->ne[1] + (size_t)r0) * rb;
-        size_t len = (size_t)(r1 - r0) * rb;
+        size_t len = (size_t)(r1 - r0) * cbn;
         if (at + len > nbytes)
             return mlm_fail(err, errlen, MLM_ESTATE, "shard: tensor %s slice larger than its entry", t->name);
-        memcpy((uint8_t *)buf + at, src, len);
+        if (cbn == rb) {
+            memcpy((uint8_t *)buf + at, src, len);
+        } else {
+            for (int64_t r = 0; r < r1 - r0; r++)
+                memcpy((uint8_t *)buf + at + (size_t)r * cbn, src + (size_t)r * rb + cb0, cbn);
+        }
         at += len;
     }
     return 0;
 }
 
+// The tensors a slice may cut by columns.
+static bool col_cut(const char *name, bool *heads) {
+    *heads = ends_with(name, ".attn_output.weight");
+    return *heads || ends_with(name, ".ffn_down.weight") || ends_with(name, ".ffn_down_exps.weight");
+}
+
 // --- public API
 
 shard_slice_t shard_full(int n_layer, int n_head, int n_head_kv, int n_embd, int n_ff, int n_vocab) {
-    return (shard_slice_t){0, n_head, 0, n_head_kv, 0, n_embd, 0, n_ff, 0, n_vocab, 0, n_layer};
+    return (shard_slice_t){0, n_head, 0, n_head_kv, 0, n_embd, 0, n_ff, 0, n_vocab, 0, n_layer, 0};
+}
+
+void shard_tensor_cols(const shard_slice_t *s, const char *name, int64_t ne0, int head_dim, int64_t *c0, int64_t *c1) {
+    *c0 = 0;
+    *c1 = ne0;
+    bool heads;
+    if (!s->cols || !col_cut(name, &heads)) return;
+    *c0 = heads ? (int64_t)s->h0 * head_dim : s->f0;
+    *c1 = heads ? (int64_t)s->h1 * head_dim : s->f1;
+    if (*c0 < 0) *c0 = 0;
+    if (*c1 > ne0) *c1 = ne0;
+    if (*c1 < *c0) *c1 = *c0;
+}
+
+bool shard_cols_aligned(int type, int64_t ne0, int64_t c0, int64_t c1) {
+    const qtype_traits_t *tr = qtype_traits(type);
+    const int64_t b = tr && tr->blck > 0 ? (int64_t)tr->blck : 1;
+    return c0 >= 0 && c0 <= c1 && c1 <= ne0 && c0 % b == 0 && (c1 % b == 0 || c1 == ne0);
+}
+
+int shard_check_cols(const gguf_t *g, const shard_slice_t *s, int head_dim, char *err, size_t errlen) {
+    if (!s->cols) return 0;
+    for (int64_t i = 0; i < gguf_n_tensors(g); i++) {
+        const gguf_tensor_t *t = gguf_tensor(g, i);
+        bool heads;
+        if (!col_cut(t->name, &heads)) continue;
+        int64_t c0, c1;
+        shard_tensor_cols(s, t->name, t->ne[0], head_dim, &c0, &c1);
+        if (!shard_cols_aligned(t->type, t->ne[0], c0, c1))
+            return mlm_fail(err, errlen, MLM_EINVAL,
+                            "%s: columns %lld-%lld of %s (%s) are not whole quant blocks of %u; the all-reduce split "
+                            "must cut at multiples of the block",
+                            gguf_path(g), (long long)c0, (long long)c1 - 1, t->name, qtype_name(t->type),
+                            (unsigned)qtype_traits(t->type)->blck);
+    }
+    return 0;
 }
 
 bool shard_holds_tensor(const shard_slice_t *s, const char *name, int n_layer, bool tied) {
@@ -128,7 +178,13 @@ int shard_file_slice(const gguf_t *g, shard_slice_t *slice, bool *is_shard) {
         if (i < N_KEYS_V1) found++;
         else found_l++;
     }
+    slice->cols = 0;
     if (found == 0 && found_l == 0) return 0;
+    int64_t cols = 0; // written only for all-reduce slices
+    int rc = gguf_get_i64(g, "meshlm.shard.cols", &cols);
+    if (rc == 0 && (cols < 0 || cols > 1)) return MLM_EFORMAT;
+    if (rc != 0 && rc != MLM_ENOTFOUND) return MLM_EFORMAT;
+    slice->cols = (int)cols;
     if (found != N_KEYS_V1 || found_l == 1 || slice->h1 < slice->h0 || slice->kv1 < slice->kv0 ||
         slice->e1 < slice->e0 || slice->f1 < slice->f0 || slice->v1 < slice->v0 || (found_l && slice->l1 < slice->l0))
         return MLM_EFORMAT;
@@ -138,15 +194,18 @@ int shard_file_slice(const gguf_t *g, shard_slice_t *slice, bool *is_shard) {
 
 int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
                      const char *path, char *err, size_t errlen) {
+    int rc = shard_check_cols(src, slice, head_dim, err, errlen);
+    if (rc != 0) return rc;
     gguf_writer_t *w = gguf_writer_new();
     if (!w) return mlm_fail(err, errlen, MLM_ENOMEM, "%s: out of memory", path);
-    int rc = gguf_writer_copy_kv(w, src, "");
+    rc = gguf_writer_copy_kv(w, src, "");
     if (rc > 0) rc = 0; // the number of keys copied
     for (int i = 0; rc == 0 && i < N_KEYS; i++) {
         char key[64];
         snprintf(key, sizeof key, "meshlm.shard.%s", slice_keys[i]);
         rc = gguf_writer_set_i32(w, key, *slice_field((shard_slice_t *)slice, i));
     }
+    if (rc == 0 && slice->cols) rc = gguf_writer_set_i32(w, "meshlm.shard.cols", 1);
     if (rc == 0 && sha256) rc = gguf_writer_set_arr(w, "meshlm.shard.source_sha256", GGUF_VT_UINT8, sha256, 32);
     const gguf_tensor_t *emb = gguf_find_tensor(src, "token_embd.weight");
     if (rc == 0 && emb) rc = gguf_writer_set_i64(w, "meshlm.shard.n_vocab", emb->ne[1]);
@@ -157,10 +216,12 @@ int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim
     for (int64_t i = 0; rc == 0 && i < gguf_n_tensors(src); i++) {
         const gguf_tensor_t *t = gguf_tensor(src, i);
         if (!shard_holds_tensor(slice, t->name, n_layer, tied)) continue;
-        int64_t r0, r1, ne[GGUF_MAX_DIMS];
+        int64_t r0, r1, c0, c1, ne[GGUF_MAX_DIMS];
         shard_tensor_rows(slice, t->name, t->ne[1], head_dim, &r0, &r1);
-        if (r1 == r0) continue; // none of its rows (a node with no heads): left out, as the loader expects
+        shard_tensor_cols(slice, t->name, t->ne[0], head_dim, &c0, &c1);
+        if (r1 == r0 || c1 == c0) continue; // none of its rows or columns (a node with no heads): left out
         memcpy(ne, t->ne, sizeof ne);
+        ne[0] = c1 - c0;
         ne[1] = r1 - r0;
         int64_t idx = gguf_writer_add_tensor(w, t->name, t->type, t->n_dims < 2 && ne[1] != 1 ? 2 : t->n_dims, ne);
         if (idx < 0) rc = (int)idx;

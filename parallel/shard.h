@@ -8,7 +8,11 @@
 
 #include "worker/format/gguf.h"
 
-// A node's share of a llama-family model. Every matrix is cut by output rows only.
+// A node's share of a llama-family model. In exact mode (cols 0) every matrix is cut by output rows
+// only. In all-reduce mode (cols 1, Megatron style) attn_output and ffn_down (per expert) are cut by
+// COLUMNS instead: the node holds every row (e0..e1 spans 0..n_embd) of the columns of its query
+// heads [h0*head_dim, h1*head_dim) and of its FFN units [f0, f1), and its products are partial sums
+// that the group adds up. Column ranges must be whole quant blocks of the tensor's rows.
 typedef struct {
     int h0, h1;    // query heads [h0, h1): rows [h0*head_dim, h1*head_dim) of attn_q
     int kv0, kv1;  // KV heads [kv0, kv1): rows of attn_k and attn_v
@@ -18,6 +22,7 @@ typedef struct {
     int l0, l1;    // transformer blocks [l0, l1) (a pipeline stage). The first stage (l0 == 0) holds
                    // the embedding rows, the last (l1 == n_layer) output_norm and the output rows;
                    // a middle stage holds neither. l0 == l1 == 0 with nothing else: an empty slice.
+    int cols;      // 1: all-reduce mode, attn_output / ffn_down cut by columns (see above); 0: exact mode
 } shard_slice_t;
 
 // The slice that holds everything.
@@ -32,14 +37,28 @@ bool shard_holds_tensor(const shard_slice_t *s, const char *name, int n_layer, b
 // vectors and tensors the slice does not cut (norms, router, rope factors). head_dim converts heads.
 void shard_tensor_rows(const shard_slice_t *s, const char *name, int64_t ne1, int head_dim, int64_t *r0, int64_t *r1);
 
+// Columns [*c0, *c1) of each row of tensor `name` (ne[0] columns) that a slice holds: the head or
+// FFN-unit columns of attn_output and ffn_down(_exps) in all-reduce mode, else every column.
+void shard_tensor_cols(const shard_slice_t *s, const char *name, int64_t ne0, int head_dim, int64_t *c0, int64_t *c1);
+
+// Whether columns [c0, c1) of a row of type `type` (a qtype_t) and ne0 elements are whole quant
+// blocks (32 elements for Q4_0/Q8_0, 256 for K-quants, any for F32/F16): a column slice must be.
+bool shard_cols_aligned(int type, int64_t ne0, int64_t c0, int64_t c1);
+
+// Checks every tensor a slice cuts by columns in g (a whole model file: their columns must be whole
+// quant blocks). 0, or MLM_EINVAL naming the tensor, its type and the columns.
+int shard_check_cols(const gguf_t *g, const shard_slice_t *s, int head_dim, char *err, size_t errlen);
+
 // Reads the meshlm.shard.* keys of a shard file. 0 and *is_shard = true when present (slice set),
 // 0 and false for an ordinary model file, MLM_EFORMAT when the keys are inconsistent. A shard file
 // without l0/l1 keys (written before pipeline stages) holds every block: l0 = 0, l1 = -1 (the
 // caller substitutes n_layer).
 int shard_file_slice(const gguf_t *g, shard_slice_t *slice, bool *is_shard);
 
-// Writes a GGUF holding only the rows of slice from src (all metadata copied, plus meshlm.shard.*
-// keys and the source's sha256 if given), to path via a temporary name. 0 or MLM_EIO / MLM_EFULL.
+// Writes a GGUF holding only the rows (and, in all-reduce mode, the columns) of slice from src (all
+// metadata copied, plus meshlm.shard.* keys, meshlm.shard.cols when slice->cols, and the source's
+// sha256 if given), to path via a temporary name. 0, MLM_EIO / MLM_EFULL, or MLM_EINVAL for
+// columns that are not whole quant blocks.
 int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
                      const char *path, char *err, size_t errlen);
 

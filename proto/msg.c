@@ -238,6 +238,8 @@ static int check_plan(const msg_plan_t *p, char *why) {
         return fail(why, WHY_MAX, MLM_ERANGE, "n_batch %u out of range", (unsigned)p->n_batch);
     if (p->n_threads > MAX_THREADS)
         return fail(why, WHY_MAX, MLM_ERANGE, "n_threads %u out of range", (unsigned)p->n_threads);
+    if (p->tp_mode != MSG_TP_EXACT && p->tp_mode != MSG_TP_ALLREDUCE)
+        return fail(why, WHY_MAX, MLM_ERANGE, "tp_mode %d unknown", (int)p->tp_mode);
     for (int i = 0; i < p->n_nodes; i++) {
         const msg_plan_node_t *nd = &p->nodes[i];
         char f[64];
@@ -261,6 +263,11 @@ static int check_plan(const msg_plan_t *p, char *why) {
         if ((rc = check_range(nd->hidden, p->n_embd, f, why))) return rc;
         snprintf(f, sizeof f, "nodes[%d].vocab", i);
         if ((rc = check_range(nd->vocab, p->n_vocab, f, why))) return rc;
+        if (p->tp_mode == MSG_TP_ALLREDUCE && nd->layers.end > nd->layers.begin &&
+            (nd->hidden.begin != 0 || (p->n_embd && nd->hidden.end != (int32_t)p->n_embd)))
+            return fail(why, WHY_MAX, MLM_EFORMAT, "nodes[%d]: an all-reduce plan's hidden range spans n_embd", i);
+        if (!(nd->link_lat_us >= 0 && nd->link_lat_us <= 1e9f)) // also NaN
+            return fail(why, WHY_MAX, MLM_ERANGE, "nodes[%d]: link latency out of range", i);
         if (nd->n_ffn < 0 || nd->n_ffn > MSG_MAX_FFN_RANGES)
             return fail(why, WHY_MAX, MLM_ERANGE, "nodes[%d]: %d ffn ranges (max %d)", i, nd->n_ffn, MSG_MAX_FFN_RANGES);
         for (int j = 0; j < nd->n_ffn; j++) {
@@ -465,6 +472,7 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
     d->kv_type = (uint32_t)p->kv_type;
     d->n_threads = p->n_threads;
     d->n_batch = p->n_batch;
+    d->tp_mode = (Meshlm__TpMode)p->tp_mode;
     d->n_layer = p->n_layer;
     d->n_head = p->n_head;
     d->n_head_kv = p->n_head_kv;
@@ -496,6 +504,8 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
         range_to_pb(s->vocab, &r[4]);
         o->hidden = &r[3];
         o->vocab = &r[4];
+        o->link_lat_us = s->link_lat_us;
+        o->link_bw = s->link_bw;
         for (int j = 0; j < s->n_ffn; j++) {
             range_to_pb(s->ffn[j], &r[5 + j]);
             rp[j] = &r[5 + j];
@@ -750,6 +760,9 @@ static int plan_from_pb(const Meshlm__Plan *d, msg_t *m, char *why) {
     if ((rc = u32_to_i32(d->kv_type, &p->kv_type, "kv_type", why))) return rc;
     p->n_threads = d->n_threads;
     p->n_batch = d->n_batch;
+    if (d->tp_mode != MESHLM__TP_MODE__TP_MODE_EXACT && d->tp_mode != MESHLM__TP_MODE__TP_MODE_ALLREDUCE)
+        return fail(why, WHY_MAX, MLM_ERANGE, "tp_mode %d unknown", (int)d->tp_mode);
+    p->tp_mode = (msg_tp_mode_t)d->tp_mode;
     p->n_nodes = (int)d->node_count;
     msg_plan_node_t *nodes = calloc(d->n_nodes, sizeof *nodes);
     if (!nodes) return fail(why, WHY_MAX, MLM_ENOMEM, "out of memory for %zu nodes", d->n_nodes);
@@ -766,6 +779,8 @@ static int plan_from_pb(const Meshlm__Plan *d, msg_t *m, char *why) {
         o->kv_heads = range_from_pb(s->kv_heads);
         o->hidden = range_from_pb(s->hidden);
         o->vocab = range_from_pb(s->vocab);
+        o->link_lat_us = s->link_lat_us;
+        o->link_bw = s->link_bw;
         if (s->n_ffn > MSG_MAX_FFN_RANGES)
             return fail(why, WHY_MAX, MLM_ERANGE, "nodes[%zu]: %zu ffn ranges (max %d)", i, s->n_ffn, MSG_MAX_FFN_RANGES);
         o->n_ffn = (int)s->n_ffn;

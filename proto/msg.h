@@ -19,7 +19,7 @@
 // and extra trailing raw frames are ignored).
 
 #define MSG_PROTO_MAJOR 1
-#define MSG_PROTO_MINOR 3
+#define MSG_PROTO_MINOR 4
 #define MSG_MAGIC "MLMP"            // first 4 bytes of frame 0
 #define MSG_PREFIX_LEN 12
 
@@ -136,7 +136,19 @@ typedef struct {
     uint16_t experts[MSG_MAX_EXPERTS];  // (n_experts) distinct expert ids, of n_expert
     msg_range_t hidden;                 // hidden rows (attn_output, ffn_down), of n_embd (1.1)
     msg_range_t vocab;                  // vocabulary rows (output, token_embd), of n_vocab (1.1)
+    float link_lat_us;                  // 1.4: its link's one-way latency, microseconds (0 = unknown)
+    uint64_t link_bw;                   // 1.4: its link's bandwidth, bytes/s (0 = unknown)
 } msg_plan_node_t;
+
+// How a plan's tensor-parallel groups cut a block (Plan.tp_mode; values only appended).
+typedef enum {
+    MSG_TP_EXACT = 0,                   // rows only, all-gathers: bit-identical to one node
+    MSG_TP_ALLREDUCE = 1,               // attn_output / ffn_down by columns, 2 all-reduces per block
+} msg_tp_mode_t;
+
+// The first protocol minor version that knows Plan.tp_mode: a coordinator sends an all-reduce plan
+// only to workers whose Hello says at least this (an older one would run it as exact).
+#define MSG_MINOR_TP_MODE 4
 
 typedef struct {
     uint64_t plan_id;
@@ -148,6 +160,8 @@ typedef struct {
     int32_t kv_type;                    // qtype_t of the KV cache
     uint32_t n_threads;                 // 0 = each node decides
     uint32_t n_batch;                   // 1.3: tokens per forward chunk on every node (0 = node default)
+    msg_tp_mode_t tp_mode;              // 1.4: EXACT (what an older coordinator's plan means) or ALLREDUCE;
+                                        // with ALLREDUCE every computing node's hidden range is 0..n_embd
     int n_nodes;                        // 1..MSG_MAX_NODES
     const msg_plan_node_t *nodes;       // (n_nodes) borrowed from the caller on encode; owned by
                                         // the msg_t after decode (msg_clear frees)

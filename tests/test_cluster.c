@@ -279,7 +279,10 @@ static void test_plan_file(void) {
 // Several requests in flight through a 2-stage pipeline: three sequences (two prompts of one model,
 // one of them twice, started at different times) advance one token per step together; each one's
 // logits equal one node's run of that sequence alone, token by token.
-static void test_sequences_in_flight(void) {
+// Three sequences in flight (one starts late) through a 2-stage pipeline, one token each per step;
+// with kill_step >= 0 a third worker is killed before that step and the cluster recovers (every
+// sequence is replayed). Every row equals the sequence's own single-node run.
+static void sequences_in_flight(int n_workers, int kill_step) {
     const char *cases[2] = {"synth-dense-Q4_0.p0", "synth-dense-Q4_0.p1"};
     ref_case_t rc[2];
     CU_ASSERT_EQUAL_FATAL(ref_load(cases[0], &rc[0]), 0);
@@ -308,9 +311,10 @@ static void test_sequences_in_flight(void) {
     }
     launch_t l;
     const char *eps[LAUNCH_MAX];
-    CU_ASSERT_EQUAL_FATAL(start_workers(&l, 2, rc[0].model_path, eps), 0);
+    CU_ASSERT_EQUAL_FATAL(start_workers(&l, n_workers, rc[0].model_path, eps), 0);
     cluster_opts_t co = {.model_path = rc[0].model_path, .workers = eps, .n_workers = l.n, .n_ctx = 128,
-                         .n_threads = 1, .timeout_ms = 10000, .pp = 2, .keep_all = true};
+                         .n_threads = 1, .timeout_ms = 10000, .pp = 2, .keep_all = true,
+                         .recover = kill_step >= 0, .heartbeat_ms = 500};
     cluster_t *cl = NULL;
     CU_ASSERT_EQUAL_FATAL(cluster_open(&cl, &co, err, sizeof err), 0);
     CU_ASSERT_EQUAL(cluster_plan(cl)->n_stages, 2);
@@ -324,6 +328,7 @@ static void test_sequences_in_flight(void) {
             if (i >= 0 && i < len[k]) seqs[n] = k, now[n++] = tok[k][i];
         }
         if (n == 0) continue;
+        if (steps == kill_step) kill(l.pid[n_workers - 1], SIGKILL);
         CU_ASSERT_EQUAL_FATAL(cluster_eval_seqs(cl, n, seqs, now, lg), 0);
         steps++;
         for (int j = 0; j < n; j++) {
@@ -333,6 +338,9 @@ static void test_sequences_in_flight(void) {
     }
     CU_ASSERT_EQUAL(bad, 0);
     CU_ASSERT(steps >= len[0]);
+    int n_rec = 0;
+    cluster_recoveries(cl, &n_rec);
+    CU_ASSERT_EQUAL(n_rec, kill_step >= 0 ? 1 : 0);
     cluster_close(&cl, true);
     launch_reap(&l, 3000);
     free(lg);
@@ -342,6 +350,9 @@ static void test_sequences_in_flight(void) {
     ref_free(&rc[1]);
 }
 
+static void test_sequences_in_flight(void) { sequences_in_flight(2, -1); }
+static void test_sequences_recover(void) { sequences_in_flight(3, 6); }
+
 int test_cluster_suite(void) {
     CU_pSuite s = CU_add_suite("cluster", NULL, NULL);
     if (!s) return -1;
@@ -350,7 +361,8 @@ int test_cluster_suite(void) {
         !CU_add_test(s, "a killed worker is an error within the deadline", test_killed_worker) ||
         !CU_add_test(s, "the planner leaves out a worker behind a slow link", test_slow_link_left_out) ||
         !CU_add_test(s, "a hand-written plan file is followed", test_plan_file) ||
-        !CU_add_test(s, "several sequences in flight through a pipeline", test_sequences_in_flight))
+        !CU_add_test(s, "several sequences in flight through a pipeline", test_sequences_in_flight) ||
+        !CU_add_test(s, "sequences in flight all recover from a killed worker", test_sequences_recover))
         return -1;
     return 0;
 }

@@ -1,4 +1,4 @@
-// CUnit suite "fault": fault specs (parse, canonical text, errors, decisions) and the fault-injecting comm wrapper and control link over inproc and ZeroMQ.
+// CUnit suite "fault": fault specs (parse, canonical text, errors, decisions, schedules, the board, partitions, nodes) and the fault-injecting comm wrapper and control link over inproc and ZeroMQ.
 #include <CUnit/CUnit.h>
 #include <math.h>
 #include <pthread.h>
@@ -250,11 +250,11 @@ static void test_parse_errors(void) {
         {"delay:link=0:ms=5", "rule 1", "link '0'"},
         {"delay:link=-1-2:ms=5", "rule 1", "link '-1-2'"},
         {"bw:link=*:mbit=0", "rule 1", "mbit '0'"},
-        {"kill:worker=2", "rule 1", "kill needs after_tokens"},
+        {"kill:worker=2", "rule 1", "kill needs a trigger: after_tokens=K or at_ms=T"},
         {"kill:worker=x:after_tokens=1", "rule 1", "worker 'x'"},
         {"kill:worker=1:after_tokens=-3", "rule 1", "after_tokens '-3'"},
         {"freeze:worker=1:after_tokens=2", "rule 1", "freeze needs ms"},
-        {"partition:link=0-1", "rule 1", "needs after_tokens"},
+        {"partition:link=0-1", "rule 1", "partition needs a trigger"},
         {"delay:link=0-1:ms=5:ms=6", "rule 1", "'ms' given twice"},
         {"delay:link=0-1:ms", "rule 1", "'ms' has no value"},
         {"seed=abc", "rule 1", "seed 'abc'"},
@@ -320,6 +320,342 @@ static void test_decisions(void) {
     fault_free(&a);
     fault_free(&b);
     fault_free(&c);
+}
+
+// The schedule's kinds (kill, freeze, partition, slow at a token count or a time; disk), seeded
+// worker choice, the board entry and the setters.
+static void test_parse_events(void) {
+    const char *text = "kill:worker=2:at_ms=1500, freeze:worker=*:after_tokens=3:ms=250,partition:link=2-0:at_ms=100:ms=900,"
+                       "partition:link=*-3:after_tokens=4,slow:worker=1:factor=2.5,slow:worker=3:factor=4:after_tokens=2:ms=500,"
+                       "disk:worker=2:slow=3,disk:worker=*:full,disk:worker=1:slow=2:full,slow:worker=2:factor=1:at_ms=0,"
+                       "drop:link=1-0:p=0.5:after_tokens=6:for_ms=250,delay:link=*:ms=7:at_ms=0,board=/tmp/meshlm-b_1.x,seed=9";
+    const char *canon = "kill:worker=2:at_ms=1500,freeze:worker=*:after_tokens=3:ms=250,partition:link=0-2:at_ms=100:ms=900,"
+                        "partition:link=3-*:after_tokens=4,slow:worker=1:factor=2.5,slow:worker=3:factor=4:after_tokens=2:ms=500,"
+                        "disk:worker=2:slow=3,disk:worker=*:full,disk:worker=1:slow=2:full,slow:worker=2:factor=1,"
+                        "drop:link=0-1:p=0.5:after_tokens=6:for_ms=250,delay:link=*:ms=7:at_ms=0,board=/tmp/meshlm-b_1.x,seed=9";
+    fault_spec_t *s = spec_of(text);
+    CU_ASSERT_FATAL(s != NULL);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(s), canon);
+    fault_spec_t *s2 = spec_of(canon);
+    CU_ASSERT_FATAL(s2 != NULL);
+    CU_ASSERT_STRING_EQUAL(fault_spec_text(s2), canon);
+    fault_free(&s2);
+    CU_ASSERT_STRING_EQUAL(fault_board_path(s), "/tmp/meshlm-b_1.x");
+    CU_ASSERT(fault_has_link_rules(s)); // the partitions are the transport's
+    CU_ASSERT_EQUAL_FATAL(fault_n_events(s), 9);
+    const fault_event_t *e[9];
+    for (int i = 0; i < 9; i++) {
+        e[i] = fault_event(s, i);
+        CU_ASSERT_FATAL(e[i] != NULL);
+        CU_ASSERT_EQUAL(e[i]->slot, i);
+    }
+    CU_ASSERT(e[0]->kind == FAULT_KILL && e[0]->worker == 2 && e[0]->at_ms == 1500 && e[0]->after_tokens == -1);
+    CU_ASSERT(e[1]->kind == FAULT_FREEZE && e[1]->worker == FAULT_ANY && e[1]->after_tokens == 3 && e[1]->at_ms == -1 &&
+              e[1]->ms == 250);
+    CU_ASSERT(e[2]->kind == FAULT_PARTITION && e[2]->a == 0 && e[2]->b == 2 && e[2]->at_ms == 100 && e[2]->ms == 900);
+    CU_ASSERT(e[3]->kind == FAULT_PARTITION && e[3]->a == 3 && e[3]->b == FAULT_ANY && e[3]->after_tokens == 4 &&
+              e[3]->ms == 0);
+    CU_ASSERT(e[4]->kind == FAULT_SLOW && e[4]->worker == 1 && e[4]->factor == 2.5 && e[4]->at_ms == 0 &&
+              e[4]->after_tokens == -1 && e[4]->ms == 0);
+    CU_ASSERT(e[5]->kind == FAULT_SLOW && e[5]->factor == 4 && e[5]->after_tokens == 2 && e[5]->ms == 500);
+    CU_ASSERT(e[6]->kind == FAULT_SLOW && e[6]->factor == 1 && e[6]->at_ms == 0);
+    CU_ASSERT(e[7]->kind == FAULT_DROP && e[7]->a == 0 && e[7]->b == 1 && e[7]->after_tokens == 6 && e[7]->ms == 250);
+    CU_ASSERT(e[8]->kind == FAULT_DELAY && e[8]->a == FAULT_ANY && e[8]->at_ms == 0 && e[8]->ms == 0);
+    CU_ASSERT(fault_event_cuts(e[2], 2, 0) && fault_event_cuts(e[2], 0, 2) && !fault_event_cuts(e[2], 0, 1));
+    CU_ASSERT(fault_event_cuts(e[3], 3, 0) && fault_event_cuts(e[3], 1, 3) && !fault_event_cuts(e[3], 1, 2));
+    CU_ASSERT(!fault_event_cuts(e[0], 2, 0) && !fault_event_cuts(e[3], 3, 3));
+    fault_link_t p;
+    fault_link_params(s, 0, 1, &p); // partitions and rules with a trigger are windows, not standing parameters
+    CU_ASSERT(p.drop_p == 0 && p.delay_ms == 0);
+    fault_disk_t d;
+    fault_disk(s, 2, &d);
+    CU_ASSERT(d.slow == 3 && !d.full); // worker=2 is more specific than *
+    fault_disk(s, 1, &d);
+    CU_ASSERT(d.slow == 2 && d.full);
+    fault_disk(s, 7, &d);
+    CU_ASSERT(d.slow == 1 && d.full);
+    fault_disk(NULL, 1, &d);
+    CU_ASSERT(d.slow == 1 && !d.full);
+    // setters: the text follows, seed last
+    CU_ASSERT_EQUAL(fault_set_seed(s, 12), 0);
+    CU_ASSERT_EQUAL(fault_seed(s), 12);
+    CU_ASSERT(strstr(fault_spec_text(s), ",board=/tmp/meshlm-b_1.x,seed=12") != NULL);
+    CU_ASSERT_EQUAL(fault_set_board(s, "relative/path"), MLM_EINVAL);
+    CU_ASSERT_EQUAL(fault_set_board(s, "/x/with space"), MLM_EINVAL);
+    CU_ASSERT_EQUAL(fault_set_board(s, NULL), 0);
+    CU_ASSERT(fault_board_path(s) == NULL && strstr(fault_spec_text(s), "board=") == NULL);
+    CU_ASSERT_EQUAL(fault_set_board(s, "/run/b"), 0);
+    const char *t = fault_spec_text(s);
+    CU_ASSERT(strlen(t) > 21 && strcmp(t + strlen(t) - 21, ",board=/run/b,seed=12") == 0);
+    CU_ASSERT_EQUAL(fault_identity(s), -1);
+    fault_set_identity(s, 3);
+    CU_ASSERT_EQUAL(fault_identity(s), 3);
+    fault_free(&s);
+
+    // process events alone are not the transport's
+    s = spec_of("kill:worker=1:after_tokens=2,slow:worker=2:factor=2,disk:worker=1:full");
+    CU_ASSERT_FATAL(s != NULL);
+    CU_ASSERT(!fault_has_link_rules(s));
+    CU_ASSERT_EQUAL(fault_n_events(s), 2);
+    fault_free(&s);
+
+    // worker=*: a pure function of the seed and the event's index, spread over the workers
+    char many[2048] = "";
+    for (int i = 0; i < 24; i++) strcat(many, "kill:worker=*:after_tokens=1,");
+    char with7[2100], with8[2100];
+    snprintf(with7, sizeof with7, "%sseed=7", many);
+    snprintf(with8, sizeof with8, "%sseed=8", many);
+    fault_spec_t *a = spec_of(with7), *b = spec_of(with7), *c = spec_of(with8);
+    CU_ASSERT_FATAL(a && b && c);
+    int same_b = 0, same_c = 0, seen[5] = {0};
+    for (int i = 0; i < 24; i++) {
+        const int w = fault_pick_worker(a, i, 4);
+        CU_ASSERT(w >= 1 && w <= 4);
+        if (w >= 1 && w <= 4) seen[w]++;
+        same_b += w == fault_pick_worker(b, i, 4);
+        same_c += w == fault_pick_worker(c, i, 4);
+    }
+    CU_ASSERT_EQUAL(same_b, 24);
+    CU_ASSERT(same_c < 20);
+    CU_ASSERT(seen[1] && seen[2] && seen[3] && seen[4]);
+    CU_ASSERT_EQUAL(fault_pick_worker(a, 0, 0), -1);
+    CU_ASSERT_EQUAL(fault_pick_worker(a, 24, 4), -1);
+    fault_free(&a);
+    fault_free(&b);
+    fault_free(&c);
+    s = spec_of("freeze:worker=3:at_ms=0:ms=1");
+    CU_ASSERT(s && fault_pick_worker(s, 0, 2) == 3); // a named worker is the one named
+    fault_free(&s);
+}
+
+static void test_parse_event_errors(void) {
+    static const struct {
+        const char *text;
+        const char *want1, *want2; // substrings of the message
+    } cases[] = {
+        {"kill:worker=2:after_tokens=1:at_ms=5", "rule 1", "after_tokens=K or at_ms=T, not both"},
+        {"kill:worker=0:after_tokens=1", "rule 1", "worker 0 is the coordinator"},
+        {"kill:worker=-2:after_tokens=1", "rule 1", "worker '-2'"},
+        {"kill:worker=1:after_tokens=1:ms=5", "rule 1", "unknown key 'ms' for kill"},
+        {"freeze:worker=1:at_ms=5", "rule 1", "freeze needs ms"},
+        {"freeze:worker=1:ms=5", "rule 1", "freeze needs a trigger"},
+        {"freeze:worker=1:at_ms=5:ms=4000000", "rule 1", "ms '4000000'"},
+        {"partition:link=0-1:at_ms=x", "rule 1", "at_ms 'x'"},
+        {"partition:link=1-1:at_ms=1", "rule 1", "to itself"},
+        {"slow:worker=1", "rule 1", "slow needs factor"},
+        {"slow:worker=1:factor=0.5", "rule 1", "factor '0.5' is not a factor in [1, 100]"},
+        {"slow:worker=1:factor=101", "rule 1", "factor '101'"},
+        {"slow:worker=1:factor=2:at_ms=-1", "rule 1", "at_ms '-1'"},
+        {"slow:worker=1:factor=2:after_tokens=1:at_ms=1", "rule 1", "not both"},
+        {"disk:worker=1", "rule 1", "disk needs slow=F or full"},
+        {"disk:worker=1:full=1", "rule 1", "key 'full' takes no value"},
+        {"disk:worker=1:slow", "rule 1", "key 'slow' has no value"},
+        {"disk:worker=1:slow=0", "rule 1", "slow '0' is not a factor"},
+        {"disk:worker=1:full:full", "rule 1", "'full' given twice"},
+        {"disk:worker=1:full:at_ms=3", "rule 1", "unknown key 'at_ms' for disk"},
+        {"delay:link=0-1:ms=5:for_ms=3", "rule 1", "for_ms is the length of a window"},
+        {"drop:link=0-1:p=0.1:at_ms=3:after_tokens=2", "rule 1", "not both"},
+        {"kill:worker=1:at_ms=3:for_ms=3", "rule 1", "unknown key 'for_ms' for kill"},
+        {"drop:link=0-1:p=0.1:full", "rule 1", "unknown key 'full' for drop"},
+        {"board=tmp/x", "rule 1", "not an absolute path"},
+        {"board=", "rule 1", "not an absolute path"},
+        {"board=/a,board=/b", "rule 2 'board=/b'", "board given twice"},
+        {"crash:worker=1:at_ms=1", "rule 1", "unknown kind 'crash'"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        fault_spec_t *s = (fault_spec_t *)1;
+        char err[256] = "";
+        int rc = fault_parse(cases[i].text, &s, err, sizeof err);
+        bool ok = rc == MLM_EINVAL && s == NULL && strstr(err, cases[i].want1) && strstr(err, cases[i].want2);
+        if (!ok) fprintf(stderr, "\n  '%s' -> %d '%s'\n", cases[i].text, rc, err);
+        CU_ASSERT(ok);
+        if (rc == 0) fault_free(&s);
+    }
+    // at most FAULT_MAX_EVENTS events
+    char *text = malloc(40 * (FAULT_MAX_EVENTS + 2));
+    CU_ASSERT_FATAL(text != NULL);
+    text[0] = 0;
+    for (int i = 0; i <= FAULT_MAX_EVENTS; i++) strcat(text, i ? ",kill:worker=1:at_ms=1" : "kill:worker=1:at_ms=1");
+    fault_spec_t *s = NULL;
+    char err[256] = "";
+    CU_ASSERT_EQUAL(fault_parse(text, &s, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT(strstr(err, "more than 256 events") != NULL && strstr(err, "rule 257") != NULL);
+    *strrchr(text, ',') = 0; // exactly the maximum
+    CU_ASSERT_EQUAL(fault_parse(text, &s, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(fault_n_events(s), FAULT_MAX_EVENTS);
+    fault_free(&s);
+    free(text);
+}
+
+// The board: windows written by its creator, seen through another mapping of the same file.
+static void test_board(void) {
+    char *dir = test_tmpdir();
+    CU_ASSERT_FATAL(dir != NULL);
+    char tmpl[512], err[256];
+    snprintf(tmpl, sizeof tmpl, "%s/board-XXXXXX", dir);
+    fault_board_t *w = NULL, *r = NULL;
+    CU_ASSERT_EQUAL_FATAL(fault_board_create(&w, tmpl, err, sizeof err), 0);
+    const char *path = fault_board_file(w);
+    CU_ASSERT(strncmp(path, dir, strlen(dir)) == 0 && strstr(path, "XXXXXX") == NULL);
+    CU_ASSERT_EQUAL_FATAL(fault_board_open(&r, path, err, sizeof err), 0);
+    int64_t st = -1;
+    CU_ASSERT(!fault_board_active(r, 3, 1000, &st) && st == 0); // closed
+    CU_ASSERT_EQUAL(fault_board_set(w, 3, 1000, 2000), 0);
+    CU_ASSERT(fault_board_active(r, 3, 1000, &st) && st == 1000);
+    CU_ASSERT(fault_board_active(r, 3, 1999, NULL));
+    CU_ASSERT(!fault_board_active(r, 3, 999, NULL) && !fault_board_active(r, 3, 2000, NULL));
+    CU_ASSERT(!fault_board_active(r, 2, 1500, NULL) && !fault_board_active(r, 4, 1500, NULL));
+    CU_ASSERT_EQUAL(fault_board_set(w, FAULT_MAX_EVENTS - 1, 5, INT64_MAX), 0);
+    CU_ASSERT(fault_board_active(r, FAULT_MAX_EVENTS - 1, INT64_MAX - 1, NULL));
+    CU_ASSERT_EQUAL(fault_board_set(w, 3, 0, 0), 0); // closed again
+    CU_ASSERT(!fault_board_active(r, 3, 1500, NULL));
+    CU_ASSERT_EQUAL(fault_board_set(r, 3, 1, 2), MLM_EINVAL); // read-only
+    CU_ASSERT_EQUAL(fault_board_set(w, FAULT_MAX_EVENTS, 1, 2), MLM_EINVAL);
+    CU_ASSERT_EQUAL(fault_board_set(w, -1, 1, 2), MLM_EINVAL);
+    CU_ASSERT(!fault_board_active(NULL, 0, 1, NULL) && !fault_board_active(r, -1, 1, NULL));
+    fault_board_destroy(&r);
+    char kept[512];
+    snprintf(kept, sizeof kept, "%s", path);
+    fault_board_destroy(&w);
+    fault_board_destroy(&w); // idempotent
+    CU_ASSERT(w == NULL && access(kept, F_OK) != 0); // the creator removed it
+    // not a board: too short, wrong magic; missing; bad templates
+    char bad[512];
+    snprintf(bad, sizeof bad, "%s/notaboard", dir);
+    FILE *f = fopen(bad, "wb");
+    CU_ASSERT_FATAL(f != NULL);
+    for (int i = 0; i < FAULT_BOARD_BYTES; i++) fputc('x', f);
+    fclose(f);
+    CU_ASSERT_EQUAL(fault_board_open(&r, bad, err, sizeof err), MLM_EFORMAT);
+    CU_ASSERT(r == NULL && strstr(err, "not a version 1 board") != NULL);
+    CU_ASSERT_EQUAL(fault_board_open(&r, kept, err, sizeof err), MLM_EIO);
+    CU_ASSERT_EQUAL(fault_board_create(&w, "/tmp/no-template", err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_EQUAL(fault_board_create(&w, "/nonexistent-dir/b-XXXXXX", err, sizeof err), MLM_EIO);
+    test_rm_dir(dir);
+}
+
+// Sends u32 i from rank a to rank b and reports whether b receives it within ms.
+static bool passes(comm_t **cs, int a, int b, uint32_t i, int ms) {
+    if (comm_send1(cs[a], b, &i, 4, 1000) != 0) return false;
+    return recv_index(cs[b], a, i, ms);
+}
+
+// A partition on the board: both directions of the link drop while its window is open; other
+// links carry on; an end given a heartbeat loses the peer once the cut has lasted that long.
+static void test_partition_window(void) {
+    char *dir = test_tmpdir();
+    CU_ASSERT_FATAL(dir != NULL);
+    char tmpl[512], err[256], text[700];
+    snprintf(tmpl, sizeof tmpl, "%s/board-XXXXXX", dir);
+    fault_board_t *board = NULL;
+    CU_ASSERT_EQUAL_FATAL(fault_board_create(&board, tmpl, err, sizeof err), 0);
+    snprintf(text, sizeof text,
+             "kill:worker=1:at_ms=99,partition:link=0-2:after_tokens=3:ms=400,drop:link=1-2:p=1:after_tokens=9,board=%s",
+             fault_board_file(board));
+    fault_spec_t *spec = spec_of(text);
+    CU_ASSERT_FATAL(spec != NULL);
+    comm_t *cs[MAXN];
+    CU_ASSERT_FATAL(comm_inproc_new_group(cs, 3) == 0);
+    const fault_wrap_opts_t wo = {.heartbeat_ms = 100, .fail_on_any_loss = true};
+    for (int r = 0; r < 3; r++) CU_ASSERT_FATAL(comm_fault_wrap_opts(&cs[r], spec, r == 0 ? &wo : NULL, err, sizeof err) == 0);
+    uint32_t k = 0;
+    CU_ASSERT(passes(cs, 0, 2, k++, 2000) && passes(cs, 2, 0, k++, 2000)); // not open yet
+    // a drop rule with a window: in force only while it is open
+    CU_ASSERT(passes(cs, 1, 2, k++, 2000));
+    CU_ASSERT_EQUAL(fault_board_set(board, 2, fault_now_ns(), INT64_MAX), 0);
+    CU_ASSERT(!passes(cs, 1, 2, k++, 30) && !passes(cs, 2, 1, k++, 30));
+    CU_ASSERT(passes(cs, 0, 1, k++, 2000));
+    CU_ASSERT_EQUAL(fault_board_set(board, 2, 0, 0), 0);
+    CU_ASSERT(passes(cs, 1, 2, k++, 2000));
+    const int64_t t0 = fault_now_ns();
+    CU_ASSERT_EQUAL(fault_board_set(board, 1, t0, t0 + 400 * 1000000ll), 0); // event 1 is the partition
+    CU_ASSERT(!passes(cs, 0, 2, k++, 30));
+    CU_ASSERT(!passes(cs, 2, 0, k++, 30));
+    CU_ASSERT(passes(cs, 0, 1, k++, 2000) && passes(cs, 1, 2, k++, 2000) && passes(cs, 2, 1, k++, 2000));
+    // rank 2 has no heartbeat: a cut only drops; rank 0 loses rank 2 once the cut is 100 ms old, and
+    // (fail_on_any_loss) then every call fails
+    bool lost = true;
+    CU_ASSERT(comm_fault_inner(cs[0], 2, &lost) != cs[0] && !lost);
+    comm_msg_t m;
+    int from = -1;
+    int rc = comm_recv(cs[0], 2, &m, &from, 1000);
+    const double waited = (fault_now_ns() - t0) / 1e6;
+    CU_ASSERT_EQUAL(rc, MLM_EPEER);
+    CU_ASSERT(waited >= 100 && waited < 100 + SLACK_MS);
+    CU_ASSERT(comm_fault_inner(cs[0], 2, &lost) != NULL && lost);
+    CU_ASSERT(comm_fault_inner(cs[0], 1, &lost) != NULL && !lost);
+    CU_ASSERT_EQUAL(comm_send1(cs[0], 2, "x", 1, 100), MLM_EPEER);
+    CU_ASSERT_EQUAL(comm_send1(cs[0], 1, "x", 1, 100), MLM_EPEER); // fail_on_any_loss
+    CU_ASSERT_EQUAL(comm_recv(cs[0], COMM_ANY, &m, &from, 100), MLM_EPEER);
+    CU_ASSERT_EQUAL(from, 2);
+    CU_ASSERT_EQUAL(comm_recv(cs[2], 0, &m, &from, 10), MLM_ETIMEOUT); // no heartbeat: still only silence
+    // after the window: 2 hears 0 again; 0 lost 2 for good (a data plane is rebuilt after a loss)
+    while (fault_now_ns() < t0 + 420 * 1000000ll) usleep(5000);
+    CU_ASSERT(passes(cs, 1, 2, k++, 2000));
+    CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &k, 4, 1000), 0);
+    CU_ASSERT(recv_index(cs[0], 1, k, 1000)); // what arrived is delivered first, as a real comm does
+    CU_ASSERT_EQUAL(comm_recv(cs[0], 1, &m, &from, 100), MLM_EPEER);
+    CU_ASSERT_EQUAL(comm_send1(cs[0], 2, "x", 1, 100), MLM_EPEER);
+    destroy_all(cs, 3);
+    // a wrapper that cannot map the board enforces no cuts
+    fault_board_set(board, 1, fault_now_ns(), INT64_MAX);
+    fault_spec_t *gone = spec_of("partition:link=0-1:at_ms=0,board=/nonexistent/board");
+    CU_ASSERT_FATAL(gone && comm_inproc_new_group(cs, 2) == 0);
+    CU_ASSERT(wrap_all(cs, 2, gone) == 0);
+    CU_ASSERT(passes(cs, 0, 1, 1, 2000) && passes(cs, 1, 0, 2, 2000));
+    destroy_all(cs, 2);
+    fault_free(&gone);
+    fault_free(&spec);
+    fault_board_destroy(&board);
+    test_rm_dir(dir);
+}
+
+// Nodes, not ranks: a rank that is node 3 (after a re-plan, say) announces it, and rules about
+// node 3 follow it. Counters go on across wrappers of one spec, so the decisions do not repeat.
+static void test_nodes_and_counters(void) {
+    comm_t *cs[MAXN];
+    fault_spec_t *sp[3];
+    char err[256];
+    CU_ASSERT_FATAL(comm_inproc_new_group(cs, 3) == 0);
+    for (int r = 0; r < 3; r++) {
+        sp[r] = spec_of("drop:link=0-3:p=1,delay:link=1-*:ms=30"); // one per process, as on real nodes
+        CU_ASSERT_FATAL(sp[r] != NULL);
+    }
+    fault_set_identity(sp[1], 3); // rank 1 is node 3; rank 2 is node 2
+    for (int r = 0; r < 3; r++) CU_ASSERT_FATAL(comm_fault_wrap(&cs[r], sp[r], err, sizeof err) == 0);
+    CU_ASSERT(!passes(cs, 1, 0, 1, 60)); // node 3 -> 0: dropped
+    CU_ASSERT(!passes(cs, 0, 1, 2, 60)); // 0 -> node 3: dropped
+    CU_ASSERT(passes(cs, 2, 0, 3, 2000) && passes(cs, 0, 2, 4, 2000));
+    double t0 = now_ms();
+    CU_ASSERT(passes(cs, 1, 2, 5, 2000)); // node 3 - node 2: no delay (rank 1's rule does not apply)
+    CU_ASSERT(now_ms() - t0 < 30);
+    destroy_all(cs, 3);
+    for (int r = 0; r < 3; r++) fault_free(&sp[r]);
+
+    fault_spec_t *spec = spec_of("drop:link=0-1:p=0.5,seed=3");
+    CU_ASSERT_FATAL(spec != NULL);
+    uint64_t want[2] = {0, 0}, got[2] = {0, 0};
+    for (uint32_t i = 0; i < 64; i++) {
+        fault_decision_t d;
+        fault_decide(spec, 1, 0, i, &d);
+        want[i / 32] |= (uint64_t)!d.drop << (i % 32);
+    }
+    CU_ASSERT(want[0] != want[1]);
+    for (int run = 0; run < 2; run++) { // a second world over the same spec: messages 32..63
+        CU_ASSERT_FATAL(comm_inproc_new_group(cs, 2) == 0);
+        CU_ASSERT_FATAL(wrap_all(cs, 2, spec) == 0);
+        for (uint32_t i = 0; i < 32; i++) {
+            CU_ASSERT_EQUAL(comm_send1(cs[1], 0, &i, 4, 1000), 0);
+            comm_msg_t m;
+            if (comm_recv(cs[0], 1, &m, NULL, 15) == 0) {
+                got[run] |= 1ull << *(uint32_t *)m.data[0];
+                comm_msg_free(&m);
+            }
+        }
+        destroy_all(cs, 2);
+    }
+    CU_ASSERT(got[0] == want[0] && got[1] == want[1]);
+    fault_free(&spec);
 }
 
 // --- wrapper checks shared by inproc and ZeroMQ
@@ -798,6 +1134,11 @@ int test_fault_suite(void) {
     if (!CU_add_test(s, "spec parse and canonical text", test_parse_roundtrip) ||
         !CU_add_test(s, "spec errors name the rule", test_parse_errors) ||
         !CU_add_test(s, "seeded decisions", test_decisions) ||
+        !CU_add_test(s, "schedule kinds, triggers, disk, board entry", test_parse_events) ||
+        !CU_add_test(s, "schedule errors name the rule", test_parse_event_errors) ||
+        !CU_add_test(s, "board windows", test_board) ||
+        !CU_add_test(s, "partition window drops, then loses the peer", test_partition_window) ||
+        !CU_add_test(s, "rules follow nodes; counters go on", test_nodes_and_counters) ||
         !CU_add_test(s, "inproc delay, jitter order, bandwidth", test_inproc_delay) ||
         !CU_add_test(s, "inproc ANY due first, deadlines", test_inproc_any_and_deadline) ||
         !CU_add_test(s, "inproc drop and loss", test_inproc_drop_loss) ||

@@ -1,5 +1,6 @@
 // CUnit suite "proto": wire codec round trips, exact prefix bytes, and refusal of malformed messages.
 #include <CUnit/CUnit.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -275,6 +276,128 @@ static void test_roundtrip_plan(void) {
     CU_ASSERT_EQUAL(b.plan.nodes[0].heads.end, 32);
     msg_clear(&b);
     free_frames(&f);
+}
+
+// Protocol 1.4: the plan's tensor-parallel mode and every node's link figures travel; an exact plan
+// with unknown links is what 1.3 sent (proto3 leaves default fields out), and a 1.3 plan (no such
+// fields) reads as exact with unknown links.
+static void test_plan_tp_mode(void) {
+    msg_t a, b;
+    comm_msg_t f;
+    msg_plan_node_t nodes[3];
+    fill_plan(&a, nodes);
+    a.plan.tp_mode = MSG_TP_ALLREDUCE;
+    a.plan.n_embd = 2048;
+    for (int i = 0; i < 3; i++) {
+        nodes[i].hidden = (msg_range_t){0, 2048};
+        nodes[i].link_lat_us = 250.5f + (float)i;
+        nodes[i].link_bw = 125000000ull * (uint64_t)(i + 1);
+    }
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_EQUAL(b.plan.tp_mode, MSG_TP_ALLREDUCE);
+    for (int i = 0; i < 3; i++) {
+        CU_ASSERT_EQUAL(b.plan.nodes[i].link_lat_us, 250.5f + (float)i);
+        CU_ASSERT_EQUAL(b.plan.nodes[i].link_bw, 125000000ull * (uint64_t)(i + 1));
+        CU_ASSERT(b.plan.nodes[i].hidden.begin == 0 && b.plan.nodes[i].hidden.end == 2048);
+    }
+    msg_clear(&b);
+    free_frames(&f);
+
+    // exact, no links: the header carries neither field (what a 1.3 peer sends and reads)
+    fill_plan(&a, nodes);
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_EQUAL(b.plan.tp_mode, MSG_TP_EXACT);
+    Meshlm__Plan *pb = meshlm__plan__unpack(NULL, f.len[1], f.data[1]);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pb);
+    CU_ASSERT_EQUAL(pb->tp_mode, MESHLM__TP_MODE__TP_MODE_EXACT);
+    CU_ASSERT_EQUAL(pb->nodes[0]->link_bw, 0u);
+    // neither 1.4 field is on the wire: setting them lengthens the header (field 16: a 2-byte key and
+    // the value; field 12 of a node: a key and the value, and its node's length byte is unchanged)
+    CU_ASSERT_EQUAL(meshlm__plan__get_packed_size(pb), f.len[1]);
+    pb->tp_mode = MESHLM__TP_MODE__TP_MODE_ALLREDUCE;
+    CU_ASSERT_EQUAL(meshlm__plan__get_packed_size(pb), f.len[1] + 3);
+    pb->tp_mode = MESHLM__TP_MODE__TP_MODE_EXACT;
+    pb->nodes[0]->link_bw = 1;
+    CU_ASSERT_EQUAL(meshlm__plan__get_packed_size(pb), f.len[1] + 2);
+    meshlm__plan__free_unpacked(pb, NULL);
+    msg_clear(&b);
+    free_frames(&f);
+
+    // a 1.3 peer's plan (its prefix says minor 3, its header has no tp_mode): exact, links unknown
+    Meshlm__Range lr = {PROTOBUF_C_MESSAGE_INIT(&meshlm__range__descriptor), 0, 22};
+    Meshlm__Range hr = {PROTOBUF_C_MESSAGE_INIT(&meshlm__range__descriptor), 0, 32};
+    Meshlm__Range kr = {PROTOBUF_C_MESSAGE_INIT(&meshlm__range__descriptor), 0, 4};
+    Meshlm__PlanNode pn, *pnp = &pn;
+    meshlm__plan_node__init(&pn);
+    pn.layers = &lr;
+    pn.heads = &hr;
+    pn.kv_heads = &kr;
+    uint8_t sha[32] = {7};
+    Meshlm__Plan pl = MESHLM__PLAN__INIT;
+    pl.model_sha256.len = 32;
+    pl.model_sha256.data = sha;
+    pl.node_count = 1;
+    pl.n_nodes = 1;
+    pl.nodes = &pnp;
+    pl.n_ctx = 512;
+    pl.kv_type = QT_F16;
+    pl.n_layer = 22;
+    pl.n_head = 32;
+    pl.n_head_kv = 4;
+    pl.n_ff = 5632;
+    unsigned char hdr[1024], prefix[MSG_PREFIX_LEN];
+    comm_msg_t h;
+    msg_t m;
+    char err[256];
+    size_t hl = meshlm__plan__pack(&pl, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, 3, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL_FATAL(msg_decode(&h, NULL, &m, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(m.peer_minor, 3);
+    CU_ASSERT_EQUAL(m.plan.tp_mode, MSG_TP_EXACT);
+    CU_ASSERT_EQUAL(m.plan.nodes[0].link_lat_us, 0.0f);
+    CU_ASSERT_EQUAL(m.plan.nodes[0].link_bw, 0u);
+    msg_clear(&m);
+    // a mode this version does not know (a newer peer's) is refused, not run as another
+    pl.tp_mode = (Meshlm__TpMode)2;
+    hl = meshlm__plan__pack(&pl, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR + 1, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL(msg_decode(&h, NULL, &m, err, sizeof err), MLM_ERANGE);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "tp_mode"));
+    // an all-reduce plan's computing nodes hold every hidden row
+    pl.tp_mode = MESHLM__TP_MODE__TP_MODE_ALLREDUCE;
+    pl.n_embd = 2048;
+    Meshlm__Range er = {PROTOBUF_C_MESSAGE_INIT(&meshlm__range__descriptor), 0, 1024};
+    pn.hidden = &er;
+    hl = meshlm__plan__pack(&pl, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL(msg_decode(&h, NULL, &m, err, sizeof err), MLM_EFORMAT);
+    er.end = 2048;
+    hl = meshlm__plan__pack(&pl, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL_FATAL(msg_decode(&h, NULL, &m, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(m.plan.tp_mode, MSG_TP_ALLREDUCE);
+    msg_clear(&m);
+    // what we refuse to send: an unknown mode, a bad latency, a split hidden range in all-reduce mode
+    msg_buf_t bb;
+    fill_plan(&a, nodes);
+    a.plan.tp_mode = (msg_tp_mode_t)5;
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &bb, err, sizeof err), MLM_ERANGE);
+    msg_buf_free(&bb);
+    fill_plan(&a, nodes);
+    nodes[1].link_lat_us = -1.0f;
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &bb, err, sizeof err), MLM_ERANGE);
+    msg_buf_free(&bb);
+    fill_plan(&a, nodes);
+    nodes[1].link_lat_us = NAN;
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &bb, err, sizeof err), MLM_ERANGE);
+    msg_buf_free(&bb);
+    fill_plan(&a, nodes);
+    a.plan.tp_mode = MSG_TP_ALLREDUCE;
+    a.plan.n_embd = 2048;
+    for (int i = 0; i < 3; i++) nodes[i].hidden = (msg_range_t){0, 2048};
+    nodes[2].hidden = (msg_range_t){1024, 2048};
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &bb, err, sizeof err), MLM_EFORMAT);
+    msg_buf_free(&bb);
 }
 
 static void test_roundtrip_load_shard(void) {
@@ -1164,6 +1287,7 @@ int test_proto_suite(void) {
     if (!CU_add_test(s, "round trip HELLO", test_roundtrip_hello) ||
         !CU_add_test(s, "round trip HELLO_ACK", test_roundtrip_hello_ack) ||
         !CU_add_test(s, "round trip PLAN", test_roundtrip_plan) ||
+        !CU_add_test(s, "PLAN tp_mode and links (1.4), older peers", test_plan_tp_mode) ||
         !CU_add_test(s, "round trip LOAD_SHARD(_ACK)", test_roundtrip_load_shard) ||
         !CU_add_test(s, "round trip SLICE_DATA", test_roundtrip_slice_data) ||
         !CU_add_test(s, "round trip STEP", test_roundtrip_step) ||

@@ -13,7 +13,7 @@
 // --- tests
 
 static void test_rows(void) {
-    shard_slice_t s = {2, 4, 1, 2, 16, 32, 48, 96, 100, 200, 0, 4};
+    shard_slice_t s = {2, 4, 1, 2, 16, 32, 48, 96, 100, 200, 0, 4, 0};
     int64_t r0, r1;
     shard_tensor_rows(&s, "blk.3.attn_q.weight", 64, 8, &r0, &r1);
     CU_ASSERT(r0 == 16 && r1 == 32);
@@ -83,13 +83,13 @@ static void check_shard_file(const char *rel, const shard_slice_t *slice) {
 }
 
 static void test_shard_files(void) {
-    shard_slice_t a = {2, 5, 1, 3, 16, 48, 32, 96, 64, 256, 0, 5}; // stories260K: 8 heads, 4 KV, dim 64, FFN 172
+    shard_slice_t a = {2, 5, 1, 3, 16, 48, 32, 96, 64, 256, 0, 5, 0}; // stories260K: 8 heads, 4 KV, dim 64, FFN 172
     check_shard_file("models/stories260K.gguf", &a);
-    shard_slice_t mid = {0, 8, 0, 4, 0, 64, 0, 172, 0, 0, 1, 3}; // a middle pipeline stage: blocks 1-2 only
+    shard_slice_t mid = {0, 8, 0, 4, 0, 64, 0, 172, 0, 0, 1, 3, 0}; // a middle pipeline stage: blocks 1-2 only
     check_shard_file("models/stories260K.gguf", &mid);
-    shard_slice_t tail = {0, 4, 0, 2, 0, 32, 0, 96, 0, 256, 3, 5}; // the last stage with a TP half
+    shard_slice_t tail = {0, 4, 0, 2, 0, 32, 0, 96, 0, 256, 3, 5, 0}; // the last stage with a TP half
     check_shard_file("models/stories260K.gguf", &tail);
-    shard_slice_t b = {4, 8, 1, 2, 128, 256, 0, 128, 256, 512, 0, 4}; // synth MoE: experts cut per expert
+    shard_slice_t b = {4, 8, 1, 2, 128, 256, 0, 128, 256, 512, 0, 4, 0}; // synth MoE: experts cut per expert
     check_shard_file("models/synth/synth-moe-Q4_K_M.gguf", &b);
     shard_slice_t c = shard_full(4, 8, 2, 256, 768, 512);
     check_shard_file("models/synth/synth-dense-Q8_0.gguf", &c);

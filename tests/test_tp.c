@@ -124,7 +124,7 @@ static int run_case(const char *case_name, const char *speeds, bool via_files) {
             CU_FAIL_FATAL("node load");
         }
         r->member = (member_t){&g, i};
-        r->tp = (model_tp_t){n, i, slices, mem_gather, &r->member, NULL};
+        r->tp = (model_tp_t){n, i, slices, mem_gather, &r->member, NULL, NULL};
         r->tokens = toks;
         r->n_tok = n_tok;
         r->logits = malloc((size_t)n_tok * nv * sizeof(float));

@@ -42,13 +42,17 @@ struct comm {
     bool compress;                      // default COMM_AR_Q8_0 for comm_allreduce_f32
     double lat_us;                      // link latency for the AUTO rule, microseconds
     double bw;                          // link bandwidth for the AUTO rule, bytes/s
+    uint32_t range_seq;                 // range collectives started so far (the same count on every
+                                        // rank of the range: a sequence of its own, see comm.h)
+    comm_counters_t counters;           // messages and collectives so far (comm_get_counters)
 };
 
+// The ranks a collective runs over: [first, first + n), this rank being first + me.
+typedef struct {
+    int first, n, me;
+} span_t;
+
 // --- helpers
-
-
-
-
 
 // Sends one collective message: header frame + payload frame.
 static int coll_send(comm_t *c, int peer, int op, uint32_t seq, uint32_t aux, const void *payload, size_t len,
@@ -60,6 +64,8 @@ static int coll_send(comm_t *c, int peer, int op, uint32_t seq, uint32_t aux, co
     mlm_put32(hdr + 8, seq);
     mlm_put32(hdr + 12, aux);
     comm_iov_t f[2] = {{hdr, sizeof hdr}, {payload, len}};
+    c->counters.msgs_sent++;
+    c->counters.bytes_sent += sizeof hdr + len;
     return c->iface->send(c->ctx, peer, f, 2, mlm_left_ms(dl));
 }
 
@@ -131,9 +137,9 @@ static void q8_unpack(const block_q8_0 *src, size_t n, float *dst) { // src: (ce
 
 // --- all-reduce algorithms
 
-// Star: gather to rank 0, fold in rank order, broadcast.
-static int ar_star(comm_t *c, float *buf, size_t n, bool q8, uint32_t seq, int64_t dl) {
-    const int N = comm_size(c), r = comm_rank(c);
+// Star: gather to the span's first rank, fold in rank order, broadcast.
+static int ar_star(comm_t *c, span_t sp, float *buf, size_t n, bool q8, uint32_t seq, int64_t dl) {
+    const int N = sp.n, r = sp.me, root = sp.first;
     const size_t bytes = q8 ? q8_bytes(n) : n * sizeof(float);
     int rc = 0;
     block_q8_0 *q = NULL;       // (ceil(n/32)) quantized contribution or result
@@ -148,14 +154,14 @@ static int ar_star(comm_t *c, float *buf, size_t n, bool q8, uint32_t seq, int64
     }
     if (r != 0) {
         if (q8) q8_pack(buf, n, q);
-        rc = coll_send(c, 0, OP_STAR_UP, seq, 0, q8 ? (const void *)q : buf, bytes, dl);
-        if (rc == 0) rc = coll_recv_into(c, 0, OP_STAR_DOWN, seq, 0, q8 ? (void *)q : buf, bytes, dl);
+        rc = coll_send(c, root, OP_STAR_UP, seq, 0, q8 ? (const void *)q : buf, bytes, dl);
+        if (rc == 0) rc = coll_recv_into(c, root, OP_STAR_DOWN, seq, 0, q8 ? (void *)q : buf, bytes, dl);
         if (rc == 0 && q8) q8_unpack(q, n, buf);
         goto out;
     }
     for (int p = 1; p < N && rc == 0; p++) {
         comm_msg_t m;
-        rc = coll_recv(c, p, OP_STAR_UP, seq, 0, bytes, &m, dl);
+        rc = coll_recv(c, sp.first + p, OP_STAR_UP, seq, 0, bytes, &m, dl);
         if (rc != 0) break;
         if (q8) {
             q8_unpack(m.data[1], n, tmp);
@@ -170,7 +176,8 @@ static int ar_star(comm_t *c, float *buf, size_t n, bool q8, uint32_t seq, int64
         q8_pack(buf, n, q);
         q8_unpack(q, n, buf); // the root keeps what everyone else receives
     }
-    for (int p = 1; p < N && rc == 0; p++) rc = coll_send(c, p, OP_STAR_DOWN, seq, 0, q8 ? (const void *)q : buf, bytes, dl);
+    for (int p = 1; p < N && rc == 0; p++)
+        rc = coll_send(c, sp.first + p, OP_STAR_DOWN, seq, 0, q8 ? (const void *)q : buf, bytes, dl);
 out:
     free(q);
     free(tmp);
@@ -191,11 +198,12 @@ static void ring_chunk(size_t n, int N, int k, bool q8, size_t *lo, size_t *hi) 
     if (*hi > n) *hi = n;
 }
 
-// Ring: reduce-scatter then all-gather on 0 -> 1 -> ... -> N-1 -> 0. Chunk k starts at rank k and
-// is completed at rank k-1, so it is folded in the order k, k+1, ..., k-1.
-static int ar_ring(comm_t *c, float *buf, size_t n, bool q8, uint32_t seq, int64_t dl) {
-    const int N = comm_size(c), r = comm_rank(c);
+// Ring: reduce-scatter then all-gather on 0 -> 1 -> ... -> N-1 -> 0 (ranks of the span). Chunk k
+// starts at rank k and is completed at rank k-1, so it is folded in the order k, k+1, ..., k-1.
+static int ar_ring(comm_t *c, span_t sp, float *buf, size_t n, bool q8, uint32_t seq, int64_t dl) {
+    const int N = sp.n, r = sp.me;
     const int next = (r + 1) % N, prev = (r + N - 1) % N;
+    const int to = sp.first + next, from = sp.first + prev;
     int rc = 0;
     block_q8_0 *qall = NULL; // (ceil(n/32)) quantized chunks (all-gather phase), indexed like buf
     block_q8_0 *qtmp = NULL; // (ceil(n/32)) one quantized outgoing chunk
@@ -217,14 +225,14 @@ static int ar_ring(comm_t *c, float *buf, size_t n, bool q8, uint32_t seq, int64
         ring_chunk(n, N, kr, q8, &rlo, &rhi);
         if (q8) {
             q8_pack(buf + slo, shi - slo, qtmp);
-            rc = coll_send(c, next, OP_RING_RS, seq, (uint32_t)s, qtmp, q8_bytes(shi - slo), dl);
+            rc = coll_send(c, to, OP_RING_RS, seq, (uint32_t)s, qtmp, q8_bytes(shi - slo), dl);
         } else {
-            rc = coll_send(c, next, OP_RING_RS, seq, (uint32_t)s, buf + slo, (shi - slo) * sizeof(float), dl);
+            rc = coll_send(c, to, OP_RING_RS, seq, (uint32_t)s, buf + slo, (shi - slo) * sizeof(float), dl);
         }
         if (rc != 0) break;
         comm_msg_t m;
         size_t want = q8 ? q8_bytes(rhi - rlo) : (rhi - rlo) * sizeof(float);
-        rc = coll_recv(c, prev, OP_RING_RS, seq, (uint32_t)s, want, &m, dl);
+        rc = coll_recv(c, from, OP_RING_RS, seq, (uint32_t)s, want, &m, dl);
         if (rc != 0) break;
         if (q8) {
             q8_unpack(m.data[1], rhi - rlo, tmp);
@@ -247,12 +255,12 @@ static int ar_ring(comm_t *c, float *buf, size_t n, bool q8, uint32_t seq, int64
         ring_chunk(n, N, ks, q8, &slo, &shi);
         ring_chunk(n, N, kr, q8, &rlo, &rhi);
         if (q8) {
-            rc = coll_send(c, next, OP_RING_AG, seq, (uint32_t)s, qall + slo / QK8_0, q8_bytes(shi - slo), dl);
-            if (rc == 0) rc = coll_recv_into(c, prev, OP_RING_AG, seq, (uint32_t)s, qall + rlo / QK8_0, q8_bytes(rhi - rlo), dl);
+            rc = coll_send(c, to, OP_RING_AG, seq, (uint32_t)s, qall + slo / QK8_0, q8_bytes(shi - slo), dl);
+            if (rc == 0) rc = coll_recv_into(c, from, OP_RING_AG, seq, (uint32_t)s, qall + rlo / QK8_0, q8_bytes(rhi - rlo), dl);
             if (rc == 0) q8_unpack(qall + rlo / QK8_0, rhi - rlo, buf + rlo);
         } else {
-            rc = coll_send(c, next, OP_RING_AG, seq, (uint32_t)s, buf + slo, (shi - slo) * sizeof(float), dl);
-            if (rc == 0) rc = coll_recv_into(c, prev, OP_RING_AG, seq, (uint32_t)s, buf + rlo, (rhi - rlo) * sizeof(float), dl);
+            rc = coll_send(c, to, OP_RING_AG, seq, (uint32_t)s, buf + slo, (shi - slo) * sizeof(float), dl);
+            if (rc == 0) rc = coll_recv_into(c, from, OP_RING_AG, seq, (uint32_t)s, buf + rlo, (rhi - rlo) * sizeof(float), dl);
         }
     }
 out:
@@ -311,8 +319,13 @@ int comm_size(const comm_t *c) { return c->iface->size(c->ctx); }
 int comm_send(comm_t *c, int peer, const comm_iov_t *frames, int n, int timeout_ms) {
     if (!c || peer < 0 || peer >= comm_size(c) || peer == comm_rank(c)) return MLM_EINVAL;
     if (n < 0 || n > COMM_MAX_FRAMES || (n > 0 && !frames)) return MLM_EINVAL;
-    for (int i = 0; i < n; i++)
+    size_t bytes = 0;
+    for (int i = 0; i < n; i++) {
         if (frames[i].len && !frames[i].ptr) return MLM_EINVAL;
+        bytes += frames[i].len;
+    }
+    c->counters.msgs_sent++;
+    c->counters.bytes_sent += bytes;
     return c->iface->send(c->ctx, peer, frames, n, timeout_ms);
 }
 
@@ -389,9 +402,11 @@ int comm_allgather(comm_t *c, const void *in, size_t len, void *out, int timeout
     return rc;
 }
 
-comm_algo_t comm_choose_algo(const comm_t *c, size_t bytes) {
+comm_algo_t comm_choose_algo(const comm_t *c, size_t bytes) { return comm_choose_algo_n(c, comm_size(c), bytes); }
+
+comm_algo_t comm_choose_algo_n(const comm_t *c, int n_ranks, size_t bytes) {
     if (c->force_algo != COMM_ALGO_AUTO) return c->force_algo;
-    const double N = comm_size(c);
+    const double N = n_ranks;
     if (N <= 1) return COMM_ALGO_STAR;
     const double L = c->lat_us * 1e-6, B = c->bw > 0 ? c->bw : 1.0, b = (double)bytes;
     double star = 2 * L + 2 * (N - 1) * b / B;
@@ -423,10 +438,35 @@ int comm_allreduce_ex(comm_t *c, float *buf, size_t n, const comm_allreduce_opts
     if (algo != COMM_ALGO_AUTO && algo != COMM_ALGO_STAR && algo != COMM_ALGO_RING) return MLM_EINVAL;
     if (n == 0 || comm_size(c) == 1) return 0;
     if (algo == COMM_ALGO_AUTO) algo = comm_choose_algo(c, q8 ? q8_bytes(n) : n * sizeof(float));
+    c->counters.allreduces++;
+    if (algo == COMM_ALGO_RING) c->counters.allreduces_ring++;
     if (c->iface->allreduce_f32 && !q8) return c->iface->allreduce_f32(c->ctx, buf, n, algo, timeout_ms);
     const uint32_t seq = c->seq++;
     const int64_t dl = mlm_deadline(timeout_ms);
-    return algo == COMM_ALGO_RING ? ar_ring(c, buf, n, q8, seq, dl) : ar_star(c, buf, n, q8, seq, dl);
+    const span_t sp = {0, comm_size(c), comm_rank(c)};
+    return algo == COMM_ALGO_RING ? ar_ring(c, sp, buf, n, q8, seq, dl) : ar_star(c, sp, buf, n, q8, seq, dl);
+}
+
+int comm_allreduce_range(comm_t *c, int first, int n_ranks, float *buf, size_t n, const comm_allreduce_opts_t *opts,
+                         int timeout_ms) {
+    if (!c || (n && !buf)) return MLM_EINVAL;
+    const span_t sp = {first, n_ranks, comm_rank(c) - first};
+    if (first < 0 || n_ranks < 1 || first + n_ranks > comm_size(c) || sp.me < 0 || sp.me >= n_ranks) return MLM_EINVAL;
+    comm_algo_t algo = opts ? opts->algo : COMM_ALGO_AUTO;
+    const bool q8 = opts ? (opts->flags & COMM_AR_Q8_0) != 0 : c->compress;
+    if (algo != COMM_ALGO_AUTO && algo != COMM_ALGO_STAR && algo != COMM_ALGO_RING) return MLM_EINVAL;
+    if (n == 0 || n_ranks == 1) return 0;
+    if (algo == COMM_ALGO_AUTO) algo = comm_choose_algo_n(c, n_ranks, q8 ? q8_bytes(n) : n * sizeof(float));
+    c->counters.allreduces++;
+    if (algo == COMM_ALGO_RING) c->counters.allreduces_ring++;
+    const uint32_t seq = c->range_seq++;
+    const int64_t dl = mlm_deadline(timeout_ms);
+    return algo == COMM_ALGO_RING ? ar_ring(c, sp, buf, n, q8, seq, dl) : ar_star(c, sp, buf, n, q8, seq, dl);
+}
+
+void comm_get_counters(const comm_t *c, comm_counters_t *out) {
+    if (c) *out = c->counters;
+    else memset(out, 0, sizeof *out);
 }
 
 int comm_allreduce_f32(comm_t *c, float *buf, size_t n, comm_algo_t algo, int timeout_ms) {

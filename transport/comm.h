@@ -119,10 +119,35 @@ int comm_allreduce_ex(comm_t *c, float *buf, size_t n, const comm_allreduce_opts
 // and the smaller wins (star on ties). Every rank must see the same inputs to choose alike, so
 // link figures are set collectively (comm_calibrate) or from configuration, never per rank.
 comm_algo_t comm_choose_algo(const comm_t *c, size_t bytes);
+// The same rule for an all-reduce among n_ranks ranks (comm_allreduce_range's group).
+comm_algo_t comm_choose_algo_n(const comm_t *c, int n_ranks, size_t bytes);
 void comm_set_algo(comm_t *c, comm_algo_t algo);         // AUTO = use the rule again
 void comm_set_compress(comm_t *c, bool q8_0);            // default flags of comm_allreduce_f32
 void comm_set_link(comm_t *c, double lat_us, double bw_bytes_per_s);
 const char *comm_algo_name(comm_algo_t algo);           // "auto", "star", "ring"
+
+// All-reduce (sum) of n floats in place among ranks [first, first + n_ranks) only (the caller is one
+// of them; a tensor-parallel group inside a plan's data plane): the algorithms and summation orders
+// above with the members numbered 0..n_ranks-1 from first (STAR's root is rank first); AUTO chooses
+// as comm_choose_algo_n(c, n_ranks, bytes). Range all-reduces number their messages in a sequence of
+// their own, apart from the whole-comm collectives: every member makes the same range calls in the
+// same order, and a rank takes part in one range at a time (a stale message from a failed range
+// call is dropped as above). A backend's own allreduce_f32 (whole comm) is not used. 0, MLM_EINVAL
+// (the caller is not in the range), or as comm_allreduce_ex.
+int comm_allreduce_range(comm_t *c, int first, int n_ranks, float *buf, size_t n, const comm_allreduce_opts_t *opts,
+                         int timeout_ms);
+
+// What a comm has done since comm_new, counted by the wrapper for every backend (a fault wrapper
+// and the comm it wraps count separately).
+typedef struct {
+    uint64_t msgs_sent;        // messages sent: comm_send calls and every message of a collective
+    uint64_t bytes_sent;       // their bytes (frames, collective headers included)
+    uint64_t allreduces;       // all-reduces started (comm_allreduce_ex / _f32 / _range with >= 2 ranks
+                               // and n > 0)
+    uint64_t allreduces_ring;  // of which ran the ring algorithm (the rest: star)
+} comm_counters_t;
+
+void comm_get_counters(const comm_t *c, comm_counters_t *out);
 
 // Measures the link to peer: n small ping-pongs (latency = half the median round trip, in
 // microseconds) and one 1 MiB transfer (bandwidth, bytes/s). Both ranks call it naming each

@@ -396,6 +396,11 @@ int comm_link_listen(comm_t **out, const char *endpoint, const comm_link_opts_t 
     return finish(out, k, err, errlen);
 }
 
+int comm_link_heartbeat_ms(const comm_t *c) {
+    const lk_ctx_t *k = c ? comm_backend_ctx(c, &link_iface) : NULL;
+    return k && k->o.heartbeat_ivl_ms > 0 ? k->o.heartbeat_ivl_ms + k->o.heartbeat_timeout_ms : 0;
+}
+
 int comm_link_set_rank(comm_t *c, int rank) {
     lk_ctx_t *k = c ? comm_backend_ctx(c, &link_iface) : NULL;
     if (!k || !k->listening || rank < 1) return MLM_EINVAL;

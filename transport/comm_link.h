@@ -74,6 +74,10 @@ int comm_link_set_rank(comm_t *c, int rank);
 // ipc://PATH -> ipc://PATH.data. 0, or MLM_EINVAL for another form (or an output that does not fit).
 int comm_link_data_endpoint(const char *control, char *out, size_t cap);
 
+// How long a silent connection of link comm c lasts (heartbeat interval + timeout, ms); 0 when its
+// heartbeats are off or c is not a link comm. The fault wrapper loses a cut peer after as long.
+int comm_link_heartbeat_ms(const comm_t *c);
+
 // Changes the per-message size limit (sum of user frames) of a link comm. 0 or MLM_EINVAL.
 int comm_link_set_max_bytes(comm_t *c, size_t max_msg_bytes);
 

@@ -11,6 +11,7 @@
 #include "core/bytes.h"
 #include "core/clock.h"
 #include "core/err.h"
+#include "transport/fault.h"
 
 // --- types
 
@@ -388,6 +389,9 @@ static const struct comm_backend_i zmq_iface = {
 };
 
 bool comm_zmq_peer_lost(const comm_t *c, int peer) {
+    bool cut = false;
+    c = comm_fault_inner(c, peer, &cut); // through a fault wrapper, which may have lost peer to a partition
+    if (cut) return true;
     const zq_ctx_t *z = c ? comm_backend_ctx(c, &zmq_iface) : NULL;
     return z && peer >= 0 && peer < z->size && peer != z->rank && z->lost[peer] && !z->left[peer];
 }

@@ -52,8 +52,9 @@ typedef struct {
 void comm_zmq_opts_default(comm_zmq_opts_t *o);
 
 // Whether a ZeroMQ comm has found peer gone without a goodbye (its connection dropped, a heartbeat
-// timed out): a peer that left cleanly (said BYE) is not. False for another backend (a wrapped comm
-// included) or a peer not known to be lost.
+// timed out): a peer that left cleanly (said BYE) is not. Through a fault wrapper (transport/fault.h)
+// it answers for the ZeroMQ comm inside, and also when the wrapper has lost peer to a partition.
+// False for another backend or a peer not known to be lost.
 bool comm_zmq_peer_lost(const comm_t *c, int peer);
 
 // Creates rank `rank` of a world of `size` ranks. endpoints holds size strings, one per rank:

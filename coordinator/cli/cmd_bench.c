@@ -10,6 +10,7 @@
 #include "core/clock.h"
 #include "cluster/launch.h"
 #include "coordinator/cli/cli.h"
+#include "coordinator/cli/fault_args.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/cli/layout_args.h"
 #include "coordinator/cli/mem_report.h"
@@ -41,6 +42,7 @@ typedef struct {
     layout_args_t lay;               // --pp, --tp, --plan, --ubatch, --keep-all, --mem-budget, --local-mem
     const char *lan;                 // --lan MBIT:MS emulated links (fault-injecting transport)
     int parallel;                    // --parallel K: tg with K sequences in flight (cluster only)
+    const char *faults;              // --faults SPEC (with --lan: its links are added)
 } bench_args_t;
 
 // The memory of one (model, threads) configuration's processes, for the table after the speed table.
@@ -76,6 +78,7 @@ static void bench_usage(FILE *f) {
             "      --json              print a JSON array instead of the table\n"
             LAYOUT_MEM_USAGE
             LAYOUT_FAULT_USAGE
+            FAULT_ARGS_USAGE
             LAYOUT_ARGS_USAGE
             "after the speed table, a memory table gives every process's peak resident set (VmHWM) and the\n"
             "peak of each local worker's memory cgroup (in --json: \"memory\" in each result)\n");
@@ -132,8 +135,9 @@ static int run_test(const gen_engine_t *eng, bool prompt, int n, int reps, bench
     return rc;
 }
 
-// tg with par sequences in flight on a cluster: every step advances each sequence by one token.
-static int run_test_par(cluster_t *cl, int n_vocab, int n, int reps, int par, bench_stat_t *st) {
+// tg with par sequences in flight on a cluster: every step advances each sequence by one token
+// (reported to the fault schedule fa).
+static int run_test_par(cluster_t *cl, int n_vocab, int n, int reps, int par, fault_args_t *fa, bench_stat_t *st) {
     int32_t *toks = malloc((size_t)n * par * sizeof *toks);
     float *logits = malloc((size_t)par * n_vocab * sizeof *logits);
     int seqs[CLUSTER_MAX_SEQS];
@@ -150,7 +154,10 @@ static int run_test_par(cluster_t *cl, int n_vocab, int n, int reps, int par, be
     for (int r = -1; r < reps && rc == 0; r++) { // r == -1 is the warm-up
         cluster_reset(cl);
         double t0 = mlm_now_ms();
-        for (int i = 0; i < n && rc == 0; i++) rc = cluster_eval_seqs(cl, par, seqs, toks + (size_t)i * par, logits);
+        for (int i = 0; i < n && rc == 0; i++) {
+            fault_args_tokens(fa, par);
+            rc = cluster_eval_seqs(cl, par, seqs, toks + (size_t)i * par, logits);
+        }
         double ms = mlm_now_ms() - t0;
         if (r >= 0 && rc == 0) st->samples[st->n++] = (double)n * par * 1000.0 / ms;
     }
@@ -227,7 +234,7 @@ int cmd_bench(int argc, char **argv) {
         {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
         {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
         {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'}, LAYOUT_ARGS_LONGOPTS,
-        LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, FAULT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
     optind = 1;
     int ch;
@@ -261,6 +268,7 @@ int cmd_bench(int argc, char **argv) {
         case 'V': a.speeds = optarg; break;
         case 'E': a.lan = optarg; break;
         case 'K': a.parallel = atoi(optarg); break;
+        case FA_FAULTS: a.faults = optarg; break;
         case 'h': bench_usage(stdout); return 0;
         default: bench_usage(stderr); return 2;
         }
@@ -290,6 +298,14 @@ int cmd_bench(int argc, char **argv) {
         setenv("MESHLM_FAULTS", spec, 1);
     }
     const bool dist = a.local > 0 || a.workers;
+    char *faults = NULL; // --faults, with --lan's links first
+    if (a.faults && !dist) {
+        fprintf(stderr, "meshlm bench: --faults needs workers (--local N or --workers LIST)\n");
+        free(a.workers);
+        return 2;
+    }
+    if (a.faults && a.lan && asprintf(&faults, "%s,%s", getenv("MESHLM_FAULTS"), a.faults) < 0) faults = NULL;
+    else if (a.faults) faults = strdup(a.faults);
     cJSON *jarr = a.json ? cJSON_CreateArray() : NULL;
     if (!a.json) {
         printf("| %-24s | %10s | %8s | %-10s | %7s | %6s | %16s | %10s |%s\n", "model", "size", "params", "backend",
@@ -332,6 +348,7 @@ int cmd_bench(int argc, char **argv) {
             model_ctx_t *c = NULL;
             cluster_t *cl = NULL;
             launch_t *lw = NULL;
+            fault_args_t fa = {0};     // this configuration's fault schedule
             gen_engine_t eng;
             const int need = need_ctx;
             char backend[24];
@@ -367,17 +384,26 @@ int cmd_bench(int argc, char **argv) {
                 } else {
                     for (char *t = strtok(list, ","); t && nw < LAUNCH_MAX; t = strtok(NULL, ",")) eps[nw++] = t;
                 }
+                if (fault_args_setup(&fa, faults, lw, nw, true, "bench") != 0) { // $MESHLM_FAULTS for the cluster
+                    if (lw) launch_reap(lw, 3000);
+                    free(lw);
+                    free(list);
+                    code = 1;
+                    continue;
+                }
                 cluster_opts_t co = {.model_path = a.models[mi], .workers = eps, .n_workers = nw, .speeds = a.speeds,
                                      .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti],
                                      .mem_budget = a.lay.mem_budget,
                                      .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
-                                     .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby};
+                                     .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
+                                     .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set};
                 int rc = open_cluster(&cl, &co, lw && lw->mem_limit, err, sizeof err);
                 free(list);
                 if (rc != 0) {
                     fprintf(stderr, "meshlm bench: cluster: %s\n", err);
+                    fault_args_free(&fa);
                     say_dead_workers(lw);
                     if (lw) launch_reap(lw, 3000);
                     free(lw);
@@ -385,6 +411,7 @@ int cmd_bench(int argc, char **argv) {
                     continue;
                 }
                 eng = gen_engine_cluster(cl, hp->n_vocab);
+                if (fa.spec) eng = fault_args_engine(&fa, &eng, false); // tg tokens go to the schedule
                 char line[512];
                 if (plan_left_out(cluster_plan(cl), a.coord_shard ? 1 : 0, "workers", line, sizeof line) > 0)
                     fprintf(stderr, "meshlm: %s\n", line);
@@ -392,6 +419,7 @@ int cmd_bench(int argc, char **argv) {
             }
             int nthr = a.threads[ti] ? a.threads[ti] : (int)sysconf(_SC_NPROCESSORS_ONLN);
             const int first_item = jarr ? cJSON_GetArraySize(jarr) : 0; // this configuration's results
+            if (fault_args_start(&fa, "bench") != 0) code = 1;
             for (int test = 0; test < 2; test++) {
                 bool pp = test == 0;
                 int n = pp ? a.n_prompt : a.n_gen;
@@ -399,7 +427,8 @@ int cmd_bench(int argc, char **argv) {
                 bench_stat_t st;
                 if (cl) cluster_stats_reset(cl);
                 const int par = cl && !pp && a.parallel > 1 ? a.parallel : 1;
-                int rc = par > 1 ? run_test_par(cl, hp->n_vocab, n, a.reps, par, &st) : run_test(&eng, pp, n, a.reps, &st);
+                fa.first_is_prompt = pp; // a pp eval is a prompt, not generated tokens
+                int rc = par > 1 ? run_test_par(cl, hp->n_vocab, n, a.reps, par, &fa, &st) : run_test(&eng, pp, n, a.reps, &st);
                 if (rc != 0) {
                     fprintf(stderr, "meshlm bench: %s failed: %s%s%s\n", a.models[mi], mlm_strerror(rc),
                             cl ? ": " : "", cl ? cluster_error(cl) : "");
@@ -444,6 +473,7 @@ int cmd_bench(int argc, char **argv) {
                     if (cl) {
                         cJSON_AddNumberToObject(o, "nodes", cluster_plan(cl)->n);
                         cJSON_AddStringToObject(o, "layout", cluster_plan(cl)->layout);
+                        cJSON_AddStringToObject(o, "tp_mode", plan_tp_mode_name(cluster_plan(cl)->tp_mode));
                         cJSON_AddNumberToObject(o, "predicted_ts", pred);
                         if (pp) cJSON_AddNumberToObject(o, "ttft_ms", ttft);
                         cJSON_AddNumberToObject(o, "utilisation", util);
@@ -455,9 +485,13 @@ int cmd_bench(int argc, char **argv) {
                 } else {
                     char extra[160] = "", tt[16] = "-";
                     if (pp) snprintf(tt, sizeof tt, "%.1f", ttft);
+                    char lay[64] = ""; // all-reduce groups say so after the layout
                     if (cl)
-                        snprintf(extra, sizeof extra, " %6s | %13.1f | %7s | %4.2f | %11.3f | %7.1f |",
-                                 cluster_plan(cl)->layout, pred, tt, util, comm_ms, kib);
+                        snprintf(lay, sizeof lay, "%s%s", cluster_plan(cl)->layout,
+                                 cluster_plan(cl)->tp_mode == PLAN_TP_ALLREDUCE ? " ar" : "");
+                    if (cl)
+                        snprintf(extra, sizeof extra, " %6s | %13.1f | %7s | %4.2f | %11.3f | %7.1f |", lay, pred, tt,
+                                 util, comm_ms, kib);
                     printf("| %-24s | %10s | %8s | %-10s | %7d | %6s | %16s | %10s |%s\n", name, size, params, backend,
                            nthr, tname, ts, bw, extra);
                     fflush(stdout);
@@ -474,8 +508,10 @@ int cmd_bench(int argc, char **argv) {
                     remote[n_remote++] = t;
                 mem_report_collect(&bm->r, lw, remote, n_remote);
                 free(list);
-                for (int i = first_item; jarr && i < cJSON_GetArraySize(jarr); i++)
+                for (int i = first_item; jarr && i < cJSON_GetArraySize(jarr); i++) {
                     cJSON_AddItemToObject(cJSON_GetArrayItem(jarr, i), "memory", mem_report_json(&bm->r));
+                    if (fa.sched) cJSON_AddItemToObject(cJSON_GetArrayItem(jarr, i), "faults", faultsched_log_json(fa.sched));
+                }
                 mems[n_mems++] = bm;
             }
             char streamed[256];
@@ -485,6 +521,7 @@ int cmd_bench(int argc, char **argv) {
                 fprintf(stderr, "meshlm: %s, %d threads: weights %s; streamed %s\n", name, nthr, how, streamed);
             }
             model_ctx_destroy(&c);
+            fault_args_free(&fa); // no worker stays stopped
             cluster_close(&cl, lw != NULL);
             if (lw) {
                 launch_reap(lw, 5000);
@@ -505,5 +542,6 @@ int cmd_bench(int argc, char **argv) {
     }
     for (int i = 0; i < n_mems; i++) free(mems[i]);
     free(a.workers);
+    free(faults);
     return code;
 }

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "coordinator/cli/cli.h"
+#include "coordinator/cli/layout_args.h"
 #include "parallel/plan.h"
 #include "core/err.h"
 #include "core/fs.h"
@@ -55,14 +56,6 @@ static int positive(const char *s, int *out) {
     return 0;
 }
 
-static int tp_mode(const char *s, plan_tp_mode_t *out) {
-    if (!strcmp(s, "exact")) *out = PLAN_TP_EXACT;
-    else if (!strcmp(s, "allreduce")) *out = PLAN_TP_ALLREDUCE;
-    else if (!strcmp(s, "auto")) *out = PLAN_TP_AUTO;
-    else return -1;
-    return 0;
-}
-
 // --- public API
 
 int cmd_plan(int argc, char **argv) {
@@ -103,7 +96,7 @@ int cmd_plan(int argc, char **argv) {
         case O_JSON: json = true; break;
         case O_UBATCH: bad |= positive(optarg, &po.ubatch); break;
         case O_PROMPT: bad |= positive(optarg, &po.n_prompt); break;
-        case O_TP_MODE: bad |= tp_mode(optarg, &po.tp_mode); mode_given = true; break;
+        case O_TP_MODE: bad |= layout_args_tp_mode(optarg, &po.tp_mode); mode_given = true; break;
         case O_NO_STREAM: po.no_stream = true; break;
         case 'h': plan_usage(stdout); return 0;
         default: plan_usage(stderr); return 2;

@@ -9,6 +9,7 @@
 #include "cluster/launch.h"
 #include "cluster/registry.h"
 #include "coordinator/cli/cli.h"
+#include "coordinator/cli/fault_args.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/cli/gen_args.h"
 #include "coordinator/cli/layout_args.h"
@@ -36,6 +37,7 @@ typedef struct {
     bool verbose;             // --verbose
     bool show_plan;           // --show-plan
     layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all, --mem-budget, --local-mem
+    const char *faults;       // --faults SPEC (NULL: $MESHLM_FAULTS)
 } run_args_t;
 
 static void run_usage(FILE *f) {
@@ -59,6 +61,7 @@ static void run_usage(FILE *f) {
             "      --verbose           cluster progress on stderr\n"
             LAYOUT_MEM_USAGE
             LAYOUT_FAULT_USAGE
+            FAULT_ARGS_USAGE
             LAYOUT_ARGS_USAGE
             "at the end, stderr (and --json's \"memory\") reports every process's peak resident set (VmHWM)\n"
             "and the peak of each local worker's memory cgroup\n");
@@ -75,7 +78,7 @@ static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
         {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
         {"verbose", no_argument, 0, O_VERBOSE}, {"data-endpoint", required_argument, 0, O_DATA_EP},
         {"show-plan", no_argument, 0, O_SHOW_PLAN},
-        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, {0, 0, 0, 0}};
+        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, FAULT_ARGS_LONGOPTS, {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     gen_args_init(&a->g);
     optind = 1;
@@ -98,6 +101,7 @@ static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
         case O_VERBOSE: a->verbose = true; break;
         case O_SHOW_PLAN: a->show_plan = true; break;
         case O_DATA_EP: a->data_endpoint = optarg; break;
+        case FA_FAULTS: a->faults = optarg; break;
         case 'h': run_usage(stdout); return -1;
         default: run_usage(stderr); return 1;
         }
@@ -246,6 +250,7 @@ static int run_main(run_args_t *ap) {
     model_ctx_t *ctx = NULL;
     int32_t *pt = NULL;
     FILE *lf = NULL;
+    fault_args_t fa = {0};    // the fault schedule (--faults, $MESHLM_FAULTS)
     int code = 1, rc;
     const bool distributed = a.workers || a.local > 0;
     const model_t *mm = NULL; // the model whose metadata and tokenizer we use
@@ -253,6 +258,10 @@ static int run_main(run_args_t *ap) {
     int n_workers = 0;
     // a.lay.mem_budget is this process's own budget too (single node or --coordinator-shard): a share
     // that does not fit it streams through the weight window (offload/weights.h).
+    if (!distributed && a.faults) {
+        fprintf(stderr, "meshlm run: --faults needs workers (--local N or --workers LIST)\n");
+        goto out;
+    }
     if (!distributed) {
         model_load_opts_t lo = {.repack = a.g.repack, .mem_budget = a.lay.mem_budget, .n_ctx = a.g.n_ctx};
         if ((rc = model_load(&m, a.g.model, &lo, err, sizeof err)) != 0) {
@@ -281,6 +290,8 @@ static int run_main(run_args_t *ap) {
         } else {
             n_workers = split_list(a.workers, eps, LAUNCH_MAX);
         }
+        // The schedule's spec (with its board) goes into $MESHLM_FAULTS, which the cluster hands on.
+        if (fault_args_setup(&fa, a.faults, lw, n_workers, true, "run") != 0) goto out;
         cluster_opts_t co = {.model_path = a.g.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
                              .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
                              .mem_budget = a.lay.mem_budget,
@@ -289,7 +300,8 @@ static int run_main(run_args_t *ap) {
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                              .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                              .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
-                             .on_plan = a.reg ? publish_plan : NULL, .on_plan_arg = a.reg};
+                             .on_plan = a.reg ? publish_plan : NULL, .on_plan_arg = a.reg,
+                             .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set};
         if ((rc = open_cluster(&cl, &co, lw && lw->mem_limit && !a.local_no_model, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             say_dead_workers(lw);
@@ -341,6 +353,7 @@ static int run_main(run_args_t *ap) {
         eng = gen_engine_model(ctx, hp->n_vocab);
     } else {
         eng = gen_engine_cluster(cl, hp->n_vocab);
+        if (fa.spec) eng = fault_args_engine(&fa, &eng, true); // each generated token is reported to the schedule
     }
     if (a.g.logits_path && !(lf = fopen(a.g.logits_path, "wb"))) {
         fprintf(stderr, "meshlm run: %s: cannot create: %s\n", a.g.logits_path, strerror(errno));
@@ -351,7 +364,10 @@ static int run_main(run_args_t *ap) {
     a.g.gen.logits_out = lf;
     a.g.gen.logits_path = a.g.logits_path;
     gen_result_t res;
-    if ((rc = gen_run(&eng, tok, pt, np, &a.g.gen, &res, err, sizeof err)) != 0) {
+    if (fault_args_start(&fa, "run") != 0) goto out;
+    rc = gen_run(&eng, tok, pt, np, &a.g.gen, &res, err, sizeof err);
+    faultsched_stop(fa.sched); // every frozen or slowed worker continues
+    if (rc != 0) {
         fprintf(stderr, "\nmeshlm run: %s\n", err);
         if (cl && cluster_error(cl)[0]) fprintf(stderr, "meshlm run: %s\n", cluster_error(cl));
         say_dead_workers(lw);
@@ -370,6 +386,7 @@ static int run_main(run_args_t *ap) {
         cJSON *extras = cJSON_CreateObject();
         if (extras && mr) cJSON_AddItemToObject(extras, "memory", mem_report_json(mr));
         if (extras && cl) cJSON_AddItemToObject(extras, "recoveries", cluster_recoveries_json(cl));
+        if (extras && fa.sched) cJSON_AddItemToObject(extras, "faults", faultsched_log_json(fa.sched));
         gen_print_json_extra(pt, np, &res, extras);
     } else {
         printf("\n");
@@ -397,6 +414,7 @@ out:
     model_ctx_destroy(&ctx);
     tokenizer_destroy(&tok);
     model_destroy(&m);
+    fault_args_free(&fa); // before the workers are told to go: none stays stopped
     cluster_close(&cl, lw != NULL);
     if (lw) {
         launch_reap(lw, 5000);

@@ -37,6 +37,14 @@ static int size_arg(const char *arg, const char *what, const char *cmd, uint64_t
 
 // --- public API
 
+int layout_args_tp_mode(const char *name, plan_tp_mode_t *out) {
+    if (!strcmp(name, "exact")) *out = PLAN_TP_EXACT;
+    else if (!strcmp(name, "allreduce")) *out = PLAN_TP_ALLREDUCE;
+    else if (!strcmp(name, "auto")) *out = PLAN_TP_AUTO;
+    else return -1;
+    return 0;
+}
+
 uint64_t layout_args_local_mem(const layout_args_t *a) { return a->local_mem_set ? a->local_mem : a->mem_budget; }
 
 int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cmd) {
@@ -46,6 +54,13 @@ int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cm
     case LA_UBATCH: return positive(arg, "--ubatch", cmd, &a->ubatch);
     case LA_KEEP_ALL: a->keep_all = true; return 1;
     case LA_PLAN: a->plan_file = arg; return 1;
+    case LA_TP_MODE:
+        if (layout_args_tp_mode(arg, &a->tp_mode) != 0) {
+            fprintf(stderr, "meshlm %s: --tp-mode wants exact, allreduce or auto, not '%s'\n", cmd, arg);
+            return -1;
+        }
+        a->tp_mode_set = true;
+        return 1;
     case LA_MEM_BUDGET: return size_arg(arg, "--mem-budget", cmd, &a->mem_budget);
     case LA_LOCAL_MEM: a->local_mem_set = true; return size_arg(arg, "--local-mem", cmd, &a->local_mem);
     case LA_HEARTBEAT: return positive(arg, "--heartbeat-ms", cmd, &a->heartbeat_ms);

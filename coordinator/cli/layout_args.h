@@ -1,5 +1,5 @@
 // The layout options every cluster command shares (run, coordinator, bench, mpi): --pp, --tp,
-// --plan, --ubatch, --keep-all; and the memory options of run, coordinator and bench: --mem-budget,
+// --tp-mode, --plan, --ubatch, --keep-all; and the memory options of run, coordinator and bench: --mem-budget,
 // --local-mem.
 #ifndef MESHLM_LAYOUT_ARGS_H
 #define MESHLM_LAYOUT_ARGS_H
@@ -7,12 +7,16 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "parallel/plan.h"
+
 typedef struct {
     int pp;                   // --pp S: pipeline stages (0 = the planner chooses)
     int tp;                   // --tp T: nodes per stage (0 = the planner chooses)
     int ubatch;               // --ubatch N: micro-batch tokens in flight (0 = default)
     bool keep_all;            // --keep-all: never leave a node out
     const char *plan_file;    // --plan FILE: a hand-written plan
+    plan_tp_mode_t tp_mode;   // --tp-mode exact|allreduce|auto (default exact)
+    bool tp_mode_set;         // --tp-mode was given (it then overrides a plan file's mode)
     // --mem-budget SIZE, bytes (0 = none): the budget of every local worker (passed on as `meshlm
     // worker --mem-budget`) and of this process's own model: its share (--coordinator-shard) or the
     // single node, which streams its weights through the weight window when it does not fit.
@@ -28,17 +32,21 @@ typedef struct {
 
 // Option ids, above every command's own (GA_NEXT + 100 leaves room).
 enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_LOCAL_MEM, LA_HEARTBEAT, LA_NO_RECOVER,
-       LA_STANDBY };
+       LA_STANDBY, LA_TP_MODE };
 
 #define LAYOUT_ARGS_LONGOPTS                                                                                     \
     {"pp", required_argument, 0, LA_PP}, {"tp", required_argument, 0, LA_TP},                                   \
         {"ubatch", required_argument, 0, LA_UBATCH}, {"keep-all", no_argument, 0, LA_KEEP_ALL},                 \
-        {"plan", required_argument, 0, LA_PLAN}
+        {"plan", required_argument, 0, LA_PLAN}, {"tp-mode", required_argument, 0, LA_TP_MODE}
 
 #define LAYOUT_ARGS_USAGE                                                                                        \
     "layout (default: the planner picks tensor, pipeline or hybrid from measured speed, memory and links):\n"   \
     "      --pp S              pipeline stages of consecutive layers\n"                                         \
     "      --tp T              nodes per stage (a tensor-parallel group); --pp 2 --tp 2 on 4 nodes\n"            \
+    "      --tp-mode M         how a group cuts a block: exact (default: 4 all-gathers per block, logits\n"    \
+    "                          bit-identical to one node), allreduce (Megatron style: 2 all-reduces per\n"    \
+    "                          block, star or ring from the measured links; last bits differ), auto (the\n"  \
+    "                          faster predicted); overrides a --plan file's tp mode\n"                        \
     "      --plan FILE         a hand-written plan (see meshlm plan --out)\n"                                   \
     "      --ubatch N          prompt micro-batch tokens in flight through the stages (default 16)\n"           \
     "      --keep-all          never leave a slow node out\n"
@@ -70,6 +78,9 @@ enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_L
 
 // The memory cgroup limit of each local worker: --local-mem when given, else --mem-budget (0 = none).
 uint64_t layout_args_local_mem(const layout_args_t *a);
+
+// Parses a tensor-parallel mode name: "exact", "allreduce" or "auto". 0, or -1 for another name.
+int layout_args_tp_mode(const char *name, plan_tp_mode_t *out);
 
 // Handles ch if it is a layout option: 1 handled, 0 not ours, -1 bad value (message printed).
 int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cmd);

@@ -19,6 +19,7 @@ static const subcommand_t subcommands[] = {
     {"mpi", cmd_mpi, "generate across the ranks of an MPI job (mpirun -np N meshlm mpi -m FILE -p TEXT)"},
     {"nodes", cmd_nodes, "list the workers and standbys in a registry (meshlm nodes --registry redis://HOST:PORT)"},
     {"plan", cmd_plan, "print how a model would be split over nodes (no compute)"},
+    {"chaos", cmd_chaos, "R requests on N local workers under a fault schedule: speed, recovery, lost and changed outputs"},
     {"gen-model", cmd_gen_model, "write a GGUF with seeded random weights in a real model's shape"},
     {NULL, NULL, NULL},
 };

@@ -312,6 +312,24 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
     return 0;
 }
 
+// Whether every candidate worker runs all-reduce plans (protocol 1.4 or newer). When one does not
+// and want is ALLREDUCE: MLM_EUNSUPPORTED naming it; AUTO: *mode becomes EXACT.
+static int tp_mode_for_workers(cluster_t *c, plan_tp_mode_t want, plan_tp_mode_t *mode, char *err, size_t errlen) {
+    *mode = want;
+    for (int j = 0; j < c->n_cand && want != PLAN_TP_EXACT; j++) {
+        const msg_hello_t *h = &c->w[c->cand[j]].hello;
+        if (h->proto_major > MSG_PROTO_MAJOR || h->proto_minor >= MSG_MINOR_TP_MODE) continue;
+        if (want == PLAN_TP_ALLREDUCE)
+            return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
+                            "worker %s speaks protocol %u.%u, which has no all-reduce tensor parallelism (1.%d "
+                            "and newer); use --tp-mode exact or update it",
+                            c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor,
+                            MSG_MINOR_TP_MODE);
+        *mode = PLAN_TP_EXACT;
+    }
+    return 0;
+}
+
 static int make_plan(cluster_t *c, char *err, size_t errlen) {
     const int off = c->o.coordinator_shard ? 1 : 0;
     pick_candidates(c);
@@ -333,12 +351,17 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         if (nodes[0].lat_us == 0 || w->lat_us < nodes[0].lat_us) nodes[0].lat_us = w->lat_us;
         if (w->bw > nodes[0].link_bw) nodes[0].link_bw = w->bw;
     }
+    plan_tp_mode_t mode;
+    if ((rc = tp_mode_for_workers(c, c->o.tp_mode, &mode, err, errlen)) != 0) return rc;
     plan_model_t *pm = malloc(sizeof *pm);
     if (!pm) return MLM_ENOMEM;
     rc = plan_model_from_gguf(model_gguf(c->full), pm, err, errlen);
     if (rc == 0 && c->o.plan_file) {
         plan_spec_t spec;
         rc = plan_file_load(c->o.plan_file, &spec, err, errlen);
+        if (rc == 0 && c->o.tp_mode_set && c->o.tp_mode != PLAN_TP_AUTO) spec.tp_mode = mode; // overrides the file's
+        if (rc == 0 && spec.tp_mode == PLAN_TP_ALLREDUCE)
+            rc = tp_mode_for_workers(c, PLAN_TP_ALLREDUCE, &mode, err, errlen);
         if (rc == 0) rc = plan_from_spec(pm, nodes, n_compute, &spec, n_ctx, c->plan, err, errlen);
         if (rc == 0) { // predict it as it will run
             c->plan->coord_apart = off == 0;
@@ -355,7 +378,7 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         // A share that does not fit its node's budget resident streams through the weight window.
         plan_opts_t po = {.n_ctx = n_ctx, .pp = pp, .tp = tp, .keep_all = c->o.keep_all,
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
-                          .coord_apart = off == 0};
+                          .coord_apart = off == 0, .tp_mode = mode};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
     }
     free(pm);
@@ -375,6 +398,7 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
     for (int i = 0; i < pl->n; i++) {
         const int r = i + (off ? 0 : 1), j = pl->shard[i].node - off, wi = j >= 0 ? c->cand[j] : -1;
         c->slices[r] = pl->shard[i].s;
+        c->slices[r].cols = pl->tp_mode == PLAN_TP_ALLREDUCE; // what the workers derive from the PLAN
         if (wi >= 0) {
             c->rank_worker[r] = wi;
             c->w[wi].rank = r;
@@ -404,6 +428,11 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         p->ffn[0] = (msg_range_t){s->f0, s->f1};
         p->hidden = (msg_range_t){s->e0, s->e1};
         p->vocab = (msg_range_t){s->v0, s->v1};
+        if (r >= (off ? 0 : 1)) { // the links the planner assumed, so every group chooses star or ring alike
+            const plan_node_t *nd = &pl->node[pl->shard[r - (off ? 0 : 1)].node];
+            p->link_lat_us = (float)nd->lat_us;
+            p->link_bw = nd->link_bw > 0 ? (uint64_t)nd->link_bw : 0;
+        }
         if (c->o.data) snprintf(p->endpoint, sizeof p->endpoint, "rank:%d", r);
         else if (wi >= 0) snprintf(p->endpoint, sizeof p->endpoint, "%s", c->w[wi].data_endpoint);
         else coordinator_endpoint(c, p->endpoint, sizeof p->endpoint);
@@ -428,6 +457,7 @@ static int send_plan(cluster_t *c, char *err, size_t errlen) {
     p->n_ctx = (uint32_t)c->o.n_ctx;
     p->kv_type = c->o.kv_f32 ? QT_F32 : QT_F16;
     p->n_batch = c->o.n_batch > 0 ? (uint32_t)c->o.n_batch : 0;
+    p->tp_mode = c->plan->tp_mode == PLAN_TP_ALLREDUCE ? MSG_TP_ALLREDUCE : MSG_TP_EXACT;
     p->n_nodes = c->n_nodes;
     p->nodes = c->pnodes;
     for (int i = 0; i < c->o.n_workers; i++) {
@@ -708,6 +738,11 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
         const model_hparams_t *hp = model_hparams(c->model);
         rc = pipe_node_init(&c->pipe, c->comm, 0, c->slices, c->n_nodes, hp->n_layer, hp->n_embd, hp->n_vocab,
                             c->timeout_ms, err, errlen);
+    }
+    if (rc == 0) { // the same link figures the workers take from the PLAN
+        double lat[MSG_MAX_NODES], bw[MSG_MAX_NODES]; // (n_nodes) one-way us, bytes/s
+        for (int i = 0; i < c->n_nodes; i++) lat[i] = c->pnodes[i].link_lat_us, bw[i] = (double)c->pnodes[i].link_bw;
+        pipe_set_links(&c->pipe, lat, bw);
     }
     c->computes = c->o.coordinator_shard;
     if (rc == 0 && c->computes) {

@@ -38,6 +38,12 @@ typedef struct {
     int tp;                          // nodes per stage (0 = the planner chooses)
     bool keep_all;                   // never leave a node out
     const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
+    plan_tp_mode_t tp_mode;          // how tensor-parallel groups cut a block: EXACT (default, bit-identical
+                                     // to one node), ALLREDUCE or AUTO (the faster predicted); with a plan
+                                     // file its `tp mode=` line, unless tp_mode_set with EXACT or ALLREDUCE.
+                                     // All-reduce plans need workers of protocol 1.4 or newer: AUTO then
+                                     // stays exact, ALLREDUCE is refused naming the older worker
+    bool tp_mode_set;                // tp_mode was given (--tp-mode)
     int ubatch;                      // micro-batch tokens in flight through a pipeline (0 = 16 with
                                      // several stages, the whole chunk with one)
     int n_standby;                   // the last n_standby workers are standbys: they join a plan only to
@@ -65,6 +71,7 @@ typedef struct {
     uint64_t gather_bytes;           // bytes all nodes sent each other per step (counted when the coordinator
                                      // computes, derived from the plan otherwise) plus the logit rows
     uint64_t gathers;                // all-gather rounds
+    uint64_t allreduces;             // all-reduces the coordinator's group made (all-reduce mode, when it computes)
     double step_ms;                  // wall time of the steps (cluster_eval calls)
     double busy_ms;                  // summed over the computing nodes: time computing (their step reports)
     double wait_ms;                  // summed: time waiting for the stage before or for exchanges

@@ -36,12 +36,15 @@ int cl_drain_reports(cluster_t *c, int wi, int timeout_ms) {
 
 // The exchanges of n tokens that the coordinator does not see, when it computes nothing: per token
 // and layer every member of a stage's group sends its block of the attention output, the two
-// hidden-size products and the FFN units (per routed expert) to the others; stage 0 exchanges the
-// embedding; each stage hands n_embd floats per token to every rank of the next.
+// hidden-size products and the FFN units (per routed expert) to the others (all-reduce mode: two
+// all-reduces of n_embd floats, 2 (g-1) n_embd floats sent in all by either algorithm); stage 0
+// exchanges the embedding; each stage hands n_embd floats per token to every rank of the next.
 static uint64_t unseen_bytes(const cluster_t *c, uint64_t n) {
     const model_hparams_t *hp = model_hparams(c->model);
-    const uint64_t per_layer = (uint64_t)hp->n_head * hp->head_dim + 2u * (uint64_t)hp->n_embd +
-                               (uint64_t)hp->n_ff * (uint64_t)(hp->n_expert ? hp->n_expert_used : 1);
+    const uint64_t per_layer = c->plan->tp_mode == PLAN_TP_ALLREDUCE
+                                   ? 4u * (uint64_t)hp->n_embd
+                                   : (uint64_t)hp->n_head * hp->head_dim + 2u * (uint64_t)hp->n_embd +
+                                         (uint64_t)hp->n_ff * (uint64_t)(hp->n_expert ? hp->n_expert_used : 1);
     const plan_t *pl = c->plan;
     uint64_t floats = 0;
     for (int k = 0; k < pl->n_stages; k++) {
@@ -131,6 +134,7 @@ int cl_eval_once(cluster_t *c, int n_seqs, const int *seq, const int32_t *const 
     }
     c->stats.gather_ms = c->pipe.gather_ms;
     c->stats.gathers = c->pipe.gathers;
+    c->stats.allreduces = c->pipe.allreduces;
     if (c->computes) c->stats.gather_bytes = c->pipe.gather_bytes + c->pipe.handoff_bytes;
     else c->stats.gather_bytes = c->pipe.gather_bytes + unseen_bytes(c, c->stats.tokens + total);
     c->stats.steps += (uint64_t)n_seqs;
@@ -194,6 +198,7 @@ void cluster_reset(cluster_t *c) {
 void cluster_stats_reset(cluster_t *c) {
     cluster_sync_stats(c, 1000);
     c->stats.steps = c->stats.tokens = c->stats.gather_bytes = c->stats.gathers = c->stats.reports = 0;
+    c->stats.allreduces = 0;
     c->stats.gather_ms = c->stats.step_ms = c->stats.busy_ms = c->stats.wait_ms = 0;
     pipe_stats_reset(&c->pipe);
 }

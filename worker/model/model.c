@@ -40,6 +40,8 @@ struct model_ctx {
     int n_batch;               // tokens per chunk
     int pos;                   // tokens already in the cache
     model_tp_t tp;             // tensor-parallel group (n_nodes 1 = alone)
+    bool ar;                   // all-reduce mode: attn_output / ffn_down cut by columns, partial sums
+                               // added up by tp.allreduce (the slice's cols)
     int Hl, KVl, El, Fl, Vl;   // this node's local widths: heads, KV heads, hidden rows, FFN units, vocab rows
     float *x;                  // (n_batch, n_embd) residual stream (replicated on every node)
     float *xn;                 // (n_batch, n_embd) normed input of the current block
@@ -47,12 +49,15 @@ struct model_ctx {
     float *k;                  // (n_batch, KVl*head_dim)
     float *v;                  // (n_batch, KVl*head_dim)
     float *att_l;              // (n_batch, Hl*head_dim) this node's heads' attention output
-    float *att;                // (n_batch, n_head*head_dim) all heads (aliases att_l alone)
-    float *y_l;                // (n_batch, El) this node's rows of a hidden-size product
-    float *tmp;                // (n_batch, n_embd) block output before the residual add
+    float *att;                // (n_batch, n_head*head_dim) all heads (aliases att_l alone or in
+                               // all-reduce mode)
+    float *y_l;                // (n_batch, El) this node's rows of a hidden-size product (aliases tmp
+                               // alone or in all-reduce mode)
+    float *tmp;                // (n_batch, n_embd) block output before the residual add (in all-reduce
+                               // mode this node's partial sum, then the group's sum)
     float *ffn_g;              // (n_batch, Fl)
     float *ffn_u;              // (n_batch, Fl)
-    float *ffn_h;              // (n_batch, n_ff) all FFN units (aliases ffn_g alone)
+    float *ffn_h;              // (n_batch, n_ff) all FFN units (aliases ffn_g alone or in all-reduce mode)
     float *router;             // (n_batch, n_expert)
     int *sel;                  // (n_batch, n_expert_used) chosen experts
     float *sel_w;              // (n_batch, n_expert_used) their weights
@@ -60,7 +65,8 @@ struct model_ctx {
     int *e_order;              // (n_expert) experts of a layer in the order they are visited
     float *e_x;                // (n_batch, n_embd) gathered inputs for one expert (MoE)
     float *e_y;                // (n_batch, El) one expert's output rows (MoE)
-    float *acc_l;              // (n_batch, El) MoE sum of this node's rows (aliases tmp alone)
+    float *acc_l;              // (n_batch, El) MoE sum of this node's rows (aliases tmp alone or in
+                               // all-reduce mode)
     float *logit_l;            // (n_batch, Vl) this node's vocabulary rows
     uint8_t *gbuf;             // (gbuf_cap) gather landing buffer, all nodes' blocks
     size_t gbuf_cap;
@@ -95,6 +101,8 @@ static int resolve_slice(model_t *m, const shard_slice_t *want, char *err, size_
         sl->f0 < 0 || sl->f1 > hp->n_ff || sl->v0 < 0 || sl->v1 > hp->n_vocab || sl->h1 < sl->h0 || sl->kv1 < sl->kv0 ||
         sl->e1 < sl->e0 || sl->f1 < sl->f0 || sl->v1 < sl->v0 || sl->l0 < 0 || sl->l1 > hp->n_layer || sl->l1 < sl->l0)
         return mlm_fail(err, errlen, MLM_EINVAL, "%s: slice outside the model's shape", gguf_path(m->g));
+    if (sl->cols && (sl->cols != 1 || sl->e0 != 0 || sl->e1 != hp->n_embd))
+        return mlm_fail(err, errlen, MLM_EINVAL, "%s: an all-reduce slice holds every hidden row", gguf_path(m->g));
     if (sl->h1 > sl->h0) { // a node's query heads need exactly its KV heads
         int group = hp->n_head / hp->n_head_kv;
         if (sl->kv0 != sl->h0 / group || sl->kv1 != (sl->h1 - 1) / group + 1)
@@ -166,11 +174,16 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     const shard_slice_t *sl = &m->slice;
     const shard_slice_t full = shard_full(hp->n_layer, hp->n_head, hp->n_head_kv, hp->n_embd, hp->n_ff, hp->n_vocab);
     if (o.tp && (o.tp->n_nodes < 1 || o.tp->n_nodes > PLAN_NODES_MAX || o.tp->index < 0 || o.tp->index >= o.tp->n_nodes || !o.tp->slices ||
-                 (o.tp->n_nodes > 1 && !o.tp->gather) ||
+                 (o.tp->n_nodes > 1 && !o.tp->gather) || (o.tp->n_nodes > 1 && sl->cols && !o.tp->allreduce) ||
                  memcmp(&o.tp->slices[o.tp->index], sl, sizeof *sl) != 0)) {
         snprintf(err, errlen, "tensor-parallel group is inconsistent with the model's slice");
         return MLM_EINVAL;
     }
+    for (int i = 0; o.tp && i < o.tp->n_nodes; i++)
+        if (o.tp->slices[i].cols != sl->cols) {
+            snprintf(err, errlen, "tensor-parallel group mixes exact and all-reduce slices");
+            return MLM_EINVAL;
+        }
     shard_slice_t rows = *sl; // a pipeline stage alone holds every row of its blocks
     rows.l0 = full.l0;
     rows.l1 = full.l1;
@@ -189,6 +202,8 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     c->n_batch = o.n_batch;
     c->tp = o.tp ? *o.tp : (model_tp_t){.n_nodes = 1, .index = 0, .slices = &m->slice};
     const bool alone = c->tp.n_nodes == 1;
+    c->ar = sl->cols != 0;
+    const bool whole = alone || c->ar; // a node that never gathers activation columns
     c->Hl = sl->h1 - sl->h0;
     c->KVl = sl->kv1 - sl->kv0;
     c->El = sl->e1 - sl->e0;
@@ -231,13 +246,13 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     c->tmp = malloc(B * E * 4);
     c->q = malloc(B * Ql * 4 + 4);
     c->att_l = malloc(B * Ql * 4 + 4);
-    c->att = alone ? c->att_l : malloc(B * Qd * 4);
+    c->att = whole ? c->att_l : malloc(B * Qd * 4);
     c->k = malloc(B * KVl * 4 + 4);
     c->v = malloc(B * KVl * 4 + 4);
-    c->y_l = alone ? c->tmp : malloc(B * (size_t)c->El * 4 + 4);
+    c->y_l = whole ? c->tmp : malloc(B * (size_t)c->El * 4 + 4);
     c->ffn_g = malloc(B * (size_t)c->Fl * 4 + 4);
     c->ffn_u = malloc(B * (size_t)c->Fl * 4 + 4);
-    c->ffn_h = alone ? c->ffn_g : malloc(B * F * 4);
+    c->ffn_h = whole ? c->ffn_g : malloc(B * F * 4);
     c->logit_l = alone ? NULL : malloc(B * (size_t)c->Vl * 4 + 4);
     c->xq_a = malloc(c->xq_cap);
     c->xq_b = malloc(c->xq_cap);
@@ -261,7 +276,7 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
         c->e_order = malloc((size_t)hp->n_expert * sizeof(int));
         c->e_x = malloc(B * E * 4);
         c->e_y = malloc(B * (size_t)c->El * 4 + 4);
-        c->acc_l = alone ? c->tmp : malloc(B * (size_t)c->El * 4 + 4);
+        c->acc_l = whole ? c->tmp : malloc(B * (size_t)c->El * 4 + 4);
         moe_ok = c->router && c->sel && c->sel_w && c->e_tok && c->e_order && c->e_x && c->e_y && c->acc_l;
     }
     if (!c->pool || rc != 0 || !c->x || !c->xn || !c->tmp || !c->q || !c->att_l || !c->k || !c->v || !c->ffn_g ||
@@ -392,7 +407,27 @@ static void matmul1(model_ctx_t *c, const mm_weight_t *w, const float *x, int nt
     matmul_shared(c, x, nt, 1, ws, ys);
 }
 
+// y (nt, n_embd) <- this node's partial sum of a column-cut product W x (x: nt rows of W's columns);
+// zeros when it holds none of W's columns. MLM_ESTATE when the bound matrix is not the expected cut.
+static int matmul_partial(model_ctx_t *c, const mm_weight_t *w, int64_t cols, const float *x, int nt, float *y) {
+    const int E = c->m->hp.n_embd;
+    if (cols == 0 || w->rows == 0) {
+        if (w->rows != 0 || cols != 0) return MLM_ESTATE;
+        memset(y, 0, (size_t)nt * (size_t)E * sizeof(float));
+        return 0;
+    }
+    if (w->rows != E || w->cols != cols) return MLM_ESTATE;
+    matmul1(c, w, x, nt, y);
+    return 0;
+}
+
 // --- helpers: tensor-parallel exchange
+
+// buf (nt, n_embd) <- the sum of every node's partial buf (all-reduce mode).
+static int sum_partials(model_ctx_t *c, float *buf, int nt) {
+    if (c->tp.n_nodes == 1) return 0;
+    return c->tp.allreduce(c->tp.gather_ctx, buf, (size_t)nt * (size_t)c->m->hp.n_embd);
+}
 
 enum { G_HEADS, G_HIDDEN, G_FFN, G_VOCAB };
 
@@ -515,6 +550,10 @@ static int ffn_dense(model_ctx_t *c, const layer_weights_t *L, int nt) {
     float *ys[2] = {c->ffn_g, c->ffn_u};
     matmul_shared(c, c->xn, nt, 2, ws, ys);
     ops_silu_mul(c->ffn_g, c->ffn_u, nt, c->Fl);
+    if (c->ar) { // its FFN units' columns of ffn_down: a partial sum
+        int rc = matmul_partial(c, &L->w_down, c->Fl, c->ffn_g, nt, c->tmp);
+        return rc ? rc : sum_partials(c, c->tmp, nt);
+    }
     int rc = gather_cols(c, c->ffn_g, nt, G_FFN, hp->n_ff, c->ffn_h);
     if (rc != 0) return rc;
     matmul1(c, &L->w_down, c->ffn_h, nt, c->y_l);
@@ -544,9 +583,17 @@ static int moe_expert(model_ctx_t *c, const layer_weights_t *X, qtype_t e_type, 
         matmul_shared(c, c->e_x + (size_t)j * E, step, 2, ws, ys);
     }
     ops_silu_mul(c->ffn_g, c->ffn_u, n, Fl);
-    int rc = gather_cols(c, c->ffn_g, n, G_FFN, F, c->ffn_h);
-    if (rc != 0) return rc;
-    for (int j = 0; j < n; j += step) matmul1(c, &X->w_down, c->ffn_h + (size_t)j * F, step, c->e_y + (size_t)j * El);
+    if (c->ar) { // its FFN units' columns of the expert's ffn_down: partial sums (n, n_embd)
+        for (int j = 0; j < n; j += step) {
+            int rc = matmul_partial(c, &X->w_down, Fl, c->ffn_g + (size_t)j * Fl, step, c->e_y + (size_t)j * El);
+            if (rc != 0) return rc;
+        }
+    } else {
+        int rc = gather_cols(c, c->ffn_g, n, G_FFN, F, c->ffn_h);
+        if (rc != 0) return rc;
+        for (int j = 0; j < n; j += step)
+            matmul1(c, &X->w_down, c->ffn_h + (size_t)j * F, step, c->e_y + (size_t)j * El);
+    }
     for (int j = 0; j < n; j++) {
         const int i = c->e_tok[j];
         const float w = c->sel_w[(size_t)i * k + rank];
@@ -579,7 +626,7 @@ static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
             int n = 0;
             for (int i = 0; i < nt; i++)
                 if (c->sel[(size_t)i * k + rank] == e) c->e_tok[n++] = i;
-            if (n == 0) continue;
+            if (n == 0 || (c->ar && c->Fl == 0)) continue; // all-reduce mode: no units, nothing to add
             for (int j = 0; j < n; j++)
                 memcpy(c->e_x + (size_t)j * E, c->xn + (size_t)c->e_tok[j] * E, (size_t)E * sizeof(float));
             const layer_weights_t *X;
@@ -590,6 +637,7 @@ static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
             if (rc != 0) return rc;
         }
     }
+    if (c->ar) return sum_partials(c, c->acc_l, nt); // acc_l is tmp
     return gather_cols(c, c->acc_l, nt, G_HIDDEN, E, c->tmp);
 }
 
@@ -614,9 +662,14 @@ static int eval_block(model_ctx_t *c, int il, const layer_weights_t *L, int nt, 
         if ((rc = attn_dev_append(c->attn, 0, lay, pos0, c->k, c->v, nt)) != 0) return rc;
         if ((rc = attn_dev_attend(c->attn, 0, lay, c->q, nt, pos0, c->att_l)) != 0) return rc;
     }
-    if ((rc = gather_cols(c, c->att_l, nt, G_HEADS, hp->n_head * hd, c->att)) != 0) return rc;
-    matmul1(c, &L->wo, c->att, nt, c->y_l);
-    if ((rc = gather_cols(c, c->y_l, nt, G_HIDDEN, E, c->tmp)) != 0) return rc;
+    if (c->ar) { // its heads' columns of attn_output: a partial sum, added up over the group
+        if ((rc = matmul_partial(c, &L->wo, (int64_t)c->Hl * hd, c->att_l, nt, c->tmp)) != 0) return rc;
+        if ((rc = sum_partials(c, c->tmp, nt)) != 0) return rc;
+    } else {
+        if ((rc = gather_cols(c, c->att_l, nt, G_HEADS, hp->n_head * hd, c->att)) != 0) return rc;
+        matmul1(c, &L->wo, c->att, nt, c->y_l);
+        if ((rc = gather_cols(c, c->y_l, nt, G_HIDDEN, E, c->tmp)) != 0) return rc;
+    }
     for (size_t i = 0; i < (size_t)nt * E; i++) c->x[i] += c->tmp[i];
     for (int i = 0; i < nt; i++) ops_rmsnorm(c->xn + (size_t)i * E, c->x + (size_t)i * E, L->ffn_norm, E, hp->rms_eps);
     rc = hp->n_expert > 0 ? ffn_moe(c, il, L, nt) : ffn_dense(c, L, nt);

@@ -50,6 +50,11 @@ weights_t *model_weights(const model_t *m);
 // the same number of times in the same order. Returns 0 or a negative MLM_ code (peer lost, ...).
 typedef int (*model_gather_fn)(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens);
 
+// Tensor parallelism in all-reduce mode: sums buf (n floats) over the group's nodes in place; every
+// node receives the same bits (the sum is done in a fixed node order). Called, like the gather, the
+// same number of times in the same order on every node. Returns 0 or a negative MLM_ code.
+typedef int (*model_allreduce_fn)(void *ctx, float *buf, size_t n);
+
 typedef struct {
     int n_nodes;                  // nodes in the group
     int index;                    // this node's index
@@ -61,6 +66,10 @@ typedef struct {
     // the logits went elsewhere (model_eval then leaves its logits buffer untouched), or an error.
     // Called even by a group of one node, so a node can serve a coordinator that computes nothing.
     model_gather_fn gather_logits;
+    // All-reduce mode (the slices' cols set, Megatron style): the collective that sums the partial
+    // attn_output and ffn_down products, two per block (arguments: gather_ctx). Required then with
+    // more than one node; unused in exact mode.
+    model_allreduce_fn allreduce;
 } model_tp_t;
 
 typedef struct {
@@ -81,9 +90,12 @@ void model_ctx_destroy(model_ctx_t **self_p);
 
 // Feeds n tokens at the next positions. With all_logits, logits receives n rows of n_vocab;
 // otherwise only the last token's row (logits may be NULL to skip the output layer). In a
-// tensor-parallel group every node makes the same calls and every node receives the full logits,
-// bit-identical to a single node's. Returns 0, MLM_ERANGE when the cache would overflow,
-// MLM_EINVAL for a bad token id, or the gather's error.
+// tensor-parallel group every node makes the same calls and every node receives the full logits:
+// in exact mode bit-identical to a single node's; in all-reduce mode (slices with cols set) the
+// same on every node and run to run, but the hidden-size products are summed across the nodes in
+// another order than one node's dot products, so they differ from a single node's in the last bits
+// (tests/test_allreduce.c bounds it). Returns 0, MLM_ERANGE when the cache would overflow,
+// MLM_EINVAL for a bad token id, or the collective's error.
 int model_eval(model_ctx_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);
 
 // A pipeline stage's step (the model holds blocks [l0, l1) of its slice). The first stage reads

@@ -93,10 +93,13 @@ static int send_error(node_t *n, int code, const char *text, uint64_t step) { //
     return msg_send(*n->ctl, 0, &m, n->timeout_ms, err, sizeof err);
 }
 
-static shard_slice_t slice_of(const msg_plan_node_t *p) {
+// A node's slice in a plan: in all-reduce mode every computing node cuts attn_output and ffn_down
+// by columns (the coordinator's slices say the same, cluster.c).
+static shard_slice_t slice_of(const msg_plan_node_t *p, msg_tp_mode_t mode) {
     shard_slice_t s = {p->heads.begin, p->heads.end, p->kv_heads.begin, p->kv_heads.end, p->hidden.begin,
-                       p->hidden.end, 0, 0, p->vocab.begin, p->vocab.end, p->layers.begin, p->layers.end};
+                       p->hidden.end, 0, 0, p->vocab.begin, p->vocab.end, p->layers.begin, p->layers.end, 0};
     if (p->n_ffn > 0) s.f0 = p->ffn[0].begin, s.f1 = p->ffn[0].end;
+    s.cols = mode == MSG_TP_ALLREDUCE && s.l1 > s.l0;
     return s;
 }
 
@@ -171,7 +174,7 @@ static int on_plan(node_t *n, const msg_plan_t *p) {
     n->plan.nodes = n->nodes;
     n->index = -1;
     for (int i = 0; i < p->n_nodes; i++) {
-        n->slices[i] = slice_of(&n->nodes[i]);
+        n->slices[i] = slice_of(&n->nodes[i], p->tp_mode);
         if (strcmp(n->nodes[i].node_id, n->node_id) == 0) n->index = i;
     }
     if (n->index < 0) return send_error(n, MLM_EINVAL, "this node is not in the plan", 0), MLM_EINVAL;
@@ -323,7 +326,13 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         if (rc == 0)
             rc = pipe_node_init(&n->pipe, n->comm, n->index, n->slices, n->plan.n_nodes, hp->n_layer, hp->n_embd,
                                 hp->n_vocab, n->timeout_ms, err, sizeof err);
-        if (rc == 0) {
+        if (rc == 0) { // the group's links, as the coordinator measured them, choose star or ring
+            double lat[MSG_MAX_NODES], bw[MSG_MAX_NODES]; // (n_nodes) one-way us, bytes/s
+            for (int i = 0; i < n->plan.n_nodes; i++) {
+                lat[i] = n->nodes[i].link_lat_us;
+                bw[i] = (double)n->nodes[i].link_bw;
+            }
+            pipe_set_links(&n->pipe, lat, bw);
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
                                              .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,
                                              .kv_f32 = n->plan.kv_type == QT_F32};
@@ -405,8 +414,8 @@ static int on_step(node_t *n, const msg_step_t *st) {
 int node_cache_path(const char *dir, const uint8_t sha256[32], const shard_slice_t *s, char *out, size_t cap) {
     char hex[65];
     sha256_hex(sha256, hex);
-    int k = snprintf(out, cap, "%s/%.16s-l%d-%d-h%d-%d-kv%d-%d-e%d-%d-f%d-%d-v%d-%d.gguf", dir, hex, s->l0, s->l1, s->h0,
-                     s->h1, s->kv0, s->kv1, s->e0, s->e1, s->f0, s->f1, s->v0, s->v1);
+    int k = snprintf(out, cap, "%s/%.16s-l%d-%d-h%d-%d-kv%d-%d-e%d-%d-f%d-%d-v%d-%d%s.gguf", dir, hex, s->l0, s->l1,
+                     s->h0, s->h1, s->kv0, s->kv1, s->e0, s->e1, s->f0, s->f1, s->v0, s->v1, s->cols ? "-cols" : "");
     return k > 0 && (size_t)k < cap ? 0 : MLM_ERANGE;
 }
 

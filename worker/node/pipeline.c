@@ -26,6 +26,20 @@ static int pipe_gather(void *ctx, const void *mine, size_t my_len, void *out, co
     return rc;
 }
 
+// All-reduce mode: the sum of the group's partial products, star or ring as the group's links say.
+static int pipe_allreduce(void *ctx, float *buf, size_t n) {
+    pipe_node_t *p = ctx;
+    const double t0 = mlm_now_ms();
+    const comm_algo_t algo = comm_choose_algo_n(p->comm, p->n, n * sizeof(float));
+    const comm_allreduce_opts_t o = {algo, 0};
+    int rc = comm_allreduce_range(p->comm, p->first, p->n, buf, n, &o, p->timeout_ms);
+    p->gather_ms += mlm_now_ms() - t0;
+    p->gather_bytes += 2u * (uint64_t)(p->n - 1) * n * sizeof(float); // either algorithm, all members
+    p->allreduces++;
+    if (algo == COMM_ALGO_RING) p->allreduces_ring++;
+    return rc;
+}
+
 // The last stage's logit rows go to rank 0 only. Returns 0 when they landed in out (rank 0 is in
 // the group), 1 when they went elsewhere.
 static int pipe_logits(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
@@ -110,7 +124,7 @@ int pipe_node_init(pipe_node_t *p, comm_t *comm, int rank, const shard_slice_t *
         return MLM_EINVAL;
     }
     if (p->stage >= 0)
-        p->tp = (model_tp_t){p->n, rank - p->first, slices + p->first, pipe_gather, p, pipe_logits};
+        p->tp = (model_tp_t){p->n, rank - p->first, slices + p->first, pipe_gather, p, pipe_logits, pipe_allreduce};
     return 0;
 }
 
@@ -123,9 +137,20 @@ void pipe_node_free(pipe_node_t *p) {
     p->hcap = p->lcap = 0;
 }
 
+void pipe_set_links(pipe_node_t *p, const double *lat_us, const double *bw) {
+    if (p->stage < 0 || !lat_us || !bw) return;
+    double lat = 0, low = 0;
+    for (int r = p->first; r < p->first + p->n; r++) {
+        if (lat_us[r] > lat) lat = lat_us[r];
+        if (bw[r] > 0 && (low == 0 || bw[r] < low)) low = bw[r];
+    }
+    comm_set_link(p->comm, lat > 0 ? lat : -1, low); // unknown figures leave the comm's as they are
+}
+
 void pipe_stats_reset(pipe_node_t *p) {
     p->busy_ms = p->wait_ms = p->gather_ms = 0;
     p->gather_bytes = p->gathers = p->handoff_bytes = 0;
+    p->allreduces = p->allreduces_ring = 0;
 }
 
 int pipe_ubatch(int n, int ubatch) { return ubatch <= 0 || ubatch > n ? n : ubatch; }

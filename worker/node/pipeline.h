@@ -17,9 +17,9 @@
 // micro-batch to every rank of stage k + 1; the last stage sends its logit rows to rank 0.
 //
 // Message order per pair of ranks (the data plane keeps each pair's messages in order): inside a
-// group the all-gathers of the forward pass; leader -> next stage: one hidden block per
-// micro-batch (nt * n_embd F32); last stage -> rank 0: the logit rows of every micro-batch that
-// asks for logits. Nothing else travels, so no tags are needed.
+// group the all-gathers (and, in all-reduce mode, the all-reduces) of the forward pass; leader ->
+// next stage: one hidden block per micro-batch (nt * n_embd F32); last stage -> rank 0: the logit
+// rows of every micro-batch that asks for logits. Nothing else travels, so no tags are needed.
 #define PIPE_MAX_RANKS 64
 
 typedef struct {
@@ -42,9 +42,12 @@ typedef struct {
     // counters, accumulated until pipe_stats_reset
     double busy_ms;             // computing (model time minus its exchanges)
     double wait_ms;             // waiting for input from the stage before
-    double gather_ms;           // in tensor-parallel exchanges (transfer + waiting for the group)
+    double gather_ms;           // in tensor-parallel exchanges, all-reduces included (transfer + waiting
+                                // for the group)
     uint64_t gather_bytes;      // bytes the group's members sent each other (counted here for all)
-    uint64_t gathers;           // exchange rounds
+    uint64_t gathers;           // all-gather rounds
+    uint64_t allreduces;        // all-reduces (all-reduce mode: 2 per block and chunk)
+    uint64_t allreduces_ring;   // of which ran the ring algorithm (the rest: star)
     uint64_t handoff_bytes;     // hidden-state bytes this rank sent to the next stage
 } pipe_node_t;
 
@@ -53,6 +56,13 @@ typedef struct {
 int pipe_node_init(pipe_node_t *p, comm_t *comm, int rank, const shard_slice_t *slices, int n_ranks, int n_layer,
                    int n_embd, int n_vocab, int timeout_ms, char *err, size_t errlen);
 void pipe_node_free(pipe_node_t *p);
+
+// The links of the plan's ranks (lat_us: one-way latency in microseconds, bw: bytes/s, n_ranks
+// entries each, 0 = unknown): this rank's group takes its largest latency and smallest bandwidth as
+// the data plane's link figures (comm_set_link), from which each all-reduce chooses star or ring
+// (comm_choose_algo_n) alike on every member; the planner predicts with the same rule. Nothing
+// changes when the group's figures are all unknown (the comm's defaults).
+void pipe_set_links(pipe_node_t *p, const double *lat_us, const double *bw);
 void pipe_stats_reset(pipe_node_t *p);
 
 // Micro-batch size used for a step of n tokens: ubatch (0 = all of them) capped at n.

@@ -83,7 +83,8 @@ int weights_plan(const weights_params_t *p, plan_stream_t *st, char *err, size_t
     if (!pm) return MLM_ENOMEM;
     int rc = plan_model_from_gguf(p->g, pm, err, errlen);
     const int n_ctx = p->n_ctx > 0 ? p->n_ctx : 0;
-    if (rc == 0) rc = plan_window(pm, p->slice, PLAN_TP_EXACT, n_ctx, p->budget_bytes, st);
+    const int mode = p->slice->cols ? PLAN_TP_ALLREDUCE : PLAN_TP_EXACT; // how the share is cut
+    if (rc == 0) rc = plan_window(pm, p->slice, mode, n_ctx, p->budget_bytes, st);
     if (rc == MLM_ERANGE) {
         const shard_slice_t *s = p->slice;
         const bool last = s->l1 == pm->n_layer && s->l1 > s->l0;
@@ -109,6 +110,15 @@ int weights_choose(const weights_params_t *p, const char **name, char *err, size
     plan_stream_t st;
     int rc = weights_plan(p, &st, err, errlen);
     if (rc == 0 && st.streams) *name = "window";
+    return rc;
+}
+
+int weights_need_shard_file(const weights_params_t *p, bool *need, char *err, size_t errlen) {
+    *need = false;
+    if (!p || !p->slice || !p->slice->cols || !p->budget_bytes || p->shard_file) return 0;
+    plan_stream_t st;
+    int rc = weights_plan(p, &st, err, errlen);
+    *need = rc == 0 && st.streams;
     return rc;
 }
 

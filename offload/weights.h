@@ -113,8 +113,8 @@ typedef struct weights weights_t;
 // in err (MLM_ENOTFOUND: no provider of that name; MLM_ERANGE: the budget is below the minimum).
 int weights_new(weights_t **out, const char *name, const weights_params_t *p, char *err, size_t errlen);
 
-// How the node's share holds within p->budget_bytes by plan_window's rule (exact tensor-parallel
-// cuts), into *st (may be NULL). 0; MLM_ERANGE when the budget is below the minimum, with err saying
+// How the node's share holds within p->budget_bytes by plan_window's rule (its slice's cuts: exact, or
+// all-reduce when slice->cols), into *st (may be NULL). 0; MLM_ERANGE when the budget is below the minimum, with err saying
 // "--mem-budget B is below the M this node needs: one block of U, KV cache K (N positions),
 // activations A"; or plan_model_from_gguf's errors.
 int weights_plan(const weights_params_t *p, plan_stream_t *st, char *err, size_t errlen);
@@ -122,6 +122,11 @@ int weights_plan(const weights_params_t *p, plan_stream_t *st, char *err, size_t
 // The provider weights_new picks for name NULL: "mmap" or "window" (see weights_new), or a refusal
 // as weights_plan's.
 int weights_choose(const weights_params_t *p, const char **name, char *err, size_t errlen);
+
+// Whether the share streams under p->budget_bytes while cut by columns (all-reduce mode) from a whole
+// model file, whose column slices lie apart: "window" reads it from a shard file of the slice
+// (shard_file_write) instead, which the caller writes first. 0 with *need set, or weights_plan's refusal.
+int weights_need_shard_file(const weights_params_t *p, bool *need, char *err, size_t errlen);
 
 // Frees the provider (every unit must have been released); accepts NULL and NULLs the pointer.
 void weights_free(weights_t **self_p);

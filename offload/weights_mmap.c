@@ -16,6 +16,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "core/err.h"
 #include "offload/weights_impl.h"
@@ -79,6 +81,11 @@ static int bind_plane(mmap_t *m, mm_weight_t *w, const weights_loc_t *loc, int p
         return mlm_fail(err, errlen, rc, "tensor %s: type %s cannot be used for a matrix product", t->name,
                         qtype_name(t->type));
     m->bytes += (size_t)(loc->r1 - loc->r0) * w->row_bytes;
+    if (w->packed) { // the kernels read the packed copy only: the mapped rows' own pages can go
+        const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), src = (uintptr_t)w->data;
+        const uintptr_t a = (src + pg - 1) / pg * pg, b = (src + (size_t)w->rows * w->row_bytes) / pg * pg;
+        if (b > a) (void)madvise((void *)a, b - a, MADV_PAGEOUT); // file pages leave; a buffer's stay
+    }
     return 0;
 }
 

@@ -218,6 +218,36 @@ static int lay_out(unit_t *u) {
     return 0;
 }
 
+// An all-reduce slice's columns of matrix `name` (cols columns, rows rows, planes planes): from a
+// shard file, which holds them contiguously (every row of the columns, plane after plane), as field
+// `field` of the dense part (planes 1) or of each expert. *cut is false when the slice does not cut
+// it by columns (it is then located by rows). A model file's column slices lie at a stride, one piece
+// per row: refused (MLM_EUNSUPPORTED), the node streams from its shard file instead.
+static int add_cols(win_t *w, unit_t *u, size_t field, const char *name, int64_t cols, int64_t rows, int planes,
+                    bool *cut, char *err, size_t errlen) {
+    int64_t c0, c1;
+    shard_tensor_cols(&w->slice, name, cols, w->hp.head_dim, &c0, &c1);
+    *cut = w->slice.cols && !(c0 == 0 && c1 == cols);
+    if (!*cut || (w->p.shard_file && c1 == c0)) return 0; // not cut; or none of its columns held
+    if (!w->p.shard_file)
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
+                        "%s: tensor %s: an all-reduce slice's columns are streamed from a shard file (in the "
+                        "model file each row's columns lie apart)", gguf_path(w->p.g), name);
+    int rc = 0;
+    const gguf_tensor_t *t = weights_want_tensor(&w->p, name, planes > 1 ? 3 : 2, c1 - c0, rows, planes > 1 ? planes : 0,
+                                                 true, &rc, err, errlen);
+    if (!t) return rc;
+    const size_t plane_bytes = qtype_row_size(t->type, c1 - c0) * (size_t)rows;
+    for (int e = 0; e < planes; e++) {
+        const int pc = add_piece(u, file_off(w, (const uint8_t *)t->data + (size_t)e * plane_bytes), plane_bytes);
+        if (pc < 0) return pc;
+        if ((rc = add_bind(u, (bind_t){.kind = B_MAT, .piece = pc, .expert = planes > 1 ? e : -1, .field = field,
+                                       .type = t->type, .rows = rows, .cols = c1 - c0})) != 0)
+            return rc;
+    }
+    return 0;
+}
+
 // The pieces of block il (its dense part and every expert) or of the output rows (il == WEIGHTS_OUT).
 static int plan_unit(win_t *w, unit_t *u, int il, char *err, size_t errlen) {
     const model_hparams_t *hp = &w->hp;
@@ -247,11 +277,17 @@ static int plan_unit(win_t *w, unit_t *u, int il, char *err, size_t errlen) {
     MAT(wq, "attn_q", E, Q);
     MAT(wk, "attn_k", E, KV);
     MAT(wv, "attn_v", E, KV);
-    MAT(wo, "attn_output", Q, E);
+    bool cut;
+    if ((rc = add_cols(w, u, offsetof(layer_weights_t, wo), NAME("attn_output"), Q, E, 1, &cut, err, errlen)) != 0)
+        return rc;
+    if (!cut) MAT(wo, "attn_output", Q, E);
     if (hp->n_expert == 0) {
         MAT(w_gate, "ffn_gate", E, hp->n_ff);
         MAT(w_up, "ffn_up", E, hp->n_ff);
-        MAT(w_down, "ffn_down", hp->n_ff, E);
+        if ((rc = add_cols(w, u, offsetof(layer_weights_t, w_down), NAME("ffn_down"), hp->n_ff, E, 1, &cut, err,
+                           errlen)) != 0)
+            return rc;
+        if (!cut) MAT(w_down, "ffn_down", hp->n_ff, E);
     } else {
         MAT(gate_inp, "ffn_gate_inp", E, hp->n_expert);
         static const struct {
@@ -263,6 +299,10 @@ static int plan_unit(win_t *w, unit_t *u, int il, char *err, size_t errlen) {
                      {"ffn_down_exps", offsetof(layer_weights_t, w_down), true}};
         for (int k = 0; k < 3; k++) {
             const int64_t cols = exps[k].down ? hp->n_ff : E, rows = exps[k].down ? E : hp->n_ff;
+            if ((rc = add_cols(w, u, exps[k].field, NAME(exps[k].suffix), cols, rows, hp->n_expert, &cut, err,
+                               errlen)) != 0)
+                return rc;
+            if (cut) continue;
             if ((rc = weights_locate(p, NAME(exps[k].suffix), cols, rows, hp->n_expert, &loc, err, errlen)) != 0)
                 return rc;
             for (int e = 0; e < hp->n_expert; e++)
@@ -598,13 +638,10 @@ static int win_acquire(void *ctx, int layer, int expert, const layer_weights_t *
         waited = true;
         pthread_cond_wait(&w->done, &w->mu);
     }
-    if (waited) {
-        w->st.misses++;
-        w->st.stall_ms += mlm_now_ms() - t0;
-    } else {
-        w->st.hits++;
-    }
-    if (rc == 0) {
+    if (waited) w->st.stall_ms += mlm_now_ms() - t0;
+    if (rc == 0) { // only a unit handed out is a hit or a miss (as the wrapper counts acquires)
+        if (waited) w->st.misses++;
+        else w->st.hits++;
         if (!s->used) {
             s->used = true;
             if (!waited) w->st.prefetch_used++;

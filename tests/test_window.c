@@ -20,6 +20,7 @@
 #include "core/clock.h"
 #include "core/err.h"
 #include "offload/weights.h"
+#include "parallel/plan.h"
 #include "worker/model/model.h"
 
 // --- fixture: a tiny-k shaped model of 64 blocks (40.9 MB of Q8_0), written once for the suite
@@ -365,6 +366,94 @@ static void test_one_token_reads(void) {
     model_destroy(&m);
 }
 
+// Matrices a and b hold the same rows (shapes and bytes).
+static bool same_matrix(const mm_weight_t *a, const mm_weight_t *b) {
+    if (a->rows != b->rows || a->cols != b->cols || a->type != b->type) return false;
+    if (!a->rows) return true;
+    uint8_t *ra = malloc(a->row_bytes), *rb = malloc(b->row_bytes);
+    bool same = ra && rb && a->row_bytes == b->row_bytes;
+    for (int64_t r = 0; same && r < a->rows; r++) {
+        mm_weight_get_row(a, r, ra);
+        mm_weight_get_row(b, r, rb);
+        same = memcmp(ra, rb, a->row_bytes) == 0;
+    }
+    free(ra);
+    free(rb);
+    return same;
+}
+
+// An all-reduce share (attn_output and ffn_down cut by columns) streams from its shard file, whose
+// columns are contiguous: every unit equals the mapped model's column copy; from the model file itself
+// the window refuses, naming the shard file. The budget is sized in all-reduce mode.
+static void test_allreduce_columns(void) {
+    char err[512], shard[1200];
+    const char *models[] = {NULL, "models/synth/synth-moe-Q8_0.gguf"};
+    for (size_t k = 0; k < sizeof models / sizeof models[0]; k++) {
+        char path[1024];
+        if (models[k]) test_shared_path(path, sizeof path, models[k]);
+        else snprintf(path, sizeof path, "%.1000s", fix_model);
+        gguf_t *g = NULL;
+        model_hparams_t hp;
+        CU_ASSERT_EQUAL_FATAL(gguf_open(&g, path, err, sizeof err), 0);
+        CU_ASSERT_EQUAL_FATAL(hparams_read(g, &hp, err, sizeof err), 0);
+        plan_model_t *pm = malloc(sizeof *pm);
+        plan_t *pl = malloc(sizeof *pl);
+        plan_node_t nodes[2];
+        CU_ASSERT_EQUAL_FATAL(plan_model_from_gguf(g, pm, err, sizeof err), 0);
+        CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("2", nodes, 2, err, sizeof err), 2);
+        plan_opts_t po = {.n_ctx = N_CTX, .pp = 1, .tp = 2, .keep_all = true, .tp_mode = PLAN_TP_ALLREDUCE};
+        CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 2, &po, pl, NULL, 0, NULL, err, sizeof err), 0);
+        shard_slice_t sl = pl->shard[1].s;
+        sl.cols = 1;
+        snprintf(shard, sizeof shard, "%s/ar%zu.gguf", fix_dir, k);
+        CU_ASSERT_EQUAL_FATAL(shard_file_write(g, &sl, hp.head_dim, NULL, shard, err, sizeof err), 0);
+        model_t *ref = NULL, *win = NULL, *bad = NULL;
+        model_load_opts_t lr = {.slice = &sl, .weights = "mmap"}, lw = {.slice = &sl, .weights = "window:w=1"};
+        CU_ASSERT_EQUAL_FATAL(model_load(&ref, path, &lr, err, sizeof err), 0);
+        CU_ASSERT_EQUAL(model_load(&bad, path, &lw, err, sizeof err), MLM_EUNSUPPORTED);
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, "streamed from a shard file"));
+        if (model_load(&win, shard, &lw, err, sizeof err) != 0) fprintf(stderr, "\n  window over %s: %s\n", shard, err);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(win);
+        int bad_units = 0;
+        for (int l = -2; l < hp.n_layer; l++) {
+            const int id = l == -2 ? WEIGHTS_OUT : l == -1 ? WEIGHTS_IN : l;
+            for (int e = -1; e < (l >= 0 ? hp.n_expert : 0); e++) {
+                const layer_weights_t *A, *B;
+                if (weights_acquire(model_weights(ref), id, e, &A) != 0) continue; // not held (IN on node 1)
+                CU_ASSERT_EQUAL_FATAL(weights_acquire(model_weights(win), id, e, &B), 0);
+                const mm_weight_t *ma[] = {&A->wq, &A->wk, &A->wv, &A->wo, &A->gate_inp, &A->w_gate, &A->w_up,
+                                           &A->w_down, &A->output};
+                const mm_weight_t *mb[] = {&B->wq, &B->wk, &B->wv, &B->wo, &B->gate_inp, &B->w_gate, &B->w_up,
+                                           &B->w_down, &B->output};
+                for (size_t i = 0; i < sizeof ma / sizeof ma[0]; i++) bad_units += !same_matrix(ma[i], mb[i]);
+                weights_release(model_weights(ref), id, e);
+                weights_release(model_weights(win), id, e);
+            }
+        }
+        CU_ASSERT_EQUAL(bad_units, 0);
+        CU_ASSERT(sl.e0 == 0 && sl.e1 == hp.n_embd); // every row, a share of the columns
+        // the budget is sized by the all-reduce rule: the window's units are that mode's block bytes
+        const weights_params_t wp = {.g = g, .hp = &hp, .slice = &sl, .budget_bytes = 0, .n_ctx = N_CTX};
+        plan_stream_t st, want;
+        CU_ASSERT_EQUAL(weights_plan(&wp, &st, err, sizeof err), 0);
+        CU_ASSERT_EQUAL(plan_window(pm, &sl, PLAN_TP_ALLREDUCE, N_CTX, 0, &want), 0);
+        CU_ASSERT_EQUAL(st.pinned_bytes, want.pinned_bytes);
+        bool need = true;
+        weights_params_t small = wp;
+        small.budget_bytes = want.min_budget;
+        CU_ASSERT_EQUAL(weights_need_shard_file(&small, &need, err, sizeof err), 0);
+        CU_ASSERT(need);
+        small.shard_file = true;
+        CU_ASSERT_EQUAL(weights_need_shard_file(&small, &need, err, sizeof err), 0);
+        CU_ASSERT(!need);
+        model_destroy(&ref);
+        model_destroy(&win);
+        free(pm);
+        free(pl);
+        gguf_close(&g);
+    }
+}
+
 // --- tests: the program
 
 // VmHWM of `meshlm run` on a model of 1 MB: the binary's own pages, which no budget covers.
@@ -507,6 +596,33 @@ static void test_workers_without_model(void) {
     }
 }
 
+// All-reduce mode with --mem-budget: workers with the model file write their column shards into
+// their cache once and stream from them, the coordinator's own share from a shard file of its own;
+// the tokens equal the same layout's without a budget.
+static void test_run_allreduce(void) {
+    if (!test_meshlm_bin()) {
+        fprintf(stderr, "(skipped: MESHLM_BIN not set) ");
+        return;
+    }
+    char budget[32], limit[32], cache[1100];
+    snprintf(budget, sizeof budget, "%lluK", (unsigned long long)(fix_budget >> 10));
+    snprintf(limit, sizeof limit, "%lluK", (unsigned long long)((fix_budget + CG_ROOM) >> 10));
+    snprintf(cache, sizeof cache, "%.1000s/arcache", fix_dir);
+    for (int coord = 0; coord < 2; coord++) {
+        const char *plain[] = {"meshlm", "run", "-m", fix_model, "-p", "Once upon a time", "-n", "12", "--greedy", "-c",
+                               "64", "-t", "1", "--json", "--local", coord ? "1" : "2", "--tp", "2", "--tp-mode",
+                               "allreduce", coord ? "--coordinator-shard" : NULL, NULL};
+        const char *budgeted[] = {"meshlm", "run", "-m", fix_model, "-p", "Once upon a time", "-n", "12", "--greedy",
+                                  "-c", "64", "-t", "1", "--json", "--local", coord ? "1" : "2", "--tp", "2",
+                                  "--tp-mode", "allreduce", "--mem-budget", budget, "--local-mem", limit, "--cache-dir",
+                                  cache, coord ? "--coordinator-shard" : NULL, NULL};
+        result_t a, b;
+        if (!run_json(plain, &a, NULL) || !run_json(budgeted, &b, NULL)) continue;
+        CU_ASSERT(same_tokens(&a, &b));
+        if (!same_tokens(&a, &b)) fprintf(stderr, "\n  all-reduce%s: tokens differ with the budget\n", coord ? " + coordinator" : "");
+    }
+}
+
 // `meshlm mpi` on 2 ranks with --mem-budget: one node's tokens (skipped without mpirun).
 static void test_mpi(void) {
     const char *bin = test_meshlm_bin();
@@ -552,9 +668,11 @@ int test_window_suite(void) {
                      test_budget_rule) ||
         !CU_add_test(s, "streamed logits equal mapped ones bit for bit, every reading method", test_logits_bit_identical) ||
         !CU_add_test(s, "one token reads every streamed unit once, the first ones ahead", test_one_token_reads) ||
+        !CU_add_test(s, "an all-reduce share streams its columns from its shard file", test_allreduce_columns) ||
         !CU_add_test(s, "run: one node's tokens with --mem-budget, VmHWM bounded, refusal", test_run_one_node) ||
         !CU_add_test(s, "run --local 2/3: tokens and every worker's VmHWM", test_run_workers) ||
         !CU_add_test(s, "workers without the model stream from their shard cache", test_workers_without_model) ||
+        !CU_add_test(s, "run --tp-mode allreduce with --mem-budget: the same tokens", test_run_allreduce) ||
         !CU_add_test(s, "mpi --mem-budget: one node's tokens", test_mpi))
         return -1;
     return 0;

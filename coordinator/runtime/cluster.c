@@ -702,6 +702,26 @@ int cluster_make_plan(cluster_t *c, char *err, size_t errlen) {
     return rc;
 }
 
+// The coordinator's own share (an empty slice when it computes nothing), within its budget. An
+// all-reduce share that streams (its columns lie apart in the model file) is read from a shard file of
+// its slice, written for this load into $TMPDIR and unlinked once the window has it open.
+static int load_own_share(cluster_t *c, char *err, size_t errlen) {
+    model_load_opts_t lo = {.repack = true, .slice = &c->slices[0], .n_ctx = c->o.n_ctx,
+                            .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0};
+    const model_hparams_t *hp = model_hparams(c->full);
+    const weights_params_t wp = {.g = model_gguf(c->full), .hp = hp, .slice = lo.slice, .budget_bytes = lo.mem_budget,
+                                 .n_ctx = lo.n_ctx};
+    bool need = false;
+    int rc = weights_need_shard_file(&wp, &need, err, errlen);
+    if (rc != 0 || !need) return model_load(&c->model, c->o.model_path, &lo, err, errlen);
+    char path[300];
+    snprintf(path, sizeof path, "%s/meshlm-share-%ld.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (long)getpid());
+    rc = shard_file_write(model_gguf(c->full), lo.slice, hp->head_dim, c->sha, path, err, errlen);
+    if (rc == 0) rc = model_load(&c->model, path, &lo, err, errlen);
+    unlink(path);
+    return rc;
+}
+
 // The coordinator's end of the data plane: the given one, or ZeroMQ over the plan's endpoints.
 static int open_data_plane(cluster_t *c, char *err, size_t errlen) {
     if (c->o.data) {
@@ -729,11 +749,7 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
     const double t0 = mlm_now_ms();
     int rc = load_shards(c, err, errlen);
     if (rc == 0) rc = open_data_plane(c, err, errlen);
-    if (rc == 0) {
-        model_load_opts_t lo = {.repack = true, .slice = &c->slices[0], .n_ctx = c->o.n_ctx,
-                                .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0};
-        rc = model_load(&c->model, c->o.model_path, &lo, err, errlen);
-    }
+    if (rc == 0) rc = load_own_share(c, err, errlen);
     if (rc == 0) {
         const model_hparams_t *hp = model_hparams(c->model);
         rc = pipe_node_init(&c->pipe, c->comm, 0, c->slices, c->n_nodes, hp->n_layer, hp->n_embd, hp->n_vocab,

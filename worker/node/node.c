@@ -277,6 +277,43 @@ static int open_data_plane(node_t *n, char *err, size_t errlen) {
     return comm_open(&n->comm, fault_has_link_rules(n->faults) ? "fault:zmq" : "zmq", &co, err, errlen);
 }
 
+// The file a worker with the model loads its share from: the model file, or for an all-reduce share
+// that streams under the budget (its columns lie apart in the model file) its shard file, written once
+// into the cache at `cached` (an MPI rank, whose model is not hashed, writes a file of its own into the
+// cache and *unlink_after says to remove it once loaded). 0, or why the shard file was not written.
+static int share_file(node_t *n, const shard_slice_t *sl, const char *cached, char *tmp, size_t cap,
+                      const char **from, bool *unlink_after, char *err, size_t errlen) {
+    *from = n->o->model_path;
+    *unlink_after = false;
+    if (!n->o->mem_budget || !sl->cols) return 0;
+    if (!n->o->same_file && access(cached, R_OK) == 0) {
+        *from = cached;
+        return 0;
+    }
+    gguf_t *g = NULL;
+    model_hparams_t hp;
+    bool need = false;
+    int rc = gguf_open(&g, n->o->model_path, err, errlen);
+    if (rc == 0) rc = hparams_read(g, &hp, err, errlen);
+    if (rc == 0) {
+        const weights_params_t wp = {.g = g, .hp = &hp, .slice = sl, .budget_bytes = n->o->mem_budget,
+                                     .n_ctx = (int)n->plan.n_ctx};
+        rc = weights_need_shard_file(&wp, &need, err, errlen);
+    }
+    if (rc == 0 && need) {
+        if (n->o->same_file) snprintf(tmp, cap, "%s/share-%ld.gguf", n->cache_dir, (long)getpid());
+        else snprintf(tmp, cap, "%s", cached);
+        rc = mlm_mkdir_p(n->cache_dir, err, errlen);
+        if (rc == 0) rc = shard_file_write(g, sl, hp.head_dim, n->sha, tmp, err, errlen);
+        if (rc == 0) {
+            *from = tmp;
+            *unlink_after = n->o->same_file;
+        }
+    }
+    gguf_close(&g);
+    return rc == MLM_ERANGE ? 0 : rc; // a budget below the minimum: model_load says so
+}
+
 static int on_load(node_t *n, const msg_load_shard_t *ls) {
     char err[512] = "", path[1100];
     if (!n->planned || ls->node_index != (uint32_t)n->index) return send_error(n, MLM_ESTATE, "LOAD_SHARD without a plan for this node", 0), MLM_ESTATE;
@@ -293,7 +330,12 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);
     if (local) {
-        rc = model_load(&n->model, n->o->model_path, &lo, err, sizeof err);
+        char own[1100];
+        const char *from;
+        bool tmp;
+        rc = share_file(n, sl, path, own, sizeof own, &from, &tmp, err, sizeof err);
+        if (rc == 0) rc = model_load(&n->model, from, &lo, err, sizeof err);
+        if (tmp) unlink(own); // streamed through its open descriptor until the plan ends
     } else if (access(path, R_OK) == 0) {
         rc = model_load(&n->model, path, &lo, err, sizeof err);
         ack.load_shard_ack.from_cache = rc == 0;

@@ -48,7 +48,7 @@ typedef struct {
     bool *left;                 // (size) of those, the ones that said BYE (left cleanly)
     bool *hello;                // (size) HELLO received from peer
     bool *heard;                // (size) peer's HELLO said it has ours (the handshake with it is complete)
-    bool started;               // the handshake is over: a HELLO that says it lacks ours is answered
+    bool started;               // the handshake is over
     int64_t *next_probe;        // (size) monotonic us of the next liveness probe
     uint64_t stamp;             // messages queued so far
     uint64_t rejected;          // messages dropped as malformed, oversized or unknown
@@ -120,11 +120,15 @@ static int send_parts(zq_ctx_t *z, int peer, int kind, const comm_iov_t *f, int 
     return 0;
 }
 
-// A HELLO to peer; heard: we have the peer's HELLO (byte 7 of the envelope, a HELLO has no frames).
-static int send_hello(zq_ctx_t *z, int peer, bool heard) {
+// A HELLO to peer, byte 7 of the envelope (a HELLO has no frames) saying how far we are with it:
+// 0 we lack its HELLO, 1 we have it, 2 we have it and it has ours (we are done with it).
+static int hello_level(const zq_ctx_t *z, int peer) { return z->hello[peer] ? (z->heard[peer] ? 2 : 1) : 0; }
+
+static int send_hello(zq_ctx_t *z, int peer) {
     uint8_t id[5], env[COMM_ZMQ_ENVELOPE_BYTES];
     routing_id(id, 'p', peer);
-    comm_zmq_envelope(env, COMM_ZMQ_HELLO, z->rank, (uint32_t)z->size | (uint32_t)z->o.session << 16, heard ? 1 : 0);
+    comm_zmq_envelope(env, COMM_ZMQ_HELLO, z->rank, (uint32_t)z->size | (uint32_t)z->o.session << 16,
+                      hello_level(z, peer));
     if (zmq_send(z->out, id, sizeof id, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) return errno ? errno : EIO;
     return zmq_send(z->out, env, sizeof env, ZMQ_DONTWAIT) < 0 ? EIO : 0;
 }
@@ -179,10 +183,12 @@ static int take_one(zq_ctx_t *z) {
         goto done;
     }
     switch (kind) {
-    case COMM_ZMQ_HELLO: // byte 7 of a HELLO: the sender has the addressee's HELLO
+    case COMM_ZMQ_HELLO: // byte 7 of a HELLO: how far the sender is with us (send_hello)
         z->hello[src] = true;
-        if (nf == 1) z->heard[src] = true;
-        else send_hello(z, (int)src, true); // it lacks ours (astray, or we finished with it first): again
+        if (nf >= 1) z->heard[src] = true;
+        // It lacks our HELLO (astray), or our word that we have its: answer, even when we are done
+        // with it (it would otherwise wait for a HELLO we no longer send).
+        if (nf < 2) send_hello(z, (int)src);
         break;
     case COMM_ZMQ_PROBE: break;
     case COMM_ZMQ_BYE: z->lost[src] = z->left[src] = true; break;
@@ -460,7 +466,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
         if (say) next_say = mlm_now_us() + ZQ_HELLO_EVERY_MS * 1000;
         for (int p = 0; p < z->size; p++) {
             if (p == z->rank) continue;
-            if (say && !(z->hello[p] && z->heard[p]) && send_hello(z, p, z->hello[p]) == 0)
+            if (say && !(z->hello[p] && z->heard[p]) && send_hello(z, p) == 0)
                 said[p] = true;
             done = done && z->hello[p] && z->heard[p];
             all_said = all_said && said[p];
@@ -489,7 +495,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     // this every HELLO is answered (take_one).
     z->started = true;
     for (int p = 0; rc == 0 && p < z->size; p++)
-        if (p != z->rank) send_hello(z, p, true);
+        if (p != z->rank) send_hello(z, p);
     free(said);
     return rc;
 }

@@ -23,8 +23,10 @@
 enum {
     COMM_ZMQ_DATA = 0,              // user frames follow
     COMM_ZMQ_HELLO = 1,             // handshake: rank and world size in the envelope; no frames, and byte 7
-                                    // (the frame count) is 1 when the sender has the addressee's HELLO.
-                                    // A rank repeats its HELLO until the peer's says it has it (1.1)
+                                    // (the frame count) is 1 when the sender has the addressee's HELLO, 2
+                                    // when it also knows the addressee has its own. A rank repeats its
+                                    // HELLO until the peer's says it has it (1.1); a HELLO below 2 is
+                                    // answered, so a peer that finished first still tells the other
     COMM_ZMQ_PROBE = 2,             // liveness probe, ignored by the receiver
     COMM_ZMQ_BYE = 3,               // the sender is shutting down cleanly
 };

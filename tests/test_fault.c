@@ -426,6 +426,9 @@ static void test_parse_events(void) {
     s = spec_of("freeze:worker=3:at_ms=0:ms=1");
     CU_ASSERT(s && fault_pick_worker(s, 0, 2) == 3); // a named worker is the one named
     fault_free(&s);
+    s = spec_of("disk:worker=2:slow=1,disk:worker=3:slow=1:full"); // (the fuzzer's find: slow=1 alone stays)
+    CU_ASSERT(s && strcmp(fault_spec_text(s), "disk:worker=2:slow=1,disk:worker=3:full") == 0);
+    fault_free(&s);
 }
 
 static void test_parse_event_errors(void) {

@@ -275,7 +275,7 @@ static int make_text(fault_spec_t *s) {
             break;
         case FAULT_DISK:
             sb_worker(&b, r->worker);
-            if (r->slow != 1) sb_num(&b, "slow", r->slow);
+            if (r->slow != 1 || !r->full) sb_num(&b, "slow", r->slow); // (a disk rule says something)
             if (r->full) sb_add(&b, ":full");
             break;
         }

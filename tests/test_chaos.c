@@ -467,34 +467,24 @@ static void test_freeze_and_partition(void) {
 }
 
 // Drops alone (5% on the link between the last two stages of a pipeline, from the start): steps
-// time out, the cluster re-plans and replays, no request is lost or changed; and the same seed
-// drops the same messages again, so a second run makes the same recoveries.
+// time out, the cluster re-plans and replays, and no request is lost or changed. (Which messages
+// drop is fixed by the seed, but how many messages a failed step has sent by then depends on
+// timing, so two runs may recover a different number of times.)
 static void test_drops_lose_nothing(void) {
     char model[1024];
     if (!have_model(model, sizeof model)) return;
     const char *args[] = {"chaos", "-m", model, "--local", "3", "--pp", "3", "-R", "3", "-n", "8", "--timeout", "1000",
                           "--faults", "drop:link=2-3:p=0.05:at_ms=0,seed=7", "--json", NULL};
-    char replays[2][256] = {"", ""}; // each run's recoveries: the tokens each replayed
-    int n_rec[2] = {0, 0};
-    for (int run = 0; run < 2; run++) {
-        prog_t p;
-        if (!run_meshlm(&p, args)) return;
-        CU_ASSERT_EQUAL(p.status, 0);
-        cJSON *root = cJSON_Parse(p.out);
-        const cJSON *wf = check_report(root);
-        const cJSON *r;
-        cJSON_ArrayForEach(r, cJSON_GetObjectItemCaseSensitive(wf, "recoveries")) {
-            n_rec[run]++;
-            size_t k = strlen(replays[run]);
-            snprintf(replays[run] + k, sizeof replays[run] - k, "%.0f,", num(r, "replayed_tokens"));
-        }
-        cJSON_Delete(root);
-        prog_free(&p);
-    }
-    fprintf(stderr, "\n  %d recoveries from drops (replayed %s), then %d (%s) ", n_rec[0], replays[0], n_rec[1], replays[1]);
-    CU_ASSERT(n_rec[0] >= 1); // the drops did hit steps
-    CU_ASSERT_EQUAL(n_rec[0], n_rec[1]);
-    CU_ASSERT_STRING_EQUAL(replays[0], replays[1]);
+    prog_t p;
+    if (!run_meshlm(&p, args)) return;
+    CU_ASSERT_EQUAL(p.status, 0);
+    cJSON *root = cJSON_Parse(p.out);
+    const cJSON *wf = check_report(root);
+    const int n_rec = cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(wf, "recoveries"));
+    fprintf(stderr, "\n  %d recoveries from drops, %.0f requests retried ", n_rec, num(wf, "requests_retried"));
+    CU_ASSERT(n_rec >= 1); // the drops did hit steps (seed 7 drops messages 0, 2, 3, 33, ... of 2 -> 3)
+    cJSON_Delete(root);
+    prog_free(&p);
 }
 
 // `run --faults`: the kill is carried out at its token, the text is the fault-free one, and --json
@@ -552,7 +542,7 @@ int test_chaos_suite(void) {
         !CU_add_test(s, "scheduler: refusals, freezes end, gone workers", test_sched_refusals) ||
         !CU_add_test(s, "chaos: kill, freeze, partition, 5% drops: nothing lost or changed, SVG", test_chaos_run) ||
         !CU_add_test(s, "chaos: a freeze and a partition detected and recovered", test_freeze_and_partition) ||
-        !CU_add_test(s, "chaos: a drop schedule loses no request, the same way twice", test_drops_lose_nothing) ||
+        !CU_add_test(s, "chaos: a drop schedule loses no request", test_drops_lose_nothing) ||
         !CU_add_test(s, "run --faults", test_run_faults))
         return -1;
     return 0;

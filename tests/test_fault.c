@@ -426,6 +426,9 @@ static void test_parse_events(void) {
     s = spec_of("freeze:worker=3:at_ms=0:ms=1");
     CU_ASSERT(s && fault_pick_worker(s, 0, 2) == 3); // a named worker is the one named
     fault_free(&s);
+    s = spec_of("disk:worker=2:slow=1,disk:worker=3:slow=1:full"); // (the fuzzer's find: slow=1 alone stays)
+    CU_ASSERT(s && strcmp(fault_spec_text(s), "disk:worker=2:slow=1,disk:worker=3:full") == 0);
+    fault_free(&s);
 }
 
 static void test_parse_event_errors(void) {
@@ -597,6 +600,27 @@ static void test_partition_window(void) {
     CU_ASSERT_EQUAL(comm_recv(cs[0], 1, &m, &from, 100), MLM_EPEER);
     CU_ASSERT_EQUAL(comm_send1(cs[0], 2, "x", 1, 100), MLM_EPEER);
     destroy_all(cs, 3);
+    // ends that know their nodes: rank 0 waits for rank 1 and never hears from rank 2 but its
+    // announcement; the cut of 0-2 still loses rank 2 (and with fail_on_any_loss ends the wait)
+    fault_spec_t *sp[3];
+    CU_ASSERT_FATAL(comm_inproc_new_group(cs, 3) == 0);
+    for (int r = 0; r < 3; r++) {
+        sp[r] = spec_of(text);
+        CU_ASSERT_FATAL(sp[r] != NULL);
+        fault_set_identity(sp[r], r);
+        CU_ASSERT_FATAL(comm_fault_wrap_opts(&cs[r], sp[r], r == 0 ? &wo : NULL, err, sizeof err) == 0);
+    }
+    // (event 1 is the partition of 0-2: rank 0 waits on rank 1 and hears from rank 2 only its announcement)
+    const int64_t t1 = fault_now_ns();
+    CU_ASSERT_EQUAL(fault_board_set(board, 1, t1, INT64_MAX), 0);
+    rc = comm_recv(cs[0], 1, &m, &from, 2000);
+    const double waited1 = (fault_now_ns() - t1) / 1e6;
+    CU_ASSERT_EQUAL(rc, MLM_EPEER);
+    CU_ASSERT(waited1 >= 100 && waited1 < 100 + SLACK_MS);
+    CU_ASSERT(comm_fault_inner(cs[0], 2, &lost) != NULL && lost);
+    CU_ASSERT_EQUAL(fault_board_set(board, 1, 0, 0), 0);
+    destroy_all(cs, 3);
+    for (int r = 0; r < 3; r++) fault_free(&sp[r]);
     // a wrapper that cannot map the board enforces no cuts
     fault_board_set(board, 1, fault_now_ns(), INT64_MAX);
     fault_spec_t *gone = spec_of("partition:link=0-1:at_ms=0,board=/nonexistent/board");

@@ -417,7 +417,12 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     setopt_int(z->out, ZMQ_RECONNECT_IVL, 20);
     setopt_int(z->out, ZMQ_RECONNECT_IVL_MAX, 500);
     uint8_t id[5];
-    routing_id(id, 'r', z->rank);
+    // The outbound id names the world too: a stale socket of an earlier world (a cut-off worker's,
+    // reconnecting by itself) would otherwise take over this rank's connection at a peer's ROUTER
+    // (ZMQ_ROUTER_HANDOVER), and that peer would hear only the stale world.
+    id[0] = 'r';
+    mlm_put16(id + 1, (uint16_t)z->rank);
+    mlm_put16(id + 3, z->o.session);
     zmq_setsockopt(z->out, ZMQ_ROUTING_ID, id, sizeof id);
     // with ZMQ_IMMEDIATE the connecting ROUTER learns a peer's routing id from the peer's own
     // handshake, so the inbound socket announces the id its peers address it by

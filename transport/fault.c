@@ -275,7 +275,7 @@ static int make_text(fault_spec_t *s) {
             break;
         case FAULT_DISK:
             sb_worker(&b, r->worker);
-            if (r->slow != 1) sb_num(&b, "slow", r->slow);
+            if (r->slow != 1 || !r->full) sb_num(&b, "slow", r->slow); // (a disk rule says something)
             if (r->full) sb_add(&b, ":full");
             break;
         }
@@ -1176,10 +1176,15 @@ static bool cut_at(const fc_ctx_t *f, int x, int y, int64_t t_ns, int64_t *since
     return cut;
 }
 
+static int pump(fc_ctx_t *f, int peer);
+
 // Marks the peers (peer, or every one for COMM_ANY) whose link has been cut for a heartbeat as lost
 // (and, on a control link, those whose cut is over as back).
 static void check_lost(fc_ctx_t *f, int peer) {
     if (!f->cuts || f->hb_ms <= 0) return;
+    bool unknown = false; // a peer whose announcement may be waiting behind others' messages
+    for (int r = 0; r < f->size && !unknown; r++) unknown = f->node[r] < 0;
+    if (unknown) pump(f, COMM_ANY); // files what is there (each message in its sender's queue)
     const int64_t now = fault_now_ns();
     for (int r = 0; r < f->size; r++) {
         if (r == f->rank || f->node[r] < 0 || (f->lost[r] && f->chan == 1) || (peer != COMM_ANY && r != peer)) continue;

@@ -296,7 +296,7 @@ static void run_workload(const chaos_args_t *a, const fault_spec_t *spec, int n_
     float *logits = NULL;
     int32_t *pt = NULL;
     if (!lw || launch_local(lw, n_workers, &lo, err, sizeof err) != 0) {
-        snprintf(r->error, sizeof r->error, "%s", lw ? err : "out of memory");
+        snprintf(r->error, sizeof r->error, "%.480s", lw ? err : "out of memory");
         free(lw);
         return;
     }
@@ -305,7 +305,7 @@ static void run_workload(const chaos_args_t *a, const fault_spec_t *spec, int n_
     unsetenv("MESHLM_FAULTS");
     fault_spec_t *use = NULL;
     if (spec && fault_restrict(spec, n_workers, &use, err, sizeof err) != 0) {
-        snprintf(r->error, sizeof r->error, "%s", err);
+        snprintf(r->error, sizeof r->error, "%.480s", err);
         goto out;
     }
     if (use) {
@@ -324,7 +324,7 @@ static void run_workload(const chaos_args_t *a, const fault_spec_t *spec, int n_
                          .local_profile = true, .recover = !a->lay.no_recover, .heartbeat_ms = a->lay.heartbeat_ms,
                          .n_standby = a->lay.n_standby};
     if (cluster_open(&cl, &co, err, sizeof err) != 0) {
-        snprintf(r->error, sizeof r->error, "cluster: %s", err);
+        snprintf(r->error, sizeof r->error, "cluster: %.480s", err);
         goto out;
     }
     snprintf(r->layout, sizeof r->layout, "%s", cluster_plan(cl)->layout);
@@ -334,7 +334,7 @@ static void run_workload(const chaos_args_t *a, const fault_spec_t *spec, int n_
     logits = malloc((size_t)nv * sizeof *logits);
     pt = malloc((size_t)max_prompt * sizeof *pt);
     if (!logits || !pt || tokenizer_from_gguf(&tok, model_gguf(mm), err, sizeof err) != 0) {
-        snprintf(r->error, sizeof r->error, "tokenizer: %s", logits && pt ? err : "out of memory");
+        snprintf(r->error, sizeof r->error, "tokenizer: %.480s", logits && pt ? err : "out of memory");
         goto out;
     }
     if (fault_args_start(&fa, "chaos") != 0) goto out;
@@ -356,7 +356,7 @@ static void run_workload(const chaos_args_t *a, const fault_spec_t *spec, int n_
         const char *text = a->prompt ? a->prompt : PROMPTS[q % N_PROMPTS];
         const int np = tokenizer_encode(tok, text, strlen(text), tokenizer_add_bos(tok), false, pt, max_prompt);
         if (np <= 0 || np > max_prompt) {
-            snprintf(r->error, sizeof r->error, "cannot tokenize the prompt '%s'", text);
+            snprintf(r->error, sizeof r->error, "cannot tokenize the prompt '%.400s'", text);
             break;
         }
         int32_t *gen = r->out + (size_t)q * N;

@@ -1,5 +1,6 @@
-// libFuzzer target: fault specs (a worker parses the coordinator's spec from its HELLO) and stamp
-// frames (every emulated link strips one from each message it receives).
+// libFuzzer target: fault specs (a worker parses the coordinator's spec from its HELLO: schedules,
+// windows, disk rules, the board) and stamp frames (every emulated link strips one from each message
+// it receives).
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +33,35 @@ static void fuzz_spec(const uint8_t *data, size_t size) {
                 (void)fault_path_admit(&pa, 1000, 64, 2000);
             }
         }
-        for (int i = 0; i < fault_n_events(s); i++) (void)fault_event(s, i);
+        for (int i = 0; i < fault_n_events(s); i++) {
+            const fault_event_t *e = fault_event(s, i);
+            if (!e || e->slot != i) abort();
+            const int w = fault_pick_worker(s, i, 3);
+            if (w < 1 || (e->worker == FAULT_ANY && w > 3)) abort();
+            (void)fault_event_cuts(e, 0, 1);
+        }
+        for (int w = 0; w < 4; w++) {
+            fault_disk_t d;
+            fault_disk(s, w, &d);
+            if (!(d.slow >= 1)) abort();
+        }
+        // The setters and a restriction to fewer workers keep the text canonical.
+        fault_spec_t *r = NULL;
+        if (fault_restrict(s, 2, &r, err, sizeof err) == 0) {
+            fault_spec_t *rr = NULL;
+            if (fault_parse(fault_spec_text(r), &rr, err, sizeof err) != 0 || strcmp(fault_spec_text(r), fault_spec_text(rr)) != 0)
+                abort();
+            if (fault_n_events(r) > fault_n_events(s)) abort();
+            fault_free(&rr);
+        }
+        fault_free(&r);
+        if (fault_set_seed(t, 42) == 0 && fault_set_board(t, "/tmp/fuzz-board") == 0) {
+            fault_spec_t *u = NULL;
+            if (fault_parse(fault_spec_text(t), &u, err, sizeof err) != 0 || fault_seed(u) != 42 ||
+                strcmp(fault_board_path(u), "/tmp/fuzz-board") != 0)
+                abort();
+            fault_free(&u);
+        }
         fault_free(&t);
         free(canon);
     }

@@ -868,10 +868,6 @@ static int load_pinned(win_t *w, char *err, size_t errlen) {
 
 int weights_window_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen) {
     *out = NULL;
-    if (p->slice && p->slice->cols) // column-cut matrices are not contiguous rows: not streamed yet
-        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
-                        "this node's share does not fit its memory budget, and an all-reduce (--tp-mode allreduce) "
-                        "share cannot be streamed yet: give it more memory or use --tp-mode exact");
     int force_w, force_pin, io;
     int rc = parse_arg(arg ? arg : "", &force_w, &force_pin, &io, err, errlen);
     if (rc != 0) return rc;

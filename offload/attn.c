@@ -1,12 +1,12 @@
 // Attention/KV devices: the registry and the checking wrapper.
 #include "offload/attn.h"
 
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/err.h"
+#include "core/names.h"
 #include "offload/attn_impl.h"
 
 typedef struct {
@@ -26,50 +26,13 @@ struct attn_dev {
 
 // --- registry
 
-#define REGISTRY_MAX 16
+static mlm_names_t devices = MLM_NAMES_INIT(1, {"host", (mlm_name_fn)attn_host_new});
 
-static struct {
-    char name[32];
-    attn_dev_new_fn make;
-} devices[REGISTRY_MAX] = {
-    {"host", attn_host_new},
-};
-static int n_registered = 1; // the built-ins above
-static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
-static char names_buf[REGISTRY_MAX * 33]; // the names, space-separated (changes only on a registration)
-
-static void names_rebuild(void) { // under registry_lock
-    names_buf[0] = 0;
-    for (int i = 0; i < n_registered; i++) {
-        if (i) strcat(names_buf, " ");
-        strcat(names_buf, devices[i].name);
-    }
-}
-
-int attn_dev_register(const char *name, attn_dev_new_fn make) {
-    if (!name || !*name || strchr(name, ':') || strlen(name) > 31 || !make) return MLM_EINVAL;
-    pthread_mutex_lock(&registry_lock);
-    int rc = 0;
-    for (int i = 0; i < n_registered && rc == 0; i++)
-        if (!strcmp(devices[i].name, name)) rc = MLM_ESTATE;
-    if (rc == 0 && n_registered == REGISTRY_MAX) rc = MLM_EFULL;
-    if (rc == 0) {
-        snprintf(devices[n_registered].name, sizeof devices[n_registered].name, "%s", name);
-        devices[n_registered++].make = make;
-        names_rebuild();
-    }
-    pthread_mutex_unlock(&registry_lock);
-    return rc;
-}
+int attn_dev_register(const char *name, attn_dev_new_fn make) { return mlm_names_add(&devices, name, (mlm_name_fn)make); }
 
 // The constructor registered as the first len bytes of name, or NULL.
 static attn_dev_new_fn find_maker(const char *name, size_t len) {
-    attn_dev_new_fn make = NULL;
-    pthread_mutex_lock(&registry_lock);
-    for (int i = 0; i < n_registered && !make; i++)
-        if (strlen(devices[i].name) == len && memcmp(devices[i].name, name, len) == 0) make = devices[i].make;
-    pthread_mutex_unlock(&registry_lock);
-    return make;
+    return (attn_dev_new_fn)mlm_names_find(&devices, name, len);
 }
 
 int attn_dev_new(attn_dev_t **out, const char *name, const attn_params_t *p, char *err, size_t errlen) {
@@ -87,12 +50,7 @@ int attn_dev_new(attn_dev_t **out, const char *name, const attn_params_t *p, cha
                     attn_dev_names());
 }
 
-const char *attn_dev_names(void) {
-    pthread_mutex_lock(&registry_lock);
-    if (!names_buf[0]) names_rebuild();
-    pthread_mutex_unlock(&registry_lock);
-    return names_buf;
-}
+const char *attn_dev_names(void) { return mlm_names_list(&devices); }
 
 int attn_params_check(const attn_params_t *p, char *err, size_t errlen) {
     if (p->n_layer < 1 || p->head_dim < 1 || p->n_head < 1 || p->n_head_kv < 1 || p->n_head % p->n_head_kv != 0 ||

@@ -2,12 +2,12 @@
 #include "offload/weights.h"
 
 #include <stdatomic.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/err.h"
+#include "core/names.h"
 #include "offload/weights_impl.h"
 
 struct weights {
@@ -20,51 +20,13 @@ struct weights {
 
 // --- registry
 
-#define REGISTRY_MAX 16
+static mlm_names_t providers = MLM_NAMES_INIT(2, {"mmap", (mlm_name_fn)weights_mmap_new}, {"window", (mlm_name_fn)weights_window_new});
 
-static struct {
-    char name[32];
-    weights_new_fn make;
-} providers[REGISTRY_MAX] = {
-    {"mmap", weights_mmap_new},
-    {"window", weights_window_new},
-};
-static int n_registered = 2; // the built-ins above
-static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
-static char names_buf[REGISTRY_MAX * 33]; // the names, space-separated (changes only on a registration)
-
-static void names_rebuild(void) { // under registry_lock
-    names_buf[0] = 0;
-    for (int i = 0; i < n_registered; i++) {
-        if (i) strcat(names_buf, " ");
-        strcat(names_buf, providers[i].name);
-    }
-}
-
-int weights_register(const char *name, weights_new_fn make) {
-    if (!name || !*name || strchr(name, ':') || strlen(name) > 31 || !make) return MLM_EINVAL;
-    pthread_mutex_lock(&registry_lock);
-    int rc = 0;
-    for (int i = 0; i < n_registered && rc == 0; i++)
-        if (!strcmp(providers[i].name, name)) rc = MLM_ESTATE;
-    if (rc == 0 && n_registered == REGISTRY_MAX) rc = MLM_EFULL;
-    if (rc == 0) {
-        snprintf(providers[n_registered].name, sizeof providers[n_registered].name, "%s", name);
-        providers[n_registered++].make = make;
-        names_rebuild();
-    }
-    pthread_mutex_unlock(&registry_lock);
-    return rc;
-}
+int weights_register(const char *name, weights_new_fn make) { return mlm_names_add(&providers, name, (mlm_name_fn)make); }
 
 // The constructor registered as the first len bytes of name, or NULL.
 static weights_new_fn find_maker(const char *name, size_t len) {
-    weights_new_fn make = NULL;
-    pthread_mutex_lock(&registry_lock);
-    for (int i = 0; i < n_registered && !make; i++)
-        if (strlen(providers[i].name) == len && memcmp(providers[i].name, name, len) == 0) make = providers[i].make;
-    pthread_mutex_unlock(&registry_lock);
-    return make;
+    return (weights_new_fn)mlm_names_find(&providers, name, len);
 }
 
 // "12.3 MiB" / "1.50 GiB" into buf.
@@ -137,12 +99,7 @@ int weights_new(weights_t **out, const char *name, const weights_params_t *p, ch
     return mlm_fail(err, errlen, MLM_ENOTFOUND, "no weight provider '%.*s' (have: %s)", (int)len, name, weights_names());
 }
 
-const char *weights_names(void) {
-    pthread_mutex_lock(&registry_lock);
-    if (!names_buf[0]) names_rebuild();
-    pthread_mutex_unlock(&registry_lock);
-    return names_buf;
-}
+const char *weights_names(void) { return mlm_names_list(&providers); }
 
 weights_t *weights_wrap(const struct weights_i *iface, void *ctx, const char *name, const weights_info_t *info) {
     weights_t *w = calloc(1, sizeof *w);

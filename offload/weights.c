@@ -232,6 +232,37 @@ const gguf_tensor_t *weights_want_tensor(const weights_params_t *p, const char *
     return t;
 }
 
+int weights_tok_embd(const weights_params_t *p, const weights_info_t *info, weights_rows_t *rows,
+                     const gguf_tensor_t **t, char *err, size_t errlen) {
+    const model_hparams_t *hp = p->hp;
+    const shard_slice_t *sl = p->slice;
+    *t = NULL;
+    if (!info->has_in && !(info->has_out && hp->tied_output)) return 0;
+    int rc = 0;
+    if (!(*t = weights_want_tensor(p, "token_embd.weight", 2, hp->n_embd, -1, 0, true, &rc, err, errlen))) return rc;
+    if (!qtype_traits((*t)->type)->has_kernels)
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "token_embd.weight: type %s is not supported",
+                        qtype_name((*t)->type));
+    if ((*t)->ne[1] != (p->shard_file ? sl->v1 - sl->v0 : hp->n_vocab))
+        return mlm_fail(err, errlen, MLM_EFORMAT, "token_embd.weight: row count does not match the slice");
+    if (info->has_in) {
+        rows->type = (*t)->type;
+        rows->cols = hp->n_embd;
+        rows->row_bytes = qtype_row_size((*t)->type, hp->n_embd);
+        rows->r0 = sl->v0;
+        rows->r1 = sl->v1;
+        rows->data = (const uint8_t *)(*t)->data + (p->shard_file ? 0 : (size_t)sl->v0 * rows->row_bytes);
+    }
+    return 0;
+}
+
+int weights_rope_freqs(const weights_params_t *p, const gguf_tensor_t **t, char *err, size_t errlen) {
+    *t = gguf_find_tensor(p->g, "rope_freqs.weight");
+    if (*t && ((*t)->type != QT_F32 || gguf_tensor_nelements(*t) != p->hp->n_rot / 2))
+        return mlm_fail(err, errlen, MLM_EFORMAT, "rope_freqs.weight: expected F32 with n_rot/2 elements");
+    return 0;
+}
+
 int weights_locate(const weights_params_t *p, const char *name, int64_t cols, int64_t full_rows, int planes,
                    weights_loc_t *loc, char *err, size_t errlen) {
     memset(loc, 0, sizeof *loc);

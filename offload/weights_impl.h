@@ -55,6 +55,15 @@ const gguf_tensor_t *weights_want_tensor(const weights_params_t *p, const char *
                                          int64_t w1, int64_t w2, bool required, int *rc, char *err,
                                          size_t errlen);
 
+// The token embedding when the slice needs it (info->has_in, or a tied output): checks its type and rows and,
+// when info->has_in, fills *rows (type, cols, row bytes, the slice's vocabulary rows and their bytes). 0 (*t NULL
+// when not needed), or MLM_EFORMAT / MLM_EUNSUPPORTED with a message.
+int weights_tok_embd(const weights_params_t *p, const weights_info_t *info, weights_rows_t *rows,
+                     const gguf_tensor_t **t, char *err, size_t errlen);
+
+// The optional rope_freqs.weight (F32, n_rot/2 values): 0 with *t NULL when absent, or MLM_EFORMAT.
+int weights_rope_freqs(const weights_params_t *p, const gguf_tensor_t **t, char *err, size_t errlen);
+
 // Where the slice's rows of a matrix of full shape [cols, full_rows(, planes)] are.
 typedef struct {
     const gguf_tensor_t *t;   // the file's tensor; NULL when the slice holds none of its rows

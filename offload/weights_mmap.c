@@ -205,26 +205,9 @@ static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
     const weights_info_t info = weights_info_for(hp, sl);
     // An empty layer range holds no block, no embedding and no output (a coordinator that only
     // tokenizes and samples).
-    if (info.has_in || (info.has_out && hp->tied_output)) {
-        const gguf_tensor_t *t = weights_want_tensor(p, "token_embd.weight", 2, E, -1, 0, true, &rc, err, errlen);
-        if (!t) return rc;
-        if (!qtype_traits(t->type)->has_kernels)
-            return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "token_embd.weight: type %s is not supported",
-                            qtype_name(t->type));
-        if (t->ne[1] != (p->shard_file ? sl->v1 - sl->v0 : hp->n_vocab))
-            return mlm_fail(err, errlen, MLM_EFORMAT, "token_embd.weight: row count does not match the slice");
-        if (info.has_in) {
-            weights_rows_t *r = &m->in.tok_embd;
-            r->type = t->type;
-            r->cols = E;
-            r->row_bytes = qtype_row_size(t->type, E);
-            r->r0 = sl->v0;
-            r->r1 = sl->v1;
-            r->data = (const uint8_t *)t->data + (p->shard_file ? 0 : (size_t)sl->v0 * r->row_bytes);
-            m->bytes += (size_t)(r->r1 - r->r0) * r->row_bytes;
-        }
-    }
     const gguf_tensor_t *t;
+    if ((rc = weights_tok_embd(p, &info, &m->in.tok_embd, &t, err, errlen)) != 0) return rc;
+    if (info.has_in) m->bytes += (size_t)(m->in.tok_embd.r1 - m->in.tok_embd.r0) * m->in.tok_embd.row_bytes;
     if (info.has_out) {
         t = weights_want_tensor(p, "output_norm.weight", 1, E, 0, 0, true, &rc, err, errlen);
         if (!t || !(m->out.out_norm = vec_f32(m, t, &rc))) return rc ? rc : MLM_EFORMAT;
@@ -232,13 +215,8 @@ static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
                        repack, err, errlen)) != 0)
             return rc;
     }
-    const float *rope_freqs = NULL;
-    t = gguf_find_tensor(p->g, "rope_freqs.weight");
-    if (t) {
-        if (t->type != QT_F32 || gguf_tensor_nelements(t) != hp->n_rot / 2)
-            return mlm_fail(err, errlen, MLM_EFORMAT, "rope_freqs.weight: expected F32 with n_rot/2 elements");
-        rope_freqs = t->data;
-    }
+    if ((rc = weights_rope_freqs(p, &t, err, errlen)) != 0) return rc;
+    const float *rope_freqs = t ? t->data : NULL;
     for (int il = sl->l0; il < sl->l1; il++) {
         layer_weights_t *L = &m->blocks[il];
         L->rope_freqs = rope_freqs;

@@ -793,29 +793,15 @@ static int bind_globals(win_t *w, char *err, size_t errlen) {
     const int64_t E = hp->n_embd;
     int rc = 0;
     const gguf_tensor_t *t;
-    if (info.has_in || (info.has_out && hp->tied_output)) {
-        t = weights_want_tensor(p, "token_embd.weight", 2, E, -1, 0, true, &rc, err, errlen);
-        if (!t) return rc;
-        if (!qtype_traits(t->type)->has_kernels)
-            return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "token_embd.weight: type %s is not supported",
-                            qtype_name(t->type));
-        if (t->ne[1] != (p->shard_file ? sl->v1 - sl->v0 : hp->n_vocab))
-            return mlm_fail(err, errlen, MLM_EFORMAT, "token_embd.weight: row count does not match the slice");
-        if (info.has_in) {
-            weights_rows_t *r = &w->in.tok_embd;
-            r->type = t->type;
-            r->cols = E;
-            r->row_bytes = qtype_row_size(t->type, E);
-            r->r0 = sl->v0;
-            r->r1 = sl->v1;
-            r->data = (const uint8_t *)t->data + (p->shard_file ? 0 : (size_t)sl->v0 * r->row_bytes);
-            const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
-            const uintptr_t a = (uintptr_t)r->data / pg * pg;
-            const uintptr_t b = ((uintptr_t)r->data + (size_t)(r->r1 - r->r0) * r->row_bytes + pg - 1) / pg * pg;
-            w->in_page = (const uint8_t *)a;
-            w->in_len = (size_t)(b - a);
-            if (!w->streams) w->resident += (uint64_t)(r->r1 - r->r0) * r->row_bytes;
-        }
+    if ((rc = weights_tok_embd(p, &info, &w->in.tok_embd, &t, err, errlen)) != 0) return rc;
+    if (info.has_in) {
+        const weights_rows_t *r = &w->in.tok_embd;
+        const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+        const uintptr_t a = (uintptr_t)r->data / pg * pg;
+        const uintptr_t b = ((uintptr_t)r->data + (size_t)(r->r1 - r->r0) * r->row_bytes + pg - 1) / pg * pg;
+        w->in_page = (const uint8_t *)a;
+        w->in_len = (size_t)(b - a);
+        if (!w->streams) w->resident += (uint64_t)(r->r1 - r->r0) * r->row_bytes;
     }
     if (info.has_out) {
         if (!(t = weights_want_tensor(p, "output_norm.weight", 1, E, 0, 0, true, &rc, err, errlen))) return rc;
@@ -827,10 +813,8 @@ static int bind_globals(win_t *w, char *err, size_t errlen) {
         quant_dequantize_ref(t->type, t->data, w->out_norm, E);
         w->resident += (uint64_t)E * sizeof(float);
     }
-    t = gguf_find_tensor(p->g, "rope_freqs.weight");
+    if ((rc = weights_rope_freqs(p, &t, err, errlen)) != 0) return rc;
     if (t) {
-        if (t->type != QT_F32 || gguf_tensor_nelements(t) != hp->n_rot / 2)
-            return mlm_fail(err, errlen, MLM_EFORMAT, "rope_freqs.weight: expected F32 with n_rot/2 elements");
         if (!(w->rope_freqs = malloc(t->nbytes))) return MLM_ENOMEM;
         memcpy(w->rope_freqs, t->data, t->nbytes);
         w->resident += t->nbytes;

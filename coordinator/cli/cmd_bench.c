@@ -197,26 +197,6 @@ static double bytes_per_token(const model_t *m) {
     return b;
 }
 
-// cluster_open; with drop_cache, the model's page cache is dropped between planning and loading, so
-// that the local workers' memory cgroups are charged for their shards (launch_drop_cache).
-static int open_cluster(cluster_t **out, const cluster_opts_t *co, bool drop_cache, char *err, size_t errlen) {
-    if (!drop_cache) return cluster_open(out, co, err, errlen);
-    cluster_t *c = NULL;
-    int rc = cluster_new(&c, co, err, errlen);
-    if (rc == 0) rc = cluster_hello(c, err, errlen);
-    if (rc == 0) rc = cluster_make_plan(c, err, errlen);
-    if (rc == 0) {
-        launch_drop_cache(co->model_path);
-        rc = cluster_load(c, err, errlen);
-    }
-    if (rc != 0) {
-        cluster_close(&c, false);
-        return rc;
-    }
-    *out = c;
-    return 0;
-}
-
 // After a failure: names the local workers that have died, and how (the OOM killer of their cgroup).
 static void say_dead_workers(launch_t *lw) {
     char why[2048];
@@ -398,8 +378,9 @@ int cmd_bench(int argc, char **argv) {
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                                      .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
-                                     .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set};
-                int rc = open_cluster(&cl, &co, lw && lw->mem_limit, err, sizeof err);
+                                     .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set,
+                                     .drop_cache = lw && lw->mem_limit};
+                int rc = cluster_open(&cl, &co, err, sizeof err);
                 free(list);
                 if (rc != 0) {
                     fprintf(stderr, "meshlm bench: cluster: %s\n", err);

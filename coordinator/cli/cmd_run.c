@@ -134,26 +134,6 @@ static int split_list(char *s, const char **out, int max) {
 
 static int run_main(run_args_t *a);
 
-// cluster_open; with drop_cache, the model's page cache is dropped between planning and loading, so
-// that the local workers' memory cgroups are charged for their shards (launch_drop_cache).
-static int open_cluster(cluster_t **out, const cluster_opts_t *co, bool drop_cache, char *err, size_t errlen) {
-    if (!drop_cache) return cluster_open(out, co, err, errlen);
-    cluster_t *c = NULL;
-    int rc = cluster_new(&c, co, err, errlen);
-    if (rc == 0) rc = cluster_hello(c, err, errlen);
-    if (rc == 0) rc = cluster_make_plan(c, err, errlen);
-    if (rc == 0) {
-        launch_drop_cache(co->model_path);
-        rc = cluster_load(c, err, errlen);
-    }
-    if (rc != 0) {
-        cluster_close(&c, false);
-        return rc;
-    }
-    *out = c;
-    return 0;
-}
-
 // --registry: the live workers' endpoints, then the live standbys' (they join plans only to replace
 // lost workers), as a --workers list; *n_standby gets the standbys' count. 0 or MLM_E* (message printed).
 static int workers_from_registry(const char *url, const char *cmd, char **list, int *n_standby, registry_t **out) {
@@ -301,8 +281,9 @@ static int run_main(run_args_t *ap) {
                              .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                              .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
                              .on_plan = a.reg ? publish_plan : NULL, .on_plan_arg = a.reg,
-                             .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set};
-        if ((rc = open_cluster(&cl, &co, lw && lw->mem_limit && !a.local_no_model, err, sizeof err)) != 0) {
+                             .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set,
+                             .drop_cache = lw && lw->mem_limit && !a.local_no_model};
+        if ((rc = cluster_open(&cl, &co, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             say_dead_workers(lw);
             goto out;

@@ -783,6 +783,7 @@ int cluster_open(cluster_t **out, const cluster_opts_t *o, char *err, size_t err
     int rc = cluster_new(&c, o, err, errlen);
     if (rc == 0) rc = cluster_hello(c, err, errlen);
     if (rc == 0) rc = cluster_make_plan(c, err, errlen);
+    if (rc == 0 && o->drop_cache) launch_drop_cache(o->model_path);
     if (rc == 0) rc = cluster_load(c, err, errlen);
     if (rc != 0) {
         cluster_close(&c, false);

@@ -30,6 +30,8 @@ typedef struct {
                                      // + activations; 0 = none): planned as node 0's budget, and the share
                                      // streams through the weight window when it does not fit resident
     int timeout_ms;                  // each control exchange and collective (0 = 30000)
+    bool drop_cache;                 // cluster_open drops the model's page cache between planning and loading,
+                                     // so local workers' memory cgroups are charged for their shards
     bool kv_f32;
     bool verbose;                    // print progress on stderr
     // Layout. Without any of these the planner chooses (tensor, pipeline or hybrid; nodes too slow

@@ -18,6 +18,7 @@ static const subcommand_t subcommands[] = {
     {"coordinator", cmd_coordinator, "generate with remote workers (run --workers tcp://a:p,tcp://b:p)"},
     {"mpi", cmd_mpi, "generate across the ranks of an MPI job (mpirun -np N meshlm mpi -m FILE -p TEXT)"},
     {"nodes", cmd_nodes, "list the workers and standbys in a registry (meshlm nodes --registry redis://HOST:PORT)"},
+    {"serve", cmd_serve, "OpenAI-compatible HTTP API over this node or a cluster (meshlm serve -m FILE --port 8080)"},
     {"plan", cmd_plan, "print how a model would be split over nodes (no compute)"},
     {"chaos", cmd_chaos, "R requests on N local workers under a fault schedule: speed, recovery, lost and changed outputs"},
     {"gen-model", cmd_gen_model, "write a GGUF with seeded random weights in a real model's shape"},

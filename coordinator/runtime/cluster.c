@@ -89,6 +89,8 @@ static void coordinator_endpoint(const cluster_t *c, char *out, size_t cap) {
 // Counts a worker's step report (a RESULT without a tensor) into the statistics.
 void cl_count_report(cluster_t *c, int wi, const msg_result_t *r) {
     c->w[wi].reports++;
+    c->w[wi].busy_ms += (double)r->compute_ns / 1e6;
+    c->w[wi].wait_ms += (double)r->comm_ns / 1e6;
     c->stats.reports++;
     c->stats.busy_ms += (double)r->compute_ns / 1e6;
     c->stats.wait_ms += (double)r->comm_ns / 1e6;

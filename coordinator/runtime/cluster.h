@@ -133,6 +133,12 @@ int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool
 // cluster_eval.
 #define CLUSTER_MAX_SEQS 16
 int cluster_eval_seqs(cluster_t *c, int n_seqs, const int *seqs, const int32_t *tokens, float *logits);
+// Continuous batching: sequence seqs[k] takes n[k] tokens (tokens[k]: a prompt chunk or one generated
+// token) in one step; logits[k] (or NULL) receives the row of its last token. Each sequence is computed
+// as it would be alone, so its rows equal cluster_eval's for the same chunks. 0 or as cluster_eval.
+int cluster_eval_batch(cluster_t *c, int n_seqs, const int *seqs, const int32_t *const *tokens, const int *n,
+                       float *const *logits);
+int cluster_seq_pos(const cluster_t *c, int seq); // positions sequence seq holds (0 for an unknown one)
 void cluster_reset_seq(cluster_t *c, int seq); // forget one sequence
 void cluster_reset(cluster_t *c);              // forget every sequence
 // Zeroes the step counters (steps, tokens, gather_*, step/busy/wait times), e.g. after a warm-up.
@@ -148,6 +154,12 @@ const cluster_recovery_t *cluster_recoveries(const cluster_t *c, int *n);
 // The same as a JSON array (caller owns it): [{"worker","what","detection_ms","recovery_ms",
 // "replayed_tokens","nodes_after","recovered"}, ...].
 struct cJSON *cluster_recoveries_json(const cluster_t *c);
+
+// The cluster for a status page: {"layout","tp_mode","n_ctx","steps","step_ms","faults","recovered",
+// "nodes":[{"id","endpoint","state","heartbeat_age_ms","rank","cores","mem_budget_bytes","mem_bw_gb_s","reports","compute_ms",
+// "wait_ms","step_ms","utilisation"}], "shards":[{"node","stage","l0","l1","h0","h1","f0","f1","v0","v1",
+// "weight_bytes","predicted_ms"}], "recoveries":[...]} (caller owns it). Call it from the thread that steps.
+struct cJSON *cluster_status_json(const cluster_t *c);
 
 // Ends the plan on every worker (and stops them with exit_workers); accepts NULL, NULLs the pointer.
 void cluster_close(cluster_t **self_p, bool exit_workers);

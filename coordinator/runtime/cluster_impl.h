@@ -21,6 +21,7 @@ typedef struct {
     int rank;                   // its data-plane rank, -1 when the plan leaves it out
     double lat_us, bw;          // measured control link: one-way latency, bytes/s
     uint64_t reports;           // step reports received
+    double busy_ms, wait_ms;    // summed over those reports: computing; waiting for exchanges
     bool standby;               // held back from plans until a worker is lost (cluster_opts_t.n_standby)
     bool lost;                  // lost (killed, frozen, cut off): left out of plans until it answers again
     bool greeted;               // answered a HELLO since it was last lost

@@ -221,3 +221,60 @@ cJSON *cluster_recoveries_json(const cluster_t *c) {
     }
     return a;
 }
+
+cJSON *cluster_status_json(const cluster_t *c) {
+    cJSON *j = cJSON_CreateObject();
+    if (!j) return NULL;
+    const plan_t *pl = c->plan;
+    const double now = mlm_now_ms();
+    cJSON_AddStringToObject(j, "layout", pl ? pl->layout : "");
+    cJSON_AddStringToObject(j, "tp_mode", pl && pl->tp_mode == PLAN_TP_ALLREDUCE ? "allreduce" : "exact");
+    cJSON_AddNumberToObject(j, "n_ctx", c->o.n_ctx);
+    cJSON_AddNumberToObject(j, "steps", (double)c->stats.steps);
+    cJSON_AddNumberToObject(j, "step_ms", c->stats.steps ? c->stats.step_ms / (double)c->stats.steps : 0);
+    int recovered = 0;
+    for (int i = 0; i < c->n_rec; i++) recovered += c->rec[i].rc == 0;
+    cJSON_AddNumberToObject(j, "faults", c->n_rec);
+    cJSON_AddNumberToObject(j, "recovered", recovered);
+    cJSON *nodes = cJSON_AddArrayToObject(j, "nodes");
+    for (int i = 0; nodes && i < c->o.n_workers; i++) {
+        const worker_t *w = &c->w[i];
+        cJSON *o = cJSON_CreateObject();
+        if (!o) break;
+        cJSON_AddStringToObject(o, "id", w->hello.node_id[0] ? w->hello.node_id : w->endpoint);
+        cJSON_AddStringToObject(o, "endpoint", w->endpoint);
+        cJSON_AddStringToObject(o, "state", w->lost ? "lost" : w->standby ? "standby" : w->rank >= 0 ? "computing" : "idle");
+        cJSON_AddNumberToObject(o, "heartbeat_age_ms", w->heard_ms > 0 ? now - w->heard_ms : -1);
+        cJSON_AddNumberToObject(o, "rank", w->rank);
+        cJSON_AddNumberToObject(o, "cores", w->hello.n_cores);
+        cJSON_AddNumberToObject(o, "mem_budget_bytes", (double)w->hello.ram_budget_bytes);
+        cJSON_AddNumberToObject(o, "mem_bw_gb_s", (double)w->hello.mem_bw_bytes_s / 1e9);
+        cJSON_AddNumberToObject(o, "reports", (double)w->reports);
+        cJSON_AddNumberToObject(o, "compute_ms", w->reports ? w->busy_ms / (double)w->reports : 0);
+        cJSON_AddNumberToObject(o, "wait_ms", w->reports ? w->wait_ms / (double)w->reports : 0);
+        cJSON_AddNumberToObject(o, "step_ms", w->reports ? (w->busy_ms + w->wait_ms) / (double)w->reports : 0);
+        cJSON_AddNumberToObject(o, "utilisation", w->busy_ms + w->wait_ms > 0 ? w->busy_ms / (w->busy_ms + w->wait_ms) : 0);
+        cJSON_AddItemToArray(nodes, o);
+    }
+    cJSON *sh = cJSON_AddArrayToObject(j, "shards");
+    for (int i = 0; sh && pl && i < pl->n; i++) {
+        const plan_shard_t *s = &pl->shard[i];
+        cJSON *o = cJSON_CreateObject();
+        if (!o) break;
+        cJSON_AddStringToObject(o, "node", pl->node[s->node].name);
+        cJSON_AddNumberToObject(o, "stage", s->stage);
+        cJSON_AddNumberToObject(o, "l0", s->s.l0);
+        cJSON_AddNumberToObject(o, "l1", s->s.l1);
+        cJSON_AddNumberToObject(o, "h0", s->s.h0);
+        cJSON_AddNumberToObject(o, "h1", s->s.h1);
+        cJSON_AddNumberToObject(o, "f0", s->s.f0);
+        cJSON_AddNumberToObject(o, "f1", s->s.f1);
+        cJSON_AddNumberToObject(o, "v0", s->s.v0);
+        cJSON_AddNumberToObject(o, "v1", s->s.v1);
+        cJSON_AddNumberToObject(o, "weight_bytes", (double)s->weight_bytes);
+        cJSON_AddNumberToObject(o, "predicted_ms", s->busy_ms);
+        cJSON_AddItemToArray(sh, o);
+    }
+    cJSON_AddItemToObject(j, "recoveries", cluster_recoveries_json(c));
+    return j;
+}

@@ -173,6 +173,14 @@ int cluster_eval_seqs(cluster_t *c, int n_seqs, const int *seqs, const int32_t *
     return cl_eval_seqs(c, n_seqs, seqs, tk, n, lg, false);
 }
 
+int cluster_eval_batch(cluster_t *c, int n_seqs, const int *seqs, const int32_t *const *tokens, const int *n,
+                       float *const *logits) {
+    if (n_seqs < 1 || n_seqs > CLUSTER_MAX_SEQS) return MLM_EINVAL;
+    return cl_eval_seqs(c, n_seqs, seqs, tokens, n, logits, false);
+}
+
+int cluster_seq_pos(const cluster_t *c, int seq) { return seq < 0 || seq >= CLUSTER_MAX_SEQS ? 0 : c->pos[seq]; }
+
 void cluster_reset_seq(cluster_t *c, int seq) {
     if (seq < 0 || seq >= CLUSTER_MAX_SEQS) return;
     c->pos[seq] = 0; // the next step starts at position 0, which resets every node's cache

@@ -155,6 +155,11 @@ const cluster_recovery_t *cluster_recoveries(const cluster_t *c, int *n);
 // "replayed_tokens","nodes_after","recovered"}, ...].
 struct cJSON *cluster_recoveries_json(const cluster_t *c);
 
+// Between steps: pings the plan's workers and waits up to timeout_ms for their answers (their heartbeat
+// ages restart); returns how many did not answer. Those are lost: with recovery on, the cluster re-plans
+// over the others at once (a recovery entry, the sequences replayed), else the next step fails.
+int cluster_ping(cluster_t *c, int timeout_ms);
+
 // The cluster for a status page: {"layout","tp_mode","n_ctx","steps","step_ms","faults","recovered",
 // "nodes":[{"id","endpoint","state","heartbeat_age_ms","rank","cores","mem_budget_bytes","mem_bw_gb_s","reports","compute_ms",
 // "wait_ms","step_ms","utilisation"}], "shards":[{"node","stage","l0","l1","h0","h1","f0","f1","v0","v1",

@@ -278,3 +278,21 @@ cJSON *cluster_status_json(const cluster_t *c) {
     cJSON_AddItemToObject(j, "recoveries", cluster_recoveries_json(c));
     return j;
 }
+
+int cluster_ping(cluster_t *c, int timeout_ms) {
+    if (!c->plan || c->phase < PHASE_LOADED) return 0;
+    c->step_t0 = mlm_now_ms();
+    const int lost = ping_plan(c, timeout_ms > 0 ? timeout_ms : c->timeout_ms);
+    if (lost == 0 || !c->o.recover || c->o.data) return lost;
+    cluster_recovery_t r = {0}; // re-plan now rather than at the next step
+    const double t0 = mlm_now_ms();
+    r.rc = recover(c, MLM_EPEER, &r);
+    r.recover_ms = mlm_now_ms() - t0;
+    if (c->n_rec < CLUSTER_MAX_RECOVERIES) c->rec[c->n_rec++] = r;
+    if (r.rc == 0)
+        fprintf(stderr, "meshlm: recovered between steps: %d node(s) now, %d token(s) replayed, %.0f ms\n", r.nodes_after,
+                r.replayed, r.recover_ms);
+    else
+        fprintf(stderr, "meshlm: recovery failed: %s\n", c->errbuf);
+    return lost;
+}

@@ -64,6 +64,8 @@ static void remote_drop(void *p, int seq) { cluster_reset_seq(((remote_t *)p)->c
 
 static void remote_free(void *p) { free(p); }
 
+static void remote_idle(void *p) { cluster_ping(((remote_t *)p)->cl, 1000); }
+
 static char *remote_snapshot(void *p) {
     cJSON *j = cluster_status_json(((remote_t *)p)->cl);
     char *txt = j ? cJSON_PrintUnformatted(j) : NULL;
@@ -113,7 +115,7 @@ int serve_engine_cluster(serve_engine_t *e, cluster_t *cl, int n_ctx, int n_batc
     const model_hparams_t *hp = model_hparams(cluster_model(cl));
     *e = (serve_engine_t){.ctx = R, .n_vocab = hp->n_vocab, .n_ctx = n_ctx, .max_seqs = CLUSTER_MAX_SEQS,
                           .n_batch = n_batch > 0 ? n_batch : 64, .step = remote_step, .drop = remote_drop,
-                          .free = remote_free, .snapshot = remote_snapshot, .cluster = cl};
+                          .free = remote_free, .idle = remote_idle, .snapshot = remote_snapshot, .cluster = cl};
     return 0;
 }
 

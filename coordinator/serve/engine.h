@@ -23,6 +23,9 @@ typedef struct serve_engine {
                 float *const *logits, char *err, size_t errlen);
     void (*drop)(void *ctx, int seq); // forget sequence seq (its id can start again)
     void (*free)(void *ctx);
+    void (*idle)(void *ctx);          // called about every second while no sequence is in flight, from the
+                                      // thread that steps: a cluster pings its workers (cluster_ping), so a
+                                      // lost one is found and re-planned around between requests; or NULL
     char *(*snapshot)(void *ctx);     // the engine's state as a JSON object text (caller frees), called by
                                       // the thread that steps (cluster_status_json), or NULL
     const cluster_t *cluster; // the cluster stepped, or NULL on a single node (borrowed)

@@ -149,6 +149,12 @@ static int common_fields(serve_http_t *h, const cJSON *j, parsed_t *q, int def_m
         snprintf(msg, cap, "'n' must be 1 (one choice per request)");
         return -1;
     }
+    const cJSON *ie = cJSON_GetObjectItemCaseSensitive(j, "ignore_eos"); // an extension (as llama-server's)
+    if (ie && !cJSON_IsNull(ie) && !cJSON_IsBool(ie)) {
+        snprintf(msg, cap, "'ignore_eos' must be true or false");
+        return -1;
+    }
+    q->p.ignore_eos = cJSON_IsTrue(ie);
     const cJSON *st = cJSON_GetObjectItemCaseSensitive(j, "stream");
     if (st && !cJSON_IsNull(st) && !cJSON_IsBool(st)) {
         snprintf(msg, cap, "'stream' must be true or false");

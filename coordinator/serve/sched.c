@@ -53,6 +53,7 @@ struct serve {
     int rate_i;
     char *status;               // the engine's latest snapshot (JSON text), or NULL
     double status_ms;           // when it was taken
+    double idle_ms;             // when the engine's idle hook last ran
 };
 
 // --- internals
@@ -210,6 +211,10 @@ static void *sched_main(void *arg) {
             ts.tv_nsec %= 1000000000L;
             if (pthread_cond_timedwait(&s->work, &s->mu, &ts) != 0 && !s->stopping && !s->head) {
                 pthread_mutex_unlock(&s->mu);
+                if (s->eng->idle && mlm_now_ms() - s->idle_ms >= 1000) {
+                    s->eng->idle(s->eng->ctx);
+                    s->idle_ms = mlm_now_ms();
+                }
                 take_snapshot(s, false);
                 pthread_mutex_lock(&s->mu);
             }

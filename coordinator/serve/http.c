@@ -20,6 +20,7 @@
 #include "core/clock.h"
 #include "core/err.h"
 #include "coordinator/serve/page.h"
+#include "coordinator/serve/request.h"
 
 // --- types
 
@@ -94,114 +95,6 @@ static enum MHD_Result answer_error(serve_http_t *h, struct MHD_Connection *c, u
 
 static const char *finish_name(serve_finish_t f) {
     return f == SERVE_STOP ? "stop" : f == SERVE_LENGTH ? "length" : f == SERVE_CANCELLED ? "cancelled" : "error";
-}
-
-// --- request fields
-
-typedef struct {
-    serve_req_params_t p;
-    bool stream;
-    int32_t *tokens;               // (n) the prompt, owned
-    int n;
-} parsed_t;
-
-// A number field: absent leaves *out; present must be a number in [lo, hi]. 0, or -1 with the message.
-static int num_field(const cJSON *j, const char *name, double lo, double hi, double *out, char *msg, size_t cap) {
-    const cJSON *f = cJSON_GetObjectItemCaseSensitive(j, name);
-    if (!f || cJSON_IsNull(f)) return 0;
-    if (!cJSON_IsNumber(f) || isnan(f->valuedouble) || f->valuedouble < lo || f->valuedouble > hi) {
-        snprintf(msg, cap, "'%s' must be a number from %g to %g", name, lo, hi);
-        return -1;
-    }
-    *out = f->valuedouble;
-    return 0;
-}
-
-// Sampling, max_tokens, stop and stream, shared by both routes. 0, or -1 with the message.
-static int common_fields(serve_http_t *h, const cJSON *j, parsed_t *q, int def_max, char *msg, size_t cap) {
-    q->p.sp = sampler_params_default();
-    double v = def_max, mt = -1;
-    if (num_field(j, "max_tokens", -1e18, 1e18, &v, msg, cap) || num_field(j, "max_completion_tokens", -1e18, 1e18, &mt, msg, cap))
-        return -1;
-    if (mt >= 0 || (mt < 0 && cJSON_GetObjectItemCaseSensitive(j, "max_completion_tokens") &&
-                    cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(j, "max_completion_tokens"))))
-        v = mt;
-    if (v != floor(v) || v < 1 || v > h->o.n_ctx) {
-        snprintf(msg, cap, "'max_tokens' must be an integer from 1 to %d (the context), not %g", h->o.n_ctx, v);
-        return -1;
-    }
-    q->p.n_predict = (int)v;
-    double t = q->p.sp.temp, tp = q->p.sp.top_p, mp = q->p.sp.min_p, tk = q->p.sp.top_k, seed = -1;
-    double rp = q->p.sp.repeat_penalty;
-    if (num_field(j, "temperature", 0, 2, &t, msg, cap) || num_field(j, "top_p", 0, 1, &tp, msg, cap) ||
-        num_field(j, "min_p", 0, 1, &mp, msg, cap) || num_field(j, "top_k", 0, 1e9, &tk, msg, cap) ||
-        num_field(j, "seed", 0, 1.8e19, &seed, msg, cap) || num_field(j, "repeat_penalty", 0, 10, &rp, msg, cap))
-        return -1;
-    q->p.sp.temp = (float)t;
-    q->p.sp.greedy = t == 0;
-    q->p.sp.top_p = (float)tp;
-    q->p.sp.min_p = (float)mp;
-    q->p.sp.top_k = (int)tk;
-    q->p.sp.repeat_penalty = (float)rp;
-    if (seed >= 0) q->p.sp.seed = (uint64_t)seed;
-    const cJSON *n = cJSON_GetObjectItemCaseSensitive(j, "n");
-    if (n && !cJSON_IsNull(n) && (!cJSON_IsNumber(n) || n->valuedouble != 1)) {
-        snprintf(msg, cap, "'n' must be 1 (one choice per request)");
-        return -1;
-    }
-    const cJSON *ie = cJSON_GetObjectItemCaseSensitive(j, "ignore_eos"); // an extension (as llama-server's)
-    if (ie && !cJSON_IsNull(ie) && !cJSON_IsBool(ie)) {
-        snprintf(msg, cap, "'ignore_eos' must be true or false");
-        return -1;
-    }
-    q->p.ignore_eos = cJSON_IsTrue(ie);
-    const cJSON *st = cJSON_GetObjectItemCaseSensitive(j, "stream");
-    if (st && !cJSON_IsNull(st) && !cJSON_IsBool(st)) {
-        snprintf(msg, cap, "'stream' must be true or false");
-        return -1;
-    }
-    q->stream = cJSON_IsTrue(st);
-    const cJSON *stop = cJSON_GetObjectItemCaseSensitive(j, "stop");
-    int ns = 0;
-    if (cJSON_IsString(stop)) {
-        if (strlen(stop->valuestring) >= SERVE_STOP_LEN) ns = -1;
-        else snprintf(q->p.stop[ns++], SERVE_STOP_LEN, "%s", stop->valuestring);
-    } else if (cJSON_IsArray(stop)) {
-        const cJSON *e;
-        cJSON_ArrayForEach(e, stop) {
-            if (!cJSON_IsString(e) || ns == SERVE_MAX_STOPS || strlen(e->valuestring) >= SERVE_STOP_LEN) {
-                ns = -1;
-                break;
-            }
-            snprintf(q->p.stop[ns++], SERVE_STOP_LEN, "%s", e->valuestring);
-        }
-    } else if (stop && !cJSON_IsNull(stop)) {
-        ns = -1;
-    }
-    if (ns < 0) {
-        snprintf(msg, cap, "'stop' must be a string or up to %d strings of under %d bytes", SERVE_MAX_STOPS, SERVE_STOP_LEN);
-        return -1;
-    }
-    return 0;
-}
-
-// Tokenizes text into q->tokens. 0, or -1 with the message.
-static int tokenize(serve_http_t *h, const char *text, bool add_bos, bool special, parsed_t *q, char *msg, size_t cap) {
-    const size_t len = strlen(text);
-    const int room = (int)(len + 8 < (size_t)h->o.n_ctx * 4 ? len + 8 : (size_t)h->o.n_ctx * 4 + 8);
-    q->tokens = malloc((size_t)room * sizeof *q->tokens);
-    const int n = q->tokens ? tokenizer_encode(h->tok, text, len, add_bos, special, q->tokens, room) : MLM_ENOMEM;
-    if (n < 0 || n > room) {
-        snprintf(msg, cap, n > room || n == MLM_ERANGE ? "the prompt is longer than the context of %d positions"
-                                                       : "cannot tokenize the prompt (%d)", h->o.n_ctx);
-        return -1;
-    }
-    if (n == 0) {
-        snprintf(msg, cap, "the prompt is empty");
-        return -1;
-    }
-    q->n = n;
-    return 0;
 }
 
 // --- streaming
@@ -314,9 +207,7 @@ static bool client_gone(struct MHD_Connection *c) {
     return r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
-static enum MHD_Result run_request(serve_http_t *h, struct MHD_Connection *c, parsed_t *q, bool chat) {
-    q->p.prompt = q->tokens;
-    q->p.n_prompt = q->n;
+static enum MHD_Result run_request(serve_http_t *h, struct MHD_Connection *c, serve_request_t *q, bool chat) {
     serve_req_t *r = NULL;
     char err[256];
     const int rc = serve_submit(h->s, &q->p, &r, err, sizeof err);
@@ -407,78 +298,14 @@ static enum MHD_Result run_request(serve_http_t *h, struct MHD_Connection *c, pa
     return answer_json(c, 200, j);
 }
 
-// Checks the "model" field against ours: 0, or answers 404 and returns -1.
-static int check_model(serve_http_t *h, struct MHD_Connection *c, const cJSON *j, enum MHD_Result *res) {
-    const cJSON *m = cJSON_GetObjectItemCaseSensitive(j, "model");
-    if (!m || cJSON_IsNull(m)) return 0;
-    if (!cJSON_IsString(m)) {
-        *res = answer_error(h, c, 400, "invalid_model", "'model' must be a string");
-        return -1;
-    }
-    if (strcmp(m->valuestring, h->model_id) != 0) {
-        *res = answer_error(h, c, 404, "model_not_found", "the model '%.200s' does not exist (this server has '%s')",
-                            m->valuestring, h->model_id);
-        return -1;
-    }
-    return 0;
-}
-
-static enum MHD_Result do_completion(serve_http_t *h, struct MHD_Connection *c, const cJSON *j, bool chat) {
-    enum MHD_Result res = MHD_NO;
-    if (check_model(h, c, j, &res) != 0) return res;
-    parsed_t q;
-    memset(&q, 0, sizeof q);
-    char msg[512];
-    char *rendered = NULL;
-    if (chat) {
-        const cJSON *ms = cJSON_GetObjectItemCaseSensitive(j, "messages");
-        const int n = cJSON_IsArray(ms) ? cJSON_GetArraySize(ms) : 0;
-        if (n < 1 || n > 1024) return answer_error(h, c, 400, "invalid_messages", "'messages' must be an array of 1 to 1024 messages");
-        chat_msg_t *m = calloc((size_t)n, sizeof *m);
-        if (!m) return answer_error(h, c, 500, "server_error", "out of memory");
-        for (int i = 0; i < n; i++) {
-            const cJSON *e = cJSON_GetArrayItem(ms, i);
-            const cJSON *role = cJSON_GetObjectItemCaseSensitive(e, "role");
-            const cJSON *content = cJSON_GetObjectItemCaseSensitive(e, "content");
-            m[i].role = cJSON_IsString(role) ? role->valuestring : NULL;
-            m[i].content = cJSON_IsString(content) ? content->valuestring : NULL;
-        }
-        rendered = chat_render(h->o.chat, m, n, msg, sizeof msg);
-        free(m);
-        if (!rendered) return answer_error(h, c, 400, "invalid_messages", "%s", msg);
-        if (tokenize(h, rendered, false, true, &q, msg, sizeof msg) != 0) {
-            free(rendered);
-            free(q.tokens);
-            return answer_error(h, c, 400, "context_length_exceeded", "%s", msg);
-        }
-        free(rendered);
-    } else {
-        const cJSON *p = cJSON_GetObjectItemCaseSensitive(j, "prompt");
-        if (cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 && cJSON_IsString(cJSON_GetArrayItem(p, 0)))
-            p = cJSON_GetArrayItem(p, 0);
-        if (!cJSON_IsString(p)) return answer_error(h, c, 400, "invalid_prompt", "'prompt' must be a string (or an array of one string)");
-        if (tokenize(h, p->valuestring, h->o.add_bos, false, &q, msg, sizeof msg) != 0) {
-            free(q.tokens);
-            return answer_error(h, c, 400, "invalid_prompt", "%s", msg);
-        }
-    }
-    const int room = h->o.n_ctx - q.n;
-    if (room < 1) {
-        free(q.tokens);
-        return answer_error(h, c, 400, "context_length_exceeded",
-                            "the prompt (%d tokens) does not leave room in the context of %d positions", q.n, h->o.n_ctx);
-    }
-    if (common_fields(h, j, &q, chat ? room : (room < 16 ? room : 16), msg, sizeof msg) != 0) {
-        free(q.tokens);
-        return answer_error(h, c, 400, "invalid_request", "%s", msg);
-    }
-    if (chat && !q.p.stop[SERVE_MAX_STOPS - 1][0]) { // the template's end of turn, unless the model ends it itself
-        const char *st = chat_stop_text(h->o.chat);
-        const int32_t id = tokenizer_find(h->tok, st, strlen(st));
-        if (id < 0 || !tokenizer_is_eog(h->tok, id)) snprintf(q.p.stop[SERVE_MAX_STOPS - 1], SERVE_STOP_LEN, "%s", st);
-    }
-    res = run_request(h, c, &q, chat);
-    free(q.tokens);
+static enum MHD_Result do_completion(serve_http_t *h, struct MHD_Connection *c, const conn_t *cn, bool chat) {
+    const serve_request_ctx_t ctx = {.tok = h->tok, .model_id = h->model_id, .n_ctx = h->o.n_ctx,
+                                     .add_bos = h->o.add_bos, .chat = h->o.chat};
+    serve_request_t q;
+    if (serve_request_parse(&ctx, cn->body ? cn->body : "", cn->len, chat, &q) != 0)
+        return answer_error(h, c, (unsigned)q.status, q.code, "%s", q.msg);
+    const enum MHD_Result res = run_request(h, c, &q, chat);
+    serve_request_free(&q);
     return res;
 }
 
@@ -649,14 +476,7 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
         if (!post) return answer_error(h, c, 405, "method_not_allowed", "%s takes POST", url);
         conn_t *cn = *con_cls;
         if (cn->too_big) return answer_error(h, c, 413, "request_too_large", "the request body is over %zu bytes", h->o.max_body);
-        cJSON *j = cn->body ? cJSON_ParseWithLength(cn->body, cn->len) : NULL;
-        if (!j || !cJSON_IsObject(j)) {
-            cJSON_Delete(j);
-            return answer_error(h, c, 400, "invalid_json", "the request body must be a JSON object");
-        }
-        const enum MHD_Result r = do_completion(h, c, j, is_chat);
-        cJSON_Delete(j);
-        return r;
+        return do_completion(h, c, cn, is_chat);
     }
     if (post) return answer_error(h, c, !strcmp(url, "/v1/models") || !strcmp(url, "/health") ? 405 : 404, "not_found",
                                   "no POST route %s", url);

@@ -15,6 +15,7 @@
 
 struct serve_req {
     struct serve *s;            // the scheduler (outlives its requests: serve_destroy comes after the last release)
+    pthread_cond_t news;        // its reader: text or the end
     int refs;                   // the caller's and the scheduler's
     serve_req_params_t p;       // p.prompt points at prompt
     int32_t *prompt;            // (n_prompt) owned copy
@@ -41,7 +42,6 @@ struct serve {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t work;        // the scheduler: a request came or one was cancelled
-    pthread_cond_t news;        // readers: text or an end
     bool stopping;
     serve_req_t *head, *tail;   // queue
     int queued;
@@ -60,6 +60,7 @@ struct serve {
 
 static void req_unref(serve_req_t *r) { // under the lock, or when no one else holds r
     if (--r->refs > 0) return;
+    pthread_cond_destroy(&r->news);
     sampler_destroy(&r->smp);
     free(r->prompt);
     free(r->gen);
@@ -114,6 +115,7 @@ static void finish(serve_t *s, serve_req_t *r, serve_finish_t why) {
     if (n > 0 && r->finish != SERVE_STOP) text_append(r, piece, (size_t)n);
     if (r->finish != SERVE_STOP) r->visible = r->text_len;
     r->t_end = mlm_now_ms();
+    pthread_cond_signal(&r->news);
     if (r->finish == SERVE_FAILED) s->st.failed++;
     if (r->finish == SERVE_CANCELLED) s->st.cancelled++;
 }
@@ -181,7 +183,6 @@ static void *sched_main(void *arg) {
             if (s->slot[i] && s->slot[i]->cancel) {
                 finish(s, s->slot[i], SERVE_CANCELLED);
                 release_slot(s, i);
-                pthread_cond_broadcast(&s->news);
             }
         // admit queued requests into free slots
         for (int i = 0; i < P && s->head; i++) {
@@ -193,7 +194,6 @@ static void *sched_main(void *arg) {
             if (r->cancel) { // cancelled while queued
                 finish(s, r, SERVE_CANCELLED);
                 req_unref(r);
-                pthread_cond_broadcast(&s->news);
                 i--;
                 continue;
             }
@@ -267,13 +267,13 @@ static void *sched_main(void *arg) {
             }
             if (r->cancel) continue; // left at the top of the loop
             ended = take_token(s, r, sampler_sample(r->smp, lg[j]));
+            if (r->visible > r->read) pthread_cond_signal(&r->news);
             if (ended) release_slot(s, seqs[j]);
         }
         if (rc != 0) {
             s->st.broken = true;
             snprintf(s->st.last_error, sizeof s->st.last_error, "%s", err[0] ? err : mlm_strerror(rc));
         }
-        pthread_cond_broadcast(&s->news);
     }
     // shutting down: everything still here fails
     for (int i = 0; i < P; i++)
@@ -291,7 +291,6 @@ static void *sched_main(void *arg) {
     }
     s->tail = NULL;
     s->queued = 0;
-    pthread_cond_broadcast(&s->news);
     pthread_mutex_unlock(&s->mu);
     return NULL;
 }
@@ -314,7 +313,6 @@ int serve_new(serve_t **out, serve_engine_t *eng, const tokenizer_t *tok, const 
     s->logits = malloc((size_t)o->parallel * (size_t)eng->n_vocab * sizeof(float));
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->work, NULL);
-    pthread_cond_init(&s->news, NULL);
     if (!s->logits || pthread_create(&s->thread, NULL, sched_main, s) != 0) {
         free(s->logits);
         free(s);
@@ -334,7 +332,6 @@ void serve_destroy(serve_t **self_p) {
     pthread_join(s->thread, NULL);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->work);
-    pthread_cond_destroy(&s->news);
     free(s->logits);
     free(s->status);
     free(s);
@@ -350,6 +347,7 @@ int serve_submit(serve_t *s, const serve_req_params_t *p, serve_req_t **out, cha
                         p->n_predict, s->eng->n_ctx);
     serve_req_t *r = calloc(1, sizeof *r);
     if (!r) return MLM_ENOMEM;
+    pthread_cond_init(&r->news, NULL);
     r->p = *p;
     r->prompt = malloc((size_t)p->n_prompt * sizeof *r->prompt);
     r->gen = malloc((size_t)p->n_predict * sizeof *r->gen);
@@ -400,7 +398,7 @@ size_t serve_req_read(serve_req_t *r, char *buf, size_t cap, int timeout_ms, boo
         const long ns = ts.tv_nsec + (long)(left * 1e6);
         ts.tv_sec += ns / 1000000000L;
         ts.tv_nsec = ns % 1000000000L;
-        pthread_cond_timedwait(&s->news, &s->mu, &ts);
+        pthread_cond_timedwait(&r->news, &s->mu, &ts);
     }
     size_t n = r->visible - r->read;
     if (n > cap) n = cap;

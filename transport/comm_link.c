@@ -34,6 +34,7 @@ typedef struct {
     void *router;               // ROUTER bound to the endpoint
     uint8_t peer[LK_ID_MAX];    // (peer_len) routing id of the coordinator that spoke last
     size_t peer_len;            // 0 until a coordinator spoke
+    curve_zap_t *zap;           // with CurveZMQ: the handler admitting only the coordinators' keys
 } lk_ctx_t;
 
 // --- helpers
@@ -277,6 +278,7 @@ static void lk_destroy(void *ctx) {
         if (k->mon && k->mon[i]) zmq_close(k->mon[i]);
     }
     if (k->router) zmq_close(k->router);
+    curve_zap_stop(&k->zap); // closes its socket: before the context ends
     if (k->zctx) zmq_ctx_term(k->zctx);
     free(k->sock);
     free(k->mon);
@@ -312,6 +314,7 @@ static lk_ctx_t *lk_new(const comm_link_opts_t *opts) {
 
 // Wraps k in a comm. 0, or MLM_ENOMEM (k destroyed).
 static int finish(comm_t **out, lk_ctx_t *k, char *err, size_t errlen) {
+    k->o.curve = NULL; // borrowed for the call only (the key handler keeps its own copy)
     comm_t *c = comm_new(&link_iface, k);
     if (!c) {
         lk_destroy(k);
@@ -355,6 +358,17 @@ int comm_link_connect(comm_t **out, const char *const *endpoints, int n, const c
             return mlm_fail(err, errlen, MLM_EIO, "cannot create a ZeroMQ socket: %s", zmq_strerror(errno));
         }
         common_opts(k, k->sock[i]);
+        if (k->o.curve) { // the worker must hold the secret of the key listed for its endpoint
+            const char *sk = endpoints[i] ? curve_peer_key(&k->o.curve->peers, endpoints[i]) : NULL;
+            if (!sk) {
+                lk_destroy(k);
+                return mlm_fail(err, errlen, MLM_EINVAL, "no key is listed for worker %s (CurveZMQ: add 'KEY %s' to the peers file)",
+                                endpoints[i] ? endpoints[i] : "(null)", endpoints[i] ? endpoints[i] : "ENDPOINT");
+            }
+            zmq_setsockopt(k->sock[i], ZMQ_CURVE_SERVERKEY, sk, CURVE_KEY_LEN);
+            zmq_setsockopt(k->sock[i], ZMQ_CURVE_PUBLICKEY, k->o.curve->self.pub, CURVE_KEY_LEN);
+            zmq_setsockopt(k->sock[i], ZMQ_CURVE_SECRETKEY, k->o.curve->self.sec, CURVE_KEY_LEN);
+        }
         // no ZMQ_IMMEDIATE: with it a dropped connection discards the messages the worker sent last
         setopt_int(k->sock[i], ZMQ_RECONNECT_IVL, k->o.reconnect_ivl_ms);
         if (zmq_socket_monitor(k->sock[i], mon_ep, ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED) != 0 ||
@@ -388,6 +402,16 @@ int comm_link_listen(comm_t **out, const char *endpoint, const comm_link_opts_t 
     }
     common_opts(k, k->router);
     setopt_int(k->router, ZMQ_ROUTER_MANDATORY, 1); // a vanished coordinator is an error, not a silent drop
+    if (k->o.curve) { // only coordinators holding a listed key get in (the ZAP handler checks each)
+        int rc = curve_zap_start(&k->zap, k->zctx, &k->o.curve->peers, "link", err, errlen);
+        if (rc != 0) {
+            lk_destroy(k);
+            return rc;
+        }
+        setopt_int(k->router, ZMQ_CURVE_SERVER, 1);
+        zmq_setsockopt(k->router, ZMQ_CURVE_SECRETKEY, k->o.curve->self.sec, CURVE_KEY_LEN);
+        zmq_setsockopt(k->router, ZMQ_ZAP_DOMAIN, "meshlm", 6);
+    }
     if (zmq_bind(k->router, endpoint) != 0) {
         int e = errno;
         lk_destroy(k);
@@ -424,6 +448,7 @@ int comm_link_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t er
     if (o->max_msg_bytes) lo.max_msg_bytes = o->max_msg_bytes;
     if (o->heartbeat_ivl_ms) lo.heartbeat_ivl_ms = o->heartbeat_ivl_ms < 0 ? 0 : o->heartbeat_ivl_ms;
     if (o->heartbeat_timeout_ms > 0) lo.heartbeat_timeout_ms = o->heartbeat_timeout_ms;
+    lo.curve = o->curve;
     if (!o->listen && o->rank == 0) {
         if (!o->endpoints || o->size < 2)
             return mlm_fail(err, errlen, MLM_EINVAL, "link: the coordinator needs size >= 2 and the workers' endpoints");

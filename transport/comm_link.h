@@ -7,6 +7,7 @@
 
 #include "transport/comm.h"
 #include "transport/comm_open.h"
+#include "transport/curve.h"
 
 // Wire format, version 1.0. Every message is: [envelope (8 bytes)] [user frame 0] ... [user frame n-1]
 //   u32 magic COMM_LINK_MAGIC, u8 major, u8 minor, u8 kind (COMM_LINK_DATA), u8 n (user frames)
@@ -35,6 +36,10 @@ typedef struct {
     int heartbeat_ivl_ms;       // ZMTP heartbeats (drop silent connections); 0 = off (default)
     int heartbeat_timeout_ms;   // a connection silent this long is dropped; default 5000
     int reconnect_ivl_ms;       // coordinator: retry a lost or absent worker this often; default 50
+    const curve_conf_t *curve;  // CurveZMQ (borrowed for the call): the coordinator dials each worker with
+                                // the key its peers list gives the endpoint (none: MLM_EINVAL) and its own
+                                // keys; a worker admits only coordinators whose key is listed, and logs
+                                // each refusal. NULL = plain (default)
 } comm_link_opts_t;
 
 void comm_link_opts_default(comm_link_opts_t *o);

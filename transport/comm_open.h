@@ -5,6 +5,7 @@
 #include <stddef.h>
 
 #include "transport/comm.h"
+#include "transport/curve.h"
 #include "transport/fault.h"
 
 typedef struct comm_inproc_group comm_inproc_group_t; // transport/comm_inproc.h
@@ -27,6 +28,7 @@ typedef struct {
                                     //   are dropped): a plan's data plane uses the plan id's low bits
     const char *faults;             // fault:<name>: spec text; NULL = $MESHLM_FAULTS
     const fault_spec_t *fault_spec; // fault:<name>: a parsed spec, wins over faults (read during the call)
+    const curve_conf_t *curve;      // link: CurveZMQ keys (transport/curve.h); NULL = plain
 } comm_open_opts_t;
 
 // Opens this rank's comm of backend `name`:

@@ -12,6 +12,7 @@ int cmd_coordinator(int argc, char **argv); // run with remote workers: `run` th
 int cmd_mpi(int argc, char **argv);        // tensor-parallel generation under mpirun (cmd_mpi.c)
 int cmd_nodes(int argc, char **argv);      // list the members of a node registry (cmd_nodes.c)
 int cmd_chaos(int argc, char **argv);      // a workload under a fault schedule, against fault-free (cmd_chaos.c)
+int cmd_keygen(int argc, char **argv);     // a CurveZMQ key pair (cmd_keygen.c)
 int cmd_serve(int argc, char **argv);      // the OpenAI-compatible HTTP API (cmd_serve.c)
 
 #endif

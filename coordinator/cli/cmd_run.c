@@ -9,6 +9,7 @@
 #include "cluster/launch.h"
 #include "cluster/registry.h"
 #include "coordinator/cli/cli.h"
+#include "coordinator/cli/curve_args.h"
 #include "coordinator/cli/fault_args.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/cli/gen_args.h"
@@ -38,6 +39,8 @@ typedef struct {
     bool show_plan;           // --show-plan
     layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all, --mem-budget, --local-mem
     const char *faults;       // --faults SPEC (NULL: $MESHLM_FAULTS)
+    curve_args_t curve;       // --curve-key, --curve-peers
+    const curve_conf_t *curve_conf; // read from them, or NULL
 } run_args_t;
 
 static void run_usage(FILE *f) {
@@ -62,6 +65,7 @@ static void run_usage(FILE *f) {
             LAYOUT_MEM_USAGE
             LAYOUT_FAULT_USAGE
             FAULT_ARGS_USAGE
+            CURVE_ARGS_USAGE
             LAYOUT_ARGS_USAGE
             "at the end, stderr (and --json's \"memory\") reports every process's peak resident set (VmHWM)\n"
             "and the peak of each local worker's memory cgroup\n");
@@ -78,7 +82,8 @@ static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
         {"speeds", required_argument, 0, O_SPEEDS}, {"timeout", required_argument, 0, O_TIMEOUT},
         {"verbose", no_argument, 0, O_VERBOSE}, {"data-endpoint", required_argument, 0, O_DATA_EP},
         {"show-plan", no_argument, 0, O_SHOW_PLAN},
-        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, FAULT_ARGS_LONGOPTS, {0, 0, 0, 0}};
+        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, FAULT_ARGS_LONGOPTS, CURVE_ARGS_LONGOPTS,
+        {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     gen_args_init(&a->g);
     optind = 1;
@@ -86,6 +91,7 @@ static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
     while ((ch = getopt_long(argc, argv, GEN_ARGS_SHORTOPTS, opts, NULL)) != -1) {
         int r = gen_args_option(&a->g, ch, optarg, cmd);
         if (r == 0) r = layout_args_option(&a->lay, ch, optarg, cmd);
+        if (r == 0) r = curve_args_option(&a->curve, ch, optarg);
         if (r < 0) return 1;
         if (r > 0) continue;
         switch (ch) {
@@ -116,6 +122,12 @@ static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
     }
     if (a->local < 0 || (a->local > 0 && a->workers)) {
         fprintf(stderr, "meshlm %s: use either --local N or --workers LIST\n", cmd);
+        return 1;
+    }
+    if (curve_args_load(&a->curve, cmd, &a->curve_conf) != 0) return 1;
+    if (a->curve_conf && a->local > 0) {
+        fprintf(stderr, "meshlm %s: --curve-key is for remote workers (--workers or --registry); local workers are "
+                "reached over this machine's own sockets\n", cmd);
         return 1;
     }
     if (a->lay.local_mem_set && a->local == 0) {
@@ -282,7 +294,7 @@ static int run_main(run_args_t *ap) {
                              .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
                              .on_plan = a.reg ? publish_plan : NULL, .on_plan_arg = a.reg,
                              .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set,
-                             .drop_cache = lw && lw->mem_limit && !a.local_no_model};
+                             .drop_cache = lw && lw->mem_limit && !a.local_no_model, .curve = a.curve_conf};
         if ((rc = cluster_open(&cl, &co, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: cluster: %s\n", err);
             say_dead_workers(lw);

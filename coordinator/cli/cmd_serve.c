@@ -9,6 +9,7 @@
 
 #include "cluster/launch.h"
 #include "coordinator/cli/cli.h"
+#include "coordinator/cli/curve_args.h"
 #include "coordinator/cli/layout_args.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/serve/http.h"
@@ -37,6 +38,7 @@ typedef struct {
     bool verbose;
     const char *port_file;    // --port-file FILE: the port written once listening (for scripts)
     layout_args_t lay;
+    curve_args_t curve;       // --curve-key, --curve-peers (remote workers)
 } serve_args_t;
 
 static void serve_usage(FILE *f) {
@@ -62,7 +64,7 @@ static void serve_usage(FILE *f) {
             "      --workers LIST      comma-separated worker endpoints (tcp://HOST:PORT or ipc:///PATH)\n"
             "      --timeout MS        deadline of each exchange (default 30000)\n"
             "      --verbose           cluster progress on stderr\n"
-            LAYOUT_MEM_USAGE LAYOUT_FAULT_USAGE LAYOUT_ARGS_USAGE,
+            LAYOUT_MEM_USAGE LAYOUT_FAULT_USAGE LAYOUT_ARGS_USAGE CURVE_ARGS_USAGE,
             SERVE_MAX_SEQS);
 }
 
@@ -93,7 +95,7 @@ static int parse_args(int argc, char **argv, serve_args_t *a) {
         {"local", required_argument, 0, O_LOCAL}, {"workers", required_argument, 0, O_WORKERS},
         {"timeout", required_argument, 0, O_TIMEOUT}, {"verbose", no_argument, 0, O_VERBOSE},
         {"port-file", required_argument, 0, O_PORTFILE}, {"help", no_argument, 0, 'h'},
-        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, {0, 0, 0, 0}};
+        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, CURVE_ARGS_LONGOPTS, {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->port = 8080;
     a->parallel = 4;
@@ -102,6 +104,7 @@ static int parse_args(int argc, char **argv, serve_args_t *a) {
     int ch, bad = 0;
     while (!bad && (ch = getopt_long(argc, argv, "m:c:t:b:h", opts, NULL)) != -1) {
         int r = layout_args_option(&a->lay, ch, optarg, "serve");
+        if (r == 0) r = curve_args_option(&a->curve, ch, optarg);
         if (r == 1) continue;
         if (r < 0) return 1;
         switch (ch) {
@@ -185,6 +188,12 @@ static int serve_main(serve_args_t *a) {
     const char *eps[LAUNCH_MAX];
     int n_workers = 0;
     const bool distributed = a->local > 0 || a->workers;
+    const curve_conf_t *curve = NULL;
+    if (curve_args_load(&a->curve, "serve", &curve) != 0) goto out;
+    if (curve && !a->workers) {
+        fprintf(stderr, "meshlm serve: --curve-key is for remote workers (--workers)\n");
+        goto out;
+    }
     if (!distributed) {
         model_load_opts_t lo = {.repack = true, .mem_budget = a->lay.mem_budget, .n_ctx = a->n_ctx};
         if (model_load(&m, a->model, &lo, err, sizeof err) != 0) {
@@ -213,7 +222,8 @@ static int serve_main(serve_args_t *a) {
                              .plan_file = a->lay.plan_file, .ubatch = a->lay.ubatch, .local_profile = a->local > 0,
                              .recover = !a->lay.no_recover, .heartbeat_ms = a->lay.heartbeat_ms,
                              .n_standby = a->lay.n_standby, .tp_mode = a->lay.tp_mode,
-                             .tp_mode_set = a->lay.tp_mode_set, .drop_cache = lw && lw->mem_limit};
+                             .tp_mode_set = a->lay.tp_mode_set, .drop_cache = lw && lw->mem_limit,
+                             .curve = curve};
         if (cluster_open(&cl, &co, err, sizeof err) != 0) {
             fprintf(stderr, "meshlm serve: cluster: %s\n", err);
             goto out;

@@ -10,6 +10,7 @@
 #include "cluster/profile.h"
 #include "cluster/registry.h"
 #include "coordinator/cli/cli.h"
+#include "coordinator/cli/curve_args.h"
 #include "core/err.h"
 #include "core/sha256.h"
 #include "parallel/plan.h"
@@ -36,7 +37,8 @@ static void worker_usage(FILE *f) {
             "  --registry-ttl MS    heartbeat TTL in the registry (default 3000; beats every TTL/3)\n"
             "  --advertise ENDPOINT the control endpoint published in the registry (default: --listen, with\n"
             "                       a 0.0.0.0 / * host replaced by this machine's address as the registry sees it)\n"
-            "  --verbose            log every message\n");
+            "  --verbose            log every message\n"
+            CURVE_ARGS_USAGE);
 }
 
 // The registry side of a worker: its handle, its beater and its id.
@@ -153,8 +155,9 @@ int cmd_worker(int argc, char **argv) {
         {"timeout", required_argument, 0, 'T'}, {"verbose", no_argument, 0, 'v'},
         {"no-profile", no_argument, 0, 'P'}, {"registry", required_argument, 0, 'R'},
         {"standby", no_argument, 0, 'S'}, {"registry-ttl", required_argument, 0, 'L'},
-        {"advertise", required_argument, 0, 'A'},
+        {"advertise", required_argument, 0, 'A'}, CURVE_ARGS_LONGOPTS,
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    curve_args_t ca = {0};
     node_opts_t o = {0};
     const char *reg_url = NULL, *advertise = NULL;
     bool standby = false;
@@ -162,6 +165,7 @@ int cmd_worker(int argc, char **argv) {
     optind = 1;
     int ch;
     while ((ch = getopt_long(argc, argv, "l:m:t:h", opts, NULL)) != -1) {
+        if (curve_args_option(&ca, ch, optarg)) continue;
         switch (ch) {
         case 'l': o.listen = optarg; break;
         case 'm': o.model_path = optarg; break;
@@ -199,6 +203,7 @@ int cmd_worker(int argc, char **argv) {
         fprintf(stderr, "meshlm worker: --standby and --advertise need --registry\n");
         return 2;
     }
+    if (curve_args_load(&ca, "worker", &o.curve) != 0) return 2;
     char err[1024] = "";
     worker_reg_t w = {0};
     int rc = reg_url ? worker_join(&w, &o, reg_url, standby, reg_ttl, advertise, err, sizeof err) : 0;

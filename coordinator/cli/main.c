@@ -21,6 +21,7 @@ static const subcommand_t subcommands[] = {
     {"serve", cmd_serve, "OpenAI-compatible HTTP API over this node or a cluster (meshlm serve -m FILE --port 8080)"},
     {"plan", cmd_plan, "print how a model would be split over nodes (no compute)"},
     {"chaos", cmd_chaos, "R requests on N local workers under a fault schedule: speed, recovery, lost and changed outputs"},
+    {"keygen", cmd_keygen, "write a CurveZMQ key pair for authenticated nodes (meshlm keygen NAME)"},
     {"gen-model", cmd_gen_model, "write a GGUF with seeded random weights in a real model's shape"},
     {NULL, NULL, NULL},
 };

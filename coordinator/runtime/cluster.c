@@ -654,7 +654,7 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
         const char *eps[MSG_MAX_NODES];
         for (int i = 0; i < n_workers; i++) eps[i] = c->w[i].endpoint;
         // ZMTP heartbeats on every link: a frozen worker's connection drops within about hb ms.
-        comm_open_opts_t co = {.rank = 0, .size = c->n_nodes, .endpoints = eps};
+        comm_open_opts_t co = {.rank = 0, .size = c->n_nodes, .endpoints = eps, .curve = c->o.curve};
         comm_open_heartbeat(&co, c->o.heartbeat_ms);
         rc = comm_open(&c->ctl, "link", &co, err, errlen);
         c->ctl_owned = rc == 0;
@@ -670,6 +670,12 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
 int cluster_hello(cluster_t *c, char *err, size_t errlen) {
     const double t0 = mlm_now_ms();
     int rc = say_hello(c, err, errlen);
+    if (rc != 0 && c->o.curve && (rc == MLM_ETIMEOUT || rc == MLM_EPEER)) {
+        const size_t n = strlen(err);
+        snprintf(err + n, errlen > n ? errlen - n : 0, "; with CurveZMQ: the worker refuses a coordinator whose key "
+                 "it does not list (its log says so), and a worker key that is not the one in --curve-peers fails the "
+                 "handshake");
+    }
     if (rc == 0) rc = measure_links(c, err, errlen);
     if (rc == 0) c->phase = PHASE_HELLO;
     c->stats.load_ms += mlm_now_ms() - t0;

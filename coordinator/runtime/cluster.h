@@ -9,6 +9,7 @@
 #include "parallel/plan.h"
 #include "proto/msg.h"
 #include "transport/comm.h"
+#include "transport/curve.h"
 #include "worker/model/model.h"
 
 typedef struct {
@@ -30,6 +31,8 @@ typedef struct {
                                      // + activations; 0 = none): planned as node 0's budget, and the share
                                      // streams through the weight window when it does not fit resident
     int timeout_ms;                  // each control exchange and collective (0 = 30000)
+    const curve_conf_t *curve;       // CurveZMQ on the control link: this coordinator's keys and each worker
+                                     // endpoint's key (transport/curve.h); NULL = plain
     bool drop_cache;                 // cluster_open drops the model's page cache between planning and loading,
                                      // so local workers' memory cgroups are charged for their shards
     bool kv_f32;

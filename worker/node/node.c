@@ -545,7 +545,7 @@ int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen) {
 
 int node_serve(const node_opts_t *o, char *err, size_t errlen) {
     comm_t *ctl = NULL;
-    comm_open_opts_t co = {.listen = o->listen};
+    comm_open_opts_t co = {.listen = o->listen, .curve = o->curve};
     comm_open_heartbeat(&co, o->heartbeat_ms); // a vanished coordinator's link drops
     int rc = comm_open(&ctl, "link", &co, err, errlen);
     if (rc != 0) return rc;

@@ -10,6 +10,7 @@
 #include "cluster/profile.h"
 #include "parallel/shard.h"
 #include "transport/comm.h"
+#include "transport/curve.h"
 
 // What a node is doing, for whoever watches it.
 typedef enum { NODE_IDLE = 0, NODE_LOADING = 1, NODE_SERVING = 2 } node_state_t;
@@ -35,6 +36,8 @@ typedef struct {
     void *state_arg;                                  // it in a registry), or NULL
     int heartbeat_ms;        // links (control and data) drop a peer silent this long (0 = 1000): a frozen
                              // peer is noticed, and a step waiting on the plan's nodes fails when any is lost
+    const curve_conf_t *curve; // node_serve: CurveZMQ on the control link (its keys, the coordinator keys it
+                               // admits; transport/curve.h), or NULL for a plain link
 } node_opts_t;
 
 // A SLICE_DATA message naming this tensor is a bandwidth probe: the worker answers it, like a

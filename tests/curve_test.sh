@@ -7,15 +7,9 @@
 # Usage: curve_test.sh MESHLM_BIN
 set -uo pipefail
 bin="$(realpath "${1:?usage: curve_test.sh MESHLM_BIN}")"
-here="$(cd "$(dirname "$0")/.." && pwd)"
-shared="${MESHLM_SHARED:-$here/../shared}"
+NAME=curve
+source "$(dirname "$0")/test_lib.sh"
 m="$shared/models/stories260K.gguf"
-dir="$(mktemp -d)"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$dir"; }
-trap cleanup EXIT
-pass=0 fail=0
-check() { if [ "$2" = 0 ]; then echo "curve: $1"; pass=$((pass + 1)); else echo "curve: FAILED: $1 ${3:-}" >&2; fail=$((fail + 1)); fi; }
 cd "$dir"
 for k in coord w1 stranger other; do "$bin" keygen "$k" >/dev/null 2>&1; done
 [ "$(stat -c %a coord.key)" = 600 ] && [ "$(wc -c <coord.pub)" = 41 ]
@@ -67,5 +61,4 @@ if command -v tcpdump >/dev/null && [ "$(id -u)" = 0 ]; then
   [ -s wire.pcap ] && ! grep -aq "coordinator" wire.pcap && ! grep -aq "meshlm" wire.pcap
   check "tcpdump of the link: none of the HELLO's text in clear" $?
 fi
-echo "curve: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+finish

@@ -8,15 +8,9 @@
 set -uo pipefail
 bin="$(realpath "${1:?usage: serve_test.sh MESHLM_BIN BUILD_DIR}")"
 build="${2:-$(dirname "$bin")}"
-here="$(cd "$(dirname "$0")/.." && pwd)"
-shared="${MESHLM_SHARED:-$here/../shared}"
+NAME=serve
+source "$(dirname "$0")/test_lib.sh"
 m="$shared/models/stories260K.gguf"
-dir="$(mktemp -d)"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$dir"; }
-trap cleanup EXIT
-pass=0 fail=0
-check() { if [ "$2" = 0 ]; then echo "serve: $1"; pass=$((pass + 1)); else echo "serve: FAILED: $1 ${3:-}" >&2; fail=$((fail + 1)); fi; }
 command -v curl >/dev/null || { echo "serve: curl is needed" >&2; exit 1; }
 
 # start NAME ARGS...: a server on a free port; sets $port (0 when it did not come up)
@@ -209,5 +203,4 @@ post "$u/v1/completions" -d '{"prompt":"Once upon a time","max_tokens":120,"temp
   json "d['meshlm']['tokens']" | cmp -s - "$dir/run120.tok"
 check "the next request on the one worker left: the same 120 tokens" $?
 
-echo "serve: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+finish

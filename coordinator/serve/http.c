@@ -113,6 +113,17 @@ static int out_put(stream_t *st, const char *s, size_t n) {
     return 0;
 }
 
+// "data: JSON\n\n" for j (deleted).
+static void put_data(stream_t *st, cJSON *j) {
+    char *txt = cJSON_PrintUnformatted(j);
+    cJSON_Delete(j);
+    if (!txt) return;
+    out_put(st, "data: ", 6);
+    out_put(st, txt, strlen(txt));
+    out_put(st, "\n\n", 2);
+    free(txt);
+}
+
 // One event: data: {chunk}\n\n with text (NULL: none) and finish (NULL: still going).
 static void put_event(stream_t *st, const char *text, size_t len, const char *finish) {
     serve_http_t *h = st->h;
@@ -141,14 +152,7 @@ static void put_event(stream_t *st, const char *text, size_t len, const char *fi
     free(piece);
     if (finish) cJSON_AddStringToObject(c0, "finish_reason", finish);
     else cJSON_AddNullToObject(c0, "finish_reason");
-    char *txt = cJSON_PrintUnformatted(j);
-    cJSON_Delete(j);
-    if (txt) {
-        out_put(st, "data: ", 6);
-        out_put(st, txt, strlen(txt));
-        out_put(st, "\n\n", 2);
-        free(txt);
-    }
+    put_data(st, j);
 }
 
 static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
@@ -167,14 +171,7 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
                 cJSON *j = cJSON_CreateObject(), *e = cJSON_AddObjectToObject(j, "error");
                 cJSON_AddStringToObject(e, "message", info.err);
                 cJSON_AddStringToObject(e, "type", "server_error");
-                char *txt = cJSON_PrintUnformatted(j);
-                cJSON_Delete(j);
-                if (txt) {
-                    out_put(st, "data: ", 6);
-                    out_put(st, txt, strlen(txt));
-                    out_put(st, "\n\n", 2);
-                    free(txt);
-                }
+                put_data(st, j);
             } else {
                 put_event(st, NULL, 0, finish_name(info.finish));
             }

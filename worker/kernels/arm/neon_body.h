@@ -10,13 +10,15 @@
 // Activation quantizers (Q8_0, Q8_1, Q8_K, F16, BF16) give quant_quantize_ref's bytes: FCVTNS rounds
 // to nearest even like rintf / nearest_int, FMAXNM ignores NaN like fmaxf, FCVT f32->f16 is IEEE RNE.
 #include <arm_neon.h>
+#include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "worker/kernels/arm/arm.h"
 
-#ifndef NEON_FILL
-#error "define NEON_FILL (the name of the table fill function) before including neon_body.h"
+#if !defined(NEON_FILL) || !defined(NEON_MMP_Q4_0) || !defined(NEON_MM_FLOAT)
+#error "define NEON_FILL, NEON_MMP_Q4_0 and NEON_MM_FLOAT (the public names) before including neon_body.h"
 #endif
 
 #define AI static inline __attribute__((always_inline))
@@ -308,6 +310,102 @@ static void from_float_bf16(const float *x, void *vy, int64_t n) {
         vst1_u16(y + i, vmovn_u32(vbslq_u32(nan, vorrq_u32(top, quiet), rn)));
     }
     for (; i < n; i++) y[i] = mlm_f32_to_bf16(x[i]);
+}
+
+// --- matmul: packed Q4_0 groups and plain F32/F16 rows in the portable kernels' orders (matmul.c)
+
+// One packed 16-row Q4_0 group (x86_mm.h layout) against nt activation rows, in group_scalar's
+// order: per row one fma chain over the blocks of (corr + integer dot) * (d_w * d_x).
+void NEON_MMP_Q4_0(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
+                   uint32_t mask) {
+    const size_t toff = mmp_act_tail_off(nb);
+    const uint8x16_t m4 = vdupq_n_u8(0x0f);
+    for (int t = 0; t < nt; t++) {
+        const uint8_t *xr = xq + (size_t)t * xs; // one activation row: nb Q8_0 blocks, then the tail
+        float32x4_t acc[4];                      // rows 4r..4r+3
+        for (int r = 0; r < 4; r++) acc[r] = vdupq_n_f32(0.0f);
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *q = mmp_block_quants(MMP_Q4_0X16, grp, b); // (4, 16 rows, 4 bytes)
+            const int8_t *xb = ((const block_q8_0 *)xr)[b].qs;        // (32)
+            int32_t corr;
+            float dx;
+            memcpy(&corr, xr + toff + (size_t)b * 4, 4);
+            memcpy(&dx, xr + toff + (size_t)(nb + b) * 4, 4);
+            int32x4_t isum[4];
+            for (int r = 0; r < 4; r++) isum[r] = vdupq_n_s32(corr);
+            for (int j = 0; j < 4; j++) {
+                uint32_t xl, xh; // activation elements 4j..4j+3 (low nibbles) and 16+4j.. (high nibbles)
+                memcpy(&xl, xb + 4 * j, 4);
+                memcpy(&xh, xb + 16 + 4 * j, 4);
+                const int8x16_t bl = vreinterpretq_s8_u32(vdupq_n_u32(xl)), bh = vreinterpretq_s8_u32(vdupq_n_u32(xh));
+                for (int r = 0; r < 4; r++) {
+                    const uint8x16_t v = vld1q_u8(q + 64 * j + 16 * r); // dword j of rows 4r..4r+3
+                    isum[r] = dot4(dot4(isum[r], as_s8(vandq_u8(v, m4)), bl), as_s8(vshrq_n_u8(v, 4)), bh);
+                }
+            }
+            const uint16_t *sc = (const uint16_t *)mmp_block_scales(MMP_Q4_0X16, grp, b); // (16) f16
+            for (int r = 0; r < 4; r++) {
+                const float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + 4 * r)));
+                acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(isum[r]), vmulq_n_f32(dw, dx));
+            }
+        }
+        float out[16]; // (16 rows)
+        for (int r = 0; r < 4; r++) vst1q_f32(out + 4 * r, acc[r]);
+        for (int i = 0; i < MMP_ROWS; i++)
+            if (mask >> i & 1u) y[(size_t)t * ys + i] = out[i];
+    }
+}
+
+// The reference's 16-lane sum: halves, quarters, then (s0 + s2) + (s1 + s3); q0..q3 hold lanes 0..15.
+AI float reduce16(float32x4_t q0, float32x4_t q1, float32x4_t q2, float32x4_t q3) {
+    const float32x4_t s4 = vaddq_f32(vaddq_f32(q3, q1), vaddq_f32(q2, q0));
+    const float32x2_t s2 = vadd_f32(vget_low_f32(s4), vget_high_f32(s4));
+    return vget_lane_f32(s2, 0) + vget_lane_f32(s2, 1);
+}
+
+// One F32/F16 output in matmul.c's float_dot_exact order: tiled = one 16-lane fma chain; otherwise
+// 4 x 16 lanes per 64 elements, then the tail (F32: rounded products in runs of 8, the last n % 8
+// fused; F16: exact products summed in double).
+AI float float_dot_exact(qtype_t t, const uint8_t *w, const uint8_t *x, int64_t n, bool tiled) {
+    if (tiled) { // n is a multiple of 16
+        float32x4_t a[4];
+        for (int q = 0; q < 4; q++) a[q] = vdupq_n_f32(0.0f);
+        for (int64_t c = 0; c < n; c += 16)
+            for (int q = 0; q < 4; q++) a[q] = vfmaq_f32(a[q], load4_f32(t, w, c + 4 * q), load4_f32(t, x, c + 4 * q));
+        return reduce16(a[0], a[1], a[2], a[3]);
+    }
+    float32x4_t a[4][4]; // (16-lane group j, quarter q)
+    for (int j = 0; j < 4; j++)
+        for (int q = 0; q < 4; q++) a[j][q] = vdupq_n_f32(0.0f);
+    const int64_t np = n & ~(int64_t)63;
+    for (int64_t i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++)
+            for (int q = 0; q < 4; q++)
+                a[j][q] = vfmaq_f32(a[j][q], load4_f32(t, w, i + 16 * j + 4 * q), load4_f32(t, x, i + 16 * j + 4 * q));
+    float32x4_t c[4];
+    for (int q = 0; q < 4; q++) c[q] = vaddq_f32(vaddq_f32(a[0][q], a[2][q]), vaddq_f32(a[1][q], a[3][q]));
+    const float head = reduce16(c[0], c[1], c[2], c[3]);
+    if (t == QT_F32) {
+        const int64_t n8 = np + ((n - np) & ~(int64_t)7);
+        float sf = head;
+        for (int64_t i = np; i < n8; i++) {
+            const float p = scalar_f32(t, w, i) * scalar_f32(t, x, i); // rounded, then added
+            sf += p;
+        }
+        for (int64_t i = n8; i < n; i++) sf = fmaf(scalar_f32(t, w, i), scalar_f32(t, x, i), sf);
+        return sf;
+    }
+    double sd = head;
+    for (int64_t i = np; i < n; i++) sd += (double)(scalar_f32(t, w, i) * scalar_f32(t, x, i));
+    return (float)sd;
+}
+
+void NEON_MM_FLOAT(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
+                   float *y, size_t ys, int64_t n, bool tiled) {
+    for (int64_t r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++)
+            y[(size_t)t * ys + r] = type == QT_F32 ? float_dot_exact(QT_F32, w + (size_t)r * wrow, x + (size_t)t * xs, n, tiled)
+                                                   : float_dot_exact(QT_F16, w + (size_t)r * wrow, x + (size_t)t * xs, n, tiled);
 }
 
 // --- table

@@ -29,8 +29,12 @@ static void run(const kernels_t *k, qtype_t t, int64_t rows, int64_t cols, const
     mm_weight_release(&mw);
 }
 
-// One type and shape: each available table against the scalar table, bit for bit; returns mismatches.
-static int check_shape(qtype_t t, int64_t rows, int64_t cols, int nt, int64_t r0, uint64_t seed) {
+// One type and shape, for nt = 1, 2, 5 tokens and the row ranges [0, rows) and [16, rows): each
+// available table against the scalar table, bit for bit; returns mismatches.
+static int check_shape(qtype_t t, int64_t rows, int64_t cols, uint64_t seed) {
+    const int nt = 5; // the most tokens
+    static const int nts[] = {1, 2, 5};
+    static const int64_t r0s[] = {0, 16}; // a whole matrix, and a later thread's share
     const size_t rb = qtype_row_size(t, cols);
     float *f = malloc(sizeof(float) * (size_t)cols * (size_t)(rows > nt ? rows : nt));
     uint8_t *w = malloc((size_t)rows * rb);                              // (rows, rb)
@@ -41,20 +45,26 @@ static int check_shape(qtype_t t, int64_t rows, int64_t cols, int nt, int64_t r0
     test_fill_floats(f, rows * cols, seed, 2.0f);
     for (int64_t r = 0; r < rows; r++) CU_ASSERT_EQUAL_FATAL(quant_quantize_ref(t, f + r * cols, w + (size_t)r * rb, cols), 0);
     test_fill_floats(x, (int64_t)nt * cols, seed + 7, 2.0f);
-    run(kernels_for_isa("scalar"), t, rows, cols, w, x, nt, r0, want);
     int bad = 0;
-    for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
-        const kernels_t *k = kernels_for_isa(isas[i]);
-        if (!k) continue;
-        run(k, t, rows, cols, w, x, nt, r0, got);
-        for (int tk = 0; tk < nt; tk++)
-            for (int64_t r = r0; r < rows; r++) {
-                const size_t at = (size_t)tk * rows + r;
-                if (memcmp(&got[at], &want[at], sizeof(float)) != 0 && bad++ == 0)
-                    fprintf(stderr, "\n  %s %s %lldx%lld nt=%d row %lld tok %d: got %.9g, scalar %.9g\n", k->isa,
-                            qtype_name(t), (long long)rows, (long long)cols, nt, (long long)r, tk, got[at], want[at]);
+    for (size_t a = 0; a < sizeof nts / sizeof nts[0]; a++)
+        for (size_t b = 0; b < sizeof r0s / sizeof r0s[0]; b++) {
+            const int n_tok = nts[a];
+            const int64_t r0 = r0s[b];
+            run(kernels_for_isa("scalar"), t, rows, cols, w, x, n_tok, r0, want);
+            for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+                const kernels_t *k = kernels_for_isa(isas[i]);
+                if (!k) continue;
+                run(k, t, rows, cols, w, x, n_tok, r0, got);
+                for (int tk = 0; tk < n_tok; tk++)
+                    for (int64_t r = r0; r < rows; r++) {
+                        const size_t at = (size_t)tk * rows + r;
+                        if (memcmp(&got[at], &want[at], sizeof(float)) != 0 && bad++ == 0)
+                            fprintf(stderr, "\n  %s %s %lldx%lld nt=%d rows [%lld, %lld) row %lld tok %d: got %.9g, scalar %.9g\n",
+                                    k->isa, qtype_name(t), (long long)rows, (long long)cols, n_tok, (long long)r0,
+                                    (long long)rows, (long long)r, tk, got[at], want[at]);
+                    }
             }
-    }
+        }
     free(f);
     free(w);
     free(x);
@@ -67,7 +77,6 @@ static int check_shape(qtype_t t, int64_t rows, int64_t cols, int nt, int64_t r0
 
 static void test_same_bits(void) {
     static const qtype_t types[] = {QT_Q4_0, QT_Q8_0, QT_Q4_K, QT_Q6_K, QT_F16, QT_F32};
-    static const int nts[] = {1, 2, 5};
     int bad = 0;
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
         const qtype_t t = types[i];
@@ -75,11 +84,7 @@ static void test_same_bits(void) {
         // 35 rows: two full 16-row groups and a partial one; columns: a few blocks, and for F32/F16 a
         // length with a 64-element head and a tail (100) as well as a tiled one (multiple of 16)
         const int64_t cols_list[] = {blck == 1 ? 100 : blck * 3, blck == 1 ? 192 : blck * 8};
-        for (size_t c = 0; c < 2; c++)
-            for (size_t j = 0; j < sizeof nts / sizeof nts[0]; j++) {
-                bad += check_shape(t, 35, cols_list[c], nts[j], 0, 40 + 7 * i + 3 * c + j);
-                bad += check_shape(t, 35, cols_list[c], nts[j], 16, 90 + 7 * i + 3 * c + j); // a later thread's share
-            }
+        for (size_t c = 0; c < 2; c++) bad += check_shape(t, 35, cols_list[c], 40 + 7 * i + 3 * c);
     }
     CU_ASSERT_EQUAL(bad, 0);
 }

@@ -1,6 +1,7 @@
-// CUnit suite "kernels": every ISA table's vec_dot and from_float against the scalar references.
+// CUnit suite "kernels": every ISA table's vec_dot and from_float against the scalar references, and the table choice.
 #include <CUnit/CUnit.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,7 +12,8 @@
 
 // --- helpers
 
-static const char *const isas[] = {"scalar", "avx2", "avx512"};
+static const char *const isas[] = {"scalar", "avx2", "avx512", "neon", "neon-dotprod"};
+static const qtype_t act_types[] = {QT_Q8_0, QT_Q8_1, QT_Q8_K, QT_F16, QT_BF16};
 
 // Sum of |w_i * x_i| in double: the scale the summation-order tolerance is relative to.
 static double abs_dot(qtype_t wt, qtype_t xt, const void *w, const void *x, int64_t n) {
@@ -43,6 +45,14 @@ static void check_vec_dot(const kernels_t *k, qtype_t t, int64_t n, uint64_t see
         fprintf(stderr, "\n  vec_dot %s %s n=%lld: got %.9g want %.9g (tol %.3g)\n", k->isa, tr->name, (long long)n,
                 got, ref, tol);
     CU_ASSERT(fabs((double)got - ref) <= tol);
+    // the NEON block-quant kernels keep the reference's lanes and fma order: the same bits
+    const bool exact_type = t == QT_Q4_0 || t == QT_Q8_0 || t == QT_Q4_K || t == QT_Q6_K;
+    if (exact_type && strncmp(k->isa, "neon", 4) == 0) {
+        if (memcmp(&got, &ref, sizeof got) != 0)
+            fprintf(stderr, "\n  vec_dot %s %s n=%lld: got %.9g, reference %.9g (bits differ)\n", k->isa, tr->name,
+                    (long long)n, got, ref);
+        CU_ASSERT(memcmp(&got, &ref, sizeof got) == 0);
+    }
     free(wf);
     free(xf);
     free(w);
@@ -89,8 +99,6 @@ static void test_vec_dot_all_types(void) {
         }
     }
 }
-
-static const qtype_t act_types[] = {QT_Q8_0, QT_Q8_1, QT_Q8_K, QT_F16, QT_BF16};
 
 static void test_from_float_random(void) {
     for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
@@ -162,7 +170,50 @@ static void test_tables_filled(void) {
         CU_ASSERT_PTR_NOT_NULL(k->vec_dot[QT_F16]);
         CU_ASSERT_PTR_NOT_NULL(k->from_float[QT_BF16]);
     }
+    // the Arm tables: the decode types and every activation quantizer
+    static const char *const arm[] = {"neon", "neon-dotprod"};
+    for (size_t i = 0; i < 2; i++) {
+        k = kernels_for_isa(arm[i]);
+        if (!k) continue;
+        CU_ASSERT_STRING_EQUAL(k->isa, arm[i]);
+        static const qtype_t wt[] = {QT_F16, QT_Q8_0, QT_Q4_0, QT_Q4_K, QT_Q6_K};
+        for (size_t j = 0; j < sizeof wt / sizeof wt[0]; j++) CU_ASSERT_PTR_NOT_NULL(k->vec_dot[wt[j]]);
+        for (size_t j = 0; j < sizeof act_types / sizeof act_types[0]; j++) CU_ASSERT_PTR_NOT_NULL(k->from_float[act_types[j]]);
+    }
     CU_ASSERT_STRING_EQUAL(kernels_for_isa("scalar")->isa, "scalar");
+    CU_ASSERT_PTR_NULL(kernels_for_isa("no-such-isa"));
+}
+
+// kernels_best follows MESHLM_ISA when this CPU has the table, and otherwise picks the best table;
+// with MESHLM_EXPECT_ISA set (CI under qemu with a chosen CPU, tests/isa_test.sh) the choice must be it.
+static void test_best_table(void) {
+    const char *expect = getenv("MESHLM_EXPECT_ISA");
+    if (expect && *expect) {
+        const kernels_t *b = kernels_best();
+        CU_ASSERT_STRING_EQUAL(b->isa, expect);
+        if (strcmp(b->isa, expect) != 0) fprintf(stderr, "\n  kernels_best is %s, expected %s\n", b->isa, expect);
+    }
+    const char *saved = getenv("MESHLM_ISA");
+    char *keep = saved ? strdup(saved) : NULL;
+    unsetenv("MESHLM_ISA");
+    const kernels_t *best = kernels_best();
+    // the preference order: the first available of these is the best
+    static const char *const order[] = {"avx512", "avx2", "neon-dotprod", "neon", "scalar"};
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+        if (kernels_for_isa(order[i])) {
+            CU_ASSERT_STRING_EQUAL(best->isa, order[i]);
+            break;
+        }
+    for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+        setenv("MESHLM_ISA", isas[i], 1);
+        const kernels_t *k = kernels_for_isa(isas[i]);
+        CU_ASSERT_PTR_EQUAL(kernels_best(), k ? k : best);
+    }
+    setenv("MESHLM_ISA", "no-such-isa", 1);
+    CU_ASSERT_PTR_EQUAL(kernels_best(), best);
+    if (keep) setenv("MESHLM_ISA", keep, 1);
+    else unsetenv("MESHLM_ISA");
+    free(keep);
 }
 
 // --- public API
@@ -170,7 +221,7 @@ static void test_tables_filled(void) {
 int test_kernels_suite(void) {
     CU_pSuite s = CU_add_suite("kernels", NULL, NULL);
     if (!s) return -1;
-    if (!CU_add_test(s, "tables_filled", test_tables_filled) || !CU_add_test(s, "vec_dot_all_types", test_vec_dot_all_types) ||
+    if (!CU_add_test(s, "tables_filled", test_tables_filled) || !CU_add_test(s, "best_table", test_best_table) || !CU_add_test(s, "vec_dot_all_types", test_vec_dot_all_types) ||
         !CU_add_test(s, "from_float_random", test_from_float_random) ||
         !CU_add_test(s, "from_float_edges", test_from_float_edges))
         return -1;

@@ -1,4 +1,4 @@
-// CUnit suite "kernels_k": AVX2 / AVX-512 dot products of K-quants and Q4_1/Q5_0/Q5_1 vs the reference.
+// CUnit suite "kernels_k": AVX2 / AVX-512 / NEON dot products of K-quants and Q4_1/Q5_0/Q5_1 vs the reference.
 #include <CUnit/CUnit.h>
 #include <math.h>
 #include <stddef.h>
@@ -17,7 +17,14 @@
 static const qtype_t k_types[] = {QT_Q4_K, QT_Q6_K, QT_Q5_K, QT_Q5_0, QT_Q4_1, QT_Q5_1, QT_Q2_K, QT_Q3_K};
 #define N_K_TYPES (int)(sizeof k_types / sizeof k_types[0])
 
-static const char *const isas[] = {"avx2", "avx512"};
+static const char *const isas[] = {"avx2", "avx512", "neon", "neon-dotprod"};
+
+// Whether a table must have a kernel for t: the x86 tables cover every type here, the Arm ones the
+// K-quants of decode (Q4_K, Q6_K); types a table lacks run the reference and are not checked here.
+static int isa_covers(const char *isa, qtype_t t) {
+    if (strncmp(isa, "neon", 4) == 0) return t == QT_Q4_K || t == QT_Q6_K;
+    return 1;
+}
 
 // Weight fill modes: random bytes with sane scales, scales 1.0 (exact integer results), every quant
 // byte 0xff with scales +65504, every byte 0 with scales -65504, random bytes with subnormal scales.
@@ -326,6 +333,7 @@ static void check_case(qtype_t t, int64_t n, int wmode, int xmode, uint64_t seed
     for (size_t k = 0; k < sizeof isas / sizeof isas[0]; k++) {
         const kernels_t *kt = kernels_for_isa(isas[k]);
         if (!kt) continue;
+        if (!isa_covers(isas[k], t)) continue;
         CU_ASSERT_PTR_NOT_NULL(kt->vec_dot[t]);
         if (!kt->vec_dot[t]) continue;
         float got = NAN;

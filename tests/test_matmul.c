@@ -13,7 +13,7 @@
 
 #define MAX_NT 70
 
-static const char *const isas[] = {"scalar", "avx2", "avx512"};
+static const char *const isas[] = {"scalar", "avx2", "avx512", "neon", "neon-dotprod"};
 
 // A problem: a weight matrix, MAX_NT activation rows, and the oracle's outputs.
 typedef struct {

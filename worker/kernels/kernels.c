@@ -10,6 +10,17 @@
 
 #include "worker/kernels/x86/x86.h"
 #endif
+#ifdef MESHLM_HAVE_NEON
+#include <sys/auxv.h>
+
+#include "worker/kernels/arm/arm.h"
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1UL << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+#endif
 
 // --- tables (written once under pthread_once, read-only afterwards)
 
@@ -17,6 +28,10 @@ static kernels_t tab_scalar = {.isa = "scalar"};
 #ifdef MESHLM_HAVE_X86
 static kernels_t tab_avx2 = {.isa = "avx2"};
 static kernels_t tab_avx512 = {.isa = "avx512"};
+#endif
+#ifdef MESHLM_HAVE_NEON
+static kernels_t tab_neon = {.isa = "neon"};
+static kernels_t tab_neon_dotprod = {.isa = "neon-dotprod"};
 #endif
 static pthread_once_t tab_once = PTHREAD_ONCE_INIT;
 
@@ -29,6 +44,10 @@ static void tables_init(void) {
     memcpy(tab_avx512.from_float, tab_avx2.from_float, sizeof tab_avx2.from_float);
     kern_x86_q_avx512_fill(&tab_avx512);
     kern_x86_k_avx512_fill(&tab_avx512);
+#endif
+#ifdef MESHLM_HAVE_NEON
+    kern_arm_neon_fill(&tab_neon);
+    kern_arm_dotprod_fill(&tab_neon_dotprod);
 #endif
 }
 
@@ -51,6 +70,12 @@ static int cpu_has_avx512(void) {
 }
 #endif
 
+#ifdef MESHLM_HAVE_NEON
+// Advanced SIMD and the Armv8.2 dot product, as the kernel reports them (works in qemu-user too).
+static int cpu_has_neon(void) { return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0; }
+static int cpu_has_dotprod(void) { return cpu_has_neon() && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+#endif
+
 // --- public API
 
 const kernels_t *kernels_for_isa(const char *isa) {
@@ -59,6 +84,10 @@ const kernels_t *kernels_for_isa(const char *isa) {
 #ifdef MESHLM_HAVE_X86
     if (strcmp(isa, "avx2") == 0) return cpu_has_avx2() ? &tab_avx2 : NULL;
     if (strcmp(isa, "avx512") == 0) return cpu_has_avx512() ? &tab_avx512 : NULL;
+#endif
+#ifdef MESHLM_HAVE_NEON
+    if (strcmp(isa, "neon") == 0) return cpu_has_neon() ? &tab_neon : NULL;
+    if (strcmp(isa, "neon-dotprod") == 0) return cpu_has_dotprod() ? &tab_neon_dotprod : NULL;
 #endif
     return NULL;
 }
@@ -71,6 +100,8 @@ const kernels_t *kernels_best(void) {
     }
     const kernels_t *k = kernels_for_isa("avx512");
     if (!k) k = kernels_for_isa("avx2");
+    if (!k) k = kernels_for_isa("neon-dotprod");
+    if (!k) k = kernels_for_isa("neon");
     if (!k) k = kernels_for_isa("scalar");
     return k;
 }

@@ -12,12 +12,12 @@ typedef void (*kern_vec_dot_fn)(int64_t n, float *s, const void *w, const void *
 typedef void (*kern_from_float_fn)(const float *x, void *y, int64_t n);
 
 typedef struct kernels {
-    const char *isa;                          // "scalar", "avx2", "avx512"
+    const char *isa;                          // "scalar", "avx2", "avx512", "neon", "neon-dotprod"
     kern_vec_dot_fn vec_dot[QT_COUNT];        // by weight type; NULL -> scalar reference
     kern_from_float_fn from_float[QT_COUNT];  // by activation type; NULL -> scalar reference
 } kernels_t;
 
-// The best table this CPU runs. The environment variable MESHLM_ISA=scalar|avx2|avx512 forces
+// The best table this CPU runs. The environment variable MESHLM_ISA=scalar|avx2|avx512|neon|neon-dotprod forces
 // one (falling back to the best available when the CPU lacks it). Never NULL.
 const kernels_t *kernels_best(void);
 

@@ -8,10 +8,13 @@
 
 #include "core/err.h"
 #include "worker/kernels/x86/x86_mm.h"
+#ifdef MESHLM_HAVE_NEON
+#include "worker/kernels/arm/arm.h"
+#endif
 
 // --- helpers
 
-static bool is_float_type(qtype_t t) { return t == QT_F32 || t == QT_F16 || t == QT_BF16; }
+static inline bool is_float_type(qtype_t t) { return t == QT_F32 || t == QT_F16 || t == QT_BF16; }
 
 // Layout a weight of this type is repacked into, or MMP_NONE. Q4_0 is repacked as llama.cpp does
 // (its Q4_0_8x8 kernels sum each output in one fma chain, which the 16-row groups reproduce). Q8_0
@@ -168,6 +171,10 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
     if (isa_is(k, "avx512")) fn = w->pack == MMP_Q4_0X16 ? mmp_q4_0x16_avx512 : mmp_q8_0x16_avx512;
     else if (isa_is(k, "avx2")) fn = w->pack == MMP_Q4_0X16 ? mmp_q4_0x16_avx2 : mmp_q8_0x16_avx2;
 #endif
+#ifdef MESHLM_HAVE_NEON
+    if (w->pack == MMP_Q4_0X16 && isa_is(k, "neon-dotprod")) fn = mmp_q4_0x16_dotprod;
+    else if (w->pack == MMP_Q4_0X16 && isa_is(k, "neon")) fn = mmp_q4_0x16_neon;
+#endif
     for (int64_t g = r0 / MMP_ROWS; g * MMP_ROWS < r1; g++) {
         const int64_t base = g * MMP_ROWS;
         const int64_t lo = r0 > base ? r0 - base : 0;
@@ -299,6 +306,13 @@ void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq
     if ((w->type == QT_F32 || w->type == QT_F16) && isa_is(k, "avx2")) {
         mmp_float_avx2(w->type, w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt, y + r0,
                        y_stride, w->cols, tiled);
+        return;
+    }
+#endif
+#ifdef MESHLM_HAVE_NEON
+    if ((w->type == QT_F32 || w->type == QT_F16) && (isa_is(k, "neon") || isa_is(k, "neon-dotprod"))) {
+        (isa_is(k, "neon") ? mmp_float_neon : mmp_float_dotprod)(w->type, w->data + (size_t)r0 * w->row_bytes, w->row_bytes,
+                                                                  r1 - r0, x, xq_stride, nt, y + r0, y_stride, w->cols, tiled);
         return;
     }
 #endif

@@ -50,6 +50,15 @@ int attn_dev_new(attn_dev_t **out, const char *name, const attn_params_t *p, cha
                     attn_dev_names());
 }
 
+int attn_dev_known(const char *name, char *err, size_t errlen) {
+    if (!name || !*name) return 0;
+    const char *colon = strchr(name, ':');
+    const size_t len = colon ? (size_t)(colon - name) : strlen(name);
+    if (find_maker(name, len)) return 0;
+    return mlm_fail(err, errlen, MLM_ENOTFOUND, "no attention device '%.*s' (have: %s)", (int)len, name,
+                    attn_dev_names());
+}
+
 const char *attn_dev_names(void) { return mlm_names_list(&devices); }
 
 int attn_params_check(const attn_params_t *p, char *err, size_t errlen) {

@@ -26,7 +26,8 @@ struct attn_dev {
 
 // --- registry
 
-static mlm_names_t devices = MLM_NAMES_INIT(1, {"host", (mlm_name_fn)attn_host_new});
+static mlm_names_t devices = MLM_NAMES_INIT(3, {"host", (mlm_name_fn)attn_host_new}, {"file", (mlm_name_fn)attn_file_new},
+                                             {"pim", (mlm_name_fn)attn_pim_new});
 
 int attn_dev_register(const char *name, attn_dev_new_fn make) { return mlm_names_add(&devices, name, (mlm_name_fn)make); }
 

@@ -26,6 +26,8 @@ typedef struct {
                        // half when stored) or QT_F32
     int n_seq_max;     // sequence ids [0, n_seq_max) (0 = 1)
     tpool_t *pool;     // threads attend may use (borrowed; NULL = the calling thread alone)
+    uint64_t ram_bytes; // this process's memory the device may use for KV (0 = no limit): the RAM share
+                        // of --mem-budget; a paging device ("file") spills past it, host ignores it
 } attn_params_t;
 
 // Counters since creation. The wrapper keeps the first three for every device; the others are a

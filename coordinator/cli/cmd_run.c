@@ -16,6 +16,7 @@
 #include "coordinator/cli/mem_report.h"
 #include "coordinator/runtime/generate.h"
 #include "core/err.h"
+#include "offload/attn.h"
 #include "worker/model/model.h"
 #include "worker/text/tokenizer.h"
 
@@ -243,7 +244,10 @@ static int run_main(run_args_t *ap) {
         goto out;
     }
     if (!distributed) {
-        model_load_opts_t lo = {.repack = a.g.repack, .mem_budget = a.lay.mem_budget, .n_ctx = a.g.n_ctx};
+        // a paging KV device keeps what its RAM share cannot hold in files: the budget plans the weights
+        // alone, and the KV gets what they leave (model_kv_ram_share)
+        const bool pages = attn_dev_pages(a.g.kv_device) && a.lay.mem_budget;
+        model_load_opts_t lo = {.repack = a.g.repack, .mem_budget = a.lay.mem_budget, .n_ctx = pages ? 1 : a.g.n_ctx};
         if ((rc = model_load(&m, a.g.model, &lo, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: %s\n", err[0] ? err : mlm_strerror(rc));
             goto out;
@@ -323,7 +327,8 @@ static int run_main(run_args_t *ap) {
             goto out;
         }
         const int sized = a.g.n_ctx > 0 ? a.g.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
-        if (a.lay.mem_budget && co.n_ctx > sized) { // the budget was checked for a smaller KV cache
+        if (attn_dev_pages(a.g.kv_device)) co.kv_ram = model_kv_ram_share(m, a.lay.mem_budget);
+        else if (a.lay.mem_budget && co.n_ctx > sized) { // the budget was checked for a smaller KV cache
             fprintf(stderr, "meshlm run: prompt (%d tokens) + %d to generate need %d positions; with --mem-budget, "
                     "give them as -c %d so the budget counts their KV cache\n", np, a.g.n_predict, co.n_ctx, co.n_ctx);
             goto out;
@@ -369,6 +374,20 @@ static int run_main(run_args_t *ap) {
         if (extras && mr) cJSON_AddItemToObject(extras, "memory", mem_report_json(mr));
         if (extras && cl) cJSON_AddItemToObject(extras, "recoveries", cluster_recoveries_json(cl));
         if (extras && fa.sched) cJSON_AddItemToObject(extras, "faults", faultsched_log_json(fa.sched));
+        if (extras && ctx && model_ctx_attn(ctx)) {
+            attn_stats_t ks;
+            attn_dev_stats(model_ctx_attn(ctx), &ks);
+            cJSON *o = cJSON_AddObjectToObject(extras, "kv_device");
+            cJSON_AddStringToObject(o, "name", attn_dev_name(model_ctx_attn(ctx)));
+            cJSON_AddNumberToObject(o, "kv_bytes", (double)ks.kv_bytes);
+            cJSON_AddNumberToObject(o, "kv_bytes_ram", (double)ks.kv_bytes_ram);
+            cJSON_AddNumberToObject(o, "bytes_read", (double)ks.bytes_read);
+            cJSON_AddNumberToObject(o, "bytes_written", (double)ks.bytes_written);
+            cJSON_AddNumberToObject(o, "time_ms", ks.time_ms);
+            cJSON_AddBoolToObject(o, "simulated", ks.sim_time_ms > 0 || ks.sim_energy_mj > 0);
+            cJSON_AddNumberToObject(o, "sim_time_ms", ks.sim_time_ms);
+            cJSON_AddNumberToObject(o, "sim_energy_mj", ks.sim_energy_mj);
+        }
         gen_print_json_extra(pt, np, &res, extras);
     } else {
         printf("\n");
@@ -385,6 +404,10 @@ static int run_main(run_args_t *ap) {
     }
     if (mr) mem_report_line(mr, stderr);
     free(mr);
+    char kvline[512];
+    if (ctx && model_ctx_attn(ctx) && (a.g.kv_device || a.verbose) &&
+        attn_dev_describe(model_ctx_attn(ctx), kvline, sizeof kvline) > 0)
+        fprintf(stderr, "meshlm: %s\n", kvline);
     char streamed[256];
     if (m && weights_read_summary(model_weights(m), streamed, sizeof streamed) > 0)
         fprintf(stderr, "meshlm: weights streamed: %s\n", streamed);

@@ -215,6 +215,28 @@ static int run_command(int argc, char **argv, const char *cmd) {
     return code;
 }
 
+// The local engine with the KV device's counters taken after the prompt's evaluation, so the
+// decode steps' share of a simulated time or of the bytes read from a tier can be told apart.
+typedef struct {
+    gen_engine_t in;           // the model's engine
+    model_ctx_t *ctx;          // borrowed
+    int evals;                 // evaluations since the reset (the first is the prompt)
+    attn_stats_t prompt;       // the device's counters after it
+} kv_watch_t;
+
+static int watch_eval(void *arg, const int32_t *tokens, int n, float *logits, bool all_logits) {
+    kv_watch_t *w = arg;
+    const int rc = w->in.eval(w->in.ctx, tokens, n, logits, all_logits);
+    if (w->evals++ == 0) attn_dev_stats(model_ctx_attn(w->ctx), &w->prompt);
+    return rc;
+}
+
+static void watch_reset(void *arg) {
+    kv_watch_t *w = arg;
+    w->in.reset(w->in.ctx);
+    w->evals = 0;
+}
+
 // --- public API
 
 int cmd_run(int argc, char **argv) { return run_command(argc, argv, NULL); }
@@ -313,6 +335,7 @@ static int run_main(run_args_t *ap) {
     }
     const model_hparams_t *hp = model_hparams(mm);
     gen_engine_t eng;
+    kv_watch_t watch = {0}; // the local context's KV device counters after the prompt
     if (!distributed) {
         model_ctx_opts_t co = {.n_ctx = a.g.n_ctx, .n_batch = a.g.n_batch, .n_threads = a.g.n_threads, .kv_f32 = a.g.kv_f32,
                                .attn_dev = a.g.kv_device};
@@ -338,6 +361,10 @@ static int run_main(run_args_t *ap) {
             goto out;
         }
         eng = gen_engine_model(ctx, hp->n_vocab);
+        if (model_ctx_attn(ctx)) {
+            watch = (kv_watch_t){.in = eng, .ctx = ctx};
+            eng = (gen_engine_t){.ctx = &watch, .n_vocab = hp->n_vocab, .eval = watch_eval, .reset = watch_reset};
+        }
     } else {
         eng = gen_engine_cluster(cl, hp->n_vocab);
         if (fa.spec) eng = fault_args_engine(&fa, &eng, true); // each generated token is reported to the schedule
@@ -387,6 +414,11 @@ static int run_main(run_args_t *ap) {
             cJSON_AddBoolToObject(o, "simulated", ks.sim_time_ms > 0 || ks.sim_energy_mj > 0);
             cJSON_AddNumberToObject(o, "sim_time_ms", ks.sim_time_ms);
             cJSON_AddNumberToObject(o, "sim_energy_mj", ks.sim_energy_mj);
+            // the generated tokens' part (after the prompt's evaluation)
+            cJSON_AddNumberToObject(o, "decode_sim_time_ms", ks.sim_time_ms - watch.prompt.sim_time_ms);
+            cJSON_AddNumberToObject(o, "decode_sim_energy_mj", ks.sim_energy_mj - watch.prompt.sim_energy_mj);
+            cJSON_AddNumberToObject(o, "decode_bytes_read", (double)(ks.bytes_read - watch.prompt.bytes_read));
+            cJSON_AddNumberToObject(o, "decode_time_ms", ks.time_ms - watch.prompt.time_ms);
         }
         gen_print_json_extra(pt, np, &res, extras);
     } else {

@@ -13,6 +13,7 @@
 #include "coordinator/cli/curve_args.h"
 #include "core/err.h"
 #include "core/sha256.h"
+#include "offload/attn.h"
 #include "parallel/plan.h"
 #include "worker/node/node.h"
 
@@ -37,6 +38,9 @@ static void worker_usage(FILE *f) {
             "  --registry-ttl MS    heartbeat TTL in the registry (default 3000; beats every TTL/3)\n"
             "  --advertise ENDPOINT the control endpoint published in the registry (default: --listen, with\n"
             "                       a 0.0.0.0 / * host replaced by this machine's address as the registry sees it)\n"
+            "  --kv-device DEV      where this worker's KV cache lives and attention runs: host, file:DIR,\n"
+            "                       storage:ENDPOINT, pim:PRESET (default: the coordinator's --kv-device, else\n"
+            "                       host); wins over the coordinator's\n"
             "  --verbose            log every message\n"
             CURVE_ARGS_USAGE);
 }
@@ -155,7 +159,7 @@ int cmd_worker(int argc, char **argv) {
         {"timeout", required_argument, 0, 'T'}, {"verbose", no_argument, 0, 'v'},
         {"no-profile", no_argument, 0, 'P'}, {"registry", required_argument, 0, 'R'},
         {"standby", no_argument, 0, 'S'}, {"registry-ttl", required_argument, 0, 'L'},
-        {"advertise", required_argument, 0, 'A'}, CURVE_ARGS_LONGOPTS,
+        {"advertise", required_argument, 0, 'A'}, {"kv-device", required_argument, 0, 'K'}, CURVE_ARGS_LONGOPTS,
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     curve_args_t ca = {0};
     node_opts_t o = {0};
@@ -184,6 +188,7 @@ int cmd_worker(int argc, char **argv) {
         case 'R': reg_url = optarg; break;
         case 'S': standby = true; break;
         case 'A': advertise = optarg; break;
+        case 'K': o.kv_device = optarg; break;
         case 'L':
             reg_ttl = atoi(optarg);
             if (reg_ttl < 30) {
@@ -197,6 +202,11 @@ int cmd_worker(int argc, char **argv) {
     }
     if (!o.listen || optind < argc) {
         worker_usage(stderr);
+        return 2;
+    }
+    char kerr[256];
+    if (attn_dev_known(o.kv_device, kerr, sizeof kerr) != 0) {
+        fprintf(stderr, "meshlm worker: --kv-device: %s\n", kerr);
         return 2;
     }
     if ((standby || advertise) && !reg_url) {

@@ -34,6 +34,7 @@ typedef struct {
 #define ZQ_HELLO_EVERY_MS 50 // the handshake repeats its HELLOs this often until they are acknowledged
 #define ZQ_GRACE_MS 20          // after a peer is seen gone, wait this long for its last messages
 #define ZQ_REFUSE_GRACE_MS 300  // a refusing rank keeps delivering its HELLO this long, then leaves
+#define ZQ_REDIAL_MS 250        // a handshake that has not heard a peer acknowledge us dials it again this often
 
 typedef struct {
     void *zctx;                 // ZeroMQ context (owned)
@@ -51,6 +52,7 @@ typedef struct {
     int64_t *next_probe;        // (size) monotonic us of the next liveness probe
     uint64_t stamp;             // messages queued so far
     uint64_t rejected;          // messages dropped as malformed, oversized or unknown
+    int redials;                // connections dialled again during the handshake
     char proto_err[192];        // first handshake mismatch seen ("" if none)
 } zq_ctx_t;
 
@@ -282,8 +284,20 @@ static void probe(zq_ctx_t *z, int peer) {
 
 static int setopt_int(void *sock, int opt, int v) { return zmq_setsockopt(sock, opt, &v, sizeof v); }
 
+// An ipc endpoint of a world with a session gets the session in its path: a world made for a new
+// plan then never meets the previous world's socket at the same path (still bound there until its
+// owner takes the new plan, or closing: a connection that reached it and died with it left the new
+// world's handshake, or its first sends, with no route to that rank). TCP ports stay as given.
+static int with_session(char *ep, uint16_t session) {
+    if (!session || strncmp(ep, "ipc://", 6) != 0) return 0;
+    size_t k = strlen(ep);
+    if (k + 7 >= ZQ_EP_MAX) return MLM_EINVAL;
+    snprintf(ep + k, ZQ_EP_MAX - k, ".s%04x", (unsigned)session);
+    return 0;
+}
+
 // Splits "bind=A;connect=B" (either part optional) or a plain endpoint into bind and connect.
-static int parse_endpoint(const char *s, char *bind, char *conn) {
+static int split_endpoint(const char *s, char *bind, char *conn) {
     if (!s || !*s || strlen(s) >= ZQ_EP_MAX) return MLM_EINVAL;
     if (strncmp(s, "bind=", 5) != 0 && strncmp(s, "connect=", 8) != 0) {
         strcpy(bind, s);
@@ -302,6 +316,14 @@ static int parse_endpoint(const char *s, char *bind, char *conn) {
     if (!bind[0]) strcpy(bind, conn);
     if (!conn[0]) strcpy(conn, bind);
     return bind[0] ? 0 : MLM_EINVAL;
+}
+
+// split_endpoint, with the world's session in ipc paths.
+static int parse_endpoint(const zq_ctx_t *z, const char *s, char *bind, char *conn) {
+    int rc = split_endpoint(s, bind, conn);
+    if (rc == 0) rc = with_session(bind, z->o.session);
+    if (rc == 0) rc = with_session(conn, z->o.session);
+    return rc;
 }
 
 // --- backend
@@ -429,7 +451,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     routing_id(id, 'p', z->rank);
     zmq_setsockopt(z->in, ZMQ_ROUTING_ID, id, sizeof id);
 
-    if (parse_endpoint(endpoints[z->rank], bind, conn) != 0) {
+    if (parse_endpoint(z, endpoints[z->rank], bind, conn) != 0) {
         snprintf(err, errlen, "bad endpoint for rank %d: '%s'", z->rank, endpoints[z->rank] ? endpoints[z->rank] : "");
         return MLM_EINVAL;
     }
@@ -439,7 +461,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     }
     for (int p = 0; p < z->size; p++) {
         if (p == z->rank) continue;
-        if (parse_endpoint(endpoints[p], bind, conn) != 0) {
+        if (parse_endpoint(z, endpoints[p], bind, conn) != 0) {
             snprintf(err, errlen, "bad endpoint for rank %d: '%s'", p, endpoints[p] ? endpoints[p] : "");
             return MLM_EINVAL;
         }
@@ -457,7 +479,13 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     // of state 0 or 1 is answered at once (take_one), so both ends learn, without waiting for each
     // other's whole handshake, that the other has theirs.
     bool *said = calloc((size_t)z->size, sizeof *said); // a HELLO went out to the peer at least once
-    if (!said) return MLM_ENOMEM;
+    int64_t *redial = calloc((size_t)z->size, sizeof *redial); // (size) monotonic us of the next redial
+    if (!said || !redial) {
+        free(said);
+        free(redial);
+        return MLM_ENOMEM;
+    }
+    for (int p = 0; p < z->size; p++) redial[p] = mlm_now_us() + (int64_t)ZQ_REDIAL_MS * 1000;
     const int64_t dl = mlm_now_us() + (int64_t)z->o.connect_timeout_ms * 1000;
     int64_t refuse_at = -1, next_say = 0; // after a mismatch, keep saying hello briefly so the peer learns why
     int rc = 0;
@@ -471,6 +499,19 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
                 said[p] = true;
             done = done && z->hello[p] && z->heard[p];
             all_said = all_said && said[p];
+            // No word that the peer hears us: our connection may have reached the previous world's
+            // socket at its endpoint (still bound while its owner had not yet taken the new plan) and
+            // not come back from its close. Dial again.
+            if (!z->heard[p] && mlm_now_us() >= redial[p]) {
+                redial[p] = mlm_now_us() + (int64_t)ZQ_REDIAL_MS * 1000;
+                if (parse_endpoint(z, endpoints[p], bind, conn) == 0) {
+                    zmq_disconnect(z->out, conn);
+                    routing_id(id, 'p', p);
+                    zmq_setsockopt(z->out, ZMQ_CONNECT_ROUTING_ID, id, sizeof id);
+                    zmq_connect(z->out, conn);
+                    z->redials++;
+                }
+            }
         }
         if (z->proto_err[0] && refuse_at < 0) refuse_at = mlm_now_us() + (int64_t)ZQ_REFUSE_GRACE_MS * 1000;
         if (refuse_at >= 0 && (all_said || mlm_now_us() >= refuse_at || mlm_now_us() >= dl)) {
@@ -493,6 +534,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
         }
     }
     free(said);
+    free(redial);
     return rc;
 }
 

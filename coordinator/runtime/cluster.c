@@ -161,7 +161,8 @@ static int say_hello(cluster_t *c, char *err, size_t errlen) {
     }
     // From here on both ends emulate the links (each worker turned them on after its HELLO answer).
     if (fault_has_link_rules(c->faults) && !c->ctl_wrapped) {
-        int rc = comm_fault_wrap(&c->ctl, c->faults, err, errlen);
+        const fault_wrap_opts_t wo = {.reliable = true}; // drops on the control link are sent again
+        int rc = comm_fault_wrap_opts(&c->ctl, c->faults, &wo, err, errlen);
         if (rc != 0) return rc;
         c->ctl_wrapped = true;
     }

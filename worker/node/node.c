@@ -114,7 +114,8 @@ static void plain_ctl(node_t *n) {
 static int ctl_faults(node_t *n, char *err, size_t errlen) {
     if (!fault_has_link_rules(n->faults)) return 0;
     comm_link_set_rank(*n->ctl, n->link_rank); // MLM_EINVAL for other backends, whose rank is fixed
-    int rc = comm_fault_wrap(n->ctl, n->faults, err, errlen);
+    const fault_wrap_opts_t wo = {.reliable = true}; // drops on the control link are sent again
+    int rc = comm_fault_wrap_opts(n->ctl, n->faults, &wo, err, errlen);
     n->ctl_wrapped = rc == 0;
     return rc;
 }

@@ -19,7 +19,7 @@
 // and extra trailing raw frames are ignored).
 
 #define MSG_PROTO_MAJOR 1
-#define MSG_PROTO_MINOR 4
+#define MSG_PROTO_MINOR 5
 #define MSG_MAGIC "MLMP"            // first 4 bytes of frame 0
 #define MSG_PREFIX_LEN 12
 
@@ -149,6 +149,14 @@ typedef enum {
 // The first protocol minor version that knows Plan.tp_mode: a coordinator sends an all-reduce plan
 // only to workers whose Hello says at least this (an older one would run it as exact).
 #define MSG_MINOR_TP_MODE 4
+
+// The first protocol minor version whose coordinator fills plan_id in the control messages that
+// belong to a plan (LOAD_SHARD, STEP, and the SLICE_DATA chunks of a streamed shard; PLAN always did,
+// and a worker's LOAD_SHARD_ACK and RESULT answer with their plan's). A worker ignores, and logs, a
+// LOAD_SHARD or STEP whose plan_id is not its current plan's (one of an earlier plan that arrives
+// late, e.g. sent again after a drop, or queued before a re-plan), and a coordinator skips acks of
+// another plan. plan_id 0 is what a 1.4 or older coordinator sends: it is taken as before.
+#define MSG_MINOR_PLAN_IDS 5
 
 typedef struct {
     uint64_t plan_id;

@@ -62,7 +62,9 @@ typedef struct {
     out_item_t *out_head, *out_tail; // unacknowledged, in sequence order
     int n_out;
     size_t out_bytes;
-    double srtt_ns, rttvar_ns;      // round-trip estimate (valid when have_rtt)
+    double srtt_ns, rttvar_ns;      // round-trip estimate (valid when have_rtt), reported
+    double min_rtt_ns;              // the floor of the round trips (a low estimate that rises slowly
+                                    // towards what is measured): the timeouts follow it
     bool have_rtt;
     int64_t rto_ns;                 // current timeout for new messages
     int64_t resent_ns;              // when a copy was last sent again (messages sent before it give no round trip)
@@ -210,15 +212,21 @@ static void on_ack(rl_ctx_t *r, peer_t *pe, uint32_t ack) {
         if (it->tries == 1 && it->sent_ns > pe->resent_ns) {
             const double rtt = (double)(t - it->sent_ns);
             if (!pe->have_rtt) {
-                pe->srtt_ns = rtt;
+                pe->srtt_ns = pe->min_rtt_ns = rtt;
                 pe->rttvar_ns = rtt / 2;
                 pe->have_rtt = true;
             } else {
                 const double d = pe->srtt_ns > rtt ? pe->srtt_ns - rtt : rtt - pe->srtt_ns;
                 pe->rttvar_ns = 0.75 * pe->rttvar_ns + 0.25 * d;
                 pe->srtt_ns = 0.875 * pe->srtt_ns + 0.125 * rtt;
+                pe->min_rtt_ns = rtt < pe->min_rtt_ns ? rtt : pe->min_rtt_ns + (rtt - pe->min_rtt_ns) / 64;
             }
-            pe->rto_ns = clamp_rto(r, pe->srtt_ns + 4 * pe->rttvar_ns);
+            // A round trip here includes the time the receiver spent elsewhere before it took the
+            // message in (computing, waiting on another comm), so SRTT + 4 RTTVAR (RFC 6298) would
+            // wait out the peer's compute after every loss. The floor is the network's round trip:
+            // a timeout of four of them sends a message to a busy receiver again now and then (a
+            // duplicate it discards) and repairs a loss to a waiting one at once.
+            pe->rto_ns = clamp_rto(r, 4 * pe->min_rtt_ns);
         }
         pe->out_head = it->next;
         if (!pe->out_head) pe->out_tail = NULL;
@@ -234,7 +242,7 @@ static void on_ack(rl_ctx_t *r, peer_t *pe, uint32_t ack) {
 // minimum timeout before one is measured), not less than the minimum timeout.
 static int64_t gap_ns(const rl_ctx_t *r, const peer_t *pe) {
     const int64_t lo = (int64_t)r->o.rto_min_ms * 1000000;
-    const int64_t rt = pe->have_rtt ? (int64_t)(pe->srtt_ns * 1.25) : 2 * lo;
+    const int64_t rt = pe->have_rtt ? (int64_t)(pe->min_rtt_ns * 2) : 2 * lo;
     return rt > lo ? rt : lo;
 }
 
@@ -624,10 +632,10 @@ int comm_rel_wrap(comm_t **c, const comm_rel_opts_t *o, char *err, size_t errlen
     if (o) r->o = *o;
     if (r->o.window_msgs <= 0) r->o.window_msgs = 4096;
     if (!r->o.window_bytes) r->o.window_bytes = (size_t)256 << 20;
-    if (r->o.rto_min_ms <= 0) r->o.rto_min_ms = 10;
-    if (r->o.rto_max_ms <= 0) r->o.rto_max_ms = 1000;
+    if (r->o.rto_min_ms <= 0) r->o.rto_min_ms = 2;
+    if (r->o.rto_max_ms <= 0) r->o.rto_max_ms = 200;
     if (r->o.rto_max_ms < r->o.rto_min_ms) r->o.rto_max_ms = r->o.rto_min_ms;
-    if (r->o.rto_init_ms <= 0) r->o.rto_init_ms = 100;
+    if (r->o.rto_init_ms <= 0) r->o.rto_init_ms = 20;
     uint64_t seed = (uint64_t)now_ns() ^ (uint64_t)getpid() << 32 ^ (uint64_t)(uintptr_t)r;
     r->epoch = (uint32_t)mlm_mix64(seed);
     if (!r->epoch) r->epoch = 1;

@@ -23,10 +23,12 @@
 //   - a sender keeps a copy of each message until it is acknowledged (at most window_msgs messages
 //     and window_bytes bytes per peer: a send beyond them waits for acknowledgements, within its
 //     deadline). The oldest unacknowledged message is sent again when its timeout passes (the
-//     receiver holds what came after it, so one acknowledgement then covers them all): RTO =
-//     SRTT + 4 RTTVAR from the measured round trips of messages sent once (RFC 6298, Karn's rule),
-//     within [rto_min_ms, rto_max_ms], doubled at each retry of that message, restarted whenever
-//     new data is acknowledged;
+//     receiver holds what came after it, so one acknowledgement then covers them all), or at once
+//     when the receiver reports a gap at it (a later message came first). RTO = 4 x the floor of
+//     the measured round trips of messages sent once (Karn's rule; not SRTT + 4 RTTVAR, see
+//     on_ack: a round trip here includes the receiver's compute), within [rto_min_ms,
+//     rto_max_ms], doubled at each retry of that message, restarted whenever new data is
+//     acknowledged;
 //   - a background thread sends what is due while the caller is busy elsewhere (computing, or
 //     waiting on another comm): a step's last hand-off is sent again even when its sender has gone
 //     back to its control link. It takes the wrapper's lock, which every call holds, so the inner
@@ -44,9 +46,10 @@
 typedef struct {
     int window_msgs;                    // unacknowledged messages per peer before a send waits (0 = 4096)
     size_t window_bytes;                // their bytes (0 = 256 MiB)
-    int rto_init_ms;                    // before the first round trip is measured (0 = 100)
-    int rto_min_ms;                     // 0 = 10
-    int rto_max_ms;                     // 0 = 1000
+    int rto_init_ms;                    // before the first round trip is measured (0 = 20)
+    int rto_min_ms;                     // 0 = 5
+    int rto_max_ms;                     // 0 = 200: losses here are random, not congestion; a peer that
+                                        // stays silent is the heartbeats' business, not this layer's
     bool no_thread;                     // no background sender: retransmission only inside calls (tests)
 } comm_rel_opts_t;
 

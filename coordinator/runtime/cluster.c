@@ -106,7 +106,9 @@ int cl_recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *ra
         c->w[wi].heard_ms = mlm_now_ms();
         const bool report = m->type == MSG_RESULT && m->result.kind == MSG_RESULT_NONE;
         const bool step_error = m->type == MSG_ERROR && m->error.step_id != 0;
-        if (m->type != want && (report || step_error || m->type == MSG_HEARTBEAT || m->type == MSG_HELLO)) {
+        const bool stale_ack = m->type == MSG_LOAD_SHARD_ACK && m->load_shard_ack.plan_id != 0 &&
+                               m->load_shard_ack.plan_id != c->plan_id; // an earlier plan's
+        if (stale_ack || (m->type != want && (report || step_error || m->type == MSG_HEARTBEAT || m->type == MSG_HELLO))) {
             // a step report, a failed step's notice (that step is over), or a late answer to a
             // liveness ping or a re-greeting: counted, skipped
             if (report) cl_count_report(c, wi, &m->result);
@@ -522,6 +524,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, u
         msg_t m;
         msg_init(&m, MSG_SLICE_DATA);
         msg_slice_data_t *sd = &m.slice_data;
+        sd->plan_id = c->plan_id; // 1.5
         snprintf(sd->tensor, sizeof sd->tensor, "shard.gguf");
         sd->type = QT_I8;
         sd->n_dims = 1;
@@ -556,6 +559,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
         if (c->w[i].rank < 0) continue;
         msg_t m;
         msg_init(&m, MSG_LOAD_SHARD);
+        m.load_shard.plan_id = c->plan_id; // 1.5: a worker ignores one of another plan
         m.load_shard.node_index = (uint32_t)c->w[i].rank;
         m.load_shard.via_coordinator = !c->w[i].hello.has_model || memcmp(c->w[i].hello.model_sha256, c->sha, 32) != 0;
         char e2[256];

@@ -102,6 +102,7 @@ int cl_eval_once(cluster_t *c, int n_seqs, const int *seq, const int32_t *const 
         msg_t m;
         msg_init(&m, MSG_STEP);
         msg_step_t *st = &m.step;
+        st->plan_id = c->plan_id; // 1.5: a worker ignores a step of another plan
         st->step_id = ++c->step_id;
         st->seq_id = (uint64_t)seq[k];
         st->pos = c->pos[seq[k]];

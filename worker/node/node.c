@@ -184,6 +184,15 @@ static int on_plan(node_t *n, const msg_plan_t *p) {
     return 0;
 }
 
+// Whether a LOAD_SHARD, STEP or shard chunk of plan plan_id belongs to another plan than this node's (protocol
+// 1.5; 0 = an older coordinator, which does not say): then it is ignored, and said so.
+static bool other_plan(const node_t *n, uint64_t plan_id, const char *what) {
+    if (!plan_id || plan_id == n->plan.plan_id) return false; // (the last plan's id stays after it ends)
+    fprintf(stderr, "[%s] ignoring %s of plan %016llx (this node's plan: %016llx)\n", n->node_id, what,
+            (unsigned long long)plan_id, (unsigned long long)n->plan.plan_id);
+    return true;
+}
+
 // A worker with a memory budget paces the shard it receives: the ENOTFOUND ack's `bytes` tells the
 // coordinator how far it may send ahead of what the worker has written (a credit of budget / 8, within
 // these bounds), and each half credit written is waited for on the disk, dropped from the page cache
@@ -225,7 +234,9 @@ static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errl
             mlm_fail(err, errlen, rc, "receiving the shard from the coordinator: %s", e2);
             break;
         }
-        if (m.type != MSG_SLICE_DATA || (int64_t)m.slice_data.offset != got) {
+        if (m.type == MSG_SLICE_DATA && other_plan(n, m.slice_data.plan_id, "a shard chunk")) {
+            // an earlier plan's stream, sent again late: not this shard's bytes
+        } else if (m.type != MSG_SLICE_DATA || (int64_t)m.slice_data.offset != got) {
             rc = mlm_fail(err, errlen, MLM_EPROTO, "receiving the shard: expected a chunk at byte %lld, got %s",
                           (long long)got, msg_type_name(m.type));
         } else {
@@ -317,6 +328,7 @@ static int share_file(node_t *n, const shard_slice_t *sl, const char *cached, ch
 
 static int on_load(node_t *n, const msg_load_shard_t *ls) {
     char err[512] = "", path[1100];
+    if (other_plan(n, ls->plan_id, "LOAD_SHARD")) return 0;
     if (!n->planned || ls->node_index != (uint32_t)n->index) return send_error(n, MLM_ESTATE, "LOAD_SHARD without a plan for this node", 0), MLM_ESTATE;
     const double t0 = mlm_now_ms();
     const shard_slice_t *sl = &n->slices[n->index];
@@ -406,6 +418,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
 }
 
 static int on_step(node_t *n, const msg_step_t *st) {
+    if (other_plan(n, st->plan_id, "STEP")) return 0;
     if (!n->ctx[0]) return send_error(n, MLM_ESTATE, "STEP before the shard is loaded", st->step_id);
     if (st->seq_id >= NODE_MAX_SEQS) return send_error(n, MLM_ERANGE, "sequence id out of range", st->step_id);
     model_ctx_t **cp = &n->ctx[st->seq_id];

@@ -243,6 +243,8 @@ typedef struct {
     int32_t code;                       // negative MLM_E* code
     char text[MSG_TEXT_MAX];
     uint64_t step_id;                   // the step it concerns, 0 if none
+    int32_t lost_node;                  // 1.5: the plan node (index) a failed step lost on the data
+                                        // plane, -1 = none or not known (what older peers send)
 } msg_error_t;
 
 // One message. Build it with msg_init and fill the member for its type.

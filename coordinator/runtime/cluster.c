@@ -106,6 +106,7 @@ int cl_recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *ra
         c->w[wi].heard_ms = mlm_now_ms();
         const bool report = m->type == MSG_RESULT && m->result.kind == MSG_RESULT_NONE;
         const bool step_error = m->type == MSG_ERROR && m->error.step_id != 0;
+        if (step_error) cl_note_error(c, wi, &m->error);
         const bool stale_ack = m->type == MSG_LOAD_SHARD_ACK && m->load_shard_ack.plan_id != 0 &&
                                m->load_shard_ack.plan_id != c->plan_id; // an earlier plan's
         if (stale_ack || (m->type != want && (report || step_error || m->type == MSG_HEARTBEAT || m->type == MSG_HELLO))) {
@@ -246,11 +247,11 @@ static void pick_candidates(cluster_t *c) {
     c->n_cand = 0;
     for (int i = 0; i < c->o.n_workers; i++)
         if (!c->w[i].standby) {
-            if (c->w[i].lost) missing++;
+            if (c->w[i].lost || c->w[i].disk_full) missing++;
             else c->cand[c->n_cand++] = i;
         }
     for (int i = 0; i < c->o.n_workers && missing > 0; i++)
-        if (c->w[i].standby && !c->w[i].lost) {
+        if (c->w[i].standby && !c->w[i].lost && !c->w[i].disk_full) {
             c->cand[c->n_cand++] = i;
             missing--;
         }
@@ -600,6 +601,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
             } else {
                 snprintf(why, sizeof why, "%s", mlm_strerror(status));
             }
+            if (status == MLM_EFULL) c->w[i].disk_full = true; // left out of later plans
             return mlm_fail(err, errlen, status, "worker %s could not load its shard: %s", c->w[i].endpoint, why);
         }
     }
@@ -636,6 +638,7 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
         worker_t *w = &c->w[i];
         w->peer = i + 1;
         w->rank = -1;
+        w->lost_report = -1;
         w->standby = i >= n_workers - o->n_standby;
         if (o->control) {
             snprintf(w->endpoint, sizeof w->endpoint, "rank %d", i + 1);
@@ -753,6 +756,9 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
     if (c->phase < PHASE_PLANNED) return mlm_fail(err, errlen, MLM_ESTATE, "load before a plan");
     const double t0 = mlm_now_ms();
     int rc = load_shards(c, err, errlen);
+    // A worker whose disk is full cannot take its shard. The others have opened their data planes
+    // and wait in its handshake until their deadline, so this plan is given up with the worker's
+    // reason; the worker is left out of every later plan (disk_full).
     if (rc == 0) rc = open_data_plane(c, err, errlen);
     if (rc == 0) rc = load_own_share(c, err, errlen);
     if (rc == 0) {

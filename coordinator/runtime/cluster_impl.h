@@ -24,6 +24,9 @@ typedef struct {
     bool standby;               // held back from plans until a worker is lost (cluster_opts_t.n_standby)
     bool lost;                  // lost (killed, frozen, cut off): left out of plans until it answers again
     bool greeted;               // answered a HELLO since it was last lost
+    bool disk_full;             // could not take its shard into its cache (MLM_EFULL): left out of plans
+    int lost_report;            // the plan node (data-plane rank) its last failed step lost, -1 none
+    bool blamed;                // left out for a cut link to another worker: not greeted again at the next plan
     double heard_ms;            // when a message from it last arrived (mlm_now_ms)
 } worker_t;
 
@@ -87,6 +90,9 @@ void cl_count_report(cluster_t *c, int wi, const msg_result_t *r);
 // Waits for a message of type want from worker wi (step reports, failed steps' notices and late
 // answers that come first are consumed). 0, or the failure with err naming the worker.
 int cl_recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *raw, char *err, size_t errlen);
+
+// Notes what a worker's ERROR says it lost on the data plane (a failed step's lost_node).
+void cl_note_error(cluster_t *c, int wi, const msg_error_t *e);
 
 // Reads the step reports (and errors) waiting on worker wi's link, waiting up to timeout_ms for the
 // first. 0, or the code of an ERROR message (its text in errbuf).

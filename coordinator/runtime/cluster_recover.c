@@ -68,6 +68,7 @@ static int ping_plan(cluster_t *c, int timeout_ms) {
         if (rc != 0) continue;
         w->heard_ms = mlm_now_ms();
         if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) cl_count_report(c, from - 1, &m.result);
+        if (m.type == MSG_ERROR) cl_note_error(c, from - 1, &m.error);
         if (m.type == MSG_HEARTBEAT && m.heartbeat.seq == seq && waiting[from - 1]) waiting[from - 1] = false, n_wait--;
         msg_clear(&m);
         comm_msg_free(&raw);
@@ -86,6 +87,10 @@ void cl_readmit(cluster_t *c) {
     for (int i = 0; i < c->o.n_workers; i++) {
         worker_t *w = &c->w[i];
         if (!w->lost) continue;
+        if (w->blamed) { // the plan made for its cut link goes without it; the one after greets it again
+            w->blamed = false;
+            continue;
+        }
         msg_t m;
         msg_init(&m, MSG_HELLO);
         snprintf(m.hello.node_id, sizeof m.hello.node_id, "coordinator");
@@ -130,6 +135,21 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
             fprintf(stderr, "  [recover] worker %d %s rank %d data-lost %d\n", i, c->w[i].hello.node_id, c->w[i].rank,
                     c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank));
     if (lost == 0) lost = ping_plan(c, 2 * hb);
+    // Every worker answers, but one says its step lost another (alive) worker on the data plane: the
+    // link between them is cut. The blame goes to the later of the two in the order the workers were
+    // given (the higher node number), whichever of them noticed: that one is left out of this plan
+    // (and greeted again at the next).
+    int cut_from = -1;
+    for (int i = 0; lost == 0 && i < c->o.n_workers; i++) {
+        const worker_t *w = &c->w[i];
+        const int j = w->rank >= 0 && !w->lost && w->lost_report >= 0 ? c->rank_worker[w->lost_report] : -1;
+        if (j < 0 || j == i || c->w[j].lost || c->w[j].rank < 0) continue;
+        const int blame = i > j ? i : j, other = i > j ? j : i;
+        c->w[blame].lost = c->w[blame].blamed = true;
+        cut_from = other;
+        lost = 1;
+    }
+    for (int i = 0; i < c->o.n_workers; i++) c->w[i].lost_report = -1;
     c->n_lost_total += lost;
     const double t1 = mlm_now_ms();
     int first = -1;
@@ -138,9 +158,14 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
     if (first >= 0) {
         const worker_t *w = &c->w[first];
         snprintf(r->worker, sizeof r->worker, "%.63s", w->hello.node_id[0] ? w->hello.node_id : w->endpoint);
-        snprintf(r->what, sizeof r->what, "lost (%s)%s", mlm_strerror(step_rc), lost > 1 ? " with others" : "");
+        if (cut_from >= 0)
+            snprintf(r->what, sizeof r->what, "cut off from %.30s (partition between workers)",
+                     c->w[cut_from].hello.node_id);
+        else
+            snprintf(r->what, sizeof r->what, "lost (%s)%s", mlm_strerror(step_rc), lost > 1 ? " with others" : "");
         // from the last sign of life: its last message, or the failed step's start if that is later
-        r->detect_ms = t1 - (w->heard_ms > c->step_t0 ? w->heard_ms : c->step_t0);
+        // from the last sign of life; a cut worker answers pings, so its cut counts from the step's start
+        r->detect_ms = t1 - (cut_from < 0 && w->heard_ms > c->step_t0 ? w->heard_ms : c->step_t0);
     } else {
         snprintf(r->worker, sizeof r->worker, "-");
         snprintf(r->what, sizeof r->what, "step failed (%s), every worker answers: plan again", mlm_strerror(step_rc));

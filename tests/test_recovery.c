@@ -169,7 +169,7 @@ static void test_standby_takes_over(void) {
 typedef struct {
     int rc;                          // cluster_open's result
     char err[1024];
-    double load_ms;                  // cluster_stats load_ms when it opened
+    double load_ms;                  // cluster_stats worker_load_ms when it opened
 } disk_run_t;
 
 static void disk_run(const char *faults, disk_run_t *out) {
@@ -193,7 +193,7 @@ static void disk_run(const char *faults, disk_run_t *out) {
     cluster_t *cl = NULL;
     out->rc = cluster_open(&cl, &co, out->err, sizeof out->err);
     unsetenv("MESHLM_FAULTS");
-    if (out->rc == 0) out->load_ms = cluster_stats(cl)->load_ms;
+    if (out->rc == 0) out->load_ms = cluster_stats(cl)->worker_load_ms;
     cluster_close(&cl, true);
     launch_reap(&l, 5000);
     test_rm_dir(dir);
@@ -210,9 +210,10 @@ static void test_disk_faults(void) {
     CU_ASSERT_PTR_NOT_NULL(strstr(full.err, "local-1"));
     disk_run("disk:worker=1:slow=1", &fast);
     disk_run("disk:worker=*:slow=100", &slow);
-    fprintf(stderr, "  loads: %.0f ms, with disks 100x slower %.0f ms ", fast.load_ms, slow.load_ms);
+    fprintf(stderr, "  slowest worker's load: %.0f ms, with disks 100x slower %.0f ms ", fast.load_ms, slow.load_ms);
     CU_ASSERT(fast.rc == 0 && slow.rc == 0);
-    CU_ASSERT(slow.load_ms > fast.load_ms + 50);
+    // the factor applies to what the worker measured (whole milliseconds in its ack)
+    CU_ASSERT(slow.load_ms >= 20 && slow.load_ms >= 5 * (fast.load_ms > 1 ? fast.load_ms : 1));
 }
 
 // --- registration

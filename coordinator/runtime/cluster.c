@@ -556,6 +556,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, u
 }
 
 static int load_shards(cluster_t *c, char *err, size_t errlen) {
+    c->stats.worker_load_ms = 0;
     for (int i = 0; i < c->o.n_workers; i++) {
         if (c->w[i].rank < 0) continue;
         msg_t m;
@@ -575,6 +576,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
         if (rc != 0) return rc;
         int status = m.load_shard_ack.status;
         bool cached = m.load_shard_ack.from_cache;
+        double ack_ms = (double)m.load_shard_ack.ms;
         const uint64_t credit = status == MLM_ENOTFOUND ? m.load_shard_ack.bytes : 0; // its pacing, if it asks
         msg_clear(&m);
         comm_msg_free(&raw);
@@ -584,6 +586,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
                 return rc;
             if ((rc = cl_recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen)) != 0) return rc;
             status = m.load_shard_ack.status;
+            ack_ms = (double)m.load_shard_ack.ms;
             msg_clear(&m);
             comm_msg_free(&raw);
             c->stats.streamed++;
@@ -592,6 +595,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
         } else if (status == 0) {
             c->stats.from_file++;
         }
+        if (status == 0 && ack_ms > c->stats.worker_load_ms) c->stats.worker_load_ms = ack_ms;
         if (status != 0) { // the worker follows a failed ack with an ERROR that says why
             char why[MSG_TEXT_MAX] = "";
             if (msg_recv(c->ctl, c->w[i].peer, &m, &raw, NULL, 1000, why, sizeof why) == 0) {
@@ -756,6 +760,7 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
     if (c->phase < PHASE_PLANNED) return mlm_fail(err, errlen, MLM_ESTATE, "load before a plan");
     const double t0 = mlm_now_ms();
     int rc = load_shards(c, err, errlen);
+    c->shards_ms = mlm_now_ms() - t0;
     // A worker whose disk is full cannot take its shard. The others have opened their data planes
     // and wait in its handshake until their deadline, so this plan is given up with the worker's
     // reason; the worker is left out of every later plan (disk_full).
@@ -778,6 +783,7 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
     }
     if (rc == 0) c->phase = PHASE_LOADED;
     else end_plan(c);
+    c->plane_ms = mlm_now_ms() - t0 - c->shards_ms;
     c->stats.load_ms += mlm_now_ms() - t0;
     return rc;
 }

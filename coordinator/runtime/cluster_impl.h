@@ -76,6 +76,7 @@ struct cluster {
     uint64_t plan_id;           // the current plan's (its data plane's session is its low bits)
     double step_t0;             // when the last step started (mlm_now_ms)
     int n_plans;                // plans made
+    double shards_ms, plane_ms; // the last cluster_load: shares loaded, then data plane and own share
 };
 
 enum { PHASE_NEW = 0, PHASE_HELLO = 1, PHASE_PLANNED = 2, PHASE_LOADED = 3 };

@@ -173,8 +173,13 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
     }
     fprintf(stderr, "meshlm: fault: worker %s %s; detected in %.0f ms; re-planning\n", r->worker, r->what,
             r->detect_ms);
+    const double tp = mlm_now_ms();
     int rc = cluster_make_plan(c, err, sizeof err);
+    r->plan_ms = mlm_now_ms() - tp;
     if (rc == 0) rc = cluster_load(c, err, sizeof err);
+    r->shards_ms = c->shards_ms;
+    r->plane_ms = c->plane_ms;
+    const double tr = mlm_now_ms();
     int replayed = 0;
     for (int s = 0; rc == 0 && s < CLUSTER_MAX_SEQS; s++) {
         seq_hist_t *h = &c->hist[s];
@@ -189,6 +194,7 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
         replayed += at;
     }
     r->replayed = replayed;
+    r->replay_ms = mlm_now_ms() - tr;
     r->nodes_after = c->plan ? c->plan->n : 0;
     r->rc = rc;
     if (rc != 0 && !err[0]) snprintf(err, sizeof err, "%s", c->errbuf);
@@ -206,13 +212,17 @@ int cl_eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *const 
         cluster_recovery_t r = {0};
         const double t0 = mlm_now_ms(); // the failure is noticed: recovery time runs from here
         rc = recover(c, rc, &r);
+        const double ts = mlm_now_ms();
         if (rc == 0) rc = cl_eval_once(c, n_seqs, seq, tokens, n, logits, all_logits);
+        r.step_ms = mlm_now_ms() - ts;
         r.rc = rc;
         r.recover_ms = mlm_now_ms() - t0;
         if (c->n_rec < CLUSTER_MAX_RECOVERIES) c->rec[c->n_rec++] = r;
         if (rc == 0)
-            fprintf(stderr, "meshlm: recovered: %d node(s) now, %d token(s) replayed, %.0f ms from detection to the step done\n",
-                    r.nodes_after, r.replayed, r.recover_ms);
+            fprintf(stderr, "meshlm: recovered: %d node(s) now, %d token(s) replayed, %.0f ms from detection to the step done "
+                            "(confirm %.0f, plan %.0f, load %.0f, data plane %.0f, replay %.0f, step %.0f)\n",
+                    r.nodes_after, r.replayed, r.recover_ms, r.recover_ms - r.plan_ms - r.shards_ms - r.plane_ms - r.replay_ms - r.step_ms,
+                    r.plan_ms, r.shards_ms, r.plane_ms, r.replay_ms, r.step_ms);
         else
             fprintf(stderr, "meshlm: recovery failed: %s\n", c->errbuf);
     }
@@ -242,6 +252,11 @@ cJSON *cluster_recoveries_json(const cluster_t *c) {
         cJSON_AddNumberToObject(o, "replayed_tokens", r->replayed);
         cJSON_AddNumberToObject(o, "nodes_after", r->nodes_after);
         cJSON_AddBoolToObject(o, "recovered", r->rc == 0);
+        cJSON_AddNumberToObject(o, "plan_ms", r->plan_ms);
+        cJSON_AddNumberToObject(o, "load_ms", r->shards_ms);
+        cJSON_AddNumberToObject(o, "data_plane_ms", r->plane_ms);
+        cJSON_AddNumberToObject(o, "replay_ms", r->replay_ms);
+        cJSON_AddNumberToObject(o, "step_ms", r->step_ms);
         cJSON_AddItemToArray(a, o);
     }
     return a;

@@ -31,7 +31,7 @@ typedef struct {
 
 #define ZQ_ANON_MAX 64          // rejected messages of unknown origin kept for recv(ANY)
 #define ZQ_EP_MAX 512           // longest endpoint string
-#define ZQ_HELLO_EVERY_MS 50 // the handshake repeats its HELLOs this often until they are acknowledged
+#define ZQ_HELLO_EVERY_MS 10    // the handshake repeats its HELLOs this often until they are acknowledged
 #define ZQ_GRACE_MS 20          // after a peer is seen gone, wait this long for its last messages
 #define ZQ_REFUSE_GRACE_MS 300  // a refusing rank keeps delivering its HELLO this long, then leaves
 #define ZQ_REDIAL_MS 250        // a handshake that has not heard a peer acknowledge us dials it again this often

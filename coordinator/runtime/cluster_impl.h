@@ -27,6 +27,9 @@ typedef struct {
     bool disk_full;             // could not take its shard into its cache (MLM_EFULL): left out of plans
     int lost_report;            // the plan node (data-plane rank) its last failed step lost, -1 none
     bool blamed;                // left out for a cut link to another worker: not greeted again at the next plan
+    double greet_ms;            // when it was last found lost or greeted in vain (mlm_now_ms): greeted
+                                // again at a plan only CL_GREET_EVERY_MS later (a dead worker would cost
+                                // every recovery the greeting's wait)
     double heard_ms;            // when a message from it last arrived (mlm_now_ms)
 } worker_t;
 
@@ -78,6 +81,8 @@ struct cluster {
     int n_plans;                // plans made
     double shards_ms, plane_ms; // the last cluster_load: shares loaded, then data plane and own share
 };
+
+#define CL_GREET_EVERY_MS 2000
 
 enum { PHASE_NEW = 0, PHASE_HELLO = 1, PHASE_PLANNED = 2, PHASE_LOADED = 3 };
 

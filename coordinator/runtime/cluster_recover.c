@@ -81,16 +81,20 @@ static int ping_plan(cluster_t *c, int timeout_ms) {
 }
 
 // Greets lost workers again (a frozen worker that was continued, a restarted one): those that
-// answer within a short time are taken in at this plan.
+// answer within a short time are taken in at this plan. The HELLOs go out to all of them first and
+// the answers are awaited together, so a dead worker costs that time once, not once each.
 void cl_readmit(cluster_t *c) {
     char err[256];
-    for (int i = 0; i < c->o.n_workers; i++) {
+    bool asked[MSG_MAX_NODES] = {false};
+    int n_asked = 0;
+    for (int i = 0; i < c->o.n_workers && i < MSG_MAX_NODES; i++) {
         worker_t *w = &c->w[i];
         if (!w->lost) continue;
         if (w->blamed) { // the plan made for its cut link goes without it; the one after greets it again
             w->blamed = false;
             continue;
         }
+        if (w->greet_ms > 0 && mlm_now_ms() - w->greet_ms < CL_GREET_EVERY_MS) continue;
         msg_t m;
         msg_init(&m, MSG_HELLO);
         snprintf(m.hello.node_id, sizeof m.hello.node_id, "coordinator");
@@ -99,18 +103,28 @@ void cl_readmit(cluster_t *c) {
         m.hello.link_rank = w->peer;
         snprintf(m.hello.faults, sizeof m.hello.faults, "%s", fault_spec_text(c->faults));
         if (msg_send(c->ctl, w->peer, &m, 50, err, sizeof err) != 0) continue;
+        asked[i] = true;
+        n_asked++;
+    }
+    const int64_t dl = mlm_deadline(200);
+    for (int i = 0; i < c->o.n_workers && i < MSG_MAX_NODES; i++)
+        if (asked[i]) c->w[i].greet_ms = mlm_now_ms(); // until it answers
+    for (int i = 0; i < c->o.n_workers && i < MSG_MAX_NODES && n_asked > 0; i++) {
+        worker_t *w = &c->w[i];
+        msg_t m;
         comm_msg_t raw;
-        const int64_t dl = mlm_deadline(200);
-        while (mlm_left_ms(dl) > 0 && msg_recv(c->ctl, w->peer, &m, &raw, NULL, mlm_left_ms(dl), err, sizeof err) == 0) {
+        while (asked[i] && msg_recv(c->ctl, w->peer, &m, &raw, NULL, mlm_left_ms(dl), err, sizeof err) == 0) {
             const bool hello = m.type == MSG_HELLO;
             if (hello) w->hello = m.hello;
             msg_clear(&m);
             comm_msg_free(&raw);
             if (hello) {
+                w->greet_ms = 0;
+                asked[i] = false;
+                n_asked--;
                 w->lost = false;
                 w->heard_ms = mlm_now_ms();
                 fprintf(stderr, "meshlm: worker %s is back and is taken in at this plan\n", w->hello.node_id);
-                break;
             }
         }
     }
@@ -149,7 +163,10 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
         cut_from = other;
         lost = 1;
     }
-    for (int i = 0; i < c->o.n_workers; i++) c->w[i].lost_report = -1;
+    for (int i = 0; i < c->o.n_workers; i++) {
+        c->w[i].lost_report = -1;
+        if (c->w[i].rank >= 0 && c->w[i].lost) c->w[i].greet_ms = mlm_now_ms(); // just lost: not greeted by this plan
+    }
     c->n_lost_total += lost;
     const double t1 = mlm_now_ms();
     int first = -1;

@@ -212,8 +212,10 @@ static void test_disk_faults(void) {
     disk_run("disk:worker=*:slow=100", &slow);
     fprintf(stderr, "  slowest worker's load: %.0f ms, with disks 100x slower %.0f ms ", fast.load_ms, slow.load_ms);
     CU_ASSERT(fast.rc == 0 && slow.rc == 0);
-    // the factor applies to what the worker measured (whole milliseconds in its ack)
-    CU_ASSERT(slow.load_ms >= 20 && slow.load_ms >= 5 * (fast.load_ms > 1 ? fast.load_ms : 1));
+    // the factor applies to the writes and loads the worker measured (its ack counts whole
+    // milliseconds and also its waits for the coordinator's chunks, which a loaded machine
+    // stretches): 100 x even half a millisecond of disk work is 50 ms
+    CU_ASSERT(slow.load_ms >= 40);
 }
 
 // --- registration

@@ -34,7 +34,6 @@ typedef struct {
 #define ZQ_HELLO_EVERY_MS 10    // the handshake repeats its HELLOs this often until they are acknowledged
 #define ZQ_GRACE_MS 20          // after a peer is seen gone, wait this long for its last messages
 #define ZQ_REFUSE_GRACE_MS 300  // a refusing rank keeps delivering its HELLO this long, then leaves
-#define ZQ_REDIAL_MS 250        // a handshake that has not heard a peer acknowledge us dials it again this often
 
 typedef struct {
     void *zctx;                 // ZeroMQ context (owned)
@@ -52,7 +51,6 @@ typedef struct {
     int64_t *next_probe;        // (size) monotonic us of the next liveness probe
     uint64_t stamp;             // messages queued so far
     uint64_t rejected;          // messages dropped as malformed, oversized or unknown
-    int redials;                // connections dialled again during the handshake
     char proto_err[192];        // first handshake mismatch seen ("" if none)
 } zq_ctx_t;
 
@@ -479,13 +477,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     // of state 0 or 1 is answered at once (take_one), so both ends learn, without waiting for each
     // other's whole handshake, that the other has theirs.
     bool *said = calloc((size_t)z->size, sizeof *said); // a HELLO went out to the peer at least once
-    int64_t *redial = calloc((size_t)z->size, sizeof *redial); // (size) monotonic us of the next redial
-    if (!said || !redial) {
-        free(said);
-        free(redial);
-        return MLM_ENOMEM;
-    }
-    for (int p = 0; p < z->size; p++) redial[p] = mlm_now_us() + (int64_t)ZQ_REDIAL_MS * 1000;
+    if (!said) return MLM_ENOMEM;
     const int64_t dl = mlm_now_us() + (int64_t)z->o.connect_timeout_ms * 1000;
     int64_t refuse_at = -1, next_say = 0; // after a mismatch, keep saying hello briefly so the peer learns why
     int rc = 0;
@@ -499,19 +491,6 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
                 said[p] = true;
             done = done && z->hello[p] && z->heard[p];
             all_said = all_said && said[p];
-            // No word that the peer hears us: our connection may have reached the previous world's
-            // socket at its endpoint (still bound while its owner had not yet taken the new plan) and
-            // not come back from its close. Dial again.
-            if (!z->heard[p] && mlm_now_us() >= redial[p]) {
-                redial[p] = mlm_now_us() + (int64_t)ZQ_REDIAL_MS * 1000;
-                if (parse_endpoint(z, endpoints[p], bind, conn) == 0) {
-                    zmq_disconnect(z->out, conn);
-                    routing_id(id, 'p', p);
-                    zmq_setsockopt(z->out, ZMQ_CONNECT_ROUTING_ID, id, sizeof id);
-                    zmq_connect(z->out, conn);
-                    z->redials++;
-                }
-            }
         }
         if (z->proto_err[0] && refuse_at < 0) refuse_at = mlm_now_us() + (int64_t)ZQ_REFUSE_GRACE_MS * 1000;
         if (refuse_at >= 0 && (all_said || mlm_now_us() >= refuse_at || mlm_now_us() >= dl)) {
@@ -534,7 +513,6 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
         }
     }
     free(said);
-    free(redial);
     return rc;
 }
 

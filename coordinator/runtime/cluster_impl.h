@@ -26,10 +26,10 @@ typedef struct {
     bool greeted;               // answered a HELLO since it was last lost
     bool disk_full;             // could not take its shard into its cache (MLM_EFULL): left out of plans
     int lost_report;            // the plan node (data-plane rank) its last failed step lost, -1 none
-    bool blamed;                // left out for a cut link to another worker: not greeted again at the next plan
-    double greet_ms;            // when it was last found lost or greeted in vain (mlm_now_ms): greeted
-                                // again at a plan only CL_GREET_EVERY_MS later (a dead worker would cost
-                                // every recovery the greeting's wait)
+    bool just_lost;             // lost in the recovery under way: its plan does not greet it again
+    double greet_ms;            // when it was last greeted in vain (mlm_now_ms): greeted again at a plan
+                                // only CL_GREET_EVERY_MS later (a dead worker would cost every
+                                // recovery the greeting's wait)
     double heard_ms;            // when a message from it last arrived (mlm_now_ms)
 } worker_t;
 

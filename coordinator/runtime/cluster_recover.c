@@ -90,8 +90,8 @@ void cl_readmit(cluster_t *c) {
     for (int i = 0; i < c->o.n_workers && i < MSG_MAX_NODES; i++) {
         worker_t *w = &c->w[i];
         if (!w->lost) continue;
-        if (w->blamed) { // the plan made for its cut link goes without it; the one after greets it again
-            w->blamed = false;
+        if (w->just_lost) { // lost in the recovery that makes this plan: no use asking yet
+            w->just_lost = false;
             continue;
         }
         if (w->greet_ms > 0 && mlm_now_ms() - w->greet_ms < CL_GREET_EVERY_MS) continue;
@@ -159,13 +159,13 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
         const int j = w->rank >= 0 && !w->lost && w->lost_report >= 0 ? c->rank_worker[w->lost_report] : -1;
         if (j < 0 || j == i || c->w[j].lost || c->w[j].rank < 0) continue;
         const int blame = i > j ? i : j, other = i > j ? j : i;
-        c->w[blame].lost = c->w[blame].blamed = true;
+        c->w[blame].lost = true; // (just lost: the plan made now goes without it, the next greets it)
         cut_from = other;
         lost = 1;
     }
     for (int i = 0; i < c->o.n_workers; i++) {
         c->w[i].lost_report = -1;
-        if (c->w[i].rank >= 0 && c->w[i].lost) c->w[i].greet_ms = mlm_now_ms(); // just lost: not greeted by this plan
+        c->w[i].just_lost = c->w[i].rank >= 0 && c->w[i].lost; // not greeted by this recovery's plan
     }
     c->n_lost_total += lost;
     const double t1 = mlm_now_ms();

@@ -668,6 +668,7 @@ static int msg_to_pb(const msg_t *m, pb_any_t *pb, pb_scratch_t *sc) {
         pb->error.code = m->error.code;
         pb->error.text = (char *)m->error.text;
         pb->error.step_id = m->error.step_id;
+        pb->error.lost_node = m->error.lost_node >= 0 && m->error.lost_node < MSG_MAX_NODES ? (uint32_t)m->error.lost_node + 1 : 0;
         return 0;
     default:
         return MLM_EPROTO;
@@ -922,6 +923,7 @@ static int msg_from_pb(const ProtobufCMessage *pb, msg_t *m, char *why) {
         const Meshlm__Error *d = (const Meshlm__Error *)pb;
         m->error.code = d->code;
         m->error.step_id = d->step_id;
+        m->error.lost_node = d->lost_node >= 1 && d->lost_node <= MSG_MAX_NODES ? (int32_t)d->lost_node - 1 : -1;
         if ((rc = copy_str(m->error.text, MSG_TEXT_MAX, d->text, "text", why))) return rc;
         return 0;
     }
@@ -952,6 +954,8 @@ void msg_init(msg_t *m, msg_type_t type) {
         m->hello_ack.proto_major = MSG_PROTO_MAJOR;
         m->hello_ack.proto_minor = MSG_PROTO_MINOR;
         m->hello_ack.node_index = -1;
+    } else if (type == MSG_ERROR) {
+        m->error.lost_node = -1;
     }
 }
 

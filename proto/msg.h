@@ -151,6 +151,14 @@ typedef enum {
 // only to workers whose Hello says at least this (an older one would run it as exact).
 #define MSG_MINOR_TP_MODE 4
 
+// The first protocol minor version whose coordinator fills plan_id in the control messages that
+// belong to a plan (LOAD_SHARD, STEP, and the SLICE_DATA chunks of a streamed shard; PLAN always did,
+// and a worker's LOAD_SHARD_ACK and RESULT answer with their plan's). A worker ignores, and logs, a
+// LOAD_SHARD or STEP whose plan_id is not its current plan's (one of an earlier plan that arrives
+// late, e.g. sent again after a drop, or queued before a re-plan), and a coordinator skips acks of
+// another plan. plan_id 0 is what a 1.4 or older coordinator sends: it is taken as before.
+#define MSG_MINOR_PLAN_IDS 5
+
 typedef struct {
     uint64_t plan_id;
     uint8_t model_sha256[MSG_SHA256_LEN];
@@ -238,6 +246,8 @@ typedef struct {
     int32_t code;                       // negative MLM_E* code
     char text[MSG_TEXT_MAX];
     uint64_t step_id;                   // the step it concerns, 0 if none
+    int32_t lost_node;                  // 1.5: the plan node (index) a failed step lost on the data
+                                        // plane, -1 = none or not known (what older peers send)
 } msg_error_t;
 
 // One message. Build it with msg_init and fill the member for its type.

@@ -458,6 +458,79 @@ static void test_roundtrip_load_shard(void) {
     free_frames(&f);
 }
 
+// Protocol 1.5: LOAD_SHARD, STEP and shard chunks carry their plan's id (the coordinator fills it,
+// a worker ignores one of another plan); the prefix says 1.5; a 1.4 peer's LOAD_SHARD and STEP, whose
+// headers have no plan_id, still decode (plan_id 0, which a worker takes as before).
+static void test_plan_ids(void) {
+    CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 5);
+    CU_ASSERT_EQUAL(MSG_MINOR_PLAN_IDS, MSG_PROTO_MINOR);
+    msg_t a, b;
+    comm_msg_t f;
+    const uint64_t id = 0x1234567890abcdefull;
+    msg_init(&a, MSG_LOAD_SHARD);
+    a.load_shard = (msg_load_shard_t){.plan_id = id, .node_index = 1};
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_EQUAL(b.load_shard.plan_id, id);
+    CU_ASSERT_EQUAL(b.peer_minor, 5);
+    const unsigned char *pre = f.data[0];
+    CU_ASSERT(pre[6] == 5 && pre[7] == 0); // the prefix's minor
+    msg_clear(&b);
+    free_frames(&f);
+    int32_t tok = 3;
+    msg_init(&a, MSG_STEP);
+    a.step.plan_id = id;
+    a.step.step_id = 9;
+    a.step.n_tokens = 1;
+    a.step.tokens = &tok;
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_EQUAL(b.step.plan_id, id);
+    msg_clear(&b);
+    free_frames(&f);
+    uint8_t chunk[4] = {1, 2, 3, 4};
+    msg_init(&a, MSG_SLICE_DATA);
+    msg_slice_data_t *sd = &a.slice_data;
+    sd->plan_id = id;
+    snprintf(sd->tensor, sizeof sd->tensor, "shard.gguf");
+    sd->type = QT_I8;
+    sd->n_dims = 1;
+    sd->ne[0] = 4;
+    sd->end = 4;
+    sd->total = 4;
+    sd->data = chunk;
+    sd->len = 4;
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_EQUAL(b.slice_data.plan_id, id);
+    msg_clear(&b);
+    free_frames(&f);
+
+    // a 1.4 peer's LOAD_SHARD and STEP: no plan_id on the wire
+    unsigned char hdr[256], prefix[MSG_PREFIX_LEN];
+    comm_msg_t h;
+    msg_t m;
+    char err[256];
+    Meshlm__LoadShard ls = MESHLM__LOAD_SHARD__INIT;
+    ls.node_index = 2;
+    size_t hl = meshlm__load_shard__pack(&ls, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, 4, MSG_LOAD_SHARD, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL_FATAL(msg_decode(&h, NULL, &m, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(m.peer_minor, 4);
+    CU_ASSERT_EQUAL(m.load_shard.plan_id, 0u);
+    CU_ASSERT_EQUAL(m.load_shard.node_index, 2u);
+    msg_clear(&m);
+    Meshlm__Step st = MESHLM__STEP__INIT;
+    st.step_id = 5;
+    st.token_count = 1;
+    st.n_tokens = 1;
+    st.tokens = &tok;
+    hl = meshlm__step__pack(&st, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, 4, MSG_STEP, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL_FATAL(msg_decode(&h, NULL, &m, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(m.step.plan_id, 0u);
+    CU_ASSERT_EQUAL(m.step.step_id, 5u);
+    CU_ASSERT(m.step.n_tokens == 1 && m.step.tokens && m.step.tokens[0] == 3);
+    msg_clear(&m);
+}
+
 static void test_roundtrip_slice_data(void) {
     // rows [64, 128) of a Q4_0 (2048, 256) tensor: 64 rows * 64 blocks * 18 bytes; this chunk is
     // the second 10000 bytes of it
@@ -1317,6 +1390,7 @@ int test_proto_suite(void) {
         !CU_add_test(s, "round trip PLAN", test_roundtrip_plan) ||
         !CU_add_test(s, "PLAN tp_mode and links (1.4), older peers", test_plan_tp_mode) ||
         !CU_add_test(s, "PLAN kv_device (1.5)", test_plan_kv_device) ||
+        !CU_add_test(s, "plan ids in LOAD_SHARD, STEP, SLICE_DATA (1.5), older peers", test_plan_ids) ||
         !CU_add_test(s, "round trip LOAD_SHARD(_ACK)", test_roundtrip_load_shard) ||
         !CU_add_test(s, "round trip SLICE_DATA", test_roundtrip_slice_data) ||
         !CU_add_test(s, "round trip STEP", test_roundtrip_step) ||

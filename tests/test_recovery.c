@@ -163,6 +163,61 @@ static void test_standby_takes_over(void) {
     CU_ASSERT_EQUAL(after, 2); // worker 0 lost, the standby (worker 2) computes beside worker 1
 }
 
+// Disk faults of a worker that has no model and receives its shard into its cache: a full disk
+// fails the load with MLM_EFULL and an error naming the cache file; a slow disk makes receiving
+// and loading the shard take longer (the factor applies to the measured write and read time).
+typedef struct {
+    int rc;                          // cluster_open's result
+    char err[1024];
+    double load_ms;                  // cluster_stats worker_load_ms when it opened
+} disk_run_t;
+
+static void disk_run(const char *faults, disk_run_t *out) {
+    memset(out, 0, sizeof *out);
+    out->rc = -1;
+    ref_case_t rc;
+    if (ref_load("stories260K.p0", &rc) != 0) return;
+    char *dir = test_tmpdir();
+    launch_t l;
+    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = NULL, .cache_dir = dir, .n_threads = 1};
+    if (!dir || !lo.exe || launch_local(&l, 2, &lo, out->err, sizeof out->err) != 0) {
+        ref_free(&rc);
+        free(dir);
+        return;
+    }
+    const char *eps[LAUNCH_MAX];
+    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_ctx = 64, .n_threads = 1,
+                         .timeout_ms = 10000, .keep_all = true, .pp = 2, .heartbeat_ms = HB_MS};
+    setenv("MESHLM_FAULTS", faults, 1);
+    cluster_t *cl = NULL;
+    out->rc = cluster_open(&cl, &co, out->err, sizeof out->err);
+    unsetenv("MESHLM_FAULTS");
+    if (out->rc == 0) out->load_ms = cluster_stats(cl)->worker_load_ms;
+    cluster_close(&cl, true);
+    launch_reap(&l, 5000);
+    test_rm_dir(dir);
+    ref_free(&rc);
+}
+
+static void test_disk_faults(void) {
+    disk_run_t full, slow, fast;
+    disk_run("disk:worker=2:full", &full);
+    fprintf(stderr, "\n  full disk: %s (%s) ", mlm_strerror(full.rc), full.err);
+    CU_ASSERT_EQUAL(full.rc, MLM_EFULL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(full.err, "writing the shard into the cache at /"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(full.err, "No space left on device (disk:worker=2:full)"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(full.err, "local-1"));
+    disk_run("disk:worker=1:slow=1", &fast);
+    disk_run("disk:worker=*:slow=100", &slow);
+    fprintf(stderr, "  slowest worker's load: %.0f ms, with disks 100x slower %.0f ms ", fast.load_ms, slow.load_ms);
+    CU_ASSERT(fast.rc == 0 && slow.rc == 0);
+    // the factor applies to the writes and loads the worker measured (its ack counts whole
+    // milliseconds and also its waits for the coordinator's chunks, which a loaded machine
+    // stretches): 100 x even half a millisecond of disk work is 50 ms
+    CU_ASSERT(slow.load_ms >= 40);
+}
+
 // --- registration
 
 int test_recovery_suite(void) {
@@ -170,7 +225,8 @@ int test_recovery_suite(void) {
     if (!s) return -1;
     if (!CU_add_test(s, "kill -9 of each worker position (tp and pp, dense and MoE)", test_kill_each_position) ||
         !CU_add_test(s, "a frozen worker is detected, recovered from, and taken back", test_freeze_and_come_back) ||
-        !CU_add_test(s, "a standby takes over from a killed worker", test_standby_takes_over))
+        !CU_add_test(s, "a standby takes over from a killed worker", test_standby_takes_over) ||
+        !CU_add_test(s, "disk faults: a full disk fails the load clearly, a slow one slows it", test_disk_faults))
         return -1;
     return 0;
 }

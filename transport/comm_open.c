@@ -41,7 +41,7 @@ static int wrap(comm_t **c, const comm_open_opts_t *o, const char *inner, char *
     if (!spec) return mlm_fail(err, errlen, MLM_EINVAL, "fault:%s: no fault spec (options or $MESHLM_FAULTS)", inner);
     // a cut link loses its peer after the heartbeat, as the backend's own heartbeat would
     fault_wrap_opts_t wo = {.heartbeat_ms = o && o->heartbeat_ivl_ms > 0 ? o->heartbeat_ivl_ms + o->heartbeat_timeout_ms : 0,
-                            .fail_on_any_loss = o && o->fail_on_any_loss};
+                            .fail_on_any_loss = o && o->fail_on_any_loss, .reliable = true};
     rc = comm_fault_wrap_opts(c, spec, &wo, err, errlen);
     fault_free(&owned);
     return rc;

@@ -31,7 +31,7 @@ typedef struct {
 
 #define ZQ_ANON_MAX 64          // rejected messages of unknown origin kept for recv(ANY)
 #define ZQ_EP_MAX 512           // longest endpoint string
-#define ZQ_HELLO_EVERY_MS 50 // the handshake repeats its HELLOs this often until they are acknowledged
+#define ZQ_HELLO_EVERY_MS 10    // the handshake repeats its HELLOs this often until they are acknowledged
 #define ZQ_GRACE_MS 20          // after a peer is seen gone, wait this long for its last messages
 #define ZQ_REFUSE_GRACE_MS 300  // a refusing rank keeps delivering its HELLO this long, then leaves
 
@@ -282,8 +282,20 @@ static void probe(zq_ctx_t *z, int peer) {
 
 static int setopt_int(void *sock, int opt, int v) { return zmq_setsockopt(sock, opt, &v, sizeof v); }
 
+// An ipc endpoint of a world with a session gets the session in its path: a world made for a new
+// plan then never meets the previous world's socket at the same path (still bound there until its
+// owner takes the new plan, or closing: a connection that reached it and died with it left the new
+// world's handshake, or its first sends, with no route to that rank). TCP ports stay as given.
+static int with_session(char *ep, uint16_t session) {
+    if (!session || strncmp(ep, "ipc://", 6) != 0) return 0;
+    size_t k = strlen(ep);
+    if (k + 7 >= ZQ_EP_MAX) return MLM_EINVAL;
+    snprintf(ep + k, ZQ_EP_MAX - k, ".s%04x", (unsigned)session);
+    return 0;
+}
+
 // Splits "bind=A;connect=B" (either part optional) or a plain endpoint into bind and connect.
-static int parse_endpoint(const char *s, char *bind, char *conn) {
+static int split_endpoint(const char *s, char *bind, char *conn) {
     if (!s || !*s || strlen(s) >= ZQ_EP_MAX) return MLM_EINVAL;
     if (strncmp(s, "bind=", 5) != 0 && strncmp(s, "connect=", 8) != 0) {
         strcpy(bind, s);
@@ -302,6 +314,14 @@ static int parse_endpoint(const char *s, char *bind, char *conn) {
     if (!bind[0]) strcpy(bind, conn);
     if (!conn[0]) strcpy(conn, bind);
     return bind[0] ? 0 : MLM_EINVAL;
+}
+
+// split_endpoint, with the world's session in ipc paths.
+static int parse_endpoint(const zq_ctx_t *z, const char *s, char *bind, char *conn) {
+    int rc = split_endpoint(s, bind, conn);
+    if (rc == 0) rc = with_session(bind, z->o.session);
+    if (rc == 0) rc = with_session(conn, z->o.session);
+    return rc;
 }
 
 // --- backend
@@ -429,7 +449,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     routing_id(id, 'p', z->rank);
     zmq_setsockopt(z->in, ZMQ_ROUTING_ID, id, sizeof id);
 
-    if (parse_endpoint(endpoints[z->rank], bind, conn) != 0) {
+    if (parse_endpoint(z, endpoints[z->rank], bind, conn) != 0) {
         snprintf(err, errlen, "bad endpoint for rank %d: '%s'", z->rank, endpoints[z->rank] ? endpoints[z->rank] : "");
         return MLM_EINVAL;
     }
@@ -439,7 +459,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     }
     for (int p = 0; p < z->size; p++) {
         if (p == z->rank) continue;
-        if (parse_endpoint(endpoints[p], bind, conn) != 0) {
+        if (parse_endpoint(z, endpoints[p], bind, conn) != 0) {
             snprintf(err, errlen, "bad endpoint for rank %d: '%s'", p, endpoints[p] ? endpoints[p] : "");
             return MLM_EINVAL;
         }

@@ -20,6 +20,7 @@
 #include "core/err.h"
 #include "core/rng.h"
 #include "transport/comm_link.h"
+#include "transport/comm_rel.h"
 
 // --- types
 
@@ -523,6 +524,13 @@ static bool is_event_kind(fault_kind_t k) {
 
 // An event: a kill, freeze, partition or slow, or a link rule with a window.
 static bool is_event(const rule_t *r) { return is_event_kind(r->kind) || r->after_tokens >= 0 || r->at_ms >= 0; }
+
+// Whether a wrapper of s can discard messages: a drop rule or a partition.
+static bool loses_messages(const fault_spec_t *s) {
+    for (int i = 0; i < s->n_rules; i++)
+        if ((s->rules[i].kind == FAULT_DROP && s->rules[i].p > 0) || s->rules[i].kind == FAULT_PARTITION) return true;
+    return false;
+}
 
 // A board path: absolute, printable, no spaces or commas, at most MAX_PATH_LEN bytes. 0 or -1.
 static int check_path(const char *p) {
@@ -1467,6 +1475,15 @@ int comm_fault_wrap_opts(comm_t **c, const fault_spec_t *spec, const fault_wrap_
     f->inner = *c;
     *c = outer;
     if (f->aware) announce(f);
+    // Messages this wrapper discards (drops, cuts) are sent again by a reliable layer above it, as
+    // TCP would send a lost segment again.
+    if (o && o->reliable && loses_messages(f->spec)) {
+        int rc = comm_rel_wrap(c, NULL, err, errlen);
+        if (rc != 0) {
+            comm_fault_unwrap(c);
+            return rc;
+        }
+    }
     return 0;
 oom:
     if (f) {
@@ -1482,12 +1499,20 @@ oom:
 }
 
 const comm_t *comm_fault_inner(const comm_t *c, int peer, bool *peer_lost) {
+    const comm_t *rel = comm_rel_inner(c); // through the reliable layer a wrap may have put on top
+    if (rel) c = rel;
     const fc_ctx_t *f = c ? comm_backend_ctx(c, &fault_iface) : NULL;
     if (peer_lost) *peer_lost = f && peer >= 0 && peer < f->size && f->lost[peer];
     return f ? f->inner : c;
 }
 
 int comm_fault_unwrap(comm_t **c) {
+    if (c && *c && comm_rel_inner(*c)) {
+        comm_t *rel = *c;
+        fc_ctx_t *under = comm_backend_ctx(comm_rel_inner(rel), &fault_iface);
+        if (!under) return MLM_EINVAL;
+        comm_rel_unwrap(c);
+    }
     fc_ctx_t *f = c && *c ? comm_backend_ctx(*c, &fault_iface) : NULL;
     if (!f) return MLM_EINVAL;
     comm_t *inner = f->inner;

@@ -18,7 +18,9 @@
 //                                  n*8/R us, and messages on one direction queue behind each other
 //   loss:link=L:p=P[:rto_ms=R]     TCP-like loss: with probability P a message arrives late by the
 //                                  retransmission timeout R ms (default 200); it is not lost
-//   drop:link=L:p=P                with probability P the message is discarded (its receiver times out)
+//   drop:link=L:p=P                with probability P the message is discarded: a reliable wrapper
+//                                  (fault_wrap_opts_t.reliable, every cluster link) sends it again after
+//                                  its retransmission timeout; a raw one loses it (its receiver times out)
 //   ...[:T[:for_ms=M]]             any of these four with a trigger T is in force only from T on, for M ms
 //                                  (without for_ms: to the end of the run); without one, all along
 //   partition:link=L:T[:ms=M]      from trigger T on, for M ms (without ms: to the end of the run), the
@@ -299,6 +301,12 @@ typedef struct {
                                     // send and recv with it fail with MLM_EPEER from then on, as a
                                     // heartbeat timeout drops a real connection; 0 = a cut only drops
     bool fail_on_any_loss;          // once any peer is lost every call fails (a plan's data plane)
+    bool reliable;                  // when the spec can discard messages (drop, partition), put the
+                                    // reliable layer (transport/comm_rel.h) on top: a discarded message
+                                    // is sent again after a retransmission timeout, as TCP would, and
+                                    // costs that timeout instead of a receiver's deadline. comm_open
+                                    // ("fault:...") and the cluster's links set it; without it a drop
+                                    // is lost for good (the raw model the fault tests check).
 } fault_wrap_opts_t;
 
 // comm_fault_wrap with options (o NULL = all zero). comm_open("fault:...") passes its heartbeat

@@ -714,6 +714,11 @@ static cJSON *run_json(const run_t *r, const run_t *ref, const chaos_args_t *a) 
         cJSON_AddNumberToObject(x, "replayed_tokens", m->r.replayed);
         cJSON_AddNumberToObject(x, "nodes_after", m->r.nodes_after);
         cJSON_AddBoolToObject(x, "recovered", m->r.rc == 0);
+        cJSON_AddNumberToObject(x, "plan_ms", m->r.plan_ms);
+        cJSON_AddNumberToObject(x, "load_ms", m->r.shards_ms);
+        cJSON_AddNumberToObject(x, "data_plane_ms", m->r.plane_ms);
+        cJSON_AddNumberToObject(x, "replay_ms", m->r.replay_ms);
+        cJSON_AddNumberToObject(x, "step_ms", m->r.step_ms);
         cJSON_AddItemToArray(rec, x);
     }
     cJSON *ev = cJSON_AddArrayToObject(o, "events");

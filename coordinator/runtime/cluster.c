@@ -109,7 +109,10 @@ int cl_recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *ra
         c->w[wi].heard_ms = mlm_now_ms();
         const bool report = m->type == MSG_RESULT && m->result.kind == MSG_RESULT_NONE;
         const bool step_error = m->type == MSG_ERROR && m->error.step_id != 0;
-        if (m->type != want && (report || step_error || m->type == MSG_HEARTBEAT || m->type == MSG_HELLO)) {
+        if (step_error) cl_note_error(c, wi, &m->error);
+        const bool stale_ack = m->type == MSG_LOAD_SHARD_ACK && m->load_shard_ack.plan_id != 0 &&
+                               m->load_shard_ack.plan_id != c->plan_id; // an earlier plan's
+        if (stale_ack || (m->type != want && (report || step_error || m->type == MSG_HEARTBEAT || m->type == MSG_HELLO))) {
             // a step report, a failed step's notice (that step is over), or a late answer to a
             // liveness ping or a re-greeting: counted, skipped
             if (report) cl_count_report(c, wi, &m->result);
@@ -164,7 +167,8 @@ static int say_hello(cluster_t *c, char *err, size_t errlen) {
     }
     // From here on both ends emulate the links (each worker turned them on after its HELLO answer).
     if (fault_has_link_rules(c->faults) && !c->ctl_wrapped) {
-        int rc = comm_fault_wrap(&c->ctl, c->faults, err, errlen);
+        const fault_wrap_opts_t wo = {.reliable = true}; // drops on the control link are sent again
+        int rc = comm_fault_wrap_opts(&c->ctl, c->faults, &wo, err, errlen);
         if (rc != 0) return rc;
         c->ctl_wrapped = true;
     }
@@ -246,11 +250,11 @@ static void pick_candidates(cluster_t *c) {
     c->n_cand = 0;
     for (int i = 0; i < c->o.n_workers; i++)
         if (!c->w[i].standby) {
-            if (c->w[i].lost) missing++;
+            if (c->w[i].lost || c->w[i].disk_full) missing++;
             else c->cand[c->n_cand++] = i;
         }
     for (int i = 0; i < c->o.n_workers && missing > 0; i++)
-        if (c->w[i].standby && !c->w[i].lost) {
+        if (c->w[i].standby && !c->w[i].lost && !c->w[i].disk_full) {
             c->cand[c->n_cand++] = i;
             missing--;
         }
@@ -527,6 +531,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, u
         msg_t m;
         msg_init(&m, MSG_SLICE_DATA);
         msg_slice_data_t *sd = &m.slice_data;
+        sd->plan_id = c->plan_id; // 1.5
         snprintf(sd->tensor, sizeof sd->tensor, "shard.gguf");
         sd->type = QT_I8;
         sd->n_dims = 1;
@@ -557,10 +562,12 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, u
 }
 
 static int load_shards(cluster_t *c, char *err, size_t errlen) {
+    c->stats.worker_load_ms = 0;
     for (int i = 0; i < c->o.n_workers; i++) {
         if (c->w[i].rank < 0) continue;
         msg_t m;
         msg_init(&m, MSG_LOAD_SHARD);
+        m.load_shard.plan_id = c->plan_id; // 1.5: a worker ignores one of another plan
         m.load_shard.node_index = (uint32_t)c->w[i].rank;
         m.load_shard.via_coordinator = !c->w[i].hello.has_model || memcmp(c->w[i].hello.model_sha256, c->sha, 32) != 0;
         char e2[256];
@@ -575,6 +582,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
         if (rc != 0) return rc;
         int status = m.load_shard_ack.status;
         bool cached = m.load_shard_ack.from_cache;
+        double ack_ms = (double)m.load_shard_ack.ms;
         const uint64_t credit = status == MLM_ENOTFOUND ? m.load_shard_ack.bytes : 0; // its pacing, if it asks
         msg_clear(&m);
         comm_msg_free(&raw);
@@ -584,6 +592,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
                 return rc;
             if ((rc = cl_recv_type(c, i, MSG_LOAD_SHARD_ACK, &m, &raw, err, errlen)) != 0) return rc;
             status = m.load_shard_ack.status;
+            ack_ms = (double)m.load_shard_ack.ms;
             msg_clear(&m);
             comm_msg_free(&raw);
             c->stats.streamed++;
@@ -592,6 +601,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
         } else if (status == 0) {
             c->stats.from_file++;
         }
+        if (status == 0 && ack_ms > c->stats.worker_load_ms) c->stats.worker_load_ms = ack_ms;
         if (status != 0) { // the worker follows a failed ack with an ERROR that says why
             char why[MSG_TEXT_MAX] = "";
             if (msg_recv(c->ctl, c->w[i].peer, &m, &raw, NULL, 1000, why, sizeof why) == 0) {
@@ -601,6 +611,7 @@ static int load_shards(cluster_t *c, char *err, size_t errlen) {
             } else {
                 snprintf(why, sizeof why, "%s", mlm_strerror(status));
             }
+            if (status == MLM_EFULL) c->w[i].disk_full = true; // left out of later plans
             return mlm_fail(err, errlen, status, "worker %s could not load its shard: %s", c->w[i].endpoint, why);
         }
     }
@@ -637,6 +648,7 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
         worker_t *w = &c->w[i];
         w->peer = i + 1;
         w->rank = -1;
+        w->lost_report = -1;
         w->standby = i >= n_workers - o->n_standby;
         if (o->control) {
             snprintf(w->endpoint, sizeof w->endpoint, "rank %d", i + 1);
@@ -762,6 +774,10 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
     if (c->phase < PHASE_PLANNED) return mlm_fail(err, errlen, MLM_ESTATE, "load before a plan");
     const double t0 = mlm_now_ms();
     int rc = load_shards(c, err, errlen);
+    c->shards_ms = mlm_now_ms() - t0;
+    // A worker whose disk is full cannot take its shard. The others have opened their data planes
+    // and wait in its handshake until their deadline, so this plan is given up with the worker's
+    // reason; the worker is left out of every later plan (disk_full).
     if (rc == 0) rc = open_data_plane(c, err, errlen);
     if (rc == 0) rc = load_own_share(c, err, errlen);
     if (rc == 0) {
@@ -781,6 +797,7 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
     }
     if (rc == 0) c->phase = PHASE_LOADED;
     else end_plan(c);
+    c->plane_ms = mlm_now_ms() - t0 - c->shards_ms;
     c->stats.load_ms += mlm_now_ms() - t0;
     return rc;
 }

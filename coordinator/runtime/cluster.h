@@ -68,6 +68,8 @@ typedef struct {
 
 typedef struct {
     double load_ms;                  // from first HELLO to the data plane being up
+    double worker_load_ms;           // the slowest worker's own time to take and load its last share
+                                     // (its LOAD_SHARD_ACK: receiving, writing, reading)
     uint64_t shard_bytes_sent;       // shard file bytes streamed to workers without the model
     int from_cache;                  // workers that loaded from their shard cache
     int from_file;                   // workers that mapped their own copy of the model
@@ -97,6 +99,10 @@ typedef struct {
     int replayed;                    // tokens replayed to rebuild the caches
     int nodes_after;                 // computing nodes in the new plan
     int rc;                          // 0 recovered, else why not (the step then failed)
+    // where recover_ms went (ms): planning again (PLAN to every worker), the workers loading their
+    // shares (LOAD_SHARD to the last ack), the new data plane's handshake and the coordinator's own
+    // share, replaying every sequence's tokens, and the failed step done again
+    double plan_ms, shards_ms, plane_ms, replay_ms, step_ms;
 } cluster_recovery_t;
 #define CLUSTER_MAX_RECOVERIES 64
 

@@ -25,6 +25,12 @@ typedef struct {
     bool standby;               // held back from plans until a worker is lost (cluster_opts_t.n_standby)
     bool lost;                  // lost (killed, frozen, cut off): left out of plans until it answers again
     bool greeted;               // answered a HELLO since it was last lost
+    bool disk_full;             // could not take its shard into its cache (MLM_EFULL): left out of plans
+    int lost_report;            // the plan node (data-plane rank) its last failed step lost, -1 none
+    bool just_lost;             // lost in the recovery under way: its plan does not greet it again
+    double greet_ms;            // when it was last greeted in vain (mlm_now_ms): greeted again at a plan
+                                // only CL_GREET_EVERY_MS later (a dead worker would cost every
+                                // recovery the greeting's wait)
     double heard_ms;            // when a message from it last arrived (mlm_now_ms)
 } worker_t;
 
@@ -74,7 +80,10 @@ struct cluster {
     uint64_t plan_id;           // the current plan's (its data plane's session is its low bits)
     double step_t0;             // when the last step started (mlm_now_ms)
     int n_plans;                // plans made
+    double shards_ms, plane_ms; // the last cluster_load: shares loaded, then data plane and own share
 };
+
+#define CL_GREET_EVERY_MS 2000
 
 enum { PHASE_NEW = 0, PHASE_HELLO = 1, PHASE_PLANNED = 2, PHASE_LOADED = 3 };
 
@@ -88,6 +97,9 @@ void cl_count_report(cluster_t *c, int wi, const msg_result_t *r);
 // Waits for a message of type want from worker wi (step reports, failed steps' notices and late
 // answers that come first are consumed). 0, or the failure with err naming the worker.
 int cl_recv_type(cluster_t *c, int wi, msg_type_t want, msg_t *m, comm_msg_t *raw, char *err, size_t errlen);
+
+// Notes what a worker's ERROR says it lost on the data plane (a failed step's lost_node).
+void cl_note_error(cluster_t *c, int wi, const msg_error_t *e);
 
 // Reads the step reports (and errors) waiting on worker wi's link, waiting up to timeout_ms for the
 // first. 0, or the code of an ERROR message (its text in errbuf).

@@ -68,6 +68,7 @@ static int ping_plan(cluster_t *c, int timeout_ms) {
         if (rc != 0) continue;
         w->heard_ms = mlm_now_ms();
         if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) cl_count_report(c, from - 1, &m.result);
+        if (m.type == MSG_ERROR) cl_note_error(c, from - 1, &m.error);
         if (m.type == MSG_HEARTBEAT && m.heartbeat.seq == seq && waiting[from - 1]) waiting[from - 1] = false, n_wait--;
         msg_clear(&m);
         comm_msg_free(&raw);
@@ -80,12 +81,20 @@ static int ping_plan(cluster_t *c, int timeout_ms) {
 }
 
 // Greets lost workers again (a frozen worker that was continued, a restarted one): those that
-// answer within a short time are taken in at this plan.
+// answer within a short time are taken in at this plan. The HELLOs go out to all of them first and
+// the answers are awaited together, so a dead worker costs that time once, not once each.
 void cl_readmit(cluster_t *c) {
     char err[256];
-    for (int i = 0; i < c->o.n_workers; i++) {
+    bool asked[MSG_MAX_NODES] = {false};
+    int n_asked = 0;
+    for (int i = 0; i < c->o.n_workers && i < MSG_MAX_NODES; i++) {
         worker_t *w = &c->w[i];
         if (!w->lost) continue;
+        if (w->just_lost) { // lost in the recovery that makes this plan: no use asking yet
+            w->just_lost = false;
+            continue;
+        }
+        if (w->greet_ms > 0 && mlm_now_ms() - w->greet_ms < CL_GREET_EVERY_MS) continue;
         msg_t m;
         msg_init(&m, MSG_HELLO);
         snprintf(m.hello.node_id, sizeof m.hello.node_id, "coordinator");
@@ -94,18 +103,28 @@ void cl_readmit(cluster_t *c) {
         m.hello.link_rank = w->peer;
         snprintf(m.hello.faults, sizeof m.hello.faults, "%s", fault_spec_text(c->faults));
         if (msg_send(c->ctl, w->peer, &m, 50, err, sizeof err) != 0) continue;
+        asked[i] = true;
+        n_asked++;
+    }
+    const int64_t dl = mlm_deadline(200);
+    for (int i = 0; i < c->o.n_workers && i < MSG_MAX_NODES; i++)
+        if (asked[i]) c->w[i].greet_ms = mlm_now_ms(); // until it answers
+    for (int i = 0; i < c->o.n_workers && i < MSG_MAX_NODES && n_asked > 0; i++) {
+        worker_t *w = &c->w[i];
+        msg_t m;
         comm_msg_t raw;
-        const int64_t dl = mlm_deadline(200);
-        while (mlm_left_ms(dl) > 0 && msg_recv(c->ctl, w->peer, &m, &raw, NULL, mlm_left_ms(dl), err, sizeof err) == 0) {
+        while (asked[i] && msg_recv(c->ctl, w->peer, &m, &raw, NULL, mlm_left_ms(dl), err, sizeof err) == 0) {
             const bool hello = m.type == MSG_HELLO;
             if (hello) w->hello = m.hello;
             msg_clear(&m);
             comm_msg_free(&raw);
             if (hello) {
+                w->greet_ms = 0;
+                asked[i] = false;
+                n_asked--;
                 w->lost = false;
                 w->heard_ms = mlm_now_ms();
                 fprintf(stderr, "meshlm: worker %s is back and is taken in at this plan\n", w->hello.node_id);
-                break;
             }
         }
     }
@@ -130,6 +149,24 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
             fprintf(stderr, "  [recover] worker %d %s rank %d data-lost %d\n", i, c->w[i].hello.node_id, c->w[i].rank,
                     c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank));
     if (lost == 0) lost = ping_plan(c, 2 * hb);
+    // Every worker answers, but one says its step lost another (alive) worker on the data plane: the
+    // link between them is cut. The blame goes to the later of the two in the order the workers were
+    // given (the higher node number), whichever of them noticed: that one is left out of this plan
+    // (and greeted again at the next).
+    int cut_from = -1;
+    for (int i = 0; lost == 0 && i < c->o.n_workers; i++) {
+        const worker_t *w = &c->w[i];
+        const int j = w->rank >= 0 && !w->lost && w->lost_report >= 0 ? c->rank_worker[w->lost_report] : -1;
+        if (j < 0 || j == i || c->w[j].lost || c->w[j].rank < 0) continue;
+        const int blame = i > j ? i : j, other = i > j ? j : i;
+        c->w[blame].lost = true; // (just lost: the plan made now goes without it, the next greets it)
+        cut_from = other;
+        lost = 1;
+    }
+    for (int i = 0; i < c->o.n_workers; i++) {
+        c->w[i].lost_report = -1;
+        c->w[i].just_lost = c->w[i].rank >= 0 && c->w[i].lost; // not greeted by this recovery's plan
+    }
     c->n_lost_total += lost;
     const double t1 = mlm_now_ms();
     int first = -1;
@@ -138,9 +175,14 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
     if (first >= 0) {
         const worker_t *w = &c->w[first];
         snprintf(r->worker, sizeof r->worker, "%.63s", w->hello.node_id[0] ? w->hello.node_id : w->endpoint);
-        snprintf(r->what, sizeof r->what, "lost (%s)%s", mlm_strerror(step_rc), lost > 1 ? " with others" : "");
+        if (cut_from >= 0)
+            snprintf(r->what, sizeof r->what, "cut off from %.30s (partition between workers)",
+                     c->w[cut_from].hello.node_id);
+        else
+            snprintf(r->what, sizeof r->what, "lost (%s)%s", mlm_strerror(step_rc), lost > 1 ? " with others" : "");
         // from the last sign of life: its last message, or the failed step's start if that is later
-        r->detect_ms = t1 - (w->heard_ms > c->step_t0 ? w->heard_ms : c->step_t0);
+        // from the last sign of life; a cut worker answers pings, so its cut counts from the step's start
+        r->detect_ms = t1 - (cut_from < 0 && w->heard_ms > c->step_t0 ? w->heard_ms : c->step_t0);
     } else {
         snprintf(r->worker, sizeof r->worker, "-");
         snprintf(r->what, sizeof r->what, "step failed (%s), every worker answers: plan again", mlm_strerror(step_rc));
@@ -148,8 +190,13 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
     }
     fprintf(stderr, "meshlm: fault: worker %s %s; detected in %.0f ms; re-planning\n", r->worker, r->what,
             r->detect_ms);
+    const double tp = mlm_now_ms();
     int rc = cluster_make_plan(c, err, sizeof err);
+    r->plan_ms = mlm_now_ms() - tp;
     if (rc == 0) rc = cluster_load(c, err, sizeof err);
+    r->shards_ms = c->shards_ms;
+    r->plane_ms = c->plane_ms;
+    const double tr = mlm_now_ms();
     int replayed = 0;
     for (int s = 0; rc == 0 && s < CLUSTER_MAX_SEQS; s++) {
         seq_hist_t *h = &c->hist[s];
@@ -164,6 +211,7 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
         replayed += at;
     }
     r->replayed = replayed;
+    r->replay_ms = mlm_now_ms() - tr;
     r->nodes_after = c->plan ? c->plan->n : 0;
     r->rc = rc;
     if (rc != 0 && !err[0]) snprintf(err, sizeof err, "%s", c->errbuf);
@@ -181,13 +229,17 @@ int cl_eval_seqs(cluster_t *c, int n_seqs, const int *seq, const int32_t *const 
         cluster_recovery_t r = {0};
         const double t0 = mlm_now_ms(); // the failure is noticed: recovery time runs from here
         rc = recover(c, rc, &r);
+        const double ts = mlm_now_ms();
         if (rc == 0) rc = cl_eval_once(c, n_seqs, seq, tokens, n, logits, all_logits);
+        r.step_ms = mlm_now_ms() - ts;
         r.rc = rc;
         r.recover_ms = mlm_now_ms() - t0;
         if (c->n_rec < CLUSTER_MAX_RECOVERIES) c->rec[c->n_rec++] = r;
         if (rc == 0)
-            fprintf(stderr, "meshlm: recovered: %d node(s) now, %d token(s) replayed, %.0f ms from detection to the step done\n",
-                    r.nodes_after, r.replayed, r.recover_ms);
+            fprintf(stderr, "meshlm: recovered: %d node(s) now, %d token(s) replayed, %.0f ms from detection to the step done "
+                            "(confirm %.0f, plan %.0f, load %.0f, data plane %.0f, replay %.0f, step %.0f)\n",
+                    r.nodes_after, r.replayed, r.recover_ms, r.recover_ms - r.plan_ms - r.shards_ms - r.plane_ms - r.replay_ms - r.step_ms,
+                    r.plan_ms, r.shards_ms, r.plane_ms, r.replay_ms, r.step_ms);
         else
             fprintf(stderr, "meshlm: recovery failed: %s\n", c->errbuf);
     }
@@ -217,6 +269,11 @@ cJSON *cluster_recoveries_json(const cluster_t *c) {
         cJSON_AddNumberToObject(o, "replayed_tokens", r->replayed);
         cJSON_AddNumberToObject(o, "nodes_after", r->nodes_after);
         cJSON_AddBoolToObject(o, "recovered", r->rc == 0);
+        cJSON_AddNumberToObject(o, "plan_ms", r->plan_ms);
+        cJSON_AddNumberToObject(o, "load_ms", r->shards_ms);
+        cJSON_AddNumberToObject(o, "data_plane_ms", r->plane_ms);
+        cJSON_AddNumberToObject(o, "replay_ms", r->replay_ms);
+        cJSON_AddNumberToObject(o, "step_ms", r->step_ms);
         cJSON_AddItemToArray(a, o);
     }
     return a;

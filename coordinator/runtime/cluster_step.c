@@ -13,6 +13,10 @@
 
 // --- steps
 
+void cl_note_error(cluster_t *c, int wi, const msg_error_t *e) {
+    if (e->lost_node >= 0 && e->lost_node < c->n_nodes) c->w[wi].lost_report = e->lost_node;
+}
+
 // Reads the step reports (and errors) waiting on worker wi's link, waiting up to timeout_ms for
 // the first. Returns 0, or the code of an ERROR message (its text in errbuf).
 int cl_drain_reports(cluster_t *c, int wi, int timeout_ms) {
@@ -26,6 +30,7 @@ int cl_drain_reports(cluster_t *c, int wi, int timeout_ms) {
         if (m.type == MSG_RESULT && m.result.kind == MSG_RESULT_NONE) {
             cl_count_report(c, wi, &m.result);
         } else if (m.type == MSG_ERROR) {
+            cl_note_error(c, wi, &m.error);
             snprintf(c->errbuf, sizeof c->errbuf, "%.400s", m.error.text);
             rc = m.error.code < 0 ? m.error.code : MLM_EPROTO;
         }
@@ -98,14 +103,17 @@ int cl_eval_once(cluster_t *c, int n_seqs, const int *seq, const int32_t *const 
         total += (uint64_t)n[k];
     }
     const double t0 = c->step_t0 = mlm_now_ms();
-    for (int i = 0; i < c->o.n_workers; i++)
+    for (int i = 0; i < c->o.n_workers; i++) {
         if (c->w[i].rank >= 0) cl_drain_reports(c, i, 0); // earlier steps' reports
+        c->w[i].lost_report = -1;
+    }
     char err[256];
     const uint64_t first_step = c->step_id + 1;
     for (int k = 0; k < n_seqs; k++) {
         msg_t m;
         msg_init(&m, MSG_STEP);
         msg_step_t *st = &m.step;
+        st->plan_id = c->plan_id; // 1.5: a worker ignores a step of another plan
         st->step_id = ++c->step_id;
         st->seq_id = (uint64_t)seq[k];
         st->pos = c->pos[seq[k]];
@@ -150,8 +158,10 @@ int cl_eval_once(cluster_t *c, int n_seqs, const int *seq, const int32_t *const 
         // Name the worker that reported a failure, if one did.
         snprintf(c->errbuf, sizeof c->errbuf, "step %llu failed: %s (a worker stopped answering within %d ms)",
                  (unsigned long long)first_step, mlm_strerror(rc), c->timeout_ms);
-        for (int i = 0; i < c->o.n_workers; i++)
-            if (c->w[i].rank >= 0 && cl_drain_reports(c, i, 0) != 0) break;
+        char first[sizeof c->errbuf] = "";
+        for (int i = 0; i < c->o.n_workers; i++) // every worker's (what each lost is noted), the first named
+            if (c->w[i].rank >= 0 && cl_drain_reports(c, i, 0) != 0 && !first[0]) snprintf(first, sizeof first, "%s", c->errbuf);
+        if (first[0]) snprintf(c->errbuf, sizeof c->errbuf, "%s", first);
     }
     return rc;
 }

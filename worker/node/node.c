@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,7 @@
 #include "proto/msg_io.h"
 #include "transport/comm_link.h"
 #include "transport/comm_open.h"
+#include "transport/comm_zmq.h"
 #include "transport/fault.h"
 #include "worker/model/model.h"
 #include "worker/node/pipeline.h"
@@ -84,14 +86,21 @@ static void end_plan(node_t *n) {
     n->planned = false;
 }
 
-static int send_error(node_t *n, int code, const char *text, uint64_t step) { // text is cut to fit
+// An ERROR about step (0: none); lost_node names the plan node the step lost on the data plane
+// (-1: none), so the coordinator can put a cut link's blame on one of its ends.
+static int send_error_lost(node_t *n, int code, const char *text, uint64_t step, int lost_node) {
     msg_t m;
     msg_init(&m, MSG_ERROR);
+    m.error.lost_node = lost_node;
     m.error.code = code < 0 ? code : MLM_EPROTO;
     snprintf(m.error.text, sizeof m.error.text, "%.60s: %.400s", n->node_id, text);
     m.error.step_id = step;
     char err[256];
     return msg_send(*n->ctl, 0, &m, n->timeout_ms, err, sizeof err);
+}
+
+static int send_error(node_t *n, int code, const char *text, uint64_t step) { // text is cut to fit
+    return send_error_lost(n, code, text, step, -1);
 }
 
 // A node's slice in a plan: in all-reduce mode every computing node cuts attn_output and ffn_down
@@ -102,6 +111,23 @@ static shard_slice_t slice_of(const msg_plan_node_t *p, msg_tp_mode_t mode) {
     if (p->n_ffn > 0) s.f0 = p->ffn[0].begin, s.f1 = p->ffn[0].end;
     s.cols = mode == MSG_TP_ALLREDUCE && s.l1 > s.l0;
     return s;
+}
+
+// This worker's disk as the fault spec says (disk:worker=N:slow=F, disk:worker=N:full; N is its
+// control-link rank). {1, false} without a spec or a rule.
+static fault_disk_t disk_of(const node_t *n) {
+    fault_disk_t d;
+    fault_disk(n->faults, n->link_rank, &d);
+    return d;
+}
+
+// A slow disk: an operation on shard data that took ms (measured) takes F times as long.
+static void disk_wait(const node_t *n, double ms) {
+    const double f = disk_of(n).slow;
+    if (f <= 1 || ms <= 0) return;
+    const double extra = (f - 1) * ms;
+    struct timespec ts = {(time_t)(extra / 1000), (long)(fmod(extra, 1000.0) * 1e6)};
+    nanosleep(&ts, NULL);
 }
 
 // Emulated links on the control channel, as the coordinator's HELLO asked: the channel takes the rank
@@ -115,7 +141,8 @@ static void plain_ctl(node_t *n) {
 static int ctl_faults(node_t *n, char *err, size_t errlen) {
     if (!fault_has_link_rules(n->faults)) return 0;
     comm_link_set_rank(*n->ctl, n->link_rank); // MLM_EINVAL for other backends, whose rank is fixed
-    int rc = comm_fault_wrap(n->ctl, n->faults, err, errlen);
+    const fault_wrap_opts_t wo = {.reliable = true}; // drops on the control link are sent again
+    int rc = comm_fault_wrap_opts(n->ctl, n->faults, &wo, err, errlen);
     n->ctl_wrapped = rc == 0;
     return rc;
 }
@@ -206,6 +233,15 @@ static int on_plan(node_t *n, const msg_plan_t *p) {
     return 0;
 }
 
+// Whether a LOAD_SHARD, STEP or shard chunk of plan plan_id belongs to another plan than this node's (protocol
+// 1.5; 0 = an older coordinator, which does not say): then it is ignored, and said so.
+static bool other_plan(const node_t *n, uint64_t plan_id, const char *what) {
+    if (!plan_id || plan_id == n->plan.plan_id) return false; // (the last plan's id stays after it ends)
+    fprintf(stderr, "[%s] ignoring %s of plan %016llx (this node's plan: %016llx)\n", n->node_id, what,
+            (unsigned long long)plan_id, (unsigned long long)n->plan.plan_id);
+    return true;
+}
+
 // A worker with a memory budget paces the shard it receives: the ENOTFOUND ack's `bytes` tells the
 // coordinator how far it may send ahead of what the worker has written (a credit of budget / 8, within
 // these bounds), and each half credit written is waited for on the disk, dropped from the page cache
@@ -238,7 +274,8 @@ static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errl
     FILE *f = fopen(tmp, "wb");
     if (!f) return mlm_fail(err, errlen, MLM_EIO, "cannot create %s: %s", tmp, strerror(errno));
     int64_t got = 0, total = -1, flushed = 0;
-    int rc = 0;
+    int rc = 0, wrc = 0; // wrc: the first write failure; the rest of the stream is still taken off the link
+    const bool full = disk_of(n).full;
     while (rc == 0 && (total < 0 || got < total)) {
         msg_t m;
         comm_msg_t raw;
@@ -247,16 +284,25 @@ static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errl
             mlm_fail(err, errlen, rc, "receiving the shard from the coordinator: %s", e2);
             break;
         }
-        if (m.type != MSG_SLICE_DATA || (int64_t)m.slice_data.offset != got) {
+        if (m.type == MSG_SLICE_DATA && other_plan(n, m.slice_data.plan_id, "a shard chunk")) {
+            // an earlier plan's stream, sent again late: not this shard's bytes
+        } else if (m.type != MSG_SLICE_DATA || (int64_t)m.slice_data.offset != got) {
             rc = mlm_fail(err, errlen, MLM_EPROTO, "receiving the shard: expected a chunk at byte %lld, got %s",
                           (long long)got, msg_type_name(m.type));
         } else {
             total = (int64_t)m.slice_data.total;
-            if (fwrite(m.slice_data.data, 1, m.slice_data.len, f) != m.slice_data.len)
-                rc = mlm_fail(err, errlen, errno == ENOSPC ? MLM_EFULL : MLM_EIO, "writing %s: %s", tmp, strerror(errno));
+            const double w0 = mlm_now_ms();
+            if (wrc == 0 && full) { // disk:worker=N:full, as the fault spec says
+                wrc = mlm_fail(err, errlen, MLM_EFULL, "writing the shard into the cache at %s: %s (disk:worker=%d:full)",
+                               path, strerror(ENOSPC), n->link_rank);
+            } else if (wrc == 0 && fwrite(m.slice_data.data, 1, m.slice_data.len, f) != m.slice_data.len) {
+                wrc = mlm_fail(err, errlen, errno == ENOSPC ? MLM_EFULL : MLM_EIO, "writing the shard into the cache at %s: %s",
+                               path, strerror(errno));
+            }
+            if (wrc == 0) disk_wait(n, mlm_now_ms() - w0);
             got += (int64_t)m.slice_data.len;
-            if (credit && rc == 0 && (uint64_t)(got - flushed) >= credit / 2) {
-                shard_flush(f, flushed, got);
+            if (credit && rc == 0 && (uint64_t)(got - flushed) >= credit / 2) { // paced even after a failed write
+                if (wrc == 0) shard_flush(f, flushed, got);
                 flushed = got;
                 msg_t hb;
                 msg_init(&hb, MSG_HEARTBEAT);
@@ -269,6 +315,7 @@ static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errl
         msg_clear(&m);
         comm_msg_free(&raw);
     }
+    if (rc == 0) rc = wrc;
     if (rc == 0 && credit && got > flushed) shard_flush(f, flushed, got);
     if (fclose(f) != 0 && rc == 0) rc = mlm_fail(err, errlen, MLM_EIO, "writing %s: %s", tmp, strerror(errno));
     if (rc == 0 && rename(tmp, path) != 0)
@@ -327,7 +374,12 @@ static int share_file(node_t *n, const shard_slice_t *sl, const char *cached, ch
         if (n->o->same_file) snprintf(tmp, cap, "%s/share-%ld.gguf", n->cache_dir, (long)getpid());
         else snprintf(tmp, cap, "%s", cached);
         rc = mlm_mkdir_p(n->cache_dir, err, errlen);
+        if (rc == 0 && disk_of(n).full)
+            rc = mlm_fail(err, errlen, MLM_EFULL, "writing the shard into the cache at %s: %s (disk:worker=%d:full)", tmp,
+                          strerror(ENOSPC), n->link_rank);
+        const double w0 = mlm_now_ms();
         if (rc == 0) rc = shard_file_write(g, sl, hp.head_dim, n->sha, tmp, err, errlen);
+        if (rc == 0) disk_wait(n, mlm_now_ms() - w0);
         if (rc == 0) {
             *from = tmp;
             *unlink_after = n->o->same_file;
@@ -337,8 +389,17 @@ static int share_file(node_t *n, const shard_slice_t *sl, const char *cached, ch
     return rc == MLM_ERANGE ? 0 : rc; // a budget below the minimum: model_load says so
 }
 
+// model_load of this node's share; a slow disk (disk:worker=N:slow=F) makes the reading F times as long.
+static int load_share(node_t *n, const char *from, const model_load_opts_t *lo, char *err, size_t errlen) {
+    const double t0 = mlm_now_ms();
+    int rc = model_load(&n->model, from, lo, err, errlen);
+    if (rc == 0) disk_wait(n, mlm_now_ms() - t0);
+    return rc;
+}
+
 static int on_load(node_t *n, const msg_load_shard_t *ls) {
     char err[512] = "", path[1100];
+    if (other_plan(n, ls->plan_id, "LOAD_SHARD")) return 0;
     if (!n->planned || ls->node_index != (uint32_t)n->index) return send_error(n, MLM_ESTATE, "LOAD_SHARD without a plan for this node", 0), MLM_ESTATE;
     const double t0 = mlm_now_ms();
     const shard_slice_t *sl = &n->slices[n->index];
@@ -360,10 +421,10 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         const char *from;
         bool tmp;
         rc = share_file(n, sl, path, own, sizeof own, &from, &tmp, err, sizeof err);
-        if (rc == 0) rc = model_load(&n->model, from, &lo, err, sizeof err);
+        if (rc == 0) rc = load_share(n, from, &lo, err, sizeof err);
         if (tmp) unlink(own); // streamed through its open descriptor until the plan ends
     } else if (access(path, R_OK) == 0) {
-        rc = model_load(&n->model, path, &lo, err, sizeof err);
+        rc = load_share(n, path, &lo, err, sizeof err);
         ack.load_shard_ack.from_cache = rc == 0;
         if (rc != 0) unlink(path); // unusable cache entry: fetch it again
     } else {
@@ -381,7 +442,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
                 rc = (int)got;
             } else {
                 ack.load_shard_ack.bytes = (uint64_t)got;
-                rc = model_load(&n->model, path, &lo, err, sizeof err);
+                rc = load_share(n, path, &lo, err, sizeof err);
             }
         }
     }
@@ -436,6 +497,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
 }
 
 static int on_step(node_t *n, const msg_step_t *st) {
+    if (other_plan(n, st->plan_id, "STEP")) return 0;
     if (!n->ctx[0]) return send_error(n, MLM_ESTATE, "STEP before the shard is loaded", st->step_id);
     if (st->seq_id >= NODE_MAX_SEQS) return send_error(n, MLM_ERANGE, "sequence id out of range", st->step_id);
     model_ctx_t **cp = &n->ctx[st->seq_id];
@@ -463,9 +525,13 @@ static int on_step(node_t *n, const msg_step_t *st) {
                             st->logits == MSG_LOGITS_NONE ? NULL : n->logits, all);
     if (rc != 0) {
         char text[256];
+        int lost = -1; // the data-plane peer it lost (a dead node, or a cut link's other end)
+        for (int r = 0; r < n->plan.n_nodes && lost < 0; r++)
+            if (r != n->index && comm_zmq_peer_lost(n->comm, r)) lost = r;
         snprintf(text, sizeof text, "step %llu failed: %s", (unsigned long long)st->step_id, mlm_strerror(rc));
-        vlog(n, "step failed:", mlm_strerror(rc));
-        send_error(n, rc, text, st->step_id);
+        if (lost >= 0) snprintf(text + strlen(text), sizeof text - strlen(text), " (lost %s)", n->nodes[lost].node_id);
+        vlog(n, "step failed:", text);
+        send_error_lost(n, rc, text, st->step_id, lost);
         end_plan(n); // a lost peer ends the plan; the coordinator re-plans
         return 0;
     }

@@ -28,8 +28,9 @@ static struct {
 } providers[REGISTRY_MAX] = {
     {"mmap", weights_mmap_new},
     {"window", weights_window_new},
+    {"experts", weights_experts_new},
 };
-static int n_registered = 2; // the built-ins above
+static int n_registered = 3; // the built-ins above
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static char names_buf[REGISTRY_MAX * 33]; // the names, space-separated (changes only on a registration)
 
@@ -225,6 +226,11 @@ void weights_prefetch(weights_t *w, int layer, const int *experts, int n) {
     for (int i = 0; i < n; i++)
         if (experts[i] == WEIGHTS_DENSE || check_unit(&w->info, layer, experts[i]) != 0) return;
     w->iface->prefetch(w->ctx, layer, experts, n);
+}
+
+void weights_observe(weights_t *w, int layer, const float *x, int n) {
+    if (!w || !x || n <= 0 || !w->iface->observe || check_unit(&w->info, layer, WEIGHTS_DENSE) != 0) return;
+    w->iface->observe(w->ctx, layer, x, n);
 }
 
 void weights_stats(const weights_t *w, weights_stats_t *out) {

@@ -30,6 +30,7 @@ struct model {
     weights_t *w;                   // the weight provider the forward pass acquires units from (owned)
     shard_slice_t slice;            // rows held
     bool shard_file;                // the file holds only those rows (else they are cut from it)
+    float expert_skip;              // model_load_opts_t.expert_skip (0 = off)
 };
 
 struct model_ctx {
@@ -119,6 +120,7 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
     model_t *m = calloc(1, sizeof *m);
     if (!m) return MLM_ENOMEM;
     m->kern = (opts && opts->kern) ? opts->kern : kernels_best();
+    m->expert_skip = opts && opts->expert_skip > 0 ? opts->expert_skip : 0;
     int rc = gguf_open(&m->g, path, err, errlen);
     if (rc == 0) rc = hparams_read(m->g, &m->hp, err, errlen);
     if (rc == 0) rc = resolve_slice(m, opts ? opts->slice : NULL, err, errlen);
@@ -560,13 +562,26 @@ static int ffn_dense(model_ctx_t *c, const layer_weights_t *L, int nt) {
     return gather_cols(c, c->y_l, nt, G_HIDDEN, hp->n_embd, c->tmp);
 }
 
-// Router: softmax over experts, keep the top k, renormalize their weights to sum to 1.
+// Router: softmax over experts, keep the top k, renormalize their weights to sum to 1. With adaptive
+// gating (expert_skip) experts of rank >= 1 below the threshold are dropped (sel -1) and the kept
+// weights renormalized again.
 static void moe_route(model_ctx_t *c, const layer_weights_t *L, int nt) {
     const model_hparams_t *hp = &c->m->hp;
     const int ne = hp->n_expert, k = hp->n_expert_used;
+    const float skip = c->m->expert_skip;
     matmul1(c, &L->gate_inp, c->xn, nt, c->router);
-    for (int i = 0; i < nt; i++)
-        ops_topk_route(c->router + (size_t)i * ne, ne, k, c->sel + (size_t)i * k, c->sel_w + (size_t)i * k);
+    for (int i = 0; i < nt; i++) {
+        int *sel = c->sel + (size_t)i * k;
+        float *w = c->sel_w + (size_t)i * k;
+        ops_topk_route(c->router + (size_t)i * ne, ne, k, sel, w);
+        if (skip <= 0) continue;
+        float kept = w[0];
+        for (int r = 1; r < k; r++) {
+            if (w[r] < skip) sel[r] = -1;
+            else kept += w[r];
+        }
+        for (int r = 0; r < k; r++) w[r] = sel[r] < 0 ? 0.0f : w[r] / kept;
+    }
 }
 
 // One expert's FFN over the n tokens gathered in e_x, added with their router weights (rank `rank`)
@@ -620,6 +635,7 @@ static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
             if (used && !seen) c->e_order[n_order++] = e;
         }
     weights_prefetch(c->m->w, il, c->e_order, n_order);
+    weights_observe(c->m->w, il, c->x, nt); // a caching provider guesses block il + 1's experts from it
     memset(c->acc_l, 0, (size_t)nt * El * sizeof(float));
     for (int rank = 0; rank < k; rank++) {
         for (int e = 0; e < ne; e++) {

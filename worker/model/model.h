@@ -25,6 +25,9 @@ typedef struct {
                                   // is refused before any weight is read (MLM_ERANGE, err names the minimum)
     int n_ctx;                    // positions the budget holds a KV cache for (0 = min(n_ctx_train, 4096),
                                   // model_ctx_new's default)
+    float expert_skip;            // MoE adaptive gating (AdapMoE): a token drops an expert of rank >= 1 whose
+                                  // renormalised router weight is below this, the rest renormalised to sum
+                                  // to 1 (0 = off, the reference's routing). CHANGES OUTPUTS when on
 } model_load_opts_t;
 
 typedef struct model model_t;

@@ -639,10 +639,8 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
                          gguf_path(p->g));
                 break;
             }
-            s->state = ES_READY;
+            s->state = ES_READY; // (a one-time load, not counted as reading: "window" does not count its pinned units)
             s->last_use = ++x->tick;
-            x->st.units_read++;
-            x->st.bytes_read += x->slot_bytes;
         }
     if (rc == 0 && !o.naive && o.prefetch && N < x->ne) { // the background reader (hinted choices, guesses)
         const int B = 64; // rows of an observation kept (a chunk's first 64 tokens)

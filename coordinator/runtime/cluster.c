@@ -707,7 +707,8 @@ int cluster_make_plan(cluster_t *c, char *err, size_t errlen) {
 // its slice, written for this load into $TMPDIR and unlinked once the window has it open.
 static int load_own_share(cluster_t *c, char *err, size_t errlen) {
     model_load_opts_t lo = {.repack = true, .slice = &c->slices[0], .n_ctx = c->o.n_ctx,
-                            .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0};
+                            .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0,
+                            .weights = c->o.weights, .expert_skip = c->o.expert_skip};
     const model_hparams_t *hp = model_hparams(c->full);
     const weights_params_t wp = {.g = model_gguf(c->full), .hp = hp, .slice = lo.slice, .budget_bytes = lo.mem_budget,
                                  .n_ctx = lo.n_ctx};

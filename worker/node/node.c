@@ -325,7 +325,8 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     ack.load_shard_ack.node_index = (uint32_t)n->index;
     // Within the budget the plan's share is mapped, or streamed through the weight window from the
     // model file or the cached shard file.
-    model_load_opts_t lo = {.repack = true, .slice = sl, .mem_budget = n->o->mem_budget, .n_ctx = (int)n->plan.n_ctx};
+    model_load_opts_t lo = {.repack = true, .slice = sl, .mem_budget = n->o->mem_budget, .n_ctx = (int)n->plan.n_ctx,
+                            .weights = n->o->weights, .expert_skip = n->o->expert_skip};
     int rc;
     const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);

@@ -7,9 +7,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "coordinator/cli/expert_args.h"
 #include "cluster/profile.h"
 #include "cluster/registry.h"
 #include "coordinator/cli/cli.h"
+#include "coordinator/cli/expert_args.h"
 #include "core/err.h"
 #include "core/sha256.h"
 #include "parallel/plan.h"
@@ -36,7 +38,8 @@ static void worker_usage(FILE *f) {
             "  --registry-ttl MS    heartbeat TTL in the registry (default 3000; beats every TTL/3)\n"
             "  --advertise ENDPOINT the control endpoint published in the registry (default: --listen, with\n"
             "                       a 0.0.0.0 / * host replaced by this machine's address as the registry sees it)\n"
-            "  --verbose            log every message\n");
+            "  --verbose            log every message\n"
+            EXPERT_ARGS_USAGE);
 }
 
 // The registry side of a worker: its handle, its beater and its id.
@@ -153,15 +156,21 @@ int cmd_worker(int argc, char **argv) {
         {"timeout", required_argument, 0, 'T'}, {"verbose", no_argument, 0, 'v'},
         {"no-profile", no_argument, 0, 'P'}, {"registry", required_argument, 0, 'R'},
         {"standby", no_argument, 0, 'S'}, {"registry-ttl", required_argument, 0, 'L'},
-        {"advertise", required_argument, 0, 'A'},
+        {"advertise", required_argument, 0, 'A'}, EXPERT_ARGS_LONGOPTS,
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     node_opts_t o = {0};
+    expert_args_t ex;
+    char wname[96]; // the expert cache's provider name
+    expert_args_init(&ex);
     const char *reg_url = NULL, *advertise = NULL;
     bool standby = false;
     int reg_ttl = REGISTRY_DEFAULT_TTL_MS;
     optind = 1;
     int ch;
     while ((ch = getopt_long(argc, argv, "l:m:t:h", opts, NULL)) != -1) {
+        const int er = expert_args_option(&ex, ch, optarg, "worker");
+        if (er < 0) return 2;
+        if (er > 0) continue;
         switch (ch) {
         case 'l': o.listen = optarg; break;
         case 'm': o.model_path = optarg; break;
@@ -195,6 +204,8 @@ int cmd_worker(int argc, char **argv) {
         worker_usage(stderr);
         return 2;
     }
+    o.weights = expert_args_provider(&ex, wname, sizeof wname);
+    o.expert_skip = ex.skip;
     if ((standby || advertise) && !reg_url) {
         fprintf(stderr, "meshlm worker: --standby and --advertise need --registry\n");
         return 2;

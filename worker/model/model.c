@@ -31,6 +31,8 @@ struct model {
     shard_slice_t slice;            // rows held
     bool shard_file;                // the file holds only those rows (else they are cut from it)
     float expert_skip;              // model_load_opts_t.expert_skip (0 = off)
+    void (*on_route)(void *arg, int layer, const int *sel, int nt, int k); // model_load_opts_t.on_route
+    void *on_route_arg;
 };
 
 struct model_ctx {
@@ -121,6 +123,8 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
     if (!m) return MLM_ENOMEM;
     m->kern = (opts && opts->kern) ? opts->kern : kernels_best();
     m->expert_skip = opts && opts->expert_skip > 0 ? opts->expert_skip : 0;
+    m->on_route = opts ? opts->on_route : NULL;
+    m->on_route_arg = opts ? opts->on_route_arg : NULL;
     int rc = gguf_open(&m->g, path, err, errlen);
     if (rc == 0) rc = hparams_read(m->g, &m->hp, err, errlen);
     if (rc == 0) rc = resolve_slice(m, opts ? opts->slice : NULL, err, errlen);
@@ -623,6 +627,7 @@ static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
     const model_hparams_t *hp = &c->m->hp;
     const int E = hp->n_embd, El = c->El, k = hp->n_expert_used, ne = hp->n_expert;
     moe_route(c, L, nt);
+    if (c->m->on_route) c->m->on_route(c->m->on_route_arg, il, c->sel, nt, k);
     // Experts are visited in rank order (every token's top-1 first), so each token's sum is
     // accumulated top-1 first, then top-2, ... whatever the expert ids. The provider hears which
     // experts come, in that order, before the first is acquired.

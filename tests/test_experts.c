@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "test_util.h"
 #include "core/err.h"
@@ -251,6 +252,77 @@ static void test_skip(void) {
     model_destroy(&b);
 }
 
+// --- tests: the command line
+
+// Runs `meshlm run` on the Q8_0 synthetic MoE with extra options (a space-separated list, no quoting);
+// its stdout (the text) into out, its stderr into errout (cap bytes each). 0 when it ran and exited 0.
+static int run_cli(const char *extra, char *out, char *errout, size_t cap) {
+    char path[1024], cmd[4096], ef[64];
+    test_shared_path(path, sizeof path, "models/synth/synth-moe-Q8_0.gguf");
+    snprintf(ef, sizeof ef, "/tmp/test_experts_%d.err", (int)getpid());
+    snprintf(cmd, sizeof cmd, "%s run -m %s -p 'Once upon a time' -n 12 --greedy -c 64 -t 2 %s 2>%s",
+             test_meshlm_bin(), path, extra, ef);
+    FILE *f = popen(cmd, "r");
+    if (!f) return -1;
+    size_t n = fread(out, 1, cap - 1, f);
+    out[n] = 0;
+    const int st = pclose(f);
+    FILE *e = fopen(ef, "r");
+    n = e ? fread(errout, 1, cap - 1, e) : 0;
+    errout[n] = 0;
+    if (e) fclose(e);
+    unlink(ef);
+    if (st != 0) fprintf(stderr, "\n  meshlm run %s: exit %d: %s\n", extra, st, errout);
+    return st == 0 ? 0 : -1;
+}
+
+// `run --expert-cache`: one node (a cache of one expert, LFU, prefetch off, and the budget's own size
+// below the experts), and two local workers that cache their shares: the text of a plain run.
+static void test_cli_tokens(void) {
+    if (!test_meshlm_bin()) {
+        fprintf(stderr, "(skipped: MESHLM_BIN not set) ");
+        return;
+    }
+    enum { CAP = 16384 };
+    char *ref = malloc(CAP), *out = malloc(CAP), *err = malloc(CAP);
+    CU_ASSERT_FATAL(ref && out && err);
+    CU_ASSERT_EQUAL_FATAL(run_cli("", ref, err, CAP), 0);
+    CU_ASSERT(strlen(ref) > strlen("Once upon a time"));
+    const char *const cases[] = {
+        "--expert-cache 1",
+        "--expert-cache 1 --expert-policy lfu --expert-prefetch off",
+        "--expert-cache auto --mem-budget 5M",  // the experts alone weigh 6.4 MiB
+        "--expert-cache off",
+        "--local 2 --expert-cache 1",
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (run_cli(cases[i], out, err, CAP) != 0) {
+            CU_FAIL("meshlm run failed");
+            continue;
+        }
+        if (strcmp(out, ref) != 0) {
+            fprintf(stderr, "\n  %s: text differs:\n  %s\n  vs\n  %s\n", cases[i], out, ref);
+            CU_FAIL("tokens differ");
+        }
+        if (!strstr(cases[i], "--local")) {
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: weights: experts: "));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: experts: hit rate "));
+        }
+        if (strstr(cases[i], "5M")) { // fewer than all 8 fit
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, " of 8 per block resident"));
+            CU_ASSERT_PTR_NULL(strstr(err, "experts: 8 of 8"));
+        }
+    }
+    // adaptive gating changes the text (documented), and a bad option is refused naming it
+    CU_ASSERT_EQUAL(run_cli("--expert-cache 1 --expert-skip 0.49", out, err, CAP), 0);
+    CU_ASSERT(strcmp(out, ref) != 0);
+    CU_ASSERT_NOT_EQUAL(run_cli("--expert-policy mru", out, err, CAP), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "--expert-policy"));
+    free(ref);
+    free(out);
+    free(err);
+}
+
 int test_experts_suite(void) {
     CU_pSuite s = CU_add_suite("experts", NULL, NULL);
     if (!s) return -1;
@@ -261,7 +333,8 @@ int test_experts_suite(void) {
         !CU_add_test(s, "a budget below the experts sizes the cache; logits unchanged", test_budget) ||
         !CU_add_test(s, "counters on known traces: all resident, one repeated, LRU vs LFU, no cache",
                      test_trace_counters) ||
-        !CU_add_test(s, "adaptive gating changes outputs only when on", test_skip))
+        !CU_add_test(s, "adaptive gating changes outputs only when on", test_skip) ||
+        !CU_add_test(s, "run --expert-cache: one node, under a budget, local workers: the same text", test_cli_tokens))
         return -1;
     return 0;
 }

@@ -275,7 +275,15 @@ static void *bg_main(void *arg) {
 
 static int ex_acquire(void *ctx, int layer, int expert, const layer_weights_t **out) {
     ex_t *x = ctx;
-    if (layer < 0 || expert < 0) return weights_acquire(x->inner, layer, expert, out);
+    if (layer < 0 || expert < 0) { // the dense parts and globals stay mapped: a hit
+        int rc = weights_acquire(x->inner, layer, expert, out);
+        if (rc == 0) {
+            pthread_mutex_lock(&x->mu);
+            x->st.hits++;
+            pthread_mutex_unlock(&x->mu);
+        }
+        return rc;
+    }
     const int li = layer - x->slice.l0, e = expert;
     const double t0 = (double)mlm_now_us();
     bool waited = false;
@@ -283,8 +291,8 @@ static int ex_acquire(void *ctx, int layer, int expert, const layer_weights_t **
     for (;;) {
         eslot_t *s = find(x, li, e);
         if (s && s->state == ES_READY) {
-            if (waited) x->st.misses++;
-            else x->st.hits++;
+            if (waited) x->st.misses++, x->st.expert_misses++;
+            else x->st.hits++, x->st.expert_hits++;
             if (s->spec && !s->used) x->st.prefetch_used++;
             s->used = true;
             break;
@@ -309,6 +317,7 @@ static int ex_acquire(void *ctx, int layer, int expert, const layer_weights_t **
             x->st.bytes_read += x->slot_bytes;
             x->st.read_ms += ms;
             x->st.misses++;
+            x->st.expert_misses++;
             pthread_cond_broadcast(&x->cv);
             waited = false;
             break;
@@ -389,7 +398,9 @@ static void ex_stats(void *ctx, weights_stats_t *out) {
 
 static void ex_describe(void *ctx, char *buf, size_t cap) {
     ex_t *x = ctx;
-    if (x->o.naive)
+    if (x->ne == 0)
+        snprintf(buf, cap, "experts: a dense model, every unit mapped");
+    else if (x->o.naive)
         snprintf(buf, cap, "experts: no cache (every use reads the expert, %.1f MiB)", (double)x->slot_bytes / 1048576.0);
     else
         snprintf(buf, cap, "experts: %d of %d per block resident (%s, prefetch %s), %d slots x %.1f MiB", x->N, x->ne,
@@ -550,17 +561,17 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
     experts_opts_t o = experts_opts_default();
     int rc = experts_parse(arg, &o, err, errlen);
     if (rc != 0) return rc;
-    if (p->hp->n_expert <= 0) return weights_mmap_new(out, p, "", err, errlen); // a dense model: nothing to cache
-    if (p->slice->cols)
+    if (p->slice->cols && p->hp->n_expert > 0)
         return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
                         "experts: the expert cache reads row slices; all-reduce mode (--tp-mode allreduce) cuts "
                         "experts by columns");
     if (p->hp->n_expert > 256) return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "experts: more than 256 experts");
-    int N = o.per_layer;
-    if (o.naive) N = 1;
+    int N = o.per_layer; // a dense model: no slots, every unit comes from the mapping
+    if (p->hp->n_expert <= 0) N = 0;
+    else if (o.naive) N = 1;
     else if (N == 0 && (rc = experts_fit(p, &N, err, errlen)) != 0) return rc;
     if (N > p->hp->n_expert) N = p->hp->n_expert;
-    if (N < 1) N = 1;
+    if (N < 1 && p->hp->n_expert > 0) N = 1;
     ex_t *x = calloc(1, sizeof *x);
     if (!x) return MLM_ENOMEM;
     x->fd = -1;
@@ -582,10 +593,10 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
     rc = weights_mmap_new(&x->inner, &ip, "", err, errlen);
     if (rc == 0 && (x->fd = open(gguf_path(p->g), O_RDONLY | O_CLOEXEC)) < 0)
         rc = mlm_fail(err, errlen, MLM_EIO, "experts: cannot open %s: %s", gguf_path(p->g), strerror(errno));
-    const size_t nle = (size_t)(x->nl > 0 ? x->nl : 1) * (size_t)x->ne;
+    const size_t nle = (size_t)(x->nl > 0 ? x->nl : 1) * (size_t)(x->ne > 0 ? x->ne : 1);
     if (rc == 0) {
         x->loc = calloc(nle, sizeof *x->loc);
-        x->slots = calloc((size_t)(x->nl > 0 ? x->nl : 1) * N, sizeof *x->slots);
+        x->slots = calloc((size_t)(x->nl > 0 ? x->nl : 1) * (N > 0 ? N : 1), sizeof *x->slots);
         x->freq = calloc(nle, sizeof *x->freq);
         x->wanted = calloc(nle, 1);
         if (!x->loc || !x->slots || !x->freq || !x->wanted) rc = MLM_ENOMEM;
@@ -642,7 +653,7 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
             s->state = ES_READY; // (a one-time load, not counted as reading: "window" does not count its pinned units)
             s->last_use = ++x->tick;
         }
-    if (rc == 0 && !o.naive && o.prefetch && N < x->ne) { // the background reader (hinted choices, guesses)
+    if (rc == 0 && !o.naive && o.prefetch && N < x->ne && x->ne > 0) { // the background reader (hinted choices, guesses)
         const int B = 64; // rows of an observation kept (a chunk's first 64 tokens)
         const size_t arb = (size_t)x->hp.n_embd * sizeof(float) + 256; // F32 is the widest activation row
         x->obs_cap = B;

@@ -85,6 +85,8 @@ typedef struct {
     uint64_t units_read;       // units read from storage (each read of a streamed unit counts)
                                // ("window" counts the units passing through its window in bytes_read,
                                // read_ms and units_read, not the one-time load of its pinned units)
+    uint64_t expert_hits;      // the hits that were MoE experts (a caching provider's hit rate is
+    uint64_t expert_misses;    // expert_hits / (expert_hits + expert_misses): dense parts always hit)
     uint64_t prefetch_reads;   // units read on a speculative guess ("experts": the next block's router
                                // applied to the current hidden state); prefetch_used of them were used
 } weights_stats_t;

@@ -114,9 +114,10 @@ static void test_logits_identical(void) {
         for (size_t j = 0; j < sizeof providers / sizeof providers[0]; j++) {
             weights_stats_t st;
             CU_ASSERT_TRUE(same_as_mapped(moe_models[i], providers[j], 0, &st));
-            CU_ASSERT(st.hits + st.misses > 0);
+            CU_ASSERT(st.expert_hits + st.expert_misses > 0);
+            CU_ASSERT_EQUAL(st.hits + st.misses, st.acquires);
             if (j == 4) CU_ASSERT_EQUAL(st.misses, 0); // all resident, read at creation
-            if (j == 3) CU_ASSERT_EQUAL(st.hits, 0);   // no cache: every use reads
+            if (j == 3) CU_ASSERT_EQUAL(st.expert_hits, 0);   // no cache: every use reads
             if (j == 3) CU_ASSERT_EQUAL(st.units_read, st.misses);
         }
 }
@@ -127,8 +128,9 @@ static void test_prefetch_counts(void) {
     CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=2,prefetch=on", 0, &on));
     CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=2,prefetch=off", 0, &off));
     fprintf(stderr, "\n  prefetch on: %llu hits %llu misses, %llu guessed reads (%llu used); off: %llu hits %llu misses ",
-            (unsigned long long)on.hits, (unsigned long long)on.misses, (unsigned long long)on.prefetch_reads,
-            (unsigned long long)on.prefetch_used, (unsigned long long)off.hits, (unsigned long long)off.misses);
+            (unsigned long long)on.expert_hits, (unsigned long long)on.expert_misses,
+            (unsigned long long)on.prefetch_reads, (unsigned long long)on.prefetch_used,
+            (unsigned long long)off.expert_hits, (unsigned long long)off.expert_misses);
     CU_ASSERT(on.prefetch_reads > 0);
     CU_ASSERT(on.prefetch_used <= on.prefetch_reads);
     CU_ASSERT_EQUAL(off.prefetch_reads, 0);
@@ -228,6 +230,7 @@ static void test_trace_counters(void) {
     st = trace("experts:n=off", one, 10);
     CU_ASSERT_EQUAL(st.hits, 0);
     CU_ASSERT_EQUAL(st.misses, 10);
+    CU_ASSERT_EQUAL(st.expert_misses, 10);
     CU_ASSERT_EQUAL(st.units_read, 10);
 }
 
@@ -245,7 +248,7 @@ static void test_skip(void) {
     weights_stats_t sa, sb;
     weights_stats(model_weights(a), &sa);
     weights_stats(model_weights(b), &sb);
-    CU_ASSERT(sb.hits + sb.misses < sa.hits + sa.misses); // top-1 only: about half the expert uses
+    CU_ASSERT(sb.expert_hits + sb.expert_misses < sa.expert_hits + sa.expert_misses); // top-1 only: fewer uses
     free(la);
     free(lb);
     model_destroy(&a);

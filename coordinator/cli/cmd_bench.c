@@ -463,8 +463,8 @@ int cmd_bench(int argc, char **argv) {
                 const double ttft = pp && st.avg > 0 ? n * 1000.0 / st.avg : 0;
                 weights_stats(model_weights(m), &ws1);
                 wd = ws1; // this test's counters (its warm-up included: reps + 1 runs)
-                wd.hits -= ws0.hits;
-                wd.misses -= ws0.misses;
+                wd.expert_hits -= ws0.expert_hits;
+                wd.expert_misses -= ws0.expert_misses;
                 wd.prefetch_reads -= ws0.prefetch_reads;
                 wd.prefetch_used -= ws0.prefetch_used;
                 wd.bytes_read -= ws0.bytes_read;
@@ -499,8 +499,8 @@ int cmd_bench(int argc, char **argv) {
                     cJSON_AddNumberToObject(o, "weight_bytes_per_token", bpt);
                     if (!pp) cJSON_AddNumberToObject(o, "weights_gbps", bpt * st.avg / 1e9);
                     if (experts) {
-                        const double uses = (double)(wd.hits + wd.misses);
-                        cJSON_AddNumberToObject(o, "expert_hit_rate", uses > 0 ? (double)wd.hits / uses : 0);
+                        const double uses = (double)(wd.expert_hits + wd.expert_misses);
+                        cJSON_AddNumberToObject(o, "expert_hit_rate", uses > 0 ? (double)wd.expert_hits / uses : 0);
                         cJSON_AddNumberToObject(o, "expert_prefetch_accuracy",
                                                 wd.prefetch_reads ? (double)wd.prefetch_used / (double)wd.prefetch_reads : 0);
                         cJSON_AddNumberToObject(o, "expert_stall_ms_per_token", wd.stall_ms / wtok);

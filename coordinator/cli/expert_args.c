@@ -47,12 +47,12 @@ int expert_args_option(expert_args_t *a, int ch, const char *arg, const char *cm
 }
 
 int expert_args_summary(const weights_stats_t *s, int n_tokens, char *buf, size_t cap) {
-    const uint64_t uses = s->hits + s->misses;
+    const uint64_t uses = s->expert_hits + s->expert_misses;
     const double per = n_tokens > 0 ? 1.0 / n_tokens : 0;
     int n = snprintf(buf, cap,
                      "experts: hit rate %.1f%% (%llu of %llu), prefetch accuracy %.0f%% (%llu of %llu guessed reads "
                      "used), stall %.1f ms/token, %.1f MB read/token",
-                     uses ? 100.0 * (double)s->hits / (double)uses : 0.0, (unsigned long long)s->hits,
+                     uses ? 100.0 * (double)s->expert_hits / (double)uses : 0.0, (unsigned long long)s->expert_hits,
                      (unsigned long long)uses,
                      s->prefetch_reads ? 100.0 * (double)s->prefetch_used / (double)s->prefetch_reads : 0.0,
                      (unsigned long long)s->prefetch_used, (unsigned long long)s->prefetch_reads, s->stall_ms * per,

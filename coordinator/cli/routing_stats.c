@@ -45,7 +45,7 @@ int routing_stats_measure(const char *path, int n_tokens, int n_threads, routing
     memset(out, 0, sizeof *out);
     trace_t t = {0};
     model_t *m = NULL;
-    model_load_opts_t lo = {.repack = true, .on_route = on_route, .on_route_arg = &t, .n_ctx = n_tokens + 8};
+    model_load_opts_t lo = {.repack = false, .on_route = on_route, .on_route_arg = &t, .n_ctx = n_tokens + 8};
     int rc = model_load(&m, path, &lo, err, errlen);
     if (rc != 0) return rc;
     const model_hparams_t *hp = model_hparams(m);

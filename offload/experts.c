@@ -220,7 +220,7 @@ static void guess(ex_t *x, int li, const float *obs, int n) {
     }
     mm_rows(x->kern, g, x->xq, arb, n, x->logits, (size_t)x->ne, 0, g->rows);
     weights_release(x->inner, layer, WEIGHTS_DENSE);
-    int votes[256] = {0};
+    int votes[256] = {0}; // (n_expert <= 256) weighted top-k picks of the chunk's tokens
     for (int i = 0; i < n; i++) {
         ops_topk_route(x->logits + (size_t)i * x->ne, x->ne, x->k, x->sel, x->selw);
         for (int r = 0; r < x->k; r++) votes[x->sel[r]] += r == 0 ? x->k : 1;
@@ -239,7 +239,7 @@ static void guess(ex_t *x, int li, const float *obs, int n) {
 
 static void *bg_main(void *arg) {
     ex_t *x = arg;
-    float *mine = NULL; // (cap, n_embd) the observation being worked on
+    float *mine = NULL; // (cap, n_embd) the observation being worked on (taken out of obs under mu)
     int cap = 0;
     pthread_mutex_lock(&x->mu);
     while (!x->stop) {
@@ -382,7 +382,7 @@ static void ex_observe(void *ctx, int layer, const float *obs, int n) {
     if (!x->thr_on || layer + 1 >= x->slice.l1 || layer < x->slice.l0) return;
     pthread_mutex_lock(&x->mu);
     if (n > x->obs_cap) n = x->obs_cap; // the first rows say enough
-    memcpy(x->obs, obs + 0, (size_t)n * x->hp.n_embd * sizeof *obs);
+    memcpy(x->obs, obs, (size_t)n * x->hp.n_embd * sizeof *obs);
     x->obs_n = n;
     x->obs_layer = layer;
     pthread_cond_signal(&x->work);

@@ -145,7 +145,7 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
         char threads[16];
         snprintf(threads, sizeof threads, "%d", o->n_threads);
         snprintf(l->name[i], sizeof l->name[i], "local-%d", i);
-        const char *argv[20];
+        const char *argv[32];
         int a = 0;
         argv[a++] = "meshlm";
         argv[a++] = "worker";
@@ -175,6 +175,7 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
             argv[a++] = timeout;
         }
         if (o->verbose) argv[a++] = "--verbose";
+        for (int x = 0; x < o->n_extra && x < 8; x++) argv[a++] = o->extra_argv[x];
         argv[a] = NULL;
         memcg_t *g = NULL;
         char e2[300];

@@ -38,6 +38,8 @@ typedef struct {
     uint64_t mem_budget;     // --mem-budget of every worker, bytes (0 = none given)
     uint64_t mem_limit;      // memory cgroup limit of every worker, page cache included (0 = no limit)
     int timeout_ms;          // --timeout of every worker (0 = their default)
+    const char *const *extra_argv; // (n_extra) more options for every worker's command line (borrowed)
+    int n_extra;             // at most 8
 } launch_opts_t;
 
 // Starts n workers listening on fresh endpoints, each moved into its own memory cgroup (limited to

@@ -20,7 +20,9 @@ struct weights {
 
 // --- registry
 
-static mlm_names_t providers = MLM_NAMES_INIT(2, {"mmap", (mlm_name_fn)weights_mmap_new}, {"window", (mlm_name_fn)weights_window_new});
+static mlm_names_t providers = MLM_NAMES_INIT(3, {"mmap", (mlm_name_fn)weights_mmap_new},
+                                              {"window", (mlm_name_fn)weights_window_new},
+                                              {"experts", (mlm_name_fn)weights_experts_new});
 
 int weights_register(const char *name, weights_new_fn make) { return mlm_names_add(&providers, name, (mlm_name_fn)make); }
 
@@ -182,6 +184,11 @@ void weights_prefetch(weights_t *w, int layer, const int *experts, int n) {
     for (int i = 0; i < n; i++)
         if (experts[i] == WEIGHTS_DENSE || check_unit(&w->info, layer, experts[i]) != 0) return;
     w->iface->prefetch(w->ctx, layer, experts, n);
+}
+
+void weights_observe(weights_t *w, int layer, const float *x, int n) {
+    if (!w || !x || n <= 0 || !w->iface->observe || check_unit(&w->info, layer, WEIGHTS_DENSE) != 0) return;
+    w->iface->observe(w->ctx, layer, x, n);
 }
 
 void weights_stats(const weights_t *w, weights_stats_t *out) {

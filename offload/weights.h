@@ -85,6 +85,10 @@ typedef struct {
     uint64_t units_read;       // units read from storage (each read of a streamed unit counts)
                                // ("window" counts the units passing through its window in bytes_read,
                                // read_ms and units_read, not the one-time load of its pinned units)
+    uint64_t expert_hits;      // the hits that were MoE experts (a caching provider's hit rate is
+    uint64_t expert_misses;    // expert_hits / (expert_hits + expert_misses): dense parts always hit)
+    uint64_t prefetch_reads;   // units read on a speculative guess ("experts": the next block's router
+                               // applied to the current hidden state); prefetch_used of them were used
 } weights_stats_t;
 
 // What a provider is made from.
@@ -106,7 +110,7 @@ typedef struct weights weights_t;
 
 // --- registry
 
-// Makes the provider called name ("mmap", "window"). Text after a ':' in name is the provider's
+// Makes the provider called name ("mmap", "window", "experts": offload/experts.h). Text after a ':' in name is the provider's
 // argument ("window:w=2,io=pread"). NULL or "" chooses by the budget (weights_choose): "mmap" when
 // there is none or the share fits it resident, "window" when it streams, and a refusal when even one
 // unit does not fit. Checks every tensor the slice needs. 0, or a negative MLM_ code with a message
@@ -157,6 +161,11 @@ void weights_release(weights_t *w, int layer, int expert);
 // A hint that units will be acquired soon, in this order: the dense part of layer when n == 0,
 // else experts[0..n) of it. May start reads, may do nothing; never fails, ignores bad ids.
 void weights_prefetch(weights_t *w, int layer, const int *experts, int n);
+
+// The residual stream x (n rows of n_embd floats) entering block layer's FFN, for a provider that
+// guesses the next block's experts from it (copied before return; never blocks on I/O, never fails;
+// ignored by providers that do not guess, and for ids acquire refuses).
+void weights_observe(weights_t *w, int layer, const float *x, int n);
 
 // Counters (see weights_stats_t).
 void weights_stats(const weights_t *w, weights_stats_t *out);

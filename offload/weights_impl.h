@@ -21,6 +21,9 @@ struct weights_i {
     void (*describe)(void *ctx, char *buf, size_t cap);
     // Optional. Frees ctx.
     void (*free)(void *ctx);
+    // Optional (NULL: ignored). The residual stream entering block layer's FFN (weights_observe);
+    // must copy what it keeps and not block on I/O.
+    void (*observe)(void *ctx, int layer, const float *x, int n);
 };
 
 // Which unit ids a provider holds, for the wrapper's checks.
@@ -87,5 +90,6 @@ static inline const uint8_t *weights_loc_data(const weights_loc_t *loc, int plan
 
 int weights_mmap_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen);
 int weights_window_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen);
+int weights_experts_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen);
 
 #endif

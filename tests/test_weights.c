@@ -34,6 +34,9 @@ static const provider_row_t providers[] = {
     {"window, 2 buffers, 1 pinned, pread", "window:w=2,pin=1,io=pread", false, 0, false},
     {"window, 3 buffers, mmap", "window:w=3,io=mmap", false, 0, true},
     {"window, no budget: all pinned", "window", false, 0, false},
+    {"experts, 1 per block, no prefetch", "experts:n=1,prefetch=off", false, 0, false},
+    {"experts, 2 per block, LFU, prefetch", "experts:n=2,policy=lfu", false, 0, false},
+    {"experts, no cache", "experts:n=off", false, 0, false},
 };
 #define N_PROVIDERS (sizeof providers / sizeof providers[0])
 

@@ -13,6 +13,7 @@
 #include "coordinator/cli/fault_args.h"
 #include "coordinator/cli/gen_args.h"
 #include "coordinator/runtime/cluster.h"
+#include "coordinator/cli/expert_args.h"
 #include "coordinator/cli/layout_args.h"
 #include "coordinator/cli/mem_report.h"
 #include "coordinator/runtime/generate.h"
@@ -43,6 +44,7 @@ typedef struct {
     bool coord_shard;                // --coordinator-shard
     const char *speeds;              // --speeds
     layout_args_t lay;               // --pp, --tp, --plan, --ubatch, --keep-all, --mem-budget, --local-mem
+    expert_args_t ex;                // --expert-cache, --expert-policy, --expert-prefetch, --expert-skip
     const char *lan;                 // --lan MBIT:MS emulated links (fault-injecting transport)
     int parallel;                    // --parallel K: tg with K sequences in flight (cluster only)
     const char *faults;              // --faults SPEC (with --lan: its links are added)
@@ -82,6 +84,7 @@ static void bench_usage(FILE *f) {
             "      --json              print a JSON array instead of the table\n"
             KV_DEVICE_USAGE
             LAYOUT_MEM_USAGE
+            EXPERT_ARGS_USAGE
             LAYOUT_FAULT_USAGE
             FAULT_ARGS_USAGE
             LAYOUT_ARGS_USAGE
@@ -219,13 +222,15 @@ int cmd_bench(int argc, char **argv) {
         {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
         {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
         {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'},
-        {"kv-device", required_argument, 0, O_KVDEV}, LAYOUT_ARGS_LONGOPTS,
-        LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, FAULT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"kv-device", required_argument, 0, O_KVDEV}, LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS,
+        FAULT_ARGS_LONGOPTS, EXPERT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
+    expert_args_init(&a.ex);
     optind = 1;
     int ch;
     while ((ch = getopt_long(argc, argv, "m:t:p:n:r:h", opts, NULL)) != -1) {
         int lr = layout_args_option(&a.lay, ch, optarg, "bench");
+        if (lr == 0) lr = expert_args_option(&a.ex, ch, optarg, "bench");
         if (lr < 0) return 2;
         if (lr > 0) continue;
         switch (ch) {
@@ -321,8 +326,10 @@ int cmd_bench(int argc, char **argv) {
         // coordinator's own share (--coordinator-shard) does.
         const int need_ctx = (a.n_prompt > a.n_gen ? a.n_prompt : a.n_gen) + 8;
         const bool pages = attn_dev_pages(a.kv_device) && a.lay.mem_budget; // the KV spills past its share
+        char wname[96]; // the expert cache's provider name
         model_load_opts_t lo = {.repack = a.repack && !dist, .mem_budget = dist ? 0 : a.lay.mem_budget,
-                                .n_ctx = pages ? 1 : need_ctx};
+                                .n_ctx = pages ? 1 : need_ctx, .expert_skip = a.ex.skip,
+                                .weights = dist ? NULL : expert_args_provider(&a.ex, wname, sizeof wname)};
         if (model_load(&m, a.models[mi], &lo, err, sizeof err) != 0) {
             fprintf(stderr, "meshlm bench: %s\n", err);
             code = 1;
@@ -364,7 +371,8 @@ int cmd_bench(int argc, char **argv) {
                 if (a.local > 0) {
                     lw = calloc(1, sizeof *lw);
                     launch_opts_t lo2 = {.model_path = a.models[mi], .n_threads = a.threads[ti], .tcp = a.local_tcp,
-                                         .mem_budget = a.lay.mem_budget, .mem_limit = layout_args_local_mem(&a.lay)};
+                                         .mem_budget = a.lay.mem_budget, .mem_limit = layout_args_local_mem(&a.lay),
+                                         .extra_argv = a.ex.argv, .n_extra = a.ex.n_argv};
                     if (!lw || launch_local(lw, a.local, &lo2, err, sizeof err) != 0) {
                         fprintf(stderr, "meshlm bench: %s\n", err);
                         free(lw);
@@ -389,6 +397,8 @@ int cmd_bench(int argc, char **argv) {
                 cluster_opts_t co = {.model_path = a.models[mi], .workers = eps, .n_workers = nw, .speeds = a.speeds,
                                      .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti],
                                      .mem_budget = a.lay.mem_budget,
+                                     .weights = expert_args_provider(&a.ex, wname, sizeof wname),
+                                     .expert_skip = a.ex.skip,
                                      .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
@@ -424,6 +434,9 @@ int cmd_bench(int argc, char **argv) {
                 if (cl) cluster_stats_reset(cl);
                 const int par = cl && !pp && a.parallel > 1 ? a.parallel : 1;
                 fa.first_is_prompt = pp; // a pp eval is a prompt, not generated tokens
+                const bool experts = !dist && !strcmp(weights_name(model_weights(m)), "experts");
+                weights_stats_t ws0, ws1, wd;
+                weights_stats(model_weights(m), &ws0);
                 int rc = par > 1 ? run_test_par(cl, hp->n_vocab, n, a.reps, par, &fa, &st) : run_test(&eng, pp, n, a.reps, &st);
                 if (rc != 0) {
                     fprintf(stderr, "meshlm bench: %s failed: %s%s%s\n", a.models[mi], mlm_strerror(rc),
@@ -443,6 +456,20 @@ int cmd_bench(int argc, char **argv) {
                     pred = pp ? pc->prefill_tok_s : (pc->token_ms > 0 ? 1000.0 / pc->token_ms : 0);
                 }
                 const double ttft = pp && st.avg > 0 ? n * 1000.0 / st.avg : 0;
+                weights_stats(model_weights(m), &ws1);
+                wd = ws1; // this test's counters (its warm-up included: reps + 1 runs)
+                wd.expert_hits -= ws0.expert_hits;
+                wd.expert_misses -= ws0.expert_misses;
+                wd.prefetch_reads -= ws0.prefetch_reads;
+                wd.prefetch_used -= ws0.prefetch_used;
+                wd.bytes_read -= ws0.bytes_read;
+                wd.stall_ms -= ws0.stall_ms;
+                const int wtok = n * (a.reps + 1);
+                if (experts && !a.json) {
+                    char line[256];
+                    expert_args_summary(&wd, wtok, line, sizeof line);
+                    fprintf(stderr, "meshlm: %s %s: %s\n", name, pp ? "pp" : "tg", line);
+                }
                 char tname[16], ts[40], bw[16];
                 if (par > 1) snprintf(tname, sizeof tname, "tg%dx%d", n, par);
                 else snprintf(tname, sizeof tname, "%s%d", pp ? "pp" : "tg", n);
@@ -466,6 +493,14 @@ int cmd_bench(int argc, char **argv) {
                     for (int i = 0; i < st.n; i++) cJSON_AddItemToArray(sa, cJSON_CreateNumber(st.samples[i]));
                     cJSON_AddNumberToObject(o, "weight_bytes_per_token", bpt);
                     if (!pp) cJSON_AddNumberToObject(o, "weights_gbps", bpt * st.avg / 1e9);
+                    if (experts) {
+                        const double uses = (double)(wd.expert_hits + wd.expert_misses);
+                        cJSON_AddNumberToObject(o, "expert_hit_rate", uses > 0 ? (double)wd.expert_hits / uses : 0);
+                        cJSON_AddNumberToObject(o, "expert_prefetch_accuracy",
+                                                wd.prefetch_reads ? (double)wd.prefetch_used / (double)wd.prefetch_reads : 0);
+                        cJSON_AddNumberToObject(o, "expert_stall_ms_per_token", wd.stall_ms / wtok);
+                        cJSON_AddNumberToObject(o, "expert_bytes_read_per_token", (double)wd.bytes_read / wtok);
+                    }
                     if (cl) {
                         cJSON_AddNumberToObject(o, "nodes", cluster_plan(cl)->n);
                         cJSON_AddStringToObject(o, "layout", cluster_plan(cl)->layout);

@@ -14,6 +14,7 @@
 
 #include "core/clock.h"
 #include "coordinator/cli/cli.h"
+#include "coordinator/cli/routing_stats.h"
 #include "core/err.h"
 #include "core/rng.h"
 #include "worker/format/gguf.h"
@@ -45,6 +46,8 @@ typedef struct {
     int vocab;                  // 0: preset's / tokenizer's; > 0 forces the built-in vocab
     bool builtin_vocab;         // never look for the shared vocab file
     int threads;                // 0: all cores
+    bool router_realistic;      // --router realistic (else uniform: i.i.d. router weights)
+    int routing_stats;          // --routing-stats N: measure the routing of the written file over N tokens (0: no)
 } gen_opts_t;
 
 typedef struct {
@@ -61,6 +64,8 @@ typedef struct {
     int n_dims;                 // 1..3
     int64_t ne[3];              // ggml order: ne[0] is the row length
     float mean, std;            // init: mean + std * N(0,1)
+    int router_layer;           // a realistic router (ffn_gate_inp of this block; -1: an ordinary tensor)
+    uint64_t model_seed;        // the file's seed (a realistic router's rows share directions across blocks)
 } gen_tensor_t;
 
 typedef struct {
@@ -86,6 +91,21 @@ typedef struct {                // built-in SentencePiece-style vocabulary
     char *arena;                // text storage
     int n;                      // tokens
 } vocab_t;
+
+// Realistic routing (--router realistic). A trained MoE's router does not choose uniformly: some experts
+// of a block are picked more often than others, and the hidden state changes little from one block to
+// the next, so adjacent blocks agree more often than chance. Row e of block l's router is
+//   g(l, e) * (sqrt(RR_SHARE) * B_e + sqrt(1 - RR_SHARE) * N(l, e)) * std
+// where B_e is a direction shared by expert e of every block (adjacent blocks see nearly the same
+// residual stream, so a shared direction makes them choose alike), N(l, e) the block's own, and
+// g(l, e) = exp(RR_SKEW * z), z ~ N(0,1) per block and expert: a longer row wins the top-k more often,
+// which skews popularity per block. Consecutive tokens agree through the residual stream itself (the
+// attention output mixes the context into it) more than through the router. The constants were set by
+// measuring `gen-model --routing-stats` on Mixtral-8x7B-shaped files against the figures in the README.
+#define RR_SHARE 0.35f              // variance share of the direction common to every block
+#define RR_SKEW 0.30f               // log-normal spread of the rows' lengths (expert popularity)
+#define RR_SCALE 4.0f               // sharper than uniform's std: top-1 gate weights of 0.5-0.8
+#define RR_EMB 1.7f                 // token_embd std in units of w_std^2 * n_embd (what a block adds per element)
 
 // --- helpers: random numbers
 
@@ -153,6 +173,7 @@ static int tl_add(tensor_list_t *l, const char *name, qtype_t type, int n_dims, 
     }
     gen_tensor_t *t = &l->t[l->n++];
     memset(t, 0, sizeof *t);
+    t->router_layer = -1;
     snprintf(t->name, sizeof t->name, "%s", name);
     t->type = type;
     t->n_dims = n_dims;
@@ -164,13 +185,17 @@ static int tl_add(tensor_list_t *l, const char *name, qtype_t type, int n_dims, 
     return 0;
 }
 
-// Builds the tensor list of a llama (or Mixtral-style MoE) model in file order.
-static int build_tensors(tensor_list_t *l, const model_preset_t *m, const quant_plan_t *q) {
+// Builds the tensor list of a llama (or Mixtral-style MoE) model in file order; realistic: the routers'
+// rows are drawn by fill_router_row (model_seed: the file's seed).
+static int build_tensors(tensor_list_t *l, const model_preset_t *m, const quant_plan_t *q, bool realistic,
+                         uint64_t model_seed) {
     const int64_t dim = m->n_embd, ff = m->n_ff, E = m->n_expert, V = m->n_vocab;
     const int64_t hd = dim / m->n_head, kv_dim = hd * m->n_head_kv;
     const float w_std = 0.02f, norm_std = 0.02f, router_std = 1.0f / sqrtf((float)dim);
     char nm[64];
-    int rc = tl_add(l, "token_embd.weight", weight_type(q->base, dim), 2, dim, V, 1, 0.0f, w_std);
+    // realistic routing: the token's own embedding must not drown in what the blocks add (see fill_router_row)
+    const float emb_std = realistic && E > 0 ? RR_EMB * w_std * w_std * (float)dim : w_std;
+    int rc = tl_add(l, "token_embd.weight", weight_type(q->base, dim), 2, dim, V, 1, 0.0f, emb_std);
     for (int il = 0; !rc && il < m->n_layer; il++) {
         qtype_t hi = (q->mix && more_bits(il, m->n_layer)) ? q->hi : q->base;
 #define ADD(suffix, type, nd, a, b, c, mean, sd)                                       \
@@ -186,6 +211,10 @@ static int build_tensors(tensor_list_t *l, const model_preset_t *m, const quant_
         ADD("ffn_norm", QT_F32, 1, dim, 1, 1, 1.0f, norm_std);
         if (E > 0) {
             ADD("ffn_gate_inp", QT_F32, 2, dim, E, 1, 0.0f, router_std);
+            if (!rc && realistic) {
+                l->t[l->n - 1].router_layer = il;
+                l->t[l->n - 1].model_seed = model_seed;
+            }
             ADD("ffn_gate_exps", weight_type(q->base, dim), 3, dim, ff, E, 0.0f, w_std);
             ADD("ffn_down_exps", weight_type(hi, ff), 3, ff, dim, E, 0.0f, w_std);
             ADD("ffn_up_exps", weight_type(q->base, dim), 3, dim, ff, E, 0.0f, w_std);
@@ -338,7 +367,21 @@ static int copy_tokenizer(gguf_writer_t *w, const char *path, int *n_vocab, char
 
 // --- helpers: weights
 
+static void fill_router_row(const gen_tensor_t *t, uint64_t tseed, int64_t row, float *dst) {
+    uint64_t sb = mlm_mix64(t->model_seed ^ (0x8cb92ba72f3d8dd7ULL * (uint64_t)(row + 1)));  // B_e
+    uint64_t sn = mlm_mix64(tseed ^ (0xd1b54a32d192ed03ULL * (uint64_t)(row + 1)));           // N(l, e)
+    uint64_t sg = mlm_mix64(t->model_seed ^ 0x2545f4914f6cdd1dULL ^ ((uint64_t)t->router_layer << 20) ^ (uint64_t)row);
+    const float g = expf(RR_SKEW * approx_normal(&sg));
+    const float a = sqrtf(RR_SHARE), b = sqrtf(1.0f - RR_SHARE);
+    for (int64_t j = 0; j < t->ne[0]; j++)
+        dst[j] = g * RR_SCALE * t->std * (a * approx_normal(&sb) + b * approx_normal(&sn));
+}
+
 static void fill_row(const gen_tensor_t *t, uint64_t tseed, int64_t row, float *dst) {
+    if (t->router_layer >= 0) {
+        fill_router_row(t, tseed, row, dst);
+        return;
+    }
     uint64_t s = mlm_mix64(tseed ^ (0xd1b54a32d192ed03ULL * (uint64_t)(row + 1)));
     for (int64_t j = 0; j < t->ne[0]; j++) dst[j] = t->mean + t->std * approx_normal(&s);
 }
@@ -425,11 +468,15 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: meshlm gen-model OUT --preset NAME [--quant TYPE] [--layers N] [--experts E --top-k K]\n"
             "                        [--seed S] [--tokenizer-from GGUF] [--ctx N] [--vocab N] [--builtin-vocab]\n"
-            "                        [--threads N]\n\n"
+            "                        [--threads N] [--router uniform|realistic] [--routing-stats N]\n\n"
             "Writes a llama-architecture GGUF with seeded random weights in the shape of a known model.\n"
             "  --quant TYPE   F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q4_K_M Q5_K_M\n"
             "                 (default F16; rows that are not a block multiple fall back to F16)\n"
             "  --experts E    make it a Mixtral-style MoE with E experts (--top-k K used per token, default 2)\n"
+            "  --router R     MoE router weights: uniform (default: i.i.d., every expert equally likely) or\n"
+            "                 realistic (skewed expert popularity per block, adjacent blocks and consecutive\n"
+            "                 tokens choosing alike more often than chance, as trained MoEs do; see README)\n"
+            "  --routing-stats N  after writing, run N tokens through the file and print its routing statistics\n"
             "  --tokenizer-from GGUF  copy tokenizer.* from that file (the vocab size follows it)\n"
             "  --vocab N      built-in synthetic vocabulary of N tokens (implies --builtin-vocab)\n"
             "  --builtin-vocab  do not use the shared Llama-2 vocab even when the preset has 32000 tokens\n"
@@ -451,14 +498,16 @@ static int parse_int(const char *s, long lo, long hi, long *out) {
 
 // Fills o from argv; returns 0, 1 for --help, or MLM_EINVAL (message printed).
 static int parse_args(int argc, char **argv, gen_opts_t *o) {
-    enum { O_PRESET = 256, O_QUANT, O_LAYERS, O_EXPERTS, O_TOPK, O_SEED, O_TOK, O_CTX, O_VOCAB, O_BUILTIN, O_THREADS };
+    enum { O_PRESET = 256, O_QUANT, O_LAYERS, O_EXPERTS, O_TOPK, O_SEED, O_TOK, O_CTX, O_VOCAB, O_BUILTIN, O_THREADS,
+           O_ROUTER, O_RSTATS };
     static const struct option longs[] = {
         {"preset", required_argument, NULL, O_PRESET},   {"quant", required_argument, NULL, O_QUANT},
         {"layers", required_argument, NULL, O_LAYERS},   {"experts", required_argument, NULL, O_EXPERTS},
         {"top-k", required_argument, NULL, O_TOPK},      {"seed", required_argument, NULL, O_SEED},
         {"tokenizer-from", required_argument, NULL, O_TOK}, {"ctx", required_argument, NULL, O_CTX},
         {"vocab", required_argument, NULL, O_VOCAB},     {"builtin-vocab", no_argument, NULL, O_BUILTIN},
-        {"threads", required_argument, NULL, O_THREADS}, {"help", no_argument, NULL, 'h'},
+        {"threads", required_argument, NULL, O_THREADS}, {"router", required_argument, NULL, O_ROUTER},
+        {"routing-stats", required_argument, NULL, O_RSTATS}, {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     memset(o, 0, sizeof *o);
@@ -480,6 +529,12 @@ static int parse_args(int argc, char **argv, gen_opts_t *o) {
         case O_VOCAB: bad = parse_int(optarg, GEN_MIN_BUILTIN_VOCAB, 1000000, &v); o->vocab = (int)v; break;
         case O_THREADS: bad = parse_int(optarg, 1, GEN_MAX_THREADS, &v); o->threads = (int)v; break;
         case O_TOK: o->tok_from = optarg; break;
+        case O_ROUTER:
+            if (!strcmp(optarg, "realistic")) o->router_realistic = true;
+            else if (!strcmp(optarg, "uniform")) o->router_realistic = false;
+            else bad = 1;
+            break;
+        case O_RSTATS: bad = parse_int(optarg, 2, 100000, &v); o->routing_stats = (int)v; break;
         case O_BUILTIN: o->builtin_vocab = true; break;
         case O_SEED: {
             char *end;
@@ -535,6 +590,7 @@ static int set_model_kv(gguf_writer_t *w, const model_preset_t *m, const quant_p
     if (!rc && q->quantized) rc = gguf_writer_set_u32(w, "general.quantization_version", 2);
     if (!rc) rc = gguf_writer_set_str(w, "meshlm.gen.preset", o->preset);
     if (!rc) rc = gguf_writer_set_u64(w, "meshlm.gen.seed", o->seed);
+    if (!rc && m->n_expert) rc = gguf_writer_set_str(w, "meshlm.gen.router", o->router_realistic ? "realistic" : "uniform");
     if (!rc) rc = gguf_writer_set_u32(w, "llama.context_length", (uint32_t)m->n_ctx);
     if (!rc) rc = gguf_writer_set_u32(w, "llama.embedding_length", (uint32_t)m->n_embd);
     if (!rc) rc = gguf_writer_set_u32(w, "llama.block_count", (uint32_t)m->n_layer);
@@ -621,7 +677,7 @@ int cmd_gen_model(int argc, char **argv) {
         if (rc) mlm_fail(err, sizeof err, rc, "cannot set metadata: %s", mlm_strerror(rc));
     }
     if (!rc) {
-        rc = build_tensors(&tl, &m, &q);
+        rc = build_tensors(&tl, &m, &q, o.router_realistic, o.seed);
         if (rc) mlm_fail(err, sizeof err, rc, "cannot plan tensors: %s", mlm_strerror(rc));
     }
     uint64_t n_params = 0;
@@ -649,6 +705,13 @@ int cmd_gen_model(int argc, char **argv) {
                 o.out, m.name, o.quant, tl.n, (double)n_params / 1e9, mb, dt, dt > 0 ? mb / dt : 0.0);
     } else {
         fprintf(stderr, "gen-model: %s\n", err[0] ? err : mlm_strerror(rc));
+    }
+    if (!rc && o.routing_stats && m.n_expert > 0) {
+        routing_stats_t rs;
+        if (routing_stats_measure(o.out, o.routing_stats, o.threads, &rs, err, sizeof err) == 0)
+            routing_stats_print(&rs, stdout);
+        else
+            fprintf(stderr, "gen-model: routing statistics: %s\n", err);
     }
     free(tl.t);
     gguf_writer_destroy(&w);

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "coordinator/cli/cli.h"
+#include "coordinator/cli/routing_stats.h"
 #include "core/err.h"
 #include "worker/format/gguf.h"
 
@@ -18,6 +19,7 @@ typedef struct {
     const char *path;        // FILE argument
     bool all;                // --all: show every array item
     bool json;               // --json: one JSON object on stdout
+    int routing;             // --routing N: run N tokens through a MoE file and print its routing statistics
 } inspect_opts_t;
 
 typedef struct {
@@ -30,11 +32,13 @@ typedef struct {
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: meshlm inspect FILE [--all] [--json]\n\n"
+            "usage: meshlm inspect FILE [--all] [--json] [--routing N]\n\n"
             "Prints a GGUF file's header, every metadata key with its type and value, the tensor table\n"
             "(index, name, type, dims, data offset, bytes) and totals (parameters, bytes by type).\n\n"
             "  --all    show every array item (default: the first %d)\n"
             "  --json   print one JSON object instead of text\n"
+            "  --routing N  run N seeded tokens through a MoE model and print only its routing statistics\n"
+            "           (expert popularity per block, consecutive tokens and adjacent blocks choosing alike)\n"
             "  --help   this text\n\n"
             "Exit code 0 on success, 1 if the file cannot be read or is malformed, 2 on bad usage.\n",
             INSPECT_MAX_ITEMS);
@@ -53,6 +57,12 @@ static int parse_args(int argc, char **argv, inspect_opts_t *o, bool *done) {
             o->all = true;
         } else if (!strcmp(a, "--json")) {
             o->json = true;
+        } else if (!strcmp(a, "--routing") && i + 1 < argc) {
+            o->routing = atoi(argv[++i]);
+            if (o->routing < 2 || o->routing > 100000) {
+                fprintf(stderr, "meshlm inspect: --routing wants a token count of 2 or more, not '%s'\n", argv[i]);
+                return 2;
+            }
         } else if (a[0] == '-' && a[1] != '\0') {
             fprintf(stderr, "meshlm inspect: unknown option '%s'\n\n", a);
             usage(stderr);
@@ -343,6 +353,15 @@ int cmd_inspect(int argc, char **argv) {
     int rc = parse_args(argc, argv, &o, &done);
     if (rc || done) return rc;
     char err[512] = "";
+    if (o.routing) {
+        routing_stats_t rs;
+        if ((rc = routing_stats_measure(o.path, o.routing, 0, &rs, err, sizeof err)) != 0) {
+            fprintf(stderr, "meshlm inspect: %s\n", err[0] ? err : mlm_strerror(rc));
+            return 1;
+        }
+        routing_stats_print(&rs, stdout);
+        return fflush(stdout) != 0;
+    }
     gguf_t *g = NULL;
     rc = gguf_open(&g, o.path, err, sizeof err);
     if (rc) {

@@ -13,6 +13,7 @@
 #include "coordinator/cli/fault_args.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/cli/gen_args.h"
+#include "coordinator/cli/expert_args.h"
 #include "coordinator/cli/layout_args.h"
 #include "coordinator/cli/mem_report.h"
 #include "coordinator/runtime/generate.h"
@@ -39,6 +40,7 @@ typedef struct {
     bool verbose;             // --verbose
     bool show_plan;           // --show-plan
     layout_args_t lay;        // --pp, --tp, --plan, --ubatch, --keep-all, --mem-budget, --local-mem
+    expert_args_t ex;         // --expert-cache, --expert-policy, --expert-prefetch, --expert-skip
     const char *faults;       // --faults SPEC (NULL: $MESHLM_FAULTS)
     curve_args_t curve;       // --curve-key, --curve-peers
     const curve_conf_t *curve_conf; // read from them, or NULL
@@ -64,6 +66,7 @@ static void run_usage(FILE *f) {
             "      --show-plan         print the plan (who holds which layers) on stderr before generating\n"
             "      --verbose           cluster progress on stderr\n"
             LAYOUT_MEM_USAGE
+            EXPERT_ARGS_USAGE
             LAYOUT_FAULT_USAGE
             FAULT_ARGS_USAGE
             CURVE_ARGS_USAGE
@@ -84,15 +87,18 @@ static int parse_args(int argc, char **argv, run_args_t *a, const char *cmd) {
         {"verbose", no_argument, 0, O_VERBOSE}, {"data-endpoint", required_argument, 0, O_DATA_EP},
         {"show-plan", no_argument, 0, O_SHOW_PLAN},
         LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, FAULT_ARGS_LONGOPTS, CURVE_ARGS_LONGOPTS,
+        EXPERT_ARGS_LONGOPTS,
         {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     gen_args_init(&a->g);
+    expert_args_init(&a->ex);
     optind = 1;
     int ch;
     while ((ch = getopt_long(argc, argv, GEN_ARGS_SHORTOPTS, opts, NULL)) != -1) {
         int r = gen_args_option(&a->g, ch, optarg, cmd);
         if (r == 0) r = layout_args_option(&a->lay, ch, optarg, cmd);
         if (r == 0) r = curve_args_option(&a->curve, ch, optarg);
+        if (r == 0) r = expert_args_option(&a->ex, ch, optarg, cmd);
         if (r < 0) return 1;
         if (r > 0) continue;
         switch (ch) {
@@ -258,6 +264,7 @@ int cmd_coordinator(int argc, char **argv) { return run_command(argc, argv, "coo
 static int run_main(run_args_t *ap) {
     run_args_t a = *ap;
     char err[1024] = "";
+    char wname[96]; // the expert cache's provider name (expert_args_provider)
     model_t *m = NULL;
     cluster_t *cl = NULL;
     launch_t *lw = NULL;
@@ -281,13 +288,14 @@ static int run_main(run_args_t *ap) {
         // a paging KV device keeps what its RAM share cannot hold in files: the budget plans the weights
         // alone, and the KV gets what they leave (model_kv_ram_share)
         const bool pages = attn_dev_pages(a.g.kv_device) && a.lay.mem_budget;
-        model_load_opts_t lo = {.repack = a.g.repack, .mem_budget = a.lay.mem_budget, .n_ctx = pages ? 1 : a.g.n_ctx};
+        model_load_opts_t lo = {.repack = a.g.repack, .mem_budget = a.lay.mem_budget, .n_ctx = pages ? 1 : a.g.n_ctx,
+                                .weights = expert_args_provider(&a.ex, wname, sizeof wname), .expert_skip = a.ex.skip};
         if ((rc = model_load(&m, a.g.model, &lo, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: %s\n", err[0] ? err : mlm_strerror(rc));
             goto out;
         }
         mm = m;
-        if (a.verbose || (a.lay.mem_budget && strcmp(weights_name(model_weights(m)), "mmap") != 0)) {
+        if (a.verbose || a.ex.set || (a.lay.mem_budget && strcmp(weights_name(model_weights(m)), "mmap") != 0)) {
             char how[160];
             weights_describe(model_weights(m), how, sizeof how);
             fprintf(stderr, "meshlm: weights: %s\n", how);
@@ -297,7 +305,8 @@ static int run_main(run_args_t *ap) {
             lw = calloc(1, sizeof *lw);
             launch_opts_t lo = {.model_path = a.local_no_model ? NULL : a.g.model, .cache_dir = a.cache_dir,
                                 .n_threads = a.g.n_threads, .tcp = a.local_tcp, .verbose = a.verbose,
-                                .mem_budget = a.lay.mem_budget, .mem_limit = layout_args_local_mem(&a.lay)};
+                                .mem_budget = a.lay.mem_budget, .mem_limit = layout_args_local_mem(&a.lay),
+                                .extra_argv = a.ex.argv, .n_extra = a.ex.n_argv};
             if (!lw || launch_local(lw, a.local, &lo, err, sizeof err) != 0) {
                 fprintf(stderr, "meshlm run: %s\n", err);
                 goto out;
@@ -313,6 +322,7 @@ static int run_main(run_args_t *ap) {
         cluster_opts_t co = {.model_path = a.g.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
                              .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
                              .mem_budget = a.lay.mem_budget,
+                             .weights = expert_args_provider(&a.ex, wname, sizeof wname), .expert_skip = a.ex.skip,
                              .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .kv_device = a.g.kv_device, .verbose = a.verbose,
                              .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
@@ -455,6 +465,12 @@ static int run_main(run_args_t *ap) {
     char streamed[256];
     if (m && weights_read_summary(model_weights(m), streamed, sizeof streamed) > 0)
         fprintf(stderr, "meshlm: weights streamed: %s\n", streamed);
+    if (m && !strcmp(weights_name(model_weights(m)), "experts")) {
+        weights_stats_t ws;
+        weights_stats(model_weights(m), &ws);
+        expert_args_summary(&ws, np + res.n_tokens, streamed, sizeof streamed);
+        fprintf(stderr, "meshlm: %s\n", streamed);
+    }
     gen_result_free(&res);
     code = 0;
 out:

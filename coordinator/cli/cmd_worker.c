@@ -7,10 +7,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "coordinator/cli/expert_args.h"
 #include "cluster/profile.h"
 #include "cluster/registry.h"
 #include "coordinator/cli/cli.h"
 #include "coordinator/cli/curve_args.h"
+#include "coordinator/cli/expert_args.h"
 #include "core/err.h"
 #include "core/sha256.h"
 #include "offload/attn.h"
@@ -42,6 +44,7 @@ static void worker_usage(FILE *f) {
             "                       storage:ENDPOINT, pim:PRESET (default: the coordinator's --kv-device, else\n"
             "                       host); wins over the coordinator's\n"
             "  --verbose            log every message\n"
+            EXPERT_ARGS_USAGE
             CURVE_ARGS_USAGE);
 }
 
@@ -160,9 +163,13 @@ int cmd_worker(int argc, char **argv) {
         {"no-profile", no_argument, 0, 'P'}, {"registry", required_argument, 0, 'R'},
         {"standby", no_argument, 0, 'S'}, {"registry-ttl", required_argument, 0, 'L'},
         {"advertise", required_argument, 0, 'A'}, {"kv-device", required_argument, 0, 'K'}, CURVE_ARGS_LONGOPTS,
+        EXPERT_ARGS_LONGOPTS,
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     curve_args_t ca = {0};
     node_opts_t o = {0};
+    expert_args_t ex;
+    char wname[96]; // the expert cache's provider name
+    expert_args_init(&ex);
     const char *reg_url = NULL, *advertise = NULL;
     bool standby = false;
     int reg_ttl = REGISTRY_DEFAULT_TTL_MS;
@@ -170,6 +177,9 @@ int cmd_worker(int argc, char **argv) {
     int ch;
     while ((ch = getopt_long(argc, argv, "l:m:t:h", opts, NULL)) != -1) {
         if (curve_args_option(&ca, ch, optarg)) continue;
+        const int er = expert_args_option(&ex, ch, optarg, "worker");
+        if (er < 0) return 2;
+        if (er > 0) continue;
         switch (ch) {
         case 'l': o.listen = optarg; break;
         case 'm': o.model_path = optarg; break;
@@ -209,6 +219,8 @@ int cmd_worker(int argc, char **argv) {
         fprintf(stderr, "meshlm worker: --kv-device: %s\n", kerr);
         return 2;
     }
+    o.weights = expert_args_provider(&ex, wname, sizeof wname);
+    o.expert_skip = ex.skip;
     if ((standby || advertise) && !reg_url) {
         fprintf(stderr, "meshlm worker: --standby and --advertise need --registry\n");
         return 2;

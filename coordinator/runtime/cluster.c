@@ -733,7 +733,8 @@ static int load_own_share(cluster_t *c, char *err, size_t errlen) {
     // a paging KV device spills what the budget leaves no room for: the budget plans the weights alone
     const bool pages = attn_dev_pages(c->o.kv_device) && c->o.coordinator_shard && c->o.mem_budget;
     model_load_opts_t lo = {.repack = true, .slice = &c->slices[0], .n_ctx = pages ? 1 : c->o.n_ctx,
-                            .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0};
+                            .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0,
+                            .weights = c->o.weights, .expert_skip = c->o.expert_skip};
     const model_hparams_t *hp = model_hparams(c->full);
     const weights_params_t wp = {.g = model_gguf(c->full), .hp = hp, .slice = lo.slice, .budget_bytes = lo.mem_budget,
                                  .n_ctx = lo.n_ctx};

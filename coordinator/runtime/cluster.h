@@ -30,6 +30,9 @@ typedef struct {
     uint64_t mem_budget;             // the coordinator's memory budget for its own share (weights + KV cache
                                      // + activations; 0 = none): planned as node 0's budget, and the share
                                      // streams through the weight window when it does not fit resident
+    const char *weights;             // the weight provider of its own share (offload/weights.h; NULL = chosen by
+                                     // mem_budget)
+    float expert_skip;               // MoE adaptive gating of its own share (model_load_opts_t.expert_skip)
     int timeout_ms;                  // each control exchange and collective (0 = 30000)
     const curve_conf_t *curve;       // CurveZMQ on the control link: this coordinator's keys and each worker
                                      // endpoint's key (transport/curve.h); NULL = plain

@@ -30,6 +30,9 @@ struct model {
     weights_t *w;                   // the weight provider the forward pass acquires units from (owned)
     shard_slice_t slice;            // rows held
     bool shard_file;                // the file holds only those rows (else they are cut from it)
+    float expert_skip;              // model_load_opts_t.expert_skip (0 = off)
+    void (*on_route)(void *arg, int layer, const int *sel, int nt, int k); // model_load_opts_t.on_route
+    void *on_route_arg;
 };
 
 struct model_ctx {
@@ -119,6 +122,9 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
     model_t *m = calloc(1, sizeof *m);
     if (!m) return MLM_ENOMEM;
     m->kern = (opts && opts->kern) ? opts->kern : kernels_best();
+    m->expert_skip = opts && opts->expert_skip > 0 ? opts->expert_skip : 0;
+    m->on_route = opts ? opts->on_route : NULL;
+    m->on_route_arg = opts ? opts->on_route_arg : NULL;
     int rc = gguf_open(&m->g, path, err, errlen);
     if (rc == 0) rc = hparams_read(m->g, &m->hp, err, errlen);
     if (rc == 0) rc = resolve_slice(m, opts ? opts->slice : NULL, err, errlen);
@@ -571,13 +577,26 @@ static int ffn_dense(model_ctx_t *c, const layer_weights_t *L, int nt) {
     return gather_cols(c, c->y_l, nt, G_HIDDEN, hp->n_embd, c->tmp);
 }
 
-// Router: softmax over experts, keep the top k, renormalize their weights to sum to 1.
+// Router: softmax over experts, keep the top k, renormalize their weights to sum to 1. With adaptive
+// gating (expert_skip) experts of rank >= 1 below the threshold are dropped (sel -1) and the kept
+// weights renormalized again.
 static void moe_route(model_ctx_t *c, const layer_weights_t *L, int nt) {
     const model_hparams_t *hp = &c->m->hp;
     const int ne = hp->n_expert, k = hp->n_expert_used;
+    const float skip = c->m->expert_skip;
     matmul1(c, &L->gate_inp, c->xn, nt, c->router);
-    for (int i = 0; i < nt; i++)
-        ops_topk_route(c->router + (size_t)i * ne, ne, k, c->sel + (size_t)i * k, c->sel_w + (size_t)i * k);
+    for (int i = 0; i < nt; i++) {
+        int *sel = c->sel + (size_t)i * k;
+        float *w = c->sel_w + (size_t)i * k;
+        ops_topk_route(c->router + (size_t)i * ne, ne, k, sel, w);
+        if (skip <= 0) continue;
+        float kept = w[0];
+        for (int r = 1; r < k; r++) {
+            if (w[r] < skip) sel[r] = -1;
+            else kept += w[r];
+        }
+        for (int r = 0; r < k; r++) w[r] = sel[r] < 0 ? 0.0f : w[r] / kept;
+    }
 }
 
 // One expert's FFN over the n tokens gathered in e_x, added with their router weights (rank `rank`)
@@ -619,6 +638,7 @@ static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
     const model_hparams_t *hp = &c->m->hp;
     const int E = hp->n_embd, El = c->El, k = hp->n_expert_used, ne = hp->n_expert;
     moe_route(c, L, nt);
+    if (c->m->on_route) c->m->on_route(c->m->on_route_arg, il, c->sel, nt, k);
     // Experts are visited in rank order (every token's top-1 first), so each token's sum is
     // accumulated top-1 first, then top-2, ... whatever the expert ids. The provider hears which
     // experts come, in that order, before the first is acquired.
@@ -631,6 +651,7 @@ static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
             if (used && !seen) c->e_order[n_order++] = e;
         }
     weights_prefetch(c->m->w, il, c->e_order, n_order);
+    weights_observe(c->m->w, il, c->x, nt); // a caching provider guesses block il + 1's experts from it
     memset(c->acc_l, 0, (size_t)nt * El * sizeof(float));
     for (int rank = 0; rank < k; rank++) {
         for (int e = 0; e < ne; e++) {

@@ -25,6 +25,13 @@ typedef struct {
                                   // is refused before any weight is read (MLM_ERANGE, err names the minimum)
     int n_ctx;                    // positions the budget holds a KV cache for (0 = min(n_ctx_train, 4096),
                                   // model_ctx_new's default)
+    float expert_skip;            // MoE adaptive gating (AdapMoE): a token drops an expert of rank >= 1 whose
+                                  // renormalised router weight is below this, the rest renormalised to sum
+                                  // to 1 (0 = off, the reference's routing). CHANGES OUTPUTS when on
+    // Optional, for tools that study routing: called from the forward pass with each MoE block's choices
+    // for a chunk, sel (nt, k) experts in rank order (-1: dropped by expert_skip); borrowed for the call.
+    void (*on_route)(void *arg, int layer, const int *sel, int nt, int k);
+    void *on_route_arg;
 } model_load_opts_t;
 
 typedef struct model model_t;

@@ -412,7 +412,8 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     // a paging KV device spills what the budget leaves no room for: the budget plans the weights alone
     const bool pages = attn_dev_pages(kv_device(n)) && n->o->mem_budget;
     model_load_opts_t lo = {.repack = true, .slice = sl, .mem_budget = n->o->mem_budget,
-                            .n_ctx = pages ? 1 : (int)n->plan.n_ctx};
+                            .n_ctx = pages ? 1 : (int)n->plan.n_ctx, .weights = n->o->weights,
+                            .expert_skip = n->o->expert_skip};
     int rc;
     const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);

@@ -23,6 +23,8 @@ typedef struct {
     int n_threads;           // 0 = all cores
     uint64_t mem_budget;     // bytes for weights + KV cache + activations (0 = unlimited), reported to the
                              // coordinator; a share that does not fit resident streams through the weight window
+    const char *weights;     // weight provider by name (offload/weights.h; NULL = chosen by mem_budget)
+    float expert_skip;       // MoE adaptive gating threshold (model_load_opts_t.expert_skip; 0 = off)
     int timeout_ms;          // deadline of each collective and control exchange (0 = 30000)
     const char *kv_device;   // attention/KV device (offload/attn.h) of this node's KV: wins over the plan's
                              // (NULL = the plan's, else host)

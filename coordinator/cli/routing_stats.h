@@ -1,0 +1,34 @@
+// Routing statistics of a MoE model file: runs a seeded token sequence through it one token at a time
+// and measures how its routers choose (expert popularity per block, how often consecutive tokens and
+// adjacent blocks pick the same experts), beside what uniform routing would give.
+#ifndef MESHLM_ROUTING_STATS_H
+#define MESHLM_ROUTING_STATS_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+typedef struct {
+    int n_layer, n_expert, k;  // the model's shape
+    int n_tokens;              // tokens measured
+    double max_share;          // mean over blocks of the most chosen expert's share of the top-k picks
+    double min_share;          // mean over blocks of the least chosen expert's share
+    double top2_share;         // mean over blocks of the two most chosen experts' share
+    double cons_top1;          // consecutive tokens, same top-1 expert (mean over blocks; chance 1/E)
+    double cons_overlap;       // consecutive tokens whose top-k sets share an expert (chance 1 - C(E-k,k)/C(E,k))
+    double cons_top1_at[3];    // cons_top1 at the first, middle and last block
+    double cons_overlap_at[3]; // cons_overlap at the first, middle and last block
+    double adj_top1;           // the same token's top-1 at block l and l+1 (mean over block pairs)
+    double adj_overlap;        // its top-k sets at l and l+1 share an expert
+    double chance_top1;        // 1/E
+    double chance_overlap;     // 1 - C(E-k,k)/C(E,k)
+} routing_stats_t;
+
+// Measures path over n_tokens tokens (seeded, uniform over the vocabulary) into *out. 0, or a negative
+// MLM_ code with a message in err (MLM_EINVAL: not a MoE model).
+int routing_stats_measure(const char *path, int n_tokens, int n_threads, routing_stats_t *out, char *err,
+                          size_t errlen);
+
+// Prints s as a few lines (with the chance values and the Mixtral reference figures) to f.
+void routing_stats_print(const routing_stats_t *s, FILE *f);
+
+#endif

@@ -1,0 +1,677 @@
+// The expert-caching weight provider: per-block expert slots filled by pread, LRU/LFU eviction, and a
+// background thread that reads hinted and speculatively predicted experts ahead (see experts.h).
+#include "offload/experts.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/clock.h"
+#include "core/err.h"
+#include "offload/weights_impl.h"
+#include "worker/kernels/ops.h"
+
+// --- types
+
+#define EX_QMAX 64                 // queued background reads
+#define EX_ALIGN 4096u             // slot buffer alignment
+
+typedef enum { ES_EMPTY, ES_LOADING, ES_READY } es_state_t;
+
+// One cache slot of a block.
+typedef struct {
+    es_state_t state;
+    int expert;                // the expert in it (-1: none)
+    int refs;                  // acquires not yet released
+    uint64_t last_use;         // tick of its last acquire or read (LRU)
+    bool spec;                 // read on a speculative guess
+    bool used;                 // acquired since it was read
+    uint8_t *buf;              // (slot_bytes): gate rows, up rows, down rows; allocated at its first read
+    layer_weights_t lw;        // the expert bound into buf
+} eslot_t;
+
+// Where one expert's three matrices are in the file.
+typedef struct {
+    uint64_t off[3];           // file offsets of its w_gate, w_up, w_down rows
+    size_t len[3];             // their bytes
+    layer_weights_t tmpl;      // the binding to the mapping (data pointers replaced when read)
+} eloc_t;
+
+// A queued background read.
+typedef struct {
+    int li;                    // block index in the slice
+    int expert;
+    bool spec;                 // a speculative guess (else the router's hinted choice)
+} ereq_t;
+
+typedef struct {
+    weights_t *inner;          // "mmap" of the file's layout: dense parts, globals, expert locations
+    model_hparams_t hp;
+    shard_slice_t slice;
+    experts_opts_t o;
+    const kernels_t *kern;
+    int fd;                    // the model file, for pread
+    int nl, ne, k;             // blocks held, experts per block, experts used per token
+    int N;                     // slots per block
+    eloc_t *loc;               // (nl, ne)
+    size_t slot_bytes;         // one expert's bytes (the largest)
+    uint64_t dense_bytes;      // weight bytes behind the inner provider's units besides the experts
+    eslot_t *slots;            // (nl, N)
+    uint64_t *freq;            // (nl, ne) acquires of each expert since creation (LFU)
+    uint8_t *wanted;           // (nl, ne) hinted by the router and not yet acquired: not evicted by reads ahead
+    uint64_t tick;             // use clock for LRU
+    pthread_mutex_t mu;        // guards everything below and the slots
+    pthread_cond_t cv;         // a slot changed state or was released
+    pthread_cond_t work;       // the background thread has something to do
+    pthread_t thr;
+    bool thr_on, stop;
+    ereq_t q[EX_QMAX];         // (q_n) queued reads, in order
+    int q_n;
+    float *obs;                // (obs_cap, n_embd) the last observed residual stream
+    int obs_n, obs_cap, obs_layer; // its rows, capacity, block (-1: nothing to guess from)
+    // background scratch (thread only)
+    float *xn;                 // (obs_cap, n_embd)
+    uint8_t *xq;               // (obs_cap, act row bytes of the router)
+    float *logits;             // (obs_cap, n_expert)
+    int *sel;                  // (k)
+    float *selw;               // (k)
+    weights_stats_t st;        // the provider's counters
+} ex_t;
+
+// --- helpers
+
+static eslot_t *slot_at(ex_t *x, int li, int i) { return &x->slots[(size_t)li * x->N + i]; }
+
+static eslot_t *find(ex_t *x, int li, int e) {
+    for (int i = 0; i < x->N; i++) {
+        eslot_t *s = slot_at(x, li, i);
+        if (s->state != ES_EMPTY && s->expert == e) return s;
+    }
+    return NULL;
+}
+
+// The slot a read of block li may take: an empty one, else by the policy among those not in use nor
+// loading; slots holding an expert the router asked for are spared (bg) or taken last (an acquire).
+static eslot_t *victim(ex_t *x, int li, bool bg) {
+    eslot_t *best = NULL;
+    int best_w = 0;
+    for (int i = 0; i < x->N; i++) {
+        eslot_t *s = slot_at(x, li, i);
+        if (s->state == ES_EMPTY) return s;
+        if (s->state != ES_READY || s->refs > 0) continue;
+        const int w = x->wanted[(size_t)li * x->ne + s->expert];
+        if (bg && w) continue;
+        if (best) {
+            if (w != best_w) {
+                if (w > best_w) continue;
+            } else if (x->o.policy == EXPERTS_LFU) {
+                const uint64_t fs = x->freq[(size_t)li * x->ne + s->expert];
+                const uint64_t fb = x->freq[(size_t)li * x->ne + best->expert];
+                if (fs > fb || (fs == fb && s->last_use >= best->last_use)) continue;
+            } else if (s->last_use >= best->last_use) {
+                continue;
+            }
+        }
+        best = s;
+        best_w = w;
+    }
+    return best;
+}
+
+// Empties s for expert e of block li (under mu), counting an eviction of what it held.
+static void claim(ex_t *x, eslot_t *s, int e, bool spec) {
+    if (s->state == ES_READY) {
+        x->st.evictions++;
+        if (s->spec && !s->used) x->st.prefetch_wasted++;
+    }
+    s->state = ES_LOADING;
+    s->expert = e;
+    s->spec = spec;
+    s->used = false;
+    s->refs = 0;
+}
+
+// Reads expert e of block li into s (mu not held; s is LOADING and only this thread touches it).
+static int read_expert(ex_t *x, eslot_t *s, int li, int e) {
+    const eloc_t *L = &x->loc[(size_t)li * x->ne + e];
+    if (!s->buf) {
+        void *p = NULL;
+        if (posix_memalign(&p, EX_ALIGN, x->slot_bytes ? x->slot_bytes : EX_ALIGN) != 0) return MLM_ENOMEM;
+        s->buf = p;
+        pthread_mutex_lock(&x->mu);
+        x->st.bytes_held += x->slot_bytes;
+        if (x->st.bytes_held > x->st.bytes_peak) x->st.bytes_peak = x->st.bytes_held;
+        pthread_mutex_unlock(&x->mu);
+    }
+    size_t at = 0;
+    for (int m = 0; m < 3; m++) {
+        size_t done = 0;
+        while (done < L->len[m]) {
+            ssize_t r = pread(x->fd, s->buf + at + done, L->len[m] - done, (off_t)(L->off[m] + done));
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) return MLM_EIO;
+            done += (size_t)r;
+        }
+        // the page cache must not be what makes the next use fast: the slot is
+        (void)posix_fadvise(x->fd, (off_t)L->off[m], (off_t)L->len[m], POSIX_FADV_DONTNEED);
+        at += L->len[m];
+    }
+    s->lw = L->tmpl;
+    mm_weight_t *mats[3] = {&s->lw.w_gate, &s->lw.w_up, &s->lw.w_down};
+    at = 0;
+    for (int m = 0; m < 3; m++) {
+        if (mats[m]->rows > 0) mats[m]->data = s->buf + at;
+        at += L->len[m];
+    }
+    return 0;
+}
+
+// A read by the background thread: expert e of block li unless it is there or no slot can take it.
+static void bg_load(ex_t *x, ereq_t r) {
+    pthread_mutex_lock(&x->mu);
+    eslot_t *s = find(x, r.li, r.expert);
+    if (!s) s = victim(x, r.li, true);
+    else s = NULL;
+    if (!s) {
+        pthread_mutex_unlock(&x->mu);
+        return;
+    }
+    claim(x, s, r.expert, r.spec);
+    pthread_mutex_unlock(&x->mu);
+    const double t0 = (double)mlm_now_us();
+    int rc = read_expert(x, s, r.li, r.expert);
+    const double ms = ((double)mlm_now_us() - t0) / 1000.0;
+    pthread_mutex_lock(&x->mu);
+    if (rc == 0) {
+        s->state = ES_READY;
+        s->last_use = ++x->tick;
+        x->st.units_read++;
+        x->st.bytes_read += x->slot_bytes;
+        x->st.read_ms += ms;
+        if (r.spec) x->st.prefetch_reads++;
+    } else {
+        s->state = ES_EMPTY;
+        s->expert = -1;
+    }
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
+}
+
+// The next block's likely experts from the observed residual stream (block li): its ffn_norm and
+// router over every row, the experts by votes (top-1 counts k, top-k counts 1), at most N of them,
+// queued as speculative reads. Runs on the background thread with obs taken (mu not held).
+static void guess(ex_t *x, int li, const float *obs, int n) {
+    const int layer = x->slice.l0 + li + 1, E = x->hp.n_embd;
+    const layer_weights_t *D;
+    if (weights_acquire(x->inner, layer, WEIGHTS_DENSE, &D) != 0) return;
+    const mm_weight_t *g = &D->gate_inp;
+    if (g->rows != x->ne || !D->ffn_norm) {
+        weights_release(x->inner, layer, WEIGHTS_DENSE);
+        return;
+    }
+    const size_t arb = mm_act_row_bytes(g->type, E);
+    for (int i = 0; i < n; i++) {
+        ops_rmsnorm(x->xn + (size_t)i * E, obs + (size_t)i * E, D->ffn_norm, E, x->hp.rms_eps);
+        mm_quantize_act(x->kern, g->type, x->xn + (size_t)i * E, x->xq + (size_t)i * arb, E);
+    }
+    mm_rows(x->kern, g, x->xq, arb, n, x->logits, (size_t)x->ne, 0, g->rows);
+    weights_release(x->inner, layer, WEIGHTS_DENSE);
+    int votes[256] = {0}; // (n_expert <= 256) weighted top-k picks of the chunk's tokens
+    for (int i = 0; i < n; i++) {
+        ops_topk_route(x->logits + (size_t)i * x->ne, x->ne, x->k, x->sel, x->selw);
+        for (int r = 0; r < x->k; r++) votes[x->sel[r]] += r == 0 ? x->k : 1;
+    }
+    pthread_mutex_lock(&x->mu);
+    for (int j = 0; j < x->N && x->q_n < EX_QMAX; j++) {
+        int best = -1;
+        for (int e = 0; e < x->ne; e++)
+            if (votes[e] > 0 && (best < 0 || votes[e] > votes[best])) best = e;
+        if (best < 0) break;
+        votes[best] = 0;
+        x->q[x->q_n++] = (ereq_t){.li = li + 1, .expert = best, .spec = true};
+    }
+    pthread_mutex_unlock(&x->mu);
+}
+
+static void *bg_main(void *arg) {
+    ex_t *x = arg;
+    float *mine = NULL; // (cap, n_embd) the observation being worked on (taken out of obs under mu)
+    int cap = 0;
+    pthread_mutex_lock(&x->mu);
+    while (!x->stop) {
+        if (x->q_n > 0) {
+            ereq_t r = x->q[0];
+            memmove(x->q, x->q + 1, (size_t)(--x->q_n) * sizeof *x->q);
+            pthread_mutex_unlock(&x->mu);
+            bg_load(x, r);
+            pthread_mutex_lock(&x->mu);
+        } else if (x->obs_layer >= 0) {
+            const int li = x->obs_layer - x->slice.l0, n = x->obs_n;
+            x->obs_layer = -1;
+            if (n > cap) {
+                float *p = realloc(mine, (size_t)n * x->hp.n_embd * sizeof *p);
+                if (!p) continue;
+                mine = p;
+                cap = n;
+            }
+            memcpy(mine, x->obs, (size_t)n * x->hp.n_embd * sizeof *mine);
+            pthread_mutex_unlock(&x->mu);
+            guess(x, li, mine, n);
+            pthread_mutex_lock(&x->mu);
+        } else {
+            pthread_cond_wait(&x->work, &x->mu);
+        }
+    }
+    pthread_mutex_unlock(&x->mu);
+    free(mine);
+    return NULL;
+}
+
+// --- provider calls
+
+static int ex_acquire(void *ctx, int layer, int expert, const layer_weights_t **out) {
+    ex_t *x = ctx;
+    if (layer < 0 || expert < 0) { // the dense parts and globals stay mapped: a hit
+        int rc = weights_acquire(x->inner, layer, expert, out);
+        if (rc == 0) {
+            pthread_mutex_lock(&x->mu);
+            x->st.hits++;
+            pthread_mutex_unlock(&x->mu);
+        }
+        return rc;
+    }
+    const int li = layer - x->slice.l0, e = expert;
+    const double t0 = (double)mlm_now_us();
+    bool waited = false;
+    pthread_mutex_lock(&x->mu);
+    for (;;) {
+        eslot_t *s = find(x, li, e);
+        if (s && s->state == ES_READY) {
+            if (waited) x->st.misses++, x->st.expert_misses++;
+            else x->st.hits++, x->st.expert_hits++;
+            if (s->spec && !s->used) x->st.prefetch_used++;
+            s->used = true;
+            break;
+        }
+        if (!s && (s = victim(x, li, false)) != NULL) { // a miss: this thread reads it
+            claim(x, s, e, false);
+            pthread_mutex_unlock(&x->mu);
+            const double r0 = (double)mlm_now_us();
+            int rc = read_expert(x, s, li, e);
+            const double ms = ((double)mlm_now_us() - r0) / 1000.0;
+            pthread_mutex_lock(&x->mu);
+            if (rc != 0) {
+                s->state = ES_EMPTY;
+                s->expert = -1;
+                pthread_cond_broadcast(&x->cv);
+                pthread_mutex_unlock(&x->mu);
+                return rc;
+            }
+            s->state = ES_READY;
+            s->used = true;
+            x->st.units_read++;
+            x->st.bytes_read += x->slot_bytes;
+            x->st.read_ms += ms;
+            x->st.misses++;
+            x->st.expert_misses++;
+            pthread_cond_broadcast(&x->cv);
+            waited = false;
+            break;
+        }
+        waited = true; // loading elsewhere, or every slot busy: wait for a change
+        pthread_cond_wait(&x->cv, &x->mu);
+    }
+    eslot_t *s = find(x, li, e);
+    s->refs++;
+    s->last_use = ++x->tick;
+    x->freq[(size_t)li * x->ne + e]++;
+    x->wanted[(size_t)li * x->ne + e] = 0;
+    const double ms = ((double)mlm_now_us() - t0) / 1000.0;
+    if (ms > 0.05 || waited) x->st.stall_ms += ms;
+    *out = &s->lw;
+    pthread_mutex_unlock(&x->mu);
+    return 0;
+}
+
+static void ex_release(void *ctx, int layer, int expert) {
+    ex_t *x = ctx;
+    if (layer < 0 || expert < 0) {
+        weights_release(x->inner, layer, expert);
+        return;
+    }
+    const int li = layer - x->slice.l0;
+    pthread_mutex_lock(&x->mu);
+    for (int i = 0; i < x->N; i++) {
+        eslot_t *s = slot_at(x, li, i);
+        if (s->state != ES_READY || s->expert != expert || s->refs == 0) continue;
+        if (--s->refs == 0 && x->o.naive) { // no cache: the bytes are not kept
+            s->state = ES_EMPTY;
+            s->expert = -1;
+        }
+        break;
+    }
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
+}
+
+// The router's choices for block layer, in the order they will be acquired: the first N not resident
+// are read ahead (a hint for the dense part is dropped: the dense parts stay mapped).
+static void ex_prefetch(void *ctx, int layer, const int *experts, int n) {
+    ex_t *x = ctx;
+    if (!x->thr_on || layer < 0 || n == 0) return;
+    const int li = layer - x->slice.l0;
+    pthread_mutex_lock(&x->mu);
+    int keep = 0; // guesses for this block or one before it are late now
+    for (int i = 0; i < x->q_n; i++)
+        if (!(x->q[i].spec && x->q[i].li <= li)) x->q[keep++] = x->q[i];
+    x->q_n = keep;
+    if (x->obs_layer >= 0 && x->obs_layer - x->slice.l0 + 1 <= li) x->obs_layer = -1;
+    for (int i = 0; i < n; i++) x->wanted[(size_t)li * x->ne + experts[i]] = 1;
+    for (int i = 0; i < n && i < x->N && x->q_n < EX_QMAX; i++)
+        if (!find(x, li, experts[i])) x->q[x->q_n++] = (ereq_t){.li = li, .expert = experts[i], .spec = false};
+    pthread_cond_signal(&x->work);
+    pthread_mutex_unlock(&x->mu);
+}
+
+static void ex_observe(void *ctx, int layer, const float *obs, int n) {
+    ex_t *x = ctx;
+    if (!x->thr_on || layer + 1 >= x->slice.l1 || layer < x->slice.l0) return;
+    pthread_mutex_lock(&x->mu);
+    if (n > x->obs_cap) n = x->obs_cap; // the first rows say enough
+    memcpy(x->obs, obs, (size_t)n * x->hp.n_embd * sizeof *obs);
+    x->obs_n = n;
+    x->obs_layer = layer;
+    pthread_cond_signal(&x->work);
+    pthread_mutex_unlock(&x->mu);
+}
+
+static void ex_stats(void *ctx, weights_stats_t *out) {
+    ex_t *x = ctx;
+    pthread_mutex_lock(&x->mu);
+    *out = x->st;
+    pthread_mutex_unlock(&x->mu);
+}
+
+static void ex_describe(void *ctx, char *buf, size_t cap) {
+    ex_t *x = ctx;
+    if (x->ne == 0)
+        snprintf(buf, cap, "experts: a dense model, every unit mapped");
+    else if (x->o.naive)
+        snprintf(buf, cap, "experts: no cache (every use reads the expert, %.1f MiB)", (double)x->slot_bytes / 1048576.0);
+    else
+        snprintf(buf, cap, "experts: %d of %d per block resident (%s, prefetch %s), %d slots x %.1f MiB", x->N, x->ne,
+                 x->o.policy == EXPERTS_LFU ? "lfu" : "lru", x->thr_on ? "on" : "off", x->nl * x->N,
+                 (double)x->slot_bytes / 1048576.0);
+}
+
+static void ex_free(void *ctx) {
+    ex_t *x = ctx;
+    if (!x) return;
+    if (x->thr_on) {
+        pthread_mutex_lock(&x->mu);
+        x->stop = true;
+        pthread_cond_signal(&x->work);
+        pthread_mutex_unlock(&x->mu);
+        pthread_join(x->thr, NULL);
+    }
+    for (size_t i = 0; x->slots && i < (size_t)x->nl * x->N; i++) free(x->slots[i].buf);
+    free(x->slots);
+    free(x->loc);
+    free(x->freq);
+    free(x->wanted);
+    free(x->obs);
+    free(x->xn);
+    free(x->xq);
+    free(x->logits);
+    free(x->sel);
+    free(x->selw);
+    if (x->fd >= 0) close(x->fd);
+    weights_free(&x->inner);
+    pthread_mutex_destroy(&x->mu);
+    pthread_cond_destroy(&x->cv);
+    pthread_cond_destroy(&x->work);
+    free(x);
+}
+
+static const struct weights_i experts_iface = {
+    .acquire = ex_acquire,
+    .release = ex_release,
+    .prefetch = ex_prefetch,
+    .stats = ex_stats,
+    .describe = ex_describe,
+    .free = ex_free,
+    .observe = ex_observe,
+};
+
+// --- setup
+
+// Bytes of the slice's rows of one expert of block il (the three matrices), from the file's tensors.
+static int expert_bytes(const weights_params_t *p, int il, uint64_t *out, char *err, size_t errlen) {
+    const model_hparams_t *hp = p->hp;
+    const struct {
+        const char *suffix;
+        int64_t cols, rows;
+    } m[3] = {{"ffn_gate_exps", hp->n_embd, hp->n_ff}, {"ffn_up_exps", hp->n_embd, hp->n_ff},
+              {"ffn_down_exps", hp->n_ff, hp->n_embd}};
+    *out = 0;
+    for (int i = 0; i < 3; i++) {
+        char name[96];
+        snprintf(name, sizeof name, "blk.%d.%s.weight", il, m[i].suffix);
+        weights_loc_t loc;
+        int rc = weights_locate(p, name, m[i].cols, m[i].rows, hp->n_expert, &loc, err, errlen);
+        if (rc != 0) return rc;
+        if (loc.t && loc.r1 > loc.r0) *out += (uint64_t)(loc.r1 - loc.r0) * qtype_row_size(loc.t->type, loc.t->ne[0]);
+    }
+    return 0;
+}
+
+// --- public API
+
+experts_opts_t experts_opts_default(void) {
+    return (experts_opts_t){.per_layer = 0, .naive = false, .policy = EXPERTS_LRU, .prefetch = true};
+}
+
+int experts_parse(const char *arg, experts_opts_t *o, char *err, size_t errlen) {
+    if (!arg || !*arg) return 0;
+    char buf[128];
+    if (strlen(arg) >= sizeof buf) return mlm_fail(err, errlen, MLM_EINVAL, "experts: argument too long");
+    snprintf(buf, sizeof buf, "%s", arg);
+    char *save = NULL;
+    for (char *kv = strtok_r(buf, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
+        char *v = strchr(kv, '=');
+        if (!v) return mlm_fail(err, errlen, MLM_EINVAL, "experts: '%s' is not key=value", kv);
+        *v++ = 0;
+        if (!strcmp(kv, "n")) {
+            char *end;
+            long n = strtol(v, &end, 10);
+            if (!strcmp(v, "off")) {
+                o->naive = true;
+            } else if (!strcmp(v, "auto")) {
+                o->per_layer = 0;
+                o->naive = false;
+            } else if (end == v || *end || n < 0 || n > 4096) {
+                return mlm_fail(err, errlen, MLM_EINVAL, "experts: n wants a count, auto or off, not '%s'", v);
+            } else {
+                o->per_layer = (int)n;
+                o->naive = false;
+            }
+        } else if (!strcmp(kv, "policy")) {
+            if (!strcmp(v, "lru")) o->policy = EXPERTS_LRU;
+            else if (!strcmp(v, "lfu")) o->policy = EXPERTS_LFU;
+            else return mlm_fail(err, errlen, MLM_EINVAL, "experts: policy wants lru or lfu, not '%s'", v);
+        } else if (!strcmp(kv, "prefetch")) {
+            if (!strcmp(v, "on")) o->prefetch = true;
+            else if (!strcmp(v, "off")) o->prefetch = false;
+            else return mlm_fail(err, errlen, MLM_EINVAL, "experts: prefetch wants on or off, not '%s'", v);
+        } else {
+            return mlm_fail(err, errlen, MLM_EINVAL, "experts: unknown key '%s' (n, policy, prefetch)", kv);
+        }
+    }
+    return 0;
+}
+
+int experts_name(const experts_opts_t *o, char *buf, size_t cap) {
+    char n[16];
+    if (o->naive) snprintf(n, sizeof n, "off");
+    else snprintf(n, sizeof n, "%d", o->per_layer);
+    int len = snprintf(buf, cap, "experts:n=%s,policy=%s,prefetch=%s", n, o->policy == EXPERTS_LFU ? "lfu" : "lru",
+                       o->prefetch ? "on" : "off");
+    if (len < 0) return 0;
+    return (size_t)len < cap ? len : (int)cap - 1;
+}
+
+int experts_fit(const weights_params_t *p, int *per_layer, char *err, size_t errlen) {
+    if (!p || !p->hp || !p->slice || !p->g) return mlm_fail(err, errlen, MLM_EINVAL, "experts: missing parameters");
+    const model_hparams_t *hp = p->hp;
+    if (hp->n_expert <= 0) return mlm_fail(err, errlen, MLM_EINVAL, "experts: the model has no experts");
+    *per_layer = hp->n_expert;
+    if (!p->budget_bytes) return 0;
+    const int nl = p->slice->l1 - p->slice->l0;
+    uint64_t one = 0, all = 0; // one expert of every block; every expert of every block
+    for (int il = p->slice->l0; il < p->slice->l1; il++) {
+        uint64_t b;
+        int rc = expert_bytes(p, il, &b, err, errlen);
+        if (rc != 0) return rc;
+        one += b;
+        all += b * (uint64_t)hp->n_expert;
+    }
+    weights_params_t q = *p;
+    q.budget_bytes = 1ull << 62; // everything resident: what the share weighs
+    plan_stream_t st;
+    int rc = weights_plan(&q, &st, err, errlen);
+    if (rc != 0) return rc;
+    const uint64_t rest = st.resident_bytes > all ? st.resident_bytes - all : 0; // KV, activations, dense parts
+    if (nl <= 0 || one == 0) return 0;
+    if (p->budget_bytes < rest + one)
+        return mlm_fail(err, errlen, MLM_ERANGE,
+                        "--mem-budget %.1f MiB is below the %.1f MiB the expert cache needs: dense parts, KV cache "
+                        "and activations %.1f MiB, one expert per block %.1f MiB",
+                        (double)p->budget_bytes / 1048576.0, (double)(rest + one) / 1048576.0,
+                        (double)rest / 1048576.0, (double)one / 1048576.0);
+    uint64_t n = (p->budget_bytes - rest) / one;
+    *per_layer = n > (uint64_t)hp->n_expert ? hp->n_expert : (int)n;
+    return 0;
+}
+
+int weights_experts_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen) {
+    experts_opts_t o = experts_opts_default();
+    int rc = experts_parse(arg, &o, err, errlen);
+    if (rc != 0) return rc;
+    if (p->slice->cols && p->hp->n_expert > 0)
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
+                        "experts: the expert cache reads row slices; all-reduce mode (--tp-mode allreduce) cuts "
+                        "experts by columns");
+    if (p->hp->n_expert > 256) return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "experts: more than 256 experts");
+    int N = o.per_layer; // a dense model: no slots, every unit comes from the mapping
+    if (p->hp->n_expert <= 0) N = 0;
+    else if (o.naive) N = 1;
+    else if (N == 0 && (rc = experts_fit(p, &N, err, errlen)) != 0) return rc;
+    if (N > p->hp->n_expert) N = p->hp->n_expert;
+    if (N < 1 && p->hp->n_expert > 0) N = 1;
+    ex_t *x = calloc(1, sizeof *x);
+    if (!x) return MLM_ENOMEM;
+    x->fd = -1;
+    x->obs_layer = -1;
+    pthread_mutex_init(&x->mu, NULL);
+    pthread_cond_init(&x->cv, NULL);
+    pthread_cond_init(&x->work, NULL);
+    x->hp = *p->hp;
+    x->slice = *p->slice;
+    x->o = o;
+    x->kern = p->kern ? p->kern : kernels_best();
+    x->nl = p->slice->l1 - p->slice->l0;
+    x->ne = p->hp->n_expert;
+    x->k = p->hp->n_expert_used;
+    x->N = N;
+    weights_params_t ip = *p;
+    ip.repack = false;      // the experts are computed on the file's layout, so is everything else
+    ip.budget_bytes = 0;
+    rc = weights_mmap_new(&x->inner, &ip, "", err, errlen);
+    if (rc == 0 && (x->fd = open(gguf_path(p->g), O_RDONLY | O_CLOEXEC)) < 0)
+        rc = mlm_fail(err, errlen, MLM_EIO, "experts: cannot open %s: %s", gguf_path(p->g), strerror(errno));
+    const size_t nle = (size_t)(x->nl > 0 ? x->nl : 1) * (size_t)(x->ne > 0 ? x->ne : 1);
+    if (rc == 0) {
+        x->loc = calloc(nle, sizeof *x->loc);
+        x->slots = calloc((size_t)(x->nl > 0 ? x->nl : 1) * (N > 0 ? N : 1), sizeof *x->slots);
+        x->freq = calloc(nle, sizeof *x->freq);
+        x->wanted = calloc(nle, 1);
+        if (!x->loc || !x->slots || !x->freq || !x->wanted) rc = MLM_ENOMEM;
+    }
+    const uint8_t *base = gguf_base(p->g);
+    const size_t fsize = gguf_file_size(p->g);
+    uint64_t all_experts = 0;
+    for (int li = 0; rc == 0 && li < x->nl; li++) {
+        for (int i = 0; i < N; i++) slot_at(x, li, i)->expert = -1;
+        for (int e = 0; rc == 0 && e < x->ne; e++) {
+            const layer_weights_t *X;
+            if ((rc = weights_acquire(x->inner, x->slice.l0 + li, e, &X)) != 0) {
+                mlm_fail(err, errlen, rc, "experts: block %d expert %d: %s", x->slice.l0 + li, e, mlm_strerror(rc));
+                break;
+            }
+            eloc_t *L = &x->loc[(size_t)li * x->ne + e];
+            L->tmpl = *X;
+            const mm_weight_t *mats[3] = {&X->w_gate, &X->w_up, &X->w_down};
+            size_t sum = 0;
+            for (int m = 0; m < 3; m++) {
+                if (mats[m]->rows <= 0) continue;
+                const uint8_t *d = mats[m]->data;
+                L->len[m] = (size_t)mats[m]->rows * mats[m]->row_bytes;
+                if (mats[m]->packed || d < base || d + L->len[m] > base + fsize) {
+                    rc = mlm_fail(err, errlen, MLM_EUNSUPPORTED, "experts: block %d expert %d is not in the file's layout",
+                                  x->slice.l0 + li, e);
+                    break;
+                }
+                L->off[m] = (uint64_t)(d - base);
+                sum += L->len[m];
+            }
+            weights_release(x->inner, x->slice.l0 + li, e);
+            if (sum > x->slot_bytes) x->slot_bytes = sum;
+            all_experts += sum;
+        }
+    }
+    if (rc == 0) {
+        weights_stats_t is;
+        weights_stats(x->inner, &is);
+        x->dense_bytes = is.bytes_held > all_experts ? is.bytes_held - all_experts : 0;
+        x->st.bytes_held = x->st.bytes_peak = x->dense_bytes;
+    }
+    for (int li = 0; rc == 0 && !o.naive && N == x->ne && li < x->nl; li++) // all fit: read them all now
+        for (int e = 0; rc == 0 && e < x->ne; e++) {
+            eslot_t *s = slot_at(x, li, e);
+            claim(x, s, e, false);
+            if ((rc = read_expert(x, s, li, e)) != 0) {
+                s->state = ES_EMPTY;
+                s->expert = -1;
+                mlm_fail(err, errlen, rc, "experts: reading block %d expert %d of %s failed", x->slice.l0 + li, e,
+                         gguf_path(p->g));
+                break;
+            }
+            s->state = ES_READY; // (a one-time load, not counted as reading: "window" does not count its pinned units)
+            s->last_use = ++x->tick;
+        }
+    if (rc == 0 && !o.naive && o.prefetch && N < x->ne && x->ne > 0) { // the background reader (hinted choices, guesses)
+        const int B = 64; // rows of an observation kept (a chunk's first 64 tokens)
+        const size_t arb = (size_t)x->hp.n_embd * sizeof(float) + 256; // F32 is the widest activation row
+        x->obs_cap = B;
+        x->obs = malloc((size_t)B * x->hp.n_embd * sizeof(float));
+        x->xn = malloc((size_t)B * x->hp.n_embd * sizeof(float));
+        x->xq = malloc((size_t)B * arb);
+        x->logits = malloc((size_t)B * x->ne * sizeof(float));
+        x->sel = malloc((size_t)x->k * sizeof(int));
+        x->selw = malloc((size_t)x->k * sizeof(float));
+        if (!x->obs || !x->xn || !x->xq || !x->logits || !x->sel || !x->selw) rc = MLM_ENOMEM;
+        else if (pthread_create(&x->thr, NULL, bg_main, x) != 0) rc = mlm_fail(err, errlen, MLM_ENOMEM, "experts: no thread");
+        else x->thr_on = true;
+    }
+    if (rc != 0) {
+        ex_free(x);
+        return rc;
+    }
+    const weights_info_t info = weights_info_for(p->hp, p->slice);
+    *out = weights_wrap(&experts_iface, x, "experts", &info); // frees x when it fails
+    return *out ? 0 : MLM_ENOMEM;
+}

@@ -1,0 +1,343 @@
+// CUnit suite "experts": the expert-caching weight provider (offload/experts.h). On the MoE reference
+// models every cache size, policy and prefetch setting gives the mapped model's logits bit for bit; a
+// budget smaller than the experts derives a smaller cache and still does; the counters follow known
+// acquire traces (all resident: every acquire hits; one expert repeated: one miss then hits; a trace on
+// which LRU and LFU evict differently); adaptive gating changes outputs only when on; `meshlm run
+// --expert-cache` gives the tokens of a plain run.
+#include <CUnit/CUnit.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "test_util.h"
+#include "core/err.h"
+#include "offload/experts.h"
+#include "offload/weights.h"
+#include "worker/model/model.h"
+
+// --- helpers
+
+#define N_CTX 64
+
+static const char *const moe_models[] = {
+    "models/synth/synth-moe-Q4_0.gguf",
+    "models/synth/synth-moe-Q8_0.gguf",
+    "models/synth/synth-moe-F16.gguf",
+    "models/synth/synth-moe-Q4_K_M.gguf",
+    "models/derived/stories260K-moe8x-top2-permuted.gguf",
+    "models/derived/stories260K-moe4x-top4-split.gguf",
+};
+#define N_MODELS (sizeof moe_models / sizeof moe_models[0])
+
+// Loads path with the provider (repack allowed: "experts" computes on the file's layout anyway).
+static model_t *load(const char *path, const char *provider, uint64_t budget, float skip) {
+    model_t *m = NULL;
+    char err[512];
+    model_load_opts_t lo = {.repack = strcmp(provider, "mmap") != 0, .weights = provider, .mem_budget = budget, .n_ctx = N_CTX,
+                            .expert_skip = skip};
+    if (model_load(&m, path, &lo, err, sizeof err) != 0) fprintf(stderr, "\n  load %s (%s): %s\n", path, provider, err);
+    return m;
+}
+
+// Logits of 12 tokens (a chunk of 10, then two single tokens), every row; NULL on failure.
+static float *logits12(model_t *m) {
+    const model_hparams_t *hp = model_hparams(m);
+    int32_t toks[12];
+    for (int i = 0; i < 12; i++) toks[i] = (i * 37 + 11) % hp->n_vocab;
+    model_ctx_t *c = NULL;
+    char err[256];
+    model_ctx_opts_t co = {.n_ctx = N_CTX, .n_batch = 8, .n_threads = 2};
+    float *lg = malloc((size_t)12 * hp->n_vocab * sizeof(float)); // (12, n_vocab)
+    int rc = lg ? model_ctx_new(&c, m, &co, err, sizeof err) : MLM_ENOMEM;
+    if (rc == 0) rc = model_eval(c, toks, 10, lg, true);
+    if (rc == 0) rc = model_eval(c, toks + 10, 1, lg + (size_t)10 * hp->n_vocab, true);
+    if (rc == 0) rc = model_eval(c, toks + 11, 1, lg + (size_t)11 * hp->n_vocab, true);
+    model_ctx_destroy(&c);
+    if (rc != 0) {
+        fprintf(stderr, "\n  eval: %s\n", mlm_strerror(rc));
+        free(lg);
+        return NULL;
+    }
+    return lg;
+}
+
+// Whether provider's logits on model equal the mapped model's (not repacked, the layout the cache
+// computes on, as `--no-repack` and the streaming window do) bit for bit; fills *st.
+static bool same_as_mapped(const char *rel, const char *provider, uint64_t budget, weights_stats_t *st) {
+    char path[1024];
+    test_shared_path(path, sizeof path, rel);
+    model_t *a = load(path, "mmap", 0, 0), *b = load(path, provider, budget, 0);
+    bool same = false;
+    memset(st, 0, sizeof *st);
+    if (a && b) {
+        float *la = logits12(a), *lb = logits12(b);
+        same = la && lb && memcmp(la, lb, (size_t)12 * model_hparams(a)->n_vocab * sizeof(float)) == 0;
+        if (!same) fprintf(stderr, "\n  %s with %s: logits differ from the mapped model's\n", rel, provider);
+        weights_stats(model_weights(b), st);
+        if (strcmp(weights_name(model_weights(b)), "experts") != 0) same = false;
+        free(la);
+        free(lb);
+    }
+    model_destroy(&a);
+    model_destroy(&b);
+    return same;
+}
+
+// --- tests
+
+static void test_options(void) {
+    experts_opts_t o = experts_opts_default();
+    char err[256], name[128];
+    CU_ASSERT_EQUAL(experts_parse("n=3,policy=lfu,prefetch=off", &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(o.per_layer, 3);
+    CU_ASSERT_EQUAL(o.policy, EXPERTS_LFU);
+    CU_ASSERT_FALSE(o.prefetch);
+    experts_name(&o, name, sizeof name);
+    CU_ASSERT_STRING_EQUAL(name, "experts:n=3,policy=lfu,prefetch=off");
+    CU_ASSERT_EQUAL(experts_parse("n=off", &o, err, sizeof err), 0);
+    CU_ASSERT_TRUE(o.naive);
+    experts_name(&o, name, sizeof name);
+    CU_ASSERT_STRING_EQUAL(name, "experts:n=off,policy=lfu,prefetch=off");
+    CU_ASSERT_EQUAL(experts_parse("policy=mru", &o, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "lru or lfu"));
+    CU_ASSERT_EQUAL(experts_parse("n=-1", &o, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_EQUAL(experts_parse("size=2", &o, err, sizeof err), MLM_EINVAL);
+}
+
+// Every model, a cache of one expert per block with and without prefetch, two with LFU, none at all:
+// the mapped model's logits bit for bit.
+static void test_logits_identical(void) {
+    static const char *const providers[] = {"experts:n=1,prefetch=off", "experts:n=1,prefetch=on",
+                                            "experts:n=2,policy=lfu", "experts:n=off", "experts"};
+    for (size_t i = 0; i < N_MODELS; i++)
+        for (size_t j = 0; j < sizeof providers / sizeof providers[0]; j++) {
+            weights_stats_t st;
+            CU_ASSERT_TRUE(same_as_mapped(moe_models[i], providers[j], 0, &st));
+            CU_ASSERT(st.expert_hits + st.expert_misses > 0);
+            CU_ASSERT_EQUAL(st.hits + st.misses, st.acquires);
+            if (j == 4) CU_ASSERT_EQUAL(st.misses, 0); // all resident, read at creation
+            if (j == 3) CU_ASSERT_EQUAL(st.expert_hits, 0);   // no cache: every use reads
+            if (j == 3) CU_ASSERT_EQUAL(st.units_read, st.misses);
+        }
+}
+
+// Prefetch on a 2-of-8 cache: reads ahead happen (router hints, guesses), some are used, tokens the same.
+static void test_prefetch_counts(void) {
+    weights_stats_t on, off;
+    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=2,prefetch=on", 0, &on));
+    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=2,prefetch=off", 0, &off));
+    fprintf(stderr, "\n  prefetch on: %llu hits %llu misses, %llu guessed reads (%llu used); off: %llu hits %llu misses ",
+            (unsigned long long)on.expert_hits, (unsigned long long)on.expert_misses,
+            (unsigned long long)on.prefetch_reads, (unsigned long long)on.prefetch_used,
+            (unsigned long long)off.expert_hits, (unsigned long long)off.expert_misses);
+    CU_ASSERT(on.prefetch_reads > 0);
+    CU_ASSERT(on.prefetch_used <= on.prefetch_reads);
+    CU_ASSERT_EQUAL(off.prefetch_reads, 0);
+    CU_ASSERT_EQUAL(on.hits + on.misses, off.hits + off.misses); // the same expert acquires
+}
+
+// A budget below the model's experts: the cache holds what fits (fewer than all), the logits stay.
+static void test_budget(void) {
+    char path[1024], err[512];
+    test_shared_path(path, sizeof path, "models/synth/synth-moe-Q8_0.gguf");
+    gguf_t *g = NULL;
+    model_hparams_t hp;
+    CU_ASSERT_EQUAL_FATAL(gguf_open(&g, path, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(hparams_read(g, &hp, err, sizeof err), 0);
+    shard_slice_t sl = shard_full(hp.n_layer, hp.n_head, hp.n_head_kv, hp.n_embd, hp.n_ff, hp.n_vocab);
+    weights_params_t p = {.g = g, .hp = &hp, .slice = &sl, .n_ctx = N_CTX};
+    int all = 0, n = 0;
+    CU_ASSERT_EQUAL(experts_fit(&p, &all, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(all, hp.n_expert);
+    // the resident share with every expert, then a budget three experts per block short of it
+    p.budget_bytes = 1ull << 40;
+    plan_stream_t st;
+    CU_ASSERT_EQUAL_FATAL(weights_plan(&p, &st, err, sizeof err), 0);
+    uint64_t eb = 0; // one expert of every block
+    for (int il = 0; il < hp.n_layer; il++) {
+        const char *names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
+        for (int m = 0; m < 3; m++) {
+            char tn[96];
+            snprintf(tn, sizeof tn, "blk.%d.%s.weight", il, names[m]);
+            const gguf_tensor_t *t = gguf_find_tensor(g, tn);
+            CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+            eb += t->nbytes / (uint64_t)hp.n_expert;
+        }
+    }
+    p.budget_bytes = st.resident_bytes - 5 * eb - eb / 2; // room for 2 of 8 per block
+    CU_ASSERT_EQUAL(experts_fit(&p, &n, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(n, hp.n_expert - 6);
+    p.budget_bytes = st.resident_bytes - (uint64_t)hp.n_expert * eb + eb / 2; // not even one
+    CU_ASSERT_EQUAL(experts_fit(&p, &n, err, sizeof err), MLM_ERANGE);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "below the"));
+    const uint64_t budget = st.resident_bytes - 5 * eb - eb / 2;
+    gguf_close(&g);
+    weights_stats_t ws;
+    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts", budget, &ws));
+    CU_ASSERT(ws.misses > 0);
+    CU_ASSERT(ws.bytes_peak <= budget);
+    fprintf(stderr, "\n  budget %.2f MiB (all resident %.2f MiB): peak %.2f MiB of weights, %llu hits %llu misses ",
+            (double)budget / 1048576.0, (double)st.resident_bytes / 1048576.0, (double)ws.bytes_peak / 1048576.0,
+            (unsigned long long)ws.hits, (unsigned long long)ws.misses);
+}
+
+// Acquires (and releases) experts of block 0 in order; returns the provider's counters.
+static weights_stats_t trace(const char *provider, const int *experts, int n) {
+    char path[1024];
+    test_shared_path(path, sizeof path, "models/synth/synth-moe-Q8_0.gguf");
+    model_t *m = load(path, provider, 0, 0);
+    weights_stats_t st;
+    memset(&st, 0, sizeof st);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+    weights_t *w = model_weights(m);
+    for (int i = 0; i < n; i++) {
+        const layer_weights_t *X;
+        CU_ASSERT_EQUAL(weights_acquire(w, 0, experts[i], &X), 0);
+        if (X) CU_ASSERT(X->w_gate.rows > 0 && X->w_down.rows > 0);
+        weights_release(w, 0, experts[i]);
+    }
+    weights_stats(w, &st);
+    model_destroy(&m);
+    return st;
+}
+
+static void test_trace_counters(void) {
+    const int all[] = {0, 1, 2, 3, 4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0};
+    weights_stats_t st = trace("experts:n=8,prefetch=off", all, 16);
+    CU_ASSERT_EQUAL(st.hits, 16); // all resident: hit rate 1
+    CU_ASSERT_EQUAL(st.misses, 0);
+
+    const int one[] = {3, 3, 3, 3, 3, 3, 3, 3, 3, 3};
+    st = trace("experts:n=1,prefetch=off", one, 10);
+    CU_ASSERT_EQUAL(st.misses, 1); // the first use reads it, the rest hit
+    CU_ASSERT_EQUAL(st.hits, 9);
+    CU_ASSERT_EQUAL(st.units_read, 1);
+
+    // 2 slots: 0 is used three times, then 1 and 2 come; LRU evicts 0 (least recent) for 2 and misses
+    // it again, LFU evicts 1 (used once) and hits 0
+    const int lx[] = {0, 0, 0, 1, 2, 0};
+    weights_stats_t lru = trace("experts:n=2,policy=lru,prefetch=off", lx, 6);
+    weights_stats_t lfu = trace("experts:n=2,policy=lfu,prefetch=off", lx, 6);
+    CU_ASSERT_EQUAL(lru.hits, 2);
+    CU_ASSERT_EQUAL(lru.misses, 4);
+    CU_ASSERT_EQUAL(lfu.hits, 3);
+    CU_ASSERT_EQUAL(lfu.misses, 3);
+    CU_ASSERT_EQUAL(lru.evictions, 2);
+    CU_ASSERT_EQUAL(lfu.evictions, 1);
+
+    // no cache: every use reads, even a repeat
+    st = trace("experts:n=off", one, 10);
+    CU_ASSERT_EQUAL(st.hits, 0);
+    CU_ASSERT_EQUAL(st.misses, 10);
+    CU_ASSERT_EQUAL(st.expert_misses, 10);
+    CU_ASSERT_EQUAL(st.units_read, 10);
+}
+
+// Adaptive gating: off gives the reference; a threshold above every second weight changes the logits
+// (the second expert is dropped), and then reads fewer experts.
+static void test_skip(void) {
+    char path[1024];
+    test_shared_path(path, sizeof path, "models/synth/synth-moe-Q8_0.gguf");
+    model_t *a = load(path, "experts:n=1,prefetch=off", 0, 0), *b = load(path, "experts:n=1,prefetch=off", 0, 0.51f);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(a);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(b);
+    float *la = logits12(a), *lb = logits12(b);
+    CU_ASSERT(la && lb);
+    if (la && lb) CU_ASSERT(memcmp(la, lb, (size_t)12 * model_hparams(a)->n_vocab * sizeof(float)) != 0);
+    weights_stats_t sa, sb;
+    weights_stats(model_weights(a), &sa);
+    weights_stats(model_weights(b), &sb);
+    CU_ASSERT(sb.expert_hits + sb.expert_misses < sa.expert_hits + sa.expert_misses); // top-1 only: fewer uses
+    free(la);
+    free(lb);
+    model_destroy(&a);
+    model_destroy(&b);
+}
+
+// --- tests: the command line
+
+// Runs `meshlm run` on the Q8_0 synthetic MoE with extra options (a space-separated list, no quoting);
+// its stdout (the text) into out, its stderr into errout (cap bytes each). 0 when it ran and exited 0.
+static int run_cli(const char *extra, char *out, char *errout, size_t cap) {
+    char path[1024], cmd[4096], ef[64];
+    test_shared_path(path, sizeof path, "models/synth/synth-moe-Q8_0.gguf");
+    snprintf(ef, sizeof ef, "/tmp/test_experts_%d.err", (int)getpid());
+    snprintf(cmd, sizeof cmd, "%s run -m %s -p 'Once upon a time' -n 12 --greedy -c 64 -t 2 %s 2>%s",
+             test_meshlm_bin(), path, extra, ef);
+    FILE *f = popen(cmd, "r");
+    if (!f) return -1;
+    size_t n = fread(out, 1, cap - 1, f);
+    out[n] = 0;
+    const int st = pclose(f);
+    FILE *e = fopen(ef, "r");
+    n = e ? fread(errout, 1, cap - 1, e) : 0;
+    errout[n] = 0;
+    if (e) fclose(e);
+    unlink(ef);
+    if (st != 0) fprintf(stderr, "\n  meshlm run %s: exit %d: %s\n", extra, st, errout);
+    return st == 0 ? 0 : -1;
+}
+
+// `run --expert-cache`: one node (a cache of one expert, LFU, prefetch off, and the budget's own size
+// below the experts), and two local workers that cache their shares: the text of a plain run.
+static void test_cli_tokens(void) {
+    if (!test_meshlm_bin()) {
+        fprintf(stderr, "(skipped: MESHLM_BIN not set) ");
+        return;
+    }
+    enum { CAP = 16384 };
+    char *ref = malloc(CAP), *out = malloc(CAP), *err = malloc(CAP);
+    CU_ASSERT_FATAL(ref && out && err);
+    CU_ASSERT_EQUAL_FATAL(run_cli("", ref, err, CAP), 0);
+    CU_ASSERT(strlen(ref) > strlen("Once upon a time"));
+    const char *const cases[] = {
+        "--expert-cache 1",
+        "--expert-cache 1 --expert-policy lfu --expert-prefetch off",
+        "--expert-cache auto --mem-budget 5M",  // the experts alone weigh 6.4 MiB
+        "--expert-cache off",
+        "--local 2 --expert-cache 1",
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (run_cli(cases[i], out, err, CAP) != 0) {
+            CU_FAIL("meshlm run failed");
+            continue;
+        }
+        if (strcmp(out, ref) != 0) {
+            fprintf(stderr, "\n  %s: text differs:\n  %s\n  vs\n  %s\n", cases[i], out, ref);
+            CU_FAIL("tokens differ");
+        }
+        if (!strstr(cases[i], "--local")) {
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: weights: experts: "));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: experts: hit rate "));
+        }
+        if (strstr(cases[i], "5M")) { // fewer than all 8 fit
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, " of 8 per block resident"));
+            CU_ASSERT_PTR_NULL(strstr(err, "experts: 8 of 8"));
+        }
+    }
+    // adaptive gating changes the text (documented), and a bad option is refused naming it
+    CU_ASSERT_EQUAL(run_cli("--expert-cache 1 --expert-skip 0.49", out, err, CAP), 0);
+    CU_ASSERT(strcmp(out, ref) != 0);
+    CU_ASSERT_NOT_EQUAL(run_cli("--expert-policy mru", out, err, CAP), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "--expert-policy"));
+    free(ref);
+    free(out);
+    free(err);
+}
+
+int test_experts_suite(void) {
+    CU_pSuite s = CU_add_suite("experts", NULL, NULL);
+    if (!s) return -1;
+    if (!CU_add_test(s, "options parse and name the provider", test_options) ||
+        !CU_add_test(s, "every cache size, policy and prefetch setting: the mapped logits bit for bit",
+                     test_logits_identical) ||
+        !CU_add_test(s, "prefetch reads ahead and changes no token", test_prefetch_counts) ||
+        !CU_add_test(s, "a budget below the experts sizes the cache; logits unchanged", test_budget) ||
+        !CU_add_test(s, "counters on known traces: all resident, one repeated, LRU vs LFU, no cache",
+                     test_trace_counters) ||
+        !CU_add_test(s, "adaptive gating changes outputs only when on", test_skip) ||
+        !CU_add_test(s, "run --expert-cache: one node, under a budget, local workers: the same text", test_cli_tokens))
+        return -1;
+    return 0;
+}

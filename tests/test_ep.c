@@ -1,0 +1,335 @@
+// Expert-parallel suite: members holding whole experts (threads over the inproc and zmq transports) give the single node's logits bit for bit.
+#include <CUnit/CUnit.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/err.h"
+#include "test_util.h"
+#include "transport/comm.h"
+#include "transport/comm_inproc.h"
+#include "transport/comm_open.h"
+#include "transport/gatherv.h"
+#include "worker/model/model.h"
+
+// --- types
+
+#define MAX_RANKS 4
+#define MAX_OWN (64 * 64)          // owner table entries (n_layer * n_expert) the suite's models need
+#define N_PROMPT 13                // a prompt of 13 tokens in chunks of 8: a chunk of 8 and one of 5
+#define N_DECODE 3                 // then 3 tokens one at a time
+#define N_BATCH 8
+#define DL_MS 20000
+
+typedef struct {
+    const char *model;             // relative to shared/
+    const char *transport;         // "inproc" or "zmq"
+    int n;                         // ranks
+    int n_stages;                  // 1, or 2: ranks [0, n/2) hold the first half of the blocks, the rest the second
+    uint8_t owner[MAX_OWN];        // (n_layer, n_expert) member index inside its stage's group
+    const float *ref;              // (N_PROMPT + N_DECODE, n_vocab) the single node's logits
+    char *dir;                     // zmq: directory of the ipc endpoints
+    int mismatches[MAX_RANKS];     // per rank: logit rows that differ from ref (of the rows it produces)
+    int rows[MAX_RANKS];           // per rank: logit rows compared
+    int rc[MAX_RANKS];             // per rank: first error
+} ep_case_t;
+
+// What one member's group collectives need: its comm and the group's ranks [first, first + n).
+typedef struct {
+    comm_t *c;
+    int first, n;
+} ep_member_t;
+
+// --- helpers
+
+static int ep_alltoallv(void *ctx, const void *send, const size_t *send_lens, void *recv, const size_t *recv_lens) {
+    ep_member_t *m = ctx;
+    return comm_alltoallv(m->c, m->first, m->n, send, send_lens, recv, recv_lens, DL_MS);
+}
+
+static int ep_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
+    ep_member_t *m = ctx;
+    return comm_allgatherv_range(m->c, m->first, m->n, mine, my_len, out, lens, DL_MS);
+}
+
+static void prompt_tokens(int32_t *tok, int n, int n_vocab) {
+    for (int i = 0; i < n; i++) tok[i] = (int32_t)((1 + 37 * i) % n_vocab);
+}
+
+// The single node's logits of the prompt (every row) and the decoded tokens, (N_PROMPT + N_DECODE, n_vocab).
+static float *reference_logits(const char *path, int *n_vocab) {
+    char err[256];
+    model_t *m = NULL;
+    if (model_load(&m, path, NULL, err, sizeof err) != 0) {
+        fprintf(stderr, "\n%s\n", err);
+        return NULL;
+    }
+    const int V = model_hparams(m)->n_vocab;
+    model_ctx_opts_t o = {.n_ctx = 64, .n_batch = N_BATCH, .n_threads = 1};
+    model_ctx_t *c = NULL;
+    float *out = malloc((size_t)(N_PROMPT + N_DECODE) * V * sizeof(float));
+    int32_t tok[N_PROMPT + N_DECODE];
+    prompt_tokens(tok, N_PROMPT + N_DECODE, V);
+    int rc = out ? model_ctx_new(&c, m, &o, err, sizeof err) : MLM_ENOMEM;
+    if (rc == 0) rc = model_eval(c, tok, N_PROMPT, out, true);
+    for (int i = 0; rc == 0 && i < N_DECODE; i++) rc = model_eval(c, tok + N_PROMPT + i, 1, out + (size_t)(N_PROMPT + i) * V, false);
+    model_ctx_destroy(&c);
+    model_destroy(&m);
+    if (rc != 0) {
+        free(out);
+        return NULL;
+    }
+    *n_vocab = V;
+    return out;
+}
+
+static int open_comm(ep_case_t *k, comm_inproc_group_t *g, int rank, comm_t **out) {
+    char err[256];
+    if (strcmp(k->transport, "inproc") == 0) return comm_inproc_join(g, rank, out);
+    char eps[MAX_RANKS][256];
+    const char *ptrs[MAX_RANKS];
+    for (int r = 0; r < k->n; r++) {
+        snprintf(eps[r], sizeof eps[r], "ipc://%s/r%d", k->dir, r);
+        ptrs[r] = eps[r];
+    }
+    comm_open_opts_t o = {.rank = rank, .size = k->n, .endpoints = ptrs, .timeout_ms = DL_MS};
+    int rc = comm_open(out, "zmq", &o, err, sizeof err);
+    if (rc != 0) fprintf(stderr, "\nzmq rank %d: %s\n", rank, err);
+    return rc;
+}
+
+typedef struct {
+    ep_case_t *k;
+    comm_inproc_group_t *g;
+    int rank;
+} rank_arg_t;
+
+// One member: its stage's blocks (every row), its group's experts, the same calls as the single node.
+static void *rank_main(void *p) {
+    rank_arg_t *a = p;
+    ep_case_t *k = a->k;
+    const int r = a->rank, per = k->n / k->n_stages, stage = r / per;
+    char err[256], path[1024];
+    comm_t *c = NULL;
+    model_t *m = NULL, *probe = NULL;
+    model_ctx_t *ctx = NULL;
+    float *logits = NULL, *hid = NULL;
+    int rc = open_comm(k, a->g, r, &c);
+    if (rc == 0) rc = model_load(&probe, test_shared_path(path, sizeof path, k->model), NULL, err, sizeof err);
+    model_hparams_t hp = {0};
+    if (rc == 0) hp = *model_hparams(probe);
+    model_destroy(&probe);
+    shard_slice_t s = shard_full(hp.n_layer, hp.n_head, hp.n_head_kv, hp.n_embd, hp.n_ff, hp.n_vocab);
+    s.l0 = stage == 0 ? 0 : hp.n_layer / 2;
+    s.l1 = k->n_stages == 1 || stage == 1 ? hp.n_layer : hp.n_layer / 2;
+    model_load_opts_t lo = {.slice = &s, .repack = true}; // as the reference loads (repacked kernels)
+    if (rc == 0) rc = model_load(&m, path, &lo, err, sizeof err);
+    ep_member_t mb = {c, stage * per, per};
+    model_ep_t ep = {.n_nodes = per, .index = r - stage * per, .n_layer = hp.n_layer, .n_expert = hp.n_expert,
+                     .owner = k->owner, .alltoallv = ep_alltoallv, .gather = ep_gather, .ctx = &mb};
+    model_ctx_opts_t o = {.n_ctx = 64, .n_batch = N_BATCH, .n_threads = 1, .ep = &ep};
+    if (rc == 0) rc = model_ctx_new(&ctx, m, &o, err, sizeof err);
+    if (rc != 0) fprintf(stderr, "\nrank %d: %s (%s)\n", r, mlm_strerror(rc), err);
+    const int V = hp.n_vocab, E = hp.n_embd;
+    const bool last = stage == k->n_stages - 1;
+    int32_t tok[N_PROMPT + N_DECODE];
+    prompt_tokens(tok, N_PROMPT + N_DECODE, V > 0 ? V : 1);
+    logits = malloc((size_t)(N_PROMPT + N_DECODE) * (V > 0 ? V : 1) * sizeof(float));
+    hid = malloc((size_t)N_PROMPT * (E > 0 ? E : 1) * sizeof(float));
+    // (first token, count) of each step: the prompt, then one token at a time
+    for (int st = 0; rc == 0 && st <= N_DECODE; st++) {
+        const int t0 = st == 0 ? 0 : N_PROMPT + st - 1, nt = st == 0 ? N_PROMPT : 1;
+        float *out = logits + (size_t)t0 * V;
+        if (k->n_stages == 1) {
+            rc = model_eval(ctx, tok + t0, nt, out, st == 0);
+        } else if (stage == 0) { // hands its residual stream to its counterpart in the next stage
+            rc = model_eval_stage(ctx, tok + t0, NULL, nt, hid, NULL, false);
+            if (rc == 0) rc = comm_send1(c, r + per, hid, (size_t)nt * E * sizeof(float), DL_MS);
+        } else {
+            comm_msg_t msg;
+            rc = comm_recv(c, r - per, &msg, NULL, DL_MS);
+            if (rc == 0 && (msg.n != 1 || msg.len[0] != (size_t)nt * E * sizeof(float))) rc = MLM_EPROTO;
+            if (rc == 0) memcpy(hid, msg.data[0], msg.len[0]);
+            if (rc == 0) comm_msg_free(&msg);
+            if (rc == 0) rc = model_eval_stage(ctx, NULL, hid, nt, NULL, out, st == 0);
+        }
+        if (rc != 0) fprintf(stderr, "\nrank %d step %d: %s\n", r, st, mlm_strerror(rc));
+    }
+    if (rc == 0 && last) {
+        for (int row = 0; row < N_PROMPT + N_DECODE; row++) {
+            k->rows[r]++;
+            k->mismatches[r] += memcmp(logits + (size_t)row * V, k->ref + (size_t)row * V, (size_t)V * sizeof(float)) != 0;
+        }
+    }
+    k->rc[r] = rc;
+    free(logits);
+    free(hid);
+    model_ctx_destroy(&ctx);
+    model_destroy(&m);
+    comm_destroy(&c);
+    return NULL;
+}
+
+// Runs case k on k->n threads and asserts every last-stage member got the reference bits.
+static void run_case(ep_case_t *k, const char *what) {
+    pthread_t th[MAX_RANKS];
+    rank_arg_t args[MAX_RANKS];
+    comm_inproc_group_t *g = NULL;
+    if (strcmp(k->transport, "inproc") == 0) {
+        CU_ASSERT_FATAL(comm_inproc_group_new(&g, k->n, 0) == 0);
+    } else {
+        k->dir = test_tmpdir();
+    }
+    for (int r = 0; r < k->n; r++) {
+        args[r] = (rank_arg_t){k, g, r};
+        pthread_create(&th[r], NULL, rank_main, &args[r]);
+    }
+    for (int r = 0; r < k->n; r++) pthread_join(th[r], NULL);
+    comm_inproc_group_release(&g);
+    if (k->dir) test_rm_dir(k->dir);
+    k->dir = NULL;
+    const int per = k->n / k->n_stages;
+    for (int r = 0; r < k->n; r++) {
+        CU_ASSERT_EQUAL(k->rc[r], 0);
+        if (r >= k->n - per) { // the last stage produces the logits
+            CU_ASSERT_EQUAL(k->rows[r], N_PROMPT + N_DECODE);
+            CU_ASSERT_EQUAL(k->mismatches[r], 0);
+            if (k->mismatches[r] || k->rc[r])
+                fprintf(stderr, "\n%s (%s, %s, rank %d): %d of %d rows differ, rc %d\n", what, k->model,
+                        k->transport, r, k->mismatches[r], k->rows[r], k->rc[r]);
+        }
+    }
+}
+
+// Owner tables (member inside a group of `per`): by expert id, in contiguous uneven blocks, and
+// shifted per layer (each block places its experts differently).
+static void own_round_robin(uint8_t *own, int nl, int ne, int per) {
+    for (int l = 0; l < nl; l++)
+        for (int e = 0; e < ne; e++) own[l * ne + e] = (uint8_t)(e % per);
+}
+
+static void own_uneven(uint8_t *own, int nl, int ne, int per) { // member 0 holds the most, the last the fewest
+    for (int l = 0; l < nl; l++)
+        for (int e = 0; e < ne; e++) {
+            int m = 0, at = 0;
+            for (int j = 0; j < per; j++) { // member j gets ne*(per-j)/(sum) experts, at least one
+                int cnt = ne * (per - j) * 2 / (per * (per + 1));
+                if (cnt < 1) cnt = 1;
+                if (j == per - 1) cnt = ne - at;
+                if (e >= at && e < at + cnt) m = j;
+                at += cnt;
+            }
+            own[l * ne + e] = (uint8_t)m;
+        }
+}
+
+static void own_shifted(uint8_t *own, int nl, int ne, int per) { // member 0 owns nothing in layer 0
+    for (int l = 0; l < nl; l++)
+        for (int e = 0; e < ne; e++) own[l * ne + e] = (uint8_t)(l == 0 ? 1 + e % (per - 1) : (e + 3 * l) % per);
+}
+
+typedef void (*own_fn)(uint8_t *own, int nl, int ne, int per);
+
+static void run_model(const char *model, const char *transport, int n, int n_stages, own_fn own, const char *what) {
+    char path[1024];
+    int V = 0;
+    float *ref = reference_logits(test_shared_path(path, sizeof path, model), &V);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(ref);
+    model_t *m = NULL;
+    char err[256];
+    CU_ASSERT_FATAL(model_load(&m, path, NULL, err, sizeof err) == 0);
+    const model_hparams_t hp = *model_hparams(m);
+    model_destroy(&m);
+    CU_ASSERT_FATAL(hp.n_expert > 0 && hp.n_layer * hp.n_expert <= MAX_OWN);
+    ep_case_t *k = calloc(1, sizeof *k);
+    k->model = model;
+    k->transport = transport;
+    k->n = n;
+    k->n_stages = n_stages;
+    k->ref = ref;
+    own(k->owner, hp.n_layer, hp.n_expert, n / n_stages);
+    int held[MAX_RANKS] = {0}; // the placement really spreads the experts: every member owns some
+    for (int i = 0; i < hp.n_layer * hp.n_expert; i++) held[k->owner[i]]++;
+    for (int j = 0; j < n / n_stages; j++) CU_ASSERT(held[j] > 0);
+    run_case(k, what);
+    free(k);
+    free(ref);
+}
+
+// --- tests
+
+#define SYNTH "models/synth/synth-moe-Q4_0.gguf"
+#define SYNTH_F16 "models/synth/synth-moe-F16.gguf"
+#define MOE8 "models/derived/stories260K-moe8x-top2-permuted.gguf"
+#define MOE4 "models/derived/stories260K-moe4x-top4-split.gguf"
+
+static void test_ep2_even(void) {
+    run_model(MOE8, "inproc", 2, 1, own_round_robin, "2 members, 4 experts each");
+    run_model(SYNTH, "inproc", 2, 1, own_round_robin, "2 members, even");
+}
+
+static void test_ep3_uneven(void) {
+    run_model(MOE8, "inproc", 3, 1, own_uneven, "3 members, uneven");
+    run_model(MOE4, "inproc", 3, 1, own_shifted, "3 members, top-4, shifted per layer");
+    run_model(SYNTH_F16, "inproc", 3, 1, own_uneven, "3 members, F16 experts");
+}
+
+static void test_ep4(void) {
+    run_model(MOE8, "inproc", 4, 1, own_round_robin, "4 members, even");
+    run_model(SYNTH, "inproc", 4, 1, own_shifted, "4 members, shifted per layer");
+}
+
+static void test_ep_pipeline(void) {
+    run_model(MOE8, "inproc", 4, 2, own_round_robin, "2 stages of 2 members");
+    run_model(SYNTH, "inproc", 4, 2, own_shifted, "2 stages of 2 members, shifted");
+}
+
+static void test_ep_zmq(void) {
+    run_model(MOE8, "zmq", 3, 1, own_uneven, "3 members over zmq");
+    run_model(MOE4, "zmq", 4, 2, own_uneven, "2 stages of 2 members over zmq");
+}
+
+// A group the context cannot run is refused before anything is computed.
+static void test_ep_refused(void) {
+    char path[1024], err[256];
+    model_t *m = NULL;
+    CU_ASSERT_FATAL(model_load(&m, test_shared_path(path, sizeof path, MOE8), NULL, err, sizeof err) == 0);
+    const model_hparams_t *hp = model_hparams(m);
+    uint8_t own[MAX_OWN] = {0};
+    ep_member_t mb = {0};
+    model_ep_t ep = {.n_nodes = 2, .index = 0, .n_layer = hp->n_layer, .n_expert = hp->n_expert, .owner = own,
+                     .alltoallv = ep_alltoallv, .gather = ep_gather, .ctx = &mb};
+    model_ctx_opts_t o = {.n_ctx = 16, .n_threads = 1, .ep = &ep};
+    model_ctx_t *c = NULL;
+    own[3] = 2; // an owner outside the group
+    CU_ASSERT_EQUAL(model_ctx_new(&c, m, &o, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_PTR_NULL(c);
+    own[3] = 1;
+    ep.n_expert = hp->n_expert + 1; // a table of another shape
+    CU_ASSERT_EQUAL(model_ctx_new(&c, m, &o, err, sizeof err), MLM_EINVAL);
+    ep.n_expert = hp->n_expert;
+    CU_ASSERT_EQUAL(model_ctx_new(&c, m, &o, err, sizeof err), 0);
+    model_ctx_destroy(&c);
+    model_destroy(&m);
+    // a dense model has no experts to place
+    CU_ASSERT_FATAL(model_load(&m, test_shared_path(path, sizeof path, "models/stories260K.gguf"), NULL, err, sizeof err) == 0);
+    ep.n_layer = model_hparams(m)->n_layer;
+    ep.n_expert = 0;
+    CU_ASSERT_EQUAL(model_ctx_new(&c, m, &o, err, sizeof err), MLM_EINVAL);
+    model_destroy(&m);
+}
+
+int test_ep_suite(void) {
+    CU_pSuite s = CU_add_suite("ep", NULL, NULL);
+    if (!s) return -1;
+    if (!CU_add_test(s, "2 members, even placements", test_ep2_even) ||
+        !CU_add_test(s, "3 members, uneven placements", test_ep3_uneven) ||
+        !CU_add_test(s, "4 members", test_ep4) ||
+        !CU_add_test(s, "pipeline of two expert-parallel groups", test_ep_pipeline) ||
+        !CU_add_test(s, "over zmq", test_ep_zmq) ||
+        !CU_add_test(s, "inconsistent groups refused", test_ep_refused))
+        return -1;
+    return 0;
+}

@@ -6,7 +6,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cluster/launch.h"
+#include "coordinator/runtime/cluster.h"
 #include "core/err.h"
+#include "parallel/plan.h"
+#include "ref_cases.h"
 #include "test_util.h"
 #include "transport/comm.h"
 #include "transport/comm_inproc.h"
@@ -321,6 +325,163 @@ static void test_ep_refused(void) {
     model_destroy(&m);
 }
 
+// --- real worker processes: the cluster runtime with placed experts
+
+// A reference case's logits on one node, fed as generation does (prompt, then one token at a time),
+// in chunks of n_batch (0 = the default) so a pipeline's micro-batches give the same chunks.
+static float *case_single(const ref_case_t *rc, int n_batch) {
+    char err[256];
+    model_t *m = NULL;
+    if (model_load(&m, rc->model_path, NULL, err, sizeof err) != 0) return NULL;
+    const int nv = model_hparams(m)->n_vocab, rows = rc->n_prompt + rc->n_greedy;
+    float *lg = malloc((size_t)rows * nv * sizeof(float));
+    model_ctx_t *c = NULL;
+    model_ctx_opts_t co = {.n_ctx = rows + 8, .n_threads = 1, .n_batch = n_batch};
+    int r = lg ? model_ctx_new(&c, m, &co, err, sizeof err) : MLM_ENOMEM;
+    if (r == 0) r = model_eval(c, rc->prompt_tokens, rc->n_prompt, lg, true);
+    for (int i = 0; r == 0 && i < rc->n_greedy; i++) r = model_eval(c, &rc->greedy[i], 1, lg + (size_t)(rc->n_prompt + i) * nv, true);
+    model_ctx_destroy(&c);
+    model_destroy(&m);
+    if (r != 0) {
+        free(lg);
+        return NULL;
+    }
+    return lg;
+}
+
+typedef struct {
+    const char *case_name;   // shared/reference case
+    int n_workers;
+    int ep;                  // members per stage (--ep)
+    int pp;                  // stages (0 = one)
+    const char *speeds;      // node speeds (uneven expert counts), or NULL
+    bool coord_shard;        // the coordinator computes the first member's share
+    bool tcp;
+} ep_cluster_t;
+
+// Runs the case on local worker processes with placed experts: every logit row must equal one
+// node's. Returns the rows that differ, or -1 (reported). *plan_out gets the plan.
+static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) {
+    ref_case_t rc;
+    if (ref_load(k->case_name, &rc) != 0) return -1;
+    const int rows = rc.n_prompt + rc.n_greedy, nv = rc.n_vocab, ub = k->pp > 1 ? 4 : 0;
+    float *ref = case_single(&rc, ub), *lg = malloc((size_t)rows * nv * sizeof(float));
+    char err[1024];
+    launch_t l;
+    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc.model_path, .n_threads = 1, .tcp = k->tcp};
+    int bad = -1;
+    if (!ref || !lg || !lo.exe || launch_local(&l, k->n_workers, &lo, err, sizeof err) != 0) {
+        fprintf(stderr, "launch: %s\n", lo.exe ? err : "MESHLM_BIN not set");
+        free(ref);
+        free(lg);
+        ref_free(&rc);
+        return -1;
+    }
+    const char *eps[LAUNCH_MAX];
+    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .speeds = k->speeds,
+                         .coordinator_shard = k->coord_shard, .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000,
+                         .pp = k->pp > 0 ? k->pp : 1, .ep = k->ep, .ubatch = ub, .keep_all = true};
+    cluster_t *cl = NULL;
+    if (cluster_open(&cl, &co, err, sizeof err) != 0) {
+        fprintf(stderr, "  %s: cluster_open: %s\n", k->case_name, err);
+    } else {
+        if (plan_out) *plan_out = *cluster_plan(cl);
+        int r = cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, true);
+        for (int i = 0; r == 0 && i < rc.n_greedy; i++)
+            r = cluster_eval(cl, &rc.greedy[i], 1, lg + (size_t)(rc.n_prompt + i) * nv, true);
+        if (r != 0) {
+            fprintf(stderr, "  %s (%s): eval: %s (%s)\n", k->case_name, cluster_plan(cl)->layout, mlm_strerror(r),
+                    cluster_error(cl));
+        } else {
+            bad = 0;
+            for (int i = 0; i < rows; i++)
+                bad += memcmp(lg + (size_t)i * nv, ref + (size_t)i * nv, (size_t)nv * sizeof(float)) != 0;
+            if (bad) fprintf(stderr, "  %s (%s): %d of %d rows differ from one node\n", k->case_name,
+                             cluster_plan(cl)->layout, bad, rows);
+        }
+        cluster_close(&cl, true);
+    }
+    launch_reap(&l, 5000);
+    free(ref);
+    free(lg);
+    ref_free(&rc);
+    return bad;
+}
+
+// Experts per member of shard i.
+static int experts_of(const plan_t *p, int i) {
+    int k = 0;
+    for (int e = 0; e < 256; e++) k += plan_has_expert(p, i, e);
+    return k;
+}
+
+static void test_ep_workers(void) {
+    static const ep_cluster_t cases[] = {
+        {"stories260K-moe8x-top2-permuted.p0", 2, 2, 0, NULL, false, false},   // 4 + 4 experts
+        {"synth-moe-Q4_0.p0", 3, 3, 0, NULL, false, true},                     // 3 + 3 + 2, over tcp
+        {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false}, // uneven by speed
+        {"synth-moe-Q4_0.p1", 4, 4, 0, "1,1,2,1", false, false},               // 4 members, uneven
+        {"stories260K-moe4x-top4-split.p0", 4, 2, 2, NULL, false, false},      // 2 stages of 2 members
+        {"synth-moe-F16.p0", 3, 3, 0, NULL, true, false},                      // the coordinator is a member
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        plan_t *p = calloc(1, sizeof *p);
+        CU_ASSERT_EQUAL(run_ep_cluster(&cases[i], p), 0);
+        CU_ASSERT(p->ep);
+        const int members = cases[i].coord_shard ? cases[i].n_workers + 1 : cases[i].n_workers;
+        CU_ASSERT_EQUAL(p->n, cases[i].coord_shard ? cases[i].ep : members);
+        int total = 0, most = 0, least = 1 << 20;
+        for (int j = 0; j < p->n; j++) {
+            const int e = experts_of(p, j);
+            total += e;
+            most = e > most ? e : most;
+            least = e < least ? e : least;
+        }
+        CU_ASSERT(least >= 1);
+        CU_ASSERT_EQUAL(total, p->n_stages * (strstr(cases[i].case_name, "moe4x") ? 4 : 8)); // each expert once per stage
+        if (cases[i].speeds) CU_ASSERT(most > least); // the faster member computes more experts
+        free(p);
+    }
+}
+
+// meshlm plan names the experts each node holds of each block.
+static void test_ep_plan_output(void) {
+    const char *exe = test_meshlm_bin();
+    CU_ASSERT_PTR_NOT_NULL_FATAL(exe);
+    char path[1024], cmd[2300];
+    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2,1,1 --ep 3 2>&1", exe,
+             test_shared_path(path, sizeof path, SYNTH));
+    FILE *f = popen(cmd, "r");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    char out[16384];
+    size_t n = fread(out, 1, sizeof out - 1, f);
+    out[n] = 0;
+    CU_ASSERT_EQUAL(pclose(f), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "plan ep3"));
+    // speeds 2,1,1 over 8 experts: 4, 2 and 2
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 0-3: node-0 experts 0-3; node-1 experts 4-5; node-2 experts 6-7"));
+    if (!strstr(out, "node-0 experts 0-3")) fprintf(stderr, "\n%s\n", out);
+    // with stages: each stage names its layers
+    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 4 --ep 2 --pp 2 2>&1", exe, path);
+    f = popen(cmd, "r");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    n = fread(out, 1, sizeof out - 1, f);
+    out[n] = 0;
+    CU_ASSERT_EQUAL(pclose(f), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "plan pp2 x ep2"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 0-1: node-0 experts 0-3; node-1 experts 4-7"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 2-3: node-2 experts 0-3; node-3 experts 4-7"));
+    // a dense model has nothing to place
+    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2 --ep 2 2>&1", exe,
+             test_shared_path(path, sizeof path, "models/stories260K.gguf"));
+    f = popen(cmd, "r");
+    n = fread(out, 1, sizeof out - 1, f);
+    out[n] = 0;
+    CU_ASSERT_NOT_EQUAL(pclose(f), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "no experts to place"));
+}
+
 int test_ep_suite(void) {
     CU_pSuite s = CU_add_suite("ep", NULL, NULL);
     if (!s) return -1;
@@ -329,7 +490,9 @@ int test_ep_suite(void) {
         !CU_add_test(s, "4 members", test_ep4) ||
         !CU_add_test(s, "pipeline of two expert-parallel groups", test_ep_pipeline) ||
         !CU_add_test(s, "over zmq", test_ep_zmq) ||
-        !CU_add_test(s, "inconsistent groups refused", test_ep_refused))
+        !CU_add_test(s, "inconsistent groups refused", test_ep_refused) ||
+        !CU_add_test(s, "worker processes with placed experts", test_ep_workers) ||
+        !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output))
         return -1;
     return 0;
 }

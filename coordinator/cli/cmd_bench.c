@@ -394,7 +394,7 @@ int cmd_bench(int argc, char **argv) {
                 cluster_opts_t co = {.model_path = a.models[mi], .workers = eps, .n_workers = nw, .speeds = a.speeds,
                                      .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti],
                                      .mem_budget = a.lay.mem_budget,
-                                     .pp = a.lay.pp, .tp = a.lay.tp, .keep_all = a.lay.keep_all,
+                                     .pp = a.lay.pp, .tp = a.lay.tp, .ep = a.lay.ep, .keep_all = a.lay.keep_all,
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                                      .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,

@@ -314,6 +314,21 @@ static int share_file(node_t *n, const shard_slice_t *sl, const char *cached, ch
     return rc == MLM_ERANGE ? 0 : rc; // a budget below the minimum: model_load says so
 }
 
+// Placed experts (MSG_TP_EXPERT): every node's experts list, as the stages' expert-parallel groups.
+static int plan_experts(node_t *n, const model_hparams_t *hp, char *err, size_t errlen) {
+    const int ne = hp->n_expert;
+    if (ne < 1 || (uint32_t)ne != n->plan.n_expert)
+        return mlm_fail(err, errlen, MLM_EINVAL, "an expert-parallel plan for %u experts; the model has %d",
+                        (unsigned)n->plan.n_expert, ne);
+    uint8_t *has = calloc((size_t)n->plan.n_nodes * (size_t)ne, 1); // (n_nodes, n_expert)
+    if (!has) return MLM_ENOMEM;
+    for (int r = 0; r < n->plan.n_nodes; r++)
+        for (int j = 0; j < n->nodes[r].n_experts; j++) has[(size_t)r * ne + n->nodes[r].experts[j]] = 1;
+    int rc = pipe_set_experts(&n->pipe, has, hp->n_layer, ne, err, errlen);
+    free(has);
+    return rc;
+}
+
 static int on_load(node_t *n, const msg_load_shard_t *ls) {
     char err[512] = "", path[1100];
     if (!n->planned || ls->node_index != (uint32_t)n->index) return send_error(n, MLM_ESTATE, "LOAD_SHARD without a plan for this node", 0), MLM_ESTATE;
@@ -375,10 +390,11 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
                 bw[i] = (double)n->nodes[i].link_bw;
             }
             pipe_set_links(&n->pipe, lat, bw);
+            if (n->plan.tp_mode == MSG_TP_EXPERT) rc = plan_experts(n, hp, err, sizeof err);
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
                                              .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,
-                                             .kv_f32 = n->plan.kv_type == QT_F32};
-            rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
+                                             .kv_f32 = n->plan.kv_type == QT_F32, .ep = &n->pipe.ep_group};
+            if (rc == 0) rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
             n->logits_cap = (size_t)64 * (size_t)hp->n_vocab;
             n->logits = rc == 0 ? malloc(n->logits_cap * sizeof(float)) : NULL;
             if (rc == 0 && !n->logits) rc = MLM_ENOMEM;

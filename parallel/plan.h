@@ -309,12 +309,13 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
 // split over stages evenly (the first stages take one more when they do not divide); a stage's
 // experts go to its members in proportion to their decode rate, in id order (member 0 the first ids),
 // every member at least one, within budgets (a member whose budget cannot hold its experts gives
-// them to the others; nothing streams). Predicted per token and stage: each member reads its
-// replicated weights and its share of the routed experts (k * its experts / n_expert of them per
-// block, routing assumed uniform); per block an all-to-all (the routed experts' output rows, n_embd
-// F32 each, to the token's home member) and a gather of the home's n_embd F32 sums to every member,
-// one latency each plus the bytes over the home's link; hand-offs, logits and the step message as
-// plan_predict says.
+// them to the others; nothing streams). Predicted per token and stage: a member takes its replicated
+// weights (compute or memory, the slower) plus one expert of each block per routed expert it owns;
+// the stage takes the expected slowest member, the token's top-k experts drawn uniformly (routing
+// assumed uniform; a fixed sequence of draws, so the figure is repeatable). Per block an all-to-all
+// (the routed experts' output rows, n_embd F32 each, to the token's home member) and a gather of the
+// home's n_embd F32 sums to every member, one latency each plus the bytes over the home's link;
+// hand-offs, logits and the step message as plan_predict says.
 
 // Places experts over nodes [0, n) in `pp` stages of members (n / pp each, the first stages one more
 // when it does not divide) for n_ctx positions, predicting the cost. 0, MLM_EINVAL (a dense model,

@@ -140,6 +140,37 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
     }
 }
 
+// The expected slowest member of stage [a, b) per token: each member takes rep[i] ms plus x[i] ms
+// per routed expert it owns, the token's k experts drawn uniformly without repeats (routing assumed
+// uniform), averaged over EP_DRAWS draws of a fixed sequence (the same figure every time).
+#define EP_DRAWS 512
+static double expected_max(const plan_t *p, int a, int b, int ne, int k, const double *rep, const double *x) {
+    int owner[EP_MAX_EXPERTS];
+    for (int e = 0; e < ne; e++) {
+        owner[e] = 0;
+        for (int i = a; i < b; i++)
+            if (plan_has_expert(p, i, e)) owner[e] = i - a;
+    }
+    uint64_t z = 0x9e3779b97f4a7c15ull;
+    double sum = 0;
+    for (int d = 0; d < EP_DRAWS; d++) {
+        int hits[PLAN_MAX_NODES] = {0}, pick[EP_MAX_EXPERTS];
+        for (int e = 0; e < ne; e++) pick[e] = e;
+        for (int j = 0; j < k && j < ne; j++) { // partial Fisher-Yates: k distinct experts
+            z = z * 6364136223846793005ull + 1442695040888963407ull;
+            const int r = j + (int)((z >> 33) % (uint64_t)(ne - j));
+            const int t = pick[j];
+            pick[j] = pick[r];
+            pick[r] = t;
+            hits[owner[pick[j]]]++;
+        }
+        double worst = 0;
+        for (int i = a; i < b; i++) worst = max2(worst, rep[i - a] + x[i - a] * hits[i - a]);
+        sum += worst;
+    }
+    return sum / EP_DRAWS;
+}
+
 void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
     const double E4 = (double)pm->n_embd * 4.0, bpw = pm->bytes_per_weight > 0 ? pm->bytes_per_weight : 0.5625;
     const int ne = pm->n_expert, k = pm->n_expert_used;
@@ -161,25 +192,28 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
         }
         if (g > 1) gat = link_ms(home, home, (double)(g - 1) * E4);
         const double xch = (double)(s->l1 - s->l0) * (a2a + gat);
-        double worst = 0, wc = 0, wm = 0;
+        double rep_ms[PLAN_MAX_NODES], x_ms[PLAN_MAX_NODES], wc = 0, wm = 0;
         for (int i = a; i < b; i++) {
             plan_shard_t *sh = &p->shard[i];
             const plan_node_t *nd = &p->node[sh->node];
             const int own = n_owned(p, i, ne);
-            // replicated bytes, plus the routed share of its experts
+            const double flop_ms = 2.0 / bpw / (plan_node_gflops(nd) * 1e9) * 1e3; // per byte of weights
+            const double mem_ms = 1.0 / (nd->mem_bw > 0 ? nd->mem_bw * PLAN_MEM_EFFICIENCY : PLAN_DEFAULT_MEM_BW) * 1e3;
+            // replicated bytes, plus on average the routed share of its experts
             const double rep = (double)sh->weight_bytes - xb * own;
             const double bytes = rep + xb * (double)k * (double)own / (double)ne;
-            sh->compute_ms = bytes / bpw * 2.0 / (plan_node_gflops(nd) * 1e9) * 1e3;
-            sh->memory_ms = bytes / (nd->mem_bw > 0 ? nd->mem_bw * PLAN_MEM_EFFICIENCY : PLAN_DEFAULT_MEM_BW) * 1e3;
+            rep_ms[i - a] = rep * max2(flop_ms, mem_ms);
+            x_ms[i - a] = xb * max2(flop_ms, mem_ms);
+            sh->compute_ms = bytes * flop_ms;
+            sh->memory_ms = bytes * mem_ms;
             sh->disk_ms = 0;
             sh->comm_ms = xch;
             sh->busy_ms = max2(sh->compute_ms, sh->memory_ms) + xch;
-            if (max2(sh->compute_ms, sh->memory_ms) > worst) {
-                worst = max2(sh->compute_ms, sh->memory_ms);
-                wc = sh->compute_ms;
-                wm = sh->memory_ms;
-            }
+            wc = max2(wc, sh->compute_ms);
+            wm = max2(wm, sh->memory_ms);
         }
+        // the stage waits for its slowest member on each token's experts
+        const double worst = expected_max(p, a, b, ne, k, rep_ms, x_ms);
         double comm = xch;
         if (st + 1 < p->n_stages) { // the leader hands n_embd F32 to every member of the next stage
             const int na = p->stage_first[st + 1], nb = p->stage_first[st + 2];

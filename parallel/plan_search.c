@@ -788,7 +788,9 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
         return best_ep(pm, nodes, n, &o, best, err, errlen);
     }
     int rc = plan_make_sliced(pm, nodes, n, &o, best, alts, max_alts, n_alts, err, errlen);
-    if (o.ep < 0 || pm->n_expert <= 0 || o.tp || o.pin_first) return rc; // a coordinator share is a sliced stage
+    // Placed experts compete only when nothing asks for sliced ones: no --tp, no all-reduce mode, no
+    // coordinator share (--ep places experts there too, but the automatic choice leaves it sliced)
+    if (o.ep < 0 || pm->n_expert <= 0 || o.tp || o.pin_first || o.tp_mode == PLAN_TP_ALLREDUCE) return rc;
     plan_t *ep = malloc(sizeof *ep);
     if (!ep) return rc;
     char e2[256];
@@ -798,8 +800,12 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
             *best = *ep;
             if (n_alts) *n_alts = 0;
             rc = 0;
-            snprintf(best->why, sizeof best->why, "experts placed whole (%.2f ms/token) beat sliced experts (%s)",
-                     ep->cost.token_ms, sliced > 0 ? "slower" : "do not fit");
+            if (sliced > 0)
+                snprintf(best->why, sizeof best->why,
+                         "experts placed whole: predicted %.2f ms/token against %.2f with sliced experts",
+                         ep->cost.token_ms, sliced);
+            else
+                snprintf(best->why, sizeof best->why, "experts placed whole: sliced experts do not fit");
         }
         best->sliced_ms = sliced;
         best->placed_ms = ep->cost.token_ms;

@@ -265,6 +265,9 @@ static int build(search_t *s, const layout_t *lay, plan_tp_mode_t mode, plan_t *
     p->coord_apart = s->o.coord_apart;
     p->tp_mode = mode;
     p->resident_only = s->o.no_stream;
+    p->ep = false; // sliced experts
+    p->sliced_ms = p->placed_ms = 0;
+    for (int i = 0; i < m && i < PLAN_MAX_NODES; i++) memset(p->shard[i].experts, 0, sizeof p->shard[i].experts);
     memset(&p->cost, 0, sizeof p->cost);
     p->why[0] = 0;
     memcpy(p->node, s->nodes, sizeof *s->nodes * (size_t)s->n);

@@ -8,8 +8,10 @@
 
 #include "cluster/launch.h"
 #include "coordinator/runtime/cluster.h"
+#include "core/clock.h"
 #include "core/err.h"
 #include "parallel/plan.h"
+#include "proto/msg_io.h"
 #include "ref_cases.h"
 #include "test_util.h"
 #include "transport/comm.h"
@@ -482,6 +484,156 @@ static void test_ep_plan_output(void) {
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "no experts to place"));
 }
 
+// --- the planner
+
+static void fast_nodes(plan_node_t *nd, int n, double lat_us, double link_bw) {
+    memset(nd, 0, sizeof *nd * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        snprintf(nd[i].name, sizeof nd[i].name, "n%d", i);
+        nd[i].gflops = 400;
+        nd[i].mem_bw = 100e9;
+        nd[i].lat_us = lat_us;
+        nd[i].link_bw = link_bw;
+    }
+}
+
+// Placement follows speed and memory; every expert of a stage has one owner; the automatic choice
+// takes placed experts where the exchanges dominate and sliced ones where compute does.
+static void test_ep_planner(void) {
+    char err[512];
+    plan_model_t *pm = malloc(sizeof *pm);
+    plan_t *p = malloc(sizeof *p);
+    CU_ASSERT_EQUAL_FATAL(plan_model_from_preset("mixtral-8x7b", "Q4_0", pm, err, sizeof err), 0);
+    plan_node_t nd[4];
+    fast_nodes(nd, 4, 1000, 125e6);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), 0);
+    CU_ASSERT(p->ep && p->n == 4 && p->n_stages == 1);
+    for (int e = 0; e < 8; e++) {
+        int owners = 0;
+        for (int i = 0; i < 4; i++) owners += plan_has_expert(p, i, e);
+        CU_ASSERT_EQUAL(owners, 1);
+    }
+    CU_ASSERT(experts_of(p, 0) == 2 && experts_of(p, 3) == 2);
+    CU_ASSERT(p->cost.token_ms > 0 && p->cost.comm_ms > 0);
+    // each member holds the replicated blocks and its experts: 2 of 8 of the expert bytes
+    CU_ASSERT(p->shard[0].weight_bytes < pm->weight_bytes / 3);
+    // memory-aware: a member whose budget holds the replicated part and one expert per block gets one
+    nd[1].mem_budget = p->shard[0].peak_bytes - ((uint64_t)1 << 20); // just too small for two
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(experts_of(p, 1), 1);
+    CU_ASSERT(p->shard[1].peak_bytes <= nd[1].mem_budget);
+    CU_ASSERT_EQUAL(experts_of(p, 0) + experts_of(p, 1) + experts_of(p, 2) + experts_of(p, 3), 8);
+    nd[1].mem_budget = 1u << 30; // not even the replicated blocks fit
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "n1"));
+    // speed-aware: twice the rate, twice the experts
+    fast_nodes(nd, 4, 1000, 125e6);
+    nd[0].gflops = 800;
+    nd[0].mem_bw = 200e9;
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), 0);
+    CU_ASSERT(experts_of(p, 0) > experts_of(p, 1));
+    // pipelines of expert-parallel groups: 2 stages of 2, each placing all 8 experts
+    fast_nodes(nd, 4, 1000, 125e6);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 2, 4096, p, err, sizeof err), 0);
+    CU_ASSERT(p->n_stages == 2 && p->shard[2].s.l0 == 16 && p->shard[0].s.l1 == 16);
+    CU_ASSERT(experts_of(p, 0) + experts_of(p, 1) == 8 && experts_of(p, 2) + experts_of(p, 3) == 8);
+    CU_ASSERT_STRING_EQUAL(p->layout, "pp2 x ep2");
+    // the automatic choice: slow links (5 ms, 300 Mbit/s) favour placed experts (2 exchanges per block
+    // against an all-gather per routed expert), fast ones sliced experts (each node reads a quarter)
+    plan_opts_t o = {.n_ctx = 4096, .keep_all = true, .pp = 1}; // one stage: tp4 against ep4
+    fast_nodes(nd, 4, 5000, 37.5e6);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(p->ep);
+    CU_ASSERT(p->placed_ms > 0 && p->sliced_ms > p->placed_ms);
+    fast_nodes(nd, 4, 10, 10e9);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(!p->ep);
+    CU_ASSERT(p->placed_ms > p->sliced_ms && p->sliced_ms > 0);
+    // forced, and refused
+    o.ep = 2;
+    o.pp = 0;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(p->ep && p->n_stages == 2 && p->n == 4);
+    o.ep = -1;
+    o.pp = 1;
+    fast_nodes(nd, 4, 5000, 37.5e6);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(!p->ep);
+    o.ep = 2;
+    o.tp = 2;
+    CU_ASSERT_EQUAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), MLM_EINVAL);
+    free(pm);
+    free(p);
+}
+
+// A worker of protocol 1.4 on the control link: says 1.4 in its HELLO, answers the link probes.
+static void *old_worker(void *arg) {
+    comm_t *ctl = arg;
+    char err[256];
+    const double t_end = mlm_now_ms() + 20000;
+    while (mlm_now_ms() < t_end) {
+        msg_t m, r;
+        comm_msg_t raw;
+        if (msg_recv(ctl, 0, &m, &raw, NULL, 200, err, sizeof err) != 0) continue;
+        const msg_type_t type = m.type;
+        const uint64_t seq = type == MSG_HEARTBEAT ? m.heartbeat.seq : type == MSG_SLICE_DATA ? m.slice_data.plan_id : 0;
+        msg_clear(&m);
+        comm_msg_free(&raw);
+        if (type == MSG_SHUTDOWN) break;
+        if (type == MSG_HELLO) {
+            msg_init(&r, MSG_HELLO);
+            snprintf(r.hello.node_id, sizeof r.hello.node_id, "old-1");
+            r.hello.role = MSG_ROLE_WORKER;
+            r.hello.n_cores = 1;
+            r.hello.proto_minor = 4;
+        } else if (type == MSG_HEARTBEAT || type == MSG_SLICE_DATA) {
+            msg_init(&r, MSG_HEARTBEAT);
+            snprintf(r.heartbeat.node_id, sizeof r.heartbeat.node_id, "old-1");
+            r.heartbeat.seq = seq;
+        } else {
+            continue;
+        }
+        msg_send(ctl, 0, &r, 2000, err, sizeof err);
+    }
+    return NULL;
+}
+
+// An expert-parallel plan goes only to workers of protocol 1.5 or newer: --ep with a 1.4 worker is
+// refused naming it and both versions, and the automatic choice keeps experts sliced.
+static void test_ep_old_worker(void) {
+    char path[1024], err[512];
+    test_shared_path(path, sizeof path, SYNTH);
+    for (int k = 0; k < 2; k++) {
+        comm_t *ctl[2], *data[2];
+        CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(ctl, 2), 0);
+        CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(data, 2), 0);
+        pthread_t th;
+        pthread_create(&th, NULL, old_worker, ctl[1]);
+        cluster_opts_t co = {.model_path = path, .control = ctl[0], .data = data[0], .same_file = true,
+                             .coordinator_shard = true, .n_ctx = 64, .n_threads = 1, .timeout_ms = 5000, .pp = 1,
+                             .keep_all = true, .ep = k ? 2 : 0};
+        cluster_t *cl = NULL;
+        CU_ASSERT_EQUAL_FATAL(cluster_new(&cl, &co, err, sizeof err), 0);
+        CU_ASSERT_EQUAL(cluster_hello(cl, err, sizeof err), 0);
+        err[0] = 0;
+        int rc = cluster_make_plan(cl, err, sizeof err);
+        if (k == 0) {
+            CU_ASSERT_EQUAL(rc, 0);
+            CU_ASSERT(!cluster_plan(cl)->ep);
+        } else {
+            CU_ASSERT_EQUAL(rc, MLM_EUNSUPPORTED);
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "speaks protocol 1.4"));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "no expert parallelism (1.5"));
+        }
+        cluster_close(&cl, true);
+        pthread_join(th, NULL);
+        for (int r = 0; r < 2; r++) {
+            comm_destroy(&ctl[r]);
+            comm_destroy(&data[r]);
+        }
+    }
+}
+
 int test_ep_suite(void) {
     CU_pSuite s = CU_add_suite("ep", NULL, NULL);
     if (!s) return -1;
@@ -492,7 +644,9 @@ int test_ep_suite(void) {
         !CU_add_test(s, "over zmq", test_ep_zmq) ||
         !CU_add_test(s, "inconsistent groups refused", test_ep_refused) ||
         !CU_add_test(s, "worker processes with placed experts", test_ep_workers) ||
-        !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output))
+        !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output) ||
+        !CU_add_test(s, "planner: placement, memory, speed, sliced or placed", test_ep_planner) ||
+        !CU_add_test(s, "a protocol 1.4 worker", test_ep_old_worker))
         return -1;
     return 0;
 }

@@ -471,7 +471,7 @@ int comm_alltoallv(comm_t *c, int first, int n, const void *send, const size_t *
     if (!c || !send_lens || !recv_lens) return MLM_EINVAL;
     const int me = comm_rank(c) - first;
     if (first < 0 || n < 1 || first + n > comm_size(c) || me < 0 || me >= n) return MLM_EINVAL;
-    size_t s_off[COMM_A2A_MAX], r_off[COMM_A2A_MAX], s_tot = 0, r_tot = 0;
+    size_t s_off[COMM_A2A_MAX], r_off[COMM_A2A_MAX], s_tot = 0, r_tot = 0; // (n) block offsets in send / recv
     if (n > COMM_A2A_MAX) return MLM_EINVAL;
     for (int j = 0; j < n; j++) s_off[j] = s_tot, s_tot += send_lens[j], r_off[j] = r_tot, r_tot += recv_lens[j];
     if ((s_tot && !send) || (r_tot && !recv) || send_lens[me] != recv_lens[me]) return MLM_EINVAL;

@@ -659,7 +659,8 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
     const int E = hp->n_embd, k = hp->n_expert_used, ne = hp->n_expert, N = c->ep.n_nodes, me = c->ep.index;
     const uint8_t *own = c->ep.owner + (size_t)il * ne;
     // rows for each home, counted first so each home's block starts at a known row
-    int s_at[PLAN_NODES_MAX + 1] = {0}, r_at[PLAN_NODES_MAX + 1] = {0};
+    int s_at[PLAN_NODES_MAX + 1] = {0}; // (N + 1) first row of ep_send for each home, then its next free row
+    int r_at[PLAN_NODES_MAX + 1] = {0}; // (N + 1) first row of ep_recv from each member, then the next unread
     for (int i = 0; i < nt; i++)
         for (int r = 0; r < k; r++) {
             const int owner = own[c->sel[(size_t)i * k + r]], home = ep_home(c, i, nt);
@@ -714,7 +715,7 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
         for (int i = lo; i < hi; i++)
             moe_add(c->acc_l + (size_t)i * E, c->ep_recv + (size_t)c->ep_row[(size_t)i * k + rank] * E,
                     c->sel_w[(size_t)i * k + rank], E);
-    size_t lens[PLAN_NODES_MAX];
+    size_t lens[PLAN_NODES_MAX]; // (N) bytes of each home's sums
     for (int h = 0; h < N; h++) {
         int cnt = 0;
         for (int i = 0; i < nt; i++) cnt += ep_home(c, i, nt) == h;

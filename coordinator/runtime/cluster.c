@@ -722,6 +722,9 @@ static int load_own_share(cluster_t *c, char *err, size_t errlen) {
     model_load_opts_t lo = {.repack = true, .slice = &c->slices[0], .n_ctx = c->o.n_ctx,
                             .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0};
     const model_hparams_t *hp = model_hparams(c->full);
+    uint64_t mask[4] = {0}; // placed experts: the ones this share computes
+    for (int j = 0; j < c->pnodes[0].n_experts; j++) mask[c->pnodes[0].experts[j] >> 6] |= (uint64_t)1 << (c->pnodes[0].experts[j] & 63);
+    if (c->plan->ep && c->o.coordinator_shard) lo.experts = mask;
     const weights_params_t wp = {.g = model_gguf(c->full), .hp = hp, .slice = lo.slice, .budget_bytes = lo.mem_budget,
                                  .n_ctx = lo.n_ctx};
     bool need = false;

@@ -139,8 +139,11 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
             .budget_bytes = opts ? opts->mem_budget : 0,
             .n_ctx = opts && opts->n_ctx > 0 ? opts->n_ctx
                                              : (m->hp.n_ctx_train > 0 && m->hp.n_ctx_train < 4096 ? m->hp.n_ctx_train : 4096),
+            .experts = opts ? opts->experts : NULL,
         };
-        rc = weights_new(&m->w, opts ? opts->weights : NULL, &wp, err, errlen);
+        const char *wname = opts ? opts->weights : NULL;
+        if (!wname && wp.experts) wname = "mmap"; // placed experts are mapped, not streamed
+        rc = weights_new(&m->w, wname, &wp, err, errlen);
     }
     if (rc != 0) {
         if (rc == MLM_ENOMEM && err && errlen) snprintf(err, errlen, "%s: out of memory while loading", path);

@@ -25,6 +25,8 @@ typedef struct {
                                   // is refused before any weight is read (MLM_ERANGE, err names the minimum)
     int n_ctx;                    // positions the budget holds a KV cache for (0 = min(n_ctx_train, 4096),
                                   // model_ctx_new's default)
+    const uint64_t *experts;      // (4) placed experts (model_ep_t): bit e set = this node computes expert e of
+                                  // its blocks; only those are prepared (mapped, "mmap"), NULL = every expert
 } model_load_opts_t;
 
 typedef struct model model_t;

@@ -341,6 +341,9 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     // Within the budget the plan's share is mapped, or streamed through the weight window from the
     // model file or the cached shard file.
     model_load_opts_t lo = {.repack = true, .slice = sl, .mem_budget = n->o->mem_budget, .n_ctx = (int)n->plan.n_ctx};
+    uint64_t mask[4] = {0}; // placed experts: the ones this node computes
+    for (int j = 0; j < n->nodes[n->index].n_experts; j++) mask[n->nodes[n->index].experts[j] >> 6] |= (uint64_t)1 << (n->nodes[n->index].experts[j] & 63);
+    if (n->plan.tp_mode == MSG_TP_EXPERT) lo.experts = mask;
     int rc;
     const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);

@@ -319,6 +319,19 @@ static void test_ep_refused(void) {
     CU_ASSERT_EQUAL(model_ctx_new(&c, m, &o, err, sizeof err), 0);
     model_ctx_destroy(&c);
     model_destroy(&m);
+    // a node placed experts 1 and 5 prepares only those: another is not there to acquire
+    const uint64_t mask[4] = {(1u << 1) | (1u << 5), 0, 0, 0};
+    model_load_opts_t lo = {.repack = true, .experts = mask};
+    model_t *mm = NULL;
+    CU_ASSERT_FATAL(model_load(&mm, path, &lo, err, sizeof err) == 0);
+    CU_ASSERT_STRING_EQUAL(weights_name(model_weights(mm)), "mmap");
+    const layer_weights_t *X = NULL;
+    CU_ASSERT_EQUAL(weights_acquire(model_weights(mm), 0, 5, &X), 0);
+    if (X) weights_release(model_weights(mm), 0, 5);
+    CU_ASSERT_EQUAL(weights_acquire(model_weights(mm), 1, 0, &X), MLM_ENOTFOUND);
+    model_destroy(&mm);
+    lo.weights = "window"; // which streams every expert
+    CU_ASSERT_EQUAL(model_load(&mm, path, &lo, err, sizeof err), MLM_EUNSUPPORTED);
     // a dense model has no experts to place
     CU_ASSERT_FATAL(model_load(&m, test_shared_path(path, sizeof path, "models/stories260K.gguf"), NULL, err, sizeof err) == 0);
     ep.n_layer = model_hparams(m)->n_layer;

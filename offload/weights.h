@@ -104,6 +104,9 @@ typedef struct {
                                   // activations, as plan_window (parallel/plan.h) counts them; 0 = none.
                                   // Sizes "window"; "mmap" ignores it
     int n_ctx;                    // KV positions the budget also holds (the contexts' n_ctx)
+    const uint64_t *experts;      // (4) placed experts: bit e set = this node computes expert e, and only those
+                                  // are prepared ("mmap"; acquiring another is MLM_ENOTFOUND; "window"
+                                  // refuses a mask); NULL = every expert (copied)
 } weights_params_t;
 
 typedef struct weights weights_t;

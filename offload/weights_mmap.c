@@ -35,7 +35,11 @@ typedef struct {
                                // contiguous column slices of a model file's matrices
     int n_owned;
     uint64_t bytes;            // weight bytes the units expose (mapped rows or repacked copies)
+    bool masked;               // placed experts: only the experts in mask are bound
+    uint64_t mask[4];          // bit e = expert e is bound (when masked)
 } mmap_t;
+
+static bool holds_expert(const mmap_t *m, int e) { return !m->masked || (m->mask[e >> 6] >> (e & 63) & 1u); }
 
 // --- binding
 
@@ -186,13 +190,15 @@ static int bind_experts(mmap_t *m, layer_weights_t *units, size_t field, const c
         cols_loc_t cl;
         rc = locate_cols(m, name, cols, full_rows, ne, c0, c1, &cl, err, errlen);
         for (int e = 0; rc == 0 && e < ne; e++)
-            rc = bind_plane_cols(m, (mm_weight_t *)((uint8_t *)&units[e] + field), &cl, e, repack, err, errlen);
+            if (holds_expert(m, e))
+                rc = bind_plane_cols(m, (mm_weight_t *)((uint8_t *)&units[e] + field), &cl, e, repack, err, errlen);
         return rc;
     }
     weights_loc_t loc;
     rc = weights_locate(&m->p, name, cols, full_rows, ne, &loc, err, errlen);
     for (int e = 0; rc == 0 && e < ne; e++)
-        rc = bind_plane(m, (mm_weight_t *)((uint8_t *)&units[e] + field), &loc, e, repack, err, errlen);
+        if (holds_expert(m, e))
+            rc = bind_plane(m, (mm_weight_t *)((uint8_t *)&units[e] + field), &loc, e, repack, err, errlen);
     return rc;
 }
 
@@ -262,6 +268,7 @@ static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
 
 static int mmap_acquire(void *ctx, int layer, int expert, const layer_weights_t **out) {
     mmap_t *m = ctx;
+    if (layer >= 0 && expert >= 0 && !holds_expert(m, expert)) return MLM_ENOTFOUND; // placed on another node
     if (layer >= 0)
         *out = expert < 0 ? &m->blocks[layer] : &m->experts[(size_t)layer * (size_t)m->hp.n_expert + (size_t)expert];
     else
@@ -313,6 +320,9 @@ int weights_mmap_new(weights_t **out, const weights_params_t *p, const char *arg
     m->p.hp = &m->hp;
     m->p.slice = &m->slice;
     m->kern = p->kern ? p->kern : kernels_best();
+    m->masked = p->experts != NULL;
+    if (p->experts) memcpy(m->mask, p->experts, sizeof m->mask);
+    m->p.experts = NULL; // the copy above
     const size_t nl = (size_t)m->hp.n_layer, ne = (size_t)m->hp.n_expert;
     m->blocks = calloc(nl ? nl : 1, sizeof *m->blocks);
     m->experts = ne ? calloc(nl * ne, sizeof *m->experts) : NULL;

@@ -82,6 +82,8 @@ typedef struct {
     double comm_ms;          // its stage's exchanges: tensor-parallel all-gathers or all-reduces, hand-off
     double busy_ms;          // its time per token: compute or memory overlapped with the disk, plus its
                              // stage's exchanges
+    uint64_t experts[4];     // expert parallelism (plan_t.ep): bit e set = it computes expert e of every
+                             // block of its stage (256 experts at most); unused otherwise
 } plan_shard_t;
 
 // Predicted cost of a plan, per generated token (decode) unless said otherwise.
@@ -116,6 +118,12 @@ typedef struct {
     int grain_heads;                // heads per split step (1; all-reduce mode: whole quant blocks of
                                     // attn_output's columns)
     int grain_ffn;                  // FFN units per split step (PLAN_FFN_GRAIN or whole ffn_down blocks)
+    bool ep;                        // expert parallelism: every member of a stage holds every row of its
+                                    // blocks but computes only its experts (shard.experts: each expert of
+                                    // a stage has exactly one member); attention, router, embedding and
+                                    // output are replicated (tp_mode is then EXACT and unused)
+    double sliced_ms;               // MoE: token_ms of the best plan with sliced experts (0 = unknown)
+    double placed_ms;               // MoE: token_ms of the best plan with placed experts (0 = unknown)
 } plan_t;
 
 // --- model description: shapes and bytes, no weights needed
@@ -268,6 +276,8 @@ typedef struct {
     bool heuristic;    // use the heuristic search even where every layout would be tried (tests compare them)
     plan_tp_mode_t tp_mode; // EXACT (default), ALLREDUCE, or AUTO: each layout in the faster mode
     bool no_stream;    // refuse shares that do not fit their budgets resident (no weight streaming)
+    int ep;            // MoE expert parallelism: 0 = the planner chooses sliced or placed experts by predicted
+                       // time; N >= 2 = placed experts, stages of N members (plan_ep); -1 = sliced only
 } plan_opts_t;
 
 #define PLAN_EXHAUSTIVE_MAX 8  // up to this many offered nodes every layout is tried
@@ -290,6 +300,44 @@ typedef struct {
 // MLM_ENOMEM.
 int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_opts_t *o, plan_t *best,
               plan_t *alts, int max_alts, int *n_alts, char *err, size_t errlen);
+
+// --- expert parallelism
+//
+// A plan with placed experts (plan_t.ep): stages of consecutive nodes in offered order, each stage a
+// group whose members hold every row of the stage's blocks (attention, router, norms replicated: the
+// residual stream is whole on every member) and compute only their own experts, whole. Blocks are
+// split over stages evenly (the first stages take one more when they do not divide); a stage's
+// experts go to its members in proportion to their decode rate, in id order (member 0 the first ids),
+// every member at least one, within budgets (a member whose budget cannot hold its experts gives
+// them to the others; nothing streams). Predicted per token and stage: a member takes its replicated
+// weights (compute or memory, the slower) plus one expert of each block per routed expert it owns;
+// the stage takes the expected slowest member, the token's top-k experts drawn uniformly (routing
+// assumed uniform; a fixed sequence of draws, so the figure is repeatable). Per block an all-to-all
+// (the routed experts' output rows, n_embd F32 each, to the token's home member) and a gather of the
+// home's n_embd F32 sums to every member, one latency each plus the bytes over the home's link;
+// hand-offs, logits and the step message as plan_predict says.
+
+// Places experts over nodes [0, n) in `pp` stages of members (n / pp each, the first stages one more
+// when it does not divide) for n_ctx positions, predicting the cost. 0, MLM_EINVAL (a dense model,
+// more than 256 experts, fewer experts than members, pp out of range) or MLM_EFULL (err names the
+// node and what it lacks), with the reason in err.
+int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, plan_t *out, char *err,
+            size_t errlen);
+
+// Predicts an expert-parallel plan's cost (the rule above) into p->cost and its shards' figures.
+void plan_predict_ep(const plan_model_t *pm, plan_t *p);
+
+// Whether shard i of an expert-parallel plan computes expert e.
+static inline bool plan_has_expert(const plan_t *p, int i, int e) {
+    return e >= 0 && e < 256 && (p->shard[i].experts[e >> 6] >> (e & 63) & 1u) != 0;
+}
+
+// Prints where the experts are: "experts placed (sliced X ms/token, placed Y ms/token)", then per
+// stage its layers and per member the experts it computes of each of them. Nothing for other plans.
+void plan_print_experts(const plan_t *p, int n_expert, FILE *f);
+
+// Writes shard i's experts as "0-2,5" into buf (cap bytes); returns buf.
+char *plan_experts_str(const plan_t *p, int i, int n_expert, char *buf, size_t cap);
 
 // Splits m over n nodes in proportion to their speed, within their memory budgets, as one
 // tensor-parallel group in exact mode (one stage, shard i = node i), all resident (no streaming);

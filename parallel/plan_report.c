@@ -171,6 +171,7 @@ void plan_explain(FILE *f, const plan_model_t *pm, const plan_t *best, const pla
                "stage's exchanges; busy ms overlaps the disk with the rest):\n");
     node_rows(f, best);
     fprintf(f, "\n");
+    plan_print_experts(best, pm->n_expert, f);
     plan_table(best, pm, f);
 }
 
@@ -208,7 +209,9 @@ void plan_print_brief(const plan_t *p, FILE *f) {
             char wb[32];
             plan_fmt_bytes(wb, sizeof wb, s->weight_bytes);
             fprintf(f, "%s %s (", i > a ? "," : "", p->node[s->node].name);
-            if (b - a > 1) fprintf(f, "heads %d-%d, ", s->s.h0, s->s.h1 - 1);
+            char ex[256];
+            if (p->ep) fprintf(f, "experts %s, ", plan_experts_str(p, i, 256, ex, sizeof ex));
+            else if (b - a > 1) fprintf(f, "heads %d-%d, ", s->s.h0, s->s.h1 - 1);
             fprintf(f, "%s of weights", wb);
             if (s->st.streams)
                 fprintf(f, ", streamed: window %d, %d/%d units kept", s->st.window, s->st.pinned, s->st.n_units);

@@ -265,6 +265,9 @@ static int build(search_t *s, const layout_t *lay, plan_tp_mode_t mode, plan_t *
     p->coord_apart = s->o.coord_apart;
     p->tp_mode = mode;
     p->resident_only = s->o.no_stream;
+    p->ep = false; // sliced experts
+    p->sliced_ms = p->placed_ms = 0;
+    for (int i = 0; i < m && i < PLAN_MAX_NODES; i++) memset(p->shard[i].experts, 0, sizeof p->shard[i].experts);
     memset(&p->cost, 0, sizeof p->cost);
     p->why[0] = 0;
     memcpy(p->node, s->nodes, sizeof *s->nodes * (size_t)s->n);
@@ -732,8 +735,90 @@ static void why_mode(const plan_opts_t *o, plan_t *p) {
 
 // --- public API
 
+// The fastest plan with placed experts over all n nodes (every stage count whose stages have 2 or more
+// members, at most one per expert), or, with o->ep >= 2, the forced one: stages of o->ep members
+// (o->pp of them, else as many as the nodes make), over the first nodes. 0 or plan_ep's error.
+static int best_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_opts_t *o, plan_t *out,
+                   char *err, size_t errlen) {
+    if (o->ep >= 2) {
+        const int pp = o->pp > 0 ? o->pp : (n / o->ep > 0 ? n / o->ep : 1);
+        if (pp * o->ep > n)
+            return mlm_fail(err, errlen, MLM_EINVAL, "--ep %d in %d stage(s) needs %d nodes; %d offered", o->ep, pp,
+                            pp * o->ep, n);
+        int rc = plan_ep(pm, nodes, pp * o->ep, pp, o->n_ctx, out, err, errlen);
+        if (rc == 0) {
+            out->coord_apart = o->coord_apart;
+            out->ubatch = o->ubatch;
+            out->n_prompt = o->n_prompt;
+            plan_predict_ep(pm, out);
+        }
+        return rc;
+    }
+    plan_t *t = malloc(sizeof *t);
+    if (!t) return MLM_ENOMEM;
+    int rc = MLM_EINVAL, found = 0;
+    for (int pp = 1; pp <= n && pp <= pm->n_layer; pp++) {
+        if ((o->pp && pp != o->pp) || n / pp < 2 || n / pp > pm->n_expert) continue;
+        char e2[256];
+        if (plan_ep(pm, nodes, n, pp, o->n_ctx, t, e2, sizeof e2) != 0) {
+            if (!found) rc = mlm_fail(err, errlen, MLM_EFULL, "%s", e2);
+            continue;
+        }
+        t->coord_apart = o->coord_apart;
+        t->ubatch = o->ubatch;
+        t->n_prompt = o->n_prompt;
+        plan_predict_ep(pm, t);
+        if (!found || t->cost.token_ms < out->cost.token_ms) *out = *t;
+        found = 1;
+        rc = 0;
+    }
+    free(t);
+    return rc;
+}
+
+static int plan_make_sliced(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_opts_t *opts,
+                            plan_t *best, plan_t *alts, int max_alts, int *n_alts, char *err, size_t errlen);
+
 int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_opts_t *opts, plan_t *best,
               plan_t *alts, int max_alts, int *n_alts, char *err, size_t errlen) {
+    plan_opts_t o = opts ? *opts : (plan_opts_t){0};
+    if (o.n_ctx <= 0) o.n_ctx = 4096;
+    if (n_alts) *n_alts = 0;
+    if (o.ep >= 2 || o.ep == 1 || o.ep < -1) {
+        if (o.ep < 2) return mlm_fail(err, errlen, MLM_EINVAL, "--ep %d: placed experts need 2 or more members", o.ep);
+        if (o.tp) return mlm_fail(err, errlen, MLM_EINVAL, "--ep and --tp exclude each other (a stage either places or slices experts)");
+        if (pm->n_expert <= 0) return mlm_fail(err, errlen, MLM_EINVAL, "--ep: %s has no experts to place", pm->name);
+        return best_ep(pm, nodes, n, &o, best, err, errlen);
+    }
+    int rc = plan_make_sliced(pm, nodes, n, &o, best, alts, max_alts, n_alts, err, errlen);
+    // Placed experts compete only when nothing asks for sliced ones: no --tp, no all-reduce mode, no
+    // coordinator share (--ep places experts there too, but the automatic choice leaves it sliced)
+    if (o.ep < 0 || pm->n_expert <= 0 || o.tp || o.pin_first || o.tp_mode == PLAN_TP_ALLREDUCE) return rc;
+    plan_t *ep = malloc(sizeof *ep);
+    if (!ep) return rc;
+    char e2[256];
+    if (best_ep(pm, nodes, n, &o, ep, e2, sizeof e2) == 0) {
+        const double sliced = rc == 0 ? best->cost.token_ms : 0;
+        if (rc != 0 || ep->cost.token_ms < sliced) { // placed experts predicted faster (or the only fit)
+            *best = *ep;
+            if (n_alts) *n_alts = 0;
+            rc = 0;
+            if (sliced > 0)
+                snprintf(best->why, sizeof best->why,
+                         "experts placed whole: predicted %.2f ms/token against %.2f with sliced experts",
+                         ep->cost.token_ms, sliced);
+            else
+                snprintf(best->why, sizeof best->why, "experts placed whole: sliced experts do not fit");
+        }
+        best->sliced_ms = sliced;
+        best->placed_ms = ep->cost.token_ms;
+    }
+    free(ep);
+    return rc;
+}
+
+static int plan_make_sliced(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_opts_t *opts,
+                            plan_t *best, plan_t *alts, int max_alts, int *n_alts, char *err, size_t errlen) {
     plan_opts_t o = opts ? *opts : (plan_opts_t){0};
     if (n_alts) *n_alts = 0;
     if (o.n_ctx <= 0) o.n_ctx = 4096;

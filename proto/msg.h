@@ -145,11 +145,14 @@ typedef struct {
 typedef enum {
     MSG_TP_EXACT = 0,                   // rows only, all-gathers: bit-identical to one node
     MSG_TP_ALLREDUCE = 1,               // attn_output / ffn_down by columns, 2 all-reduces per block
+    MSG_TP_EXPERT = 2,                  // 1.5: experts placed whole (each node's experts list), the rest replicated
 } msg_tp_mode_t;
 
 // The first protocol minor version that knows Plan.tp_mode: a coordinator sends an all-reduce plan
 // only to workers whose Hello says at least this (an older one would run it as exact).
 #define MSG_MINOR_TP_MODE 4
+// The first minor version that runs expert-parallel plans (MSG_TP_EXPERT); an older peer refuses them.
+#define MSG_MINOR_EP 5
 
 // The first protocol minor version whose coordinator fills plan_id in the control messages that
 // belong to a plan (LOAD_SHARD, STEP, and the SLICE_DATA chunks of a streamed shard; PLAN always did,

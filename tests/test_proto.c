@@ -386,11 +386,29 @@ static void test_plan_tp_mode(void) {
     CU_ASSERT_EQUAL(m.plan.nodes[0].link_bw, 0u);
     msg_clear(&m);
     // a mode this version does not know (a newer peer's) is refused, not run as another
-    pl.tp_mode = (Meshlm__TpMode)2;
+    pl.tp_mode = (Meshlm__TpMode)3;
     hl = meshlm__plan__pack(&pl, hdr);
     hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR + 1, MSG_PLAN, hdr, hl, 0, NULL, NULL);
     CU_ASSERT_EQUAL(msg_decode(&h, NULL, &m, err, sizeof err), MLM_ERANGE);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "tp_mode"));
+    // 1.5: placed experts, only for a model with experts
+    pl.tp_mode = MESHLM__TP_MODE__TP_MODE_EXPERT;
+    hl = meshlm__plan__pack(&pl, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL(msg_decode(&h, NULL, &m, err, sizeof err), MLM_EFORMAT);
+    pl.n_expert = 8;
+    uint32_t ex[3] = {5, 0, 7};
+    pn.n_experts = 3;
+    pn.experts = ex;
+    hl = meshlm__plan__pack(&pl, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL_FATAL(msg_decode(&h, NULL, &m, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(m.plan.tp_mode, MSG_TP_EXPERT);
+    CU_ASSERT(m.plan.nodes[0].n_experts == 3 && m.plan.nodes[0].experts[0] == 5 && m.plan.nodes[0].experts[2] == 7);
+    msg_clear(&m);
+    pl.n_expert = 0;
+    pn.n_experts = 0;
+    pn.experts = NULL;
     // an all-reduce plan's computing nodes hold every hidden row
     pl.tp_mode = MESHLM__TP_MODE__TP_MODE_ALLREDUCE;
     pl.n_embd = 2048;

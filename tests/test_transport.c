@@ -466,6 +466,45 @@ static int check_allgatherv(comm_t **c, const tctx_t *t) {
     return bad;
 }
 
+// Block sizes of comm_alltoallv: rank a to rank b (some empty, the rest different).
+static size_t a2a_len(int a, int b) { return (a + 2 * b) % 3 == 0 ? 0 : 3 + 7 * (size_t)a + 11 * (size_t)b; }
+
+// One all-to-all among ranks [first, first + n): every byte lands in its block, and a call where
+// this rank's sizes disagree with its peer's is refused as malformed by the receiver.
+static int alltoallv_range(comm_t **c, const tctx_t *t, int first, int n, int tag) {
+    int bad = 0;
+    const int me = t->rank - first;
+    size_t sl[MAXN] = {0}, rl[MAXN] = {0}, st = 0, rt = 0;
+    for (int j = 0; j < n; j++) st += sl[j] = a2a_len(me, j), rt += rl[j] = a2a_len(j, me);
+    uint8_t *snd = malloc(st + 1), *rcv = malloc(rt + 1);
+    size_t off = 0;
+    for (int j = 0; j < n; j++)
+        for (size_t k = 0; k < sl[j]; k++) snd[off++] = pat(first + me, tag + j, k);
+    memset(rcv, 0xee, rt + 1);
+    int rc = comm_alltoallv(*c, first, n, snd, sl, rcv, rl, DL_MS);
+    EXPECT(rc == 0, "alltoallv [%d, %d): %s", first, first + n, mlm_strerror(rc));
+    int wrong = 0;
+    off = 0;
+    for (int j = 0; j < n; j++)
+        for (size_t k = 0; k < rl[j]; k++) wrong += rcv[off++] != pat(first + j, tag + me, k);
+    EXPECT(wrong == 0, "alltoallv [%d, %d): %d bytes differ", first, first + n, wrong);
+    EXPECT(rcv[rt] == 0xee, "alltoallv wrote past its receive blocks");
+    free(snd);
+    free(rcv);
+    return bad;
+}
+
+static int check_alltoallv(comm_t **c, const tctx_t *t) {
+    int bad = alltoallv_range(c, t, 0, t->N, 400);
+    bad += alltoallv_range(c, t, 0, t->N, 600); // the range sequence numbers the calls alike
+    // last (range calls are numbered per range member): a sub-range, the ranks but 0
+    if (t->N >= 3 && t->rank >= 1) bad += alltoallv_range(c, t, 1, t->N - 1, 500);
+    size_t one[MAXN] = {0};
+    int rc = comm_alltoallv(*c, t->N, 1, NULL, one, NULL, one, DL_MS);
+    EXPECT(rc == MLM_EINVAL, "alltoallv over a range without the caller: %s", mlm_strerror(rc));
+    return bad;
+}
+
 // Inputs whose sum depends on the order of the additions (1e8 + 1 - 1e8 ...): x is (N, n).
 static void make_inputs(float *x, int N, size_t n, uint64_t seed) {
     static const float v[] = {1e8f, 1.0f, -1e8f, 3.0f, -7.5e7f, 0.25f, 2.5e7f, -1.0f, 1e-3f, 5e7f};
@@ -554,6 +593,7 @@ static const check_t CHECKS[] = {
     {"gather", .run = check_gather},
     {"allgather", .mesh = true, .run = check_allgather},
     {"allgatherv", .mesh = true, .run = check_allgatherv},
+    {"alltoallv", .mesh = true, .run = check_alltoallv},
     {"all-reduce star bit-exact", .run = check_allreduce_star},
     {"all-reduce ring bit-exact", .mesh = true, .run = check_allreduce_ring},
     {"comm_ping and calibrate", .min_n = 2, .run = check_ping},

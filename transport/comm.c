@@ -26,11 +26,13 @@ enum {
     OP_RING_AG = 9,
     OP_PING = 10,
     OP_CALIB = 11,
+    OP_ALLTOALLV = 12,
 };
 
 #define COLL_MAGIC 0x4b4d4c4du   // "MLMK" little-endian
 #define COLL_HDR_BYTES 16        // magic u32, op u16, flags u16, seq u32, aux u32
 #define PING_BW_BYTES (1u << 20) // bandwidth probe size
+#define COMM_A2A_MAX 256         // ranks in one comm_alltoallv
 
 struct comm {
     const struct comm_backend_i *iface; // backend table (static storage in the backend)
@@ -462,6 +464,34 @@ int comm_allreduce_range(comm_t *c, int first, int n_ranks, float *buf, size_t n
     const uint32_t seq = c->range_seq++;
     const int64_t dl = mlm_deadline(timeout_ms);
     return algo == COMM_ALGO_RING ? ar_ring(c, sp, buf, n, q8, seq, dl) : ar_star(c, sp, buf, n, q8, seq, dl);
+}
+
+int comm_alltoallv(comm_t *c, int first, int n, const void *send, const size_t *send_lens, void *recv,
+                   const size_t *recv_lens, int timeout_ms) {
+    if (!c || !send_lens || !recv_lens) return MLM_EINVAL;
+    const int me = comm_rank(c) - first;
+    if (first < 0 || n < 1 || first + n > comm_size(c) || me < 0 || me >= n) return MLM_EINVAL;
+    size_t s_off[COMM_A2A_MAX], r_off[COMM_A2A_MAX], s_tot = 0, r_tot = 0; // (n) block offsets in send / recv
+    if (n > COMM_A2A_MAX) return MLM_EINVAL;
+    for (int j = 0; j < n; j++) s_off[j] = s_tot, s_tot += send_lens[j], r_off[j] = r_tot, r_tot += recv_lens[j];
+    if ((s_tot && !send) || (r_tot && !recv) || send_lens[me] != recv_lens[me]) return MLM_EINVAL;
+    if (c->iface->alltoallv) return c->iface->alltoallv(c->ctx, first, n, send, send_lens, recv, recv_lens, timeout_ms);
+    const uint8_t *s = send;
+    uint8_t *r = recv;
+    if (recv_lens[me]) memcpy(r + r_off[me], s + s_off[me], recv_lens[me]);
+    if (n == 1) return 0;
+    const uint32_t seq = c->range_seq++;
+    const int64_t dl = mlm_deadline(timeout_ms);
+    int rc = 0;
+    for (int step = 1; step < n && rc == 0; step++) { // rotated, so no rank is everyone's first
+        const int j = (me + step) % n;
+        rc = coll_send(c, first + j, OP_ALLTOALLV, seq, 0, s + s_off[j], send_lens[j], dl);
+    }
+    for (int step = 1; step < n && rc == 0; step++) {
+        const int j = (me - step + n) % n;
+        rc = coll_recv_into(c, first + j, OP_ALLTOALLV, seq, 0, r + r_off[j], recv_lens[j], dl);
+    }
+    return rc;
 }
 
 void comm_get_counters(const comm_t *c, comm_counters_t *out) {

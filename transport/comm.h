@@ -47,6 +47,11 @@ struct comm_backend_i {
     // optional
     int (*barrier)(void *ctx, int timeout_ms);
     int (*allreduce_f32)(void *ctx, float *buf, size_t n, comm_algo_t algo, int timeout_ms);
+    // comm_alltoallv among ranks [first, first + n) (arguments and contract as there). NULL: the generic
+    // one in comm.c over send/recv, which every backend here uses (zmq, mpi, inproc, link, and the
+    // fault wrapper, whose faults then apply to each of its messages).
+    int (*alltoallv)(void *ctx, int first, int n, const void *send, const size_t *send_lens, void *recv,
+                     const size_t *recv_lens, int timeout_ms);
 };
 
 typedef struct comm comm_t;
@@ -136,6 +141,18 @@ const char *comm_algo_name(comm_algo_t algo);           // "auto", "star", "ring
 // (the caller is not in the range), or as comm_allreduce_ex.
 int comm_allreduce_range(comm_t *c, int first, int n_ranks, float *buf, size_t n, const comm_allreduce_opts_t *opts,
                          int timeout_ms);
+
+// All-to-all with sizes per pair among ranks [first, first + n) (the caller is one of them; an
+// expert-parallel group exchanging tokens with the owners of their experts). send holds n blocks
+// in rank order, block j (send_lens[j] bytes, 0 allowed) for rank first + j; recv receives n
+// blocks in rank order, block j (recv_lens[j] bytes) from rank first + j. Both sides know every
+// size beforehand (as MPI_Alltoallv): a block of another size is MLM_EPROTO. The caller's own
+// block is copied. send and recv must not overlap. Numbered in the range sequence
+// (comm_allreduce_range's): every member makes the same range calls in the same order. One round:
+// each rank sends its n-1 blocks, then receives n-1. 0, MLM_EINVAL (caller not in the range), or
+// MLM_ETIMEOUT / MLM_EPEER / MLM_EPROTO by the deadline; recv is then unspecified.
+int comm_alltoallv(comm_t *c, int first, int n /* <= 256 */, const void *send, const size_t *send_lens /* (n) */, void *recv,
+                   const size_t *recv_lens /* (n) */, int timeout_ms);
 
 // What a comm has done since comm_new, counted by the wrapper for every backend (a fault wrapper
 // and the comm it wraps count separately).

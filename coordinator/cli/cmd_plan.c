@@ -21,7 +21,7 @@
 static void plan_usage(FILE *f) {
     fprintf(f,
             "usage: meshlm plan (-m FILE | --preset NAME [--quant TYPE]) (--nodes SPEC | --nodes-file F)\n"
-            "                   [-c N_CTX] [--pp S] [--tp T] [--tp-mode M] [--keep-all] [--pin-first]\n"
+            "                   [-c N_CTX] [--pp S] [--tp T] [--tp-mode M] [--ep N|off] [--keep-all] [--pin-first]\n"
             "                   [--no-stream] [--plan FILE] [--out FILE] [--explain] [--json]\n"
             "  -m, --model FILE   GGUF model (only mapped, no weights read)\n"
             "  --preset NAME      a known model shape instead of a file (tinyllama-1.1b, llama-2-70b, mixtral-8x7b, ...)\n"
@@ -36,6 +36,8 @@ static void plan_usage(FILE *f) {
             "  --pp S             exactly S pipeline stages    --tp T   exactly T nodes per stage\n"
             "  --tp-mode M        exact (default: all-gathers, bit-identical to one node), allreduce (2 all-reduces\n"
             "                     per block, not bit-exact) or auto (the faster predicted)\n"
+            "  --ep N|off         MoE: experts placed whole on stages of N nodes (expert parallelism; attention\n"
+            "                     replicated), or off: sliced only (default: the faster predicted)\n"
             "  --keep-all         every node computes          --pin-first  node 0 (coordinator) is rank 0\n"
             "  --no-stream        refuse shares that do not fit their budgets (default: they stream weights\n"
             "                     from disk through a window of units)\n"
@@ -115,7 +117,7 @@ static void kv_table(const plan_t *p, const char *dev, FILE *f) {
 
 int cmd_plan(int argc, char **argv) {
     enum { O_NODES = 256, O_NODES_FILE, O_PRESET, O_QUANT, O_PP, O_TP, O_KEEP, O_PIN, O_PLAN, O_OUT, O_EXPLAIN,
-           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV };
+           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"nodes", required_argument, 0, O_NODES},
         {"nodes-file", required_argument, 0, O_NODES_FILE}, {"preset", required_argument, 0, O_PRESET},
@@ -126,7 +128,7 @@ int cmd_plan(int argc, char **argv) {
         {"explain", no_argument, 0, O_EXPLAIN},     {"json", no_argument, 0, O_JSON},
         {"ubatch", required_argument, 0, O_UBATCH}, {"prompt", required_argument, 0, O_PROMPT},
         {"tp-mode", required_argument, 0, O_TP_MODE}, {"no-stream", no_argument, 0, O_NO_STREAM},
-        {"kv-device", required_argument, 0, O_KVDEV},
+        {"kv-device", required_argument, 0, O_KVDEV}, {"ep", required_argument, 0, O_EP},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     const char *model = NULL, *preset = NULL, *quant = NULL, *spec = NULL, *nodes_file = NULL, *plan_path = NULL,
                *out_path = NULL;
@@ -156,6 +158,7 @@ int cmd_plan(int argc, char **argv) {
         case O_TP_MODE: bad |= layout_args_tp_mode(optarg, &po.tp_mode); mode_given = true; break;
         case O_NO_STREAM: po.no_stream = true; break;
         case O_KVDEV: kv_dev = optarg; break;
+        case O_EP: bad |= layout_args_ep(optarg, &po.ep); break;
         case 'h': plan_usage(stdout); return 0;
         default: plan_usage(stderr); return 2;
         }
@@ -238,6 +241,7 @@ int cmd_plan(int argc, char **argv) {
         } else if (explain) {
             plan_explain(stdout, pm, best, alts, n_alts);
         } else {
+            plan_print_experts(best, pm->n_expert, stdout);
             plan_table(best, pm, stdout);
             int streams = 0;
             for (int i = 0; i < best->n; i++) streams += best->shard[i].st.streams;

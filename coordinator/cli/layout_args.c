@@ -45,6 +45,18 @@ int layout_args_tp_mode(const char *name, plan_tp_mode_t *out) {
     return 0;
 }
 
+int layout_args_ep(const char *arg, int *out) {
+    if (!strcmp(arg, "off")) {
+        *out = -1;
+        return 0;
+    }
+    char *end;
+    long v = strtol(arg, &end, 10);
+    if (end == arg || *end || v < 2 || v > 256) return -1;
+    *out = (int)v;
+    return 0;
+}
+
 uint64_t layout_args_local_mem(const layout_args_t *a) { return a->local_mem_set ? a->local_mem : a->mem_budget; }
 
 int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cmd) {
@@ -60,6 +72,12 @@ int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cm
             return -1;
         }
         a->tp_mode_set = true;
+        return 1;
+    case LA_EP:
+        if (layout_args_ep(arg, &a->ep) != 0) {
+            fprintf(stderr, "meshlm %s: --ep wants a member count of 2 or more, or off, not '%s'\n", cmd, arg);
+            return -1;
+        }
         return 1;
     case LA_MEM_BUDGET: return size_arg(arg, "--mem-budget", cmd, &a->mem_budget);
     case LA_LOCAL_MEM: a->local_mem_set = true; return size_arg(arg, "--local-mem", cmd, &a->local_mem);

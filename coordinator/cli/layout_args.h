@@ -17,6 +17,8 @@ typedef struct {
     const char *plan_file;    // --plan FILE: a hand-written plan
     plan_tp_mode_t tp_mode;   // --tp-mode exact|allreduce|auto (default exact)
     bool tp_mode_set;         // --tp-mode was given (it then overrides a plan file's mode)
+    int ep;                   // --ep N|off: MoE experts placed whole on stages of N nodes (N >= 2), -1 (off):
+                              // sliced only, 0 (default): the faster predicted
     // --mem-budget SIZE, bytes (0 = none): the budget of every local worker (passed on as `meshlm
     // worker --mem-budget`) and of this process's own model: its share (--coordinator-shard) or the
     // single node, which streams its weights through the weight window when it does not fit.
@@ -32,12 +34,13 @@ typedef struct {
 
 // Option ids, above every command's own (GA_NEXT + 100 leaves room).
 enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_LOCAL_MEM, LA_HEARTBEAT, LA_NO_RECOVER,
-       LA_STANDBY, LA_TP_MODE };
+       LA_STANDBY, LA_TP_MODE, LA_EP };
 
 #define LAYOUT_ARGS_LONGOPTS                                                                                     \
     {"pp", required_argument, 0, LA_PP}, {"tp", required_argument, 0, LA_TP},                                   \
         {"ubatch", required_argument, 0, LA_UBATCH}, {"keep-all", no_argument, 0, LA_KEEP_ALL},                 \
-        {"plan", required_argument, 0, LA_PLAN}, {"tp-mode", required_argument, 0, LA_TP_MODE}
+        {"plan", required_argument, 0, LA_PLAN}, {"tp-mode", required_argument, 0, LA_TP_MODE},                \
+        {"ep", required_argument, 0, LA_EP}
 
 #define LAYOUT_ARGS_USAGE                                                                                        \
     "layout (default: the planner picks tensor, pipeline or hybrid from measured speed, memory and links):\n"   \
@@ -47,6 +50,10 @@ enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_L
     "                          bit-identical to one node), allreduce (Megatron style: 2 all-reduces per\n"    \
     "                          block, star or ring from the measured links; last bits differ), auto (the\n"  \
     "                          faster predicted); overrides a --plan file's tp mode\n"                        \
+    "      --ep N|off          MoE: experts placed whole on stages of N nodes (expert parallelism: the\n"     \
+    "                          router runs where the hidden state is, token rows go to their experts'\n"   \
+    "                          owners; logits bit-identical to one node), off: experts sliced like every\n"\
+    "                          matrix (default: the faster predicted)\n"                                   \
     "      --plan FILE         a hand-written plan (see meshlm plan --out)\n"                                   \
     "      --ubatch N          prompt micro-batch tokens in flight through the stages (default 16)\n"           \
     "      --keep-all          never leave a slow node out\n"
@@ -81,6 +88,9 @@ uint64_t layout_args_local_mem(const layout_args_t *a);
 
 // Parses a tensor-parallel mode name: "exact", "allreduce" or "auto". 0, or -1 for another name.
 int layout_args_tp_mode(const char *name, plan_tp_mode_t *out);
+
+// Parses --ep's value: N >= 2, or "off" (-1). 0, or -1 for anything else.
+int layout_args_ep(const char *arg, int *out);
 
 // Handles ch if it is a layout option: 1 handled, 0 not ours, -1 bad value (message printed).
 int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cmd);

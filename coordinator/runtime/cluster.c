@@ -360,6 +360,17 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
     }
     plan_tp_mode_t mode;
     if ((rc = tp_mode_for_workers(c, c->o.tp_mode, &mode, err, errlen)) != 0) return rc;
+    int ep = c->o.ep;
+    for (int j = 0; j < c->n_cand && ep >= 0; j++) { // placed experts need protocol 1.5 on every worker
+        const msg_hello_t *h = &c->w[c->cand[j]].hello;
+        if (h->proto_major > MSG_PROTO_MAJOR || h->proto_minor >= MSG_MINOR_EP) continue;
+        if (ep >= 2)
+            return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
+                            "worker %s speaks protocol %u.%u, which has no expert parallelism (1.%d and newer); "
+                            "drop --ep or update it",
+                            c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_EP);
+        ep = -1;
+    }
     plan_model_t *pm = malloc(sizeof *pm);
     if (!pm) return MLM_ENOMEM;
     rc = plan_model_from_gguf(model_gguf(c->full), pm, err, errlen);
@@ -385,7 +396,7 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         // A share that does not fit its node's budget resident streams through the weight window.
         plan_opts_t po = {.n_ctx = n_ctx, .pp = pp, .tp = tp, .keep_all = c->o.keep_all,
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
-                          .coord_apart = off == 0, .tp_mode = mode};
+                          .coord_apart = off == 0, .tp_mode = mode, .ep = ep};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
     }
     free(pm);
@@ -435,6 +446,8 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         p->ffn[0] = (msg_range_t){s->f0, s->f1};
         p->hidden = (msg_range_t){s->e0, s->e1};
         p->vocab = (msg_range_t){s->v0, s->v1};
+        for (int e = 0; pl->ep && r >= (off ? 0 : 1) && e < hp->n_expert && e < MSG_MAX_EXPERTS; e++)
+            if (plan_has_expert(pl, r - (off ? 0 : 1), e)) p->experts[p->n_experts++] = (uint16_t)e;
         if (r >= (off ? 0 : 1)) { // the links the planner assumed, so every group chooses star or ring alike
             const plan_node_t *nd = &pl->node[pl->shard[r - (off ? 0 : 1)].node];
             p->link_lat_us = (float)nd->lat_us;
@@ -464,7 +477,7 @@ static int send_plan(cluster_t *c, char *err, size_t errlen) {
     p->n_ctx = (uint32_t)c->o.n_ctx;
     p->kv_type = c->o.kv_f32 ? QT_F32 : QT_F16;
     p->n_batch = c->o.n_batch > 0 ? (uint32_t)c->o.n_batch : 0;
-    p->tp_mode = c->plan->tp_mode == PLAN_TP_ALLREDUCE ? MSG_TP_ALLREDUCE : MSG_TP_EXACT;
+    p->tp_mode = c->plan->ep ? MSG_TP_EXPERT : c->plan->tp_mode == PLAN_TP_ALLREDUCE ? MSG_TP_ALLREDUCE : MSG_TP_EXACT;
     if (c->o.kv_device && snprintf(p->kv_device, sizeof p->kv_device, "%s", c->o.kv_device) >= (int)sizeof p->kv_device)
         return mlm_fail(err, errlen, MLM_ERANGE, "--kv-device '%s' is longer than %d bytes", c->o.kv_device,
                         MSG_DEVICE_MAX - 1);
@@ -736,6 +749,9 @@ static int load_own_share(cluster_t *c, char *err, size_t errlen) {
                             .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0,
                             .weights = c->o.weights, .expert_skip = c->o.expert_skip};
     const model_hparams_t *hp = model_hparams(c->full);
+    uint64_t mask[4] = {0}; // placed experts: the ones this share computes
+    for (int j = 0; j < c->pnodes[0].n_experts; j++) mask[c->pnodes[0].experts[j] >> 6] |= (uint64_t)1 << (c->pnodes[0].experts[j] & 63);
+    if (c->plan->ep && c->o.coordinator_shard) lo.experts = mask;
     const weights_params_t wp = {.g = model_gguf(c->full), .hp = hp, .slice = lo.slice, .budget_bytes = lo.mem_budget,
                                  .n_ctx = lo.n_ctx};
     bool need = false;
@@ -790,6 +806,15 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
         double lat[MSG_MAX_NODES], bw[MSG_MAX_NODES]; // (n_nodes) one-way us, bytes/s
         for (int i = 0; i < c->n_nodes; i++) lat[i] = c->pnodes[i].link_lat_us, bw[i] = (double)c->pnodes[i].link_bw;
         pipe_set_links(&c->pipe, lat, bw);
+    }
+    if (rc == 0 && c->plan->ep) { // the same groups the workers make from the PLAN's expert lists
+        const model_hparams_t *hp = model_hparams(c->full);
+        uint8_t *has = calloc((size_t)c->n_nodes * (size_t)hp->n_expert, 1); // (n_nodes, n_expert)
+        if (!has) rc = MLM_ENOMEM;
+        for (int r = 0; has && r < c->n_nodes; r++)
+            for (int j = 0; j < c->pnodes[r].n_experts; j++) has[(size_t)r * hp->n_expert + c->pnodes[r].experts[j]] = 1;
+        if (has) rc = pipe_set_experts(&c->pipe, has, hp->n_layer, hp->n_expert, err, errlen);
+        free(has);
     }
     c->computes = c->o.coordinator_shard;
     if (rc == 0 && c->computes) {

@@ -46,6 +46,8 @@ typedef struct {
     // to help are left out) from the nodes' measured speed, memory and links.
     int pp;                          // pipeline stages (0 = the planner chooses)
     int tp;                          // nodes per stage (0 = the planner chooses)
+    int ep;                          // MoE: 0 = the planner chooses sliced or placed experts, N >= 2 = experts
+                                     // placed whole on stages of N workers (--ep N), -1 = sliced only
     bool keep_all;                   // never leave a node out
     const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
     plan_tp_mode_t tp_mode;          // how tensor-parallel groups cut a block: EXACT (default, bit-identical

@@ -3,6 +3,7 @@
 #include "coordinator/runtime/cluster_impl.h"
 
 #include <stdio.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,8 +44,10 @@ int cl_drain_reports(cluster_t *c, int wi, int timeout_ms) {
 // The exchanges of n tokens that the coordinator does not see, when it computes nothing: per token
 // and layer every member of a stage's group sends its block of the attention output, the two
 // hidden-size products and the FFN units (per routed expert) to the others (all-reduce mode: two
-// all-reduces of n_embd floats, 2 (g-1) n_embd floats sent in all by either algorithm); stage 0
-// exchanges the embedding; each stage hands n_embd floats per token to every rank of the next.
+// all-reduces of n_embd floats, 2 (g-1) n_embd floats sent in all by either algorithm; placed
+// experts: the routed rows to their home and its sums back); stage 0 exchanges the embedding (not
+// with placed experts: every member holds every row); each stage hands n_embd floats per token to
+// every rank of the next.
 static uint64_t unseen_bytes(const cluster_t *c, uint64_t n) {
     const model_hparams_t *hp = model_hparams(c->model);
     const uint64_t per_layer = c->plan->tp_mode == PLAN_TP_ALLREDUCE
@@ -56,8 +59,12 @@ static uint64_t unseen_bytes(const cluster_t *c, uint64_t n) {
     for (int k = 0; k < pl->n_stages; k++) {
         const uint64_t g = (uint64_t)(pl->stage_first[k + 1] - pl->stage_first[k]);
         const shard_slice_t *s = &pl->shard[pl->stage_first[k]].s;
-        floats += (uint64_t)(s->l1 - s->l0) * per_layer * (g - 1);
-        if (k == 0) floats += (uint64_t)hp->n_embd * (g - 1);
+        // placed experts: per block the routed rows that leave their owner for the home (on average
+        // k (g-1)/g of n_embd each, uniform routing) and the home's sums to the g-1 others
+        const uint64_t ep_layer = (uint64_t)llround((double)hp->n_embd * ((double)hp->n_expert_used * (double)(g - 1) /
+                                                                           (double)(g ? g : 1) + (double)(g - 1)));
+        floats += (uint64_t)(s->l1 - s->l0) * (pl->ep ? ep_layer : per_layer * (g - 1));
+        if (k == 0 && !pl->ep) floats += (uint64_t)hp->n_embd * (g - 1);
         if (k + 1 < pl->n_stages) floats += (uint64_t)hp->n_embd * (uint64_t)(pl->stage_first[k + 2] - pl->stage_first[k + 1]);
     }
     return n * floats * 4u;
@@ -70,7 +77,8 @@ int cl_seq_ctx(cluster_t *c, int seq, model_ctx_t **out) {
     if (!c->ctx[seq]) {
         char err[256];
         model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_batch = c->o.n_batch, .n_threads = c->o.n_threads,
-                               .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp, .attn_dev = c->o.kv_device,
+                               .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp, .ep = &c->pipe.ep_group,
+                               .attn_dev = c->o.kv_device,
                                .kv_ram = attn_dev_pages(c->o.kv_device) && c->o.coordinator_shard
                                              ? model_kv_ram_share(c->model, c->o.mem_budget)
                                              : 0};

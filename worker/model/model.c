@@ -78,6 +78,12 @@ struct model_ctx {
     void *xq_b;                // (n_batch, act row bytes) for a second weight type in a group
     void *xq_c;                // (n_batch, act row bytes) for a third
     size_t xq_cap;             // bytes of each xq buffer
+    model_ep_t ep;             // expert-parallel group (n_nodes 1 = alone)
+    float *ep_send;            // (n_batch * n_expert_used, n_embd) expert rows for the tokens' homes, by home
+    float *ep_recv;            // (n_batch * n_expert_used, n_embd) expert rows of this home's tokens, by sender
+    int *ep_row;               // (n_batch, n_expert_used) row of ep_recv holding token i's rank-r expert output
+    size_t *ep_slen;           // (ep.n_nodes) bytes of ep_send for each home
+    size_t *ep_rlen;           // (ep.n_nodes) bytes of ep_recv from each member
 };
 
 // --- helpers: loading
@@ -139,8 +145,11 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
             .budget_bytes = opts ? opts->mem_budget : 0,
             .n_ctx = opts && opts->n_ctx > 0 ? opts->n_ctx
                                              : (m->hp.n_ctx_train > 0 && m->hp.n_ctx_train < 4096 ? m->hp.n_ctx_train : 4096),
+            .experts = opts ? opts->experts : NULL,
         };
-        rc = weights_new(&m->w, opts ? opts->weights : NULL, &wp, err, errlen);
+        const char *wname = opts ? opts->weights : NULL;
+        if (!wname && wp.experts) wname = "mmap"; // placed experts are mapped, not streamed
+        rc = weights_new(&m->w, wname, &wp, err, errlen);
     }
     if (rc != 0) {
         if (rc == MLM_ENOMEM && err && errlen) snprintf(err, errlen, "%s: out of memory while loading", path);
@@ -210,6 +219,19 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     if (sl->l1 <= sl->l0) {
         snprintf(err, errlen, "a model holding no blocks cannot run");
         return MLM_EINVAL;
+    }
+    if (o.ep && o.ep->n_nodes > 1) {
+        bool ok = o.ep->index >= 0 && o.ep->index < o.ep->n_nodes && o.ep->n_nodes <= PLAN_NODES_MAX &&
+                  o.ep->owner && o.ep->alltoallv && o.ep->gather && o.ep->n_layer == hp->n_layer &&
+                  o.ep->n_expert == hp->n_expert && hp->n_expert > 0 && (!o.tp || o.tp->n_nodes == 1) &&
+                  memcmp(&rows, &full, sizeof full) == 0;
+        for (int i = 0; ok && i < hp->n_layer * hp->n_expert; i++) ok = o.ep->owner[i] < o.ep->n_nodes;
+        if (!ok) {
+            snprintf(err, errlen, "expert-parallel group is inconsistent with the model (it needs a MoE model holding "
+                                  "every row of its blocks, no tensor-parallel group, owners below %d)",
+                     o.ep->n_nodes);
+            return MLM_EINVAL;
+        }
     }
     model_ctx_t *c = calloc(1, sizeof *c);
     if (!c) return MLM_ENOMEM;
@@ -296,6 +318,16 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
         c->acc_l = whole ? c->tmp : malloc(B * (size_t)c->El * 4 + 4);
         moe_ok = c->router && c->sel && c->sel_w && c->e_tok && c->e_order && c->e_x && c->e_y && c->acc_l;
     }
+    c->ep = o.ep && o.ep->n_nodes > 1 ? *o.ep : (model_ep_t){.n_nodes = 1};
+    if (c->ep.n_nodes > 1) {
+        const size_t rows = B * (size_t)hp->n_expert_used;
+        c->ep_send = malloc(rows * E * 4);
+        c->ep_recv = malloc(rows * E * 4);
+        c->ep_row = malloc(rows * sizeof(int));
+        c->ep_slen = calloc((size_t)c->ep.n_nodes, sizeof(size_t));
+        c->ep_rlen = calloc((size_t)c->ep.n_nodes, sizeof(size_t));
+        moe_ok = moe_ok && c->ep_send && c->ep_recv && c->ep_row && c->ep_slen && c->ep_rlen;
+    }
     if (!c->pool || rc != 0 || !c->x || !c->xn || !c->tmp || !c->q || !c->att_l || !c->k || !c->v || !c->ffn_g ||
         !c->ffn_u || !c->xq_a || !c->xq_b || !c->xq_c || !moe_ok || !tp_ok) {
         if (err && errlen)
@@ -339,6 +371,11 @@ void model_ctx_destroy(model_ctx_t **self_p) {
     free(c->e_order);
     free(c->e_x);
     free(c->e_y);
+    free(c->ep_send);
+    free(c->ep_recv);
+    free(c->ep_row);
+    free(c->ep_slen);
+    free(c->ep_rlen);
     free(c);
     *self_p = NULL;
 }
@@ -599,11 +636,10 @@ static void moe_route(model_ctx_t *c, const layer_weights_t *L, int nt) {
     }
 }
 
-// One expert's FFN over the n tokens gathered in e_x, added with their router weights (rank `rank`)
-// into acc_l.
-static int moe_expert(model_ctx_t *c, const layer_weights_t *X, qtype_t e_type, int rank, int n) {
+// One expert's FFN over the n tokens gathered in e_x: e_y (n, El) receives its output rows.
+static int moe_expert(model_ctx_t *c, const layer_weights_t *X, qtype_t e_type, int n) {
     const model_hparams_t *hp = &c->m->hp;
-    const int E = hp->n_embd, F = hp->n_ff, Fl = c->Fl, El = c->El, k = hp->n_expert_used;
+    const int E = hp->n_embd, F = hp->n_ff, Fl = c->Fl, El = c->El;
     // The reference's expert product (mul_mat_id) takes one token at a time, which for F32/F16
     // weights is a different summation order than its batched matmul.
     const int step = mm_act_type(e_type) == e_type ? 1 : n;
@@ -624,21 +660,112 @@ static int moe_expert(model_ctx_t *c, const layer_weights_t *X, qtype_t e_type, 
         for (int j = 0; j < n; j += step)
             matmul1(c, &X->w_down, c->ffn_h + (size_t)j * F, step, c->e_y + (size_t)j * El);
     }
-    for (int j = 0; j < n; j++) {
-        const int i = c->e_tok[j];
-        const float w = c->sel_w[(size_t)i * k + rank];
-        float *dst = c->acc_l + (size_t)i * El;
-        const float *src = c->e_y + (size_t)j * El;
-        for (int d = 0; d < El; d++) dst[d] += w * src[d];
-    }
     return 0;
+}
+
+// dst (w) += w * src (w): one expert's output added into a token's sum. The single node and an
+// expert-parallel home both add through here, so the sums are the same bits.
+static void moe_add(float *dst, const float *src, float w, int width) {
+    for (int d = 0; d < width; d++) dst[d] += w * src[d];
+}
+
+// The tokens routed to expert e at top-k rank `rank` into e_tok, and their rows of xn into e_x
+// (the batch every node computes that expert for, in token order). Returns their count.
+static int moe_gather_tokens(model_ctx_t *c, int rank, int e, int nt) {
+    const int E = c->m->hp.n_embd, k = c->m->hp.n_expert_used;
+    int n = 0;
+    for (int i = 0; i < nt; i++)
+        if (c->sel[(size_t)i * k + rank] == e) c->e_tok[n++] = i;
+    for (int j = 0; j < n; j++) memcpy(c->e_x + (size_t)j * E, c->xn + (size_t)c->e_tok[j] * E, (size_t)E * sizeof(float));
+    return n;
+}
+
+// The expert-parallel home of token i of a chunk of nt: the chunk cut into n_nodes contiguous ranges.
+static int ep_home(const model_ctx_t *c, int i, int nt) { return (int)((int64_t)i * c->ep.n_nodes / nt); }
+
+// Expert parallelism (model_ep_t): this member computes the experts it owns for the chunk (by rank,
+// then expert id, as alone), hands each row to its token's home by alltoallv, adds the rows of its
+// home tokens in rank order, and gathers every home's sums into tmp. The rows travel in an order
+// both sides derive from the routing they share: rank, expert id, token.
+static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
+    const model_hparams_t *hp = &c->m->hp;
+    const int E = hp->n_embd, k = hp->n_expert_used, ne = hp->n_expert, N = c->ep.n_nodes, me = c->ep.index;
+    const uint8_t *own = c->ep.owner + (size_t)il * ne;
+    // rows for each home, counted first so each home's block starts at a known row
+    int s_at[PLAN_NODES_MAX + 1] = {0}; // (N + 1) first row of ep_send for each home, then its next free row
+    int r_at[PLAN_NODES_MAX + 1] = {0}; // (N + 1) first row of ep_recv from each member, then the next unread
+    for (int i = 0; i < nt; i++)
+        for (int r = 0; r < k; r++) {
+            const int owner = own[c->sel[(size_t)i * k + r]], home = ep_home(c, i, nt);
+            if (owner == me) s_at[home + 1]++;
+            if (home == me) r_at[owner + 1]++;
+        }
+    for (int h = 0; h < N; h++) {
+        c->ep_slen[h] = (size_t)s_at[h + 1] * E * sizeof(float);
+        c->ep_rlen[h] = (size_t)r_at[h + 1] * E * sizeof(float);
+        s_at[h + 1] += s_at[h];
+        r_at[h + 1] += r_at[h];
+    }
+    int n_order = 0; // the experts this member computes, in the order it visits them
+    for (int rank = 0; rank < k; rank++)
+        for (int e = 0; e < ne; e++) {
+            bool used = false, seen = false;
+            for (int i = 0; i < nt && !used && own[e] == me; i++) used = c->sel[(size_t)i * k + rank] == e;
+            for (int j = 0; used && j < n_order && !seen; j++) seen = c->e_order[j] == e;
+            if (used && !seen) c->e_order[n_order++] = e;
+        }
+    weights_prefetch(c->m->w, il, c->e_order, n_order);
+    for (int rank = 0; rank < k; rank++)
+        for (int e = 0; e < ne; e++) {
+            if (own[e] != me) continue;
+            const int n = moe_gather_tokens(c, rank, e, nt);
+            if (n == 0) continue;
+            const layer_weights_t *X;
+            int rc = weights_acquire(c->m->w, il, e, &X);
+            if (rc != 0) return rc;
+            rc = moe_expert(c, X, L->e_type, n);
+            weights_release(c->m->w, il, e);
+            if (rc != 0) return rc;
+            for (int j = 0; j < n; j++) {
+                const int h = ep_home(c, c->e_tok[j], nt);
+                memcpy(c->ep_send + (size_t)s_at[h]++ * E, c->e_y + (size_t)j * E, (size_t)E * sizeof(float));
+            }
+        }
+    int rc = c->ep.alltoallv(c->ep.ctx, c->ep_send, c->ep_slen, c->ep_recv, c->ep_rlen);
+    if (rc != 0) return rc;
+    // where each of this home's (token, rank) rows landed: the senders' order replayed
+    for (int rank = 0; rank < k; rank++)
+        for (int e = 0; e < ne; e++)
+            for (int i = 0; i < nt; i++)
+                if (c->sel[(size_t)i * k + rank] == e && ep_home(c, i, nt) == me) c->ep_row[(size_t)i * k + rank] = r_at[own[e]]++;
+    int lo = nt, hi = 0; // this home's tokens [lo, hi)
+    for (int i = 0; i < nt; i++)
+        if (ep_home(c, i, nt) == me) lo = i < lo ? i : lo, hi = i + 1;
+    if (hi < lo) lo = hi = 0;
+    float *acc = c->acc_l + (size_t)lo * E; // acc_l is tmp (the whole rows): the sums gather in place
+    memset(acc, 0, (size_t)(hi - lo) * E * sizeof(float));
+    for (int rank = 0; rank < k; rank++)
+        for (int i = lo; i < hi; i++)
+            moe_add(c->acc_l + (size_t)i * E, c->ep_recv + (size_t)c->ep_row[(size_t)i * k + rank] * E,
+                    c->sel_w[(size_t)i * k + rank], E);
+    size_t lens[PLAN_NODES_MAX]; // (N) bytes of each home's sums
+    for (int h = 0; h < N; h++) {
+        int cnt = 0;
+        for (int i = 0; i < nt; i++) cnt += ep_home(c, i, nt) == h;
+        lens[h] = (size_t)cnt * E * sizeof(float);
+    }
+    // the gather lands in ep_recv (its rows are added already), then moves to tmp
+    rc = c->ep.gather(c->ep.ctx, acc, lens[me], c->ep_recv, lens);
+    if (rc == 0) memcpy(c->tmp, c->ep_recv, (size_t)nt * E * sizeof(float));
+    return rc;
 }
 
 static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
     const model_hparams_t *hp = &c->m->hp;
-    const int E = hp->n_embd, El = c->El, k = hp->n_expert_used, ne = hp->n_expert;
+    const int El = c->El, k = hp->n_expert_used, ne = hp->n_expert;
     moe_route(c, L, nt);
     if (c->m->on_route) c->m->on_route(c->m->on_route_arg, il, c->sel, nt, k);
+    if (c->ep.n_nodes > 1) return ffn_moe_ep(c, il, L, nt);
     // Experts are visited in rank order (every token's top-1 first), so each token's sum is
     // accumulated top-1 first, then top-2, ... whatever the expert ids. The provider hears which
     // experts come, in that order, before the first is acquired.
@@ -655,22 +782,22 @@ static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
     memset(c->acc_l, 0, (size_t)nt * El * sizeof(float));
     for (int rank = 0; rank < k; rank++) {
         for (int e = 0; e < ne; e++) {
-            int n = 0;
-            for (int i = 0; i < nt; i++)
-                if (c->sel[(size_t)i * k + rank] == e) c->e_tok[n++] = i;
+            const int n = moe_gather_tokens(c, rank, e, nt);
             if (n == 0 || (c->ar && c->Fl == 0)) continue; // all-reduce mode: no units, nothing to add
-            for (int j = 0; j < n; j++)
-                memcpy(c->e_x + (size_t)j * E, c->xn + (size_t)c->e_tok[j] * E, (size_t)E * sizeof(float));
             const layer_weights_t *X;
             int rc = weights_acquire(c->m->w, il, e, &X);
             if (rc != 0) return rc;
-            rc = moe_expert(c, X, L->e_type, rank, n);
+            rc = moe_expert(c, X, L->e_type, n);
             weights_release(c->m->w, il, e);
             if (rc != 0) return rc;
+            for (int j = 0; j < n; j++) {
+                const int i = c->e_tok[j];
+                moe_add(c->acc_l + (size_t)i * El, c->e_y + (size_t)j * El, c->sel_w[(size_t)i * k + rank], El);
+            }
         }
     }
     if (c->ar) return sum_partials(c, c->acc_l, nt); // acc_l is tmp
-    return gather_cols(c, c->acc_l, nt, G_HIDDEN, E, c->tmp);
+    return gather_cols(c, c->acc_l, nt, G_HIDDEN, hp->n_embd, c->tmp);
 }
 
 // Block il (acquired as L) over the chunk's nt tokens at positions pos0...

@@ -32,6 +32,8 @@ typedef struct {
     // for a chunk, sel (nt, k) experts in rank order (-1: dropped by expert_skip); borrowed for the call.
     void (*on_route)(void *arg, int layer, const int *sel, int nt, int k);
     void *on_route_arg;
+    const uint64_t *experts;      // (4) placed experts (model_ep_t): bit e set = this node computes expert e of
+                                  // its blocks; only those are prepared (mapped, "mmap"), NULL = every expert
 } model_load_opts_t;
 
 typedef struct model model_t;
@@ -79,6 +81,32 @@ typedef struct {
     model_allreduce_fn allreduce;
 } model_tp_t;
 
+// Expert parallelism: exchanges blocks of bytes with every member of the expert-parallel group at
+// once. Member j receives block j of send (send_lens[j] bytes, blocks concatenated in member order);
+// recv receives block j from member j (recv_lens[j] bytes, known beforehand). Every member calls it
+// the same number of times in the same order. Returns 0 or a negative MLM_ code.
+typedef int (*model_alltoallv_fn)(void *ctx, const void *send, const size_t *send_lens, void *recv,
+                                  const size_t *recv_lens);
+
+// An expert-parallel group: members that each hold whole experts (every FFN unit and hidden row of
+// them) and compute them for the whole group, while everything else (attention, router, embedding,
+// output) is replicated: each member holds the full residual stream and routes every token itself,
+// with the same bits. Per MoE block the members compute, for every (top-k rank, expert) they own, the
+// same token batch a single node would; the rows go by alltoallv to each token's home member (the
+// chunk's tokens cut into n_nodes contiguous ranges, member order), which adds them into the token's
+// sum in rank order (top-1 first) exactly as a single node does; the homes' sums are then gathered
+// (gather, node order) so every member holds the block's output. The logits are a single node's bits.
+typedef struct {
+    int n_nodes;                  // members of the group (1 = alone: every expert is this node's)
+    int index;                    // this member's index
+    int n_layer, n_expert;        // the owner table's shape (the model's)
+    const uint8_t *owner;         // (n_layer, n_expert) the member computing expert e of block l:
+                                  // owner[l * n_expert + e] (borrowed for the ctx's life)
+    model_alltoallv_fn alltoallv; // the exchange of expert rows
+    model_gather_fn gather;       // the gather of the homes' sums (lens per member, in member order)
+    void *ctx;                    // argument of both
+} model_ep_t;
+
 typedef struct {
     int n_ctx;             // positions the KV cache holds (0 = min(n_ctx_train, 4096))
     int n_batch;           // tokens per forward chunk (0 = 64)
@@ -88,6 +116,8 @@ typedef struct {
     const char *attn_dev;  // attention/KV device by name (offload/attn.h; NULL = "host")
     uint64_t kv_ram;       // the KV's share of this node's RAM, for a device that pages past it ("file";
                            // attn_params_t.ram_bytes; 0 = no limit); see model_kv_ram_share
+    const model_ep_t *ep;  // expert-parallel group (NULL = this node computes every expert of its slice); only
+                           // with a model holding every row of its blocks and no tensor-parallel group of 2+
 } model_ctx_opts_t;
 
 typedef struct model_ctx model_ctx_t;

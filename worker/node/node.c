@@ -397,6 +397,21 @@ static int load_share(node_t *n, const char *from, const model_load_opts_t *lo, 
     return rc;
 }
 
+// Placed experts (MSG_TP_EXPERT): every node's experts list, as the stages' expert-parallel groups.
+static int plan_experts(node_t *n, const model_hparams_t *hp, char *err, size_t errlen) {
+    const int ne = hp->n_expert;
+    if (ne < 1 || (uint32_t)ne != n->plan.n_expert)
+        return mlm_fail(err, errlen, MLM_EINVAL, "an expert-parallel plan for %u experts; the model has %d",
+                        (unsigned)n->plan.n_expert, ne);
+    uint8_t *has = calloc((size_t)n->plan.n_nodes * (size_t)ne, 1); // (n_nodes, n_expert)
+    if (!has) return MLM_ENOMEM;
+    for (int r = 0; r < n->plan.n_nodes; r++)
+        for (int j = 0; j < n->nodes[r].n_experts; j++) has[(size_t)r * ne + n->nodes[r].experts[j]] = 1;
+    int rc = pipe_set_experts(&n->pipe, has, hp->n_layer, ne, err, errlen);
+    free(has);
+    return rc;
+}
+
 static int on_load(node_t *n, const msg_load_shard_t *ls) {
     char err[512] = "", path[1100];
     if (other_plan(n, ls->plan_id, "LOAD_SHARD")) return 0;
@@ -414,6 +429,9 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     model_load_opts_t lo = {.repack = true, .slice = sl, .mem_budget = n->o->mem_budget,
                             .n_ctx = pages ? 1 : (int)n->plan.n_ctx, .weights = n->o->weights,
                             .expert_skip = n->o->expert_skip};
+    uint64_t mask[4] = {0}; // placed experts: the ones this node computes
+    for (int j = 0; j < n->nodes[n->index].n_experts; j++) mask[n->nodes[n->index].experts[j] >> 6] |= (uint64_t)1 << (n->nodes[n->index].experts[j] & 63);
+    if (n->plan.tp_mode == MSG_TP_EXPERT) lo.experts = mask;
     int rc;
     const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);
@@ -464,14 +482,15 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
                 bw[i] = (double)n->nodes[i].link_bw;
             }
             pipe_set_links(&n->pipe, lat, bw);
+            if (n->plan.tp_mode == MSG_TP_EXPERT) rc = plan_experts(n, hp, err, sizeof err);
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
                                              .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,
-                                             .kv_f32 = n->plan.kv_type == QT_F32,
+                                             .kv_f32 = n->plan.kv_type == QT_F32, .ep = &n->pipe.ep_group,
                                              .attn_dev = kv_device(n),
                                              .kv_ram = attn_dev_pages(kv_device(n))
                                                            ? model_kv_ram_share(n->model, n->o->mem_budget)
                                                            : 0};
-            rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
+            if (rc == 0) rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
             n->logits_cap = (size_t)64 * (size_t)hp->n_vocab;
             n->logits = rc == 0 ? malloc(n->logits_cap * sizeof(float)) : NULL;
             if (rc == 0 && !n->logits) rc = MLM_ENOMEM;

@@ -52,6 +52,29 @@ static int pipe_logits(void *ctx, const void *mine, size_t my_len, void *out, co
     return rc != 0 ? rc : (p->rank == 0 ? 0 : 1);
 }
 
+// Expert parallelism: expert rows to the tokens' home members of this rank's stage.
+static int pipe_alltoallv(void *ctx, const void *send, const size_t *send_lens, void *recv, const size_t *recv_lens) {
+    pipe_node_t *p = ctx;
+    const double t0 = mlm_now_ms();
+    int rc = comm_alltoallv(p->comm, p->first, p->n, send, send_lens, recv, recv_lens, p->timeout_ms);
+    p->gather_ms += mlm_now_ms() - t0;
+    for (int i = 0; i < p->n; i++)
+        if (i != p->rank - p->first) p->gather_bytes += send_lens[i];
+    return rc;
+}
+
+// Expert parallelism: every member holds the whole logits; the stage's first rank sends them.
+static int pipe_logits_ep(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
+    pipe_node_t *p = ctx;
+    if (p->rank != p->first) return 1;
+    if (p->rank == 0) return 0; // the rows already are in place
+    const double t0 = mlm_now_ms();
+    int rc = comm_send1(p->comm, 0, mine, my_len, p->timeout_ms);
+    p->gather_ms += mlm_now_ms() - t0;
+    p->gather_bytes += my_len;
+    return rc != 0 ? rc : 1;
+}
+
 static int grow(void **buf, size_t *cap, size_t need) {
     if (need <= *cap) return 0;
     void *nb = realloc(*buf, need);
@@ -128,7 +151,40 @@ int pipe_node_init(pipe_node_t *p, comm_t *comm, int rank, const shard_slice_t *
     return 0;
 }
 
+int pipe_set_experts(pipe_node_t *p, const uint8_t *has, int n_layer, int n_expert, char *err, size_t errlen) {
+    p->ep = true;
+    if (p->stage < 0) return 0;
+    if (n_expert < 1 || n_layer < 1 || p->n > 255)
+        return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d experts, %d blocks, %d members", n_expert, n_layer, p->n);
+    free(p->ep_owner);
+    p->ep_owner = malloc((size_t)n_layer * (size_t)n_expert);
+    if (!p->ep_owner) return MLM_ENOMEM;
+    for (int e = 0; e < n_expert; e++) {
+        int owner = -1;
+        for (int i = 0; i < p->n; i++) {
+            if (!has[(size_t)(p->first + i) * n_expert + e]) continue;
+            if (owner >= 0)
+                return mlm_fail(err, errlen, MLM_EINVAL, "expert %d is placed on ranks %d and %d of one stage", e,
+                                p->first + owner, p->first + i);
+            owner = i;
+        }
+        if (owner < 0)
+            return mlm_fail(err, errlen, MLM_EINVAL, "expert %d is placed on no rank of stage %d (ranks %d-%d)", e,
+                            p->stage, p->first, p->first + p->n - 1);
+        for (int l = 0; l < n_layer; l++) p->ep_owner[(size_t)l * n_expert + e] = (uint8_t)owner;
+    }
+    p->tp = (model_tp_t){1, 0, p->slices + p->rank, pipe_gather, p, pipe_logits_ep, NULL};
+    p->ep_group = (model_ep_t){.n_nodes = p->n, .index = p->rank - p->first, .n_layer = n_layer,
+                               .n_expert = n_expert, .owner = p->ep_owner, .alltoallv = pipe_alltoallv,
+                               .gather = pipe_gather, .ctx = p};
+    return 0;
+}
+
 void pipe_node_free(pipe_node_t *p) {
+    free(p->ep_owner);
+    p->ep_owner = NULL;
+    p->ep = false;
+    p->ep_group = (model_ep_t){.n_nodes = 1};
     free(p->hin);
     free(p->hout);
     free(p->lbuf);
@@ -199,13 +255,14 @@ int pipe_recv_logits(pipe_node_t *p, int n, int ubatch, float *logits, bool all_
     const int u = pipe_ubatch(n, ubatch);
     size_t lens[PIPE_MAX_RANKS];
     if (p->last_n > PIPE_MAX_RANKS) return MLM_EINVAL;
+    const int senders = p->ep ? 1 : p->last_n; // placed experts: the last stage's first rank alone
     for (int done = 0; done < n;) {
         const int nt = n - done < u ? n - done : u;
         const bool last_mb = done + nt == n;
         if (all_logits || last_mb) {
             const int n_out = all_logits ? nt : 1;
             size_t sum = 0;
-            for (int i = 0; i < p->last_n; i++) {
+            for (int i = 0; i < senders; i++) {
                 const shard_slice_t *s = &p->slices[p->last_first + i];
                 lens[i] = (size_t)n_out * (size_t)(s->v1 - s->v0) * sizeof(float);
                 sum += lens[i];
@@ -213,13 +270,13 @@ int pipe_recv_logits(pipe_node_t *p, int n, int ubatch, float *logits, bool all_
             int rc = grow((void **)&p->lbuf, &p->lcap, sum);
             const double t0 = mlm_now_ms();
             if (rc == 0)
-                rc = comm_gatherv_root(p->comm, 0, p->last_first, p->last_n, NULL, 0, p->lbuf, lens, p->timeout_ms);
+                rc = comm_gatherv_root(p->comm, 0, p->last_first, senders, NULL, 0, p->lbuf, lens, p->timeout_ms);
             p->gather_ms += mlm_now_ms() - t0;
             p->gather_bytes += sum;
             if (rc != 0) return rc;
             float *dst = logits + (all_logits ? (size_t)done * p->n_vocab : 0);
             const uint8_t *src = p->lbuf;
-            for (int i = 0; i < p->last_n; i++) {
+            for (int i = 0; i < senders; i++) {
                 const shard_slice_t *s = &p->slices[p->last_first + i];
                 const size_t w = (size_t)(s->v1 - s->v0);
                 for (int t = 0; t < n_out; t++)

@@ -49,6 +49,10 @@ typedef struct {
     uint64_t allreduces;        // all-reduces (all-reduce mode: 2 per block and chunk)
     uint64_t allreduces_ring;   // of which ran the ring algorithm (the rest: star)
     uint64_t handoff_bytes;     // hidden-state bytes this rank sent to the next stage
+    // expert parallelism (pipe_set_experts): every stage is an expert-parallel group
+    bool ep;                    // the plan places experts whole
+    uint8_t *ep_owner;          // (n_layer, n_expert) member of this rank's group computing each expert (owned)
+    model_ep_t ep_group;        // this rank's expert-parallel group, for model_ctx_new (n_nodes 1 otherwise)
 } pipe_node_t;
 
 // Works out the stages from every rank's slice (they must tile the model's blocks in rank order)
@@ -56,6 +60,15 @@ typedef struct {
 int pipe_node_init(pipe_node_t *p, comm_t *comm, int rank, const shard_slice_t *slices, int n_ranks, int n_layer,
                    int n_embd, int n_vocab, int timeout_ms, char *err, size_t errlen);
 void pipe_node_free(pipe_node_t *p);
+
+// Switches the plan to placed experts: has[r * n_expert + e] != 0 when rank r computes expert e (of
+// every block of its stage; n_ranks rows). Each stage becomes an expert-parallel group (model_ep_t)
+// over its ranks: p->tp turns into a group of one (every rank holds every row of its blocks) and
+// p->ep_group describes the experts, exchanged with comm_alltoallv and gathered among the stage's
+// ranks; only a stage's first rank sends logit rows (whole) to rank 0. Every slice must hold every
+// row. 0, or MLM_EINVAL when an expert of this rank's stage has no owner or two (err says which).
+int pipe_set_experts(pipe_node_t *p, const uint8_t *has /* (n_ranks, n_expert) */, int n_layer, int n_expert,
+                     char *err, size_t errlen);
 
 // The links of the plan's ranks (lat_us: one-way latency in microseconds, bw: bytes/s, n_ranks
 // entries each, 0 = unknown): this rank's group takes its largest latency and smallest bandwidth as

@@ -1,0 +1,285 @@
+// Expert parallelism in the planner: whole experts placed on the members of each stage, memory and cost.
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core/err.h"
+#include "parallel/plan_impl.h"
+
+// --- helpers
+
+#define EP_MAX_EXPERTS 256
+
+static double max2(double a, double b) { return a > b ? a : b; }
+
+// Bytes of one expert of block il (its gate, up and down matrices).
+static uint64_t expert_bytes(const plan_model_t *pm, int il) {
+    const uint64_t *r = pm->row_bytes[il];
+    return (r[PLAN_W_GATE] + r[PLAN_W_UP]) * (uint64_t)pm->n_ff + r[PLAN_W_DOWN] * (uint64_t)pm->n_embd;
+}
+
+static int n_owned(const plan_t *p, int i, int ne) {
+    int k = 0;
+    for (int e = 0; e < ne; e++) k += plan_has_expert(p, i, e);
+    return k;
+}
+
+// Shard i's bytes when it holds `owned` of its stage's experts: every row of its blocks less the
+// experts it does not hold; resident (nothing streams).
+static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
+    plan_shard_t *sh = &p->shard[i];
+    uint64_t w = 0, kv = 0;
+    memset(&sh->st, 0, sizeof sh->st);
+    plan_size_share(pm, &sh->s, PLAN_TP_EXACT, p->n_ctx, 0, &sh->st, &w, &kv);
+    uint64_t drop = 0;
+    for (int il = sh->s.l0; il < sh->s.l1; il++) drop += expert_bytes(pm, il) * (uint64_t)(pm->n_expert - owned);
+    sh->weight_bytes = w - drop;
+    sh->kv_bytes = kv;
+    sh->st.pinned_bytes -= drop;
+    sh->st.resident_bytes -= drop;
+    sh->st.peak_bytes -= drop;
+    sh->peak_bytes = sh->st.peak_bytes;
+}
+
+static void set_expert(plan_shard_t *sh, int e) { sh->experts[e >> 6] |= (uint64_t)1 << (e & 63); }
+
+// Gives the experts of stage [a, b) to its members in id order, counts in proportion to their
+// decode rates (at least one each), then moves experts off members over their budgets onto members
+// with room. 0 or MLM_EFULL (err names the member that cannot hold even one expert more than fits).
+static int place_stage(const plan_model_t *pm, plan_t *p, int a, int b, char *err, size_t errlen) {
+    const int g = b - a, ne = pm->n_expert;
+    int cnt[PLAN_MAX_NODES];
+    double w[PLAN_MAX_NODES], tot = 0;
+    for (int i = 0; i < g; i++) tot += w[i] = plan_node_rate(pm, &p->node[p->shard[a + i].node]);
+    int given = 0;
+    for (int i = 0; i < g; i++) {
+        cnt[i] = 1 + (int)floor((double)(ne - g) * w[i] / tot);
+        given += cnt[i];
+    }
+    for (int i = 0; given < ne; i = (i + 1) % g, given++) cnt[i]++; // remainders, first members first
+    // budgets: a member over its budget hands its last expert to the member with the most room
+    for (int round = 0; round < ne * g; round++) {
+        int over = -1;
+        for (int i = 0; i < g && over < 0; i++) {
+            size_member(pm, p, a + i, cnt[i]);
+            const uint64_t bud = p->node[p->shard[a + i].node].mem_budget;
+            if (bud && p->shard[a + i].peak_bytes > bud) over = i;
+        }
+        if (over < 0) break;
+        int to = -1;
+        uint64_t room = 0;
+        for (int i = 0; i < g; i++) {
+            if (i == over) continue;
+            size_member(pm, p, a + i, cnt[i] + 1);
+            const uint64_t bud = p->node[p->shard[a + i].node].mem_budget;
+            const uint64_t pk = p->shard[a + i].peak_bytes;
+            const uint64_t r = !bud ? UINT64_MAX : pk <= bud ? bud - pk + 1 : 0;
+            if (r > room) room = r, to = i;
+        }
+        if (to < 0 || cnt[over] <= 1) {
+            size_member(pm, p, a + over, cnt[over]);
+            char need[32], have[32];
+            plan_fmt_bytes(need, sizeof need, p->shard[a + over].peak_bytes);
+            plan_fmt_bytes(have, sizeof have, p->node[p->shard[a + over].node].mem_budget);
+            return mlm_fail(err, errlen, MLM_EFULL,
+                            "placed experts do not fit: node %s needs %s for its replicated blocks and %d expert(s) "
+                            "and has %s, and no other member has room for them",
+                            p->node[p->shard[a + over].node].name, need, cnt[over], have);
+        }
+        cnt[over]--;
+        cnt[to]++;
+    }
+    for (int i = 0, e = 0; i < g; i++) {
+        memset(p->shard[a + i].experts, 0, sizeof p->shard[a + i].experts);
+        for (int j = 0; j < cnt[i]; j++) set_expert(&p->shard[a + i], e++);
+        size_member(pm, p, a + i, cnt[i]);
+    }
+    return 0;
+}
+
+// Decode ms of a message of `bytes` between nodes x and y (the larger latency, the smaller bandwidth).
+static double link_ms(const plan_node_t *x, const plan_node_t *y, double bytes) {
+    const double lat = max2(plan_node_lat_us(x), plan_node_lat_us(y)) * 1e-3;
+    const double bw = fmin(plan_node_link_bw(x), plan_node_link_bw(y));
+    return lat + bytes / bw * 1e3;
+}
+
+// --- public API
+
+char *plan_experts_str(const plan_t *p, int i, int n_expert, char *buf, size_t cap) {
+    size_t at = 0;
+    buf[0] = 0;
+    for (int e = 0; e < n_expert && e < EP_MAX_EXPERTS; e++) {
+        if (!plan_has_expert(p, i, e) || (e > 0 && plan_has_expert(p, i, e - 1))) continue;
+        int z = e;
+        while (z + 1 < n_expert && plan_has_expert(p, i, z + 1)) z++;
+        int k = z > e ? snprintf(buf + at, cap - at, "%s%d-%d", at ? "," : "", e, z)
+                      : snprintf(buf + at, cap - at, "%s%d", at ? "," : "", e);
+        if (k < 0 || (size_t)k >= cap - at) break;
+        at += (size_t)k;
+    }
+    return buf;
+}
+
+void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
+    if (!p->ep) return;
+    fprintf(f, "experts placed whole (expert parallelism, attention replicated)");
+    if (p->sliced_ms > 0 && p->placed_ms > 0)
+        fprintf(f, ": predicted %.2f ms/token placed vs %.2f sliced", p->placed_ms, p->sliced_ms);
+    fprintf(f, "\n");
+    for (int k = 0; k < p->n_stages; k++) {
+        const int a = p->stage_first[k], b = p->stage_first[k + 1];
+        if (b <= a) continue;
+        fprintf(f, "  layers %d-%d:", p->shard[a].s.l0, p->shard[a].s.l1 - 1);
+        for (int i = a; i < b; i++) {
+            char ex[256];
+            fprintf(f, "%s %s experts %s", i > a ? ";" : "", p->node[p->shard[i].node].name,
+                    plan_experts_str(p, i, n_expert, ex, sizeof ex));
+        }
+        fprintf(f, "\n");
+    }
+}
+
+// The expected slowest member of stage [a, b) per token: each member takes rep[i] ms plus x[i] ms
+// per routed expert it owns, the token's k experts drawn uniformly without repeats (routing assumed
+// uniform), averaged over EP_DRAWS draws of a fixed sequence (the same figure every time).
+#define EP_DRAWS 512
+static double expected_max(const plan_t *p, int a, int b, int ne, int k, const double *rep, const double *x) {
+    int owner[EP_MAX_EXPERTS];
+    for (int e = 0; e < ne; e++) {
+        owner[e] = 0;
+        for (int i = a; i < b; i++)
+            if (plan_has_expert(p, i, e)) owner[e] = i - a;
+    }
+    uint64_t z = 0x9e3779b97f4a7c15ull;
+    double sum = 0;
+    for (int d = 0; d < EP_DRAWS; d++) {
+        int hits[PLAN_MAX_NODES] = {0}, pick[EP_MAX_EXPERTS];
+        for (int e = 0; e < ne; e++) pick[e] = e;
+        for (int j = 0; j < k && j < ne; j++) { // partial Fisher-Yates: k distinct experts
+            z = z * 6364136223846793005ull + 1442695040888963407ull;
+            const int r = j + (int)((z >> 33) % (uint64_t)(ne - j));
+            const int t = pick[j];
+            pick[j] = pick[r];
+            pick[r] = t;
+            hits[owner[pick[j]]]++;
+        }
+        double worst = 0;
+        for (int i = a; i < b; i++) worst = max2(worst, rep[i - a] + x[i - a] * hits[i - a]);
+        sum += worst;
+    }
+    return sum / EP_DRAWS;
+}
+
+void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
+    const double E4 = (double)pm->n_embd * 4.0, bpw = pm->bytes_per_weight > 0 ? pm->bytes_per_weight : 0.5625;
+    const int ne = pm->n_expert, k = pm->n_expert_used;
+    plan_cost_t c = {0};
+    const plan_node_t *coord = &p->node[0];
+    for (int st = 0; st < p->n_stages; st++) {
+        const int a = p->stage_first[st], b = p->stage_first[st + 1], g = b - a;
+        const shard_slice_t *s = &p->shard[a].s;
+        double xb = 0; // bytes of one expert of each block, summed over the stage's blocks
+        for (int il = s->l0; il < s->l1; il++) xb += (double)expert_bytes(pm, il);
+        const plan_node_t *home = &p->node[p->shard[a].node];
+        const int own0 = n_owned(p, a, ne);
+        // per block: the routed rows from the other members to the home, then the home's sums to all
+        const double rows_in = (double)k * (double)(ne - own0) / (double)ne;
+        double a2a = 0, gat = 0;
+        for (int i = a + 1; i < b; i++) {
+            const plan_node_t *nd = &p->node[p->shard[i].node];
+            a2a = max2(a2a, link_ms(nd, home, rows_in * E4 / (g - 1)));
+        }
+        if (g > 1) gat = link_ms(home, home, (double)(g - 1) * E4);
+        const double xch = (double)(s->l1 - s->l0) * (a2a + gat);
+        double rep_ms[PLAN_MAX_NODES], x_ms[PLAN_MAX_NODES], wc = 0, wm = 0;
+        for (int i = a; i < b; i++) {
+            plan_shard_t *sh = &p->shard[i];
+            const plan_node_t *nd = &p->node[sh->node];
+            const int own = n_owned(p, i, ne);
+            const double flop_ms = 2.0 / bpw / (plan_node_gflops(nd) * 1e9) * 1e3; // per byte of weights
+            const double mem_ms = 1.0 / (nd->mem_bw > 0 ? nd->mem_bw * PLAN_MEM_EFFICIENCY : PLAN_DEFAULT_MEM_BW) * 1e3;
+            // replicated bytes, plus on average the routed share of its experts
+            const double rep = (double)sh->weight_bytes - xb * own;
+            const double bytes = rep + xb * (double)k * (double)own / (double)ne;
+            rep_ms[i - a] = rep * max2(flop_ms, mem_ms);
+            x_ms[i - a] = xb * max2(flop_ms, mem_ms);
+            sh->compute_ms = bytes * flop_ms;
+            sh->memory_ms = bytes * mem_ms;
+            sh->disk_ms = 0;
+            sh->comm_ms = xch;
+            sh->busy_ms = max2(sh->compute_ms, sh->memory_ms) + xch;
+            wc = max2(wc, sh->compute_ms);
+            wm = max2(wm, sh->memory_ms);
+        }
+        // the stage waits for its slowest member on each token's experts
+        const double worst = expected_max(p, a, b, ne, k, rep_ms, x_ms);
+        double comm = xch;
+        if (st + 1 < p->n_stages) { // the leader hands n_embd F32 to every member of the next stage
+            const int na = p->stage_first[st + 1], nb = p->stage_first[st + 2];
+            comm += link_ms(home, &p->node[p->shard[na].node], (double)(nb - na) * E4);
+        } else if (p->coord_apart || p->shard[a].node != 0) { // logits to the coordinator
+            comm += link_ms(home, coord, (double)pm->n_vocab * 4.0);
+        }
+        if (st == 0 && (p->coord_apart || p->shard[0].node != 0)) comm += plan_node_lat_us(coord) * 1e-3;
+        c.compute_ms += wc;
+        c.memory_ms += wm;
+        c.comm_ms += comm;
+        c.token_ms += worst + comm;
+    }
+    c.prefill_tok_s = c.token_ms > 0 ? 1e3 / c.token_ms * PLAN_PREFILL_SPEEDUP : 0;
+    c.exact_ms = p->cost.exact_ms;
+    c.allreduce_ms = p->cost.allreduce_ms;
+    p->cost = c;
+}
+
+int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, plan_t *out, char *err,
+            size_t errlen) {
+    if (!pm || !nodes || !out || n < 1 || n > PLAN_MAX_NODES)
+        return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d nodes (1..%d)", n, PLAN_MAX_NODES);
+    if (pm->n_expert <= 0) return mlm_fail(err, errlen, MLM_EINVAL, "placed experts need a MoE model; %s is dense", pm->name);
+    if (pm->n_expert > EP_MAX_EXPERTS)
+        return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d experts (at most %d)", pm->n_expert, EP_MAX_EXPERTS);
+    if (pp < 1 || pp > n || pp > pm->n_layer)
+        return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d stages over %d nodes and %d blocks", pp, n,
+                        pm->n_layer);
+    if (n / pp > pm->n_expert)
+        return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d members per stage for %d experts", n / pp,
+                        pm->n_expert);
+    memset(out, 0, sizeof *out);
+    out->ep = true;
+    out->n = n;
+    out->n_nodes = n;
+    out->n_stages = pp;
+    out->n_ctx = n_ctx > 0 ? n_ctx : 4096;
+    out->tp_mode = PLAN_TP_EXACT;
+    out->grain_heads = 1;
+    out->grain_ffn = PLAN_FFN_GRAIN;
+    memcpy(out->node, nodes, (size_t)n * sizeof *nodes);
+    for (int st = 0, at = 0, l = 0; st < pp; st++) {
+        const int g = n / pp + (st < n % pp), nl = pm->n_layer / pp + (st < pm->n_layer % pp);
+        out->stage_first[st] = at;
+        for (int i = at; i < at + g; i++) {
+            plan_shard_t *sh = &out->shard[i];
+            sh->node = i;
+            sh->stage = st;
+            sh->weight = 1.0 / g;
+            sh->s = shard_full(pm->n_layer, pm->n_head, pm->n_head_kv, pm->n_embd, pm->n_ff, pm->n_vocab);
+            sh->s.l0 = l;
+            sh->s.l1 = l + nl;
+        }
+        at += g;
+        l += nl;
+        out->stage_first[st + 1] = at;
+    }
+    for (int st = 0; st < pp; st++) {
+        int rc = place_stage(pm, out, out->stage_first[st], out->stage_first[st + 1], err, errlen);
+        if (rc != 0) return rc;
+    }
+    if (pp == 1) snprintf(out->layout, sizeof out->layout, "ep%d", n);
+    else if (n % pp == 0) snprintf(out->layout, sizeof out->layout, "pp%d x ep%d", pp, n / pp);
+    else snprintf(out->layout, sizeof out->layout, "pp%d x ep (uneven)", pp);
+    plan_predict_ep(pm, out);
+    snprintf(out->why, sizeof out->why, "experts placed whole on %d node(s) per stage (attention replicated)", n / pp);
+    return 0;
+}

@@ -1,0 +1,665 @@
+// Expert-parallel suite: members holding whole experts (threads over the inproc and zmq transports) give the single node's logits bit for bit.
+#include <CUnit/CUnit.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cluster/launch.h"
+#include "coordinator/runtime/cluster.h"
+#include "core/clock.h"
+#include "core/err.h"
+#include "parallel/plan.h"
+#include "proto/msg_io.h"
+#include "ref_cases.h"
+#include "test_util.h"
+#include "transport/comm.h"
+#include "transport/comm_inproc.h"
+#include "transport/comm_open.h"
+#include "transport/gatherv.h"
+#include "worker/model/model.h"
+
+// --- types
+
+#define MAX_RANKS 4
+#define MAX_OWN (64 * 64)          // owner table entries (n_layer * n_expert) the suite's models need
+#define N_PROMPT 13                // a prompt of 13 tokens in chunks of 8: a chunk of 8 and one of 5
+#define N_DECODE 3                 // then 3 tokens one at a time
+#define N_BATCH 8
+#define DL_MS 20000
+
+typedef struct {
+    const char *model;             // relative to shared/
+    const char *transport;         // "inproc" or "zmq"
+    int n;                         // ranks
+    int n_stages;                  // 1, or 2: ranks [0, n/2) hold the first half of the blocks, the rest the second
+    uint8_t owner[MAX_OWN];        // (n_layer, n_expert) member index inside its stage's group
+    const float *ref;              // (N_PROMPT + N_DECODE, n_vocab) the single node's logits
+    char *dir;                     // zmq: directory of the ipc endpoints
+    int mismatches[MAX_RANKS];     // per rank: logit rows that differ from ref (of the rows it produces)
+    int rows[MAX_RANKS];           // per rank: logit rows compared
+    int rc[MAX_RANKS];             // per rank: first error
+} ep_case_t;
+
+// What one member's group collectives need: its comm and the group's ranks [first, first + n).
+typedef struct {
+    comm_t *c;
+    int first, n;
+} ep_member_t;
+
+// --- helpers
+
+static int ep_alltoallv(void *ctx, const void *send, const size_t *send_lens, void *recv, const size_t *recv_lens) {
+    ep_member_t *m = ctx;
+    return comm_alltoallv(m->c, m->first, m->n, send, send_lens, recv, recv_lens, DL_MS);
+}
+
+static int ep_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
+    ep_member_t *m = ctx;
+    return comm_allgatherv_range(m->c, m->first, m->n, mine, my_len, out, lens, DL_MS);
+}
+
+static void prompt_tokens(int32_t *tok, int n, int n_vocab) {
+    for (int i = 0; i < n; i++) tok[i] = (int32_t)((1 + 37 * i) % n_vocab);
+}
+
+// The single node's logits of the prompt (every row) and the decoded tokens, (N_PROMPT + N_DECODE, n_vocab).
+static float *reference_logits(const char *path, int *n_vocab) {
+    char err[256];
+    model_t *m = NULL;
+    if (model_load(&m, path, NULL, err, sizeof err) != 0) {
+        fprintf(stderr, "\n%s\n", err);
+        return NULL;
+    }
+    const int V = model_hparams(m)->n_vocab;
+    model_ctx_opts_t o = {.n_ctx = 64, .n_batch = N_BATCH, .n_threads = 1};
+    model_ctx_t *c = NULL;
+    float *out = malloc((size_t)(N_PROMPT + N_DECODE) * V * sizeof(float));
+    int32_t tok[N_PROMPT + N_DECODE];
+    prompt_tokens(tok, N_PROMPT + N_DECODE, V);
+    int rc = out ? model_ctx_new(&c, m, &o, err, sizeof err) : MLM_ENOMEM;
+    if (rc == 0) rc = model_eval(c, tok, N_PROMPT, out, true);
+    for (int i = 0; rc == 0 && i < N_DECODE; i++) rc = model_eval(c, tok + N_PROMPT + i, 1, out + (size_t)(N_PROMPT + i) * V, false);
+    model_ctx_destroy(&c);
+    model_destroy(&m);
+    if (rc != 0) {
+        free(out);
+        return NULL;
+    }
+    *n_vocab = V;
+    return out;
+}
+
+static int open_comm(ep_case_t *k, comm_inproc_group_t *g, int rank, comm_t **out) {
+    char err[256];
+    if (strcmp(k->transport, "inproc") == 0) return comm_inproc_join(g, rank, out);
+    char eps[MAX_RANKS][256];
+    const char *ptrs[MAX_RANKS];
+    for (int r = 0; r < k->n; r++) {
+        snprintf(eps[r], sizeof eps[r], "ipc://%s/r%d", k->dir, r);
+        ptrs[r] = eps[r];
+    }
+    comm_open_opts_t o = {.rank = rank, .size = k->n, .endpoints = ptrs, .timeout_ms = DL_MS};
+    int rc = comm_open(out, "zmq", &o, err, sizeof err);
+    if (rc != 0) fprintf(stderr, "\nzmq rank %d: %s\n", rank, err);
+    return rc;
+}
+
+typedef struct {
+    ep_case_t *k;
+    comm_inproc_group_t *g;
+    int rank;
+} rank_arg_t;
+
+// One member: its stage's blocks (every row), its group's experts, the same calls as the single node.
+static void *rank_main(void *p) {
+    rank_arg_t *a = p;
+    ep_case_t *k = a->k;
+    const int r = a->rank, per = k->n / k->n_stages, stage = r / per;
+    char err[256], path[1024];
+    comm_t *c = NULL;
+    model_t *m = NULL, *probe = NULL;
+    model_ctx_t *ctx = NULL;
+    float *logits = NULL, *hid = NULL;
+    int rc = open_comm(k, a->g, r, &c);
+    if (rc == 0) rc = model_load(&probe, test_shared_path(path, sizeof path, k->model), NULL, err, sizeof err);
+    model_hparams_t hp = {0};
+    if (rc == 0) hp = *model_hparams(probe);
+    model_destroy(&probe);
+    shard_slice_t s = shard_full(hp.n_layer, hp.n_head, hp.n_head_kv, hp.n_embd, hp.n_ff, hp.n_vocab);
+    s.l0 = stage == 0 ? 0 : hp.n_layer / 2;
+    s.l1 = k->n_stages == 1 || stage == 1 ? hp.n_layer : hp.n_layer / 2;
+    model_load_opts_t lo = {.slice = &s, .repack = true}; // as the reference loads (repacked kernels)
+    if (rc == 0) rc = model_load(&m, path, &lo, err, sizeof err);
+    ep_member_t mb = {c, stage * per, per};
+    model_ep_t ep = {.n_nodes = per, .index = r - stage * per, .n_layer = hp.n_layer, .n_expert = hp.n_expert,
+                     .owner = k->owner, .alltoallv = ep_alltoallv, .gather = ep_gather, .ctx = &mb};
+    model_ctx_opts_t o = {.n_ctx = 64, .n_batch = N_BATCH, .n_threads = 1, .ep = &ep};
+    if (rc == 0) rc = model_ctx_new(&ctx, m, &o, err, sizeof err);
+    if (rc != 0) fprintf(stderr, "\nrank %d: %s (%s)\n", r, mlm_strerror(rc), err);
+    const int V = hp.n_vocab, E = hp.n_embd;
+    const bool last = stage == k->n_stages - 1;
+    int32_t tok[N_PROMPT + N_DECODE];
+    prompt_tokens(tok, N_PROMPT + N_DECODE, V > 0 ? V : 1);
+    logits = malloc((size_t)(N_PROMPT + N_DECODE) * (V > 0 ? V : 1) * sizeof(float));
+    hid = malloc((size_t)N_PROMPT * (E > 0 ? E : 1) * sizeof(float));
+    // (first token, count) of each step: the prompt, then one token at a time
+    for (int st = 0; rc == 0 && st <= N_DECODE; st++) {
+        const int t0 = st == 0 ? 0 : N_PROMPT + st - 1, nt = st == 0 ? N_PROMPT : 1;
+        float *out = logits + (size_t)t0 * V;
+        if (k->n_stages == 1) {
+            rc = model_eval(ctx, tok + t0, nt, out, st == 0);
+        } else if (stage == 0) { // hands its residual stream to its counterpart in the next stage
+            rc = model_eval_stage(ctx, tok + t0, NULL, nt, hid, NULL, false);
+            if (rc == 0) rc = comm_send1(c, r + per, hid, (size_t)nt * E * sizeof(float), DL_MS);
+        } else {
+            comm_msg_t msg;
+            rc = comm_recv(c, r - per, &msg, NULL, DL_MS);
+            if (rc == 0 && (msg.n != 1 || msg.len[0] != (size_t)nt * E * sizeof(float))) rc = MLM_EPROTO;
+            if (rc == 0) memcpy(hid, msg.data[0], msg.len[0]);
+            if (rc == 0) comm_msg_free(&msg);
+            if (rc == 0) rc = model_eval_stage(ctx, NULL, hid, nt, NULL, out, st == 0);
+        }
+        if (rc != 0) fprintf(stderr, "\nrank %d step %d: %s\n", r, st, mlm_strerror(rc));
+    }
+    if (rc == 0 && last) {
+        for (int row = 0; row < N_PROMPT + N_DECODE; row++) {
+            k->rows[r]++;
+            k->mismatches[r] += memcmp(logits + (size_t)row * V, k->ref + (size_t)row * V, (size_t)V * sizeof(float)) != 0;
+        }
+    }
+    k->rc[r] = rc;
+    free(logits);
+    free(hid);
+    model_ctx_destroy(&ctx);
+    model_destroy(&m);
+    comm_destroy(&c);
+    return NULL;
+}
+
+// Runs case k on k->n threads and asserts every last-stage member got the reference bits.
+static void run_case(ep_case_t *k, const char *what) {
+    pthread_t th[MAX_RANKS];
+    rank_arg_t args[MAX_RANKS];
+    comm_inproc_group_t *g = NULL;
+    if (strcmp(k->transport, "inproc") == 0) {
+        CU_ASSERT_FATAL(comm_inproc_group_new(&g, k->n, 0) == 0);
+    } else {
+        k->dir = test_tmpdir();
+    }
+    for (int r = 0; r < k->n; r++) {
+        args[r] = (rank_arg_t){k, g, r};
+        pthread_create(&th[r], NULL, rank_main, &args[r]);
+    }
+    for (int r = 0; r < k->n; r++) pthread_join(th[r], NULL);
+    comm_inproc_group_release(&g);
+    if (k->dir) test_rm_dir(k->dir);
+    k->dir = NULL;
+    const int per = k->n / k->n_stages;
+    for (int r = 0; r < k->n; r++) {
+        CU_ASSERT_EQUAL(k->rc[r], 0);
+        if (r >= k->n - per) { // the last stage produces the logits
+            CU_ASSERT_EQUAL(k->rows[r], N_PROMPT + N_DECODE);
+            CU_ASSERT_EQUAL(k->mismatches[r], 0);
+            if (k->mismatches[r] || k->rc[r])
+                fprintf(stderr, "\n%s (%s, %s, rank %d): %d of %d rows differ, rc %d\n", what, k->model,
+                        k->transport, r, k->mismatches[r], k->rows[r], k->rc[r]);
+        }
+    }
+}
+
+// Owner tables (member inside a group of `per`): by expert id, in contiguous uneven blocks, and
+// shifted per layer (each block places its experts differently).
+static void own_round_robin(uint8_t *own, int nl, int ne, int per) {
+    for (int l = 0; l < nl; l++)
+        for (int e = 0; e < ne; e++) own[l * ne + e] = (uint8_t)(e % per);
+}
+
+static void own_uneven(uint8_t *own, int nl, int ne, int per) { // member 0 holds the most, the last the fewest
+    for (int l = 0; l < nl; l++)
+        for (int e = 0; e < ne; e++) {
+            int m = 0, at = 0;
+            for (int j = 0; j < per; j++) { // member j gets ne*(per-j)/(sum) experts, at least one
+                int cnt = ne * (per - j) * 2 / (per * (per + 1));
+                if (cnt < 1) cnt = 1;
+                if (j == per - 1) cnt = ne - at;
+                if (e >= at && e < at + cnt) m = j;
+                at += cnt;
+            }
+            own[l * ne + e] = (uint8_t)m;
+        }
+}
+
+static void own_shifted(uint8_t *own, int nl, int ne, int per) { // member 0 owns nothing in layer 0
+    for (int l = 0; l < nl; l++)
+        for (int e = 0; e < ne; e++) own[l * ne + e] = (uint8_t)(l == 0 ? 1 + e % (per - 1) : (e + 3 * l) % per);
+}
+
+typedef void (*own_fn)(uint8_t *own, int nl, int ne, int per);
+
+static void run_model(const char *model, const char *transport, int n, int n_stages, own_fn own, const char *what) {
+    char path[1024];
+    int V = 0;
+    float *ref = reference_logits(test_shared_path(path, sizeof path, model), &V);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(ref);
+    model_t *m = NULL;
+    char err[256];
+    CU_ASSERT_FATAL(model_load(&m, path, NULL, err, sizeof err) == 0);
+    const model_hparams_t hp = *model_hparams(m);
+    model_destroy(&m);
+    CU_ASSERT_FATAL(hp.n_expert > 0 && hp.n_layer * hp.n_expert <= MAX_OWN);
+    ep_case_t *k = calloc(1, sizeof *k);
+    k->model = model;
+    k->transport = transport;
+    k->n = n;
+    k->n_stages = n_stages;
+    k->ref = ref;
+    own(k->owner, hp.n_layer, hp.n_expert, n / n_stages);
+    int held[MAX_RANKS] = {0}; // the placement really spreads the experts: every member owns some
+    for (int i = 0; i < hp.n_layer * hp.n_expert; i++) held[k->owner[i]]++;
+    for (int j = 0; j < n / n_stages; j++) CU_ASSERT(held[j] > 0);
+    run_case(k, what);
+    free(k);
+    free(ref);
+}
+
+// --- tests
+
+#define SYNTH "models/synth/synth-moe-Q4_0.gguf"
+#define SYNTH_F16 "models/synth/synth-moe-F16.gguf"
+#define MOE8 "models/derived/stories260K-moe8x-top2-permuted.gguf"
+#define MOE4 "models/derived/stories260K-moe4x-top4-split.gguf"
+
+static void test_ep2_even(void) {
+    run_model(MOE8, "inproc", 2, 1, own_round_robin, "2 members, 4 experts each");
+    run_model(SYNTH, "inproc", 2, 1, own_round_robin, "2 members, even");
+}
+
+static void test_ep3_uneven(void) {
+    run_model(MOE8, "inproc", 3, 1, own_uneven, "3 members, uneven");
+    run_model(MOE4, "inproc", 3, 1, own_shifted, "3 members, top-4, shifted per layer");
+    run_model(SYNTH_F16, "inproc", 3, 1, own_uneven, "3 members, F16 experts");
+}
+
+static void test_ep4(void) {
+    run_model(MOE8, "inproc", 4, 1, own_round_robin, "4 members, even");
+    run_model(SYNTH, "inproc", 4, 1, own_shifted, "4 members, shifted per layer");
+}
+
+static void test_ep_pipeline(void) {
+    run_model(MOE8, "inproc", 4, 2, own_round_robin, "2 stages of 2 members");
+    run_model(SYNTH, "inproc", 4, 2, own_shifted, "2 stages of 2 members, shifted");
+}
+
+static void test_ep_zmq(void) {
+    run_model(MOE8, "zmq", 3, 1, own_uneven, "3 members over zmq");
+    run_model(MOE4, "zmq", 4, 2, own_uneven, "2 stages of 2 members over zmq");
+}
+
+// A group the context cannot run is refused before anything is computed.
+static void test_ep_refused(void) {
+    char path[1024], err[256];
+    model_t *m = NULL;
+    CU_ASSERT_FATAL(model_load(&m, test_shared_path(path, sizeof path, MOE8), NULL, err, sizeof err) == 0);
+    const model_hparams_t *hp = model_hparams(m);
+    uint8_t own[MAX_OWN] = {0};
+    ep_member_t mb = {0};
+    model_ep_t ep = {.n_nodes = 2, .index = 0, .n_layer = hp->n_layer, .n_expert = hp->n_expert, .owner = own,
+                     .alltoallv = ep_alltoallv, .gather = ep_gather, .ctx = &mb};
+    model_ctx_opts_t o = {.n_ctx = 16, .n_threads = 1, .ep = &ep};
+    model_ctx_t *c = NULL;
+    own[3] = 2; // an owner outside the group
+    CU_ASSERT_EQUAL(model_ctx_new(&c, m, &o, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_PTR_NULL(c);
+    own[3] = 1;
+    ep.n_expert = hp->n_expert + 1; // a table of another shape
+    CU_ASSERT_EQUAL(model_ctx_new(&c, m, &o, err, sizeof err), MLM_EINVAL);
+    ep.n_expert = hp->n_expert;
+    CU_ASSERT_EQUAL(model_ctx_new(&c, m, &o, err, sizeof err), 0);
+    model_ctx_destroy(&c);
+    model_destroy(&m);
+    // a node placed experts 1 and 5 prepares only those: another is not there to acquire
+    const uint64_t mask[4] = {(1u << 1) | (1u << 5), 0, 0, 0};
+    model_load_opts_t lo = {.repack = true, .experts = mask};
+    model_t *mm = NULL;
+    CU_ASSERT_FATAL(model_load(&mm, path, &lo, err, sizeof err) == 0);
+    CU_ASSERT_STRING_EQUAL(weights_name(model_weights(mm)), "mmap");
+    const layer_weights_t *X = NULL;
+    CU_ASSERT_EQUAL(weights_acquire(model_weights(mm), 0, 5, &X), 0);
+    if (X) weights_release(model_weights(mm), 0, 5);
+    CU_ASSERT_EQUAL(weights_acquire(model_weights(mm), 1, 0, &X), MLM_ENOTFOUND);
+    model_destroy(&mm);
+    lo.weights = "window"; // which streams every expert
+    CU_ASSERT_EQUAL(model_load(&mm, path, &lo, err, sizeof err), MLM_EUNSUPPORTED);
+    // a dense model has no experts to place
+    CU_ASSERT_FATAL(model_load(&m, test_shared_path(path, sizeof path, "models/stories260K.gguf"), NULL, err, sizeof err) == 0);
+    ep.n_layer = model_hparams(m)->n_layer;
+    ep.n_expert = 0;
+    CU_ASSERT_EQUAL(model_ctx_new(&c, m, &o, err, sizeof err), MLM_EINVAL);
+    model_destroy(&m);
+}
+
+// --- real worker processes: the cluster runtime with placed experts
+
+// A reference case's logits on one node, fed as generation does (prompt, then one token at a time),
+// in chunks of n_batch (0 = the default) so a pipeline's micro-batches give the same chunks.
+static float *case_single(const ref_case_t *rc, int n_batch) {
+    char err[256];
+    model_t *m = NULL;
+    if (model_load(&m, rc->model_path, NULL, err, sizeof err) != 0) return NULL;
+    const int nv = model_hparams(m)->n_vocab, rows = rc->n_prompt + rc->n_greedy;
+    float *lg = malloc((size_t)rows * nv * sizeof(float));
+    model_ctx_t *c = NULL;
+    model_ctx_opts_t co = {.n_ctx = rows + 8, .n_threads = 1, .n_batch = n_batch};
+    int r = lg ? model_ctx_new(&c, m, &co, err, sizeof err) : MLM_ENOMEM;
+    if (r == 0) r = model_eval(c, rc->prompt_tokens, rc->n_prompt, lg, true);
+    for (int i = 0; r == 0 && i < rc->n_greedy; i++) r = model_eval(c, &rc->greedy[i], 1, lg + (size_t)(rc->n_prompt + i) * nv, true);
+    model_ctx_destroy(&c);
+    model_destroy(&m);
+    if (r != 0) {
+        free(lg);
+        return NULL;
+    }
+    return lg;
+}
+
+typedef struct {
+    const char *case_name;   // shared/reference case
+    int n_workers;
+    int ep;                  // members per stage (--ep)
+    int pp;                  // stages (0 = one)
+    const char *speeds;      // node speeds (uneven expert counts), or NULL
+    bool coord_shard;        // the coordinator computes the first member's share
+    bool tcp;
+} ep_cluster_t;
+
+// Runs the case on local worker processes with placed experts: every logit row must equal one
+// node's. Returns the rows that differ, or -1 (reported). *plan_out gets the plan.
+static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) {
+    ref_case_t rc;
+    if (ref_load(k->case_name, &rc) != 0) return -1;
+    const int rows = rc.n_prompt + rc.n_greedy, nv = rc.n_vocab, ub = k->pp > 1 ? 4 : 0;
+    float *ref = case_single(&rc, ub), *lg = malloc((size_t)rows * nv * sizeof(float));
+    char err[1024];
+    launch_t l;
+    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc.model_path, .n_threads = 1, .tcp = k->tcp};
+    int bad = -1;
+    if (!ref || !lg || !lo.exe || launch_local(&l, k->n_workers, &lo, err, sizeof err) != 0) {
+        fprintf(stderr, "launch: %s\n", lo.exe ? err : "MESHLM_BIN not set");
+        free(ref);
+        free(lg);
+        ref_free(&rc);
+        return -1;
+    }
+    const char *eps[LAUNCH_MAX];
+    for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .speeds = k->speeds,
+                         .coordinator_shard = k->coord_shard, .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000,
+                         .pp = k->pp > 0 ? k->pp : 1, .ep = k->ep, .ubatch = ub, .keep_all = true};
+    cluster_t *cl = NULL;
+    if (cluster_open(&cl, &co, err, sizeof err) != 0) {
+        fprintf(stderr, "  %s: cluster_open: %s\n", k->case_name, err);
+    } else {
+        if (plan_out) *plan_out = *cluster_plan(cl);
+        int r = cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, true);
+        for (int i = 0; r == 0 && i < rc.n_greedy; i++)
+            r = cluster_eval(cl, &rc.greedy[i], 1, lg + (size_t)(rc.n_prompt + i) * nv, true);
+        if (r != 0) {
+            fprintf(stderr, "  %s (%s): eval: %s (%s)\n", k->case_name, cluster_plan(cl)->layout, mlm_strerror(r),
+                    cluster_error(cl));
+        } else {
+            bad = 0;
+            for (int i = 0; i < rows; i++)
+                bad += memcmp(lg + (size_t)i * nv, ref + (size_t)i * nv, (size_t)nv * sizeof(float)) != 0;
+            if (bad) fprintf(stderr, "  %s (%s): %d of %d rows differ from one node\n", k->case_name,
+                             cluster_plan(cl)->layout, bad, rows);
+        }
+        cluster_close(&cl, true);
+    }
+    launch_reap(&l, 5000);
+    free(ref);
+    free(lg);
+    ref_free(&rc);
+    return bad;
+}
+
+// Experts per member of shard i.
+static int experts_of(const plan_t *p, int i) {
+    int k = 0;
+    for (int e = 0; e < 256; e++) k += plan_has_expert(p, i, e);
+    return k;
+}
+
+static void test_ep_workers(void) {
+    static const ep_cluster_t cases[] = {
+        {"stories260K-moe8x-top2-permuted.p0", 2, 2, 0, NULL, false, false},   // 4 + 4 experts
+        {"synth-moe-Q4_0.p0", 3, 3, 0, NULL, false, true},                     // 3 + 3 + 2, over tcp
+        {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false}, // uneven by speed
+        {"synth-moe-Q4_0.p1", 4, 4, 0, "1,1,2,1", false, false},               // 4 members, uneven
+        {"stories260K-moe4x-top4-split.p0", 4, 2, 2, NULL, false, false},      // 2 stages of 2 members
+        {"synth-moe-F16.p0", 3, 3, 0, NULL, true, false},                      // the coordinator is a member
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        plan_t *p = calloc(1, sizeof *p);
+        CU_ASSERT_EQUAL(run_ep_cluster(&cases[i], p), 0);
+        CU_ASSERT(p->ep);
+        const int members = cases[i].coord_shard ? cases[i].n_workers + 1 : cases[i].n_workers;
+        CU_ASSERT_EQUAL(p->n, cases[i].coord_shard ? cases[i].ep : members);
+        int total = 0, most = 0, least = 1 << 20;
+        for (int j = 0; j < p->n; j++) {
+            const int e = experts_of(p, j);
+            total += e;
+            most = e > most ? e : most;
+            least = e < least ? e : least;
+        }
+        CU_ASSERT(least >= 1);
+        CU_ASSERT_EQUAL(total, p->n_stages * (strstr(cases[i].case_name, "moe4x") ? 4 : 8)); // each expert once per stage
+        if (cases[i].speeds) CU_ASSERT(most > least); // the faster member computes more experts
+        free(p);
+    }
+}
+
+// meshlm plan names the experts each node holds of each block.
+static void test_ep_plan_output(void) {
+    const char *exe = test_meshlm_bin();
+    CU_ASSERT_PTR_NOT_NULL_FATAL(exe);
+    char path[1024], cmd[2300];
+    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2,1,1 --ep 3 2>&1", exe,
+             test_shared_path(path, sizeof path, SYNTH));
+    FILE *f = popen(cmd, "r");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    char out[16384];
+    size_t n = fread(out, 1, sizeof out - 1, f);
+    out[n] = 0;
+    CU_ASSERT_EQUAL(pclose(f), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "plan ep3"));
+    // speeds 2,1,1 over 8 experts: 4, 2 and 2
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 0-3: node-0 experts 0-3; node-1 experts 4-5; node-2 experts 6-7"));
+    if (!strstr(out, "node-0 experts 0-3")) fprintf(stderr, "\n%s\n", out);
+    // with stages: each stage names its layers
+    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 4 --ep 2 --pp 2 2>&1", exe, path);
+    f = popen(cmd, "r");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    n = fread(out, 1, sizeof out - 1, f);
+    out[n] = 0;
+    CU_ASSERT_EQUAL(pclose(f), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "plan pp2 x ep2"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 0-1: node-0 experts 0-3; node-1 experts 4-7"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 2-3: node-2 experts 0-3; node-3 experts 4-7"));
+    // a dense model has nothing to place
+    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2 --ep 2 2>&1", exe,
+             test_shared_path(path, sizeof path, "models/stories260K.gguf"));
+    f = popen(cmd, "r");
+    n = fread(out, 1, sizeof out - 1, f);
+    out[n] = 0;
+    CU_ASSERT_NOT_EQUAL(pclose(f), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "no experts to place"));
+}
+
+// --- the planner
+
+static void fast_nodes(plan_node_t *nd, int n, double lat_us, double link_bw) {
+    memset(nd, 0, sizeof *nd * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        snprintf(nd[i].name, sizeof nd[i].name, "n%d", i);
+        nd[i].gflops = 400;
+        nd[i].mem_bw = 100e9;
+        nd[i].lat_us = lat_us;
+        nd[i].link_bw = link_bw;
+    }
+}
+
+// Placement follows speed and memory; every expert of a stage has one owner; the automatic choice
+// takes placed experts where the exchanges dominate and sliced ones where compute does.
+static void test_ep_planner(void) {
+    char err[512];
+    plan_model_t *pm = malloc(sizeof *pm);
+    plan_t *p = malloc(sizeof *p);
+    CU_ASSERT_EQUAL_FATAL(plan_model_from_preset("mixtral-8x7b", "Q4_0", pm, err, sizeof err), 0);
+    plan_node_t nd[4];
+    fast_nodes(nd, 4, 1000, 125e6);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), 0);
+    CU_ASSERT(p->ep && p->n == 4 && p->n_stages == 1);
+    for (int e = 0; e < 8; e++) {
+        int owners = 0;
+        for (int i = 0; i < 4; i++) owners += plan_has_expert(p, i, e);
+        CU_ASSERT_EQUAL(owners, 1);
+    }
+    CU_ASSERT(experts_of(p, 0) == 2 && experts_of(p, 3) == 2);
+    CU_ASSERT(p->cost.token_ms > 0 && p->cost.comm_ms > 0);
+    // each member holds the replicated blocks and its experts: 2 of 8 of the expert bytes
+    CU_ASSERT(p->shard[0].weight_bytes < pm->weight_bytes / 3);
+    // memory-aware: a member whose budget holds the replicated part and one expert per block gets one
+    nd[1].mem_budget = p->shard[0].peak_bytes - ((uint64_t)1 << 20); // just too small for two
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(experts_of(p, 1), 1);
+    CU_ASSERT(p->shard[1].peak_bytes <= nd[1].mem_budget);
+    CU_ASSERT_EQUAL(experts_of(p, 0) + experts_of(p, 1) + experts_of(p, 2) + experts_of(p, 3), 8);
+    nd[1].mem_budget = 1u << 30; // not even the replicated blocks fit
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "n1"));
+    // speed-aware: twice the rate, twice the experts
+    fast_nodes(nd, 4, 1000, 125e6);
+    nd[0].gflops = 800;
+    nd[0].mem_bw = 200e9;
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), 0);
+    CU_ASSERT(experts_of(p, 0) > experts_of(p, 1));
+    // pipelines of expert-parallel groups: 2 stages of 2, each placing all 8 experts
+    fast_nodes(nd, 4, 1000, 125e6);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 2, 4096, p, err, sizeof err), 0);
+    CU_ASSERT(p->n_stages == 2 && p->shard[2].s.l0 == 16 && p->shard[0].s.l1 == 16);
+    CU_ASSERT(experts_of(p, 0) + experts_of(p, 1) == 8 && experts_of(p, 2) + experts_of(p, 3) == 8);
+    CU_ASSERT_STRING_EQUAL(p->layout, "pp2 x ep2");
+    // the automatic choice: slow links (5 ms, 300 Mbit/s) favour placed experts (2 exchanges per block
+    // against an all-gather per routed expert), fast ones sliced experts (each node reads a quarter)
+    plan_opts_t o = {.n_ctx = 4096, .keep_all = true, .pp = 1}; // one stage: tp4 against ep4
+    fast_nodes(nd, 4, 5000, 37.5e6);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(p->ep);
+    CU_ASSERT(p->placed_ms > 0 && p->sliced_ms > p->placed_ms);
+    fast_nodes(nd, 4, 10, 10e9);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(!p->ep);
+    CU_ASSERT(p->placed_ms > p->sliced_ms && p->sliced_ms > 0);
+    // forced, and refused
+    o.ep = 2;
+    o.pp = 0;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(p->ep && p->n_stages == 2 && p->n == 4);
+    o.ep = -1;
+    o.pp = 1;
+    fast_nodes(nd, 4, 5000, 37.5e6);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(!p->ep);
+    o.ep = 2;
+    o.tp = 2;
+    CU_ASSERT_EQUAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), MLM_EINVAL);
+    free(pm);
+    free(p);
+}
+
+// A worker of protocol 1.4 on the control link: says 1.4 in its HELLO, answers the link probes.
+static void *old_worker(void *arg) {
+    comm_t *ctl = arg;
+    char err[256];
+    const double t_end = mlm_now_ms() + 20000;
+    while (mlm_now_ms() < t_end) {
+        msg_t m, r;
+        comm_msg_t raw;
+        if (msg_recv(ctl, 0, &m, &raw, NULL, 200, err, sizeof err) != 0) continue;
+        const msg_type_t type = m.type;
+        const uint64_t seq = type == MSG_HEARTBEAT ? m.heartbeat.seq : type == MSG_SLICE_DATA ? m.slice_data.plan_id : 0;
+        msg_clear(&m);
+        comm_msg_free(&raw);
+        if (type == MSG_SHUTDOWN) break;
+        if (type == MSG_HELLO) {
+            msg_init(&r, MSG_HELLO);
+            snprintf(r.hello.node_id, sizeof r.hello.node_id, "old-1");
+            r.hello.role = MSG_ROLE_WORKER;
+            r.hello.n_cores = 1;
+            r.hello.proto_minor = 4;
+        } else if (type == MSG_HEARTBEAT || type == MSG_SLICE_DATA) {
+            msg_init(&r, MSG_HEARTBEAT);
+            snprintf(r.heartbeat.node_id, sizeof r.heartbeat.node_id, "old-1");
+            r.heartbeat.seq = seq;
+        } else {
+            continue;
+        }
+        msg_send(ctl, 0, &r, 2000, err, sizeof err);
+    }
+    return NULL;
+}
+
+// An expert-parallel plan goes only to workers of protocol 1.5 or newer: --ep with a 1.4 worker is
+// refused naming it and both versions, and the automatic choice keeps experts sliced.
+static void test_ep_old_worker(void) {
+    char path[1024], err[512];
+    test_shared_path(path, sizeof path, SYNTH);
+    for (int k = 0; k < 2; k++) {
+        comm_t *ctl[2], *data[2];
+        CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(ctl, 2), 0);
+        CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(data, 2), 0);
+        pthread_t th;
+        pthread_create(&th, NULL, old_worker, ctl[1]);
+        cluster_opts_t co = {.model_path = path, .control = ctl[0], .data = data[0], .same_file = true,
+                             .coordinator_shard = true, .n_ctx = 64, .n_threads = 1, .timeout_ms = 5000, .pp = 1,
+                             .keep_all = true, .ep = k ? 2 : 0};
+        cluster_t *cl = NULL;
+        CU_ASSERT_EQUAL_FATAL(cluster_new(&cl, &co, err, sizeof err), 0);
+        CU_ASSERT_EQUAL(cluster_hello(cl, err, sizeof err), 0);
+        err[0] = 0;
+        int rc = cluster_make_plan(cl, err, sizeof err);
+        if (k == 0) {
+            CU_ASSERT_EQUAL(rc, 0);
+            CU_ASSERT(!cluster_plan(cl)->ep);
+        } else {
+            CU_ASSERT_EQUAL(rc, MLM_EUNSUPPORTED);
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "speaks protocol 1.4"));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "no expert parallelism (1.5"));
+        }
+        cluster_close(&cl, true);
+        pthread_join(th, NULL);
+        for (int r = 0; r < 2; r++) {
+            comm_destroy(&ctl[r]);
+            comm_destroy(&data[r]);
+        }
+    }
+}
+
+int test_ep_suite(void) {
+    CU_pSuite s = CU_add_suite("ep", NULL, NULL);
+    if (!s) return -1;
+    if (!CU_add_test(s, "2 members, even placements", test_ep2_even) ||
+        !CU_add_test(s, "3 members, uneven placements", test_ep3_uneven) ||
+        !CU_add_test(s, "4 members", test_ep4) ||
+        !CU_add_test(s, "pipeline of two expert-parallel groups", test_ep_pipeline) ||
+        !CU_add_test(s, "over zmq", test_ep_zmq) ||
+        !CU_add_test(s, "inconsistent groups refused", test_ep_refused) ||
+        !CU_add_test(s, "worker processes with placed experts", test_ep_workers) ||
+        !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output) ||
+        !CU_add_test(s, "planner: placement, memory, speed, sliced or placed", test_ep_planner) ||
+        !CU_add_test(s, "a protocol 1.4 worker", test_ep_old_worker))
+        return -1;
+    return 0;
+}

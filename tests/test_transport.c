@@ -476,7 +476,7 @@ static int alltoallv_range(comm_t **c, const tctx_t *t, int first, int n, int ta
     const int me = t->rank - first;
     size_t sl[MAXN] = {0}, rl[MAXN] = {0}, st = 0, rt = 0;
     for (int j = 0; j < n; j++) st += sl[j] = a2a_len(me, j), rt += rl[j] = a2a_len(j, me);
-    uint8_t *snd = malloc(st + 1), *rcv = malloc(rt + 1);
+    uint8_t *snd = calloc(st + 1, 1), *rcv = malloc(rt + 1); // (st) bytes to send, (rt) received
     size_t off = 0;
     for (int j = 0; j < n; j++)
         for (size_t k = 0; k < sl[j]; k++) snd[off++] = pat(first + me, tag + j, k);

@@ -11,8 +11,7 @@ int cmd_worker(int argc, char **argv);     // serve shards to a coordinator (cmd
 int cmd_coordinator(int argc, char **argv); // run with remote workers: `run` that requires --workers (cmd_run.c)
 int cmd_mpi(int argc, char **argv);        // tensor-parallel generation under mpirun (cmd_mpi.c)
 int cmd_nodes(int argc, char **argv);      // list the members of a node registry (cmd_nodes.c)
-int cmd_chaos(int argc, char **argv);
-      // a workload under a fault schedule, against fault-free (cmd_chaos.c)
+int cmd_chaos(int argc, char **argv);      // a workload under a fault schedule, against fault-free (cmd_chaos.c)
 int cmd_kvstore(int argc, char **argv);    // a node's KV cache in files, attention next to it (cmd_kvstore.c)
 
 #endif

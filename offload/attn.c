@@ -26,7 +26,8 @@ struct attn_dev {
 
 // --- registry
 
-static mlm_names_t devices = MLM_NAMES_INIT(1, {"host", (mlm_name_fn)attn_host_new});
+static mlm_names_t devices = MLM_NAMES_INIT(3, {"host", (mlm_name_fn)attn_host_new}, {"file", (mlm_name_fn)attn_file_new},
+                                             {"pim", (mlm_name_fn)attn_pim_new});
 
 int attn_dev_register(const char *name, attn_dev_new_fn make) { return mlm_names_add(&devices, name, (mlm_name_fn)make); }
 
@@ -46,6 +47,15 @@ int attn_dev_new(attn_dev_t **out, const char *name, const attn_params_t *p, cha
     const size_t len = colon ? (size_t)(colon - name) : strlen(name);
     const attn_dev_new_fn make = find_maker(name, len);
     if (make) return make(out, p, colon ? colon + 1 : "", err, errlen);
+    return mlm_fail(err, errlen, MLM_ENOTFOUND, "no attention device '%.*s' (have: %s)", (int)len, name,
+                    attn_dev_names());
+}
+
+int attn_dev_known(const char *name, char *err, size_t errlen) {
+    if (!name || !*name) return 0;
+    const char *colon = strchr(name, ':');
+    const size_t len = colon ? (size_t)(colon - name) : strlen(name);
+    if (find_maker(name, len)) return 0;
     return mlm_fail(err, errlen, MLM_ENOTFOUND, "no attention device '%.*s' (have: %s)", (int)len, name,
                     attn_dev_names());
 }

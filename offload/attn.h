@@ -26,6 +26,8 @@ typedef struct {
                        // half when stored) or QT_F32
     int n_seq_max;     // sequence ids [0, n_seq_max) (0 = 1)
     tpool_t *pool;     // threads attend may use (borrowed; NULL = the calling thread alone)
+    uint64_t ram_bytes; // this process's memory the device may use for KV (0 = no limit): the RAM share
+                        // of --mem-budget; a paging device ("file") spills past it, host ignores it
 } attn_params_t;
 
 // Counters since creation. The wrapper keeps the first three for every device; the others are a
@@ -59,6 +61,11 @@ int attn_dev_new(attn_dev_t **out, const char *name, const attn_params_t *p, cha
 
 // Drops every sequence and frees the device; accepts NULL and NULLs the pointer.
 void attn_dev_free(attn_dev_t **self_p);
+
+// Checks that name (as attn_dev_new takes it: "host", "file:DIR", ...; NULL or "" = "host") names
+// a registered device, without making one: 0, or MLM_ENOTFOUND with a message in err naming the
+// device list (for options, checked before anything is loaded).
+int attn_dev_known(const char *name, char *err, size_t errlen);
 
 // Names of the registered devices, space-separated (for --help).
 const char *attn_dev_names(void);

@@ -34,8 +34,36 @@ typedef int (*attn_dev_new_fn)(attn_dev_t **out, const attn_params_t *p, const c
 // MLM_EFULL (16 devices).
 int attn_dev_register(const char *name, attn_dev_new_fn make);
 
+// --- the host's attention arithmetic, for devices that keep their cache their own way
+
+// Runs exactly what the host device runs (ops_attention per (query row, head), heads split between
+// the pool's threads) over a layer's cache handed over as contiguous rows: a device that pages or
+// simulates its cache gives the host's bits by gathering the rows it attends over into one buffer.
+typedef struct attn_calc attn_calc_t;
+
+// For shape p (borrowed pool). NULL when out of memory.
+attn_calc_t *attn_calc_new(const attn_params_t *p);
+
+// Grows the scratch for sequences of up to n_ctx positions: 0 or MLM_ENOMEM.
+int attn_calc_reserve(attn_calc_t *c, int n_ctx);
+
+// out (n, (h1 - h0) * head_dim) = attention of the n query rows q at positions [pos0, pos0 + n) over
+// kc, vc: (pos0 + n, (kv1 - kv0) * head_dim) rows of the cache type (F16 or F32). Needs
+// attn_calc_reserve for at least pos0 + n positions first.
+void attn_calc_run(attn_calc_t *c, const void *kc, const void *vc, const float *q, int n, int pos0, float *out);
+
+// Frees; accepts NULL and NULLs the pointer.
+void attn_calc_free(attn_calc_t **self_p);
+
+// Stores n rows of cnt floats as the cache type (F16: rounded as the host device rounds).
+void attn_store_rows(void *dst, const float *src, size_t cnt, bool f16);
+
 // --- the devices
 
 int attn_host_new(attn_dev_t **out, const attn_params_t *p, const char *arg, char *err, size_t errlen);
+// "file:DIR[,ram=SIZE][,block=N][,cache=N]": paged KV, RAM then files in DIR (offload/attn_file.c)
+int attn_file_new(attn_dev_t **out, const attn_params_t *p, const char *arg, char *err, size_t errlen);
+// "pim:PRESET": host arithmetic, time and energy from a DRAM-bank PIM timing model (offload/attn_pim.c)
+int attn_pim_new(attn_dev_t **out, const attn_params_t *p, const char *arg, char *err, size_t errlen);
 
 #endif

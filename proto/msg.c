@@ -246,6 +246,7 @@ static int check_plan(const msg_plan_t *p, char *why) {
         return fail(why, WHY_MAX, MLM_ERANGE, "n_threads %u out of range", (unsigned)p->n_threads);
     if (p->tp_mode != MSG_TP_EXACT && p->tp_mode != MSG_TP_ALLREDUCE)
         return fail(why, WHY_MAX, MLM_ERANGE, "tp_mode %d unknown", (int)p->tp_mode);
+    if ((rc = check_id(p->kv_device, MSG_DEVICE_MAX, true, "kv_device", why))) return rc;
     for (int i = 0; i < p->n_nodes; i++) {
         const msg_plan_node_t *nd = &p->nodes[i];
         char f[64];
@@ -582,6 +583,7 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
     d->n_threads = p->n_threads;
     d->n_batch = p->n_batch;
     d->tp_mode = (Meshlm__TpMode)p->tp_mode;
+    d->kv_device = (char *)p->kv_device;
     d->n_layer = p->n_layer;
     d->n_head = p->n_head;
     d->n_head_kv = p->n_head_kv;
@@ -933,6 +935,7 @@ static int plan_from_pb(const Meshlm__Plan *d, msg_t *m, char *why) {
     if (d->tp_mode != MESHLM__TP_MODE__TP_MODE_EXACT && d->tp_mode != MESHLM__TP_MODE__TP_MODE_ALLREDUCE)
         return fail(why, WHY_MAX, MLM_ERANGE, "tp_mode %d unknown", (int)d->tp_mode);
     p->tp_mode = (msg_tp_mode_t)d->tp_mode;
+    if ((rc = copy_str(p->kv_device, MSG_DEVICE_MAX, d->kv_device, "kv_device", why))) return rc;
     p->n_nodes = (int)d->node_count;
     msg_plan_node_t *nodes = calloc(d->n_nodes, sizeof *nodes);
     if (!nodes) return fail(why, WHY_MAX, MLM_ENOMEM, "out of memory for %zu nodes", d->n_nodes);

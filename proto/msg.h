@@ -27,6 +27,7 @@
 #define MSG_ID_MAX 64               // node ids, including the NUL
 #define MSG_ENDPOINT_MAX 128        // "tcp://host:port", including the NUL
 #define MSG_NAME_MAX 128            // tensor names, including the NUL
+#define MSG_DEVICE_MAX 192           // attention/KV device names ("storage:tcp://host:port"), with the NUL
 #define MSG_TEXT_MAX 512            // reasons and error texts, including the NUL
 #define MSG_MAX_SPEEDS 16           // measured weight types in a Hello
 #define MSG_MAX_NODES 256           // nodes in a plan
@@ -164,6 +165,8 @@ typedef struct {
     uint32_t n_batch;                   // 1.3: tokens per forward chunk on every node (0 = node default)
     msg_tp_mode_t tp_mode;              // 1.4: EXACT (what an older coordinator's plan means) or ALLREDUCE;
                                         // with ALLREDUCE every computing node's hidden range is 0..n_embd
+    char kv_device[MSG_DEVICE_MAX];     // 1.5: attention/KV device for every node without its own ("" = none
+                                        // chosen: host); printable, no spaces
     int n_nodes;                        // 1..MSG_MAX_NODES
     const msg_plan_node_t *nodes;       // (n_nodes) borrowed from the caller on encode; owned by
                                         // the msg_t after decode (msg_clear frees)

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "test_util.h"
 #include "core/err.h"
@@ -31,15 +32,42 @@ typedef struct {
     qtype_t kv_type;     // the cache type it is asked for
 } device_row_t;
 
+// In a name, '@' stands for a fresh temporary directory (the file device unlinks its file at once,
+// so the directory is removed right after the device is made).
 // The kvstore the storage rows use: "storage:ipc://..." once the suite has started it.
 static char storage_name[512] = "storage:(no kvstore: MESHLM_BIN not set)";
 
 static const device_row_t devices[] = {
     {"host F16", "host", QT_F16},
     {"host F32", "host", QT_F32},
+    {"file F16 (all in RAM)", "file:@", QT_F16},
+    {"file F16 (every block spilled, 2-block cache)", "file:@,ram=1,block=16,cache=2", QT_F16},
+    {"file F32 (part spilled)", "file:@,ram=24K,block=8,cache=3", QT_F32},
+    {"pim hbm2-pim F16", "pim:hbm2-pim", QT_F16},
+    {"pim neupims F32", "pim:neupims", QT_F32},
+    {"pim aim-gddr6 F16", "pim:aim-gddr6", QT_F16},
+    {"pim upmem F16", "pim", QT_F16},
     {"storage F16", storage_name, QT_F16},
     {"storage F32", storage_name, QT_F32},
 };
+
+// attn_dev_new on a row's name with '@' replaced by a fresh directory (removed again after).
+static int dev_new(attn_dev_t **d, const char *name, const attn_params_t *p, char *err, size_t errlen) {
+    const char *at = strchr(name, '@');
+    if (!at) return attn_dev_new(d, name, p, err, errlen);
+    char *dir = test_tmpdir(), full[1024];
+    snprintf(full, sizeof full, "%.*s%s%s", (int)(at - name), name, dir, at + 1);
+    int rc = attn_dev_new(d, full, p, err, errlen);
+    rmdir(dir);
+    free(dir);
+    return rc;
+}
+
+// The registered name a row's device reports ("file:..." is "file"; pim says its preset).
+static void dev_reported(const char *name, char *out, size_t cap) {
+    if (!strncmp(name, "pim", 3)) snprintf(out, cap, "pim:%s", name[3] == ':' ? name + 4 : "hbm2-pim");
+    else snprintf(out, cap, "%.*s", (int)strcspn(name, ":"), name);
+}
 #define N_DEVICES (sizeof devices / sizeof devices[0])
 
 // --- shapes and the token stream
@@ -242,7 +270,7 @@ static attn_dev_t *make(ctx_t *x, const char *name, qtype_t t, int n_seq, tpool_
     char err[256];
     attn_params_t p = params_for(x->sh, t, n_seq, pool);
     attn_dev_t *d = NULL;
-    int rc = attn_dev_new(&d, name, &p, err, sizeof err);
+    int rc = dev_new(&d, name, &p, err, sizeof err);
     CHECK(rc == 0, "attn_dev_new(%s): %s", name, err);
     return d;
 }
@@ -287,6 +315,17 @@ static void check_one_sequence(ctx_t *x, tpool_t *pool) {
             CHECK(st.kv_bytes == want && st.kv_bytes_ram == want && st.bytes_to_dev == 0 && st.bytes_read == 0 && st.time_ms == 0,
                   "host stats: kv_bytes %llu, want %llu", (unsigned long long)st.kv_bytes, (unsigned long long)want);
         }
+        if (strstr(x->dev->name, "ram=1,")) { // every block spilled: all of it written, and read back
+            CHECK(st.bytes_written == rows * (uint64_t)s.kvd * 2 * 2 && st.bytes_read > 0, // k and v halves
+                  "file stats: written %llu read %llu", (unsigned long long)st.bytes_written,
+                  (unsigned long long)st.bytes_read);
+        } else if (!strncmp(x->dev->name, "file", 4) && !strchr(x->dev->name, ',')) {
+            CHECK(st.bytes_written == 0 && st.bytes_read == 0, "file stats: nothing spilled without a RAM share");
+        }
+        if (!strncmp(x->dev->name, "pim", 3))
+            CHECK(st.sim_time_ms > 0 && st.sim_energy_mj > 0 && st.time_ms == 0, "pim stats: sim %.6f ms %.6f mJ",
+                  st.sim_time_ms, st.sim_energy_mj);
+        else CHECK(st.sim_time_ms == 0 && st.sim_energy_mj == 0, "a device that simulates nothing reports simulated time");
         attn_dev_seq_drop(d, 0);
         attn_dev_stats(d, &st);
         CHECK(st.seqs == 0, "seqs %llu after the drop", (unsigned long long)st.seqs);
@@ -464,8 +503,12 @@ static void test_forward_pass(void) {
         float *lg[2];
         for (int run = 0; run < 2; run++) { // 0: the default device, 1: this row's
             model_ctx_t *c = NULL;
+            char *dir = test_tmpdir(), name[1024];
+            const char *at = strchr(devices[di].name, '@');
+            if (at) snprintf(name, sizeof name, "%.*s%s%s", (int)(at - devices[di].name), devices[di].name, dir, at + 1);
+            else snprintf(name, sizeof name, "%s", devices[di].name);
             model_ctx_opts_t co = {.n_ctx = 16, .n_batch = 4, .n_threads = 2, .kv_f32 = devices[di].kv_type == QT_F32,
-                                   .attn_dev = run ? devices[di].name : NULL};
+                                   .attn_dev = run ? name : NULL};
             CU_ASSERT_EQUAL_FATAL(model_ctx_new(&c, m, &co, err, sizeof err), 0);
             lg[run] = malloc((size_t)n_tok * nv * sizeof(float));
             CU_ASSERT_EQUAL(model_eval(c, toks, 6, lg[run], true), 0); // chunks of 4 and 2
@@ -474,10 +517,12 @@ static void test_forward_pass(void) {
             attn_dev_stats(model_ctx_attn(c), &st);
             CU_ASSERT_EQUAL(st.appended, (uint64_t)n_tok * hp->n_layer);
             CU_ASSERT_EQUAL(st.attended, (uint64_t)n_tok * hp->n_layer);
-            const char *want = run ? devices[di].name : "host", *colon = strchr(want, ':'); // "storage:EP" is "storage"
-            const size_t wl = colon ? (size_t)(colon - want) : strlen(want);
-            CU_ASSERT(strlen(attn_dev_name(model_ctx_attn(c))) == wl && !strncmp(attn_dev_name(model_ctx_attn(c)), want, wl));
+            char want[64];
+            dev_reported(run ? devices[di].name : "host", want, sizeof want);
+            CU_ASSERT_STRING_EQUAL(attn_dev_name(model_ctx_attn(c)), want);
             model_ctx_destroy(&c);
+            rmdir(dir);
+            free(dir);
         }
         CU_ASSERT_EQUAL(memcmp(lg[0], lg[1], (size_t)n_tok * nv * sizeof(float)), 0);
         free(lg[0]);

@@ -278,6 +278,34 @@ static void test_roundtrip_plan(void) {
     free_frames(&f);
 }
 
+// Protocol 1.5: the plan's attention/KV device travels; a plan without one leaves the field off the
+// wire (what a 1.4 peer sends, and a 1.4 peer ignores the field), and a spaced name is refused.
+static void test_plan_kv_device(void) {
+    msg_t a, b;
+    comm_msg_t f;
+    msg_plan_node_t nodes[3];
+    fill_plan(&a, nodes);
+    snprintf(a.plan.kv_device, sizeof a.plan.kv_device, "%s", "file:/tmp/kv");
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_STRING_EQUAL(b.plan.kv_device, "file:/tmp/kv");
+    const size_t with = f.len[1];
+    msg_clear(&b);
+    free_frames(&f);
+    fill_plan(&a, nodes);
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_STRING_EQUAL(b.plan.kv_device, "");
+    CU_ASSERT_EQUAL(with, f.len[1] + 3 + strlen("file:/tmp/kv")); // 2-byte key (field 17), length, bytes
+    msg_clear(&b);
+    free_frames(&f);
+    fill_plan(&a, nodes);
+    snprintf(a.plan.kv_device, sizeof a.plan.kv_device, "%s", "file:/a dir");
+    char err[256];
+    msg_buf_t bb;
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &bb, err, sizeof err), MLM_EFORMAT);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "kv_device"));
+    msg_buf_free(&bb);
+}
+
 // Protocol 1.4: the plan's tensor-parallel mode and every node's link figures travel; an exact plan
 // with unknown links is what 1.3 sent (proto3 leaves default fields out), and a 1.3 plan (no such
 // fields) reads as exact with unknown links.
@@ -1288,6 +1316,7 @@ int test_proto_suite(void) {
         !CU_add_test(s, "round trip HELLO_ACK", test_roundtrip_hello_ack) ||
         !CU_add_test(s, "round trip PLAN", test_roundtrip_plan) ||
         !CU_add_test(s, "PLAN tp_mode and links (1.4), older peers", test_plan_tp_mode) ||
+        !CU_add_test(s, "PLAN kv_device (1.5)", test_plan_kv_device) ||
         !CU_add_test(s, "round trip LOAD_SHARD(_ACK)", test_roundtrip_load_shard) ||
         !CU_add_test(s, "round trip SLICE_DATA", test_roundtrip_slice_data) ||
         !CU_add_test(s, "round trip STEP", test_roundtrip_step) ||

@@ -11,18 +11,21 @@
 #include "cluster/launch.h"
 #include "coordinator/cli/cli.h"
 #include "coordinator/cli/fault_args.h"
+#include "coordinator/cli/gen_args.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/cli/layout_args.h"
 #include "coordinator/cli/mem_report.h"
 #include "coordinator/runtime/generate.h"
 #include "core/err.h"
 #include "core/rng.h"
+#include "offload/attn.h"
 #include "worker/model/model.h"
 
 // --- helpers
 
 #define MAX_MODELS 8
 #define MAX_REPS 100
+#define O_KVDEV 3100 // --kv-device (above the layout, fault and shared option ids)
 
 typedef struct {
     const char *models[MAX_MODELS];  // -m, repeatable
@@ -43,6 +46,7 @@ typedef struct {
     const char *lan;                 // --lan MBIT:MS emulated links (fault-injecting transport)
     int parallel;                    // --parallel K: tg with K sequences in flight (cluster only)
     const char *faults;              // --faults SPEC (with --lan: its links are added)
+    const char *kv_device;           // --kv-device (NULL = host)
 } bench_args_t;
 
 // The memory of one (model, threads) configuration's processes, for the table after the speed table.
@@ -76,6 +80,7 @@ static void bench_usage(FILE *f) {
             "      --parallel K        tg with K sequences in flight at once (a cluster's stages then work\n"
             "                          on different sequences); t/s counts every sequence's tokens\n"
             "      --json              print a JSON array instead of the table\n"
+            KV_DEVICE_USAGE
             LAYOUT_MEM_USAGE
             LAYOUT_FAULT_USAGE
             FAULT_ARGS_USAGE
@@ -213,7 +218,8 @@ int cmd_bench(int argc, char **argv) {
         {"no-repack", no_argument, 0, 'R'}, {"local", required_argument, 0, 'L'},
         {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
         {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
-        {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'}, LAYOUT_ARGS_LONGOPTS,
+        {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'},
+        {"kv-device", required_argument, 0, O_KVDEV}, LAYOUT_ARGS_LONGOPTS,
         LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, FAULT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
     optind = 1;
@@ -249,6 +255,7 @@ int cmd_bench(int argc, char **argv) {
         case 'E': a.lan = optarg; break;
         case 'K': a.parallel = atoi(optarg); break;
         case FA_FAULTS: a.faults = optarg; break;
+        case O_KVDEV: a.kv_device = optarg; break;
         case 'h': bench_usage(stdout); return 0;
         default: bench_usage(stderr); return 2;
         }
@@ -256,6 +263,12 @@ int cmd_bench(int argc, char **argv) {
     if (a.n_models == 0 || a.reps < 1 || a.reps > MAX_REPS || a.n_prompt < 0 || a.n_gen < 0 || optind < argc ||
         a.parallel < 0 || a.parallel > CLUSTER_MAX_SEQS) {
         bench_usage(stderr);
+        return 2;
+    }
+    char kerr[256];
+    if (attn_dev_known(a.kv_device, kerr, sizeof kerr) != 0) {
+        fprintf(stderr, "meshlm bench: --kv-device: %s\n", kerr);
+        free(a.workers);
         return 2;
     }
     if (a.lay.local_mem_set && a.local == 0) {
@@ -335,7 +348,7 @@ int cmd_bench(int argc, char **argv) {
             snprintf(backend, sizeof backend, "CPU %s", model_kernels(m)->isa);
             if (!dist) {
                 model_ctx_opts_t co = {.n_ctx = need, .n_batch = a.n_prompt > 0 ? a.n_prompt : 64,
-                                       .n_threads = a.threads[ti]};
+                                       .n_threads = a.threads[ti], .attn_dev = a.kv_device};
                 if (model_ctx_new(&c, m, &co, err, sizeof err) != 0) {
                     fprintf(stderr, "meshlm bench: %s\n", err);
                     code = 1;
@@ -379,7 +392,7 @@ int cmd_bench(int argc, char **argv) {
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                                      .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
                                      .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set,
-                                     .drop_cache = lw && lw->mem_limit};
+                                     .drop_cache = lw && lw->mem_limit, .kv_device = a.kv_device};
                 int rc = cluster_open(&cl, &co, err, sizeof err);
                 free(list);
                 if (rc != 0) {

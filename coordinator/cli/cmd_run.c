@@ -275,7 +275,7 @@ static int run_main(run_args_t *ap) {
         cluster_opts_t co = {.model_path = a.g.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
                              .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
                              .mem_budget = a.lay.mem_budget,
-                             .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .verbose = a.verbose,
+                             .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .kv_device = a.g.kv_device, .verbose = a.verbose,
                              .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp,
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                              .local_profile = a.local > 0, .recover = !a.lay.no_recover,
@@ -310,7 +310,8 @@ static int run_main(run_args_t *ap) {
     const model_hparams_t *hp = model_hparams(mm);
     gen_engine_t eng;
     if (!distributed) {
-        model_ctx_opts_t co = {.n_ctx = a.g.n_ctx, .n_batch = a.g.n_batch, .n_threads = a.g.n_threads, .kv_f32 = a.g.kv_f32};
+        model_ctx_opts_t co = {.n_ctx = a.g.n_ctx, .n_batch = a.g.n_batch, .n_threads = a.g.n_threads, .kv_f32 = a.g.kv_f32,
+                               .attn_dev = a.g.kv_device};
         if (co.n_ctx == 0) {
             int need = np + a.g.n_predict + 1;
             int def = hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;

@@ -12,6 +12,7 @@
 #include "coordinator/cli/cli.h"
 #include "core/err.h"
 #include "core/sha256.h"
+#include "offload/attn.h"
 #include "parallel/plan.h"
 #include "worker/node/node.h"
 
@@ -36,6 +37,9 @@ static void worker_usage(FILE *f) {
             "  --registry-ttl MS    heartbeat TTL in the registry (default 3000; beats every TTL/3)\n"
             "  --advertise ENDPOINT the control endpoint published in the registry (default: --listen, with\n"
             "                       a 0.0.0.0 / * host replaced by this machine's address as the registry sees it)\n"
+            "  --kv-device DEV      where this worker's KV cache lives and attention runs: host, file:DIR,\n"
+            "                       storage:ENDPOINT, pim:PRESET (default: the coordinator's --kv-device, else\n"
+            "                       host); wins over the coordinator's\n"
             "  --verbose            log every message\n");
 }
 
@@ -153,7 +157,7 @@ int cmd_worker(int argc, char **argv) {
         {"timeout", required_argument, 0, 'T'}, {"verbose", no_argument, 0, 'v'},
         {"no-profile", no_argument, 0, 'P'}, {"registry", required_argument, 0, 'R'},
         {"standby", no_argument, 0, 'S'}, {"registry-ttl", required_argument, 0, 'L'},
-        {"advertise", required_argument, 0, 'A'},
+        {"advertise", required_argument, 0, 'A'}, {"kv-device", required_argument, 0, 'K'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     node_opts_t o = {0};
     const char *reg_url = NULL, *advertise = NULL;
@@ -180,6 +184,7 @@ int cmd_worker(int argc, char **argv) {
         case 'R': reg_url = optarg; break;
         case 'S': standby = true; break;
         case 'A': advertise = optarg; break;
+        case 'K': o.kv_device = optarg; break;
         case 'L':
             reg_ttl = atoi(optarg);
             if (reg_ttl < 30) {
@@ -193,6 +198,11 @@ int cmd_worker(int argc, char **argv) {
     }
     if (!o.listen || optind < argc) {
         worker_usage(stderr);
+        return 2;
+    }
+    char kerr[256];
+    if (attn_dev_known(o.kv_device, kerr, sizeof kerr) != 0) {
+        fprintf(stderr, "meshlm worker: --kv-device: %s\n", kerr);
         return 2;
     }
     if ((standby || advertise) && !reg_url) {

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/fs.h"
+#include "offload/attn.h"
 
 // --- helpers
 
@@ -62,6 +63,7 @@ int gen_args_option(gen_args_t *a, int ch, const char *arg, const char *cmd) {
     case GA_NOREPACK: a->repack = false; return 1;
     case GA_JSON: a->json = true; return 1;
     case GA_LOGITS: a->logits_path = arg; return 1;
+    case GA_KVDEV: a->kv_device = arg; return 1;
     default: return 0;
     }
 }
@@ -73,6 +75,11 @@ int gen_args_check(const gen_args_t *a, const char *cmd) {
     }
     if (a->n_predict < 0 || a->n_threads < 0 || a->n_ctx < 0 || a->n_batch < 0) {
         fprintf(stderr, "meshlm %s: counts must not be negative\n", cmd);
+        return -1;
+    }
+    char err[256];
+    if (attn_dev_known(a->kv_device, err, sizeof err) != 0) {
+        fprintf(stderr, "meshlm %s: --kv-device: %s\n", cmd, err);
         return -1;
     }
     return 0;

@@ -19,13 +19,14 @@ typedef struct {
     bool no_bos;              // --no-bos
     bool repack;              // !--no-repack
     bool kv_f32;              // --kv-type f32
+    const char *kv_device;    // --kv-device NAME[:ARG] (NULL = host; checked against the registry)
     const char *logits_path;  // --logits
     gen_opts_t gen;           // sampling and stopping
 } gen_args_t;
 
 // Option ids; a command numbers its own long options from GA_NEXT on.
 enum { GA_TEMP = 1000, GA_TOPK, GA_TOPP, GA_MINP, GA_RP, GA_RLN, GA_SEED, GA_GREEDY, GA_IGNEOS, GA_NOBOS, GA_KV,
-       GA_NOREPACK, GA_JSON, GA_LOGITS, GA_NEXT };
+       GA_NOREPACK, GA_JSON, GA_LOGITS, GA_KVDEV, GA_NEXT };
 
 #define GEN_ARGS_SHORTOPTS "m:p:f:n:t:c:b:h"
 #define GEN_ARGS_LONGOPTS                                                                                       \
@@ -39,7 +40,17 @@ enum { GA_TEMP = 1000, GA_TOPK, GA_TOPP, GA_MINP, GA_RP, GA_RLN, GA_SEED, GA_GRE
         {"greedy", no_argument, 0, GA_GREEDY}, {"ignore-eos", no_argument, 0, GA_IGNEOS},                    \
         {"no-bos", no_argument, 0, GA_NOBOS}, {"kv-type", required_argument, 0, GA_KV},                      \
         {"no-repack", no_argument, 0, GA_NOREPACK}, {"json", no_argument, 0, GA_JSON},                       \
-        {"logits", required_argument, 0, GA_LOGITS}, {"help", no_argument, 0, 'h'}
+        {"logits", required_argument, 0, GA_LOGITS}, {"kv-device", required_argument, 0, GA_KVDEV},           \
+        {"help", no_argument, 0, 'h'}
+
+// Usage of --kv-device (run, bench, worker, mpi).
+#define KV_DEVICE_USAGE                                                                                         \
+    "      --kv-device DEV     where the KV cache lives and attention runs (default host): host,\n"          \
+    "                          file:DIR (RAM, then files in DIR past the RAM share of --mem-budget),\n"     \
+    "                          storage:ENDPOINT (a meshlm kvstore process), pim:PRESET (simulated\n"       \
+    "                          processing-in-memory: hbm2-pim, aim-gddr6, upmem, neupims); every\n"          \
+    "                          device gives the host's tokens. Given to workers for their KV unless\n"     \
+    "                          a worker has its own --kv-device\n"
 
 // Usage lines of the shared options.
 #define GEN_ARGS_USAGE                                                                                          \
@@ -61,6 +72,7 @@ enum { GA_TEMP = 1000, GA_TOPK, GA_TOPP, GA_MINP, GA_RP, GA_RLN, GA_SEED, GA_GRE
     "      --ignore-eos        do not stop at end-of-generation tokens\n"                                     \
     "      --no-bos            do not prepend the BOS token\n"                                                \
     "      --kv-type f16|f32   KV cache type (default f16, as llama.cpp)\n"                                   \
+    KV_DEVICE_USAGE                                                                                           \
     "      --no-repack         compute on the file's layout (no repacked copy of the weights)\n"              \
     "      --json              print one JSON object on stdout instead of streaming text\n"                   \
     "      --logits FILE       write float32 logits for every prompt position and generated token\n"

@@ -458,6 +458,9 @@ static int send_plan(cluster_t *c, char *err, size_t errlen) {
     p->kv_type = c->o.kv_f32 ? QT_F32 : QT_F16;
     p->n_batch = c->o.n_batch > 0 ? (uint32_t)c->o.n_batch : 0;
     p->tp_mode = c->plan->tp_mode == PLAN_TP_ALLREDUCE ? MSG_TP_ALLREDUCE : MSG_TP_EXACT;
+    if (c->o.kv_device && snprintf(p->kv_device, sizeof p->kv_device, "%s", c->o.kv_device) >= (int)sizeof p->kv_device)
+        return mlm_fail(err, errlen, MLM_ERANGE, "--kv-device '%s' is longer than %d bytes", c->o.kv_device,
+                        MSG_DEVICE_MAX - 1);
     p->n_nodes = c->n_nodes;
     p->nodes = c->pnodes;
     for (int i = 0; i < c->o.n_workers; i++) {

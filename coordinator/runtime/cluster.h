@@ -33,6 +33,8 @@ typedef struct {
     bool drop_cache;                 // cluster_open drops the model's page cache between planning and loading,
                                      // so local workers' memory cgroups are charged for their shards
     bool kv_f32;
+    const char *kv_device;           // attention/KV device of every node without its own --kv-device, sent in the
+                                     // PLAN (protocol 1.5) and used for the coordinator's own share (NULL = host)
     bool verbose;                    // print progress on stderr
     // Layout. Without any of these the planner chooses (tensor, pipeline or hybrid; nodes too slow
     // to help are left out) from the nodes' measured speed, memory and links.

@@ -64,7 +64,7 @@ int cl_seq_ctx(cluster_t *c, int seq, model_ctx_t **out) {
     if (!c->ctx[seq]) {
         char err[256];
         model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_batch = c->o.n_batch, .n_threads = c->o.n_threads,
-                               .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp};
+                               .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp, .attn_dev = c->o.kv_device};
         int rc = model_ctx_new(&c->ctx[seq], c->model, &co, err, sizeof err);
         if (rc != 0) {
             snprintf(c->errbuf, sizeof c->errbuf, "sequence %d: %s", seq, err);

@@ -377,7 +377,10 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             pipe_set_links(&n->pipe, lat, bw);
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
                                              .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,
-                                             .kv_f32 = n->plan.kv_type == QT_F32};
+                                             .kv_f32 = n->plan.kv_type == QT_F32,
+                                             .attn_dev = n->o->kv_device && *n->o->kv_device ? n->o->kv_device
+                                                         : n->plan.kv_device[0]              ? n->plan.kv_device
+                                                                                             : NULL};
             rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
             n->logits_cap = (size_t)64 * (size_t)hp->n_vocab;
             n->logits = rc == 0 ? malloc(n->logits_cap * sizeof(float)) : NULL;

@@ -23,6 +23,8 @@ typedef struct {
     uint64_t mem_budget;     // bytes for weights + KV cache + activations (0 = unlimited), reported to the
                              // coordinator; a share that does not fit resident streams through the weight window
     int timeout_ms;          // deadline of each collective and control exchange (0 = 30000)
+    const char *kv_device;   // attention/KV device (offload/attn.h) of this node's KV: wins over the plan's
+                             // (NULL = the plan's, else host)
     bool verbose;            // log each message on stderr
     bool no_profile;         // skip measuring the machine at start (the planner then assumes equal speed)
     bool same_file;          // model_path is the coordinator's own file (MPI ranks): used without hashing

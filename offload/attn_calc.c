@@ -1,0 +1,105 @@
+// The host device's attention arithmetic over contiguous rows, shared by devices that keep their cache elsewhere.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/err.h"
+#include "core/fp16.h"
+#include "offload/attn_impl.h"
+#include "worker/kernels/ops.h"
+
+// --- types
+
+// Jobs below this many multiply-adds run on the calling thread (the host device's threshold).
+#define PAR_MIN_WORK (65536.0 / 32)
+
+struct attn_calc {
+    attn_params_t p;    // the shape (pool borrowed)
+    int Hl;             // query heads attended here
+    int group;          // query heads per KV head
+    size_t kvd;         // elements of a k / v row
+    size_t elt;         // bytes per cache element
+    bool f16;           // F16 cache
+    float scale;        // 1 / sqrt(head_dim)
+    int n_threads;      // the pool's threads (1 without one)
+    float *scratch;     // (n_threads, scratch_per) ops_attention's scratch, 64-byte aligned per thread
+    size_t scratch_per; // floats per thread (a multiple of 16)
+    int scratch_ctx;    // positions it is sized for
+};
+
+typedef struct {
+    const attn_calc_t *c;
+    const uint8_t *kc, *vc; // (pos0 + n, kvd) of the cache type
+    const float *q;         // (n, Hl * head_dim)
+    float *out;             // (n, Hl * head_dim)
+    int n, pos0;
+} calc_job_t;
+
+// --- helpers
+
+static void calc_fn(void *arg, int ith, int nth) {
+    const calc_job_t *job = arg;
+    const attn_calc_t *c = job->c;
+    const int hd = c->p.head_dim, Hl = c->Hl;
+    float *sc = c->scratch + (size_t)ith * c->scratch_per;
+    const int n_kv = (job->pos0 + job->n + 31) & ~31; // the reference pads its KV view to 32
+    const int total = job->n * Hl;
+    for (int item = total * ith / nth; item < total * (ith + 1) / nth; item++) {
+        const int i = item / Hl, hl = item % Hl, kvh = (c->p.h0 + hl) / c->group - c->p.kv0;
+        const size_t off = (size_t)kvh * hd * c->elt;
+        const size_t qo = (size_t)i * Hl * hd + (size_t)hl * hd;
+        ops_attention(job->out + qo, job->q + qo, job->kc + off, job->vc + off, c->kvd, job->pos0 + i + 1, n_kv, hd,
+                      c->scale, c->f16, job->n > 1, sc);
+    }
+}
+
+// --- public API
+
+attn_calc_t *attn_calc_new(const attn_params_t *p) {
+    attn_calc_t *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->p = *p;
+    c->Hl = p->h1 - p->h0;
+    c->group = p->n_head / p->n_head_kv;
+    c->kvd = (size_t)(p->kv1 - p->kv0) * (size_t)p->head_dim;
+    c->f16 = p->kv_type == QT_F16;
+    c->elt = c->f16 ? 2 : 4;
+    c->scale = 1.0f / sqrtf((float)p->head_dim);
+    c->n_threads = p->pool ? tpool_size(p->pool) : 1;
+    return c;
+}
+
+int attn_calc_reserve(attn_calc_t *c, int n_ctx) {
+    if (n_ctx <= c->scratch_ctx) return 0;
+    const size_t per = (ops_attention_scratch(n_ctx, c->p.head_dim) + 15) & ~(size_t)15;
+    float *sc = NULL;
+    if (posix_memalign((void **)&sc, 64, (size_t)c->n_threads * per * sizeof(float)) != 0) return MLM_ENOMEM;
+    free(c->scratch);
+    c->scratch = sc;
+    c->scratch_per = per;
+    c->scratch_ctx = n_ctx;
+    return 0;
+}
+
+void attn_calc_run(attn_calc_t *c, const void *kc, const void *vc, const float *q, int n, int pos0, float *out) {
+    calc_job_t job = {c, kc, vc, q, out, n, pos0};
+    const double work = (double)n * c->Hl * (pos0 + n) * c->p.head_dim;
+    if (!c->p.pool) calc_fn(&job, 0, 1);
+    else tpool_run_n(c->p.pool, calc_fn, &job, work < PAR_MIN_WORK ? 1 : c->n_threads);
+}
+
+void attn_calc_free(attn_calc_t **self_p) {
+    if (!self_p || !*self_p) return;
+    free((*self_p)->scratch);
+    free(*self_p);
+    *self_p = NULL;
+}
+
+void attn_store_rows(void *dst, const float *src, size_t cnt, bool f16) {
+    if (!f16) {
+        memcpy(dst, src, cnt * 4);
+        return;
+    }
+    mlm_f16_t *d = dst;
+    for (size_t i = 0; i < cnt; i++) d[i] = mlm_f32_to_f16(src[i]);
+}

@@ -16,6 +16,7 @@
 #include "core/err.h"
 #include "core/fs.h"
 #include "core/sha256.h"
+#include "offload/attn.h"
 #include "proto/msg_io.h"
 #include "transport/comm_link.h"
 #include "transport/comm_open.h"
@@ -162,6 +163,28 @@ static int on_ping(node_t *n, uint64_t seq) {
     m.heartbeat.unix_ms = (uint64_t)time(NULL) * 1000u;
     char err[256];
     return msg_send(*n->ctl, 0, &m, n->timeout_ms, err, sizeof err);
+}
+
+// The attention/KV device of this node's KV: its own --kv-device, else the plan's, else NULL (host).
+static const char *kv_device(const node_t *n) {
+    if (n->o->kv_device && *n->o->kv_device) return n->o->kv_device;
+    return n->plan.kv_device[0] ? n->plan.kv_device : NULL;
+}
+
+// Makes the node's attention/KV device once and drops it: a name or an argument it refuses (an
+// unknown preset, a directory that is not there) fails the load with the reason, not the first step.
+static int probe_kv_device(node_t *n, char *err, size_t errlen) {
+    const shard_slice_t *sl = model_slice(n->model);
+    const model_hparams_t *hp = model_hparams(n->model);
+    if (sl->h1 <= sl->h0 || !kv_device(n)) return 0; // no attention here, or the host device
+    const attn_params_t ap = {.n_layer = sl->l1 - sl->l0, .head_dim = hp->head_dim, .n_head = hp->n_head,
+                              .n_head_kv = hp->n_head_kv, .h0 = sl->h0, .h1 = sl->h1, .kv0 = sl->kv0, .kv1 = sl->kv1,
+                              .kv_type = n->plan.kv_type == QT_F32 ? QT_F32 : QT_F16, .n_seq_max = 1};
+    attn_dev_t *d = NULL;
+    char e2[400];
+    int rc = attn_dev_new(&d, kv_device(n), &ap, e2, sizeof e2);
+    attn_dev_free(&d);
+    return rc ? mlm_fail(err, errlen, rc, "attention device %s: %s", kv_device(n), e2) : 0;
 }
 
 static int on_plan(node_t *n, const msg_plan_t *p) {
@@ -359,6 +382,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             }
         }
     }
+    if (rc == 0) rc = probe_kv_device(n, err, sizeof err);
     if (rc == 0) {
         const model_hparams_t *hp = model_hparams(n->model);
         ack.load_shard_ack.status = 0;
@@ -378,9 +402,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
                                              .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,
                                              .kv_f32 = n->plan.kv_type == QT_F32,
-                                             .attn_dev = n->o->kv_device && *n->o->kv_device ? n->o->kv_device
-                                                         : n->plan.kv_device[0]              ? n->plan.kv_device
-                                                                                             : NULL};
+                                             .attn_dev = kv_device(n)};
             rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
             n->logits_cap = (size_t)64 * (size_t)hp->n_vocab;
             n->logits = rc == 0 ? malloc(n->logits_cap * sizeof(float)) : NULL;

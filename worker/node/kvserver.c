@@ -10,7 +10,7 @@
 #include "core/err.h"
 #include "core/fp16.h"
 #include "core/fs.h"
-#include "offload/kvstore.h"
+#include "offload/kvstore_dev.h"
 #include "worker/kernels/quant.h"
 #include "worker/kernels/threadpool.h"
 

@@ -1,10 +1,9 @@
 // The KV store's engine: an attention/KV device over one sparse file per sequence, appended with pwrite
-// and attended in place through a read-only mapping with ops_attention (the host device's arithmetic).
-#include "offload/kvstore.h"
+// and attended in place through a read-only mapping with attn_calc (the host device's arithmetic).
+#include "offload/kvstore_dev.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,14 +14,10 @@
 
 #include "core/clock.h"
 #include "core/err.h"
-#include "core/fp16.h"
 #include "offload/attn_impl.h"
-#include "worker/kernels/ops.h"
 
 // --- types
 
-// Jobs below this many multiply-adds run on the calling thread (as the host device decides).
-#define KVS_PAR_MIN_WORK (65536.0 / 32)
 #define KVS_PATH_MAX 1024
 
 typedef struct {
@@ -41,31 +36,17 @@ typedef struct {
     double internal_bw;  // bytes/s, 0 = no model
     char *errbuf;        // the owner's detail buffer (may be NULL)
     size_t errcap;
-    int Hl;              // query heads attended here
-    int group;           // query heads per KV head
+    attn_calc_t *calc;   // the host device's arithmetic (owned)
     size_t kvd;          // elements of a k / v row
     size_t elt;          // bytes per cache element
     size_t row_bytes;    // kvd * elt
     bool f16;
-    float scale;         // 1 / sqrt(head_dim)
     kvs_seq_t *seqs;     // (n_seq_max)
     uint8_t *conv;       // (conv_cap) rows converted to the cache type before they are written
     size_t conv_cap;
-    float *scratch;      // (n_threads, scratch_per) ops_attention scratch, 64-byte aligned
-    size_t scratch_per;  // floats per thread (a multiple of 16)
-    int scratch_ctx;     // the n_ctx it is sized for
-    int n_threads;
     uint64_t kv_bytes, bytes_read, bytes_written;
     double time_ms, flash_ms;
 } kvs_t;
-
-typedef struct {
-    const kvs_t *s;
-    const uint8_t *kc, *vc; // the layer's k and v rows (mapped)
-    const float *q;
-    float *out;
-    int n, pos0;
-} kvs_job_t;
 
 // --- helpers
 
@@ -118,15 +99,7 @@ static void seq_close(kvs_t *s, kvs_seq_t *q) {
 static int kvs_seq_new(void *ctx, int seq, int n_ctx) {
     kvs_t *s = ctx;
     kvs_seq_t *q = &s->seqs[seq];
-    if (n_ctx > s->scratch_ctx) { // scratch grows with the longest sequence
-        const size_t per = (ops_attention_scratch(n_ctx, s->p.head_dim) + 15) & ~(size_t)15;
-        float *sc = NULL;
-        if (posix_memalign((void **)&sc, 64, (size_t)s->n_threads * per * sizeof(float)) != 0) return MLM_ENOMEM;
-        free(s->scratch);
-        s->scratch = sc;
-        s->scratch_per = per;
-        s->scratch_ctx = n_ctx;
-    }
+    if (attn_calc_reserve(s->calc, n_ctx) != 0) return MLM_ENOMEM;
     snprintf(q->path, sizeof q->path, "%s/%s-s%d.kv", s->dir, s->prefix, seq);
     const size_t len = 2 * (size_t)s->p.n_layer * (size_t)n_ctx * s->row_bytes;
     q->fd = open(q->path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -162,8 +135,7 @@ static const uint8_t *to_cache(kvs_t *s, const float *x, size_t cnt) {
         s->conv = b;
         s->conv_cap = cnt * 2;
     }
-    mlm_f16_t *h = (mlm_f16_t *)s->conv;
-    for (size_t i = 0; i < cnt; i++) h[i] = mlm_f32_to_f16(x[i]);
+    attn_store_rows(s->conv, x, cnt, true);
     return s->conv;
 }
 
@@ -191,31 +163,12 @@ static int kvs_append(void *ctx, int seq, int layer, int pos, const float *k, co
     return 0;
 }
 
-static void attend_fn(void *arg, int ith, int nth) {
-    const kvs_job_t *job = arg;
-    const kvs_t *s = job->s;
-    const int hd = s->p.head_dim, Hl = s->Hl;
-    float *sc = s->scratch + (size_t)ith * s->scratch_per;
-    const int n_kv = (job->pos0 + job->n + 31) & ~31; // the reference pads its KV view to 32
-    const int total = job->n * Hl;
-    for (int item = total * ith / nth; item < total * (ith + 1) / nth; item++) {
-        const int i = item / Hl, hl = item % Hl, kvh = (s->p.h0 + hl) / s->group - s->p.kv0;
-        const size_t off = (size_t)kvh * hd * s->elt;
-        const size_t qo = (size_t)i * Hl * hd + (size_t)hl * hd;
-        ops_attention(job->out + qo, job->q + qo, job->kc + off, job->vc + off, s->kvd, job->pos0 + i + 1, n_kv, hd,
-                      s->scale, s->f16, job->n > 1, sc);
-    }
-}
-
 static int kvs_attend(void *ctx, int seq, int layer, const float *q, int n, int pos0, float *out) {
     kvs_t *s = ctx;
     const kvs_seq_t *sq = &s->seqs[seq];
     const double t0 = mlm_now_ms();
     const uint8_t *kc = sq->map + (size_t)2 * layer * sq->n_ctx * s->row_bytes;
-    kvs_job_t job = {s, kc, kc + (size_t)sq->n_ctx * s->row_bytes, q, out, n, pos0};
-    const double work = (double)n * s->Hl * (pos0 + n) * s->p.head_dim;
-    if (!s->p.pool) attend_fn(&job, 0, 1);
-    else tpool_run_n(s->p.pool, attend_fn, &job, work < KVS_PAR_MIN_WORK ? 1 : s->n_threads);
+    attn_calc_run(s->calc, kc, kc + (size_t)sq->n_ctx * s->row_bytes, q, n, pos0, out);
     const uint64_t read = 2 * (uint64_t)(pos0 + n) * s->row_bytes; // every row the last query sees, k and v
     s->bytes_read += read;
     if (s->internal_bw > 0) s->flash_ms += (double)read / s->internal_bw * 1e3;
@@ -241,7 +194,7 @@ static void kvs_free(void *ctx) {
     if (s->seqs) free(s->seqs[0].len);
     free(s->seqs);
     free(s->conv);
-    free(s->scratch);
+    attn_calc_free(&s->calc);
     free(s);
 }
 
@@ -275,17 +228,14 @@ int kvstore_dev_new(attn_dev_t **out, const attn_params_t *p, const kvstore_opts
     s->internal_bw = o->internal_bw > 0 ? o->internal_bw : 0;
     s->errbuf = o->errbuf;
     s->errcap = o->errcap;
-    s->Hl = p->h1 - p->h0;
-    s->group = p->n_head / p->n_head_kv;
     s->kvd = (size_t)(p->kv1 - p->kv0) * (size_t)p->head_dim;
     s->f16 = p->kv_type == QT_F16;
     s->elt = s->f16 ? 2 : 4;
     s->row_bytes = s->kvd * s->elt;
-    s->scale = 1.0f / sqrtf((float)p->head_dim);
-    s->n_threads = p->pool ? tpool_size(p->pool) : 1;
+    s->calc = attn_calc_new(&s->p);
     s->seqs = calloc((size_t)s->p.n_seq_max, sizeof *s->seqs);
     int *lens = calloc((size_t)s->p.n_seq_max * (size_t)p->n_layer, sizeof *lens); // (n_seq_max, n_layer)
-    if (!s->seqs || !lens) {
+    if (!s->calc || !s->seqs || !lens) {
         free(lens);
         kvs_free(s);
         return MLM_ENOMEM;

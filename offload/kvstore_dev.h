@@ -1,8 +1,8 @@
 // The KV store's engine: an attention/KV device whose cache lives in files (one per sequence) and
 // whose attention reads them in place with the host device's arithmetic; `meshlm kvstore` serves one
 // per client session, so a node's KV blocks stay on the store's drive.
-#ifndef MESHLM_OFFLOAD_KVSTORE_H
-#define MESHLM_OFFLOAD_KVSTORE_H
+#ifndef MESHLM_OFFLOAD_KVSTORE_DEV_H
+#define MESHLM_OFFLOAD_KVSTORE_DEV_H
 
 #include <stddef.h>
 
@@ -22,7 +22,7 @@ typedef struct {
 // o->dir, created sparse at seq_new with room for n_ctx positions of every layer's k and v rows:
 // layer l's k rows at [2l * n_ctx, (2l + 1) * n_ctx) rows, its v rows after them, so a layer's
 // positions are contiguous and the file system allocates blocks as rows are appended (written with
-// pwrite). attend maps the file read-only and runs ops_attention over it exactly as the host device
+// pwrite). attend maps the file read-only and runs attn_calc (ops_attention) over it exactly as the host device
 // does (bits equal to host's). seq_new fails with MLM_EIO (the file cannot be made) and append with
 // MLM_EFULL (no space left on the drive, or a quota) or MLM_EIO, the file's path in errbuf.
 // Stats: kv_bytes = rows appended and held (k and v, all layers), kv_bytes_ram = 0, bytes_written,

@@ -105,16 +105,18 @@ static int kvs_seq_new(void *ctx, int seq, int n_ctx) {
     q->fd = open(q->path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (q->fd < 0) return kvs_fail(s, io_code(errno), "%s: cannot create: %s", q->path, strerror(errno));
     if (ftruncate(q->fd, (off_t)len) != 0) {
-        const int e = errno;
+        const int rc = kvs_fail(s, io_code(errno), "%s: cannot size to %zu bytes: %s", q->path, len, strerror(errno));
         seq_close(s, q);
-        return kvs_fail(s, io_code(e), "%s: cannot size to %zu bytes: %s", q->path, len, strerror(e));
+        return rc;
     }
     q->map = mmap(NULL, len, PROT_READ, MAP_SHARED, q->fd, 0);
     if (q->map == MAP_FAILED) {
         const int e = errno;
+        const int rc = kvs_fail(s, e == ENOMEM ? MLM_ENOMEM : MLM_EIO, "%s: cannot map %zu bytes: %s", q->path, len,
+                                strerror(e));
         q->map = NULL;
         seq_close(s, q);
-        return kvs_fail(s, e == ENOMEM ? MLM_ENOMEM : MLM_EIO, "%s: cannot map %zu bytes: %s", q->path, len, strerror(e));
+        return rc;
     }
     q->map_len = len;
     q->n_ctx = n_ctx;

@@ -684,6 +684,60 @@ static void test_cli_run(void) {
     CU_ASSERT(kvs_stop(&k));
 }
 
+// `meshlm run --kv-device storage:` whose kvstore is stopped while it holds a request and then killed:
+// the run fails soon after the kill (long before the 10 s deadline), naming the endpoint.
+static void test_cli_killed(void) {
+    const char *bin = test_meshlm_bin();
+    if (!bin) {
+        CU_FAIL("MESHLM_BIN not set");
+        return;
+    }
+    kvs_proc_t k;
+    CU_ASSERT_FATAL(kvs_start(&k, 0, NULL));
+    char model[1024], err_path[500];
+    test_shared_path(model, sizeof model, "models/stories260K.gguf");
+    snprintf(err_path, sizeof err_path, "%s/run.err", k.dir);
+    const char *args[] = {bin, "run", "-m", model, "-p", "Once upon a time", "-n", "200", "-t", "1", "--kv-device", k.dev, NULL};
+    // the kvstore stops as soon as the run's session is open: the run then waits on a request
+    pid_t run = -1;
+    const int64_t dl = mlm_deadline(60000);
+    bool stopped = false;
+    run = test_spawn(args, err_path);
+    while (!mlm_passed(dl)) {
+        char *log = kvs_log(&k);
+        const bool open = log && strstr(log, "open:");
+        free(log);
+        if (open) {
+            kill(k.pid, SIGSTOP);
+            stopped = true;
+            break;
+        }
+        usleep(1000);
+    }
+    CU_ASSERT_FATAL(stopped);
+    usleep(300 * 1000);
+    kill(k.pid, SIGKILL);
+    const double t0 = mlm_now_ms();
+    int st = 0;
+    while (waitpid(run, &st, WNOHANG) == 0 && mlm_now_ms() - t0 < 20000) usleep(2000);
+    const double ms = mlm_now_ms() - t0;
+    if (ms >= 20000) {
+        kill(run, SIGKILL);
+        waitpid(run, &st, 0);
+    }
+    waitpid(k.pid, NULL, 0);
+    k.pid = -1;
+    fprintf(stderr, "(the run ended %.0f ms after the kill) ", ms);
+    CU_ASSERT(ms < 3000);
+    CU_ASSERT(WIFEXITED(st) && WEXITSTATUS(st) != 0);
+    size_t len = 0;
+    char *e = test_read_file(err_path, &len);
+    CU_ASSERT_PTR_NOT_NULL(e && strstr(e, k.ep) && strstr(e, "lost mid-request"));
+    if (e && !strstr(e, "lost mid-request")) fprintf(stderr, "\n  %s", e);
+    free(e);
+    kvs_stop(&k);
+}
+
 int test_kvstore_suite(void) {
     CU_pSuite s = CU_add_suite("kvstore", NULL, NULL);
     if (!s) return -1;
@@ -695,7 +749,8 @@ int test_kvstore_suite(void) {
         !CU_add_test(s, "kvstore: malformed, oversized and impossible requests refused", test_refused_requests) ||
         !CU_add_test(s, "storage: the host's logits and tokens on the reference cases", test_reference_cases) ||
         !CU_add_test(s, "storage: a context whose KV is 4x the node's RAM budget", test_context_past_ram_budget) ||
-        !CU_add_test(s, "meshlm run --kv-device storage: (one node, and tp2 workers)", test_cli_run))
+        !CU_add_test(s, "meshlm run --kv-device storage: (one node, and tp2 workers)", test_cli_run) ||
+        !CU_add_test(s, "meshlm run --kv-device storage: with its kvstore killed mid-request", test_cli_killed))
         return -1;
     return 0;
 }

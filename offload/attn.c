@@ -178,6 +178,35 @@ void attn_dev_seq_drop(attn_dev_t *d, int seq) {
     d->counts.seqs--;
 }
 
+// "12.0 MiB" style sizes.
+static void fmt_mib(char *b, size_t cap, uint64_t bytes) {
+    if (bytes >= (1ull << 30)) snprintf(b, cap, "%.2f GiB", (double)bytes / (1ull << 30));
+    else if (bytes >= (1ull << 20)) snprintf(b, cap, "%.1f MiB", (double)bytes / (1ull << 20));
+    else snprintf(b, cap, "%.1f KiB", (double)bytes / 1024);
+}
+
+int attn_dev_describe(const attn_dev_t *d, char *buf, size_t cap) {
+    if (!d) return snprintf(buf, cap, "no attention device");
+    attn_stats_t st;
+    attn_dev_stats(d, &st);
+    char kv[32], ram[32], rd[32], wr[32];
+    fmt_mib(kv, sizeof kv, st.kv_bytes);
+    fmt_mib(ram, sizeof ram, st.kv_bytes_ram);
+    fmt_mib(rd, sizeof rd, st.bytes_read);
+    fmt_mib(wr, sizeof wr, st.bytes_written);
+    int n = snprintf(buf, cap, "KV device %s: KV %s (%s in RAM)", d->name, kv, ram);
+    if (st.bytes_read || st.bytes_written)
+        n += snprintf(buf + (n < (int)cap ? n : (int)cap), n < (int)cap ? cap - (size_t)n : 0,
+                      ", spilled tier read %s written %s, %.1f ms on tiers", rd, wr, st.time_ms);
+    if (st.sim_time_ms > 0 || st.sim_energy_mj > 0)
+        n += snprintf(buf + (n < (int)cap ? n : (int)cap), n < (int)cap ? cap - (size_t)n : 0,
+                      "; SIMULATED attention (timing model, not measured): %.3f ms, %.4f mJ over %llu query rows",
+                      st.sim_time_ms, st.sim_energy_mj, (unsigned long long)st.attended);
+    return n;
+}
+
+bool attn_dev_pages(const char *name) { return name && !strncmp(name, "file", 4) && (!name[4] || name[4] == ':'); }
+
 void attn_dev_stats(const attn_dev_t *d, attn_stats_t *out) {
     memset(out, 0, sizeof *out);
     if (!d) return;

@@ -102,4 +102,12 @@ void attn_dev_seq_drop(attn_dev_t *d, int seq);
 // Counters (see attn_stats_t).
 void attn_dev_stats(const attn_dev_t *d, attn_stats_t *out);
 
+// One line on the device's counters for people: where the KV is (RAM, files), the bytes read and
+// written, and a simulated time and energy marked as simulated. Returns snprintf's count.
+int attn_dev_describe(const attn_dev_t *d, char *buf, size_t cap);
+
+// Whether the device called name keeps KV past a RAM share in a slower tier ("file"), so a node's
+// budget need not hold all of it.
+bool attn_dev_pages(const char *name);
+
 #endif

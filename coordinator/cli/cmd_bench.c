@@ -320,8 +320,9 @@ int cmd_bench(int argc, char **argv) {
         // through the weight window (its KV cache sized for the longest test); in a cluster, the
         // coordinator's own share (--coordinator-shard) does.
         const int need_ctx = (a.n_prompt > a.n_gen ? a.n_prompt : a.n_gen) + 8;
+        const bool pages = attn_dev_pages(a.kv_device) && a.lay.mem_budget; // the KV spills past its share
         model_load_opts_t lo = {.repack = a.repack && !dist, .mem_budget = dist ? 0 : a.lay.mem_budget,
-                                .n_ctx = need_ctx};
+                                .n_ctx = pages ? 1 : need_ctx};
         if (model_load(&m, a.models[mi], &lo, err, sizeof err) != 0) {
             fprintf(stderr, "meshlm bench: %s\n", err);
             code = 1;
@@ -348,7 +349,8 @@ int cmd_bench(int argc, char **argv) {
             snprintf(backend, sizeof backend, "CPU %s", model_kernels(m)->isa);
             if (!dist) {
                 model_ctx_opts_t co = {.n_ctx = need, .n_batch = a.n_prompt > 0 ? a.n_prompt : 64,
-                                       .n_threads = a.threads[ti], .attn_dev = a.kv_device};
+                                       .n_threads = a.threads[ti], .attn_dev = a.kv_device,
+                                       .kv_ram = pages ? model_kv_ram_share(m, a.lay.mem_budget) : 0};
                 if (model_ctx_new(&c, m, &co, err, sizeof err) != 0) {
                     fprintf(stderr, "meshlm bench: %s\n", err);
                     code = 1;
@@ -513,6 +515,23 @@ int cmd_bench(int argc, char **argv) {
                 char how[160];
                 weights_describe(model_weights(m), how, sizeof how);
                 fprintf(stderr, "meshlm: %s, %d threads: weights %s; streamed %s\n", name, nthr, how, streamed);
+            }
+            char kvline[512];
+            if (c && a.kv_device && model_ctx_attn(c) && attn_dev_describe(model_ctx_attn(c), kvline, sizeof kvline) > 0) {
+                fprintf(stderr, "meshlm: %s, %d threads: %s\n", name, nthr, kvline);
+                attn_stats_t ks;
+                attn_dev_stats(model_ctx_attn(c), &ks);
+                for (int i = first_item; jarr && i < cJSON_GetArraySize(jarr); i++) {
+                    cJSON *o = cJSON_AddObjectToObject(cJSON_GetArrayItem(jarr, i), "kv_device");
+                    cJSON_AddStringToObject(o, "name", attn_dev_name(model_ctx_attn(c)));
+                    cJSON_AddNumberToObject(o, "kv_bytes", (double)ks.kv_bytes);
+                    cJSON_AddNumberToObject(o, "kv_bytes_ram", (double)ks.kv_bytes_ram);
+                    cJSON_AddNumberToObject(o, "bytes_read", (double)ks.bytes_read);
+                    cJSON_AddNumberToObject(o, "bytes_written", (double)ks.bytes_written);
+                    cJSON_AddBoolToObject(o, "simulated", ks.sim_time_ms > 0);
+                    cJSON_AddNumberToObject(o, "sim_time_ms", ks.sim_time_ms); // summed over every test and repetition
+                    cJSON_AddNumberToObject(o, "sim_energy_mj", ks.sim_energy_mj);
+                }
             }
             model_ctx_destroy(&c);
             fault_args_free(&fa); // no worker stays stopped

@@ -10,6 +10,8 @@
 #include "parallel/plan.h"
 #include "core/err.h"
 #include "core/fs.h"
+#include "offload/attn.h"
+#include "offload/pim_sim.h"
 
 // --- helpers
 
@@ -43,6 +45,8 @@ static void plan_usage(FILE *f) {
             "  --explain          compare the chosen plan with the best alternatives, both TP modes, and show\n"
             "                     per node its resident bytes, window, streamed MB and disk ms per token\n"
             "  --json             print the plan and alternatives as JSON\n"
+            "  --kv-device DEV    where every node's KV cache lives (host, file:DIR, storage:EP, pim:PRESET):\n"
+            "                     the KV table gives each node's KV at n_ctx, its part in RAM and spilled\n"
             "Node 0 is the coordinator's machine. Unknown figures default to 20 GFLOP/s per unit of speed,\n"
             "20 GB/s memory, a %.0f MB/s disk, 0.1 ms / 1 Gbit links.\n",
             PLAN_DEFAULT_UBATCH, PLAN_DEFAULT_N_PROMPT, PLAN_DEFAULT_DISK_BW / 1e6);
@@ -56,11 +60,61 @@ static int positive(const char *s, int *out) {
     return 0;
 }
 
+// "12.0 MiB" style.
+static void kv_fmt(char *b, size_t cap, uint64_t v) {
+    if (v >= (1ull << 30)) snprintf(b, cap, "%.2f GiB", (double)v / (1ull << 30));
+    else snprintf(b, cap, "%.1f MiB", (double)v / (1ull << 20));
+}
+
+// Where each computing node's KV cache lives at the plan's n_ctx: the device, the bytes in RAM and
+// the bytes past its RAM share (a paging device's file tier), or in the device (PIM, storage). A
+// paging device's RAM share is the node's budget less its weights and activations.
+static void kv_table(const plan_t *p, const char *dev, FILE *f) {
+    const char *d = dev && *dev ? dev : "host";
+    pim_config_t pc;
+    const char *colon = strchr(d, ':');
+    const bool pim = !strncmp(d, "pim", 3) && (!d[3] || d[3] == ':');
+    const bool pim_ok = pim && pim_preset(colon ? colon + 1 : "hbm2-pim", &pc) == 0;
+    const bool storage = !strncmp(d, "storage", 7);
+    fprintf(f, "KV cache at n_ctx %d on %s:\n", p->n_ctx, d);
+    fprintf(f, "| rank | %-16s | %10s | %10s | %10s | %s\n", "node", "KV", "in RAM", "spilled", "where");
+    for (int i = 0; i < p->n; i++) {
+        const plan_shard_t *s = &p->shard[i];
+        const uint64_t kv = s->kv_bytes, bud = p->node[s->node].mem_budget;
+        uint64_t ram = kv, spill = 0;
+        char where[160] = "this node's memory";
+        if (attn_dev_pages(d)) {
+            const uint64_t rest = s->peak_bytes > kv ? s->peak_bytes - kv : 0; // weights + activations
+            const uint64_t share = !bud ? kv : bud > rest ? bud - rest : 0;
+            ram = kv < share ? kv : share;
+            spill = kv - ram;
+            snprintf(where, sizeof where, "RAM up to its share, then files in %s", colon ? colon + 1 : "?");
+        } else if (pim) {
+            ram = 0;
+            char cap[32];
+            kv_fmt(cap, sizeof cap, pim_ok ? pc.capacity : 0);
+            if (pim_ok) snprintf(where, sizeof where, "the simulated %s part (capacity %s)%s", pc.name, cap,
+                                 kv > pc.capacity ? ": OVER ITS CAPACITY" : "");
+            else snprintf(where, sizeof where, "no PIM preset '%s' (have: %s)", colon ? colon + 1 : "", pim_preset_names());
+        } else if (storage) {
+            ram = 0;
+            snprintf(where, sizeof where, "the kvstore process at %s", colon ? colon + 1 : "?");
+        } else if (bud && s->peak_bytes > bud) {
+            snprintf(where, sizeof where, "this node's memory (its share is over the budget: weights stream)");
+        }
+        char a[32], b[32], c[32];
+        kv_fmt(a, sizeof a, kv);
+        kv_fmt(b, sizeof b, ram);
+        kv_fmt(c, sizeof c, spill);
+        fprintf(f, "| %4d | %-16.16s | %10s | %10s | %10s | %s\n", i, p->node[s->node].name, a, b, c, where);
+    }
+}
+
 // --- public API
 
 int cmd_plan(int argc, char **argv) {
     enum { O_NODES = 256, O_NODES_FILE, O_PRESET, O_QUANT, O_PP, O_TP, O_KEEP, O_PIN, O_PLAN, O_OUT, O_EXPLAIN,
-           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM };
+           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"nodes", required_argument, 0, O_NODES},
         {"nodes-file", required_argument, 0, O_NODES_FILE}, {"preset", required_argument, 0, O_PRESET},
@@ -71,10 +125,12 @@ int cmd_plan(int argc, char **argv) {
         {"explain", no_argument, 0, O_EXPLAIN},     {"json", no_argument, 0, O_JSON},
         {"ubatch", required_argument, 0, O_UBATCH}, {"prompt", required_argument, 0, O_PROMPT},
         {"tp-mode", required_argument, 0, O_TP_MODE}, {"no-stream", no_argument, 0, O_NO_STREAM},
+        {"kv-device", required_argument, 0, O_KVDEV},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     const char *model = NULL, *preset = NULL, *quant = NULL, *spec = NULL, *nodes_file = NULL, *plan_path = NULL,
                *out_path = NULL;
     bool explain = false, json = false, mode_given = false;
+    const char *kv_dev = NULL; // --kv-device: where every node's KV lives
     plan_opts_t po = {.n_ctx = 4096};
     int ch, bad = 0;
     optind = 1;
@@ -98,6 +154,7 @@ int cmd_plan(int argc, char **argv) {
         case O_PROMPT: bad |= positive(optarg, &po.n_prompt); break;
         case O_TP_MODE: bad |= layout_args_tp_mode(optarg, &po.tp_mode); mode_given = true; break;
         case O_NO_STREAM: po.no_stream = true; break;
+        case O_KVDEV: kv_dev = optarg; break;
         case 'h': plan_usage(stdout); return 0;
         default: plan_usage(stderr); return 2;
         }
@@ -182,6 +239,7 @@ int cmd_plan(int argc, char **argv) {
                 printf("; tp mode %s (exact %.2f, allreduce %.2f ms/token)", plan_tp_mode_name(best->tp_mode),
                        best->cost.exact_ms, best->cost.allreduce_ms);
             printf("; %s\n", best->why);
+            kv_table(best, kv_dev, stdout);
         }
     } else {
         fprintf(stderr, "meshlm plan: %s\n", rc == MLM_ENOMEM ? "out of memory" : err);

@@ -16,6 +16,7 @@
 #include "coordinator/cli/mem_report.h"
 #include "coordinator/runtime/generate.h"
 #include "core/err.h"
+#include "offload/attn.h"
 #include "worker/model/model.h"
 #include "worker/text/tokenizer.h"
 
@@ -214,6 +215,28 @@ static int run_command(int argc, char **argv, const char *cmd) {
     return code;
 }
 
+// The local engine with the KV device's counters taken after the prompt's evaluation, so the
+// decode steps' share of a simulated time or of the bytes read from a tier can be told apart.
+typedef struct {
+    gen_engine_t in;           // the model's engine
+    model_ctx_t *ctx;          // borrowed
+    int evals;                 // evaluations since the reset (the first is the prompt)
+    attn_stats_t prompt;       // the device's counters after it
+} kv_watch_t;
+
+static int watch_eval(void *arg, const int32_t *tokens, int n, float *logits, bool all_logits) {
+    kv_watch_t *w = arg;
+    const int rc = w->in.eval(w->in.ctx, tokens, n, logits, all_logits);
+    if (w->evals++ == 0) attn_dev_stats(model_ctx_attn(w->ctx), &w->prompt);
+    return rc;
+}
+
+static void watch_reset(void *arg) {
+    kv_watch_t *w = arg;
+    w->in.reset(w->in.ctx);
+    w->evals = 0;
+}
+
 // --- public API
 
 int cmd_run(int argc, char **argv) { return run_command(argc, argv, NULL); }
@@ -243,7 +266,10 @@ static int run_main(run_args_t *ap) {
         goto out;
     }
     if (!distributed) {
-        model_load_opts_t lo = {.repack = a.g.repack, .mem_budget = a.lay.mem_budget, .n_ctx = a.g.n_ctx};
+        // a paging KV device keeps what its RAM share cannot hold in files: the budget plans the weights
+        // alone, and the KV gets what they leave (model_kv_ram_share)
+        const bool pages = attn_dev_pages(a.g.kv_device) && a.lay.mem_budget;
+        model_load_opts_t lo = {.repack = a.g.repack, .mem_budget = a.lay.mem_budget, .n_ctx = pages ? 1 : a.g.n_ctx};
         if ((rc = model_load(&m, a.g.model, &lo, err, sizeof err)) != 0) {
             fprintf(stderr, "meshlm run: %s\n", err[0] ? err : mlm_strerror(rc));
             goto out;
@@ -309,6 +335,7 @@ static int run_main(run_args_t *ap) {
     }
     const model_hparams_t *hp = model_hparams(mm);
     gen_engine_t eng;
+    kv_watch_t watch = {0}; // the local context's KV device counters after the prompt
     if (!distributed) {
         model_ctx_opts_t co = {.n_ctx = a.g.n_ctx, .n_batch = a.g.n_batch, .n_threads = a.g.n_threads, .kv_f32 = a.g.kv_f32,
                                .attn_dev = a.g.kv_device};
@@ -323,7 +350,8 @@ static int run_main(run_args_t *ap) {
             goto out;
         }
         const int sized = a.g.n_ctx > 0 ? a.g.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
-        if (a.lay.mem_budget && co.n_ctx > sized) { // the budget was checked for a smaller KV cache
+        if (attn_dev_pages(a.g.kv_device)) co.kv_ram = model_kv_ram_share(m, a.lay.mem_budget);
+        else if (a.lay.mem_budget && co.n_ctx > sized) { // the budget was checked for a smaller KV cache
             fprintf(stderr, "meshlm run: prompt (%d tokens) + %d to generate need %d positions; with --mem-budget, "
                     "give them as -c %d so the budget counts their KV cache\n", np, a.g.n_predict, co.n_ctx, co.n_ctx);
             goto out;
@@ -333,6 +361,10 @@ static int run_main(run_args_t *ap) {
             goto out;
         }
         eng = gen_engine_model(ctx, hp->n_vocab);
+        if (model_ctx_attn(ctx)) {
+            watch = (kv_watch_t){.in = eng, .ctx = ctx};
+            eng = (gen_engine_t){.ctx = &watch, .n_vocab = hp->n_vocab, .eval = watch_eval, .reset = watch_reset};
+        }
     } else {
         eng = gen_engine_cluster(cl, hp->n_vocab);
         if (fa.spec) eng = fault_args_engine(&fa, &eng, true); // each generated token is reported to the schedule
@@ -369,6 +401,25 @@ static int run_main(run_args_t *ap) {
         if (extras && mr) cJSON_AddItemToObject(extras, "memory", mem_report_json(mr));
         if (extras && cl) cJSON_AddItemToObject(extras, "recoveries", cluster_recoveries_json(cl));
         if (extras && fa.sched) cJSON_AddItemToObject(extras, "faults", faultsched_log_json(fa.sched));
+        if (extras && ctx && model_ctx_attn(ctx)) {
+            attn_stats_t ks;
+            attn_dev_stats(model_ctx_attn(ctx), &ks);
+            cJSON *o = cJSON_AddObjectToObject(extras, "kv_device");
+            cJSON_AddStringToObject(o, "name", attn_dev_name(model_ctx_attn(ctx)));
+            cJSON_AddNumberToObject(o, "kv_bytes", (double)ks.kv_bytes);
+            cJSON_AddNumberToObject(o, "kv_bytes_ram", (double)ks.kv_bytes_ram);
+            cJSON_AddNumberToObject(o, "bytes_read", (double)ks.bytes_read);
+            cJSON_AddNumberToObject(o, "bytes_written", (double)ks.bytes_written);
+            cJSON_AddNumberToObject(o, "time_ms", ks.time_ms);
+            cJSON_AddBoolToObject(o, "simulated", ks.sim_time_ms > 0 || ks.sim_energy_mj > 0);
+            cJSON_AddNumberToObject(o, "sim_time_ms", ks.sim_time_ms);
+            cJSON_AddNumberToObject(o, "sim_energy_mj", ks.sim_energy_mj);
+            // the generated tokens' part (after the prompt's evaluation)
+            cJSON_AddNumberToObject(o, "decode_sim_time_ms", ks.sim_time_ms - watch.prompt.sim_time_ms);
+            cJSON_AddNumberToObject(o, "decode_sim_energy_mj", ks.sim_energy_mj - watch.prompt.sim_energy_mj);
+            cJSON_AddNumberToObject(o, "decode_bytes_read", (double)(ks.bytes_read - watch.prompt.bytes_read));
+            cJSON_AddNumberToObject(o, "decode_time_ms", ks.time_ms - watch.prompt.time_ms);
+        }
         gen_print_json_extra(pt, np, &res, extras);
     } else {
         printf("\n");
@@ -385,6 +436,10 @@ static int run_main(run_args_t *ap) {
     }
     if (mr) mem_report_line(mr, stderr);
     free(mr);
+    char kvline[512];
+    if (ctx && model_ctx_attn(ctx) && (a.g.kv_device || a.verbose) &&
+        attn_dev_describe(model_ctx_attn(ctx), kvline, sizeof kvline) > 0)
+        fprintf(stderr, "meshlm: %s\n", kvline);
     char streamed[256];
     if (m && weights_read_summary(model_weights(m), streamed, sizeof streamed) > 0)
         fprintf(stderr, "meshlm: weights streamed: %s\n", streamed);

@@ -14,6 +14,7 @@
 
 #include "cluster/launch.h"
 #include "core/clock.h"
+#include "offload/attn.h"
 #include "core/err.h"
 #include "core/sha256.h"
 #include "proto/msg_io.h"
@@ -709,7 +710,9 @@ int cluster_make_plan(cluster_t *c, char *err, size_t errlen) {
 // all-reduce share that streams (its columns lie apart in the model file) is read from a shard file of
 // its slice, written for this load into $TMPDIR and unlinked once the window has it open.
 static int load_own_share(cluster_t *c, char *err, size_t errlen) {
-    model_load_opts_t lo = {.repack = true, .slice = &c->slices[0], .n_ctx = c->o.n_ctx,
+    // a paging KV device spills what the budget leaves no room for: the budget plans the weights alone
+    const bool pages = attn_dev_pages(c->o.kv_device) && c->o.coordinator_shard && c->o.mem_budget;
+    model_load_opts_t lo = {.repack = true, .slice = &c->slices[0], .n_ctx = pages ? 1 : c->o.n_ctx,
                             .mem_budget = c->o.coordinator_shard ? c->o.mem_budget : 0};
     const model_hparams_t *hp = model_hparams(c->full);
     const weights_params_t wp = {.g = model_gguf(c->full), .hp = hp, .slice = lo.slice, .budget_bytes = lo.mem_budget,

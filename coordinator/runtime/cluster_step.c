@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/clock.h"
+#include "offload/attn.h"
 #include "core/err.h"
 #include "proto/msg_io.h"
 
@@ -64,7 +65,10 @@ int cl_seq_ctx(cluster_t *c, int seq, model_ctx_t **out) {
     if (!c->ctx[seq]) {
         char err[256];
         model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_batch = c->o.n_batch, .n_threads = c->o.n_threads,
-                               .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp, .attn_dev = c->o.kv_device};
+                               .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp, .attn_dev = c->o.kv_device,
+                               .kv_ram = attn_dev_pages(c->o.kv_device) && c->o.coordinator_shard
+                                             ? model_kv_ram_share(c->model, c->o.mem_budget)
+                                             : 0};
         int rc = model_ctx_new(&c->ctx[seq], c->model, &co, err, sizeof err);
         if (rc != 0) {
             snprintf(c->errbuf, sizeof c->errbuf, "sequence %d: %s", seq, err);

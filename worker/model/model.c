@@ -161,6 +161,16 @@ const char *model_type_name(const model_t *m) { return m->hp.type_name; }
 const shard_slice_t *model_slice(const model_t *m) { return &m->slice; }
 weights_t *model_weights(const model_t *m) { return m->w; }
 
+uint64_t model_kv_ram_share(const model_t *m, uint64_t mem_budget) {
+    if (!mem_budget) return 0;
+    const weights_params_t wp = {.g = m->g, .hp = &m->hp, .slice = &m->slice, .shard_file = m->shard_file,
+                                 .kern = m->kern, .budget_bytes = mem_budget, .n_ctx = 1};
+    plan_stream_t st;
+    char err[256];
+    if (weights_plan(&wp, &st, err, sizeof err) != 0 || st.peak_bytes >= mem_budget) return 1;
+    return mem_budget - st.peak_bytes;
+}
+
 // --- public API: context
 
 int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *opts, char *err, size_t errlen) {
@@ -231,6 +241,7 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
             .kv_type = o.kv_f32 ? QT_F32 : QT_F16,
             .n_seq_max = 1,
             .pool = c->pool,
+            .ram_bytes = o.kv_ram,
         };
         rc = attn_dev_new(&c->attn, o.attn_dev, &ap, err, errlen);
         if (rc == 0 && (rc = attn_dev_seq_new(c->attn, 0, c->n_ctx)) != 0 && rc != MLM_ENOMEM)

@@ -79,9 +79,16 @@ typedef struct {
     bool kv_f32;           // F32 KV cache instead of the default F16 (what llama.cpp uses)
     const model_tp_t *tp;  // tensor-parallel group (NULL = this model computes everything alone)
     const char *attn_dev;  // attention/KV device by name (offload/attn.h; NULL = "host")
+    uint64_t kv_ram;       // the KV's share of this node's RAM, for a device that pages past it ("file";
+                           // attn_params_t.ram_bytes; 0 = no limit); see model_kv_ram_share
 } model_ctx_opts_t;
 
 typedef struct model_ctx model_ctx_t;
+
+// What mem_budget leaves for the KV cache once the model's share (weights as the budget holds them,
+// activations) is counted: the RAM share of a paging KV device. 1 (everything spills) when nothing is
+// left; 0 (no limit) without a budget.
+uint64_t model_kv_ram_share(const model_t *m, uint64_t mem_budget);
 
 // A context: an attention/KV device holding one sequence, scratch buffers and a thread pool. The
 // model is borrowed until model_ctx_destroy.

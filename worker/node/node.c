@@ -348,7 +348,10 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     ack.load_shard_ack.node_index = (uint32_t)n->index;
     // Within the budget the plan's share is mapped, or streamed through the weight window from the
     // model file or the cached shard file.
-    model_load_opts_t lo = {.repack = true, .slice = sl, .mem_budget = n->o->mem_budget, .n_ctx = (int)n->plan.n_ctx};
+    // a paging KV device spills what the budget leaves no room for: the budget plans the weights alone
+    const bool pages = attn_dev_pages(kv_device(n)) && n->o->mem_budget;
+    model_load_opts_t lo = {.repack = true, .slice = sl, .mem_budget = n->o->mem_budget,
+                            .n_ctx = pages ? 1 : (int)n->plan.n_ctx};
     int rc;
     const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);
@@ -402,7 +405,10 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
                                              .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,
                                              .kv_f32 = n->plan.kv_type == QT_F32,
-                                             .attn_dev = kv_device(n)};
+                                             .attn_dev = kv_device(n),
+                                             .kv_ram = attn_dev_pages(kv_device(n))
+                                                           ? model_kv_ram_share(n->model, n->o->mem_budget)
+                                                           : 0};
             rc = model_ctx_new(&n->ctx[0], n->model, &n->ctx_opts, err, sizeof err);
             n->logits_cap = (size_t)64 * (size_t)hp->n_vocab;
             n->logits = rc == 0 ? malloc(n->logits_cap * sizeof(float)) : NULL;

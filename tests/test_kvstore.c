@@ -684,6 +684,63 @@ static void test_cli_run(void) {
     CU_ASSERT(kvs_stop(&k));
 }
 
+// Runs `sh -c cmd`, stdout into out (cap bytes, NUL-terminated), stderr to err_path. The exit status.
+static int sh_run(const char *cmd, char *out, size_t cap) {
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    size_t got = fread(out, 1, cap - 1, p);
+    out[got] = 0;
+    return pclose(p);
+}
+
+// `meshlm run --mem-budget B -c 4096 --kv-device storage:EP`, 1000 tokens generated: the context's KV
+// (F16) is larger than the whole budget, which holds the weights only, and the text is the host
+// device's without a budget; the host device with that budget is refused (the budget cannot hold the
+// KV cache of 4096 positions).
+static void test_cli_budget(void) {
+    const char *bin = test_meshlm_bin();
+    if (!bin) {
+        CU_FAIL("MESHLM_BIN not set");
+        return;
+    }
+    kvs_proc_t k;
+    CU_ASSERT_FATAL(kvs_start(&k, 0, NULL));
+    char model[1024], cmd[4096], *out[2];
+    test_shared_path(model, sizeof model, "models/stories260K.gguf");
+    const char *budget = "500K"; // stories260K: 5 layers x 4 KV heads x 8 x (k, v) x F16 = 640 B a position, so
+                                 // the 1004 positions' KV is 627 KiB; the weights stream through the budget
+    for (int dev = 0; dev < 2; dev++) {
+        out[dev] = calloc(1, 1 << 20);
+        snprintf(cmd, sizeof cmd, "%s run -m %s -p 'Once upon a time' -n 1000 --ignore-eos --greedy -t 1 -c 4096 %s%s%s%s 2>%s/run%d.err",
+                 bin, model, dev ? "--mem-budget " : "", dev ? budget : "", dev ? " --kv-device " : "",
+                 dev ? k.dev : "", k.dir, dev);
+        const int st = sh_run(cmd, out[dev], 1 << 20);
+        CU_ASSERT_EQUAL(st, 0);
+        if (st != 0) fprintf(stderr, "\n  failed: %s", cmd);
+    }
+    CU_ASSERT(strlen(out[0]) > 1000);
+    CU_ASSERT_STRING_EQUAL(out[0], out[1]);
+    char *log = kvs_log(&k);
+    const char *dec = log ? strstr(log, "decode tokens") : NULL;
+    CU_ASSERT_PTR_NOT_NULL(dec);
+    char path[500];
+    snprintf(path, sizeof path, "%s/run1.err", k.dir);
+    size_t len = 0;
+    char *e = test_read_file(path, &len);
+    // the node's report: its KV device held the cache, none of it in its RAM
+    CU_ASSERT_PTR_NOT_NULL(e && strstr(e, "KV device storage") && strstr(e, "(0.0 KiB in RAM)"));
+    if (e) fprintf(stderr, "\n  %s", strstr(e, "KV device") ? strstr(e, "KV device") : e);
+    free(e);
+    free(log);
+    // the host device with that budget: refused, the KV does not fit
+    snprintf(cmd, sizeof cmd, "%s run -m %s -p 'Once upon a time' -n 1000 -t 1 -c 4096 --mem-budget %s 2>&1", bin, model,
+             budget);
+    CU_ASSERT_NOT_EQUAL(sh_run(cmd, out[0], 1 << 20), 0);
+    free(out[0]);
+    free(out[1]);
+    CU_ASSERT(kvs_stop(&k));
+}
+
 // `meshlm run --kv-device storage:` whose kvstore is stopped while it holds a request and then killed:
 // the run fails soon after the kill (long before the 10 s deadline), naming the endpoint.
 static void test_cli_killed(void) {
@@ -750,7 +807,8 @@ int test_kvstore_suite(void) {
         !CU_add_test(s, "storage: the host's logits and tokens on the reference cases", test_reference_cases) ||
         !CU_add_test(s, "storage: a context whose KV is 4x the node's RAM budget", test_context_past_ram_budget) ||
         !CU_add_test(s, "meshlm run --kv-device storage: (one node, and tp2 workers)", test_cli_run) ||
-        !CU_add_test(s, "meshlm run --kv-device storage: with its kvstore killed mid-request", test_cli_killed))
+        !CU_add_test(s, "meshlm run --kv-device storage: with its kvstore killed mid-request", test_cli_killed) ||
+        !CU_add_test(s, "meshlm run --mem-budget: a context whose KV outgrows the budget, on storage:", test_cli_budget))
         return -1;
     return 0;
 }

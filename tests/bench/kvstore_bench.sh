@@ -19,7 +19,6 @@ for n in "${ctxs[@]}"; do
     # " a" is one token each in llama's vocabulary: the prompt is BOS + n - 1 of them
     prompt=$(printf 'a%.0s ' $(seq 1 $((n - 1))))
     c=$((n + gen + 8))
-    : >"$work/kv.log.cur"
     before=$(wc -l <"$work/kv.log")
     "$bin" run -m "$model" -p "$prompt" -n "$gen" -c "$c" -t "$threads" --kv-device "storage:ipc://$work/kv.sock" \
         >"$work/out.s" 2>"$work/err.s"

@@ -248,7 +248,7 @@ static void test_engine_files(void) {
     attn_dev_t *hd = NULL;
     p.pool = NULL;
     CU_ASSERT_EQUAL_FATAL(attn_dev_new(&hd, "host", &p, err, sizeof err), 0);
-    float ref[16];
+    float ref[4 * 16]; // (heads x head_dim)
     attn_dev_seq_new(hd, 0, 64);
     attn_dev_append(hd, 0, 0, 0, k, v, 10);
     attn_dev_attend(hd, 0, 0, q, 1, 9, ref);

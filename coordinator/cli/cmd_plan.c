@@ -84,7 +84,8 @@ static void kv_table(const plan_t *p, const char *dev, FILE *f) {
         uint64_t ram = kv, spill = 0;
         char where[160] = "this node's memory";
         if (attn_dev_pages(d)) {
-            const uint64_t rest = s->peak_bytes > kv ? s->peak_bytes - kv : 0; // weights + activations
+            // planned without it: the peak is the weights and activations (and a 1-position KV)
+            const uint64_t rest = s->peak_bytes;
             const uint64_t share = !bud ? kv : bud > rest ? bud - rest : 0;
             ram = kv < share ? kv : share;
             spill = kv - ram;
@@ -194,6 +195,11 @@ int cmd_plan(int argc, char **argv) {
         }
         gguf_close(&g); // the description keeps no pointer into the file
     }
+    // A paging KV device spills what a node's budget cannot hold: the layout is planned for the weights
+    // and activations (a 1-position KV), and every share's KV is then counted at n_ctx for the KV table.
+    const int n_ctx = po.n_ctx;
+    const bool pages = attn_dev_pages(kv_dev);
+    if (pages) po.n_ctx = 1;
     if (rc == 0 && plan_path) {
         plan_spec_t *ps = malloc(sizeof *ps);
         rc = ps ? plan_file_load(plan_path, ps, err, sizeof err) : MLM_ENOMEM;
@@ -211,6 +217,12 @@ int cmd_plan(int argc, char **argv) {
         free(ps);
     } else if (rc == 0) {
         rc = plan_make(pm, nodes, n, &po, best, alts, MAX_ALTS, &n_alts, err, sizeof err);
+    }
+    if (rc == 0 && pages) {
+        for (int i = 0; i < best->n; i++) best->shard[i].kv_bytes *= (uint64_t)n_ctx; // linear in positions
+        best->n_ctx = n_ctx;
+        printf("(%s pages the KV: the budgets hold the weights and activations; the KV table says where the KV is)\n",
+               kv_dev);
     }
     if (rc == 0 && out_path) {
         FILE *f = fopen(out_path, "w");

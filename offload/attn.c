@@ -195,7 +195,7 @@ int attn_dev_describe(const attn_dev_t *d, char *buf, size_t cap) {
     fmt_mib(rd, sizeof rd, st.bytes_read);
     fmt_mib(wr, sizeof wr, st.bytes_written);
     int n = snprintf(buf, cap, "KV device %s: KV %s (%s in RAM)", d->name, kv, ram);
-    if (st.bytes_to_dev || st.bytes_from_dev) { // a device across a link (storage): what crossed it
+    if (!strcmp(d->name, "storage")) { // across a link: what crossed it, and the kvstore's reads
         char to[32], from[32];
         fmt_mib(to, sizeof to, st.bytes_to_dev);
         fmt_mib(from, sizeof from, st.bytes_from_dev);

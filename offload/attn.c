@@ -195,6 +195,18 @@ int attn_dev_describe(const attn_dev_t *d, char *buf, size_t cap) {
     fmt_mib(rd, sizeof rd, st.bytes_read);
     fmt_mib(wr, sizeof wr, st.bytes_written);
     int n = snprintf(buf, cap, "KV device %s: KV %s (%s in RAM)", d->name, kv, ram);
+    if (!strcmp(d->name, "storage")) { // across a link: what crossed it, and the kvstore's reads
+        char to[32], from[32];
+        fmt_mib(to, sizeof to, st.bytes_to_dev);
+        fmt_mib(from, sizeof from, st.bytes_from_dev);
+        n += snprintf(buf + (n < (int)cap ? n : (int)cap), n < (int)cap ? cap - (size_t)n : 0,
+                      ", link %s sent %s received, %.1f ms waiting on it; its attention read %s", to, from,
+                      st.time_ms, rd);
+        if (st.sim_time_ms > 0)
+            n += snprintf(buf + (n < (int)cap ? n : (int)cap), n < (int)cap ? cap - (size_t)n : 0,
+                          " (MODELLED flash reads: %.3f ms at the kvstore's --internal-bw)", st.sim_time_ms);
+        return n;
+    }
     if (st.bytes_read || st.bytes_written)
         n += snprintf(buf + (n < (int)cap ? n : (int)cap), n < (int)cap ? cap - (size_t)n : 0,
                       ", spilled tier read %s written %s, %.1f ms on tiers", rd, wr, st.time_ms);
@@ -205,7 +217,11 @@ int attn_dev_describe(const attn_dev_t *d, char *buf, size_t cap) {
     return n;
 }
 
-bool attn_dev_pages(const char *name) { return name && !strncmp(name, "file", 4) && (!name[4] || name[4] == ':'); }
+bool attn_dev_pages(const char *name) {
+    if (!name) return false;
+    return (!strncmp(name, "file", 4) && (!name[4] || name[4] == ':')) ||
+           (!strncmp(name, "storage", 7) && (!name[7] || name[7] == ':')); // all of it in a kvstore
+}
 
 void attn_dev_stats(const attn_dev_t *d, attn_stats_t *out) {
     memset(out, 0, sizeof *out);

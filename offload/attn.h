@@ -106,8 +106,8 @@ void attn_dev_stats(const attn_dev_t *d, attn_stats_t *out);
 // written, and a simulated time and energy marked as simulated. Returns snprintf's count.
 int attn_dev_describe(const attn_dev_t *d, char *buf, size_t cap);
 
-// Whether the device called name keeps KV past a RAM share in a slower tier ("file"), so a node's
-// budget need not hold all of it.
+// Whether the device called name keeps KV past a RAM share in a slower tier ("file") or elsewhere
+// altogether ("storage": in a kvstore process), so a node's budget need not hold all of it.
 bool attn_dev_pages(const char *name);
 
 #endif

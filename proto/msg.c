@@ -15,6 +15,8 @@
 // --- types
 
 static_assert((int)MSG_ERROR == (int)MESHLM__MSG_TYPE__MSG_TYPE_ERROR, "msg_type_t follows MsgType");
+static_assert((int)MSG_KV_REPLY == (int)MESHLM__MSG_TYPE__MSG_TYPE_KV_REPLY, "msg_type_t follows MsgType");
+static_assert((int)MSG_KV_STATS == (int)MESHLM__KV_OP__KV_OP_STATS, "msg_kv_op_t follows KvOp");
 static_assert((int)MSG_ROLE_STANDBY == (int)MESHLM__ROLE__ROLE_STANDBY, "msg_role_t follows Role");
 static_assert((int)MSG_LOGITS_NONE == (int)MESHLM__LOGITS_MODE__LOGITS_NONE, "msg_logits_t follows LogitsMode");
 static_assert((int)MSG_RESULT_PARTIAL == (int)MESHLM__RESULT_KIND__RESULT_PARTIAL, "kinds follow ResultKind");
@@ -42,6 +44,8 @@ static const ProtobufCMessageDescriptor *const type_desc[MSG_TYPE_COUNT] = {
     [MSG_HEARTBEAT] = &meshlm__heartbeat__descriptor,
     [MSG_SHUTDOWN] = &meshlm__shutdown__descriptor,
     [MSG_ERROR] = &meshlm__error__descriptor,
+    [MSG_KV_REQUEST] = &meshlm__kv_request__descriptor,
+    [MSG_KV_REPLY] = &meshlm__kv_reply__descriptor,
 };
 
 static const char *const type_names[MSG_TYPE_COUNT] = {
@@ -57,6 +61,8 @@ static const char *const type_names[MSG_TYPE_COUNT] = {
     [MSG_HEARTBEAT] = "HEARTBEAT",
     [MSG_SHUTDOWN] = "SHUTDOWN",
     [MSG_ERROR] = "ERROR",
+    [MSG_KV_REQUEST] = "KV_REQUEST",
+    [MSG_KV_REPLY] = "KV_REPLY",
 };
 
 // Allocation budget for one protobuf unpack: bounds the memory a small hostile header can claim.
@@ -346,6 +352,79 @@ static int check_step(const msg_step_t *s, const msg_limits_t *lim, char *why) {
     return 0;
 }
 
+// A KV tensor: F16 or F32, 2 dimensions (row, rows) with rows == want_rows.
+static int check_kv_tensor(const msg_tensor_t *t, uint32_t want_rows, bool f32_only, const msg_limits_t *lim,
+                           const char *field, char *why) {
+    int rc = check_tensor(t, lim, field, why);
+    if (rc) return rc;
+    if (t->type != QT_F32 && (f32_only || t->type != QT_F16))
+        return fail(why, WHY_MAX, MLM_EFORMAT, "%s: type %s (F32%s)", field, qtype_name(t->type), f32_only ? "" : " or F16");
+    if (t->n_dims != 2 || t->ne[1] != (int64_t)want_rows)
+        return fail(why, WHY_MAX, MLM_EFORMAT, "%s: %d dimensions, %lld rows for %u", field, t->n_dims,
+                    (long long)(t->n_dims > 1 ? t->ne[1] : 1), (unsigned)want_rows);
+    return 0;
+}
+
+static int check_kv_shape(const msg_kv_shape_t *sh, char *why) {
+    int rc;
+    if (sh->n_layer < 1 || sh->n_layer > MAX_LAYERS || sh->head_dim < 1 || sh->head_dim > MSG_KV_MAX_HEAD_DIM ||
+        sh->n_head < 1 || sh->n_head > MAX_HEADS || sh->n_head_kv < 1 || sh->n_head_kv > sh->n_head ||
+        sh->n_head % sh->n_head_kv != 0)
+        return fail(why, WHY_MAX, MLM_ERANGE, "shape: %u layers, %u heads / %u KV heads of %u", (unsigned)sh->n_layer,
+                    (unsigned)sh->n_head, (unsigned)sh->n_head_kv, (unsigned)sh->head_dim);
+    if ((rc = check_range(sh->heads, sh->n_head, "shape.heads", why))) return rc;
+    if ((rc = check_range(sh->kv_heads, sh->n_head_kv, "shape.kv_heads", why))) return rc;
+    if (sh->heads.begin == sh->heads.end || sh->kv_heads.begin == sh->kv_heads.end)
+        return fail(why, WHY_MAX, MLM_ERANGE, "shape: no heads");
+    if (sh->kv_type != QT_F16 && sh->kv_type != QT_F32)
+        return fail(why, WHY_MAX, MLM_EFORMAT, "shape: KV type %d (F16 or F32)", (int)sh->kv_type);
+    if (sh->n_seq_max < 1 || sh->n_seq_max > MSG_KV_MAX_SEQS)
+        return fail(why, WHY_MAX, MLM_ERANGE, "shape: n_seq_max %u (1..%d)", (unsigned)sh->n_seq_max, MSG_KV_MAX_SEQS);
+    return 0;
+}
+
+static int check_kv_request(const msg_kv_request_t *r, const msg_limits_t *lim, char *why) {
+    int rc;
+    if (r->op <= MSG_KV_NONE || r->op > MSG_KV_STATS) return fail(why, WHY_MAX, MLM_EFORMAT, "op %d unknown", (int)r->op);
+    if ((r->op == MSG_KV_OPEN) != (r->session == 0))
+        return fail(why, WHY_MAX, MLM_EFORMAT, "session %llu for op %d", (unsigned long long)r->session, (int)r->op);
+    if (r->op == MSG_KV_OPEN) return check_kv_shape(&r->shape, why);
+    if (r->seq < 0 || r->seq >= MSG_KV_MAX_SEQS)
+        return fail(why, WHY_MAX, MLM_ERANGE, "seq %d out of range (0..%d)", (int)r->seq, MSG_KV_MAX_SEQS - 1);
+    if (r->layer < 0 || r->layer >= MAX_LAYERS) return fail(why, WHY_MAX, MLM_ERANGE, "layer %d out of range", (int)r->layer);
+    if (r->op == MSG_KV_SEQ_NEW && (r->n_ctx < 1 || r->n_ctx > MAX_CTX))
+        return fail(why, WHY_MAX, MLM_ERANGE, "n_ctx %u out of range", (unsigned)r->n_ctx);
+    const bool kv = r->op == MSG_KV_APPEND || (r->op == MSG_KV_ATTEND && r->has_kv);
+    if (r->has_kv != kv || r->has_q != (r->op == MSG_KV_ATTEND))
+        return fail(why, WHY_MAX, MLM_EFORMAT, "op %d with%s k/v and with%s q", (int)r->op, r->has_kv ? "" : "out",
+                    r->has_q ? "" : "out");
+    if (kv) {
+        if (r->append_pos < 0 || r->append_pos > MAX_CTX || r->append_n < 1 || r->append_n > MSG_MAX_TOKENS)
+            return fail(why, WHY_MAX, MLM_ERANGE, "append [%d, +%u) out of range", (int)r->append_pos, (unsigned)r->append_n);
+        if ((rc = check_kv_tensor(&r->k, r->append_n, false, lim, "k", why))) return rc;
+        if ((rc = check_kv_tensor(&r->v, r->append_n, false, lim, "v", why))) return rc;
+        if (r->k.type != r->v.type || r->k.ne[0] != r->v.ne[0])
+            return fail(why, WHY_MAX, MLM_EFORMAT, "k and v differ in type or row");
+    }
+    if (r->has_q) {
+        if (r->pos < 0 || r->pos > MAX_CTX || r->n < 1 || r->n > MSG_MAX_TOKENS)
+            return fail(why, WHY_MAX, MLM_ERANGE, "query rows [%d, +%u) out of range", (int)r->pos, (unsigned)r->n);
+        if ((rc = check_kv_tensor(&r->q, r->n, false, lim, "q", why))) return rc;
+    }
+    return 0;
+}
+
+static int check_kv_reply(const msg_kv_reply_t *r, const msg_limits_t *lim, char *why) {
+    int rc;
+    if (r->status > 0) return fail(why, WHY_MAX, MLM_ERANGE, "status %d is not 0 or an error code", (int)r->status);
+    if ((rc = check_text(r->text, MSG_TEXT_MAX, "text", why))) return rc;
+    if (r->has_out) {
+        if (r->out.n_dims != 2) return fail(why, WHY_MAX, MLM_EFORMAT, "out: %d dimensions (2)", r->out.n_dims);
+        if ((rc = check_kv_tensor(&r->out, (uint32_t)r->out.ne[1], true, lim, "out", why))) return rc;
+    }
+    return 0;
+}
+
 // Checks every field of m against the protocol's rules and lim.
 static int check_msg(const msg_t *m, const msg_limits_t *lim, char *why) {
     int rc;
@@ -389,6 +468,10 @@ static int check_msg(const msg_t *m, const msg_limits_t *lim, char *why) {
     case MSG_ERROR:
         if (m->error.code >= 0) return fail(why, WHY_MAX, MLM_ERANGE, "code %d is not negative", (int)m->error.code);
         return check_text(m->error.text, MSG_TEXT_MAX, "text", why);
+    case MSG_KV_REQUEST:
+        return check_kv_request(&m->kv_request, lim, why);
+    case MSG_KV_REPLY:
+        return check_kv_reply(&m->kv_reply, lim, why);
     default:
         return fail(why, WHY_MAX, MLM_EPROTO, "unknown message type %d", (int)m->type);
     }
@@ -410,6 +493,26 @@ static int raw_slots(msg_t *m, const void **slot[MSG_MAX_RAW], uint64_t len[MSG_
         if (m->result.kind == MSG_RESULT_NONE) return 0;
         slot[0] = &m->result.tensor.data;
         len[0] = m->result.tensor.nbytes;
+        return 1;
+    case MSG_KV_REQUEST: {
+        msg_kv_request_t *r = &m->kv_request;
+        int n = 0;
+        if (r->has_kv) {
+            slot[n] = &r->k.data;
+            len[n++] = r->k.nbytes;
+            slot[n] = &r->v.data;
+            len[n++] = r->v.nbytes;
+        }
+        if (r->has_q) {
+            slot[n] = &r->q.data;
+            len[n++] = r->q.nbytes;
+        }
+        return n;
+    }
+    case MSG_KV_REPLY:
+        if (!m->kv_reply.has_out) return 0;
+        slot[0] = &m->kv_reply.out.data;
+        len[0] = m->kv_reply.out.nbytes;
         return 1;
     default:
         return 0;
@@ -446,6 +549,8 @@ typedef union {
     Meshlm__Heartbeat heartbeat;
     Meshlm__Shutdown shutdown;
     Meshlm__Error error;
+    Meshlm__KvRequest kv_request;
+    Meshlm__KvReply kv_reply;
 } pb_any_t;
 
 // Scratch an encoder needs beside pb_any_t (sub-messages that live on the stack).
@@ -455,6 +560,10 @@ typedef struct {
     Meshlm__TypeSpeed *speed_p[MSG_MAX_SPEEDS];
     Meshlm__TensorDesc tensor;
     Meshlm__SliceDesc slice;
+    Meshlm__TensorDesc kvt[3];  // a KV request's k, v, q
+    Meshlm__KvShape kv_shape;
+    Meshlm__Range kv_range[2];
+    Meshlm__KvStats kv_stats;
     bump_t heap;  // plan nodes (freed by the caller)
 } pb_scratch_t;
 
@@ -672,6 +781,67 @@ static int msg_to_pb(const msg_t *m, pb_any_t *pb, pb_scratch_t *sc) {
         pb->error.step_id = m->error.step_id;
         pb->error.lost_node = m->error.lost_node >= 0 && m->error.lost_node < MSG_MAX_NODES ? (uint32_t)m->error.lost_node + 1 : 0;
         return 0;
+    case MSG_KV_REQUEST: {
+        const msg_kv_request_t *r = &m->kv_request;
+        Meshlm__KvRequest *d = &pb->kv_request;
+        meshlm__kv_request__init(d);
+        d->session = r->session;
+        d->req_id = r->req_id;
+        d->op = (Meshlm__KvOp)r->op;
+        if (r->op == MSG_KV_OPEN) {
+            meshlm__kv_shape__init(&sc->kv_shape);
+            sc->kv_shape.n_layer = r->shape.n_layer;
+            sc->kv_shape.head_dim = r->shape.head_dim;
+            sc->kv_shape.n_head = r->shape.n_head;
+            sc->kv_shape.n_head_kv = r->shape.n_head_kv;
+            range_to_pb(r->shape.heads, &sc->kv_range[0]);
+            range_to_pb(r->shape.kv_heads, &sc->kv_range[1]);
+            sc->kv_shape.heads = &sc->kv_range[0];
+            sc->kv_shape.kv_heads = &sc->kv_range[1];
+            sc->kv_shape.kv_type = (uint32_t)r->shape.kv_type;
+            sc->kv_shape.n_seq_max = r->shape.n_seq_max;
+            d->shape = &sc->kv_shape;
+        }
+        d->seq = r->seq;
+        d->layer = r->layer;
+        d->pos = r->pos;
+        d->n = r->n;
+        d->n_ctx = r->n_ctx;
+        d->append_pos = r->append_pos;
+        d->append_n = r->append_n;
+        if (r->has_kv) {
+            tensor_to_pb(&r->k, &sc->kvt[0]);
+            tensor_to_pb(&r->v, &sc->kvt[1]);
+            d->k = &sc->kvt[0];
+            d->v = &sc->kvt[1];
+        }
+        if (r->has_q) {
+            tensor_to_pb(&r->q, &sc->kvt[2]);
+            d->q = &sc->kvt[2];
+        }
+        return 0;
+    }
+    case MSG_KV_REPLY: {
+        const msg_kv_reply_t *r = &m->kv_reply;
+        Meshlm__KvReply *d = &pb->kv_reply;
+        meshlm__kv_reply__init(d);
+        meshlm__kv_stats__init(&sc->kv_stats);
+        d->session = r->session;
+        d->req_id = r->req_id;
+        d->status = r->status;
+        d->text = (char *)r->text;
+        if (r->has_out) {
+            tensor_to_pb(&r->out, &sc->kvt[0]);
+            d->out = &sc->kvt[0];
+        }
+        sc->kv_stats.kv_bytes = r->stats.kv_bytes;
+        sc->kv_stats.bytes_read = r->stats.bytes_read;
+        sc->kv_stats.bytes_written = r->stats.bytes_written;
+        sc->kv_stats.compute_ns = r->stats.compute_ns;
+        sc->kv_stats.flash_ns = r->stats.flash_ns;
+        d->stats = &sc->kv_stats;
+        return 0;
+    }
     default:
         return MLM_EPROTO;
     }
@@ -854,6 +1024,61 @@ static int step_from_pb(const Meshlm__Step *d, msg_t *m, char *why) {
     return 0;
 }
 
+static int kv_request_from_pb(const Meshlm__KvRequest *d, msg_kv_request_t *r, char *why) {
+    int rc;
+    r->session = d->session;
+    r->req_id = d->req_id;
+    if (d->op <= MESHLM__KV_OP__KV_OP_NONE || d->op > MESHLM__KV_OP__KV_OP_STATS)
+        return fail(why, WHY_MAX, MLM_EFORMAT, "op %d unknown", (int)d->op);
+    r->op = (msg_kv_op_t)d->op;
+    if (r->op == MSG_KV_OPEN) {
+        const Meshlm__KvShape *sh = d->shape;
+        if (!sh) return fail(why, WHY_MAX, MLM_EFORMAT, "OPEN without a shape");
+        r->shape.n_layer = sh->n_layer;
+        r->shape.head_dim = sh->head_dim;
+        r->shape.n_head = sh->n_head;
+        r->shape.n_head_kv = sh->n_head_kv;
+        r->shape.heads = range_from_pb(sh->heads);
+        r->shape.kv_heads = range_from_pb(sh->kv_heads);
+        if ((rc = u32_to_i32(sh->kv_type, &r->shape.kv_type, "shape.kv_type", why))) return rc;
+        r->shape.n_seq_max = sh->n_seq_max;
+    }
+    r->seq = d->seq;
+    r->layer = d->layer;
+    r->pos = d->pos;
+    r->n = d->n;
+    r->n_ctx = d->n_ctx;
+    r->append_pos = d->append_pos;
+    r->append_n = d->append_n;
+    if ((d->k != NULL) != (d->v != NULL)) return fail(why, WHY_MAX, MLM_EFORMAT, "k without v or v without k");
+    r->has_kv = d->k != NULL;
+    if (r->has_kv) {
+        if ((rc = tensor_from_pb(d->k, &r->k, "k", why))) return rc;
+        if ((rc = tensor_from_pb(d->v, &r->v, "v", why))) return rc;
+    }
+    r->has_q = d->q != NULL;
+    if (r->has_q && (rc = tensor_from_pb(d->q, &r->q, "q", why))) return rc;
+    return 0;
+}
+
+static int kv_reply_from_pb(const Meshlm__KvReply *d, msg_kv_reply_t *r, char *why) {
+    int rc;
+    r->session = d->session;
+    r->req_id = d->req_id;
+    r->status = d->status;
+    if ((rc = copy_str(r->text, MSG_TEXT_MAX, d->text, "text", why))) return rc;
+    r->has_out = d->out != NULL;
+    if (r->has_out && (rc = tensor_from_pb(d->out, &r->out, "out", why))) return rc;
+    if (d->stats) {
+        r->stats.kv_bytes = d->stats->kv_bytes;
+        r->stats.bytes_read = d->stats->bytes_read;
+        r->stats.bytes_written = d->stats->bytes_written;
+        r->stats.compute_ns = d->stats->compute_ns;
+        r->stats.flash_ns = d->stats->flash_ns;
+    }
+    return 0;
+}
+
 // Fills m (type already set) from an unpacked header.
 static int msg_from_pb(const ProtobufCMessage *pb, msg_t *m, char *why) {
     int rc;
@@ -931,6 +1156,10 @@ static int msg_from_pb(const ProtobufCMessage *pb, msg_t *m, char *why) {
         if ((rc = copy_str(m->error.text, MSG_TEXT_MAX, d->text, "text", why))) return rc;
         return 0;
     }
+    case MSG_KV_REQUEST:
+        return kv_request_from_pb((const Meshlm__KvRequest *)pb, &m->kv_request, why);
+    case MSG_KV_REPLY:
+        return kv_reply_from_pb((const Meshlm__KvReply *)pb, &m->kv_reply, why);
     default:
         return fail(why, WHY_MAX, MLM_EPROTO, "unknown message type %d", (int)m->type);
     }

@@ -57,7 +57,9 @@ typedef enum {
     MSG_HEARTBEAT = 9,
     MSG_SHUTDOWN = 10,
     MSG_ERROR = 11,
-    MSG_TYPE_COUNT = 12, // one past the largest known type
+    MSG_KV_REQUEST = 12,  // 1.5: storage attention device -> meshlm kvstore
+    MSG_KV_REPLY = 13,    // 1.5: meshlm kvstore -> storage attention device
+    MSG_TYPE_COUNT = 14, // one past the largest known type
 } msg_type_t;
 
 typedef enum {
@@ -253,6 +255,64 @@ typedef struct {
                                         // plane, -1 = none or not known (what older peers send)
 } msg_error_t;
 
+// --- the KV store (protocol 1.5; proto/meshlm.proto KvRequest / KvReply)
+
+#define MSG_KV_MAX_SEQS 1024        // sequence ids of a session
+#define MSG_KV_MAX_HEAD_DIM 4096    // elements per head
+
+// Operations of a KvRequest (KvOp; values only appended).
+typedef enum {
+    MSG_KV_NONE = 0,
+    MSG_KV_OPEN = 1,       // a session of shape; the reply's session names it
+    MSG_KV_CLOSE = 2,      // drops the session
+    MSG_KV_SEQ_NEW = 3,    // seq, n_ctx
+    MSG_KV_SEQ_DROP = 4,   // seq
+    MSG_KV_APPEND = 5,     // seq, layer, append_pos, append_n, k, v
+    MSG_KV_ATTEND = 6,     // seq, layer, pos, n, q (and with has_kv an append first); reply: out
+    MSG_KV_STATS = 7,      // counters only
+} msg_kv_op_t;
+
+typedef struct {
+    uint32_t n_layer, head_dim, n_head, n_head_kv; // >= 1; n_head a multiple of n_head_kv
+    msg_range_t heads;                  // query heads attended, non-empty, of n_head
+    msg_range_t kv_heads;               // KV heads stored, non-empty, of n_head_kv
+    int32_t kv_type;                    // QT_F16 or QT_F32
+    uint32_t n_seq_max;                 // 1..MSG_KV_MAX_SEQS
+} msg_kv_shape_t;
+
+typedef struct {
+    uint64_t session;                   // 0 for OPEN, else the id OPEN's reply gave
+    uint64_t req_id;                    // echoed by the reply
+    msg_kv_op_t op;
+    msg_kv_shape_t shape;               // OPEN
+    int32_t seq;                        // 0..MSG_KV_MAX_SEQS - 1
+    int32_t layer;                      // 0..n_layer - 1 (checked by the kvstore)
+    int32_t pos;                        // ATTEND: first query position, >= 0
+    uint32_t n;                         // ATTEND: query rows, 1..MSG_MAX_TOKENS
+    uint32_t n_ctx;                     // SEQ_NEW: positions, >= 1
+    bool has_kv;                        // APPEND always; ATTEND when an append comes first
+    int32_t append_pos;                 // first appended position, >= 0
+    uint32_t append_n;                  // appended rows, 1..MSG_MAX_TOKENS
+    msg_tensor_t k, v;                  // (kv row, append_n) F16 or F32, the same type and shape
+    bool has_q;                         // ATTEND
+    msg_tensor_t q;                     // (q row, n) F16 or F32
+} msg_kv_request_t;
+
+typedef struct {
+    uint64_t kv_bytes, bytes_read, bytes_written; // see KvStats
+    uint64_t compute_ns;                // measured in the kvstore
+    uint64_t flash_ns;                  // modelled from --internal-bw
+} msg_kv_stats_t;
+
+typedef struct {
+    uint64_t session, req_id;
+    int32_t status;                     // 0 or a negative MLM_E* code
+    char text[MSG_TEXT_MAX];            // why, when status < 0
+    bool has_out;                       // ATTEND's answer
+    msg_tensor_t out;                   // (q row, n) F32
+    msg_kv_stats_t stats;               // the session's counters after the request
+} msg_kv_reply_t;
+
 // One message. Build it with msg_init and fill the member for its type.
 typedef struct {
     msg_type_t type;
@@ -269,6 +329,8 @@ typedef struct {
         msg_heartbeat_t heartbeat;
         msg_shutdown_t shutdown;
         msg_error_t error;
+        msg_kv_request_t kv_request;
+        msg_kv_reply_t kv_reply;
     };
     void *alloc_;                       // memory decode allocated (plan nodes, step tokens); msg_clear
 } msg_t;

@@ -2,9 +2,13 @@
 // attention outputs bit for bit (and a naive attention's within a tight tolerance) for MHA, GQA and
 // a tensor-parallel node's heads, over chunks of several tokens and single tokens, keep several
 // sequences apart, refuse what offload/attn.h refuses, reuse a dropped sequence id, rewind a
-// sequence, and count its calls. A new device adds a row to `devices`.
+// sequence, and count its calls. A new device adds a row to `devices`. The storage rows talk to a
+// real `meshlm kvstore` process the suite starts ($MESHLM_BIN) and stops.
 #include <CUnit/CUnit.h>
 #include <math.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +22,7 @@
 #include "worker/kernels/ops.h"
 #include "worker/kernels/threadpool.h"
 #include "worker/model/model.h"
+#include "worker/node/attn_storage.h"
 
 // --- the table of devices
 
@@ -29,6 +34,9 @@ typedef struct {
 
 // In a name, '@' stands for a fresh temporary directory (the file device unlinks its file at once,
 // so the directory is removed right after the device is made).
+// The kvstore the storage rows use: "storage:ipc://..." once the suite has started it.
+static char storage_name[512] = "storage:(no kvstore: MESHLM_BIN not set)";
+
 static const device_row_t devices[] = {
     {"host F16", "host", QT_F16},
     {"host F32", "host", QT_F32},
@@ -39,6 +47,8 @@ static const device_row_t devices[] = {
     {"pim neupims F32", "pim:neupims", QT_F32},
     {"pim aim-gddr6 F16", "pim:aim-gddr6", QT_F16},
     {"pim upmem F16", "pim", QT_F16},
+    {"storage F16", storage_name, QT_F16},
+    {"storage F32", storage_name, QT_F32},
 };
 
 // attn_dev_new on a row's name with '@' replaced by a fresh directory (removed again after).
@@ -525,8 +535,42 @@ static void test_forward_pass(void) {
     model_destroy(&m);
 }
 
+// --- the kvstore process of the storage rows
+
+static pid_t kvstore_pid = -1;
+static char *kvstore_dir;
+
+static int suite_init(void) {
+    attn_storage_register();
+    const char *bin = test_meshlm_bin();
+    if (!bin || !(kvstore_dir = test_tmpdir())) return 0; // the storage rows then fail, naming why
+    char ep[400], dir[400];
+    snprintf(ep, sizeof ep, "ipc://%s/kv.sock", kvstore_dir);
+    snprintf(dir, sizeof dir, "%s/kv", kvstore_dir);
+    const char *args[] = {bin, "kvstore", "--listen", ep, "--dir", dir, "-q", NULL};
+    kvstore_pid = test_spawn(args, NULL);
+    snprintf(storage_name, sizeof storage_name, "storage:%s", ep);
+    return 0;
+}
+
+static int suite_cleanup(void) {
+    if (kvstore_pid > 0) {
+        kill(kvstore_pid, SIGTERM);
+        waitpid(kvstore_pid, NULL, 0);
+        kvstore_pid = -1;
+    }
+    if (kvstore_dir) {
+        char sub[512];
+        snprintf(sub, sizeof sub, "%s/kv", kvstore_dir);
+        rmdir(sub); // empty: every session's files were removed as it closed
+        test_rm_dir(kvstore_dir);
+        kvstore_dir = NULL;
+    }
+    return 0;
+}
+
 int test_attn_suite(void) {
-    CU_pSuite s = CU_add_suite("attn", NULL, NULL);
+    CU_pSuite s = CU_add_suite("attn", suite_init, suite_cleanup);
     if (!s) return -1;
     if (!CU_add_test(s, "every device gives the host device's bits on every shape", test_conformance)) return -1;
     if (!CU_add_test(s, "registry and shapes", test_registry_and_shapes)) return -1;

@@ -9,6 +9,7 @@
 #include <dirent.h>
 #include <math.h>
 #include <string.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 const char *test_shared_dir(void) {
@@ -106,4 +107,17 @@ void test_run_ranks(struct comm **cs, int n, test_rank_fn fn, void *arg) {
         pthread_create(&th[r], NULL, rank_main, &ta[r]);
     }
     for (int r = 0; r < n; r++) pthread_join(th[r], NULL);
+}
+
+pid_t test_spawn(const char *const *args, const char *log) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (log) {
+            int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+            if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(126);
+        }
+        execv(args[0], (char *const *)args);
+        _exit(127);
+    }
+    return pid;
 }

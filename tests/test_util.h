@@ -37,6 +37,11 @@ void test_fill_floats(float *x, int64_t n, uint64_t seed, float spread);
 // Removes a directory and the files in it (one level), then frees dir.
 void test_rm_dir(char *dir);
 
+// Starts a program: args is NULL-terminated with args[0] the executable's path; its stdout and stderr
+// go to log (appended; NULL = this process's). Returns its pid, or -1. The caller kills and reaps it.
+#include <sys/types.h>
+pid_t test_spawn(const char *const *args, const char *log);
+
 // Runs fn(comm, rank, arg) for ranks 0..n-1 (cs[rank]), each on its own thread, and joins them.
 struct comm;
 typedef void (*test_rank_fn)(struct comm *c, int rank, void *arg);

@@ -14,5 +14,6 @@ int cmd_nodes(int argc, char **argv);      // list the members of a node registr
 int cmd_chaos(int argc, char **argv);      // a workload under a fault schedule, against fault-free (cmd_chaos.c)
 int cmd_keygen(int argc, char **argv);     // a CurveZMQ key pair (cmd_keygen.c)
 int cmd_serve(int argc, char **argv);      // the OpenAI-compatible HTTP API (cmd_serve.c)
+int cmd_kvstore(int argc, char **argv);    // a node's KV cache in files, attention next to it (cmd_kvstore.c)
 
 #endif

@@ -85,7 +85,10 @@ static void kv_table(const plan_t *p, const char *dev, FILE *f) {
         const uint64_t kv = s->kv_bytes, bud = p->node[s->node].mem_budget;
         uint64_t ram = kv, spill = 0;
         char where[160] = "this node's memory";
-        if (attn_dev_pages(d)) {
+        if (storage) { // before the paging devices: attn_dev_pages counts it, but none of its KV is in RAM
+            ram = 0;
+            snprintf(where, sizeof where, "the kvstore process at %s", colon ? colon + 1 : "?");
+        } else if (attn_dev_pages(d)) {
             // planned without it: the peak is the weights and activations (and a 1-position KV)
             const uint64_t rest = s->peak_bytes;
             const uint64_t share = !bud ? kv : bud > rest ? bud - rest : 0;
@@ -99,9 +102,6 @@ static void kv_table(const plan_t *p, const char *dev, FILE *f) {
             if (pim_ok) snprintf(where, sizeof where, "the simulated %s part (capacity %s)%s", pc.name, cap,
                                  kv > pc.capacity ? ": OVER ITS CAPACITY" : "");
             else snprintf(where, sizeof where, "no PIM preset '%s' (have: %s)", colon ? colon + 1 : "", pim_preset_names());
-        } else if (storage) {
-            ram = 0;
-            snprintf(where, sizeof where, "the kvstore process at %s", colon ? colon + 1 : "?");
         } else if (bud && s->peak_bytes > bud) {
             snprintf(where, sizeof where, "this node's memory (its share is over the budget: weights stream)");
         }

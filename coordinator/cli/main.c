@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "coordinator/cli/cli.h"
+#include "worker/node/attn_storage.h"
 
 typedef struct {
     const char *name;                   // subcommand word
@@ -20,6 +21,7 @@ static const subcommand_t subcommands[] = {
     {"nodes", cmd_nodes, "list the workers and standbys in a registry (meshlm nodes --registry redis://HOST:PORT)"},
     {"serve", cmd_serve, "OpenAI-compatible HTTP API over this node or a cluster (meshlm serve -m FILE --port 8080)"},
     {"plan", cmd_plan, "print how a model would be split over nodes (no compute)"},
+    {"kvstore", cmd_kvstore, "keep nodes' KV caches in files and attend next to them (storage:ENDPOINT devices)"},
     {"chaos", cmd_chaos, "R requests on N local workers under a fault schedule: speed, recovery, lost and changed outputs"},
     {"keygen", cmd_keygen, "write a CurveZMQ key pair for authenticated nodes (meshlm keygen NAME)"},
     {"gen-model", cmd_gen_model, "write a GGUF with seeded random weights in a real model's shape"},
@@ -35,6 +37,7 @@ static void usage(FILE *f) {
 }
 
 int main(int argc, char **argv) {
+    attn_storage_register(); // the storage:ENDPOINT attention device lives above offload/
     if (argc < 2) {
         usage(stderr);
         return 2;

@@ -1,6 +1,6 @@
 // libFuzzer target: arbitrary frames through the wire decoder; what it accepts must re-encode stably.
 //
-// Input layout: byte 0 & 3 = frame count - 1 (1..4); then a u16 little-endian length for every frame
+// Input layout: byte 0 & 7 = frame count - 1 (1..8); then a u16 little-endian length for every frame
 // but the last (clamped to what is left); then the frames' bytes, the last frame taking the rest.
 // With MESHLM_FUZZ_MSG_SEEDS=<dir> in the environment, LLVMFuzzerInitialize first writes a few valid
 // messages in this layout into <dir> (tests/fuzz/seed_fuzz_msg.sh does that).
@@ -19,9 +19,9 @@
 static void split(const uint8_t *data, size_t size, comm_msg_t *m) {
     memset(m, 0, sizeof *m);
     if (size < 1) return;
-    int nf = 1 + (data[0] & 3);
+    int nf = 1 + (data[0] & 7);
     size_t at = 1;
-    size_t lens[4];
+    size_t lens[8];
     for (int i = 0; i < nf - 1; i++) {
         size_t l = 0;
         if (at + 2 <= size) l = (size_t)data[at] | (size_t)data[at + 1] << 8;
@@ -177,6 +177,35 @@ static void write_seeds(const char *dir) {
     m.error.code = MLM_EIO;
     strcpy(m.error.text, "read failed");
     write_seed(dir, "error", &m);
+
+    msg_init(&m, MSG_KV_REQUEST);
+    m.kv_request.op = MSG_KV_OPEN;
+    m.kv_request.req_id = 1;
+    m.kv_request.shape = (msg_kv_shape_t){.n_layer = 2, .head_dim = 8, .n_head = 4, .n_head_kv = 2, .heads = {0, 4},
+                                          .kv_heads = {0, 2}, .kv_type = QT_F16, .n_seq_max = 2};
+    write_seed(dir, "kv_open", &m);
+    msg_init(&m, MSG_KV_REQUEST);
+    m.kv_request = (msg_kv_request_t){.session = 1, .req_id = 2, .op = MSG_KV_APPEND, .seq = 1, .layer = 1,
+                                      .has_kv = true, .append_pos = 3, .append_n = 2};
+    m.kv_request.k = (msg_tensor_t){QT_F32, 2, {16, 2, 1, 1}, sizeof hid, hid};
+    m.kv_request.v = m.kv_request.k;
+    write_seed(dir, "kv_append", &m);
+    m.kv_request.op = MSG_KV_ATTEND;
+    m.kv_request.pos = 4;
+    m.kv_request.n = 1;
+    m.kv_request.has_q = true;
+    m.kv_request.q = (msg_tensor_t){QT_F32, 2, {32, 1, 1, 1}, sizeof hid, hid};
+    write_seed(dir, "kv_attend_append", &m);
+    m.kv_request.has_kv = false;
+    write_seed(dir, "kv_attend", &m);
+    msg_init(&m, MSG_KV_REPLY);
+    m.kv_reply = (msg_kv_reply_t){.session = 1, .req_id = 2, .has_out = true, .stats = {.kv_bytes = 64, .bytes_read = 32}};
+    m.kv_reply.out = (msg_tensor_t){QT_F32, 2, {16, 2, 1, 1}, sizeof hid, hid};
+    write_seed(dir, "kv_reply", &m);
+    msg_init(&m, MSG_KV_REPLY);
+    m.kv_reply.status = MLM_EFULL;
+    strcpy(m.kv_reply.text, "/var/kv/kv-1-1-s0.kv: No space left on device");
+    write_seed(dir, "kv_reply_error", &m);
 }
 
 // --- entry points

@@ -113,6 +113,16 @@ badreq 413 "a body over 1 MiB" "$u/v1/completions" --data-binary "@$dir/big.txt"
 check "after them the server still answers the same" $?
 curl -s "$u/metrics" | awk '$1=="meshlm_http_errors_total"{exit !($2>=10)}'; check "/metrics counts the error answers" $?
 
+# a bounded load: 32 clients at once (a queue of 64 holds them), every answer 200 with its 8 tokens
+for i in $(seq 32); do
+  curl -s -m 120 -o "$dir/load$i.json" -w '%{http_code}\n' "$u/v1/completions" \
+    -d "{\"prompt\":\"Once upon a time $i\",\"max_tokens\":8,\"ignore_eos\":true,\"seed\":$i}" >"$dir/load$i.code" &
+done
+wait_all
+ok=$(cat "$dir"/load*.code | grep -c '^200$')
+toks=$(python3 -c 'import sys,json; print(sum(json.load(open(f))["usage"]["completion_tokens"] for f in sys.argv[1:]))' "$dir"/load*.json 2>/dev/null)
+[ "$ok" = 32 ] && [ "$toks" = 256 ]; check "32 concurrent clients: 32 answers 200, 256 tokens" $? "($ok ok, $toks tokens)"
+
 # --- the bearer key
 start key --api-key s3cret
 u="http://127.0.0.1:$port"

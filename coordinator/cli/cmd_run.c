@@ -312,7 +312,7 @@ static int run_main(run_args_t *ap) {
         if (plan_left_out(cluster_plan(cl), a.coord_shard ? 1 : 0, "workers", line, sizeof line) > 0)
             fprintf(stderr, "meshlm: %s\n", line);
         if (a.verbose) plan_print(cluster_plan(cl), model_gguf(mm), stderr);
-        else if (a.show_plan) plan_print_brief(cluster_plan(cl), stderr);
+        if (a.show_plan) plan_print_brief(cluster_plan(cl), stderr);
     }
     if ((rc = tokenizer_from_gguf(&tok, model_gguf(mm), err, sizeof err)) != 0) {
         fprintf(stderr, "meshlm run: tokenizer: %s\n", err[0] ? err : mlm_strerror(rc));

@@ -104,7 +104,7 @@ static int worker_join(worker_reg_t *w, node_opts_t *o, const char *url, bool st
     if ((rc = registry_beater_start(&w->beater, w->reg, m->id, 0)) != 0)
         return mlm_fail(err, errlen, rc, "%s", registry_error(w->reg));
     // The HELLO's figures, measured once: node_run takes them (and the model's hash) from here.
-    const bool measured = !o->no_profile && profile_node(&w->prof, o->n_threads, o->model_path, 300) == 0;
+    const bool measured = !o->no_profile && profile_node(&w->prof, o->n_threads, o->model_path, 300, o->mem_budget) == 0;
     registry_profile_from(&m->prof, measured ? &w->prof : NULL, n_cores, o->mem_budget);
     if (measured) o->profile = &w->prof;
     if (o->model_path) {

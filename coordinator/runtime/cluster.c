@@ -255,7 +255,8 @@ static void pick_candidates(cluster_t *c) {
 
 // This machine's figures, measured once.
 static const profile_t *here_profile(cluster_t *c) {
-    if (c->here_state == 0) c->here_state = profile_node(&c->here, c->o.n_threads, NULL, 300) == 0 ? 1 : -1;
+    if (c->here_state == 0)
+        c->here_state = profile_node(&c->here, c->o.n_threads, NULL, 300, c->o.mem_budget) == 0 ? 1 : -1;
     return c->here_state > 0 ? &c->here : NULL;
 }
 

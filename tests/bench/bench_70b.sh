@@ -12,7 +12,7 @@
 # the share of read time hidden behind compute. Then one node alone (`run --mem-budget 2G`).
 # Environment: MESHLM_BENCH_CACHE, MESHLM_BENCH_MODEL (another GGUF instead of the 70B, e.g. to try the
 # script), BUDGET (2G), N_GEN (4 generated tokens, 3 of them decoded: each streams the model once), LAN (1000:1),
-# LAYOUTS ("exact allreduce pipeline"), SINGLE (1: also the single node), THREADS_SINGLE (2),
+# LAYOUTS ("exact allreduce pipeline"), SINGLE (1: also the single node), THREADS_SINGLE (1),
 # OUT (directory for the raw outputs; default a new one under /tmp).
 set -euo pipefail
 
@@ -92,66 +92,101 @@ for lay in $layouts; do
     esac
 done
 if [ "$single" = 1 ]; then
-    echo "bench_70b: single: run --mem-budget $budget -t ${THREADS_SINGLE:-2} (one node)" >&2
-    "$bin" run "${common[@]}" -t "${THREADS_SINGLE:-2}" --mem-budget "$budget" >"$out/single.json" 2>"$out/single.err" ||
+    echo "bench_70b: single: run --mem-budget $budget -t ${THREADS_SINGLE:-1} (one node)" >&2
+    "$bin" run "${common[@]}" -t "${THREADS_SINGLE:-1}" --mem-budget "$budget" >"$out/single.json" 2>"$out/single.err" ||
         { echo "bench_70b: single failed, see $out/single.err" >&2; tail -5 "$out/single.err" >&2; }
 fi
 
-# --- the table
+# --- the table (and the planner's figures for this disk: shared as here, and one disk per node)
 
-python3 - "$out" "$one" "$four" "$layouts" "$single" "$model" <<'EOF'
-import json, os, re, sys
-out, one, four, layouts, single, model = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4].split(), sys.argv[5], sys.argv[6]
+python3 - "$out" "$one" "$four" "$layouts" "$single" "$model" "$bin" "$budget" "$lan_mbit" "$lan_ms" <<'EOF'
+import json, os, re, subprocess, sys
+out, one, four, layouts, single, model, meshlm, budget, mbit, lat = sys.argv[1:11]
+one, four, layouts = float(one), float(four), layouts.split()
 GiB = 1 << 30
+asked = {"exact": ["--tp", "4", "--tp-mode", "exact"], "allreduce": ["--tp", "4", "--tp-mode", "allreduce"],
+         "pipeline": ["--pp", "4"]}
 
-def load(name):
+def planned(n, gflops, shared, args, n_ctx):
+    """The planner's s/token for n nodes of this machine (measured GFLOP/s, this disk's O_DIRECT MB/s)."""
+    path = os.path.join(out, "nodes.txt")
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write("node-%d gflops=%.2f mem=%s lat_ms=%s mbit=%s disk=%.0f%s\n"
+                    % (i, gflops, budget, lat, mbit, one * 1e6, " disk_id=1" if shared and n > 1 else ""))
+    r = subprocess.run([meshlm, "plan", "-m", model, "--nodes-file", path, "--keep-all", "-c", str(n_ctx)] + args,
+                       capture_output=True, text=True)
+    m = re.search(r"\npredicted ([0-9.]+) ms/token", "\n" + r.stdout)
+    return float(m.group(1)) / 1e3 if m else float("nan")
+
+rows, gflops, n_ctx = [], 0.0, 4096
+for name in layouts + (["single"] if single == "1" else []):
     try:
         j = json.load(open(os.path.join(out, name + ".json")))
+        err = open(os.path.join(out, name + ".err")).read()
     except Exception:
-        return None, ""
-    return j, open(os.path.join(out, name + ".err")).read()
-
-rows = []
-for name in layouts + (["single"] if single == "1" else []):
-    j, err = load(name)
-    if not j:
         rows.append((name, None))
         continue
     r = {"prompt_tokens": len(j["prompt_tokens"]), "ttft_s": j["prompt_ms"] / 1e3}
     r["s_tok"] = 1.0 / j["tokens_per_s"] if j.get("tokens_per_s") else float("nan")
     m = re.search(r"predicted ([0-9.e+]+) ms/token", err)
     r["pred"] = float(m.group(1)) / 1e3 if m else float("nan")
+    m = re.search(r"\| local-0 +\| +([0-9.]+) \|", err) # the plan table's GF/s of a worker (1 thread)
+    if m and not gflops:
+        gflops = float(m.group(1))
+    m = re.search(r"layers, .*, n_ctx (\d+)", err) # the plan's context, as the run sized it
+    if m:
+        n_ctx = int(m.group(1))
     # per process: "[local-0] weights streamed: X MB read in N units (Y MB/s while reading), waited Z ms
     # (P% of reading hidden behind compute)"; one node alone: "meshlm: weights streamed: ..."
     st = re.findall(r"(?:\[(\S+)\]|meshlm:) weights streamed: ([0-9.]+) MB read in (\d+) units \(([0-9.]+) MB/s while "
                     r"reading\), waited ([0-9.]+) ms \(([0-9.]+)% of reading hidden", err)
-    r["mb"] = sum(float(s[1]) for s in st)
-    r["rate"] = [float(s[3]) for s in st]
-    r["hidden"] = [float(s[5]) for s in st]
+    r["mb"] = sum(float(x[1]) for x in st)
+    r["rate"] = [float(x[3]) for x in st]
+    r["hidden"] = [float(x[5]) for x in st]
     mem = [p for p in j.get("memory", []) if p["process"] != "coordinator"] or j.get("memory", [])
     r["hwm"] = [p["vmhwm_bytes"] / GiB for p in mem if p.get("vmhwm_bytes")]
     r["cg"] = [p["cgroup_peak_bytes"] / GiB for p in mem if p.get("cgroup_peak_bytes")]
     wall = (j["prompt_ms"] + j["gen_ms"]) / 1e3
     r["agg"] = r["mb"] / wall if wall > 0 else 0 # every reader's bytes over the run's wall time
+    r["n_gen"] = len(j.get("tokens", []))
     rows.append((name, r))
+threads = int(os.environ.get("THREADS_SINGLE", "1"))
+for name, r in rows:
+    if not r:
+        continue
+    if name == "single":
+        r["plan"] = planned(1, gflops * threads, True, [], n_ctx)
+        r["own"] = r["plan"]
+    else:
+        r["plan"] = planned(4, gflops, True, asked[name], n_ctx)
+        r["own"] = planned(4, gflops, False, asked[name], n_ctx)
 
 print()
-print("llama-2-70b-shaped Q4_0 (%.1f GB), %s; disk: one O_DIRECT stream %.0f MB/s, four at once %.0f MB/s"
-      % (os.path.getsize(model) / 1e9, model, one, four))
+print("llama-2-70b-shaped Q4_0 (%.1f GB): %s" % (os.path.getsize(model) / 1e9, model))
+print("disk: sequential O_DIRECT read (dd, 16 MiB blocks): one stream %.0f MB/s, four streams at once %.0f MB/s in all"
+      % (one, four))
+print("workers: 4 local, 1 thread each, --mem-budget %s (cgroup limit the same), links %s Mbit/s + %s ms; %.1f GFLOP/s"
+      " per worker as measured at run time" % (budget, mbit, lat, gflops))
 print()
-print("| run | decode s/token | predicted s/token | TTFT s (prompt tokens) | peak RSS per worker GiB | cgroup peak per worker GiB "
-      "| disk MB/s: run average, all readers (per reader while reading) | read hidden behind compute | s/token per node-disk |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| run | decode s/token | predicted at run time | planner, this disk | TTFT s (prompt tokens) "
+      "| VmHWM per worker GiB | cgroup peak per worker GiB | disk MB/s over the run, all readers "
+      "(per reader while reading) | reading hidden behind compute | planner, one disk per node |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 fmt = lambda v: " / ".join("%.2f" % x for x in v) if v else "-"
 for name, r in rows:
     if not r:
-        print("| %s | failed (see %s/%s.err) | | | | | | | |" % (name, out, name))
+        print("| %s | failed (see %s/%s.err) | | | | | | | | |" % (name, out, name))
         continue
-    nodes = 1 if name == "single" else 4
-    print("| %s | %.1f | %.1f | %.1f (%d) | %s | %s | %.0f (%s) | %s | %.1f |"
-          % (name, r["s_tok"], r["pred"], r["ttft_s"], r["prompt_tokens"], fmt(r["hwm"]), fmt(r["cg"]), r["agg"],
-             " / ".join("%.0f" % x for x in r["rate"]) or "-", " / ".join("%.0f%%" % x for x in r["hidden"]) or "-",
-             r["s_tok"] / nodes))
+    print("| %s | %.2f | %s | %.2f | %.1f (%d) | %s | %s | %.0f (%s) | %s | %.2f |"
+          % (name, r["s_tok"], "%.2f" % r["pred"] if r["pred"] == r["pred"] else "-", r["plan"], r["ttft_s"],
+             r["prompt_tokens"], fmt(r["hwm"]), fmt(r["cg"]), r["agg"],
+             " / ".join("%.0f" % x for x in r["rate"]) or "-",
+             " / ".join("%.0f%%" % x for x in r["hidden"]) or "-", r["own"]))
 print()
+done = [r for _, r in rows if r]
+if done:
+    print("decode s/token: generation time over the %d decoded tokens (the first generated token comes with the prompt)"
+          % (max(r["n_gen"] for r in done) - 1))
 print("raw outputs: %s" % out)
 EOF

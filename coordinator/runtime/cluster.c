@@ -253,10 +253,12 @@ static void pick_candidates(cluster_t *c) {
         }
 }
 
-// This machine's figures, measured once.
+// This machine's figures, measured once; with local workers also its disk (they stream from the
+// coordinator's model file on this machine's disk).
 static const profile_t *here_profile(cluster_t *c) {
+    const char *disk = c->o.local_profile ? c->o.model_path : NULL;
     if (c->here_state == 0)
-        c->here_state = profile_node(&c->here, c->o.n_threads, NULL, 300, c->o.mem_budget) == 0 ? 1 : -1;
+        c->here_state = profile_node(&c->here, c->o.n_threads, disk, 300, c->o.mem_budget) == 0 ? 1 : -1;
     return c->here_state > 0 ? &c->here : NULL;
 }
 
@@ -299,6 +301,7 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
         if (!h->n_speeds && c->o.local_profile && here) { // a local worker: this machine's figures
             nd->gflops = profile_gflops(here, t);
             nd->mem_bw = here->mem_bw;
+            if (!nd->disk_bw) nd->disk_bw = here->disk_bw;
         }
         if (measured) nd->speed = nd->gflops;
     }

@@ -83,10 +83,25 @@ run_cluster() {
         >"$out/$name.json" 2>"$out/$name.err" || { echo "bench_70b: $name failed, see $out/$name.err" >&2; tail -5 "$out/$name.err" >&2; return 1; }
 }
 
+# An all-reduce share streams from a shard file of its columns (in the model file they lie at a
+# stride): each worker writes one into the shard cache once, together about the model's size.
+shards="$cache/shards"
+allreduce_fits() {
+    local have want avail
+    have=$(find "$shards" -name '*-cols*' 2>/dev/null | wc -l)
+    [ "$have" -ge 4 ] && return 0
+    want=$((size + 2 * 1000 * 1000 * 1000))
+    avail=$(df -B1 --output=avail "$cache" | tail -1 | tr -d ' ')
+    [ "$avail" -ge "$want" ] && return 0
+    awk -v a="$avail" -v w="$want" -v d="$shards" 'BEGIN { printf "bench_70b: allreduce skipped: its 4 workers write their column shards (together about the model, %.1f GB with 2 to spare) into %s once, and the disk has %.1f GB free\n", w / 1e9, d, a / 1e9 }' |
+        tee "$out/allreduce.skipped" >&2
+    return 1
+}
+
 for lay in $layouts; do
     case "$lay" in
     exact) run_cluster exact --tp 4 --tp-mode exact || true ;;
-    allreduce) run_cluster allreduce --tp 4 --tp-mode allreduce || true ;;
+    allreduce) allreduce_fits && { run_cluster allreduce --tp 4 --tp-mode allreduce --cache-dir "$shards" || true; } ;;
     pipeline) run_cluster pipeline --pp 4 || true ;;
     *) echo "bench_70b: unknown layout $lay" >&2 ;;
     esac
@@ -176,7 +191,12 @@ print("|---|---|---|---|---|---|---|---|---|---|")
 fmt = lambda v: " / ".join("%.2f" % x for x in v) if v else "-"
 for name, r in rows:
     if not r:
-        print("| %s | failed (see %s/%s.err) | | | | | | | | |" % (name, out, name))
+        why = os.path.join(out, name + ".skipped")
+        what = (open(why).read().strip().replace("bench_70b: ", "") if os.path.exists(why)
+                else "failed (see %s/%s.err)" % (out, name))
+        pl = "%.2f" % planned(4, gflops, True, asked[name], n_ctx) if name in asked and gflops else ""
+        own = "%.2f" % planned(4, gflops, False, asked[name], n_ctx) if name in asked and gflops else ""
+        print("| %s | %s | | %s | | | | | | %s |" % (name, what, pl, own))
         continue
     print("| %s | %.2f | %s | %.2f | %.1f (%d) | %s | %s | %.0f (%s) | %s | %.2f |"
           % (name, r["s_tok"], "%.2f" % r["pred"] if r["pred"] == r["pred"] else "-", r["plan"], r["ttft_s"],

@@ -38,6 +38,8 @@ typedef struct {
     uint64_t mem_budget;     // --mem-budget of every worker, bytes (0 = none given)
     uint64_t mem_limit;      // memory cgroup limit of every worker, page cache included (0 = no limit)
     int timeout_ms;          // --timeout of every worker (0 = their default)
+    const char *model_sha256; // model_path's SHA-256 in hex (64 digits), given to the workers so that they
+                              // do not hash the file again (NULL: each hashes it)
 } launch_opts_t;
 
 // Starts n workers listening on fresh endpoints, each moved into its own memory cgroup (limited to

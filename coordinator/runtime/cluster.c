@@ -647,7 +647,8 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
     }
     // Emulated links ($MESHLM_FAULTS) apply to the channels this side makes (the link, ZeroMQ data).
     if (rc == 0 && !o->control) rc = fault_from_env(&c->faults, err, errlen);
-    if (rc == 0 && !o->same_file) rc = sha256_file(o->model_path, c->sha, err, errlen);
+    if (rc == 0 && !o->same_file && o->model_sha256) memcpy(c->sha, o->model_sha256, 32);
+    else if (rc == 0 && !o->same_file) rc = sha256_file(o->model_path, c->sha, err, errlen);
     model_load_opts_t flo = {.repack = false};
     if (rc == 0) rc = model_load(&c->full, o->model_path, &flo, err, errlen);
     if (rc == 0 && o->control) {

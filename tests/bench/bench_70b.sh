@@ -13,6 +13,7 @@
 # Environment: MESHLM_BENCH_CACHE, MESHLM_BENCH_MODEL (another GGUF instead of the 70B, e.g. to try the
 # script), BUDGET (2G), N_GEN (4 generated tokens, 3 of them decoded: each streams the model once), LAN (1000:1),
 # LAYOUTS ("exact allreduce pipeline"), SINGLE (1: also the single node), THREADS_SINGLE (1),
+# SINGLE_PROMPT ("a": BOS and one token; one node computes all 80 blocks of a 16-token prompt alone),
 # OUT (directory for the raw outputs; default a new one under /tmp).
 set -euo pipefail
 
@@ -108,7 +109,8 @@ for lay in $layouts; do
 done
 if [ "$single" = 1 ]; then
     echo "bench_70b: single: run --mem-budget $budget -t ${THREADS_SINGLE:-1} (one node)" >&2
-    "$bin" run "${common[@]}" -t "${THREADS_SINGLE:-1}" --mem-budget "$budget" >"$out/single.json" 2>"$out/single.err" ||
+    "$bin" run "${common[@]}" -p "${SINGLE_PROMPT:-a}" -t "${THREADS_SINGLE:-1}" --mem-budget "$budget" \
+        >"$out/single.json" 2>"$out/single.err" ||
         { echo "bench_70b: single failed, see $out/single.err" >&2; tail -5 "$out/single.err" >&2; }
 fi
 

@@ -290,7 +290,7 @@ static int run_main(run_args_t *ap) {
             launch_opts_t lo = {.model_path = a.local_no_model ? NULL : a.g.model, .cache_dir = a.cache_dir,
                                 .n_threads = a.g.n_threads, .tcp = a.local_tcp, .verbose = a.verbose,
                                 .mem_budget = a.lay.mem_budget, .mem_limit = layout_args_local_mem(&a.lay),
-                                .model_sha256 = sha_hex};
+                                .model_sha256 = sha_hex, .timeout_ms = a.timeout_ms}; // the run's deadlines
             if (!lw || launch_local(lw, a.local, &lo, err, sizeof err) != 0) {
                 fprintf(stderr, "meshlm run: %s\n", err);
                 goto out;

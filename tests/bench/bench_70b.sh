@@ -14,7 +14,8 @@
 # script), BUDGET (2G), N_GEN (4 generated tokens, 3 of them decoded: each streams the model once), LAN (1000:1),
 # LAYOUTS ("exact allreduce pipeline"), SINGLE (1: also the single node), THREADS_SINGLE (1),
 # SINGLE_PROMPT ("a": BOS and one token; one node computes all 80 blocks of a 16-token prompt alone),
-# OUT (directory for the raw outputs; default a new one under /tmp).
+# PROMPT (the cluster runs' prompt; default 16 tokens), OUT (directory for the raw outputs; default a new
+# one under /tmp), TABLE_ONLY (1: print the table of the runs already in OUT, measure nothing).
 set -euo pipefail
 
 bin="${1:-build/meshlm}"
@@ -30,7 +31,7 @@ single="${SINGLE:-1}"
 out="${OUT:-$(mktemp -d /tmp/bench70b.XXXXXX)}"
 mkdir -p "$out"
 # BOS and 15 single-letter words: 16 prompt tokens with gen-model's vocabulary (checked below)
-prompt="a b c d e f g h i j k l m n o"
+prompt="${PROMPT:-a b c d e f g h i j k l m n o}"
 
 # --- the model, written once
 
@@ -51,6 +52,10 @@ size=$(stat -c %s "$model")
 
 # --- the disk's sequential direct read
 
+if [ "${TABLE_ONLY:-0}" = 1 ]; then
+    read -r one four < <(sed -n 's/.*one stream \([0-9]*\) MB\/s, four streams at once \([0-9]*\) MB\/s.*/\1 \2/p' "$out/disk.txt")
+else
+
 # MB/s of dd reading `count` 16 MiB blocks from block `skip` on with O_DIRECT (no page cache).
 dd_mbs() {
     dd if="$model" of=/dev/null bs=16M iflag=direct skip="$1" count="$2" 2>&1 |
@@ -67,6 +72,7 @@ four_t1=$(date +%s.%N)
 four=$(awk -v b="$per" -v a="$four_t0" -v z="$four_t1" 'BEGIN { printf "%.0f", 4 * b * 16 * 1048576 / (z - a) / 1e6 }')
 printf 'disk: sequential O_DIRECT read of %s, 16 MiB blocks: one stream %.0f MB/s, four streams at once %s MB/s in all\n' \
     "$model" "$one" "$four" | tee "$out/disk.txt" >&2
+fi
 
 # --- runs
 
@@ -100,6 +106,7 @@ allreduce_fits() {
 }
 
 for lay in $layouts; do
+    [ "${TABLE_ONLY:-0}" = 1 ] && break
     case "$lay" in
     exact) run_cluster exact --tp 4 --tp-mode exact || true ;;
     allreduce) allreduce_fits && { run_cluster allreduce --tp 4 --tp-mode allreduce --cache-dir "$shards" || true; } ;;
@@ -107,7 +114,7 @@ for lay in $layouts; do
     *) echo "bench_70b: unknown layout $lay" >&2 ;;
     esac
 done
-if [ "$single" = 1 ]; then
+if [ "$single" = 1 ] && [ "${TABLE_ONLY:-0}" != 1 ]; then
     echo "bench_70b: single: run --mem-budget $budget -t ${THREADS_SINGLE:-1} (one node)" >&2
     "$bin" run "${common[@]}" -p "${SINGLE_PROMPT:-a}" -t "${THREADS_SINGLE:-1}" --mem-budget "$budget" \
         >"$out/single.json" 2>"$out/single.err" ||

@@ -80,13 +80,16 @@ lan_mbit="${lan%%:*}"
 lan_ms="${lan##*:}"
 faults="delay:link=*:ms=$lan_ms,bw:link=*:mbit=$lan_mbit"
 common=(-m "$model" -p "$prompt" -n "$n_gen" --greedy --ignore-eos --json --timeout 900000)
+# On a machine loaded far beyond its cores a starved process can miss the links' 1 s heartbeat (a
+# first run's prefill was declared lost after 308 s): long heartbeats, and no recovery onto survivors.
+cluster_opts=(--heartbeat-ms 120000 --no-recover)
 
 # One cluster run: name, then layout options. Leaves $out/NAME.json and $out/NAME.err.
 run_cluster() {
     local name="$1"
     shift
     echo "bench_70b: $name: run --local 4 -t 1 --mem-budget $budget $* (links $lan_mbit Mbit/s, $lan_ms ms)" >&2
-    MESHLM_FAULTS="$faults" "$bin" run "${common[@]}" --local 4 -t 1 --mem-budget "$budget" --keep-all --verbose --show-plan "$@" \
+    MESHLM_FAULTS="$faults" "$bin" run "${common[@]}" --local 4 -t 1 --mem-budget "$budget" --keep-all --verbose --show-plan "${cluster_opts[@]}" "$@" \
         >"$out/$name.json" 2>"$out/$name.err" || { echo "bench_70b: $name failed, see $out/$name.err" >&2; tail -5 "$out/$name.err" >&2; return 1; }
 }
 

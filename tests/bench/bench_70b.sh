@@ -82,7 +82,7 @@ faults="delay:link=*:ms=$lan_ms,bw:link=*:mbit=$lan_mbit"
 common=(-m "$model" -p "$prompt" -n "$n_gen" --greedy --ignore-eos --json --timeout 900000)
 # On a machine loaded far beyond its cores a starved process can miss the links' 1 s heartbeat (a
 # first run's prefill was declared lost after 308 s): long heartbeats, and no recovery onto survivors.
-cluster_opts=(--heartbeat-ms 120000 --no-recover)
+cluster_opts=(--heartbeat-ms 4000 --no-recover) # (4096 at most)
 
 # One cluster run: name, then layout options. Leaves $out/NAME.json and $out/NAME.err.
 run_cluster() {

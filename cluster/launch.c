@@ -145,7 +145,7 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
         char threads[16];
         snprintf(threads, sizeof threads, "%d", o->n_threads);
         snprintf(l->name[i], sizeof l->name[i], "local-%d", i);
-        const char *argv[32];
+        const char *argv[40];
         int a = 0;
         argv[a++] = "meshlm";
         argv[a++] = "worker";
@@ -159,6 +159,10 @@ int launch_local(launch_t *l, int n, const launch_opts_t *o, char *err, size_t e
         if (o->model_path) {
             argv[a++] = "--model";
             argv[a++] = o->model_path;
+            if (o->model_sha256) {
+                argv[a++] = "--model-sha256";
+                argv[a++] = o->model_sha256;
+            }
         }
         if (o->cache_dir) {
             argv[a++] = "--cache-dir";

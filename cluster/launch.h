@@ -40,6 +40,8 @@ typedef struct {
     int timeout_ms;          // --timeout of every worker (0 = their default)
     const char *const *extra_argv; // (n_extra) more options for every worker's command line (borrowed)
     int n_extra;             // at most 8
+    const char *model_sha256; // model_path's SHA-256 in hex (64 digits), given to the workers so that they
+                              // do not hash the file again (NULL: each hashes it)
 } launch_opts_t;
 
 // Starts n workers listening on fresh endpoints, each moved into its own memory cgroup (limited to

@@ -1,7 +1,9 @@
 // Node profiling: short timed runs of the real kernels, a memory stream and a file read.
 #include "cluster/profile.h"
 
+#include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -16,7 +18,10 @@
 
 #define PROF_ROWS 1024
 #define PROF_COLS 4096
-#define MEM_BYTES (64u << 20)
+#define MEM_BYTES (64u << 20)    // the memory stream's buffer and the disk read's total, at most
+#define MIN_BYTES (1u << 20)     // ... and at least (a smaller budget is below any node's minimum)
+#define DISK_CHUNK (16u << 20)   // bytes per read call, as the weight window reads
+#define DISK_ALIGN 4096          // O_DIRECT offset, length and buffer alignment
 
 typedef struct {
     const kernels_t *k;
@@ -52,13 +57,45 @@ static void mem_fn(void *arg, int ith, int nth) {
     j->sum[ith & 63] = s0 ^ s1 ^ s2 ^ s3;
 }
 
+// Bytes per second reading up to `total` bytes of path from its start into buf (cap bytes, DISK_ALIGN
+// aligned), from the disk rather than the page cache: with O_DIRECT, or where the file system refuses
+// it (tmpfs, some FUSE) buffered after dropping the file's cached pages (POSIX_FADV_DONTNEED), and
+// dropping what the read cached. 0 when the file cannot be read.
+static double disk_read_bw(const char *path, void *buf, size_t cap, size_t total) {
+    bool direct = true;
+    int fd = open(path, O_RDONLY | O_DIRECT);
+    if (fd < 0 && errno == EINVAL) {
+        direct = false;
+        fd = open(path, O_RDONLY);
+    }
+    if (fd < 0) return 0;
+    if (!direct) posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    const size_t chunk = cap < DISK_CHUNK ? cap : DISK_CHUNK;
+    size_t got = 0;
+    ssize_t r = 0;
+    const int64_t s0 = mlm_now_us();
+    while (got < total && (r = pread(fd, buf, chunk, (off_t)got)) > 0) {
+        got += (size_t)r;
+        if ((size_t)r < chunk) break; // the end of the file
+    }
+    const double d = (double)(mlm_now_us() - s0) / 1e6;
+    if (!direct) posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    close(fd);
+    return r >= 0 && got > 0 && d > 0 ? (double)got / d : 0;
+}
+
 // --- public API
 
-int profile_node(profile_t *p, int n_threads, const char *model_path, int budget_ms) {
+int profile_node(profile_t *p, int n_threads, const char *model_path, int budget_ms, uint64_t mem_budget) {
     memset(p, 0, sizeof *p);
     if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (n_threads <= 0) n_threads = 1;
     p->n_threads = n_threads;
+    // The memory stream and the disk read share one buffer of at most half the budget, so that the
+    // profile (which runs before any weights are loaded) stays within it.
+    size_t mem_bytes = MEM_BYTES;
+    if (mem_budget > 0 && mem_budget / 2 < mem_bytes) mem_bytes = (size_t)(mem_budget / 2) & ~(size_t)(MIN_BYTES - 1);
+    if (mem_bytes < MIN_BYTES) mem_bytes = MIN_BYTES;
     tpool_t *pool = tpool_new(n_threads);
     const kernels_t *k = kernels_best();
     const qtype_t types[] = {QT_Q4_0, QT_Q8_0, QT_Q4_K, QT_Q6_K, QT_F16};
@@ -68,7 +105,8 @@ int profile_node(profile_t *p, int n_threads, const char *model_path, int budget
     uint8_t *w = malloc(wbytes);
     float *x = malloc(PROF_COLS * sizeof(float)), *y = malloc(PROF_ROWS * sizeof(float));
     void *xq = malloc(PROF_COLS * 4 + 4096);
-    uint64_t *mem = malloc(MEM_BYTES);
+    uint64_t *mem = NULL; // (mem_bytes / 8) words: the memory stream, then the disk read's buffer
+    if (posix_memalign((void **)&mem, DISK_ALIGN, mem_bytes) != 0) mem = NULL;
     if (!pool || !w || !x || !y || !xq || !mem) {
         tpool_destroy(&pool);
         free(w), free(x), free(y), free(xq), free(mem);
@@ -93,27 +131,16 @@ int profile_node(profile_t *p, int n_threads, const char *model_path, int budget
         p->n_types++;
         mm_weight_release(&mw);
     }
-    memset(mem, 1, MEM_BYTES);
-    mem_job_t mj = {mem, MEM_BYTES / 8, {0}};
+    memset(mem, 1, mem_bytes);
+    mem_job_t mj = {mem, mem_bytes / 8, {0}};
     int reps = 0;
     double t0 = (mlm_now_ms() / 1e3), el = 0;
     while ((el = (mlm_now_ms() / 1e3) - t0) < per || reps < 2) {
         tpool_run(pool, mem_fn, &mj);
         reps++;
     }
-    p->mem_bw = (double)MEM_BYTES * reps / el;
-    if (model_path) {
-        int fd = open(model_path, O_RDONLY);
-        if (fd >= 0) {
-            size_t got = 0;
-            ssize_t r;
-            double s0 = (mlm_now_ms() / 1e3);
-            while (got < MEM_BYTES && (r = read(fd, mem, 1 << 20)) > 0) got += (size_t)r;
-            double d = (mlm_now_ms() / 1e3) - s0;
-            if (got > 0 && d > 0) p->disk_bw = (double)got / d;
-            close(fd);
-        }
-    }
+    p->mem_bw = (double)mem_bytes * reps / el;
+    if (model_path) p->disk_bw = disk_read_bw(model_path, mem, mem_bytes, MEM_BYTES);
     tpool_destroy(&pool);
     free(w), free(x), free(y), free(xq), free(mem);
     return 0;

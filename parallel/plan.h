@@ -195,9 +195,18 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 // Disk figures a node does not state: the test machines' NVMe disk reads 950 MB/s sequentially
 // with O_DIRECT (DESIGN.md, measured 2026-12-01).
 #define PLAN_DEFAULT_DISK_BW 950e6  // bytes/s
-// Streaming reads units at this fraction of the disk's sequential bandwidth (an estimate until the
-// streaming benchmark measures it; the target for the reader is at least 0.8).
+// Streaming reads units at this fraction of the disk's sequential bandwidth (one reader, 16 MiB
+// O_DIRECT calls like profile_node's; the target for the reader is at least 0.8).
 #define PLAN_DISK_EFFICIENCY 0.9
+// Readers of one disk at the same time (disk_id) share it, but together they get up to this many
+// times one reader's bandwidth: an NVMe or virtio disk serves several queued requests at once, and
+// each window reader keeps only one 16 MiB read in flight. Calibrated by tests/bench/bench_70b.sh
+// (2026-12-02, README "70B on four 2 GiB workers"): four exact-TP workers streaming llama-2-70b Q4_0
+// from one virtio disk read 32.9 GB per token in 23.8 s, 1383 MB/s together, 1.92x the 721 MB/s the
+// coordinator's profile measured for one stream (each reader 376-427 MB/s while reading): with 0.9
+// for efficiency, 2.1; the figure is rounded down to 2 (predicted 25.3 s, +6%). Splitting the
+// bandwidth n ways (the model before this calibration) predicted 50.7 s, 2.1x too slow.
+#define PLAN_DISK_PARALLEL 2.0
 
 // Sizes the share `s` (cut as `mode` says: PLAN_TP_EXACT or PLAN_TP_ALLREDUCE) of model pm for n_ctx
 // positions within `budget` bytes (0 = unlimited) by the rule above, into *out. Returns 0, or

@@ -163,16 +163,20 @@ static double coordinator_ms(const plan_model_t *pm, const plan_t *p) {
 }
 
 // ms member i of stage [a, b) takes to read its streamed bytes: its disk's bandwidth (derated),
-// split with the other streaming members of [a, b) on the same disk (disk_id > 0).
+// shared with the other streaming members of [a, b) on the same disk (disk_id > 0), which read at
+// the same time and together get up to PLAN_DISK_PARALLEL times one reader's bandwidth.
 static double disk_ms(const plan_t *p, int a, int b, int i) {
     const plan_shard_t *s = &p->shard[i];
     if (!s->st.streams || !s->st.stream_bytes) return 0;
     const plan_node_t *nd = &p->node[s->node];
-    double bytes = (double)s->st.stream_bytes;
+    double bytes = (double)s->st.stream_bytes, readers = 1;
     for (int j = a; nd->disk_id > 0 && j < b; j++)
-        if (j != i && p->shard[j].st.streams && p->node[p->shard[j].node].disk_id == nd->disk_id)
+        if (j != i && p->shard[j].st.streams && p->node[p->shard[j].node].disk_id == nd->disk_id) {
             bytes += (double)p->shard[j].st.stream_bytes;
-    return bytes / (plan_node_disk_bw(nd) * PLAN_DISK_EFFICIENCY) * 1e3;
+            readers += 1;
+        }
+    const double gain = readers < PLAN_DISK_PARALLEL ? readers : PLAN_DISK_PARALLEL;
+    return bytes / (plan_node_disk_bw(nd) * PLAN_DISK_EFFICIENCY * gain) * 1e3;
 }
 
 // Member time from its compute-or-memory time c, its stage's exchanges x and its disk time d (all

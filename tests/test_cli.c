@@ -147,6 +147,41 @@ static void test_plan_refusals(void) {
     test_rm_dir(dir);
 }
 
+// The example: llama-2-70b Q4_0 on four 2 GiB nodes, which does not fit, gets a plan and a
+// prediction from `meshlm plan` (each node streams its quarter from disk), and --explain gives each
+// node's window, streamed MB per token and disk time; the prediction is at least that disk time.
+static void test_plan_70b_on_2g_nodes(void) {
+    const char *const args[] = {"meshlm", "plan", "--preset", "llama-2-70b", "--quant", "Q4_0", "--nodes",
+                                "1:2G,1:2G,1:2G,1:2G", NULL, NULL};
+    run_t r;
+    if (!run_meshlm(&r, args, NULL)) return;
+    CU_ASSERT_EQUAL(r.status, 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(r.out, "plan tp4: 4 node(s) in 1 stage(s); 80 layers"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(r.out, "4 of 4 node(s) stream weights from disk"));
+    const char *pr = strstr(r.out, "\npredicted ");
+    double ms = 0;
+    CU_ASSERT(pr && sscanf(pr, "\npredicted %lf ms/token", &ms) == 1);
+    if (!pr) fprintf(stderr, "\nplan output:\n%s\n", r.out);
+    run_free(&r);
+    const char *const explain[] = {"meshlm", "plan", "--preset", "llama-2-70b", "--quant", "Q4_0", "--nodes",
+                                   "1:2G,1:2G,1:2G,1:2G", "--explain", NULL};
+    if (!run_meshlm(&r, explain, NULL)) return;
+    CU_ASSERT_EQUAL(r.status, 0);
+    // per node: "| 0    | node-0       |   1.69 GiB | 2 (12/81 units)  |      8223.4 |       950 |   9617.97 |"
+    const char *row = strstr(r.out, "| 0    | node-0       |");
+    double res = 0, mb = 0, mbs = 0, disk = 0;
+    int win = 0, kept = 0, units = 0;
+    CU_ASSERT(row && sscanf(row, "| 0 | node-0 | %lf GiB | %d (%d/%d units) | %lf | %lf | %lf |", &res, &win, &kept,
+                            &units, &mb, &mbs, &disk) == 7);
+    CU_ASSERT(res > 1.0 && res < 2.0);               // pinned units and KV cache within the 2 GiB
+    CU_ASSERT(win == 2 && kept > 0 && kept < units); // streams the rest through 2 buffers
+    CU_ASSERT(units == 81);                          // 80 blocks and the output rows
+    CU_ASSERT(mb > 7000 && mb < 9500);               // most of a quarter of 36 GiB, every token
+    CU_ASSERT(disk > 0 && ms >= disk && ms < 2 * disk);
+    if (!(ms >= disk && disk > 0)) fprintf(stderr, "\nplan output:\n%s\n", r.out);
+    run_free(&r);
+}
+
 // run, gen-model: a file that cannot be read or written is named, with the system's reason.
 static void test_file_errors_name_path(void) {
     char model[1024];
@@ -462,6 +497,7 @@ int test_cli_suite(void) {
     CU_pSuite s = CU_add_suite("cli", NULL, NULL);
     if (!s) return -1;
     if (!CU_add_test(s, "plan refusals: one line with a newline", test_plan_refusals) ||
+        !CU_add_test(s, "plan: llama-2-70b on four 2 GiB nodes streams, with a prediction", test_plan_70b_on_2g_nodes) ||
         !CU_add_test(s, "file errors name the path and the reason", test_file_errors_name_path) ||
         !CU_add_test(s, "run --local 2 names the worker the plan left out", test_left_out_worker_is_named) ||
         !CU_add_test(s, "tests/demo.sh runs a two-worker pipeline", test_demo) ||

@@ -18,12 +18,27 @@
 #include "test_util.h"
 #include "cluster/launch.h"
 #include "cluster/memcg.h"
+#include "cluster/profile.h"
 #include "core/clock.h"
 #include "core/err.h"
 
 // --- helpers
 
 #define MIB (1ull << 20)
+
+// Under AddressSanitizer a process's own pages grow by its shadow and quarantine: bounds on a
+// process's growth get this much more room there.
+#if defined(__SANITIZE_ADDRESS__)
+#define SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SANITIZED 1
+#endif
+#endif
+#ifndef SANITIZED
+#define SANITIZED 0
+#endif
+#define SELF_ROOM (SANITIZED ? 24 * MIB : 8 * MIB) // stacks, allocator and (sanitized) shadow pages
 
 // True when this process can make memory cgroups; otherwise prints why the test is skipped.
 static bool have_memcg(void) {
@@ -86,6 +101,25 @@ static void read_file(int fd, void *arg) {
     close(in);
     hwm[1] = launch_vmhwm(getpid());
     if (write(fd, hwm, sizeof hwm) != (ssize_t)sizeof hwm) _exit(6);
+}
+
+// What profile_file profiles: a file, and the budget its buffer must stay within.
+typedef struct {
+    const char *path;
+    uint64_t budget;
+} prof_arg_t;
+
+// Profiles this machine (1 thread) with the file as its model; reports the disk figure (bytes/s)
+// and how much its own VmHWM grew.
+static void profile_file(int fd, void *arg) {
+    const prof_arg_t *a = arg;
+    uint64_t r[2]; // disk bytes/s, VmHWM growth
+    const uint64_t h0 = launch_vmhwm(getpid());
+    profile_t p;
+    if (profile_node(&p, 1, a->path, 70, a->budget) != 0) _exit(5);
+    r[0] = (uint64_t)p.disk_bw;
+    r[1] = launch_vmhwm(getpid()) - h0;
+    if (write(fd, r, sizeof r) != (ssize_t)sizeof r) _exit(6);
 }
 
 // A name no other run uses.
@@ -373,6 +407,56 @@ static void test_launch_without_cgroups(void) {
     CU_ASSERT_PTR_NOT_NULL(strstr(text, "): they run without their memory limit"));
 }
 
+// The machine profile measures the disk, not the page cache: reading 64 MiB of a cold file charges
+// its group no page cache (O_DIRECT; a buffered read would charge all of it), and under a budget its
+// buffer is at most half of it (the process grows by that and the kernels' 8 MiB test matrix).
+static void test_profile_reads_disk(void) {
+    if (!have_memcg()) return;
+    char *dir = test_tmpdir();
+    CU_ASSERT_PTR_NOT_NULL_FATAL(dir);
+    struct statfs fs;
+    if (statfs(dir, &fs) == 0 && fs.f_type == TMPFS_MAGIC) {
+        fprintf(stderr, "(skipped: %s is tmpfs, it has no disk) ", dir);
+        test_rm_dir(dir);
+        return;
+    }
+    char path[600], name[64], err[512];
+    snprintf(path, sizeof path, "%s/model.bin", dir);
+    const uint64_t size = 96 * MIB;
+    const uint64_t budgets[] = {16 * MIB, 0};
+    for (int i = 0; i < 2; i++) {
+        CU_ASSERT_EQUAL_FATAL(cold_file(path, size), 0);
+        group_name(name, sizeof name, budgets[i] ? "profile-budget" : "profile");
+        memcg_t *g = NULL;
+        CU_ASSERT_EQUAL_FATAL(memcg_new(&g, name, 0, err, sizeof err), 0);
+        prof_arg_t a = {path, budgets[i]};
+        uint64_t r[2]; // disk bytes/s, VmHWM growth
+        const int st = run_in_group(g, profile_file, &a, r);
+        CU_ASSERT(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        const uint64_t peak = memcg_peak(g);
+        CU_ASSERT(r[0] > 0);
+        if (budgets[i]) {
+            CU_ASSERT(r[1] <= budgets[i] / 2 + 8 * MIB + SELF_ROOM); // its buffer, the test matrix, the rest
+            CU_ASSERT(peak < 48 * MIB); // no 64 MiB of page cache (nor anything near it)
+        } else {
+            CU_ASSERT(r[1] >= 64 * MIB); // the full buffer: the bound above means something
+            CU_ASSERT(peak < 64 * MIB + 8 * MIB + 2 * SELF_ROOM); // its buffer, no 64 MiB of page cache besides
+        }
+        fprintf(stderr, "\n  budget %llu MiB: disk %.0f MB/s, VmHWM +%.1f MiB, group peak %.1f MiB ",
+                (unsigned long long)(budgets[i] / MIB), (double)r[0] / 1e6, (double)r[1] / MIB, (double)peak / MIB);
+        memcg_destroy(&g);
+    }
+    // A file that cannot be read gives no disk figure (and no error: the rest is measured).
+    snprintf(path, sizeof path, "%s/missing.bin", dir);
+    profile_t p;
+    CU_ASSERT_EQUAL(profile_node(&p, 1, path, 20, 0), 0);
+    CU_ASSERT_EQUAL(p.disk_bw, 0);
+    CU_ASSERT(p.n_types > 0 && p.mem_bw > 0);
+    snprintf(path, sizeof path, "%s/model.bin", dir);
+    unlink(path);
+    test_rm_dir(dir);
+}
+
 // --- suite
 
 int test_memcg_suite(void) {
@@ -390,6 +474,7 @@ int test_memcg_suite(void) {
         {"groups of gone runs are swept", test_sweep, true},
         {"launch_local: one group per worker, removed at reap", test_launch_groups, true},
         {"launch_local without cgroups: says so, runs", test_launch_without_cgroups, false},
+        {"the machine profile reads the disk, its buffer within the budget", test_profile_reads_disk, true},
     };
     char why[512];
     const bool have = memcg_probe(NULL, 0, why, sizeof why) > 0;

@@ -18,6 +18,7 @@
 #include "coordinator/cli/mem_report.h"
 #include "coordinator/runtime/generate.h"
 #include "core/err.h"
+#include "core/sha256.h"
 #include "core/rng.h"
 #include "offload/attn.h"
 #include "worker/model/model.h"
@@ -367,12 +368,22 @@ int cmd_bench(int argc, char **argv) {
             } else {
                 const char *eps[LAUNCH_MAX];
                 int nw = 0;
+                uint8_t sha[32];       // the model's SHA-256 with --local (hashed once for every process)
+                char sha_hex[65] = ""; // ... in hex, for the workers' command lines
                 char *list = a.workers ? strdup(a.workers) : NULL;
                 if (a.local > 0) {
+                    // hashed once here for the coordinator and the workers
+                    if (sha256_file(a.models[mi], sha, err, sizeof err) != 0) {
+                        fprintf(stderr, "meshlm bench: %s\n", err);
+                        free(list);
+                        code = 1;
+                        continue;
+                    }
+                    sha256_hex(sha, sha_hex);
                     lw = calloc(1, sizeof *lw);
                     launch_opts_t lo2 = {.model_path = a.models[mi], .n_threads = a.threads[ti], .tcp = a.local_tcp,
                                          .mem_budget = a.lay.mem_budget, .mem_limit = layout_args_local_mem(&a.lay),
-                                         .extra_argv = a.ex.argv, .n_extra = a.ex.n_argv};
+                                         .extra_argv = a.ex.argv, .n_extra = a.ex.n_argv, .model_sha256 = sha_hex};
                     if (!lw || launch_local(lw, a.local, &lo2, err, sizeof err) != 0) {
                         fprintf(stderr, "meshlm bench: %s\n", err);
                         free(lw);
@@ -394,7 +405,8 @@ int cmd_bench(int argc, char **argv) {
                     code = 1;
                     continue;
                 }
-                cluster_opts_t co = {.model_path = a.models[mi], .workers = eps, .n_workers = nw, .speeds = a.speeds,
+                cluster_opts_t co = {.model_path = a.models[mi], .model_sha256 = lw ? sha : NULL, .workers = eps,
+                                     .n_workers = nw, .speeds = a.speeds,
                                      .coordinator_shard = a.coord_shard, .n_ctx = need, .n_threads = a.threads[ti],
                                      .mem_budget = a.lay.mem_budget,
                                      .weights = expert_args_provider(&a.ex, wname, sizeof wname),

@@ -19,6 +19,7 @@
 #include "coordinator/runtime/generate.h"
 #include "core/err.h"
 #include "offload/attn.h"
+#include "core/sha256.h"
 #include "worker/model/model.h"
 #include "worker/text/tokenizer.h"
 
@@ -278,6 +279,8 @@ static int run_main(run_args_t *ap) {
     const model_t *mm = NULL; // the model whose metadata and tokenizer we use
     const char *eps[LAUNCH_MAX]; // (n_workers) worker endpoints
     int n_workers = 0;
+    uint8_t sha[32];          // the model's SHA-256 with --local (hashed once for every process)
+    char sha_hex[65] = "";    // ... in hex, for the workers' command lines
     // a.lay.mem_budget is this process's own budget too (single node or --coordinator-shard): a share
     // that does not fit it streams through the weight window (offload/weights.h).
     if (!distributed && a.faults) {
@@ -302,11 +305,19 @@ static int run_main(run_args_t *ap) {
         }
     } else {
         if (a.local > 0) {
+            // The model is hashed once here for the coordinator and its workers (a 39 GB file took
+            // minutes when five processes hashed it at once).
+            if (sha256_file(a.g.model, sha, err, sizeof err) != 0) {
+                fprintf(stderr, "meshlm run: %s\n", err);
+                goto out;
+            }
+            sha256_hex(sha, sha_hex);
             lw = calloc(1, sizeof *lw);
             launch_opts_t lo = {.model_path = a.local_no_model ? NULL : a.g.model, .cache_dir = a.cache_dir,
                                 .n_threads = a.g.n_threads, .tcp = a.local_tcp, .verbose = a.verbose,
                                 .mem_budget = a.lay.mem_budget, .mem_limit = layout_args_local_mem(&a.lay),
-                                .extra_argv = a.ex.argv, .n_extra = a.ex.n_argv};
+                                .extra_argv = a.ex.argv, .n_extra = a.ex.n_argv,
+                                .model_sha256 = sha_hex, .timeout_ms = a.timeout_ms}; // the run's deadlines
             if (!lw || launch_local(lw, a.local, &lo, err, sizeof err) != 0) {
                 fprintf(stderr, "meshlm run: %s\n", err);
                 goto out;
@@ -319,7 +330,8 @@ static int run_main(run_args_t *ap) {
         }
         // The schedule's spec (with its board) goes into $MESHLM_FAULTS, which the cluster hands on.
         if (fault_args_setup(&fa, a.faults, lw, n_workers, true, "run") != 0) goto out;
-        cluster_opts_t co = {.model_path = a.g.model, .workers = eps, .n_workers = n_workers, .speeds = a.speeds,
+        cluster_opts_t co = {.model_path = a.g.model, .model_sha256 = a.local > 0 ? sha : NULL, .workers = eps,
+                             .n_workers = n_workers, .speeds = a.speeds,
                              .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
                              .mem_budget = a.lay.mem_budget,
                              .weights = expert_args_provider(&a.ex, wname, sizeof wname), .expert_skip = a.ex.skip,
@@ -341,7 +353,7 @@ static int run_main(run_args_t *ap) {
         if (plan_left_out(cluster_plan(cl), a.coord_shard ? 1 : 0, "workers", line, sizeof line) > 0)
             fprintf(stderr, "meshlm: %s\n", line);
         if (a.verbose) plan_print(cluster_plan(cl), model_gguf(mm), stderr);
-        else if (a.show_plan) plan_print_brief(cluster_plan(cl), stderr);
+        if (a.show_plan) plan_print_brief(cluster_plan(cl), stderr);
     }
     if ((rc = tokenizer_from_gguf(&tok, model_gguf(mm), err, sizeof err)) != 0) {
         fprintf(stderr, "meshlm run: tokenizer: %s\n", err[0] ? err : mlm_strerror(rc));

@@ -1,4 +1,5 @@
 // meshlm worker: serve shards of a model to a coordinator until told to exit.
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -27,6 +28,7 @@ static void worker_usage(FILE *f) {
             "  --listen ENDPOINT    control endpoint: tcp://HOST:PORT (data plane on PORT+1) or ipc:///PATH\n"
             "  -m, --model FILE     a local copy of the model (without it, slices come from the coordinator\n"
             "                       once and are kept in the cache)\n"
+            "  --model-sha256 HEX   the model file's SHA-256, known already (not hashed again at start)\n"
             "  --cache-dir DIR      where received shards are kept (default $MESHLM_CACHE or ~/.cache/meshlm)\n"
             "  --name ID            this worker's name in plans (default worker-PID)\n"
             "  -t, --threads N      compute threads (default: all cores)\n"
@@ -113,14 +115,15 @@ static int worker_join(worker_reg_t *w, node_opts_t *o, const char *url, bool st
     if ((rc = registry_beater_start(&w->beater, w->reg, m->id, 0)) != 0)
         return mlm_fail(err, errlen, rc, "%s", registry_error(w->reg));
     // The HELLO's figures, measured once: node_run takes them (and the model's hash) from here.
-    const bool measured = !o->no_profile && profile_node(&w->prof, o->n_threads, o->model_path, 300) == 0;
+    const bool measured = !o->no_profile && profile_node(&w->prof, o->n_threads, o->model_path, 300, o->mem_budget) == 0;
     registry_profile_from(&m->prof, measured ? &w->prof : NULL, n_cores, o->mem_budget);
     if (measured) o->profile = &w->prof;
     if (o->model_path) {
         struct stat st;
         if (stat(o->model_path, &st) != 0)
             return mlm_fail(err, errlen, MLM_EIO, "%s: %s", o->model_path, strerror(errno));
-        if ((rc = sha256_file(o->model_path, m->prof.model_sha256, err, errlen)) != 0) return rc;
+        if (o->model_sha256) memcpy(m->prof.model_sha256, o->model_sha256, 32);
+        else if ((rc = sha256_file(o->model_path, m->prof.model_sha256, err, errlen)) != 0) return rc;
         m->prof.has_model = true;
         m->prof.model_size = (uint64_t)st.st_size;
         o->model_sha256 = m->prof.model_sha256;
@@ -152,6 +155,19 @@ static void worker_leave(worker_reg_t *w) {
     registry_destroy(&w->reg);
 }
 
+// 64 hex digits into 32 bytes. 0 or -1.
+static int parse_sha256(const char *hex, uint8_t out[32]) {
+    if (strlen(hex) != 64) return -1;
+    for (int i = 0; i < 32; i++) {
+        unsigned v;
+        if (!isxdigit((unsigned char)hex[2 * i]) || !isxdigit((unsigned char)hex[2 * i + 1]) ||
+            sscanf(hex + 2 * i, "%2x", &v) != 1)
+            return -1;
+        out[i] = (uint8_t)v;
+    }
+    return 0;
+}
+
 // --- public API
 
 int cmd_worker(int argc, char **argv) {
@@ -163,9 +179,10 @@ int cmd_worker(int argc, char **argv) {
         {"no-profile", no_argument, 0, 'P'}, {"registry", required_argument, 0, 'R'},
         {"standby", no_argument, 0, 'S'}, {"registry-ttl", required_argument, 0, 'L'},
         {"advertise", required_argument, 0, 'A'}, {"kv-device", required_argument, 0, 'K'}, CURVE_ARGS_LONGOPTS,
-        EXPERT_ARGS_LONGOPTS,
+        EXPERT_ARGS_LONGOPTS, {"model-sha256", required_argument, 0, 'H'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     curve_args_t ca = {0};
+    uint8_t sha[32]; // --model-sha256
     node_opts_t o = {0};
     expert_args_t ex;
     char wname[96]; // the expert cache's provider name
@@ -199,6 +216,13 @@ int cmd_worker(int argc, char **argv) {
         case 'S': standby = true; break;
         case 'A': advertise = optarg; break;
         case 'K': o.kv_device = optarg; break;
+        case 'H':
+            if (parse_sha256(optarg, sha) != 0) {
+                fprintf(stderr, "meshlm worker: bad --model-sha256 '%s' (want 64 hex digits)\n", optarg);
+                return 2;
+            }
+            o.model_sha256 = sha;
+            break;
         case 'L':
             reg_ttl = atoi(optarg);
             if (reg_ttl < 30) {

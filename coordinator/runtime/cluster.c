@@ -260,9 +260,12 @@ static void pick_candidates(cluster_t *c) {
         }
 }
 
-// This machine's figures, measured once.
+// This machine's figures, measured once; with local workers also its disk (they stream from the
+// coordinator's model file on this machine's disk).
 static const profile_t *here_profile(cluster_t *c) {
-    if (c->here_state == 0) c->here_state = profile_node(&c->here, c->o.n_threads, NULL, 300) == 0 ? 1 : -1;
+    const char *disk = c->o.local_profile ? c->o.model_path : NULL;
+    if (c->here_state == 0)
+        c->here_state = profile_node(&c->here, c->o.n_threads, disk, 300, c->o.mem_budget) == 0 ? 1 : -1;
     return c->here_state > 0 ? &c->here : NULL;
 }
 
@@ -305,6 +308,7 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
         if (!h->n_speeds && c->o.local_profile && here) { // a local worker: this machine's figures
             nd->gflops = profile_gflops(here, t);
             nd->mem_bw = here->mem_bw;
+            if (!nd->disk_bw) nd->disk_bw = here->disk_bw;
         }
         if (measured) nd->speed = nd->gflops;
     }
@@ -674,7 +678,8 @@ int cluster_new(cluster_t **out, const cluster_opts_t *o, char *err, size_t errl
     }
     // Emulated links ($MESHLM_FAULTS) apply to the channels this side makes (the link, ZeroMQ data).
     if (rc == 0 && !o->control) rc = fault_from_env(&c->faults, err, errlen);
-    if (rc == 0 && !o->same_file) rc = sha256_file(o->model_path, c->sha, err, errlen);
+    if (rc == 0 && !o->same_file && o->model_sha256) memcpy(c->sha, o->model_sha256, 32);
+    else if (rc == 0 && !o->same_file) rc = sha256_file(o->model_path, c->sha, err, errlen);
     model_load_opts_t flo = {.repack = false};
     if (rc == 0) rc = model_load(&c->full, o->model_path, &flo, err, errlen);
     if (rc == 0 && o->control) {

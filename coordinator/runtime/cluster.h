@@ -14,6 +14,7 @@
 
 typedef struct {
     const char *model_path;          // the GGUF the coordinator has
+    const uint8_t *model_sha256;     // (32) its SHA-256 when the caller has it (not hashed again), or NULL
     const char *const *workers;      // (n_workers) control endpoints of running workers (the link backend)
     int n_workers;
     comm_t *control;                 // instead of workers: a ready control comm whose rank 0 is this

@@ -602,7 +602,7 @@ int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen) {
         n.have_sha = true;
     }
     if (o->profile) n.prof = *o->profile;
-    else if (!o->no_profile && profile_node(&n.prof, o->n_threads, o->model_path, 300) == 0 && o->verbose) {
+    else if (!o->no_profile && profile_node(&n.prof, o->n_threads, o->model_path, 300, o->mem_budget) == 0 && o->verbose) {
         fprintf(stderr, "[%s] profile: %.1f GB/s memory, %.1f GFLOP/s Q4_0, %.1f GFLOP/s Q8_0, disk %.0f MB/s\n",
                 n.node_id, n.prof.mem_bw / 1e9, profile_gflops(&n.prof, QT_Q4_0), profile_gflops(&n.prof, QT_Q8_0),
                 n.prof.disk_bw / 1e6);

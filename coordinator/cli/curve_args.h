@@ -10,7 +10,7 @@ typedef struct {
     curve_conf_t conf;        // read by curve_args_load
 } curve_args_t;
 
-enum { CA_KEY = 1300, CA_PEERS };
+enum { CA_KEY = 1500, CA_PEERS }; // option ids: above GA_ (1000), LA_ (1200), FA_ (1300), EA_ (1400)
 
 #define CURVE_ARGS_LONGOPTS {"curve-key", required_argument, 0, CA_KEY}, {"curve-peers", required_argument, 0, CA_PEERS}
 

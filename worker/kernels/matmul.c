@@ -298,6 +298,10 @@ void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq
                          y + r0, y_stride, w->cols, tiled);
         return;
     }
+    if (w->type == QT_Q8_0 && nt == 1 && isa_is(k, "avx512")) {
+        mmv_q8_0_avx512(w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, y + r0, w->cols);
+        return;
+    }
     if (w->type == QT_Q8_0 && nt >= 2 && isa_is(k, "avx512")) { // batches: rows x tokens tiles; decode: vec_dot
         mmq_q8_0_avx512(w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt, y + r0, y_stride,
                         w->cols);

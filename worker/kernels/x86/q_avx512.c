@@ -605,6 +605,53 @@ void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x
     for (; r < nr; r++) q8_0_rows(w + (size_t)r * wrow, wrow, x, xs, nt, y + r, ys, nb, 1);
 }
 
+// --- plain Q8_0 rows x one activation row (decode)
+//
+// Each output in vec_dot_q8_0's order and bits: lane L of block b is the exact integer
+// sum_k w[4L+k] * x[4L+k], formed as dpbusd(-128 * sum_k x[4L+k], w ^ 0x80, x) (w ^ 0x80 = w + 128 is
+// unsigned), so a (row, block) costs one xor and one dpbusd instead of abs, sign and dpbusd; the
+// correction depends on the activation only and is formed once per block for Q8_DEC_R rows, which also
+// share the activation load and its scale; then fma(dw * dx, float(lanes), acc) per row as the reference.
+
+#ifndef Q8_DEC_R
+#define Q8_DEC_R 8 // weight rows per pass over the activation row
+#endif
+
+AI void q8_0_dec_tile(const uint8_t *w, size_t wrow, const block_q8_0 *x, const int R, float *y, int64_t nb) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[Q8_DEC_R];
+    const block_q8_0 *wr[Q8_DEC_R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_setzero_ps();
+        wr[r] = (const block_q8_0 *)(w + (size_t)r * wrow);
+    }
+    // the R rows' block scales come in one gather (the dword at each block's start: d, then 2 quants)
+    const __m256i rowoff = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)wrow));
+    const __mmask8 rmask = (__mmask8)((1u << R) - 1u);
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, xv));
+        const __m256i dw16 = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), rmask, rowoff, (const int *)(w + (size_t)b * sizeof(block_q8_0)), 1);
+        const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(dw16)), _mm256_set1_ps(f16_to_f32(x[b].d)));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const __m256i wu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wr[r][b].qs), flip);
+            const __m256i p = _mm256_dpbusd_epi32(corr, wu, xv);
+            acc[r] = _mm256_fmadd_ps(_mm256_permutexvar_ps(_mm256_set1_epi32(r), sc), _mm256_cvtepi32_ps(p), acc[r]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) y[r] = hsum8_ps(acc[r]);
+}
+
+void mmv_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, float *y, int64_t n) {
+    const int64_t nb = n / QK8_0;
+    int64_t r = 0;
+    for (; r + Q8_DEC_R <= nr; r += Q8_DEC_R) q8_0_dec_tile(w + (size_t)r * wrow, wrow, (const block_q8_0 *)x, Q8_DEC_R, y + r, nb);
+    for (; r < nr; r++) q8_0_dec_tile(w + (size_t)r * wrow, wrow, (const block_q8_0 *)x, 1, y + r, nb);
+}
+
 // --- plain float rows: R weight rows x T activation rows register tile
 
 AI void float_tile(qtype_t type, const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, const int R, const int T,
@@ -675,8 +722,43 @@ AI float float_dot_vd(qtype_t type, const uint8_t *w, const uint8_t *x, int64_t 
     return (float)sd;
 }
 
+// F16 rows x one F16 activation row in float_dot_vd's order and bits, 4 rows per pass: each 64-element
+// step converts the activation once for the 4 rows (decode reads the weights once; this halves the
+// conversions per weight byte).
+static void f16_dot_vd_rows4(const uint8_t *w, size_t wrow, const uint8_t *x, float *y, int64_t n) {
+    __m512 a[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) a[r][j] = _mm512_setzero_ps();
+    const int64_t np = n & ~(int64_t)63;
+    for (int64_t i = 0; i < np; i += 64) {
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) xv[j] = load_as_f32(QT_F16, x, i + 16 * j, 0xffff);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++)
+                a[r][j] = _mm512_fmadd_ps(load_as_f32(QT_F16, w + (size_t)r * wrow, i + 16 * j, 0xffff), xv[j], a[r][j]);
+    }
+    for (int r = 0; r < 4; r++) {
+        const float head = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][2]), _mm512_add_ps(a[r][1], a[r][3])));
+        double sd = head;
+        const mlm_f16_t *wr = (const mlm_f16_t *)(w + (size_t)r * wrow), *xr = (const mlm_f16_t *)x;
+        for (int64_t i = np; i < n; i++) sd += (double)(f16_to_f32(wr[i]) * f16_to_f32(xr[i]));
+        y[r] = (float)sd;
+    }
+}
+
 void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
                       float *y, size_t ys, int64_t n, bool tiled) {
+    if (!tiled && type == QT_F16 && nt == 1) {
+        int64_t r = 0;
+        for (; r + 4 <= nr; r += 4) f16_dot_vd_rows4(w + (size_t)r * wrow, wrow, x, y + r, n);
+        for (; r < nr; r++) y[r] = float_dot_vd(QT_F16, w + (size_t)r * wrow, x, n);
+        return;
+    }
     if (!tiled && type != QT_BF16) {
         for (int t = 0; t < nt; t++)
             for (int64_t r = 0; r < nr; r++)

@@ -86,6 +86,10 @@ void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, c
 void mmp_float_avx2(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
                     float *y, size_t ys, int64_t n, bool tiled);
 
+// Plain Q8_0 rows times one Q8_0 activation row x (n elements): y[r] for r < nr, each the bits of
+// vec_dot_q8_0 (decode: several rows per pass share each activation block).
+void mmv_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, float *y, int64_t n);
+
 // Plain Q8_0 rows times Q8_0 activation rows (n elements): y[t * ys + r] for r < nr, t < nt, each
 // output in llama.cpp's vec_dot_q8_0 order (8 lanes, one fma chain), register-tiled 2 rows x 4 tokens.
 void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,

@@ -132,6 +132,38 @@ badreq 401 "a wrong key" -H 'Authorization: Bearer nope' "$u/v1/completions" -d 
 check "the right key: 200" $?
 kill "$srv_pid"
 
+# --- under mpirun: every rank computes, rank 0 serves
+if command -v mpirun >/dev/null; then
+  rm -f "$dir/mpi.port"
+  timeout 300 mpirun --allow-run-as-root --oversubscribe --bind-to none -np 2 "$bin" serve --mpi -m "$m" --port 0 \
+    --port-file "$dir/mpi.port" -t 1 >"$dir/mpi.log" 2>&1 &
+  mpi_pid=$!
+  for _ in $(seq 600); do [ -s "$dir/mpi.port" ] && break; sleep 0.05; done
+  post "http://127.0.0.1:$(cat "$dir/mpi.port" 2>/dev/null || echo 1)/v1/completions" \
+    -d '{"prompt":"Once upon a time","max_tokens":40,"temperature":0}' | json "d['meshlm']['tokens']" | cmp -s - "$dir/run.tok"
+  check "serve --mpi on 2 ranks: greedy completion = meshlm run --greedy" $? "$(tail -5 "$dir/mpi.log")"
+  kill -TERM "$mpi_pid"
+  timeout 60 tail --pid="$mpi_pid" -f /dev/null
+  ! kill -0 "$mpi_pid" 2>/dev/null; check "SIGTERM ends the mpirun job (every rank)" $?
+fi
+
+# --- workers found in a registry (a real redis-server, as CI starts on 6379)
+if command -v redis-cli >/dev/null && redis-cli -p 6379 ping >/dev/null 2>&1; then
+  url="redis://127.0.0.1:6379/0?prefix=mlserve$$"
+  for i in 1 2; do
+    "$bin" worker --listen "ipc://$dir/rw$i" -m "$m" --name "sw$i" --no-profile -t 1 --registry "$url" >"$dir/rw$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for _ in $(seq 50); do [ "$("$bin" nodes --registry "$url" --json 2>/dev/null | grep -o '"idle"' | wc -l)" = 2 ] && break; sleep 0.1; done
+  start reg --registry "$url" --keep-all
+  post "http://127.0.0.1:$port/v1/completions" -d '{"prompt":"Once upon a time","max_tokens":40,"temperature":0}' |
+    json "d['meshlm']['tokens']" | cmp -s - "$dir/run.tok"
+  check "serve --registry (2 workers found in Redis): greedy completion = meshlm run --greedy" $? "$(tail -5 "$dir/reg.log")"
+  "$bin" nodes --registry "$url" --plan 2>&1 | grep -q "sw2"; check "the plan is published in the registry" $?
+  kill "$srv_pid"
+  redis-cli -p 6379 --scan --pattern "mlserve$$*" | xargs -r redis-cli -p 6379 del >/dev/null
+fi
+
 # --- a cluster of 3 local workers; each link message delayed 1 ms so requests last a while
 export MESHLM_FAULTS="delay:link=*:ms=1"
 start three --local 3 --parallel 1 --queue 1 --tp 3 --keep-all

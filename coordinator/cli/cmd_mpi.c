@@ -11,6 +11,7 @@
 #include "coordinator/cli/cli.h"
 #include "coordinator/cli/gen_args.h"
 #include "coordinator/cli/layout_args.h"
+#include "coordinator/cli/mpi_ranks.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/runtime/generate.h"
 #include "core/clock.h"
@@ -224,42 +225,14 @@ int cmd_mpi(int argc, char **argv) {
         gen_args_free(&a.g);
         return prc < 0 ? 0 : 2;
     }
-    // The comm is used only from this thread, but model threads exist: SERIALIZED is what we ask.
-    int provided = MPI_THREAD_SINGLE;
-    if (MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS) {
-        fprintf(stderr, "meshlm mpi: MPI_Init_thread failed\n");
+    comm_t *comm = NULL, *data = NULL; // control and data communicators
+    if (mpi_ranks_open(&comm, &data, a.timeout_ms) != 0) {
+        mpi_ranks_close(&comm, &data, 1);
+        gen_args_free(&a.g);
         return 1;
     }
-    char err[512] = "";
-    comm_t *comm = NULL;
-    comm_open_opts_t mo = {.timeout_ms = a.timeout_ms};
-    int rc = comm_open(&comm, "mpi", &mo, err, sizeof err);
-    if (rc != 0) { // no comm to tell the others through: the last resort ends the whole job
-        int me = -1;
-        MPI_Comm_rank(MPI_COMM_WORLD, &me);
-        fprintf(stderr, "meshlm mpi: rank %d: %s\n", me, err[0] ? err : mlm_strerror(rc));
-        MPI_Abort(MPI_COMM_WORLD, 1);
-        return 1;
-    }
-    // Control messages and the data plane each get their own communicator.
-    int code;
-    comm_t *data = NULL;
-    rc = comm_open(&data, "mpi", &mo, err, sizeof err);
-    if (rc != 0) {
-        fprintf(stderr, "meshlm mpi: rank %d: %s\n", comm_rank(comm), err);
-        code = 1;
-    } else {
-        code = comm_rank(comm) == 0 ? lead(comm, data, &a) : follow(&comm, data, &a);
-    }
-    comm_destroy(&data);
-    const int size = comm_size(comm);
-    comm_destroy(&comm); // flushes the failure notices (linger) before a possible abort
-    if (code != 0 && size > 1) {
-        // MPI_Finalize waits for every rank; one that is frozen or stuck would hang this one. The
-        // failure is reported and the others were told: the last resort ends the job non-zero.
-        MPI_Abort(MPI_COMM_WORLD, code);
-    }
-    MPI_Finalize();
+    const int code = comm_rank(comm) == 0 ? lead(comm, data, &a) : follow(&comm, data, &a);
+    mpi_ranks_close(&comm, &data, code);
     gen_args_free(&a.g);
     return code;
 }

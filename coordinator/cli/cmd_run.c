@@ -16,6 +16,7 @@
 #include "coordinator/cli/expert_args.h"
 #include "coordinator/cli/layout_args.h"
 #include "coordinator/cli/mem_report.h"
+#include "coordinator/cli/reg_workers.h"
 #include "coordinator/runtime/generate.h"
 #include "core/err.h"
 #include "offload/attn.h"
@@ -154,55 +155,6 @@ static int split_list(char *s, const char **out, int max) {
 
 static int run_main(run_args_t *a);
 
-// --registry: the live workers' endpoints, then the live standbys' (they join plans only to replace
-// lost workers), as a --workers list; *n_standby gets the standbys' count. 0 or MLM_E* (message printed).
-static int workers_from_registry(const char *url, const char *cmd, char **list, int *n_standby, registry_t **out) {
-    char err[512];
-    int rc = registry_open(out, url, err, sizeof err);
-    registry_member_t *m = NULL;
-    int n = 0;
-    if (rc == 0) rc = registry_list(*out, &m, &n);
-    if (rc != 0) {
-        fprintf(stderr, "meshlm %s: registry %s: %s\n", cmd, url, *out ? registry_error(*out) : err);
-        return rc;
-    }
-    size_t cap = 1, used = 0;
-    for (int i = 0; i < n; i++) cap += strlen(m[i].endpoint) + 1;
-    *list = calloc(1, cap);
-    int workers = 0;
-    *n_standby = 0;
-    for (int pass = 0; *list && pass < 2; pass++) // workers first, then standbys
-        for (int i = 0; i < n; i++) {
-            const registry_member_t *x = &m[i];
-            const bool want = pass == 0 ? x->role == REGISTRY_ROLE_WORKER : x->role == REGISTRY_ROLE_STANDBY;
-            if (!want || x->state == REGISTRY_STATE_LOST || !x->endpoint[0]) continue;
-            used += (size_t)snprintf(*list + used, cap - used, "%s%s", used ? "," : "", x->endpoint);
-            if (pass == 0) workers++;
-            else (*n_standby)++;
-        }
-    free(m);
-    if (!*list) return MLM_ENOMEM;
-    if (workers == 0) {
-        fprintf(stderr, "meshlm %s: registry %s lists no live worker (meshlm nodes --registry %s)\n", cmd, url, url);
-        return MLM_ENOTFOUND;
-    }
-    fprintf(stderr, "meshlm: registry %s: %d worker(s) and %d standby(s)\n", url, workers, *n_standby);
-    return 0;
-}
-
-// Publishes the plan in the registry (best effort: a failure is a warning); a cluster_opts_t.on_plan.
-static void publish_plan(void *arg, const plan_t *p) {
-    registry_t *r = arg;
-    char *text = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&text, &len);
-    if (!f) return;
-    plan_file_write(p, f);
-    fclose(f);
-    if (registry_publish_plan(r, text) != 0) fprintf(stderr, "meshlm: registry: cannot publish the plan: %s\n", registry_error(r));
-    free(text);
-}
-
 // After a failure: names the local workers that have died, and how (the OOM killer of their cgroup).
 static void say_dead_workers(launch_t *lw) {
     char why[2048];
@@ -219,7 +171,7 @@ static int run_command(int argc, char **argv, const char *cmd) {
         fprintf(stderr, "meshlm %s: use one of --registry URL, --workers LIST and --local N\n", cmd ? cmd : "run");
         prc = 1;
     } else if (prc == 0 && a.registry) {
-        prc = workers_from_registry(a.registry, cmd ? cmd : "run", &a.workers, &n_standby, &reg) == 0 ? 0 : 1;
+        prc = reg_workers_find(a.registry, cmd ? cmd : "run", &a.workers, &n_standby, &reg) == 0 ? 0 : 1;
         a.lay.n_standby += n_standby;
         a.reg = reg;
     }
@@ -340,7 +292,7 @@ static int run_main(run_args_t *ap) {
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                              .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                              .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
-                             .on_plan = a.reg ? publish_plan : NULL, .on_plan_arg = a.reg,
+                             .on_plan = a.reg ? reg_workers_publish_plan : NULL, .on_plan_arg = a.reg,
                              .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set,
                              .drop_cache = lw && lw->mem_limit && !a.local_no_model, .curve = a.curve_conf};
         if ((rc = cluster_open(&cl, &co, err, sizeof err)) != 0) {

@@ -10,6 +10,8 @@
 #include "cluster/launch.h"
 #include "coordinator/cli/cli.h"
 #include "coordinator/cli/curve_args.h"
+#include "coordinator/cli/mpi_ranks.h"
+#include "coordinator/cli/reg_workers.h"
 #include "coordinator/cli/layout_args.h"
 #include "coordinator/runtime/cluster.h"
 #include "coordinator/serve/http.h"
@@ -17,6 +19,7 @@
 #include "core/err.h"
 #include "core/fs.h"
 #include "worker/model/model.h"
+#include "worker/node/node.h"
 #include "worker/text/tokenizer.h"
 
 // --- helpers
@@ -33,7 +36,9 @@ typedef struct {
     const char *model_id;     // --model-id NAME
     int n_ctx, n_threads, n_batch;
     int local;                // --local N
-    char *workers;            // --workers LIST (owned copy)
+    char *workers;            // --workers LIST (owned copy; also filled from --registry)
+    const char *registry;     // --registry URL: the workers and standbys are found there
+    bool mpi;                 // --mpi: the ranks of an mpirun job are the cluster (rank 0 serves)
     int timeout_ms;
     bool verbose;
     const char *port_file;    // --port-file FILE: the port written once listening (for scripts)
@@ -43,7 +48,8 @@ typedef struct {
 
 static void serve_usage(FILE *f) {
     fprintf(f,
-            "usage: meshlm serve -m FILE [--local N | --workers LIST] [options]\n"
+            "usage: meshlm serve -m FILE [--local N | --workers LIST | --registry URL] [options]\n"
+            "       mpirun -np N meshlm serve --mpi -m FILE [options]\n"
             "OpenAI-compatible HTTP API: POST /v1/completions, POST /v1/chat/completions (\"stream\": true for\n"
             "server-sent events), GET /v1/models, /health, /metrics (Prometheus text), / (status page).\n"
             "  -m, --model FILE        GGUF model\n"
@@ -62,6 +68,10 @@ static void serve_usage(FILE *f) {
             "cluster:\n"
             "      --local N           start N worker processes on this machine\n"
             "      --workers LIST      comma-separated worker endpoints (tcp://HOST:PORT or ipc:///PATH)\n"
+            "      --registry URL      the workers and standbys of a node registry (redis://HOST:PORT); the plan\n"
+            "                          is published there\n"
+            "      --mpi               under mpirun: every rank computes a share, rank 0 serves HTTP (MPI is for\n"
+            "                          trusted networks only: nothing on it is authenticated)\n"
             "      --timeout MS        deadline of each exchange (default 30000)\n"
             "      --verbose           cluster progress on stderr\n"
             LAYOUT_MEM_USAGE LAYOUT_FAULT_USAGE LAYOUT_ARGS_USAGE CURVE_ARGS_USAGE,
@@ -69,7 +79,7 @@ static void serve_usage(FILE *f) {
 }
 
 enum { O_HOST = 2000, O_PORT, O_PARALLEL, O_QUEUE, O_KEY, O_KEYFILE, O_CHAT, O_ID, O_LOCAL, O_WORKERS, O_TIMEOUT,
-       O_VERBOSE, O_PORTFILE };
+       O_VERBOSE, O_PORTFILE, O_REGISTRY, O_MPI };
 
 static int int_arg(const char *s, const char *name, int lo, int hi, int *out) {
     char *end;
@@ -94,7 +104,8 @@ static int parse_args(int argc, char **argv, serve_args_t *a) {
         {"chat-template", required_argument, 0, O_CHAT}, {"model-id", required_argument, 0, O_ID},
         {"local", required_argument, 0, O_LOCAL}, {"workers", required_argument, 0, O_WORKERS},
         {"timeout", required_argument, 0, O_TIMEOUT}, {"verbose", no_argument, 0, O_VERBOSE},
-        {"port-file", required_argument, 0, O_PORTFILE}, {"help", no_argument, 0, 'h'},
+        {"port-file", required_argument, 0, O_PORTFILE}, {"registry", required_argument, 0, O_REGISTRY},
+        {"mpi", no_argument, 0, O_MPI}, {"help", no_argument, 0, 'h'},
         LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS, CURVE_ARGS_LONGOPTS, {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->port = 8080;
@@ -148,6 +159,8 @@ static int parse_args(int argc, char **argv, serve_args_t *a) {
         case O_TIMEOUT: bad = int_arg(optarg, "--timeout", 1, 3600000, &a->timeout_ms); break;
         case O_VERBOSE: a->verbose = true; break;
         case O_PORTFILE: a->port_file = optarg; break;
+        case O_REGISTRY: a->registry = optarg; break;
+        case O_MPI: a->mpi = true; break;
         case 'h': serve_usage(stdout); return -1;
         default: serve_usage(stderr); return 1;
         }
@@ -161,8 +174,8 @@ static int parse_args(int argc, char **argv, serve_args_t *a) {
         fprintf(stderr, "meshlm serve: -m FILE is required\n");
         return 1;
     }
-    if (a->local && a->workers) {
-        fprintf(stderr, "meshlm serve: use one of --local N and --workers LIST\n");
+    if ((a->local > 0) + (a->workers != NULL) + (a->registry != NULL) + a->mpi > 1) {
+        fprintf(stderr, "meshlm serve: use one of --local N, --workers LIST, --registry URL and --mpi\n");
         return 1;
     }
     return 0;
@@ -187,11 +200,29 @@ static int serve_main(serve_args_t *a) {
     const model_t *mm = NULL;
     const char *eps[LAUNCH_MAX];
     int n_workers = 0;
-    const bool distributed = a->local > 0 || a->workers;
+    registry_t *reg = NULL;
+    comm_t *ctl = NULL, *data = NULL; // --mpi: the control and data communicators
+    if (a->registry) {
+        int n_standby = 0;
+        if (reg_workers_find(a->registry, "serve", &a->workers, &n_standby, &reg) != 0) goto out;
+        a->lay.n_standby += n_standby;
+    }
+    if (a->mpi && mpi_ranks_open(&ctl, &data, a->timeout_ms) != 0) goto out;
+    if (ctl && comm_rank(ctl) > 0) { // a rank that computes its share for rank 0
+        char id[32];
+        snprintf(id, sizeof id, "rank-%d", comm_rank(ctl));
+        node_opts_t no = {.model_path = a->model, .same_file = true, .data = data, .node_id = id,
+                          .n_threads = a->n_threads, .timeout_ms = a->timeout_ms, .no_profile = true,
+                          .mem_budget = a->lay.mem_budget, .exit_on_peer_loss = true};
+        code = node_run(&no, &ctl, err, sizeof err) == 0 ? 0 : 1;
+        if (code != 0) fprintf(stderr, "meshlm serve: rank %d: %s\n", comm_rank(ctl), err);
+        goto out;
+    }
+    const bool distributed = a->local > 0 || a->workers || ctl;
     const curve_conf_t *curve = NULL;
     if (curve_args_load(&a->curve, "serve", &curve) != 0) goto out;
     if (curve && !a->workers) {
-        fprintf(stderr, "meshlm serve: --curve-key is for remote workers (--workers)\n");
+        fprintf(stderr, "meshlm serve: --curve-key is for remote workers (--workers or --registry)\n");
         goto out;
     }
     if (!distributed) {
@@ -213,7 +244,7 @@ static int serve_main(serve_args_t *a) {
             if (lw->cg_note[0]) fprintf(stderr, "meshlm: %s\n", lw->cg_note);
             for (int i = 0; i < lw->n; i++) eps[i] = lw->endpoint[i];
             n_workers = lw->n;
-        } else {
+        } else if (a->workers) {
             for (char *t = strtok(a->workers, ","); t && n_workers < LAUNCH_MAX; t = strtok(NULL, ",")) eps[n_workers++] = t;
         }
         cluster_opts_t co = {.model_path = a->model, .workers = eps, .n_workers = n_workers, .n_ctx = a->n_ctx,
@@ -223,7 +254,17 @@ static int serve_main(serve_args_t *a) {
                              .recover = !a->lay.no_recover, .heartbeat_ms = a->lay.heartbeat_ms,
                              .n_standby = a->lay.n_standby, .tp_mode = a->lay.tp_mode,
                              .tp_mode_set = a->lay.tp_mode_set, .drop_cache = lw && lw->mem_limit,
-                             .curve = curve};
+                             .curve = curve, .on_plan = reg ? reg_workers_publish_plan : NULL, .on_plan_arg = reg};
+        if (ctl) { // every rank computes; rank 0 leads the first stage (one tensor-parallel group by default)
+            co.workers = NULL;
+            co.n_workers = 0;
+            co.control = ctl;
+            co.data = data;
+            co.same_file = true;
+            co.coordinator_shard = true;
+            co.keep_all = true;
+            co.pp = a->lay.pp ? a->lay.pp : (a->lay.tp ? 0 : 1);
+        }
         if (cluster_open(&cl, &co, err, sizeof err) != 0) {
             fprintf(stderr, "meshlm serve: cluster: %s\n", err);
             goto out;
@@ -289,11 +330,13 @@ out:
     serve_engine_destroy(&eng);
     tokenizer_destroy(&tok);
     model_destroy(&m);
-    cluster_close(&cl, lw != NULL);
+    cluster_close(&cl, lw != NULL || ctl);
     if (lw) {
         launch_reap(lw, 5000);
         free(lw);
     }
+    registry_destroy(&reg);
+    if (a->mpi) mpi_ranks_close(&ctl, &data, code);
     return code;
 }
 

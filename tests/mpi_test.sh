@@ -94,27 +94,38 @@ fi
 # A frozen rank (SIGSTOP) makes the others miss a deadline: the job ends non-zero, it does not hang.
 tag="frozen-$$"
 m="$shared/models/synth/synth-dense-Q4_K_M.gguf"
-( sleep 2
-  victim=$(pgrep -f "meshlm mpi -m .* -p $tag" | tail -1)
-  [ -n "$victim" ] && kill -STOP "$victim"
+# The victim is a rank: its command line starts with the binary's path (timeout and mpirun carry the
+# same arguments after their own names). It is stopped once all three ranks run and have started.
+stopped="$(mktemp)"
+( victim=
+  for _ in $(seq 1 150); do
+    [ "$(pgrep -f "^$bin mpi -m .* -p $tag" | wc -l)" -ge 3 ] && { victim=$(pgrep -f "^$bin mpi -m .* -p $tag" | tail -1); break; }
+    sleep 0.2
+  done
+  [ -n "$victim" ] || exit 0
+  sleep 1
+  kill -STOP "$victim" && date +%s >"$stopped"
   sleep 25
-  [ -n "$victim" ] && kill -CONT "$victim" 2>/dev/null ) &
+  kill -CONT "$victim" 2>/dev/null ) &
 freezer=$!
-t0=$(date +%s)
-if mpirun_ -np 3 "$bin" mpi -m "$m" -p "$tag" -n 19000 -c 20000 --ignore-eos --greedy --json -t 1 --timeout 3000 \
+if timeout 90 mpirun --allow-run-as-root --oversubscribe --bind-to none -np 3 "$bin" mpi -m "$m" -p "$tag" -n 19000 -c 20000 --ignore-eos --greedy --json -t 1 --timeout 3000 \
    >"$log" 2>&1; then
   echo "mpi: a frozen rank: the run exited 0" >&2
   fail=$((fail + 1))
-elif [ $(( $(date +%s) - t0 )) -gt 20 ] || ! grep -q "deadline passed" "$log"; then
-  echo "mpi: a frozen rank: no deadline failure within 20 s" >&2
+elif [ ! -s "$stopped" ]; then
+  echo "mpi: a frozen rank: no rank was found to stop" >&2
+  fail=$((fail + 1))
+elif [ $(( $(date +%s) - $(cat "$stopped") )) -gt 20 ] || ! grep -q "deadline passed" "$log"; then
+  echo "mpi: a frozen rank: no deadline failure within 20 s of the stop" >&2
   cat "$log" >&2
   fail=$((fail + 1))
 else
-  echo "mpi: a frozen rank: the others hit their deadline, the run exits non-zero in $(( $(date +%s) - t0 )) s"
+  echo "mpi: a frozen rank: the others hit their deadline, the run exits non-zero $(( $(date +%s) - $(cat "$stopped") )) s after the stop"
   pass=$((pass + 1))
 fi
 kill "$freezer" 2>/dev/null
 wait "$freezer" 2>/dev/null
+rm -f "$stopped"
 
 echo "mpi: $pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -97,6 +97,9 @@ typedef struct {
     const model_hparams_t *hp;    // its shapes (copied)
     const shard_slice_t *slice;   // the rows to provide (checked against hp by the caller; copied)
     bool shard_file;              // g holds only those rows (a shard file), not the whole model
+    const gguf_t *cols_g;         // all-reduce slice of a whole model file: a columns file of the slice
+                                  // (shard_file_write_cols) that "window" streams the column-cut matrices
+                                  // from, contiguous, while the rest comes from g; NULL = none (borrowed)
     const kernels_t *kern;        // kernels the weights are prepared for (NULL = kernels_best())
     bool repack;                  // allow kernels to repack weights into a faster layout ("window" computes
                                   // on the file's layout and ignores it: see weights_window.c)
@@ -131,8 +134,9 @@ int weights_plan(const weights_params_t *p, plan_stream_t *st, char *err, size_t
 int weights_choose(const weights_params_t *p, const char **name, char *err, size_t errlen);
 
 // Whether the share streams under p->budget_bytes while cut by columns (all-reduce mode) from a whole
-// model file, whose column slices lie apart: "window" reads it from a shard file of the slice
-// (shard_file_write) instead, which the caller writes first. 0 with *need set, or weights_plan's refusal.
+// model file, whose column slices lie apart: "window" reads them from a columns file of the slice
+// (shard_file_write_cols, given as p->cols_g) or reads the whole share from a shard file of the slice
+// (shard_file_write), which the caller writes first. 0 with *need set, or weights_plan's refusal.
 int weights_need_shard_file(const weights_params_t *p, bool *need, char *err, size_t errlen);
 
 // Frees the provider (every unit must have been released); accepts NULL and NULLs the pointer.

@@ -33,8 +33,12 @@ static const char *const io_names[] = {"direct", "pread", "mmap"};
 
 typedef enum { B_MAT, B_VEC, B_VEC_CONV } bind_kind_t;
 
+// The files a window reads: the model (or shard) file, and an all-reduce share's columns file.
+enum { SRC_MODEL, SRC_COLS, N_SRC };
+
 // One tensor part of a unit: where it is in the file and where it lands in the unit's buffer.
 typedef struct {
+    int src;                 // which file (SRC_*)
     uint64_t off;            // file offset of its first byte
     uint64_t len;            // bytes
     size_t at;               // offset of its first byte in the unit's buffer
@@ -42,6 +46,7 @@ typedef struct {
 
 // One read: pieces next to each other in the file, widened to WIN_ALIGN boundaries.
 typedef struct {
+    int src;                 // which file (SRC_*)
     uint64_t off, len;       // file range (multiples of WIN_ALIGN)
     uint64_t need;           // bytes from off that pieces use (a read may end short of len only past them)
     size_t at;               // where it lands in the buffer (a multiple of WIN_ALIGN)
@@ -96,9 +101,12 @@ typedef struct {
     shard_slice_t slice;
     const kernels_t *kern;
     win_io_t io;
-    int fd;                  // the file (O_DIRECT for io=direct); -1 for a gguf without a file
-    uint64_t file_size;
-    const uint8_t *map;      // the file's mapping (gguf_base): token_embd, io=mmap units, files without a path
+    struct {
+        const gguf_t *g;     // NULL: no such file (SRC_COLS without p.cols_g)
+        int fd;              // open for pread (O_DIRECT for io=direct); -1 for a gguf without a file
+        uint64_t size;
+        const uint8_t *map;  // its mapping (gguf_base): token_embd, io=mmap units, files without a path
+    } f[N_SRC];
     unit_t *units;           // (n_units) plan_window's order: blocks l0..l1-1, then the output rows
     int n_units;
     int n_blocks;            // l1 - l0
@@ -129,11 +137,11 @@ typedef struct {
 
 // --- helpers: planning units
 
-static int add_piece(unit_t *u, uint64_t off, uint64_t len) {
+static int add_piece(unit_t *u, int src, uint64_t off, uint64_t len) {
     piece_t *np = realloc(u->pieces, (size_t)(u->n_pieces + 1) * sizeof *np);
     if (!np) return MLM_ENOMEM;
     u->pieces = np;
-    u->pieces[u->n_pieces] = (piece_t){.off = off, .len = len};
+    u->pieces[u->n_pieces] = (piece_t){.src = src, .off = off, .len = len};
     return u->n_pieces++;
 }
 
@@ -145,14 +153,14 @@ static int add_bind(unit_t *u, bind_t b) {
     return 0;
 }
 
-static uint64_t file_off(const win_t *w, const void *p) { return (uint64_t)((const uint8_t *)p - w->map); }
+static uint64_t file_off(const win_t *w, int src, const void *p) { return (uint64_t)((const uint8_t *)p - w->f[src].map); }
 
 // Plane `plane` of the located rows as field `field` of expert `expert` (-1: the dense part).
 static int add_matrix(win_t *w, unit_t *u, int expert, size_t field, const weights_loc_t *loc, int plane) {
     if (!loc->t || loc->r1 <= loc->r0) return 0; // this node holds none of it: the field stays zero
     const gguf_tensor_t *t = loc->t;
     const size_t rb = qtype_row_size(t->type, t->ne[0]);
-    const int pc = add_piece(u, file_off(w, weights_loc_data(loc, plane)), (uint64_t)(loc->r1 - loc->r0) * rb);
+    const int pc = add_piece(u, SRC_MODEL, file_off(w, SRC_MODEL, weights_loc_data(loc, plane)), (uint64_t)(loc->r1 - loc->r0) * rb);
     if (pc < 0) return pc;
     return add_bind(u, (bind_t){.kind = B_MAT, .piece = pc, .expert = expert, .field = field, .type = t->type,
                                 .rows = loc->r1 - loc->r0, .cols = t->ne[0]});
@@ -170,14 +178,14 @@ static int add_vector(win_t *w, unit_t *u, size_t field, const gguf_tensor_t *t,
         b.conv_at = u->conv_bytes;
         u->conv_bytes += ((size_t)n * sizeof(float) + 63) & ~(size_t)63;
     }
-    if ((b.piece = add_piece(u, file_off(w, t->data), t->nbytes)) < 0) return b.piece;
+    if ((b.piece = add_piece(u, SRC_MODEL, file_off(w, SRC_MODEL, t->data), t->nbytes)) < 0) return b.piece;
     return add_bind(u, b);
 }
 
 static int cmp_piece_off(const void *a, const void *b, void *ctx) {
-    const piece_t *p = ctx;
-    const uint64_t x = p[*(const int *)a].off, y = p[*(const int *)b].off;
-    return x < y ? -1 : x > y;
+    const piece_t *p = ctx, *x = &p[*(const int *)a], *y = &p[*(const int *)b];
+    if (x->src != y->src) return x->src < y->src ? -1 : 1;
+    return x->off < y->off ? -1 : x->off > y->off;
 }
 
 // Groups the pieces into aligned extents in file order and lays them out in the buffer.
@@ -195,11 +203,11 @@ static int lay_out(unit_t *u) {
         const uint64_t a = pc->off / WIN_ALIGN * WIN_ALIGN, end = pc->off + pc->len;
         const uint64_t b = (end + WIN_ALIGN - 1) / WIN_ALIGN * WIN_ALIGN;
         extent_t *e = u->n_ext ? &u->ext[u->n_ext - 1] : NULL;
-        if (e && a <= e->off + e->len) { // touches the previous extent: one read
+        if (e && e->src == pc->src && a <= e->off + e->len) { // touches the previous extent: one read
             if (b > e->off + e->len) e->len = b - e->off;
             if (end - e->off > e->need) e->need = end - e->off;
         } else {
-            u->ext[u->n_ext++] = (extent_t){.off = a, .len = b - a, .need = end - a};
+            u->ext[u->n_ext++] = (extent_t){.src = pc->src, .off = a, .len = b - a, .need = end - a};
         }
     }
     size_t at = 0;
@@ -211,7 +219,7 @@ static int lay_out(unit_t *u) {
     u->ext_bytes = at;
     for (int k = 0, e = 0; k < u->n_pieces; k++) { // pieces in file order meet the extents in order
         piece_t *pc = &u->pieces[order[k]];
-        while (pc->off >= u->ext[e].off + u->ext[e].len) e++;
+        while (pc->src != u->ext[e].src || pc->off >= u->ext[e].off + u->ext[e].len) e++;
         pc->at = u->ext[e].at + (size_t)(pc->off - u->ext[e].off);
     }
     free(order);
@@ -219,27 +227,31 @@ static int lay_out(unit_t *u) {
 }
 
 // An all-reduce slice's columns of matrix `name` (cols columns, rows rows, planes planes): from a
-// shard file, which holds them contiguously (every row of the columns, plane after plane), as field
-// `field` of the dense part (planes 1) or of each expert. *cut is false when the slice does not cut
-// it by columns (it is then located by rows). A model file's column slices lie at a stride, one piece
-// per row: refused (MLM_EUNSUPPORTED), the node streams from its shard file instead.
+// shard file or a columns file, which hold them contiguously (every row of the columns, plane after
+// plane), as field `field` of the dense part (planes 1) or of each expert. *cut is false when the
+// slice does not cut it by columns (it is then located by rows). A model file's column slices lie at
+// a stride, one piece per row: refused (MLM_EUNSUPPORTED), the node streams them from a columns file.
 static int add_cols(win_t *w, unit_t *u, size_t field, const char *name, int64_t cols, int64_t rows, int planes,
                     bool *cut, char *err, size_t errlen) {
     int64_t c0, c1;
     shard_tensor_cols(&w->slice, name, cols, w->hp.head_dim, &c0, &c1);
     *cut = w->slice.cols && !(c0 == 0 && c1 == cols);
-    if (!*cut || (w->p.shard_file && c1 == c0)) return 0; // not cut; or none of its columns held
-    if (!w->p.shard_file)
+    const int src = w->p.shard_file ? SRC_MODEL : SRC_COLS;
+    if (!*cut || c1 == c0) return 0; // not cut; or none of its columns held (the field stays zero)
+    if (src == SRC_COLS && !w->f[SRC_COLS].g)
         return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
-                        "%s: tensor %s: an all-reduce slice's columns are streamed from a shard file (in the "
-                        "model file each row's columns lie apart)", gguf_path(w->p.g), name);
+                        "%s: tensor %s: an all-reduce slice's columns are streamed from a columns or shard file "
+                        "(in the model file each row's columns lie apart)", gguf_path(w->p.g), name);
     int rc = 0;
-    const gguf_tensor_t *t = weights_want_tensor(&w->p, name, planes > 1 ? 3 : 2, c1 - c0, rows, planes > 1 ? planes : 0,
+    weights_params_t in = w->p; // the file that holds the columns contiguously
+    in.g = w->f[src].g;
+    in.shard_file = true;
+    const gguf_tensor_t *t = weights_want_tensor(&in, name, planes > 1 ? 3 : 2, c1 - c0, rows, planes > 1 ? planes : 0,
                                                  true, &rc, err, errlen);
     if (!t) return rc;
     const size_t plane_bytes = qtype_row_size(t->type, c1 - c0) * (size_t)rows;
     for (int e = 0; e < planes; e++) {
-        const int pc = add_piece(u, file_off(w, (const uint8_t *)t->data + (size_t)e * plane_bytes), plane_bytes);
+        const int pc = add_piece(u, src, file_off(w, src, (const uint8_t *)t->data + (size_t)e * plane_bytes), plane_bytes);
         if (pc < 0) return pc;
         if ((rc = add_bind(u, (bind_t){.kind = B_MAT, .piece = pc, .expert = planes > 1 ? e : -1, .field = field,
                                        .type = t->type, .rows = rows, .cols = c1 - c0})) != 0)
@@ -360,28 +372,31 @@ static void count_held(win_t *w) {
 
 // Reads extent e of the file into dst (io=direct / pread) or pages it in (io=mmap). 0 or MLM_EIO.
 static int read_extent(win_t *w, const extent_t *e, uint8_t *dst) {
+    const int fd = w->f[e->src].fd;
+    const uint8_t *map = w->f[e->src].map;
+    const uint64_t size = w->f[e->src].size;
     if (w->io == IO_MMAP) {
-        const uint8_t *src = w->map + e->off;
-        const size_t len = (size_t)(e->off + e->len > w->file_size ? w->file_size - e->off : e->len);
+        const uint8_t *src = map + e->off;
+        const size_t len = (size_t)(e->off + e->len > size ? size - e->off : e->len);
         (void)madvise((void *)src, len, MADV_WILLNEED);
         volatile uint8_t sink = 0;
         for (size_t i = 0; i < len; i += WIN_ALIGN) sink ^= src[i]; // wait for the pages to arrive
         (void)sink;
         return 0;
     }
-    if (w->fd < 0) { // a gguf without a file: copy from its bytes
-        const size_t len = (size_t)(e->off + e->len > w->file_size ? w->file_size - e->off : e->len);
-        memcpy(dst, w->map + e->off, len);
+    if (fd < 0) { // a gguf without a file: copy from its bytes
+        const size_t len = (size_t)(e->off + e->len > size ? size - e->off : e->len);
+        memcpy(dst, map + e->off, len);
         return 0;
     }
     uint64_t done = 0;
     while (done < e->len) {
         const size_t n = e->len - done > WIN_CHUNK ? WIN_CHUNK : (size_t)(e->len - done);
-        const ssize_t r = pread(w->fd, dst + done, n, (off_t)(e->off + done));
+        const ssize_t r = pread(fd, dst + done, n, (off_t)(e->off + done));
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) return MLM_EIO;
         if (r == 0) break; // end of file: only the alignment tail may be missing
-        if (w->io == IO_PREAD) (void)posix_fadvise(w->fd, (off_t)(e->off + done), r, POSIX_FADV_DONTNEED);
+        if (w->io == IO_PREAD) (void)posix_fadvise(fd, (off_t)(e->off + done), r, POSIX_FADV_DONTNEED);
         done += (uint64_t)r;
     }
     return done >= e->need ? 0 : MLM_EIO;
@@ -401,7 +416,7 @@ static int bind_unit(win_t *w, slot_t *s, const unit_t *u) {
     for (int i = 0; i < u->n_binds; i++) {
         const bind_t *b = &u->binds[i];
         const piece_t *pc = &u->pieces[b->piece];
-        const uint8_t *src = w->io == IO_MMAP ? w->map + pc->off : s->buf + pc->at;
+        const uint8_t *src = w->io == IO_MMAP ? w->f[pc->src].map + pc->off : s->buf + pc->at;
         uint8_t *L = (uint8_t *)(b->expert < 0 ? &s->dense : &s->experts[b->expert]);
         if (b->kind == B_MAT) {
             int rc = mm_weight_init((mm_weight_t *)(L + b->field), w->kern, b->type, b->rows, b->cols, src, false);
@@ -442,9 +457,10 @@ static int load_unit(win_t *w, slot_t *s, int ui) {
 static void drop_mapped(win_t *w, const unit_t *u) {
     for (int i = 0; i < u->n_ext; i++) {
         const extent_t *e = &u->ext[i];
-        const size_t len = (size_t)(e->off + e->len > w->file_size ? w->file_size - e->off : e->len);
-        (void)madvise((void *)(w->map + e->off), len, MADV_DONTNEED);
-        if (w->fd >= 0) (void)posix_fadvise(w->fd, (off_t)e->off, (off_t)len, POSIX_FADV_DONTNEED);
+        const uint64_t size = w->f[e->src].size;
+        const size_t len = (size_t)(e->off + e->len > size ? size - e->off : e->len);
+        (void)madvise((void *)(w->f[e->src].map + e->off), len, MADV_DONTNEED);
+        if (w->f[e->src].fd >= 0) (void)posix_fadvise(w->f[e->src].fd, (off_t)e->off, (off_t)len, POSIX_FADV_DONTNEED);
     }
 }
 
@@ -722,7 +738,8 @@ static void win_free(void *ctx) {
     free(w->pins);
     free(w->out_norm);
     free(w->rope_freqs);
-    if (w->fd >= 0) close(w->fd);
+    for (int i = 0; i < N_SRC; i++)
+        if (w->f[i].fd >= 0) close(w->f[i].fd);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->work);
     pthread_cond_destroy(&w->done);
@@ -765,22 +782,23 @@ static int parse_arg(const char *arg, int *win, int *pin, int *io, char *err, si
     return 0;
 }
 
-// Opens the file for pread (O_DIRECT when asked and possible: otherwise io falls back to pread).
-static int open_file(win_t *w, char *err, size_t errlen) {
-    w->fd = -1;
-    const char *path = gguf_path(w->p.g);
+// Opens file `src` for pread (O_DIRECT when asked and possible: otherwise io falls back to pread).
+static int open_file(win_t *w, int src, char *err, size_t errlen) {
+    w->f[src].fd = -1;
+    if (!w->f[src].g) return 0;
+    const char *path = gguf_path(w->f[src].g);
     struct stat st;
     int fd = open(path, O_RDONLY | O_CLOEXEC | (w->io == IO_DIRECT ? O_DIRECT : 0));
     if (fd < 0 && w->io == IO_DIRECT) { // a file system without direct I/O (tmpfs): buffered reads
         w->io = IO_PREAD;
         fd = open(path, O_RDONLY | O_CLOEXEC);
     }
-    if (fd < 0 || fstat(fd, &st) != 0 || (uint64_t)st.st_size != w->file_size) {
+    if (fd < 0 || fstat(fd, &st) != 0 || (uint64_t)st.st_size != w->f[src].size) {
         if (fd >= 0) close(fd);
-        if (w->file_size && gguf_base(w->p.g)) return 0; // a gguf over memory (or a file replaced since): its bytes
+        if (w->f[src].size && w->f[src].map) return 0; // a gguf over memory (or a file replaced since): its bytes
         return mlm_fail(err, errlen, MLM_EIO, "%s: cannot open for reading: %s", path, strerror(errno));
     }
-    w->fd = fd;
+    w->f[src].fd = fd;
     return 0;
 }
 
@@ -861,7 +879,7 @@ int weights_window_new(weights_t **out, const weights_params_t *p, const char *a
     if (force_w < 0 && force_pin < 0 && (rc = weights_plan(p, &plan, err, errlen)) != 0) return rc;
     win_t *w = calloc(1, sizeof *w);
     if (!w) return MLM_ENOMEM;
-    w->fd = -1;
+    for (int i = 0; i < N_SRC; i++) w->f[i].fd = -1;
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->work, NULL);
     pthread_cond_init(&w->done, NULL);
@@ -877,8 +895,12 @@ int weights_window_new(weights_t **out, const weights_params_t *p, const char *a
             if (!strcmp(env, io_names[i])) io = i;
     }
     w->io = io >= 0 ? (win_io_t)io : IO_DIRECT;
-    w->map = gguf_base(p->g);
-    w->file_size = gguf_file_size(p->g);
+    const gguf_t *files[N_SRC] = {p->g, p->shard_file ? NULL : p->cols_g};
+    for (int i = 0; i < N_SRC; i++) {
+        w->f[i].g = files[i];
+        w->f[i].map = files[i] ? gguf_base(files[i]) : NULL;
+        w->f[i].size = files[i] ? gguf_file_size(files[i]) : 0;
+    }
     w->expect = -1;
     const weights_info_t info = weights_info_for(&w->hp, &w->slice);
     w->n_blocks = info.l1 > info.l0 ? info.l1 - info.l0 : 0;
@@ -900,7 +922,7 @@ int weights_window_new(weights_t **out, const weights_params_t *p, const char *a
     rc = w->units ? 0 : MLM_ENOMEM;
     for (int i = 0; rc == 0 && i < w->n_units; i++)
         rc = plan_unit(w, &w->units[i], i < w->n_blocks ? w->slice.l0 + i : WEIGHTS_OUT, err, errlen);
-    if (rc == 0) rc = open_file(w, err, errlen);
+    for (int i = 0; rc == 0 && i < N_SRC; i++) rc = open_file(w, i, err, errlen);
     if (rc == 0) rc = bind_globals(w, err, errlen);
     if (rc == 0 && w->streams && w->in_len) (void)madvise((void *)w->in_page, w->in_len, MADV_RANDOM); // a row, not its neighbours
     for (int i = w->pinned; rc == 0 && i < w->n_units; i++) {

@@ -192,8 +192,11 @@ int shard_file_slice(const gguf_t *g, shard_slice_t *slice, bool *is_shard) {
     return 0;
 }
 
-int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
-                     const char *path, char *err, size_t errlen) {
+// shard_file_write, or with cols_only shard_file_write_cols.
+static int write_share(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
+                       const char *path, bool cols_only, char *err, size_t errlen) {
+    if (cols_only && !slice->cols)
+        return mlm_fail(err, errlen, MLM_EINVAL, "%s: a columns file is for an all-reduce slice", path);
     int rc = shard_check_cols(src, slice, head_dim, err, errlen);
     if (rc != 0) return rc;
     gguf_writer_t *w = gguf_writer_new();
@@ -206,6 +209,7 @@ int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim
         rc = gguf_writer_set_i32(w, key, *slice_field((shard_slice_t *)slice, i));
     }
     if (rc == 0 && slice->cols) rc = gguf_writer_set_i32(w, "meshlm.shard.cols", 1);
+    if (rc == 0 && cols_only) rc = gguf_writer_set_i32(w, "meshlm.shard.cols_only", 1);
     if (rc == 0 && sha256) rc = gguf_writer_set_arr(w, "meshlm.shard.source_sha256", GGUF_VT_UINT8, sha256, 32);
     const gguf_tensor_t *emb = gguf_find_tensor(src, "token_embd.weight");
     if (rc == 0 && emb) rc = gguf_writer_set_i64(w, "meshlm.shard.n_vocab", emb->ne[1]);
@@ -220,6 +224,7 @@ int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim
         shard_tensor_rows(slice, t->name, t->ne[1], head_dim, &r0, &r1);
         shard_tensor_cols(slice, t->name, t->ne[0], head_dim, &c0, &c1);
         if (r1 == r0 || c1 == c0) continue; // none of its rows or columns (a node with no heads): left out
+        if (cols_only && c1 - c0 == t->ne[0]) continue; // not cut by columns: read from the model file
         memcpy(ne, t->ne, sizeof ne);
         ne[0] = c1 - c0;
         ne[1] = r1 - r0;
@@ -236,4 +241,19 @@ int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim
     free(src_index);
     gguf_writer_destroy(&w);
     return rc;
+}
+
+int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
+                     const char *path, char *err, size_t errlen) {
+    return write_share(src, slice, head_dim, sha256, path, false, err, errlen);
+}
+
+int shard_file_write_cols(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
+                          const char *path, char *err, size_t errlen) {
+    return write_share(src, slice, head_dim, sha256, path, true, err, errlen);
+}
+
+bool shard_file_cols_only(const gguf_t *g) {
+    int64_t v = 0;
+    return gguf_get_i64(g, "meshlm.shard.cols_only", &v) == 0 && v == 1;
 }

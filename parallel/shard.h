@@ -62,4 +62,15 @@ int shard_file_slice(const gguf_t *g, shard_slice_t *slice, bool *is_shard);
 int shard_file_write(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
                      const char *path, char *err, size_t errlen);
 
+// A columns file: as shard_file_write, but only the matrices an all-reduce slice cuts by columns
+// (attn_output, ffn_down and their experts' planes), each holding the slice's columns contiguously,
+// and the key meshlm.shard.cols_only. A node streaming its share reads those from it and every other
+// tensor from the model file itself, so the cache holds a third of a share instead of all of it.
+// MLM_EINVAL for a slice without columns; otherwise as shard_file_write.
+int shard_file_write_cols(const gguf_t *src, const shard_slice_t *slice, int head_dim, const uint8_t sha256[32],
+                          const char *path, char *err, size_t errlen);
+
+// Whether g is a columns file (shard_file_write_cols): it is not a model, and loads only beside one.
+bool shard_file_cols_only(const gguf_t *g);
+
 #endif

@@ -6,6 +6,7 @@
 // cache), each process's VmHWM within the budget plus the binary's own pages; `meshlm mpi` likewise.
 #include <CUnit/CUnit.h>
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -382,11 +383,38 @@ static bool same_matrix(const mm_weight_t *a, const mm_weight_t *b) {
     return same;
 }
 
+// Matrices of every unit that ref holds that differ in win (every matrix field, every expert).
+static int units_differing(model_t *ref, model_t *win, const model_hparams_t *hp) {
+    int bad_units = 0;
+    for (int l = -2; l < hp->n_layer; l++) {
+        const int id = l == -2 ? WEIGHTS_OUT : l == -1 ? WEIGHTS_IN : l;
+        for (int e = -1; e < (l >= 0 ? hp->n_expert : 0); e++) {
+            const layer_weights_t *A, *B;
+            if (weights_acquire(model_weights(ref), id, e, &A) != 0) continue; // not held (IN on node 1)
+            if (weights_acquire(model_weights(win), id, e, &B) != 0) {
+                weights_release(model_weights(ref), id, e);
+                bad_units++;
+                continue;
+            }
+            const mm_weight_t *ma[] = {&A->wq, &A->wk, &A->wv, &A->wo, &A->gate_inp, &A->w_gate, &A->w_up,
+                                       &A->w_down, &A->output};
+            const mm_weight_t *mb[] = {&B->wq, &B->wk, &B->wv, &B->wo, &B->gate_inp, &B->w_gate, &B->w_up,
+                                       &B->w_down, &B->output};
+            for (size_t i = 0; i < sizeof ma / sizeof ma[0]; i++) bad_units += !same_matrix(ma[i], mb[i]);
+            weights_release(model_weights(ref), id, e);
+            weights_release(model_weights(win), id, e);
+        }
+    }
+    return bad_units;
+}
+
 // An all-reduce share (attn_output and ffn_down cut by columns) streams from its shard file, whose
-// columns are contiguous: every unit equals the mapped model's column copy; from the model file itself
-// the window refuses, naming the shard file. The budget is sized in all-reduce mode.
+// columns are contiguous, or from the model file beside a columns file that holds only the column-cut
+// matrices: every unit equals the mapped model's column copy either way. From the model file alone the
+// window refuses, naming the columns file. A columns file is no model, and one of another slice is
+// refused. The budget is sized in all-reduce mode.
 static void test_allreduce_columns(void) {
-    char err[512], shard[1200];
+    char err[512], shard[1200], cols[1200], cols0[1200];
     const char *models[] = {NULL, "models/synth/synth-moe-Q8_0.gguf"};
     for (size_t k = 0; k < sizeof models / sizeof models[0]; k++) {
         char path[1024];
@@ -403,34 +431,45 @@ static void test_allreduce_columns(void) {
         CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("2", nodes, 2, err, sizeof err), 2);
         plan_opts_t po = {.n_ctx = N_CTX, .pp = 1, .tp = 2, .keep_all = true, .tp_mode = PLAN_TP_ALLREDUCE};
         CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 2, &po, pl, NULL, 0, NULL, err, sizeof err), 0);
-        shard_slice_t sl = pl->shard[1].s;
-        sl.cols = 1;
+        shard_slice_t sl = pl->shard[1].s, sl0 = pl->shard[0].s;
+        sl.cols = sl0.cols = 1;
         snprintf(shard, sizeof shard, "%s/ar%zu.gguf", fix_dir, k);
+        snprintf(cols, sizeof cols, "%s/ar%zu.cols.gguf", fix_dir, k);
+        snprintf(cols0, sizeof cols0, "%s/ar%zu-0.cols.gguf", fix_dir, k);
         CU_ASSERT_EQUAL_FATAL(shard_file_write(g, &sl, hp.head_dim, NULL, shard, err, sizeof err), 0);
-        model_t *ref = NULL, *win = NULL, *bad = NULL;
+        CU_ASSERT_EQUAL_FATAL(shard_file_write_cols(g, &sl, hp.head_dim, NULL, cols, err, sizeof err), 0);
+        CU_ASSERT_EQUAL_FATAL(shard_file_write_cols(g, &sl0, hp.head_dim, NULL, cols0, err, sizeof err), 0);
+        model_t *ref = NULL, *win = NULL, *bad = NULL, *beside = NULL;
         model_load_opts_t lr = {.slice = &sl, .weights = "mmap"}, lw = {.slice = &sl, .weights = "window:w=1"};
         CU_ASSERT_EQUAL_FATAL(model_load(&ref, path, &lr, err, sizeof err), 0);
         CU_ASSERT_EQUAL(model_load(&bad, path, &lw, err, sizeof err), MLM_EUNSUPPORTED);
-        CU_ASSERT_PTR_NOT_NULL(strstr(err, "streamed from a shard file"));
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, "streamed from a columns or shard file"));
         if (model_load(&win, shard, &lw, err, sizeof err) != 0) fprintf(stderr, "\n  window over %s: %s\n", shard, err);
         CU_ASSERT_PTR_NOT_NULL_FATAL(win);
-        int bad_units = 0;
-        for (int l = -2; l < hp.n_layer; l++) {
-            const int id = l == -2 ? WEIGHTS_OUT : l == -1 ? WEIGHTS_IN : l;
-            for (int e = -1; e < (l >= 0 ? hp.n_expert : 0); e++) {
-                const layer_weights_t *A, *B;
-                if (weights_acquire(model_weights(ref), id, e, &A) != 0) continue; // not held (IN on node 1)
-                CU_ASSERT_EQUAL_FATAL(weights_acquire(model_weights(win), id, e, &B), 0);
-                const mm_weight_t *ma[] = {&A->wq, &A->wk, &A->wv, &A->wo, &A->gate_inp, &A->w_gate, &A->w_up,
-                                           &A->w_down, &A->output};
-                const mm_weight_t *mb[] = {&B->wq, &B->wk, &B->wv, &B->wo, &B->gate_inp, &B->w_gate, &B->w_up,
-                                           &B->w_down, &B->output};
-                for (size_t i = 0; i < sizeof ma / sizeof ma[0]; i++) bad_units += !same_matrix(ma[i], mb[i]);
-                weights_release(model_weights(ref), id, e);
-                weights_release(model_weights(win), id, e);
-            }
-        }
-        CU_ASSERT_EQUAL(bad_units, 0);
+        CU_ASSERT_EQUAL(units_differing(ref, win, &hp), 0);
+        // beside the model file: its columns file
+        model_load_opts_t lc = lw;
+        lc.cols_path = cols;
+        if (model_load(&beside, path, &lc, err, sizeof err) != 0) fprintf(stderr, "\n  window beside %s: %s\n", cols, err);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(beside);
+        CU_ASSERT_EQUAL(units_differing(ref, beside, &hp), 0);
+        // the columns file holds only the column-cut matrices, so it is smaller than the shard file
+        gguf_t *cg = NULL;
+        CU_ASSERT_EQUAL_FATAL(gguf_open(&cg, cols, err, sizeof err), 0);
+        CU_ASSERT(shard_file_cols_only(cg));
+        int others = 0;
+        for (int64_t i = 0; i < gguf_n_tensors(cg); i++)
+            others += !strstr(gguf_tensor(cg, i)->name, "attn_output") && !strstr(gguf_tensor(cg, i)->name, "ffn_down");
+        CU_ASSERT_EQUAL(others, 0);
+        CU_ASSERT(gguf_n_tensors(cg) > 0);
+        CU_ASSERT(gguf_file_size(cg) < gguf_file_size(model_gguf(win)));
+        gguf_close(&cg);
+        // a columns file is not a model; one of another slice is refused
+        CU_ASSERT_EQUAL(model_load(&bad, cols, &lw, err, sizeof err), MLM_EINVAL);
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, "columns file"));
+        lc.cols_path = cols0;
+        CU_ASSERT_EQUAL(model_load(&bad, path, &lc, err, sizeof err), MLM_EINVAL);
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, "not the columns file of this slice"));
         CU_ASSERT(sl.e0 == 0 && sl.e1 == hp.n_embd); // every row, a share of the columns
         // the budget is sized by the all-reduce rule: the window's units are that mode's block bytes
         const weights_params_t wp = {.g = g, .hp = &hp, .slice = &sl, .budget_bytes = 0, .n_ctx = N_CTX};
@@ -448,6 +487,7 @@ static void test_allreduce_columns(void) {
         CU_ASSERT(!need);
         model_destroy(&ref);
         model_destroy(&win);
+        model_destroy(&beside);
         free(pm);
         free(pl);
         gguf_close(&g);
@@ -601,9 +641,27 @@ static void test_workers_without_model(void) {
     }
 }
 
-// All-reduce mode with --mem-budget: workers with the model file write their column shards into
-// their cache once and stream from them, the coordinator's own share from a shard file of its own;
-// the tokens equal the same layout's without a budget.
+// Files in dir whose names end with suffix (recursively).
+static int count_suffix(const char *dir, const char *suffix) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int n = 0;
+    const size_t ls = strlen(suffix);
+    for (struct dirent *e; (e = readdir(d));) {
+        if (e->d_name[0] == '.') continue;
+        char sub[1400];
+        snprintf(sub, sizeof sub, "%.1000s/%.300s", dir, e->d_name);
+        const size_t l = strlen(e->d_name);
+        if (l >= ls && !strcmp(e->d_name + l - ls, suffix)) n++;
+        else if (e->d_type == DT_DIR) n += count_suffix(sub, suffix);
+    }
+    closedir(d);
+    return n;
+}
+
+// All-reduce mode with --mem-budget: workers with the model file write the columns files of their
+// shares into their cache once and stream beside the model file, the coordinator's own share from a
+// shard file of its own; the tokens equal the same layout's without a budget.
 static void test_run_allreduce(void) {
     if (!test_meshlm_bin()) {
         fprintf(stderr, "(skipped: MESHLM_BIN not set) ");
@@ -625,6 +683,7 @@ static void test_run_allreduce(void) {
         if (!run_json(plain, &a, NULL) || !run_json(budgeted, &b, NULL)) continue;
         CU_ASSERT(same_tokens(&a, &b));
         if (!same_tokens(&a, &b)) fprintf(stderr, "\n  all-reduce%s: tokens differ with the budget\n", coord ? " + coordinator" : "");
+        if (!coord) CU_ASSERT_EQUAL(count_suffix(cache, ".cols"), 2); // one columns file per worker
     }
 }
 
@@ -673,7 +732,7 @@ int test_window_suite(void) {
                      test_budget_rule) ||
         !CU_add_test(s, "streamed logits equal mapped ones bit for bit, every reading method", test_logits_bit_identical) ||
         !CU_add_test(s, "one token reads every streamed unit once, the first ones ahead", test_one_token_reads) ||
-        !CU_add_test(s, "an all-reduce share streams its columns from its shard file", test_allreduce_columns) ||
+        !CU_add_test(s, "an all-reduce share streams its columns from a shard or columns file", test_allreduce_columns) ||
         !CU_add_test(s, "run: one node's tokens with --mem-budget, VmHWM bounded, refusal", test_run_one_node) ||
         !CU_add_test(s, "run --local 2/3: tokens and every worker's VmHWM", test_run_workers) ||
         !CU_add_test(s, "workers without the model stream from their shard cache", test_workers_without_model) ||

@@ -25,6 +25,7 @@
 
 struct model {
     gguf_t *g;                      // the mapped file (owned)
+    gguf_t *cols_g;                 // its columns file (model_load_opts_t.cols_path), or NULL (owned)
     model_hparams_t hp;             // shapes
     const kernels_t *kern;          // kernel table used for every matmul
     weights_t *w;                   // the weight provider the forward pass acquires units from (owned)
@@ -121,6 +122,20 @@ static int resolve_slice(model_t *m, const shard_slice_t *want, char *err, size_
     return 0;
 }
 
+// Opens the columns file at path for the model's all-reduce slice: it must be one, of this slice.
+static int open_cols(model_t *m, const char *path, char *err, size_t errlen) {
+    int rc = gguf_open(&m->cols_g, path, err, errlen);
+    if (rc != 0) return rc;
+    shard_slice_t in_file;
+    bool is_shard = false;
+    rc = shard_file_slice(m->cols_g, &in_file, &is_shard);
+    if (rc == 0 && in_file.l1 < 0) in_file.l1 = m->hp.n_layer;
+    if (rc != 0 || !is_shard || !shard_file_cols_only(m->cols_g) || m->shard_file ||
+        memcmp(&in_file, &m->slice, sizeof in_file) != 0)
+        return mlm_fail(err, errlen, MLM_EINVAL, "%s: not the columns file of this slice of %s", path, gguf_path(m->g));
+    return 0;
+}
+
 // --- public API: model
 
 int model_load(model_t **out, const char *path, const model_load_opts_t *opts, char *err, size_t errlen) {
@@ -133,13 +148,18 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
     m->on_route_arg = opts ? opts->on_route_arg : NULL;
     int rc = gguf_open(&m->g, path, err, errlen);
     if (rc == 0) rc = hparams_read(m->g, &m->hp, err, errlen);
+    if (rc == 0 && shard_file_cols_only(m->g))
+        rc = mlm_fail(err, errlen, MLM_EINVAL, "%s: a columns file holds part of a share; it loads beside its model file",
+                      path);
     if (rc == 0) rc = resolve_slice(m, opts ? opts->slice : NULL, err, errlen);
+    if (rc == 0 && opts && opts->cols_path) rc = open_cols(m, opts->cols_path, err, errlen);
     if (rc == 0) {
         const weights_params_t wp = {
             .g = m->g,
             .hp = &m->hp,
             .slice = &m->slice,
             .shard_file = m->shard_file,
+            .cols_g = m->cols_g,
             .kern = m->kern,
             .repack = opts ? opts->repack : true,
             .budget_bytes = opts ? opts->mem_budget : 0,
@@ -164,6 +184,7 @@ void model_destroy(model_t **self_p) {
     if (!self_p || !*self_p) return;
     model_t *m = *self_p;
     weights_free(&m->w);
+    gguf_close(&m->cols_g);
     gguf_close(&m->g);
     free(m);
     *self_p = NULL;

@@ -34,6 +34,9 @@ typedef struct {
     void *on_route_arg;
     const uint64_t *experts;      // (4) placed experts (model_ep_t): bit e set = this node computes expert e of
                                   // its blocks; only those are prepared (mapped, "mmap"), NULL = every expert
+    const char *cols_path;        // an all-reduce slice streamed from a whole model file: the slice's columns
+                                  // file (shard_file_write_cols), which must hold exactly this slice; the
+                                  // column-cut matrices stream from it (offload/weights.h cols_g); NULL = none
 } model_load_opts_t;
 
 typedef struct model model_t;

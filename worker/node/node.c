@@ -347,17 +347,27 @@ static int open_data_plane(node_t *n, char *err, size_t errlen) {
     return comm_open(&n->comm, fault_has_link_rules(n->faults) ? "fault:zmq" : "zmq", &co, err, errlen);
 }
 
-// The file a worker with the model loads its share from: the model file, or for an all-reduce share
-// that streams under the budget (its columns lie apart in the model file) its shard file, written once
-// into the cache at `cached` (an MPI rank, whose model is not hashed, writes a file of its own into the
-// cache and *unlink_after says to remove it once loaded). 0, or why the shard file was not written.
+// The files a worker with the model loads its share from: the model file, and for an all-reduce share
+// that streams under the budget (its columns lie apart in the model file) a columns file
+// (shard_file_write_cols: attn_output and ffn_down's columns, about a third of the share) written once
+// into the cache at `cached`.cols (an MPI rank, whose model is not hashed, writes a file of its own
+// into the cache and *unlink_after says to remove it once loaded). A whole shard file cached at
+// `cached` by an earlier version is used as it is. 0, or why the columns file was not written.
 static int share_file(node_t *n, const shard_slice_t *sl, const char *cached, char *tmp, size_t cap,
-                      const char **from, bool *unlink_after, char *err, size_t errlen) {
+                      const char **from, const char **cols, bool *unlink_after, char *err, size_t errlen) {
     *from = n->o->model_path;
+    *cols = NULL;
     *unlink_after = false;
     if (!n->o->mem_budget || !sl->cols) return 0;
     if (!n->o->same_file && access(cached, R_OK) == 0) {
         *from = cached;
+        return 0;
+    }
+    const int len = n->o->same_file ? snprintf(tmp, cap, "%s/share-%ld.cols.gguf", n->cache_dir, (long)getpid())
+                                    : snprintf(tmp, cap, "%s.cols", cached);
+    if (len < 0 || (size_t)len >= cap) return mlm_fail(err, errlen, MLM_EINVAL, "cache directory path too long: %s", n->cache_dir);
+    if (!n->o->same_file && access(tmp, R_OK) == 0) {
+        *cols = tmp;
         return 0;
     }
     gguf_t *g = NULL;
@@ -371,17 +381,15 @@ static int share_file(node_t *n, const shard_slice_t *sl, const char *cached, ch
         rc = weights_need_shard_file(&wp, &need, err, errlen);
     }
     if (rc == 0 && need) {
-        if (n->o->same_file) snprintf(tmp, cap, "%s/share-%ld.gguf", n->cache_dir, (long)getpid());
-        else snprintf(tmp, cap, "%s", cached);
         rc = mlm_mkdir_p(n->cache_dir, err, errlen);
         if (rc == 0 && disk_of(n).full)
             rc = mlm_fail(err, errlen, MLM_EFULL, "writing the shard into the cache at %s: %s (disk:worker=%d:full)", tmp,
                           strerror(ENOSPC), n->link_rank);
         const double w0 = mlm_now_ms();
-        if (rc == 0) rc = shard_file_write(g, sl, hp.head_dim, n->sha, tmp, err, errlen);
+        if (rc == 0) rc = shard_file_write_cols(g, sl, hp.head_dim, n->sha, tmp, err, errlen);
         if (rc == 0) disk_wait(n, mlm_now_ms() - w0);
         if (rc == 0) {
-            *from = tmp;
+            *cols = tmp;
             *unlink_after = n->o->same_file;
         }
     }
@@ -437,9 +445,10 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);
     if (local) {
         char own[1100];
-        const char *from;
+        const char *from, *cols;
         bool tmp;
-        rc = share_file(n, sl, path, own, sizeof own, &from, &tmp, err, sizeof err);
+        rc = share_file(n, sl, path, own, sizeof own, &from, &cols, &tmp, err, sizeof err);
+        lo.cols_path = cols;
         if (rc == 0) rc = load_share(n, from, &lo, err, sizeof err);
         if (tmp) unlink(own); // streamed through its open descriptor until the plan ends
     } else if (access(path, R_OK) == 0) {

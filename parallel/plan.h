@@ -196,8 +196,11 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 // with O_DIRECT (DESIGN.md, measured 2026-12-01).
 #define PLAN_DEFAULT_DISK_BW 950e6  // bytes/s
 // Streaming reads units at this fraction of the disk's sequential bandwidth (one reader, 16 MiB
-// O_DIRECT calls like profile_node's; the target for the reader is at least 0.8).
-#define PLAN_DISK_EFFICIENCY 0.9
+// O_DIRECT calls like profile_node's; the target for the reader is at least 0.8). Measured
+// by tests/bench/bench_70b.sh (2026-12-02): a lone window reader (one pipeline stage, or one node)
+// reads at the rate dd's 16 MiB O_DIRECT reads get, so 1.0; with 0.9 the 4-stage pipeline was
+// predicted 28% slow and one node 5-9% slow.
+#define PLAN_DISK_EFFICIENCY 1.0
 // Readers of one disk at the same time (disk_id) share it, but together they get up to this many
 // times one reader's bandwidth: an NVMe or virtio disk serves several queued requests at once, and
 // each window reader keeps only one 16 MiB read in flight. Calibrated by tests/bench/bench_70b.sh

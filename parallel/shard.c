@@ -73,6 +73,9 @@ static int fill_tensor(void *ctx, int64_t i, void *buf, size_t nbytes, char *err
             for (int64_t r = 0; r < r1 - r0; r++)
                 memcpy((uint8_t *)buf + at + (size_t)r * cbn, src + (size_t)r * rb + cb0, cbn);
         }
+        // a large model is read once: its pages leave this process as they are copied (a worker in a
+        // small cgroup would otherwise count the whole file's pages it touched in its resident set)
+        gguf_drop_pages(fc->src, src, (size_t)(r1 - r0) * rb);
         at += len;
     }
     return 0;

@@ -615,6 +615,16 @@ int gguf_open_mem(gguf_t **out, const void *buf, size_t len, const char *name, c
     return open_bytes(out, buf, len, false, name, err, errlen);
 }
 
+void gguf_drop_pages(const gguf_t *g, const void *p, size_t len) {
+    if (!g || !g->mapped || !len) return;
+    const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)p / pg * pg, b = ((uintptr_t)p + len + pg - 1) / pg * pg;
+    const uintptr_t lo = (uintptr_t)g->base, hi = lo + (g->size + pg - 1) / pg * pg;
+    if (a < lo) a = lo;
+    if (b > hi) b = hi;
+    if (b > a) (void)madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
 void gguf_close(gguf_t **self_p) {
     if (!self_p || !*self_p) return;
     gguf_t *g = *self_p;

@@ -81,6 +81,10 @@ size_t gguf_file_size(const gguf_t *g);
 size_t gguf_alignment(const gguf_t *g);
 size_t gguf_data_offset(const gguf_t *g);      // byte offset of the tensor data section (<= file size)
 const void *gguf_base(const gguf_t *g);        // start of the mapping
+// Gives back the pages of bytes [p, p + len) of a file gguf_open mapped: out of this process's
+// resident set (read again from the page cache or the file when touched); nothing for a gguf over
+// the caller's memory. For one-pass readers of a large file (writing a shard of it).
+void gguf_drop_pages(const gguf_t *g, const void *p, size_t len);
 
 // --- metadata
 int64_t gguf_n_kv(const gguf_t *g);

@@ -671,6 +671,9 @@ static void test_run_allreduce(void) {
     snprintf(budget, sizeof budget, "%lluK", (unsigned long long)(fix_budget >> 10));
     snprintf(limit, sizeof limit, "%lluK", (unsigned long long)((fix_budget + CG_ROOM) >> 10));
     snprintf(cache, sizeof cache, "%.1000s/arcache", fix_dir);
+    double wbase = 0;
+    baseline_hwm(2, &wbase);
+    wbase += 1.0 * MIB;
     for (int coord = 0; coord < 2; coord++) {
         const char *plain[] = {"meshlm", "run", "-m", fix_model, "-p", "Once upon a time", "-n", "12", "--greedy", "-c",
                                "64", "-t", "1", "--json", "--local", coord ? "1" : "2", "--tp", "2", "--tp-mode",
@@ -684,6 +687,13 @@ static void test_run_allreduce(void) {
         CU_ASSERT(same_tokens(&a, &b));
         if (!same_tokens(&a, &b)) fprintf(stderr, "\n  all-reduce%s: tokens differ with the budget\n", coord ? " + coordinator" : "");
         if (!coord) CU_ASSERT_EQUAL(count_suffix(cache, ".cols"), 2); // one columns file per worker
+        // writing the columns file reads the model once, within the budget too
+        for (int p = 1; !coord && p < b.n_proc; p++) {
+            CU_ASSERT(b.vmhwm[p] > 0 && (SANITIZED || b.vmhwm[p] <= (double)fix_budget + wbase));
+            if (!SANITIZED && b.vmhwm[p] > (double)fix_budget + wbase)
+                fprintf(stderr, "\n  all-reduce: worker %d VmHWM %.1f MiB over %.1f + %.1f MiB\n", p - 1,
+                        b.vmhwm[p] / MIB, (double)fix_budget / MIB, wbase / MIB);
+        }
     }
 }
 

@@ -617,8 +617,9 @@ int gguf_open_mem(gguf_t **out, const void *buf, size_t len, const char *name, c
 
 void gguf_drop_pages(const gguf_t *g, const void *p, size_t len) {
     if (!g || !g->mapped || !len) return;
-    const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
-    uintptr_t a = (uintptr_t)p / pg * pg, b = ((uintptr_t)p + len + pg - 1) / pg * pg;
+    // the kernel maps up to 64 KiB of cached pages around a faulting one (fault-around): those go too
+    const size_t pg = (size_t)sysconf(_SC_PAGESIZE), around = 64u << 10;
+    uintptr_t a = (uintptr_t)p / around * around, b = ((uintptr_t)p + len + around - 1) / around * around;
     const uintptr_t lo = (uintptr_t)g->base, hi = lo + (g->size + pg - 1) / pg * pg;
     if (a < lo) a = lo;
     if (b > hi) b = hi;

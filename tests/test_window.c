@@ -660,8 +660,8 @@ static int count_suffix(const char *dir, const char *suffix) {
 }
 
 // All-reduce mode with --mem-budget: workers with the model file write the columns files of their
-// shares into their cache once and stream beside the model file, the coordinator's own share from a
-// shard file of its own; the tokens equal the same layout's without a budget.
+// shares into their cache once and stream beside the model file, the coordinator's own share beside a
+// columns file of its own; the tokens equal the same layout's without a budget.
 static void test_run_allreduce(void) {
     if (!test_meshlm_bin()) {
         fprintf(stderr, "(skipped: MESHLM_BIN not set) ");

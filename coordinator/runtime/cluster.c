@@ -745,8 +745,9 @@ int cluster_make_plan(cluster_t *c, char *err, size_t errlen) {
 }
 
 // The coordinator's own share (an empty slice when it computes nothing), within its budget. An
-// all-reduce share that streams (its columns lie apart in the model file) is read from a shard file of
-// its slice, written for this load into $TMPDIR and unlinked once the window has it open.
+// all-reduce share that streams (its columns lie apart in the model file) reads them from a columns
+// file of its slice (the rest from the model file), written for this load into $TMPDIR and unlinked
+// once the window has it open.
 static int load_own_share(cluster_t *c, char *err, size_t errlen) {
     // a paging KV device spills what the budget leaves no room for: the budget plans the weights alone
     const bool pages = attn_dev_pages(c->o.kv_device) && c->o.coordinator_shard && c->o.mem_budget;
@@ -763,9 +764,11 @@ static int load_own_share(cluster_t *c, char *err, size_t errlen) {
     int rc = weights_need_shard_file(&wp, &need, err, errlen);
     if (rc != 0 || !need) return model_load(&c->model, c->o.model_path, &lo, err, errlen);
     char path[300];
-    snprintf(path, sizeof path, "%s/meshlm-share-%ld.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (long)getpid());
-    rc = shard_file_write(model_gguf(c->full), lo.slice, hp->head_dim, c->sha, path, err, errlen);
-    if (rc == 0) rc = model_load(&c->model, path, &lo, err, errlen);
+    snprintf(path, sizeof path, "%s/meshlm-share-%ld.cols.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
+             (long)getpid());
+    rc = shard_file_write_cols(model_gguf(c->full), lo.slice, hp->head_dim, c->sha, path, err, errlen);
+    lo.cols_path = path;
+    if (rc == 0) rc = model_load(&c->model, c->o.model_path, &lo, err, errlen);
     unlink(path);
     return rc;
 }

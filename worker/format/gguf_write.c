@@ -16,6 +16,10 @@
 #define GW_MAGIC "GGUF"
 #define GW_VERSION 3u
 #define GW_BUF_CAP (4u << 20) // write buffer; larger writes bypass it
+// Written bytes are pushed to the disk and out of the page cache every GW_SYNC_BYTES: a worker in a
+// small memory cgroup writing a shard of gigabytes would otherwise fill its limit with dirty pages,
+// which a cgroup-v1 limit does not throttle (the kernel's OOM killer ends the writer instead).
+#define GW_SYNC_BYTES (32u << 20)
 #define GW_MAX_KEY 65535u
 #define GW_MAX_DEPTH 8        // nesting limit for arrays of arrays
 
@@ -56,6 +60,8 @@ struct gguf_writer {
     uint8_t *buf;           // (GW_BUF_CAP) pending output
     size_t buf_len;         // bytes pending in buf
     uint64_t written;       // file bytes handed to write() or pending
+    uint64_t on_disk;       // file bytes written out and dropped from the page cache
+    uint64_t in_file;       // file bytes handed to write()
     uint64_t data_size;     // data section size incl. padding
     int64_t cur;            // tensor being streamed
     size_t cur_done;        // its bytes received
@@ -251,6 +257,14 @@ static int write_all(gguf_writer_t *w, const void *p, size_t n, char *err, size_
         }
         c += k;
         n -= (size_t)k;
+        w->in_file += (uint64_t)k;
+    }
+    if (w->in_file - w->on_disk >= GW_SYNC_BYTES) { // best effort: a file system without it keeps its pages
+        const off_t a = (off_t)w->on_disk, len = (off_t)(w->in_file - w->on_disk);
+        if (sync_file_range(w->fd, a, len, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                               SYNC_FILE_RANGE_WAIT_AFTER) == 0)
+            (void)posix_fadvise(w->fd, a, len, POSIX_FADV_DONTNEED);
+        w->on_disk = w->in_file;
     }
     return 0;
 }
@@ -503,7 +517,7 @@ int gguf_writer_open(gguf_writer_t *w, const char *path, char *err, size_t errle
                         strerror(e));
     }
     w->state = GW_OPEN;
-    w->written = 0;
+    w->written = w->in_file = w->on_disk = 0;
     w->buf_len = 0;
     w->cur = 0;
     w->cur_done = 0;

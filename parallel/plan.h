@@ -208,10 +208,11 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 // from one virtio disk read 32.9 GB per token in 23.8 s, 1383 MB/s together, 1.92x the 721 MB/s the
 // coordinator's profile measured for one stream (each reader 376-427 MB/s while reading): with 0.9
 // for efficiency, 2.1; the figure is rounded down to 2 (predicted 25.3 s, +6%). Splitting the
-// bandwidth n ways (the model before this calibration) predicted 50.7 s, 2.1x too slow. A second
-// run (all-reduce TP, same day, efficiency 1.0): four readers got 357-394 MB/s each while reading,
-// about 1.5 GB/s together against dd's 852 MB/s for one stream, 1.73x; the figure is now 1.8.
-#define PLAN_DISK_PARALLEL 1.8
+// bandwidth n ways (the model before this calibration) predicted 50.7 s, 2.1x too slow. Two more
+// runs (same day, efficiency 1.0): all-reduce TP, four readers at 357-394 MB/s each while reading,
+// 1.73x dd's 852 MB/s for one stream; exact TP, 348-402 MB/s each, 1.62x dd's 912 MB/s. Together
+// with the first run's figure against dd's one stream: 1.6 (README "70B on four 2 GiB workers").
+#define PLAN_DISK_PARALLEL 1.6
 
 // Sizes the share `s` (cut as `mode` says: PLAN_TP_EXACT or PLAN_TP_ALLREDUCE) of model pm for n_ctx
 // positions within `budget` bytes (0 = unlimited) by the rule above, into *out. Returns 0, or

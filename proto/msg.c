@@ -10,6 +10,7 @@
 
 #include "meshlm.pb-c.h"
 #include "core/err.h"
+#include "transport/curve.h"
 #include "worker/kernels/quant.h"
 
 // --- types
@@ -275,6 +276,8 @@ static int check_plan(const msg_plan_t *p, char *why) {
         if (p->tp_mode == MSG_TP_ALLREDUCE && nd->layers.end > nd->layers.begin &&
             (nd->hidden.begin != 0 || (p->n_embd && nd->hidden.end != (int32_t)p->n_embd)))
             return fail(why, WHY_MAX, MLM_EFORMAT, "nodes[%d]: an all-reduce plan's hidden range spans n_embd", i);
+        if (!bounded(nd->curve_key, MSG_KEY_MAX) || (nd->curve_key[0] && !curve_key_valid(nd->curve_key)))
+            return fail(why, WHY_MAX, MLM_EFORMAT, "nodes[%d].curve_key is not a CurveZMQ key (40 Z85 characters)", i);
         if (!(nd->link_lat_us >= 0 && nd->link_lat_us <= 1e9f)) // also NaN
             return fail(why, WHY_MAX, MLM_ERANGE, "nodes[%d]: link latency out of range", i);
         if (nd->n_ffn < 0 || nd->n_ffn > MSG_MAX_FFN_RANGES)
@@ -619,6 +622,7 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
         o->vocab = &r[4];
         o->link_lat_us = s->link_lat_us;
         o->link_bw = s->link_bw;
+        o->curve_key = (char *)s->curve_key;
         for (int j = 0; j < s->n_ffn; j++) {
             range_to_pb(s->ffn[j], &r[5 + j]);
             rp[j] = &r[5 + j];
@@ -959,6 +963,7 @@ static int plan_from_pb(const Meshlm__Plan *d, msg_t *m, char *why) {
         o->vocab = range_from_pb(s->vocab);
         o->link_lat_us = s->link_lat_us;
         o->link_bw = s->link_bw;
+        if ((rc = copy_str(o->curve_key, MSG_KEY_MAX, s->curve_key, "curve_key", why))) return rc;
         if (s->n_ffn > MSG_MAX_FFN_RANGES)
             return fail(why, WHY_MAX, MLM_ERANGE, "nodes[%zu]: %zu ffn ranges (max %d)", i, s->n_ffn, MSG_MAX_FFN_RANGES);
         o->n_ffn = (int)s->n_ffn;

@@ -19,7 +19,7 @@
 // and extra trailing raw frames are ignored).
 
 #define MSG_PROTO_MAJOR 1
-#define MSG_PROTO_MINOR 5
+#define MSG_PROTO_MINOR 6
 #define MSG_MAGIC "MLMP"            // first 4 bytes of frame 0
 #define MSG_PREFIX_LEN 12
 
@@ -27,6 +27,7 @@
 #define MSG_ID_MAX 64               // node ids, including the NUL
 #define MSG_ENDPOINT_MAX 128        // "tcp://host:port", including the NUL
 #define MSG_NAME_MAX 128            // tensor names, including the NUL
+#define MSG_KEY_MAX 41              // a CurveZMQ public key: 40 Z85 characters and the NUL
 #define MSG_DEVICE_MAX 192           // attention/KV device names ("storage:tcp://host:port"), with the NUL
 #define MSG_TEXT_MAX 512            // reasons and error texts, including the NUL
 #define MSG_MAX_SPEEDS 16           // measured weight types in a Hello
@@ -141,6 +142,8 @@ typedef struct {
     msg_range_t vocab;                  // vocabulary rows (output, token_embd), of n_vocab (1.1)
     float link_lat_us;                  // 1.4: its link's one-way latency, microseconds (0 = unknown)
     uint64_t link_bw;                   // 1.4: its link's bandwidth, bytes/s (0 = unknown)
+    char curve_key[MSG_KEY_MAX];        // 1.6: its CurveZMQ public key on the data plane, 40 Z85
+                                        // characters, or "" (a plain data plane)
 } msg_plan_node_t;
 
 // How a plan's tensor-parallel groups cut a block (Plan.tp_mode; values only appended).
@@ -163,6 +166,10 @@ typedef enum {
 // late, e.g. sent again after a drop, or queued before a re-plan), and a coordinator skips acks of
 // another plan. plan_id 0 is what a 1.4 or older coordinator sends: it is taken as before.
 #define MSG_MINOR_PLAN_IDS 5
+
+// The first minor version whose workers read PlanNode.curve_key and run an authenticated (CurveZMQ)
+// data plane; a coordinator with keys refuses an older worker, which would open a plain one.
+#define MSG_MINOR_CURVE 6
 
 typedef struct {
     uint64_t plan_id;

@@ -19,6 +19,7 @@
 #include "transport/comm.h"
 #include "transport/comm_inproc.h"
 #include "transport/comm_zmq.h"
+#include "transport/curve.h"
 #include "core/err.h"
 #include "worker/kernels/quant.h"
 
@@ -419,12 +420,15 @@ typedef struct {
     const comm_zmq_opts_t *opts;
     comm_t *c;
     int rc;
-    char err[256];
+    char err[512];
+    double ms;      // how long comm_zmq_new took
 } zmq_new_arg_t;
 
 static void *zmq_new_main(void *p) {
     zmq_new_arg_t *a = p;
+    const double t0 = now_ms();
     a->rc = comm_zmq_new(&a->c, a->rank, a->size, a->eps, a->opts, a->err, sizeof a->err);
+    a->ms = now_ms() - t0;
     return NULL;
 }
 
@@ -790,6 +794,120 @@ static void test_zmq_peer_killed(void) {
     free(dir);
 }
 
+// A raw DEALER that presents key pair k to the CURVE server with public key server at ep: the first
+// handshake event within 3 s (ZMQ_EVENT_HANDSHAKE_SUCCEEDED, _FAILED_AUTH, ...), or 0 for none.
+static int curve_knock(const curve_keypair_t *k, const char *server, const char *ep) {
+    void *ctx = zmq_ctx_new(), *s = zmq_socket(ctx, ZMQ_DEALER), *mon = zmq_socket(ctx, ZMQ_PAIR);
+    const int zero = 0;
+    zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(s, ZMQ_CURVE_SERVERKEY, server, CURVE_KEY_LEN);
+    zmq_setsockopt(s, ZMQ_CURVE_PUBLICKEY, k->pub, CURVE_KEY_LEN);
+    zmq_setsockopt(s, ZMQ_CURVE_SECRETKEY, k->sec, CURVE_KEY_LEN);
+    zmq_socket_monitor(s, "inproc://knock", ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
+                                                ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL);
+    zmq_connect(mon, "inproc://knock");
+    zmq_connect(s, ep);
+    zmq_pollitem_t it = {mon, 0, ZMQ_POLLIN, 0};
+    int event = 0;
+    if (zmq_poll(&it, 1, 3000) > 0) {
+        uint8_t head[6];
+        char addr[256];
+        if (zmq_recv(mon, head, sizeof head, 0) == 6 && zmq_recv(mon, addr, sizeof addr, 0) >= 0) {
+            uint16_t e;
+            memcpy(&e, head, 2);
+            event = e;
+        }
+    }
+    zmq_socket_monitor(s, NULL, 0);
+    zmq_close(mon);
+    zmq_close(s);
+    zmq_ctx_term(ctx);
+    return event;
+}
+
+// CurveZMQ worlds: every rank with its own key pair and the world's keys. A world whose keys agree
+// opens and carries messages; a stranger's key is refused by a rank's key check while a listed key
+// gets through it; a rank holding another key than the one the others list for it fails at once
+// (refused, naming the rank that refused it), and the others fail at their deadline naming it and
+// the key they refused. Missing keys are refused before anything is bound.
+static void test_zmq_curve(void) {
+    curve_keypair_t k[4]; // ranks 0..2, then a stranger
+    char err[512];
+    for (int i = 0; i < 4; i++) CU_ASSERT_EQUAL_FATAL(curve_keygen(&k[i], err, sizeof err), 0);
+    char eps[MAXN][EP_LEN];
+    const char *ptrs[MAXN];
+    CU_ASSERT_FATAL(make_endpoints(true, 3, NULL, "cv", eps, ptrs) == 0);
+    const char *keys[3] = {k[0].pub, k[1].pub, k[2].pub};
+    comm_zmq_opts_t o[3];
+    pthread_t th[3];
+    zmq_new_arg_t a[3];
+    for (int r = 0; r < 3; r++) {
+        comm_zmq_opts_default(&o[r]);
+        o[r].connect_timeout_ms = 5000;
+        o[r].curve = &k[r];
+        o[r].curve_keys = keys;
+        a[r] = (zmq_new_arg_t){.rank = r, .size = 3, .eps = ptrs, .opts = &o[r]};
+    }
+    for (int r = 0; r < 3; r++) pthread_create(&th[r], NULL, zmq_new_main, &a[r]);
+    for (int r = 0; r < 3; r++) pthread_join(th[r], NULL);
+    for (int r = 0; r < 3; r++) {
+        if (a[r].rc) fprintf(stderr, "curve rank %d: %s\n", r, a[r].err);
+        CU_ASSERT_EQUAL(a[r].rc, 0);
+    }
+    comm_t *cs[3] = {a[0].c, a[1].c, a[2].c};
+    if (cs[0] && cs[1] && cs[2]) {
+        comm_msg_t m;
+        CU_ASSERT_EQUAL(comm_send1(cs[2], 0, "secret", 6, 1000), 0);
+        CU_ASSERT_EQUAL_FATAL(comm_recv(cs[0], 2, &m, NULL, 2000), 0);
+        CU_ASSERT(m.n == 1 && m.len[0] == 6 && memcmp(m.data[0], "secret", 6) == 0);
+        comm_msg_free(&m);
+        CU_ASSERT_EQUAL(comm_send1(cs[0], 1, "x", 1, 1000), 0);
+        CU_ASSERT_EQUAL(comm_recv(cs[1], 0, &m, NULL, 2000), 0);
+        comm_msg_free(&m);
+        // a stranger's key is refused by rank 0's key check; rank 1's key (listed) passes it
+        CU_ASSERT_EQUAL(curve_knock(&k[3], k[0].pub, eps[0]), ZMQ_EVENT_HANDSHAKE_FAILED_AUTH);
+        CU_ASSERT_EQUAL(curve_knock(&k[1], k[0].pub, eps[0]), ZMQ_EVENT_HANDSHAKE_SUCCEEDED);
+        // the world still works after both
+        CU_ASSERT_EQUAL(comm_send1(cs[1], 2, "y", 1, 1000), 0);
+        CU_ASSERT_EQUAL(comm_recv(cs[2], 1, &m, NULL, 2000), 0);
+        comm_msg_free(&m);
+    }
+    destroy_all(cs, 3);
+
+    // rank 2 holds the stranger's key; ranks 0 and 1 list rank 2's real one
+    CU_ASSERT_FATAL(make_endpoints(true, 3, NULL, "cv", eps, ptrs) == 0);
+    const char *keys2[3] = {k[0].pub, k[1].pub, k[3].pub}; // what rank 2 believes
+    for (int r = 0; r < 3; r++) o[r].connect_timeout_ms = 2500;
+    o[2].curve = &k[3];
+    o[2].curve_keys = keys2;
+    for (int r = 0; r < 3; r++) a[r].c = NULL;
+    for (int r = 0; r < 3; r++) pthread_create(&th[r], NULL, zmq_new_main, &a[r]);
+    for (int r = 0; r < 3; r++) pthread_join(th[r], NULL);
+    const double took[3] = {a[0].ms, a[1].ms, a[2].ms};
+    if (a[2].rc != MLM_EPROTO) fprintf(stderr, "rank 2: %d %s\n", a[2].rc, a[2].err);
+    CU_ASSERT_EQUAL(a[2].rc, MLM_EPROTO); // refused by 0 or 1, at once
+    CU_ASSERT(strstr(a[2].err, "refused this rank's CurveZMQ key") != NULL && strstr(a[2].err, k[3].pub) != NULL);
+    CU_ASSERT(took[2] < 1500); // after ZQ_REFUSE_GRACE_MS of redials
+    for (int r = 0; r < 2; r++) {
+        CU_ASSERT_EQUAL(a[r].rc, MLM_ETIMEOUT);
+        CU_ASSERT(took[r] < 2500 + SLACK_MS);
+        CU_ASSERT(strstr(a[r].err, "rank(s) 2") != NULL);
+        CU_ASSERT(strstr(a[r].err, k[3].pub) != NULL); // the key it refused, named
+        if (!strstr(a[r].err, k[3].pub)) fprintf(stderr, "rank %d: %s\n", r, a[r].err);
+    }
+    CU_ASSERT(a[0].c == NULL && a[1].c == NULL && a[2].c == NULL);
+
+    // no keys for the world, or a world that lists another key for this rank: refused up front
+    comm_t *c = NULL;
+    o[0].curve_keys = NULL;
+    CU_ASSERT_EQUAL(comm_zmq_new(&c, 0, 3, ptrs, &o[0], err, sizeof err), MLM_EINVAL);
+    o[0].curve_keys = keys2;
+    o[0].curve = &k[1];
+    CU_ASSERT_EQUAL(comm_zmq_new(&c, 0, 3, ptrs, &o[0], err, sizeof err), MLM_EINVAL);
+    CU_ASSERT(strstr(err, "lists") != NULL);
+    CU_ASSERT_PTR_NULL(c);
+}
+
 // A frozen peer (SIGSTOP) keeps its connections open: without heartbeats the survivors hit their
 // deadline; with fast heartbeats the dead link is dropped and they see MLM_EPEER well before it.
 static void test_zmq_peer_frozen(void) {
@@ -829,7 +947,8 @@ int test_comm_suite(void) {
         !CU_add_test(s, "zmq malformed and oversized frames", test_zmq_bad_frames) ||
         !CU_add_test(s, "zmq processes all-reduce = inproc", test_zmq_processes_allreduce) ||
         !CU_add_test(s, "zmq peer killed mid-collective", test_zmq_peer_killed) ||
-        !CU_add_test(s, "zmq frozen peer: deadline or heartbeat", test_zmq_peer_frozen))
+        !CU_add_test(s, "zmq frozen peer: deadline or heartbeat", test_zmq_peer_frozen) ||
+        !CU_add_test(s, "zmq CurveZMQ world: listed keys only", test_zmq_curve))
         return -1;
     return 0;
 }

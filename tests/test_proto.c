@@ -278,6 +278,74 @@ static void test_roundtrip_plan(void) {
     free_frames(&f);
 }
 
+// 1.6: each node's CurveZMQ key travels in the plan; a plan without keys (what 1.5 sends, and what a
+// coordinator without keys sends) decodes with every key empty; a key that is not 40 Z85 characters
+// is refused on both ends.
+static void test_plan_curve_key(void) {
+    static const char *keys[3] = {">v}rjwP%<C*Yn:ZM1F2taxy[bo=}LDk+?aXnn?%N", "Q(vGDOo=Vab.YZ+.pH1mzWHK[u9Z3H.hrM0>wJ4)",
+                                  "/<A2:k6y{=t{V##fwA$n1jqmNc%3x]ih<^$eSUAD"}; // from meshlm keygen
+    msg_t a, b;
+    comm_msg_t f;
+    msg_plan_node_t nodes[3];
+    fill_plan(&a, nodes);
+    for (int i = 0; i < 3; i++) snprintf(nodes[i].curve_key, sizeof nodes[i].curve_key, "%s", keys[i]);
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT_EQUAL(b.peer_minor, MSG_PROTO_MINOR);
+    for (int i = 0; i < 3; i++) CU_ASSERT_STRING_EQUAL(b.plan.nodes[i].curve_key, keys[i]);
+    Meshlm__Plan *pb = meshlm__plan__unpack(NULL, f.len[1], f.data[1]);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pb);
+    CU_ASSERT_STRING_EQUAL(pb->nodes[2]->curve_key, keys[2]);
+    meshlm__plan__free_unpacked(pb, NULL);
+    msg_clear(&b);
+    free_frames(&f);
+
+    // no keys: the field is not on the wire (a plan as 1.5 sent it), and it reads back empty
+    fill_plan(&a, nodes);
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    for (int i = 0; i < 3; i++) CU_ASSERT_STRING_EQUAL(b.plan.nodes[i].curve_key, "");
+    pb = meshlm__plan__unpack(NULL, f.len[1], f.data[1]);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pb);
+    char *own0 = pb->nodes[0]->curve_key, *own1 = pb->nodes[1]->curve_key; // freed by free_unpacked
+    const size_t plain = meshlm__plan__get_packed_size(pb);
+    CU_ASSERT_EQUAL(plain, f.len[1]);
+    pb->nodes[0]->curve_key = (char *)keys[0]; // field 13 of a node: a key byte, a length byte and 40 bytes
+    CU_ASSERT_EQUAL(meshlm__plan__get_packed_size(pb), plain + 42);
+    // a 1.5 peer's plan (its prefix says minor 5) decodes with the same empty keys
+    unsigned char hdr[4096], prefix[MSG_PREFIX_LEN];
+    pb->nodes[0]->curve_key = (char *)"";
+    size_t hl = meshlm__plan__pack(pb, hdr);
+    comm_msg_t h;
+    msg_t m;
+    char err[256];
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, 5, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL_FATAL(msg_decode(&h, NULL, &m, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(m.peer_minor, 5);
+    CU_ASSERT_EQUAL(m.plan.n_nodes, 3);
+    for (int i = 0; i < m.plan.n_nodes; i++) CU_ASSERT_STRING_EQUAL(m.plan.nodes[i].curve_key, "");
+    msg_clear(&m);
+    // a key that is not Z85 text of 40 characters is refused when received ...
+    pb->nodes[1]->curve_key = (char *)">v}rjwP%<C*Yn:ZM1F2taxy[bo=}LDk+?aXnn?%"; // 39 characters
+    hl = meshlm__plan__pack(pb, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL(msg_decode(&h, NULL, &m, err, sizeof err), MLM_EFORMAT);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "nodes[1].curve_key"));
+    pb->nodes[1]->curve_key = (char *)">v}rjwP%<C*Yn:ZM1F2taxy[bo=}LDk+?aXnn?%Nx"; // 41: longer than the field
+    hl = meshlm__plan__pack(pb, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_NOT_EQUAL(msg_decode(&h, NULL, &m, err, sizeof err), 0);
+    pb->nodes[0]->curve_key = own0;
+    pb->nodes[1]->curve_key = own1;
+    meshlm__plan__free_unpacked(pb, NULL);
+    msg_clear(&b);
+    free_frames(&f);
+    // ... and when sent (a space is not Z85)
+    fill_plan(&a, nodes);
+    snprintf(nodes[2].curve_key, sizeof nodes[2].curve_key, "%s", ">v}rjwP%<C*Yn:ZM1F2taxy[bo=}LDk+?aXnn? N");
+    msg_buf_t mb;
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &mb, err, sizeof err), MLM_EFORMAT);
+    msg_buf_free(&mb);
+}
+
 // Protocol 1.5: the plan's attention/KV device travels; a plan without one leaves the field off the
 // wire (what a 1.4 peer sends, and a 1.4 peer ignores the field), and a spaced name is refused.
 static void test_plan_kv_device(void) {
@@ -477,11 +545,12 @@ static void test_roundtrip_load_shard(void) {
 }
 
 // Protocol 1.5: LOAD_SHARD, STEP and shard chunks carry their plan's id (the coordinator fills it,
-// a worker ignores one of another plan); the prefix says 1.5; a 1.4 peer's LOAD_SHARD and STEP, whose
+// a worker ignores one of another plan); the prefix says this version (1.6, which keeps them); a 1.4 peer's LOAD_SHARD and STEP, whose
 // headers have no plan_id, still decode (plan_id 0, which a worker takes as before).
 static void test_plan_ids(void) {
-    CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 5);
-    CU_ASSERT_EQUAL(MSG_MINOR_PLAN_IDS, MSG_PROTO_MINOR);
+    CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 6);
+    CU_ASSERT_EQUAL(MSG_MINOR_PLAN_IDS, 5);
+    CU_ASSERT_EQUAL(MSG_MINOR_CURVE, MSG_PROTO_MINOR);
     msg_t a, b;
     comm_msg_t f;
     const uint64_t id = 0x1234567890abcdefull;
@@ -489,9 +558,9 @@ static void test_plan_ids(void) {
     a.load_shard = (msg_load_shard_t){.plan_id = id, .node_index = 1};
     CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
     CU_ASSERT_EQUAL(b.load_shard.plan_id, id);
-    CU_ASSERT_EQUAL(b.peer_minor, 5);
+    CU_ASSERT_EQUAL(b.peer_minor, 6);
     const unsigned char *pre = f.data[0];
-    CU_ASSERT(pre[6] == 5 && pre[7] == 0); // the prefix's minor
+    CU_ASSERT(pre[6] == 6 && pre[7] == 0); // the prefix's minor
     msg_clear(&b);
     free_frames(&f);
     int32_t tok = 3;
@@ -1408,6 +1477,7 @@ int test_proto_suite(void) {
         !CU_add_test(s, "round trip PLAN", test_roundtrip_plan) ||
         !CU_add_test(s, "PLAN tp_mode and links (1.4), older peers", test_plan_tp_mode) ||
         !CU_add_test(s, "PLAN kv_device (1.5)", test_plan_kv_device) ||
+        !CU_add_test(s, "PLAN curve_key (1.6), older peers", test_plan_curve_key) ||
         !CU_add_test(s, "plan ids in LOAD_SHARD, STEP, SLICE_DATA (1.5), older peers", test_plan_ids) ||
         !CU_add_test(s, "round trip LOAD_SHARD(_ACK)", test_roundtrip_load_shard) ||
         !CU_add_test(s, "round trip SLICE_DATA", test_roundtrip_slice_data) ||

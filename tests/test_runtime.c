@@ -10,6 +10,7 @@
 
 #include "coordinator/runtime/cluster.h"
 #include "core/err.h"
+#include "proto/msg_io.h"
 #include "test_util.h"
 #include "transport/comm_inproc.h"
 #include "worker/model/model.h"
@@ -269,6 +270,84 @@ static void test_cache_dir_error_names_path(void) {
     free(dir);
 }
 
+// Sends a 2-node PLAN (the coordinator, then node-1) whose keys are k0 and k1 ("" = none) and a
+// LOAD_SHARD for node-1; returns the text of the ERROR node-1 answers with ("" if it answers without one).
+static void plan_with_keys(comm_t *ctl, uint64_t id, const char *k0, const char *k1, char *why, size_t cap) {
+    msg_plan_node_t nd[2];
+    memset(nd, 0, sizeof nd);
+    for (int i = 0; i < 2; i++) {
+        nd[i].index = (uint32_t)i;
+        snprintf(nd[i].node_id, sizeof nd[i].node_id, "%s", i ? "node-1" : "coordinator");
+        snprintf(nd[i].endpoint, sizeof nd[i].endpoint, "tcp://127.0.0.1:%d", 9 + i); // never reached
+        nd[i].layers = (msg_range_t){0, 5};
+        nd[i].heads = (msg_range_t){4 * i, 4 * i + 4};
+        nd[i].kv_heads = (msg_range_t){2 * i, 2 * i + 2};
+        nd[i].n_ffn = 1;
+        nd[i].ffn[0] = (msg_range_t){86 * i, 86 * i + 86};
+        snprintf(nd[i].curve_key, sizeof nd[i].curve_key, "%s", i ? k1 : k0);
+    }
+    msg_t m;
+    msg_init(&m, MSG_PLAN);
+    m.plan = (msg_plan_t){.plan_id = id, .n_layer = 5, .n_head = 8, .n_head_kv = 4, .n_ff = 172, .n_ctx = 64,
+                          .kv_type = QT_F16, .n_nodes = 2, .nodes = nd};
+    char err[256];
+    CU_ASSERT_EQUAL_FATAL(msg_send(ctl, 1, &m, 5000, err, sizeof err), 0);
+    msg_init(&m, MSG_LOAD_SHARD);
+    m.load_shard = (msg_load_shard_t){.plan_id = id, .node_index = 1};
+    CU_ASSERT_EQUAL_FATAL(msg_send(ctl, 1, &m, 5000, err, sizeof err), 0);
+    snprintf(why, cap, "%s", "");
+    for (int k = 0; k < 2; k++) { // the ack, then the ERROR
+        msg_t r;
+        comm_msg_t raw;
+        if (msg_recv(ctl, 1, &r, &raw, NULL, 5000, err, sizeof err) != 0) break;
+        if (r.type == MSG_LOAD_SHARD_ACK) CU_ASSERT_NOT_EQUAL(r.load_shard_ack.status, 0);
+        if (r.type == MSG_ERROR) snprintf(why, cap, "%s", r.error.text);
+        msg_clear(&r);
+        comm_msg_free(&raw);
+        if (why[0]) break;
+    }
+}
+
+// A worker with a CurveZMQ key pair and a ZeroMQ data plane refuses a plan whose data plane has no
+// keys (it must not fall back to plaintext), and one that lists another key for it; a worker without
+// keys refuses a plan with keys. Each refusal comes as the LOAD_SHARD's failed ack and an ERROR that
+// says why, and the node goes on serving.
+static void test_plan_keys_refused(void) {
+    curve_conf_t *cv = calloc(1, sizeof *cv);
+    curve_keypair_t other;
+    char err[256], why[600];
+    CU_ASSERT_EQUAL_FATAL(curve_keygen(&cv->self, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(curve_keygen(&other, err, sizeof err), 0);
+    for (int keyed = 1; keyed >= 0; keyed--) {
+        world_t w; // a control group only: node-1 makes a ZeroMQ data plane for each plan
+        memset(&w, 0, sizeof w);
+        w.n = 2;
+        CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(w.ctl, 2), 0);
+        w.o[1] = (node_opts_t){.node_id = "node-1", .n_threads = 1, .timeout_ms = 5000, .no_profile = true,
+                               .exit_on_peer_loss = true, .curve = keyed ? cv : NULL};
+        args[1] = (node_arg_t){&w, 1};
+        pthread_create(&w.th[1], NULL, node_main, &args[1]);
+        if (keyed) {
+            plan_with_keys(w.ctl[0], 11, "", "", why, sizeof why);
+            CU_ASSERT_PTR_NOT_NULL(strstr(why, "no CurveZMQ key for node coordinator"));
+            CU_ASSERT_PTR_NOT_NULL(strstr(why, "does not fall back to plaintext"));
+            plan_with_keys(w.ctl[0], 12, other.pub, other.pub, why, sizeof why);
+            CU_ASSERT_PTR_NOT_NULL(strstr(why, "lists CurveZMQ key"));
+            CU_ASSERT_PTR_NOT_NULL(strstr(why, cv->self.pub));
+        } else {
+            plan_with_keys(w.ctl[0], 13, other.pub, cv->self.pub, why, sizeof why);
+            CU_ASSERT_PTR_NOT_NULL(strstr(why, "no key pair (--curve-key)"));
+        }
+        if (!strstr(why, "CurveZMQ") && !strstr(why, "key pair")) fprintf(stderr, "node said: %s\n", why);
+        msg_t m;
+        msg_init(&m, MSG_SHUTDOWN);
+        snprintf(m.shutdown.reason, sizeof m.shutdown.reason, "exit");
+        CU_ASSERT_EQUAL(msg_send(w.ctl[0], 1, &m, 5000, err, sizeof err), 0);
+        world_stop(&w);
+    }
+    free(cv);
+}
+
 // --- registration
 
 int test_runtime_suite(void) {
@@ -277,7 +356,8 @@ int test_runtime_suite(void) {
     if (!CU_add_test(s, "in-process cluster: TP and 3 stages equal one node", test_layouts_equal_one_node) ||
         !CU_add_test(s, "re-plan and re-load mid-request, replay, same logits", test_replan_mid_request) ||
         !CU_add_test(s, "shards streamed into a cache dir made with its parents", test_streamed_into_new_cache_dir) ||
-        !CU_add_test(s, "a cache dir that cannot be made is named with the cause", test_cache_dir_error_names_path))
+        !CU_add_test(s, "a cache dir that cannot be made is named with the cause", test_cache_dir_error_names_path) ||
+        !CU_add_test(s, "a keyed worker refuses a plan without data-plane keys", test_plan_keys_refused))
         return -1;
     return 0;
 }

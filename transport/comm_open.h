@@ -28,7 +28,10 @@ typedef struct {
                                     //   are dropped): a plan's data plane uses the plan id's low bits
     const char *faults;             // fault:<name>: spec text; NULL = $MESHLM_FAULTS
     const fault_spec_t *fault_spec; // fault:<name>: a parsed spec, wins over faults (read during the call)
-    const curve_conf_t *curve;      // link: CurveZMQ keys (transport/curve.h); NULL = plain
+    const curve_conf_t *curve;      // link: CurveZMQ keys (transport/curve.h); zmq: its self is this rank's key
+                                    //   pair (the peers are not read: curve_keys says whom to admit); NULL = plain
+    const char *const *curve_keys;  // zmq, with curve: (size) every rank's public key (a plan's data plane: the
+                                    //   PLAN's keys); the world admits only these
 } comm_open_opts_t;
 
 // Opens this rank's comm of backend `name`:

@@ -52,12 +52,22 @@ typedef struct {
     uint64_t stamp;             // messages queued so far
     uint64_t rejected;          // messages dropped as malformed, oversized or unknown
     char proto_err[192];        // first handshake mismatch seen ("" if none)
+    // CurveZMQ (opts.curve): the key check of the bound socket, and what the handshake learns
+    curve_zap_t *zap;           // ZAP handler admitting only the world's keys (NULL = plain world)
+    void *mon;                  // PAIR receiving the outbound socket's handshake failures (handshake phase only)
+    char (*conn)[ZQ_EP_MAX];    // (size) the endpoint this rank dials for each peer
+    int64_t *refused_at;        // (size) monotonic us of the peer's first refusal of this rank's key (0 = none)
+    int64_t *redial_at;         // (size) when to dial the refusing peer again (0 = not due)
+    int *shake_failed;          // (size) CURVE handshakes with the peer that failed otherwise (e.g. it
+                                // does not hold the key listed for it)
 } zq_ctx_t;
 
+#define ZQ_MON_EP "inproc://meshlm.zmq.handshake" // the outbound socket's monitor (one per context)
+#define ZQ_REDIAL_MS 50         // a peer that refused this rank's key is dialled again after this long ...
+                                // ... until ZQ_REFUSE_GRACE_MS after its first refusal (the refusal may come from
+                                // a socket of an earlier world still going away), then the handshake fails
+
 // --- helpers
-
-
-
 
 // ZeroMQ routing ids must not start with a zero byte: a letter, then the rank.
 static void routing_id(uint8_t id[5], char tag, int rank) {
@@ -374,10 +384,20 @@ static int zq_recv(void *ctx, int peer, comm_msg_t *out, int *from, int timeout_
     }
 }
 
+// Stops watching the outbound socket's handshakes.
+static void monitor_stop(zq_ctx_t *z) {
+    if (!z->mon) return;
+    zmq_socket_monitor(z->out, NULL, 0);
+    zmq_close(z->mon);
+    z->mon = NULL;
+}
+
 static void zq_free(zq_ctx_t *z) {
     if (!z) return;
+    monitor_stop(z);
     if (z->in) zmq_close(z->in);
     if (z->out) zmq_close(z->out);
+    curve_zap_stop(&z->zap); // its socket closes: before the context ends
     if (z->zctx) zmq_ctx_term(z->zctx);
     if (z->q)
         for (int s = 0; s < z->size; s++) queue_clear(&z->q[s]);
@@ -388,6 +408,10 @@ static void zq_free(zq_ctx_t *z) {
     free(z->hello);
     free(z->heard);
     free(z->next_probe);
+    free(z->conn);
+    free(z->refused_at);
+    free(z->redial_at);
+    free(z->shake_failed);
     free(z);
 }
 
@@ -414,6 +438,128 @@ bool comm_zmq_peer_lost(const comm_t *c, int peer) {
     if (cut) return true;
     const zq_ctx_t *z = c ? comm_backend_ctx(c, &zmq_iface) : NULL;
     return z && peer >= 0 && peer < z->size && peer != z->rank && z->lost[peer] && !z->left[peer];
+}
+
+// CurveZMQ on both sockets: the bound one is a CURVE server whose ZAP handler admits only the world's
+// keys; the outbound one presents this rank's key (each connect then sets the peer's server key), and
+// its handshake failures are watched until the hello phase ends. 0 or MLM_E* with err filled.
+static int curve_setup(zq_ctx_t *z, char *err, size_t errlen) {
+    const curve_keypair_t *k = z->o.curve;
+    if (!curve_key_valid(k->pub) || !curve_key_valid(k->sec))
+        return mlm_fail(err, errlen, MLM_EINVAL, "rank %d: its own CurveZMQ key pair is not valid", z->rank);
+    if (!z->o.curve_keys) return mlm_fail(err, errlen, MLM_EINVAL, "CurveZMQ needs every rank's public key");
+    curve_peers_t *peers = calloc(1, sizeof *peers); // the keys admitted: every rank's, each once
+    if (!peers) return MLM_ENOMEM;
+    int rc = 0;
+    for (int p = 0; p < z->size && rc == 0; p++) {
+        const char *key = z->o.curve_keys[p];
+        if (!curve_key_valid(key)) {
+            rc = mlm_fail(err, errlen, MLM_EINVAL, "rank %d has no CurveZMQ key (40 Z85 characters)", p);
+            break;
+        }
+        bool seen = false;
+        for (int i = 0; i < peers->n && !seen; i++) seen = !strcmp(peers->key[i], key);
+        if (!seen && peers->n == CURVE_MAX_PEERS) rc = mlm_fail(err, errlen, MLM_EFULL, "over %d keys", CURVE_MAX_PEERS);
+        else if (!seen) memcpy(peers->key[peers->n++], key, CURVE_KEY_LEN + 1);
+    }
+    if (rc == 0 && strcmp(z->o.curve_keys[z->rank], k->pub) != 0)
+        rc = mlm_fail(err, errlen, MLM_EINVAL, "rank %d holds the CurveZMQ key %s, but the world lists %s for it",
+                      z->rank, k->pub, z->o.curve_keys[z->rank]);
+    char who[64];
+    snprintf(who, sizeof who, "data plane rank %d", z->rank);
+    if (rc == 0) rc = curve_zap_start(&z->zap, z->zctx, peers, who, err, errlen);
+    free(peers);
+    if (rc != 0) return rc;
+    const int one = 1;
+    if (zmq_setsockopt(z->in, ZMQ_CURVE_SERVER, &one, sizeof one) != 0 ||
+        zmq_setsockopt(z->in, ZMQ_CURVE_SECRETKEY, k->sec, CURVE_KEY_LEN) != 0 ||
+        zmq_setsockopt(z->in, ZMQ_ZAP_DOMAIN, "meshlm", 6) != 0 ||
+        zmq_setsockopt(z->out, ZMQ_CURVE_PUBLICKEY, k->pub, CURVE_KEY_LEN) != 0 ||
+        zmq_setsockopt(z->out, ZMQ_CURVE_SECRETKEY, k->sec, CURVE_KEY_LEN) != 0)
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "CurveZMQ: %s", zmq_strerror(errno));
+    const int ev = ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                   ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL;
+    if (zmq_socket_monitor(z->out, ZQ_MON_EP, ev) != 0 || !(z->mon = zmq_socket(z->zctx, ZMQ_PAIR)) ||
+        zmq_connect(z->mon, ZQ_MON_EP) != 0)
+        return mlm_fail(err, errlen, MLM_EIO, "cannot watch the CurveZMQ handshakes: %s", zmq_strerror(errno));
+    return 0;
+}
+
+// The rank this rank dials at endpoint ep (as a monitor event names it), or -1.
+static int rank_at(const zq_ctx_t *z, const char *ep) {
+    for (int p = 0; p < z->size; p++)
+        if (p != z->rank && !strcmp(z->conn[p], ep)) return p;
+    return -1;
+}
+
+// Dials peer p again (a refused CURVE connection is not retried by ZeroMQ itself).
+static void redial(zq_ctx_t *z, int p) {
+    uint8_t id[5];
+    z->redial_at[p] = 0;
+    zmq_disconnect(z->out, z->conn[p]);
+    routing_id(id, 'p', p);
+    zmq_setsockopt(z->out, ZMQ_CONNECT_ROUTING_ID, id, sizeof id);
+    zmq_setsockopt(z->out, ZMQ_CURVE_SERVERKEY, z->o.curve_keys[p], CURVE_KEY_LEN);
+    zmq_connect(z->out, z->conn[p]);
+}
+
+// Files the outbound socket's handshake failures and dials refusing peers again when due. MLM_EPROTO
+// with err naming the peer once one has refused this rank's key for ZQ_REFUSE_GRACE_MS, else 0.
+static int curve_events(zq_ctx_t *z, char *err, size_t errlen) {
+    for (;;) {
+        zmq_msg_t m[2];
+        zmq_msg_init(&m[0]);
+        zmq_msg_init(&m[1]);
+        const bool got = zmq_msg_recv(&m[0], z->mon, ZMQ_DONTWAIT) >= 0 && zmq_msg_more(&m[0]) &&
+                         zmq_msg_recv(&m[1], z->mon, 0) >= 0;
+        if (!got || zmq_msg_size(&m[0]) < 6) {
+            zmq_msg_close(&m[0]);
+            zmq_msg_close(&m[1]);
+            break;
+        }
+        const uint8_t *e = zmq_msg_data(&m[0]); // u16 event, u32 value (host order)
+        uint16_t event;
+        uint32_t value;
+        memcpy(&event, e, 2);
+        memcpy(&value, e + 2, 4);
+        char ep[ZQ_EP_MAX];
+        const size_t n = zmq_msg_size(&m[1]) < sizeof ep - 1 ? zmq_msg_size(&m[1]) : sizeof ep - 1;
+        memcpy(ep, zmq_msg_data(&m[1]), n);
+        ep[n] = 0;
+        zmq_msg_close(&m[0]);
+        zmq_msg_close(&m[1]);
+        const int p = rank_at(z, ep);
+        if (p < 0) continue;
+        if (event != ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
+            z->shake_failed[p]++;
+            continue;
+        }
+        const int64_t now = mlm_now_us();
+        if (!z->refused_at[p]) z->refused_at[p] = now;
+        if (now - z->refused_at[p] >= (int64_t)ZQ_REFUSE_GRACE_MS * 1000)
+            return mlm_fail(err, errlen, MLM_EPROTO,
+                            "rank %d: rank %d at %s refused this rank's CurveZMQ key %s (status %u): it does not "
+                            "admit that key",
+                            z->rank, p, ep, z->o.curve->pub, (unsigned)value);
+        z->redial_at[p] = now + (int64_t)ZQ_REDIAL_MS * 1000;
+    }
+    for (int p = 0; p < z->size; p++)
+        if (z->redial_at[p] && mlm_now_us() >= z->redial_at[p]) redial(z, p);
+    return 0;
+}
+
+// Appends to err (k bytes used) why the CURVE handshake did not complete: the peers whose handshake
+// failed, and the last connection this rank refused.
+static void curve_why(zq_ctx_t *z, char *err, size_t errlen, int k) {
+    for (int p = 0; p < z->size && k > 0 && (size_t)k < errlen; p++)
+        if (p != z->rank && !(z->hello[p] && z->heard[p]) && z->shake_failed[p])
+            k += snprintf(err + k, errlen - (size_t)k, "; rank %d (%s) failed %d CurveZMQ handshakes (it holds another "
+                          "key than the one listed)", p, z->conn[p], z->shake_failed[p]);
+    char addr[256], key[CURVE_KEY_LEN + 1];
+    curve_zap_last_refused(z->zap, addr, sizeof addr, key);
+    if (addr[0] && k > 0 && (size_t)k < errlen)
+        snprintf(err + k, errlen - (size_t)k, "; refused %d connection(s), the last from %s with key %s",
+                 curve_zap_refused(z->zap), addr, key);
 }
 
 // Binds, connects and runs the hello phase. 0 or MLM_E* with err filled.
@@ -448,6 +594,10 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     // handshake, so the inbound socket announces the id its peers address it by
     routing_id(id, 'p', z->rank);
     zmq_setsockopt(z->in, ZMQ_ROUTING_ID, id, sizeof id);
+    if (z->o.curve) {
+        int rc = curve_setup(z, err, errlen);
+        if (rc != 0) return rc;
+    }
 
     if (parse_endpoint(z, endpoints[z->rank], bind, conn) != 0) {
         snprintf(err, errlen, "bad endpoint for rank %d: '%s'", z->rank, endpoints[z->rank] ? endpoints[z->rank] : "");
@@ -465,6 +615,8 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
         }
         routing_id(id, 'p', p);
         zmq_setsockopt(z->out, ZMQ_CONNECT_ROUTING_ID, id, sizeof id);
+        if (z->o.curve) zmq_setsockopt(z->out, ZMQ_CURVE_SERVERKEY, z->o.curve_keys[p], CURVE_KEY_LEN); // this connect's
+        snprintf(z->conn[p], ZQ_EP_MAX, "%s", conn);
         if (zmq_connect(z->out, conn) != 0) {
             snprintf(err, errlen, "rank %d cannot connect to rank %d at %s: %s", z->rank, p, conn, zmq_strerror(errno));
             return MLM_EIO;
@@ -503,6 +655,7 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
             int k = snprintf(err, errlen, "rank %d: no handshake within %d ms with rank(s)", z->rank, z->o.connect_timeout_ms);
             for (int p = 0; p < z->size && k > 0 && (size_t)k < errlen; p++)
                 if (p != z->rank && !(z->hello[p] && z->heard[p])) k += snprintf(err + k, errlen - (size_t)k, " %d", p);
+            if (z->mon) curve_why(z, err, errlen, k);
             rc = MLM_ETIMEOUT;
             break;
         }
@@ -511,8 +664,10 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
             rc = MLM_EIO;
             break;
         }
+        if (z->mon && (rc = curve_events(z, err, errlen)) != 0) break;
     }
     free(said);
+    monitor_stop(z); // the world is up (or failed): its handshakes are no longer watched
     return rc;
 }
 
@@ -566,6 +721,8 @@ int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints,
         if (opts->hwm >= 0) z->o.hwm = opts->hwm;
         z->o.fail_on_any_loss = opts->fail_on_any_loss;
         z->o.session = opts->session;
+        z->o.curve = opts->curve;
+        z->o.curve_keys = opts->curve_keys;
     }
     z->q = calloc((size_t)size, sizeof *z->q);
     z->lost = calloc((size_t)size, sizeof *z->lost);
@@ -573,17 +730,24 @@ int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints,
     z->hello = calloc((size_t)size, sizeof *z->hello);
     z->heard = calloc((size_t)size, sizeof *z->heard);
     z->next_probe = calloc((size_t)size, sizeof *z->next_probe);
+    z->conn = calloc((size_t)size, sizeof *z->conn);
+    z->refused_at = calloc((size_t)size, sizeof *z->refused_at);
+    z->redial_at = calloc((size_t)size, sizeof *z->redial_at);
+    z->shake_failed = calloc((size_t)size, sizeof *z->shake_failed);
     z->zctx = zmq_ctx_new();
     if (z->zctx) {
         z->in = zmq_socket(z->zctx, ZMQ_ROUTER);
         z->out = zmq_socket(z->zctx, ZMQ_ROUTER);
     }
-    if (!z->q || !z->lost || !z->hello || !z->heard || !z->next_probe || !z->in || !z->out) {
+    if (!z->q || !z->lost || !z->hello || !z->heard || !z->next_probe || !z->conn || !z->refused_at || !z->redial_at ||
+        !z->shake_failed || !z->in || !z->out) {
         snprintf(err, errlen, "out of memory or zmq sockets");
         zq_free(z);
         return MLM_ENOMEM;
     }
     int rc = zq_start(z, endpoints, err, errlen);
+    z->o.curve = NULL; // borrowed for the call only
+    z->o.curve_keys = NULL;
     if (rc != 0) { // let a HELLO already queued reach its peer, briefly
         setopt_int(z->in, ZMQ_LINGER, 0);
         setopt_int(z->out, ZMQ_LINGER, ZQ_REFUSE_GRACE_MS);
@@ -610,5 +774,7 @@ int comm_zmq_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t err
     if (o->heartbeat_timeout_ms > 0) zo.heartbeat_timeout_ms = o->heartbeat_timeout_ms;
     zo.fail_on_any_loss = o->fail_on_any_loss;
     zo.session = o->session;
+    zo.curve = o->curve ? &o->curve->self : NULL;
+    zo.curve_keys = o->curve_keys;
     return comm_zmq_new(out, o->rank, o->size, o->endpoints, &zo, err, errlen);
 }

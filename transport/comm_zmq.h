@@ -8,6 +8,7 @@
 
 #include "transport/comm.h"
 #include "transport/comm_open.h"
+#include "transport/curve.h"
 
 // Wire format, version 1.0. Every message is: [envelope (16 bytes)] [user frame 0] ... [user frame n-1]
 //   u32 magic COMM_ZMQ_MAGIC, u8 major, u8 minor, u8 kind (COMM_ZMQ_*), u8 n (user frames),
@@ -47,6 +48,12 @@ typedef struct {
     bool fail_on_any_loss;      // a plan's data plane: once any peer is lost every send and recv fails with
                                 // MLM_EPEER (after the messages already queued from the peer asked for), so a
                                 // wait on a live peer does not outlast the loss of another; default false
+    const curve_keypair_t *curve; // CurveZMQ: this rank's key pair (read during comm_zmq_new), or NULL for a
+                                  // plain world; default NULL
+    const char *const *curve_keys; // (size) with curve: every rank's public key (Z85, read during the call).
+                                   // The bound socket is a CURVE server whose ZAP handler admits only these
+                                   // keys (a refusal is logged with the peer's address and key); the
+                                   // connection to rank p expects p's key from the server it reaches
 } comm_zmq_opts_t;
 
 void comm_zmq_opts_default(comm_zmq_opts_t *o);
@@ -66,6 +73,11 @@ bool comm_zmq_peer_lost(const comm_t *c, int peer);
 // version is refused. opts NULL = defaults. On success *out is a new comm (caller destroys).
 // On failure returns MLM_EINVAL, MLM_EIO (bind/connect), MLM_ETIMEOUT (a peer never said hello)
 // or MLM_EPROTO (mismatch) with the reason in err.
+// With CurveZMQ (opts->curve) every connection is encrypted and authenticated: a peer that refuses this
+// rank's key (twice, so not a socket of an earlier world going away) fails the call at once with
+// MLM_EPROTO naming that rank and its endpoint; a handshake that never completes (e.g. a peer holds
+// another key than the one listed for it) fails at the deadline with MLM_ETIMEOUT naming the ranks
+// whose CURVE handshake failed and the last connection this rank refused (address and key).
 //
 // Peer loss: sends use ROUTER sockets with ZMQ_ROUTER_MANDATORY and ZMQ_IMMEDIATE, so a peer
 // whose connection dropped (process killed, heartbeat timeout, BYE received) makes send fail at
@@ -77,7 +89,8 @@ int comm_zmq_new(comm_t **out, int rank, int size, const char *const *endpoints,
                  char *err, size_t errlen);
 
 // comm_open("zmq"): comm_zmq_new with o's rank, size, endpoints, timeout_ms (handshake),
-// max_msg_bytes and heartbeats; other options keep their defaults.
+// max_msg_bytes, heartbeats, fail_on_any_loss, session and CurveZMQ (curve->self, curve_keys); other
+// options keep their defaults.
 int comm_zmq_open(comm_t **out, const comm_open_opts_t *o, char *err, size_t errlen);
 
 #endif

@@ -22,6 +22,9 @@ struct curve_zap {
     atomic_int refused;
     curve_peers_t peers;
     char who[64];
+    pthread_mutex_t mu;        // guards last_addr and last_key
+    char last_addr[256];       // the last refused peer's address ("" = none yet)
+    char last_key[CURVE_KEY_LEN + 1]; // its key, or its mechanism when not CURVE
 };
 
 // --- internals
@@ -85,6 +88,10 @@ static void serve_one(curve_zap_t *z) {
         reply(z->sock, "1.0", f[1], (size_t)len[1], "200", "OK");
         return;
     }
+    pthread_mutex_lock(&z->mu);
+    snprintf(z->last_addr, sizeof z->last_addr, "%s", f[3][0] ? f[3] : "?");
+    snprintf(z->last_key, sizeof z->last_key, "%.40s", strcmp(mech, "CURVE") ? mech : key);
+    pthread_mutex_unlock(&z->mu);
     atomic_fetch_add(&z->refused, 1);
     fprintf(stderr, "meshlm: %s: refused a connection from %s: %s%s%s\n", z->who, f[3][0] ? f[3] : "?",
             strcmp(mech, "CURVE") ? "it does not use CURVE (" : "its key ", strcmp(mech, "CURVE") ? mech : key,
@@ -207,16 +214,19 @@ int curve_zap_start(curve_zap_t **out, void *zctx, const curve_peers_t *peers, c
     curve_zap_t *z = calloc(1, sizeof *z);
     if (!z) return mlm_fail(err, errlen, MLM_ENOMEM, "out of memory");
     z->peers = *peers;
+    pthread_mutex_init(&z->mu, NULL);
     snprintf(z->who, sizeof z->who, "%s", who ? who : "link");
     z->sock = zmq_socket(zctx, ZMQ_REP);
     if (!z->sock || zmq_bind(z->sock, "inproc://zeromq.zap.01") != 0) {
         const int e = errno;
         if (z->sock) zmq_close(z->sock);
+        pthread_mutex_destroy(&z->mu);
         free(z);
         return mlm_fail(err, errlen, MLM_EIO, "cannot start the key check (ZAP): %s", zmq_strerror(e));
     }
     if (pthread_create(&z->thread, NULL, zap_main, z) != 0) {
         zmq_close(z->sock);
+        pthread_mutex_destroy(&z->mu);
         free(z);
         return mlm_fail(err, errlen, MLM_ENOMEM, "cannot start the key check thread");
     }
@@ -226,11 +236,22 @@ int curve_zap_start(curve_zap_t **out, void *zctx, const curve_peers_t *peers, c
 
 int curve_zap_refused(const curve_zap_t *z) { return z ? atomic_load(&z->refused) : 0; }
 
+void curve_zap_last_refused(curve_zap_t *z, char *addr, size_t cap, char *key) {
+    if (cap) addr[0] = 0;
+    key[0] = 0;
+    if (!z) return;
+    pthread_mutex_lock(&z->mu);
+    if (cap) snprintf(addr, cap, "%s", z->last_addr);
+    snprintf(key, CURVE_KEY_LEN + 1, "%s", z->last_key);
+    pthread_mutex_unlock(&z->mu);
+}
+
 void curve_zap_stop(curve_zap_t **self_p) {
     if (!self_p || !*self_p) return;
     curve_zap_t *z = *self_p;
     atomic_store(&z->stop, true);
     pthread_join(z->thread, NULL);
+    pthread_mutex_destroy(&z->mu);
     free(z);
     *self_p = NULL;
 }

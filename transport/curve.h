@@ -1,12 +1,12 @@
-// CurveZMQ for the control link: key pairs and key files, and the ZAP handler that admits only the
-// client keys a node was given (every refusal logged with the peer's address and key).
+// CurveZMQ for the control link and the data plane: key pairs and key files, and the ZAP handler that admits
+// only the client keys a node was given (every refusal logged with the peer's address and key).
 #ifndef MESHLM_CURVE_H
 #define MESHLM_CURVE_H
 
 #include <stddef.h>
 
 #define CURVE_KEY_LEN 40       // a key in Z85 text
-#define CURVE_MAX_PEERS 64
+#define CURVE_MAX_PEERS 128    // keys of a peers file, or of a plan's data plane (<= 64 workers + coordinator)
 
 typedef struct {
     char pub[CURVE_KEY_LEN + 1];   // Z85, NUL-terminated
@@ -56,6 +56,11 @@ int curve_zap_start(curve_zap_t **out, void *zctx, const curve_peers_t *peers, c
 
 // How many connections the handler refused so far.
 int curve_zap_refused(const curve_zap_t *z);
+
+// The address and key (Z85, or the mechanism's name when the peer did not use CURVE) of the last
+// connection the handler refused, into addr (cap bytes) and key (CURVE_KEY_LEN + 1 bytes); "" when
+// none was refused. Thread-safe.
+void curve_zap_last_refused(curve_zap_t *z, char *addr, size_t cap, char *key);
 
 // Stops and joins the handler (before the context is terminated); accepts NULL, NULLs the pointer.
 void curve_zap_stop(curve_zap_t **self_p);

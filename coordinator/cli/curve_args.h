@@ -15,11 +15,12 @@ enum { CA_KEY = 1500, CA_PEERS }; // option ids: above GA_ (1000), LA_ (1200), F
 #define CURVE_ARGS_LONGOPTS {"curve-key", required_argument, 0, CA_KEY}, {"curve-peers", required_argument, 0, CA_PEERS}
 
 #define CURVE_ARGS_USAGE                                                                                        \
-    "authentication (CurveZMQ on the coordinator-worker control link; keys from meshlm keygen):\n"            \
+    "authentication (CurveZMQ on the control link and the data plane; keys from meshlm keygen):\n"           \
     "      --curve-key FILE    this node's key pair (NAME.key)\n"                                             \
     "      --curve-peers FILE  lines 'KEY [ENDPOINT]' (or a .pub path): a worker admits coordinators with\n"  \
     "                          these keys (others are refused and logged); a coordinator dials each worker\n" \
-    "                          endpoint with the key listed for it\n"
+    "                          endpoint with the key listed for it. The plan carries every node's key: the\n" \
+    "                          data plane (activations, all-reduces) admits only the plan's nodes\n"
 
 // Handles ch if it is a curve option: 1 handled, 0 not ours.
 int curve_args_option(curve_args_t *a, int ch, const char *arg);

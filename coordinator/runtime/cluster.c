@@ -375,6 +375,14 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
                             c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_EP);
         ep = -1;
     }
+    for (int j = 0; j < c->n_cand && c->o.curve && !c->o.data; j++) { // an older worker's data plane is plain
+        const msg_hello_t *h = &c->w[c->cand[j]].hello;
+        if (h->proto_major > MSG_PROTO_MAJOR || h->proto_minor >= MSG_MINOR_CURVE) continue;
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
+                        "worker %s speaks protocol %u.%u, which has no CurveZMQ data plane (1.%d and newer): its "
+                        "activations would cross in plaintext; update it",
+                        c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_CURVE);
+    }
     plan_model_t *pm = malloc(sizeof *pm);
     if (!pm) return MLM_ENOMEM;
     rc = plan_model_from_gguf(model_gguf(c->full), pm, err, errlen);
@@ -460,6 +468,13 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         if (c->o.data) snprintf(p->endpoint, sizeof p->endpoint, "rank:%d", r);
         else if (wi >= 0) snprintf(p->endpoint, sizeof p->endpoint, "%s", c->w[wi].data_endpoint);
         else coordinator_endpoint(c, p->endpoint, sizeof p->endpoint);
+        if (c->o.curve && !c->o.data) { // the data plane's keys: the worker's from --curve-peers, else our own
+            const char *key = wi >= 0 ? curve_peer_key(&c->o.curve->peers, c->w[wi].endpoint) : c->o.curve->self.pub;
+            if (!key)
+                return mlm_fail(err, errlen, MLM_EINVAL, "no CurveZMQ key is listed for worker %s (add 'KEY %s' to "
+                                "the peers file)", c->w[wi].endpoint, c->w[wi].endpoint);
+            snprintf(p->curve_key, sizeof p->curve_key, "%s", key);
+        }
     }
     return 0;
 }
@@ -779,11 +794,13 @@ static int open_data_plane(cluster_t *c, char *err, size_t errlen) {
         c->comm = c->o.data;
         return 0;
     }
-    const char *eps[MSG_MAX_NODES];
-    for (int i = 0; i < c->n_nodes; i++) eps[i] = c->pnodes[i].endpoint;
+    const char *eps[MSG_MAX_NODES], *keys[MSG_MAX_NODES]; // (n_nodes) each rank's endpoint and CurveZMQ key
+    for (int i = 0; i < c->n_nodes; i++) eps[i] = c->pnodes[i].endpoint, keys[i] = c->pnodes[i].curve_key;
+    // with keys the data plane is CurveZMQ too: this coordinator's rank uses its own key pair
     comm_open_opts_t co = {.rank = 0, .size = c->n_nodes, .endpoints = eps, .timeout_ms = c->timeout_ms,
                            .fault_spec = c->faults, .fail_on_any_loss = true,
-                           .session = (uint16_t)(c->plan_id | 1)};
+                           .session = (uint16_t)(c->plan_id | 1), .curve = c->o.curve,
+                           .curve_keys = c->o.curve ? keys : NULL};
     comm_open_heartbeat(&co, c->o.heartbeat_ms);
     int rc = comm_open(&c->comm, fault_has_link_rules(c->faults) ? "fault:zmq" : "zmq", &co, err, errlen);
     for (int i = 0; rc != 0 && i < c->o.n_workers; i++) // a worker that failed to set up says why

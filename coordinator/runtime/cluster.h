@@ -35,8 +35,9 @@ typedef struct {
                                      // mem_budget)
     float expert_skip;               // MoE adaptive gating of its own share (model_load_opts_t.expert_skip)
     int timeout_ms;                  // each control exchange and collective (0 = 30000)
-    const curve_conf_t *curve;       // CurveZMQ on the control link: this coordinator's keys and each worker
-                                     // endpoint's key (transport/curve.h); NULL = plain
+    const curve_conf_t *curve;       // CurveZMQ on the control link and every plan's ZeroMQ data plane: this
+                                     // coordinator's keys and each worker endpoint's key (transport/curve.h),
+                                     // sent in the PLAN (protocol 1.6; older workers are refused); NULL = plain
     bool drop_cache;                 // cluster_open drops the model's page cache between planning and loading,
                                      // so local workers' memory cgroups are charged for their shards
     bool kv_f32;

@@ -327,8 +327,34 @@ static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errl
     return got;
 }
 
+// Whether the plan's data plane can be authenticated as this worker requires: with --curve-key every
+// node of the plan must carry a key and this node's must be its own (no fallback to plaintext);
+// without one, a plan with keys cannot be served. A given data plane (MPI, in-process) has no keys.
+// 0, or MLM_EPROTO / MLM_EINVAL with err saying why.
+static int check_plan_keys(const node_t *n, char *err, size_t errlen) {
+    if (n->o->data) return 0;
+    const curve_conf_t *cv = n->o->curve;
+    for (int i = 0; i < n->plan.n_nodes; i++) {
+        const char *key = n->nodes[i].curve_key;
+        if (cv && !key[0])
+            return mlm_fail(err, errlen, MLM_EPROTO,
+                            "the plan's data plane has no CurveZMQ key for node %s (%s): this worker runs with "
+                            "--curve-key and does not fall back to plaintext (the coordinator needs protocol 1.%d "
+                            "and --curve-key)",
+                            n->nodes[i].node_id, n->nodes[i].endpoint, MSG_MINOR_CURVE);
+        if (!cv && key[0])
+            return mlm_fail(err, errlen, MLM_EINVAL,
+                            "the plan's data plane uses CurveZMQ, but this worker has no key pair (--curve-key)");
+    }
+    if (cv && strcmp(n->nodes[n->index].curve_key, cv->self.pub) != 0)
+        return mlm_fail(err, errlen, MLM_EPROTO, "the plan lists CurveZMQ key %s for this node, but its key is %s",
+                        n->nodes[n->index].curve_key, cv->self.pub);
+    return 0;
+}
+
 // The plan's data plane: the one the node was given (MPI, in-process: every rank of it is in the
-// plan, in order), or a ZeroMQ comm over the endpoints the plan lists. Emulated links wrap it.
+// plan, in order), or a ZeroMQ comm over the endpoints the plan lists, authenticated with the plan's
+// keys when it has them (check_plan_keys). Emulated links wrap it.
 static int open_data_plane(node_t *n, char *err, size_t errlen) {
     if (n->o->data) {
         n->comm = n->o->data;
@@ -338,11 +364,14 @@ static int open_data_plane(node_t *n, char *err, size_t errlen) {
                             n->plan.n_nodes, n->index, comm_size(n->comm), comm_rank(n->comm));
         return 0;
     }
-    const char *eps[MSG_MAX_NODES];
-    for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;
+    const char *eps[MSG_MAX_NODES], *keys[MSG_MAX_NODES]; // (n_nodes) each node's endpoint and CurveZMQ key
+    for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint, keys[i] = n->nodes[i].curve_key;
+    int rc = check_plan_keys(n, err, errlen);
+    if (rc != 0) return rc;
     comm_open_opts_t co = {.rank = n->index, .size = n->plan.n_nodes, .endpoints = eps, .timeout_ms = n->timeout_ms,
                            .fault_spec = n->faults, .fail_on_any_loss = true,
-                           .session = (uint16_t)(n->plan.plan_id | 1)};
+                           .session = (uint16_t)(n->plan.plan_id | 1), .curve = n->o->curve,
+                           .curve_keys = n->o->curve ? keys : NULL};
     comm_open_heartbeat(&co, n->o->heartbeat_ms);
     return comm_open(&n->comm, fault_has_link_rules(n->faults) ? "fault:zmq" : "zmq", &co, err, errlen);
 }
@@ -430,6 +459,8 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     msg_init(&ack, MSG_LOAD_SHARD_ACK);
     ack.load_shard_ack.plan_id = n->plan.plan_id;
     ack.load_shard_ack.node_index = (uint32_t)n->index;
+    int rc = check_plan_keys(n, err, sizeof err); // a data plane it would refuse: said before any loading
+    if (rc != 0) goto failed;
     // Within the budget the plan's share is mapped, or streamed through the weight window from the
     // model file or the cached shard file.
     // a paging KV device spills what the budget leaves no room for: the budget plans the weights alone
@@ -440,7 +471,6 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     uint64_t mask[4] = {0}; // placed experts: the ones this node computes
     for (int j = 0; j < n->nodes[n->index].n_experts; j++) mask[n->nodes[n->index].experts[j] >> 6] |= (uint64_t)1 << (n->nodes[n->index].experts[j] & 63);
     if (n->plan.tp_mode == MSG_TP_EXPERT) lo.experts = mask;
-    int rc;
     const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);
     if (local) {
@@ -515,6 +545,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         }
         return 0;
     }
+failed:
     // The coordinator hears why: the ack's status, then an ERROR whose text names the file and cause.
     vlog(n, "load failed:", err);
     ack.load_shard_ack.status = rc;

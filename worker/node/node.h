@@ -40,8 +40,9 @@ typedef struct {
     void *state_arg;                                  // it in a registry), or NULL
     int heartbeat_ms;        // links (control and data) drop a peer silent this long (0 = 1000): a frozen
                              // peer is noticed, and a step waiting on the plan's nodes fails when any is lost
-    const curve_conf_t *curve; // node_serve: CurveZMQ on the control link (its keys, the coordinator keys it
-                               // admits; transport/curve.h), or NULL for a plain link
+    const curve_conf_t *curve; // CurveZMQ (transport/curve.h): node_serve's control link admits the coordinator
+                               // keys listed, and every plan's ZeroMQ data plane uses this key pair and admits
+                               // only the plan's keys (a plan without keys is refused); NULL = plain
 } node_opts_t;
 
 // A SLICE_DATA message naming this tensor is a bandwidth probe: the worker answers it, like a

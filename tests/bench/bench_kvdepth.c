@@ -14,15 +14,17 @@
 // and attends over all CTX + i + 1 positions of the device, exactly the work of a decode step at depth
 // CTX (the rotary angles of the new q and k are those of position PREFILL + i: the same cost; the tokens
 // produced are not meaningful and are not compared across devices). Reported per configuration: the fill
-// time (not a decode time), decode tok/s (wall time of the DECODE steps) and the median step's time, the
-// device's KV bytes (all, in RAM),
-// per decode token: bytes read from a slower tier (file), bytes on the link (storage) and the simulated
-// attention time (pim: a timing model, not measured), and the process's peak RSS (VmHWM; it includes
-// the recorded prefill rows: PREFILL x layers x 2 x kv_dim floats, freed before the decode) and RSS at the end.
+// time (not a decode time), decode tok/s (wall time of the DECODE steps), the median and the fastest
+// step's wall time, this process's CPU time per step (all threads; a kvstore's is its own), the device's
+// KV bytes (all, in RAM), per decode token the bytes read from a slower tier (file), the bytes on the link
+// (storage) and the simulated attention time (pim: a timing model, not measured), and the process's peak
+// RSS (VmHWM; it includes the recorded prefill rows, PREFILL x layers x 2 x kv_dim floats, freed before
+// the decode) and its RSS at the end.
 // One JSON line on stdout.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "core/clock.h"
 #include "core/err.h"
@@ -142,6 +144,14 @@ static uint64_t status_bytes(const char *key) {
     return v;
 }
 
+// CPU time of this process (user + system, every thread), ms.
+static double cpu_ms(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e3 +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e3;
+}
+
 static int cmp_double(const void *a, const void *b) {
     const double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
@@ -225,14 +235,14 @@ int main(int argc, char **argv) {
     attn_dev_stats(d, &a);
     int tok = argmax(logits, hp->n_vocab);
     double *step = calloc((size_t)n_dec, sizeof *step); // (n_dec) ms of each decode step
-    const double t3 = mlm_now_ms();
+    const double t3 = mlm_now_ms(), c3 = cpu_ms();
     for (int i = 0; rc == 0 && step && i < n_dec; i++) {
         const double s0 = mlm_now_ms();
         rc = model_eval(c, &tok, 1, logits, false);
         tok = argmax(logits, hp->n_vocab);
         step[i] = mlm_now_ms() - s0;
     }
-    const double dec_ms = mlm_now_ms() - t3;
+    const double dec_ms = mlm_now_ms() - t3, dec_cpu = cpu_ms() - c3;
     if (!step) rc = MLM_ENOMEM;
     else qsort(step, (size_t)n_dec, sizeof *step, cmp_double);
     attn_dev_stats(d, &b);
@@ -241,13 +251,13 @@ int main(int argc, char **argv) {
     } else {
         printf("{\"device\": \"%s\", \"ctx\": %d, \"prefill\": %d, \"decode\": %d, \"threads\": %d, "
                "\"mem_budget\": %llu, \"kv_ram_share\": %llu, \"prefill_s\": %.2f, \"fill_s\": %.2f, "
-               "\"decode_tok_s\": %.4f, \"decode_ms_per_token\": %.2f, \"median_ms_per_token\": %.2f, \"kv_bytes\": %llu, \"kv_bytes_ram\": %llu, "
+               "\"decode_tok_s\": %.4f, \"decode_ms_per_token\": %.2f, \"median_ms_per_token\": %.2f, \"min_ms_per_token\": %.2f, \"cpu_ms_per_token\": %.2f, \"kv_bytes\": %llu, \"kv_bytes_ram\": %llu, "
                "\"read_per_token\": %.0f, \"written_per_token\": %.0f, \"link_per_token\": %.0f, "
                "\"sim_ms_per_token\": %.4f, \"tier_ms_per_token\": %.2f, \"vmhwm\": %llu, \"vmrss\": %llu, "
                "\"last_token\": %d}\n",
                dev, ctx, n_pre, n_dec, threads, (unsigned long long)budget, (unsigned long long)kv_ram,
                (t1 - t0) / 1e3, (t2 - t1) / 1e3, n_dec * 1e3 / dec_ms, dec_ms / n_dec,
-               n_dec % 2 ? step[n_dec / 2] : (step[n_dec / 2 - 1] + step[n_dec / 2]) / 2,
+               n_dec % 2 ? step[n_dec / 2] : (step[n_dec / 2 - 1] + step[n_dec / 2]) / 2, step[0], dec_cpu / n_dec,
                (unsigned long long)b.kv_bytes, (unsigned long long)b.kv_bytes_ram,
                (double)(b.bytes_read - a.bytes_read) / n_dec, (double)(b.bytes_written - a.bytes_written) / n_dec,
                (double)(b.bytes_to_dev + b.bytes_from_dev - a.bytes_to_dev - a.bytes_from_dev) / n_dec,

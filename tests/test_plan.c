@@ -1369,6 +1369,19 @@ static void test_kv_devices(void) {
     CU_ASSERT(p->shard[1].kv_dev_bytes <= kv / 4 && p->shard[1].kv_dev_bytes > 0);
     CU_ASSERT(p->shard[1].s.h1 - p->shard[1].s.h0 < 16);
     CU_ASSERT_EQUAL(p->shard[0].kv_bytes, p->shard[0].kv_ram_bytes);
+    // a hand-written plan is checked the same way, naming the line, the node and the device
+    plan_spec_t *spec = malloc(sizeof *spec);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(spec);
+    CU_ASSERT_EQUAL_FATAL(plan_file_parse("stage layers=0-21 nodes=1\n", spec, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(plan_from_spec(pm, two, 2, spec, 4096, q, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "line 1: node 1 (b) keeps 88.0 MiB of KV for layers 0-21 on its storage device, "
+                                       "which holds 22.0 MiB"));
+    two[1].kv_cap = kv;
+    CU_ASSERT_EQUAL(plan_from_spec(pm, two, 2, spec, 4096, q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(q->shard[0].kv_dev_bytes, kv);
+    CU_ASSERT_EQUAL(q->shard[0].kv_ram_bytes, 0);
+    two[1].kv_cap = kv / 4;
+    free(spec);
     // JSON carries each shard's device and bytes
     char *json = NULL;
     size_t len = 0;

@@ -74,9 +74,13 @@ int attn_params_check(const attn_params_t *p, char *err, size_t errlen) {
     if (p->h0 / group < p->kv0 || (p->h1 - 1) / group >= p->kv1)
         return mlm_fail(err, errlen, MLM_EINVAL, "attention device: heads [%d, %d) read KV heads outside [%d, %d)",
                         p->h0, p->h1, p->kv0, p->kv1);
-    if (p->kv_type != QT_F16 && p->kv_type != QT_F32)
-        return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "attention device: KV cache type %s (F16 or F32)",
+    if (p->kv_type != QT_F16 && p->kv_type != QT_F32 && p->kv_type != QT_Q8_0)
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "attention device: KV cache type %s (F16, F32 or Q8_0)",
                         qtype_name(p->kv_type));
+    if (p->kv_type == QT_Q8_0 && p->head_dim % 32 != 0)
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
+                        "attention device: a Q8_0 KV cache needs head_dim a multiple of 32 (blocks of 32), not %d",
+                        p->head_dim);
     return 0;
 }
 

@@ -23,7 +23,9 @@ typedef struct {
     int kv0, kv1;      // KV heads stored here: k and v rows hold (kv1 - kv0) * head_dim floats;
                        // they must include every KV head that heads h0..h1 read
     qtype_t kv_type;   // cache element type: QT_F16 (llama.cpp's default: k and v are rounded to
-                       // half when stored) or QT_F32
+                       // half when stored), QT_F32, or QT_Q8_0 (blocks of 32 with an F16 scale, 34 bytes,
+                       // dequantized to F32 for the attention: CHANGES OUTPUTS; head_dim a multiple of 32;
+                       // host and file devices only)
     int n_seq_max;     // sequence ids [0, n_seq_max) (0 = 1)
     tpool_t *pool;     // threads attend may use (borrowed; NULL = the calling thread alone)
     uint64_t ram_bytes; // this process's memory the device may use for KV (0 = no limit): the RAM share

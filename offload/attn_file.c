@@ -19,7 +19,6 @@ typedef struct {
     attn_calc_t *calc;   // the host's arithmetic
     size_t kvd;          // elements of a k / v row
     size_t row_bytes;    // bytes of a row in the cache type
-    bool f16;
     uint8_t *kst, *vst;  // (stage_ctx, kvd) one layer's rows gathered for attend
     int stage_ctx;
     uint8_t *ck, *cv;    // (conv_rows, kvd) appended rows in the cache type
@@ -87,8 +86,8 @@ static int file_append(void *ctx, int seq, int layer, int pos, const float *k, c
         if (grow(&f->ck, &f->cv, (size_t)n * f->row_bytes) != 0) return MLM_ENOMEM;
         f->conv_rows = n;
     }
-    attn_store_rows(f->ck, k, (size_t)n * f->kvd, f->f16);
-    attn_store_rows(f->cv, v, (size_t)n * f->kvd, f->f16);
+    attn_store_rows(f->ck, k, (size_t)n * f->kvd, f->p.kv_type);
+    attn_store_rows(f->cv, v, (size_t)n * f->kvd, f->p.kv_type);
     const double t0 = mlm_now_ms();
     int rc = kv_store_write(f->st, seq, layer, pos, f->ck, f->cv, n);
     f->time_ms += mlm_now_ms() - t0;
@@ -150,9 +149,8 @@ int attn_file_new(attn_dev_t **out, const attn_params_t *p, const char *arg, cha
     file_t *f = calloc(1, sizeof *f);
     if (!f) return MLM_ENOMEM;
     f->p = *p;
-    f->f16 = p->kv_type == QT_F16;
     f->kvd = (size_t)(p->kv1 - p->kv0) * (size_t)p->head_dim;
-    f->row_bytes = f->kvd * (f->f16 ? 2 : 4);
+    f->row_bytes = attn_row_bytes(p);
     f->ram_cap = ram;
     kp.row_bytes = f->row_bytes;
     kp.dir = dir;

@@ -44,19 +44,25 @@ typedef struct attn_calc attn_calc_t;
 // For shape p (borrowed pool). NULL when out of memory.
 attn_calc_t *attn_calc_new(const attn_params_t *p);
 
-// Grows the scratch for sequences of up to n_ctx positions: 0 or MLM_ENOMEM.
+// Grows the scratch (and for a Q8_0 cache the F32 copy of one layer's k and v rows, 2 x n_ctx x kvd
+// floats) for sequences of up to n_ctx positions: 0 or MLM_ENOMEM.
 int attn_calc_reserve(attn_calc_t *c, int n_ctx);
 
 // out (n, (h1 - h0) * head_dim) = attention of the n query rows q at positions [pos0, pos0 + n) over
-// kc, vc: (pos0 + n, (kv1 - kv0) * head_dim) rows of the cache type (F16 or F32). Needs
-// attn_calc_reserve for at least pos0 + n positions first.
+// kc, vc: (pos0 + n, (kv1 - kv0) * head_dim) rows of the cache type (F16, F32, or Q8_0: dequantized
+// into an F32 copy of those rows first, then the F32 arithmetic). Needs attn_calc_reserve for at least
+// pos0 + n positions first.
 void attn_calc_run(attn_calc_t *c, const void *kc, const void *vc, const float *q, int n, int pos0, float *out);
 
 // Frees; accepts NULL and NULLs the pointer.
 void attn_calc_free(attn_calc_t **self_p);
 
-// Stores n rows of cnt floats as the cache type (F16: rounded as the host device rounds).
-void attn_store_rows(void *dst, const float *src, size_t cnt, bool f16);
+// Stores cnt floats (whole rows) as the cache type t: F32 copied, F16 rounded as the host device rounds,
+// Q8_0 quantized as llama.cpp's reference does (cnt a multiple of 32).
+void attn_store_rows(void *dst, const float *src, size_t cnt, qtype_t t);
+
+// Bytes of one k (or v) row, (kv1 - kv0) * head_dim elements, in the cache type.
+size_t attn_row_bytes(const attn_params_t *p);
 
 // --- the devices
 

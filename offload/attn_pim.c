@@ -108,6 +108,8 @@ int attn_pim_new(attn_dev_t **out, const attn_params_t *p, const char *arg, char
     *out = NULL;
     int rc = attn_params_check(p, err, errlen);
     if (rc != 0) return rc;
+    if (p->kv_type == QT_Q8_0) // the timing model lays out whole elements of 2 or 4 bytes
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "attention device pim: simulates an F16 or F32 KV cache, not Q8_0");
     pim_config_t cfg;
     if (pim_preset(arg && *arg ? arg : "hbm2-pim", &cfg) != 0)
         return mlm_fail(err, errlen, MLM_ENOTFOUND, "attention device pim: no preset '%s' (have: %s)", arg,

@@ -137,7 +137,7 @@ static const uint8_t *to_cache(kvs_t *s, const float *x, size_t cnt) {
         s->conv = b;
         s->conv_cap = cnt * 2;
     }
-    attn_store_rows(s->conv, x, cnt, true);
+    attn_store_rows(s->conv, x, cnt, QT_F16);
     return s->conv;
 }
 
@@ -217,6 +217,8 @@ int kvstore_dev_new(attn_dev_t **out, const attn_params_t *p, const kvstore_opts
     if (!p || !o || !o->dir || !*o->dir) return mlm_fail(err, errlen, MLM_EINVAL, "kvstore device: no directory");
     int rc = attn_params_check(p, err, errlen);
     if (rc != 0) return rc;
+    if (p->kv_type == QT_Q8_0) // rows travel and are stored as halves or floats
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "kvstore device: an F16 or F32 KV cache, not Q8_0");
     if (strlen(o->dir) + 200 >= KVS_PATH_MAX) return mlm_fail(err, errlen, MLM_EINVAL, "kvstore device: directory name too long");
     struct stat stt;
     if (stat(o->dir, &stt) != 0 || !S_ISDIR(stt.st_mode))

@@ -58,8 +58,17 @@ static int parse_item(char *item, plan_node_t *nd, char *err, size_t errlen) {
                 if (end == v || *end || id < 1 || id >= 1000000)
                     return mlm_fail(err, errlen, MLM_EINVAL, "bad disk_id '%s' (want a positive integer)", v);
                 nd->disk_id = (int)id;
+            } else if (!strcmp(field, "kv")) {
+                nd->kv_dev = plan_kv_dev_kind(v);
+                if (nd->kv_dev < 0 || strchr(v, ':'))
+                    return mlm_fail(err, errlen, MLM_EINVAL, "bad KV device '%s' (want host, file, storage or pim)", v);
+            } else if (!strcmp(field, "kv_ram") || !strcmp(field, "kv_cap")) {
+                uint64_t *dst = field[3] == 'r' ? &nd->kv_ram : &nd->kv_cap;
+                if (plan_parse_size(v, dst) != 0 || !*dst)
+                    return mlm_fail(err, errlen, MLM_EINVAL, "bad %s '%s' (want a size, e.g. 512M or 20G)", field, v);
             } else {
-                return mlm_fail(err, errlen, MLM_EINVAL, "unknown node option '%s' (disk= or disk_id=)", field);
+                return mlm_fail(err, errlen, MLM_EINVAL,
+                                "unknown node option '%s' (disk=, disk_id=, kv=, kv_ram= or kv_cap=)", field);
             }
         } else if (!have_budget && k == 1) {
             if (plan_parse_size(field, &nd->mem_budget) != 0)
@@ -67,7 +76,8 @@ static int parse_item(char *item, plan_node_t *nd, char *err, size_t errlen) {
             have_budget = true;
         } else {
             return mlm_fail(err, errlen, MLM_EINVAL,
-                            "bad node field '%s' (want speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N])", field);
+                            "bad node field '%s' (want speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N][:kv=DEV]"
+                            "[:kv_ram=SIZE][:kv_cap=SIZE])", field);
         }
     }
     return 0;

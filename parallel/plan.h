@@ -13,6 +13,22 @@
 
 #define PLAN_MAX_NODES 64
 
+// Where a node keeps its KV cache: its attention/KV device (offload/attn.h) by kind, for the budget.
+typedef enum {
+    PLAN_KV_HOST = 0,        // in its RAM: the whole KV counts against its budget
+    PLAN_KV_FILE = 1,        // paged: RAM up to its share (kv_ram, or what its budget leaves once its weights
+                             // and activations are counted), the rest in a file on its disk (against kv_cap)
+    PLAN_KV_STORAGE = 2,     // in a kvstore process: none in its RAM, all of it against kv_cap
+    PLAN_KV_PIM = 3,         // in a PIM part: none in its RAM, all of it against the part's capacity (kv_cap)
+} plan_kv_dev_t;
+
+// "host", "file", "storage", "pim" ("?" for another value).
+const char *plan_kv_dev_name(int kind);
+
+// The kind of a --kv-device string: its name before ':' ("file:/var/kv,ram=1G" is PLAN_KV_FILE; NULL or
+// "" is PLAN_KV_HOST), or -1 when it names no kind the planner knows.
+int plan_kv_dev_kind(const char *dev);
+
 // What the planner knows about a node. Unknown figures are 0 and the planner assumes defaults.
 typedef struct {
     char name[64];           // label (address or "local-3")
@@ -27,6 +43,11 @@ typedef struct {
     int disk_id;             // nodes with the same disk_id > 0 read from one physical disk and split its
                              // bandwidth while they stream at the same time (local workers of one
                              // machine); 0 = a disk of its own
+    int kv_dev;              // where its KV cache lives (plan_kv_dev_t; 0 = host RAM)
+    uint64_t kv_ram;         // PLAN_KV_FILE: its RAM share of the KV when fixed (file:DIR,ram=SIZE), counted in
+                             // its budget; 0 = whatever its budget leaves (or all of it without a budget)
+    uint64_t kv_cap;         // bytes its KV device can hold past the RAM share (file: its disk's free space;
+                             // storage: the kvstore's; pim: the part's); 0 = unknown, not checked
 } plan_node_t;
 
 // How the members of a tensor-parallel group cut a block and exchange activations.
@@ -73,7 +94,12 @@ typedef struct {
     int stage;               // its pipeline stage
     uint64_t weight_bytes;   // bytes of its weight slices (on disk when it streams)
     uint64_t kv_bytes;       // its KV cache for n_ctx positions (F16)
-    uint64_t peak_bytes;     // expected peak: weights + KV + activations, or st.peak_bytes when it streams
+    uint64_t kv_ram_bytes;   // of kv_bytes, in its node's RAM (counted in peak_bytes): all of it on host, the
+                             // RAM share on file, none on storage and pim
+    uint64_t kv_dev_bytes;   // the rest, on its node's KV device (file tier, kvstore, PIM part): checked
+                             // against the node's kv_cap when that is known
+    uint64_t peak_bytes;     // expected peak in RAM: weights + its KV in RAM + activations, or the streaming
+                             // peak (st.peak_bytes) plus a paging device's RAM share
     double weight;           // its tensor-parallel weight inside its stage (what split its rows; plan files write it)
     plan_stream_t st;        // how it stays within its budget (plan_window with its node's budget)
     double compute_ms;       // predicted per token (plan_predict): its matmuls at its gflops
@@ -177,7 +203,9 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 // runtime alike (plan_window). A node's units, in order: one per block l0..l1-1 (every blk.N.*
 // tensor of its slice: its matrix rows or columns, the norms, the router), then on the last stage
 // the output matrix's vocabulary rows (token_embd's rows when tied). Always resident ("fixed"):
-// the KV cache for n_ctx positions (F16), the activations (PLAN_ACT_BATCH tokens) and output_norm.
+// the KV cache for n_ctx positions (F16; for a planned node only its part counted in RAM: all of it on
+// PLAN_KV_HOST, a fixed file share, none on storage or PIM, while a file device without a fixed share
+// takes what the budget leaves after sizing), the activations (PLAN_ACT_BATCH tokens) and output_norm.
 // - budget 0, or fixed + every unit + its token_embd rows fit the budget: nothing streams (today's
 //   layout: peak = weights + KV + activations).
 // - otherwise the node streams. Its token_embd rows are never resident: a token's row is read on
@@ -311,8 +339,8 @@ typedef struct {
 // and cost.allreduce_ms: the same layout in each mode); alts (may be NULL) up to max_alts next-best
 // plans of other layouts, best first, *n_alts their count. Returns 0; MLM_EINVAL for bad options
 // (err says which); MLM_EFULL when nothing fits, err saying how much memory is missing in all and
-// on the worst node, or, when even streaming does not fit, the smallest budget that node needs;
-// MLM_ENOMEM.
+// on the worst node, or, when even streaming does not fit, the smallest budget that node needs, or
+// which node's KV device (kv_cap) cannot hold its KV past the RAM share; MLM_ENOMEM.
 int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_opts_t *o, plan_t *best,
               plan_t *alts, int max_alts, int *n_alts, char *err, size_t errlen);
 
@@ -413,16 +441,18 @@ int plan_file_write(const plan_t *p, FILE *f);
 // --- nodes
 
 // Parses a node list "N" (N equal nodes), or comma-separated items
-// "speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N]" such as "2,1,1:512M", "1:4G@1/1000" or
-// "1:2G@1/1000:disk=950M:disk_id=1" (budgets take K/M/G suffixes, powers of 1024; the link is its
-// one-way latency in ms and Mbit/s; disk= is the disk's read bandwidth in bytes/s, K/M/G powers of
-// 1000; disk_id= groups nodes on one disk, see plan_node_t). Returns the node count or a negative
-// MLM_ code.
+// "speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N][:kv=DEV][:kv_ram=SIZE][:kv_cap=SIZE]" such as
+// "2,1,1:512M", "1:4G@1/1000" or "1:2G@1/1000:disk=950M:disk_id=1:kv=file:kv_cap=20G" (budgets and
+// sizes take K/M/G suffixes, powers of 1024; the link is its one-way latency in ms and Mbit/s; disk=
+// is the disk's read bandwidth in bytes/s, K/M/G powers of 1000; disk_id= groups nodes on one disk;
+// kv= host|file|storage|pim, kv_ram= and kv_cap= as in plan_node_t). Returns the node count or a
+// negative MLM_ code.
 int plan_parse_nodes(const char *spec, plan_node_t *nodes, int max, char *err, size_t errlen);
 
 // Parses a node file: one node per line, "name key=value ...", keys speed=, gflops=, mem_bw= (bytes/s,
 // K/M/G are powers of 1000: 20G), mem= (budget, K/M/G powers of 1024), lat_ms=, lat_us=, mbit=,
-// disk= (read bandwidth, bytes/s like mem_bw), disk_id=; '#' comments. Returns the node count or a
+// disk= (read bandwidth, bytes/s like mem_bw), disk_id=, kv= (host|file|storage|pim), kv_ram=, kv_cap=
+// (sizes like mem=); '#' comments. Returns the node count or a
 // negative MLM_ code with "line N: ..." in err.
 int plan_parse_nodes_file(const char *text, plan_node_t *nodes, int max, char *err, size_t errlen);
 

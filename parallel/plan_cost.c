@@ -317,7 +317,7 @@ void plan_scale_of(const plan_model_t *pm, const plan_t *p, int a, int i, bool b
     }
     plan_stream_t st;
     uint64_t weights = 0, kv = 0;
-    plan_size_share(pm, &ref.s, p->tp_mode, p->n_ctx, 0, &st, &weights, &kv);
+    plan_size_share(pm, &ref.s, p->tp_mode, p->n_ctx, nd, 0, &st, &weights, NULL, &kv); // kv: its part in RAM
     const double out_norm = ref.s.l1 == pm->n_layer ? (double)pm->out_norm_bytes : 0;
     const double xs = x > 0 ? x : 1;
     m->c = compute_ms(pm, p, &ref) / xs;

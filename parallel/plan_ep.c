@@ -30,7 +30,8 @@ static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
     plan_shard_t *sh = &p->shard[i];
     uint64_t w = 0, kv = 0;
     memset(&sh->st, 0, sizeof sh->st);
-    plan_size_share(pm, &sh->s, PLAN_TP_EXACT, p->n_ctx, 0, &sh->st, &w, &kv);
+    uint64_t kv_fixed = 0;
+    plan_size_share(pm, &sh->s, PLAN_TP_EXACT, p->n_ctx, &p->node[sh->node], 0, &sh->st, &w, &kv, &kv_fixed);
     uint64_t drop = 0;
     for (int il = sh->s.l0; il < sh->s.l1; il++) drop += expert_bytes(pm, il) * (uint64_t)(pm->n_expert - owned);
     sh->weight_bytes = w - drop;
@@ -39,6 +40,7 @@ static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
     sh->st.resident_bytes -= drop;
     sh->st.peak_bytes -= drop;
     sh->peak_bytes = sh->st.peak_bytes;
+    plan_kv_place(&p->node[sh->node], sh, kv_fixed); // a device's capacity is not checked here
 }
 
 static void set_expert(plan_shard_t *sh, int e) { sh->experts[e >> 6] |= (uint64_t)1 << (e & 63); }

@@ -295,6 +295,18 @@ int plan_from_spec(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
                 const uint64_t bud = nodes[s->node].mem_budget;
                 if (bud && s->peak_bytes > bud && s->peak_bytes - bud > miss) miss = s->peak_bytes - bud, worst = i;
             }
+            for (int i = a; i < b && !miss; i++) { // the budgets hold their shares: a KV device is too small
+                const plan_shard_t *s = &out->shard[i];
+                const plan_node_t *nd = &nodes[s->node];
+                if (!nd->kv_cap || s->kv_dev_bytes <= nd->kv_cap) continue;
+                char kv[32], cap[32];
+                plan_fmt_bytes(kv, sizeof kv, s->kv_dev_bytes);
+                plan_fmt_bytes(cap, sizeof cap, nd->kv_cap);
+                return mlm_fail(err, errlen, MLM_EFULL,
+                                "line %d: node %d (%s) keeps %s of KV for layers %d-%d on its %s device, which holds %s",
+                                spec->line[k], s->node, nd->name, kv, spec->l0[k], spec->l1[k] - 1,
+                                plan_kv_dev_name(nd->kv_dev), cap);
+            }
             const plan_shard_t *s = &out->shard[worst];
             char need[32], bud[32], sh[32];
             plan_fmt_bytes(need, sizeof need, s->peak_bytes);
@@ -376,10 +388,13 @@ int plan_parse_nodes_file(const char *text, plan_node_t *nodes, int max, char *e
             else if (!strcmp(tok, "mbit")) ok = parse_pos(v, &x), nd->link_bw = x * 1e6 / 8;
             else if (!strcmp(tok, "disk")) ok = plan_parse_rate(v, &nd->disk_bw);
             else if (!strcmp(tok, "disk_id")) ok = parse_disk_id(v, &nd->disk_id);
+            else if (!strcmp(tok, "kv")) ok = (nd->kv_dev = plan_kv_dev_kind(v)) >= 0 && !strchr(v, ':');
+            else if (!strcmp(tok, "kv_ram")) ok = plan_parse_size(v, &nd->kv_ram) == 0 && nd->kv_ram > 0;
+            else if (!strcmp(tok, "kv_cap")) ok = plan_parse_size(v, &nd->kv_cap) == 0 && nd->kv_cap > 0;
             else
                 return mlm_fail(err, errlen, MLM_EFORMAT,
                                 "line %d: unknown key '%.40s' (known: speed gflops mem_bw mem lat_ms lat_us mbit disk "
-                                "disk_id)", no, tok);
+                                "disk_id kv kv_ram kv_cap)", no, tok);
             if (!ok) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: bad value '%.40s' for %s", no, v, tok);
         }
         n++;

@@ -39,6 +39,8 @@ typedef struct {
     uint64_t worst_short;    // the largest peak - budget of one member
     int worst_node;          // that member's offered index (-1: none)
     bool stream;             // the members were sized streaming: peaks are the smallest budgets that stream
+    uint64_t dev_short;      // the largest kv_dev_bytes - kv_cap of one member (its KV device too small)
+    int dev_node;            // that member's offered index (-1: none)
 } plan_short_t;
 
 void plan_short_add(plan_short_t *sh, const plan_t *p, int a, int b);
@@ -61,9 +63,16 @@ int plan_fit_stage(const plan_model_t *pm, plan_t *p, int a, int b, int l0, int 
 // --- streaming and slices (plan_stream.c)
 
 // Sizes shard s (cut by mode) by plan_window's rule within budget (0: resident), also giving its
-// weight and KV cache bytes. 0, MLM_ERANGE (below the minimum) or MLM_EINVAL.
-int plan_size_share(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_ctx, uint64_t budget,
-                    plan_stream_t *st, uint64_t *weights, uint64_t *kv);
+// weight and KV cache bytes and, in kv_fixed, the part of the KV counted in its fixed bytes on node nd
+// (NULL: a host node, all of it). 0, MLM_ERANGE (below the minimum) or MLM_EINVAL.
+int plan_size_share(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_ctx, const plan_node_t *nd,
+                    uint64_t budget, plan_stream_t *st, uint64_t *weights, uint64_t *kv, uint64_t *kv_fixed);
+
+// Places a sized shard's KV on its node nd: kv_ram_bytes and kv_dev_bytes from its kv_bytes and the
+// kv_fixed bytes plan_size_share counted; a file device without a fixed share also gets what the budget
+// leaves above the shard's peak (added to peak_bytes and st.peak_bytes). False when the device part is
+// over the node's kv_cap.
+bool plan_kv_place(const plan_node_t *nd, plan_shard_t *s, uint64_t kv_fixed);
 
 // Fills p->shard[i]'s bytes and window from its slice, by p's mode and n_ctx, within its node's
 // budget when stream is set (resident otherwise). True when it fits its budget.

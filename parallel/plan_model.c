@@ -98,7 +98,7 @@ static uint64_t empty_need(const plan_model_t *pm, const plan_t *p, int l0, int 
     e.l0 = l0;
     e.l1 = l1;
     plan_stream_t st;
-    plan_size_share(pm, &e, p->tp_mode, p->n_ctx, 0, &st, NULL, NULL);
+    plan_size_share(pm, &e, p->tp_mode, p->n_ctx, NULL, 0, &st, NULL, NULL, NULL);
     return stream ? st.min_budget : st.peak_bytes;
 }
 
@@ -133,7 +133,7 @@ static bool resident_possible(const plan_model_t *pm, const plan_t *p, int a, in
     all.l1 = l1;
     if (!(l0 == 0 || l1 == pm->n_layer)) all.v1 = 0;
     plan_stream_t st;
-    plan_size_share(pm, &all, PLAN_TP_EXACT, p->n_ctx, 0, &st, &weights, NULL);
+    plan_size_share(pm, &all, PLAN_TP_EXACT, p->n_ctx, NULL, 0, &st, &weights, NULL, NULL);
     return have >= weights;
 }
 
@@ -157,8 +157,12 @@ static bool fit_members(const plan_model_t *pm, plan_t *p, int a, int b, int l0,
             if (plan_size_shard(pm, p, a + i, stream)) continue;
             over = true;
             if (!adjust) continue;
+            const plan_node_t *nd = &p->node[s->node];
             const double need = stream ? (double)s->st.min_budget : (double)s->peak_bytes;
-            cap_share(cap, i, use, g, (double)p->node[s->node].mem_budget, empty, need - empty);
+            if (nd->mem_budget && need > (double)nd->mem_budget)
+                cap_share(cap, i, use, g, (double)nd->mem_budget, empty, need - empty);
+            if (nd->kv_cap && s->kv_dev_bytes > nd->kv_cap) // its KV device is too small for its share's KV
+                cap_share(cap, i, use, g, (double)nd->kv_cap, 0, (double)s->kv_dev_bytes);
         }
         if (!over) return true;
         if (!adjust || !ok) return false;
@@ -274,6 +278,11 @@ void plan_short_add(plan_short_t *sh, const plan_t *p, int a, int b) {
             sh->worst_short = s->peak_bytes - bud;
             sh->worst_node = s->node;
         }
+        const uint64_t cap = p->node[s->node].kv_cap;
+        if (cap && s->kv_dev_bytes > cap && s->kv_dev_bytes - cap > sh->dev_short) {
+            sh->dev_short = s->kv_dev_bytes - cap;
+            sh->dev_node = s->node;
+        }
     }
 }
 
@@ -335,6 +344,16 @@ void plan_short_message(char *err, size_t errlen, const plan_short_t *sh, const 
     plan_fmt_bytes(c, sizeof c, sh->need > sh->have ? sh->need - sh->have : sh->worst_short);
     plan_fmt_bytes(d, sizeof d, sh->worst_short);
     const int wn = sh->worst_node >= 0 ? sh->worst_node : 0;
+    if (sh->dev_short && !sh->worst_short) { // every budget holds its share: a KV device is too small
+        const plan_node_t *nd = &nodes[sh->dev_node];
+        plan_fmt_bytes(m, sizeof m, nd->kv_cap + sh->dev_short);
+        plan_fmt_bytes(b, sizeof b, nd->kv_cap);
+        plan_fmt_bytes(d, sizeof d, sh->dev_short);
+        snprintf(err, errlen,
+                 "the KV cache does not fit: in %s node %d (%s) keeps %s of KV on its %s device, which holds %s "
+                 "(%s short)", where ? where : "the plan", sh->dev_node, nd->name, m, plan_kv_dev_name(nd->kv_dev), b, d);
+        return;
+    }
     if (sh->stream) {
         plan_fmt_bytes(m, sizeof m, nodes[wn].mem_budget + sh->worst_short);
         plan_fmt_bytes(b, sizeof b, nodes[wn].mem_budget);

@@ -107,10 +107,13 @@ static void json_plan(FILE *f, const plan_t *p) {
             fprintf(f,
                     ", \"heads\": [%d, %d], \"kv_heads\": [%d, %d], \"hidden\": [%d, %d], \"ffn\": [%d, %d], "
                     "\"vocab\": [%d, %d], \"weight\": %.6g, \"weight_bytes\": %llu, \"kv_bytes\": %llu, "
-                    "\"peak_bytes\": %llu, \"budget\": %llu",
+                    "\"peak_bytes\": %llu, \"budget\": %llu, \"kv_device\": \"%s\", \"kv_ram_bytes\": %llu, "
+                    "\"kv_dev_bytes\": %llu, \"kv_cap\": %llu",
                     s->s.h0, s->s.h1, s->s.kv0, s->s.kv1, s->s.e0, s->s.e1, s->s.f0, s->s.f1, s->s.v0, s->s.v1,
                     s->weight, (unsigned long long)s->weight_bytes, (unsigned long long)s->kv_bytes,
-                    (unsigned long long)s->peak_bytes, (unsigned long long)p->node[s->node].mem_budget);
+                    (unsigned long long)s->peak_bytes, (unsigned long long)p->node[s->node].mem_budget,
+                    plan_kv_dev_name(p->node[s->node].kv_dev), (unsigned long long)s->kv_ram_bytes,
+                    (unsigned long long)s->kv_dev_bytes, (unsigned long long)p->node[s->node].kv_cap);
             fprintf(f,
                     ", \"streams\": %s, \"n_units\": %d, \"pinned\": %d, \"window\": %d, \"unit_bytes\": %llu, "
                     "\"resident_bytes\": %llu, \"stream_bytes\": %llu, \"min_budget\": %llu, \"disk_bw\": %.0f, "

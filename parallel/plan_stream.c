@@ -61,8 +61,19 @@ static int gcd(int a, int b) {
 
 // --- internal API (plan_impl.h)
 
-int plan_size_share(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_ctx, uint64_t budget,
-                    plan_stream_t *st, uint64_t *weights, uint64_t *kv) {
+// The part of a KV of kv bytes that node nd counts in its fixed bytes before its weights are sized.
+static uint64_t kv_in_fixed(const plan_node_t *nd, uint64_t kv) {
+    if (!nd) return kv;
+    switch (nd->kv_dev) {
+    case PLAN_KV_FILE: return nd->kv_ram ? (nd->kv_ram < kv ? nd->kv_ram : kv) : 0; // no fixed share: sized after
+    case PLAN_KV_STORAGE:
+    case PLAN_KV_PIM: return 0;
+    default: return kv;
+    }
+}
+
+int plan_size_share(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_ctx, const plan_node_t *nd,
+                    uint64_t budget, plan_stream_t *st, uint64_t *weights, uint64_t *kv, uint64_t *kv_fixed) {
     memset(st, 0, sizeof *st);
     if (!slice_ok(pm, s) || n_ctx < 0) return MLM_EINVAL;
     const bool first = s->l0 == 0, last = s->l1 == pm->n_layer;
@@ -83,9 +94,11 @@ int plan_size_share(const plan_model_t *pm, const shard_slice_t *s, int mode, in
     const uint64_t embd = first && !(last && pm->tied_output) ? pm->embd_row_bytes * v : 0;
     const uint64_t kv_b = (uint64_t)(s->l1 - s->l0) * (uint64_t)n_ctx * (uint64_t)(s->kv1 - s->kv0) *
                           (uint64_t)pm->head_dim * 2u * 2u;
-    const uint64_t fixed = kv_b + act_bytes(pm, last) + (last ? pm->out_norm_bytes : 0);
+    const uint64_t kv_f = kv_in_fixed(nd, kv_b);
+    const uint64_t fixed = kv_f + act_bytes(pm, last) + (last ? pm->out_norm_bytes : 0);
     if (weights) *weights = units + embd + (last ? pm->out_norm_bytes : 0);
     if (kv) *kv = kv_b;
+    if (kv_fixed) *kv_fixed = kv_f;
     st->n_units = n_units;
     st->unit_bytes = biggest;
     st->fixed_bytes = fixed;
@@ -135,13 +148,30 @@ int plan_size_share(const plan_model_t *pm, const shard_slice_t *s, int mode, in
     return 0;
 }
 
+bool plan_kv_place(const plan_node_t *nd, plan_shard_t *s, uint64_t kv_fixed) {
+    uint64_t ram = kv_fixed;
+    if (nd->kv_dev == PLAN_KV_FILE && !nd->kv_ram) { // the RAM share is what the budget leaves
+        const uint64_t bud = nd->mem_budget, left = !bud ? s->kv_bytes : bud > s->peak_bytes ? bud - s->peak_bytes : 0;
+        ram = left < s->kv_bytes ? left : s->kv_bytes;
+        s->peak_bytes += ram;
+        s->st.peak_bytes += ram;
+        s->st.resident_bytes += ram;
+    }
+    s->kv_ram_bytes = ram;
+    s->kv_dev_bytes = s->kv_bytes - ram;
+    return !nd->kv_cap || s->kv_dev_bytes <= nd->kv_cap;
+}
+
 bool plan_size_shard(const plan_model_t *pm, plan_t *p, int i, bool stream) {
     plan_shard_t *s = &p->shard[i];
-    const uint64_t bud = p->node[s->node].mem_budget;
-    const int rc = plan_size_share(pm, &s->s, p->tp_mode, p->n_ctx, stream ? bud : 0, &s->st, &s->weight_bytes,
-                                   &s->kv_bytes);
+    const plan_node_t *nd = &p->node[s->node];
+    const uint64_t bud = nd->mem_budget;
+    uint64_t kv_fixed = 0;
+    const int rc = plan_size_share(pm, &s->s, p->tp_mode, p->n_ctx, nd, stream ? bud : 0, &s->st, &s->weight_bytes,
+                                   &s->kv_bytes, &kv_fixed);
     s->peak_bytes = s->st.peak_bytes;
-    return rc == 0 && (!bud || s->peak_bytes <= bud);
+    const bool dev_ok = plan_kv_place(nd, s, kv_fixed);
+    return rc == 0 && (!bud || s->peak_bytes <= bud) && dev_ok;
 }
 
 void plan_mode_grains(const plan_model_t *pm, int mode, int *grain_heads, int *grain_ffn) {
@@ -178,7 +208,25 @@ bool plan_parse_rate(const char *s, double *out) {
 int plan_window(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_ctx, uint64_t budget,
                 plan_stream_t *out) {
     if (!pm || !s || !out || (mode != PLAN_TP_EXACT && mode != PLAN_TP_ALLREDUCE)) return MLM_EINVAL;
-    return plan_size_share(pm, s, mode, n_ctx, budget, out, NULL, NULL);
+    return plan_size_share(pm, s, mode, n_ctx, NULL, budget, out, NULL, NULL, NULL);
+}
+
+const char *plan_kv_dev_name(int kind) {
+    switch (kind) {
+    case PLAN_KV_HOST: return "host";
+    case PLAN_KV_FILE: return "file";
+    case PLAN_KV_STORAGE: return "storage";
+    case PLAN_KV_PIM: return "pim";
+    default: return "?";
+    }
+}
+
+int plan_kv_dev_kind(const char *dev) {
+    if (!dev || !*dev) return PLAN_KV_HOST;
+    const size_t len = strcspn(dev, ":");
+    for (int k = PLAN_KV_HOST; k <= PLAN_KV_PIM; k++)
+        if (strlen(plan_kv_dev_name(k)) == len && !strncmp(dev, plan_kv_dev_name(k), len)) return k;
+    return -1;
 }
 
 const char *plan_tp_mode_name(int mode) {

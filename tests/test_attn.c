@@ -473,7 +473,7 @@ static void test_registry_and_shapes(void) {
     bad.n_head = 7; // not a multiple of the KV heads
     CU_ASSERT_EQUAL(attn_dev_new(&d, NULL, &bad, err, sizeof err), MLM_EINVAL);
     bad = p;
-    bad.kv_type = QT_Q8_0;
+    bad.kv_type = QT_Q4_0; // F16, F32 and Q8_0 caches only
     CU_ASSERT_EQUAL(attn_dev_new(&d, NULL, &bad, err, sizeof err), MLM_EUNSUPPORTED);
     CU_ASSERT_EQUAL(attn_dev_new(&d, NULL, NULL, err, sizeof err), MLM_EINVAL);
     CU_ASSERT_EQUAL(attn_dev_new(&d, NULL, &p, err, sizeof err), 0);

@@ -440,6 +440,106 @@ static void test_cli_kv_device(void) {
     }
 }
 
+// --- the Q8_0 KV cache (changes outputs: bounded against the F16 cache)
+
+// Teacher-forced logits (n, n_vocab) of the first n tokens of prompt ++ greedy on device dev with a Q8_0
+// or F16 cache; the device's stats after. 0 or an error.
+static int forced(const ref_case_t *rc, const model_t *m, const char *dev, bool q8, int n, float *lg, attn_stats_t *st) {
+    char err[512];
+    model_ctx_t *c = NULL;
+    model_ctx_opts_t co = {.n_ctx = n, .n_threads = 2, .n_batch = 16, .attn_dev = dev, .kv_q8 = q8};
+    if (model_ctx_new(&c, m, &co, err, sizeof err) != 0) {
+        fprintf(stderr, "%s: %s\n", dev, err);
+        return -1;
+    }
+    int32_t *toks = malloc(sizeof *toks * (size_t)n); // (n) the case's tokens
+    for (int i = 0; i < n; i++) toks[i] = i < rc->n_prompt ? rc->prompt_tokens[i] : rc->greedy[i - rc->n_prompt];
+    int rcode = model_eval(c, toks, n, lg, true);
+    if (st) attn_dev_stats(model_ctx_attn(c), st);
+    free(toks);
+    model_ctx_destroy(&c);
+    return rcode;
+}
+
+static void test_q8_kv(void) {
+    const char *cases[] = {"synth-dense-F16.p0", "synth-dense-F16.p1", "synth-dense-Q4_0.p0", "synth-dense-Q8_0.p1"};
+    char *dir = test_tmpdir();
+    char spill[1100];
+    snprintf(spill, sizeof spill, "file:%s,ram=1,block=16,cache=2", dir);
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        ref_case_t rc;
+        CU_ASSERT_EQUAL_FATAL(ref_load(cases[k], &rc), 0);
+        model_t *m = NULL;
+        char err[512];
+        CU_ASSERT_EQUAL_FATAL(model_load(&m, rc.model_path, NULL, err, sizeof err), 0);
+        const model_hparams_t *hp = model_hparams(m);
+        CU_ASSERT_EQUAL(hp->head_dim, 32); // whole Q8_0 blocks per head
+        const int n = rc.n_prompt + rc.n_greedy - 1, nv = rc.n_vocab;
+        float *f16 = calloc((size_t)n * nv, sizeof(float)), *q8 = calloc((size_t)n * nv, sizeof(float)),
+              *q8f = calloc((size_t)n * nv, sizeof(float));
+        attn_stats_t s16, s8, s8f;
+        CU_ASSERT_EQUAL_FATAL(forced(&rc, m, "host", false, n, f16, &s16), 0);
+        CU_ASSERT_EQUAL_FATAL(forced(&rc, m, "host", true, n, q8, &s8), 0);
+        CU_ASSERT_EQUAL_FATAL(forced(&rc, m, spill, true, n, q8f, &s8f), 0);
+        // memory per position: per layer a k and a v row of n_head_kv * head_dim elements, F16 2 bytes each,
+        // Q8_0 34 bytes per 32 (an F16 scale and 32 int8)
+        const uint64_t kvd = (uint64_t)hp->n_head_kv * hp->head_dim;
+        CU_ASSERT_EQUAL(s16.kv_bytes, (uint64_t)n * hp->n_layer * 2 * kvd * 2);
+        CU_ASSERT_EQUAL(s8.kv_bytes, (uint64_t)n * hp->n_layer * 2 * (kvd / 32) * 34);
+        CU_ASSERT_EQUAL(s8.kv_bytes * 64, s16.kv_bytes * 34); // 0.53125 of the F16 cache
+        // the file device stores the same Q8_0 rows (blocks of 16 positions, all spilled) and gives the host's bits
+        CU_ASSERT_EQUAL(s8f.kv_bytes, (uint64_t)((n + 15) / 16 * 16) * hp->n_layer * 2 * (kvd / 32) * 34);
+        CU_ASSERT_EQUAL(s8f.kv_bytes_ram, 0);
+        CU_ASSERT_EQUAL(memcmp(q8, q8f, (size_t)n * nv * sizeof(float)), 0);
+        // the Q8_0 cache changes the logits, within a bound: per row the largest difference against the F16
+        // cache's row, as a fraction of that row's range; and the top token mostly agrees
+        double worst = 0, worst_ref = 0;
+        int differ = 0, top_same = 0;
+        for (int r = 0; r < n; r++) {
+            double md, range, mr, rr;
+            ref_row_diff(q8 + (size_t)r * nv, f16 + (size_t)r * nv, nv, &md, &range);
+            ref_row_diff(q8 + (size_t)r * nv, rc.logits + (size_t)r * nv, nv, &mr, &rr);
+            worst = fmax(worst, md / range);
+            worst_ref = fmax(worst_ref, mr / rr);
+            differ += md > 0;
+            int a = 0, b = 0;
+            for (int j = 1; j < nv; j++) {
+                a = q8[(size_t)r * nv + j] > q8[(size_t)r * nv + a] ? j : a;
+                b = f16[(size_t)r * nv + j] > f16[(size_t)r * nv + b] ? j : b;
+            }
+            top_same += a == b;
+        }
+        fprintf(stderr, "(%s: %d rows, Q8_0 KV vs F16 KV max %.4f%% of the row's range, vs llama.cpp %.4f%%, "
+                        "%d rows differ, top-1 same on %d) ", cases[k], n, 100 * worst, 100 * worst_ref, differ, top_same);
+        CU_ASSERT(differ > 0);        // the Q8_0 path is taken: outputs do change
+        CU_ASSERT(worst < 0.03);      // ... by under 3% of a row's range (measured: 0.79% to 2.13%)
+        CU_ASSERT(worst_ref < 0.03);  // and stay as near llama.cpp's (F16 KV) logits
+        CU_ASSERT(top_same >= n * 9 / 10);
+        free(f16);
+        free(q8);
+        free(q8f);
+        model_destroy(&m);
+        ref_free(&rc);
+    }
+    // devices that cannot hold Q8_0 rows, and heads that are not whole blocks, are refused
+    attn_dev_t *d = NULL;
+    char err[256];
+    attn_params_t p = {.n_layer = 1, .head_dim = 32, .n_head = 2, .n_head_kv = 1, .h0 = 0, .h1 = 2, .kv0 = 0, .kv1 = 1,
+                       .kv_type = QT_Q8_0};
+    CU_ASSERT_EQUAL(attn_dev_new(&d, "pim:hbm2-pim", &p, err, sizeof err), MLM_EUNSUPPORTED);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "not Q8_0"));
+    CU_ASSERT_EQUAL(attn_dev_new(&d, "host", &p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(attn_dev_seq_new(d, 0, 100), 0);
+    attn_stats_t st;
+    attn_dev_stats(d, &st);
+    CU_ASSERT_EQUAL(st.kv_bytes, 100ull * 2 * 34);
+    attn_dev_free(&d);
+    p.head_dim = 16;
+    CU_ASSERT_EQUAL(attn_dev_new(&d, "host", &p, err, sizeof err), MLM_EUNSUPPORTED);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "head_dim a multiple of 32"));
+    test_rm_dir(dir);
+}
+
 int test_kv_suite(void) {
     CU_pSuite s = CU_add_suite("kv", NULL, NULL);
     if (!s) return -1;
@@ -451,7 +551,8 @@ int test_kv_suite(void) {
         !CU_add_test(s, "file (all spilled) and pim devices: the host's logits and tokens on the reference cases",
                      test_devices_reference_cases) ||
         !CU_add_test(s, "a cluster's --kv-device reaches the workers in the PLAN", test_cluster_kv_device) ||
-        !CU_add_test(s, "--kv-device on plan, run and worker", test_cli_kv_device))
+        !CU_add_test(s, "--kv-device on plan, run and worker", test_cli_kv_device) ||
+        !CU_add_test(s, "Q8_0 KV: memory per position, logits bounded against F16 KV, refusals", test_q8_kv))
         return -1;
     return 0;
 }

@@ -1278,6 +1278,158 @@ static void test_node_specs_disk(void) {
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "line 1: bad value 'x' for disk_id"));
 }
 
+// --- tests: where each node's KV lives (plan_node_t.kv_dev)
+
+// The single node's plan of TinyLlama at 4096 positions on node nd: 0 or plan_make's code.
+static int plan_one(const plan_model_t *pm, const plan_node_t *nd, plan_t *p, char *err, size_t errlen) {
+    const plan_opts_t o = {.n_ctx = 4096};
+    return plan_make(pm, nd, 1, &o, p, NULL, 0, NULL, err, errlen);
+}
+
+static void test_kv_devices(void) {
+    plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0");
+    plan_t *p = malloc(sizeof *p), *q = malloc(sizeof *q);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(q);
+    char err[512];
+    const uint64_t kv = 22ull * 4096 * 4 * 64 * 2 * 2; // layers x positions x KV heads x head_dim x (k, v) x F16
+    CU_ASSERT_EQUAL(kv, 92274688ull);
+    // host, no budget: all of it in RAM and in the peak
+    plan_node_t nd = {.name = "n", .speed = 1};
+    CU_ASSERT_EQUAL_FATAL(plan_one(pm, &nd, p, err, sizeof err), 0);
+    const plan_shard_t *s = &p->shard[0];
+    CU_ASSERT_EQUAL(s->kv_bytes, kv);
+    CU_ASSERT_EQUAL(s->kv_ram_bytes, kv);
+    CU_ASSERT_EQUAL(s->kv_dev_bytes, 0);
+    CU_ASSERT(!s->st.streams);
+    const uint64_t peak_host = s->peak_bytes, rest = peak_host - kv; // weights + activations + output norm
+    CU_ASSERT(rest > s->weight_bytes && rest < s->weight_bytes + (64ull << 20));
+    // file without a fixed share, budget = rest + kv / 4: the weights stay resident and the KV gets
+    // what they leave, a quarter in RAM and three quarters in the file
+    nd.kv_dev = PLAN_KV_FILE;
+    nd.mem_budget = rest + kv / 4;
+    CU_ASSERT_EQUAL_FATAL(plan_one(pm, &nd, p, err, sizeof err), 0);
+    CU_ASSERT(!s->st.streams);
+    CU_ASSERT_EQUAL(s->kv_bytes, kv);
+    CU_ASSERT_EQUAL(s->kv_ram_bytes, kv / 4);
+    CU_ASSERT_EQUAL(s->kv_dev_bytes, kv - kv / 4);
+    CU_ASSERT_EQUAL(s->peak_bytes, nd.mem_budget);
+    // ... where a host node with that budget has to stream weights to hold its KV
+    plan_node_t host = nd;
+    host.kv_dev = PLAN_KV_HOST;
+    CU_ASSERT_EQUAL_FATAL(plan_one(pm, &host, q, err, sizeof err), 0);
+    CU_ASSERT(q->shard[0].st.streams);
+    CU_ASSERT_EQUAL(q->shard[0].kv_ram_bytes, kv);
+    CU_ASSERT(q->shard[0].peak_bytes <= host.mem_budget);
+    // file with the budget of the host's peak: everything fits in RAM, nothing spills
+    nd.mem_budget = peak_host;
+    CU_ASSERT_EQUAL_FATAL(plan_one(pm, &nd, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(s->kv_ram_bytes, kv);
+    CU_ASSERT_EQUAL(s->kv_dev_bytes, 0);
+    // file with a fixed share (ram=16M): exactly that in RAM, in the peak; the rest on the device,
+    // checked against its capacity
+    nd.mem_budget = 0;
+    nd.kv_ram = 16ull << 20;
+    CU_ASSERT_EQUAL_FATAL(plan_one(pm, &nd, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(s->kv_ram_bytes, 16ull << 20);
+    CU_ASSERT_EQUAL(s->kv_dev_bytes, kv - (16ull << 20));
+    CU_ASSERT_EQUAL(s->peak_bytes, rest + (16ull << 20));
+    nd.kv_cap = kv - (16ull << 20);
+    CU_ASSERT_EQUAL(plan_one(pm, &nd, p, err, sizeof err), 0);
+    nd.kv_cap = kv - (16ull << 20) - 1;
+    CU_ASSERT_EQUAL(plan_one(pm, &nd, p, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "keeps 72.0 MiB of KV on its file device, which holds 72.0 MiB"));
+    // storage and pim: none of it in RAM, all of it against the device's capacity
+    for (int kind = PLAN_KV_STORAGE; kind <= PLAN_KV_PIM; kind++) {
+        plan_node_t d = {.name = "d", .speed = 1, .kv_dev = kind, .kv_cap = kv};
+        CU_ASSERT_EQUAL_FATAL(plan_one(pm, &d, p, err, sizeof err), 0);
+        CU_ASSERT_EQUAL(s->kv_ram_bytes, 0);
+        CU_ASSERT_EQUAL(s->kv_dev_bytes, kv);
+        CU_ASSERT_EQUAL(s->peak_bytes, rest);
+        d.mem_budget = rest; // a budget that could not hold any KV on host
+        CU_ASSERT_EQUAL(plan_one(pm, &d, p, err, sizeof err), 0);
+        CU_ASSERT(!s->st.streams);
+        d.kv_cap = kv / 2;
+        err[0] = 0;
+        CU_ASSERT_EQUAL(plan_one(pm, &d, p, err, sizeof err), MLM_EFULL);
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, kind == PLAN_KV_PIM ? "on its pim device, which holds 44.0 MiB (44.0 MiB short)"
+                                                               : "on its storage device, which holds 44.0 MiB (44.0 MiB short)"));
+    }
+    // Two nodes in one group: the one whose kvstore holds a quarter of the KV gets a share whose KV fits it
+    // (one KV head of the four), the other the rest; without the cap they split evenly.
+    plan_node_t two[2] = {{.name = "a", .speed = 1}, {.name = "b", .speed = 1, .kv_dev = PLAN_KV_STORAGE}};
+    const plan_opts_t o = {.n_ctx = 4096, .tp = 2, .pp = 1, .keep_all = true};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, two, 2, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(p->shard[1].kv_dev_bytes, kv / 2);
+    CU_ASSERT_EQUAL(p->shard[1].kv_ram_bytes, 0);
+    CU_ASSERT_EQUAL(p->shard[0].kv_ram_bytes, kv / 2);
+    two[1].kv_cap = kv / 4;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, two, 2, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(p->shard[1].kv_dev_bytes <= kv / 4 && p->shard[1].kv_dev_bytes > 0);
+    CU_ASSERT(p->shard[1].s.h1 - p->shard[1].s.h0 < 16);
+    CU_ASSERT_EQUAL(p->shard[0].kv_bytes, p->shard[0].kv_ram_bytes);
+    // a hand-written plan is checked the same way, naming the line, the node and the device
+    plan_spec_t *spec = malloc(sizeof *spec);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(spec);
+    CU_ASSERT_EQUAL_FATAL(plan_file_parse("stage layers=0-21 nodes=1\n", spec, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(plan_from_spec(pm, two, 2, spec, 4096, q, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "line 1: node 1 (b) keeps 88.0 MiB of KV for layers 0-21 on its storage device, "
+                                       "which holds 22.0 MiB"));
+    two[1].kv_cap = kv;
+    CU_ASSERT_EQUAL(plan_from_spec(pm, two, 2, spec, 4096, q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(q->shard[0].kv_dev_bytes, kv);
+    CU_ASSERT_EQUAL(q->shard[0].kv_ram_bytes, 0);
+    two[1].kv_cap = kv / 4;
+    free(spec);
+    // JSON carries each shard's device and bytes
+    char *json = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&json, &len);
+    plan_write_json(f, pm, p, NULL, 0);
+    fclose(f);
+    char want[160];
+    snprintf(want, sizeof want, "\"kv_device\": \"storage\", \"kv_ram_bytes\": 0, \"kv_dev_bytes\": %llu, \"kv_cap\": %llu",
+             (unsigned long long)p->shard[1].kv_dev_bytes, (unsigned long long)(kv / 4));
+    CU_ASSERT_PTR_NOT_NULL(strstr(json, want));
+    free(json);
+    free(pm);
+    free(p);
+    free(q);
+}
+
+static void test_kv_node_specs(void) {
+    plan_node_t nodes[4];
+    char err[256];
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1:2G:kv=file:kv_ram=64M:kv_cap=20G,1:kv=pim,1:kv=storage:kv_cap=1T,1", nodes,
+                                           4, err, sizeof err), 4);
+    CU_ASSERT_EQUAL(nodes[0].kv_dev, PLAN_KV_FILE);
+    CU_ASSERT_EQUAL(nodes[0].kv_ram, 64ull << 20);
+    CU_ASSERT_EQUAL(nodes[0].kv_cap, 20ull << 30);
+    CU_ASSERT_EQUAL(nodes[0].mem_budget, 2ull << 30);
+    CU_ASSERT_EQUAL(nodes[1].kv_dev, PLAN_KV_PIM);
+    CU_ASSERT_EQUAL(nodes[1].kv_cap, 0);
+    CU_ASSERT_EQUAL(nodes[2].kv_dev, PLAN_KV_STORAGE);
+    CU_ASSERT_EQUAL(nodes[2].kv_cap, 1ull << 40);
+    CU_ASSERT_EQUAL(nodes[3].kv_dev, PLAN_KV_HOST);
+    CU_ASSERT(plan_parse_nodes("1:kv=disk", nodes, 4, err, sizeof err) < 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "bad KV device 'disk'"));
+    CU_ASSERT(plan_parse_nodes("1:kv_cap=0", nodes, 4, err, sizeof err) < 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "bad kv_cap '0'"));
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes_file("a kv=storage kv_cap=2G\nb kv=file kv_ram=1G\n", nodes, 4, err, sizeof err),
+                          2);
+    CU_ASSERT_EQUAL(nodes[0].kv_dev, PLAN_KV_STORAGE);
+    CU_ASSERT_EQUAL(nodes[0].kv_cap, 2ull << 30);
+    CU_ASSERT_EQUAL(nodes[1].kv_dev, PLAN_KV_FILE);
+    CU_ASSERT_EQUAL(nodes[1].kv_ram, 1ull << 30);
+    CU_ASSERT(plan_parse_nodes_file("a kv=file:/x\n", nodes, 4, err, sizeof err) < 0);
+    CU_ASSERT_EQUAL(plan_kv_dev_kind("file:/var/kv,ram=1G"), PLAN_KV_FILE);
+    CU_ASSERT_EQUAL(plan_kv_dev_kind("storage:tcp://h:5700"), PLAN_KV_STORAGE);
+    CU_ASSERT_EQUAL(plan_kv_dev_kind("pim:upmem"), PLAN_KV_PIM);
+    CU_ASSERT_EQUAL(plan_kv_dev_kind(NULL), PLAN_KV_HOST);
+    CU_ASSERT_EQUAL(plan_kv_dev_kind("files"), -1);
+}
+
 int test_plan_suite(void) {
     CU_pSuite s = CU_add_suite("plan", NULL, NULL);
     if (!s) return -1;
@@ -1304,7 +1456,9 @@ int test_plan_suite(void) {
         !CU_add_test(s, "disk bandwidth, shared disks and group size", test_disk_bandwidth_and_nodes) ||
         !CU_add_test(s, "exact and all-reduce tensor parallelism predicted", test_tp_modes) ||
         !CU_add_test(s, "plan files carry the tensor-parallel mode", test_plan_file_modes) ||
-        !CU_add_test(s, "node specs with disks", test_node_specs_disk))
+        !CU_add_test(s, "node specs with disks", test_node_specs_disk) ||
+        !CU_add_test(s, "KV per node by device: RAM share, device bytes, capacity", test_kv_devices) ||
+        !CU_add_test(s, "node specs with KV devices", test_kv_node_specs))
         return -1;
     return 0;
 }

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "core/clock.h"
@@ -28,6 +29,7 @@
 #define MAX_MODELS 8
 #define MAX_REPS 100
 #define O_KVDEV 3100 // --kv-device (above the layout, fault and shared option ids)
+#define O_KVTYPE 3101 // --kv-type
 
 typedef struct {
     const char *models[MAX_MODELS];  // -m, repeatable
@@ -50,6 +52,7 @@ typedef struct {
     int parallel;                    // --parallel K: tg with K sequences in flight (cluster only)
     const char *faults;              // --faults SPEC (with --lan: its links are added)
     const char *kv_device;           // --kv-device (NULL = host)
+    bool kv_q8;                      // --kv-type q8_0 (changes outputs)
 } bench_args_t;
 
 // The memory of one (model, threads) configuration's processes, for the table after the speed table.
@@ -83,6 +86,7 @@ static void bench_usage(FILE *f) {
             "      --parallel K        tg with K sequences in flight at once (a cluster's stages then work\n"
             "                          on different sequences); t/s counts every sequence's tokens\n"
             "      --json              print a JSON array instead of the table\n"
+            "      --kv-type f16|q8_0  KV cache type (q8_0: blocks of 32, 0.53x f16's memory, CHANGES OUTPUTS)\n"
             KV_DEVICE_USAGE
             LAYOUT_MEM_USAGE
             EXPERT_ARGS_USAGE
@@ -223,7 +227,8 @@ int cmd_bench(int argc, char **argv) {
         {"local-tcp", no_argument, 0, 'P'}, {"workers", required_argument, 0, 'W'},
         {"coordinator-shard", no_argument, 0, 'S'}, {"speeds", required_argument, 0, 'V'},
         {"lan", required_argument, 0, 'E'}, {"parallel", required_argument, 0, 'K'},
-        {"kv-device", required_argument, 0, O_KVDEV}, LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS,
+        {"kv-device", required_argument, 0, O_KVDEV}, {"kv-type", required_argument, 0, O_KVTYPE},
+        LAYOUT_ARGS_LONGOPTS, LAYOUT_MEM_LONGOPTS, LAYOUT_FAULT_LONGOPTS,
         FAULT_ARGS_LONGOPTS, EXPERT_ARGS_LONGOPTS, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     bench_args_t a = {.n_prompt = 64, .n_gen = 32, .reps = 3, .repack = true};
     expert_args_init(&a.ex);
@@ -262,6 +267,13 @@ int cmd_bench(int argc, char **argv) {
         case 'K': a.parallel = atoi(optarg); break;
         case FA_FAULTS: a.faults = optarg; break;
         case O_KVDEV: a.kv_device = optarg; break;
+        case O_KVTYPE:
+            if (strcmp(optarg, "f16") && strcasecmp(optarg, "q8_0")) {
+                fprintf(stderr, "meshlm bench: --kv-type must be f16 or q8_0\n");
+                return 2;
+            }
+            a.kv_q8 = !strcasecmp(optarg, "q8_0");
+            break;
         case 'h': bench_usage(stdout); return 0;
         default: bench_usage(stderr); return 2;
         }
@@ -357,7 +369,7 @@ int cmd_bench(int argc, char **argv) {
             snprintf(backend, sizeof backend, "CPU %s", model_kernels(m)->isa);
             if (!dist) {
                 model_ctx_opts_t co = {.n_ctx = need, .n_batch = a.n_prompt > 0 ? a.n_prompt : 64,
-                                       .n_threads = a.threads[ti], .attn_dev = a.kv_device,
+                                       .n_threads = a.threads[ti], .attn_dev = a.kv_device, .kv_q8 = a.kv_q8,
                                        .kv_ram = pages ? model_kv_ram_share(m, a.lay.mem_budget) : 0};
                 if (model_ctx_new(&c, m, &co, err, sizeof err) != 0) {
                     fprintf(stderr, "meshlm bench: %s\n", err);
@@ -416,7 +428,8 @@ int cmd_bench(int argc, char **argv) {
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                                      .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,
                                      .tp_mode = a.lay.tp_mode, .tp_mode_set = a.lay.tp_mode_set,
-                                     .drop_cache = lw && lw->mem_limit, .kv_device = a.kv_device};
+                                     .drop_cache = lw && lw->mem_limit, .kv_device = a.kv_device,
+                                     .kv_q8 = a.kv_q8};
                 int rc = cluster_open(&cl, &co, err, sizeof err);
                 free(list);
                 if (rc != 0) {

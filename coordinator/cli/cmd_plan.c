@@ -4,13 +4,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 
 #include "coordinator/cli/cli.h"
 #include "coordinator/cli/layout_args.h"
 #include "parallel/plan.h"
 #include "core/err.h"
 #include "core/fs.h"
-#include "offload/attn.h"
 #include "offload/pim_sim.h"
 
 // --- helpers
@@ -29,7 +29,8 @@ static void plan_usage(FILE *f) {
             "  --nodes SPEC       N equal nodes, or per node speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N],\n"
             "                     e.g. 2,1,1:512M or 1:2G@1/1000:disk=950M (speed is relative; budget is memory for\n"
             "                     weights + KV cache + activations; disk= the disk's read bandwidth in bytes/s;\n"
-            "                     nodes with one disk_id share one disk)\n"
+            "                     nodes with one disk_id share one disk; :kv=host|file|storage|pim its KV\n"
+            "                     device, :kv_ram=SIZE a file device's RAM share, :kv_cap=SIZE its capacity)\n"
             "  --nodes-file F     one node per line: NAME key=value ... with speed= gflops= mem_bw= (bytes/s,\n"
             "                     e.g. 20G) mem= (budget) lat_ms= mbit= disk= (bytes/s) disk_id=\n"
             "  -c, --ctx-size N   context positions the KV cache is sized for (default 4096)\n"
@@ -47,8 +48,11 @@ static void plan_usage(FILE *f) {
             "  --explain          compare the chosen plan with the best alternatives, both TP modes, and show\n"
             "                     per node its resident bytes, window, streamed MB and disk ms per token\n"
             "  --json             print the plan and alternatives as JSON\n"
-            "  --kv-device DEV    where every node's KV cache lives (host, file:DIR, storage:EP, pim:PRESET):\n"
-            "                     the KV table gives each node's KV at n_ctx, its part in RAM and spilled\n"
+            "  --kv-device DEV    where the KV cache lives on every node that names none (kv= in --nodes): host\n"
+            "                     (all in its budget), file:DIR[,ram=SIZE] (its RAM share in the budget, the\n"
+            "                     rest against DIR's free space), storage:EP, pim:PRESET (none in RAM, all\n"
+            "                     against the device's capacity); the KV table says where each node's KV is\n"
+            "  --kv-cap SIZE      the capacity of a KV device that states none (a kvstore's free space)\n"
             "Node 0 is the coordinator's machine. Unknown figures default to 20 GFLOP/s per unit of speed,\n"
             "20 GB/s memory, a %.0f MB/s disk, 0.1 ms / 1 Gbit links.\n",
             PLAN_DEFAULT_UBATCH, PLAN_DEFAULT_N_PROMPT, PLAN_DEFAULT_DISK_BW / 1e6);
@@ -68,48 +72,91 @@ static void kv_fmt(char *b, size_t cap, uint64_t v) {
     else snprintf(b, cap, "%.1f MiB", (double)v / (1ull << 20));
 }
 
-// Where each computing node's KV cache lives at the plan's n_ctx: the device, the bytes in RAM and
-// the bytes past its RAM share (a paging device's file tier), or in the device (PIM, storage). A
-// paging device's RAM share is the node's budget less its weights and activations.
+// Gives every node that names no KV device of its own (kv= in its spec) the --kv-device dev (NULL: host):
+// its kind, a file device's fixed RAM share (",ram=SIZE") and capacity (the free space under DIR), a PIM
+// preset's capacity; a node's own kv=pim without kv_cap gets the preset's (hbm2-pim unless --kv-device
+// names one); cap (--kv-cap, 0 = none) is the capacity of any other device that states none. 0 or an
+// error in err.
+static int kv_nodes(plan_node_t *nodes, int n, const char *dev, uint64_t cap, char *err, size_t errlen) {
+    const int kind = plan_kv_dev_kind(dev);
+    if (kind < 0) return mlm_fail(err, errlen, MLM_ENOTFOUND, "--kv-device: no KV device '%s' (have: host file storage pim)", dev);
+    const char *colon = dev ? strchr(dev, ':') : NULL;
+    char arg[512];
+    snprintf(arg, sizeof arg, "%s", colon ? colon + 1 : "");
+    uint64_t ram = 0, dev_cap = cap;
+    if (kind == PLAN_KV_FILE) {
+        char *opt = strchr(arg, ',');
+        if (opt) *opt++ = 0;
+        for (char *save = NULL, *o = opt ? strtok_r(opt, ",", &save) : NULL; o; o = strtok_r(NULL, ",", &save))
+            if (!strncmp(o, "ram=", 4) && plan_parse_size(o + 4, &ram) != 0)
+                return mlm_fail(err, errlen, MLM_EINVAL, "--kv-device: bad ram= '%s'", o + 4);
+        struct statvfs vfs;
+        if (!cap && arg[0] && statvfs(arg, &vfs) == 0) dev_cap = (uint64_t)vfs.f_bavail * vfs.f_frsize;
+    } else if (kind == PLAN_KV_PIM) {
+        pim_config_t pc;
+        if (pim_preset(arg[0] ? arg : "hbm2-pim", &pc) != 0)
+            return mlm_fail(err, errlen, MLM_ENOTFOUND, "--kv-device: no PIM preset '%s' (have: %s)", arg,
+                            pim_preset_names());
+        if (!cap) dev_cap = pc.capacity;
+    }
+    pim_config_t def;
+    const bool have_def = pim_preset(kind == PLAN_KV_PIM && arg[0] ? arg : "hbm2-pim", &def) == 0;
+    for (int i = 0; i < n; i++) {
+        if (nodes[i].kv_dev == PLAN_KV_HOST && kind != PLAN_KV_HOST) { // its own kv= wins
+            nodes[i].kv_dev = kind;
+            if (!nodes[i].kv_ram) nodes[i].kv_ram = ram;
+            if (!nodes[i].kv_cap) nodes[i].kv_cap = dev_cap;
+        }
+        // a node's own kv=pim without kv_cap: the part's capacity (--kv-device's preset, else hbm2-pim)
+        if (nodes[i].kv_dev == PLAN_KV_PIM && !nodes[i].kv_cap && have_def) nodes[i].kv_cap = cap ? cap : def.capacity;
+        if (nodes[i].kv_dev != PLAN_KV_PIM && nodes[i].kv_dev != PLAN_KV_HOST && !nodes[i].kv_cap) nodes[i].kv_cap = cap;
+    }
+    return 0;
+}
+
+// Where each computing node's KV cache lives at the plan's n_ctx (the planner's kv_ram_bytes and
+// kv_dev_bytes): its device, the bytes in its RAM (in its budget) and on the device, and the device's
+// capacity when known. dev: --kv-device (NULL: none), which names the directory, endpoint or preset of
+// the nodes that took it.
 static void kv_table(const plan_t *p, const char *dev, FILE *f) {
-    const char *d = dev && *dev ? dev : "host";
+    const int kind = plan_kv_dev_kind(dev);
+    const char *colon = dev ? strchr(dev, ':') : NULL;
+    char arg[256];
+    snprintf(arg, sizeof arg, "%.*s", colon ? (int)strcspn(colon + 1, ",") : 0, colon ? colon + 1 : "");
     pim_config_t pc;
-    const char *colon = strchr(d, ':');
-    const bool pim = !strncmp(d, "pim", 3) && (!d[3] || d[3] == ':');
-    const bool pim_ok = pim && pim_preset(colon ? colon + 1 : "hbm2-pim", &pc) == 0;
-    const bool storage = !strncmp(d, "storage", 7);
-    fprintf(f, "KV cache at n_ctx %d on %s:\n", p->n_ctx, d);
-    fprintf(f, "| rank | %-16s | %10s | %10s | %10s | %s\n", "node", "KV", "in RAM", "spilled", "where");
+    const bool pim_ok = pim_preset(kind == PLAN_KV_PIM && arg[0] ? arg : "hbm2-pim", &pc) == 0;
+    if (dev) fprintf(f, "KV cache at n_ctx %d on %s:\n", p->n_ctx, dev);
+    else fprintf(f, "KV cache at n_ctx %d:\n", p->n_ctx);
+    fprintf(f, "| rank | %-16s | %-7s | %10s | %10s | %10s | %10s | %s\n", "node", "device", "KV", "in RAM", "on device",
+            "capacity", "where");
     for (int i = 0; i < p->n; i++) {
         const plan_shard_t *s = &p->shard[i];
-        const uint64_t kv = s->kv_bytes, bud = p->node[s->node].mem_budget;
-        uint64_t ram = kv, spill = 0;
-        char where[160] = "this node's memory";
-        if (storage) { // before the paging devices: attn_dev_pages counts it, but none of its KV is in RAM
-            ram = 0;
-            snprintf(where, sizeof where, "the kvstore process at %s", colon ? colon + 1 : "?");
-        } else if (attn_dev_pages(d)) {
-            // planned without it: the peak is the weights and activations (and a 1-position KV)
-            const uint64_t rest = s->peak_bytes;
-            const uint64_t share = !bud ? kv : bud > rest ? bud - rest : 0;
-            ram = kv < share ? kv : share;
-            spill = kv - ram;
-            snprintf(where, sizeof where, "RAM up to its share, then files in %s", colon ? colon + 1 : "?");
-        } else if (pim) {
-            ram = 0;
-            char cap[32];
-            kv_fmt(cap, sizeof cap, pim_ok ? pc.capacity : 0);
-            if (pim_ok) snprintf(where, sizeof where, "the simulated %s part (capacity %s)%s", pc.name, cap,
-                                 kv > pc.capacity ? ": OVER ITS CAPACITY" : "");
-            else snprintf(where, sizeof where, "no PIM preset '%s' (have: %s)", colon ? colon + 1 : "", pim_preset_names());
-        } else if (bud && s->peak_bytes > bud) {
-            snprintf(where, sizeof where, "this node's memory (its share is over the budget: weights stream)");
+        const plan_node_t *nd = &p->node[s->node];
+        char a[32], b[32], c[32], d[32], where[384] = "its memory";
+        kv_fmt(a, sizeof a, s->kv_bytes);
+        kv_fmt(b, sizeof b, s->kv_ram_bytes);
+        kv_fmt(c, sizeof c, s->kv_dev_bytes);
+        if (nd->kv_cap) kv_fmt(d, sizeof d, nd->kv_cap);
+        else snprintf(d, sizeof d, "-");
+        const bool named = nd->kv_dev == kind && arg[0]; // the --kv-device says where
+        switch (nd->kv_dev) {
+        case PLAN_KV_FILE:
+            snprintf(where, sizeof where, "RAM up to %s, then files in %s", nd->kv_ram ? "its ram= share" : "what its budget leaves",
+                     named ? arg : "a directory");
+            break;
+        case PLAN_KV_STORAGE:
+            snprintf(where, sizeof where, "the kvstore process at %s", named ? arg : "its endpoint");
+            break;
+        case PLAN_KV_PIM:
+            snprintf(where, sizeof where, "the simulated %s part (capacity %s)", pim_ok ? pc.name : "?", d);
+            break;
+        default:
+            if (nd->mem_budget && s->st.streams)
+                snprintf(where, sizeof where, "its memory (its share is over the budget: weights stream)");
+            break;
         }
-        char a[32], b[32], c[32];
-        kv_fmt(a, sizeof a, kv);
-        kv_fmt(b, sizeof b, ram);
-        kv_fmt(c, sizeof c, spill);
-        fprintf(f, "| %4d | %-16.16s | %10s | %10s | %10s | %s\n", i, p->node[s->node].name, a, b, c, where);
+        fprintf(f, "| %4d | %-16.16s | %-7s | %10s | %10s | %10s | %10s | %s\n", i, nd->name,
+                plan_kv_dev_name(nd->kv_dev), a, b, c, d, where);
     }
 }
 
@@ -117,7 +164,7 @@ static void kv_table(const plan_t *p, const char *dev, FILE *f) {
 
 int cmd_plan(int argc, char **argv) {
     enum { O_NODES = 256, O_NODES_FILE, O_PRESET, O_QUANT, O_PP, O_TP, O_KEEP, O_PIN, O_PLAN, O_OUT, O_EXPLAIN,
-           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP };
+           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP, O_KVCAP };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"nodes", required_argument, 0, O_NODES},
         {"nodes-file", required_argument, 0, O_NODES_FILE}, {"preset", required_argument, 0, O_PRESET},
@@ -129,11 +176,13 @@ int cmd_plan(int argc, char **argv) {
         {"ubatch", required_argument, 0, O_UBATCH}, {"prompt", required_argument, 0, O_PROMPT},
         {"tp-mode", required_argument, 0, O_TP_MODE}, {"no-stream", no_argument, 0, O_NO_STREAM},
         {"kv-device", required_argument, 0, O_KVDEV}, {"ep", required_argument, 0, O_EP},
+        {"kv-cap", required_argument, 0, O_KVCAP},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     const char *model = NULL, *preset = NULL, *quant = NULL, *spec = NULL, *nodes_file = NULL, *plan_path = NULL,
                *out_path = NULL;
     bool explain = false, json = false, mode_given = false;
-    const char *kv_dev = NULL; // --kv-device: where every node's KV lives
+    const char *kv_dev = NULL; // --kv-device: where the KV of every node that names none lives
+    uint64_t kv_cap = 0;       // --kv-cap: the capacity of a KV device that states none
     plan_opts_t po = {.n_ctx = 4096};
     int ch, bad = 0;
     optind = 1;
@@ -158,6 +207,7 @@ int cmd_plan(int argc, char **argv) {
         case O_TP_MODE: bad |= layout_args_tp_mode(optarg, &po.tp_mode); mode_given = true; break;
         case O_NO_STREAM: po.no_stream = true; break;
         case O_KVDEV: kv_dev = optarg; break;
+        case O_KVCAP: bad |= plan_parse_size(optarg, &kv_cap) != 0 || !kv_cap; break;
         case O_EP: bad |= layout_args_ep(optarg, &po.ep); break;
         case 'h': plan_usage(stdout); return 0;
         default: plan_usage(stderr); return 2;
@@ -179,6 +229,7 @@ int cmd_plan(int argc, char **argv) {
         if (n < 0 && text) mlm_fail(err, sizeof err, n, "%s: %s", nodes_file, inner);
         free(text);
     }
+    if (n > 0 && kv_nodes(nodes, n, kv_dev, kv_cap, err, sizeof err) != 0) n = -1;
     if (n < 0) {
         fprintf(stderr, "meshlm plan: %s\n", err);
         return 2;
@@ -198,11 +249,6 @@ int cmd_plan(int argc, char **argv) {
         }
         gguf_close(&g); // the description keeps no pointer into the file
     }
-    // A paging KV device spills what a node's budget cannot hold: the layout is planned for the weights
-    // and activations (a 1-position KV), and every share's KV is then counted at n_ctx for the KV table.
-    const int n_ctx = po.n_ctx;
-    const bool pages = attn_dev_pages(kv_dev);
-    if (pages) po.n_ctx = 1;
     if (rc == 0 && plan_path) {
         plan_spec_t *ps = malloc(sizeof *ps);
         rc = ps ? plan_file_load(plan_path, ps, err, sizeof err) : MLM_ENOMEM;
@@ -220,12 +266,6 @@ int cmd_plan(int argc, char **argv) {
         free(ps);
     } else if (rc == 0) {
         rc = plan_make(pm, nodes, n, &po, best, alts, MAX_ALTS, &n_alts, err, sizeof err);
-    }
-    if (rc == 0 && pages) {
-        for (int i = 0; i < best->n; i++) best->shard[i].kv_bytes *= (uint64_t)n_ctx; // linear in positions
-        best->n_ctx = n_ctx;
-        printf("(%s pages the KV: the budgets hold the weights and activations; the KV table says where the KV is)\n",
-               kv_dev);
     }
     if (rc == 0 && out_path) {
         FILE *f = fopen(out_path, "w");

@@ -287,7 +287,7 @@ static int run_main(run_args_t *ap) {
                              .coordinator_shard = a.coord_shard, .n_ctx = a.g.n_ctx, .n_threads = a.g.n_threads,
                              .mem_budget = a.lay.mem_budget,
                              .weights = expert_args_provider(&a.ex, wname, sizeof wname), .expert_skip = a.ex.skip,
-                             .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .kv_device = a.g.kv_device, .verbose = a.verbose,
+                             .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .kv_q8 = a.g.kv_q8, .kv_device = a.g.kv_device, .verbose = a.verbose,
                              .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp, .ep = a.lay.ep,
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                              .local_profile = a.local > 0, .recover = !a.lay.no_recover,
@@ -324,6 +324,7 @@ static int run_main(run_args_t *ap) {
     kv_watch_t watch = {0}; // the local context's KV device counters after the prompt
     if (!distributed) {
         model_ctx_opts_t co = {.n_ctx = a.g.n_ctx, .n_batch = a.g.n_batch, .n_threads = a.g.n_threads, .kv_f32 = a.g.kv_f32,
+                               .kv_q8 = a.g.kv_q8,
                                .attn_dev = a.g.kv_device};
         if (co.n_ctx == 0) {
             int need = np + a.g.n_predict + 1;

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "core/fs.h"
 #include "offload/attn.h"
@@ -54,11 +55,12 @@ int gen_args_option(gen_args_t *a, int ch, const char *arg, const char *cmd) {
     case GA_IGNEOS: a->gen.ignore_eos = true; return 1;
     case GA_NOBOS: a->no_bos = true; return 1;
     case GA_KV:
-        if (!strcmp(arg, "f16") || !strcmp(arg, "f32")) {
+        if (!strcmp(arg, "f16") || !strcmp(arg, "f32") || !strcasecmp(arg, "q8_0")) {
             a->kv_f32 = !strcmp(arg, "f32");
+            a->kv_q8 = !strcasecmp(arg, "q8_0");
             return 1;
         }
-        fprintf(stderr, "meshlm %s: --kv-type must be f16 or f32\n", cmd);
+        fprintf(stderr, "meshlm %s: --kv-type must be f16, f32 or q8_0\n", cmd);
         return -1;
     case GA_NOREPACK: a->repack = false; return 1;
     case GA_JSON: a->json = true; return 1;

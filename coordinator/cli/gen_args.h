@@ -19,6 +19,7 @@ typedef struct {
     bool no_bos;              // --no-bos
     bool repack;              // !--no-repack
     bool kv_f32;              // --kv-type f32
+    bool kv_q8;               // --kv-type q8_0 (changes outputs)
     const char *kv_device;    // --kv-device NAME[:ARG] (NULL = host; checked against the registry)
     const char *logits_path;  // --logits
     gen_opts_t gen;           // sampling and stopping
@@ -71,7 +72,8 @@ enum { GA_TEMP = 1000, GA_TOPK, GA_TOPP, GA_MINP, GA_RP, GA_RLN, GA_SEED, GA_GRE
     "      --greedy            always take the most likely token\n"                                           \
     "      --ignore-eos        do not stop at end-of-generation tokens\n"                                     \
     "      --no-bos            do not prepend the BOS token\n"                                                \
-    "      --kv-type f16|f32   KV cache type (default f16, as llama.cpp)\n"                                   \
+    "      --kv-type T         KV cache type: f16 (default, as llama.cpp), f32, or q8_0 (blocks of 32,\n"   \
+    "                          0.53x f16's memory, CHANGES OUTPUTS; host and file devices)\n"             \
     KV_DEVICE_USAGE                                                                                           \
     "      --no-repack         compute on the file's layout (no repacked copy of the weights)\n"              \
     "      --json              print one JSON object on stdout instead of streaming text\n"                   \

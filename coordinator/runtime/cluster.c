@@ -494,7 +494,7 @@ static int send_plan(cluster_t *c, char *err, size_t errlen) {
     p->n_embd = (uint32_t)hp->n_embd;
     p->n_vocab = (uint32_t)hp->n_vocab;
     p->n_ctx = (uint32_t)c->o.n_ctx;
-    p->kv_type = c->o.kv_f32 ? QT_F32 : QT_F16;
+    p->kv_type = c->o.kv_q8 ? QT_Q8_0 : c->o.kv_f32 ? QT_F32 : QT_F16;
     p->n_batch = c->o.n_batch > 0 ? (uint32_t)c->o.n_batch : 0;
     p->tp_mode = c->plan->ep ? MSG_TP_EXPERT : c->plan->tp_mode == PLAN_TP_ALLREDUCE ? MSG_TP_ALLREDUCE : MSG_TP_EXACT;
     if (c->o.kv_device && snprintf(p->kv_device, sizeof p->kv_device, "%s", c->o.kv_device) >= (int)sizeof p->kv_device)

@@ -41,6 +41,7 @@ typedef struct {
     bool drop_cache;                 // cluster_open drops the model's page cache between planning and loading,
                                      // so local workers' memory cgroups are charged for their shards
     bool kv_f32;
+    bool kv_q8;                      // Q8_0 KV cache (model_ctx_opts_t.kv_q8), sent in the PLAN's kv_type
     const char *kv_device;           // attention/KV device of every node without its own --kv-device, sent in the
                                      // PLAN (protocol 1.5) and used for the coordinator's own share (NULL = host)
     bool verbose;                    // print progress on stderr

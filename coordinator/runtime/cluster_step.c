@@ -77,7 +77,7 @@ int cl_seq_ctx(cluster_t *c, int seq, model_ctx_t **out) {
     if (!c->ctx[seq]) {
         char err[256];
         model_ctx_opts_t co = {.n_ctx = c->o.n_ctx, .n_batch = c->o.n_batch, .n_threads = c->o.n_threads,
-                               .kv_f32 = c->o.kv_f32, .tp = &c->pipe.tp, .ep = &c->pipe.ep_group,
+                               .kv_f32 = c->o.kv_f32, .kv_q8 = c->o.kv_q8, .tp = &c->pipe.tp, .ep = &c->pipe.ep_group,
                                .attn_dev = c->o.kv_device,
                                .kv_ram = attn_dev_pages(c->o.kv_device) && c->o.coordinator_shard
                                              ? model_kv_ram_share(c->model, c->o.mem_budget)

@@ -271,7 +271,9 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     const size_t B = (size_t)o.n_batch, E = (size_t)hp->n_embd, hd = (size_t)hp->head_dim;
     const size_t Qd = (size_t)hp->n_head * hd, F = (size_t)hp->n_ff, NV = (size_t)hp->n_vocab;
     const size_t KVl = (size_t)c->KVl * hd, Ql = (size_t)c->Hl * hd;
-    const size_t kv_bytes = (size_t)(sl->l1 - sl->l0) * (size_t)c->n_ctx * KVl * (o.kv_f32 ? 4 : 2); // its blocks only
+    const qtype_t kv_type = o.kv_q8 ? QT_Q8_0 : o.kv_f32 ? QT_F32 : QT_F16;
+    const size_t kv_row = kv_type == QT_Q8_0 ? qtype_row_size(QT_Q8_0, (int64_t)KVl) : KVl * (o.kv_f32 ? 4 : 2);
+    const size_t kv_bytes = (size_t)(sl->l1 - sl->l0) * (size_t)c->n_ctx * kv_row; // its blocks only
     size_t maxin = E > Qd ? E : Qd;
     if (F > maxin) maxin = F;
     c->xq_cap = B * (maxin * 4 + 64); // generous: F32 rows are the widest activation type
@@ -287,7 +289,7 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
             .h1 = sl->h1,
             .kv0 = sl->kv0,
             .kv1 = sl->kv1,
-            .kv_type = o.kv_f32 ? QT_F32 : QT_F16,
+            .kv_type = kv_type,
             .n_seq_max = 1,
             .pool = c->pool,
             .ram_bytes = o.kv_ram,

@@ -115,6 +115,9 @@ typedef struct {
     int n_batch;           // tokens per forward chunk (0 = 64)
     int n_threads;         // 0 = number of online CPUs
     bool kv_f32;           // F32 KV cache instead of the default F16 (what llama.cpp uses)
+    bool kv_q8;            // Q8_0 KV cache (blocks of 32 with an F16 scale, dequantized in the attention; not
+                           // with kv_f32): 0.53x the F16 cache's bytes; CHANGES OUTPUTS (tests/test_kv.c bounds
+                           // the logits' difference); head_dim a multiple of 32; host and file devices
     const model_tp_t *tp;  // tensor-parallel group (NULL = this model computes everything alone)
     const char *attn_dev;  // attention/KV device by name (offload/attn.h; NULL = "host")
     uint64_t kv_ram;       // the KV's share of this node's RAM, for a device that pages past it ("file";

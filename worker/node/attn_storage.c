@@ -289,6 +289,8 @@ int attn_storage_new(attn_dev_t **out, const attn_params_t *p, const char *arg, 
     if (!arg || (strncmp(arg, "tcp://", 6) != 0 && strncmp(arg, "ipc://", 6) != 0))
         return mlm_fail(err, errlen, MLM_EINVAL, "storage device: give the kvstore's endpoint (storage:tcp://HOST:PORT "
                         "or storage:ipc:///PATH), not '%s'", arg ? arg : "");
+    if (p->kv_type == QT_Q8_0) // the link carries halves or floats
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "storage device: an F16 or F32 KV cache, not Q8_0");
     stor_t *s = calloc(1, sizeof *s);
     if (!s) return MLM_ENOMEM;
     s->p = *p;

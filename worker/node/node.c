@@ -206,7 +206,8 @@ static int probe_kv_device(node_t *n, char *err, size_t errlen) {
     if (sl->h1 <= sl->h0 || !kv_device(n)) return 0; // no attention here, or the host device
     const attn_params_t ap = {.n_layer = sl->l1 - sl->l0, .head_dim = hp->head_dim, .n_head = hp->n_head,
                               .n_head_kv = hp->n_head_kv, .h0 = sl->h0, .h1 = sl->h1, .kv0 = sl->kv0, .kv1 = sl->kv1,
-                              .kv_type = n->plan.kv_type == QT_F32 ? QT_F32 : QT_F16, .n_seq_max = 1};
+                              .kv_type = n->plan.kv_type == QT_F32 || n->plan.kv_type == QT_Q8_0 ? (qtype_t)n->plan.kv_type : QT_F16,
+                              .n_seq_max = 1};
     attn_dev_t *d = NULL;
     char e2[400];
     int rc = attn_dev_new(&d, kv_device(n), &ap, e2, sizeof e2);
@@ -524,7 +525,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             if (n->plan.tp_mode == MSG_TP_EXPERT) rc = plan_experts(n, hp, err, sizeof err);
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
                                              .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,
-                                             .kv_f32 = n->plan.kv_type == QT_F32, .ep = &n->pipe.ep_group,
+                                             .kv_f32 = n->plan.kv_type == QT_F32, .kv_q8 = n->plan.kv_type == QT_Q8_0, .ep = &n->pipe.ep_group,
                                              .attn_dev = kv_device(n),
                                              .kv_ram = attn_dev_pages(kv_device(n))
                                                            ? model_kv_ram_share(n->model, n->o->mem_budget)

@@ -312,6 +312,10 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
         }
         if (measured) nd->speed = nd->gflops;
     }
+    // --kv-device reaches every worker in the PLAN: the planner counts each node's KV where it lives
+    // (a worker's own --kv-device is not in its HELLO, and its capacity is not checked here)
+    const int kv = c->o.kv_device ? plan_kv_dev_kind(c->o.kv_device) : 0;
+    for (int j = 0; kv > 0 && j < c->n_cand + off; j++) nodes[j].kv_dev = kv;
     if (off) {
         snprintf(nodes[0].name, sizeof nodes[0].name, "coordinator");
         if (!nodes[0].mem_budget) nodes[0].mem_budget = c->o.mem_budget;

@@ -34,31 +34,37 @@ static float f16_at(const uint8_t *p) {
     return mlm_f16_to_f32(h);
 }
 
-// Copies a plain Q4_0 / Q8_0 matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
-static void repack_rows(mm_weight_t *w, int64_t nb) {
-    const size_t gb = mmp_group_bytes(w->pack, nb);
-    const int64_t ng = (w->rows + MMP_ROWS - 1) / MMP_ROWS;
-    uint8_t *dst = w->packed; // (ng, gb)
-    for (int64_t g = 0; g < ng; g++) {
-        uint8_t *grp = dst + (size_t)g * gb;
-        for (int i = 0; i < MMP_ROWS && g * MMP_ROWS + i < w->rows; i++) {
-            const uint8_t *row = w->data + (size_t)(g * MMP_ROWS + i) * w->row_bytes;
-            for (int64_t b = 0; b < nb; b++) {
-                uint8_t *q = (uint8_t *)mmp_block_quants(w->pack, grp, b);
-                uint8_t *sc = (uint8_t *)mmp_block_scales(w->pack, grp, b); // (16) f16
-                if (w->pack == MMP_Q4_0X16) {
-                    const block_q4_0 *blk = (const block_q4_0 *)row + b;
-                    memcpy(sc + (size_t)i * 2, &blk->d, 2);
-                    for (int j = 0; j < 4; j++) memcpy(q + (size_t)(j * MMP_ROWS + i) * 4, blk->qs + 4 * j, 4);
-                } else {
-                    const block_q8_0 *blk = (const block_q8_0 *)row + b;
-                    memcpy(sc + (size_t)i * 2, &blk->d, 2);
-                    for (int j = 0; j < 8; j++)
-                        for (int c = 0; c < 4; c++)
-                            q[(size_t)(j * MMP_ROWS + i) * 4 + c] = (uint8_t)((uint8_t)blk->qs[4 * j + c] ^ 0x80u);
-                }
+// Packs group g of w (x86_mm.h) from row[i], the file encoding of row g * 16 + i (NULL past w->rows:
+// those rows stay zero).
+static void pack_group(mm_weight_t *w, int64_t nb, int64_t g, const uint8_t *const *row) {
+    uint8_t *grp = (uint8_t *)w->packed + (size_t)g * mmp_group_bytes(w->pack, nb);
+    for (int i = 0; i < MMP_ROWS && row[i]; i++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *q = (uint8_t *)mmp_block_quants(w->pack, grp, b);
+            uint8_t *sc = (uint8_t *)mmp_block_scales(w->pack, grp, b); // (16) f16
+            if (w->pack == MMP_Q4_0X16) {
+                const block_q4_0 *blk = (const block_q4_0 *)row[i] + b;
+                memcpy(sc + (size_t)i * 2, &blk->d, 2);
+                for (int j = 0; j < 4; j++) memcpy(q + (size_t)(j * MMP_ROWS + i) * 4, blk->qs + 4 * j, 4);
+            } else {
+                const block_q8_0 *blk = (const block_q8_0 *)row[i] + b;
+                memcpy(sc + (size_t)i * 2, &blk->d, 2);
+                for (int j = 0; j < 8; j++)
+                    for (int c = 0; c < 4; c++)
+                        q[(size_t)(j * MMP_ROWS + i) * 4 + c] = (uint8_t)((uint8_t)blk->qs[4 * j + c] ^ 0x80u);
             }
         }
+    }
+}
+
+// Copies a plain Q4_0 / Q8_0 matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
+static void repack_rows(mm_weight_t *w, int64_t nb) {
+    const int64_t ng = (w->rows + MMP_ROWS - 1) / MMP_ROWS;
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *row[MMP_ROWS] = {NULL};
+        for (int i = 0; i < MMP_ROWS && g * MMP_ROWS + i < w->rows; i++)
+            row[i] = w->data + (size_t)(g * MMP_ROWS + i) * w->row_bytes;
+        pack_group(w, nb, g, row);
     }
 }
 
@@ -221,6 +227,62 @@ void mm_weight_release(mm_weight_t *w) {
     w->packed = NULL;
     w->pack = MMP_NONE;
     w->row_align = 1;
+}
+
+int mm_weight_init_from(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols, const void *data,
+                        const mm_weight_t *prev, int64_t shift, int64_t *reused) {
+    if (reused) *reused = 0;
+    const bool usable = prev && prev->pack != MMP_NONE && prev->packed && prev->type == type && prev->cols == cols &&
+                        pack_for_type(type) == prev->pack && shift < rows && shift + prev->rows > 0;
+    if (!usable) return mm_weight_init(w, k, type, rows, cols, data, true);
+    if (!w || rows <= 0 || cols <= 0 || !data) return MLM_EINVAL;
+    memset(w, 0, sizeof *w);
+    const qtype_traits_t *tr = qtype_traits(type);
+    const int64_t nb = cols / tr->blck;
+    const size_t gb = mmp_group_bytes(prev->pack, nb);
+    const int64_t ng = (rows + MMP_ROWS - 1) / MMP_ROWS, ng_prev = (prev->rows + MMP_ROWS - 1) / MMP_ROWS;
+    w->type = type;
+    w->rows = rows;
+    w->cols = cols;
+    w->row_bytes = qtype_row_size(type, cols);
+    w->data = data;
+    w->pack = prev->pack;
+    w->row_align = MMP_ROWS;
+    w->packed = alloc_packed((size_t)ng * gb);
+    uint8_t *tmp = malloc((size_t)MMP_ROWS * w->row_bytes); // (16, row_bytes) rows unpacked from prev
+    if (!w->packed || !tmp) {
+        free(tmp);
+        mm_weight_release(w);
+        return MLM_ENOMEM;
+    }
+    int64_t taken = 0;
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t valid = rows - g * MMP_ROWS < MMP_ROWS ? rows - g * MMP_ROWS : MMP_ROWS;
+        if (shift % MMP_ROWS == 0) { // group g is prev's group h, if prev holds it with as many rows
+            const int64_t h = g - shift / MMP_ROWS;
+            const int64_t pvalid = h >= 0 && h < ng_prev ? (prev->rows - h * MMP_ROWS < MMP_ROWS ? prev->rows - h * MMP_ROWS : MMP_ROWS) : 0;
+            if (pvalid == valid) {
+                memcpy((uint8_t *)w->packed + (size_t)g * gb, (const uint8_t *)prev->packed + (size_t)h * gb, gb);
+                taken += valid;
+                continue;
+            }
+        }
+        const uint8_t *row[MMP_ROWS] = {NULL}; // each row from prev when it holds it, else from data
+        for (int i = 0; i < valid; i++) {
+            const int64_t r = g * MMP_ROWS + i, pr = r - shift;
+            if (pr >= 0 && pr < prev->rows) {
+                mm_weight_get_row(prev, pr, tmp + (size_t)i * w->row_bytes);
+                row[i] = tmp + (size_t)i * w->row_bytes;
+                taken++;
+            } else {
+                row[i] = w->data + (size_t)r * w->row_bytes;
+            }
+        }
+        pack_group(w, nb, g, row);
+    }
+    free(tmp);
+    if (reused) *reused = taken;
+    return MLM_OK;
 }
 
 void mm_weight_get_row(const mm_weight_t *w, int64_t r, void *out) {

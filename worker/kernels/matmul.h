@@ -26,6 +26,16 @@ typedef struct mm_weight {
 int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols,
                    const void *data, bool repack);
 
+// mm_weight_init with repack, taking the rows this matrix shares with prev from prev's repacked copy
+// instead of data: row r of this matrix is row r - shift of prev (shift may be negative). Whole
+// 16-row groups that line up are copied; other shared rows are unpacked from prev and packed again;
+// the rest are read from data, which must describe every row all the same. The result is the same
+// bytes mm_weight_init would make (prev must hold the same rows of the same tensor). Without a
+// usable prev (NULL, not repacked, another type, cols or layout, no row in common) it is
+// mm_weight_init. *reused (may be NULL) receives the rows taken from prev. Same returns.
+int mm_weight_init_from(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols,
+                        const void *data, const mm_weight_t *prev, int64_t shift, int64_t *reused);
+
 // Frees the repacked copy, if any. Accepts a zeroed struct.
 void mm_weight_release(mm_weight_t *w);
 

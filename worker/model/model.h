@@ -34,6 +34,10 @@ typedef struct {
     void *on_route_arg;
     const uint64_t *experts;      // (4) placed experts (model_ep_t): bit e set = this node computes expert e of
                                   // its blocks; only those are prepared (mapped, "mmap"), NULL = every expert
+    struct model *reuse;          // optional: an earlier share of the same model (the same tensor bytes, e.g.
+                                  // the last plan's) whose repacked rows this load takes instead of reading
+                                  // and repacking them again (weights_params_t.reuse). Borrowed for the call;
+                                  // it may compute more slowly afterwards: destroy it once this load is done
 } model_load_opts_t;
 
 typedef struct model model_t;

@@ -264,6 +264,36 @@ static int bind_experts(mmap_t *m, layer_weights_t *units, size_t field, const c
     return rc;
 }
 
+// Starts reading, in large requests, the rows of every matrix the slice holds that the earlier share
+// (p.reuse) does not give: binding then faults them in one page at a time from the page cache, not
+// from the disk (a recovery's survivor reads its new rows at the disk's speed, and the reads overlap
+// the repacking). A hint: nothing fails. Matrices cut by columns are left to the faults.
+static void read_ahead(mmap_t *m) {
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    for (int64_t i = 0; i < gguf_n_tensors(m->p.g); i++) {
+        const gguf_tensor_t *t = gguf_tensor(m->p.g, i);
+        if (!t || t->n_dims != 2 || !shard_holds_tensor(&m->slice, t->name, m->hp.n_layer, m->hp.tied_output)) continue;
+        if (!m->hp.tied_output && strcmp(t->name, "token_embd.weight") == 0) continue; // looked up, not multiplied
+        int64_t r0, r1, c0, c1; // the tensor rows held; a shard file's row k is tensor row r0 + k
+        shard_tensor_rows(&m->slice, t->name, t->ne[1], m->hp.head_dim, &r0, &r1);
+        shard_tensor_cols(&m->slice, t->name, t->ne[0], m->hp.head_dim, &c0, &c1);
+        const int64_t base = m->p.shard_file ? r0 : 0;
+        if (r1 <= r0 || r1 - base > t->ne[1] || c0 != 0 || c1 != t->ne[0]) continue;
+        int64_t pr0 = 0, pr1 = 0, pc0 = 0, pc1 = 0; // tensor rows [pr0, pr1) the earlier share gives
+        const mm_weight_t *prev = weights_matrix(m->p.reuse, t->name, 0, &pr0, &pc0, &pc1);
+        if (prev && prev->packed && prev->type == t->type && pc0 == 0 && pc1 == t->ne[0]) pr1 = pr0 + prev->rows;
+        else pr0 = pr1 = r0;
+        const int64_t run[2][2] = {{r0, pr0 < r1 ? (pr0 > r0 ? pr0 : r0) : r1}, {pr1 > r0 ? (pr1 < r1 ? pr1 : r1) : r0, r1}};
+        const size_t rb = qtype_row_size(t->type, t->ne[0]);
+        for (int k = 0; k < 2; k++) {
+            if (run[k][1] <= run[k][0]) continue;
+            const uintptr_t a = ((uintptr_t)t->data + (size_t)(run[k][0] - base) * rb) / pg * pg;
+            const uintptr_t b = (uintptr_t)t->data + (size_t)(run[k][1] - base) * rb;
+            (void)madvise((void *)a, b - a, MADV_WILLNEED);
+        }
+    }
+}
+
 static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
     const model_hparams_t *hp = &m->hp;
     const shard_slice_t *sl = &m->slice;
@@ -412,6 +442,7 @@ int weights_mmap_new(weights_t **out, const weights_params_t *p, const char *arg
     const size_t nl = (size_t)m->hp.n_layer, ne = (size_t)m->hp.n_expert;
     m->blocks = calloc(nl ? nl : 1, sizeof *m->blocks);
     m->experts = ne ? calloc(nl * ne, sizeof *m->experts) : NULL;
+    if (p->repack && m->p.reuse) read_ahead(m);
     int rc = (!m->blocks || (ne && !m->experts)) ? MLM_ENOMEM : bind_all(m, p->repack, err, errlen);
     m->p.reuse = NULL; // borrowed for the binding only
     if (rc != 0) {

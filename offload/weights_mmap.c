@@ -107,8 +107,9 @@ static int note_bound(mmap_t *m, mm_weight_t *w, const char *name, int plane, in
 
 // Binds rows [r0, r0 + rows) of a tensor (cols columns [c0, c1) of it) from data into w, taking what
 // the earlier share p.reuse holds of them: the whole repacked copy when it holds the very same rows
-// (moved: it keeps the plain rows), else the rows in common (mm_weight_init_from). Without reuse, or
-// for a matrix that is not repacked, mm_weight_init.
+// (moved: it keeps the plain rows), else the rows in common (mm_weight_init_take: its copy is taken
+// over and reshaped in place, or where it cannot be, copied from). Without reuse, or for a matrix
+// that is not repacked, mm_weight_init.
 static int init_matrix(mmap_t *m, mm_weight_t *w, const gguf_tensor_t *t, int plane, int64_t r0, int64_t rows,
                        int64_t cols, int64_t c0, int64_t c1, const void *data, bool repack) {
     int64_t pr0 = 0, pc0 = 0, pc1 = 0;
@@ -119,13 +120,14 @@ static int init_matrix(mmap_t *m, mm_weight_t *w, const gguf_tensor_t *t, int pl
         *w = *prev;
         w->data = data;
         prev->packed = NULL; // prev computes from its plain rows from now on
+        prev->packed_map = 0;
         prev->pack = 0;
         prev->row_align = 1;
         m->reused += (uint64_t)rows * w->row_bytes;
         return 0;
     }
     int64_t taken = 0;
-    int rc = mm_weight_init_from(w, m->kern, t->type, rows, cols, data, prev, pr0 - r0, &taken);
+    int rc = mm_weight_init_take(w, m->kern, t->type, rows, cols, data, prev, pr0 - r0, &taken);
     if (rc == 0) m->reused += (uint64_t)taken * w->row_bytes;
     return rc;
 }

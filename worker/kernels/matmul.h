@@ -17,6 +17,7 @@ typedef struct mm_weight {
     size_t row_bytes;      // bytes of one row in data
     const uint8_t *data;   // (rows, row_bytes), borrowed (usually the GGUF mapping)
     void *packed;          // kernel-specific repacked copy, owned; NULL when not repacked
+    size_t packed_map;     // bytes mapped for packed (a large copy is its own mapping), 0 = heap memory
     int pack;              // 0 = plain rows; otherwise the layout id of packed
     int64_t row_align;     // split rows between threads at multiples of this (>= 1)
 } mm_weight_t;
@@ -35,6 +36,14 @@ int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t row
 // mm_weight_init. *reused (may be NULL) receives the rows taken from prev. Same returns.
 int mm_weight_init_from(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols,
                         const void *data, const mm_weight_t *prev, int64_t shift, int64_t *reused);
+
+// mm_weight_init_from that takes prev's repacked copy over instead of copying from it (prev then
+// computes from its plain rows, prev->data): the copy's memory grows or shrinks in place and the rows
+// in common move within it, so no memory is cleared or copied for them. The same bytes as
+// mm_weight_init_from; it is used instead when prev's copy is not its own mapping, prev has no plain
+// rows, or shift is not a multiple of 16 rows. Same returns.
+int mm_weight_init_take(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols,
+                        const void *data, mm_weight_t *prev, int64_t shift, int64_t *reused);
 
 // Frees the repacked copy, if any. Accepts a zeroed struct.
 void mm_weight_release(mm_weight_t *w);

@@ -429,7 +429,9 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
             setopt_int(socks[i], ZMQ_HEARTBEAT_TTL, hbt);
         }
     }
-    setopt_int(z->in, ZMQ_RCVHWM, z->o.hwm);
+    // with heartbeats, no receive limit: see comm_link.c (libzmq 4.3.4 aborts on a heartbeat written on
+    // a connection whose input stopped at the limit once its peer goes)
+    setopt_int(z->in, ZMQ_RCVHWM, hb > 0 ? 0 : z->o.hwm);
     setopt_int(z->in, ZMQ_ROUTER_HANDOVER, 1); // a peer that reconnects replaces its old connection
     setopt_int(z->out, ZMQ_SNDHWM, z->o.hwm);
     setopt_int(z->out, ZMQ_ROUTER_MANDATORY, 1); // unroutable (peer gone) is an error, not a silent drop

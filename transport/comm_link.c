@@ -55,11 +55,6 @@ static void common_opts(lk_ctx_t *k, void *sock) {
         setopt_int(sock, ZMQ_HEARTBEAT_IVL, k->o.heartbeat_ivl_ms);
         setopt_int(sock, ZMQ_HEARTBEAT_TIMEOUT, k->o.heartbeat_timeout_ms);
         setopt_int(sock, ZMQ_HEARTBEAT_TTL, k->o.heartbeat_timeout_ms);
-        // No receive limit with heartbeats: libzmq 4.3.4 aborts (`!_io_error`, stream_engine_base.cpp:331)
-        // when a connection whose input stopped at the limit (this end busy, not reading) sees its peer
-        // go, and the heartbeat timer then writes on it (out_event is not guarded there). Without a
-        // limit the input never stops; what arrives waits in memory instead of in the peer's queue.
-        setopt_int(sock, ZMQ_RCVHWM, 0);
     }
 }
 

@@ -420,17 +420,14 @@ bool comm_zmq_peer_lost(const comm_t *c, int peer) {
 static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t errlen) {
     char bind[ZQ_EP_MAX], conn[ZQ_EP_MAX];
     const int hb = z->o.heartbeat_ivl_ms, hbt = z->o.heartbeat_timeout_ms;
-    setopt_int(z->in, ZMQ_LINGER, z->o.linger_ms);
-    setopt_int(z->out, ZMQ_LINGER, z->o.linger_ms);
-    // Heartbeats on the outbound connections only: they find a lost peer (a send to it then fails),
-    // and their engines never stop their input (nothing but heartbeats comes back on them). An
-    // inbound connection's input stops when its pipe is full or gone (our socket closing while the
-    // peer still sends: acknowledgements, retransmissions), and libzmq 4.3.4 then aborts
-    // (`!_io_error`, stream_engine_base.cpp:331) if the peer goes and a heartbeat timer writes on it.
-    if (hb > 0) {
-        setopt_int(z->out, ZMQ_HEARTBEAT_IVL, hb);
-        setopt_int(z->out, ZMQ_HEARTBEAT_TIMEOUT, hbt);
-        setopt_int(z->out, ZMQ_HEARTBEAT_TTL, hbt);
+    void *socks[2] = {z->in, z->out};
+    for (int i = 0; i < 2; i++) {
+        setopt_int(socks[i], ZMQ_LINGER, z->o.linger_ms);
+        if (hb > 0) {
+            setopt_int(socks[i], ZMQ_HEARTBEAT_IVL, hb);
+            setopt_int(socks[i], ZMQ_HEARTBEAT_TIMEOUT, hbt);
+            setopt_int(socks[i], ZMQ_HEARTBEAT_TTL, hbt);
+        }
     }
     setopt_int(z->in, ZMQ_RCVHWM, z->o.hwm);
     setopt_int(z->in, ZMQ_ROUTER_HANDOVER, 1); // a peer that reconnects replaces its old connection

@@ -191,6 +191,11 @@ void weights_observe(weights_t *w, int layer, const float *x, int n) {
     w->iface->observe(w->ctx, layer, x, n);
 }
 
+mm_weight_t *weights_matrix(weights_t *w, const char *name, int plane, int64_t *r0, int64_t *c0, int64_t *c1) {
+    if (!w || !name || !r0 || !c0 || !c1 || !w->iface->matrix) return NULL;
+    return w->iface->matrix(w->ctx, name, plane, r0, c0, c1);
+}
+
 void weights_stats(const weights_t *w, weights_stats_t *out) {
     memset(out, 0, sizeof *out);
     if (!w) return;

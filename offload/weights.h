@@ -89,6 +89,8 @@ typedef struct {
     uint64_t expert_misses;    // expert_hits / (expert_hits + expert_misses): dense parts always hit)
     uint64_t prefetch_reads;   // units read on a speculative guess ("experts": the next block's router
                                // applied to the current hidden state); prefetch_used of them were used
+    uint64_t bytes_reused;     // weight bytes taken at creation from the provider given as
+                               // weights_params_t.reuse instead of being read and repacked ("mmap")
 } weights_stats_t;
 
 // What a provider is made from.
@@ -110,6 +112,11 @@ typedef struct {
     const uint64_t *experts;      // (4) placed experts: bit e set = this node computes expert e, and only those
                                   // are prepared ("mmap"; acquiring another is MLM_ENOTFOUND; "window"
                                   // refuses a mask); NULL = every expert (copied)
+    struct weights *reuse;        // optional: the provider of an earlier share of the same model (the same
+                                  // tensor bytes); "mmap" takes the repacked rows this share has in common
+                                  // with it instead of reading and repacking them (a matrix with the very
+                                  // same rows is moved: reuse then computes it from the file's rows, slower
+                                  // but still right). Borrowed for weights_new; free it after. NULL = none
 } weights_params_t;
 
 typedef struct weights weights_t;
@@ -173,6 +180,13 @@ void weights_prefetch(weights_t *w, int layer, const int *experts, int n);
 // guesses the next block's experts from it (copied before return; never blocks on I/O, never fails;
 // ignored by providers that do not guess, and for ids acquire refuses).
 void weights_observe(weights_t *w, int layer, const float *x, int n);
+
+// The bound matrix of tensor `name` (plane `plane` of a 3-D expert tensor, else 0), for building a
+// later share from this one (weights_params_t.reuse): NULL when the provider holds none of it or
+// keeps no bound matrices (only "mmap" does). *r0 receives the tensor row its row 0 is, *c0 and *c1
+// the columns it holds. Borrowed until weights_free; a caller may take its repacked copy (move it
+// out and leave the plain rows), nothing else.
+mm_weight_t *weights_matrix(weights_t *w, const char *name, int plane, int64_t *r0, int64_t *c0, int64_t *c1);
 
 // Counters (see weights_stats_t).
 void weights_stats(const weights_t *w, weights_stats_t *out);

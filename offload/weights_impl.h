@@ -24,6 +24,8 @@ struct weights_i {
     // Optional (NULL: ignored). The residual stream entering block layer's FFN (weights_observe);
     // must copy what it keeps and not block on I/O.
     void (*observe)(void *ctx, int layer, const float *x, int n);
+    // Optional (NULL: none). The bound matrix of a tensor (weights_matrix).
+    mm_weight_t *(*matrix)(void *ctx, const char *name, int plane, int64_t *r0, int64_t *c0, int64_t *c1);
 };
 
 // Which unit ids a provider holds, for the wrapper's checks.

@@ -37,7 +37,19 @@ typedef struct {
     uint64_t bytes;            // weight bytes the units expose (mapped rows or repacked copies)
     bool masked;               // placed experts: only the experts in mask are bound
     uint64_t mask[4];          // bit e = expert e is bound (when masked)
+    struct bound *bound;       // (n_bound) every matrix bound, for a later share (weights_matrix)
+    int n_bound, cap_bound;
+    uint64_t reused;           // bytes taken from p.reuse at creation
 } mmap_t;
+
+// A matrix bound from the file: which tensor, plane and rows of it.
+struct bound {
+    char name[96];             // the tensor's name
+    int plane;                 // plane of a 3-D expert tensor (0 for a matrix)
+    int64_t r0;                // tensor row of the matrix's row 0
+    int64_t c0, c1;            // tensor columns it holds
+    mm_weight_t *w;            // the unit's field (in blocks, experts or out)
+};
 
 static bool holds_expert(const mmap_t *m, int e) { return !m->masked || (m->mask[e >> 6] >> (e & 63) & 1u); }
 
@@ -74,16 +86,67 @@ static const float *vec_f32(mmap_t *m, const gguf_tensor_t *t, int *rc) {
     return buf;
 }
 
+// Notes a bound matrix for weights_matrix. 0 or MLM_ENOMEM.
+static int note_bound(mmap_t *m, mm_weight_t *w, const char *name, int plane, int64_t r0, int64_t c0, int64_t c1) {
+    if (m->n_bound == m->cap_bound) {
+        const int cap = m->cap_bound ? 2 * m->cap_bound : 64;
+        struct bound *b = realloc(m->bound, (size_t)cap * sizeof *b);
+        if (!b) return MLM_ENOMEM;
+        m->bound = b;
+        m->cap_bound = cap;
+    }
+    struct bound *b = &m->bound[m->n_bound++];
+    snprintf(b->name, sizeof b->name, "%s", name);
+    b->plane = plane;
+    b->r0 = r0;
+    b->c0 = c0;
+    b->c1 = c1;
+    b->w = w;
+    return 0;
+}
+
+// Binds rows [r0, r0 + rows) of a tensor (cols columns [c0, c1) of it) from data into w, taking what
+// the earlier share p.reuse holds of them: the whole repacked copy when it holds the very same rows
+// (moved: it keeps the plain rows), else the rows in common (mm_weight_init_take: its copy is taken
+// over and reshaped in place, or where it cannot be, copied from). Without reuse, or for a matrix
+// that is not repacked, mm_weight_init.
+static int init_matrix(mmap_t *m, mm_weight_t *w, const gguf_tensor_t *t, int plane, int64_t r0, int64_t rows,
+                       int64_t cols, int64_t c0, int64_t c1, const void *data, bool repack) {
+    int64_t pr0 = 0, pc0 = 0, pc1 = 0;
+    mm_weight_t *prev = repack && m->p.reuse ? weights_matrix(m->p.reuse, t->name, plane, &pr0, &pc0, &pc1) : NULL;
+    if (!prev || !prev->packed || pc0 != c0 || pc1 != c1 || prev->type != t->type || prev->cols != cols)
+        return mm_weight_init(w, m->kern, t->type, rows, cols, data, repack);
+    if (pr0 == r0 && prev->rows == rows && prev->data) { // the very same rows: move the repacked copy
+        *w = *prev;
+        w->data = data;
+        prev->packed = NULL; // prev computes from its plain rows from now on
+        prev->packed_map = 0;
+        prev->pack = 0;
+        prev->row_align = 1;
+        m->reused += (uint64_t)rows * w->row_bytes;
+        return 0;
+    }
+    int64_t taken = 0;
+    int rc = mm_weight_init_take(w, m->kern, t->type, rows, cols, data, prev, pr0 - r0, &taken);
+    if (rc == 0) m->reused += (uint64_t)taken * w->row_bytes;
+    return rc;
+}
+
 // Binds the located rows of plane `plane` as a weight (zeroed when the slice holds none).
 static int bind_plane(mmap_t *m, mm_weight_t *w, const weights_loc_t *loc, int plane, bool repack, char *err,
                       size_t errlen) {
     memset(w, 0, sizeof *w);
     if (!loc->t || loc->r1 <= loc->r0) return 0; // this node holds none of it
     const gguf_tensor_t *t = loc->t;
-    int rc = mm_weight_init(w, m->kern, t->type, loc->r1 - loc->r0, t->ne[0], weights_loc_data(loc, plane), repack);
+    int rc = init_matrix(m, w, t, plane, loc->r0, loc->r1 - loc->r0, t->ne[0], 0, t->ne[0], weights_loc_data(loc, plane),
+                         repack);
     if (rc != 0)
         return mlm_fail(err, errlen, rc, "tensor %s: type %s cannot be used for a matrix product", t->name,
                         qtype_name(t->type));
+    if ((rc = note_bound(m, w, t->name, plane, loc->r0, 0, t->ne[0])) != 0) {
+        mm_weight_release(w);
+        return rc;
+    }
     m->bytes += (size_t)(loc->r1 - loc->r0) * w->row_bytes;
     if (w->packed) { // the kernels read the packed copy only: the mapped rows' own pages can go
         const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), src = (uintptr_t)w->data;
@@ -145,7 +208,8 @@ static int bind_plane_cols(mmap_t *m, mm_weight_t *w, const cols_loc_t *loc, int
         if (!(copy = malloc((size_t)rows * cb))) return MLM_ENOMEM;
         for (int64_t r = 0; r < rows; r++) memcpy(copy + (size_t)r * cb, base + (size_t)r * rb + skip, cb);
     }
-    int rc = mm_weight_init(w, m->kern, t->type, rows, nc, copy ? copy : base, repack);
+    int rc = init_matrix(m, w, t, plane, 0, rows, nc, loc->c0, loc->c1, copy ? copy : base, repack);
+    if (rc == 0 && (rc = note_bound(m, w, t->name, plane, 0, loc->c0, loc->c1)) != 0) mm_weight_release(w);
     if (rc != 0) {
         free(copy);
         memset(w, 0, sizeof *w);
@@ -200,6 +264,36 @@ static int bind_experts(mmap_t *m, layer_weights_t *units, size_t field, const c
         if (holds_expert(m, e))
             rc = bind_plane(m, (mm_weight_t *)((uint8_t *)&units[e] + field), &loc, e, repack, err, errlen);
     return rc;
+}
+
+// Starts reading, in large requests, the rows of every matrix the slice holds that the earlier share
+// (p.reuse) does not give: binding then faults them in one page at a time from the page cache, not
+// from the disk (a recovery's survivor reads its new rows at the disk's speed, and the reads overlap
+// the repacking). A hint: nothing fails. Matrices cut by columns are left to the faults.
+static void read_ahead(mmap_t *m) {
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    for (int64_t i = 0; i < gguf_n_tensors(m->p.g); i++) {
+        const gguf_tensor_t *t = gguf_tensor(m->p.g, i);
+        if (!t || t->n_dims != 2 || !shard_holds_tensor(&m->slice, t->name, m->hp.n_layer, m->hp.tied_output)) continue;
+        if (!m->hp.tied_output && strcmp(t->name, "token_embd.weight") == 0) continue; // looked up, not multiplied
+        int64_t r0, r1, c0, c1; // the tensor rows held; a shard file's row k is tensor row r0 + k
+        shard_tensor_rows(&m->slice, t->name, t->ne[1], m->hp.head_dim, &r0, &r1);
+        shard_tensor_cols(&m->slice, t->name, t->ne[0], m->hp.head_dim, &c0, &c1);
+        const int64_t base = m->p.shard_file ? r0 : 0;
+        if (r1 <= r0 || r1 - base > t->ne[1] || c0 != 0 || c1 != t->ne[0]) continue;
+        int64_t pr0 = 0, pr1 = 0, pc0 = 0, pc1 = 0; // tensor rows [pr0, pr1) the earlier share gives
+        const mm_weight_t *prev = weights_matrix(m->p.reuse, t->name, 0, &pr0, &pc0, &pc1);
+        if (prev && prev->packed && prev->type == t->type && pc0 == 0 && pc1 == t->ne[0]) pr1 = pr0 + prev->rows;
+        else pr0 = pr1 = r0;
+        const int64_t run[2][2] = {{r0, pr0 < r1 ? (pr0 > r0 ? pr0 : r0) : r1}, {pr1 > r0 ? (pr1 < r1 ? pr1 : r1) : r0, r1}};
+        const size_t rb = qtype_row_size(t->type, t->ne[0]);
+        for (int k = 0; k < 2; k++) {
+            if (run[k][1] <= run[k][0]) continue;
+            const uintptr_t a = ((uintptr_t)t->data + (size_t)(run[k][0] - base) * rb) / pg * pg;
+            const uintptr_t b = (uintptr_t)t->data + (size_t)(run[k][1] - base) * rb;
+            (void)madvise((void *)a, b - a, MADV_WILLNEED);
+        }
+    }
 }
 
 static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
@@ -280,6 +374,27 @@ static void mmap_stats(void *ctx, weights_stats_t *out) {
     const mmap_t *m = ctx;
     out->bytes_held = m->bytes;
     out->bytes_peak = m->bytes;
+    out->bytes_reused = m->reused;
+}
+
+static void mmap_describe(void *ctx, char *buf, size_t cap) {
+    const mmap_t *m = ctx;
+    if (m->reused) snprintf(buf, cap, "mmap, %.1f of %.1f MB taken from the last share", (double)m->reused / 1e6,
+                            (double)m->bytes / 1e6);
+    else snprintf(buf, cap, "mmap");
+}
+
+static mm_weight_t *mmap_matrix(void *ctx, const char *name, int plane, int64_t *r0, int64_t *c0, int64_t *c1) {
+    mmap_t *m = ctx;
+    for (int i = 0; i < m->n_bound; i++) {
+        const struct bound *b = &m->bound[i];
+        if (b->plane != plane || strcmp(b->name, name) != 0) continue;
+        *r0 = b->r0;
+        *c0 = b->c0;
+        *c1 = b->c1;
+        return b->w;
+    }
+    return NULL;
 }
 
 static void release_unit(layer_weights_t *L) {
@@ -296,6 +411,7 @@ static void mmap_free(void *ctx) {
     release_unit(&m->out);
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
+    free(m->bound);
     free(m->blocks);
     free(m->experts);
     free(m);
@@ -306,7 +422,9 @@ static const struct weights_i mmap_iface = {
     .release = NULL, // nothing to give back: every unit stays bound
     .prefetch = NULL, // the page cache reads ahead
     .stats = mmap_stats,
+    .describe = mmap_describe,
     .free = mmap_free,
+    .matrix = mmap_matrix,
 };
 
 int weights_mmap_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen) {
@@ -326,7 +444,9 @@ int weights_mmap_new(weights_t **out, const weights_params_t *p, const char *arg
     const size_t nl = (size_t)m->hp.n_layer, ne = (size_t)m->hp.n_expert;
     m->blocks = calloc(nl ? nl : 1, sizeof *m->blocks);
     m->experts = ne ? calloc(nl * ne, sizeof *m->experts) : NULL;
+    if (p->repack && m->p.reuse) read_ahead(m);
     int rc = (!m->blocks || (ne && !m->experts)) ? MLM_ENOMEM : bind_all(m, p->repack, err, errlen);
+    m->p.reuse = NULL; // borrowed for the binding only
     if (rc != 0) {
         mmap_free(m);
         return rc;

@@ -736,11 +736,17 @@ int cluster_hello(cluster_t *c, char *err, size_t errlen) {
 }
 
 // Ends the current plan on this side: the coordinator's contexts, model and data plane. Every
-// sequence starts again at position 0 (the nodes drop their caches when a new plan arrives).
+// sequence starts again at position 0 (the nodes drop their caches when a new plan arrives). A
+// slice held without a memory budget is kept for the next load (c->kept).
 static void end_plan(cluster_t *c) {
     for (int i = 0; i < CLUSTER_MAX_SEQS; i++) {
         model_ctx_destroy(&c->ctx[i]);
         c->pos[i] = 0;
+    }
+    if (c->model && !c->o.mem_budget) {
+        model_destroy(&c->kept);
+        c->kept = c->model;
+        c->model = NULL;
     }
     model_destroy(&c->model);
     pipe_node_free(&c->pipe);
@@ -780,14 +786,20 @@ static int load_own_share(cluster_t *c, char *err, size_t errlen) {
     const weights_params_t wp = {.g = model_gguf(c->full), .hp = hp, .slice = lo.slice, .budget_bytes = lo.mem_budget,
                                  .n_ctx = lo.n_ctx};
     bool need = false;
+    lo.reuse = c->kept; // the rows the last plan's slice has in common with this one
     int rc = weights_need_shard_file(&wp, &need, err, errlen);
-    if (rc != 0 || !need) return model_load(&c->model, c->o.model_path, &lo, err, errlen);
+    if (rc != 0 || !need) {
+        rc = model_load(&c->model, c->o.model_path, &lo, err, errlen);
+        model_destroy(&c->kept);
+        return rc;
+    }
     char path[300];
     snprintf(path, sizeof path, "%s/meshlm-share-%ld.cols.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
              (long)getpid());
     rc = shard_file_write_cols(model_gguf(c->full), lo.slice, hp->head_dim, c->sha, path, err, errlen);
     lo.cols_path = path;
     if (rc == 0) rc = model_load(&c->model, c->o.model_path, &lo, err, errlen);
+    model_destroy(&c->kept);
     unlink(path);
     return rc;
 }
@@ -896,6 +908,7 @@ void cluster_close(cluster_t **self_p, bool exit_workers) {
         msg_send(c->ctl, c->w[i].peer, &m, 1000, err, sizeof err);
     }
     if (c->ctl_owned) comm_destroy(&c->ctl);
+    model_destroy(&c->kept);
     model_destroy(&c->full);
     free(c->w);
     free(c->plan);

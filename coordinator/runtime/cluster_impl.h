@@ -62,6 +62,8 @@ struct cluster {
     pipe_node_t pipe;           // the coordinator's place in the pipeline
     fault_spec_t *faults;       // $MESHLM_FAULTS: links to emulate (NULL = none), handed to the workers
     model_t *model;             // the coordinator's slice (empty unless it computes)
+    model_t *kept;              // its slice of the plan before, kept for the next load to take the
+                                // repacked rows the two have in common from (NULL: none)
     model_ctx_t *ctx[CLUSTER_MAX_SEQS]; // its context per sequence, only when it computes
     bool computes;              // the coordinator holds a share
     int pos[CLUSTER_MAX_SEQS];  // tokens in the cluster's caches, per sequence

@@ -34,31 +34,37 @@ static float f16_at(const uint8_t *p) {
     return mlm_f16_to_f32(h);
 }
 
-// Copies a plain Q4_0 / Q8_0 matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
-static void repack_rows(mm_weight_t *w, int64_t nb) {
-    const size_t gb = mmp_group_bytes(w->pack, nb);
-    const int64_t ng = (w->rows + MMP_ROWS - 1) / MMP_ROWS;
-    uint8_t *dst = w->packed; // (ng, gb)
-    for (int64_t g = 0; g < ng; g++) {
-        uint8_t *grp = dst + (size_t)g * gb;
-        for (int i = 0; i < MMP_ROWS && g * MMP_ROWS + i < w->rows; i++) {
-            const uint8_t *row = w->data + (size_t)(g * MMP_ROWS + i) * w->row_bytes;
-            for (int64_t b = 0; b < nb; b++) {
-                uint8_t *q = (uint8_t *)mmp_block_quants(w->pack, grp, b);
-                uint8_t *sc = (uint8_t *)mmp_block_scales(w->pack, grp, b); // (16) f16
-                if (w->pack == MMP_Q4_0X16) {
-                    const block_q4_0 *blk = (const block_q4_0 *)row + b;
-                    memcpy(sc + (size_t)i * 2, &blk->d, 2);
-                    for (int j = 0; j < 4; j++) memcpy(q + (size_t)(j * MMP_ROWS + i) * 4, blk->qs + 4 * j, 4);
-                } else {
-                    const block_q8_0 *blk = (const block_q8_0 *)row + b;
-                    memcpy(sc + (size_t)i * 2, &blk->d, 2);
-                    for (int j = 0; j < 8; j++)
-                        for (int c = 0; c < 4; c++)
-                            q[(size_t)(j * MMP_ROWS + i) * 4 + c] = (uint8_t)((uint8_t)blk->qs[4 * j + c] ^ 0x80u);
-                }
+// Packs group g of w (x86_mm.h) from row[i], the file encoding of row g * 16 + i (NULL past w->rows:
+// those rows stay zero).
+static void pack_group(mm_weight_t *w, int64_t nb, int64_t g, const uint8_t *const *row) {
+    uint8_t *grp = (uint8_t *)w->packed + (size_t)g * mmp_group_bytes(w->pack, nb);
+    for (int i = 0; i < MMP_ROWS && row[i]; i++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *q = (uint8_t *)mmp_block_quants(w->pack, grp, b);
+            uint8_t *sc = (uint8_t *)mmp_block_scales(w->pack, grp, b); // (16) f16
+            if (w->pack == MMP_Q4_0X16) {
+                const block_q4_0 *blk = (const block_q4_0 *)row[i] + b;
+                memcpy(sc + (size_t)i * 2, &blk->d, 2);
+                for (int j = 0; j < 4; j++) memcpy(q + (size_t)(j * MMP_ROWS + i) * 4, blk->qs + 4 * j, 4);
+            } else {
+                const block_q8_0 *blk = (const block_q8_0 *)row[i] + b;
+                memcpy(sc + (size_t)i * 2, &blk->d, 2);
+                for (int j = 0; j < 8; j++)
+                    for (int c = 0; c < 4; c++)
+                        q[(size_t)(j * MMP_ROWS + i) * 4 + c] = (uint8_t)((uint8_t)blk->qs[4 * j + c] ^ 0x80u);
             }
         }
+    }
+}
+
+// Copies a plain Q4_0 / Q8_0 matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
+static void repack_rows(mm_weight_t *w, int64_t nb) {
+    const int64_t ng = (w->rows + MMP_ROWS - 1) / MMP_ROWS;
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *row[MMP_ROWS] = {NULL};
+        for (int i = 0; i < MMP_ROWS && g * MMP_ROWS + i < w->rows; i++)
+            row[i] = w->data + (size_t)(g * MMP_ROWS + i) * w->row_bytes;
+        pack_group(w, nb, g, row);
     }
 }
 
@@ -140,24 +146,36 @@ static float float_dot_exact(qtype_t t, const uint8_t *w, const uint8_t *x, int6
     return (float)sd;
 }
 
-// Zeroed, 64-byte aligned memory for a packed matrix (bytes a multiple of 64). Large matrices get
-// 2 MB alignment and a transparent-huge-page hint: decode streams them, and 4 KB pages would cost a
-// TLB miss and a hardware-prefetcher restart every 4 KB. Caller frees with free().
-static void *alloc_packed(size_t bytes) {
+// Zeroed, 64-byte aligned memory for a packed matrix (bytes a multiple of 64). Large matrices are
+// mapped at 2 MB alignment with a transparent-huge-page hint: decode streams them, and 4 KB pages
+// would cost a TLB miss and a hardware-prefetcher restart every 4 KB; a mapping can also grow or
+// shrink in place (mremap) when a later share takes it over (mm_weight_init_take). *mapped receives
+// the bytes mapped (free with munmap), or 0 for heap memory (free with free()).
+static void *alloc_packed(size_t bytes, size_t *mapped) {
     const size_t huge = (size_t)2 << 20;
-    void *p = NULL;
+    *mapped = 0;
     if (bytes >= huge) {
         const size_t rounded = (bytes + huge - 1) & ~(huge - 1);
-        if (posix_memalign(&p, huge, rounded) != 0) return NULL;
+        uint8_t *p = mmap(NULL, rounded + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return NULL;
+        uint8_t *a = (uint8_t *)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
+        if (a > p) munmap(p, (size_t)(a - p));
+        if (p + rounded + huge > a + rounded) munmap(a + rounded, (size_t)(p + rounded + huge - (a + rounded)));
 #ifdef MADV_HUGEPAGE
-        (void)madvise(p, rounded, MADV_HUGEPAGE); // a hint: failure only costs speed
+        (void)madvise(a, rounded, MADV_HUGEPAGE); // a hint: failure only costs speed
 #endif
-    } else {
-        p = aligned_alloc(64, bytes);
-        if (!p) return NULL;
+        *mapped = rounded;
+        return a; // anonymous pages are zero
     }
+    void *p = aligned_alloc(64, bytes);
+    if (!p) return NULL;
     memset(p, 0, bytes);
     return p;
+}
+
+static void free_packed(void *p, size_t mapped) {
+    if (p && mapped) munmap(p, mapped);
+    else free(p);
 }
 
 static bool isa_is(const kernels_t *k, const char *name) { return k && k->isa && strcmp(k->isa, name) == 0; }
@@ -206,7 +224,7 @@ int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t row
     if (pack != MMP_NONE) {
         const int64_t nb = cols / tr->blck;
         const size_t bytes = (size_t)((rows + MMP_ROWS - 1) / MMP_ROWS) * mmp_group_bytes(pack, nb);
-        w->packed = alloc_packed(bytes);
+        w->packed = alloc_packed(bytes, &w->packed_map);
         if (!w->packed) return MLM_ENOMEM;
         w->pack = pack;
         w->row_align = MMP_ROWS;
@@ -217,10 +235,159 @@ int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t row
 
 void mm_weight_release(mm_weight_t *w) {
     if (!w) return;
-    free(w->packed);
+    free_packed(w->packed, w->packed_map);
     w->packed = NULL;
+    w->packed_map = 0;
     w->pack = MMP_NONE;
     w->row_align = 1;
+}
+
+int mm_weight_init_from(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols, const void *data,
+                        const mm_weight_t *prev, int64_t shift, int64_t *reused) {
+    if (reused) *reused = 0;
+    const bool usable = prev && prev->pack != MMP_NONE && prev->packed && prev->type == type && prev->cols == cols &&
+                        pack_for_type(type) == prev->pack && shift < rows && shift + prev->rows > 0;
+    if (!usable) return mm_weight_init(w, k, type, rows, cols, data, true);
+    if (!w || rows <= 0 || cols <= 0 || !data) return MLM_EINVAL;
+    memset(w, 0, sizeof *w);
+    const qtype_traits_t *tr = qtype_traits(type);
+    const int64_t nb = cols / tr->blck;
+    const size_t gb = mmp_group_bytes(prev->pack, nb);
+    const int64_t ng = (rows + MMP_ROWS - 1) / MMP_ROWS, ng_prev = (prev->rows + MMP_ROWS - 1) / MMP_ROWS;
+    w->type = type;
+    w->rows = rows;
+    w->cols = cols;
+    w->row_bytes = qtype_row_size(type, cols);
+    w->data = data;
+    w->pack = prev->pack;
+    w->row_align = MMP_ROWS;
+    w->packed = alloc_packed((size_t)ng * gb, &w->packed_map);
+    uint8_t *tmp = malloc((size_t)MMP_ROWS * w->row_bytes); // (16, row_bytes) rows unpacked from prev
+    if (!w->packed || !tmp) {
+        free(tmp);
+        mm_weight_release(w);
+        return MLM_ENOMEM;
+    }
+    int64_t taken = 0;
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t valid = rows - g * MMP_ROWS < MMP_ROWS ? rows - g * MMP_ROWS : MMP_ROWS;
+        if (shift % MMP_ROWS == 0) { // group g is prev's group h, if prev holds it with as many rows
+            const int64_t h = g - shift / MMP_ROWS;
+            const int64_t pvalid = h >= 0 && h < ng_prev ? (prev->rows - h * MMP_ROWS < MMP_ROWS ? prev->rows - h * MMP_ROWS : MMP_ROWS) : 0;
+            if (pvalid == valid) {
+                memcpy((uint8_t *)w->packed + (size_t)g * gb, (const uint8_t *)prev->packed + (size_t)h * gb, gb);
+                taken += valid;
+                continue;
+            }
+        }
+        const uint8_t *row[MMP_ROWS] = {NULL}; // each row from prev when it holds it, else from data
+        for (int i = 0; i < valid; i++) {
+            const int64_t r = g * MMP_ROWS + i, pr = r - shift;
+            if (pr >= 0 && pr < prev->rows) {
+                mm_weight_get_row(prev, pr, tmp + (size_t)i * w->row_bytes);
+                row[i] = tmp + (size_t)i * w->row_bytes;
+                taken++;
+            } else {
+                row[i] = w->data + (size_t)r * w->row_bytes;
+            }
+        }
+        pack_group(w, nb, g, row);
+    }
+    free(tmp);
+    if (reused) *reused = taken;
+    return MLM_OK;
+}
+
+int mm_weight_init_take(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols, const void *data,
+                        mm_weight_t *prev, int64_t shift, int64_t *reused) {
+    if (reused) *reused = 0;
+    const bool usable = w && rows > 0 && prev && prev->pack != MMP_NONE && prev->packed && prev->packed_map && prev->data &&
+                        prev->type == type && prev->cols == cols && pack_for_type(type) == prev->pack &&
+                        shift % MMP_ROWS == 0 && shift < rows && shift + prev->rows > 0 && data;
+    if (!usable) return mm_weight_init_from(w, k, type, rows, cols, data, prev, shift, reused);
+    const int64_t nb = cols / qtype_traits(type)->blck;
+    const size_t gb = mmp_group_bytes(prev->pack, nb), row_bytes = qtype_row_size(type, cols);
+    const int64_t ng = (rows + MMP_ROWS - 1) / MMP_ROWS, ng_prev = (prev->rows + MMP_ROWS - 1) / MMP_ROWS;
+    const int64_t dg = shift / MMP_ROWS; // new group g is prev's group g - dg
+    // the run of new groups [g0, g1) that are prev's groups with as many rows
+    // (every group but a matrix's last holds 16 rows: only the run's last group can differ)
+    const int64_t g0 = dg > 0 ? dg : 0;
+    int64_t g1 = ng < ng_prev + dg ? ng : ng_prev + dg;
+    const int64_t last_valid = rows - (ng - 1) * MMP_ROWS;
+    if (g1 > g0) {
+        const int64_t g = g1 - 1, h = g - dg;
+        const int64_t v = rows - g * MMP_ROWS < MMP_ROWS ? rows - g * MMP_ROWS : MMP_ROWS;
+        const int64_t pv = prev->rows - h * MMP_ROWS < MMP_ROWS ? prev->rows - h * MMP_ROWS : MMP_ROWS;
+        if (v != pv) g1--;
+    }
+    if (g1 <= g0) return mm_weight_init_from(w, k, type, rows, cols, data, prev, shift, reused);
+    // rows prev holds outside the run (at most a group at each end) are saved before its copy moves
+    int64_t lo = shift > 0 ? shift : 0, hi = shift + prev->rows < rows ? shift + prev->rows : rows; // rows in common
+    int64_t n_edge = 0;
+    for (int64_t r = lo; r < hi; r++) n_edge += r < g0 * MMP_ROWS || r >= g1 * MMP_ROWS;
+    uint8_t *edge = n_edge ? malloc((size_t)n_edge * row_bytes) : NULL; // (n_edge, row_bytes) in row order
+    if (n_edge && !edge) return MLM_ENOMEM;
+    for (int64_t r = lo, e = 0; r < hi; r++)
+        if (r < g0 * MMP_ROWS || r >= g1 * MMP_ROWS) mm_weight_get_row(prev, r - shift, edge + (size_t)e++ * row_bytes);
+    const size_t huge = (size_t)2 << 20, need = ((size_t)ng * gb + huge - 1) & ~(huge - 1);
+    uint8_t *buf = prev->packed;
+    if (need > prev->packed_map) { // grow first: the run moves within the larger mapping
+        void *nbuf = mremap(buf, prev->packed_map, need, MREMAP_MAYMOVE);
+        if (nbuf == MAP_FAILED) {
+            free(edge);
+            return mm_weight_init_from(w, k, type, rows, cols, data, prev, shift, reused);
+        }
+        buf = nbuf;
+        prev->packed = buf;
+        prev->packed_map = need;
+    }
+    memmove(buf + (size_t)g0 * gb, buf + (size_t)(g0 - dg) * gb, (size_t)(g1 - g0) * gb);
+    if (need < prev->packed_map) { // then shrink
+        void *nbuf = mremap(buf, prev->packed_map, need, MREMAP_MAYMOVE);
+        if (nbuf != MAP_FAILED) buf = nbuf, prev->packed_map = need; // else the mapping stays larger
+    }
+    memset(w, 0, sizeof *w);
+    w->type = type;
+    w->rows = rows;
+    w->cols = cols;
+    w->row_bytes = row_bytes;
+    w->data = data;
+    w->pack = prev->pack;
+    w->row_align = MMP_ROWS;
+    w->packed = buf;
+    w->packed_map = prev->packed_map;
+    // prev computes from its plain rows from now on
+    prev->packed = NULL;
+    prev->packed_map = 0;
+    prev->pack = MMP_NONE;
+    prev->row_align = 1;
+    // the groups outside the run: packed afresh from the saved rows and data (stale bytes cleared;
+    // a full group's packing writes every byte but an odd block pair's zero half, zero in every group)
+    if (ng_prev > ng) { // prev's groups past the new end: cleared as a fresh copy's would be
+        const size_t end = (size_t)ng_prev * gb < w->packed_map ? (size_t)ng_prev * gb : w->packed_map;
+        memset(buf + (size_t)ng * gb, 0, end - (size_t)ng * gb);
+    }
+    int64_t taken = (g1 - g0) * MMP_ROWS - (g1 == ng ? MMP_ROWS - last_valid : 0);
+    for (int64_t g = 0, e = 0; g < ng; g++) {
+        if (g >= g0 && g < g1) continue;
+        const int64_t valid = rows - g * MMP_ROWS < MMP_ROWS ? rows - g * MMP_ROWS : MMP_ROWS;
+        if (valid < MMP_ROWS) memset(buf + (size_t)g * gb, 0, gb);
+        const uint8_t *row[MMP_ROWS] = {NULL};
+        for (int i = 0; i < valid; i++) {
+            const int64_t r = g * MMP_ROWS + i;
+            if (r >= lo && r < hi) {
+                row[i] = edge + (size_t)e++ * row_bytes;
+                taken++;
+            } else {
+                row[i] = w->data + (size_t)r * row_bytes;
+            }
+        }
+        pack_group(w, nb, g, row);
+    }
+    free(edge);
+    if (reused) *reused = taken;
+    (void)k;
+    return MLM_OK;
 }
 
 void mm_weight_get_row(const mm_weight_t *w, int64_t r, void *out) {

@@ -17,6 +17,7 @@ typedef struct mm_weight {
     size_t row_bytes;      // bytes of one row in data
     const uint8_t *data;   // (rows, row_bytes), borrowed (usually the GGUF mapping)
     void *packed;          // kernel-specific repacked copy, owned; NULL when not repacked
+    size_t packed_map;     // bytes mapped for packed (a large copy is its own mapping), 0 = heap memory
     int pack;              // 0 = plain rows; otherwise the layout id of packed
     int64_t row_align;     // split rows between threads at multiples of this (>= 1)
 } mm_weight_t;
@@ -25,6 +26,24 @@ typedef struct mm_weight {
 // matrix no longer reads data). Returns 0, MLM_EUNSUPPORTED for a type without kernels, MLM_ENOMEM.
 int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols,
                    const void *data, bool repack);
+
+// mm_weight_init with repack, taking the rows this matrix shares with prev from prev's repacked copy
+// instead of data: row r of this matrix is row r - shift of prev (shift may be negative). Whole
+// 16-row groups that line up are copied; other shared rows are unpacked from prev and packed again;
+// the rest are read from data, which must describe every row all the same. The result is the same
+// bytes mm_weight_init would make (prev must hold the same rows of the same tensor). Without a
+// usable prev (NULL, not repacked, another type, cols or layout, no row in common) it is
+// mm_weight_init. *reused (may be NULL) receives the rows taken from prev. Same returns.
+int mm_weight_init_from(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols,
+                        const void *data, const mm_weight_t *prev, int64_t shift, int64_t *reused);
+
+// mm_weight_init_from that takes prev's repacked copy over instead of copying from it (prev then
+// computes from its plain rows, prev->data): the copy's memory grows or shrinks in place and the rows
+// in common move within it, so no memory is cleared or copied for them. The same bytes as
+// mm_weight_init_from; it is used instead when prev's copy is not its own mapping, prev has no plain
+// rows, or shift is not a multiple of 16 rows. Same returns.
+int mm_weight_init_take(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols,
+                        const void *data, mm_weight_t *prev, int64_t shift, int64_t *reused);
 
 // Frees the repacked copy, if any. Accepts a zeroed struct.
 void mm_weight_release(mm_weight_t *w);

@@ -166,6 +166,7 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
             .n_ctx = opts && opts->n_ctx > 0 ? opts->n_ctx
                                              : (m->hp.n_ctx_train > 0 && m->hp.n_ctx_train < 4096 ? m->hp.n_ctx_train : 4096),
             .experts = opts ? opts->experts : NULL,
+            .reuse = opts && opts->reuse ? opts->reuse->w : NULL,
         };
         const char *wname = opts ? opts->weights : NULL;
         if (!wname && wp.experts) wname = "mmap"; // placed experts are mapped, not streamed

@@ -37,6 +37,10 @@ typedef struct {
     const char *cols_path;        // an all-reduce slice streamed from a whole model file: the slice's columns
                                   // file (shard_file_write_cols), which must hold exactly this slice; the
                                   // column-cut matrices stream from it (offload/weights.h cols_g); NULL = none
+    struct model *reuse;          // optional: an earlier share of the same model (the same tensor bytes, e.g.
+                                  // the last plan's) whose repacked rows this load takes instead of reading
+                                  // and repacking them again (weights_params_t.reuse). Borrowed for the call;
+                                  // it may compute more slowly afterwards: destroy it once this load is done
 } model_load_opts_t;
 
 typedef struct model model_t;

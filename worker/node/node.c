@@ -44,6 +44,9 @@ typedef struct {
     int index;                  // this worker's node index
     shard_slice_t *slices;      // (plan.n_nodes) every node's slice
     model_t *model;             // this worker's shard
+    model_t *kept;              // the shard of the plan before, kept after a plan ends so that the next load
+                                // takes the repacked rows the two shares have in common (NULL: none)
+    uint8_t kept_sha[32];       // the model kept is a share of
     model_ctx_t *ctx[NODE_MAX_SEQS]; // one KV cache per sequence in flight (seq_id), made on first use
     model_ctx_opts_t ctx_opts;  // how they are made
     comm_t *comm;               // data plane of the plan (o->data when given, else made for the plan)
@@ -67,11 +70,20 @@ static void set_state(const node_t *n, node_state_t s) {
     if (n->o->on_state) n->o->on_state(n->o->state_arg, s);
 }
 
-static void end_plan(node_t *n) {
+// Ends the plan: contexts, data plane and plan copies go. With keep, a shard held without a memory
+// budget is kept (n->kept) for the next load to take from (a recovery's re-plan mostly gives the
+// survivors rows they hold); otherwise, and at a SHUTDOWN, it is freed with any shard kept before.
+static void end_plan(node_t *n, bool keep) {
     char streamed[256];
     if (n->o->verbose && n->model && weights_read_summary(model_weights(n->model), streamed, sizeof streamed) > 0)
         vlog(n, "weights streamed:", streamed);
     for (int i = 0; i < NODE_MAX_SEQS; i++) model_ctx_destroy(&n->ctx[i]);
+    if (!keep || n->model) model_destroy(&n->kept);
+    if (keep && n->model && !n->o->mem_budget) {
+        n->kept = n->model;
+        memcpy(n->kept_sha, n->plan.model_sha256, sizeof n->kept_sha);
+        n->model = NULL;
+    }
     model_destroy(&n->model);
     pipe_node_free(&n->pipe);
     if (n->comm != n->o->data) comm_destroy(&n->comm);
@@ -216,7 +228,7 @@ static int probe_kv_device(node_t *n, char *err, size_t errlen) {
 }
 
 static int on_plan(node_t *n, const msg_plan_t *p) {
-    end_plan(n);
+    end_plan(n, true);
     n->plan = *p;
     n->nodes = malloc((size_t)p->n_nodes * sizeof *n->nodes);
     n->slices = malloc((size_t)p->n_nodes * sizeof *n->slices);
@@ -472,6 +484,10 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
     uint64_t mask[4] = {0}; // placed experts: the ones this node computes
     for (int j = 0; j < n->nodes[n->index].n_experts; j++) mask[n->nodes[n->index].experts[j] >> 6] |= (uint64_t)1 << (n->nodes[n->index].experts[j] & 63);
     if (n->plan.tp_mode == MSG_TP_EXPERT) lo.experts = mask;
+    // The last plan's shard of the same model gives the rows the two shares have in common (freed
+    // once this share is built); a budget's window streams and takes nothing from it.
+    if (n->kept && memcmp(n->kept_sha, n->plan.model_sha256, 32) != 0) model_destroy(&n->kept);
+    lo.reuse = n->kept;
     const bool local = n->have_sha && memcmp(n->sha, n->plan.model_sha256, 32) == 0;
     node_cache_path(n->cache_dir, n->plan.model_sha256, sl, path, sizeof path);
     if (local) {
@@ -505,6 +521,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             }
         }
     }
+    model_destroy(&n->kept); // what the new share needs of it is taken
     if (rc == 0) rc = probe_kv_device(n, err, sizeof err);
     if (rc == 0) {
         const model_hparams_t *hp = model_hparams(n->model);
@@ -538,7 +555,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
         if (rc != 0) { // the coordinator waits in its own data-plane setup: tell it why
             vlog(n, "data plane failed:", err);
             send_error(n, rc, err, 0);
-            end_plan(n);
+            end_plan(n, true);
         } else {
             char how[200];
             weights_describe(model_weights(n->model), how, sizeof how);
@@ -553,7 +570,7 @@ failed:
     char e2[128];
     msg_send(*n->ctl, 0, &ack, n->timeout_ms, e2, sizeof e2);
     send_error(n, rc, err, 0);
-    end_plan(n);
+    end_plan(n, true);
     return 0;
 }
 
@@ -593,7 +610,7 @@ static int on_step(node_t *n, const msg_step_t *st) {
         if (lost >= 0) snprintf(text + strlen(text), sizeof text - strlen(text), " (lost %s)", n->nodes[lost].node_id);
         vlog(n, "step failed:", text);
         send_error_lost(n, rc, text, st->step_id, lost);
-        end_plan(n); // a lost peer ends the plan; the coordinator re-plans
+        end_plan(n, true); // a lost peer ends the plan; the coordinator re-plans
         return 0;
     }
     // The step's report: how long this node computed and how long it waited (pipeline utilisation).
@@ -675,7 +692,7 @@ int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen) {
             break;
         case MSG_STEP: rc = on_step(&n, &m.step); break;
         case MSG_SHUTDOWN:
-            end_plan(&n);
+            end_plan(&n, false);
             set_state(&n, NODE_IDLE);
             stop = strcmp(m.shutdown.reason, "exit") == 0;
             rc = 0;
@@ -695,7 +712,7 @@ int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen) {
         }
         rc = 0;
     }
-    end_plan(&n);
+    end_plan(&n, false);
     plain_ctl(&n);
     fault_free(&n.faults);
     return rc;

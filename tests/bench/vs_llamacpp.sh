@@ -23,7 +23,7 @@ threads="1 2" np=128 ng=64 rounds=3 keep="" from=""
 while getopts "t:p:n:r:k:f:h" o; do
   case $o in
     t) threads=$OPTARG ;; p) np=$OPTARG ;; n) ng=$OPTARG ;; r) rounds=$OPTARG ;; k) keep=$OPTARG ;; f) from=$OPTARG ;;
-    *) sed -n '2,21p' "$0"; exit 2 ;;
+    *) sed -n '2,19p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))

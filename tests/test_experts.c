@@ -40,27 +40,6 @@ static model_t *load(const char *path, const char *provider, uint64_t budget, fl
     return m;
 }
 
-// Logits of 12 tokens (a chunk of 10, then two single tokens), every row; NULL on failure.
-static float *logits12(model_t *m) {
-    const model_hparams_t *hp = model_hparams(m);
-    int32_t toks[12];
-    for (int i = 0; i < 12; i++) toks[i] = (i * 37 + 11) % hp->n_vocab;
-    model_ctx_t *c = NULL;
-    char err[256];
-    model_ctx_opts_t co = {.n_ctx = N_CTX, .n_batch = 8, .n_threads = 2};
-    float *lg = malloc((size_t)12 * hp->n_vocab * sizeof(float)); // (12, n_vocab)
-    int rc = lg ? model_ctx_new(&c, m, &co, err, sizeof err) : MLM_ENOMEM;
-    if (rc == 0) rc = model_eval(c, toks, 10, lg, true);
-    if (rc == 0) rc = model_eval(c, toks + 10, 1, lg + (size_t)10 * hp->n_vocab, true);
-    if (rc == 0) rc = model_eval(c, toks + 11, 1, lg + (size_t)11 * hp->n_vocab, true);
-    model_ctx_destroy(&c);
-    if (rc != 0) {
-        fprintf(stderr, "\n  eval: %s\n", mlm_strerror(rc));
-        free(lg);
-        return NULL;
-    }
-    return lg;
-}
 
 // Whether provider's logits on model equal the mapped model's (not repacked, the layout the cache
 // computes on, as `--no-repack` and the streaming window do) bit for bit; fills *st.
@@ -71,7 +50,7 @@ static bool same_as_mapped(const char *rel, const char *provider, uint64_t budge
     bool same = false;
     memset(st, 0, sizeof *st);
     if (a && b) {
-        float *la = logits12(a), *lb = logits12(b);
+        float *la = test_logits12(a, N_CTX, 8), *lb = test_logits12(b, N_CTX, 8);
         same = la && lb && memcmp(la, lb, (size_t)12 * model_hparams(a)->n_vocab * sizeof(float)) == 0;
         if (!same) fprintf(stderr, "\n  %s with %s: logits differ from the mapped model's\n", rel, provider);
         weights_stats(model_weights(b), st);
@@ -242,7 +221,7 @@ static void test_skip(void) {
     model_t *a = load(path, "experts:n=1,prefetch=off", 0, 0), *b = load(path, "experts:n=1,prefetch=off", 0, 0.51f);
     CU_ASSERT_PTR_NOT_NULL_FATAL(a);
     CU_ASSERT_PTR_NOT_NULL_FATAL(b);
-    float *la = logits12(a), *lb = logits12(b);
+    float *la = test_logits12(a, N_CTX, 8), *lb = test_logits12(b, N_CTX, 8);
     CU_ASSERT(la && lb);
     if (la && lb) CU_ASSERT(memcmp(la, lb, (size_t)12 * model_hparams(a)->n_vocab * sizeof(float)) != 0);
     weights_stats_t sa, sb;

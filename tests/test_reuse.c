@@ -252,23 +252,6 @@ static int count_packed(model_t *m) {
     return n;
 }
 
-// Logits of 12 tokens (10 as a batch, then 2 alone) of a model holding every row; NULL on failure.
-static float *logits_of(model_t *m) {
-    const model_hparams_t *hp = model_hparams(m);
-    int32_t toks[12];
-    for (int i = 0; i < 12; i++) toks[i] = (i * 37 + 11) % hp->n_vocab;
-    char err[256];
-    model_ctx_t *c = NULL;
-    model_ctx_opts_t co = {.n_ctx = 32, .n_batch = 16, .n_threads = 2};
-    float *lg = malloc((size_t)12 * hp->n_vocab * sizeof(float)); // (12, n_vocab)
-    int rc = lg ? model_ctx_new(&c, m, &co, err, sizeof err) : MLM_ENOMEM;
-    if (rc == 0) rc = model_eval(c, toks, 10, lg, true);
-    if (rc == 0) rc = model_eval(c, toks + 10, 1, lg + (size_t)10 * hp->n_vocab, true);
-    if (rc == 0) rc = model_eval(c, toks + 11, 1, lg + (size_t)11 * hp->n_vocab, true);
-    model_ctx_destroy(&c);
-    if (rc != 0) free(lg);
-    return rc == 0 ? lg : NULL;
-}
 
 static uint64_t reused_bytes(const model_t *m) {
     weights_stats_t st;
@@ -326,7 +309,7 @@ static void test_model_reuse(void) {
     CU_ASSERT_EQUAL_FATAL(model_load(&built, path, &lf, err, sizeof err), 0);
     model_destroy(&old); // what the new share needs of it was copied or moved
     CU_ASSERT(reused_bytes(built) > 0);
-    float *ref = logits_of(fresh), *got = logits_of(built);
+    float *ref = test_logits12(fresh, 32, 16), *got = test_logits12(built, 32, 16);
     CU_ASSERT_PTR_NOT_NULL(ref);
     CU_ASSERT_PTR_NOT_NULL(got);
     const int nv = model_hparams(fresh)->n_vocab;
@@ -345,14 +328,14 @@ static void test_moved_from_still_computes(void) {
     model_t *a = NULL, *b = NULL;
     model_load_opts_t lo = {.repack = true};
     CU_ASSERT_EQUAL_FATAL(model_load(&a, path, &lo, err, sizeof err), 0);
-    float *before = logits_of(a);
+    float *before = test_logits12(a, 32, 16);
     lo.reuse = a;
     CU_ASSERT_EQUAL_FATAL(model_load(&b, path, &lo, err, sizeof err), 0);
     int64_t r0, c0, c1;
     const mm_weight_t *w = weights_matrix(model_weights(a), "blk.0.attn_q.weight", 0, &r0, &c0, &c1);
     CU_ASSERT_PTR_NOT_NULL_FATAL(w);
     CU_ASSERT_PTR_NULL(w->packed); // moved
-    float *after = logits_of(a), *moved = logits_of(b);
+    float *after = test_logits12(a, 32, 16), *moved = test_logits12(b, 32, 16);
     CU_ASSERT_PTR_NOT_NULL(before);
     CU_ASSERT_PTR_NOT_NULL(after);
     CU_ASSERT_PTR_NOT_NULL(moved);

@@ -1,9 +1,7 @@
 // Helpers shared by the CUnit suites (not a suite itself).
 #include "test_util.h"
 
-#include "core/err.h"
 #include "core/rng.h"
-#include "worker/model/model.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -122,25 +120,4 @@ pid_t test_spawn(const char *const *args, const char *log) {
         _exit(127);
     }
     return pid;
-}
-
-float *test_logits12(struct model *m, int n_ctx, int n_batch) {
-    const model_hparams_t *hp = model_hparams(m);
-    int32_t toks[12];
-    for (int i = 0; i < 12; i++) toks[i] = (i * 37 + 11) % hp->n_vocab;
-    model_ctx_t *c = NULL;
-    char err[256];
-    model_ctx_opts_t co = {.n_ctx = n_ctx, .n_batch = n_batch, .n_threads = 2};
-    float *lg = malloc((size_t)12 * hp->n_vocab * sizeof(float)); // (12, n_vocab)
-    int rc = lg ? model_ctx_new(&c, m, &co, err, sizeof err) : MLM_ENOMEM;
-    if (rc == 0) rc = model_eval(c, toks, 10, lg, true);
-    if (rc == 0) rc = model_eval(c, toks + 10, 1, lg + (size_t)10 * hp->n_vocab, true);
-    if (rc == 0) rc = model_eval(c, toks + 11, 1, lg + (size_t)11 * hp->n_vocab, true);
-    model_ctx_destroy(&c);
-    if (rc != 0) {
-        fprintf(stderr, "\n  eval: %s\n", mlm_strerror(rc));
-        free(lg);
-        return NULL;
-    }
-    return lg;
 }

@@ -49,7 +49,7 @@ void test_run_ranks(struct comm **cs, int n, test_rank_fn fn, void *arg);
 
 // Logits of 12 tokens of model m (a chunk of 10, then two single tokens, every row), with a context
 // of n_ctx positions evaluated in batches of n_batch on 2 threads: (12, n_vocab), to free; NULL on
-// failure (said on stderr).
+// failure (said on stderr). Defined in ref_cases.c: full builds only (not MESHLM_KERNELS_ONLY).
 struct model;
 float *test_logits12(struct model *m, int n_ctx, int n_batch);
 

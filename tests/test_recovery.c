@@ -45,6 +45,7 @@ typedef struct {
     int n_workers;           // started
     int n_standby;           // the last ones held back
     int pp;                  // stages (1 = one tensor-parallel group)
+    int ep;                  // MoE: placed experts on groups of this many (0 = the planner chooses)
     int victim;              // which launched worker (0-based) the fault hits
     int at_token;            // after this many generated tokens
     fault_t fault;
@@ -53,7 +54,7 @@ typedef struct {
 // Runs the scenario; returns the number of logit rows that differ from one node (-1: a step failed).
 // *n_rec gets the recoveries the cluster reported, *nodes_after the computing nodes after the last.
 static int run_scenario(const scenario_t *sc, int *n_rec, int *nodes_after, double *detect_ms, double *recover_ms,
-                        bool *victim_back) {
+                        bool *victim_back, bool *ep_after) {
     ref_case_t rc;
     if (ref_load(sc->case_name, &rc) != 0) return -1;
     int rows = 0, n_layer = 0, bad = -1;
@@ -72,7 +73,8 @@ static int run_scenario(const scenario_t *sc, int *n_rec, int *nodes_after, doub
     for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_standby = sc->n_standby,
                          .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000, .keep_all = true,
-                         .pp = sc->pp < n_layer ? sc->pp : n_layer, .recover = true, .heartbeat_ms = HB_MS};
+                         .pp = sc->pp < n_layer ? sc->pp : n_layer, .ep = sc->ep, .recover = true,
+                         .heartbeat_ms = HB_MS};
     cluster_t *cl = NULL;
     const int nv = rc.n_vocab;
     float *lg = malloc((size_t)rows * nv * sizeof(float));
@@ -91,6 +93,7 @@ static int run_scenario(const scenario_t *sc, int *n_rec, int *nodes_after, doub
             for (int i = 0; i < rows; i++)
                 bad += memcmp(lg + (size_t)i * nv, ref + (size_t)i * nv, (size_t)nv * sizeof(float)) != 0;
         }
+        if (ep_after) *ep_after = cluster_plan(cl) && cluster_plan(cl)->ep;
         const cluster_recovery_t *rec = cluster_recoveries(cl, n_rec);
         if (*n_rec > 0) {
             *nodes_after = rec[*n_rec - 1].nodes_after;
@@ -122,10 +125,10 @@ static void test_kill_each_position(void) {
     for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++)
         for (int pp = 1; pp <= 3; pp += 2)
             for (int victim = 0; victim < 3; victim++) {
-                scenario_t sc = {cases[ci], 3, 0, pp, victim, 1 + victim, F_KILL};
+                scenario_t sc = {cases[ci], 3, 0, pp, 0, victim, 1 + victim, F_KILL};
                 int n_rec = 0, after = 0;
                 double det = 0, recms = 0;
-                int bad = run_scenario(&sc, &n_rec, &after, &det, &recms, NULL);
+                int bad = run_scenario(&sc, &n_rec, &after, &det, &recms, NULL, NULL);
                 fprintf(stderr, "  %s %s: worker %d killed after token %d: %d recovery, %d nodes after, detected %.0f ms, "
                                 "recovered %.0f ms, %d rows differ\n",
                         cases[ci], pp == 1 ? "tp3" : "pp3", victim, sc.at_token, n_rec, after, det, recms, bad);
@@ -136,14 +139,47 @@ static void test_kill_each_position(void) {
             }
 }
 
+// Placed experts (expert parallelism): any member of an EP group killed, and a member of a pipeline
+// of EP groups; the survivors place the experts again among themselves (or slice them when one is left
+// in a stage) and every logit row equals one node's.
+static void test_kill_expert_parallel(void) {
+    static const struct {
+        const char *case_name;
+        int n_workers, pp, ep, victim, after;
+        bool ep_after; // experts still placed after the loss (a stage of one member left slices them)
+    } runs[] = {
+        {"synth-moe-Q8_0.p0", 3, 1, 3, 0, 2, true},
+        {"synth-moe-Q8_0.p0", 3, 1, 3, 1, 2, true},
+        {"synth-moe-Q8_0.p0", 3, 1, 3, 2, 2, true},
+        {"synth-moe-Q4_K_M.p0", 3, 1, 3, 1, 2, true},
+        {"stories260K-moe8x-top2-permuted.p0", 3, 1, 3, 2, 2, true},
+        {"synth-moe-Q8_0.p1", 4, 2, 2, 3, 3, false},
+    };
+    for (size_t i = 0; i < sizeof runs / sizeof *runs; i++) {
+        scenario_t sc = {runs[i].case_name, runs[i].n_workers, 0, runs[i].pp, runs[i].ep, runs[i].victim,
+                         1 + runs[i].victim, F_KILL};
+        int n_rec = 0, after = 0;
+        double det = 0, recms = 0;
+        bool ep_after = !runs[i].ep_after;
+        int bad = run_scenario(&sc, &n_rec, &after, &det, &recms, NULL, &ep_after);
+        fprintf(stderr, "  %s pp%d ep%d: worker %d killed after token %d: %d recovery, %d nodes after, detected %.0f ms, "
+                        "recovered %.0f ms, %d rows differ\n",
+                runs[i].case_name, runs[i].pp, runs[i].ep, runs[i].victim, sc.at_token, n_rec, after, det, recms, bad);
+        CU_ASSERT_EQUAL(bad, 0);
+        CU_ASSERT_EQUAL(n_rec, 1);
+        CU_ASSERT_EQUAL(after, runs[i].after);
+        CU_ASSERT_EQUAL(ep_after, runs[i].ep_after);
+    }
+}
+
 // A frozen worker is detected through the links' heartbeats, the request goes on without it, and
 // once continued it is taken in at the next plan.
 static void test_freeze_and_come_back(void) {
-    scenario_t sc = {"stories260K.p1", 3, 0, 1, 1, 2, F_FREEZE};
+    scenario_t sc = {"stories260K.p1", 3, 0, 1, 0, 1, 2, F_FREEZE};
     int n_rec = 0, after = 0;
     double det = 0, recms = 0;
     bool back = false;
-    int bad = run_scenario(&sc, &n_rec, &after, &det, &recms, &back);
+    int bad = run_scenario(&sc, &n_rec, &after, &det, &recms, &back, NULL);
     fprintf(stderr, "  frozen worker: %d recovery, detected %.0f ms, recovered %.0f ms, back: %d\n", n_rec, det, recms,
             back);
     CU_ASSERT_EQUAL(bad, 0);
@@ -154,10 +190,10 @@ static void test_freeze_and_come_back(void) {
 
 // A standby joins the plan in place of a killed worker: as many computing nodes as before.
 static void test_standby_takes_over(void) {
-    scenario_t sc = {"stories260K.p2", 3, 1, 1, 0, 1, F_KILL};
+    scenario_t sc = {"stories260K.p2", 3, 1, 1, 0, 0, 1, F_KILL};
     int n_rec = 0, after = 0;
     double det = 0, recms = 0;
-    int bad = run_scenario(&sc, &n_rec, &after, &det, &recms, NULL);
+    int bad = run_scenario(&sc, &n_rec, &after, &det, &recms, NULL, NULL);
     CU_ASSERT_EQUAL(bad, 0);
     CU_ASSERT_EQUAL(n_rec, 1);
     CU_ASSERT_EQUAL(after, 2); // worker 0 lost, the standby (worker 2) computes beside worker 1
@@ -224,6 +260,7 @@ int test_recovery_suite(void) {
     CU_pSuite s = CU_add_suite("recovery", NULL, NULL);
     if (!s) return -1;
     if (!CU_add_test(s, "kill -9 of each worker position (tp and pp, dense and MoE)", test_kill_each_position) ||
+        !CU_add_test(s, "kill -9 in expert-parallel layouts (EP groups, a pipeline of them)", test_kill_expert_parallel) ||
         !CU_add_test(s, "a frozen worker is detected, recovered from, and taken back", test_freeze_and_come_back) ||
         !CU_add_test(s, "a standby takes over from a killed worker", test_standby_takes_over) ||
         !CU_add_test(s, "disk faults: a full disk fails the load clearly, a slow one slows it", test_disk_faults))

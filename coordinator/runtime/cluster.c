@@ -408,6 +408,9 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         if (c->n_lost_total > 0) {
             if (pp > n_compute) pp = n_compute;
             if (tp > 0 && (pp > 0 ? pp : 1) * tp > n_compute) tp = 0;
+            // placed experts over fewer members; one member left holds them all (sliced over one)
+            const int stages = pp > 0 ? pp : 1;
+            if (ep >= 2 && stages * ep > n_compute) ep = n_compute / stages >= 2 ? n_compute / stages : -1;
         }
         // A share that does not fit its node's budget resident streams through the weight window.
         plan_opts_t po = {.n_ctx = n_ctx, .pp = pp, .tp = tp, .keep_all = c->o.keep_all,

@@ -47,12 +47,13 @@ typedef struct {
 // (MLM_EINVAL for an unknown name, listing the known ones) with err filled; *out is then NULL.
 int comm_open(comm_t **out, const char *name, const comm_open_opts_t *o, char *err, size_t errlen);
 
-// Sets o's ZMTP heartbeats so that a peer silent for about hb_ms (0 = 1000) is dropped: a PING
-// every hb_ms / 4, and the connection closed when nothing arrives within the rest of hb_ms after one.
+// Sets o's ZMTP heartbeats so that a peer silent for hb_ms (0 = 1000) is dropped within it, with a
+// fifth of it left for the loss to reach the caller: a PING every hb_ms / 5, and the connection
+// closed when nothing arrives within 3/5 of hb_ms after one (so 3/5 to 4/5 of hb_ms of silence).
 static inline void comm_open_heartbeat(comm_open_opts_t *o, int hb_ms) {
-    const int hb = hb_ms > 0 ? hb_ms : 1000, ivl = hb / 4 > 0 ? hb / 4 : 1;
+    const int hb = hb_ms > 0 ? hb_ms : 1000, ivl = hb / 5 > 0 ? hb / 5 : 1;
     o->heartbeat_ivl_ms = ivl;
-    o->heartbeat_timeout_ms = hb - ivl > 0 ? hb - ivl : 1;
+    o->heartbeat_timeout_ms = hb - 2 * ivl > 0 ? hb - 2 * ivl : 1;
 }
 
 // The i-th backend name comm_open knows (i = 0, 1, ...), NULL past the last; static storage.

@@ -395,6 +395,11 @@ static void monitor_stop(zq_ctx_t *z) {
 static void zq_free(zq_ctx_t *z) {
     if (!z) return;
     monitor_stop(z);
+    // The inbound socket never sends, so it has nothing to linger for. Its connections stop taking
+    // input once it closes; libzmq 4.3.4 aborts (stream_engine_base.cpp:331) if such a connection's
+    // peer then hangs up and its heartbeat timer fires before the connection is torn down, and a
+    // linger keeps it up that much longer.
+    if (z->in) setopt_int(z->in, ZMQ_LINGER, 0);
     if (z->in) zmq_close(z->in);
     if (z->out) zmq_close(z->out);
     curve_zap_stop(&z->zap); // its socket closes: before the context ends

@@ -22,6 +22,7 @@
 #include "core/err.h"
 #include "offload/weights.h"
 #include "parallel/plan.h"
+#include "worker/kernels/matmul.h"
 #include "worker/model/model.h"
 
 // --- fixture: a tiny-k shaped model of 64 blocks (40.9 MB of Q8_0), written once for the suite
@@ -171,6 +172,7 @@ typedef struct {
     int n_proc;
     double vmhwm[8];         // bytes
     double cg_peak[8];       // bytes (0 = no cgroup)
+    int n_recovered;         // recoveries the run reports as done
 } result_t;
 
 static bool run_json(const char *const *args, result_t *res, run_t *keep) {
@@ -194,6 +196,9 @@ static bool run_json(const char *const *args, result_t *res, run_t *keep) {
         const cJSON *pk = cJSON_GetObjectItem(p, "cgroup_peak_bytes");
         res->cg_peak[res->n_proc++] = cJSON_IsNumber(pk) ? cJSON_GetNumberValue(pk) : 0;
     }
+    const cJSON *rec = cJSON_GetObjectItem(o, "recoveries");
+    for (int i = 0; ok && i < cJSON_GetArraySize(rec); i++)
+        res->n_recovered += cJSON_IsTrue(cJSON_GetObjectItem(cJSON_GetArrayItem(rec, i), "recovered"));
     cJSON_Delete(o);
     if (!ok) fprintf(stderr, "\n  %s %s ... failed (status %d): %s\n", args[1], args[3], r.status, r.err);
     CU_ASSERT(ok);
@@ -494,6 +499,31 @@ static void test_allreduce_columns(void) {
     }
 }
 
+// A repacked matrix over 2 MB maps its bytes up to the next page, not to the next 2 MB: a share's
+// memory is its weights' bytes (rounding to huge pages cost up to 2 MB per matrix, a third more than
+// the weights on a TinyLlama-sized model), and the mapping is 2 MB aligned for the huge pages.
+static void test_packed_map_size(void) {
+    const int64_t rows = 2048 + 16, cols = 2048; // 2.4 MB of Q4_0
+    const size_t rb = qtype_row_size(QT_Q4_0, cols), pg = (size_t)sysconf(_SC_PAGESIZE);
+    uint8_t *data = calloc((size_t)rows, rb); // (rows, rb)
+    CU_ASSERT_PTR_NOT_NULL_FATAL(data);
+    mm_weight_t w;
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, kernels_best(), QT_Q4_0, rows, cols, data, true), 0);
+    if (w.packed) {
+        CU_ASSERT(w.packed_map >= (size_t)rows * rb);
+        CU_ASSERT(w.packed_map < (size_t)rows * rb + pg);
+        CU_ASSERT_EQUAL(w.packed_map % pg, 0);
+        CU_ASSERT_EQUAL((uintptr_t)w.packed % ((uintptr_t)2 << 20), 0);
+        // taken over by a share of fewer rows, it shrinks to that share's bytes up to a page
+        mm_weight_t t;
+        CU_ASSERT_EQUAL(mm_weight_init_take(&t, kernels_best(), QT_Q4_0, 1024, cols, data, &w, 0, NULL), 0);
+        CU_ASSERT(t.packed_map < 1024 * rb + pg);
+        mm_weight_release(&t);
+    }
+    mm_weight_release(&w);
+    free(data);
+}
+
 // --- tests: the program
 
 // VmHWM of `meshlm run` on a model of 1 MB: the binary's own pages, which no budget covers.
@@ -599,6 +629,47 @@ static void test_run_workers(void) {
                         cases[i].layout, cases[i].k, p - 1, r.vmhwm[p] / MIB, (double)fix_budget / MIB, wbase / MIB);
         }
     }
+}
+
+// A worker killed in the middle of a request under the budget: the two survivors take the lost
+// worker's rows into shares that stream within the same budget (the plan's freed memory handed back
+// first), and the request goes on to one node's tokens; the survivors stay within the budget plus
+// their own pages.
+static void test_run_workers_kill(void) {
+    if (!test_meshlm_bin()) {
+        fprintf(stderr, "(skipped: MESHLM_BIN not set) ");
+        return;
+    }
+    char err[256];
+    const bool cg = memcg_probe(NULL, 0, err, sizeof err) > 0;
+    double wbase = 0;
+    baseline_hwm(2, &wbase);
+    wbase += 1.0 * MIB; // the 64 blocks' tables (test_run_workers)
+    char budget[32], limit[32];
+    snprintf(budget, sizeof budget, "%lluK", (unsigned long long)(fix_budget >> 10));
+    snprintf(limit, sizeof limit, "%lluK", (unsigned long long)((fix_budget + CG_ROOM) >> 10));
+    const char *one[] = {"meshlm", "run", "-m", fix_model, "-p", "Once upon a time", "-n", "12", "--greedy", "-c", "64",
+                         "-t", "1", "--json", NULL};
+    const char *args[] = {"meshlm", "run", "-m", fix_model, "-p", "Once upon a time", "-n", "12", "--greedy", "-c", "64",
+                          "-t", "1", "--json", "--local", "3", "--tp", "3", "--keep-all", "--mem-budget", budget,
+                          "--local-mem", limit, "--heartbeat-ms", "500", "--faults", "kill:worker=2:after_tokens=4",
+                          NULL};
+    result_t ref, r;
+    if (!run_json(one, &ref, NULL) || !run_json(args, &r, NULL)) return;
+    CU_ASSERT(same_tokens(&ref, &r));
+    CU_ASSERT_EQUAL(r.n_recovered, 1);
+    CU_ASSERT_EQUAL(r.n_proc, 4);
+    for (int p = 1; p < r.n_proc; p++) {
+        if (p == 2) continue; // the killed one
+        CU_ASSERT(r.vmhwm[p] > 0 && (SANITIZED || r.vmhwm[p] <= (double)fix_budget + wbase));
+        if (cg) CU_ASSERT(r.cg_peak[p] <= (double)(fix_budget + CG_ROOM));
+        if ((!SANITIZED && r.vmhwm[p] > (double)fix_budget + wbase) || r.vmhwm[p] <= 0)
+            fprintf(stderr, "\n  survivor %d VmHWM %.1f MiB over %.1f + %.1f MiB\n", p - 1, r.vmhwm[p] / MIB,
+                    (double)fix_budget / MIB, wbase / MIB);
+    }
+    if (!same_tokens(&ref, &r) || r.n_recovered != 1)
+        fprintf(stderr, "\n  killed worker: %d tokens (one node: %d), %d recoveries\n", r.n_tokens, ref.n_tokens,
+                r.n_recovered);
 }
 
 // Workers without the model and with the budget: the first run streams each its shard into the
@@ -743,8 +814,11 @@ int test_window_suite(void) {
         !CU_add_test(s, "streamed logits equal mapped ones bit for bit, every reading method", test_logits_bit_identical) ||
         !CU_add_test(s, "one token reads every streamed unit once, the first ones ahead", test_one_token_reads) ||
         !CU_add_test(s, "an all-reduce share streams its columns from a shard or columns file", test_allreduce_columns) ||
+        !CU_add_test(s, "a packed matrix maps its bytes to the next page, not the next 2 MB", test_packed_map_size) ||
         !CU_add_test(s, "run: one node's tokens with --mem-budget, VmHWM bounded, refusal", test_run_one_node) ||
         !CU_add_test(s, "run --local 2/3: tokens and every worker's VmHWM", test_run_workers) ||
+        !CU_add_test(s, "run --local 3 with a worker killed: survivors stream bigger shares in the budget",
+                     test_run_workers_kill) ||
         !CU_add_test(s, "workers without the model stream from their shard cache", test_workers_without_model) ||
         !CU_add_test(s, "run --tp-mode allreduce with --mem-budget: the same tokens", test_run_allreduce) ||
         !CU_add_test(s, "mpi --mem-budget: one node's tokens", test_mpi))

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "core/err.h"
 #include "worker/kernels/x86/x86_mm.h"
@@ -149,13 +150,21 @@ static float float_dot_exact(qtype_t t, const uint8_t *w, const uint8_t *x, int6
 // Zeroed, 64-byte aligned memory for a packed matrix (bytes a multiple of 64). Large matrices are
 // mapped at 2 MB alignment with a transparent-huge-page hint: decode streams them, and 4 KB pages
 // would cost a TLB miss and a hardware-prefetcher restart every 4 KB; a mapping can also grow or
-// shrink in place (mremap) when a later share takes it over (mm_weight_init_take). *mapped receives
-// the bytes mapped (free with munmap), or 0 for heap memory (free with free()).
+// shrink in place (mremap) when a later share takes it over (mm_weight_init_take). The mapping ends
+// at the page after the last byte, not at the next 2 MB: the huge pages cover the whole 2 MB extents
+// and the tail takes 4 KB pages, where rounding up would have cost up to 2 MB per matrix (a third
+// more memory for a TinyLlama-sized model). *mapped receives the bytes mapped (free with munmap), or
+// 0 for heap memory (free with free()).
+static size_t page_round(size_t bytes) {
+    const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    return (bytes + pg - 1) / pg * pg;
+}
+
 static void *alloc_packed(size_t bytes, size_t *mapped) {
     const size_t huge = (size_t)2 << 20;
     *mapped = 0;
     if (bytes >= huge) {
-        const size_t rounded = (bytes + huge - 1) & ~(huge - 1);
+        const size_t rounded = page_round(bytes);
         uint8_t *p = mmap(NULL, rounded + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED) return NULL;
         uint8_t *a = (uint8_t *)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
@@ -329,7 +338,7 @@ int mm_weight_init_take(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_
     if (n_edge && !edge) return MLM_ENOMEM;
     for (int64_t r = lo, e = 0; r < hi; r++)
         if (r < g0 * MMP_ROWS || r >= g1 * MMP_ROWS) mm_weight_get_row(prev, r - shift, edge + (size_t)e++ * row_bytes);
-    const size_t huge = (size_t)2 << 20, need = ((size_t)ng * gb + huge - 1) & ~(huge - 1);
+    const size_t need = page_round((size_t)ng * gb);
     uint8_t *buf = prev->packed;
     if (need > prev->packed_map) { // grow first: the run moves within the larger mapping
         void *nbuf = mremap(buf, prev->packed_map, need, MREMAP_MAYMOVE);

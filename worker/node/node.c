@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,6 +97,10 @@ static void end_plan(node_t *n, bool keep) {
     n->logits = NULL;
     n->logits_cap = 0;
     n->planned = false;
+    // What the plan freed goes back to the system, not only to the heap: under a memory budget the
+    // next share is sized to the budget, and freed heap pages still count against the node's memory
+    // cgroup (a survivor of a loss was killed for 35 MB of them).
+    if (n->o->mem_budget) malloc_trim(0);
 }
 
 // An ERROR about step (0: none); lost_node names the plan node the step lost on the data plane

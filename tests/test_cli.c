@@ -376,8 +376,21 @@ static void test_memory_report(void) {
     CU_ASSERT_EQUAL(r.status, 0);
     o = cJSON_Parse(r.out);
     CU_ASSERT(cJSON_IsArray(o) && cJSON_GetArraySize(o) == 2);
-    for (int i = 0; o && i < cJSON_GetArraySize(o); i++)
-        check_memory(cJSON_GetObjectItem(cJSON_GetArrayItem(o, i), "memory"), names, 2, true, 256.0 * 1024 * 1024, cg);
+    for (int i = 0; o && i < cJSON_GetArraySize(o); i++) {
+        const cJSON *it = cJSON_GetArrayItem(o, i);
+        check_memory(cJSON_GetObjectItem(it, "memory"), names, 2, true, 256.0 * 1024 * 1024, cg);
+        // where each computing node's time per token went: one entry per node of the plan
+        const cJSON *nt = cJSON_GetObjectItem(it, "node_times");
+        const bool tg = cJSON_GetNumberValue(cJSON_GetObjectItem(it, "n_gen")) > 0;
+        CU_ASSERT(cJSON_IsArray(nt) && cJSON_GetArraySize(nt) == (int)cJSON_GetNumberValue(cJSON_GetObjectItem(it, "nodes")));
+        for (int k = 0; cJSON_IsArray(nt) && k < cJSON_GetArraySize(nt); k++) {
+            const cJSON *t = cJSON_GetArrayItem(nt, k);
+            CU_ASSERT(cJSON_GetNumberValue(cJSON_GetObjectItem(t, "compute_ms_per_token")) > 0);
+            CU_ASSERT(cJSON_GetNumberValue(cJSON_GetObjectItem(t, "exchange_ms_per_token")) >= 0);
+            CU_ASSERT(cJSON_IsString(cJSON_GetObjectItem(t, "node")));
+            CU_ASSERT_EQUAL(cJSON_IsNumber(cJSON_GetObjectItem(t, "transfer_ms_per_token")), tg);
+        }
+    }
     cJSON_Delete(o);
     run_free(&r);
 
@@ -387,6 +400,7 @@ static void test_memory_report(void) {
     CU_ASSERT_EQUAL(r.status, 0);
     const char *speeds = strstr(r.out, " pp8 |"), *mem = strstr(r.out, "| cgroup peak | cgroup limit |");
     CU_ASSERT(speeds && mem && speeds < mem);
+    CU_ASSERT_PTR_NOT_NULL(strstr(r.err, " pp8, ms per token: "));
     if (mem) {
         CU_ASSERT_PTR_NOT_NULL(strstr(mem, "| coordinator "));
         CU_ASSERT_PTR_NOT_NULL(strstr(mem, "| local-1 "));

@@ -471,9 +471,14 @@ int cmd_bench(int argc, char **argv) {
                     continue;
                 }
                 double comm_ms = 0, kib = 0, util = 0, pred = 0;
+                cluster_node_time_t nt[MSG_MAX_NODES]; // where each computing node's time went
+                int n_nt = 0;
+                double ntok = 0;                        // tokens the cluster carried in this test
                 if (cl) {
                     cluster_sync_stats(cl, 5000);
+                    n_nt = cluster_node_times(cl, nt, MSG_MAX_NODES);
                     const cluster_stats_t *cs = cluster_stats(cl);
+                    ntok = (double)cs->tokens;
                     comm_ms = cs->tokens ? cs->gather_ms / (double)cs->tokens : 0;
                     kib = cs->tokens ? (double)cs->gather_bytes / (double)cs->tokens / 1024.0 : 0;
                     util = cs->step_ms > 0 && cs->n_compute ? cs->busy_ms / (cs->n_compute * cs->step_ms) : 0;
@@ -536,6 +541,20 @@ int cmd_bench(int argc, char **argv) {
                         cJSON_AddNumberToObject(o, "comm_ms_per_token", comm_ms);
                         cJSON_AddNumberToObject(o, "comm_bytes_per_token", kib * 1024.0);
                         cJSON_AddItemToObject(o, "recoveries", cluster_recoveries_json(cl));
+                        cJSON *na = cJSON_AddArrayToObject(o, "node_times");
+                        for (int k = 0; k < n_nt && ntok > 0; k++) {
+                            cJSON *t = cJSON_CreateObject();
+                            cJSON_AddStringToObject(t, "node", nt[k].node);
+                            cJSON_AddNumberToObject(t, "rank", nt[k].rank);
+                            cJSON_AddNumberToObject(t, "compute_ms_per_token", nt[k].compute_ms / ntok);
+                            cJSON_AddNumberToObject(t, "exchange_ms_per_token", nt[k].comm_ms / ntok);
+                            if (!pp) {
+                                const double wait = nt[k].comm_ms / ntok - nt[k].transfer_ms;
+                                cJSON_AddNumberToObject(t, "transfer_ms_per_token", nt[k].transfer_ms);
+                                cJSON_AddNumberToObject(t, "wait_ms_per_token", wait > 0 ? wait : 0);
+                            }
+                            cJSON_AddItemToArray(na, t);
+                        }
                     }
                     cJSON_AddItemToArray(jarr, o);
                 } else {
@@ -551,6 +570,21 @@ int cmd_bench(int argc, char **argv) {
                     printf("| %-24s | %10s | %8s | %-10s | %7d | %6s | %16s | %10s |%s\n", name, size, params, backend,
                            nthr, tname, ts, bw, extra);
                     fflush(stdout);
+                    // where each node's time per token went: computing, in exchanges (the plan's figure for
+                    // the transfer at the measured links, and the rest: waiting for peers or the stage before)
+                    char where[1024];
+                    int at = 0;
+                    for (int k = 0; k < n_nt && ntok > 0 && at < (int)sizeof where - 1; k++) {
+                        const double ex = nt[k].comm_ms / ntok, wait = ex - nt[k].transfer_ms;
+                        if (pp)
+                            at += snprintf(where + at, sizeof where - (size_t)at, "%s%s compute %.1f, exchanges %.1f",
+                                           k ? "; " : "", nt[k].node, nt[k].compute_ms / ntok, ex);
+                        else
+                            at += snprintf(where + at, sizeof where - (size_t)at,
+                                           "%s%s compute %.1f, exchanges %.1f (transfer %.1f, waiting %.1f)", k ? "; " : "",
+                                           nt[k].node, nt[k].compute_ms / ntok, ex, nt[k].transfer_ms, wait > 0 ? wait : 0);
+                    }
+                    if (at > 0) fprintf(stderr, "meshlm: %s %s, ms per token: %s\n", name, tname, where);
                 }
             }
             bench_mem_t *bm = n_mems < MAX_MODELS * 8 ? calloc(1, sizeof *bm) : NULL; // before the workers exit

@@ -141,6 +141,25 @@ const model_t *cluster_model(const cluster_t *c);
 const plan_t *cluster_plan(const cluster_t *c);
 const cluster_stats_t *cluster_stats(const cluster_t *c);
 
+// Where a computing node's time went since the last cluster_stats_reset (call cluster_sync_stats
+// first so every step's report is in): what it measured of itself, and what the plan predicts its
+// exchanges take on the measured links.
+typedef struct {
+    char node[MSG_ID_MAX];           // its node id; "coordinator" for the coordinator's own share
+    int rank;                        // its data-plane rank
+    uint64_t steps;                  // step reports counted
+    double compute_ms;               // summed: computing
+    double comm_ms;                  // summed: in exchanges (sending, receiving, waiting for peers) and
+                                     // waiting for the stage before
+    double transfer_ms;              // predicted per decoded token: its stage's exchanges at the measured
+                                     // latency and bandwidth (plan_shard_t.comm_ms); the rest of comm_ms
+                                     // is waiting
+} cluster_node_time_t;
+
+// Fills out (up to max) for every computing node of the plan in rank order; returns how many (0
+// before cluster_load).
+int cluster_node_times(const cluster_t *c, cluster_node_time_t *out, int max);
+
 // One step on every node (same contract as model_eval); MLM_ESTATE before cluster_load. On a lost worker: MLM_EPEER or
 // MLM_ETIMEOUT within the deadline, and cluster_error() names the worker when it could tell.
 int cluster_eval(cluster_t *c, const int32_t *tokens, int n, float *logits, bool all_logits);

@@ -22,6 +22,8 @@ typedef struct {
     double lat_us, bw;          // measured control link: one-way latency, bytes/s
     uint64_t reports;           // step reports received
     double busy_ms, wait_ms;    // summed over those reports: computing; waiting for exchanges
+    uint64_t reports0;          // reports, busy_ms and wait_ms at the last cluster_stats_reset
+    double busy0, wait0;
     bool standby;               // held back from plans until a worker is lost (cluster_opts_t.n_standby)
     bool lost;                  // lost (killed, frozen, cut off): left out of plans until it answers again
     bool greeted;               // answered a HELLO since it was last lost

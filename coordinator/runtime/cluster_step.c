@@ -231,4 +231,37 @@ void cluster_stats_reset(cluster_t *c) {
     c->stats.allreduces = 0;
     c->stats.gather_ms = c->stats.step_ms = c->stats.busy_ms = c->stats.wait_ms = 0;
     pipe_stats_reset(&c->pipe);
+    for (int i = 0; i < c->o.n_workers; i++) {
+        worker_t *w = &c->w[i];
+        w->reports0 = w->reports;
+        w->busy0 = w->busy_ms;
+        w->wait0 = w->wait_ms;
+    }
+}
+
+int cluster_node_times(const cluster_t *c, cluster_node_time_t *out, int max) {
+    const plan_t *pl = c->plan;
+    if (!pl || c->phase < PHASE_LOADED) return 0;
+    const int first = c->n_nodes - pl->n; // rank of the plan's first share (0: the coordinator computes)
+    int n = 0;
+    for (int r = first; r < c->n_nodes && n < max; r++) {
+        cluster_node_time_t *t = &out[n++];
+        memset(t, 0, sizeof *t);
+        t->rank = r;
+        t->transfer_ms = pl->shard[r - first].comm_ms;
+        const int wi = c->rank_worker[r];
+        if (wi < 0) { // the coordinator's own share
+            snprintf(t->node, sizeof t->node, "coordinator");
+            t->steps = c->stats.steps;
+            t->compute_ms = c->pipe.busy_ms;
+            t->comm_ms = c->pipe.wait_ms + c->pipe.gather_ms;
+            continue;
+        }
+        const worker_t *w = &c->w[wi];
+        snprintf(t->node, sizeof t->node, "%.63s", w->hello.node_id[0] ? w->hello.node_id : w->endpoint);
+        t->steps = w->reports - w->reports0;
+        t->compute_ms = w->busy_ms - w->busy0;
+        t->comm_ms = w->wait_ms - w->wait0;
+    }
+    return n;
 }

@@ -201,8 +201,11 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
             const int own = n_owned(p, i, ne);
             const double flop_ms = 2.0 / bpw / (plan_node_gflops(nd) * 1e9) * 1e3; // per byte of weights
             const double mem_ms = 1.0 / (nd->mem_bw > 0 ? nd->mem_bw * PLAN_MEM_EFFICIENCY : PLAN_DEFAULT_MEM_BW) * 1e3;
-            // replicated bytes, plus on average the routed share of its experts
-            const double rep = (double)sh->weight_bytes - xb * own;
+            // replicated bytes, plus on average the routed share of its experts; of the last stage only
+            // the first member computes the output rows (it alone sends the logits)
+            const bool no_out = st + 1 == p->n_stages && i > a;
+            const double rep = (double)sh->weight_bytes - xb * own -
+                               (no_out ? (double)pm->out_row_bytes * (double)(s->v1 - s->v0) : 0);
             const double bytes = rep + xb * (double)k * (double)own / (double)ne;
             rep_ms[i - a] = rep * max2(flop_ms, mem_ms);
             x_ms[i - a] = xb * max2(flop_ms, mem_ms);

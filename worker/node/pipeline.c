@@ -234,6 +234,7 @@ int pipe_node_step(pipe_node_t *p, model_ctx_t *ctx, const int32_t *tokens, int 
         if (p->prev_leader >= 0 && (rc = recv_hidden(p, nt)) != 0) return rc;
         float *lp = NULL;
         if (logits && (all_logits || last_mb)) lp = land && all_logits ? logits + (size_t)done * p->n_vocab : logits;
+        if (p->ep && p->rank != p->first) lp = NULL; // placed experts: the stage's first rank alone sends logits
         const double t0 = mlm_now_ms(), g0 = p->gather_ms;
         rc = model_eval_stage(ctx, p->prev_leader < 0 ? tokens + done : NULL, p->prev_leader >= 0 ? p->hin : NULL, nt,
                               p->next_n ? p->hout : NULL, lp, all_logits);

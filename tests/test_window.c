@@ -586,23 +586,33 @@ static void test_run_one_node(void) {
 
 // 2 and 3 local workers (tensor-parallel and pipeline) with --mem-budget: one node's tokens; every
 // worker's VmHWM within the budget plus a worker's own pages, and its memory cgroup within its limit.
-static void test_run_workers(void) {
+// What the local-worker runs under the budget share: whether memory cgroups can be made (*cg), a
+// worker's own pages (*wbase) and the --mem-budget and --local-mem arguments (budget, limit: 32 bytes).
+// False (the test is skipped) without the meshlm binary.
+static bool workers_setup(bool *cg, double *wbase, char *budget, char *limit) {
     if (!test_meshlm_bin()) {
         fprintf(stderr, "(skipped: MESHLM_BIN not set) ");
-        return;
+        return false;
     }
     char err[256];
-    const bool cg = memcg_probe(NULL, 0, err, sizeof err) > 0;
-    double wbase = 0;
-    baseline_hwm(2, &wbase);
+    *cg = memcg_probe(NULL, 0, err, sizeof err) > 0;
+    *wbase = 0;
+    baseline_hwm(2, wbase);
     // The baseline worker serves a 1 MB model of 6 blocks; these workers hold the tensor tables and
     // unit bindings of 64 blocks (579 tensors) besides, about 1 MiB more of their own pages. (The
     // baseline used to include the 1 MiB buffer each local worker hashed the model with; they are
     // now given the coordinator's hash.)
-    wbase += 1.0 * MIB;
+    *wbase += 1.0 * MIB;
+    snprintf(budget, 32, "%lluK", (unsigned long long)(fix_budget >> 10));
+    snprintf(limit, 32, "%lluK", (unsigned long long)((fix_budget + CG_ROOM) >> 10)); // + the binary's pages
+    return true;
+}
+
+static void test_run_workers(void) {
+    bool cg;
+    double wbase;
     char budget[32], limit[32];
-    snprintf(budget, sizeof budget, "%lluK", (unsigned long long)(fix_budget >> 10));
-    snprintf(limit, sizeof limit, "%lluK", (unsigned long long)((fix_budget + CG_ROOM) >> 10)); // + the binary's pages
+    if (!workers_setup(&cg, &wbase, budget, limit)) return;
     const char *one[] = {"meshlm", "run", "-m", fix_model, "-p", "Once upon a time", "-n", "12", "--greedy", "-c", "64",
                          "-t", "1", "--json", NULL};
     result_t ref;
@@ -636,18 +646,10 @@ static void test_run_workers(void) {
 // first), and the request goes on to one node's tokens; the survivors stay within the budget plus
 // their own pages.
 static void test_run_workers_kill(void) {
-    if (!test_meshlm_bin()) {
-        fprintf(stderr, "(skipped: MESHLM_BIN not set) ");
-        return;
-    }
-    char err[256];
-    const bool cg = memcg_probe(NULL, 0, err, sizeof err) > 0;
-    double wbase = 0;
-    baseline_hwm(2, &wbase);
-    wbase += 1.0 * MIB; // the 64 blocks' tables (test_run_workers)
+    bool cg;
+    double wbase;
     char budget[32], limit[32];
-    snprintf(budget, sizeof budget, "%lluK", (unsigned long long)(fix_budget >> 10));
-    snprintf(limit, sizeof limit, "%lluK", (unsigned long long)((fix_budget + CG_ROOM) >> 10));
+    if (!workers_setup(&cg, &wbase, budget, limit)) return;
     const char *one[] = {"meshlm", "run", "-m", fix_model, "-p", "Once upon a time", "-n", "12", "--greedy", "-c", "64",
                          "-t", "1", "--json", NULL};
     const char *args[] = {"meshlm", "run", "-m", fix_model, "-p", "Once upon a time", "-n", "12", "--greedy", "-c", "64",

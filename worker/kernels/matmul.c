@@ -510,3 +510,14 @@ void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq
             kern_vec_dot(k, w->type, w->cols, y + (size_t)t * y_stride + r, row, x + (size_t)t * xq_stride);
     }
 }
+
+void mm_rows_one_order(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq_stride, int nt, float *y,
+                       size_t y_stride, int64_t r0, int64_t r1) {
+    const bool batch_order = w && w->pack == MMP_NONE && (is_float_type(w->type) || w->type == QT_Q8_0);
+    if (!batch_order || nt <= 1) {
+        mm_rows(k, w, xq, xq_stride, nt, y, y_stride, r0, r1);
+        return;
+    }
+    for (int t = 0; t < nt; t++)
+        mm_rows(k, w, (const uint8_t *)xq + (size_t)t * xq_stride, xq_stride, 1, y + (size_t)t * y_stride, y_stride, r0, r1);
+}

@@ -65,4 +65,11 @@ void mm_quantize_act(const kernels_t *k, qtype_t wtype, const float *x, void *xq
 void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq_stride, int nt,
              float *y, size_t y_stride, int64_t r0, int64_t r1);
 
+// mm_rows giving every token the bits of a product of its row alone (nt = 1): the batched products of
+// F32/F16/BF16 and (AVX-512) Q8_0 sum in another order than a single token's, so those are computed a
+// token at a time; every other product already gives each (row, token) the same bits at any nt and
+// runs batched. Used to replay decode steps as one chunk (the KV cache then holds the same bits).
+void mm_rows_one_order(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq_stride, int nt, float *y,
+                       size_t y_stride, int64_t r0, int64_t r1);
+
 #endif

@@ -43,6 +43,7 @@ struct model_ctx {
     int n_ctx;                 // cache capacity in positions
     int n_batch;               // tokens per chunk
     int pos;                   // tokens already in the cache
+    bool one_order;            // every token of a chunk gets the bits it would get alone (model_ctx_set_one_order)
     model_tp_t tp;             // tensor-parallel group (n_nodes 1 = alone)
     bool ar;                   // all-reduce mode: attn_output / ffn_down cut by columns, partial sums
                                // added up by tp.allreduce (the slice's cols)
@@ -405,6 +406,7 @@ void model_ctx_destroy(model_ctx_t **self_p) {
 }
 
 int model_ctx_pos(const model_ctx_t *c) { return c->pos; }
+void model_ctx_set_one_order(model_ctx_t *c, bool on) { c->one_order = on; }
 int model_ctx_n_ctx(const model_ctx_t *c) { return c->n_ctx; }
 void model_ctx_reset(model_ctx_t *c) { c->pos = 0; } // the next step's appends rewind the device's sequence
 attn_dev_t *model_ctx_attn(const model_ctx_t *c) { return c->attn; }
@@ -424,6 +426,7 @@ typedef struct {
     const kernels_t *k;    // kernel table
     mm_task_t t[3];        // independent products computed in one parallel job
     int n;                 // tasks used
+    bool one_order;        // each token's products summed as if it came alone (mm_rows_one_order)
 } mm_job_t;
 
 static void mm_job_fn(void *arg, int ith, int nth) {
@@ -435,7 +438,8 @@ static void mm_job_fn(void *arg, int ith, int nth) {
         int64_t b0 = nblk * ith / nth, b1 = nblk * (ith + 1) / nth;
         int64_t r0 = b0 * al, r1 = b1 * al;
         if (r1 > t->w->rows) r1 = t->w->rows;
-        if (r0 < r1) mm_rows(job->k, t->w, t->xq, t->xq_stride, t->nt, t->y, t->y_stride, r0, r1);
+        if (r0 < r1) (job->one_order ? mm_rows_one_order : mm_rows)(job->k, t->w, t->xq, t->xq_stride, t->nt, t->y,
+                                                                    t->y_stride, r0, r1);
     }
 }
 
@@ -457,7 +461,7 @@ static const void *quantize_rows(const model_ctx_t *c, qtype_t wtype, const floa
 // Activation rows are quantized once per weight type (their layout can depend on the weight type).
 static void matmul_shared(model_ctx_t *c, const float *x, int nt, int n, const mm_weight_t *const *ws,
                           float *const *ys) {
-    mm_job_t job = {.k = c->m->kern, .n = 0};
+    mm_job_t job = {.k = c->m->kern, .n = 0, .one_order = c->one_order};
     void *bufs[3] = {c->xq_a, c->xq_b, c->xq_c};
     qtype_t done_type[3];
     const void *done_q[3];
@@ -843,7 +847,13 @@ static int eval_block(model_ctx_t *c, int il, const layer_weights_t *L, int nt, 
     if (c->attn) { // the device keeps k and v (rounded to its cache type) and attends next to them
         const int lay = il - m->slice.l0;
         if ((rc = attn_dev_append(c->attn, 0, lay, pos0, c->k, c->v, nt)) != 0) return rc;
-        if ((rc = attn_dev_attend(c->attn, 0, lay, c->q, nt, pos0, c->att_l)) != 0) return rc;
+        if (c->one_order) { // each token attends as it would alone (a batch sums in another order)
+            const size_t qd = (size_t)c->Hl * hd;
+            for (int i = 0; i < nt; i++)
+                if ((rc = attn_dev_attend(c->attn, 0, lay, c->q + i * qd, 1, pos0 + i, c->att_l + i * qd)) != 0) return rc;
+        } else if ((rc = attn_dev_attend(c->attn, 0, lay, c->q, nt, pos0, c->att_l)) != 0) {
+            return rc;
+        }
     }
     if (c->ar) { // its heads' columns of attn_output: a partial sum, added up over the group
         if ((rc = matmul_partial(c, &L->wo, (int64_t)c->Hl * hd, c->att_l, nt, c->tmp)) != 0) return rc;

@@ -163,6 +163,11 @@ int model_eval_stage(model_ctx_t *c, const int32_t *tokens, const float *hidden_
                      float *logits, bool all_logits);
 
 int model_ctx_pos(const model_ctx_t *c);      // tokens in the cache
+// From now on every token of a step is computed in the order it would be alone (its products and its
+// attention a token at a time where a batch would sum in another order), so a chunk of n tokens leaves
+// the cache and the logits bit for bit as n single-token steps do: a replay of decode steps in one
+// chunk. Slower than a batch for F32/F16/BF16 and Q8_0 weights; the other types keep their batches.
+void model_ctx_set_one_order(model_ctx_t *c, bool on);
 int model_ctx_n_ctx(const model_ctx_t *c);
 void model_ctx_reset(model_ctx_t *c);         // forget the cache
 // The context's attention/KV device (for its name and stats; NULL on a node without query heads).

@@ -743,6 +743,7 @@ static int msg_to_pb(const msg_t *m, pb_any_t *pb, pb_scratch_t *sc) {
         }
         d->logits = (Meshlm__LogitsMode)s->logits;
         d->ubatch = s->ubatch;
+        d->one_order = s->one_order;
         return 0;
     }
     case MSG_RESULT: {
@@ -1010,6 +1011,7 @@ static int step_from_pb(const Meshlm__Step *d, msg_t *m, char *why) {
     s->pos = d->pos;
     s->logits = (msg_logits_t)d->logits;
     s->ubatch = d->ubatch;
+    s->one_order = d->one_order;
     if (d->token_count < 1 || d->token_count > MSG_MAX_TOKENS)
         return fail(why, WHY_MAX, MLM_ERANGE, "n_tokens %u out of range (1..%d)", (unsigned)d->token_count,
                     MSG_MAX_TOKENS);

@@ -19,7 +19,7 @@
 // and extra trailing raw frames are ignored).
 
 #define MSG_PROTO_MAJOR 1
-#define MSG_PROTO_MINOR 6
+#define MSG_PROTO_MINOR 7
 #define MSG_MAGIC "MLMP"            // first 4 bytes of frame 0
 #define MSG_PREFIX_LEN 12
 
@@ -171,6 +171,11 @@ typedef enum {
 // data plane; a coordinator with keys refuses an older worker, which would open a plain one.
 #define MSG_MINOR_CURVE 6
 
+// The first minor version whose workers honour Step.one_order; a coordinator replays decode steps in
+// one chunk only when every worker of the plan says at least this (an older one would batch them and
+// change the cache's bits), and one at a time otherwise.
+#define MSG_MINOR_ONE_ORDER 7
+
 typedef struct {
     uint64_t plan_id;
     uint8_t model_sha256[MSG_SHA256_LEN];
@@ -231,6 +236,8 @@ typedef struct {
     msg_tensor_t hidden;                // (n_embd, n_tokens): ne[1] * ne[2] * ne[3] == n_tokens
     msg_logits_t logits;
     uint32_t ubatch;                    // micro-batch tokens through a pipeline (0 = the whole step)
+    bool one_order;                     // 1.7: each token computed as it would be alone (model_ctx_set_one_order):
+                                        // decode steps replayed in one chunk keep their bits
 } msg_step_t;
 
 typedef struct {

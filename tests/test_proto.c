@@ -545,12 +545,14 @@ static void test_roundtrip_load_shard(void) {
 }
 
 // Protocol 1.5: LOAD_SHARD, STEP and shard chunks carry their plan's id (the coordinator fills it,
-// a worker ignores one of another plan); the prefix says this version (1.6, which keeps them); a 1.4 peer's LOAD_SHARD and STEP, whose
-// headers have no plan_id, still decode (plan_id 0, which a worker takes as before).
+// a worker ignores one of another plan); the prefix says this version (1.7, which keeps them); a 1.4 peer's LOAD_SHARD and STEP, whose
+// headers have no plan_id, still decode (plan_id 0, which a worker takes as before). 1.7: a STEP says
+// whether its tokens go in one-token order (a replay); an older peer's STEP decodes as a plain batch.
 static void test_plan_ids(void) {
-    CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 6);
+    CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 7);
     CU_ASSERT_EQUAL(MSG_MINOR_PLAN_IDS, 5);
-    CU_ASSERT_EQUAL(MSG_MINOR_CURVE, MSG_PROTO_MINOR);
+    CU_ASSERT_EQUAL(MSG_MINOR_CURVE, 6);
+    CU_ASSERT_EQUAL(MSG_MINOR_ONE_ORDER, MSG_PROTO_MINOR);
     msg_t a, b;
     comm_msg_t f;
     const uint64_t id = 0x1234567890abcdefull;
@@ -558,9 +560,9 @@ static void test_plan_ids(void) {
     a.load_shard = (msg_load_shard_t){.plan_id = id, .node_index = 1};
     CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
     CU_ASSERT_EQUAL(b.load_shard.plan_id, id);
-    CU_ASSERT_EQUAL(b.peer_minor, 6);
+    CU_ASSERT_EQUAL(b.peer_minor, 7);
     const unsigned char *pre = f.data[0];
-    CU_ASSERT(pre[6] == 6 && pre[7] == 0); // the prefix's minor
+    CU_ASSERT(pre[6] == 7 && pre[7] == 0); // the prefix's minor
     msg_clear(&b);
     free_frames(&f);
     int32_t tok = 3;
@@ -571,6 +573,12 @@ static void test_plan_ids(void) {
     a.step.tokens = &tok;
     CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
     CU_ASSERT_EQUAL(b.step.plan_id, id);
+    CU_ASSERT(!b.step.one_order);
+    msg_clear(&b);
+    free_frames(&f);
+    a.step.one_order = true;
+    CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
+    CU_ASSERT(b.step.one_order);
     msg_clear(&b);
     free_frames(&f);
     uint8_t chunk[4] = {1, 2, 3, 4};
@@ -615,6 +623,7 @@ static void test_plan_ids(void) {
     CU_ASSERT_EQUAL(m.step.plan_id, 0u);
     CU_ASSERT_EQUAL(m.step.step_id, 5u);
     CU_ASSERT(m.step.n_tokens == 1 && m.step.tokens && m.step.tokens[0] == 3);
+    CU_ASSERT(!m.step.one_order);
     msg_clear(&m);
 }
 

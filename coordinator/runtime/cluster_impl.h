@@ -85,6 +85,7 @@ struct cluster {
     double step_t0;             // when the last step started (mlm_now_ms)
     int n_plans;                // plans made
     double shards_ms, plane_ms; // the last cluster_load: shares loaded, then data plane and own share
+    bool one_order;             // the steps sent now are computed in one-token order (a replay's chunks)
 };
 
 #define CL_GREET_EVERY_MS 2000

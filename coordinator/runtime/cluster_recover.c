@@ -14,6 +14,17 @@
 
 // --- recovery
 
+#define REPLAY_CHUNK 64 // decode steps replayed in one chunk at most
+
+// Whether every worker of the plan computes a chunk in one-token order (protocol 1.7).
+static bool one_order_ok(const cluster_t *c) {
+    for (int i = 0; i < c->o.n_workers; i++) {
+        const msg_hello_t *h = &c->w[i].hello;
+        if (c->w[i].rank >= 0 && h->proto_major <= MSG_PROTO_MAJOR && h->proto_minor < MSG_MINOR_ONE_ORDER) return false;
+    }
+    return true;
+}
+
 // Appends a step of n tokens to a sequence's history. 0 or MLM_ENOMEM.
 static int hist_add(seq_hist_t *h, const int32_t *tokens, int n, int pos) {
     if (pos + n > h->cap) {
@@ -198,15 +209,23 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
     r->plane_ms = c->plane_ms;
     const double tr = mlm_now_ms();
     int replayed = 0;
+    // Runs of decode steps (one token each) go again as one chunk in one-token order, which leaves the
+    // caches with the bits the steps left (protocol 1.7 on every worker); other steps as they were.
+    const bool merge = rc == 0 && one_order_ok(c);
     for (int s = 0; rc == 0 && s < CLUSTER_MAX_SEQS; s++) {
         seq_hist_t *h = &c->hist[s];
         int at = 0;
-        for (int k = 0; rc == 0 && k < h->n_steps; k++) {
+        for (int k = 0; rc == 0 && k < h->n_steps;) {
             const int32_t *tk = h->tokens + at;
-            int n = h->steps[k];
+            int n = h->steps[k], run = 1;
+            while (merge && h->steps[k] == 1 && k + run < h->n_steps && h->steps[k + run] == 1 && run < REPLAY_CHUNK) run++;
+            if (run > 1) n = run;
             float *none = NULL;
+            c->one_order = run > 1;
             rc = cl_eval_once(c, 1, &s, &tk, &n, &none, false);
+            c->one_order = false;
             at += n;
+            k += run;
         }
         replayed += at;
     }

@@ -129,6 +129,7 @@ int cl_eval_once(cluster_t *c, int n_seqs, const int *seq, const int32_t *const 
         st->tokens = tokens[k];
         st->logits = !logits[k] ? MSG_LOGITS_NONE : all_logits ? MSG_LOGITS_ALL : MSG_LOGITS_LAST;
         st->ubatch = (uint32_t)c->ubatch;
+        st->one_order = c->one_order;
         for (int i = 0; i < c->o.n_workers; i++) {
             if (c->w[i].rank < 0) continue;
             int rc = msg_send(c->ctl, c->w[i].peer, &m, c->timeout_ms, err, sizeof err);
@@ -144,7 +145,9 @@ int cl_eval_once(cluster_t *c, int n_seqs, const int *seq, const int32_t *const 
         model_ctx_t *ctx;
         if ((rc = cl_seq_ctx(c, seq[k], &ctx)) != 0) break;
         if (c->pos[seq[k]] == 0) model_ctx_reset(ctx);
+        model_ctx_set_one_order(ctx, c->one_order);
         rc = pipe_node_step(&c->pipe, ctx, tokens[k], n[k], c->ubatch, logits[k], all_logits);
+        model_ctx_set_one_order(ctx, false);
     }
     for (int k = 0; rc == 0 && k < n_seqs; k++)
         if (logits[k] && !pipe_lands_logits(&c->pipe)) rc = pipe_recv_logits(&c->pipe, n[k], c->ubatch, logits[k], all_logits);

@@ -604,8 +604,10 @@ static int on_step(node_t *n, const msg_step_t *st) {
         n->logits_cap = need;
     }
     const double b0 = n->pipe.busy_ms, w0 = n->pipe.wait_ms + n->pipe.gather_ms;
+    model_ctx_set_one_order(ctx, st->one_order); // 1.7: a replay of decode steps in one chunk
     int rc = pipe_node_step(&n->pipe, ctx, st->tokens, (int)st->n_tokens, (int)st->ubatch,
                             st->logits == MSG_LOGITS_NONE ? NULL : n->logits, all);
+    model_ctx_set_one_order(ctx, false);
     if (rc != 0) {
         char text[256];
         int lost = -1; // the data-plane peer it lost (a dead node, or a cut link's other end)

@@ -22,7 +22,7 @@
 #define AI static inline __attribute__((always_inline))
 
 #ifndef Q4K_TILE_T
-#define Q4K_TILE_T 4 // activation rows per tile in the matrix-matrix case
+#define Q4K_TILE_T 8 // activation rows per tile in the matrix-matrix case
 #endif
 #ifndef Q4K_PREFETCH
 #define Q4K_PREFETCH 0 // bytes ahead of the super-block being read that decode prefetches (0: none)
@@ -70,16 +70,18 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) sc[c] = q4k_scale_pairs(sb + MMP_Q4K_SCALES + 16 * c);
         const __m512 wd = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sb + MMP_Q4K_D)));
-        const __m512 wdm = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sb + MMP_Q4K_DMIN)));
+        __m512 dv[8];
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++) dv[t] = _mm512_mul_ps(_mm512_set1_ps(xr[t][b].d), wd); // x.d * d, as the reference
 #pragma GCC unroll 8
         for (int l = 0; l < 8; l++) {
             if (NT == 1 && Q4K_PREFETCH) {
 #pragma GCC unroll 5
                 for (int p = 0; p < 5; p++) _mm_prefetch((const char *)sb + Q4K_PREFETCH + 64 * (5 * l + p), _MM_HINT_T0);
             }
-            __m512i slo[8], shi[8];
+            __m512i s[8];
 #pragma GCC unroll 8
-            for (int t = 0; t < NT; t++) slo[t] = shi[t] = _mm512_setzero_si512();
+            for (int t = 0; t < NT; t++) s[t] = _mm512_setzero_si512();
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 const __m512i q = _mm512_load_si512(sb + 64 * (4 * l + j));
@@ -88,24 +90,27 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
 #pragma GCC unroll 8
                 for (int t = 0; t < NT; t++) {
                     const int8_t *xb = xr[t][b].qs + 64 * j + 4 * l;
-                    slo[t] = _mm512_dpwssd_epi32(slo[t], _mm512_maddubs_epi16(lo, bcast_i32(xb)), sc[2 * j]);
-                    shi[t] = _mm512_dpwssd_epi32(shi[t], _mm512_maddubs_epi16(hi, bcast_i32(xb + 32)), sc[2 * j + 1]);
+                    s[t] = _mm512_dpwssd_epi32(s[t], _mm512_maddubs_epi16(lo, bcast_i32(xb)), sc[2 * j]);
+                    s[t] = _mm512_dpwssd_epi32(s[t], _mm512_maddubs_epi16(hi, bcast_i32(xb + 32)), sc[2 * j + 1]);
                 }
             }
 #pragma GCC unroll 8
-            for (int t = 0; t < NT; t++) {
-                const __m512 d = _mm512_mul_ps(_mm512_set1_ps(xr[t][b].d), wd); // x.d * d, as the reference
-                acc[t][l] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(slo[t], shi[t])), acc[t][l]);
-            }
+            for (int t = 0; t < NT; t++) acc[t][l] = _mm512_fmadd_ps(dv[t], _mm512_cvtepi32_ps(s[t]), acc[t][l]);
         }
+        // the mins: pair k of each row times the sums of x over sub-blocks 2k and 2k + 1
+        const __m512 wdm = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sb + MMP_Q4K_DMIN)));
+        __m512i mp[4];
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) mp[k] = q4k_min_pairs(sb, k);
 #pragma GCC unroll 8
         for (int t = 0; t < NT; t++) {
             const __m512 dmin = _mm512_mul_ps(_mm512_set1_ps(-xr[t][b].d), wdm);
-            const __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xr[t][b].bsums),
-                                              _mm_loadu_si128((const __m128i *)(xr[t][b].bsums + 8)));
+            int32_t bs[4]; // (4) i16 pairs: sums of x over sub-blocks 2k, 2k + 1
+            _mm_storeu_si128((__m128i *)bs, _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xr[t][b].bsums),
+                                                           _mm_loadu_si128((const __m128i *)(xr[t][b].bsums + 8))));
 #pragma GCC unroll 4
             for (int k = 0; k < 4; k++) {
-                const __m512i p = _mm512_madd_epi16(q4k_min_pairs(sb, k), _mm512_set1_epi32(_mm_extract_epi32(bs, k)));
+                const __m512i p = _mm512_madd_epi16(mp[k], _mm512_set1_epi32(bs[k]));
                 accm[t][k] = _mm512_fmadd_ps(dmin, _mm512_cvtepi32_ps(p), accm[t][k]);
             }
         }

@@ -288,9 +288,9 @@ static uint64_t reused_bytes(const model_t *m) {
 
 // A tensor-parallel survivor's next share: 3 nodes become 2 (then 1); each share built from the
 // one before holds exactly the bytes of a fresh load and takes the rows they have in common.
-static void test_model_reuse(void) {
+static void model_reuse(const char *file) {
     char path[1024], err[512] = "";
-    test_shared_path(path, sizeof path, "models/synth/synth-dense-Q4_0.gguf");
+    test_shared_path(path, sizeof path, file);
     model_t *full = NULL;
     model_load_opts_t fo = {.repack = false};
     CU_ASSERT_EQUAL_FATAL(model_load(&full, path, &fo, err, sizeof err), 0);
@@ -348,13 +348,24 @@ static void test_model_reuse(void) {
     model_destroy(&full);
 }
 
-// A provider whose repacked copy was moved out still computes, from its plain rows, the same bits.
-static void test_moved_from_still_computes(void) {
+static void test_model_reuse(void) {
+    model_reuse("models/synth/synth-dense-Q4_0.gguf");
+#ifdef MESHLM_HAVE_X86
+    model_reuse("models/synth/synth-dense-Q4_K_M.gguf"); // Q4_K is repacked on x86 only (Q6_K never)
+#endif
+}
+
+// A provider whose repacked copy was moved out still computes, from its plain rows: Q4_0 close to
+// its packed groups' logits, Q4_K (whose packed kernels keep vec_dot's order) with the same bits.
+static void moved_from_still_computes(const char *file, bool same_bits) {
     char path[1024], err[512] = "";
-    test_shared_path(path, sizeof path, "models/synth/synth-dense-Q4_0.gguf");
+    test_shared_path(path, sizeof path, file);
     model_t *a = NULL, *b = NULL;
     model_load_opts_t lo = {.repack = true};
     CU_ASSERT_EQUAL_FATAL(model_load(&a, path, &lo, err, sizeof err), 0);
+#ifdef MESHLM_HAVE_X86
+    CU_ASSERT(count_packed(a) > 0); // (Q4_K is repacked on x86 only)
+#endif
     float *before = test_logits12(a, 32, 16);
     lo.reuse = a;
     CU_ASSERT_EQUAL_FATAL(model_load(&b, path, &lo, err, sizeof err), 0);
@@ -368,13 +379,21 @@ static void test_moved_from_still_computes(void) {
     CU_ASSERT_PTR_NOT_NULL(moved);
     const int nv = model_hparams(a)->n_vocab;
     if (before && moved) CU_ASSERT_EQUAL(memcmp(before, moved, (size_t)12 * nv * sizeof(float)), 0);
-    // (plain Q4_0 rows sum in another order than the packed groups: close, not the same bits)
-    for (size_t i = 0; before && after && i < (size_t)12 * nv; i++) CU_ASSERT_DOUBLE_EQUAL(before[i], after[i], 1e-2);
+    if (same_bits) {
+        if (before && after) CU_ASSERT_EQUAL(memcmp(before, after, (size_t)12 * nv * sizeof(float)), 0);
+    } else { // (plain Q4_0 rows sum in another order than the packed groups: close, not the same bits)
+        for (size_t i = 0; before && after && i < (size_t)12 * nv; i++) CU_ASSERT_DOUBLE_EQUAL(before[i], after[i], 1e-2);
+    }
     free(before);
     free(after);
     free(moved);
     model_destroy(&a);
     model_destroy(&b);
+}
+
+static void test_moved_from_still_computes(void) {
+    moved_from_still_computes("models/synth/synth-dense-Q4_0.gguf", false);
+    moved_from_still_computes("models/synth/synth-dense-Q4_K_M.gguf", true);
 }
 
 int test_reuse_suite(void) {

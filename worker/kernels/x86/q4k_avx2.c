@@ -81,12 +81,13 @@ AI void q4k_half(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             const __m256 dmin = _mm256_mul_ps(_mm256_set1_ps(-xr[t][b].d), wdm);
-            const __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xr[t][b].bsums),
-                                              _mm_loadu_si128((const __m128i *)(xr[t][b].bsums + 8)));
+            int32_t bs[4]; // (4) i16 pairs: sums of x over sub-blocks 2k, 2k + 1
+            _mm_storeu_si128((__m128i *)bs, _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xr[t][b].bsums),
+                                                           _mm_loadu_si128((const __m128i *)(xr[t][b].bsums + 8))));
 #pragma GCC unroll 4
             for (int k = 0; k < 4; k++) {
                 const __m256i mp = _mm256_cvtepu8_epi16(_mm_load_si128((const __m128i *)(sb + MMP_Q4K_MINS + 32 * k + 16 * h)));
-                const __m256i p = _mm256_madd_epi16(mp, _mm256_set1_epi32(_mm_extract_epi32(bs, k)));
+                const __m256i p = _mm256_madd_epi16(mp, _mm256_set1_epi32(bs[k]));
                 accm[t][k] = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(p), accm[t][k]);
             }
         }

@@ -67,7 +67,7 @@ static void q4_k_pack_row(uint8_t *grp, int64_t nb, int i, const uint8_t *row) {
         uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
         for (int j = 0; j < 4; j++)
             for (int l = 0; l < 8; l++) memcpy(sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4, blk->qs + 32 * j + 4 * l, 4);
-        uint8_t sc[8], mn[8];
+        uint8_t sc[8], mn[8]; // (sub-block) 6-bit scales and mins
         q4_k_scales_get(blk->scales, sc, mn);
         for (int c = 0; c < 8; c++) sb[MMP_Q4K_SCALES + c * MMP_ROWS + i] = sc[c];
         for (int c = 0; c < 8; c++) sb[MMP_Q4K_MINS + ((c / 2) * MMP_ROWS + i) * 2 + c % 2] = mn[c];
@@ -83,7 +83,7 @@ static void q4_k_unpack_row(const uint8_t *grp, int64_t nb, int i, uint8_t *row)
         const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
         for (int j = 0; j < 4; j++)
             for (int l = 0; l < 8; l++) memcpy(blk->qs + 32 * j + 4 * l, sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4, 4);
-        uint8_t sc[8], mn[8];
+        uint8_t sc[8], mn[8]; // (sub-block) 6-bit scales and mins
         for (int c = 0; c < 8; c++) sc[c] = sb[MMP_Q4K_SCALES + c * MMP_ROWS + i];
         for (int c = 0; c < 8; c++) mn[c] = sb[MMP_Q4K_MINS + ((c / 2) * MMP_ROWS + i) * 2 + c % 2];
         q4_k_scales_put(sc, mn, blk->scales);
@@ -101,7 +101,7 @@ static void group_q4_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq,
         const block_q8_K *x = (const block_q8_K *)(xq + (size_t)t * xs); // (nb)
         for (int i = 0; i < MMP_ROWS; i++) {
             if (!(mask >> i & 1u)) continue;
-            float acc[8] = {0}, accm[4] = {0};
+            float acc[8] = {0}, accm[4] = {0}; // (lane) float lanes, (pair) min lanes
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
                 const float d = x[b].d * f16_at(sb + MMP_Q4K_D + 2 * i);

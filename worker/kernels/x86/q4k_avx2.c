@@ -38,7 +38,7 @@ AI __m256i q4k_scale_pairs(const uint8_t *sc, int h) {
 AI void q4k_half(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, int h, float *out) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256 acc[4][8], accm[4][4]; // (token, lane) float lanes of the 8 rows
-    const block_q8_K *xr[4];
+    const block_q8_K *xr[4]; // (token) activation rows, (nb) super-blocks each
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) {
         xr[t] = (const block_q8_K *)(xq + (size_t)t * xs);
@@ -49,14 +49,14 @@ AI void q4k_half(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
-        __m256i sc[8];
+        __m256i sc[8]; // (sub-block c) the 8 rows' scales as i16 pairs
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) sc[c] = q4k_scale_pairs(sb + MMP_Q4K_SCALES + 16 * c, h);
         const __m256 wd = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(sb + MMP_Q4K_D + 16 * h)));
         const __m256 wdm = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(sb + MMP_Q4K_DMIN + 16 * h)));
 #pragma GCC unroll 8
         for (int l = 0; l < 8; l++) {
-            __m256i s[4];
+            __m256i s[4]; // (token) integer lane l of the 8 rows
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) s[t] = _mm256_setzero_si256();
 #pragma GCC unroll 4

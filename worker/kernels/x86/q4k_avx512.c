@@ -24,9 +24,6 @@
 #ifndef Q4K_TILE_T
 #define Q4K_TILE_T 8 // activation rows per tile in the matrix-matrix case
 #endif
-#ifndef Q4K_PREFETCH
-#define Q4K_PREFETCH 0 // bytes ahead of the super-block being read that decode prefetches (0: none)
-#endif
 
 AI __m512i bcast_i32(const void *p) {
     int32_t v;
@@ -55,7 +52,7 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
                  __mmask16 m) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     __m512 acc[8][8], accm[8][4]; // (token, lane) float lanes of the 16 rows
-    const block_q8_K *xr[8];
+    const block_q8_K *xr[8]; // (token) activation rows, (nb) super-blocks each
 #pragma GCC unroll 8
     for (int t = 0; t < NT; t++) {
         xr[t] = (const block_q8_K *)(xq + (size_t)t * xs);
@@ -66,20 +63,16 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
-        __m512i sc[8];
+        __m512i sc[8]; // (sub-block c) the 16 rows' scales as i16 pairs
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) sc[c] = q4k_scale_pairs(sb + MMP_Q4K_SCALES + 16 * c);
         const __m512 wd = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sb + MMP_Q4K_D)));
-        __m512 dv[8];
+        __m512 dv[8]; // (token) x.d * d of the 16 rows
 #pragma GCC unroll 8
         for (int t = 0; t < NT; t++) dv[t] = _mm512_mul_ps(_mm512_set1_ps(xr[t][b].d), wd); // x.d * d, as the reference
 #pragma GCC unroll 8
         for (int l = 0; l < 8; l++) {
-            if (NT == 1 && Q4K_PREFETCH) {
-#pragma GCC unroll 5
-                for (int p = 0; p < 5; p++) _mm_prefetch((const char *)sb + Q4K_PREFETCH + 64 * (5 * l + p), _MM_HINT_T0);
-            }
-            __m512i s[8];
+            __m512i s[8]; // (token) integer lane l of the 16 rows
 #pragma GCC unroll 8
             for (int t = 0; t < NT; t++) s[t] = _mm512_setzero_si512();
 #pragma GCC unroll 4
@@ -99,7 +92,7 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
         }
         // the mins: pair k of each row times the sums of x over sub-blocks 2k and 2k + 1
         const __m512 wdm = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sb + MMP_Q4K_DMIN)));
-        __m512i mp[4];
+        __m512i mp[4]; // (pair k) the 16 rows' mins of sub-blocks 2k, 2k + 1 as i16 pairs
 #pragma GCC unroll 4
         for (int k = 0; k < 4; k++) mp[k] = q4k_min_pairs(sb, k);
 #pragma GCC unroll 8

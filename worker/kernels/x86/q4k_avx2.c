@@ -13,7 +13,7 @@
 #define AI static inline __attribute__((always_inline))
 
 #ifndef Q4K_TILE_T2
-#define Q4K_TILE_T2 2 // activation rows per tile in the matrix-matrix case
+#define Q4K_TILE_T2 4 // activation rows per tile in the matrix-matrix case (best measured: 4 > 2 > 1)
 #endif
 
 AI __m256i bcast_i32(const void *p) {

@@ -309,6 +309,85 @@ static void test_decode_bits(void) {
     }
 }
 
+// Repacked Q4_K (x86: 16-row groups with the scales unpacked): decode and the token tiles of a batch
+// give, for 1..17 tokens, rows that are not a multiple of 16, row ranges that start and end inside
+// a group and 1..5 super-blocks, the bits of the scalar table's Q4_K vec_dot (which every table's
+// vec_dot gives); the weights are read from the packed copy only, and get_row gives back the file
+// bytes.
+static void test_q4_k_packed_bits(void) {
+    static const int64_t shapes[][2] = {{37, 768}, {17, 256}, {50, 1280}, {5, 512}};
+    enum { NT = 17 };
+    const kernels_t *ks = kernels_for_isa("scalar");
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int64_t rows = shapes[s][0], cols = shapes[s][1];
+        const size_t rb = qtype_row_size(QT_Q4_K, cols);
+        problem_t p;
+        problem_init(&p, ks, QT_Q4_K, rows, cols, 4000 + s);
+        float *want = malloc(sizeof(float) * NT * (size_t)rows); // (NT, rows) scalar vec_dot
+        const size_t ys = (size_t)rows + 3;
+        float *y = malloc(sizeof(float) * NT * ys); // (NT, ys)
+        uint8_t *copy = malloc((size_t)rows * rb);  // (rows, rb) what the weight is made from
+        uint8_t *row = malloc(rb);                  // (rb)
+        CU_ASSERT_FATAL(want && y && copy && row);
+        for (int t = 0; t < NT; t++)
+            for (int64_t r = 0; r < rows; r++)
+                kern_vec_dot(ks, QT_Q4_K, cols, &want[t * rows + r], p.w + (size_t)r * rb, p.xq + (size_t)t * p.xs);
+        // the ranges: the whole matrix, from the second group, inside one group, one row, the last rows
+        const int64_t ranges[][2] = {{0, rows}, {16, rows}, {3, 21}, {rows / 2, rows / 2 + 1}, {rows - 5, rows}};
+        for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+            const kernels_t *k = kernels_for_isa(isas[i]);
+            if (!k) continue;
+            memcpy(copy, p.w, (size_t)rows * rb);
+            mm_weight_t w;
+            CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, QT_Q4_K, rows, cols, copy, true), 0);
+#ifdef MESHLM_HAVE_X86
+            CU_ASSERT_PTR_NOT_NULL(w.packed);
+            CU_ASSERT_EQUAL(w.row_align, 16);
+#endif
+            if (w.packed) memset(copy, 0xff, (size_t)rows * rb); // computed from the packed copy only
+            int bad = 0, checked = 0;
+            for (int64_t r = 0; r < rows; r++) {
+                mm_weight_get_row(&w, r, row);
+                bad += memcmp(row, p.w + (size_t)r * rb, rb) != 0;
+            }
+            CU_ASSERT_EQUAL(bad, 0);
+            for (int nt = 1; nt <= NT; nt++)
+                for (size_t g = 0; g < sizeof ranges / sizeof ranges[0]; g++) {
+                    const int64_t r0 = ranges[g][0], r1 = ranges[g][1] < rows ? ranges[g][1] : rows;
+                    if (r0 < 0 || r0 >= r1) continue;
+                    for (size_t e = 0; e < (size_t)NT * ys; e++) y[e] = NAN;
+                    mm_rows(k, &w, p.xq, p.xs, nt, y, ys, r0, r1);
+                    for (int t = 0; t < NT; t++)
+                        for (int64_t r = 0; r < (int64_t)ys; r++) {
+                            const float got = y[(size_t)t * ys + r];
+                            if (t >= nt || r < r0 || r >= r1) { // untouched
+                                bad += !isnan(got);
+                                continue;
+                            }
+                            checked++;
+                            if (memcmp(&got, &want[t * rows + r], sizeof got) != 0 && bad++ == 0)
+                                fprintf(stderr, "\n  %s Q4_K %lldx%lld nt=%d [%lld,%lld) row %lld tok %d: got %.9g want %.9g\n",
+                                        k->isa, (long long)rows, (long long)cols, nt, (long long)r0, (long long)r1,
+                                        (long long)r, t, got, want[t * rows + r]);
+                        }
+                }
+            CU_ASSERT(checked > 0);
+            CU_ASSERT_EQUAL(bad, 0);
+            mm_weight_release(&w);
+        }
+        // and the scalar vec_dot is within the oracle's tolerance (the bits above could agree on a wrong value)
+        int far = 0;
+        for (int t = 0; t < NT; t++)
+            for (int64_t r = 0; r < rows; r++) far += !(fabs((double)want[t * rows + r] - p.ref[t * rows + r]) <= p.tol[t * rows + r]);
+        CU_ASSERT_EQUAL(far, 0);
+        free(want);
+        free(y);
+        free(copy);
+        free(row);
+        problem_free(&p);
+    }
+}
+
 // --- public API
 
 int test_matmul_suite(void) {
@@ -317,7 +396,8 @@ int test_matmul_suite(void) {
     if (!CU_add_test(s, "weight_init_errors", test_weight_init_errors) ||
         !CU_add_test(s, "act_bytes_match_scalar", test_act_bytes_match_scalar) ||
         !CU_add_test(s, "all_types_small", test_all_types_small) || !CU_add_test(s, "large_rows", test_large_rows) ||
-        !CU_add_test(s, "q8_0_batch_bits", test_q8_0_batch_bits) || !CU_add_test(s, "decode_bits", test_decode_bits))
+        !CU_add_test(s, "q8_0_batch_bits", test_q8_0_batch_bits) || !CU_add_test(s, "decode_bits", test_decode_bits) ||
+        !CU_add_test(s, "q4_k_packed_bits", test_q4_k_packed_bits))
         return -1;
     return 0;
 }

@@ -17,24 +17,35 @@
 
 #define ROWS 200
 #define COLS 96 // 3 Q4_0 blocks: an odd count, so the last block pair is half padding
+#define COLS_K 768 // 3 Q4_K super-blocks
 
-// Bytes of the packed copy of a Q4_0 matrix of rows rows.
+// Bytes of the packed copy of a Q4_0 or Q4_K matrix (16-row groups, x86_mm.h).
 static size_t packed_bytes(const mm_weight_t *w) {
     const int64_t ng = (w->rows + 15) / 16;
+    if (w->type == QT_Q4_K) return (size_t)ng * (size_t)(w->cols / 256) * 2368;
     const int64_t nb = w->cols / 32;
     return (size_t)ng * (size_t)((nb + 1) / 2) * (2 * 256 + 4 * 16);
 }
 
-// A Q4_0 matrix (ROWS, COLS) of random bytes with finite scales.
-static uint8_t *random_q4_0(uint64_t seed) {
-    const size_t rb = qtype_row_size(QT_Q4_0, COLS);
-    uint8_t *d = malloc((size_t)ROWS * rb); // (ROWS, rb)
-    for (size_t i = 0; d && i < (size_t)ROWS * rb; i++) d[i] = (uint8_t)test_rng_next(&seed);
-    for (int r = 0; d && r < ROWS; r++)
-        for (int b = 0; b < COLS / 32; b++) {
+// A Q4_0 or Q4_K matrix (rows, cols) of random bytes with finite scales (and mins).
+static uint8_t *random_rows(qtype_t t, int64_t rows, int64_t cols, uint64_t seed) {
+    const size_t rb = qtype_row_size(t, cols);
+    uint8_t *d = malloc((size_t)rows * rb); // (rows, rb)
+    for (size_t i = 0; d && i < (size_t)rows * rb; i++) d[i] = (uint8_t)test_rng_next(&seed);
+    for (int64_t r = 0; d && r < rows; r++) {
+        if (t == QT_Q4_K) {
+            for (int64_t b = 0; b < cols / 256; b++) {
+                block_q4_K *blk = (block_q4_K *)(d + (size_t)r * rb) + b;
+                blk->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
+                blk->dmin = (uint16_t)(0x2c00 + (test_rng_next(&seed) & 0x3ff));
+            }
+            continue;
+        }
+        for (int64_t b = 0; b < cols / 32; b++) {
             block_q4_0 *blk = (block_q4_0 *)(d + (size_t)r * rb) + b;
             blk->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff)); // a small positive f16
         }
+    }
     return d;
 }
 
@@ -43,19 +54,19 @@ typedef struct {
     int a0, a1, b0, b1;
 } span_t;
 
-static void check_span(const uint8_t *data, const span_t *s) {
-    const size_t rb = qtype_row_size(QT_Q4_0, COLS);
+static void check_span(qtype_t t, int64_t cols, const uint8_t *data, const span_t *s) {
+    const size_t rb = qtype_row_size(t, cols);
     const kernels_t *k = kernels_best();
     mm_weight_t prev, ref, got;
-    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&prev, k, QT_Q4_0, s->a1 - s->a0, COLS, data + (size_t)s->a0 * rb, true), 0);
-    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&ref, k, QT_Q4_0, s->b1 - s->b0, COLS, data + (size_t)s->b0 * rb, true), 0);
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&prev, k, t, s->a1 - s->a0, cols, data + (size_t)s->a0 * rb, true), 0);
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&ref, k, t, s->b1 - s->b0, cols, data + (size_t)s->b0 * rb, true), 0);
     // the rows prev holds are spoilt in what the new matrix is given to read: they must come from prev
     uint8_t *spoilt = malloc((size_t)ROWS * rb); // (ROWS, rb)
     CU_ASSERT_PTR_NOT_NULL_FATAL(spoilt);
     memcpy(spoilt, data, (size_t)ROWS * rb);
     memset(spoilt + (size_t)s->a0 * rb, 0x5a, (size_t)(s->a1 - s->a0) * rb);
     int64_t reused = -1;
-    CU_ASSERT_EQUAL_FATAL(mm_weight_init_from(&got, k, QT_Q4_0, s->b1 - s->b0, COLS, spoilt + (size_t)s->b0 * rb, &prev,
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init_from(&got, k, t, s->b1 - s->b0, cols, spoilt + (size_t)s->b0 * rb, &prev,
                                               s->a0 - s->b0, &reused),
                           0);
     const int lo = s->a0 > s->b0 ? s->a0 : s->b0, hi = s->a1 < s->b1 ? s->a1 : s->b1;
@@ -66,15 +77,18 @@ static void check_span(const uint8_t *data, const span_t *s) {
     if (hi <= lo) { // nothing in common: every row is read from what it was given
         CU_ASSERT_PTR_EQUAL(got.data, spoilt + (size_t)s->b0 * rb);
     } else if (memcmp(got.packed, ref.packed, packed_bytes(&ref)) != 0) {
-        fprintf(stderr, "  prev rows %d-%d, new rows %d-%d: packed bytes differ\n", s->a0, s->a1, s->b0, s->b1);
+        fprintf(stderr, "  %s prev rows %d-%d, new rows %d-%d: packed bytes differ\n", qtype_name(t), s->a0, s->a1,
+                s->b0, s->b1);
         CU_FAIL("packed bytes differ from a fresh repack");
     }
     // and prev is untouched
-    uint8_t row[64];
+    uint8_t *row = malloc(rb); // (rb)
+    CU_ASSERT_PTR_NOT_NULL_FATAL(row);
     for (int r = 0; r < s->a1 - s->a0; r += 7) {
         mm_weight_get_row(&prev, r, row);
         CU_ASSERT_EQUAL(memcmp(row, data + (size_t)(s->a0 + r) * rb, rb), 0);
     }
+    free(row);
     mm_weight_release(&prev);
     mm_weight_release(&ref);
     mm_weight_release(&got);
@@ -84,8 +98,6 @@ static void check_span(const uint8_t *data, const span_t *s) {
 // --- tests
 
 static void test_init_from(void) {
-    uint8_t *data = random_q4_0(7);
-    CU_ASSERT_PTR_NOT_NULL_FATAL(data);
     const span_t spans[] = {
         {32, 112, 0, 160},   // prev inside, its groups lined up with the new ones
         {5, 77, 0, 100},     // not lined up: rows unpacked from prev and packed again
@@ -95,9 +107,19 @@ static void test_init_from(void) {
         {0, 16, 100, 140},   // nothing in common
         {100, 200, 0, 120},  // prev after, overlapping the end
     };
-    for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(data, &spans[i]);
+    // Q4_K is repacked on x86 (plain rows elsewhere: then there is nothing to take)
+    uint8_t *dk = random_rows(QT_Q4_K, ROWS, COLS_K, 9);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(dk);
+    mm_weight_t probe;
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&probe, kernels_best(), QT_Q4_K, 20, COLS_K, dk, true), 0);
+    if (probe.packed)
+        for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q4_K, COLS_K, dk, &spans[i]);
+    mm_weight_release(&probe);
+    free(dk);
+    uint8_t *data = random_rows(QT_Q4_0, ROWS, COLS, 7);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(data);
+    for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q4_0, COLS, data, &spans[i]);
     // a prev that cannot give anything: plain rows (not repacked), or another width
-    const size_t rb = qtype_row_size(QT_Q4_0, COLS);
     mm_weight_t plain, narrow, got, ref;
     const kernels_t *k = kernels_best();
     CU_ASSERT_EQUAL_FATAL(mm_weight_init(&plain, k, QT_Q4_0, 64, COLS, data, false), 0);
@@ -117,7 +139,6 @@ static void test_init_from(void) {
     CU_ASSERT_EQUAL(reused, 0);
     CU_ASSERT_PTR_NULL(got.packed);
     CU_ASSERT_PTR_EQUAL(got.data, data);
-    (void)rb;
     mm_weight_release(&plain);
     mm_weight_release(&narrow);
     mm_weight_release(&ref);
@@ -131,19 +152,19 @@ static void test_init_from(void) {
 #define BIG_ROWS 6000
 #define BIG_COLS 2048
 
-static void check_take(const uint8_t *data, const span_t *s, bool taken) {
-    const size_t rb = qtype_row_size(QT_Q4_0, BIG_COLS);
+static void check_take(qtype_t t, const uint8_t *data, const span_t *s, bool taken) {
+    const size_t rb = qtype_row_size(t, BIG_COLS);
     const kernels_t *k = kernels_best();
     mm_weight_t prev, ref, got;
-    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&prev, k, QT_Q4_0, s->a1 - s->a0, BIG_COLS, data + (size_t)s->a0 * rb, true), 0);
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&prev, k, t, s->a1 - s->a0, BIG_COLS, data + (size_t)s->a0 * rb, true), 0);
     CU_ASSERT_FATAL(prev.packed_map > 0);
-    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&ref, k, QT_Q4_0, s->b1 - s->b0, BIG_COLS, data + (size_t)s->b0 * rb, true), 0);
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&ref, k, t, s->b1 - s->b0, BIG_COLS, data + (size_t)s->b0 * rb, true), 0);
     uint8_t *spoilt = malloc((size_t)BIG_ROWS * rb); // (BIG_ROWS, rb) prev's rows spoilt
     CU_ASSERT_PTR_NOT_NULL_FATAL(spoilt);
     memcpy(spoilt, data, (size_t)BIG_ROWS * rb);
     memset(spoilt + (size_t)s->a0 * rb, 0x5a, (size_t)(s->a1 - s->a0) * rb);
     int64_t reused = -1;
-    CU_ASSERT_EQUAL_FATAL(mm_weight_init_take(&got, k, QT_Q4_0, s->b1 - s->b0, BIG_COLS, spoilt + (size_t)s->b0 * rb,
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init_take(&got, k, t, s->b1 - s->b0, BIG_COLS, spoilt + (size_t)s->b0 * rb,
                                               &prev, s->a0 - s->b0, &reused),
                           0);
     const int lo = s->a0 > s->b0 ? s->a0 : s->b0, hi = s->a1 < s->b1 ? s->a1 : s->b1;
@@ -152,7 +173,8 @@ static void check_take(const uint8_t *data, const span_t *s, bool taken) {
     CU_ASSERT_EQUAL(got.row_align, ref.row_align);
     CU_ASSERT_PTR_NOT_NULL_FATAL(got.packed);
     if (memcmp(got.packed, ref.packed, packed_bytes(&ref)) != 0) {
-        fprintf(stderr, "  take: prev rows %d-%d, new rows %d-%d: packed bytes differ\n", s->a0, s->a1, s->b0, s->b1);
+        fprintf(stderr, "  take %s: prev rows %d-%d, new rows %d-%d: packed bytes differ\n", qtype_name(t), s->a0, s->a1,
+                s->b0, s->b1);
         CU_FAIL("packed bytes differ from a fresh repack");
     }
     CU_ASSERT_EQUAL(prev.packed == NULL, taken);
@@ -173,11 +195,6 @@ static void check_take(const uint8_t *data, const span_t *s, bool taken) {
 }
 
 static void test_init_take(void) {
-    const size_t rb = qtype_row_size(QT_Q4_0, BIG_COLS);
-    uint8_t *data = malloc((size_t)BIG_ROWS * rb); // (BIG_ROWS, rb)
-    CU_ASSERT_PTR_NOT_NULL_FATAL(data);
-    uint64_t seed = 11;
-    for (size_t i = 0; i < (size_t)BIG_ROWS * rb; i++) data[i] = (uint8_t)test_rng_next(&seed);
     const struct {
         span_t s;
         bool taken;
@@ -191,8 +208,18 @@ static void test_init_take(void) {
         {{5, 2500, 0, 3000}, false},     // not lined up: copied from
         {{0, 2000, 4000, 6000}, false},  // nothing in common
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) check_take(data, &cases[i].s, cases[i].taken);
-    free(data);
+    static const qtype_t types[] = {QT_Q4_0, QT_Q4_K};
+    for (size_t j = 0; j < sizeof types / sizeof types[0]; j++) {
+        uint8_t *data = random_rows(types[j], BIG_ROWS, BIG_COLS, 11 + j); // (BIG_ROWS, row bytes)
+        CU_ASSERT_PTR_NOT_NULL_FATAL(data);
+        mm_weight_t probe;
+        CU_ASSERT_EQUAL_FATAL(mm_weight_init(&probe, kernels_best(), types[j], 20, BIG_COLS, data, true), 0);
+        const bool packs = probe.packed != NULL; // Q4_K is repacked on x86 only
+        mm_weight_release(&probe);
+        for (size_t i = 0; packs && i < sizeof cases / sizeof cases[0]; i++)
+            check_take(types[j], data, &cases[i].s, cases[i].taken);
+        free(data);
+    }
 }
 
 // Node `node` of the tensor-parallel split `nodes` (plan_tp) of the model in g.
@@ -261,9 +288,9 @@ static uint64_t reused_bytes(const model_t *m) {
 
 // A tensor-parallel survivor's next share: 3 nodes become 2 (then 1); each share built from the
 // one before holds exactly the bytes of a fresh load and takes the rows they have in common.
-static void test_model_reuse(void) {
+static void model_reuse(const char *file) {
     char path[1024], err[512] = "";
-    test_shared_path(path, sizeof path, "models/synth/synth-dense-Q4_0.gguf");
+    test_shared_path(path, sizeof path, file);
     model_t *full = NULL;
     model_load_opts_t fo = {.repack = false};
     CU_ASSERT_EQUAL_FATAL(model_load(&full, path, &fo, err, sizeof err), 0);
@@ -321,13 +348,24 @@ static void test_model_reuse(void) {
     model_destroy(&full);
 }
 
-// A provider whose repacked copy was moved out still computes, from its plain rows, the same bits.
-static void test_moved_from_still_computes(void) {
+static void test_model_reuse(void) {
+    model_reuse("models/synth/synth-dense-Q4_0.gguf");
+#ifdef MESHLM_HAVE_X86
+    model_reuse("models/synth/synth-dense-Q4_K_M.gguf"); // Q4_K is repacked on x86 only (Q6_K never)
+#endif
+}
+
+// A provider whose repacked copy was moved out still computes, from its plain rows: Q4_0 close to
+// its packed groups' logits, Q4_K (whose packed kernels keep vec_dot's order) with the same bits.
+static void moved_from_still_computes(const char *file, bool same_bits) {
     char path[1024], err[512] = "";
-    test_shared_path(path, sizeof path, "models/synth/synth-dense-Q4_0.gguf");
+    test_shared_path(path, sizeof path, file);
     model_t *a = NULL, *b = NULL;
     model_load_opts_t lo = {.repack = true};
     CU_ASSERT_EQUAL_FATAL(model_load(&a, path, &lo, err, sizeof err), 0);
+#ifdef MESHLM_HAVE_X86
+    CU_ASSERT(count_packed(a) > 0); // (Q4_K is repacked on x86 only)
+#endif
     float *before = test_logits12(a, 32, 16);
     lo.reuse = a;
     CU_ASSERT_EQUAL_FATAL(model_load(&b, path, &lo, err, sizeof err), 0);
@@ -341,13 +379,21 @@ static void test_moved_from_still_computes(void) {
     CU_ASSERT_PTR_NOT_NULL(moved);
     const int nv = model_hparams(a)->n_vocab;
     if (before && moved) CU_ASSERT_EQUAL(memcmp(before, moved, (size_t)12 * nv * sizeof(float)), 0);
-    // (plain Q4_0 rows sum in another order than the packed groups: close, not the same bits)
-    for (size_t i = 0; before && after && i < (size_t)12 * nv; i++) CU_ASSERT_DOUBLE_EQUAL(before[i], after[i], 1e-2);
+    if (same_bits) {
+        if (before && after) CU_ASSERT_EQUAL(memcmp(before, after, (size_t)12 * nv * sizeof(float)), 0);
+    } else { // (plain Q4_0 rows sum in another order than the packed groups: close, not the same bits)
+        for (size_t i = 0; before && after && i < (size_t)12 * nv; i++) CU_ASSERT_DOUBLE_EQUAL(before[i], after[i], 1e-2);
+    }
     free(before);
     free(after);
     free(moved);
     model_destroy(&a);
     model_destroy(&b);
+}
+
+static void test_moved_from_still_computes(void) {
+    moved_from_still_computes("models/synth/synth-dense-Q4_0.gguf", false);
+    moved_from_still_computes("models/synth/synth-dense-Q4_K_M.gguf", true);
 }
 
 int test_reuse_suite(void) {

@@ -21,8 +21,13 @@ static inline bool is_float_type(qtype_t t) { return t == QT_F32 || t == QT_F16 
 // (its Q4_0_8x8 kernels sum each output in one fma chain, which the 16-row groups reproduce). Q8_0
 // stays in plain rows: the reference keeps 8 float lanes per output (vec_dot and tinyBLAS alike),
 // which the row-per-dword groups cannot match without 8 accumulators per row.
+// Q4_K is repacked (x86 builds only) into 16-row groups with the scales and mins unpacked, whose
+// kernels keep the per-row integer lanes and float order of its vec_dot (x86_mm.h).
 static int pack_for_type(qtype_t t) {
     if (t == QT_Q4_0) return MMP_Q4_0X16;
+#ifdef MESHLM_HAVE_X86
+    if (t == QT_Q4_K) return MMP_Q4_KX16;
+#endif
     return MMP_NONE;
 }
 
@@ -35,10 +40,111 @@ static float f16_at(const uint8_t *p) {
     return mlm_f16_to_f32(h);
 }
 
+// --- helpers: the Q4_K layout (MMP_Q4_KX16)
+
+// The 8 6-bit scales and mins of a Q4_K scales array (llama.cpp's get_scale_min_k4 for j = 0..7).
+static void q4_k_scales_get(const uint8_t *s, uint8_t *sc, uint8_t *mn) { // s: (12); sc, mn: (8)
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (uint8_t)((s[j + 8] & 0xF) | ((s[j] >> 6) << 4));
+        mn[j + 4] = (uint8_t)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+}
+
+// Inverse of q4_k_scales_get (values 0..63): the file's 12 bytes.
+static void q4_k_scales_put(const uint8_t *sc, const uint8_t *mn, uint8_t *s) { // sc, mn: (8); s: (12)
+    for (int j = 0; j < 4; j++) {
+        s[j] = (uint8_t)((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+        s[j + 4] = (uint8_t)((mn[j] & 63) | ((mn[j + 4] >> 4) << 6));
+        s[j + 8] = (uint8_t)((sc[j + 4] & 0xF) | ((mn[j + 4] & 0xF) << 4));
+    }
+}
+
+// Writes row i of a Q4_K group (grp, nb super-blocks) from the row's file encoding.
+static void q4_k_pack_row(uint8_t *grp, int64_t nb, int i, const uint8_t *row) {
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q4_K *blk = (const block_q4_K *)row + b;
+        uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 8; l++) memcpy(sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4, blk->qs + 32 * j + 4 * l, 4);
+        uint8_t sc[8], mn[8]; // (sub-block) 6-bit scales and mins
+        q4_k_scales_get(blk->scales, sc, mn);
+        for (int c = 0; c < 8; c++) sb[MMP_Q4K_SCALES + c * MMP_ROWS + i] = sc[c];
+        for (int c = 0; c < 8; c++) sb[MMP_Q4K_MINS + ((c / 2) * MMP_ROWS + i) * 2 + c % 2] = mn[c];
+        memcpy(sb + MMP_Q4K_D + 2 * i, &blk->d, 2);
+        memcpy(sb + MMP_Q4K_DMIN + 2 * i, &blk->dmin, 2);
+    }
+}
+
+// The file encoding of row i of a Q4_K group (the inverse of q4_k_pack_row).
+static void q4_k_unpack_row(const uint8_t *grp, int64_t nb, int i, uint8_t *row) {
+    for (int64_t b = 0; b < nb; b++) {
+        block_q4_K *blk = (block_q4_K *)row + b;
+        const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 8; l++) memcpy(blk->qs + 32 * j + 4 * l, sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4, 4);
+        uint8_t sc[8], mn[8]; // (sub-block) 6-bit scales and mins
+        for (int c = 0; c < 8; c++) sc[c] = sb[MMP_Q4K_SCALES + c * MMP_ROWS + i];
+        for (int c = 0; c < 8; c++) mn[c] = sb[MMP_Q4K_MINS + ((c / 2) * MMP_ROWS + i) * 2 + c % 2];
+        q4_k_scales_put(sc, mn, blk->scales);
+        memcpy(&blk->d, sb + MMP_Q4K_D + 2 * i, 2);
+        memcpy(&blk->dmin, sb + MMP_Q4K_DMIN + 2 * i, 2);
+    }
+}
+
+// Portable kernel over one Q4_K group (the scalar table's path): per row and token the integer lanes
+// and float order of the Q4_K vec_dot (8 lanes, lane L = elements 4L..4L+3 of every 32-element
+// sub-block times its scale; the mins in 4 lanes of sub-block pairs; then their sums in its order).
+static void group_q4_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                              size_t ys, uint32_t mask) {
+    for (int t = 0; t < nt; t++) {
+        const block_q8_K *x = (const block_q8_K *)(xq + (size_t)t * xs); // (nb)
+        for (int i = 0; i < MMP_ROWS; i++) {
+            if (!(mask >> i & 1u)) continue;
+            float acc[8] = {0}, accm[4] = {0}; // (lane) float lanes, (pair) min lanes
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
+                const float d = x[b].d * f16_at(sb + MMP_Q4K_D + 2 * i);
+                const float dmin = -x[b].d * f16_at(sb + MMP_Q4K_DMIN + 2 * i);
+                for (int l = 0; l < 8; l++) {
+                    int32_t lane = 0;
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t *q = sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4;
+                        const int8_t *xl = x[b].qs + 64 * j + 4 * l, *xh = xl + 32;
+                        int32_t lo = 0, hi = 0;
+                        for (int e = 0; e < 4; e++) {
+                            lo += (q[e] & 15) * xl[e];
+                            hi += (q[e] >> 4) * xh[e];
+                        }
+                        lane += sb[MMP_Q4K_SCALES + (2 * j) * MMP_ROWS + i] * lo +
+                                sb[MMP_Q4K_SCALES + (2 * j + 1) * MMP_ROWS + i] * hi;
+                    }
+                    acc[l] = fmaf(d, (float)lane, acc[l]);
+                }
+                for (int k = 0; k < 4; k++) {
+                    const uint8_t *m = sb + MMP_Q4K_MINS + (size_t)(k * MMP_ROWS + i) * 2;
+                    const int32_t s0 = x[b].bsums[4 * k] + x[b].bsums[4 * k + 1];
+                    const int32_t s1 = x[b].bsums[4 * k + 2] + x[b].bsums[4 * k + 3];
+                    accm[k] = fmaf(dmin, (float)(m[0] * s0 + m[1] * s1), accm[k]);
+                }
+            }
+            const float r = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+            y[(size_t)t * ys + i] = r + ((accm[0] + accm[2]) + (accm[1] + accm[3]));
+        }
+    }
+}
+
+// --- helpers: packing
+
 // Packs group g of w (x86_mm.h) from row[i], the file encoding of row g * 16 + i (NULL past w->rows:
 // those rows stay zero).
 static void pack_group(mm_weight_t *w, int64_t nb, int64_t g, const uint8_t *const *row) {
     uint8_t *grp = (uint8_t *)w->packed + (size_t)g * mmp_group_bytes(w->pack, nb);
+    if (w->pack == MMP_Q4_KX16) {
+        for (int i = 0; i < MMP_ROWS && row[i]; i++) q4_k_pack_row(grp, nb, i, row[i]);
+        return;
+    }
     for (int i = 0; i < MMP_ROWS && row[i]; i++) {
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *q = (uint8_t *)mmp_block_quants(w->pack, grp, b);
@@ -58,7 +164,7 @@ static void pack_group(mm_weight_t *w, int64_t nb, int64_t g, const uint8_t *con
     }
 }
 
-// Copies a plain Q4_0 / Q8_0 matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
+// Copies a plain Q4_0 / Q8_0 / Q4_K matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
 static void repack_rows(mm_weight_t *w, int64_t nb) {
     const int64_t ng = (w->rows + MMP_ROWS - 1) / MMP_ROWS;
     for (int64_t g = 0; g < ng; g++) {
@@ -191,12 +297,13 @@ static bool isa_is(const kernels_t *k, const char *name) { return k && k->isa &&
 
 static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, int64_t r0, int64_t r1) {
-    const int64_t nb = w->cols / QK8_0;
+    const int64_t nb = w->cols / qtype_traits(w->type)->blck;
     const size_t gb = mmp_group_bytes(w->pack, nb);
     mmp_group_fn fn = NULL;
 #ifdef MESHLM_HAVE_X86
     if (isa_is(k, "avx512")) fn = w->pack == MMP_Q4_0X16 ? mmp_q4_0x16_avx512 : mmp_q8_0x16_avx512;
     else if (isa_is(k, "avx2")) fn = w->pack == MMP_Q4_0X16 ? mmp_q4_0x16_avx2 : mmp_q8_0x16_avx2;
+    if (w->pack == MMP_Q4_KX16) fn = isa_is(k, "avx512") ? mmp_q4_kx16_avx512 : isa_is(k, "avx2") ? mmp_q4_kx16_avx2 : NULL;
 #endif
 #ifdef MESHLM_HAVE_NEON
     if (w->pack == MMP_Q4_0X16 && isa_is(k, "neon-dotprod")) fn = mmp_q4_0x16_dotprod;
@@ -209,6 +316,7 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
         const uint32_t mask = ((1u << hi) - 1u) & ~((1u << lo) - 1u);
         const uint8_t *grp = (const uint8_t *)w->packed + (size_t)g * gb;
         if (fn) fn(grp, nb, xq, xs, nt, y + base, ys, mask);
+        else if (w->pack == MMP_Q4_KX16) group_q4_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
         else group_scalar(w->pack, grp, nb, xq, xs, nt, y + base, ys, mask);
     }
 }
@@ -408,6 +516,10 @@ void mm_weight_get_row(const mm_weight_t *w, int64_t r, void *out) {
     const int64_t nb = w->cols / qtype_traits(w->type)->blck;
     const int i = (int)(r % MMP_ROWS);
     const uint8_t *grp = (const uint8_t *)w->packed + (size_t)(r / MMP_ROWS) * mmp_group_bytes(w->pack, nb);
+    if (w->pack == MMP_Q4_KX16) {
+        q4_k_unpack_row(grp, nb, i, out);
+        return;
+    }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *q = mmp_block_quants(w->pack, grp, b);
         const uint8_t *sc = mmp_block_scales(w->pack, grp, b);

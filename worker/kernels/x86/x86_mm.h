@@ -22,13 +22,33 @@
 // row sums at once; and decode reads each group (and a thread's run of groups) as one linear
 // stream, scales included, which a single software prefetch pointer can run ahead of.
 
+//
+// MMP_Q4_KX16: Q4_K rows, padded and grouped by 16 the same way; a group is nb super-blocks of
+// MMP_Q4K_SB_BYTES (a multiple of 64) each, the scales and mins already out of their 6-bit packing:
+//   quants [8 L][4 j][16 rows][4]  at 0:    bytes qs[32j + 4L .. 32j + 4L + 3] of that row's
+//          super-block (low nibbles: elements 64j + 4L.., sub-block 2j; high: 64j + 32 + 4L.., 2j + 1)
+//   scales [8 c][16 rows] u8       at 2048: the 6-bit scale of sub-block c
+//   mins   [4 k][16 rows][2] u8    at 2176: the 6-bit mins of sub-blocks 2k and 2k + 1
+//   d      [16 rows] f16           at 2304, dmin [16 rows] f16 at 2336: the file's values
+// A zmm of quants thus holds, for the 16 rows, the 4 elements that llama.cpp's x86 Q4_K dot
+// product sums into integer lane L of sub-blocks 2j and 2j + 1, so the kernels keep its lanes per
+// row; the 4 zmm of lane L are adjacent, as a kernel finishing one lane at a time reads them.
+// (A super-block is 148 bytes per row against the file's 144: the scales and mins take a byte each.)
+
 #define MMP_ROWS 16
 
 enum {
     MMP_NONE = 0,   // plain rows in w->data
     MMP_Q4_0X16 = 1,
     MMP_Q8_0X16 = 2,
+    MMP_Q4_KX16 = 3,
 };
+
+#define MMP_Q4K_SB_BYTES 2368 // bytes of one super-block of one MMP_Q4_KX16 group
+#define MMP_Q4K_SCALES 2048   // offsets within it (above)
+#define MMP_Q4K_MINS 2176
+#define MMP_Q4K_D 2304
+#define MMP_Q4K_DMIN 2336
 
 // Bytes of the quants of one block of one 16-row group.
 static inline size_t mmp_quant_bytes(int pack) { return pack == MMP_Q4_0X16 ? 256 : 512; }
@@ -36,8 +56,11 @@ static inline size_t mmp_quant_bytes(int pack) { return pack == MMP_Q4_0X16 ? 25
 // Bytes of one block pair of one 16-row group (quants and scales; a multiple of 64).
 static inline size_t mmp_pair_bytes(int pack) { return 2 * mmp_quant_bytes(pack) + 4 * MMP_ROWS; }
 
-// Bytes of one 16-row group with nb blocks per row (a multiple of 64).
-static inline size_t mmp_group_bytes(int pack, int64_t nb) { return (size_t)((nb + 1) / 2) * mmp_pair_bytes(pack); }
+// Bytes of one 16-row group with nb blocks (Q4_K: super-blocks) per row (a multiple of 64).
+static inline size_t mmp_group_bytes(int pack, int64_t nb) {
+    if (pack == MMP_Q4_KX16) return (size_t)nb * MMP_Q4K_SB_BYTES;
+    return (size_t)((nb + 1) / 2) * mmp_pair_bytes(pack);
+}
 
 // Quants (QB bytes) and scales (16 f16) of block b of the group at grp.
 static inline const uint8_t *mmp_block_quants(int pack, const uint8_t *grp, int64_t b) {
@@ -74,6 +97,13 @@ void mmp_q8_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_
 void mmp_q4_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                       size_t ys, uint32_t mask);
 void mmp_q8_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                      size_t ys, uint32_t mask);
+
+// MMP_Q4_KX16 groups (nb super-blocks) times plain Q8_K activation rows, each output the bits of the
+// Q4_K vec_dot (q4k_avx512.c, q4k_avx2.c).
+void mmp_q4_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                        size_t ys, uint32_t mask);
+void mmp_q4_kx16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                       size_t ys, uint32_t mask);
 
 // Plain F32 / F16 / BF16 rows (weights and activations of the same type t, n elements each):

@@ -232,6 +232,12 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
 
 #define Q6_TC 32 // tokens per chunk of a batch (accumulators on the stack)
 #define Q6_R 4   // rows per tile (pairs of rows share a zmm of float lanes)
+#ifndef Q6_PF
+#define Q6_PF 4  // decode: prefetch each row this many super-blocks ahead (0: none)
+#endif
+#ifndef Q6_DEC_R
+#define Q6_DEC_R 4 // decode: rows per pass (2 or 4)
+#endif
 
 #define Q6_AI static inline __attribute__((always_inline))
 
@@ -357,10 +363,8 @@ Q6_AI void q6_dec(const uint8_t *w, size_t wrow, const block_q8_K *x, float *y, 
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const block_q6_K *wb = (const block_q6_K *)(w + (size_t)r * wrow) + b;
-            _mm_prefetch((const char *)(wb + 4), _MM_HINT_T0);
-            _mm_prefetch((const char *)(wb + 4) + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)(wb + 4) + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)(wb + 4) + 192, _MM_HINT_T0);
+            if (Q6_PF)
+                for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(wb + Q6_PF) + 64 * c, _MM_HINT_T0);
             __m512i q[4], s[4];
             q6_unpack(wb, idx, q, s);
             sum[r] = _mm512_setzero_si512();
@@ -389,7 +393,7 @@ void mmq_q6_K_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x
     const int64_t nb = n / QK_K;
     if (nt == 1) {
         int64_t r = 0;
-        for (; r + Q6_R <= nr; r += Q6_R) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, Q6_R);
+        for (; r + Q6_DEC_R <= nr; r += Q6_DEC_R) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, Q6_DEC_R);
         for (; r + 2 <= nr; r += 2) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 2);
         for (; r < nr; r++) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 1);
         return;

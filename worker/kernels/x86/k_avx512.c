@@ -230,7 +230,9 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
 // Decode (one token), 4 rows per pass: the activation's 32 * x pair sums are formed once per
 // super-block for the 4 rows and subtracted from maddubs(q, x) (vec_dot_q6_K's arithmetic).
 
+#ifndef Q6_TC
 #define Q6_TC 32 // tokens per chunk of a batch (accumulators on the stack)
+#endif
 #define Q6_R 4   // rows per tile (pairs of rows share a zmm of float lanes)
 #ifndef Q6_PF
 #define Q6_PF 4  // decode: prefetch each row this many super-blocks ahead (0: none)

@@ -704,10 +704,17 @@ AI void float_all(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const
 // does F16_R * F16_T fmas with the float32 activations, where float_tile also converts every
 // activation vector again for every 4 rows.
 
+#ifndef F16_RC
 #define F16_RC 64      // weight rows per chunk (their F16 rows stay in L2 while the token tiles sweep them)
+#endif
+#ifndef F16_R
 #define F16_R 4        // weight rows per register tile
+#endif
+#ifndef F16_T
 #define F16_T 6        // activation rows per register tile
+#endif
 #define F16_MAXC 8192  // columns the converted-activation buffer holds (longer rows use float_all)
+static_assert(F16_T >= 1 && F16_T <= 6 && F16_R >= 1 && F16_R <= 4, "F16 tile: at most 4 x 6 (registers)");
 
 AI void f16_tile_xf(const uint8_t *w, size_t wrow, const float *xf, const int R, const int T, float *y, size_t ys,
                     int64_t n) {
@@ -755,14 +762,16 @@ static void f16_tiled(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *
                     _mm512_store_ps(xf + (size_t)j * (size_t)n + i,
                                     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + (size_t)(t + j) * xs) + i / 16)));
             float *yt = y + (size_t)t * ys + r0;
-            switch (tc) {
-            case 1: f16_rows_xf(wc, wrow, nrc, xf, 1, yt, ys, n); break;
-            case 2: f16_rows_xf(wc, wrow, nrc, xf, 2, yt, ys, n); break;
-            case 3: f16_rows_xf(wc, wrow, nrc, xf, 3, yt, ys, n); break;
-            case 4: f16_rows_xf(wc, wrow, nrc, xf, 4, yt, ys, n); break;
-            case 5: f16_rows_xf(wc, wrow, nrc, xf, 5, yt, ys, n); break;
-            default: f16_rows_xf(wc, wrow, nrc, xf, F16_T, yt, ys, n); break;
+#define F16_CASE(c) f16_rows_xf(wc, wrow, nrc, xf, (c) < F16_T ? (c) : F16_T, yt, ys, n)
+            switch (tc) { // a tile of the remaining tokens (tc < F16_T only at the end)
+            case 1: F16_CASE(1); break;
+            case 2: F16_CASE(2); break;
+            case 3: F16_CASE(3); break;
+            case 4: F16_CASE(4); break;
+            case 5: F16_CASE(5); break;
+            default: F16_CASE(F16_T); break;
             }
+#undef F16_CASE
         }
     }
 }

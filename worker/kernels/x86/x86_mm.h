@@ -100,6 +100,10 @@ void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x
 // per tile), one token 4 rows per pass.
 void mmq_q6_K_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
                      size_t ys, int64_t n);
+
+// The same batches with AVX2 (tiles of 4 rows x up to 32 tokens, same bits); nt >= 2.
+void mmq_q6_K_avx2(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y, size_t ys,
+                   int64_t n);
 #endif
 
 #endif

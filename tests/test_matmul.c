@@ -332,12 +332,12 @@ static void test_batch_bits(void) {
             const size_t rb = qtype_row_size(p.type, p.cols), ys = (size_t)p.rows;
             mm_weight_t w;
             CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, p.type, p.rows, p.cols, p.w, true), 0);
-            float *y = malloc(sizeof(float) * MAX_NT * ys), *want = malloc(sizeof(float) * MAX_NT * ys);
+            float *y = malloc(sizeof(float) * MAX_NT * ys), *want = malloc(sizeof(float) * MAX_NT * ys); // (MAX_NT, ys)
             CU_ASSERT_FATAL(y && want);
             if (p.type == QT_F16) mm_rows(ks, &w, p.xq, p.xs, MAX_NT, want, ys, 0, p.rows); // tiled order: nt >= 2
             int bad = 0, far = 0, checked = 0;
             for (int nt = 1; nt <= MAX_NT; nt = nt < 17 ? nt + 1 : nt < 33 ? nt + 8 : nt == 33 ? 64 : nt + 6) {
-                float want1[64];
+                float want1[64]; // (rows) the one-token order
                 if (p.type == QT_F16 && nt == 1) mm_rows(ks, &w, p.xq, p.xs, 1, want1, 1, 0, p.rows); // decode order
                 for (size_t g = 0; g < sizeof ranges / sizeof ranges[0]; g++) {
                     const int64_t r0 = ranges[g][0], r1 = p.rows + ranges[g][1];

@@ -342,7 +342,7 @@ static inline __attribute__((always_inline)) void q6a_row_prep(const block_q6_K 
         const __m256i scl = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
         const __m256i qh = load256(b->qh + 32 * h);
         const __m256i l0 = load256(b->ql + 64 * h), l1 = load256(b->ql + 64 * h + 32);
-        __m256i q[4];
+        __m256i q[4]; // (4, 32) q of chunks 4h .. 4h + 3
         q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
         q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
         q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
@@ -363,8 +363,8 @@ static inline __attribute__((always_inline)) void q6a_tile(const uint8_t *w, siz
     for (int r = 0; r < R; r++)
         for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        q6a_row_t rw[Q6A_R];
-        __m256 dw[Q6A_R];
+        q6a_row_t rw[Q6A_R]; // (rows) this super-block of each row, unpacked
+        __m256 dw[Q6A_R];    // (rows, 8) the row's d
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const block_q6_K *wb = (const block_q6_K *)(w + (size_t)r * wrow) + b;
@@ -373,7 +373,7 @@ static inline __attribute__((always_inline)) void q6a_tile(const uint8_t *w, siz
         }
         for (int t = 0; t < nt; t++) {
             const block_q8_K *xb = (const block_q8_K *)(x + (size_t)t * xs) + b;
-            __m256i xu[8];
+            __m256i xu[8]; // (8, 32) the token's x ^ 0x80
 #pragma GCC unroll 8
             for (int c = 0; c < 8; c++) xu[c] = _mm256_xor_si256(load256(xb->qs + 32 * c), u128);
             const __m256 dx = _mm256_set1_ps(xb->d);

@@ -253,7 +253,7 @@ typedef struct {
 // Indexes for vpermw: zmm m's i16 word w takes scale 4m + w / 8 (the sub-block of its element pair).
 Q6_AI void q6_scale_idx(__m512i idx[4]) {
     for (int m = 0; m < 4; m++) {
-        uint16_t v[32];
+        uint16_t v[32]; // (32) word indexes
         for (int w = 0; w < 32; w++) v[w] = (uint16_t)(4 * m + w / 8);
         memcpy(&idx[m], v, sizeof v);
     }
@@ -280,7 +280,7 @@ Q6_AI void q6_unpack(const block_q6_K *b, const __m512i idx[4], __m512i q[4], __
 
 Q6_AI void q6_row_prep(const block_q6_K *b, const __m512i idx[4], q6_row_t *o) {
     const __m512i m32 = _mm512_set1_epi8(32), u128 = _mm512_set1_epi8((char)0x80);
-    __m512i q[4];
+    __m512i q[4]; // (4, 64) q (0..63)
     q6_unpack(b, idx, q, o->s);
     __m512i off = _mm512_setzero_si512();
     for (int m = 0; m < 4; m++) {
@@ -300,13 +300,13 @@ Q6_AI void q6_tile(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, i
                    const int R) {
     const int NP = (R + 1) / 2;
     const __m512i u128 = _mm512_set1_epi8((char)0x80);
-    __m512i idx[4];
+    __m512i idx[4]; // (4, 32) vpermw indexes
     q6_scale_idx(idx);
     __m512 acc[Q6_R / 2][Q6_TC]; // (pairs, tokens) 8 float lanes of row 2p (low) and 2p + 1 (high)
     for (int p = 0; p < NP; p++)
         for (int t = 0; t < nt; t++) acc[p][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        q6_row_t rw[Q6_R];
+        q6_row_t rw[Q6_R]; // (rows) this super-block of each row, unpacked
         __m512 dw[Q6_R / 2]; // (pairs, 16) the rows' d, 8 lanes each
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) q6_row_prep((const block_q6_K *)(w + (size_t)r * wrow) + b, idx, &rw[r]);
@@ -320,7 +320,7 @@ Q6_AI void q6_tile(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, i
         }
         for (int t = 0; t < nt; t++) {
             const block_q8_K *xb = (const block_q8_K *)(x + (size_t)t * xs) + b;
-            __m512i xu[4];
+            __m512i xu[4]; // (4, 64) the token's x ^ 0x80
 #pragma GCC unroll 4
             for (int m = 0; m < 4; m++) xu[m] = _mm512_xor_si512(load512(xb->qs + 64 * m), u128);
             const __m512 dx = _mm512_set1_ps(xb->d);
@@ -349,25 +349,25 @@ Q6_AI void q6_tile(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, i
 Q6_AI void q6_dec(const uint8_t *w, size_t wrow, const block_q8_K *x, float *y, int64_t nb, const int R) {
     const int NP = (R + 1) / 2;
     const __m512i m32 = _mm512_set1_epi8(32);
-    __m512i idx[4];
+    __m512i idx[4]; // (4, 32) vpermw indexes
     q6_scale_idx(idx);
-    __m512 acc[Q6_R / 2];
+    __m512 acc[Q6_R / 2]; // (pairs, 16) 8 float lanes of row 2p (low) and 2p + 1 (high)
     for (int p = 0; p < NP; p++) acc[p] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m512i xv[4], xm[4];
+        __m512i xv[4], xm[4]; // (4, 64) x bytes, (4, 32) i16 pair sums 32 * x
 #pragma GCC unroll 4
         for (int m = 0; m < 4; m++) {
             xv[m] = load512(x[b].qs + 64 * m);
             xm[m] = _mm512_maddubs_epi16(m32, xv[m]);
         }
         const __m512 dx = _mm512_set1_ps(x[b].d);
-        __m512i sum[Q6_R];
+        __m512i sum[Q6_R]; // (rows, 16) i32 lanes of both chunk halves
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const block_q6_K *wb = (const block_q6_K *)(w + (size_t)r * wrow) + b;
             if (Q6_PF)
                 for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(wb + Q6_PF) + 64 * c, _MM_HINT_T0);
-            __m512i q[4], s[4];
+            __m512i q[4], s[4]; // (4, 64) q, (4, 32) i16 scales
             q6_unpack(wb, idx, q, s);
             sum[r] = _mm512_setzero_si512();
 #pragma GCC unroll 4

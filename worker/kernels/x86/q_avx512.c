@@ -718,13 +718,13 @@ static_assert(F16_T >= 1 && F16_T <= 6 && F16_R >= 1 && F16_R <= 4, "F16 tile: a
 
 AI void f16_tile_xf(const uint8_t *w, size_t wrow, const float *xf, const int R, const int T, float *y, size_t ys,
                     int64_t n) {
-    __m512 acc[F16_R][F16_T];
+    __m512 acc[F16_R][F16_T]; // (rows, tokens, 16) fma chains
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
-        __m512 xv[F16_T];
+        __m512 xv[F16_T]; // (tokens, 16) activations of these columns
 #pragma GCC unroll 6
         for (int t = 0; t < T; t++) xv[t] = _mm512_load_ps(xf + (size_t)t * (size_t)n + i);
 #pragma GCC unroll 4

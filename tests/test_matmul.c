@@ -388,6 +388,71 @@ static void test_q4_k_packed_bits(void) {
     }
 }
 
+// Batches of Q6_K and F16 rows (the tiles that unpack or convert a weight once for several tokens)
+// give, for every token count 1..17 and past the tiles' token chunks, the bits of the scalar table's
+// per-(row, token) product: Q6_K its vec_dot_q6_K (every table's vec_dot has those bits, see the
+// matmul_bits suite), F16 float_dot_exact in the order mm_rows picks (tiled or ggml_vec_dot). Row
+// counts off the 4-row tiles, ranges starting at odd rows, several super-blocks; and each output
+// within the oracle's tolerance.
+static void test_batch_bits(void) {
+    static const struct {
+        qtype_t t;
+        int64_t rows, cols;
+    } shapes[] = {{QT_Q6_K, 13, 768},  {QT_Q6_K, 44, 1536}, {QT_Q6_K, 3, 256},  {QT_F16, 44, 2112},
+                  {QT_F16, 20, 784},   {QT_F16, 13, 200},   {QT_F16, 8, 8208}};
+    static const int64_t ranges[][2] = {{0, 0}, {1, 0}, {5, -2}}; // r1 relative to rows when <= 0
+    const kernels_t *ks = kernels_for_isa("scalar");
+    for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+        const kernels_t *k = kernels_for_isa(isas[i]);
+        if (!k) continue;
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+            problem_t p;
+            problem_init(&p, k, shapes[s].t, shapes[s].rows, shapes[s].cols, 700 + s);
+            const size_t rb = qtype_row_size(p.type, p.cols), ys = (size_t)p.rows;
+            mm_weight_t w;
+            CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, p.type, p.rows, p.cols, p.w, true), 0);
+            float *y = malloc(sizeof(float) * MAX_NT * ys), *want = malloc(sizeof(float) * MAX_NT * ys); // (MAX_NT, ys)
+            CU_ASSERT_FATAL(y && want);
+            if (p.type == QT_F16) mm_rows(ks, &w, p.xq, p.xs, MAX_NT, want, ys, 0, p.rows); // tiled order: nt >= 2
+            int bad = 0, far = 0, checked = 0;
+            for (int nt = 1; nt <= MAX_NT; nt = nt < 17 ? nt + 1 : nt < 33 ? nt + 8 : nt == 33 ? 64 : nt + 6) {
+                float want1[64]; // (rows) the one-token order
+                if (p.type == QT_F16 && nt == 1) mm_rows(ks, &w, p.xq, p.xs, 1, want1, 1, 0, p.rows); // decode order
+                for (size_t g = 0; g < sizeof ranges / sizeof ranges[0]; g++) {
+                    const int64_t r0 = ranges[g][0], r1 = p.rows + ranges[g][1];
+                    if (r0 >= r1) continue;
+                    for (size_t j = 0; j < (size_t)nt * ys; j++) y[j] = NAN;
+                    mm_rows(k, &w, p.xq, p.xs, nt, y, ys, r0, r1);
+                    for (int t = 0; t < nt; t++)
+                        for (int64_t r = 0; r < p.rows; r++) {
+                            const float got = y[(size_t)t * ys + r];
+                            if (r < r0 || r >= r1) {
+                                bad += !isnan(got);
+                                continue;
+                            }
+                            float ref;
+                            if (p.type == QT_Q6_K) kern_vec_dot(ks, QT_Q6_K, p.cols, &ref, p.w + (size_t)r * rb, p.xq + (size_t)t * p.xs);
+                            else ref = nt == 1 ? want1[r] : want[(size_t)t * ys + r];
+                            checked++;
+                            far += !(fabs((double)got - p.ref[t * p.rows + r]) <= p.tol[t * p.rows + r]);
+                            if (memcmp(&got, &ref, sizeof got) != 0 && bad++ == 0)
+                                fprintf(stderr, "\n  %s %s %lldx%lld nt=%d [%lld,%lld) row %lld tok %d: got %.9g want %.9g\n",
+                                        k->isa, qtype_name(p.type), (long long)p.rows, (long long)p.cols, nt, (long long)r0,
+                                        (long long)r1, (long long)r, t, got, ref);
+                        }
+                }
+            }
+            CU_ASSERT(checked > 0);
+            CU_ASSERT_EQUAL(bad, 0);
+            CU_ASSERT_EQUAL(far, 0);
+            free(y);
+            free(want);
+            mm_weight_release(&w);
+            problem_free(&p);
+        }
+    }
+}
+
 // --- public API
 
 int test_matmul_suite(void) {
@@ -397,7 +462,8 @@ int test_matmul_suite(void) {
         !CU_add_test(s, "act_bytes_match_scalar", test_act_bytes_match_scalar) ||
         !CU_add_test(s, "all_types_small", test_all_types_small) || !CU_add_test(s, "large_rows", test_large_rows) ||
         !CU_add_test(s, "q8_0_batch_bits", test_q8_0_batch_bits) || !CU_add_test(s, "decode_bits", test_decode_bits) ||
-        !CU_add_test(s, "q4_k_packed_bits", test_q4_k_packed_bits))
+        !CU_add_test(s, "q4_k_packed_bits", test_q4_k_packed_bits) ||
+        !CU_add_test(s, "batch_bits", test_batch_bits))
         return -1;
     return 0;
 }

@@ -595,6 +595,16 @@ void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq
                         w->cols);
         return;
     }
+    if (w->type == QT_Q6_K && isa_is(k, "avx512")) { // tiles that unpack each super-block once for many tokens
+        mmq_q6_K_avx512(w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt, y + r0, y_stride,
+                        w->cols);
+        return;
+    }
+    if (w->type == QT_Q6_K && nt >= 2 && isa_is(k, "avx2")) {
+        mmq_q6_K_avx2(w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt, y + r0, y_stride,
+                      w->cols);
+        return;
+    }
     if ((w->type == QT_F32 || w->type == QT_F16) && isa_is(k, "avx2")) {
         mmp_float_avx2(w->type, w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt, y + r0,
                        y_stride, w->cols, tiled);

@@ -10,6 +10,7 @@
 
 #include "worker/kernels/x86/k_common.h"
 #include "worker/kernels/x86/x86.h"
+#include "worker/kernels/x86/x86_mm.h"
 
 // --- helpers
 
@@ -313,6 +314,94 @@ static void vec_dot_q5_0(int64_t n, float *s, const void *vw, const void *vx) {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc);
     }
     *s = hsum_ps_256(acc);
+}
+
+// --- Q6_K batches (rows x tokens)
+//
+// vec_dot_q6_K's bits per (row, token) (the lane integers are exact, see k_avx512.c), with each
+// row's super-block unpacked once per tile of 4 rows x up to 32 tokens: q - 32 as int8 and the
+// scale pattern of each 32-element chunk are kept in a small buffer; with the activation made
+// unsigned (x ^ 0x80 = x + 128) maddubs(x + 128, q - 32) = x * (q - 32) + 128 * (q - 32), so each
+// lane starts from the row's -128 * sum(scale * (q - 32)): a (row, token) costs 8 maddubs, 8 madd, 8 add.
+
+#define Q6A_TC 32 // tokens per chunk (accumulators on the stack)
+#define Q6A_R 4   // rows per tile
+
+typedef struct {
+    __m256i q[8];  // (8, 32) int8 q - 32 of chunk c (elements 32c .. 32c + 31)
+    __m256i s[8];  // (8, 16) int16 scale of each element pair of chunk c
+    __m256i off;   // (8) int32 -128 * sum(scale * (q - 32)) over each lane's elements
+} q6a_row_t;
+
+static inline __attribute__((always_inline)) void q6a_row_prep(const block_q6_K *b, q6a_row_t *o) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30), m32 = _mm256_set1_epi8(32);
+    const __m256i u128 = _mm256_set1_epi8((char)0x80);
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b->scales));
+    __m256i off = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) {
+        const __m256i scl = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+        const __m256i qh = load256(b->qh + 32 * h);
+        const __m256i l0 = load256(b->ql + 64 * h), l1 = load256(b->ql + 64 * h + 32);
+        __m256i q[4]; // (4, 32) q of chunks 4h .. 4h + 3
+        q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+        q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+        for (int t = 0; t < 4; t++) {
+            o->q[4 * h + t] = _mm256_sub_epi8(q[t], m32);
+            o->s[4 * h + t] = scale_pair(scl, 2 * t);
+            off = _mm256_add_epi32(off, _mm256_madd_epi16(_mm256_maddubs_epi16(u128, o->q[4 * h + t]), o->s[4 * h + t]));
+        }
+    }
+    o->off = _mm256_sub_epi32(_mm256_setzero_si256(), off);
+}
+
+static inline __attribute__((always_inline)) void q6a_tile(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs,
+                                                           int nt, float *y, size_t ys, int64_t nb, const int R) {
+    const __m256i u128 = _mm256_set1_epi8((char)0x80);
+    __m256 acc[Q6A_R][Q6A_TC]; // (rows, tokens) 8 float lanes each
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        q6a_row_t rw[Q6A_R]; // (rows) this super-block of each row, unpacked
+        __m256 dw[Q6A_R];    // (rows, 8) the row's d
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const block_q6_K *wb = (const block_q6_K *)(w + (size_t)r * wrow) + b;
+            q6a_row_prep(wb, &rw[r]);
+            dw[r] = _mm256_set1_ps(f16_to_f32(wb->d));
+        }
+        for (int t = 0; t < nt; t++) {
+            const block_q8_K *xb = (const block_q8_K *)(x + (size_t)t * xs) + b;
+            __m256i xu[8]; // (8, 32) the token's x ^ 0x80
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) xu[c] = _mm256_xor_si256(load256(xb->qs + 32 * c), u128);
+            const __m256 dx = _mm256_set1_ps(xb->d);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                __m256i sum = rw[r].off;
+#pragma GCC unroll 8
+                for (int c = 0; c < 8; c++)
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(xu[c], rw[r].q[c]), rw[r].s[c]));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dx, dw[r]), _mm256_cvtepi32_ps(sum), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) y[(size_t)t * ys + r] = hsum_ps_256(acc[r][t]);
+}
+
+void mmq_q6_K_avx2(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y, size_t ys,
+                   int64_t n) {
+    const int64_t nb = n / QK_K;
+    for (int t = 0; t < nt; t += Q6A_TC) {
+        const int tc = nt - t < Q6A_TC ? nt - t : Q6A_TC;
+        const uint8_t *xt = x + (size_t)t * xs;
+        float *yt = y + (size_t)t * ys;
+        int64_t r = 0;
+        for (; r + Q6A_R <= nr; r += Q6A_R) q6a_tile(w + (size_t)r * wrow, wrow, xt, xs, tc, yt + r, ys, nb, Q6A_R);
+        for (; r < nr; r++) q6a_tile(w + (size_t)r * wrow, wrow, xt, xs, tc, yt + r, ys, nb, 1);
+    }
 }
 
 // --- public API

@@ -10,6 +10,7 @@
 
 #include "worker/kernels/x86/k_common.h"
 #include "worker/kernels/x86/x86.h"
+#include "worker/kernels/x86/x86_mm.h"
 
 // --- helpers
 
@@ -211,6 +212,203 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
         acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
     }
     *s = hsum_ps_512(acc) + hsum_ps_256(accm);
+}
+
+// --- Q6_K matrix products (rows x tokens)
+//
+// Every output keeps vec_dot_q6_K's bits: its 8 i32 lanes (lane L sums scale * (q - 32) * x over
+// elements 4L..4L+3 of every 32-element chunk of a super-block) are exact integers, so they may be
+// formed in any order; then per super-block acc = fma(dx * dw, float(lanes), acc) in 8 float lanes
+// and the hsum of hsum_ps_256. A zmm here covers 64 elements (two chunks: i32 lanes 0..7 and 8..15),
+// the two halves of its sum are added at the end of the super-block (the lanes of both chunks).
+//
+// Batches (nt >= 2), per tile of 4 rows and up to Q6_TC tokens: each row's super-block is unpacked
+// once into a small buffer (q - 32 as int8, the i16 scale of each element pair, the lane offset
+// below) and used for every token. With the activation made unsigned, x + 128 = x ^ 0x80,
+// maddubs(x + 128, q - 32) = x * (q - 32) + 128 * (q - 32) per element, so each lane starts from
+// -128 * sum(scale * (q - 32)), a per-row constant: a (row, token) costs 4 maddubs and 4 vpdpwssd.
+// Decode (one token), 4 rows per pass: the activation's 32 * x pair sums are formed once per
+// super-block for the 4 rows and subtracted from maddubs(q, x) (vec_dot_q6_K's arithmetic).
+
+#ifndef Q6_TC
+#define Q6_TC 32 // tokens per chunk of a batch (accumulators on the stack)
+#endif
+#define Q6_R 4   // rows per tile (pairs of rows share a zmm of float lanes)
+#ifndef Q6_PF
+#define Q6_PF 4  // decode: prefetch each row this many super-blocks ahead (0: none)
+#endif
+#ifndef Q6_DEC_R
+#define Q6_DEC_R 4 // decode: rows per pass (2 or 4)
+#endif
+
+#define Q6_AI static inline __attribute__((always_inline))
+
+// One row's super-block unpacked for the batch tiles.
+typedef struct {
+    __m512i q[4];  // (4, 64) int8 q - 32, elements 64m .. 64m + 63
+    __m512i s[4];  // (4, 32) int16 scale of element pair 2w, 2w + 1 of those 64 elements
+    __m512i off;   // (16) int32 -128 * sum(scale * (q - 32)) over each lane's elements (both chunk halves)
+} q6_row_t;
+
+// Indexes for vpermw: zmm m's i16 word w takes scale 4m + w / 8 (the sub-block of its element pair).
+Q6_AI void q6_scale_idx(__m512i idx[4]) {
+    for (int m = 0; m < 4; m++) {
+        uint16_t v[32]; // (32) word indexes
+        for (int w = 0; w < 32; w++) v[w] = (uint16_t)(4 * m + w / 8);
+        memcpy(&idx[m], v, sizeof v);
+    }
+}
+
+// The 6-bit values q (0..63) of super-block b in element order (4 zmm of 64) and the i16 scales.
+// Element 128h + 32t + l: low nibble of ql[64h + l + 32(t & 1)] (high nibble when t >= 2), bits
+// 2t, 2t+1 of qh[32h + l] on top. zmm 2h holds t = 0, 1 (shift qh left by 4 and 2, per half), zmm
+// 2h + 1 holds t = 2, 3 (shift right by 0 and 2).
+Q6_AI void q6_unpack(const block_q6_K *b, const __m512i idx[4], __m512i q[4], __m512i s[4]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const __m512i shl = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4), shr = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+    for (int h = 0; h < 2; h++) {
+        const __m512i l = load512(b->ql + 64 * h);
+        const __m512i qh = bcast256(b->qh + 32 * h);
+        const __m512i hi0 = _mm512_and_si512(_mm512_sllv_epi64(qh, shl), m30);
+        const __m512i hi1 = _mm512_and_si512(_mm512_srlv_epi64(qh, shr), m30);
+        q[2 * h] = _mm512_ternarylogic_epi32(m4, l, hi0, 0xCA);                          // m4 ? l : hi0
+        q[2 * h + 1] = _mm512_ternarylogic_epi32(m4, _mm512_srli_epi16(l, 4), hi1, 0xCA); // m4 ? l >> 4 : hi1
+    }
+    const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b->scales)));
+    for (int m = 0; m < 4; m++) s[m] = _mm512_permutexvar_epi16(idx[m], sc);
+}
+
+Q6_AI void q6_row_prep(const block_q6_K *b, const __m512i idx[4], q6_row_t *o) {
+    const __m512i m32 = _mm512_set1_epi8(32), u128 = _mm512_set1_epi8((char)0x80);
+    __m512i q[4]; // (4, 64) q (0..63)
+    q6_unpack(b, idx, q, o->s);
+    __m512i off = _mm512_setzero_si512();
+    for (int m = 0; m < 4; m++) {
+        o->q[m] = _mm512_sub_epi8(q[m], m32);
+        off = _mm512_dpwssd_epi32(off, _mm512_maddubs_epi16(u128, o->q[m]), o->s[m]);
+    }
+    o->off = _mm512_sub_epi32(_mm512_setzero_si512(), off);
+}
+
+// The i32 lanes of one super-block of rows a (zmm low half) and b (high half): the chunk halves added.
+Q6_AI __m512i q6_fold2(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+// Rows [0, R) (R <= Q6_R; an odd last row is paired with itself) x nt <= Q6_TC tokens.
+Q6_AI void q6_tile(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, int nt, float *y, size_t ys, int64_t nb,
+                   const int R) {
+    const int NP = (R + 1) / 2;
+    const __m512i u128 = _mm512_set1_epi8((char)0x80);
+    __m512i idx[4]; // (4, 32) vpermw indexes
+    q6_scale_idx(idx);
+    __m512 acc[Q6_R / 2][Q6_TC]; // (pairs, tokens) 8 float lanes of row 2p (low) and 2p + 1 (high)
+    for (int p = 0; p < NP; p++)
+        for (int t = 0; t < nt; t++) acc[p][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        q6_row_t rw[Q6_R]; // (rows) this super-block of each row, unpacked
+        __m512 dw[Q6_R / 2]; // (pairs, 16) the rows' d, 8 lanes each
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) q6_row_prep((const block_q6_K *)(w + (size_t)r * wrow) + b, idx, &rw[r]);
+#pragma GCC unroll 2
+        for (int p = 0; p < NP; p++) {
+            const int r1 = 2 * p + 1 < R ? 2 * p + 1 : 2 * p;
+            const block_q6_K *b0 = (const block_q6_K *)(w + (size_t)(2 * p) * wrow) + b;
+            const block_q6_K *b1 = (const block_q6_K *)(w + (size_t)r1 * wrow) + b;
+            dw[p] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(f16_to_f32(b0->d))),
+                                       _mm256_set1_ps(f16_to_f32(b1->d)), 1);
+        }
+        for (int t = 0; t < nt; t++) {
+            const block_q8_K *xb = (const block_q8_K *)(x + (size_t)t * xs) + b;
+            __m512i xu[4]; // (4, 64) the token's x ^ 0x80
+#pragma GCC unroll 4
+            for (int m = 0; m < 4; m++) xu[m] = _mm512_xor_si512(load512(xb->qs + 64 * m), u128);
+            const __m512 dx = _mm512_set1_ps(xb->d);
+#pragma GCC unroll 2
+            for (int p = 0; p < NP; p++) {
+                const q6_row_t *ra = &rw[2 * p], *rb = &rw[2 * p + 1 < R ? 2 * p + 1 : 2 * p];
+                __m512i sa = ra->off, sb = rb->off;
+#pragma GCC unroll 4
+                for (int m = 0; m < 4; m++) {
+                    sa = _mm512_dpwssd_epi32(sa, _mm512_maddubs_epi16(xu[m], ra->q[m]), ra->s[m]);
+                    if (2 * p + 1 < R) sb = _mm512_dpwssd_epi32(sb, _mm512_maddubs_epi16(xu[m], rb->q[m]), rb->s[m]);
+                }
+                acc[p][t] = _mm512_fmadd_ps(_mm512_mul_ps(dx, dw[p]), _mm512_cvtepi32_ps(q6_fold2(sa, sb)), acc[p][t]);
+            }
+        }
+    }
+    for (int p = 0; p < NP; p++)
+        for (int t = 0; t < nt; t++) {
+            y[(size_t)t * ys + 2 * p] = hsum_ps_256(_mm512_castps512_ps256(acc[p][t]));
+            if (2 * p + 1 < R) y[(size_t)t * ys + 2 * p + 1] = hsum_ps_256(_mm512_extractf32x8_ps(acc[p][t], 1));
+        }
+}
+
+// Rows [0, R) x one activation row (decode), vec_dot_q6_K's arithmetic with the activation's pair
+// sums shared by the rows; each row's next super-blocks are prefetched.
+Q6_AI void q6_dec(const uint8_t *w, size_t wrow, const block_q8_K *x, float *y, int64_t nb, const int R) {
+    const int NP = (R + 1) / 2;
+    const __m512i m32 = _mm512_set1_epi8(32);
+    __m512i idx[4]; // (4, 32) vpermw indexes
+    q6_scale_idx(idx);
+    __m512 acc[Q6_R / 2]; // (pairs, 16) 8 float lanes of row 2p (low) and 2p + 1 (high)
+    for (int p = 0; p < NP; p++) acc[p] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i xv[4], xm[4]; // (4, 64) x bytes, (4, 32) i16 pair sums 32 * x
+#pragma GCC unroll 4
+        for (int m = 0; m < 4; m++) {
+            xv[m] = load512(x[b].qs + 64 * m);
+            xm[m] = _mm512_maddubs_epi16(m32, xv[m]);
+        }
+        const __m512 dx = _mm512_set1_ps(x[b].d);
+        __m512i sum[Q6_R]; // (rows, 16) i32 lanes of both chunk halves
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const block_q6_K *wb = (const block_q6_K *)(w + (size_t)r * wrow) + b;
+            if (Q6_PF)
+                for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(wb + Q6_PF) + 64 * c, _MM_HINT_T0);
+            __m512i q[4], s[4]; // (4, 64) q, (4, 32) i16 scales
+            q6_unpack(wb, idx, q, s);
+            sum[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int m = 0; m < 4; m++)
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_sub_epi16(_mm512_maddubs_epi16(q[m], xv[m]), xm[m]), s[m]);
+        }
+#pragma GCC unroll 2
+        for (int p = 0; p < NP; p++) {
+            const int r1 = 2 * p + 1 < R ? 2 * p + 1 : 2 * p;
+            const block_q6_K *b0 = (const block_q6_K *)(w + (size_t)(2 * p) * wrow) + b;
+            const block_q6_K *b1 = (const block_q6_K *)(w + (size_t)r1 * wrow) + b;
+            const __m512 dw = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(f16_to_f32(b0->d))),
+                                                 _mm256_set1_ps(f16_to_f32(b1->d)), 1);
+            acc[p] = _mm512_fmadd_ps(_mm512_mul_ps(dx, dw), _mm512_cvtepi32_ps(q6_fold2(sum[2 * p], sum[r1])), acc[p]);
+        }
+    }
+    for (int p = 0; p < NP; p++) {
+        y[2 * p] = hsum_ps_256(_mm512_castps512_ps256(acc[p]));
+        if (2 * p + 1 < R) y[2 * p + 1] = hsum_ps_256(_mm512_extractf32x8_ps(acc[p], 1));
+    }
+}
+
+void mmq_q6_K_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
+                     size_t ys, int64_t n) {
+    const int64_t nb = n / QK_K;
+    if (nt == 1) {
+        int64_t r = 0;
+        for (; r + Q6_DEC_R <= nr; r += Q6_DEC_R) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, Q6_DEC_R);
+        for (; r + 2 <= nr; r += 2) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 2);
+        for (; r < nr; r++) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 1);
+        return;
+    }
+    for (int t = 0; t < nt; t += Q6_TC) {
+        const int tc = nt - t < Q6_TC ? nt - t : Q6_TC;
+        const uint8_t *xt = x + (size_t)t * xs;
+        float *yt = y + (size_t)t * ys;
+        int64_t r = 0;
+        for (; r + Q6_R <= nr; r += Q6_R) q6_tile(w + (size_t)r * wrow, wrow, xt, xs, tc, yt + r, ys, nb, Q6_R);
+        for (; r + 2 <= nr; r += 2) q6_tile(w + (size_t)r * wrow, wrow, xt, xs, tc, yt + r, ys, nb, 2);
+        for (; r < nr; r++) q6_tile(w + (size_t)r * wrow, wrow, xt, xs, tc, yt + r, ys, nb, 1);
+    }
 }
 
 // --- public API

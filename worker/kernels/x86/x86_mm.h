@@ -124,6 +124,16 @@ void mmv_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x
 // output in llama.cpp's vec_dot_q8_0 order (8 lanes, one fma chain), register-tiled 2 rows x 4 tokens.
 void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
                      size_t ys, int64_t n);
+
+// Plain Q6_K rows times Q8_K activation rows (n elements): y[t * ys + r] for r < nr, t < nt, each the
+// bits of vec_dot_q6_K; batches in tiles of 4 rows x up to 32 tokens (each super-block unpacked once
+// per tile), one token 4 rows per pass.
+void mmq_q6_K_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
+                     size_t ys, int64_t n);
+
+// The same batches with AVX2 (tiles of 4 rows x up to 32 tokens, same bits); nt >= 2.
+void mmq_q6_K_avx2(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y, size_t ys,
+                   int64_t n);
 #endif
 
 #endif

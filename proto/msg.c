@@ -762,6 +762,7 @@ static int msg_to_pb(const msg_t *m, pb_any_t *pb, pb_scratch_t *sc) {
         d->compute_ns = s->compute_ns;
         d->comm_ns = s->comm_ns;
         d->bytes_sent = s->bytes_sent;
+        d->shm_collectives = s->shm_collectives;
         return 0;
     }
     case MSG_HEARTBEAT: {
@@ -1139,6 +1140,7 @@ static int msg_from_pb(const ProtobufCMessage *pb, msg_t *m, char *why) {
         s->compute_ns = d->compute_ns;
         s->comm_ns = d->comm_ns;
         s->bytes_sent = d->bytes_sent;
+        s->shm_collectives = d->shm_collectives;
         if (s->kind == MSG_RESULT_NONE && !d->tensor) return 0;
         return tensor_from_pb(d->tensor, &s->tensor, "tensor", why);
     }

@@ -246,6 +246,7 @@ typedef struct {
     msg_result_kind_t kind;             // MSG_RESULT_NONE: a step report, no tensor (protocol 1.2)
     msg_tensor_t tensor;                // logits, hidden state or partial sum
     uint64_t compute_ns, comm_ns, bytes_sent;
+    uint64_t shm_collectives;           // the step's exchanges made through shared memory
 } msg_result_t;
 
 typedef struct {

@@ -445,6 +445,14 @@ bool comm_zmq_peer_lost(const comm_t *c, int peer) {
     return z && peer >= 0 && peer < z->size && peer != z->rank && z->lost[peer] && !z->left[peer];
 }
 
+bool comm_zmq_poll_lost(comm_t *c, int peer) {
+    zq_ctx_t *z = c ? comm_backend_ctx(c, &zmq_iface) : NULL;
+    if (!z || (peer != COMM_ANY && (peer < 0 || peer >= z->size || peer == z->rank))) return false;
+    if (drain(z, 0) != 0) return true;
+    probe(z, z->o.fail_on_any_loss ? COMM_ANY : peer);
+    return gone(z, peer);
+}
+
 // CurveZMQ on both sockets: the bound one is a CURVE server whose ZAP handler admits only the world's
 // keys; the outbound one presents this rank's key (each connect then sets the peer's server key), and
 // its handshake failures are watched until the hello phase ends. 0 or MLM_E* with err filled.

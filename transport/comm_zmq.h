@@ -64,6 +64,12 @@ void comm_zmq_opts_default(comm_zmq_opts_t *o);
 // False for another backend or a peer not known to be lost.
 bool comm_zmq_peer_lost(const comm_t *c, int peer);
 
+// For a waiter outside the comm (transport/comm_shm.h): files the inbound traffic that arrived
+// (nothing is consumed), probes peer (with fail_on_any_loss, every live peer) if its probe is due,
+// and says whether a recv from peer would now fail for a loss (with fail_on_any_loss: any peer's).
+// False for another backend (a fault wrapper included).
+bool comm_zmq_poll_lost(comm_t *c, int peer);
+
 // Creates rank `rank` of a world of `size` ranks. endpoints holds size strings, one per rank:
 // either one endpoint used for both binding and connecting ("tcp://10.0.0.2:5000",
 // "ipc:///tmp/meshlm/r1") or "bind=tcp://0.0.0.0:5000;connect=tcp://10.0.0.2:5000" when the

@@ -548,6 +548,7 @@ int cmd_bench(int argc, char **argv) {
                             cJSON_AddNumberToObject(t, "rank", nt[k].rank);
                             cJSON_AddNumberToObject(t, "compute_ms_per_token", nt[k].compute_ms / ntok);
                             cJSON_AddNumberToObject(t, "exchange_ms_per_token", nt[k].comm_ms / ntok);
+                            cJSON_AddNumberToObject(t, "shm_collectives_per_token", (double)nt[k].shm_collectives / ntok);
                             if (!pp) {
                                 const double wait = nt[k].comm_ms / ntok - nt[k].transfer_ms;
                                 cJSON_AddNumberToObject(t, "transfer_ms_per_token", nt[k].transfer_ms);
@@ -576,7 +577,12 @@ int cmd_bench(int argc, char **argv) {
                     int at = 0;
                     for (int k = 0; k < n_nt && ntok > 0 && at < (int)sizeof where - 1; k++) {
                         const double ex = nt[k].comm_ms / ntok, wait = ex - nt[k].transfer_ms;
-                        if (pp)
+                        if (nt[k].shm_collectives) // the plan's transfer figure is for the links, not shared memory
+                            at += snprintf(where + at, sizeof where - (size_t)at,
+                                           "%s%s compute %.1f, exchanges %.1f (%.0f per token in shared memory)",
+                                           k ? "; " : "", nt[k].node, nt[k].compute_ms / ntok, ex,
+                                           (double)nt[k].shm_collectives / ntok);
+                        else if (pp)
                             at += snprintf(where + at, sizeof where - (size_t)at, "%s%s compute %.1f, exchanges %.1f",
                                            k ? "; " : "", nt[k].node, nt[k].compute_ms / ntok, ex);
                         else

@@ -92,6 +92,7 @@ void cl_count_report(cluster_t *c, int wi, const msg_result_t *r) {
     c->w[wi].reports++;
     c->w[wi].busy_ms += (double)r->compute_ns / 1e6;
     c->w[wi].wait_ms += (double)r->comm_ns / 1e6;
+    c->w[wi].shm_collectives += r->shm_collectives;
     c->stats.reports++;
     c->stats.busy_ms += (double)r->compute_ns / 1e6;
     c->stats.wait_ms += (double)r->comm_ns / 1e6;
@@ -859,6 +860,11 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
             for (int j = 0; j < c->pnodes[r].n_experts; j++) has[(size_t)r * hp->n_expert + c->pnodes[r].experts[j]] = 1;
         if (has) rc = pipe_set_experts(&c->pipe, has, hp->n_layer, hp->n_expert, err, errlen);
         free(has);
+    }
+    if (rc == 0 && !c->o.data) { // a group on one host: its collectives through shared memory
+        const char *eps[MSG_MAX_NODES]; // (n_nodes) the plan's data endpoints
+        for (int i = 0; i < c->n_nodes; i++) eps[i] = c->pnodes[i].endpoint;
+        rc = pipe_set_shm(&c->pipe, eps, err, errlen);
     }
     c->computes = c->o.coordinator_shard;
     if (rc == 0 && c->computes) {

@@ -154,6 +154,7 @@ typedef struct {
     double transfer_ms;              // predicted per decoded token: its stage's exchanges at the measured
                                      // latency and bandwidth (plan_shard_t.comm_ms); the rest of comm_ms
                                      // is waiting
+    uint64_t shm_collectives;        // summed: its exchanges made through shared memory (pipe_set_shm)
 } cluster_node_time_t;
 
 // Fills out (up to max) for every computing node of the plan in rank order; returns how many (0

@@ -24,6 +24,7 @@ typedef struct {
     double busy_ms, wait_ms;    // summed over those reports: computing; waiting for exchanges
     uint64_t reports0;          // reports, busy_ms and wait_ms at the last cluster_stats_reset
     double busy0, wait0;
+    uint64_t shm_collectives, shm0; // its exchanges through shared memory: summed over the reports, at the reset
     bool standby;               // held back from plans until a worker is lost (cluster_opts_t.n_standby)
     bool lost;                  // lost (killed, frozen, cut off): left out of plans until it answers again
     bool greeted;               // answered a HELLO since it was last lost

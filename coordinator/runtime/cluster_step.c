@@ -239,6 +239,7 @@ void cluster_stats_reset(cluster_t *c) {
         w->reports0 = w->reports;
         w->busy0 = w->busy_ms;
         w->wait0 = w->wait_ms;
+        w->shm0 = w->shm_collectives;
     }
 }
 
@@ -258,6 +259,7 @@ int cluster_node_times(const cluster_t *c, cluster_node_time_t *out, int max) {
             t->steps = c->stats.steps;
             t->compute_ms = c->pipe.busy_ms;
             t->comm_ms = c->pipe.wait_ms + c->pipe.gather_ms;
+            t->shm_collectives = c->pipe.shm_collectives;
             continue;
         }
         const worker_t *w = &c->w[wi];
@@ -265,6 +267,7 @@ int cluster_node_times(const cluster_t *c, cluster_node_time_t *out, int max) {
         t->steps = w->reports - w->reports0;
         t->compute_ms = w->busy_ms - w->busy0;
         t->comm_ms = w->wait_ms - w->wait0;
+        t->shm_collectives = w->shm_collectives - w->shm0;
     }
     return n;
 }

@@ -545,6 +545,11 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
             }
             pipe_set_links(&n->pipe, lat, bw);
             if (n->plan.tp_mode == MSG_TP_EXPERT) rc = plan_experts(n, hp, err, sizeof err);
+            if (rc == 0 && !n->o->data) {
+                const char *eps[MSG_MAX_NODES]; // (n_nodes) the plan's data endpoints
+                for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;
+                rc = pipe_set_shm(&n->pipe, eps, err, sizeof err);
+            }
             n->ctx_opts = (model_ctx_opts_t){.n_ctx = (int)n->plan.n_ctx, .n_threads = n->o->n_threads,
                                              .n_batch = (int)n->plan.n_batch, .tp = &n->pipe.tp,
                                              .kv_f32 = n->plan.kv_type == QT_F32, .kv_q8 = n->plan.kv_type == QT_Q8_0, .ep = &n->pipe.ep_group,
@@ -604,6 +609,7 @@ static int on_step(node_t *n, const msg_step_t *st) {
         n->logits_cap = need;
     }
     const double b0 = n->pipe.busy_ms, w0 = n->pipe.wait_ms + n->pipe.gather_ms;
+    const uint64_t s0 = n->pipe.shm_collectives;
     model_ctx_set_one_order(ctx, st->one_order); // 1.7: a replay of decode steps in one chunk
     int rc = pipe_node_step(&n->pipe, ctx, st->tokens, (int)st->n_tokens, (int)st->ubatch,
                             st->logits == MSG_LOGITS_NONE ? NULL : n->logits, all);
@@ -629,6 +635,7 @@ static int on_step(node_t *n, const msg_step_t *st) {
     m.result.kind = MSG_RESULT_NONE;
     m.result.compute_ns = (uint64_t)((n->pipe.busy_ms - b0) * 1e6);
     m.result.comm_ns = (uint64_t)((n->pipe.wait_ms + n->pipe.gather_ms - w0) * 1e6);
+    m.result.shm_collectives = n->pipe.shm_collectives - s0;
     char err[256];
     return msg_send(*n->ctl, 0, &m, n->timeout_ms, err, sizeof err);
 }

@@ -19,7 +19,11 @@ static bool same_stage(const shard_slice_t *a, const shard_slice_t *b) { return 
 static int pipe_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
     pipe_node_t *p = ctx;
     const double t0 = mlm_now_ms();
-    int rc = comm_allgatherv_range(p->comm, p->first, p->n, mine, my_len, out, lens, p->timeout_ms);
+    bool fits = p->shm != NULL;
+    for (int i = 0; fits && i < p->n; i++) fits = comm_shm_fits(p->shm, lens[i]);
+    int rc = fits ? comm_shm_allgatherv(p->shm, mine, my_len, out, lens, p->timeout_ms)
+                  : comm_allgatherv_range(p->comm, p->first, p->n, mine, my_len, out, lens, p->timeout_ms);
+    p->shm_collectives += fits;
     p->gather_ms += mlm_now_ms() - t0;
     for (int i = 0; i < p->n; i++) p->gather_bytes += (uint64_t)lens[i] * (uint64_t)(p->n - 1);
     p->gathers++;
@@ -32,7 +36,10 @@ static int pipe_allreduce(void *ctx, float *buf, size_t n) {
     const double t0 = mlm_now_ms();
     const comm_algo_t algo = comm_choose_algo_n(p->comm, p->n, n * sizeof(float));
     const comm_allreduce_opts_t o = {algo, 0};
-    int rc = comm_allreduce_range(p->comm, p->first, p->n, buf, n, &o, p->timeout_ms);
+    const bool fits = comm_shm_fits(p->shm, n * sizeof(float));
+    int rc = fits ? comm_shm_allreduce(p->shm, buf, n, algo, p->timeout_ms)
+                  : comm_allreduce_range(p->comm, p->first, p->n, buf, n, &o, p->timeout_ms);
+    p->shm_collectives += fits;
     p->gather_ms += mlm_now_ms() - t0;
     p->gather_bytes += 2u * (uint64_t)(p->n - 1) * n * sizeof(float); // either algorithm, all members
     p->allreduces++;
@@ -180,7 +187,20 @@ int pipe_set_experts(pipe_node_t *p, const uint8_t *has, int n_layer, int n_expe
     return 0;
 }
 
+int pipe_set_shm(pipe_node_t *p, const char *const *endpoints, char *err, size_t errlen) {
+    if (p->stage < 0 || p->n < 2) return 0;
+    for (int r = p->first; r < p->first + p->n; r++)
+        if (!endpoints[r] || strncmp(endpoints[r], "ipc://", 6) != 0) return 0;
+    const char *env = getenv("MESHLM_SHM");
+    const bool off = env && (strcmp(env, "off") == 0 || strcmp(env, "0") == 0);
+    const bool want = !off && strcmp(comm_name(p->comm), "zmq") == 0;
+    comm_shm_destroy(&p->shm);
+    return comm_shm_open(&p->shm, p->comm, p->first, p->n, COMM_SHM_SLOT_BYTES, want, p->timeout_ms, err, errlen);
+}
+
 void pipe_node_free(pipe_node_t *p) {
+    comm_shm_destroy(&p->shm);
+    p->shm_collectives = 0;
     free(p->ep_owner);
     p->ep_owner = NULL;
     p->ep = false;
@@ -207,6 +227,7 @@ void pipe_stats_reset(pipe_node_t *p) {
     p->busy_ms = p->wait_ms = p->gather_ms = 0;
     p->gather_bytes = p->gathers = p->handoff_bytes = 0;
     p->allreduces = p->allreduces_ring = 0;
+    p->shm_collectives = 0;
 }
 
 int pipe_ubatch(int n, int ubatch) { return ubatch <= 0 || ubatch > n ? n : ubatch; }

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "transport/comm.h"
+#include "transport/comm_shm.h"
 #include "worker/model/model.h"
 #include "parallel/shard.h"
 
@@ -53,6 +54,9 @@ typedef struct {
     bool ep;                    // the plan places experts whole
     uint8_t *ep_owner;          // (n_layer, n_expert) member of this rank's group computing each expert (owned)
     model_ep_t ep_group;        // this rank's expert-parallel group, for model_ctx_new (n_nodes 1 otherwise)
+    // same host (pipe_set_shm): the group's all-gathers and all-reduces through shared memory
+    comm_shm_t *shm;            // the group's segment (owned), NULL when the group keeps to comm
+    uint64_t shm_collectives;   // all-gathers and all-reduces that went through it
 } pipe_node_t;
 
 // Works out the stages from every rank's slice (they must tile the model's blocks in rank order)
@@ -77,6 +81,15 @@ int pipe_set_experts(pipe_node_t *p, const uint8_t *has /* (n_ranks, n_expert) *
 // changes when the group's figures are all unknown (the comm's defaults).
 void pipe_set_links(pipe_node_t *p, const double *lat_us, const double *bw);
 void pipe_stats_reset(pipe_node_t *p);
+
+// Moves this rank's group's all-gathers and all-reduces into a shared segment when the group runs
+// on one host: every member's data endpoint (endpoints: n_ranks, the plan's) is ipc://. Then it is a
+// collective of the group (comm_shm_open), made by every member right after pipe_node_init (and
+// pipe_set_experts); a member declines, and the whole group keeps to the comm, when its data plane is
+// not plain ZeroMQ (emulated links wrap it) or $MESHLM_SHM is "off". A collective whose blocks
+// exceed a slot (large prefill batches) still goes over the comm, alike on every member. 0, or the
+// handshake's error (a member lost or late) with err filled.
+int pipe_set_shm(pipe_node_t *p, const char *const *endpoints, char *err, size_t errlen);
 
 // Micro-batch size used for a step of n tokens: ubatch (0 = all of them) capped at n.
 int pipe_ubatch(int n, int ubatch);

@@ -394,6 +394,28 @@ static void test_memory_report(void) {
     cJSON_Delete(o);
     run_free(&r);
 
+    // a tensor-parallel pair on one host: every exchange of a decode step goes through shared
+    // memory, the same count on both nodes (an all-gather per embedding and 4 per block); with
+    // MESHLM_SHM=off none does
+    for (int off = 0; off < 2; off++) {
+        const char *const pair[] = {"meshlm", "bench", "-m", model, "-p", "0", "-n", "4", "-r", "1", "-t", "1",
+                                    "--local", "2", "--tp", "2", "--json", NULL};
+        if (off) setenv("MESHLM_SHM", "off", 1);
+        bool ran = run_meshlm(&r, pair, NULL);
+        unsetenv("MESHLM_SHM");
+        if (!ran) return;
+        CU_ASSERT_EQUAL(r.status, 0);
+        o = cJSON_Parse(r.out);
+        const cJSON *nt = cJSON_GetObjectItem(cJSON_GetArrayItem(o, 0), "node_times");
+        CU_ASSERT(cJSON_IsArray(nt) && cJSON_GetArraySize(nt) == 2);
+        for (int k = 0; cJSON_IsArray(nt) && k < cJSON_GetArraySize(nt); k++) {
+            const double per = cJSON_GetNumberValue(cJSON_GetObjectItem(cJSON_GetArrayItem(nt, k), "shm_collectives_per_token"));
+            CU_ASSERT_DOUBLE_EQUAL(per, off ? 0.0 : 1.0 + 4.0 * 5, 1e-9); // stories260K: 5 blocks
+        }
+        cJSON_Delete(o);
+        run_free(&r);
+    }
+
     const char *const table[] = {"meshlm", "bench", "-m", model, "-p", "8", "-n", "0", "-r", "1", "-t", "1",
                                  "--local", "2", "--mem-budget", "256M", NULL};
     if (!run_meshlm(&r, table, NULL)) return;

@@ -22,6 +22,7 @@
 #include "transport/comm_inproc.h"
 #include "transport/comm_link.h"
 #include "transport/comm_open.h"
+#include "transport/comm_shm.h"
 #include "transport/fault.h"
 #include "transport/gatherv.h"
 
@@ -1112,6 +1113,168 @@ static void test_open_names(void) {
     free(saved);
 }
 
+// --- shared-memory collectives of a group on one host (transport/comm_shm.h)
+
+#define SHM_SLOT 8192
+#define SHM_FLOATS 2000
+
+typedef struct {
+    world_t *w;
+    int rank;
+    int bad;
+} shm_job_t;
+
+// rank's addend i of an all-reduce: magnitudes apart by rank, so the summation order shows in the bits
+static float shm_addend(int rank, size_t i) {
+    const float scale[3] = {1e7f, 1.0f, -1e7f};
+    return scale[rank % 3] * ((float)pat(rank, 77, i) + 0.37f) + (float)pat(rank, 78, i) * 1e-3f;
+}
+
+// One rank of a 3-rank ZeroMQ world: shared-memory all-gathers and all-reduces give the bits the
+// comm's own collectives give (STAR and RING orders, which differ), oversize blocks are refused
+// before anything is published, a subgroup works beside the world, and one member declining keeps
+// the whole group on the comm.
+static void *shm_rank(void *p) {
+    shm_job_t *j = p;
+    comm_t *c = NULL;
+    if (open_rank(j->w, j->rank, &c) != 0) {
+        j->bad++;
+        return NULL;
+    }
+    const tctx_t tc = {j->w->b, j->rank, j->w->N}, *t = &tc;
+    const int N = t->N, me = t->rank;
+    int bad = 0;
+    char err[256] = "";
+    comm_shm_t *s = NULL;
+    int rc = comm_shm_open(&s, c, 0, N, SHM_SLOT, true, DL_MS, err, sizeof err);
+    EXPECT(rc == 0 && s, "open: %s %s", mlm_strerror(rc), err);
+    uint8_t *in = malloc(SHM_SLOT + 1), *o1 = malloc((size_t)N * (SHM_SLOT + 1)), *o2 = malloc((size_t)N * (SHM_SLOT + 1));
+    float *x = malloc(SHM_FLOATS * sizeof(float)), *a = malloc(SHM_FLOATS * sizeof(float)),
+          *b = malloc(SHM_FLOATS * sizeof(float)), *star = malloc(SHM_FLOATS * sizeof(float));
+    for (int it = 0; s && it < 40; it++) { // sizes 0 .. SHM_SLOT, even and odd slots in turn
+        size_t lens[MAXN], total = 0;
+        for (int r = 0; r < N; r++) total += lens[r] = it == 39 ? SHM_SLOT : ((size_t)it * 911 + (size_t)r * 2503) % (SHM_SLOT + 1);
+        for (size_t i = 0; i < lens[me]; i++) in[i] = pat(me, it, i);
+        memset(o1, 0xa5, total);
+        rc = comm_shm_allgatherv(s, in, lens[me], o1, lens, DL_MS);
+        EXPECT(rc == 0, "shm all-gather %d: %s", it, mlm_strerror(rc));
+        rc = comm_allgatherv_range(c, 0, N, in, lens[me], o2, lens, DL_MS);
+        EXPECT(rc == 0, "comm all-gather %d: %s", it, mlm_strerror(rc));
+        EXPECT(memcmp(o1, o2, total) == 0, "all-gather %d: shared memory and messages differ", it);
+    }
+    int differ = 0; // elements whose STAR and RING sums differ (N = 3)
+    for (int algo = COMM_ALGO_STAR; s && algo <= COMM_ALGO_RING; algo++)
+        for (int it = 0; it < 3; it++) {
+            const size_t n = it == 0 ? SHM_FLOATS : (size_t)(it * 7); // n < N leaves some ring chunks empty
+            for (size_t i = 0; i < n; i++) x[i] = a[i] = b[i] = shm_addend(me, i + (size_t)it);
+            rc = comm_shm_allreduce(s, a, n, (comm_algo_t)algo, DL_MS);
+            EXPECT(rc == 0, "shm all-reduce %s: %s", comm_algo_name((comm_algo_t)algo), mlm_strerror(rc));
+            const comm_allreduce_opts_t o = {(comm_algo_t)algo, 0};
+            rc = comm_allreduce_range(c, 0, N, b, n, &o, DL_MS);
+            EXPECT(rc == 0, "comm all-reduce %s: %s", comm_algo_name((comm_algo_t)algo), mlm_strerror(rc));
+            EXPECT(memcmp(a, b, n * sizeof(float)) == 0, "all-reduce %s of %zu: bits differ from the comm's",
+                   comm_algo_name((comm_algo_t)algo), n);
+            if (algo == COMM_ALGO_STAR && it == 0) memcpy(star, a, n * sizeof(float));
+            if (algo == COMM_ALGO_RING && it == 0)
+                for (size_t i = 0; i < n; i++) differ += memcmp(&star[i], &a[i], sizeof(float)) != 0;
+        }
+    EXPECT(!s || N < 3 || differ > 0, "STAR and RING sums never differ: the orders are not exercised");
+    size_t big[MAXN];
+    for (int r = 0; r < N; r++) big[r] = r == N - 1 ? SHM_SLOT + 1 : 16;
+    EXPECT(!comm_shm_fits(s, SHM_SLOT + 1) && comm_shm_fits(s, SHM_SLOT), "fits");
+    rc = s ? comm_shm_allgatherv(s, in, big[me], o1, big, DL_MS) : MLM_ERANGE;
+    EXPECT(rc == MLM_ERANGE, "oversize all-gather: %s", mlm_strerror(rc));
+    rc = s ? comm_shm_allreduce(s, x, SHM_SLOT / 4 + 1, COMM_ALGO_STAR, DL_MS) : MLM_ERANGE;
+    EXPECT(rc == MLM_ERANGE, "oversize all-reduce: %s", mlm_strerror(rc));
+    size_t four[MAXN] = {4, 4, 4, 4, 4};
+    uint32_t word = 0x1000u + (uint32_t)me, words[MAXN] = {0};
+    rc = s ? comm_shm_allgatherv(s, &word, 4, words, four, DL_MS) : MLM_EINVAL; // the sequence is intact
+    EXPECT(rc == 0 && words[0] == 0x1000u && words[N - 1] == 0x1000u + (uint32_t)(N - 1), "after the refusals: %s",
+           mlm_strerror(rc));
+    comm_shm_destroy(&s);
+    comm_shm_destroy(&s); // idempotent
+    if (me >= 1) { // ranks 1 .. N-1 alone
+        rc = comm_shm_open(&s, c, 1, N - 1, 64, true, DL_MS, err, sizeof err);
+        EXPECT(rc == 0 && s, "subgroup open: %s %s", mlm_strerror(rc), err);
+        rc = s ? comm_shm_allgatherv(s, &word, 4, words, four, DL_MS) : MLM_EINVAL;
+        EXPECT(rc == 0 && words[0] == 0x1001u, "subgroup all-gather: %s", mlm_strerror(rc));
+        comm_shm_destroy(&s);
+    }
+    rc = comm_shm_open(&s, c, 0, N, 64, me != N - 1, DL_MS, err, sizeof err); // the last member declines
+    EXPECT(rc == 0 && !s, "declined: %s, segment %p", mlm_strerror(rc), (void *)s);
+    comm_shm_destroy(&s);
+    rc = comm_shm_open(&s, c, 0, 1, 64, true, DL_MS, err, sizeof err);
+    EXPECT(rc == MLM_EINVAL && !s, "a group of one: %s", mlm_strerror(rc));
+    EXPECT(comm_barrier(c, DL_MS) == 0, "barrier");
+    free(in), free(o1), free(o2), free(x), free(a), free(b), free(star);
+    comm_destroy(&c);
+    j->bad = bad;
+    return NULL;
+}
+
+static void test_shm_collectives(void) {
+    world_t w;
+    CU_ASSERT_FATAL(world_prepare(&w, &BACKENDS[1], 3, false) == 0); // zmq over ipc
+    pthread_t th[3];
+    shm_job_t jobs[3];
+    for (int r = 0; r < 3; r++) {
+        jobs[r] = (shm_job_t){&w, r, 0};
+        pthread_create(&th[r], NULL, shm_rank, &jobs[r]);
+    }
+    for (int r = 0; r < 3; r++) {
+        pthread_join(th[r], NULL);
+        CU_ASSERT_EQUAL(jobs[r].bad, 0);
+    }
+    world_release(&w);
+}
+
+// A member process that stops taking part: the deadline (MLM_ETIMEOUT); once it is killed, MLM_EPEER
+// well before the deadline (the comm's probes find it gone).
+static void test_shm_lost_peer(void) {
+    world_t w;
+    CU_ASSERT_FATAL(world_prepare(&w, &BACKENDS[1], 2, false) == 0);
+    const size_t lens[2] = {8, 8};
+    pid_t pid = fork();
+    if (pid == 0) {
+        comm_t *c = NULL;
+        comm_shm_t *s = NULL;
+        char err[256];
+        uint64_t v = 2, out[2];
+        if (open_rank(&w, 1, &c) != 0 || comm_shm_open(&s, c, 0, 2, 64, true, DL_MS, err, sizeof err) != 0 || !s ||
+            comm_shm_allgatherv(s, &v, 8, out, lens, DL_MS) != 0)
+            _exit(10);
+        sleep_ms(30000); // killed long before
+        _exit(0);
+    }
+    comm_t *c = NULL;
+    comm_shm_t *s = NULL;
+    char err[256] = "";
+    uint64_t v = 1, out[2] = {0, 0};
+    CU_ASSERT_FATAL(open_rank(&w, 0, &c) == 0);
+    CU_ASSERT_EQUAL(comm_shm_open(&s, c, 0, 2, 64, true, DL_MS, err, sizeof err), 0);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+    CU_ASSERT_EQUAL(comm_shm_allgatherv(s, &v, 8, out, lens, DL_MS), 0);
+    CU_ASSERT(out[0] == 1 && out[1] == 2);
+    double t0 = mlm_now_ms();
+    int rc = comm_shm_allgatherv(s, &v, 8, out, lens, 300);
+    double el = mlm_now_ms() - t0;
+    CU_ASSERT_EQUAL(rc, MLM_ETIMEOUT);
+    CU_ASSERT(el >= 299 && el < 300 + SLACK_MS);
+    kill(pid, SIGKILL);
+    int st = 0;
+    waitpid(pid, &st, 0);
+    CU_ASSERT(WIFSIGNALED(st)); // it got through its part (else it exits 10)
+    t0 = mlm_now_ms();
+    rc = comm_shm_allgatherv(s, &v, 8, out, lens, 20000);
+    el = mlm_now_ms() - t0;
+    fprintf(stderr, "[shm: killed member -> %s after %.0f ms] ", mlm_strerror(rc), el);
+    CU_ASSERT_EQUAL(rc, MLM_EPEER);
+    CU_ASSERT(el < 2000);
+    comm_shm_destroy(&s);
+    comm_destroy(&c);
+    world_release(&w);
+}
+
 // --- suite
 
 int test_transport_suite(void) {
@@ -1129,7 +1292,9 @@ int test_transport_suite(void) {
         !CU_add_test(s, "link: worker process killed and restarted", test_link_killed) ||
         !CU_add_test(s, "link: a new coordinator, control-link ranks", test_link_new_coordinator) ||
         !CU_add_test(s, "link: malformed frames", test_link_malformed) ||
-        !CU_add_test(s, "link: fault emulation through the wrapper", test_link_faults))
+        !CU_add_test(s, "link: fault emulation through the wrapper", test_link_faults) ||
+        !CU_add_test(s, "shm: collectives equal the comm's, subgroups, declining", test_shm_collectives) ||
+        !CU_add_test(s, "shm: a member stops, then is killed", test_shm_lost_peer))
         return -1;
     return 0;
 }

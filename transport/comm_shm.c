@@ -299,7 +299,7 @@ int comm_shm_allreduce(comm_shm_t *s, float *buf, size_t n, comm_algo_t algo, in
     const bool ring = algo == COMM_ALGO_RING && N > 2;
     for (int k = 0; k < (ring ? N : 1); k++) {
         const size_t lo = ring ? n * (size_t)k / (size_t)N : 0, hi = ring ? n * (size_t)(k + 1) / (size_t)N : n;
-        memcpy(s->acc + lo, slot(s, gen, k), (hi - lo) * sizeof(float));
+        memcpy(s->acc + lo, (const float *)slot(s, gen, k) + lo, (hi - lo) * sizeof(float));
         for (int j = 1; j < N; j++) {
             const float *x = (const float *)slot(s, gen, (k + j) % N);
             for (size_t i = lo; i < hi; i++) s->acc[i] += x[i];

@@ -43,6 +43,9 @@ typedef struct {
     int disk_id;             // nodes with the same disk_id > 0 read from one physical disk and split its
                              // bandwidth while they stream at the same time (local workers of one
                              // machine); 0 = a disk of its own
+    int shm_id;              // nodes with the same shm_id > 0 share one host's memory: a tensor-parallel
+                             // group of them exchanges through shared memory (local workers over ipc,
+                             // worker/node/pipeline.h pipe_set_shm); 0 = over its link
     int kv_dev;              // where its KV cache lives (plan_kv_dev_t; 0 = host RAM)
     uint64_t kv_ram;         // PLAN_KV_FILE: its RAM share of the KV when fixed (file:DIR,ram=SIZE), counted in
                              // its budget; 0 = whatever its budget leaves (or all of it without a budget)
@@ -259,6 +262,13 @@ int plan_window(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_
 // a 64 MiB buffer; TinyLlama Q4_0 decode on the test machines: 24.2 GB/s against 33.9 measured).
 #define PLAN_MEM_EFFICIENCY 0.72
 #define PLAN_DEFAULT_LAT_US 100.0   // one-way link latency
+// A group on one host (plan_node_t.shm_id): each all-gather or all-reduce whose blocks fit a slot of
+// PLAN_SHM_SLOT_BYTES (transport/comm_shm.h's COMM_SHM_SLOT_BYTES) costs PLAN_SHM_LAT_US (measured:
+// 10-20 us per collective on the 2-core test machine, waits on the peer included) and a copy of every
+// block at PLAN_SHM_BW; larger ones go over the links.
+#define PLAN_SHM_SLOT_BYTES ((double)(1u << 20))
+#define PLAN_SHM_LAT_US 15.0
+#define PLAN_SHM_BW 4e9             // bytes/s
 #define PLAN_DEFAULT_LINK_BW 125e6  // bytes/s: 1 Gbit/s
 // Prompt processing: a token of a batch costs this many times less than a decoded token (decode is
 // bound by reading the weights, a batch reads them once): 239 vs 68.6 tok/s for llama.cpp, 132 vs

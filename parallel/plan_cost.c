@@ -65,12 +65,26 @@ static void shard_work(const plan_model_t *pm, const range_sums_t *rs, const pla
 }
 
 
+// Whether the members of p->shard[a..b) share one host's memory (plan_node_t.shm_id) and the largest
+// block of an exchange fits a shared slot, so the exchange goes through shared memory.
+static bool group_shm(const plan_t *p, int a, int b, double largest) {
+    const int id = p->node[p->shard[a].node].shm_id;
+    if (id <= 0 || largest > PLAN_SHM_SLOT_BYTES) return false;
+    for (int i = a + 1; i < b; i++)
+        if (p->node[p->shard[i].node].shm_id != id) return false;
+    return true;
+}
+
+// ms for a shared-memory collective that copies bytes in all.
+static double shm_ms(double bytes) { return PLAN_SHM_LAT_US / 1e3 + bytes / PLAN_SHM_BW * 1e3; }
+
 // ms for an all-gather of bytes[i] from each member of p->shard[a..b).
 static double allgather_ms(const plan_t *p, int a, int b, const double *bytes) {
     const int g = b - a;
     if (g < 2) return 0;
-    double total = 0, lat = 0, worst = 0;
-    for (int i = 0; i < g; i++) total += bytes[i];
+    double total = 0, lat = 0, worst = 0, largest = 0;
+    for (int i = 0; i < g; i++) total += bytes[i], largest = max2(largest, bytes[i]);
+    if (group_shm(p, a, b, largest)) return shm_ms(total);
     for (int i = 0; i < g; i++) {
         const plan_node_t *nd = &p->node[p->shard[a + i].node];
         lat = max2(lat, plan_node_lat_us(nd));
@@ -102,7 +116,9 @@ static double stage_comm_ms(const plan_model_t *pm, const plan_t *p, int a, int 
         t = (s0->l1 - s0->l0) * (allgather_ms(p, a, b, attn) + allgather_ms(p, a, b, orow) +
                                  allgather_ms(p, a, b, ffn) + allgather_ms(p, a, b, down));
     }
-    if (s0->l0 == 0) { // the token's embedding row, from whichever member holds it (worst case)
+    if (s0->l0 == 0 && group_shm(p, a, b, 4.0 * u * pm->n_embd)) {
+        t += shm_ms(4.0 * u * pm->n_embd);
+    } else if (s0->l0 == 0) { // the token's embedding row, from whichever member holds it (worst case)
         double lat = 0, worst = 0;
         for (int i = 0; i < g; i++) {
             const plan_node_t *nd = &p->node[p->shard[a + i].node];
@@ -278,7 +294,8 @@ double plan_allreduce_ms(const plan_t *p, int a, int b, double bytes, bool *star
     }
     const double t_star = 2 * lat + 2 * (g - 1) * bytes / bw;
     const double t_ring = 2 * (g - 1) * (lat + bytes / (g * bw));
-    if (star) *star = t_star <= t_ring;
+    if (star) *star = t_star <= t_ring; // the links choose the summation order, wherever the bytes go
+    if (group_shm(p, a, b, bytes)) return shm_ms(g * bytes);
     return min2(t_star, t_ring) * 1e3;
 }
 

@@ -272,6 +272,12 @@ static const profile_t *here_profile(cluster_t *c) {
 
 // What the planner knows about the computing candidates: the coordinator first when it computes,
 // then the candidate workers in the order given.
+// The planner's shm_id of a node whose data endpoint is ep: 1 for ipc (this host: a tensor-parallel group
+// of them exchanges through shared memory, pipe_set_shm), 0 when emulated links or $MESHLM_SHM rule it out.
+static int same_host_shm(const cluster_t *c, const char *ep) {
+    return strncmp(ep, "ipc://", 6) == 0 && !fault_has_link_rules(c->faults) && pipe_shm_allowed() ? 1 : 0;
+}
+
 static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char *err, size_t errlen) {
     const int off = c->o.coordinator_shard ? 1 : 0;
     if (c->o.speeds) { // one figure per worker (and the coordinator first): keep the candidates'
@@ -300,6 +306,7 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
         if (c->o.local_profile) nd->disk_id = 1; // local workers share this machine's disk
         nd->lat_us = w->lat_us;
         nd->link_bw = w->bw;
+        nd->shm_id = same_host_shm(c, w->endpoint);
         double best = 0, sum = 0;
         for (int k = 0; k < h->n_speeds; k++) {
             sum += h->speeds[k].gflops;
@@ -362,6 +369,11 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
     int n_ctx = c->o.n_ctx > 0 ? c->o.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
     c->o.n_ctx = n_ctx;
     // The coordinator shares its LAN: its link is as good as the best worker's.
+    if (off) {
+        char ep[256];
+        coordinator_endpoint(c, ep, sizeof ep);
+        nodes[0].shm_id = same_host_shm(c, ep);
+    }
     for (int j = 0; off && j < c->n_cand; j++) {
         const worker_t *w = &c->w[c->cand[j]];
         if (nodes[0].lat_us == 0 || w->lat_us < nodes[0].lat_us) nodes[0].lat_us = w->lat_us;

@@ -187,13 +187,18 @@ int pipe_set_experts(pipe_node_t *p, const uint8_t *has, int n_layer, int n_expe
     return 0;
 }
 
+_Static_assert(COMM_SHM_SLOT_BYTES == (size_t)PLAN_SHM_SLOT_BYTES, "the planner prices the slot transport uses");
+
+bool pipe_shm_allowed(void) {
+    const char *env = getenv("MESHLM_SHM");
+    return !(env && (strcmp(env, "off") == 0 || strcmp(env, "0") == 0));
+}
+
 int pipe_set_shm(pipe_node_t *p, const char *const *endpoints, char *err, size_t errlen) {
     if (p->stage < 0 || p->n < 2) return 0;
     for (int r = p->first; r < p->first + p->n; r++)
         if (!endpoints[r] || strncmp(endpoints[r], "ipc://", 6) != 0) return 0;
-    const char *env = getenv("MESHLM_SHM");
-    const bool off = env && (strcmp(env, "off") == 0 || strcmp(env, "0") == 0);
-    const bool want = !off && strcmp(comm_name(p->comm), "zmq") == 0;
+    const bool want = pipe_shm_allowed() && strcmp(comm_name(p->comm), "zmq") == 0;
     comm_shm_destroy(&p->shm);
     return comm_shm_open(&p->shm, p->comm, p->first, p->n, COMM_SHM_SLOT_BYTES, want, p->timeout_ms, err, errlen);
 }

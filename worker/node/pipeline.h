@@ -91,6 +91,9 @@ void pipe_stats_reset(pipe_node_t *p);
 // handshake's error (a member lost or late) with err filled.
 int pipe_set_shm(pipe_node_t *p, const char *const *endpoints, char *err, size_t errlen);
 
+// Whether shared memory may be used at all ($MESHLM_SHM is not "off" or "0"); the planner's shm_id.
+bool pipe_shm_allowed(void);
+
 // Micro-batch size used for a step of n tokens: ubatch (0 = all of them) capped at n.
 int pipe_ubatch(int n, int ubatch);
 

@@ -369,7 +369,7 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
     int n_ctx = c->o.n_ctx > 0 ? c->o.n_ctx : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
     c->o.n_ctx = n_ctx;
     // The coordinator shares its LAN: its link is as good as the best worker's.
-    if (off) {
+    if (off && !c->o.data && c->o.n_workers > 0) { // (an in-process data plane has no endpoints)
         char ep[256];
         coordinator_endpoint(c, ep, sizeof ep);
         nodes[0].shm_id = same_host_shm(c, ep);

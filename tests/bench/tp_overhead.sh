@@ -43,7 +43,7 @@ for r in $(seq 1 "$rounds"); do
   run single "" -t "$T"
   run shm "" -t 1 --local "$T" --tp "$T"
   run zmq "MESHLM_SHM=off" -t 1 --local "$T" --tp "$T"
-  echo "tp_overhead: round $r: $(tail -3 "$out/runs" | tr '\n' ';')"
+  echo "tp_overhead: round $r: $(tail -3 "$out/runs" | awk '{ printf "%s pp %.2f tg %.2f; ", $1, $2, $3 }')"
 done
 echo "tp_overhead: load after: $(uptime)"
 
@@ -51,10 +51,18 @@ median() { # label column -> median of that column over the rounds ("-" when non
   awk -v l="$1" -v c="$2" '$1 == l && $c != "-" { print $c }' "$out/runs" | sort -g |
     awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+# median over the rounds of label's tokens/s / the single process's in the same round (column c)
+round_ratio() {
+  awk -v l="$1" -v c="$2" '$1 == "single" { s[++ns] = $c } $1 == l { v[++nv] = $c }
+    END { for (i = 1; i <= nv && i <= ns; i++) if (v[i] != "-" && s[i] != "-" && s[i] > 0) print v[i] / s[i] }' "$out/runs" |
+    sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+fmt() { awk -v a="$1" 'BEGIN { if (a == "-") print "-"; else printf "%.2f", a }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 sp=$(median single 2) st=$(median single 3)
-printf '| %-34s | %10s | %10s | %12s | %12s |\n' configuration "pp$np t/s" "tg$ng t/s" "pp / single" "tg / single"
-printf '| %-34s | %10s | %10s | %12s | %12s |\n' ---------------------------------- ---------- ---------- ------------ ------------
+echo "tp_overhead: medians over $rounds rounds; \"per round\" is the median of each round's ratio to that round's single process"
+printf '| %-34s | %9s | %9s | %11s | %11s | %13s | %13s |\n' configuration "pp$np t/s" "tg$ng t/s" "pp / single" "tg / single" "pp per round" "tg per round"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------------------------------------ ----------- ----------- ------------- ------------- --------------- ---------------
 for l in single shm zmq; do
   case $l in
     single) name="1 process, $T threads" ;;
@@ -62,5 +70,6 @@ for l in single shm zmq; do
     zmq) name="$T processes x 1, ZeroMQ ipc" ;;
   esac
   p=$(median $l 2) t=$(median $l 3)
-  printf '| %-34s | %10s | %10s | %12s | %12s |\n' "$name" "$p" "$t" "$(ratio "$p" "$sp")" "$(ratio "$t" "$st")"
+  printf '| %-34s | %9s | %9s | %11s | %11s | %13s | %13s |\n' "$name" "$(fmt "$p")" "$(fmt "$t")" "$(ratio "$p" "$sp")" \
+    "$(ratio "$t" "$st")" "$(round_ratio $l 2)" "$(round_ratio $l 3)"
 done

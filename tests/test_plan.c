@@ -1052,6 +1052,31 @@ static double tp_ms(const plan_model_t *pm, const char *spec, plan_t *p) {
     return p->cost.token_ms;
 }
 
+// Nodes of one host (shm_id) price a tensor-parallel group's exchanges at shared-memory cost: per
+// token 89 collectives (4 all-gathers per block of 22, the embedding row) at PLAN_SHM_LAT_US and a
+// copy, against a 1 ms link latency each; a group spread over two hosts keeps the link's price.
+static void test_shm_group(void) {
+    plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_t *p = malloc(sizeof *p);
+    CU_ASSERT_FATAL(tp_ms(pm, "1@1/1000,1@1/1000", p) > 0);
+    const double link = p->shard[0].comm_ms;
+    CU_ASSERT(link > 89 * 1.0);
+    CU_ASSERT_FATAL(tp_ms(pm, "1@1/1000:shm_id=1,1@1/1000:shm_id=1", p) > 0);
+    const double shm = p->shard[0].comm_ms, lat = 89 * PLAN_SHM_LAT_US / 1e3;
+    CU_ASSERT(shm > lat && shm < lat + 0.2);
+    CU_ASSERT_FATAL(tp_ms(pm, "1@1/1000:shm_id=1,1@1/1000:shm_id=2", p) > 0);
+    CU_ASSERT_DOUBLE_EQUAL(p->shard[0].comm_ms, link, 1e-9);
+    plan_node_t nodes[2];
+    char err[256];
+    CU_ASSERT_EQUAL(plan_parse_nodes("1:shm_id=0", nodes, 2, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "bad shm_id '0'"));
+    CU_ASSERT_EQUAL(plan_parse_nodes_file("a speed=1 shm_id=3\n", nodes, 2, err, sizeof err), 1);
+    CU_ASSERT_EQUAL(nodes[0].shm_id, 3);
+    free(p);
+    free(pm);
+}
+
 static void test_disk_bandwidth_and_nodes(void) {
     plan_model_t *pm = preset("llama-2-70b", "Q4_0");
     CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
@@ -1454,6 +1479,7 @@ int test_plan_suite(void) {
         !CU_add_test(s, "plan_window: resident, windows, kept units, the minimum", test_window_rule) ||
         !CU_add_test(s, "llama-2-70b streams on four 2 GiB nodes", test_70b_streams_on_2g_nodes) ||
         !CU_add_test(s, "disk bandwidth, shared disks and group size", test_disk_bandwidth_and_nodes) ||
+        !CU_add_test(s, "a group on one host prices shared memory", test_shm_group) ||
         !CU_add_test(s, "exact and all-reduce tensor parallelism predicted", test_tp_modes) ||
         !CU_add_test(s, "plan files carry the tensor-parallel mode", test_plan_file_modes) ||
         !CU_add_test(s, "node specs with disks", test_node_specs_disk) ||

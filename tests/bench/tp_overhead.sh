@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Tensor-parallel overhead on one host: one process with T threads against T local worker processes of
-# one thread each (--local T --tp T, exact mode), with the group's exchanges through shared memory
-# (the default for ipc workers) and over ZeroMQ messages (MESHLM_SHM=off), in interleaved rounds.
+# one thread each (--local T --tp T), exact mode with the group's exchanges through shared memory (the
+# default for ipc workers), the same in all-reduce mode (--tp-mode allreduce: half the exchanges, last
+# bits differ), and exact mode over ZeroMQ messages (MESHLM_SHM=off), in interleaved rounds.
 #
 # usage: tests/bench/tp_overhead.sh [-t T] [-p N_PROMPT] [-n N_GEN] [-r ROUNDS] [FILE.gguf]
 #   T          processes of the pair / threads of the single process (default 2)
 #   FILE.gguf  default /work/cache/tl-Q4_0.gguf (`meshlm gen-model FILE --preset tinyllama-1.1b --quant Q4_0 --seed 1`)
 #   MESHLM     meshlm binary (default: build/meshlm beside this script's repo)
-# Each round runs the three configurations one after the other (A B C A B C ...), so the load of other
+# Each round runs the four configurations one after the other (A B C D A B C D ...), so the load of other
 # processes on a shared machine falls on all alike; the table gives the median tokens/s over the rounds
 # and each one's ratio to the single process. `uptime` is printed before and after. Not run in CI.
 set -u
@@ -16,7 +17,7 @@ T=2 np=64 ng=32 rounds=5
 while getopts "t:p:n:r:h" o; do
   case $o in
     t) T=$OPTARG ;; p) np=$OPTARG ;; n) ng=$OPTARG ;; r) rounds=$OPTARG ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -42,8 +43,9 @@ run() {
 for r in $(seq 1 "$rounds"); do
   run single "" -t "$T"
   run shm "" -t 1 --local "$T" --tp "$T"
+  run shm_ar "" -t 1 --local "$T" --tp "$T" --tp-mode allreduce
   run zmq "MESHLM_SHM=off" -t 1 --local "$T" --tp "$T"
-  echo "tp_overhead: round $r: $(tail -3 "$out/runs" | awk '{ printf "%s pp %.2f tg %.2f; ", $1, $2, $3 }')"
+  echo "tp_overhead: round $r: $(tail -4 "$out/runs" | awk '{ printf "%s pp %.2f tg %.2f; ", $1, $2, $3 }')"
 done
 echo "tp_overhead: load after: $(uptime)"
 
@@ -63,10 +65,11 @@ sp=$(median single 2) st=$(median single 3)
 echo "tp_overhead: medians over $rounds rounds; \"per round\" is the median of each round's ratio to that round's single process"
 printf '| %-34s | %9s | %9s | %11s | %11s | %13s | %13s |\n' configuration "pp$np t/s" "tg$ng t/s" "pp / single" "tg / single" "pp per round" "tg per round"
 printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------------------------------------ ----------- ----------- ------------- ------------- --------------- ---------------
-for l in single shm zmq; do
+for l in single shm shm_ar zmq; do
   case $l in
     single) name="1 process, $T threads" ;;
     shm) name="$T processes x 1, shared memory" ;;
+    shm_ar) name="$T x 1, shared memory, allreduce" ;;
     zmq) name="$T processes x 1, ZeroMQ ipc" ;;
   esac
   p=$(median $l 2) t=$(median $l 3)

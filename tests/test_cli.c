@@ -396,7 +396,9 @@ static void test_memory_report(void) {
 
     // a tensor-parallel pair on one host: every exchange of a decode step goes through shared
     // memory, the same count on both nodes (an all-gather per embedding and 4 per block); with
-    // MESHLM_SHM=off none does
+    // MESHLM_SHM=off none does (nor without a writable /dev/shm, where shm_open cannot create one)
+    const bool shm = access("/dev/shm", W_OK) == 0;
+    if (!shm) fprintf(stderr, "(no writable /dev/shm: shared memory not checked) ");
     for (int off = 0; off < 2; off++) {
         const char *const pair[] = {"meshlm", "bench", "-m", model, "-p", "0", "-n", "4", "-r", "1", "-t", "1",
                                     "--local", "2", "--tp", "2", "--json", NULL};
@@ -410,7 +412,7 @@ static void test_memory_report(void) {
         CU_ASSERT(cJSON_IsArray(nt) && cJSON_GetArraySize(nt) == 2);
         for (int k = 0; cJSON_IsArray(nt) && k < cJSON_GetArraySize(nt); k++) {
             const double per = cJSON_GetNumberValue(cJSON_GetObjectItem(cJSON_GetArrayItem(nt, k), "shm_collectives_per_token"));
-            CU_ASSERT_DOUBLE_EQUAL(per, off ? 0.0 : 1.0 + 4.0 * 5, 1e-9); // stories260K: 5 blocks
+            CU_ASSERT_DOUBLE_EQUAL(per, off || !shm ? 0.0 : 1.0 + 4.0 * 5, 1e-9); // stories260K: 5 blocks
         }
         cJSON_Delete(o);
         run_free(&r);

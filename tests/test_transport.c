@@ -1216,6 +1216,10 @@ static void *shm_rank(void *p) {
 }
 
 static void test_shm_collectives(void) {
+    if (access("/dev/shm", W_OK) != 0) { // shm_open has nowhere to create a segment: groups keep to the comm
+        fprintf(stderr, "(skipped: no writable /dev/shm) ");
+        return;
+    }
     world_t w;
     CU_ASSERT_FATAL(world_prepare(&w, &BACKENDS[1], 3, false) == 0); // zmq over ipc
     pthread_t th[3];
@@ -1234,6 +1238,10 @@ static void test_shm_collectives(void) {
 // A member process that stops taking part: the deadline (MLM_ETIMEOUT); once it is killed, MLM_EPEER
 // well before the deadline (the comm's probes find it gone).
 static void test_shm_lost_peer(void) {
+    if (access("/dev/shm", W_OK) != 0) { // shm_open has nowhere to create a segment: groups keep to the comm
+        fprintf(stderr, "(skipped: no writable /dev/shm) ");
+        return;
+    }
     world_t w;
     CU_ASSERT_FATAL(world_prepare(&w, &BACKENDS[1], 2, false) == 0);
     const size_t lens[2] = {8, 8};

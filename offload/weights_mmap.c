@@ -143,15 +143,25 @@ static int bind_plane(mmap_t *m, mm_weight_t *w, const weights_loc_t *loc, int p
     if (rc != 0)
         return mlm_fail(err, errlen, rc, "tensor %s: type %s cannot be used for a matrix product", t->name,
                         qtype_name(t->type));
+    // Without a budget the share stays resident: rows the kernels read in the file's layout are copied
+    // into huge pages (mm_weight_copy_huge; about 25% faster decode for Q8_0 and F16 than from the
+    // mapping's 4 KB pages). Under a budget the file's pages stay, which the kernel may reclaim.
+    if (repack && !m->p.budget_bytes && (rc = mm_weight_copy_huge(w)) != 0) {
+        mm_weight_release(w);
+        return mlm_fail(err, errlen, rc, "tensor %s: no memory for its %zu bytes", t->name,
+                        (size_t)w->rows * w->row_bytes);
+    }
     if ((rc = note_bound(m, w, t->name, plane, loc->r0, 0, t->ne[0])) != 0) {
         mm_weight_release(w);
         return rc;
     }
     m->bytes += (size_t)(loc->r1 - loc->r0) * w->row_bytes;
-    if (w->packed) { // the kernels read the packed copy only: the mapped rows' own pages can go
-        const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), src = (uintptr_t)w->data;
+    if (w->packed || w->copy) { // the kernels read the copy only: the mapped rows' own pages can go
+        const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), src = (uintptr_t)weights_loc_data(loc, plane);
         const uintptr_t a = (src + pg - 1) / pg * pg, b = (src + (size_t)w->rows * w->row_bytes) / pg * pg;
-        if (b > a) (void)madvise((void *)a, b - a, MADV_PAGEOUT); // file pages leave; a buffer's stay
+        // packed: file pages leave (a buffer's stay); a huge-page copy (no budget) only unmaps them from
+        // this process, and the page cache keeps them for the next plan's share
+        if (b > a) (void)madvise((void *)a, b - a, w->packed ? MADV_PAGEOUT : MADV_DONTNEED);
     }
     return 0;
 }

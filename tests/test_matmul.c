@@ -309,6 +309,56 @@ static void test_decode_bits(void) {
     }
 }
 
+// mm_weight_copy_huge: a matrix of 2 MB or more computes from its huge-page copy (the source may
+// then be overwritten) with the bits it had from the source, 1 and 5 tokens; a smaller one, and a
+// repacked one, are left on their rows; release frees the copy.
+static void test_copy_huge(void) {
+    const kernels_t *k = kernels_best();
+    static const qtype_t types[] = {QT_Q8_0, QT_F16};
+    for (size_t j = 0; j < sizeof types / sizeof types[0]; j++) {
+        const int64_t cols = 1024, nr = types[j] == QT_Q8_0 ? 2080 : 1040; // 2.26 MB, 2.13 MB
+        problem_t p;
+        problem_init(&p, k, types[j], nr, cols, 77 + j);
+        const size_t bytes = qtype_row_size(types[j], cols) * (size_t)nr;
+        CU_ASSERT_FATAL(bytes >= ((size_t)2 << 20));
+        uint8_t *src = malloc(bytes);
+        memcpy(src, p.w, bytes);
+        mm_weight_t w;
+        CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, types[j], nr, cols, src, true), 0);
+        CU_ASSERT_PTR_NULL(w.packed);
+        float *a = malloc(sizeof(float) * 5 * (size_t)nr), *b = malloc(sizeof(float) * 5 * (size_t)nr);
+        for (int nt = 1; nt <= 5; nt += 4) {
+            mm_rows(k, &w, p.xq, p.xs, nt, a, (size_t)nr, 0, nr);
+            if (nt == 1) {
+                CU_ASSERT_EQUAL(mm_weight_copy_huge(&w), 0);
+                CU_ASSERT(w.copy != NULL && w.data == w.copy && w.data != src);
+                memset(src, 0x55, bytes); // the copy is all it reads now
+            }
+            mm_rows(k, &w, p.xq, p.xs, nt, b, (size_t)nr, 0, nr);
+            CU_ASSERT_EQUAL(memcmp(a, b, sizeof(float) * (size_t)nt * (size_t)nr), 0);
+            memcpy(src, p.w, bytes);
+        }
+        CU_ASSERT_EQUAL(mm_weight_copy_huge(&w), 0); // a second call keeps the copy
+        mm_weight_release(&w);
+        CU_ASSERT(w.copy == NULL && w.data == NULL);
+        mm_weight_release(&w);
+        CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, types[j], 16, cols, src, true), 0); // small: stays
+        CU_ASSERT_EQUAL(mm_weight_copy_huge(&w), 0);
+        CU_ASSERT(w.copy == NULL && w.data == src);
+        mm_weight_release(&w);
+        free(a), free(b), free(src);
+        problem_free(&p);
+    }
+    problem_t q; // repacked Q4_0: left as it is
+    problem_init(&q, k, QT_Q4_0, 64, 1024, 5);
+    mm_weight_t w;
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, QT_Q4_0, 64, 1024, q.w, true), 0);
+    CU_ASSERT_EQUAL(mm_weight_copy_huge(&w), 0);
+    CU_ASSERT(w.copy == NULL && (w.packed != NULL || w.data == q.w));
+    mm_weight_release(&w);
+    problem_free(&q);
+}
+
 // Repacked Q4_K (x86: 16-row groups with the scales unpacked): decode and the token tiles of a batch
 // give, for 1..17 tokens, rows that are not a multiple of 16, row ranges that start and end inside
 // a group and 1..5 super-blocks, the bits of the scalar table's Q4_K vec_dot (which every table's
@@ -463,7 +513,7 @@ int test_matmul_suite(void) {
         !CU_add_test(s, "all_types_small", test_all_types_small) || !CU_add_test(s, "large_rows", test_large_rows) ||
         !CU_add_test(s, "q8_0_batch_bits", test_q8_0_batch_bits) || !CU_add_test(s, "decode_bits", test_decode_bits) ||
         !CU_add_test(s, "q4_k_packed_bits", test_q4_k_packed_bits) ||
-        !CU_add_test(s, "batch_bits", test_batch_bits))
+        !CU_add_test(s, "batch_bits", test_batch_bits) || !CU_add_test(s, "copy_huge", test_copy_huge))
         return -1;
     return 0;
 }

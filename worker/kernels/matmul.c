@@ -350,8 +350,29 @@ int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t row
     return MLM_OK;
 }
 
+int mm_weight_copy_huge(mm_weight_t *w) {
+    const size_t huge = (size_t)2 << 20;
+    if (!w || w->packed || w->copy || !w->data || w->rows <= 0) return 0;
+    const size_t bytes = (size_t)w->rows * w->row_bytes;
+    if (bytes < huge) return 0;
+    size_t mapped = 0;
+    void *p = alloc_packed((bytes + 63) / 64 * 64, &mapped);
+    if (!p) return MLM_ENOMEM;
+    memcpy(p, w->data, bytes);
+    w->copy = p;
+    w->copy_map = mapped;
+    w->data = p;
+    return 0;
+}
+
 void mm_weight_release(mm_weight_t *w) {
     if (!w) return;
+    if (w->copy) {
+        free_packed(w->copy, w->copy_map);
+        w->data = NULL;
+        w->copy = NULL;
+        w->copy_map = 0;
+    }
     free_packed(w->packed, w->packed_map);
     w->packed = NULL;
     w->packed_map = 0;

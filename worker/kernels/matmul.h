@@ -15,12 +15,22 @@ typedef struct mm_weight {
     int64_t rows;          // output features
     int64_t cols;          // input features
     size_t row_bytes;      // bytes of one row in data
-    const uint8_t *data;   // (rows, row_bytes), borrowed (usually the GGUF mapping)
+    const uint8_t *data;   // (rows, row_bytes), borrowed (usually the GGUF mapping), or copy
     void *packed;          // kernel-specific repacked copy, owned; NULL when not repacked
     size_t packed_map;     // bytes mapped for packed (a large copy is its own mapping), 0 = heap memory
     int pack;              // 0 = plain rows; otherwise the layout id of packed
     int64_t row_align;     // split rows between threads at multiples of this (>= 1)
+    void *copy;            // (rows, row_bytes) plain rows copied into huge pages (mm_weight_copy_huge),
+                           // owned; data points at it; NULL = data is borrowed
+    size_t copy_map;       // bytes mapped for copy, 0 = heap memory
 } mm_weight_t;
+
+// Copies a matrix that computes from its file's rows (not repacked) into 2 MB-aligned memory with a
+// transparent-huge-page hint, and computes from the copy from then on (the same bytes, so the same
+// bits): decode then streams it without a TLB miss and a hardware-prefetcher restart at every 4 KB
+// page of the file mapping. Matrices under 2 MB, repacked ones and copies are left as they are.
+// 0, or MLM_ENOMEM (w unchanged). mm_weight_release frees the copy.
+int mm_weight_copy_huge(mm_weight_t *w);
 
 // Describes data as a weight; with repack, a kernel may copy it into a faster layout (then the
 // matrix no longer reads data). Returns 0, MLM_EUNSUPPORTED for a type without kernels, MLM_ENOMEM.

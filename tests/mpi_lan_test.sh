@@ -57,8 +57,18 @@ tok() { grep -o '"tokens":\[[^]]*\]'; }
 one=$("$bin" run -m "$m" -p "$prompt" -n 16 --greedy --json -t 1 2>/dev/null | tok)
 rm -f "$dir"/ns.*
 before=$(sent)
-many=$(mpirun_ "$n" sh -c "$(in_ns)" sh "$bin" mpi -m "$m" -p "$prompt" -n 16 --greedy --json -t 1 --timeout 20000 \
-       2>"$dir/log" | tok)
+run_tp() {
+  mpirun_ "$n" sh -c "$(in_ns)" sh "$bin" mpi -m "$m" -p "$prompt" -n 16 --greedy --json -t 1 --timeout 20000 \
+    2>"$dir/log" | tok
+}
+many=$(run_tp)
+# Open MPI's launch through the namespaces has hung once in CI before any rank started (no rank wrote
+# its namespace, nothing of meshlm ran): that launch is tried once more, and said so.
+if [ -z "$many" ] && ! ls "$dir"/ns.* >/dev/null 2>&1; then
+  echo "mpi lan: mpirun started no rank within its 60 s (a launch hang, before meshlm); once more" >&2
+  before=$(sent)
+  many=$(run_tp)
+fi
 after=$(sent)
 [ -n "$one" ] && [ "$one" = "$many" ]
 check "stories260K.gguf on $n hosts from a hostfile: same tokens as one node: $many" $? "one=[$one] mpi=[$many]"

@@ -266,7 +266,7 @@ int plan_window(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_
 // PLAN_SHM_SLOT_BYTES (transport/comm_shm.h's COMM_SHM_SLOT_BYTES) costs PLAN_SHM_LAT_US (measured:
 // 10-20 us per collective on the 2-core test machine, waits on the peer included) and a copy of every
 // block at PLAN_SHM_BW; larger ones go over the links.
-#define PLAN_SHM_SLOT_BYTES ((double)(1u << 20))
+#define PLAN_SHM_SLOT_BYTES (1u << 20)
 #define PLAN_SHM_LAT_US 15.0
 #define PLAN_SHM_BW 4e9             // bytes/s
 #define PLAN_DEFAULT_LINK_BW 125e6  // bytes/s: 1 Gbit/s

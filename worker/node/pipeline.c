@@ -187,7 +187,7 @@ int pipe_set_experts(pipe_node_t *p, const uint8_t *has, int n_layer, int n_expe
     return 0;
 }
 
-_Static_assert(COMM_SHM_SLOT_BYTES == (size_t)PLAN_SHM_SLOT_BYTES, "the planner prices the slot transport uses");
+_Static_assert(COMM_SHM_SLOT_BYTES == PLAN_SHM_SLOT_BYTES, "the planner prices the slot transport uses");
 
 bool pipe_shm_allowed(void) {
     const char *env = getenv("MESHLM_SHM");

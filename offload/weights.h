@@ -112,6 +112,9 @@ typedef struct {
     const uint64_t *experts;      // (4) placed experts: bit e set = this node computes expert e, and only those
                                   // are prepared ("mmap"; acquiring another is MLM_ENOTFOUND; "window"
                                   // refuses a mask); NULL = every expert (copied)
+    bool experts_only;            // with experts: the node computes its experts and nothing else (a member
+                                  // of an expert-parallel group with attention on its leader): the other
+                                  // matrices are mapped, never repacked or copied, so they cost no memory
     struct weights *reuse;        // optional: the provider of an earlier share of the same model (the same
                                   // tensor bytes); "mmap" takes the repacked rows this share has in common
                                   // with it instead of reading and repacking them (a matrix with the very

@@ -313,6 +313,7 @@ static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
     int rc = 0;
     const int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim, KV = (int64_t)hp->n_head_kv * hp->head_dim;
     const weights_info_t info = weights_info_for(hp, sl);
+    const bool dense_repack = repack && !p->experts_only; // an expert-only member never touches the rest
     // An empty layer range holds no block, no embedding and no output (a coordinator that only
     // tokenizes and samples).
     const gguf_tensor_t *t;
@@ -322,7 +323,7 @@ static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
         t = weights_want_tensor(p, "output_norm.weight", 1, E, 0, 0, true, &rc, err, errlen);
         if (!t || !(m->out.out_norm = vec_f32(m, t, &rc))) return rc ? rc : MLM_EFORMAT;
         if ((rc = bind(m, &m->out.output, hp->tied_output ? "token_embd.weight" : "output.weight", E, hp->n_vocab,
-                       repack, err, errlen)) != 0)
+                       dense_repack, err, errlen)) != 0)
             return rc;
     }
     if ((rc = weights_rope_freqs(p, &t, err, errlen)) != 0) return rc;
@@ -333,7 +334,7 @@ static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
         char name[96];
 #define NAME(suffix) (snprintf(name, sizeof name, "blk.%d.%s.weight", il, suffix), name)
 #define B2(field, suffix, cols, rows) \
-    if ((rc = bind(m, &L->field, NAME(suffix), cols, rows, repack, err, errlen)) != 0) return rc;
+    if ((rc = bind(m, &L->field, NAME(suffix), cols, rows, dense_repack, err, errlen)) != 0) return rc;
 #define T1(field, suffix)                                                                        \
     if (!(t = weights_want_tensor(p, NAME(suffix), 1, E, 0, 0, true, &rc, err, errlen))) return rc; \
     if (!(L->field = vec_f32(m, t, &rc))) return rc ? rc : MLM_EFORMAT;

@@ -151,6 +151,8 @@ typedef struct {
                                     // blocks but computes only its experts (shard.experts: each expert of
                                     // a stage has exactly one member); attention, router, embedding and
                                     // output are replicated (tp_mode is then EXACT and unused)
+    bool ep_lead;                   // with ep: attention, router, embedding and output on each stage's first
+                                    // member alone; the others hold and compute their experts only
     double sliced_ms;               // MoE: token_ms of the best plan with sliced experts (0 = unknown)
     double placed_ms;               // MoE: token_ms of the best plan with placed experts (0 = unknown)
 } plan_t;
@@ -331,6 +333,8 @@ typedef struct {
     bool no_stream;    // refuse shares that do not fit their budgets resident (no weight streaming)
     int ep;            // MoE expert parallelism: 0 = the planner chooses sliced or placed experts by predicted
                        // time; N >= 2 = placed experts, stages of N members (plan_ep); -1 = sliced only
+    bool ep_replicated; // placed experts with attention replicated on every member (--ep-attn all), instead of
+                        // on each stage's first member alone (plan_t.ep_lead, the default)
 } plan_opts_t;
 
 #define PLAN_EXHAUSTIVE_MAX 8  // up to this many offered nodes every layout is tried
@@ -369,13 +373,18 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
 // (the routed experts' output rows, n_embd F32 each, to the token's home member) and a gather of the
 // home's n_embd F32 sums to every member, one latency each plus the bytes over the home's link;
 // hand-offs, logits and the step message as plan_predict says.
+// With lead (plan_t.ep_lead) only a stage's first member holds and computes what is not an expert (and
+// the KV cache); the others hold their experts alone. Per block the first member sends each member
+// the rows routed to its experts and takes their outputs back (one latency each way plus the bytes,
+// the slowest member's link); the stage waits for the first member's replicated work and then its
+// expected slowest member's experts; the residual stream goes to the next stage's first member only.
 
 // Places experts over nodes [0, n) in `pp` stages of members (n / pp each, the first stages one more
 // when it does not divide) for n_ctx positions, predicting the cost. 0, MLM_EINVAL (a dense model,
 // more than 256 experts, fewer experts than members, pp out of range) or MLM_EFULL (err names the
 // node and what it lacks), with the reason in err.
-int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, plan_t *out, char *err,
-            size_t errlen);
+int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, plan_t *out,
+            char *err, size_t errlen);
 
 // Predicts an expert-parallel plan's cost (the rule above) into p->cost and its shards' figures.
 void plan_predict_ep(const plan_model_t *pm, plan_t *p);

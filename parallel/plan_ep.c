@@ -25,7 +25,8 @@ static int n_owned(const plan_t *p, int i, int ne) {
 }
 
 // Shard i's bytes when it holds `owned` of its stage's experts: every row of its blocks less the
-// experts it does not hold; resident (nothing streams).
+// experts it does not hold (with attention on the leader, a member other than the first holds its
+// experts and activations only); resident (nothing streams).
 static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
     plan_shard_t *sh = &p->shard[i];
     uint64_t w = 0, kv = 0;
@@ -33,7 +34,19 @@ static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
     uint64_t kv_fixed = 0;
     plan_size_share(pm, &sh->s, PLAN_TP_EXACT, p->n_ctx, &p->node[sh->node], 0, &sh->st, &w, &kv, &kv_fixed);
     uint64_t drop = 0;
-    for (int il = sh->s.l0; il < sh->s.l1; il++) drop += expert_bytes(pm, il) * (uint64_t)(pm->n_expert - owned);
+    uint64_t mine = 0;
+    for (int il = sh->s.l0; il < sh->s.l1; il++) {
+        drop += expert_bytes(pm, il) * (uint64_t)(pm->n_expert - owned);
+        mine += expert_bytes(pm, il) * (uint64_t)owned;
+    }
+    if (p->ep_lead && i != p->stage_first[sh->stage]) { // experts only: no dense rows, no KV
+        sh->weight_bytes = mine;
+        sh->kv_bytes = 0;
+        sh->st.pinned_bytes = mine;
+        sh->st.resident_bytes = sh->st.peak_bytes = mine + (sh->st.fixed_bytes - kv_fixed);
+        sh->peak_bytes = sh->st.peak_bytes;
+        return;
+    }
     sh->weight_bytes = w - drop;
     sh->kv_bytes = kv;
     sh->st.pinned_bytes -= drop;
@@ -125,7 +138,8 @@ char *plan_experts_str(const plan_t *p, int i, int n_expert, char *buf, size_t c
 
 void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
     if (!p->ep) return;
-    fprintf(f, "experts placed whole (expert parallelism, attention replicated)");
+    fprintf(f, "experts placed whole (expert parallelism, attention %s)",
+            p->ep_lead ? "on each stage's first node" : "replicated");
     if (p->sliced_ms > 0 && p->placed_ms > 0)
         fprintf(f, ": predicted %.2f ms/token placed vs %.2f sliced", p->placed_ms, p->sliced_ms);
     fprintf(f, "\n");
@@ -185,14 +199,22 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
         for (int il = s->l0; il < s->l1; il++) xb += (double)expert_bytes(pm, il);
         const plan_node_t *home = &p->node[p->shard[a].node];
         const int own0 = n_owned(p, a, ne);
-        // per block: the routed rows from the other members to the home, then the home's sums to all
-        const double rows_in = (double)k * (double)(ne - own0) / (double)ne;
         double a2a = 0, gat = 0;
-        for (int i = a + 1; i < b; i++) {
-            const plan_node_t *nd = &p->node[p->shard[i].node];
-            a2a = max2(a2a, link_ms(nd, home, rows_in * E4 / (g - 1)));
+        if (p->ep_lead) { // per block: each member's routed rows from the leader, their outputs back
+            for (int i = a + 1; i < b; i++) {
+                const plan_node_t *nd = &p->node[p->shard[i].node];
+                const double rows = (double)k * (double)n_owned(p, i, ne) / (double)ne;
+                a2a = max2(a2a, link_ms(home, nd, rows * E4 + (double)k * 4.0));
+                gat = max2(gat, link_ms(nd, home, rows * E4));
+            }
+        } else { // per block: the routed rows from the other members to the home, then the home's sums to all
+            const double rows_in = (double)k * (double)(ne - own0) / (double)ne;
+            for (int i = a + 1; i < b; i++) {
+                const plan_node_t *nd = &p->node[p->shard[i].node];
+                a2a = max2(a2a, link_ms(nd, home, rows_in * E4 / (g - 1)));
+            }
+            if (g > 1) gat = link_ms(home, home, (double)(g - 1) * E4);
         }
-        if (g > 1) gat = link_ms(home, home, (double)(g - 1) * E4);
         const double xch = (double)(s->l1 - s->l0) * (a2a + gat);
         double rep_ms[PLAN_MAX_NODES], x_ms[PLAN_MAX_NODES], wc = 0, wm = 0;
         for (int i = a; i < b; i++) {
@@ -203,12 +225,13 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
             const double mem_ms = 1.0 / (nd->mem_bw > 0 ? nd->mem_bw * PLAN_MEM_EFFICIENCY : PLAN_DEFAULT_MEM_BW) * 1e3;
             // replicated bytes, plus on average the routed share of its experts; of the last stage only
             // the first member computes the output rows (it alone sends the logits)
-            const bool no_out = st + 1 == p->n_stages && i > a;
+            const bool no_out = st + 1 == p->n_stages && i > a && !p->ep_lead;
             const double rep = (double)sh->weight_bytes - xb * own -
                                (no_out ? (double)pm->out_row_bytes * (double)(s->v1 - s->v0) : 0);
             const double bytes = rep + xb * (double)k * (double)own / (double)ne;
             rep_ms[i - a] = rep * max2(flop_ms, mem_ms);
             x_ms[i - a] = xb * max2(flop_ms, mem_ms);
+            if (p->ep_lead && i > a) rep_ms[i - a] = rep_ms[0]; // its rows come once the leader's attention is done
             sh->compute_ms = bytes * flop_ms;
             sh->memory_ms = bytes * mem_ms;
             sh->disk_ms = 0;
@@ -222,7 +245,7 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
         double comm = xch;
         if (st + 1 < p->n_stages) { // the leader hands n_embd F32 to every member of the next stage
             const int na = p->stage_first[st + 1], nb = p->stage_first[st + 2];
-            comm += link_ms(home, &p->node[p->shard[na].node], (double)(nb - na) * E4);
+            comm += link_ms(home, &p->node[p->shard[na].node], (double)(p->ep_lead ? 1 : nb - na) * E4);
         } else if (p->coord_apart || p->shard[a].node != 0) { // logits to the coordinator
             comm += link_ms(home, coord, (double)pm->n_vocab * 4.0);
         }
@@ -238,8 +261,8 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
     p->cost = c;
 }
 
-int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, plan_t *out, char *err,
-            size_t errlen) {
+int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, plan_t *out,
+            char *err, size_t errlen) {
     if (!pm || !nodes || !out || n < 1 || n > PLAN_MAX_NODES)
         return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d nodes (1..%d)", n, PLAN_MAX_NODES);
     if (pm->n_expert <= 0) return mlm_fail(err, errlen, MLM_EINVAL, "placed experts need a MoE model; %s is dense", pm->name);
@@ -253,6 +276,7 @@ int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int
                         pm->n_expert);
     memset(out, 0, sizeof *out);
     out->ep = true;
+    out->ep_lead = lead;
     out->n = n;
     out->n_nodes = n;
     out->n_stages = pp;
@@ -285,6 +309,7 @@ int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int
     else if (n % pp == 0) snprintf(out->layout, sizeof out->layout, "pp%d x ep%d", pp, n / pp);
     else snprintf(out->layout, sizeof out->layout, "pp%d x ep (uneven)", pp);
     plan_predict_ep(pm, out);
-    snprintf(out->why, sizeof out->why, "experts placed whole on %d node(s) per stage (attention replicated)", n / pp);
+    snprintf(out->why, sizeof out->why, "experts placed whole on %d node(s) per stage (attention %s)", n / pp,
+             lead ? "on the first" : "replicated");
     return 0;
 }

@@ -745,7 +745,7 @@ static int best_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
         if (pp * o->ep > n)
             return mlm_fail(err, errlen, MLM_EINVAL, "--ep %d in %d stage(s) needs %d nodes; %d offered", o->ep, pp,
                             pp * o->ep, n);
-        int rc = plan_ep(pm, nodes, pp * o->ep, pp, o->n_ctx, out, err, errlen);
+        int rc = plan_ep(pm, nodes, pp * o->ep, pp, o->n_ctx, !o->ep_replicated, out, err, errlen);
         if (rc == 0) {
             out->coord_apart = o->coord_apart;
             out->ubatch = o->ubatch;
@@ -760,7 +760,7 @@ static int best_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
     for (int pp = 1; pp <= n && pp <= pm->n_layer; pp++) {
         if ((o->pp && pp != o->pp) || n / pp < 2 || n / pp > pm->n_expert) continue;
         char e2[256];
-        if (plan_ep(pm, nodes, n, pp, o->n_ctx, t, e2, sizeof e2) != 0) {
+        if (plan_ep(pm, nodes, n, pp, o->n_ctx, !o->ep_replicated, t, e2, sizeof e2) != 0) {
             if (!found) rc = mlm_fail(err, errlen, MLM_EFULL, "%s", e2);
             continue;
         }

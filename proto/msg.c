@@ -245,10 +245,11 @@ static int check_plan(const msg_plan_t *p, char *why) {
         return fail(why, WHY_MAX, MLM_ERANGE, "n_batch %u out of range", (unsigned)p->n_batch);
     if (p->n_threads > MAX_THREADS)
         return fail(why, WHY_MAX, MLM_ERANGE, "n_threads %u out of range", (unsigned)p->n_threads);
-    if (p->tp_mode != MSG_TP_EXACT && p->tp_mode != MSG_TP_ALLREDUCE && p->tp_mode != MSG_TP_EXPERT)
+    if (p->tp_mode != MSG_TP_EXACT && p->tp_mode != MSG_TP_ALLREDUCE && p->tp_mode != MSG_TP_EXPERT &&
+        p->tp_mode != MSG_TP_EXPERT_LEAD)
         return fail(why, WHY_MAX, MLM_ERANGE, "tp_mode %d unknown", (int)p->tp_mode);
     if ((rc = check_id(p->kv_device, MSG_DEVICE_MAX, true, "kv_device", why))) return rc;
-    if (p->tp_mode == MSG_TP_EXPERT && p->n_expert == 0)
+    if ((p->tp_mode == MSG_TP_EXPERT || p->tp_mode == MSG_TP_EXPERT_LEAD) && p->n_expert == 0)
         return fail(why, WHY_MAX, MLM_EFORMAT, "an expert-parallel plan for a model without experts");
     for (int i = 0; i < p->n_nodes; i++) {
         const msg_plan_node_t *nd = &p->nodes[i];
@@ -942,9 +943,10 @@ static int plan_from_pb(const Meshlm__Plan *d, msg_t *m, char *why) {
     p->n_threads = d->n_threads;
     p->n_batch = d->n_batch;
     if (d->tp_mode != MESHLM__TP_MODE__TP_MODE_EXACT && d->tp_mode != MESHLM__TP_MODE__TP_MODE_ALLREDUCE &&
-        d->tp_mode != MESHLM__TP_MODE__TP_MODE_EXPERT)
-        return fail(why, WHY_MAX, MLM_ERANGE, "tp_mode %d unknown (expert parallelism needs protocol 1.%d)",
-                    (int)d->tp_mode, MSG_MINOR_EP);
+        d->tp_mode != MESHLM__TP_MODE__TP_MODE_EXPERT && d->tp_mode != MESHLM__TP_MODE__TP_MODE_EXPERT_LEAD)
+        return fail(why, WHY_MAX, MLM_ERANGE,
+                    "tp_mode %d unknown (expert parallelism needs protocol 1.%d, with attention on the leader 1.%d)",
+                    (int)d->tp_mode, MSG_MINOR_EP, MSG_MINOR_EP_LEAD);
     p->tp_mode = (msg_tp_mode_t)d->tp_mode;
     if ((rc = copy_str(p->kv_device, MSG_DEVICE_MAX, d->kv_device, "kv_device", why))) return rc;
     p->n_nodes = (int)d->node_count;

@@ -19,7 +19,7 @@
 // and extra trailing raw frames are ignored).
 
 #define MSG_PROTO_MAJOR 1
-#define MSG_PROTO_MINOR 7
+#define MSG_PROTO_MINOR 8
 #define MSG_MAGIC "MLMP"            // first 4 bytes of frame 0
 #define MSG_PREFIX_LEN 12
 
@@ -151,6 +151,7 @@ typedef enum {
     MSG_TP_EXACT = 0,                   // rows only, all-gathers: bit-identical to one node
     MSG_TP_ALLREDUCE = 1,               // attn_output / ffn_down by columns, 2 all-reduces per block
     MSG_TP_EXPERT = 2,                  // 1.5: experts placed whole (each node's experts list), the rest replicated
+    MSG_TP_EXPERT_LEAD = 3,             // 1.8: experts placed whole, the rest on each stage's first node alone
 } msg_tp_mode_t;
 
 // The first protocol minor version that knows Plan.tp_mode: a coordinator sends an all-reduce plan
@@ -158,6 +159,8 @@ typedef enum {
 #define MSG_MINOR_TP_MODE 4
 // The first minor version that runs expert-parallel plans (MSG_TP_EXPERT); an older peer refuses them.
 #define MSG_MINOR_EP 5
+// The first minor version that runs placed experts with attention on the leader (MSG_TP_EXPERT_LEAD).
+#define MSG_MINOR_EP_LEAD 8
 
 // The first protocol minor version whose coordinator fills plan_id in the control messages that
 // belong to a plan (LOAD_SHARD, STEP, and the SLICE_DATA chunks of a streamed shard; PLAN always did,

@@ -34,6 +34,7 @@ typedef struct {
     const char *transport;         // "inproc" or "zmq"
     int n;                         // ranks
     int n_stages;                  // 1, or 2: ranks [0, n/2) hold the first half of the blocks, the rest the second
+    bool lead;                     // attention on each group's leader (model_ep_t.lead), else replicated
     uint8_t owner[MAX_OWN];        // (n_layer, n_expert) member index inside its stage's group
     const float *ref;              // (N_PROMPT + N_DECODE, n_vocab) the single node's logits
     char *dir;                     // zmq: directory of the ipc endpoints
@@ -58,6 +59,22 @@ static int ep_alltoallv(void *ctx, const void *send, const size_t *send_lens, vo
 static int ep_gather(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
     ep_member_t *m = ctx;
     return comm_allgatherv_range(m->c, m->first, m->n, mine, my_len, out, lens, DL_MS);
+}
+
+static int ep_send(void *ctx, int member, const void *buf, size_t len) {
+    ep_member_t *m = ctx;
+    return comm_send1(m->c, m->first + member, buf, len, DL_MS);
+}
+
+static int ep_recv(void *ctx, int member, void *buf, size_t cap, size_t *len) {
+    ep_member_t *m = ctx;
+    comm_msg_t msg;
+    int rc = comm_recv(m->c, m->first + member, &msg, NULL, DL_MS);
+    if (rc != 0) return rc;
+    if (msg.n != 1 || msg.len[0] > cap) rc = MLM_EPROTO;
+    else memcpy(buf, msg.data[0], *len = msg.len[0]);
+    comm_msg_free(&msg);
+    return rc;
 }
 
 static void prompt_tokens(int32_t *tok, int n, int n_vocab) {
@@ -134,7 +151,8 @@ static void *rank_main(void *p) {
     if (rc == 0) rc = model_load(&m, path, &lo, err, sizeof err);
     ep_member_t mb = {c, stage * per, per};
     model_ep_t ep = {.n_nodes = per, .index = r - stage * per, .n_layer = hp.n_layer, .n_expert = hp.n_expert,
-                     .owner = k->owner, .alltoallv = ep_alltoallv, .gather = ep_gather, .ctx = &mb};
+                     .owner = k->owner, .alltoallv = ep_alltoallv, .gather = ep_gather, .ctx = &mb,
+                     .lead = k->lead, .send = ep_send, .recv = ep_recv};
     model_ctx_opts_t o = {.n_ctx = 64, .n_batch = N_BATCH, .n_threads = 1, .ep = &ep};
     if (rc == 0) rc = model_ctx_new(&ctx, m, &o, err, sizeof err);
     if (rc != 0) fprintf(stderr, "\nrank %d: %s (%s)\n", r, mlm_strerror(rc), err);
@@ -163,7 +181,7 @@ static void *rank_main(void *p) {
         }
         if (rc != 0) fprintf(stderr, "\nrank %d step %d: %s\n", r, st, mlm_strerror(rc));
     }
-    if (rc == 0 && last) {
+    if (rc == 0 && last && (!k->lead || r == stage * per)) { // with attention on the leader, it alone has logits
         for (int row = 0; row < N_PROMPT + N_DECODE; row++) {
             k->rows[r]++;
             k->mismatches[r] += memcmp(logits + (size_t)row * V, k->ref + (size_t)row * V, (size_t)V * sizeof(float)) != 0;
@@ -199,12 +217,13 @@ static void run_case(ep_case_t *k, const char *what) {
     const int per = k->n / k->n_stages;
     for (int r = 0; r < k->n; r++) {
         CU_ASSERT_EQUAL(k->rc[r], 0);
-        if (r >= k->n - per) { // the last stage produces the logits
-            CU_ASSERT_EQUAL(k->rows[r], N_PROMPT + N_DECODE);
+        if (r >= k->n - per) { // the last stage produces the logits (its leader alone with k->lead)
+            CU_ASSERT_EQUAL(k->rows[r], k->lead && r > k->n - per ? 0 : N_PROMPT + N_DECODE);
             CU_ASSERT_EQUAL(k->mismatches[r], 0);
             if (k->mismatches[r] || k->rc[r])
-                fprintf(stderr, "\n%s (%s, %s, rank %d): %d of %d rows differ, rc %d\n", what, k->model,
-                        k->transport, r, k->mismatches[r], k->rows[r], k->rc[r]);
+                fprintf(stderr, "\n%s (%s, %s%s, rank %d): %d of %d rows differ, rc %d\n", what, k->model,
+                        k->transport, k->lead ? ", attention on the leader" : "", r, k->mismatches[r], k->rows[r],
+                        k->rc[r]);
         }
     }
 }
@@ -238,7 +257,8 @@ static void own_shifted(uint8_t *own, int nl, int ne, int per) { // member 0 own
 
 typedef void (*own_fn)(uint8_t *own, int nl, int ne, int per);
 
-static void run_model(const char *model, const char *transport, int n, int n_stages, own_fn own, const char *what) {
+static void run_model_mode(const char *model, const char *transport, int n, int n_stages, own_fn own, bool lead,
+                           const char *what) {
     char path[1024];
     int V = 0;
     float *ref = reference_logits(test_shared_path(path, sizeof path, model), &V);
@@ -254,6 +274,7 @@ static void run_model(const char *model, const char *transport, int n, int n_sta
     k->transport = transport;
     k->n = n;
     k->n_stages = n_stages;
+    k->lead = lead;
     k->ref = ref;
     own(k->owner, hp.n_layer, hp.n_expert, n / n_stages);
     int held[MAX_RANKS] = {0}; // the placement really spreads the experts: every member owns some
@@ -262,6 +283,12 @@ static void run_model(const char *model, const char *transport, int n, int n_sta
     run_case(k, what);
     free(k);
     free(ref);
+}
+
+// Both ways of running the group: attention replicated on every member, and on the leader alone.
+static void run_model(const char *model, const char *transport, int n, int n_stages, own_fn own, const char *what) {
+    run_model_mode(model, transport, n, n_stages, own, false, what);
+    run_model_mode(model, transport, n, n_stages, own, true, what);
 }
 
 // --- tests
@@ -519,7 +546,7 @@ static void test_ep_planner(void) {
     CU_ASSERT_EQUAL_FATAL(plan_model_from_preset("mixtral-8x7b", "Q4_0", pm, err, sizeof err), 0);
     plan_node_t nd[4];
     fast_nodes(nd, 4, 1000, 125e6);
-    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, p, err, sizeof err), 0);
     CU_ASSERT(p->ep && p->n == 4 && p->n_stages == 1);
     for (int e = 0; e < 8; e++) {
         int owners = 0;
@@ -530,24 +557,39 @@ static void test_ep_planner(void) {
     CU_ASSERT(p->cost.token_ms > 0 && p->cost.comm_ms > 0);
     // each member holds the replicated blocks and its experts: 2 of 8 of the expert bytes
     CU_ASSERT(p->shard[0].weight_bytes < pm->weight_bytes / 3);
+    // attention on the leader: the others hold their experts and nothing else (no KV either), the
+    // leader what it held; the predicted token is no slower (one attention instead of four, same exchanges)
+    plan_t *q = calloc(1, sizeof *q);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, true, q, err, sizeof err), 0);
+    CU_ASSERT(q->ep_lead && !p->ep_lead);
+    CU_ASSERT_EQUAL(q->shard[0].weight_bytes, p->shard[0].weight_bytes);
+    CU_ASSERT(q->shard[0].kv_bytes > 0 && q->shard[1].kv_bytes == 0);
+    uint64_t ex = 0; // one expert of every block
+    for (int il = 0; il < pm->n_layer; il++)
+        ex += (pm->row_bytes[il][PLAN_W_GATE] + pm->row_bytes[il][PLAN_W_UP]) * (uint64_t)pm->n_ff +
+              pm->row_bytes[il][PLAN_W_DOWN] * (uint64_t)pm->n_embd;
+    CU_ASSERT_EQUAL(q->shard[1].weight_bytes, 2 * ex);
+    CU_ASSERT(q->shard[1].peak_bytes < p->shard[1].peak_bytes - p->shard[1].kv_bytes);
+    CU_ASSERT(q->cost.token_ms > 0 && q->cost.token_ms <= p->cost.token_ms);
+    free(q);
     // memory-aware: a member whose budget holds the replicated part and one expert per block gets one
     nd[1].mem_budget = p->shard[0].peak_bytes - ((uint64_t)1 << 20); // just too small for two
-    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, p, err, sizeof err), 0);
     CU_ASSERT_EQUAL(experts_of(p, 1), 1);
     CU_ASSERT(p->shard[1].peak_bytes <= nd[1].mem_budget);
     CU_ASSERT_EQUAL(experts_of(p, 0) + experts_of(p, 1) + experts_of(p, 2) + experts_of(p, 3), 8);
     nd[1].mem_budget = 1u << 30; // not even the replicated blocks fit
-    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, false, p, err, sizeof err), MLM_EFULL);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "n1"));
     // speed-aware: twice the rate, twice the experts
     fast_nodes(nd, 4, 1000, 125e6);
     nd[0].gflops = 800;
     nd[0].mem_bw = 200e9;
-    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, p, err, sizeof err), 0);
     CU_ASSERT(experts_of(p, 0) > experts_of(p, 1));
     // pipelines of expert-parallel groups: 2 stages of 2, each placing all 8 experts
     fast_nodes(nd, 4, 1000, 125e6);
-    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 2, 4096, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 2, 4096, false, p, err, sizeof err), 0);
     CU_ASSERT(p->n_stages == 2 && p->shard[2].s.l0 == 16 && p->shard[0].s.l1 == 16);
     CU_ASSERT(experts_of(p, 0) + experts_of(p, 1) == 8 && experts_of(p, 2) + experts_of(p, 3) == 8);
     CU_ASSERT_STRING_EQUAL(p->layout, "pp2 x ep2");
@@ -579,9 +621,15 @@ static void test_ep_planner(void) {
     free(p);
 }
 
-// A worker of protocol 1.4 on the control link: says 1.4 in its HELLO, answers the link probes.
+// An older worker on the control link: says 1.minor in its HELLO, answers the link probes.
+typedef struct {
+    comm_t *ctl;
+    int minor;
+} old_worker_t;
+
 static void *old_worker(void *arg) {
-    comm_t *ctl = arg;
+    const old_worker_t *ow = arg;
+    comm_t *ctl = ow->ctl;
     char err[256];
     const double t_end = mlm_now_ms() + 20000;
     while (mlm_now_ms() < t_end) {
@@ -598,7 +646,7 @@ static void *old_worker(void *arg) {
             snprintf(r.hello.node_id, sizeof r.hello.node_id, "old-1");
             r.hello.role = MSG_ROLE_WORKER;
             r.hello.n_cores = 1;
-            r.hello.proto_minor = 4;
+            r.hello.proto_minor = (uint32_t)ow->minor;
         } else if (type == MSG_HEARTBEAT || type == MSG_SLICE_DATA) {
             msg_init(&r, MSG_HEARTBEAT);
             snprintf(r.heartbeat.node_id, sizeof r.heartbeat.node_id, "old-1");
@@ -612,19 +660,21 @@ static void *old_worker(void *arg) {
 }
 
 // An expert-parallel plan goes only to workers of protocol 1.5 or newer: --ep with a 1.4 worker is
-// refused naming it and both versions, and the automatic choice keeps experts sliced.
+// refused naming it and both versions, and the automatic choice keeps experts sliced. A 1.7 worker
+// gets placed experts with attention replicated (attention on the leader is 1.8).
 static void test_ep_old_worker(void) {
     char path[1024], err[512];
     test_shared_path(path, sizeof path, SYNTH);
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 4; k++) {
         comm_t *ctl[2], *data[2];
         CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(ctl, 2), 0);
         CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(data, 2), 0);
         pthread_t th;
-        pthread_create(&th, NULL, old_worker, ctl[1]);
+        old_worker_t ow = {ctl[1], k < 2 ? 4 : 7};
+        pthread_create(&th, NULL, old_worker, &ow);
         cluster_opts_t co = {.model_path = path, .control = ctl[0], .data = data[0], .same_file = true,
                              .coordinator_shard = true, .n_ctx = 64, .n_threads = 1, .timeout_ms = 5000, .pp = 1,
-                             .keep_all = true, .ep = k ? 2 : 0};
+                             .keep_all = true, .ep = k % 2 ? 2 : 0};
         cluster_t *cl = NULL;
         CU_ASSERT_EQUAL_FATAL(cluster_new(&cl, &co, err, sizeof err), 0);
         CU_ASSERT_EQUAL(cluster_hello(cl, err, sizeof err), 0);
@@ -633,6 +683,11 @@ static void test_ep_old_worker(void) {
         if (k == 0) {
             CU_ASSERT_EQUAL(rc, 0);
             CU_ASSERT(!cluster_plan(cl)->ep);
+        } else if (k == 3) { // 1.7, --ep 2: placed, attention replicated
+            CU_ASSERT_EQUAL(rc, 0);
+            CU_ASSERT(cluster_plan(cl)->ep && !cluster_plan(cl)->ep_lead);
+        } else if (k == 2) {
+            CU_ASSERT_EQUAL(rc, 0);
         } else {
             CU_ASSERT_EQUAL(rc, MLM_EUNSUPPORTED);
             CU_ASSERT_PTR_NOT_NULL(strstr(err, "speaks protocol 1.4"));
@@ -659,7 +714,7 @@ int test_ep_suite(void) {
         !CU_add_test(s, "worker processes with placed experts", test_ep_workers) ||
         !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output) ||
         !CU_add_test(s, "planner: placement, memory, speed, sliced or placed", test_ep_planner) ||
-        !CU_add_test(s, "a protocol 1.4 worker", test_ep_old_worker))
+        !CU_add_test(s, "protocol 1.4 and 1.7 workers", test_ep_old_worker))
         return -1;
     return 0;
 }

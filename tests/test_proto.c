@@ -454,7 +454,7 @@ static void test_plan_tp_mode(void) {
     CU_ASSERT_EQUAL(m.plan.nodes[0].link_bw, 0u);
     msg_clear(&m);
     // a mode this version does not know (a newer peer's) is refused, not run as another
-    pl.tp_mode = (Meshlm__TpMode)3;
+    pl.tp_mode = (Meshlm__TpMode)4;
     hl = meshlm__plan__pack(&pl, hdr);
     hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR + 1, MSG_PLAN, hdr, hl, 0, NULL, NULL);
     CU_ASSERT_EQUAL(msg_decode(&h, NULL, &m, err, sizeof err), MLM_ERANGE);
@@ -474,6 +474,18 @@ static void test_plan_tp_mode(void) {
     CU_ASSERT_EQUAL(m.plan.tp_mode, MSG_TP_EXPERT);
     CU_ASSERT(m.plan.nodes[0].n_experts == 3 && m.plan.nodes[0].experts[0] == 5 && m.plan.nodes[0].experts[2] == 7);
     msg_clear(&m);
+    // 1.8: placed experts with attention on the leader
+    CU_ASSERT_EQUAL(MSG_MINOR_EP_LEAD, 8);
+    pl.tp_mode = MESHLM__TP_MODE__TP_MODE_EXPERT_LEAD;
+    hl = meshlm__plan__pack(&pl, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL_FATAL(msg_decode(&h, NULL, &m, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(m.plan.tp_mode, MSG_TP_EXPERT_LEAD);
+    msg_clear(&m);
+    pl.n_expert = 0;
+    hl = meshlm__plan__pack(&pl, hdr);
+    hand_msg(&h, prefix, MSG_PROTO_MAJOR, MSG_PROTO_MINOR, MSG_PLAN, hdr, hl, 0, NULL, NULL);
+    CU_ASSERT_EQUAL(msg_decode(&h, NULL, &m, err, sizeof err), MLM_EFORMAT); // a model without experts
     pl.n_expert = 0;
     pn.n_experts = 0;
     pn.experts = NULL;
@@ -545,14 +557,14 @@ static void test_roundtrip_load_shard(void) {
 }
 
 // Protocol 1.5: LOAD_SHARD, STEP and shard chunks carry their plan's id (the coordinator fills it,
-// a worker ignores one of another plan); the prefix says this version (1.7, which keeps them); a 1.4 peer's LOAD_SHARD and STEP, whose
+// a worker ignores one of another plan); the prefix says this version (1.8, which keeps them); a 1.4 peer's LOAD_SHARD and STEP, whose
 // headers have no plan_id, still decode (plan_id 0, which a worker takes as before). 1.7: a STEP says
 // whether its tokens go in one-token order (a replay); an older peer's STEP decodes as a plain batch.
 static void test_plan_ids(void) {
-    CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 7);
+    CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 8);
     CU_ASSERT_EQUAL(MSG_MINOR_PLAN_IDS, 5);
     CU_ASSERT_EQUAL(MSG_MINOR_CURVE, 6);
-    CU_ASSERT_EQUAL(MSG_MINOR_ONE_ORDER, MSG_PROTO_MINOR);
+    CU_ASSERT_EQUAL(MSG_MINOR_ONE_ORDER, 7);
     msg_t a, b;
     comm_msg_t f;
     const uint64_t id = 0x1234567890abcdefull;
@@ -560,9 +572,9 @@ static void test_plan_ids(void) {
     a.load_shard = (msg_load_shard_t){.plan_id = id, .node_index = 1};
     CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
     CU_ASSERT_EQUAL(b.load_shard.plan_id, id);
-    CU_ASSERT_EQUAL(b.peer_minor, 7);
+    CU_ASSERT_EQUAL(b.peer_minor, 8);
     const unsigned char *pre = f.data[0];
-    CU_ASSERT(pre[6] == 7 && pre[7] == 0); // the prefix's minor
+    CU_ASSERT(pre[6] == 8 && pre[7] == 0); // the prefix's minor
     msg_clear(&b);
     free_frames(&f);
     int32_t tok = 3;

@@ -21,8 +21,8 @@
 static void plan_usage(FILE *f) {
     fprintf(f,
             "usage: meshlm plan (-m FILE | --preset NAME [--quant TYPE]) (--nodes SPEC | --nodes-file F)\n"
-            "                   [-c N_CTX] [--pp S] [--tp T] [--tp-mode M] [--ep N|off] [--keep-all] [--pin-first]\n"
-            "                   [--no-stream] [--plan FILE] [--out FILE] [--explain] [--json]\n"
+            "                   [-c N_CTX] [--pp S] [--tp T] [--tp-mode M] [--ep N|off] [--ep-attn lead|all]\n"
+            "                   [--keep-all] [--pin-first] [--no-stream] [--plan FILE] [--out FILE] [--explain] [--json]\n"
             "  -m, --model FILE   GGUF model (only mapped, no weights read)\n"
             "  --preset NAME      a known model shape instead of a file (tinyllama-1.1b, llama-2-70b, mixtral-8x7b, ...)\n"
             "  --quant TYPE       the preset's weight type (default Q4_0)\n"
@@ -39,8 +39,10 @@ static void plan_usage(FILE *f) {
             "  --pp S             exactly S pipeline stages    --tp T   exactly T nodes per stage\n"
             "  --tp-mode M        exact (default: all-gathers, bit-identical to one node), allreduce (2 all-reduces\n"
             "                     per block, not bit-exact) or auto (the faster predicted)\n"
-            "  --ep N|off         MoE: experts placed whole on stages of N nodes (expert parallelism; attention\n"
-            "                     replicated), or off: sliced only (default: the faster predicted)\n"
+            "  --ep N|off         MoE: experts placed whole on stages of N nodes (expert parallelism), or off:\n"
+            "                     sliced only (default: the faster predicted)\n"
+            "  --ep-attn lead|all placed experts with attention on each stage's first node, the others holding\n"
+            "                     experts only (lead, default), or attention replicated on every member (all)\n"
             "  --keep-all         every node computes          --pin-first  node 0 (coordinator) is rank 0\n"
             "  --no-stream        refuse shares that do not fit their budgets (default: they stream weights\n"
             "                     from disk through a window of units)\n"
@@ -166,7 +168,7 @@ static void kv_table(const plan_t *p, const char *dev, FILE *f) {
 
 int cmd_plan(int argc, char **argv) {
     enum { O_NODES = 256, O_NODES_FILE, O_PRESET, O_QUANT, O_PP, O_TP, O_KEEP, O_PIN, O_PLAN, O_OUT, O_EXPLAIN,
-           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP, O_KVCAP };
+           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP, O_KVCAP, O_EP_ATTN };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"nodes", required_argument, 0, O_NODES},
         {"nodes-file", required_argument, 0, O_NODES_FILE}, {"preset", required_argument, 0, O_PRESET},
@@ -178,6 +180,7 @@ int cmd_plan(int argc, char **argv) {
         {"ubatch", required_argument, 0, O_UBATCH}, {"prompt", required_argument, 0, O_PROMPT},
         {"tp-mode", required_argument, 0, O_TP_MODE}, {"no-stream", no_argument, 0, O_NO_STREAM},
         {"kv-device", required_argument, 0, O_KVDEV}, {"ep", required_argument, 0, O_EP},
+        {"ep-attn", required_argument, 0, O_EP_ATTN},
         {"kv-cap", required_argument, 0, O_KVCAP},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     const char *model = NULL, *preset = NULL, *quant = NULL, *spec = NULL, *nodes_file = NULL, *plan_path = NULL,
@@ -211,6 +214,10 @@ int cmd_plan(int argc, char **argv) {
         case O_KVDEV: kv_dev = optarg; break;
         case O_KVCAP: bad |= plan_parse_size(optarg, &kv_cap) != 0 || !kv_cap; break;
         case O_EP: bad |= layout_args_ep(optarg, &po.ep); break;
+        case O_EP_ATTN:
+            bad |= strcmp(optarg, "lead") != 0 && strcmp(optarg, "all") != 0;
+            po.ep_replicated = strcmp(optarg, "all") == 0;
+            break;
         case 'h': plan_usage(stdout); return 0;
         default: plan_usage(stderr); return 2;
         }

@@ -19,6 +19,8 @@ typedef struct {
     bool tp_mode_set;         // --tp-mode was given (it then overrides a plan file's mode)
     int ep;                   // --ep N|off: MoE experts placed whole on stages of N nodes (N >= 2), -1 (off):
                               // sliced only, 0 (default): the faster predicted
+    bool ep_replicated;       // --ep-attn all: placed experts with attention on every member (default lead:
+                              // on each stage's first member alone)
     // --mem-budget SIZE, bytes (0 = none): the budget of every local worker (passed on as `meshlm
     // worker --mem-budget`) and of this process's own model: its share (--coordinator-shard) or the
     // single node, which streams its weights through the weight window when it does not fit.
@@ -34,13 +36,13 @@ typedef struct {
 
 // Option ids, above every command's own (GA_NEXT + 100 leaves room).
 enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_LOCAL_MEM, LA_HEARTBEAT, LA_NO_RECOVER,
-       LA_STANDBY, LA_TP_MODE, LA_EP };
+       LA_STANDBY, LA_TP_MODE, LA_EP, LA_EP_ATTN };
 
 #define LAYOUT_ARGS_LONGOPTS                                                                                     \
     {"pp", required_argument, 0, LA_PP}, {"tp", required_argument, 0, LA_TP},                                   \
         {"ubatch", required_argument, 0, LA_UBATCH}, {"keep-all", no_argument, 0, LA_KEEP_ALL},                 \
         {"plan", required_argument, 0, LA_PLAN}, {"tp-mode", required_argument, 0, LA_TP_MODE},                \
-        {"ep", required_argument, 0, LA_EP}
+        {"ep", required_argument, 0, LA_EP}, {"ep-attn", required_argument, 0, LA_EP_ATTN}
 
 #define LAYOUT_ARGS_USAGE                                                                                        \
     "layout (default: the planner picks tensor, pipeline or hybrid from measured speed, memory and links):\n"   \
@@ -54,6 +56,9 @@ enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_L
     "                          router runs where the hidden state is, token rows go to their experts'\n"   \
     "                          owners; logits bit-identical to one node), off: experts sliced like every\n"\
     "                          matrix (default: the faster predicted)\n"                                   \
+    "      --ep-attn lead|all  with placed experts, attention (and router, KV cache, output) on each\n"      \
+    "                          stage's first node alone, the others computing experts only (lead, the\n"   \
+    "                          default), or replicated on every member (all)\n"                            \
     "      --plan FILE         a hand-written plan (see meshlm plan --out)\n"                                   \
     "      --ubatch N          prompt micro-batch tokens in flight through the stages (default 16)\n"           \
     "      --keep-all          never leave a slow node out\n"

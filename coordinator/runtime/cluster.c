@@ -393,6 +393,11 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
                             c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_EP);
         ep = -1;
     }
+    bool ep_repl = c->o.ep_replicated; // attention on the leader needs protocol 1.8 on every worker
+    for (int j = 0; j < c->n_cand && !ep_repl; j++) {
+        const msg_hello_t *h = &c->w[c->cand[j]].hello;
+        ep_repl = h->proto_major <= MSG_PROTO_MAJOR && h->proto_minor < MSG_MINOR_EP_LEAD;
+    }
     for (int j = 0; j < c->n_cand && c->o.curve && !c->o.data; j++) { // an older worker's data plane is plain
         const msg_hello_t *h = &c->w[c->cand[j]].hello;
         if (h->proto_major > MSG_PROTO_MAJOR || h->proto_minor >= MSG_MINOR_CURVE) continue;
@@ -429,7 +434,7 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         // A share that does not fit its node's budget resident streams through the weight window.
         plan_opts_t po = {.n_ctx = n_ctx, .pp = pp, .tp = tp, .keep_all = c->o.keep_all,
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
-                          .coord_apart = off == 0, .tp_mode = mode, .ep = ep};
+                          .coord_apart = off == 0, .tp_mode = mode, .ep = ep, .ep_replicated = ep_repl};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
     }
     free(pm);
@@ -517,7 +522,9 @@ static int send_plan(cluster_t *c, char *err, size_t errlen) {
     p->n_ctx = (uint32_t)c->o.n_ctx;
     p->kv_type = c->o.kv_q8 ? QT_Q8_0 : c->o.kv_f32 ? QT_F32 : QT_F16;
     p->n_batch = c->o.n_batch > 0 ? (uint32_t)c->o.n_batch : 0;
-    p->tp_mode = c->plan->ep ? MSG_TP_EXPERT : c->plan->tp_mode == PLAN_TP_ALLREDUCE ? MSG_TP_ALLREDUCE : MSG_TP_EXACT;
+    p->tp_mode = c->plan->ep ? (c->plan->ep_lead ? MSG_TP_EXPERT_LEAD : MSG_TP_EXPERT)
+                 : c->plan->tp_mode == PLAN_TP_ALLREDUCE ? MSG_TP_ALLREDUCE
+                                                         : MSG_TP_EXACT;
     if (c->o.kv_device && snprintf(p->kv_device, sizeof p->kv_device, "%s", c->o.kv_device) >= (int)sizeof p->kv_device)
         return mlm_fail(err, errlen, MLM_ERANGE, "--kv-device '%s' is longer than %d bytes", c->o.kv_device,
                         MSG_DEVICE_MAX - 1);
@@ -871,7 +878,7 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
         if (!has) rc = MLM_ENOMEM;
         for (int r = 0; has && r < c->n_nodes; r++)
             for (int j = 0; j < c->pnodes[r].n_experts; j++) has[(size_t)r * hp->n_expert + c->pnodes[r].experts[j]] = 1;
-        if (has) rc = pipe_set_experts(&c->pipe, has, hp->n_layer, hp->n_expert, err, errlen);
+        if (has) rc = pipe_set_experts(&c->pipe, has, hp->n_layer, hp->n_expert, c->plan->ep_lead, err, errlen);
         free(has);
     }
     if (rc == 0 && !c->o.data) { // a group on one host: its collectives through shared memory

@@ -51,6 +51,9 @@ typedef struct {
     int tp;                          // nodes per stage (0 = the planner chooses)
     int ep;                          // MoE: 0 = the planner chooses sliced or placed experts, N >= 2 = experts
                                      // placed whole on stages of N workers (--ep N), -1 = sliced only
+    bool ep_replicated;              // placed experts with attention on every member (--ep-attn all), not on
+                                     // each stage's first alone (the default; needs protocol 1.8 workers, an
+                                     // older one makes the plan replicated)
     bool keep_all;                   // never leave a node out
     const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
     plan_tp_mode_t tp_mode;          // how tensor-parallel groups cut a block: EXACT (default, bit-identical

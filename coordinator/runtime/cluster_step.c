@@ -61,11 +61,13 @@ static uint64_t unseen_bytes(const cluster_t *c, uint64_t n) {
         const shard_slice_t *s = &pl->shard[pl->stage_first[k]].s;
         // placed experts: per block the routed rows that leave their owner for the home (on average
         // k (g-1)/g of n_embd each, uniform routing) and the home's sums to the g-1 others
-        const uint64_t ep_layer = (uint64_t)llround((double)hp->n_embd * ((double)hp->n_expert_used * (double)(g - 1) /
-                                                                           (double)(g ? g : 1) + (double)(g - 1)));
+        // (attention on the leader: those rows out to their owners and back, k (g-1)/g each way)
+        const double away = (double)hp->n_expert_used * (double)(g - 1) / (double)(g ? g : 1);
+        const uint64_t ep_layer = (uint64_t)llround((double)hp->n_embd * (pl->ep_lead ? 2.0 * away : away + (double)(g - 1)));
         floats += (uint64_t)(s->l1 - s->l0) * (pl->ep ? ep_layer : per_layer * (g - 1));
         if (k == 0 && !pl->ep) floats += (uint64_t)hp->n_embd * (g - 1);
-        if (k + 1 < pl->n_stages) floats += (uint64_t)hp->n_embd * (uint64_t)(pl->stage_first[k + 2] - pl->stage_first[k + 1]);
+        if (k + 1 < pl->n_stages)
+            floats += (uint64_t)hp->n_embd * (pl->ep_lead ? 1u : (uint64_t)(pl->stage_first[k + 2] - pl->stage_first[k + 1]));
     }
     return n * floats * 4u;
 }

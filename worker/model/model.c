@@ -86,6 +86,8 @@ struct model_ctx {
     int *ep_row;               // (n_batch, n_expert_used) row of ep_recv holding token i's rank-r expert output
     size_t *ep_slen;           // (ep.n_nodes) bytes of ep_send for each home
     size_t *ep_rlen;           // (ep.n_nodes) bytes of ep_recv from each member
+    uint8_t *ep_msg;           // (ep_msg_cap) attention on the leader: the routing and rows of one member
+    size_t ep_msg_cap;
 };
 
 // --- helpers: loading
@@ -167,6 +169,7 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
             .n_ctx = opts && opts->n_ctx > 0 ? opts->n_ctx
                                              : (m->hp.n_ctx_train > 0 && m->hp.n_ctx_train < 4096 ? m->hp.n_ctx_train : 4096),
             .experts = opts ? opts->experts : NULL,
+            .experts_only = opts && opts->experts && opts->experts_only,
             .reuse = opts && opts->reuse ? opts->reuse->w : NULL,
         };
         const char *wname = opts ? opts->weights : NULL;
@@ -245,7 +248,8 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     }
     if (o.ep && o.ep->n_nodes > 1) {
         bool ok = o.ep->index >= 0 && o.ep->index < o.ep->n_nodes && o.ep->n_nodes <= PLAN_NODES_MAX &&
-                  o.ep->owner && o.ep->alltoallv && o.ep->gather && o.ep->n_layer == hp->n_layer &&
+                  o.ep->owner && (o.ep->lead ? o.ep->send && o.ep->recv : o.ep->alltoallv && o.ep->gather) &&
+                  o.ep->n_layer == hp->n_layer &&
                   o.ep->n_expert == hp->n_expert && hp->n_expert > 0 && (!o.tp || o.tp->n_nodes == 1) &&
                   memcmp(&rows, &full, sizeof full) == 0;
         for (int i = 0; ok && i < hp->n_layer * hp->n_expert; i++) ok = o.ep->owner[i] < o.ep->n_nodes;
@@ -351,7 +355,9 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
         c->ep_row = malloc(rows * sizeof(int));
         c->ep_slen = calloc((size_t)c->ep.n_nodes, sizeof(size_t));
         c->ep_rlen = calloc((size_t)c->ep.n_nodes, sizeof(size_t));
-        moe_ok = moe_ok && c->ep_send && c->ep_recv && c->ep_row && c->ep_slen && c->ep_rlen;
+        c->ep_msg_cap = 2 * sizeof(int32_t) + B * (size_t)hp->n_expert_used * sizeof(int32_t) + B * E * 4;
+        c->ep_msg = malloc(c->ep_msg_cap);
+        moe_ok = moe_ok && c->ep_send && c->ep_recv && c->ep_row && c->ep_slen && c->ep_rlen && c->ep_msg;
     }
     if (!c->pool || rc != 0 || !c->x || !c->xn || !c->tmp || !c->q || !c->att_l || !c->k || !c->v || !c->ffn_g ||
         !c->ffn_u || !c->xq_a || !c->xq_b || !c->xq_c || !moe_ok || !tp_ok) {
@@ -401,6 +407,7 @@ void model_ctx_destroy(model_ctx_t **self_p) {
     free(c->ep_row);
     free(c->ep_slen);
     free(c->ep_rlen);
+    free(c->ep_msg);
     free(c);
     *self_p = NULL;
 }
@@ -711,6 +718,23 @@ static int moe_gather_tokens(model_ctx_t *c, int rank, int e, int nt) {
 // The expert-parallel home of token i of a chunk of nt: the chunk cut into n_nodes contiguous ranges.
 static int ep_home(const model_ctx_t *c, int i, int nt) { return (int)((int64_t)i * c->ep.n_nodes / nt); }
 
+// The experts of block il this member owns that the chunk's routing (c->sel) uses, in the order a
+// single node visits them (rank, then expert id), into e_order; hinted to the provider. Returns the count.
+static int ep_own_order(model_ctx_t *c, int il, int nt) {
+    const int k = c->m->hp.n_expert_used, ne = c->m->hp.n_expert, me = c->ep.index;
+    const uint8_t *own = c->ep.owner + (size_t)il * ne;
+    int n_order = 0;
+    for (int rank = 0; rank < k; rank++)
+        for (int e = 0; e < ne; e++) {
+            bool used = false, seen = false;
+            for (int i = 0; i < nt && !used && own[e] == me; i++) used = c->sel[(size_t)i * k + rank] == e;
+            for (int j = 0; used && j < n_order && !seen; j++) seen = c->e_order[j] == e;
+            if (used && !seen) c->e_order[n_order++] = e;
+        }
+    weights_prefetch(c->m->w, il, c->e_order, n_order);
+    return n_order;
+}
+
 // Expert parallelism (model_ep_t): this member computes the experts it owns for the chunk (by rank,
 // then expert id, as alone), hands each row to its token's home by alltoallv, adds the rows of its
 // home tokens in rank order, and gathers every home's sums into tmp. The rows travel in an order
@@ -724,6 +748,7 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
     int r_at[PLAN_NODES_MAX + 1] = {0}; // (N + 1) first row of ep_recv from each member, then the next unread
     for (int i = 0; i < nt; i++)
         for (int r = 0; r < k; r++) {
+            if (c->sel[(size_t)i * k + r] < 0) continue; // dropped by adaptive gating
             const int owner = own[c->sel[(size_t)i * k + r]], home = ep_home(c, i, nt);
             if (owner == me) s_at[home + 1]++;
             if (home == me) r_at[owner + 1]++;
@@ -734,15 +759,7 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
         s_at[h + 1] += s_at[h];
         r_at[h + 1] += r_at[h];
     }
-    int n_order = 0; // the experts this member computes, in the order it visits them
-    for (int rank = 0; rank < k; rank++)
-        for (int e = 0; e < ne; e++) {
-            bool used = false, seen = false;
-            for (int i = 0; i < nt && !used && own[e] == me; i++) used = c->sel[(size_t)i * k + rank] == e;
-            for (int j = 0; used && j < n_order && !seen; j++) seen = c->e_order[j] == e;
-            if (used && !seen) c->e_order[n_order++] = e;
-        }
-    weights_prefetch(c->m->w, il, c->e_order, n_order);
+    ep_own_order(c, il, nt);
     for (int rank = 0; rank < k; rank++)
         for (int e = 0; e < ne; e++) {
             if (own[e] != me) continue;
@@ -774,8 +791,9 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
     memset(acc, 0, (size_t)(hi - lo) * E * sizeof(float));
     for (int rank = 0; rank < k; rank++)
         for (int i = lo; i < hi; i++)
-            moe_add(c->acc_l + (size_t)i * E, c->ep_recv + (size_t)c->ep_row[(size_t)i * k + rank] * E,
-                    c->sel_w[(size_t)i * k + rank], E);
+            if (c->sel[(size_t)i * k + rank] >= 0)
+                moe_add(c->acc_l + (size_t)i * E, c->ep_recv + (size_t)c->ep_row[(size_t)i * k + rank] * E,
+                        c->sel_w[(size_t)i * k + rank], E);
     size_t lens[PLAN_NODES_MAX]; // (N) bytes of each home's sums
     for (int h = 0; h < N; h++) {
         int cnt = 0;
@@ -788,12 +806,128 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
     return rc;
 }
 
+// This member's experts of block il over the chunk (rank by rank, expert by expert, each over the
+// batch a single node gives it), their output rows appended to out in that order. *n_rows: rows written.
+static int ep_own_experts(model_ctx_t *c, int il, const layer_weights_t *L, int nt, float *out, int *n_rows) {
+    const int E = c->m->hp.n_embd, k = c->m->hp.n_expert_used, ne = c->m->hp.n_expert, me = c->ep.index;
+    const uint8_t *own = c->ep.owner + (size_t)il * ne;
+    int at = 0;
+    for (int rank = 0; rank < k; rank++)
+        for (int e = 0; e < ne; e++) {
+            if (own[e] != me) continue;
+            const int n = moe_gather_tokens(c, rank, e, nt);
+            if (n == 0) continue;
+            const layer_weights_t *X;
+            int rc = weights_acquire(c->m->w, il, e, &X);
+            if (rc != 0) return rc;
+            rc = moe_expert(c, X, L->e_type, n);
+            weights_release(c->m->w, il, e);
+            if (rc != 0) return rc;
+            memcpy(out + (size_t)at * E, c->e_y, (size_t)n * E * sizeof(float));
+            at += n;
+        }
+    *n_rows = at;
+    return 0;
+}
+
+// Whether token i of the chunk is routed to an expert member j owns (of the block whose owners are own).
+static bool ep_routed_to(const model_ctx_t *c, const uint8_t *own, int i, int j) {
+    const int k = c->m->hp.n_expert_used;
+    for (int r = 0; r < k; r++) {
+        const int e = c->sel[(size_t)i * k + r];
+        if (e >= 0 && own[e] == j) return true;
+    }
+    return false;
+}
+
+// Attention on the leader, the leader's side of an MoE block (model_ep_t.lead): the routing and the
+// routed rows to every other member (message: int32 nt, int32 rows, int32 sel[nt * k], then the
+// rows of xn in token order), its own experts meanwhile, then each member's expert rows back (in
+// the order that member computed them: rank, expert id, token), added into tmp in rank order.
+static int ffn_moe_lead(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
+    const model_hparams_t *hp = &c->m->hp;
+    const int E = hp->n_embd, k = hp->n_expert_used, ne = hp->n_expert, N = c->ep.n_nodes;
+    const uint8_t *own = c->ep.owner + (size_t)il * ne;
+    int rc = 0;
+    for (int j = 1; j < N && rc == 0; j++) {
+        int32_t *hdr = (int32_t *)c->ep_msg;
+        float *rows = (float *)(hdr + 2 + (size_t)nt * k);
+        int n = 0;
+        for (int i = 0; i < nt; i++)
+            if (ep_routed_to(c, own, i, j)) memcpy(rows + (size_t)n++ * E, c->xn + (size_t)i * E, (size_t)E * sizeof(float));
+        hdr[0] = nt;
+        hdr[1] = n;
+        for (size_t q = 0; q < (size_t)nt * k; q++) hdr[2 + q] = c->sel[q];
+        rc = c->ep.send(c->ep.ctx, j, c->ep_msg, (size_t)((uint8_t *)(rows + (size_t)n * E) - c->ep_msg));
+    }
+    if (rc != 0) return rc;
+    // rows of each member in ep_recv: member j's block starts at r_at[j]
+    int r_at[PLAN_NODES_MAX + 1] = {0};
+    for (int i = 0; i < nt; i++)
+        for (int r = 0; r < k; r++)
+            if (c->sel[(size_t)i * k + r] >= 0) r_at[own[c->sel[(size_t)i * k + r]] + 1]++;
+    for (int j = 0; j < N; j++) r_at[j + 1] += r_at[j];
+    ep_own_order(c, il, nt);
+    int mine = 0;
+    if ((rc = ep_own_experts(c, il, L, nt, c->ep_recv, &mine)) != 0) return rc;
+    if (mine != r_at[1]) return MLM_EINVAL; // cannot happen: the same routing counted twice
+    for (int j = 1; j < N; j++) {
+        const size_t want = (size_t)(r_at[j + 1] - r_at[j]) * E * sizeof(float);
+        size_t got = 0;
+        if ((rc = c->ep.recv(c->ep.ctx, j, c->ep_recv + (size_t)r_at[j] * E, want, &got)) != 0) return rc;
+        if (got != want) return MLM_EPROTO;
+    }
+    // where each (token, rank) row landed: every member's order replayed
+    for (int rank = 0; rank < k; rank++)
+        for (int e = 0; e < ne; e++)
+            for (int i = 0; i < nt; i++)
+                if (c->sel[(size_t)i * k + rank] == e) c->ep_row[(size_t)i * k + rank] = r_at[own[e]]++;
+    memset(c->tmp, 0, (size_t)nt * E * sizeof(float));
+    for (int rank = 0; rank < k; rank++)
+        for (int i = 0; i < nt; i++)
+            if (c->sel[(size_t)i * k + rank] >= 0)
+                moe_add(c->tmp + (size_t)i * E, c->ep_recv + (size_t)c->ep_row[(size_t)i * k + rank] * E,
+                        c->sel_w[(size_t)i * k + rank], E);
+    return 0;
+}
+
+// Attention on the leader, another member's side of block il: the leader's routing and rows in,
+// this member's experts over them, their rows back to the leader.
+static int ffn_moe_member(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
+    const model_hparams_t *hp = &c->m->hp;
+    const int E = hp->n_embd, k = hp->n_expert_used, ne = hp->n_expert;
+    const uint8_t *own = c->ep.owner + (size_t)il * ne;
+    size_t len = 0;
+    int rc = c->ep.recv(c->ep.ctx, 0, c->ep_msg, c->ep_msg_cap, &len);
+    if (rc != 0) return rc;
+    const int32_t *hdr = (const int32_t *)c->ep_msg;
+    const size_t head = (2 + (size_t)nt * k) * sizeof(int32_t);
+    if (len < head || hdr[0] != nt || hdr[1] < 0 || hdr[1] > nt || len != head + (size_t)hdr[1] * E * sizeof(float))
+        return MLM_EPROTO;
+    for (size_t q = 0; q < (size_t)nt * k; q++) {
+        if (hdr[2 + q] < -1 || hdr[2 + q] >= ne) return MLM_EPROTO;
+        c->sel[q] = hdr[2 + q];
+    }
+    const float *rows = (const float *)(c->ep_msg + head);
+    int n = 0;
+    for (int i = 0; i < nt; i++)
+        if (ep_routed_to(c, own, i, c->ep.index)) {
+            if (n == hdr[1]) return MLM_EPROTO;
+            memcpy(c->xn + (size_t)i * E, rows + (size_t)n++ * E, (size_t)E * sizeof(float));
+        }
+    if (n != hdr[1]) return MLM_EPROTO;
+    ep_own_order(c, il, nt);
+    int mine = 0;
+    if ((rc = ep_own_experts(c, il, L, nt, c->ep_send, &mine)) != 0) return rc;
+    return c->ep.send(c->ep.ctx, 0, c->ep_send, (size_t)mine * E * sizeof(float));
+}
+
 static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
     const model_hparams_t *hp = &c->m->hp;
     const int El = c->El, k = hp->n_expert_used, ne = hp->n_expert;
     moe_route(c, L, nt);
     if (c->m->on_route) c->m->on_route(c->m->on_route_arg, il, c->sel, nt, k);
-    if (c->ep.n_nodes > 1) return ffn_moe_ep(c, il, L, nt);
+    if (c->ep.n_nodes > 1) return c->ep.lead ? ffn_moe_lead(c, il, L, nt) : ffn_moe_ep(c, il, L, nt);
     // Experts are visited in rank order (every token's top-1 first), so each token's sum is
     // accumulated top-1 first, then top-2, ... whatever the expert ids. The provider hears which
     // experts come, in that order, before the first is acquired.
@@ -828,12 +962,17 @@ static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
     return gather_cols(c, c->acc_l, nt, G_HIDDEN, hp->n_embd, c->tmp);
 }
 
+// A member of an expert-parallel group with attention on its leader, other than the leader: it
+// computes experts and nothing else.
+static bool ep_expert_only(const model_ctx_t *c) { return c->ep.n_nodes > 1 && c->ep.lead && c->ep.index > 0; }
+
 // Block il (acquired as L) over the chunk's nt tokens at positions pos0...
 static int eval_block(model_ctx_t *c, int il, const layer_weights_t *L, int nt, int pos0) {
     const model_t *m = c->m;
     const model_hparams_t *hp = &m->hp;
     const int E = hp->n_embd, hd = hp->head_dim;
     int rc;
+    if (ep_expert_only(c)) return ffn_moe_member(c, il, L, nt);
     for (int i = 0; i < nt; i++) ops_rmsnorm(c->xn + (size_t)i * E, c->x + (size_t)i * E, L->attn_norm, E, hp->rms_eps);
     const mm_weight_t *ws[3] = {&L->wq, &L->wk, &L->wv};
     float *ys[3] = {c->q, c->k, c->v};
@@ -896,8 +1035,10 @@ static int eval_chunk(model_ctx_t *c, const int32_t *tokens, const float *hidden
     const bool out_wanted = m->slice.l1 == hp->n_layer && logits && (all_logits || want_last);
     int rc = 0;
     weights_prefetch(m->w, m->slice.l0, NULL, 0);
-    if (tokens) rc = embed(c, tokens, nt);
-    else memcpy(c->x, hidden_in, (size_t)nt * E * sizeof(float));
+    if (!ep_expert_only(c)) { // an expert-only member has no residual stream
+        if (tokens) rc = embed(c, tokens, nt);
+        else memcpy(c->x, hidden_in, (size_t)nt * E * sizeof(float));
+    }
     for (int il = m->slice.l0; rc == 0 && il < m->slice.l1; il++) {
         const layer_weights_t *L;
         if ((rc = weights_acquire(m->w, il, WEIGHTS_DENSE, &L)) != 0) break;
@@ -909,10 +1050,10 @@ static int eval_chunk(model_ctx_t *c, const int32_t *tokens, const float *hidden
     if (rc != 0) return rc; // the cache holds a partial step: the caller resets or replays
     c->pos += nt;
     if (m->slice.l1 < hp->n_layer) {
-        memcpy(hidden_out, c->x, (size_t)nt * E * sizeof(float));
+        if (!ep_expert_only(c)) memcpy(hidden_out, c->x, (size_t)nt * E * sizeof(float));
         return 0;
     }
-    if (!out_wanted) return 0;
+    if (!out_wanted || ep_expert_only(c)) return 0;
     const layer_weights_t *O;
     if ((rc = weights_acquire(m->w, WEIGHTS_OUT, WEIGHTS_DENSE, &O)) != 0) return rc;
     rc = eval_output(c, O, all_logits ? 0 : nt - 1, nt, logits);

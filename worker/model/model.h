@@ -34,6 +34,8 @@ typedef struct {
     void *on_route_arg;
     const uint64_t *experts;      // (4) placed experts (model_ep_t): bit e set = this node computes expert e of
                                   // its blocks; only those are prepared (mapped, "mmap"), NULL = every expert
+    bool experts_only;            // with experts: nothing but those experts is computed here (model_ep_t.lead,
+                                  // a member other than the leader): the rest is mapped, never prepared
     const char *cols_path;        // an all-reduce slice streamed from a whole model file: the slice's columns
                                   // file (shard_file_write_cols), which must hold exactly this slice; the
                                   // column-cut matrices stream from it (offload/weights.h cols_g); NULL = none
@@ -95,6 +97,12 @@ typedef struct {
 typedef int (*model_alltoallv_fn)(void *ctx, const void *send, const size_t *send_lens, void *recv,
                                   const size_t *recv_lens);
 
+// Placed experts with attention on the leader (model_ep_t.lead): one block of bytes to or from
+// member `member` of the group (point to point). recv takes the block's length from the sender: at
+// most cap bytes land in buf and *len says how many; a longer block is an error (MLM_EPROTO).
+typedef int (*model_send_fn)(void *ctx, int member, const void *buf, size_t len);
+typedef int (*model_recv_fn)(void *ctx, int member, void *buf, size_t cap, size_t *len);
+
 // An expert-parallel group: members that each hold whole experts (every FFN unit and hidden row of
 // them) and compute them for the whole group, while everything else (attention, router, embedding,
 // output) is replicated: each member holds the full residual stream and routes every token itself,
@@ -111,7 +119,18 @@ typedef struct {
                                   // owner[l * n_expert + e] (borrowed for the ctx's life)
     model_alltoallv_fn alltoallv; // the exchange of expert rows
     model_gather_fn gather;       // the gather of the homes' sums (lens per member, in member order)
-    void *ctx;                    // argument of both
+    void *ctx;                    // argument of all the exchanges
+    // Attention on the leader (protocol 1.8): member 0 alone computes attention, norms, router, the
+    // residual stream and the output; per MoE block it sends every other member the routing (top-k
+    // ids of every token) and the normed rows of the tokens routed to that member's experts, computes
+    // its own experts meanwhile, takes back each member's expert rows and adds them in rank order
+    // with the router weights, exactly as one node does. The other members compute experts only: no
+    // attention, no KV cache entries, no residual stream, no logits (their model_eval leaves the
+    // logits untouched and their hidden_out undefined). 2 exchanges per block as the replicated way,
+    // with none of its repeated attention; send and recv are required then, alltoallv and gather not.
+    bool lead;
+    model_send_fn send;
+    model_recv_fn recv;
 } model_ep_t;
 
 typedef struct {

@@ -452,7 +452,19 @@ static int load_share(node_t *n, const char *from, const model_load_opts_t *lo, 
     return rc;
 }
 
-// Placed experts (MSG_TP_EXPERT): every node's experts list, as the stages' expert-parallel groups.
+static bool placed_experts(const node_t *n) {
+    return n->plan.tp_mode == MSG_TP_EXPERT || n->plan.tp_mode == MSG_TP_EXPERT_LEAD;
+}
+
+// Whether this node is its stage's first (the nodes before it hold other blocks).
+static bool stage_leader(const node_t *n) {
+    const msg_plan_node_t *me = &n->nodes[n->index];
+    for (int i = 0; i < n->index; i++)
+        if (n->nodes[i].layers.begin == me->layers.begin && n->nodes[i].layers.end == me->layers.end) return false;
+    return true;
+}
+
+// Placed experts (MSG_TP_EXPERT, _LEAD): every node's experts list, as the stages' expert-parallel groups.
 static int plan_experts(node_t *n, const model_hparams_t *hp, char *err, size_t errlen) {
     const int ne = hp->n_expert;
     if (ne < 1 || (uint32_t)ne != n->plan.n_expert)
@@ -462,7 +474,7 @@ static int plan_experts(node_t *n, const model_hparams_t *hp, char *err, size_t 
     if (!has) return MLM_ENOMEM;
     for (int r = 0; r < n->plan.n_nodes; r++)
         for (int j = 0; j < n->nodes[r].n_experts; j++) has[(size_t)r * ne + n->nodes[r].experts[j]] = 1;
-    int rc = pipe_set_experts(&n->pipe, has, hp->n_layer, ne, err, errlen);
+    int rc = pipe_set_experts(&n->pipe, has, hp->n_layer, ne, n->plan.tp_mode == MSG_TP_EXPERT_LEAD, err, errlen);
     free(has);
     return rc;
 }
@@ -488,7 +500,8 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
                             .expert_skip = n->o->expert_skip};
     uint64_t mask[4] = {0}; // placed experts: the ones this node computes
     for (int j = 0; j < n->nodes[n->index].n_experts; j++) mask[n->nodes[n->index].experts[j] >> 6] |= (uint64_t)1 << (n->nodes[n->index].experts[j] & 63);
-    if (n->plan.tp_mode == MSG_TP_EXPERT) lo.experts = mask;
+    if (placed_experts(n)) lo.experts = mask;
+    lo.experts_only = n->plan.tp_mode == MSG_TP_EXPERT_LEAD && !stage_leader(n); // it computes experts alone
     // The last plan's shard of the same model gives the rows the two shares have in common (freed
     // once this share is built); a budget's window streams and takes nothing from it.
     if (n->kept && memcmp(n->kept_sha, n->plan.model_sha256, 32) != 0) model_destroy(&n->kept);
@@ -544,7 +557,7 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
                 bw[i] = (double)n->nodes[i].link_bw;
             }
             pipe_set_links(&n->pipe, lat, bw);
-            if (n->plan.tp_mode == MSG_TP_EXPERT) rc = plan_experts(n, hp, err, sizeof err);
+            if (placed_experts(n)) rc = plan_experts(n, hp, err, sizeof err);
             if (rc == 0 && !n->o->data) {
                 const char *eps[MSG_MAX_NODES]; // (n_nodes) the plan's data endpoints
                 for (int i = 0; i < n->plan.n_nodes; i++) eps[i] = n->nodes[i].endpoint;

@@ -70,6 +70,29 @@ static int pipe_alltoallv(void *ctx, const void *send, const size_t *send_lens, 
     return rc;
 }
 
+// Placed experts with attention on the leader: one block to or from a member of this rank's stage.
+static int pipe_ep_send(void *ctx, int member, const void *buf, size_t len) {
+    pipe_node_t *p = ctx;
+    const double t0 = mlm_now_ms();
+    int rc = comm_send1(p->comm, p->first + member, buf, len, p->timeout_ms);
+    p->gather_ms += mlm_now_ms() - t0;
+    p->gather_bytes += len;
+    return rc;
+}
+
+static int pipe_ep_recv(void *ctx, int member, void *buf, size_t cap, size_t *len) {
+    pipe_node_t *p = ctx;
+    const double t0 = mlm_now_ms();
+    comm_msg_t m;
+    int rc = comm_recv(p->comm, p->first + member, &m, NULL, p->timeout_ms);
+    p->gather_ms += mlm_now_ms() - t0;
+    if (rc != 0) return rc;
+    if (m.n != 1 || m.len[0] > cap) rc = MLM_EPROTO;
+    else if ((*len = m.len[0]) > 0) memcpy(buf, m.data[0], m.len[0]);
+    comm_msg_free(&m);
+    return rc;
+}
+
 // Expert parallelism: every member holds the whole logits; the stage's first rank sends them.
 static int pipe_logits_ep(void *ctx, const void *mine, size_t my_len, void *out, const size_t *lens) {
     pipe_node_t *p = ctx;
@@ -158,7 +181,8 @@ int pipe_node_init(pipe_node_t *p, comm_t *comm, int rank, const shard_slice_t *
     return 0;
 }
 
-int pipe_set_experts(pipe_node_t *p, const uint8_t *has, int n_layer, int n_expert, char *err, size_t errlen) {
+int pipe_set_experts(pipe_node_t *p, const uint8_t *has, int n_layer, int n_expert, bool lead, char *err,
+                     size_t errlen) {
     p->ep = true;
     if (p->stage < 0) return 0;
     if (n_expert < 1 || n_layer < 1 || p->n > 255)
@@ -183,7 +207,8 @@ int pipe_set_experts(pipe_node_t *p, const uint8_t *has, int n_layer, int n_expe
     p->tp = (model_tp_t){1, 0, p->slices + p->rank, pipe_gather, p, pipe_logits_ep, NULL};
     p->ep_group = (model_ep_t){.n_nodes = p->n, .index = p->rank - p->first, .n_layer = n_layer,
                                .n_expert = n_expert, .owner = p->ep_owner, .alltoallv = pipe_alltoallv,
-                               .gather = pipe_gather, .ctx = p};
+                               .gather = pipe_gather, .ctx = p, .lead = lead, .send = pipe_ep_send,
+                               .recv = pipe_ep_recv};
     return 0;
 }
 
@@ -253,11 +278,13 @@ int pipe_node_step(pipe_node_t *p, model_ctx_t *ctx, const int32_t *tokens, int 
         p->hcap = (size_t)u * E;
     }
     const bool land = pipe_lands_logits(p);
+    // attention on the leader: the other members have no residual stream, only leaders hand it on
+    const bool lead = p->ep && p->ep_group.lead, expert_only = lead && p->rank != p->first;
     for (int done = 0; done < n;) {
         const int nt = n - done < u ? n - done : u;
         const bool last_mb = done + nt == n;
         int rc = 0;
-        if (p->prev_leader >= 0 && (rc = recv_hidden(p, nt)) != 0) return rc;
+        if (p->prev_leader >= 0 && !expert_only && (rc = recv_hidden(p, nt)) != 0) return rc;
         float *lp = NULL;
         if (logits && (all_logits || last_mb)) lp = land && all_logits ? logits + (size_t)done * p->n_vocab : logits;
         if (p->ep && p->rank != p->first) lp = NULL; // placed experts: the stage's first rank alone sends logits
@@ -267,7 +294,7 @@ int pipe_node_step(pipe_node_t *p, model_ctx_t *ctx, const int32_t *tokens, int 
         p->busy_ms += mlm_now_ms() - t0 - (p->gather_ms - g0);
         if (rc != 0) return rc;
         if (p->next_n && p->rank == p->first) { // the leader hands the residual stream on
-            for (int r = p->next_first; r < p->next_first + p->next_n; r++) {
+            for (int r = p->next_first; r < p->next_first + (lead ? 1 : p->next_n); r++) {
                 if ((rc = comm_send1(p->comm, r, p->hout, (size_t)nt * E * sizeof(float), p->timeout_ms)) != 0)
                     return rc;
                 p->handoff_bytes += (uint64_t)nt * E * sizeof(float);

@@ -69,10 +69,12 @@ void pipe_node_free(pipe_node_t *p);
 // every block of its stage; n_ranks rows). Each stage becomes an expert-parallel group (model_ep_t)
 // over its ranks: p->tp turns into a group of one (every rank holds every row of its blocks) and
 // p->ep_group describes the experts, exchanged with comm_alltoallv and gathered among the stage's
-// ranks; only a stage's first rank sends logit rows (whole) to rank 0. Every slice must hold every
-// row. 0, or MLM_EINVAL when an expert of this rank's stage has no owner or two (err says which).
+// ranks; only a stage's first rank sends logit rows (whole) to rank 0. With lead, attention runs on
+// each stage's first rank alone (model_ep_t.lead; the others compute experts only) and the expert
+// rows go point to point between it and each member. Every slice must hold every row. 0, or
+// MLM_EINVAL when an expert of this rank's stage has no owner or two (err says which).
 int pipe_set_experts(pipe_node_t *p, const uint8_t *has /* (n_ranks, n_expert) */, int n_layer, int n_expert,
-                     char *err, size_t errlen);
+                     bool lead, char *err, size_t errlen);
 
 // The links of the plan's ranks (lat_us: one-way latency in microseconds, bw: bytes/s, n_ranks
 // entries each, 0 = unknown): this rank's group takes its largest latency and smallest bandwidth as

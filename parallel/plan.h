@@ -153,6 +153,8 @@ typedef struct {
                                     // output are replicated (tp_mode is then EXACT and unused)
     bool ep_lead;                   // with ep: attention, router, embedding and output on each stage's first
                                     // member alone; the others hold and compute their experts only
+    int ep_replicas;                // with ep_lead: members holding each expert (1 = its owner alone); the
+                                    // first member gives each batch to the holder with the least work
     double sliced_ms;               // MoE: token_ms of the best plan with sliced experts (0 = unknown)
     double placed_ms;               // MoE: token_ms of the best plan with placed experts (0 = unknown)
 } plan_t;
@@ -335,6 +337,9 @@ typedef struct {
                        // time; N >= 2 = placed experts, stages of N members (plan_ep); -1 = sliced only
     bool ep_replicated; // placed experts with attention replicated on every member (--ep-attn all), instead of
                         // on each stage's first member alone (plan_t.ep_lead, the default)
+    int ep_replicas;    // with attention on the leader: holders of each expert (--ep-replicas N); 0 = 1, or
+                        // when every offered node has a budget, the fastest predicted count up to top-k
+                        // whose shares fit
 } plan_opts_t;
 
 #define PLAN_EXHAUSTIVE_MAX 8  // up to this many offered nodes every layout is tried
@@ -383,8 +388,8 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
 // when it does not divide) for n_ctx positions, predicting the cost. 0, MLM_EINVAL (a dense model,
 // more than 256 experts, fewer experts than members, pp out of range) or MLM_EFULL (err names the
 // node and what it lacks), with the reason in err.
-int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, plan_t *out,
-            char *err, size_t errlen);
+int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, int replicas,
+            plan_t *out, char *err, size_t errlen);
 
 // Predicts an expert-parallel plan's cost (the rule above) into p->cost and its shards' figures.
 void plan_predict_ep(const plan_model_t *pm, plan_t *p);

@@ -138,8 +138,10 @@ char *plan_experts_str(const plan_t *p, int i, int n_expert, char *buf, size_t c
 
 void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
     if (!p->ep) return;
-    fprintf(f, "experts placed whole (expert parallelism, attention %s)",
+    fprintf(f, "experts placed whole (expert parallelism, attention %s",
             p->ep_lead ? "on each stage's first node" : "replicated");
+    if (p->ep_replicas > 1) fprintf(f, ", each expert on %d nodes", p->ep_replicas);
+    fprintf(f, ")");
     if (p->sliced_ms > 0 && p->placed_ms > 0)
         fprintf(f, ": predicted %.2f ms/token placed vs %.2f sliced", p->placed_ms, p->sliced_ms);
     fprintf(f, "\n");
@@ -157,20 +159,29 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
 }
 
 // The expected slowest member of stage [a, b) per token: each member takes rep[i] ms plus x[i] ms
-// per routed expert it owns, the token's k experts drawn uniformly without repeats (routing assumed
-// uniform), averaged over EP_DRAWS draws of a fixed sequence (the same figure every time).
+// per routed expert it computes, the token's k experts drawn uniformly without repeats (routing
+// assumed uniform), each to its first holder or, with replicas, to the holder with the least work so
+// far (as the leader assigns them), averaged over EP_DRAWS draws of a fixed sequence (the same figure
+// every time).
 #define EP_DRAWS 512
 static double expected_max(const plan_t *p, int a, int b, int ne, int k, const double *rep, const double *x) {
     int owner[EP_MAX_EXPERTS];
+    uint64_t hold[EP_MAX_EXPERTS];
     for (int e = 0; e < ne; e++) {
-        owner[e] = 0;
+        owner[e] = -1;
+        hold[e] = 0;
         for (int i = a; i < b; i++)
-            if (plan_has_expert(p, i, e)) owner[e] = i - a;
+            if (plan_has_expert(p, i, e)) {
+                if (owner[e] < 0) owner[e] = i - a;
+                hold[e] |= 1ull << (i - a);
+            }
+        if (owner[e] < 0) owner[e] = 0;
     }
     uint64_t z = 0x9e3779b97f4a7c15ull;
     double sum = 0;
     for (int d = 0; d < EP_DRAWS; d++) {
-        int hits[PLAN_MAX_NODES] = {0}, pick[EP_MAX_EXPERTS];
+        int pick[EP_MAX_EXPERTS];
+        double load[PLAN_MAX_NODES] = {0};
         for (int e = 0; e < ne; e++) pick[e] = e;
         for (int j = 0; j < k && j < ne; j++) { // partial Fisher-Yates: k distinct experts
             z = z * 6364136223846793005ull + 1442695040888963407ull;
@@ -178,10 +189,13 @@ static double expected_max(const plan_t *p, int a, int b, int ne, int k, const d
             const int t = pick[j];
             pick[j] = pick[r];
             pick[r] = t;
-            hits[owner[pick[j]]]++;
+            int to = owner[pick[j]];
+            for (int i = 0; i < b - a; i++)
+                if ((hold[pick[j]] >> i & 1) && load[i] < load[to]) to = i;
+            load[to] += x[to];
         }
         double worst = 0;
-        for (int i = a; i < b; i++) worst = max2(worst, rep[i - a] + x[i - a] * hits[i - a]);
+        for (int i = a; i < b; i++) worst = max2(worst, rep[i - a] + load[i - a]);
         sum += worst;
     }
     return sum / EP_DRAWS;
@@ -261,8 +275,32 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
     p->cost = c;
 }
 
-int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, plan_t *out,
-            char *err, size_t errlen) {
+// Replicas: member i of stage [a, b) also holds the experts of the next r - 1 members (in member
+// order, wrapping), so each expert has r holders. 0, or MLM_EFULL naming a member whose budget cannot
+// hold them.
+static int add_replicas(const plan_model_t *pm, plan_t *p, int a, int b, int r, char *err, size_t errlen) {
+    const int g = b - a, ne = pm->n_expert;
+    uint64_t prim[PLAN_MAX_NODES][4];
+    for (int i = 0; i < g; i++) memcpy(prim[i], p->shard[a + i].experts, sizeof prim[i]);
+    for (int i = 0; i < g; i++) {
+        plan_shard_t *sh = &p->shard[a + i];
+        for (int j = 1; j < r; j++)
+            for (int w = 0; w < 4; w++) sh->experts[w] |= prim[(i + j) % g][w];
+        size_member(pm, p, a + i, n_owned(p, a + i, ne));
+        const uint64_t bud = p->node[sh->node].mem_budget;
+        if (bud && sh->peak_bytes > bud) {
+            char need[32], have[32];
+            plan_fmt_bytes(need, sizeof need, sh->peak_bytes);
+            plan_fmt_bytes(have, sizeof have, bud);
+            return mlm_fail(err, errlen, MLM_EFULL, "%d replicas of each expert do not fit: node %s needs %s and has %s",
+                            r, p->node[sh->node].name, need, have);
+        }
+    }
+    return 0;
+}
+
+int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, int replicas,
+            plan_t *out, char *err, size_t errlen) {
     if (!pm || !nodes || !out || n < 1 || n > PLAN_MAX_NODES)
         return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d nodes (1..%d)", n, PLAN_MAX_NODES);
     if (pm->n_expert <= 0) return mlm_fail(err, errlen, MLM_EINVAL, "placed experts need a MoE model; %s is dense", pm->name);
@@ -274,9 +312,15 @@ int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int
     if (n / pp > pm->n_expert)
         return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d members per stage for %d experts", n / pp,
                         pm->n_expert);
+    if (replicas < 1 || (replicas > 1 && !lead) || replicas > n / pp)
+        return mlm_fail(err, errlen, MLM_EINVAL,
+                        "placed experts: %d replicas of each expert (1 to the %d members of a stage; more than 1 needs "
+                        "attention on the leader)",
+                        replicas, n / pp);
     memset(out, 0, sizeof *out);
     out->ep = true;
     out->ep_lead = lead;
+    out->ep_replicas = replicas;
     out->n = n;
     out->n_nodes = n;
     out->n_stages = pp;
@@ -303,13 +347,15 @@ int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int
     }
     for (int st = 0; st < pp; st++) {
         int rc = place_stage(pm, out, out->stage_first[st], out->stage_first[st + 1], err, errlen);
+        if (rc == 0 && replicas > 1)
+            rc = add_replicas(pm, out, out->stage_first[st], out->stage_first[st + 1], replicas, err, errlen);
         if (rc != 0) return rc;
     }
     if (pp == 1) snprintf(out->layout, sizeof out->layout, "ep%d", n);
     else if (n % pp == 0) snprintf(out->layout, sizeof out->layout, "pp%d x ep%d", pp, n / pp);
     else snprintf(out->layout, sizeof out->layout, "pp%d x ep (uneven)", pp);
     plan_predict_ep(pm, out);
-    snprintf(out->why, sizeof out->why, "experts placed whole on %d node(s) per stage (attention %s)", n / pp,
-             lead ? "on the first" : "replicated");
+    snprintf(out->why, sizeof out->why, "experts placed whole on %d node(s) per stage (attention %s, %d holder(s) per expert)",
+             n / pp, lead ? "on the first" : "replicated", replicas);
     return 0;
 }

@@ -737,40 +737,45 @@ static void why_mode(const plan_opts_t *o, plan_t *p) {
 
 // The fastest plan with placed experts over all n nodes (every stage count whose stages have 2 or more
 // members, at most one per expert), or, with o->ep >= 2, the forced one: stages of o->ep members
-// (o->pp of them, else as many as the nodes make), over the first nodes. 0 or plan_ep's error.
+// (o->pp of them, else as many as the nodes make), over the first nodes. Each with o->ep_replicas
+// holders per expert, or (0) 1, and when every node has a budget each count up to top-k that fits.
+// 0 or plan_ep's error.
 static int best_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, const plan_opts_t *o, plan_t *out,
                    char *err, size_t errlen) {
+    const bool lead = !o->ep_replicated;
+    int r_lo = o->ep_replicas > 0 ? o->ep_replicas : 1, r_hi = r_lo;
+    bool budgets = n > 0;
+    for (int i = 0; i < n; i++) budgets = budgets && nodes[i].mem_budget > 0;
+    if (o->ep_replicas == 0 && lead && budgets) r_hi = pm->n_expert_used > 1 ? pm->n_expert_used : 1;
     if (o->ep >= 2) {
         const int pp = o->pp > 0 ? o->pp : (n / o->ep > 0 ? n / o->ep : 1);
         if (pp * o->ep > n)
             return mlm_fail(err, errlen, MLM_EINVAL, "--ep %d in %d stage(s) needs %d nodes; %d offered", o->ep, pp,
                             pp * o->ep, n);
-        int rc = plan_ep(pm, nodes, pp * o->ep, pp, o->n_ctx, !o->ep_replicated, out, err, errlen);
-        if (rc == 0) {
-            out->coord_apart = o->coord_apart;
-            out->ubatch = o->ubatch;
-            out->n_prompt = o->n_prompt;
-            plan_predict_ep(pm, out);
-        }
-        return rc;
     }
     plan_t *t = malloc(sizeof *t);
     if (!t) return MLM_ENOMEM;
     int rc = MLM_EINVAL, found = 0;
     for (int pp = 1; pp <= n && pp <= pm->n_layer; pp++) {
-        if ((o->pp && pp != o->pp) || n / pp < 2 || n / pp > pm->n_expert) continue;
-        char e2[256];
-        if (plan_ep(pm, nodes, n, pp, o->n_ctx, !o->ep_replicated, t, e2, sizeof e2) != 0) {
-            if (!found) rc = mlm_fail(err, errlen, MLM_EFULL, "%s", e2);
-            continue;
+        const int forced_pp = o->ep >= 2 ? (o->pp > 0 ? o->pp : (n / o->ep > 0 ? n / o->ep : 1)) : 0;
+        if (forced_pp && pp != forced_pp) continue;
+        const int nn = o->ep >= 2 ? pp * o->ep : n;
+        if (!forced_pp && ((o->pp && pp != o->pp) || n / pp < 2 || n / pp > pm->n_expert)) continue;
+        for (int r = r_lo; r <= r_hi && (r == r_lo || r <= nn / pp); r++) { // auto: up to the members
+            char e2[256];
+            const int rc2 = plan_ep(pm, nodes, nn, pp, o->n_ctx, lead, r, t, e2, sizeof e2);
+            if (rc2 != 0) {
+                if (!found && (r == r_lo || forced_pp)) rc = mlm_fail(err, errlen, rc2, "%s", e2);
+                continue;
+            }
+            t->coord_apart = o->coord_apart;
+            t->ubatch = o->ubatch;
+            t->n_prompt = o->n_prompt;
+            plan_predict_ep(pm, t);
+            if (!found || t->cost.token_ms < out->cost.token_ms) *out = *t;
+            found = 1;
+            rc = 0;
         }
-        t->coord_apart = o->coord_apart;
-        t->ubatch = o->ubatch;
-        t->n_prompt = o->n_prompt;
-        plan_predict_ep(pm, t);
-        if (!found || t->cost.token_ms < out->cost.token_ms) *out = *t;
-        found = 1;
-        rc = 0;
     }
     free(t);
     return rc;

@@ -35,6 +35,9 @@ typedef struct {
     int n;                         // ranks
     int n_stages;                  // 1, or 2: ranks [0, n/2) hold the first half of the blocks, the rest the second
     bool lead;                     // attention on each group's leader (model_ep_t.lead), else replicated
+    int replicas;                  // with lead, > 1: expert e is held by its owner and the next replicas - 1
+                                   // members (model_ep_t.holders)
+    uint64_t holders[MAX_OWN];     // (n_layer, n_expert) the holders when replicas > 1
     uint8_t owner[MAX_OWN];        // (n_layer, n_expert) member index inside its stage's group
     const float *ref;              // (N_PROMPT + N_DECODE, n_vocab) the single node's logits
     char *dir;                     // zmq: directory of the ipc endpoints
@@ -152,7 +155,8 @@ static void *rank_main(void *p) {
     ep_member_t mb = {c, stage * per, per};
     model_ep_t ep = {.n_nodes = per, .index = r - stage * per, .n_layer = hp.n_layer, .n_expert = hp.n_expert,
                      .owner = k->owner, .alltoallv = ep_alltoallv, .gather = ep_gather, .ctx = &mb,
-                     .lead = k->lead, .send = ep_send, .recv = ep_recv};
+                     .lead = k->lead, .send = ep_send, .recv = ep_recv,
+                     .holders = k->replicas > 1 ? k->holders : NULL};
     model_ctx_opts_t o = {.n_ctx = 64, .n_batch = N_BATCH, .n_threads = 1, .ep = &ep};
     if (rc == 0) rc = model_ctx_new(&ctx, m, &o, err, sizeof err);
     if (rc != 0) fprintf(stderr, "\nrank %d: %s (%s)\n", r, mlm_strerror(rc), err);
@@ -258,7 +262,7 @@ static void own_shifted(uint8_t *own, int nl, int ne, int per) { // member 0 own
 typedef void (*own_fn)(uint8_t *own, int nl, int ne, int per);
 
 static void run_model_mode(const char *model, const char *transport, int n, int n_stages, own_fn own, bool lead,
-                           const char *what) {
+                           int replicas, const char *what) {
     char path[1024];
     int V = 0;
     float *ref = reference_logits(test_shared_path(path, sizeof path, model), &V);
@@ -275,11 +279,14 @@ static void run_model_mode(const char *model, const char *transport, int n, int 
     k->n = n;
     k->n_stages = n_stages;
     k->lead = lead;
+    k->replicas = replicas;
     k->ref = ref;
     own(k->owner, hp.n_layer, hp.n_expert, n / n_stages);
     int held[MAX_RANKS] = {0}; // the placement really spreads the experts: every member owns some
     for (int i = 0; i < hp.n_layer * hp.n_expert; i++) held[k->owner[i]]++;
     for (int j = 0; j < n / n_stages; j++) CU_ASSERT(held[j] > 0);
+    for (int i = 0; i < hp.n_layer * hp.n_expert; i++)
+        for (int r = 0; r < replicas; r++) k->holders[i] |= 1ull << ((k->owner[i] + r) % (n / n_stages));
     run_case(k, what);
     free(k);
     free(ref);
@@ -287,8 +294,8 @@ static void run_model_mode(const char *model, const char *transport, int n, int 
 
 // Both ways of running the group: attention replicated on every member, and on the leader alone.
 static void run_model(const char *model, const char *transport, int n, int n_stages, own_fn own, const char *what) {
-    run_model_mode(model, transport, n, n_stages, own, false, what);
-    run_model_mode(model, transport, n, n_stages, own, true, what);
+    run_model_mode(model, transport, n, n_stages, own, false, 1, what);
+    run_model_mode(model, transport, n, n_stages, own, true, 1, what);
 }
 
 // --- tests
@@ -322,6 +329,15 @@ static void test_ep_pipeline(void) {
 static void test_ep_zmq(void) {
     run_model(MOE8, "zmq", 3, 1, own_uneven, "3 members over zmq");
     run_model(MOE4, "zmq", 4, 2, own_uneven, "2 stages of 2 members over zmq");
+}
+
+// Replicas (attention on the leader): each expert held by 2, 3 or every member of its group, each
+// batch computed by whichever holder the leader picks; the single node's bits all the same.
+static void test_ep_replicas(void) {
+    run_model_mode(MOE8, "inproc", 4, 1, own_round_robin, true, 2, "4 members, 2 holders per expert");
+    run_model_mode(SYNTH, "inproc", 3, 1, own_uneven, true, 3, "3 members, every member holds every expert");
+    run_model_mode(MOE4, "inproc", 4, 2, own_shifted, true, 2, "2 stages of 2, top-4, every member holds all");
+    run_model_mode(MOE8, "zmq", 3, 1, own_uneven, true, 2, "3 members over zmq, 2 holders per expert");
 }
 
 // A group the context cannot run is refused before anything is computed.
@@ -399,6 +415,8 @@ typedef struct {
     const char *speeds;      // node speeds (uneven expert counts), or NULL
     bool coord_shard;        // the coordinator computes the first member's share
     bool tcp;
+    int replicas;            // --ep-replicas (0 = the planner's: 1 without budgets)
+    bool all;                // --ep-attn all (attention replicated)
 } ep_cluster_t;
 
 // Runs the case on local worker processes with placed experts: every logit row must equal one
@@ -423,7 +441,8 @@ static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) {
     for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .speeds = k->speeds,
                          .coordinator_shard = k->coord_shard, .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000,
-                         .pp = k->pp > 0 ? k->pp : 1, .ep = k->ep, .ubatch = ub, .keep_all = true};
+                         .pp = k->pp > 0 ? k->pp : 1, .ep = k->ep, .ubatch = ub, .keep_all = true,
+                         .ep_replicas = k->replicas, .ep_replicated = k->all};
     cluster_t *cl = NULL;
     if (cluster_open(&cl, &co, err, sizeof err) != 0) {
         fprintf(stderr, "  %s: cluster_open: %s\n", k->case_name, err);
@@ -460,17 +479,22 @@ static int experts_of(const plan_t *p, int i) {
 
 static void test_ep_workers(void) {
     static const ep_cluster_t cases[] = {
-        {"stories260K-moe8x-top2-permuted.p0", 2, 2, 0, NULL, false, false},   // 4 + 4 experts
-        {"synth-moe-Q4_0.p0", 3, 3, 0, NULL, false, true},                     // 3 + 3 + 2, over tcp
-        {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false}, // uneven by speed
-        {"synth-moe-Q4_0.p1", 4, 4, 0, "1,1,2,1", false, false},               // 4 members, uneven
-        {"stories260K-moe4x-top4-split.p0", 4, 2, 2, NULL, false, false},      // 2 stages of 2 members
-        {"synth-moe-F16.p0", 3, 3, 0, NULL, true, false},                      // the coordinator is a member
+        {"stories260K-moe8x-top2-permuted.p0", 2, 2, 0, NULL, false, false, 0, false},   // 4 + 4 experts
+        {"synth-moe-Q4_0.p0", 3, 3, 0, NULL, false, true, 0, false},                     // 3 + 3 + 2, over tcp
+        {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false, 0, false}, // uneven by speed
+        {"synth-moe-Q4_0.p1", 4, 4, 0, "1,1,2,1", false, false, 0, false},               // 4 members, uneven
+        {"stories260K-moe4x-top4-split.p0", 4, 2, 2, NULL, false, false, 0, false},      // 2 stages of 2 members
+        {"synth-moe-F16.p0", 3, 3, 0, NULL, true, false, 0, false},                      // the coordinator is a member
+        {"stories260K-moe8x-top2-permuted.p0", 3, 3, 0, NULL, false, false, 2, false}, // 2 holders per expert
+        {"synth-moe-Q4_0.p0", 4, 2, 2, NULL, false, false, 2, false},                 // 2 stages of 2, every member all
+        {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false, 0, true}, // attention replicated
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         plan_t *p = calloc(1, sizeof *p);
         CU_ASSERT_EQUAL(run_ep_cluster(&cases[i], p), 0);
         CU_ASSERT(p->ep);
+        CU_ASSERT(p->ep_lead == !cases[i].all);
+        CU_ASSERT_EQUAL(p->ep_replicas, cases[i].replicas ? cases[i].replicas : 1);
         const int members = cases[i].coord_shard ? cases[i].n_workers + 1 : cases[i].n_workers;
         CU_ASSERT_EQUAL(p->n, cases[i].coord_shard ? cases[i].ep : members);
         int total = 0, most = 0, least = 1 << 20;
@@ -481,7 +505,8 @@ static void test_ep_workers(void) {
             least = e < least ? e : least;
         }
         CU_ASSERT(least >= 1);
-        CU_ASSERT_EQUAL(total, p->n_stages * (strstr(cases[i].case_name, "moe4x") ? 4 : 8)); // each expert once per stage
+        CU_ASSERT_EQUAL(total, p->ep_replicas * p->n_stages * (strstr(cases[i].case_name, "moe4x") ? 4 : 8)); // each expert
+                                                                                                     // r times per stage
         if (cases[i].speeds) CU_ASSERT(most > least); // the faster member computes more experts
         free(p);
     }
@@ -546,7 +571,7 @@ static void test_ep_planner(void) {
     CU_ASSERT_EQUAL_FATAL(plan_model_from_preset("mixtral-8x7b", "Q4_0", pm, err, sizeof err), 0);
     plan_node_t nd[4];
     fast_nodes(nd, 4, 1000, 125e6);
-    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, 1, p, err, sizeof err), 0);
     CU_ASSERT(p->ep && p->n == 4 && p->n_stages == 1);
     for (int e = 0; e < 8; e++) {
         int owners = 0;
@@ -560,7 +585,7 @@ static void test_ep_planner(void) {
     // attention on the leader: the others hold their experts and nothing else (no KV either), the
     // leader what it held; the predicted token is no slower (one attention instead of four, same exchanges)
     plan_t *q = calloc(1, sizeof *q);
-    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, true, q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, q, err, sizeof err), 0);
     CU_ASSERT(q->ep_lead && !p->ep_lead);
     CU_ASSERT_EQUAL(q->shard[0].weight_bytes, p->shard[0].weight_bytes);
     CU_ASSERT(q->shard[0].kv_bytes > 0 && q->shard[1].kv_bytes == 0);
@@ -571,25 +596,55 @@ static void test_ep_planner(void) {
     CU_ASSERT_EQUAL(q->shard[1].weight_bytes, 2 * ex);
     CU_ASSERT(q->shard[1].peak_bytes < p->shard[1].peak_bytes - p->shard[1].kv_bytes);
     CU_ASSERT(q->cost.token_ms > 0 && q->cost.token_ms <= p->cost.token_ms);
+    // replicas: every expert on 2 members (the owner and the next), twice a member's expert bytes, and
+    // a token's two experts no longer wait on one member: predicted faster; not with attention replicated
+    plan_t *q2 = calloc(1, sizeof *q2);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, true, 2, q2, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(q2->ep_replicas, 2);
+    for (int e = 0; e < 8; e++) {
+        int holders = 0;
+        for (int i = 0; i < 4; i++) holders += plan_has_expert(q2, i, e);
+        CU_ASSERT_EQUAL(holders, 2);
+    }
+    CU_ASSERT(experts_of(q2, 1) == 4 && q2->shard[1].weight_bytes == 4 * ex);
+    CU_ASSERT(q2->cost.token_ms < q->cost.token_ms);
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, false, 2, q2, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, true, 5, q2, err, sizeof err), MLM_EINVAL);
+    // a budget that holds 2 experts per block on the members but not 4: 2 replicas do not fit
+    nd[2].mem_budget = q->shard[2].peak_bytes + ((uint64_t)1 << 20);
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, true, 2, q2, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "replicas"));
+    // the automatic count, with budgets on every node: the fastest that fits (2 with room for it)
+    for (int i = 0; i < 4; i++) nd[i].mem_budget = (uint64_t)64 << 30;
+    plan_opts_t ro = {.n_ctx = 4096, .keep_all = true, .pp = 1, .ep = 4};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &ro, q2, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(q2->ep && q2->ep_lead && q2->ep_replicas == 2);
+    for (int i = 0; i < 4; i++) nd[i].mem_budget = 0; // without budgets: one holder unless asked
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &ro, q2, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(q2->ep_replicas, 1);
+    ro.ep_replicas = 3;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &ro, q2, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(q2->ep_replicas, 3);
+    free(q2);
     free(q);
     // memory-aware: a member whose budget holds the replicated part and one expert per block gets one
     nd[1].mem_budget = p->shard[0].peak_bytes - ((uint64_t)1 << 20); // just too small for two
-    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, 1, p, err, sizeof err), 0);
     CU_ASSERT_EQUAL(experts_of(p, 1), 1);
     CU_ASSERT(p->shard[1].peak_bytes <= nd[1].mem_budget);
     CU_ASSERT_EQUAL(experts_of(p, 0) + experts_of(p, 1) + experts_of(p, 2) + experts_of(p, 3), 8);
     nd[1].mem_budget = 1u << 30; // not even the replicated blocks fit
-    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, false, p, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, false, 1, p, err, sizeof err), MLM_EFULL);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "n1"));
     // speed-aware: twice the rate, twice the experts
     fast_nodes(nd, 4, 1000, 125e6);
     nd[0].gflops = 800;
     nd[0].mem_bw = 200e9;
-    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, 1, p, err, sizeof err), 0);
     CU_ASSERT(experts_of(p, 0) > experts_of(p, 1));
     // pipelines of expert-parallel groups: 2 stages of 2, each placing all 8 experts
     fast_nodes(nd, 4, 1000, 125e6);
-    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 2, 4096, false, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 2, 4096, false, 1, p, err, sizeof err), 0);
     CU_ASSERT(p->n_stages == 2 && p->shard[2].s.l0 == 16 && p->shard[0].s.l1 == 16);
     CU_ASSERT(experts_of(p, 0) + experts_of(p, 1) == 8 && experts_of(p, 2) + experts_of(p, 3) == 8);
     CU_ASSERT_STRING_EQUAL(p->layout, "pp2 x ep2");
@@ -710,6 +765,7 @@ int test_ep_suite(void) {
         !CU_add_test(s, "4 members", test_ep4) ||
         !CU_add_test(s, "pipeline of two expert-parallel groups", test_ep_pipeline) ||
         !CU_add_test(s, "over zmq", test_ep_zmq) ||
+        !CU_add_test(s, "replicated experts, attention on the leader", test_ep_replicas) ||
         !CU_add_test(s, "inconsistent groups refused", test_ep_refused) ||
         !CU_add_test(s, "worker processes with placed experts", test_ep_workers) ||
         !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output) ||

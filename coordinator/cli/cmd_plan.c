@@ -22,7 +22,8 @@ static void plan_usage(FILE *f) {
     fprintf(f,
             "usage: meshlm plan (-m FILE | --preset NAME [--quant TYPE]) (--nodes SPEC | --nodes-file F)\n"
             "                   [-c N_CTX] [--pp S] [--tp T] [--tp-mode M] [--ep N|off] [--ep-attn lead|all]\n"
-            "                   [--keep-all] [--pin-first] [--no-stream] [--plan FILE] [--out FILE] [--explain] [--json]\n"
+            "                   [--ep-replicas N] [--keep-all] [--pin-first] [--no-stream] [--plan FILE] [--out FILE]\n"
+            "                   [--explain] [--json]\n"
             "  -m, --model FILE   GGUF model (only mapped, no weights read)\n"
             "  --preset NAME      a known model shape instead of a file (tinyllama-1.1b, llama-2-70b, mixtral-8x7b, ...)\n"
             "  --quant TYPE       the preset's weight type (default Q4_0)\n"
@@ -43,6 +44,9 @@ static void plan_usage(FILE *f) {
             "                     sliced only (default: the faster predicted)\n"
             "  --ep-attn lead|all placed experts with attention on each stage's first node, the others holding\n"
             "                     experts only (lead, default), or attention replicated on every member (all)\n"
+            "  --ep-replicas N    with lead: every expert on N members of its stage, each token's experts given\n"
+            "                     to the least busy holders (default 1; with a budget on every node, the\n"
+            "                     fastest predicted count up to top-k that fits)\n"
             "  --keep-all         every node computes          --pin-first  node 0 (coordinator) is rank 0\n"
             "  --no-stream        refuse shares that do not fit their budgets (default: they stream weights\n"
             "                     from disk through a window of units)\n"
@@ -168,7 +172,7 @@ static void kv_table(const plan_t *p, const char *dev, FILE *f) {
 
 int cmd_plan(int argc, char **argv) {
     enum { O_NODES = 256, O_NODES_FILE, O_PRESET, O_QUANT, O_PP, O_TP, O_KEEP, O_PIN, O_PLAN, O_OUT, O_EXPLAIN,
-           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP, O_KVCAP, O_EP_ATTN };
+           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP, O_KVCAP, O_EP_ATTN, O_EP_REPLICAS };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"nodes", required_argument, 0, O_NODES},
         {"nodes-file", required_argument, 0, O_NODES_FILE}, {"preset", required_argument, 0, O_PRESET},
@@ -180,7 +184,7 @@ int cmd_plan(int argc, char **argv) {
         {"ubatch", required_argument, 0, O_UBATCH}, {"prompt", required_argument, 0, O_PROMPT},
         {"tp-mode", required_argument, 0, O_TP_MODE}, {"no-stream", no_argument, 0, O_NO_STREAM},
         {"kv-device", required_argument, 0, O_KVDEV}, {"ep", required_argument, 0, O_EP},
-        {"ep-attn", required_argument, 0, O_EP_ATTN},
+        {"ep-attn", required_argument, 0, O_EP_ATTN}, {"ep-replicas", required_argument, 0, O_EP_REPLICAS},
         {"kv-cap", required_argument, 0, O_KVCAP},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     const char *model = NULL, *preset = NULL, *quant = NULL, *spec = NULL, *nodes_file = NULL, *plan_path = NULL,
@@ -214,6 +218,7 @@ int cmd_plan(int argc, char **argv) {
         case O_KVDEV: kv_dev = optarg; break;
         case O_KVCAP: bad |= plan_parse_size(optarg, &kv_cap) != 0 || !kv_cap; break;
         case O_EP: bad |= layout_args_ep(optarg, &po.ep); break;
+        case O_EP_REPLICAS: bad |= positive(optarg, &po.ep_replicas); break;
         case O_EP_ATTN:
             bad |= strcmp(optarg, "lead") != 0 && strcmp(optarg, "all") != 0;
             po.ep_replicated = strcmp(optarg, "all") == 0;

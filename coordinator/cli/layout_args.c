@@ -86,6 +86,7 @@ int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cm
         }
         a->ep_replicated = strcmp(arg, "all") == 0;
         return 1;
+    case LA_EP_REPLICAS: return positive(arg, "--ep-replicas", cmd, &a->ep_replicas);
     case LA_MEM_BUDGET: return size_arg(arg, "--mem-budget", cmd, &a->mem_budget);
     case LA_LOCAL_MEM: a->local_mem_set = true; return size_arg(arg, "--local-mem", cmd, &a->local_mem);
     case LA_HEARTBEAT: return positive(arg, "--heartbeat-ms", cmd, &a->heartbeat_ms);

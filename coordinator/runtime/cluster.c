@@ -393,6 +393,9 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
                             c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_EP);
         ep = -1;
     }
+    if (c->o.ep_replicated && c->o.ep_replicas > 1)
+        return mlm_fail(err, errlen, MLM_EINVAL, "--ep-replicas %d needs attention on the leader (--ep-attn lead)",
+                        c->o.ep_replicas);
     bool ep_repl = c->o.ep_replicated; // attention on the leader needs protocol 1.8 on every worker
     for (int j = 0; j < c->n_cand && !ep_repl; j++) {
         const msg_hello_t *h = &c->w[c->cand[j]].hello;
@@ -434,7 +437,8 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         // A share that does not fit its node's budget resident streams through the weight window.
         plan_opts_t po = {.n_ctx = n_ctx, .pp = pp, .tp = tp, .keep_all = c->o.keep_all,
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
-                          .coord_apart = off == 0, .tp_mode = mode, .ep = ep, .ep_replicated = ep_repl};
+                          .coord_apart = off == 0, .tp_mode = mode, .ep = ep, .ep_replicated = ep_repl,
+                          .ep_replicas = ep_repl ? 1 : c->o.ep_replicas};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
     }
     free(pm);

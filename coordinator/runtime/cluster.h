@@ -54,6 +54,7 @@ typedef struct {
     bool ep_replicated;              // placed experts with attention on every member (--ep-attn all), not on
                                      // each stage's first alone (the default; needs protocol 1.8 workers, an
                                      // older one makes the plan replicated)
+    int ep_replicas;                 // with attention on the leader: holders of each expert (plan_opts_t.ep_replicas)
     bool keep_all;                   // never leave a node out
     const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
     plan_tp_mode_t tp_mode;          // how tensor-parallel groups cut a block: EXACT (default, bit-identical

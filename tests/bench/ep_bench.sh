@@ -1,15 +1,43 @@
 #!/usr/bin/env bash
-# Sliced experts (exact tensor parallelism) against placed experts (expert parallelism) and the planner's own choice, on 4 local workers (1 thread each) with every link emulated at 1 Gbit/s + 1 ms.
-#   tests/bench/ep_bench.sh MESHLM_BIN MODEL.gguf [bench options]   (default: -p 16 -n 16 -r 2)
-# The model: meshlm gen-model /work/cache/mixtral-4l-q4_0.gguf --preset mixtral-8x7b --quant Q4_0 --layers 4
+# Sliced experts (exact tensor parallelism) against placed experts (expert parallelism) and the planner's own choice, on
+# 4 local workers (1 thread each) with every link emulated at 1 Gbit/s + 1 ms, in interleaved rounds; prints each run,
+# then the median decode rate of each layout and its ratio to sliced experts.
+#   tests/bench/ep_bench.sh MESHLM_BIN MODEL.gguf [ROUNDS [bench options]]   (default: 3 rounds of -p 0 -n 8 -r 1)
+# The model: meshlm gen-model /work/cache/mixtral-4l-q4_0.gguf --preset mixtral-8x7b --quant Q4_0 --layers 4 --router realistic
 set -euo pipefail
-bin="${1:?usage: ep_bench.sh MESHLM_BIN MODEL.gguf [bench options]}"
-model="${2:?usage: ep_bench.sh MESHLM_BIN MODEL.gguf [bench options]}"
-shift 2
+bin="${1:?usage: ep_bench.sh MESHLM_BIN MODEL.gguf [ROUNDS [bench options]]}"
+model="${2:?usage: ep_bench.sh MESHLM_BIN MODEL.gguf [ROUNDS [bench options]]}"
+rounds="${3:-3}"
+shift $(($# < 3 ? $# : 3))
 opts=("$@")
-[ ${#opts[@]} -gt 0 ] || opts=(-p 16 -n 16 -r 2)
-for lay in "--tp 4 --ep off --keep-all" "--ep 4 --keep-all" "--keep-all"; do
-  echo "== meshlm bench --local 4 --lan 1000:1 $lay"
-  # shellcheck disable=SC2086
-  "$bin" bench -m "$model" -t 1 --local 4 --lan 1000:1 $lay "${opts[@]}" 2>&1 | grep -v '^\[' || true
+[ ${#opts[@]} -gt 0 ] || opts=(-p 0 -n 8 -r 1)
+layouts=("--tp 4 --ep off" "--ep 4 --ep-attn all" "--ep 4" "--ep 4 --ep-replicas 2" "--ep-replicas 2")
+names=("sliced experts (tp4)" "placed, attention replicated" "placed, attention on the first" "placed, first, 2 holders/expert" "planner's choice (may place, 2 holders)")
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+for ((r = 1; r <= rounds; r++)); do
+  for i in "${!layouts[@]}"; do
+    # shellcheck disable=SC2086
+    line=$("$bin" bench -m "$model" -t 1 --local 4 --lan 1000:1 --keep-all ${layouts[$i]} "${opts[@]}" --json 2>/dev/null |
+      python3 -c 'import json,sys; d=json.load(sys.stdin); t=[x for x in d if x["n_gen"]>0][-1]
+print("%.3f %s %.1f %.1f" % (t["avg_ts"], t["layout"].replace(" ","_"), t["comm_bytes_per_token"]/1024, t["predicted_ts"]))')
+    echo "round $r: ${names[$i]} (${layouts[$i]}): tg t/s, layout, KiB/token, predicted t/s: $line"
+    echo "$i $line" >>"$out"
+  done
 done
+python3 - "$out" "${names[@]}" <<'EOF'
+import sys, statistics
+rows = [l.split() for l in open(sys.argv[1])]
+names = sys.argv[2:]
+med = {}
+for i, n in enumerate(names):
+    ts = [float(r[1]) for r in rows if int(r[0]) == i]
+    med[i] = statistics.median(ts) if ts else 0
+print("| layout | layout chosen | tg t/s (median) | runs | vs sliced | KiB/token | predicted t/s |")
+print("|---|---|---|---|---|---|---|")
+for i, n in enumerate(names):
+    rs = [r for r in rows if int(r[0]) == i]
+    if not rs: continue
+    print("| %s | %s | %.2f | %s | %.2fx | %s | %s |" % (n, rs[-1][2].replace("_", " "), med[i], " / ".join(r[1] for r in rs),
+          med[i] / med[0] if med[0] else 0, rs[-1][3], rs[-1][4]))
+EOF

@@ -86,6 +86,8 @@ struct model_ctx {
     int *ep_row;               // (n_batch, n_expert_used) row of ep_recv holding token i's rank-r expert output
     size_t *ep_slen;           // (ep.n_nodes) bytes of ep_send for each home
     size_t *ep_rlen;           // (ep.n_nodes) bytes of ep_recv from each member
+    uint8_t *ep_asg;           // (n_expert_used, n_expert) the member computing each (rank, expert) batch
+    int *ep_cnt;               // (3 n_expert_used n_expert) ep_assign_holders' scratch
     uint8_t *ep_msg;           // (ep_msg_cap) attention on the leader: the routing and rows of one member
     size_t ep_msg_cap;
 };
@@ -253,6 +255,9 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
                   o.ep->n_expert == hp->n_expert && hp->n_expert > 0 && (!o.tp || o.tp->n_nodes == 1) &&
                   memcmp(&rows, &full, sizeof full) == 0;
         for (int i = 0; ok && i < hp->n_layer * hp->n_expert; i++) ok = o.ep->owner[i] < o.ep->n_nodes;
+        const uint64_t members = o.ep->n_nodes >= 64 ? ~0ull : (1ull << o.ep->n_nodes) - 1;
+        for (int i = 0; ok && o.ep->holders && i < hp->n_layer * hp->n_expert; i++)
+            ok = o.ep->lead && (o.ep->holders[i] >> o.ep->owner[i] & 1) && !(o.ep->holders[i] & ~members);
         if (!ok) {
             snprintf(err, errlen, "expert-parallel group is inconsistent with the model (it needs a MoE model holding "
                                   "every row of its blocks, no tensor-parallel group, owners below %d)",
@@ -357,7 +362,10 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
         c->ep_rlen = calloc((size_t)c->ep.n_nodes, sizeof(size_t));
         c->ep_msg_cap = 2 * sizeof(int32_t) + B * (size_t)hp->n_expert_used * sizeof(int32_t) + B * E * 4;
         c->ep_msg = malloc(c->ep_msg_cap);
-        moe_ok = moe_ok && c->ep_send && c->ep_recv && c->ep_row && c->ep_slen && c->ep_rlen && c->ep_msg;
+        c->ep_asg = malloc((size_t)hp->n_expert_used * (size_t)hp->n_expert);
+        c->ep_cnt = malloc(3 * (size_t)hp->n_expert_used * (size_t)hp->n_expert * sizeof(int));
+        moe_ok = moe_ok && c->ep_send && c->ep_recv && c->ep_row && c->ep_slen && c->ep_rlen && c->ep_msg && c->ep_asg &&
+                 c->ep_cnt;
     }
     if (!c->pool || rc != 0 || !c->x || !c->xn || !c->tmp || !c->q || !c->att_l || !c->k || !c->v || !c->ffn_g ||
         !c->ffn_u || !c->xq_a || !c->xq_b || !c->xq_c || !moe_ok || !tp_ok) {
@@ -408,6 +416,8 @@ void model_ctx_destroy(model_ctx_t **self_p) {
     free(c->ep_slen);
     free(c->ep_rlen);
     free(c->ep_msg);
+    free(c->ep_asg);
+    free(c->ep_cnt);
     free(c);
     *self_p = NULL;
 }
@@ -718,16 +728,23 @@ static int moe_gather_tokens(model_ctx_t *c, int rank, int e, int nt) {
 // The expert-parallel home of token i of a chunk of nt: the chunk cut into n_nodes contiguous ranges.
 static int ep_home(const model_ctx_t *c, int i, int nt) { return (int)((int64_t)i * c->ep.n_nodes / nt); }
 
-// The experts of block il this member owns that the chunk's routing (c->sel) uses, in the order a
-// single node visits them (rank, then expert id), into e_order; hinted to the provider. Returns the count.
+// Every (rank, expert) batch of block il to its owner (ep_asg), as the group without replicas runs.
+static void ep_assign_owners(model_ctx_t *c, int il) {
+    const int k = c->m->hp.n_expert_used, ne = c->m->hp.n_expert;
+    for (int rank = 0; rank < k; rank++) memcpy(c->ep_asg + (size_t)rank * ne, c->ep.owner + (size_t)il * ne, (size_t)ne);
+}
+
+// The experts of block il whose batches ep_asg gives this member and the chunk's routing (c->sel)
+// uses, in the order a single node visits them (rank, then expert id), into e_order; hinted to the
+// provider. Returns the count.
 static int ep_own_order(model_ctx_t *c, int il, int nt) {
     const int k = c->m->hp.n_expert_used, ne = c->m->hp.n_expert, me = c->ep.index;
-    const uint8_t *own = c->ep.owner + (size_t)il * ne;
     int n_order = 0;
     for (int rank = 0; rank < k; rank++)
         for (int e = 0; e < ne; e++) {
             bool used = false, seen = false;
-            for (int i = 0; i < nt && !used && own[e] == me; i++) used = c->sel[(size_t)i * k + rank] == e;
+            const bool mine = c->ep_asg[(size_t)rank * ne + e] == me;
+            for (int i = 0; i < nt && !used && mine; i++) used = c->sel[(size_t)i * k + rank] == e;
             for (int j = 0; used && j < n_order && !seen; j++) seen = c->e_order[j] == e;
             if (used && !seen) c->e_order[n_order++] = e;
         }
@@ -759,6 +776,7 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
         s_at[h + 1] += s_at[h];
         r_at[h + 1] += r_at[h];
     }
+    ep_assign_owners(c, il);
     ep_own_order(c, il, nt);
     for (int rank = 0; rank < k; rank++)
         for (int e = 0; e < ne; e++) {
@@ -806,15 +824,14 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
     return rc;
 }
 
-// This member's experts of block il over the chunk (rank by rank, expert by expert, each over the
+// The batches of block il ep_asg gives this member (rank by rank, expert by expert, each over the
 // batch a single node gives it), their output rows appended to out in that order. *n_rows: rows written.
 static int ep_own_experts(model_ctx_t *c, int il, const layer_weights_t *L, int nt, float *out, int *n_rows) {
     const int E = c->m->hp.n_embd, k = c->m->hp.n_expert_used, ne = c->m->hp.n_expert, me = c->ep.index;
-    const uint8_t *own = c->ep.owner + (size_t)il * ne;
     int at = 0;
     for (int rank = 0; rank < k; rank++)
         for (int e = 0; e < ne; e++) {
-            if (own[e] != me) continue;
+            if (c->ep_asg[(size_t)rank * ne + e] != me) continue;
             const int n = moe_gather_tokens(c, rank, e, nt);
             if (n == 0) continue;
             const layer_weights_t *X;
@@ -830,14 +847,49 @@ static int ep_own_experts(model_ctx_t *c, int il, const layer_weights_t *L, int 
     return 0;
 }
 
-// Whether token i of the chunk is routed to an expert member j owns (of the block whose owners are own).
-static bool ep_routed_to(const model_ctx_t *c, const uint8_t *own, int i, int j) {
-    const int k = c->m->hp.n_expert_used;
+// Whether token i of the chunk has a batch ep_asg gives member j.
+static bool ep_routed_to(const model_ctx_t *c, int i, int j) {
+    const int k = c->m->hp.n_expert_used, ne = c->m->hp.n_expert;
     for (int r = 0; r < k; r++) {
         const int e = c->sel[(size_t)i * k + r];
-        if (e >= 0 && own[e] == j) return true;
+        if (e >= 0 && c->ep_asg[(size_t)r * ne + e] == j) return true;
     }
     return false;
+}
+
+// Attention on the leader: each (rank, expert) batch of block il to one member holding the expert
+// (model_ep_t.holders; its owner without), the largest batches first, each to the holder with the
+// least work so far (a batch costs its rows plus EP_BATCH_COST for reading the expert), ties to the
+// lower index. Deterministic: only the leader runs it and tells each member its batches.
+#define EP_BATCH_COST 16
+static int cmp_batch(const void *a, const void *b) { // (count, index) pairs: larger counts first, then index
+    const int *x = a, *y = b;
+    return x[0] != y[0] ? (x[0] > y[0] ? -1 : 1) : (x[1] > y[1]) - (x[1] < y[1]);
+}
+
+static void ep_assign_holders(model_ctx_t *c, int il, int nt) {
+    const int k = c->m->hp.n_expert_used, ne = c->m->hp.n_expert, N = c->ep.n_nodes;
+    ep_assign_owners(c, il);
+    if (!c->ep.holders) return;
+    const uint64_t *hold = c->ep.holders + (size_t)il * ne;
+    int *cnt = c->ep_cnt, n_b = 0; // (k * ne) rows of each batch, then the used batches as (rows, index) pairs
+    memset(cnt, 0, (size_t)k * ne * sizeof *cnt);
+    for (int i = 0; i < nt; i++)
+        for (int r = 0; r < k; r++)
+            if (c->sel[(size_t)i * k + r] >= 0) cnt[(size_t)r * ne + c->sel[(size_t)i * k + r]]++;
+    int *pairs = c->ep_cnt + (size_t)k * ne;
+    for (int q = 0; q < k * ne; q++)
+        if (cnt[q] > 0) pairs[2 * n_b] = cnt[q], pairs[2 * n_b + 1] = q, n_b++;
+    qsort(pairs, (size_t)n_b, 2 * sizeof *pairs, cmp_batch);
+    int load[PLAN_NODES_MAX] = {0};
+    for (int b = 0; b < n_b; b++) {
+        const int q = pairs[2 * b + 1], e = q % ne;
+        int to = c->ep.owner[(size_t)il * ne + e];
+        for (int j = 0; j < N; j++)
+            if ((hold[e] >> j & 1) && load[j] < load[to]) to = j;
+        load[to] += pairs[2 * b] + EP_BATCH_COST;
+        c->ep_asg[q] = (uint8_t)to;
+    }
 }
 
 // Attention on the leader, the leader's side of an MoE block (model_ep_t.lead): the routing and the
@@ -847,17 +899,21 @@ static bool ep_routed_to(const model_ctx_t *c, const uint8_t *own, int i, int j)
 static int ffn_moe_lead(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
     const model_hparams_t *hp = &c->m->hp;
     const int E = hp->n_embd, k = hp->n_expert_used, ne = hp->n_expert, N = c->ep.n_nodes;
-    const uint8_t *own = c->ep.owner + (size_t)il * ne;
+    const uint8_t *asg = c->ep_asg;
+    ep_assign_holders(c, il, nt);
     int rc = 0;
-    for (int j = 1; j < N && rc == 0; j++) {
+    for (int j = 1; j < N && rc == 0; j++) { // its batches' routing (the rest -1) and rows
         int32_t *hdr = (int32_t *)c->ep_msg;
         float *rows = (float *)(hdr + 2 + (size_t)nt * k);
         int n = 0;
         for (int i = 0; i < nt; i++)
-            if (ep_routed_to(c, own, i, j)) memcpy(rows + (size_t)n++ * E, c->xn + (size_t)i * E, (size_t)E * sizeof(float));
+            if (ep_routed_to(c, i, j)) memcpy(rows + (size_t)n++ * E, c->xn + (size_t)i * E, (size_t)E * sizeof(float));
         hdr[0] = nt;
         hdr[1] = n;
-        for (size_t q = 0; q < (size_t)nt * k; q++) hdr[2 + q] = c->sel[q];
+        for (size_t q = 0; q < (size_t)nt * k; q++) {
+            const int e = c->sel[q];
+            hdr[2 + q] = e >= 0 && asg[(q % k) * ne + e] == j ? e : -1;
+        }
         rc = c->ep.send(c->ep.ctx, j, c->ep_msg, (size_t)((uint8_t *)(rows + (size_t)n * E) - c->ep_msg));
     }
     if (rc != 0) return rc;
@@ -865,7 +921,7 @@ static int ffn_moe_lead(model_ctx_t *c, int il, const layer_weights_t *L, int nt
     int r_at[PLAN_NODES_MAX + 1] = {0};
     for (int i = 0; i < nt; i++)
         for (int r = 0; r < k; r++)
-            if (c->sel[(size_t)i * k + r] >= 0) r_at[own[c->sel[(size_t)i * k + r]] + 1]++;
+            if (c->sel[(size_t)i * k + r] >= 0) r_at[asg[(size_t)r * ne + c->sel[(size_t)i * k + r]] + 1]++;
     for (int j = 0; j < N; j++) r_at[j + 1] += r_at[j];
     ep_own_order(c, il, nt);
     int mine = 0;
@@ -881,7 +937,7 @@ static int ffn_moe_lead(model_ctx_t *c, int il, const layer_weights_t *L, int nt
     for (int rank = 0; rank < k; rank++)
         for (int e = 0; e < ne; e++)
             for (int i = 0; i < nt; i++)
-                if (c->sel[(size_t)i * k + rank] == e) c->ep_row[(size_t)i * k + rank] = r_at[own[e]]++;
+                if (c->sel[(size_t)i * k + rank] == e) c->ep_row[(size_t)i * k + rank] = r_at[asg[(size_t)rank * ne + e]]++;
     memset(c->tmp, 0, (size_t)nt * E * sizeof(float));
     for (int rank = 0; rank < k; rank++)
         for (int i = 0; i < nt; i++)
@@ -895,8 +951,9 @@ static int ffn_moe_lead(model_ctx_t *c, int il, const layer_weights_t *L, int nt
 // this member's experts over them, their rows back to the leader.
 static int ffn_moe_member(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
     const model_hparams_t *hp = &c->m->hp;
-    const int E = hp->n_embd, k = hp->n_expert_used, ne = hp->n_expert;
+    const int E = hp->n_embd, k = hp->n_expert_used, ne = hp->n_expert, me = c->ep.index;
     const uint8_t *own = c->ep.owner + (size_t)il * ne;
+    const uint64_t *hold = c->ep.holders ? c->ep.holders + (size_t)il * ne : NULL;
     size_t len = 0;
     int rc = c->ep.recv(c->ep.ctx, 0, c->ep_msg, c->ep_msg_cap, &len);
     if (rc != 0) return rc;
@@ -904,14 +961,17 @@ static int ffn_moe_member(model_ctx_t *c, int il, const layer_weights_t *L, int 
     const size_t head = (2 + (size_t)nt * k) * sizeof(int32_t);
     if (len < head || hdr[0] != nt || hdr[1] < 0 || hdr[1] > nt || len != head + (size_t)hdr[1] * E * sizeof(float))
         return MLM_EPROTO;
+    memset(c->ep_asg, 0xff, (size_t)k * ne); // the batches the leader gives this member: those named
     for (size_t q = 0; q < (size_t)nt * k; q++) {
-        if (hdr[2 + q] < -1 || hdr[2 + q] >= ne) return MLM_EPROTO;
-        c->sel[q] = hdr[2 + q];
+        const int e = hdr[2 + q];
+        if (e < -1 || e >= ne || (e >= 0 && !(hold ? hold[e] >> me & 1 : own[e] == me))) return MLM_EPROTO;
+        c->sel[q] = e;
+        if (e >= 0) c->ep_asg[(q % k) * ne + e] = (uint8_t)me;
     }
     const float *rows = (const float *)(c->ep_msg + head);
     int n = 0;
     for (int i = 0; i < nt; i++)
-        if (ep_routed_to(c, own, i, c->ep.index)) {
+        if (ep_routed_to(c, i, me)) {
             if (n == hdr[1]) return MLM_EPROTO;
             memcpy(c->xn + (size_t)i * E, rows + (size_t)n++ * E, (size_t)E * sizeof(float));
         }

@@ -131,6 +131,11 @@ typedef struct {
     bool lead;
     model_send_fn send;
     model_recv_fn recv;
+    // Replicas (attention on the leader only): (n_layer, n_expert) bit j set = member j holds expert e
+    // of block l, the owner's bit always among them; NULL = each expert on its owner alone. The leader
+    // gives each (rank, expert) batch, whole, to the holder with the least work so far, so a token's
+    // experts spread over more members; the bits stay the single node's (every batch is the same).
+    const uint64_t *holders;
 } model_ep_t;
 
 typedef struct {

@@ -188,27 +188,42 @@ int pipe_set_experts(pipe_node_t *p, const uint8_t *has, int n_layer, int n_expe
     if (n_expert < 1 || n_layer < 1 || p->n > 255)
         return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d experts, %d blocks, %d members", n_expert, n_layer, p->n);
     free(p->ep_owner);
+    free(p->ep_holders);
+    p->ep_holders = NULL;
     p->ep_owner = malloc((size_t)n_layer * (size_t)n_expert);
     if (!p->ep_owner) return MLM_ENOMEM;
+    bool replicas = false;
     for (int e = 0; e < n_expert; e++) {
         int owner = -1;
         for (int i = 0; i < p->n; i++) {
             if (!has[(size_t)(p->first + i) * n_expert + e]) continue;
-            if (owner >= 0)
-                return mlm_fail(err, errlen, MLM_EINVAL, "expert %d is placed on ranks %d and %d of one stage", e,
-                                p->first + owner, p->first + i);
-            owner = i;
+            if (owner >= 0 && !lead)
+                return mlm_fail(err, errlen, MLM_EINVAL,
+                                "expert %d is placed on ranks %d and %d of one stage (replicas need attention on the "
+                                "leader)",
+                                e, p->first + owner, p->first + i);
+            if (owner >= 0) replicas = true;
+            else owner = i;
         }
         if (owner < 0)
             return mlm_fail(err, errlen, MLM_EINVAL, "expert %d is placed on no rank of stage %d (ranks %d-%d)", e,
                             p->stage, p->first, p->first + p->n - 1);
         for (int l = 0; l < n_layer; l++) p->ep_owner[(size_t)l * n_expert + e] = (uint8_t)owner;
     }
+    if (replicas && p->n > 64)
+        return mlm_fail(err, errlen, MLM_EINVAL, "replicated experts in a group of %d members (at most 64)", p->n);
+    if (replicas) { // every holder of each expert, the same for all blocks
+        if (!(p->ep_holders = calloc((size_t)n_layer * (size_t)n_expert, sizeof *p->ep_holders))) return MLM_ENOMEM;
+        for (int e = 0; e < n_expert; e++)
+            for (int i = 0; i < p->n; i++)
+                if (has[(size_t)(p->first + i) * n_expert + e])
+                    for (int l = 0; l < n_layer; l++) p->ep_holders[(size_t)l * n_expert + e] |= 1ull << i;
+    }
     p->tp = (model_tp_t){1, 0, p->slices + p->rank, pipe_gather, p, pipe_logits_ep, NULL};
     p->ep_group = (model_ep_t){.n_nodes = p->n, .index = p->rank - p->first, .n_layer = n_layer,
                                .n_expert = n_expert, .owner = p->ep_owner, .alltoallv = pipe_alltoallv,
                                .gather = pipe_gather, .ctx = p, .lead = lead, .send = pipe_ep_send,
-                               .recv = pipe_ep_recv};
+                               .recv = pipe_ep_recv, .holders = p->ep_holders};
     return 0;
 }
 
@@ -232,7 +247,9 @@ void pipe_node_free(pipe_node_t *p) {
     comm_shm_destroy(&p->shm);
     p->shm_collectives = 0;
     free(p->ep_owner);
+    free(p->ep_holders);
     p->ep_owner = NULL;
+    p->ep_holders = NULL;
     p->ep = false;
     p->ep_group = (model_ep_t){.n_nodes = 1};
     free(p->hin);

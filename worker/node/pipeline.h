@@ -53,6 +53,7 @@ typedef struct {
     // expert parallelism (pipe_set_experts): every stage is an expert-parallel group
     bool ep;                    // the plan places experts whole
     uint8_t *ep_owner;          // (n_layer, n_expert) member of this rank's group computing each expert (owned)
+    uint64_t *ep_holders;       // (n_layer, n_expert) with replicas: every member holding it (owned), else NULL
     model_ep_t ep_group;        // this rank's expert-parallel group, for model_ctx_new (n_nodes 1 otherwise)
     // same host (pipe_set_shm): the group's all-gathers and all-reduces through shared memory
     comm_shm_t *shm;            // the group's segment (owned), NULL when the group keeps to comm
@@ -71,8 +72,9 @@ void pipe_node_free(pipe_node_t *p);
 // p->ep_group describes the experts, exchanged with comm_alltoallv and gathered among the stage's
 // ranks; only a stage's first rank sends logit rows (whole) to rank 0. With lead, attention runs on
 // each stage's first rank alone (model_ep_t.lead; the others compute experts only) and the expert
-// rows go point to point between it and each member. Every slice must hold every row. 0, or
-// MLM_EINVAL when an expert of this rank's stage has no owner or two (err says which).
+// rows go point to point between it and each member; an expert may then have several holders
+// (replicas: the leader gives each batch to one of them). Every slice must hold every row. 0, or
+// MLM_EINVAL when an expert of this rank's stage has no owner, or two without lead (err says which).
 int pipe_set_experts(pipe_node_t *p, const uint8_t *has /* (n_ranks, n_expert) */, int n_layer, int n_expert,
                      bool lead, char *err, size_t errlen);
 

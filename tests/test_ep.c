@@ -340,6 +340,89 @@ static void test_ep_replicas(void) {
     run_model_mode(MOE8, "zmq", 3, 1, own_uneven, true, 2, "3 members over zmq, 2 holders per expert");
 }
 
+// A member with attention on its leader, fed one scripted message per block: what a hostile or broken
+// leader could send (test_ep_hostile).
+typedef struct {
+    uint8_t msg[1 << 16];
+    size_t len;
+    int sent;          // blocks this member answered
+} script_t;
+
+static int script_recv(void *ctx, int member, void *buf, size_t cap, size_t *len) {
+    script_t *s = ctx;
+    if (member != 0 || s->len > cap) return MLM_EPROTO; // a member hears the leader alone
+    memcpy(buf, s->msg, *len = s->len);
+    return 0;
+}
+
+static int script_send(void *ctx, int member, const void *buf, size_t len) {
+    (void)buf;
+    (void)len;
+    script_t *s = ctx;
+    s->sent += member == 0;
+    return member == 0 ? 0 : MLM_EPROTO;
+}
+
+// Builds the leader's message for one token (nt 1): header, the top-k ids, then `rows` rows of n_embd.
+static void script_msg(script_t *s, int nt, int rows_hdr, const int32_t *sel, int k, int rows, int E) {
+    int32_t hdr[2] = {nt, rows_hdr};
+    memcpy(s->msg, hdr, sizeof hdr);
+    memcpy(s->msg + sizeof hdr, sel, (size_t)k * sizeof(int32_t));
+    s->len = sizeof hdr + (size_t)k * sizeof(int32_t) + (size_t)rows * E * sizeof(float);
+    memset(s->msg + sizeof hdr + (size_t)k * sizeof(int32_t), 0, (size_t)rows * E * sizeof(float));
+}
+
+// A leader's message a member cannot take is refused (MLM_EPROTO) before anything is computed with it:
+// another chunk size, a row count that disagrees with the routing, an expert id out of range or one
+// the member does not hold, a truncated or an overlong message. A well-formed one is answered.
+static void test_ep_hostile(void) {
+    char path[1024], err[256];
+    model_t *m = NULL;
+    CU_ASSERT_FATAL(model_load(&m, test_shared_path(path, sizeof path, MOE8), NULL, err, sizeof err) == 0);
+    const model_hparams_t *hp = model_hparams(m);
+    const int k = hp->n_expert_used, E = hp->n_embd;
+    CU_ASSERT_FATAL(k == 2 && (size_t)E * 4 * 2 + 64 < sizeof ((script_t *)0)->msg);
+    uint8_t own[MAX_OWN];
+    for (int i = 0; i < hp->n_layer * hp->n_expert; i++) own[i] = (uint8_t)(i % hp->n_expert >= 4); // 4-7: member 1
+    script_t *s = calloc(1, sizeof *s);
+    model_ep_t ep = {.n_nodes = 2, .index = 1, .n_layer = hp->n_layer, .n_expert = hp->n_expert, .owner = own,
+                     .ctx = s, .lead = true, .send = script_send, .recv = script_recv};
+    model_ctx_opts_t o = {.n_ctx = 16, .n_threads = 1, .ep = &ep};
+    const int32_t tok = 1;
+    struct {
+        int nt, rows_hdr, sel0, sel1, rows;
+        long extra;
+        int want;
+    } cases[] = {
+        {1, 1, 4, 5, 1, 0, 0},            // well formed: experts 4 and 5 on this token's row
+        {1, 0, -1, -1, 0, 0, 0},          // nothing for this member this time
+        {2, 1, 4, 5, 1, 0, MLM_EPROTO},   // another chunk size
+        {1, 0, 4, 5, 0, 0, MLM_EPROTO},   // routed here but no row
+        {1, 2, 4, 5, 2, 0, MLM_EPROTO},   // more rows than tokens routed here
+        {1, 1, 4, 8, 1, 0, MLM_EPROTO},   // an id past n_expert
+        {1, 1, 4, -2, 1, 0, MLM_EPROTO},  // a negative id other than -1
+        {1, 1, 0, 5, 1, 0, MLM_EPROTO},   // expert 0 is not held here
+        {1, 1, 4, 5, 1, -4, MLM_EPROTO},  // truncated
+        {1, 1, 4, 5, 1, 4, MLM_EPROTO},   // 4 bytes too many
+        {1, 1, 4, 5, 1, -(long)(E * 4 + 12), MLM_EPROTO}, // shorter than its header
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        model_ctx_t *c = NULL;
+        CU_ASSERT_EQUAL_FATAL(model_ctx_new(&c, m, &o, err, sizeof err), 0);
+        const int32_t sel[2] = {cases[i].sel0, cases[i].sel1};
+        script_msg(s, cases[i].nt, cases[i].rows_hdr, sel, k, cases[i].rows, E);
+        s->len = (size_t)((long)s->len + cases[i].extra);
+        s->sent = 0;
+        const int rc = model_eval(c, &tok, 1, NULL, false);
+        CU_ASSERT_EQUAL(rc, cases[i].want);
+        if (rc != cases[i].want) fprintf(stderr, "\nhostile case %zu: rc %d, want %d\n", i, rc, cases[i].want);
+        if (cases[i].want == 0) CU_ASSERT_EQUAL(s->sent, hp->n_layer); // one answer per block
+        model_ctx_destroy(&c);
+    }
+    free(s);
+    model_destroy(&m);
+}
+
 // A group the context cannot run is refused before anything is computed.
 static void test_ep_refused(void) {
     char path[1024], err[256];
@@ -767,6 +850,7 @@ int test_ep_suite(void) {
         !CU_add_test(s, "over zmq", test_ep_zmq) ||
         !CU_add_test(s, "replicated experts, attention on the leader", test_ep_replicas) ||
         !CU_add_test(s, "inconsistent groups refused", test_ep_refused) ||
+        !CU_add_test(s, "a leader's malformed messages refused", test_ep_hostile) ||
         !CU_add_test(s, "worker processes with placed experts", test_ep_workers) ||
         !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output) ||
         !CU_add_test(s, "planner: placement, memory, speed, sliced or placed", test_ep_planner) ||

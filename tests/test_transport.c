@@ -1235,8 +1235,78 @@ static void test_shm_collectives(void) {
     world_release(&w);
 }
 
-// A member process that stops taking part: the deadline (MLM_ETIMEOUT); once it is killed, MLM_EPEER
-// well before the deadline (the comm's probes find it gone).
+// One member of three of a group that stops taking part (member 2 never calls): member 0, with a
+// short deadline, times out (MLM_ETIMEOUT) and abandons the segment; member 1, with a long one, leaves
+// its collective at once with MLM_EPEER instead of waiting out its deadline; later collectives are
+// refused (MLM_EPEER) on every member, member 2's included.
+typedef struct {
+    world_t *w;
+    int rank;
+    int rc, rc_after;
+    double ms, t_end; // how long its collective took, and when it ended (mlm_now_ms)
+    comm_shm_t *s;
+    pthread_barrier_t *opened;
+} shm_stop_t;
+
+static void *shm_stop_rank(void *p) {
+    shm_stop_t *j = p;
+    comm_t *c = NULL;
+    char err[256];
+    const size_t lens[3] = {8, 8, 8};
+    uint64_t v = (uint64_t)j->rank, out[3];
+    j->rc = MLM_EINVAL;
+    if (open_rank(j->w, j->rank, &c) != 0 || comm_shm_open(&j->s, c, 0, 3, 64, true, DL_MS, err, sizeof err) != 0 ||
+        !j->s || comm_shm_allgatherv(j->s, &v, 8, out, lens, DL_MS) != 0) {
+        pthread_barrier_wait(j->opened);
+        comm_destroy(&c);
+        return NULL;
+    }
+    pthread_barrier_wait(j->opened);
+    const double t0 = mlm_now_ms();
+    if (j->rank == 2) { // stops taking part until both others have left
+        sleep_ms(600);
+        j->rc = 0;
+    } else {
+        j->rc = comm_shm_allgatherv(j->s, &v, 8, out, lens, j->rank == 0 ? 300 : 20000);
+    }
+    j->t_end = mlm_now_ms();
+    j->ms = j->t_end - t0;
+    j->rc_after = comm_shm_allgatherv(j->s, &v, 8, out, lens, 200);
+    comm_shm_destroy(&j->s);
+    comm_destroy(&c);
+    return NULL;
+}
+
+static void test_shm_abandoned(void) {
+    if (access("/dev/shm", W_OK) != 0) {
+        fprintf(stderr, "(skipped: no writable /dev/shm) ");
+        return;
+    }
+    world_t w;
+    CU_ASSERT_FATAL(world_prepare(&w, &BACKENDS[1], 3, false) == 0);
+    pthread_barrier_t opened;
+    pthread_barrier_init(&opened, NULL, 3);
+    pthread_t th[3];
+    shm_stop_t jobs[3];
+    for (int r = 0; r < 3; r++) {
+        jobs[r] = (shm_stop_t){.w = &w, .rank = r, .opened = &opened};
+        pthread_create(&th[r], NULL, shm_stop_rank, &jobs[r]);
+    }
+    for (int r = 0; r < 3; r++) pthread_join(th[r], NULL);
+    pthread_barrier_destroy(&opened);
+    world_release(&w);
+    fprintf(stderr, "[shm: stopped member: %s after %.0f ms, the other %s after %.0f ms] ", mlm_strerror(jobs[0].rc),
+            jobs[0].ms, mlm_strerror(jobs[1].rc), jobs[1].ms);
+    CU_ASSERT_EQUAL(jobs[0].rc, MLM_ETIMEOUT);
+    CU_ASSERT(jobs[0].ms >= 299 && jobs[0].ms < 300 + SLACK_MS);
+    CU_ASSERT_EQUAL(jobs[1].rc, MLM_EPEER);
+    CU_ASSERT(jobs[1].t_end - jobs[0].t_end < 100); // within a nap of member 0's giving up, not at 20 s
+    for (int r = 0; r < 3; r++) CU_ASSERT_EQUAL(jobs[r].rc_after, MLM_EPEER);
+}
+
+// A member process that stops taking part: the deadline (MLM_ETIMEOUT), after which the segment is
+// abandoned (the next collective MLM_EPEER at once); in a second segment, once the member is killed,
+// MLM_EPEER well before the deadline (the comm's probes find it gone).
 static void test_shm_lost_peer(void) {
     if (access("/dev/shm", W_OK) != 0) { // shm_open has nowhere to create a segment: groups keep to the comm
         fprintf(stderr, "(skipped: no writable /dev/shm) ");
@@ -1246,7 +1316,7 @@ static void test_shm_lost_peer(void) {
     CU_ASSERT_FATAL(world_prepare(&w, &BACKENDS[1], 2, false) == 0);
     const size_t lens[2] = {8, 8};
     pid_t pid = fork();
-    if (pid == 0) {
+    if (pid == 0) { // one collective in each of two segments, a pause between them
         comm_t *c = NULL;
         comm_shm_t *s = NULL;
         char err[256];
@@ -1254,6 +1324,11 @@ static void test_shm_lost_peer(void) {
         if (open_rank(&w, 1, &c) != 0 || comm_shm_open(&s, c, 0, 2, 64, true, DL_MS, err, sizeof err) != 0 || !s ||
             comm_shm_allgatherv(s, &v, 8, out, lens, DL_MS) != 0)
             _exit(10);
+        sleep_ms(600);
+        comm_shm_destroy(&s);
+        if (comm_shm_open(&s, c, 0, 2, 64, true, DL_MS, err, sizeof err) != 0 || !s ||
+            comm_shm_allgatherv(s, &v, 8, out, lens, DL_MS) != 0)
+            _exit(11);
         sleep_ms(30000); // killed long before
         _exit(0);
     }
@@ -1271,10 +1346,17 @@ static void test_shm_lost_peer(void) {
     double el = mlm_now_ms() - t0;
     CU_ASSERT_EQUAL(rc, MLM_ETIMEOUT);
     CU_ASSERT(el >= 299 && el < 300 + SLACK_MS);
+    t0 = mlm_now_ms(); // the timeout abandoned the segment: the next collective says so at once
+    CU_ASSERT_EQUAL(comm_shm_allgatherv(s, &v, 8, out, lens, 20000), MLM_EPEER);
+    CU_ASSERT(mlm_now_ms() - t0 < 50);
+    comm_shm_destroy(&s);
+    CU_ASSERT_EQUAL(comm_shm_open(&s, c, 0, 2, 64, true, DL_MS, err, sizeof err), 0);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+    CU_ASSERT_EQUAL(comm_shm_allgatherv(s, &v, 8, out, lens, DL_MS), 0);
     kill(pid, SIGKILL);
     int st = 0;
     waitpid(pid, &st, 0);
-    CU_ASSERT(WIFSIGNALED(st)); // it got through its part (else it exits 10)
+    CU_ASSERT(WIFSIGNALED(st)); // it got through its parts (else it exits 10 or 11)
     t0 = mlm_now_ms();
     rc = comm_shm_allgatherv(s, &v, 8, out, lens, 20000);
     el = mlm_now_ms() - t0;
@@ -1305,7 +1387,8 @@ int test_transport_suite(void) {
         !CU_add_test(s, "link: malformed frames", test_link_malformed) ||
         !CU_add_test(s, "link: fault emulation through the wrapper", test_link_faults) ||
         !CU_add_test(s, "shm: collectives equal the comm's, subgroups, declining", test_shm_collectives) ||
-        !CU_add_test(s, "shm: a member stops, then is killed", test_shm_lost_peer))
+        !CU_add_test(s, "shm: a member stops, then is killed", test_shm_lost_peer) ||
+        !CU_add_test(s, "shm: a member gives up, the others leave at once", test_shm_abandoned))
         return -1;
     return 0;
 }

@@ -37,6 +37,8 @@ typedef struct {
     uint32_t n;                 // members
     uint64_t nonce;             // the offer's, so a member knows it mapped this group's segment
     uint64_t slot_bytes;        // bytes per slot (a multiple of SHM_LINE)
+    _Atomic uint32_t abandoned; // set by a member that left a collective on an error: every member then
+                                // leaves its own (MLM_EPEER) instead of waiting for a block never written
 } shm_head_t;
 
 // One member's line: how many collectives it has published, and whether anyone sleeps on that.
@@ -104,9 +106,21 @@ static void publish(comm_shm_t *s, uint32_t gen) {
     if (atomic_load(&c->sleepers)) futex_wake_all(&c->seq);
 }
 
+static bool abandoned(const comm_shm_t *s) {
+    return atomic_load_explicit(&((shm_head_t *)s->base)->abandoned, memory_order_acquire) != 0;
+}
+
+// A collective of this member failed (rc): the group's collectives are over for this segment. Says so
+// and wakes every sleeper, so no member waits for a block that will never come. Returns rc.
+static int abandon(comm_shm_t *s, int rc) {
+    atomic_store(&((shm_head_t *)s->base)->abandoned, 1);
+    for (int m = 0; m < s->n; m++) futex_wake_all(&s->ctl[m].seq);
+    return rc;
+}
+
 // Waits until member m has published collective gen: spins, then spins yielding the core, then sleeps
-// on its word,
-// asking the comm now and then whether a peer was lost. 0, MLM_ETIMEOUT or MLM_EPEER.
+// on its word, asking the comm now and then whether a peer was lost. 0, MLM_ETIMEOUT or MLM_EPEER (a
+// peer lost, or another member left the collective: abandoned).
 static int wait_for(comm_shm_t *s, int m, uint32_t gen, int64_t dl) {
     shm_ctl_t *c = &s->ctl[m];
     if (reached(atomic_load_explicit(&c->seq, memory_order_acquire), gen)) return 0;
@@ -116,15 +130,17 @@ static int wait_for(comm_shm_t *s, int m, uint32_t gen, int64_t dl) {
             if (reached(atomic_load_explicit(&c->seq, memory_order_acquire), gen)) return 0;
             cpu_relax();
         }
+        if (abandoned(s)) return MLM_EPEER;
         if (t - t0 >= SHM_SPIN_US) sched_yield(); // a thread that shares this core runs first
     }
     int64_t check = t0 + SHM_CHECK_US;
     for (;;) {
         atomic_fetch_add(&c->sleepers, 1);
         uint32_t v = atomic_load(&c->seq);
-        if (!reached(v, gen)) futex_wait(&c->seq, v, SHM_NAP_US);
+        if (!reached(v, gen) && !abandoned(s)) futex_wait(&c->seq, v, SHM_NAP_US);
         atomic_fetch_sub(&c->sleepers, 1);
         if (reached(atomic_load_explicit(&c->seq, memory_order_acquire), gen)) return 0;
+        if (abandoned(s)) return MLM_EPEER;
         const int64_t now = mlm_now_us();
         if (dl >= 0 && now >= dl) return MLM_ETIMEOUT;
         if (now >= check) {
@@ -167,7 +183,7 @@ static int create_segment(comm_shm_t *s, shm_offer_t *o, char *err, size_t errle
         return rc;
     }
     shm_head_t *h = (shm_head_t *)s->base;
-    *h = (shm_head_t){SHM_MAGIC, (uint32_t)s->n, o->nonce, s->slot_bytes};
+    *h = (shm_head_t){SHM_MAGIC, (uint32_t)s->n, o->nonce, s->slot_bytes, 0};
     return 0;
 }
 
@@ -264,6 +280,7 @@ int comm_shm_allgatherv(comm_shm_t *s, const void *in, size_t len, void *out, co
     if (len != lens[s->me]) return MLM_EINVAL;
     for (int r = 0; r < s->n; r++)
         if (lens[r] > s->slot_bytes) return MLM_ERANGE;
+    if (abandoned(s)) return MLM_EPEER;
     const int64_t dl = mlm_deadline(timeout_ms);
     const uint32_t gen = ++s->gen;
     if (len) memcpy(slot(s, gen, s->me), in, len);
@@ -274,7 +291,7 @@ int comm_shm_allgatherv(comm_shm_t *s, const void *in, size_t len, void *out, co
             if (len) memcpy((uint8_t *)out + off, in, len);
         } else {
             int rc = wait_for(s, r, gen, dl);
-            if (rc != 0) return rc;
+            if (rc != 0) return abandon(s, rc);
             if (lens[r]) memcpy((uint8_t *)out + off, slot(s, gen, r), lens[r]);
         }
         off += lens[r];
@@ -284,6 +301,7 @@ int comm_shm_allgatherv(comm_shm_t *s, const void *in, size_t len, void *out, co
 
 int comm_shm_allreduce(comm_shm_t *s, float *buf, size_t n, comm_algo_t algo, int timeout_ms) {
     if (n * sizeof(float) > s->slot_bytes) return MLM_ERANGE;
+    if (abandoned(s)) return MLM_EPEER;
     const int64_t dl = mlm_deadline(timeout_ms);
     const uint32_t gen = ++s->gen;
     const int N = s->n;
@@ -292,7 +310,7 @@ int comm_shm_allreduce(comm_shm_t *s, float *buf, size_t n, comm_algo_t algo, in
     for (int r = 0; r < N; r++) {
         if (r == s->me) continue;
         int rc = wait_for(s, r, gen, dl);
-        if (rc != 0) return rc;
+        if (rc != 0) return abandon(s, rc);
     }
     // STAR folds every element from member 0; RING folds chunk k from member k (comm.c's orders;
     // for two members both are x0 + x1).

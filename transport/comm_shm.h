@@ -34,7 +34,10 @@ bool comm_shm_fits(const comm_shm_t *s, size_t len);
 
 // comm_allgatherv_range through the segment: lens (n entries) as there, each <= slot_bytes (else
 // MLM_ERANGE, before anything is written). 0, or MLM_ETIMEOUT (deadline) / MLM_EPEER (a peer of c
-// lost): the segment is then unusable and the group should be rebuilt, as after any failed collective.
+// lost, or another member left a collective on an error): the segment is then unusable and the group
+// should be rebuilt, as after any failed collective. A member that fails marks the segment abandoned,
+// so every other member leaves its collective at once (MLM_EPEER) and can answer its coordinator,
+// instead of waiting for a block that will never be written until its own deadline.
 int comm_shm_allgatherv(comm_shm_t *s, const void *in, size_t len, void *out, const size_t *lens, int timeout_ms);
 
 // comm_allreduce_range (sum of n floats in place, no compression) through the segment, with algo's

@@ -708,6 +708,17 @@ static int moe_expert(model_ctx_t *c, const layer_weights_t *X, qtype_t e_type, 
     return 0;
 }
 
+// Expert e of block il over the n tokens gathered in e_x (moe_gather_tokens), acquired for the call:
+// e_y receives its rows.
+static int moe_run_expert(model_ctx_t *c, int il, const layer_weights_t *L, int e, int n) {
+    const layer_weights_t *X;
+    int rc = weights_acquire(c->m->w, il, e, &X);
+    if (rc != 0) return rc;
+    rc = moe_expert(c, X, L->e_type, n);
+    weights_release(c->m->w, il, e);
+    return rc;
+}
+
 // dst (w) += w * src (w): one expert's output added into a token's sum. The single node and an
 // expert-parallel home both add through here, so the sums are the same bits.
 static void moe_add(float *dst, const float *src, float w, int width) {
@@ -752,6 +763,25 @@ static int ep_own_order(model_ctx_t *c, int il, int nt) {
     return n_order;
 }
 
+// The batches of block il ep_asg gives this member (rank by rank, expert by expert, each over the
+// batch a single node gives it), their output rows appended to out in that order. *n_rows: rows written.
+static int ep_own_experts(model_ctx_t *c, int il, const layer_weights_t *L, int nt, float *out, int *n_rows) {
+    const int E = c->m->hp.n_embd, k = c->m->hp.n_expert_used, ne = c->m->hp.n_expert, me = c->ep.index;
+    int at = 0;
+    for (int rank = 0; rank < k; rank++)
+        for (int e = 0; e < ne; e++) {
+            if (c->ep_asg[(size_t)rank * ne + e] != me) continue;
+            const int n = moe_gather_tokens(c, rank, e, nt);
+            if (n == 0) continue;
+            const int rc = moe_run_expert(c, il, L, e, n);
+            if (rc != 0) return rc;
+            memcpy(out + (size_t)at * E, c->e_y, (size_t)n * E * sizeof(float));
+            at += n;
+        }
+    *n_rows = at;
+    return 0;
+}
+
 // Expert parallelism (model_ep_t): this member computes the experts it owns for the chunk (by rank,
 // then expert id, as alone), hands each row to its token's home by alltoallv, adds the rows of its
 // home tokens in rank order, and gathers every home's sums into tmp. The rows travel in an order
@@ -778,23 +808,18 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
     }
     ep_assign_owners(c, il);
     ep_own_order(c, il, nt);
-    for (int rank = 0; rank < k; rank++)
-        for (int e = 0; e < ne; e++) {
-            if (own[e] != me) continue;
-            const int n = moe_gather_tokens(c, rank, e, nt);
-            if (n == 0) continue;
-            const layer_weights_t *X;
-            int rc = weights_acquire(c->m->w, il, e, &X);
-            if (rc != 0) return rc;
-            rc = moe_expert(c, X, L->e_type, n);
-            weights_release(c->m->w, il, e);
-            if (rc != 0) return rc;
-            for (int j = 0; j < n; j++) {
-                const int h = ep_home(c, c->e_tok[j], nt);
-                memcpy(c->ep_send + (size_t)s_at[h]++ * E, c->e_y + (size_t)j * E, (size_t)E * sizeof(float));
-            }
-        }
-    int rc = c->ep.alltoallv(c->ep.ctx, c->ep_send, c->ep_slen, c->ep_recv, c->ep_rlen);
+    int mine = 0, q = 0; // its rows land in ep_recv first (free until the exchange), in (rank, expert, token) order
+    int rc = ep_own_experts(c, il, L, nt, c->ep_recv, &mine);
+    if (rc != 0) return rc;
+    for (int rank = 0; rank < k; rank++) // then to their homes' blocks of ep_send, in that order
+        for (int e = 0; e < ne; e++)
+            for (int i = 0; i < nt && own[e] == me; i++)
+                if (c->sel[(size_t)i * k + rank] == e) {
+                    const int h = ep_home(c, i, nt);
+                    memcpy(c->ep_send + (size_t)s_at[h]++ * E, c->ep_recv + (size_t)q++ * E, (size_t)E * sizeof(float));
+                }
+    if (q != mine) return MLM_EINVAL; // cannot happen: the same routing walked twice
+    rc = c->ep.alltoallv(c->ep.ctx, c->ep_send, c->ep_slen, c->ep_recv, c->ep_rlen);
     if (rc != 0) return rc;
     // where each of this home's (token, rank) rows landed: the senders' order replayed
     for (int rank = 0; rank < k; rank++)
@@ -822,29 +847,6 @@ static int ffn_moe_ep(model_ctx_t *c, int il, const layer_weights_t *L, int nt) 
     rc = c->ep.gather(c->ep.ctx, acc, lens[me], c->ep_recv, lens);
     if (rc == 0) memcpy(c->tmp, c->ep_recv, (size_t)nt * E * sizeof(float));
     return rc;
-}
-
-// The batches of block il ep_asg gives this member (rank by rank, expert by expert, each over the
-// batch a single node gives it), their output rows appended to out in that order. *n_rows: rows written.
-static int ep_own_experts(model_ctx_t *c, int il, const layer_weights_t *L, int nt, float *out, int *n_rows) {
-    const int E = c->m->hp.n_embd, k = c->m->hp.n_expert_used, ne = c->m->hp.n_expert, me = c->ep.index;
-    int at = 0;
-    for (int rank = 0; rank < k; rank++)
-        for (int e = 0; e < ne; e++) {
-            if (c->ep_asg[(size_t)rank * ne + e] != me) continue;
-            const int n = moe_gather_tokens(c, rank, e, nt);
-            if (n == 0) continue;
-            const layer_weights_t *X;
-            int rc = weights_acquire(c->m->w, il, e, &X);
-            if (rc != 0) return rc;
-            rc = moe_expert(c, X, L->e_type, n);
-            weights_release(c->m->w, il, e);
-            if (rc != 0) return rc;
-            memcpy(out + (size_t)at * E, c->e_y, (size_t)n * E * sizeof(float));
-            at += n;
-        }
-    *n_rows = at;
-    return 0;
 }
 
 // Whether token i of the chunk has a batch ep_asg gives member j.
@@ -1006,11 +1008,7 @@ static int ffn_moe(model_ctx_t *c, int il, const layer_weights_t *L, int nt) {
         for (int e = 0; e < ne; e++) {
             const int n = moe_gather_tokens(c, rank, e, nt);
             if (n == 0 || (c->ar && c->Fl == 0)) continue; // all-reduce mode: no units, nothing to add
-            const layer_weights_t *X;
-            int rc = weights_acquire(c->m->w, il, e, &X);
-            if (rc != 0) return rc;
-            rc = moe_expert(c, X, L->e_type, n);
-            weights_release(c->m->w, il, e);
+            const int rc = moe_run_expert(c, il, L, e, n);
             if (rc != 0) return rc;
             for (int j = 0; j < n; j++) {
                 const int i = c->e_tok[j];

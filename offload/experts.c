@@ -1,5 +1,6 @@
-// The expert-caching weight provider: per-block expert slots filled by pread, LRU/LFU eviction, and a
-// background thread that reads hinted and speculatively predicted experts ahead (see experts.h).
+// The expert-caching weight provider: per-block expert slots filled by pread (O_DIRECT, in aligned
+// extents, where the file system has it), LRU/LFU eviction, and a background thread that reads hinted
+// and speculatively predicted experts ahead (see experts.h).
 #include "offload/experts.h"
 
 #include <errno.h>
@@ -18,7 +19,7 @@
 // --- types
 
 #define EX_QMAX 64                 // queued background reads
-#define EX_ALIGN 4096u             // slot buffer alignment
+#define EX_ALIGN 4096u             // slot buffer alignment, and O_DIRECT's for file offsets and lengths
 
 typedef enum { ES_EMPTY, ES_LOADING, ES_READY } es_state_t;
 
@@ -41,6 +42,16 @@ typedef struct {
     layer_weights_t tmpl;      // the binding to the mapping (data pointers replaced when read)
 } eloc_t;
 
+// A matrix of at least EX_DIRECT_MIN bytes is read directly (O_DIRECT) when the file allows, as the
+// EX_ALIGN-aligned extent around [off, off + len); smaller ones buffered, where an extent's slack would
+// weigh. The slot leaves room for the extent either way.
+#define EX_DIRECT_MIN ((size_t)64 << 10)
+static uint64_t ext_lo(uint64_t off) { return off / EX_ALIGN * EX_ALIGN; }
+static size_t ext_len(uint64_t off, size_t len) {
+    if (len < EX_DIRECT_MIN) return len;
+    return (size_t)((off + len + EX_ALIGN - 1) / EX_ALIGN * EX_ALIGN - ext_lo(off));
+}
+
 // A queued background read.
 typedef struct {
     int li;                    // block index in the slice
@@ -55,6 +66,9 @@ typedef struct {
     experts_opts_t o;
     const kernels_t *kern;
     int fd;                    // the model file, for pread
+    int dfd;                   // the same opened O_DIRECT (reads of aligned extents: twice the buffered
+                               // rate on this machine's disk, README), -1 = buffered reads (io=pread, or a
+                               // file system without direct I/O)
     int nl, ne, k;             // blocks held, experts per block, experts used per token
     int N;                     // slots per block
     eloc_t *loc;               // (nl, ne)
@@ -147,27 +161,41 @@ static int read_expert(ex_t *x, eslot_t *s, int li, int e) {
         if (x->st.bytes_held > x->st.bytes_peak) x->st.bytes_peak = x->st.bytes_held;
         pthread_mutex_unlock(&x->mu);
     }
-    size_t at = 0;
+    size_t at = 0, data[3]; // where each matrix's rows start in the slot
     for (int m = 0; m < 3; m++) {
+        const bool direct = x->dfd >= 0 && L->len[m] >= EX_DIRECT_MIN;
+        const uint64_t from = direct ? ext_lo(L->off[m]) : L->off[m];
+        const size_t want = direct ? ext_len(L->off[m], L->len[m]) : L->len[m];
+        const size_t need = (size_t)(L->off[m] + L->len[m] - from); // a direct read may stop short at the end
         size_t done = 0;
-        while (done < L->len[m]) {
-            ssize_t r = pread(x->fd, s->buf + at + done, L->len[m] - done, (off_t)(L->off[m] + done));
+        while (done < need) {
+            ssize_t r = pread(direct ? x->dfd : x->fd, s->buf + at + done, want - done, (off_t)(from + done));
             if (r < 0 && errno == EINTR) continue;
             if (r <= 0) return MLM_EIO;
             done += (size_t)r;
         }
-        // the page cache must not be what makes the next use fast: the slot is
-        (void)posix_fadvise(x->fd, (off_t)L->off[m], (off_t)L->len[m], POSIX_FADV_DONTNEED);
-        at += L->len[m];
+        // the page cache must not be what makes the next use fast: the slot is (direct reads pass it by)
+        if (!direct) (void)posix_fadvise(x->fd, (off_t)L->off[m], (off_t)L->len[m], POSIX_FADV_DONTNEED);
+        data[m] = at + (size_t)(L->off[m] - from);
+        at += want;
     }
     s->lw = L->tmpl;
     mm_weight_t *mats[3] = {&s->lw.w_gate, &s->lw.w_up, &s->lw.w_down};
-    at = 0;
-    for (int m = 0; m < 3; m++) {
-        if (mats[m]->rows > 0) mats[m]->data = s->buf + at;
-        at += L->len[m];
-    }
+    for (int m = 0; m < 3; m++)
+        if (mats[m]->rows > 0) mats[m]->data = s->buf + data[m];
     return 0;
+}
+
+// Whether a direct read of the first expert's first aligned extent succeeds.
+static bool direct_works(const ex_t *x) {
+    const eloc_t *L = &x->loc[0];
+    void *p = NULL;
+    if (L->len[0] == 0 || posix_memalign(&p, EX_ALIGN, EX_ALIGN) != 0) return false;
+    ssize_t r;
+    do r = pread(x->dfd, p, EX_ALIGN, (off_t)ext_lo(L->off[0]));
+    while (r < 0 && errno == EINTR);
+    free(p);
+    return r > 0;
 }
 
 // A read by the background thread: expert e of block li unless it is there or no slot can take it.
@@ -430,6 +458,7 @@ static void ex_free(void *ctx) {
     free(x->sel);
     free(x->selw);
     if (x->fd >= 0) close(x->fd);
+    if (x->dfd >= 0) close(x->dfd);
     weights_free(&x->inner);
     pthread_mutex_destroy(&x->mu);
     pthread_cond_destroy(&x->cv);
@@ -450,21 +479,25 @@ static const struct weights_i experts_iface = {
 // --- setup
 
 // Bytes of the slice's rows of one expert of block il (the three matrices), from the file's tensors.
-static int expert_bytes(const weights_params_t *p, int il, uint64_t *out, char *err, size_t errlen) {
+static int expert_bytes(const weights_params_t *p, int il, uint64_t *out, uint64_t *raw, char *err, size_t errlen) {
     const model_hparams_t *hp = p->hp;
     const struct {
         const char *suffix;
         int64_t cols, rows;
     } m[3] = {{"ffn_gate_exps", hp->n_embd, hp->n_ff}, {"ffn_up_exps", hp->n_embd, hp->n_ff},
               {"ffn_down_exps", hp->n_ff, hp->n_embd}};
-    *out = 0;
+    *out = *raw = 0;
     for (int i = 0; i < 3; i++) {
         char name[96];
         snprintf(name, sizeof name, "blk.%d.%s.weight", il, m[i].suffix);
         weights_loc_t loc;
         int rc = weights_locate(p, name, m[i].cols, m[i].rows, hp->n_expert, &loc, err, errlen);
         if (rc != 0) return rc;
-        if (loc.t && loc.r1 > loc.r0) *out += (uint64_t)(loc.r1 - loc.r0) * qtype_row_size(loc.t->type, loc.t->ne[0]);
+        if (loc.t && loc.r1 > loc.r0) {
+            const size_t len = (size_t)(loc.r1 - loc.r0) * qtype_row_size(loc.t->type, loc.t->ne[0]);
+            *out += len >= EX_DIRECT_MIN ? len + 2 * EX_ALIGN : len; // a slot: a direct read's extent, at the most
+            *raw += len;
+        }
     }
     return 0;
 }
@@ -472,7 +505,9 @@ static int expert_bytes(const weights_params_t *p, int il, uint64_t *out, char *
 // --- public API
 
 experts_opts_t experts_opts_default(void) {
-    return (experts_opts_t){.per_layer = 0, .naive = false, .policy = EXPERTS_LRU, .prefetch = true};
+    const char *io = getenv("MESHLM_EXPERTS_IO"); // the process's default (benchmarks compare the two)
+    return (experts_opts_t){.per_layer = 0, .naive = false, .policy = EXPERTS_LRU, .prefetch = true,
+                            .direct = !(io && !strcmp(io, "pread"))};
 }
 
 int experts_parse(const char *arg, experts_opts_t *o, char *err, size_t errlen) {
@@ -507,8 +542,12 @@ int experts_parse(const char *arg, experts_opts_t *o, char *err, size_t errlen) 
             if (!strcmp(v, "on")) o->prefetch = true;
             else if (!strcmp(v, "off")) o->prefetch = false;
             else return mlm_fail(err, errlen, MLM_EINVAL, "experts: prefetch wants on or off, not '%s'", v);
+        } else if (!strcmp(kv, "io")) {
+            if (!strcmp(v, "direct")) o->direct = true;
+            else if (!strcmp(v, "pread")) o->direct = false;
+            else return mlm_fail(err, errlen, MLM_EINVAL, "experts: io wants direct or pread, not '%s'", v);
         } else {
-            return mlm_fail(err, errlen, MLM_EINVAL, "experts: unknown key '%s' (n, policy, prefetch)", kv);
+            return mlm_fail(err, errlen, MLM_EINVAL, "experts: unknown key '%s' (n, policy, prefetch, io)", kv);
         }
     }
     return 0;
@@ -518,8 +557,8 @@ int experts_name(const experts_opts_t *o, char *buf, size_t cap) {
     char n[16];
     if (o->naive) snprintf(n, sizeof n, "off");
     else snprintf(n, sizeof n, "%d", o->per_layer);
-    int len = snprintf(buf, cap, "experts:n=%s,policy=%s,prefetch=%s", n, o->policy == EXPERTS_LFU ? "lfu" : "lru",
-                       o->prefetch ? "on" : "off");
+    int len = snprintf(buf, cap, "experts:n=%s,policy=%s,prefetch=%s%s", n, o->policy == EXPERTS_LFU ? "lfu" : "lru",
+                       o->prefetch ? "on" : "off", o->direct ? "" : ",io=pread");
     if (len < 0) return 0;
     return (size_t)len < cap ? len : (int)cap - 1;
 }
@@ -533,11 +572,11 @@ int experts_fit(const weights_params_t *p, int *per_layer, char *err, size_t err
     const int nl = p->slice->l1 - p->slice->l0;
     uint64_t one = 0, all = 0; // one expert of every block; every expert of every block
     for (int il = p->slice->l0; il < p->slice->l1; il++) {
-        uint64_t b;
-        int rc = expert_bytes(p, il, &b, err, errlen);
+        uint64_t b, raw;
+        int rc = expert_bytes(p, il, &b, &raw, err, errlen);
         if (rc != 0) return rc;
         one += b;
-        all += b * (uint64_t)hp->n_expert;
+        all += raw * (uint64_t)hp->n_expert; // what the file holds
     }
     weights_params_t q = *p;
     q.budget_bytes = 1ull << 62; // everything resident: what the share weighs
@@ -574,7 +613,7 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
     if (N < 1 && p->hp->n_expert > 0) N = 1;
     ex_t *x = calloc(1, sizeof *x);
     if (!x) return MLM_ENOMEM;
-    x->fd = -1;
+    x->fd = x->dfd = -1;
     x->obs_layer = -1;
     pthread_mutex_init(&x->mu, NULL);
     pthread_cond_init(&x->cv, NULL);
@@ -593,6 +632,7 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
     rc = weights_mmap_new(&x->inner, &ip, "", err, errlen);
     if (rc == 0 && (x->fd = open(gguf_path(p->g), O_RDONLY | O_CLOEXEC)) < 0)
         rc = mlm_fail(err, errlen, MLM_EIO, "experts: cannot open %s: %s", gguf_path(p->g), strerror(errno));
+    if (rc == 0 && o.direct) x->dfd = open(gguf_path(p->g), O_RDONLY | O_CLOEXEC | O_DIRECT); // -1: buffered
     const size_t nle = (size_t)(x->nl > 0 ? x->nl : 1) * (size_t)(x->ne > 0 ? x->ne : 1);
     if (rc == 0) {
         x->loc = calloc(nle, sizeof *x->loc);
@@ -615,7 +655,7 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
             eloc_t *L = &x->loc[(size_t)li * x->ne + e];
             L->tmpl = *X;
             const mm_weight_t *mats[3] = {&X->w_gate, &X->w_up, &X->w_down};
-            size_t sum = 0;
+            size_t sum = 0, raw = 0;
             for (int m = 0; m < 3; m++) {
                 if (mats[m]->rows <= 0) continue;
                 const uint8_t *d = mats[m]->data;
@@ -626,13 +666,16 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
                     break;
                 }
                 L->off[m] = (uint64_t)(d - base);
-                sum += L->len[m];
+                sum += ext_len(L->off[m], L->len[m]); // room for a direct read's aligned extent
+                raw += L->len[m];
             }
             weights_release(x->inner, x->slice.l0 + li, e);
             if (sum > x->slot_bytes) x->slot_bytes = sum;
-            all_experts += sum;
+            all_experts += raw;
         }
     }
+    if (rc == 0 && x->dfd >= 0 && x->nl > 0 && x->ne > 0 && !direct_works(x))
+        close(x->dfd), x->dfd = -1; // opened, but the file system refuses direct reads: buffered
     if (rc == 0) {
         weights_stats_t is;
         weights_stats(x->inner, &is);

@@ -32,6 +32,9 @@ typedef struct {
     bool prefetch;             // a background thread reads ahead: the router's choices of a block in the order
                                // they are used, and the next block's guessed experts (off: experts are read
                                // only when acquired). Nothing to read ahead when every expert is resident
+    bool direct;               // io=direct (default): reads with O_DIRECT in aligned extents where the file
+                               // system has it, else buffered; io=pread: buffered reads (then dropped from
+                               // the page cache). $MESHLM_EXPERTS_IO=pread|direct sets it for the process
 } experts_opts_t;
 
 // The defaults: per_layer 0, LRU, prefetch on.

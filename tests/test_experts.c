@@ -81,14 +81,25 @@ static void test_options(void) {
     CU_ASSERT_EQUAL(experts_parse("policy=mru", &o, err, sizeof err), MLM_EINVAL);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "lru or lfu"));
     CU_ASSERT_EQUAL(experts_parse("n=-1", &o, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_TRUE(experts_opts_default().direct || getenv("MESHLM_EXPERTS_IO")); // direct reads unless told
+    CU_ASSERT_EQUAL(experts_parse("io=pread", &o, err, sizeof err), 0);
+    CU_ASSERT_FALSE(o.direct);
+    experts_name(&o, name, sizeof name);
+    CU_ASSERT_STRING_EQUAL(name, "experts:n=off,policy=lfu,prefetch=off,io=pread");
+    CU_ASSERT_EQUAL(experts_parse("io=direct", &o, err, sizeof err), 0);
+    CU_ASSERT_TRUE(o.direct);
+    CU_ASSERT_EQUAL(experts_parse("io=mmap", &o, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "direct or pread"));
     CU_ASSERT_EQUAL(experts_parse("size=2", &o, err, sizeof err), MLM_EINVAL);
 }
 
-// Every model, a cache of one expert per block with and without prefetch, two with LFU, none at all:
-// the mapped model's logits bit for bit.
+// Every model, a cache of one expert per block with and without prefetch, two with LFU, none at all, and
+// one read buffered instead of direct (the F16 and Q8_0 models' expert matrices are large enough to be
+// read with O_DIRECT): the mapped model's logits bit for bit.
 static void test_logits_identical(void) {
     static const char *const providers[] = {"experts:n=1,prefetch=off", "experts:n=1,prefetch=on",
-                                            "experts:n=2,policy=lfu", "experts:n=off", "experts"};
+                                            "experts:n=2,policy=lfu", "experts:n=off", "experts",
+                                            "experts:n=1,prefetch=off,io=pread"};
     for (size_t i = 0; i < N_MODELS; i++)
         for (size_t j = 0; j < sizeof providers / sizeof providers[0]; j++) {
             weights_stats_t st;

@@ -8,6 +8,9 @@
 # Make the model once (the realistic router; fewer layers if the full 32 take too long):
 #   meshlm gen-model /work/cache/mixtral-L8-real-Q4_0.gguf --preset mixtral-8x7b --layers 8 --quant Q4_0 --router realistic
 # Needs root and cgroup v1 (memory controller at /sys/fs/cgroup/memory) or v2.
+# N_GEN (16) tokens per run, THREADS (2); MOE_CONFIGS, ';'-separated --expert-cache values, chooses the rows
+# (default "off;auto --expert-prefetch off;auto;auto --expert-policy lfu", naive first); MESHLM_EXPERTS_IO=pread
+# reads buffered instead of O_DIRECT.
 set -euo pipefail
 bin="${1:?usage: moe_bench.sh MESHLM_BIN MODEL.gguf BUDGET [BUDGET...]}"
 model="${2:?usage: moe_bench.sh MESHLM_BIN MODEL.gguf BUDGET [BUDGET...]}"
@@ -48,7 +51,8 @@ printf '|---|---|---|---|---|---|---|---|---|\n'
 for budget in "$@"; do
   b=$(bytes "$budget")
   naive=""
-  for cfg in "off" "auto --expert-prefetch off" "auto" "auto --expert-policy lfu"; do
+  IFS=';' read -r -a cfgs <<< "${MOE_CONFIGS:-off;auto --expert-prefetch off;auto;auto --expert-policy lfu}"
+  for cfg in "${cfgs[@]}"; do
     drop_cache "$model"
     out=$(mktemp) pk=$(mktemp)
     # shellcheck disable=SC2086

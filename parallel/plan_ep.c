@@ -63,7 +63,7 @@ static void set_expert(plan_shard_t *sh, int e) { sh->experts[e >> 6] |= (uint64
 // with room. 0 or MLM_EFULL (err names the member that cannot hold even one expert more than fits).
 static int place_stage(const plan_model_t *pm, plan_t *p, int a, int b, char *err, size_t errlen) {
     const int g = b - a, ne = pm->n_expert;
-    int cnt[PLAN_MAX_NODES];
+    int cnt[PLAN_MAX_NODES] = {0};
     double w[PLAN_MAX_NODES], tot = 0;
     for (int i = 0; i < g; i++) tot += w[i] = plan_node_rate(pm, &p->node[p->shard[a + i].node]);
     int given = 0;

@@ -245,4 +245,19 @@ post "$u/v1/completions" -d '{"prompt":"Once upon a time","max_tokens":120,"temp
   json "d['meshlm']['tokens']" | cmp -s - "$dir/run120.tok"
 check "the next request on the one worker left: the same 120 tokens" $?
 
+# --- a MoE model with placed experts: attention on local-0, each expert on both workers
+m="$shared/models/derived/stories260K-moe8x-top2-permuted.gguf"
+start moe --local 2 --ep 2 --ep-replicas 2 --parallel 4
+u="http://127.0.0.1:$port"
+[ "$port" != 0 ] && grep -q "plan ep2" "$dir/moe.log"; check "listening (a MoE model, 2 local workers, ep2)" $? "$(tail -5 "$dir/moe.log")"
+moe_bad=0
+for i in 0 1 2; do
+  "$bin" run -m "$m" -p "${prompts[$i]}" -n 24 --greedy --ignore-eos -t 1 --json 2>/dev/null | json "d['tokens']" >"$dir/moe_run$i"
+  post "$u/v1/completions" -d "{\"prompt\":\"${prompts[$i]}\",\"max_tokens\":24,\"temperature\":0,\"ignore_eos\":true}" \
+    >"$dir/moe$i.json" &
+done
+wait_all
+for i in 0 1 2; do json "d['meshlm']['tokens']" <"$dir/moe$i.json" | cmp -s - "$dir/moe_run$i" || moe_bad=$((moe_bad + 1)); done
+check "placed experts (--ep 2 --ep-replicas 2): 3 requests together = meshlm run --greedy each" $moe_bad "($moe_bad differ)"
+
 finish

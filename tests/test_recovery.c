@@ -49,6 +49,7 @@ typedef struct {
     int victim;              // which launched worker (0-based) the fault hits
     int at_token;            // after this many generated tokens
     fault_t fault;
+    int replicas;            // placed experts: holders of each expert (--ep-replicas; 0 = the planner's)
 } scenario_t;
 
 // Runs the scenario; returns the number of logit rows that differ from one node (-1: a step failed).
@@ -73,7 +74,8 @@ static int run_scenario(const scenario_t *sc, int *n_rec, int *nodes_after, doub
     for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .n_standby = sc->n_standby,
                          .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000, .keep_all = true,
-                         .pp = sc->pp < n_layer ? sc->pp : n_layer, .ep = sc->ep, .recover = true,
+                         .pp = sc->pp < n_layer ? sc->pp : n_layer, .ep = sc->ep, .ep_replicas = sc->replicas,
+                         .recover = true,
                          .heartbeat_ms = HB_MS};
     cluster_t *cl = NULL;
     const int nv = rc.n_vocab;
@@ -125,7 +127,7 @@ static void test_kill_each_position(void) {
     for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++)
         for (int pp = 1; pp <= 3; pp += 2)
             for (int victim = 0; victim < 3; victim++) {
-                scenario_t sc = {cases[ci], 3, 0, pp, 0, victim, 1 + victim, F_KILL};
+                scenario_t sc = {cases[ci], 3, 0, pp, 0, victim, 1 + victim, F_KILL, 0};
                 int n_rec = 0, after = 0;
                 double det = 0, recms = 0;
                 int bad = run_scenario(&sc, &n_rec, &after, &det, &recms, NULL, NULL);
@@ -139,25 +141,28 @@ static void test_kill_each_position(void) {
             }
 }
 
-// Placed experts (expert parallelism): any member of an EP group killed, and a member of a pipeline
-// of EP groups; the survivors place the experts again among themselves (or slice them when one is left
-// in a stage) and every logit row equals one node's.
+// Placed experts (expert parallelism, attention on the leader): any member of an EP group killed, the
+// leader too, with every expert on 3 members (fewer members left than replicas asked: each expert on
+// both), and a member of a pipeline of EP groups; the survivors place the experts again among
+// themselves (or slice them when one is left in a stage) and every logit row equals one node's.
 static void test_kill_expert_parallel(void) {
     static const struct {
         const char *case_name;
         int n_workers, pp, ep, victim, after;
         bool ep_after; // experts still placed after the loss (a stage of one member left slices them)
+        int replicas;
     } runs[] = {
-        {"synth-moe-Q8_0.p0", 3, 1, 3, 0, 2, true},
-        {"synth-moe-Q8_0.p0", 3, 1, 3, 1, 2, true},
-        {"synth-moe-Q8_0.p0", 3, 1, 3, 2, 2, true},
-        {"synth-moe-Q4_K_M.p0", 3, 1, 3, 1, 2, true},
-        {"stories260K-moe8x-top2-permuted.p0", 3, 1, 3, 2, 2, true},
-        {"synth-moe-Q8_0.p1", 4, 2, 2, 3, 3, false},
+        {"stories260K-moe8x-top2-permuted.p0", 3, 1, 3, 0, 2, true, 3},
+        {"synth-moe-Q8_0.p0", 3, 1, 3, 0, 2, true, 1},
+        {"synth-moe-Q8_0.p0", 3, 1, 3, 1, 2, true, 1},
+        {"synth-moe-Q8_0.p0", 3, 1, 3, 2, 2, true, 1},
+        {"synth-moe-Q4_K_M.p0", 3, 1, 3, 1, 2, true, 1},
+        {"stories260K-moe8x-top2-permuted.p0", 3, 1, 3, 2, 2, true, 1},
+        {"synth-moe-Q8_0.p1", 4, 2, 2, 3, 3, false, 1},
     };
     for (size_t i = 0; i < sizeof runs / sizeof *runs; i++) {
         scenario_t sc = {runs[i].case_name, runs[i].n_workers, 0, runs[i].pp, runs[i].ep, runs[i].victim,
-                         1 + runs[i].victim, F_KILL};
+                         1 + runs[i].victim, F_KILL, runs[i].replicas};
         int n_rec = 0, after = 0;
         double det = 0, recms = 0;
         bool ep_after = !runs[i].ep_after;
@@ -175,7 +180,7 @@ static void test_kill_expert_parallel(void) {
 // A frozen worker is detected through the links' heartbeats, the request goes on without it, and
 // once continued it is taken in at the next plan.
 static void test_freeze_and_come_back(void) {
-    scenario_t sc = {"stories260K.p1", 3, 0, 1, 0, 1, 2, F_FREEZE};
+    scenario_t sc = {"stories260K.p1", 3, 0, 1, 0, 1, 2, F_FREEZE, 0};
     int n_rec = 0, after = 0;
     double det = 0, recms = 0;
     bool back = false;
@@ -190,7 +195,7 @@ static void test_freeze_and_come_back(void) {
 
 // A standby joins the plan in place of a killed worker: as many computing nodes as before.
 static void test_standby_takes_over(void) {
-    scenario_t sc = {"stories260K.p2", 3, 1, 1, 0, 0, 1, F_KILL};
+    scenario_t sc = {"stories260K.p2", 3, 1, 1, 0, 0, 1, F_KILL, 0};
     int n_rec = 0, after = 0;
     double det = 0, recms = 0;
     int bad = run_scenario(&sc, &n_rec, &after, &det, &recms, NULL, NULL);

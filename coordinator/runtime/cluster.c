@@ -437,7 +437,7 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         plan_opts_t po = {.n_ctx = n_ctx, .pp = pp, .tp = tp, .keep_all = c->o.keep_all,
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
                           .coord_apart = off == 0, .tp_mode = mode, .ep = ep, .ep_replicated = ep_repl,
-                          .ep_replicas = ep_repl ? 1 : c->o.ep_replicas};
+                          .ep_replicas = ep_repl ? 1 : ep >= 2 && c->o.ep_replicas > ep ? ep : c->o.ep_replicas};
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
     }
     free(pm);

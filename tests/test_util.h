@@ -5,6 +5,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// 1 in an AddressSanitizer build (gcc's macro, clang's feature): suites may take a smaller sample of
+// their most expensive cases there, the release stage running them all.
+#if defined(__SANITIZE_ADDRESS__)
+#define TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TEST_SANITIZED 1
+#endif
+#endif
+#ifndef TEST_SANITIZED
+#define TEST_SANITIZED 0
+#endif
+
 typedef struct {
     const char *name;        // suite name: tests/test_<name>.c
     int (*add)(void);        // registers the suite with CUnit; 0 on success

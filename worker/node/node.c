@@ -64,7 +64,8 @@ typedef struct {
 // --- helpers
 
 static void vlog(const node_t *n, const char *what, const char *detail) {
-    if (n->o->verbose) fprintf(stderr, "[%s] %s %s\n", n->node_id, what, detail ? detail : "");
+    if (n->o->verbose) // the time (ms, mod 10^6) lines the workers' lines up with the coordinator's faults
+        fprintf(stderr, "[%s %06.0f] %s %s\n", n->node_id, fmod(mlm_now_ms(), 1e6), what, detail ? detail : "");
 }
 
 static void set_state(const node_t *n, node_state_t s) {

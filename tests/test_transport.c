@@ -811,6 +811,45 @@ static void test_link_killed(void) {
     }
 }
 
+// A worker stopped past the link's heartbeat timeout and then continued: its connection is dropped
+// and made again, and sends in between wait for it instead of calling the worker lost (a STEP given
+// up that way once made every worker of a chaos run look lost). Every send over 400 ms after the
+// continue succeeds, and the worker still answers.
+static void test_link_stopped_worker(void) {
+    world_t w;
+    backend_t b = {"link", "link", .star = true};
+    CU_ASSERT_FATAL(world_prepare(&w, &b, 2, false) == 0);
+    pid_t pid = spawn_echo(w.ptrs[0]);
+    comm_t *c = NULL;
+    comm_open_opts_t o;
+    link_open_opts(&o, 0, 2, w.ptrs);
+    comm_open_heartbeat(&o, 400); // 80 ms heartbeats, a connection silent 240 ms is dropped
+    char err[256];
+    CU_ASSERT_FATAL(comm_open(&c, "link", &o, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(echo(c, 1, "before", DL_MS), 0);
+    kill(pid, SIGSTOP);
+    sleep_ms(350);
+    kill(pid, SIGCONT);
+    int sent = 0, failed = 0, first_rc = 0;
+    for (double end = mlm_now_ms() + 400; mlm_now_ms() < end; sleep_ms(1)) {
+        int rc = comm_send1(c, 1, "x", 1, 2000);
+        if (rc == 0) sent++;
+        else if (failed++ == 0) first_rc = rc;
+        comm_msg_t m;
+        while (comm_recv(c, 1, &m, NULL, 0) == 0) comm_msg_free(&m); // replies, as they come
+    }
+    fprintf(stderr, "[link: %d sends after a 350 ms stop, %d failed (%s)] ", sent, failed, mlm_strerror(first_rc));
+    CU_ASSERT(sent > 50);
+    CU_ASSERT_EQUAL(failed, 0);
+    int rc = MLM_EPEER;
+    for (int i = 0; i < 20 && rc != 0; i++) rc = echo(c, 1, "after", 500); // a reply may have gone down with the old connection
+    CU_ASSERT_EQUAL(rc, 0);
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    comm_destroy(&c);
+    world_release(&w);
+}
+
 // The worker answers whichever coordinator spoke last; before anyone spoke it has no peer.
 static void test_link_new_coordinator(void) {
     world_t w;
@@ -1383,6 +1422,7 @@ int test_transport_suite(void) {
         !CU_add_test(s, "conformance: link tcp", test_link_tcp) ||
         !CU_add_test(s, "conformance: fault:inproc (3 ms delay)", test_fault_inproc) ||
         !CU_add_test(s, "link: worker process killed and restarted", test_link_killed) ||
+        !CU_add_test(s, "link: a stopped and continued worker is sent to, not lost", test_link_stopped_worker) ||
         !CU_add_test(s, "link: a new coordinator, control-link ranks", test_link_new_coordinator) ||
         !CU_add_test(s, "link: malformed frames", test_link_malformed) ||
         !CU_add_test(s, "link: fault emulation through the wrapper", test_link_faults) ||

@@ -2,6 +2,7 @@
 #include "transport/comm_link.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +18,7 @@
 
 #define LK_ID_MAX 256           // longest ZeroMQ routing id
 #define LK_POLL_MS 50           // longest single wait, so monitor events and retries are seen
+#define LK_DOWN_GRACE_RECONNECTS 4 // a send to a dropped connection waits this many reconnect intervals
 
 typedef struct {
     void *zctx;                 // ZeroMQ context (owned)
@@ -79,6 +81,8 @@ static void watch(lk_ctx_t *k, int i) {
         }
         if (what == ZMQ_EVENT_CONNECTED) k->down[i] = false;
         if (what == ZMQ_EVENT_DISCONNECTED) k->down[i] = true;
+        if (getenv("MESHLM_DEBUG_LINK") && (what == ZMQ_EVENT_CONNECTED || what == ZMQ_EVENT_DISCONNECTED))
+            fprintf(stderr, "[link %06.0f] worker %d %s\n", fmod(mlm_now_ms(), 1e6), i + 1, what == ZMQ_EVENT_CONNECTED ? "connected" : "disconnected");
     }
 }
 
@@ -162,9 +166,25 @@ static int wait_ms(int64_t dl) {
 static int co_send(lk_ctx_t *k, int peer, const comm_iov_t *f, int n, int timeout_ms) {
     const int i = peer - 1;
     const int64_t dl = mlm_deadline(timeout_ms);
+    int64_t down_dl = -1; // while the connection is down: how long to wait for it to be made again
     for (;;) {
         watch(k, i);
-        if (k->down[i]) return MLM_EPEER;
+        if (k->down[i]) {
+            // A connection dropped by a heartbeat timeout (a worker stopped for a moment) is made again
+            // within a reconnect interval or two: a send waits that long for it, up to its own deadline,
+            // before it calls the worker lost (a message given up here would end the step and, with the
+            // others waiting in it for this worker, make every worker look lost).
+            if (down_dl < 0) {
+                down_dl = mlm_deadline(LK_DOWN_GRACE_RECONNECTS * k->o.reconnect_ivl_ms);
+                if (getenv("MESHLM_DEBUG_LINK"))
+                    fprintf(stderr, "[link %06.0f] send to worker %d: connection down, waiting for it\n",
+                            fmod(mlm_now_ms(), 1e6), peer);
+            }
+            if (mlm_passed(down_dl) || mlm_passed(dl) || timeout_ms == 0) return MLM_EPEER;
+            zmq_pollitem_t mi = {k->mon[i], 0, ZMQ_POLLIN, 0};
+            if (zmq_poll(&mi, 1, wait_ms(down_dl)) < 0 && errno != EINTR) return MLM_EIO;
+            continue;
+        }
         zmq_pollitem_t it[2] = {{k->sock[i], 0, ZMQ_POLLOUT, 0}, {k->mon[i], 0, ZMQ_POLLIN, 0}};
         if (zmq_poll(it, 2, 0) < 0 && errno != EINTR) return MLM_EIO;
         if (it[0].revents & ZMQ_POLLOUT) {

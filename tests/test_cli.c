@@ -394,15 +394,15 @@ static void test_memory_report(void) {
     cJSON_Delete(o);
     run_free(&r);
 
-    // a tensor-parallel pair on one host with MESHLM_SHM=on: every exchange of a decode step goes
-    // through shared memory, the same count on both nodes (an all-gather per embedding and 4 per
-    // block); without it (the default) none does, nor without a writable /dev/shm
+    // a tensor-parallel pair on one host: every exchange of a decode step goes through shared
+    // memory, the same count on both nodes (an all-gather per embedding and 4 per block); with
+    // MESHLM_SHM=off none does (nor without a writable /dev/shm, where shm_open cannot create one)
     const bool shm = access("/dev/shm", W_OK) == 0;
     if (!shm) fprintf(stderr, "(no writable /dev/shm: shared memory not checked) ");
     for (int off = 0; off < 2; off++) {
         const char *const pair[] = {"meshlm", "bench", "-m", model, "-p", "0", "-n", "4", "-r", "1", "-t", "1",
                                     "--local", "2", "--tp", "2", "--json", NULL};
-        if (!off) setenv("MESHLM_SHM", "on", 1);
+        if (off) setenv("MESHLM_SHM", "off", 1);
         bool ran = run_meshlm(&r, pair, NULL);
         unsetenv("MESHLM_SHM");
         if (!ran) return;

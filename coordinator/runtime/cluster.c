@@ -273,8 +273,7 @@ static const profile_t *here_profile(cluster_t *c) {
 // What the planner knows about the computing candidates: the coordinator first when it computes,
 // then the candidate workers in the order given.
 // The planner's shm_id of a node whose data endpoint is ep: 1 for ipc (this host: a tensor-parallel group
-// of them exchanges through shared memory, pipe_set_shm), 0 when emulated links rule it out or $MESHLM_SHM
-// is not "on".
+// of them exchanges through shared memory, pipe_set_shm), 0 when emulated links or $MESHLM_SHM rule it out.
 static int same_host_shm(const cluster_t *c, const char *ep) {
     return strncmp(ep, "ipc://", 6) == 0 && !fault_has_link_rules(c->faults) && pipe_shm_allowed() ? 1 : 0;
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Tensor-parallel overhead on one host: one process with T threads against T local worker processes of
-# one thread each (--local T --tp T), exact mode with the group's exchanges through shared memory
-# (MESHLM_SHM=on), the same in all-reduce mode (--tp-mode allreduce: half the exchanges, last bits
-# differ), and exact mode over ZeroMQ messages (the default), in interleaved rounds.
+# one thread each (--local T --tp T), exact mode with the group's exchanges through shared memory (the
+# default for ipc workers), the same in all-reduce mode (--tp-mode allreduce: half the exchanges, last
+# bits differ), and exact mode over ZeroMQ messages (MESHLM_SHM=off), in interleaved rounds.
 #
 # usage: tests/bench/tp_overhead.sh [-t T] [-p N_PROMPT] [-n N_GEN] [-r ROUNDS] [FILE.gguf]
 #   T          processes of the pair / threads of the single process (default 2)
@@ -42,9 +42,9 @@ run() {
 
 for r in $(seq 1 "$rounds"); do
   run single "" -t "$T"
-  run shm "MESHLM_SHM=on" -t 1 --local "$T" --tp "$T"
-  run shm_ar "MESHLM_SHM=on" -t 1 --local "$T" --tp "$T" --tp-mode allreduce
-  run zmq "MESHLM_SHM=off" -t 1 --local "$T" --tp "$T" # the default, said explicitly
+  run shm "" -t 1 --local "$T" --tp "$T"
+  run shm_ar "" -t 1 --local "$T" --tp "$T" --tp-mode allreduce
+  run zmq "MESHLM_SHM=off" -t 1 --local "$T" --tp "$T"
   echo "tp_overhead: round $r: $(tail -4 "$out/runs" | awk '{ printf "%s pp %.2f tg %.2f; ", $1, $2, $3 }')"
 done
 echo "tp_overhead: load after: $(uptime)"

@@ -231,7 +231,7 @@ _Static_assert(COMM_SHM_SLOT_BYTES == PLAN_SHM_SLOT_BYTES, "the planner prices t
 
 bool pipe_shm_allowed(void) {
     const char *env = getenv("MESHLM_SHM");
-    return env && (strcmp(env, "on") == 0 || strcmp(env, "1") == 0);
+    return !(env && (strcmp(env, "off") == 0 || strcmp(env, "0") == 0));
 }
 
 int pipe_set_shm(pipe_node_t *p, const char *const *endpoints, char *err, size_t errlen) {

@@ -90,13 +90,12 @@ void pipe_stats_reset(pipe_node_t *p);
 // on one host: every member's data endpoint (endpoints: n_ranks, the plan's) is ipc://. Then it is a
 // collective of the group (comm_shm_open), made by every member right after pipe_node_init (and
 // pipe_set_experts); a member declines, and the whole group keeps to the comm, when its data plane is
-// not plain ZeroMQ (emulated links wrap it) or $MESHLM_SHM is not "on" (pipe_shm_allowed). A collective whose blocks
+// not plain ZeroMQ (emulated links wrap it) or $MESHLM_SHM is "off". A collective whose blocks
 // exceed a slot (large prefill batches) still goes over the comm, alike on every member. 0, or the
 // handshake's error (a member lost or late) with err filled.
 int pipe_set_shm(pipe_node_t *p, const char *const *endpoints, char *err, size_t errlen);
 
-// Whether shared memory may be used at all ($MESHLM_SHM is "on" or "1": opt-in until a worker frozen
-// mid-step recovers as reliably as over ZeroMQ); the planner's shm_id.
+// Whether shared memory may be used at all ($MESHLM_SHM is not "off" or "0"); the planner's shm_id.
 bool pipe_shm_allowed(void);
 
 // Micro-batch size used for a step of n tokens: ubatch (0 = all of them) capped at n.

@@ -733,9 +733,9 @@ static int echo(comm_t *c, int peer, const char *text, int timeout_ms) {
     comm_msg_t m;
     int from = -1;
     rc = comm_recv(c, peer, &m, &from, timeout_ms);
-    if (rc == 0 && (from != peer || m.n != 1 || m.len[0] != strlen(text) || memcmp(m.data[0], text, m.len[0])))
-        rc = MLM_EPROTO;
-    if (rc == 0) comm_msg_free(&m);
+    if (rc != 0) return rc;
+    if (from != peer || m.n != 1 || m.len[0] != strlen(text) || memcmp(m.data[0], text, m.len[0])) rc = MLM_EPROTO;
+    comm_msg_free(&m); // a mismatched reply (a late answer to an earlier message) is freed too
     return rc;
 }
 

@@ -230,7 +230,7 @@ static void bg_load(ex_t *x, ereq_t r) {
 }
 
 // The next block's likely experts from the observed residual stream (block li): its ffn_norm and
-// router over every row, the experts by votes (top-1 counts k, top-k counts 1), at most N of them,
+// router over every row, the experts by votes (top-1 counts k, top-k counts 1), at most N - k of them,
 // queued as speculative reads. Runs on the background thread with obs taken (mu not held).
 static void guess(ex_t *x, int li, const float *obs, int n) {
     const int layer = x->slice.l0 + li + 1, E = x->hp.n_embd;
@@ -254,13 +254,19 @@ static void guess(ex_t *x, int li, const float *obs, int n) {
         for (int r = 0; r < x->k; r++) votes[x->sel[r]] += r == 0 ? x->k : 1;
     }
     pthread_mutex_lock(&x->mu);
-    for (int j = 0; j < x->N && x->q_n < EX_QMAX; j++) {
+    // at most N - k guesses that are not resident: the block keeps room for the k experts its token
+    // will use (a guess may only take a slot the next token's own experts do not need: with N <= k a
+    // wrong guess would evict an expert that was about to hit, and when reading is the bottleneck
+    // that costs more than a right guess saves; measured in the README)
+    for (int j = 0; j < x->N - x->k && x->q_n < EX_QMAX;) {
         int best = -1;
         for (int e = 0; e < x->ne; e++)
             if (votes[e] > 0 && (best < 0 || votes[e] > votes[best])) best = e;
         if (best < 0) break;
         votes[best] = 0;
+        if (find(x, li + 1, best)) continue;
         x->q[x->q_n++] = (ereq_t){.li = li + 1, .expert = best, .spec = true};
+        j++;
     }
     pthread_mutex_unlock(&x->mu);
 }
@@ -390,15 +396,23 @@ static void ex_release(void *ctx, int layer, int expert) {
 // are read ahead (a hint for the dense part is dropped: the dense parts stay mapped).
 static void ex_prefetch(void *ctx, int layer, const int *experts, int n) {
     ex_t *x = ctx;
-    if (!x->thr_on || layer < 0 || n == 0) return;
+    if (layer < x->slice.l0 || layer >= x->slice.l1 || n == 0) return;
     const int li = layer - x->slice.l0;
     pthread_mutex_lock(&x->mu);
+    // the hinted experts are spared by every miss until acquired, with or without reads ahead: a
+    // token's second expert must not evict its first when both were resident (LRU would, when the
+    // previous token used them in the other order)
+    for (int i = 0; i < n; i++)
+        if (experts[i] >= 0 && experts[i] < x->ne) x->wanted[(size_t)li * x->ne + experts[i]] = 1;
+    if (!x->thr_on) {
+        pthread_mutex_unlock(&x->mu);
+        return;
+    }
     int keep = 0; // guesses for this block or one before it are late now
     for (int i = 0; i < x->q_n; i++)
         if (!(x->q[i].spec && x->q[i].li <= li)) x->q[keep++] = x->q[i];
     x->q_n = keep;
     if (x->obs_layer >= 0 && x->obs_layer - x->slice.l0 + 1 <= li) x->obs_layer = -1;
-    for (int i = 0; i < n; i++) x->wanted[(size_t)li * x->ne + experts[i]] = 1;
     for (int i = 0; i < n && i < x->N && x->q_n < EX_QMAX; i++)
         if (!find(x, li, experts[i])) x->q[x->q_n++] = (ereq_t){.li = li, .expert = experts[i], .spec = false};
     pthread_cond_signal(&x->work);
@@ -407,7 +421,7 @@ static void ex_prefetch(void *ctx, int layer, const int *experts, int n) {
 
 static void ex_observe(void *ctx, int layer, const float *obs, int n) {
     ex_t *x = ctx;
-    if (!x->thr_on || layer + 1 >= x->slice.l1 || layer < x->slice.l0) return;
+    if (!x->thr_on || x->N <= x->k || layer + 1 >= x->slice.l1 || layer < x->slice.l0) return; // no room to guess
     pthread_mutex_lock(&x->mu);
     if (n > x->obs_cap) n = x->obs_cap; // the first rows say enough
     memcpy(x->obs, obs, (size_t)n * x->hp.n_embd * sizeof *obs);

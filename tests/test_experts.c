@@ -112,18 +112,24 @@ static void test_logits_identical(void) {
         }
 }
 
-// Prefetch on a 2-of-8 cache: reads ahead happen (router hints, guesses), some are used, tokens the same.
+// Prefetch on a 4-of-8 cache (top-2: room for 2 guesses per block): reads ahead happen (router hints,
+// guesses), some are used, tokens the same. On a 2-of-8 cache nothing is guessed (no slot the next
+// token's own experts do not need), and the hinted reads change no counter of acquires.
 static void test_prefetch_counts(void) {
-    weights_stats_t on, off;
-    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=2,prefetch=on", 0, &on));
-    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=2,prefetch=off", 0, &off));
-    fprintf(stderr, "\n  prefetch on: %llu hits %llu misses, %llu guessed reads (%llu used); off: %llu hits %llu misses ",
+    weights_stats_t on, off, tight;
+    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=4,prefetch=on", 0, &on));
+    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=4,prefetch=off", 0, &off));
+    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=2,prefetch=on", 0, &tight));
+    fprintf(stderr, "\n  4 slots, prefetch on: %llu hits %llu misses, %llu guessed reads (%llu used); off: %llu hits %llu "
+            "misses; 2 slots, on: %llu guessed reads ",
             (unsigned long long)on.expert_hits, (unsigned long long)on.expert_misses,
             (unsigned long long)on.prefetch_reads, (unsigned long long)on.prefetch_used,
-            (unsigned long long)off.expert_hits, (unsigned long long)off.expert_misses);
+            (unsigned long long)off.expert_hits, (unsigned long long)off.expert_misses,
+            (unsigned long long)tight.prefetch_reads);
     CU_ASSERT(on.prefetch_reads > 0);
     CU_ASSERT(on.prefetch_used <= on.prefetch_reads);
     CU_ASSERT_EQUAL(off.prefetch_reads, 0);
+    CU_ASSERT_EQUAL(tight.prefetch_reads, 0);
     CU_ASSERT_EQUAL(on.hits + on.misses, off.hits + off.misses); // the same expert acquires
 }
 
@@ -192,6 +198,29 @@ static weights_stats_t trace(const char *provider, const int *experts, int n) {
     return st;
 }
 
+// Tokens of k experts each on block 0, each token's experts hinted first as the forward pass does
+// (weights_prefetch, then acquire and release in order); returns the provider's counters.
+static weights_stats_t trace_hinted(const char *provider, const int *experts, int n_tok, int k) {
+    char path[1024];
+    test_shared_path(path, sizeof path, "models/synth/synth-moe-Q8_0.gguf");
+    model_t *m = load(path, provider, 0, 0);
+    weights_stats_t st;
+    memset(&st, 0, sizeof st);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+    weights_t *w = model_weights(m);
+    for (int t = 0; t < n_tok; t++) {
+        weights_prefetch(w, 0, experts + (size_t)t * k, k);
+        for (int r = 0; r < k; r++) {
+            const layer_weights_t *X;
+            CU_ASSERT_EQUAL(weights_acquire(w, 0, experts[t * k + r], &X), 0);
+            weights_release(w, 0, experts[t * k + r]);
+        }
+    }
+    weights_stats(w, &st);
+    model_destroy(&m);
+    return st;
+}
+
 static void test_trace_counters(void) {
     const int all[] = {0, 1, 2, 3, 4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0};
     weights_stats_t st = trace("experts:n=8,prefetch=off", all, 16);
@@ -215,6 +244,16 @@ static void test_trace_counters(void) {
     CU_ASSERT_EQUAL(lfu.misses, 3);
     CU_ASSERT_EQUAL(lru.evictions, 2);
     CU_ASSERT_EQUAL(lfu.evictions, 1);
+
+    // 2 slots, top-2 tokens {0,1}, {2,0}, {3,2}, {4,3}: each token's second expert was the previous
+    // token's first. Hinted, the new first expert evicts the one not wanted (the previous second) and
+    // the second hits: 2 + 3 misses, 3 hits. Without the hint LRU evicted the wanted one (the least
+    // recent) for the new first and missed it next: every use a miss.
+    const int chain[] = {0, 1, 2, 0, 3, 2, 4, 3};
+    st = trace_hinted("experts:n=2,policy=lru,prefetch=off", chain, 4, 2);
+    CU_ASSERT_EQUAL(st.expert_misses, 5);
+    CU_ASSERT_EQUAL(st.expert_hits, 3);
+    CU_ASSERT_EQUAL(st.evictions, 3);
 
     // no cache: every use reads, even a repeat
     st = trace("experts:n=off", one, 10);

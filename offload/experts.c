@@ -87,6 +87,8 @@ typedef struct {
     int q_n;
     float *obs;                // (obs_cap, n_embd) the last observed residual stream
     int obs_n, obs_cap, obs_layer; // its rows, capacity, block (-1: nothing to guess from)
+    double obs_t, obs_stall;   // when the last observation came (ms, 0: none yet) and st.stall_ms then
+    double stall_avg;          // moving average of the share of time spent waiting for reads (prefetch auto)
     // background scratch (thread only)
     float *xn;                 // (obs_cap, n_embd)
     uint8_t *xq;               // (obs_cap, act row bytes of the router)
@@ -97,6 +99,10 @@ typedef struct {
 } ex_t;
 
 // --- helpers
+
+static const char *prefetch_name(experts_prefetch_t p) {
+    return p == EXPERTS_PREFETCH_ON ? "on" : p == EXPERTS_PREFETCH_AUTO ? "auto" : "off";
+}
 
 static eslot_t *slot_at(ex_t *x, int li, int i) { return &x->slots[(size_t)li * x->N + i]; }
 
@@ -423,6 +429,19 @@ static void ex_observe(void *ctx, int layer, const float *obs, int n) {
     ex_t *x = ctx;
     if (!x->thr_on || x->N <= x->k || layer + 1 >= x->slice.l1 || layer < x->slice.l0) return; // no room to guess
     pthread_mutex_lock(&x->mu);
+    // the share of the time since the last block's observation spent waiting for reads, averaged
+    const double now = (double)mlm_now_us() / 1000.0;
+    if (x->obs_t > 0 && now > x->obs_t) {
+        const double share = (x->st.stall_ms - x->obs_stall) / (now - x->obs_t);
+        x->stall_avg = 0.75 * x->stall_avg + 0.25 * (share < 1 ? share : 1);
+    }
+    x->obs_t = now;
+    x->obs_stall = x->st.stall_ms;
+    if (x->o.prefetch == EXPERTS_PREFETCH_AUTO && x->stall_avg >= EXPERTS_GUESS_STALL_MAX) { // reading is the bottleneck
+        x->st.guesses_paused++;
+        pthread_mutex_unlock(&x->mu);
+        return;
+    }
     if (n > x->obs_cap) n = x->obs_cap; // the first rows say enough
     memcpy(x->obs, obs, (size_t)n * x->hp.n_embd * sizeof *obs);
     x->obs_n = n;
@@ -446,7 +465,7 @@ static void ex_describe(void *ctx, char *buf, size_t cap) {
         snprintf(buf, cap, "experts: no cache (every use reads the expert, %.1f MiB)", (double)x->slot_bytes / 1048576.0);
     else
         snprintf(buf, cap, "experts: %d of %d per block resident (%s, prefetch %s), %d slots x %.1f MiB", x->N, x->ne,
-                 x->o.policy == EXPERTS_LFU ? "lfu" : "lru", x->thr_on ? "on" : "off", x->nl * x->N,
+                 x->o.policy == EXPERTS_LFU ? "lfu" : "lru", x->thr_on ? prefetch_name(x->o.prefetch) : "off", x->nl * x->N,
                  (double)x->slot_bytes / 1048576.0);
 }
 
@@ -520,7 +539,7 @@ static int expert_bytes(const weights_params_t *p, int il, uint64_t *out, uint64
 
 experts_opts_t experts_opts_default(void) {
     const char *io = getenv("MESHLM_EXPERTS_IO"); // the process's default (benchmarks compare the two)
-    return (experts_opts_t){.per_layer = 0, .naive = false, .policy = EXPERTS_LRU, .prefetch = true,
+    return (experts_opts_t){.per_layer = 0, .naive = false, .policy = EXPERTS_LRU, .prefetch = EXPERTS_PREFETCH_AUTO,
                             .direct = !(io && !strcmp(io, "pread"))};
 }
 
@@ -553,9 +572,10 @@ int experts_parse(const char *arg, experts_opts_t *o, char *err, size_t errlen) 
             else if (!strcmp(v, "lfu")) o->policy = EXPERTS_LFU;
             else return mlm_fail(err, errlen, MLM_EINVAL, "experts: policy wants lru or lfu, not '%s'", v);
         } else if (!strcmp(kv, "prefetch")) {
-            if (!strcmp(v, "on")) o->prefetch = true;
-            else if (!strcmp(v, "off")) o->prefetch = false;
-            else return mlm_fail(err, errlen, MLM_EINVAL, "experts: prefetch wants on or off, not '%s'", v);
+            if (!strcmp(v, "on")) o->prefetch = EXPERTS_PREFETCH_ON;
+            else if (!strcmp(v, "off")) o->prefetch = EXPERTS_PREFETCH_OFF;
+            else if (!strcmp(v, "auto")) o->prefetch = EXPERTS_PREFETCH_AUTO;
+            else return mlm_fail(err, errlen, MLM_EINVAL, "experts: prefetch wants on, off or auto, not '%s'", v);
         } else if (!strcmp(kv, "io")) {
             if (!strcmp(v, "direct")) o->direct = true;
             else if (!strcmp(v, "pread")) o->direct = false;
@@ -572,7 +592,7 @@ int experts_name(const experts_opts_t *o, char *buf, size_t cap) {
     if (o->naive) snprintf(n, sizeof n, "off");
     else snprintf(n, sizeof n, "%d", o->per_layer);
     int len = snprintf(buf, cap, "experts:n=%s,policy=%s,prefetch=%s%s", n, o->policy == EXPERTS_LFU ? "lfu" : "lru",
-                       o->prefetch ? "on" : "off", o->direct ? "" : ",io=pread");
+                       prefetch_name(o->prefetch), o->direct ? "" : ",io=pread");
     if (len < 0) return 0;
     return (size_t)len < cap ? len : (int)cap - 1;
 }

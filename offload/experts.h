@@ -3,7 +3,7 @@
 // (LRU or LFU), and a background thread guesses the next block's experts by applying its router to the
 // current hidden state and reads them ahead (Mixtral-offloading's speculative prefetch).
 //
-// Made through weights_new with the name "experts:n=N,policy=lru|lfu,prefetch=on|off" (every key
+// Made through weights_new with the name "experts:n=N,policy=lru|lfu,prefetch=on|off|auto" (every key
 // optional; n=0 or no n: as many as the budget holds, all of them without a budget; n=off: naive
 // on-demand loading, every use of an expert reads it and nothing is kept). When every expert fits they
 // are all read at creation. Counters: hits and misses count expert acquires only (a dense part is
@@ -24,20 +24,31 @@ typedef enum {
     EXPERTS_LFU = 1,   // evict the least often used (uses counted since creation; ties: least recent)
 } experts_policy_t;
 
+// Reading ahead (experts_opts_t.prefetch).
+typedef enum {
+    EXPERTS_PREFETCH_OFF = 0,  // experts are read only when acquired
+    EXPERTS_PREFETCH_ON = 1,   // a background thread reads the router's choices of a block ahead, in the order
+                               // they are used, and guesses the next block's experts (always)
+    EXPERTS_PREFETCH_AUTO = 2, // as on, but guesses only while reading is not what the tokens wait for: the
+                               // share of time spent waiting for reads (a moving average over the blocks) is
+                               // below EXPERTS_GUESS_STALL_MAX. When reading is the bottleneck a guess cannot
+                               // hide anything, and a wrong one, or the expert it evicts, costs a whole read
+} experts_prefetch_t;
+
+#define EXPERTS_GUESS_STALL_MAX 0.5
+
 // The provider's options (its name's argument).
 typedef struct {
     int per_layer;             // experts resident per block; 0 = from the budget (all without one)
     bool naive;                // n=off: no cache, no prefetch, every acquire reads
     experts_policy_t policy;   // eviction policy
-    bool prefetch;             // a background thread reads ahead: the router's choices of a block in the order
-                               // they are used, and the next block's guessed experts (off: experts are read
-                               // only when acquired). Nothing to read ahead when every expert is resident
+    experts_prefetch_t prefetch; // reading ahead (default auto). Nothing to read ahead when every expert is resident
     bool direct;               // io=direct (default): reads with O_DIRECT in aligned extents where the file
                                // system has it, else buffered; io=pread: buffered reads (then dropped from
                                // the page cache). $MESHLM_EXPERTS_IO=pread|direct sets it for the process
 } experts_opts_t;
 
-// The defaults: per_layer 0, LRU, prefetch on.
+// The defaults: per_layer 0, LRU, prefetch auto.
 experts_opts_t experts_opts_default(void);
 
 // Parses the argument "n=2,policy=lfu,prefetch=off" (keys in any order, each optional) over o's

@@ -89,6 +89,8 @@ typedef struct {
     uint64_t expert_misses;    // expert_hits / (expert_hits + expert_misses): dense parts always hit)
     uint64_t prefetch_reads;   // units read on a speculative guess ("experts": the next block's router
                                // applied to the current hidden state); prefetch_used of them were used
+    uint64_t guesses_paused;   // blocks whose next block was not guessed because reading was the bottleneck
+                               // ("experts" with prefetch=auto)
     uint64_t bytes_reused;     // weight bytes taken at creation from the provider given as
                                // weights_params_t.reuse instead of being read and repacked ("mmap")
 } weights_stats_t;

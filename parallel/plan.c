@@ -63,6 +63,11 @@ static int parse_item(char *item, plan_node_t *nd, char *err, size_t errlen) {
                 if (end == v || *end || id < 1 || id >= 1000000)
                     return mlm_fail(err, errlen, MLM_EINVAL, "bad shm_id '%s' (want a positive integer)", v);
                 nd->shm_id = (int)id;
+            } else if (!strcmp(field, "cpu_id") || !strcmp(field, "cores") || !strcmp(field, "threads")) {
+                id = strtol(v, &end, 10);
+                if (end == v || *end || id < 1 || id >= 1000000)
+                    return mlm_fail(err, errlen, MLM_EINVAL, "bad %s '%s' (want a positive integer)", field, v);
+                *(field[0] == 'c' ? (field[1] == 'p' ? &nd->cpu_id : &nd->cores) : &nd->threads) = (int)id;
             } else if (!strcmp(field, "kv")) {
                 nd->kv_dev = plan_kv_dev_kind(v);
                 if (nd->kv_dev < 0 || strchr(v, ':'))
@@ -73,7 +78,8 @@ static int parse_item(char *item, plan_node_t *nd, char *err, size_t errlen) {
                     return mlm_fail(err, errlen, MLM_EINVAL, "bad %s '%s' (want a size, e.g. 512M or 20G)", field, v);
             } else {
                 return mlm_fail(err, errlen, MLM_EINVAL,
-                                "unknown node option '%s' (disk=, disk_id=, shm_id=, kv=, kv_ram= or kv_cap=)", field);
+                                "unknown node option '%s' (disk=, disk_id=, shm_id=, cpu_id=, cores=, threads=, kv=, kv_ram= or "
+                                "kv_cap=)", field);
             }
         } else if (!have_budget && k == 1) {
             if (plan_parse_size(field, &nd->mem_budget) != 0)
@@ -81,7 +87,8 @@ static int parse_item(char *item, plan_node_t *nd, char *err, size_t errlen) {
             have_budget = true;
         } else {
             return mlm_fail(err, errlen, MLM_EINVAL,
-                            "bad node field '%s' (want speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N][:shm_id=N][:kv=DEV]"
+                            "bad node field '%s' (want speed[:budget][@LAT_MS/MBIT][:disk=RATE][:disk_id=N][:shm_id=N][:cpu_id=N]"
+                            "[:cores=N][:threads=N][:kv=DEV]"
                             "[:kv_ram=SIZE][:kv_cap=SIZE])", field);
         }
     }

@@ -46,6 +46,13 @@ typedef struct {
     int shm_id;              // nodes with the same shm_id > 0 share one host's memory: a tensor-parallel
                              // group of them exchanges through shared memory (local workers over ipc,
                              // worker/node/pipeline.h pipe_set_shm); 0 = over its link
+    int cpu_id;              // nodes with the same cpu_id > 0 run on one machine's cores (local workers): when
+                             // more of their threads compute at once than it has cores, each goes slower by
+                             // that ratio (tensor-parallel members all at once; a pipeline's stages, or an
+                             // expert group's leader and the members given the token's experts, in turns);
+                             // 0 = cores of its own
+    int cores;               // that machine's cores (with cpu_id; 0 = as many as the threads: no slowdown)
+    int threads;             // threads it computes with (with cpu_id; 0 = 1)
     int kv_dev;              // where its KV cache lives (plan_kv_dev_t; 0 = host RAM)
     uint64_t kv_ram;         // PLAN_KV_FILE: its RAM share of the KV when fixed (file:DIR,ram=SIZE), counted in
                              // its budget; 0 = whatever its budget leaves (or all of it without a budget)

@@ -229,7 +229,8 @@ static double stage_decode_ms(const plan_model_t *pm, plan_t *p, int k, double x
         const plan_node_t *nd = &p->node[s->node];
         double el, by;
         shard_work(pm, &rs, s, p->tp_mode, 1, &el, &by);
-        const double tc = 2 * el / (plan_node_gflops(nd) * 1e9) * 1e3, tm = by / stream_bw(nd) * 1e3;
+        const double share = plan_cpu_share(p, a, b, NULL, nd); // the stage's members compute at once
+        const double tc = 2 * el / (plan_node_gflops(nd) * 1e9) * 1e3 * share, tm = by / stream_bw(nd) * 1e3 * share;
         const double td = disk_ms(p, a, b, i), t = member_time(&s->st, max2(tc, tm), x, td, idle);
         *mc = max2(*mc, tc);
         *mm = max2(*mm, tm);
@@ -252,11 +253,13 @@ static double stage_prefill_ms(const plan_model_t *pm, const plan_t *p, int k, i
         const plan_node_t *nd = &p->node[s->node];
         double el, by;
         shard_work(pm, &rs, s, p->tp_mode, 1, &el, &by);
-        const double c = max2(2 * el / (plan_node_gflops(nd) * 1e9) * 1e3, by / stream_bw(nd) * 1e3);
+        // micro-batches keep every stage busy at once
+        const double share = p->n_stages > 1 ? plan_cpu_share(p, 0, p->n, NULL, nd) : plan_cpu_share(p, a, b, NULL, nd);
+        const double c = max2(2 * el / (plan_node_gflops(nd) * 1e9) * 1e3, by / stream_bw(nd) * 1e3) * share;
         // A batched micro-batch costs u tokens' decode time divided by the speed-up, but never
         // less than reading the weights once.
         shard_work(pm, &rs, s, p->tp_mode, u, &el, &by);
-        const double pc = max2(u * c / PLAN_PREFILL_SPEEDUP, by / stream_bw(nd) * 1e3);
+        const double pc = max2(u * c / PLAN_PREFILL_SPEEDUP, by / stream_bw(nd) * 1e3 * share);
         const double d = p->n_stages > 1 ? disk_ms(p, 0, p->n, i) : disk_ms(p, a, b, i);
         worst = max2(worst, member_time(&s->st, pc, x, d, 0));
     }
@@ -275,6 +278,16 @@ double plan_node_mem_bw(const plan_node_t *nd) { return nd->mem_bw > 0 ? nd->mem
 double plan_node_lat_us(const plan_node_t *nd) { return nd->lat_us > 0 ? nd->lat_us : PLAN_DEFAULT_LAT_US; }
 double plan_node_link_bw(const plan_node_t *nd) { return nd->link_bw > 0 ? nd->link_bw : PLAN_DEFAULT_LINK_BW; }
 double plan_node_disk_bw(const plan_node_t *nd) { return nd->disk_bw > 0 ? nd->disk_bw : PLAN_DEFAULT_DISK_BW; }
+
+double plan_cpu_share(const plan_t *p, int a, int b, const bool *busy, const plan_node_t *nd) {
+    if (nd->cpu_id <= 0 || nd->cores <= 0) return 1.0;
+    double threads = 0;
+    for (int j = a; j < b; j++) {
+        const plan_node_t *o = &p->node[p->shard[j].node];
+        if ((!busy || busy[j - a]) && o->cpu_id == nd->cpu_id) threads += o->threads > 0 ? o->threads : 1;
+    }
+    return max2(1.0, threads / nd->cores);
+}
 
 double plan_node_rate(const plan_model_t *pm, const plan_node_t *nd) {
     const double bpw = pm && pm->bytes_per_weight > 0 ? pm->bytes_per_weight : 0.5625;

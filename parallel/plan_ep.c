@@ -158,11 +158,13 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
     }
 }
 
-// The expected slowest member of stage [a, b) per token: each member takes rep[i] ms plus x[i] ms
-// per routed expert it computes, the token's k experts drawn uniformly without repeats (routing
+// The expected time of stage [a, b) per token: the slowest member's rep[i] ms (its dense rows, every
+// member at once: they wait for each other at the block's exchange), then the slowest member's x[i]
+// ms per routed expert it computes, the token's k experts drawn uniformly without repeats (routing
 // assumed uniform), each to its first holder or, with replicas, to the holder with the least work so
-// far (as the leader assigns them), averaged over EP_DRAWS draws of a fixed sequence (the same figure
-// every time).
+// far (as the leader assigns them); members sharing a machine's cores slow each other (plan_cpu_share)
+// in each phase by who computes in it: in the dense phase those with rep[i] > 0, in the expert phase
+// those given an expert. Averaged over EP_DRAWS draws of a fixed sequence (the same figure every time).
 #define EP_DRAWS 512
 static double expected_max(const plan_t *p, int a, int b, int ne, int k, const double *rep, const double *x) {
     int owner[EP_MAX_EXPERTS];
@@ -177,6 +179,11 @@ static double expected_max(const plan_t *p, int a, int b, int ne, int k, const d
             }
         if (owner[e] < 0) owner[e] = 0;
     }
+    bool computes[PLAN_MAX_NODES];
+    for (int i = a; i < b; i++) computes[i - a] = rep[i - a] > 0;
+    double dense = 0;
+    for (int i = a; i < b; i++)
+        if (computes[i - a]) dense = max2(dense, rep[i - a] * plan_cpu_share(p, a, b, computes, &p->node[p->shard[i].node]));
     uint64_t z = 0x9e3779b97f4a7c15ull;
     double sum = 0;
     for (int d = 0; d < EP_DRAWS; d++) {
@@ -194,9 +201,12 @@ static double expected_max(const plan_t *p, int a, int b, int ne, int k, const d
                 if ((hold[pick[j]] >> i & 1) && load[i] < load[to]) to = i;
             load[to] += x[to];
         }
+        bool busy[PLAN_MAX_NODES];
         double worst = 0;
-        for (int i = a; i < b; i++) worst = max2(worst, rep[i - a] + load[i - a]);
-        sum += worst;
+        for (int i = a; i < b; i++) busy[i - a] = load[i - a] > 0;
+        for (int i = a; i < b; i++)
+            if (busy[i - a]) worst = max2(worst, load[i - a] * plan_cpu_share(p, a, b, busy, &p->node[p->shard[i].node]));
+        sum += dense + worst;
     }
     return sum / EP_DRAWS;
 }
@@ -240,12 +250,15 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
             // replicated bytes, plus on average the routed share of its experts; of the last stage only
             // the first member computes the output rows (it alone sends the logits)
             const bool no_out = st + 1 == p->n_stages && i > a && !p->ep_lead;
+            // the embedding's rows are held, not read: one row per token
+            const bool embd = s->l0 == 0 && !(s->l1 == pm->n_layer && pm->tied_output) && !(p->ep_lead && i > a);
             const double rep = (double)sh->weight_bytes - xb * own -
-                               (no_out ? (double)pm->out_row_bytes * (double)(s->v1 - s->v0) : 0);
+                               (no_out ? (double)pm->out_row_bytes * (double)(s->v1 - s->v0) : 0) -
+                               (embd ? (double)pm->embd_row_bytes * (double)(s->v1 - s->v0) : 0);
             const double bytes = rep + xb * (double)k * (double)own / (double)ne;
             rep_ms[i - a] = rep * max2(flop_ms, mem_ms);
             x_ms[i - a] = xb * max2(flop_ms, mem_ms);
-            if (p->ep_lead && i > a) rep_ms[i - a] = rep_ms[0]; // its rows come once the leader's attention is done
+            if (p->ep_lead && i > a) rep_ms[i - a] = 0; // experts only: it waits for the leader's attention
             sh->compute_ms = bytes * flop_ms;
             sh->memory_ms = bytes * mem_ms;
             sh->disk_ms = 0;

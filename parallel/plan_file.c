@@ -59,7 +59,7 @@ static bool parse_pos(const char *s, double *out) {
     return true;
 }
 
-// A disk_id or shm_id: a positive integer below a million.
+// A disk_id, shm_id, cpu_id, core or thread count: a positive integer below a million.
 static bool parse_disk_id(const char *s, int *out) {
     const char *end = s + strlen(s);
     return parse_int(s, end, out) && *out > 0 && *out < 1000000;
@@ -389,13 +389,16 @@ int plan_parse_nodes_file(const char *text, plan_node_t *nodes, int max, char *e
             else if (!strcmp(tok, "disk")) ok = plan_parse_rate(v, &nd->disk_bw);
             else if (!strcmp(tok, "disk_id")) ok = parse_disk_id(v, &nd->disk_id);
             else if (!strcmp(tok, "shm_id")) ok = parse_disk_id(v, &nd->shm_id);
+            else if (!strcmp(tok, "cpu_id")) ok = parse_disk_id(v, &nd->cpu_id);
+            else if (!strcmp(tok, "cores")) ok = parse_disk_id(v, &nd->cores);
+            else if (!strcmp(tok, "threads")) ok = parse_disk_id(v, &nd->threads);
             else if (!strcmp(tok, "kv")) ok = (nd->kv_dev = plan_kv_dev_kind(v)) >= 0 && !strchr(v, ':');
             else if (!strcmp(tok, "kv_ram")) ok = plan_parse_size(v, &nd->kv_ram) == 0 && nd->kv_ram > 0;
             else if (!strcmp(tok, "kv_cap")) ok = plan_parse_size(v, &nd->kv_cap) == 0 && nd->kv_cap > 0;
             else
                 return mlm_fail(err, errlen, MLM_EFORMAT,
                                 "line %d: unknown key '%.40s' (known: speed gflops mem_bw mem lat_ms lat_us mbit disk "
-                                "disk_id shm_id kv kv_ram kv_cap)", no, tok);
+                                "disk_id shm_id cpu_id cores threads kv kv_ram kv_cap)", no, tok);
             if (!ok) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: bad value '%.40s' for %s", no, v, tok);
         }
         n++;

@@ -759,6 +759,47 @@ static void test_ep_planner(void) {
     free(p);
 }
 
+// 4 one-thread nodes on one machine's 2 cores (local workers): sliced experts compute on all 4 at once
+// (twice as slow), placed experts with attention on the leader compute on the leader alone, then on
+// the 2 holders of the token's 2 experts (2 replicas): no slower. With attention replicated every
+// member computes it at once: slower.
+static void test_ep_shared_cores(void) {
+    char err[512];
+    plan_model_t *pm = malloc(sizeof *pm);
+    plan_t *p = malloc(sizeof *p);
+    CU_ASSERT_EQUAL_FATAL(plan_model_from_preset("mixtral-8x7b", "Q4_0", pm, err, sizeof err), 0);
+    pm->n_layer = 4; // the benchmark's 4-block file
+    plan_node_t nd[4];
+    double alone[3] = {0};
+    for (int shared = 0; shared < 2; shared++) {
+        fast_nodes(nd, 4, 1000, 125e6);
+        for (int i = 0; i < 4; i++) {
+            nd[i].gflops = 90;
+            nd[i].mem_bw = 6e9;
+            if (shared) nd[i].cpu_id = 1, nd[i].cores = 2, nd[i].threads = 1;
+        }
+        plan_opts_t o = {.n_ctx = 4096, .keep_all = true, .pp = 1, .tp = 4, .ep = -1};
+        CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+        CU_ASSERT_FATAL(!p->ep);
+        const double sliced = p->cost.token_ms;
+        CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, true, 2, p, err, sizeof err), 0);
+        const double lead = p->cost.token_ms;
+        CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, false, 1, p, err, sizeof err), 0);
+        const double all = p->cost.token_ms;
+        if (!shared) {
+            alone[0] = sliced, alone[1] = lead, alone[2] = all;
+            continue;
+        }
+        CU_ASSERT(sliced > 1.6 * alone[0]);
+        CU_ASSERT_DOUBLE_EQUAL(lead, alone[1], 1e-9);
+        CU_ASSERT(all > 1.2 * alone[2]);
+        fprintf(stderr, "\n  ms/token alone / on 2 cores: sliced %.1f / %.1f, placed (leader, 2 holders) %.1f / %.1f, "
+                "placed (attention replicated) %.1f / %.1f ", alone[0], sliced, alone[1], lead, alone[2], all);
+    }
+    free(pm);
+    free(p);
+}
+
 // An older worker on the control link: says 1.minor in its HELLO, answers the link probes.
 typedef struct {
     comm_t *ctl;
@@ -854,6 +895,7 @@ int test_ep_suite(void) {
         !CU_add_test(s, "worker processes with placed experts", test_ep_workers) ||
         !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output) ||
         !CU_add_test(s, "planner: placement, memory, speed, sliced or placed", test_ep_planner) ||
+        !CU_add_test(s, "planner: nodes sharing a machine's cores, sliced against placed", test_ep_shared_cores) ||
         !CU_add_test(s, "protocol 1.4 and 1.7 workers", test_ep_old_worker))
         return -1;
     return 0;

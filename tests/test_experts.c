@@ -74,6 +74,14 @@ static void test_options(void) {
     CU_ASSERT_FALSE(o.prefetch);
     experts_name(&o, name, sizeof name);
     CU_ASSERT_STRING_EQUAL(name, "experts:n=3,policy=lfu,prefetch=off");
+    CU_ASSERT_EQUAL(experts_opts_default().prefetch, EXPERTS_PREFETCH_AUTO);
+    CU_ASSERT_EQUAL(experts_parse("prefetch=auto", &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(o.prefetch, EXPERTS_PREFETCH_AUTO);
+    experts_name(&o, name, sizeof name);
+    CU_ASSERT_STRING_EQUAL(name, "experts:n=3,policy=lfu,prefetch=auto");
+    CU_ASSERT_EQUAL(experts_parse("prefetch=sometimes", &o, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "on, off or auto"));
+    CU_ASSERT_EQUAL(experts_parse("prefetch=off", &o, err, sizeof err), 0);
     CU_ASSERT_EQUAL(experts_parse("n=off", &o, err, sizeof err), 0);
     CU_ASSERT_TRUE(o.naive);
     experts_name(&o, name, sizeof name);
@@ -131,6 +139,12 @@ static void test_prefetch_counts(void) {
     CU_ASSERT_EQUAL(off.prefetch_reads, 0);
     CU_ASSERT_EQUAL(tight.prefetch_reads, 0);
     CU_ASSERT_EQUAL(on.hits + on.misses, off.hits + off.misses); // the same expert acquires
+    CU_ASSERT_EQUAL(on.guesses_paused, 0); // on: always guesses
+    // auto: the same logits; each block's observation is guessed from or paused (reads were waited for)
+    weights_stats_t au;
+    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts:n=4,prefetch=auto", 0, &au));
+    CU_ASSERT(au.prefetch_reads > 0 || au.guesses_paused > 0);
+    CU_ASSERT_EQUAL(au.hits + au.misses, off.hits + off.misses);
 }
 
 // A budget below the model's experts: the cache holds what fits (fewer than all), the logits stay.
@@ -325,7 +339,7 @@ static void test_cli_tokens(void) {
         "--expert-cache 1 --expert-policy lfu --expert-prefetch off",
         "--expert-cache auto --mem-budget 5M",  // the experts alone weigh 6.4 MiB
         "--expert-cache off",
-        "--local 2 --expert-cache 1",
+        "--local 2 --keep-all --expert-cache 1",
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         if (run_cli(cases[i], out, err, CAP) != 0) {

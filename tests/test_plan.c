@@ -1055,6 +1055,58 @@ static double tp_ms(const plan_model_t *pm, const char *spec, plan_t *p) {
 // Nodes of one host (shm_id) price a tensor-parallel group's exchanges at shared-memory cost: per
 // token 89 collectives (4 all-gathers per block of 22, the embedding row) at PLAN_SHM_LAT_US and a
 // copy of every block, against a 1 ms link latency each; a group over two hosts keeps the link's price.
+// Nodes on one machine's cores (cpu_id, cores, threads): a tensor-parallel group's members compute at
+// once, so 4 one-thread members on 2 cores each take twice their time alone (4 cores: alone; 2
+// threads each on 2 cores: 4 times); a pipeline's stages compute in turn in decode, so 4 stages on 2
+// cores keep their time; parse errors name the field.
+static void test_shared_cores(void) {
+    plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
+    plan_t *p = malloc(sizeof *p);
+    CU_ASSERT_FATAL(tp_ms(pm, "1@1/1000,1@1/1000,1@1/1000,1@1/1000", p) > 0);
+    const double alone = p->shard[0].memory_ms, alone_c = p->shard[0].compute_ms;
+    CU_ASSERT(alone > 0);
+    const char *two = "1@1/1000:cpu_id=1:cores=2:threads=1";
+    char spec[512];
+    snprintf(spec, sizeof spec, "%s,%s,%s,%s", two, two, two, two);
+    CU_ASSERT_FATAL(tp_ms(pm, spec, p) > 0);
+    CU_ASSERT_DOUBLE_EQUAL(p->shard[0].memory_ms, 2 * alone, 1e-9);
+    CU_ASSERT_DOUBLE_EQUAL(p->shard[3].compute_ms, 2 * alone_c, 1e-9);
+    const char *four = "1@1/1000:cpu_id=1:cores=4:threads=1";
+    snprintf(spec, sizeof spec, "%s,%s,%s,%s", four, four, four, four);
+    CU_ASSERT_FATAL(tp_ms(pm, spec, p) > 0);
+    CU_ASSERT_DOUBLE_EQUAL(p->shard[0].memory_ms, alone, 1e-9);
+    const char *busy = "1@1/1000:cpu_id=1:cores=2:threads=2";
+    snprintf(spec, sizeof spec, "%s,%s,%s,%s", busy, busy, busy, busy);
+    CU_ASSERT_FATAL(tp_ms(pm, spec, p) > 0);
+    CU_ASSERT_DOUBLE_EQUAL(p->shard[0].memory_ms, 4 * alone, 1e-9);
+    // two machines of 2 cores, 2 members each: no slowdown
+    snprintf(spec, sizeof spec, "%s,%s,1@1/1000:cpu_id=2:cores=2:threads=1,1@1/1000:cpu_id=2:cores=2:threads=1", two, two);
+    CU_ASSERT_FATAL(tp_ms(pm, spec, p) > 0);
+    CU_ASSERT_DOUBLE_EQUAL(p->shard[0].memory_ms, alone, 1e-9);
+    // a pipeline of 4 stages: decode keeps each stage's time
+    plan_node_t nodes[4];
+    char err[256];
+    plan_opts_t o = {.n_ctx = 4096, .pp = 4, .keep_all = true};
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes("1@1/1000,1@1/1000,1@1/1000,1@1/1000", nodes, 4, err, sizeof err), 4);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    const double pp_alone = p->cost.token_ms;
+    snprintf(spec, sizeof spec, "%s,%s,%s,%s", two, two, two, two);
+    CU_ASSERT_EQUAL_FATAL(plan_parse_nodes(spec, nodes, 4, err, sizeof err), 4);
+    CU_ASSERT(nodes[2].cpu_id == 1 && nodes[2].cores == 2 && nodes[2].threads == 1);
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nodes, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT_DOUBLE_EQUAL(p->cost.token_ms, pp_alone, 1e-9);
+    CU_ASSERT_EQUAL(plan_parse_nodes("1:cores=0", nodes, 2, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "bad cores '0'"));
+    CU_ASSERT_EQUAL(plan_parse_nodes("1:threads=x", nodes, 2, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "bad threads 'x'"));
+    CU_ASSERT_EQUAL(plan_parse_nodes_file("a speed=1 cpu_id=2 cores=8 threads=4\n", nodes, 2, err, sizeof err), 1);
+    CU_ASSERT(nodes[0].cpu_id == 2 && nodes[0].cores == 8 && nodes[0].threads == 4);
+    CU_ASSERT_EQUAL(plan_parse_nodes_file("a speed=1 cores=0\n", nodes, 2, err, sizeof err), MLM_EFORMAT);
+    free(p);
+    free(pm);
+}
+
 static void test_shm_group(void) {
     plan_model_t *pm = preset("tinyllama-1.1b", "Q4_0");
     CU_ASSERT_PTR_NOT_NULL_FATAL(pm);
@@ -1481,6 +1533,7 @@ int test_plan_suite(void) {
         !CU_add_test(s, "llama-2-70b streams on four 2 GiB nodes", test_70b_streams_on_2g_nodes) ||
         !CU_add_test(s, "disk bandwidth, shared disks and group size", test_disk_bandwidth_and_nodes) ||
         !CU_add_test(s, "a group on one host prices shared memory", test_shm_group) ||
+        !CU_add_test(s, "nodes on one machine's cores slow each other when computing at once", test_shared_cores) ||
         !CU_add_test(s, "exact and all-reduce tensor parallelism predicted", test_tp_modes) ||
         !CU_add_test(s, "plan files carry the tensor-parallel mode", test_plan_file_modes) ||
         !CU_add_test(s, "node specs with disks", test_node_specs_disk) ||

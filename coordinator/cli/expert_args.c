@@ -57,6 +57,9 @@ int expert_args_summary(const weights_stats_t *s, int n_tokens, char *buf, size_
                      s->prefetch_reads ? 100.0 * (double)s->prefetch_used / (double)s->prefetch_reads : 0.0,
                      (unsigned long long)s->prefetch_used, (unsigned long long)s->prefetch_reads, s->stall_ms * per,
                      (double)s->bytes_read / 1e6 * per);
+    if (n >= 0 && (size_t)n < cap && s->guesses_paused)
+        n += snprintf(buf + n, cap - (size_t)n, ", guessing paused for %llu blocks (reading was the bottleneck)",
+                      (unsigned long long)s->guesses_paused);
     return n < 0 ? 0 : (size_t)n < cap ? n : (int)cap - 1;
 }
 

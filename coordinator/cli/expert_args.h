@@ -29,8 +29,9 @@ enum { EA_CACHE = 1400, EA_POLICY, EA_PREFETCH, EA_SKIP };
     "                          when used (auto: as many as --mem-budget holds, all without one; off: naive\n"  \
     "                          on-demand loading, nothing kept). Same tokens as without it\n"                   \
     "      --expert-policy P   which expert leaves a full block's cache: lru (default) or lfu\n"              \
-    "      --expert-prefetch on|off  read the router's choices ahead and guess the next block's experts by\n" \
-    "                          applying its router to the current hidden state (default on)\n"                 \
+    "      --expert-prefetch on|off|auto  read the router's choices ahead and guess the next block's\n"       \
+    "                          experts by applying its router to the current hidden state (on); auto\n"       \
+    "                          (default): guess only while reads are not what the tokens wait for\n"          \
     "      --expert-skip T     adaptive gating (AdapMoE): a token drops its second expert when that\n"         \
     "                          expert's normalised weight is below T (e.g. 0.2). CHANGES OUTPUTS; off by\n"   \
     "                          default\n"

@@ -292,6 +292,8 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
         plan_parse_nodes("64", nodes, PLAN_MAX_NODES, err, errlen);
     }
     const qtype_t t = (qtype_t)qtype_from_name(model_type_name(c->full));
+    const long nproc = sysconf(_SC_NPROCESSORS_ONLN);
+    const int ncpu = nproc > 0 ? (int)nproc : 1;
     bool measured = !c->o.speeds;
     for (int j = 0; j < c->n_cand; j++) measured &= c->w[c->cand[j]].hello.n_speeds > 0 || c->o.local_profile;
     const profile_t *here = measured && (c->o.local_profile || off) ? here_profile(c) : NULL;
@@ -303,7 +305,12 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
         if (!nd->mem_budget) nd->mem_budget = h->ram_budget_bytes;
         nd->mem_bw = (double)h->mem_bw_bytes_s;
         nd->disk_bw = (double)h->disk_read_bw_bytes_s;
-        if (c->o.local_profile) nd->disk_id = 1; // local workers share this machine's disk
+        if (c->o.local_profile) { // local workers share this machine's disk and cores
+            nd->disk_id = 1;
+            nd->cpu_id = 1;
+            nd->cores = ncpu;
+            nd->threads = c->o.n_threads > 0 ? c->o.n_threads : ncpu;
+        }
         nd->lat_us = w->lat_us;
         nd->link_bw = w->bw;
         nd->shm_id = same_host_shm(c, w->endpoint);
@@ -331,6 +338,18 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
             nodes[0].speed = nodes[0].gflops = profile_gflops(here, t);
             nodes[0].mem_bw = here->mem_bw;
         }
+        if (c->o.local_profile) { // beside its local workers, on the same cores
+            nodes[0].cpu_id = 1;
+            nodes[0].cores = ncpu;
+            nodes[0].threads = c->o.n_threads > 0 ? c->o.n_threads : ncpu;
+        }
+    }
+    for (int j = 0; c->o.verbose && j < c->n_cand + off; j++) {
+        const plan_node_t *nd = &nodes[j];
+        fprintf(stderr, "meshlm: node %s: %.1f GFLOP/s, %.1f GB/s memory (0: unknown, the planner's defaults)", nd->name,
+                nd->gflops, nd->mem_bw / 1e9);
+        if (nd->cpu_id > 0) fprintf(stderr, ", %d thread(s) on this machine's %d cores", nd->threads, nd->cores);
+        fprintf(stderr, "\n");
     }
     return 0;
 }

@@ -192,29 +192,9 @@ static void test_budget(void) {
             (unsigned long long)ws.hits, (unsigned long long)ws.misses);
 }
 
-// Acquires (and releases) experts of block 0 in order; returns the provider's counters.
-static weights_stats_t trace(const char *provider, const int *experts, int n) {
-    char path[1024];
-    test_shared_path(path, sizeof path, "models/synth/synth-moe-Q8_0.gguf");
-    model_t *m = load(path, provider, 0, 0);
-    weights_stats_t st;
-    memset(&st, 0, sizeof st);
-    CU_ASSERT_PTR_NOT_NULL_FATAL(m);
-    weights_t *w = model_weights(m);
-    for (int i = 0; i < n; i++) {
-        const layer_weights_t *X;
-        CU_ASSERT_EQUAL(weights_acquire(w, 0, experts[i], &X), 0);
-        if (X) CU_ASSERT(X->w_gate.rows > 0 && X->w_down.rows > 0);
-        weights_release(w, 0, experts[i]);
-    }
-    weights_stats(w, &st);
-    model_destroy(&m);
-    return st;
-}
-
-// Tokens of k experts each on block 0, each token's experts hinted first as the forward pass does
-// (weights_prefetch, then acquire and release in order); returns the provider's counters.
-static weights_stats_t trace_hinted(const char *provider, const int *experts, int n_tok, int k) {
+// Tokens of k experts each on block 0, acquired and released in order; with hint, each token's experts
+// are hinted first as the forward pass does (weights_prefetch). Returns the provider's counters.
+static weights_stats_t trace_tokens(const char *provider, const int *experts, int n_tok, int k, bool hint) {
     char path[1024];
     test_shared_path(path, sizeof path, "models/synth/synth-moe-Q8_0.gguf");
     model_t *m = load(path, provider, 0, 0);
@@ -223,16 +203,22 @@ static weights_stats_t trace_hinted(const char *provider, const int *experts, in
     CU_ASSERT_PTR_NOT_NULL_FATAL(m);
     weights_t *w = model_weights(m);
     for (int t = 0; t < n_tok; t++) {
-        weights_prefetch(w, 0, experts + (size_t)t * k, k);
+        if (hint) weights_prefetch(w, 0, experts + (size_t)t * k, k);
         for (int r = 0; r < k; r++) {
             const layer_weights_t *X;
             CU_ASSERT_EQUAL(weights_acquire(w, 0, experts[t * k + r], &X), 0);
+            if (X) CU_ASSERT(X->w_gate.rows > 0 && X->w_down.rows > 0);
             weights_release(w, 0, experts[t * k + r]);
         }
     }
     weights_stats(w, &st);
     model_destroy(&m);
     return st;
+}
+
+// One expert at a time, no hints.
+static weights_stats_t trace(const char *provider, const int *experts, int n) {
+    return trace_tokens(provider, experts, n, 1, false);
 }
 
 static void test_trace_counters(void) {
@@ -264,7 +250,7 @@ static void test_trace_counters(void) {
     // the second hits: 2 + 3 misses, 3 hits. Without the hint LRU evicted the wanted one (the least
     // recent) for the new first and missed it next: every use a miss.
     const int chain[] = {0, 1, 2, 0, 3, 2, 4, 3};
-    st = trace_hinted("experts:n=2,policy=lru,prefetch=off", chain, 4, 2);
+    st = trace_tokens("experts:n=2,policy=lru,prefetch=off", chain, 4, 2, true);
     CU_ASSERT_EQUAL(st.expert_misses, 5);
     CU_ASSERT_EQUAL(st.expert_hits, 3);
     CU_ASSERT_EQUAL(st.evictions, 3);

@@ -246,6 +246,31 @@ static void test_left_out_worker_is_named(void) {
     run_free(&r);
 }
 
+// `run --local 2 -t 1 --verbose` prints each node's figures as the planner gets them, local workers as
+// one thread each on this machine's cores (they slow each other when computing at once).
+static void test_node_figures_verbose(void) {
+    char model[1024];
+    if (!have_model(model, sizeof model)) return;
+    const char *const args[] = {"meshlm", "run", "-m", model, "-p", "Once", "-n", "2", "--seed", "1",
+                                "--local", "2", "-t", "1", "--verbose", NULL};
+    run_t r;
+    if (!run_meshlm(&r, args, NULL)) return;
+    CU_ASSERT_EQUAL(r.status, 0);
+    char want[128];
+    snprintf(want, sizeof want, ", 1 thread(s) on this machine's %ld cores\n", sysconf(_SC_NPROCESSORS_ONLN));
+    for (int i = 0; i < 2; i++) {
+        char who[64];
+        snprintf(who, sizeof who, "meshlm: node local-%d: ", i);
+        const char *line = strstr(r.err, who);
+        CU_ASSERT_PTR_NOT_NULL(line);
+        const char *eol = line ? strchr(line, '\n') : NULL;
+        const char *at = line ? strstr(line, want) : NULL;
+        CU_ASSERT(at && eol && at + strlen(want) - 1 == eol); // on that node's line
+        if (!at) fprintf(stderr, "\nstderr: %s\n", r.err);
+    }
+    run_free(&r);
+}
+
 // tests/demo.sh: two local workers as a two-stage pipeline, the plan, the text and the speed, in
 // well under 10 s; the text is the single node's (pipelines keep the logits bit for bit).
 static void test_demo(void) {
@@ -538,6 +563,7 @@ int test_cli_suite(void) {
         !CU_add_test(s, "plan: llama-2-70b on four 2 GiB nodes streams, with a prediction", test_plan_70b_on_2g_nodes) ||
         !CU_add_test(s, "file errors name the path and the reason", test_file_errors_name_path) ||
         !CU_add_test(s, "run --local 2 names the worker the plan left out", test_left_out_worker_is_named) ||
+        !CU_add_test(s, "run --local 2 --verbose prints each node's figures and shared cores", test_node_figures_verbose) ||
         !CU_add_test(s, "tests/demo.sh runs a two-worker pipeline", test_demo) ||
         !CU_add_test(s, "run/bench report every process's peak memory", test_memory_report) ||
         !CU_add_test(s, "a worker over its cgroup limit is named", test_oom_worker_is_named) ||

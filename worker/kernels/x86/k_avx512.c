@@ -235,7 +235,7 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
 #endif
 #define Q6_R 4   // rows per tile (pairs of rows share a zmm of float lanes)
 #ifndef Q6_PF
-#define Q6_PF 4  // decode: prefetch each row this many super-blocks ahead (0: none)
+#define Q6_PF 32 // decode: prefetch each row this many super-blocks ahead (6.7 KB; 32-48 measured 1.3x faster than 4, 0: none)
 #endif
 #ifndef Q6_DEC_R
 #define Q6_DEC_R 4 // decode: rows per pass (2 or 4)

@@ -270,8 +270,9 @@ int plan_window(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_
 #define PLAN_GFLOPS_PER_SPEED 20.0  // gflops = 20 * speed (speed <= 0 counts as 1)
 #define PLAN_DEFAULT_MEM_BW 20e9    // bytes/s of weight streaming
 // Decode streams weights at this fraction of a node's measured read bandwidth (profile_node reads
-// a 64 MiB buffer; TinyLlama Q4_0 decode on the test machines: 24.2 GB/s against 33.9 measured).
-#define PLAN_MEM_EFFICIENCY 0.72
+// twice the last-level cache with the kernels' loads; TinyLlama Q4_0 decode on the 2-core test
+// machine: 13.0-13.6 GB/s against 17.0-17.7 with 2 threads, 7.0-8.1 against 7.3-10.1 with one).
+#define PLAN_MEM_EFFICIENCY 0.8
 #define PLAN_DEFAULT_LAT_US 100.0   // one-way link latency
 // A group on one host (plan_node_t.shm_id): each all-gather or all-reduce whose blocks fit a slot of
 // PLAN_SHM_SLOT_BYTES (transport/comm_shm.h's COMM_SHM_SLOT_BYTES) costs PLAN_SHM_LAT_US (measured:
@@ -279,6 +280,14 @@ int plan_window(const plan_model_t *pm, const shard_slice_t *s, int mode, int n_
 // block at PLAN_SHM_BW; larger ones go over the links.
 #define PLAN_SHM_SLOT_BYTES (1u << 20)
 #define PLAN_SHM_LAT_US 15.0
+// Members that exchange after every piece of work and outnumber their machine's cores (r threads per
+// core, r > 1) lose more than the factor r: the scheduler runs a member whose peers already wait on
+// it only in its next slice. Their compute and memory times take r * (1 + PLAN_OVERSUB_LOSS * min(1,
+// r - 1)). Measured on the 2-core machine with 4 one-thread workers (r = 2): sliced Mixtral-shaped
+// experts over emulated 1 Gbit/s links 6.3-7.6 tokens/s against 10.0 predicted from r alone (1.3-1.6x),
+// TinyLlama tp4 1.2x (shared memory) and 1.5x (ZeroMQ) slower than r alone predicts; 2 workers on 2
+// cores (r = 1) as predicted.
+#define PLAN_OVERSUB_LOSS 0.5
 #define PLAN_SHM_BW 4e9             // bytes/s
 #define PLAN_DEFAULT_LINK_BW 125e6  // bytes/s: 1 Gbit/s
 // Prompt processing: a token of a batch costs this many times less than a decoded token (decode is

@@ -286,7 +286,8 @@ double plan_cpu_share(const plan_t *p, int a, int b, const bool *busy, const pla
         const plan_node_t *o = &p->node[p->shard[j].node];
         if ((!busy || busy[j - a]) && o->cpu_id == nd->cpu_id) threads += o->threads > 0 ? o->threads : 1;
     }
-    return max2(1.0, threads / nd->cores);
+    const double r = threads / nd->cores;
+    return r <= 1 ? 1.0 : r * (1 + PLAN_OVERSUB_LOSS * min2(1.0, r - 1));
 }
 
 double plan_node_rate(const plan_model_t *pm, const plan_node_t *nd) {

@@ -21,8 +21,8 @@ double plan_node_lat_us(const plan_node_t *nd);
 double plan_node_link_bw(const plan_node_t *nd);  // bytes/s
 double plan_node_disk_bw(const plan_node_t *nd);  // bytes/s the disk reads sequentially (not yet derated)
 // How much slower node nd computes when the nodes of shards [a, b) of p with busy[j - a] set (all of
-// them when busy is NULL) compute at the same time: their threads on nd's machine (cpu_id) over its
-// cores, at least 1.
+// them when busy is NULL) compute at the same time: r = their threads on nd's machine (cpu_id) over
+// its cores, at least 1, and past 1 the time-sharing's loss on top (PLAN_OVERSUB_LOSS).
 double plan_cpu_share(const plan_t *p, int a, int b, const bool *busy, const plan_node_t *nd);
 // Decode throughput in matrix elements per second: the slower of its compute and its memory.
 double plan_node_rate(const plan_model_t *pm, const plan_node_t *nd);

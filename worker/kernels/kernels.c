@@ -121,3 +121,11 @@ void kern_from_float(const kernels_t *k, qtype_t act_type, const float *x, void 
     }
     quant_quantize_ref(act_type, x, y, n);
 }
+
+uint64_t kern_read_sum(const kernels_t *k, const void *p, size_t n) {
+    if (k && k->read_sum) return k->read_sum(p, n);
+    const uint64_t *q = p; // (n / 8)
+    uint64_t s = 0;
+    for (size_t i = 0; i < n / 8; i++) s += q[i];
+    return s;
+}

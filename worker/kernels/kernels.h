@@ -2,6 +2,7 @@
 #ifndef MESHLM_KERNELS_H
 #define MESHLM_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "worker/kernels/quant.h"
@@ -10,11 +11,16 @@
 typedef void (*kern_vec_dot_fn)(int64_t n, float *s, const void *w, const void *x);
 // Converts n floats into an activation type (Q8_0, Q8_1, Q8_K, F16, BF16).
 typedef void (*kern_from_float_fn)(const float *x, void *y, int64_t n);
+// The sum of the n / 8 little-endian u64 words at p (64-byte aligned, n a multiple of 256), read with
+// the widest loads the instruction set has, as the matmuls read weights: how fast one thread streams
+// memory (8-byte loads measured 6-7 GB/s where 64-byte loads and the kernels read 9-10).
+typedef uint64_t (*kern_read_sum_fn)(const void *p, size_t n);
 
 typedef struct kernels {
     const char *isa;                          // "scalar", "avx2", "avx512", "neon", "neon-dotprod"
     kern_vec_dot_fn vec_dot[QT_COUNT];        // by weight type; NULL -> scalar reference
     kern_from_float_fn from_float[QT_COUNT];  // by activation type; NULL -> scalar reference
+    kern_read_sum_fn read_sum;                // NULL -> plain C
 } kernels_t;
 
 // The best table this CPU runs. The environment variable MESHLM_ISA=scalar|avx2|avx512|neon|neon-dotprod forces
@@ -28,5 +34,7 @@ const kernels_t *kernels_for_isa(const char *isa);
 void kern_vec_dot(const kernels_t *k, qtype_t t, int64_t n, float *s, const void *w, const void *x);
 // Calls the table's from_float or the reference when it has none.
 void kern_from_float(const kernels_t *k, qtype_t act_type, const float *x, void *y, int64_t n);
+// Calls the table's read_sum or plain C when it has none.
+uint64_t kern_read_sum(const kernels_t *k, const void *p, size_t n);
 
 #endif

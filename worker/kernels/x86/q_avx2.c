@@ -353,9 +353,26 @@ void mmp_float_avx2(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, con
                                                    : float_dot_exact(QT_F16, w + (size_t)r * wrow, x + (size_t)t * xs, n, tiled);
 }
 
+// --- memory stream (kern_read_sum_fn): four independent 32-byte loads per step
+
+static uint64_t read_sum(const void *p, size_t n) {
+    const uint8_t *b = p;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i + 128 <= n; i += 128) {
+        a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(b + i)));
+        a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(b + i + 32)));
+        a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(b + i + 64)));
+        a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(b + i + 96)));
+    }
+    uint64_t lanes[4]; // (4)
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+    return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+
 // --- table
 
 void kern_x86_q_avx2_fill(kernels_t *k) {
+    k->read_sum = read_sum;
     k->vec_dot[QT_F32] = vec_dot_f32;
     k->vec_dot[QT_F16] = vec_dot_f16;
     k->vec_dot[QT_BF16] = vec_dot_bf16;

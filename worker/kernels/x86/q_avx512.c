@@ -878,9 +878,24 @@ void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, c
     }
 }
 
+// --- memory stream (kern_read_sum_fn): four independent 64-byte loads per step
+
+static uint64_t read_sum(const void *p, size_t n) {
+    const uint8_t *b = p;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i + 256 <= n; i += 256) {
+        a0 = _mm512_add_epi64(a0, _mm512_load_si512(b + i));
+        a1 = _mm512_add_epi64(a1, _mm512_load_si512(b + i + 64));
+        a2 = _mm512_add_epi64(a2, _mm512_load_si512(b + i + 128));
+        a3 = _mm512_add_epi64(a3, _mm512_load_si512(b + i + 192));
+    }
+    return (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+}
+
 // --- table
 
 void kern_x86_q_avx512_fill(kernels_t *k) {
+    k->read_sum = read_sum;
     k->vec_dot[QT_F32] = vec_dot_f32;
     k->vec_dot[QT_F16] = vec_dot_f16;
     k->vec_dot[QT_BF16] = vec_dot_bf16;

@@ -216,6 +216,33 @@ static void test_best_table(void) {
     free(keep);
 }
 
+// kern_read_sum (the profile's memory stream) gives the exact u64 sum of the words on every table,
+// wrapping included, for lengths of 256 bytes and multiples; the x86 tables have their own loops.
+static void test_read_sum(void) {
+    const size_t n = 256 * 37; // bytes
+    uint64_t *buf = NULL; // (n / 8)
+    CU_ASSERT_FATAL(posix_memalign((void **)&buf, 64, n) == 0);
+    uint64_t want = 0, want1 = 0; // all words, the first 256 bytes' words
+    for (size_t i = 0; i < n / 8; i++) {
+        buf[i] = 0x9e3779b97f4a7c15ull * (i + 1); // sums wrap
+        want += buf[i];
+        if (i < 32) want1 += buf[i];
+    }
+    CU_ASSERT(want != 0 && want1 != 0);
+    for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+        const kernels_t *k = kernels_for_isa(isas[i]);
+        if (!k) continue;
+        CU_ASSERT_EQUAL(kern_read_sum(k, buf, n), want);
+        CU_ASSERT_EQUAL(kern_read_sum(k, buf, 256), want1);
+        CU_ASSERT_EQUAL(kern_read_sum(k, buf, 0), 0);
+    }
+    const kernels_t *k = kernels_for_isa("avx2");
+    if (k) CU_ASSERT_PTR_NOT_NULL(k->read_sum);
+    k = kernels_for_isa("avx512");
+    if (k) CU_ASSERT_PTR_NOT_NULL(k->read_sum);
+    free(buf);
+}
+
 // --- public API
 
 int test_kernels_suite(void) {
@@ -223,7 +250,7 @@ int test_kernels_suite(void) {
     if (!s) return -1;
     if (!CU_add_test(s, "tables_filled", test_tables_filled) || !CU_add_test(s, "best_table", test_best_table) || !CU_add_test(s, "vec_dot_all_types", test_vec_dot_all_types) ||
         !CU_add_test(s, "from_float_random", test_from_float_random) ||
-        !CU_add_test(s, "from_float_edges", test_from_float_edges))
+        !CU_add_test(s, "from_float_edges", test_from_float_edges) || !CU_add_test(s, "read_sum", test_read_sum))
         return -1;
     return 0;
 }

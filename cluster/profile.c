@@ -57,20 +57,6 @@ static void mem_fn(void *arg, int ith, int nth) {
     j->sum[ith & 63] = kern_read_sum(j->k, j->buf + a, b - a);
 }
 
-// Bytes of the memory stream's buffer: twice the last-level cache (a buffer the cache holds measures
-// the cache: 64 MiB in a 105 MiB L3 read at 1.4x the memory's rate), from 64 to 256 MiB.
-static size_t mem_stream_bytes(void) {
-    long llc = 0;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (llc <= 0) llc = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    size_t want = llc > 0 ? 2 * (size_t)llc : MEM_BYTES;
-    if (want < MEM_BYTES) want = MEM_BYTES;
-    if (want > MEM_MAX_BYTES) want = MEM_MAX_BYTES;
-    return (want + MIN_BYTES - 1) & ~(size_t)(MIN_BYTES - 1);
-}
-
 // Bytes per second reading up to `total` bytes of path into buf (cap bytes, DISK_ALIGN aligned), from
 // the disk rather than the page cache: with O_DIRECT, or where the file system refuses it (tmpfs, some
 // FUSE) buffered after dropping the file's cached pages (POSIX_FADV_DONTNEED), and dropping what the
@@ -109,6 +95,20 @@ static double disk_read_bw(const char *path, void *buf, size_t cap, size_t total
 
 // --- public API
 
+uint64_t profile_stream_bytes(void) {
+    long llc = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (llc <= 0) llc = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    size_t want = llc > 0 ? 2 * (size_t)llc : MEM_BYTES;
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0 && want > (size_t)pages / 8 * (size_t)page) want = (size_t)pages / 8 * (size_t)page; // small boards
+    if (want < MEM_BYTES) want = MEM_BYTES;
+    if (want > MEM_MAX_BYTES) want = MEM_MAX_BYTES;
+    return (want + MIN_BYTES - 1) & ~(size_t)(MIN_BYTES - 1);
+}
+
 int profile_node(profile_t *p, int n_threads, const char *model_path, int budget_ms, uint64_t mem_budget) {
     memset(p, 0, sizeof *p);
     if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
@@ -116,7 +116,7 @@ int profile_node(profile_t *p, int n_threads, const char *model_path, int budget
     p->n_threads = n_threads;
     // The memory stream and the disk read share one buffer of at most half the budget, so that the
     // profile (which runs before any weights are loaded) stays within it.
-    size_t mem_bytes = mem_stream_bytes();
+    size_t mem_bytes = (size_t)profile_stream_bytes();
     if (mem_budget > 0 && mem_budget / 2 < mem_bytes) mem_bytes = (size_t)(mem_budget / 2) & ~(size_t)(MIN_BYTES - 1);
     if (mem_bytes < MIN_BYTES) mem_bytes = MIN_BYTES;
     tpool_t *pool = tpool_new(n_threads);

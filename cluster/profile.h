@@ -18,11 +18,15 @@ typedef struct {
 } profile_t;
 
 // Measures this machine with n_threads (0 = all cores) in about budget_ms. model_path (or NULL) is
-// read for the disk figure: its first 64 MiB from the disk, not the page cache (O_DIRECT, or where the
+// read for the disk figure: 64 MiB of it from the disk, not the page cache (O_DIRECT, or where the
 // file system refuses that, buffered after dropping the file's cached pages), 16 MiB per call like
-// the weight window. Its one buffer (memory stream and disk reads) is 64 MiB, at most half of a
-// mem_budget (0 = none) and at least 1 MiB. Returns 0 or MLM_ENOMEM.
+// the weight window. Its one buffer (memory stream and disk reads) is profile_stream_bytes(), at
+// most half of a mem_budget (0 = none) and at least 1 MiB. Returns 0 or MLM_ENOMEM.
 int profile_node(profile_t *p, int n_threads, const char *model_path, int budget_ms, uint64_t mem_budget);
+
+// Bytes of the memory stream's buffer without a budget: twice the CPU's last-level cache (a buffer
+// the cache holds measures the cache), at most an eighth of the RAM, 64 to 256 MiB.
+uint64_t profile_stream_bytes(void);
 
 // Throughput for a type (or, when it was not measured, the mean of the measured ones).
 double profile_gflops(const profile_t *p, qtype_t t);

@@ -1,11 +1,11 @@
 // Benchmark of the machine's DRAM read bandwidth: threads summing disjoint slices of a large buffer.
 //
 // usage: bench_membw [-s MB] [-j THREADS] [-r REPS]   e.g. -s 2048 -j 1,2 -r 7
-// Each pass has every thread sum its contiguous slice (64-byte loads, AVX-512 where the CPU has it,
-// else AVX2, else plain C) of a buffer much larger than the caches; the pass time is from the first
+// Each pass has every thread sum its contiguous slice (kern_read_sum of the best kernel table: 64-byte
+// loads with AVX-512, 32 with AVX2, else plain C, as the node profile reads) of a buffer much larger
+// than the caches; the pass time is from the first
 // thread's start to the last thread's end. Prints the best and the median pass in GB/s (1e9 bytes/s),
 // the ceiling decode (which reads every weight once per token) is compared with.
-#include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -14,6 +14,7 @@
 #include <sys/mman.h>
 
 #include "core/clock.h"
+#include "worker/kernels/kernels.h"
 
 // --- types
 
@@ -22,63 +23,27 @@
 typedef struct {
     const uint8_t *p;        // this thread's slice, (n) bytes
     size_t n;                // bytes, a multiple of 256
-    int isa;                 // 2 = AVX-512, 1 = AVX2, 0 = plain C
+    const kernels_t *k;      // the kernels' read_sum (the node profile's memory stream)
     uint64_t sum;            // result, kept so the loads cannot be dropped
 } slice_t;
 
 // --- helpers
 
-__attribute__((target("avx512f"))) static uint64_t sum_avx512(const uint8_t *p, size_t n) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    for (size_t i = 0; i < n; i += 256) {
-        a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
-        a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 64));
-        a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 128));
-        a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 192));
-    }
-    return (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
-}
-
-__attribute__((target("avx2"))) static uint64_t sum_avx2(const uint8_t *p, size_t n) {
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-    for (size_t i = 0; i < n; i += 128) {
-        a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(p + i)));
-        a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(p + i + 32)));
-        a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(p + i + 64)));
-        a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(p + i + 96)));
-    }
-    uint64_t lanes[4]; // (4)
-    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
-    return lanes[0] + lanes[1] + lanes[2] + lanes[3];
-}
-
-static uint64_t sum_c(const uint8_t *p, size_t n) {
-    const uint64_t *q = (const uint64_t *)p; // (n / 8)
-    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (size_t i = 0; i < n / 8; i += 4) {
-        s0 += q[i];
-        s1 += q[i + 1];
-        s2 += q[i + 2];
-        s3 += q[i + 3];
-    }
-    return s0 + s1 + s2 + s3;
-}
-
 static void *slice_run(void *arg) {
     slice_t *s = arg;
-    s->sum = s->isa == 2 ? sum_avx512(s->p, s->n) : s->isa == 1 ? sum_avx2(s->p, s->n) : sum_c(s->p, s->n);
+    s->sum = kern_read_sum(s->k, s->p, s->n);
     return NULL;
 }
 
 // One pass of nth threads over buf (bytes); returns its seconds, or -1 when a thread fails to start.
-static double pass(const uint8_t *buf, size_t bytes, int nth, int isa, uint64_t *sink) {
+static double pass(const uint8_t *buf, size_t bytes, int nth, const kernels_t *k, uint64_t *sink) {
     pthread_t th[MAX_THREADS];
     slice_t sl[MAX_THREADS];
     const size_t per = (bytes / (size_t)nth) & ~(size_t)255;
     const int64_t t0 = mlm_now_us();
     int started = 0;
     for (int i = 0; i < nth; i++) {
-        sl[i] = (slice_t){.p = buf + (size_t)i * per, .n = per, .isa = isa};
+        sl[i] = (slice_t){.p = buf + (size_t)i * per, .n = per, .k = k};
         if (pthread_create(&th[i], NULL, slice_run, &sl[i]) != 0) break;
         started++;
     }
@@ -115,7 +80,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     __builtin_cpu_init();
-    const int isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+    const kernels_t *k = kernels_best(); // its read_sum: the widest loads (MESHLM_ISA picks another)
     const size_t bytes = mb << 20;
     uint8_t *buf = NULL; // (bytes)
     if (posix_memalign((void **)&buf, (size_t)2 << 20, bytes) != 0) {
@@ -129,7 +94,7 @@ int main(int argc, char **argv) {
         const uint64_t v = i * 0x9e3779b97f4a7c15ull;
         memcpy(buf + i, &v, 8);
     }
-    printf("read bandwidth, %zu MB buffer, %s loads, %d passes\n", mb, isa == 2 ? "AVX-512" : isa == 1 ? "AVX2" : "C", reps);
+    printf("read bandwidth, %zu MB buffer, %s loads, %d passes\n", mb, k->isa, reps);
     printf("  %-7s %10s %10s\n", "threads", "best GB/s", "med GB/s");
     uint64_t sink = 0;
     double secs[1000]; // (reps)
@@ -140,8 +105,8 @@ int main(int argc, char **argv) {
             free(buf);
             return 2;
         }
-        (void)pass(buf, bytes, nth, isa, &sink); // warm-up
-        for (int r = 0; r < reps; r++) secs[r] = pass(buf, bytes, nth, isa, &sink);
+        (void)pass(buf, bytes, nth, k, &sink); // warm-up
+        for (int r = 0; r < reps; r++) secs[r] = pass(buf, bytes, nth, k, &sink);
         qsort(secs, (size_t)reps, sizeof secs[0], cmp_double);
         if (secs[0] <= 0) {
             fprintf(stderr, "bench_membw: cannot start %d threads\n", nth);

@@ -889,7 +889,12 @@ static uint64_t read_sum(const void *p, size_t n) {
         a2 = _mm512_add_epi64(a2, _mm512_load_si512(b + i + 128));
         a3 = _mm512_add_epi64(a3, _mm512_load_si512(b + i + 192));
     }
-    return (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+    // the lanes summed unsigned (_mm512_reduce_add_epi64 adds signed: overflow is undefined)
+    uint64_t lanes[8]; // (8)
+    _mm512_storeu_si512(lanes, _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+    uint64_t s = 0;
+    for (int i = 0; i < 8; i++) s += lanes[i];
+    return s;
 }
 
 // --- table

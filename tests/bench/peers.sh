@@ -12,17 +12,22 @@
 # processes on a shared machine falls on all of them alike); the table shows the median over rounds of
 # tokens/s, the decode GB/s (tg tokens/s x the weight bytes a token reads, as meshlm bench reports them),
 # its share of the read bandwidth, and each peer's ratio to meshlm. Not run in CI.
+# dllama's files come from tests/bench/gguf2dllama.py FILE.gguf (stdlib Python; writes FILE.dllama.m and .t):
+#   a Q4_0 file converts block for block and runs with --buffer-float-type q80; dllama has no CPU kernel for
+#   Q8_0 or F16 weights, so those need --weights f32 (run with f32 buffers, 4 bytes a weight, noted under the
+#   table) and k-quants are refused. Its prompts start without BOS (see the converter's header).
+#   e.g. tests/bench/gguf2dllama.py m-Q4_0.gguf && DLLAMA=../distributed-llama/dllama tests/bench/peers.sh m-Q4_0.gguf
 set -u
 here=$(cd "$(dirname "$0")/../.." && pwd)
 threads=2 np=64 ng=32 rounds=3 readbw=""
 while getopts "t:p:n:r:b:h" o; do
   case $o in
     t) threads=$OPTARG ;; p) np=$OPTARG ;; n) ng=$OPTARG ;; r) rounds=$OPTARG ;; b) readbw=$OPTARG ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    *) sed -n '2,19p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { sed -n '2,16p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,19p' "$0"; exit 2; }
 MESHLM=${MESHLM:-$here/build/meshlm}
 BENCH_MEMBW=${BENCH_MEMBW:-$here/build/bench_membw}
 LLAMA_BENCH=${LLAMA_BENCH:-}
@@ -63,9 +68,19 @@ run_llama() { # file
 }
 
 run_dllama() { # file
-  local m=${1%.gguf}.dllama.m t=${1%.gguf}.dllama.t o pp tg
+  local m=${1%.gguf}.dllama.m t=${1%.gguf}.dllama.t o pp tg wt buf
   if [ ! -f "$m" ] || [ ! -f "$t" ]; then echo "dllama $1 - -" >>"$out/runs"; return; fi
-  o=$("$DLLAMA" inference --model "$m" --tokenizer "$t" --buffer-float-type q80 --nthreads "$threads" \
+  # the weight type is header key 13 of the .m (int32 magic, int32 header bytes, int32 key/value pairs):
+  # Q40 (2) computes with q80 buffers, F32 (0) with f32 ones; dllama's CPU has no kernel for the others
+  wt=$(od -An -v -t d4 -N 512 "$m" | awk '{ for (i = 1; i <= NF; i++) v[++n] = $i }
+         END { for (i = 3; i < v[2] / 4; i += 2) if (v[i] == 13) { print v[i + 1]; exit } }')
+  case $wt in
+    2) buf=q80 ;;
+    0) buf=f32; grep -qxF "$1" "$out/f32" 2>/dev/null || echo "$1" >>"$out/f32" ;;
+    *) echo "peers.sh: $m: weight type ${wt:-?} has no dllama CPU kernel (Q40 and F32 do)" >&2
+       echo "dllama $1 - -" >>"$out/runs"; return ;;
+  esac
+  o=$("$DLLAMA" inference --model "$m" --tokenizer "$t" --buffer-float-type "$buf" --nthreads "$threads" \
         --max-seq-len 1024 --steps $((np + ng)) --prompt "$(yes hello | head -n "$np" | tr '\n' ' ')" 2>/dev/null)
   pp=$(printf '%s\n' "$o" | awk '/^Evaluation/ { e = 1 } /^Prediction/ { e = 0 } e && /tokens\/s/ { print $2; exit }')
   tg=$(printf '%s\n' "$o" | awk '/^Prediction/ { p = 1 } p && /tokens\/s/ { print $2; exit }')
@@ -108,3 +123,6 @@ done
 echo
 echo "tokens/s are medians of $rounds interleaved rounds; GB/s = tg t/s x weight bytes read per token (meshlm's count, the same file)."
 echo "'tg vs meshlm' is the peer's tg over meshlm's (below 1: meshlm is faster)."
+if [ -f "$out/f32" ]; then
+  sed 's|^|dllama ran F32 weights (gguf2dllama.py --weights f32, 4 bytes a weight) for |' "$out/f32"
+fi

@@ -269,10 +269,12 @@ static void test_q8_0_batch_bits(void) {
 
 // Decode (one activation row) gives the same bits as the per-row dot product on every ISA: the
 // quantized types as kern_vec_dot of the same table, F16 as the scalar table's ggml_vec_dot order; row
-// ranges that start and end off the kernels' row blocks (4 and 8), rows with a tail past 64 columns.
+// ranges that start and end off the kernels' row blocks (4, 8 and groups of 16), rows with a tail past 64
+// columns; packed Q4_0 against the scalar table's packed kernel.
 static void test_decode_bits(void) {
-    static const qtype_t types[] = {QT_F16, QT_Q8_0, QT_Q4_K, QT_Q6_K, QT_Q5_K, QT_Q2_K};
-    static const int64_t ranges[][2] = {{0, 37}, {1, 37}, {3, 11}, {8, 16}, {36, 37}};
+    enum { NR = 101 }; // 6 full groups of 16 and 5 rows: packed decode walks up to 4 groups at once
+    static const qtype_t types[] = {QT_F16, QT_Q4_0, QT_Q8_0, QT_Q4_K, QT_Q6_K, QT_Q5_K, QT_Q2_K};
+    static const int64_t ranges[][2] = {{0, 37}, {1, 37}, {3, 11}, {8, 16}, {36, 37}, {0, NR}, {16, NR}, {32, 80}};
     const kernels_t *ks = kernels_for_isa("scalar");
     for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
         const kernels_t *k = kernels_for_isa(isas[i]);
@@ -280,33 +282,35 @@ static void test_decode_bits(void) {
         for (size_t j = 0; j < sizeof types / sizeof types[0]; j++) {
             const int64_t cols = types[j] == QT_F16 ? 2048 + 40 : 2048;
             problem_t p;
-            problem_init(&p, k, types[j], 37, cols, 900 + j);
+            problem_init(&p, k, types[j], NR, cols, 900 + j);
             const size_t rb = qtype_row_size(types[j], cols);
             mm_weight_t w;
             CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, types[j], p.rows, cols, p.w, true), 0);
-            float y[37], want[37];
+            float y[NR], want[NR];
             int bad = 0, checked = 0;
             for (size_t g = 0; g < sizeof ranges / sizeof ranges[0]; g++) {
                 const int64_t r0 = ranges[g][0], r1 = ranges[g][1];
-                for (int64_t r = 0; r < 37; r++) y[r] = NAN;
-                mm_rows(k, &w, p.xq, p.xs, 1, y, 37, r0, r1);
-                if (types[j] == QT_F16) mm_rows(ks, &w, p.xq, p.xs, 1, want, 37, r0, r1);
+                for (int64_t r = 0; r < NR; r++) y[r] = NAN;
+                mm_rows(k, &w, p.xq, p.xs, 1, y, NR, r0, r1);
+                // F16 and packed Q4_0: the scalar table's bits (Q4_0's are the repacked reference's, not vec_dot's)
+                const bool oracle_rows = types[j] == QT_F16 || types[j] == QT_Q4_0;
+                if (oracle_rows) mm_rows(ks, &w, p.xq, p.xs, 1, want, NR, r0, r1);
                 for (int64_t r = r0; r < r1; r++) {
-                    if (types[j] != QT_F16) kern_vec_dot(k, types[j], cols, &want[r], p.w + (size_t)r * rb, p.xq);
+                    if (!oracle_rows) kern_vec_dot(k, types[j], cols, &want[r], p.w + (size_t)r * rb, p.xq);
                     checked++;
                     if (memcmp(&y[r], &want[r], sizeof y[r]) != 0 && bad++ == 0)
                         fprintf(stderr, "\n  %s %s decode [%lld,%lld) row %lld: got %.9g want %.9g\n", k->isa,
                                 qtype_name(types[j]), (long long)r0, (long long)r1, (long long)r, y[r], want[r]);
                 }
-                for (int64_t r = 0; r < 37; r++)
+                for (int64_t r = 0; r < NR; r++)
                     if ((r < r0 || r >= r1) && !isnan(y[r])) bad++;
             }
-            CU_ASSERT_EQUAL(checked, 37 + 36 + 8 + 8 + 1);
+            CU_ASSERT_EQUAL(checked, 37 + 36 + 8 + 8 + 1 + NR + (NR - 16) + 48);
             CU_ASSERT_EQUAL(bad, 0);
             // and within the oracle's tolerance (the bits above could agree on a wrong value)
-            mm_rows(k, &w, p.xq, p.xs, 1, y, 37, 0, 37);
+            mm_rows(k, &w, p.xq, p.xs, 1, y, NR, 0, NR);
             int far = 0;
-            for (int64_t r = 0; r < 37; r++) far += !(fabs((double)y[r] - p.ref[r]) <= p.tol[r]);
+            for (int64_t r = 0; r < NR; r++) far += !(fabs((double)y[r] - p.ref[r]) <= p.tol[r]);
             CU_ASSERT_EQUAL(far, 0);
             mm_weight_release(&w);
             problem_free(&p);

@@ -432,6 +432,52 @@ static void check_refusals(ctx_t *x, tpool_t *pool) {
     stream_free(&s);
 }
 
+// ops_attention's vector paths give its scalar path's bits: single tokens (tails before and past
+// the 64-position lanes, F16 and F32 caches, head sizes 64, 128 and 80) and batched queries.
+static void test_ops_simd_bits(void) {
+    enum { NPOS_MAX = 150, HD_MAX = 128 };
+    const int hds[] = {64, 128, 80};
+    const int nposs[] = {1, 5, 63, 64, 65, 100, 130, 150};
+    float *scratch = malloc(ops_attention_scratch(NPOS_MAX + 32, HD_MAX) * sizeof(float));
+    float *kf = malloc((size_t)NPOS_MAX * HD_MAX * sizeof(float)), *vf = malloc((size_t)NPOS_MAX * HD_MAX * sizeof(float));
+    mlm_f16_t *kh = malloc((size_t)NPOS_MAX * HD_MAX * sizeof(mlm_f16_t)), *vh = malloc((size_t)NPOS_MAX * HD_MAX * sizeof(mlm_f16_t));
+    float q[HD_MAX], a[HD_MAX], b[HD_MAX];
+    uint32_t seed = 12345;
+    for (int i = 0; i < NPOS_MAX * HD_MAX; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        kf[i] = (float)((int)(seed >> 9) % 2001 - 1000) / 400.0f;
+        seed = seed * 1664525u + 1013904223u;
+        vf[i] = (float)((int)(seed >> 9) % 2001 - 1000) / 300.0f;
+        kh[i] = mlm_f32_to_f16(kf[i]);
+        vh[i] = mlm_f32_to_f16(vf[i]);
+    }
+    for (int i = 0; i < HD_MAX; i++) q[i] = (float)((i * 37) % 29 - 14) / 7.0f;
+    int checked = 0, bad = 0;
+    for (size_t h = 0; h < sizeof hds / sizeof hds[0]; h++)
+        for (size_t n = 0; n < sizeof nposs / sizeof nposs[0]; n++)
+            for (int f16 = 0; f16 <= 1; f16++)
+                for (int batched = 0; batched <= 1; batched++) {
+                    const int hd = hds[h], npos = nposs[n], n_kv = (npos + 31) & ~31;
+                    const void *k = f16 ? (const void *)kh : (const void *)kf, *v = f16 ? (const void *)vh : (const void *)vf;
+                    const float scale = 1.0f / sqrtf((float)hd);
+                    ops_attention(a, q, k, v, HD_MAX, npos, n_kv, hd, scale, f16, batched, scratch);
+                    ops_force_scalar(true);
+                    ops_attention(b, q, k, v, HD_MAX, npos, n_kv, hd, scale, f16, batched, scratch);
+                    ops_force_scalar(false);
+                    checked++;
+                    if (memcmp(a, b, (size_t)hd * sizeof(float)) != 0 && bad++ < 3)
+                        fprintf(stderr, "\n  ops_attention hd %d npos %d %s%s: vector and scalar bits differ\n", hd, npos,
+                                f16 ? "F16" : "F32", batched ? " batched" : "");
+                }
+    CU_ASSERT_EQUAL(checked, 3 * 8 * 2 * 2);
+    CU_ASSERT_EQUAL(bad, 0);
+    free(scratch);
+    free(kf);
+    free(vf);
+    free(kh);
+    free(vh);
+}
+
 static void test_conformance(void) {
     tpool_t *pool = tpool_new(2);
     CU_ASSERT_PTR_NOT_NULL_FATAL(pool);
@@ -572,6 +618,7 @@ static int suite_cleanup(void) {
 int test_attn_suite(void) {
     CU_pSuite s = CU_add_suite("attn", suite_init, suite_cleanup);
     if (!s) return -1;
+    if (!CU_add_test(s, "ops_attention's vector paths give its scalar path's bits", test_ops_simd_bits)) return -1;
     if (!CU_add_test(s, "every device gives the host device's bits on every shape", test_conformance)) return -1;
     if (!CU_add_test(s, "registry and shapes", test_registry_and_shapes)) return -1;
     if (!CU_add_test(s, "the forward pass over every device", test_forward_pass)) return -1;

@@ -50,8 +50,13 @@ static float v_expf1(float x) {
 
 // --- helpers: AVX-512 versions (same operations, 16 lanes at a time)
 
+static bool g_force_scalar; // ops_force_scalar (tests)
+
+void ops_force_scalar(bool on) { g_force_scalar = on; }
+
 #ifdef OPS_X86
 static bool have_avx512(void) {
+    if (g_force_scalar) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 }
@@ -114,6 +119,47 @@ pv_lanes_avx512(float *acc, int nl, const float *p, const void *v, size_t stride
             for (; d + 16 <= hd; d += 16)
                 _mm512_storeu_ps(a + d, _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + d), _mm512_loadu_ps(a + d)));
             for (; d < hd; d++) a[d] = fmaf(p[t], vr[d], a[d]);
+        }
+    }
+}
+
+// The single-token tail, d vectorized: out[d] = head[d] + sum over t in [t0, t1) in order of p[t] * v[t][d]
+// (the product rounded to float, then added in double for F16, fma in float for F32), the same
+// operations per d as the scalar loop. hd % 16 == 0.
+__attribute__((target("avx512f,avx512dq,f16c"))) static void pv_tail_avx512(float *out, const float *head, const float *p,
+                                                                           const void *v, size_t stride, int t0, int t1,
+                                                                           int hd, bool f16) {
+    for (int d0 = 0; d0 < hd; d0 += 64) {
+        const int nc = hd - d0 < 64 ? (hd - d0) / 16 : 4; // 16-column chunks in this pass
+        if (f16) {
+            __m512d lo[4], hi[4];
+            for (int c = 0; c < nc; c++) {
+                const __m512 h = _mm512_loadu_ps(head + d0 + 16 * c);
+                lo[c] = _mm512_cvtps_pd(_mm512_castps512_ps256(h));
+                hi[c] = _mm512_cvtps_pd(_mm512_extractf32x8_ps(h, 1));
+            }
+            for (int t = t0; t < t1; t++) {
+                const mlm_f16_t *vr = (const mlm_f16_t *)v + (size_t)t * stride + d0;
+                const __m512 pt = _mm512_set1_ps(p[t]);
+                for (int c = 0; c < nc; c++) {
+                    const __m512 pr = _mm512_mul_ps(pt, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vr + 16 * c))));
+                    lo[c] = _mm512_add_pd(lo[c], _mm512_cvtps_pd(_mm512_castps512_ps256(pr)));
+                    hi[c] = _mm512_add_pd(hi[c], _mm512_cvtps_pd(_mm512_extractf32x8_ps(pr, 1)));
+                }
+            }
+            for (int c = 0; c < nc; c++) {
+                const __m256 a = _mm512_cvtpd_ps(lo[c]), b = _mm512_cvtpd_ps(hi[c]);
+                _mm512_storeu_ps(out + d0 + 16 * c, _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1));
+            }
+        } else {
+            __m512 a[4];
+            for (int c = 0; c < nc; c++) a[c] = _mm512_loadu_ps(head + d0 + 16 * c);
+            for (int t = t0; t < t1; t++) {
+                const float *vr = (const float *)v + (size_t)t * stride + d0;
+                const __m512 pt = _mm512_set1_ps(p[t]);
+                for (int c = 0; c < nc; c++) a[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 16 * c), a[c]);
+            }
+            for (int c = 0; c < nc; c++) _mm512_storeu_ps(out + d0 + 16 * c, a[c]);
         }
     }
 }
@@ -317,6 +363,8 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
             for (int d = 0; d < hd; d++)
                 acc[(size_t)(t % nl) * hd + d] = fmaf(sc[t], kv_at(v, (size_t)t * row_stride + d, f16),
                                                       acc[(size_t)(t % nl) * hd + d]);
+    const bool vec_tail = !tiled_pv && simd && hd % 16 == 0 && hd <= 256;
+    float heads[256]; // (hd) the lanes' sums, when the tail is vectorized
     for (int d = 0; d < hd; d++) {
         float lanes[16];
         if (tiled_pv) {
@@ -331,6 +379,10 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
                            (acc[(size_t)(l + 16) * hd + d] + acc[(size_t)(l + 48) * hd + d]);
             head = reduce16(lanes);
         }
+        if (vec_tail) {
+            heads[d] = head;
+            continue;
+        }
         if (f16) {
             double sd = head;
             for (int t = nsimd; t < npos; t++) sd += (double)(sc[t] * kv_at(v, (size_t)t * row_stride + d, f16));
@@ -341,6 +393,9 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
             out[d] = sf;
         }
     }
+#ifdef OPS_X86
+    if (vec_tail) pv_tail_avx512(out, heads, sc, v, row_stride, nsimd, npos, hd, f16);
+#endif
 }
 
 void ops_topk_route(const float *logits, int n_expert, int k, int *sel, float *w) {

@@ -31,6 +31,10 @@ size_t ops_attention_scratch(int n_ctx, int head_dim);
 void ops_attention(float *out, const float *q, const void *k, const void *v, size_t row_stride, int npos, int n_kv,
                    int head_dim, float scale, bool f16, bool batched, float *scratch);
 
+// Tests: true makes every operator here take its scalar path (which gives the same bits as the
+// vector one); not thread-safe against running operators.
+void ops_force_scalar(bool on);
+
 // Mixture-of-experts gating: softmax over n_expert logits, keep the k largest (ggml's argsort
 // order), renormalize their weights to sum to 1. sel: (k) chosen experts in rank order, w: (k) their weights.
 void ops_topk_route(const float *logits, int n_expert, int k, int *sel, float *w);

@@ -123,12 +123,46 @@ pv_lanes_avx512(float *acc, int nl, const float *p, const void *v, size_t stride
     }
 }
 
+// y[i] = x[i] rounded to F16 (to nearest even, as mlm_f32_to_f16) for whole blocks of 16; returns
+// the elements done.
+__attribute__((target("avx512f,avx512dq,f16c"))) static int round_f16_avx512(float *y, const float *x, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    return i;
+}
+
+// x[i] = x[i] * s rounded to F16, for whole blocks of 16; returns the elements done.
+__attribute__((target("avx512f,avx512dq,f16c"))) static int scale_round_f16_avx512(float *x, int n, float s) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(s));
+        _mm512_storeu_ps(x + i, _mm512_cvtph_ps(_mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+    return i;
+}
+
 // The single-token tail, d vectorized: out[d] = head[d] + sum over t in [t0, t1) in order of p[t] * v[t][d]
 // (the product rounded to float, then added in double for F16, fma in float for F32), the same
 // operations per d as the scalar loop. hd % 16 == 0.
-__attribute__((target("avx512f,avx512dq,f16c"))) static void pv_tail_avx512(float *out, const float *head, const float *p,
+// head[d] is the 64 lanes' sum (acc: (64, hd)) in the scalar loop's tree, or 0 when t0 == 0.
+__attribute__((target("avx512f,avx512dq,f16c"))) static void pv_tail_avx512(float *out, const float *acc, const float *p,
                                                                            const void *v, size_t stride, int t0, int t1,
                                                                            int hd, bool f16) {
+    float head[256];
+    for (int d = 0; d < hd; d += 16) {
+        if (t0 == 0) {
+            _mm512_storeu_ps(head + d, _mm512_setzero_ps());
+            continue;
+        }
+        __m512 L[16];
+#define ACC(l) _mm512_loadu_ps(acc + (size_t)(l) * hd + d)
+        for (int l = 0; l < 16; l++) L[l] = _mm512_add_ps(_mm512_add_ps(ACC(l), ACC(l + 32)), _mm512_add_ps(ACC(l + 16), ACC(l + 48)));
+#undef ACC
+        for (int i = 0; i < 8; i++) L[i] = _mm512_add_ps(L[i + 8], L[i]);
+        for (int i = 0; i < 4; i++) L[i] = _mm512_add_ps(L[i + 4], L[i]);
+        _mm512_storeu_ps(head + d, _mm512_add_ps(_mm512_add_ps(L[0], L[2]), _mm512_add_ps(L[1], L[3])));
+    }
     for (int d0 = 0; d0 < hd; d0 += 64) {
         const int nc = hd - d0 < 64 ? (hd - d0) / 16 : 4; // 16-column chunks in this pass
         if (f16) {
@@ -329,7 +363,11 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
     simd = have_avx512();
 #endif
     // q is converted to the cache type before the product (F16: rounded to half).
-    for (int d = 0; d < hd; d++) qr[d] = f16 ? mlm_f16_to_f32(mlm_f32_to_f16(q[d])) : q[d];
+    int d0 = 0;
+#ifdef OPS_X86
+    if (simd && f16) d0 = round_f16_avx512(qr, q, hd);
+#endif
+    for (int d = d0; d < hd; d++) qr[d] = f16 ? mlm_f16_to_f32(mlm_f32_to_f16(q[d])) : q[d];
     const bool tiled_qk = batched && hd % 16 == 0;
     float mx = -INFINITY;
     for (int t = 0; t < npos; t++) {
@@ -342,7 +380,11 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
     for (int t = npos; t < nexp; t++) sc[t] = -INFINITY;
     const double sum = softmax_exp(sc, sc, nexp, mx, simd);
     const float inv = (float)(1.0 / sum);
-    for (int t = 0; t < npos; t++) {
+    int t0 = 0;
+#ifdef OPS_X86
+    if (simd && f16) t0 = scale_round_f16_avx512(sc, npos, inv);
+#endif
+    for (int t = t0; t < npos; t++) {
         const float p = sc[t] * inv;
         sc[t] = f16 ? mlm_f16_to_f32(mlm_f32_to_f16(p)) : p; // the probabilities enter an F16 product
     }
@@ -363,8 +405,12 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
             for (int d = 0; d < hd; d++)
                 acc[(size_t)(t % nl) * hd + d] = fmaf(sc[t], kv_at(v, (size_t)t * row_stride + d, f16),
                                                       acc[(size_t)(t % nl) * hd + d]);
-    const bool vec_tail = !tiled_pv && simd && hd % 16 == 0 && hd <= 256;
-    float heads[256]; // (hd) the lanes' sums, when the tail is vectorized
+#ifdef OPS_X86
+    if (!tiled_pv && simd && hd % 16 == 0 && hd <= 256) {
+        pv_tail_avx512(out, acc, sc, v, row_stride, nsimd, npos, hd, f16);
+        return;
+    }
+#endif
     for (int d = 0; d < hd; d++) {
         float lanes[16];
         if (tiled_pv) {
@@ -379,10 +425,6 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
                            (acc[(size_t)(l + 16) * hd + d] + acc[(size_t)(l + 48) * hd + d]);
             head = reduce16(lanes);
         }
-        if (vec_tail) {
-            heads[d] = head;
-            continue;
-        }
         if (f16) {
             double sd = head;
             for (int t = nsimd; t < npos; t++) sd += (double)(sc[t] * kv_at(v, (size_t)t * row_stride + d, f16));
@@ -393,9 +435,6 @@ void ops_attention(float *out, const float *q, const void *k, const void *v, siz
             out[d] = sf;
         }
     }
-#ifdef OPS_X86
-    if (vec_tail) pv_tail_avx512(out, heads, sc, v, row_stride, nsimd, npos, hd, f16);
-#endif
 }
 
 void ops_topk_route(const float *logits, int n_expert, int k, int *sel, float *w) {

@@ -353,19 +353,25 @@ void mmp_float_avx2(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, con
                                                    : float_dot_exact(QT_F16, w + (size_t)r * wrow, x + (size_t)t * xs, n, tiled);
 }
 
-// --- memory stream (kern_read_sum_fn): four independent 32-byte loads per step
+// --- memory stream (kern_read_sum_fn): the buffer's quarters read side by side (four streams, as the
+// decode kernels read several rows or groups at once), 128 bytes of each per step
 
 static uint64_t read_sum(const void *p, size_t n) {
     const uint8_t *b = p;
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-    for (size_t i = 0; i + 128 <= n; i += 128) {
-        a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(b + i)));
-        a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(b + i + 32)));
-        a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(b + i + 64)));
-        a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(b + i + 96)));
-    }
+    const size_t q = n / 128 / 4; // 128-byte chunks per stream
+    __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (size_t i = 0; i < q * 128; i += 128)
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            const uint8_t *c = b + (size_t)s * q * 128 + i;
+            a[s] = _mm256_add_epi64(a[s], _mm256_add_epi64(_mm256_add_epi64(_mm256_load_si256((const __m256i *)c), _mm256_load_si256((const __m256i *)(c + 32))),
+                                                           _mm256_add_epi64(_mm256_load_si256((const __m256i *)(c + 64)), _mm256_load_si256((const __m256i *)(c + 96)))));
+        }
+    for (size_t i = 4 * q * 128; i + 128 <= n; i += 128) // the rest, one stream
+        a[0] = _mm256_add_epi64(a[0], _mm256_add_epi64(_mm256_add_epi64(_mm256_load_si256((const __m256i *)(b + i)), _mm256_load_si256((const __m256i *)(b + i + 32))),
+                                                       _mm256_add_epi64(_mm256_load_si256((const __m256i *)(b + i + 64)), _mm256_load_si256((const __m256i *)(b + i + 96)))));
     uint64_t lanes[4]; // (4)
-    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(_mm256_add_epi64(a[0], a[1]), _mm256_add_epi64(a[2], a[3])));
     return lanes[0] + lanes[1] + lanes[2] + lanes[3];
 }
 

@@ -7,7 +7,8 @@
 #   DLLAMA=/path/dllama           distributed-llama's dllama (skipped when unset or not executable); it needs its
 #                                 own model format: FILE.gguf is run as FILE.dllama.m with tokenizer FILE.dllama.t
 #                                 when both exist beside it (otherwise that file's dllama cell is "-")
-#   BENCH_MEMBW=build/bench_membw measures the read bandwidth with THREADS threads first (or give it with -b)
+#   BENCH_MEMBW=build/bench_membw measures the read bandwidth with THREADS threads before every round (the
+#                                 table uses the median; or give it with -b)
 # Each round runs every engine once on every file, one after another (interleaved, so load from other
 # processes on a shared machine falls on all of them alike); the table shows the median over rounds of
 # tokens/s, the decode GB/s (tg tokens/s x the weight bytes a token reads, as meshlm bench reports them),
@@ -38,10 +39,11 @@ have_dllama=0; [ -n "$DLLAMA" ] && [ -x "$DLLAMA" ] && have_dllama=1
 out=$(mktemp -d /tmp/peers.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 
-if [ -z "$readbw" ] && [ -x "$BENCH_MEMBW" ]; then
-  readbw=$("$BENCH_MEMBW" -s 2048 -j "$threads" -r 5 | awk -v t="$threads" '$1 == t { print $3 }')
-fi
-echo "peers: threads=$threads pp$np tg$ng rounds=$rounds read bandwidth=${readbw:-?} GB/s (median, $threads threads)"
+# The read bandwidth is measured before every round (the host's moves within minutes) and the median
+# of those is the table's reference, unless -b gives it.
+measure_bw=0; [ -z "$readbw" ] && [ -x "$BENCH_MEMBW" ] && measure_bw=1
+round_bw() { "$BENCH_MEMBW" -s 2048 -j "$threads" -r 5 | awk -v t="$threads" '$1 == t { print $3 }' >>"$out/bw"; }
+echo "peers: threads=$threads pp$np tg$ng rounds=$rounds read bandwidth=$([ $measure_bw = 1 ] && echo "measured each round" || echo "${readbw:-?} GB/s")"
 echo "peers: llama-bench=$([ $have_llama = 1 ] && echo "$LLAMA_BENCH" || echo none) dllama=$([ $have_dllama = 1 ] && echo "$DLLAMA" || echo none)"
 
 # --- one run of each engine; each appends "engine file pp tg" to $out/runs (tokens/s, "-" when absent)
@@ -88,13 +90,18 @@ run_dllama() { # file
 }
 
 for ((r = 1; r <= rounds; r++)); do
+  [ $measure_bw = 1 ] && round_bw
   for f in "$@"; do
     run_meshlm "$f"
     [ $have_llama = 1 ] && run_llama "$f"
     [ $have_dllama = 1 ] && run_dllama "$f"
   done
-  echo "peers: round $r/$rounds done" >&2
+  echo "peers: round $r/$rounds done$([ $measure_bw = 1 ] && echo ", read bandwidth $(tail -n 1 "$out/bw") GB/s")" >&2
 done
+if [ $measure_bw = 1 ] && [ -s "$out/bw" ]; then
+  readbw=$(sort -g "$out/bw" | awk '{ a[NR] = $1 } END { printf "%.1f", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
+  echo "peers: read bandwidth $readbw GB/s (median of the rounds' $(tr '\n' ' ' <"$out/bw"| sed 's/ $//'), $threads threads)"
+fi
 
 # --- table: medians per (engine, file)
 engines="meshlm"

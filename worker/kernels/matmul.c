@@ -317,10 +317,13 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
     int64_t g = r0 / MMP_ROWS;
 #if defined(MESHLM_HAVE_X86)
     // decode: full groups MMP_DECN at a time (that many streams in flight per thread)
-    if (MMP_DECN > 1 && nt == 1 && w->pack == MMP_Q4_0X16 && nb % 2 == 0 && isa_is(k, "avx512") && g * MMP_ROWS == r0)
+    const bool dec512 = isa_is(k, "avx512"), dec256 = isa_is(k, "avx2");
+    if (MMP_DECN > 1 && nt == 1 && w->pack == MMP_Q4_0X16 && nb % 2 == 0 && (dec512 || dec256) && g * MMP_ROWS == r0)
         for (int64_t n; (n = r1 / MMP_ROWS - g) > 0; g += n) {
             if (n > MMP_DECN) n = MMP_DECN;
-            mmp_q4_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS);
+            const uint8_t *g0 = (const uint8_t *)w->packed + (size_t)g * gb;
+            if (dec512) mmp_q4_0x16_decn_avx512(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS);
+            else mmp_q4_0x16_decn_avx2(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS);
         }
 #endif
     for (; g * MMP_ROWS < r1; g++) {

@@ -300,6 +300,64 @@ AI void group_all(int pack, const uint8_t *grp, int64_t nb, const uint8_t *xq, s
     }
 }
 
+#ifndef MMP_PREFETCH_AVX2
+#define MMP_PREFETCH_AVX2 2048 // bytes ahead of the block pair being read that decode prefetches (0: none)
+#endif
+
+// NG (1..4) groups of 16 Q4_0 rows against one activation row (decode), both halves of each group in
+// one pass and the groups side by side: NG prefetched streams per thread where half_tile reads each
+// group twice. Each half's sums are half_tile's (NT = 1) operations in its order, so the bits are its.
+AI void q4x16_decode_n_avx2(const uint8_t *g0, size_t gstride, const int NG, int64_t nb, const uint8_t *xr, float *y) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const size_t toff = mmp_act_tail_off(nb);
+    __m256 acc[4][2];
+#pragma GCC unroll 4
+    for (int k = 0; k < NG; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *xb = xr + (size_t)b * sizeof(block_q8_0) + 2;
+        const __m256i corr = _mm256_set1_epi32(load_i32(xr + toff + (size_t)b * 4));
+        float dx;
+        memcpy(&dx, xr + toff + (size_t)(nb + b) * 4, 4);
+        const __m256 dxv = _mm256_set1_ps(dx);
+#pragma GCC unroll 4
+        for (int k = 0; k < NG; k++) {
+            const uint8_t *grp = g0 + (size_t)k * gstride;
+            const uint8_t *q = mmp_block_quants(MMP_Q4_0X16, grp, b);
+            if (MMP_PREFETCH_AVX2 && (b & 1) == 0) // q starts a pair (9 lines)
+#pragma GCC unroll 9
+                for (int l = 0; l < 9; l++) _mm_prefetch((const char *)q + MMP_PREFETCH_AVX2 + 64 * l, _MM_HINT_T0);
+            const uint8_t *sc = mmp_block_scales(MMP_Q4_0X16, grp, b);
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                __m256i s = _mm256_setzero_si256();
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 64 * j + 32 * h));
+                    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast_i32(xb + 4 * j)),
+                                                       _mm256_maddubs_epi16(hi, bcast_i32(xb + 16 + 4 * j)));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                }
+                s = _mm256_add_epi32(s, corr);
+                const __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(sc + (size_t)h * 16)));
+                acc[k][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dxv), acc[k][h]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < NG; k++) {
+        _mm256_storeu_ps(y + 16 * k, acc[k][0]);
+        _mm256_storeu_ps(y + 16 * k + 8, acc[k][1]);
+    }
+}
+
+void mmp_q4_0x16_decn_avx2(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y) {
+    if (ng == 4) q4x16_decode_n_avx2(g0, gstride, 4, nb, xr, y);
+    else if (ng == 3) q4x16_decode_n_avx2(g0, gstride, 3, nb, xr, y);
+    else if (ng == 2) q4x16_decode_n_avx2(g0, gstride, 2, nb, xr, y);
+    else q4x16_decode_n_avx2(g0, gstride, 1, nb, xr, y);
+}
+
 void mmp_q4_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
                       uint32_t mask) {
     group_all(MMP_Q4_0X16, grp, nb, xq, xs, nt, y, ys, mask);

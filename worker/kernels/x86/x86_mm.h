@@ -92,6 +92,7 @@ typedef void (*mmp_group_fn)(const uint8_t *grp, int64_t nb, const uint8_t *xq, 
 #ifdef MESHLM_HAVE_X86
 // ng (1..4) full groups at g0 + k * gstride, one activation row, nb even (decode): y gets their 16 ng rows.
 void mmp_q4_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y);
+void mmp_q4_0x16_decn_avx2(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y);
 void mmp_q4_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, uint32_t mask);
 void mmp_q8_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,

@@ -20,7 +20,27 @@ cd "$dir"
 for k in coord w1 stranger other; do "$bin" keygen "$k" >/dev/null 2>&1; done
 [ "$(stat -c %a coord.key)" = 600 ] && [ "$(wc -c <coord.pub)" = 41 ]
 check "keygen writes NAME.key (mode 600) and NAME.pub (a 40-character Z85 key)" $?
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# N free ports P (control), each with P + 1 (data) free too, below the kernel's ephemeral range
+# (32768-60999), which the other tests' outgoing connections draw their source ports from: a port
+# bind(0) hands out can be taken by one of them before the worker binds it.
+free_ports() {
+  python3 - "$1" <<'PY'
+import random, socket, sys
+out = []
+while len(out) < int(sys.argv[1]):
+    p = random.randrange(20000, 32000)
+    if any(abs(p - q) <= 1 for q in out):
+        continue
+    try:
+        for q in (p, p + 1):
+            t = socket.socket(); t.bind(("127.0.0.1", q)); t.close()
+        out.append(p)
+    except OSError:
+        pass
+print(" ".join(map(str, out)))
+PY
+}
+port=$(free_ports 1)
 ep="tcp://127.0.0.1:$port"
 echo "coord.pub" >w1.peers                       # the worker admits the coordinator's key
 echo "$(cat w1.pub) $ep" >coord.peers            # the coordinator dials the worker with its key
@@ -69,20 +89,7 @@ if command -v tcpdump >/dev/null && [ "$(id -u)" = 0 ]; then
 fi
 
 # --- the data plane: 3 workers with keys and 3 without, each on a port P (control) and P + 1 (data)
-ports=($(python3 - <<'PY'
-import socket
-out = []
-while len(out) < 6:
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]
-    try:
-        t = socket.socket(); t.bind(("127.0.0.1", p + 1)); t.close()
-        if all(abs(p - q) > 1 for q in out): out.append(p)
-    except OSError:
-        pass
-    s.close()
-print(" ".join(map(str, out)))
-PY
-))
+ports=($(free_ports 6))
 : >dp.peers
 keyed="" plain="" dports_keyed="" dports_plain=""
 for i in 0 1 2; do

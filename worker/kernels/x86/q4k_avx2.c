@@ -12,6 +12,9 @@
 
 #define AI static inline __attribute__((always_inline))
 
+#ifndef Q4K_PF2
+#define Q4K_PF2 (2 * MMP_Q4K_SB_BYTES) // bytes ahead decode prefetches (0: none)
+#endif
 #ifndef Q4K_TILE_T2
 #define Q4K_TILE_T2 4 // activation rows per tile in the matrix-matrix case (best measured: 4 > 2 > 1)
 #endif
@@ -49,6 +52,9 @@ AI void q4k_half(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
+        if (NT == 1 && h == 0 && Q4K_PF2) // decode: the first half streams the group in (the second finds it cached)
+#pragma GCC unroll 37
+            for (int l = 0; l < MMP_Q4K_SB_BYTES / 64; l++) _mm_prefetch((const char *)sb + Q4K_PF2 + 64 * l, _MM_HINT_T0);
         __m256i sc[8]; // (sub-block c) the 8 rows' scales as i16 pairs
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) sc[c] = q4k_scale_pairs(sb + MMP_Q4K_SCALES + 16 * c, h);

@@ -607,6 +607,10 @@ void mm_quantize_act(const kernels_t *k, qtype_t wtype, const float *x, void *xq
     }
 }
 
+#ifndef MM_ROW_PF
+#define MM_ROW_PF 2 // rows ahead the generic decode loop prefetches (0: none)
+#endif
+
 void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq_stride, int nt, float *y,
              size_t y_stride, int64_t r0, int64_t r1) {
     if (!w || nt <= 0 || r0 < 0 || r1 > w->rows || r1 <= r0) return;
@@ -663,9 +667,12 @@ void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq
                     float_dot_exact(w->type, w->data + (size_t)r * w->row_bytes, x + (size_t)t * xq_stride, w->cols, tiled);
         return;
     }
-    // generic: one dot product per (row, token); the row stays in L1 while the tokens stream by
+    // generic: one dot product per (row, token); the row stays in L1 while the tokens stream by. Decode
+    // reads each row once: the row MM_ROW_PF rows on is prefetched meanwhile (a second stream).
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        if (MM_ROW_PF && nt == 1 && r + MM_ROW_PF < r1)
+            for (size_t o = 0; o < w->row_bytes; o += 64) __builtin_prefetch(row + (size_t)MM_ROW_PF * w->row_bytes + o, 0, 3);
         for (int t = 0; t < nt; t++)
             kern_vec_dot(k, w->type, w->cols, y + (size_t)t * y_stride + r, row, x + (size_t)t * xq_stride);
     }

@@ -116,6 +116,13 @@ static void test_init_from(void) {
         for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q4_K, COLS_K, dk, &spans[i]);
     mm_weight_release(&probe);
     free(dk);
+    uint8_t *d8 = random_rows(QT_Q8_0, ROWS, COLS, 9); // Q8_0: repacked by the AVX-512 table only
+    CU_ASSERT_PTR_NOT_NULL_FATAL(d8);
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&probe, kernels_best(), QT_Q8_0, 20, COLS, d8, true), 0);
+    if (probe.packed)
+        for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q8_0, COLS, d8, &spans[i]);
+    mm_weight_release(&probe);
+    free(d8);
     uint8_t *data = random_rows(QT_Q4_0, ROWS, COLS, 7);
     CU_ASSERT_PTR_NOT_NULL_FATAL(data);
     for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q4_0, COLS, data, &spans[i]);
@@ -135,7 +142,7 @@ static void test_init_from(void) {
     CU_ASSERT_EQUAL(memcmp(got.packed, ref.packed, packed_bytes(&ref)), 0);
     mm_weight_release(&got);
     // a type that is not repacked is described as mm_weight_init does, whatever prev is
-    CU_ASSERT_EQUAL(mm_weight_init_from(&got, k, QT_Q8_0, 8, 64, data, &ref, 0, &reused), 0);
+    CU_ASSERT_EQUAL(mm_weight_init_from(&got, k, QT_Q6_K, 8, 256, data, &ref, 0, &reused), 0);
     CU_ASSERT_EQUAL(reused, 0);
     CU_ASSERT_PTR_NULL(got.packed);
     CU_ASSERT_PTR_EQUAL(got.data, data);

@@ -17,22 +17,28 @@
 
 static inline bool is_float_type(qtype_t t) { return t == QT_F32 || t == QT_F16 || t == QT_BF16; }
 
-// Layout a weight of this type is repacked into, or MMP_NONE. Q4_0 is repacked as llama.cpp does
-// (its Q4_0_8x8 kernels sum each output in one fma chain, which the 16-row groups reproduce). Q8_0
-// stays in plain rows: the reference keeps 8 float lanes per output (vec_dot and tinyBLAS alike),
-// which the row-per-dword groups cannot match without 8 accumulators per row.
-// Q4_K is repacked (x86 builds only) into 16-row groups with the scales and mins unpacked, whose
-// kernels keep the per-row integer lanes and float order of its vec_dot (x86_mm.h).
-static int pack_for_type(qtype_t t) {
+static bool isa_is(const kernels_t *k, const char *name) { return k && k->isa && strcmp(k->isa, name) == 0; }
+
+// Layout a weight of this type is repacked into for kernel table k, or MMP_NONE. Q4_0 is repacked as
+// llama.cpp does (its Q4_0_8x8 kernels sum each output in one fma chain, which the 16-row groups
+// reproduce). Q4_K is repacked (x86 builds only) into 16-row groups with the scales and mins unpacked,
+// whose kernels keep the per-row integer lanes and float order of its vec_dot (x86_mm.h). Q8_0 is
+// repacked for the AVX-512 table, whose group kernel keeps vec_dot_q8_0's 8 float lanes per row (8
+// accumulators per group); other tables keep plain rows (the scalar group kernel would be slower).
+static int pack_for_type(qtype_t t, const kernels_t *k) {
     if (t == QT_Q4_0) return MMP_Q4_0X16;
 #ifdef MESHLM_HAVE_X86
     if (t == QT_Q4_K) return MMP_Q4_KX16;
+    if (t == QT_Q8_0 && isa_is(k, "avx512")) return MMP_Q8_0X16;
 #endif
+    (void)k;
     return MMP_NONE;
 }
 
-// Activation rows for these weight types carry the per-block tail of x86_mm.h.
-static bool act_has_tail(qtype_t wtype) { return wtype == QT_Q4_0; }
+// Activation rows for these weight types carry the per-block tail of x86_mm.h (for Q8_0 whatever the
+// table, so activation bytes stay the same on every ISA), with this many corrections per block.
+static bool act_has_tail(qtype_t wtype) { return wtype == QT_Q4_0 || wtype == QT_Q8_0; }
+static int act_lanes(qtype_t wtype) { return wtype == QT_Q8_0 ? MMP_Q8_LANES : 1; }
 
 static float f16_at(const uint8_t *p) {
     mlm_f16_t h;
@@ -175,9 +181,10 @@ static void repack_rows(mm_weight_t *w, int64_t nb) {
     }
 }
 
-// Portable kernel over one packed group (the scalar table's path, and the oracle's twin in tests).
-static void group_scalar(int pack, const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
-                         size_t ys, uint32_t mask) {
+// Portable kernels over one packed group (the scalar table's path, and the oracle's twin in tests).
+// Q4_0: one fma chain per row over the blocks in order.
+static void group_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
+                         uint32_t mask) {
     const size_t toff = mmp_act_tail_off(nb);
     for (int t = 0; t < nt; t++) {
         const uint8_t *xr = xq + (size_t)t * xs;
@@ -185,25 +192,48 @@ static void group_scalar(int pack, const uint8_t *grp, int64_t nb, const uint8_t
             if (!(mask >> i & 1u)) continue;
             float sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *q = mmp_block_quants(pack, grp, b);
+                const uint8_t *q = mmp_block_quants(MMP_Q4_0X16, grp, b);
                 const int8_t *xb = ((const block_q8_0 *)xr)[b].qs;
                 int32_t isum;
                 float dx;
                 memcpy(&isum, xr + toff + (size_t)b * 4, 4);
                 memcpy(&dx, xr + toff + (size_t)nb * 4 + (size_t)b * 4, 4);
-                if (pack == MMP_Q4_0X16) {
-                    for (int j = 0; j < 4; j++)
-                        for (int c = 0; c < 4; c++) {
-                            uint8_t v = q[(size_t)(j * MMP_ROWS + i) * 4 + c];
-                            isum += (v & 15) * xb[4 * j + c] + (v >> 4) * xb[16 + 4 * j + c];
-                        }
-                } else {
-                    for (int j = 0; j < 8; j++)
-                        for (int c = 0; c < 4; c++) isum += q[(size_t)(j * MMP_ROWS + i) * 4 + c] * xb[4 * j + c];
-                }
-                sum = fmaf((float)isum, f16_at(mmp_block_scales(pack, grp, b) + (size_t)i * 2) * dx, sum);
+                for (int j = 0; j < 4; j++)
+                    for (int c = 0; c < 4; c++) {
+                        uint8_t v = q[(size_t)(j * MMP_ROWS + i) * 4 + c];
+                        isum += (v & 15) * xb[4 * j + c] + (v >> 4) * xb[16 + 4 * j + c];
+                    }
+                sum = fmaf((float)isum, f16_at(mmp_block_scales(MMP_Q4_0X16, grp, b) + (size_t)i * 2) * dx, sum);
             }
             y[(size_t)t * ys + i] = sum;
+        }
+    }
+}
+
+// Q8_0: vec_dot_q8_0's 8 lanes per row (lane L: the exact sum of products 4L..4L+3 of a block, then
+// acc_L = fma(dw * dx, lane, acc_L)), summed at the end in hsum_float_8's tree.
+static void group_q8_0_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                              size_t ys, uint32_t mask) {
+    const size_t toff = mmp_act_tail_off(nb), doff = mmp_act_d_off(nb, MMP_Q8_LANES);
+    for (int t = 0; t < nt; t++) {
+        const uint8_t *xr = xq + (size_t)t * xs;
+        for (int i = 0; i < MMP_ROWS; i++) {
+            if (!(mask >> i & 1u)) continue;
+            float acc[8] = {0};
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *q = mmp_block_quants(MMP_Q8_0X16, grp, b);
+                const int8_t *xb = ((const block_q8_0 *)xr)[b].qs;
+                float dx;
+                memcpy(&dx, xr + doff + (size_t)b * 4, 4);
+                const float d = f16_at(mmp_block_scales(MMP_Q8_0X16, grp, b) + (size_t)i * 2) * dx;
+                for (int l = 0; l < 8; l++) {
+                    int32_t lane;
+                    memcpy(&lane, xr + toff + (size_t)(b * MMP_Q8_LANES + l) * 4, 4);
+                    for (int c = 0; c < 4; c++) lane += q[(size_t)(l * MMP_ROWS + i) * 4 + c] * xb[4 * l + c];
+                    acc[l] = fmaf(d, (float)lane, acc[l]);
+                }
+            }
+            y[(size_t)t * ys + i] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
         }
     }
 }
@@ -293,11 +323,13 @@ static void free_packed(void *p, size_t mapped) {
     else free(p);
 }
 
-static bool isa_is(const kernels_t *k, const char *name) { return k && k->isa && strcmp(k->isa, name) == 0; }
-
 #ifndef MMP_DECN
 #define MMP_DECN 4 // full Q4_0 groups decode walks side by side (1..4): 4 streams per thread, 1.16x
                    // over one on TinyLlama shapes with 2 threads (Q4_K, compute-bound here, gained nothing)
+#endif
+
+#ifndef MMP_DECN_Q8
+#define MMP_DECN_Q8 2 // the same for packed Q8_0 (1..2; each group keeps 8 accumulators)
 #endif
 
 static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t *xq, size_t xs, int nt, float *y,
@@ -307,7 +339,7 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
     mmp_group_fn fn = NULL;
 #ifdef MESHLM_HAVE_X86
     if (isa_is(k, "avx512")) fn = w->pack == MMP_Q4_0X16 ? mmp_q4_0x16_avx512 : mmp_q8_0x16_avx512;
-    else if (isa_is(k, "avx2")) fn = w->pack == MMP_Q4_0X16 ? mmp_q4_0x16_avx2 : mmp_q8_0x16_avx2;
+    else if (isa_is(k, "avx2") && w->pack == MMP_Q4_0X16) fn = mmp_q4_0x16_avx2;
     if (w->pack == MMP_Q4_KX16) fn = isa_is(k, "avx512") ? mmp_q4_kx16_avx512 : isa_is(k, "avx2") ? mmp_q4_kx16_avx2 : NULL;
 #endif
 #ifdef MESHLM_HAVE_NEON
@@ -325,6 +357,11 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
             if (dec512) mmp_q4_0x16_decn_avx512(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS);
             else mmp_q4_0x16_decn_avx2(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS);
         }
+    if (MMP_DECN_Q8 > 1 && nt == 1 && w->pack == MMP_Q8_0X16 && dec512 && g * MMP_ROWS == r0)
+        for (int64_t n; (n = r1 / MMP_ROWS - g) > 0; g += n) {
+            if (n > MMP_DECN_Q8) n = MMP_DECN_Q8;
+            mmp_q8_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS);
+        }
 #endif
     for (; g * MMP_ROWS < r1; g++) {
         const int64_t base = g * MMP_ROWS;
@@ -334,7 +371,8 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
         const uint8_t *grp = (const uint8_t *)w->packed + (size_t)g * gb;
         if (fn) fn(grp, nb, xq, xs, nt, y + base, ys, mask);
         else if (w->pack == MMP_Q4_KX16) group_q4_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
-        else group_scalar(w->pack, grp, nb, xq, xs, nt, y + base, ys, mask);
+        else if (w->pack == MMP_Q8_0X16) group_q8_0_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
+        else group_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
     }
 }
 
@@ -342,7 +380,6 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
 
 int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t rows, int64_t cols, const void *data,
                    bool repack) {
-    (void)k; // the packed layouts are the same for every ISA
     if (!w || rows <= 0 || cols <= 0 || !data) return MLM_EINVAL;
     memset(w, 0, sizeof *w);
     const qtype_traits_t *tr = qtype_traits(type);
@@ -354,7 +391,7 @@ int mm_weight_init(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_t row
     w->row_bytes = qtype_row_size(type, cols);
     w->data = data;
     w->row_align = 1;
-    const int pack = repack ? pack_for_type(type) : MMP_NONE;
+    const int pack = repack ? pack_for_type(type, k) : MMP_NONE;
     if (pack != MMP_NONE) {
         const int64_t nb = cols / tr->blck;
         const size_t bytes = (size_t)((rows + MMP_ROWS - 1) / MMP_ROWS) * mmp_group_bytes(pack, nb);
@@ -401,7 +438,7 @@ int mm_weight_init_from(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_
                         const mm_weight_t *prev, int64_t shift, int64_t *reused) {
     if (reused) *reused = 0;
     const bool usable = prev && prev->pack != MMP_NONE && prev->packed && prev->type == type && prev->cols == cols &&
-                        pack_for_type(type) == prev->pack && shift < rows && shift + prev->rows > 0;
+                        pack_for_type(type, k) == prev->pack && shift < rows && shift + prev->rows > 0;
     if (!usable) return mm_weight_init(w, k, type, rows, cols, data, true);
     if (!w || rows <= 0 || cols <= 0 || !data) return MLM_EINVAL;
     memset(w, 0, sizeof *w);
@@ -457,7 +494,7 @@ int mm_weight_init_take(mm_weight_t *w, const kernels_t *k, qtype_t type, int64_
                         mm_weight_t *prev, int64_t shift, int64_t *reused) {
     if (reused) *reused = 0;
     const bool usable = w && rows > 0 && prev && prev->pack != MMP_NONE && prev->packed && prev->packed_map && prev->data &&
-                        prev->type == type && prev->cols == cols && pack_for_type(type) == prev->pack &&
+                        prev->type == type && prev->cols == cols && pack_for_type(type, k) == prev->pack &&
                         shift % MMP_ROWS == 0 && shift < rows && shift + prev->rows > 0 && data;
     if (!usable) return mm_weight_init_from(w, k, type, rows, cols, data, prev, shift, reused);
     const int64_t nb = cols / qtype_traits(type)->blck;
@@ -581,7 +618,7 @@ qtype_t mm_act_type(qtype_t wtype) {
 }
 
 size_t mm_act_row_bytes(qtype_t wtype, int64_t cols) {
-    if (act_has_tail(wtype)) return mmp_act_row_bytes(cols / QK8_0);
+    if (act_has_tail(wtype)) return mmp_act_row_bytes(cols / QK8_0, act_lanes(wtype));
     return qtype_row_size(mm_act_type(wtype), cols);
 }
 
@@ -594,16 +631,19 @@ void mm_quantize_act(const kernels_t *k, qtype_t wtype, const float *x, void *xq
     kern_from_float(k, at, x, xq, cols);
     if (!act_has_tail(wtype)) return;
     const int64_t nb = cols / QK8_0;
+    const int lanes = act_lanes(wtype), per = QK8_0 / lanes;
     const block_q8_0 *blk = xq;          // (nb)
     uint8_t *tail = (uint8_t *)xq + mmp_act_tail_off(nb);
     const int32_t mul = wtype == QT_Q4_0 ? -8 : -128;
     for (int64_t b = 0; b < nb; b++) {
-        int32_t s = 0;
-        for (int j = 0; j < QK8_0; j++) s += blk[b].qs[j];
-        s *= mul;
+        for (int l = 0; l < lanes; l++) {
+            int32_t s = 0;
+            for (int j = 0; j < per; j++) s += blk[b].qs[per * l + j];
+            s *= mul;
+            memcpy(tail + (size_t)(b * lanes + l) * 4, &s, 4);
+        }
         float d = mlm_f16_to_f32(blk[b].d);
-        memcpy(tail + (size_t)b * 4, &s, 4);
-        memcpy(tail + (size_t)(nb + b) * 4, &d, 4);
+        memcpy((uint8_t *)xq + mmp_act_d_off(nb, lanes) + (size_t)b * 4, &d, 4);
     }
 }
 

@@ -232,10 +232,10 @@ AI void store_rows8(float *y, uint32_t bits, __m256 v) {
     }
 }
 
-// NT activation rows (1..4) against one half (8 rows) of a 16-row Q4_0 or Q8_0 group.
-AI void half_tile(int pack, const uint8_t *grp, int64_t nb, int h, const uint8_t *xq, size_t xs, const int NT, float *y,
-                  size_t ys, uint32_t bits) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+// NT activation rows (1..4) against one half (8 rows) of a 16-row Q4_0 group.
+AI void half_tile(const uint8_t *grp, int64_t nb, int h, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
+                  uint32_t bits) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     const size_t toff = mmp_act_tail_off(nb);
     __m256 acc[4];
     const uint8_t *xr[4];
@@ -245,39 +245,25 @@ AI void half_tile(int pack, const uint8_t *grp, int64_t nb, int h, const uint8_t
         xr[t] = xq + (size_t)t * xs;
     }
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = mmp_block_quants(pack, grp, b) + (size_t)h * 32;
+        const uint8_t *q = mmp_block_quants(MMP_Q4_0X16, grp, b) + (size_t)h * 32;
         __m256i s[4];
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) s[t] = _mm256_setzero_si256();
-        if (pack == MMP_Q4_0X16) {
 #pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(q + 64 * j));
-                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int j = 0; j < 4; j++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(q + 64 * j));
+            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
 #pragma GCC unroll 4
-                for (int t = 0; t < NT; t++) {
-                    const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2;
-                    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast_i32(xb + 4 * j)),
-                                                 _mm256_maddubs_epi16(hi, bcast_i32(xb + 16 + 4 * j)));
-                    s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(p, ones));
-                }
-            }
-#pragma GCC unroll 4
-            for (int t = 0; t < NT; t++) s[t] = _mm256_add_epi32(s[t], _mm256_set1_epi32(load_i32(xr[t] + toff + (size_t)b * 4)));
-        } else {
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) {
-                __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + 64 * j)), flip); // signed q
-                __m256i aw = _mm256_abs_epi8(wv);
-#pragma GCC unroll 4
-                for (int t = 0; t < NT; t++) {
-                    const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2;
-                    __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast_i32(xb + 4 * j), wv));
-                    s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(p, ones));
-                }
+            for (int t = 0; t < NT; t++) {
+                const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2;
+                __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast_i32(xb + 4 * j)),
+                                             _mm256_maddubs_epi16(hi, bcast_i32(xb + 16 + 4 * j)));
+                s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(p, ones));
             }
         }
-        __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(mmp_block_scales(pack, grp, b) + (size_t)h * 16)));
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) s[t] = _mm256_add_epi32(s[t], _mm256_set1_epi32(load_i32(xr[t] + toff + (size_t)b * 4)));
+        __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(mmp_block_scales(MMP_Q4_0X16, grp, b) + (size_t)h * 16)));
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             float dx;
@@ -289,14 +275,14 @@ AI void half_tile(int pack, const uint8_t *grp, int64_t nb, int h, const uint8_t
     for (int t = 0; t < NT; t++) store_rows8(y + (size_t)t * ys + 8 * h, bits, acc[t]);
 }
 
-AI void group_all(int pack, const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
+AI void group_all(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
                   uint32_t mask) {
     for (int h = 0; h < 2; h++) {
         const uint32_t bits = (mask >> (8 * h)) & 0xffu;
         if (!bits) continue;
         int t = 0;
-        for (; t + 4 <= nt; t += 4) half_tile(pack, grp, nb, h, xq + (size_t)t * xs, xs, 4, y + (size_t)t * ys, ys, bits);
-        for (; t < nt; t++) half_tile(pack, grp, nb, h, xq + (size_t)t * xs, xs, 1, y + (size_t)t * ys, ys, bits);
+        for (; t + 4 <= nt; t += 4) half_tile(grp, nb, h, xq + (size_t)t * xs, xs, 4, y + (size_t)t * ys, ys, bits);
+        for (; t < nt; t++) half_tile(grp, nb, h, xq + (size_t)t * xs, xs, 1, y + (size_t)t * ys, ys, bits);
     }
 }
 
@@ -360,12 +346,7 @@ void mmp_q4_0x16_decn_avx2(const uint8_t *g0, size_t gstride, int ng, int64_t nb
 
 void mmp_q4_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
                       uint32_t mask) {
-    group_all(MMP_Q4_0X16, grp, nb, xq, xs, nt, y, ys, mask);
-}
-
-void mmp_q8_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
-                      uint32_t mask) {
-    group_all(MMP_Q8_0X16, grp, nb, xq, xs, nt, y, ys, mask);
+    group_all(grp, nb, xq, xs, nt, y, ys, mask);
 }
 
 // --- plain F32 / F16 rows in the reference's orders (x86_mm.h), 16 lanes as two ymm halves

@@ -202,7 +202,7 @@ static void from_float_bf16(const float *x, void *vy, int64_t n) {
 #define MMP_PREFETCH_HINT _MM_HINT_T0 // cache level the decode prefetch fills
 #endif
 #ifndef MMP_PREFETCH_Q8
-#define MMP_PREFETCH_Q8 0 // the same for Q8_0 (the hardware prefetcher keeps up there)
+#define MMP_PREFETCH_Q8 2048 // the same for packed Q8_0
 #endif
 
 // Integer dot of block b of a Q4_0 group (quants v0..v3, one dword per row) with activation block
@@ -358,46 +358,96 @@ AI void q4x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
     for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + (size_t)t * ys, m, acc[t]);
 }
 
-// NT activation rows (1..8) against one group of 16 Q8_0 rows (stored as q + 128).
+// NT activation rows (1..3) against one group of 16 Q8_0 rows (stored as q + 128), each output in
+// vec_dot_q8_0's order and bits: zmm L of a block holds integer lane L of the 16 rows, formed exactly
+// as dpbusd(corr_L, w + 128, x[4L..4L+3]) with corr_L = -128 * sum(x[4L..4L+3]) from the activation's
+// tail; then acc_L = fma(dw * dx, float(lane L), acc_L) per row, and at the end hsum_float_8's tree
+// over the 8 lanes. Per (block, token) that is 8 dpbusd, 8 conversions and 8 fmas for 16 rows: a
+// third of the vector work of the plain-row kernels, so decode is bound by the read, not by the core.
 AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
                    __mmask16 m) {
-    const size_t toff = mmp_act_tail_off(nb);
-    __m512 acc[8];
-    const uint8_t *xr[8];
-#pragma GCC unroll 8
+    const size_t toff = mmp_act_tail_off(nb), doff = mmp_act_d_off(nb, MMP_Q8_LANES);
+    __m512 acc[3][8]; // (token, lane) the 16 rows
+    const uint8_t *xr[3];
+#pragma GCC unroll 3
     for (int t = 0; t < NT; t++) {
-        acc[t] = _mm512_setzero_ps();
         xr[t] = xq + (size_t)t * xs;
+#pragma GCC unroll 8
+        for (int l = 0; l < 8; l++) acc[t][l] = _mm512_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *q = mmp_block_quants(MMP_Q8_0X16, grp, b);
-        if (NT == 1 && MMP_PREFETCH_Q8) {
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * j, _MM_HINT_T0);
+        if (NT == 1 && MMP_PREFETCH_Q8 && (b & 1) == 0) { // the pair: 2 x 512 quants + 64 scales (17 lines)
+#pragma GCC unroll 17
+            for (int l = 0; l < 17; l++) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * l, _MM_HINT_T0);
         }
-        __m512i v[8];
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) v[j] = _mm512_load_si512(q + 64 * j);
-        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mmp_block_scales(MMP_Q8_0X16, grp, b)));
-#pragma GCC unroll 8
+        const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mmp_block_scales(MMP_Q8_0X16, grp, b)));
+        __m512 dv[3];
+        const uint8_t *xb[3], *cr[3];
+#pragma GCC unroll 3
         for (int t = 0; t < NT; t++) {
-            const uint8_t *xb = xr[t] + (size_t)b * sizeof(block_q8_0) + 2;
-            const int32_t corr = load_i32(xr[t] + toff + (size_t)b * 4);
-            float dx;
-            memcpy(&dx, xr[t] + toff + (size_t)nb * 4 + (size_t)b * 4, 4);
-            __m512i sa = _mm512_dpbusd_epi32(_mm512_set1_epi32(corr), v[0], bcast_i32(xb));
-            __m512i sb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], bcast_i32(xb + 4));
+            dv[t] = _mm512_mul_ps(dw, _mm512_set1_ps(load_f32(xr[t] + doff + (size_t)b * 4)));
+            xb[t] = xr[t] + (size_t)b * sizeof(block_q8_0) + 2;
+            cr[t] = xr[t] + toff + (size_t)b * 4 * MMP_Q8_LANES;
+        }
 #pragma GCC unroll 8
-            for (int j = 2; j < 8; j += 2) {
-                sa = _mm512_dpbusd_epi32(sa, v[j], bcast_i32(xb + 4 * j));
-                sb = _mm512_dpbusd_epi32(sb, v[j + 1], bcast_i32(xb + 4 * j + 4));
+        for (int l = 0; l < 8; l++) {
+            const __m512i v = _mm512_load_si512(q + 64 * l);
+#pragma GCC unroll 3
+            for (int t = 0; t < NT; t++) {
+                const __m512i s = _mm512_dpbusd_epi32(bcast_i32(cr[t] + 4 * l), v, bcast_i32(xb[t] + 4 * l));
+                acc[t][l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dv[t], acc[t][l]);
             }
-            __m512i s = _mm512_add_epi32(sa, sb);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[t]);
         }
     }
+#pragma GCC unroll 3
+    for (int t = 0; t < NT; t++) {
+        const __m512 *a = acc[t];
+        const __m512 r = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                                       _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])));
+        _mm512_mask_storeu_ps(y + (size_t)t * ys, m, r);
+    }
+}
+
+// NG (1..2) full groups of 16 Q8_0 rows against one activation row (decode), walked side by side (NG
+// prefetched streams per thread); each row's lanes and sums are q8x16_tile's (NT = 1), so its bits.
+AI void q8x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t nb, const uint8_t *xr, float *y) {
+    const size_t toff = mmp_act_tail_off(nb), doff = mmp_act_d_off(nb, MMP_Q8_LANES);
+    __m512 acc[2][8]; // (group, lane) the 16 rows
+#pragma GCC unroll 2
+    for (int k = 0; k < NG; k++)
 #pragma GCC unroll 8
-    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + (size_t)t * ys, m, acc[t]);
+        for (int l = 0; l < 8; l++) acc[k][l] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *xb = xr + (size_t)b * sizeof(block_q8_0) + 2, *cr = xr + toff + (size_t)b * 4 * MMP_Q8_LANES;
+        const __m512 dx = _mm512_set1_ps(load_f32(xr + doff + (size_t)b * 4));
+#pragma GCC unroll 2
+        for (int k = 0; k < NG; k++) {
+            const uint8_t *grp = g0 + (size_t)k * gstride, *q = mmp_block_quants(MMP_Q8_0X16, grp, b);
+            if (MMP_PREFETCH_Q8 && (b & 1) == 0) {
+#pragma GCC unroll 17
+                for (int l = 0; l < 17; l++) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * l, _MM_HINT_T0);
+            }
+            const __m512 dv = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mmp_block_scales(MMP_Q8_0X16, grp, b))), dx);
+#pragma GCC unroll 8
+            for (int l = 0; l < 8; l++) {
+                const __m512i s = _mm512_dpbusd_epi32(bcast_i32(cr + 4 * l), _mm512_load_si512(q + 64 * l), bcast_i32(xb + 4 * l));
+                acc[k][l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dv, acc[k][l]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int k = 0; k < NG; k++) {
+        const __m512 *a = acc[k];
+        _mm512_storeu_ps(y + 16 * k, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                                                   _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]))));
+    }
+}
+
+void mmp_q8_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y) {
+    if (ng == 2) q8x16_decode_n(g0, gstride, 2, nb, xr, y);
+    else q8x16_decode_n(g0, gstride, 1, nb, xr, y);
 }
 
 #define Q_TILE_T 6 // activation rows per register tile in the matrix-matrix case (best measured on Zen 4)
@@ -429,9 +479,10 @@ void mmp_q4_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_
 void mmp_q8_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
                         uint32_t mask) {
     const __mmask16 m = (__mmask16)mask;
-#define Q8_TILE(n) q8x16_tile(grp, nb, xt, xs, n, yt, ys, m)
-    FOR_TOKEN_TILES(Q8_TILE)
-#undef Q8_TILE
+    int t = 0;
+    for (; t + 3 <= nt; t += 3) q8x16_tile(grp, nb, xq + (size_t)t * xs, xs, 3, y + (size_t)t * ys, ys, m);
+    if (nt - t == 2) q8x16_tile(grp, nb, xq + (size_t)t * xs, xs, 2, y + (size_t)t * ys, ys, m);
+    else if (nt - t == 1) q8x16_tile(grp, nb, xq + (size_t)t * xs, xs, 1, y + (size_t)t * ys, ys, m);
 }
 
 // --- plain Q8_0 rows: R weight rows x T activation rows, each output in vec_dot_q8_0's order

@@ -21,6 +21,9 @@
 // dword per row, so one vpdpbusd against a broadcast dword of the activation block advances all 16
 // row sums at once; and decode reads each group (and a thread's run of groups) as one linear
 // stream, scales included, which a single software prefetch pointer can run ahead of.
+// Q4_0 outputs are one fma chain per row (llama.cpp's Q4_0_8x8 order). Q8_0 outputs keep
+// vec_dot_q8_0's 8 float lanes per row: zmm j of a block is exactly integer lane j of the 16 rows,
+// so a group keeps 8 accumulators (one per lane, 16 rows each) and sums them as hsum_float_8 does.
 
 //
 // MMP_Q4_KX16: Q4_K rows, padded and grouped by 16 the same way; a group is nb super-blocks of
@@ -73,13 +76,17 @@ static inline const uint8_t *mmp_block_scales(int pack, const uint8_t *grp, int6
 // --- activation rows for packed Q4_0 / Q8_0 weights
 //
 // A standard Q8_0 row (nb blocks of 34 bytes), then at mmp_act_tail_off(nb) (4-byte aligned):
-//   corr (nb) int32: -8 * sum(qs) for Q4_0 weights (undoes the +8 of unsigned nibbles),
-//                    -128 * sum(qs) for Q8_0 weights (undoes the +128 of the stored bytes);
-//   d    (nb) float: the block scale as float32.
-// Rows are mmp_act_row_bytes(nb) apart (a multiple of 4) so every tail stays aligned.
+//   corr (nb, lanes) int32: Q4_0 weights (1 lane): -8 * sum(qs) (undoes the +8 of unsigned nibbles);
+//                    Q8_0 weights (8 lanes): lane L of block b at 8b + L, -128 * sum(qs[4L..4L+3])
+//                    (undoes the +128 of the stored bytes in integer lane L);
+//   d    (nb) float: the block scale as float32, at mmp_act_d_off(nb, lanes).
+// Rows are mmp_act_row_bytes(nb, lanes) apart (a multiple of 4) so every tail stays aligned.
+
+#define MMP_Q8_LANES 8
 
 static inline size_t mmp_act_tail_off(int64_t nb) { return ((size_t)nb * sizeof(block_q8_0) + 3) & ~(size_t)3; }
-static inline size_t mmp_act_row_bytes(int64_t nb) { return mmp_act_tail_off(nb) + (size_t)nb * 8; }
+static inline size_t mmp_act_d_off(int64_t nb, int lanes) { return mmp_act_tail_off(nb) + (size_t)nb * 4 * lanes; }
+static inline size_t mmp_act_row_bytes(int64_t nb, int lanes) { return mmp_act_d_off(nb, lanes) + (size_t)nb * 4; }
 
 // --- kernels over one packed 16-row group
 //
@@ -92,14 +99,14 @@ typedef void (*mmp_group_fn)(const uint8_t *grp, int64_t nb, const uint8_t *xq, 
 #ifdef MESHLM_HAVE_X86
 // ng (1..4) full groups at g0 + k * gstride, one activation row, nb even (decode): y gets their 16 ng rows.
 void mmp_q4_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y);
+// ng (1..2) full Q8_0 groups the same way (any nb).
+void mmp_q8_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y);
 void mmp_q4_0x16_decn_avx2(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y);
 void mmp_q4_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, uint32_t mask);
 void mmp_q8_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, uint32_t mask);
 void mmp_q4_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
-                      size_t ys, uint32_t mask);
-void mmp_q8_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                       size_t ys, uint32_t mask);
 
 // MMP_Q4_KX16 groups (nb super-blocks) times plain Q8_K activation rows, each output the bits of the

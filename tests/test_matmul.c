@@ -229,7 +229,7 @@ static void test_weight_init_errors(void) {
     CU_ASSERT_EQUAL(mm_act_row_bytes(QT_F16, 100), 200);
 }
 
-// Q8_0 weights in plain rows follow vec_dot_q8_0's order for every token count (the reference uses
+// Q8_0 weights (plain rows, or the AVX-512 table's 16-row groups) follow vec_dot_q8_0's order for every token count (the reference uses
 // it, or tinyBLAS's identical per-output 8-lane chain, for batches): the bits must match vec_dot.
 static void test_q8_0_batch_bits(void) {
     static const int64_t shapes[][2] = {{13, 352}, {40, 2048}};

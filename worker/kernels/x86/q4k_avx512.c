@@ -24,9 +24,6 @@
 #ifndef Q4K_TILE_T
 #define Q4K_TILE_T 8 // activation rows per tile in the matrix-matrix case
 #endif
-#ifndef Q4K_CHAINS
-#define Q4K_CHAINS 2 // integer accumulation chains per lane (the sums are exact, so any split gives the same bits)
-#endif
 #ifndef Q4K_PF
 #define Q4K_PF (1 * MMP_Q4K_SB_BYTES) // bytes ahead decode prefetches (one super-block; two measured alike)
 #endif
@@ -81,9 +78,9 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
         for (int t = 0; t < NT; t++) dv[t] = _mm512_mul_ps(_mm512_set1_ps(xr[t][b].d), wd); // x.d * d, as the reference
 #pragma GCC unroll 8
         for (int l = 0; l < 8; l++) {
-            __m512i s[8], s2[8]; // (token) integer lane l of the 16 rows: even, odd sub-blocks (two chains)
+            __m512i s[8]; // (token) integer lane l of the 16 rows
 #pragma GCC unroll 8
-            for (int t = 0; t < NT; t++) s[t] = s2[t] = _mm512_setzero_si512();
+            for (int t = 0; t < NT; t++) s[t] = _mm512_setzero_si512();
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 const __m512i q = _mm512_load_si512(sb + 64 * (4 * l + j));
@@ -93,16 +90,11 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
                 for (int t = 0; t < NT; t++) {
                     const int8_t *xb = xr[t][b].qs + 64 * j + 4 * l;
                     s[t] = _mm512_dpwssd_epi32(s[t], _mm512_maddubs_epi16(lo, bcast_i32(xb)), sc[2 * j]);
-#if Q4K_CHAINS == 2
-                    s2[t] = _mm512_dpwssd_epi32(s2[t], _mm512_maddubs_epi16(hi, bcast_i32(xb + 32)), sc[2 * j + 1]);
-#else
                     s[t] = _mm512_dpwssd_epi32(s[t], _mm512_maddubs_epi16(hi, bcast_i32(xb + 32)), sc[2 * j + 1]);
-#endif
                 }
             }
 #pragma GCC unroll 8
-            for (int t = 0; t < NT; t++)
-                acc[t][l] = _mm512_fmadd_ps(dv[t], _mm512_cvtepi32_ps(_mm512_add_epi32(s[t], s2[t])), acc[t][l]);
+            for (int t = 0; t < NT; t++) acc[t][l] = _mm512_fmadd_ps(dv[t], _mm512_cvtepi32_ps(s[t]), acc[t][l]);
         }
         // the mins: pair k of each row times the sums of x over sub-blocks 2k and 2k + 1
         const __m512 wdm = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sb + MMP_Q4K_DMIN)));

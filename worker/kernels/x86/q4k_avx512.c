@@ -81,6 +81,19 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
             __m512i s[8]; // (token) integer lane l of the 16 rows
 #pragma GCC unroll 8
             for (int t = 0; t < NT; t++) s[t] = _mm512_setzero_si512();
+            if (NT == 1) { // decode: 4 independent chains per lane (the sums are exact: the same bits)
+                __m512i c4[4];
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    const __m512i q = _mm512_load_si512(sb + 64 * (4 * l + j));
+                    const __m512i lo = _mm512_and_si512(q, m4);
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+                    const int8_t *xb = xr[0][b].qs + 64 * j + 4 * l;
+                    const __m512i a = _mm512_madd_epi16(_mm512_maddubs_epi16(lo, bcast_i32(xb)), sc[2 * j]);
+                    c4[j] = _mm512_dpwssd_epi32(a, _mm512_maddubs_epi16(hi, bcast_i32(xb + 32)), sc[2 * j + 1]);
+                }
+                s[0] = _mm512_add_epi32(_mm512_add_epi32(c4[0], c4[1]), _mm512_add_epi32(c4[2], c4[3]));
+            } else
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 const __m512i q = _mm512_load_si512(sb + 64 * (4 * l + j));

@@ -162,6 +162,8 @@ typedef struct {
                                     // member alone; the others hold and compute their experts only
     int ep_replicas;                // with ep_lead: members holding each expert (1 = its owner alone); the
                                     // first member gives each batch to the holder with the least work
+    int ep_hot;                     // with ep_lead: the ep_hot most popular experts of each stage (the model's
+                                    // popularity summed over its blocks) hold a second copy (0: none)
     double sliced_ms;               // MoE: token_ms of the best plan with sliced experts (0 = unknown)
     double placed_ms;               // MoE: token_ms of the best plan with placed experts (0 = unknown)
 } plan_t;
@@ -199,6 +201,8 @@ typedef struct {
     int col_block[PLAN_W_MATS]; // elements per quant block along a row of each matrix (the largest over
                                 // the blocks; 1 for F16/F32): all-reduce mode cuts attn_output and
                                 // ffn_down columns only at these steps
+    const double *popularity;   // MoE: (n_layer, n_expert) each block's share of the router's picks per expert
+                                // (plan_popularity_load; each block sums to 1), or NULL: uniform. Borrowed.
 } plan_model_t;
 
 // Describes the model in an opened GGUF (reads its metadata and tensor table only). 0, or
@@ -356,6 +360,9 @@ typedef struct {
     int ep_replicas;    // with attention on the leader: holders of each expert (--ep-replicas N); 0 = 1, or
                         // when every offered node has a budget, the fastest predicted count up to top-k
                         // whose shares fit
+    int ep_hot;         // with attention on the leader and one holder per expert: the ep_hot most popular
+                        // experts of each stage (pm->popularity, summed over the stage's blocks) get a second
+                        // holder, the member with the least expected expert work that has room (--ep-hot)
 } plan_opts_t;
 
 #define PLAN_EXHAUSTIVE_MAX 8  // up to this many offered nodes every layout is tried
@@ -407,8 +414,29 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
 int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, int replicas,
             plan_t *out, char *err, size_t errlen);
 
-// Predicts an expert-parallel plan's cost (the rule above) into p->cost and its shards' figures.
+// Predicts an expert-parallel plan's cost (the rule above) into p->cost and its shards' figures. With
+// pm->popularity the token's top-k experts are drawn by popularity (summed over each stage's blocks)
+// instead of uniformly.
 void plan_predict_ep(const plan_model_t *pm, plan_t *p);
+
+// Gives the `hot` most popular experts of every stage of an expert-parallel plan with attention on the
+// leader (p->ep_lead, one holder per expert) a second holder: each to the member of its stage that does
+// not hold it, has room in its budget, and has the least expected expert work (the popularity of its
+// experts, each divided by its holders; ties: fewer experts, then the earlier member); popularity from
+// pm->popularity summed over the stage's blocks (uniform without it: the lowest ids first). Predicts the
+// cost again. 0; MLM_EINVAL (not such a plan, hot outside 1..n_expert); MLM_EFULL naming the expert and
+// the stage when no member has room.
+int plan_ep_hot(const plan_model_t *pm, plan_t *p, int hot, char *err, size_t errlen);
+
+// Routing counts (what `meshlm inspect FILE --routing N --routing-out OUT` writes): '#' comments, then
+// "layers L experts E top_k K tokens T", then L lines "l: c_0 ... c_(E-1)" (blocks in order, counts of
+// the router's picks, integers >= 0). Parses text for pm's shape into pop (n_layer * n_expert), each
+// block's counts divided by their sum (a block with none: uniform). 0 or MLM_EFORMAT naming the line
+// and what is wrong (another model's shape included).
+int plan_popularity_parse(const char *text, const plan_model_t *pm, double *pop, char *err, size_t errlen);
+
+// Reads and parses a routing counts file (errors name the path). 0 or an MLM_ code.
+int plan_popularity_load(const char *path, const plan_model_t *pm, double *pop, char *err, size_t errlen);
 
 // Whether shard i of an expert-parallel plan computes expert e.
 static inline bool plan_has_expert(const plan_t *p, int i, int e) {

@@ -1,9 +1,12 @@
 // Expert parallelism in the planner: whole experts placed on the members of each stage, memory and cost.
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/err.h"
+#include "core/fs.h"
 #include "parallel/plan_impl.h"
 
 // --- helpers
@@ -119,7 +122,165 @@ static double link_ms(const plan_node_t *x, const plan_node_t *y, double bytes) 
     return lat + bytes / bw * 1e3;
 }
 
+// The model's popularity of each expert summed over blocks [l0, l1) into pop (n_expert). False (pop
+// uniform) without pm->popularity or when the blocks' picks sum to nothing.
+static bool stage_popularity(const plan_model_t *pm, int l0, int l1, double *pop) {
+    const int ne = pm->n_expert;
+    double tot = 0;
+    for (int e = 0; e < ne; e++) {
+        pop[e] = 0;
+        for (int il = l0; pm->popularity && il < l1; il++) pop[e] += pm->popularity[(size_t)il * ne + e];
+        tot += pop[e];
+    }
+    if (tot > 0) return true;
+    for (int e = 0; e < ne; e++) pop[e] = 1.0 / ne;
+    return false;
+}
+
+// The hot most popular experts of stage [a, b) get a second holder (plan_ep_hot).
+static int add_hot(const plan_model_t *pm, plan_t *p, int a, int b, int hot, char *err, size_t errlen) {
+    const int g = b - a, ne = pm->n_expert;
+    double pop[EP_MAX_EXPERTS];
+    stage_popularity(pm, p->shard[a].s.l0, p->shard[a].s.l1, pop);
+    int order[EP_MAX_EXPERTS];
+    for (int e = 0; e < ne; e++) order[e] = e;
+    for (int i = 1; i < ne; i++) // insertion sort: most popular first, ties by id
+        for (int j = i; j > 0 && pop[order[j]] > pop[order[j - 1]]; j--) {
+            const int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    for (int h = 0; h < hot && h < ne; h++) {
+        const int e = order[h];
+        double load[PLAN_MAX_NODES] = {0};
+        for (int q = 0; q < ne; q++) {
+            int holders = 0;
+            for (int i = 0; i < g; i++) holders += plan_has_expert(p, a + i, q);
+            for (int i = 0; holders && i < g; i++)
+                if (plan_has_expert(p, a + i, q)) load[i] += pop[q] / holders;
+        }
+        int best = -1, full = -1;
+        for (int i = 0; i < g; i++) {
+            if (plan_has_expert(p, a + i, e)) continue;
+            const int own = n_owned(p, a + i, ne);
+            size_member(pm, p, a + i, own + 1);
+            const uint64_t bud = p->node[p->shard[a + i].node].mem_budget;
+            const bool fits = !bud || p->shard[a + i].peak_bytes <= bud;
+            size_member(pm, p, a + i, own);
+            if (!fits) {
+                if (full < 0) full = i;
+                continue;
+            }
+            if (best < 0 || load[i] < load[best] - 1e-12 ||
+                (load[i] <= load[best] + 1e-12 && own < n_owned(p, a + best, ne)))
+                best = i;
+        }
+        if (best < 0) {
+            const plan_shard_t *sh = &p->shard[a + (full >= 0 ? full : 0)];
+            char have[32];
+            plan_fmt_bytes(have, sizeof have, p->node[sh->node].mem_budget);
+            return mlm_fail(err, errlen, MLM_EFULL,
+                            "a second copy of hot expert %d of layers %d-%d fits on no member of the stage (node %s "
+                            "has %s)",
+                            e, sh->s.l0, sh->s.l1 - 1, p->node[sh->node].name, have);
+        }
+        set_expert(&p->shard[a + best], e);
+        size_member(pm, p, a + best, n_owned(p, a + best, ne));
+    }
+    return 0;
+}
+
 // --- public API
+
+int plan_ep_hot(const plan_model_t *pm, plan_t *p, int hot, char *err, size_t errlen) {
+    if (!pm || !p || !p->ep || !p->ep_lead || p->ep_replicas > 1)
+        return mlm_fail(err, errlen, MLM_EINVAL,
+                        "hot experts need placed experts with attention on the leader and one holder each (not "
+                        "--ep-attn all, not --ep-replicas)");
+    if (hot < 1 || hot > pm->n_expert)
+        return mlm_fail(err, errlen, MLM_EINVAL, "--ep-hot %d: 1 to the model's %d experts", hot, pm->n_expert);
+    for (int st = 0; st < p->n_stages; st++) {
+        const int a = p->stage_first[st], b = p->stage_first[st + 1];
+        if (b - a < 2) continue; // one member holds every expert already
+        int rc = add_hot(pm, p, a, b, hot, err, errlen);
+        if (rc != 0) return rc;
+    }
+    p->ep_hot = hot;
+    plan_predict_ep(pm, p);
+    snprintf(p->why, sizeof p->why,
+             "experts placed whole on %d node(s) per stage (attention on the first, the %d most popular of each stage "
+             "on 2)",
+             p->n / p->n_stages, hot);
+    return 0;
+}
+
+int plan_popularity_parse(const char *text, const plan_model_t *pm, double *pop, char *err, size_t errlen) {
+    const int L = pm->n_layer, E = pm->n_expert;
+    if (E <= 0) return mlm_fail(err, errlen, MLM_EINVAL, "routing counts need a MoE model; %s is dense", pm->name);
+    int line = 0, next = -1; // next: the block expected (-1: the header)
+    for (const char *p = text; *p;) {
+        const char *end = strchr(p, '\n');
+        const size_t n = end ? (size_t)(end - p) : strlen(p);
+        char buf[8192];
+        line++;
+        if (n >= sizeof buf) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: longer than %zu bytes", line, sizeof buf - 1);
+        memcpy(buf, p, n);
+        buf[n] = 0;
+        p += n + (end ? 1 : 0);
+        char *q = buf;
+        while (*q == ' ' || *q == '\t' || *q == '\r') q++;
+        if (!*q || *q == '#') continue;
+        if (next < 0) {
+            int l, e, k, t, used = 0;
+            if (sscanf(q, "layers %d experts %d top_k %d tokens %d %n", &l, &e, &k, &t, &used) != 4 || q[used])
+                return mlm_fail(err, errlen, MLM_EFORMAT,
+                                "line %d: expected \"layers L experts E top_k K tokens T\" before the counts", line);
+            if (l != L || e != E)
+                return mlm_fail(err, errlen, MLM_EFORMAT,
+                                "line %d: counts for %d layers of %d experts, but %s has %d layers of %d", line, l, e,
+                                pm->name, L, E);
+            next = 0;
+            continue;
+        }
+        if (next >= L) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: more than the %d blocks' lines", line, L);
+        char *r;
+        errno = 0;
+        const long blk = strtol(q, &r, 10);
+        if (r == q || *r != ':' || blk != next)
+            return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: expected \"%d: \" and block %d's %d counts", line, next,
+                            next, E);
+        q = r + 1;
+        double tot = 0;
+        for (int e = 0; e < E; e++) {
+            errno = 0;
+            const double c = strtod(q, &r);
+            if (r == q || errno || !(c >= 0) || c > 1e15 || c != floor(c))
+                return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: count %d of block %d is not a whole number >= 0",
+                                line, e, next);
+            pop[(size_t)next * E + e] = c;
+            tot += c;
+            q = r;
+        }
+        while (*q == ' ' || *q == '\t' || *q == '\r') q++;
+        if (*q) return mlm_fail(err, errlen, MLM_EFORMAT, "line %d: more than %d counts for block %d", line, E, next);
+        for (int e = 0; e < E; e++) pop[(size_t)next * E + e] = tot > 0 ? pop[(size_t)next * E + e] / tot : 1.0 / E;
+        next++;
+    }
+    if (next < 0) return mlm_fail(err, errlen, MLM_EFORMAT, "no \"layers L experts E top_k K tokens T\" line");
+    if (next < L) return mlm_fail(err, errlen, MLM_EFORMAT, "counts for %d of the %d blocks", next, L);
+    return 0;
+}
+
+int plan_popularity_load(const char *path, const plan_model_t *pm, double *pop, char *err, size_t errlen) {
+    char *text = NULL;
+    int rc = mlm_read_file(path, 16u << 20, &text, NULL, err, errlen);
+    if (rc != 0) return rc;
+    char inner[512];
+    rc = plan_popularity_parse(text, pm, pop, inner, sizeof inner);
+    if (rc != 0) mlm_fail(err, errlen, rc, "%s: %s", path, inner);
+    free(text);
+    return rc;
+}
 
 char *plan_experts_str(const plan_t *p, int i, int n_expert, char *buf, size_t cap) {
     size_t at = 0;
@@ -141,6 +302,7 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
     fprintf(f, "experts placed whole (expert parallelism, attention %s",
             p->ep_lead ? "on each stage's first node" : "replicated");
     if (p->ep_replicas > 1) fprintf(f, ", each expert on %d nodes", p->ep_replicas);
+    if (p->ep_hot > 0) fprintf(f, ", the %d most popular of each stage on 2 nodes", p->ep_hot);
     fprintf(f, ")");
     if (p->sliced_ms > 0 && p->placed_ms > 0)
         fprintf(f, ": predicted %.2f ms/token placed vs %.2f sliced", p->placed_ms, p->sliced_ms);
@@ -166,7 +328,8 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
 // in each phase by who computes in it: in the dense phase those with rep[i] > 0, in the expert phase
 // those given an expert. Averaged over EP_DRAWS draws of a fixed sequence (the same figure every time).
 #define EP_DRAWS 512
-static double expected_max(const plan_t *p, int a, int b, int ne, int k, const double *rep, const double *x) {
+static double expected_max(const plan_t *p, int a, int b, int ne, int k, const double *rep, const double *x,
+                           const double *pop) {
     int owner[EP_MAX_EXPERTS];
     uint64_t hold[EP_MAX_EXPERTS];
     for (int e = 0; e < ne; e++) {
@@ -192,7 +355,13 @@ static double expected_max(const plan_t *p, int a, int b, int ne, int k, const d
         for (int e = 0; e < ne; e++) pick[e] = e;
         for (int j = 0; j < k && j < ne; j++) { // partial Fisher-Yates: k distinct experts
             z = z * 6364136223846793005ull + 1442695040888963407ull;
-            const int r = j + (int)((z >> 33) % (uint64_t)(ne - j));
+            int r = j + (int)((z >> 33) % (uint64_t)(ne - j));
+            if (pop) { // by popularity: the expert where a uniform draw falls in the remaining ones' sums
+                double left = 0;
+                for (int q = j; q < ne; q++) left += pop[pick[q]];
+                double u = (double)(z >> 11) * 0x1.0p-53 * left;
+                for (r = j; r + 1 < ne && u >= pop[pick[r]]; r++) u -= pop[pick[r]];
+            }
             const int t = pick[j];
             pick[j] = pick[r];
             pick[r] = t;
@@ -268,7 +437,9 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
             wm = max2(wm, sh->memory_ms);
         }
         // the stage waits for its slowest member on each token's experts
-        const double worst = expected_max(p, a, b, ne, k, rep_ms, x_ms);
+        double pop[EP_MAX_EXPERTS];
+        const bool by_pop = stage_popularity(pm, s->l0, s->l1, pop);
+        const double worst = expected_max(p, a, b, ne, k, rep_ms, x_ms, by_pop ? pop : NULL);
         double comm = xch;
         if (st + 1 < p->n_stages) { // the leader hands n_embd F32 to every member of the next stage
             const int na = p->stage_first[st + 1], nb = p->stage_first[st + 2];

@@ -747,6 +747,11 @@ static int best_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
     bool budgets = n > 0;
     for (int i = 0; i < n; i++) budgets = budgets && nodes[i].mem_budget > 0;
     if (o->ep_replicas == 0 && lead && budgets) r_hi = pm->n_expert_used > 1 ? pm->n_expert_used : 1;
+    if (o->ep_hot > 0) { // a second copy of the popular experts only
+        if (!lead || o->ep_replicas > 1)
+            return mlm_fail(err, errlen, MLM_EINVAL, "--ep-hot needs attention on the leader and no --ep-replicas");
+        r_lo = r_hi = 1;
+    }
     if (o->ep >= 2) {
         const int pp = o->pp > 0 ? o->pp : (n / o->ep > 0 ? n / o->ep : 1);
         if (pp * o->ep > n)
@@ -763,7 +768,8 @@ static int best_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
         if (!forced_pp && ((o->pp && pp != o->pp) || n / pp < 2 || n / pp > pm->n_expert)) continue;
         for (int r = r_lo; r <= r_hi && (r == r_lo || r <= nn / pp); r++) { // auto: up to the members
             char e2[256];
-            const int rc2 = plan_ep(pm, nodes, nn, pp, o->n_ctx, lead, r, t, e2, sizeof e2);
+            int rc2 = plan_ep(pm, nodes, nn, pp, o->n_ctx, lead, r, t, e2, sizeof e2);
+            if (rc2 == 0 && o->ep_hot > 0) rc2 = plan_ep_hot(pm, t, o->ep_hot, e2, sizeof e2);
             if (rc2 != 0) {
                 if (!found && (r == r_lo || forced_pp)) rc = mlm_fail(err, errlen, rc2, "%s", e2);
                 continue;

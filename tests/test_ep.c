@@ -500,7 +500,31 @@ typedef struct {
     bool tcp;
     int replicas;            // --ep-replicas (0 = the planner's: 1 without budgets)
     bool all;                // --ep-attn all (attention replicated)
+    int hot;                 // > 0: --ep-hot with counts making experts 7, 5, 3 (in that order) the most popular
 } ep_cluster_t;
+
+// The block count of the model at path (0 if it cannot be read).
+static int model_layers(const char *path) {
+    char err[256];
+    gguf_t *g = NULL;
+    plan_model_t *pm = malloc(sizeof *pm);
+    int n = 0;
+    if (pm && gguf_open(&g, path, err, sizeof err) == 0 && plan_model_from_gguf(g, pm, err, sizeof err) == 0)
+        n = pm->n_layer;
+    gguf_close(&g);
+    free(pm);
+    return n;
+}
+
+// Writes routing counts for n_layer blocks of 8 experts in which 7, 5, 3, 1 are picked most (in that
+// order) to path. 0 or -1.
+static int write_hot_counts(const char *path, int n_layer) {
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fprintf(f, "# test counts\nlayers %d experts 8 top_k 2 tokens 100\n", n_layer);
+    for (int l = 0; l < n_layer; l++) fprintf(f, "%d: 5 20 5 30 5 40 5 90\n", l);
+    return fclose(f) == 0 ? 0 : -1;
+}
 
 // Runs the case on local worker processes with placed experts: every logit row must equal one
 // node's. Returns the rows that differ, or -1 (reported). *plan_out gets the plan.
@@ -522,10 +546,14 @@ static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) {
     }
     const char *eps[LAUNCH_MAX];
     for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
+    char hot[64];
+    snprintf(hot, sizeof hot, "/tmp/meshlm-test-hot-%d.txt", (int)getpid());
+    if (k->hot && write_hot_counts(hot, model_layers(rc.model_path)) != 0) fprintf(stderr, "cannot write %s\n", hot);
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .speeds = k->speeds,
                          .coordinator_shard = k->coord_shard, .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000,
                          .pp = k->pp > 0 ? k->pp : 1, .ep = k->ep, .ubatch = ub, .keep_all = true,
-                         .ep_replicas = k->replicas, .ep_replicated = k->all};
+                         .ep_replicas = k->replicas, .ep_replicated = k->all, .ep_hot_file = k->hot ? hot : NULL,
+                         .ep_hot = k->hot};
     cluster_t *cl = NULL;
     if (cluster_open(&cl, &co, err, sizeof err) != 0) {
         fprintf(stderr, "  %s: cluster_open: %s\n", k->case_name, err);
@@ -547,6 +575,7 @@ static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) {
         cluster_close(&cl, true);
     }
     launch_reap(&l, 5000);
+    if (k->hot) unlink(hot);
     free(ref);
     free(lg);
     ref_free(&rc);
@@ -562,15 +591,17 @@ static int experts_of(const plan_t *p, int i) {
 
 static void test_ep_workers(void) {
     static const ep_cluster_t cases[] = {
-        {"stories260K-moe8x-top2-permuted.p0", 2, 2, 0, NULL, false, false, 0, false},   // 4 + 4 experts
-        {"synth-moe-Q4_0.p0", 3, 3, 0, NULL, false, true, 0, false},                     // 3 + 3 + 2, over tcp
-        {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false, 0, false}, // uneven by speed
-        {"synth-moe-Q4_0.p1", 4, 4, 0, "1,1,2,1", false, false, 0, false},               // 4 members, uneven
-        {"stories260K-moe4x-top4-split.p0", 4, 2, 2, NULL, false, false, 0, false},      // 2 stages of 2 members
-        {"synth-moe-F16.p0", 3, 3, 0, NULL, true, false, 0, false},                      // the coordinator is a member
-        {"stories260K-moe8x-top2-permuted.p0", 3, 3, 0, NULL, false, false, 2, false}, // 2 holders per expert
-        {"synth-moe-Q4_0.p0", 4, 2, 2, NULL, false, false, 2, false},                 // 2 stages of 2, every member all
-        {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false, 0, true}, // attention replicated
+        {"stories260K-moe8x-top2-permuted.p0", 2, 2, 0, NULL, false, false, 0, false, 0},   // 4 + 4 experts
+        {"synth-moe-Q4_0.p0", 3, 3, 0, NULL, false, true, 0, false, 0},                     // 3 + 3 + 2, over tcp
+        {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false, 0, false, 0}, // uneven by speed
+        {"synth-moe-Q4_0.p1", 4, 4, 0, "1,1,2,1", false, false, 0, false, 0},               // 4 members, uneven
+        {"stories260K-moe4x-top4-split.p0", 4, 2, 2, NULL, false, false, 0, false, 0},      // 2 stages of 2 members
+        {"synth-moe-F16.p0", 3, 3, 0, NULL, true, false, 0, false, 0},                      // the coordinator is a member
+        {"stories260K-moe8x-top2-permuted.p0", 3, 3, 0, NULL, false, false, 2, false, 0}, // 2 holders per expert
+        {"synth-moe-Q4_0.p0", 4, 2, 2, NULL, false, false, 2, false, 0},                 // 2 stages of 2, every member all
+        {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false, 0, true, 0}, // attention replicated
+        {"stories260K-moe8x-top2-permuted.p0", 3, 3, 0, NULL, false, false, 0, false, 3}, // hot 7, 5, 3 on 2 each
+        {"synth-moe-Q4_0.p0", 4, 2, 2, NULL, false, false, 0, false, 1}, // 2 stages of 2, expert 7 on both of each
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         plan_t *p = calloc(1, sizeof *p);
@@ -588,8 +619,14 @@ static void test_ep_workers(void) {
             least = e < least ? e : least;
         }
         CU_ASSERT(least >= 1);
-        CU_ASSERT_EQUAL(total, p->ep_replicas * p->n_stages * (strstr(cases[i].case_name, "moe4x") ? 4 : 8)); // each expert
-                                                                                                     // r times per stage
+        CU_ASSERT_EQUAL(p->ep_hot, cases[i].hot);
+        CU_ASSERT_EQUAL(total, p->ep_replicas * p->n_stages * (strstr(cases[i].case_name, "moe4x") ? 4 : 8) +
+                                   p->n_stages * cases[i].hot); // each expert r times per stage, the hot ones once more
+        for (int h = 0; h < cases[i].hot; h++) { // the hottest experts (7, 5, 3) have 2 holders in every stage
+            int holders = 0;
+            for (int j = 0; j < p->n; j++) holders += plan_has_expert(p, j, 7 - 2 * h);
+            CU_ASSERT_EQUAL(holders, 2 * p->n_stages);
+        }
         if (cases[i].speeds) CU_ASSERT(most > least); // the faster member computes more experts
         free(p);
     }
@@ -632,6 +669,48 @@ static void test_ep_plan_output(void) {
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "no experts to place"));
 }
 
+// Routing counts: parsed and normalised per block; every malformed form refused naming its line.
+static void test_ep_routing_counts(void) {
+    char err[512];
+    plan_model_t *pm = calloc(1, sizeof *pm);
+    snprintf(pm->name, sizeof pm->name, "m");
+    pm->n_layer = 2;
+    pm->n_expert = 4;
+    pm->n_expert_used = 2;
+    double pop[8];
+    CU_ASSERT_EQUAL(plan_popularity_parse("# c\n\nlayers 2 experts 4 top_k 2 tokens 2\n0: 3 1 0 0\n 1:0 0 0 0 \n", pm, pop,
+                                          err, sizeof err),
+                    0);
+    CU_ASSERT(pop[0] == 0.75 && pop[1] == 0.25 && pop[2] == 0 && pop[3] == 0);
+    CU_ASSERT(pop[4] == 0.25 && pop[7] == 0.25); // a block with no picks: uniform
+    static const struct {
+        const char *text, *says;
+    } bad[] = {
+        {"0: 1 1 1 1\n", "line 1: expected \"layers"},
+        {"layers 3 experts 4 top_k 2 tokens 2\n", "3 layers of 4 experts, but m has 2 layers of 4"},
+        {"layers 2 experts 4 top_k 2 tokens 2\n0: 1 1 1\n", "line 2: count 3 of block 0"},
+        {"layers 2 experts 4 top_k 2 tokens 2\n0: 1 1 1 1 1\n", "more than 4 counts"},
+        {"layers 2 experts 4 top_k 2 tokens 2\n0: 1 -1 1 1\n", "count 1 of block 0 is not a whole number"},
+        {"layers 2 experts 4 top_k 2 tokens 2\n0: 1 1.5 1 1\n", "count 1 of block 0"},
+        {"layers 2 experts 4 top_k 2 tokens 2\n1: 1 1 1 1\n", "line 2: expected \"0: \""},
+        {"layers 2 experts 4 top_k 2 tokens 2\n0: 1 1 1 1\n", "counts for 1 of the 2 blocks"},
+        {"layers 2 experts 4 top_k 2 tokens 2\n0: 1 1 1 1\n1: 1 1 1 1\n2: 1 1 1 1\n", "line 4: more than the 2"},
+        {"# nothing\n", "no \"layers L"},
+        {"layers 2 experts 4 top_k 2 tokens 2\n0: 1 1 1 nan\n", "count 3 of block 0"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        err[0] = 0;
+        CU_ASSERT_EQUAL(plan_popularity_parse(bad[i].text, pm, pop, err, sizeof err), MLM_EFORMAT);
+        if (!strstr(err, bad[i].says)) fprintf(stderr, "\n  case %zu: '%s' lacks '%s'\n", i, err, bad[i].says);
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, bad[i].says));
+    }
+    CU_ASSERT_EQUAL(plan_popularity_load("/nonexistent/counts.txt", pm, pop, err, sizeof err) != 0, 1);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "/nonexistent/counts.txt"));
+    pm->n_expert = 0;
+    CU_ASSERT_EQUAL(plan_popularity_parse("layers 2 experts 4 top_k 2 tokens 2\n", pm, pop, err, sizeof err), MLM_EINVAL);
+    free(pm);
+}
+
 // --- the planner
 
 static void fast_nodes(plan_node_t *nd, int n, double lat_us, double link_bw) {
@@ -647,6 +726,70 @@ static void fast_nodes(plan_node_t *nd, int n, double lat_us, double link_bw) {
 
 // Placement follows speed and memory; every expert of a stage has one owner; the automatic choice
 // takes placed experts where the exchanges dominate and sliced ones where compute does.
+// Hot experts: the most popular get a second holder, each on the member with the least expected
+// expert work; the prediction draws experts by popularity; budgets and wrong plans refused.
+static void test_ep_hot_planner(void) {
+    char err[512];
+    plan_model_t *pm = malloc(sizeof *pm);
+    CU_ASSERT_EQUAL_FATAL(plan_model_from_preset("mixtral-8x7b", "Q4_0", pm, err, sizeof err), 0);
+    double *pop = calloc((size_t)pm->n_layer * 8, sizeof *pop);
+    for (int il = 0; il < pm->n_layer; il++) { // experts 0 and 1 (both on n0) take 70% of the picks
+        pop[il * 8 + 0] = 0.4;
+        pop[il * 8 + 1] = 0.3;
+        for (int e = 2; e < 8; e++) pop[il * 8 + e] = 0.05;
+    }
+    plan_node_t nd[4];
+    fast_nodes(nd, 4, 1000, 125e6);
+    plan_t *u = calloc(1, sizeof *u), *q = calloc(1, sizeof *q), *h = calloc(1, sizeof *h);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, u, err, sizeof err), 0); // uniform routing
+    pm->popularity = pop;
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, q, err, sizeof err), 0);
+    CU_ASSERT(q->cost.token_ms > u->cost.token_ms); // n0 computes most tokens' experts now
+    *h = *q;
+    CU_ASSERT_EQUAL_FATAL(plan_ep_hot(pm, h, 2, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(h->ep_hot, 2);
+    // expert 0 to n1 (n1-n3 equally idle, 2 experts each: the first), then expert 1 to n2 (n1 now has half of 0)
+    CU_ASSERT(plan_has_expert(h, 0, 0) && plan_has_expert(h, 1, 0) && !plan_has_expert(h, 2, 0) && !plan_has_expert(h, 3, 0));
+    CU_ASSERT(plan_has_expert(h, 0, 1) && plan_has_expert(h, 2, 1) && !plan_has_expert(h, 1, 1) && !plan_has_expert(h, 3, 1));
+    CU_ASSERT(experts_of(h, 0) == 2 && experts_of(h, 1) == 3 && experts_of(h, 2) == 3 && experts_of(h, 3) == 2);
+    CU_ASSERT_EQUAL(h->shard[1].weight_bytes, q->shard[1].weight_bytes * 3 / 2);
+    CU_ASSERT(h->cost.token_ms < q->cost.token_ms);
+    // through plan_make (--ep 4 --ep-hot): the same placement
+    plan_opts_t o = {.n_ctx = 4096, .keep_all = true, .pp = 1, .ep = 4, .ep_hot = 2};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, q, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(q->ep_hot == 2 && memcmp(q->shard[1].experts, h->shard[1].experts, sizeof h->shard[1].experts) == 0);
+    o.ep_replicas = 2;
+    CU_ASSERT_EQUAL(plan_make(pm, nd, 4, &o, q, NULL, 0, NULL, err, sizeof err), MLM_EINVAL);
+    o.ep_replicas = 0;
+    o.ep_replicated = true;
+    CU_ASSERT_EQUAL(plan_make(pm, nd, 4, &o, q, NULL, 0, NULL, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "--ep-hot"));
+    // wrong plans and counts
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, false, 1, q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(plan_ep_hot(pm, q, 2, err, sizeof err), MLM_EINVAL); // attention replicated
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, true, 2, q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(plan_ep_hot(pm, q, 2, err, sizeof err), MLM_EINVAL); // replicas already
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(plan_ep_hot(pm, q, 0, err, sizeof err), MLM_EINVAL);
+    CU_ASSERT_EQUAL(plan_ep_hot(pm, q, 9, err, sizeof err), MLM_EINVAL);
+    // budgets: members with room for their 2 experts only: no second copy anywhere
+    for (int i = 1; i < 4; i++) nd[i].mem_budget = u->shard[i].peak_bytes + ((uint64_t)1 << 20);
+    nd[0].mem_budget = u->shard[0].peak_bytes + ((uint64_t)1 << 20);
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(plan_ep_hot(pm, q, 1, err, sizeof err), MLM_EFULL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "hot expert 0"));
+    // room on n3 alone: both copies go there
+    nd[3].mem_budget = 0;
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(plan_ep_hot(pm, q, 2, err, sizeof err), 0);
+    CU_ASSERT(plan_has_expert(q, 3, 0) && plan_has_expert(q, 3, 1) && experts_of(q, 3) == 4 && experts_of(q, 1) == 2);
+    free(u);
+    free(q);
+    free(h);
+    free(pop);
+    free(pm);
+}
+
 static void test_ep_planner(void) {
     char err[512];
     plan_model_t *pm = malloc(sizeof *pm);
@@ -895,6 +1038,8 @@ int test_ep_suite(void) {
         !CU_add_test(s, "worker processes with placed experts", test_ep_workers) ||
         !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output) ||
         !CU_add_test(s, "planner: placement, memory, speed, sliced or placed", test_ep_planner) ||
+        !CU_add_test(s, "routing counts parsed, malformed ones refused", test_ep_routing_counts) ||
+        !CU_add_test(s, "planner: a second holder for the popular experts", test_ep_hot_planner) ||
         !CU_add_test(s, "planner: nodes sharing a machine's cores, sliced against placed", test_ep_shared_cores) ||
         !CU_add_test(s, "protocol 1.4 and 1.7 workers", test_ep_old_worker))
         return -1;

@@ -320,7 +320,7 @@ static void run_workload(const chaos_args_t *a, const fault_spec_t *spec, int n_
     const int max_prompt = 64;
     cluster_opts_t co = {.model_path = a->model, .workers = eps, .n_workers = lw->n, .n_ctx = max_prompt + N + 8,
                          .n_threads = a->threads, .timeout_ms = a->timeout_ms, .verbose = a->verbose, .pp = a->lay.pp,
-                         .tp = a->lay.tp, .ep = a->lay.ep, .ep_replicated = a->lay.ep_replicated, .ep_replicas = a->lay.ep_replicas, .keep_all = true, .plan_file = a->lay.plan_file, .ubatch = a->lay.ubatch,
+                         .tp = a->lay.tp, .ep = a->lay.ep, .ep_replicated = a->lay.ep_replicated, .ep_replicas = a->lay.ep_replicas, .ep_hot_file = a->lay.ep_hot_file, .ep_hot = a->lay.ep_hot, .keep_all = true, .plan_file = a->lay.plan_file, .ubatch = a->lay.ubatch,
                          .local_profile = true, .recover = !a->lay.no_recover, .heartbeat_ms = a->lay.heartbeat_ms,
                          .n_standby = a->lay.n_standby};
     if (cluster_open(&cl, &co, err, sizeof err) != 0) {

@@ -708,9 +708,10 @@ int cmd_gen_model(int argc, char **argv) {
     }
     if (!rc && o.routing_stats && m.n_expert > 0) {
         routing_stats_t rs;
-        if (routing_stats_measure(o.out, o.routing_stats, o.threads, &rs, err, sizeof err) == 0)
+        if (routing_stats_measure(o.out, o.routing_stats, o.threads, &rs, err, sizeof err) == 0) {
             routing_stats_print(&rs, stdout);
-        else
+            routing_stats_free(&rs);
+        } else
             fprintf(stderr, "gen-model: routing statistics: %s\n", err);
     }
     free(tl.t);

@@ -20,6 +20,7 @@ typedef struct {
     bool all;                // --all: show every array item
     bool json;               // --json: one JSON object on stdout
     int routing;             // --routing N: run N tokens through a MoE file and print its routing statistics
+    const char *routing_out; // --routing-out FILE: also write the per-block counts there (what --ep-hot reads)
 } inspect_opts_t;
 
 typedef struct {
@@ -32,13 +33,15 @@ typedef struct {
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: meshlm inspect FILE [--all] [--json] [--routing N]\n\n"
+            "usage: meshlm inspect FILE [--all] [--json] [--routing N [--routing-out OUT]]\n\n"
             "Prints a GGUF file's header, every metadata key with its type and value, the tensor table\n"
             "(index, name, type, dims, data offset, bytes) and totals (parameters, bytes by type).\n\n"
             "  --all    show every array item (default: the first %d)\n"
             "  --json   print one JSON object instead of text\n"
             "  --routing N  run N seeded tokens through a MoE model and print only its routing statistics\n"
             "           (expert popularity per block, consecutive tokens and adjacent blocks choosing alike)\n"
+            "  --routing-out OUT  with --routing, also write how often each block's router picked each\n"
+            "           expert to OUT (the routing counts that run/bench/plan --ep-hot read)\n"
             "  --help   this text\n\n"
             "Exit code 0 on success, 1 if the file cannot be read or is malformed, 2 on bad usage.\n",
             INSPECT_MAX_ITEMS);
@@ -63,6 +66,8 @@ static int parse_args(int argc, char **argv, inspect_opts_t *o, bool *done) {
                 fprintf(stderr, "meshlm inspect: --routing wants a token count of 2 or more, not '%s'\n", argv[i]);
                 return 2;
             }
+        } else if (!strcmp(a, "--routing-out") && i + 1 < argc) {
+            o->routing_out = argv[++i];
         } else if (a[0] == '-' && a[1] != '\0') {
             fprintf(stderr, "meshlm inspect: unknown option '%s'\n\n", a);
             usage(stderr);
@@ -353,6 +358,10 @@ int cmd_inspect(int argc, char **argv) {
     int rc = parse_args(argc, argv, &o, &done);
     if (rc || done) return rc;
     char err[512] = "";
+    if (o.routing_out && !o.routing) {
+        fprintf(stderr, "meshlm inspect: --routing-out needs --routing N (the tokens to measure over)\n");
+        return 2;
+    }
     if (o.routing) {
         routing_stats_t rs;
         if ((rc = routing_stats_measure(o.path, o.routing, 0, &rs, err, sizeof err)) != 0) {
@@ -360,7 +369,12 @@ int cmd_inspect(int argc, char **argv) {
             return 1;
         }
         routing_stats_print(&rs, stdout);
-        return fflush(stdout) != 0;
+        if (o.routing_out && (rc = routing_stats_write(&rs, o.routing_out, err, sizeof err)) != 0)
+            fprintf(stderr, "meshlm inspect: %s\n", err);
+        else if (o.routing_out)
+            printf("routing counts written to %s\n", o.routing_out);
+        routing_stats_free(&rs);
+        return rc != 0 || fflush(stdout) != 0;
     }
     gguf_t *g = NULL;
     rc = gguf_open(&g, o.path, err, sizeof err);

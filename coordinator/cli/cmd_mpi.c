@@ -165,7 +165,7 @@ static int lead(comm_t *ctl, comm_t *data, mpi_args_t *a) {
                          .speeds = a->speeds, .coordinator_shard = true, .n_ctx = n_ctx, .n_batch = a->g.n_batch,
                          .n_threads = a->g.n_threads, .timeout_ms = a->timeout_ms, .kv_f32 = a->g.kv_f32, .kv_q8 = a->g.kv_q8, .kv_device = a->g.kv_device,
                          .mem_budget = a->lay.mem_budget,
-                         .verbose = a->verbose, .pp = a->lay.pp ? a->lay.pp : (a->lay.tp ? 0 : 1), .tp = a->lay.tp, .ep = a->lay.ep, .ep_replicated = a->lay.ep_replicated, .ep_replicas = a->lay.ep_replicas,
+                         .verbose = a->verbose, .pp = a->lay.pp ? a->lay.pp : (a->lay.tp ? 0 : 1), .tp = a->lay.tp, .ep = a->lay.ep, .ep_replicated = a->lay.ep_replicated, .ep_replicas = a->lay.ep_replicas, .ep_hot_file = a->lay.ep_hot_file, .ep_hot = a->lay.ep_hot,
                          .keep_all = true, .plan_file = a->lay.plan_file, .ubatch = a->lay.ubatch,
                          .tp_mode = a->lay.tp_mode, .tp_mode_set = a->lay.tp_mode_set};
     if (rc == 0) rc = cluster_open(&cl, &co, err, sizeof err);

@@ -22,7 +22,8 @@ static void plan_usage(FILE *f) {
     fprintf(f,
             "usage: meshlm plan (-m FILE | --preset NAME [--quant TYPE]) (--nodes SPEC | --nodes-file F)\n"
             "                   [-c N_CTX] [--pp S] [--tp T] [--tp-mode M] [--ep N|off] [--ep-attn lead|all]\n"
-            "                   [--ep-replicas N] [--keep-all] [--pin-first] [--no-stream] [--plan FILE] [--out FILE]\n"
+            "                   [--ep-replicas N] [--ep-hot FILE[:N]] [--keep-all] [--pin-first] [--no-stream]\n"
+            "                   [--plan FILE] [--out FILE]\n"
             "                   [--explain] [--json]\n"
             "  -m, --model FILE   GGUF model (only mapped, no weights read)\n"
             "  --preset NAME      a known model shape instead of a file (tinyllama-1.1b, llama-2-70b, mixtral-8x7b, ...)\n"
@@ -50,6 +51,9 @@ static void plan_usage(FILE *f) {
             "  --ep-replicas N    with lead: every expert on N members of its stage, each token's experts given\n"
             "                     to the least busy holders (default 1; with a budget on every node, the\n"
             "                     fastest predicted count up to top-k that fits)\n"
+            "  --ep-hot FILE[:N]  with lead: a second copy of each stage's N most popular experts (default N:\n"
+            "                     top-k), from FILE's routing counts (meshlm inspect MODEL --routing T\n"
+            "                     --routing-out FILE); expert times are then predicted by popularity\n"
             "  --keep-all         every node computes          --pin-first  node 0 (coordinator) is rank 0\n"
             "  --no-stream        refuse shares that do not fit their budgets (default: they stream weights\n"
             "                     from disk through a window of units)\n"
@@ -175,7 +179,7 @@ static void kv_table(const plan_t *p, const char *dev, FILE *f) {
 
 int cmd_plan(int argc, char **argv) {
     enum { O_NODES = 256, O_NODES_FILE, O_PRESET, O_QUANT, O_PP, O_TP, O_KEEP, O_PIN, O_PLAN, O_OUT, O_EXPLAIN,
-           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP, O_KVCAP, O_EP_ATTN, O_EP_REPLICAS };
+           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP, O_KVCAP, O_EP_ATTN, O_EP_REPLICAS, O_EP_HOT };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"nodes", required_argument, 0, O_NODES},
         {"nodes-file", required_argument, 0, O_NODES_FILE}, {"preset", required_argument, 0, O_PRESET},
@@ -188,10 +192,11 @@ int cmd_plan(int argc, char **argv) {
         {"tp-mode", required_argument, 0, O_TP_MODE}, {"no-stream", no_argument, 0, O_NO_STREAM},
         {"kv-device", required_argument, 0, O_KVDEV}, {"ep", required_argument, 0, O_EP},
         {"ep-attn", required_argument, 0, O_EP_ATTN}, {"ep-replicas", required_argument, 0, O_EP_REPLICAS},
+        {"ep-hot", required_argument, 0, O_EP_HOT},
         {"kv-cap", required_argument, 0, O_KVCAP},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     const char *model = NULL, *preset = NULL, *quant = NULL, *spec = NULL, *nodes_file = NULL, *plan_path = NULL,
-               *out_path = NULL;
+               *out_path = NULL, *hot_path = NULL;
     bool explain = false, json = false, mode_given = false;
     const char *kv_dev = NULL; // --kv-device: where the KV of every node that names none lives
     uint64_t kv_cap = 0;       // --kv-cap: the capacity of a KV device that states none
@@ -222,6 +227,13 @@ int cmd_plan(int argc, char **argv) {
         case O_KVCAP: bad |= plan_parse_size(optarg, &kv_cap) != 0 || !kv_cap; break;
         case O_EP: bad |= layout_args_ep(optarg, &po.ep); break;
         case O_EP_REPLICAS: bad |= positive(optarg, &po.ep_replicas); break;
+        case O_EP_HOT: {
+            layout_args_t la = {0};
+            if (layout_args_option(&la, LA_EP_HOT, optarg, "plan") < 0) bad = 1;
+            hot_path = la.ep_hot_file;
+            po.ep_hot = la.ep_hot;
+            break;
+        }
         case O_EP_ATTN:
             bad |= strcmp(optarg, "lead") != 0 && strcmp(optarg, "all") != 0;
             po.ep_replicated = strcmp(optarg, "all") == 0;
@@ -265,6 +277,16 @@ int cmd_plan(int argc, char **argv) {
             snprintf(pm->name, sizeof pm->name, "%s", base ? base + 1 : model);
         }
         gguf_close(&g); // the description keeps no pointer into the file
+    }
+    double *pop = NULL; // --ep-hot's popularity
+    if (rc == 0 && hot_path) {
+        if (plan_path) rc = mlm_fail(err, sizeof err, MLM_EINVAL, "--ep-hot and --plan exclude each other");
+        else if (pm->n_expert <= 0) rc = mlm_fail(err, sizeof err, MLM_EINVAL, "--ep-hot: %s has no experts", pm->name);
+        else if (!(pop = malloc((size_t)pm->n_layer * (size_t)pm->n_expert * sizeof *pop))) rc = MLM_ENOMEM;
+        else rc = plan_popularity_load(hot_path, pm, pop, err, sizeof err);
+        pm->popularity = pop;
+        if (rc == 0 && po.ep_hot == 0) po.ep_hot = pm->n_expert_used;
+        if (po.ep_hot > pm->n_expert) po.ep_hot = pm->n_expert;
     }
     if (rc == 0 && plan_path) {
         plan_spec_t *ps = malloc(sizeof *ps);
@@ -317,6 +339,7 @@ int cmd_plan(int argc, char **argv) {
     } else {
         fprintf(stderr, "meshlm plan: %s\n", rc == MLM_ENOMEM ? "out of memory" : err);
     }
+    free(pop);
     free(pm);
     free(best);
     free(alts);

@@ -254,7 +254,7 @@ static int serve_main(serve_args_t *a) {
                              .recover = !a->lay.no_recover, .heartbeat_ms = a->lay.heartbeat_ms,
                              .n_standby = a->lay.n_standby, .tp_mode = a->lay.tp_mode,
                              .tp_mode_set = a->lay.tp_mode_set, .drop_cache = lw && lw->mem_limit,
-                             .ep = a->lay.ep, .ep_replicated = a->lay.ep_replicated, .ep_replicas = a->lay.ep_replicas,
+                             .ep = a->lay.ep, .ep_replicated = a->lay.ep_replicated, .ep_replicas = a->lay.ep_replicas, .ep_hot_file = a->lay.ep_hot_file, .ep_hot = a->lay.ep_hot,
                              .curve = curve, .on_plan = reg ? reg_workers_publish_plan : NULL, .on_plan_arg = reg};
         if (ctl) { // every rank computes; rank 0 leads the first stage (one tensor-parallel group by default)
             co.workers = NULL;

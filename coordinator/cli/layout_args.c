@@ -87,6 +87,23 @@ int layout_args_option(layout_args_t *a, int ch, const char *arg, const char *cm
         a->ep_replicated = strcmp(arg, "all") == 0;
         return 1;
     case LA_EP_REPLICAS: return positive(arg, "--ep-replicas", cmd, &a->ep_replicas);
+    case LA_EP_HOT: {
+        const char *colon = strrchr(arg, ':');
+        a->ep_hot_file = arg;
+        a->ep_hot = 0;
+        if (colon && colon[1] && strspn(colon + 1, "0123456789") == strlen(colon + 1)) {
+            static char path[4096]; // the option's FILE part (one --ep-hot per process)
+            if ((size_t)(colon - arg) >= sizeof path || colon == arg) {
+                fprintf(stderr, "meshlm %s: --ep-hot wants FILE or FILE:N, not '%s'\n", cmd, arg);
+                return -1;
+            }
+            memcpy(path, arg, (size_t)(colon - arg));
+            path[colon - arg] = 0;
+            a->ep_hot_file = path;
+            if (positive(colon + 1, "--ep-hot's N", cmd, &a->ep_hot) < 0) return -1;
+        }
+        return 1;
+    }
     case LA_MEM_BUDGET: return size_arg(arg, "--mem-budget", cmd, &a->mem_budget);
     case LA_LOCAL_MEM: a->local_mem_set = true; return size_arg(arg, "--local-mem", cmd, &a->local_mem);
     case LA_HEARTBEAT: return positive(arg, "--heartbeat-ms", cmd, &a->heartbeat_ms);

@@ -22,6 +22,8 @@ typedef struct {
     bool ep_replicated;       // --ep-attn all: placed experts with attention on every member (default lead:
                               // on each stage's first member alone)
     int ep_replicas;          // --ep-replicas N: holders of each placed expert (0 = the planner's choice)
+    const char *ep_hot_file;  // --ep-hot FILE[:N]: routing counts (meshlm inspect --routing-out), or NULL
+    int ep_hot;               // its N: popular experts per stage with a second holder (0 = the model's top-k)
     // --mem-budget SIZE, bytes (0 = none): the budget of every local worker (passed on as `meshlm
     // worker --mem-budget`) and of this process's own model: its share (--coordinator-shard) or the
     // single node, which streams its weights through the weight window when it does not fit.
@@ -37,14 +39,14 @@ typedef struct {
 
 // Option ids, above every command's own (GA_NEXT + 100 leaves room).
 enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_LOCAL_MEM, LA_HEARTBEAT, LA_NO_RECOVER,
-       LA_STANDBY, LA_TP_MODE, LA_EP, LA_EP_ATTN, LA_EP_REPLICAS };
+       LA_STANDBY, LA_TP_MODE, LA_EP, LA_EP_ATTN, LA_EP_REPLICAS, LA_EP_HOT };
 
 #define LAYOUT_ARGS_LONGOPTS                                                                                     \
     {"pp", required_argument, 0, LA_PP}, {"tp", required_argument, 0, LA_TP},                                   \
         {"ubatch", required_argument, 0, LA_UBATCH}, {"keep-all", no_argument, 0, LA_KEEP_ALL},                 \
         {"plan", required_argument, 0, LA_PLAN}, {"tp-mode", required_argument, 0, LA_TP_MODE},                \
         {"ep", required_argument, 0, LA_EP}, {"ep-attn", required_argument, 0, LA_EP_ATTN},              \
-        {"ep-replicas", required_argument, 0, LA_EP_REPLICAS}
+        {"ep-replicas", required_argument, 0, LA_EP_REPLICAS}, {"ep-hot", required_argument, 0, LA_EP_HOT}
 
 #define LAYOUT_ARGS_USAGE                                                                                        \
     "layout (default: the planner picks tensor, pipeline or hybrid from measured speed, memory and links):\n"   \
@@ -64,6 +66,9 @@ enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_L
     "      --ep-replicas N     with lead, every expert on N members of its stage: the first member gives\n"   \
     "                          each token's experts to the least busy holders (default 1; with budgets on\n" \
     "                          every node the planner tries up to top-k replicas that fit)\n"               \
+    "      --ep-hot FILE[:N]   with lead, a second copy of each stage's N most popular experts (default N:\n" \
+    "                          top-k), popularity from FILE's routing counts (meshlm inspect MODEL\n"      \
+    "                          --routing T --routing-out FILE), summed over the stage's blocks\n"          \
     "      --plan FILE         a hand-written plan (see meshlm plan --out)\n"                                   \
     "      --ubatch N          prompt micro-batch tokens in flight through the stages (default 16)\n"           \
     "      --keep-all          never leave a slow node out\n"

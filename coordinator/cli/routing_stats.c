@@ -2,6 +2,7 @@
 // choices collected through model_load_opts_t.on_route.
 #include "coordinator/cli/routing_stats.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -137,9 +138,31 @@ int routing_stats_measure(const char *path, int n_tokens, int n_threads, routing
     model_ctx_destroy(&c);
     model_destroy(&m);
     free(t.sel);
-    free(count);
+    if (rc == 0) out->count = count;
+    else free(count);
     free(logits);
     return rc;
+}
+
+int routing_stats_write(const routing_stats_t *s, const char *path, char *err, size_t errlen) {
+    FILE *f = fopen(path, "w");
+    if (!f) return mlm_fail(err, errlen, MLM_EIO, "%s: cannot create: %s", path, strerror(errno));
+    fprintf(f, "# meshlm routing counts: the router's picks of each expert per block over %d tokens\n", s->n_tokens);
+    fprintf(f, "layers %d experts %d top_k %d tokens %d\n", s->n_layer, s->n_expert, s->k, s->n_tokens);
+    for (int l = 0; l < s->n_layer; l++) {
+        fprintf(f, "%d:", l);
+        for (int e = 0; e < s->n_expert; e++) fprintf(f, " %ld", s->count ? s->count[(size_t)l * s->n_expert + e] : 0L);
+        fprintf(f, "\n");
+    }
+    const bool bad = ferror(f) != 0;
+    if (fclose(f) != 0 || bad) return mlm_fail(err, errlen, MLM_EIO, "%s: write failed: %s", path, strerror(errno));
+    return 0;
+}
+
+void routing_stats_free(routing_stats_t *s) {
+    if (!s) return;
+    free(s->count);
+    s->count = NULL;
 }
 
 void routing_stats_print(const routing_stats_t *s, FILE *f) {

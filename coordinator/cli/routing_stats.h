@@ -21,6 +21,8 @@ typedef struct {
     double adj_overlap;        // its top-k sets at l and l+1 share an expert
     double chance_top1;        // 1/E
     double chance_overlap;     // 1 - C(E-k,k)/C(E,k)
+    long *count;               // (n_layer, n_expert) the router's picks of each expert per block (owned:
+                               // routing_stats_free)
 } routing_stats_t;
 
 // Measures path over n_tokens tokens (seeded, uniform over the vocabulary) into *out. 0, or a negative
@@ -30,5 +32,12 @@ int routing_stats_measure(const char *path, int n_tokens, int n_threads, routing
 
 // Prints s as a few lines (with the chance values and the Mixtral reference figures) to f.
 void routing_stats_print(const routing_stats_t *s, FILE *f);
+
+// Writes s's counts to path in the routing counts format (parallel/plan.h plan_popularity_parse): what
+// --ep-hot reads. 0 or MLM_EIO with a message naming path in err.
+int routing_stats_write(const routing_stats_t *s, const char *path, char *err, size_t errlen);
+
+// Frees s->count.
+void routing_stats_free(routing_stats_t *s);
 
 #endif

@@ -411,6 +411,9 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
                             c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_EP);
         ep = -1;
     }
+    if (c->o.ep_hot_file && (c->o.ep_replicated || c->o.ep_replicas > 1 || c->o.plan_file))
+        return mlm_fail(err, errlen, MLM_EINVAL, "--ep-hot needs attention on the leader (--ep-attn lead), no "
+                                                 "--ep-replicas and no --plan file");
     if (c->o.ep_replicated && c->o.ep_replicas > 1)
         return mlm_fail(err, errlen, MLM_EINVAL, "--ep-replicas %d needs attention on the leader (--ep-attn lead)",
                         c->o.ep_replicas);
@@ -430,6 +433,13 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
     plan_model_t *pm = malloc(sizeof *pm);
     if (!pm) return MLM_ENOMEM;
     rc = plan_model_from_gguf(model_gguf(c->full), pm, err, errlen);
+    double *pop = NULL; // the routing counts' popularity (--ep-hot)
+    if (rc == 0 && c->o.ep_hot_file) {
+        if (pm->n_expert <= 0) rc = mlm_fail(err, errlen, MLM_EINVAL, "--ep-hot: %s has no experts", pm->name);
+        else if (!(pop = malloc((size_t)pm->n_layer * (size_t)pm->n_expert * sizeof *pop))) rc = MLM_ENOMEM;
+        else rc = plan_popularity_load(c->o.ep_hot_file, pm, pop, err, errlen);
+        pm->popularity = pop;
+    }
     if (rc == 0 && c->o.plan_file) {
         plan_spec_t spec;
         rc = plan_file_load(c->o.plan_file, &spec, err, errlen);
@@ -457,8 +467,11 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
                           .coord_apart = off == 0, .tp_mode = mode, .ep = ep, .ep_replicated = ep_repl,
                           .ep_replicas = ep_repl ? 1 : ep >= 2 && c->o.ep_replicas > ep ? ep : c->o.ep_replicas};
+        if (pop && !ep_repl) po.ep_hot = c->o.ep_hot > 0 ? c->o.ep_hot : pm->n_expert_used;
+        if (po.ep_hot > pm->n_expert) po.ep_hot = pm->n_expert;
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);
     }
+    free(pop);
     free(pm);
     if (rc != 0) return rc;
     if (c->o.verbose && c->plan->why[0]) fprintf(stderr, "meshlm: plan %s: %s\n", c->plan->layout, c->plan->why);

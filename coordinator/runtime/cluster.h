@@ -55,6 +55,9 @@ typedef struct {
                                      // each stage's first alone (the default; needs protocol 1.8 workers, an
                                      // older one makes the plan replicated)
     int ep_replicas;                 // with attention on the leader: holders of each expert (plan_opts_t.ep_replicas)
+    const char *ep_hot_file;         // routing counts (plan_popularity_load): the popular experts get a second
+                                     // holder (plan_opts_t.ep_hot) and the planner draws experts by popularity
+    int ep_hot;                      // with ep_hot_file: how many per stage (0 = the model's top-k)
     bool keep_all;                   // never leave a node out
     const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
     plan_tp_mode_t tp_mode;          // how tensor-parallel groups cut a block: EXACT (default, bit-identical

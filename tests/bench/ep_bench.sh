@@ -4,6 +4,8 @@
 # then the median decode rate of each layout and its ratio to sliced experts.
 #   tests/bench/ep_bench.sh MESHLM_BIN MODEL.gguf [ROUNDS [bench options]]   (default: 3 rounds of -p 0 -n 8 -r 1)
 # The model: meshlm gen-model /work/cache/mixtral-4l-q4_0.gguf --preset mixtral-8x7b --quant Q4_0 --layers 4 --router realistic
+# EP_HOT=COUNTS[:N] adds placed experts with hot copies (--ep 4 --ep-hot COUNTS[:N]; the counts from meshlm inspect
+# MODEL --routing T --routing-out COUNTS).
 set -euo pipefail
 bin="${1:?usage: ep_bench.sh MESHLM_BIN MODEL.gguf [ROUNDS [bench options]]}"
 model="${2:?usage: ep_bench.sh MESHLM_BIN MODEL.gguf [ROUNDS [bench options]]}"
@@ -13,6 +15,10 @@ opts=("$@")
 [ ${#opts[@]} -gt 0 ] || opts=(-p 0 -n 8 -r 1)
 layouts=("--tp 4 --ep off" "--ep 4 --ep-attn all" "--ep 4" "--ep 4 --ep-replicas 2" "--ep-replicas 2")
 names=("sliced experts (tp4)" "placed, attention replicated" "placed, attention on the first" "placed, first, 2 holders/expert" "planner's choice (may place, 2 holders)")
+if [ -n "${EP_HOT:-}" ]; then
+  layouts+=("--ep 4 --ep-hot $EP_HOT")
+  names+=("placed, first, hot experts on 2")
+fi
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 for ((r = 1; r <= rounds; r++)); do

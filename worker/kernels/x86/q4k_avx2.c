@@ -52,7 +52,7 @@ AI void q4k_half(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
-        if (NT == 1 && h == 0 && Q4K_PF2) // decode: the first half streams the group in (the second finds it cached)
+        if (NT == 1 && h == 0 && Q4K_PF2 > 0) // decode: the first half streams the group in (the second finds it cached)
 #pragma GCC unroll 37
             for (int l = 0; l < MMP_Q4K_SB_BYTES / 64; l++) _mm_prefetch((const char *)sb + Q4K_PF2 + 64 * l, _MM_HINT_T0);
         __m256i sc[8]; // (sub-block c) the 8 rows' scales as i16 pairs

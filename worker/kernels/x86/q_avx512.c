@@ -377,7 +377,7 @@ AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *q = mmp_block_quants(MMP_Q8_0X16, grp, b);
-        if (NT == 1 && MMP_PREFETCH_Q8 && (b & 1) == 0) { // the pair: 2 x 512 quants + 64 scales (17 lines)
+        if (NT == 1 && MMP_PREFETCH_Q8 > 0 && (b & 1) == 0) { // the pair: 2 x 512 quants + 64 scales (17 lines)
 #pragma GCC unroll 17
             for (int l = 0; l < 17; l++) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * l, _MM_HINT_T0);
         }
@@ -424,7 +424,7 @@ AI void q8x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t 
 #pragma GCC unroll 2
         for (int k = 0; k < NG; k++) {
             const uint8_t *grp = g0 + (size_t)k * gstride, *q = mmp_block_quants(MMP_Q8_0X16, grp, b);
-            if (MMP_PREFETCH_Q8 && (b & 1) == 0) {
+            if (MMP_PREFETCH_Q8 > 0 && (b & 1) == 0) {
 #pragma GCC unroll 17
                 for (int l = 0; l < 17; l++) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * l, _MM_HINT_T0);
             }

@@ -395,10 +395,8 @@ static void monitor_stop(zq_ctx_t *z) {
 static void zq_free(zq_ctx_t *z) {
     if (!z) return;
     monitor_stop(z);
-    // The inbound socket never sends, so it has nothing to linger for. Its connections stop taking
-    // input once it closes; libzmq 4.3.4 aborts (stream_engine_base.cpp:331) if such a connection's
-    // peer then hangs up and its heartbeat timer fires before the connection is torn down, and a
-    // linger keeps it up that much longer.
+    // The inbound socket never sends, so it has nothing to linger for (and its connections stop taking
+    // input once it closes: see zq_start on heartbeats).
     if (z->in) setopt_int(z->in, ZMQ_LINGER, 0);
     if (z->in) zmq_close(z->in);
     if (z->out) zmq_close(z->out);
@@ -580,13 +578,16 @@ static int zq_start(zq_ctx_t *z, const char *const *endpoints, char *err, size_t
     char bind[ZQ_EP_MAX], conn[ZQ_EP_MAX];
     const int hb = z->o.heartbeat_ivl_ms, hbt = z->o.heartbeat_timeout_ms;
     void *socks[2] = {z->in, z->out};
-    for (int i = 0; i < 2; i++) {
-        setopt_int(socks[i], ZMQ_LINGER, z->o.linger_ms);
-        if (hb > 0) {
-            setopt_int(socks[i], ZMQ_HEARTBEAT_IVL, hb);
-            setopt_int(socks[i], ZMQ_HEARTBEAT_TIMEOUT, hbt);
-            setopt_int(socks[i], ZMQ_HEARTBEAT_TTL, hbt);
-        }
+    for (int i = 0; i < 2; i++) setopt_int(socks[i], ZMQ_LINGER, z->o.linger_ms);
+    // Heartbeats on the outbound connections only: a peer is found gone when a send or probe there fails
+    // (its connection dropped, or timed out by these heartbeats). The inbound socket's connections have
+    // no heartbeat timer: libzmq 4.3.4 aborts (stream_engine_base.cpp:331, out_event's !_io_error) when
+    // one fires on a connection whose input stopped (its pipe detached while the socket closes, or full)
+    // and whose peer then hung up, which a torn-down world hit in CI. The peers still answer our pings.
+    if (hb > 0) {
+        setopt_int(z->out, ZMQ_HEARTBEAT_IVL, hb);
+        setopt_int(z->out, ZMQ_HEARTBEAT_TIMEOUT, hbt);
+        setopt_int(z->out, ZMQ_HEARTBEAT_TTL, hbt);
     }
     setopt_int(z->in, ZMQ_RCVHWM, z->o.hwm);
     setopt_int(z->in, ZMQ_ROUTER_HANDOVER, 1); // a peer that reconnects replaces its old connection

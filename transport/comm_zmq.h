@@ -39,7 +39,7 @@ typedef struct {
     size_t max_msg_bytes;       // largest accepted message (sum of user frames); default 256 MiB
     int connect_timeout_ms;     // deadline of the hello phase in comm_zmq_new; default 10000
     int probe_ivl_ms;           // while a recv waits on a peer, probe it this often; default 50
-    int heartbeat_ivl_ms;       // ZMTP heartbeats (catch frozen peers and dead links); 0 = off; default 1000
+    int heartbeat_ivl_ms;       // ZMTP heartbeats on the outbound connections (catch frozen peers and dead links); 0 = off; default 1000
     int heartbeat_timeout_ms;   // a connection silent this long is dropped; default 5000
     int linger_ms;              // comm_destroy waits at most this long to flush; default 1000
     int hwm;                    // queued messages per peer before send waits; default 10000

@@ -42,9 +42,35 @@ static int hist_add(seq_hist_t *h, const int32_t *tokens, int n, int pos) {
     return 0;
 }
 
+#define PING_POLL_MS 20 // how often a ping wait looks at the data plane's own heartbeats
+
+// Marks lost every worker still waited for whose data-plane connection from this coordinator has
+// dropped or timed out meanwhile (its heartbeats, which run to every member of the plan): a frozen
+// worker that comes back inside the ping wait still answers, late, but it was gone. Returns how many.
+// Brings the coordinator's view of its data plane up to date: files what arrived and probes the
+// peers that are due, so comm_zmq_peer_lost sees connections the heartbeats have dropped.
+static void poll_data_plane(cluster_t *c) {
+    comm_t *in = c->comm ? (comm_t *)comm_fault_inner(c->comm, -1, NULL) : NULL;
+    if (in) (void)comm_zmq_poll_lost(in, COMM_ANY);
+}
+
+static int data_plane_lost(cluster_t *c, bool *waiting) {
+    if (!c->comm) return 0;
+    poll_data_plane(c);
+    int n = 0;
+    for (int i = 0; i < c->o.n_workers && i < MSG_MAX_NODES; i++)
+        if (waiting[i] && c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank)) {
+            waiting[i] = false;
+            c->w[i].lost = true;
+            n++;
+        }
+    return n;
+}
+
 // Pings every worker of the current plan at once and returns how many did not answer within
-// timeout_ms (a worker whose link dropped fails at once); those are marked lost. Step reports and
-// errors that come first are consumed.
+// timeout_ms (a worker whose link dropped fails at once, and one the data plane's heartbeats lose
+// meanwhile as soon as they do); those are marked lost. Step reports and errors that come first are
+// consumed.
 static int ping_plan(cluster_t *c, int timeout_ms) {
     const uint64_t seq = 0x8000000000000000ull | ++c->step_id;
     bool waiting[MSG_MAX_NODES] = {false};
@@ -64,8 +90,11 @@ static int ping_plan(cluster_t *c, int timeout_ms) {
         msg_t m;
         comm_msg_t raw;
         int from = -1;
-        int rc = msg_recv(c->ctl, COMM_ANY, &m, &raw, &from, mlm_left_ms(dl), err, sizeof err);
-        if (rc == MLM_ETIMEOUT) break;
+        const int left = mlm_left_ms(dl);
+        int rc = msg_recv(c->ctl, COMM_ANY, &m, &raw, &from, left < PING_POLL_MS ? left : PING_POLL_MS, err, sizeof err);
+        n_wait -= data_plane_lost(c, waiting);
+        if (rc == MLM_ETIMEOUT && left <= PING_POLL_MS) break;
+        if (rc == MLM_ETIMEOUT) continue;
         if (from < 1 || from > c->o.n_workers) {
             if (rc == 0) msg_clear(&m), comm_msg_free(&raw);
             if (rc != 0 && rc != MLM_EPEER) break;
@@ -153,6 +182,7 @@ static int recover(cluster_t *c, int step_rc, cluster_recovery_t *r) {
     // no one needs asking. Otherwise every worker of the plan is pinged; survivors notice the loss
     // through their own data-plane heartbeats within about hb and then answer, the lost never do.
     int lost = 0;
+    poll_data_plane(c);
     for (int i = 0; i < c->o.n_workers; i++)
         if (c->w[i].rank >= 0 && comm_zmq_peer_lost(c->comm, c->w[i].rank)) c->w[i].lost = true, lost++;
     if (getenv("MESHLM_DEBUG_RECOVERY"))

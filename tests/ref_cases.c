@@ -9,7 +9,10 @@
 #include <string.h>
 
 #include "test_util.h"
+#include "core/clock.h"
 #include "core/err.h"
+#include "proto/msg_io.h"
+#include "transport/comm.h"
 #include "worker/model/model.h"
 
 // --- helpers
@@ -199,4 +202,36 @@ float *test_logits12(struct model *m, int n_ctx, int n_batch) {
         return NULL;
     }
     return lg;
+}
+
+void *test_old_worker_main(void *arg) {
+    const test_old_worker_t *ow = arg;
+    comm_t *ctl = ow->ctl;
+    char err[256];
+    const double t_end = mlm_now_ms() + 20000;
+    while (mlm_now_ms() < t_end) {
+        msg_t m, r;
+        comm_msg_t raw;
+        if (msg_recv(ctl, 0, &m, &raw, NULL, 200, err, sizeof err) != 0) continue;
+        const msg_type_t type = m.type;
+        const uint64_t seq = type == MSG_HEARTBEAT ? m.heartbeat.seq : type == MSG_SLICE_DATA ? m.slice_data.plan_id : 0;
+        msg_clear(&m);
+        comm_msg_free(&raw);
+        if (type == MSG_SHUTDOWN) break;
+        if (type == MSG_HELLO) {
+            msg_init(&r, MSG_HELLO);
+            snprintf(r.hello.node_id, sizeof r.hello.node_id, "old-1");
+            r.hello.role = MSG_ROLE_WORKER;
+            r.hello.n_cores = 1;
+            r.hello.proto_minor = (uint32_t)ow->minor;
+        } else if (type == MSG_HEARTBEAT || type == MSG_SLICE_DATA) {
+            msg_init(&r, MSG_HEARTBEAT);
+            snprintf(r.heartbeat.node_id, sizeof r.heartbeat.node_id, "old-1");
+            r.heartbeat.seq = seq;
+        } else {
+            continue;
+        }
+        msg_send(ctl, 0, &r, 2000, err, sizeof err);
+    }
+    return NULL;
 }

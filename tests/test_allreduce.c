@@ -760,39 +760,6 @@ static void test_processes(void) {
     printf("\n");
 }
 
-// A worker of protocol 1.3 on the control link: answers HELLO (saying 1.3) and the link probes,
-// takes a PLAN without a word (a 1.3 worker would ignore tp_mode), stops at SHUTDOWN.
-static void *old_worker(void *arg) {
-    comm_t *ctl = arg;
-    char err[256];
-    const double t_end = mlm_now_ms() + 20000;
-    while (mlm_now_ms() < t_end) {
-        msg_t m, r;
-        comm_msg_t raw;
-        if (msg_recv(ctl, 0, &m, &raw, NULL, 200, err, sizeof err) != 0) continue;
-        const msg_type_t type = m.type;
-        uint64_t seq = type == MSG_HEARTBEAT ? m.heartbeat.seq : type == MSG_SLICE_DATA ? m.slice_data.plan_id : 0;
-        msg_clear(&m);
-        comm_msg_free(&raw);
-        if (type == MSG_SHUTDOWN) break;
-        if (type == MSG_HELLO) {
-            msg_init(&r, MSG_HELLO);
-            snprintf(r.hello.node_id, sizeof r.hello.node_id, "old-1");
-            r.hello.role = MSG_ROLE_WORKER;
-            r.hello.n_cores = 1;
-            r.hello.proto_minor = 3;
-        } else if (type == MSG_HEARTBEAT || type == MSG_SLICE_DATA) {
-            msg_init(&r, MSG_HEARTBEAT);
-            snprintf(r.heartbeat.node_id, sizeof r.heartbeat.node_id, "old-1");
-            r.heartbeat.seq = seq;
-        } else {
-            continue;
-        }
-        msg_send(ctl, 0, &r, 2000, err, sizeof err);
-    }
-    return NULL;
-}
-
 // Old peers keep working: with a 1.3 worker in the plan, --tp-mode auto plans exact, and
 // --tp-mode allreduce is refused naming the worker and its version.
 static void test_old_worker(void) {
@@ -803,7 +770,8 @@ static void test_old_worker(void) {
         CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(ctl, 2), 0);
         CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(data, 2), 0);
         pthread_t th;
-        pthread_create(&th, NULL, old_worker, ctl[1]);
+        test_old_worker_t ow = {ctl[1], 3}; // a 1.3 worker would ignore tp_mode
+        pthread_create(&th, NULL, test_old_worker_main, &ow);
         cluster_opts_t co = {.model_path = path, .control = ctl[0], .data = data[0], .same_file = true,
                              .coordinator_shard = true, .n_ctx = 64, .n_threads = 1, .timeout_ms = 5000, .pp = 1,
                              .keep_all = true, .tp_mode = k ? PLAN_TP_ALLREDUCE : PLAN_TP_AUTO, .tp_mode_set = true};

@@ -943,44 +943,6 @@ static void test_ep_shared_cores(void) {
     free(p);
 }
 
-// An older worker on the control link: says 1.minor in its HELLO, answers the link probes.
-typedef struct {
-    comm_t *ctl;
-    int minor;
-} old_worker_t;
-
-static void *old_worker(void *arg) {
-    const old_worker_t *ow = arg;
-    comm_t *ctl = ow->ctl;
-    char err[256];
-    const double t_end = mlm_now_ms() + 20000;
-    while (mlm_now_ms() < t_end) {
-        msg_t m, r;
-        comm_msg_t raw;
-        if (msg_recv(ctl, 0, &m, &raw, NULL, 200, err, sizeof err) != 0) continue;
-        const msg_type_t type = m.type;
-        const uint64_t seq = type == MSG_HEARTBEAT ? m.heartbeat.seq : type == MSG_SLICE_DATA ? m.slice_data.plan_id : 0;
-        msg_clear(&m);
-        comm_msg_free(&raw);
-        if (type == MSG_SHUTDOWN) break;
-        if (type == MSG_HELLO) {
-            msg_init(&r, MSG_HELLO);
-            snprintf(r.hello.node_id, sizeof r.hello.node_id, "old-1");
-            r.hello.role = MSG_ROLE_WORKER;
-            r.hello.n_cores = 1;
-            r.hello.proto_minor = (uint32_t)ow->minor;
-        } else if (type == MSG_HEARTBEAT || type == MSG_SLICE_DATA) {
-            msg_init(&r, MSG_HEARTBEAT);
-            snprintf(r.heartbeat.node_id, sizeof r.heartbeat.node_id, "old-1");
-            r.heartbeat.seq = seq;
-        } else {
-            continue;
-        }
-        msg_send(ctl, 0, &r, 2000, err, sizeof err);
-    }
-    return NULL;
-}
-
 // An expert-parallel plan goes only to workers of protocol 1.5 or newer: --ep with a 1.4 worker is
 // refused naming it and both versions, and the automatic choice keeps experts sliced. A 1.7 worker
 // gets placed experts with attention replicated (attention on the leader is 1.8).
@@ -992,8 +954,8 @@ static void test_ep_old_worker(void) {
         CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(ctl, 2), 0);
         CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(data, 2), 0);
         pthread_t th;
-        old_worker_t ow = {ctl[1], k < 2 ? 4 : 7};
-        pthread_create(&th, NULL, old_worker, &ow);
+        test_old_worker_t ow = {ctl[1], k < 2 ? 4 : 7};
+        pthread_create(&th, NULL, test_old_worker_main, &ow);
         cluster_opts_t co = {.model_path = path, .control = ctl[0], .data = data[0], .same_file = true,
                              .coordinator_shard = true, .n_ctx = 64, .n_threads = 1, .timeout_ms = 5000, .pp = 1,
                              .keep_all = true, .ep = k % 2 ? 2 : 0};

@@ -66,4 +66,14 @@ void test_run_ranks(struct comm **cs, int n, test_rank_fn fn, void *arg);
 struct model;
 float *test_logits12(struct model *m, int n_ctx, int n_batch);
 
+// A worker of an older protocol on the control link ctl (rank 1 of a group whose rank 0 is the
+// coordinator): says 1.minor in its HELLO (node "old-1"), answers the link probes and slice data with a
+// heartbeat, takes everything else without a word, stops at SHUTDOWN or after 20 s. A pthread start
+// routine (arg: test_old_worker_t). Defined in ref_cases.c: full builds only.
+typedef struct {
+    struct comm *ctl;
+    int minor;
+} test_old_worker_t;
+void *test_old_worker_main(void *arg);
+
 #endif

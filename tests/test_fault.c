@@ -227,11 +227,27 @@ static void test_parse_roundtrip(void) {
     free(saved);
 }
 
+// A schedule text fault_parse must refuse, and two substrings its message must hold.
+typedef struct {
+    const char *text;
+    const char *want1, *want2;
+} refusal_t;
+
+// Each of cases[0..n) is refused with MLM_EINVAL, no spec and a message holding both substrings.
+static void expect_refused(const refusal_t *cases, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        fault_spec_t *s = (fault_spec_t *)1;
+        char err[256] = "";
+        int rc = fault_parse(cases[i].text, &s, err, sizeof err);
+        bool ok = rc == MLM_EINVAL && s == NULL && strstr(err, cases[i].want1) && strstr(err, cases[i].want2);
+        if (!ok) fprintf(stderr, "\n  '%s' -> %d '%s'\n", cases[i].text, rc, err);
+        CU_ASSERT(ok);
+        if (rc == 0) fault_free(&s);
+    }
+}
+
 static void test_parse_errors(void) {
-    static const struct {
-        const char *text;
-        const char *want1, *want2; // substrings of the message
-    } cases[] = {
+    static const refusal_t cases[] = {
         {"delay:link=0-1", "rule 1 'delay:link=0-1'", "needs ms"},
         {"delay:link=0-1:ms=5,jam:link=0-1", "rule 2 'jam:link=0-1'", "unknown kind 'jam'"},
         {"delay:link=0-1:ms=5:color=red", "rule 1", "unknown key 'color' for delay"},
@@ -268,15 +284,7 @@ static void test_parse_errors(void) {
         {"drop::link=0-1:p=1", "rule 1", "empty key=value"},
         {"drop:link=0-1:p=1,delay", "rule 2 'delay'", "delay needs link"},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        fault_spec_t *s = (fault_spec_t *)1;
-        char err[256] = "";
-        int rc = fault_parse(cases[i].text, &s, err, sizeof err);
-        bool ok = rc == MLM_EINVAL && s == NULL && strstr(err, cases[i].want1) && strstr(err, cases[i].want2);
-        if (!ok) fprintf(stderr, "\n  '%s' -> %d '%s'\n", cases[i].text, rc, err);
-        CU_ASSERT(ok);
-        if (rc == 0) fault_free(&s);
-    }
+    expect_refused(cases, sizeof cases / sizeof cases[0]);
     fault_spec_t *s = NULL;
     CU_ASSERT_EQUAL(fault_parse(NULL, &s, NULL, 0), MLM_EINVAL); // err may be NULL
     CU_ASSERT_EQUAL(fault_parse("drop", &s, NULL, 0), MLM_EINVAL);
@@ -432,10 +440,7 @@ static void test_parse_events(void) {
 }
 
 static void test_parse_event_errors(void) {
-    static const struct {
-        const char *text;
-        const char *want1, *want2; // substrings of the message
-    } cases[] = {
+    static const refusal_t cases[] = {
         {"kill:worker=2:after_tokens=1:at_ms=5", "rule 1", "after_tokens=K or at_ms=T, not both"},
         {"kill:worker=0:after_tokens=1", "rule 1", "worker 0 is the coordinator"},
         {"kill:worker=-2:after_tokens=1", "rule 1", "worker '-2'"},
@@ -465,15 +470,7 @@ static void test_parse_event_errors(void) {
         {"board=/a,board=/b", "rule 2 'board=/b'", "board given twice"},
         {"crash:worker=1:at_ms=1", "rule 1", "unknown kind 'crash'"},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        fault_spec_t *s = (fault_spec_t *)1;
-        char err[256] = "";
-        int rc = fault_parse(cases[i].text, &s, err, sizeof err);
-        bool ok = rc == MLM_EINVAL && s == NULL && strstr(err, cases[i].want1) && strstr(err, cases[i].want2);
-        if (!ok) fprintf(stderr, "\n  '%s' -> %d '%s'\n", cases[i].text, rc, err);
-        CU_ASSERT(ok);
-        if (rc == 0) fault_free(&s);
-    }
+    expect_refused(cases, sizeof cases / sizeof cases[0]);
     // at most FAULT_MAX_EVENTS events
     char *text = malloc(40 * (FAULT_MAX_EVENTS + 2));
     CU_ASSERT_FATAL(text != NULL);

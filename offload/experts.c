@@ -639,6 +639,10 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
                         "experts: the expert cache reads row slices; all-reduce mode (--tp-mode allreduce) cuts "
                         "experts by columns");
     if (p->hp->n_expert > 256) return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "experts: more than 256 experts");
+    if (p->experts || p->slice->placed)
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
+                        "experts: the expert cache serves every expert of its blocks; placed experts (--ep) are "
+                        "mapped whole");
     int N = o.per_layer; // a dense model: no slots, every unit comes from the mapping
     if (p->hp->n_expert <= 0) N = 0;
     else if (o.naive) N = 1;

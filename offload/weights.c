@@ -281,9 +281,14 @@ int weights_locate(const weights_params_t *p, const char *name, int64_t cols, in
     loc->planes = planes > 1 ? planes : 1;
     shard_tensor_rows(p->slice, name, full_rows, p->hp->head_dim, &loc->r0, &loc->r1);
     if (p->shard_file && loc->r1 == loc->r0) return 0; // a shard file leaves out tensors of which it holds no row
+    if (p->shard_file && planes > 1 && p->slice->placed) { // only the slice's own experts are in the file
+        loc->held = p->slice;
+        if ((planes = shard_expert_count(p->slice, planes)) == 0) return 0;
+    }
     int rc = 0;
-    loc->t = weights_want_tensor(p, name, planes > 1 ? 3 : 2, cols, p->shard_file ? loc->r1 - loc->r0 : full_rows,
-                                 planes > 1 ? planes : 0, true, &rc, err, errlen);
+    loc->t = weights_want_tensor(p, name, planes > 1 || loc->held ? 3 : 2, cols,
+                                 p->shard_file ? loc->r1 - loc->r0 : full_rows, planes > 1 || loc->held ? planes : 0,
+                                 true, &rc, err, errlen);
     if (!loc->t) return rc;
     loc->skip = p->shard_file ? 0 : loc->r0;
     return 0;

@@ -75,16 +75,21 @@ typedef struct {
     int64_t r0, r1;           // rows of the full tensor the slice holds (r1 <= r0: none)
     int64_t skip;             // rows of the file's tensor (per plane) before row r0: r0, or 0 in a shard file
     int planes;               // planes (experts) of a 3-D tensor, 1 for a matrix
+    const shard_slice_t *held; // a shard file of placed experts: it stores only the experts this slice
+                               // holds (shard_expert_plane maps an expert to its plane); NULL = every plane
 } weights_loc_t;
 
 // Finds the matrix and checks the rows the file holds for the slice. planes > 1: a 3-D expert
-// tensor. 0, or MLM_EFORMAT with a message.
+// tensor (a shard file of placed experts holds only the slice's experts: loc->t is NULL when it
+// holds none). 0, or MLM_EFORMAT with a message.
 int weights_locate(const weights_params_t *p, const char *name, int64_t cols, int64_t full_rows, int planes,
                    weights_loc_t *loc, char *err, size_t errlen);
 
-// The bytes of plane `plane`'s rows [r0, r1) in the file (loc->t != NULL).
+// The bytes of plane (expert) `plane`'s rows [r0, r1) in the file (loc->t != NULL; with loc->held,
+// an expert the slice holds).
 static inline const uint8_t *weights_loc_data(const weights_loc_t *loc, int plane) {
     const size_t rb = qtype_row_size(loc->t->type, loc->t->ne[0]);
+    if (loc->held) plane = shard_expert_plane(loc->held, plane);
     return (const uint8_t *)loc->t->data + ((size_t)plane * (size_t)loc->t->ne[1] + (size_t)loc->skip) * rb;
 }
 

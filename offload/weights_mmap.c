@@ -449,8 +449,11 @@ int weights_mmap_new(weights_t **out, const weights_params_t *p, const char *arg
     m->p.hp = &m->hp;
     m->p.slice = &m->slice;
     m->kern = p->kern ? p->kern : kernels_best();
-    m->masked = p->experts != NULL;
+    m->masked = p->experts != NULL || p->slice->placed;
     if (p->experts) memcpy(m->mask, p->experts, sizeof m->mask);
+    else memset(m->mask, 0xff, sizeof m->mask);
+    for (int e = 0; p->slice->placed && e < 64 * (int)(sizeof m->mask / sizeof m->mask[0]); e++)
+        if (!shard_holds_expert(p->slice, e)) m->mask[e >> 6] &= ~((uint64_t)1 << (e & 63)); // nor the slice's
     m->p.experts = NULL; // the copy above
     const size_t nl = (size_t)m->hp.n_layer, ne = (size_t)m->hp.n_expert;
     m->blocks = calloc(nl ? nl : 1, sizeof *m->blocks);

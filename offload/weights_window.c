@@ -871,7 +871,7 @@ static int load_pinned(win_t *w, char *err, size_t errlen) {
 int weights_window_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen) {
     *out = NULL;
     int force_w, force_pin, io;
-    if (p->experts)
+    if (p->experts || p->slice->placed)
         return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "weight provider window streams every expert; placed experts are mapped (mmap)");
     int rc = parse_arg(arg ? arg : "", &force_w, &force_pin, &io, err, errlen);
     if (rc != 0) return rc;

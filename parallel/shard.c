@@ -61,8 +61,10 @@ static int fill_tensor(void *ctx, int64_t i, void *buf, size_t nbytes, char *err
     const size_t rb = qtype_row_size(t->type, t->ne[0]);
     const size_t cb0 = qtype_row_size(t->type, c0), cbn = qtype_row_size(t->type, c1 - c0); // column bytes
     const int64_t planes = t->ne[2] * t->ne[3];
+    const bool some = fc->slice->placed && shard_expert_tensor(t->name) && t->n_dims == 3; // held experts' planes
     size_t at = 0;
     for (int64_t p = 0; p < planes; p++) {
+        if (some && !shard_holds_expert(fc->slice, (int)p)) continue;
         const uint8_t *src = (const uint8_t *)t->data + ((size_t)p * (size_t)t->ne[1] + (size_t)r0) * rb;
         size_t len = (size_t)(r1 - r0) * cbn;
         if (at + len > nbytes)
@@ -89,8 +91,40 @@ static bool col_cut(const char *name, bool *heads) {
 
 // --- public API
 
+bool shard_expert_tensor(const char *name) {
+    return block_of(name) >= 0 && (ends_with(name, ".ffn_gate_exps.weight") || ends_with(name, ".ffn_up_exps.weight") ||
+                                   ends_with(name, ".ffn_down_exps.weight"));
+}
+
+bool shard_holds_expert(const shard_slice_t *s, int e) {
+    if (!s->placed) return true;
+    return e >= 0 && e < SHARD_EXPERTS_MAX && (s->experts[e >> 5] >> (e & 31) & 1u);
+}
+
+int shard_expert_plane(const shard_slice_t *s, int e) {
+    if (!s->placed) return e;
+    if (!shard_holds_expert(s, e)) return -1;
+    int n = 0;
+    for (int w = 0; w < e >> 5; w++) n += __builtin_popcount(s->experts[w]);
+    return n + __builtin_popcount(s->experts[e >> 5] & ((1u << (e & 31)) - 1u));
+}
+
+int shard_expert_count(const shard_slice_t *s, int n_expert) {
+    if (!s->placed) return n_expert;
+    int n = 0;
+    for (int e = 0; e < n_expert && e < SHARD_EXPERTS_MAX; e++) n += shard_holds_expert(s, e);
+    return n;
+}
+
+void shard_set_experts(shard_slice_t *s, const uint16_t *ids, int n) {
+    s->placed = 1;
+    memset(s->experts, 0, sizeof s->experts);
+    for (int i = 0; i < n; i++)
+        if (ids[i] < SHARD_EXPERTS_MAX) s->experts[ids[i] >> 5] |= 1u << (ids[i] & 31);
+}
+
 shard_slice_t shard_full(int n_layer, int n_head, int n_head_kv, int n_embd, int n_ff, int n_vocab) {
-    return (shard_slice_t){0, n_head, 0, n_head_kv, 0, n_embd, 0, n_ff, 0, n_vocab, 0, n_layer, 0};
+    return (shard_slice_t){0, n_head, 0, n_head_kv, 0, n_embd, 0, n_ff, 0, n_vocab, 0, n_layer, 0, 0, {0}};
 }
 
 void shard_tensor_cols(const shard_slice_t *s, const char *name, int64_t ne0, int head_dim, int64_t *c0, int64_t *c1) {
@@ -188,6 +222,20 @@ int shard_file_slice(const gguf_t *g, shard_slice_t *slice, bool *is_shard) {
     if (rc == 0 && (cols < 0 || cols > 1)) return MLM_EFORMAT;
     if (rc != 0 && rc != MLM_ENOTFOUND) return MLM_EFORMAT;
     slice->cols = (int)cols;
+    slice->placed = 0;
+    memset(slice->experts, 0, sizeof slice->experts);
+    const gguf_value_t *ex = gguf_find(g, "meshlm.shard.experts"); // placed experts, ascending ids
+    if (ex) {
+        if (ex->type != GGUF_VT_ARRAY || ex->v.arr.n > SHARD_EXPERTS_MAX) return MLM_EFORMAT;
+        slice->placed = 1;
+        int64_t prev = -1;
+        for (uint64_t i = 0; i < ex->v.arr.n; i++) {
+            int64_t id;
+            if (gguf_arr_i64(ex, i, &id) != 0 || id <= prev || id >= SHARD_EXPERTS_MAX) return MLM_EFORMAT;
+            slice->experts[id >> 5] |= 1u << (id & 31);
+            prev = id;
+        }
+    }
     if (found != N_KEYS_V1 || found_l == 1 || slice->h1 < slice->h0 || slice->kv1 < slice->kv0 ||
         slice->e1 < slice->e0 || slice->f1 < slice->f0 || slice->v1 < slice->v0 || (found_l && slice->l1 < slice->l0))
         return MLM_EFORMAT;
@@ -214,6 +262,13 @@ static int write_share(const gguf_t *src, const shard_slice_t *slice, int head_d
     if (rc == 0 && slice->cols) rc = gguf_writer_set_i32(w, "meshlm.shard.cols", 1);
     if (rc == 0 && cols_only) rc = gguf_writer_set_i32(w, "meshlm.shard.cols_only", 1);
     if (rc == 0 && sha256) rc = gguf_writer_set_arr(w, "meshlm.shard.source_sha256", GGUF_VT_UINT8, sha256, 32);
+    if (rc == 0 && slice->placed) { // the experts held, ascending: their planes, in this order
+        uint32_t ids[SHARD_EXPERTS_MAX];
+        uint64_t n = 0;
+        for (int e = 0; e < SHARD_EXPERTS_MAX; e++)
+            if (shard_holds_expert(slice, e)) ids[n++] = (uint32_t)e;
+        rc = gguf_writer_set_arr(w, "meshlm.shard.experts", GGUF_VT_UINT32, ids, n);
+    }
     const gguf_tensor_t *emb = gguf_find_tensor(src, "token_embd.weight");
     if (rc == 0 && emb) rc = gguf_writer_set_i64(w, "meshlm.shard.n_vocab", emb->ne[1]);
     const int n_layer = count_blocks(src);
@@ -231,6 +286,9 @@ static int write_share(const gguf_t *src, const shard_slice_t *slice, int head_d
         memcpy(ne, t->ne, sizeof ne);
         ne[0] = c1 - c0;
         ne[1] = r1 - r0;
+        if (slice->placed && shard_expert_tensor(t->name) && t->n_dims == 3 &&
+            (ne[2] = shard_expert_count(slice, t->ne[2] < SHARD_EXPERTS_MAX ? (int)t->ne[2] : SHARD_EXPERTS_MAX)) == 0)
+            continue; // none of its experts held here
         int64_t idx = gguf_writer_add_tensor(w, t->name, t->type, t->n_dims < 2 && ne[1] != 1 ? 2 : t->n_dims, ne);
         if (idx < 0) rc = (int)idx;
         else src_index[idx] = i;

@@ -8,6 +8,9 @@
 
 #include "worker/format/gguf.h"
 
+#define SHARD_EXPERTS_MAX 256 // experts a placed slice can name
+#define SHARD_EXPERT_WORDS (SHARD_EXPERTS_MAX / 32)
+
 // A node's share of a llama-family model. In exact mode (cols 0) every matrix is cut by output rows
 // only. In all-reduce mode (cols 1, Megatron style) attn_output and ffn_down (per expert) are cut by
 // COLUMNS instead: the node holds every row (e0..e1 spans 0..n_embd) of the columns of its query
@@ -23,10 +26,29 @@ typedef struct {
                    // the embedding rows, the last (l1 == n_layer) output_norm and the output rows;
                    // a middle stage holds neither. l0 == l1 == 0 with nothing else: an empty slice.
     int cols;      // 1: all-reduce mode, attn_output / ffn_down cut by columns (see above); 0: exact mode
+    int placed;    // 1: placed experts (expert parallelism): of the 3-D expert tensors (ffn_*_exps) the
+                   // slice holds only the experts in `experts`, whole; 0: every expert (with its rows)
+    uint32_t experts[SHARD_EXPERT_WORDS]; // with placed: bit e (word e / 32) = expert e held
 } shard_slice_t;
 
 // The slice that holds everything.
 shard_slice_t shard_full(int n_layer, int n_head, int n_head_kv, int n_embd, int n_ff, int n_vocab);
+
+// Whether the slice holds expert e of its blocks' 3-D expert tensors: always without placed experts.
+bool shard_holds_expert(const shard_slice_t *s, int e);
+
+// The plane of expert e in a shard file written for s: e itself without placed experts, else the
+// number of held experts below e (their planes are stored in expert order). -1 when s does not hold e.
+int shard_expert_plane(const shard_slice_t *s, int e);
+
+// The experts among [0, n_expert) that s holds: n_expert without placed experts.
+int shard_expert_count(const shard_slice_t *s, int n_expert);
+
+// Marks s as holding experts ids[0..n) (placed experts; ids outside [0, SHARD_EXPERTS_MAX) are ignored).
+void shard_set_experts(shard_slice_t *s, const uint16_t *ids, int n);
+
+// Whether tensor `name` is a 3-D expert tensor (blk.N.ffn_{gate,up,down}_exps.weight).
+bool shard_expert_tensor(const char *name);
 
 // Whether a slice holds tensor `name` at all: blocks outside [l0, l1) are left out, token_embd
 // belongs to the first stage (and to the last when tied is set: it is then the output matrix),
@@ -49,13 +71,15 @@ bool shard_cols_aligned(int type, int64_t ne0, int64_t c0, int64_t c1);
 // quant blocks). 0, or MLM_EINVAL naming the tensor, its type and the columns.
 int shard_check_cols(const gguf_t *g, const shard_slice_t *s, int head_dim, char *err, size_t errlen);
 
-// Reads the meshlm.shard.* keys of a shard file. 0 and *is_shard = true when present (slice set),
+// Reads the meshlm.shard.* keys of a shard file (meshlm.shard.experts, ascending expert ids: a placed
+// slice). 0 and *is_shard = true when present (slice set),
 // 0 and false for an ordinary model file, MLM_EFORMAT when the keys are inconsistent. A shard file
 // without l0/l1 keys (written before pipeline stages) holds every block: l0 = 0, l1 = -1 (the
 // caller substitutes n_layer).
 int shard_file_slice(const gguf_t *g, shard_slice_t *slice, bool *is_shard);
 
-// Writes a GGUF holding only the rows (and, in all-reduce mode, the columns) of slice from src (all
+// Writes a GGUF holding only the rows (and, in all-reduce mode, the columns; with placed experts, the
+// planes of the experts held, in expert order, with the key meshlm.shard.experts) of slice from src (all
 // metadata copied, plus meshlm.shard.* keys, meshlm.shard.cols when slice->cols, and the source's
 // sha256 if given), to path via a temporary name. 0, MLM_EIO / MLM_EFULL, or MLM_EINVAL for
 // columns that are not whole quant blocks.

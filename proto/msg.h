@@ -19,7 +19,7 @@
 // and extra trailing raw frames are ignored).
 
 #define MSG_PROTO_MAJOR 1
-#define MSG_PROTO_MINOR 8
+#define MSG_PROTO_MINOR 9
 #define MSG_MAGIC "MLMP"            // first 4 bytes of frame 0
 #define MSG_PREFIX_LEN 12
 
@@ -161,6 +161,9 @@ typedef enum {
 #define MSG_MINOR_EP 5
 // The first minor version that runs placed experts with attention on the leader (MSG_TP_EXPERT_LEAD).
 #define MSG_MINOR_EP_LEAD 8
+// The first minor version whose workers take a shard file of placed experts that holds only their own
+// experts' planes (meshlm.shard.experts); an older one is streamed every expert of its blocks.
+#define MSG_MINOR_EP_CUT 9
 
 // The first protocol minor version whose coordinator fills plan_id in the control messages that
 // belong to a plan (LOAD_SHARD, STEP, and the SLICE_DATA chunks of a streamed shard; PLAN always did,

@@ -326,7 +326,7 @@ static void test_range_allreduce(void) {
 // attn_output (blocks of 32 = 4 heads) and F32 ffn_down; synth-dense-Q4_K_M has one 256-block per
 // attn_output row.
 static void test_column_rules(void) {
-    shard_slice_t s = {2, 6, 1, 3, 0, 64, 40, 120, 0, 512, 0, 5, 1};
+    shard_slice_t s = {2, 6, 1, 3, 0, 64, 40, 120, 0, 512, 0, 5, 1, 0, {0}};
     int64_t c0, c1;
     shard_tensor_cols(&s, "blk.1.attn_output.weight", 64, 8, &c0, &c1);
     CU_ASSERT(c0 == 16 && c1 == 48);
@@ -354,7 +354,7 @@ static void test_column_rules(void) {
     // A split that cuts a quant block is refused at load and by the shard writer, naming the tensor.
     char path[1024], err[512] = "";
     model_t *m = NULL;
-    shard_slice_t bad = {0, 4, 0, 1, 0, 256, 0, 768, 0, 512, 0, 4, 1}; // 4 of 8 heads: 128 of a 256-block
+    shard_slice_t bad = {0, 4, 0, 1, 0, 256, 0, 768, 0, 512, 0, 4, 1, 0, {0}}; // 4 of 8 heads: 128 of a 256-block
     test_shared_path(path, sizeof path, "models/synth/synth-dense-Q4_K_M.gguf");
     model_load_opts_t lo = {.repack = true, .slice = &bad};
     CU_ASSERT_EQUAL(model_load(&m, path, &lo, err, sizeof err), MLM_EINVAL);
@@ -371,7 +371,7 @@ static void test_column_rules(void) {
     CU_ASSERT_NOT_EQUAL(access(out, F_OK), 0);
     gguf_close(&g);
     // an all-reduce slice must hold every hidden row
-    shard_slice_t rows = {0, 8, 0, 2, 0, 128, 0, 768, 0, 512, 0, 4, 1};
+    shard_slice_t rows = {0, 8, 0, 2, 0, 128, 0, 768, 0, 512, 0, 4, 1, 0, {0}};
     lo.slice = &rows;
     CU_ASSERT_EQUAL(model_load(&m, path, &lo, err, sizeof err), MLM_EINVAL);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "every hidden row"));
@@ -382,8 +382,8 @@ static void test_column_rules(void) {
 // contiguously, says cols = 1, and reads back as the same slice.
 static void test_column_shard_files(void) {
     const char *rel[] = {"models/stories260K.gguf", "models/synth/synth-moe-Q8_0.gguf"};
-    const shard_slice_t sl[] = {{2, 6, 1, 3, 0, 64, 40, 120, 0, 512, 0, 5, 1},
-                                {0, 4, 0, 1, 0, 256, 64, 192, 0, 256, 0, 4, 1}};
+    const shard_slice_t sl[] = {{2, 6, 1, 3, 0, 64, 40, 120, 0, 512, 0, 5, 1, 0, {0}},
+                                {0, 4, 0, 1, 0, 256, 64, 192, 0, 256, 0, 4, 1, 0, {0}}};
     char *dir = test_tmpdir();
     for (int k = 0; k < 2; k++) {
         char path[1024], out[1100], err[512];
@@ -628,8 +628,8 @@ static int no_allreduce(void *ctx, float *buf, size_t n) {
 static void test_group_checks(void) {
     char path[1024], err[256];
     test_shared_path(path, sizeof path, "models/stories260K.gguf");
-    shard_slice_t sl[2] = {{0, 4, 0, 2, 0, 64, 0, 86, 0, 256, 0, 5, 1},
-                           {4, 8, 2, 4, 0, 64, 86, 172, 256, 512, 0, 5, 1}};
+    shard_slice_t sl[2] = {{0, 4, 0, 2, 0, 64, 0, 86, 0, 256, 0, 5, 1, 0, {0}},
+                           {4, 8, 2, 4, 0, 64, 86, 172, 256, 512, 0, 5, 1, 0, {0}}};
     model_t *m = NULL;
     model_load_opts_t lo = {.repack = true, .slice = &sl[0]};
     CU_ASSERT_EQUAL_FATAL(model_load(&m, path, &lo, err, sizeof err), 0);

@@ -1,9 +1,11 @@
 // Expert-parallel suite: members holding whole experts (threads over the inproc and zmq transports) give the single node's logits bit for bit.
 #include <CUnit/CUnit.h>
+#include <dirent.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cluster/launch.h"
@@ -11,6 +13,7 @@
 #include "core/clock.h"
 #include "core/err.h"
 #include "parallel/plan.h"
+#include "parallel/shard.h"
 #include "proto/msg_io.h"
 #include "ref_cases.h"
 #include "test_util.h"
@@ -527,15 +530,18 @@ static int write_hot_counts(const char *path, int n_layer) {
 }
 
 // Runs the case on local worker processes with placed experts: every logit row must equal one
-// node's. Returns the rows that differ, or -1 (reported). *plan_out gets the plan.
-static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) {
+// node's. Returns the rows that differ, or -1 (reported). *plan_out gets the plan. With cache, the
+// workers have no model file: their shards are streamed into that cache directory (or taken from it);
+// *st (if given) gets the cluster's stats.
+static int run_ep(const ep_cluster_t *k, const char *cache, plan_t *plan_out, cluster_stats_t *st) {
     ref_case_t rc;
     if (ref_load(k->case_name, &rc) != 0) return -1;
     const int rows = rc.n_prompt + rc.n_greedy, nv = rc.n_vocab, ub = k->pp > 1 ? 4 : 0;
     float *ref = case_single(&rc, ub), *lg = malloc((size_t)rows * nv * sizeof(float));
     char err[1024];
     launch_t l;
-    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = rc.model_path, .n_threads = 1, .tcp = k->tcp};
+    launch_opts_t lo = {.exe = test_meshlm_bin(), .model_path = cache ? NULL : rc.model_path, .n_threads = 1,
+                        .tcp = k->tcp, .cache_dir = cache};
     int bad = -1;
     if (!ref || !lg || !lo.exe || launch_local(&l, k->n_workers, &lo, err, sizeof err) != 0) {
         fprintf(stderr, "launch: %s\n", lo.exe ? err : "MESHLM_BIN not set");
@@ -559,6 +565,7 @@ static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) {
         fprintf(stderr, "  %s: cluster_open: %s\n", k->case_name, err);
     } else {
         if (plan_out) *plan_out = *cluster_plan(cl);
+        if (st) *st = *cluster_stats(cl);
         int r = cluster_eval(cl, rc.prompt_tokens, rc.n_prompt, lg, true);
         for (int i = 0; r == 0 && i < rc.n_greedy; i++)
             r = cluster_eval(cl, &rc.greedy[i], 1, lg + (size_t)(rc.n_prompt + i) * nv, true);
@@ -581,6 +588,8 @@ static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) {
     ref_free(&rc);
     return bad;
 }
+
+static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) { return run_ep(k, NULL, plan_out, NULL); }
 
 // Experts per member of shard i.
 static int experts_of(const plan_t *p, int i) {
@@ -630,6 +639,66 @@ static void test_ep_workers(void) {
         if (cases[i].speeds) CU_ASSERT(most > least); // the faster member computes more experts
         free(p);
     }
+}
+
+// Workers without the model receive shard files holding only their own experts' planes (protocol
+// 1.9): the logits are still one node's, each cached file names its experts and holds that many
+// planes of every expert tensor, the bytes streamed are those files' (under 1.25 times the model's
+// size, where whole blocks for both members would be twice it), and a second run loads them from the cache.
+static void test_ep_streamed(void) {
+    const ep_cluster_t k = {"synth-moe-Q4_0.p0", 2, 2, 0, NULL, false, false, 0, false, 0};
+    char *dir = test_tmpdir();
+    plan_t *p = calloc(1, sizeof *p);
+    cluster_stats_t st;
+    CU_ASSERT_EQUAL_FATAL(run_ep(&k, dir, p, &st), 0);
+    CU_ASSERT(p->ep && p->n == 2);
+    CU_ASSERT_EQUAL(st.from_cache, 0);
+    char path[1024], err[256];
+    ref_case_t rc;
+    CU_ASSERT_EQUAL_FATAL(ref_load(k.case_name, &rc), 0);
+    struct stat ms;
+    CU_ASSERT_EQUAL_FATAL(stat(rc.model_path, &ms), 0);
+    // the experts once and the rest (0.7 of 4.2 MB) twice: 4.9 MB, where whole blocks would be 8.4 MB
+    CU_ASSERT(st.shard_bytes_sent > (uint64_t)ms.st_size && st.shard_bytes_sent < (uint64_t)ms.st_size * 5 / 4);
+    DIR *d = opendir(dir);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(d);
+    uint64_t on_disk = 0;
+    int files = 0, held[2] = {0, 0};
+    for (struct dirent *de; (de = readdir(d));) {
+        if (!strstr(de->d_name, ".gguf")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        CU_ASSERT_PTR_NOT_NULL(strstr(de->d_name, "-x"));
+        gguf_t *g = NULL;
+        CU_ASSERT_EQUAL_FATAL(gguf_open(&g, path, err, sizeof err), 0);
+        on_disk += gguf_file_size(g);
+        shard_slice_t s;
+        bool is_shard = false;
+        CU_ASSERT(shard_file_slice(g, &s, &is_shard) == 0 && is_shard && s.placed);
+        const int n = shard_expert_count(&s, 8);
+        if (files < 2) held[files] = n;
+        CU_ASSERT(n >= 1 && n < 8);
+        int exps = 0;
+        for (int64_t i = 0; i < gguf_n_tensors(g); i++) {
+            const gguf_tensor_t *t = gguf_tensor(g, i);
+            if (!shard_expert_tensor(t->name)) continue;
+            CU_ASSERT_EQUAL(t->ne[2], n);
+            exps++;
+        }
+        CU_ASSERT_EQUAL(exps, 12); // 3 per block, 4 blocks
+        gguf_close(&g);
+        files++;
+    }
+    closedir(d);
+    CU_ASSERT_EQUAL(files, 2);
+    CU_ASSERT_EQUAL(held[0] + held[1], 8);
+    CU_ASSERT_EQUAL(on_disk, st.shard_bytes_sent);
+    // again: every share from the cache, nothing streamed, the same logits
+    CU_ASSERT_EQUAL(run_ep(&k, dir, p, &st), 0);
+    CU_ASSERT_EQUAL(st.from_cache, 2);
+    CU_ASSERT_EQUAL(st.shard_bytes_sent, 0);
+    ref_free(&rc);
+    free(p);
+    test_rm_dir(dir);
 }
 
 // meshlm plan names the experts each node holds of each block.
@@ -999,6 +1068,7 @@ int test_ep_suite(void) {
         !CU_add_test(s, "a leader's malformed messages refused", test_ep_hostile) ||
         !CU_add_test(s, "worker processes with placed experts", test_ep_workers) ||
         !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output) ||
+        !CU_add_test(s, "workers without the model receive only their experts", test_ep_streamed) ||
         !CU_add_test(s, "planner: placement, memory, speed, sliced or placed", test_ep_planner) ||
         !CU_add_test(s, "routing counts parsed, malformed ones refused", test_ep_routing_counts) ||
         !CU_add_test(s, "planner: a second holder for the popular experts", test_ep_hot_planner) ||

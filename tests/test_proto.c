@@ -557,11 +557,12 @@ static void test_roundtrip_load_shard(void) {
 }
 
 // Protocol 1.5: LOAD_SHARD, STEP and shard chunks carry their plan's id (the coordinator fills it,
-// a worker ignores one of another plan); the prefix says this version (1.8, which keeps them); a 1.4 peer's LOAD_SHARD and STEP, whose
+// a worker ignores one of another plan); the prefix says this version (1.9, which keeps them); a 1.4 peer's LOAD_SHARD and STEP, whose
 // headers have no plan_id, still decode (plan_id 0, which a worker takes as before). 1.7: a STEP says
 // whether its tokens go in one-token order (a replay); an older peer's STEP decodes as a plain batch.
 static void test_plan_ids(void) {
-    CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 8);
+    CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 9);
+    CU_ASSERT_EQUAL(MSG_MINOR_EP_CUT, 9);
     CU_ASSERT_EQUAL(MSG_MINOR_PLAN_IDS, 5);
     CU_ASSERT_EQUAL(MSG_MINOR_CURVE, 6);
     CU_ASSERT_EQUAL(MSG_MINOR_ONE_ORDER, 7);
@@ -572,9 +573,9 @@ static void test_plan_ids(void) {
     a.load_shard = (msg_load_shard_t){.plan_id = id, .node_index = 1};
     CU_ASSERT_EQUAL_FATAL(roundtrip(&a, &b, &f), 0);
     CU_ASSERT_EQUAL(b.load_shard.plan_id, id);
-    CU_ASSERT_EQUAL(b.peer_minor, 8);
+    CU_ASSERT_EQUAL(b.peer_minor, 9);
     const unsigned char *pre = f.data[0];
-    CU_ASSERT(pre[6] == 8 && pre[7] == 0); // the prefix's minor
+    CU_ASSERT(pre[6] == 9 && pre[7] == 0); // the prefix's minor
     msg_clear(&b);
     free_frames(&f);
     int32_t tok = 3;

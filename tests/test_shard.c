@@ -13,7 +13,7 @@
 // --- tests
 
 static void test_rows(void) {
-    shard_slice_t s = {2, 4, 1, 2, 16, 32, 48, 96, 100, 200, 0, 4, 0};
+    shard_slice_t s = {2, 4, 1, 2, 16, 32, 48, 96, 100, 200, 0, 4, 0, 0, {0}};
     int64_t r0, r1;
     shard_tensor_rows(&s, "blk.3.attn_q.weight", 64, 8, &r0, &r1);
     CU_ASSERT(r0 == 16 && r1 == 32);
@@ -56,10 +56,13 @@ static void check_shard_file(const char *rel, const shard_slice_t *slice) {
     int64_t src_kv = gguf_n_kv(src), n_layer = 0, held = 0;
     gguf_get_i64(src, "llama.block_count", &n_layer);
     const bool tied = gguf_find_tensor(src, "output.weight") == NULL;
-    CU_ASSERT_EQUAL(gguf_n_kv(dst), src_kv + 14); // 12 range keys, the source hash, the vocabulary size
+    // 12 range keys, the source hash, the vocabulary size (and the experts held by a placed slice)
+    CU_ASSERT_EQUAL(gguf_n_kv(dst), src_kv + 14 + slice->placed);
     for (int64_t i = 0; i < gguf_n_tensors(src); i++) {
         const gguf_tensor_t *a = gguf_tensor(src, i), *b = gguf_find_tensor(dst, a->name);
-        if (!shard_holds_tensor(slice, a->name, (int)n_layer, tied)) { // another stage's tensor
+        const bool exps = slice->placed && shard_expert_tensor(a->name);
+        if (!shard_holds_tensor(slice, a->name, (int)n_layer, tied) ||
+            (exps && shard_expert_count(slice, (int)a->ne[2]) == 0)) { // another stage's tensor, or no expert
             CU_ASSERT_PTR_NULL(b);
             continue;
         }
@@ -70,9 +73,12 @@ static void check_shard_file(const char *rel, const shard_slice_t *slice) {
         CU_ASSERT_EQUAL(b->ne[1], r1 - r0);
         CU_ASSERT_EQUAL(b->type, a->type);
         const size_t rb = qtype_row_size(a->type, a->ne[0]);
-        for (int64_t p = 0; p < a->ne[2]; p++) {
+        CU_ASSERT_EQUAL(b->ne[2], exps ? shard_expert_count(slice, (int)a->ne[2]) : a->ne[2]);
+        for (int64_t p = 0, q = 0; p < a->ne[2]; p++) { // q: the plane in the shard file
+            if (exps && !shard_holds_expert(slice, (int)p)) continue;
+            if (exps) CU_ASSERT_EQUAL(shard_expert_plane(slice, (int)p), q);
             const uint8_t *sa = (const uint8_t *)a->data + ((size_t)p * a->ne[1] + (size_t)r0) * rb;
-            const uint8_t *sb = (const uint8_t *)b->data + (size_t)p * (size_t)(r1 - r0) * rb;
+            const uint8_t *sb = (const uint8_t *)b->data + (size_t)q++ * (size_t)(r1 - r0) * rb;
             CU_ASSERT_EQUAL(memcmp(sa, sb, (size_t)(r1 - r0) * rb), 0);
         }
     }
@@ -83,14 +89,25 @@ static void check_shard_file(const char *rel, const shard_slice_t *slice) {
 }
 
 static void test_shard_files(void) {
-    shard_slice_t a = {2, 5, 1, 3, 16, 48, 32, 96, 64, 256, 0, 5, 0}; // stories260K: 8 heads, 4 KV, dim 64, FFN 172
+    shard_slice_t a = {2, 5, 1, 3, 16, 48, 32, 96, 64, 256, 0, 5, 0, 0, {0}}; // stories260K: 8 heads, 4 KV, dim 64, FFN 172
     check_shard_file("models/stories260K.gguf", &a);
-    shard_slice_t mid = {0, 8, 0, 4, 0, 64, 0, 172, 0, 0, 1, 3, 0}; // a middle pipeline stage: blocks 1-2 only
+    shard_slice_t mid = {0, 8, 0, 4, 0, 64, 0, 172, 0, 0, 1, 3, 0, 0, {0}}; // a middle pipeline stage: blocks 1-2 only
     check_shard_file("models/stories260K.gguf", &mid);
-    shard_slice_t tail = {0, 4, 0, 2, 0, 32, 0, 96, 0, 256, 3, 5, 0}; // the last stage with a TP half
+    shard_slice_t tail = {0, 4, 0, 2, 0, 32, 0, 96, 0, 256, 3, 5, 0, 0, {0}}; // the last stage with a TP half
     check_shard_file("models/stories260K.gguf", &tail);
-    shard_slice_t b = {4, 8, 1, 2, 128, 256, 0, 128, 256, 512, 0, 4, 0}; // synth MoE: experts cut per expert
+    shard_slice_t b = {4, 8, 1, 2, 128, 256, 0, 128, 256, 512, 0, 4, 0, 0, {0}}; // synth MoE: experts cut per expert
     check_shard_file("models/synth/synth-moe-Q4_K_M.gguf", &b);
+    // placed experts: whole experts 1, 3 and 6 of blocks 1-3 (their planes alone), then none of them
+    shard_slice_t placed = shard_full(4, 8, 2, 256, 256, 512);
+    placed.l0 = 1;
+    const uint16_t ids[] = {6, 1, 3};
+    shard_set_experts(&placed, ids, 3);
+    CU_ASSERT(shard_holds_expert(&placed, 3) && !shard_holds_expert(&placed, 2) && !shard_holds_expert(&placed, 300));
+    CU_ASSERT(shard_expert_plane(&placed, 6) == 2 && shard_expert_plane(&placed, 0) == -1);
+    CU_ASSERT_EQUAL(shard_expert_count(&placed, 8), 3);
+    check_shard_file("models/synth/synth-moe-Q4_K_M.gguf", &placed);
+    shard_set_experts(&placed, ids, 0);
+    check_shard_file("models/synth/synth-moe-Q8_0.gguf", &placed);
     shard_slice_t c = shard_full(4, 8, 2, 256, 768, 512);
     check_shard_file("models/synth/synth-dense-Q8_0.gguf", &c);
 }

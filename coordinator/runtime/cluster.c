@@ -521,6 +521,8 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         p->vocab = (msg_range_t){s->v0, s->v1};
         for (int e = 0; pl->ep && r >= (off ? 0 : 1) && e < hp->n_expert && e < MSG_MAX_EXPERTS; e++)
             if (plan_has_expert(pl, r - (off ? 0 : 1), e)) p->experts[p->n_experts++] = (uint16_t)e;
+        // a computing share of placed experts holds those alone (what a 1.9 worker derives from the PLAN)
+        if (pl->ep && s->l1 > s->l0) shard_set_experts(&c->slices[r], p->experts, (int)p->n_experts);
         if (r >= (off ? 0 : 1)) { // the links the planner assumed, so every group chooses star or ring alike
             const plan_node_t *nd = &pl->node[pl->shard[r - (off ? 0 : 1)].node];
             p->link_lat_us = (float)nd->lat_us;
@@ -604,7 +606,13 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, u
     char path[256];
     snprintf(path, sizeof path, "%s/meshlm-shard-%ld-%d.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
              (long)getpid(), wi);
-    int rc = shard_file_write(src, &c->slices[c->w[wi].rank], head_dim, c->sha, path, err, errlen);
+    shard_slice_t sl = c->slices[c->w[wi].rank];
+    const msg_hello_t *h = &c->w[wi].hello;
+    if (sl.placed && h->proto_major <= MSG_PROTO_MAJOR && h->proto_minor < MSG_MINOR_EP_CUT) {
+        sl.placed = 0; // a 1.8 worker reads every expert's plane from its shard file
+        memset(sl.experts, 0, sizeof sl.experts);
+    }
+    int rc = shard_file_write(src, &sl, head_dim, c->sha, path, err, errlen);
     if (rc != 0) return rc;
     FILE *f = fopen(path, "rb");
     uint8_t *buf = malloc(CHUNK_BYTES);

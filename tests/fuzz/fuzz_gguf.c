@@ -1,8 +1,10 @@
-// libFuzzer target: the GGUF reader on arbitrary bytes, then a walk over everything it accepted.
+// libFuzzer target: the GGUF reader on arbitrary bytes, then a walk over everything it accepted and
+// the shard keys it holds.
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "parallel/shard.h"
 #include "worker/format/gguf.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -40,6 +42,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (t->nbytes) sink ^= (uint8_t)(d[0] ^ d[t->nbytes - 1]);
     }
     (void)sink;
+    // a shard file's slice (meshlm.shard.*, the experts a placed one holds): consistent or refused
+    shard_slice_t sl;
+    bool is_shard = false;
+    if (shard_file_slice(g, &sl, &is_shard) == 0 && is_shard && sl.placed) {
+        const int n = shard_expert_count(&sl, SHARD_EXPERTS_MAX);
+        for (int e = 0, q = 0; e < SHARD_EXPERTS_MAX; e++)
+            if (shard_holds_expert(&sl, e) && shard_expert_plane(&sl, e) != q++) __builtin_trap();
+        if (n < 0 || n > SHARD_EXPERTS_MAX) __builtin_trap();
+    }
     gguf_close(&g);
     return 0;
 }

@@ -116,6 +116,10 @@ static int resolve_slice(model_t *m, const shard_slice_t *want, char *err, size_
         sl->f0 < 0 || sl->f1 > hp->n_ff || sl->v0 < 0 || sl->v1 > hp->n_vocab || sl->h1 < sl->h0 || sl->kv1 < sl->kv0 ||
         sl->e1 < sl->e0 || sl->f1 < sl->f0 || sl->v1 < sl->v0 || sl->l0 < 0 || sl->l1 > hp->n_layer || sl->l1 < sl->l0)
         return mlm_fail(err, errlen, MLM_EINVAL, "%s: slice outside the model's shape", gguf_path(m->g));
+    if (sl->placed && (sl->cols || hp->n_expert <= 0 || shard_expert_count(sl, SHARD_EXPERTS_MAX) >
+                                                           shard_expert_count(sl, hp->n_expert)))
+        return mlm_fail(err, errlen, MLM_EINVAL, "%s: a slice of placed experts names experts the model (%d) lacks%s",
+                        gguf_path(m->g), hp->n_expert, sl->cols ? ", or is cut by columns" : "");
     if (sl->cols && (sl->cols != 1 || sl->e0 != 0 || sl->e1 != hp->n_embd))
         return mlm_fail(err, errlen, MLM_EINVAL, "%s: an all-reduce slice holds every hidden row", gguf_path(m->g));
     if (sl->h1 > sl->h0) { // a node's query heads need exactly its KV heads
@@ -175,7 +179,7 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
             .reuse = opts && opts->reuse ? opts->reuse->w : NULL,
         };
         const char *wname = opts ? opts->weights : NULL;
-        if (!wname && wp.experts) wname = "mmap"; // placed experts are mapped, not streamed
+        if (!wname && (wp.experts || m->slice.placed)) wname = "mmap"; // placed experts are mapped, not streamed
         rc = weights_new(&m->w, wname, &wp, err, errlen);
     }
     if (rc != 0) {
@@ -240,8 +244,15 @@ int model_ctx_new(model_ctx_t **out, const model_t *m, const model_ctx_opts_t *o
     shard_slice_t rows = *sl; // a pipeline stage alone holds every row of its blocks
     rows.l0 = full.l0;
     rows.l1 = full.l1;
+    rows.placed = 0; // placed experts are whole: every row of each expert held
+    memset(rows.experts, 0, sizeof rows.experts);
     if (!o.tp && memcmp(&rows, &full, sizeof full) != 0) {
         snprintf(err, errlen, "a model holding a slice needs a tensor-parallel group to run");
+        return MLM_EINVAL;
+    }
+    if (sl->placed && shard_expert_count(sl, hp->n_expert) < hp->n_expert && !(o.ep && o.ep->n_nodes > 1)) {
+        snprintf(err, errlen, "a model holding %d of its %d experts needs an expert-parallel group to run",
+                 shard_expert_count(sl, hp->n_expert), hp->n_expert);
         return MLM_EINVAL;
     }
     if (sl->l1 <= sl->l0) {

@@ -125,9 +125,12 @@ static int send_error(node_t *n, int code, const char *text, uint64_t step) { //
 // by columns (the coordinator's slices say the same, cluster.c).
 static shard_slice_t slice_of(const msg_plan_node_t *p, msg_tp_mode_t mode) {
     shard_slice_t s = {p->heads.begin, p->heads.end, p->kv_heads.begin, p->kv_heads.end, p->hidden.begin,
-                       p->hidden.end, 0, 0, p->vocab.begin, p->vocab.end, p->layers.begin, p->layers.end, 0};
+                       p->hidden.end, 0, 0, p->vocab.begin, p->vocab.end, p->layers.begin, p->layers.end, 0, 0, {0}};
     if (p->n_ffn > 0) s.f0 = p->ffn[0].begin, s.f1 = p->ffn[0].end;
     s.cols = mode == MSG_TP_ALLREDUCE && s.l1 > s.l0;
+    // placed experts: the slice holds its experts only (a shard file streamed to it has just their planes)
+    if ((mode == MSG_TP_EXPERT || mode == MSG_TP_EXPERT_LEAD) && s.l1 > s.l0)
+        shard_set_experts(&s, p->experts, (int)p->n_experts);
     return s;
 }
 
@@ -659,8 +662,14 @@ static int on_step(node_t *n, const msg_step_t *st) {
 int node_cache_path(const char *dir, const uint8_t sha256[32], const shard_slice_t *s, char *out, size_t cap) {
     char hex[65];
     sha256_hex(sha256, hex);
-    int k = snprintf(out, cap, "%s/%.16s-l%d-%d-h%d-%d-kv%d-%d-e%d-%d-f%d-%d-v%d-%d%s.gguf", dir, hex, s->l0, s->l1,
-                     s->h0, s->h1, s->kv0, s->kv1, s->e0, s->e1, s->f0, s->f1, s->v0, s->v1, s->cols ? "-cols" : "");
+    char ex[2 + 8 * SHARD_EXPERT_WORDS + 1] = ""; // placed experts: "-x" and the mask in hex, last word first
+    if (s->placed) {
+        int w = SHARD_EXPERT_WORDS - 1, at = snprintf(ex, sizeof ex, "-x");
+        while (w > 0 && !s->experts[w]) w--;
+        for (; w >= 0; w--) at += snprintf(ex + at, sizeof ex - (size_t)at, "%08x", (unsigned)s->experts[w]);
+    }
+    int k = snprintf(out, cap, "%s/%.16s-l%d-%d-h%d-%d-kv%d-%d-e%d-%d-f%d-%d-v%d-%d%s%s.gguf", dir, hex, s->l0, s->l1,
+                     s->h0, s->h1, s->kv0, s->kv1, s->e0, s->e1, s->f0, s->f1, s->v0, s->v1, s->cols ? "-cols" : "", ex);
     return k > 0 && (size_t)k < cap ? 0 : MLM_ERANGE;
 }
 

@@ -61,7 +61,8 @@ int node_run(const node_opts_t *o, comm_t **ctl, char *err, size_t errlen);
 // A worker process: listens on o->listen (the control link backend) and runs node_run on it.
 int node_serve(const node_opts_t *o, char *err, size_t errlen);
 
-// Cache file name for a model hash and a slice (under dir); an all-reduce slice's name ends in "-cols".
+// Cache file name for a model hash and a slice (under dir); an all-reduce slice's name ends in "-cols",
+// a slice of placed experts's in "-x" and its expert mask in hex.
 int node_cache_path(const char *dir, const uint8_t sha256[32], const shard_slice_t *slice, char *out, size_t cap);
 
 #endif

@@ -114,6 +114,8 @@ typedef struct {
     const uint64_t *experts;      // (4) placed experts: bit e set = this node computes expert e, and only those
                                   // are prepared ("mmap"; acquiring another is MLM_ENOTFOUND; "window"
                                   // refuses a mask); NULL = every expert (copied)
+    const uint32_t *block_experts; // with experts: (layer << 8 | expert) also prepared, in that block only
+    int n_block_experts;           // (hot second copies; borrowed for weights_new)
     bool experts_only;            // with experts: the node computes its experts and nothing else (a member
                                   // of an expert-parallel group with attention on its leader): the other
                                   // matrices are mapped, never repacked or copied, so they cost no memory

@@ -40,6 +40,8 @@ typedef struct {
     struct bound *bound;       // (n_bound) every matrix bound, for a later share (weights_matrix)
     int n_bound, cap_bound;
     uint64_t reused;           // bytes taken from p.reuse at creation
+    uint32_t *block;           // (n_block) hot second copies held in one block: layer << 8 | expert
+    int n_block;
 } mmap_t;
 
 // A matrix bound from the file: which tensor, plane and rows of it.
@@ -51,7 +53,14 @@ struct bound {
     mm_weight_t *w;            // the unit's field (in blocks, experts or out)
 };
 
-static bool holds_expert(const mmap_t *m, int e) { return !m->masked || (m->mask[e >> 6] >> (e & 63) & 1u); }
+// Whether the share computes expert e of block il: every expert without a mask, else the mask's, or a
+// hot second copy of block il (whose planes a shard file of the slice holds: its experts are the union).
+static bool holds_expert(const mmap_t *m, int il, int e) {
+    if (!m->masked || (m->mask[e >> 6] >> (e & 63) & 1u)) return true;
+    for (int j = 0; j < m->n_block; j++)
+        if (m->block[j] == ((uint32_t)il << 8 | (uint32_t)e)) return shard_holds_expert(&m->slice, e);
+    return false;
+}
 
 // --- binding
 
@@ -255,7 +264,7 @@ static int bind(mmap_t *m, mm_weight_t *w, const char *name, int64_t cols, int64
 
 // The same for a 3-D expert tensor: plane e goes to field w of unit experts[e] (each expert's matrix
 // cut the same way).
-static int bind_experts(mmap_t *m, layer_weights_t *units, size_t field, const char *name, int64_t cols,
+static int bind_experts(mmap_t *m, int il, layer_weights_t *units, size_t field, const char *name, int64_t cols,
                         int64_t full_rows, bool repack, char *err, size_t errlen) {
     const int ne = m->hp.n_expert;
     int64_t c0, c1;
@@ -264,14 +273,14 @@ static int bind_experts(mmap_t *m, layer_weights_t *units, size_t field, const c
         cols_loc_t cl;
         rc = locate_cols(m, name, cols, full_rows, ne, c0, c1, &cl, err, errlen);
         for (int e = 0; rc == 0 && e < ne; e++)
-            if (holds_expert(m, e))
+            if (holds_expert(m, il, e))
                 rc = bind_plane_cols(m, (mm_weight_t *)((uint8_t *)&units[e] + field), &cl, e, repack, err, errlen);
         return rc;
     }
     weights_loc_t loc;
     rc = weights_locate(&m->p, name, cols, full_rows, ne, &loc, err, errlen);
     for (int e = 0; rc == 0 && e < ne; e++)
-        if (holds_expert(m, e))
+        if (holds_expert(m, il, e))
             rc = bind_plane(m, (mm_weight_t *)((uint8_t *)&units[e] + field), &loc, e, repack, err, errlen);
     return rc;
 }
@@ -351,11 +360,11 @@ static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
         } else {
             B2(gate_inp, "ffn_gate_inp", E, hp->n_expert);
             layer_weights_t *X = &m->experts[(size_t)il * hp->n_expert];
-            if ((rc = bind_experts(m, X, offsetof(layer_weights_t, w_gate), NAME("ffn_gate_exps"), E, hp->n_ff,
+            if ((rc = bind_experts(m, il, X, offsetof(layer_weights_t, w_gate), NAME("ffn_gate_exps"), E, hp->n_ff,
                                    repack, err, errlen)) != 0 ||
-                (rc = bind_experts(m, X, offsetof(layer_weights_t, w_up), NAME("ffn_up_exps"), E, hp->n_ff, repack,
+                (rc = bind_experts(m, il, X, offsetof(layer_weights_t, w_up), NAME("ffn_up_exps"), E, hp->n_ff, repack,
                                    err, errlen)) != 0 ||
-                (rc = bind_experts(m, X, offsetof(layer_weights_t, w_down), NAME("ffn_down_exps"), hp->n_ff, E,
+                (rc = bind_experts(m, il, X, offsetof(layer_weights_t, w_down), NAME("ffn_down_exps"), hp->n_ff, E,
                                    repack, err, errlen)) != 0)
                 return rc;
             t = gguf_find_tensor(p->g, NAME("ffn_gate_exps"));
@@ -373,7 +382,7 @@ static int bind_all(mmap_t *m, bool repack, char *err, size_t errlen) {
 
 static int mmap_acquire(void *ctx, int layer, int expert, const layer_weights_t **out) {
     mmap_t *m = ctx;
-    if (layer >= 0 && expert >= 0 && !holds_expert(m, expert)) return MLM_ENOTFOUND; // placed on another node
+    if (layer >= 0 && expert >= 0 && !holds_expert(m, layer, expert)) return MLM_ENOTFOUND; // placed on another node
     if (layer >= 0)
         *out = expert < 0 ? &m->blocks[layer] : &m->experts[(size_t)layer * (size_t)m->hp.n_expert + (size_t)expert];
     else
@@ -423,6 +432,7 @@ static void mmap_free(void *ctx) {
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
     free(m->bound);
+    free(m->block);
     free(m->blocks);
     free(m->experts);
     free(m);
@@ -455,6 +465,16 @@ int weights_mmap_new(weights_t **out, const weights_params_t *p, const char *arg
     for (int e = 0; p->slice->placed && e < 64 * (int)(sizeof m->mask / sizeof m->mask[0]); e++)
         if (!shard_holds_expert(p->slice, e)) m->mask[e >> 6] &= ~((uint64_t)1 << (e & 63)); // nor the slice's
     m->p.experts = NULL; // the copy above
+    if (p->experts && p->n_block_experts > 0) {
+        if (!(m->block = malloc((size_t)p->n_block_experts * sizeof *m->block))) {
+            free(m);
+            return MLM_ENOMEM;
+        }
+        memcpy(m->block, p->block_experts, (size_t)p->n_block_experts * sizeof *m->block);
+        m->n_block = p->n_block_experts;
+    }
+    m->p.block_experts = NULL;
+    m->p.n_block_experts = 0;
     const size_t nl = (size_t)m->hp.n_layer, ne = (size_t)m->hp.n_expert;
     m->blocks = calloc(nl ? nl : 1, sizeof *m->blocks);
     m->experts = ne ? calloc(nl * ne, sizeof *m->experts) : NULL;

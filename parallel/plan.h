@@ -12,6 +12,8 @@
 #include "parallel/shard.h"
 
 #define PLAN_MAX_NODES 64
+#define PLAN_EP_HOT_MAX 16 // hot experts per block with a second copy (--ep-hot N)
+#define PLAN_MAX_LAYERS 256
 
 // Where a node keeps its KV cache: its attention/KV device (offload/attn.h) by kind, for the budget.
 typedef enum {
@@ -162,15 +164,19 @@ typedef struct {
                                     // member alone; the others hold and compute their experts only
     int ep_replicas;                // with ep_lead: members holding each expert (1 = its owner alone); the
                                     // first member gives each batch to the holder with the least work
-    int ep_hot;                     // with ep_lead: the ep_hot most popular experts of each stage (the model's
-                                    // popularity summed over its blocks) hold a second copy (0: none)
+    int ep_hot;                     // with ep_lead: the ep_hot most popular experts of each block (the model's
+                                    // popularity of that block) hold a second copy in that block (0: none)
+    uint8_t ep_hot_n[PLAN_MAX_LAYERS]; // with ep_hot: second copies in block l (ep_hot_of[l][0..n))
+    struct {
+        uint8_t expert;             // the expert of block l
+        uint8_t shard;              // the member (shard index) that holds a second copy of it in block l
+    } ep_hot_of[PLAN_MAX_LAYERS][PLAN_EP_HOT_MAX];
     double sliced_ms;               // MoE: token_ms of the best plan with sliced experts (0 = unknown)
     double placed_ms;               // MoE: token_ms of the best plan with placed experts (0 = unknown)
 } plan_t;
 
 // --- model description: shapes and bytes, no weights needed
 
-#define PLAN_MAX_LAYERS 256
 
 // The matrices of a block. Each is cut by output rows: q (n_head*head_dim rows), k and v
 // (n_head_kv*head_dim), o = attn_output (n_embd), gate and up (n_ff, per expert), down (n_embd, per expert).
@@ -438,9 +444,17 @@ int plan_popularity_parse(const char *text, const plan_model_t *pm, double *pop,
 // Reads and parses a routing counts file (errors name the path). 0 or an MLM_ code.
 int plan_popularity_load(const char *path, const plan_model_t *pm, double *pop, char *err, size_t errlen);
 
-// Whether shard i of an expert-parallel plan computes expert e.
+// Whether shard i of an expert-parallel plan computes expert e (of every block of its stage).
 static inline bool plan_has_expert(const plan_t *p, int i, int e) {
     return e >= 0 && e < 256 && (p->shard[i].experts[e >> 6] >> (e & 63) & 1u) != 0;
+}
+
+// Whether shard i computes expert e of block l: of every block, or as block l's hot second copy.
+static inline bool plan_holds_expert(const plan_t *p, int i, int l, int e) {
+    if (plan_has_expert(p, i, e)) return true;
+    for (int h = 0; l >= 0 && l < PLAN_MAX_LAYERS && h < p->ep_hot_n[l]; h++)
+        if (p->ep_hot_of[l][h].expert == e && p->ep_hot_of[l][h].shard == i) return true;
+    return false;
 }
 
 // Prints where the experts are: "experts placed (sliced X ms/token, placed Y ms/token)", then per

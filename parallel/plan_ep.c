@@ -27,9 +27,18 @@ static int n_owned(const plan_t *p, int i, int ne) {
     return k;
 }
 
-// Shard i's bytes when it holds `owned` of its stage's experts: every row of its blocks less the
-// experts it does not hold (with attention on the leader, a member other than the first holds its
-// experts and activations only); resident (nothing streams).
+// Bytes of the hot second copies shard i holds (an expert of one block each).
+static uint64_t hot_bytes(const plan_model_t *pm, const plan_t *p, int i) {
+    uint64_t b = 0;
+    for (int il = p->shard[i].s.l0; il < p->shard[i].s.l1 && il < PLAN_MAX_LAYERS; il++)
+        for (int h = 0; h < p->ep_hot_n[il]; h++)
+            if (p->ep_hot_of[il][h].shard == i) b += expert_bytes(pm, il);
+    return b;
+}
+
+// Shard i's bytes when it holds `owned` of its stage's experts (and its hot copies): every row of its
+// blocks less the experts it does not hold (with attention on the leader, a member other than the
+// first holds its experts and activations only); resident (nothing streams).
 static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
     plan_shard_t *sh = &p->shard[i];
     uint64_t w = 0, kv = 0;
@@ -42,6 +51,9 @@ static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
         drop += expert_bytes(pm, il) * (uint64_t)(pm->n_expert - owned);
         mine += expert_bytes(pm, il) * (uint64_t)owned;
     }
+    const uint64_t hot = hot_bytes(pm, p, i);
+    mine += hot;
+    drop -= hot < drop ? hot : drop;
     if (p->ep_lead && i != p->stage_first[sh->stage]) { // experts only: no dense rows, no KV
         sh->weight_bytes = mine;
         sh->kv_bytes = 0;
@@ -137,55 +149,71 @@ static bool stage_popularity(const plan_model_t *pm, int l0, int l1, double *pop
     return false;
 }
 
-// The hot most popular experts of stage [a, b) get a second holder (plan_ep_hot).
+// Block il's popularity of each expert into pop (n_expert): the model's, or uniform without it.
+static void block_popularity(const plan_model_t *pm, int il, double *pop) {
+    stage_popularity(pm, il, il + 1, pop);
+}
+
+// The hot most popular experts of each block of stage [a, b) get a second holder in that block
+// (plan_ep_hot).
 static int add_hot(const plan_model_t *pm, plan_t *p, int a, int b, int hot, char *err, size_t errlen) {
     const int g = b - a, ne = pm->n_expert;
-    double pop[EP_MAX_EXPERTS];
-    stage_popularity(pm, p->shard[a].s.l0, p->shard[a].s.l1, pop);
-    int order[EP_MAX_EXPERTS];
-    for (int e = 0; e < ne; e++) order[e] = e;
-    for (int i = 1; i < ne; i++) // insertion sort: most popular first, ties by id
-        for (int j = i; j > 0 && pop[order[j]] > pop[order[j - 1]]; j--) {
-            const int t = order[j];
-            order[j] = order[j - 1];
-            order[j - 1] = t;
-        }
-    for (int h = 0; h < hot && h < ne; h++) {
-        const int e = order[h];
-        double load[PLAN_MAX_NODES] = {0};
-        for (int q = 0; q < ne; q++) {
-            int holders = 0;
-            for (int i = 0; i < g; i++) holders += plan_has_expert(p, a + i, q);
-            for (int i = 0; holders && i < g; i++)
-                if (plan_has_expert(p, a + i, q)) load[i] += pop[q] / holders;
-        }
-        int best = -1, full = -1;
-        for (int i = 0; i < g; i++) {
-            if (plan_has_expert(p, a + i, e)) continue;
-            const int own = n_owned(p, a + i, ne);
-            size_member(pm, p, a + i, own + 1);
-            const uint64_t bud = p->node[p->shard[a + i].node].mem_budget;
-            const bool fits = !bud || p->shard[a + i].peak_bytes <= bud;
-            size_member(pm, p, a + i, own);
-            if (!fits) {
-                if (full < 0) full = i;
-                continue;
+    for (int il = p->shard[a].s.l0; il < p->shard[a].s.l1; il++) {
+        double pop[EP_MAX_EXPERTS];
+        block_popularity(pm, il, pop);
+        int order[EP_MAX_EXPERTS];
+        for (int e = 0; e < ne; e++) order[e] = e;
+        for (int i = 1; i < ne; i++) // insertion sort: most popular first, ties by id
+            for (int j = i; j > 0 && pop[order[j]] > pop[order[j - 1]]; j--) {
+                const int t = order[j];
+                order[j] = order[j - 1];
+                order[j - 1] = t;
             }
-            if (best < 0 || load[i] < load[best] - 1e-12 ||
-                (load[i] <= load[best] + 1e-12 && own < n_owned(p, a + best, ne)))
-                best = i;
+        p->ep_hot_n[il] = 0;
+        for (int h = 0; h < hot && h < ne; h++) {
+            const int e = order[h];
+            double load[PLAN_MAX_NODES] = {0}; // the block's expected expert work of each member
+            for (int q = 0; q < ne; q++) {
+                int holders = 0;
+                for (int i = 0; i < g; i++) holders += plan_holds_expert(p, a + i, il, q);
+                for (int i = 0; holders && i < g; i++)
+                    if (plan_holds_expert(p, a + i, il, q)) load[i] += pop[q] / holders;
+            }
+            int best = -1, full = -1;
+            const int slot = p->ep_hot_n[il];
+            for (int i = 0; i < g; i++) {
+                if (plan_holds_expert(p, a + i, il, e)) continue;
+                p->ep_hot_of[il][slot].expert = (uint8_t)e; // tried: sized with the copy
+                p->ep_hot_of[il][slot].shard = (uint8_t)(a + i);
+                p->ep_hot_n[il] = (uint8_t)(slot + 1);
+                const int own = n_owned(p, a + i, ne);
+                size_member(pm, p, a + i, own);
+                const uint64_t bud = p->node[p->shard[a + i].node].mem_budget;
+                const bool fits = !bud || p->shard[a + i].peak_bytes <= bud;
+                p->ep_hot_n[il] = (uint8_t)slot;
+                size_member(pm, p, a + i, own);
+                if (!fits) {
+                    if (full < 0) full = i;
+                    continue;
+                }
+                if (best < 0 || load[i] < load[best] - 1e-12 ||
+                    (load[i] <= load[best] + 1e-12 && own < n_owned(p, a + best, ne)))
+                    best = i;
+            }
+            if (best < 0) {
+                const plan_shard_t *sh = &p->shard[a + (full >= 0 ? full : 0)];
+                char have[32];
+                plan_fmt_bytes(have, sizeof have, p->node[sh->node].mem_budget);
+                return mlm_fail(err, errlen, MLM_EFULL,
+                                "a second copy of hot expert %d of layer %d fits on no member of the stage (node %s "
+                                "has %s)",
+                                e, il, p->node[sh->node].name, have);
+            }
+            p->ep_hot_of[il][slot].expert = (uint8_t)e;
+            p->ep_hot_of[il][slot].shard = (uint8_t)(a + best);
+            p->ep_hot_n[il] = (uint8_t)(slot + 1);
+            size_member(pm, p, a + best, n_owned(p, a + best, ne));
         }
-        if (best < 0) {
-            const plan_shard_t *sh = &p->shard[a + (full >= 0 ? full : 0)];
-            char have[32];
-            plan_fmt_bytes(have, sizeof have, p->node[sh->node].mem_budget);
-            return mlm_fail(err, errlen, MLM_EFULL,
-                            "a second copy of hot expert %d of layers %d-%d fits on no member of the stage (node %s "
-                            "has %s)",
-                            e, sh->s.l0, sh->s.l1 - 1, p->node[sh->node].name, have);
-        }
-        set_expert(&p->shard[a + best], e);
-        size_member(pm, p, a + best, n_owned(p, a + best, ne));
     }
     return 0;
 }
@@ -197,8 +225,9 @@ int plan_ep_hot(const plan_model_t *pm, plan_t *p, int hot, char *err, size_t er
         return mlm_fail(err, errlen, MLM_EINVAL,
                         "hot experts need placed experts with attention on the leader and one holder each (not "
                         "--ep-attn all, not --ep-replicas)");
-    if (hot < 1 || hot > pm->n_expert)
-        return mlm_fail(err, errlen, MLM_EINVAL, "--ep-hot %d: 1 to the model's %d experts", hot, pm->n_expert);
+    if (hot < 1 || hot > pm->n_expert || hot > PLAN_EP_HOT_MAX || pm->n_layer > PLAN_MAX_LAYERS)
+        return mlm_fail(err, errlen, MLM_EINVAL, "--ep-hot %d: 1 to the model's %d experts, at most %d", hot,
+                        pm->n_expert, PLAN_EP_HOT_MAX);
     for (int st = 0; st < p->n_stages; st++) {
         const int a = p->stage_first[st], b = p->stage_first[st + 1];
         if (b - a < 2) continue; // one member holds every expert already
@@ -208,7 +237,7 @@ int plan_ep_hot(const plan_model_t *pm, plan_t *p, int hot, char *err, size_t er
     p->ep_hot = hot;
     plan_predict_ep(pm, p);
     snprintf(p->why, sizeof p->why,
-             "experts placed whole on %d node(s) per stage (attention on the first, the %d most popular of each stage "
+             "experts placed whole on %d node(s) per stage (attention on the first, the %d most popular of each block "
              "on 2)",
              p->n / p->n_stages, hot);
     return 0;
@@ -302,7 +331,7 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
     fprintf(f, "experts placed whole (expert parallelism, attention %s",
             p->ep_lead ? "on each stage's first node" : "replicated");
     if (p->ep_replicas > 1) fprintf(f, ", each expert on %d nodes", p->ep_replicas);
-    if (p->ep_hot > 0) fprintf(f, ", the %d most popular of each stage on 2 nodes", p->ep_hot);
+    if (p->ep_hot > 0) fprintf(f, ", the %d most popular of each block on 2 nodes", p->ep_hot);
     fprintf(f, ")");
     if (p->sliced_ms > 0 && p->placed_ms > 0)
         fprintf(f, ": predicted %.2f ms/token placed vs %.2f sliced", p->placed_ms, p->sliced_ms);
@@ -317,6 +346,14 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
                     plan_experts_str(p, i, n_expert, ex, sizeof ex));
         }
         fprintf(f, "\n");
+        for (int il = p->shard[a].s.l0; il < p->shard[a].s.l1 && il < PLAN_MAX_LAYERS; il++) {
+            if (!p->ep_hot_n[il]) continue;
+            fprintf(f, "    layer %d, second copies:", il);
+            for (int h = 0; h < p->ep_hot_n[il]; h++)
+                fprintf(f, "%s expert %d on %s", h ? "," : "", p->ep_hot_of[il][h].expert,
+                        p->node[p->shard[p->ep_hot_of[il][h].shard].node].name);
+            fprintf(f, "\n");
+        }
     }
 }
 
@@ -328,15 +365,16 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
 // in each phase by who computes in it: in the dense phase those with rep[i] > 0, in the expert phase
 // those given an expert. Averaged over EP_DRAWS draws of a fixed sequence (the same figure every time).
 #define EP_DRAWS 512
+// il >= 0: block il alone, its hot second copies counted (il < 0: what every block of the stage holds).
 static double expected_max(const plan_t *p, int a, int b, int ne, int k, const double *rep, const double *x,
-                           const double *pop) {
+                           const double *pop, int il) {
     int owner[EP_MAX_EXPERTS];
     uint64_t hold[EP_MAX_EXPERTS];
     for (int e = 0; e < ne; e++) {
         owner[e] = -1;
         hold[e] = 0;
         for (int i = a; i < b; i++)
-            if (plan_has_expert(p, i, e)) {
+            if (il >= 0 ? plan_holds_expert(p, i, il, e) : plan_has_expert(p, i, e)) {
                 if (owner[e] < 0) owner[e] = i - a;
                 hold[e] |= 1ull << (i - a);
             }
@@ -365,9 +403,20 @@ static double expected_max(const plan_t *p, int a, int b, int ne, int k, const d
             const int t = pick[j];
             pick[j] = pick[r];
             pick[r] = t;
-            int to = owner[pick[j]];
+        }
+        // as the leader assigns them: experts with fewer holders first, then in pick (rank) order
+        int ord[EP_MAX_EXPERTS], n_ord = k < ne ? k : ne;
+        for (int j = 0; j < n_ord; j++) {
+            int at = j;
+            for (; at > 0 && __builtin_popcountll(hold[pick[ord[at - 1]]]) > __builtin_popcountll(hold[pick[j]]); at--)
+                ord[at] = ord[at - 1];
+            ord[at] = j;
+        }
+        for (int j = 0; j < n_ord; j++) {
+            const int e = pick[ord[j]];
+            int to = owner[e];
             for (int i = 0; i < b - a; i++)
-                if ((hold[pick[j]] >> i & 1) && load[i] < load[to]) to = i;
+                if ((hold[e] >> i & 1) && load[i] < load[to]) to = i;
             load[to] += x[to];
         }
         bool busy[PLAN_MAX_NODES];
@@ -421,7 +470,7 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
             const bool no_out = st + 1 == p->n_stages && i > a && !p->ep_lead;
             // the embedding's rows are held, not read: one row per token
             const bool embd = s->l0 == 0 && !(s->l1 == pm->n_layer && pm->tied_output) && !(p->ep_lead && i > a);
-            const double rep = (double)sh->weight_bytes - xb * own -
+            const double rep = (double)sh->weight_bytes - xb * own - (double)hot_bytes(pm, p, i) -
                                (no_out ? (double)pm->out_row_bytes * (double)(s->v1 - s->v0) : 0) -
                                (embd ? (double)pm->embd_row_bytes * (double)(s->v1 - s->v0) : 0);
             const double bytes = rep + xb * (double)k * (double)own / (double)ne;
@@ -439,7 +488,22 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
         // the stage waits for its slowest member on each token's experts
         double pop[EP_MAX_EXPERTS];
         const bool by_pop = stage_popularity(pm, s->l0, s->l1, pop);
-        const double worst = expected_max(p, a, b, ne, k, rep_ms, x_ms, by_pop ? pop : NULL);
+        double worst = 0;
+        if (p->ep_hot > 0 || pm->popularity) { // block by block: each with its own popularity and second copies
+            const int nl = s->l1 - s->l0;
+            for (int il = s->l0; il < s->l1 && nl > 0 && xb > 0; il++) {
+                double rep_l[PLAN_MAX_NODES], x_l[PLAN_MAX_NODES];
+                const double f = (double)expert_bytes(pm, il) / xb;
+                for (int i = 0; i < g; i++) {
+                    rep_l[i] = rep_ms[i] / nl;
+                    x_l[i] = x_ms[i] * f;
+                }
+                block_popularity(pm, il, pop);
+                worst += expected_max(p, a, b, ne, k, rep_l, x_l, pm->popularity ? pop : NULL, il);
+            }
+        } else {
+            worst = expected_max(p, a, b, ne, k, rep_ms, x_ms, by_pop ? pop : NULL, -1);
+        }
         double comm = xch;
         if (st + 1 < p->n_stages) { // the leader hands n_embd F32 to every member of the next stage
             const int na = p->stage_first[st + 1], nb = p->stage_first[st + 2];

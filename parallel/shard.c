@@ -116,6 +116,10 @@ int shard_expert_count(const shard_slice_t *s, int n_expert) {
     return n;
 }
 
+void shard_add_expert(shard_slice_t *s, int e) {
+    if (e >= 0 && e < SHARD_EXPERTS_MAX) s->experts[e >> 5] |= 1u << (e & 31);
+}
+
 void shard_set_experts(shard_slice_t *s, const uint16_t *ids, int n) {
     s->placed = 1;
     memset(s->experts, 0, sizeof s->experts);

@@ -47,6 +47,10 @@ int shard_expert_count(const shard_slice_t *s, int n_expert);
 // Marks s as holding experts ids[0..n) (placed experts; ids outside [0, SHARD_EXPERTS_MAX) are ignored).
 void shard_set_experts(shard_slice_t *s, const uint16_t *ids, int n);
 
+// Adds expert e to a placed slice's experts (a hot second copy in some of its blocks: a shard file
+// holds the expert's planes of every block).
+void shard_add_expert(shard_slice_t *s, int e);
+
 // Whether tensor `name` is a 3-D expert tensor (blk.N.ffn_{gate,up,down}_exps.weight).
 bool shard_expert_tensor(const char *name);
 

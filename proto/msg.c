@@ -299,6 +299,18 @@ static int check_plan(const msg_plan_t *p, char *why) {
                 return fail(why, WHY_MAX, MLM_EFORMAT, "nodes[%d]: expert %u twice", i, e);
             seen[e / 64] |= (uint64_t)1 << (e % 64);
         }
+        if (nd->n_block_experts < 0 || nd->n_block_experts > MSG_MAX_BLOCK_EXPERTS)
+            return fail(why, WHY_MAX, MLM_ERANGE, "nodes[%d]: %d block experts (max %d)", i, nd->n_block_experts,
+                        MSG_MAX_BLOCK_EXPERTS);
+        for (int j = 0; j < nd->n_block_experts; j++) {
+            const uint32_t v = nd->block_experts[j], l = v >> 8, e = v & 255u;
+            if (e >= p->n_expert || (int64_t)l < nd->layers.begin || (int64_t)l >= nd->layers.end)
+                return fail(why, WHY_MAX, MLM_ERANGE,
+                            "nodes[%d].block_experts[%d]: expert %u of layer %u, outside its %u experts or its layers "
+                            "%lld-%lld",
+                            i, j, (unsigned)e, (unsigned)l, (unsigned)p->n_expert, (long long)nd->layers.begin,
+                            (long long)nd->layers.end - 1);
+        }
     }
     return 0;
 }
@@ -575,7 +587,7 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
     size_t n = (size_t)p->n_nodes;
     size_t per = sizeof(Meshlm__PlanNode) + sizeof(Meshlm__PlanNode *) +
                  (3 + MSG_MAX_FFN_RANGES) * sizeof(Meshlm__Range) + MSG_MAX_FFN_RANGES * sizeof(Meshlm__Range *) +
-                 MSG_MAX_EXPERTS * sizeof(uint32_t) + 8 * 16;
+                 (MSG_MAX_EXPERTS + MSG_MAX_BLOCK_EXPERTS) * sizeof(uint32_t) + 9 * 16;
     heap->cap = n * per + 64;
     heap->base = calloc(1, heap->cap);
     if (!heap->base) return MLM_ENOMEM;
@@ -606,7 +618,8 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
         Meshlm__Range *r = bump(heap, (5 + MSG_MAX_FFN_RANGES) * sizeof *r);
         Meshlm__Range **rp = bump(heap, MSG_MAX_FFN_RANGES * sizeof *rp);
         uint32_t *ex = bump(heap, MSG_MAX_EXPERTS * sizeof *ex);
-        if (!o || !r || !rp || !ex) return MLM_ENOMEM;
+        uint32_t *bx = s->n_block_experts > 0 ? bump(heap, (size_t)s->n_block_experts * sizeof *bx) : NULL;
+        if (!o || !r || !rp || !ex || (s->n_block_experts > 0 && !bx)) return MLM_ENOMEM;
         meshlm__plan_node__init(o);
         o->index = s->index;
         o->node_id = (char *)s->node_id;
@@ -633,6 +646,9 @@ static int plan_to_pb(const msg_plan_t *p, Meshlm__Plan *d, bump_t *heap) {
         for (int j = 0; j < s->n_experts; j++) ex[j] = s->experts[j];
         o->n_experts = (size_t)s->n_experts;
         o->experts = ex;
+        for (int j = 0; j < s->n_block_experts; j++) bx[j] = s->block_experts[j];
+        o->n_block_experts = (size_t)(s->n_block_experts > 0 ? s->n_block_experts : 0);
+        o->block_experts = bx;
         d->nodes[i] = o;
     }
     return 0;
@@ -981,6 +997,11 @@ static int plan_from_pb(const Meshlm__Plan *d, msg_t *m, char *why) {
                             (unsigned)s->experts[j]);
             o->experts[j] = (uint16_t)s->experts[j];
         }
+        if (s->n_block_experts > MSG_MAX_BLOCK_EXPERTS)
+            return fail(why, WHY_MAX, MLM_ERANGE, "nodes[%zu]: %zu block experts (max %d)", i, s->n_block_experts,
+                        MSG_MAX_BLOCK_EXPERTS);
+        o->n_block_experts = (int)s->n_block_experts;
+        for (size_t j = 0; j < s->n_block_experts; j++) o->block_experts[j] = s->block_experts[j];
     }
     return 0;
 }

@@ -34,6 +34,7 @@
 #define MSG_MAX_NODES 256           // nodes in a plan
 #define MSG_MAX_FFN_RANGES 8        // FFN column ranges per plan node
 #define MSG_MAX_EXPERTS 256         // experts in a model (and per node)
+#define MSG_MAX_BLOCK_EXPERTS 1024  // a node's experts held in one block only (PlanNode.block_experts)
 #define MSG_MAX_TOKENS 65536        // tokens in one Step
 #define MSG_MAX_DIMS 4              // tensor dimensions
 #define MSG_MAX_RAW 4               // raw frames this version ever sends in one message
@@ -144,6 +145,8 @@ typedef struct {
     uint64_t link_bw;                   // 1.4: its link's bandwidth, bytes/s (0 = unknown)
     char curve_key[MSG_KEY_MAX];        // 1.6: its CurveZMQ public key on the data plane, 40 Z85
                                         // characters, or "" (a plain data plane)
+    int n_block_experts;                // 1.9: hot second copies, (layer << 8) | expert: expert of one
+    uint32_t block_experts[MSG_MAX_BLOCK_EXPERTS]; // block of its layers, beyond experts[]
 } msg_plan_node_t;
 
 // How a plan's tensor-parallel groups cut a block (Plan.tp_mode; values only appended).
@@ -161,9 +164,11 @@ typedef enum {
 #define MSG_MINOR_EP 5
 // The first minor version that runs placed experts with attention on the leader (MSG_TP_EXPERT_LEAD).
 #define MSG_MINOR_EP_LEAD 8
-// The first minor version whose workers take a shard file of placed experts that holds only their own
-// experts' planes (meshlm.shard.experts); an older one is streamed every expert of its blocks.
-#define MSG_MINOR_EP_CUT 9
+// The first minor version whose workers hold second copies of hot experts in single blocks
+// (PlanNode.block_experts; --ep-hot needs it on every worker) and take a shard file of placed experts
+// that holds only their own experts' planes (meshlm.shard.experts; an older one is streamed every
+// expert of its blocks).
+#define MSG_MINOR_EP_BLOCK 9
 
 // The first protocol minor version whose coordinator fills plan_id in the control messages that
 // belong to a plan (LOAD_SHARD, STEP, and the SLICE_DATA chunks of a streamed shard; PLAN always did,

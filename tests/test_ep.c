@@ -503,7 +503,8 @@ typedef struct {
     bool tcp;
     int replicas;            // --ep-replicas (0 = the planner's: 1 without budgets)
     bool all;                // --ep-attn all (attention replicated)
-    int hot;                 // > 0: --ep-hot with counts making experts 7, 5, 3 (in that order) the most popular
+    int hot;                 // > 0: --ep-hot with counts making experts 7, 5, 3 (in that order) the most popular;
+                             // < 0: -hot of them, the counts of block l rotated by l + 1 (write_hot_counts)
 } ep_cluster_t;
 
 // The block count of the model at path (0 if it cannot be read).
@@ -520,12 +521,18 @@ static int model_layers(const char *path) {
 }
 
 // Writes routing counts for n_layer blocks of 8 experts in which 7, 5, 3, 1 are picked most (in that
-// order) to path. 0 or -1.
-static int write_hot_counts(const char *path, int n_layer) {
+// order) to path; with rotate, block l's counts are turned by l + 1 experts (expert (e + l + 1) % 8
+// gets e's count: each block's hot experts differ from its neighbour's). 0 or -1.
+static int write_hot_counts(const char *path, int n_layer, bool rotate) {
+    static const int c[8] = {5, 20, 5, 30, 5, 40, 5, 90};
     FILE *f = fopen(path, "w");
     if (!f) return -1;
     fprintf(f, "# test counts\nlayers %d experts 8 top_k 2 tokens 100\n", n_layer);
-    for (int l = 0; l < n_layer; l++) fprintf(f, "%d: 5 20 5 30 5 40 5 90\n", l);
+    for (int l = 0; l < n_layer; l++) {
+        fprintf(f, "%d:", l);
+        for (int e = 0; e < 8; e++) fprintf(f, " %d", c[rotate ? (e - (l + 1) % 8 + 8) % 8 : e]);
+        fprintf(f, "\n");
+    }
     return fclose(f) == 0 ? 0 : -1;
 }
 
@@ -554,12 +561,13 @@ static int run_ep(const ep_cluster_t *k, const char *cache, plan_t *plan_out, cl
     for (int i = 0; i < l.n; i++) eps[i] = l.endpoint[i];
     char hot[64];
     snprintf(hot, sizeof hot, "/tmp/meshlm-test-hot-%d.txt", (int)getpid());
-    if (k->hot && write_hot_counts(hot, model_layers(rc.model_path)) != 0) fprintf(stderr, "cannot write %s\n", hot);
+    if (k->hot && write_hot_counts(hot, model_layers(rc.model_path), k->hot < 0) != 0)
+        fprintf(stderr, "cannot write %s\n", hot);
     cluster_opts_t co = {.model_path = rc.model_path, .workers = eps, .n_workers = l.n, .speeds = k->speeds,
                          .coordinator_shard = k->coord_shard, .n_ctx = rows + 8, .n_threads = 1, .timeout_ms = 10000,
                          .pp = k->pp > 0 ? k->pp : 1, .ep = k->ep, .ubatch = ub, .keep_all = true,
                          .ep_replicas = k->replicas, .ep_replicated = k->all, .ep_hot_file = k->hot ? hot : NULL,
-                         .ep_hot = k->hot};
+                         .ep_hot = k->hot < 0 ? -k->hot : k->hot};
     cluster_t *cl = NULL;
     if (cluster_open(&cl, &co, err, sizeof err) != 0) {
         fprintf(stderr, "  %s: cluster_open: %s\n", k->case_name, err);
@@ -591,10 +599,17 @@ static int run_ep(const ep_cluster_t *k, const char *cache, plan_t *plan_out, cl
 
 static int run_ep_cluster(const ep_cluster_t *k, plan_t *plan_out) { return run_ep(k, NULL, plan_out, NULL); }
 
-// Experts per member of shard i.
+// Experts per member of shard i (of every block of its stage).
 static int experts_of(const plan_t *p, int i) {
     int k = 0;
     for (int e = 0; e < 256; e++) k += plan_has_expert(p, i, e);
+    return k;
+}
+
+// Experts shard i computes in block il (hot second copies included).
+static int block_experts_of(const plan_t *p, int i, int il) {
+    int k = 0;
+    for (int e = 0; e < 256; e++) k += plan_holds_expert(p, i, il, e);
     return k;
 }
 
@@ -611,6 +626,7 @@ static void test_ep_workers(void) {
         {"stories260K-moe8x-top2-permuted.p1", 3, 3, 0, "4,1,1", false, false, 0, true, 0}, // attention replicated
         {"stories260K-moe8x-top2-permuted.p0", 3, 3, 0, NULL, false, false, 0, false, 3}, // hot 7, 5, 3 on 2 each
         {"synth-moe-Q4_0.p0", 4, 2, 2, NULL, false, false, 0, false, 1}, // 2 stages of 2, expert 7 on both of each
+        {"synth-moe-Q4_0.p1", 3, 3, 0, NULL, false, false, 0, false, -2}, // other hot experts in every block
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         plan_t *p = calloc(1, sizeof *p);
@@ -628,14 +644,21 @@ static void test_ep_workers(void) {
             least = e < least ? e : least;
         }
         CU_ASSERT(least >= 1);
-        CU_ASSERT_EQUAL(p->ep_hot, cases[i].hot);
-        CU_ASSERT_EQUAL(total, p->ep_replicas * p->n_stages * (strstr(cases[i].case_name, "moe4x") ? 4 : 8) +
-                                   p->n_stages * cases[i].hot); // each expert r times per stage, the hot ones once more
-        for (int h = 0; h < cases[i].hot; h++) { // the hottest experts (7, 5, 3) have 2 holders in every stage
-            int holders = 0;
-            for (int j = 0; j < p->n; j++) holders += plan_has_expert(p, j, 7 - 2 * h);
-            CU_ASSERT_EQUAL(holders, 2 * p->n_stages);
-        }
+        const int hot = cases[i].hot < 0 ? -cases[i].hot : cases[i].hot;
+        CU_ASSERT_EQUAL(p->ep_hot, hot);
+        CU_ASSERT_EQUAL(total, p->ep_replicas * p->n_stages * (strstr(cases[i].case_name, "moe4x") ? 4 : 8));
+        for (int st = 0; st < p->n_stages; st++) // each block: every expert r times, its hot ones once more
+            for (int il = p->shard[p->stage_first[st]].s.l0; il < p->shard[p->stage_first[st]].s.l1; il++) {
+                int in_block = 0;
+                for (int j = p->stage_first[st]; j < p->stage_first[st + 1]; j++) in_block += block_experts_of(p, j, il);
+                CU_ASSERT_EQUAL(in_block, p->ep_replicas * (strstr(cases[i].case_name, "moe4x") ? 4 : 8) + hot);
+                for (int h = 0; h < hot; h++) { // the hottest of the block (7, 5, 3; rotated by il + 1) on 2
+                    int holders = 0;
+                    const int e = cases[i].hot > 0 ? 7 - 2 * h : (7 - 2 * h + il + 1) % 8;
+                    for (int j = p->stage_first[st]; j < p->stage_first[st + 1]; j++) holders += plan_holds_expert(p, j, il, e);
+                    CU_ASSERT_EQUAL(holders, 2);
+                }
+            }
         if (cases[i].speeds) CU_ASSERT(most > least); // the faster member computes more experts
         free(p);
     }
@@ -728,6 +751,24 @@ static void test_ep_plan_output(void) {
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "plan pp2 x ep2"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 0-1: node-0 experts 0-3; node-1 experts 4-7"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 2-3: node-2 experts 0-3; node-3 experts 4-7"));
+    // hot experts: each block's own (the rotated counts make expert l block l's favourite), on a member
+    // that does not own it
+    char hot[64];
+    snprintf(hot, sizeof hot, "/tmp/meshlm-test-hot-plan-%d.txt", (int)getpid());
+    CU_ASSERT_EQUAL_FATAL(write_hot_counts(hot, 4, true), 0);
+    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2,1,1 --ep 3 --ep-hot %s:1 2>&1", exe,
+             test_shared_path(path, sizeof path, SYNTH), hot);
+    f = popen(cmd, "r");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    n = fread(out, 1, sizeof out - 1, f);
+    out[n] = 0;
+    CU_ASSERT_EQUAL(pclose(f), 0);
+    unlink(hot);
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "the 1 most popular of each block on 2 nodes"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "layer 0, second copies: expert 0 on node-1"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "layer 3, second copies: expert 3 on node-1"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "layer 1, second copies: expert 1 on node-"));
+    if (!strstr(out, "layer 0, second copies")) fprintf(stderr, "\n%s\n", out);
     // a dense model has nothing to place
     snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2 --ep 2 2>&1", exe,
              test_shared_path(path, sizeof path, "models/stories260K.gguf"));
@@ -817,16 +858,24 @@ static void test_ep_hot_planner(void) {
     *h = *q;
     CU_ASSERT_EQUAL_FATAL(plan_ep_hot(pm, h, 2, err, sizeof err), 0);
     CU_ASSERT_EQUAL(h->ep_hot, 2);
-    // expert 0 to n1 (n1-n3 equally idle, 2 experts each: the first), then expert 1 to n2 (n1 now has half of 0)
-    CU_ASSERT(plan_has_expert(h, 0, 0) && plan_has_expert(h, 1, 0) && !plan_has_expert(h, 2, 0) && !plan_has_expert(h, 3, 0));
-    CU_ASSERT(plan_has_expert(h, 0, 1) && plan_has_expert(h, 2, 1) && !plan_has_expert(h, 1, 1) && !plan_has_expert(h, 3, 1));
-    CU_ASSERT(experts_of(h, 0) == 2 && experts_of(h, 1) == 3 && experts_of(h, 2) == 3 && experts_of(h, 3) == 2);
+    // in every block: expert 0 to n1 (n1-n3 equally idle, 2 experts each: the first), then expert 1 to n2
+    // (n1 now has half of 0); the placement of every block stays as it was
+    CU_ASSERT(experts_of(h, 0) == 2 && experts_of(h, 1) == 2 && experts_of(h, 2) == 2 && experts_of(h, 3) == 2);
+    for (int il = 0; il < pm->n_layer; il++) {
+        CU_ASSERT(plan_holds_expert(h, 0, il, 0) && plan_holds_expert(h, 1, il, 0) && !plan_holds_expert(h, 2, il, 0) &&
+                  !plan_holds_expert(h, 3, il, 0));
+        CU_ASSERT(plan_holds_expert(h, 0, il, 1) && plan_holds_expert(h, 2, il, 1) && !plan_holds_expert(h, 1, il, 1) &&
+                  !plan_holds_expert(h, 3, il, 1));
+        CU_ASSERT(block_experts_of(h, 0, il) == 2 && block_experts_of(h, 1, il) == 3 && block_experts_of(h, 2, il) == 3 &&
+                  block_experts_of(h, 3, il) == 2);
+    }
     CU_ASSERT_EQUAL(h->shard[1].weight_bytes, q->shard[1].weight_bytes * 3 / 2);
     CU_ASSERT(h->cost.token_ms < q->cost.token_ms);
     // through plan_make (--ep 4 --ep-hot): the same placement
     plan_opts_t o = {.n_ctx = 4096, .keep_all = true, .pp = 1, .ep = 4, .ep_hot = 2};
     CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &o, q, NULL, 0, NULL, err, sizeof err), 0);
-    CU_ASSERT(q->ep_hot == 2 && memcmp(q->shard[1].experts, h->shard[1].experts, sizeof h->shard[1].experts) == 0);
+    CU_ASSERT(q->ep_hot == 2 && memcmp(q->ep_hot_n, h->ep_hot_n, sizeof h->ep_hot_n) == 0 &&
+              memcmp(q->ep_hot_of, h->ep_hot_of, sizeof h->ep_hot_of) == 0);
     o.ep_replicas = 2;
     CU_ASSERT_EQUAL(plan_make(pm, nd, 4, &o, q, NULL, 0, NULL, err, sizeof err), MLM_EINVAL);
     o.ep_replicas = 0;
@@ -851,7 +900,24 @@ static void test_ep_hot_planner(void) {
     nd[3].mem_budget = 0;
     CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, q, err, sizeof err), 0);
     CU_ASSERT_EQUAL_FATAL(plan_ep_hot(pm, q, 2, err, sizeof err), 0);
-    CU_ASSERT(plan_has_expert(q, 3, 0) && plan_has_expert(q, 3, 1) && experts_of(q, 3) == 4 && experts_of(q, 1) == 2);
+    CU_ASSERT(plan_holds_expert(q, 3, 5, 0) && plan_holds_expert(q, 3, 5, 1) && block_experts_of(q, 3, 5) == 4 &&
+              block_experts_of(q, 1, 5) == 2);
+    // popularity that differs per block: block l's favourite is expert (l * 3) % 8, and its copy goes to a
+    // member that does not own it; the prediction falls below the plain placement's
+    for (int il = 0; il < pm->n_layer; il++)
+        for (int e = 0; e < 8; e++) pop[il * 8 + e] = e == (il * 3) % 8 ? 0.65 : 0.05;
+    fast_nodes(nd, 4, 1000, 125e6);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, q, err, sizeof err), 0);
+    *h = *q;
+    CU_ASSERT_EQUAL_FATAL(plan_ep_hot(pm, h, 1, err, sizeof err), 0);
+    for (int il = 0; il < pm->n_layer; il++) {
+        const int fav = (il * 3) % 8;
+        CU_ASSERT(h->ep_hot_n[il] == 1 && h->ep_hot_of[il][0].expert == fav && !plan_has_expert(h, h->ep_hot_of[il][0].shard, fav));
+        int holders = 0;
+        for (int j = 0; j < 4; j++) holders += plan_holds_expert(h, j, il, fav);
+        CU_ASSERT_EQUAL(holders, 2);
+    }
+    CU_ASSERT(h->cost.token_ms < q->cost.token_ms);
     free(u);
     free(q);
     free(h);
@@ -1014,20 +1080,22 @@ static void test_ep_shared_cores(void) {
 
 // An expert-parallel plan goes only to workers of protocol 1.5 or newer: --ep with a 1.4 worker is
 // refused naming it and both versions, and the automatic choice keeps experts sliced. A 1.7 worker
-// gets placed experts with attention replicated (attention on the leader is 1.8).
+// gets placed experts with attention replicated (attention on the leader is 1.8); an 1.8 worker is
+// refused --ep-hot (second copies per block are 1.9).
 static void test_ep_old_worker(void) {
     char path[1024], err[512];
     test_shared_path(path, sizeof path, SYNTH);
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < 5; k++) {
         comm_t *ctl[2], *data[2];
         CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(ctl, 2), 0);
         CU_ASSERT_EQUAL_FATAL(comm_inproc_new_group(data, 2), 0);
         pthread_t th;
-        test_old_worker_t ow = {ctl[1], k < 2 ? 4 : 7};
+        test_old_worker_t ow = {ctl[1], k < 2 ? 4 : k < 4 ? 7 : 8};
         pthread_create(&th, NULL, test_old_worker_main, &ow);
         cluster_opts_t co = {.model_path = path, .control = ctl[0], .data = data[0], .same_file = true,
                              .coordinator_shard = true, .n_ctx = 64, .n_threads = 1, .timeout_ms = 5000, .pp = 1,
-                             .keep_all = true, .ep = k % 2 ? 2 : 0};
+                             .keep_all = true, .ep = k % 2 || k == 4 ? 2 : 0,
+                             .ep_hot_file = k == 4 ? "/nonexistent/counts.txt" : NULL};
         cluster_t *cl = NULL;
         CU_ASSERT_EQUAL_FATAL(cluster_new(&cl, &co, err, sizeof err), 0);
         CU_ASSERT_EQUAL(cluster_hello(cl, err, sizeof err), 0);
@@ -1041,6 +1109,10 @@ static void test_ep_old_worker(void) {
             CU_ASSERT(cluster_plan(cl)->ep && !cluster_plan(cl)->ep_lead);
         } else if (k == 2) {
             CU_ASSERT_EQUAL(rc, 0);
+        } else if (k == 4) { // refused before the counts are read
+            CU_ASSERT_EQUAL(rc, MLM_EUNSUPPORTED);
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "speaks protocol 1.8"));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "drop --ep-hot"));
         } else {
             CU_ASSERT_EQUAL(rc, MLM_EUNSUPPORTED);
             CU_ASSERT_PTR_NOT_NULL(strstr(err, "speaks protocol 1.4"));

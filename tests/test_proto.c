@@ -128,6 +128,8 @@ static void fill_plan(msg_t *m, msg_plan_node_t *nodes) {
         n->ffn[1] = (msg_range_t){fb[i + 1] - 64, fb[i + 1]};
         n->n_experts = 3 - i;
         for (int j = 0; j < n->n_experts; j++) n->experts[j] = (uint16_t)(7 - j - 2 * i);
+        n->n_block_experts = i; // 1.9: second copies of single blocks
+        for (int j = 0; j < i; j++) n->block_experts[j] = (uint32_t)(21 - j) << 8 | (uint32_t)j;
     }
     p->nodes = nodes;
 }
@@ -257,7 +259,10 @@ static void test_roundtrip_plan(void) {
         for (int j = 0; j < 2; j++) CU_ASSERT(x->ffn[j].begin == y->ffn[j].begin && x->ffn[j].end == y->ffn[j].end);
         CU_ASSERT_EQUAL_FATAL(x->n_experts, y->n_experts);
         for (int j = 0; j < x->n_experts; j++) CU_ASSERT_EQUAL(x->experts[j], y->experts[j]);
+        CU_ASSERT_EQUAL_FATAL(x->n_block_experts, i);
+        for (int j = 0; j < i; j++) CU_ASSERT_EQUAL(x->block_experts[j], y->block_experts[j]);
     }
+    CU_ASSERT_EQUAL(p->nodes[2].block_experts[1], (uint32_t)20 << 8 | 1);
     CU_ASSERT_EQUAL(p->nodes[1].heads.begin, 12);
     CU_ASSERT_EQUAL(p->nodes[2].ffn[1].end, 5632);
     msg_clear(&b);
@@ -562,7 +567,7 @@ static void test_roundtrip_load_shard(void) {
 // whether its tokens go in one-token order (a replay); an older peer's STEP decodes as a plain batch.
 static void test_plan_ids(void) {
     CU_ASSERT_EQUAL(MSG_PROTO_MINOR, 9);
-    CU_ASSERT_EQUAL(MSG_MINOR_EP_CUT, 9);
+    CU_ASSERT_EQUAL(MSG_MINOR_EP_BLOCK, 9);
     CU_ASSERT_EQUAL(MSG_MINOR_PLAN_IDS, 5);
     CU_ASSERT_EQUAL(MSG_MINOR_CURVE, 6);
     CU_ASSERT_EQUAL(MSG_MINOR_ONE_ORDER, 7);
@@ -1224,6 +1229,19 @@ static void test_reject_plan_ranges(void) {
     fill_plan(&a, nodes);
     nodes[0].experts[1] = nodes[0].experts[0];
     CU_ASSERT_EQUAL(msg_encode(&a, NULL, &b, err, sizeof err), MLM_EFORMAT);
+    msg_buf_free(&b);
+    fill_plan(&a, nodes);
+    nodes[1].block_experts[0] = 22u << 8; // a block outside its layers 0-21
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &b, err, sizeof err), MLM_ERANGE);
+    CU_ASSERT(strstr(err, "block_experts") != NULL);
+    msg_buf_free(&b);
+    fill_plan(&a, nodes);
+    nodes[2].block_experts[1] = 3u << 8 | 8; // expert 8 of 8
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &b, err, sizeof err), MLM_ERANGE);
+    msg_buf_free(&b);
+    fill_plan(&a, nodes);
+    nodes[2].n_block_experts = MSG_MAX_BLOCK_EXPERTS + 1;
+    CU_ASSERT_EQUAL(msg_encode(&a, NULL, &b, err, sizeof err), MLM_ERANGE);
     msg_buf_free(&b);
     fill_plan(&a, nodes);
     a.plan.kv_type = 5; // not a type id

@@ -417,6 +417,14 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
     if (c->o.ep_replicated && c->o.ep_replicas > 1)
         return mlm_fail(err, errlen, MLM_EINVAL, "--ep-replicas %d needs attention on the leader (--ep-attn lead)",
                         c->o.ep_replicas);
+    for (int j = 0; j < c->n_cand && c->o.ep_hot_file; j++) { // second copies per block: 1.9 on every worker
+        const msg_hello_t *h = &c->w[c->cand[j]].hello;
+        if (h->proto_major > MSG_PROTO_MAJOR || h->proto_minor >= MSG_MINOR_EP_BLOCK) continue;
+        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
+                        "worker %s speaks protocol %u.%u, which holds no per-block copies of hot experts (1.%d and "
+                        "newer); drop --ep-hot or update it",
+                        c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_EP_BLOCK);
+    }
     bool ep_repl = c->o.ep_replicated; // attention on the leader needs protocol 1.8 on every worker
     for (int j = 0; j < c->n_cand && !ep_repl; j++) {
         const msg_hello_t *h = &c->w[c->cand[j]].hello;
@@ -521,8 +529,15 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
         p->vocab = (msg_range_t){s->v0, s->v1};
         for (int e = 0; pl->ep && r >= (off ? 0 : 1) && e < hp->n_expert && e < MSG_MAX_EXPERTS; e++)
             if (plan_has_expert(pl, r - (off ? 0 : 1), e)) p->experts[p->n_experts++] = (uint16_t)e;
+        for (int il = s->l0; pl->ep && r >= (off ? 0 : 1) && il < s->l1 && il < PLAN_MAX_LAYERS; il++) // 1.9
+            for (int h = 0; h < pl->ep_hot_n[il] && p->n_block_experts < MSG_MAX_BLOCK_EXPERTS; h++)
+                if (pl->ep_hot_of[il][h].shard == r - (off ? 0 : 1))
+                    p->block_experts[p->n_block_experts++] = (uint32_t)il << 8 | pl->ep_hot_of[il][h].expert;
         // a computing share of placed experts holds those alone (what a 1.9 worker derives from the PLAN)
-        if (pl->ep && s->l1 > s->l0) shard_set_experts(&c->slices[r], p->experts, (int)p->n_experts);
+        if (pl->ep && s->l1 > s->l0) {
+            shard_set_experts(&c->slices[r], p->experts, (int)p->n_experts);
+            for (int j = 0; j < p->n_block_experts; j++) shard_add_expert(&c->slices[r], (int)(p->block_experts[j] & 255u));
+        }
         if (r >= (off ? 0 : 1)) { // the links the planner assumed, so every group chooses star or ring alike
             const plan_node_t *nd = &pl->node[pl->shard[r - (off ? 0 : 1)].node];
             p->link_lat_us = (float)nd->lat_us;
@@ -608,7 +623,7 @@ static int stream_shard(cluster_t *c, int wi, const gguf_t *src, int head_dim, u
              (long)getpid(), wi);
     shard_slice_t sl = c->slices[c->w[wi].rank];
     const msg_hello_t *h = &c->w[wi].hello;
-    if (sl.placed && h->proto_major <= MSG_PROTO_MAJOR && h->proto_minor < MSG_MINOR_EP_CUT) {
+    if (sl.placed && h->proto_major <= MSG_PROTO_MAJOR && h->proto_minor < MSG_MINOR_EP_BLOCK) {
         sl.placed = 0; // a 1.8 worker reads every expert's plane from its shard file
         memset(sl.experts, 0, sizeof sl.experts);
     }
@@ -849,7 +864,11 @@ static int load_own_share(cluster_t *c, char *err, size_t errlen) {
     const model_hparams_t *hp = model_hparams(c->full);
     uint64_t mask[4] = {0}; // placed experts: the ones this share computes
     for (int j = 0; j < c->pnodes[0].n_experts; j++) mask[c->pnodes[0].experts[j] >> 6] |= (uint64_t)1 << (c->pnodes[0].experts[j] & 63);
-    if (c->plan->ep && c->o.coordinator_shard) lo.experts = mask;
+    if (c->plan->ep && c->o.coordinator_shard) {
+        lo.experts = mask;
+        lo.block_experts = c->pnodes[0].block_experts;
+        lo.n_block_experts = c->pnodes[0].n_block_experts;
+    }
     const weights_params_t wp = {.g = model_gguf(c->full), .hp = hp, .slice = lo.slice, .budget_bytes = lo.mem_budget,
                                  .n_ctx = lo.n_ctx};
     bool need = false;
@@ -917,12 +936,7 @@ int cluster_load(cluster_t *c, char *err, size_t errlen) {
     }
     if (rc == 0 && c->plan->ep) { // the same groups the workers make from the PLAN's expert lists
         const model_hparams_t *hp = model_hparams(c->full);
-        uint8_t *has = calloc((size_t)c->n_nodes * (size_t)hp->n_expert, 1); // (n_nodes, n_expert)
-        if (!has) rc = MLM_ENOMEM;
-        for (int r = 0; has && r < c->n_nodes; r++)
-            for (int j = 0; j < c->pnodes[r].n_experts; j++) has[(size_t)r * hp->n_expert + c->pnodes[r].experts[j]] = 1;
-        if (has) rc = pipe_set_experts(&c->pipe, has, hp->n_layer, hp->n_expert, c->plan->ep_lead, err, errlen);
-        free(has);
+        rc = pipe_set_experts(&c->pipe, c->pnodes, hp->n_layer, hp->n_expert, c->plan->ep_lead, err, errlen);
     }
     if (rc == 0 && !c->o.data) { // a group on one host: its collectives through shared memory
         const char *eps[MSG_MAX_NODES]; // (n_nodes) the plan's data endpoints

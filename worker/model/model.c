@@ -176,6 +176,8 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
                                              : (m->hp.n_ctx_train > 0 && m->hp.n_ctx_train < 4096 ? m->hp.n_ctx_train : 4096),
             .experts = opts ? opts->experts : NULL,
             .experts_only = opts && opts->experts && opts->experts_only,
+            .block_experts = opts && opts->experts ? opts->block_experts : NULL,
+            .n_block_experts = opts && opts->experts ? opts->n_block_experts : 0,
             .reuse = opts && opts->reuse ? opts->reuse->w : NULL,
         };
         const char *wname = opts ? opts->weights : NULL;
@@ -871,11 +873,14 @@ static bool ep_routed_to(const model_ctx_t *c, int i, int j) {
 }
 
 // Attention on the leader: each (rank, expert) batch of block il to one member holding the expert
-// (model_ep_t.holders; its owner without), the largest batches first, each to the holder with the
-// least work so far (a batch costs its rows plus EP_BATCH_COST for reading the expert), ties to the
-// lower index. Deterministic: only the leader runs it and tells each member its batches.
+// (model_ep_t.holders; its owner without): the batches of experts with fewer holders first (an expert
+// on one member leaves no choice; one with a second copy then goes where there is least work), the
+// largest first among those, each to the holder with the least work so far (a batch costs its rows
+// plus EP_BATCH_COST for reading the expert), ties to the lower index. Deterministic: only the leader
+// runs it and tells each member its batches.
 #define EP_BATCH_COST 16
-static int cmp_batch(const void *a, const void *b) { // (count, index) pairs: larger counts first, then index
+#define EP_KEY_HOLDERS 24 // a batch's sort key: (64 - its holders) << EP_KEY_HOLDERS | its rows
+static int cmp_batch(const void *a, const void *b) { // (key, index) pairs: larger keys first, then index
     const int *x = a, *y = b;
     return x[0] != y[0] ? (x[0] > y[0] ? -1 : 1) : (x[1] > y[1]) - (x[1] < y[1]);
 }
@@ -892,7 +897,10 @@ static void ep_assign_holders(model_ctx_t *c, int il, int nt) {
             if (c->sel[(size_t)i * k + r] >= 0) cnt[(size_t)r * ne + c->sel[(size_t)i * k + r]]++;
     int *pairs = c->ep_cnt + (size_t)k * ne;
     for (int q = 0; q < k * ne; q++)
-        if (cnt[q] > 0) pairs[2 * n_b] = cnt[q], pairs[2 * n_b + 1] = q, n_b++;
+        if (cnt[q] > 0) {
+            const int few = 64 - __builtin_popcountll(hold[q % ne]); // cnt[q] <= nt, far below 2^24
+            pairs[2 * n_b] = few << EP_KEY_HOLDERS | cnt[q], pairs[2 * n_b + 1] = q, n_b++;
+        }
     qsort(pairs, (size_t)n_b, 2 * sizeof *pairs, cmp_batch);
     int load[PLAN_NODES_MAX] = {0};
     for (int b = 0; b < n_b; b++) {
@@ -900,7 +908,7 @@ static void ep_assign_holders(model_ctx_t *c, int il, int nt) {
         int to = c->ep.owner[(size_t)il * ne + e];
         for (int j = 0; j < N; j++)
             if ((hold[e] >> j & 1) && load[j] < load[to]) to = j;
-        load[to] += pairs[2 * b] + EP_BATCH_COST;
+        load[to] += cnt[q] + EP_BATCH_COST;
         c->ep_asg[q] = (uint8_t)to;
     }
 }

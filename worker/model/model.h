@@ -34,6 +34,8 @@ typedef struct {
     void *on_route_arg;
     const uint64_t *experts;      // (4) placed experts (model_ep_t): bit e set = this node computes expert e of
                                   // its blocks; only those are prepared (mapped, "mmap"), NULL = every expert
+    const uint32_t *block_experts; // with experts: (layer << 8 | expert) also prepared, in that block alone
+    int n_block_experts;           // (hot second copies, PlanNode.block_experts; borrowed for the call)
     bool experts_only;            // with experts: nothing but those experts is computed here (model_ep_t.lead,
                                   // a member other than the leader): the rest is mapped, never prepared
     const char *cols_path;        // an all-reduce slice streamed from a whole model file: the slice's columns

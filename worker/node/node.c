@@ -129,8 +129,10 @@ static shard_slice_t slice_of(const msg_plan_node_t *p, msg_tp_mode_t mode) {
     if (p->n_ffn > 0) s.f0 = p->ffn[0].begin, s.f1 = p->ffn[0].end;
     s.cols = mode == MSG_TP_ALLREDUCE && s.l1 > s.l0;
     // placed experts: the slice holds its experts only (a shard file streamed to it has just their planes)
-    if ((mode == MSG_TP_EXPERT || mode == MSG_TP_EXPERT_LEAD) && s.l1 > s.l0)
+    if ((mode == MSG_TP_EXPERT || mode == MSG_TP_EXPERT_LEAD) && s.l1 > s.l0) {
         shard_set_experts(&s, p->experts, (int)p->n_experts);
+        for (int j = 0; j < p->n_block_experts; j++) shard_add_expert(&s, (int)(p->block_experts[j] & 255u));
+    }
     return s;
 }
 
@@ -468,19 +470,13 @@ static bool stage_leader(const node_t *n) {
     return true;
 }
 
-// Placed experts (MSG_TP_EXPERT, _LEAD): every node's experts list, as the stages' expert-parallel groups.
+// Placed experts (MSG_TP_EXPERT, _LEAD): every node's experts lists, as the stages' expert-parallel groups.
 static int plan_experts(node_t *n, const model_hparams_t *hp, char *err, size_t errlen) {
-    const int ne = hp->n_expert;
-    if (ne < 1 || (uint32_t)ne != n->plan.n_expert)
+    if (hp->n_expert < 1 || (uint32_t)hp->n_expert != n->plan.n_expert)
         return mlm_fail(err, errlen, MLM_EINVAL, "an expert-parallel plan for %u experts; the model has %d",
-                        (unsigned)n->plan.n_expert, ne);
-    uint8_t *has = calloc((size_t)n->plan.n_nodes * (size_t)ne, 1); // (n_nodes, n_expert)
-    if (!has) return MLM_ENOMEM;
-    for (int r = 0; r < n->plan.n_nodes; r++)
-        for (int j = 0; j < n->nodes[r].n_experts; j++) has[(size_t)r * ne + n->nodes[r].experts[j]] = 1;
-    int rc = pipe_set_experts(&n->pipe, has, hp->n_layer, ne, n->plan.tp_mode == MSG_TP_EXPERT_LEAD, err, errlen);
-    free(has);
-    return rc;
+                        (unsigned)n->plan.n_expert, hp->n_expert);
+    return pipe_set_experts(&n->pipe, n->nodes, hp->n_layer, hp->n_expert, n->plan.tp_mode == MSG_TP_EXPERT_LEAD, err,
+                            errlen);
 }
 
 static int on_load(node_t *n, const msg_load_shard_t *ls) {
@@ -504,7 +500,11 @@ static int on_load(node_t *n, const msg_load_shard_t *ls) {
                             .expert_skip = n->o->expert_skip};
     uint64_t mask[4] = {0}; // placed experts: the ones this node computes
     for (int j = 0; j < n->nodes[n->index].n_experts; j++) mask[n->nodes[n->index].experts[j] >> 6] |= (uint64_t)1 << (n->nodes[n->index].experts[j] & 63);
-    if (placed_experts(n)) lo.experts = mask;
+    if (placed_experts(n)) {
+        lo.experts = mask;
+        lo.block_experts = n->nodes[n->index].block_experts;
+        lo.n_block_experts = n->nodes[n->index].n_block_experts;
+    }
     lo.experts_only = n->plan.tp_mode == MSG_TP_EXPERT_LEAD && !stage_leader(n); // it computes experts alone
     // The last plan's shard of the same model gives the rows the two shares have in common (freed
     // once this share is built); a budget's window streams and takes nothing from it.

@@ -181,43 +181,63 @@ int pipe_node_init(pipe_node_t *p, comm_t *comm, int rank, const shard_slice_t *
     return 0;
 }
 
-int pipe_set_experts(pipe_node_t *p, const uint8_t *has, int n_layer, int n_expert, bool lead, char *err,
+int pipe_set_experts(pipe_node_t *p, const msg_plan_node_t *nodes, int n_layer, int n_expert, bool lead, char *err,
                      size_t errlen) {
     p->ep = true;
     if (p->stage < 0) return 0;
-    if (n_expert < 1 || n_layer < 1 || p->n > 255)
+    if (n_expert < 1 || n_expert > MSG_MAX_EXPERTS || n_layer < 1 || p->n > 255)
         return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d experts, %d blocks, %d members", n_expert, n_layer, p->n);
+    if (p->n > 64)
+        for (int i = 0; i < p->n; i++)
+            if (nodes[p->first + i].n_block_experts > 0)
+                return mlm_fail(err, errlen, MLM_EINVAL, "second copies of experts in a group of %d members (at most 64)",
+                                p->n);
     free(p->ep_owner);
     free(p->ep_holders);
     p->ep_holders = NULL;
-    p->ep_owner = malloc((size_t)n_layer * (size_t)n_expert);
-    if (!p->ep_owner) return MLM_ENOMEM;
-    bool replicas = false;
-    for (int e = 0; e < n_expert; e++) {
-        int owner = -1;
-        for (int i = 0; i < p->n; i++) {
-            if (!has[(size_t)(p->first + i) * n_expert + e]) continue;
-            if (owner >= 0 && !lead)
-                return mlm_fail(err, errlen, MLM_EINVAL,
-                                "expert %d is placed on ranks %d and %d of one stage (replicas need attention on the "
-                                "leader)",
-                                e, p->first + owner, p->first + i);
-            if (owner >= 0) replicas = true;
-            else owner = i;
-        }
-        if (owner < 0)
-            return mlm_fail(err, errlen, MLM_EINVAL, "expert %d is placed on no rank of stage %d (ranks %d-%d)", e,
-                            p->stage, p->first, p->first + p->n - 1);
-        for (int l = 0; l < n_layer; l++) p->ep_owner[(size_t)l * n_expert + e] = (uint8_t)owner;
+    const size_t cells = (size_t)n_layer * (size_t)n_expert;
+    p->ep_owner = malloc(cells);
+    uint64_t *hold = calloc(cells, sizeof *hold); // (n_layer, n_expert) the stage's members holding each
+    if (!p->ep_owner || !hold) {
+        free(hold);
+        return MLM_ENOMEM;
     }
-    if (replicas && p->n > 64)
-        return mlm_fail(err, errlen, MLM_EINVAL, "replicated experts in a group of %d members (at most 64)", p->n);
-    if (replicas) { // every holder of each expert, the same for all blocks
-        if (!(p->ep_holders = calloc((size_t)n_layer * (size_t)n_expert, sizeof *p->ep_holders))) return MLM_ENOMEM;
-        for (int e = 0; e < n_expert; e++)
-            for (int i = 0; i < p->n; i++)
-                if (has[(size_t)(p->first + i) * n_expert + e])
-                    for (int l = 0; l < n_layer; l++) p->ep_holders[(size_t)l * n_expert + e] |= 1ull << i;
+    const int l0 = p->slices[p->rank].l0, l1 = p->slices[p->rank].l1;
+    for (int i = 0; i < p->n; i++) {
+        const msg_plan_node_t *nd = &nodes[p->first + i];
+        for (int j = 0; j < nd->n_experts; j++)
+            for (int l = 0; l < n_layer; l++) hold[(size_t)l * n_expert + nd->experts[j]] |= 1ull << (i & 63);
+        for (int j = 0; j < nd->n_block_experts; j++) {
+            const int l = (int)(nd->block_experts[j] >> 8), e = (int)(nd->block_experts[j] & 255u);
+            if (l < n_layer && e < n_expert) hold[(size_t)l * n_expert + e] |= 1ull << (i & 63);
+        }
+    }
+    bool replicas = false;
+    int rc = 0;
+    for (int l = 0; l < n_layer && rc == 0; l++)
+        for (int e = 0; e < n_expert && rc == 0; e++) {
+            const uint64_t h = hold[(size_t)l * n_expert + e];
+            const int owner = h ? __builtin_ctzll(h) : -1;
+            if (h & (h - 1)) {
+                if (!lead)
+                    rc = mlm_fail(err, errlen, MLM_EINVAL,
+                                  "expert %d is placed on ranks %d and %d of one stage (replicas need attention on the "
+                                  "leader)",
+                                  e, p->first + owner, p->first + __builtin_ctzll(h & (h - 1)));
+                replicas = true;
+            }
+            if (owner < 0 && l >= l0 && l < l1)
+                rc = mlm_fail(err, errlen, MLM_EINVAL, "expert %d of layer %d is placed on no rank of stage %d (ranks %d-%d)",
+                              e, l, p->stage, p->first, p->first + p->n - 1);
+            p->ep_owner[(size_t)l * n_expert + e] = (uint8_t)(owner < 0 ? 0 : owner);
+        }
+    if (rc == 0 && replicas && p->n > 64)
+        rc = mlm_fail(err, errlen, MLM_EINVAL, "replicated experts in a group of %d members (at most 64)", p->n);
+    if (rc != 0 || !replicas) {
+        free(hold);
+        if (rc != 0) return rc;
+    } else {
+        p->ep_holders = hold; // every holder of each expert of each block
     }
     p->tp = (model_tp_t){1, 0, p->slices + p->rank, pipe_gather, p, pipe_logits_ep, NULL};
     p->ep_group = (model_ep_t){.n_nodes = p->n, .index = p->rank - p->first, .n_layer = n_layer,

@@ -10,6 +10,7 @@
 #include "transport/comm_shm.h"
 #include "worker/model/model.h"
 #include "parallel/shard.h"
+#include "proto/msg.h"
 
 // The ranks of a plan, as the data plane numbers them: rank r holds slices[r]. A stage is a run
 // of consecutive ranks with the same block range; its ranks form a tensor-parallel group. Rank 0
@@ -66,17 +67,19 @@ int pipe_node_init(pipe_node_t *p, comm_t *comm, int rank, const shard_slice_t *
                    int n_embd, int n_vocab, int timeout_ms, char *err, size_t errlen);
 void pipe_node_free(pipe_node_t *p);
 
-// Switches the plan to placed experts: has[r * n_expert + e] != 0 when rank r computes expert e (of
-// every block of its stage; n_ranks rows). Each stage becomes an expert-parallel group (model_ep_t)
+// Switches the plan to placed experts as the PLAN's nodes (n_ranks of them) place them: rank r computes
+// nodes[r].experts in every block of its stage and each (layer << 8 | expert) of nodes[r].block_experts
+// in that block alone (a hot expert's second copy). Each stage becomes an expert-parallel group (model_ep_t)
 // over its ranks: p->tp turns into a group of one (every rank holds every row of its blocks) and
 // p->ep_group describes the experts, exchanged with comm_alltoallv and gathered among the stage's
 // ranks; only a stage's first rank sends logit rows (whole) to rank 0. With lead, attention runs on
 // each stage's first rank alone (model_ep_t.lead; the others compute experts only) and the expert
 // rows go point to point between it and each member; an expert may then have several holders
-// (replicas: the leader gives each batch to one of them). Every slice must hold every row. 0, or
-// MLM_EINVAL when an expert of this rank's stage has no owner, or two without lead (err says which).
-int pipe_set_experts(pipe_node_t *p, const uint8_t *has /* (n_ranks, n_expert) */, int n_layer, int n_expert,
-                     bool lead, char *err, size_t errlen);
+// (replicas, second copies: the leader gives each batch to one of them). Every slice must hold every
+// row. 0, or MLM_EINVAL when an expert of a block of this rank's stage has no owner, or two without lead
+// (err says which).
+int pipe_set_experts(pipe_node_t *p, const msg_plan_node_t *nodes, int n_layer, int n_expert, bool lead, char *err,
+                     size_t errlen);
 
 // The links of the plan's ranks (lat_us: one-way latency in microseconds, bw: bytes/s, n_ranks
 // entries each, 0 = unknown): this rank's group takes its largest latency and smallest bandwidth as

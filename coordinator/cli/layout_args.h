@@ -66,9 +66,9 @@ enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_L
     "      --ep-replicas N     with lead, every expert on N members of its stage: the first member gives\n"   \
     "                          each token's experts to the least busy holders (default 1; with budgets on\n" \
     "                          every node the planner tries up to top-k replicas that fit)\n"               \
-    "      --ep-hot FILE[:N]   with lead, a second copy of each stage's N most popular experts (default N:\n" \
-    "                          top-k), popularity from FILE's routing counts (meshlm inspect MODEL\n"      \
-    "                          --routing T --routing-out FILE), summed over the stage's blocks\n"          \
+    "      --ep-hot FILE[:N]   with lead, a second copy of each block's N most popular experts (default\n"  \
+    "                          N: top-k, at most 16), popularity from FILE's routing counts (meshlm\n"    \
+    "                          inspect MODEL --routing T --routing-out FILE); workers of protocol 1.9\n"  \
     "      --plan FILE         a hand-written plan (see meshlm plan --out)\n"                                   \
     "      --ubatch N          prompt micro-batch tokens in flight through the stages (default 16)\n"           \
     "      --keep-all          never leave a slow node out\n"

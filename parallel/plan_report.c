@@ -118,12 +118,23 @@ static void json_plan(FILE *f, const plan_t *p) {
                     ", \"streams\": %s, \"n_units\": %d, \"pinned\": %d, \"window\": %d, \"unit_bytes\": %llu, "
                     "\"resident_bytes\": %llu, \"stream_bytes\": %llu, \"min_budget\": %llu, \"disk_bw\": %.0f, "
                     "\"compute_ms\": %.4f, \"memory_ms\": %.4f, \"disk_ms\": %.4f, \"comm_ms\": %.4f, "
-                    "\"busy_ms\": %.4f}",
+                    "\"busy_ms\": %.4f",
                     s->st.streams ? "true" : "false", s->st.n_units, s->st.pinned, s->st.window,
                     (unsigned long long)s->st.unit_bytes, (unsigned long long)s->st.resident_bytes,
                     (unsigned long long)s->st.stream_bytes, (unsigned long long)s->st.min_budget,
                     plan_node_disk_bw(&p->node[s->node]), s->compute_ms, s->memory_ms, s->disk_ms, s->comm_ms,
                     s->busy_ms);
+            if (p->ep) { // placed experts: those of every block, then the hot second copies as [layer, expert]
+                fprintf(f, ", \"experts\": [");
+                for (int e = 0, n = 0; e < 256; e++)
+                    if (plan_has_expert(p, i, e)) fprintf(f, "%s%d", n++ ? ", " : "", e);
+                fprintf(f, "], \"hot_copies\": [");
+                for (int il = s->s.l0, n = 0; il < s->s.l1 && il < PLAN_MAX_LAYERS; il++)
+                    for (int h = 0; h < p->ep_hot_n[il]; h++)
+                        if (p->ep_hot_of[il][h].shard == i) fprintf(f, "%s[%d, %d]", n++ ? ", " : "", il, p->ep_hot_of[il][h].expert);
+                fprintf(f, "]");
+            }
+            fprintf(f, "}");
         }
         fprintf(f, "]}");
     }
@@ -213,7 +224,11 @@ void plan_print_brief(const plan_t *p, FILE *f) {
             plan_fmt_bytes(wb, sizeof wb, s->weight_bytes);
             fprintf(f, "%s %s (", i > a ? "," : "", p->node[s->node].name);
             char ex[256];
+            int copies = 0; // hot second copies, one expert of one block each
+            for (int il = s->s.l0; p->ep && il < s->s.l1 && il < PLAN_MAX_LAYERS; il++)
+                for (int h = 0; h < p->ep_hot_n[il]; h++) copies += p->ep_hot_of[il][h].shard == i;
             if (p->ep) fprintf(f, "experts %s, ", plan_experts_str(p, i, 256, ex, sizeof ex));
+            if (copies) fprintf(f, "%d hot cop%s, ", copies, copies == 1 ? "y" : "ies");
             else if (b - a > 1) fprintf(f, "heads %d-%d, ", s->s.h0, s->s.h1 - 1);
             fprintf(f, "%s of weights", wb);
             if (s->st.streams)

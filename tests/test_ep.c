@@ -763,12 +763,21 @@ static void test_ep_plan_output(void) {
     n = fread(out, 1, sizeof out - 1, f);
     out[n] = 0;
     CU_ASSERT_EQUAL(pclose(f), 0);
-    unlink(hot);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "the 1 most popular of each block on 2 nodes"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layer 0, second copies: expert 0 on node-1"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layer 3, second copies: expert 3 on node-1"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layer 1, second copies: expert 1 on node-"));
     if (!strstr(out, "layer 0, second copies")) fprintf(stderr, "\n%s\n", out);
+    // the same in --json: each shard's experts and its copies as [layer, expert]
+    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2,1,1 --ep 3 --ep-hot %s:1 --json 2>&1", exe, path, hot);
+    f = popen(cmd, "r");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    n = fread(out, 1, sizeof out - 1, f);
+    out[n] = 0;
+    CU_ASSERT_EQUAL(pclose(f), 0);
+    unlink(hot);
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"experts\": [4, 5], \"hot_copies\": [[0, 0], [1, 1], [2, 2], [3, 3]]"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"experts\": [0, 1, 2, 3], \"hot_copies\": []"));
     // a dense model has nothing to place
     snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2 --ep 2 2>&1", exe,
              test_shared_path(path, sizeof path, "models/stories260K.gguf"));

@@ -728,26 +728,17 @@ static void test_ep_streamed(void) {
 static void test_ep_plan_output(void) {
     const char *exe = test_meshlm_bin();
     CU_ASSERT_PTR_NOT_NULL_FATAL(exe);
-    char path[1024], cmd[2300];
+    char path[1024], cmd[2300], out[16384];
     snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2,1,1 --ep 3 2>&1", exe,
              test_shared_path(path, sizeof path, SYNTH));
-    FILE *f = popen(cmd, "r");
-    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-    char out[16384];
-    size_t n = fread(out, 1, sizeof out - 1, f);
-    out[n] = 0;
-    CU_ASSERT_EQUAL(pclose(f), 0);
+    CU_ASSERT_EQUAL(test_capture(cmd, out, sizeof out), 0);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "plan ep3"));
     // speeds 2,1,1 over 8 experts: 4, 2 and 2
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 0-3: node-0 experts 0-3; node-1 experts 4-5; node-2 experts 6-7"));
     if (!strstr(out, "node-0 experts 0-3")) fprintf(stderr, "\n%s\n", out);
     // with stages: each stage names its layers
     snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 4 --ep 2 --pp 2 2>&1", exe, path);
-    f = popen(cmd, "r");
-    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-    n = fread(out, 1, sizeof out - 1, f);
-    out[n] = 0;
-    CU_ASSERT_EQUAL(pclose(f), 0);
+    CU_ASSERT_EQUAL(test_capture(cmd, out, sizeof out), 0);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "plan pp2 x ep2"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 0-1: node-0 experts 0-3; node-1 experts 4-7"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layers 2-3: node-2 experts 0-3; node-3 experts 4-7"));
@@ -756,13 +747,8 @@ static void test_ep_plan_output(void) {
     char hot[64];
     snprintf(hot, sizeof hot, "/tmp/meshlm-test-hot-plan-%d.txt", (int)getpid());
     CU_ASSERT_EQUAL_FATAL(write_hot_counts(hot, 4, true), 0);
-    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2,1,1 --ep 3 --ep-hot %s:1 2>&1", exe,
-             test_shared_path(path, sizeof path, SYNTH), hot);
-    f = popen(cmd, "r");
-    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-    n = fread(out, 1, sizeof out - 1, f);
-    out[n] = 0;
-    CU_ASSERT_EQUAL(pclose(f), 0);
+    snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2,1,1 --ep 3 --ep-hot %s:1 2>&1", exe, path, hot);
+    CU_ASSERT_EQUAL(test_capture(cmd, out, sizeof out), 0);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "the 1 most popular of each block on 2 nodes"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layer 0, second copies: expert 0 on node-1"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "layer 3, second copies: expert 3 on node-1"));
@@ -770,21 +756,14 @@ static void test_ep_plan_output(void) {
     if (!strstr(out, "layer 0, second copies")) fprintf(stderr, "\n%s\n", out);
     // the same in --json: each shard's experts and its copies as [layer, expert]
     snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2,1,1 --ep 3 --ep-hot %s:1 --json 2>&1", exe, path, hot);
-    f = popen(cmd, "r");
-    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-    n = fread(out, 1, sizeof out - 1, f);
-    out[n] = 0;
-    CU_ASSERT_EQUAL(pclose(f), 0);
+    CU_ASSERT_EQUAL(test_capture(cmd, out, sizeof out), 0);
     unlink(hot);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"experts\": [4, 5], \"hot_copies\": [[0, 0], [1, 1], [2, 2], [3, 3]]"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"experts\": [0, 1, 2, 3], \"hot_copies\": []"));
     // a dense model has nothing to place
     snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2 --ep 2 2>&1", exe,
              test_shared_path(path, sizeof path, "models/stories260K.gguf"));
-    f = popen(cmd, "r");
-    n = fread(out, 1, sizeof out - 1, f);
-    out[n] = 0;
-    CU_ASSERT_NOT_EQUAL(pclose(f), 0);
+    CU_ASSERT_NOT_EQUAL(test_capture(cmd, out, sizeof out), 0);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "no experts to place"));
 }
 

@@ -391,15 +391,6 @@ static void test_cluster_kv_device(void) {
     ref_free(&rc);
 }
 
-// Reads a command's stdout and stderr into buf (NUL-terminated); its exit status, or -1.
-static int capture(const char *cmd, char *buf, size_t cap) {
-    FILE *f = popen(cmd, "r");
-    if (!f) return -1;
-    size_t n = fread(buf, 1, cap - 1, f);
-    buf[n] = 0;
-    return pclose(f);
-}
-
 // `meshlm plan --kv-device` shows where each node's KV lives; an unknown device is refused naming the list.
 static void test_cli_kv_device(void) {
     const char *bin = test_meshlm_bin();
@@ -409,29 +400,29 @@ static void test_cli_kv_device(void) {
     }
     char cmd[3072], out[16384];
     snprintf(cmd, sizeof cmd, "%s plan --preset tinyllama-1.1b --nodes 2 -c 16384 --kv-device pim:upmem 2>&1", bin);
-    CU_ASSERT_EQUAL(capture(cmd, out, sizeof out), 0);
+    CU_ASSERT_EQUAL(test_capture(cmd, out, sizeof out), 0);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "KV cache at n_ctx 16384 on pim:upmem"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "the simulated upmem part (capacity 160.00 GiB)"));
     // TinyLlama at 16k positions: 22 layers x 16384 x 4 KV heads x 64 x 2 bytes x (k, v) = 352 MiB over 2 nodes
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "176.0 MiB"));
     snprintf(cmd, sizeof cmd, "%s plan --preset tinyllama-1.1b --nodes 1:300M -c 32768 --tp 1 --kv-device file:/var/kv 2>&1", bin);
-    capture(cmd, out, sizeof out);
+    test_capture(cmd, out, sizeof out);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "704.0 MiB")); // the KV, of which a part spills past the budget
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "then files in /var/kv"));
     char model[1024];
     test_shared_path(model, sizeof model, "models/stories260K.gguf");
     snprintf(cmd, sizeof cmd, "%s run -m %s -p hi -n 1 --kv-device bogus:x 2>&1", bin, model);
-    CU_ASSERT_NOT_EQUAL(capture(cmd, out, sizeof out), 0);
+    CU_ASSERT_NOT_EQUAL(test_capture(cmd, out, sizeof out), 0);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "--kv-device: no attention device 'bogus' (have: host file pim"));
     snprintf(cmd, sizeof cmd, "%s worker --listen ipc:///tmp/x --kv-device nope 2>&1", bin);
-    CU_ASSERT_NOT_EQUAL(capture(cmd, out, sizeof out), 0);
+    CU_ASSERT_NOT_EQUAL(test_capture(cmd, out, sizeof out), 0);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "no attention device 'nope'"));
     // a run on each device gives the same tokens, and says what the device did
     char toks[3][4096];
     const char *devs[] = {"host", "file:/tmp,ram=1,block=8", "pim:aim-gddr6"};
     for (int d = 0; d < 3; d++) {
         snprintf(cmd, sizeof cmd, "%s run -m %s -p 'Once upon a time' -n 24 --greedy --kv-device %s 2>&1", bin, model, devs[d]);
-        CU_ASSERT_EQUAL(capture(cmd, out, sizeof out), 0);
+        CU_ASSERT_EQUAL(test_capture(cmd, out, sizeof out), 0);
         snprintf(toks[d], sizeof toks[d], "%.*s", (int)(strstr(out, "meshlm:") ? strstr(out, "meshlm:") - out : 0), out);
         CU_ASSERT(strlen(toks[d]) > 20);
         if (d == 1) CU_ASSERT_PTR_NOT_NULL(strstr(out, "KV device file: KV"));

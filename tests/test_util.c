@@ -43,6 +43,14 @@ const char *test_meshlm_bin(void) {
     return (e && *e) ? e : NULL;
 }
 
+int test_capture(const char *cmd, char *buf, size_t cap) {
+    FILE *f = popen(cmd, "r");
+    if (!f) return -1;
+    size_t n = fread(buf, 1, cap - 1, f);
+    buf[n] = 0;
+    return pclose(f);
+}
+
 char *test_tmpdir(void) {
     const char *base = getenv("TMPDIR");
     if (!base || !*base) base = "/tmp";

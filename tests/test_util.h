@@ -37,6 +37,10 @@ void *test_read_file(const char *path, size_t *len);
 // Path of the meshlm executable ($MESHLM_BIN, set by ctest), or NULL.
 const char *test_meshlm_bin(void);
 
+// Runs a shell command and reads what it writes to stdout (with 2>&1 in cmd, its stderr too) into buf
+// (NUL-terminated, at most cap - 1 bytes): its exit status (pclose), or -1 when it cannot start.
+int test_capture(const char *cmd, char *buf, size_t cap);
+
 // A fresh temporary directory (mkdtemp under $TMPDIR or /tmp); caller frees the string.
 char *test_tmpdir(void);
 

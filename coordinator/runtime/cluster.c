@@ -354,21 +354,32 @@ static int describe_nodes(cluster_t *c, plan_node_t *nodes, int n_compute, char 
     return 0;
 }
 
+// The first candidate worker whose HELLO says a protocol older than 1.minor, or -1.
+static int older_worker(const cluster_t *c, unsigned minor) {
+    for (int j = 0; j < c->n_cand; j++) {
+        const msg_hello_t *h = &c->w[c->cand[j]].hello;
+        if (h->proto_major <= MSG_PROTO_MAJOR && h->proto_minor < minor) return c->cand[j];
+    }
+    return -1;
+}
+
+// MLM_EUNSUPPORTED: worker wi (older than 1.minor) lacks what a feature needs; advice says what to do.
+static int refuse_older(const cluster_t *c, int wi, unsigned minor, const char *lacks, const char *advice, char *err,
+                        size_t errlen) {
+    const msg_hello_t *h = &c->w[wi].hello;
+    return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "worker %s speaks protocol %u.%u, which %s (1.%u and newer); %s",
+                    c->w[wi].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, lacks, minor, advice);
+}
+
 // Whether every candidate worker runs all-reduce plans (protocol 1.4 or newer). When one does not
 // and want is ALLREDUCE: MLM_EUNSUPPORTED naming it; AUTO: *mode becomes EXACT.
 static int tp_mode_for_workers(cluster_t *c, plan_tp_mode_t want, plan_tp_mode_t *mode, char *err, size_t errlen) {
     *mode = want;
-    for (int j = 0; j < c->n_cand && want != PLAN_TP_EXACT; j++) {
-        const msg_hello_t *h = &c->w[c->cand[j]].hello;
-        if (h->proto_major > MSG_PROTO_MAJOR || h->proto_minor >= MSG_MINOR_TP_MODE) continue;
-        if (want == PLAN_TP_ALLREDUCE)
-            return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
-                            "worker %s speaks protocol %u.%u, which has no all-reduce tensor parallelism (1.%d "
-                            "and newer); use --tp-mode exact or update it",
-                            c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor,
-                            MSG_MINOR_TP_MODE);
-        *mode = PLAN_TP_EXACT;
-    }
+    const int old = want != PLAN_TP_EXACT ? older_worker(c, MSG_MINOR_TP_MODE) : -1;
+    if (old >= 0 && want == PLAN_TP_ALLREDUCE)
+        return refuse_older(c, old, MSG_MINOR_TP_MODE, "has no all-reduce tensor parallelism",
+                            "use --tp-mode exact or update it", err, errlen);
+    if (old >= 0) *mode = PLAN_TP_EXACT;
     return 0;
 }
 
@@ -401,43 +412,26 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
     plan_tp_mode_t mode;
     if ((rc = tp_mode_for_workers(c, c->o.tp_mode, &mode, err, errlen)) != 0) return rc;
     int ep = c->o.ep;
-    for (int j = 0; j < c->n_cand && ep >= 0; j++) { // placed experts need protocol 1.5 on every worker
-        const msg_hello_t *h = &c->w[c->cand[j]].hello;
-        if (h->proto_major > MSG_PROTO_MAJOR || h->proto_minor >= MSG_MINOR_EP) continue;
-        if (ep >= 2)
-            return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
-                            "worker %s speaks protocol %u.%u, which has no expert parallelism (1.%d and newer); "
-                            "drop --ep or update it",
-                            c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_EP);
-        ep = -1;
-    }
+    const int old_ep = ep >= 0 ? older_worker(c, MSG_MINOR_EP) : -1; // placed experts: 1.5 on every worker
+    if (old_ep >= 0 && ep >= 2)
+        return refuse_older(c, old_ep, MSG_MINOR_EP, "has no expert parallelism", "drop --ep or update it", err, errlen);
+    if (old_ep >= 0) ep = -1;
     if (c->o.ep_hot_file && (c->o.ep_replicated || c->o.ep_replicas > 1 || c->o.plan_file))
         return mlm_fail(err, errlen, MLM_EINVAL, "--ep-hot needs attention on the leader (--ep-attn lead), no "
                                                  "--ep-replicas and no --plan file");
     if (c->o.ep_replicated && c->o.ep_replicas > 1)
         return mlm_fail(err, errlen, MLM_EINVAL, "--ep-replicas %d needs attention on the leader (--ep-attn lead)",
                         c->o.ep_replicas);
-    for (int j = 0; j < c->n_cand && c->o.ep_hot_file; j++) { // second copies per block: 1.9 on every worker
-        const msg_hello_t *h = &c->w[c->cand[j]].hello;
-        if (h->proto_major > MSG_PROTO_MAJOR || h->proto_minor >= MSG_MINOR_EP_BLOCK) continue;
-        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
-                        "worker %s speaks protocol %u.%u, which holds no per-block copies of hot experts (1.%d and "
-                        "newer); drop --ep-hot or update it",
-                        c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_EP_BLOCK);
-    }
-    bool ep_repl = c->o.ep_replicated; // attention on the leader needs protocol 1.8 on every worker
-    for (int j = 0; j < c->n_cand && !ep_repl; j++) {
-        const msg_hello_t *h = &c->w[c->cand[j]].hello;
-        ep_repl = h->proto_major <= MSG_PROTO_MAJOR && h->proto_minor < MSG_MINOR_EP_LEAD;
-    }
-    for (int j = 0; j < c->n_cand && c->o.curve && !c->o.data; j++) { // an older worker's data plane is plain
-        const msg_hello_t *h = &c->w[c->cand[j]].hello;
-        if (h->proto_major > MSG_PROTO_MAJOR || h->proto_minor >= MSG_MINOR_CURVE) continue;
-        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
-                        "worker %s speaks protocol %u.%u, which has no CurveZMQ data plane (1.%d and newer): its "
-                        "activations would cross in plaintext; update it",
-                        c->w[c->cand[j]].endpoint, (unsigned)h->proto_major, (unsigned)h->proto_minor, MSG_MINOR_CURVE);
-    }
+    const int old_hot = c->o.ep_hot_file ? older_worker(c, MSG_MINOR_EP_BLOCK) : -1; // second copies per block
+    if (old_hot >= 0)
+        return refuse_older(c, old_hot, MSG_MINOR_EP_BLOCK, "holds no per-block copies of hot experts",
+                            "drop --ep-hot or update it", err, errlen);
+    // attention on the leader needs protocol 1.8 on every worker
+    const bool ep_repl = c->o.ep_replicated || older_worker(c, MSG_MINOR_EP_LEAD) >= 0;
+    const int old_curve = c->o.curve && !c->o.data ? older_worker(c, MSG_MINOR_CURVE) : -1; // a plain data plane
+    if (old_curve >= 0)
+        return refuse_older(c, old_curve, MSG_MINOR_CURVE, "has no CurveZMQ data plane",
+                            "its activations would cross in plaintext; update it", err, errlen);
     plan_model_t *pm = malloc(sizeof *pm);
     if (!pm) return MLM_ENOMEM;
     rc = plan_model_from_gguf(model_gguf(c->full), pm, err, errlen);

@@ -198,39 +198,51 @@ int pipe_set_experts(pipe_node_t *p, const msg_plan_node_t *nodes, int n_layer, 
     const size_t cells = (size_t)n_layer * (size_t)n_expert;
     p->ep_owner = malloc(cells);
     uint64_t *hold = calloc(cells, sizeof *hold); // (n_layer, n_expert) the stage's members holding each
-    if (!p->ep_owner || !hold) {
+    int16_t *first = malloc(cells * sizeof *first), *second = malloc(cells * sizeof *second); // its first two
+    if (!p->ep_owner || !hold || !first || !second) {
         free(hold);
+        free(first);
+        free(second);
         return MLM_ENOMEM;
     }
+    memset(first, 0xff, cells * sizeof *first); // -1: none
+    memset(second, 0xff, cells * sizeof *second);
     const int l0 = p->slices[p->rank].l0, l1 = p->slices[p->rank].l1;
-    for (int i = 0; i < p->n; i++) {
+    for (int i = 0; i < p->n; i++) { // members in order: the first holder of each is its owner
         const msg_plan_node_t *nd = &nodes[p->first + i];
-        for (int j = 0; j < nd->n_experts; j++)
-            for (int l = 0; l < n_layer; l++) hold[(size_t)l * n_expert + nd->experts[j]] |= 1ull << (i & 63);
-        for (int j = 0; j < nd->n_block_experts; j++) {
-            const int l = (int)(nd->block_experts[j] >> 8), e = (int)(nd->block_experts[j] & 255u);
-            if (l < n_layer && e < n_expert) hold[(size_t)l * n_expert + e] |= 1ull << (i & 63);
+        for (int j = 0; j < nd->n_experts + nd->n_block_experts; j++) {
+            const bool every = j < nd->n_experts; // experts[] hold it in every block, block_experts in one
+            const uint32_t v = every ? nd->experts[j] : nd->block_experts[j - nd->n_experts];
+            const int e = every ? (int)v : (int)(v & 255u), lb = every ? 0 : (int)(v >> 8);
+            for (int l = lb; e < n_expert && l < (every ? n_layer : lb + 1) && l < n_layer; l++) {
+                const size_t at = (size_t)l * n_expert + e;
+                if (first[at] < 0) first[at] = (int16_t)i;
+                else if (first[at] != i && second[at] < 0) second[at] = (int16_t)i;
+                if (p->n <= 64) hold[at] |= 1ull << i;
+            }
         }
     }
     bool replicas = false;
     int rc = 0;
     for (int l = 0; l < n_layer && rc == 0; l++)
         for (int e = 0; e < n_expert && rc == 0; e++) {
-            const uint64_t h = hold[(size_t)l * n_expert + e];
-            const int owner = h ? __builtin_ctzll(h) : -1;
-            if (h & (h - 1)) {
+            const size_t at = (size_t)l * n_expert + e;
+            const int owner = first[at];
+            if (second[at] >= 0) {
                 if (!lead)
                     rc = mlm_fail(err, errlen, MLM_EINVAL,
                                   "expert %d is placed on ranks %d and %d of one stage (replicas need attention on the "
                                   "leader)",
-                                  e, p->first + owner, p->first + __builtin_ctzll(h & (h - 1)));
+                                  e, p->first + owner, p->first + second[at]);
                 replicas = true;
             }
             if (owner < 0 && l >= l0 && l < l1)
                 rc = mlm_fail(err, errlen, MLM_EINVAL, "expert %d of layer %d is placed on no rank of stage %d (ranks %d-%d)",
                               e, l, p->stage, p->first, p->first + p->n - 1);
-            p->ep_owner[(size_t)l * n_expert + e] = (uint8_t)(owner < 0 ? 0 : owner);
+            p->ep_owner[at] = (uint8_t)(owner < 0 ? 0 : owner);
         }
+    free(first);
+    free(second);
     if (rc == 0 && replicas && p->n > 64)
         rc = mlm_fail(err, errlen, MLM_EINVAL, "replicated experts in a group of %d members (at most 64)", p->n);
     if (rc != 0 || !replicas) {

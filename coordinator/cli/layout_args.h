@@ -68,7 +68,7 @@ enum { LA_PP = 1200, LA_TP, LA_UBATCH, LA_KEEP_ALL, LA_PLAN, LA_MEM_BUDGET, LA_L
     "                          every node the planner tries up to top-k replicas that fit)\n"               \
     "      --ep-hot FILE[:N]   with lead, a second copy of each block's N most popular experts (default\n"  \
     "                          N: top-k, at most 16), popularity from FILE's routing counts (meshlm\n"    \
-    "                          inspect MODEL --routing T --routing-out FILE); workers of protocol 1.9\n"  \
+    "                          inspect MODEL --routing T --routing-out FILE); needs 1.9 workers\n"       \
     "      --plan FILE         a hand-written plan (see meshlm plan --out)\n"                                   \
     "      --ubatch N          prompt micro-batch tokens in flight through the stages (default 16)\n"           \
     "      --keep-all          never leave a slow node out\n"

@@ -71,12 +71,16 @@ typedef struct {
                                // file system without direct I/O)
     int nl, ne, k;             // blocks held, experts per block, experts used per token
     int N;                     // slots per block
+    int nh_max;                // the most experts a block holds (n_expert unless placed)
     eloc_t *loc;               // (nl, ne)
     size_t slot_bytes;         // one expert's bytes (the largest)
     uint64_t dense_bytes;      // weight bytes behind the inner provider's units besides the experts
     eslot_t *slots;            // (nl, N)
     uint64_t *freq;            // (nl, ne) acquires of each expert since creation (LFU)
     uint8_t *wanted;           // (nl, ne) hinted by the router and not yet acquired: not evicted by reads ahead
+    uint8_t *held;             // (nl, ne) the experts this share computes (placed experts: only its own;
+                               // acquiring another is MLM_ENOTFOUND, as from "mmap")
+    int *nheld;                // (nl) experts held per block
     uint64_t tick;             // use clock for LRU
     pthread_mutex_t mu;        // guards everything below and the slots
     pthread_cond_t cv;         // a slot changed state or was released
@@ -270,7 +274,7 @@ static void guess(ex_t *x, int li, const float *obs, int n) {
             if (votes[e] > 0 && (best < 0 || votes[e] > votes[best])) best = e;
         if (best < 0) break;
         votes[best] = 0;
-        if (find(x, li + 1, best)) continue;
+        if (!x->held[(size_t)(li + 1) * x->ne + best] || find(x, li + 1, best)) continue; // another node's, or here
         x->q[x->q_n++] = (ereq_t){.li = li + 1, .expert = best, .spec = true};
         j++;
     }
@@ -325,6 +329,7 @@ static int ex_acquire(void *ctx, int layer, int expert, const layer_weights_t **
         return rc;
     }
     const int li = layer - x->slice.l0, e = expert;
+    if (li < 0 || li >= x->nl || e >= x->ne || !x->held[(size_t)li * x->ne + e]) return MLM_ENOTFOUND; // placed elsewhere
     const double t0 = (double)mlm_now_us();
     bool waited = false;
     pthread_mutex_lock(&x->mu);
@@ -409,7 +414,8 @@ static void ex_prefetch(void *ctx, int layer, const int *experts, int n) {
     // token's second expert must not evict its first when both were resident (LRU would, when the
     // previous token used them in the other order)
     for (int i = 0; i < n; i++)
-        if (experts[i] >= 0 && experts[i] < x->ne) x->wanted[(size_t)li * x->ne + experts[i]] = 1;
+        if (experts[i] >= 0 && experts[i] < x->ne && x->held[(size_t)li * x->ne + experts[i]])
+            x->wanted[(size_t)li * x->ne + experts[i]] = 1;
     if (!x->thr_on) {
         pthread_mutex_unlock(&x->mu);
         return;
@@ -419,8 +425,11 @@ static void ex_prefetch(void *ctx, int layer, const int *experts, int n) {
         if (!(x->q[i].spec && x->q[i].li <= li)) x->q[keep++] = x->q[i];
     x->q_n = keep;
     if (x->obs_layer >= 0 && x->obs_layer - x->slice.l0 + 1 <= li) x->obs_layer = -1;
-    for (int i = 0; i < n && i < x->N && x->q_n < EX_QMAX; i++)
+    for (int i = 0, queued = 0; i < n && queued < x->N && x->q_n < EX_QMAX; i++) {
+        if (experts[i] < 0 || experts[i] >= x->ne || !x->held[(size_t)li * x->ne + experts[i]]) continue; // another node's
+        queued++;
         if (!find(x, li, experts[i])) x->q[x->q_n++] = (ereq_t){.li = li, .expert = experts[i], .spec = false};
+    }
     pthread_cond_signal(&x->work);
     pthread_mutex_unlock(&x->mu);
 }
@@ -459,13 +468,16 @@ static void ex_stats(void *ctx, weights_stats_t *out) {
 
 static void ex_describe(void *ctx, char *buf, size_t cap) {
     ex_t *x = ctx;
+    int slots = 0; // a block holding fewer experts than N uses that many slots
+    for (int li = 0; li < x->nl; li++) slots += x->nheld[li] < x->N ? x->nheld[li] : x->N;
     if (x->ne == 0)
         snprintf(buf, cap, "experts: a dense model, every unit mapped");
     else if (x->o.naive)
         snprintf(buf, cap, "experts: no cache (every use reads the expert, %.1f MiB)", (double)x->slot_bytes / 1048576.0);
     else
-        snprintf(buf, cap, "experts: %d of %d per block resident (%s, prefetch %s), %d slots x %.1f MiB", x->N, x->ne,
-                 x->o.policy == EXPERTS_LFU ? "lfu" : "lru", x->thr_on ? prefetch_name(x->o.prefetch) : "off", x->nl * x->N,
+        snprintf(buf, cap, "experts: %d of %d%s per block resident (%s, prefetch %s), %d slots x %.1f MiB",
+                 x->N < x->nh_max ? x->N : x->nh_max, x->nh_max, x->nh_max < x->ne ? " placed here" : "",
+                 x->o.policy == EXPERTS_LFU ? "lfu" : "lru", x->thr_on ? prefetch_name(x->o.prefetch) : "off", slots,
                  (double)x->slot_bytes / 1048576.0);
 }
 
@@ -484,6 +496,8 @@ static void ex_free(void *ctx) {
     free(x->loc);
     free(x->freq);
     free(x->wanted);
+    free(x->held);
+    free(x->nheld);
     free(x->obs);
     free(x->xn);
     free(x->xq);
@@ -617,7 +631,13 @@ int experts_fit(const weights_params_t *p, int *per_layer, char *err, size_t err
     plan_stream_t st;
     int rc = weights_plan(&q, &st, err, errlen);
     if (rc != 0) return rc;
-    const uint64_t rest = st.resident_bytes > all ? st.resident_bytes - all : 0; // KV, activations, dense parts
+    uint64_t rest = st.resident_bytes > all ? st.resident_bytes - all : 0; // KV, activations, dense parts
+    if (p->experts_only) { // a member computing its experts alone: no dense parts, no KV, the activations
+        const shard_slice_t *s = p->slice;
+        const uint64_t kv = (uint64_t)nl * (uint64_t)(p->n_ctx > 0 ? p->n_ctx : 0) * (uint64_t)(s->kv1 - s->kv0) *
+                            (uint64_t)p->hp->head_dim * 4u; // k and v, F16 (as weights_plan counts them)
+        rest = st.fixed_bytes > kv ? st.fixed_bytes - kv : 0;
+    }
     if (nl <= 0 || one == 0) return 0;
     if (p->budget_bytes < rest + one)
         return mlm_fail(err, errlen, MLM_ERANGE,
@@ -639,10 +659,6 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
                         "experts: the expert cache reads row slices; all-reduce mode (--tp-mode allreduce) cuts "
                         "experts by columns");
     if (p->hp->n_expert > 256) return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "experts: more than 256 experts");
-    if (p->experts || p->slice->placed)
-        return mlm_fail(err, errlen, MLM_EUNSUPPORTED,
-                        "experts: the expert cache serves every expert of its blocks; placed experts (--ep) are "
-                        "mapped whole");
     int N = o.per_layer; // a dense model: no slots, every unit comes from the mapping
     if (p->hp->n_expert <= 0) N = 0;
     else if (o.naive) N = 1;
@@ -677,7 +693,9 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
         x->slots = calloc((size_t)(x->nl > 0 ? x->nl : 1) * (N > 0 ? N : 1), sizeof *x->slots);
         x->freq = calloc(nle, sizeof *x->freq);
         x->wanted = calloc(nle, 1);
-        if (!x->loc || !x->slots || !x->freq || !x->wanted) rc = MLM_ENOMEM;
+        x->held = calloc(nle, 1);
+        x->nheld = calloc((size_t)(x->nl > 0 ? x->nl : 1), sizeof *x->nheld);
+        if (!x->loc || !x->slots || !x->freq || !x->wanted || !x->held || !x->nheld) rc = MLM_ENOMEM;
     }
     const uint8_t *base = gguf_base(p->g);
     const size_t fsize = gguf_file_size(p->g);
@@ -686,7 +704,11 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
         for (int i = 0; i < N; i++) slot_at(x, li, i)->expert = -1;
         for (int e = 0; rc == 0 && e < x->ne; e++) {
             const layer_weights_t *X;
-            if ((rc = weights_acquire(x->inner, x->slice.l0 + li, e, &X)) != 0) {
+            if ((rc = weights_acquire(x->inner, x->slice.l0 + li, e, &X)) == MLM_ENOTFOUND) { // placed on another node
+                rc = 0;
+                continue;
+            }
+            if (rc != 0) {
                 mlm_fail(err, errlen, rc, "experts: block %d expert %d: %s", x->slice.l0 + li, e, mlm_strerror(rc));
                 break;
             }
@@ -708,6 +730,8 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
                 raw += L->len[m];
             }
             weights_release(x->inner, x->slice.l0 + li, e);
+            x->held[(size_t)li * x->ne + e] = 1;
+            if (++x->nheld[li] > x->nh_max) x->nh_max = x->nheld[li];
             if (sum > x->slot_bytes) x->slot_bytes = sum;
             all_experts += raw;
         }
@@ -720,9 +744,12 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
         x->dense_bytes = is.bytes_held > all_experts ? is.bytes_held - all_experts : 0;
         x->st.bytes_held = x->st.bytes_peak = x->dense_bytes;
     }
-    for (int li = 0; rc == 0 && !o.naive && N == x->ne && li < x->nl; li++) // all fit: read them all now
-        for (int e = 0; rc == 0 && e < x->ne; e++) {
-            eslot_t *s = slot_at(x, li, e);
+    bool spill = false; // a block holds more experts than it has slots
+    for (int li = 0; rc == 0 && li < x->nl; li++) spill |= x->nheld[li] > N;
+    for (int li = 0; rc == 0 && !o.naive && li < x->nl; li++) // a block whose experts all fit: read them now
+        for (int e = 0, i = 0; rc == 0 && x->nheld[li] <= N && e < x->ne; e++) {
+            if (!x->held[(size_t)li * x->ne + e]) continue;
+            eslot_t *s = slot_at(x, li, i++);
             claim(x, s, e, false);
             if ((rc = read_expert(x, s, li, e)) != 0) {
                 s->state = ES_EMPTY;
@@ -734,7 +761,7 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
             s->state = ES_READY; // (a one-time load, not counted as reading: "window" does not count its pinned units)
             s->last_use = ++x->tick;
         }
-    if (rc == 0 && !o.naive && o.prefetch && N < x->ne && x->ne > 0) { // the background reader (hinted choices, guesses)
+    if (rc == 0 && !o.naive && o.prefetch && spill && x->ne > 0) { // the background reader (hinted choices, guesses)
         const int B = 64; // rows of an observation kept (a chunk's first 64 tokens)
         const size_t arb = (size_t)x->hp.n_embd * sizeof(float) + 256; // F32 is the widest activation row
         x->obs_cap = B;

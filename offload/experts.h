@@ -9,7 +9,9 @@
 // are all read at creation. Counters: hits and misses count expert acquires only (a dense part is
 // always resident); an acquire that waits for a read already under way counts as a miss. The bytes of a hit come
 // from the slot, never from the file's pages: a read drops the pages it went through from the page
-// cache. A dense model's units all come from the mapping (nothing to cache). Results are the same bits as "mmap" computing on the file's layout (`--no-repack`): caching
+// cache. A dense model's units all come from the mapping (nothing to cache). Placed experts
+// (weights_params_t.experts, or a slice of placed experts read from a cut shard file): the cache holds
+// and reads only those, N per block of them; acquiring another is MLM_ENOTFOUND. Results are the same bits as "mmap" computing on the file's layout (`--no-repack`): caching
 // and prefetching only change where the bytes come from.
 #ifndef MESHLM_OFFLOAD_EXPERTS_H
 #define MESHLM_OFFLOAD_EXPERTS_H

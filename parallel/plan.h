@@ -122,6 +122,8 @@ typedef struct {
                              // stage's exchanges
     uint64_t experts[4];     // expert parallelism (plan_t.ep): bit e set = it computes expert e of every
                              // block of its stage (256 experts at most); unused otherwise
+    int ep_cached;           // with plan_t.ep_cache: experts of each block it keeps resident when fewer than
+                             // it holds (an expert cache reads the others from disk on use); 0 = all resident
 } plan_shard_t;
 
 // Predicted cost of a plan, per generated token (decode) unless said otherwise.
@@ -171,6 +173,8 @@ typedef struct {
         uint8_t expert;             // the expert of block l
         uint8_t shard;              // the member (shard index) that holds a second copy of it in block l
     } ep_hot_of[PLAN_MAX_LAYERS][PLAN_EP_HOT_MAX];
+    int ep_cache;                   // with ep: the members cache their experts (plan_opts_t.expert_cache): N per
+                                    // block resident, -1 as many as each budget holds; 0 = all resident
     double sliced_ms;               // MoE: token_ms of the best plan with sliced experts (0 = unknown)
     double placed_ms;               // MoE: token_ms of the best plan with placed experts (0 = unknown)
 } plan_t;
@@ -247,6 +251,8 @@ int plan_model_from_preset(const char *name, const char *quant, plan_model_t *pm
 // Disk figures a node does not state: the test machines' NVMe disk reads 950 MB/s sequentially
 // with O_DIRECT (DESIGN.md, measured 2026-12-01).
 #define PLAN_DEFAULT_DISK_BW 950e6  // bytes/s
+#define PLAN_EXPERT_SLOT_SLACK (3u * 2u * 4096u) // an expert cache slot's room past one expert's bytes: each of
+                                                 // its 3 matrices read as the 4 KiB-aligned extent around it
 // Streaming reads units at this fraction of the disk's sequential bandwidth (one reader, 16 MiB
 // O_DIRECT calls like profile_node's; the target for the reader is at least 0.8). Measured
 // by tests/bench/bench_70b.sh (2026-12-02): a lone window reader (one pipeline stage, or one node)
@@ -369,6 +375,9 @@ typedef struct {
     int ep_hot;         // with attention on the leader and one holder per expert: the ep_hot most popular
                         // experts of each stage (pm->popularity, summed over the stage's blocks) get a second
                         // holder, the member with the least expected expert work that has room (--ep-hot)
+    int expert_cache;   // placed experts: each member keeps N of its experts per block resident and reads
+                        // the others from disk when used (--expert-cache N; the "experts" weight provider);
+                        // -1 = as many as its budget holds (auto); 0 = every placed expert resident
 } plan_opts_t;
 
 #define PLAN_EXHAUSTIVE_MAX 8  // up to this many offered nodes every layout is tried
@@ -420,6 +429,14 @@ int plan_make(const plan_model_t *pm, const plan_node_t *nodes, int n, const pla
 int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, int replicas,
             plan_t *out, char *err, size_t errlen);
 
+// plan_ep with members that cache their experts (cache as plan_opts_t.expert_cache: N per block
+// resident, -1 as many as each budget holds, 0 all resident): a member is then sized with its cache
+// (plan_shard_t.ep_cached) and only refused when not even one expert per block fits, and its predicted
+// time counts the misses' reads from disk (hits assumed in proportion to the experts it keeps, as for
+// uniform routing).
+int plan_ep_cached(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, int replicas,
+                   int cache, plan_t *out, char *err, size_t errlen);
+
 // Predicts an expert-parallel plan's cost (the rule above) into p->cost and its shards' figures. With
 // pm->popularity the token's top-k experts are drawn by popularity (summed over each stage's blocks)
 // instead of uniformly.
@@ -443,6 +460,9 @@ int plan_popularity_parse(const char *text, const plan_model_t *pm, double *pop,
 
 // Reads and parses a routing counts file (errors name the path). 0 or an MLM_ code.
 int plan_popularity_load(const char *path, const plan_model_t *pm, double *pop, char *err, size_t errlen);
+
+// Placed experts shard sh holds in every block of its stage (the bits of sh->experts).
+int plan_shard_n_experts(const plan_shard_t *sh);
 
 // Whether shard i of an expert-parallel plan computes expert e (of every block of its stage).
 static inline bool plan_has_expert(const plan_t *p, int i, int e) {

@@ -21,6 +21,12 @@ static uint64_t expert_bytes(const plan_model_t *pm, int il) {
     return (r[PLAN_W_GATE] + r[PLAN_W_UP]) * (uint64_t)pm->n_ff + r[PLAN_W_DOWN] * (uint64_t)pm->n_embd;
 }
 
+int plan_shard_n_experts(const plan_shard_t *sh) {
+    int n = 0;
+    for (int w = 0; w < 4; w++) n += __builtin_popcountll(sh->experts[w]);
+    return n;
+}
+
 static int n_owned(const plan_t *p, int i, int ne) {
     int k = 0;
     for (int e = 0; e < ne; e++) k += plan_has_expert(p, i, e);
@@ -36,10 +42,10 @@ static uint64_t hot_bytes(const plan_model_t *pm, const plan_t *p, int i) {
     return b;
 }
 
-// Shard i's bytes when it holds `owned` of its stage's experts (and its hot copies): every row of its
-// blocks less the experts it does not hold (with attention on the leader, a member other than the
+// Shard i's bytes when `owned` of its stage's experts are resident (and its hot copies): every row of
+// its blocks less the experts it does not hold (with attention on the leader, a member other than the
 // first holds its experts and activations only); resident (nothing streams).
-static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
+static void size_resident(const plan_model_t *pm, plan_t *p, int i, int owned) {
     plan_shard_t *sh = &p->shard[i];
     uint64_t w = 0, kv = 0;
     memset(&sh->st, 0, sizeof sh->st);
@@ -69,6 +75,28 @@ static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
     sh->st.peak_bytes -= drop;
     sh->peak_bytes = sh->st.peak_bytes;
     plan_kv_place(&p->node[sh->node], sh, kv_fixed); // a device's capacity is not checked here
+}
+
+// Shard i's bytes when it holds `owned` of its stage's experts: all resident, or with p->ep_cache the
+// experts per block its cache keeps (N, or as many as its budget holds after the rest: at least one,
+// at most owned), recorded in ep_cached when fewer than owned.
+static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
+    plan_shard_t *sh = &p->shard[i];
+    sh->ep_cached = 0;
+    int res = owned;
+    if (p->ep_cache > 0) {
+        res = p->ep_cache < owned ? p->ep_cache : owned;
+    } else if (p->ep_cache < 0 && owned > 1 && p->node[sh->node].mem_budget) {
+        const uint64_t bud = p->node[sh->node].mem_budget;
+        size_resident(pm, p, i, 0);
+        const uint64_t base = sh->peak_bytes;
+        uint64_t one = 0; // one expert of every block, in a cache slot (room for aligned direct reads)
+        for (int il = sh->s.l0; il < sh->s.l1; il++) one += expert_bytes(pm, il) + PLAN_EXPERT_SLOT_SLACK;
+        const uint64_t fit = bud > base && one ? (bud - base) / one : 0;
+        res = fit < 1 ? 1 : fit < (uint64_t)owned ? (int)fit : owned;
+    }
+    size_resident(pm, p, i, res);
+    if (res < owned) sh->ep_cached = res;
 }
 
 static void set_expert(plan_shard_t *sh, int e) { sh->experts[e >> 6] |= (uint64_t)1 << (e & 63); }
@@ -111,10 +139,12 @@ static int place_stage(const plan_model_t *pm, plan_t *p, int a, int b, char *er
             char need[32], have[32];
             plan_fmt_bytes(need, sizeof need, p->shard[a + over].peak_bytes);
             plan_fmt_bytes(have, sizeof have, p->node[p->shard[a + over].node].mem_budget);
+            const int kept = p->shard[a + over].ep_cached; // with a cache: what it keeps of them
             return mlm_fail(err, errlen, MLM_EFULL,
-                            "placed experts do not fit: node %s needs %s for its replicated blocks and %d expert(s) "
+                            "placed experts do not fit: node %s needs %s for its replicated blocks and %d expert(s)%s "
                             "and has %s, and no other member has room for them",
-                            p->node[p->shard[a + over].node].name, need, cnt[over], have);
+                            p->node[p->shard[a + over].node].name, need, cnt[over],
+                            kept > 0 ? (kept == 1 ? " with one per block cached" : " with a cache") : "", have);
         }
         cnt[over]--;
         cnt[to]++;
@@ -332,6 +362,8 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
             p->ep_lead ? "on each stage's first node" : "replicated");
     if (p->ep_replicas > 1) fprintf(f, ", each expert on %d nodes", p->ep_replicas);
     if (p->ep_hot > 0) fprintf(f, ", the %d most popular of each block on 2 nodes", p->ep_hot);
+    if (p->ep_cache > 0) fprintf(f, ", each node caching up to %d per block", p->ep_cache);
+    if (p->ep_cache < 0) fprintf(f, ", each node caching what its budget holds");
     fprintf(f, ")");
     if (p->sliced_ms > 0 && p->placed_ms > 0)
         fprintf(f, ": predicted %.2f ms/token placed vs %.2f sliced", p->placed_ms, p->sliced_ms);
@@ -344,6 +376,7 @@ void plan_print_experts(const plan_t *p, int n_expert, FILE *f) {
             char ex[256];
             fprintf(f, "%s %s experts %s", i > a ? ";" : "", p->node[p->shard[i].node].name,
                     plan_experts_str(p, i, n_expert, ex, sizeof ex));
+            if (p->shard[i].ep_cached > 0) fprintf(f, " (%d per block resident)", p->shard[i].ep_cached);
         }
         fprintf(f, "\n");
         for (int il = p->shard[a].s.l0; il < p->shard[a].s.l1 && il < PLAN_MAX_LAYERS; il++) {
@@ -458,7 +491,7 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
             if (g > 1) gat = link_ms(home, home, (double)(g - 1) * E4);
         }
         const double xch = (double)(s->l1 - s->l0) * (a2a + gat);
-        double rep_ms[PLAN_MAX_NODES], x_ms[PLAN_MAX_NODES], wc = 0, wm = 0;
+        double rep_ms[PLAN_MAX_NODES], x_ms[PLAN_MAX_NODES], wc = 0, wm = 0, wd = 0;
         for (int i = a; i < b; i++) {
             plan_shard_t *sh = &p->shard[i];
             const plan_node_t *nd = &p->node[sh->node];
@@ -470,20 +503,27 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
             const bool no_out = st + 1 == p->n_stages && i > a && !p->ep_lead;
             // the embedding's rows are held, not read: one row per token
             const bool embd = s->l0 == 0 && !(s->l1 == pm->n_layer && pm->tied_output) && !(p->ep_lead && i > a);
-            const double rep = (double)sh->weight_bytes - xb * own - (double)hot_bytes(pm, p, i) -
+            const int kept = sh->ep_cached > 0 ? sh->ep_cached : own; // resident experts per block
+            const double rep = (double)sh->weight_bytes - xb * kept - (double)hot_bytes(pm, p, i) -
                                (no_out ? (double)pm->out_row_bytes * (double)(s->v1 - s->v0) : 0) -
                                (embd ? (double)pm->embd_row_bytes * (double)(s->v1 - s->v0) : 0);
             const double bytes = rep + xb * (double)k * (double)own / (double)ne;
+            // a cache of kept of own experts per block: a routed expert misses with 1 - kept/own (uniform
+            // routing) and is then read whole from disk before it computes
+            const double miss = own > 0 && kept < own ? 1.0 - (double)kept / own : 0;
+            const double read_ms = miss * xb / (plan_node_disk_bw(nd) * PLAN_DISK_EFFICIENCY) * 1e3;
             rep_ms[i - a] = rep * max2(flop_ms, mem_ms);
-            x_ms[i - a] = xb * max2(flop_ms, mem_ms);
+            x_ms[i - a] = xb * max2(flop_ms, mem_ms) + read_ms;
             if (p->ep_lead && i > a) rep_ms[i - a] = 0; // experts only: it waits for the leader's attention
             sh->compute_ms = bytes * flop_ms;
             sh->memory_ms = bytes * mem_ms;
-            sh->disk_ms = 0;
+            sh->disk_ms = read_ms * (double)k * (double)own / (double)ne;
+            sh->st.stream_bytes = (uint64_t)(miss * xb * (double)k * (double)own / (double)ne);
             sh->comm_ms = xch;
-            sh->busy_ms = max2(sh->compute_ms, sh->memory_ms) + xch;
+            sh->busy_ms = max2(sh->compute_ms, sh->memory_ms) + sh->disk_ms + xch;
             wc = max2(wc, sh->compute_ms);
             wm = max2(wm, sh->memory_ms);
+            wd = max2(wd, sh->disk_ms);
         }
         // the stage waits for its slowest member on each token's experts
         double pop[EP_MAX_EXPERTS];
@@ -514,6 +554,7 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
         if (st == 0 && (p->coord_apart || p->shard[0].node != 0)) comm += plan_node_lat_us(coord) * 1e-3;
         c.compute_ms += wc;
         c.memory_ms += wm;
+        c.disk_ms += wd;
         c.comm_ms += comm;
         c.token_ms += worst + comm;
     }
@@ -549,6 +590,11 @@ static int add_replicas(const plan_model_t *pm, plan_t *p, int a, int b, int r, 
 
 int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, int replicas,
             plan_t *out, char *err, size_t errlen) {
+    return plan_ep_cached(pm, nodes, n, pp, n_ctx, lead, replicas, 0, out, err, errlen);
+}
+
+int plan_ep_cached(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int n_ctx, bool lead, int replicas,
+                   int cache, plan_t *out, char *err, size_t errlen) {
     if (!pm || !nodes || !out || n < 1 || n > PLAN_MAX_NODES)
         return mlm_fail(err, errlen, MLM_EINVAL, "placed experts: %d nodes (1..%d)", n, PLAN_MAX_NODES);
     if (pm->n_expert <= 0) return mlm_fail(err, errlen, MLM_EINVAL, "placed experts need a MoE model; %s is dense", pm->name);
@@ -569,6 +615,7 @@ int plan_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, int pp, int
     out->ep = true;
     out->ep_lead = lead;
     out->ep_replicas = replicas;
+    out->ep_cache = cache < 0 ? -1 : cache;
     out->n = n;
     out->n_nodes = n;
     out->n_stages = pp;

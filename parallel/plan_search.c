@@ -768,7 +768,7 @@ static int best_ep(const plan_model_t *pm, const plan_node_t *nodes, int n, cons
         if (!forced_pp && ((o->pp && pp != o->pp) || n / pp < 2 || n / pp > pm->n_expert)) continue;
         for (int r = r_lo; r <= r_hi && (r == r_lo || r <= nn / pp); r++) { // auto: up to the members
             char e2[256];
-            int rc2 = plan_ep(pm, nodes, nn, pp, o->n_ctx, lead, r, t, e2, sizeof e2);
+            int rc2 = plan_ep_cached(pm, nodes, nn, pp, o->n_ctx, lead, r, o->expert_cache, t, e2, sizeof e2);
             if (rc2 == 0 && o->ep_hot > 0) rc2 = plan_ep_hot(pm, t, o->ep_hot, e2, sizeof e2);
             if (rc2 != 0) {
                 if (!found && (r == r_lo || forced_pp)) rc = mlm_fail(err, errlen, rc2, "%s", e2);

@@ -43,6 +43,8 @@ typedef struct {
     uint64_t holders[MAX_OWN];     // (n_layer, n_expert) the holders when replicas > 1
     uint8_t owner[MAX_OWN];        // (n_layer, n_expert) member index inside its stage's group
     const float *ref;              // (N_PROMPT + N_DECODE, n_vocab) the single node's logits
+    const char *weights;           // weight provider of each member (NULL: mmap), loaded with its experts'
+                                   // mask (every block's experts it owns or holds) when set
     char *dir;                     // zmq: directory of the ipc endpoints
     int mismatches[MAX_RANKS];     // per rank: logit rows that differ from ref (of the rows it produces)
     int rows[MAX_RANKS];           // per rank: logit rows compared
@@ -87,11 +89,13 @@ static void prompt_tokens(int32_t *tok, int n, int n_vocab) {
     for (int i = 0; i < n; i++) tok[i] = (int32_t)((1 + 37 * i) % n_vocab);
 }
 
-// The single node's logits of the prompt (every row) and the decoded tokens, (N_PROMPT + N_DECODE, n_vocab).
-static float *reference_logits(const char *path, int *n_vocab) {
+// The single node's logits of the prompt (every row) and the decoded tokens, (N_PROMPT + N_DECODE, n_vocab),
+// on repacked weights or (repack false) on the file's layout, which the expert cache computes on.
+static float *reference_logits_on(const char *path, bool repack, int *n_vocab) {
     char err[256];
     model_t *m = NULL;
-    if (model_load(&m, path, NULL, err, sizeof err) != 0) {
+    model_load_opts_t lo = {.repack = repack};
+    if (model_load(&m, path, &lo, err, sizeof err) != 0) {
         fprintf(stderr, "\n%s\n", err);
         return NULL;
     }
@@ -154,6 +158,12 @@ static void *rank_main(void *p) {
     s.l0 = stage == 0 ? 0 : hp.n_layer / 2;
     s.l1 = k->n_stages == 1 || stage == 1 ? hp.n_layer : hp.n_layer / 2;
     model_load_opts_t lo = {.slice = &s, .repack = true}; // as the reference loads (repacked kernels)
+    uint64_t mask[4] = {0}; // with k->weights: the experts this member computes in any block
+    for (int i = 0; k->weights && i < hp.n_layer * hp.n_expert; i++) {
+        const int me = r - stage * per, e = i % (hp.n_expert > 0 ? hp.n_expert : 1);
+        if (k->owner[i] == me || (k->replicas > 1 && (k->holders[i] >> me & 1))) mask[e >> 6] |= 1ull << (e & 63);
+    }
+    if (k->weights) lo.weights = k->weights, lo.experts = mask;
     if (rc == 0) rc = model_load(&m, path, &lo, err, sizeof err);
     ep_member_t mb = {c, stage * per, per};
     model_ep_t ep = {.n_nodes = per, .index = r - stage * per, .n_layer = hp.n_layer, .n_expert = hp.n_expert,
@@ -264,11 +274,11 @@ static void own_shifted(uint8_t *own, int nl, int ne, int per) { // member 0 own
 
 typedef void (*own_fn)(uint8_t *own, int nl, int ne, int per);
 
-static void run_model_mode(const char *model, const char *transport, int n, int n_stages, own_fn own, bool lead,
-                           int replicas, const char *what) {
+static void run_model_weights(const char *model, const char *transport, int n, int n_stages, own_fn own, bool lead,
+                              int replicas, const char *weights, const char *what) {
     char path[1024];
     int V = 0;
-    float *ref = reference_logits(test_shared_path(path, sizeof path, model), &V);
+    float *ref = reference_logits_on(test_shared_path(path, sizeof path, model), !weights, &V);
     CU_ASSERT_PTR_NOT_NULL_FATAL(ref);
     model_t *m = NULL;
     char err[256];
@@ -284,6 +294,7 @@ static void run_model_mode(const char *model, const char *transport, int n, int 
     k->lead = lead;
     k->replicas = replicas;
     k->ref = ref;
+    k->weights = weights;
     own(k->owner, hp.n_layer, hp.n_expert, n / n_stages);
     int held[MAX_RANKS] = {0}; // the placement really spreads the experts: every member owns some
     for (int i = 0; i < hp.n_layer * hp.n_expert; i++) held[k->owner[i]]++;
@@ -293,6 +304,11 @@ static void run_model_mode(const char *model, const char *transport, int n, int 
     run_case(k, what);
     free(k);
     free(ref);
+}
+
+static void run_model_mode(const char *model, const char *transport, int n, int n_stages, own_fn own, bool lead,
+                           int replicas, const char *what) {
+    run_model_weights(model, transport, n, n_stages, own, lead, replicas, NULL, what);
 }
 
 // Both ways of running the group: attention replicated on every member, and on the leader alone.
@@ -341,6 +357,44 @@ static void test_ep_replicas(void) {
     run_model_mode(SYNTH, "inproc", 3, 1, own_uneven, true, 3, "3 members, every member holds every expert");
     run_model_mode(MOE4, "inproc", 4, 2, own_shifted, true, 2, "2 stages of 2, top-4, every member holds all");
     run_model_mode(MOE8, "zmq", 3, 1, own_uneven, true, 2, "3 members over zmq, 2 holders per expert");
+}
+
+// Each member caching its placed experts ("experts" provider with the member's mask): one or two
+// slots per block, read from the file when a token routes there, with and without reading ahead, the
+// single node's bits all the same; and a member's cache serves only its own experts.
+static void test_ep_expert_cache(void) {
+    run_model_weights(MOE8, "inproc", 2, 1, own_round_robin, false, 1, "experts:n=1,prefetch=off",
+                      "2 members, 1 of 4 cached per block");
+    run_model_weights(MOE8, "inproc", 3, 1, own_uneven, true, 1, "experts:n=2,prefetch=on",
+                      "3 members, uneven, 2 cached per block, prefetch");
+    run_model_weights(SYNTH, "inproc", 4, 2, own_round_robin, true, 1, "experts:n=1", "2 stages of 2, 1 cached");
+    run_model_weights(MOE8, "inproc", 4, 1, own_round_robin, true, 2, "experts:n=1,policy=lfu",
+                      "4 members, 2 holders per expert, 1 cached");
+    run_model_weights(MOE4, "inproc", 3, 1, own_shifted, false, 1, "experts:n=off", "3 members, no cache");
+    // a member's provider: its experts counted and read on use, another member's refused
+    char path[1024], err[256];
+    model_t *m = NULL;
+    const uint64_t mask[4] = {0x5}; // experts 0 and 2 of 8
+    model_load_opts_t lo = {.weights = "experts:n=1,prefetch=off", .experts = mask};
+    CU_ASSERT_FATAL(model_load(&m, test_shared_path(path, sizeof path, MOE8), &lo, err, sizeof err) == 0);
+    weights_t *w = model_weights(m);
+    char d[160];
+    weights_describe(w, d, sizeof d);
+    CU_ASSERT_PTR_NOT_NULL(strstr(d, "1 of 2 placed here per block"));
+    const layer_weights_t *lw = NULL;
+    CU_ASSERT_EQUAL(weights_acquire(w, 0, 1, &lw), MLM_ENOTFOUND);
+    CU_ASSERT_NOT_EQUAL(weights_acquire(w, 0, 8, &lw), 0); // no expert 8
+    for (int i = 0; i < 3; i++) { // 0 (miss), 0 (hit), 2 (miss, evicts 0)
+        const int e = i < 2 ? 0 : 2;
+        CU_ASSERT_EQUAL_FATAL(weights_acquire(w, 0, e, &lw), 0);
+        CU_ASSERT(lw->w_gate.rows > 0);
+        weights_release(w, 0, e);
+    }
+    weights_stats_t st;
+    weights_stats(w, &st);
+    CU_ASSERT_EQUAL(st.expert_hits, 1);
+    CU_ASSERT_EQUAL(st.expert_misses, 2);
+    model_destroy(&m);
 }
 
 // A member with attention on its leader, fed one scripted message per block: what a hostile or broken
@@ -913,6 +967,59 @@ static void test_ep_hot_planner(void) {
     free(pm);
 }
 
+// Members that cache their experts: under budgets too small for their placed experts the plan keeps
+// as many per block as fit (at least one) instead of refusing, counts the misses' reads from disk in
+// the predicted time, and is refused only when not even one expert per block fits; a fixed N is kept.
+static void test_ep_planner_cached(void) {
+    char err[512];
+    plan_model_t *pm = malloc(sizeof *pm);
+    plan_t *p = malloc(sizeof *p), *r = malloc(sizeof *r);
+    CU_ASSERT_EQUAL_FATAL(plan_model_from_preset("mixtral-8x7b", "Q4_0", pm, err, sizeof err), 0);
+    uint64_t ex = 0; // one expert of every block
+    for (int il = 0; il < pm->n_layer; il++)
+        ex += (pm->row_bytes[il][PLAN_W_GATE] + pm->row_bytes[il][PLAN_W_UP]) * (uint64_t)pm->n_ff +
+              pm->row_bytes[il][PLAN_W_DOWN] * (uint64_t)pm->n_embd;
+    plan_node_t nd[4];
+    fast_nodes(nd, 4, 1000, 125e6);
+    CU_ASSERT_EQUAL_FATAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, r, err, sizeof err), 0); // no budgets: resident
+    for (int i = 0; i < 4; i++) nd[i].mem_budget = 5ull << 30, nd[i].disk_bw = 1e9;
+    CU_ASSERT_EQUAL(plan_ep(pm, nd, 4, 1, 4096, true, 1, p, err, sizeof err), MLM_EFULL); // 2 experts need 7 GiB
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "do not fit"));
+    CU_ASSERT_EQUAL_FATAL(plan_ep_cached(pm, nd, 4, 1, 4096, true, 1, -1, p, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(p->ep_cache, -1);
+    for (int i = 0; i < 4; i++) {
+        const plan_shard_t *sh = &p->shard[i];
+        CU_ASSERT_EQUAL(plan_shard_n_experts(sh), 2);
+        CU_ASSERT_EQUAL(sh->ep_cached, 1); // one of its two per block fits beside the rest
+        CU_ASSERT(sh->peak_bytes <= nd[i].mem_budget);
+        CU_ASSERT_EQUAL(sh->weight_bytes, r->shard[i].weight_bytes - ex);
+        // a routed expert (2 of 8 per token land here: 0.5 per block) misses half the time
+        CU_ASSERT_EQUAL(sh->st.stream_bytes, (uint64_t)(0.5 * (double)ex * 2 * 2 / 8));
+        CU_ASSERT(sh->disk_ms > 0);
+    }
+    CU_ASSERT(p->cost.disk_ms > 0 && p->cost.token_ms > r->cost.token_ms + p->cost.disk_ms * 0.5);
+    // budgets holding everything: nothing cached away, the resident plan's figures
+    for (int i = 0; i < 4; i++) nd[i].mem_budget = 16ull << 30;
+    CU_ASSERT_EQUAL_FATAL(plan_ep_cached(pm, nd, 4, 1, 4096, true, 1, -1, p, err, sizeof err), 0);
+    for (int i = 0; i < 4; i++) CU_ASSERT_EQUAL(p->shard[i].ep_cached, 0);
+    CU_ASSERT_DOUBLE_EQUAL(p->cost.token_ms, r->cost.token_ms, 1e-9);
+    // a fixed N of 1 caches even where more would fit; below one per block it is refused
+    CU_ASSERT_EQUAL_FATAL(plan_ep_cached(pm, nd, 4, 1, 4096, true, 1, 1, p, err, sizeof err), 0);
+    for (int i = 0; i < 4; i++) CU_ASSERT_EQUAL(p->shard[i].ep_cached, 1);
+    for (int i = 0; i < 4; i++) nd[i].mem_budget = 2ull << 30; // the leader's dense part alone is over 1 GiB, + 3 GiB of one expert per block
+    CU_ASSERT_EQUAL(plan_ep_cached(pm, nd, 4, 1, 4096, true, 1, -1, p, err, sizeof err), MLM_EFULL);
+    // through the search: the automatic choice still compares them with sliced experts
+    plan_opts_t o = {.n_ctx = 4096, .ep = 4, .expert_cache = -1};
+    for (int i = 0; i < 4; i++) nd[i].mem_budget = 5ull << 30;
+    CU_ASSERT_EQUAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), 0);
+    CU_ASSERT(p->ep && p->shard[1].ep_cached == 1);
+    o.expert_cache = 0;
+    CU_ASSERT_EQUAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), MLM_EFULL);
+    free(p);
+    free(r);
+    free(pm);
+}
+
 static void test_ep_planner(void) {
     char err[512];
     plan_model_t *pm = malloc(sizeof *pm);
@@ -1123,6 +1230,7 @@ int test_ep_suite(void) {
         !CU_add_test(s, "4 members", test_ep4) ||
         !CU_add_test(s, "pipeline of two expert-parallel groups", test_ep_pipeline) ||
         !CU_add_test(s, "over zmq", test_ep_zmq) ||
+        !CU_add_test(s, "members caching their placed experts", test_ep_expert_cache) ||
         !CU_add_test(s, "replicated experts, attention on the leader", test_ep_replicas) ||
         !CU_add_test(s, "inconsistent groups refused", test_ep_refused) ||
         !CU_add_test(s, "a leader's malformed messages refused", test_ep_hostile) ||
@@ -1130,6 +1238,7 @@ int test_ep_suite(void) {
         !CU_add_test(s, "meshlm plan names the experts of each node", test_ep_plan_output) ||
         !CU_add_test(s, "workers without the model receive only their experts", test_ep_streamed) ||
         !CU_add_test(s, "planner: placement, memory, speed, sliced or placed", test_ep_planner) ||
+        !CU_add_test(s, "planner: members caching their placed experts under small budgets", test_ep_planner_cached) ||
         !CU_add_test(s, "routing counts parsed, malformed ones refused", test_ep_routing_counts) ||
         !CU_add_test(s, "planner: a second holder for the popular experts", test_ep_hot_planner) ||
         !CU_add_test(s, "planner: nodes sharing a machine's cores, sliced against placed", test_ep_shared_cores) ||

@@ -326,6 +326,11 @@ static void test_cli_tokens(void) {
         "--expert-cache auto --mem-budget 5M",  // the experts alone weigh 6.4 MiB
         "--expert-cache off",
         "--local 2 --keep-all --expert-cache 1",
+        "--local 3 --ep 3 --verbose --expert-cache 1", // each caching one of the experts placed on it
+        "--local 2 --ep 2 --local-no-model --verbose --expert-cache 1 --expert-prefetch on", // from its cut shard
+        // budgets below the placed experts: the planner keeps what fits (the leader 1, the other member,
+        // without attention, 2 of its 4 per block) and the workers' caches agree with it
+        "--local 2 --ep 2 --local-mem 0 --mem-budget 3M --verbose --expert-cache auto",
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         if (run_cli(cases[i], out, err, CAP) != 0) {
@@ -340,6 +345,14 @@ static void test_cli_tokens(void) {
             CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: weights: experts: "));
             CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: experts: hit rate "));
         }
+        if (strstr(cases[i], "3M")) {
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "| cache 1 of 4 "));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "| cache 2 of 4 "));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "experts: 2 of 4 placed here per block"));
+        }
+        if (strstr(cases[i], "--ep")) // the workers' providers hold their placed experts alone
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, strstr(cases[i], "--ep 3") ? "experts: 1 of 3 placed here per block"
+                                                                          : "experts: 1 of 4 placed here per block"));
         if (strstr(cases[i], "5M")) { // fewer than all 8 fit
             CU_ASSERT_PTR_NOT_NULL(strstr(err, " of 8 per block resident"));
             CU_ASSERT_PTR_NULL(strstr(err, "experts: 8 of 8"));

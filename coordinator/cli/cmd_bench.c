@@ -423,7 +423,7 @@ int cmd_bench(int argc, char **argv) {
                                      .mem_budget = a.lay.mem_budget,
                                      .weights = expert_args_provider(&a.ex, wname, sizeof wname),
                                      .expert_skip = a.ex.skip,
-                                     .pp = a.lay.pp, .tp = a.lay.tp, .ep = a.lay.ep, .ep_replicated = a.lay.ep_replicated, .ep_replicas = a.lay.ep_replicas, .ep_hot_file = a.lay.ep_hot_file, .ep_hot = a.lay.ep_hot, .keep_all = a.lay.keep_all,
+                                     .pp = a.lay.pp, .tp = a.lay.tp, .ep = a.lay.ep, .ep_replicated = a.lay.ep_replicated, .ep_replicas = a.lay.ep_replicas, .ep_hot_file = a.lay.ep_hot_file, .ep_hot = a.lay.ep_hot, .expert_cache = expert_args_plan(&a.ex), .keep_all = a.lay.keep_all,
                                      .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                                      .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                                      .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,

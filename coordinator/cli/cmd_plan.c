@@ -54,6 +54,9 @@ static void plan_usage(FILE *f) {
             "  --ep-hot FILE[:N]  with lead: a second copy of each block's N most popular experts (default N:\n"
             "                     top-k, at most 16), from FILE's routing counts (meshlm inspect MODEL --routing\n"
             "                     T --routing-out FILE); expert times are then predicted block by block\n"
+            "  --expert-cache N|auto  placed experts cached (as the workers' --expert-cache): each node keeps N\n"
+            "                     per block (auto: as many as its budget holds) and reads the others from disk\n"
+            "                     on use; a node is refused only when one per block does not fit\n"
             "  --keep-all         every node computes          --pin-first  node 0 (coordinator) is rank 0\n"
             "  --no-stream        refuse shares that do not fit their budgets (default: they stream weights\n"
             "                     from disk through a window of units)\n"
@@ -179,7 +182,8 @@ static void kv_table(const plan_t *p, const char *dev, FILE *f) {
 
 int cmd_plan(int argc, char **argv) {
     enum { O_NODES = 256, O_NODES_FILE, O_PRESET, O_QUANT, O_PP, O_TP, O_KEEP, O_PIN, O_PLAN, O_OUT, O_EXPLAIN,
-           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP, O_KVCAP, O_EP_ATTN, O_EP_REPLICAS, O_EP_HOT };
+           O_JSON, O_UBATCH, O_PROMPT, O_TP_MODE, O_NO_STREAM, O_KVDEV, O_EP, O_KVCAP, O_EP_ATTN, O_EP_REPLICAS, O_EP_HOT,
+           O_EXPERT_CACHE };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"nodes", required_argument, 0, O_NODES},
         {"nodes-file", required_argument, 0, O_NODES_FILE}, {"preset", required_argument, 0, O_PRESET},
@@ -192,6 +196,7 @@ int cmd_plan(int argc, char **argv) {
         {"tp-mode", required_argument, 0, O_TP_MODE}, {"no-stream", no_argument, 0, O_NO_STREAM},
         {"kv-device", required_argument, 0, O_KVDEV}, {"ep", required_argument, 0, O_EP},
         {"ep-attn", required_argument, 0, O_EP_ATTN}, {"ep-replicas", required_argument, 0, O_EP_REPLICAS},
+        {"expert-cache", required_argument, 0, O_EXPERT_CACHE},
         {"ep-hot", required_argument, 0, O_EP_HOT},
         {"kv-cap", required_argument, 0, O_KVCAP},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
@@ -227,6 +232,10 @@ int cmd_plan(int argc, char **argv) {
         case O_KVCAP: bad |= plan_parse_size(optarg, &kv_cap) != 0 || !kv_cap; break;
         case O_EP: bad |= layout_args_ep(optarg, &po.ep); break;
         case O_EP_REPLICAS: bad |= positive(optarg, &po.ep_replicas); break;
+        case O_EXPERT_CACHE:
+            if (!strcmp(optarg, "auto")) po.expert_cache = -1;
+            else bad |= positive(optarg, &po.expert_cache);
+            break;
         case O_EP_HOT: {
             layout_args_t la = {0};
             if (layout_args_option(&la, LA_EP_HOT, optarg, "plan") < 0) bad = 1;

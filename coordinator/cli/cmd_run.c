@@ -288,7 +288,7 @@ static int run_main(run_args_t *ap) {
                              .mem_budget = a.lay.mem_budget,
                              .weights = expert_args_provider(&a.ex, wname, sizeof wname), .expert_skip = a.ex.skip,
                              .timeout_ms = a.timeout_ms, .kv_f32 = a.g.kv_f32, .kv_q8 = a.g.kv_q8, .kv_device = a.g.kv_device, .verbose = a.verbose,
-                             .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp, .ep = a.lay.ep, .ep_replicated = a.lay.ep_replicated, .ep_replicas = a.lay.ep_replicas, .ep_hot_file = a.lay.ep_hot_file, .ep_hot = a.lay.ep_hot,
+                             .data_endpoint = a.data_endpoint, .pp = a.lay.pp, .tp = a.lay.tp, .ep = a.lay.ep, .ep_replicated = a.lay.ep_replicated, .ep_replicas = a.lay.ep_replicas, .ep_hot_file = a.lay.ep_hot_file, .ep_hot = a.lay.ep_hot, .expert_cache = expert_args_plan(&a.ex),
                              .keep_all = a.lay.keep_all, .plan_file = a.lay.plan_file, .ubatch = a.lay.ubatch,
                              .local_profile = a.local > 0, .recover = !a.lay.no_recover,
                              .heartbeat_ms = a.lay.heartbeat_ms, .n_standby = a.lay.n_standby,

@@ -68,3 +68,9 @@ const char *expert_args_provider(const expert_args_t *a, char *buf, size_t cap) 
     experts_name(&a->o, buf, cap);
     return buf;
 }
+
+int expert_args_plan(const expert_args_t *a) {
+    if (!a->set) return 0;
+    if (a->o.naive) return 1;
+    return a->o.per_layer > 0 ? a->o.per_layer : -1;
+}

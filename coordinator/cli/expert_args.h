@@ -47,6 +47,10 @@ int expert_args_option(expert_args_t *a, int ch, const char *arg, const char *cm
 // read/token". Returns the length written.
 int expert_args_summary(const weights_stats_t *s, int n_tokens, char *buf, size_t cap);
 
+// What the planner sizes placed experts with (plan_opts_t.expert_cache): 0 without a cache option, N
+// per block, -1 for auto (as many as the budget holds), 1 for off (one slot per block).
+int expert_args_plan(const expert_args_t *a);
+
 // The weight provider name for the options into buf ("experts:n=2,policy=lru,prefetch=on"), or NULL
 // when no cache option was given (the provider is then chosen by the budget).
 const char *expert_args_provider(const expert_args_t *a, char *buf, size_t cap);

@@ -123,7 +123,9 @@ typedef struct {
     uint64_t experts[4];     // expert parallelism (plan_t.ep): bit e set = it computes expert e of every
                              // block of its stage (256 experts at most); unused otherwise
     int ep_cached;           // with plan_t.ep_cache: experts of each block it keeps resident when fewer than
-                             // it holds (an expert cache reads the others from disk on use); 0 = all resident
+                             // it holds (an expert cache reads the others from disk on use; sliced experts:
+                             // its rows of that many); 0 = all resident
+    int ep_cache_of;         // with ep_cached: the experts of each block it holds (placed ones, or n_expert)
 } plan_shard_t;
 
 // Predicted cost of a plan, per generated token (decode) unless said otherwise.
@@ -173,8 +175,11 @@ typedef struct {
         uint8_t expert;             // the expert of block l
         uint8_t shard;              // the member (shard index) that holds a second copy of it in block l
     } ep_hot_of[PLAN_MAX_LAYERS][PLAN_EP_HOT_MAX];
-    int ep_cache;                   // with ep: the members cache their experts (plan_opts_t.expert_cache): N per
-                                    // block resident, -1 as many as each budget holds; 0 = all resident
+    int ep_cache;                   // MoE: shares cache their experts (plan_opts_t.expert_cache): N per block
+                                    // resident, -1 as many as each budget holds; 0 = all resident. Placed
+                                    // experts are sized so (plan_ep_cached); a sliced share over its budget
+                                    // keeps its rows of as many per block as fit instead of streaming
+                                    // through the window (exact mode, KV cache on the host)
     double sliced_ms;               // MoE: token_ms of the best plan with sliced experts (0 = unknown)
     double placed_ms;               // MoE: token_ms of the best plan with placed experts (0 = unknown)
 } plan_t;

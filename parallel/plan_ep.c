@@ -96,7 +96,7 @@ static void size_member(const plan_model_t *pm, plan_t *p, int i, int owned) {
         res = fit < 1 ? 1 : fit < (uint64_t)owned ? (int)fit : owned;
     }
     size_resident(pm, p, i, res);
-    if (res < owned) sh->ep_cached = res;
+    if (res < owned) sh->ep_cached = res, sh->ep_cache_of = owned;
 }
 
 static void set_expert(plan_shard_t *sh, int e) { sh->experts[e >> 6] |= (uint64_t)1 << (e & 63); }
@@ -510,8 +510,15 @@ void plan_predict_ep(const plan_model_t *pm, plan_t *p) {
             const double bytes = rep + xb * (double)k * (double)own / (double)ne;
             // a cache of kept of own experts per block: a routed expert misses with 1 - kept/own (uniform
             // routing) and is then read whole from disk before it computes
+            // members caching on one disk (disk_id) read their misses at once: at most top-k of them in a
+            // token, together up to PLAN_DISK_PARALLEL times one reader's bandwidth
             const double miss = own > 0 && kept < own ? 1.0 - (double)kept / own : 0;
-            const double read_ms = miss * xb / (plan_node_disk_bw(nd) * PLAN_DISK_EFFICIENCY) * 1e3;
+            int readers = 1;
+            for (int j = a; nd->disk_id > 0 && j < b; j++)
+                readers += j != i && p->shard[j].ep_cached > 0 && p->node[p->shard[j].node].disk_id == nd->disk_id;
+            const double at_once = readers < k ? readers : k > 0 ? k : 1;
+            const double share = at_once / (at_once < PLAN_DISK_PARALLEL ? at_once : PLAN_DISK_PARALLEL);
+            const double read_ms = miss * xb * share / (plan_node_disk_bw(nd) * PLAN_DISK_EFFICIENCY) * 1e3;
             rep_ms[i - a] = rep * max2(flop_ms, mem_ms);
             x_ms[i - a] = xb * max2(flop_ms, mem_ms) + read_ms;
             if (p->ep_lead && i > a) rep_ms[i - a] = 0; // experts only: it waits for the leader's attention

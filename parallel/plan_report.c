@@ -65,9 +65,9 @@ static void node_rows(FILE *f, const plan_t *p) {
         const plan_node_t *nd = &p->node[s->node];
         char res[24], wn[40];
         plan_fmt_bytes(res, sizeof res, s->st.resident_bytes);
-        if (s->st.streams) snprintf(wn, sizeof wn, "%d (%d/%d units)", s->st.window, s->st.pinned, s->st.n_units);
-        else if (s->ep_cached > 0) // an expert cache: experts kept per block of those it holds
-            snprintf(wn, sizeof wn, "cache %d of %d", s->ep_cached, plan_shard_n_experts(s));
+        if (s->ep_cached > 0) // an expert cache: experts kept per block of those it holds
+            snprintf(wn, sizeof wn, "cache %d of %d", s->ep_cached, s->ep_cache_of);
+        else if (s->st.streams) snprintf(wn, sizeof wn, "%d (%d/%d units)", s->st.window, s->st.pinned, s->st.n_units);
         else snprintf(wn, sizeof wn, "- (resident)");
         fprintf(f, "| %-4d | %-12s | %10s | %-16s | %11.1f | %9.0f | %9.2f | %10.2f | %10.2f | %9.2f | %9.2f |\n", i,
                 nd->name, res, wn, (double)s->st.stream_bytes / 1e6, plan_node_disk_bw(nd) / 1e6, s->disk_ms,
@@ -134,7 +134,10 @@ static void json_plan(FILE *f, const plan_t *p) {
                 for (int il = s->s.l0, n = 0; il < s->s.l1 && il < PLAN_MAX_LAYERS; il++)
                     for (int h = 0; h < p->ep_hot_n[il]; h++)
                         if (p->ep_hot_of[il][h].shard == i) fprintf(f, "%s[%d, %d]", n++ ? ", " : "", il, p->ep_hot_of[il][h].expert);
-                fprintf(f, "], \"experts_resident\": %d", s->ep_cached > 0 ? s->ep_cached : plan_shard_n_experts(s));
+                fprintf(f, "]");
+            }
+            if (s->ep_cached > 0) { // an expert cache: of each block's experts it holds, those kept
+                fprintf(f, ", \"experts_resident\": %d, \"experts_held\": %d", s->ep_cached, s->ep_cache_of);
             }
             fprintf(f, "}");
         }

@@ -266,6 +266,7 @@ static int build(search_t *s, const layout_t *lay, plan_tp_mode_t mode, plan_t *
     p->tp_mode = mode;
     p->resident_only = s->o.no_stream;
     p->ep = false; // sliced experts
+    p->ep_cache = s->o.expert_cache;
     p->sliced_ms = p->placed_ms = 0;
     for (int i = 0; i < m && i < PLAN_MAX_NODES; i++) memset(p->shard[i].experts, 0, sizeof p->shard[i].experts);
     memset(&p->cost, 0, sizeof p->cost);

@@ -162,14 +162,61 @@ bool plan_kv_place(const plan_node_t *nd, plan_shard_t *s, uint64_t kv_fixed) {
     return !nd->kv_cap || s->kv_dev_bytes <= nd->kv_cap;
 }
 
+// Sliced share i of a MoE model over its budget with an expert cache (plan_t.ep_cache, exact mode, KV
+// on the host): its dense parts, KV cache and activations resident, its rows of N experts per block in
+// cache slots (N as the cache is asked, or as many as fit), the routed others read from disk when used
+// (k of n_expert per block per token, a miss with 1 - N / n_expert: routing assumed uniform). False
+// when not even one per block fits (the window then stays).
+static bool cache_experts(const plan_model_t *pm, plan_t *p, int i, int rc) {
+    plan_shard_t *s = &p->shard[i];
+    const plan_node_t *nd = &p->node[s->node];
+    const uint64_t bud = nd->mem_budget;
+    const int ne = pm->n_expert, k = pm->n_expert_used > 0 ? pm->n_expert_used : 1;
+    if ((rc != 0 && rc != MLM_ERANGE) || !p->ep_cache || p->ep || ne <= 0 || p->tp_mode != PLAN_TP_EXACT || !bud ||
+        nd->kv_dev != PLAN_KV_HOST || !s->st.streams)
+        return false;
+    plan_stream_t all;
+    uint64_t w = 0, kv = 0, kvf = 0;
+    if (plan_size_share(pm, &s->s, PLAN_TP_EXACT, p->n_ctx, nd, 0, &all, &w, &kv, &kvf) != 0) return false;
+    uint64_t ex = 0, one = 0, slot = 0; // its rows of one expert of every block, that in cache slots
+    double per_tok = 0;
+    for (int il = s->s.l0; il < s->s.l1; il++) {
+        const uint64_t *r = pm->row_bytes[il];
+        const uint64_t e = (r[PLAN_W_GATE] + r[PLAN_W_UP]) * (uint64_t)(s->s.f1 - s->s.f0) +
+                           r[PLAN_W_DOWN] * (uint64_t)(s->s.e1 - s->s.e0);
+        one += e;
+        slot += e + PLAN_EXPERT_SLOT_SLACK;
+    }
+    ex = one * (uint64_t)ne;
+    if (!one || all.resident_bytes < ex) return false;
+    const uint64_t base = all.resident_bytes - ex; // KV, activations, dense parts, embedding rows
+    if (base + slot > bud) return false;
+    uint64_t n = p->ep_cache > 0 ? (uint64_t)p->ep_cache : (bud - base) / slot;
+    if (n >= (uint64_t)ne) return false; // all of them would fit: nothing to cache away
+    if (n < 1) n = 1;
+    per_tok = (double)k * (1.0 - (double)n / ne) * (double)one;
+    s->st = all;
+    s->st.streams = true;
+    s->st.window = 0;
+    s->st.resident_bytes = s->st.peak_bytes = base + n * slot;
+    s->st.stream_bytes = (uint64_t)per_tok;
+    s->weight_bytes = w - one * ((uint64_t)ne - n);
+    s->peak_bytes = s->st.peak_bytes;
+    s->ep_cached = (int)n;
+    s->ep_cache_of = ne;
+    return s->peak_bytes <= bud;
+}
+
 bool plan_size_shard(const plan_model_t *pm, plan_t *p, int i, bool stream) {
     plan_shard_t *s = &p->shard[i];
     const plan_node_t *nd = &p->node[s->node];
     const uint64_t bud = nd->mem_budget;
     uint64_t kv_fixed = 0;
-    const int rc = plan_size_share(pm, &s->s, p->tp_mode, p->n_ctx, nd, stream ? bud : 0, &s->st, &s->weight_bytes,
-                                   &s->kv_bytes, &kv_fixed);
+    int rc = plan_size_share(pm, &s->s, p->tp_mode, p->n_ctx, nd, stream ? bud : 0, &s->st, &s->weight_bytes,
+                             &s->kv_bytes, &kv_fixed);
     s->peak_bytes = s->st.peak_bytes;
+    s->ep_cached = s->ep_cache_of = 0;
+    if (stream && cache_experts(pm, p, i, rc)) rc = 0; // an expert cache instead of the window
     const bool dev_ok = plan_kv_place(nd, s, kv_fixed);
     return rc == 0 && (!bud || s->peak_bytes <= bud) && dev_ok;
 }

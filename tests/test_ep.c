@@ -1015,6 +1015,26 @@ static void test_ep_planner_cached(void) {
     CU_ASSERT(p->ep && p->shard[1].ep_cached == 1);
     o.expert_cache = 0;
     CU_ASSERT_EQUAL(plan_make(pm, nd, 4, &o, p, NULL, 0, NULL, err, sizeof err), MLM_EFULL);
+    // sliced experts under the same budgets: each share keeps its rows of as many experts per block as
+    // fit and reads the routed others, instead of streaming every unit through the window
+    plan_opts_t so = {.n_ctx = 4096, .ep = -1, .tp = 4, .expert_cache = -1};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &so, p, NULL, 0, NULL, err, sizeof err), 0);
+    so.expert_cache = 0;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, nd, 4, &so, r, NULL, 0, NULL, err, sizeof err), 0);
+    for (int i = 0; i < 4; i++) {
+        const plan_shard_t *c = &p->shard[i], *w = &r->shard[i];
+        CU_ASSERT(c->ep_cached >= 1 && c->ep_cached < 8 && c->ep_cache_of == 8);
+        CU_ASSERT(c->peak_bytes <= nd[i].mem_budget);
+        CU_ASSERT(w->ep_cached == 0 && w->st.streams && w->st.window > 0); // the window without a cache
+        CU_ASSERT(c->st.stream_bytes > 0 && c->st.stream_bytes < w->st.stream_bytes / 2);
+        // per token: top-2 of 8 per block, each a miss with 1 - kept / 8, its rows of one expert
+        uint64_t one = 0;
+        for (int il = 0; il < pm->n_layer; il++)
+            one += (pm->row_bytes[il][PLAN_W_GATE] + pm->row_bytes[il][PLAN_W_UP]) * (uint64_t)(c->s.f1 - c->s.f0) +
+                   pm->row_bytes[il][PLAN_W_DOWN] * (uint64_t)(c->s.e1 - c->s.e0);
+        CU_ASSERT_EQUAL(c->st.stream_bytes, (uint64_t)(2.0 * (1.0 - c->ep_cached / 8.0) * (double)one));
+    }
+    CU_ASSERT(p->cost.token_ms < r->cost.token_ms / 2);
     free(p);
     free(r);
     free(pm);

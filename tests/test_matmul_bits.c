@@ -1,4 +1,5 @@
-// CUnit suite "matmul_bits": every table's mm_rows gives the scalar table's bits for the types the logits depend on bit for bit.
+// CUnit suite "matmul_bits": every table's mm_rows, with either decode tuning (kern_tune_t), gives the scalar
+// table's bits for the types the logits depend on bit for bit.
 //
 // Small shapes, so that the suite also runs quickly under qemu-user (the cross-compiled Arm tests):
 // packed Q4_0 groups, plain Q8_0, Q4_K, Q6_K and F32/F16 rows (both the one-token and the tiled orders).
@@ -51,16 +52,20 @@ static int check_shape(qtype_t t, int64_t rows, int64_t cols, uint64_t seed) {
             const int n_tok = nts[a];
             const int64_t r0 = r0s[b];
             run(kernels_for_isa("scalar"), t, rows, cols, w, x, n_tok, r0, want);
-            for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
-                const kernels_t *k = kernels_for_isa(isas[i]);
-                if (!k) continue;
+            for (size_t i = 0; i < 3 * sizeof isas / sizeof isas[0]; i++) {
+                const kernels_t *ki = kernels_for_isa(isas[i / 3]);
+                if (!ki) continue;
+                kernels_t kc = *ki; // each table with each decode tuning, and one stream for every type
+                kc.tune = i % 3 == 0 ? kern_tune_intel() : i % 3 == 1 ? kern_tune_amd()
+                        : (kern_tune_t){.name = "one stream", .q4_groups = 1, .q8_groups = 1, .q6_rows = 1, .f16_rows = 1};
+                const kernels_t *k = &kc;
                 run(k, t, rows, cols, w, x, n_tok, r0, got);
                 for (int tk = 0; tk < n_tok; tk++)
                     for (int64_t r = r0; r < rows; r++) {
                         const size_t at = (size_t)tk * rows + r;
                         if (memcmp(&got[at], &want[at], sizeof(float)) != 0 && bad++ == 0)
-                            fprintf(stderr, "\n  %s %s %lldx%lld nt=%d rows [%lld, %lld) row %lld tok %d: got %.9g, scalar %.9g\n",
-                                    k->isa, qtype_name(t), (long long)rows, (long long)cols, n_tok, (long long)r0,
+                            fprintf(stderr, "\n  %s (%s) %s %lldx%lld nt=%d rows [%lld, %lld) row %lld tok %d: got %.9g, scalar %.9g\n",
+                                    k->isa, k->tune.name, qtype_name(t), (long long)rows, (long long)cols, n_tok, (long long)r0,
                                     (long long)rows, (long long)r, tk, got[at], want[at]);
                     }
             }

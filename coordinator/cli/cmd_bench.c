@@ -365,8 +365,8 @@ int cmd_bench(int argc, char **argv) {
             fault_args_t fa = {0};     // this configuration's fault schedule
             gen_engine_t eng;
             const int need = need_ctx;
-            char backend[24];
-            snprintf(backend, sizeof backend, "CPU %s", model_kernels(m)->isa);
+            char backend[48];
+            snprintf(backend, sizeof backend, "CPU %s %s", model_kernels(m)->isa, model_kernels(m)->tune.name);
             if (!dist) {
                 model_ctx_opts_t co = {.n_ctx = need, .n_batch = a.n_prompt > 0 ? a.n_prompt : 64,
                                        .n_threads = a.threads[ti], .attn_dev = a.kv_device, .kv_q8 = a.kv_q8,

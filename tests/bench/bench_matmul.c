@@ -171,7 +171,7 @@ int main(int argc, char **argv) {
     }
     if (reps < 1) reps = 1;
     const kernels_t *k = kernels_best();
-    printf("bench_matmul: isa=%s reps=%d (best of), TinyLlama-1.1B shapes, %d layers + output%s\n", k->isa, reps, N_LAYER,
+    printf("bench_matmul: isa=%s (%s) reps=%d (best of), TinyLlama-1.1B shapes, %d layers + output%s\n", k->isa, k->tune.name, reps, N_LAYER,
            cache_resident ? ", cache-resident (one copy of each shape)" : "");
 
     char tbuf[256];

@@ -17,12 +17,33 @@ typedef void (*kern_from_float_fn)(const float *x, void *y, int64_t n);
 // streams of them 11-13, as fast as the decode kernels read).
 typedef uint64_t (*kern_read_sum_fn)(const void *p, size_t n);
 
+// How many weight streams a decode kernel (one token: every weight read once) walks side by side per
+// thread. More streams in flight hide memory latency on some cores; on others they defeat the hardware
+// prefetchers, which follow a few long sequential streams best (README "Speed": on Intel Sapphire
+// Rapids several streams were 1.16x one for Q4_0; on AMD Zen 5 one stream was 1.08-1.12x for Q4_0 and
+// 1.0-1.27x for Q6_K, while F16 and Q8_0 went either way with the host's load). Results are the same
+// bits either way: each output row keeps its own arithmetic.
+typedef struct {
+    const char *name;        // "intel" or "amd"
+    int q4_groups;           // packed Q4_0 (16-row groups): groups walked side by side (1..4)
+    int q8_groups;           // packed Q8_0: the same (1..2)
+    int q6_rows;             // Q6_K rows per pass (1, 2 or 4)
+    int f16_rows;            // F16 rows per pass (1 or 4)
+} kern_tune_t;
+
 typedef struct kernels {
     const char *isa;                          // "scalar", "avx2", "avx512", "neon", "neon-dotprod"
+    kern_tune_t tune;                         // decode streams (the AVX-512 table's follow the CPU's vendor,
+                                              // or $MESHLM_TUNE=intel|amd; the others' are intel's)
     kern_vec_dot_fn vec_dot[QT_COUNT];        // by weight type; NULL -> scalar reference
     kern_from_float_fn from_float[QT_COUNT];  // by activation type; NULL -> scalar reference
     kern_read_sum_fn read_sum;                // NULL -> plain C
 } kernels_t;
+
+// The decode tunings (kern_tune_t) measured best on Intel (several streams per thread for every type)
+// and on AMD (one stream for Q4_0 and Q6_K).
+kern_tune_t kern_tune_intel(void);
+kern_tune_t kern_tune_amd(void);
 
 // The best table this CPU runs. The environment variable MESHLM_ISA=scalar|avx2|avx512|neon|neon-dotprod forces
 // one (falling back to the best available when the CPU lacks it). Never NULL.

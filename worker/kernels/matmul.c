@@ -323,14 +323,9 @@ static void free_packed(void *p, size_t mapped) {
     else free(p);
 }
 
-#ifndef MMP_DECN
-#define MMP_DECN 4 // full Q4_0 groups decode walks side by side (1..4): 4 streams per thread, 1.16x
-                   // over one on TinyLlama shapes with 2 threads (Q4_K, compute-bound here, gained nothing)
-#endif
-
-#ifndef MMP_DECN_Q8
-#define MMP_DECN_Q8 2 // the same for packed Q8_0 (1..2; each group keeps 8 accumulators)
-#endif
+// Full Q4_0 groups decode walks side by side: k->tune.q4_groups (1..4; 4 streams per thread were 1.16x
+// over one on TinyLlama shapes with 2 threads on Intel, 0.88x on AMD Zen 5; Q4_K, compute-bound on
+// Intel, gained nothing), and k->tune.q8_groups for packed Q8_0 (1..2; each group keeps 8 accumulators).
 
 static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, int64_t r0, int64_t r1) {
@@ -348,18 +343,19 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
 #endif
     int64_t g = r0 / MMP_ROWS;
 #if defined(MESHLM_HAVE_X86)
-    // decode: full groups MMP_DECN at a time (that many streams in flight per thread)
+    // decode: full groups k->tune.q4_groups (q8_groups) at a time (that many streams in flight per thread)
     const bool dec512 = isa_is(k, "avx512"), dec256 = isa_is(k, "avx2");
-    if (MMP_DECN > 1 && nt == 1 && w->pack == MMP_Q4_0X16 && nb % 2 == 0 && (dec512 || dec256) && g * MMP_ROWS == r0)
+    const int decn = k->tune.q4_groups < 4 ? k->tune.q4_groups : 4, decn8 = k->tune.q8_groups < 2 ? k->tune.q8_groups : 2;
+    if (decn > 1 && nt == 1 && w->pack == MMP_Q4_0X16 && nb % 2 == 0 && (dec512 || dec256) && g * MMP_ROWS == r0)
         for (int64_t n; (n = r1 / MMP_ROWS - g) > 0; g += n) {
-            if (n > MMP_DECN) n = MMP_DECN;
+            if (n > decn) n = decn;
             const uint8_t *g0 = (const uint8_t *)w->packed + (size_t)g * gb;
             if (dec512) mmp_q4_0x16_decn_avx512(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS);
             else mmp_q4_0x16_decn_avx2(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS);
         }
-    if (MMP_DECN_Q8 > 1 && nt == 1 && w->pack == MMP_Q8_0X16 && dec512 && g * MMP_ROWS == r0)
+    if (decn8 > 1 && nt == 1 && w->pack == MMP_Q8_0X16 && dec512 && g * MMP_ROWS == r0)
         for (int64_t n; (n = r1 / MMP_ROWS - g) > 0; g += n) {
-            if (n > MMP_DECN_Q8) n = MMP_DECN_Q8;
+            if (n > decn8) n = decn8;
             mmp_q8_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS);
         }
 #endif
@@ -665,7 +661,7 @@ void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq
 #ifdef MESHLM_HAVE_X86
     if (is_float_type(w->type) && isa_is(k, "avx512")) {
         mmp_float_avx512(w->type, w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt,
-                         y + r0, y_stride, w->cols, tiled);
+                         y + r0, y_stride, w->cols, tiled, k->tune.f16_rows);
         return;
     }
     if (w->type == QT_Q8_0 && nt == 1 && isa_is(k, "avx512")) {
@@ -679,7 +675,7 @@ void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq
     }
     if (w->type == QT_Q6_K && isa_is(k, "avx512")) { // tiles that unpack each super-block once for many tokens
         mmq_q6_K_avx512(w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt, y + r0, y_stride,
-                        w->cols);
+                        w->cols, k->tune.q6_rows);
         return;
     }
     if (w->type == QT_Q6_K && nt >= 2 && isa_is(k, "avx2")) {

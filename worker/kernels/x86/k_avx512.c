@@ -227,7 +227,7 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
 // below) and used for every token. With the activation made unsigned, x + 128 = x ^ 0x80,
 // maddubs(x + 128, q - 32) = x * (q - 32) + 128 * (q - 32) per element, so each lane starts from
 // -128 * sum(scale * (q - 32)), a per-row constant: a (row, token) costs 4 maddubs and 4 vpdpwssd.
-// Decode (one token), 4 rows per pass: the activation's 32 * x pair sums are formed once per
+// Decode (one token), 4 rows per pass (or 2 or 1: kern_tune_t.q6_rows): the activation's 32 * x pair sums are formed once per
 // super-block for the 4 rows and subtracted from maddubs(q, x) (vec_dot_q6_K's arithmetic).
 
 #ifndef Q6_TC
@@ -236,9 +236,6 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
 #define Q6_R 4   // rows per tile (pairs of rows share a zmm of float lanes)
 #ifndef Q6_PF
 #define Q6_PF 16 // decode: super-blocks each row is prefetched ahead (3.4 KB, into the next pass near the end; 1.3x faster than 4 within the row, 0: none)
-#endif
-#ifndef Q6_DEC_R
-#define Q6_DEC_R 4 // decode: rows per pass (2 or 4)
 #endif
 
 #define Q6_AI static inline __attribute__((always_inline))
@@ -394,12 +391,13 @@ Q6_AI void q6_dec(const uint8_t *w, size_t wrow, const block_q8_K *x, float *y, 
 }
 
 void mmq_q6_K_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
-                     size_t ys, int64_t n) {
+                     size_t ys, int64_t n, int dec_rows) {
     const int64_t nb = n / QK_K;
     if (nt == 1) {
         int64_t r = 0;
-        for (; r + Q6_DEC_R <= nr; r += Q6_DEC_R) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, Q6_DEC_R);
-        for (; r + 2 <= nr; r += 2) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 2);
+        if (dec_rows >= 4)
+            for (; r + 4 <= nr; r += 4) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 4);
+        for (; dec_rows >= 2 && r + 2 <= nr; r += 2) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 2);
         for (; r < nr; r++) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 1);
         return;
     }

@@ -914,10 +914,11 @@ AI float float_dot_vd(qtype_t type, const uint8_t *w, const uint8_t *x, int64_t 
 #define F16_DEC_PF 256 // columns each row is prefetched ahead (512 bytes; 256 and 512 measured alike)
 #endif
 
-static void f16_dot_vd_rows4(const uint8_t *w, size_t wrow, const uint8_t *x, float *y, int64_t n) {
+static inline __attribute__((always_inline)) void f16_dot_vd_rows(const uint8_t *w, size_t wrow, const uint8_t *x,
+                                                                   float *y, int64_t n, const int R) {
     __m512 a[4][4];
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; r++)
+    for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) a[r][j] = _mm512_setzero_ps();
     const int64_t np = n & ~(int64_t)63;
@@ -927,17 +928,17 @@ static void f16_dot_vd_rows4(const uint8_t *w, size_t wrow, const uint8_t *x, fl
         for (int j = 0; j < 4; j++) xv[j] = load_as_f32(QT_F16, x, i + 16 * j, 0xffff);
         if (i + F16_DEC_PF < np)
 #pragma GCC unroll 4
-            for (int r = 0; r < 4; r++) { // the 2 lines this step reads, F16_DEC_PF columns on
+            for (int r = 0; r < R; r++) { // the 2 lines this step reads, F16_DEC_PF columns on
                 _mm_prefetch((const char *)(w + (size_t)r * wrow) + 2 * (i + F16_DEC_PF), _MM_HINT_T0);
                 _mm_prefetch((const char *)(w + (size_t)r * wrow) + 2 * (i + F16_DEC_PF) + 64, _MM_HINT_T0);
             }
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++)
+        for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++)
                 a[r][j] = _mm512_fmadd_ps(load_as_f32(QT_F16, w + (size_t)r * wrow, i + 16 * j, 0xffff), xv[j], a[r][j]);
     }
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
         const float head = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][2]), _mm512_add_ps(a[r][1], a[r][3])));
         double sd = head;
         const mlm_f16_t *wr = (const mlm_f16_t *)(w + (size_t)r * wrow), *xr = (const mlm_f16_t *)x;
@@ -947,11 +948,12 @@ static void f16_dot_vd_rows4(const uint8_t *w, size_t wrow, const uint8_t *x, fl
 }
 
 void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
-                      float *y, size_t ys, int64_t n, bool tiled) {
+                      float *y, size_t ys, int64_t n, bool tiled, int dec_rows) {
     if (!tiled && type == QT_F16 && nt == 1) {
         int64_t r = 0;
-        for (; r + 4 <= nr; r += 4) f16_dot_vd_rows4(w + (size_t)r * wrow, wrow, x, y + r, n);
-        for (; r < nr; r++) y[r] = float_dot_vd(QT_F16, w + (size_t)r * wrow, x, n);
+        if (dec_rows >= 4)
+            for (; r + 4 <= nr; r += 4) f16_dot_vd_rows(w + (size_t)r * wrow, wrow, x, y + r, n, 4);
+        for (; r < nr; r++) f16_dot_vd_rows(w + (size_t)r * wrow, wrow, x, y + r, n, 1); // prefetched, one stream
         return;
     }
     if (!tiled && type != QT_BF16) {

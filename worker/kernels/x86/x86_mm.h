@@ -119,8 +119,9 @@ void mmp_q4_kx16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t 
 // Plain F32 / F16 / BF16 rows (weights and activations of the same type t, n elements each):
 // y[t * ys + r] = dot(w row r, x row t) for r < nr, t < nt. tiled: one 16-lane fma chain per output
 // (llamafile tinyBLAS's order, register-tiled rows x tokens); otherwise ggml_vec_dot_f32/f16's order.
+// F16 decode (one token, not tiled) walks dec_rows rows per pass (4, else 1; kern_tune_t.f16_rows).
 void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs,
-                      int nt, float *y, size_t ys, int64_t n, bool tiled);
+                      int nt, float *y, size_t ys, int64_t n, bool tiled, int dec_rows);
 
 // The same for F32 / F16 with AVX2 (two ymm per 16 lanes; same bits as mmp_float_avx512).
 void mmp_float_avx2(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
@@ -137,9 +138,9 @@ void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x
 
 // Plain Q6_K rows times Q8_K activation rows (n elements): y[t * ys + r] for r < nr, t < nt, each the
 // bits of vec_dot_q6_K; batches in tiles of 4 rows x up to 32 tokens (each super-block unpacked once
-// per tile), one token 4 rows per pass.
+// per tile), one token dec_rows rows per pass (4, 2 or 1; kern_tune_t.q6_rows).
 void mmq_q6_K_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
-                     size_t ys, int64_t n);
+                     size_t ys, int64_t n, int dec_rows);
 
 // The same batches with AVX2 (tiles of 4 rows x up to 32 tokens, same bits); nt >= 2.
 void mmq_q6_K_avx2(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y, size_t ys,

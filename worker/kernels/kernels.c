@@ -98,7 +98,7 @@ kern_tune_t kern_tune_intel(void) {
 }
 
 kern_tune_t kern_tune_amd(void) {
-    return (kern_tune_t){.name = "amd", .q4_groups = 1, .q8_groups = 2, .q6_rows = 1, .f16_rows = 4};
+    return (kern_tune_t){.name = "amd", .q4_groups = 1, .q8_groups = 1, .q6_rows = 1, .f16_rows = 1};
 }
 
 const kernels_t *kernels_for_isa(const char *isa) {

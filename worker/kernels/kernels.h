@@ -20,9 +20,9 @@ typedef uint64_t (*kern_read_sum_fn)(const void *p, size_t n);
 // How many weight streams a decode kernel (one token: every weight read once) walks side by side per
 // thread. More streams in flight hide memory latency on some cores; on others they defeat the hardware
 // prefetchers, which follow a few long sequential streams best (README "Speed": on Intel Sapphire
-// Rapids several streams were 1.16x one for Q4_0; on AMD Zen 5 one stream was 1.08-1.12x for Q4_0 and
-// 1.0-1.27x for Q6_K, while F16 and Q8_0 went either way with the host's load). Results are the same
-// bits either way: each output row keeps its own arithmetic.
+// Rapids several streams were 1.16x one for Q4_0; on AMD Zen 5 one stream, software-prefetched across
+// rows, was 1.08-1.3x for every type). Results are the same bits either way: each output row keeps its
+// own arithmetic.
 typedef struct {
     const char *name;        // "intel" or "amd"
     int q4_groups;           // packed Q4_0 (16-row groups): groups walked side by side (1..4)
@@ -41,7 +41,7 @@ typedef struct kernels {
 } kernels_t;
 
 // The decode tunings (kern_tune_t) measured best on Intel (several streams per thread for every type)
-// and on AMD (one stream for Q4_0 and Q6_K).
+// and on AMD (one stream for every type).
 kern_tune_t kern_tune_intel(void);
 kern_tune_t kern_tune_amd(void);
 

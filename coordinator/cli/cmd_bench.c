@@ -319,10 +319,10 @@ int cmd_bench(int argc, char **argv) {
     else if (a.faults) faults = strdup(a.faults);
     cJSON *jarr = a.json ? cJSON_CreateArray() : NULL;
     if (!a.json) {
-        printf("| %-24s | %10s | %8s | %-14s | %7s | %6s | %16s | %10s |%s\n", "model", "size", "params", "backend",
+        printf("| %-24s | %10s | %8s | %-14s | %7s | %6s | %16s | %12s |%s\n", "model", "size", "params", "backend",
                "threads", "test", "t/s", "weights GB/s",
                dist ? " layout | predicted t/s | TTFT ms | util | comm ms/tok | KiB/tok |" : "");
-        printf("| %.24s | %.10s | %.8s | %.14s | %.7s | %.6s | %.16s | %.10s |%s\n", "------------------------------",
+        printf("| %.24s | %.10s | %.8s | %.14s | %.7s | %.6s | %.16s | %.12s |%s\n", "------------------------------",
                "------------", "----------", "----------------", "---------", "--------", "------------------",
                "------------", dist ? " ------ | ------------- | ------- | ---- | ----------- | ------- |" : "");
     }
@@ -568,7 +568,7 @@ int cmd_bench(int argc, char **argv) {
                     if (cl)
                         snprintf(extra, sizeof extra, " %6s | %13.1f | %7s | %4.2f | %11.3f | %7.1f |", lay, pred, tt,
                                  util, comm_ms, kib);
-                    printf("| %-24s | %10s | %8s | %-14s | %7d | %6s | %16s | %10s |%s\n", name, size, params, backend,
+                    printf("| %-24s | %10s | %8s | %-14s | %7d | %6s | %16s | %12s |%s\n", name, size, params, backend,
                            nthr, tname, ts, bw, extra);
                     fflush(stdout);
                     // where each node's time per token went: computing, in exchanges (the plan's figure for

@@ -57,7 +57,7 @@ static int check_shape(qtype_t t, int64_t rows, int64_t cols, uint64_t seed) {
                 if (!ki) continue;
                 kernels_t kc = *ki; // each table with each decode tuning, and two streams where a kernel has them
                 kc.tune = i % 3 == 0 ? kern_tune_intel() : i % 3 == 1 ? kern_tune_amd()
-                        : (kern_tune_t){.name = "two streams", .q4_groups = 2, .q8_groups = 2, .q6_rows = 2, .f16_rows = 1};
+                        : (kern_tune_t){.name = "two streams", .q4_groups = 2, .q4_pf = 0, .q8_groups = 2, .q8_pf = 0, .q6_rows = 2, .q6_pf = 0, .f16_rows = 1};
                 const kernels_t *k = &kc;
                 run(k, t, rows, cols, w, x, n_tok, r0, got);
                 for (int tk = 0; tk < n_tok; tk++)

@@ -26,8 +26,11 @@ typedef uint64_t (*kern_read_sum_fn)(const void *p, size_t n);
 typedef struct {
     const char *name;        // "intel" or "amd"
     int q4_groups;           // packed Q4_0 (16-row groups): groups walked side by side (1..4)
+    int q4_pf;               // bytes ahead packed Q4_0 decode prefetches each stream (AVX-512; 0: none)
     int q8_groups;           // packed Q8_0: the same (1..2)
+    int q8_pf;               // bytes ahead packed Q8_0 decode prefetches each stream (0: none)
     int q6_rows;             // Q6_K rows per pass (1, 2 or 4)
+    int q6_pf;               // super-blocks each Q6_K row is prefetched ahead (0: none)
     int f16_rows;            // F16 rows per pass (1 or 4)
 } kern_tune_t;
 

@@ -346,17 +346,19 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
     // decode: full groups k->tune.q4_groups (q8_groups) at a time (that many streams in flight per thread)
     const bool dec512 = isa_is(k, "avx512"), dec256 = isa_is(k, "avx2");
     const int decn = k->tune.q4_groups < 4 ? k->tune.q4_groups : 4, decn8 = k->tune.q8_groups < 2 ? k->tune.q8_groups : 2;
-    if (decn > 1 && nt == 1 && w->pack == MMP_Q4_0X16 && nb % 2 == 0 && (dec512 || dec256) && g * MMP_ROWS == r0)
+    if ((decn > 1 || (decn == 1 && dec512)) && nt == 1 && w->pack == MMP_Q4_0X16 && nb % 2 == 0 && (dec512 || dec256) &&
+        g * MMP_ROWS == r0)
         for (int64_t n; (n = r1 / MMP_ROWS - g) > 0; g += n) {
             if (n > decn) n = decn;
             const uint8_t *g0 = (const uint8_t *)w->packed + (size_t)g * gb;
-            if (dec512) mmp_q4_0x16_decn_avx512(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS);
+            if (dec512) mmp_q4_0x16_decn_avx512(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS, (size_t)(k->tune.q4_pf > 0 ? k->tune.q4_pf : 0));
             else mmp_q4_0x16_decn_avx2(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS);
         }
-    if (decn8 > 1 && nt == 1 && w->pack == MMP_Q8_0X16 && dec512 && g * MMP_ROWS == r0)
+    if (decn8 >= 1 && nt == 1 && w->pack == MMP_Q8_0X16 && dec512 && g * MMP_ROWS == r0)
         for (int64_t n; (n = r1 / MMP_ROWS - g) > 0; g += n) {
             if (n > decn8) n = decn8;
-            mmp_q8_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS);
+            mmp_q8_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS,
+                                    (size_t)(k->tune.q8_pf > 0 ? k->tune.q8_pf : 0));
         }
 #endif
     for (; g * MMP_ROWS < r1; g++) {
@@ -675,7 +677,7 @@ void mm_rows(const kernels_t *k, const mm_weight_t *w, const void *xq, size_t xq
     }
     if (w->type == QT_Q6_K && isa_is(k, "avx512")) { // tiles that unpack each super-block once for many tokens
         mmq_q6_K_avx512(w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, xq_stride, nt, y + r0, y_stride,
-                        w->cols, k->tune.q6_rows);
+                        w->cols, k->tune.q6_rows, k->tune.q6_pf);
         return;
     }
     if (w->type == QT_Q6_K && nt >= 2 && isa_is(k, "avx2")) {

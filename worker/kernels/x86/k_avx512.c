@@ -234,9 +234,6 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
 #define Q6_TC 32 // tokens per chunk of a batch (accumulators on the stack)
 #endif
 #define Q6_R 4   // rows per tile (pairs of rows share a zmm of float lanes)
-#ifndef Q6_PF
-#define Q6_PF 16 // decode: super-blocks each row is prefetched ahead (3.4 KB, into the next pass near the end; 1.3x faster than 4 within the row, 0: none)
-#endif
 
 #define Q6_AI static inline __attribute__((always_inline))
 
@@ -343,7 +340,10 @@ Q6_AI void q6_tile(const uint8_t *w, size_t wrow, const uint8_t *x, size_t xs, i
 
 // Rows [0, R) x one activation row (decode), vec_dot_q6_K's arithmetic with the activation's pair
 // sums shared by the rows; each row's next super-blocks are prefetched.
-Q6_AI void q6_dec(const uint8_t *w, size_t wrow, const block_q8_K *x, float *y, int64_t nb, const int R) {
+// pf: super-blocks each row is prefetched ahead (kern_tune_t.q6_pf; 0: none), into the next pass near
+// the row's end (on Intel 16 with 4 rows, 3.4 KB each, was 1.3x faster than 4 within the row; on AMD
+// Zen 5 one row with 40, 8.4 KB, 1.1x faster than 16).
+Q6_AI void q6_dec(const uint8_t *w, size_t wrow, const block_q8_K *x, float *y, int64_t nb, const int R, int64_t pf) {
     const int NP = (R + 1) / 2;
     const __m512i m32 = _mm512_set1_epi8(32);
     __m512i idx[4]; // (4, 32) vpermw indexes
@@ -362,10 +362,10 @@ Q6_AI void q6_dec(const uint8_t *w, size_t wrow, const block_q8_K *x, float *y, 
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const block_q6_K *wb = (const block_q6_K *)(w + (size_t)r * wrow) + b;
-            if (Q6_PF) { // near the row's end, the same row of the next pass (prefetches never fault)
-                const char *pf = b + Q6_PF < nb ? (const char *)(wb + Q6_PF)
-                                                : (const char *)((const block_q6_K *)(w + (size_t)(r + R) * wrow) + (b + Q6_PF - nb));
-                for (int c = 0; c < 4; c++) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);
+            if (pf) { // near the row's end, the same row of the next pass (prefetches never fault)
+                const char *at = b + pf < nb ? (const char *)(wb + pf)
+                                             : (const char *)((const block_q6_K *)(w + (size_t)(r + R) * wrow) + (b + pf - nb));
+                for (int c = 0; c < 4; c++) _mm_prefetch(at + 64 * c, _MM_HINT_T0);
             }
             __m512i q[4], s[4]; // (4, 64) q, (4, 32) i16 scales
             q6_unpack(wb, idx, q, s);
@@ -391,14 +391,15 @@ Q6_AI void q6_dec(const uint8_t *w, size_t wrow, const block_q8_K *x, float *y, 
 }
 
 void mmq_q6_K_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
-                     size_t ys, int64_t n, int dec_rows) {
+                     size_t ys, int64_t n, int dec_rows, int pf) {
     const int64_t nb = n / QK_K;
     if (nt == 1) {
+        const block_q8_K *xk = (const block_q8_K *)x;
         int64_t r = 0;
         if (dec_rows >= 4)
-            for (; r + 4 <= nr; r += 4) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 4);
-        for (; dec_rows >= 2 && r + 2 <= nr; r += 2) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 2);
-        for (; r < nr; r++) q6_dec(w + (size_t)r * wrow, wrow, (const block_q8_K *)x, y + r, nb, 1);
+            for (; r + 4 <= nr; r += 4) q6_dec(w + (size_t)r * wrow, wrow, xk, y + r, nb, 4, pf);
+        for (; dec_rows >= 2 && r + 2 <= nr; r += 2) q6_dec(w + (size_t)r * wrow, wrow, xk, y + r, nb, 2, pf);
+        for (; r < nr; r++) q6_dec(w + (size_t)r * wrow, wrow, xk, y + r, nb, 1, pf);
         return;
     }
     for (int t = 0; t < nt; t += Q6_TC) {

@@ -260,9 +260,10 @@ AI void q4x16_decode(const uint8_t *grp, int64_t nb, const uint8_t *xr, float *y
 }
 
 // NG groups of 16 Q4_0 rows against one activation row (decode), walked side by side: NG streams
-// in flight per thread instead of one (each prefetched MMP_PREFETCH bytes ahead); each row's sum is
-// the same fma chain as q4x16_decode's. nb even; group k at g0 + k * gstride, its rows to y + 16 k.
-AI void q4x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t nb, const uint8_t *xr, float *y) {
+// in flight per thread instead of one (each prefetched pf bytes ahead); each row's sum is the same fma
+// chain as q4x16_decode's. nb even; group k at g0 + k * gstride, its rows to y + 16 k.
+AI void q4x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t nb, const uint8_t *xr, float *y,
+                       size_t pf) {
     const size_t toff = mmp_act_tail_off(nb);
     const uint8_t *corr = xr + toff;
     const uint8_t *dx = xr + toff + (size_t)nb * 4;
@@ -277,9 +278,9 @@ AI void q4x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t 
 #pragma GCC unroll 4
         for (int k = 0; k < NG; k++) {
             const uint8_t *p = g0 + (size_t)k * gstride + o;
-            if (MMP_PREFETCH) {
+            if (pf) {
 #pragma GCC unroll 9
-                for (int l = 0; l < 9; l++) _mm_prefetch((const char *)p + MMP_PREFETCH + 64 * l, MMP_PREFETCH_HINT);
+                for (int l = 0; l < 9; l++) _mm_prefetch((const char *)p + pf + 64 * l, MMP_PREFETCH_HINT);
             }
             __m512i i0 = q4x16_isum_split(_mm512_load_si512(p), _mm512_load_si512(p + 64), _mm512_load_si512(p + 128),
                                           _mm512_load_si512(p + 192), xb, c0);
@@ -296,11 +297,12 @@ AI void q4x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t 
     for (int k = 0; k < NG; k++) _mm512_storeu_ps(y + 16 * k, acc[k]);
 }
 
-void mmp_q4_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y) {
-    if (ng == 4) q4x16_decode_n(g0, gstride, 4, nb, xr, y);
-    else if (ng == 3) q4x16_decode_n(g0, gstride, 3, nb, xr, y);
-    else if (ng == 2) q4x16_decode_n(g0, gstride, 2, nb, xr, y);
-    else q4x16_decode_n(g0, gstride, 1, nb, xr, y);
+void mmp_q4_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y,
+                             size_t pf) {
+    if (ng == 4) q4x16_decode_n(g0, gstride, 4, nb, xr, y, pf);
+    else if (ng == 3) q4x16_decode_n(g0, gstride, 3, nb, xr, y, pf);
+    else if (ng == 2) q4x16_decode_n(g0, gstride, 2, nb, xr, y, pf);
+    else q4x16_decode_n(g0, gstride, 1, nb, xr, y, pf);
 }
 
 // NT activation rows (1..8) against block b of a Q4_0 group (quants q, scales sc): one fma per row
@@ -410,8 +412,10 @@ AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
 }
 
 // NG (1..2) full groups of 16 Q8_0 rows against one activation row (decode), walked side by side (NG
-// prefetched streams per thread); each row's lanes and sums are q8x16_tile's (NT = 1), so its bits.
-AI void q8x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t nb, const uint8_t *xr, float *y) {
+// streams per thread, each prefetched pf bytes ahead); each row's lanes and sums are q8x16_tile's (NT =
+// 1), so its bits.
+AI void q8x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t nb, const uint8_t *xr, float *y,
+                       size_t pf) {
     const size_t toff = mmp_act_tail_off(nb), doff = mmp_act_d_off(nb, MMP_Q8_LANES);
     __m512 acc[2][8]; // (group, lane) the 16 rows
 #pragma GCC unroll 2
@@ -424,9 +428,9 @@ AI void q8x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t 
 #pragma GCC unroll 2
         for (int k = 0; k < NG; k++) {
             const uint8_t *grp = g0 + (size_t)k * gstride, *q = mmp_block_quants(MMP_Q8_0X16, grp, b);
-            if (MMP_PREFETCH_Q8 > 0 && (b & 1) == 0) {
+            if (pf > 0 && (b & 1) == 0) {
 #pragma GCC unroll 17
-                for (int l = 0; l < 17; l++) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * l, _MM_HINT_T0);
+                for (int l = 0; l < 17; l++) _mm_prefetch((const char *)q + pf + 64 * l, _MM_HINT_T0);
             }
             const __m512 dv = _mm512_mul_ps(
                 _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mmp_block_scales(MMP_Q8_0X16, grp, b))), dx);
@@ -445,9 +449,10 @@ AI void q8x16_decode_n(const uint8_t *g0, size_t gstride, const int NG, int64_t 
     }
 }
 
-void mmp_q8_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y) {
-    if (ng == 2) q8x16_decode_n(g0, gstride, 2, nb, xr, y);
-    else q8x16_decode_n(g0, gstride, 1, nb, xr, y);
+void mmp_q8_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y,
+                             size_t pf) {
+    if (ng == 2) q8x16_decode_n(g0, gstride, 2, nb, xr, y, pf);
+    else q8x16_decode_n(g0, gstride, 1, nb, xr, y, pf);
 }
 
 #define Q_TILE_T 6 // activation rows per register tile in the matrix-matrix case (best measured on Zen 4)

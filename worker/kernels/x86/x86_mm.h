@@ -98,9 +98,11 @@ typedef void (*mmp_group_fn)(const uint8_t *grp, int64_t nb, const uint8_t *xq, 
 
 #ifdef MESHLM_HAVE_X86
 // ng (1..4) full groups at g0 + k * gstride, one activation row, nb even (decode): y gets their 16 ng rows.
-void mmp_q4_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y);
+void mmp_q4_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y,
+                             size_t pf);
 // ng (1..2) full Q8_0 groups the same way (any nb).
-void mmp_q8_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y);
+void mmp_q8_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y,
+                             size_t pf);
 void mmp_q4_0x16_decn_avx2(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y);
 void mmp_q4_0x16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, uint32_t mask);
@@ -140,7 +142,7 @@ void mmq_q8_0_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x
 // bits of vec_dot_q6_K; batches in tiles of 4 rows x up to 32 tokens (each super-block unpacked once
 // per tile), one token dec_rows rows per pass (4, 2 or 1; kern_tune_t.q6_rows).
 void mmq_q6_K_avx512(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
-                     size_t ys, int64_t n, int dec_rows);
+                     size_t ys, int64_t n, int dec_rows, int pf);
 
 // The same batches with AVX2 (tiles of 4 rows x up to 32 tokens, same bits); nt >= 2.
 void mmq_q6_K_avx2(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y, size_t ys,

@@ -99,7 +99,7 @@ kern_tune_t kern_tune_intel(void) {
 }
 
 kern_tune_t kern_tune_amd(void) {
-    return (kern_tune_t){.name = "amd", .q4_groups = 1, .q4_pf = 8192, .q8_groups = 1, .q8_pf = 8192, .q6_rows = 1, .q6_pf = 40,
+    return (kern_tune_t){.name = "amd", .q4_groups = 1, .q4_pf = 8192, .q8_groups = 1, .q8_pf = 2048, .q6_rows = 1, .q6_pf = 40,
                          .f16_rows = 1};
 }
 

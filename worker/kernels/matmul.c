@@ -354,7 +354,7 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
             if (dec512) mmp_q4_0x16_decn_avx512(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS, (size_t)(k->tune.q4_pf > 0 ? k->tune.q4_pf : 0));
             else mmp_q4_0x16_decn_avx2(g0, gb, (int)n, nb, xq, y + g * MMP_ROWS);
         }
-    if (decn8 >= 1 && nt == 1 && w->pack == MMP_Q8_0X16 && dec512 && g * MMP_ROWS == r0)
+    if (decn8 > 1 && nt == 1 && w->pack == MMP_Q8_0X16 && dec512 && g * MMP_ROWS == r0) // one: the group kernel
         for (int64_t n; (n = r1 / MMP_ROWS - g) > 0; g += n) {
             if (n > decn8) n = decn8;
             mmp_q8_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS,

@@ -17,12 +17,12 @@ typedef void (*kern_from_float_fn)(const float *x, void *y, int64_t n);
 // streams of them 11-13, as fast as the decode kernels read).
 typedef uint64_t (*kern_read_sum_fn)(const void *p, size_t n);
 
-// How many weight streams a decode kernel (one token: every weight read once) walks side by side per
-// thread. More streams in flight hide memory latency on some cores; on others they defeat the hardware
-// prefetchers, which follow a few long sequential streams best (README "Speed": on Intel Sapphire
-// Rapids several streams were 1.16x one for Q4_0; on AMD Zen 5 one stream, software-prefetched across
-// rows, was 1.08-1.3x for every type). Results are the same bits either way: each output row keeps its
-// own arithmetic.
+// How a decode kernel (one token: every weight read once) walks its weights: how many streams side by
+// side per thread, and how far ahead each is prefetched. More streams in flight hide memory latency on
+// some cores; on others they defeat the hardware prefetchers, which follow a few long sequential streams
+// best (README "Speed": on Intel Sapphire Rapids several streams were 1.16x one for Q4_0; on AMD Zen 5
+// one stream, software-prefetched across rows, was 1.08-1.3x for every type). Results are the same bits
+// either way: each output row keeps its own arithmetic.
 typedef struct {
     const char *name;        // "intel" or "amd"
     int q4_groups;           // packed Q4_0 (16-row groups): groups walked side by side (1..4)
@@ -38,7 +38,7 @@ typedef struct {
 
 typedef struct kernels {
     const char *isa;                          // "scalar", "avx2", "avx512", "neon", "neon-dotprod"
-    kern_tune_t tune;                         // decode streams (the AVX-512 table's follow the CPU's vendor,
+    kern_tune_t tune;                         // decode walk (the AVX-512 table's follows the CPU's vendor,
                                               // or $MESHLM_TUNE=intel|amd; the others' are intel's)
     kern_vec_dot_fn vec_dot[QT_COUNT];        // by weight type; NULL -> scalar reference
     kern_from_float_fn from_float[QT_COUNT];  // by activation type; NULL -> scalar reference

@@ -22,7 +22,8 @@ static void plan_usage(FILE *f) {
     fprintf(f,
             "usage: meshlm plan (-m FILE | --preset NAME [--quant TYPE]) (--nodes SPEC | --nodes-file F)\n"
             "                   [-c N_CTX] [--pp S] [--tp T] [--tp-mode M] [--ep N|off] [--ep-attn lead|all]\n"
-            "                   [--ep-replicas N] [--ep-hot FILE[:N]] [--keep-all] [--pin-first] [--no-stream]\n"
+            "                   [--ep-replicas N] [--ep-hot FILE[:N]] [--expert-cache N|auto] [--keep-all]\n"
+            "                   [--pin-first] [--no-stream]\n"
             "                   [--plan FILE] [--out FILE]\n"
             "                   [--explain] [--json]\n"
             "  -m, --model FILE   GGUF model (only mapped, no weights read)\n"
@@ -233,8 +234,13 @@ int cmd_plan(int argc, char **argv) {
         case O_EP: bad |= layout_args_ep(optarg, &po.ep); break;
         case O_EP_REPLICAS: bad |= positive(optarg, &po.ep_replicas); break;
         case O_EXPERT_CACHE:
-            if (!strcmp(optarg, "auto")) po.expert_cache = -1;
-            else bad |= positive(optarg, &po.expert_cache);
+            if (!strcmp(optarg, "auto")) {
+                po.expert_cache = -1;
+            } else if (positive(optarg, &po.expert_cache) != 0) {
+                fprintf(stderr, "meshlm plan: --expert-cache wants experts per block (1 or more) or auto, not '%s'\n",
+                        optarg);
+                return 2;
+            }
             break;
         case O_EP_HOT: {
             layout_args_t la = {0};

@@ -12,6 +12,8 @@
 
 #include "test_util.h"
 #include "core/err.h"
+#include "coordinator/cli/routing_stats.h"
+#include "offload/expert_sim.h"
 #include "offload/experts.h"
 #include "offload/weights.h"
 #include "worker/model/model.h"
@@ -263,6 +265,103 @@ static void test_trace_counters(void) {
     CU_ASSERT_EQUAL(st.units_read, 10);
 }
 
+// The cache model (offload/expert_sim.h) against the provider: on the traces above and on 300
+// seeded top-2 tokens, LRU and LFU with 1-3 slots hit exactly what the provider counted; Belady's
+// optimal policy hits a known count on a cyclic trace where LRU and LFU hit nothing, and never less
+// than either policy.
+static void test_sim(void) {
+    exsim_result_t r;
+    const int lx[] = {0, 0, 0, 1, 2, 0}, chain[] = {0, 1, 2, 0, 3, 2, 4, 3};
+    CU_ASSERT_EQUAL_FATAL(exsim_replay(lx, 6, 1, 1, 8, 2, EXSIM_LRU, &r), 0);
+    CU_ASSERT_EQUAL(r.uses, 6);
+    CU_ASSERT_EQUAL(r.hits, 2);
+    CU_ASSERT_EQUAL(exsim_replay(lx, 6, 1, 1, 8, 2, EXSIM_LFU, &r), 0);
+    CU_ASSERT_EQUAL(r.hits, 3);
+    CU_ASSERT_EQUAL(exsim_replay(chain, 4, 1, 2, 8, 2, EXSIM_LRU, &r), 0);
+    CU_ASSERT_EQUAL(r.hits, 3);
+    // 0 1 2 0 1 2 0 1 2 through 2 slots: LRU and LFU always evict the next one needed; the optimal
+    // policy keeps it and hits at tokens 3, 5 and 7
+    const int cyc[] = {0, 1, 2, 0, 1, 2, 0, 1, 2};
+    CU_ASSERT_EQUAL(exsim_replay(cyc, 9, 1, 1, 3, 2, EXSIM_LRU, &r), 0);
+    CU_ASSERT_EQUAL(r.hits, 0);
+    CU_ASSERT_EQUAL(exsim_replay(cyc, 9, 1, 1, 3, 2, EXSIM_LFU, &r), 0);
+    CU_ASSERT_EQUAL(r.hits, 0);
+    CU_ASSERT_EQUAL(exsim_replay(cyc, 9, 1, 1, 3, 2, EXSIM_OPT, &r), 0);
+    CU_ASSERT_EQUAL(r.hits, 3);
+    // bad shapes and ids are refused
+    CU_ASSERT_EQUAL(exsim_replay(cyc, 9, 1, 1, 2, 2, EXSIM_LRU, &r), MLM_EINVAL); // id 2 of 2 experts
+    CU_ASSERT_EQUAL(exsim_replay(cyc, 9, 1, 1, 3, 0, EXSIM_LRU, &r), MLM_EINVAL);
+
+    enum { T = 300 };
+    int tr[T * 2];
+    uint64_t seed = 42;
+    for (int t = 0; t < T; t++) { // skewed: expert e drawn with weight 8 - e, two distinct per token
+        for (int j = 0; j < 2; j++) {
+            int e;
+            do {
+                seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+                int u = (int)((seed >> 33) % 36); // 8 + 7 + ... + 1
+                for (e = 0; u >= 8 - e; e++) u -= 8 - e;
+            } while (j == 1 && e == tr[2 * t]);
+            tr[2 * t + j] = e;
+        }
+    }
+    for (int n = 1; n <= 3; n++)
+        for (int p = EXSIM_LRU; p <= EXSIM_LFU; p++) {
+            char prov[96];
+            snprintf(prov, sizeof prov, "experts:n=%d,policy=%s,prefetch=off", n, exsim_policy_name(p));
+            const weights_stats_t st = trace_tokens(prov, tr, T, 2, true);
+            exsim_result_t opt;
+            CU_ASSERT_EQUAL(exsim_replay(tr, T, 1, 2, 8, n, p, &r), 0);
+            CU_ASSERT_EQUAL(exsim_replay(tr, T, 1, 2, 8, n, EXSIM_OPT, &opt), 0);
+            CU_ASSERT_EQUAL(r.uses, 2 * T);
+            CU_ASSERT_EQUAL((long)st.expert_hits, r.hits);
+            CU_ASSERT_EQUAL((long)st.expert_misses, r.uses - r.hits);
+            CU_ASSERT(opt.hits >= r.hits);
+            if ((long)st.expert_hits != r.hits)
+                fprintf(stderr, "\n  %s: the provider hit %ld, the model %ld\n", prov, (long)st.expert_hits, r.hits);
+        }
+}
+
+// `meshlm inspect --routing`'s cache table on a reference model: a row per cache size up to
+// n_expert - 1, the hit rates in order (LRU, LFU <= optimal, the optimal growing with the slots), and
+// the counts one pick per token and rank per block.
+static void test_routing_table(void) {
+    char path[1024], err[512] = "";
+    test_shared_path(path, sizeof path, "models/synth/synth-moe-Q8_0.gguf");
+    routing_stats_t rs;
+    CU_ASSERT_EQUAL_FATAL(routing_stats_measure(path, 40, 1, &rs, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(rs.n_expert, 8);
+    CU_ASSERT_EQUAL(rs.k, 2);
+    CU_ASSERT_EQUAL_FATAL(rs.n_cache, 7);
+    for (int l = 0; l < rs.n_layer; l++) {
+        long sum = 0;
+        for (int e = 0; e < rs.n_expert; e++) sum += rs.count[(size_t)l * rs.n_expert + e];
+        CU_ASSERT_EQUAL(sum, 40 * 2);
+    }
+    for (int i = 0; i < rs.n_cache; i++) {
+        const routing_cache_t *c = &rs.cache[i];
+        CU_ASSERT_EQUAL(c->n, i + 1);
+        CU_ASSERT(c->lru >= 0 && c->lru <= c->opt && c->lfu <= c->opt && c->opt < 1);
+        if (i > 0) CU_ASSERT(c->opt >= rs.cache[i - 1].opt);
+    }
+    CU_ASSERT(rs.cache[6].opt > rs.cache[0].opt); // 7 of 8 resident hits more than 1
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    routing_stats_print(&rs, f);
+    fclose(f);
+    CU_ASSERT_PTR_NOT_NULL(strstr(buf, "optimal"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(buf, "\n          7 "));
+    free(buf);
+    routing_stats_free(&rs);
+    CU_ASSERT_PTR_NULL(rs.cache);
+    CU_ASSERT_EQUAL(routing_stats_measure(path, 40, 1, &rs, err, sizeof err), 0); // freed twice is fine
+    routing_stats_free(&rs);
+    routing_stats_free(&rs);
+}
+
 // Adaptive gating: off gives the reference; a threshold above every second weight changes the logits
 // (the second expert is dropped), and then reads fewer experts.
 static void test_skip(void) {
@@ -378,6 +477,8 @@ int test_experts_suite(void) {
         !CU_add_test(s, "a budget below the experts sizes the cache; logits unchanged", test_budget) ||
         !CU_add_test(s, "counters on known traces: all resident, one repeated, LRU vs LFU, no cache",
                      test_trace_counters) ||
+        !CU_add_test(s, "the cache model hits what the provider hits; the optimal bound", test_sim) ||
+        !CU_add_test(s, "inspect --routing: cache hit rates per size, the optimal bound", test_routing_table) ||
         !CU_add_test(s, "adaptive gating changes outputs only when on", test_skip) ||
         !CU_add_test(s, "run --expert-cache: one node, under a budget, local workers: the same text", test_cli_tokens))
         return -1;

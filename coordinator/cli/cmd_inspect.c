@@ -40,6 +40,8 @@ static void usage(FILE *f) {
             "  --json   print one JSON object instead of text\n"
             "  --routing N  run N seeded tokens through a MoE model and print only its routing statistics\n"
             "           (expert popularity per block, consecutive tokens and adjacent blocks choosing alike)\n"
+            "           and the hit rates an expert cache of 1, 2, ... per block would have on them (LRU,\n"
+            "           LFU, and the optimal policy's: the most any cache of that size can hit)\n"
             "  --routing-out OUT  with --routing, also write how often each block's router picked each\n"
             "           expert to OUT (the routing counts that run/bench/plan --ep-hot read)\n"
             "  --help   this text\n\n"

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/err.h"
+#include "offload/expert_sim.h"
 #include "worker/model/model.h"
 
 // --- types
@@ -135,6 +136,24 @@ int routing_stats_measure(const char *path, int n_tokens, int n_threads, routing
             out->adj_overlap /= L - 1;
         }
     }
+    const int n_cache = E - 1 < 4 * k ? E - 1 : 4 * k;
+    if (rc == 0 && n_cache > 0 && !(out->cache = calloc((size_t)n_cache, sizeof *out->cache))) rc = MLM_ENOMEM;
+    for (int n = 1; rc == 0 && n <= n_cache; n++) {
+        exsim_result_t r[3];
+        for (int p = EXSIM_LRU; rc == 0 && p <= EXSIM_OPT; p++) rc = exsim_replay(t.sel, T, L, k, E, n, p, &r[p]);
+        if (rc == 0) {
+            routing_cache_t *rc_n = &out->cache[out->n_cache++];
+            rc_n->n = n;
+            rc_n->lru = r[EXSIM_LRU].uses ? (double)r[EXSIM_LRU].hits / r[EXSIM_LRU].uses : 0;
+            rc_n->lfu = r[EXSIM_LFU].uses ? (double)r[EXSIM_LFU].hits / r[EXSIM_LFU].uses : 0;
+            rc_n->opt = r[EXSIM_OPT].uses ? (double)r[EXSIM_OPT].hits / r[EXSIM_OPT].uses : 0;
+        }
+    }
+    if (rc != 0) {
+        free(out->cache);
+        out->cache = NULL;
+        out->n_cache = 0;
+    }
     model_ctx_destroy(&c);
     model_destroy(&m);
     free(t.sel);
@@ -163,6 +182,9 @@ void routing_stats_free(routing_stats_t *s) {
     if (!s) return;
     free(s->count);
     s->count = NULL;
+    free(s->cache);
+    s->cache = NULL;
+    s->n_cache = 0;
 }
 
 void routing_stats_print(const routing_stats_t *s, FILE *f) {
@@ -178,4 +200,14 @@ void routing_stats_print(const routing_stats_t *s, FILE *f) {
             100 * s->cons_overlap_at[2], 100 * s->chance_overlap);
     fprintf(f, "  adjacent blocks, same token: same top-1 %.1f%%, top-%d sets overlap %.1f%%\n", 100 * s->adj_top1, s->k,
             100 * s->adj_overlap);
+    if (s->n_cache == 0) return;
+    fprintf(f, "expert cache hit rates on these tokens (--expert-cache N; optimal: Belady's, which knows every\n"
+               "future pick, the most any policy can hit; where reading experts is the bottleneck a cache makes a\n"
+               "token at most 1 / (1 - hit rate) times faster than no cache):\n");
+    fprintf(f, "  %9s %7s %7s %8s %19s\n", "per block", "LRU", "LFU", "optimal", "bound (optimal)");
+    for (int i = 0; i < s->n_cache; i++) {
+        const routing_cache_t *c = &s->cache[i];
+        fprintf(f, "  %9d %6.1f%% %6.1f%% %7.1f%% %18.2fx\n", c->n, 100 * c->lru, 100 * c->lfu, 100 * c->opt,
+                c->opt < 1 ? 1 / (1 - c->opt) : 0.0);
+    }
 }

@@ -7,6 +7,13 @@
 #include <stddef.h>
 #include <stdio.h>
 
+// The share of expert uses a cache of n slots per block would have hit on the measured tokens
+// (offload/expert_sim.h: LRU and LFU as the experts provider evicts, and the optimal policy's bound).
+typedef struct {
+    int n;
+    double lru, lfu, opt;
+} routing_cache_t;
+
 typedef struct {
     int n_layer, n_expert, k;  // the model's shape
     int n_tokens;              // tokens measured
@@ -23,9 +30,13 @@ typedef struct {
     double chance_overlap;     // 1 - C(E-k,k)/C(E,k)
     long *count;               // (n_layer, n_expert) the router's picks of each expert per block (owned:
                                // routing_stats_free)
+    int n_cache;               // rows of cache
+    routing_cache_t *cache;    // (n_cache) this routing replayed through caches of 1, 2, ... slots per
+                               // block (owned: routing_stats_free)
 } routing_stats_t;
 
-// Measures path over n_tokens tokens (seeded, uniform over the vocabulary) into *out. 0, or a negative
+// Measures path over n_tokens tokens (seeded, uniform over the vocabulary) into *out, with the hit
+// rates of expert caches of 1 up to n_expert - 1 slots per block (at most 4 * top-k of them). 0, or a negative
 // MLM_ code with a message in err (MLM_EINVAL: not a MoE model).
 int routing_stats_measure(const char *path, int n_tokens, int n_threads, routing_stats_t *out, char *err,
                           size_t errlen);

@@ -66,9 +66,12 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
-        if (NT == 1) // decode streams the group: the super-block Q4K_PF bytes on (a prefetch never faults)
+#ifndef Q4K_HINT
+#define Q4K_HINT _MM_HINT_T0
+#endif
+        if (NT == 1 && Q4K_PF > 0) // decode streams the group: the super-block Q4K_PF bytes on (a prefetch never faults)
 #pragma GCC unroll 37
-            for (int l = 0; l < MMP_Q4K_SB_BYTES / 64; l++) _mm_prefetch((const char *)sb + Q4K_PF + 64 * l, _MM_HINT_T0);
+            for (int l = 0; l < MMP_Q4K_SB_BYTES / 64; l++) _mm_prefetch((const char *)sb + Q4K_PF + 64 * l, Q4K_HINT);
         __m512i sc[8]; // (sub-block c) the 16 rows' scales as i16 pairs
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) sc[c] = q4k_scale_pairs(sb + MMP_Q4K_SCALES + 16 * c);

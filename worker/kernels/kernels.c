@@ -93,14 +93,18 @@ static int cpu_has_dotprod(void) { return cpu_has_neon() && (getauxval(AT_HWCAP)
 
 // --- public API
 
+#ifndef K_PF
+#define K_PF 7424 // Q3_K decode: 4 super-blocks of a group ahead
+#endif
+
 kern_tune_t kern_tune_intel(void) {
     return (kern_tune_t){.name = "intel", .q4_groups = 4, .q4_pf = 2048, .q8_groups = 2, .q8_pf = 2048,
-                         .q6_rows = 4, .q6_pf = 16, .f16_rows = 4};
+                         .q6_rows = 4, .q6_pf = 16, .f16_rows = 4, .k_pf = K_PF};
 }
 
 kern_tune_t kern_tune_amd(void) {
     return (kern_tune_t){.name = "amd", .q4_groups = 1, .q4_pf = 8192, .q8_groups = 1, .q8_pf = 2048,
-                         .q6_rows = 1, .q6_pf = 40, .f16_rows = 1};
+                         .q6_rows = 1, .q6_pf = 40, .f16_rows = 1, .k_pf = K_PF};
 }
 
 const kernels_t *kernels_for_isa(const char *isa) {

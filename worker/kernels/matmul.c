@@ -25,11 +25,14 @@ static bool isa_is(const kernels_t *k, const char *name) { return k && k->isa &&
 // whose kernels keep the per-row integer lanes and float order of its vec_dot (x86_mm.h). Q8_0 is
 // repacked for the AVX-512 table, whose group kernel keeps vec_dot_q8_0's 8 float lanes per row (8
 // accumulators per group); other tables keep plain rows (the scalar group kernel would be slower).
+// Q3_K is repacked for the AVX-512 table too (its row-by-row vec_dot decoded at a fifth of the read
+// bandwidth); every Q3_K product is one fma chain per row, so repacked and plain rows agree bit for bit.
 static int pack_for_type(qtype_t t, const kernels_t *k) {
     if (t == QT_Q4_0) return MMP_Q4_0X16;
 #ifdef MESHLM_HAVE_X86
     if (t == QT_Q4_K) return MMP_Q4_KX16;
     if (t == QT_Q8_0 && isa_is(k, "avx512")) return MMP_Q8_0X16;
+    if (t == QT_Q3_K && isa_is(k, "avx512")) return MMP_Q3_KX16;
 #endif
     (void)k;
     return MMP_NONE;
@@ -141,6 +144,84 @@ static void group_q4_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq,
     }
 }
 
+// --- helpers: the Q3_K layout (MMP_Q3_KX16)
+
+// The 16 6-bit scales of a Q3_K scales array, biased by 32 (values 0..63).
+static void q3_k_scales_get(const uint8_t *s, uint8_t *sc) { // s: (12); sc: (16)
+    for (int i = 0; i < 16; i++) {
+        const int lo = i < 8 ? (s[i] & 0xF) : (s[i - 8] >> 4);
+        const int hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        sc[i] = (uint8_t)(lo | (hi << 4));
+    }
+}
+
+// Inverse of q3_k_scales_get.
+static void q3_k_scales_put(const uint8_t *sc, uint8_t *s) { // sc: (16); s: (12)
+    memset(s, 0, 12);
+    for (int i = 0; i < 16; i++) {
+        if (i < 8) s[i] |= (uint8_t)(sc[i] & 0xF);
+        else s[i - 8] |= (uint8_t)((sc[i] & 0xF) << 4);
+        s[8 + i % 4] |= (uint8_t)(((sc[i] >> 4) & 3) << (2 * (i / 4)));
+    }
+}
+
+// Writes row i of a Q3_K group (grp, nb super-blocks) from the row's file encoding.
+static void q3_k_pack_row(uint8_t *grp, int64_t nb, int i, const uint8_t *row) {
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q3_K *blk = (const block_q3_K *)row + b;
+        uint8_t *sb = grp + (size_t)b * MMP_Q3K_SB_BYTES, sc[16];
+        for (int l4 = 0; l4 < 8; l4++) memcpy(sb + MMP_Q3K_HMASK + (size_t)(l4 * MMP_ROWS + i) * 4, blk->hmask + 4 * l4, 4);
+        for (int h = 0; h < 2; h++)
+            for (int l4 = 0; l4 < 8; l4++)
+                memcpy(sb + MMP_Q3K_QS + (size_t)((h * 8 + l4) * MMP_ROWS + i) * 4, blk->qs + 32 * h + 4 * l4, 4);
+        q3_k_scales_get(blk->scales, sc);
+        for (int c = 0; c < 16; c++) sb[MMP_Q3K_SCALES + c * MMP_ROWS + i] = (uint8_t)(sc[c] - 32);
+        memcpy(sb + MMP_Q3K_D + 2 * i, &blk->d, 2);
+    }
+}
+
+// The file encoding of row i of a Q3_K group (the inverse of q3_k_pack_row).
+static void q3_k_unpack_row(const uint8_t *grp, int64_t nb, int i, uint8_t *row) {
+    for (int64_t b = 0; b < nb; b++) {
+        block_q3_K *blk = (block_q3_K *)row + b;
+        const uint8_t *sb = grp + (size_t)b * MMP_Q3K_SB_BYTES;
+        uint8_t sc[16];
+        for (int l4 = 0; l4 < 8; l4++) memcpy(blk->hmask + 4 * l4, sb + MMP_Q3K_HMASK + (size_t)(l4 * MMP_ROWS + i) * 4, 4);
+        for (int h = 0; h < 2; h++)
+            for (int l4 = 0; l4 < 8; l4++)
+                memcpy(blk->qs + 32 * h + 4 * l4, sb + MMP_Q3K_QS + (size_t)((h * 8 + l4) * MMP_ROWS + i) * 4, 4);
+        for (int c = 0; c < 16; c++) sc[c] = (uint8_t)(sb[MMP_Q3K_SCALES + c * MMP_ROWS + i] + 32);
+        q3_k_scales_put(sc, blk->scales);
+        memcpy(&blk->d, sb + MMP_Q3K_D + 2 * i, 2);
+    }
+}
+
+// Portable kernel over one Q3_K group: per row and token, each super-block's exact integer sum of
+// scale * q * x (q = low bits - 4 unless the high bit is set), times d_w * d_x, added with one fma.
+static void group_q3_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                              size_t ys, uint32_t mask) {
+    for (int t = 0; t < nt; t++) {
+        const block_q8_K *x = (const block_q8_K *)(xq + (size_t)t * xs); // (nb)
+        for (int i = 0; i < MMP_ROWS; i++) {
+            if (!(mask >> i & 1u)) continue;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *sb = grp + (size_t)b * MMP_Q3K_SB_BYTES;
+                int32_t isum = 0;
+                for (int e = 0; e < QK_K; e++) {
+                    const int h = e / 128, j = (e % 128) / 32, l = e % 32;
+                    const uint8_t qb = sb[MMP_Q3K_QS + ((h * 8 + l / 4) * MMP_ROWS + i) * 4 + l % 4];
+                    const uint8_t hb = sb[MMP_Q3K_HMASK + ((l / 4) * MMP_ROWS + i) * 4 + l % 4];
+                    const int q = ((qb >> (2 * j)) & 3) - ((hb >> (4 * h + j)) & 1 ? 0 : 4);
+                    isum += (int8_t)sb[MMP_Q3K_SCALES + (e / 16) * MMP_ROWS + i] * q * x[b].qs[e];
+                }
+                acc = fmaf(x[b].d * f16_at(sb + MMP_Q3K_D + 2 * i), (float)isum, acc);
+            }
+            y[(size_t)t * ys + i] = acc;
+        }
+    }
+}
+
 // --- helpers: packing
 
 // Packs group g of w (x86_mm.h) from row[i], the file encoding of row g * 16 + i (NULL past w->rows:
@@ -149,6 +230,10 @@ static void pack_group(mm_weight_t *w, int64_t nb, int64_t g, const uint8_t *con
     uint8_t *grp = (uint8_t *)w->packed + (size_t)g * mmp_group_bytes(w->pack, nb);
     if (w->pack == MMP_Q4_KX16) {
         for (int i = 0; i < MMP_ROWS && row[i]; i++) q4_k_pack_row(grp, nb, i, row[i]);
+        return;
+    }
+    if (w->pack == MMP_Q3_KX16) {
+        for (int i = 0; i < MMP_ROWS && row[i]; i++) q3_k_pack_row(grp, nb, i, row[i]);
         return;
     }
     for (int i = 0; i < MMP_ROWS && row[i]; i++) {
@@ -170,7 +255,7 @@ static void pack_group(mm_weight_t *w, int64_t nb, int64_t g, const uint8_t *con
     }
 }
 
-// Copies a plain Q4_0 / Q8_0 / Q4_K matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
+// Copies a plain Q4_0 / Q8_0 / Q4_K / Q3_K matrix into 16-row groups (x86_mm.h); rows past w->rows stay zero.
 static void repack_rows(mm_weight_t *w, int64_t nb) {
     const int64_t ng = (w->rows + MMP_ROWS - 1) / MMP_ROWS;
     for (int64_t g = 0; g < ng; g++) {
@@ -336,6 +421,7 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
     if (isa_is(k, "avx512")) fn = w->pack == MMP_Q4_0X16 ? mmp_q4_0x16_avx512 : mmp_q8_0x16_avx512;
     else if (isa_is(k, "avx2") && w->pack == MMP_Q4_0X16) fn = mmp_q4_0x16_avx2;
     if (w->pack == MMP_Q4_KX16) fn = isa_is(k, "avx512") ? mmp_q4_kx16_avx512 : isa_is(k, "avx2") ? mmp_q4_kx16_avx2 : NULL;
+    if (w->pack == MMP_Q3_KX16) fn = isa_is(k, "avx512") ? mmp_q3_kx16_avx512 : NULL;
 #endif
 #ifdef MESHLM_HAVE_NEON
     if (w->pack == MMP_Q4_0X16 && isa_is(k, "neon-dotprod")) fn = mmp_q4_0x16_dotprod;
@@ -360,6 +446,11 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
             mmp_q8_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS,
                                     (size_t)(k->tune.q8_pf > 0 ? k->tune.q8_pf : 0));
         }
+    if (nt == 1 && w->pack == MMP_Q3_KX16 && dec512 && g * MMP_ROWS == r0 && r1 / MMP_ROWS > g) { // full groups
+        mmp_q3_kx16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)(r1 / MMP_ROWS - g), nb, xq,
+                                y + g * MMP_ROWS, (size_t)(k->tune.k_pf > 0 ? k->tune.k_pf : 0));
+        g = r1 / MMP_ROWS;
+    }
 #endif
     for (; g * MMP_ROWS < r1; g++) {
         const int64_t base = g * MMP_ROWS;
@@ -369,6 +460,7 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
         const uint8_t *grp = (const uint8_t *)w->packed + (size_t)g * gb;
         if (fn) fn(grp, nb, xq, xs, nt, y + base, ys, mask);
         else if (w->pack == MMP_Q4_KX16) group_q4_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
+        else if (w->pack == MMP_Q3_KX16) group_q3_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
         else if (w->pack == MMP_Q8_0X16) group_q8_0_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
         else group_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
     }
@@ -591,6 +683,10 @@ void mm_weight_get_row(const mm_weight_t *w, int64_t r, void *out) {
     const uint8_t *grp = (const uint8_t *)w->packed + (size_t)(r / MMP_ROWS) * mmp_group_bytes(w->pack, nb);
     if (w->pack == MMP_Q4_KX16) {
         q4_k_unpack_row(grp, nb, i, out);
+        return;
+    }
+    if (w->pack == MMP_Q3_KX16) {
+        q3_k_unpack_row(grp, nb, i, out);
         return;
     }
     for (int64_t b = 0; b < nb; b++) {

@@ -731,7 +731,8 @@ static void dot_k_q8_K(qtype_t t, int64_t nb, float *s, const void *w, const blo
             isum += k.sc[j] * si;
             msum += k.mn[j] * bs;
         }
-        sum += k.d * x[i].d * (float)isum - k.dmin * x[i].d * (float)msum;
+        if (t == QT_Q3_K) sum = fmaf(x[i].d * k.d, (float)isum, sum); // one fma chain (x86_mm.h)
+        else sum += k.d * x[i].d * (float)isum - k.dmin * x[i].d * (float)msum;
     }
     *s = sum;
 }

@@ -6,6 +6,7 @@
 // the -16 of Q5_0) are taken out of the integer sum with the activation group sums, so every integer
 // sum is exact; Q4_K, Q5_K and Q6_K also keep llama.cpp's float lanes and order (see below).
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "worker/kernels/x86/k_common.h"
@@ -21,6 +22,14 @@ static inline float hsum_ps_256(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+// The sum of the 8 i32 lanes of v (exact while it fits).
+static inline int32_t hsum_epi32_256(__m256i v) {
+    __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
+    a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
+    return _mm_cvtsi128_si32(a);
 }
 
 static inline __m256i load256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
@@ -229,7 +238,7 @@ static void vec_dot_q3_K(int64_t n, float *s, const void *vw, const void *vx) {
     const int64_t nb = n / QK_K;
     const __m256i m3 = _mm256_set1_epi8(3);
     const __m256i m4 = _mm256_set1_epi8(4);
-    __m256 acc = _mm256_setzero_ps();
+    float acc = 0.0f;
     for (int64_t i = 0; i < nb; i++) {
         const float d = x[i].d * f16_to_f32(w[i].d);
         int8_t sc8[16];
@@ -256,9 +265,10 @@ static void vec_dot_q3_K(int64_t n, float *s, const void *vw, const void *vx) {
                     sum0 = _mm256_add_epi32(sum0, p);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+        // the super-block's exact sum (|sum| < 2^23: exact in a float), one fma: every Q3_K product's order
+        acc = fmaf(d, (float)hsum_epi32_256(_mm256_add_epi32(sum0, sum1)), acc);
     }
-    *s = hsum_ps_256(acc);
+    *s = acc;
 }
 
 // --- 32-element legacy quants

@@ -37,6 +37,20 @@
 // product sums into integer lane L of sub-blocks 2j and 2j + 1, so the kernels keep its lanes per
 // row; the 4 zmm of lane L are adjacent, as a kernel finishing one lane at a time reads them.
 // (A super-block is 148 bytes per row against the file's 144: the scales and mins take a byte each.)
+//
+// MMP_Q3_KX16: Q3_K rows (AVX-512 table only), padded and grouped by 16 likewise; a group is nb
+// super-blocks of MMP_Q3K_SB_BYTES each, the 16 scales out of their 6-bit packing:
+//   hmask  [8 l4][16 rows][4]      at 0:    bytes hmask[4 l4 .. 4 l4 + 3] of that row (bit 4h + j of
+//          byte l: the high bit of element 128h + 32j + l; set means no -4 offset)
+//   qs     [2 h][8 l4][16 rows][4] at 512:  bytes qs[32h + 4 l4 .. + 3] (bits 2j..2j+1 of byte l: the
+//          low 2 bits of element 128h + 32j + l)
+//   scales [16 s][16 rows] i8      at 1536: the scale of sub-block s (16 elements) minus 32
+//   d      [16 rows] f16           at 1792, then 32 bytes of padding
+// so that a zmm holds, for the 16 rows, 4 consecutive elements (one sub-block's) of both bit planes,
+// and one vpdpbusd per plane against a broadcast dword of the activation advances all 16 row sums.
+// Every Q3_K dot product (the reference, vec_dot on every table, these groups) is one fma chain per
+// row: per super-block the exact integer sum of scale * q * x, times d_w * d_x, added with one fma.
+// (116 bytes per row and super-block against the file's 110.)
 
 #define MMP_ROWS 16
 
@@ -45,6 +59,7 @@ enum {
     MMP_Q4_0X16 = 1,
     MMP_Q8_0X16 = 2,
     MMP_Q4_KX16 = 3,
+    MMP_Q3_KX16 = 4,
 };
 
 #define MMP_Q4K_SB_BYTES 2368 // bytes of one super-block of one MMP_Q4_KX16 group
@@ -52,6 +67,12 @@ enum {
 #define MMP_Q4K_MINS 2176
 #define MMP_Q4K_D 2304
 #define MMP_Q4K_DMIN 2336
+
+#define MMP_Q3K_SB_BYTES 1856 // bytes of one super-block of one MMP_Q3_KX16 group
+#define MMP_Q3K_HMASK 0       // offsets within it (above)
+#define MMP_Q3K_QS 512
+#define MMP_Q3K_SCALES 1536
+#define MMP_Q3K_D 1792
 
 // Bytes of the quants of one block of one 16-row group.
 static inline size_t mmp_quant_bytes(int pack) { return pack == MMP_Q4_0X16 ? 256 : 512; }
@@ -62,6 +83,7 @@ static inline size_t mmp_pair_bytes(int pack) { return 2 * mmp_quant_bytes(pack)
 // Bytes of one 16-row group with nb blocks (Q4_K: super-blocks) per row (a multiple of 64).
 static inline size_t mmp_group_bytes(int pack, int64_t nb) {
     if (pack == MMP_Q4_KX16) return (size_t)nb * MMP_Q4K_SB_BYTES;
+    if (pack == MMP_Q3_KX16) return (size_t)nb * MMP_Q3K_SB_BYTES;
     return (size_t)((nb + 1) / 2) * mmp_pair_bytes(pack);
 }
 
@@ -117,6 +139,15 @@ void mmp_q4_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_
                         size_t ys, uint32_t mask);
 void mmp_q4_kx16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                       size_t ys, uint32_t mask);
+
+// MMP_Q3_KX16 groups (nb super-blocks) times plain Q8_K activation rows: the bits of every Q3_K dot
+// product (one fma chain per row, see the layout above; q3k_avx512.c).
+void mmp_q3_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                        size_t ys, uint32_t mask);
+// Decode (one activation row) over ng full groups gstride bytes apart, y[16 g + n]: the same bits,
+// each stream prefetched pf bytes ahead but never past the last group.
+void mmp_q3_kx16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq, float *y,
+                             size_t pf);
 
 // Plain F32 / F16 / BF16 rows (weights and activations of the same type t, n elements each):
 // y[t * ys + r] = dot(w row r, x row t) for r < nr, t < nt. tiled: one 16-lane fma chain per output

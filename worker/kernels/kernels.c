@@ -94,7 +94,7 @@ static int cpu_has_dotprod(void) { return cpu_has_neon() && (getauxval(AT_HWCAP)
 // --- public API
 
 #ifndef K_PF
-#define K_PF 7424 // Q3_K decode: 4 super-blocks of a group ahead
+#define K_PF 4736 // Q3_K and Q4_K decode: 2 Q4_K super-blocks of a group ahead (2.5 of Q3_K)
 #endif
 
 kern_tune_t kern_tune_intel(void) {

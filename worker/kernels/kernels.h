@@ -34,8 +34,8 @@ typedef struct {
     int q6_rows;             // Q6_K rows per pass (1, 2 or 4)
     int q6_pf;               // super-blocks each Q6_K row is prefetched ahead (0: none)
     int f16_rows;            // F16 rows per pass (1 or 4)
-    int k_pf;                // bytes ahead repacked Q3_K decode prefetches its run of groups (AVX-512; 0:
-                             // none; never past the run, whose end is another thread's rows)
+    int k_pf;                // bytes ahead repacked Q3_K and Q4_K decode prefetch their run of groups
+                             // (AVX-512; 0: none; never past the run, whose end is another thread's rows)
 } kern_tune_t;
 
 typedef struct kernels {

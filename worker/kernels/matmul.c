@@ -446,9 +446,12 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
             mmp_q8_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS,
                                     (size_t)(k->tune.q8_pf > 0 ? k->tune.q8_pf : 0));
         }
-    if (nt == 1 && w->pack == MMP_Q3_KX16 && dec512 && g * MMP_ROWS == r0 && r1 / MMP_ROWS > g) { // full groups
-        mmp_q3_kx16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)(r1 / MMP_ROWS - g), nb, xq,
-                                y + g * MMP_ROWS, (size_t)(k->tune.k_pf > 0 ? k->tune.k_pf : 0));
+    if (nt == 1 && (w->pack == MMP_Q3_KX16 || w->pack == MMP_Q4_KX16) && dec512 && g * MMP_ROWS == r0 &&
+        r1 / MMP_ROWS > g) { // full groups, one stream
+        const uint8_t *g0 = (const uint8_t *)w->packed + (size_t)g * gb;
+        const size_t pf = (size_t)(k->tune.k_pf > 0 ? k->tune.k_pf : 0);
+        if (w->pack == MMP_Q3_KX16) mmp_q3_kx16_decn_avx512(g0, gb, (int)(r1 / MMP_ROWS - g), nb, xq, y + g * MMP_ROWS, pf);
+        else mmp_q4_kx16_decn_avx512(g0, gb, (int)(r1 / MMP_ROWS - g), nb, xq, y + g * MMP_ROWS, pf);
         g = r1 / MMP_ROWS;
     }
 #endif

@@ -24,9 +24,7 @@
 #ifndef Q4K_TILE_T
 #define Q4K_TILE_T 8 // activation rows per tile in the matrix-matrix case
 #endif
-#ifndef Q4K_PF
-#define Q4K_PF (1 * MMP_Q4K_SB_BYTES) // bytes ahead decode prefetches (one super-block; two measured alike)
-#endif
+#define Q4K_PF MMP_Q4K_SB_BYTES // bytes ahead one group's decode prefetches (a run of groups: the tuning's)
 
 AI __m512i bcast_i32(const void *p) {
     int32_t v;
@@ -51,8 +49,10 @@ AI __m512i q4k_min_pairs(const uint8_t *sb, int k) {
 }
 
 // NT activation rows (1..8) against one group of 16 Q4_K rows: y[t * ys + n] for the rows n in m.
+// Decode (NT = 1) prefetches pf bytes ahead (0: none) but not at or past end, spread over the lanes:
+// 5 lines per lane, where a burst of 37 at the top of the super-block left the core stalled.
 AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
-                 __mmask16 m) {
+                 __mmask16 m, size_t pf, const uint8_t *end) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     __m512 acc[8][8], accm[8][4]; // (token, lane) float lanes of the 16 rows
     const block_q8_K *xr[8]; // (token) activation rows, (nb) super-blocks each
@@ -66,12 +66,7 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
-#ifndef Q4K_HINT
-#define Q4K_HINT _MM_HINT_T0
-#endif
-        if (NT == 1 && Q4K_PF > 0) // decode streams the group: the super-block Q4K_PF bytes on (a prefetch never faults)
-#pragma GCC unroll 37
-            for (int l = 0; l < MMP_Q4K_SB_BYTES / 64; l++) _mm_prefetch((const char *)sb + Q4K_PF + 64 * l, Q4K_HINT);
+        const bool do_pf = NT == 1 && pf > 0 && sb + pf < end;
         __m512i sc[8]; // (sub-block c) the 16 rows' scales as i16 pairs
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) sc[c] = q4k_scale_pairs(sb + MMP_Q4K_SCALES + 16 * c);
@@ -85,6 +80,10 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
 #pragma GCC unroll 8
             for (int t = 0; t < NT; t++) s[t] = _mm512_setzero_si512();
             if (NT == 1) { // decode: 4 independent chains per lane (the sums are exact: the same bits)
+                if (do_pf)
+#pragma GCC unroll 5
+                    for (int p = 0; p < 5; p++)
+                        if (5 * l + p < MMP_Q4K_SB_BYTES / 64) _mm_prefetch((const char *)sb + pf + 64 * (5 * l + p), _MM_HINT_T0);
                 __m512i c4[4];
 #pragma GCC unroll 4
                 for (int j = 0; j < 4; j++) {
@@ -142,6 +141,13 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
 
 // --- public API
 
+void mmp_q4_kx16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq, float *y,
+                             size_t pf) {
+    const uint8_t *end = g0 + (size_t)ng * gstride;
+    for (int g = 0; g < ng; g++)
+        q4k_tile(g0 + (size_t)g * gstride, nb, xq, 0, 1, y + (size_t)g * MMP_ROWS, 0, (__mmask16)0xffff, pf, end);
+}
+
 void mmp_q4_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
                         uint32_t mask) {
     const __mmask16 m = (__mmask16)mask;
@@ -151,17 +157,17 @@ void mmp_q4_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_
         float *yt = y + (size_t)t * ys;
         switch (left >= Q4K_TILE_T ? Q4K_TILE_T : left) {
 #if Q4K_TILE_T >= 8
-        case 8: q4k_tile(grp, nb, xt, xs, 8, yt, ys, m); t += 8; break;
-        case 7: q4k_tile(grp, nb, xt, xs, 7, yt, ys, m); t += 7; break;
+        case 8: q4k_tile(grp, nb, xt, xs, 8, yt, ys, m, 0, NULL); t += 8; break;
+        case 7: q4k_tile(grp, nb, xt, xs, 7, yt, ys, m, 0, NULL); t += 7; break;
 #endif
 #if Q4K_TILE_T >= 6
-        case 6: q4k_tile(grp, nb, xt, xs, 6, yt, ys, m); t += 6; break;
-        case 5: q4k_tile(grp, nb, xt, xs, 5, yt, ys, m); t += 5; break;
+        case 6: q4k_tile(grp, nb, xt, xs, 6, yt, ys, m, 0, NULL); t += 6; break;
+        case 5: q4k_tile(grp, nb, xt, xs, 5, yt, ys, m, 0, NULL); t += 5; break;
 #endif
-        case 4: q4k_tile(grp, nb, xt, xs, 4, yt, ys, m); t += 4; break;
-        case 3: q4k_tile(grp, nb, xt, xs, 3, yt, ys, m); t += 3; break;
-        case 2: q4k_tile(grp, nb, xt, xs, 2, yt, ys, m); t += 2; break;
-        default: q4k_tile(grp, nb, xt, xs, 1, yt, ys, m); t += 1; break;
+        case 4: q4k_tile(grp, nb, xt, xs, 4, yt, ys, m, 0, NULL); t += 4; break;
+        case 3: q4k_tile(grp, nb, xt, xs, 3, yt, ys, m, 0, NULL); t += 3; break;
+        case 2: q4k_tile(grp, nb, xt, xs, 2, yt, ys, m, 0, NULL); t += 2; break;
+        default: q4k_tile(grp, nb, xt, xs, 1, yt, ys, m, Q4K_PF, grp + (size_t)nb * MMP_Q4K_SB_BYTES); t += 1; break;
         }
     }
 }

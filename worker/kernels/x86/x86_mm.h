@@ -137,6 +137,10 @@ void mmp_q4_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t 
 // Q4_K vec_dot (q4k_avx512.c, q4k_avx2.c).
 void mmp_q4_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, uint32_t mask);
+// Decode (one activation row) over ng full groups gstride bytes apart, y[16 g + n]: the same bits,
+// the stream prefetched pf bytes ahead but never past the last group.
+void mmp_q4_kx16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq, float *y,
+                             size_t pf);
 void mmp_q4_kx16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                       size_t ys, uint32_t mask);
 

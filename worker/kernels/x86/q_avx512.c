@@ -379,10 +379,6 @@ AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *q = mmp_block_quants(MMP_Q8_0X16, grp, b);
-        if (NT == 1 && MMP_PREFETCH_Q8 > 0 && (b & 1) == 0) { // the pair: 2 x 512 quants + 64 scales (17 lines)
-#pragma GCC unroll 17
-            for (int l = 0; l < 17; l++) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * l, _MM_HINT_T0);
-        }
         const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mmp_block_scales(MMP_Q8_0X16, grp, b)));
         __m512 dv[3];
         const uint8_t *xb[3], *cr[3];
@@ -394,6 +390,11 @@ AI void q8x16_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs,
         }
 #pragma GCC unroll 8
         for (int l = 0; l < 8; l++) {
+            if (NT == 1 && MMP_PREFETCH_Q8 > 0) { // spread over the lanes (a burst of 17 per pair stalled the
+                                                  // core on Zen 5): this block's quant lines, the pair's scales
+                _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 64 * l, _MM_HINT_T0);
+                if (l == 0 && (b & 1) == 0) _mm_prefetch((const char *)q + MMP_PREFETCH_Q8 + 1024, _MM_HINT_T0);
+            }
             const __m512i v = _mm512_load_si512(q + 64 * l);
 #pragma GCC unroll 3
             for (int t = 0; t < NT; t++) {

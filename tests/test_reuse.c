@@ -11,6 +11,7 @@
 #include "parallel/shard.h"
 #include "worker/kernels/matmul.h"
 #include "worker/kernels/quant.h"
+#include "worker/kernels/x86/x86_mm.h"
 #include "worker/model/model.h"
 
 // --- helpers
@@ -22,12 +23,10 @@
 // Bytes of the packed copy of a Q4_0 or Q4_K matrix (16-row groups, x86_mm.h).
 static size_t packed_bytes(const mm_weight_t *w) {
     const int64_t ng = (w->rows + 15) / 16;
-    if (w->type == QT_Q4_K) return (size_t)ng * (size_t)(w->cols / 256) * 2368;
-    const int64_t nb = w->cols / 32;
-    return (size_t)ng * (size_t)((nb + 1) / 2) * (2 * 256 + 4 * 16);
+    return (size_t)ng * mmp_group_bytes(w->pack, w->cols / qtype_traits(w->type)->blck);
 }
 
-// A Q4_0 or Q4_K matrix (rows, cols) of random bytes with finite scales (and mins).
+// A Q4_0, Q4_K or Q3_K matrix (rows, cols) of random bytes with finite scales (and mins).
 static uint8_t *random_rows(qtype_t t, int64_t rows, int64_t cols, uint64_t seed) {
     const size_t rb = qtype_row_size(t, cols);
     uint8_t *d = malloc((size_t)rows * rb); // (rows, rb)
@@ -39,6 +38,11 @@ static uint8_t *random_rows(qtype_t t, int64_t rows, int64_t cols, uint64_t seed
                 blk->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
                 blk->dmin = (uint16_t)(0x2c00 + (test_rng_next(&seed) & 0x3ff));
             }
+            continue;
+        }
+        if (t == QT_Q3_K) {
+            for (int64_t b = 0; b < cols / 256; b++)
+                ((block_q3_K *)(d + (size_t)r * rb) + b)->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
             continue;
         }
         for (int64_t b = 0; b < cols / 32; b++) {
@@ -116,6 +120,13 @@ static void test_init_from(void) {
         for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q4_K, COLS_K, dk, &spans[i]);
     mm_weight_release(&probe);
     free(dk);
+    uint8_t *d3 = random_rows(QT_Q3_K, ROWS, COLS_K, 11); // Q3_K: repacked by the AVX-512 table only
+    CU_ASSERT_PTR_NOT_NULL_FATAL(d3);
+    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&probe, kernels_best(), QT_Q3_K, 20, COLS_K, d3, true), 0);
+    if (probe.packed)
+        for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q3_K, COLS_K, d3, &spans[i]);
+    mm_weight_release(&probe);
+    free(d3);
     uint8_t *d8 = random_rows(QT_Q8_0, ROWS, COLS, 9); // Q8_0: repacked by the AVX-512 table only
     CU_ASSERT_PTR_NOT_NULL_FATAL(d8);
     CU_ASSERT_EQUAL_FATAL(mm_weight_init(&probe, kernels_best(), QT_Q8_0, 20, COLS, d8, true), 0);

@@ -27,12 +27,14 @@ static bool isa_is(const kernels_t *k, const char *name) { return k && k->isa &&
 // accumulators per group); other tables keep plain rows (the scalar group kernel would be slower).
 // Q3_K is repacked for the AVX-512 table too (its row-by-row vec_dot decoded at a fifth of the read
 // bandwidth); every Q3_K product is one fma chain per row, so repacked and plain rows agree bit for bit.
+// Q5_K too (AVX-512): Q4_K's groups plus a plane of 5th bits, with the Q5_K vec_dot's bits.
 static int pack_for_type(qtype_t t, const kernels_t *k) {
     if (t == QT_Q4_0) return MMP_Q4_0X16;
 #ifdef MESHLM_HAVE_X86
     if (t == QT_Q4_K) return MMP_Q4_KX16;
     if (t == QT_Q8_0 && isa_is(k, "avx512")) return MMP_Q8_0X16;
     if (t == QT_Q3_K && isa_is(k, "avx512")) return MMP_Q3_KX16;
+    if (t == QT_Q5_K && isa_is(k, "avx512")) return MMP_Q5_KX16;
 #endif
     (void)k;
     return MMP_NONE;
@@ -70,13 +72,17 @@ static void q4_k_scales_put(const uint8_t *sc, const uint8_t *mn, uint8_t *s) { 
     }
 }
 
-// Writes row i of a Q4_K group (grp, nb super-blocks) from the row's file encoding.
-static void q4_k_pack_row(uint8_t *grp, int64_t nb, int i, const uint8_t *row) {
+// Writes row i of a Q4_K (or Q5_K: q5) group (grp, nb super-blocks) from the row's file encoding.
+static void q4_k_pack_row(uint8_t *grp, int64_t nb, int i, const uint8_t *row, bool q5) {
+    const size_t bb = q5 ? sizeof(block_q5_K) : sizeof(block_q4_K), sbb = q5 ? MMP_Q5K_SB_BYTES : MMP_Q4K_SB_BYTES;
     for (int64_t b = 0; b < nb; b++) {
-        const block_q4_K *blk = (const block_q4_K *)row + b;
-        uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
+        const block_q4_K *blk = (const block_q4_K *)(row + (size_t)b * bb); // d, dmin, scales: the same in Q5_K
+        const uint8_t *qs = q5 ? ((const block_q5_K *)blk)->qs : blk->qs;
+        uint8_t *sb = grp + (size_t)b * sbb;
         for (int j = 0; j < 4; j++)
-            for (int l = 0; l < 8; l++) memcpy(sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4, blk->qs + 32 * j + 4 * l, 4);
+            for (int l = 0; l < 8; l++) memcpy(sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4, qs + 32 * j + 4 * l, 4);
+        if (q5)
+            for (int l = 0; l < 8; l++) memcpy(sb + MMP_Q5K_QH + (size_t)(l * MMP_ROWS + i) * 4, ((const block_q5_K *)blk)->qh + 4 * l, 4);
         uint8_t sc[8], mn[8]; // (sub-block) 6-bit scales and mins
         q4_k_scales_get(blk->scales, sc, mn);
         for (int c = 0; c < 8; c++) sb[MMP_Q4K_SCALES + c * MMP_ROWS + i] = sc[c];
@@ -86,13 +92,17 @@ static void q4_k_pack_row(uint8_t *grp, int64_t nb, int i, const uint8_t *row) {
     }
 }
 
-// The file encoding of row i of a Q4_K group (the inverse of q4_k_pack_row).
-static void q4_k_unpack_row(const uint8_t *grp, int64_t nb, int i, uint8_t *row) {
+// The file encoding of row i of a Q4_K (Q5_K) group (the inverse of q4_k_pack_row).
+static void q4_k_unpack_row(const uint8_t *grp, int64_t nb, int i, uint8_t *row, bool q5) {
+    const size_t bb = q5 ? sizeof(block_q5_K) : sizeof(block_q4_K), sbb = q5 ? MMP_Q5K_SB_BYTES : MMP_Q4K_SB_BYTES;
     for (int64_t b = 0; b < nb; b++) {
-        block_q4_K *blk = (block_q4_K *)row + b;
-        const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
+        block_q4_K *blk = (block_q4_K *)(row + (size_t)b * bb);
+        uint8_t *qs = q5 ? ((block_q5_K *)blk)->qs : blk->qs;
+        const uint8_t *sb = grp + (size_t)b * sbb;
         for (int j = 0; j < 4; j++)
-            for (int l = 0; l < 8; l++) memcpy(blk->qs + 32 * j + 4 * l, sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4, 4);
+            for (int l = 0; l < 8; l++) memcpy(qs + 32 * j + 4 * l, sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4, 4);
+        if (q5)
+            for (int l = 0; l < 8; l++) memcpy(((block_q5_K *)blk)->qh + 4 * l, sb + MMP_Q5K_QH + (size_t)(l * MMP_ROWS + i) * 4, 4);
         uint8_t sc[8], mn[8]; // (sub-block) 6-bit scales and mins
         for (int c = 0; c < 8; c++) sc[c] = sb[MMP_Q4K_SCALES + c * MMP_ROWS + i];
         for (int c = 0; c < 8; c++) mn[c] = sb[MMP_Q4K_MINS + ((c / 2) * MMP_ROWS + i) * 2 + c % 2];
@@ -105,15 +115,16 @@ static void q4_k_unpack_row(const uint8_t *grp, int64_t nb, int i, uint8_t *row)
 // Portable kernel over one Q4_K group (the scalar table's path): per row and token the integer lanes
 // and float order of the Q4_K vec_dot (8 lanes, lane L = elements 4L..4L+3 of every 32-element
 // sub-block times its scale; the mins in 4 lanes of sub-block pairs; then their sums in its order).
+// q5: a Q5_K group, its 5th bits added (16 each) and its mins summed into one float, as its vec_dot.
 static void group_q4_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
-                              size_t ys, uint32_t mask) {
+                              size_t ys, uint32_t mask, bool q5) {
     for (int t = 0; t < nt; t++) {
         const block_q8_K *x = (const block_q8_K *)(xq + (size_t)t * xs); // (nb)
         for (int i = 0; i < MMP_ROWS; i++) {
             if (!(mask >> i & 1u)) continue;
-            float acc[8] = {0}, accm[4] = {0}; // (lane) float lanes, (pair) min lanes
+            float acc[8] = {0}, accm[4] = {0}, summs = 0.0f; // (lane) float lanes, (pair) min lanes, Q5_K's
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
+                const uint8_t *sb = grp + (size_t)b * (q5 ? MMP_Q5K_SB_BYTES : MMP_Q4K_SB_BYTES);
                 const float d = x[b].d * f16_at(sb + MMP_Q4K_D + 2 * i);
                 const float dmin = -x[b].d * f16_at(sb + MMP_Q4K_DMIN + 2 * i);
                 for (int l = 0; l < 8; l++) {
@@ -121,25 +132,29 @@ static void group_q4_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq,
                     for (int j = 0; j < 4; j++) {
                         const uint8_t *q = sb + (size_t)((l * 4 + j) * MMP_ROWS + i) * 4;
                         const int8_t *xl = x[b].qs + 64 * j + 4 * l, *xh = xl + 32;
+                        const uint8_t *qh = sb + MMP_Q5K_QH + (size_t)(l * MMP_ROWS + i) * 4;
                         int32_t lo = 0, hi = 0;
                         for (int e = 0; e < 4; e++) {
-                            lo += (q[e] & 15) * xl[e];
-                            hi += (q[e] >> 4) * xh[e];
+                            lo += ((q[e] & 15) + (q5 && (qh[e] >> (2 * j) & 1) ? 16 : 0)) * xl[e];
+                            hi += ((q[e] >> 4) + (q5 && (qh[e] >> (2 * j + 1) & 1) ? 16 : 0)) * xh[e];
                         }
                         lane += sb[MMP_Q4K_SCALES + (2 * j) * MMP_ROWS + i] * lo +
                                 sb[MMP_Q4K_SCALES + (2 * j + 1) * MMP_ROWS + i] * hi;
                     }
                     acc[l] = fmaf(d, (float)lane, acc[l]);
                 }
+                int32_t mall = 0;
                 for (int k = 0; k < 4; k++) {
                     const uint8_t *m = sb + MMP_Q4K_MINS + (size_t)(k * MMP_ROWS + i) * 2;
                     const int32_t s0 = x[b].bsums[4 * k] + x[b].bsums[4 * k + 1];
                     const int32_t s1 = x[b].bsums[4 * k + 2] + x[b].bsums[4 * k + 3];
                     accm[k] = fmaf(dmin, (float)(m[0] * s0 + m[1] * s1), accm[k]);
+                    mall += m[0] * s0 + m[1] * s1;
                 }
+                summs = fmaf(dmin, (float)mall, summs);
             }
             const float r = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-            y[(size_t)t * ys + i] = r + ((accm[0] + accm[2]) + (accm[1] + accm[3]));
+            y[(size_t)t * ys + i] = q5 ? r + summs : r + ((accm[0] + accm[2]) + (accm[1] + accm[3]));
         }
     }
 }
@@ -228,8 +243,8 @@ static void group_q3_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq,
 // those rows stay zero).
 static void pack_group(mm_weight_t *w, int64_t nb, int64_t g, const uint8_t *const *row) {
     uint8_t *grp = (uint8_t *)w->packed + (size_t)g * mmp_group_bytes(w->pack, nb);
-    if (w->pack == MMP_Q4_KX16) {
-        for (int i = 0; i < MMP_ROWS && row[i]; i++) q4_k_pack_row(grp, nb, i, row[i]);
+    if (w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16) {
+        for (int i = 0; i < MMP_ROWS && row[i]; i++) q4_k_pack_row(grp, nb, i, row[i], w->pack == MMP_Q5_KX16);
         return;
     }
     if (w->pack == MMP_Q3_KX16) {
@@ -422,6 +437,7 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
     else if (isa_is(k, "avx2") && w->pack == MMP_Q4_0X16) fn = mmp_q4_0x16_avx2;
     if (w->pack == MMP_Q4_KX16) fn = isa_is(k, "avx512") ? mmp_q4_kx16_avx512 : isa_is(k, "avx2") ? mmp_q4_kx16_avx2 : NULL;
     if (w->pack == MMP_Q3_KX16) fn = isa_is(k, "avx512") ? mmp_q3_kx16_avx512 : NULL;
+    if (w->pack == MMP_Q5_KX16) fn = isa_is(k, "avx512") ? mmp_q5_kx16_avx512 : NULL;
 #endif
 #ifdef MESHLM_HAVE_NEON
     if (w->pack == MMP_Q4_0X16 && isa_is(k, "neon-dotprod")) fn = mmp_q4_0x16_dotprod;
@@ -446,12 +462,14 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
             mmp_q8_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS,
                                     (size_t)(k->tune.q8_pf > 0 ? k->tune.q8_pf : 0));
         }
-    if (nt == 1 && (w->pack == MMP_Q3_KX16 || w->pack == MMP_Q4_KX16) && dec512 && g * MMP_ROWS == r0 &&
-        r1 / MMP_ROWS > g) { // full groups, one stream
+    const bool kpack = w->pack == MMP_Q3_KX16 || w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16;
+    if (nt == 1 && kpack && dec512 && g * MMP_ROWS == r0 && r1 / MMP_ROWS > g) { // full groups, one stream
         const uint8_t *g0 = (const uint8_t *)w->packed + (size_t)g * gb;
         const size_t pf = (size_t)(k->tune.k_pf > 0 ? k->tune.k_pf : 0);
-        if (w->pack == MMP_Q3_KX16) mmp_q3_kx16_decn_avx512(g0, gb, (int)(r1 / MMP_ROWS - g), nb, xq, y + g * MMP_ROWS, pf);
-        else mmp_q4_kx16_decn_avx512(g0, gb, (int)(r1 / MMP_ROWS - g), nb, xq, y + g * MMP_ROWS, pf);
+        const int ng = (int)(r1 / MMP_ROWS - g);
+        if (w->pack == MMP_Q3_KX16) mmp_q3_kx16_decn_avx512(g0, gb, ng, nb, xq, y + g * MMP_ROWS, pf);
+        else if (w->pack == MMP_Q5_KX16) mmp_q5_kx16_decn_avx512(g0, gb, ng, nb, xq, y + g * MMP_ROWS, pf);
+        else mmp_q4_kx16_decn_avx512(g0, gb, ng, nb, xq, y + g * MMP_ROWS, pf);
         g = r1 / MMP_ROWS;
     }
 #endif
@@ -462,7 +480,8 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
         const uint32_t mask = ((1u << hi) - 1u) & ~((1u << lo) - 1u);
         const uint8_t *grp = (const uint8_t *)w->packed + (size_t)g * gb;
         if (fn) fn(grp, nb, xq, xs, nt, y + base, ys, mask);
-        else if (w->pack == MMP_Q4_KX16) group_q4_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
+        else if (w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16)
+            group_q4_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask, w->pack == MMP_Q5_KX16);
         else if (w->pack == MMP_Q3_KX16) group_q3_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
         else if (w->pack == MMP_Q8_0X16) group_q8_0_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
         else group_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
@@ -684,8 +703,8 @@ void mm_weight_get_row(const mm_weight_t *w, int64_t r, void *out) {
     const int64_t nb = w->cols / qtype_traits(w->type)->blck;
     const int i = (int)(r % MMP_ROWS);
     const uint8_t *grp = (const uint8_t *)w->packed + (size_t)(r / MMP_ROWS) * mmp_group_bytes(w->pack, nb);
-    if (w->pack == MMP_Q4_KX16) {
-        q4_k_unpack_row(grp, nb, i, out);
+    if (w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16) {
+        q4_k_unpack_row(grp, nb, i, out, w->pack == MMP_Q5_KX16);
         return;
     }
     if (w->pack == MMP_Q3_KX16) {

@@ -1,4 +1,5 @@
-// x86 kernels (q4k_avx512): repacked Q4_K groups (MMP_Q4_KX16) times Q8_K activation rows, AVX-512 VNNI.
+// x86 kernels (q4k_avx512): repacked Q4_K and Q5_K groups (MMP_Q4_KX16, MMP_Q5_KX16) times Q8_K activation
+// rows, AVX-512 VNNI.
 //
 // Every output keeps the bits of vec_dot_q4_K (k_avx512.c, llama.cpp's x86 order): per super-block,
 // integer lane L (0..7) of a row sums scale(c) * q * x over elements 4L..4L+3 of each 32-element
@@ -21,9 +22,7 @@
 
 #define AI static inline __attribute__((always_inline))
 
-#ifndef Q4K_TILE_T
 #define Q4K_TILE_T 8 // activation rows per tile in the matrix-matrix case
-#endif
 #define Q4K_PF MMP_Q4K_SB_BYTES // bytes ahead one group's decode prefetches (a run of groups: the tuning's)
 
 AI __m512i bcast_i32(const void *p) {
@@ -48,13 +47,25 @@ AI __m512i q4k_min_pairs(const uint8_t *sb, int k) {
     return _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i *)(sb + MMP_Q4K_MINS + 32 * k)));
 }
 
+// Q5_K: 16 added to the low nibbles (sub-block 2j) and the high ones (2j + 1) of lane l where their
+// 5th bit (bits 2j and 2j + 1 of the qh bytes) is set.
+AI void q5_add_bits(const uint8_t *sb, int l, int j, __m512i m16, __m512i *lo, __m512i *hi) {
+    const __m512i qh = _mm512_load_si512(sb + MMP_Q5K_QH + 64 * l);
+    *lo = _mm512_mask_add_epi8(*lo, _mm512_test_epi8_mask(qh, _mm512_set1_epi8((char)(1 << (2 * j)))), *lo, m16);
+    *hi = _mm512_mask_add_epi8(*hi, _mm512_test_epi8_mask(qh, _mm512_set1_epi8((char)(2 << (2 * j)))), *hi, m16);
+}
+
 // NT activation rows (1..8) against one group of 16 Q4_K rows: y[t * ys + n] for the rows n in m.
 // Decode (NT = 1) prefetches pf bytes ahead (0: none) but not at or past end, spread over the lanes:
 // 5 lines per lane, where a burst of 37 at the top of the super-block left the core stalled.
+// Q5 (MMP_Q5_KX16): each nibble gains 16 where its 5th bit is set, and the mins go into one float per
+// row (summs) instead of 4 lanes, as the Q5_K vec_dot adds them.
 AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
-                 __mmask16 m, size_t pf, const uint8_t *end) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    __m512 acc[8][8], accm[8][4]; // (token, lane) float lanes of the 16 rows
+                 __mmask16 m, size_t pf, const uint8_t *end, const int Q5) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m16 = _mm512_set1_epi8(0x10);
+    const size_t sbb = Q5 ? MMP_Q5K_SB_BYTES : MMP_Q4K_SB_BYTES;
+    const int lines = (int)(sbb / 64), per_lane = (lines + 7) / 8; // decode prefetch: lines per lane
+    __m512 acc[8][8], accm[8][4], summs[8]; // (token, lane) float lanes of the 16 rows; Q5_K's min sums
     const block_q8_K *xr[8]; // (token) activation rows, (nb) super-blocks each
 #pragma GCC unroll 8
     for (int t = 0; t < NT; t++) {
@@ -63,9 +74,10 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
         for (int l = 0; l < 8; l++) acc[t][l] = _mm512_setzero_ps();
 #pragma GCC unroll 4
         for (int k = 0; k < 4; k++) accm[t][k] = _mm512_setzero_ps();
+        summs[t] = _mm512_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *sb = grp + (size_t)b * MMP_Q4K_SB_BYTES;
+        const uint8_t *sb = grp + (size_t)b * sbb;
         const bool do_pf = NT == 1 && pf > 0 && sb + pf < end;
         __m512i sc[8]; // (sub-block c) the 16 rows' scales as i16 pairs
 #pragma GCC unroll 8
@@ -81,15 +93,16 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
             for (int t = 0; t < NT; t++) s[t] = _mm512_setzero_si512();
             if (NT == 1) { // decode: 4 independent chains per lane (the sums are exact: the same bits)
                 if (do_pf)
-#pragma GCC unroll 5
-                    for (int p = 0; p < 5; p++)
-                        if (5 * l + p < MMP_Q4K_SB_BYTES / 64) _mm_prefetch((const char *)sb + pf + 64 * (5 * l + p), _MM_HINT_T0);
+#pragma GCC unroll 6
+                    for (int p = 0; p < per_lane; p++)
+                        if (per_lane * l + p < lines) _mm_prefetch((const char *)sb + pf + 64 * (per_lane * l + p), _MM_HINT_T0);
                 __m512i c4[4];
 #pragma GCC unroll 4
                 for (int j = 0; j < 4; j++) {
                     const __m512i q = _mm512_load_si512(sb + 64 * (4 * l + j));
-                    const __m512i lo = _mm512_and_si512(q, m4);
-                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+                    __m512i lo = _mm512_and_si512(q, m4);
+                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+                    if (Q5) q5_add_bits(sb, l, j, m16, &lo, &hi);
                     const int8_t *xb = xr[0][b].qs + 64 * j + 4 * l;
                     const __m512i a = _mm512_madd_epi16(_mm512_maddubs_epi16(lo, bcast_i32(xb)), sc[2 * j]);
                     c4[j] = _mm512_dpwssd_epi32(a, _mm512_maddubs_epi16(hi, bcast_i32(xb + 32)), sc[2 * j + 1]);
@@ -99,8 +112,9 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 const __m512i q = _mm512_load_si512(sb + 64 * (4 * l + j));
-                const __m512i lo = _mm512_and_si512(q, m4);
-                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+                __m512i lo = _mm512_and_si512(q, m4);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+                if (Q5) q5_add_bits(sb, l, j, m16, &lo, &hi);
 #pragma GCC unroll 8
                 for (int t = 0; t < NT; t++) {
                     const int8_t *xb = xr[t][b].qs + 64 * j + 4 * l;
@@ -122,11 +136,14 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
             int32_t bs[4]; // (4) i16 pairs: sums of x over sub-blocks 2k, 2k + 1
             _mm_storeu_si128((__m128i *)bs, _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xr[t][b].bsums),
                                                            _mm_loadu_si128((const __m128i *)(xr[t][b].bsums + 8))));
+            __m512i mall = _mm512_setzero_si512(); // Q5_K: the 4 pairs' exact sum
 #pragma GCC unroll 4
             for (int k = 0; k < 4; k++) {
                 const __m512i p = _mm512_madd_epi16(mp[k], _mm512_set1_epi32(bs[k]));
-                accm[t][k] = _mm512_fmadd_ps(dmin, _mm512_cvtepi32_ps(p), accm[t][k]);
+                if (Q5) mall = _mm512_add_epi32(mall, p);
+                else accm[t][k] = _mm512_fmadd_ps(dmin, _mm512_cvtepi32_ps(p), accm[t][k]);
             }
+            if (Q5) summs[t] = _mm512_fmadd_ps(dmin, _mm512_cvtepi32_ps(mall), summs[t]);
         }
     }
 #pragma GCC unroll 8
@@ -134,40 +151,39 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
         const __m512 *a = acc[t], *n = accm[t];
         const __m512 r = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
                                        _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])));
-        const __m512 mn = _mm512_add_ps(_mm512_add_ps(n[0], n[2]), _mm512_add_ps(n[1], n[3]));
+        const __m512 mn = Q5 ? summs[t] : _mm512_add_ps(_mm512_add_ps(n[0], n[2]), _mm512_add_ps(n[1], n[3]));
         _mm512_mask_storeu_ps(y + (size_t)t * ys, m, _mm512_add_ps(r, mn));
     }
 }
 
 // --- public API
 
-void mmp_q4_kx16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq, float *y,
-                             size_t pf) {
-    const uint8_t *end = g0 + (size_t)ng * gstride;
-    for (int g = 0; g < ng; g++)
-        q4k_tile(g0 + (size_t)g * gstride, nb, xq, 0, 1, y + (size_t)g * MMP_ROWS, 0, (__mmask16)0xffff, pf, end);
-}
-
-void mmp_q4_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
-                        uint32_t mask) {
-    const __mmask16 m = (__mmask16)mask;
-    for (int t = 0; t < nt;) {
-        const int left = nt - t;
-        const uint8_t *xt = xq + (size_t)t * xs;
-        float *yt = y + (size_t)t * ys;
-        switch (left >= Q4K_TILE_T ? Q4K_TILE_T : left) {
-#if Q4K_TILE_T >= 8
-        case 8: q4k_tile(grp, nb, xt, xs, 8, yt, ys, m, 0, NULL); t += 8; break;
-        case 7: q4k_tile(grp, nb, xt, xs, 7, yt, ys, m, 0, NULL); t += 7; break;
-#endif
-#if Q4K_TILE_T >= 6
-        case 6: q4k_tile(grp, nb, xt, xs, 6, yt, ys, m, 0, NULL); t += 6; break;
-        case 5: q4k_tile(grp, nb, xt, xs, 5, yt, ys, m, 0, NULL); t += 5; break;
-#endif
-        case 4: q4k_tile(grp, nb, xt, xs, 4, yt, ys, m, 0, NULL); t += 4; break;
-        case 3: q4k_tile(grp, nb, xt, xs, 3, yt, ys, m, 0, NULL); t += 3; break;
-        case 2: q4k_tile(grp, nb, xt, xs, 2, yt, ys, m, 0, NULL); t += 2; break;
-        default: q4k_tile(grp, nb, xt, xs, 1, yt, ys, m, Q4K_PF, grp + (size_t)nb * MMP_Q4K_SB_BYTES); t += 1; break;
-        }
+#define Q4K_PUBLIC(NAME, DECN, Q5, SBB)                                                                          \
+    void DECN(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq, float *y, size_t pf) {  \
+        const uint8_t *end = g0 + (size_t)ng * gstride;                                                        \
+        for (int g = 0; g < ng; g++)                                                                           \
+            q4k_tile(g0 + (size_t)g * gstride, nb, xq, 0, 1, y + (size_t)g * MMP_ROWS, 0, (__mmask16)0xffff, pf, \
+                     end, Q5);                                                                                 \
+    }                                                                                                          \
+    void NAME(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,       \
+              uint32_t mask) {                                                                                 \
+        const __mmask16 m = (__mmask16)mask;                                                                   \
+        for (int t = 0; t < nt;) {                                                                             \
+            const int left = nt - t;                                                                           \
+            const uint8_t *xt = xq + (size_t)t * xs;                                                           \
+            float *yt = y + (size_t)t * ys;                                                                    \
+            switch (left >= Q4K_TILE_T ? Q4K_TILE_T : left) {                                                  \
+            case 8: q4k_tile(grp, nb, xt, xs, 8, yt, ys, m, 0, NULL, Q5); t += 8; break;                      \
+            case 7: q4k_tile(grp, nb, xt, xs, 7, yt, ys, m, 0, NULL, Q5); t += 7; break;                      \
+            case 6: q4k_tile(grp, nb, xt, xs, 6, yt, ys, m, 0, NULL, Q5); t += 6; break;                      \
+            case 5: q4k_tile(grp, nb, xt, xs, 5, yt, ys, m, 0, NULL, Q5); t += 5; break;                      \
+            case 4: q4k_tile(grp, nb, xt, xs, 4, yt, ys, m, 0, NULL, Q5); t += 4; break;                      \
+            case 3: q4k_tile(grp, nb, xt, xs, 3, yt, ys, m, 0, NULL, Q5); t += 3; break;                      \
+            case 2: q4k_tile(grp, nb, xt, xs, 2, yt, ys, m, 0, NULL, Q5); t += 2; break;                      \
+            default: q4k_tile(grp, nb, xt, xs, 1, yt, ys, m, Q4K_PF, grp + (size_t)nb * (SBB), Q5); t += 1; break; \
+            }                                                                                                  \
+        }                                                                                                      \
     }
-}
+
+Q4K_PUBLIC(mmp_q4_kx16_avx512, mmp_q4_kx16_decn_avx512, 0, MMP_Q4K_SB_BYTES)
+Q4K_PUBLIC(mmp_q5_kx16_avx512, mmp_q5_kx16_decn_avx512, 1, MMP_Q5K_SB_BYTES)

@@ -38,6 +38,13 @@
 // row; the 4 zmm of lane L are adjacent, as a kernel finishing one lane at a time reads them.
 // (A super-block is 148 bytes per row against the file's 144: the scales and mins take a byte each.)
 //
+// MMP_Q5_KX16: Q5_K rows (AVX-512 table only): the Q4_K layout above with the low 4 bits in its
+// quants, then the 5th bits, MMP_Q5K_SB_BYTES per super-block:
+//   qh     [8 L][16 rows][4]       at 2368: bytes qh[4L .. 4L + 3] of that row (bit 2j of byte l: the
+//          5th bit of element 64j + l, bit 2j + 1: of element 64j + 32 + l)
+// so the same zmm of quants and one zmm of 5th bits give lane L of sub-blocks 2j and 2j + 1; the
+// kernels keep llama.cpp's x86 Q5_K lanes and float order (the mins summed into one float).
+//
 // MMP_Q3_KX16: Q3_K rows (AVX-512 table only), padded and grouped by 16 likewise; a group is nb
 // super-blocks of MMP_Q3K_SB_BYTES each, the 16 scales out of their 6-bit packing:
 //   hmask  [8 l4][16 rows][4]      at 0:    bytes hmask[4 l4 .. 4 l4 + 3] of that row (bit 4h + j of
@@ -60,6 +67,7 @@ enum {
     MMP_Q8_0X16 = 2,
     MMP_Q4_KX16 = 3,
     MMP_Q3_KX16 = 4,
+    MMP_Q5_KX16 = 5,
 };
 
 #define MMP_Q4K_SB_BYTES 2368 // bytes of one super-block of one MMP_Q4_KX16 group
@@ -67,6 +75,9 @@ enum {
 #define MMP_Q4K_MINS 2176
 #define MMP_Q4K_D 2304
 #define MMP_Q4K_DMIN 2336
+
+#define MMP_Q5K_SB_BYTES 2880 // bytes of one super-block of one MMP_Q5_KX16 group (the Q4_K offsets, and:)
+#define MMP_Q5K_QH 2368
 
 #define MMP_Q3K_SB_BYTES 1856 // bytes of one super-block of one MMP_Q3_KX16 group
 #define MMP_Q3K_HMASK 0       // offsets within it (above)
@@ -84,6 +95,7 @@ static inline size_t mmp_pair_bytes(int pack) { return 2 * mmp_quant_bytes(pack)
 static inline size_t mmp_group_bytes(int pack, int64_t nb) {
     if (pack == MMP_Q4_KX16) return (size_t)nb * MMP_Q4K_SB_BYTES;
     if (pack == MMP_Q3_KX16) return (size_t)nb * MMP_Q3K_SB_BYTES;
+    if (pack == MMP_Q5_KX16) return (size_t)nb * MMP_Q5K_SB_BYTES;
     return (size_t)((nb + 1) / 2) * mmp_pair_bytes(pack);
 }
 
@@ -137,6 +149,11 @@ void mmp_q4_0x16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t 
 // Q4_K vec_dot (q4k_avx512.c, q4k_avx2.c).
 void mmp_q4_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, uint32_t mask);
+// The same for MMP_Q5_KX16 groups: the bits of the Q5_K vec_dot (q4k_avx512.c).
+void mmp_q5_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                        size_t ys, uint32_t mask);
+void mmp_q5_kx16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq, float *y,
+                             size_t pf);
 // Decode (one activation row) over ng full groups gstride bytes apart, y[16 g + n]: the same bits,
 // the stream prefetched pf bytes ahead but never past the last group.
 void mmp_q4_kx16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq, float *y,

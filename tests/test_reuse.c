@@ -26,7 +26,7 @@ static size_t packed_bytes(const mm_weight_t *w) {
     return (size_t)ng * mmp_group_bytes(w->pack, w->cols / qtype_traits(w->type)->blck);
 }
 
-// A Q4_0, Q4_K or Q3_K matrix (rows, cols) of random bytes with finite scales (and mins).
+// A Q4_0 (Q8_0), Q4_K, Q3_K or Q5_K matrix (rows, cols) of random bytes with finite scales (and mins).
 static uint8_t *random_rows(qtype_t t, int64_t rows, int64_t cols, uint64_t seed) {
     const size_t rb = qtype_row_size(t, cols);
     uint8_t *d = malloc((size_t)rows * rb); // (rows, rb)
@@ -43,6 +43,14 @@ static uint8_t *random_rows(qtype_t t, int64_t rows, int64_t cols, uint64_t seed
         if (t == QT_Q3_K) {
             for (int64_t b = 0; b < cols / 256; b++)
                 ((block_q3_K *)(d + (size_t)r * rb) + b)->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
+            continue;
+        }
+        if (t == QT_Q5_K) {
+            for (int64_t b = 0; b < cols / 256; b++) {
+                block_q5_K *blk = (block_q5_K *)(d + (size_t)r * rb) + b;
+                blk->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
+                blk->dmin = (uint16_t)(0x2c00 + (test_rng_next(&seed) & 0x3ff));
+            }
             continue;
         }
         for (int64_t b = 0; b < cols / 32; b++) {
@@ -111,29 +119,21 @@ static void test_init_from(void) {
         {0, 16, 100, 140},   // nothing in common
         {100, 200, 0, 120},  // prev after, overlapping the end
     };
-    // Q4_K is repacked on x86 (plain rows elsewhere: then there is nothing to take)
-    uint8_t *dk = random_rows(QT_Q4_K, ROWS, COLS_K, 9);
-    CU_ASSERT_PTR_NOT_NULL_FATAL(dk);
-    mm_weight_t probe;
-    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&probe, kernels_best(), QT_Q4_K, 20, COLS_K, dk, true), 0);
-    if (probe.packed)
-        for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q4_K, COLS_K, dk, &spans[i]);
-    mm_weight_release(&probe);
-    free(dk);
-    uint8_t *d3 = random_rows(QT_Q3_K, ROWS, COLS_K, 11); // Q3_K: repacked by the AVX-512 table only
-    CU_ASSERT_PTR_NOT_NULL_FATAL(d3);
-    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&probe, kernels_best(), QT_Q3_K, 20, COLS_K, d3, true), 0);
-    if (probe.packed)
-        for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q3_K, COLS_K, d3, &spans[i]);
-    mm_weight_release(&probe);
-    free(d3);
-    uint8_t *d8 = random_rows(QT_Q8_0, ROWS, COLS, 9); // Q8_0: repacked by the AVX-512 table only
-    CU_ASSERT_PTR_NOT_NULL_FATAL(d8);
-    CU_ASSERT_EQUAL_FATAL(mm_weight_init(&probe, kernels_best(), QT_Q8_0, 20, COLS, d8, true), 0);
-    if (probe.packed)
-        for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q8_0, COLS, d8, &spans[i]);
-    mm_weight_release(&probe);
-    free(d8);
+    // Q4_K is repacked on x86, Q3_K, Q5_K and Q8_0 by the AVX-512 table (plain rows elsewhere: then there
+    // is nothing to take)
+    static const qtype_t packed_types[] = {QT_Q4_K, QT_Q3_K, QT_Q5_K, QT_Q8_0};
+    for (size_t p = 0; p < sizeof packed_types / sizeof packed_types[0]; p++) {
+        const qtype_t t = packed_types[p];
+        const int64_t cols = qtype_traits(t)->blck == 256 ? COLS_K : COLS;
+        uint8_t *d = random_rows(t, ROWS, cols, 9 + p);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(d);
+        mm_weight_t probe;
+        CU_ASSERT_EQUAL_FATAL(mm_weight_init(&probe, kernels_best(), t, 20, cols, d, true), 0);
+        if (probe.packed)
+            for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(t, cols, d, &spans[i]);
+        mm_weight_release(&probe);
+        free(d);
+    }
     uint8_t *data = random_rows(QT_Q4_0, ROWS, COLS, 7);
     CU_ASSERT_PTR_NOT_NULL_FATAL(data);
     for (size_t i = 0; i < sizeof spans / sizeof spans[0]; i++) check_span(QT_Q4_0, COLS, data, &spans[i]);

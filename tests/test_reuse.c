@@ -1,5 +1,6 @@
 // CUnit suite "reuse": a share built from an earlier share (a recovery's survivor) takes the repacked rows they have in common and is the same bytes, and the same logits, as one loaded afresh.
 #include <CUnit/CUnit.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,33 +32,17 @@ static uint8_t *random_rows(qtype_t t, int64_t rows, int64_t cols, uint64_t seed
     const size_t rb = qtype_row_size(t, cols);
     uint8_t *d = malloc((size_t)rows * rb); // (rows, rb)
     for (size_t i = 0; d && i < (size_t)rows * rb; i++) d[i] = (uint8_t)test_rng_next(&seed);
-    for (int64_t r = 0; d && r < rows; r++) {
-        if (t == QT_Q4_K) {
-            for (int64_t b = 0; b < cols / 256; b++) {
-                block_q4_K *blk = (block_q4_K *)(d + (size_t)r * rb) + b;
-                blk->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
-                blk->dmin = (uint16_t)(0x2c00 + (test_rng_next(&seed) & 0x3ff));
-            }
-            continue;
+    // every block's scale a small positive f16 (Q3_K keeps it last), and Q4_K's and Q5_K's min scale too
+    const int64_t nb = cols / qtype_traits(t)->blck;
+    const size_t bs = rb / (size_t)nb, d_off = t == QT_Q3_K ? offsetof(block_q3_K, d) : 0;
+    for (int64_t r = 0; d && r < rows; r++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *blk = d + (size_t)r * rb + (size_t)b * bs;
+            const uint16_t sd = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
+            const uint16_t sm = (uint16_t)(0x2c00 + (test_rng_next(&seed) & 0x3ff));
+            memcpy(blk + d_off, &sd, 2);
+            if (t == QT_Q4_K || t == QT_Q5_K) memcpy(blk + 2, &sm, 2);
         }
-        if (t == QT_Q3_K) {
-            for (int64_t b = 0; b < cols / 256; b++)
-                ((block_q3_K *)(d + (size_t)r * rb) + b)->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
-            continue;
-        }
-        if (t == QT_Q5_K) {
-            for (int64_t b = 0; b < cols / 256; b++) {
-                block_q5_K *blk = (block_q5_K *)(d + (size_t)r * rb) + b;
-                blk->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
-                blk->dmin = (uint16_t)(0x2c00 + (test_rng_next(&seed) & 0x3ff));
-            }
-            continue;
-        }
-        for (int64_t b = 0; b < cols / 32; b++) {
-            block_q4_0 *blk = (block_q4_0 *)(d + (size_t)r * rb) + b;
-            blk->d = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff)); // a small positive f16
-        }
-    }
     return d;
 }
 

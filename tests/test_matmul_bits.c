@@ -95,11 +95,49 @@ static void test_same_bits(void) {
     CU_ASSERT_EQUAL(bad, 0);
 }
 
+// BF16 on AVX-512: every output is one 16-lane fma chain (float_tile's order) whether it is decoded alone
+// (bf16_dec_rows: 4 rows a pass with Intel's tuning, 1 with AMD's, prefetched) or computed in a batch of
+// tokens, so a token's logits do not depend on how many tokens came with it.
+static void test_bf16_decode_is_batch_bits(void) {
+    const kernels_t *k512 = kernels_for_isa("avx512");
+    if (!k512) return; // no AVX-512 here: nothing to compare (the other tables run vec_dot alone)
+    const int nt = 5;
+    const int64_t shapes[][2] = {{36, 192}, {37, 200}, {5, 1000}}; // tiled batch; tails; rows < one 4-row pass
+    int bad = 0, compared = 0;
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int64_t rows = shapes[s][0], cols = shapes[s][1];
+        const size_t rb = qtype_row_size(QT_BF16, cols);
+        float *f = malloc(sizeof(float) * (size_t)rows * (size_t)cols), *x = malloc(sizeof(float) * (size_t)nt * (size_t)cols);
+        uint8_t *w = malloc((size_t)rows * rb);
+        float *batch = malloc(sizeof(float) * (size_t)nt * (size_t)rows), *one = malloc(sizeof(float) * (size_t)rows);
+        CU_ASSERT_FATAL(f && x && w && batch && one);
+        test_fill_floats(f, rows * cols, 900 + s, 2.0f);
+        for (int64_t r = 0; r < rows; r++) CU_ASSERT_EQUAL_FATAL(quant_quantize_ref(QT_BF16, f + r * cols, w + (size_t)r * rb, cols), 0);
+        test_fill_floats(x, (int64_t)nt * cols, 950 + s, 2.0f);
+        for (int tu = 0; tu < 2; tu++) {
+            kernels_t kc = *k512;
+            kc.tune = tu == 0 ? kern_tune_intel() : kern_tune_amd();
+            run(&kc, QT_BF16, rows, cols, w, x, nt, 0, batch);
+            for (int t = 0; t < nt; t++) {
+                run(&kc, QT_BF16, rows, cols, w, x + (size_t)t * (size_t)cols, 1, 0, one);
+                for (int64_t r = 0; r < rows; r++, compared++)
+                    if (memcmp(&one[r], &batch[(size_t)t * (size_t)rows + r], sizeof(float)) != 0 && bad++ == 0)
+                        fprintf(stderr, "\n  BF16 (%s) %lldx%lld row %lld tok %d: decode %.9g, batch %.9g\n", kc.tune.name,
+                                (long long)rows, (long long)cols, (long long)r, t, one[r], batch[(size_t)t * (size_t)rows + r]);
+            }
+        }
+        free(f), free(x), free(w), free(batch), free(one);
+    }
+    CU_ASSERT_EQUAL(compared, 2 * 5 * (36 + 37 + 5));
+    CU_ASSERT_EQUAL(bad, 0);
+}
+
 // --- public API
 
 int test_matmul_bits_suite(void) {
     CU_pSuite s = CU_add_suite("matmul_bits", NULL, NULL);
     if (!s) return -1;
     if (!CU_add_test(s, "every table gives the scalar table's bits", test_same_bits)) return -1;
+    if (!CU_add_test(s, "BF16 on AVX-512: a decoded token has a batch's bits", test_bf16_decode_is_batch_bits)) return -1;
     return 0;
 }

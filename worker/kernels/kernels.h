@@ -33,7 +33,7 @@ typedef struct {
                              // read 8 KB ahead was 1.18x at 85 GB/s but 0.9x at 50 on Zen 5)
     int q6_rows;             // Q6_K rows per pass (1, 2 or 4)
     int q6_pf;               // super-blocks each Q6_K row is prefetched ahead (0: none)
-    int f16_rows;            // F16 rows per pass (1 or 4)
+    int f16_rows;            // F16 and BF16 rows per decode pass (1 or 4)
     int k_pf;                // bytes ahead repacked Q3_K and Q4_K decode prefetch their run of groups
                              // (AVX-512; 0: none; never past the run, whose end is another thread's rows)
 } kern_tune_t;

@@ -957,8 +957,56 @@ static inline __attribute__((always_inline)) void f16_dot_vd_rows(const uint8_t 
     }
 }
 
+// BF16 rows x one BF16 activation row in float_tile's order and bits (one 16-lane fma chain per row, the
+// tail masked), R rows per pass sharing each activation vector (kern_tune_t.f16_rows: 4, else 1), the weights prefetched BF16_DEC_PF
+// columns ahead over the pass's rows (float_tile's hardware-prefetched walk read 15 GB/s a core).
+#ifndef BF16_DEC_PF
+#define BF16_DEC_PF 2048 // columns ahead over the rows of a pass together (BF16_DEC_PF / R per row)
+#endif
+
+static inline __attribute__((always_inline)) void bf16_dec_rows(const uint8_t *w, size_t wrow, const uint8_t *x,
+                                                                float *y, int64_t n, const int R) {
+    __m512 a[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
+    const int64_t pf = BF16_DEC_PF / R; // columns ahead in each row
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) xv[j] = load_as_f32(QT_BF16, x, i + 16 * j, 0xffff);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) { // the 2 lines this step reads, pf columns on (prefetches never fault)
+            const char *at = i + pf < n ? (const char *)(w + (size_t)r * wrow) + 2 * (i + pf)
+                                        : (const char *)(w + (size_t)(r + R) * wrow) + 2 * (i + pf - n);
+            _mm_prefetch(at, _MM_HINT_T0);
+            _mm_prefetch(at + 64, _MM_HINT_T0);
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++)
+                a[r] = _mm512_fmadd_ps(load_as_f32(QT_BF16, w + (size_t)r * wrow, i + 16 * j, 0xffff), xv[j], a[r]);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 xv = load_as_f32(QT_BF16, x, i, m);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(load_as_f32(QT_BF16, w + (size_t)r * wrow, i, m), xv, a[r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(a[r]);
+}
+
 void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
                       float *y, size_t ys, int64_t n, bool tiled, int dec_rows) {
+    if (type == QT_BF16 && nt == 1) {
+        int64_t r = 0;
+        if (dec_rows >= 4)
+            for (; r + 4 <= nr; r += 4) bf16_dec_rows(w + (size_t)r * wrow, wrow, x, y + r, n, 4);
+        for (; r < nr; r++) bf16_dec_rows(w + (size_t)r * wrow, wrow, x, y + r, n, 1);
+        return;
+    }
     if (!tiled && type == QT_F16 && nt == 1) {
         int64_t r = 0;
         if (dec_rows >= 4)

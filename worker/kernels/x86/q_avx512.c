@@ -807,7 +807,7 @@ AI void float_all(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const
     }
 }
 
-// --- F16 batches: activations converted once per chunk of rows
+// --- F16 and BF16 batches: activations converted once per chunk of rows
 //
 // The tiled order (one 16-lane fma chain per output, then _mm512_reduce_add_ps) as float_tile, but
 // the activation rows are converted to float32 once per F16_RC weight rows (into a stack buffer) and
@@ -827,8 +827,8 @@ AI void float_all(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const
 #define F16_MAXC 8192  // columns the converted-activation buffer holds (longer rows use float_all)
 static_assert(F16_T >= 1 && F16_T <= 6 && F16_R >= 1 && F16_R <= 4, "F16 tile: at most 4 x 6 (registers)");
 
-AI void f16_tile_xf(const uint8_t *w, size_t wrow, const float *xf, const int R, const int T, float *y, size_t ys,
-                    int64_t n) {
+AI void f16_tile_xf(qtype_t type, const uint8_t *w, size_t wrow, const float *xf, const int R, const int T, float *y,
+                    size_t ys, int64_t n) {
     __m512 acc[F16_R][F16_T]; // (rows, tokens, 16) fma chains
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
@@ -840,7 +840,7 @@ AI void f16_tile_xf(const uint8_t *w, size_t wrow, const float *xf, const int R,
         for (int t = 0; t < T; t++) xv[t] = _mm512_load_ps(xf + (size_t)t * (size_t)n + i);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + (size_t)r * wrow) + i / 16));
+            const __m512 wv = load_as_f32(type, w + (size_t)r * wrow, i, 0xffff);
 #pragma GCC unroll 6
             for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
         }
@@ -852,16 +852,16 @@ AI void f16_tile_xf(const uint8_t *w, size_t wrow, const float *xf, const int R,
 }
 
 // Rows [0, nr) x T converted activation rows: tiles of F16_R rows, then single rows.
-AI void f16_rows_xf(const uint8_t *w, size_t wrow, int64_t nr, const float *xf, const int T, float *y, size_t ys,
-                    int64_t n) {
+AI void f16_rows_xf(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const float *xf, const int T, float *y,
+                    size_t ys, int64_t n) {
     int64_t r = 0;
-    for (; r + F16_R <= nr; r += F16_R) f16_tile_xf(w + (size_t)r * wrow, wrow, xf, F16_R, T, y + r, ys, n);
-    for (; r < nr; r++) f16_tile_xf(w + (size_t)r * wrow, wrow, xf, 1, T, y + r, ys, n);
+    for (; r + F16_R <= nr; r += F16_R) f16_tile_xf(type, w + (size_t)r * wrow, wrow, xf, F16_R, T, y + r, ys, n);
+    for (; r < nr; r++) f16_tile_xf(type, w + (size_t)r * wrow, wrow, xf, 1, T, y + r, ys, n);
 }
 
-// F16 rows x nt F16 activation rows in the tiled order (n a multiple of 16, n <= F16_MAXC).
-static void f16_tiled(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt, float *y,
-                      size_t ys, int64_t n) {
+// F16 (or BF16) rows x nt activation rows of that type in the tiled order (n a multiple of 16, n <= F16_MAXC).
+static void f16_tiled(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *x, size_t xs, int nt,
+                      float *y, size_t ys, int64_t n) {
     _Alignas(64) float xf[F16_T * F16_MAXC]; // (tc, n) the token tile's activations as float32
     for (int64_t r0 = 0; r0 < nr; r0 += F16_RC) {
         const int64_t nrc = nr - r0 < F16_RC ? nr - r0 : F16_RC;
@@ -870,10 +870,11 @@ static void f16_tiled(const uint8_t *w, size_t wrow, int64_t nr, const uint8_t *
             const int tc = nt - t < F16_T ? nt - t : F16_T;
             for (int j = 0; j < tc; j++)
                 for (int64_t i = 0; i < n; i += 16)
-                    _mm512_store_ps(xf + (size_t)j * (size_t)n + i,
-                                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + (size_t)(t + j) * xs) + i / 16)));
+                    _mm512_store_ps(xf + (size_t)j * (size_t)n + i, load_as_f32(type, x + (size_t)(t + j) * xs, i, 0xffff));
             float *yt = y + (size_t)t * ys + r0;
-#define F16_CASE(c) f16_rows_xf(wc, wrow, nrc, xf, (c) < F16_T ? (c) : F16_T, yt, ys, n)
+#define F16_CASE(c)                                                                                                    \
+    (type == QT_F16 ? f16_rows_xf(QT_F16, wc, wrow, nrc, xf, (c) < F16_T ? (c) : F16_T, yt, ys, n)                        \
+                    : f16_rows_xf(QT_BF16, wc, wrow, nrc, xf, (c) < F16_T ? (c) : F16_T, yt, ys, n))
             switch (tc) { // a tile of the remaining tokens (tc < F16_T only at the end)
             case 1: F16_CASE(1); break;
             case 2: F16_CASE(2); break;
@@ -1021,8 +1022,8 @@ void mmp_float_avx512(qtype_t type, const uint8_t *w, size_t wrow, int64_t nr, c
                                                        : float_dot_vd(QT_F16, w + (size_t)r * wrow, x + (size_t)t * xs, n);
         return;
     }
-    if (type == QT_F16 && n % 16 == 0 && n <= F16_MAXC) {
-        f16_tiled(w, wrow, nr, x, xs, nt, y, ys, n);
+    if ((type == QT_F16 || type == QT_BF16) && n % 16 == 0 && n <= F16_MAXC) {
+        f16_tiled(type, w, wrow, nr, x, xs, nt, y, ys, n);
         return;
     }
     switch (type) {

@@ -1,8 +1,9 @@
 // Benchmark of mm_rows on TinyLlama-1.1B shapes: GB/s streamed at nt=1, GMAC/s at nt=64, model tokens/s.
 //
-// usage: bench_matmul [-t TYPES] [-j THREADS] [-r REPS] [-d 1] [-c 1]   e.g. -t Q4_0,Q8_0 -j 1,2 -r 5
+// usage: bench_matmul [-t TYPES] [-j THREADS] [-r REPS] [-d 1] [-c 1] [-p 0]   e.g. -t Q4_0,Q8_0 -j 1,2 -r 5
 // (-d 1: decode only, skips nt=64; -c 1: every pass reads the first copy of each shape, so the weights
-// come from the caches and the GB/s is the kernel's compute ceiling, not DRAM's)
+// come from the caches and the GB/s is the kernel's compute ceiling, not DRAM's; -p 0: plain rows, not
+// repacked, in malloc'd memory)
 // MESHLM_ISA=scalar|avx2|avx512 picks the kernel table. Every layer gets its own copy of each
 // matrix (22 layers x q,k,v,o,gate,up,down + output, as in the model), so nt=1 streams from DRAM
 // rather than from the 32 MB L3. Activations are quantized before timing starts.
@@ -51,6 +52,7 @@ typedef struct {
 } job_t;
 
 static int cache_resident; // -c 1: every copy index reads copy 0
+static bool repack = true;  // -p 0: plain rows (the file's layout, as meshlm --no-repack)
 
 // --- helpers
 
@@ -99,7 +101,7 @@ static int stack_build(stack_t_ *s, const kernels_t *k, qtype_t t, const shape_t
         uint8_t *d = malloc(rb * sh->rows); // (rows, rb)
         if (!d) return -1;
         for (int64_t r = 0; r < sh->rows; r++) memcpy(d + r * rb, tmpl + (r % tmpl_rows) * rb, rb);
-        if (mm_weight_init(&s->w[c], k, t, sh->rows, sh->cols, d, true) != 0) return -1;
+        if (mm_weight_init(&s->w[c], k, t, sh->rows, sh->cols, d, repack) != 0) return -1;
         if (s->w[c].packed) free(d);
         else s->data[c] = d;
     }
@@ -164,8 +166,9 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "-r") == 0) reps = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "-d") == 0) decode_only = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "-c") == 0) cache_resident = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "-p") == 0) repack = atoi(argv[i + 1]) != 0;
         else {
-            fprintf(stderr, "usage: %s [-t TYPES] [-j THREADS] [-r REPS] [-d 1] [-c 1]\n", argv[0]);
+            fprintf(stderr, "usage: %s [-t TYPES] [-j THREADS] [-r REPS] [-d 1] [-c 1] [-p 0]\n", argv[0]);
             return 2;
         }
     }

@@ -406,7 +406,7 @@ static void *alloc_packed(size_t bytes, size_t *mapped) {
         uint8_t *a = (uint8_t *)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
         if (a > p) munmap(p, (size_t)(a - p));
         if (p + rounded + huge > a + rounded) munmap(a + rounded, (size_t)(p + rounded + huge - (a + rounded)));
-#ifdef MADV_HUGEPAGE
+#if defined(MADV_HUGEPAGE) && !defined(MM_NO_HUGE)
         (void)madvise(a, rounded, MADV_HUGEPAGE); // a hint: failure only costs speed
 #endif
         *mapped = rounded;

@@ -51,7 +51,8 @@ AI void q3k_decode(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const 
         __m512 acc = _mm512_setzero_ps(); // the 16 rows' float chains
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *sb = grp + (size_t)b * MMP_Q3K_SB_BYTES;
-            const bool do_pf = pf > 0 && sb + pf < end; // spread over the work below: a burst of 29 stalled
+            if (pf > 0 && sb + pf < end) // the super-block pf bytes on, in one burst (as q4k_tile)
+                for (int ln = 0; ln < MMP_Q3K_SB_BYTES / 64; ln++) _mm_prefetch((const char *)sb + pf + 64 * ln, _MM_HINT_T0);
             __m512i isum = _mm512_setzero_si512();
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
@@ -66,11 +67,6 @@ AI void q3k_decode(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const 
                     const int half = l4 >> 2;
                     const __m512i qz = _mm512_load_si512(sb + MMP_Q3K_QS + 64 * (8 * h + l4));
                     const __m512i hz = _mm512_load_si512(sb + MMP_Q3K_HMASK + 64 * l4);
-                    if (do_pf) { // the next super-block's lines, two per step (29 lines in 16 steps)
-                        const int ln = 2 * (8 * h + l4);
-                        _mm_prefetch((const char *)sb + pf + 64 * ln, _MM_HINT_T0);
-                        if (ln + 1 < MMP_Q3K_SB_BYTES / 64) _mm_prefetch((const char *)sb + pf + 64 * (ln + 1), _MM_HINT_T0);
-                    }
 #pragma GCC unroll 4
                     for (int j = 0; j < 4; j++) {
                         const __m512i xb = bcast_i32(x[b].qs + 128 * h + 32 * j + 4 * l4);

@@ -56,15 +56,16 @@ AI void q5_add_bits(const uint8_t *sb, int l, int j, __m512i m16, __m512i *lo, _
 }
 
 // NT activation rows (1..8) against one group of 16 Q4_K rows: y[t * ys + n] for the rows n in m.
-// Decode (NT = 1) prefetches pf bytes ahead (0: none) but not at or past end, spread over the lanes:
-// 5 lines per lane, where a burst of 37 at the top of the super-block left the core stalled.
+// Decode (NT = 1) prefetches the whole super-block pf bytes ahead (0: none) at the top of each one, but
+// not at or past end: on AMD Zen 5 one burst of 37 lines read 37-38 GB/s a core and 47-48 with 2 threads
+// at 51 GB/s of read bandwidth, where 5 lines spread over each of the 8 lanes read 34 and 41 (2026-12-04).
 // Q5 (MMP_Q5_KX16): each nibble gains 16 where its 5th bit is set, and the mins go into one float per
 // row (summs) instead of 4 lanes, as the Q5_K vec_dot adds them.
 AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *y, size_t ys,
                  __mmask16 m, size_t pf, const uint8_t *end, const int Q5) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m16 = _mm512_set1_epi8(0x10);
     const size_t sbb = Q5 ? MMP_Q5K_SB_BYTES : MMP_Q4K_SB_BYTES;
-    const int lines = (int)(sbb / 64), per_lane = (lines + 7) / 8; // decode prefetch: lines per lane
+    const int lines = (int)(sbb / 64); // decode prefetch: the lines of a super-block
     __m512 acc[8][8], accm[8][4], summs[8]; // (token, lane) float lanes of the 16 rows; Q5_K's min sums
     const block_q8_K *xr[8]; // (token) activation rows, (nb) super-blocks each
 #pragma GCC unroll 8
@@ -78,7 +79,8 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *sb = grp + (size_t)b * sbb;
-        const bool do_pf = NT == 1 && pf > 0 && sb + pf < end;
+        if (NT == 1 && pf > 0 && sb + pf < end) // decode: the super-block pf bytes on, in one burst
+            for (int p = 0; p < lines; p++) _mm_prefetch((const char *)sb + pf + 64 * p, _MM_HINT_T0);
         __m512i sc[8]; // (sub-block c) the 16 rows' scales as i16 pairs
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) sc[c] = q4k_scale_pairs(sb + MMP_Q4K_SCALES + 16 * c);
@@ -92,10 +94,6 @@ AI void q4k_tile(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, c
 #pragma GCC unroll 8
             for (int t = 0; t < NT; t++) s[t] = _mm512_setzero_si512();
             if (NT == 1) { // decode: 4 independent chains per lane (the sums are exact: the same bits)
-                if (do_pf)
-#pragma GCC unroll 6
-                    for (int p = 0; p < per_lane; p++)
-                        if (per_lane * l + p < lines) _mm_prefetch((const char *)sb + pf + 64 * (per_lane * l + p), _MM_HINT_T0);
                 __m512i c4[4];
 #pragma GCC unroll 4
                 for (int j = 0; j < 4; j++) {

@@ -368,7 +368,7 @@ static void test_copy_huge(void) {
     problem_free(&q);
 }
 
-// Repacked K-quants (x86: Q4_K in 16-row groups with the scales unpacked; AVX-512 also Q3_K, Q5_K): decode
+// Repacked K-quants (x86: Q4_K in 16-row groups with the scales unpacked; AVX-512 also Q3_K, Q5_K, Q2_K): decode
 // and the token tiles of a batch give, for 1..17 tokens, rows that are not a multiple of 16, row
 // ranges that start and end inside a group and 1..5 super-blocks, the bits of the scalar table's
 // vec_dot (which every table's vec_dot gives); the weights are read from the packed copy only, and
@@ -452,6 +452,7 @@ static void check_k_packed_bits(qtype_t type) {
 static void test_q4_k_packed_bits(void) { check_k_packed_bits(QT_Q4_K); }
 static void test_q3_k_packed_bits(void) { check_k_packed_bits(QT_Q3_K); }
 static void test_q5_k_packed_bits(void) { check_k_packed_bits(QT_Q5_K); }
+static void test_q2_k_packed_bits(void) { check_k_packed_bits(QT_Q2_K); }
 
 // Batches of Q6_K and F16 rows (the tiles that unpack or convert a weight once for several tokens)
 // give, for every token count 1..17 and past the tiles' token chunks, the bits of the scalar table's
@@ -533,6 +534,7 @@ int test_matmul_suite(void) {
         !CU_add_test(s, "q4_k_packed_bits", test_q4_k_packed_bits) ||
         !CU_add_test(s, "q3_k_packed_bits", test_q3_k_packed_bits) ||
         !CU_add_test(s, "q5_k_packed_bits", test_q5_k_packed_bits) ||
+        !CU_add_test(s, "q2_k_packed_bits", test_q2_k_packed_bits) ||
         !CU_add_test(s, "batch_bits", test_batch_bits) || !CU_add_test(s, "copy_huge", test_copy_huge))
         return -1;
     return 0;

@@ -2,7 +2,7 @@
 // table's bits for the types the logits depend on bit for bit.
 //
 // Small shapes, so that the suite also runs quickly under qemu-user (the cross-compiled Arm tests):
-// packed Q4_0 groups, plain Q8_0, Q4_K, Q3_K and Q5_K (repacked on AVX-512), Q6_K and F32/F16 rows (both the
+// packed Q4_0 groups, plain Q8_0, Q4_K, Q3_K, Q5_K and Q2_K (repacked on AVX-512), Q6_K and F32/F16 rows (both the
 // one-token and the tiled orders).
 #include <CUnit/CUnit.h>
 #include <stdio.h>
@@ -82,7 +82,7 @@ static int check_shape(qtype_t t, int64_t rows, int64_t cols, uint64_t seed) {
 // --- tests
 
 static void test_same_bits(void) {
-    static const qtype_t types[] = {QT_Q4_0, QT_Q8_0, QT_Q4_K, QT_Q3_K, QT_Q5_K, QT_Q6_K, QT_F16, QT_F32};
+    static const qtype_t types[] = {QT_Q4_0, QT_Q8_0, QT_Q4_K, QT_Q3_K, QT_Q5_K, QT_Q2_K, QT_Q6_K, QT_F16, QT_F32};
     int bad = 0;
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
         const qtype_t t = types[i];

@@ -27,21 +27,23 @@ static size_t packed_bytes(const mm_weight_t *w) {
     return (size_t)ng * mmp_group_bytes(w->pack, w->cols / qtype_traits(w->type)->blck);
 }
 
-// A Q4_0 (Q8_0), Q4_K, Q3_K or Q5_K matrix (rows, cols) of random bytes with finite scales (and mins).
+// A Q4_0 (Q8_0), Q4_K, Q3_K, Q5_K or Q2_K matrix (rows, cols) of random bytes with finite scales (and mins).
 static uint8_t *random_rows(qtype_t t, int64_t rows, int64_t cols, uint64_t seed) {
     const size_t rb = qtype_row_size(t, cols);
     uint8_t *d = malloc((size_t)rows * rb); // (rows, rb)
     for (size_t i = 0; d && i < (size_t)rows * rb; i++) d[i] = (uint8_t)test_rng_next(&seed);
-    // every block's scale a small positive f16 (Q3_K keeps it last), and Q4_K's and Q5_K's min scale too
+    // every block's scale a small positive f16 (Q3_K and Q2_K keep it last), and the K-quants' min scales too
     const int64_t nb = cols / qtype_traits(t)->blck;
-    const size_t bs = rb / (size_t)nb, d_off = t == QT_Q3_K ? offsetof(block_q3_K, d) : 0;
+    const size_t bs = rb / (size_t)nb;
+    const size_t d_off = t == QT_Q3_K ? offsetof(block_q3_K, d) : t == QT_Q2_K ? offsetof(block_q2_K, d) : 0;
+    const size_t m_off = t == QT_Q2_K ? offsetof(block_q2_K, dmin) : 2;
     for (int64_t r = 0; d && r < rows; r++)
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *blk = d + (size_t)r * rb + (size_t)b * bs;
             const uint16_t sd = (uint16_t)(0x3000 + (test_rng_next(&seed) & 0x3ff));
             const uint16_t sm = (uint16_t)(0x2c00 + (test_rng_next(&seed) & 0x3ff));
             memcpy(blk + d_off, &sd, 2);
-            if (t == QT_Q4_K || t == QT_Q5_K) memcpy(blk + 2, &sm, 2);
+            if (t == QT_Q4_K || t == QT_Q5_K || t == QT_Q2_K) memcpy(blk + m_off, &sm, 2);
         }
     return d;
 }
@@ -104,9 +106,9 @@ static void test_init_from(void) {
         {0, 16, 100, 140},   // nothing in common
         {100, 200, 0, 120},  // prev after, overlapping the end
     };
-    // Q4_K is repacked on x86, Q3_K, Q5_K and Q8_0 by the AVX-512 table (plain rows elsewhere: then there
-    // is nothing to take)
-    static const qtype_t packed_types[] = {QT_Q4_K, QT_Q3_K, QT_Q5_K, QT_Q8_0};
+    // Q4_K is repacked on x86, Q3_K, Q5_K, Q2_K and Q8_0 by the AVX-512 table (plain rows elsewhere: then
+    // there is nothing to take)
+    static const qtype_t packed_types[] = {QT_Q4_K, QT_Q3_K, QT_Q5_K, QT_Q2_K, QT_Q8_0};
     for (size_t p = 0; p < sizeof packed_types / sizeof packed_types[0]; p++) {
         const qtype_t t = packed_types[p];
         const int64_t cols = qtype_traits(t)->blck == 256 ? COLS_K : COLS;

@@ -27,7 +27,8 @@ static bool isa_is(const kernels_t *k, const char *name) { return k && k->isa &&
 // accumulators per group); other tables keep plain rows (the scalar group kernel would be slower).
 // Q3_K is repacked for the AVX-512 table too (its row-by-row vec_dot decoded at a fifth of the read
 // bandwidth); every Q3_K product is one fma chain per row, so repacked and plain rows agree bit for bit.
-// Q5_K too (AVX-512): Q4_K's groups plus a plane of 5th bits, with the Q5_K vec_dot's bits.
+// Q5_K too (AVX-512): Q4_K's groups plus a plane of 5th bits, with the Q5_K vec_dot's bits. And Q2_K
+// (AVX-512): the file's bytes regrouped, every Q2_K product one fma chain per row like Q3_K's.
 static int pack_for_type(qtype_t t, const kernels_t *k) {
     if (t == QT_Q4_0) return MMP_Q4_0X16;
 #ifdef MESHLM_HAVE_X86
@@ -35,6 +36,7 @@ static int pack_for_type(qtype_t t, const kernels_t *k) {
     if (t == QT_Q8_0 && isa_is(k, "avx512")) return MMP_Q8_0X16;
     if (t == QT_Q3_K && isa_is(k, "avx512")) return MMP_Q3_KX16;
     if (t == QT_Q5_K && isa_is(k, "avx512")) return MMP_Q5_KX16;
+    if (t == QT_Q2_K && isa_is(k, "avx512")) return MMP_Q2_KX16;
 #endif
     (void)k;
     return MMP_NONE;
@@ -237,6 +239,58 @@ static void group_q3_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq,
     }
 }
 
+// --- helpers: the Q2_K layout (MMP_Q2_KX16)
+
+// Writes row i of a Q2_K group (grp, nb super-blocks) from the row's file encoding (the same bytes, moved).
+static void q2_k_pack_row(uint8_t *grp, int64_t nb, int i, const uint8_t *row) {
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q2_K *blk = (const block_q2_K *)row + b;
+        uint8_t *sb = grp + (size_t)b * MMP_Q2K_SB_BYTES;
+        for (int hl = 0; hl < 16; hl++) memcpy(sb + (size_t)(hl * MMP_ROWS + i) * 4, blk->qs + 4 * hl, 4); // h * 8 + l4
+        for (int c = 0; c < 16; c++) sb[MMP_Q2K_SCALES + c * MMP_ROWS + i] = blk->scales[c];
+        memcpy(sb + MMP_Q2K_D + 2 * i, &blk->d, 2);
+        memcpy(sb + MMP_Q2K_DMIN + 2 * i, &blk->dmin, 2);
+    }
+}
+
+// The file encoding of row i of a Q2_K group (the inverse of q2_k_pack_row).
+static void q2_k_unpack_row(const uint8_t *grp, int64_t nb, int i, uint8_t *row) {
+    for (int64_t b = 0; b < nb; b++) {
+        block_q2_K *blk = (block_q2_K *)row + b;
+        const uint8_t *sb = grp + (size_t)b * MMP_Q2K_SB_BYTES;
+        for (int hl = 0; hl < 16; hl++) memcpy(blk->qs + 4 * hl, sb + (size_t)(hl * MMP_ROWS + i) * 4, 4);
+        for (int c = 0; c < 16; c++) blk->scales[c] = sb[MMP_Q2K_SCALES + c * MMP_ROWS + i];
+        memcpy(&blk->d, sb + MMP_Q2K_D + 2 * i, 2);
+        memcpy(&blk->dmin, sb + MMP_Q2K_DMIN + 2 * i, 2);
+    }
+}
+
+// Portable kernel over one Q2_K group: per row and token and super-block, the exact integer sums of
+// scale * q * x and of min * (the sub-block's activation sum), added with an fma each.
+static void group_q2_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                              size_t ys, uint32_t mask) {
+    for (int t = 0; t < nt; t++) {
+        const block_q8_K *x = (const block_q8_K *)(xq + (size_t)t * xs); // (nb)
+        for (int i = 0; i < MMP_ROWS; i++) {
+            if (!(mask >> i & 1u)) continue;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *sb = grp + (size_t)b * MMP_Q2K_SB_BYTES;
+                int32_t isum = 0, msum = 0;
+                for (int e = 0; e < QK_K; e++) {
+                    const int h = e / 128, j = (e % 128) / 32, l = e % 32;
+                    const uint8_t qb = sb[((h * 8 + l / 4) * MMP_ROWS + i) * 4 + l % 4];
+                    isum += (sb[MMP_Q2K_SCALES + (e / 16) * MMP_ROWS + i] & 15) * ((qb >> (2 * j)) & 3) * x[b].qs[e];
+                }
+                for (int c = 0; c < 16; c++) msum += (sb[MMP_Q2K_SCALES + c * MMP_ROWS + i] >> 4) * x[b].bsums[c];
+                acc = fmaf(x[b].d * f16_at(sb + MMP_Q2K_D + 2 * i), (float)isum, acc);
+                acc = fmaf(-x[b].d * f16_at(sb + MMP_Q2K_DMIN + 2 * i), (float)msum, acc);
+            }
+            y[(size_t)t * ys + i] = acc;
+        }
+    }
+}
+
 // --- helpers: packing
 
 // Packs group g of w (x86_mm.h) from row[i], the file encoding of row g * 16 + i (NULL past w->rows:
@@ -249,6 +303,10 @@ static void pack_group(mm_weight_t *w, int64_t nb, int64_t g, const uint8_t *con
     }
     if (w->pack == MMP_Q3_KX16) {
         for (int i = 0; i < MMP_ROWS && row[i]; i++) q3_k_pack_row(grp, nb, i, row[i]);
+        return;
+    }
+    if (w->pack == MMP_Q2_KX16) {
+        for (int i = 0; i < MMP_ROWS && row[i]; i++) q2_k_pack_row(grp, nb, i, row[i]);
         return;
     }
     for (int i = 0; i < MMP_ROWS && row[i]; i++) {
@@ -438,6 +496,7 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
     if (w->pack == MMP_Q4_KX16) fn = isa_is(k, "avx512") ? mmp_q4_kx16_avx512 : isa_is(k, "avx2") ? mmp_q4_kx16_avx2 : NULL;
     if (w->pack == MMP_Q3_KX16) fn = isa_is(k, "avx512") ? mmp_q3_kx16_avx512 : NULL;
     if (w->pack == MMP_Q5_KX16) fn = isa_is(k, "avx512") ? mmp_q5_kx16_avx512 : NULL;
+    if (w->pack == MMP_Q2_KX16) fn = isa_is(k, "avx512") ? mmp_q2_kx16_avx512 : NULL;
 #endif
 #ifdef MESHLM_HAVE_NEON
     if (w->pack == MMP_Q4_0X16 && isa_is(k, "neon-dotprod")) fn = mmp_q4_0x16_dotprod;
@@ -462,13 +521,14 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
             mmp_q8_0x16_decn_avx512((const uint8_t *)w->packed + (size_t)g * gb, gb, (int)n, nb, xq, y + g * MMP_ROWS,
                                     (size_t)(k->tune.q8_pf > 0 ? k->tune.q8_pf : 0));
         }
-    const bool kpack = w->pack == MMP_Q3_KX16 || w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16;
+    const bool kpack = w->pack == MMP_Q3_KX16 || w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16 || w->pack == MMP_Q2_KX16;
     if (nt == 1 && kpack && dec512 && g * MMP_ROWS == r0 && r1 / MMP_ROWS > g) { // full groups, one stream
         const uint8_t *g0 = (const uint8_t *)w->packed + (size_t)g * gb;
         const size_t pf = (size_t)(k->tune.k_pf > 0 ? k->tune.k_pf : 0);
         const int ng = (int)(r1 / MMP_ROWS - g);
         if (w->pack == MMP_Q3_KX16) mmp_q3_kx16_decn_avx512(g0, gb, ng, nb, xq, y + g * MMP_ROWS, pf);
         else if (w->pack == MMP_Q5_KX16) mmp_q5_kx16_decn_avx512(g0, gb, ng, nb, xq, y + g * MMP_ROWS, pf);
+        else if (w->pack == MMP_Q2_KX16) mmp_q2_kx16_decn_avx512(g0, gb, ng, nb, xq, y + g * MMP_ROWS, pf);
         else mmp_q4_kx16_decn_avx512(g0, gb, ng, nb, xq, y + g * MMP_ROWS, pf);
         g = r1 / MMP_ROWS;
     }
@@ -483,6 +543,7 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
         else if (w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16)
             group_q4_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask, w->pack == MMP_Q5_KX16);
         else if (w->pack == MMP_Q3_KX16) group_q3_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
+        else if (w->pack == MMP_Q2_KX16) group_q2_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
         else if (w->pack == MMP_Q8_0X16) group_q8_0_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
         else group_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
     }
@@ -709,6 +770,10 @@ void mm_weight_get_row(const mm_weight_t *w, int64_t r, void *out) {
     }
     if (w->pack == MMP_Q3_KX16) {
         q3_k_unpack_row(grp, nb, i, out);
+        return;
+    }
+    if (w->pack == MMP_Q2_KX16) {
+        q2_k_unpack_row(grp, nb, i, out);
         return;
     }
     for (int64_t b = 0; b < nb; b++) {

@@ -731,8 +731,14 @@ static void dot_k_q8_K(qtype_t t, int64_t nb, float *s, const void *w, const blo
             isum += k.sc[j] * si;
             msum += k.mn[j] * bs;
         }
-        if (t == QT_Q3_K) sum = fmaf(x[i].d * k.d, (float)isum, sum); // one fma chain (x86_mm.h)
-        else sum += k.d * x[i].d * (float)isum - k.dmin * x[i].d * (float)msum;
+        if (t == QT_Q3_K) {
+            sum = fmaf(x[i].d * k.d, (float)isum, sum); // one fma chain (x86_mm.h)
+        } else if (t == QT_Q2_K) { // one fma chain: the scaled sum, then the mins (x86_mm.h)
+            sum = fmaf(x[i].d * k.d, (float)isum, sum);
+            sum = fmaf(-x[i].d * k.dmin, (float)msum, sum);
+        } else {
+            sum += k.d * x[i].d * (float)isum - k.dmin * x[i].d * (float)msum;
+        }
     }
     *s = sum;
 }

@@ -194,23 +194,20 @@ static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
     *s = hsum_ps_256(acc);
 }
 
+// Q2_K: per super-block the exact integer sums of scale * q * x and of min * bsum, each added to one
+// float chain with an fma (by d_w * d_x, then by -d_x * dmin_w), as every Q2_K dot product (x86_mm.h).
 static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q2_K *w = vw;
     const block_q8_K *x = vx;
     const int64_t nb = n / QK_K;
     const __m256i m3 = _mm256_set1_epi8(3);
     const __m128i m4 = _mm_set1_epi8(0x0f);
-    __m256 acc = _mm256_setzero_ps();
-    __m256 accm = _mm256_setzero_ps();
+    float acc = 0.0f;
     for (int64_t i = 0; i < nb; i++) {
-        const float d = x[i].d * f16_to_f32(w[i].d);
-        const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
         const __m128i sb = _mm_loadu_si128((const __m128i *)w[i].scales); // scale low nibble, min high
         const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sb, m4));
         const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sb, 4), m4));
-        const __m256i summ = _mm256_madd_epi16(mn16, load256(x[i].bsums));
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);
-
+        const int32_t msum = hsum_epi32_256(_mm256_madd_epi16(mn16, load256(x[i].bsums)));
         __m256i sum0 = _mm256_setzero_si256();
         __m256i sum1 = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
@@ -227,9 +224,11 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
             sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(q2, load256(y + 64)), scale_pair(scl, 4)));
             sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(_mm256_maddubs_epi16(q3, load256(y + 96)), scale_pair(scl, 6)));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+        const int32_t isum = hsum_epi32_256(_mm256_add_epi32(sum0, sum1));
+        acc = fmaf(x[i].d * f16_to_f32(w[i].d), (float)isum, acc);
+        acc = fmaf(-x[i].d * f16_to_f32(w[i].dmin), (float)msum, acc);
     }
-    *s = hsum_ps_256(_mm256_add_ps(acc, accm));
+    *s = acc;
 }
 
 static void vec_dot_q3_K(int64_t n, float *s, const void *vw, const void *vx) {

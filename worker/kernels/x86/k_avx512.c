@@ -6,6 +6,7 @@
 // i16 (vpackssdw, never saturating) and vpdpwssd applies the per-group scales; its mins come out of
 // the integer sum through the Q8_K bsums. Q3_K, Q4_1, Q5_0 and Q5_1 keep the AVX2 kernels.
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "worker/kernels/x86/k_common.h"
@@ -180,6 +181,8 @@ static void vec_dot_q6_K(int64_t n, float *s, const void *vw, const void *vx) {
     *s = hsum_ps_256(acc);
 }
 
+// Q2_K: one float chain per row, two fmas per super-block with its exact integer sums (as every Q2_K dot
+// product, x86_mm.h).
 static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
     const block_q2_K *w = vw;
     const block_q8_K *x = vx;
@@ -189,16 +192,11 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
     const __m512i shift01 = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
     const __m512i shift23 = _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4);
     const __m512i pat = pack_pattern(0, 4);
-    __m512 acc = _mm512_setzero_ps();
-    __m256 accm = _mm256_setzero_ps();
+    float acc = 0.0f;
     for (int64_t i = 0; i < nb; i++) {
-        const float d = x[i].d * f16_to_f32(w[i].d);
-        const float dmin = -x[i].d * f16_to_f32(w[i].dmin);
         const __m128i sb = _mm_loadu_si128((const __m128i *)w[i].scales); // scale low nibble, min high
         const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sb, m4));
         const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sb, 4), m4));
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_madd_epi16(mn16, load256(x[i].bsums))),
-                               accm);
         __m512i sumi = _mm512_setzero_si512();
         for (int h = 0; h < 2; h++) {
             const __m512i scl = _mm512_broadcast_i32x4(h ? _mm256_extracti128_si256(sc16, 1) : _mm256_castsi256_si128(sc16));
@@ -209,9 +207,12 @@ static void vec_dot_q2_K(int64_t n, float *s, const void *vw, const void *vx) {
             const __m512i p1 = dpbusd0(_mm512_and_si512(_mm512_srlv_epi64(qb, shift23), m3), load512(y + 64));
             sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(p0, p1), _mm512_shuffle_epi8(scl, pat));
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+        const __m256i mp = _mm256_madd_epi16(mn16, load256(x[i].bsums));
+        const int32_t ms = _mm512_reduce_add_epi32(_mm512_inserti64x4(_mm512_setzero_si512(), mp, 0));
+        acc = fmaf(x[i].d * f16_to_f32(w[i].d), (float)_mm512_reduce_add_epi32(sumi), acc);
+        acc = fmaf(-x[i].d * f16_to_f32(w[i].dmin), (float)ms, acc);
     }
-    *s = hsum_ps_512(acc) + hsum_ps_256(accm);
+    *s = acc;
 }
 
 // --- Q6_K matrix products (rows x tokens)

@@ -58,6 +58,16 @@
 // Every Q3_K dot product (the reference, vec_dot on every table, these groups) is one fma chain per
 // row: per super-block the exact integer sum of scale * q * x, times d_w * d_x, added with one fma.
 // (116 bytes per row and super-block against the file's 110.)
+//
+// MMP_Q2_KX16: Q2_K rows (AVX-512 table only), grouped by 16 likewise, MMP_Q2K_SB_BYTES per super-block,
+// byte for byte the file's content (84 bytes per row and super-block):
+//   qs     [2 h][8 l4][16 rows][4] at 0:    bytes qs[32h + 4 l4 .. + 3] (bits 2j..2j+1 of byte l: element
+//          128h + 32j + l, of sub-block 8h + 2j + (l4 >= 4))
+//   scales [16 s][16 rows] u8      at 1024: the file's byte of sub-block s (scale low nibble, min high)
+//   d      [16 rows] f16           at 1280, dmin [16 rows] f16 at 1312
+// as the Q3_K low-bit plane: a zmm holds 4 elements of one sub-block per row for vpdpbusd. Every Q2_K dot
+// product is one fma chain per row: per super-block the exact integer sum of scale * q * x times
+// d_w * d_x, then the exact sum of min * (the sub-block's activation sum) times -d_x * dmin_w.
 
 #define MMP_ROWS 16
 
@@ -68,6 +78,7 @@ enum {
     MMP_Q4_KX16 = 3,
     MMP_Q3_KX16 = 4,
     MMP_Q5_KX16 = 5,
+    MMP_Q2_KX16 = 6,
 };
 
 #define MMP_Q4K_SB_BYTES 2368 // bytes of one super-block of one MMP_Q4_KX16 group
@@ -85,6 +96,11 @@ enum {
 #define MMP_Q3K_SCALES 1536
 #define MMP_Q3K_D 1792
 
+#define MMP_Q2K_SB_BYTES 1344 // bytes of one super-block of one MMP_Q2_KX16 group
+#define MMP_Q2K_SCALES 1024   // offsets within it (above; the quants at 0)
+#define MMP_Q2K_D 1280
+#define MMP_Q2K_DMIN 1312
+
 // Bytes of the quants of one block of one 16-row group.
 static inline size_t mmp_quant_bytes(int pack) { return pack == MMP_Q4_0X16 ? 256 : 512; }
 
@@ -96,6 +112,7 @@ static inline size_t mmp_group_bytes(int pack, int64_t nb) {
     if (pack == MMP_Q4_KX16) return (size_t)nb * MMP_Q4K_SB_BYTES;
     if (pack == MMP_Q3_KX16) return (size_t)nb * MMP_Q3K_SB_BYTES;
     if (pack == MMP_Q5_KX16) return (size_t)nb * MMP_Q5K_SB_BYTES;
+    if (pack == MMP_Q2_KX16) return (size_t)nb * MMP_Q2K_SB_BYTES;
     return (size_t)((nb + 1) / 2) * mmp_pair_bytes(pack);
 }
 
@@ -165,6 +182,11 @@ void mmp_q4_kx16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t 
 // product (one fma chain per row, see the layout above; q3k_avx512.c).
 void mmp_q3_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, uint32_t mask);
+// MMP_Q2_KX16 groups the same way: the bits of every Q2_K dot product (q2k_avx512.c).
+void mmp_q2_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                        size_t ys, uint32_t mask);
+void mmp_q2_kx16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq, float *y,
+                             size_t pf);
 // Decode (one activation row) over ng full groups gstride bytes apart, y[16 g + n]: the same bits,
 // each stream prefetched pf bytes ahead but never past the last group.
 void mmp_q3_kx16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq, float *y,

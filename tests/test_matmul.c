@@ -373,15 +373,20 @@ static void test_copy_huge(void) {
 // ranges that start and end inside a group and 1..5 super-blocks, the bits of the scalar table's
 // vec_dot (which every table's vec_dot gives); the weights are read from the packed copy only, and
 // get_row gives back the file bytes.
-static void check_k_packed_bits(qtype_t type) {
+// Q4_1, Q5_0 and Q5_1 (x86_lanes): the AVX2 table's vec_dot is the reference (the scalar one sums in
+// another order), so the tables compared are AVX2's and AVX-512's (repacked); the shapes are counted in
+// blocks of 32 (odd counts leave the last pair of a group half empty).
+static void check_k_packed_bits_as(qtype_t type, bool x86_lanes) {
     static const int64_t shapes[][2] = {{37, 768}, {17, 256}, {50, 1280}, {5, 512}};
+    static const int64_t shapes32[][2] = {{37, 96}, {17, 32}, {50, 1280}, {5, 160}};
     enum { NT = 17 };
-    const kernels_t *ks = kernels_for_isa("scalar");
+    const kernels_t *ks = kernels_for_isa(x86_lanes ? "avx2" : "scalar");
+    if (!ks) return; // no AVX2 here: nothing has the x86 lanes to compare
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-        const int64_t rows = shapes[s][0], cols = shapes[s][1];
+        const int64_t rows = x86_lanes ? shapes32[s][0] : shapes[s][0], cols = x86_lanes ? shapes32[s][1] : shapes[s][1];
         const size_t rb = qtype_row_size(type, cols);
         problem_t p;
-        problem_init(&p, ks, type, rows, cols, 4000 + s);
+        problem_init(&p, kernels_for_isa("scalar"), type, rows, cols, 4000 + s);
         float *want = malloc(sizeof(float) * NT * (size_t)rows); // (NT, rows) scalar vec_dot
         const size_t ys = (size_t)rows + 3;
         float *y = malloc(sizeof(float) * NT * ys); // (NT, ys)
@@ -395,7 +400,7 @@ static void check_k_packed_bits(qtype_t type) {
         const int64_t ranges[][2] = {{0, rows}, {16, rows}, {3, 21}, {rows / 2, rows / 2 + 1}, {rows - 5, rows}};
         for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
             const kernels_t *k = kernels_for_isa(isas[i]);
-            if (!k) continue;
+            if (!k || (x86_lanes && strcmp(k->isa, "avx2") != 0 && strcmp(k->isa, "avx512") != 0)) continue;
             memcpy(copy, p.w, (size_t)rows * rb);
             mm_weight_t w;
             CU_ASSERT_EQUAL_FATAL(mm_weight_init(&w, k, type, rows, cols, copy, true), 0);
@@ -449,10 +454,16 @@ static void check_k_packed_bits(qtype_t type) {
     }
 }
 
+static void check_k_packed_bits(qtype_t type) { check_k_packed_bits_as(type, false); }
 static void test_q4_k_packed_bits(void) { check_k_packed_bits(QT_Q4_K); }
 static void test_q3_k_packed_bits(void) { check_k_packed_bits(QT_Q3_K); }
 static void test_q5_k_packed_bits(void) { check_k_packed_bits(QT_Q5_K); }
 static void test_q2_k_packed_bits(void) { check_k_packed_bits(QT_Q2_K); }
+static void test_legacy_packed_bits(void) {
+    check_k_packed_bits_as(QT_Q4_1, true);
+    check_k_packed_bits_as(QT_Q5_0, true);
+    check_k_packed_bits_as(QT_Q5_1, true);
+}
 
 // Batches of Q6_K and F16 rows (the tiles that unpack or convert a weight once for several tokens)
 // give, for every token count 1..17 and past the tiles' token chunks, the bits of the scalar table's
@@ -535,6 +546,7 @@ int test_matmul_suite(void) {
         !CU_add_test(s, "q3_k_packed_bits", test_q3_k_packed_bits) ||
         !CU_add_test(s, "q5_k_packed_bits", test_q5_k_packed_bits) ||
         !CU_add_test(s, "q2_k_packed_bits", test_q2_k_packed_bits) ||
+        !CU_add_test(s, "q4_1_q5_0_q5_1_packed_bits", test_legacy_packed_bits) ||
         !CU_add_test(s, "batch_bits", test_batch_bits) || !CU_add_test(s, "copy_huge", test_copy_huge))
         return -1;
     return 0;

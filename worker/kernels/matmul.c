@@ -28,7 +28,8 @@ static bool isa_is(const kernels_t *k, const char *name) { return k && k->isa &&
 // Q3_K is repacked for the AVX-512 table too (its row-by-row vec_dot decoded at a fifth of the read
 // bandwidth); every Q3_K product is one fma chain per row, so repacked and plain rows agree bit for bit.
 // Q5_K too (AVX-512): Q4_K's groups plus a plane of 5th bits, with the Q5_K vec_dot's bits. And Q2_K
-// (AVX-512): the file's bytes regrouped, every Q2_K product one fma chain per row like Q3_K's.
+// (AVX-512): the file's bytes regrouped, every Q2_K product one fma chain per row like Q3_K's. And the
+// legacy Q4_1, Q5_0, Q5_1 (AVX-512), whose group kernels keep the AVX2 vec_dot's lanes and order.
 static int pack_for_type(qtype_t t, const kernels_t *k) {
     if (t == QT_Q4_0) return MMP_Q4_0X16;
 #ifdef MESHLM_HAVE_X86
@@ -37,6 +38,9 @@ static int pack_for_type(qtype_t t, const kernels_t *k) {
     if (t == QT_Q3_K && isa_is(k, "avx512")) return MMP_Q3_KX16;
     if (t == QT_Q5_K && isa_is(k, "avx512")) return MMP_Q5_KX16;
     if (t == QT_Q2_K && isa_is(k, "avx512")) return MMP_Q2_KX16;
+    if (t == QT_Q4_1 && isa_is(k, "avx512")) return MMP_Q4_1X16;
+    if (t == QT_Q5_0 && isa_is(k, "avx512")) return MMP_Q5_0X16;
+    if (t == QT_Q5_1 && isa_is(k, "avx512")) return MMP_Q5_1X16;
 #endif
     (void)k;
     return MMP_NONE;
@@ -291,6 +295,61 @@ static void group_q2_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq,
     }
 }
 
+// --- helpers: the Q4_1 / Q5_0 / Q5_1 layout (MMP_Q4_1X16, MMP_Q5_0X16, MMP_Q5_1X16)
+
+// Where block b of row i of a legacy group keeps its fields: quants (16 bytes as 4 dwords 64 apart),
+// qh (Q5), d and m (Q4_1 / Q5_1), and the same fields in a file block of that type.
+typedef struct {
+    size_t qs, qh, d, m;
+} legacy_at_t;
+
+static legacy_at_t legacy_group_at(int pack, int64_t b, int i) {
+    const size_t p = (size_t)(b >> 1) * mmp_legacy_pair_bytes(pack), h = (size_t)(b & 1);
+    return (legacy_at_t){p + h * 256 + (size_t)i * 4, p + mmp_legacy_qh_off() + h * 64 + (size_t)i * 4,
+                         p + mmp_legacy_d_off(pack) + h * 32 + (size_t)i * 2, p + mmp_legacy_m_off(pack) + h * 32 + (size_t)i * 2};
+}
+
+static legacy_at_t legacy_file_at(qtype_t t) {
+    if (t == QT_Q4_1) return (legacy_at_t){offsetof(block_q4_1, qs), 0, offsetof(block_q4_1, d), offsetof(block_q4_1, m)};
+    if (t == QT_Q5_0) return (legacy_at_t){offsetof(block_q5_0, qs), offsetof(block_q5_0, qh), offsetof(block_q5_0, d), 0};
+    return (legacy_at_t){offsetof(block_q5_1, qs), offsetof(block_q5_1, qh), offsetof(block_q5_1, d), offsetof(block_q5_1, m)};
+}
+
+// Moves row i of a legacy group between the group and the row's file encoding: unpack = group (src) to
+// row (dst), else row (src) to group (dst).
+static void legacy_move_row(int pack, qtype_t t, int64_t nb, int i, uint8_t *dst, const uint8_t *src, bool unpack) {
+    const size_t bs = qtype_traits(t)->type_size;
+    const legacy_at_t f = legacy_file_at(t);
+    const bool q5 = pack != MMP_Q4_1X16, min = pack != MMP_Q5_0X16;
+    for (int64_t b = 0; b < nb; b++) {
+        const legacy_at_t g = legacy_group_at(pack, b, i);
+        const size_t o = (size_t)b * bs;
+#define LEG_MOVE(go, fo, n) (unpack ? memcpy(dst + o + (fo), src + (go), (n)) : memcpy(dst + (go), src + o + (fo), (n)))
+        for (int j = 0; j < 4; j++) LEG_MOVE(g.qs + (size_t)j * 64, f.qs + 4 * (size_t)j, 4);
+        if (q5) LEG_MOVE(g.qh, f.qh, 4);
+        LEG_MOVE(g.d, f.d, 2);
+        if (min) LEG_MOVE(g.m, f.m, 2);
+#undef LEG_MOVE
+    }
+}
+
+// Portable kernel over one legacy group: each row back in its file encoding through the table's vec_dot
+// (the groups are only made for the AVX-512 table, whose group kernels give the same bits).
+static void group_legacy_scalar(const kernels_t *k, int pack, qtype_t t, const uint8_t *grp, int64_t nb,
+                                const uint8_t *xq, size_t xs, int nt, float *y, size_t ys, uint32_t mask) {
+    uint8_t *row = malloc((size_t)nb * qtype_traits(t)->type_size);
+    for (int i = 0; i < MMP_ROWS; i++) {
+        if (!(mask >> i & 1u)) continue;
+        if (row) legacy_move_row(pack, t, nb, i, row, grp, true);
+        for (int tk = 0; tk < nt; tk++) {
+            float *o = y + (size_t)tk * ys + i;
+            if (row) kern_vec_dot(k, t, nb * QK4_1, o, row, xq + (size_t)tk * xs);
+            else *o = NAN; // out of memory: no value rather than a wrong one
+        }
+    }
+    free(row);
+}
+
 // --- helpers: packing
 
 // Packs group g of w (x86_mm.h) from row[i], the file encoding of row g * 16 + i (NULL past w->rows:
@@ -307,6 +366,10 @@ static void pack_group(mm_weight_t *w, int64_t nb, int64_t g, const uint8_t *con
     }
     if (w->pack == MMP_Q2_KX16) {
         for (int i = 0; i < MMP_ROWS && row[i]; i++) q2_k_pack_row(grp, nb, i, row[i]);
+        return;
+    }
+    if (mmp_is_legacy(w->pack)) {
+        for (int i = 0; i < MMP_ROWS && row[i]; i++) legacy_move_row(w->pack, w->type, nb, i, grp, row[i], false);
         return;
     }
     for (int i = 0; i < MMP_ROWS && row[i]; i++) {
@@ -522,6 +585,11 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
                                     (size_t)(k->tune.q8_pf > 0 ? k->tune.q8_pf : 0));
         }
     const bool kpack = w->pack == MMP_Q3_KX16 || w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16 || w->pack == MMP_Q2_KX16;
+    if (nt == 1 && mmp_is_legacy(w->pack) && dec512 && g * MMP_ROWS == r0 && r1 / MMP_ROWS > g) { // likewise
+        mmp_legacy_decn_avx512(w->pack, (const uint8_t *)w->packed + (size_t)g * gb, gb, (int)(r1 / MMP_ROWS - g), nb, xq,
+                               y + g * MMP_ROWS, (size_t)(k->tune.k_pf > 0 ? k->tune.k_pf : 0));
+        g = r1 / MMP_ROWS;
+    }
     if (nt == 1 && kpack && dec512 && g * MMP_ROWS == r0 && r1 / MMP_ROWS > g) { // full groups, one stream
         const uint8_t *g0 = (const uint8_t *)w->packed + (size_t)g * gb;
         const size_t pf = (size_t)(k->tune.k_pf > 0 ? k->tune.k_pf : 0);
@@ -539,7 +607,14 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
         const int64_t hi = r1 - base < MMP_ROWS ? r1 - base : MMP_ROWS;
         const uint32_t mask = ((1u << hi) - 1u) & ~((1u << lo) - 1u);
         const uint8_t *grp = (const uint8_t *)w->packed + (size_t)g * gb;
-        if (fn) fn(grp, nb, xq, xs, nt, y + base, ys, mask);
+#ifdef MESHLM_HAVE_X86
+        if (mmp_is_legacy(w->pack) && dec512) {
+            mmp_legacy_avx512(w->pack, grp, nb, xq, xs, nt, y + base, ys, mask);
+            continue;
+        }
+#endif
+        if (mmp_is_legacy(w->pack)) group_legacy_scalar(k, w->pack, w->type, grp, nb, xq, xs, nt, y + base, ys, mask);
+        else if (fn) fn(grp, nb, xq, xs, nt, y + base, ys, mask);
         else if (w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16)
             group_q4_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask, w->pack == MMP_Q5_KX16);
         else if (w->pack == MMP_Q3_KX16) group_q3_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
@@ -774,6 +849,10 @@ void mm_weight_get_row(const mm_weight_t *w, int64_t r, void *out) {
     }
     if (w->pack == MMP_Q2_KX16) {
         q2_k_unpack_row(grp, nb, i, out);
+        return;
+    }
+    if (mmp_is_legacy(w->pack)) {
+        legacy_move_row(w->pack, w->type, nb, i, out, grp, true);
         return;
     }
     for (int64_t b = 0; b < nb; b++) {

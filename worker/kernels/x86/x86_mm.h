@@ -69,6 +69,17 @@
 // product is one fma chain per row: per super-block the exact integer sum of scale * q * x times
 // d_w * d_x, then the exact sum of min * (the sub-block's activation sum) times -d_x * dmin_w.
 
+//
+// MMP_Q4_1X16 / MMP_Q5_0X16 / MMP_Q5_1X16: Q4_1, Q5_0 and Q5_1 rows (AVX-512 table only), grouped by 16 as
+// Q4_0's in runs of block pairs, mmp_legacy_pair_bytes apart (the file's bytes, moved):
+//   quants of block 2p, then of 2p + 1 [4 j][16 rows][4], 256 bytes each: bytes qs[4j .. 4j + 3]
+//          (low nibbles: elements 4j.., high nibbles: 16 + 4j..)
+//   Q5: qh of block 2p, then 2p + 1 [16 rows][4], 64 bytes each (bit e: the 5th bit of element e)
+//   d of block 2p, then 2p + 1 [16 rows] f16; Q4_1 / Q5_1: then m of both [16 rows] f16
+// so a zmm of quants gives integer lanes j and 4 + j of 16 rows (vec_dot's lanes: elements 4L..4L+3),
+// and the kernels keep the AVX2 vec_dot's 8 float lanes per row (and its separate sum of the mins).
+// Q4_1 640, Q5_0 704, Q5_1 768 bytes per pair of 16 rows (the file's 640, 704, 768).
+
 #define MMP_ROWS 16
 
 enum {
@@ -79,7 +90,20 @@ enum {
     MMP_Q3_KX16 = 4,
     MMP_Q5_KX16 = 5,
     MMP_Q2_KX16 = 6,
+    MMP_Q4_1X16 = 7,
+    MMP_Q5_0X16 = 8,
+    MMP_Q5_1X16 = 9,
 };
+
+static inline bool mmp_is_legacy(int pack) { return pack == MMP_Q4_1X16 || pack == MMP_Q5_0X16 || pack == MMP_Q5_1X16; }
+
+// Offsets within a pair of one MMP_Q4_1X16 / Q5_0X16 / Q5_1X16 group (above), and its size.
+static inline size_t mmp_legacy_qh_off(void) { return 512; }
+static inline size_t mmp_legacy_d_off(int pack) { return pack == MMP_Q4_1X16 ? 512 : 640; }
+static inline size_t mmp_legacy_m_off(int pack) { return mmp_legacy_d_off(pack) + 64; }
+static inline size_t mmp_legacy_pair_bytes(int pack) {
+    return pack == MMP_Q4_1X16 ? 640 : pack == MMP_Q5_0X16 ? 704 : 768;
+}
 
 #define MMP_Q4K_SB_BYTES 2368 // bytes of one super-block of one MMP_Q4_KX16 group
 #define MMP_Q4K_SCALES 2048   // offsets within it (above)
@@ -113,6 +137,7 @@ static inline size_t mmp_group_bytes(int pack, int64_t nb) {
     if (pack == MMP_Q3_KX16) return (size_t)nb * MMP_Q3K_SB_BYTES;
     if (pack == MMP_Q5_KX16) return (size_t)nb * MMP_Q5K_SB_BYTES;
     if (pack == MMP_Q2_KX16) return (size_t)nb * MMP_Q2K_SB_BYTES;
+    if (mmp_is_legacy(pack)) return (size_t)((nb + 1) / 2) * mmp_legacy_pair_bytes(pack);
     return (size_t)((nb + 1) / 2) * mmp_pair_bytes(pack);
 }
 
@@ -182,6 +207,13 @@ void mmp_q4_kx16_avx2(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t 
 // product (one fma chain per row, see the layout above; q3k_avx512.c).
 void mmp_q3_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, uint32_t mask);
+// MMP_Q4_1X16 / MMP_Q5_0X16 / MMP_Q5_1X16 groups (pack) times plain Q8_1 / Q8_0 / Q8_1 activation rows,
+// each output the bits of that type's AVX2 vec_dot (legacy_avx512.c); decode over ng full groups likewise.
+void mmp_legacy_avx512(int pack, const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
+                       size_t ys, uint32_t mask);
+void mmp_legacy_decn_avx512(int pack, const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xq,
+                            float *y, size_t pf);
+
 // MMP_Q2_KX16 groups the same way: the bits of every Q2_K dot product (q2k_avx512.c).
 void mmp_q2_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
                         size_t ys, uint32_t mask);

@@ -217,30 +217,36 @@ static void q3_k_unpack_row(const uint8_t *grp, int64_t nb, int i, uint8_t *row)
     }
 }
 
-// Portable kernel over one Q3_K group: per row and token, each super-block's exact integer sum of
-// scale * q * x (q = low bits - 4 unless the high bit is set), times d_w * d_x, added with one fma.
-static void group_q3_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
-                              size_t ys, uint32_t mask) {
+// One super-block (sb) of row i of a Q2_K or Q3_K group against activation super-block x, added to acc.
+typedef float (*k_sb_step_fn)(const uint8_t *sb, int i, const block_q8_K *x, float acc);
+
+// Portable kernel over one Q2_K or Q3_K group (nb super-blocks of sbb bytes): every selected row and token
+// through step, super-block by super-block.
+static void group_k_scalar(const uint8_t *grp, int64_t nb, size_t sbb, k_sb_step_fn step, const uint8_t *xq, size_t xs,
+                           int nt, float *y, size_t ys, uint32_t mask) {
     for (int t = 0; t < nt; t++) {
         const block_q8_K *x = (const block_q8_K *)(xq + (size_t)t * xs); // (nb)
         for (int i = 0; i < MMP_ROWS; i++) {
             if (!(mask >> i & 1u)) continue;
             float acc = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *sb = grp + (size_t)b * MMP_Q3K_SB_BYTES;
-                int32_t isum = 0;
-                for (int e = 0; e < QK_K; e++) {
-                    const int h = e / 128, j = (e % 128) / 32, l = e % 32;
-                    const uint8_t qb = sb[MMP_Q3K_QS + ((h * 8 + l / 4) * MMP_ROWS + i) * 4 + l % 4];
-                    const uint8_t hb = sb[MMP_Q3K_HMASK + ((l / 4) * MMP_ROWS + i) * 4 + l % 4];
-                    const int q = ((qb >> (2 * j)) & 3) - ((hb >> (4 * h + j)) & 1 ? 0 : 4);
-                    isum += (int8_t)sb[MMP_Q3K_SCALES + (e / 16) * MMP_ROWS + i] * q * x[b].qs[e];
-                }
-                acc = fmaf(x[b].d * f16_at(sb + MMP_Q3K_D + 2 * i), (float)isum, acc);
-            }
+            for (int64_t b = 0; b < nb; b++) acc = step(grp + (size_t)b * sbb, i, &x[b], acc);
             y[(size_t)t * ys + i] = acc;
         }
     }
+}
+
+// Q3_K: the super-block's exact integer sum of scale * q * x (q = low bits - 4 unless the high bit is
+// set), times d_w * d_x, added with one fma.
+static float q3_k_sb_step(const uint8_t *sb, int i, const block_q8_K *x, float acc) {
+    int32_t isum = 0;
+    for (int e = 0; e < QK_K; e++) {
+        const int h = e / 128, j = (e % 128) / 32, l = e % 32;
+        const uint8_t qb = sb[MMP_Q3K_QS + ((h * 8 + l / 4) * MMP_ROWS + i) * 4 + l % 4];
+        const uint8_t hb = sb[MMP_Q3K_HMASK + ((l / 4) * MMP_ROWS + i) * 4 + l % 4];
+        const int q = ((qb >> (2 * j)) & 3) - ((hb >> (4 * h + j)) & 1 ? 0 : 4);
+        isum += (int8_t)sb[MMP_Q3K_SCALES + (e / 16) * MMP_ROWS + i] * q * x->qs[e];
+    }
+    return fmaf(x->d * f16_at(sb + MMP_Q3K_D + 2 * i), (float)isum, acc);
 }
 
 // --- helpers: the Q2_K layout (MMP_Q2_KX16)
@@ -269,30 +275,18 @@ static void q2_k_unpack_row(const uint8_t *grp, int64_t nb, int i, uint8_t *row)
     }
 }
 
-// Portable kernel over one Q2_K group: per row and token and super-block, the exact integer sums of
-// scale * q * x and of min * (the sub-block's activation sum), added with an fma each.
-static void group_q2_k_scalar(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y,
-                              size_t ys, uint32_t mask) {
-    for (int t = 0; t < nt; t++) {
-        const block_q8_K *x = (const block_q8_K *)(xq + (size_t)t * xs); // (nb)
-        for (int i = 0; i < MMP_ROWS; i++) {
-            if (!(mask >> i & 1u)) continue;
-            float acc = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *sb = grp + (size_t)b * MMP_Q2K_SB_BYTES;
-                int32_t isum = 0, msum = 0;
-                for (int e = 0; e < QK_K; e++) {
-                    const int h = e / 128, j = (e % 128) / 32, l = e % 32;
-                    const uint8_t qb = sb[((h * 8 + l / 4) * MMP_ROWS + i) * 4 + l % 4];
-                    isum += (sb[MMP_Q2K_SCALES + (e / 16) * MMP_ROWS + i] & 15) * ((qb >> (2 * j)) & 3) * x[b].qs[e];
-                }
-                for (int c = 0; c < 16; c++) msum += (sb[MMP_Q2K_SCALES + c * MMP_ROWS + i] >> 4) * x[b].bsums[c];
-                acc = fmaf(x[b].d * f16_at(sb + MMP_Q2K_D + 2 * i), (float)isum, acc);
-                acc = fmaf(-x[b].d * f16_at(sb + MMP_Q2K_DMIN + 2 * i), (float)msum, acc);
-            }
-            y[(size_t)t * ys + i] = acc;
-        }
+// Q2_K: the super-block's exact integer sums of scale * q * x and of min * (the sub-block's activation
+// sum), added with an fma each.
+static float q2_k_sb_step(const uint8_t *sb, int i, const block_q8_K *x, float acc) {
+    int32_t isum = 0, msum = 0;
+    for (int e = 0; e < QK_K; e++) {
+        const int h = e / 128, j = (e % 128) / 32, l = e % 32;
+        const uint8_t qb = sb[((h * 8 + l / 4) * MMP_ROWS + i) * 4 + l % 4];
+        isum += (sb[MMP_Q2K_SCALES + (e / 16) * MMP_ROWS + i] & 15) * ((qb >> (2 * j)) & 3) * x->qs[e];
     }
+    for (int c = 0; c < 16; c++) msum += (sb[MMP_Q2K_SCALES + c * MMP_ROWS + i] >> 4) * x->bsums[c];
+    acc = fmaf(x->d * f16_at(sb + MMP_Q2K_D + 2 * i), (float)isum, acc);
+    return fmaf(-x->d * f16_at(sb + MMP_Q2K_DMIN + 2 * i), (float)msum, acc);
 }
 
 // --- helpers: the Q4_1 / Q5_0 / Q5_1 layout (MMP_Q4_1X16, MMP_Q5_0X16, MMP_Q5_1X16)
@@ -617,8 +611,8 @@ static void rows_packed(const kernels_t *k, const mm_weight_t *w, const uint8_t 
         else if (fn) fn(grp, nb, xq, xs, nt, y + base, ys, mask);
         else if (w->pack == MMP_Q4_KX16 || w->pack == MMP_Q5_KX16)
             group_q4_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask, w->pack == MMP_Q5_KX16);
-        else if (w->pack == MMP_Q3_KX16) group_q3_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
-        else if (w->pack == MMP_Q2_KX16) group_q2_k_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
+        else if (w->pack == MMP_Q3_KX16) group_k_scalar(grp, nb, MMP_Q3K_SB_BYTES, q3_k_sb_step, xq, xs, nt, y + base, ys, mask);
+        else if (w->pack == MMP_Q2_KX16) group_k_scalar(grp, nb, MMP_Q2K_SB_BYTES, q2_k_sb_step, xq, xs, nt, y + base, ys, mask);
         else if (w->pack == MMP_Q8_0X16) group_q8_0_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
         else group_scalar(grp, nb, xq, xs, nt, y + base, ys, mask);
     }

@@ -17,9 +17,6 @@
 
 #define AI static inline __attribute__((always_inline))
 
-#ifndef Q2K_TILE_T
-#define Q2K_TILE_T 4 // activation rows per tile in the matrix-matrix case
-#endif
 #define Q2K_PF MMP_Q2K_SB_BYTES // bytes ahead one group's decode prefetches (a run of groups: the tuning's)
 
 AI __m512i bcast_i32(const void *p) {
@@ -151,15 +148,9 @@ void mmp_q2_kx16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t 
 void mmp_q2_kx16_avx512(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *y, size_t ys,
                         uint32_t mask) {
     const __mmask16 m = (__mmask16)mask;
-    for (int t = 0; t < nt;) {
-        const int left = nt - t;
-        const uint8_t *xt = xq + (size_t)t * xs;
-        float *yt = y + (size_t)t * ys;
-        switch (left >= Q2K_TILE_T ? Q2K_TILE_T : left) {
-        case 4: q2k_tile(grp, nb, xt, xs, 4, yt, ys, m); t += 4; break;
-        case 3: q2k_tile(grp, nb, xt, xs, 3, yt, ys, m); t += 3; break;
-        case 2: q2k_tile(grp, nb, xt, xs, 2, yt, ys, m); t += 2; break;
-        default: q2k_decode(grp, 0, 1, nb, (const block_q8_K *)xt, yt, m, Q2K_PF); t += 1; break;
-        }
-    }
+#define Q2K_TILE(xt, yt, NT) q2k_tile(grp, nb, xt, xs, NT, yt, ys, m)
+#define Q2K_ONE(xt, yt) q2k_decode(grp, 0, 1, nb, (const block_q8_K *)(xt), yt, m, Q2K_PF)
+    MMP_TILES_2_4(nt, xq, xs, y, ys, Q2K_TILE, Q2K_ONE)
+#undef Q2K_TILE
+#undef Q2K_ONE
 }

@@ -914,6 +914,18 @@ AI float float_dot_vd(qtype_t type, const uint8_t *w, const uint8_t *x, int64_t 
     return (float)sd;
 }
 
+// Decode of R rows of 2-byte elements (F16, BF16) at column i: the 2 lines of each row that step i reads,
+// pf columns on; past a row's end (n columns) in the next pass's row (prefetches never fault).
+AI void prefetch_rows_2b(const uint8_t *w, size_t wrow, int64_t i, int64_t pf, int64_t n, const int R) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        const char *at = i + pf < n ? (const char *)(w + (size_t)r * wrow) + 2 * (i + pf)
+                                    : (const char *)(w + (size_t)(r + R) * wrow) + 2 * (i + pf - n);
+        _mm_prefetch(at, _MM_HINT_T0);
+        _mm_prefetch(at + 64, _MM_HINT_T0);
+    }
+}
+
 // F16 rows x one F16 activation row in float_dot_vd's order and bits, 4 rows per pass: each 64-element
 // step converts the activation once for the 4 rows (decode reads the weights once; this halves the
 // conversions per weight byte).
@@ -935,14 +947,7 @@ static inline __attribute__((always_inline)) void f16_dot_vd_rows(const uint8_t 
         __m512 xv[4];
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) xv[j] = load_as_f32(QT_F16, x, i + 16 * j, 0xffff);
-        const int64_t pf = F16_DEC_PF / R; // columns ahead in each row
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) { // the 2 lines this step reads, pf columns on (prefetches never fault)
-            const char *at = i + pf < n ? (const char *)(w + (size_t)r * wrow) + 2 * (i + pf)
-                                        : (const char *)(w + (size_t)(r + R) * wrow) + 2 * (i + pf - n);
-            _mm_prefetch(at, _MM_HINT_T0);
-            _mm_prefetch(at + 64, _MM_HINT_T0);
-        }
+        prefetch_rows_2b(w, wrow, i, F16_DEC_PF / R, n, R);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
@@ -976,13 +981,7 @@ static inline __attribute__((always_inline)) void bf16_dec_rows(const uint8_t *w
         __m512 xv[4];
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) xv[j] = load_as_f32(QT_BF16, x, i + 16 * j, 0xffff);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) { // the 2 lines this step reads, pf columns on (prefetches never fault)
-            const char *at = i + pf < n ? (const char *)(w + (size_t)r * wrow) + 2 * (i + pf)
-                                        : (const char *)(w + (size_t)(r + R) * wrow) + 2 * (i + pf - n);
-            _mm_prefetch(at, _MM_HINT_T0);
-            _mm_prefetch(at + 64, _MM_HINT_T0);
-        }
+        prefetch_rows_2b(w, wrow, i, pf, n, R);
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++)
 #pragma GCC unroll 4

@@ -172,6 +172,20 @@ static inline size_t mmp_act_row_bytes(int64_t nb, int lanes) { return mmp_act_d
 typedef void (*mmp_group_fn)(const uint8_t *grp, int64_t nb, const uint8_t *xq, size_t xs, int nt,
                              float *y, size_t ys, uint32_t mask);
 
+// The token loop of a group kernel (mmp_group_fn) whose tiles take 2 to 4 tokens, TILE(xt, yt, NT), and
+// whose one-token case is its decode, ONE(xt, yt): tiles of 4 tokens, then the rest in one tile or alone;
+// xt and yt are the tile's first activation row and output row.
+#define MMP_TILES_2_4(nt, xq, xs, y, ys, TILE, ONE)                                                                    \
+    for (int t_ = 0; t_ < (nt);) {                                                                                   \
+        const int left_ = (nt) - t_;                                                                                 \
+        const uint8_t *xt_ = (xq) + (size_t)t_ * (xs);                                                               \
+        float *yt_ = (y) + (size_t)t_ * (ys);                                                                        \
+        if (left_ >= 4) TILE(xt_, yt_, 4), t_ += 4;                                                                  \
+        else if (left_ == 3) TILE(xt_, yt_, 3), t_ += 3;                                                             \
+        else if (left_ == 2) TILE(xt_, yt_, 2), t_ += 2;                                                             \
+        else ONE(xt_, yt_), t_ += 1;                                                                                 \
+    }
+
 #ifdef MESHLM_HAVE_X86
 // ng (1..4) full groups at g0 + k * gstride, one activation row, nb even (decode): y gets their 16 ng rows.
 void mmp_q4_0x16_decn_avx512(const uint8_t *g0, size_t gstride, int ng, int64_t nb, const uint8_t *xr, float *y,

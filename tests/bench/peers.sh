@@ -7,12 +7,14 @@
 #   DLLAMA=/path/dllama           distributed-llama's dllama (skipped when unset or not executable); it needs its
 #                                 own model format: FILE.gguf is run as FILE.dllama.m with tokenizer FILE.dllama.t
 #                                 when both exist beside it (otherwise that file's dllama cell is "-")
-#   BENCH_MEMBW=build/bench_membw measures the read bandwidth with THREADS threads before every round (the
-#                                 table uses the median; or give it with -b)
+#   BENCH_MEMBW=build/bench_membw measures the read bandwidth with THREADS threads just before every run of
+#                                 every engine (a host's bandwidth can change state within a minute), or -b
+#                                 gives one figure for all runs
 # Each round runs every engine once on every file, one after another (interleaved, so load from other
 # processes on a shared machine falls on all of them alike); the table shows the median over rounds of
 # tokens/s, the decode GB/s (tg tokens/s x the weight bytes a token reads, as meshlm bench reports them),
-# its share of the read bandwidth, and each peer's ratio to meshlm. Not run in CI.
+# the median of each run's share of the bandwidth measured just before it, and the median over rounds of
+# each peer's tg over meshlm's tg on the same file in the same round. Not run in CI.
 # dllama's files come from tests/bench/gguf2dllama.py FILE.gguf (stdlib Python; writes FILE.dllama.m and .t):
 #   a Q4_0 file converts block for block and runs with --buffer-float-type q80; dllama has no CPU kernel for
 #   Q8_0 or F16 weights, so those need --weights f32 (run with f32 buffers, 4 bytes a weight, noted under the
@@ -24,11 +26,11 @@ threads=2 np=64 ng=32 rounds=3 readbw=""
 while getopts "t:p:n:r:b:h" o; do
   case $o in
     t) threads=$OPTARG ;; p) np=$OPTARG ;; n) ng=$OPTARG ;; r) rounds=$OPTARG ;; b) readbw=$OPTARG ;;
-    *) sed -n '2,19p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { sed -n '2,19p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,22p' "$0"; exit 2; }
 MESHLM=${MESHLM:-$here/build/meshlm}
 BENCH_MEMBW=${BENCH_MEMBW:-$here/build/bench_membw}
 LLAMA_BENCH=${LLAMA_BENCH:-}
@@ -39,14 +41,20 @@ have_dllama=0; [ -n "$DLLAMA" ] && [ -x "$DLLAMA" ] && have_dllama=1
 out=$(mktemp -d /tmp/peers.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 
-# The read bandwidth is measured before every round (the host's moves within minutes) and the median
-# of those is the table's reference, unless -b gives it.
+# The read bandwidth is measured before every run (the host's moves within minutes), unless -b gives it.
 measure_bw=0; [ -z "$readbw" ] && [ -x "$BENCH_MEMBW" ] && measure_bw=1
-round_bw() { "$BENCH_MEMBW" -s 2048 -j "$threads" -r 5 | awk -v t="$threads" '$1 == t { print $3 }' >>"$out/bw"; }
-echo "peers: threads=$threads pp$np tg$ng rounds=$rounds read bandwidth=$([ $measure_bw = 1 ] && echo "measured each round" || echo "${readbw:-?} GB/s")"
+run_bw() { # prints the median GB/s of 5 passes over 2 GB, or -b's figure, or 0
+  if [ $measure_bw = 1 ]; then
+    "$BENCH_MEMBW" -s 2048 -j "$threads" -r 5 | awk -v t="$threads" '$1 == t { print $3 }' | tee -a "$out/bw"
+  else
+    echo "${readbw:-0}"
+  fi
+}
+echo "peers: threads=$threads pp$np tg$ng rounds=$rounds read bandwidth=$([ $measure_bw = 1 ] && echo "measured before each run" || echo "${readbw:-?} GB/s")"
 echo "peers: llama-bench=$([ $have_llama = 1 ] && echo "$LLAMA_BENCH" || echo none) dllama=$([ $have_dllama = 1 ] && echo "$DLLAMA" || echo none)"
 
-# --- one run of each engine; each appends "engine file pp tg" to $out/runs (tokens/s, "-" when absent)
+# --- one run of each engine; each appends "engine file pp tg" to $out/runs (tokens/s, "-" when absent),
+# then the loop below adds the round and the bandwidth measured before the run
 
 run_meshlm() { # file
   local j pp tg bytes
@@ -89,18 +97,23 @@ run_dllama() { # file
   echo "dllama $1 ${pp:--} ${tg:--}" >>"$out/runs"
 }
 
+one_run() { # engine-function file round: the run's line in $out/runs gains " round bandwidth"
+  local bw
+  bw=$(run_bw)
+  "$1" "$2"
+  sed -i "\$ s/\$/ $3 ${bw:-0}/" "$out/runs"
+}
+
 for ((r = 1; r <= rounds; r++)); do
-  [ $measure_bw = 1 ] && round_bw
   for f in "$@"; do
-    run_meshlm "$f"
-    [ $have_llama = 1 ] && run_llama "$f"
-    [ $have_dllama = 1 ] && run_dllama "$f"
+    one_run run_meshlm "$f" "$r"
+    [ $have_llama = 1 ] && one_run run_llama "$f" "$r"
+    [ $have_dllama = 1 ] && one_run run_dllama "$f" "$r"
   done
-  echo "peers: round $r/$rounds done$([ $measure_bw = 1 ] && echo ", read bandwidth $(tail -n 1 "$out/bw") GB/s")" >&2
+  echo "peers: round $r/$rounds done" >&2
 done
 if [ $measure_bw = 1 ] && [ -s "$out/bw" ]; then
-  readbw=$(sort -g "$out/bw" | awk '{ a[NR] = $1 } END { printf "%.1f", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
-  echo "peers: read bandwidth $readbw GB/s (median of the rounds' $(tr '\n' ' ' <"$out/bw"| sed 's/ $//'), $threads threads)"
+  echo "peers: read bandwidth before the runs: $(sort -g "$out/bw" | awk '{ a[NR] = $1 } END { printf "%.1f to %.1f GB/s, median %.1f", a[1], a[NR], NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }') ($threads threads)"
 fi
 
 # --- table: medians per (engine, file)
@@ -110,26 +123,27 @@ engines="meshlm"
 printf '\n| file | engine | pp%s t/s | tg%s t/s | tg GB/s | share of read bw | tg vs meshlm |\n|---|---|---|---|---|---|---|\n' "$np" "$ng"
 for f in "$@"; do
   bytes=$(awk -v f="$f" '$1 == f { print $2; exit }' "$out/bytes" 2>/dev/null)
-  base=""
   for e in $engines; do
-    awk -v e="$e" -v f="$f" -v bytes="${bytes:-0}" -v bw="${readbw:-0}" -v base="$base" '
+    awk -v e="$e" -v f="$f" -v bytes="${bytes:-0}" '
       function med(a, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
                                       return n == 0 ? "" : (n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2) }
-      $1 == e && $2 == f { if ($3 != "-") pp[++np] = $3; if ($4 != "-") tg[++nt] = $4 }
+      $2 != f { next }
+      $1 == "meshlm" && $4 != "-" { base[$5] = $4 }
+      $1 == e { if ($3 != "-") pp[++np] = $3; if ($4 != "-") { tg[++nt] = $4; round[nt] = $5; if ($6 > 0 && bytes > 0) sh[++ns] = 100 * $4 * bytes / 1e9 / $6 } }
       END {
-        p = med(pp, np); t = med(tg, nt); n = split(f, parts, "/")
+        for (i = 1; i <= nt; i++) if (round[i] in base && base[round[i]] > 0) rt[++nr] = tg[i] / base[round[i]]
+        p = med(pp, np); t = med(tg, nt); s = med(sh, ns); q = med(rt, nr); n = split(f, parts, "/")
         gbs = (t != "" && bytes > 0) ? sprintf("%.1f", t * bytes / 1e9) : "-"
-        share = (gbs != "-" && bw > 0) ? sprintf("%.0f%%", 100 * t * bytes / 1e9 / bw) : "-"
-        ratio = (t != "" && base != "" && base > 0) ? sprintf("%.2fx", t / base) : (e == "meshlm" ? "1.00x" : "-")
         printf "| %s | %s | %s | %s | %s | %s | %s |\n", parts[n], e, (p == "" ? "-" : sprintf("%.1f", p)),
-               (t == "" ? "-" : sprintf("%.1f", t)), gbs, share, ratio
+               (t == "" ? "-" : sprintf("%.1f", t)), gbs, (s == "" ? "-" : sprintf("%.0f%%", s)),
+               (q == "" ? "-" : sprintf("%.2fx", q))
       }' "$out/runs"
-    [ "$e" = meshlm ] && base=$(awk -v f="$f" '$1 == "meshlm" && $2 == f && $4 != "-" { print $4 }' "$out/runs" | sort -g | awk '{ a[NR] = $1 } END { if (NR) print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }')
   done
 done
 echo
-echo "tokens/s are medians of $rounds interleaved rounds; GB/s = tg t/s x weight bytes read per token (meshlm's count, the same file)."
-echo "'tg vs meshlm' is the peer's tg over meshlm's (below 1: meshlm is faster)."
+echo "tokens/s are medians of $rounds interleaved rounds; GB/s = tg t/s x weight bytes read per token (meshlm's count, the same file);"
+echo "the share is the median of each run's GB/s over the read bandwidth measured just before that run."
+echo "'tg vs meshlm' is the median over rounds of the peer's tg over meshlm's in the same round (below 1: meshlm is faster)."
 if [ -f "$out/f32" ]; then
   sed 's|^|dllama ran F32 weights (gguf2dllama.py --weights f32, 4 bytes a weight) for |' "$out/f32"
 fi

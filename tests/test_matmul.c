@@ -183,7 +183,7 @@ static void test_large_rows(void) {
 
 // Activations quantized by any ISA are interchangeable (same bytes), so mixing tables is safe.
 static void test_act_bytes_match_scalar(void) {
-    static const qtype_t types[] = {QT_Q4_0, QT_Q8_0, QT_Q4_K, QT_F16, QT_BF16, QT_F32, QT_Q4_1};
+    static const qtype_t types[] = {QT_Q4_0, QT_Q8_0, QT_Q4_K, QT_F16, QT_BF16, QT_F32, QT_Q4_1, QT_Q5_0};
     const int64_t cols = 512;
     float x[512];
     test_fill_floats(x, cols, 5, 2.0f);

@@ -48,8 +48,8 @@ static int pack_for_type(qtype_t t, const kernels_t *k) {
 
 // Activation rows for these weight types carry the per-block tail of x86_mm.h (for Q8_0 whatever the
 // table, so activation bytes stay the same on every ISA), with this many corrections per block.
-static bool act_has_tail(qtype_t wtype) { return wtype == QT_Q4_0 || wtype == QT_Q8_0; }
-static int act_lanes(qtype_t wtype) { return wtype == QT_Q8_0 ? MMP_Q8_LANES : 1; }
+static bool act_has_tail(qtype_t wtype) { return wtype == QT_Q4_0 || wtype == QT_Q8_0 || wtype == QT_Q5_0; }
+static int act_lanes(qtype_t wtype) { return wtype == QT_Q8_0 || wtype == QT_Q5_0 ? MMP_Q8_LANES : 1; }
 
 static float f16_at(const uint8_t *p) {
     mlm_f16_t h;
@@ -888,7 +888,7 @@ void mm_quantize_act(const kernels_t *k, qtype_t wtype, const float *x, void *xq
     const int lanes = act_lanes(wtype), per = QK8_0 / lanes;
     const block_q8_0 *blk = xq;          // (nb)
     uint8_t *tail = (uint8_t *)xq + mmp_act_tail_off(nb);
-    const int32_t mul = wtype == QT_Q4_0 ? -8 : -128;
+    const int32_t mul = wtype == QT_Q4_0 ? -8 : wtype == QT_Q5_0 ? -16 : -128;
     for (int64_t b = 0; b < nb; b++) {
         for (int l = 0; l < lanes; l++) {
             int32_t s = 0;

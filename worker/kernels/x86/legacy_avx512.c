@@ -1,5 +1,5 @@
 // x86 kernels (legacy_avx512): repacked Q4_1, Q5_0 and Q5_1 groups (MMP_Q4_1X16, MMP_Q5_0X16, MMP_Q5_1X16)
-// times their activation rows (Q8_1, Q8_0, Q8_1), AVX-512 VNNI.
+// times their activation rows (Q8_1; Q8_0 with the lane corrections of x86_mm.h; Q8_1), AVX-512 VNNI.
 //
 // Every output keeps the bits of that type's AVX2 vec_dot (k_avx2.c): integer lane L (0..7) of a block
 // sums q * x over elements 4L..4L+3 (Q5_0: (q - 16) * x), is converted and added into float lane L with
@@ -53,11 +53,13 @@ AI void leg_tile(const int P, const uint8_t *grp, int64_t nb, const uint8_t *xq,
     const size_t pb = mmp_legacy_pair_bytes(P), d_off = mmp_legacy_d_off(P), m_off = mmp_legacy_m_off(P);
     const __m512i m4 = _mm512_set1_epi8(0x0f), m16 = _mm512_set1_epi8(0x10);
     __m512 acc[LEG_TILE_T][8], summ[LEG_TILE_T]; // (token, lane) float lanes of the 16 rows; the mins' sums
+    const uint8_t *corr[LEG_TILE_T];             // (token) Q5_0: the activation row's lane corrections (x86_mm.h)
 #pragma GCC unroll 3
     for (int t = 0; t < NT; t++) {
 #pragma GCC unroll 8
         for (int l = 0; l < 8; l++) acc[t][l] = _mm512_setzero_ps();
         summ[t] = _mm512_setzero_ps();
+        corr[t] = xq + (size_t)t * xs + mmp_act_tail_off(nb);
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *pair = grp + (size_t)(b >> 1) * pb;
@@ -91,12 +93,10 @@ AI void leg_tile(const int P, const uint8_t *grp, int64_t nb, const uint8_t *xq,
 #pragma GCC unroll 3
             for (int t = 0; t < NT; t++) {
                 const __m512i xl = bcast_i32(xbk[t] + xqs + 4 * j), xh = bcast_i32(xbk[t] + xqs + 16 + 4 * j);
-                __m512i il = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl);
-                __m512i ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xh);
-                if (!MIN) { // Q5_0: q = u - 16
-                    il = _mm512_sub_epi32(il, _mm512_dpbusd_epi32(_mm512_setzero_si512(), m16, xl));
-                    ih = _mm512_sub_epi32(ih, _mm512_dpbusd_epi32(_mm512_setzero_si512(), m16, xh));
-                }
+                // Q5_0: q = u - 16, each lane starting from the row tail's -16 * sum(x) of its elements
+                const __m512i cl = MIN ? _mm512_setzero_si512() : bcast_i32(corr[t] + 4 * (8 * b + j));
+                const __m512i ch = MIN ? _mm512_setzero_si512() : bcast_i32(corr[t] + 4 * (8 * b + 4 + j));
+                const __m512i il = _mm512_dpbusd_epi32(cl, lo, xl), ih = _mm512_dpbusd_epi32(ch, hi, xh);
                 acc[t][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il), dv[t], acc[t][j]);
                 acc[t][4 + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ih), dv[t], acc[t][4 + j]);
             }

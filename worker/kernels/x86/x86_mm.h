@@ -149,12 +149,13 @@ static inline const uint8_t *mmp_block_scales(int pack, const uint8_t *grp, int6
     return grp + (size_t)(b >> 1) * mmp_pair_bytes(pack) + 2 * mmp_quant_bytes(pack) + (size_t)(b & 1) * 2 * MMP_ROWS;
 }
 
-// --- activation rows for packed Q4_0 / Q8_0 weights
+// --- activation rows for Q4_0 / Q8_0 / Q5_0 weights
 //
 // A standard Q8_0 row (nb blocks of 34 bytes), then at mmp_act_tail_off(nb) (4-byte aligned):
 //   corr (nb, lanes) int32: Q4_0 weights (1 lane): -8 * sum(qs) (undoes the +8 of unsigned nibbles);
 //                    Q8_0 weights (8 lanes): lane L of block b at 8b + L, -128 * sum(qs[4L..4L+3])
-//                    (undoes the +128 of the stored bytes in integer lane L);
+//                    (undoes the +128 of the stored bytes in integer lane L); Q5_0 weights (8 lanes):
+//                    the same with -16 (undoes the +16 of its unsigned 5-bit values);
 //   d    (nb) float: the block scale as float32, at mmp_act_d_off(nb, lanes).
 // Rows are mmp_act_row_bytes(nb, lanes) apart (a multiple of 4) so every tail stays aligned.
 

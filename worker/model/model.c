@@ -4,6 +4,7 @@
 // releases right after, and an attention/KV device (offload/attn.h) that keeps the sequence's k and
 // v and computes attention for its q.
 #include "worker/model/model.h"
+#include <stdatomic.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -452,24 +453,47 @@ typedef struct {
     size_t y_stride;       // floats between output rows
 } mm_task_t;
 
+// A matmul's rows are cut into one contiguous range per thread, each walked in MM_CHUNKS chunks claimed
+// from the range's counter: a thread streams its own range front to back, then helps with the chunks
+// left in the others' ranges, so a thread that gets its core less (another process on its core or its
+// memory channel) ends up with less of the work instead of the other one waiting at the end. 0: the
+// static ranges alone. At most MM_STEAL_MAX threads share (more: static ranges).
+#ifndef MM_CHUNKS
+#define MM_CHUNKS 16
+#endif
+#define MM_STEAL_MAX 16
+
 typedef struct {
     const kernels_t *k;    // kernel table
     mm_task_t t[3];        // independent products computed in one parallel job
     int n;                 // tasks used
     bool one_order;        // each token's products summed as if it came alone (mm_rows_one_order)
+    atomic_int next[3][MM_STEAL_MAX]; // each task's next unclaimed chunk of each thread's range
 } mm_job_t;
+
+static void mm_job_rows(const mm_job_t *job, const mm_task_t *t, int64_t r0, int64_t r1) {
+    if (r1 > t->w->rows) r1 = t->w->rows;
+    if (r0 < r1) (job->one_order ? mm_rows_one_order : mm_rows)(job->k, t->w, t->xq, t->xq_stride, t->nt, t->y,
+                                                                t->y_stride, r0, r1);
+}
 
 static void mm_job_fn(void *arg, int ith, int nth) {
     mm_job_t *job = arg;
     for (int i = 0; i < job->n; i++) {
         const mm_task_t *t = &job->t[i];
-        int64_t al = t->w->row_align > 0 ? t->w->row_align : 1;
-        int64_t nblk = (t->w->rows + al - 1) / al;
-        int64_t b0 = nblk * ith / nth, b1 = nblk * (ith + 1) / nth;
-        int64_t r0 = b0 * al, r1 = b1 * al;
-        if (r1 > t->w->rows) r1 = t->w->rows;
-        if (r0 < r1) (job->one_order ? mm_rows_one_order : mm_rows)(job->k, t->w, t->xq, t->xq_stride, t->nt, t->y,
-                                                                    t->y_stride, r0, r1);
+        const int64_t al = t->w->row_align > 0 ? t->w->row_align : 1, nblk = (t->w->rows + al - 1) / al;
+        const int64_t n_chunk = (int64_t)nth * (MM_CHUNKS > 0 ? MM_CHUNKS : 1);
+        if (MM_CHUNKS == 0 || nth == 1 || nth > MM_STEAL_MAX || nblk < n_chunk) {
+            mm_job_rows(job, t, nblk * ith / nth * al, nblk * (ith + 1) / nth * al);
+            continue;
+        }
+        for (int d = 0; d < nth; d++) { // its own range first, then the next ones'
+            const int o = (ith + d) % nth;
+            for (int ch; (ch = atomic_fetch_add_explicit(&job->next[i][o], 1, memory_order_relaxed)) < MM_CHUNKS;) {
+                const int64_t c = (int64_t)o * MM_CHUNKS + ch;
+                mm_job_rows(job, t, nblk * c / n_chunk * al, nblk * (c + 1) / n_chunk * al);
+            }
+        }
     }
 }
 
@@ -492,6 +516,8 @@ static const void *quantize_rows(const model_ctx_t *c, qtype_t wtype, const floa
 static void matmul_shared(model_ctx_t *c, const float *x, int nt, int n, const mm_weight_t *const *ws,
                           float *const *ys) {
     mm_job_t job = {.k = c->m->kern, .n = 0, .one_order = c->one_order};
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < MM_STEAL_MAX; j++) atomic_init(&job.next[i][j], 0);
     void *bufs[3] = {c->xq_a, c->xq_b, c->xq_c};
     qtype_t done_type[3];
     const void *done_q[3];

@@ -8,6 +8,7 @@
 
 #include "core/err.h"
 #include "core/names.h"
+#include "offload/experts.h"
 #include "offload/weights_impl.h"
 
 struct weights {
@@ -68,11 +69,36 @@ int weights_plan(const weights_params_t *p, plan_stream_t *st, char *err, size_t
     return rc;
 }
 
+// Experts of each block the share holds: placed ones (p->experts, or a placed slice's), else all.
+static int experts_held(const weights_params_t *p) {
+    int n = 0;
+    if (p->experts)
+        for (int w = 0; w < 4; w++) n += __builtin_popcountll(p->experts[w]);
+    else if (p->slice->placed)
+        for (int w = 0; w < SHARD_EXPERT_WORDS; w++) n += __builtin_popcount(p->slice->experts[w]);
+    else n = p->hp ? p->hp->n_expert : 0;
+    return n;
+}
+
 int weights_choose(const weights_params_t *p, const char **name, char *err, size_t errlen) {
+    const bool placed = p && (p->experts || (p->slice && p->slice->placed));
     *name = "mmap";
     if (!p || !p->budget_bytes) return 0;
-    plan_stream_t st;
-    int rc = weights_plan(p, &st, err, errlen);
+    // A MoE share over its budget caches its experts (N per block, as many as the budget holds) where one
+    // of each block fits beside the rest: it then reads only the routed experts it misses, where the
+    // window would stream every unit it cannot pin each token. Placed experts never stream.
+    const bool moe = p->hp && p->hp->n_expert > 0 && p->hp->n_expert <= 256 && p->slice && !p->slice->cols;
+    plan_stream_t st = {0};
+    int rc = placed ? 0 : weights_plan(p, &st, err, errlen);
+    if (moe && (placed || rc == MLM_ERANGE || (rc == 0 && st.streams))) {
+        int fit = 0;
+        char why[256];
+        if (experts_fit(p, &fit, why, sizeof why) == 0 && fit < experts_held(p)) {
+            *name = "experts";
+            if (err && errlen) err[0] = 0;
+            return 0;
+        }
+    }
     if (rc == 0 && st.streams) *name = "window";
     return rc;
 }

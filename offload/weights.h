@@ -132,8 +132,9 @@ typedef struct weights weights_t;
 
 // Makes the provider called name ("mmap", "window", "experts": offload/experts.h). Text after a ':' in name is the provider's
 // argument ("window:w=2,io=pread"). NULL or "" chooses by the budget (weights_choose): "mmap" when
-// there is none or the share fits it resident, "window" when it streams, and a refusal when even one
-// unit does not fit. Checks every tensor the slice needs. 0, or a negative MLM_ code with a message
+// there is none or the share fits it resident, "experts" (as many per block as the budget holds) for a
+// MoE share whose experts do not fit but one of each block does, "window" when it streams otherwise,
+// and a refusal when even one unit does not fit. Checks every tensor the slice needs. 0, or a negative MLM_ code with a message
 // in err (MLM_ENOTFOUND: no provider of that name; MLM_ERANGE: the budget is below the minimum).
 int weights_new(weights_t **out, const char *name, const weights_params_t *p, char *err, size_t errlen);
 
@@ -143,8 +144,8 @@ int weights_new(weights_t **out, const char *name, const weights_params_t *p, ch
 // activations A"; or plan_model_from_gguf's errors.
 int weights_plan(const weights_params_t *p, plan_stream_t *st, char *err, size_t errlen);
 
-// The provider weights_new picks for name NULL: "mmap" or "window" (see weights_new), or a refusal
-// as weights_plan's.
+// The provider weights_new picks for name NULL: "mmap", "experts" or "window" (see weights_new; placed
+// experts: "mmap", or "experts" when they do not fit), or a refusal as weights_plan's.
 int weights_choose(const weights_params_t *p, const char **name, char *err, size_t errlen);
 
 // Whether the share streams under p->budget_bytes while cut by columns (all-reduce mode) from a whole

@@ -814,12 +814,18 @@ static void test_ep_plan_output(void) {
     unlink(hot);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"experts\": [4, 5], \"hot_copies\": [[0, 0], [1, 1], [2, 2], [3, 3]]"));
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"experts\": [0, 1, 2, 3], \"hot_copies\": []"));
-    // placed experts over budgets that cannot hold them: refused, or with --expert-cache each node keeps
-    // what fits (Mixtral-8x7B Q4_0 on four 5 GiB nodes: 1 of its 2 per block), in the table and --json;
-    // sliced shares under the same budgets keep their rows of 6 of 8
-    snprintf(cmd, sizeof cmd, "%s plan --preset mixtral-8x7b --nodes 1:5G,1:5G,1:5G,1:5G --ep 4 2>&1", exe);
+    // placed experts over budgets that cannot hold them: refused with --expert-cache all, otherwise (by
+    // default, or --expert-cache auto) each node keeps what fits (Mixtral-8x7B Q4_0 on four 5 GiB nodes: 1
+    // of its 2 per block), in the table and --json; sliced shares under the same budgets keep their rows of
+    // 6 of 8
+    snprintf(cmd, sizeof cmd, "%s plan --preset mixtral-8x7b --nodes 1:5G,1:5G,1:5G,1:5G --ep 4 --expert-cache all 2>&1",
+             exe);
     CU_ASSERT_NOT_EQUAL(test_capture(cmd, out, sizeof out), 0);
     CU_ASSERT_PTR_NOT_NULL(strstr(out, "placed experts do not fit: node node-0"));
+    snprintf(cmd, sizeof cmd, "%s plan --preset mixtral-8x7b --nodes 1:5G,1:5G,1:5G,1:5G --ep 4 2>&1", exe);
+    CU_ASSERT_EQUAL(test_capture(cmd, out, sizeof out), 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "each node caching what its budget holds"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "node-3 experts 6-7 (1 per block resident)"));
     snprintf(cmd, sizeof cmd, "%s plan --preset mixtral-8x7b --nodes 1:5G,1:5G,1:5G,1:5G --ep 4 --expert-cache auto 2>&1",
              exe);
     CU_ASSERT_EQUAL(test_capture(cmd, out, sizeof out), 0);
@@ -837,7 +843,7 @@ static void test_ep_plan_output(void) {
     if (!strstr(out, "| cache 6 of 8 ")) fprintf(stderr, "\n%s\n", out);
     snprintf(cmd, sizeof cmd, "%s plan --preset mixtral-8x7b --nodes 4 --expert-cache 0 2>&1", exe);
     CU_ASSERT_NOT_EQUAL(test_capture(cmd, out, sizeof out), 0);
-    CU_ASSERT_PTR_NOT_NULL(strstr(out, "--expert-cache wants experts per block (1 or more) or auto, not '0'"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(out, "--expert-cache wants experts per block (1 or more), auto or all, not '0'"));
     // a dense model has nothing to place
     snprintf(cmd, sizeof cmd, "%s plan -m %s --nodes 2 --ep 2 2>&1", exe,
              test_shared_path(path, sizeof path, "models/stories260K.gguf"));

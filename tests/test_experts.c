@@ -36,9 +36,10 @@ static const char *const moe_models[] = {
 static model_t *load(const char *path, const char *provider, uint64_t budget, float skip) {
     model_t *m = NULL;
     char err[512];
-    model_load_opts_t lo = {.repack = strcmp(provider, "mmap") != 0, .weights = provider, .mem_budget = budget, .n_ctx = N_CTX,
+    model_load_opts_t lo = {.repack = !provider || strcmp(provider, "mmap") != 0, .weights = provider, .mem_budget = budget, .n_ctx = N_CTX,
                             .expert_skip = skip};
-    if (model_load(&m, path, &lo, err, sizeof err) != 0) fprintf(stderr, "\n  load %s (%s): %s\n", path, provider, err);
+    if (model_load(&m, path, &lo, err, sizeof err) != 0)
+        fprintf(stderr, "\n  load %s (%s): %s\n", path, provider ? provider : "by the budget", err);
     return m;
 }
 
@@ -184,8 +185,23 @@ static void test_budget(void) {
     CU_ASSERT_EQUAL(experts_fit(&p, &n, err, sizeof err), MLM_ERANGE);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "below the"));
     const uint64_t budget = st.resident_bytes - 5 * eb - eb / 2;
+    // no provider named: a MoE share over its budget caches its experts by default (not the window),
+    // mapped when everything fits, never the cache when not one expert per block does
+    const char *name = NULL;
+    p.budget_bytes = budget;
+    CU_ASSERT_EQUAL(weights_choose(&p, &name, err, sizeof err), 0);
+    CU_ASSERT_STRING_EQUAL(name, "experts");
+    p.budget_bytes = st.resident_bytes;
+    CU_ASSERT_EQUAL(weights_choose(&p, &name, err, sizeof err), 0);
+    CU_ASSERT_STRING_EQUAL(name, "mmap");
+    p.budget_bytes = st.resident_bytes - (uint64_t)hp.n_expert * eb + eb / 2;
+    const int rc_none = weights_choose(&p, &name, err, sizeof err);
+    CU_ASSERT(rc_none != 0 || strcmp(name, "experts") != 0);
     gguf_close(&g);
     weights_stats_t ws;
+    CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", NULL, budget, &ws));
+    CU_ASSERT(ws.misses > 0);
+    CU_ASSERT(ws.bytes_peak <= budget);
     CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", "experts", budget, &ws));
     CU_ASSERT(ws.misses > 0);
     CU_ASSERT(ws.bytes_peak <= budget);
@@ -408,7 +424,8 @@ static int run_cli(const char *extra, char *out, char *errout, size_t cap) {
 }
 
 // `run --expert-cache`: one node (a cache of one expert, LFU, prefetch off, and the budget's own size
-// below the experts), and two local workers that cache their shares: the text of a plain run.
+// below the experts, with the option and by default), and local workers that cache their shares: the
+// text of a plain run.
 static void test_cli_tokens(void) {
     if (!test_meshlm_bin()) {
         fprintf(stderr, "(skipped: MESHLM_BIN not set) ");
@@ -423,6 +440,7 @@ static void test_cli_tokens(void) {
         "--expert-cache 1",
         "--expert-cache 1 --expert-policy lfu --expert-prefetch off",
         "--expert-cache auto --mem-budget 5M",  // the experts alone weigh 6.4 MiB
+        "--mem-budget 5M",                      // the same by default: the cache, not the window
         "--expert-cache off",
         "--local 2 --keep-all --expert-cache 1",
         "--local 3 --ep 3 --verbose --expert-cache 1", // each caching one of the experts placed on it
@@ -430,6 +448,7 @@ static void test_cli_tokens(void) {
         // budgets below the placed experts: the planner keeps what fits (the leader 1, the other member,
         // without attention, 2 of its 4 per block) and the workers' caches agree with it
         "--local 2 --ep 2 --local-mem 0 --mem-budget 3M --verbose --expert-cache auto",
+        "--local 2 --ep 2 --local-mem 0 --mem-budget 3M --verbose", // the same without the option
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         if (run_cli(cases[i], out, err, CAP) != 0) {
@@ -440,7 +459,7 @@ static void test_cli_tokens(void) {
             fprintf(stderr, "\n  %s: text differs:\n  %s\n  vs\n  %s\n", cases[i], out, ref);
             CU_FAIL("tokens differ");
         }
-        if (!strstr(cases[i], "--local")) {
+        if (!strstr(cases[i], "--local") && strstr(cases[i], "--expert-cache")) {
             CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: weights: experts: "));
             CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: experts: hit rate "));
         }
@@ -453,6 +472,8 @@ static void test_cli_tokens(void) {
             CU_ASSERT_PTR_NOT_NULL(strstr(err, strstr(cases[i], "--ep 3") ? "experts: 1 of 3 placed here per block"
                                                                           : "experts: 1 of 4 placed here per block"));
         if (strstr(cases[i], "5M")) { // fewer than all 8 fit
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: weights: experts: "));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: experts: hit rate "));
             CU_ASSERT_PTR_NOT_NULL(strstr(err, " of 8 per block resident"));
             CU_ASSERT_PTR_NULL(strstr(err, "experts: 8 of 8"));
         }

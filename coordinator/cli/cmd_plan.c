@@ -22,7 +22,7 @@ static void plan_usage(FILE *f) {
     fprintf(f,
             "usage: meshlm plan (-m FILE | --preset NAME [--quant TYPE]) (--nodes SPEC | --nodes-file F)\n"
             "                   [-c N_CTX] [--pp S] [--tp T] [--tp-mode M] [--ep N|off] [--ep-attn lead|all]\n"
-            "                   [--ep-replicas N] [--ep-hot FILE[:N]] [--expert-cache N|auto] [--keep-all]\n"
+            "                   [--ep-replicas N] [--ep-hot FILE[:N]] [--expert-cache N|auto|all] [--keep-all]\n"
             "                   [--pin-first] [--no-stream]\n"
             "                   [--plan FILE] [--out FILE]\n"
             "                   [--explain] [--json]\n"
@@ -55,9 +55,10 @@ static void plan_usage(FILE *f) {
             "  --ep-hot FILE[:N]  with lead: a second copy of each block's N most popular experts (default N:\n"
             "                     top-k, at most 16), from FILE's routing counts (meshlm inspect MODEL --routing\n"
             "                     T --routing-out FILE); expert times are then predicted block by block\n"
-            "  --expert-cache N|auto  placed experts cached (as the workers' --expert-cache): each node keeps N\n"
-            "                     per block (auto: as many as its budget holds) and reads the others from disk\n"
-            "                     on use; a node is refused only when one per block does not fit\n"
+            "  --expert-cache N|auto|all  experts cached (as the workers' --expert-cache): each node keeps N\n"
+            "                     per block (auto, the default: as many as its budget holds) and reads the\n"
+            "                     others from disk on use; a node is refused only when one per block does not\n"
+            "                     fit. all: every expert resident (placed experts over a budget refused)\n"
             "  --keep-all         every node computes          --pin-first  node 0 (coordinator) is rank 0\n"
             "  --no-stream        refuse shares that do not fit their budgets (default: they stream weights\n"
             "                     from disk through a window of units)\n"
@@ -206,7 +207,7 @@ int cmd_plan(int argc, char **argv) {
     bool explain = false, json = false, mode_given = false;
     const char *kv_dev = NULL; // --kv-device: where the KV of every node that names none lives
     uint64_t kv_cap = 0;       // --kv-cap: the capacity of a KV device that states none
-    plan_opts_t po = {.n_ctx = 4096};
+    plan_opts_t po = {.n_ctx = 4096, .expert_cache = -1}; // auto: what the workers do under a budget
     int ch, bad = 0;
     optind = 1;
     while ((ch = getopt_long(argc, argv, "m:c:h", opts, NULL)) != -1) {
@@ -236,8 +237,10 @@ int cmd_plan(int argc, char **argv) {
         case O_EXPERT_CACHE:
             if (!strcmp(optarg, "auto")) {
                 po.expert_cache = -1;
+            } else if (!strcmp(optarg, "all")) {
+                po.expert_cache = 0; // every placed expert resident: over a budget refused
             } else if (positive(optarg, &po.expert_cache) != 0) {
-                fprintf(stderr, "meshlm plan: --expert-cache wants experts per block (1 or more) or auto, not '%s'\n",
+                fprintf(stderr, "meshlm plan: --expert-cache wants experts per block (1 or more), auto or all, not '%s'\n",
                         optarg);
                 return 2;
             }

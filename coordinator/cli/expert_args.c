@@ -70,7 +70,7 @@ const char *expert_args_provider(const expert_args_t *a, char *buf, size_t cap) 
 }
 
 int expert_args_plan(const expert_args_t *a) {
-    if (!a->set) return 0;
+    if (!a->set) return -1; // the workers' default over a budget: as many as it holds (weights_choose)
     if (a->o.naive) return 1;
     return a->o.per_layer > 0 ? a->o.per_layer : -1;
 }

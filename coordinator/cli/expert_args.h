@@ -27,7 +27,8 @@ enum { EA_CACHE = 1400, EA_POLICY, EA_PREFETCH, EA_SKIP };
     "mixture of experts (a share of a MoE model; given to local workers too):\n"                               \
     "      --expert-cache N    keep N experts per block in memory and read the others from the model file\n"   \
     "                          when used (auto: as many as --mem-budget holds, all without one; off: naive\n"  \
-    "                          on-demand loading, nothing kept). Same tokens as without it\n"                   \
+    "                          on-demand loading, nothing kept). Default: auto when the experts do not\n"   \
+    "                          fit --mem-budget, none without a budget. Same tokens as without it\n"   \
     "      --expert-policy P   which expert leaves a full block's cache: lru (default) or lfu\n"              \
     "      --expert-prefetch on|off|auto  read the router's choices ahead and guess the next block's\n"       \
     "                          experts by applying its router to the current hidden state (on); auto\n"       \
@@ -47,8 +48,9 @@ int expert_args_option(expert_args_t *a, int ch, const char *arg, const char *cm
 // read/token". Returns the length written.
 int expert_args_summary(const weights_stats_t *s, int n_tokens, char *buf, size_t cap);
 
-// What the planner sizes placed experts with (plan_opts_t.expert_cache): 0 without a cache option, N
-// per block, -1 for auto (as many as the budget holds), 1 for off (one slot per block).
+// What the planner sizes placed experts with (plan_opts_t.expert_cache): N per block, -1 for auto (as
+// many as the budget holds; also without a cache option, as a share over its budget then caches by
+// default: weights_choose), 1 for off (one slot per block).
 int expert_args_plan(const expert_args_t *a);
 
 // The weight provider name for the options into buf ("experts:n=2,policy=lru,prefetch=on"), or NULL

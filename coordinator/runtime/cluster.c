@@ -469,7 +469,7 @@ static int make_plan(cluster_t *c, char *err, size_t errlen) {
                           .pin_first = off != 0, .ubatch = c->o.ubatch > 0 ? c->o.ubatch : 16,
                           .coord_apart = off == 0, .tp_mode = mode, .ep = ep, .ep_replicated = ep_repl,
                           .ep_replicas = ep_repl ? 1 : ep >= 2 && c->o.ep_replicas > ep ? ep : c->o.ep_replicas};
-        po.expert_cache = c->o.expert_cache;
+        po.expert_cache = c->o.expert_cache ? c->o.expert_cache : -1; // 0: auto, as the workers under a budget
         if (pop && !ep_repl) po.ep_hot = c->o.ep_hot > 0 ? c->o.ep_hot : pm->n_expert_used;
         if (po.ep_hot > pm->n_expert) po.ep_hot = pm->n_expert;
         rc = plan_make(pm, nodes, n_compute, &po, c->plan, NULL, 0, NULL, err, errlen);

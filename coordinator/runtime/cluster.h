@@ -59,7 +59,8 @@ typedef struct {
                                      // holder (plan_opts_t.ep_hot) and the planner draws experts by popularity
     int ep_hot;                      // with ep_hot_file: how many per stage (0 = the model's top-k)
     int expert_cache;                // the workers cache their experts (--expert-cache, given to local workers):
-                                     // the planner sizes placed experts with it (plan_opts_t.expert_cache)
+                                     // the planner sizes placed experts with it (plan_opts_t.expert_cache;
+                                     // 0 = auto, what a worker does under a budget without the option)
     bool keep_all;                   // never leave a node out
     const char *plan_file;           // a hand-written plan (parallel/plan.h file format), or NULL
     plan_tp_mode_t tp_mode;          // how tensor-parallel groups cut a block: EXACT (default, bit-identical

@@ -181,8 +181,8 @@ int model_load(model_t **out, const char *path, const model_load_opts_t *opts, c
             .n_block_experts = opts && opts->experts ? opts->n_block_experts : 0,
             .reuse = opts && opts->reuse ? opts->reuse->w : NULL,
         };
-        const char *wname = opts ? opts->weights : NULL;
-        if (!wname && (wp.experts || m->slice.placed)) wname = "mmap"; // placed experts are mapped, not streamed
+        const char *wname = opts ? opts->weights : NULL; // NULL: by the budget (weights_choose; placed experts
+                                                          // are mapped, or cached over a budget, never streamed)
         rc = weights_new(&m->w, wname, &wp, err, errlen);
     }
     if (rc != 0) {

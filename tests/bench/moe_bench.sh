@@ -10,7 +10,8 @@
 # Needs root and cgroup v1 (memory controller at /sys/fs/cgroup/memory) or v2.
 # N_GEN (16) tokens per run, THREADS (2); MOE_CONFIGS, ';'-separated --expert-cache values, chooses the rows
 # (default "off;auto --expert-prefetch off;auto;auto --expert-policy lfu", naive first); MESHLM_EXPERTS_IO=pread
-# reads buffered instead of O_DIRECT.
+# reads buffered instead of O_DIRECT. LLAMA_BENCH=/path/llama-bench adds llama.cpp in the same cgroup: it maps
+# the file and leaves the budget to the page cache (its way on a node with too little memory: no expert cache).
 set -euo pipefail
 bin="${1:?usage: moe_bench.sh MESHLM_BIN MODEL.gguf BUDGET [BUDGET...]}"
 model="${2:?usage: moe_bench.sh MESHLM_BIN MODEL.gguf BUDGET [BUDGET...]}"
@@ -75,4 +76,19 @@ PY
     if [ "$cfg" = off ]; then naive=$(python3 -c 'import json,sys; print([x for x in json.load(open(sys.argv[1])) if x["test"].startswith("tg")][0]["avg_ts"])' "$out" 2>/dev/null || echo 0); fi
     rm -f "$out" "$out.row" "$pk"
   done
+  if [ -n "${LLAMA_BENCH:-}" ] && [ -x "$LLAMA_BENCH" ]; then
+    drop_cache "$model"
+    out=$(mktemp) pk=$(mktemp)
+    in_cgroup $((b + (64 << 20))) "$LLAMA_BENCH" -m "$model" -p 0 -n "$N_GEN" -r 1 -t "$THREADS" -o json > "$out" 3> "$pk" 2>/dev/null
+    python3 - "$out" "$(cat "$pk")" "$budget" "${naive:-0}" <<'PY'
+import json, sys
+path, peak, budget, naive = sys.argv[1], int(sys.argv[2] or 0), sys.argv[3], float(sys.argv[4])
+try:
+    ts = [x for x in json.load(open(path)) if x.get("n_gen", 0) > 0][0]["avg_ts"]
+    print(f"| {budget} | llama.cpp (mapped, the page cache only) | {ts:.3f} | {ts / naive if naive else 1:.2f}x | - | - | - | - | {peak / 2**20:.0f} |")
+except Exception:
+    print(f"| {budget} | llama.cpp (mapped, the page cache only) | failed | | | | | | {peak / 2**20:.0f} |")
+PY
+    rm -f "$out" "$pk"
+  fi
 done

@@ -11,7 +11,8 @@
 # N_GEN (16) tokens per run, THREADS (2); MOE_CONFIGS, ';'-separated --expert-cache values, chooses the rows
 # (default "off;auto --expert-prefetch off;auto;auto --expert-policy lfu", naive first); MESHLM_EXPERTS_IO=pread
 # reads buffered instead of O_DIRECT. LLAMA_BENCH=/path/llama-bench adds llama.cpp in the same cgroup: it maps
-# the file and leaves the budget to the page cache (its way on a node with too little memory: no expert cache).
+# the file and leaves the budget to the page cache (its way on a node with too little memory: no expert cache);
+# LLAMA_TIMEOUT (600) seconds at most for its warm-up and N_GEN tokens.
 set -euo pipefail
 bin="${1:?usage: moe_bench.sh MESHLM_BIN MODEL.gguf BUDGET [BUDGET...]}"
 model="${2:?usage: moe_bench.sh MESHLM_BIN MODEL.gguf BUDGET [BUDGET...]}"
@@ -79,15 +80,16 @@ PY
   if [ -n "${LLAMA_BENCH:-}" ] && [ -x "$LLAMA_BENCH" ]; then
     drop_cache "$model"
     out=$(mktemp) pk=$(mktemp)
-    in_cgroup $((b + (64 << 20))) "$LLAMA_BENCH" -m "$model" -p 0 -n "$N_GEN" -r 1 -t "$THREADS" -o json > "$out" 3> "$pk" 2>/dev/null
-    python3 - "$out" "$(cat "$pk")" "$budget" "${naive:-0}" <<'PY'
+    in_cgroup $((b + (64 << 20))) timeout "${LLAMA_TIMEOUT:-600}" "$LLAMA_BENCH" -m "$model" -p 0 -n "$N_GEN" -r 1 \
+      -t "$THREADS" -o json > "$out" 3> "$pk" 2>/dev/null
+    python3 - "$out" "$(cat "$pk")" "$budget" "${naive:-0}" "${LLAMA_TIMEOUT:-600}" <<'PY'
 import json, sys
-path, peak, budget, naive = sys.argv[1], int(sys.argv[2] or 0), sys.argv[3], float(sys.argv[4])
+path, peak, budget, naive, limit = sys.argv[1], int(sys.argv[2] or 0), sys.argv[3], float(sys.argv[4]), sys.argv[5]
 try:
     ts = [x for x in json.load(open(path)) if x.get("n_gen", 0) > 0][0]["avg_ts"]
     print(f"| {budget} | llama.cpp (mapped, the page cache only) | {ts:.3f} | {ts / naive if naive else 1:.2f}x | - | - | - | - | {peak / 2**20:.0f} |")
 except Exception:
-    print(f"| {budget} | llama.cpp (mapped, the page cache only) | failed | | | | | | {peak / 2**20:.0f} |")
+    print(f"| {budget} | llama.cpp (mapped, the page cache only) | no result in {limit} s | | | | | | {peak / 2**20:.0f} |")
 PY
     rm -f "$out" "$pk"
   fi

@@ -1,5 +1,6 @@
 // The host device's attention arithmetic over contiguous rows, shared by devices that keep their cache elsewhere.
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,23 +46,31 @@ typedef struct {
     const float *q;         // (n, Hl * head_dim)
     float *out;             // (n, Hl * head_dim)
     int n, pos0;
+    atomic_int next;        // the next unclaimed chunk of (token, head) items
 } calc_job_t;
+
+// (token, head) items per claimed chunk: a causal prefill's later tokens attend over more positions,
+// so a static split gave the last thread the most work; threads claim chunks instead.
+#define CALC_CHUNKS 8 // chunks per thread
 
 // --- helpers
 
 static void calc_fn(void *arg, int ith, int nth) {
-    const calc_job_t *job = arg;
+    calc_job_t *job = arg;
     const attn_calc_t *c = job->c;
     const int hd = c->p.head_dim, Hl = c->Hl;
     float *sc = c->scratch + (size_t)ith * c->scratch_per;
     const int n_kv = (job->pos0 + job->n + 31) & ~31; // the reference pads its KV view to 32
-    const int total = job->n * Hl;
-    for (int item = total * ith / nth; item < total * (ith + 1) / nth; item++) {
-        const int i = item / Hl, hl = item % Hl, kvh = (c->p.h0 + hl) / c->group - c->p.kv0;
-        const size_t off = (size_t)kvh * hd * c->elt;
-        const size_t qo = (size_t)i * Hl * hd + (size_t)hl * hd;
-        ops_attention(job->out + qo, job->q + qo, job->kc + off, job->vc + off, c->kvd, job->pos0 + i + 1, n_kv, hd,
-                      c->scale, c->f16, job->n > 1, sc);
+    const int total = job->n * Hl, n_chunk = total < nth * CALC_CHUNKS ? total : nth * CALC_CHUNKS;
+    for (int ch; (ch = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed)) < n_chunk;) {
+        const int i0 = (int)((int64_t)total * ch / n_chunk), i1 = (int)((int64_t)total * (ch + 1) / n_chunk);
+        for (int item = i0; item < i1; item++) {
+            const int i = item / Hl, hl = item % Hl, kvh = (c->p.h0 + hl) / c->group - c->p.kv0;
+            const size_t off = (size_t)kvh * hd * c->elt;
+            const size_t qo = (size_t)i * Hl * hd + (size_t)hl * hd;
+            ops_attention(job->out + qo, job->q + qo, job->kc + off, job->vc + off, c->kvd, job->pos0 + i + 1, n_kv,
+                          hd, c->scale, c->f16, job->n > 1, sc);
+        }
     }
 }
 
@@ -127,7 +136,8 @@ void attn_calc_run(attn_calc_t *c, const void *kc, const void *vc, const float *
         kc = c->stage;
         vc = c->stage + (size_t)c->stage_ctx * c->kvd;
     }
-    calc_job_t job = {c, kc, vc, q, out, n, pos0};
+    calc_job_t job = {.c = c, .kc = kc, .vc = vc, .q = q, .out = out, .n = n, .pos0 = pos0};
+    atomic_init(&job.next, 0);
     if (!c->p.pool) calc_fn(&job, 0, 1);
     else tpool_run_n(c->p.pool, calc_fn, &job, work < PAR_MIN_WORK ? 1 : c->n_threads);
 }

@@ -33,7 +33,8 @@
 //   slow:worker=N:factor=F[:T][:ms=M]   the worker runs 1/F of the time (its compute takes F times as
 //                                       long) from T (default: the start) for M ms (default: to the end)
 // Stored for the worker's disk I/O (fault_disk), not enforced here:
-//   disk:worker=N:slow=F                its disk reads and writes take F times as long
+//   disk:worker=N:slow=F                its disk reads and writes take F times as long (a write at
+//                                       least F times its bytes at 1 GB/s)
 //   disk:worker=N:full                  its disk is full (writes fail with "no space")
 // Triggers T: `after_tokens=K` (once K tokens have been generated in the run) or `at_ms=T` (T ms
 // after the schedule starts). Other entries: `seed=N` (the random decisions, default 0) and

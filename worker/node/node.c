@@ -144,11 +144,18 @@ static fault_disk_t disk_of(const node_t *n) {
     return d;
 }
 
-// A slow disk: an operation on shard data that took ms (measured) takes F times as long.
-static void disk_wait(const node_t *n, double ms) {
+// A disk that a write of shard data goes to at least as slowly as: the page cache takes small writes
+// far faster than a disk, so a factor of only the measured time slows them by next to nothing.
+#define DISK_REF_BYTES_PER_MS 1e6 // 1 GB/s
+
+// A slow disk: an operation on shard data that took ms (measured) takes F times as long; one that
+// wrote bytes (0 for a read) counts as at least as long as the bytes took at DISK_REF_BYTES_PER_MS.
+static void disk_wait(const node_t *n, double ms, double bytes) {
     const double f = disk_of(n).slow;
-    if (f <= 1 || ms <= 0) return;
-    const double extra = (f - 1) * ms;
+    if (f <= 1 || ms < 0) return;
+    const double base = fmax(ms, bytes / DISK_REF_BYTES_PER_MS);
+    const double extra = f * base - ms;
+    if (extra <= 0) return;
     struct timespec ts = {(time_t)(extra / 1000), (long)(fmod(extra, 1000.0) * 1e6)};
     nanosleep(&ts, NULL);
 }
@@ -323,7 +330,7 @@ static int64_t receive_shard(node_t *n, const char *path, char *err, size_t errl
                 wrc = mlm_fail(err, errlen, errno == ENOSPC ? MLM_EFULL : MLM_EIO, "writing the shard into the cache at %s: %s",
                                path, strerror(errno));
             }
-            if (wrc == 0) disk_wait(n, mlm_now_ms() - w0);
+            if (wrc == 0) disk_wait(n, mlm_now_ms() - w0, (double)m.slice_data.len);
             got += (int64_t)m.slice_data.len;
             if (credit && rc == 0 && (uint64_t)(got - flushed) >= credit / 2) { // paced even after a failed write
                 if (wrc == 0) shard_flush(f, flushed, got);
@@ -440,7 +447,10 @@ static int share_file(node_t *n, const shard_slice_t *sl, const char *cached, ch
                           strerror(ENOSPC), n->link_rank);
         const double w0 = mlm_now_ms();
         if (rc == 0) rc = shard_file_write_cols(g, sl, hp.head_dim, n->sha, tmp, err, errlen);
-        if (rc == 0) disk_wait(n, mlm_now_ms() - w0);
+        if (rc == 0) {
+            struct stat st;
+            disk_wait(n, mlm_now_ms() - w0, stat(tmp, &st) == 0 ? (double)st.st_size : 0);
+        }
         if (rc == 0) {
             *cols = tmp;
             *unlink_after = n->o->same_file;
@@ -454,7 +464,7 @@ static int share_file(node_t *n, const shard_slice_t *sl, const char *cached, ch
 static int load_share(node_t *n, const char *from, const model_load_opts_t *lo, char *err, size_t errlen) {
     const double t0 = mlm_now_ms();
     int rc = model_load(&n->model, from, lo, err, errlen);
-    if (rc == 0) disk_wait(n, mlm_now_ms() - t0);
+    if (rc == 0) disk_wait(n, mlm_now_ms() - t0, 0);
     return rc;
 }
 

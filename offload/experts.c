@@ -31,6 +31,7 @@ typedef struct {
     uint64_t last_use;         // tick of its last acquire or read (LRU)
     bool spec;                 // read on a speculative guess
     bool used;                 // acquired since it was read
+    bool hint;                 // read ahead for the router's choice of the token that acquires it
     uint8_t *buf;              // (slot_bytes): gate rows, up rows, down rows; allocated at its first read
     layer_weights_t lw;        // the expert bound into buf
 } eslot_t;
@@ -156,6 +157,7 @@ static void claim(ex_t *x, eslot_t *s, int e, bool spec) {
     s->expert = e;
     s->spec = spec;
     s->used = false;
+    s->hint = false;
     s->refs = 0;
 }
 
@@ -219,6 +221,7 @@ static void bg_load(ex_t *x, ereq_t r) {
         return;
     }
     claim(x, s, r.expert, r.spec);
+    s->hint = !r.spec;
     pthread_mutex_unlock(&x->mu);
     const double t0 = (double)mlm_now_us();
     int rc = read_expert(x, s, r.li, r.expert);
@@ -336,7 +339,8 @@ static int ex_acquire(void *ctx, int layer, int expert, const layer_weights_t **
     for (;;) {
         eslot_t *s = find(x, li, e);
         if (s && s->state == ES_READY) {
-            if (waited) x->st.misses++, x->st.expert_misses++;
+            // read for this very use (waited for, or read ahead on the router's hint): a miss
+            if (waited || (s->hint && !s->used)) x->st.misses++, x->st.expert_misses++;
             else x->st.hits++, x->st.expert_hits++;
             if (s->spec && !s->used) x->st.prefetch_used++;
             s->used = true;

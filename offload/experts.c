@@ -26,6 +26,7 @@ typedef enum { ES_EMPTY, ES_LOADING, ES_READY } es_state_t;
 // One cache slot of a block.
 typedef struct {
     es_state_t state;
+    int li;                    // the block of that expert (a pool's slots serve every block)
     int expert;                // the expert in it (-1: none)
     int refs;                  // acquires not yet released
     uint64_t last_use;         // tick of its last acquire or read (LRU)
@@ -71,12 +72,14 @@ typedef struct {
                                // rate on this machine's disk, README), -1 = buffered reads (io=pread, or a
                                // file system without direct I/O)
     int nl, ne, k;             // blocks held, experts per block, experts used per token
-    int N;                     // slots per block
+    int N;                     // slots per block (0 with a pool)
+    int pool;                  // slots shared by every block, where not one expert per block fits the
+                               // budget (0: N per block)
     int nh_max;                // the most experts a block holds (n_expert unless placed)
     eloc_t *loc;               // (nl, ne)
     size_t slot_bytes;         // one expert's bytes (the largest)
     uint64_t dense_bytes;      // weight bytes behind the inner provider's units besides the experts
-    eslot_t *slots;            // (nl, N)
+    eslot_t *slots;            // (nl, N), or (pool)
     uint64_t *freq;            // (nl, ne) acquires of each expert since creation (LFU)
     uint8_t *wanted;           // (nl, ne) hinted by the router and not yet acquired: not evicted by reads ahead
     uint8_t *held;             // (nl, ne) the experts this share computes (placed experts: only its own;
@@ -109,12 +112,15 @@ static const char *prefetch_name(experts_prefetch_t p) {
     return p == EXPERTS_PREFETCH_ON ? "on" : p == EXPERTS_PREFETCH_AUTO ? "auto" : "off";
 }
 
-static eslot_t *slot_at(ex_t *x, int li, int i) { return &x->slots[(size_t)li * x->N + i]; }
+// The slots block li may use: its own N, or the whole pool.
+static int n_slots(const ex_t *x) { return x->pool ? x->pool : x->N; }
+static size_t all_slots(const ex_t *x) { return x->pool ? (size_t)x->pool : (size_t)x->nl * (size_t)x->N; }
+static eslot_t *slot_at(ex_t *x, int li, int i) { return x->pool ? &x->slots[i] : &x->slots[(size_t)li * x->N + i]; }
 
 static eslot_t *find(ex_t *x, int li, int e) {
-    for (int i = 0; i < x->N; i++) {
+    for (int i = 0; i < n_slots(x); i++) {
         eslot_t *s = slot_at(x, li, i);
-        if (s->state != ES_EMPTY && s->expert == e) return s;
+        if (s->state != ES_EMPTY && s->li == li && s->expert == e) return s;
     }
     return NULL;
 }
@@ -124,18 +130,18 @@ static eslot_t *find(ex_t *x, int li, int e) {
 static eslot_t *victim(ex_t *x, int li, bool bg) {
     eslot_t *best = NULL;
     int best_w = 0;
-    for (int i = 0; i < x->N; i++) {
+    for (int i = 0; i < n_slots(x); i++) {
         eslot_t *s = slot_at(x, li, i);
         if (s->state == ES_EMPTY) return s;
         if (s->state != ES_READY || s->refs > 0) continue;
-        const int w = x->wanted[(size_t)li * x->ne + s->expert];
+        const int w = x->wanted[(size_t)s->li * x->ne + s->expert];
         if (bg && w) continue;
         if (best) {
             if (w != best_w) {
                 if (w > best_w) continue;
             } else if (x->o.policy == EXPERTS_LFU) {
-                const uint64_t fs = x->freq[(size_t)li * x->ne + s->expert];
-                const uint64_t fb = x->freq[(size_t)li * x->ne + best->expert];
+                const uint64_t fs = x->freq[(size_t)s->li * x->ne + s->expert];
+                const uint64_t fb = x->freq[(size_t)best->li * x->ne + best->expert];
                 if (fs > fb || (fs == fb && s->last_use >= best->last_use)) continue;
             } else if (s->last_use >= best->last_use) {
                 continue;
@@ -148,12 +154,13 @@ static eslot_t *victim(ex_t *x, int li, bool bg) {
 }
 
 // Empties s for expert e of block li (under mu), counting an eviction of what it held.
-static void claim(ex_t *x, eslot_t *s, int e, bool spec) {
+static void claim(ex_t *x, eslot_t *s, int li, int e, bool spec) {
     if (s->state == ES_READY) {
         x->st.evictions++;
         if (s->spec && !s->used) x->st.prefetch_wasted++;
     }
     s->state = ES_LOADING;
+    s->li = li;
     s->expert = e;
     s->spec = spec;
     s->used = false;
@@ -220,7 +227,7 @@ static void bg_load(ex_t *x, ereq_t r) {
         pthread_mutex_unlock(&x->mu);
         return;
     }
-    claim(x, s, r.expert, r.spec);
+    claim(x, s, r.li, r.expert, r.spec);
     s->hint = !r.spec;
     pthread_mutex_unlock(&x->mu);
     const double t0 = (double)mlm_now_us();
@@ -347,7 +354,7 @@ static int ex_acquire(void *ctx, int layer, int expert, const layer_weights_t **
             break;
         }
         if (!s && (s = victim(x, li, false)) != NULL) { // a miss: this thread reads it
-            claim(x, s, e, false);
+            claim(x, s, li, e, false);
             pthread_mutex_unlock(&x->mu);
             const double r0 = (double)mlm_now_us();
             int rc = read_expert(x, s, li, e);
@@ -394,9 +401,9 @@ static void ex_release(void *ctx, int layer, int expert) {
     }
     const int li = layer - x->slice.l0;
     pthread_mutex_lock(&x->mu);
-    for (int i = 0; i < x->N; i++) {
+    for (int i = 0; i < n_slots(x); i++) {
         eslot_t *s = slot_at(x, li, i);
-        if (s->state != ES_READY || s->expert != expert || s->refs == 0) continue;
+        if (s->state != ES_READY || s->li != li || s->expert != expert || s->refs == 0) continue;
         if (--s->refs == 0 && x->o.naive) { // no cache: the bytes are not kept
             s->state = ES_EMPTY;
             s->expert = -1;
@@ -429,7 +436,9 @@ static void ex_prefetch(void *ctx, int layer, const int *experts, int n) {
         if (!(x->q[i].spec && x->q[i].li <= li)) x->q[keep++] = x->q[i];
     x->q_n = keep;
     if (x->obs_layer >= 0 && x->obs_layer - x->slice.l0 + 1 <= li) x->obs_layer = -1;
-    for (int i = 0, queued = 0; i < n && queued < x->N && x->q_n < EX_QMAX; i++) {
+    // a pool keeps a slot for the compute thread's own read (and a pool of one reads nothing ahead)
+    const int ahead = x->pool ? (x->pool - 1 < x->k ? x->pool - 1 : x->k) : x->N;
+    for (int i = 0, queued = 0; i < n && queued < ahead && x->q_n < EX_QMAX; i++) {
         if (experts[i] < 0 || experts[i] >= x->ne || !x->held[(size_t)li * x->ne + experts[i]]) continue; // another node's
         queued++;
         if (!find(x, li, experts[i])) x->q[x->q_n++] = (ereq_t){.li = li, .expert = experts[i], .spec = false};
@@ -440,7 +449,7 @@ static void ex_prefetch(void *ctx, int layer, const int *experts, int n) {
 
 static void ex_observe(void *ctx, int layer, const float *obs, int n) {
     ex_t *x = ctx;
-    if (!x->thr_on || x->N <= x->k || layer + 1 >= x->slice.l1 || layer < x->slice.l0) return; // no room to guess
+    if (!x->thr_on || x->pool || x->N <= x->k || layer + 1 >= x->slice.l1 || layer < x->slice.l0) return; // no room to guess
     pthread_mutex_lock(&x->mu);
     // the share of the time since the last block's observation spent waiting for reads, averaged
     const double now = (double)mlm_now_us() / 1000.0;
@@ -478,6 +487,10 @@ static void ex_describe(void *ctx, char *buf, size_t cap) {
         snprintf(buf, cap, "experts: a dense model, every unit mapped");
     else if (x->o.naive)
         snprintf(buf, cap, "experts: no cache (every use reads the expert, %.1f MiB)", (double)x->slot_bytes / 1048576.0);
+    else if (x->pool)
+        snprintf(buf, cap, "experts: %d slot%s x %.1f MiB shared by the %d blocks (not one expert per block fits "
+                 "the budget; %s, reads ahead %s)", x->pool, x->pool == 1 ? "" : "s", (double)x->slot_bytes / 1048576.0, x->nl,
+                 x->o.policy == EXPERTS_LFU ? "lfu" : "lru", x->thr_on && x->pool > 1 ? "on" : "off");
     else
         snprintf(buf, cap, "experts: %d of %d%s per block resident (%s, prefetch %s), %d slots x %.1f MiB",
                  x->N < x->nh_max ? x->N : x->nh_max, x->nh_max, x->nh_max < x->ne ? " placed here" : "",
@@ -495,7 +508,7 @@ static void ex_free(void *ctx) {
         pthread_mutex_unlock(&x->mu);
         pthread_join(x->thr, NULL);
     }
-    for (size_t i = 0; x->slots && i < (size_t)x->nl * x->N; i++) free(x->slots[i].buf);
+    for (size_t i = 0; x->slots && i < all_slots(x); i++) free(x->slots[i].buf);
     free(x->slots);
     free(x->loc);
     free(x->freq);
@@ -615,33 +628,52 @@ int experts_name(const experts_opts_t *o, char *buf, size_t cap) {
     return (size_t)len < cap ? len : (int)cap - 1;
 }
 
-int experts_fit(const weights_params_t *p, int *per_layer, char *err, size_t errlen) {
-    if (!p || !p->hp || !p->slice || !p->g) return mlm_fail(err, errlen, MLM_EINVAL, "experts: missing parameters");
+// What the share of p needs besides its experts' slots (*rest: KV cache, activations, dense parts),
+// one expert of every block (*one, in slot bytes) and the largest slot (*slot).
+static int fit_parts(const weights_params_t *p, uint64_t *rest, uint64_t *one, uint64_t *slot, char *err,
+                     size_t errlen) {
     const model_hparams_t *hp = p->hp;
-    if (hp->n_expert <= 0) return mlm_fail(err, errlen, MLM_EINVAL, "experts: the model has no experts");
-    *per_layer = hp->n_expert;
-    if (!p->budget_bytes) return 0;
     const int nl = p->slice->l1 - p->slice->l0;
-    uint64_t one = 0, all = 0; // one expert of every block; every expert of every block
+    uint64_t all = 0; // every expert of every block, as the file holds them
+    *one = *slot = *rest = 0;
     for (int il = p->slice->l0; il < p->slice->l1; il++) {
         uint64_t b, raw;
         int rc = expert_bytes(p, il, &b, &raw, err, errlen);
         if (rc != 0) return rc;
-        one += b;
-        all += raw * (uint64_t)hp->n_expert; // what the file holds
+        *one += b;
+        if (b > *slot) *slot = b;
+        all += raw * (uint64_t)hp->n_expert;
     }
     weights_params_t q = *p;
     q.budget_bytes = 1ull << 62; // everything resident: what the share weighs
     plan_stream_t st;
     int rc = weights_plan(&q, &st, err, errlen);
     if (rc != 0) return rc;
-    uint64_t rest = st.resident_bytes > all ? st.resident_bytes - all : 0; // KV, activations, dense parts
+    *rest = st.resident_bytes > all ? st.resident_bytes - all : 0; // KV, activations, dense parts
     if (p->experts_only) { // a member computing its experts alone: no dense parts, no KV, the activations
         const shard_slice_t *s = p->slice;
         const uint64_t kv = (uint64_t)nl * (uint64_t)(p->n_ctx > 0 ? p->n_ctx : 0) * (uint64_t)(s->kv1 - s->kv0) *
                             (uint64_t)p->hp->head_dim * 4u; // k and v, F16 (as weights_plan counts them)
-        rest = st.fixed_bytes > kv ? st.fixed_bytes - kv : 0;
+        *rest = st.fixed_bytes > kv ? st.fixed_bytes - kv : 0;
     }
+    return 0;
+}
+
+static int fit_check(const weights_params_t *p, char *err, size_t errlen) {
+    if (!p || !p->hp || !p->slice || !p->g) return mlm_fail(err, errlen, MLM_EINVAL, "experts: missing parameters");
+    if (p->hp->n_expert <= 0) return mlm_fail(err, errlen, MLM_EINVAL, "experts: the model has no experts");
+    return 0;
+}
+
+int experts_fit(const weights_params_t *p, int *per_layer, char *err, size_t errlen) {
+    int rc = fit_check(p, err, errlen);
+    if (rc != 0) return rc;
+    const model_hparams_t *hp = p->hp;
+    *per_layer = hp->n_expert;
+    if (!p->budget_bytes) return 0;
+    const int nl = p->slice->l1 - p->slice->l0;
+    uint64_t rest, one, slot;
+    if ((rc = fit_parts(p, &rest, &one, &slot, err, errlen)) != 0) return rc;
     if (nl <= 0 || one == 0) return 0;
     if (p->budget_bytes < rest + one)
         return mlm_fail(err, errlen, MLM_ERANGE,
@@ -654,6 +686,26 @@ int experts_fit(const weights_params_t *p, int *per_layer, char *err, size_t err
     return 0;
 }
 
+int experts_pool_fit(const weights_params_t *p, int *slots, char *err, size_t errlen) {
+    int rc = fit_check(p, err, errlen);
+    if (rc != 0) return rc;
+    *slots = 0;
+    uint64_t rest, one, slot;
+    if ((rc = fit_parts(p, &rest, &one, &slot, err, errlen)) != 0) return rc;
+    if (slot == 0) return mlm_fail(err, errlen, MLM_EINVAL, "experts: the share holds no experts");
+    if (p->budget_bytes && p->budget_bytes < rest + slot)
+        return mlm_fail(err, errlen, MLM_ERANGE,
+                        "--mem-budget %.1f MiB is below the %.1f MiB the experts need read one at a time: dense "
+                        "parts, KV cache and activations %.1f MiB, one expert %.1f MiB",
+                        (double)p->budget_bytes / 1048576.0, (double)(rest + slot) / 1048576.0,
+                        (double)rest / 1048576.0, (double)slot / 1048576.0);
+    const int nl = p->slice->l1 - p->slice->l0;
+    const uint64_t n = p->budget_bytes ? (p->budget_bytes - rest) / slot : (uint64_t)nl * (uint64_t)p->hp->n_expert;
+    const uint64_t most = (uint64_t)(nl > 0 ? nl : 1) * (uint64_t)p->hp->n_expert;
+    *slots = (int)(n < most ? n : most);
+    return 0;
+}
+
 int weights_experts_new(weights_t **out, const weights_params_t *p, const char *arg, char *err, size_t errlen) {
     experts_opts_t o = experts_opts_default();
     int rc = experts_parse(arg, &o, err, errlen);
@@ -663,12 +715,18 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
                         "experts: the expert cache reads row slices; all-reduce mode (--tp-mode allreduce) cuts "
                         "experts by columns");
     if (p->hp->n_expert > 256) return mlm_fail(err, errlen, MLM_EUNSUPPORTED, "experts: more than 256 experts");
-    int N = o.per_layer; // a dense model: no slots, every unit comes from the mapping
+    int N = o.per_layer, pool = 0; // a dense model: no slots, every unit comes from the mapping
     if (p->hp->n_expert <= 0) N = 0;
     else if (o.naive) N = 1;
-    else if (N == 0 && (rc = experts_fit(p, &N, err, errlen)) != 0) return rc;
+    else if (N == 0 && (rc = experts_fit(p, &N, err, errlen)) != 0) {
+        // not one expert per block fits: a pool of slots that every block reads into, as many as fit
+        char why[256];
+        if (rc != MLM_ERANGE || experts_pool_fit(p, &pool, why, sizeof why) != 0) return rc;
+        N = rc = 0;
+        if (err && errlen) err[0] = 0;
+    }
     if (N > p->hp->n_expert) N = p->hp->n_expert;
-    if (N < 1 && p->hp->n_expert > 0) N = 1;
+    if (N < 1 && p->hp->n_expert > 0 && !pool) N = 1;
     ex_t *x = calloc(1, sizeof *x);
     if (!x) return MLM_ENOMEM;
     x->fd = x->dfd = -1;
@@ -684,6 +742,7 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
     x->ne = p->hp->n_expert;
     x->k = p->hp->n_expert_used;
     x->N = N;
+    x->pool = pool;
     weights_params_t ip = *p;
     ip.repack = false;      // the experts are computed on the file's layout, so is everything else
     ip.budget_bytes = 0;
@@ -694,7 +753,7 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
     const size_t nle = (size_t)(x->nl > 0 ? x->nl : 1) * (size_t)(x->ne > 0 ? x->ne : 1);
     if (rc == 0) {
         x->loc = calloc(nle, sizeof *x->loc);
-        x->slots = calloc((size_t)(x->nl > 0 ? x->nl : 1) * (N > 0 ? N : 1), sizeof *x->slots);
+        x->slots = calloc(pool ? (size_t)pool : (size_t)(x->nl > 0 ? x->nl : 1) * (N > 0 ? N : 1), sizeof *x->slots);
         x->freq = calloc(nle, sizeof *x->freq);
         x->wanted = calloc(nle, 1);
         x->held = calloc(nle, 1);
@@ -704,8 +763,8 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
     const uint8_t *base = gguf_base(p->g);
     const size_t fsize = gguf_file_size(p->g);
     uint64_t all_experts = 0;
+    for (size_t i = 0; rc == 0 && i < all_slots(x); i++) x->slots[i].expert = x->slots[i].li = -1;
     for (int li = 0; rc == 0 && li < x->nl; li++) {
-        for (int i = 0; i < N; i++) slot_at(x, li, i)->expert = -1;
         for (int e = 0; rc == 0 && e < x->ne; e++) {
             const layer_weights_t *X;
             if ((rc = weights_acquire(x->inner, x->slice.l0 + li, e, &X)) == MLM_ENOTFOUND) { // placed on another node
@@ -754,7 +813,7 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
         for (int e = 0, i = 0; rc == 0 && x->nheld[li] <= N && e < x->ne; e++) {
             if (!x->held[(size_t)li * x->ne + e]) continue;
             eslot_t *s = slot_at(x, li, i++);
-            claim(x, s, e, false);
+            claim(x, s, li, e, false);
             if ((rc = read_expert(x, s, li, e)) != 0) {
                 s->state = ES_EMPTY;
                 s->expert = -1;

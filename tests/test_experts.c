@@ -187,7 +187,7 @@ static void test_budget(void) {
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "below the"));
     const uint64_t budget = st.resident_bytes - 5 * eb - eb / 2;
     // no provider named: a MoE share over its budget caches its experts by default (not the window),
-    // mapped when everything fits, never the cache when not one expert per block does
+    // mapped when everything fits; below one expert per block, a pool of slots the blocks share
     const char *name = NULL;
     p.budget_bytes = budget;
     CU_ASSERT_EQUAL(weights_choose(&p, &name, err, sizeof err), 0);
@@ -195,10 +195,29 @@ static void test_budget(void) {
     p.budget_bytes = st.resident_bytes;
     CU_ASSERT_EQUAL(weights_choose(&p, &name, err, sizeof err), 0);
     CU_ASSERT_STRING_EQUAL(name, "mmap");
-    p.budget_bytes = st.resident_bytes - (uint64_t)hp.n_expert * eb + eb / 2;
+    const uint64_t below_one = st.resident_bytes - (uint64_t)hp.n_expert * eb + eb / 2;
+    p.budget_bytes = below_one;
+    int pool = 0;
+    CU_ASSERT_EQUAL(experts_pool_fit(&p, &pool, err, sizeof err), 0);
+    CU_ASSERT(pool >= 1 && pool < hp.n_layer); // room for half of one expert per block
+    CU_ASSERT_EQUAL(weights_choose(&p, &name, err, sizeof err), 0);
+    CU_ASSERT_STRING_EQUAL(name, "experts");
+    // below the rest and a single expert: neither fits
+    p.budget_bytes = st.resident_bytes - (uint64_t)hp.n_expert * eb + eb / (2 * (uint64_t)hp.n_layer);
+    CU_ASSERT_EQUAL(experts_pool_fit(&p, &pool, err, sizeof err), MLM_ERANGE);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "read one at a time"));
     const int rc_none = weights_choose(&p, &name, err, sizeof err);
     CU_ASSERT(rc_none != 0 || strcmp(name, "experts") != 0);
     gguf_close(&g);
+    {
+        weights_stats_t ps;
+        CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", NULL, below_one, &ps));
+        CU_ASSERT(ps.misses > 0 && ps.units_read > 0);
+        CU_ASSERT(ps.bytes_peak <= below_one);
+        fprintf(stderr, "\n  below one expert per block (%.2f MiB): a pool of %d slots, peak %.2f MiB, %llu hits "
+                "%llu misses", (double)below_one / 1048576.0, pool, (double)ps.bytes_peak / 1048576.0,
+                (unsigned long long)ps.expert_hits, (unsigned long long)ps.expert_misses);
+    }
     weights_stats_t ws;
     CU_ASSERT_TRUE(same_as_mapped("models/synth/synth-moe-Q8_0.gguf", NULL, budget, &ws));
     CU_ASSERT(ws.misses > 0);
@@ -451,6 +470,9 @@ static void test_cli_tokens(void) {
         "--expert-cache 1 --expert-policy lfu --expert-prefetch off",
         "--expert-cache auto --mem-budget 5M",  // the experts alone weigh 6.4 MiB
         "--mem-budget 5M",                      // the same by default: the cache, not the window
+        // below one expert per block (0.8 MiB beside the rest): a pool of slots the blocks share
+        "--mem-budget 2400K",                   // 2 slots
+        "--expert-cache auto --mem-budget 2M",  // 1 slot: every expert read, one at a time
         "--expert-cache off",
         "--local 2 --keep-all --expert-cache 1",
         "--local 3 --ep 3 --verbose --expert-cache 1", // each caching one of the experts placed on it
@@ -481,6 +503,11 @@ static void test_cli_tokens(void) {
         if (strstr(cases[i], "--ep")) // the workers' providers hold their placed experts alone
             CU_ASSERT_PTR_NOT_NULL(strstr(err, strstr(cases[i], "--ep 3") ? "experts: 1 of 3 placed here per block"
                                                                           : "experts: 1 of 4 placed here per block"));
+        if (strstr(cases[i], "2400K") || strstr(cases[i], "2M")) {
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, strstr(cases[i], "2M") ? "experts: 1 slot x " : "experts: 2 slots x "));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "shared by the 4 blocks"));
+            CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: experts: hit rate "));
+        }
         if (strstr(cases[i], "5M")) { // fewer than all 8 fit
             CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: weights: experts: "));
             CU_ASSERT_PTR_NOT_NULL(strstr(err, "meshlm: experts: hit rate "));

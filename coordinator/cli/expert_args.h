@@ -26,9 +26,10 @@ enum { EA_CACHE = 1400, EA_POLICY, EA_PREFETCH, EA_SKIP };
 #define EXPERT_ARGS_USAGE                                                                                        \
     "mixture of experts (a share of a MoE model; given to local workers too):\n"                               \
     "      --expert-cache N    keep N experts per block in memory and read the others from the model file\n"   \
-    "                          when used (auto: as many as --mem-budget holds, all without one; off: naive\n"  \
-    "                          on-demand loading, nothing kept). Default: auto when the experts do not\n"   \
-    "                          fit --mem-budget, none without a budget. Same tokens as without it\n"   \
+    "                          when used (auto: as many as --mem-budget holds, all without one, and below\n" \
+    "                          one per block a pool of slots the blocks share; off: naive on-demand\n"      \
+    "                          loading, nothing kept). Default: auto when the experts do not fit\n"        \
+    "                          --mem-budget, none without a budget. Same tokens as without it\n"           \
     "      --expert-policy P   which expert leaves a full block's cache: lru (default) or lfu\n"              \
     "      --expert-prefetch on|off|auto  read the router's choices ahead and guess the next block's\n"       \
     "                          experts by applying its router to the current hidden state (on); auto\n"       \

@@ -686,17 +686,18 @@ int experts_fit(const weights_params_t *p, int *per_layer, char *err, size_t err
     return 0;
 }
 
-int experts_pool_fit(const weights_params_t *p, int *slots, char *err, size_t errlen) {
+int experts_pool_fit(const weights_params_t *p, int *slots, uint64_t *need, char *err, size_t errlen) {
     int rc = fit_check(p, err, errlen);
     if (rc != 0) return rc;
     *slots = 0;
     uint64_t rest, one, slot;
     if ((rc = fit_parts(p, &rest, &one, &slot, err, errlen)) != 0) return rc;
+    if (need) *need = rest + slot;
     if (slot == 0) return mlm_fail(err, errlen, MLM_EINVAL, "experts: the share holds no experts");
     if (p->budget_bytes && p->budget_bytes < rest + slot)
         return mlm_fail(err, errlen, MLM_ERANGE,
-                        "--mem-budget %.1f MiB is below the %.1f MiB the experts need read one at a time: dense "
-                        "parts, KV cache and activations %.1f MiB, one expert %.1f MiB",
+                        "--mem-budget %.2f MiB is below the %.2f MiB the experts need read one at a time: dense "
+                        "parts, KV cache and activations %.2f MiB, one expert %.2f MiB",
                         (double)p->budget_bytes / 1048576.0, (double)(rest + slot) / 1048576.0,
                         (double)rest / 1048576.0, (double)slot / 1048576.0);
     const int nl = p->slice->l1 - p->slice->l0;
@@ -721,7 +722,7 @@ int weights_experts_new(weights_t **out, const weights_params_t *p, const char *
     else if (N == 0 && (rc = experts_fit(p, &N, err, errlen)) != 0) {
         // not one expert per block fits: a pool of slots that every block reads into, as many as fit
         char why[256];
-        if (rc != MLM_ERANGE || experts_pool_fit(p, &pool, why, sizeof why) != 0) return rc;
+        if (rc != MLM_ERANGE || experts_pool_fit(p, &pool, NULL, why, sizeof why) != 0) return rc;
         N = rc = 0;
         if (err && errlen) err[0] = 0;
     }

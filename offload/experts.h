@@ -68,8 +68,9 @@ int experts_fit(const weights_params_t *p, int *per_layer, char *err, size_t err
 
 // Where not one expert per block fits (experts_fit's MLM_ERANGE), the cache can still keep a pool of
 // slots that every block reads its routed experts into (n=auto does so): *slots = how many fit
-// beside the KV cache, activations and dense parts, at most every expert the share holds. 0;
-// MLM_ERANGE with a message when not even one expert fits; MLM_EINVAL as experts_fit.
-int experts_pool_fit(const weights_params_t *p, int *slots, char *err, size_t errlen);
+// beside the KV cache, activations and dense parts, at most every expert the share holds; *need (may
+// be NULL) the budget a pool of one slot needs. 0; MLM_ERANGE with a message when not even one
+// expert fits; MLM_EINVAL as experts_fit.
+int experts_pool_fit(const weights_params_t *p, int *slots, uint64_t *need, char *err, size_t errlen);
 
 #endif

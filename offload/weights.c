@@ -91,18 +91,22 @@ int weights_choose(const weights_params_t *p, const char **name, char *err, size
     plan_stream_t st = {0};
     int rc = placed ? 0 : weights_plan(p, &st, err, errlen);
     if (moe && (placed || rc == MLM_ERANGE || (rc == 0 && st.streams))) {
-        int fit = 0, pool = 0;
-        char why[256];
+        int fit = 0, pool = 0, prc = MLM_ERANGE;
+        uint64_t need = 0;
+        char why[512];
         const int frc = experts_fit(p, &fit, why, sizeof why);
         // below one expert per block a pool of slots shared by the blocks still reads only the routed
         // experts, where the window reads whole blocks (all their experts) and a placed share would not fit
-        if ((frc == 0 && fit < experts_held(p)) ||
-            (frc == MLM_ERANGE && p->hp->n_expert_used < experts_held(p) &&
-             experts_pool_fit(p, &pool, why, sizeof why) == 0 && pool >= 1)) {
+        const bool poolable = frc == MLM_ERANGE && p->hp->n_expert_used < experts_held(p);
+        if (poolable) prc = experts_pool_fit(p, &pool, &need, why, sizeof why);
+        if ((frc == 0 && fit < experts_held(p)) || (poolable && prc == 0 && pool >= 1)) {
             *name = "experts";
             if (err && errlen) err[0] = 0;
             return 0;
         }
+        // neither fits: say the smaller of the two minimums (a pool's is usually below a whole block)
+        if (rc == MLM_ERANGE && poolable && prc == MLM_ERANGE && need < st.min_budget && err && errlen)
+            snprintf(err, errlen, "%s", why);
     }
     if (rc == 0 && st.streams) *name = "window";
     return rc;

@@ -198,16 +198,19 @@ static void test_budget(void) {
     const uint64_t below_one = st.resident_bytes - (uint64_t)hp.n_expert * eb + eb / 2;
     p.budget_bytes = below_one;
     int pool = 0;
-    CU_ASSERT_EQUAL(experts_pool_fit(&p, &pool, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(experts_pool_fit(&p, &pool, NULL, err, sizeof err), 0);
     CU_ASSERT(pool >= 1 && pool < hp.n_layer); // room for half of one expert per block
     CU_ASSERT_EQUAL(weights_choose(&p, &name, err, sizeof err), 0);
     CU_ASSERT_STRING_EQUAL(name, "experts");
     // below the rest and a single expert: neither fits
     p.budget_bytes = st.resident_bytes - (uint64_t)hp.n_expert * eb + eb / (2 * (uint64_t)hp.n_layer);
-    CU_ASSERT_EQUAL(experts_pool_fit(&p, &pool, err, sizeof err), MLM_ERANGE);
+    CU_ASSERT_EQUAL(experts_pool_fit(&p, &pool, NULL, err, sizeof err), MLM_ERANGE);
     CU_ASSERT_PTR_NOT_NULL(strstr(err, "read one at a time"));
     const int rc_none = weights_choose(&p, &name, err, sizeof err);
     CU_ASSERT(rc_none != 0 || strcmp(name, "experts") != 0);
+    // the window does not fit either (a whole block): the refusal names the pool's smaller minimum
+    CU_ASSERT_EQUAL(rc_none, MLM_ERANGE);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "the experts need read one at a time"));
     gguf_close(&g);
     {
         weights_stats_t ps;

@@ -220,10 +220,7 @@ void plan_table(const plan_t *p, const plan_model_t *pm, FILE *f) {
         plan_fmt_bytes(pb, sizeof pb, s->peak_bytes);
         if (nd->mem_budget) plan_fmt_bytes(bb, sizeof bb, nd->mem_budget);
         else snprintf(bb, sizeof bb, "-");
-        if (s->ep_cached > 0) // an expert cache: experts kept per block of those it holds
-            snprintf(wn, sizeof wn, "cache %d of %d", s->ep_cached, s->ep_cache_of);
-        else if (s->st.streams) snprintf(wn, sizeof wn, "%d (%d/%d units)", s->st.window, s->st.pinned, s->st.n_units);
-        else snprintf(wn, sizeof wn, "- (resident)");
+        plan_fmt_weights(wn, sizeof wn, s);
         fprintf(f, "| %-4d | %-5d | %-7s | %-4d | %-12s | %6.1f | %-9s | %-8s | %-11s | %-11s | %-13s | %10s | %10s | "
                    "%10s | %10s | %-16s |\n",
                 i, s->stage, l, s->node, nd->name, plan_node_gflops(nd), h, kv, e, fr, v, wb, kb, pb, bb, wn);

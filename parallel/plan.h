@@ -126,6 +126,8 @@ typedef struct {
                              // it holds (an expert cache reads the others from disk on use; sliced experts:
                              // its rows of that many); 0 = all resident
     int ep_cache_of;         // with ep_cached: the experts of each block it holds (placed ones, or n_expert)
+    int ep_pool;             // a sliced MoE share whose budget holds not one expert per block (auto cache):
+                             // slots shared by its blocks, every routed expert read when used; 0 = none
 } plan_shard_t;
 
 // Predicted cost of a plan, per generated token (decode) unless said otherwise.

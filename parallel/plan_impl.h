@@ -130,6 +130,10 @@ void plan_layout_name(plan_t *p);
 
 void plan_fmt_bytes(char *buf, size_t cap, uint64_t b);
 
+// A share's weights column: "cache 2 of 8" (experts per block), "pool of 23" (expert slots its blocks
+// share), "2 (1/33 units)" (the window: buffers, pinned of all units) or "- (resident)".
+void plan_fmt_weights(char *buf, size_t cap, const plan_shard_t *s);
+
 // "the model does not fit ..." from a shortfall.
 void plan_short_message(char *err, size_t errlen, const plan_short_t *sh, const plan_node_t *nodes, const char *where);
 

@@ -337,6 +337,13 @@ void plan_fmt_bytes(char *buf, size_t cap, uint64_t b) {
     else snprintf(buf, cap, "%.1f KiB", (double)b / 1024.0);
 }
 
+void plan_fmt_weights(char *buf, size_t cap, const plan_shard_t *s) {
+    if (s->ep_cached > 0) snprintf(buf, cap, "cache %d of %d", s->ep_cached, s->ep_cache_of);
+    else if (s->ep_pool > 0) snprintf(buf, cap, "pool of %d", s->ep_pool);
+    else if (s->st.streams) snprintf(buf, cap, "%d (%d/%d units)", s->st.window, s->st.pinned, s->st.n_units);
+    else snprintf(buf, cap, "- (resident)");
+}
+
 void plan_short_message(char *err, size_t errlen, const plan_short_t *sh, const plan_node_t *nodes, const char *where) {
     char a[32], b[32], c[32], d[32], m[32];
     plan_fmt_bytes(a, sizeof a, sh->need);

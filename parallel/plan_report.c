@@ -65,10 +65,7 @@ static void node_rows(FILE *f, const plan_t *p) {
         const plan_node_t *nd = &p->node[s->node];
         char res[24], wn[40];
         plan_fmt_bytes(res, sizeof res, s->st.resident_bytes);
-        if (s->ep_cached > 0) // an expert cache: experts kept per block of those it holds
-            snprintf(wn, sizeof wn, "cache %d of %d", s->ep_cached, s->ep_cache_of);
-        else if (s->st.streams) snprintf(wn, sizeof wn, "%d (%d/%d units)", s->st.window, s->st.pinned, s->st.n_units);
-        else snprintf(wn, sizeof wn, "- (resident)");
+        plan_fmt_weights(wn, sizeof wn, s);
         fprintf(f, "| %-4d | %-12s | %10s | %-16s | %11.1f | %9.0f | %9.2f | %10.2f | %10.2f | %9.2f | %9.2f |\n", i,
                 nd->name, res, wn, (double)s->st.stream_bytes / 1e6, plan_node_disk_bw(nd) / 1e6, s->disk_ms,
                 s->compute_ms, s->memory_ms, s->comm_ms, s->busy_ms);
@@ -139,6 +136,7 @@ static void json_plan(FILE *f, const plan_t *p) {
             if (s->ep_cached > 0) { // an expert cache: of each block's experts it holds, those kept
                 fprintf(f, ", \"experts_resident\": %d, \"experts_held\": %d", s->ep_cached, s->ep_cache_of);
             }
+            if (s->ep_pool > 0) fprintf(f, ", \"expert_pool\": %d", s->ep_pool); // slots its blocks share
             fprintf(f, "}");
         }
         fprintf(f, "]}");

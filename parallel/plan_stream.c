@@ -166,7 +166,9 @@ bool plan_kv_place(const plan_node_t *nd, plan_shard_t *s, uint64_t kv_fixed) {
 // on the host): its dense parts, KV cache and activations resident, its rows of N experts per block in
 // cache slots (N as the cache is asked, or as many as fit), the routed others read from disk when used
 // (k of n_expert per block per token, a miss with 1 - N / n_expert: routing assumed uniform). False
-// when not even one per block fits (the window then stays).
+// Below one per block (auto only) a pool of slots the blocks share, which hits little: every routed
+// expert read (the "experts" provider's pool). False when not even one expert fits (the window then
+// stays).
 static bool cache_experts(const plan_model_t *pm, plan_t *p, int i, int rc) {
     plan_shard_t *s = &p->shard[i];
     const plan_node_t *nd = &p->node[s->node];
@@ -179,6 +181,7 @@ static bool cache_experts(const plan_model_t *pm, plan_t *p, int i, int rc) {
     uint64_t w = 0, kv = 0, kvf = 0;
     if (plan_size_share(pm, &s->s, PLAN_TP_EXACT, p->n_ctx, nd, 0, &all, &w, &kv, &kvf) != 0) return false;
     uint64_t ex = 0, one = 0, slot = 0; // its rows of one expert of every block, that in cache slots
+    uint64_t slot1 = 0;                 // the largest of one block's in a slot
     double per_tok = 0;
     for (int il = s->s.l0; il < s->s.l1; il++) {
         const uint64_t *r = pm->row_bytes[il];
@@ -186,11 +189,25 @@ static bool cache_experts(const plan_model_t *pm, plan_t *p, int i, int rc) {
                            r[PLAN_W_DOWN] * (uint64_t)(s->s.e1 - s->s.e0);
         one += e;
         slot += e + PLAN_EXPERT_SLOT_SLACK;
+        if (e + PLAN_EXPERT_SLOT_SLACK > slot1) slot1 = e + PLAN_EXPERT_SLOT_SLACK;
     }
     ex = one * (uint64_t)ne;
     if (!one || all.resident_bytes < ex) return false;
     const uint64_t base = all.resident_bytes - ex; // KV, activations, dense parts, embedding rows
-    if (base + slot > bud) return false;
+    if (base + slot > bud) {
+        if (p->ep_cache > 0 || k >= ne || base + slot1 > bud) return false;
+        const uint64_t np = (bud - base) / slot1;
+        s->st = all;
+        s->st.streams = true;
+        s->st.window = 0;
+        s->st.resident_bytes = s->st.peak_bytes = base + np * slot1;
+        s->st.stream_bytes = (uint64_t)k * one;
+        s->weight_bytes = w - ex + np * (slot1 - PLAN_EXPERT_SLOT_SLACK);
+        s->peak_bytes = s->st.peak_bytes;
+        s->ep_pool = (int)np;
+        s->ep_cache_of = ne;
+        return s->peak_bytes <= bud;
+    }
     uint64_t n = p->ep_cache > 0 ? (uint64_t)p->ep_cache : (bud - base) / slot;
     if (n >= (uint64_t)ne) return false; // all of them would fit: nothing to cache away
     if (n < 1) n = 1;
@@ -215,7 +232,7 @@ bool plan_size_shard(const plan_model_t *pm, plan_t *p, int i, bool stream) {
     int rc = plan_size_share(pm, &s->s, p->tp_mode, p->n_ctx, nd, stream ? bud : 0, &s->st, &s->weight_bytes,
                              &s->kv_bytes, &kv_fixed);
     s->peak_bytes = s->st.peak_bytes;
-    s->ep_cached = s->ep_cache_of = 0;
+    s->ep_cached = s->ep_cache_of = s->ep_pool = 0;
     if (stream && cache_experts(pm, p, i, rc)) rc = 0; // an expert cache instead of the window
     const bool dev_ok = plan_kv_place(nd, s, kv_fixed);
     return rc == 0 && (!bud || s->peak_bytes <= bud) && dev_ok;

@@ -1065,6 +1065,32 @@ static void test_ep_planner_cached(void) {
         CU_ASSERT_EQUAL(c->st.stream_bytes, (uint64_t)(2.0 * (1.0 - c->ep_cached / 8.0) * (double)one));
     }
     CU_ASSERT(p->cost.token_ms < r->cost.token_ms / 2);
+    // one node whose budget holds not one expert per block (3 GiB: 3.0 GiB of experts alone): a pool of
+    // slots its blocks share, every routed expert read per token (k x its rows of one expert per block),
+    // predicted well below the window, which reads every block whole
+    plan_node_t one[1];
+    fast_nodes(one, 1, 1000, 125e6);
+    one[0].mem_budget = 3ull << 30, one[0].disk_bw = 1e9;
+    so = (plan_opts_t){.n_ctx = 4096, .ep = -1, .expert_cache = -1};
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, one, 1, &so, p, NULL, 0, NULL, err, sizeof err), 0);
+    so.expert_cache = 0;
+    CU_ASSERT_EQUAL_FATAL(plan_make(pm, one, 1, &so, r, NULL, 0, NULL, err, sizeof err), 0);
+    const plan_shard_t *ps = &p->shard[0], *ws = &r->shard[0];
+    CU_ASSERT(ps->ep_cached == 0 && ps->ep_pool >= 1 && ps->ep_pool < pm->n_layer);
+    CU_ASSERT(ps->peak_bytes <= one[0].mem_budget);
+    CU_ASSERT_EQUAL(ps->st.stream_bytes, 2 * ex); // top-2, every block's two experts read
+    CU_ASSERT(ws->ep_pool == 0 && ws->st.streams && ws->st.window > 0);
+    CU_ASSERT(p->cost.token_ms < r->cost.token_ms / 2);
+    char *txt = NULL;
+    size_t tlen = 0;
+    FILE *f = open_memstream(&txt, &tlen);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    plan_table(p, pm, f);
+    fclose(f);
+    CU_ASSERT_PTR_NOT_NULL(strstr(txt, "| pool of "));
+    free(txt);
+    fprintf(stderr, "\n  3 GiB node: a pool of %d slots, %.0f ms/token (the window %.0f) ", ps->ep_pool, p->cost.token_ms,
+            r->cost.token_ms);
     free(p);
     free(r);
     free(pm);
